@@ -474,7 +474,7 @@ impl<'c> Planner<'c> {
                     if self.config.explain {
                         domain_notes.push(format!(
                             "{} ({}): {fitting} of {} domains hold {need} unit(s); the roomiest, {}, holds {units}",
-                            cluster.levels[level],
+                            short_level(&cluster.levels[level]),
                             product.get().name,
                             cluster.domains[level].len(),
                             domain.path
@@ -483,7 +483,7 @@ impl<'c> Planner<'c> {
                     if Some(ResolvedScope::Level(level)) == required && fitting == 0 {
                         let units = units.min(u64::from(u32::MAX)) as u32;
                         if scope_shortfall.as_ref().is_none_or(|(b, _)| units > *b) {
-                            scope_shortfall = Some((units, format!("{} `{}`", cluster.levels[level], domain.path)));
+                            scope_shortfall = Some((units, format!("{} `{}`", short_level(&cluster.levels[level]), domain.path)));
                         }
                     }
                 }
@@ -716,7 +716,7 @@ impl<'c> Planner<'c> {
             CandidateScope::Host(h) => format!("host {}", self.cluster.host(h).name),
             CandidateScope::Clique(c) => format!("nvlink clique {}", self.cluster.cliques[c as usize].name),
             CandidateScope::Domain(level, index) => {
-                format!("{} {}", self.cluster.levels[level], self.cluster.domains[level][index as usize].path)
+                format!("{} {}", short_level(&self.cluster.levels[level]), self.cluster.domains[level][index as usize].path)
             }
             CandidateScope::Cluster => "cluster".to_string(),
         }
@@ -759,6 +759,9 @@ impl<'c> Planner<'c> {
             String::new()
         };
         match (best_capacity, scope_shortfall) {
+            (Some((0, _)), _) => {
+                let _ = write!(reason, "needs {unit}{floor}; no host has room for even one");
+            }
             (Some((best, product)), _) if best < need => {
                 let _ = write!(reason, "needs {unit}{floor}; the free GPUs hold at most {best} ({})", product.get().name);
             }
@@ -945,6 +948,11 @@ fn pick<T: Copy>(items: &[(T, u32, (u32, u32))], need: u32, take: &mut impl FnMu
         take(item.0, item.1);
         left -= item.1;
     }
+}
+
+/// `network.topology.nvidia.com/leaf` -> `leaf`, for output.
+pub fn short_level(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
 }
 
 /// Locality of a set of hosts, and how many levels (outermost first) they all share.

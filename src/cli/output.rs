@@ -1,0 +1,286 @@
+//! Rendering of plans and sizing answers: a readable table, or JSON/YAML with a stable
+//! contract (`placements[].gang`, `placements[].members[] {member, node, gpus}`,
+//! `unplaced[] {gang, reason}`; other fields may grow).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::{CliError, OutputFormat};
+use crate::ledger::{mask_indices, Ledger};
+use crate::placement::{BatchPlan, CandidateSummary, Explanation, ScoreComponents, Weights};
+use crate::quantity::format_gib;
+use crate::topology::Cluster;
+use crate::workload::{Gang, ModelSpec, SizingRow, Workload};
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanReport {
+    pub cluster: String,
+    pub workload: String,
+    pub solver: &'static str,
+    pub weights: Weights,
+    pub placements: Vec<PlacementOut>,
+    pub unplaced: Vec<UnplacedOut>,
+    pub summary: Summary,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementOut {
+    pub gang: String,
+    pub product: String,
+    pub scope: String,
+    pub memory_floor_mib: u64,
+    pub members: Vec<MemberOut>,
+    pub score: ScoreComponents,
+    pub candidates: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runner_up: Option<CandidateSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Explanation>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemberOut {
+    pub member: u32,
+    pub node: String,
+    pub gpus: Vec<u8>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnplacedOut {
+    pub gang: String,
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Explanation>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub gangs: usize,
+    pub placed: usize,
+    pub gpus_requested: u64,
+    pub gpus_placed: u64,
+    pub cluster_gpus: u64,
+    pub gpus_free_after: u64,
+}
+
+impl PlanReport {
+    pub fn new(cluster: &Cluster, workload: &Workload, gangs: &[Gang], plan: &BatchPlan, ledger: &Ledger, weights: &Weights) -> Self {
+        let floor_of = |name: &str| gangs.iter().find(|g| g.name == name).map_or(0, |g| g.memory_floor_mib);
+        let placements: Vec<PlacementOut> = plan
+            .placements
+            .iter()
+            .map(|p| PlacementOut {
+                gang: p.gang.clone(),
+                product: p.product.get().name.to_string(),
+                scope: p.scope.clone(),
+                memory_floor_mib: floor_of(&p.gang),
+                members: p
+                    .members
+                    .iter()
+                    .map(|m| MemberOut { member: m.member, node: cluster.host(m.host).name.clone(), gpus: mask_indices(m.gpus) })
+                    .collect(),
+                score: p.score,
+                candidates: p.candidates,
+                runner_up: p.runner_up.clone(),
+                explanation: p.explanation.clone(),
+            })
+            .collect();
+        let gpus_placed = placements.iter().map(|p| p.members.iter().map(|m| m.gpus.len() as u64).sum::<u64>()).sum();
+        PlanReport {
+            cluster: cluster.name.clone(),
+            workload: workload.name.clone(),
+            solver: "greedy",
+            weights: *weights,
+            placements,
+            unplaced: plan
+                .unplaced
+                .iter()
+                .map(|u| UnplacedOut { gang: u.gang.clone(), reason: u.reason.clone(), explanation: u.explanation.clone() })
+                .collect(),
+            summary: Summary {
+                gangs: gangs.len(),
+                placed: plan.placements.len(),
+                gpus_requested: gangs.iter().map(Gang::total_gpus).sum(),
+                gpus_placed,
+                cluster_gpus: cluster.total_gpus(),
+                gpus_free_after: ledger.free_gpus(),
+            },
+        }
+    }
+}
+
+fn serialize<T: Serialize>(value: &T, format: OutputFormat) -> Result<String, CliError> {
+    match format {
+        OutputFormat::Json => serde_json::to_string_pretty(value).map(|s| s + "\n").map_err(|e| CliError::Failed(e.to_string())),
+        OutputFormat::Yaml => serde_yaml_ng::to_string(value).map_err(|e| CliError::Failed(e.to_string())),
+        OutputFormat::Table => Err(CliError::Failed("table is not a serialization".into())),
+    }
+}
+
+fn gpu_list(gpus: &[u8]) -> String {
+    gpus.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn score_line(score: &ScoreComponents) -> String {
+    format!(
+        "total {:.3} = locality {:.2}, memory {:.2}, fragmentation {:.2}, connectivity {:.2}",
+        score.total, score.locality, score.memory, score.fragmentation, score.connectivity
+    )
+}
+
+pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> Result<String, CliError> {
+    if format != OutputFormat::Table {
+        return serialize(report, format);
+    }
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "cluster {} ({} GPUs), workload {}: {} of {} gangs placed, {} of {} GPUs requested; {} GPUs free after",
+        report.cluster,
+        report.summary.cluster_gpus,
+        report.workload,
+        report.summary.placed,
+        report.summary.gangs,
+        report.summary.gpus_placed,
+        report.summary.gpus_requested,
+        report.summary.gpus_free_after
+    );
+    let _ = writeln!(text);
+    let rows: Vec<[String; 6]> = report
+        .placements
+        .iter()
+        .map(|p| {
+            let members = p.members.iter().map(|m| format!("{}:{}", m.node, gpu_list(&m.gpus))).collect::<Vec<_>>().join(" ");
+            [
+                p.gang.clone(),
+                p.product.clone(),
+                p.scope.clone(),
+                if p.memory_floor_mib > 0 { format_gib(p.memory_floor_mib) } else { "-".into() },
+                format!("{:.2}", p.score.total),
+                members,
+            ]
+        })
+        .collect();
+    let header = ["GANG", "PRODUCT", "SCOPE", "FLOOR/GPU", "SCORE", "MEMBERS (node:gpus)"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let mut out = String::new();
+        for (index, cell) in cells.iter().enumerate() {
+            if index + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<width$}  ", width = widths[index]);
+            }
+        }
+        out.trim_end().to_string() + "\n"
+    };
+    text.push_str(&line(header));
+    for (row, placement) in rows.iter().zip(&report.placements) {
+        text.push_str(&line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]));
+        if explain {
+            let _ = writeln!(text, "    winner:    {}", score_line(&placement.score));
+            match &placement.runner_up {
+                Some(runner) => {
+                    let _ = writeln!(text, "    runner-up: {} on {} ({}): {}", runner.scope, runner.hosts.join(","), runner.product, score_line(&runner.score));
+                }
+                None => {
+                    let _ = writeln!(text, "    runner-up: none ({} candidate)", placement.candidates);
+                }
+            }
+            if let Some(explanation) = &placement.explanation {
+                explain_lines(&mut text, explanation);
+            }
+        }
+    }
+    if !report.unplaced.is_empty() {
+        let _ = writeln!(text, "\nNOT PLACED");
+        for unplaced in &report.unplaced {
+            let _ = writeln!(text, "  {}: {}", unplaced.gang, unplaced.reason);
+            if explain {
+                if let Some(explanation) = &unplaced.explanation {
+                    explain_lines(&mut text, explanation);
+                }
+            }
+        }
+    }
+    Ok(text)
+}
+
+fn explain_lines(text: &mut String, explanation: &Explanation) {
+    for group in &explanation.rejected_hosts {
+        let _ = writeln!(text, "    rejected {} host(s): {} (e.g. {})", group.hosts, group.reason, group.examples.join(", "));
+    }
+    for domain in &explanation.domains {
+        let _ = writeln!(text, "    domains: {domain}");
+    }
+    for (rank, candidate) in explanation.candidates.iter().enumerate() {
+        let equivalent = if candidate.equivalent_hosts > 0 {
+            format!(" (+{} equivalent hosts)", candidate.equivalent_hosts)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(text, "    #{} {}{equivalent}: {}", rank + 1, candidate.scope, score_line(&candidate.score));
+    }
+}
+
+pub fn render_sizing(model: &ModelSpec, rows: &[SizingRow], format: OutputFormat) -> Result<String, CliError> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct SizingReport<'a> {
+        parameters: u64,
+        dtype: &'a str,
+        weight_bytes: u64,
+        kv_cache_bytes: u64,
+        overhead: f64,
+        products: &'a [SizingRow],
+    }
+    if format != OutputFormat::Table {
+        return serialize(
+            &SizingReport {
+                parameters: model.parameters,
+                dtype: &model.dtype,
+                weight_bytes: model.weight_bytes(),
+                kv_cache_bytes: model.kv_cache_bytes,
+                overhead: model.overhead,
+                products: rows,
+            },
+            format,
+        );
+    }
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "model: {:.1}B parameters in {} = {:.1} GB of weights, {:.1} GB KV cache, {:.0} % runtime overhead\n",
+        model.parameters as f64 / 1e9,
+        model.dtype,
+        model.weight_bytes() as f64 / 1e9,
+        model.kv_cache_bytes as f64 / 1e9,
+        model.overhead * 100.0
+    );
+    let _ = writeln!(text, "{:<16} {:>10} {:>8} {:>5} {:>8} {:>12} {:>8}  NOTE", "PRODUCT", "GPU MEM", "MIN GPUS", "TP", "PP", "NEED/GPU", "REPLICAS");
+    for row in rows {
+        let _ = writeln!(
+            text,
+            "{:<16} {:>10} {:>8} {:>5} {:>8} {:>12} {:>8}  {}",
+            row.product,
+            format_gib(row.gpu_memory_mib),
+            row.min_gpus,
+            row.tensor_parallel,
+            row.pipeline_parallel,
+            format_gib(row.per_gpu_need_mib),
+            row.replicas_if_empty,
+            row.note
+        );
+    }
+    Ok(text)
+}
