@@ -20,6 +20,15 @@ pub const LINGJUN_LEVELS: [&str; 3] = [
 /// Hex characters of the hashed host IP kept in node names (grown on a collision).
 const NAME_HASH_CHARS: usize = 12;
 
+/// Where the shared production traces are: `TOPOPLACE_TRACES`, else `../shared/traces`
+/// beside the project root (they are never copied into the repository).
+pub fn traces_dir() -> std::path::PathBuf {
+    match std::env::var_os("TOPOPLACE_TRACES") {
+        Some(path) => path.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/traces"),
+    }
+}
+
 #[derive(Debug, Error, PartialEq)]
 pub enum ConvertError {
     #[error("{file}: the header must be `ip,DSW,PSW,ASW`, found `{found}`")]
@@ -76,6 +85,8 @@ pub fn lingjun(file: &str, text: &str, product_name: &str, gpus_per_host: u8) ->
         }
         chars += 4;
     }
+    // Rack by rack, so the rendered file groups each rack's hosts under one entry.
+    rows.sort_by(|a, b| (&a[1], &a[2], &a[3], &a[0]).cmp(&(&b[1], &b[2], &b[3], &b[0])));
     let nodes = rows
         .into_iter()
         .map(|[ip, core, spine, leaf]| NodeSpec {

@@ -1,0 +1,147 @@
+//! The binary as a user meets it: the README's main command, the JSON contract, exit
+//! codes and messages for bad input, and the converter on the real Lingjun trace.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn topoplace(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_topoplace")).args(args).output().expect("binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn testdata(path: &str) -> String {
+    format!("{}/testdata/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("topoplace-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write temp file");
+    path
+}
+
+/// The shared traces, or `None` (a skip) outside CI when they are not beside the checkout.
+fn trace(path: &str) -> Option<PathBuf> {
+    let full = topoplace::convert::traces_dir().join(path);
+    if full.exists() {
+        return Some(full);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must have the shared traces at {}", full.display());
+    eprintln!("skipped: {} not found (set TOPOPLACE_TRACES)", full.display());
+    None
+}
+
+#[test]
+fn plan_without_arguments_plans_the_demo() {
+    let output = topoplace(&["plan"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.starts_with("cluster demo (88 GPUs), workload demo: 7 of 8 gangs placed"), "{text}");
+    assert!(text.contains("llama-3.1-405b") && text.contains("NOT PLACED"), "{text}");
+}
+
+#[test]
+fn json_output_keeps_its_contract() {
+    let output = topoplace(&["plan", "-o", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let placements = json["placements"].as_array().expect("placements[]");
+    assert_eq!(placements.len(), 7);
+    let big = placements.iter().find(|p| p["gang"] == "llama-3.1-405b").expect("405b placed");
+    let members = big["members"].as_array().expect("members[]");
+    assert_eq!(members.len(), 2);
+    for (index, member) in members.iter().enumerate() {
+        assert_eq!(member["member"], index);
+        assert!(member["node"].as_str().is_some_and(|n| n.starts_with("h200-")));
+        assert_eq!(member["gpus"].as_array().map(Vec::len), Some(8));
+    }
+    let unplaced = json["unplaced"].as_array().expect("unplaced[]");
+    assert_eq!(unplaced[0]["gang"], "llama-3.1-70b-1");
+    assert!(unplaced[0]["reason"].as_str().is_some_and(|r| r.contains("46.9 GiB")));
+
+    let yaml = topoplace(&["plan", "-o", "yaml"]);
+    let parsed: serde_yaml_ng::Value = serde_yaml_ng::from_str(&stdout(&yaml)).expect("YAML");
+    assert_eq!(parsed["placements"].as_sequence().map(Vec::len), Some(7));
+}
+
+#[test]
+fn explain_shows_rejections_and_the_runner_up() {
+    let output = topoplace(&["plan", "--explain"]);
+    let text = stdout(&output);
+    assert!(text.contains("runner-up: host dgx1-1"), "{text}");
+    assert!(text.contains("rejected 4 host(s): L40S: no NVLink"), "{text}");
+}
+
+#[test]
+fn bad_input_exits_2_naming_file_line_and_field() {
+    let cluster = temp_file(
+        "bad-cluster.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nspec:\n  nodes:\n  - name: a\n    gpu: {product: H100, count: 8, nvlnk: all}\n",
+    );
+    let output = topoplace(&["plan", "--cluster", cluster.to_str().expect("utf-8")]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(message.contains("bad-cluster.yaml:6:") && message.contains("unknown field `nvlnk`") && message.contains("(node `a`)"), "{message}");
+
+    let workload = temp_file(
+        "bad-workload.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nspec:\n  gangs:\n  - name: w\n    gpusPerMember: 8\n    topology: {required: row}\n",
+    );
+    let output = topoplace(&["plan", "--workload", workload.to_str().expect("utf-8")]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("gang `w`: topology.required is `row`"), "{}", stderr(&output));
+
+    let output = topoplace(&["plan", "--cluster", "/nonexistent/cluster.yaml"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("/nonexistent/cluster.yaml: cannot read"), "{}", stderr(&output));
+
+    let output = topoplace(&["plan", "--weights", "locality=x"]);
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn every_testdata_file_plans() {
+    for cluster in ["demo.yaml", "mixed-memory.yaml", "dgx1-v100.yaml", "gb200-nvl72.yaml", "lingjun.yaml"] {
+        let output = topoplace(&["plan", "--cluster", &testdata(&format!("clusters/{cluster}")), "-o", "json"]);
+        assert!(output.status.success(), "{cluster}: {}", stderr(&output));
+    }
+}
+
+#[test]
+fn sizing_says_which_products_hold_a_model() {
+    let output = topoplace(&["plan", "--size-model", "405B", "--dtype", "fp8", "--kv-cache", "60Gi", "-o", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let rows = json["products"].as_array().expect("products[]");
+    let h200 = rows.iter().find(|r| r["product"] == "H200").expect("H200 row");
+    // (405 GB + 64.4 GB) x 1.1 = 516 GB: 4 H200s of 141 GB.
+    assert_eq!(h200["min_gpus"], 4);
+    let l40s = rows.iter().find(|r| r["product"] == "L40S").expect("L40S row");
+    // 11 GPUs of 45 GiB; no NVLink, so no tensor parallelism: 11 pipeline stages on 3 hosts.
+    assert_eq!((l40s["min_gpus"].as_u64(), l40s["tensor_parallel"].as_u64(), l40s["pipeline_parallel"].as_u64()), (Some(11), Some(1), Some(11)));
+    assert_eq!(l40s["note"], "spans 3 hosts per replica");
+    let h100 = rows.iter().find(|r| r["product"] == "H100-SXM5").expect("H100 row");
+    assert_eq!((h100["min_gpus"].as_u64(), h100["tensor_parallel"].as_u64()), (Some(7), Some(8)));
+}
+
+#[test]
+fn the_lingjun_cluster_file_is_the_converter_output_of_the_real_trace() {
+    let Some(topo) = trace("lingjun-2023/topo.csv") else { return };
+    let output = topoplace(&["convert", "lingjun", topo.to_str().expect("utf-8")]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let committed = std::fs::read_to_string(testdata("clusters/lingjun.yaml")).expect("committed file");
+    assert_eq!(stdout(&output), committed, "regenerate with `topoplace convert lingjun ../shared/traces/lingjun-2023/topo.csv`");
+    let cluster = topoplace::files::cluster::load("lingjun.yaml", &committed).expect("loads");
+    assert_eq!(cluster.hosts.len(), 847);
+    assert_eq!(cluster.domains[2].len(), 119, "racks are (PSW, ASW) pairs");
+    assert_eq!(cluster.domains[1].len(), 3);
+    assert_eq!(cluster.total_gpus(), 847 * 8);
+}
