@@ -106,11 +106,19 @@ impl Ledger {
             };
             let name = || self.host_names[host as usize].clone();
             if mask & !capacity != 0 {
-                return Err(LedgerError::NoSuchGpu { holder: holder_name(), host: name(), gpus: mask_indices(mask & !capacity) });
+                return Err(LedgerError::NoSuchGpu {
+                    holder: holder_name(),
+                    host: name(),
+                    gpus: mask_indices(mask & !capacity),
+                });
             }
             let entry = merged.entry(host).or_insert(0);
             if *entry & mask != 0 {
-                return Err(LedgerError::RequestOverlaps { holder: holder_name(), host: name(), gpus: mask_indices(*entry & mask) });
+                return Err(LedgerError::RequestOverlaps {
+                    holder: holder_name(),
+                    host: name(),
+                    gpus: mask_indices(*entry & mask),
+                });
             }
             *entry |= mask;
             let taken = self.used[host as usize] & mask;
@@ -134,10 +142,8 @@ impl Ledger {
 
     /// Returns exactly the GPUs `holder` reserved.
     pub fn release(&mut self, holder: &str) -> Result<Holding, LedgerError> {
-        let holding = self
-            .holders
-            .remove(holder)
-            .ok_or_else(|| LedgerError::UnknownHolder { holder: holder.to_string() })?;
+        let holding =
+            self.holders.remove(holder).ok_or_else(|| LedgerError::UnknownHolder { holder: holder.to_string() })?;
         for &(host, mask) in &holding {
             assert_eq!(self.used[host as usize] & mask, mask, "ledger lost track of {holder}'s GPUs");
             self.used[host as usize] &= !mask;

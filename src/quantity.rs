@@ -78,7 +78,7 @@ pub fn parse_parameters(text: &str) -> Result<u64, QuantityError> {
         _ => return Err(error()),
     };
     let count = value * multiplier;
-    if count < 1.0 || count > 1e16 {
+    if !(1.0..=1e16).contains(&count) {
         return Err(error());
     }
     Ok(count.round() as u64)

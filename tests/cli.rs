@@ -89,7 +89,12 @@ fn bad_input_exits_2_naming_file_line_and_field() {
     let output = topoplace(&["plan", "--cluster", cluster.to_str().expect("utf-8")]);
     assert_eq!(output.status.code(), Some(2));
     let message = stderr(&output);
-    assert!(message.contains("bad-cluster.yaml:6:") && message.contains("unknown field `nvlnk`") && message.contains("(node `a`)"), "{message}");
+    assert!(
+        message.contains("bad-cluster.yaml:6:")
+            && message.contains("unknown field `nvlnk`")
+            && message.contains("(node `a`)"),
+        "{message}"
+    );
 
     let workload = temp_file(
         "bad-workload.yaml",
@@ -126,7 +131,10 @@ fn sizing_says_which_products_hold_a_model() {
     assert_eq!(h200["min_gpus"], 4);
     let l40s = rows.iter().find(|r| r["product"] == "L40S").expect("L40S row");
     // 11 GPUs of 45 GiB; no NVLink, so no tensor parallelism: 11 pipeline stages on 3 hosts.
-    assert_eq!((l40s["min_gpus"].as_u64(), l40s["tensor_parallel"].as_u64(), l40s["pipeline_parallel"].as_u64()), (Some(11), Some(1), Some(11)));
+    assert_eq!(
+        (l40s["min_gpus"].as_u64(), l40s["tensor_parallel"].as_u64(), l40s["pipeline_parallel"].as_u64()),
+        (Some(11), Some(1), Some(11))
+    );
     assert_eq!(l40s["note"], "spans 3 hosts per replica");
     let h100 = rows.iter().find(|r| r["product"] == "H100-SXM5").expect("H100 row");
     assert_eq!((h100["min_gpus"].as_u64(), h100["tensor_parallel"].as_u64()), (Some(7), Some(8)));
@@ -138,7 +146,11 @@ fn the_lingjun_cluster_file_is_the_converter_output_of_the_real_trace() {
     let output = topoplace(&["convert", "lingjun", topo.to_str().expect("utf-8")]);
     assert!(output.status.success(), "{}", stderr(&output));
     let committed = std::fs::read_to_string(testdata("clusters/lingjun.yaml")).expect("committed file");
-    assert_eq!(stdout(&output), committed, "regenerate with `topoplace convert lingjun ../shared/traces/lingjun-2023/topo.csv`");
+    assert_eq!(
+        stdout(&output),
+        committed,
+        "regenerate with `topoplace convert lingjun ../shared/traces/lingjun-2023/topo.csv`"
+    );
     let cluster = topoplace::files::cluster::load("lingjun.yaml", &committed).expect("loads");
     assert_eq!(cluster.hosts.len(), 847);
     assert_eq!(cluster.domains[2].len(), 119, "racks are (PSW, ASW) pairs");

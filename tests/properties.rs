@@ -66,7 +66,8 @@ fn build_cluster(draws: &[HostDraw]) -> Cluster {
             }
         })
         .collect();
-    Cluster::build(ClusterSpec { name: "random".into(), levels: vec!["spine".into(), "rack".into()], nodes }).expect("valid random cluster")
+    Cluster::build(ClusterSpec { name: "random".into(), levels: vec!["spine".into(), "rack".into()], nodes })
+        .expect("valid random cluster")
 }
 
 fn make_gang(members: u32, gpus: u32, tp_choice: u32, scope_choice: u32, floor_choice: usize) -> Gang {
@@ -120,8 +121,15 @@ fn check_constraints(cluster: &Cluster, free_before: &[u64], gang: &Gang, placem
         assert_eq!(*used & member.gpus, 0, "a GPU given to two members");
         *used |= member.gpus;
         if gang.tensor_parallel >= 2 && gang.tensor_parallel <= gang.gpus_per_member {
-            let groups = chooser.unit_count(host, member.gpus, UnitShape { unit_gpus: gang.tensor_parallel, atom: gang.tensor_parallel });
-            assert!(groups >= gang.gpus_per_member / gang.tensor_parallel, "TP groups NVLink-connected inside a member");
+            let groups = chooser.unit_count(
+                host,
+                member.gpus,
+                UnitShape { unit_gpus: gang.tensor_parallel, atom: gang.tensor_parallel },
+            );
+            assert!(
+                groups >= gang.gpus_per_member / gang.tensor_parallel,
+                "TP groups NVLink-connected inside a member"
+            );
         }
     }
     if gang.tensor_parallel > gang.gpus_per_member {
@@ -132,7 +140,10 @@ fn check_constraints(cluster: &Cluster, free_before: &[u64], gang: &Gang, placem
                 assert!(nvlink_connected(&cluster.host(first).links, union), "TP group NVLink-connected");
             } else {
                 let clique = cluster.host(first).clique;
-                assert!(clique.is_some() && unit.iter().all(|m| cluster.host(m.host).clique == clique), "TP group across hosts only inside a clique");
+                assert!(
+                    clique.is_some() && unit.iter().all(|m| cluster.host(m.host).clique == clique),
+                    "TP group across hosts only inside a clique"
+                );
             }
         }
     }
@@ -141,10 +152,16 @@ fn check_constraints(cluster: &Cluster, free_before: &[u64], gang: &Gang, placem
         Some(Scope::Host) => assert_eq!(hosts.len(), 1, "required host"),
         Some(Scope::Nvlink) => {
             if hosts.len() == 1 {
-                assert!(nvlink_connected(&cluster.host(hosts[0]).links, seen[&hosts[0]]), "required nvlink on one host");
+                assert!(
+                    nvlink_connected(&cluster.host(hosts[0]).links, seen[&hosts[0]]),
+                    "required nvlink on one host"
+                );
             } else {
                 let clique = cluster.host(hosts[0]).clique;
-                assert!(clique.is_some() && hosts.iter().all(|&h| cluster.host(h).clique == clique), "required nvlink across hosts");
+                assert!(
+                    clique.is_some() && hosts.iter().all(|&h| cluster.host(h).clique == clique),
+                    "required nvlink across hosts"
+                );
             }
         }
         Some(Scope::Level(_)) => {
@@ -252,7 +269,13 @@ fn simulation_of_gangs_arriving_and_leaving_keeps_every_invariant() {
         for step in 0..400 {
             if running.is_empty() || rng.below(3) != 0 {
                 let gpus = [1, 2, 4, 8][rng.below(4) as usize];
-                let mut gang = make_gang(1 + rng.below(4) as u32, gpus, rng.below(4) as u32, rng.below(4) as u32, rng.below(4) as usize);
+                let mut gang = make_gang(
+                    1 + rng.below(4) as u32,
+                    gpus,
+                    rng.below(4) as u32,
+                    rng.below(4) as u32,
+                    rng.below(4) as usize,
+                );
                 gang.name = format!("s{seed}-g{step}");
                 let free_before: Vec<u64> = (0..cluster.hosts.len() as HostId).map(|h| ledger.free(h)).collect();
                 match planner.place(&ledger, &gang) {
@@ -262,7 +285,10 @@ fn simulation_of_gangs_arriving_and_leaving_keeps_every_invariant() {
                         ledger.reserve(&gang.name, &holding).expect("reserve");
                         for &(host, mask) in &holding {
                             for gpu in mask_indices(mask) {
-                                assert!(shadow.insert((host, gpu), gang.name.clone()).is_none(), "double booking at step {step}");
+                                assert!(
+                                    shadow.insert((host, gpu), gang.name.clone()).is_none(),
+                                    "double booking at step {step}"
+                                );
                             }
                         }
                         running.push((gang.name.clone(), holding));
@@ -275,7 +301,11 @@ fn simulation_of_gangs_arriving_and_leaving_keeps_every_invariant() {
                 let (name, holding) = running.swap_remove(index);
                 let mut expected = holding.clone();
                 expected.sort_unstable();
-                assert_eq!(ledger.release(&name).expect("release"), expected, "release returns exactly the reservation");
+                assert_eq!(
+                    ledger.release(&name).expect("release"),
+                    expected,
+                    "release returns exactly the reservation"
+                );
                 for &(host, mask) in &holding {
                     for gpu in mask_indices(mask) {
                         assert_eq!(shadow.remove(&(host, gpu)).as_deref(), Some(name.as_str()));
@@ -285,9 +315,16 @@ fn simulation_of_gangs_arriving_and_leaving_keeps_every_invariant() {
             ledger.check().expect("ledger invariants");
             for host in 0..cluster.hosts.len() as HostId {
                 let shadow_used = shadow.keys().filter(|(h, _)| *h == host).fold(0u64, |m, (_, g)| m | (1 << g));
-                assert_eq!(shadow_used | cluster.initially_used[host as usize], ledger.used(host), "ledger agrees with the shadow at step {step}");
+                assert_eq!(
+                    shadow_used | cluster.initially_used[host as usize],
+                    ledger.used(host),
+                    "ledger agrees with the shadow at step {step}"
+                );
             }
         }
-        assert!(placed > 50 && refused > 0, "seed {seed}: the simulation exercised both outcomes ({placed} placed, {refused} refused)");
+        assert!(
+            placed > 50 && refused > 0,
+            "seed {seed}: the simulation exercised both outcomes ({placed} placed, {refused} refused)"
+        );
     }
 }

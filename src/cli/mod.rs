@@ -160,10 +160,13 @@ fn plan(args: &PlanArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let cluster = load_cluster(&args.cluster)?;
     if let Some(parameters) = &args.size_model {
         let model = ModelSpec {
-            parameters: crate::quantity::parse_parameters(parameters).map_err(|e| CliError::Input(format!("--size-model: {e}")))?,
-            dtype_eighths: crate::quantity::dtype_bytes_eighths(&args.dtype).map_err(|e| CliError::Input(format!("--dtype: {e}")))?,
+            parameters: crate::quantity::parse_parameters(parameters)
+                .map_err(|e| CliError::Input(format!("--size-model: {e}")))?,
+            dtype_eighths: crate::quantity::dtype_bytes_eighths(&args.dtype)
+                .map_err(|e| CliError::Input(format!("--dtype: {e}")))?,
             dtype: args.dtype.clone(),
-            kv_cache_bytes: crate::quantity::parse_bytes(&args.kv_cache).map_err(|e| CliError::Input(format!("--kv-cache: {e}")))?,
+            kv_cache_bytes: crate::quantity::parse_bytes(&args.kv_cache)
+                .map_err(|e| CliError::Input(format!("--kv-cache: {e}")))?,
             overhead: args.overhead,
         };
         if !(0.0..=10.0).contains(&args.overhead) {

@@ -69,7 +69,14 @@ pub struct Summary {
 }
 
 impl PlanReport {
-    pub fn new(cluster: &Cluster, workload: &Workload, gangs: &[Gang], plan: &BatchPlan, ledger: &Ledger, weights: &Weights) -> Self {
+    pub fn new(
+        cluster: &Cluster,
+        workload: &Workload,
+        gangs: &[Gang],
+        plan: &BatchPlan,
+        ledger: &Ledger,
+        weights: &Weights,
+    ) -> Self {
         let floor_of = |name: &str| gangs.iter().find(|g| g.name == name).map_or(0, |g| g.memory_floor_mib);
         let placements: Vec<PlacementOut> = plan
             .placements
@@ -82,7 +89,11 @@ impl PlanReport {
                 members: p
                     .members
                     .iter()
-                    .map(|m| MemberOut { member: m.member, node: cluster.host(m.host).name.clone(), gpus: mask_indices(m.gpus) })
+                    .map(|m| MemberOut {
+                        member: m.member,
+                        node: cluster.host(m.host).name.clone(),
+                        gpus: mask_indices(m.gpus),
+                    })
                     .collect(),
                 score: p.score,
                 candidates: p.candidates,
@@ -100,7 +111,11 @@ impl PlanReport {
             unplaced: plan
                 .unplaced
                 .iter()
-                .map(|u| UnplacedOut { gang: u.gang.clone(), reason: u.reason.clone(), explanation: u.explanation.clone() })
+                .map(|u| UnplacedOut {
+                    gang: u.gang.clone(),
+                    reason: u.reason.clone(),
+                    explanation: u.explanation.clone(),
+                })
                 .collect(),
             summary: Summary {
                 gangs: gangs.len(),
@@ -116,7 +131,9 @@ impl PlanReport {
 
 fn serialize<T: Serialize>(value: &T, format: OutputFormat) -> Result<String, CliError> {
     match format {
-        OutputFormat::Json => serde_json::to_string_pretty(value).map(|s| s + "\n").map_err(|e| CliError::Failed(e.to_string())),
+        OutputFormat::Json => {
+            serde_json::to_string_pretty(value).map(|s| s + "\n").map_err(|e| CliError::Failed(e.to_string()))
+        }
         OutputFormat::Yaml => serde_yaml_ng::to_string(value).map_err(|e| CliError::Failed(e.to_string())),
         OutputFormat::Table => Err(CliError::Failed("table is not a serialization".into())),
     }
@@ -155,7 +172,8 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
         .placements
         .iter()
         .map(|p| {
-            let members = p.members.iter().map(|m| format!("{}:{}", m.node, gpu_list(&m.gpus))).collect::<Vec<_>>().join(" ");
+            let members =
+                p.members.iter().map(|m| format!("{}:{}", m.node, gpu_list(&m.gpus))).collect::<Vec<_>>().join(" ");
             [
                 p.gang.clone(),
                 p.product.clone(),
@@ -191,7 +209,14 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
             let _ = writeln!(text, "    winner:    {}", score_line(&placement.score));
             match &placement.runner_up {
                 Some(runner) => {
-                    let _ = writeln!(text, "    runner-up: {} on {} ({}): {}", runner.scope, runner.hosts.join(","), runner.product, score_line(&runner.score));
+                    let _ = writeln!(
+                        text,
+                        "    runner-up: {} on {} ({}): {}",
+                        runner.scope,
+                        runner.hosts.join(","),
+                        runner.product,
+                        score_line(&runner.score)
+                    );
                 }
                 None => {
                     let _ = writeln!(text, "    runner-up: none ({} candidate)", placement.candidates);
@@ -218,7 +243,13 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
 
 fn explain_lines(text: &mut String, explanation: &Explanation) {
     for group in &explanation.rejected_hosts {
-        let _ = writeln!(text, "    rejected {} host(s): {} (e.g. {})", group.hosts, group.reason, group.examples.join(", "));
+        let _ = writeln!(
+            text,
+            "    rejected {} host(s): {} (e.g. {})",
+            group.hosts,
+            group.reason,
+            group.examples.join(", ")
+        );
     }
     for domain in &explanation.domains {
         let _ = writeln!(text, "    domains: {domain}");
@@ -267,7 +298,11 @@ pub fn render_sizing(model: &ModelSpec, rows: &[SizingRow], format: OutputFormat
         model.kv_cache_bytes as f64 / 1e9,
         model.overhead * 100.0
     );
-    let _ = writeln!(text, "{:<16} {:>10} {:>8} {:>5} {:>8} {:>12} {:>8}  NOTE", "PRODUCT", "GPU MEM", "MIN GPUS", "TP", "PP", "NEED/GPU", "REPLICAS");
+    let _ = writeln!(
+        text,
+        "{:<16} {:>10} {:>8} {:>5} {:>8} {:>12} {:>8}  NOTE",
+        "PRODUCT", "GPU MEM", "MIN GPUS", "TP", "PP", "NEED/GPU", "REPLICAS"
+    );
     for row in rows {
         let _ = writeln!(
             text,

@@ -12,11 +12,8 @@ use thiserror::Error;
 
 use crate::topology::{product, ClusterSpec, NodeSpec};
 
-pub const LINGJUN_LEVELS: [&str; 3] = [
-    "network.topology.nvidia.com/core",
-    "network.topology.nvidia.com/spine",
-    "network.topology.nvidia.com/leaf",
-];
+pub const LINGJUN_LEVELS: [&str; 3] =
+    ["network.topology.nvidia.com/core", "network.topology.nvidia.com/spine", "network.topology.nvidia.com/leaf"];
 /// Hex characters of the hashed host IP kept in node names (grown on a collision).
 const NAME_HASH_CHARS: usize = 12;
 
@@ -47,10 +44,8 @@ pub enum ConvertError {
 pub fn lingjun(file: &str, text: &str, product_name: &str, gpus_per_host: u8) -> Result<ClusterSpec, ConvertError> {
     let product = product::lookup(product_name).ok_or_else(|| ConvertError::Product(product_name.to_string()))?;
     let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
-    let headers = reader
-        .headers()
-        .map_err(|e| ConvertError::Csv { file: file.into(), message: e.to_string() })?
-        .clone();
+    let headers =
+        reader.headers().map_err(|e| ConvertError::Csv { file: file.into(), message: e.to_string() })?.clone();
     let expected = ["ip", "DSW", "PSW", "ASW"];
     if headers.iter().map(str::trim).collect::<Vec<_>>() != expected {
         return Err(ConvertError::Header { file: file.into(), found: headers.iter().collect::<Vec<_>>().join(",") });
@@ -65,10 +60,18 @@ pub fn lingjun(file: &str, text: &str, product_name: &str, gpus_per_host: u8) ->
         let field = |index: usize| record.get(index).map(str::trim).unwrap_or("").to_string();
         let row = [field(0), field(1), field(2), field(3)];
         if let Some(empty) = row.iter().position(String::is_empty) {
-            return Err(ConvertError::Row { file: file.into(), line, message: format!("column `{}` is empty", expected[empty]) });
+            return Err(ConvertError::Row {
+                file: file.into(),
+                line,
+                message: format!("column `{}` is empty", expected[empty]),
+            });
         }
         if !row[0].chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(ConvertError::Row { file: file.into(), line, message: format!("ip `{}` is not a hash", row[0]) });
+            return Err(ConvertError::Row {
+                file: file.into(),
+                line,
+                message: format!("ip `{}` is not a hash", row[0]),
+            });
         }
         rows.push(row);
     }

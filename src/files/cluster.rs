@@ -119,9 +119,9 @@ impl<'de> Deserialize<'de> for MemoryField {
             serde::de::Error::custom("gpu.memory must be MiB as a whole number (e.g. 81559) or a quantity (e.g. 80Gi)")
         })? {
             Raw::Mib(mib) => Ok(MemoryField::Mib(mib)),
-            Raw::Quantity(text) => crate::quantity::parse_mib(&text)
-                .map(|_| MemoryField::Quantity(text))
-                .map_err(serde::de::Error::custom),
+            Raw::Quantity(text) => {
+                crate::quantity::parse_mib(&text).map(|_| MemoryField::Quantity(text)).map_err(serde::de::Error::custom)
+            }
         }
     }
 }
@@ -150,9 +150,12 @@ impl<'de> Deserialize<'de> for NvlinkField {
             Named(String),
             Groups(Vec<Vec<u8>>),
         }
-        let expected = "gpu.nvlink must be `all`, `none`, `pairs`, `hybrid-cube-mesh` or groups such as [[0,1,2,3],[4,5,6,7]]";
+        let expected =
+            "gpu.nvlink must be `all`, `none`, `pairs`, `hybrid-cube-mesh` or groups such as [[0,1,2,3],[4,5,6,7]]";
         match Raw::deserialize(deserializer).map_err(|_| serde::de::Error::custom(expected))? {
-            Raw::Named(name) if ["all", "none", "pairs", "hybrid-cube-mesh"].contains(&name.as_str()) => Ok(NvlinkField::Named(name)),
+            Raw::Named(name) if ["all", "none", "pairs", "hybrid-cube-mesh"].contains(&name.as_str()) => {
+                Ok(NvlinkField::Named(name))
+            }
             Raw::Named(name) => Err(serde::de::Error::custom(format!("`{name}`: {expected}"))),
             Raw::Groups(groups) => Ok(NvlinkField::Groups(groups)),
         }
@@ -227,7 +230,11 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
             (None, None, false) => group.names.clone(),
             (Some(pattern), Some(count), true) => {
                 if count > GROUP_NODES_MAX {
-                    return Err(FileError::at_line(file, group_line, format!("{where_}.count: {count} is over the limit of {GROUP_NODES_MAX}")));
+                    return Err(FileError::at_line(
+                        file,
+                        group_line,
+                        format!("{where_}.count: {count} is over the limit of {GROUP_NODES_MAX}"),
+                    ));
                 }
                 (group.start_index..group.start_index.saturating_add(count))
                     .map(|index| {
@@ -250,7 +257,9 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
             }
         };
         for name in names {
-            let Some(node) = node_spec(name, group.labels.clone(), &group.gpu, group.allocated.clone()) else { continue };
+            let Some(node) = node_spec(name, group.labels.clone(), &group.gpu, group.allocated.clone()) else {
+                continue;
+            };
             nodes.push(node);
             origins.push(group_line);
         }
@@ -276,7 +285,8 @@ pub fn locate(file: &str, text: &str, error: &TopologyError) -> FileError {
                     .skip(line)
                     .position(|l| {
                         let t = l.trim_start().trim_start_matches("- ").trim_start();
-                        t.strip_prefix("name:").is_some_and(|v| v.trim().trim_matches(|c| c == '"' || c == '\'') == node)
+                        t.strip_prefix("name:")
+                            .is_some_and(|v| v.trim().trim_matches(|c| c == '"' || c == '\'') == node)
                             || t.trim_matches(|c| c == '"' || c == '\'') == node
                     })
                     .map(|i| i + line + 1)
@@ -388,7 +398,8 @@ mod tests {
 
     #[test]
     fn wrong_kind_is_said_plainly() {
-        let message = load("w.yaml", "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nspec: {}\n").unwrap_err().to_string();
+        let message =
+            load("w.yaml", "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nspec: {}\n").unwrap_err().to_string();
         assert_eq!(message, "w.yaml:2: kind is `Workload`, expected `Cluster`");
     }
 

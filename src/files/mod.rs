@@ -69,26 +69,23 @@ fn entry_name(text: &str, message: &str, list: &str) -> Option<String> {
     let index: usize = rest.split(']').next()?.parse().ok()?;
     let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).ok()?;
     let entry = value.get("spec")?.get(list)?.get(index)?;
-    entry
-        .get("name")
-        .or_else(|| entry.get("namePattern"))
-        .and_then(|n| n.as_str())
-        .map(str::to_string)
+    entry.get("name").or_else(|| entry.get("namePattern")).and_then(|n| n.as_str()).map(str::to_string)
 }
 
 /// The 1-based line of the `name:` (or `namePattern:`) entry whose value is `name`:
 /// where a semantic error about that node or gang points.
 pub fn line_of_name(text: &str, name: &str) -> Option<usize> {
-    text.lines().position(|line| {
-        let trimmed = line.trim_start().trim_start_matches("- ").trim_start();
-        ["name:", "namePattern:"].iter().any(|key| {
-            trimmed.strip_prefix(key).is_some_and(|value| {
-                let value = value.split(" #").next().unwrap_or("").trim();
-                value.trim_matches(|c| c == '"' || c == '\'') == name
+    text.lines()
+        .position(|line| {
+            let trimmed = line.trim_start().trim_start_matches("- ").trim_start();
+            ["name:", "namePattern:"].iter().any(|key| {
+                trimmed.strip_prefix(key).is_some_and(|value| {
+                    let value = value.split(" #").next().unwrap_or("").trim();
+                    value.trim_matches(|c| c == '"' || c == '\'') == name
+                })
             })
         })
-    })
-    .map(|index| index + 1)
+        .map(|index| index + 1)
 }
 
 /// Line of the `- NAME` entry in a `names:` list (nodes of a group).
@@ -110,7 +107,10 @@ pub fn read_input(path: &Path) -> Result<String, FileError> {
         return Err(FileError::new(&shown, "is not a regular file"));
     }
     if metadata.len() > INPUT_FILE_BYTES_MAX {
-        return Err(FileError::new(&shown, format!("is {} bytes, over the limit of {INPUT_FILE_BYTES_MAX}", metadata.len())));
+        return Err(FileError::new(
+            &shown,
+            format!("is {} bytes, over the limit of {INPUT_FILE_BYTES_MAX}", metadata.len()),
+        ));
     }
     std::fs::read_to_string(path).map_err(|e| FileError::new(&shown, format!("cannot read: {e}")))
 }
@@ -129,7 +129,11 @@ fn check_header(file: &str, text: &str, kind: &str) -> Result<(), FileError> {
     match header.api_version.as_deref() {
         Some(API_VERSION) => {}
         Some(other) => {
-            return Err(FileError::at_line(file, line("apiVersion:"), format!("apiVersion is `{other}`, expected `{API_VERSION}`")))
+            return Err(FileError::at_line(
+                file,
+                line("apiVersion:"),
+                format!("apiVersion is `{other}`, expected `{API_VERSION}`"),
+            ))
         }
         None => return Err(FileError::new(file, format!("apiVersion is missing (expected `{API_VERSION}`)"))),
     }

@@ -121,7 +121,8 @@ fn scalar_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Stri
 /// Parses a workload file's text into a validated workload.
 pub fn parse(file: &str, text: &str) -> Result<Workload, FileError> {
     check_header(file, text, "Workload")?;
-    let parsed: WorkloadFile = serde_yaml_ng::from_str(text).map_err(|e| FileError::from_yaml(file, text, &e, "gangs"))?;
+    let parsed: WorkloadFile =
+        serde_yaml_ng::from_str(text).map_err(|e| FileError::from_yaml(file, text, &e, "gangs"))?;
     let mut gangs = Vec::with_capacity(parsed.spec.gangs.len());
     for entry in parsed.spec.gangs {
         let line = line_of_name(text, &entry.name);
@@ -139,7 +140,9 @@ pub fn parse(file: &str, text: &str) -> Result<Workload, FileError> {
             (None, None) => MemoryNeed::None,
         };
         let (required, preferred) = match entry.topology {
-            Some(topology) => (topology.required.as_deref().map(Scope::parse), topology.preferred.as_deref().map(Scope::parse)),
+            Some(topology) => {
+                (topology.required.as_deref().map(Scope::parse), topology.preferred.as_deref().map(Scope::parse))
+            }
             None => (None, None),
         };
         let gang = GangSpec {
@@ -203,7 +206,11 @@ mod tests {
         let text = format!("{HEADER}spec:\n  gangs:\n  - name: a\n    gpusPerMember: 4\n    minGpuMemory: 1Gi\n    model: {{parameters: 1B, dtype: fp8}}\n");
         assert!(parse("w.yaml", &text).unwrap_err().to_string().contains("either minGpuMemory or model"));
 
-        let text = format!("{HEADER}spec:\n  gangs:\n  - name: a\n    gpusPerMember: 1\n  - name: a\n    gpusPerMember: 1\n");
-        assert_eq!(parse("w.yaml", &text).unwrap_err().to_string(), "w.yaml:7: gang `a`: name appears twice in the workload");
+        let text =
+            format!("{HEADER}spec:\n  gangs:\n  - name: a\n    gpusPerMember: 1\n  - name: a\n    gpusPerMember: 1\n");
+        assert_eq!(
+            parse("w.yaml", &text).unwrap_err().to_string(),
+            "w.yaml:7: gang `a`: name appears twice in the workload"
+        );
     }
 }

@@ -93,9 +93,7 @@ pub fn remaining_connectivity(host: &Host, free: GpuMask) -> f64 {
     if host.links.best_nvlink_gbps == 0 || free.count_ones() < 2 || host.links.uniform_nvlink {
         return 1.0;
     }
-    let linked = bits(free)
-        .filter(|&gpu| host.links.nvlink_neighbors[usize::from(gpu)] & free != 0)
-        .count();
+    let linked = bits(free).filter(|&gpu| host.links.nvlink_neighbors[usize::from(gpu)] & free != 0).count();
     linked as f64 / f64::from(free.count_ones())
 }
 
@@ -203,10 +201,7 @@ impl GpuChooser {
         }
         let atoms = greedy_atoms(host, free, shape.atom, count * shape.atoms_per_unit());
         (atoms.len() as u32 == count * shape.atoms_per_unit()).then(|| {
-            atoms
-                .chunks(shape.atoms_per_unit() as usize)
-                .map(|chunk| ChosenUnit { atoms: chunk.to_vec() })
-                .collect()
+            atoms.chunks(shape.atoms_per_unit() as usize).map(|chunk| ChosenUnit { atoms: chunk.to_vec() }).collect()
         })
     }
 
@@ -288,7 +283,8 @@ fn first_connected_atom(host: &Host, free: GpuMask, size: u32) -> Option<GpuMask
     for start in bits(free) {
         let mut set: GpuMask = 1 << start;
         while set.count_ones() < size {
-            let frontier = bits(set).fold(0, |acc, gpu| acc | host.links.nvlink_neighbors[usize::from(gpu)]) & free & !set;
+            let frontier =
+                bits(set).fold(0, |acc, gpu| acc | host.links.nvlink_neighbors[usize::from(gpu)]) & free & !set;
             if frontier == 0 {
                 break;
             }
@@ -373,7 +369,10 @@ mod tests {
         assert_eq!(units[0].gpus(), 0b0010);
         // TP-2 needs a bridged pair: 1 and 2 are not one.
         assert_eq!(chooser.unit_count(&nvl, 0b0110, UnitShape { unit_gpus: 2, atom: 2 }), 0);
-        assert_eq!(chooser.choose(&nvl, 0b1110, 1, UnitShape { unit_gpus: 2, atom: 2 }).expect("fits")[0].gpus(), 0b1100);
+        assert_eq!(
+            chooser.choose(&nvl, 0b1110, 1, UnitShape { unit_gpus: 2, atom: 2 }).expect("fits")[0].gpus(),
+            0b1100
+        );
     }
 
     #[test]

@@ -285,7 +285,12 @@ impl<'c> Planner<'c> {
         self.cluster
     }
 
-    fn resolve(&self, gang: &Gang, scope: &Option<Scope>, field: &'static str) -> Result<Option<ResolvedScope>, GangInputError> {
+    fn resolve(
+        &self,
+        gang: &Gang,
+        scope: &Option<Scope>,
+        field: &'static str,
+    ) -> Result<Option<ResolvedScope>, GangInputError> {
         Ok(match scope {
             None => None,
             Some(Scope::Host) => Some(ResolvedScope::Host),
@@ -323,7 +328,8 @@ impl<'c> Planner<'c> {
         let cluster = self.cluster;
         let need = gang.units();
         let unit_shape = UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
-        let member_shape = UnitShape { unit_gpus: gang.gpus_per_member, atom: gang.tensor_parallel.min(gang.gpus_per_member) };
+        let member_shape =
+            UnitShape { unit_gpus: gang.gpus_per_member, atom: gang.tensor_parallel.min(gang.gpus_per_member) };
 
         let mut tally = RejectionTally::default();
         let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, &mut tally);
@@ -385,9 +391,20 @@ impl<'c> Planner<'c> {
                     }
                     continue;
                 }
-                let built = self.build(ledger, gang, &view, &whole_free, preferred, CandidateScope::Host(host_id), &[(Leaf::Host(host_id), need)], unit_shape, member_shape);
+                let built = self.build(
+                    ledger,
+                    gang,
+                    &view,
+                    &whole_free,
+                    preferred,
+                    CandidateScope::Host(host_id),
+                    &[(Leaf::Host(host_id), need)],
+                    unit_shape,
+                    member_shape,
+                );
                 if let Some(candidate) = built {
-                    if required == Some(ResolvedScope::Nvlink) && !gang_is_nvlink_connected(cluster, &candidate.members) {
+                    if required == Some(ResolvedScope::Nvlink) && !gang_is_nvlink_connected(cluster, &candidate.members)
+                    {
                         continue;
                     }
                     seen_classes.insert(key, candidates.len());
@@ -425,7 +442,17 @@ impl<'c> Planner<'c> {
                 let mut leaves = Vec::new();
                 let items = view.clique_leaves(clique_index);
                 pick(&items, need, &mut |leaf, units| leaves.push((leaf, units)));
-                if let Some(candidate) = self.build(ledger, gang, &view, &whole_free, preferred, CandidateScope::Clique(clique_index), &leaves, unit_shape, member_shape) {
+                if let Some(candidate) = self.build(
+                    ledger,
+                    gang,
+                    &view,
+                    &whole_free,
+                    preferred,
+                    CandidateScope::Clique(clique_index),
+                    &leaves,
+                    unit_shape,
+                    member_shape,
+                ) {
                     candidates.push(candidate);
                 }
             }
@@ -465,7 +492,17 @@ impl<'c> Planner<'c> {
                     }
                     let mut leaves = Vec::new();
                     view.fill_domain(level, index as u32, need, &mut leaves);
-                    if let Some(candidate) = self.build(ledger, gang, &view, &whole_free, preferred, CandidateScope::Domain(level, index as u32), &leaves, unit_shape, member_shape) {
+                    if let Some(candidate) = self.build(
+                        ledger,
+                        gang,
+                        &view,
+                        &whole_free,
+                        preferred,
+                        CandidateScope::Domain(level, index as u32),
+                        &leaves,
+                        unit_shape,
+                        member_shape,
+                    ) {
                         candidates.push(candidate);
                     }
                 }
@@ -483,7 +520,8 @@ impl<'c> Planner<'c> {
                     if Some(ResolvedScope::Level(level)) == required && fitting == 0 {
                         let units = units.min(u64::from(u32::MAX)) as u32;
                         if scope_shortfall.as_ref().is_none_or(|(b, _)| units > *b) {
-                            scope_shortfall = Some((units, format!("{} `{}`", short_level(&cluster.levels[level]), domain.path)));
+                            scope_shortfall =
+                                Some((units, format!("{} `{}`", short_level(&cluster.levels[level]), domain.path)));
                         }
                     }
                 }
@@ -499,7 +537,17 @@ impl<'c> Planner<'c> {
                 if widest_child < u64::from(need) {
                     let mut leaves = Vec::new();
                     view.fill_root(need, &mut leaves);
-                    if let Some(candidate) = self.build(ledger, gang, &view, &whole_free, preferred, CandidateScope::Cluster, &leaves, unit_shape, member_shape) {
+                    if let Some(candidate) = self.build(
+                        ledger,
+                        gang,
+                        &view,
+                        &whole_free,
+                        preferred,
+                        CandidateScope::Cluster,
+                        &leaves,
+                        unit_shape,
+                        member_shape,
+                    ) {
                         candidates.push(candidate);
                     }
                 }
@@ -552,7 +600,14 @@ impl<'c> Planner<'c> {
         })
     }
 
-    fn host_capacity(&mut self, ledger: &Ledger, gang: &Gang, unit_shape: UnitShape, member_shape: UnitShape, tally: &mut RejectionTally) -> HostCapacity {
+    fn host_capacity(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        unit_shape: UnitShape,
+        member_shape: UnitShape,
+        tally: &mut RejectionTally,
+    ) -> HostCapacity {
         let cluster = self.cluster;
         let hosts = cluster.hosts.len();
         let mut units = vec![0u32; hosts];
@@ -701,12 +756,14 @@ impl<'c> Planner<'c> {
             None => true,
             Some(ResolvedScope::Host) => taken.len() == 1,
             Some(ResolvedScope::Nvlink) => {
-                (taken.len() == 1 && nvlink_connected(&cluster.host(taken[0].0).links, taken[0].1)) || same_clique(cluster, &taken)
+                (taken.len() == 1 && nvlink_connected(&cluster.host(taken[0].0).links, taken[0].1))
+                    || same_clique(cluster, &taken)
             }
             Some(ResolvedScope::Level(level)) => shared > level,
         };
         let locality = if preferred_met { locality } else { locality * 0.5 };
-        let fragmentation = score::fragmentation(cluster, ledger, &mut self.chooser, whole_free, &self.config.shapes, &taken);
+        let fragmentation =
+            score::fragmentation(cluster, ledger, &mut self.chooser, whole_free, &self.config.shapes, &taken);
         let score = ScoreComponents::combine(&self.config.weights, locality, memory, fragmentation, connectivity);
         Some(Candidate { scope, product: view.product, members, score, equivalent_hosts: 0 })
     }
@@ -716,7 +773,11 @@ impl<'c> Planner<'c> {
             CandidateScope::Host(h) => format!("host {}", self.cluster.host(h).name),
             CandidateScope::Clique(c) => format!("nvlink clique {}", self.cluster.cliques[c as usize].name),
             CandidateScope::Domain(level, index) => {
-                format!("{} {}", short_level(&self.cluster.levels[level]), self.cluster.domains[level][index as usize].path)
+                format!(
+                    "{} {}",
+                    short_level(&self.cluster.levels[level]),
+                    self.cluster.domains[level][index as usize].path
+                )
             }
             CandidateScope::Cluster => "cluster".to_string(),
         }
@@ -749,7 +810,12 @@ impl<'c> Planner<'c> {
     ) -> String {
         let mut reason = String::new();
         let unit = if gang.members_per_unit() > 1 {
-            format!("{need} unit(s) of {} GPUs (tensorParallel {} over {} members)", gang.unit_gpus(), gang.tensor_parallel, gang.members_per_unit())
+            format!(
+                "{need} unit(s) of {} GPUs (tensorParallel {} over {} members)",
+                gang.unit_gpus(),
+                gang.tensor_parallel,
+                gang.members_per_unit()
+            )
         } else {
             format!("{need} member(s) of {} GPU(s)", gang.gpus_per_member)
         };
@@ -763,7 +829,8 @@ impl<'c> Planner<'c> {
                 let _ = write!(reason, "needs {unit}{floor}; no host has room for even one");
             }
             (Some((best, product)), _) if best < need => {
-                let _ = write!(reason, "needs {unit}{floor}; the free GPUs hold at most {best} ({})", product.get().name);
+                let _ =
+                    write!(reason, "needs {unit}{floor}; the free GPUs hold at most {best} ({})", product.get().name);
             }
             (_, Some((best, scope))) => {
                 let required = gang.required.as_ref().map(ToString::to_string).unwrap_or_default();

@@ -38,9 +38,7 @@ impl Weights {
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut weights = Weights::default();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("weight `{part}` is not NAME=VALUE"))?;
+            let (name, value) = part.split_once('=').ok_or_else(|| format!("weight `{part}` is not NAME=VALUE"))?;
             let value: f64 = value
                 .trim()
                 .parse()
@@ -209,7 +207,13 @@ pub fn fragmentation(
     }
 }
 
-fn rack_room_lost(cluster: &Cluster, ledger: &Ledger, whole_free: &WholeFreeIndex, taken: &[(HostId, GpuMask)], hosts: u32) -> u64 {
+fn rack_room_lost(
+    cluster: &Cluster,
+    ledger: &Ledger,
+    whole_free: &WholeFreeIndex,
+    taken: &[(HostId, GpuMask)],
+    hosts: u32,
+) -> u64 {
     let hosts = hosts.max(1);
     // Whole free hosts broken per innermost domain (or per cluster without levels).
     let mut broken: Vec<(Option<u32>, u32, u64)> = Vec::new();

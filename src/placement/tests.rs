@@ -151,7 +151,10 @@ fn tensor_parallelism_needs_nvlink() {
     assert_ne!(placement.product.get().name, "L40S");
     let mut planner = Planner::new(&cluster, PlannerConfig { explain: true, ..Default::default() });
     let explained = planner.place(&Ledger::new(&cluster), &tp2).expect("fits").explanation.expect("explained");
-    assert!(explained.rejected_hosts.iter().any(|g| g.reason.starts_with("L40S: no NVLink") && g.hosts == 2), "{explained:?}");
+    assert!(
+        explained.rejected_hosts.iter().any(|g| g.reason.starts_with("L40S: no NVLink") && g.hosts == 2),
+        "{explained:?}"
+    );
 }
 
 #[test]
@@ -173,7 +176,10 @@ fn unknown_levels_are_input_errors() {
     bad.required = Some(Scope::Level("row".into()));
     let planner = Planner::new(&cluster, PlannerConfig::default());
     let error = planner.check_gang(&bad).unwrap_err().to_string();
-    assert!(error.contains("topology.required is `row`") && error.contains("network.topology.nvidia.com/leaf"), "{error}");
+    assert!(
+        error.contains("topology.required is `row`") && error.contains("network.topology.nvidia.com/leaf"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -199,7 +205,8 @@ fn planning_is_deterministic() {
     let gangs = workload.expand();
     let run = || {
         let mut ledger = Ledger::new(&cluster);
-        let plan = Planner::new(&cluster, PlannerConfig { shapes: shapes_for(&gangs), ..Default::default() }).plan(&mut ledger, &gangs);
+        let plan = Planner::new(&cluster, PlannerConfig { shapes: shapes_for(&gangs), ..Default::default() })
+            .plan(&mut ledger, &gangs);
         plan.placements.iter().map(|p| (p.gang.clone(), p.members.clone())).collect::<Vec<_>>()
     };
     assert_eq!(run(), run());

@@ -10,15 +10,30 @@ use super::{full_mask, Clique, Domain, Fabric, GpuMask, Host, HostId, HostLinks,
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Vertex {
-    Domain { level: usize, index: u32 },
+    Domain {
+        level: usize,
+        index: u32,
+    },
     Host(HostId),
-    Socket { host: HostId, socket: u8 },
-    Gpu { host: HostId, index: u8 },
+    Socket {
+        host: HostId,
+        socket: u8,
+    },
+    Gpu {
+        host: HostId,
+        index: u8,
+    },
     /// The NVSwitch fabric of one host, or of one NVLink group declared on it.
-    NvSwitch { host: HostId, group: u8 },
+    NvSwitch {
+        host: HostId,
+        group: u8,
+    },
     /// A multi-host NVLink domain (GB200 NVL72): one fabric shared by all its GPUs.
     Clique(u32),
-    Nic { host: HostId, index: u8 },
+    Nic {
+        host: HostId,
+        index: u8,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +84,18 @@ pub struct TopologyGraph {
 /// Direct NVLink counts of the DGX-1 (V100) hybrid cube-mesh, as `nvidia-smi topo -m`
 /// shows it: each GPU has 6 links; quads 0-3 and 4-7 are fully connected.
 const HYBRID_CUBE_MESH_LINKS: [(u8, u8, u32); 12] = [
-    (0, 1, 1), (0, 2, 1), (0, 3, 2), (1, 2, 2), (1, 3, 1), (2, 3, 1),
-    (4, 5, 1), (4, 6, 1), (4, 7, 2), (5, 6, 2), (5, 7, 1), (6, 7, 1),
+    (0, 1, 1),
+    (0, 2, 1),
+    (0, 3, 2),
+    (1, 2, 2),
+    (1, 3, 1),
+    (2, 3, 1),
+    (4, 5, 1),
+    (4, 6, 1),
+    (4, 7, 2),
+    (5, 6, 2),
+    (5, 7, 1),
+    (6, 7, 1),
 ];
 
 impl TopologyGraph {
@@ -80,9 +105,7 @@ impl TopologyGraph {
             .iter()
             .enumerate()
             .map(|(level, at_level)| {
-                (0..at_level.len())
-                    .map(|index| graph.add_node(Vertex::Domain { level, index: index as u32 }))
-                    .collect()
+                (0..at_level.len()).map(|index| graph.add_node(Vertex::Domain { level, index: index as u32 })).collect()
             })
             .collect();
         let clique_vertices: Vec<NodeIndex> =
@@ -107,16 +130,23 @@ impl TopologyGraph {
                 })
                 .collect();
             if sockets.len() == 2 {
-                graph.add_edge(sockets[0], sockets[1], Link { kind: LinkKind::CpuInterconnect, gbps: product.pcie_gbps });
+                graph.add_edge(
+                    sockets[0],
+                    sockets[1],
+                    Link { kind: LinkKind::CpuInterconnect, gbps: product.pcie_gbps },
+                );
             }
 
-            let gpus: Vec<NodeIndex> = (0..host.gpu_count)
-                .map(|index| graph.add_node(Vertex::Gpu { host: host_id, index }))
-                .collect();
+            let gpus: Vec<NodeIndex> =
+                (0..host.gpu_count).map(|index| graph.add_node(Vertex::Gpu { host: host_id, index })).collect();
             let per_socket = host.gpu_count.div_ceil(socket_count);
             let sockets_of_gpus: Vec<u8> = (0..host.gpu_count).map(|gpu| gpu / per_socket).collect();
             for (gpu, &socket) in gpus.iter().zip(&sockets_of_gpus) {
-                graph.add_edge(*gpu, sockets[usize::from(socket)], Link { kind: LinkKind::Pcie, gbps: product.pcie_gbps });
+                graph.add_edge(
+                    *gpu,
+                    sockets[usize::from(socket)],
+                    Link { kind: LinkKind::Pcie, gbps: product.pcie_gbps },
+                );
             }
 
             let nvlink = product.nvlink_gbps;
@@ -135,7 +165,11 @@ impl TopologyGraph {
                     for (group_index, group) in groups.iter().enumerate() {
                         let fabric = graph.add_node(Vertex::NvSwitch { host: host_id, group: group_index as u8 });
                         for &gpu in group {
-                            graph.add_edge(gpus[usize::from(gpu)], fabric, Link { kind: LinkKind::NvSwitchPort, gbps: nvlink });
+                            graph.add_edge(
+                                gpus[usize::from(gpu)],
+                                fabric,
+                                Link { kind: LinkKind::NvSwitchPort, gbps: nvlink },
+                            );
                         }
                     }
                 }
@@ -148,7 +182,11 @@ impl TopologyGraph {
                     let per_link = nvlink / 6;
                     let cross = (0..4u8).map(|gpu| (gpu, gpu + 4, 2));
                     for (a, b, links) in HYBRID_CUBE_MESH_LINKS.into_iter().chain(cross) {
-                        graph.add_edge(gpus[usize::from(a)], gpus[usize::from(b)], Link { kind: LinkKind::NvLink, gbps: per_link * links });
+                        graph.add_edge(
+                            gpus[usize::from(a)],
+                            gpus[usize::from(b)],
+                            Link { kind: LinkKind::NvLink, gbps: per_link * links },
+                        );
                     }
                 }
             }
@@ -163,7 +201,8 @@ impl TopologyGraph {
                 }
             }
             if host.nic_count > 0 {
-                let nics: Vec<NodeIndex> = graph.neighbors(host_vertex).filter(|v| matches!(graph[*v], Vertex::Nic { .. })).collect();
+                let nics: Vec<NodeIndex> =
+                    graph.neighbors(host_vertex).filter(|v| matches!(graph[*v], Vertex::Nic { .. })).collect();
                 let mut nics = nics;
                 nics.sort_by_key(|v| match graph[*v] {
                     Vertex::Nic { index, .. } => index,
@@ -358,7 +397,8 @@ mod tests {
         let mut b = node("b", "GB200", 4, &[("rack", "r1")]);
         a.clique = Some("c1".into());
         b.clique = Some("c1".into());
-        let cluster = Cluster::build(ClusterSpec { name: "t".into(), levels: vec!["rack".into()], nodes: vec![a, b] }).expect("valid");
+        let cluster = Cluster::build(ClusterSpec { name: "t".into(), levels: vec!["rack".into()], nodes: vec![a, b] })
+            .expect("valid");
         let graph = &cluster.graph;
         let (ga, gb) = (graph.gpu_vertex(0, 0), graph.gpu_vertex(1, 3));
         assert_eq!(graph.nvlink_between(ga, gb), 1800);

@@ -214,11 +214,10 @@ impl Cluster {
             };
             for (level, (unlabelled, value)) in path.iter().enumerate() {
                 if level >= first_new_level {
-                    let parent = level
-                        .checked_sub(1)
-                        .map(|up| u32::try_from(domains[up].len() - 1).unwrap_or(u32::MAX));
-                    let parent_path = parent
-                        .and_then(|p| level.checked_sub(1).map(|up| domains[up][p as usize].path.clone()));
+                    let parent =
+                        level.checked_sub(1).map(|up| u32::try_from(domains[up].len() - 1).unwrap_or(u32::MAX));
+                    let parent_path =
+                        parent.and_then(|p| level.checked_sub(1).map(|up| domains[up][p as usize].path.clone()));
                     let shown = if *unlabelled { format!("({} unlabelled)", value) } else { value.clone() };
                     let path_text = match parent_path {
                         Some(prefix) => format!("{prefix}/{shown}"),
@@ -304,16 +303,7 @@ impl Cluster {
             host.links = topology_graph.derive_host_links(host_index as HostId, host.gpu_count);
         }
         let host_index = hosts.iter().enumerate().map(|(i, h)| (h.name.clone(), i as HostId)).collect();
-        Ok(Cluster {
-            name,
-            levels,
-            hosts,
-            domains,
-            cliques,
-            graph: topology_graph,
-            initially_used,
-            host_index,
-        })
+        Ok(Cluster { name, levels, hosts, domains, cliques, graph: topology_graph, initially_used, host_index })
     }
 
     pub fn host_id(&self, name: &str) -> Option<HostId> {
@@ -347,9 +337,9 @@ impl Cluster {
         if let Some(exact) = self.levels.iter().position(|key| key == name) {
             return Some(exact);
         }
-        self.levels.iter().rposition(|key| {
-            key.rsplit(['/', '.']).next().is_some_and(|tail| tail.eq_ignore_ascii_case(name))
-        })
+        self.levels
+            .iter()
+            .rposition(|key| key.rsplit(['/', '.']).next().is_some_and(|tail| tail.eq_ignore_ascii_case(name)))
     }
 }
 

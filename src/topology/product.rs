@@ -69,20 +69,83 @@ macro_rules! product {
 pub static PRODUCTS: &[GpuProduct] = &[
     product!("GB200", ["NVIDIA-GB200", "GB200-NVL72", "GB200"], 189_471, MultiNodeNvlink, 1800, PCIE_GEN5),
     product!("B200", ["NVIDIA-B200", "B200", "B200-SXM6"], 183_359, NvSwitch, 1800, PCIE_GEN5),
-    product!("H200", ["NVIDIA-H200", "NVIDIA-H200-141GB-HBM3E", "H200", "H200-SXM", "H200-SXM5"], 143_771, NvSwitch, 900, PCIE_GEN5),
+    product!(
+        "H200",
+        ["NVIDIA-H200", "NVIDIA-H200-141GB-HBM3E", "H200", "H200-SXM", "H200-SXM5"],
+        143_771,
+        NvSwitch,
+        900,
+        PCIE_GEN5
+    ),
     product!("H100-NVL", ["NVIDIA-H100-NVL", "H100-NVL", "H100NVL"], 95_830, BridgePairs, 600, PCIE_GEN5),
-    product!("H100-SXM5", ["NVIDIA-H100-80GB-HBM3", "H100-SXM5", "H100-SXM", "H100", "NVIDIA-H100-SXM5-80GB"], 81_559, NvSwitch, 900, PCIE_GEN5),
+    product!(
+        "H100-SXM5",
+        ["NVIDIA-H100-80GB-HBM3", "H100-SXM5", "H100-SXM", "H100", "NVIDIA-H100-SXM5-80GB"],
+        81_559,
+        NvSwitch,
+        900,
+        PCIE_GEN5
+    ),
     product!("H800", ["NVIDIA-H800", "H800", "H800-SXM5", "NVIDIA-H800-80GB-HBM3"], 81_559, NvSwitch, 400, PCIE_GEN5),
-    product!("A800-SXM4-80GB", ["NVIDIA-A800-SXM4-80GB", "A800", "A800-SXM4", "A800-80GB"], 81_920, NvSwitch, 400, PCIE_GEN4),
-    product!("A100-SXM4-80GB", ["NVIDIA-A100-SXM4-80GB", "A100-SXM4-80GB", "A100-80GB", "A100-SXM-80GB"], 81_920, NvSwitch, 600, PCIE_GEN4),
-    product!("A100-PCIE-80GB", ["NVIDIA-A100-80GB-PCIE", "A100-PCIE-80GB", "A100-80GB-PCIE"], 81_920, PcieOnly, 600, PCIE_GEN4),
+    product!(
+        "A800-SXM4-80GB",
+        ["NVIDIA-A800-SXM4-80GB", "A800", "A800-SXM4", "A800-80GB"],
+        81_920,
+        NvSwitch,
+        400,
+        PCIE_GEN4
+    ),
+    product!(
+        "A100-SXM4-80GB",
+        ["NVIDIA-A100-SXM4-80GB", "A100-SXM4-80GB", "A100-80GB", "A100-SXM-80GB"],
+        81_920,
+        NvSwitch,
+        600,
+        PCIE_GEN4
+    ),
+    product!(
+        "A100-PCIE-80GB",
+        ["NVIDIA-A100-80GB-PCIE", "A100-PCIE-80GB", "A100-80GB-PCIE"],
+        81_920,
+        PcieOnly,
+        600,
+        PCIE_GEN4
+    ),
     product!("L40S", ["NVIDIA-L40S", "L40S"], 46_068, PcieOnly, 0, PCIE_GEN4),
-    product!("A100-SXM4-40GB", ["NVIDIA-A100-SXM4-40GB", "A100-SXM4-40GB", "A100-40GB", "A100", "A100-SXM4"], 40_960, NvSwitch, 600, PCIE_GEN4),
-    product!("A100-PCIE-40GB", ["NVIDIA-A100-PCIE-40GB", "A100-PCIE-40GB", "A100-PCIE"], 40_960, PcieOnly, 600, PCIE_GEN4),
-    product!("V100-SXM2-32GB", ["TESLA-V100-SXM2-32GB", "V100-SXM2-32GB", "V100-32GB", "V100M32"], 32_768, HybridCubeMesh, 300, PCIE_GEN3),
+    product!(
+        "A100-SXM4-40GB",
+        ["NVIDIA-A100-SXM4-40GB", "A100-SXM4-40GB", "A100-40GB", "A100", "A100-SXM4"],
+        40_960,
+        NvSwitch,
+        600,
+        PCIE_GEN4
+    ),
+    product!(
+        "A100-PCIE-40GB",
+        ["NVIDIA-A100-PCIE-40GB", "A100-PCIE-40GB", "A100-PCIE"],
+        40_960,
+        PcieOnly,
+        600,
+        PCIE_GEN4
+    ),
+    product!(
+        "V100-SXM2-32GB",
+        ["TESLA-V100-SXM2-32GB", "V100-SXM2-32GB", "V100-32GB", "V100M32"],
+        32_768,
+        HybridCubeMesh,
+        300,
+        PCIE_GEN3
+    ),
     product!("L4", ["NVIDIA-L4", "L4"], 23_034, PcieOnly, 0, PCIE_GEN4),
     product!("A10", ["NVIDIA-A10", "A10"], 23_028, PcieOnly, 0, PCIE_GEN4),
-    product!("V100-SXM2-16GB", ["TESLA-V100-SXM2-16GB", "V100-SXM2-16GB", "V100-16GB", "V100", "V100M16"], 16_384, HybridCubeMesh, 300, PCIE_GEN3),
+    product!(
+        "V100-SXM2-16GB",
+        ["TESLA-V100-SXM2-16GB", "V100-SXM2-16GB", "V100-16GB", "V100", "V100M16"],
+        16_384,
+        HybridCubeMesh,
+        300,
+        PCIE_GEN3
+    ),
     product!("T4", ["TESLA-T4", "NVIDIA-T4", "T4"], 15_360, PcieOnly, 0, PCIE_GEN3),
 ];
 
@@ -109,12 +172,13 @@ fn normalize(name: &str) -> String {
 /// Looks a product up by any of its names, ignoring case and `-`/`_`/space differences.
 pub fn lookup(name: &str) -> Option<ProductId> {
     let wanted = normalize(name);
-    PRODUCTS.iter().position(|product| {
-        product.aliases.iter().any(|alias| normalize(alias) == wanted)
-            || normalize(product.name) == wanted
-    })
-    .and_then(|index| u8::try_from(index).ok())
-    .map(ProductId)
+    PRODUCTS
+        .iter()
+        .position(|product| {
+            product.aliases.iter().any(|alias| normalize(alias) == wanted) || normalize(product.name) == wanted
+        })
+        .and_then(|index| u8::try_from(index).ok())
+        .map(ProductId)
 }
 
 /// Every accepted name, for error messages that list what would have worked.
