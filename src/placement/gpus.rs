@@ -288,9 +288,6 @@ fn first_connected_atom(host: &Host, free: GpuMask, size: u32) -> Option<GpuMask
             if frontier == 0 {
                 break;
             }
-            if size == 1 {
-                break;
-            }
             set |= frontier & frontier.wrapping_neg();
         }
         if set.count_ones() == size {

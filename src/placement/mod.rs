@@ -334,6 +334,7 @@ impl<'c> Planner<'c> {
         let mut tally = RejectionTally::default();
         let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, &mut tally);
         let whole_free = score::WholeFreeIndex::new(cluster, ledger);
+        let context = BuildContext { ledger, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
         let levels = cluster.levels.len();
 
         let mut candidates: Vec<Candidate> = Vec::new();
@@ -391,17 +392,7 @@ impl<'c> Planner<'c> {
                     }
                     continue;
                 }
-                let built = self.build(
-                    ledger,
-                    gang,
-                    &view,
-                    &whole_free,
-                    preferred,
-                    CandidateScope::Host(host_id),
-                    &[(Leaf::Host(host_id), need)],
-                    unit_shape,
-                    member_shape,
-                );
+                let built = self.build(&context, &view, CandidateScope::Host(host_id), &[(Leaf::Host(host_id), need)]);
                 if let Some(candidate) = built {
                     if required == Some(ResolvedScope::Nvlink) && !gang_is_nvlink_connected(cluster, &candidate.members)
                     {
@@ -442,17 +433,7 @@ impl<'c> Planner<'c> {
                 let mut leaves = Vec::new();
                 let items = view.clique_leaves(clique_index);
                 pick(&items, need, &mut |leaf, units| leaves.push((leaf, units)));
-                if let Some(candidate) = self.build(
-                    ledger,
-                    gang,
-                    &view,
-                    &whole_free,
-                    preferred,
-                    CandidateScope::Clique(clique_index),
-                    &leaves,
-                    unit_shape,
-                    member_shape,
-                ) {
+                if let Some(candidate) = self.build(&context, &view, CandidateScope::Clique(clique_index), &leaves) {
                     candidates.push(candidate);
                 }
             }
@@ -492,17 +473,9 @@ impl<'c> Planner<'c> {
                     }
                     let mut leaves = Vec::new();
                     view.fill_domain(level, index as u32, need, &mut leaves);
-                    if let Some(candidate) = self.build(
-                        ledger,
-                        gang,
-                        &view,
-                        &whole_free,
-                        preferred,
-                        CandidateScope::Domain(level, index as u32),
-                        &leaves,
-                        unit_shape,
-                        member_shape,
-                    ) {
+                    if let Some(candidate) =
+                        self.build(&context, &view, CandidateScope::Domain(level, index as u32), &leaves)
+                    {
                         candidates.push(candidate);
                     }
                 }
@@ -537,17 +510,7 @@ impl<'c> Planner<'c> {
                 if widest_child < u64::from(need) {
                     let mut leaves = Vec::new();
                     view.fill_root(need, &mut leaves);
-                    if let Some(candidate) = self.build(
-                        ledger,
-                        gang,
-                        &view,
-                        &whole_free,
-                        preferred,
-                        CandidateScope::Cluster,
-                        &leaves,
-                        unit_shape,
-                        member_shape,
-                    ) {
+                    if let Some(candidate) = self.build(&context, &view, CandidateScope::Cluster, &leaves) {
                         candidates.push(candidate);
                     }
                 }
@@ -669,19 +632,14 @@ impl<'c> Planner<'c> {
 
     /// Turns a fill into members with concrete GPUs and scores it; `None` if a host's GPUs
     /// could not be chosen after all (the counts promised more than the choice found).
-    #[allow(clippy::too_many_arguments)]
     fn build(
         &mut self,
-        ledger: &Ledger,
-        gang: &Gang,
+        context: &BuildContext,
         view: &ProductView,
-        whole_free: &score::WholeFreeIndex,
-        preferred: Option<ResolvedScope>,
         scope: CandidateScope,
         leaves: &[(Leaf, u32)],
-        unit_shape: UnitShape,
-        member_shape: UnitShape,
     ) -> Option<Candidate> {
+        let BuildContext { ledger, gang, whole_free, preferred, unit_shape, member_shape } = *context;
         let cluster = self.cluster;
         let mut members: Vec<MemberPlacement> = Vec::with_capacity(gang.members as usize);
         let mut taken: Vec<(HostId, GpuMask)> = Vec::new();
@@ -884,6 +842,17 @@ impl<'c> Planner<'c> {
     }
 }
 
+/// What every candidate of one `place` call shares.
+#[derive(Clone, Copy)]
+struct BuildContext<'a> {
+    ledger: &'a Ledger,
+    gang: &'a Gang,
+    whole_free: &'a score::WholeFreeIndex,
+    preferred: Option<ResolvedScope>,
+    unit_shape: UnitShape,
+    member_shape: UnitShape,
+}
+
 /// A product's slice of the host capacities, with prefix sums over the host order.
 struct ProductView<'a> {
     cluster: &'a Cluster,
@@ -992,29 +961,41 @@ impl ProductView<'_> {
 /// is left, the tightest such item finishes the job; otherwise the roomiest item is taken
 /// whole. Fewest items touched, and the big free blocks that are not needed stay whole.
 fn pick<T: Copy>(items: &[(T, u32, (u32, u32))], need: u32, take: &mut impl FnMut(T, u32)) {
+    // Roomiest first, and among equals the smaller tie key: then the roomiest unused item
+    // is always the next one, and the tightest item holding `left` starts the last run
+    // of equal capacities that are still >= `left`.
+    let mut order: Vec<&(T, u32, (u32, u32))> = items.iter().filter(|item| item.1 > 0).collect();
+    order.sort_by_key(|item| (std::cmp::Reverse(item.1), item.2));
     let mut left = need;
-    let mut used = vec![false; items.len()];
-    while left > 0 {
-        let tight = items
-            .iter()
-            .enumerate()
-            .filter(|(i, item)| !used[*i] && item.1 >= left)
-            .min_by_key(|(_, item)| (item.1, item.2));
-        if let Some((index, item)) = tight {
-            used[index] = true;
-            take(item.0, left);
+    let mut next = 0;
+    while left > 0 && next < order.len() {
+        let rest = &order[next..];
+        let holding = rest.partition_point(|item| item.1 >= left);
+        if holding > 0 {
+            let tightest = rest[holding - 1].1;
+            let first_of_run = rest[..holding].partition_point(|item| item.1 > tightest);
+            take(rest[first_of_run].0, left);
             return;
         }
-        let roomiest = items
-            .iter()
-            .enumerate()
-            .filter(|(i, item)| !used[*i] && item.1 > 0)
-            .max_by_key(|(_, item)| (item.1, std::cmp::Reverse(item.2)));
-        let Some((index, item)) = roomiest else { return };
-        used[index] = true;
-        take(item.0, item.1);
-        left -= item.1;
+        take(rest[0].0, rest[0].1);
+        left -= rest[0].1;
+        next += 1;
     }
+}
+
+#[cfg(test)]
+#[test]
+fn pick_finishes_with_the_tightest_fit_and_otherwise_takes_the_roomiest() {
+    let items = [("a", 3, (0, 0)), ("b", 8, (0, 1)), ("c", 5, (0, 2)), ("d", 5, (0, 3)), ("e", 0, (0, 4))];
+    let run = |need| {
+        let mut taken = Vec::new();
+        pick(&items, need, &mut |id, units| taken.push((id, units)));
+        taken
+    };
+    assert_eq!(run(4), [("c", 4)], "c and d fit 4 most tightly; c has the smaller key");
+    assert_eq!(run(3), [("a", 3)]);
+    assert_eq!(run(12), [("b", 8), ("c", 4)]);
+    assert_eq!(run(21), [("b", 8), ("c", 5), ("d", 5), ("a", 3)]);
 }
 
 /// `network.topology.nvidia.com/leaf` -> `leaf`, for output.
