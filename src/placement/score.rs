@@ -6,9 +6,11 @@
 //!   innermost level > ... > cluster), halved when a preferred scope is missed;
 //! - memory: the gang's per-GPU floor over the GPU's memory (the smallest class that
 //!   fits wins; 1.0 when the gang states no floor);
-//! - fragmentation: for each free shape the workload mix asks for, the share of the
-//!   shape capacity destroyed that the gang actually uses (taking 4 GPUs from an empty
-//!   8-GPU host destroys a whole-host slot for 4 GPUs of use: 0.5 for that shape);
+//! - fragmentation: for each free shape the workload mix asks for, 1 minus the shape
+//!   capacity destroyed beyond what the gang uses, per `max(GPUs used, shape size)`
+//!   (taking 4 GPUs from an empty 8-GPU host destroys a whole-host slot, 4 GPUs more than
+//!   it uses: 0.5 for that shape). Linear in what is destroyed, so the exact solver can
+//!   optimise the very same number; it goes below 0 when a gang shatters several slots;
 //! - connectivity: the chosen tensor-parallel groups' weakest link against the host's
 //!   best, and how many of the host's remaining free GPUs keep an NVLink neighbour.
 
@@ -141,8 +143,10 @@ pub fn shapes_for(gangs: &[Gang]) -> Vec<WeightedShape> {
 /// Whole free hosts per innermost domain, computed once per placement call.
 #[derive(Debug, Clone)]
 pub struct WholeFreeIndex {
-    per_leaf_domain: Vec<u32>,
-    cluster_total: u32,
+    pub per_leaf_domain: Vec<u32>,
+    pub cluster_total: u32,
+    /// GPUs of the largest host: the size of the whole-host and rack-room shapes.
+    pub host_gpus_max: u32,
 }
 
 impl WholeFreeIndex {
@@ -158,7 +162,8 @@ impl WholeFreeIndex {
                 }
             }
         }
-        WholeFreeIndex { per_leaf_domain, cluster_total }
+        let host_gpus_max = cluster.hosts.iter().map(|h| u32::from(h.gpu_count)).max().unwrap_or(1);
+        WholeFreeIndex { per_leaf_domain, cluster_total, host_gpus_max }
     }
 }
 
@@ -196,8 +201,7 @@ pub fn fragmentation(
                 .sum(),
             FreeShape::RackRoom { hosts } => rack_room_lost(cluster, ledger, whole_free, taken, hosts),
         };
-        let efficiency = if lost_gpus <= used_gpus { 1.0 } else { used_gpus as f64 / lost_gpus as f64 };
-        weighted += shape.weight * efficiency;
+        weighted += shape.weight * shape_score(lost_gpus as f64, used_gpus as f64, shape_gpus(shape.shape, whole_free));
         weight_sum += shape.weight;
     }
     if weight_sum > 0.0 {
@@ -205,6 +209,21 @@ pub fn fragmentation(
     } else {
         1.0
     }
+}
+
+/// GPUs of one slot of a shape.
+pub fn shape_gpus(shape: FreeShape, whole_free: &WholeFreeIndex) -> f64 {
+    match shape {
+        FreeShape::Units(unit) => f64::from(unit.unit_gpus),
+        FreeShape::WholeHost => f64::from(whole_free.host_gpus_max),
+        FreeShape::RackRoom { hosts } => f64::from(hosts.max(1)) * f64::from(whole_free.host_gpus_max),
+    }
+}
+
+/// One shape's fragmentation score: 1 minus the capacity destroyed beyond what is used,
+/// per `max(used, shape size)`.
+pub fn shape_score(lost_gpus: f64, used_gpus: f64, shape_gpus: f64) -> f64 {
+    1.0 - (lost_gpus - used_gpus).max(0.0) / used_gpus.max(shape_gpus).max(1.0)
 }
 
 fn rack_room_lost(
@@ -215,22 +234,22 @@ fn rack_room_lost(
     hosts: u32,
 ) -> u64 {
     let hosts = hosts.max(1);
+    let host_gpus = u64::from(whole_free.host_gpus_max);
     // Whole free hosts broken per innermost domain (or per cluster without levels).
-    let mut broken: Vec<(Option<u32>, u32, u64)> = Vec::new();
+    let mut broken: Vec<(Option<u32>, u32)> = Vec::new();
     for &(host_id, mask) in taken {
         if mask == 0 || ledger.used(host_id) != 0 {
             continue;
         }
-        let host = cluster.host(host_id);
-        let leaf = host.domain_path.last().copied();
-        match broken.iter_mut().find(|(domain, _, _)| *domain == leaf) {
+        let leaf = cluster.host(host_id).domain_path.last().copied();
+        match broken.iter_mut().find(|(domain, _)| *domain == leaf) {
             Some(entry) => entry.1 += 1,
-            None => broken.push((leaf, 1, u64::from(host.gpu_count))),
+            None => broken.push((leaf, 1)),
         }
     }
     broken
         .into_iter()
-        .map(|(leaf, count, host_gpus)| {
+        .map(|(leaf, count)| {
             let before = leaf.map_or(whole_free.cluster_total, |d| whole_free.per_leaf_domain[d as usize]);
             let after = before.saturating_sub(count);
             u64::from(before / hosts - after / hosts) * u64::from(hosts) * host_gpus
