@@ -110,6 +110,33 @@ pub struct GangPlacement {
     pub candidates: usize,
     pub runner_up: Option<CandidateSummary>,
     pub explanation: Option<Explanation>,
+    pub solver: SolverInfo,
+}
+
+/// Which solver produced a placement, and how good it is known to be.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SolverInfo {
+    /// `greedy`, or `exact/microlp`, `exact/highs`.
+    pub solver: String,
+    /// The placement's score (the scoring function's total).
+    pub objective: f64,
+    /// For exact: the best objective any placement could reach over the candidate hosts
+    /// (equal to `objective` when proven optimal; from the LP relaxation otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bound: Option<f64>,
+    /// (bound - objective) / |bound|.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap: Option<f64>,
+    /// Why another solver's answer was used, or what limited this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl SolverInfo {
+    pub fn greedy(objective: f64) -> Self {
+        SolverInfo { solver: "greedy".into(), objective, bound: None, gap: None, note: None }
+    }
 }
 
 impl GangPlacement {
@@ -322,6 +349,17 @@ impl<'c> Planner<'c> {
 
     /// Places one gang against the ledger's free GPUs (reserving nothing).
     pub fn place(&mut self, ledger: &Ledger, gang: &Gang) -> Result<GangPlacement, Unplaced> {
+        self.place_ranked(ledger, gang, None)
+    }
+
+    /// [`Planner::place`], also handing out every candidate's product and scope, best first
+    /// (the exact solver's pre-filter).
+    fn place_ranked(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        ranking: Option<&mut Vec<(ProductId, CandidateScope)>>,
+    ) -> Result<GangPlacement, Unplaced> {
         let unplaced = |reason: String| Unplaced { gang: gang.name.clone(), reason, explanation: None };
         let required = self.resolve(gang, &gang.required, "required").map_err(|e| unplaced(e.to_string()))?;
         let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| unplaced(e.to_string()))?;
@@ -528,6 +566,11 @@ impl<'c> Planner<'c> {
             }
         };
 
+        if let Some(ranking) = ranking {
+            let mut order: Vec<&Candidate> = candidates.iter().collect();
+            order.sort_by(|a, b| b.score.total.total_cmp(&a.score.total));
+            ranking.extend(order.iter().map(|c| (c.product, c.scope)));
+        }
         let mut best: Option<usize> = None;
         let mut second: Option<usize> = None;
         for (index, candidate) in candidates.iter().enumerate() {
@@ -560,6 +603,7 @@ impl<'c> Planner<'c> {
             candidates: count,
             runner_up,
             explanation: explained,
+            solver: SolverInfo::greedy(winner.score.total),
         })
     }
 
@@ -639,7 +683,7 @@ impl<'c> Planner<'c> {
         scope: CandidateScope,
         leaves: &[(Leaf, u32)],
     ) -> Option<Candidate> {
-        let BuildContext { ledger, gang, whole_free, preferred, unit_shape, member_shape } = *context;
+        let BuildContext { ledger, gang, unit_shape, member_shape, .. } = *context;
         let cluster = self.cluster;
         let mut members: Vec<MemberPlacement> = Vec::with_capacity(gang.members as usize);
         let mut taken: Vec<(HostId, GpuMask)> = Vec::new();
@@ -695,35 +739,41 @@ impl<'c> Planner<'c> {
         if members.len() != gang.members as usize {
             return None;
         }
-        let used_gpus: u32 = taken.iter().map(|(_, m)| m.count_ones()).sum();
-        let connectivity = {
-            let remaining: f64 = taken
-                .iter()
-                .map(|&(h, m)| remaining_connectivity(cluster.host(h), ledger.free(h) & !m) * f64::from(m.count_ones()))
-                .sum();
-            0.5 * quality_weighted / f64::from(used_gpus) + 0.5 * remaining / f64::from(used_gpus)
-        };
+        let score = self.evaluate(context, &taken, quality_weighted);
+        Some(Candidate { scope, product: view.product, members, score, equivalent_hosts: 0 })
+    }
+
+    /// The one scoring function: both solvers' placements are scored here. `taken` is the
+    /// GPUs per host, `quality_weighted` the sum over units of unit quality x unit GPUs.
+    fn evaluate(&mut self, context: &BuildContext, taken: &[(HostId, GpuMask)], quality_weighted: f64) -> ScoreComponents {
+        let BuildContext { ledger, gang, whole_free, preferred, .. } = *context;
+        let cluster = self.cluster;
+        let used_gpus = f64::from(taken.iter().map(|(_, m)| m.count_ones()).sum::<u32>().max(1));
+        let remaining: f64 = taken
+            .iter()
+            .map(|&(h, m)| remaining_connectivity(cluster.host(h), ledger.free(h) & !m) * f64::from(m.count_ones()))
+            .sum();
+        let connectivity = 0.5 * quality_weighted / used_gpus + 0.5 * remaining / used_gpus;
         let memory = if gang.memory_floor_mib == 0 {
             1.0
         } else {
             let smallest = taken.iter().map(|&(h, _)| cluster.host(h).memory_mib).min().unwrap_or(1);
             gang.memory_floor_mib as f64 / smallest.max(1) as f64
         };
-        let (locality, shared) = locality(cluster, &taken);
+        let (locality, shared) = locality(cluster, taken);
         let preferred_met = match preferred {
             None => true,
             Some(ResolvedScope::Host) => taken.len() == 1,
             Some(ResolvedScope::Nvlink) => {
                 (taken.len() == 1 && nvlink_connected(&cluster.host(taken[0].0).links, taken[0].1))
-                    || same_clique(cluster, &taken)
+                    || same_clique(cluster, taken)
             }
             Some(ResolvedScope::Level(level)) => shared > level,
         };
         let locality = if preferred_met { locality } else { locality * 0.5 };
         let fragmentation =
-            score::fragmentation(cluster, ledger, &mut self.chooser, whole_free, &self.config.shapes, &taken);
-        let score = ScoreComponents::combine(&self.config.weights, locality, memory, fragmentation, connectivity);
-        Some(Candidate { scope, product: view.product, members, score, equivalent_hosts: 0 })
+            score::fragmentation(cluster, ledger, &mut self.chooser, whole_free, &self.config.shapes, taken);
+        ScoreComponents::combine(&self.config.weights, locality, memory, fragmentation, connectivity)
     }
 
     fn scope_text(&self, scope: CandidateScope) -> String {
