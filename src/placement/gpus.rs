@@ -205,6 +205,52 @@ impl GpuChooser {
         })
     }
 
+    /// Distinct ways to take `count` units from `free`, at most `limit`, best first: one
+    /// on uniformly linked hosts, where all are equivalent; on uneven hosts every
+    /// combination of atoms (up to the search budget), ranked by the same local measure
+    /// as [`GpuChooser::choose`], so that an exact solver chooses the GPU sets itself.
+    pub fn choices(
+        &mut self,
+        host: &Host,
+        free: GpuMask,
+        count: u32,
+        shape: UnitShape,
+        limit: usize,
+    ) -> Vec<Vec<ChosenUnit>> {
+        if links_are_uniform(host, shape) || free.count_ones() > SEARCH_GPUS_MAX {
+            return self.choose(host, free, count, shape).into_iter().collect();
+        }
+        let atoms = atoms_of(host, free, shape.atom);
+        let total = count as usize * shape.atoms_per_unit() as usize;
+        let mut found: Vec<Vec<GpuMask>> = Vec::new();
+        let mut chosen = Vec::new();
+        collect_atom_sets(&atoms, 0, 0, total, &mut chosen, &mut |set: &[GpuMask]| {
+            found.push(set.to_vec());
+            found.len() < SEARCH_NODES_MAX
+        });
+        let mut ranked: Vec<(f64, Vec<ChosenUnit>)> = found
+            .into_iter()
+            .map(|set| {
+                let units: Vec<ChosenUnit> =
+                    set.chunks(shape.atoms_per_unit() as usize).map(|c| ChosenUnit { atoms: c.to_vec() }).collect();
+                (self.local_score(host, free, &units, shape), units)
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+        ranked.into_iter().take(limit).map(|(_, units)| units).collect()
+    }
+
+    /// How good a choice is for this host alone: unit quality first, then the units of
+    /// the same shape and the NVLink neighbours that remain.
+    fn local_score(&mut self, host: &Host, free: GpuMask, units: &[ChosenUnit], shape: UnitShape) -> f64 {
+        let taken = units.iter().fold(0, |m, u| m | u.gpus());
+        let rest = free & !taken;
+        let quality = units.iter().map(|u| unit_quality(host, u, shape)).sum::<f64>() / units.len().max(1) as f64;
+        let room = f64::from(self.unit_count(host, rest, shape));
+        let most_room = f64::from(free.count_ones() / shape.unit_gpus);
+        2.0 * quality + room / most_room.max(1.0) + remaining_connectivity(host, rest)
+    }
+
     /// Exhaustive search over unit choices: best unit quality first, then what remains
     /// (units of the same shape still free, free GPUs still NVLinked).
     fn search(&mut self, host: &Host, free: GpuMask, count: u32, shape: UnitShape) -> Option<Vec<ChosenUnit>> {
@@ -240,11 +286,7 @@ impl GpuChooser {
                 .chunks(shape.atoms_per_unit() as usize)
                 .map(|chunk| ChosenUnit { atoms: chunk.to_vec() })
                 .collect();
-            let rest = free & !taken;
-            let quality = units.iter().map(|u| unit_quality(host, u, shape)).sum::<f64>() / units.len() as f64;
-            let room = f64::from(self.unit_count(host, rest, shape));
-            let most_room = f64::from(free.count_ones() / shape.unit_gpus);
-            let score = 2.0 * quality + room / most_room.max(1.0) + remaining_connectivity(host, rest);
+            let score = self.local_score(host, free, &units, shape);
             if best.as_ref().is_none_or(|(top, _)| score > *top + 1e-12) {
                 *best = Some((score, units));
             }
@@ -263,6 +305,33 @@ impl GpuChooser {
             }
         }
     }
+}
+
+/// Calls `visit` with every set of `total` disjoint atoms (in index order) until it
+/// returns false.
+fn collect_atom_sets(
+    atoms: &[GpuMask],
+    start: usize,
+    taken: GpuMask,
+    total: usize,
+    chosen: &mut Vec<GpuMask>,
+    visit: &mut impl FnMut(&[GpuMask]) -> bool,
+) -> bool {
+    if chosen.len() == total {
+        return visit(chosen);
+    }
+    for index in start..atoms.len() {
+        if atoms[index] & taken != 0 {
+            continue;
+        }
+        chosen.push(atoms[index]);
+        let go_on = collect_atom_sets(atoms, index + 1, taken | atoms[index], total, chosen, visit);
+        chosen.pop();
+        if !go_on {
+            return false;
+        }
+    }
+    true
 }
 
 /// Disjoint connected atoms, greedily from the lowest GPU (used on large hosts and when

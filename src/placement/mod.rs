@@ -17,6 +17,7 @@
 //! The engine reads a [`Ledger`] and never writes it; [`Planner::plan`] places a batch
 //! by reserving each placed gang before the next is placed.
 
+pub mod exact;
 pub mod gpus;
 pub mod score;
 
@@ -745,7 +746,12 @@ impl<'c> Planner<'c> {
 
     /// The one scoring function: both solvers' placements are scored here. `taken` is the
     /// GPUs per host, `quality_weighted` the sum over units of unit quality x unit GPUs.
-    fn evaluate(&mut self, context: &BuildContext, taken: &[(HostId, GpuMask)], quality_weighted: f64) -> ScoreComponents {
+    fn evaluate(
+        &mut self,
+        context: &BuildContext,
+        taken: &[(HostId, GpuMask)],
+        quality_weighted: f64,
+    ) -> ScoreComponents {
         let BuildContext { ledger, gang, whole_free, preferred, .. } = *context;
         let cluster = self.cluster;
         let used_gpus = f64::from(taken.iter().map(|(_, m)| m.count_ones()).sum::<u32>().max(1));

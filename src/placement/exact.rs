@@ -1,0 +1,920 @@
+//! Exact placement: one gang as a mixed-integer linear program (good_lp), solved by
+//! microlp (pure Rust, always built) or HiGHS (cargo feature `highs`).
+//!
+//! The model, per GPU product (a gang never mixes products), over a candidate host set:
+//! - `x[h,o]` binary: host `h` takes option `o`, i.e. `n` units on concrete GPUs. Uniform
+//!   hosts have one option per `n` (all GPU sets are equivalent); uneven hosts (cube-mesh,
+//!   bridged pairs, groups) have one per distinct GPU set, so the solver picks the GPUs.
+//! - `y[d]` binary: the domain that holds the whole gang (a host, an NVLink clique, a
+//!   topology domain, or the cluster); exactly one; a host may be used only inside it.
+//!   `topology.required` removes the domains wider than its scope.
+//! - `sum n * x = units` (all or nothing: the model is infeasible, never partial).
+//! - fragmentation: per free shape `t[s] >= lost[s] - used`, `t >= 0`; rack room with an
+//!   integer count of free slots per rack.
+//!
+//! The objective is the scoring function of [`super::score`] term by term: locality of the
+//! chosen domain, memory fit, fragmentation and connectivity. The decoded placement is
+//! scored again by [`Planner::evaluate`], so greedy and exact answers are compared by the
+//! same code. When the solver stops at its time limit, the bound comes from the LP
+//! relaxation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use good_lp::{
+    constraint, variable, Constraint, Expression, ProblemVariables, ResolutionError, Solution, SolutionStatus,
+    SolverModel, Variable, WithTimeLimit,
+};
+use serde::Serialize;
+
+use super::gpus::{unit_quality, ChosenUnit};
+use super::score::{self, shape_gpus, FreeShape};
+use super::{
+    gang_is_nvlink_connected, BuildContext, CandidateScope, GangPlacement, MemberPlacement, Planner, ResolvedScope,
+    SolverInfo, Unplaced,
+};
+use crate::ledger::{mask_indices, Ledger};
+use crate::topology::{GpuMask, HostId, ProductId};
+use crate::workload::Gang;
+
+/// GPU-set choices per host and unit count on unevenly linked hosts.
+pub const OPTIONS_PER_HOST_MAX: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Microlp,
+    Highs,
+}
+
+impl Backend {
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name.trim() {
+            "microlp" => Ok(Backend::Microlp),
+            "highs" if cfg!(feature = "highs") => Ok(Backend::Highs),
+            "highs" => Err("this build has no HiGHS backend (build with `--features highs`)".into()),
+            other => Err(format!("unknown MILP backend `{other}` (expected microlp or highs)")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Microlp => "microlp",
+            Backend::Highs => "highs",
+        }
+    }
+
+    /// The backends this build has.
+    pub fn available() -> Vec<Backend> {
+        let mut backends = vec![Backend::Microlp];
+        if cfg!(feature = "highs") {
+            backends.push(Backend::Highs);
+        }
+        backends
+    }
+}
+
+/// Which hosts the model may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateHosts {
+    /// The hosts of the greedy planner's best `n` candidates (all eligible hosts when the
+    /// greedy planner finds none, so infeasibility is proven over the whole cluster).
+    FromGreedy(usize),
+    /// Every host that can take at least one unit.
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExactConfig {
+    pub backend: Backend,
+    pub time_limit: Duration,
+    pub candidates: CandidateHosts,
+    /// Candidate hosts per product; beyond it the set is cut (best candidates first) and
+    /// infeasibility is no longer a proof.
+    pub hosts_max: usize,
+}
+
+impl Default for ExactConfig {
+    fn default() -> Self {
+        ExactConfig {
+            backend: Backend::Microlp,
+            time_limit: Duration::from_secs(2),
+            candidates: CandidateHosts::FromGreedy(8),
+            hosts_max: 400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExactOutcome {
+    Placed(Box<GangPlacement>),
+    /// No placement exists among every eligible host: a proof, not a time-out.
+    Infeasible(Unplaced),
+    /// No answer: the time limit came before any solution, the candidate set was cut, or
+    /// the gang's shape is outside the model.
+    NoAnswer {
+        reason: String,
+    },
+}
+
+/// Statistics of one exact solve, for benchmarks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ExactStats {
+    pub hosts: usize,
+    pub variables: usize,
+    pub solve_time: Duration,
+}
+
+struct HostOption {
+    host: HostId,
+    units: u32,
+    chosen: Vec<ChosenUnit>,
+    mask: GpuMask,
+    quality_weighted: f64,
+    /// 0.5 x quality + 0.5 x remaining connectivity, weighted by GPUs.
+    connectivity_weighted: f64,
+    /// Per shape (0 for rack room, which the model counts per rack).
+    lost: Vec<f64>,
+    breaks_whole_host: bool,
+}
+
+struct DomainChoice {
+    scope: CandidateScope,
+    hosts: Vec<HostId>,
+    locality: f64,
+}
+
+struct SolvedModel {
+    chosen: Vec<usize>,
+    objective: f64,
+    status: SolutionStatus,
+}
+
+impl Planner<'_> {
+    /// Places one gang exactly over its candidate hosts; reserves nothing.
+    pub fn place_exact(&mut self, ledger: &Ledger, gang: &Gang, config: &ExactConfig) -> (ExactOutcome, ExactStats) {
+        let started = Instant::now();
+        let mut stats = ExactStats::default();
+        let no_answer = |reason: String| ExactOutcome::NoAnswer { reason };
+        let (required, preferred) =
+            match (self.resolve(gang, &gang.required, "required"), self.resolve(gang, &gang.preferred, "preferred")) {
+                (Ok(r), Ok(p)) => (r, p),
+                (Err(e), _) | (_, Err(e)) => return (no_answer(e.to_string()), stats),
+            };
+        let mut ranking = Vec::new();
+        let greedy = self.place_ranked(ledger, gang, Some(&mut ranking));
+        let unit_shape =
+            super::gpus::UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
+        let member_shape = super::gpus::UnitShape {
+            unit_gpus: gang.gpus_per_member,
+            atom: gang.tensor_parallel.min(gang.gpus_per_member),
+        };
+        let mut tally = super::RejectionTally::default();
+        let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, &mut tally);
+        if !capacity.pools.is_empty() {
+            return (
+                no_answer("tensor-parallel groups larger than a host are placed by the greedy solver only".into()),
+                stats,
+            );
+        }
+        let whole_free = score::WholeFreeIndex::new(self.cluster, ledger);
+        let context = BuildContext { ledger, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
+
+        // Candidate hosts per product, best-ranked scopes first.
+        let mut per_product: BTreeMap<ProductId, Vec<HostId>> = BTreeMap::new();
+        let eligible = |h: HostId| capacity.units[h as usize] > 0;
+        let seeds: Vec<(ProductId, CandidateScope)> = match config.candidates {
+            CandidateHosts::FromGreedy(count) if !ranking.is_empty() => ranking.iter().take(count).copied().collect(),
+            _ => self.cluster.products().into_iter().map(|p| (p, CandidateScope::Cluster)).collect(),
+        };
+        for (product, scope) in seeds {
+            let hosts = per_product.entry(product).or_default();
+            for host in self.scope_hosts(scope) {
+                if eligible(host) && self.cluster.host(host).product == product && !hosts.contains(&host) {
+                    hosts.push(host);
+                }
+            }
+        }
+        let mut truncated = false;
+        for hosts in per_product.values_mut() {
+            if hosts.len() > config.hosts_max {
+                hosts.truncate(config.hosts_max);
+                truncated = true;
+            }
+            hosts.sort_unstable();
+        }
+        let complete = !truncated
+            && per_product.values().map(Vec::len).sum::<usize>()
+                == (0..self.cluster.hosts.len() as HostId).filter(|&h| eligible(h)).count();
+
+        let mut best: Option<(GangPlacement, f64)> = None;
+        let mut all_optimal = true;
+        let mut bound_max: Option<f64> = None;
+        let mut errors = Vec::new();
+        let mut timed_out = false;
+        for (&product, hosts) in &per_product {
+            stats.hosts += hosts.len();
+            let deadline = config.time_limit.saturating_sub(started.elapsed());
+            let Some(model) = self.exact_model(&context, hosts, required, preferred) else { continue };
+            stats.variables += model.variable_count();
+            match model.solve(config.backend, deadline, false) {
+                Ok(solved) => {
+                    let bound = if matches!(solved.status, SolutionStatus::Optimal) {
+                        solved.objective
+                    } else {
+                        all_optimal = false;
+                        model
+                            .solve(config.backend, deadline.max(Duration::from_millis(100)), true)
+                            .map_or(f64::INFINITY, |r| r.objective)
+                    };
+                    bound_max = Some(bound_max.map_or(bound, |b: f64| b.max(bound)));
+                    let placement = self.decode(&context, &model, &solved, product);
+                    let total = placement.score.total;
+                    if best.as_ref().is_none_or(|(b, _)| total > b.score.total + 1e-9) {
+                        best = Some((placement, solved.objective));
+                    }
+                }
+                Err(ResolutionError::Infeasible) => {}
+                Err(other) if other.to_string().to_ascii_lowercase().contains("time limit") => {
+                    all_optimal = false;
+                    timed_out = true;
+                }
+                Err(other) => {
+                    all_optimal = false;
+                    errors.push(format!("{}: {other}", product.get().name));
+                }
+            }
+        }
+        stats.solve_time = started.elapsed();
+        match best {
+            Some((mut placement, solver_objective)) => {
+                let bound = bound_max.unwrap_or(solver_objective);
+                let gap =
+                    if bound.is_finite() { (bound - solver_objective).max(0.0) / bound.abs().max(1e-9) } else { 1.0 };
+                let mut notes = Vec::new();
+                if !all_optimal {
+                    notes.push(format!("stopped at the time limit of {} ms", config.time_limit.as_millis()));
+                }
+                if truncated {
+                    notes.push(format!("candidate hosts cut to {} per product", config.hosts_max));
+                }
+                placement.solver = SolverInfo {
+                    solver: format!("exact/{}", config.backend.name()),
+                    objective: placement.score.total,
+                    bound: Some(bound),
+                    gap: Some(gap),
+                    note: (!notes.is_empty()).then(|| notes.join("; ")),
+                };
+                (ExactOutcome::Placed(Box::new(placement)), stats)
+            }
+            None if errors.is_empty() && complete && !timed_out => {
+                let unplaced = match greedy {
+                    Err(unplaced) => unplaced,
+                    Ok(_) => Unplaced {
+                        gang: gang.name.clone(),
+                        reason: "the exact model has no solution although the greedy planner found one".into(),
+                        explanation: None,
+                    },
+                };
+                (ExactOutcome::Infeasible(unplaced), stats)
+            }
+            None => {
+                let reason = if !errors.is_empty() {
+                    format!("solver failed: {}", errors.join("; "))
+                } else if !complete && !timed_out {
+                    "no solution over the pre-filtered candidate hosts (not a proof over the cluster)".into()
+                } else {
+                    format!("no solution within the time limit of {} ms", config.time_limit.as_millis())
+                };
+                (no_answer(reason), stats)
+            }
+        }
+    }
+
+    fn scope_hosts(&self, scope: CandidateScope) -> Vec<HostId> {
+        match scope {
+            CandidateScope::Host(h) => vec![h],
+            CandidateScope::Clique(c) => self.cluster.cliques[c as usize].hosts.clone(),
+            CandidateScope::Domain(level, index) => self.cluster.domains[level][index as usize].hosts.clone().collect(),
+            CandidateScope::Cluster => (0..self.cluster.hosts.len() as HostId).collect(),
+        }
+    }
+
+    /// Locality of a domain as [`super::locality`] would score a gang filling it, with the
+    /// preferred scope applied.
+    fn domain_locality(&self, scope: CandidateScope, preferred: Option<ResolvedScope>, all_connected: bool) -> f64 {
+        let levels = self.cluster.levels.len();
+        let (value, met) = match scope {
+            CandidateScope::Host(_) => (
+                1.0,
+                match preferred {
+                    Some(ResolvedScope::Nvlink) => all_connected,
+                    _ => true,
+                },
+            ),
+            CandidateScope::Clique(c) => {
+                let hosts = &self.cluster.cliques[c as usize].hosts;
+                let shared = hosts.iter().map(|&h| self.cluster.shared_levels(hosts[0], h)).min().unwrap_or(levels);
+                (
+                    0.95,
+                    match preferred {
+                        Some(ResolvedScope::Host) => false,
+                        Some(ResolvedScope::Level(level)) => shared > level,
+                        _ => true,
+                    },
+                )
+            }
+            CandidateScope::Domain(level, _) => (
+                0.9 * (level + 1) as f64 / levels as f64,
+                match preferred {
+                    None => true,
+                    Some(ResolvedScope::Level(wanted)) => level >= wanted,
+                    _ => false,
+                },
+            ),
+            CandidateScope::Cluster => (0.0, preferred.is_none()),
+        };
+        if met {
+            value
+        } else {
+            value * 0.5
+        }
+    }
+
+    fn exact_model(
+        &mut self,
+        context: &BuildContext,
+        hosts: &[HostId],
+        required: Option<ResolvedScope>,
+        preferred: Option<ResolvedScope>,
+    ) -> Option<ExactModel> {
+        let BuildContext { ledger, gang, whole_free, unit_shape, .. } = *context;
+        let cluster = self.cluster;
+        let need = gang.units();
+        let shapes = self.config.shapes.clone();
+        let mut options: Vec<HostOption> = Vec::new();
+        let mut host_units: BTreeMap<HostId, u32> = BTreeMap::new();
+        for &host_id in hosts {
+            let host = cluster.host(host_id);
+            let free = ledger.free(host_id);
+            let most = self.chooser.unit_count(host, free, unit_shape).min(need);
+            host_units.insert(host_id, most);
+            for units in 1..=most {
+                for chosen in self.chooser.choices(host, free, units, unit_shape, OPTIONS_PER_HOST_MAX) {
+                    let mask = chosen.iter().fold(0, |m, u| m | u.gpus());
+                    if required == Some(ResolvedScope::Nvlink)
+                        && !crate::topology::graph::nvlink_connected(&host.links, mask)
+                    {
+                        continue;
+                    }
+                    let quality_weighted: f64 = chosen
+                        .iter()
+                        .map(|u| unit_quality(host, u, unit_shape) * f64::from(unit_shape.unit_gpus))
+                        .sum();
+                    let remaining =
+                        super::gpus::remaining_connectivity(host, free & !mask) * f64::from(mask.count_ones());
+                    let lost = shapes
+                        .iter()
+                        .map(|shape| match shape.shape {
+                            FreeShape::Units(unit) => {
+                                let before = self.chooser.unit_count(host, free, unit);
+                                let after = self.chooser.unit_count(host, free & !mask, unit);
+                                f64::from(before.saturating_sub(after)) * f64::from(unit.unit_gpus)
+                            }
+                            FreeShape::WholeHost if ledger.used(host_id) == 0 => f64::from(host.gpu_count),
+                            _ => 0.0,
+                        })
+                        .collect();
+                    options.push(HostOption {
+                        host: host_id,
+                        units,
+                        chosen,
+                        mask,
+                        quality_weighted,
+                        connectivity_weighted: 0.5 * quality_weighted + 0.5 * remaining,
+                        lost,
+                        breaks_whole_host: ledger.used(host_id) == 0,
+                    });
+                }
+            }
+        }
+        let capacity_in = |members: &[HostId]| -> u64 { members.iter().map(|h| u64::from(host_units[h])).sum() };
+
+        // The domains that may hold the gang, innermost first.
+        let mut domains: Vec<DomainChoice> = Vec::new();
+        let connected_host = |planner: &Self, h: HostId| -> bool {
+            options
+                .iter()
+                .filter(|o| o.host == h)
+                .all(|o| crate::topology::graph::nvlink_connected(&planner.cluster.host(h).links, o.mask))
+        };
+        for &host in hosts {
+            if host_units[&host] >= need {
+                let locality = self.domain_locality(CandidateScope::Host(host), preferred, connected_host(self, host));
+                domains.push(DomainChoice { scope: CandidateScope::Host(host), hosts: vec![host], locality });
+            }
+        }
+        if required != Some(ResolvedScope::Host) {
+            for (index, clique) in cluster.cliques.iter().enumerate() {
+                let members: Vec<HostId> =
+                    clique.hosts.iter().copied().filter(|h| host_units.contains_key(h)).collect();
+                if members.len() < 2 || capacity_in(&members) < u64::from(need) {
+                    continue;
+                }
+                if let Some(ResolvedScope::Level(level)) = required {
+                    let first = cluster.host(clique.hosts[0]).domain_path[level];
+                    if clique.hosts.iter().any(|&h| cluster.host(h).domain_path[level] != first) {
+                        continue;
+                    }
+                }
+                let scope = CandidateScope::Clique(index as u32);
+                domains.push(DomainChoice {
+                    scope,
+                    hosts: members,
+                    locality: self.domain_locality(scope, preferred, true),
+                });
+            }
+        }
+        if !matches!(required, Some(ResolvedScope::Host | ResolvedScope::Nvlink)) {
+            let outermost = match required {
+                Some(ResolvedScope::Level(level)) => level,
+                _ => 0,
+            };
+            for level in (outermost..cluster.levels.len()).rev() {
+                let mut seen = BTreeSet::new();
+                for &host in hosts {
+                    let index = cluster.host(host).domain_path[level];
+                    if !seen.insert(index) {
+                        continue;
+                    }
+                    let range = &cluster.domains[level][index as usize].hosts;
+                    let members: Vec<HostId> = hosts.iter().copied().filter(|h| range.contains(h)).collect();
+                    if members.len() < 2 || capacity_in(&members) < u64::from(need) {
+                        continue;
+                    }
+                    let scope = CandidateScope::Domain(level, index);
+                    domains.push(DomainChoice {
+                        scope,
+                        hosts: members,
+                        locality: self.domain_locality(scope, preferred, true),
+                    });
+                }
+            }
+            if required.is_none() && hosts.len() >= 2 && capacity_in(hosts) >= u64::from(need) {
+                let scope = CandidateScope::Cluster;
+                domains.push(DomainChoice {
+                    scope,
+                    hosts: hosts.to_vec(),
+                    locality: self.domain_locality(scope, preferred, true),
+                });
+            }
+        }
+        if domains.is_empty() {
+            return None;
+        }
+        let memory = if gang.memory_floor_mib == 0 {
+            1.0
+        } else {
+            let smallest = hosts.iter().map(|&h| cluster.host(h).memory_mib).min().unwrap_or(1);
+            gang.memory_floor_mib as f64 / smallest.max(1) as f64
+        };
+        // Rack room: per shape, the whole free hosts of each rack the candidates touch.
+        let mut racks: BTreeMap<Option<u32>, Vec<HostId>> = BTreeMap::new();
+        for &host in hosts {
+            if ledger.used(host) == 0 {
+                racks.entry(cluster.host(host).domain_path.last().copied()).or_default().push(host);
+            }
+        }
+        let racks: Vec<(u32, Vec<HostId>)> = racks
+            .into_iter()
+            .map(|(leaf, members)| {
+                (leaf.map_or(whole_free.cluster_total, |d| whole_free.per_leaf_domain[d as usize]), members)
+            })
+            .collect();
+        Some(ExactModel {
+            options,
+            domains,
+            racks,
+            shapes: shapes.iter().map(|s| (s.shape, s.weight, shape_gpus(s.shape, whole_free))).collect(),
+            need,
+            used_gpus: f64::from(gang.unit_gpus()) * f64::from(need),
+            weights: self.config.weights,
+            memory,
+            host_gpus_max: f64::from(whole_free.host_gpus_max),
+        })
+    }
+
+    fn decode(
+        &mut self,
+        context: &BuildContext,
+        model: &ExactModel,
+        solved: &SolvedModel,
+        product: ProductId,
+    ) -> GangPlacement {
+        let gang = context.gang;
+        let mut members: Vec<MemberPlacement> = Vec::new();
+        let mut taken: Vec<(HostId, GpuMask)> = Vec::new();
+        let mut quality_weighted = 0.0;
+        let mut chosen: Vec<&HostOption> = solved.chosen.iter().map(|&i| &model.options[i]).collect();
+        chosen.sort_by_key(|o| o.host);
+        for option in chosen {
+            quality_weighted += option.quality_weighted;
+            taken.push((option.host, option.mask));
+            for unit in &option.chosen {
+                if gang.tensor_parallel <= gang.gpus_per_member {
+                    members.push(MemberPlacement {
+                        member: members.len() as u32,
+                        host: option.host,
+                        gpus: unit.gpus(),
+                    });
+                } else {
+                    for chunk in mask_indices(unit.gpus()).chunks(gang.gpus_per_member as usize) {
+                        let gpus = chunk.iter().fold(0, |m, &g| m | (1u64 << g));
+                        members.push(MemberPlacement { member: members.len() as u32, host: option.host, gpus });
+                    }
+                }
+            }
+        }
+        debug_assert!(
+            gang.required != Some(crate::workload::Scope::Nvlink) || gang_is_nvlink_connected(self.cluster, &members)
+        );
+        let score = self.evaluate(context, &taken, quality_weighted);
+        let scope = model.domains.get(solved.chosen_domain(model)).map_or(CandidateScope::Cluster, |d| d.scope);
+        GangPlacement {
+            gang: gang.name.clone(),
+            product,
+            scope: self.scope_text(scope),
+            members,
+            score,
+            candidates: model.domains.len(),
+            runner_up: None,
+            explanation: None,
+            solver: SolverInfo::greedy(score.total),
+        }
+    }
+}
+
+impl SolvedModel {
+    fn chosen_domain(&self, model: &ExactModel) -> usize {
+        // The innermost domain that holds every chosen host (the solver's y).
+        let hosts: BTreeSet<HostId> = self.chosen.iter().map(|&i| model.options[i].host).collect();
+        model.domains.iter().position(|d| hosts.iter().all(|h| d.hosts.contains(h))).unwrap_or(usize::MAX)
+    }
+}
+
+struct ExactModel {
+    options: Vec<HostOption>,
+    domains: Vec<DomainChoice>,
+    /// (whole free hosts of the rack, the candidate hosts among them)
+    racks: Vec<(u32, Vec<HostId>)>,
+    shapes: Vec<(FreeShape, f64, f64)>,
+    need: u32,
+    used_gpus: f64,
+    weights: super::Weights,
+    memory: f64,
+    host_gpus_max: f64,
+}
+
+impl ExactModel {
+    fn variable_count(&self) -> usize {
+        self.options.len() + self.domains.len() + self.shapes.len() * (1 + self.racks.len())
+    }
+
+    fn solve(&self, backend: Backend, time_limit: Duration, relaxed: bool) -> Result<SolvedModel, ResolutionError> {
+        let mut vars = ProblemVariables::new();
+        let binary = |vars: &mut ProblemVariables| {
+            if relaxed {
+                vars.add(variable().min(0).max(1))
+            } else {
+                vars.add(variable().binary())
+            }
+        };
+        let x: Vec<Variable> = (0..self.options.len()).map(|_| binary(&mut vars)).collect();
+        let y: Vec<Variable> = (0..self.domains.len()).map(|_| binary(&mut vars)).collect();
+        let mut constraints: Vec<Constraint> = Vec::new();
+        let mut objective = Expression::from(self.weights.memory * self.memory);
+
+        constraints.push(constraint!(y.iter().copied().sum::<Expression>() == 1));
+        let units: Expression = self.options.iter().zip(&x).map(|(o, &v)| f64::from(o.units) * v).sum();
+        constraints.push(constraint!(units == f64::from(self.need)));
+        let mut by_host: BTreeMap<HostId, Vec<Variable>> = BTreeMap::new();
+        for (option, &v) in self.options.iter().zip(&x) {
+            by_host.entry(option.host).or_default().push(v);
+        }
+        for (host, options) in &by_host {
+            let used: Expression = options.iter().copied().sum();
+            let inside: Expression = self
+                .domains
+                .iter()
+                .zip(&y)
+                .filter(|(d, _)| d.hosts.contains(host))
+                .map(|(_, &v)| Expression::from(v))
+                .sum();
+            constraints.push(constraint!(used.clone() <= inside));
+            constraints.push(constraint!(used <= 1));
+        }
+        for (domain, &v) in self.domains.iter().zip(&y) {
+            objective += self.weights.locality * domain.locality * v;
+        }
+        for (option, &v) in self.options.iter().zip(&x) {
+            objective += self.weights.connectivity * option.connectivity_weighted / self.used_gpus * v;
+        }
+        let weight_sum: f64 = self.shapes.iter().map(|s| s.1).sum::<f64>().max(1e-12);
+        for (index, &(shape, weight, size)) in self.shapes.iter().enumerate() {
+            let mut lost: Expression = self.options.iter().zip(&x).map(|(o, &v)| o.lost[index] * v).sum();
+            if let FreeShape::RackRoom { hosts: slot } = shape {
+                let slot = f64::from(slot.max(1));
+                for (whole, members) in &self.racks {
+                    let slots_before = (f64::from(*whole) / slot).floor();
+                    let after = if relaxed {
+                        vars.add(variable().min(0).max(slots_before))
+                    } else {
+                        vars.add(variable().integer().min(0).max(slots_before))
+                    };
+                    let broken: Expression = self
+                        .options
+                        .iter()
+                        .zip(&x)
+                        .filter(|(o, _)| o.breaks_whole_host && members.contains(&o.host))
+                        .map(|(_, &v)| Expression::from(v))
+                        .sum();
+                    constraints.push(constraint!(slot * after + broken <= f64::from(*whole)));
+                    lost += (slots_before - after) * slot * self.host_gpus_max;
+                }
+            }
+            let excess = vars.add(variable().min(0));
+            constraints.push(constraint!(excess >= lost - self.used_gpus));
+            let share = weight / weight_sum;
+            objective += self.weights.fragmentation * share * (1.0 - excess / self.used_gpus.max(size).max(1.0));
+        }
+
+        let problem = vars.maximise(objective.clone());
+        let seconds = time_limit.as_secs_f64().max(0.001);
+        let outcome = match backend {
+            Backend::Microlp => {
+                finish(problem.using(good_lp::microlp).with_time_limit(seconds), constraints, &objective, &x)
+            }
+            #[cfg(feature = "highs")]
+            Backend::Highs => finish(
+                problem.using(good_lp::highs).set_threads(1).with_time_limit(seconds),
+                constraints,
+                &objective,
+                &x,
+            ),
+            #[cfg(not(feature = "highs"))]
+            Backend::Highs => Err(ResolutionError::Str("built without the `highs` feature".into())),
+        }?;
+        Ok(outcome)
+    }
+}
+
+fn finish<M: SolverModel>(
+    mut model: M,
+    constraints: Vec<Constraint>,
+    objective: &Expression,
+    x: &[Variable],
+) -> Result<SolvedModel, ResolutionError>
+where
+    ResolutionError: From<M::Error>,
+{
+    for c in constraints {
+        model = model.with(c);
+    }
+    let solution = model.solve()?;
+    let chosen = x.iter().enumerate().filter(|(_, &v)| solution.value(v) > 0.5).map(|(i, _)| i).collect();
+    Ok(SolvedModel { chosen, objective: solution.eval(objective), status: solution.status() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::{PlannerConfig, Unplaced};
+    use crate::topology::tests::node;
+    use crate::topology::{Cluster, ClusterSpec};
+    use crate::workload::{GangSpec, MemoryNeed, Scope};
+
+    fn gang(members: u32, gpus: u32, tp: u32, required: Option<Scope>) -> Gang {
+        GangSpec {
+            name: "g".into(),
+            replicas: 1,
+            members,
+            gpus_per_member: gpus,
+            tensor_parallel: tp,
+            pipeline_parallel: 1,
+            memory: MemoryNeed::None,
+            required,
+            preferred: None,
+        }
+        .expand()
+        .remove(0)
+    }
+
+    /// Every way to place the gang: unit counts per host, then every GPU choice.
+    fn brute_force_best(planner: &mut Planner, ledger: &Ledger, gang: &Gang) -> Option<f64> {
+        let cluster = planner.cluster;
+        let whole_free = score::WholeFreeIndex::new(cluster, ledger);
+        let unit_shape = super::super::gpus::UnitShape {
+            unit_gpus: gang.unit_gpus(),
+            atom: gang.tensor_parallel.min(gang.unit_gpus()),
+        };
+        let required = planner.resolve(gang, &gang.required, "required").ok()?;
+        let context = BuildContext {
+            ledger,
+            gang,
+            whole_free: &whole_free,
+            preferred: None,
+            unit_shape,
+            member_shape: unit_shape,
+        };
+        let hosts: Vec<HostId> = (0..cluster.hosts.len() as HostId).collect();
+        let mut best: Option<f64> = None;
+        let mut counts = vec![0u32; hosts.len()];
+        fn walk(
+            planner: &mut Planner,
+            context: &BuildContext,
+            required: Option<ResolvedScope>,
+            index: usize,
+            left: u32,
+            counts: &mut Vec<u32>,
+            best: &mut Option<f64>,
+        ) {
+            let cluster = planner.cluster;
+            if index == counts.len() {
+                if left > 0 {
+                    return;
+                }
+                let used: Vec<HostId> = (0..counts.len()).filter(|&h| counts[h] > 0).map(|h| h as HostId).collect();
+                let ok = match required {
+                    Some(ResolvedScope::Host) => used.len() == 1,
+                    Some(ResolvedScope::Level(level)) => used
+                        .iter()
+                        .all(|&h| cluster.host(h).domain_path[level] == cluster.host(used[0]).domain_path[level]),
+                    _ => true,
+                } && used.iter().all(|&h| cluster.host(h).product == cluster.host(used[0]).product);
+                if !ok {
+                    return;
+                }
+                // Every combination of each host's GPU choices.
+                let per_host: Vec<Vec<Vec<ChosenUnit>>> = used
+                    .iter()
+                    .map(|&h| {
+                        let host = cluster.host(h);
+                        planner.chooser.choices(
+                            host,
+                            context.ledger.free(h),
+                            counts[h as usize],
+                            context.unit_shape,
+                            10_000,
+                        )
+                    })
+                    .collect();
+                let mut pick = vec![0usize; used.len()];
+                loop {
+                    let mut taken = Vec::new();
+                    let mut quality = 0.0;
+                    for (slot, &h) in used.iter().enumerate() {
+                        let chosen = &per_host[slot][pick[slot]];
+                        taken.push((h, chosen.iter().fold(0, |m, u| m | u.gpus())));
+                        quality += chosen
+                            .iter()
+                            .map(|u| {
+                                unit_quality(cluster.host(h), u, context.unit_shape)
+                                    * f64::from(context.unit_shape.unit_gpus)
+                            })
+                            .sum::<f64>();
+                    }
+                    let total = planner.evaluate(context, &taken, quality).total;
+                    if best.is_none_or(|b| total > b) {
+                        *best = Some(total);
+                    }
+                    let mut slot = 0;
+                    loop {
+                        if slot == pick.len() {
+                            return;
+                        }
+                        pick[slot] += 1;
+                        if pick[slot] < per_host[slot].len() {
+                            break;
+                        }
+                        pick[slot] = 0;
+                        slot += 1;
+                    }
+                }
+            }
+            let host = cluster.host(index as HostId);
+            let most =
+                planner.chooser.unit_count(host, context.ledger.free(index as HostId), context.unit_shape).min(left);
+            for units in 0..=most {
+                counts[index] = units;
+                walk(planner, context, required, index + 1, left - units, counts, best);
+            }
+            counts[index] = 0;
+        }
+        walk(planner, &context, required, 0, gang.units(), &mut counts, &mut best);
+        let _ = hosts;
+        best
+    }
+
+    fn tiny_cluster(seed: u64) -> Cluster {
+        let kinds = [("H100", 8u8), ("V100-SXM2-16GB", 8), ("H100-NVL", 4), ("L40S", 4)];
+        let mut state = seed;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state >> 33
+        };
+        let nodes = (0..4)
+            .map(|i| {
+                let (product, count) = kinds[(next() % 2 + if seed % 2 == 0 { 0 } else { 2 }) as usize];
+                let mut spec = node(&format!("n{i}"), product, count, &[("rack", if i < 2 { "r1" } else { "r2" })]);
+                let used = next() & ((1u64 << count) - 1) & next();
+                spec.allocated = mask_indices(used);
+                spec
+            })
+            .collect();
+        Cluster::build(ClusterSpec { name: "tiny".into(), levels: vec!["rack".into()], nodes }).expect("valid")
+    }
+
+    #[test]
+    fn on_tiny_instances_the_exact_answer_is_the_brute_force_optimum() {
+        let mut compared = 0;
+        for seed in 0..40u64 {
+            let cluster = tiny_cluster(seed);
+            let ledger = Ledger::new(&cluster);
+            for (members, gpus, tp, required) in [
+                (1, 2, 2, None),
+                (2, 2, 1, None),
+                (2, 4, 4, None),
+                (3, 1, 1, Some(Scope::Level("rack".into()))),
+                (1, 4, 4, Some(Scope::Host)),
+            ] {
+                let gang = gang(members, gpus, tp, required);
+                let mut planner = Planner::new(&cluster, PlannerConfig::default());
+                let brute = brute_force_best(&mut planner, &ledger, &gang);
+                let config = ExactConfig {
+                    candidates: CandidateHosts::All,
+                    time_limit: Duration::from_secs(30),
+                    ..Default::default()
+                };
+                let (outcome, _) = planner.place_exact(&ledger, &gang, &config);
+                match (brute, outcome) {
+                    (Some(best), ExactOutcome::Placed(placement)) => {
+                        assert!(
+                            (placement.score.total - best).abs() < 1e-6,
+                            "seed {seed} {gang:?}: exact {} vs brute {best}",
+                            placement.score.total
+                        );
+                        // The model's objective is the scoring function itself.
+                        let bound = placement.solver.bound.expect("bound");
+                        assert!(
+                            (bound - placement.score.total).abs() < 1e-6,
+                            "model {bound} vs score {}",
+                            placement.score.total
+                        );
+                        compared += 1;
+                    }
+                    (None, ExactOutcome::Infeasible(_)) => {}
+                    (brute, other) => panic!("seed {seed} {gang:?}: brute {brute:?}, exact {other:?}"),
+                }
+            }
+        }
+        assert!(compared > 60, "compared {compared} placements");
+    }
+
+    #[test]
+    fn an_infeasible_gang_is_reported_infeasible_with_nothing_placed() {
+        let cluster = tiny_cluster(3);
+        let ledger = Ledger::new(&cluster);
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        let (outcome, _) = planner.place_exact(&ledger, &gang(9, 8, 8, None), &ExactConfig::default());
+        assert!(
+            matches!(outcome, ExactOutcome::Infeasible(Unplaced { ref reason, .. }) if !reason.is_empty()),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn a_time_limit_gives_an_answer_with_its_bound_or_says_it_has_none() {
+        let nodes = (0..300)
+            .map(|i| {
+                let mut spec = node(&format!("n{i:03}"), "V100-SXM2-16GB", 8, &[("rack", &format!("r{}", i / 10))]);
+                spec.allocated = mask_indices(((i as u64 * 37) % 256) & 0b1001_0110);
+                spec
+            })
+            .collect();
+        let cluster =
+            Cluster::build(ClusterSpec { name: "big".into(), levels: vec!["rack".into()], nodes }).expect("valid");
+        let ledger = Ledger::new(&cluster);
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        let config =
+            ExactConfig { candidates: CandidateHosts::All, time_limit: Duration::from_millis(1), ..Default::default() };
+        match planner.place_exact(&ledger, &gang(6, 2, 2, None), &config).0 {
+            ExactOutcome::Placed(placement) => {
+                let bound = placement.solver.bound.expect("bound");
+                assert!(bound + 1e-9 >= placement.solver.objective || placement.solver.note.is_some());
+                assert_eq!(placement.members.len(), 6);
+            }
+            ExactOutcome::NoAnswer { reason } => assert!(reason.contains("time limit"), "{reason}"),
+            ExactOutcome::Infeasible(unplaced) => panic!("feasible gang reported infeasible: {unplaced:?}"),
+        }
+    }
+}
