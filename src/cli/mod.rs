@@ -6,17 +6,22 @@ pub mod output;
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 use crate::files::{self, FileError};
 use crate::ledger::Ledger;
-use crate::placement::{shapes_for, Planner, PlannerConfig, Weights};
+use crate::placement::exact::{Backend, ExactConfig};
+use crate::placement::{shapes_for, Planner, PlannerConfig, SolverChoice, Weights};
 use crate::topology::Cluster;
 use crate::workload::{size_model, ModelSpec, Workload, RUNTIME_OVERHEAD_DEFAULT};
 
 pub const DEMO_CLUSTER: &str = include_str!("../../testdata/clusters/demo.yaml");
+/// `--solver auto` solves exactly only models up to this many variables; measured to
+/// finish well inside the default time limit with microlp (see README, exact solver).
+pub const AUTO_VARIABLES_MAX: usize = 2_000;
 pub const DEMO_WORKLOAD: &str = include_str!("../../testdata/workloads/demo.yaml");
 
 #[derive(Debug, Parser)]
@@ -59,6 +64,16 @@ pub enum OutputFormat {
     Yaml,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum SolverFlag {
+    /// The fast heuristic planner.
+    Greedy,
+    /// The exact MILP over the greedy planner's candidates (greedy only where it gives no answer).
+    Exact,
+    /// Greedy, plus exact where the model is small enough; the better score wins.
+    Auto,
+}
+
 #[derive(Debug, Args)]
 pub struct PlanArgs {
     /// Cluster file (kind: Cluster); the embedded demo cluster when absent.
@@ -73,6 +88,14 @@ pub struct PlanArgs {
     /// winner's score components against the runner-up.
     #[arg(long)]
     pub explain: bool,
+    #[arg(long, value_enum, default_value_t = SolverFlag::Greedy)]
+    pub solver: SolverFlag,
+    /// MILP backend for exact and auto: microlp (always built) or highs (`--features highs`).
+    #[arg(long, default_value = "microlp")]
+    pub backend: String,
+    /// Time limit of one exact solve, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    pub time_limit_ms: u64,
     /// Score weights, e.g. `locality=4,memory=2,fragmentation=2,connectivity=1`.
     #[arg(long)]
     pub weights: Option<String>,
@@ -186,10 +209,22 @@ fn plan(args: &PlanArgs, out: &mut dyn Write) -> Result<(), CliError> {
     for gang in &gangs {
         planner.check_gang(gang).map_err(|e| CliError::Input(format!("{}: {e}", workload_name(args))))?;
     }
+    let backend = Backend::parse(&args.backend).map_err(|e| CliError::Input(format!("--backend: {e}")))?;
+    let exact = ExactConfig {
+        backend,
+        time_limit: Duration::from_millis(args.time_limit_ms),
+        variables_max: (args.solver == SolverFlag::Auto).then_some(AUTO_VARIABLES_MAX),
+        ..ExactConfig::default()
+    };
+    let solver = match args.solver {
+        SolverFlag::Greedy => SolverChoice::Greedy,
+        SolverFlag::Exact => SolverChoice::Exact(exact),
+        SolverFlag::Auto => SolverChoice::Auto(exact),
+    };
     let mut ledger = Ledger::new(&cluster);
-    let plan = planner.plan(&mut ledger, &gangs);
+    let plan = planner.plan_with(&mut ledger, &gangs, &solver);
     ledger.check().map_err(|e| CliError::Failed(format!("internal error, ledger invariant broken: {e}")))?;
-    let report = output::PlanReport::new(&cluster, &workload, &gangs, &plan, &ledger, &weights);
+    let report = output::PlanReport::new(&cluster, &workload, &gangs, &plan, &ledger, &weights, args.solver);
     write_all(out, &output::render_plan(&report, args.output, args.explain)?)
 }
 

@@ -6,9 +6,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::SolverFlag;
 use super::{CliError, OutputFormat};
 use crate::ledger::{mask_indices, Ledger};
-use crate::placement::{BatchPlan, CandidateSummary, Explanation, ScoreComponents, Weights};
+use crate::placement::{BatchPlan, CandidateSummary, Explanation, ScoreComponents, SolverInfo, Weights};
 use crate::quantity::format_gib;
 use crate::topology::Cluster;
 use crate::workload::{Gang, ModelSpec, SizingRow, Workload};
@@ -18,7 +19,7 @@ use crate::workload::{Gang, ModelSpec, SizingRow, Workload};
 pub struct PlanReport {
     pub cluster: String,
     pub workload: String,
-    pub solver: &'static str,
+    pub solver: String,
     pub weights: Weights,
     pub placements: Vec<PlacementOut>,
     pub unplaced: Vec<UnplacedOut>,
@@ -35,6 +36,7 @@ pub struct PlacementOut {
     pub members: Vec<MemberOut>,
     pub score: ScoreComponents,
     pub candidates: usize,
+    pub solver: SolverInfo,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runner_up: Option<CandidateSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -76,6 +78,7 @@ impl PlanReport {
         plan: &BatchPlan,
         ledger: &Ledger,
         weights: &Weights,
+        solver: SolverFlag,
     ) -> Self {
         let floor_of = |name: &str| gangs.iter().find(|g| g.name == name).map_or(0, |g| g.memory_floor_mib);
         let placements: Vec<PlacementOut> = plan
@@ -97,6 +100,7 @@ impl PlanReport {
                     .collect(),
                 score: p.score,
                 candidates: p.candidates,
+                solver: p.solver.clone(),
                 runner_up: p.runner_up.clone(),
                 explanation: p.explanation.clone(),
             })
@@ -105,7 +109,7 @@ impl PlanReport {
         PlanReport {
             cluster: cluster.name.clone(),
             workload: workload.name.clone(),
-            solver: "greedy",
+            solver: format!("{solver:?}").to_lowercase(),
             weights: *weights,
             placements,
             unplaced: plan
@@ -143,6 +147,13 @@ fn gpu_list(gpus: &[u8]) -> String {
     gpus.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
 }
 
+fn solver_cell(info: &SolverInfo) -> String {
+    match info.gap {
+        Some(gap) => format!("{} gap {:.2}%", info.solver, gap * 100.0),
+        None => info.solver.clone(),
+    }
+}
+
 fn score_line(score: &ScoreComponents) -> String {
     format!(
         "total {:.3} = locality {:.2}, memory {:.2}, fragmentation {:.2}, connectivity {:.2}",
@@ -168,7 +179,7 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
         report.summary.gpus_free_after
     );
     let _ = writeln!(text);
-    let rows: Vec<[String; 6]> = report
+    let rows: Vec<[String; 7]> = report
         .placements
         .iter()
         .map(|p| {
@@ -180,18 +191,19 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
                 p.scope.clone(),
                 if p.memory_floor_mib > 0 { format_gib(p.memory_floor_mib) } else { "-".into() },
                 format!("{:.2}", p.score.total),
+                solver_cell(&p.solver),
                 members,
             ]
         })
         .collect();
-    let header = ["GANG", "PRODUCT", "SCOPE", "FLOOR/GPU", "SCORE", "MEMBERS (node:gpus)"];
+    let header = ["GANG", "PRODUCT", "SCOPE", "FLOOR/GPU", "SCORE", "SOLVER", "MEMBERS (node:gpus)"];
     let mut widths = header.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.len());
         }
     }
-    let line = |cells: [&str; 6]| {
+    let line = |cells: [&str; 7]| {
         let mut out = String::new();
         for (index, cell) in cells.iter().enumerate() {
             if index + 1 == cells.len() {
@@ -204,7 +216,10 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
     };
     text.push_str(&line(header));
     for (row, placement) in rows.iter().zip(&report.placements) {
-        text.push_str(&line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]));
+        text.push_str(&line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6]]));
+        if let Some(note) = &placement.solver.note {
+            let _ = writeln!(text, "    solver note: {note}");
+        }
         if explain {
             let _ = writeln!(text, "    winner:    {}", score_line(&placement.score));
             match &placement.runner_up {

@@ -92,6 +92,9 @@ pub struct ExactConfig {
     /// Candidate hosts per product; beyond it the set is cut (best candidates first) and
     /// infeasibility is no longer a proof.
     pub hosts_max: usize,
+    /// Models with more variables are not solved (used by `auto`: exact only where it is
+    /// expected to finish inside the time limit).
+    pub variables_max: Option<usize>,
 }
 
 impl Default for ExactConfig {
@@ -101,6 +104,7 @@ impl Default for ExactConfig {
             time_limit: Duration::from_secs(2),
             candidates: CandidateHosts::FromGreedy(8),
             hosts_max: 400,
+            variables_max: None,
         }
     }
 }
@@ -217,6 +221,15 @@ impl Planner<'_> {
             let deadline = config.time_limit.saturating_sub(started.elapsed());
             let Some(model) = self.exact_model(&context, hosts, required, preferred) else { continue };
             stats.variables += model.variable_count();
+            if config.variables_max.is_some_and(|most| model.variable_count() > most) {
+                errors.push(format!(
+                    "{}: {} variables, over the limit of {}",
+                    product.get().name,
+                    model.variable_count(),
+                    config.variables_max.unwrap_or(0)
+                ));
+                continue;
+            }
             match model.solve(config.backend, deadline, false) {
                 Ok(solved) => {
                     let bound = if matches!(solved.status, SolutionStatus::Optimal) {

@@ -865,24 +865,13 @@ impl<'c> Planner<'c> {
         reason
     }
 
-    /// Places gangs one after another, reserving each in the ledger: the largest first
-    /// (GPUs, then unit size, then memory floor), so big gangs are not stranded behind
-    /// small ones. A gang that does not fit holds nothing.
-    pub fn plan(&mut self, ledger: &mut Ledger, gangs: &[Gang]) -> BatchPlan {
-        let mut order: Vec<usize> = (0..gangs.len()).collect();
-        order.sort_by_key(|&i| {
-            let gang = &gangs[i];
-            (
-                std::cmp::Reverse(gang.total_gpus()),
-                std::cmp::Reverse(gang.unit_gpus()),
-                std::cmp::Reverse(gang.memory_floor_mib),
-                i,
-            )
-        });
+    /// [`Planner::plan`] with a choice of solver for each gang.
+    pub fn plan_with(&mut self, ledger: &mut Ledger, gangs: &[Gang], solver: &SolverChoice) -> BatchPlan {
         let mut plan = BatchPlan::default();
-        for index in order {
+        for index in batch_order(gangs) {
             let gang = &gangs[index];
-            match self.place(ledger, gang) {
+            let outcome = self.place_with(ledger, gang, solver);
+            match outcome {
                 Ok(placement) => match ledger.reserve(&gang.name, &placement.holding()) {
                     Ok(()) => plan.placements.push(placement),
                     Err(error) => plan.unplaced.push(Unplaced {
@@ -896,6 +885,77 @@ impl<'c> Planner<'c> {
         }
         plan
     }
+
+    /// One gang with the chosen solver (reserving nothing).
+    pub fn place_with(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        solver: &SolverChoice,
+    ) -> Result<GangPlacement, Unplaced> {
+        match solver {
+            SolverChoice::Greedy => self.place(ledger, gang),
+            SolverChoice::Exact(config) => match self.place_exact(ledger, gang, config).0 {
+                exact::ExactOutcome::Placed(placement) => Ok(*placement),
+                exact::ExactOutcome::Infeasible(mut unplaced) => {
+                    unplaced.reason = format!("proven infeasible by the exact solver: {}", unplaced.reason);
+                    Err(unplaced)
+                }
+                exact::ExactOutcome::NoAnswer { reason } => {
+                    let mut placement = self.place(ledger, gang)?;
+                    placement.solver.note = Some(format!("exact solver gave no answer ({reason}); greedy used"));
+                    Ok(placement)
+                }
+            },
+            SolverChoice::Auto(config) => {
+                let greedy = self.place(ledger, gang);
+                match (self.place_exact(ledger, gang, config).0, greedy) {
+                    (exact::ExactOutcome::Placed(exact), Ok(greedy))
+                        if greedy.score.total > exact.score.total + 1e-9 =>
+                    {
+                        let mut greedy = greedy;
+                        greedy.solver.note = Some(format!("greedy scored above exact ({:.4})", exact.score.total));
+                        Ok(greedy)
+                    }
+                    (exact::ExactOutcome::Placed(exact), _) => Ok(*exact),
+                    (_, greedy) => greedy,
+                }
+            }
+        }
+    }
+
+    /// Places gangs one after another, reserving each in the ledger: the largest first
+    /// (GPUs, then unit size, then memory floor), so big gangs are not stranded behind
+    /// small ones. A gang that does not fit holds nothing.
+    pub fn plan(&mut self, ledger: &mut Ledger, gangs: &[Gang]) -> BatchPlan {
+        self.plan_with(ledger, gangs, &SolverChoice::Greedy)
+    }
+}
+
+/// The order a batch is placed in: the largest gangs first (GPUs, then unit size, then
+/// memory floor), so big gangs are not stranded behind small ones.
+pub fn batch_order(gangs: &[Gang]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..gangs.len()).collect();
+    order.sort_by_key(|&i| {
+        let gang = &gangs[i];
+        (
+            std::cmp::Reverse(gang.total_gpus()),
+            std::cmp::Reverse(gang.unit_gpus()),
+            std::cmp::Reverse(gang.memory_floor_mib),
+            i,
+        )
+    });
+    order
+}
+
+/// Which solver places each gang.
+#[derive(Debug, Clone)]
+pub enum SolverChoice {
+    Greedy,
+    /// Exact over the greedy planner's candidates; greedy only where exact gives no answer.
+    Exact(exact::ExactConfig),
+    /// Greedy, and exact too where the model is small enough; the better score wins.
+    Auto(exact::ExactConfig),
 }
 
 /// What every candidate of one `place` call shares.
