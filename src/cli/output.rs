@@ -21,6 +21,8 @@ pub struct PlanReport {
     pub workload: String,
     pub solver: String,
     pub weights: Weights,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_note: Option<String>,
     pub placements: Vec<PlacementOut>,
     pub unplaced: Vec<UnplacedOut>,
     pub summary: Summary,
@@ -111,6 +113,7 @@ impl PlanReport {
             workload: workload.name.clone(),
             solver: format!("{solver:?}").to_lowercase(),
             weights: *weights,
+            batch_note: plan.note.clone(),
             placements,
             unplaced: plan
                 .unplaced
@@ -178,6 +181,9 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
         report.summary.gpus_requested,
         report.summary.gpus_free_after
     );
+    if let Some(note) = &report.batch_note {
+        let _ = writeln!(text, "{note}");
+    }
     let _ = writeln!(text);
     let rows: Vec<[String; 7]> = report
         .placements

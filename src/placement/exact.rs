@@ -134,12 +134,14 @@ struct HostOption {
     units: u32,
     chosen: Vec<ChosenUnit>,
     mask: GpuMask,
-    quality_weighted: f64,
     /// 0.5 x quality + 0.5 x remaining connectivity, weighted by GPUs.
     connectivity_weighted: f64,
     /// Per shape (0 for rack room, which the model counts per rack).
     lost: Vec<f64>,
     breaks_whole_host: bool,
+    /// Any GPUs of the host would do as well (uniform links): in a joint batch the GPUs
+    /// are chosen after the solve, and only the count is constrained.
+    interchangeable: bool,
 }
 
 struct DomainChoice {
@@ -304,6 +306,203 @@ impl Planner<'_> {
         }
     }
 
+    /// Plans a batch jointly: one MILP over every gang, maximising the GPUs placed first
+    /// and then the sum of the gangs' scores. Each gang's score terms are taken against the
+    /// starting state (gangs sharing a host or rack are not scored against each other
+    /// inside the model); the placements are re-scored one by one afterwards, in batch
+    /// order, as they are reserved. `Err` says why the batch cannot be planned jointly
+    /// (the caller falls back to gang-by-gang planning); the ledger is then unchanged.
+    pub fn plan_joint(
+        &mut self,
+        ledger: &mut Ledger,
+        gangs: &[Gang],
+        config: &ExactConfig,
+    ) -> Result<JointPlan, String> {
+        let started = Instant::now();
+        let start = ledger.clone();
+        let whole_free = score::WholeFreeIndex::new(self.cluster, &start);
+        let mut formulation = Formulation::new(false);
+        let mut per_gang: Vec<(Variable, Vec<(ProductId, ExactModel, Vec<Variable>)>)> = Vec::new();
+        let mut variables = 0usize;
+        for gang in gangs {
+            let required = self.resolve(gang, &gang.required, "required").map_err(|e| e.to_string())?;
+            let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| e.to_string())?;
+            let unit_shape = super::gpus::UnitShape {
+                unit_gpus: gang.unit_gpus(),
+                atom: gang.tensor_parallel.min(gang.unit_gpus()),
+            };
+            let member_shape = super::gpus::UnitShape {
+                unit_gpus: gang.gpus_per_member,
+                atom: gang.tensor_parallel.min(gang.gpus_per_member),
+            };
+            let mut tally = super::RejectionTally::default();
+            let capacity = self.host_capacity(&start, gang, unit_shape, member_shape, &mut tally);
+            if !capacity.pools.is_empty() {
+                return Err(format!(
+                    "gang `{}`: tensor-parallel groups larger than a host are planned greedily",
+                    gang.name
+                ));
+            }
+            let context =
+                BuildContext { ledger: &start, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
+            let placed = formulation.binary();
+            let mut models = Vec::new();
+            let mut choice = Expression::from(0.0);
+            for product in self.cluster.products() {
+                let hosts: Vec<HostId> = (0..self.cluster.hosts.len() as HostId)
+                    .filter(|&h| capacity.units[h as usize] > 0 && self.cluster.host(h).product == product)
+                    .collect();
+                if hosts.is_empty() {
+                    continue;
+                }
+                let Some(model) = self.exact_model(&context, &hosts, required, preferred) else { continue };
+                variables += model.variable_count() + 1;
+                if let Some(most) = config.variables_max {
+                    if variables > most {
+                        return Err(format!("the joint model exceeds {most} variables"));
+                    }
+                }
+                let active = formulation.binary();
+                choice += active;
+                let x = model.add_to(&mut formulation, Expression::from(active));
+                models.push((product, model, x));
+            }
+            formulation.constraints.push(constraint!(choice == placed));
+            per_gang.push((placed, models));
+        }
+        // GPUs are shared: per host at most its free GPUs, and a concrete GPU set (uneven
+        // hosts) at most once.
+        let mut per_host: BTreeMap<HostId, Vec<(u32, GpuMask, bool, Variable)>> = BTreeMap::new();
+        for (_, models) in &per_gang {
+            for (_, model, x) in models {
+                for (option, &v) in model.options.iter().zip(x) {
+                    per_host.entry(option.host).or_default().push((
+                        option.mask.count_ones(),
+                        option.mask,
+                        option.interchangeable,
+                        v,
+                    ));
+                }
+            }
+        }
+        for (host, options) in &per_host {
+            let used: Expression = options.iter().map(|&(gpus, _, _, v)| f64::from(gpus) * v).sum();
+            formulation.constraints.push(constraint!(used <= f64::from(start.free(*host).count_ones())));
+            for gpu in mask_indices(start.free(*host)) {
+                let holders: Vec<Variable> = options
+                    .iter()
+                    .filter(|&&(_, mask, interchangeable, _)| !interchangeable && mask & (1 << gpu) != 0)
+                    .map(|o| o.3)
+                    .collect();
+                if holders.len() > 1 {
+                    formulation.constraints.push(constraint!(holders.iter().copied().sum::<Expression>() <= 1));
+                }
+            }
+        }
+        // GPUs placed come first: one GPU outweighs any difference in scores.
+        let per_gpu = 50.0 * gangs.len().max(1) as f64;
+        for ((placed, _), gang) in per_gang.iter().zip(gangs) {
+            formulation.objective += per_gpu * gang.total_gpus() as f64 * *placed;
+        }
+        let all_x: Vec<Variable> =
+            per_gang.iter().flat_map(|(_, models)| models.iter().flat_map(|(_, _, x)| x.iter().copied())).collect();
+        let solved =
+            formulation.solve(config.backend, config.time_limit, &all_x).map_err(|e| format!("joint solve: {e}"))?;
+        let chosen: BTreeSet<usize> = solved.chosen.iter().copied().collect();
+
+        // Decode in batch order, reserving in a copy; the caller's ledger changes only
+        // when the whole plan decodes.
+        let mut working = start.clone();
+        let mut offsets = Vec::new();
+        let mut offset = 0usize;
+        for (_, models) in &per_gang {
+            let mut per_model = Vec::new();
+            for (_, model, _) in models {
+                per_model.push(offset);
+                offset += model.options.len();
+            }
+            offsets.push(per_model);
+        }
+        let mut plan = super::BatchPlan::default();
+        for index in super::batch_order(gangs) {
+            let gang = &gangs[index];
+            let models = &per_gang[index].1;
+            let picked = models.iter().zip(&offsets[index]).find_map(|((product, model, _), &base)| {
+                let options: Vec<&HostOption> = (0..model.options.len())
+                    .filter(|i| chosen.contains(&(base + i)))
+                    .map(|i| &model.options[i])
+                    .collect();
+                (!options.is_empty()).then_some((*product, model, options))
+            });
+            let Some((product, model, options)) = picked else {
+                let reason = match self.place(&start, gang) {
+                    Err(unplaced) => unplaced.reason,
+                    Ok(_) => {
+                        "fits alone, but not together with the gangs placed: the joint plan maximises the GPUs placed"
+                            .into()
+                    }
+                };
+                plan.unplaced.push(Unplaced { gang: gang.name.clone(), reason, explanation: None });
+                continue;
+            };
+            let unit_shape = super::gpus::UnitShape {
+                unit_gpus: gang.unit_gpus(),
+                atom: gang.tensor_parallel.min(gang.unit_gpus()),
+            };
+            let mut units_by_host: Vec<(HostId, Vec<ChosenUnit>)> = Vec::new();
+            for option in options {
+                let host = self.cluster.host(option.host);
+                let chosen = if option.interchangeable {
+                    self.chooser
+                        .choose(host, working.free(option.host), option.units, unit_shape)
+                        .ok_or_else(|| format!("gang `{}`: host `{}` lost its room", gang.name, host.name))?
+                } else {
+                    option.chosen.clone()
+                };
+                units_by_host.push((option.host, chosen));
+            }
+            let current_whole_free = score::WholeFreeIndex::new(self.cluster, &working);
+            let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| e.to_string())?;
+            let context = BuildContext {
+                ledger: &working,
+                gang,
+                whole_free: &current_whole_free,
+                preferred,
+                unit_shape,
+                member_shape: unit_shape,
+            };
+            let (members, taken, quality) = members_from(gang, unit_shape, self.cluster, &units_by_host);
+            let score = self.evaluate(&context, &taken, quality);
+            let scope = model
+                .domains
+                .iter()
+                .find(|d| taken.iter().all(|(h, _)| d.hosts.contains(h)))
+                .map_or(CandidateScope::Cluster, |d| d.scope);
+            let placement = GangPlacement {
+                gang: gang.name.clone(),
+                product,
+                scope: self.scope_text(scope),
+                members,
+                score,
+                candidates: model.domains.len(),
+                runner_up: None,
+                explanation: None,
+                solver: SolverInfo {
+                    solver: format!("exact-joint/{}", config.backend.name()),
+                    objective: score.total,
+                    bound: None,
+                    gap: None,
+                    note: None,
+                },
+            };
+            working.reserve(&gang.name, &placement.holding()).map_err(|e| format!("joint plan: {e}"))?;
+            plan.placements.push(placement);
+        }
+        *ledger = working;
+        let optimal = matches!(solved.status, SolutionStatus::Optimal);
+        Ok(JointPlan { plan, objective: solved.objective, optimal, variables, solve_time: started.elapsed() })
+    }
+
     fn scope_hosts(&self, scope: CandidateScope) -> Vec<HostId> {
         match scope {
             CandidateScope::Host(h) => vec![h],
@@ -403,10 +602,10 @@ impl Planner<'_> {
                         units,
                         chosen,
                         mask,
-                        quality_weighted,
                         connectivity_weighted: 0.5 * quality_weighted + 0.5 * remaining,
                         lost,
                         breaks_whole_host: ledger.used(host_id) == 0,
+                        interchangeable: super::gpus::links_are_uniform(host, unit_shape),
                     });
                 }
             }
@@ -525,29 +724,10 @@ impl Planner<'_> {
         product: ProductId,
     ) -> GangPlacement {
         let gang = context.gang;
-        let mut members: Vec<MemberPlacement> = Vec::new();
-        let mut taken: Vec<(HostId, GpuMask)> = Vec::new();
-        let mut quality_weighted = 0.0;
         let mut chosen: Vec<&HostOption> = solved.chosen.iter().map(|&i| &model.options[i]).collect();
         chosen.sort_by_key(|o| o.host);
-        for option in chosen {
-            quality_weighted += option.quality_weighted;
-            taken.push((option.host, option.mask));
-            for unit in &option.chosen {
-                if gang.tensor_parallel <= gang.gpus_per_member {
-                    members.push(MemberPlacement {
-                        member: members.len() as u32,
-                        host: option.host,
-                        gpus: unit.gpus(),
-                    });
-                } else {
-                    for chunk in mask_indices(unit.gpus()).chunks(gang.gpus_per_member as usize) {
-                        let gpus = chunk.iter().fold(0, |m, &g| m | (1u64 << g));
-                        members.push(MemberPlacement { member: members.len() as u32, host: option.host, gpus });
-                    }
-                }
-            }
-        }
+        let units_by_host: Vec<(HostId, Vec<ChosenUnit>)> = chosen.iter().map(|o| (o.host, o.chosen.clone())).collect();
+        let (members, taken, quality_weighted) = members_from(gang, context.unit_shape, self.cluster, &units_by_host);
         debug_assert!(
             gang.required != Some(crate::workload::Scope::Nvlink) || gang_is_nvlink_connected(self.cluster, &members)
         );
@@ -575,6 +755,45 @@ impl SolvedModel {
     }
 }
 
+/// A batch planned by one MILP.
+#[derive(Debug, Clone)]
+pub struct JointPlan {
+    pub plan: super::BatchPlan,
+    /// The joint objective (GPUs placed x weight + summed scores).
+    pub objective: f64,
+    /// Proven optimal (else the time limit stopped it).
+    pub optimal: bool,
+    pub variables: usize,
+    pub solve_time: Duration,
+}
+
+/// Members, GPUs per host and the quality sum of units chosen per host.
+fn members_from(
+    gang: &Gang,
+    unit_shape: super::gpus::UnitShape,
+    cluster: &crate::topology::Cluster,
+    units_by_host: &[(HostId, Vec<ChosenUnit>)],
+) -> (Vec<MemberPlacement>, Vec<(HostId, GpuMask)>, f64) {
+    let mut members: Vec<MemberPlacement> = Vec::new();
+    let mut taken = Vec::new();
+    let mut quality = 0.0;
+    for (host, units) in units_by_host {
+        taken.push((*host, units.iter().fold(0, |m, u| m | u.gpus())));
+        for unit in units {
+            quality += unit_quality(cluster.host(*host), unit, unit_shape) * f64::from(unit_shape.unit_gpus);
+            if gang.tensor_parallel <= gang.gpus_per_member {
+                members.push(MemberPlacement { member: members.len() as u32, host: *host, gpus: unit.gpus() });
+            } else {
+                for chunk in mask_indices(unit.gpus()).chunks(gang.gpus_per_member as usize) {
+                    let gpus = chunk.iter().fold(0, |m, &g| m | (1u64 << g));
+                    members.push(MemberPlacement { member: members.len() as u32, host: *host, gpus });
+                }
+            }
+        }
+    }
+    (members, taken, quality)
+}
+
 struct ExactModel {
     options: Vec<HostOption>,
     domains: Vec<DomainChoice>,
@@ -594,22 +813,21 @@ impl ExactModel {
     }
 
     fn solve(&self, backend: Backend, time_limit: Duration, relaxed: bool) -> Result<SolvedModel, ResolutionError> {
-        let mut vars = ProblemVariables::new();
-        let binary = |vars: &mut ProblemVariables| {
-            if relaxed {
-                vars.add(variable().min(0).max(1))
-            } else {
-                vars.add(variable().binary())
-            }
-        };
-        let x: Vec<Variable> = (0..self.options.len()).map(|_| binary(&mut vars)).collect();
-        let y: Vec<Variable> = (0..self.domains.len()).map(|_| binary(&mut vars)).collect();
-        let mut constraints: Vec<Constraint> = Vec::new();
-        let mut objective = Expression::from(self.weights.memory * self.memory);
+        let mut formulation = Formulation::new(relaxed);
+        let x = self.add_to(&mut formulation, Expression::from(1.0));
+        formulation.solve(backend, time_limit, &x)
+    }
 
-        constraints.push(constraint!(y.iter().copied().sum::<Expression>() == 1));
+    /// Adds this gang's variables, constraints and objective, switched on by `active`
+    /// (the constant 1 for one gang; a product choice of one gang in a joint batch).
+    /// Returns the option variables, in `options` order.
+    fn add_to(&self, f: &mut Formulation, active: Expression) -> Vec<Variable> {
+        let x: Vec<Variable> = (0..self.options.len()).map(|_| f.binary()).collect();
+        let y: Vec<Variable> = (0..self.domains.len()).map(|_| f.binary()).collect();
+        f.objective += self.weights.memory * self.memory * active.clone();
+        f.constraints.push(constraint!(y.iter().copied().sum::<Expression>() == active.clone()));
         let units: Expression = self.options.iter().zip(&x).map(|(o, &v)| f64::from(o.units) * v).sum();
-        constraints.push(constraint!(units == f64::from(self.need)));
+        f.constraints.push(constraint!(units == f64::from(self.need) * active.clone()));
         let mut by_host: BTreeMap<HostId, Vec<Variable>> = BTreeMap::new();
         for (option, &v) in self.options.iter().zip(&x) {
             by_host.entry(option.host).or_default().push(v);
@@ -623,14 +841,14 @@ impl ExactModel {
                 .filter(|(d, _)| d.hosts.contains(host))
                 .map(|(_, &v)| Expression::from(v))
                 .sum();
-            constraints.push(constraint!(used.clone() <= inside));
-            constraints.push(constraint!(used <= 1));
+            f.constraints.push(constraint!(used.clone() <= inside));
+            f.constraints.push(constraint!(used <= 1));
         }
         for (domain, &v) in self.domains.iter().zip(&y) {
-            objective += self.weights.locality * domain.locality * v;
+            f.objective += self.weights.locality * domain.locality * v;
         }
         for (option, &v) in self.options.iter().zip(&x) {
-            objective += self.weights.connectivity * option.connectivity_weighted / self.used_gpus * v;
+            f.objective += self.weights.connectivity * option.connectivity_weighted / self.used_gpus * v;
         }
         let weight_sum: f64 = self.shapes.iter().map(|s| s.1).sum::<f64>().max(1e-12);
         for (index, &(shape, weight, size)) in self.shapes.iter().enumerate() {
@@ -639,11 +857,7 @@ impl ExactModel {
                 let slot = f64::from(slot.max(1));
                 for (whole, members) in &self.racks {
                     let slots_before = (f64::from(*whole) / slot).floor();
-                    let after = if relaxed {
-                        vars.add(variable().min(0).max(slots_before))
-                    } else {
-                        vars.add(variable().integer().min(0).max(slots_before))
-                    };
+                    let after = f.integer(slots_before);
                     let broken: Expression = self
                         .options
                         .iter()
@@ -651,33 +865,74 @@ impl ExactModel {
                         .filter(|(o, _)| o.breaks_whole_host && members.contains(&o.host))
                         .map(|(_, &v)| Expression::from(v))
                         .sum();
-                    constraints.push(constraint!(slot * after + broken <= f64::from(*whole)));
+                    f.constraints.push(constraint!(slot * after + broken <= f64::from(*whole)));
                     lost += (slots_before - after) * slot * self.host_gpus_max;
                 }
             }
-            let excess = vars.add(variable().min(0));
-            constraints.push(constraint!(excess >= lost - self.used_gpus));
+            let excess = f.vars.add(variable().min(0));
+            f.constraints.push(constraint!(excess >= lost - self.used_gpus * active.clone()));
             let share = weight / weight_sum;
-            objective += self.weights.fragmentation * share * (1.0 - excess / self.used_gpus.max(size).max(1.0));
+            f.objective +=
+                self.weights.fragmentation * share * (active.clone() - excess / self.used_gpus.max(size).max(1.0));
         }
+        x
+    }
+}
 
+/// A MILP under construction: variables, constraints, objective (maximised).
+struct Formulation {
+    vars: ProblemVariables,
+    constraints: Vec<Constraint>,
+    objective: Expression,
+    /// Integrality dropped: the LP relaxation, whose optimum bounds the MILP's.
+    relaxed: bool,
+}
+
+impl Formulation {
+    fn new(relaxed: bool) -> Self {
+        Formulation {
+            vars: ProblemVariables::new(),
+            constraints: Vec::new(),
+            objective: Expression::from(0.0),
+            relaxed,
+        }
+    }
+
+    fn binary(&mut self) -> Variable {
+        if self.relaxed {
+            self.vars.add(variable().min(0).max(1))
+        } else {
+            self.vars.add(variable().binary())
+        }
+    }
+
+    fn integer(&mut self, most: f64) -> Variable {
+        if self.relaxed {
+            self.vars.add(variable().min(0).max(most))
+        } else {
+            self.vars.add(variable().integer().min(0).max(most))
+        }
+    }
+
+    /// Solves and reports which of `x` are set.
+    fn solve(self, backend: Backend, time_limit: Duration, x: &[Variable]) -> Result<SolvedModel, ResolutionError> {
+        let Formulation { vars, constraints, objective, .. } = self;
         let problem = vars.maximise(objective.clone());
         let seconds = time_limit.as_secs_f64().max(0.001);
-        let outcome = match backend {
+        match backend {
             Backend::Microlp => {
-                finish(problem.using(good_lp::microlp).with_time_limit(seconds), constraints, &objective, &x)
+                finish(problem.using(good_lp::microlp).with_time_limit(seconds), constraints, &objective, x)
             }
             #[cfg(feature = "highs")]
             Backend::Highs => finish(
                 problem.using(good_lp::highs).set_threads(1).with_time_limit(seconds),
                 constraints,
                 &objective,
-                &x,
+                x,
             ),
             #[cfg(not(feature = "highs"))]
             Backend::Highs => Err(ResolutionError::Str("built without the `highs` feature".into())),
-        }?;
-        Ok(outcome)
+        }
     }
 }
 
@@ -939,6 +1194,69 @@ mod tests {
             }
             ExactOutcome::NoAnswer { reason } => assert!(reason.contains("time limit"), "{reason}"),
             ExactOutcome::Infeasible(unplaced) => panic!("feasible gang reported infeasible: {unplaced:?}"),
+        }
+    }
+
+    fn named(mut gang: Gang, name: &str) -> Gang {
+        gang.name = name.into();
+        gang
+    }
+
+    #[test]
+    fn a_joint_plan_places_what_one_by_one_strands() {
+        // A TP-1 pod and a TP-4 pod of 4 GPUs each; one H100 and one L40S, 4 free GPUs each.
+        // One by one, the TP-1 pod takes the better-linked H100 and the TP-4 pod, which needs
+        // NVLink, finds none left. Jointly both fit.
+        let cluster = Cluster::build(ClusterSpec {
+            name: "t".into(),
+            levels: vec!["rack".into()],
+            nodes: vec![node("h100", "H100", 4, &[("rack", "r1")]), node("l40s", "L40S", 4, &[("rack", "r1")])],
+        })
+        .expect("valid");
+        let gangs = vec![named(gang(1, 4, 1, None), "dp"), named(gang(1, 4, 4, None), "tp4")];
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        let greedy = planner.plan(&mut Ledger::new(&cluster), &gangs);
+        assert_eq!(greedy.unplaced.iter().map(|u| u.gang.as_str()).collect::<Vec<_>>(), ["tp4"]);
+        let mut ledger = Ledger::new(&cluster);
+        let joint = planner.plan_joint(&mut ledger, &gangs, &ExactConfig::default()).expect("joint plan");
+        assert!(joint.optimal);
+        assert!(joint.plan.unplaced.is_empty(), "{:?}", joint.plan.unplaced);
+        let tp4 = joint.plan.placements.iter().find(|p| p.gang == "tp4").expect("tp4 placed");
+        assert_eq!(cluster.host(tp4.members[0].host).name, "h100");
+        ledger.check().expect("ledger invariants");
+    }
+
+    #[test]
+    fn joint_plans_never_place_fewer_gpus_than_greedy_and_keep_the_invariants() {
+        let shapes = [(1u32, 1u32, 1u32), (1, 2, 2), (2, 2, 1), (1, 4, 4), (2, 4, 4), (3, 1, 1), (1, 8, 8)];
+        for seed in 0..30u64 {
+            let cluster = tiny_cluster(seed);
+            let gangs: Vec<Gang> = (0..5)
+                .map(|i| {
+                    let (members, gpus, tp) = shapes[((seed * 7 + i * 3) % shapes.len() as u64) as usize];
+                    named(gang(members, gpus, tp, None), &format!("g{i}"))
+                })
+                .collect();
+            let mut planner = Planner::new(&cluster, PlannerConfig::default());
+            let greedy = planner.plan(&mut Ledger::new(&cluster), &gangs);
+            let mut ledger = Ledger::new(&cluster);
+            let config = ExactConfig { time_limit: Duration::from_secs(30), ..Default::default() };
+            let joint = planner.plan_joint(&mut ledger, &gangs, &config).expect("joint plan");
+            ledger.check().expect("ledger invariants");
+            assert_eq!(joint.plan.placements.len() + joint.plan.unplaced.len(), gangs.len());
+            for placement in &joint.plan.placements {
+                let gang = gangs.iter().find(|g| g.name == placement.gang).expect("gang");
+                assert_eq!(placement.members.len(), gang.members as usize);
+                assert!(placement.members.iter().all(|m| m.gpus.count_ones() == gang.gpus_per_member));
+            }
+            if joint.optimal {
+                assert!(
+                    joint.plan.gpus_placed() >= greedy.gpus_placed(),
+                    "seed {seed}: joint {} < greedy {}",
+                    joint.plan.gpus_placed(),
+                    greedy.gpus_placed()
+                );
+            }
         }
     }
 }

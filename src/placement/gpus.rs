@@ -55,7 +55,7 @@ fn bits(mask: GpuMask) -> impl Iterator<Item = u8> {
 }
 
 /// Every choice of GPUs is as good as another for links.
-fn links_are_uniform(host: &Host, shape: UnitShape) -> bool {
+pub(crate) fn links_are_uniform(host: &Host, shape: UnitShape) -> bool {
     host.links.uniform_nvlink || host.gpu_count == 1 || (shape.atom == 1 && host.links.best_nvlink_gbps == 0)
 }
 

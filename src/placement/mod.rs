@@ -165,6 +165,14 @@ pub struct Unplaced {
 pub struct BatchPlan {
     pub placements: Vec<GangPlacement>,
     pub unplaced: Vec<Unplaced>,
+    /// How the batch was planned, when it was not gang by gang with one solver.
+    pub note: Option<String>,
+}
+
+impl BatchPlan {
+    pub fn gpus_placed(&self) -> u64 {
+        self.placements.iter().flat_map(|p| &p.members).map(|m| u64::from(m.gpus.count_ones())).sum()
+    }
 }
 
 /// Why a host cannot take even one unit; tallied per (reason, product).
@@ -866,8 +874,35 @@ impl<'c> Planner<'c> {
     }
 
     /// [`Planner::plan`] with a choice of solver for each gang.
+    /// With `Exact`, the batch is first planned jointly ([`Planner::plan_joint`]); it falls
+    /// back to gang by gang when the joint model cannot be used, or when it is not proven
+    /// optimal and places fewer GPUs than the greedy plan would.
     pub fn plan_with(&mut self, ledger: &mut Ledger, gangs: &[Gang], solver: &SolverChoice) -> BatchPlan {
         let mut plan = BatchPlan::default();
+        if let SolverChoice::Exact(config) = solver {
+            let mut trial = ledger.clone();
+            match self.plan_joint(&mut trial, gangs, config) {
+                Ok(joint) => {
+                    let mut greedy_gpus = || self.plan(&mut ledger.clone(), gangs).gpus_placed();
+                    if joint.optimal || joint.plan.gpus_placed() >= greedy_gpus() {
+                        *ledger = trial;
+                        let mut plan = joint.plan;
+                        plan.note = Some(format!(
+                            "planned jointly by one MILP ({} variables, {} ms, {}): GPUs placed first, then the summed score",
+                            joint.variables,
+                            joint.solve_time.as_millis(),
+                            if joint.optimal { "proven optimal" } else { "stopped at the time limit" }
+                        ));
+                        return plan;
+                    }
+                    plan.note = Some(
+                        "the joint plan stopped at its time limit below the greedy plan; gangs planned one by one"
+                            .into(),
+                    );
+                }
+                Err(reason) => plan.note = Some(format!("not planned jointly ({reason}); gangs planned one by one")),
+            }
+        }
         for index in batch_order(gangs) {
             let gang = &gangs[index];
             let outcome = self.place_with(ledger, gang, solver);
