@@ -322,7 +322,7 @@ impl Planner<'_> {
         let start = ledger.clone();
         let whole_free = score::WholeFreeIndex::new(self.cluster, &start);
         let mut formulation = Formulation::new(false);
-        let mut per_gang: Vec<(Variable, Vec<(ProductId, ExactModel, Vec<Variable>)>)> = Vec::new();
+        let mut per_gang: Vec<(Variable, Vec<ProductModel>)> = Vec::new();
         let mut variables = 0usize;
         for gang in gangs {
             let required = self.resolve(gang, &gang.required, "required").map_err(|e| e.to_string())?;
@@ -754,6 +754,9 @@ impl SolvedModel {
         model.domains.iter().position(|d| hosts.iter().all(|h| d.hosts.contains(h))).unwrap_or(usize::MAX)
     }
 }
+
+/// One gang's model for one product inside a joint batch, with its option variables.
+type ProductModel = (ProductId, ExactModel, Vec<Variable>);
 
 /// A batch planned by one MILP.
 #[derive(Debug, Clone)]
