@@ -157,3 +157,29 @@ fn the_lingjun_cluster_file_is_the_converter_output_of_the_real_trace() {
     assert_eq!(cluster.domains[1].len(), 3);
     assert_eq!(cluster.total_gpus(), 847 * 8);
 }
+
+#[test]
+fn solvers_are_chosen_on_the_command_line_and_reported() {
+    let exact = topoplace(&["plan", "--solver", "exact", "-o", "json"]);
+    assert!(exact.status.success(), "{}", stderr(&exact));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&exact)).expect("JSON");
+    assert_eq!(json["solver"], "exact");
+    assert!(json["batchNote"].as_str().is_some_and(|n| n.contains("planned jointly")), "{}", json["batchNote"]);
+    let placements = json["placements"].as_array().expect("placements[]");
+    assert_eq!(placements.len(), 7, "the joint plan places as many gangs as greedy on the demo");
+    assert!(placements.iter().all(|p| p["solver"]["solver"] == "exact-joint/microlp"));
+
+    let auto = topoplace(&["plan", "--solver", "auto", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&auto)).expect("JSON");
+    for placement in json["placements"].as_array().expect("placements[]") {
+        let solver = &placement["solver"];
+        if solver["solver"] == "exact/microlp" {
+            assert_eq!(solver["gap"], 0.0);
+            assert_eq!(solver["bound"], solver["objective"]);
+        }
+    }
+
+    let bad = topoplace(&["plan", "--solver", "exact", "--backend", "cplex"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("unknown MILP backend `cplex`"), "{}", stderr(&bad));
+}

@@ -1122,37 +1122,40 @@ mod tests {
                 let gang = gang(members, gpus, tp, required.clone());
                 let mut planner = Planner::new(&cluster, PlannerConfig::default());
                 let brute = brute_force_best(&mut planner, &ledger, &gang);
-                let config = ExactConfig {
-                    candidates: CandidateHosts::All,
-                    time_limit: Duration::from_secs(30),
-                    ..Default::default()
-                };
-                let (outcome, _) = planner.place_exact(&ledger, &gang, &config);
-                match (brute, outcome) {
-                    (Some(best), ExactOutcome::Placed(placement)) => {
-                        assert!(
-                            (placement.score.total - best).abs() < 1e-6,
-                            "seed {seed} {gang:?}: exact {} vs brute {best}",
-                            placement.score.total
-                        );
-                        // The model's objective is the scoring function itself.
-                        let bound = placement.solver.bound.expect("bound");
-                        assert!(
-                            (bound - placement.score.total).abs() < 1e-6,
-                            "model {bound} vs score {}",
-                            placement.score.total
-                        );
-                        compared += 1;
-                        // Exact is the optimum, so greedy is never above it.
-                        let greedy =
-                            planner.place(&ledger, &gang).expect("greedy places what exact places").score.total;
-                        assert!(greedy <= best + 1e-9, "greedy {greedy} above the optimum {best}");
-                        if greedy < best - 1e-9 {
-                            greedy_below += 1;
+                for backend in Backend::available() {
+                    let config = ExactConfig {
+                        backend,
+                        candidates: CandidateHosts::All,
+                        time_limit: Duration::from_secs(30),
+                        ..Default::default()
+                    };
+                    let (outcome, _) = planner.place_exact(&ledger, &gang, &config);
+                    match (brute, outcome) {
+                        (Some(best), ExactOutcome::Placed(placement)) => {
+                            assert!(
+                                (placement.score.total - best).abs() < 1e-6,
+                                "seed {seed} {gang:?}: exact {} vs brute {best}",
+                                placement.score.total
+                            );
+                            // The model's objective is the scoring function itself.
+                            let bound = placement.solver.bound.expect("bound");
+                            assert!(
+                                (bound - placement.score.total).abs() < 1e-6,
+                                "model {bound} vs score {}",
+                                placement.score.total
+                            );
+                            compared += 1;
+                            // Exact is the optimum, so greedy is never above it.
+                            let greedy =
+                                planner.place(&ledger, &gang).expect("greedy places what exact places").score.total;
+                            assert!(greedy <= best + 1e-9, "greedy {greedy} above the optimum {best}");
+                            if greedy < best - 1e-9 {
+                                greedy_below += 1;
+                            }
                         }
+                        (None, ExactOutcome::Infeasible(_)) => {}
+                        (brute, other) => panic!("seed {seed} {gang:?}: brute {brute:?}, exact {other:?}"),
                     }
-                    (None, ExactOutcome::Infeasible(_)) => {}
-                    (brute, other) => panic!("seed {seed} {gang:?}: brute {brute:?}, exact {other:?}"),
                 }
             }
         }
