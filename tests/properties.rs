@@ -8,7 +8,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use proptest::prelude::*;
+use std::time::Duration;
 use topoplace::ledger::{mask_indices, Ledger};
+
+use topoplace::placement::exact::{CandidateHosts, ExactConfig, ExactOutcome};
 use topoplace::placement::gpus::{GpuChooser, UnitShape};
 use topoplace::placement::{GangPlacement, Planner, PlannerConfig};
 use topoplace::topology::graph::nvlink_connected;
@@ -213,6 +216,37 @@ proptest! {
         }
         let after: Vec<u64> = (0..cluster.hosts.len() as HostId).map(|h| ledger.free(h)).collect();
         prop_assert_eq!(after, initial, "releasing everything returns exactly what was taken");
+    }
+
+    #[test]
+    fn exact_placements_honour_every_constraint_too(
+        draws in prop::collection::vec(host_draw(), 1..10),
+        gangs in prop::collection::vec(gang_draw(), 1..4),
+    ) {
+        let cluster = build_cluster(&draws);
+        let mut ledger = Ledger::new(&cluster);
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        let config = ExactConfig { candidates: CandidateHosts::All, time_limit: Duration::from_secs(20), ..ExactConfig::default() };
+        for (index, mut gang) in gangs.into_iter().enumerate() {
+            gang.name = format!("g{index}");
+            let free_before: Vec<u64> = (0..cluster.hosts.len() as HostId).map(|h| ledger.free(h)).collect();
+            let greedy = planner.place(&ledger, &gang);
+            match planner.place_exact(&ledger, &gang, &config).0 {
+                ExactOutcome::Placed(placement) => {
+                    check_constraints(&cluster, &free_before, &gang, &placement);
+                    if let Ok(greedy) = greedy {
+                        prop_assert!(greedy.score.total <= placement.score.total + 1e-6, "greedy above the exact optimum");
+                    }
+                    ledger.reserve(&gang.name, &placement.holding()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                }
+                ExactOutcome::Infeasible(_) => prop_assert!(greedy.is_err(), "exact proved infeasible what greedy placed"),
+                ExactOutcome::NoAnswer { reason } => {
+                    // Gangs whose TP groups span GB200 trays are greedy-only.
+                    prop_assert!(reason.contains("greedy solver only"), "{}", reason);
+                }
+            }
+            ledger.check().map_err(TestCaseError::fail)?;
+        }
     }
 
     #[test]
