@@ -249,7 +249,11 @@ impl Planner<'_> {
                         }
                     };
                     bound_max = Some(bound_max.map_or(bound, |b: f64| b.max(bound)));
-                    let placement = self.decode(&context, &model, &solved, product);
+                    let mut chosen: Vec<&HostOption> = solved.chosen.iter().map(|&i| &model.options[i]).collect();
+                    chosen.sort_by_key(|o| o.host);
+                    let units_by_host: Vec<(HostId, Vec<ChosenUnit>)> =
+                        chosen.iter().map(|o| (o.host, o.chosen.clone())).collect();
+                    let placement = self.decode(&context, &model, product, &units_by_host, SolverInfo::greedy(0.0));
                     let total = placement.score.total;
                     if best.as_ref().is_none_or(|(b, _)| total > b.score.total + 1e-9) {
                         best = Some((placement, solved.objective));
@@ -477,30 +481,14 @@ impl Planner<'_> {
                 unit_shape,
                 member_shape: unit_shape,
             };
-            let (members, taken, quality) = members_from(gang, unit_shape, self.cluster, &units_by_host);
-            let score = self.evaluate(&context, &taken, quality);
-            let scope = model
-                .domains
-                .iter()
-                .find(|d| taken.iter().all(|(h, _)| d.hosts.contains(h)))
-                .map_or(CandidateScope::Cluster, |d| d.scope);
-            let placement = GangPlacement {
-                gang: gang.name.clone(),
-                product,
-                scope: self.scope_text(scope),
-                members,
-                score,
-                candidates: model.domains.len(),
-                runner_up: None,
-                explanation: None,
-                solver: SolverInfo {
-                    solver: format!("exact-joint/{}", config.backend.name()),
-                    objective: score.total,
-                    bound: None,
-                    gap: None,
-                    note: None,
-                },
+            let solver = SolverInfo {
+                solver: format!("exact-joint/{}", config.backend.name()),
+                objective: 0.0,
+                bound: None,
+                gap: None,
+                note: None,
             };
+            let placement = self.decode(&context, model, product, &units_by_host, solver);
             working.reserve(&gang.name, &placement.holding()).map_err(|e| format!("joint plan: {e}"))?;
             plan.placements.push(placement);
         }
@@ -722,23 +710,27 @@ impl Planner<'_> {
         })
     }
 
+    /// A placement from the units chosen per host, scored by [`Planner::evaluate`]; its
+    /// scope is the innermost model domain that holds every host used.
     fn decode(
         &mut self,
         context: &BuildContext,
         model: &ExactModel,
-        solved: &SolvedModel,
         product: ProductId,
+        units_by_host: &[(HostId, Vec<ChosenUnit>)],
+        solver: SolverInfo,
     ) -> GangPlacement {
         let gang = context.gang;
-        let mut chosen: Vec<&HostOption> = solved.chosen.iter().map(|&i| &model.options[i]).collect();
-        chosen.sort_by_key(|o| o.host);
-        let units_by_host: Vec<(HostId, Vec<ChosenUnit>)> = chosen.iter().map(|o| (o.host, o.chosen.clone())).collect();
-        let (members, taken, quality_weighted) = members_from(gang, context.unit_shape, self.cluster, &units_by_host);
+        let (members, taken, quality_weighted) = members_from(gang, context.unit_shape, self.cluster, units_by_host);
         debug_assert!(
             gang.required != Some(crate::workload::Scope::Nvlink) || gang_is_nvlink_connected(self.cluster, &members)
         );
         let score = self.evaluate(context, &taken, quality_weighted);
-        let scope = model.domains.get(solved.chosen_domain(model)).map_or(CandidateScope::Cluster, |d| d.scope);
+        let scope = model
+            .domains
+            .iter()
+            .find(|d| taken.iter().all(|(h, _)| d.hosts.contains(h)))
+            .map_or(CandidateScope::Cluster, |d| d.scope);
         GangPlacement {
             gang: gang.name.clone(),
             product,
@@ -748,16 +740,8 @@ impl Planner<'_> {
             candidates: model.domains.len(),
             runner_up: None,
             explanation: None,
-            solver: SolverInfo::greedy(score.total),
+            solver: SolverInfo { objective: score.total, ..solver },
         }
-    }
-}
-
-impl SolvedModel {
-    fn chosen_domain(&self, model: &ExactModel) -> usize {
-        // The innermost domain that holds every chosen host (the solver's y).
-        let hosts: BTreeSet<HostId> = self.chosen.iter().map(|&i| model.options[i].host).collect();
-        model.domains.iter().position(|d| hosts.iter().all(|h| d.hosts.contains(h))).unwrap_or(usize::MAX)
     }
 }
 
