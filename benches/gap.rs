@@ -20,7 +20,7 @@ use topoplace::ledger::Ledger;
 use topoplace::placement::exact::{Backend, CandidateHosts, ExactConfig, ExactOutcome};
 use topoplace::placement::{Planner, PlannerConfig};
 use topoplace::topology::{product, Cluster, ClusterSpec, HostId, NodeSpec};
-use topoplace::workload::{Gang, GangSpec, MemoryNeed};
+use topoplace::workload::{Gang, GangSpec};
 
 const STEPS_PER_INSTANCE: usize = 40;
 const TIME_LIMIT: Duration = Duration::from_secs(5);
@@ -58,19 +58,7 @@ fn gang_of(name: String, gpus: u32, split: bool) -> Gang {
     } else {
         (gpus.div_ceil(8), 8, 8)
     };
-    GangSpec {
-        name,
-        replicas: 1,
-        members,
-        gpus_per_member: per_member,
-        tensor_parallel: tp,
-        pipeline_parallel: 1,
-        memory: MemoryNeed::None,
-        required: None,
-        preferred: None,
-    }
-    .expand()
-    .remove(0)
+    GangSpec::shape(&name, members, per_member, tp).expand().remove(0)
 }
 
 fn lingjun() -> Cluster {

@@ -64,19 +64,9 @@ fn half_used(cluster: &Cluster, seed: u64) -> Ledger {
 }
 
 fn gang(members: u32, gpus: u32, tp: u32) -> Gang {
-    GangSpec {
-        name: "bench".into(),
-        replicas: 1,
-        members,
-        gpus_per_member: gpus,
-        tensor_parallel: tp,
-        pipeline_parallel: 1,
-        memory: MemoryNeed::FloorMib(60 * 1024),
-        required: None,
-        preferred: None,
-    }
-    .expand()
-    .remove(0)
+    GangSpec { memory: MemoryNeed::FloorMib(60 * 1024), ..GangSpec::shape("bench", members, gpus, tp) }
+        .expand()
+        .remove(0)
 }
 
 fn bench_plan(c: &mut Criterion) {

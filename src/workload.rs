@@ -157,6 +157,22 @@ impl Gang {
 }
 
 impl GangSpec {
+    /// One replica of `members` pods with `gpus_per_member` GPUs and tensor parallelism
+    /// `tensor_parallel`; no pipeline parallelism, memory floor or topology constraint.
+    pub fn shape(name: &str, members: u32, gpus_per_member: u32, tensor_parallel: u32) -> Self {
+        GangSpec {
+            name: name.to_string(),
+            replicas: 1,
+            members,
+            gpus_per_member,
+            tensor_parallel,
+            pipeline_parallel: 1,
+            memory: MemoryNeed::None,
+            required: None,
+            preferred: None,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), WorkloadError> {
         let gang = || self.name.clone();
         if self.name.trim().is_empty() {
@@ -324,17 +340,7 @@ mod tests {
     use super::*;
 
     fn spec(members: u32, gpus: u32, tp: u32, pp: u32) -> GangSpec {
-        GangSpec {
-            name: "g".into(),
-            replicas: 1,
-            members,
-            gpus_per_member: gpus,
-            tensor_parallel: tp,
-            pipeline_parallel: pp,
-            memory: MemoryNeed::None,
-            required: None,
-            preferred: None,
-        }
+        GangSpec { pipeline_parallel: pp, ..GangSpec::shape("g", members, gpus, tp) }
     }
 
     #[test]

@@ -89,15 +89,9 @@ fn make_gang(members: u32, gpus: u32, tp_choice: u32, scope_choice: u32, floor_c
     };
     let floor = [0, 20 * 1024, 42 * 1024, 100 * 1024][floor_choice];
     let spec = GangSpec {
-        name: "g".into(),
-        replicas: 1,
-        members,
-        gpus_per_member: gpus,
-        tensor_parallel: tp,
-        pipeline_parallel: 1,
         memory: if floor > 0 { MemoryNeed::FloorMib(floor) } else { MemoryNeed::None },
         required,
-        preferred: None,
+        ..GangSpec::shape("g", members, gpus, tp)
     };
     spec.validate().expect("generated gangs are valid");
     spec.expand().remove(0)

@@ -952,22 +952,10 @@ mod tests {
     use crate::placement::{PlannerConfig, Unplaced};
     use crate::topology::tests::node;
     use crate::topology::{Cluster, ClusterSpec};
-    use crate::workload::{GangSpec, MemoryNeed, Scope};
+    use crate::workload::{GangSpec, Scope};
 
     fn gang(members: u32, gpus: u32, tp: u32, required: Option<Scope>) -> Gang {
-        GangSpec {
-            name: "g".into(),
-            replicas: 1,
-            members,
-            gpus_per_member: gpus,
-            tensor_parallel: tp,
-            pipeline_parallel: 1,
-            memory: MemoryNeed::None,
-            required,
-            preferred: None,
-        }
-        .expand()
-        .remove(0)
+        GangSpec { required, ..GangSpec::shape("g", members, gpus, tp) }.expand().remove(0)
     }
 
     /// Every way to place the gang: unit counts per host, then every GPU choice.

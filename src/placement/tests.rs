@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::files;
-use crate::workload::{GangSpec, MemoryNeed};
+use crate::workload::GangSpec;
 
 fn cluster_file(name: &str) -> Cluster {
     let path = format!("{}/testdata/clusters/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -17,19 +17,7 @@ fn inline_cluster(body: &str) -> Cluster {
 }
 
 fn gang(name: &str, members: u32, gpus: u32, tp: u32) -> Gang {
-    GangSpec {
-        name: name.into(),
-        replicas: 1,
-        members,
-        gpus_per_member: gpus,
-        tensor_parallel: tp,
-        pipeline_parallel: 1,
-        memory: MemoryNeed::None,
-        required: None,
-        preferred: None,
-    }
-    .expand()
-    .remove(0)
+    GangSpec::shape(name, members, gpus, tp).expand().remove(0)
 }
 
 fn nodes_of(cluster: &Cluster, placement: &GangPlacement) -> Vec<String> {
