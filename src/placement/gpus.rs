@@ -195,8 +195,8 @@ impl GpuChooser {
             return Some(choose_on_sockets(host, free, count, shape));
         }
         if free.count_ones() <= SEARCH_GPUS_MAX {
-            if let Some(found) = self.search(host, free, count, shape) {
-                return Some(found);
+            if let Some(best) = self.choices(host, free, count, shape, 1).into_iter().next() {
+                return Some(best);
             }
         }
         let atoms = greedy_atoms(host, free, shape.atom, count * shape.atoms_per_unit());
@@ -249,61 +249,6 @@ impl GpuChooser {
         let room = f64::from(self.unit_count(host, rest, shape));
         let most_room = f64::from(free.count_ones() / shape.unit_gpus);
         2.0 * quality + room / most_room.max(1.0) + remaining_connectivity(host, rest)
-    }
-
-    /// Exhaustive search over unit choices: best unit quality first, then what remains
-    /// (units of the same shape still free, free GPUs still NVLinked).
-    fn search(&mut self, host: &Host, free: GpuMask, count: u32, shape: UnitShape) -> Option<Vec<ChosenUnit>> {
-        let atoms = atoms_of(host, free, shape.atom);
-        let mut best: Option<(f64, Vec<ChosenUnit>)> = None;
-        let mut chosen_atoms: Vec<GpuMask> = Vec::new();
-        let mut nodes = 0usize;
-        let total_atoms = count as usize * shape.atoms_per_unit() as usize;
-        self.search_atoms(host, free, shape, &atoms, 0, 0, total_atoms, &mut chosen_atoms, &mut nodes, &mut best);
-        best.map(|(_, units)| units)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn search_atoms(
-        &mut self,
-        host: &Host,
-        free: GpuMask,
-        shape: UnitShape,
-        atoms: &[GpuMask],
-        start: usize,
-        taken: GpuMask,
-        total_atoms: usize,
-        chosen: &mut Vec<GpuMask>,
-        nodes: &mut usize,
-        best: &mut Option<(f64, Vec<ChosenUnit>)>,
-    ) {
-        *nodes += 1;
-        if *nodes > SEARCH_NODES_MAX {
-            return;
-        }
-        if chosen.len() == total_atoms {
-            let units: Vec<ChosenUnit> = chosen
-                .chunks(shape.atoms_per_unit() as usize)
-                .map(|chunk| ChosenUnit { atoms: chunk.to_vec() })
-                .collect();
-            let score = self.local_score(host, free, &units, shape);
-            if best.as_ref().is_none_or(|(top, _)| score > *top + 1e-12) {
-                *best = Some((score, units));
-            }
-            return;
-        }
-        for index in start..atoms.len() {
-            let atom = atoms[index];
-            if atom & taken != 0 {
-                continue;
-            }
-            chosen.push(atom);
-            self.search_atoms(host, free, shape, atoms, index + 1, taken | atom, total_atoms, chosen, nodes, best);
-            chosen.pop();
-            if *nodes > SEARCH_NODES_MAX {
-                return;
-            }
-        }
     }
 }
 
