@@ -159,16 +159,28 @@ struct SolvedModel {
 impl Planner<'_> {
     /// Places one gang exactly over its candidate hosts; reserves nothing.
     pub fn place_exact(&mut self, ledger: &Ledger, gang: &Gang, config: &ExactConfig) -> (ExactOutcome, ExactStats) {
+        let (outcome, stats, _) = self.place_exact_and_greedy(ledger, gang, config);
+        (outcome, stats)
+    }
+
+    /// [`Planner::place_exact`], also handing back the greedy placement it computes for its
+    /// candidate ranking, so that callers comparing or falling back do not compute it again.
+    pub fn place_exact_and_greedy(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        config: &ExactConfig,
+    ) -> (ExactOutcome, ExactStats, Result<GangPlacement, Unplaced>) {
         let started = Instant::now();
         let mut stats = ExactStats::default();
         let no_answer = |reason: String| ExactOutcome::NoAnswer { reason };
+        let mut ranking = Vec::new();
+        let greedy = self.place_ranked(ledger, gang, Some(&mut ranking));
         let (required, preferred) =
             match (self.resolve(gang, &gang.required, "required"), self.resolve(gang, &gang.preferred, "preferred")) {
                 (Ok(r), Ok(p)) => (r, p),
-                (Err(e), _) | (_, Err(e)) => return (no_answer(e.to_string()), stats),
+                (Err(e), _) | (_, Err(e)) => return (no_answer(e.to_string()), stats, greedy),
             };
-        let mut ranking = Vec::new();
-        let greedy = self.place_ranked(ledger, gang, Some(&mut ranking));
         let unit_shape =
             super::gpus::UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
         let member_shape = super::gpus::UnitShape {
@@ -181,6 +193,7 @@ impl Planner<'_> {
             return (
                 no_answer("tensor-parallel groups larger than a host are placed by the greedy solver only".into()),
                 stats,
+                greedy,
             );
         }
         let whole_free = score::WholeFreeIndex::new(self.cluster, ledger);
@@ -290,18 +303,18 @@ impl Planner<'_> {
                     gap,
                     note: (!notes.is_empty()).then(|| notes.join("; ")),
                 };
-                (ExactOutcome::Placed(Box::new(placement)), stats)
+                (ExactOutcome::Placed(Box::new(placement)), stats, greedy)
             }
             None if errors.is_empty() && complete && !timed_out => {
-                let unplaced = match greedy {
-                    Err(unplaced) => unplaced,
+                let unplaced = match &greedy {
+                    Err(unplaced) => unplaced.clone(),
                     Ok(_) => Unplaced {
                         gang: gang.name.clone(),
                         reason: "the exact model has no solution although the greedy planner found one".into(),
                         explanation: None,
                     },
                 };
-                (ExactOutcome::Infeasible(unplaced), stats)
+                (ExactOutcome::Infeasible(unplaced), stats, greedy)
             }
             None => {
                 let reason = if !errors.is_empty() {
@@ -311,7 +324,7 @@ impl Planner<'_> {
                 } else {
                     format!("no solution within the time limit of {} ms", config.time_limit.as_millis())
                 };
-                (no_answer(reason), stats)
+                (no_answer(reason), stats, greedy)
             }
         }
     }

@@ -930,32 +930,28 @@ impl<'c> Planner<'c> {
     ) -> Result<GangPlacement, Unplaced> {
         match solver {
             SolverChoice::Greedy => self.place(ledger, gang),
-            SolverChoice::Exact(config) => match self.place_exact(ledger, gang, config).0 {
-                exact::ExactOutcome::Placed(placement) => Ok(*placement),
-                exact::ExactOutcome::Infeasible(mut unplaced) => {
+            SolverChoice::Exact(config) => match self.place_exact_and_greedy(ledger, gang, config) {
+                (exact::ExactOutcome::Placed(placement), _, _) => Ok(*placement),
+                (exact::ExactOutcome::Infeasible(mut unplaced), _, _) => {
                     unplaced.reason = format!("proven infeasible by the exact solver: {}", unplaced.reason);
                     Err(unplaced)
                 }
-                exact::ExactOutcome::NoAnswer { reason } => {
-                    let mut placement = self.place(ledger, gang)?;
+                (exact::ExactOutcome::NoAnswer { reason }, _, greedy) => {
+                    let mut placement = greedy?;
                     placement.solver.note = Some(format!("exact solver gave no answer ({reason}); greedy used"));
                     Ok(placement)
                 }
             },
-            SolverChoice::Auto(config) => {
-                let greedy = self.place(ledger, gang);
-                match (self.place_exact(ledger, gang, config).0, greedy) {
-                    (exact::ExactOutcome::Placed(exact), Ok(greedy))
-                        if greedy.score.total > exact.score.total + 1e-9 =>
-                    {
-                        let mut greedy = greedy;
-                        greedy.solver.note = Some(format!("greedy scored above exact ({:.4})", exact.score.total));
-                        Ok(greedy)
-                    }
-                    (exact::ExactOutcome::Placed(exact), _) => Ok(*exact),
-                    (_, greedy) => greedy,
+            SolverChoice::Auto(config) => match self.place_exact_and_greedy(ledger, gang, config) {
+                (exact::ExactOutcome::Placed(exact), _, Ok(mut greedy))
+                    if greedy.score.total > exact.score.total + 1e-9 =>
+                {
+                    greedy.solver.note = Some(format!("greedy scored above exact ({:.4})", exact.score.total));
+                    Ok(greedy)
                 }
-            }
+                (exact::ExactOutcome::Placed(exact), _, _) => Ok(*exact),
+                (_, _, greedy) => greedy,
+            },
         }
     }
 
