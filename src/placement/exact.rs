@@ -569,6 +569,7 @@ impl Planner<'_> {
     ) -> Option<ExactModel> {
         let BuildContext { ledger, gang, whole_free, unit_shape, .. } = *context;
         let cluster = self.cluster;
+        debug_assert!(hosts.windows(2).all(|w| w[0] < w[1]), "candidate hosts are sorted and distinct");
         let need = gang.units();
         let shapes = self.config.shapes.clone();
         let mut options: Vec<HostOption> = Vec::new();
@@ -621,15 +622,18 @@ impl Planner<'_> {
 
         // The domains that may hold the gang, innermost first.
         let mut domains: Vec<DomainChoice> = Vec::new();
-        let connected_host = |planner: &Self, h: HostId| -> bool {
-            options
-                .iter()
-                .filter(|o| o.host == h)
-                .all(|o| crate::topology::graph::nvlink_connected(&planner.cluster.host(h).links, o.mask))
-        };
+        // Only `preferred: nvlink` asks whether every option of a host is NVLink-connected.
+        let mut all_connected: BTreeMap<HostId, bool> = BTreeMap::new();
+        if preferred == Some(ResolvedScope::Nvlink) {
+            for option in &options {
+                let connected = crate::topology::graph::nvlink_connected(&cluster.host(option.host).links, option.mask);
+                *all_connected.entry(option.host).or_insert(true) &= connected;
+            }
+        }
         for &host in hosts {
             if host_units[&host] >= need {
-                let locality = self.domain_locality(CandidateScope::Host(host), preferred, connected_host(self, host));
+                let connected = all_connected.get(&host).copied().unwrap_or(true);
+                let locality = self.domain_locality(CandidateScope::Host(host), preferred, connected);
                 domains.push(DomainChoice { scope: CandidateScope::Host(host), hosts: vec![host], locality });
             }
         }
@@ -666,8 +670,10 @@ impl Planner<'_> {
                     if !seen.insert(index) {
                         continue;
                     }
+                    // Candidate hosts are sorted and a domain is a host range: a slice.
                     let range = &cluster.domains[level][index as usize].hosts;
-                    let members: Vec<HostId> = hosts.iter().copied().filter(|h| range.contains(h)).collect();
+                    let first = hosts.partition_point(|h| *h < range.start);
+                    let members: Vec<HostId> = hosts[first..hosts.partition_point(|h| *h < range.end)].to_vec();
                     if members.len() < 2 || capacity_in(&members) < u64::from(need) {
                         continue;
                     }
@@ -838,15 +844,16 @@ impl ExactModel {
         for (option, &v) in self.options.iter().zip(&x) {
             by_host.entry(option.host).or_default().push(v);
         }
+        let mut domains_of: BTreeMap<HostId, Vec<Variable>> = BTreeMap::new();
+        for (domain, &v) in self.domains.iter().zip(&y) {
+            for host in &domain.hosts {
+                domains_of.entry(*host).or_default().push(v);
+            }
+        }
         for (host, options) in &by_host {
             let used: Expression = options.iter().copied().sum();
-            let inside: Expression = self
-                .domains
-                .iter()
-                .zip(&y)
-                .filter(|(d, _)| d.hosts.contains(host))
-                .map(|(_, &v)| Expression::from(v))
-                .sum();
+            let inside: Expression =
+                domains_of.get(host).map_or_else(|| Expression::from(0.0), |ys| ys.iter().copied().sum());
             f.constraints.push(constraint!(used.clone() <= inside));
             f.constraints.push(constraint!(used <= 1));
         }
