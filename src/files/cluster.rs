@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{check_header, line_of_list_entry, line_of_name, FileError, Metadata, API_VERSION};
+use super::{check_header, line_of_list_entry, line_of_name, lines_naming, FileError, Metadata, API_VERSION};
 use crate::topology::{product, ClusterSpec, NodeSpec, NvlinkLayout, ProductId, TopologyError, HOST_GPUS_MAX};
 
 /// Nodes one group may generate.
@@ -279,18 +279,9 @@ pub fn locate(file: &str, text: &str, error: &TopologyError) -> FileError {
     let node = match error {
         TopologyError::DuplicateNode { node } => {
             // The second occurrence is the mistake.
-            let first = line_of_name(text, node);
-            let second = first.and_then(|line| {
-                text.lines()
-                    .skip(line)
-                    .position(|l| {
-                        let t = l.trim_start().trim_start_matches("- ").trim_start();
-                        t.strip_prefix("name:")
-                            .is_some_and(|v| v.trim().trim_matches(|c| c == '"' || c == '\'') == node)
-                            || t.trim_matches(|c| c == '"' || c == '\'') == node
-                    })
-                    .map(|i| i + line + 1)
-            });
+            let mut lines = lines_naming(text, node, true);
+            let first = lines.next();
+            let second = lines.next();
             return FileError::at_line(file, second.or(first), error.to_string());
         }
         TopologyError::GpuCount { node, .. }
@@ -394,6 +385,9 @@ mod tests {
         assert_eq!(message, "c.yaml:8: node `b`: allocated GPU index 9 is not below gpu.count 8");
         let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H100, count: 8}\n  - name: a\n    gpu: {product: H100, count: 8}\n");
         assert_eq!(message, "c.yaml:8: node `a`: name appears twice");
+        // A name repeated inside a group's `names` list points at the repeat.
+        let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H100, count: 8}\n  nodeGroups:\n  - names:\n    - b\n    - a\n    gpu: {product: H100, count: 8}\n");
+        assert_eq!(message, "c.yaml:11: node `a`: name appears twice");
     }
 
     #[test]

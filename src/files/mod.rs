@@ -72,20 +72,25 @@ fn entry_name(text: &str, message: &str, list: &str) -> Option<String> {
     entry.get("name").or_else(|| entry.get("namePattern")).and_then(|n| n.as_str()).map(str::to_string)
 }
 
-/// The 1-based line of the `name:` (or `namePattern:`) entry whose value is `name`:
-/// where a semantic error about that node or gang points.
+/// The 1-based lines that give `name`: as the value of a `name:` or `namePattern:` key
+/// and, with `list_entries`, as a `- NAME` entry of a list (a node group's `names`).
+pub fn lines_naming<'a>(text: &'a str, name: &'a str, list_entries: bool) -> impl Iterator<Item = usize> + 'a {
+    let unquote = |value: &str| value.trim().trim_matches(|c| c == '"' || c == '\'').to_string();
+    text.lines().enumerate().filter_map(move |(index, line)| {
+        let after_dash = line.trim_start().strip_prefix("- ");
+        let trimmed = after_dash.unwrap_or(line.trim_start()).trim_start();
+        let keyed = ["name:", "namePattern:"].iter().any(|key| {
+            trimmed.strip_prefix(key).is_some_and(|value| unquote(value.split(" #").next().unwrap_or("")) == name)
+        });
+        let listed = list_entries && after_dash.is_some_and(|value| unquote(value) == name);
+        (keyed || listed).then_some(index + 1)
+    })
+}
+
+/// The line of the `name:` (or `namePattern:`) entry whose value is `name`: where a
+/// semantic error about that node or gang points.
 pub fn line_of_name(text: &str, name: &str) -> Option<usize> {
-    text.lines()
-        .position(|line| {
-            let trimmed = line.trim_start().trim_start_matches("- ").trim_start();
-            ["name:", "namePattern:"].iter().any(|key| {
-                trimmed.strip_prefix(key).is_some_and(|value| {
-                    let value = value.split(" #").next().unwrap_or("").trim();
-                    value.trim_matches(|c| c == '"' || c == '\'') == name
-                })
-            })
-        })
-        .map(|index| index + 1)
+    lines_naming(text, name, false).next()
 }
 
 /// Line of the `- NAME` entry in a `names:` list (nodes of a group).

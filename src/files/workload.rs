@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::{check_header, line_of_name, FileError, Metadata};
+use super::{check_header, line_of_name, lines_naming, FileError, Metadata};
 use crate::quantity;
 use crate::workload::{GangSpec, MemoryNeed, ModelSpec, Scope, Workload, RUNTIME_OVERHEAD_DEFAULT};
 
@@ -162,10 +162,8 @@ pub fn parse(file: &str, text: &str) -> Result<Workload, FileError> {
     let workload = Workload { name: parsed.metadata.name, gangs };
     workload.validate().map_err(|e| {
         let line = match &e {
-            crate::workload::WorkloadError::DuplicateGang { gang } => {
-                let first = line_of_name(text, gang).unwrap_or(0);
-                text.lines().skip(first).position(|l| l.contains(&format!("name: {gang}"))).map(|i| i + first + 1)
-            }
+            // The second occurrence is the mistake.
+            crate::workload::WorkloadError::DuplicateGang { gang } => lines_naming(text, gang, false).nth(1),
             _ => None,
         };
         FileError::at_line(file, line, e.to_string())
