@@ -183,3 +183,85 @@ fn solvers_are_chosen_on_the_command_line_and_reported() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("unknown MILP backend `cplex`"), "{}", stderr(&bad));
 }
+
+const REPLAY_NODES: &str = "sn,cpu_milli,memory_mib,gpu,model\n\
+                            n0,64000,262144,8,G2\nn1,32000,131072,2,T4\nn2,96000,262144,4,V100M16\n";
+const REPLAY_PODS: &str = "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\n\
+                           p0,8000,16384,1,500,\np1,4000,8192,1,1000,\np2,16000,32768,2,1000,V100M16|G2\n\
+                           p3,2000,4096,0,0,\np4,6000,8192,1,250,T4\np5,12000,16384,4,1000,\n";
+
+#[test]
+fn replay_writes_one_csv_row_per_policy_seed_and_percent_and_an_svg() {
+    let nodes = temp_file("replay-nodes.csv", REPLAY_NODES);
+    let pods = temp_file("replay-pods.csv", REPLAY_PODS);
+    let svg = std::env::temp_dir().join(format!("topoplace-replay-{}.svg", std::process::id()));
+    let args = [
+        "replay",
+        "--nodes",
+        nodes.to_str().unwrap(),
+        "--pods",
+        pods.to_str().unwrap(),
+        "--seeds",
+        "3",
+        "-o",
+        "csv",
+        "--svg",
+        svg.to_str().unwrap(),
+    ];
+    let output = topoplace(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("policy,seed,arrived_pct,allocation_pct"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 7 * 3 * 131);
+    assert!(rows.iter().all(|r| r.len() == 4));
+    assert_eq!((rows[0][0], rows[0][1], rows[0][2]), ("random", "42", "0"));
+    assert_eq!((rows[131 * 3][0], rows.last().unwrap()[1], rows.last().unwrap()[2]), ("dotproduct", "44", "130"));
+    for row in &rows {
+        if let Ok(value) = row[3].parse::<f64>() {
+            assert!((0.0..=100.0).contains(&value), "{row:?}");
+        }
+    }
+    // No pod leaves: per run, allocation never falls as load arrives.
+    for run in rows.chunks(131) {
+        let values: Vec<f64> = run.iter().filter_map(|r| r[3].parse().ok()).collect();
+        assert!(values.len() > 20, "{run:?}");
+        assert!(values.windows(2).all(|w| w[0] <= w[1]), "{run:?}");
+    }
+    let chart = std::fs::read_to_string(&svg).expect("svg written");
+    assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
+    assert_eq!(chart.matches("<polyline").count(), 7);
+    assert!(chart.contains("topoplace") && chart.contains("fgd"));
+
+    let table = stdout(&topoplace(&args[..args.len() - 4]));
+    for policy in ["random", "dotproduct", "gpuclustering", "gpupacking", "bestfit", "fgd", "topoplace"] {
+        assert!(table.lines().any(|l| l.starts_with(policy)), "{policy} missing from:\n{table}");
+    }
+}
+
+#[test]
+fn replay_refuses_bad_input_with_exit_2() {
+    let nodes = temp_file("replay-nodes-ok.csv", REPLAY_NODES);
+    let pods = temp_file("replay-pods-ok.csv", REPLAY_PODS);
+    let bad_pods = temp_file("replay-pods-bad.csv", "name,cpu_milli,memory_mib,num_gpu,gpu_milli\np0,1,1,1,x\n");
+    let cases: [(Vec<&str>, &str); 4] = [
+        (vec!["--policy", "fgd,best"], "unknown policy `best` (expected one of random, dotproduct"),
+        (vec!["--seeds", "0"], "--seeds must be at least 1"),
+        (vec!["--ratio=-1"], "load ratio -1 must be a number above 0"),
+        (
+            vec!["--pods", bad_pods.to_str().unwrap()],
+            "replay-pods-bad.csv:2: column `gpu_milli`: `x` is not a whole number",
+        ),
+    ];
+    for (extra, message) in cases {
+        let mut args = vec!["replay", "--nodes", nodes.to_str().unwrap()];
+        if !extra.contains(&"--pods") {
+            args.extend(["--pods", pods.to_str().unwrap()]);
+        }
+        args.extend(extra);
+        let output = topoplace(&args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(message), "{args:?}: {}", stderr(&output));
+    }
+}

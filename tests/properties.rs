@@ -356,3 +356,82 @@ fn simulation_of_gangs_arriving_and_leaving_keeps_every_invariant() {
         );
     }
 }
+
+/// One step of a GPU-sharing simulation: reserve (node, GPU mask bits, share, CPU) or
+/// release the holder at an index.
+#[derive(Debug, Clone)]
+enum ShareStep {
+    Reserve { node: u32, gpus: u64, milli: u16, cpu: u64 },
+    Release { holder: usize },
+}
+
+fn share_step() -> impl Strategy<Value = ShareStep> {
+    prop_oneof![
+        3 => (0u32..5, 0u64..16, prop_oneof![Just(1000u16), 1u16..1000, Just(0u16)], 0u64..6000)
+            .prop_map(|(node, gpus, milli, cpu)| ShareStep::Reserve { node, gpus, milli, cpu }),
+        1 => (0usize..64).prop_map(|holder| ShareStep::Release { holder }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Random reservations and releases of GPU shares against a shadow model: a GPU never
+    /// holds more than 1000 milli-GPU, a refused request changes nothing, a release
+    /// returns exactly what was reserved, and the ledger's own check agrees throughout.
+    #[test]
+    fn gpu_shares_are_never_overcommitted(steps in proptest::collection::vec(share_step(), 1..120)) {
+        use topoplace::ledger::shares::{NodeCapacity, ShareGrant, ShareLedger, ShareRequest};
+        let capacity: Vec<NodeCapacity> = (0..4)
+            .map(|i| NodeCapacity { name: format!("n{i}"), cpu_milli: 16_000, memory_mib: 1 << 16, gpus: 2 + 2 * (i % 2) as u8 })
+            .collect();
+        let mut ledger: ShareLedger<usize> = ShareLedger::new(capacity.clone()).expect("valid nodes");
+        let mut shadow_gpu: HashMap<(u32, u8), u32> = HashMap::new();
+        let mut shadow_cpu = [0u64; 4];
+        let mut held: Vec<(usize, ShareGrant)> = Vec::new();
+        for (step_index, step) in steps.into_iter().enumerate() {
+            match step {
+                ShareStep::Reserve { node, gpus, milli, cpu } => {
+                    let grant = ShareGrant { node, gpus, request: ShareRequest { cpu_milli: cpu, memory_mib: 0, gpu_milli: milli } };
+                    let before: Vec<Vec<u16>> = (0..4).map(|n| ledger.gpu_left(n).to_vec()).collect();
+                    let result = ledger.reserve(step_index, grant);
+                    let fits = (node as usize) < capacity.len()
+                        && (milli == 0) == (gpus == 0)
+                        && gpus >> capacity[node as usize].gpus == 0
+                        && shadow_cpu[node as usize] + cpu <= 16_000
+                        && mask_indices(gpus).iter().all(|&g| shadow_gpu.get(&(node, g)).copied().unwrap_or(0) + u32::from(milli) <= 1000);
+                    prop_assert_eq!(result.is_ok(), fits, "{:?}", result);
+                    if fits {
+                        for g in mask_indices(gpus) {
+                            *shadow_gpu.entry((node, g)).or_default() += u32::from(milli);
+                        }
+                        shadow_cpu[node as usize] += cpu;
+                        held.push((step_index, grant));
+                    } else {
+                        let after: Vec<Vec<u16>> = (0..4).map(|n| ledger.gpu_left(n).to_vec()).collect();
+                        prop_assert_eq!(before, after, "a refused request changed the ledger");
+                    }
+                }
+                ShareStep::Release { holder } => {
+                    if held.is_empty() {
+                        continue;
+                    }
+                    let (name, grant) = held.remove(holder % held.len());
+                    prop_assert_eq!(ledger.release(&name), Ok(grant));
+                    for g in mask_indices(grant.gpus) {
+                        *shadow_gpu.entry((grant.node, g)).or_default() -= u32::from(grant.request.gpu_milli);
+                    }
+                    shadow_cpu[grant.node as usize] -= grant.request.cpu_milli;
+                }
+            }
+            prop_assert_eq!(ledger.check(), Ok(()));
+            for node in 0..4u32 {
+                for (g, &left) in ledger.gpu_left(node).iter().enumerate() {
+                    let used = shadow_gpu.get(&(node, g as u8)).copied().unwrap_or(0);
+                    prop_assert_eq!(u32::from(left) + used, 1000);
+                }
+                prop_assert_eq!(ledger.cpu_left(node) + shadow_cpu[node as usize], 16_000);
+            }
+        }
+    }
+}

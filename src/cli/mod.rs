@@ -3,6 +3,8 @@
 //! `main` only prints them.
 
 pub mod output;
+pub mod replay;
+pub mod svg;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -35,6 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Plan a workload onto a cluster (the embedded demo when no files are given).
     Plan(PlanArgs),
+    /// Replay the Alibaba GPU-sharing trace under placement policies, FGD-paper protocol.
+    Replay(replay::ReplayArgs),
     /// Convert public cluster data into a cluster file (printed to stdout).
     Convert {
         #[command(subcommand)]
@@ -142,6 +146,7 @@ impl CliError {
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Plan(args) => plan(&args, out),
+        Command::Replay(args) => replay::replay(&args, out),
         Command::Convert { source: ConvertSource::Lingjun { path, gpu_product, gpus_per_host } } => {
             let text = files::read_input(&path)?;
             let spec = crate::convert::lingjun(&path.display().to_string(), &text, &gpu_product, gpus_per_host)

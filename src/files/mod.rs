@@ -4,6 +4,7 @@
 //! column, the field path and, where there is one, the node or gang.
 
 pub mod cluster;
+pub mod openb;
 pub mod workload;
 
 use std::path::Path;

@@ -5,6 +5,11 @@
 //! `reserve` checks the whole request before it changes anything; `release` returns
 //! exactly what was reserved. GPUs the cluster description marks as allocated are held
 //! by no gang and cannot be released.
+//!
+//! [`shares`] is the same contract for GPUs split into milli-GPU shares, with CPU and
+//! memory per node (the GPU-sharing trace replay, and pods that ask for a fraction of a GPU).
+
+pub mod shares;
 
 use std::collections::BTreeMap;
 
