@@ -231,7 +231,7 @@ fn replay_writes_one_csv_row_per_policy_seed_and_percent_and_an_svg() {
     }
     let chart = std::fs::read_to_string(&svg).expect("svg written");
     assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
-    assert_eq!(chart.matches("<polyline").count(), 7);
+    assert_eq!(chart.matches("<polyline").count(), 2 * 7, "one line per policy in each panel");
     assert!(chart.contains("topoplace") && chart.contains("fgd"));
 
     let table = stdout(&topoplace(&args[..args.len() - 4]));
