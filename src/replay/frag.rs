@@ -6,10 +6,9 @@
 //! with room, too little CPU); otherwise it is the free capacity of the GPUs too small for
 //! m's per-GPU share. F(n) = sum of p_m * f_m(n), in milli-GPU.
 
-use std::cmp::Reverse;
 use std::collections::HashMap;
 
-use super::{NodeView, PodClass};
+use super::{has_room, NodeView, PodClass};
 
 /// Share of pods FGD's typical classes must cover (the artifact's 95 %).
 pub const TYPICAL_COVERAGE: f64 = 0.95;
@@ -35,8 +34,9 @@ pub fn typical_pods<'a>(pods: impl IntoIterator<Item = &'a PodClass>, coverage: 
         total += 1;
     }
     let mut ranked: Vec<(&PodClass, u64)> = counts.into_iter().collect();
-    ranked.sort_by_key(|&(class, count)| {
-        (Reverse(count), Reverse((class.cpu_milli, class.gpu_milli, class.num_gpu, class.gpu_spec.clone())))
+    let key = |class: &PodClass| (class.cpu_milli, class.gpu_milli, class.num_gpu);
+    ranked.sort_by(|(a, a_count), (b, b_count)| {
+        b_count.cmp(a_count).then_with(|| key(b).cmp(&key(a))).then_with(|| b.gpu_spec.cmp(&a.gpu_spec))
     });
     let mut kept = Vec::new();
     let mut covered = 0u64;
@@ -56,8 +56,7 @@ pub fn class_fragment(class: &PodClass, node: &NodeView<'_>) -> f64 {
     if class.gpu_milli == 0 || !class.allows_model(node.model) || node.cpu_left < class.cpu_milli {
         return free as f64;
     }
-    let roomy = node.gpu_left.iter().filter(|&&left| left >= class.gpu_milli).count();
-    if roomy < usize::from(class.num_gpu.max(1)) {
+    if !has_room(node.gpu_left, class) {
         return free as f64;
     }
     node.gpu_left.iter().filter(|&&left| left < class.gpu_milli).map(|&left| f64::from(left)).sum()

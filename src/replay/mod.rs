@@ -130,7 +130,8 @@ impl PodClass {
     }
 
     pub fn gpu_request(&self) -> u64 {
-        u64::from(self.gpu_milli) * u64::from(self.num_gpu.max(u8::from(self.gpu_milli > 0)))
+        // `Prepared::new` guarantees num_gpu > 0 exactly when gpu_milli > 0.
+        u64::from(self.gpu_milli) * u64::from(self.num_gpu)
     }
 }
 
@@ -467,8 +468,12 @@ fn fits(prepared: &Prepared, ledger: &ShareLedger<u32>, node: u32, class: &PodCl
     if !class.allows_model(prepared.node_models[node as usize]) {
         return false;
     }
-    let roomy = ledger.gpu_left(node).iter().filter(|&&left| left >= class.gpu_milli).count();
-    roomy >= usize::from(class.num_gpu.max(1))
+    has_room(ledger.gpu_left(node), class)
+}
+
+/// At least as many GPUs as the class asks for have its share left.
+pub(crate) fn has_room(gpu_left: &[u16], class: &PodClass) -> bool {
+    gpu_left.iter().filter(|&&left| left >= class.gpu_milli).count() >= usize::from(class.num_gpu.max(1))
 }
 
 /// The `count` GPUs a non-share pod takes: the first by index with `milli` left.

@@ -134,7 +134,11 @@ impl<'a> Scorer<'a> {
             rank: &arrivals.node_rank,
             rng: Xoshiro256PlusPlus::seed_from_u64(stream),
             tags: vec![Vec::new(); prepared.nodes.len()],
-            cache: ScoreCache::new(prepared.nodes.len(), prepared.classes.len()),
+            // Only the fragmentation policies read the cache; the others skip its allocation.
+            cache: match policy {
+                Policy::Fgd | Policy::Topoplace => ScoreCache::new(prepared.nodes.len(), prepared.classes.len()),
+                _ => ScoreCache::new(prepared.nodes.len(), 0),
+            },
             scores: Vec::with_capacity(prepared.nodes.len()),
         }
     }
