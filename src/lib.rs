@@ -1,6 +1,6 @@
 //! topoplace: topology-aware gang placement of GPU workloads.
 //!
-//! The core ([`topology`], [`workload`], [`placement`], [`ledger`], [`quantity`], [`replay`]) is pure
+//! The core ([`topology`], [`workload`], [`placement`], [`ledger`], [`quantity`], [`replay`], [`jobreplay`]) is pure
 //! and synchronous: no I/O, no async, no Kubernetes or HTTP types, deterministic for a
 //! given input. The adapters ([`files`] for the YAML formats, [`convert`] for trace
 //! converters, [`cli`] for the command line) translate into it and call it.
@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod convert;
 pub mod files;
+pub mod jobreplay;
 pub mod ledger;
 pub mod placement;
 pub mod quantity;

@@ -2,6 +2,7 @@
 //! Errors are sorted into bad input (exit 2) and everything else (exit 1) here, once;
 //! `main` only prints them.
 
+pub mod jobs;
 pub mod output;
 pub mod replay;
 pub mod svg;
@@ -163,6 +164,36 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             write_all(out, &format!("{header}{yaml}"))
         }
     }
+}
+
+/// Runs `work` on every item on `threads` scoped workers (default: all cores), taking
+/// items in order as workers free up; the results come back in item order.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: Option<usize>,
+    work: impl Fn(&T) -> R + Sync,
+) -> Result<Vec<R>, CliError> {
+    let workers =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).min(items.len()).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<Option<R>>> = std::sync::Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(index) else { break };
+                let result = work(item);
+                if let Ok(mut slots) = results.lock() {
+                    slots[index] = Some(result);
+                }
+            });
+        }
+    });
+    let slots = results.into_inner().map_err(|_| CliError::Failed("a worker thread panicked".into()))?;
+    slots
+        .into_iter()
+        .map(|slot| slot.ok_or_else(|| CliError::Failed("a worker thread stopped before finishing its item".into())))
+        .collect()
 }
 
 fn write_all(out: &mut dyn Write, text: &str) -> Result<(), CliError> {

@@ -3,16 +3,15 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use super::{write_all, CliError};
+use super::{parallel_map, write_all, CliError};
 use crate::convert::traces_dir;
 use crate::files::{self, openb};
+use crate::jobreplay::QueueMode;
 use crate::replay::{self, Arrivals, Policy, Prepared, RunOutcome, Trace, ARRIVED_PCT_MAX, LOAD_RATIO_DEFAULT};
 
 /// The FGD artifact's first seed (its runs use 42..=51).
@@ -27,28 +26,80 @@ pub enum ReplayFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum QueueFlag {
+    /// Nothing starts past a head that does not fit.
+    StrictFifo,
+    /// Later jobs that fit start while the head waits (no reservation for the head).
+    BestEffortFifo,
+}
+
+impl From<QueueFlag> for QueueMode {
+    fn from(flag: QueueFlag) -> Self {
+        match flag {
+            QueueFlag::StrictFifo => QueueMode::StrictFifo,
+            QueueFlag::BestEffortFifo => QueueMode::BestEffortFifo,
+        }
+    }
+}
+
+/// Two modes: the GPU-sharing trace (`--nodes`, `--pods`; FGD protocol, pods never leave)
+/// and, with `--jobs`, a gang job trace replayed in time on a topology.
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
     /// Node list CSV (sn,cpu_milli,memory_mib,gpu,model); default: the shared trace's
     /// openb_node_list_gpu_node.csv.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "jobs")]
     pub nodes: Option<PathBuf>,
     /// Pod list CSV (name,cpu_milli,memory_mib,num_gpu,gpu_milli[,gpu_spec]); default: the
     /// shared trace's openb_pod_list_default.csv.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "jobs")]
     pub pods: Option<PathBuf>,
-    /// Policies, comma-separated: random, dotproduct, gpuclustering, gpupacking, bestfit,
-    /// fgd, topoplace (default: all).
+    /// Policies, comma-separated (default: all). Pod mode: random, dotproduct,
+    /// gpuclustering, gpupacking, bestfit, fgd, topoplace. Job mode: topoplace, kueue-tas,
+    /// volcano-hypernode, bestfit-nodes, first-fit, random.
     #[arg(long, value_delimiter = ',')]
     pub policy: Vec<String>,
     /// Seeds per policy: SEED_BASE, SEED_BASE+1, ...
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, conflicts_with = "jobs")]
     pub seeds: u64,
+    /// First seed (job mode: the seed of the random policy).
     #[arg(long, default_value_t = SEED_BASE_DEFAULT)]
     pub seed_base: u64,
     /// Arrived GPU request to replay, as a multiple of the cluster's GPU capacity.
-    #[arg(long, default_value_t = LOAD_RATIO_DEFAULT)]
+    #[arg(long, default_value_t = LOAD_RATIO_DEFAULT, conflicts_with = "jobs")]
     pub ratio: f64,
+    /// Job mode: a job trace CSV (job_id,submission_time,duration,num_gpu), e.g. the shared
+    /// elasticflow/cluster02.csv.
+    #[arg(long, value_name = "CSV")]
+    pub jobs: Option<PathBuf>,
+    /// Job mode: Lingjun-format topology (ip,DSW,PSW,ASW); default: the shared
+    /// lingjun-2023/topo.csv, 8 GPUs per host.
+    #[arg(long, value_name = "CSV", requires = "jobs", conflicts_with = "cluster")]
+    pub topology: Option<PathBuf>,
+    /// Job mode: a cluster file (kind: Cluster) instead of a Lingjun topology.
+    #[arg(long, value_name = "FILE", requires = "jobs")]
+    pub cluster: Option<PathBuf>,
+    /// Job mode: GPU product of the Lingjun hosts.
+    #[arg(long, default_value = "H800", requires = "jobs")]
+    pub gpu_product: String,
+    /// Job mode: arrival times are divided by this (2: the same jobs arrive twice as fast).
+    #[arg(long, default_value_t = 1.0, requires = "jobs")]
+    pub load: f64,
+    #[arg(long, value_enum, default_value_t = QueueFlag::StrictFifo, requires = "jobs")]
+    pub queue: QueueFlag,
+    /// Job mode, topoplace with best-effort-fifo: seconds a gang that fits no single rack
+    /// waits for one, the rack held clear of later jobs meanwhile (0: place it at once).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::jobreplay::RACK_WAIT_S_DEFAULT, requires = "jobs")]
+    pub rack_wait: u64,
+    /// Job mode: take a rack, block or host out of service at a time, e.g.
+    /// `G6/P10/S14@86400` (seconds after the first arrival); its jobs restart elsewhere.
+    #[arg(long, value_name = "TARGET@SECONDS", requires = "jobs")]
+    pub drain: Vec<String>,
+    /// Job mode: GPU products given to racks in turn (a mixed cluster), e.g. `H800,A100-80GB`;
+    /// baselines try them in this order.
+    #[arg(long, value_delimiter = ',', requires = "jobs")]
+    pub rack_products: Vec<String>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = ReplayFormat::Table)]
     pub output: ReplayFormat,
     /// Also write an SVG chart of allocation against arrived load, one line per policy.
@@ -64,6 +115,9 @@ fn default_trace_file(name: &str) -> PathBuf {
 }
 
 pub fn replay(args: &ReplayArgs, out: &mut dyn std::io::Write) -> Result<(), CliError> {
+    if let Some(jobs) = &args.jobs {
+        return super::jobs::replay_jobs(args, jobs, out);
+    }
     let policies: Vec<Policy> = if args.policy.is_empty() {
         Policy::ALL.to_vec()
     } else {
@@ -133,33 +187,11 @@ fn run_all(
     } else {
         ProgressBar::hidden()
     };
-    let workers =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).min(jobs.len()).max(1);
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<RunOutcome, replay::ReplayError>>>> =
-        Mutex::new((0..jobs.len()).map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(policy, arrivals)) = jobs.get(index) else { break };
-                let outcome = replay::run(prepared, arrivals, policy, &mut |pods| bar.inc(pods as u64));
-                if let Ok(mut slots) = results.lock() {
-                    slots[index] = Some(outcome);
-                }
-            });
-        }
+    let outcomes = parallel_map(&jobs, threads, |&(policy, arrivals)| {
+        replay::run(prepared, arrivals, policy, &mut |pods| bar.inc(pods as u64))
     });
     bar.finish_and_clear();
-    let slots = results.into_inner().map_err(|_| CliError::Failed("a replay worker panicked".into()))?;
-    slots
-        .into_iter()
-        .map(|slot| match slot {
-            Some(Ok(outcome)) => Ok(outcome),
-            Some(Err(e)) => Err(CliError::Failed(e.to_string())),
-            None => Err(CliError::Failed("a replay worker stopped before finishing its run".into())),
-        })
-        .collect()
+    outcomes?.into_iter().map(|outcome| outcome.map_err(|e| CliError::Failed(e.to_string()))).collect()
 }
 
 fn csv_rows(outcomes: &[RunOutcome]) -> String {

@@ -4,7 +4,9 @@
 //! column, the field path and, where there is one, the node or gang.
 
 pub mod cluster;
+pub mod elasticflow;
 pub mod openb;
+mod table;
 pub mod workload;
 
 use std::path::Path;

@@ -9,8 +9,7 @@
 //! is 0 or when `num_gpu` is 0; `gpu_spec` (`|`-separated models, empty or `nan` for any)
 //! matters only for GPU pods.
 
-use std::str::FromStr;
-
+use super::table::Table;
 use super::FileError;
 use crate::ledger::shares::GPU_MILLI;
 use crate::replay::{TraceNode, TracePod};
@@ -18,60 +17,6 @@ use crate::replay::{TraceNode, TracePod};
 pub const NODE_COLUMNS: [&str; 5] = ["sn", "cpu_milli", "memory_mib", "gpu", "model"];
 pub const POD_COLUMNS: [&str; 5] = ["name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli"];
 const POD_SPEC_COLUMN: &str = "gpu_spec";
-
-/// Rows of a CSV as (line, field by column name) with the header checked.
-struct Table<'a> {
-    file: &'a str,
-    columns: Vec<(String, usize)>,
-    records: Vec<(usize, csv::StringRecord)>,
-}
-
-impl<'a> Table<'a> {
-    fn read(file: &'a str, text: &str, required: &[&str]) -> Result<Self, FileError> {
-        let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
-        let header = reader.headers().map_err(|e| FileError::at_line(file, Some(1), e.to_string()))?.clone();
-        let columns: Vec<(String, usize)> =
-            header.iter().enumerate().map(|(index, name)| (name.trim().to_string(), index)).collect();
-        for name in required {
-            if !columns.iter().any(|(column, _)| column == name) {
-                return Err(FileError::at_line(
-                    file,
-                    Some(1),
-                    format!("missing column `{name}` (the header must name {})", required.join(", ")),
-                ));
-            }
-        }
-        let mut records = Vec::new();
-        for record in reader.records() {
-            let record = record.map_err(|e| {
-                let line = e.position().map(|p| p.line() as usize);
-                FileError::at_line(file, line, e.to_string())
-            })?;
-            let line = record.position().map_or(0, |p| p.line() as usize);
-            records.push((line, record));
-        }
-        Ok(Table { file, columns, records })
-    }
-
-    fn text<'r>(&self, record: &'r csv::StringRecord, column: &str) -> Option<&'r str> {
-        let index = self.columns.iter().find(|(name, _)| name == column)?.1;
-        record.get(index).map(str::trim)
-    }
-
-    fn name(&self, line: usize, record: &csv::StringRecord, column: &str) -> Result<String, FileError> {
-        match self.text(record, column) {
-            Some(name) if !name.is_empty() => Ok(name.to_string()),
-            _ => Err(FileError::at_line(self.file, Some(line), format!("column `{column}`: empty name"))),
-        }
-    }
-
-    fn number<T: FromStr>(&self, line: usize, record: &csv::StringRecord, column: &str) -> Result<T, FileError> {
-        let text = self.text(record, column).unwrap_or("");
-        text.parse().map_err(|_| {
-            FileError::at_line(self.file, Some(line), format!("column `{column}`: `{text}` is not a whole number >= 0"))
-        })
-    }
-}
 
 /// A node list: `sn,cpu_milli,memory_mib,gpu,model`.
 pub fn parse_nodes(file: &str, text: &str) -> Result<Vec<TraceNode>, FileError> {

@@ -384,6 +384,7 @@ impl<'c> Planner<'c> {
         let context = BuildContext { ledger, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
         let levels = cluster.levels.len();
 
+        let packed = PackedOrder::new(cluster, &capacity.free_gpus);
         let mut candidates: Vec<Candidate> = Vec::new();
         let mut domain_notes: Vec<String> = Vec::new();
         let mut best_capacity: Option<(u32, ProductId)> = None;
@@ -422,7 +423,7 @@ impl<'c> Planner<'c> {
 
             // Hosts that hold the whole gang.
             let mut seen_classes: HashMap<(u32, GpuMask, u32), usize> = HashMap::new();
-            for host_id in 0..cluster.hosts.len() as HostId {
+            for &host_id in &packed.hosts {
                 if view.host_units(host_id) < need {
                     continue;
                 }
@@ -496,7 +497,8 @@ impl<'c> Planner<'c> {
             for level in (outermost_allowed..levels).rev() {
                 let mut fitting = 0usize;
                 let mut best: Option<(u64, u32)> = None;
-                for (index, domain) in cluster.domains[level].iter().enumerate() {
+                for &index in &packed.domains[level] {
+                    let domain = &cluster.domains[level][index as usize];
                     let units = view.range_units(&domain.hosts);
                     if best.is_none_or(|(b, _)| units > b) {
                         best = Some((units, index as u32));
@@ -1101,6 +1103,43 @@ impl ProductView<'_> {
         for (index, units) in chosen {
             self.fill_domain(0, index, units, out);
         }
+    }
+}
+
+/// The order in which candidates are generated, so that among equally scored placements
+/// (ties go to the earlier candidate) the one in the fuller domain wins: domains of every
+/// level by free GPUs ascending, hosts rack by rack in that order. The emptier racks and
+/// blocks stay free for the multi-host replicas that need them whole.
+struct PackedOrder {
+    hosts: Vec<HostId>,
+    /// Per level, domain indices.
+    domains: Vec<Vec<u32>>,
+}
+
+impl PackedOrder {
+    fn new(cluster: &Cluster, free_gpus: &[u32]) -> Self {
+        let mut prefix = Vec::with_capacity(free_gpus.len() + 1);
+        prefix.push(0u64);
+        for &free in free_gpus {
+            prefix.push(prefix.last().copied().unwrap_or(0) + u64::from(free));
+        }
+        let domains: Vec<Vec<u32>> = cluster
+            .domains
+            .iter()
+            .map(|level| {
+                let mut order: Vec<u32> = (0..level.len() as u32).collect();
+                order.sort_by_key(|&d| {
+                    let hosts = &level[d as usize].hosts;
+                    (prefix[hosts.end as usize] - prefix[hosts.start as usize], d)
+                });
+                order
+            })
+            .collect();
+        let hosts = match (domains.last(), cluster.domains.last()) {
+            (Some(order), Some(leaves)) => order.iter().flat_map(|&d| leaves[d as usize].hosts.clone()).collect(),
+            _ => (0..cluster.hosts.len() as HostId).collect(),
+        };
+        PackedOrder { hosts, domains }
     }
 }
 
