@@ -151,6 +151,118 @@ pub fn chart(summary: &Summary) -> String {
     svg
 }
 
+const SPREAD_COLOURS: [&str; 3] = ["#2ca02c", "#ff7f0e", "#d62728"];
+/// Per policy in the job chart: none of them a spread colour.
+const POLICY_COLOURS: [&str; 6] = ["#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"];
+
+/// The job replay: GPU utilisation over time per policy (left) and where each policy put
+/// its multi-host jobs (right), with the mean queueing delay beside each bar.
 pub fn jobs_chart(report: &super::jobs::JobReport) -> String {
-    format!("<svg xmlns=\"http://www.w3.org/2000/svg\"><text>{}</text></svg>\n", report.results.len())
+    let plot_h = HEIGHT - TOP - BOTTOM;
+    let bottom = HEIGHT - BOTTOM;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{LEFT_PANEL_X}\" y=\"22\" font-size=\"13\">{}: {} hosts, {} GPUs, load x{}, {:?}</text>\n",
+        escape(report.jobs_file.rsplit('/').next().unwrap_or(&report.jobs_file)),
+        report.hosts,
+        report.gpus,
+        report.load_factor,
+        report.queue
+    );
+    // Left: utilisation (%) against replay hours.
+    let hours = report.results.iter().map(|r| r.makespan_s / 3600.0).fold(0.0, f64::max).max(1e-9);
+    let peak = report.results.iter().flat_map(|r| r.timeline.iter().copied()).fold(0.0, f64::max);
+    let y_max = ((peak * 100.0 / 10.0).ceil() * 10.0).clamp(10.0, 100.0);
+    let x = |h: f64| LEFT_PANEL_X + h / hours * PANEL_WIDTH;
+    let y = |pct: f64| TOP + (1.0 - pct / y_max) * plot_h;
+    for step in 0..=5 {
+        let pct = y_max * f64::from(step) / 5.0;
+        let hour = hours * f64::from(step) / 5.0;
+        svg.push_str(&format!(
+            "<line x1=\"{LEFT_PANEL_X}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#e6e6e6\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{pct:.0}</text>\
+             <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{hour:.1}</text>\n",
+            LEFT_PANEL_X + PANEL_WIDTH,
+            LEFT_PANEL_X - 6.0,
+            y(pct) + 4.0,
+            bottom + 16.0,
+            py = y(pct),
+            px = x(hour),
+        ));
+    }
+    for (index, result) in report.results.iter().enumerate() {
+        let slice = result.makespan_s / 3600.0 / result.timeline.len().max(1) as f64;
+        let points: Vec<String> = result
+            .timeline
+            .iter()
+            .enumerate()
+            .map(|(i, u)| format!("{:.1},{:.1}", x((i as f64 + 0.5) * slice), y(u * 100.0)))
+            .collect();
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.4\" points=\"{}\"/>\n",
+            POLICY_COLOURS[index % POLICY_COLOURS.len()],
+            points.join(" ")
+        ));
+    }
+    svg.push_str(&format!(
+        "<rect x=\"{LEFT_PANEL_X}\" y=\"{TOP}\" width=\"{PANEL_WIDTH}\" height=\"{plot_h:.1}\" fill=\"none\" stroke=\"#333\"/>\n\
+         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">hours of replay; GPU utilisation (%)</text>\n",
+        LEFT_PANEL_X + PANEL_WIDTH / 2.0,
+        HEIGHT - 14.0
+    ));
+    // Right: one bar per policy, split by where its multi-host jobs landed.
+    let row_h = plot_h / report.results.len().max(1) as f64;
+    let bar_w = PANEL_WIDTH - 60.0;
+    for (index, result) in report.results.iter().enumerate() {
+        let top = TOP + row_h * index as f64 + row_h * 0.2;
+        let colour = POLICY_COLOURS[index % POLICY_COLOURS.len()];
+        svg.push_str(&format!(
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{colour}\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\">{} (mean wait {:.0} s)</text>\n",
+            RIGHT_PANEL_X,
+            top - 11.0,
+            RIGHT_PANEL_X + 14.0,
+            top - 2.0,
+            escape(result.policy.name()),
+            result.mean_queue_delay_s
+        ));
+        let total = result.multi_host_jobs.max(1) as f64;
+        let mut left = RIGHT_PANEL_X;
+        for (part, count) in
+            [result.multi_host_in_one_rack, result.multi_host_in_one_block, result.multi_host_across_blocks]
+                .into_iter()
+                .enumerate()
+        {
+            let width = bar_w * count as f64 / total;
+            svg.push_str(&format!(
+                "<rect x=\"{left:.1}\" y=\"{top:.1}\" width=\"{width:.1}\" height=\"{:.1}\" fill=\"{}\"/>\n",
+                row_h * 0.45,
+                SPREAD_COLOURS[part]
+            ));
+            left += width;
+        }
+        svg.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\">{:.1}%</text>\n",
+            RIGHT_PANEL_X + bar_w + 6.0,
+            top + row_h * 0.3,
+            100.0 * result.rack_share()
+        ));
+    }
+    for (part, label) in ["in one rack", "one block, several racks", "across blocks"].iter().enumerate() {
+        let lx = RIGHT_PANEL_X + [0.0, 110.0, 290.0][part];
+        svg.push_str(&format!(
+            "<rect x=\"{lx:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\">{label}</text>\n",
+            HEIGHT - 24.0,
+            SPREAD_COLOURS[part],
+            lx + 14.0,
+            HEIGHT - 15.0
+        ));
+    }
+    svg.push_str(&format!(
+        "<text x=\"{RIGHT_PANEL_X}\" y=\"{:.1}\" fill=\"#555\">multi-host jobs: share in one rack</text>\n</svg>\n",
+        TOP - 22.0
+    ));
+    svg
 }

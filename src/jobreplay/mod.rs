@@ -129,6 +129,8 @@ pub enum Spread {
 pub struct JobStart {
     pub job: usize,
     pub at_ms: u64,
+    /// When its GPUs were released: at completion, or at the drain that stopped it.
+    pub end_ms: u64,
     pub holding: Holding,
 }
 
@@ -426,6 +428,7 @@ pub fn simulate(
             if let Some(run) = running.remove(&job) {
                 release(&mut ledger, &mut free_index, &jobs[job].id, now).map_err(|m| internal(now, m))?;
                 used_gpus -= run.gpus;
+                outcome.starts[run.start_index].end_ms = now;
             }
         }
         // Drains due now: stop every job touching the hosts, then hold the hosts.
@@ -442,6 +445,7 @@ pub fn simulate(
                 if let Some(run) = running.remove(&job) {
                     release(&mut ledger, &mut free_index, &jobs[job].id, now).map_err(|m| internal(now, m))?;
                     used_gpus -= run.gpus;
+                    outcome.starts[run.start_index].end_ms = now;
                     outcome.drain_restarts += 1;
                     requeue(&mut queue, job, &arrival_ms);
                     if jobs[job].gpus >= STRANDED_JOB_GPUS {
@@ -569,7 +573,7 @@ pub fn simulate(
                 }
             }
             let start_index = outcome.starts.len();
-            outcome.starts.push(JobStart { job, at_ms: now, holding });
+            outcome.starts.push(JobStart { job, at_ms: now, end_ms: u64::MAX, holding });
             running.insert(job, Running { job, start_index, gpus });
             let end = now.saturating_add(jobs[job].duration_s.saturating_mul(MS_PER_S));
             events.push(Reverse((end, start_index)));
