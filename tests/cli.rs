@@ -265,3 +265,71 @@ fn replay_refuses_bad_input_with_exit_2() {
         assert!(stderr(&output).contains(message), "{args:?}: {}", stderr(&output));
     }
 }
+
+const JOB_TOPOLOGY: &str = "ip,DSW,PSW,ASW\nh1,G1,P1,S1\nh2,G1,P1,S1\nh3,G1,P1,S2\nh4,G1,P1,S2\nh5,G1,P2,S1\n";
+const JOBS: &str = "job_id,submission_time,duration,num_gpu\na,100,600,8\nb,110,300,16\nc,120,60,1\nd,130,900,16\n";
+
+#[test]
+fn job_replay_reports_every_policy_in_json_csv_and_svg() {
+    let topology = temp_file("job-topo.csv", JOB_TOPOLOGY);
+    let jobs = temp_file("jobs.csv", JOBS);
+    let svg = std::env::temp_dir().join(format!("topoplace-jobs-{}.svg", std::process::id()));
+    let base = ["replay", "--jobs", jobs.to_str().unwrap(), "--topology", topology.to_str().unwrap()];
+    let mut args = base.to_vec();
+    args.extend(["-o", "json", "--svg", svg.to_str().unwrap(), "--queue", "best-effort-fifo"]);
+    let output = topoplace(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let results = report["results"].as_array().expect("results[]");
+    let policies: Vec<&str> = results.iter().filter_map(|r| r["policy"].as_str()).collect();
+    assert_eq!(policies, ["topoplace", "kueue-tas", "volcano-hypernode", "bestfit-nodes", "first-fit", "random"]);
+    for result in results {
+        for field in ["jobs", "multi_host_jobs", "multi_host_in_one_rack", "mean_queue_delay_s", "p95_queue_delay_s"] {
+            assert!(result[field].is_number(), "{field} in {result}");
+        }
+        assert_eq!(result["jobs"], 4);
+        assert_eq!(result["multi_host_jobs"], 2);
+        assert!(result["gpu_utilisation"].as_f64().is_some_and(|u| u > 0.0 && u <= 1.0));
+    }
+    assert_eq!(results[0]["multi_host_in_one_rack"], 2, "topoplace puts both 2-host gangs in a rack");
+    let chart = std::fs::read_to_string(&svg).expect("svg written");
+    assert!(chart.starts_with("<svg") && chart.contains("kueue-tas") && chart.trim_end().ends_with("</svg>"));
+
+    let mut args = base.to_vec();
+    args.extend(["-o", "csv", "--policy", "first-fit,kueue-tas", "--drain", "G1/P1/S2@200"]);
+    let output = topoplace(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("policy,jobs,started,multi_host_jobs,multi_host_in_one_rack"));
+    assert!(lines[1].starts_with("first-fit,4,4,2,"), "{text}");
+}
+
+#[test]
+fn job_replay_refuses_bad_input_with_exit_2() {
+    let topology = temp_file("job-topo-ok.csv", JOB_TOPOLOGY);
+    let jobs = temp_file("jobs-ok.csv", JOBS);
+    let odd = temp_file("jobs-odd.csv", "job_id,submission_time,duration,num_gpu\nx,1,1,12\n");
+    let bad = temp_file("jobs-bad.csv", "job_id,submission_time,duration,num_gpu\nx,1,soon,8\n");
+    let cases: [(Vec<&str>, &str); 6] = [
+        (vec!["--policy", "kueue"], "unknown job policy `kueue` (expected one of topoplace, kueue-tas"),
+        (vec!["--drain", "G1/P9/S1@5"], "drain `G1/P9/S1`: no domain path or host of the cluster is called that"),
+        (vec!["--drain", "G1/P1/S1"], "expected TARGET@SECONDS"),
+        (vec!["--load", "0"], "load factor 0 must be a finite number above 0"),
+        (vec!["--jobs", odd.to_str().unwrap()], "job `x` asks for 12 GPUs"),
+        (vec!["--jobs", bad.to_str().unwrap()], "jobs-bad.csv:2: column `duration`: `soon` is not a whole number"),
+    ];
+    for (extra, message) in cases {
+        let mut args = vec!["replay", "--topology", topology.to_str().unwrap()];
+        if !extra.contains(&"--jobs") {
+            args.extend(["--jobs", jobs.to_str().unwrap()]);
+        }
+        args.extend(extra);
+        let output = topoplace(&args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains(message), "{args:?}: {}", stderr(&output));
+    }
+    let output = topoplace(&["replay", "--jobs", jobs.to_str().unwrap(), "--pods", "x.csv"]);
+    assert_eq!(output.status.code(), Some(2), "--pods belongs to the other mode");
+}

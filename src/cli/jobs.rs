@@ -61,7 +61,11 @@ fn load_cluster(args: &ReplayArgs) -> Result<(Cluster, String), CliError> {
     Ok((cluster, file))
 }
 
-pub fn replay_jobs(args: &ReplayArgs, jobs_path: &PathBuf, out: &mut dyn std::io::Write) -> Result<(), CliError> {
+pub fn replay_jobs(
+    args: &ReplayArgs,
+    jobs_path: &std::path::Path,
+    out: &mut dyn std::io::Write,
+) -> Result<(), CliError> {
     let policies: Vec<JobPolicy> = if args.policy.is_empty() {
         JobPolicy::ALL.to_vec()
     } else {

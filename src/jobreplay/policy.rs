@@ -422,7 +422,7 @@ fn volcano_hypernode(view: &View<'_>, members: u32) -> Option<Holding> {
         .rev()
         .map(|level| (0..levels.len(level) as u32).map(|d| levels.hosts(level, d)).collect())
         .collect();
-    tiers.push(vec![0..cluster.hosts.len() as u32]);
+    tiers.push(std::iter::once(0..cluster.hosts.len() as u32).collect());
     for tier in tiers {
         let best = tier
             .into_iter()

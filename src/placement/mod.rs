@@ -501,7 +501,7 @@ impl<'c> Planner<'c> {
                     let domain = &cluster.domains[level][index as usize];
                     let units = view.range_units(&domain.hosts);
                     if best.is_none_or(|(b, _)| units > b) {
-                        best = Some((units, index as u32));
+                        best = Some((units, index));
                     }
                     if units < u64::from(need) {
                         continue;
@@ -521,9 +521,8 @@ impl<'c> Planner<'c> {
                         continue;
                     }
                     let mut leaves = Vec::new();
-                    view.fill_domain(level, index as u32, need, &mut leaves);
-                    if let Some(candidate) =
-                        self.build(&context, &view, CandidateScope::Domain(level, index as u32), &leaves)
+                    view.fill_domain(level, index, need, &mut leaves);
+                    if let Some(candidate) = self.build(&context, &view, CandidateScope::Domain(level, index), &leaves)
                     {
                         candidates.push(candidate);
                     }
