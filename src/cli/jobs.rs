@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::replay::{ReplayArgs, ReplayFormat};
+use super::replay::{chosen_policies, ReplayArgs, ReplayFormat};
 use super::{parallel_map, write_all, CliError};
 use crate::convert::traces_dir;
 use crate::files::{self, elasticflow};
@@ -66,18 +66,7 @@ pub fn replay_jobs(
     jobs_path: &std::path::Path,
     out: &mut dyn std::io::Write,
 ) -> Result<(), CliError> {
-    let policies: Vec<JobPolicy> = if args.policy.is_empty() {
-        JobPolicy::ALL.to_vec()
-    } else {
-        let mut chosen = Vec::new();
-        for name in &args.policy {
-            let policy: JobPolicy = name.trim().parse().map_err(|e| CliError::Input(format!("--policy: {e}")))?;
-            if !chosen.contains(&policy) {
-                chosen.push(policy);
-            }
-        }
-        chosen
-    };
+    let policies = chosen_policies(&args.policy, &JobPolicy::ALL)?;
     if args.threads == Some(0) {
         return Err(CliError::Input("--threads must be at least 1".into()));
     }

@@ -114,22 +114,29 @@ fn default_trace_file(name: &str) -> PathBuf {
     traces_dir().join("alibaba-gpu-v2023").join(name)
 }
 
+/// The `--policy` list in the order given, without repeats; every policy when empty.
+pub fn chosen_policies<P>(names: &[String], all: &[P]) -> Result<Vec<P>, CliError>
+where
+    P: std::str::FromStr<Err = String> + Copy + PartialEq,
+{
+    if names.is_empty() {
+        return Ok(all.to_vec());
+    }
+    let mut chosen = Vec::new();
+    for name in names {
+        let policy: P = name.trim().parse().map_err(|e| CliError::Input(format!("--policy: {e}")))?;
+        if !chosen.contains(&policy) {
+            chosen.push(policy);
+        }
+    }
+    Ok(chosen)
+}
+
 pub fn replay(args: &ReplayArgs, out: &mut dyn std::io::Write) -> Result<(), CliError> {
     if let Some(jobs) = &args.jobs {
         return super::jobs::replay_jobs(args, jobs, out);
     }
-    let policies: Vec<Policy> = if args.policy.is_empty() {
-        Policy::ALL.to_vec()
-    } else {
-        let mut chosen = Vec::new();
-        for name in &args.policy {
-            let policy: Policy = name.trim().parse().map_err(|e| CliError::Input(format!("--policy: {e}")))?;
-            if !chosen.contains(&policy) {
-                chosen.push(policy);
-            }
-        }
-        chosen
-    };
+    let policies = chosen_policies(&args.policy, &Policy::ALL)?;
     if args.seeds == 0 {
         return Err(CliError::Input("--seeds must be at least 1".into()));
     }
