@@ -144,7 +144,7 @@ impl JobReport {
 
     fn table(&self) -> String {
         let mut text = format!(
-            "{}: {} jobs on {} ({} hosts, {} GPUs, {} racks, {} blocks), load x{}, {:?} queue\n",
+            "{}: {} jobs on {} ({} hosts, {} GPUs, {} racks, {} blocks), load x{}, {} queue\n",
             self.jobs_file,
             self.results.first().map_or(0, |r| r.jobs),
             self.cluster,
@@ -153,7 +153,7 @@ impl JobReport {
             self.racks,
             self.blocks,
             self.load_factor,
-            self.queue
+            self.queue.name()
         );
         text.push_str(&format!(
             "{:<18}{:>11}{:>10}{:>10}{:>10}{:>13}{:>12}{:>10}{:>13}\n",

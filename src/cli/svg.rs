@@ -163,12 +163,12 @@ pub fn jobs_chart(report: &super::jobs::JobReport) -> String {
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
          font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{LEFT_PANEL_X}\" y=\"22\" font-size=\"13\">{}: {} hosts, {} GPUs, load x{}, {:?}</text>\n",
+         <text x=\"{LEFT_PANEL_X}\" y=\"22\" font-size=\"13\">{}: {} hosts, {} GPUs, load x{}, {}</text>\n",
         escape(report.jobs_file.rsplit('/').next().unwrap_or(&report.jobs_file)),
         report.hosts,
         report.gpus,
         report.load_factor,
-        report.queue
+        report.queue.name()
     );
     // Left: utilisation (%) against replay hours.
     let hours = report.results.iter().map(|r| r.makespan_s / 3600.0).fold(0.0, f64::max).max(1e-9);

@@ -58,6 +58,16 @@ pub enum QueueMode {
     BestEffortFifo,
 }
 
+impl QueueMode {
+    /// The name on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueMode::StrictFifo => "strict-fifo",
+            QueueMode::BestEffortFifo => "best-effort-fifo",
+        }
+    }
+}
+
 /// Take a domain's (or one host's) GPUs away at a time of the replay clock.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Drain {
@@ -293,7 +303,6 @@ fn drain_hosts(cluster: &Cluster, target: &str) -> Result<Vec<HostId>, JobReplay
 }
 
 struct Running {
-    job: usize,
     start_index: usize,
     gpus: u64,
 }
@@ -437,9 +446,9 @@ pub fn simulate(
             next_drain += 1;
             placer.exclude(hosts);
             let hit: Vec<usize> = running
-                .values()
-                .filter(|r| outcome.starts[r.start_index].holding.iter().any(|(h, _)| hosts.contains(h)))
-                .map(|r| r.job)
+                .iter()
+                .filter(|(_, r)| outcome.starts[r.start_index].holding.iter().any(|(h, _)| hosts.contains(h)))
+                .map(|(&job, _)| job)
                 .collect();
             for job in hit {
                 if let Some(run) = running.remove(&job) {
@@ -557,7 +566,7 @@ pub fn simulate(
                 outcome.started += 1;
                 if shape.members > 1 {
                     outcome.multi_host_jobs += 1;
-                    match spread(cluster, &holding, levels) {
+                    match spread(cluster, &holding) {
                         Spread::OneRack => outcome.multi_host_in_one_rack += 1,
                         Spread::OneBlock => outcome.multi_host_in_one_block += 1,
                         Spread::Blocks => outcome.multi_host_across_blocks += 1,
@@ -574,7 +583,7 @@ pub fn simulate(
             }
             let start_index = outcome.starts.len();
             outcome.starts.push(JobStart { job, at_ms: now, end_ms: u64::MAX, holding });
-            running.insert(job, Running { job, start_index, gpus });
+            running.insert(job, Running { start_index, gpus });
             let end = now.saturating_add(jobs[job].duration_s.saturating_mul(MS_PER_S));
             events.push(Reverse((end, start_index)));
         }
@@ -705,7 +714,8 @@ fn check_shape(cluster: &Cluster, holding: &Holding, shape: Shape) -> Result<(),
 }
 
 /// Whether hosts share the innermost domain (rack), the one above it (block), or neither.
-pub fn spread(cluster: &Cluster, holding: &[(HostId, GpuMask)], levels: usize) -> Spread {
+pub fn spread(cluster: &Cluster, holding: &[(HostId, GpuMask)]) -> Spread {
+    let levels = cluster.levels.len();
     let shared = holding.iter().skip(1).map(|&(h, _)| cluster.shared_levels(holding[0].0, h)).min().unwrap_or(levels);
     // Without a level above the racks, the whole cluster is the one block.
     if shared >= levels {

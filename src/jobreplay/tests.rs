@@ -123,12 +123,11 @@ fn topoplace_keeps_a_gang_in_one_rack_and_random_is_seeded() {
     let cluster = three_racks();
     let mut ledger = Ledger::new(&cluster);
     use_gpus(&cluster, &mut ledger, "m1", 1);
-    let levels = cluster.levels.len();
     for gpus in [16, 24] {
         let hosts = choose(&cluster, &ledger, JobPolicy::Topoplace, gpus);
         let holding: Vec<(HostId, GpuMask)> =
             hosts.iter().map(|h| (cluster.host_id(h).expect("host"), full_mask(8))).collect();
-        assert_eq!(spread(&cluster, &holding, levels), Spread::OneRack, "{gpus} GPUs: {hosts:?}");
+        assert_eq!(spread(&cluster, &holding), Spread::OneRack, "{gpus} GPUs: {hosts:?}");
     }
     let first = choose(&cluster, &ledger, JobPolicy::Random, 24);
     assert_eq!(first, choose(&cluster, &ledger, JobPolicy::Random, 24), "same seed, same hosts");
