@@ -7,11 +7,14 @@
 
 pub mod cli;
 pub mod convert;
+pub mod extender;
 pub mod files;
 pub mod jobreplay;
+pub mod kube;
 pub mod ledger;
 pub mod placement;
 pub mod quantity;
 pub mod replay;
+pub mod reservation;
 pub mod topology;
 pub mod workload;

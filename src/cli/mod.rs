@@ -5,6 +5,7 @@
 pub mod jobs;
 pub mod output;
 pub mod replay;
+pub mod serve;
 pub mod svg;
 
 use std::io::Write;
@@ -40,6 +41,8 @@ pub enum Command {
     Plan(PlanArgs),
     /// Replay the Alibaba GPU-sharing trace under placement policies, FGD-paper protocol.
     Replay(replay::ReplayArgs),
+    /// Run the kube-scheduler extender (filter, prioritize, preempt, bind) over HTTP.
+    Serve(serve::ServeArgs),
     /// Convert public cluster data into a cluster file (printed to stdout).
     Convert {
         #[command(subcommand)]
@@ -148,6 +151,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Plan(args) => plan(&args, out),
         Command::Replay(args) => replay::replay(&args, out),
+        Command::Serve(args) => serve::serve(&args),
         Command::Convert { source: ConvertSource::Lingjun { path, gpu_product, gpus_per_host } } => {
             let text = files::read_input(&path)?;
             let spec = crate::convert::lingjun(&path.display().to_string(), &text, &gpu_product, gpus_per_host)

@@ -267,7 +267,7 @@ fn shape_of(job: &TraceJob, host_gpus: u8) -> Result<Shape, JobReplayError> {
     if job.gpus <= host {
         return Ok(Shape { members: 1, gpus_per_member: job.gpus });
     }
-    if job.gpus % host != 0 {
+    if !job.gpus.is_multiple_of(host) {
         return Err(JobReplayError::NotWholeHosts { job: job.id.clone(), gpus: job.gpus, host_gpus });
     }
     Ok(Shape { members: job.gpus / host, gpus_per_member: host })

@@ -175,7 +175,7 @@ impl Planner<'_> {
         let mut stats = ExactStats::default();
         let no_answer = |reason: String| ExactOutcome::NoAnswer { reason };
         let mut ranking = Vec::new();
-        let greedy = self.place_ranked(ledger, gang, Some(&mut ranking));
+        let greedy = self.place_ranked(ledger, gang, Some(&mut ranking), None);
         let (required, preferred) =
             match (self.resolve(gang, &gang.required, "required"), self.resolve(gang, &gang.preferred, "preferred")) {
                 (Ok(r), Ok(p)) => (r, p),
@@ -188,7 +188,7 @@ impl Planner<'_> {
             atom: gang.tensor_parallel.min(gang.gpus_per_member),
         };
         let mut tally = super::RejectionTally::default();
-        let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, &mut tally);
+        let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, None, &mut tally);
         if !capacity.pools.is_empty() {
             return (
                 no_answer("tensor-parallel groups larger than a host are placed by the greedy solver only".into()),
@@ -359,7 +359,7 @@ impl Planner<'_> {
                 atom: gang.tensor_parallel.min(gang.gpus_per_member),
             };
             let mut tally = super::RejectionTally::default();
-            let capacity = self.host_capacity(&start, gang, unit_shape, member_shape, &mut tally);
+            let capacity = self.host_capacity(&start, gang, unit_shape, member_shape, None, &mut tally);
             if !capacity.pools.is_empty() {
                 return Err(format!(
                     "gang `{}`: tensor-parallel groups larger than a host are planned greedily",
@@ -1093,7 +1093,7 @@ mod tests {
         };
         let nodes = (0..4)
             .map(|i| {
-                let (product, count) = kinds[(next() % 2 + if seed % 2 == 0 { 0 } else { 2 }) as usize];
+                let (product, count) = kinds[(next() % 2 + if seed.is_multiple_of(2) { 0 } else { 2 }) as usize];
                 let mut spec = node(&format!("n{i}"), product, count, &[("rack", if i < 2 { "r1" } else { "r2" })]);
                 let used = next() & ((1u64 << count) - 1) & next();
                 spec.allocated = mask_indices(used);

@@ -177,12 +177,54 @@ impl BatchPlan {
 
 /// Why a host cannot take even one unit; tallied per (reason, product).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum HostRejection {
+pub enum HostRejection {
     MemoryTooSmall,
     NoNvlink,
     UnitLargerThanHost,
     NotEnoughFree,
     FreeNotConnected,
+    /// The caller did not offer the host (kube-scheduler's other filters removed it).
+    NotOffered,
+}
+
+impl HostRejection {
+    /// Whether freeing GPUs on the host (evicting pods) could change the verdict.
+    pub fn resolvable_by_freeing_gpus(self) -> bool {
+        matches!(self, HostRejection::NotEnoughFree | HostRejection::FreeNotConnected)
+    }
+
+    fn text(self, product: &str, memory_mib: u64, gang: &Gang) -> String {
+        match self {
+            HostRejection::MemoryTooSmall => format!(
+                "{product}: GPU memory {} is below the floor of {}",
+                format_gib(memory_mib),
+                format_gib(gang.memory_floor_mib)
+            ),
+            HostRejection::NoNvlink => {
+                format!("{product}: no NVLink, and tensorParallel {} needs NVLink-connected GPUs", gang.tensor_parallel)
+            }
+            HostRejection::UnitLargerThanHost => format!(
+                "{product}: a tensor-parallel group of {} GPUs is larger than the host and the host is in no NVLink clique",
+                gang.unit_gpus()
+            ),
+            HostRejection::NotEnoughFree => {
+                format!("{product}: fewer free GPUs than one unit of {} GPUs", gang.unit_gpus())
+            }
+            HostRejection::FreeNotConnected => format!(
+                "{product}: enough free GPUs, but no {} of them NVLink-connected in groups of {}",
+                gang.unit_gpus(),
+                gang.tensor_parallel
+            ),
+            HostRejection::NotOffered => "not offered by the scheduler".into(),
+        }
+    }
+}
+
+/// One host's verdict for a gang that fits on one host ([`Planner::score_hosts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostVerdict {
+    Fits { members: Vec<MemberPlacement>, score: ScoreComponents },
+    Rejected { reason: HostRejection, text: String },
 }
 
 #[derive(Debug, Default)]
@@ -210,29 +252,7 @@ impl RejectionTally {
             .map(|&((reason, product), count, ref examples)| {
                 let name = product.get().name;
                 let memory = examples.first().map_or(product.get().memory_mib, |&h| cluster.host(h).memory_mib);
-                let text = match reason {
-                    HostRejection::MemoryTooSmall => format!(
-                        "{name}: GPU memory {} is below the floor of {}",
-                        format_gib(memory),
-                        format_gib(gang.memory_floor_mib)
-                    ),
-                    HostRejection::NoNvlink => format!(
-                        "{name}: no NVLink, and tensorParallel {} needs NVLink-connected GPUs",
-                        gang.tensor_parallel
-                    ),
-                    HostRejection::UnitLargerThanHost => format!(
-                        "{name}: a tensor-parallel group of {} GPUs is larger than the host and the host is in no NVLink clique",
-                        gang.unit_gpus()
-                    ),
-                    HostRejection::NotEnoughFree => {
-                        format!("{name}: fewer free GPUs than one unit of {} GPUs", gang.unit_gpus())
-                    }
-                    HostRejection::FreeNotConnected => format!(
-                        "{name}: enough free GPUs, but no {} of them NVLink-connected in groups of {}",
-                        gang.unit_gpus(),
-                        gang.tensor_parallel
-                    ),
-                };
+                let text = reason.text(name, memory, gang);
                 RejectionGroup {
                     reason: text,
                     hosts: count,
@@ -290,6 +310,21 @@ struct HostCapacity {
     free_gpus: Vec<u32>,
 }
 
+/// A [`Planner`] without its cluster borrow ([`Planner::into_parts`]).
+#[derive(Debug)]
+pub struct PlannerParts {
+    config: PlannerConfig,
+    chooser: GpuChooser,
+    host_class: Vec<u32>,
+}
+
+fn shapes_of(gang: &Gang) -> (UnitShape, UnitShape) {
+    (
+        UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) },
+        UnitShape { unit_gpus: gang.gpus_per_member, atom: gang.tensor_parallel.min(gang.gpus_per_member) },
+    )
+}
+
 pub struct Planner<'c> {
     cluster: &'c Cluster,
     config: PlannerConfig,
@@ -315,6 +350,52 @@ impl<'c> Planner<'c> {
 
     pub fn config(&self) -> &PlannerConfig {
         &self.config
+    }
+
+    /// Takes the planner apart so a long-lived owner of the cluster (the online reservation
+    /// book) can keep the memoised GPU-choice tables between calls without borrowing itself.
+    pub fn into_parts(self) -> PlannerParts {
+        PlannerParts { config: self.config, chooser: self.chooser, host_class: self.host_class }
+    }
+
+    /// A planner from [`Planner::into_parts`]; parts taken from another cluster are rebuilt.
+    pub fn from_parts(cluster: &'c Cluster, parts: PlannerParts) -> Self {
+        if parts.host_class.len() != cluster.hosts.len() {
+            return Planner::new(cluster, parts.config);
+        }
+        Planner { cluster, config: parts.config, chooser: parts.chooser, host_class: parts.host_class }
+    }
+
+    /// Why `host` cannot hold even one unit of `gang`, or `None` when it can.
+    pub fn host_rejection_of(&mut self, ledger: &Ledger, gang: &Gang, host: HostId) -> Option<(HostRejection, String)> {
+        let (unit_shape, member_shape) = shapes_of(gang);
+        let reason = self.host_rejection(ledger, gang, host, unit_shape, member_shape)?;
+        let host = self.cluster.host(host);
+        Some((reason, reason.text(host.product.get().name, host.memory_mib, gang)))
+    }
+
+    /// Per host of `hosts`: `None` when the host alone holds all of `gang`, else why not.
+    /// The fit test of [`Planner::score_hosts`] without building placements.
+    pub fn fit_hosts(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        hosts: &[HostId],
+    ) -> Vec<Option<(HostRejection, String)>> {
+        let (unit_shape, member_shape) = shapes_of(gang);
+        let need = gang.units();
+        hosts
+            .iter()
+            .map(|&host_id| {
+                let host = self.cluster.hosts.get(host_id as usize)?;
+                let text = |reason: HostRejection| reason.text(host.product.get().name, host.memory_mib, gang);
+                match self.host_slots(ledger, gang, host_id, unit_shape, member_shape) {
+                    Ok((units, false)) if units >= need => None,
+                    Ok(_) => Some((HostRejection::NotEnoughFree, text(HostRejection::NotEnoughFree))),
+                    Err(reason) => Some((reason, text(reason))),
+                }
+            })
+            .collect()
     }
 
     pub fn cluster(&self) -> &'c Cluster {
@@ -358,7 +439,82 @@ impl<'c> Planner<'c> {
 
     /// Places one gang against the ledger's free GPUs (reserving nothing).
     pub fn place(&mut self, ledger: &Ledger, gang: &Gang) -> Result<GangPlacement, Unplaced> {
-        self.place_ranked(ledger, gang, None)
+        self.place_ranked(ledger, gang, None, None)
+    }
+
+    /// [`Planner::place`] on the hosts flagged in `offered` only (indexed by host id), as
+    /// when kube-scheduler's own filters have already removed some nodes.
+    pub fn place_within(&mut self, ledger: &Ledger, gang: &Gang, offered: &[bool]) -> Result<GangPlacement, Unplaced> {
+        self.place_ranked(ledger, gang, None, Some(offered))
+    }
+
+    /// For a gang that one host can hold (a single pod, or a small gang): per host of `hosts`,
+    /// the best placement on that host alone and its score, or why the host cannot hold it.
+    /// The scores are those [`Planner::place`] compares, so the best `Fits` is what it would pick
+    /// among these hosts.
+    pub fn score_hosts(&mut self, ledger: &Ledger, gang: &Gang, hosts: &[HostId]) -> Vec<HostVerdict> {
+        let cluster = self.cluster;
+        let mut offered = vec![false; cluster.hosts.len()];
+        for &host in hosts {
+            if let Some(flag) = offered.get_mut(host as usize) {
+                *flag = true;
+            }
+        }
+        let need = gang.units();
+        let (unit_shape, member_shape) = shapes_of(gang);
+        let preferred = self.resolve(gang, &gang.preferred, "preferred").ok().flatten();
+        // Hosts of one class with the same free GPUs (and rack state) score the same.
+        let mut seen: HashMap<(u32, GpuMask, u32), (Vec<MemberPlacement>, ScoreComponents)> = HashMap::new();
+        let mut tally = RejectionTally::default();
+        let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, Some(&offered), &mut tally);
+        let whole_free = score::WholeFreeIndex::new(cluster, ledger);
+        let context = BuildContext { ledger, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
+        let mut prefixes: HashMap<ProductId, Vec<u64>> = HashMap::new();
+        hosts
+            .iter()
+            .map(|&host_id| {
+                let Some(host) = cluster.hosts.get(host_id as usize) else {
+                    return HostVerdict::Rejected { reason: HostRejection::NotOffered, text: "unknown host".into() };
+                };
+                let rejected = |reason: HostRejection| HostVerdict::Rejected {
+                    reason,
+                    text: reason.text(host.product.get().name, host.memory_mib, gang),
+                };
+                if let Some(reason) = self.host_rejection(ledger, gang, host_id, unit_shape, member_shape) {
+                    return rejected(reason);
+                }
+                if capacity.units[host_id as usize] < need {
+                    return rejected(HostRejection::NotEnoughFree);
+                }
+                let prefix = prefixes.entry(host.product).or_insert_with(|| {
+                    let mut prefix = Vec::with_capacity(cluster.hosts.len() + 1);
+                    prefix.push(0u64);
+                    for (index, other) in cluster.hosts.iter().enumerate() {
+                        let units = if other.product == host.product { capacity.units[index] } else { 0 };
+                        prefix.push(prefix.last().copied().unwrap_or(0) + u64::from(units));
+                    }
+                    prefix
+                });
+                let rack_whole = if ledger.used(host_id) == 0 {
+                    host.domain_path.last().map_or(u32::MAX, |&d| d)
+                } else {
+                    u32::MAX - 1
+                };
+                let key = (self.host_class[host_id as usize], ledger.free(host_id), rack_whole);
+                if let Some((members, score)) = seen.get(&key) {
+                    let members = members.iter().map(|m| MemberPlacement { host: host_id, ..m.clone() }).collect();
+                    return HostVerdict::Fits { members, score: *score };
+                }
+                let view = ProductView { cluster, capacity: &capacity, product: host.product, prefix };
+                match self.build(&context, &view, CandidateScope::Host(host_id), &[(Leaf::Host(host_id), need)]) {
+                    Some(candidate) => {
+                        seen.insert(key, (candidate.members.clone(), candidate.score));
+                        HostVerdict::Fits { members: candidate.members, score: candidate.score }
+                    }
+                    None => rejected(HostRejection::FreeNotConnected),
+                }
+            })
+            .collect()
     }
 
     /// [`Planner::place`], also handing out every candidate's product and scope, best first
@@ -368,6 +524,7 @@ impl<'c> Planner<'c> {
         ledger: &Ledger,
         gang: &Gang,
         ranking: Option<&mut Vec<(ProductId, CandidateScope)>>,
+        offered: Option<&[bool]>,
     ) -> Result<GangPlacement, Unplaced> {
         let unplaced = |reason: String| Unplaced { gang: gang.name.clone(), reason, explanation: None };
         let required = self.resolve(gang, &gang.required, "required").map_err(|e| unplaced(e.to_string()))?;
@@ -379,7 +536,7 @@ impl<'c> Planner<'c> {
             UnitShape { unit_gpus: gang.gpus_per_member, atom: gang.tensor_parallel.min(gang.gpus_per_member) };
 
         let mut tally = RejectionTally::default();
-        let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, &mut tally);
+        let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, offered, &mut tally);
         let whole_free = score::WholeFreeIndex::new(cluster, ledger);
         let context = BuildContext { ledger, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
         let levels = cluster.levels.len();
@@ -617,12 +774,61 @@ impl<'c> Planner<'c> {
         })
     }
 
+    /// Why one host cannot hold even one unit (or one member of a clique-spanning unit) of
+    /// `gang`, or `None` when it can.
+    fn host_rejection(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        host_id: HostId,
+        unit_shape: UnitShape,
+        member_shape: UnitShape,
+    ) -> Option<HostRejection> {
+        self.host_slots(ledger, gang, host_id, unit_shape, member_shape).err()
+    }
+
+    /// Units (or, on a clique host whose units span hosts, member slots: `true`) one host holds.
+    fn host_slots(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        host_id: HostId,
+        unit_shape: UnitShape,
+        member_shape: UnitShape,
+    ) -> Result<(u32, bool), HostRejection> {
+        let host = self.cluster.host(host_id);
+        if host.memory_mib < gang.memory_floor_mib {
+            return Err(HostRejection::MemoryTooSmall);
+        }
+        if gang.tensor_parallel >= 2 && host.links.best_nvlink_gbps == 0 {
+            return Err(HostRejection::NoNvlink);
+        }
+        let free = ledger.free(host_id);
+        let (shape, member_slots) = if unit_shape.unit_gpus <= u32::from(host.gpu_count) {
+            (unit_shape, false)
+        } else if host.clique.is_some() && member_shape.unit_gpus <= u32::from(host.gpu_count) {
+            (member_shape, true)
+        } else {
+            return Err(HostRejection::UnitLargerThanHost);
+        };
+        let count = self.chooser.unit_count(host, free, shape);
+        if count == 0 {
+            return Err(if free.count_ones() < shape.unit_gpus {
+                HostRejection::NotEnoughFree
+            } else {
+                HostRejection::FreeNotConnected
+            });
+        }
+        Ok((count, member_slots))
+    }
+
     fn host_capacity(
         &mut self,
         ledger: &Ledger,
         gang: &Gang,
         unit_shape: UnitShape,
         member_shape: UnitShape,
+        offered: Option<&[bool]>,
         tally: &mut RejectionTally,
     ) -> HostCapacity {
         let cluster = self.cluster;
@@ -633,35 +839,19 @@ impl<'c> Planner<'c> {
         let mut pools: Vec<Pool> = Vec::new();
         for (index, host) in cluster.hosts.iter().enumerate() {
             let host_id = index as HostId;
-            if host.memory_mib < gang.memory_floor_mib {
-                tally.add(HostRejection::MemoryTooSmall, host.product, host_id);
+            if offered.is_some_and(|offered| !offered.get(index).copied().unwrap_or(false)) {
+                tally.add(HostRejection::NotOffered, host.product, host_id);
                 continue;
             }
-            if gang.tensor_parallel >= 2 && host.links.best_nvlink_gbps == 0 {
-                tally.add(HostRejection::NoNvlink, host.product, host_id);
-                continue;
-            }
-            let free = ledger.free(host_id);
-            let (shape, slots) = if unit_shape.unit_gpus <= u32::from(host.gpu_count) {
-                (unit_shape, &mut units)
-            } else if host.clique.is_some() && member_shape.unit_gpus <= u32::from(host.gpu_count) {
-                (member_shape, &mut member_slots)
-            } else {
-                tally.add(HostRejection::UnitLargerThanHost, host.product, host_id);
-                continue;
+            let (count, spans_hosts) = match self.host_slots(ledger, gang, host_id, unit_shape, member_shape) {
+                Ok(slots) => slots,
+                Err(reason) => {
+                    tally.add(reason, host.product, host_id);
+                    continue;
+                }
             };
-            let count = self.chooser.unit_count(host, free, shape);
-            if count == 0 {
-                let reason = if free.count_ones() < shape.unit_gpus {
-                    HostRejection::NotEnoughFree
-                } else {
-                    HostRejection::FreeNotConnected
-                };
-                tally.add(reason, host.product, host_id);
-                continue;
-            }
-            slots[index] = count;
-            if shape == member_shape && shape != unit_shape {
+            if spans_hosts {
+                member_slots[index] = count;
                 let Some(clique) = host.clique else { continue };
                 let key = (host.product, clique, host.domain_path.last().copied());
                 let pool = *pool_index.entry(key).or_insert_with(|| {
@@ -669,6 +859,8 @@ impl<'c> Planner<'c> {
                     pools.len() - 1
                 });
                 pools[pool].hosts.push(host_id);
+            } else {
+                units[index] = count;
             }
         }
         let per_unit = gang.members_per_unit();

@@ -395,7 +395,7 @@ pub fn validate_node(node: &NodeSpec) -> Result<(), TopologyError> {
         Some(NvlinkLayout::HybridCubeMesh) if node.gpu_count != 8 => {
             return Err(nvlink_error(format!("hybrid-cube-mesh needs 8 GPUs, the node has {}", node.gpu_count)));
         }
-        Some(NvlinkLayout::Pairs) if node.gpu_count % 2 != 0 => {
+        Some(NvlinkLayout::Pairs) if !node.gpu_count.is_multiple_of(2) => {
             return Err(nvlink_error(format!("pairs needs an even GPU count, the node has {}", node.gpu_count)));
         }
         Some(NvlinkLayout::Groups(groups)) => {

@@ -1,0 +1,106 @@
+//! `topoplace serve`: the kube-scheduler extender over HTTP. With `--cluster FILE` it runs on
+//! a static cluster file and records binds in memory (no Kubernetes needed); otherwise it
+//! watches nodes and pods through a kubeconfig or the in-cluster configuration and binds
+//! through the API server. Stops gracefully on SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::CliError;
+use crate::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
+use crate::kube as kube_adapter;
+use crate::reservation::{Book, BookConfig};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address the extender listens on.
+    #[arg(long, default_value = "0.0.0.0:8888")]
+    pub listen: SocketAddr,
+    /// Path prefix of the verbs (the path part of the extender's `urlPrefix`).
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// A cluster file to serve instead of a Kubernetes cluster (binds are kept in memory).
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub cluster: Option<PathBuf>,
+    /// Kubeconfig to use (default: in-cluster configuration, then ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Seconds a planned gang keeps its GPUs while its members have not all reached bind.
+    #[arg(long, default_value_t = 30)]
+    pub reservation_ttl: u64,
+    /// Node label keys of the topology levels, outermost first.
+    #[arg(long, value_delimiter = ',', default_values_t = kube_adapter::node::DEFAULT_LEVEL_KEYS.map(String::from))]
+    pub levels: Vec<String>,
+    /// Largest request body accepted, bytes.
+    #[arg(long, default_value_t = extender::BODY_BYTES_MAX_DEFAULT)]
+    pub body_limit: usize,
+}
+
+pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
+    if args.reservation_ttl == 0 {
+        return Err(CliError::Input("--reservation-ttl must be at least 1 second".into()));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("starting the async runtime: {e}")))?;
+    runtime.block_on(serve_async(args))
+}
+
+async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let book_config = BookConfig { reservation_ttl_ms: args.reservation_ttl * 1000, ..BookConfig::default() };
+    let config = ExtenderConfig { prefix: args.prefix.clone(), body_bytes_max: args.body_limit };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| CliError::Input(format!("--listen {}: {e}", args.listen)))?;
+    let ext = match &args.cluster {
+        Some(path) => {
+            let cluster = super::load_cluster(&Some(path.clone()))?;
+            let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::default());
+            tracing::info!(hosts = cluster.hosts.len(), file = %path.display(), "serving a static cluster");
+            Extender::new(Some(Book::new(cluster, book_config)), binder, config)
+        }
+        None => {
+            let client =
+                kube_adapter::client(args.kubeconfig.as_deref()).await.map_err(|e| CliError::Input(e.to_string()))?;
+            let binder: Arc<dyn Binder> = Arc::new(kube_adapter::KubeBinder::new(client.clone()));
+            let ext = Extender::new(None, binder, config);
+            tokio::spawn(kube_adapter::run_view(client, ext.clone(), args.levels.clone(), book_config));
+            ext
+        }
+    };
+    tracing::info!(listen = %args.listen, prefix = %args.prefix, "extender listening");
+    extender::serve(listener, ext, shutdown_signal()).await.map_err(|e| CliError::Failed(format!("serving: {e}")))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: no new connections, requests in flight finish");
+}

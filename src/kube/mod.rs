@@ -1,0 +1,372 @@
+//! The Kubernetes adapter: the translation of Pods and Nodes into the core's terms (`pod`,
+//! `node`), the API-server [`Binder`] (pods/binding, delete, Events), and the watchers that
+//! keep the extender's reservation book in step with the cluster (`run_view`).
+//!
+//! The view is built from two kube-rs reflectors. Node events rebuild the cluster model only
+//! when a node's GPU facts or topology labels change (status heartbeats do not). Pod events
+//! are applied one by one: a bound GPU pod holds its GPUs (`topoplace.io/gpus`, else the
+//! lowest free ones), a deleted or finished one gives them back. After a relist (a dropped
+//! watch), bound pods that are no longer listed are forgotten.
+
+pub mod node;
+pub mod pod;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Binding, Event, Node, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Status};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::watcher::{self, watcher, Event as WatchEvent};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+use thiserror::Error;
+use tokio::sync::Notify;
+
+use crate::extender::{Binder, Extender};
+use crate::reservation::{Book, BookConfig, MemberBind, PodIdentity};
+use crate::topology::{Cluster, NodeSpec};
+
+/// How long a pod bound by us may be missing from a relist before it is forgotten (its
+/// watch event may still be on the way).
+const BOUND_UNSEEN_GRACE_MS: u64 = 30_000;
+/// Quiet time after a node change before the cluster model is rebuilt.
+const REBUILD_DEBOUNCE_MS: u64 = 100;
+
+#[derive(Debug, Error)]
+pub enum KubeError {
+    #[error("Kubernetes client configuration: {0}")]
+    Config(String),
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+}
+
+/// A client from a kubeconfig file, or the in-cluster / default configuration.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| KubeError::Config(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| KubeError::Config(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer().await.map_err(|e| KubeError::Config(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(KubeError::Api)
+}
+
+/// Creates Bindings, deletes pods and records Events through the API server.
+pub struct KubeBinder {
+    client: Client,
+}
+
+impl KubeBinder {
+    pub fn new(client: Client) -> Self {
+        KubeBinder { client }
+    }
+}
+
+fn is_conflict(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 409)
+}
+
+impl Binder for KubeBinder {
+    fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &member.pod.namespace);
+            let binding = Binding {
+                metadata: ObjectMeta {
+                    name: Some(member.pod.name.clone()),
+                    namespace: Some(member.pod.namespace.clone()),
+                    uid: Some(member.pod.uid.clone()),
+                    annotations: Some(BTreeMap::from([(pod::GPUS_ANNOTATION.to_string(), gpus)])),
+                    ..ObjectMeta::default()
+                },
+                target: ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Node".into()),
+                    name: Some(member.node.clone()),
+                    ..ObjectReference::default()
+                },
+            };
+            match pods
+                .create_subresource::<_, Status>("binding", &member.pod.name, &PostParams::default(), &binding)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(error) if is_conflict(&error) => {
+                    // Already bound: success only if it is bound where we planned it.
+                    let current = pods.get(&member.pod.name).await.map_err(|e| format!("reading after 409: {e}"))?;
+                    let node = current.spec.and_then(|s| s.node_name);
+                    if node.as_deref() == Some(member.node.as_str()) {
+                        Ok(())
+                    } else {
+                        Err(format!("409 Conflict: already bound to `{}`", node.unwrap_or_default()))
+                    }
+                }
+                Err(error) => Err(error.to_string()),
+            }
+        })
+    }
+
+    fn delete<'a>(&'a self, target: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
+            let params = DeleteParams {
+                preconditions: Some(kube::api::Preconditions { uid: Some(target.uid.clone()), resource_version: None }),
+                ..DeleteParams::default()
+            };
+            match pods.delete(&target.name, &params).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+                Err(error) => Err(error.to_string()),
+            }
+        })
+    }
+
+    fn event<'a>(&'a self, target: &'a PodIdentity, reason: &'a str, message: String) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let events: Api<Event> = Api::namespaced(self.client.clone(), &target.namespace);
+            let event = Event {
+                metadata: ObjectMeta { generate_name: Some(format!("{}.", target.name)), ..ObjectMeta::default() },
+                involved_object: ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(target.name.clone()),
+                    namespace: Some(target.namespace.clone()),
+                    uid: Some(target.uid.clone()),
+                    ..ObjectReference::default()
+                },
+                reason: Some(reason.to_string()),
+                message: Some(message),
+                type_: Some("Warning".into()),
+                reporting_component: Some("topoplace".into()),
+                source: Some(k8s_openapi::api::core::v1::EventSource {
+                    component: Some("topoplace".into()),
+                    host: None,
+                }),
+                count: Some(1),
+                ..Event::default()
+            };
+            if let Err(error) = events.create(&PostParams::default(), &event).await {
+                tracing::warn!(pod = %target, %error, "recording an Event failed");
+            }
+        })
+    }
+}
+
+/// A bound, running GPU pod as the book should hold it.
+struct BoundGpuPod {
+    identity: PodIdentity,
+    node: String,
+    recorded: Option<Vec<u8>>,
+    gpus: u32,
+    gang: Option<String>,
+}
+
+/// The pod as the book should hold it, or `None` (not bound, finished, or no GPUs).
+fn bound_gpu_pod(pod: &Pod) -> Option<BoundGpuPod> {
+    let node = pod.spec.as_ref()?.node_name.clone()?;
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded") | Some("Failed")) {
+        return None;
+    }
+    let gpus = pod::gpu_count(pod).ok()?;
+    if gpus == 0 {
+        return None;
+    }
+    let identity = pod::identity(pod).ok()?;
+    let gang = pod::gang_of(pod, &identity.namespace).ok().flatten().map(|g| g.key);
+    Some(BoundGpuPod { identity, node, recorded: pod::recorded_gpus(pod), gpus, gang })
+}
+
+/// Watches nodes and pods and keeps the extender's book in step, until the streams end.
+/// Sets the extender ready once both have listed and the first cluster model exists.
+pub async fn run_view(client: Client, ext: Arc<Extender>, level_keys: Vec<String>, config: BookConfig) {
+    let dirty = Arc::new(Notify::new());
+    let node_specs: Arc<std::sync::Mutex<HashMap<String, NodeSpec>>> = Arc::default();
+    let nodes_synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let node_task = {
+        let dirty = dirty.clone();
+        let node_specs = node_specs.clone();
+        let nodes_synced = nodes_synced.clone();
+        let api: Api<Node> = Api::all(client.clone());
+        async move {
+            let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+            let mut listing: Option<HashMap<String, NodeSpec>> = None;
+            while let Some(event) = stream.next().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::warn!(%error, "node watch");
+                        continue;
+                    }
+                };
+                let mut specs = node_specs.lock().unwrap_or_else(|p| p.into_inner());
+                let changed = match event {
+                    WatchEvent::Apply(node) => apply_node(&mut specs, &node),
+                    WatchEvent::Delete(node) => specs.remove(&node.metadata.name.unwrap_or_default()).is_some(),
+                    WatchEvent::Init => {
+                        listing = Some(HashMap::new());
+                        false
+                    }
+                    WatchEvent::InitApply(node) => {
+                        if let Some(listing) = listing.as_mut() {
+                            apply_node(listing, &node);
+                        }
+                        false
+                    }
+                    WatchEvent::InitDone => {
+                        if let Some(listed) = listing.take() {
+                            *specs = listed;
+                        }
+                        nodes_synced.store(true, std::sync::atomic::Ordering::SeqCst);
+                        true
+                    }
+                };
+                drop(specs);
+                if changed {
+                    dirty.notify_one();
+                }
+            }
+        }
+    };
+
+    let rebuild_task = {
+        let ext = ext.clone();
+        let config = config.clone();
+        async move {
+            loop {
+                dirty.notified().await;
+                tokio::time::sleep(Duration::from_millis(REBUILD_DEBOUNCE_MS)).await;
+                let mut nodes: Vec<NodeSpec> =
+                    node_specs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+                nodes.sort_by(|a, b| a.name.cmp(&b.name));
+                let levels =
+                    level_keys.iter().filter(|k| nodes.iter().any(|n| n.labels.contains_key(*k))).cloned().collect();
+                let spec = crate::topology::ClusterSpec { name: "kubernetes".into(), levels, nodes };
+                if spec.nodes.is_empty() {
+                    continue;
+                }
+                match Cluster::build(spec) {
+                    Ok(cluster) => ext.with_book(|book| match book {
+                        Some(book) => ((), book.replace_cluster(cluster)),
+                        None => {
+                            *book = Some(Book::new(cluster, config.clone()));
+                            ((), Vec::new())
+                        }
+                    }),
+                    Err(error) => tracing::error!(%error, "the nodes do not form a valid cluster model"),
+                }
+            }
+        }
+    };
+
+    let pod_task = {
+        let ext = ext.clone();
+        let nodes_synced = nodes_synced.clone();
+        let api: Api<Pod> = Api::all(client);
+        async move {
+            let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+            let mut listed: Option<Vec<Pod>> = None;
+            let mut synced = false;
+            while let Some(event) = stream.next().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::warn!(%error, "pod watch");
+                        continue;
+                    }
+                };
+                match event {
+                    WatchEvent::Apply(pod) => apply_pod(&ext, &pod),
+                    WatchEvent::Delete(pod) => {
+                        if let Some(uid) = pod.metadata.uid.as_deref() {
+                            ext.with_book(|book| {
+                                if let Some(book) = book {
+                                    book.forget_pod(uid);
+                                }
+                                ((), Vec::new())
+                            });
+                        }
+                    }
+                    WatchEvent::Init => listed = Some(Vec::new()),
+                    WatchEvent::InitApply(pod) => {
+                        if let Some(listed) = listed.as_mut() {
+                            listed.push(pod);
+                        }
+                    }
+                    WatchEvent::InitDone => {
+                        // The book may not exist yet (nodes still listing): wait for it so
+                        // that no bound pod is missed before binding anything.
+                        while ext.with_book(|book| (book.is_none(), Vec::new())) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        let pods = listed.take().unwrap_or_default();
+                        let present: HashSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+                        let now = ext.now_ms();
+                        ext.with_book(|book| {
+                            if let Some(book) = book {
+                                book.forget_unlisted(&present, now, BOUND_UNSEEN_GRACE_MS);
+                            }
+                            ((), Vec::new())
+                        });
+                        for pod in &pods {
+                            apply_pod(&ext, pod);
+                        }
+                        if !synced && nodes_synced.load(std::sync::atomic::Ordering::SeqCst) {
+                            synced = true;
+                            ext.set_ready(true);
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    tokio::join!(node_task, rebuild_task, pod_task);
+}
+
+fn apply_node(specs: &mut HashMap<String, NodeSpec>, node: &Node) -> bool {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    match node::node_spec(node) {
+        Ok(Some(spec)) => specs.insert(name, spec.clone()).as_ref() != Some(&spec),
+        Ok(None) => specs.remove(&name).is_some(),
+        Err(reason) => {
+            tracing::warn!(node = %name, %reason, "GPU node left out of the view");
+            specs.remove(&name).is_some()
+        }
+    }
+}
+
+fn apply_pod(ext: &Extender, pod: &Pod) {
+    let Some(BoundGpuPod { identity, node, recorded, gpus, gang }) = bound_gpu_pod(pod) else {
+        // Finished, or not bound yet: a finished pod's GPUs come back.
+        let finished =
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+        if finished {
+            if let Some(uid) = pod.metadata.uid.as_deref() {
+                ext.with_book(|book| {
+                    if let Some(book) = book {
+                        book.forget_pod(uid);
+                    }
+                    ((), Vec::new())
+                });
+            }
+        }
+        return;
+    };
+    ext.with_book(|book| {
+        if let Some(book) = book {
+            if let Err(error) = book.observe_bound(identity, &node, recorded.as_deref(), gpus, gang) {
+                tracing::warn!(%error, "a bound pod's GPUs could not be accounted");
+            }
+        }
+        ((), Vec::new())
+    });
+}

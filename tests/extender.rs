@@ -1,0 +1,313 @@
+//! The extender over HTTP on a static cluster (`serve --cluster`), played as kube-scheduler
+//! plays it: golden request/reply fixtures for every verb, gangs scheduled concurrently,
+//! members that never arrive, and malformed input.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde_json::{json, Value};
+use support::{pod, post, schedule, static_extender};
+
+const CLUSTER: &str = "testdata/extender/cluster.yaml";
+
+fn fixture(name: &str) -> Value {
+    let path = Path::new("testdata/extender").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Compares a reply with its golden file; `TOPOPLACE_BLESS=1` writes the file instead.
+fn golden(name: &str, reply: &Value) {
+    let path = Path::new("testdata/extender").join(name);
+    if std::env::var("TOPOPLACE_BLESS").is_ok_and(|v| v == "1") {
+        let text = serde_json::to_string_pretty(reply).expect("json") + "\n";
+        std::fs::write(&path, text).expect("write golden");
+        return;
+    }
+    assert_eq!(reply, &fixture(name), "reply differs from {}", path.display());
+}
+
+fn node_names() -> Vec<String> {
+    (0..4)
+        .map(|i| format!("r1-{i}"))
+        .chain((0..4).map(|i| format!("r2-{i}")))
+        .chain(["l40s-0".into(), "l40s-1".into()])
+        .collect()
+}
+
+#[tokio::test]
+async fn every_verb_matches_its_golden_fixture() {
+    let (server, ext, binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    let base = &server.base;
+
+    let (status, reply) = post(&client, &format!("{base}/filter"), &fixture("filter-args-nodenames.json")).await;
+    assert_eq!(status, 200);
+    golden("filter-reply-nodenames.json", &reply);
+    // The first member planned the whole gang: one rack, two whole H100 hosts.
+    assert_eq!(reply["NodeNames"], json!(["r1-0"]));
+    assert!(reply["FailedAndUnresolvableNodes"]["cpu-0"]
+        .as_str()
+        .is_some_and(|r| r.contains("not in topoplace's view")));
+
+    let (status, reply) = post(&client, &format!("{base}/filter"), &fixture("filter-args-nodes.json")).await;
+    assert_eq!(status, 200);
+    golden("filter-reply-nodes.json", &reply);
+    assert_eq!(reply["Nodes"]["items"][0]["metadata"]["name"], "r1-1", "nodeCacheCapable: false answers with Nodes");
+    assert_eq!(reply["NodeNames"], Value::Null);
+
+    let (status, reply) = post(&client, &format!("{base}/prioritize"), &fixture("prioritize-args.json")).await;
+    assert_eq!(status, 200);
+    golden("prioritize-reply.json", &reply);
+    assert_eq!(reply, json!([{"Host": "r1-0", "Score": 0}, {"Host": "r1-1", "Score": 10}]));
+
+    let first = client.post(format!("{base}/bind")).json(&fixture("bind-args-0.json")).send();
+    let second = client.post(format!("{base}/bind")).json(&fixture("bind-args-1.json")).send();
+    let (first, second) = tokio::join!(first, second);
+    let first: Value = first.expect("bind 0").json().await.expect("json");
+    let second: Value = second.expect("bind 1").json().await.expect("json");
+    golden("bind-reply.json", &first);
+    assert_eq!(first, json!({"Error": ""}));
+    assert_eq!(second, json!({"Error": ""}));
+    assert_eq!(binder.node_of("7c0c9b8e-0000-4000-8000-000000000000").as_deref(), Some("r1-0"));
+    assert_eq!(binder.node_of("7c0c9b8e-0000-4000-8000-000000000001").as_deref(), Some("r1-1"));
+
+    let (status, reply) = post(&client, &format!("{base}/preempt"), &fixture("preempt-args-meta.json")).await;
+    assert_eq!(status, 200);
+    golden("preempt-reply-meta.json", &reply);
+    // r1-0's victim is half of a bound gang whose other half would stay: never proposed.
+    // r2-2 has no victims: never handed back.
+    let kept: Vec<&String> = reply["NodeNameToMetaVictims"].as_object().expect("map").keys().collect();
+    assert_eq!(kept, vec!["r2-3"]);
+
+    let (status, reply) = post(&client, &format!("{base}/preempt"), &fixture("preempt-args-victims.json")).await;
+    assert_eq!(status, 200);
+    golden("preempt-reply-victims.json", &reply);
+
+    ext.check().expect("book invariants");
+    server.stop().await;
+}
+
+/// Plays kube-scheduler for every member of several gangs at once and checks the outcome:
+/// each gang bound whole to its plan, no GPU given twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_gangs_bind_whole_and_never_share_a_gpu() {
+    let (server, ext, binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    let nodes = node_names();
+    // 2 x 8 + 3 x 8 + 2 x 4 + 4 x 2 + 2 x 8 = 72 GPUs of the 64 H100s and 8 L40S.
+    let gangs = [("a", 2, 8), ("b", 3, 8), ("c", 2, 4), ("d", 4, 2), ("e", 2, 8)];
+    let mut tasks = Vec::new();
+    for (gang, size, gpus) in gangs {
+        for member in 0..size {
+            let client = client.clone();
+            let base = server.base.clone();
+            let nodes = nodes.clone();
+            let uid = format!("{gang}-{member}-uid");
+            let pod = pod("team", &format!("{gang}-{member}"), &uid, gpus, Some((gang, size)));
+            tasks.push(tokio::spawn(async move { (gang, uid, schedule(&client, &base, &pod, &nodes).await) }));
+        }
+    }
+    let mut outcome: BTreeMap<&str, Vec<Result<String, String>>> = BTreeMap::new();
+    for task in tasks {
+        let (gang, _, result) = task.await.expect("task");
+        outcome.entry(gang).or_default().push(result);
+    }
+    let mut bound_gangs = 0;
+    for (gang, results) in &outcome {
+        let bound = results.iter().filter(|r| r.is_ok()).count();
+        assert!(bound == 0 || bound == results.len(), "gang {gang} is partly bound: {results:?}");
+        if bound == results.len() {
+            bound_gangs += 1;
+        }
+    }
+    assert!(bound_gangs >= 4, "72 GPUs of gangs on 72 GPUs; at least four gangs fit: {outcome:?}");
+    let state: Value =
+        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
+    let mut seen: BTreeSet<(String, u64)> = BTreeSet::new();
+    for node in state["nodes"].as_array().expect("nodes") {
+        for held in node["held"].as_array().expect("held") {
+            for gpu in held["gpus"].as_array().expect("gpus") {
+                let key = (node["name"].as_str().unwrap_or_default().to_string(), gpu.as_u64().unwrap_or(99));
+                assert!(seen.insert(key.clone()), "GPU {key:?} held twice");
+            }
+        }
+    }
+    for (gang, size, _) in gangs {
+        let members_bound = (0..size).filter(|m| binder.node_of(&format!("{gang}-{m}-uid")).is_some()).count();
+        assert!(members_bound == 0 || members_bound == size as usize, "gang {gang}: {members_bound} of {size} bound");
+    }
+    ext.check().expect("book invariants");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_member_that_never_arrives_releases_the_gang() {
+    let (server, ext, binder) = static_extender(CLUSTER, 300).await;
+    let client = reqwest::Client::new();
+    let nodes = node_names();
+    let lonely = pod("team", "g-0", "g-0-uid", 8, Some(("g", 2)));
+    let error = schedule(&client, &server.base, &lonely, &nodes).await.expect_err("the gang never completes");
+    assert!(error.contains("expired"), "{error}");
+    assert_eq!(binder.node_of("g-0-uid"), None, "nothing bound");
+    let state: Value =
+        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
+    assert_eq!(state["gangs"], json!([]), "reservation released");
+    assert!(state["nodes"].as_array().expect("nodes").iter().all(|n| n["held"] == json!([])), "no GPU held");
+    assert_eq!(state["stats"]["gangs_expired"], 1);
+    ext.check().expect("book invariants");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_member_is_still_bound_with_its_gang() {
+    let (server, _ext, binder) = static_extender(CLUSTER, 2_000).await;
+    let client = reqwest::Client::new();
+    let nodes = node_names();
+    let early = pod("team", "h-0", "h-0-uid", 8, Some(("h", 2)));
+    let late = pod("team", "h-1", "h-1-uid", 8, Some(("h", 2)));
+    let first = {
+        let (client, base, nodes) = (client.clone(), server.base.clone(), nodes.clone());
+        tokio::spawn(async move { schedule(&client, &base, &early, &nodes).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(binder.node_of("h-0-uid"), None, "the first member waits for the second");
+    let second = schedule(&client, &server.base, &late, &nodes).await.expect("second member binds");
+    let first = first.await.expect("task").expect("first member binds");
+    assert_ne!(first, second);
+    assert!(binder.node_of("h-0-uid").is_some() && binder.node_of("h-1-uid").is_some());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_single_pod_is_filtered_by_fit_and_scored_by_the_engine() {
+    let (server, _ext, binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    let nodes = node_names();
+    // Take 6 GPUs on r1-0 so it is the tightest fit for a 2-GPU pod.
+    schedule(&client, &server.base, &pod("team", "six", "six-uid", 6, None), &["r1-0".into()]).await.expect("bind");
+    let small = pod("team", "two", "two-uid", 2, None);
+    let (_, filtered) =
+        post(&client, &format!("{}/filter", server.base), &json!({"Pod": small, "NodeNames": nodes})).await;
+    assert_eq!(filtered["NodeNames"].as_array().map(Vec::len), Some(10), "{filtered}");
+    let big = pod("team", "eight", "eight-uid", 8, None);
+    let (_, filtered) =
+        post(&client, &format!("{}/filter", server.base), &json!({"Pod": big, "NodeNames": nodes})).await;
+    assert!(filtered["FailedNodes"]["r1-0"].as_str().is_some_and(|r| r.contains("fewer free GPUs")), "{filtered}");
+    assert!(filtered["FailedAndUnresolvableNodes"]["l40s-0"].is_string(), "4-GPU hosts never hold 8: {filtered}");
+    let (_, scores) =
+        post(&client, &format!("{}/prioritize", server.base), &json!({"Pod": small, "NodeNames": nodes})).await;
+    let scores: BTreeMap<String, i64> = scores
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|h| (h["Host"].as_str().unwrap_or_default().to_string(), h["Score"].as_i64().unwrap_or(-1)))
+        .collect();
+    assert!(scores.values().all(|s| (0..=10).contains(s)), "{scores:?}");
+    assert_eq!(scores["r1-0"], 10, "the partly used host is packed first: {scores:?}");
+    assert!(scores["r2-0"] < 10, "{scores:?}");
+    let node = schedule(&client, &server.base, &small, &["r1-0".into()]).await.expect("bind");
+    assert_eq!(node, "r1-0");
+    assert_eq!(binder.node_of("two-uid").as_deref(), Some("r1-0"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_a_reason_and_reserves_nothing() {
+    let (server, ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    let base = &server.base;
+    let nodes = node_names();
+
+    let reply = client.post(format!("{base}/filter")).body("{not json").send().await.expect("send");
+    assert_eq!(reply.status().as_u16(), 400);
+    let body: Value = reply.json().await.expect("json body");
+    assert!(body["Error"].as_str().is_some_and(|e| e.contains("filter: the body is not a valid request")), "{body}");
+
+    let (status, body) = post(&client, &format!("{base}/filter"), &json!({"Pod": pod("t", "p", "u", 1, None)})).await;
+    assert_eq!(status, 400);
+    assert!(body["Error"].as_str().is_some_and(|e| e.contains("neither Nodes nor NodeNames")), "{body}");
+
+    let (status, body) = post(&client, &format!("{base}/prioritize"), &json!({"Pod": 7, "NodeNames": []})).await;
+    assert_eq!(status, 400, "{body}");
+
+    let mut no_uid = pod("t", "p", "u", 1, None);
+    no_uid["metadata"].as_object_mut().expect("meta").remove("uid");
+    let (status, body) = post(&client, &format!("{base}/filter"), &json!({"Pod": no_uid, "NodeNames": nodes})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["Error"], "pod t/p: metadata.uid is missing");
+
+    let mut half = pod("t", "p", "u", 1, None);
+    half["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = json!("1.5");
+    let (_, body) = post(&client, &format!("{base}/filter"), &json!({"Pod": half, "NodeNames": nodes})).await;
+    assert!(body["Error"].as_str().is_some_and(|e| e.contains("whole devices")), "{body}");
+
+    // Two members of one gang that disagree on its size: the second is refused.
+    let (_, body) = post(
+        &client,
+        &format!("{base}/filter"),
+        &json!({"Pod": pod("t", "m0", "m0", 8, Some(("g", 2))), "NodeNames": nodes}),
+    )
+    .await;
+    assert_eq!(body["Error"], "");
+    let (_, body) = post(
+        &client,
+        &format!("{base}/filter"),
+        &json!({"Pod": pod("t", "m1", "m1", 8, Some(("g", 3))), "NodeNames": nodes}),
+    )
+    .await;
+    assert!(
+        body["Error"].as_str().is_some_and(|e| e.contains("planned for 2 members") && e.contains("says 3")),
+        "{body}"
+    );
+
+    let (_, body) = post(
+        &client,
+        &format!("{base}/bind"),
+        &json!({"PodName": "ghost", "PodNamespace": "t", "PodUID": "nope", "Node": "r1-0"}),
+    )
+    .await;
+    assert!(body["Error"].as_str().is_some_and(|e| e.contains("not filtered by this extender")), "{body}");
+    let (_, body) = post(
+        &client,
+        &format!("{base}/bind"),
+        &json!({"PodName": "m0", "PodNamespace": "t", "PodUID": "m0", "Node": "l40s-0"}),
+    )
+    .await;
+    assert!(body["Error"].as_str().is_some_and(|e| e.contains("planned on node")), "{body}");
+
+    let huge = "x".repeat(extender_limit() + 1);
+    let reply = client.post(format!("{base}/filter")).body(huge).send().await.expect("send");
+    assert_eq!(reply.status().as_u16(), 413);
+
+    // Only the one valid gang member reserved anything.
+    let state: Value = client.get(format!("{base}/state")).send().await.expect("state").json().await.expect("json");
+    assert_eq!(state["gangs"].as_array().map(Vec::len), Some(1));
+    assert_eq!(state["gangs"][0]["gang"], "t/g");
+    ext.check().expect("book invariants");
+    server.stop().await;
+}
+
+fn extender_limit() -> usize {
+    topoplace::extender::BODY_BYTES_MAX_DEFAULT
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_are_served() {
+    let (server, _ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    for path in ["healthz", "readyz"] {
+        let reply = client.get(format!("{}/{path}", server.base)).send().await.expect("get");
+        assert_eq!(reply.status().as_u16(), 200, "{path}");
+    }
+    schedule(&client, &server.base, &pod("t", "one", "one", 1, None), &node_names()).await.expect("bind");
+    let text = client.get(format!("{}/metrics", server.base)).send().await.expect("get").text().await.expect("text");
+    assert!(text.contains("topoplace_extender_requests_total{verb=\"filter\",result=\"ok\"} 1"), "{text}");
+    assert!(text.contains("topoplace_extender_requests_total{verb=\"bind\",result=\"ok\"} 1"), "{text}");
+    assert!(text.contains("topoplace_extender_request_duration_seconds_count{verb=\"filter\"} 1"), "{text}");
+    assert!(text.contains("topoplace_pods_bound_total 1"), "{text}");
+    assert!(text.contains("topoplace_gpus_free{product=\"H100-SXM5\",memory_mib=\"81559\"} 63"), "{text}");
+    server.stop().await;
+}
