@@ -558,6 +558,16 @@ impl Book {
         let Some(host) = self.cluster.host_id(node) else {
             return Err(BookError::UnknownNode { pod, node: node.to_string() });
         };
+        if let Some(bound) = self.bound.get(&demand.pod.uid) {
+            // Bound already (a retried bind, or its Binding raced our bookkeeping): the
+            // Binding will meet a 409 and succeed only on the same node.
+            if bound.node != node {
+                return Err(BookError::WrongNode { pod, planned: bound.node.clone(), asked: node.to_string() });
+            }
+            let member =
+                MemberBind { pod: demand.pod.clone(), host, node: node.to_string(), gpus: mask_indices(bound.gpus) };
+            return Ok(BindStep::Bind { ticket: format!("bound:{}", demand.pod.uid), members: vec![member] });
+        }
         let Some(membership) = demand.gang.clone() else {
             let ticket = pod_holder(&demand.pod.uid);
             if let Some(single) = self.singles.get(&ticket) {
@@ -625,6 +635,13 @@ impl Book {
     ) -> BindFinish {
         let failures: Vec<String> =
             outcomes.iter().filter_map(|(pod, r)| r.as_ref().err().map(|e| format!("{pod}: {e}"))).collect();
+        if ticket.starts_with("bound:") {
+            return if failures.is_empty() {
+                BindFinish::Bound
+            } else {
+                BindFinish::RolledBack { delete: Vec::new(), failures }
+            };
+        }
         let members: Vec<(PodIdentity, String, GpuMask, Option<String>)> =
             if let Some(key) = ticket.strip_prefix("gang:") {
                 let Some(reservation) = self.drop_reservation(key) else {
@@ -677,7 +694,8 @@ impl Book {
         count: u32,
         gang: Option<String>,
     ) -> Result<(), BookError> {
-        if self.bound.contains_key(&pod.uid) || count == 0 {
+        if self.bound.contains_key(&pod.uid) || count == 0 || self.in_flight(&pod.uid) {
+            // In flight: `bind_finished` records it with the GPUs it was given.
             return Ok(());
         }
         let Some(host) = self.cluster.host_id(node) else {
@@ -706,6 +724,11 @@ impl Book {
             .map_err(|source| BookError::Ledger { pod: pod.to_string(), source })?;
         self.bound.insert(pod.uid.clone(), BoundPod { pod, node: node.to_string(), gpus: mask, gang, bound_at_ms: 0 });
         Ok(())
+    }
+
+    fn in_flight(&self, uid: &str) -> bool {
+        self.singles.contains_key(&pod_holder(uid))
+            || self.gangs.values().any(|g| g.binding && g.slots.iter().any(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid)))
     }
 
     /// A pod was deleted (or finished): its GPUs come back, and if it held a slot in a

@@ -1,0 +1,171 @@
+//! The extender in Kubernetes mode against the in-process fake API server: the cluster view
+//! from node and pod watches (and their resumption after a dropped watch), Bindings with the
+//! `topoplace.io/gpus` annotation, a 409 on a pod already bound to the planned node, and the
+//! undo of a gang whose Binding partly failed. The fake API's final state is asserted.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{pod, post, schedule, serve_router, FakeApi};
+use topoplace::extender::{self, Binder, Extender, ExtenderConfig};
+use topoplace::kube::{run_view, KubeBinder};
+use topoplace::reservation::BookConfig;
+
+const LEVELS: [&str; 2] = ["network.topology.nvidia.com/spine", "network.topology.nvidia.com/leaf"];
+
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    client.get(url).send().await.expect("get").json().await.expect("json")
+}
+
+/// Polls until `check` holds or ten seconds pass.
+async fn eventually(what: &str, mut check: impl FnMut() -> futures::future::BoxFuture<'static, bool>) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn free_of(state: &Value, node: &str) -> Vec<u64> {
+    state["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["name"] == node))
+        .and_then(|n| n["free"].as_array())
+        .map(|free| free.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
+    let api = FakeApi::new();
+    for rack in ["r1", "r2"] {
+        for index in 0..4 {
+            api.add_node(&format!("{rack}-{index}"), "NVIDIA-H100-80GB-HBM3", 8, rack);
+        }
+    }
+    // Bound before topoplace started, with its GPUs recorded.
+    api.add_pod(pod("batch", "old", "old-uid", 4, None), Some("r1-0"), Some("0,1,2,3"));
+    let api_server = serve_router(api.router()).await;
+
+    let config = kube::Config::new(api_server.base.parse().expect("uri"));
+    let client = kube::Client::try_from(config).expect("client");
+    let binder: Arc<dyn Binder> = Arc::new(KubeBinder::new(client.clone()));
+    let ext = Extender::new(None, binder, ExtenderConfig::default());
+    let book_config = BookConfig { reservation_ttl_ms: 5_000, ..BookConfig::default() };
+    let view = tokio::spawn(run_view(client, ext.clone(), LEVELS.map(String::from).to_vec(), book_config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(extender::serve(listener, ext.clone(), async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+
+    {
+        let (http, base) = (http.clone(), base.clone());
+        eventually("readyz", move || {
+            let (http, base) = (http.clone(), base.clone());
+            Box::pin(async move { http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) })
+        })
+        .await;
+    }
+    let state = get_json(&http, &format!("{base}/state")).await;
+    assert_eq!(free_of(&state, "r1-0"), vec![4, 5, 6, 7], "the pre-bound pod's recorded GPUs are held");
+    let nodes: Vec<String> = state["nodes"].as_array().expect("nodes").iter().map(|n| n["name"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(nodes.len(), 8);
+
+    // A gang of three whole hosts, members scheduled concurrently.
+    let mut tasks = Vec::new();
+    for member in 0..3 {
+        let object = pod("ml", &format!("g-{member}"), &format!("g-{member}-uid"), 8, Some(("g", 3)));
+        api.add_pod(object.clone(), None, None);
+        let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
+        tasks.push(tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await }));
+    }
+    let mut gang_nodes = BTreeSet::new();
+    for task in tasks {
+        gang_nodes.insert(task.await.expect("task").expect("member bound"));
+    }
+    assert_eq!(gang_nodes.len(), 3, "three different hosts");
+    for member in 0..3 {
+        let name = format!("g-{member}");
+        assert!(api.pod_node("ml", &name).is_some_and(|n| gang_nodes.contains(&n)), "{name} bound in the API");
+        assert_eq!(api.pod_annotation("ml", &name, "topoplace.io/gpus").as_deref(), Some("0,1,2,3,4,5,6,7"));
+    }
+
+    // A gang whose second Binding fails: the first member is deleted again, nothing held.
+    api.faults.lock().expect("faults").fail_binding.insert("f-1".into());
+    let mut tasks = Vec::new();
+    for member in 0..2 {
+        let object = pod("ml", &format!("f-{member}"), &format!("f-{member}-uid"), 8, Some(("f", 2)));
+        api.add_pod(object.clone(), None, None);
+        let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
+        tasks.push(tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await }));
+    }
+    for task in tasks {
+        let error = task.await.expect("task").expect_err("the gang is rolled back");
+        assert!(error.contains("not every member could be bound"), "{error}");
+    }
+    assert!(!api.pod_exists("ml", "f-0"), "the member that did bind was deleted so its controller recreates it");
+    assert_eq!(api.pod_node("ml", "f-1"), None);
+    assert!(api.deletes().contains(&"f-0".to_string()));
+    assert!(api.events().iter().any(|e| e["reason"] == "GangBindRolledBack" && e["involvedObject"]["name"] == "f-1"));
+    let state = get_json(&http, &format!("{base}/state")).await;
+    assert_eq!(state["stats"]["gangs_rolled_back"], 1);
+    assert!(state["nodes"].as_array().expect("nodes").iter().all(|n| n["held"]
+        .as_array()
+        .expect("held")
+        .iter()
+        .all(|h| !h["holder"].as_str().unwrap_or_default().contains("/f"))));
+
+    // A pod already bound to its planned node (a retried bind): 409, read back, success.
+    let solo = pod("ml", "solo", "solo-uid", 2, None);
+    api.add_pod(solo.clone(), None, None);
+    let (_, filtered) = post(&http, &format!("{base}/filter"), &json!({"Pod": solo, "NodeNames": ["r2-3"]})).await;
+    assert_eq!(filtered["NodeNames"], json!(["r2-3"]));
+    let (status, _) = post(
+        &http,
+        &format!("{}/api/v1/namespaces/ml/pods/solo/binding", api_server.base),
+        &json!({"metadata": {"name": "solo"}, "target": {"apiVersion": "v1", "kind": "Node", "name": "r2-3"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "the fake API binds");
+    let (_, reply) = post(
+        &http,
+        &format!("{base}/bind"),
+        &json!({"PodName": "solo", "PodNamespace": "ml", "PodUID": "solo-uid", "Node": "r2-3"}),
+    )
+    .await;
+    assert_eq!(reply, json!({"Error": ""}), "409 on the planned node is success");
+
+    // The watch drops; meanwhile the old pod finishes. The view catches up.
+    api.drop_watches();
+    api.delete_pod("batch", "old");
+    {
+        let (http, base) = (http.clone(), base.clone());
+        eventually("r1-0 fully free after the old pod is deleted", move || {
+            let (http, base) = (http.clone(), base.clone());
+            Box::pin(async move { free_of(&get_json(&http, &format!("{base}/state")).await, "r1-0").len() == 8 })
+        })
+        .await;
+    }
+
+    // No GPU is given twice in the API's final state.
+    let mut seen = BTreeSet::new();
+    for (pod, node, gpus) in api.bound_pods() {
+        for gpu in gpus.unwrap_or_default().split(',').filter(|g| !g.is_empty()) {
+            assert!(seen.insert((node.clone(), gpu.to_string())), "{pod}: GPU {gpu} on {node} given twice");
+        }
+    }
+    ext.check().expect("book invariants");
+    let _ = stop.send(());
+    let _ = served.await;
+    view.abort();
+    api_server.stop().await;
+}
