@@ -77,7 +77,12 @@ async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
     }
     let state = get_json(&http, &format!("{base}/state")).await;
     assert_eq!(free_of(&state, "r1-0"), vec![4, 5, 6, 7], "the pre-bound pod's recorded GPUs are held");
-    let nodes: Vec<String> = state["nodes"].as_array().expect("nodes").iter().map(|n| n["name"].as_str().unwrap_or_default().to_string()).collect();
+    let nodes: Vec<String> = state["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["name"].as_str().unwrap_or_default().to_string())
+        .collect();
     assert_eq!(nodes.len(), 8);
 
     // A gang of three whole hosts, members scheduled concurrently.

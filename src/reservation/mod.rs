@@ -728,7 +728,10 @@ impl Book {
 
     fn in_flight(&self, uid: &str) -> bool {
         self.singles.contains_key(&pod_holder(uid))
-            || self.gangs.values().any(|g| g.binding && g.slots.iter().any(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid)))
+            || self
+                .gangs
+                .values()
+                .any(|g| g.binding && g.slots.iter().any(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid)))
     }
 
     /// A pod was deleted (or finished): its GPUs come back, and if it held a slot in a

@@ -20,12 +20,8 @@ fn cluster(racks: usize, hosts_per_rack: usize) -> Cluster {
             ));
         }
     }
-    Cluster::build(ClusterSpec {
-        name: "t".into(),
-        levels: vec!["network.topology.nvidia.com/leaf".into()],
-        nodes,
-    })
-    .expect("cluster")
+    Cluster::build(ClusterSpec { name: "t".into(), levels: vec!["network.topology.nvidia.com/leaf".into()], nodes })
+        .expect("cluster")
 }
 
 fn member(gang: &str, size: u32, rank: u32, gpus: u32) -> PodDemand {

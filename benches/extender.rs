@@ -1,0 +1,142 @@
+//! Extender latency and throughput over loopback HTTP: filter and prioritize for a 1-GPU pod
+//! on 1,000 and 5,000 8-GPU nodes, in both `nodeCacheCapable` modes (node names, or the full
+//! NodeList kube-scheduler sends otherwise). A bounded load command rather than criterion,
+//! because the targets are a p99 and a rate: 2,000 sequential requests per case give the
+//! percentiles, then 4 concurrent clients for 3 seconds give requests per second.
+//!
+//! `cargo bench --bench extender`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use topoplace::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
+use topoplace::reservation::{Book, BookConfig};
+use topoplace::topology::{product, Cluster, ClusterSpec, NodeSpec};
+
+const SEQUENTIAL: usize = 2_000;
+const CONCURRENT_CLIENTS: usize = 4;
+const LOAD_SECONDS: u64 = 3;
+
+fn cluster(hosts: usize) -> Cluster {
+    let h100 = product::lookup("H100").expect("product");
+    let nodes = (0..hosts)
+        .map(|i| NodeSpec {
+            name: format!("node-{i:05}"),
+            labels: [
+                ("network.topology.nvidia.com/spine".to_string(), format!("s{}", i / 64)),
+                ("network.topology.nvidia.com/leaf".to_string(), format!("r{}", i / 8)),
+            ]
+            .into_iter()
+            .collect(),
+            product: h100,
+            gpu_count: 8,
+            memory_mib: None,
+            nvlink: None,
+            clique: None,
+            // A used cluster: every third host has some GPUs taken.
+            allocated: if i % 3 == 0 { (0..(i % 7) as u8).collect() } else { Vec::new() },
+        })
+        .collect();
+    Cluster::build(ClusterSpec {
+        name: "bench".into(),
+        levels: vec!["network.topology.nvidia.com/spine".into(), "network.topology.nvidia.com/leaf".into()],
+        nodes,
+    })
+    .expect("cluster")
+}
+
+fn request(hosts: usize, node_objects: bool) -> Value {
+    let pod = json!({
+        "metadata": {"name": "bench", "namespace": "default", "uid": "bench-uid"},
+        "spec": {"containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}
+    });
+    let names: Vec<String> = (0..hosts).map(|i| format!("node-{i:05}")).collect();
+    if node_objects {
+        let items: Vec<Value> = names
+            .iter()
+            .map(|n| {
+                json!({"metadata": {"name": n, "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}},
+                            "status": {"allocatable": {"nvidia.com/gpu": "8", "cpu": "96", "memory": "1Ti"}}})
+            })
+            .collect();
+        json!({"Pod": pod, "Nodes": {"metadata": {}, "items": items}, "NodeNames": null})
+    } else {
+        json!({"Pod": pod, "Nodes": null, "NodeNames": names})
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    println!("| nodes | mode | verb | p50 | p99 | requests/s ({CONCURRENT_CLIENTS} clients) |");
+    println!("|---|---|---|---|---|---|");
+    for hosts in [1_000, 5_000] {
+        let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::default());
+        let ext =
+            Extender::new(Some(Book::new(cluster(hosts), BookConfig::default())), binder, ExtenderConfig::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(extender::serve(listener, ext, async {
+            let _ = stopped.await;
+        }));
+        let client = reqwest::Client::new();
+        for node_objects in [false, true] {
+            let body = Arc::new(serde_json::to_vec(&request(hosts, node_objects)).expect("json"));
+            for verb in ["filter", "prioritize"] {
+                let url = format!("{base}/{verb}");
+                let send = |client: reqwest::Client, url: String, body: Arc<Vec<u8>>| async move {
+                    let reply = client
+                        .post(url)
+                        .header("content-type", "application/json")
+                        .body(body.as_ref().clone())
+                        .send()
+                        .await
+                        .expect("send");
+                    assert!(reply.status().is_success());
+                    reply.bytes().await.expect("body");
+                };
+                for _ in 0..50 {
+                    send(client.clone(), url.clone(), body.clone()).await;
+                }
+                let mut latencies = Vec::with_capacity(SEQUENTIAL);
+                for _ in 0..SEQUENTIAL {
+                    let start = Instant::now();
+                    send(client.clone(), url.clone(), body.clone()).await;
+                    latencies.push(start.elapsed());
+                }
+                latencies.sort();
+                let deadline = Instant::now() + Duration::from_secs(LOAD_SECONDS);
+                let mut workers = Vec::new();
+                for _ in 0..CONCURRENT_CLIENTS {
+                    let (client, url, body) = (client.clone(), url.clone(), body.clone());
+                    workers.push(tokio::spawn(async move {
+                        let mut done = 0u64;
+                        while Instant::now() < deadline {
+                            send(client.clone(), url.clone(), body.clone()).await;
+                            done += 1;
+                        }
+                        done
+                    }));
+                }
+                let mut total = 0;
+                for worker in workers {
+                    total += worker.await.expect("worker");
+                }
+                println!(
+                    "| {hosts} | {} | {verb} | {:.3} ms | {:.3} ms | {:.0} |",
+                    if node_objects { "Nodes (nodeCacheCapable: false)" } else { "NodeNames (nodeCacheCapable: true)" },
+                    percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+                    percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+                    total as f64 / LOAD_SECONDS as f64
+                );
+            }
+        }
+        let _ = stop.send(());
+        let _ = server.await;
+    }
+}

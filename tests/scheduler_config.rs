@@ -1,0 +1,91 @@
+//! The manifests in `scheduler-config/` agree with the extender: the KubeSchedulerConfiguration
+//! names the verbs the server routes, keeps every node scored, waits long enough for a gang's
+//! bind; the RBAC grants what the extender calls; the Deployment's arguments parse.
+
+use clap::Parser;
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+fn documents(path: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .collect()
+}
+
+fn seconds(text: &str) -> u64 {
+    text.trim_end_matches('s').parse().unwrap_or_else(|_| panic!("duration {text}"))
+}
+
+#[test]
+fn the_scheduler_configuration_matches_the_extender() {
+    let config_map = &documents("scheduler-config/extender/kube-scheduler-config.yaml")[0];
+    let text = config_map["data"]["config.yaml"].as_str().expect("config.yaml");
+    let config: Value = serde_yaml_ng::from_str(text).expect("KubeSchedulerConfiguration");
+    assert_eq!(config["kind"].as_str(), Some("KubeSchedulerConfiguration"));
+    assert_eq!(config["apiVersion"].as_str(), Some("kubescheduler.config.k8s.io/v1"));
+    assert_eq!(config["percentageOfNodesToScore"].as_u64(), Some(100));
+    assert_eq!(config["leaderElection"]["resourceName"].as_str(), Some("topoplace-scheduler"));
+    let extender = &config["extenders"][0];
+    for (key, verb) in
+        [("filterVerb", "filter"), ("prioritizeVerb", "prioritize"), ("preemptVerb", "preempt"), ("bindVerb", "bind")]
+    {
+        assert_eq!(extender[key].as_str(), Some(verb), "{key}");
+    }
+    assert_eq!(extender["nodeCacheCapable"].as_bool(), Some(true));
+    assert_eq!(extender["managedResources"][0]["name"].as_str(), Some("nvidia.com/gpu"));
+
+    let deployment = documents("scheduler-config/extender/deployment.yaml")
+        .into_iter()
+        .find(|d| {
+            d["metadata"]["name"].as_str() == Some("topoplace-extender") && d["kind"].as_str() == Some("Deployment")
+        })
+        .expect("extender Deployment");
+    let args: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect();
+    let cli = topoplace::cli::Cli::try_parse_from(std::iter::once("topoplace".to_string()).chain(args))
+        .expect("the Deployment's arguments parse");
+    let topoplace::cli::Command::Serve(serve) = cli.command else { panic!("serve") };
+    let timeout = seconds(extender["httpTimeout"].as_str().expect("httpTimeout"));
+    assert!(
+        timeout > serve.reservation_ttl,
+        "a held bind must fit in httpTimeout ({timeout}s vs {}s)",
+        serve.reservation_ttl
+    );
+    let port = serve.listen.port().to_string();
+    assert!(extender["urlPrefix"].as_str().is_some_and(|u| u.ends_with(&format!(":{port}"))), "urlPrefix port");
+}
+
+#[test]
+fn the_extender_role_grants_what_it_calls() {
+    let role = documents("scheduler-config/extender/rbac.yaml")
+        .into_iter()
+        .find(|d| {
+            d["kind"].as_str() == Some("ClusterRole") && d["metadata"]["name"].as_str() == Some("topoplace-extender")
+        })
+        .expect("ClusterRole");
+    let grants = |resource: &str, verb: &str| {
+        role["rules"].as_sequence().expect("rules").iter().any(|rule| {
+            let has = |key: &str, want: &str| {
+                rule[key].as_sequence().is_some_and(|s| s.iter().any(|v| v.as_str() == Some(want)))
+            };
+            has("resources", resource) && has("verbs", verb)
+        })
+    };
+    for (resource, verb) in [
+        ("nodes", "list"),
+        ("nodes", "watch"),
+        ("pods", "list"),
+        ("pods", "watch"),
+        ("pods", "get"),
+        ("pods", "delete"),
+        ("pods/binding", "create"),
+        ("events", "create"),
+    ] {
+        assert!(grants(resource, verb), "{verb} {resource}");
+    }
+}
