@@ -1,9 +1,10 @@
 //! topoplace: topology-aware gang placement of GPU workloads.
 //!
-//! The core ([`topology`], [`workload`], [`placement`], [`ledger`], [`quantity`], [`replay`], [`jobreplay`]) is pure
+//! The core ([`topology`], [`workload`], [`placement`], [`ledger`], [`quantity`], [`replay`], [`jobreplay`],
+//! [`reservation`]) is pure
 //! and synchronous: no I/O, no async, no Kubernetes or HTTP types, deterministic for a
 //! given input. The adapters ([`files`] for the YAML formats, [`convert`] for trace
-//! converters, [`cli`] for the command line) translate into it and call it.
+//! converters, [`kube`] and [`extender`] for Kubernetes, [`cli`] for the command line) translate into it and call it.
 
 pub mod cli;
 pub mod convert;
