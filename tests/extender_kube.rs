@@ -85,7 +85,8 @@ async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
         .collect();
     assert_eq!(nodes.len(), 8);
 
-    // A gang of three whole hosts, members scheduled concurrently.
+    // A gang of three whole hosts, members scheduled concurrently, the API answering slowly.
+    api.faults.lock().expect("faults").delay = Some(Duration::from_millis(40));
     let mut tasks = Vec::new();
     for member in 0..3 {
         let object = pod("ml", &format!("g-{member}"), &format!("g-{member}-uid"), 8, Some(("g", 3)));
@@ -103,6 +104,8 @@ async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
         assert!(api.pod_node("ml", &name).is_some_and(|n| gang_nodes.contains(&n)), "{name} bound in the API");
         assert_eq!(api.pod_annotation("ml", &name, "topoplace.io/gpus").as_deref(), Some("0,1,2,3,4,5,6,7"));
     }
+
+    api.faults.lock().expect("faults").delay = None;
 
     // A gang whose second Binding fails: the first member is deleted again, nothing held.
     api.faults.lock().expect("faults").fail_binding.insert("f-1".into());

@@ -285,16 +285,7 @@ pub async fn run_view(client: Client, ext: Arc<Extender>, level_keys: Vec<String
                 };
                 match event {
                     WatchEvent::Apply(pod) => apply_pod(&ext, &pod),
-                    WatchEvent::Delete(pod) => {
-                        if let Some(uid) = pod.metadata.uid.as_deref() {
-                            ext.with_book(|book| {
-                                if let Some(book) = book {
-                                    book.forget_pod(uid);
-                                }
-                                ((), Vec::new())
-                            });
-                        }
-                    }
+                    WatchEvent::Delete(pod) => forget(&ext, &pod),
                     WatchEvent::Init => listed = Some(Vec::new()),
                     WatchEvent::InitApply(pod) => {
                         if let Some(listed) = listed.as_mut() {
@@ -344,20 +335,24 @@ fn apply_node(specs: &mut HashMap<String, NodeSpec>, node: &Node) -> bool {
     }
 }
 
+/// A pod that left (deleted or finished): its GPUs come back.
+fn forget(ext: &Extender, pod: &Pod) {
+    let Some(uid) = pod.metadata.uid.as_deref() else { return };
+    ext.with_book(|book| {
+        if let Some(book) = book {
+            book.forget_pod(uid);
+        }
+        ((), Vec::new())
+    });
+}
+
 fn apply_pod(ext: &Extender, pod: &Pod) {
     let Some(BoundGpuPod { identity, node, recorded, gpus, gang }) = bound_gpu_pod(pod) else {
         // Finished, or not bound yet: a finished pod's GPUs come back.
         let finished =
             pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
         if finished {
-            if let Some(uid) = pod.metadata.uid.as_deref() {
-                ext.with_book(|book| {
-                    if let Some(book) = book {
-                        book.forget_pod(uid);
-                    }
-                    ((), Vec::new())
-                });
-            }
+            forget(ext, pod);
         }
         return;
     };

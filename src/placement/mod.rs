@@ -369,7 +369,7 @@ impl<'c> Planner<'c> {
     /// Why `host` cannot hold even one unit of `gang`, or `None` when it can.
     pub fn host_rejection_of(&mut self, ledger: &Ledger, gang: &Gang, host: HostId) -> Option<(HostRejection, String)> {
         let (unit_shape, member_shape) = shapes_of(gang);
-        let reason = self.host_rejection(ledger, gang, host, unit_shape, member_shape)?;
+        let reason = self.host_slots(ledger, gang, host, unit_shape, member_shape).err()?;
         let host = self.cluster.host(host);
         Some((reason, reason.text(host.product.get().name, host.memory_mib, gang)))
     }
@@ -480,7 +480,7 @@ impl<'c> Planner<'c> {
                     reason,
                     text: reason.text(host.product.get().name, host.memory_mib, gang),
                 };
-                if let Some(reason) = self.host_rejection(ledger, gang, host_id, unit_shape, member_shape) {
+                if let Err(reason) = self.host_slots(ledger, gang, host_id, unit_shape, member_shape) {
                     return rejected(reason);
                 }
                 if capacity.units[host_id as usize] < need {
@@ -774,20 +774,8 @@ impl<'c> Planner<'c> {
         })
     }
 
-    /// Why one host cannot hold even one unit (or one member of a clique-spanning unit) of
-    /// `gang`, or `None` when it can.
-    fn host_rejection(
-        &mut self,
-        ledger: &Ledger,
-        gang: &Gang,
-        host_id: HostId,
-        unit_shape: UnitShape,
-        member_shape: UnitShape,
-    ) -> Option<HostRejection> {
-        self.host_slots(ledger, gang, host_id, unit_shape, member_shape).err()
-    }
-
-    /// Units (or, on a clique host whose units span hosts, member slots: `true`) one host holds.
+    /// Units one host holds (with `true`: member slots of a clique host whose units span
+    /// hosts), or why it cannot hold even one.
     fn host_slots(
         &mut self,
         ledger: &Ledger,

@@ -50,6 +50,19 @@ fn passing(book: &Book, verdicts: &[NodeVerdict], offered: &[HostId]) -> Vec<Str
         .collect()
 }
 
+/// Filters every member of a gang of 8-GPU members: the members and their planned nodes.
+fn filter_gang(book: &mut Book, gang: &str, size: u32, offered: &[HostId]) -> (Vec<PodDemand>, Vec<String>) {
+    let members: Vec<PodDemand> = (0..size).map(|r| member(gang, size, r, 8)).collect();
+    let nodes = members
+        .iter()
+        .map(|m| {
+            let verdicts = book.filter(m, offered, 0).expect("filter");
+            passing(book, &verdicts, offered).remove(0)
+        })
+        .collect();
+    (members, nodes)
+}
+
 #[test]
 fn the_first_member_reserves_the_whole_gang_in_one_rack() {
     let mut book = Book::new(cluster(2, 4), BookConfig::default());
@@ -72,12 +85,7 @@ fn the_first_member_reserves_the_whole_gang_in_one_rack() {
 fn binds_wait_for_the_last_member_and_a_failure_rolls_back_everything() {
     let mut book = Book::new(cluster(1, 4), BookConfig::default());
     let offered = all_hosts(&book);
-    let members: Vec<PodDemand> = (0..2).map(|r| member("g", 2, r, 8)).collect();
-    let mut nodes = Vec::new();
-    for m in &members {
-        let verdicts = book.filter(m, &offered, 0).expect("filter");
-        nodes.push(passing(&book, &verdicts, &offered).remove(0));
-    }
+    let (members, nodes) = filter_gang(&mut book, "g", 2, &offered);
     assert_eq!(book.bind_arrive(&members[0], &nodes[0], 1), Ok(BindStep::Wait { gang: "ns/g".into() }));
     let BindStep::Bind { ticket, members: binds } = book.bind_arrive(&members[1], &nodes[1], 2).expect("bind") else {
         panic!("the last member binds everyone");
@@ -128,12 +136,7 @@ fn a_gang_that_does_not_fit_reserves_nothing_and_says_why_per_node() {
 fn preemption_never_splits_a_bound_gang() {
     let mut book = Book::new(cluster(1, 4), BookConfig::default());
     let offered = all_hosts(&book);
-    let members: Vec<PodDemand> = (0..2).map(|r| member("g", 2, r, 8)).collect();
-    let mut nodes = Vec::new();
-    for m in &members {
-        let verdicts = book.filter(m, &offered, 0).expect("filter");
-        nodes.push(passing(&book, &verdicts, &offered).remove(0));
-    }
+    let (members, nodes) = filter_gang(&mut book, "g", 2, &offered);
     book.bind_arrive(&members[0], &nodes[0], 1).expect("arrive");
     let BindStep::Bind { ticket, members: binds } = book.bind_arrive(&members[1], &nodes[1], 1).expect("arrive") else {
         panic!("binds");
