@@ -342,10 +342,17 @@ impl Extender {
                     Err(_) => fail(format!("gang `{gang}`: its reservation was dropped while this member waited")),
                 }
             }
-            Ok(BindStep::Bind { ticket, members }) => match self.bind_all(&ticket, members).await {
-                Ok(()) => ExtenderBindingResult::default(),
-                Err(error) => fail(error),
-            },
+            Ok(BindStep::Bind { ticket, members }) => {
+                // Spawned, so that kube-scheduler hanging up (its httpTimeout) cannot stop a
+                // gang's Bindings half-way and leave the reservation in flight for ever.
+                let ext = self.clone();
+                let binding = tokio::spawn(async move { ext.bind_all(&ticket, members).await });
+                match binding.await {
+                    Ok(Ok(())) => ExtenderBindingResult::default(),
+                    Ok(Err(error)) => fail(error),
+                    Err(error) => fail(format!("the bind task failed: {error}")),
+                }
+            }
         }
     }
 
