@@ -57,6 +57,7 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let book_config = BookConfig { reservation_ttl_ms: args.reservation_ttl * 1000, ..BookConfig::default() };
     let config = ExtenderConfig { prefix: args.prefix.clone(), body_bytes_max: args.body_limit };
