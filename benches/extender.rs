@@ -72,8 +72,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    println!("| nodes | mode | verb | p50 | p99 | requests/s ({CONCURRENT_CLIENTS} clients) |");
-    println!("|---|---|---|---|---|---|");
+    println!("| nodes | mode | verb | request bytes | p50 | p99 | requests/s ({CONCURRENT_CLIENTS} clients) |");
+    println!("|---|---|---|---|---|---|---|");
     for hosts in [1_000, 5_000] {
         let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::default());
         let ext =
@@ -128,8 +128,9 @@ async fn main() {
                     total += worker.await.expect("worker");
                 }
                 println!(
-                    "| {hosts} | {} | {verb} | {:.3} ms | {:.3} ms | {:.0} |",
+                    "| {hosts} | {} | {verb} | {} | {:.3} ms | {:.3} ms | {:.0} |",
                     if node_objects { "Nodes (nodeCacheCapable: false)" } else { "NodeNames (nodeCacheCapable: true)" },
+                    body.len(),
                     percentile(&latencies, 0.50).as_secs_f64() * 1e3,
                     percentile(&latencies, 0.99).as_secs_f64() * 1e3,
                     total as f64 / LOAD_SECONDS as f64

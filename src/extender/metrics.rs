@@ -81,14 +81,13 @@ impl Metrics {
         }
         let Some(book) = book else { return out };
         let stats = book.stats();
-        let gauges = [(
+        series(
+            &mut out,
             "topoplace_gangs_waiting",
             "Gangs reserved whose members have not all reached bind.",
+            "gauge",
             book.gangs_waiting() as u64,
-        )];
-        for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-        }
+        );
         let counters = [
             ("topoplace_gangs_reserved_total", "Gangs planned and reserved.", stats.gangs_reserved),
             ("topoplace_gangs_bound_total", "Gangs with every member bound.", stats.gangs_bound),
@@ -105,7 +104,7 @@ impl Metrics {
             ("topoplace_pods_bound_total", "Pods bound by topoplace.", stats.pods_bound),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            series(&mut out, name, help, "counter", value);
         }
         let cluster = book.cluster();
         let mut free_by_class: std::collections::BTreeMap<(String, u64), u64> = std::collections::BTreeMap::new();
@@ -120,4 +119,9 @@ impl Metrics {
         }
         out
     }
+}
+
+/// One unlabelled series with its HELP and TYPE lines.
+fn series(out: &mut String, name: &str, help: &str, kind: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
 }

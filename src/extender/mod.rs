@@ -141,6 +141,19 @@ impl Extender {
         out
     }
 
+    /// Runs `work` on the book, if there is one, under the lock (watch events that drop no
+    /// reservation).
+    pub fn update_book(&self, work: impl FnOnce(&mut Book)) {
+        if let Some(book) = self.lock().book.as_mut() {
+            work(book);
+        }
+    }
+
+    /// Whether the cluster view exists yet.
+    pub fn has_book(&self) -> bool {
+        self.lock().book.is_some()
+    }
+
     /// Releases expired reservations and answers their waiting binds.
     pub fn sweep(&self) {
         let now = self.now_ms();
@@ -186,48 +199,46 @@ impl Extender {
         if demand.gpus == 0 {
             return Ok(with_passing(ExtenderFilterResult::default(), &args, &names, &vec![true; names.len()]));
         }
-        {
-            let now = self.now_ms();
+        let now = self.now_ms();
+        let (outcome, waiters) = {
             let mut shared = self.lock();
             let Some(book) = shared.book.as_mut() else {
                 return Ok(not_ready_filter());
             };
             let expired = book.expire(now);
-            let (ids, unknown) = resolve(book, &names);
-            let verdicts = match book.filter(&demand, &ids, now) {
-                Ok(verdicts) => verdicts,
-                Err(error) => {
-                    let waiters = take_waiters(&mut shared, &expired);
-                    drop(shared);
-                    answer_dropped(waiters);
-                    return Ok(ExtenderFilterResult { error: error.to_string(), ..Default::default() });
-                }
-            };
-            Self::remember(&mut shared, &demand);
-            let waiters = take_waiters(&mut shared, &expired);
-            drop(shared);
-            answer_dropped(waiters);
-            let mut result = ExtenderFilterResult::default();
-            let mut passing = vec![false; names.len()];
-            let mut verdict_of = ids.iter().zip(verdicts);
-            for (index, name) in names.iter().enumerate() {
-                if unknown.contains(&index) {
-                    result.failed_and_unresolvable_nodes.insert(name.clone(), NOT_IN_VIEW.into());
-                    continue;
-                }
-                match verdict_of.next() {
-                    Some((_, NodeVerdict::Pass)) => passing[index] = true,
-                    Some((_, NodeVerdict::Fail(reason))) => {
-                        result.failed_nodes.insert(name.clone(), reason);
-                    }
-                    Some((_, NodeVerdict::Unresolvable(reason))) => {
-                        result.failed_and_unresolvable_nodes.insert(name.clone(), reason);
-                    }
-                    None => {}
-                }
+            let ids = resolve(book, &names);
+            let known: Vec<HostId> = ids.iter().flatten().copied().collect();
+            let outcome = book.filter(&demand, &known, now).map(|verdicts| (ids, verdicts));
+            if outcome.is_ok() {
+                Self::remember(&mut shared, &demand);
             }
-            Ok(with_passing(result, &args, &names, &passing))
+            (outcome, take_waiters(&mut shared, &expired))
+        };
+        answer_dropped(waiters);
+        let (ids, verdicts) = match outcome {
+            Ok(outcome) => outcome,
+            Err(error) => return Ok(ExtenderFilterResult { error: error.to_string(), ..Default::default() }),
+        };
+        let mut result = ExtenderFilterResult::default();
+        let mut passing = vec![false; names.len()];
+        let mut verdicts = verdicts.into_iter();
+        for (index, (name, id)) in names.iter().zip(&ids).enumerate() {
+            let verdict = match id {
+                Some(_) => verdicts.next(),
+                None => Some(NodeVerdict::Unresolvable(NOT_IN_VIEW.into())),
+            };
+            match verdict {
+                Some(NodeVerdict::Pass) => passing[index] = true,
+                Some(NodeVerdict::Fail(reason)) => {
+                    result.failed_nodes.insert(name.clone(), reason);
+                }
+                Some(NodeVerdict::Unresolvable(reason)) => {
+                    result.failed_and_unresolvable_nodes.insert(name.clone(), reason);
+                }
+                None => {}
+            }
         }
+        Ok(with_passing(result, &args, &names, &passing))
     }
 
     fn prioritize(&self, args: ExtenderArgs) -> Result<Vec<HostPriority>, Rejection> {
@@ -239,16 +250,17 @@ impl Extender {
         }
         let mut shared = self.lock();
         let Some(book) = shared.book.as_mut() else { return Ok(zero()) };
-        let (ids, unknown) = resolve(book, &names);
-        let scores = book.prioritize(&demand, &ids).map_err(|e| Rejection::bad_request(e.to_string()))?;
+        let ids = resolve(book, &names);
+        let known: Vec<HostId> = ids.iter().flatten().copied().collect();
+        let scores = book.prioritize(&demand, &known).map_err(|e| Rejection::bad_request(e.to_string()))?;
         drop(shared);
         let mut scores = scores.into_iter();
         Ok(names
             .iter()
-            .enumerate()
-            .map(|(index, name)| HostPriority {
+            .zip(&ids)
+            .map(|(name, id)| HostPriority {
                 host: name.clone(),
-                score: if unknown.contains(&index) { 0 } else { scores.next().unwrap_or(0) },
+                score: if id.is_some() { scores.next().unwrap_or(0) } else { 0 },
             })
             .collect())
     }
@@ -427,17 +439,9 @@ fn answer_dropped(waiters: Vec<(String, Vec<BindWaiter>)>) {
     }
 }
 
-/// Node ids of the names the book knows, and the positions of the names it does not.
-fn resolve(book: &Book, names: &[String]) -> (Vec<HostId>, Vec<usize>) {
-    let mut ids = Vec::with_capacity(names.len());
-    let mut unknown = Vec::new();
-    for (index, name) in names.iter().enumerate() {
-        match book.cluster().host_id(name) {
-            Some(id) => ids.push(id),
-            None => unknown.push(index),
-        }
-    }
-    (ids, unknown)
+/// Each name's node id, `None` for names the book does not know.
+fn resolve(book: &Book, names: &[String]) -> Vec<Option<HostId>> {
+    names.iter().map(|name| book.cluster().host_id(name)).collect()
 }
 
 fn node_names(

@@ -295,18 +295,13 @@ pub async fn run_view(client: Client, ext: Arc<Extender>, level_keys: Vec<String
                     WatchEvent::InitDone => {
                         // The book may not exist yet (nodes still listing): wait for it so
                         // that no bound pod is missed before binding anything.
-                        while ext.with_book(|book| (book.is_none(), Vec::new())) {
+                        while !ext.has_book() {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                         let pods = listed.take().unwrap_or_default();
                         let present: HashSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
                         let now = ext.now_ms();
-                        ext.with_book(|book| {
-                            if let Some(book) = book {
-                                book.forget_unlisted(&present, now, BOUND_UNSEEN_GRACE_MS);
-                            }
-                            ((), Vec::new())
-                        });
+                        ext.update_book(|book| book.forget_unlisted(&present, now, BOUND_UNSEEN_GRACE_MS));
                         for pod in &pods {
                             apply_pod(&ext, pod);
                         }
@@ -338,12 +333,7 @@ fn apply_node(specs: &mut HashMap<String, NodeSpec>, node: &Node) -> bool {
 /// A pod that left (deleted or finished): its GPUs come back.
 fn forget(ext: &Extender, pod: &Pod) {
     let Some(uid) = pod.metadata.uid.as_deref() else { return };
-    ext.with_book(|book| {
-        if let Some(book) = book {
-            book.forget_pod(uid);
-        }
-        ((), Vec::new())
-    });
+    ext.update_book(|book| book.forget_pod(uid));
 }
 
 fn apply_pod(ext: &Extender, pod: &Pod) {
@@ -356,12 +346,9 @@ fn apply_pod(ext: &Extender, pod: &Pod) {
         }
         return;
     };
-    ext.with_book(|book| {
-        if let Some(book) = book {
-            if let Err(error) = book.observe_bound(identity, &node, recorded.as_deref(), gpus, gang) {
-                tracing::warn!(%error, "a bound pod's GPUs could not be accounted");
-            }
+    ext.update_book(|book| {
+        if let Err(error) = book.observe_bound(identity, &node, recorded.as_deref(), gpus, gang) {
+            tracing::warn!(%error, "a bound pod's GPUs could not be accounted");
         }
-        ((), Vec::new())
     });
 }

@@ -51,6 +51,24 @@ pub fn mask_indices(mask: GpuMask) -> Vec<u8> {
     (0..64u8).filter(|bit| mask & (1u64 << bit) != 0).collect()
 }
 
+/// The mask of GPU indices, the inverse of [`mask_indices`]; indices past 63 name no GPU of
+/// any host and are left out.
+pub fn indices_mask(indices: &[u8]) -> GpuMask {
+    indices.iter().filter(|&&g| g < 64).fold(0, |mask, &g| mask | (1u64 << g))
+}
+
+/// Per host, the union of the masks: the holding that one reservation of them all makes.
+pub fn merge_by_host(parts: impl IntoIterator<Item = (HostId, GpuMask)>) -> Holding {
+    let mut holding: Holding = Vec::new();
+    for (host, mask) in parts {
+        match holding.iter_mut().find(|(h, _)| *h == host) {
+            Some(entry) => entry.1 |= mask,
+            None => holding.push((host, mask)),
+        }
+    }
+    holding
+}
+
 impl Ledger {
     pub fn new(cluster: &Cluster) -> Self {
         Ledger {

@@ -143,14 +143,7 @@ impl SolverInfo {
 impl GangPlacement {
     /// Per host, the GPUs the gang takes (what the ledger reserves).
     pub fn holding(&self) -> Vec<(HostId, GpuMask)> {
-        let mut holding: Vec<(HostId, GpuMask)> = Vec::new();
-        for member in &self.members {
-            match holding.iter_mut().find(|(host, _)| *host == member.host) {
-                Some(entry) => entry.1 |= member.gpus,
-                None => holding.push((member.host, member.gpus)),
-            }
-        }
-        holding
+        crate::ledger::merge_by_host(self.members.iter().map(|m| (m.host, m.gpus)))
     }
 }
 

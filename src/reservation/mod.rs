@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::ledger::{mask_indices, Ledger, LedgerError};
+use crate::ledger::{indices_mask, mask_indices, merge_by_host, Ledger, LedgerError};
 use crate::placement::{HostRejection, HostVerdict, MemberPlacement, Planner, PlannerConfig, PlannerParts};
 use crate::topology::{Cluster, GpuMask, HostId};
 use crate::workload::{Gang, GangSpec, MemoryNeed, Scope, WorkloadError};
@@ -315,8 +315,7 @@ impl Book {
         let singles = std::mem::take(&mut self.singles);
         for (ticket, member) in singles {
             let Some(host) = self.cluster.host_id(&member.node) else { continue };
-            let mask = member.gpus.iter().fold(0u64, |m, &g| m | (1u64 << g));
-            if self.ledger.reserve(&ticket, &[(host, mask)]).is_ok() {
+            if self.ledger.reserve(&ticket, &[(host, indices_mask(&member.gpus))]).is_ok() {
                 self.singles.insert(ticket, MemberBind { host, ..member });
             }
         }
@@ -334,7 +333,7 @@ impl Book {
                     None => moved = false,
                 }
             }
-            let merged = merge_holding(&request);
+            let merged = merge_by_host(request);
             if moved && self.ledger.reserve(&gang_holder(&key), &merged).is_ok() {
                 self.gangs.insert(key, reservation);
             } else {
@@ -423,10 +422,9 @@ impl Book {
                 Ok(placement) => placement,
                 Err(unplaced) => {
                     let reason = format!("gang `{key}` ({} GPUs) does not fit: {}", gang.total_gpus(), unplaced.reason);
-                    let per_host: Vec<_> = offered
-                        .iter()
-                        .map(|&h| self.with_planner(|planner, ledger| planner.host_rejection_of(ledger, &gang, h)))
-                        .collect();
+                    let per_host: Vec<_> = self.with_planner(|planner, ledger| {
+                        offered.iter().map(|&h| planner.host_rejection_of(ledger, &gang, h)).collect()
+                    });
                     return Ok(per_host
                         .into_iter()
                         .map(|rejection| match rejection {
@@ -659,7 +657,7 @@ impl Book {
                     return BindFinish::RolledBack { delete: Vec::new(), failures };
                 };
                 let _ = self.ledger.release(ticket);
-                let mask = single.gpus.iter().fold(0u64, |m, &g| m | (1u64 << g));
+                let mask = indices_mask(&single.gpus);
                 vec![(single.pod, single.node, mask, None)]
             };
         if !failures.is_empty() {
@@ -702,7 +700,7 @@ impl Book {
             return Err(BookError::UnknownNode { pod: pod.to_string(), node: node.to_string() });
         };
         let mask = match gpus {
-            Some(indices) => indices.iter().fold(0u64, |m, &g| if g < 64 { m | (1u64 << g) } else { m }),
+            Some(indices) => indices_mask(indices),
             None => {
                 let free = self.ledger.free(host);
                 let mut mask = 0u64;
@@ -897,17 +895,6 @@ impl Book {
             .collect();
         Snapshot { nodes, gangs, stats: self.stats.clone() }
     }
-}
-
-fn merge_holding(request: &[(HostId, GpuMask)]) -> Vec<(HostId, GpuMask)> {
-    let mut merged: Vec<(HostId, GpuMask)> = Vec::new();
-    for &(host, mask) in request {
-        match merged.iter_mut().find(|(h, _)| *h == host) {
-            Some(entry) => entry.1 |= mask,
-            None => merged.push((host, mask)),
-        }
-    }
-    merged
 }
 
 fn at_bind(reservation: &GangReservation) -> Vec<PodIdentity> {
