@@ -4,12 +4,13 @@
 //! [`reservation`]) is pure
 //! and synchronous: no I/O, no async, no Kubernetes or HTTP types, deterministic for a
 //! given input. The adapters ([`files`] for the YAML formats, [`convert`] for trace
-//! converters, [`kube`] and [`extender`] for Kubernetes, [`cli`] for the command line) translate into it and call it.
+//! converters, [`kube`] and [`extender`] for Kubernetes, [`grpc`] for the placement API, [`cli`] for the command line) translate into it and call it.
 
 pub mod cli;
 pub mod convert;
 pub mod extender;
 pub mod files;
+pub mod grpc;
 pub mod jobreplay;
 pub mod kube;
 pub mod ledger;

@@ -4,6 +4,7 @@
 
 pub mod jobs;
 pub mod output;
+pub mod remote;
 pub mod replay;
 pub mod serve;
 pub mod svg;
@@ -120,6 +121,34 @@ pub struct PlanArgs {
     /// Runtime overhead for --size-model, as a fraction.
     #[arg(long, default_value_t = RUNTIME_OVERHEAD_DEFAULT)]
     pub overhead: f64,
+    /// Plan against a running `topoplace serve` through its gRPC API instead of a cluster
+    /// file: `http://HOST:PORT`, `https://HOST:PORT`, or `HOST:PORT`.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["cluster", "size_model", "weights"])]
+    pub server: Option<String>,
+    /// With --server: hold the placed GPUs as a reservation instead of a dry run.
+    #[arg(long, requires = "server")]
+    pub reserve: bool,
+    /// With --reserve: hold the gangs that fit even when some do not (default: all or nothing).
+    #[arg(long, requires = "reserve")]
+    pub allow_partial: bool,
+    /// With --reserve: seconds the reservation holds (default: the server's).
+    #[arg(long, requires = "reserve")]
+    pub ttl: Option<u32>,
+    /// With --server: the namespace of the gangs (reservations are per namespace/name).
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// With --server: file holding the bearer token for reserving (default: $TOPOPLACE_TOKEN).
+    #[arg(long, requires = "server")]
+    pub token_file: Option<PathBuf>,
+    /// With --server: PEM CA that signed the server's certificate (implies TLS).
+    #[arg(long, requires = "server")]
+    pub ca: Option<PathBuf>,
+    /// With --server: client certificate for mutual TLS (PEM).
+    #[arg(long, requires_all = ["server", "client_key"])]
+    pub client_cert: Option<PathBuf>,
+    /// PEM key of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Error)]
@@ -220,6 +249,9 @@ pub fn load_workload(path: &Option<PathBuf>) -> Result<Workload, CliError> {
 }
 
 fn plan(args: &PlanArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if let Some(server) = &args.server {
+        return remote::plan(args, server, out);
+    }
     let cluster = load_cluster(&args.cluster)?;
     if let Some(parameters) = &args.size_model {
         let model = ModelSpec {

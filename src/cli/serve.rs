@@ -1,7 +1,9 @@
-//! `topoplace serve`: the kube-scheduler extender over HTTP. With `--cluster FILE` it runs on
-//! a static cluster file and records binds in memory (no Kubernetes needed); otherwise it
-//! watches nodes and pods through a kubeconfig or the in-cluster configuration and binds
-//! through the API server. Stops gracefully on SIGTERM or Ctrl-C.
+//! `topoplace serve`: the kube-scheduler extender over HTTP and the gRPC placement API on its
+//! own port, both over one reservation book. With `--cluster FILE` it runs on a static
+//! cluster file and records binds in memory (no Kubernetes needed); otherwise it watches
+//! nodes and pods through a kubeconfig or the in-cluster configuration and binds through the
+//! API server. Stops gracefully on SIGTERM or Ctrl-C: both servers stop taking connections
+//! and finish what is in flight.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +13,7 @@ use clap::Args;
 
 use super::CliError;
 use crate::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
+use crate::grpc::{self, GrpcConfig, ReserveTokens, TlsFiles};
 use crate::kube as kube_adapter;
 use crate::reservation::{Book, BookConfig};
 
@@ -37,11 +40,39 @@ pub struct ServeArgs {
     /// Largest request body accepted, bytes.
     #[arg(long, default_value_t = extender::BODY_BYTES_MAX_DEFAULT)]
     pub body_limit: usize,
+    /// Address the gRPC placement API listens on.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub grpc_listen: SocketAddr,
+    /// Do not serve the gRPC placement API.
+    #[arg(long)]
+    pub no_grpc: bool,
+    /// Seconds a Plan reservation holds when the request does not say.
+    #[arg(long, default_value_t = grpc::RESERVATION_TTL_S_DEFAULT)]
+    pub grpc_reservation_ttl: u32,
+    /// Serve gRPC over TLS with this PEM certificate (chain); needs --grpc-tls-key.
+    #[arg(long, requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key of --grpc-tls-cert.
+    #[arg(long, requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Mutual TLS: only clients with a certificate signed by this PEM CA may call at all.
+    #[arg(long, requires = "grpc_tls_cert")]
+    pub grpc_client_ca: Option<PathBuf>,
+    /// Only callers presenting one of these tokens (`TOKEN [NAME]` per line) may reserve or
+    /// release; dry runs, Explain, Capacity and ClusterState stay open.
+    #[arg(long)]
+    pub grpc_reserve_tokens: Option<PathBuf>,
 }
 
 pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
     if args.reservation_ttl == 0 {
         return Err(CliError::Input("--reservation-ttl must be at least 1 second".into()));
+    }
+    if args.grpc_reservation_ttl == 0 || args.grpc_reservation_ttl > grpc::RESERVATION_TTL_S_MAX {
+        return Err(CliError::Input(format!(
+            "--grpc-reservation-ttl must be between 1 and {} seconds",
+            grpc::RESERVATION_TTL_S_MAX
+        )));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -61,9 +92,35 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
         .try_init();
     let book_config = BookConfig { reservation_ttl_ms: args.reservation_ttl * 1000, ..BookConfig::default() };
     let config = ExtenderConfig { prefix: args.prefix.clone(), body_bytes_max: args.body_limit };
+    let grpc_config = GrpcConfig {
+        default_ttl_s: args.grpc_reservation_ttl,
+        reserve_tokens: match &args.grpc_reserve_tokens {
+            Some(path) => {
+                Some(ReserveTokens::load(path).map_err(|e| CliError::Input(format!("--grpc-reserve-tokens {e}")))?)
+            }
+            None => None,
+        },
+    };
+    let tls = match (&args.grpc_tls_cert, &args.grpc_tls_key) {
+        (Some(cert), Some(key)) => Some(
+            TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.grpc_client_ca.clone() }
+                .server_config()
+                .map_err(|e| CliError::Input(format!("gRPC TLS: {e}")))?,
+        ),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| CliError::Input(format!("--listen {}: {e}", args.listen)))?;
+    let grpc_listener = if args.no_grpc {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(args.grpc_listen)
+                .await
+                .map_err(|e| CliError::Input(format!("--grpc-listen {}: {e}", args.grpc_listen)))?,
+        )
+    };
     let ext = match &args.cluster {
         Some(path) => {
             let cluster = super::load_cluster(&Some(path.clone()))?;
@@ -80,8 +137,30 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
             ext
         }
     };
+    // One signal stops both servers.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let stopped_signal = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
     tracing::info!(listen = %args.listen, prefix = %args.prefix, "extender listening");
-    extender::serve(listener, ext, shutdown_signal()).await.map_err(|e| CliError::Failed(format!("serving: {e}")))
+    let extender_server = extender::serve(listener, ext.clone(), stopped_signal(stopped.clone()));
+    let extender_server = async { extender_server.await.map_err(|e| CliError::Failed(format!("serving: {e}"))) };
+    let grpc_server = async {
+        match grpc_listener {
+            Some(listener) => {
+                tracing::info!(listen = %args.grpc_listen, tls = tls.is_some(), "gRPC placement API listening");
+                grpc::serve(listener, ext.clone(), grpc_config, tls, stopped_signal(stopped.clone()))
+                    .await
+                    .map_err(CliError::Failed)
+            }
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(extender_server, grpc_server).map(|_| ())
 }
 
 async fn shutdown_signal() {

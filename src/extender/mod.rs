@@ -75,6 +75,34 @@ impl Default for ExtenderConfig {
 
 type BindWaiter = oneshot::Sender<Result<(), String>>;
 
+/// The lock on [`Shared`]; on release it publishes the book's generation if it moved.
+struct SharedGuard<'a> {
+    guard: MutexGuard<'a, Shared>,
+    generation: &'a tokio::sync::watch::Sender<u64>,
+}
+
+impl std::ops::Deref for SharedGuard<'_> {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for SharedGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Shared {
+        &mut self.guard
+    }
+}
+
+impl Drop for SharedGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(book) = &self.guard.book {
+            let now = book.generation();
+            self.generation.send_if_modified(|seen| std::mem::replace(seen, now) != now);
+        }
+    }
+}
+
 struct Shared {
     /// `None` until the first cluster view exists (kube mode before nodes synced).
     book: Option<Book>,
@@ -83,9 +111,12 @@ struct Shared {
     demand_order: VecDeque<String>,
 }
 
-/// The extender's state; shared by every request through an `Arc`.
+/// The extender's state; shared by every request through an `Arc`. The gRPC placement API
+/// serves from the same book, through [`Extender::with_book`].
 pub struct Extender {
     shared: Mutex<Shared>,
+    /// The book's generation after the last lock section: capacity watchers wait on it.
+    generation: tokio::sync::watch::Sender<u64>,
     binder: Arc<dyn Binder>,
     metrics: Metrics,
     epoch: tokio::time::Instant,
@@ -103,6 +134,7 @@ impl Extender {
                 demands: HashMap::new(),
                 demand_order: VecDeque::new(),
             }),
+            generation: tokio::sync::watch::Sender::new(0),
             binder,
             metrics: Metrics::default(),
             epoch: tokio::time::Instant::now(),
@@ -116,10 +148,19 @@ impl Extender {
         self.epoch.elapsed().as_millis().min(u128::from(u64::MAX)) as u64
     }
 
-    fn lock(&self) -> MutexGuard<'_, Shared> {
+    fn lock(&self) -> SharedGuard<'_> {
         // A panic while holding the lock would be a bug in the book; the state it guards is
         // still checked by `Book::check`, so keep serving rather than poisoning every request.
-        self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        SharedGuard {
+            guard: self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
+            generation: &self.generation,
+        }
+    }
+
+    /// The book's generation, updated whenever a lock section changed the cluster view or
+    /// the ledger (whoever changed it: the extender, the watches, or the gRPC API).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     pub fn set_ready(&self, ready: bool) {

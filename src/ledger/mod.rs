@@ -45,6 +45,8 @@ pub struct Ledger {
     base: Vec<GpuMask>,
     host_names: Vec<String>,
     holders: BTreeMap<String, Holding>,
+    /// Successful reserves and releases so far: watchers compare it to see a change.
+    changes: u64,
 }
 
 pub fn mask_indices(mask: GpuMask) -> Vec<u8> {
@@ -77,7 +79,13 @@ impl Ledger {
             base: cluster.initially_used.clone(),
             host_names: cluster.hosts.iter().map(|h| h.name.clone()).collect(),
             holders: BTreeMap::new(),
+            changes: 0,
         }
+    }
+
+    /// How many times the ledger has changed (reserve or release) since it was made.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     pub fn free(&self, host: HostId) -> GpuMask {
@@ -159,6 +167,7 @@ impl Ledger {
             self.used[host as usize] |= mask;
         }
         self.holders.insert(holder.to_string(), merged.into_iter().filter(|&(_, m)| m != 0).collect());
+        self.changes += 1;
         debug_assert!(self.check().is_ok(), "{:?}", self.check());
         Ok(())
     }
@@ -171,6 +180,7 @@ impl Ledger {
             assert_eq!(self.used[host as usize] & mask, mask, "ledger lost track of {holder}'s GPUs");
             self.used[host as usize] &= !mask;
         }
+        self.changes += 1;
         debug_assert!(self.check().is_ok(), "{:?}", self.check());
         Ok(holding)
     }

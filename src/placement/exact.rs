@@ -159,23 +159,25 @@ struct SolvedModel {
 impl Planner<'_> {
     /// Places one gang exactly over its candidate hosts; reserves nothing.
     pub fn place_exact(&mut self, ledger: &Ledger, gang: &Gang, config: &ExactConfig) -> (ExactOutcome, ExactStats) {
-        let (outcome, stats, _) = self.place_exact_and_greedy(ledger, gang, config);
+        let (outcome, stats, _) = self.place_exact_and_greedy(ledger, gang, config, None);
         (outcome, stats)
     }
 
     /// [`Planner::place_exact`], also handing back the greedy placement it computes for its
     /// candidate ranking, so that callers comparing or falling back do not compute it again.
+    /// With `offered`, only the flagged hosts (indexed by host id) are considered.
     pub fn place_exact_and_greedy(
         &mut self,
         ledger: &Ledger,
         gang: &Gang,
         config: &ExactConfig,
+        offered: Option<&[bool]>,
     ) -> (ExactOutcome, ExactStats, Result<GangPlacement, Unplaced>) {
         let started = Instant::now();
         let mut stats = ExactStats::default();
         let no_answer = |reason: String| ExactOutcome::NoAnswer { reason };
         let mut ranking = Vec::new();
-        let greedy = self.place_ranked(ledger, gang, Some(&mut ranking), None);
+        let greedy = self.place_ranked(ledger, gang, Some(&mut ranking), offered);
         let (required, preferred) =
             match (self.resolve(gang, &gang.required, "required"), self.resolve(gang, &gang.preferred, "preferred")) {
                 (Ok(r), Ok(p)) => (r, p),
@@ -188,7 +190,7 @@ impl Planner<'_> {
             atom: gang.tensor_parallel.min(gang.gpus_per_member),
         };
         let mut tally = super::RejectionTally::default();
-        let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, None, &mut tally);
+        let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, offered, &mut tally);
         if !capacity.pools.is_empty() {
             return (
                 no_answer("tensor-parallel groups larger than a host are placed by the greedy solver only".into()),

@@ -17,6 +17,7 @@
 //! The engine reads a [`Ledger`] and never writes it; [`Planner::plan`] places a batch
 //! by reserving each placed gang before the next is placed.
 
+pub mod capacity;
 pub mod exact;
 pub mod gpus;
 pub mod score;
@@ -1102,9 +1103,20 @@ impl<'c> Planner<'c> {
         gang: &Gang,
         solver: &SolverChoice,
     ) -> Result<GangPlacement, Unplaced> {
+        self.place_with_within(ledger, gang, solver, None)
+    }
+
+    /// [`Planner::place_with`] on the hosts flagged in `offered` only, when given.
+    pub fn place_with_within(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        solver: &SolverChoice,
+        offered: Option<&[bool]>,
+    ) -> Result<GangPlacement, Unplaced> {
         match solver {
-            SolverChoice::Greedy => self.place(ledger, gang),
-            SolverChoice::Exact(config) => match self.place_exact_and_greedy(ledger, gang, config) {
+            SolverChoice::Greedy => self.place_ranked(ledger, gang, None, offered),
+            SolverChoice::Exact(config) => match self.place_exact_and_greedy(ledger, gang, config, offered) {
                 (exact::ExactOutcome::Placed(placement), _, _) => Ok(*placement),
                 (exact::ExactOutcome::Infeasible(mut unplaced), _, _) => {
                     unplaced.reason = format!("proven infeasible by the exact solver: {}", unplaced.reason);
@@ -1116,7 +1128,7 @@ impl<'c> Planner<'c> {
                     Ok(placement)
                 }
             },
-            SolverChoice::Auto(config) => match self.place_exact_and_greedy(ledger, gang, config) {
+            SolverChoice::Auto(config) => match self.place_exact_and_greedy(ledger, gang, config, offered) {
                 (exact::ExactOutcome::Placed(exact), _, Ok(mut greedy))
                     if greedy.score.total > exact.score.total + 1e-9 =>
                 {

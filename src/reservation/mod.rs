@@ -11,8 +11,14 @@
 //! as `pod:{uid}`. A gang moves from the first to the second only when every member's Binding
 //! succeeded, so at any instant a gang is held whole (reserved or bound) or not at all.
 
+mod api;
 #[cfg(test)]
 mod tests;
+
+pub use api::{
+    ApiReservation, ClusterState, DomainState, Explained, GangRequest, HostState, NodeFit, PlanOptions, PlanOutcome,
+    Released, RequestError, ReservationState,
+};
 
 use std::collections::BTreeMap;
 
@@ -218,6 +224,8 @@ struct GangReservation {
     expires_at_ms: u64,
     /// Bindings are in flight: the reservation neither expires nor re-plans.
     binding: bool,
+    /// Set when the placement API reserved it (the extender's own plans have none).
+    origin: Option<ApiReservation>,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +249,11 @@ pub struct Book {
     singles: BTreeMap<String, MemberBind>,
     bound: BTreeMap<String, BoundPod>,
     stats: BookStats,
+    /// Ledger changes of the cluster views before the current one, so that
+    /// [`Book::generation`] keeps growing across [`Book::replace_cluster`].
+    earlier_changes: u64,
+    /// Reservations the placement API has made (their ids count up from 1).
+    api_reservations: u64,
 }
 
 fn gang_holder(key: &str) -> String {
@@ -263,7 +276,14 @@ impl Book {
             singles: BTreeMap::new(),
             bound: BTreeMap::new(),
             stats: BookStats::default(),
+            earlier_changes: 0,
+            api_reservations: 0,
         }
+    }
+
+    /// Grows whenever the cluster view or the ledger changes: what capacity watchers compare.
+    pub fn generation(&self) -> u64 {
+        self.earlier_changes + self.ledger.changes()
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -303,6 +323,7 @@ impl Book {
     /// is gone is forgotten.
     pub fn replace_cluster(&mut self, cluster: Cluster) -> Vec<Expired> {
         let old = std::mem::replace(&mut self.cluster, cluster);
+        self.earlier_changes += self.ledger.changes() + 1;
         self.ledger = Ledger::new(&self.cluster);
         self.parts = None;
         let bound = std::mem::take(&mut self.bound);
@@ -444,7 +465,13 @@ impl Book {
                 .collect();
             self.gangs.insert(
                 key.clone(),
-                GangReservation { gang, slots, expires_at_ms: now_ms + self.config.reservation_ttl_ms, binding: false },
+                GangReservation {
+                    gang,
+                    slots,
+                    expires_at_ms: now_ms + self.config.reservation_ttl_ms,
+                    binding: false,
+                    origin: None,
+                },
             );
             self.stats.gangs_reserved += 1;
         }
@@ -510,7 +537,8 @@ impl Book {
         // replaced (same rank, new uid): the newcomer takes it.
         reservation.slots[slot].pod = Some(demand.pod.clone());
         reservation.slots[slot].at_bind = false;
-        reservation.expires_at_ms = now_ms + ttl;
+        // A reservation made through the API may hold longer than the extender's TTL.
+        reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms + ttl);
         Ok(slot)
     }
 

@@ -6,6 +6,7 @@ use rand::{RngExt, SeedableRng};
 use super::*;
 use crate::topology::tests::node;
 use crate::topology::ClusterSpec;
+use crate::workload::GangSpec;
 
 fn cluster(racks: usize, hosts_per_rack: usize) -> Cluster {
     let mut nodes = Vec::new();
@@ -223,4 +224,133 @@ fn a_seeded_simulation_never_double_books_or_half_binds() {
     }
     // The run exercised every path: gangs bound, undone after a failed Binding, expired.
     assert!(totals.gangs_bound > 100 && totals.gangs_rolled_back > 10 && totals.gangs_expired > 10, "{totals:?}");
+}
+
+fn api_gang(key: &str, members: u32, gpus: u32, required: Option<Scope>) -> GangRequest {
+    let mut spec = GangSpec::shape(key, members, gpus, gpus);
+    spec.required = required;
+    GangRequest { key: key.into(), gang: spec.expand().remove(0), product: None }
+}
+
+fn plan_options(dry_run: bool, ttl_ms: u64) -> PlanOptions {
+    PlanOptions {
+        dry_run,
+        ttl_ms,
+        solver: crate::placement::SolverChoice::Greedy,
+        allow_partial: false,
+        owner: "tester".into(),
+        explain: false,
+    }
+}
+
+#[test]
+fn an_api_reservation_is_held_until_released_and_a_dry_run_holds_nothing() {
+    let mut book = Book::new(cluster(2, 4), BookConfig::default());
+    let free = book.ledger().free_gpus();
+    let dry = book.plan_gangs(&[api_gang("ns/a", 2, 8, None)], &plan_options(true, 60_000), 0).expect("plan");
+    assert!(dry.placed_all() && dry.reservation.is_none());
+    assert_eq!(book.ledger().free_gpus(), free);
+
+    let generation = book.generation();
+    let held = book.plan_gangs(&[api_gang("ns/a", 2, 8, None)], &plan_options(false, 60_000), 0).expect("plan");
+    let (id, expires) = held.reservation.clone().expect("reserved");
+    assert_eq!(expires, 60_000);
+    assert_eq!(book.ledger().free_gpus(), free - 16);
+    assert!(book.generation() > generation);
+    book.check().expect("book consistent");
+    let state = book.cluster_state(1_000, false);
+    assert_eq!(state.reserved_gpus, 16);
+    assert_eq!(state.reservations[0].origin.as_ref().map(|o| o.owner.as_str()), Some("tester"));
+    assert_eq!(state.reservations[0].expires_in_ms, 59_000);
+
+    let again = book.plan_gangs(&[api_gang("ns/a", 1, 8, None)], &plan_options(false, 60_000), 0);
+    assert!(matches!(again, Err(RequestError::AlreadyReserved { .. })), "{again:?}");
+    let released = book.release_reservation(&id).expect("release");
+    assert_eq!((released.gangs, released.gpus), (vec!["ns/a".to_string()], 16));
+    assert_eq!(book.ledger().free_gpus(), free);
+    assert_eq!(book.release_reservation(&id), Err(RequestError::UnknownReservation { id }));
+}
+
+#[test]
+fn a_plan_that_cannot_place_every_gang_holds_nothing_unless_partial_is_allowed() {
+    let mut book = Book::new(cluster(1, 2), BookConfig::default());
+    let gangs = [api_gang("ns/fits", 1, 8, None), api_gang("ns/big", 2, 8, Some(Scope::Host))];
+    let outcome = book.plan_gangs(&gangs, &plan_options(false, 1_000), 0).expect("plan");
+    assert!(!outcome.placed_all());
+    assert_eq!(outcome.placements.len(), 1);
+    assert!(outcome.reservation.is_none());
+    assert_eq!(book.ledger().free_gpus(), 16);
+    let partial = PlanOptions { allow_partial: true, ..plan_options(false, 1_000) };
+    let outcome = book.plan_gangs(&gangs, &partial, 0).expect("plan");
+    assert!(outcome.reservation.is_some());
+    assert_eq!(book.ledger().free_gpus(), 8);
+    book.check().expect("book consistent");
+}
+
+#[test]
+fn api_requests_that_can_never_fit_are_refused_with_the_gang_named() {
+    let mut book = Book::new(cluster(1, 2), BookConfig::default());
+    let too_big = book.plan_gangs(&[api_gang("ns/huge", 3, 8, None)], &plan_options(true, 1), 0);
+    let Err(RequestError::Invalid(message)) = too_big else { panic!("{too_big:?}") };
+    assert!(
+        message.contains("ns/huge") && message.contains("needs 24 GPUs") && message.contains("only 16"),
+        "{message}"
+    );
+    let level =
+        book.plan_gangs(&[api_gang("ns/x", 1, 8, Some(Scope::Level("zone".into())))], &plan_options(true, 1), 0);
+    let Err(RequestError::Invalid(message)) = level else { panic!("{level:?}") };
+    assert!(message.contains("zone"), "{message}");
+    let twice =
+        book.plan_gangs(&[api_gang("ns/x", 1, 8, None), api_gang("ns/x", 1, 8, None)], &plan_options(true, 1), 0);
+    assert!(matches!(twice, Err(RequestError::Invalid(m)) if m.contains("twice")));
+    assert_eq!(book.ledger().changes(), 0, "nothing was reserved on the way");
+}
+
+#[test]
+fn pods_of_an_api_reserved_gang_are_placed_on_its_reservation() {
+    let mut book = Book::new(cluster(2, 4), BookConfig { reservation_ttl_ms: 1_000, ..BookConfig::default() });
+    let outcome = book.plan_gangs(&[api_gang("ns/g", 2, 8, None)], &plan_options(false, 600_000), 0).expect("plan");
+    let planned: Vec<String> =
+        outcome.placements[0].members.iter().map(|m| book.cluster().host(m.host).name.clone()).collect();
+    let offered = all_hosts(&book);
+    let (members, nodes) = filter_gang(&mut book, "g", 2, &offered);
+    let mut sorted = nodes.clone();
+    sorted.sort();
+    let mut expected = planned.clone();
+    expected.sort();
+    assert_eq!(sorted, expected, "the members land on the API's reservation");
+    // A member's arrival keeps the API's longer expiry instead of shortening it.
+    assert_eq!(book.expiry_of("ns/g"), Some(600_000));
+    assert!(matches!(book.bind_arrive(&members[0], &nodes[0], 10), Ok(BindStep::Wait { .. })));
+    let BindStep::Bind { ticket, members: binds } = book.bind_arrive(&members[1], &nodes[1], 10).expect("bind") else {
+        panic!("the last member binds the gang")
+    };
+    let outcomes: Vec<_> = binds.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
+    assert_eq!(book.bind_finished(&ticket, &outcomes, 20), BindFinish::Bound);
+    assert!(book.cluster_state(20, false).reservations.is_empty());
+    assert_eq!(book.cluster_state(20, false).bound_gpus, 16);
+    book.check().expect("book consistent");
+}
+
+#[test]
+fn capacity_counts_replicas_per_product_domain_and_scope() {
+    let mut book = Book::new(cluster(2, 4), BookConfig::default());
+    // 8 hosts of 8 GPUs: 16 replicas of a 4-GPU member, 4 of 2 x 8 in a rack.
+    let tp4 = api_gang("ns/c", 1, 4, None);
+    let report = book.capacity(&tp4, None).expect("capacity");
+    assert_eq!(report.replicas, 16);
+    assert_eq!(report.domains.iter().map(|d| d.replicas).collect::<Vec<_>>(), vec![8, 8]);
+    let rack_pairs = api_gang("ns/c", 2, 8, Some(Scope::Level("leaf".into())));
+    assert_eq!(book.capacity(&rack_pairs, None).expect("capacity").replicas, 4);
+    // Three 8-GPU members in one rack: one per rack, though six hosts' worth are free.
+    let rack_triples = api_gang("ns/c", 3, 8, Some(Scope::Level("leaf".into())));
+    assert_eq!(book.capacity(&rack_triples, None).expect("capacity").replicas, 2);
+    let anywhere_triples = api_gang("ns/c", 3, 8, None);
+    assert_eq!(book.capacity(&anywhere_triples, None).expect("capacity").replicas, 2);
+    // Reserve half a host: the 4-GPU count drops by one, the 8-GPU one by one host.
+    book.plan_gangs(&[api_gang("ns/half", 1, 4, None)], &plan_options(false, 1_000), 0).expect("plan");
+    assert_eq!(book.capacity(&tp4, None).expect("capacity").replicas, 15);
+    assert_eq!(book.capacity(&api_gang("ns/c", 1, 8, Some(Scope::Host)), None).expect("capacity").replicas, 7);
+    let unknown = book.capacity(&tp4, Some("zone"));
+    assert!(matches!(unknown, Err(RequestError::Invalid(m)) if m.contains("zone")));
 }

@@ -1,0 +1,242 @@
+//! `topoplace plan --server ADDR`: the workload planned by a running `topoplace serve`
+//! through its gRPC API (a dry run unless `--reserve`), rendered like a local plan.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use super::{load_workload, write_all, CliError, OutputFormat, PlanArgs, SolverFlag};
+use crate::grpc::pb;
+use crate::grpc::pb::placement_client::PlacementClient;
+use crate::workload::{Scope, Workload};
+
+/// Environment variable holding the bearer token, when `--token-file` is not given.
+pub const TOKEN_ENV: &str = "TOPOPLACE_TOKEN";
+
+/// Connection settings of a gRPC client of `topoplace serve`.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    /// `http://host:port`, `https://host:port`, or `host:port` (plain).
+    pub server: String,
+    pub ca: Option<PathBuf>,
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    pub token: Option<String>,
+}
+
+impl Connection {
+    pub async fn connect(&self) -> Result<PlacementClient<Channel>, CliError> {
+        let address = if self.server.contains("://") { self.server.clone() } else { format!("http://{}", self.server) };
+        let mut endpoint = Channel::from_shared(address.clone())
+            .map_err(|e| CliError::Input(format!("--server `{}`: {e}", self.server)))?;
+        if address.starts_with("https://") || self.ca.is_some() {
+            let read =
+                |path: &PathBuf| std::fs::read(path).map_err(|e| CliError::Input(format!("{}: {e}", path.display())));
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &self.ca {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let Some((cert, key)) = &self.client_identity {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| CliError::Input(format!("TLS: {e}")))?;
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| CliError::Failed(format!("cannot reach the placement API at {address}: {e}")))?;
+        Ok(PlacementClient::new(channel))
+    }
+
+    /// `request` with the bearer token attached, when there is one.
+    pub fn request<T>(&self, body: T) -> Result<tonic::Request<T>, CliError> {
+        let mut request = tonic::Request::new(body);
+        if let Some(token) = &self.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| CliError::Input("the token has characters not allowed in gRPC metadata".into()))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+fn status_error(what: &str, status: tonic::Status) -> CliError {
+    let message = format!("{what}: {} ({:?})", status.message(), status.code());
+    match status.code() {
+        tonic::Code::InvalidArgument
+        | tonic::Code::AlreadyExists
+        | tonic::Code::NotFound
+        | tonic::Code::PermissionDenied
+        | tonic::Code::Unauthenticated => CliError::Input(message),
+        _ => CliError::Failed(message),
+    }
+}
+
+fn scope_text(scope: &Option<Scope>) -> String {
+    scope.as_ref().map(ToString::to_string).unwrap_or_default()
+}
+
+/// The workload's gangs as API messages, one per replica (named as a local plan names them).
+pub fn workload_gangs(workload: &Workload, namespace: &str) -> Vec<pb::Gang> {
+    workload
+        .expand()
+        .into_iter()
+        .map(|gang| pb::Gang {
+            namespace: namespace.to_string(),
+            name: gang.name.clone(),
+            members: gang.members,
+            gpus_per_member: gang.gpus_per_member,
+            tensor_parallel: gang.tensor_parallel,
+            pipeline_parallel: gang.pipeline_parallel,
+            min_gpu_memory_mib: gang.memory_floor_mib,
+            product: String::new(),
+            required_topology: scope_text(&gang.required),
+            preferred_topology: scope_text(&gang.preferred),
+            replicas: 1,
+        })
+        .collect()
+}
+
+fn connection(args: &PlanArgs, server: &str) -> Result<Connection, CliError> {
+    let token = match &args.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| CliError::Input(format!("--token-file {}: {e}", path.display())))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+    };
+    Ok(Connection {
+        server: server.to_string(),
+        ca: args.ca.clone(),
+        client_identity: args.client_cert.clone().zip(args.client_key.clone()),
+        token,
+    })
+}
+
+pub fn plan(args: &PlanArgs, server: &str, out: &mut dyn Write) -> Result<(), CliError> {
+    let workload = load_workload(&args.workload)?;
+    workload.validate().map_err(|e| CliError::Input(e.to_string()))?;
+    let connection = connection(args, server)?;
+    let gangs = workload_gangs(&workload, &args.namespace);
+    let request = pb::PlanRequest {
+        gangs: gangs.clone(),
+        dry_run: !args.reserve,
+        ttl_seconds: args.ttl.unwrap_or(0),
+        solver: match args.solver {
+            SolverFlag::Greedy => pb::Solver::Greedy,
+            SolverFlag::Exact => pb::Solver::Exact,
+            SolverFlag::Auto => pb::Solver::Auto,
+        } as i32,
+        allow_partial: args.allow_partial,
+        explain: args.explain,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("starting the async runtime: {e}")))?;
+    let response = runtime.block_on(async {
+        let mut client = connection.connect().await?;
+        let response = client
+            .plan(connection.request(request)?)
+            .await
+            .map_err(|status| status_error("Plan", status))?
+            .into_inner();
+        Ok::<_, CliError>(response)
+    })?;
+    let value = response_json(server, &response);
+    let text = match args.output {
+        OutputFormat::Json => serde_json::to_string_pretty(&value).map(|t| t + "\n").map_err(|e| e.to_string()),
+        OutputFormat::Yaml => serde_yaml_ng::to_string(&value).map_err(|e| e.to_string()),
+        OutputFormat::Table => Ok(table(server, &response, args.reserve)),
+    }
+    .map_err(|e| CliError::Failed(format!("rendering the plan: {e}")))?;
+    write_all(out, &text)
+}
+
+fn gpus_text(gpus: &[u32]) -> String {
+    gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn table(server: &str, response: &pb::PlanResponse, reserve: bool) -> String {
+    let mut text = String::new();
+    let held = if !reserve {
+        "dry run, nothing held".to_string()
+    } else if response.reservation_id.is_empty() {
+        "nothing held: not every gang fits (--allow-partial holds those that do)".to_string()
+    } else {
+        format!("reservation {} held for {} s", response.reservation_id, response.expires_in_ms.div_ceil(1000))
+    };
+    text.push_str(&format!(
+        "plan by {server}: {} of {} gangs placed ({held})\n\n",
+        response.placements.len(),
+        response.placements.len() + response.unplaced.len()
+    ));
+    text.push_str(&format!("{:<28} {:<16} {:<28} {:>6}  members (node: GPUs)\n", "GANG", "PRODUCT", "SCOPE", "SCORE"));
+    for placement in &response.placements {
+        let members: Vec<String> =
+            placement.members.iter().map(|m| format!("{}: {}", m.node, gpus_text(&m.gpus))).collect();
+        text.push_str(&format!(
+            "{:<28} {:<16} {:<28} {:>6.3}  {}\n",
+            format!("{}/{}", placement.namespace, placement.name),
+            placement.product,
+            placement.scope,
+            placement.score.as_ref().map_or(0.0, |s| s.total),
+            members.join("; ")
+        ));
+    }
+    if !response.unplaced.is_empty() {
+        text.push_str("\nunplaced:\n");
+        for unplaced in &response.unplaced {
+            text.push_str(&format!("  {}/{}: {}\n", unplaced.namespace, unplaced.name, unplaced.reason));
+            for group in &unplaced.rejected_hosts {
+                text.push_str(&format!(
+                    "    {} host(s): {} (e.g. {})\n",
+                    group.hosts,
+                    group.reason,
+                    group.examples.join(", ")
+                ));
+            }
+            for domain in &unplaced.domains {
+                text.push_str(&format!("    {domain}\n"));
+            }
+        }
+    }
+    text
+}
+
+fn response_json(server: &str, response: &pb::PlanResponse) -> Value {
+    json!({
+        "server": server,
+        "placed": response.placed,
+        "reservationId": (!response.reservation_id.is_empty()).then_some(&response.reservation_id),
+        "expiresInMs": (!response.reservation_id.is_empty()).then_some(response.expires_in_ms),
+        "placements": response.placements.iter().map(|p| json!({
+            "gang": format!("{}/{}", p.namespace, p.name),
+            "product": p.product,
+            "scope": p.scope,
+            "score": p.score.as_ref().map(|s| json!({
+                "total": s.total, "locality": s.locality, "memory": s.memory,
+                "fragmentation": s.fragmentation, "connectivity": s.connectivity,
+            })),
+            "solver": p.solver.as_ref().map(|s| s.solver.clone()),
+            "members": p.members.iter().map(|m| json!({"member": m.member, "node": m.node, "gpus": m.gpus})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "unplaced": response.unplaced.iter().map(|u| {
+            let rejected: Vec<Value> = u
+                .rejected_hosts
+                .iter()
+                .map(|g| json!({"reason": g.reason, "hosts": g.hosts, "examples": g.examples}))
+                .collect();
+            json!({
+                "gang": format!("{}/{}", u.namespace, u.name),
+                "reason": u.reason,
+                "rejectedHosts": rejected,
+                "domains": u.domains,
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
