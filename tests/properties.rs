@@ -244,6 +244,38 @@ proptest! {
     }
 
     #[test]
+    fn capacity_is_how_many_replicas_placing_one_after_another_reaches(
+        draws in prop::collection::vec(host_draw(), 1..16),
+        gang in gang_draw(),
+    ) {
+        let cluster = build_cluster(&draws);
+        let mut ledger = Ledger::new(&cluster);
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        let report = planner.capacity(&ledger, &gang, None, None).expect("the gang's levels exist");
+        let mut placed = 0u64;
+        while placed <= report.replicas {
+            let replica = Gang { name: format!("replica-{placed}"), ..gang.clone() };
+            let Ok(placement) = planner.place(&ledger, &replica) else { break };
+            ledger.reserve(&replica.name, &placement.holding()).expect("the ledger accepts a valid placement");
+            placed += 1;
+        }
+        if gang.required == Some(Scope::Nvlink) {
+            // Capacity counts disjoint NVLink-connected sets (a packing); placing one replica
+            // after another may pick a set that leaves fewer (V100 hybrid cube-mesh).
+            prop_assert!(placed <= report.replicas, "placed {} above capacity {:?}", placed, report);
+        } else {
+            prop_assert_eq!(placed, report.replicas, "capacity {:?}", report);
+        }
+        prop_assert_eq!(report.products.iter().map(|p| p.replicas).sum::<u64>(), report.replicas);
+        // Replicas inside disjoint racks can all exist at once.
+        prop_assert!(report.domains.iter().map(|d| d.replicas).sum::<u64>() <= report.replicas);
+        if placed == report.replicas {
+            let after = planner.capacity(&ledger, &gang, None, None).expect("levels");
+            prop_assert_eq!(after.replicas, 0, "nothing fits once capacity is used up");
+        }
+    }
+
+    #[test]
     fn a_single_host_gang_is_placed_whenever_some_host_can_hold_it(
         draws in prop::collection::vec(host_draw(), 1..16),
         gpus in prop::sample::select(vec![1u32, 2, 4]),

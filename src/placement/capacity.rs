@@ -9,11 +9,13 @@
 //! replica after replica keeps this O(hosts) for any count; the property tests compare the
 //! two.
 //!
-//! One approximation: with `required: nvlink` on a host whose NVLink is split into islands,
-//! every unit of the host is counted as reachable from the others (an upper bound).
+//! With `required: nvlink`, a host outside any clique holds as many replicas as it has
+//! disjoint NVLink-connected sets of the gang's GPUs (hosts with NVLink islands hold fewer
+//! than their units suggest); a clique pools the units of its hosts.
 
 use std::collections::BTreeMap;
 
+use super::gpus::UnitShape;
 use super::{shapes_of, GangInputError, Planner, RejectionGroup, RejectionTally, ResolvedScope};
 use crate::ledger::Ledger;
 use crate::topology::{HostId, ProductId};
@@ -79,10 +81,22 @@ impl Planner<'_> {
 
         // Leaves: a host's own units, or a pool of clique hosts whose units span hosts.
         let mut leaves: Vec<(ProductId, HostId, u64, Option<u32>, bool)> = Vec::new();
+        let whole_gang = UnitShape { unit_gpus: gang.total_gpus().min(u64::from(u32::MAX)) as u32, atom: 0 };
+        let whole_gang = UnitShape { atom: whole_gang.unit_gpus, ..whole_gang };
         for (index, host) in cluster.hosts.iter().enumerate() {
-            let units = capacity.units[index];
+            let mut units = u64::from(capacity.units[index]);
+            if units > 0 && required == Some(ResolvedScope::Nvlink) && host.clique.is_none() {
+                // Within one host, `nvlink` asks for the whole gang on one NVLink-connected set
+                // of GPUs: count those sets (hosts with NVLink islands hold fewer than units say).
+                let sets = if whole_gang.unit_gpus <= u32::from(host.gpu_count) {
+                    self.chooser.unit_count(host, ledger.free(index as HostId), whole_gang)
+                } else {
+                    0
+                };
+                units = u64::from(sets) * need;
+            }
             if units > 0 {
-                leaves.push((host.product, index as HostId, u64::from(units), host.clique, false));
+                leaves.push((host.product, index as HostId, units, host.clique, false));
             }
         }
         for pool in &capacity.pools {
@@ -98,7 +112,6 @@ impl Planner<'_> {
                 Some(ResolvedScope::Host) => Group::Host(host),
                 Some(ResolvedScope::Nvlink) => match clique {
                     Some(clique) => Group::Clique(clique),
-                    None if cluster.host(host).links.best_nvlink_gbps == 0 && gang.total_gpus() > 1 => return None,
                     None => Group::Host(host),
                 },
                 Some(ResolvedScope::Level(level)) => Group::Domain(cluster.host(host).domain_path[level]),

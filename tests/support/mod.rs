@@ -438,3 +438,23 @@ async fn create_event(State(api): State<FakeApi>, axum::Json(mut event): axum::J
     state.events.push(event.clone());
     (StatusCode::CREATED, axum::Json(event)).into_response()
 }
+
+/// The gRPC placement API over `ext`'s book on a loopback port; `base` is `http://127.0.0.1:PORT`
+/// (`https://localhost:PORT` with TLS).
+pub async fn grpc_server(
+    ext: Arc<Extender>,
+    config: topoplace::grpc::GrpcConfig,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let port = listener.local_addr().expect("local addr").port();
+    let base = if tls.is_some() { format!("https://localhost:{port}") } else { format!("http://127.0.0.1:{port}") };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = topoplace::grpc::serve(listener, ext, config, tls, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    Running { base, stop: Some(stop), task }
+}

@@ -1,0 +1,567 @@
+//! The gRPC placement API over loopback with a real tonic client: every RPC, concurrent Plans
+//! that must never double-book, reservations that expire, invalid requests, the book shared
+//! with the extender in both directions, health and reflection, TLS, mutual TLS and reserve
+//! tokens, and `topoplace plan --server`.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures::StreamExt;
+use support::{grpc_server, pod, post, schedule, static_extender};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::Code;
+use topoplace::grpc::pb::{self, placement_client::PlacementClient};
+use topoplace::grpc::{GrpcConfig, ReserveTokens};
+
+const CLUSTER: &str = "testdata/extender/cluster.yaml";
+/// Guards the waits below so a broken server fails the test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+async fn client(base: &str) -> PlacementClient<Channel> {
+    PlacementClient::connect(base.to_string()).await.expect("connect")
+}
+
+fn gang(name: &str, members: u32, gpus: u32) -> pb::Gang {
+    pb::Gang {
+        namespace: "team".into(),
+        name: name.into(),
+        members,
+        gpus_per_member: gpus,
+        tensor_parallel: gpus,
+        ..Default::default()
+    }
+}
+
+fn plan(gangs: Vec<pb::Gang>, dry_run: bool) -> pb::PlanRequest {
+    pb::PlanRequest { gangs, dry_run, ..Default::default() }
+}
+
+fn capacity(members: u32, gpus: u32) -> pb::CapacityRequest {
+    pb::CapacityRequest { shape: Some(gang("", members, gpus)), by_level: String::new() }
+}
+
+async fn state(client: &mut PlacementClient<Channel>) -> pb::ClusterStateResponse {
+    client.cluster_state(pb::ClusterStateRequest { summary_only: false }).await.expect("state").into_inner()
+}
+
+fn nodes_of(placement: &pb::GangPlacement) -> Vec<String> {
+    placement.members.iter().map(|m| m.node.clone()).collect()
+}
+
+#[tokio::test]
+async fn every_rpc_answers_from_the_live_view() {
+    let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
+    let mut api = client(&grpc.base).await;
+
+    let initial = state(&mut api).await;
+    assert_eq!((initial.hosts, initial.gpus, initial.free_gpus), (10, 72, 72));
+    assert_eq!(initial.host_states.len(), 10);
+    assert!(initial.domains.iter().any(|d| d.domain == "s1/r1" && d.gpus == 32 && d.free_gpus == 32));
+    let summary = api.cluster_state(pb::ClusterStateRequest { summary_only: true }).await.expect("state").into_inner();
+    assert!(summary.host_states.is_empty() && summary.gpus == 72);
+
+    // TP-8 slots: one per H100 host, none on the 4-GPU L40S hosts.
+    let tp8 = api.capacity(capacity(1, 8)).await.expect("capacity").into_inner();
+    assert_eq!(tp8.replicas, 8);
+    assert_eq!(tp8.level, "network.topology.nvidia.com/leaf");
+    let per_rack: Vec<(String, u64)> = tp8.domains.iter().map(|d| (d.domain.clone(), d.replicas)).collect();
+    assert_eq!(per_rack, vec![("s1/r1".into(), 4), ("s1/r2".into(), 4), ("s2/r3".into(), 0)]);
+    let tp4 = api
+        .capacity(pb::CapacityRequest { shape: Some(gang("", 1, 4)), by_level: "spine".into() })
+        .await
+        .expect("capacity")
+        .into_inner();
+    // The L40S hosts have the GPUs but no NVLink for a TP-4 group, and say so.
+    assert_eq!(tp4.replicas, 16);
+    let per_spine: Vec<(String, u64)> = tp4.domains.iter().map(|d| (d.domain.clone(), d.replicas)).collect();
+    assert_eq!(per_spine, vec![("s1".into(), 16), ("s2".into(), 0)]);
+    assert!(tp4.rejected_hosts.iter().any(|g| g.hosts == 2 && g.reason.contains("no NVLink")), "{tp4:?}");
+    let data_parallel = pb::Gang { tensor_parallel: 1, ..gang("", 1, 4) };
+    let dp4 = api
+        .capacity(pb::CapacityRequest { shape: Some(data_parallel), by_level: String::new() })
+        .await
+        .expect("capacity")
+        .into_inner();
+    assert_eq!(dp4.replicas, 18);
+
+    // A dry run answers with concrete GPUs and holds nothing.
+    let two_hosts = pb::Gang { required_topology: "leaf".into(), ..gang("llm", 2, 8) };
+    let dry = api.plan(plan(vec![two_hosts.clone()], true)).await.expect("plan").into_inner();
+    assert!(dry.placed && dry.reservation_id.is_empty());
+    let placement = &dry.placements[0];
+    assert_eq!((placement.namespace.as_str(), placement.name.as_str()), ("team", "llm"));
+    assert_eq!(placement.members[0].gpus, (0..8).collect::<Vec<u32>>());
+    assert_eq!(placement.solver.as_ref().map(|s| s.solver.as_str()), Some("greedy"));
+    assert!(placement.score.as_ref().is_some_and(|s| s.total > 0.0));
+    let racks: BTreeSet<&str> = placement.members.iter().map(|m| &m.node[..2]).collect();
+    assert_eq!(racks.len(), 1, "required leaf keeps both members in one rack: {placement:?}");
+    assert_eq!(state(&mut api).await.free_gpus, 72);
+
+    // Reserving holds the GPUs until released.
+    let held = api.plan(plan(vec![two_hosts.clone()], false)).await.expect("plan").into_inner();
+    assert!(!held.reservation_id.is_empty());
+    assert!(held.expires_in_ms > 290_000 && held.expires_in_ms <= 300_000, "{}", held.expires_in_ms);
+    let now = state(&mut api).await;
+    assert_eq!((now.free_gpus, now.reserved_gpus), (56, 16));
+    assert_eq!(now.reservations[0].id, held.reservation_id);
+    assert_eq!(now.reservations[0].gang, "team/llm");
+    assert_eq!(api.capacity(capacity(1, 8)).await.expect("capacity").into_inner().replicas, 6);
+    let again = api.plan(plan(vec![two_hosts], false)).await.expect_err("reserved twice");
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+
+    // Explain: a gang that cannot fit, with reasons; per-node verdicts.
+    let reserved_node = held.placements[0].members[0].node.clone();
+    let free_node = if reserved_node == "r1-0" || reserved_node == "r1-1" { "r2-3" } else { "r1-0" };
+    let whole_host = pb::Gang { required_topology: "host".into(), ..gang("wide", 2, 8) };
+    let no = api
+        .explain(pb::ExplainRequest { gang: Some(whole_host), nodes: vec![reserved_node.clone(), free_node.into()] })
+        .await
+        .expect("explain")
+        .into_inner();
+    assert!(!no.fits && no.placement.is_none());
+    assert!(no.reason.contains("host"), "{}", no.reason);
+    assert!(no.rejected_hosts.iter().any(|g| g.reason.contains("L40S") && g.hosts == 2), "{:?}", no.rejected_hosts);
+    assert_eq!(no.nodes.len(), 2);
+    assert!(!no.nodes[0].fits && no.nodes[0].reason.contains("fewer free GPUs"), "{:?}", no.nodes[0]);
+    assert!(no.nodes[1].fits && no.nodes[1].units == 1, "{:?}", no.nodes[1]);
+    let yes = api
+        .explain(pb::ExplainRequest { gang: Some(gang("one", 1, 8)), nodes: vec![] })
+        .await
+        .expect("explain")
+        .into_inner();
+    assert!(yes.fits && yes.placement.is_some() && !yes.candidates.is_empty());
+    assert!(yes.candidates.iter().all(|c| c.score.is_some()));
+    let unknown = api
+        .explain(pb::ExplainRequest { gang: Some(gang("one", 1, 8)), nodes: vec!["nowhere-7".into()] })
+        .await
+        .expect_err("unknown node");
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert!(unknown.message().contains("nowhere-7"), "{}", unknown.message());
+
+    // Release frees exactly what was held; a second release finds nothing.
+    let released = api
+        .release(pb::ReleaseRequest { reservation_id: held.reservation_id.clone() })
+        .await
+        .expect("release")
+        .into_inner();
+    assert_eq!((released.gangs, released.gpus_released), (vec!["team/llm".to_string()], 16));
+    assert_eq!(state(&mut api).await.free_gpus, 72);
+    let gone = api.release(pb::ReleaseRequest { reservation_id: held.reservation_id }).await.expect_err("released");
+    assert_eq!(gone.code(), Code::NotFound);
+
+    // The exact solver is there too.
+    let exact = api
+        .plan(pb::PlanRequest { solver: pb::Solver::Exact as i32, ..plan(vec![gang("x", 2, 8)], true) })
+        .await
+        .expect("plan")
+        .into_inner();
+    assert!(exact.placements[0].solver.as_ref().is_some_and(|s| s.solver.starts_with("exact")), "{exact:?}");
+    ext.check().expect("book consistent");
+    grpc.stop().await;
+    http.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_are_refused_with_invalid_argument_and_say_what_is_wrong() {
+    let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
+    let mut api = client(&grpc.base).await;
+    let cases: Vec<(pb::PlanRequest, &str)> = vec![
+        (plan(vec![gang("zero", 1, 0)], false), "gpus_per_member must be at least 1"),
+        (plan(vec![gang("none", 0, 8)], false), "members must be at least 1"),
+        (plan(vec![pb::Gang { product: "TPU-v5".into(), ..gang("tpu", 1, 8) }], false), "product `TPU-v5` is unknown"),
+        (plan(vec![gang("huge", 10, 8)], false), "needs 80 GPUs (10 members x 8), but the cluster has only 72"),
+        (
+            plan(vec![pb::Gang { product: "L40S".into(), ..gang("l40s", 3, 4) }], false),
+            "needs 12 GPUs (3 members x 4), but the cluster has only 8 L40S GPUs",
+        ),
+        (
+            plan(vec![pb::Gang { product: "H200".into(), ..gang("absent", 1, 8) }], false),
+            "product `H200` is not in the cluster",
+        ),
+        (plan(vec![pb::Gang { required_topology: "zone".into(), ..gang("z", 1, 8) }], false), "`zone`"),
+        (plan(vec![gang("", 1, 8)], false), "gangs[0]: name is required"),
+        (plan(vec![pb::Gang { tensor_parallel: 3, ..gang("tp", 1, 8) }], false), "tensor_parallel 3"),
+        (plan(vec![gang("dup", 1, 8), gang("dup", 1, 8)], false), "appears twice"),
+        (plan(vec![], false), "no gangs"),
+        (pb::PlanRequest { ttl_seconds: 100_000, ..plan(vec![gang("t", 1, 8)], false) }, "ttl_seconds"),
+        (pb::PlanRequest { solver: 42, ..plan(vec![gang("s", 1, 8)], false) }, "solver 42"),
+    ];
+    for (request, expected) in cases {
+        let error = api.plan(request.clone()).await.expect_err("invalid");
+        assert_eq!(error.code(), Code::InvalidArgument, "{request:?}: {error:?}");
+        assert!(error.message().contains(expected), "{request:?}: `{}` lacks `{expected}`", error.message());
+    }
+    let no_shape = api.capacity(pb::CapacityRequest::default()).await.expect_err("no shape");
+    assert_eq!((no_shape.code(), no_shape.message()), (Code::InvalidArgument, "shape is required"));
+    let level = api
+        .capacity(pb::CapacityRequest { by_level: "zone".into(), ..capacity(1, 8) })
+        .await
+        .expect_err("unknown level");
+    assert!(level.code() == Code::InvalidArgument && level.message().contains("by_level `zone`"), "{level:?}");
+    let release = api.release(pb::ReleaseRequest::default()).await.expect_err("no id");
+    assert_eq!(release.code(), Code::InvalidArgument);
+    assert_eq!(state(&mut api).await.free_gpus, 72, "nothing was reserved on the way");
+    ext.check().expect("book consistent");
+    grpc.stop().await;
+    http.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_plans_never_double_book() {
+    let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
+    // 24 clients ask for 148 GPUs of a 72-GPU cluster at once.
+    let calls = (0..24).map(|i| {
+        let base = grpc.base.clone();
+        tokio::spawn(async move {
+            let mut api = client(&base).await;
+            let shape = match i % 3 {
+                0 => gang(&format!("c{i}"), 2, 8),
+                1 => gang(&format!("c{i}"), 1, 8),
+                _ => gang(&format!("c{i}"), 1, 4),
+            };
+            api.plan(plan(vec![shape], false)).await.map(|r| r.into_inner())
+        })
+    });
+    let answers = futures::future::join_all(calls).await;
+    let mut taken = BTreeSet::new();
+    let mut reserved = 0u64;
+    let mut ids = BTreeSet::new();
+    for answer in answers {
+        let response = answer.expect("task").expect("plan call");
+        if response.reservation_id.is_empty() {
+            assert!(!response.unplaced.is_empty(), "no reservation means the gang did not fit");
+            continue;
+        }
+        assert!(ids.insert(response.reservation_id.clone()), "reservation ids are unique");
+        for member in &response.placements[0].members {
+            for gpu in &member.gpus {
+                assert!(taken.insert((member.node.clone(), *gpu)), "GPU {gpu} of {} given twice", member.node);
+                reserved += 1;
+            }
+        }
+    }
+    let mut api = client(&grpc.base).await;
+    let now = state(&mut api).await;
+    assert_eq!(now.reserved_gpus, reserved);
+    assert_eq!(now.free_gpus, 72 - reserved);
+    assert!(reserved >= 64, "the H100 hosts are filled: {reserved}");
+    ext.check().expect("book consistent");
+    grpc.stop().await;
+    http.stop().await;
+}
+
+async fn next_update(watch: &mut tonic::Streaming<pb::CapacityResponse>) -> pb::CapacityResponse {
+    tokio::time::timeout(PATIENCE, watch.next()).await.expect("an update in time").expect("stream open").expect("ok")
+}
+
+#[tokio::test]
+async fn reservations_expire_and_capacity_watchers_see_every_change() {
+    let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
+    let mut api = client(&grpc.base).await;
+    let mut watch = api
+        .watch_capacity(pb::WatchCapacityRequest { capacity: Some(capacity(1, 8)), min_interval_ms: 20 })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = next_update(&mut watch).await;
+    assert_eq!(first.replicas, 8);
+
+    let held = api
+        .plan(pb::PlanRequest { ttl_seconds: 1, ..plan(vec![gang("brief", 2, 8)], false) })
+        .await
+        .expect("plan")
+        .into_inner();
+    assert!(held.expires_in_ms <= 1_000);
+    let during = next_update(&mut watch).await;
+    assert_eq!(during.replicas, 6);
+    assert!(during.generation > first.generation);
+    // The extender's sweeper releases it after a second; the watcher sees the capacity return.
+    let after = next_update(&mut watch).await;
+    assert_eq!(after.replicas, 8);
+    let gone = api.release(pb::ReleaseRequest { reservation_id: held.reservation_id }).await.expect_err("expired");
+    assert_eq!(gone.code(), Code::NotFound);
+    assert_eq!(state(&mut api).await.free_gpus, 72);
+    // A bad watch request fails the call itself.
+    let bad = api
+        .watch_capacity(pb::WatchCapacityRequest { capacity: Some(capacity(0, 8)), min_interval_ms: 0 })
+        .await
+        .expect_err("invalid shape");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    grpc.stop().await;
+    http.stop().await;
+}
+
+#[tokio::test]
+async fn the_extender_and_the_api_share_one_ledger() {
+    let (http, ext, binder) = static_extender(CLUSTER, 30_000).await;
+    let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
+    let mut api = client(&grpc.base).await;
+    let web = reqwest::Client::new();
+    let all_nodes: Vec<String> = state(&mut api).await.host_states.iter().map(|h| h.name.clone()).collect();
+
+    // The API reserves a gang before its pods exist.
+    let held = api
+        .plan(plan(vec![pb::Gang { required_topology: "leaf".into(), ..gang("llm", 2, 8) }], false))
+        .await
+        .expect("plan")
+        .into_inner();
+    let reserved: BTreeSet<String> = nodes_of(&held.placements[0]).into_iter().collect();
+
+    // kube-scheduler's filter for an unrelated 8-GPU pod keeps off the reserved hosts.
+    let stranger = pod("other", "solo", "solo-uid", 8, None);
+    let (_, reply) =
+        post(&web, &format!("{}/filter", http.base), &serde_json::json!({"Pod": stranger, "NodeNames": all_nodes}))
+            .await;
+    let passing: BTreeSet<String> = reply["NodeNames"]
+        .as_array()
+        .expect("node names")
+        .iter()
+        .filter_map(|n| n.as_str().map(String::from))
+        .collect();
+    assert!(passing.is_disjoint(&reserved), "the extender offered reserved hosts: {passing:?} vs {reserved:?}");
+    assert_eq!(passing.len(), 6, "the other H100 hosts pass: {passing:?}");
+
+    // The gang's pods land on the reservation, then hold their GPUs as bound pods.
+    let members = [
+        pod("team", "llm-0", "llm-0-uid", 8, Some(("llm", 2))),
+        pod("team", "llm-1", "llm-1-uid", 8, Some(("llm", 2))),
+    ];
+    let (a, b) = tokio::join!(
+        schedule(&web, &http.base, &members[0], &all_nodes),
+        schedule(&web, &http.base, &members[1], &all_nodes)
+    );
+    let bound: BTreeSet<String> = [a.expect("member 0 binds"), b.expect("member 1 binds")].into_iter().collect();
+    assert_eq!(bound, reserved, "the members were placed on the API's reservation");
+    assert!(binder.node_of("llm-0-uid").is_some_and(|node| reserved.contains(&node)), "bound through the binder");
+    let now = state(&mut api).await;
+    assert_eq!((now.reserved_gpus, now.bound_gpus), (0, 16));
+    assert!(now.reservations.is_empty());
+
+    // The other way round: a gang the extender reserved is in the API's view.
+    let first = pod("team", "svc-0", "svc-0-uid", 8, Some(("svc", 2)));
+    let (status, _) =
+        post(&web, &format!("{}/filter", http.base), &serde_json::json!({"Pod": first, "NodeNames": all_nodes})).await;
+    assert_eq!(status, 200);
+    let now = state(&mut api).await;
+    assert_eq!(now.reserved_gpus, 16);
+    let extender_held = now.reservations.iter().find(|r| r.gang == "team/svc").expect("the extender's reservation");
+    assert_eq!((extender_held.owner.as_str(), extender_held.id.as_str()), ("extender", ""));
+    assert_eq!(api.capacity(capacity(1, 8)).await.expect("capacity").into_inner().replicas, 4);
+    let clash = api.plan(plan(vec![gang("svc", 2, 8)], false)).await.expect_err("the extender holds it");
+    assert_eq!(clash.code(), Code::AlreadyExists);
+    ext.check().expect("book consistent");
+    grpc.stop().await;
+    http.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let grpc = grpc_server(ext, GrpcConfig::default(), None).await;
+    let channel = Channel::from_shared(grpc.base.clone()).expect("address").connect().await.expect("connect");
+    let mut health = HealthClient::new(channel.clone());
+    let serving = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let reply = health
+                .check(HealthCheckRequest { service: "topoplace.v1.Placement".into() })
+                .await
+                .expect("health check")
+                .into_inner();
+            if reply.status == ServingStatus::Serving as i32 {
+                return reply.status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("SERVING in time");
+    assert_eq!(serving, ServingStatus::Serving as i32);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies =
+        reflection.server_reflection_info(futures::stream::iter(vec![request])).await.expect("reflection").into_inner();
+    let reply = replies.message().await.expect("reply").expect("one reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("{reply:?}") };
+    let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains("topoplace.v1.Placement") && names.contains("grpc.health.v1.Health"), "{names:?}");
+    grpc.stop().await;
+    http.stop().await;
+}
+
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+    stranger: (String, String),
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let authority = |name: &str| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("CA");
+        (cert.pem(), Issuer::new(params, key))
+    };
+    let leaf = |name: &str, issuer: &Issuer<'_, KeyPair>| {
+        let key = KeyPair::generate().expect("key");
+        let cert =
+            CertificateParams::new(vec![name.to_string()]).expect("params").signed_by(&key, issuer).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (ca, issuer) = authority("topoplace test CA");
+    let (_, other_issuer) = authority("someone else's CA");
+    Pki {
+        ca,
+        server: leaf("localhost", &issuer),
+        client: leaf("ci-job", &issuer),
+        stranger: leaf("ci-job", &other_issuer),
+    }
+}
+
+async fn tls_client(
+    base: &str,
+    ca: &str,
+    identity: Option<&(String, String)>,
+) -> Result<PlacementClient<Channel>, String> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Channel::from_shared(base.to_string())
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(PlacementClient::new(channel))
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_only_clients_of_the_ca_and_tokens_restrict_who_reserves() {
+    let pki = pki();
+    let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let tokens =
+        ReserveTokens::parse("# who may reserve\nsecret-token-for-alice-0001 alice\n", "tokens").expect("tokens");
+    let config = GrpcConfig { reserve_tokens: Some(tokens), ..GrpcConfig::default() };
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&pki.server.0, &pki.server.1))
+        .client_ca_root(Certificate::from_pem(&pki.ca));
+    let grpc = grpc_server(ext.clone(), config, Some(tls)).await;
+
+    // Without a client certificate, or with one from another CA, no call gets through.
+    for identity in [None, Some(&pki.stranger)] {
+        let refused = match tls_client(&grpc.base, &pki.ca, identity).await {
+            Err(_) => true,
+            Ok(mut api) => api.cluster_state(pb::ClusterStateRequest { summary_only: true }).await.is_err(),
+        };
+        assert!(refused, "a client without a certificate of the CA was served");
+    }
+    let mut api = tls_client(&grpc.base, &pki.ca, Some(&pki.client)).await.expect("mutual TLS");
+    assert_eq!(state(&mut api).await.gpus, 72);
+
+    // Reading and dry runs are open; reserving needs a listed token.
+    let dry = api.plan(plan(vec![gang("g", 1, 8)], true)).await.expect("dry run needs no token").into_inner();
+    assert!(dry.placed);
+    let missing = api.plan(plan(vec![gang("g", 1, 8)], false)).await.expect_err("no token");
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    let mut wrong = tonic::Request::new(plan(vec![gang("g", 1, 8)], false));
+    wrong.metadata_mut().insert("authorization", "Bearer secret-token-for-mallory".parse().expect("ascii"));
+    assert_eq!(api.plan(wrong).await.expect_err("wrong token").code(), Code::PermissionDenied);
+    let mut right = tonic::Request::new(plan(vec![gang("g", 1, 8)], false));
+    right.metadata_mut().insert("authorization", "Bearer secret-token-for-alice-0001".parse().expect("ascii"));
+    let held = api.plan(right).await.expect("alice may reserve").into_inner();
+    let now = state(&mut api).await;
+    assert_eq!(now.reservations[0].owner, "alice");
+    let release = api.release(pb::ReleaseRequest { reservation_id: held.reservation_id.clone() }).await;
+    assert_eq!(release.expect_err("release needs the token too").code(), Code::Unauthenticated);
+    assert_eq!(now.reserved_gpus, 8);
+    grpc.stop().await;
+    http.stop().await;
+}
+
+#[test]
+fn plan_server_plans_a_workload_file_through_the_api() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (http, ext, grpc) = runtime.block_on(async {
+        let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
+        let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
+        (http, ext, grpc)
+    });
+    let dir = std::env::temp_dir().join(format!("topoplace-plan-server-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let workload = dir.join("workload.yaml");
+    std::fs::write(
+        &workload,
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: ci}\nspec:\n  gangs:\n  \
+         - {name: big, members: 2, gpusPerMember: 8, tensorParallel: 8, topology: {required: leaf}}\n  \
+         - {name: small, replicas: 2, gpusPerMember: 4, tensorParallel: 4}\n",
+    )
+    .expect("workload");
+    let run = |extra: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_topoplace"))
+            .args(["plan", "--server", &grpc.base, "--workload"])
+            .arg(&workload)
+            .args(extra)
+            .output()
+            .expect("run topoplace");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    let (code, stdout, stderr) = run(&["-o", "json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("json output");
+    assert_eq!(json["placed"], true);
+    let gangs: Vec<&str> =
+        json["placements"].as_array().expect("placements").iter().filter_map(|p| p["gang"].as_str()).collect();
+    assert_eq!(gangs, vec!["default/big", "default/small-0", "default/small-1"]);
+    assert_eq!(json["reservationId"], serde_json::Value::Null);
+
+    let (code, stdout, stderr) = run(&["--reserve", "--ttl", "120", "--namespace", "ci"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("reservation r1 held for 120 s") && stdout.contains("ci/big"), "{stdout}");
+    let held = runtime.block_on(async {
+        let mut api = client(&grpc.base).await;
+        state(&mut api).await.reserved_gpus
+    });
+    assert_eq!(held, 24);
+    let (code, _, stderr) = run(&["--reserve", "--namespace", "ci"]);
+    assert_eq!(code, Some(2), "reserving the same gangs again is refused as bad input");
+    assert!(stderr.contains("already reserved"), "{stderr}");
+    let unreachable = std::process::Command::new(env!("CARGO_BIN_EXE_topoplace"))
+        .args(["plan", "--server", "http://127.0.0.1:1"])
+        .output()
+        .expect("run topoplace");
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the placement API"));
+    ext.check().expect("book consistent");
+    runtime.block_on(async {
+        grpc.stop().await;
+        http.stop().await;
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
