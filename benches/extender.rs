@@ -12,39 +12,13 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use topoplace::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
 use topoplace::reservation::{Book, BookConfig};
-use topoplace::topology::{product, Cluster, ClusterSpec, NodeSpec};
+
+mod support;
+use support::{cluster, percentile};
 
 const SEQUENTIAL: usize = 2_000;
 const CONCURRENT_CLIENTS: usize = 4;
 const LOAD_SECONDS: u64 = 3;
-
-fn cluster(hosts: usize) -> Cluster {
-    let h100 = product::lookup("H100").expect("product");
-    let nodes = (0..hosts)
-        .map(|i| NodeSpec {
-            name: format!("node-{i:05}"),
-            labels: [
-                ("network.topology.nvidia.com/spine".to_string(), format!("s{}", i / 64)),
-                ("network.topology.nvidia.com/leaf".to_string(), format!("r{}", i / 8)),
-            ]
-            .into_iter()
-            .collect(),
-            product: h100,
-            gpu_count: 8,
-            memory_mib: None,
-            nvlink: None,
-            clique: None,
-            // A used cluster: every third host has some GPUs taken.
-            allocated: if i % 3 == 0 { (0..(i % 7) as u8).collect() } else { Vec::new() },
-        })
-        .collect();
-    Cluster::build(ClusterSpec {
-        name: "bench".into(),
-        levels: vec!["network.topology.nvidia.com/spine".into(), "network.topology.nvidia.com/leaf".into()],
-        nodes,
-    })
-    .expect("cluster")
-}
 
 fn request(hosts: usize, node_objects: bool) -> Value {
     let pod = json!({
@@ -64,10 +38,6 @@ fn request(hosts: usize, node_objects: bool) -> Value {
     } else {
         json!({"Pod": pod, "Nodes": null, "NodeNames": names})
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

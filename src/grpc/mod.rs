@@ -404,7 +404,10 @@ pub async fn serve(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(|e| format!("TLS configuration: {e}"))?;
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Replies of a few kilobytes would otherwise wait out the peer's delayed ACK (40 ms).
+    let incoming = futures::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |accepted| {
+        accepted.and_then(|stream| stream.set_nodelay(true).map(|()| stream))
+    });
     let result = builder
         .add_service(health_service)
         .add_service(reflection)
