@@ -58,6 +58,23 @@ fn the_scheduler_configuration_matches_the_extender() {
     );
     let port = serve.listen.port().to_string();
     assert!(extender["urlPrefix"].as_str().is_some_and(|u| u.ends_with(&format!(":{port}"))), "urlPrefix port");
+    // The gRPC placement API's port is the one the container and the Service expose.
+    let container_port = |name: &str| {
+        deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_sequence()
+            .and_then(|ports| ports.iter().find(|p| p["name"].as_str() == Some(name)))
+            .and_then(|p| p["containerPort"].as_u64())
+    };
+    assert!(!serve.no_grpc);
+    assert_eq!(container_port("grpc"), Some(u64::from(serve.grpc_listen.port())));
+    assert!(serve.grpc_reserve_tokens.is_some(), "the shipped Deployment restricts who may reserve");
+    let service = documents("scheduler-config/extender/deployment.yaml")
+        .into_iter()
+        .find(|d| d["kind"].as_str() == Some("Service") && d["metadata"]["name"].as_str() == Some("topoplace-extender"))
+        .expect("extender Service");
+    assert!(service["spec"]["ports"]
+        .as_sequence()
+        .is_some_and(|ports| ports.iter().any(|p| p["targetPort"].as_str() == Some("grpc"))));
 }
 
 #[test]
