@@ -26,7 +26,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::extender::Extender;
-use crate::reservation::{Book, PlanOptions, RequestError};
+use crate::reservation::{Book, Expired, PlanOptions, RequestError};
 use convert::{capacity_response, explain_response, gang_requests, plan_response, solver_choice, state_response};
 
 /// The generated messages, client and server of `topoplace.v1`.
@@ -185,11 +185,20 @@ impl PlacementService {
         &self,
         work: impl FnOnce(&mut Book, u64) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
+        self.on_book_dropping(move |book, now| (work(book, now), Vec::new())).await
+    }
+
+    /// [`PlacementService::on_book`] for work that drops reservations: binds held on them are
+    /// answered.
+    async fn on_book_dropping<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Book, u64) -> (Result<T, Status>, Vec<Expired>) + Send + 'static,
+    ) -> Result<T, Status> {
         let ext = self.ext.clone();
         tokio::task::spawn_blocking(move || {
             let now = ext.now_ms();
             ext.with_book(|book| match book {
-                Some(book) => (work(book, now), Vec::new()),
+                Some(book) => work(book, now),
                 None => (Err(not_ready()), Vec::new()),
             })
         })
@@ -249,21 +258,15 @@ impl Placement for PlacementService {
         if id.is_empty() {
             return Err(Status::invalid_argument("reservation_id is required"));
         }
-        let ext = self.ext.clone();
-        let released = tokio::task::spawn_blocking(move || {
-            ext.with_book(|book| match book {
-                Some(book) => match book.release_reservation(&id) {
-                    Ok(released) => {
-                        let dropped = released.dropped.clone();
-                        (Ok(released), dropped)
-                    }
-                    Err(error) => (Err(request_error(error)), Vec::new()),
-                },
-                None => (Err(not_ready()), Vec::new()),
+        let released = self
+            .on_book_dropping(move |book, _| match book.release_reservation(&id) {
+                Ok(released) => {
+                    let dropped = released.dropped.clone();
+                    (Ok(released), dropped)
+                }
+                Err(error) => (Err(request_error(error)), Vec::new()),
             })
-        })
-        .await
-        .map_err(|e| Status::internal(format!("the request's worker failed: {e}")))??;
+            .await?;
         Ok(Response::new(pb::ReleaseResponse { gangs: released.gangs, gpus_released: released.gpus }))
     }
 
