@@ -7,14 +7,14 @@
 //! `cargo bench --bench extender`
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 use topoplace::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
 use topoplace::reservation::{Book, BookConfig};
 
 mod support;
-use support::{cluster, percentile};
+use support::{cluster, percentile, rate};
 
 const SEQUENTIAL: usize = 2_000;
 const CONCURRENT_CLIENTS: usize = 4;
@@ -80,30 +80,18 @@ async fn main() {
                     latencies.push(start.elapsed());
                 }
                 latencies.sort();
-                let deadline = Instant::now() + Duration::from_secs(LOAD_SECONDS);
-                let mut workers = Vec::new();
-                for _ in 0..CONCURRENT_CLIENTS {
+                let per_second = {
                     let (client, url, body) = (client.clone(), url.clone(), body.clone());
-                    workers.push(tokio::spawn(async move {
-                        let mut done = 0u64;
-                        while Instant::now() < deadline {
-                            send(client.clone(), url.clone(), body.clone()).await;
-                            done += 1;
-                        }
-                        done
-                    }));
-                }
-                let mut total = 0;
-                for worker in workers {
-                    total += worker.await.expect("worker");
-                }
+                    rate(CONCURRENT_CLIENTS, LOAD_SECONDS, move |_, _| send(client.clone(), url.clone(), body.clone()))
+                        .await
+                };
                 println!(
                     "| {hosts} | {} | {verb} | {} | {:.3} ms | {:.3} ms | {:.0} |",
                     if node_objects { "Nodes (nodeCacheCapable: false)" } else { "NodeNames (nodeCacheCapable: true)" },
                     body.len(),
                     percentile(&latencies, 0.50).as_secs_f64() * 1e3,
                     percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-                    total as f64 / LOAD_SECONDS as f64
+                    per_second
                 );
             }
         }

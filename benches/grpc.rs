@@ -11,9 +11,9 @@ mod support;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use support::{cluster, percentile};
+use support::{cluster, percentile, rate};
 use tonic::transport::Channel;
 use topoplace::extender::{Binder, Extender, ExtenderConfig, MemoryBinder};
 use topoplace::grpc::pb::{self, placement_client::PlacementClient};
@@ -54,28 +54,15 @@ where
         latencies.push(start.elapsed());
     }
     latencies.sort();
-    let deadline = Instant::now() + Duration::from_secs(LOAD_SECONDS);
-    let mut workers = Vec::new();
-    for worker in 0..CONCURRENT_CLIENTS as u64 {
-        let (api, call) = (api.clone(), call.clone());
-        workers.push(tokio::spawn(async move {
-            let mut done = 0u64;
-            while Instant::now() < deadline {
-                call(api.clone(), (worker + 1) * 1_000_000 + done).await;
-                done += 1;
-            }
-            done
-        }));
-    }
-    let mut total = 0;
-    for worker in workers {
-        total += worker.await.expect("worker");
-    }
+    let shared = api.clone();
+    let per_second = rate(CONCURRENT_CLIENTS, LOAD_SECONDS, move |client, index| {
+        call(shared.clone(), (client + 1) * 1_000_000 + index)
+    })
+    .await;
     println!(
-        "| {label} | {:.3} ms | {:.3} ms | {:.0} |",
+        "| {label} | {:.3} ms | {:.3} ms | {per_second:.0} |",
         percentile(&latencies, 0.50).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        total as f64 / LOAD_SECONDS as f64
     );
 }
 

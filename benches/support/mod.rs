@@ -37,3 +37,31 @@ pub fn cluster(hosts: usize) -> Cluster {
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
+
+/// Calls per second that `clients` concurrent loops of `call(client index, call index)` reach
+/// in `seconds`.
+pub async fn rate<F, Fut>(clients: usize, seconds: u64, call: F) -> f64
+where
+    F: Fn(u64, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let call = std::sync::Arc::new(call);
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    let mut workers = Vec::new();
+    for client in 0..clients as u64 {
+        let call = call.clone();
+        workers.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while std::time::Instant::now() < deadline {
+                call(client, done).await;
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.expect("load worker");
+    }
+    total as f64 / seconds as f64
+}
