@@ -462,8 +462,11 @@ async fn tls_client(
 async fn mutual_tls_admits_only_clients_of_the_ca_and_tokens_restrict_who_reserves() {
     let pki = pki();
     let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
-    let tokens =
-        ReserveTokens::parse("# who may reserve\nsecret-token-for-alice-0001 alice\n", "tokens").expect("tokens");
+    let tokens = ReserveTokens::parse(
+        "# who may reserve\nsecret-token-for-alice-0001 alice\nsecret-token-for-bob-00001 bob\n",
+        "tokens",
+    )
+    .expect("tokens");
     let config = GrpcConfig { reserve_tokens: Some(tokens), ..GrpcConfig::default() };
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(&pki.server.0, &pki.server.1))
@@ -494,9 +497,16 @@ async fn mutual_tls_admits_only_clients_of_the_ca_and_tokens_restrict_who_reserv
     let held = api.plan(right).await.expect("alice may reserve").into_inner();
     let now = state(&mut api).await;
     assert_eq!(now.reservations[0].owner, "alice");
+    assert_eq!(now.reserved_gpus, 8);
     let release = api.release(pb::ReleaseRequest { reservation_id: held.reservation_id.clone() }).await;
     assert_eq!(release.expect_err("release needs the token too").code(), Code::Unauthenticated);
-    assert_eq!(now.reserved_gpus, 8);
+    let mut as_bob = tonic::Request::new(pb::ReleaseRequest { reservation_id: held.reservation_id.clone() });
+    as_bob.metadata_mut().insert("authorization", "Bearer secret-token-for-bob-00001".parse().expect("ascii"));
+    let refused = api.release(as_bob).await.expect_err("bob may not release alice's reservation");
+    assert!(refused.code() == Code::PermissionDenied && refused.message().contains("alice"), "{refused:?}");
+    let mut as_alice = tonic::Request::new(pb::ReleaseRequest { reservation_id: held.reservation_id });
+    as_alice.metadata_mut().insert("authorization", "Bearer secret-token-for-alice-0001".parse().expect("ascii"));
+    assert_eq!(api.release(as_alice).await.expect("alice releases her own").into_inner().gpus_released, 8);
     grpc.stop().await;
     http.stop().await;
 }

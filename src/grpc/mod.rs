@@ -10,7 +10,7 @@
 //!
 //! Who may reserve: with a tokens file, Plan without `dry_run` and Release need
 //! `authorization: Bearer TOKEN` metadata naming a listed token (the token's name becomes the
-//! reservation's owner); reads stay open. Mutual TLS (`--grpc-client-ca`) restricts every call
+//! reservation's owner, and only that token may release it); reads stay open. Mutual TLS (`--grpc-client-ca`) restricts every call
 //! to clients with a certificate from that CA.
 
 pub mod convert;
@@ -168,6 +168,7 @@ fn request_error(error: RequestError) -> Status {
         error @ RequestError::AlreadyReserved { .. } => Status::already_exists(error.to_string()),
         error @ RequestError::UnknownReservation { .. } => Status::not_found(error.to_string()),
         error @ RequestError::Binding { .. } => Status::failed_precondition(error.to_string()),
+        error @ RequestError::NotOwner { .. } => Status::permission_denied(error.to_string()),
     }
 }
 
@@ -253,13 +254,17 @@ impl Placement for PlacementService {
     }
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
-        self.owner_of(&request)?;
+        // With tokens, a reservation is released by the token that made it.
+        let by = match self.config.reserve_tokens {
+            Some(_) => Some(self.owner_of(&request)?),
+            None => None,
+        };
         let id = request.into_inner().reservation_id;
         if id.is_empty() {
             return Err(Status::invalid_argument("reservation_id is required"));
         }
         let released = self
-            .on_book_dropping(move |book, _| match book.release_reservation(&id) {
+            .on_book_dropping(move |book, _| match book.release_reservation(&id, by.as_deref()) {
                 Ok(released) => {
                     let dropped = released.dropped.clone();
                     (Ok(released), dropped)

@@ -83,6 +83,8 @@ pub enum RequestError {
     UnknownReservation { id: String },
     #[error("reservation `{id}`: its gangs are being bound and can no longer be released")]
     Binding { id: String },
+    #[error("reservation `{id}` belongs to {owner}; only its owner may release it")]
+    NotOwner { id: String, owner: String },
 }
 
 /// One node's verdict for [`Book::explain`].
@@ -291,16 +293,24 @@ impl Book {
         })
     }
 
-    /// Releases the gangs of reservation `id` that are not being bound.
-    pub fn release_reservation(&mut self, id: &str) -> Result<Released, RequestError> {
+    /// Releases the gangs of reservation `id` that are not being bound. With `by`, only a
+    /// reservation that `by` made.
+    pub fn release_reservation(&mut self, id: &str, by: Option<&str>) -> Result<Released, RequestError> {
+        let mut owner = None;
         let of_id: Vec<(String, bool)> = self
             .gangs
             .iter()
-            .filter(|(_, g)| g.origin.as_ref().is_some_and(|o| o.id == id))
-            .map(|(key, g)| (key.clone(), g.binding))
+            .filter_map(|(key, g)| {
+                let origin = g.origin.as_ref().filter(|o| o.id == id)?;
+                owner = Some(origin.owner.clone());
+                Some((key.clone(), g.binding))
+            })
             .collect();
-        if of_id.is_empty() {
+        let Some(owner) = owner else {
             return Err(RequestError::UnknownReservation { id: id.to_string() });
+        };
+        if by.is_some_and(|by| by != owner) {
+            return Err(RequestError::NotOwner { id: id.to_string(), owner });
         }
         if of_id.iter().all(|(_, binding)| *binding) {
             return Err(RequestError::Binding { id: id.to_string() });

@@ -265,10 +265,12 @@ fn an_api_reservation_is_held_until_released_and_a_dry_run_holds_nothing() {
 
     let again = book.plan_gangs(&[api_gang("ns/a", 1, 8, None)], &plan_options(false, 60_000), 0);
     assert!(matches!(again, Err(RequestError::AlreadyReserved { .. })), "{again:?}");
-    let released = book.release_reservation(&id).expect("release");
+    let refused = book.release_reservation(&id, Some("someone else"));
+    assert!(matches!(refused, Err(RequestError::NotOwner { ref owner, .. }) if owner == "tester"), "{refused:?}");
+    let released = book.release_reservation(&id, Some("tester")).expect("release");
     assert_eq!((released.gangs, released.gpus), (vec!["ns/a".to_string()], 16));
     assert_eq!(book.ledger().free_gpus(), free);
-    assert_eq!(book.release_reservation(&id), Err(RequestError::UnknownReservation { id }));
+    assert_eq!(book.release_reservation(&id, None), Err(RequestError::UnknownReservation { id }));
 }
 
 #[test]
