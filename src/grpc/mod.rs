@@ -155,6 +155,7 @@ impl TlsFiles {
 }
 
 /// The `topoplace.v1.Placement` service over a shared book.
+#[derive(Clone)]
 pub struct PlacementService {
     ext: Arc<Extender>,
     config: GrpcConfig,
@@ -323,7 +324,7 @@ impl Placement for PlacementService {
         // The first answer checks the request, so a bad one fails the call itself.
         let first = self.capacity_now(capacity.clone()).await?;
         let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
-        let service = PlacementService::new(self.ext.clone(), self.config.clone(), self.closing.clone());
+        let service = self.clone();
         tokio::spawn(async move {
             let mut changes = service.ext.subscribe();
             let mut closing = service.closing.clone();

@@ -362,10 +362,7 @@ impl<'c> Planner<'c> {
 
     /// Why `host` cannot hold even one unit of `gang`, or `None` when it can.
     pub fn host_rejection_of(&mut self, ledger: &Ledger, gang: &Gang, host: HostId) -> Option<(HostRejection, String)> {
-        let (unit_shape, member_shape) = shapes_of(gang);
-        let reason = self.host_slots(ledger, gang, host, unit_shape, member_shape).err()?;
-        let host = self.cluster.host(host);
-        Some((reason, reason.text(host.product.get().name, host.memory_mib, gang)))
+        self.host_units(ledger, gang, host).err()
     }
 
     /// Per host of `hosts`: `None` when the host alone holds all of `gang`, else why not.

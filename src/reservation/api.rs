@@ -157,9 +157,9 @@ impl Book {
 
     /// Checks what can be checked without placing: the topology names, the product, and
     /// that the gang is not larger than every GPU of the cluster it may use.
-    fn check_request(&self, request: &GangRequest) -> Result<(), RequestError> {
-        let planner = Planner::new(&self.cluster, self.config.planner.clone());
-        planner.check_gang(&request.gang).map_err(|e| RequestError::Invalid(e.to_string()))?;
+    fn check_request(&mut self, request: &GangRequest) -> Result<(), RequestError> {
+        self.with_planner(|planner, _| planner.check_gang(&request.gang))
+            .map_err(|e| RequestError::Invalid(e.to_string()))?;
         let key = &request.key;
         if let Some(product) = request.product {
             if !self.cluster.hosts.iter().any(|h| h.product == product) {
@@ -333,7 +333,7 @@ impl Book {
 
     /// Why `request` does or does not fit now, with candidates and rejected hosts, and a
     /// verdict for each of `nodes`. Reserves nothing.
-    pub fn explain(&self, request: &GangRequest, nodes: &[String]) -> Result<Explained, RequestError> {
+    pub fn explain(&mut self, request: &GangRequest, nodes: &[String]) -> Result<Explained, RequestError> {
         self.check_request(request)?;
         let mut hosts = Vec::new();
         for node in nodes {
