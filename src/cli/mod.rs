@@ -18,15 +18,12 @@ use thiserror::Error;
 
 use crate::files::{self, FileError};
 use crate::ledger::Ledger;
-use crate::placement::exact::{Backend, ExactConfig};
+use crate::placement::exact::{Backend, ExactConfig, AUTO_VARIABLES_MAX};
 use crate::placement::{shapes_for, Planner, PlannerConfig, SolverChoice, Weights};
 use crate::topology::Cluster;
 use crate::workload::{size_model, ModelSpec, Workload, RUNTIME_OVERHEAD_DEFAULT};
 
 pub const DEMO_CLUSTER: &str = include_str!("../../testdata/clusters/demo.yaml");
-/// `--solver auto` solves exactly only models up to this many variables; measured to
-/// finish well inside the default time limit with microlp (see README, exact solver).
-pub const AUTO_VARIABLES_MAX: usize = 2_000;
 pub const DEMO_WORKLOAD: &str = include_str!("../../testdata/workloads/demo.yaml");
 
 #[derive(Debug, Parser)]

@@ -6,7 +6,7 @@ use tonic::Status;
 use super::pb;
 use crate::ledger::mask_indices;
 use crate::placement::capacity::CapacityReport;
-use crate::placement::exact::ExactConfig;
+use crate::placement::exact::{ExactConfig, AUTO_VARIABLES_MAX};
 use crate::placement::{GangPlacement, RejectionGroup, ScoreComponents, SolverChoice, SolverInfo};
 use crate::reservation::{ClusterState, Explained, GangRequest, PlanOutcome};
 use crate::topology::{product, Cluster};
@@ -91,10 +91,9 @@ pub fn solver_choice(solver: i32) -> Result<SolverChoice, Status> {
     match pb::Solver::try_from(solver) {
         Ok(pb::Solver::Unspecified | pb::Solver::Greedy) => Ok(SolverChoice::Greedy),
         Ok(pb::Solver::Exact) => Ok(SolverChoice::Exact(ExactConfig::default())),
-        Ok(pb::Solver::Auto) => Ok(SolverChoice::Auto(ExactConfig {
-            variables_max: Some(crate::cli::AUTO_VARIABLES_MAX),
-            ..ExactConfig::default()
-        })),
+        Ok(pb::Solver::Auto) => {
+            Ok(SolverChoice::Auto(ExactConfig { variables_max: Some(AUTO_VARIABLES_MAX), ..ExactConfig::default() }))
+        }
         Err(_) => Err(Status::invalid_argument(format!("solver {solver} is not a Solver value"))),
     }
 }

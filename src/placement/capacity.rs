@@ -81,8 +81,8 @@ impl Planner<'_> {
 
         // Leaves: a host's own units, or a pool of clique hosts whose units span hosts.
         let mut leaves: Vec<(ProductId, HostId, u64, Option<u32>, bool)> = Vec::new();
-        let whole_gang = UnitShape { unit_gpus: gang.total_gpus().min(u64::from(u32::MAX)) as u32, atom: 0 };
-        let whole_gang = UnitShape { atom: whole_gang.unit_gpus, ..whole_gang };
+        let gang_gpus = gang.total_gpus().min(u64::from(u32::MAX)) as u32;
+        let whole_gang = UnitShape { unit_gpus: gang_gpus, atom: gang_gpus };
         for (index, host) in cluster.hosts.iter().enumerate() {
             let mut units = u64::from(capacity.units[index]);
             if units > 0 && required == Some(ResolvedScope::Nvlink) && host.clique.is_none() {

@@ -97,6 +97,10 @@ pub struct ExactConfig {
     pub variables_max: Option<usize>,
 }
 
+/// `auto` solves exactly only models up to this many variables; measured to finish well
+/// inside the default time limit with microlp (see README, exact solver).
+pub const AUTO_VARIABLES_MAX: usize = 2_000;
+
 impl Default for ExactConfig {
     fn default() -> Self {
         ExactConfig {
