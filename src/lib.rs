@@ -18,5 +18,6 @@ pub mod placement;
 pub mod quantity;
 pub mod replay;
 pub mod reservation;
+pub mod scheduler;
 pub mod topology;
 pub mod workload;

@@ -14,6 +14,8 @@ pub enum QuantityError {
     Parameters(String),
     #[error("unknown dtype `{0}` (expected one of fp32, tf32, bf16, fp16, fp8, int8, fp4, int4, nvfp4)")]
     Dtype(String),
+    #[error("`{0}` is not a resource quantity (expected e.g. `500m`, `2`, `16Gi`, `1.5`, `1e3`)")]
+    Resource(String),
 }
 
 fn split_number(text: &str) -> Option<(f64, &str)> {
@@ -54,6 +56,63 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
         return Err(error());
     }
     Ok(bytes.ceil() as u64)
+}
+
+/// A Kubernetes resource quantity in thousandths of its unit (`500m` CPU is 500, `1Gi` is
+/// 1,073,741,824,000), rounded up as the API server's `MilliValue` does. Exact decimal
+/// arithmetic: no float rounding decides whether a pod fits.
+pub fn parse_milli(text: &str) -> Result<i64, QuantityError> {
+    let error = || QuantityError::Resource(text.to_string());
+    let text_trimmed = text.trim();
+    let number_end =
+        text_trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+')).unwrap_or(text_trimmed.len());
+    let (number, suffix) = text_trimmed.split_at(number_end);
+    let number = number.strip_prefix('+').unwrap_or(number);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if (whole.is_empty() && fraction.is_empty()) || !whole.chars().chain(fraction.chars()).all(|c| c.is_ascii_digit()) {
+        return Err(error());
+    }
+    if whole.len() + fraction.len() > 30 {
+        return Err(error());
+    }
+    let digits: u128 = format!("{whole}{fraction}").parse().map_err(|_| error())?;
+    // value = digits * 10^exp10 * 2^exp2
+    let mut exp10: i32 = 3 - fraction.len() as i32;
+    let mut exp2: u32 = 0;
+    match suffix {
+        "" => {}
+        "n" => exp10 -= 9,
+        "u" => exp10 -= 6,
+        "m" => exp10 -= 3,
+        "k" => exp10 += 3,
+        "M" => exp10 += 6,
+        "G" => exp10 += 9,
+        "T" => exp10 += 12,
+        "P" => exp10 += 15,
+        "E" => exp10 += 18,
+        "Ki" => exp2 = 10,
+        "Mi" => exp2 = 20,
+        "Gi" => exp2 = 30,
+        "Ti" => exp2 = 40,
+        "Pi" => exp2 = 50,
+        "Ei" => exp2 = 60,
+        exponent if exponent.starts_with(['e', 'E']) => {
+            let power: i32 = exponent[1..].parse().map_err(|_| error())?;
+            if power.abs() > 40 {
+                return Err(error());
+            }
+            exp10 += power;
+        }
+        _ => return Err(error()),
+    }
+    let mut value = digits.checked_mul(1u128 << exp2).ok_or_else(error)?;
+    if exp10 >= 0 {
+        value = value.checked_mul(10u128.checked_pow(exp10 as u32).ok_or_else(error)?).ok_or_else(error)?;
+    } else {
+        let divisor = 10u128.checked_pow(exp10.unsigned_abs()).ok_or_else(error)?;
+        value = value.div_ceil(divisor);
+    }
+    i64::try_from(value).map_err(|_| error())
 }
 
 /// MiB of a memory quantity, rounded up (a floor is never weakened by rounding).
@@ -103,6 +162,22 @@ pub fn format_gib(mib: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_quantities_in_thousandths() {
+        assert_eq!(parse_milli("500m"), Ok(500));
+        assert_eq!(parse_milli("2"), Ok(2000));
+        assert_eq!(parse_milli("1.5"), Ok(1500));
+        assert_eq!(parse_milli("0.0001"), Ok(1), "rounded up like MilliValue");
+        assert_eq!(parse_milli("1Gi"), Ok(1_073_741_824_000));
+        assert_eq!(parse_milli("64G"), Ok(64_000_000_000_000));
+        assert_eq!(parse_milli("1e3"), Ok(1_000_000));
+        assert_eq!(parse_milli("100n"), Ok(1));
+        assert_eq!(parse_milli(" 110 "), Ok(110_000));
+        for bad in ["", "m", "1.2.3", "-1", "12x", "1e", "99999999999999999999999999999999", "8Ei"] {
+            assert!(parse_milli(bad).is_err(), "{bad} should be refused");
+        }
+    }
 
     #[test]
     fn memory_sizes_follow_kubernetes_suffixes() {
