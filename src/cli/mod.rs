@@ -41,6 +41,9 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     /// Run the kube-scheduler extender (filter, prioritize, preempt, bind) over HTTP.
     Serve(serve::ServeArgs),
+    /// Run the secondary scheduler for pods with `schedulerName: topoplace` (with the
+    /// extender's HTTP endpoints and the gRPC API over the same ledger).
+    Scheduler(serve::ServeArgs),
     /// Convert public cluster data into a cluster file (printed to stdout).
     Convert {
         #[command(subcommand)]
@@ -178,6 +181,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Plan(args) => plan(&args, out),
         Command::Replay(args) => replay::replay(&args, out),
         Command::Serve(args) => serve::serve(&args),
+        Command::Scheduler(mut args) => {
+            args.scheduling.scheduler = true;
+            serve::serve(&args)
+        }
         Command::Convert { source: ConvertSource::Lingjun { path, gpu_product, gpus_per_host } } => {
             let text = files::read_input(&path)?;
             let spec = crate::convert::lingjun(&path.display().to_string(), &text, &gpu_product, gpus_per_host)

@@ -62,6 +62,99 @@ pub struct ServeArgs {
     /// release; dry runs, Explain, Capacity and ClusterState stay open.
     #[arg(long)]
     pub grpc_reserve_tokens: Option<PathBuf>,
+    #[command(flatten)]
+    pub scheduling: SchedulingArgs,
+}
+
+/// The secondary scheduler's options (`topoplace scheduler`, or `serve --scheduler`).
+#[derive(Debug, Clone, Args)]
+pub struct SchedulingArgs {
+    /// Also run the secondary scheduler: place and bind pods whose `spec.schedulerName` is
+    /// --scheduler-name.
+    #[arg(long)]
+    pub scheduler: bool,
+    /// The `spec.schedulerName` this scheduler serves.
+    #[arg(long, default_value = "topoplace")]
+    pub scheduler_name: String,
+    /// Seconds a gang may wait for missing members before it is reported incomplete.
+    #[arg(long, default_value_t = 120)]
+    pub gang_wait_timeout: u64,
+    /// Seconds after which a waiting gang is starving: later work of no higher priority may
+    /// no longer take the hosts it could use.
+    #[arg(long, default_value_t = 60)]
+    pub starvation_after: u64,
+    /// Longest back-off between attempts, seconds (the first is 1 s, doubling).
+    #[arg(long, default_value_t = 10)]
+    pub backoff_max: u64,
+    /// Run without a Lease (a single replica only).
+    #[arg(long)]
+    pub no_leader_elect: bool,
+    /// The coordination.k8s.io/v1 Lease replicas compete for.
+    #[arg(long, default_value = "topoplace-scheduler")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: $POD_NAMESPACE, else kube-system).
+    #[arg(long)]
+    pub lease_namespace: Option<String>,
+    /// This replica's identity in the Lease (default: $POD_NAME or the host name, plus a
+    /// random suffix).
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Seconds a Lease holds without renewal before a standby takes over.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration: u64,
+    /// Seconds the leader keeps trying to renew before it steps down (and exits).
+    #[arg(long, default_value_t = 10)]
+    pub renew_deadline: u64,
+    /// Seconds between election rounds.
+    #[arg(long, default_value_t = 2)]
+    pub retry_period: u64,
+}
+
+impl SchedulingArgs {
+    pub fn scheduler_config(&self) -> crate::scheduler::SchedulerConfig {
+        crate::scheduler::SchedulerConfig {
+            gang_wait_timeout_ms: self.gang_wait_timeout.saturating_mul(1000),
+            starvation_ms: self.starvation_after.saturating_mul(1000),
+            backoff_max_ms: self.backoff_max.max(1).saturating_mul(1000),
+            ..crate::scheduler::SchedulerConfig::default()
+        }
+    }
+
+    pub fn lease_config(&self) -> Result<Option<kube_adapter::lease::LeaseConfig>, CliError> {
+        if self.no_leader_elect {
+            return Ok(None);
+        }
+        if self.retry_period == 0 || self.renew_deadline <= self.retry_period || self.lease_duration <= self.renew_deadline {
+            return Err(CliError::Input(format!(
+                "leader election needs --lease-duration ({}) > --renew-deadline ({}) > --retry-period ({}) > 0",
+                self.lease_duration, self.renew_deadline, self.retry_period
+            )));
+        }
+        let identity = match &self.identity {
+            Some(identity) => identity.clone(),
+            None => {
+                let base = std::env::var("POD_NAME")
+                    .or_else(|_| std::env::var("HOSTNAME"))
+                    .unwrap_or_else(|_| "topoplace".into());
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                format!("{base}_{:08x}", nanos ^ std::process::id().rotate_left(16))
+            }
+        };
+        Ok(Some(kube_adapter::lease::LeaseConfig {
+            namespace: self
+                .lease_namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "kube-system".into()),
+            name: self.lease_name.clone(),
+            identity,
+            lease_duration: std::time::Duration::from_secs(self.lease_duration),
+            renew_deadline: std::time::Duration::from_secs(self.renew_deadline),
+            retry_period: std::time::Duration::from_secs(self.retry_period),
+        }))
+    }
 }
 
 pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
@@ -121,6 +214,14 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
                 .map_err(|e| CliError::Input(format!("--grpc-listen {}: {e}", args.grpc_listen)))?,
         )
     };
+    // One signal (or a lost leadership) stops everything.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = Arc::new(stop);
+    let signal_stop = stop.clone();
+    let leadership_lost: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    if args.scheduling.scheduler && args.cluster.is_some() {
+        return Err(CliError::Input("the scheduler binds through Kubernetes: it cannot run with --cluster".into()));
+    }
     let ext = match &args.cluster {
         Some(path) => {
             let cluster = super::load_cluster(&Some(path.clone()))?;
@@ -133,15 +234,25 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
                 kube_adapter::client(args.kubeconfig.as_deref()).await.map_err(|e| CliError::Input(e.to_string()))?;
             let binder: Arc<dyn Binder> = Arc::new(kube_adapter::KubeBinder::new(client.clone()));
             let ext = Extender::new(None, binder, config);
-            tokio::spawn(kube_adapter::run_view(client, ext.clone(), args.levels.clone(), book_config));
+            let hooks = if args.scheduling.scheduler {
+                let runtime = start_scheduler(
+                    &args.scheduling,
+                    client.clone(),
+                    ext.clone(),
+                    (stop.clone(), stopped.clone()),
+                    leadership_lost.clone(),
+                )?;
+                Some(runtime as Arc<dyn kube_adapter::ViewHooks>)
+            } else {
+                None
+            };
+            tokio::spawn(kube_adapter::run_view_with(client, ext.clone(), args.levels.clone(), book_config, hooks));
             ext
         }
     };
-    // One signal stops both servers.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
-        let _ = stop.send(true);
+        let _ = signal_stop.send(true);
     });
     let stopped_signal = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
@@ -160,7 +271,40 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
             None => Ok(()),
         }
     };
-    tokio::try_join!(extender_server, grpc_server).map(|_| ())
+    tokio::try_join!(extender_server, grpc_server)?;
+    let lost = leadership_lost.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match lost {
+        Some(reason) => Err(CliError::Failed(reason)),
+        None => Ok(()),
+    }
+}
+
+/// Starts the scheduler runtime and, unless disabled, its leader election. A lost leadership
+/// records why and stops the process (as kube-scheduler does): the standby takes over.
+fn start_scheduler(
+    args: &SchedulingArgs,
+    client: kube::Client,
+    ext: Arc<Extender>,
+    (stop, stopped): (Arc<tokio::sync::watch::Sender<bool>>, tokio::sync::watch::Receiver<bool>),
+    lost: Arc<std::sync::Mutex<Option<String>>>,
+) -> Result<Arc<kube_adapter::scheduler::SchedulerRuntime>, CliError> {
+    let lease = args.lease_config()?;
+    let (leading_tx, leading_rx) = tokio::sync::watch::channel(lease.is_none());
+    let runtime =
+        kube_adapter::scheduler::SchedulerRuntime::new(ext, client.clone(), args.scheduler_config(), leading_rx);
+    tokio::spawn(runtime.clone().run(client.clone(), args.scheduler_name.clone()));
+    tracing::info!(scheduler_name = %args.scheduler_name, leader_election = lease.is_some(), "secondary scheduler started");
+    if let Some(lease) = lease {
+        let elector = kube_adapter::lease::LeaderElector::new(client, lease);
+        tokio::spawn(async move {
+            if let Err(reason) = elector.run(leading_tx, stopped).await {
+                tracing::error!(%reason, "stopping");
+                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                let _ = stop.send(true);
+            }
+        });
+    }
+    Ok(runtime)
 }
 
 async fn shutdown_signal() {

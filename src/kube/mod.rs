@@ -8,8 +8,10 @@
 //! lowest free ones), a deleted or finished one gives them back. After a relist (a dropped
 //! watch), bound pods that are no longer listed are forgotten.
 
+pub mod lease;
 pub mod node;
 pub mod pod;
+pub mod scheduler;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -74,43 +76,78 @@ fn is_conflict(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 409)
 }
 
+impl KubeBinder {
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Creates the pod's Binding to `node`, with `topoplace.io/gpus` when it gets GPUs. A 409
+    /// (already bound) is success only if the pod is bound to `node`.
+    pub async fn bind_pod(&self, target: &PodIdentity, node: &str, gpus: Option<String>) -> Result<(), String> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
+        let binding = Binding {
+            metadata: ObjectMeta {
+                name: Some(target.name.clone()),
+                namespace: Some(target.namespace.clone()),
+                uid: Some(target.uid.clone()),
+                annotations: gpus.map(|gpus| BTreeMap::from([(pod::GPUS_ANNOTATION.to_string(), gpus)])),
+                ..ObjectMeta::default()
+            },
+            target: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node.to_string()),
+                ..ObjectReference::default()
+            },
+        };
+        match pods.create_subresource::<_, Status>("binding", &target.name, &PostParams::default(), &binding).await {
+            Ok(_) => Ok(()),
+            Err(error) if is_conflict(&error) => {
+                let current = pods.get(&target.name).await.map_err(|e| format!("reading after 409: {e}"))?;
+                if current.metadata.uid.as_deref() != Some(target.uid.as_str()) {
+                    return Err("409 Conflict: the pod was replaced (another uid)".into());
+                }
+                let bound_to = current.spec.and_then(|s| s.node_name);
+                if bound_to.as_deref() == Some(node) {
+                    Ok(())
+                } else {
+                    Err(format!("409 Conflict: already bound to `{}`", bound_to.unwrap_or_default()))
+                }
+            }
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Records an Event of `kind` (`Normal` or `Warning`) on the pod; failures are logged.
+    pub async fn record(&self, target: &PodIdentity, kind: &str, reason: &str, message: String) {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &target.namespace);
+        let event = Event {
+            metadata: ObjectMeta { generate_name: Some(format!("{}.", target.name)), ..ObjectMeta::default() },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(target.name.clone()),
+                namespace: Some(target.namespace.clone()),
+                uid: Some(target.uid.clone()),
+                ..ObjectReference::default()
+            },
+            reason: Some(reason.to_string()),
+            message: Some(message),
+            type_: Some(kind.into()),
+            reporting_component: Some("topoplace".into()),
+            source: Some(k8s_openapi::api::core::v1::EventSource { component: Some("topoplace".into()), host: None }),
+            count: Some(1),
+            ..Event::default()
+        };
+        if let Err(error) = events.create(&PostParams::default(), &event).await {
+            tracing::warn!(pod = %target, %error, "recording an Event failed");
+        }
+    }
+}
+
 impl Binder for KubeBinder {
     fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &member.pod.namespace);
-            let binding = Binding {
-                metadata: ObjectMeta {
-                    name: Some(member.pod.name.clone()),
-                    namespace: Some(member.pod.namespace.clone()),
-                    uid: Some(member.pod.uid.clone()),
-                    annotations: Some(BTreeMap::from([(pod::GPUS_ANNOTATION.to_string(), gpus)])),
-                    ..ObjectMeta::default()
-                },
-                target: ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Node".into()),
-                    name: Some(member.node.clone()),
-                    ..ObjectReference::default()
-                },
-            };
-            match pods
-                .create_subresource::<_, Status>("binding", &member.pod.name, &PostParams::default(), &binding)
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(error) if is_conflict(&error) => {
-                    // Already bound: success only if it is bound where we planned it.
-                    let current = pods.get(&member.pod.name).await.map_err(|e| format!("reading after 409: {e}"))?;
-                    let node = current.spec.and_then(|s| s.node_name);
-                    if node.as_deref() == Some(member.node.as_str()) {
-                        Ok(())
-                    } else {
-                        Err(format!("409 Conflict: already bound to `{}`", node.unwrap_or_default()))
-                    }
-                }
-                Err(error) => Err(error.to_string()),
-            }
-        })
+        Box::pin(self.bind_pod(&member.pod, &member.node, Some(gpus)))
     }
 
     fn delete<'a>(&'a self, target: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>> {
@@ -129,33 +166,7 @@ impl Binder for KubeBinder {
     }
 
     fn event<'a>(&'a self, target: &'a PodIdentity, reason: &'a str, message: String) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            let events: Api<Event> = Api::namespaced(self.client.clone(), &target.namespace);
-            let event = Event {
-                metadata: ObjectMeta { generate_name: Some(format!("{}.", target.name)), ..ObjectMeta::default() },
-                involved_object: ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: Some(target.name.clone()),
-                    namespace: Some(target.namespace.clone()),
-                    uid: Some(target.uid.clone()),
-                    ..ObjectReference::default()
-                },
-                reason: Some(reason.to_string()),
-                message: Some(message),
-                type_: Some("Warning".into()),
-                reporting_component: Some("topoplace".into()),
-                source: Some(k8s_openapi::api::core::v1::EventSource {
-                    component: Some("topoplace".into()),
-                    host: None,
-                }),
-                count: Some(1),
-                ..Event::default()
-            };
-            if let Err(error) = events.create(&PostParams::default(), &event).await {
-                tracing::warn!(pod = %target, %error, "recording an Event failed");
-            }
-        })
+        Box::pin(self.record(target, "Warning", reason, message))
     }
 }
 
@@ -184,9 +195,35 @@ fn bound_gpu_pod(pod: &Pod) -> Option<BoundGpuPod> {
     Some(BoundGpuPod { identity, node, recorded: pod::recorded_gpus(pod), gpus, gang })
 }
 
+/// Pods that hold resources on a node: bound and not finished. A pod that finishes leaves
+/// this selector, and its watch reports it deleted.
+pub const BOUND_PODS_SELECTOR: &str = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed";
+
+/// Who else wants the view's watch events (the secondary scheduler: every node, and the
+/// resources of every bound pod). Called outside the book's lock.
+pub trait ViewHooks: Send + Sync + 'static {
+    fn nodes_listed(&self, nodes: &[Node]);
+    fn node_applied(&self, node: &Node);
+    fn node_deleted(&self, name: &str);
+    fn bound_listed(&self, pods: &[Pod]);
+    fn bound_applied(&self, pod: &Pod);
+    fn bound_deleted(&self, pod: &Pod);
+}
+
 /// Watches nodes and pods and keeps the extender's book in step, until the streams end.
 /// Sets the extender ready once both have listed and the first cluster model exists.
 pub async fn run_view(client: Client, ext: Arc<Extender>, level_keys: Vec<String>, config: BookConfig) {
+    run_view_with(client, ext, level_keys, config, None).await
+}
+
+/// [`run_view`], also feeding `hooks`.
+pub async fn run_view_with(
+    client: Client,
+    ext: Arc<Extender>,
+    level_keys: Vec<String>,
+    config: BookConfig,
+    hooks: Option<Arc<dyn ViewHooks>>,
+) {
     let dirty = Arc::new(Notify::new());
     let node_specs: Arc<std::sync::Mutex<HashMap<String, NodeSpec>>> = Arc::default();
     let nodes_synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -195,10 +232,12 @@ pub async fn run_view(client: Client, ext: Arc<Extender>, level_keys: Vec<String
         let dirty = dirty.clone();
         let node_specs = node_specs.clone();
         let nodes_synced = nodes_synced.clone();
+        let hooks = hooks.clone();
         let api: Api<Node> = Api::all(client.clone());
         async move {
             let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
             let mut listing: Option<HashMap<String, NodeSpec>> = None;
+            let mut listed_nodes: Vec<Node> = Vec::new();
             while let Some(event) = stream.next().await {
                 let event = match event {
                     Ok(event) => event,
@@ -207,6 +246,15 @@ pub async fn run_view(client: Client, ext: Arc<Extender>, level_keys: Vec<String
                         continue;
                     }
                 };
+                if let Some(hooks) = &hooks {
+                    match &event {
+                        WatchEvent::Apply(node) => hooks.node_applied(node),
+                        WatchEvent::Delete(node) => hooks.node_deleted(node.metadata.name.as_deref().unwrap_or_default()),
+                        WatchEvent::Init => listed_nodes.clear(),
+                        WatchEvent::InitApply(node) => listed_nodes.push(node.clone()),
+                        WatchEvent::InitDone => hooks.nodes_listed(&std::mem::take(&mut listed_nodes)),
+                    }
+                }
                 let mut specs = node_specs.lock().unwrap_or_else(|p| p.into_inner());
                 let changed = match event {
                     WatchEvent::Apply(node) => apply_node(&mut specs, &node),
@@ -272,7 +320,8 @@ pub async fn run_view(client: Client, ext: Arc<Extender>, level_keys: Vec<String
         let nodes_synced = nodes_synced.clone();
         let api: Api<Pod> = Api::all(client);
         async move {
-            let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+            let selector = watcher::Config::default().fields(BOUND_PODS_SELECTOR);
+            let mut stream = watcher(api, selector).default_backoff().boxed();
             let mut listed: Option<Vec<Pod>> = None;
             let mut synced = false;
             while let Some(event) = stream.next().await {
@@ -283,6 +332,14 @@ pub async fn run_view(client: Client, ext: Arc<Extender>, level_keys: Vec<String
                         continue;
                     }
                 };
+                if let Some(hooks) = &hooks {
+                    match &event {
+                        WatchEvent::Apply(pod) => hooks.bound_applied(pod),
+                        WatchEvent::Delete(pod) => hooks.bound_deleted(pod),
+                        WatchEvent::InitDone => hooks.bound_listed(listed.as_deref().unwrap_or_default()),
+                        _ => {}
+                    }
+                }
                 match event {
                     WatchEvent::Apply(pod) => apply_pod(&ext, &pod),
                     WatchEvent::Delete(pod) => forget(&ext, &pod),

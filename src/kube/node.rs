@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Node;
 
+use crate::quantity;
+use crate::scheduler::predicates::{NodeFacts, Resources, Taint, TaintEffect};
 use crate::topology::{product, validate_node, ClusterSpec, NodeSpec, NvlinkLayout, HOST_GPUS_MAX};
 
 pub const PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
@@ -112,4 +114,47 @@ fn parse_groups(text: &str) -> Result<NvlinkLayout, String> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(NvlinkLayout::Groups(groups))
+}
+
+/// What the scheduler's predicates need of any node (GPU or not). An allocatable amount that
+/// is not a quantity counts as 0 (with a warning): nothing is placed against it.
+pub fn facts(node: &Node) -> NodeFacts {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let status = node.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let spec = node.spec.as_ref();
+    let taints = spec
+        .and_then(|s| s.taints.as_ref())
+        .map(|taints| {
+            taints
+                .iter()
+                .filter_map(|t| {
+                    Some(Taint {
+                        key: t.key.clone(),
+                        value: t.value.clone().unwrap_or_default(),
+                        effect: TaintEffect::parse(&t.effect)?,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut allocatable = Resources::new();
+    for (resource, amount) in status.and_then(|s| s.allocatable.as_ref()).into_iter().flatten() {
+        match quantity::parse_milli(&amount.0) {
+            Ok(milli) => {
+                allocatable.insert(resource.clone(), milli);
+            }
+            Err(error) => tracing::warn!(node = %name, %resource, %error, "allocatable amount left out"),
+        }
+    }
+    NodeFacts {
+        name,
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+        ready,
+        unschedulable: spec.and_then(|s| s.unschedulable).unwrap_or(false),
+        taints,
+        allocatable,
+    }
 }

@@ -10,6 +10,9 @@ use thiserror::Error;
 
 use crate::quantity;
 use crate::reservation::{GangMembership, PodDemand, PodIdentity};
+use crate::scheduler::predicates::{
+    PodNeeds, Resources, SelectorOperator, SelectorRequirement, SelectorTerm, TaintEffect, Toleration, PODS_RESOURCE,
+};
 use crate::workload::{MemoryNeed, ModelSpec, Scope, GANG_MEMBERS_MAX, RUNTIME_OVERHEAD_DEFAULT};
 
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -103,8 +106,30 @@ fn number(pod: &str, field: String, value: &str, max: u32) -> Result<u32, PodErr
     Ok(parsed)
 }
 
+/// The coscheduling PodGroup a pod names, when its size is not on the pod itself (the size
+/// then comes from the PodGroup's `minMember`, which the caller looks up).
+pub fn pod_group_needing_size(pod: &Pod) -> Option<String> {
+    let labels = pod.metadata.labels.as_ref()?;
+    if labels.contains_key(GANG_LABEL) {
+        return None;
+    }
+    let group = labels.get(POD_GROUP_LABEL)?;
+    let annotations = pod.metadata.annotations.as_ref();
+    let sized = labels.contains_key(GANG_SIZE) || annotations.is_some_and(|a| a.contains_key(GANG_SIZE));
+    (!sized).then(|| group.clone())
+}
+
 /// The gang a pod belongs to, if any (DESIGN.md's order: topoplace, coscheduling, LWS).
 pub fn gang_of(pod: &Pod, namespace: &str) -> Result<Option<GangMembership>, PodError> {
+    gang_of_sized(pod, namespace, None)
+}
+
+/// [`gang_of`], with the size of a coscheduling PodGroup whose pods do not carry it.
+pub fn gang_of_sized(
+    pod: &Pod,
+    namespace: &str,
+    pod_group_min_member: Option<u32>,
+) -> Result<Option<GangMembership>, PodError> {
     let shown = shown(pod);
     let empty = BTreeMap::new();
     let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
@@ -133,9 +158,12 @@ pub fn gang_of(pod: &Pod, namespace: &str) -> Result<Option<GangMembership>, Pod
         return Ok(Some(GangMembership { key: format!("{namespace}/{name}"), size, rank: rank_from(RANK)? }));
     }
     if let Some(group) = labels.get(POD_GROUP_LABEL) {
-        // The PodGroup's minMember needs an API lookup the extender does not make; the size
-        // must be on the pod.
-        let size = size_from(GANG_SIZE, either(GANG_SIZE))?;
+        // The PodGroup's minMember needs an API lookup: the scheduler makes it, the extender
+        // does not (there the size must be on the pod).
+        let size = match (either(GANG_SIZE), pod_group_min_member) {
+            (None, Some(min_member)) if min_member > 0 => min_member,
+            (value, _) => size_from(GANG_SIZE, value)?,
+        };
         return Ok(Some(GangMembership { key: format!("{namespace}/{group}"), size, rank: rank_from(RANK)? }));
     }
     if let Some(group) = labels.get(LWS_GROUP_LABEL) {
@@ -151,6 +179,11 @@ pub fn gang_of(pod: &Pod, namespace: &str) -> Result<Option<GangMembership>, Pod
 
 /// Everything the core needs to place the pod.
 pub fn demand(pod: &Pod) -> Result<PodDemand, PodError> {
+    demand_sized(pod, None)
+}
+
+/// [`demand`], with a coscheduling PodGroup's `minMember` looked up by the caller.
+pub fn demand_sized(pod: &Pod, pod_group_min_member: Option<u32>) -> Result<PodDemand, PodError> {
     let identity = identity(pod)?;
     let shown = identity.to_string();
     let gpus = gpu_count(pod)?;
@@ -191,7 +224,7 @@ pub fn demand(pod: &Pod) -> Result<PodDemand, PodError> {
         annotation(key).map(|v| number(&shown, format!("metadata.annotations[{key}]"), v, 1 << 20)).transpose()
     };
     Ok(PodDemand {
-        gang: gang_of(pod, &identity.namespace)?,
+        gang: gang_of_sized(pod, &identity.namespace, pod_group_min_member)?,
         pod: identity,
         gpus,
         memory,
@@ -211,4 +244,163 @@ pub fn recorded_gpus(pod: &Pod) -> Option<Vec<u8>> {
 /// The `topoplace.io/gpus` value for a set of indices.
 pub fn gpus_annotation(gpus: &[u8]) -> String {
     gpus.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// What the pod asks of a node besides GPUs: selector, required node affinity, tolerations
+/// and effective resource requests, as kube-scheduler computes them.
+pub fn needs(pod: &Pod) -> Result<PodNeeds, PodError> {
+    let shown = shown(pod);
+    let Some(spec) = &pod.spec else { return Ok(PodNeeds::default()) };
+    let invalid = |field: String, value: &str, detail: &str| PodError::Invalid {
+        pod: shown.clone(),
+        field,
+        value: value.to_string(),
+        detail: detail.to_string(),
+    };
+    let mut tolerations = Vec::new();
+    for (index, toleration) in spec.tolerations.iter().flatten().enumerate() {
+        let exists = match toleration.operator.as_deref() {
+            None | Some("") | Some("Equal") => false,
+            Some("Exists") => true,
+            Some(other) => {
+                return Err(invalid(format!("spec.tolerations[{index}].operator"), other, "expected Equal or Exists"))
+            }
+        };
+        let effect = match toleration.effect.as_deref() {
+            None | Some("") => None,
+            Some(text) => Some(TaintEffect::parse(text).ok_or_else(|| {
+                invalid(
+                    format!("spec.tolerations[{index}].effect"),
+                    text,
+                    "expected NoSchedule, PreferNoSchedule or NoExecute",
+                )
+            })?),
+        };
+        tolerations.push(Toleration {
+            key: toleration.key.clone().unwrap_or_default(),
+            exists,
+            value: toleration.value.clone().unwrap_or_default(),
+            effect,
+        });
+    }
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref());
+    let affinity_terms = match required {
+        None => None,
+        Some(selector) => {
+            let mut terms = Vec::new();
+            for (t, term) in selector.node_selector_terms.iter().enumerate() {
+                let field = |kind: &str, r: usize| {
+                    format!("spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[{t}].{kind}[{r}].operator")
+                };
+                let convert = |kind: &str,
+                               requirements: &Option<Vec<k8s_openapi::api::core::v1::NodeSelectorRequirement>>|
+                 -> Result<Vec<SelectorRequirement>, PodError> {
+                    requirements
+                        .iter()
+                        .flatten()
+                        .enumerate()
+                        .map(|(r, req)| {
+                            let operator = SelectorOperator::parse(&req.operator).ok_or_else(|| {
+                                invalid(field(kind, r), &req.operator, "expected In, NotIn, Exists, DoesNotExist, Gt or Lt")
+                            })?;
+                            Ok(SelectorRequirement {
+                                key: req.key.clone(),
+                                operator,
+                                values: req.values.clone().unwrap_or_default(),
+                            })
+                        })
+                        .collect()
+                };
+                terms.push(SelectorTerm {
+                    match_expressions: convert("matchExpressions", &term.match_expressions)?,
+                    match_fields: convert("matchFields", &term.match_fields)?,
+                });
+            }
+            Some(terms)
+        }
+    };
+    Ok(PodNeeds {
+        node_selector: spec.node_selector.clone().unwrap_or_default(),
+        affinity_terms,
+        tolerations,
+        requests: requests(pod)?,
+    })
+}
+
+/// Effective requests: containers (plus sidecar init containers) summed, against the peak
+/// of each ordinary init container with the sidecars started before it, plus the pod's
+/// overhead. A resource with a limit and no request is requested at its limit (the API
+/// server's defaulting). GPUs and `pods` are left out.
+pub fn requests(pod: &Pod) -> Result<Resources, PodError> {
+    let shown = shown(pod);
+    let Some(spec) = &pod.spec else { return Ok(Resources::new()) };
+    let of = |container: &k8s_openapi::api::core::v1::Container, path: &str| -> Result<Resources, PodError> {
+        let mut out = Resources::new();
+        let Some(resources) = &container.resources else { return Ok(out) };
+        let mut named: BTreeMap<&String, &k8s_openapi::apimachinery::pkg::api::resource::Quantity> = BTreeMap::new();
+        named.extend(resources.limits.iter().flatten());
+        named.extend(resources.requests.iter().flatten());
+        for (name, quantity) in named {
+            if name == GPU_RESOURCE || name == PODS_RESOURCE {
+                continue;
+            }
+            let milli = quantity::parse_milli(&quantity.0).map_err(|e| PodError::Invalid {
+                pod: shown.clone(),
+                field: format!("{path}.resources.requests[{name}]"),
+                value: quantity.0.clone(),
+                detail: e.to_string(),
+            })?;
+            out.insert(name.clone(), milli);
+        }
+        Ok(out)
+    };
+    let add = |into: &mut Resources, more: &Resources| {
+        for (name, amount) in more {
+            *into.entry(name.clone()).or_insert(0) += amount;
+        }
+    };
+    let mut total = Resources::new();
+    for (index, container) in spec.containers.iter().enumerate() {
+        add(&mut total, &of(container, &format!("spec.containers[{index}]"))?);
+    }
+    let mut sidecars = Resources::new();
+    let mut init_peak = Resources::new();
+    for (index, container) in spec.init_containers.iter().flatten().enumerate() {
+        let own = of(container, &format!("spec.initContainers[{index}]"))?;
+        if container.restart_policy.as_deref() == Some("Always") {
+            add(&mut sidecars, &own);
+            continue;
+        }
+        let mut peak = sidecars.clone();
+        add(&mut peak, &own);
+        for (name, amount) in peak {
+            let entry = init_peak.entry(name).or_insert(0);
+            *entry = (*entry).max(amount);
+        }
+    }
+    add(&mut total, &sidecars);
+    for (name, amount) in init_peak {
+        let entry = total.entry(name).or_insert(0);
+        *entry = (*entry).max(amount);
+    }
+    for (name, quantity) in spec.overhead.iter().flatten() {
+        let milli = quantity::parse_milli(&quantity.0).map_err(|e| PodError::Invalid {
+            pod: shown.clone(),
+            field: format!("spec.overhead[{name}]"),
+            value: quantity.0.clone(),
+            detail: e.to_string(),
+        })?;
+        *total.entry(name.clone()).or_insert(0) += milli;
+    }
+    total.retain(|_, amount| *amount > 0);
+    Ok(total)
+}
+
+/// `spec.priority` (admission resolves it from the PriorityClass), 0 when unset.
+pub fn priority(pod: &Pod) -> i32 {
+    pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
 }

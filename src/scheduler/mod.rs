@@ -34,6 +34,9 @@ pub struct SchedulerConfig {
     pub backoff_max_ms: u64,
     /// Waiting this long makes a unit starving (see the module docs).
     pub starvation_ms: u64,
+    /// How long a gang must look half-bound before its bound members are deleted (the two
+    /// watches, bound and pending pods, may briefly disagree).
+    pub repair_grace_ms: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -43,6 +46,7 @@ impl Default for SchedulerConfig {
             backoff_initial_ms: 1_000,
             backoff_max_ms: 10_000,
             starvation_ms: 60_000,
+            repair_grace_ms: 5_000,
         }
     }
 }
@@ -115,6 +119,7 @@ struct UnitState {
     incomplete_reported: bool,
     in_flight: bool,
     repaired: BTreeSet<String>,
+    half_bound_since_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,10 +368,14 @@ impl Scheduler {
                 .filter(|p| p.bound.gang.as_deref() == Some(key.as_str()))
                 .map(|p| p.bound.pod.clone())
                 .collect();
-            if !bound.is_empty() {
+            if bound.is_empty() {
+                state.half_bound_since_ms = None;
+            } else {
+                let since = *state.half_bound_since_ms.get_or_insert(now_ms);
+                let settled = now_ms.saturating_sub(since) >= self.config.repair_grace_ms;
                 let fresh: Vec<PodIdentity> =
                     bound.iter().filter(|p| !state.repaired.contains(&p.uid)).cloned().collect();
-                if !fresh.is_empty() && bound.len() + members.len() >= size {
+                if settled && !fresh.is_empty() && bound.len() + members.len() >= size {
                     state.repaired.extend(fresh.iter().map(|p| p.uid.clone()));
                     decisions.push(Decision::Repair {
                         gang: key.clone(),
