@@ -124,7 +124,10 @@ impl SchedulingArgs {
         if self.no_leader_elect {
             return Ok(None);
         }
-        if self.retry_period == 0 || self.renew_deadline <= self.retry_period || self.lease_duration <= self.renew_deadline {
+        if self.retry_period == 0
+            || self.renew_deadline <= self.retry_period
+            || self.lease_duration <= self.renew_deadline
+        {
             return Err(CliError::Input(format!(
                 "leader election needs --lease-duration ({}) > --renew-deadline ({}) > --retry-period ({}) > 0",
                 self.lease_duration, self.renew_deadline, self.retry_period
@@ -136,9 +139,8 @@ impl SchedulingArgs {
                 let base = std::env::var("POD_NAME")
                     .or_else(|_| std::env::var("HOSTNAME"))
                     .unwrap_or_else(|_| "topoplace".into());
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.subsec_nanos());
+                let nanos =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
                 format!("{base}_{:08x}", nanos ^ std::process::id().rotate_left(16))
             }
         };

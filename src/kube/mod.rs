@@ -249,7 +249,9 @@ pub async fn run_view_with(
                 if let Some(hooks) = &hooks {
                     match &event {
                         WatchEvent::Apply(node) => hooks.node_applied(node),
-                        WatchEvent::Delete(node) => hooks.node_deleted(node.metadata.name.as_deref().unwrap_or_default()),
+                        WatchEvent::Delete(node) => {
+                            hooks.node_deleted(node.metadata.name.as_deref().unwrap_or_default())
+                        }
                         WatchEvent::Init => listed_nodes.clear(),
                         WatchEvent::InitApply(node) => listed_nodes.push(node.clone()),
                         WatchEvent::InitDone => hooks.nodes_listed(&std::mem::take(&mut listed_nodes)),

@@ -305,7 +305,11 @@ pub fn needs(pod: &Pod) -> Result<PodNeeds, PodError> {
                         .enumerate()
                         .map(|(r, req)| {
                             let operator = SelectorOperator::parse(&req.operator).ok_or_else(|| {
-                                invalid(field(kind, r), &req.operator, "expected In, NotIn, Exists, DoesNotExist, Gt or Lt")
+                                invalid(
+                                    field(kind, r),
+                                    &req.operator,
+                                    "expected In, NotIn, Exists, DoesNotExist, Gt or Lt",
+                                )
                             })?;
                             Ok(SelectorRequirement {
                                 key: req.key.clone(),

@@ -83,9 +83,8 @@ impl SchedulerRuntime {
 
     async fn watch_pending(self: Arc<Self>, client: Client, scheduler_name: String) {
         let api: Api<Pod> = Api::all(client.clone());
-        let selector = format!(
-            "spec.schedulerName={scheduler_name},spec.nodeName=,status.phase!=Succeeded,status.phase!=Failed"
-        );
+        let selector =
+            format!("spec.schedulerName={scheduler_name},spec.nodeName=,status.phase!=Succeeded,status.phase!=Failed");
         let mut stream = watcher(api, watcher::Config::default().fields(&selector)).default_backoff().boxed();
         let mut listing: Vec<PendingPod> = Vec::new();
         while let Some(event) = stream.next().await {
@@ -128,14 +127,14 @@ impl SchedulerRuntime {
             }
             None => None,
         };
-        let read = pod::demand_sized(pod, group_size).and_then(|demand| {
-            Ok(PendingPod { needs: pod::needs(pod)?, priority: pod::priority(pod), demand })
-        });
+        let read = pod::demand_sized(pod, group_size)
+            .and_then(|demand| Ok(PendingPod { needs: pod::needs(pod)?, priority: pod::priority(pod), demand }));
         match read {
             Ok(pending) => Some(pending),
             Err(error) => {
                 let Ok(identity) = pod::identity(pod) else { return None };
-                let first = self.reported_invalid.lock().unwrap_or_else(|p| p.into_inner()).insert(identity.uid.clone());
+                let first =
+                    self.reported_invalid.lock().unwrap_or_else(|p| p.into_inner()).insert(identity.uid.clone());
                 if first {
                     tracing::warn!(%error, "pod left unscheduled");
                     let decision = Decision::NotScheduled {
@@ -239,13 +238,18 @@ impl SchedulerRuntime {
                             }
                         }))
                         .await;
-                        join_all(members.iter().map(|pod| self.binder.record(pod, "Warning", "GangBindRolledBack", message.clone())))
-                            .await;
+                        join_all(
+                            members
+                                .iter()
+                                .map(|pod| self.binder.record(pod, "Warning", "GangBindRolledBack", message.clone())),
+                        )
+                        .await;
                     }
                 }
             }
             Decision::NotScheduled { pods, reason, message } => {
-                let event_reason = if reason == crate::scheduler::REASON_UNSCHEDULABLE { "FailedScheduling" } else { reason };
+                let event_reason =
+                    if reason == crate::scheduler::REASON_UNSCHEDULABLE { "FailedScheduling" } else { reason };
                 let message = &message;
                 join_all(pods.iter().map(|pod| async move {
                     self.set_not_scheduled(pod, reason, message).await;
@@ -254,7 +258,8 @@ impl SchedulerRuntime {
                 .await;
             }
             Decision::GangWaiting { pods, message } => {
-                join_all(pods.iter().map(|pod| self.binder.record(pod, "Normal", "GangWaiting", message.clone()))).await;
+                join_all(pods.iter().map(|pod| self.binder.record(pod, "Normal", "GangWaiting", message.clone())))
+                    .await;
             }
             Decision::Repair { gang, delete, message } => {
                 if !self.still_half_bound(&delete).await {

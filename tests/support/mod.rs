@@ -136,16 +136,22 @@ pub async fn schedule(client: &reqwest::Client, base: &str, pod: &Value, nodes: 
 pub struct Faults {
     /// Pod names whose Binding answers 500.
     pub fail_binding: HashSet<String>,
+    /// Pod names whose Binding never answers (a scheduler dying mid-gang).
+    pub hang_binding: HashSet<String>,
     /// Delay before every response.
     pub delay: Option<Duration>,
 }
+
+/// (resourceVersion, resource, watch event, the object before the change).
+type Change = (u64, &'static str, Value, Option<Value>);
 
 struct ApiState {
     version: u64,
     nodes: BTreeMap<String, Value>,
     pods: BTreeMap<(String, String), Value>,
-    /// (resourceVersion, resource, watch event).
-    history: Vec<(u64, &'static str, Value)>,
+    leases: BTreeMap<(String, String), Value>,
+    pod_groups: BTreeMap<(String, String), Value>,
+    history: Vec<Change>,
     events: Vec<Value>,
     bindings: Vec<(String, String)>,
     deletes: Vec<String>,
@@ -154,7 +160,7 @@ struct ApiState {
 #[derive(Clone)]
 pub struct FakeApi {
     state: Arc<Mutex<ApiState>>,
-    feed: broadcast::Sender<(u64, &'static str, Value)>,
+    feed: broadcast::Sender<Change>,
     drop_watches: broadcast::Sender<()>,
     pub faults: Arc<Mutex<Faults>>,
 }
@@ -168,6 +174,8 @@ impl FakeApi {
                 version: 1,
                 nodes: BTreeMap::new(),
                 pods: BTreeMap::new(),
+                leases: BTreeMap::new(),
+                pod_groups: BTreeMap::new(),
                 history: Vec::new(),
                 events: Vec::new(),
                 bindings: Vec::new(),
@@ -183,10 +191,57 @@ impl FakeApi {
         state.version += 1;
         let version = state.version;
         object["metadata"]["resourceVersion"] = json!(version.to_string());
+        let before = match resource {
+            "pods" => state
+                .pods
+                .get(&(
+                    object["metadata"]["namespace"].as_str().unwrap_or("default").to_string(),
+                    object["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                ))
+                .cloned(),
+            _ => state.nodes.get(object["metadata"]["name"].as_str().unwrap_or_default()).cloned(),
+        };
+        let before = if kind == "ADDED" { None } else { before.or_else(|| Some(object.clone())) };
         let event = json!({"type": kind, "object": object.clone()});
-        state.history.push((version, resource, event.clone()));
-        let _ = self.feed.send((version, resource, event));
+        state.history.push((version, resource, event.clone(), before.clone()));
+        let _ = self.feed.send((version, resource, event, before));
         object
+    }
+
+    /// Any node object (taints, cordons, conditions, allocatable as the test needs them).
+    pub fn put_node(&self, node: Value) {
+        let mut state = self.state.lock().expect("api state");
+        let name = node["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let kind = if state.nodes.contains_key(&name) { "MODIFIED" } else { "ADDED" };
+        let object = self.record(&mut state, "nodes", kind, node);
+        state.nodes.insert(name, object);
+    }
+
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.state.lock().expect("api state").nodes.get(name).cloned()
+    }
+
+    /// A scheduler-plugins PodGroup with its `minMember`.
+    pub fn add_pod_group(&self, namespace: &str, name: &str, min_member: u32) {
+        let group = json!({"apiVersion": "scheduling.x-k8s.io/v1alpha1", "kind": "PodGroup",
+            "metadata": {"name": name, "namespace": namespace}, "spec": {"minMember": min_member}});
+        self.state.lock().expect("api state").pod_groups.insert((namespace.into(), name.into()), group);
+    }
+
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.state.lock().expect("api state").leases.get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.state.lock().expect("api state").pods.get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
+    pub fn pods(&self) -> Vec<Value> {
+        self.state.lock().expect("api state").pods.values().cloned().collect()
+    }
+
+    pub fn bindings(&self) -> Vec<(String, String)> {
+        self.state.lock().expect("api state").bindings.clone()
     }
 
     /// A GPU node with topology labels, as GPU Feature Discovery and Topograph label it.
@@ -286,6 +341,10 @@ impl FakeApi {
             .route("/api/v1/nodes", get(list_or_watch_nodes))
             .route("/api/v1/pods", get(list_or_watch_pods))
             .route("/api/v1/namespaces/{ns}/pods/{name}", get(get_pod).delete(delete_pod))
+            .route("/api/v1/namespaces/{ns}/pods/{name}/status", axum::routing::patch(patch_pod_status))
+            .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases", axum::routing::post(create_lease))
+            .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}", get(get_lease).put(replace_lease))
+            .route("/apis/scheduling.x-k8s.io/v1alpha1/namespaces/{ns}/podgroups/{name}", get(get_pod_group))
             .route("/api/v1/namespaces/{ns}/pods/{name}/binding", axum::routing::post(create_binding))
             .route("/api/v1/namespaces/{ns}/events", axum::routing::post(create_event))
             .with_state(self.clone())
@@ -320,36 +379,39 @@ async fn list_or_watch(
     query: BTreeMap<String, String>,
 ) -> Response {
     api.delay().await;
+    let selector = FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""));
     if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
         let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
         // Subscribe before reading the history so nothing falls between the two.
         let live = api.feed.subscribe();
         let dropped = api.drop_watches.subscribe();
-        let backlog: Vec<(u64, Value)> = {
+        let (backlog, last): (Vec<Value>, u64) = {
             let state = api.state.lock().expect("api state");
-            state
-                .history
-                .iter()
-                .filter(|(v, r, _)| *v > from && *r == resource)
-                .map(|(v, _, e)| (*v, e.clone()))
-                .collect()
+            let changes: Vec<&Change> =
+                state.history.iter().filter(|(v, r, _, _)| *v > from && *r == resource).collect();
+            let last = changes.last().map_or(from, |(v, _, _, _)| *v);
+            (changes.into_iter().filter_map(|(_, _, e, before)| selector.seen(e, before.as_ref())).collect(), last)
         };
-        let last = backlog.last().map_or(from, |(v, _)| *v);
-        let head = futures::stream::iter(backlog.into_iter().map(|(_, e)| Ok::<Bytes, Infallible>(line(&e))));
-        let tail = futures::stream::unfold((live, dropped, last), move |(mut live, mut dropped, last)| async move {
-            loop {
-                tokio::select! {
-                    _ = dropped.recv() => return None,
-                    next = live.recv() => match next {
-                        Ok((version, r, event)) if r == resource && version > last => {
-                            return Some((Ok::<Bytes, Infallible>(line(&event)), (live, dropped, version)));
+        let head = futures::stream::iter(backlog.into_iter().map(|e| Ok::<Bytes, Infallible>(line(&e))));
+        let tail = futures::stream::unfold(
+            (live, dropped, last, selector),
+            move |(mut live, mut dropped, last, selector)| async move {
+                loop {
+                    tokio::select! {
+                        _ = dropped.recv() => return None,
+                        next = live.recv() => match next {
+                            Ok((version, r, event, before)) if r == resource && version > last => {
+                                if let Some(event) = selector.seen(&event, before.as_ref()) {
+                                    return Some((Ok::<Bytes, Infallible>(line(&event)), (live, dropped, version, selector)));
+                                }
+                            }
+                            Ok(_) => continue,
+                            Err(_) => return None,
                         }
-                        Ok(_) => continue,
-                        Err(_) => return None,
                     }
                 }
-            }
-        });
+            },
+        );
         use futures::StreamExt;
         return Response::builder()
             .status(200)
@@ -360,10 +422,68 @@ async fn list_or_watch(
     let state = api.state.lock().expect("api state");
     let items: Vec<Value> = match resource {
         "nodes" => state.nodes.values().cloned().collect(),
-        _ => state.pods.values().cloned().collect(),
+        _ => state.pods.values().filter(|p| selector.matches(p)).cloned().collect(),
     };
     let body = json!({"apiVersion": "v1", "kind": list_kind, "metadata": {"resourceVersion": state.version.to_string()}, "items": items});
     axum::Json(body).into_response()
+}
+
+/// A field selector (`a=b,c!=d`) over the fields the API server supports for pods.
+#[derive(Clone, Default)]
+struct FieldSelector {
+    terms: Vec<(String, bool, String)>,
+}
+
+impl FieldSelector {
+    fn parse(text: &str) -> Self {
+        let terms = text
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .filter_map(|term| {
+                if let Some((key, value)) = term.split_once("!=") {
+                    Some((key.to_string(), false, value.to_string()))
+                } else {
+                    let (key, value) = term.split_once("==").or_else(|| term.split_once('='))?;
+                    Some((key.to_string(), true, value.to_string()))
+                }
+            })
+            .collect();
+        FieldSelector { terms }
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.terms.iter().all(|(key, equal, value)| {
+            let mut field = object;
+            for part in key.split('.') {
+                field = &field[part];
+            }
+            let actual = match field {
+                Value::String(text) => text.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            (actual == *value) == *equal
+        })
+    }
+
+    /// The watch event as a watcher with this selector sees it: an object entering the
+    /// selection is ADDED, one leaving it DELETED (as the API server's watch cache does).
+    fn seen(&self, event: &Value, before: Option<&Value>) -> Option<Value> {
+        let kind = event["type"].as_str().unwrap_or_default();
+        let now = self.matches(&event["object"]);
+        let was = before.is_some_and(|b| self.matches(b));
+        let seen_kind = match kind {
+            "ADDED" => now.then_some("ADDED"),
+            "DELETED" => was.then_some("DELETED"),
+            _ => match (was, now) {
+                (true, true) => Some("MODIFIED"),
+                (false, true) => Some("ADDED"),
+                (true, false) => Some("DELETED"),
+                (false, false) => None,
+            },
+        }?;
+        Some(json!({"type": seen_kind, "object": event["object"].clone()}))
+    }
 }
 
 fn line(event: &Value) -> Bytes {
@@ -400,6 +520,9 @@ async fn create_binding(
     axum::Json(binding): axum::Json<Value>,
 ) -> Response {
     api.delay().await;
+    if api.faults.lock().expect("faults").hang_binding.contains(&name) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
     if api.faults.lock().expect("faults").fail_binding.contains(&name) {
         return status(500, "InternalError", format!("injected failure binding {name}"));
     }
@@ -420,6 +543,8 @@ async fn create_binding(
         return status(409, "Conflict", format!("pod {name} is already assigned to node \"{current}\""));
     }
     pod["spec"]["nodeName"] = json!(node);
+    // The API server marks the pod scheduled as it binds it.
+    set_condition(&mut pod, json!({"type": "PodScheduled", "status": "True"}));
     if let Some(annotations) = binding["metadata"]["annotations"].as_object() {
         for (key, value) in annotations {
             pod["metadata"]["annotations"][key] = value.clone();
@@ -429,6 +554,113 @@ async fn create_binding(
     let object = api.record(&mut state, "pods", "MODIFIED", pod);
     state.pods.insert((ns, name), object);
     status(201, "", String::new())
+}
+
+fn set_condition(pod: &mut Value, condition: Value) {
+    if !pod["status"]["conditions"].is_array() {
+        pod["status"]["conditions"] = json!([]);
+    }
+    if let Some(conditions) = pod["status"]["conditions"].as_array_mut() {
+        conditions.retain(|c| c["type"] != condition["type"]);
+        conditions.push(condition);
+    }
+}
+
+/// A strategic merge patch of the status: conditions merge by type, other fields replace.
+async fn patch_pod_status(
+    State(api): State<FakeApi>,
+    Path((ns, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    api.delay().await;
+    let strategic = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/strategic-merge-patch+json"));
+    if !strategic {
+        return status(415, "UnsupportedMediaType", "this fake takes strategic merge patches only".into());
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "patch is not JSON".into());
+    };
+    let mut state = api.state.lock().expect("api state");
+    let Some(mut pod) = state.pods.get(&(ns.clone(), name.clone())).cloned() else {
+        return status(404, "NotFound", format!("pods \"{name}\" not found"));
+    };
+    if let Some(fields) = patch["status"].as_object() {
+        for (key, value) in fields {
+            if key == "conditions" {
+                for condition in value.as_array().into_iter().flatten() {
+                    set_condition(&mut pod, condition.clone());
+                }
+            } else {
+                pod["status"][key] = value.clone();
+            }
+        }
+    }
+    let object = api.record(&mut state, "pods", "MODIFIED", pod);
+    state.pods.insert((ns, name), object.clone());
+    axum::Json(object).into_response()
+}
+
+async fn get_lease(State(api): State<FakeApi>, Path((ns, name)): Path<(String, String)>) -> Response {
+    api.delay().await;
+    let state = api.state.lock().expect("api state");
+    match state.leases.get(&(ns, name.clone())) {
+        Some(lease) => axum::Json(lease.clone()).into_response(),
+        None => status(404, "NotFound", format!("leases.coordination.k8s.io \"{name}\" not found")),
+    }
+}
+
+async fn create_lease(
+    State(api): State<FakeApi>,
+    Path(ns): Path<String>,
+    axum::Json(mut lease): axum::Json<Value>,
+) -> Response {
+    api.delay().await;
+    let mut state = api.state.lock().expect("api state");
+    let name = lease["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    if state.leases.contains_key(&(ns.clone(), name.clone())) {
+        return status(409, "AlreadyExists", format!("leases.coordination.k8s.io \"{name}\" already exists"));
+    }
+    state.version += 1;
+    lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+    lease["metadata"]["namespace"] = json!(ns);
+    state.leases.insert((ns, name), lease.clone());
+    (StatusCode::CREATED, axum::Json(lease)).into_response()
+}
+
+/// PUT with optimistic concurrency: the resourceVersion must be the stored one.
+async fn replace_lease(
+    State(api): State<FakeApi>,
+    Path((ns, name)): Path<(String, String)>,
+    axum::Json(mut lease): axum::Json<Value>,
+) -> Response {
+    api.delay().await;
+    let mut state = api.state.lock().expect("api state");
+    let Some(current) = state.leases.get(&(ns.clone(), name.clone())) else {
+        return status(404, "NotFound", format!("leases.coordination.k8s.io \"{name}\" not found"));
+    };
+    if lease["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+        return status(
+            409,
+            "Conflict",
+            "the object has been modified; please apply your changes to the latest version".into(),
+        );
+    }
+    state.version += 1;
+    lease["metadata"]["resourceVersion"] = json!(state.version.to_string());
+    state.leases.insert((ns, name), lease.clone());
+    axum::Json(lease).into_response()
+}
+
+async fn get_pod_group(State(api): State<FakeApi>, Path((ns, name)): Path<(String, String)>) -> Response {
+    let state = api.state.lock().expect("api state");
+    match state.pod_groups.get(&(ns, name.clone())) {
+        Some(group) => axum::Json(group.clone()).into_response(),
+        None => status(404, "NotFound", format!("podgroups.scheduling.x-k8s.io \"{name}\" not found")),
+    }
 }
 
 async fn create_event(State(api): State<FakeApi>, axum::Json(mut event): axum::Json<Value>) -> Response {

@@ -1,0 +1,407 @@
+//! `topoplace scheduler` against the in-process fake API server: pending pods watched through
+//! the `spec.schedulerName=topoplace,spec.nodeName=` field selector, single pods against
+//! taints, selectors, affinity and resources, gangs arriving in any order or incomplete, a
+//! coscheduling PodGroup, a failing Binding undone, a watch dropped mid-gang, two gangs
+//! competing for one gang's capacity, and a leader failing over in the middle of a gang.
+//! After each, the API's final state is asserted: no half-bound gang, no GPU given twice.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{serve_router, FakeApi, Running};
+use topoplace::extender::{Binder, Extender, ExtenderConfig};
+use topoplace::kube::lease::{LeaderElector, LeaseConfig};
+use topoplace::kube::scheduler::SchedulerRuntime;
+use topoplace::kube::{run_view_with, KubeBinder, ViewHooks};
+use topoplace::reservation::BookConfig;
+use topoplace::scheduler::SchedulerConfig;
+
+const LEVELS: [&str; 2] = ["network.topology.nvidia.com/spine", "network.topology.nvidia.com/leaf"];
+const H100: &str = "NVIDIA-H100-80GB-HBM3";
+
+fn test_config() -> SchedulerConfig {
+    SchedulerConfig {
+        gang_wait_timeout_ms: 1_000,
+        backoff_initial_ms: 100,
+        backoff_max_ms: 500,
+        starvation_ms: 60_000,
+        repair_grace_ms: 500,
+    }
+}
+
+/// A GPU node as GPU Feature Discovery labels it; `edit` adds taints, conditions and such.
+fn gpu_node(name: &str, rack: &str, edit: impl FnOnce(&mut Value)) -> Value {
+    let mut node = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "uid": format!("node-{name}"), "labels": {
+            "kubernetes.io/hostname": name,
+            "nvidia.com/gpu.product": H100,
+            "nvidia.com/gpu.count": "8",
+            "network.topology.nvidia.com/spine": "s1",
+            "network.topology.nvidia.com/leaf": rack,
+        }},
+        "spec": {},
+        "status": {"allocatable": {"nvidia.com/gpu": "8", "cpu": "96", "memory": "1Ti", "pods": "110"},
+                   "conditions": [{"type": "Ready", "status": "True"}]}
+    });
+    edit(&mut node);
+    node
+}
+
+/// A pending pod for topoplace: GPUs and CPU in its limits, gang labels when given.
+fn sched_pod(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu: &str) -> Value {
+    let mut labels = serde_json::Map::new();
+    if let Some((gang, size, rank)) = gang {
+        labels.insert("topoplace.io/gang".into(), json!(gang));
+        labels.insert("topoplace.io/gang-size".into(), json!(size.to_string()));
+        labels.insert("topoplace.io/rank".into(), json!(rank.to_string()));
+    }
+    json!({
+        "metadata": {"name": name, "namespace": "ml", "uid": format!("{name}-uid"), "labels": labels},
+        "spec": {"schedulerName": "topoplace", "containers": [{"name": "main", "resources": {
+            "limits": {"nvidia.com/gpu": gpus.to_string(), "cpu": cpu}}}]},
+        "status": {"phase": "Pending"}
+    })
+}
+
+/// One scheduler replica: its view, its scheduler and (optionally) its leader election.
+struct Replica {
+    ext: Arc<Extender>,
+    runtime: Arc<SchedulerRuntime>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Replica {
+    async fn start(base: &str, identity: Option<&str>) -> Replica {
+        let config = kube::Config::new(base.parse().expect("uri"));
+        let client = kube::Client::try_from(config).expect("client");
+        let binder: Arc<dyn Binder> = Arc::new(KubeBinder::new(client.clone()));
+        let ext = Extender::new(None, binder, ExtenderConfig::default());
+        let (leading_tx, leading_rx) = tokio::sync::watch::channel(identity.is_none());
+        let runtime = SchedulerRuntime::new(ext.clone(), client.clone(), test_config(), leading_rx);
+        let hooks: Arc<dyn ViewHooks> = runtime.clone();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = vec![
+            tokio::spawn(run_view_with(
+                client.clone(),
+                ext.clone(),
+                LEVELS.map(String::from).to_vec(),
+                BookConfig::default(),
+                Some(hooks),
+            )),
+            tokio::spawn(runtime.clone().run(client.clone(), "topoplace".into())),
+        ];
+        match identity {
+            Some(identity) => {
+                let elector = LeaderElector::new(
+                    client,
+                    LeaseConfig {
+                        namespace: "kube-system".into(),
+                        name: "topoplace-scheduler".into(),
+                        identity: identity.into(),
+                        lease_duration: Duration::from_millis(2_000),
+                        renew_deadline: Duration::from_millis(1_500),
+                        retry_period: Duration::from_millis(200),
+                    },
+                );
+                tasks.push(tokio::spawn(async move {
+                    let _ = elector.run(leading_tx, stopped).await;
+                }));
+            }
+            None => drop((leading_tx, stopped)),
+        }
+        Replica { ext, runtime, tasks, stop }
+    }
+
+    /// A crash: every task stops at once; the Lease is not handed back.
+    fn kill(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        drop(self.stop);
+    }
+}
+
+async fn api_with(nodes: Vec<Value>) -> (FakeApi, Running) {
+    let api = FakeApi::new();
+    for node in nodes {
+        api.put_node(node);
+    }
+    let server = serve_router(api.router()).await;
+    (api, server)
+}
+
+fn rack_nodes(racks: &[&str], per_rack: usize) -> Vec<Value> {
+    racks.iter().flat_map(|rack| (0..per_rack).map(move |i| gpu_node(&format!("{rack}-{i}"), rack, |_| {}))).collect()
+}
+
+/// Polls until `check` holds, for up to 15 seconds.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..300 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn condition(pod: &Value) -> Option<(String, String, String)> {
+    pod["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "PodScheduled").map(|c| {
+        (
+            c["status"].as_str().unwrap_or_default().to_string(),
+            c["reason"].as_str().unwrap_or_default().to_string(),
+            c["message"].as_str().unwrap_or_default().to_string(),
+        )
+    })
+}
+
+fn events_for(api: &FakeApi, pod: &str, reason: &str) -> Vec<String> {
+    api.events()
+        .iter()
+        .filter(|e| e["involvedObject"]["name"] == pod && e["reason"] == reason)
+        .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The API's final state: no GPU of a node given twice, every gang bound whole or not at all.
+fn assert_consistent(api: &FakeApi) {
+    let mut given = BTreeSet::new();
+    let mut gangs: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for pod in api.pods() {
+        let bound = pod["spec"]["nodeName"].as_str();
+        if let (Some(node), Some(gpus)) = (bound, pod["metadata"]["annotations"]["topoplace.io/gpus"].as_str()) {
+            for gpu in gpus.split(',') {
+                assert!(given.insert((node.to_string(), gpu.to_string())), "GPU {gpu} of {node} given twice");
+            }
+        }
+        if let Some(gang) = pod["metadata"]["labels"]["topoplace.io/gang"].as_str() {
+            let size: usize =
+                pod["metadata"]["labels"]["topoplace.io/gang-size"].as_str().unwrap_or("0").parse().unwrap_or(0);
+            let entry = gangs.entry(gang.to_string()).or_insert((0, size));
+            entry.0 += usize::from(bound.is_some());
+        }
+    }
+    for (gang, (bound, size)) in gangs {
+        assert!(bound == 0 || bound == size, "gang {gang} is half-bound: {bound} of {size}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_pods_meet_taints_selectors_affinity_and_resources() {
+    let nodes = vec![
+        gpu_node("tainted", "r1", |n| {
+            n["spec"]["taints"] = json!([{"key": "dedicated", "value": "train", "effect": "NoSchedule"}])
+        }),
+        gpu_node("cordoned", "r1", |n| n["spec"]["unschedulable"] = json!(true)),
+        gpu_node("down", "r1", |n| n["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}])),
+        gpu_node("small", "r1", |n| n["status"]["allocatable"]["cpu"] = json!("4")),
+        gpu_node("zone-b", "r2", |n| n["metadata"]["labels"]["zone"] = json!("b")),
+    ];
+    let (api, server) = api_with(nodes).await;
+    let replica = Replica::start(&server.base, None).await;
+
+    let mut tolerant = sched_pod("tolerant", 8, None, "1");
+    tolerant["spec"]["tolerations"] =
+        json!([{"key": "dedicated", "operator": "Equal", "value": "train", "effect": "NoSchedule"}]);
+    tolerant["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": "tainted"});
+    let mut selected = sched_pod("selected", 2, None, "1");
+    selected["spec"]["nodeSelector"] = json!({"zone": "b"});
+    let mut by_name = sched_pod("by-name", 1, None, "2");
+    by_name["spec"]["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["small"]}]}]}}});
+    let mut not_in = sched_pod("not-in", 1, None, "1");
+    not_in["spec"]["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "network.topology.nvidia.com/leaf", "operator": "NotIn", "values": ["r1"]},
+            {"key": "zone", "operator": "Exists"}]}]}}});
+    let hungry = sched_pod("hungry", 1, None, "200");
+    let mut other_scheduler = sched_pod("not-ours", 1, None, "1");
+    other_scheduler["spec"]["schedulerName"] = json!("default-scheduler");
+    for pod in [tolerant, selected, by_name, not_in, hungry, other_scheduler] {
+        api.add_pod(pod, None, None);
+    }
+    eventually("four pods bound", || api.bound_pods().len() == 4).await;
+    assert_eq!(api.pod_node("ml", "tolerant").as_deref(), Some("tainted"));
+    assert_eq!(api.pod_node("ml", "selected").as_deref(), Some("zone-b"));
+    assert_eq!(api.pod_node("ml", "by-name").as_deref(), Some("small"));
+    assert_eq!(api.pod_node("ml", "not-in").as_deref(), Some("zone-b"));
+    assert_eq!(api.pod_node("ml", "not-ours"), None, "pods of other schedulers are left alone");
+    eventually("hungry marked unschedulable", || {
+        api.pod("ml", "hungry").and_then(|p| condition(&p)).is_some_and(|(status, _, _)| status == "False")
+    })
+    .await;
+    let (_, reason, message) = api.pod("ml", "hungry").and_then(|p| condition(&p)).expect("condition");
+    assert_eq!(reason, "Unschedulable");
+    assert_eq!(
+        message,
+        "0/5 nodes are available: 1 node(s) had untolerated taint {dedicated: train}, \
+         1 node(s) were not ready, 1 node(s) were unschedulable, 2 Insufficient cpu."
+    );
+    eventually("FailedScheduling event", || !events_for(&api, "hungry", "FailedScheduling").is_empty()).await;
+    let scheduled = events_for(&api, "selected", "Scheduled");
+    assert!(
+        scheduled.iter().any(|m| m.starts_with("Successfully assigned ml/selected to zone-b (GPUs ")),
+        "{scheduled:?}"
+    );
+    assert_eq!(api.pod_annotation("ml", "tolerant", "topoplace.io/gpus").as_deref(), Some("0,1,2,3,4,5,6,7"));
+    replica.runtime.check().expect("scheduler invariants");
+    replica.ext.check().expect("book invariants");
+    assert_consistent(&api);
+    replica.kill();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
+    let (api, server) = api_with(rack_nodes(&["r1", "r2", "r3", "r4"], 4)).await;
+    let replica = Replica::start(&server.base, None).await;
+    // A 4-member gang arrives in reverse order with one member missing.
+    for rank in [3, 2, 1] {
+        api.add_pod(sched_pod(&format!("g4-{rank}"), 8, Some(("g4", 4, rank)), "8"), None, None);
+    }
+    eventually("GangWaiting event", || !events_for(&api, "g4-3", "GangWaiting").is_empty()).await;
+    eventually("GangIncomplete after the timeout", || {
+        api.pod("ml", "g4-1").and_then(|p| condition(&p)).is_some_and(|(_, reason, _)| reason == "GangIncomplete")
+    })
+    .await;
+    assert!(api.bound_pods().is_empty(), "nothing binds while a member is missing");
+    api.add_pod(sched_pod("g4-0", 8, Some(("g4", 4, 0)), "8"), None, None);
+    eventually("g4 bound", || api.bound_pods().len() == 4).await;
+    let racks: BTreeSet<String> =
+        api.bound_pods().iter().map(|(_, node, _)| node.split('-').next().unwrap_or_default().to_string()).collect();
+    assert_eq!(racks.len(), 1, "a 4-host gang lands in one rack");
+
+    // 16 members of 4 GPUs (8 hosts' worth), members shuffled.
+    for rank in [5, 0, 15, 9, 2, 12, 7, 1, 14, 3, 10, 8, 4, 13, 6, 11] {
+        api.add_pod(sched_pod(&format!("g16-{rank}"), 4, Some(("g16", 16, rank)), "4"), None, None);
+    }
+    eventually("g16 bound", || api.bound_pods().len() == 20).await;
+
+    // A coscheduling PodGroup whose pods do not carry a size: minMember is looked up.
+    api.add_pod_group("ml", "pg", 2);
+    for index in 0..2 {
+        let mut pod = sched_pod(&format!("pg-{index}"), 8, None, "1");
+        pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] = json!("pg");
+        api.add_pod(pod, None, None);
+    }
+    eventually("PodGroup members bound", || api.bound_pods().len() == 22).await;
+    let gpus: BTreeMap<String, usize> =
+        api.bound_pods().into_iter().map(|(name, _, gpus)| (name, gpus.map_or(0, |g| g.split(',').count()))).collect();
+    assert_eq!(gpus.get("g16-0"), Some(&4));
+    assert_eq!(gpus.get("pg-1"), Some(&8));
+    replica.runtime.check().expect("scheduler invariants");
+    replica.ext.check().expect("book invariants");
+    assert_consistent(&api);
+    replica.kill();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_binding_undoes_the_gang_and_a_dropped_watch_loses_nothing() {
+    let (api, server) = api_with(rack_nodes(&["r1"], 4)).await;
+    let replica = Replica::start(&server.base, None).await;
+    api.faults.lock().expect("faults").fail_binding.insert("g-1".into());
+    for rank in 0..3 {
+        api.add_pod(sched_pod(&format!("g-{rank}"), 8, Some(("g", 3, rank)), "1"), None, None);
+    }
+    eventually("the bound members deleted", || api.deletes().len() >= 2).await;
+    let mut deleted = api.deletes();
+    deleted.sort();
+    assert_eq!(deleted[..2], ["g-0".to_string(), "g-2".to_string()]);
+    assert!(!events_for(&api, "g-1", "GangBindRolledBack").is_empty());
+    assert_eq!(api.pod_node("ml", "g-1"), None);
+    assert_consistent(&api);
+
+    // The Binding recovers; the controller recreates the deleted members (new uids), one of
+    // them while the watches are down.
+    api.faults.lock().expect("faults").fail_binding.clear();
+    let mut again = sched_pod("g-0", 8, Some(("g", 3, 0)), "1");
+    again["metadata"]["uid"] = json!("g-0-second");
+    api.add_pod(again, None, None);
+    api.drop_watches();
+    let mut again = sched_pod("g-2", 8, Some(("g", 3, 2)), "1");
+    again["metadata"]["uid"] = json!("g-2-second");
+    api.add_pod(again, None, None);
+    eventually("the gang bound whole on retry", || api.bound_pods().len() == 3).await;
+    replica.runtime.check().expect("scheduler invariants");
+    replica.ext.check().expect("book invariants");
+    assert_consistent(&api);
+    replica.kill();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gangs_competing_for_one_gangs_capacity_do_not_deadlock() {
+    let (api, server) = api_with(rack_nodes(&["r1"], 3)).await;
+    let replica = Replica::start(&server.base, None).await;
+    for rank in 0..3 {
+        api.add_pod(sched_pod(&format!("a-{rank}"), 8, Some(("a", 3, rank)), "1"), None, None);
+        api.add_pod(sched_pod(&format!("b-{rank}"), 8, Some(("b", 3, rank)), "1"), None, None);
+    }
+    eventually("one gang bound", || api.bound_pods().len() == 3).await;
+    let winner = api.bound_pods()[0].0[..1].to_string();
+    let loser = if winner == "a" { "b" } else { "a" };
+    eventually("the other marked unschedulable", || {
+        api.pod("ml", &format!("{loser}-0")).and_then(|p| condition(&p)).is_some_and(|(s, _, _)| s == "False")
+    })
+    .await;
+    let (_, _, message) = api.pod("ml", &format!("{loser}-0")).and_then(|p| condition(&p)).expect("condition");
+    assert!(message.contains(&format!("gang `ml/{loser}` (24 GPUs) does not fit")), "{message}");
+    // The winner finishes: the loser gets everything.
+    for rank in 0..3 {
+        api.delete_pod("ml", &format!("{winner}-{rank}"));
+    }
+    eventually("the other gang bound", || {
+        api.bound_pods().iter().filter(|(name, _, _)| name.starts_with(loser)).count() == 3
+    })
+    .await;
+    replica.runtime.check().expect("scheduler invariants");
+    assert_consistent(&api);
+    replica.kill();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_failover_in_the_middle_of_a_gang_repairs_it() {
+    let (api, server) = api_with(rack_nodes(&["r1"], 4)).await;
+    let first = Replica::start(&server.base, Some("first")).await;
+    eventually("first leads", || {
+        api.lease("kube-system", "topoplace-scheduler").is_some_and(|l| l["spec"]["holderIdentity"] == "first")
+    })
+    .await;
+    let second = Replica::start(&server.base, Some("second")).await;
+    // Two members' Bindings hang: the leader dies with the gang half-bound.
+    api.faults.lock().expect("faults").hang_binding.extend(["g-2".to_string(), "g-3".to_string()]);
+    for rank in 0..4 {
+        api.add_pod(sched_pod(&format!("g-{rank}"), 8, Some(("g", 4, rank)), "1"), None, None);
+    }
+    eventually("two members bound", || api.bound_pods().len() == 2).await;
+    first.kill();
+    api.faults.lock().expect("faults").hang_binding.clear();
+    eventually("second takes the Lease over", || {
+        api.lease("kube-system", "topoplace-scheduler").is_some_and(|l| l["spec"]["holderIdentity"] == "second")
+    })
+    .await;
+    // The new leader deletes the half-bound members; their controller recreates them.
+    eventually("the bound members deleted", || api.deletes().len() == 2).await;
+    for name in api.deletes() {
+        let rank: u32 = name.trim_start_matches("g-").parse().expect("rank");
+        let mut again = sched_pod(&name, 8, Some(("g", 4, rank)), "1");
+        again["metadata"]["uid"] = json!(format!("{name}-second"));
+        api.add_pod(again, None, None);
+    }
+    eventually("the gang bound whole by the new leader", || api.bound_pods().len() == 4).await;
+    assert!(!events_for(&api, "g-0", "GangRepair").is_empty() || !events_for(&api, "g-1", "GangRepair").is_empty());
+    second.runtime.check().expect("scheduler invariants");
+    second.ext.check().expect("book invariants");
+    assert_consistent(&api);
+    second.kill();
+    // The hung Bindings of the dead leader keep the server's connections open: not stopped.
+    drop(server);
+}
