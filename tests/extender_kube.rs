@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{pod, post, schedule, serve_router, FakeApi};
+use support::{pod, post, schedule, serve_router, FakeApi, LEVELS};
 use topoplace::extender::{self, Binder, Extender, ExtenderConfig};
 use topoplace::kube::{run_view, KubeBinder};
 use topoplace::reservation::BookConfig;
 
-const LEVELS: [&str; 2] = ["network.topology.nvidia.com/spine", "network.topology.nvidia.com/leaf"];
 
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
     client.get(url).send().await.expect("get").json().await.expect("json")

@@ -8,19 +8,12 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{serve_router, FakeApi, Running};
-use topoplace::extender::{Binder, Extender, ExtenderConfig};
-use topoplace::kube::lease::{LeaderElector, LeaseConfig};
-use topoplace::kube::scheduler::SchedulerRuntime;
-use topoplace::kube::{run_view_with, KubeBinder, ViewHooks};
-use topoplace::reservation::BookConfig;
+use support::{serve_router, FakeApi, Replica, Running};
 use topoplace::scheduler::SchedulerConfig;
 
-const LEVELS: [&str; 2] = ["network.topology.nvidia.com/spine", "network.topology.nvidia.com/leaf"];
 const H100: &str = "NVIDIA-H100-80GB-HBM3";
 
 fn test_config() -> SchedulerConfig {
@@ -66,65 +59,6 @@ fn sched_pod(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu: &str) -
             "limits": {"nvidia.com/gpu": gpus.to_string(), "cpu": cpu}}}]},
         "status": {"phase": "Pending"}
     })
-}
-
-/// One scheduler replica: its view, its scheduler and (optionally) its leader election.
-struct Replica {
-    ext: Arc<Extender>,
-    runtime: Arc<SchedulerRuntime>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    stop: tokio::sync::watch::Sender<bool>,
-}
-
-impl Replica {
-    async fn start(base: &str, identity: Option<&str>) -> Replica {
-        let config = kube::Config::new(base.parse().expect("uri"));
-        let client = kube::Client::try_from(config).expect("client");
-        let binder: Arc<dyn Binder> = Arc::new(KubeBinder::new(client.clone()));
-        let ext = Extender::new(None, binder, ExtenderConfig::default());
-        let (leading_tx, leading_rx) = tokio::sync::watch::channel(identity.is_none());
-        let runtime = SchedulerRuntime::new(ext.clone(), client.clone(), test_config(), leading_rx);
-        let hooks: Arc<dyn ViewHooks> = runtime.clone();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let mut tasks = vec![
-            tokio::spawn(run_view_with(
-                client.clone(),
-                ext.clone(),
-                LEVELS.map(String::from).to_vec(),
-                BookConfig::default(),
-                Some(hooks),
-            )),
-            tokio::spawn(runtime.clone().run(client.clone(), "topoplace".into())),
-        ];
-        match identity {
-            Some(identity) => {
-                let elector = LeaderElector::new(
-                    client,
-                    LeaseConfig {
-                        namespace: "kube-system".into(),
-                        name: "topoplace-scheduler".into(),
-                        identity: identity.into(),
-                        lease_duration: Duration::from_millis(2_000),
-                        renew_deadline: Duration::from_millis(1_500),
-                        retry_period: Duration::from_millis(200),
-                    },
-                );
-                tasks.push(tokio::spawn(async move {
-                    let _ = elector.run(leading_tx, stopped).await;
-                }));
-            }
-            None => drop((leading_tx, stopped)),
-        }
-        Replica { ext, runtime, tasks, stop }
-    }
-
-    /// A crash: every task stops at once; the Lease is not handed back.
-    fn kill(self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-        drop(self.stop);
-    }
 }
 
 async fn api_with(nodes: Vec<Value>) -> (FakeApi, Running) {
@@ -204,7 +138,7 @@ async fn single_pods_meet_taints_selectors_affinity_and_resources() {
         gpu_node("zone-b", "r2", |n| n["metadata"]["labels"]["zone"] = json!("b")),
     ];
     let (api, server) = api_with(nodes).await;
-    let replica = Replica::start(&server.base, None).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
 
     let mut tolerant = sched_pod("tolerant", 8, None, "1");
     tolerant["spec"]["tolerations"] =
@@ -260,7 +194,7 @@ async fn single_pods_meet_taints_selectors_affinity_and_resources() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
     let (api, server) = api_with(rack_nodes(&["r1", "r2", "r3", "r4"], 4)).await;
-    let replica = Replica::start(&server.base, None).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
     // A 4-member gang arrives in reverse order with one member missing.
     for rank in [3, 2, 1] {
         api.add_pod(sched_pod(&format!("g4-{rank}"), 8, Some(("g4", 4, rank)), "8"), None, None);
@@ -305,7 +239,7 @@ async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_binding_undoes_the_gang_and_a_dropped_watch_loses_nothing() {
     let (api, server) = api_with(rack_nodes(&["r1"], 4)).await;
-    let replica = Replica::start(&server.base, None).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
     api.faults.lock().expect("faults").fail_binding.insert("g-1".into());
     for rank in 0..3 {
         api.add_pod(sched_pod(&format!("g-{rank}"), 8, Some(("g", 3, rank)), "1"), None, None);
@@ -339,7 +273,7 @@ async fn a_failing_binding_undoes_the_gang_and_a_dropped_watch_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gangs_competing_for_one_gangs_capacity_do_not_deadlock() {
     let (api, server) = api_with(rack_nodes(&["r1"], 3)).await;
-    let replica = Replica::start(&server.base, None).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
     for rank in 0..3 {
         api.add_pod(sched_pod(&format!("a-{rank}"), 8, Some(("a", 3, rank)), "1"), None, None);
         api.add_pod(sched_pod(&format!("b-{rank}"), 8, Some(("b", 3, rank)), "1"), None, None);
@@ -370,12 +304,12 @@ async fn two_gangs_competing_for_one_gangs_capacity_do_not_deadlock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_failover_in_the_middle_of_a_gang_repairs_it() {
     let (api, server) = api_with(rack_nodes(&["r1"], 4)).await;
-    let first = Replica::start(&server.base, Some("first")).await;
+    let first = Replica::start(&server.base, Some("first"), test_config()).await;
     eventually("first leads", || {
         api.lease("kube-system", "topoplace-scheduler").is_some_and(|l| l["spec"]["holderIdentity"] == "first")
     })
     .await;
-    let second = Replica::start(&server.base, Some("second")).await;
+    let second = Replica::start(&server.base, Some("second"), test_config()).await;
     // Two members' Bindings hang: the leader dies with the gang half-bound.
     api.faults.lock().expect("faults").hang_binding.extend(["g-2".to_string(), "g-3".to_string()]);
     for rank in 0..4 {

@@ -25,7 +25,14 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, oneshot};
 
 use topoplace::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
+use topoplace::kube::lease::{LeaderElector, LeaseConfig};
+use topoplace::kube::scheduler::SchedulerRuntime;
+use topoplace::kube::{run_view_with, KubeBinder, ViewHooks};
 use topoplace::reservation::{Book, BookConfig};
+use topoplace::scheduler::SchedulerConfig;
+
+/// The topology levels of the fake API's nodes.
+pub const LEVELS: [&str; 2] = ["network.topology.nvidia.com/spine", "network.topology.nvidia.com/leaf"];
 
 /// A running server and the switch that stops it.
 pub struct Running {
@@ -126,6 +133,69 @@ pub async fn schedule(client: &reqwest::Client, base: &str, pod: &Value, nodes: 
         Ok(node)
     } else {
         Err(error)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A secondary-scheduler replica against the fake API.
+
+/// One scheduler replica: its view, its scheduler and (optionally) its leader election.
+pub struct Replica {
+    pub ext: Arc<Extender>,
+    pub runtime: Arc<SchedulerRuntime>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Replica {
+    /// Starts a replica against the API at `base`; with `identity` it campaigns for the
+    /// Lease `kube-system/topoplace-scheduler` (2 s lease), else it leads from the start.
+    pub async fn start(base: &str, identity: Option<&str>, config: SchedulerConfig) -> Replica {
+        let client = kube::Client::try_from(kube::Config::new(base.parse().expect("uri"))).expect("client");
+        let binder: Arc<dyn Binder> = Arc::new(KubeBinder::new(client.clone()));
+        let ext = Extender::new(None, binder, ExtenderConfig::default());
+        let (leading_tx, leading_rx) = tokio::sync::watch::channel(identity.is_none());
+        let runtime = SchedulerRuntime::new(ext.clone(), client.clone(), config, leading_rx);
+        let hooks: Arc<dyn ViewHooks> = runtime.clone();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = vec![
+            tokio::spawn(run_view_with(
+                client.clone(),
+                ext.clone(),
+                LEVELS.map(String::from).to_vec(),
+                BookConfig::default(),
+                Some(hooks),
+            )),
+            tokio::spawn(runtime.clone().run(client.clone(), "topoplace".into())),
+        ];
+        match identity {
+            Some(identity) => {
+                let elector = LeaderElector::new(
+                    client,
+                    LeaseConfig {
+                        namespace: "kube-system".into(),
+                        name: "topoplace-scheduler".into(),
+                        identity: identity.into(),
+                        lease_duration: Duration::from_millis(2_000),
+                        renew_deadline: Duration::from_millis(1_500),
+                        retry_period: Duration::from_millis(200),
+                    },
+                );
+                tasks.push(tokio::spawn(async move {
+                    let _ = elector.run(leading_tx, stopped).await;
+                }));
+            }
+            None => drop((leading_tx, stopped)),
+        }
+        Replica { ext, runtime, tasks, stop }
+    }
+
+    /// A crash: every task stops at once; the Lease is not handed back.
+    pub fn kill(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        drop(self.stop);
     }
 }
 
