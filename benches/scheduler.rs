@@ -101,7 +101,8 @@ fn main() {
         burst("single 1-GPU pods", singles).await;
         let gangs = (0..GANGS)
             .flat_map(|g| {
-                (0..GANG_MEMBERS).map(move |r| pod(&format!("gang-{g:03}-{r}"), 8, Some((&format!("gang-{g:03}"), GANG_MEMBERS, r))))
+                (0..GANG_MEMBERS)
+                    .map(move |r| pod(&format!("gang-{g:03}-{r}"), 8, Some((&format!("gang-{g:03}"), GANG_MEMBERS, r))))
             })
             .collect();
         burst(&format!("{GANGS} gangs of {GANG_MEMBERS} x 8-GPU members"), gangs).await;

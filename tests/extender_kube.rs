@@ -15,7 +15,6 @@ use topoplace::extender::{self, Binder, Extender, ExtenderConfig};
 use topoplace::kube::{run_view, KubeBinder};
 use topoplace::reservation::BookConfig;
 
-
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
     client.get(url).send().await.expect("get").json().await.expect("json")
 }

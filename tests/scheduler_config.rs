@@ -77,21 +77,61 @@ fn the_scheduler_configuration_matches_the_extender() {
         .is_some_and(|ports| ports.iter().any(|p| p["targetPort"].as_str() == Some("grpc"))));
 }
 
+/// Whether the `kind` named `name` in `path` grants `verb` on `resource`.
+fn grants(path: &str, kind: &str, name: &str, resource: &str, verb: &str) -> bool {
+    let role = documents(path)
+        .into_iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("{kind} {name} in {path}"));
+    role["rules"].as_sequence().expect("rules").iter().any(|rule| {
+        let has =
+            |key: &str, want: &str| rule[key].as_sequence().is_some_and(|s| s.iter().any(|v| v.as_str() == Some(want)));
+        has("resources", resource) && has("verbs", verb)
+    })
+}
+
+#[test]
+fn the_scheduler_role_grants_what_it_calls_and_its_deployment_parses() {
+    let rbac = "scheduler-config/scheduler/rbac.yaml";
+    for (resource, verb) in [
+        ("nodes", "list"),
+        ("nodes", "watch"),
+        ("pods", "list"),
+        ("pods", "watch"),
+        ("pods", "get"),
+        ("pods", "delete"),
+        ("pods/binding", "create"),
+        ("pods/status", "patch"),
+        ("events", "create"),
+        ("podgroups", "get"),
+    ] {
+        assert!(grants(rbac, "ClusterRole", "topoplace-scheduler", resource, verb), "{verb} {resource}");
+    }
+    for verb in ["get", "create", "update"] {
+        assert!(grants(rbac, "Role", "topoplace-scheduler-lease", "leases", verb), "{verb} leases");
+    }
+    let deployment = documents("scheduler-config/scheduler/deployment.yaml")
+        .into_iter()
+        .find(|d| d["kind"].as_str() == Some("Deployment"))
+        .expect("scheduler Deployment");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> =
+        container["args"].as_sequence().expect("args").iter().filter_map(|a| a.as_str().map(String::from)).collect();
+    let cli = topoplace::cli::Cli::try_parse_from(std::iter::once("topoplace".to_string()).chain(args))
+        .expect("the Deployment's arguments parse");
+    let topoplace::cli::Command::Scheduler(args) = cli.command else { panic!("scheduler") };
+    let lease = args.scheduling.lease_config().expect("valid lease timing").expect("leader election on");
+    assert_eq!(lease.name, "topoplace-scheduler");
+    assert!(deployment["spec"]["replicas"].as_u64().is_some_and(|r| r >= 2), "a standby replica");
+    let env: Vec<&str> =
+        container["env"].as_sequence().expect("env").iter().filter_map(|e| e["name"].as_str()).collect();
+    assert!(env.contains(&"POD_NAMESPACE"), "the Lease lives in the pod's namespace");
+}
+
 #[test]
 fn the_extender_role_grants_what_it_calls() {
-    let role = documents("scheduler-config/extender/rbac.yaml")
-        .into_iter()
-        .find(|d| {
-            d["kind"].as_str() == Some("ClusterRole") && d["metadata"]["name"].as_str() == Some("topoplace-extender")
-        })
-        .expect("ClusterRole");
     let grants = |resource: &str, verb: &str| {
-        role["rules"].as_sequence().expect("rules").iter().any(|rule| {
-            let has = |key: &str, want: &str| {
-                rule[key].as_sequence().is_some_and(|s| s.iter().any(|v| v.as_str() == Some(want)))
-            };
-            has("resources", resource) && has("verbs", verb)
-        })
+        grants("scheduler-config/extender/rbac.yaml", "ClusterRole", "topoplace-extender", resource, verb)
     };
     for (resource, verb) in [
         ("nodes", "list"),
