@@ -14,7 +14,7 @@ use topoplace::scheduler::SchedulerConfig;
 
 #[path = "../tests/support/mod.rs"]
 mod fake_api;
-use fake_api::{serve_router, FakeApi, Replica};
+use fake_api::{scheduler_pod, serve_router, FakeApi, Replica};
 
 const NODES: usize = 1_000;
 const SINGLE_PODS: usize = 4_000;
@@ -33,21 +33,6 @@ fn node(index: usize) -> Value {
         "spec": {},
         "status": {"allocatable": {"nvidia.com/gpu": "8", "cpu": "192", "memory": "2Ti", "pods": "110"},
                    "conditions": [{"type": "Ready", "status": "True"}]}
-    })
-}
-
-fn pod(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>) -> Value {
-    let mut labels = serde_json::Map::new();
-    if let Some((gang, size, rank)) = gang {
-        labels.insert("topoplace.io/gang".into(), json!(gang));
-        labels.insert("topoplace.io/gang-size".into(), json!(size.to_string()));
-        labels.insert("topoplace.io/rank".into(), json!(rank.to_string()));
-    }
-    json!({
-        "metadata": {"name": name, "namespace": "bench", "uid": format!("{name}-uid"), "labels": labels},
-        "spec": {"schedulerName": "topoplace", "containers": [{"name": "main", "resources": {
-            "limits": {"nvidia.com/gpu": gpus.to_string(), "cpu": "2", "memory": "8Gi"}}}]},
-        "status": {"phase": "Pending"}
     })
 }
 
@@ -97,12 +82,20 @@ fn main() {
     };
     runtime.block_on(async {
         println!("{NODES} nodes x 8 GPUs, fake API server in process");
-        let singles = (0..SINGLE_PODS).map(|i| pod(&format!("single-{i:05}"), 1, None)).collect();
+        let singles =
+            (0..SINGLE_PODS).map(|i| scheduler_pod("bench", &format!("single-{i:05}"), 1, None, "2")).collect();
         burst("single 1-GPU pods", singles).await;
         let gangs = (0..GANGS)
             .flat_map(|g| {
-                (0..GANG_MEMBERS)
-                    .map(move |r| pod(&format!("gang-{g:03}-{r}"), 8, Some((&format!("gang-{g:03}"), GANG_MEMBERS, r))))
+                (0..GANG_MEMBERS).map(move |r| {
+                    scheduler_pod(
+                        "bench",
+                        &format!("gang-{g:03}-{r}"),
+                        8,
+                        Some((&format!("gang-{g:03}"), GANG_MEMBERS, r)),
+                        "2",
+                    )
+                })
             })
             .collect();
         burst(&format!("{GANGS} gangs of {GANG_MEMBERS} x 8-GPU members"), gangs).await;

@@ -1,6 +1,6 @@
 //! topoplace: topology-aware gang placement of GPU workloads.
 //!
-//! The core ([`topology`], [`workload`], [`placement`], [`ledger`], [`quantity`], [`replay`], [`jobreplay`],
+//! The core ([`topology`], [`workload`], [`placement`], [`ledger`], [`quantity`], [`replay`], [`jobreplay`], [`scheduler`],
 //! [`reservation`]) is pure
 //! and synchronous: no I/O, no async, no Kubernetes or HTTP types, deterministic for a
 //! given input. The adapters ([`files`] for the YAML formats, [`convert`] for trace

@@ -90,21 +90,22 @@ fn grants(path: &str, kind: &str, name: &str, resource: &str, verb: &str) -> boo
     })
 }
 
+/// What both the extender and the scheduler call: watches, Bindings, undo deletes, Events.
+const BINDING_CALLS: [(&str, &str); 8] = [
+    ("nodes", "list"),
+    ("nodes", "watch"),
+    ("pods", "list"),
+    ("pods", "watch"),
+    ("pods", "get"),
+    ("pods", "delete"),
+    ("pods/binding", "create"),
+    ("events", "create"),
+];
+
 #[test]
 fn the_scheduler_role_grants_what_it_calls_and_its_deployment_parses() {
     let rbac = "scheduler-config/scheduler/rbac.yaml";
-    for (resource, verb) in [
-        ("nodes", "list"),
-        ("nodes", "watch"),
-        ("pods", "list"),
-        ("pods", "watch"),
-        ("pods", "get"),
-        ("pods", "delete"),
-        ("pods/binding", "create"),
-        ("pods/status", "patch"),
-        ("events", "create"),
-        ("podgroups", "get"),
-    ] {
+    for (resource, verb) in BINDING_CALLS.into_iter().chain([("pods/status", "patch"), ("podgroups", "get")]) {
         assert!(grants(rbac, "ClusterRole", "topoplace-scheduler", resource, verb), "{verb} {resource}");
     }
     for verb in ["get", "create", "update"] {
@@ -133,16 +134,7 @@ fn the_extender_role_grants_what_it_calls() {
     let grants = |resource: &str, verb: &str| {
         grants("scheduler-config/extender/rbac.yaml", "ClusterRole", "topoplace-extender", resource, verb)
     };
-    for (resource, verb) in [
-        ("nodes", "list"),
-        ("nodes", "watch"),
-        ("pods", "list"),
-        ("pods", "watch"),
-        ("pods", "get"),
-        ("pods", "delete"),
-        ("pods/binding", "create"),
-        ("events", "create"),
-    ] {
+    for (resource, verb) in BINDING_CALLS {
         assert!(grants(resource, verb), "{verb} {resource}");
     }
 }

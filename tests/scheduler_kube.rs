@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{serve_router, FakeApi, Replica, Running};
+use support::{scheduler_pod, serve_router, FakeApi, Replica, Running};
 use topoplace::scheduler::SchedulerConfig;
 
 const H100: &str = "NVIDIA-H100-80GB-HBM3";
@@ -45,22 +45,6 @@ fn gpu_node(name: &str, rack: &str, edit: impl FnOnce(&mut Value)) -> Value {
     node
 }
 
-/// A pending pod for topoplace: GPUs and CPU in its limits, gang labels when given.
-fn sched_pod(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu: &str) -> Value {
-    let mut labels = serde_json::Map::new();
-    if let Some((gang, size, rank)) = gang {
-        labels.insert("topoplace.io/gang".into(), json!(gang));
-        labels.insert("topoplace.io/gang-size".into(), json!(size.to_string()));
-        labels.insert("topoplace.io/rank".into(), json!(rank.to_string()));
-    }
-    json!({
-        "metadata": {"name": name, "namespace": "ml", "uid": format!("{name}-uid"), "labels": labels},
-        "spec": {"schedulerName": "topoplace", "containers": [{"name": "main", "resources": {
-            "limits": {"nvidia.com/gpu": gpus.to_string(), "cpu": cpu}}}]},
-        "status": {"phase": "Pending"}
-    })
-}
-
 async fn api_with(nodes: Vec<Value>) -> (FakeApi, Running) {
     let api = FakeApi::new();
     for node in nodes {
@@ -83,6 +67,17 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// The end of a test: the replica's and the book's invariants, the API's final state.
+async fn finish(api: &FakeApi, replica: Replica, server: Option<Running>) {
+    replica.runtime.check().expect("scheduler invariants");
+    replica.ext.check().expect("book invariants");
+    assert_consistent(api);
+    replica.kill();
+    if let Some(server) = server {
+        server.stop().await;
+    }
 }
 
 fn condition(pod: &Value) -> Option<(String, String, String)> {
@@ -140,22 +135,22 @@ async fn single_pods_meet_taints_selectors_affinity_and_resources() {
     let (api, server) = api_with(nodes).await;
     let replica = Replica::start(&server.base, None, test_config()).await;
 
-    let mut tolerant = sched_pod("tolerant", 8, None, "1");
+    let mut tolerant = scheduler_pod("ml", "tolerant", 8, None, "1");
     tolerant["spec"]["tolerations"] =
         json!([{"key": "dedicated", "operator": "Equal", "value": "train", "effect": "NoSchedule"}]);
     tolerant["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": "tainted"});
-    let mut selected = sched_pod("selected", 2, None, "1");
+    let mut selected = scheduler_pod("ml", "selected", 2, None, "1");
     selected["spec"]["nodeSelector"] = json!({"zone": "b"});
-    let mut by_name = sched_pod("by-name", 1, None, "2");
+    let mut by_name = scheduler_pod("ml", "by-name", 1, None, "2");
     by_name["spec"]["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["small"]}]}]}}});
-    let mut not_in = sched_pod("not-in", 1, None, "1");
+    let mut not_in = scheduler_pod("ml", "not-in", 1, None, "1");
     not_in["spec"]["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [
             {"key": "network.topology.nvidia.com/leaf", "operator": "NotIn", "values": ["r1"]},
             {"key": "zone", "operator": "Exists"}]}]}}});
-    let hungry = sched_pod("hungry", 1, None, "200");
-    let mut other_scheduler = sched_pod("not-ours", 1, None, "1");
+    let hungry = scheduler_pod("ml", "hungry", 1, None, "200");
+    let mut other_scheduler = scheduler_pod("ml", "not-ours", 1, None, "1");
     other_scheduler["spec"]["schedulerName"] = json!("default-scheduler");
     for pod in [tolerant, selected, by_name, not_in, hungry, other_scheduler] {
         api.add_pod(pod, None, None);
@@ -178,17 +173,14 @@ async fn single_pods_meet_taints_selectors_affinity_and_resources() {
          1 node(s) were not ready, 1 node(s) were unschedulable, 2 Insufficient cpu."
     );
     eventually("FailedScheduling event", || !events_for(&api, "hungry", "FailedScheduling").is_empty()).await;
-    let scheduled = events_for(&api, "selected", "Scheduled");
-    assert!(
-        scheduled.iter().any(|m| m.starts_with("Successfully assigned ml/selected to zone-b (GPUs ")),
-        "{scheduled:?}"
-    );
+    eventually("the Scheduled event with the GPUs", || {
+        events_for(&api, "selected", "Scheduled")
+            .iter()
+            .any(|m| m.starts_with("Successfully assigned ml/selected to zone-b (GPUs "))
+    })
+    .await;
     assert_eq!(api.pod_annotation("ml", "tolerant", "topoplace.io/gpus").as_deref(), Some("0,1,2,3,4,5,6,7"));
-    replica.runtime.check().expect("scheduler invariants");
-    replica.ext.check().expect("book invariants");
-    assert_consistent(&api);
-    replica.kill();
-    server.stop().await;
+    finish(&api, replica, Some(server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +189,7 @@ async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
     let replica = Replica::start(&server.base, None, test_config()).await;
     // A 4-member gang arrives in reverse order with one member missing.
     for rank in [3, 2, 1] {
-        api.add_pod(sched_pod(&format!("g4-{rank}"), 8, Some(("g4", 4, rank)), "8"), None, None);
+        api.add_pod(scheduler_pod("ml", &format!("g4-{rank}"), 8, Some(("g4", 4, rank)), "8"), None, None);
     }
     eventually("GangWaiting event", || !events_for(&api, "g4-3", "GangWaiting").is_empty()).await;
     eventually("GangIncomplete after the timeout", || {
@@ -205,7 +197,7 @@ async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
     })
     .await;
     assert!(api.bound_pods().is_empty(), "nothing binds while a member is missing");
-    api.add_pod(sched_pod("g4-0", 8, Some(("g4", 4, 0)), "8"), None, None);
+    api.add_pod(scheduler_pod("ml", "g4-0", 8, Some(("g4", 4, 0)), "8"), None, None);
     eventually("g4 bound", || api.bound_pods().len() == 4).await;
     let racks: BTreeSet<String> =
         api.bound_pods().iter().map(|(_, node, _)| node.split('-').next().unwrap_or_default().to_string()).collect();
@@ -213,14 +205,14 @@ async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
 
     // 16 members of 4 GPUs (8 hosts' worth), members shuffled.
     for rank in [5, 0, 15, 9, 2, 12, 7, 1, 14, 3, 10, 8, 4, 13, 6, 11] {
-        api.add_pod(sched_pod(&format!("g16-{rank}"), 4, Some(("g16", 16, rank)), "4"), None, None);
+        api.add_pod(scheduler_pod("ml", &format!("g16-{rank}"), 4, Some(("g16", 16, rank)), "4"), None, None);
     }
     eventually("g16 bound", || api.bound_pods().len() == 20).await;
 
     // A coscheduling PodGroup whose pods do not carry a size: minMember is looked up.
     api.add_pod_group("ml", "pg", 2);
     for index in 0..2 {
-        let mut pod = sched_pod(&format!("pg-{index}"), 8, None, "1");
+        let mut pod = scheduler_pod("ml", &format!("pg-{index}"), 8, None, "1");
         pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] = json!("pg");
         api.add_pod(pod, None, None);
     }
@@ -229,11 +221,7 @@ async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
         api.bound_pods().into_iter().map(|(name, _, gpus)| (name, gpus.map_or(0, |g| g.split(',').count()))).collect();
     assert_eq!(gpus.get("g16-0"), Some(&4));
     assert_eq!(gpus.get("pg-1"), Some(&8));
-    replica.runtime.check().expect("scheduler invariants");
-    replica.ext.check().expect("book invariants");
-    assert_consistent(&api);
-    replica.kill();
-    server.stop().await;
+    finish(&api, replica, Some(server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,32 +230,28 @@ async fn a_failing_binding_undoes_the_gang_and_a_dropped_watch_loses_nothing() {
     let replica = Replica::start(&server.base, None, test_config()).await;
     api.faults.lock().expect("faults").fail_binding.insert("g-1".into());
     for rank in 0..3 {
-        api.add_pod(sched_pod(&format!("g-{rank}"), 8, Some(("g", 3, rank)), "1"), None, None);
+        api.add_pod(scheduler_pod("ml", &format!("g-{rank}"), 8, Some(("g", 3, rank)), "1"), None, None);
     }
     eventually("the bound members deleted", || api.deletes().len() >= 2).await;
     let mut deleted = api.deletes();
     deleted.sort();
     assert_eq!(deleted[..2], ["g-0".to_string(), "g-2".to_string()]);
-    assert!(!events_for(&api, "g-1", "GangBindRolledBack").is_empty());
+    eventually("the rollback Event", || !events_for(&api, "g-1", "GangBindRolledBack").is_empty()).await;
     assert_eq!(api.pod_node("ml", "g-1"), None);
     assert_consistent(&api);
 
     // The Binding recovers; the controller recreates the deleted members (new uids), one of
     // them while the watches are down.
     api.faults.lock().expect("faults").fail_binding.clear();
-    let mut again = sched_pod("g-0", 8, Some(("g", 3, 0)), "1");
+    let mut again = scheduler_pod("ml", "g-0", 8, Some(("g", 3, 0)), "1");
     again["metadata"]["uid"] = json!("g-0-second");
     api.add_pod(again, None, None);
     api.drop_watches();
-    let mut again = sched_pod("g-2", 8, Some(("g", 3, 2)), "1");
+    let mut again = scheduler_pod("ml", "g-2", 8, Some(("g", 3, 2)), "1");
     again["metadata"]["uid"] = json!("g-2-second");
     api.add_pod(again, None, None);
     eventually("the gang bound whole on retry", || api.bound_pods().len() == 3).await;
-    replica.runtime.check().expect("scheduler invariants");
-    replica.ext.check().expect("book invariants");
-    assert_consistent(&api);
-    replica.kill();
-    server.stop().await;
+    finish(&api, replica, Some(server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,8 +259,8 @@ async fn two_gangs_competing_for_one_gangs_capacity_do_not_deadlock() {
     let (api, server) = api_with(rack_nodes(&["r1"], 3)).await;
     let replica = Replica::start(&server.base, None, test_config()).await;
     for rank in 0..3 {
-        api.add_pod(sched_pod(&format!("a-{rank}"), 8, Some(("a", 3, rank)), "1"), None, None);
-        api.add_pod(sched_pod(&format!("b-{rank}"), 8, Some(("b", 3, rank)), "1"), None, None);
+        api.add_pod(scheduler_pod("ml", &format!("a-{rank}"), 8, Some(("a", 3, rank)), "1"), None, None);
+        api.add_pod(scheduler_pod("ml", &format!("b-{rank}"), 8, Some(("b", 3, rank)), "1"), None, None);
     }
     eventually("one gang bound", || api.bound_pods().len() == 3).await;
     let winner = api.bound_pods()[0].0[..1].to_string();
@@ -295,10 +279,7 @@ async fn two_gangs_competing_for_one_gangs_capacity_do_not_deadlock() {
         api.bound_pods().iter().filter(|(name, _, _)| name.starts_with(loser)).count() == 3
     })
     .await;
-    replica.runtime.check().expect("scheduler invariants");
-    assert_consistent(&api);
-    replica.kill();
-    server.stop().await;
+    finish(&api, replica, Some(server)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +294,7 @@ async fn leader_failover_in_the_middle_of_a_gang_repairs_it() {
     // Two members' Bindings hang: the leader dies with the gang half-bound.
     api.faults.lock().expect("faults").hang_binding.extend(["g-2".to_string(), "g-3".to_string()]);
     for rank in 0..4 {
-        api.add_pod(sched_pod(&format!("g-{rank}"), 8, Some(("g", 4, rank)), "1"), None, None);
+        api.add_pod(scheduler_pod("ml", &format!("g-{rank}"), 8, Some(("g", 4, rank)), "1"), None, None);
     }
     eventually("two members bound", || api.bound_pods().len() == 2).await;
     first.kill();
@@ -326,16 +307,16 @@ async fn leader_failover_in_the_middle_of_a_gang_repairs_it() {
     eventually("the bound members deleted", || api.deletes().len() == 2).await;
     for name in api.deletes() {
         let rank: u32 = name.trim_start_matches("g-").parse().expect("rank");
-        let mut again = sched_pod(&name, 8, Some(("g", 4, rank)), "1");
+        let mut again = scheduler_pod("ml", &name, 8, Some(("g", 4, rank)), "1");
         again["metadata"]["uid"] = json!(format!("{name}-second"));
         api.add_pod(again, None, None);
     }
     eventually("the gang bound whole by the new leader", || api.bound_pods().len() == 4).await;
-    assert!(!events_for(&api, "g-0", "GangRepair").is_empty() || !events_for(&api, "g-1", "GangRepair").is_empty());
-    second.runtime.check().expect("scheduler invariants");
-    second.ext.check().expect("book invariants");
-    assert_consistent(&api);
-    second.kill();
+    eventually("the repair Events", || {
+        events_for(&api, "g-0", "GangRepair").len() + events_for(&api, "g-1", "GangRepair").len() == 2
+    })
+    .await;
     // The hung Bindings of the dead leader keep the server's connections open: not stopped.
+    finish(&api, second, None).await;
     drop(server);
 }

@@ -558,7 +558,6 @@ impl Scheduler {
         }
         let gang = members[0].demand.gang().map_err(|e| e.to_string())?;
         let gang_key = members[0].demand.gang.as_ref().map(|g| g.key.clone());
-        let pods: Vec<PodIdentity> = members.iter().map(|m| m.demand.pod.clone()).collect();
         let (mut allowed, mut reasons) = self.allowed_hosts(book, members, held_back);
         let gpu_node_names: BTreeSet<&str> = book.cluster().hosts.iter().map(|h| h.name.as_str()).collect();
         let without_gpus = self
@@ -593,15 +592,7 @@ impl Scheduler {
             if let Err((_, message)) = self.co_located_fit(members, &planned) {
                 return Err(format!("gang `{key}` is reserved through the placement API, but {message}"));
             }
-            let (ticket, binds) =
-                book.hold_for_bind(gang_key.as_deref(), gang, &[], &pods, now_ms).map_err(|e| e.to_string())?;
-            return Ok(self.start(
-                key,
-                ticket,
-                binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect(),
-                members,
-                now_ms,
-            ));
+            return self.hold_and_start(book, key, (gang_key.as_deref(), gang), &[], members, now_ms);
         }
         // Members sharing a node must fit there together; a node where they do not is left
         // out and the gang planned again.
@@ -626,16 +617,7 @@ impl Scheduler {
             match self.co_located_fit(members, &planned) {
                 Ok(()) => {
                     let holding: Vec<(HostId, u64)> = placement.members.iter().map(|m| (m.host, m.gpus)).collect();
-                    let (ticket, binds) = book
-                        .hold_for_bind(gang_key.as_deref(), gang, &holding, &pods, now_ms)
-                        .map_err(|e| e.to_string())?;
-                    return Ok(self.start(
-                        key,
-                        ticket,
-                        binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect(),
-                        members,
-                        now_ms,
-                    ));
+                    return self.hold_and_start(book, key, (gang_key.as_deref(), gang), &holding, members, now_ms);
                 }
                 Err((node, message)) => {
                     let Some(host) = book.cluster().host_id(&node) else { return Err(message) };
@@ -645,6 +627,22 @@ impl Scheduler {
             }
         }
         Err(format!("gang `{key}`: no placement left whose members fit together by CPU and memory"))
+    }
+
+    /// Holds the plan (or adopts the API's reservation) in the book and starts the Bindings.
+    fn hold_and_start(
+        &mut self,
+        book: &mut Book,
+        key: &str,
+        (gang_key, gang): (Option<&str>, crate::workload::Gang),
+        holding: &[(HostId, u64)],
+        members: &[PendingPod],
+        now_ms: u64,
+    ) -> Result<Decision, String> {
+        let pods: Vec<PodIdentity> = members.iter().map(|m| m.demand.pod.clone()).collect();
+        let (ticket, binds) = book.hold_for_bind(gang_key, gang, holding, &pods, now_ms).map_err(|e| e.to_string())?;
+        let chosen = binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect();
+        Ok(self.start(key, ticket, chosen, members, now_ms))
     }
 
     /// Whether members planned on `nodes` (same order) fit the nodes' resources together.

@@ -100,6 +100,23 @@ pub fn pod(namespace: &str, name: &str, uid: &str, gpus: u32, gang: Option<(&str
     })
 }
 
+/// A pending pod for topoplace's scheduler: GPUs, CPU and memory in its limits, gang labels
+/// (name, size, rank) when given; the uid is `{name}-uid`.
+pub fn scheduler_pod(namespace: &str, name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu: &str) -> Value {
+    let mut labels = serde_json::Map::new();
+    if let Some((gang, size, rank)) = gang {
+        labels.insert("topoplace.io/gang".into(), json!(gang));
+        labels.insert("topoplace.io/gang-size".into(), json!(size.to_string()));
+        labels.insert("topoplace.io/rank".into(), json!(rank.to_string()));
+    }
+    json!({
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("{name}-uid"), "labels": labels},
+        "spec": {"schedulerName": "topoplace", "containers": [{"name": "main", "resources": {
+            "limits": {"nvidia.com/gpu": gpus.to_string(), "cpu": cpu, "memory": "8Gi"}}}]},
+        "status": {"phase": "Pending"}
+    })
+}
+
 pub async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
     let reply = client.post(url).json(body).send().await.expect("request");
     let status = reply.status().as_u16();
