@@ -20,7 +20,6 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::ledger::indices_mask;
 use crate::reservation::{BindFinish, Book, PodDemand, PodIdentity};
 use crate::topology::HostId;
 use predicates::{NodeFacts, PodNeeds, Resources};
@@ -523,7 +522,11 @@ impl Scheduler {
             }
         }
         let hosts = &book.cluster().hosts;
-        let mut allowed: Vec<bool> = hosts.iter().map(|h| passing.contains(h.name.as_str())).collect();
+        let mut allowed: Vec<bool> = hosts.iter().map(|h| passing.remove(h.name.as_str())).collect();
+        // What is left passed the predicates but has no GPUs the engine could give.
+        if !passing.is_empty() {
+            reasons.insert("node(s) had no GPUs in topoplace's view".into(), passing.len());
+        }
         if let Some(held) = held_back {
             let mut held_count = 0;
             for (flag, &held) in allowed.iter_mut().zip(held) {
@@ -559,21 +562,6 @@ impl Scheduler {
         let gang = members[0].demand.gang().map_err(|e| e.to_string())?;
         let gang_key = members[0].demand.gang.as_ref().map(|g| g.key.clone());
         let (mut allowed, mut reasons) = self.allowed_hosts(book, members, held_back);
-        let gpu_node_names: BTreeSet<&str> = book.cluster().hosts.iter().map(|h| h.name.as_str()).collect();
-        let without_gpus = self
-            .nodes
-            .keys()
-            .filter(|n| !gpu_node_names.contains(n.as_str()))
-            .filter(|n| {
-                let used = self.usage.get(*n).cloned().unwrap_or_default();
-                members
-                    .iter()
-                    .all(|m| self.nodes.get(*n).is_some_and(|node| predicates::check(node, &used, &m.needs).is_ok()))
-            })
-            .count();
-        if without_gpus > 0 {
-            reasons.insert("node(s) had no GPUs in topoplace's view".into(), without_gpus);
-        }
         // A gang reserved through the placement API binds onto its reservation.
         if let Some(hosts) = gang_key.as_deref().and_then(|k| book.reserved_hosts(k)) {
             let blocked: Vec<String> = hosts
@@ -665,17 +653,18 @@ impl Scheduler {
     /// Pods that need no GPUs: each member on the node with the most room (kube-scheduler's
     /// LeastAllocated), preferring nodes without GPUs so GPU hosts keep their CPU and memory.
     fn place_without_gpus(&mut self, key: &str, members: &[PendingPod], now_ms: u64) -> Result<Decision, String> {
+        let empty = Resources::new();
         let mut scratch: HashMap<String, Resources> = HashMap::new();
         let mut chosen = Vec::new();
         for member in members {
             let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
             let mut best: Option<(bool, i64, &str)> = None;
             for (name, node) in &self.nodes {
-                let used = scratch.get(name).or_else(|| self.usage.get(name)).cloned().unwrap_or_default();
-                match predicates::check(node, &used, &member.needs) {
+                let used = scratch.get(name).or_else(|| self.usage.get(name)).unwrap_or(&empty);
+                match predicates::check(node, used, &member.needs) {
                     Ok(()) => {
                         let has_gpus = node.allocatable.get(predicates::GPU_RESOURCE).is_some_and(|&g| g > 0);
-                        let room = free_share_per_mille(node, &used);
+                        let room = free_share_per_mille(node, used);
                         let candidate = (!has_gpus, room, name.as_str());
                         if best.is_none_or(|b| (candidate.0, candidate.1) > (b.0, b.1)) {
                             best = Some(candidate);
@@ -819,9 +808,4 @@ fn free_share_per_mille(node: &NodeFacts, used: &Resources) -> i64 {
         })
         .min()
         .unwrap_or(1000)
-}
-
-/// GPU indices of a bind member as the ledger's mask (for checks).
-pub fn member_mask(member: &BindMember) -> u64 {
-    indices_mask(&member.gpus)
 }

@@ -358,6 +358,22 @@ fn pods_without_gpus_prefer_nodes_without_gpus() {
     let (bound, _) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
     assert_eq!(bound.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(), ["cpu-0"]);
     assert!(bound[0].gpus.is_empty());
+    // A GPU pod pinned to the CPU node: that node passes the predicates but has no GPUs.
+    let mut pinned = pending("pinned", 1, None, 1000);
+    pinned.needs.affinity_terms = Some(vec![predicates::SelectorTerm {
+        match_expressions: Vec::new(),
+        match_fields: vec![predicates::SelectorRequirement {
+            key: "metadata.name".into(),
+            operator: predicates::SelectorOperator::In,
+            values: vec!["cpu-0".into()],
+        }],
+    }]);
+    scheduler.pending_applied(pinned);
+    let (_, other) = run(&mut scheduler, &mut book, 1, &BTreeSet::new());
+    assert_eq!(
+        messages(&other),
+        ["0/3 nodes are available: 1 node(s) had no GPUs in topoplace's view, 2 node(s) didn't match Pod's node affinity/selector."]
+    );
 }
 
 // ---- the simulation ---------------------------------------------------------------------
