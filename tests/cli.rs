@@ -292,6 +292,8 @@ fn job_replay_reports_every_policy_in_json_csv_and_svg() {
         assert!(result["gpu_utilisation"].as_f64().is_some_and(|u| u > 0.0 && u <= 1.0));
     }
     assert_eq!(results[0]["multi_host_in_one_rack"], 2, "topoplace puts both 2-host gangs in a rack");
+    assert_eq!(results[0]["multi_host_spans_avoidable"], 0);
+    assert!(results.iter().all(|r| r["span_spare_hosts_mean"].is_number()));
     let chart = std::fs::read_to_string(&svg).expect("svg written");
     assert!(chart.starts_with("<svg") && chart.contains("kueue-tas") && chart.trim_end().ends_with("</svg>"));
 
@@ -303,6 +305,7 @@ fn job_replay_reports_every_policy_in_json_csv_and_svg() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(lines[0].starts_with("policy,jobs,started,multi_host_jobs,multi_host_in_one_rack"));
+    assert!(lines[0].ends_with(",multi_host_spans_avoidable,span_spare_hosts_mean"), "{text}");
     assert!(lines[1].starts_with("first-fit,4,4,2,"), "{text}");
 }
 

@@ -3,9 +3,9 @@
 
 use topoplace::files::elasticflow;
 use topoplace::jobreplay::{simulate, JobPolicy, QueueMode, SimConfig};
-use topoplace::topology::Cluster;
+use topoplace::topology::{Cluster, ClusterSpec};
 
-fn inputs() -> Option<(Cluster, Vec<topoplace::jobreplay::TraceJob>)> {
+fn inputs() -> Option<(ClusterSpec, Vec<topoplace::jobreplay::TraceJob>)> {
     let dir = topoplace::convert::traces_dir();
     let (topology, jobs) = (dir.join("lingjun-2023/topo.csv"), dir.join("elasticflow/cluster02.csv"));
     if !topology.exists() || !jobs.exists() {
@@ -16,12 +16,13 @@ fn inputs() -> Option<(Cluster, Vec<topoplace::jobreplay::TraceJob>)> {
     let read = |path: &std::path::Path| std::fs::read_to_string(path).expect("readable trace");
     let spec = topoplace::convert::lingjun("topo.csv", &read(&topology), "H800", 8).expect("topology converts");
     let jobs = elasticflow::parse_jobs("cluster02.csv", &read(&jobs)).expect("jobs parse");
-    Some((Cluster::build(spec).expect("builds"), jobs))
+    Some((spec, jobs))
 }
 
 #[test]
 fn cluster02_on_lingjun_keeps_gangs_in_racks_only_with_topology_aware_policies() {
-    let Some((cluster, jobs)) = inputs() else { return };
+    let Some((spec, jobs)) = inputs() else { return };
+    let cluster = Cluster::build(spec).expect("builds");
     assert_eq!((jobs.len(), cluster.hosts.len()), (5_778, 847));
     let as_recorded = SimConfig::default();
     for policy in JobPolicy::ALL {
@@ -36,9 +37,41 @@ fn cluster02_on_lingjun_keeps_gangs_in_racks_only_with_topology_aware_policies()
             assert!(outcome.rack_share() < 0.1, "{policy}: {}", outcome.rack_share());
         }
     }
-    // Compressed 800x the cluster saturates: queues form and gangs start to spread.
-    let busy = SimConfig { load_factor: 800.0, queue: QueueMode::StrictFifo, ..SimConfig::default() };
-    let outcome = simulate(&cluster, &jobs, JobPolicy::Topoplace, &busy).expect("replays");
-    assert!(outcome.mean_queue_delay_s > 60.0, "{}", outcome.mean_queue_delay_s);
-    assert!(outcome.rack_share() > 0.5 && outcome.rack_share() < 1.0, "{}", outcome.rack_share());
+    // Compressed 800x the cluster saturates: queues form and gangs start to spread. Every
+    // spread of a topology-aware policy is forced: the gang started the moment just enough
+    // whole hosts were free, none of them in one rack. The blind policies spread by choice.
+    for queue in [QueueMode::StrictFifo, QueueMode::BestEffortFifo] {
+        let busy = SimConfig { load_factor: 800.0, queue, ..SimConfig::default() };
+        for policy in JobPolicy::ALL {
+            let outcome = simulate(&cluster, &jobs, policy, &busy).expect("replays");
+            assert!(outcome.mean_queue_delay_s > 60.0, "{policy}: {}", outcome.mean_queue_delay_s);
+            let spreads = outcome.multi_host_in_one_block + outcome.multi_host_across_blocks;
+            if matches!(policy, JobPolicy::Topoplace | JobPolicy::KueueTas | JobPolicy::VolcanoHypernode) {
+                assert!(outcome.rack_share() > 0.5 && spreads > 0, "{policy}: {}", outcome.rack_share());
+                assert_eq!(outcome.multi_host_spans_avoidable, 0, "{policy} {queue:?}");
+                assert_eq!(outcome.span_spare_hosts_mean, 0.0, "{policy} {queue:?}");
+            } else {
+                assert!(outcome.multi_host_spans_avoidable > 0, "{policy} {queue:?}");
+                assert!(outcome.span_spare_hosts_mean > 0.0, "{policy} {queue:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn on_lingjun_with_two_products_the_engine_keeps_gangs_in_racks_that_flavor_order_misses() {
+    let Some((mut spec, jobs)) = inputs() else { return };
+    let products = ["H800", "H100"].map(|name| topoplace::topology::product::lookup(name).expect("known product"));
+    topoplace::jobreplay::products_per_rack(&mut spec, &products).expect("products assigned");
+    let mixed = Cluster::build(spec).expect("builds");
+    let config = SimConfig { load_factor: 300.0, ..SimConfig::default() };
+    let outcome = |policy| simulate(&mixed, &jobs, policy, &config).expect("replays");
+    let engine = outcome(JobPolicy::Topoplace);
+    assert_eq!((engine.multi_host_in_one_rack, engine.multi_host_spans_avoidable), (86, 0));
+    for policy in [JobPolicy::KueueTas, JobPolicy::VolcanoHypernode] {
+        let baseline = outcome(policy);
+        // They take the first product that holds a gang anywhere, as a flavor list does.
+        assert!(baseline.multi_host_in_one_rack < 86 && baseline.multi_host_spans_avoidable > 0, "{policy}");
+        assert!(engine.mean_queue_delay_s <= baseline.mean_queue_delay_s, "{policy}");
+    }
 }

@@ -156,12 +156,13 @@ impl JobReport {
             self.queue.name()
         );
         text.push_str(&format!(
-            "{:<18}{:>11}{:>10}{:>10}{:>10}{:>13}{:>12}{:>10}{:>13}\n",
+            "{:<18}{:>11}{:>10}{:>10}{:>10}{:>11}{:>13}{:>12}{:>10}{:>13}\n",
             "policy",
             "multi-host",
             "one rack",
             "one block",
             "blocks",
+            "avoidable",
             "mean wait s",
             "p95 wait s",
             "GPU util",
@@ -176,16 +177,26 @@ impl JobReport {
                 }
             };
             text.push_str(&format!(
-                "{:<18}{:>11}{:>10}{:>10}{:>10}{:>13.0}{:>12.0}{:>9.1}%{:>13.1}\n",
+                "{:<18}{:>11}{:>10}{:>10}{:>10}{:>11}{:>13.0}{:>12.0}{:>9.1}%{:>13.1}\n",
                 r.policy.name(),
                 r.multi_host_jobs,
                 pct(r.multi_host_in_one_rack),
                 pct(r.multi_host_in_one_block),
                 pct(r.multi_host_across_blocks),
+                r.multi_host_spans_avoidable,
                 r.mean_queue_delay_s,
                 r.p95_queue_delay_s,
                 100.0 * r.gpu_utilisation,
                 r.stranded_64gpu_hours
+            ));
+        }
+        if self.results.iter().any(|r| r.multi_host_jobs > 0) {
+            let spare: Vec<String> =
+                self.results.iter().map(|r| format!("{} {:.1}", r.policy, r.span_spare_hosts_mean)).collect();
+            text.push_str(&format!(
+                "avoidable: spread over racks although one rack had room at the start; the other spreads were \
+                 forced. Whole free hosts to spare at those starts, mean: {}\n",
+                spare.join(", ")
             ));
         }
         let notes: Vec<String> = self
@@ -210,11 +221,11 @@ impl JobReport {
         let mut text = String::from(
             "policy,jobs,started,multi_host_jobs,multi_host_in_one_rack,multi_host_in_one_block,\
              multi_host_across_blocks,mean_queue_delay_s,p95_queue_delay_s,gpu_utilisation,stranded_64gpu_hours,\
-             drain_restarts,never_started,rejected\n",
+             drain_restarts,never_started,rejected,multi_host_spans_avoidable,span_spare_hosts_mean\n",
         );
         for r in &self.results {
             text.push_str(&format!(
-                "{},{},{},{},{},{},{},{:.1},{:.1},{:.4},{:.2},{},{},{}\n",
+                "{},{},{},{},{},{},{},{:.1},{:.1},{:.4},{:.2},{},{},{},{},{:.2}\n",
                 r.policy,
                 r.jobs,
                 r.started,
@@ -228,7 +239,9 @@ impl JobReport {
                 r.stranded_64gpu_hours,
                 r.drain_restarts,
                 r.never_started,
-                r.rejected
+                r.rejected,
+                r.multi_host_spans_avoidable,
+                r.span_spare_hosts_mean
             ));
         }
         text

@@ -161,6 +161,13 @@ pub struct JobOutcome {
     /// In one aggregation block but over several racks.
     pub multi_host_in_one_block: usize,
     pub multi_host_across_blocks: usize,
+    /// Multi-host jobs spread over racks although, at their start, one rack had enough
+    /// whole free hosts of one product (a placement choice, not the queue's state).
+    pub multi_host_spans_avoidable: usize,
+    /// Over the multi-host jobs spread over racks: the mean count of whole free hosts of
+    /// their product left over at their start. 0 means each started the moment just
+    /// enough whole hosts were free anywhere, so no placement could have kept it in a rack.
+    pub span_spare_hosts_mean: f64,
     pub mean_queue_delay_s: f64,
     pub p95_queue_delay_s: f64,
     /// Time-weighted share of the cluster's GPUs in use, first arrival to last completion.
@@ -384,6 +391,8 @@ pub fn simulate(
         multi_host_in_one_rack: 0,
         multi_host_in_one_block: 0,
         multi_host_across_blocks: 0,
+        multi_host_spans_avoidable: 0,
+        span_spare_hosts_mean: 0.0,
         mean_queue_delay_s: 0.0,
         p95_queue_delay_s: 0.0,
         gpu_utilisation: 0.0,
@@ -405,6 +414,8 @@ pub fn simulate(
     let mut drained_gpus: u64 = 0;
     let mut busy_ms_gpus: u128 = 0;
     let mut stranded_ms: u64 = 0;
+    // Multi-host jobs that spread over racks, and the whole free hosts left at their starts.
+    let (mut spans, mut spare_hosts_sum) = (0u64, 0u64);
     // (time, GPUs in use from then on), for the timeline.
     let mut usage_steps: Vec<(u64, u64)> = vec![(0, 0)];
     let mut next_arrival = 0usize;
@@ -553,10 +564,27 @@ pub fn simulate(
                 reserve(&mut ledger, &mut free_index, &jobs[*job].id, holding).map_err(|m| internal(now, m))?;
             }
         }
+        // Room for each spreading gang, judged with everything starting now (and every
+        // hold) in place, the gang's own hosts counted as free.
+        let rooms: Vec<Option<SpanRoom>> = starting
+            .iter()
+            .map(|(job, holding)| {
+                let spreads = shapes[*job].members > 1 && first_start[*job].is_none();
+                (spreads && spread(cluster, holding) != Spread::OneRack)
+                    .then(|| span_room(cluster, &ledger, holding, &placer))
+            })
+            .collect();
         for holder in holds {
             release(&mut ledger, &mut free_index, &holder, now).map_err(|m| internal(now, m))?;
         }
-        for (job, holding) in starting {
+        for ((job, holding), room) in starting.into_iter().zip(rooms) {
+            if let Some(room) = room {
+                spare_hosts_sum += u64::from(room.spare_hosts);
+                spans += 1;
+                if room.rack_had_room {
+                    outcome.multi_host_spans_avoidable += 1;
+                }
+            }
             waiting_for.remove(&job);
             let shape = shapes[job];
             let gpus = u64::from(jobs[job].gpus);
@@ -631,8 +659,46 @@ pub fn simulate(
         outcome.gpu_utilisation = busy_ms_gpus as f64 / (now as f64 * total_gpus as f64);
     }
     outcome.stranded_64gpu_hours = stranded_ms as f64 / 3_600_000.0;
+    if spans > 0 {
+        outcome.span_spare_hosts_mean = spare_hosts_sum as f64 / spans as f64;
+    }
     outcome.timeline = timeline(&usage_steps, now, total_gpus);
     Ok(outcome)
+}
+
+/// The room a gang that spread over racks had at its start.
+struct SpanRoom {
+    /// One rack had as many whole free hosts of one product as the gang has members.
+    rack_had_room: bool,
+    /// Whole free hosts of the gang's product beyond its members, in the whole cluster.
+    spare_hosts: u32,
+}
+
+/// Room for `holding` (already reserved in `ledger`), counting hosts that are in service
+/// and whole free or the gang's own. Any product counts for a rack (the jobs name none).
+fn span_room(cluster: &Cluster, ledger: &Ledger, holding: &Holding, placer: &Placer<'_>) -> SpanRoom {
+    let available = |host: HostId| {
+        !placer.is_excluded(host)
+            && (ledger.used(host) == 0 || holding.iter().any(|&(own, mask)| own == host && ledger.used(host) == mask))
+    };
+    let members = holding.len();
+    let racks = cluster.domains.last().map_or(&[][..], Vec::as_slice);
+    let rack_had_room = racks.iter().any(|rack| {
+        let mut per_product: Vec<(ProductId, usize)> = Vec::new();
+        for host in rack.hosts.clone().filter(|&h| available(h)) {
+            let product = cluster.host(host).product;
+            match per_product.iter_mut().find(|(p, _)| *p == product) {
+                Some((_, count)) => *count += 1,
+                None => per_product.push((product, 1)),
+            }
+        }
+        per_product.iter().any(|&(_, count)| count >= members)
+    });
+    let product = holding.first().map(|&(h, _)| cluster.host(h).product);
+    let whole = (0..cluster.hosts.len() as HostId)
+        .filter(|&h| Some(cluster.host(h).product) == product && available(h))
+        .count();
+    SpanRoom { rack_had_room, spare_hosts: whole.saturating_sub(members) as u32 }
 }
 
 /// Whether a rack has `members` whole free hosts.

@@ -318,3 +318,54 @@ fn seeded_simulations_never_double_book_and_conserve_gpus() {
         }
     }
 }
+
+#[test]
+fn a_spread_is_avoidable_only_when_one_rack_had_room_at_its_start() {
+    let cluster = three_racks();
+    let config = SimConfig::default();
+    // Two whole-host jobs fill a1 and a2; the 2-host gang comes a second later.
+    let jobs = [job("s1", 0, 100, 8), job("s2", 0, 100, 8), job("gang", 1, 100, 16)];
+    let blind = simulate(&cluster, &jobs, JobPolicy::FirstFit, &config).expect("replays");
+    // First fit takes a3 and m1, though rack P1/S1 had four whole free hosts.
+    assert_eq!((blind.multi_host_in_one_rack, blind.multi_host_spans_avoidable), (0, 1));
+    // Whole free hosts at the start: a3, m1..m4, x1, x2; two of them are the gang's.
+    assert_eq!(blind.span_spare_hosts_mean, 5.0);
+    let aware = simulate(&cluster, &jobs, JobPolicy::Topoplace, &config).expect("replays");
+    assert_eq!((aware.multi_host_in_one_rack, aware.multi_host_spans_avoidable), (1, 0));
+    assert_eq!(aware.span_spare_hosts_mean, 0.0, "no spread, nothing to average");
+
+    // Three hosts never fit a rack of two: the spread is forced, with one host to spare.
+    let two_by_two = topo(&[("h1", "P1", "S1"), ("h2", "P1", "S1"), ("h3", "P1", "S2"), ("h4", "P1", "S2")]);
+    for policy in [JobPolicy::Topoplace, JobPolicy::KueueTas, JobPolicy::VolcanoHypernode] {
+        let outcome = simulate(&two_by_two, &[job("wide", 0, 10, 24)], policy, &config).expect("replays");
+        assert_eq!((outcome.multi_host_in_one_block, outcome.multi_host_spans_avoidable), (1, 0), "{policy}");
+        assert_eq!(outcome.span_spare_hosts_mean, 1.0, "{policy}");
+    }
+}
+
+#[test]
+fn a_rack_of_another_product_with_room_makes_a_spread_avoidable() {
+    // Racks in label order get H800, H100, H800: P1/S1 = m1, m2; P1/S2 = x1..x3; P2/S1 = a1, a2.
+    let mut text = String::from("ip,DSW,PSW,ASW\n");
+    for (ip, spine, leaf) in
+        [("m1", "P1", "S1"), ("m2", "P1", "S1"), ("x1", "P1", "S2"), ("x2", "P1", "S2"), ("x3", "P1", "S2")]
+            .into_iter()
+            .chain([("a1", "P2", "S1"), ("a2", "P2", "S1")])
+    {
+        text.push_str(&format!("{ip},G1,{spine},{leaf}\n"));
+    }
+    let mut spec = crate::convert::lingjun("topo.csv", &text, "H800", 8).expect("valid topology");
+    let products: Vec<ProductId> =
+        ["H800", "H100"].iter().map(|name| crate::topology::product::lookup(name).expect("known product")).collect();
+    products_per_rack(&mut spec, &products).expect("products assigned");
+    let cluster = Cluster::build(spec).expect("builds");
+    let jobs = [job("wide", 0, 100, 24)];
+    // Kueue takes the first flavor that holds the job (H800: two racks of two) and spreads,
+    // while the H100 rack had three whole free hosts.
+    let kueue = simulate(&cluster, &jobs, JobPolicy::KueueTas, &SimConfig::default()).expect("replays");
+    assert_eq!((kueue.multi_host_in_one_rack, kueue.multi_host_spans_avoidable), (0, 1));
+    assert_eq!(kueue.span_spare_hosts_mean, 1.0, "four H800 hosts, three taken");
+    let engine = simulate(&cluster, &jobs, JobPolicy::Topoplace, &SimConfig::default()).expect("replays");
+    assert_eq!((engine.multi_host_in_one_rack, engine.multi_host_spans_avoidable), (1, 0));
+    assert_eq!(cluster.host(engine.starts[0].holding[0].0).product, products[1], "the H100 rack");
+}
