@@ -36,7 +36,7 @@ pub use policy::{JobPolicy, Placer};
 /// capacity when as many GPUs are free.
 pub const STRANDED_JOB_GPUS: u32 = 64;
 /// How long a gang waits for a rack of its own under backfill (topoplace), by default: not
-/// at all. Waiting buys rack locality with the gangs' own queueing delay (see README).
+/// at all. Waiting buys rack locality with everybody's queueing delay (see README).
 pub const RACK_WAIT_S_DEFAULT: u64 = 0;
 /// Points of the utilisation-over-time curve.
 pub const TIMELINE_POINTS: usize = 240;
