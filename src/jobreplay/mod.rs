@@ -570,8 +570,7 @@ pub fn simulate(
             .iter()
             .map(|(job, holding)| {
                 let spreads = shapes[*job].members > 1 && first_start[*job].is_none();
-                (spreads && spread(cluster, holding) != Spread::OneRack)
-                    .then(|| span_room(cluster, &ledger, holding, &placer))
+                (spreads && spread(cluster, holding) != Spread::OneRack).then(|| span_room(cluster, &ledger, holding))
             })
             .collect();
         for holder in holds {
@@ -674,12 +673,12 @@ struct SpanRoom {
     spare_hosts: u32,
 }
 
-/// Room for `holding` (already reserved in `ledger`), counting hosts that are in service
-/// and whole free or the gang's own. Any product counts for a rack (the jobs name none).
-fn span_room(cluster: &Cluster, ledger: &Ledger, holding: &Holding, placer: &Placer<'_>) -> SpanRoom {
+/// Room for `holding` (already reserved in `ledger`), counting hosts that are whole free or
+/// the gang's own (a drained host is held whole by its drain, so never free). Any product
+/// counts for a rack (the jobs name none).
+fn span_room(cluster: &Cluster, ledger: &Ledger, holding: &Holding) -> SpanRoom {
     let available = |host: HostId| {
-        !placer.is_excluded(host)
-            && (ledger.used(host) == 0 || holding.iter().any(|&(own, mask)| own == host && ledger.used(host) == mask))
+        ledger.used(host) == 0 || holding.iter().any(|&(own, mask)| own == host && ledger.used(host) == mask)
     };
     let members = holding.len();
     let racks = cluster.domains.last().map_or(&[][..], Vec::as_slice);

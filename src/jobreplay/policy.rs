@@ -131,11 +131,6 @@ impl<'c> Placer<'c> {
         }
     }
 
-    /// Whether a host has been taken out of service.
-    pub fn is_excluded(&self, host: HostId) -> bool {
-        self.excluded.get(host as usize).copied().unwrap_or(false)
-    }
-
     /// Where job `job` (`members` pods of `gpus` GPUs) goes: one (host, GPUs) per member, or
     /// `None` when the policy finds no place. `pool` restricts a baseline to one product.
     pub fn place(
