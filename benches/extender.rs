@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
-use topoplace::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
-use topoplace::reservation::{Book, BookConfig};
+use topoplace_online::reservation::{Book, BookConfig};
+use topoplace_server::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
 
 mod support;
 use support::{cluster, percentile, rate};

@@ -15,12 +15,12 @@
 
 use std::time::{Duration, Instant};
 
-use topoplace::convert::traces_dir;
-use topoplace::ledger::Ledger;
-use topoplace::placement::exact::{Backend, CandidateHosts, ExactConfig, ExactOutcome};
-use topoplace::placement::{Planner, PlannerConfig};
-use topoplace::topology::{product, Cluster, ClusterSpec, HostId, NodeSpec};
-use topoplace::workload::{Gang, GangSpec};
+use topoplace_engine::ledger::Ledger;
+use topoplace_engine::placement::exact::{Backend, CandidateHosts, ExactConfig, ExactOutcome};
+use topoplace_engine::placement::{Planner, PlannerConfig};
+use topoplace_engine::topology::{product, Cluster, ClusterSpec, HostId, NodeSpec};
+use topoplace_engine::workload::{Gang, GangSpec};
+use topoplace_formats::convert::traces_dir;
 
 const STEPS_PER_INSTANCE: usize = 40;
 const TIME_LIMIT: Duration = Duration::from_secs(5);
@@ -63,7 +63,7 @@ fn gang_of(name: String, gpus: u32, split: bool) -> Gang {
 
 fn lingjun() -> Cluster {
     let text = include_str!("../testdata/clusters/lingjun.yaml");
-    topoplace::files::cluster::load("lingjun.yaml", text).expect("lingjun cluster")
+    topoplace_formats::files::cluster::load("lingjun.yaml", text).expect("lingjun cluster")
 }
 
 fn mixed(hosts: usize) -> Cluster {

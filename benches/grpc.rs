@@ -15,10 +15,10 @@ use std::time::Instant;
 
 use support::{cluster, percentile, rate};
 use tonic::transport::Channel;
-use topoplace::extender::{Binder, Extender, ExtenderConfig, MemoryBinder};
-use topoplace::grpc::pb::{self, placement_client::PlacementClient};
-use topoplace::grpc::{self, GrpcConfig};
-use topoplace::reservation::{Book, BookConfig};
+use topoplace_online::reservation::{Book, BookConfig};
+use topoplace_server::extender::{Binder, Extender, ExtenderConfig, MemoryBinder};
+use topoplace_server::grpc::pb::{self, placement_client::PlacementClient};
+use topoplace_server::grpc::{self, GrpcConfig};
 
 const HOSTS: usize = 1_000;
 const SEQUENTIAL: usize = 2_000;

@@ -6,10 +6,10 @@
 //! Run: `cargo bench --bench plan`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use topoplace::ledger::Ledger;
-use topoplace::placement::{Planner, PlannerConfig};
-use topoplace::topology::{product, Cluster, ClusterSpec, NodeSpec};
-use topoplace::workload::{Gang, GangSpec, MemoryNeed};
+use topoplace_engine::ledger::Ledger;
+use topoplace_engine::placement::{Planner, PlannerConfig};
+use topoplace_engine::topology::{product, Cluster, ClusterSpec, NodeSpec};
+use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed};
 
 /// Deterministic pseudo-random numbers so every run benchmarks the same state.
 fn splitmix(state: &mut u64) -> u64 {
@@ -82,7 +82,7 @@ fn bench_plan(c: &mut Criterion) {
         });
     }
     let lingjun_text = include_str!("../testdata/clusters/lingjun.yaml");
-    let lingjun = topoplace::files::cluster::load("lingjun.yaml", lingjun_text).expect("lingjun cluster");
+    let lingjun = topoplace_formats::files::cluster::load("lingjun.yaml", lingjun_text).expect("lingjun cluster");
     let ledger = half_used(&lingjun, 7);
     let mut planner = Planner::new(&lingjun, PlannerConfig::default());
     assert!(planner.place(&ledger, &two_by_eight).is_ok());

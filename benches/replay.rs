@@ -5,11 +5,11 @@
 //! Run: `cargo bench --bench replay` (needs the shared traces, or `TOPOPLACE_TRACES`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use topoplace::files::openb;
-use topoplace::replay::{self, Policy, Prepared, Trace, LOAD_RATIO_DEFAULT};
+use topoplace_replay::pods::{self, Policy, Prepared, Trace, LOAD_RATIO_DEFAULT};
+use topoplace_replay::traces::openb;
 
 fn bench_replay(c: &mut Criterion) {
-    let dir = topoplace::convert::traces_dir().join("alibaba-gpu-v2023");
+    let dir = topoplace_formats::convert::traces_dir().join("alibaba-gpu-v2023");
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (set TOPOPLACE_TRACES)", path.display()))
@@ -19,12 +19,12 @@ fn bench_replay(c: &mut Criterion) {
         pods: openb::parse_pods("pods", &read("openb_pod_list_default.csv")).expect("pod list"),
     };
     let prepared = Prepared::new(&trace).expect("trace");
-    let arrivals = replay::arrivals(&prepared, 42, LOAD_RATIO_DEFAULT).expect("arrivals");
+    let arrivals = pods::arrivals(&prepared, 42, LOAD_RATIO_DEFAULT).expect("arrivals");
     let mut group = c.benchmark_group("replay_default_seed42");
     group.sample_size(10);
     for policy in Policy::ALL {
         group.bench_with_input(BenchmarkId::from_parameter(policy), &policy, |b, &policy| {
-            b.iter(|| replay::run(&prepared, &arrivals, policy, &mut |_| {}).expect("run"))
+            b.iter(|| pods::run(&prepared, &arrivals, policy, &mut |_| {}).expect("run"))
         });
     }
     group.finish();

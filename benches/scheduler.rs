@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use topoplace::scheduler::SchedulerConfig;
+use topoplace_online::scheduler::SchedulerConfig;
 
 #[path = "../tests/support/mod.rs"]
 mod fake_api;

@@ -30,7 +30,7 @@ fn temp_file(name: &str, text: &str) -> PathBuf {
 
 /// The shared traces, or `None` (a skip) outside CI when they are not beside the checkout.
 fn trace(path: &str) -> Option<PathBuf> {
-    let full = topoplace::convert::traces_dir().join(path);
+    let full = topoplace_formats::convert::traces_dir().join(path);
     if full.exists() {
         return Some(full);
     }
@@ -151,7 +151,7 @@ fn the_lingjun_cluster_file_is_the_converter_output_of_the_real_trace() {
         committed,
         "regenerate with `topoplace convert lingjun ../shared/traces/lingjun-2023/topo.csv`"
     );
-    let cluster = topoplace::files::cluster::load("lingjun.yaml", &committed).expect("loads");
+    let cluster = topoplace_formats::files::cluster::load("lingjun.yaml", &committed).expect("loads");
     assert_eq!(cluster.hosts.len(), 847);
     assert_eq!(cluster.domains[2].len(), 119, "racks are (PSW, ASW) pairs");
     assert_eq!(cluster.domains[1].len(), 3);

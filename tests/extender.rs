@@ -291,7 +291,7 @@ async fn bad_input_is_refused_with_a_reason_and_reserves_nothing() {
 }
 
 fn extender_limit() -> usize {
-    topoplace::extender::BODY_BYTES_MAX_DEFAULT
+    topoplace_server::extender::BODY_BYTES_MAX_DEFAULT
 }
 
 #[tokio::test]

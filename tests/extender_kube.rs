@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{pod, post, schedule, serve_router, FakeApi, LEVELS};
-use topoplace::extender::{self, Binder, Extender, ExtenderConfig};
-use topoplace::kube::{run_view, KubeBinder};
-use topoplace::reservation::BookConfig;
+use topoplace_online::reservation::BookConfig;
+use topoplace_server::extender::{self, Binder, Extender, ExtenderConfig};
+use topoplace_server::kube::{run_view, KubeBinder};
 
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
     client.get(url).send().await.expect("get").json().await.expect("json")

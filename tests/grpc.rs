@@ -12,8 +12,8 @@ use futures::StreamExt;
 use support::{grpc_server, pod, post, schedule, static_extender};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::Code;
-use topoplace::grpc::pb::{self, placement_client::PlacementClient};
-use topoplace::grpc::{GrpcConfig, ReserveTokens};
+use topoplace_server::grpc::pb::{self, placement_client::PlacementClient};
+use topoplace_server::grpc::{GrpcConfig, ReserveTokens};
 
 const CLUSTER: &str = "testdata/extender/cluster.yaml";
 /// Guards the waits below so a broken server fails the test instead of hanging it.

@@ -1,12 +1,12 @@
 //! The job replay on real data nobody here made: the ElasticFlow cluster02 job trace
 //! (Microsoft) on the Lingjun Clos topology (Alibaba).
 
-use topoplace::files::elasticflow;
-use topoplace::jobreplay::{simulate, JobPolicy, QueueMode, SimConfig};
-use topoplace::topology::{Cluster, ClusterSpec};
+use topoplace_engine::topology::{Cluster, ClusterSpec};
+use topoplace_replay::jobs::{simulate, JobPolicy, QueueMode, SimConfig};
+use topoplace_replay::traces::elasticflow;
 
-fn inputs() -> Option<(ClusterSpec, Vec<topoplace::jobreplay::TraceJob>)> {
-    let dir = topoplace::convert::traces_dir();
+fn inputs() -> Option<(ClusterSpec, Vec<topoplace_replay::jobs::TraceJob>)> {
+    let dir = topoplace_formats::convert::traces_dir();
     let (topology, jobs) = (dir.join("lingjun-2023/topo.csv"), dir.join("elasticflow/cluster02.csv"));
     if !topology.exists() || !jobs.exists() {
         assert!(std::env::var_os("CI").is_none(), "CI must have the shared traces at {}", dir.display());
@@ -14,7 +14,7 @@ fn inputs() -> Option<(ClusterSpec, Vec<topoplace::jobreplay::TraceJob>)> {
         return None;
     }
     let read = |path: &std::path::Path| std::fs::read_to_string(path).expect("readable trace");
-    let spec = topoplace::convert::lingjun("topo.csv", &read(&topology), "H800", 8).expect("topology converts");
+    let spec = topoplace_formats::convert::lingjun("topo.csv", &read(&topology), "H800", 8).expect("topology converts");
     let jobs = elasticflow::parse_jobs("cluster02.csv", &read(&jobs)).expect("jobs parse");
     Some((spec, jobs))
 }
@@ -61,8 +61,9 @@ fn cluster02_on_lingjun_keeps_gangs_in_racks_only_with_topology_aware_policies()
 #[test]
 fn on_lingjun_with_two_products_the_engine_keeps_gangs_in_racks_that_flavor_order_misses() {
     let Some((mut spec, jobs)) = inputs() else { return };
-    let products = ["H800", "H100"].map(|name| topoplace::topology::product::lookup(name).expect("known product"));
-    topoplace::jobreplay::products_per_rack(&mut spec, &products).expect("products assigned");
+    let products =
+        ["H800", "H100"].map(|name| topoplace_engine::topology::product::lookup(name).expect("known product"));
+    topoplace_replay::jobs::products_per_rack(&mut spec, &products).expect("products assigned");
     let mixed = Cluster::build(spec).expect("builds");
     let config = SimConfig { load_factor: 300.0, ..SimConfig::default() };
     let outcome = |policy| simulate(&mixed, &jobs, policy, &config).expect("replays");

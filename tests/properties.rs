@@ -9,14 +9,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use proptest::prelude::*;
 use std::time::Duration;
-use topoplace::ledger::{mask_indices, Ledger};
+use topoplace_engine::ledger::{mask_indices, Ledger};
 
-use topoplace::placement::exact::{CandidateHosts, ExactConfig, ExactOutcome};
-use topoplace::placement::gpus::{GpuChooser, UnitShape};
-use topoplace::placement::{GangPlacement, Planner, PlannerConfig};
-use topoplace::topology::graph::nvlink_connected;
-use topoplace::topology::{product, Cluster, ClusterSpec, HostId, NodeSpec, NvlinkLayout};
-use topoplace::workload::{Gang, GangSpec, MemoryNeed, Scope};
+use topoplace_engine::placement::exact::{CandidateHosts, ExactConfig, ExactOutcome};
+use topoplace_engine::placement::gpus::{GpuChooser, UnitShape};
+use topoplace_engine::placement::{GangPlacement, Planner, PlannerConfig};
+use topoplace_engine::topology::graph::nvlink_connected;
+use topoplace_engine::topology::{product, Cluster, ClusterSpec, HostId, NodeSpec, NvlinkLayout};
+use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed, Scope};
 
 /// (product, GPUs per host, NVLink override)
 const HOST_KINDS: &[(&str, u8, Option<&str>)] = &[
@@ -413,7 +413,7 @@ proptest! {
     /// returns exactly what was reserved, and the ledger's own check agrees throughout.
     #[test]
     fn gpu_shares_are_never_overcommitted(steps in proptest::collection::vec(share_step(), 1..120)) {
-        use topoplace::ledger::shares::{NodeCapacity, ShareGrant, ShareLedger, ShareRequest};
+        use topoplace_engine::ledger::shares::{NodeCapacity, ShareGrant, ShareLedger, ShareRequest};
         let capacity: Vec<NodeCapacity> = (0..4)
             .map(|i| NodeCapacity { name: format!("n{i}"), cpu_milli: 16_000, memory_mib: 1 << 16, gpus: 2 + 2 * (i % 2) as u8 })
             .collect();

@@ -3,14 +3,14 @@
 
 use std::path::PathBuf;
 
-use topoplace::files::openb;
-use topoplace::replay::{self, Policy, Prepared, Trace, ARRIVED_PCT_MAX, LOAD_RATIO_DEFAULT};
+use topoplace_replay::pods::{self, Policy, Prepared, Trace, ARRIVED_PCT_MAX, LOAD_RATIO_DEFAULT};
+use topoplace_replay::traces::openb;
 
 const SEEDS: std::ops::Range<u64> = 42..52;
 
 /// The shared trace file, or `None` (a skip) outside CI when it is not beside the checkout.
 fn trace_file(name: &str) -> Option<PathBuf> {
-    let path = topoplace::convert::traces_dir().join("alibaba-gpu-v2023").join(name);
+    let path = topoplace_formats::convert::traces_dir().join("alibaba-gpu-v2023").join(name);
     if path.exists() {
         return Some(path);
     }
@@ -33,7 +33,7 @@ fn load(pods: &str) -> Option<Prepared> {
 /// Mean allocation at 130 % arrived over the ten paper seeds, per policy (two threads).
 fn mean_at_130(prepared: &Prepared, policies: &[Policy]) -> Vec<(Policy, f64)> {
     let arrivals: Vec<_> =
-        SEEDS.map(|seed| replay::arrivals(prepared, seed, LOAD_RATIO_DEFAULT).expect("arrivals")).collect();
+        SEEDS.map(|seed| pods::arrivals(prepared, seed, LOAD_RATIO_DEFAULT).expect("arrivals")).collect();
     std::thread::scope(|scope| {
         let handles: Vec<_> = policies
             .iter()
@@ -43,7 +43,7 @@ fn mean_at_130(prepared: &Prepared, policies: &[Policy]) -> Vec<(Policy, f64)> {
                     let values: Vec<f64> = arrivals
                         .iter()
                         .map(|a| {
-                            let outcome = replay::run(prepared, a, policy, &mut |_| {}).expect("run");
+                            let outcome = pods::run(prepared, a, policy, &mut |_| {}).expect("run");
                             outcome.curve.at(ARRIVED_PCT_MAX).expect("a sample near 130 %")
                         })
                         .collect();

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{scheduler_pod, serve_router, FakeApi, Replica, Running};
-use topoplace::scheduler::SchedulerConfig;
+use topoplace_online::scheduler::SchedulerConfig;
 
 const H100: &str = "NVIDIA-H100-80GB-HBM3";
 

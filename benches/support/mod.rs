@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use topoplace::topology::{product, Cluster, ClusterSpec, NodeSpec};
+use topoplace_engine::topology::{product, Cluster, ClusterSpec, NodeSpec};
 
 /// `hosts` 8-GPU H100 hosts, 8 to a rack and 64 to a spine; every third host has a few GPUs
 /// taken already, as in a cluster in use.

@@ -8,10 +8,11 @@ use serde::Serialize;
 
 use super::replay::{chosen_policies, ReplayArgs, ReplayFormat};
 use super::{parallel_map, write_all, CliError};
-use crate::convert::traces_dir;
-use crate::files::{self, elasticflow};
-use crate::jobreplay::{self, Drain, JobOutcome, JobPolicy, SimConfig};
-use crate::topology::{product, Cluster};
+use topoplace_engine::topology::{product, Cluster};
+use topoplace_formats::convert::traces_dir;
+use topoplace_formats::files;
+use topoplace_replay::jobs::{Drain, JobOutcome, JobPolicy, SimConfig};
+use topoplace_replay::traces::elasticflow;
 
 fn default_jobs_topology() -> PathBuf {
     traces_dir().join("lingjun-2023").join("topo.csv")
@@ -41,7 +42,7 @@ fn load_cluster(args: &ReplayArgs) -> Result<(Cluster, String), CliError> {
             let path = args.topology.clone().unwrap_or_else(default_jobs_topology);
             let file = path.display().to_string();
             let text = files::read_input(&path)?;
-            let spec = crate::convert::lingjun(&file, &text, &args.gpu_product, 8)
+            let spec = topoplace_formats::convert::lingjun(&file, &text, &args.gpu_product, 8)
                 .map_err(|e| CliError::Input(e.to_string()))?;
             (file, spec)
         }
@@ -55,7 +56,7 @@ fn load_cluster(args: &ReplayArgs) -> Result<(Cluster, String), CliError> {
                     .ok_or_else(|| CliError::Input(format!("--rack-products: unknown GPU product `{name}`")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        jobreplay::products_per_rack(&mut spec, &products).map_err(|e| CliError::Input(e.to_string()))?;
+        topoplace_replay::jobs::products_per_rack(&mut spec, &products).map_err(|e| CliError::Input(e.to_string()))?;
     }
     let cluster = Cluster::build(spec).map_err(|e| CliError::Input(format!("{file}: {e}")))?;
     Ok((cluster, file))
@@ -82,12 +83,14 @@ pub fn replay_jobs(
     };
     // Input problems (host sizes, job shapes, drain targets) are the same for every
     // policy: check them once so they are reported as bad input, not as a failed run.
-    jobreplay::validate(&cluster, &jobs, &config).map_err(|e| CliError::Input(format!("{jobs_file}: {e}")))?;
-    let results =
-        parallel_map(&policies, args.threads, |&policy| jobreplay::simulate(&cluster, &jobs, policy, &config))?
-            .into_iter()
-            .map(|r| r.map_err(|e| CliError::Failed(e.to_string())))
-            .collect::<Result<Vec<JobOutcome>, _>>()?;
+    topoplace_replay::jobs::validate(&cluster, &jobs, &config)
+        .map_err(|e| CliError::Input(format!("{jobs_file}: {e}")))?;
+    let results = parallel_map(&policies, args.threads, |&policy| {
+        topoplace_replay::jobs::simulate(&cluster, &jobs, policy, &config)
+    })?
+    .into_iter()
+    .map(|r| r.map_err(|e| CliError::Failed(e.to_string())))
+    .collect::<Result<Vec<JobOutcome>, _>>()?;
     let report = JobReport::new(&jobs_file, &cluster_file, &cluster, &config, results);
     if let Some(path) = &args.svg {
         std::fs::write(path, super::svg::jobs_chart(&report))
@@ -112,7 +115,7 @@ pub struct JobReport {
     pub racks: usize,
     pub blocks: usize,
     pub load_factor: f64,
-    pub queue: jobreplay::QueueMode,
+    pub queue: topoplace_replay::jobs::QueueMode,
     pub drains: Vec<String>,
     pub seed: u64,
     pub results: Vec<JobOutcome>,

@@ -16,12 +16,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-use crate::files::{self, FileError};
-use crate::ledger::Ledger;
-use crate::placement::exact::{Backend, ExactConfig, AUTO_VARIABLES_MAX};
-use crate::placement::{shapes_for, Planner, PlannerConfig, SolverChoice, Weights};
-use crate::topology::Cluster;
-use crate::workload::{size_model, ModelSpec, Workload, RUNTIME_OVERHEAD_DEFAULT};
+use topoplace_engine::ledger::Ledger;
+use topoplace_engine::placement::exact::{Backend, ExactConfig, AUTO_VARIABLES_MAX};
+use topoplace_engine::placement::{shapes_for, Planner, PlannerConfig, SolverChoice, Weights};
+use topoplace_engine::topology::Cluster;
+use topoplace_engine::workload::{size_model, ModelSpec, Workload, RUNTIME_OVERHEAD_DEFAULT};
+use topoplace_formats::files::{self, FileError};
 
 pub const DEMO_CLUSTER: &str = include_str!("../../testdata/clusters/demo.yaml");
 pub const DEMO_WORKLOAD: &str = include_str!("../../testdata/workloads/demo.yaml");
@@ -187,8 +187,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Command::Convert { source: ConvertSource::Lingjun { path, gpu_product, gpus_per_host } } => {
             let text = files::read_input(&path)?;
-            let spec = crate::convert::lingjun(&path.display().to_string(), &text, &gpu_product, gpus_per_host)
-                .map_err(|e| CliError::Input(e.to_string()))?;
+            let spec =
+                topoplace_formats::convert::lingjun(&path.display().to_string(), &text, &gpu_product, gpus_per_host)
+                    .map_err(|e| CliError::Input(e.to_string()))?;
             // Build it once so a converter bug cannot print an unusable file.
             Cluster::build(spec.clone()).map_err(|e| CliError::Failed(format!("converted cluster is invalid: {e}")))?;
             let yaml = files::cluster::render(&spec).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -259,12 +260,12 @@ fn plan(args: &PlanArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let cluster = load_cluster(&args.cluster)?;
     if let Some(parameters) = &args.size_model {
         let model = ModelSpec {
-            parameters: crate::quantity::parse_parameters(parameters)
+            parameters: topoplace_engine::quantity::parse_parameters(parameters)
                 .map_err(|e| CliError::Input(format!("--size-model: {e}")))?,
-            dtype_eighths: crate::quantity::dtype_bytes_eighths(&args.dtype)
+            dtype_eighths: topoplace_engine::quantity::dtype_bytes_eighths(&args.dtype)
                 .map_err(|e| CliError::Input(format!("--dtype: {e}")))?,
             dtype: args.dtype.clone(),
-            kv_cache_bytes: crate::quantity::parse_bytes(&args.kv_cache)
+            kv_cache_bytes: topoplace_engine::quantity::parse_bytes(&args.kv_cache)
                 .map_err(|e| CliError::Input(format!("--kv-cache: {e}")))?,
             overhead: args.overhead,
         };

@@ -8,11 +8,11 @@ use serde::Serialize;
 
 use super::SolverFlag;
 use super::{CliError, OutputFormat};
-use crate::ledger::{mask_indices, Ledger};
-use crate::placement::{BatchPlan, CandidateSummary, Explanation, ScoreComponents, SolverInfo, Weights};
-use crate::quantity::format_gib;
-use crate::topology::Cluster;
-use crate::workload::{Gang, ModelSpec, SizingRow, Workload};
+use topoplace_engine::ledger::{mask_indices, Ledger};
+use topoplace_engine::placement::{BatchPlan, CandidateSummary, Explanation, ScoreComponents, SolverInfo, Weights};
+use topoplace_engine::quantity::format_gib;
+use topoplace_engine::topology::Cluster;
+use topoplace_engine::workload::{Gang, ModelSpec, SizingRow, Workload};
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::{load_workload, write_all, CliError, OutputFormat, PlanArgs, SolverFlag};
-use crate::grpc::pb;
-use crate::grpc::pb::placement_client::PlacementClient;
-use crate::workload::{Scope, Workload};
+use topoplace_engine::workload::{Scope, Workload};
+use topoplace_server::grpc::pb;
+use topoplace_server::grpc::pb::placement_client::PlacementClient;
 
 /// Environment variable holding the bearer token, when `--token-file` is not given.
 pub const TOKEN_ENV: &str = "TOPOPLACE_TOKEN";

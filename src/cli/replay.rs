@@ -9,10 +9,13 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use super::{parallel_map, write_all, CliError};
-use crate::convert::traces_dir;
-use crate::files::{self, openb};
-use crate::jobreplay::QueueMode;
-use crate::replay::{self, Arrivals, Policy, Prepared, RunOutcome, Trace, ARRIVED_PCT_MAX, LOAD_RATIO_DEFAULT};
+use topoplace_formats::convert::traces_dir;
+use topoplace_formats::files;
+use topoplace_replay::jobs::QueueMode;
+use topoplace_replay::pods::{
+    self, Arrivals, Policy, Prepared, RunOutcome, Trace, ARRIVED_PCT_MAX, LOAD_RATIO_DEFAULT,
+};
+use topoplace_replay::traces::openb;
 
 /// The FGD artifact's first seed (its runs use 42..=51).
 pub const SEED_BASE_DEFAULT: u64 = 42;
@@ -90,7 +93,7 @@ pub struct ReplayArgs {
     pub queue: QueueFlag,
     /// Job mode, topoplace with best-effort-fifo: seconds a gang that fits no single rack
     /// waits for one, the rack held clear of later jobs meanwhile (0: place it at once).
-    #[arg(long, value_name = "SECONDS", default_value_t = crate::jobreplay::RACK_WAIT_S_DEFAULT, requires = "jobs")]
+    #[arg(long, value_name = "SECONDS", default_value_t = topoplace_replay::jobs::RACK_WAIT_S_DEFAULT, requires = "jobs")]
     pub rack_wait: u64,
     /// Job mode: take a rack, block or host out of service at a time, e.g.
     /// `G6/P10/S14@86400` (seconds after the first arrival); its jobs restart elsewhere.
@@ -155,7 +158,7 @@ pub fn replay(args: &ReplayArgs, out: &mut dyn std::io::Write) -> Result<(), Cli
     let seeds: Vec<u64> = (0..args.seeds).map(|i| args.seed_base.saturating_add(i)).collect();
     let arrivals = seeds
         .iter()
-        .map(|&seed| replay::arrivals(&prepared, seed, args.ratio))
+        .map(|&seed| pods::arrivals(&prepared, seed, args.ratio))
         .collect::<Result<Vec<Arrivals>, _>>()
         .map_err(|e| CliError::Input(format!("--ratio: {e}")))?;
     let outcomes = run_all(&prepared, &arrivals, &policies, args.threads)?;
@@ -195,7 +198,7 @@ fn run_all(
         ProgressBar::hidden()
     };
     let outcomes = parallel_map(&jobs, threads, |&(policy, arrivals)| {
-        replay::run(prepared, arrivals, policy, &mut |pods| bar.inc(pods as u64))
+        pods::run(prepared, arrivals, policy, &mut |pods| bar.inc(pods as u64))
     });
     bar.finish_and_clear();
     outcomes?.into_iter().map(|outcome| outcome.map_err(|e| CliError::Failed(e.to_string()))).collect()

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::CliError;
-use crate::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
-use crate::grpc::{self, GrpcConfig, ReserveTokens, TlsFiles};
-use crate::kube as kube_adapter;
-use crate::reservation::{Book, BookConfig};
+use topoplace_online::reservation::{Book, BookConfig};
+use topoplace_server::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
+use topoplace_server::grpc::{self, GrpcConfig, ReserveTokens, TlsFiles};
+use topoplace_server::kube as kube_adapter;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -111,12 +111,12 @@ pub struct SchedulingArgs {
 }
 
 impl SchedulingArgs {
-    pub fn scheduler_config(&self) -> crate::scheduler::SchedulerConfig {
-        crate::scheduler::SchedulerConfig {
+    pub fn scheduler_config(&self) -> topoplace_online::scheduler::SchedulerConfig {
+        topoplace_online::scheduler::SchedulerConfig {
             gang_wait_timeout_ms: self.gang_wait_timeout.saturating_mul(1000),
             starvation_ms: self.starvation_after.saturating_mul(1000),
             backoff_max_ms: self.backoff_max.max(1).saturating_mul(1000),
-            ..crate::scheduler::SchedulerConfig::default()
+            ..topoplace_online::scheduler::SchedulerConfig::default()
         }
     }
 

@@ -4,7 +4,7 @@
 //! and labels, and a plotting crate would add a font and raster stack to a scheduler binary.
 
 use super::replay::Summary;
-use crate::replay::ARRIVED_PCT_MAX;
+use topoplace_replay::pods::ARRIVED_PCT_MAX;
 
 const WIDTH: f64 = 1000.0;
 const HEIGHT: f64 = 480.0;

@@ -24,12 +24,12 @@ use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, oneshot};
 
-use topoplace::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
-use topoplace::kube::lease::{LeaderElector, LeaseConfig};
-use topoplace::kube::scheduler::SchedulerRuntime;
-use topoplace::kube::{run_view_with, KubeBinder, ViewHooks};
-use topoplace::reservation::{Book, BookConfig};
-use topoplace::scheduler::SchedulerConfig;
+use topoplace_online::reservation::{Book, BookConfig};
+use topoplace_online::scheduler::SchedulerConfig;
+use topoplace_server::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
+use topoplace_server::kube::lease::{LeaderElector, LeaseConfig};
+use topoplace_server::kube::scheduler::SchedulerRuntime;
+use topoplace_server::kube::{run_view_with, KubeBinder, ViewHooks};
 
 /// The topology levels of the fake API's nodes.
 pub const LEVELS: [&str; 2] = ["network.topology.nvidia.com/spine", "network.topology.nvidia.com/leaf"];
@@ -68,7 +68,7 @@ pub async fn serve_router(router: Router) -> Running {
 /// An extender over a static cluster file, on a loopback port.
 pub async fn static_extender(cluster_file: &str, ttl_ms: u64) -> (Running, Arc<Extender>, Arc<MemoryBinder>) {
     let text = std::fs::read_to_string(cluster_file).expect("cluster file");
-    let cluster = topoplace::files::cluster::load(cluster_file, &text).expect("valid cluster");
+    let cluster = topoplace_formats::files::cluster::load(cluster_file, &text).expect("valid cluster");
     let binder = Arc::new(MemoryBinder::default());
     let dyn_binder: Arc<dyn Binder> = binder.clone();
     let config = BookConfig { reservation_ttl_ms: ttl_ms, ..BookConfig::default() };
@@ -762,7 +762,7 @@ async fn create_event(State(api): State<FakeApi>, axum::Json(mut event): axum::J
 /// (`https://localhost:PORT` with TLS).
 pub async fn grpc_server(
     ext: Arc<Extender>,
-    config: topoplace::grpc::GrpcConfig,
+    config: topoplace_server::grpc::GrpcConfig,
     tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
@@ -770,7 +770,7 @@ pub async fn grpc_server(
     let base = if tls.is_some() { format!("https://localhost:{port}") } else { format!("http://127.0.0.1:{port}") };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let _ = topoplace::grpc::serve(listener, ext, config, tls, async {
+        let _ = topoplace_server::grpc::serve(listener, ext, config, tls, async {
             let _ = stopped.await;
         })
         .await;

@@ -1,0 +1,1407 @@
+//! The placement engine: a whole gang onto hosts and concrete GPU indices, or nothing.
+//!
+//! Stages, in the order kube-scheduler's framework would name them:
+//! 1. *Filter* every host for the gang's unit (memory floor, NVLink for tensor
+//!    parallelism, free GPUs that form the unit) and count how many units it holds;
+//!    rejections are tallied per reason for the explanation.
+//! 2. *Candidates*, per GPU product (a gang never mixes products): every host that holds
+//!    the whole gang, every NVLink clique, and every topology domain that holds it while
+//!    none of its children does (the smallest domains that fit), then the whole cluster.
+//!    `topology.required` removes candidates wider than its scope.
+//! 3. *Fill* a domain candidate top-down: where a child holds the rest, the child that
+//!    fits most tightly; otherwise the roomiest child first. This keeps the gang inside as
+//!    few sub-domains as possible and leaves big free blocks big.
+//! 4. *Choose GPUs* inside each host ([`gpus`]) and *score* ([`score`]); the best total
+//!    wins, ties to the earlier candidate, so the answer is deterministic.
+//!
+//! The engine reads a [`Ledger`] and never writes it; [`Planner::plan`] places a batch
+//! by reserving each placed gang before the next is placed.
+
+pub mod capacity;
+pub mod exact;
+pub mod gpus;
+pub mod score;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use thiserror::Error;
+
+use crate::ledger::{mask_indices, Ledger};
+use crate::quantity::format_gib;
+use crate::topology::graph::nvlink_connected;
+use crate::topology::{Cluster, GpuMask, HostId, ProductId};
+use crate::workload::{Gang, Scope};
+use gpus::{remaining_connectivity, set_quality, unit_quality, GpuChooser, UnitShape};
+pub use score::{default_shapes, shapes_for, FreeShape, ScoreComponents, WeightedShape, Weights};
+
+/// Candidates listed in an explanation.
+const EXPLAIN_CANDIDATES_MAX: usize = 10;
+/// Example hosts named per rejection reason.
+const EXPLAIN_EXAMPLES_MAX: usize = 3;
+
+#[derive(Debug, Clone)]
+pub struct PlannerConfig {
+    pub weights: Weights,
+    pub shapes: Vec<WeightedShape>,
+    pub explain: bool,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        PlannerConfig { weights: Weights::default(), shapes: default_shapes(), explain: false }
+    }
+}
+
+/// A gang that does not make sense for this cluster (as opposed to one that does not fit).
+#[derive(Debug, Error, PartialEq)]
+pub enum GangInputError {
+    #[error(
+        "gang `{gang}`: topology.{field} is `{level}`, which is not a level of this cluster \
+         (levels: {known}; or `host`, `nvlink`)"
+    )]
+    UnknownLevel { gang: String, field: &'static str, level: String, known: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResolvedScope {
+    Nvlink,
+    Host,
+    Level(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct MemberPlacement {
+    pub member: u32,
+    pub host: HostId,
+    pub gpus: GpuMask,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct CandidateSummary {
+    pub scope: String,
+    pub product: String,
+    pub hosts: Vec<String>,
+    pub score: ScoreComponents,
+    /// Other hosts that would have scored exactly the same (not scored again).
+    pub equivalent_hosts: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct RejectionGroup {
+    pub reason: String,
+    pub hosts: usize,
+    pub examples: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Explanation {
+    pub rejected_hosts: Vec<RejectionGroup>,
+    pub domains: Vec<String>,
+    pub candidates: Vec<CandidateSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GangPlacement {
+    pub gang: String,
+    pub product: ProductId,
+    pub scope: String,
+    pub members: Vec<MemberPlacement>,
+    pub score: ScoreComponents,
+    pub candidates: usize,
+    pub runner_up: Option<CandidateSummary>,
+    pub explanation: Option<Explanation>,
+    pub solver: SolverInfo,
+}
+
+/// Which solver produced a placement, and how good it is known to be.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "camelCase"))]
+pub struct SolverInfo {
+    /// `greedy`, or `exact/microlp`, `exact/highs`.
+    pub solver: String,
+    /// The placement's score (the scoring function's total).
+    pub objective: f64,
+    /// For exact: the best objective any placement could reach over the candidate hosts
+    /// (equal to `objective` when proven optimal; from the LP relaxation otherwise).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub bound: Option<f64>,
+    /// (bound - objective) / |bound|.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub gap: Option<f64>,
+    /// Why another solver's answer was used, or what limited this one.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub note: Option<String>,
+}
+
+impl SolverInfo {
+    pub fn greedy(objective: f64) -> Self {
+        SolverInfo { solver: "greedy".into(), objective, bound: None, gap: None, note: None }
+    }
+}
+
+impl GangPlacement {
+    /// Per host, the GPUs the gang takes (what the ledger reserves).
+    pub fn holding(&self) -> Vec<(HostId, GpuMask)> {
+        crate::ledger::merge_by_host(self.members.iter().map(|m| (m.host, m.gpus)))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unplaced {
+    pub gang: String,
+    pub reason: String,
+    pub explanation: Option<Explanation>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BatchPlan {
+    pub placements: Vec<GangPlacement>,
+    pub unplaced: Vec<Unplaced>,
+    /// How the batch was planned, when it was not gang by gang with one solver.
+    pub note: Option<String>,
+}
+
+impl BatchPlan {
+    pub fn gpus_placed(&self) -> u64 {
+        self.placements.iter().flat_map(|p| &p.members).map(|m| u64::from(m.gpus.count_ones())).sum()
+    }
+}
+
+/// Why a host cannot take even one unit; tallied per (reason, product).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostRejection {
+    MemoryTooSmall,
+    NoNvlink,
+    UnitLargerThanHost,
+    NotEnoughFree,
+    FreeNotConnected,
+    /// The caller did not offer the host (kube-scheduler's other filters removed it).
+    NotOffered,
+}
+
+impl HostRejection {
+    /// Whether freeing GPUs on the host (evicting pods) could change the verdict.
+    pub fn resolvable_by_freeing_gpus(self) -> bool {
+        matches!(self, HostRejection::NotEnoughFree | HostRejection::FreeNotConnected)
+    }
+
+    fn text(self, product: &str, memory_mib: u64, gang: &Gang) -> String {
+        match self {
+            HostRejection::MemoryTooSmall => format!(
+                "{product}: GPU memory {} is below the floor of {}",
+                format_gib(memory_mib),
+                format_gib(gang.memory_floor_mib)
+            ),
+            HostRejection::NoNvlink => {
+                format!("{product}: no NVLink, and tensorParallel {} needs NVLink-connected GPUs", gang.tensor_parallel)
+            }
+            HostRejection::UnitLargerThanHost => format!(
+                "{product}: a tensor-parallel group of {} GPUs is larger than the host and the host is in no NVLink clique",
+                gang.unit_gpus()
+            ),
+            HostRejection::NotEnoughFree => {
+                format!("{product}: fewer free GPUs than one unit of {} GPUs", gang.unit_gpus())
+            }
+            HostRejection::FreeNotConnected => format!(
+                "{product}: enough free GPUs, but no {} of them NVLink-connected in groups of {}",
+                gang.unit_gpus(),
+                gang.tensor_parallel
+            ),
+            HostRejection::NotOffered => "not offered by the scheduler".into(),
+        }
+    }
+}
+
+/// One host's verdict for a gang that fits on one host ([`Planner::score_hosts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostVerdict {
+    Fits { members: Vec<MemberPlacement>, score: ScoreComponents },
+    Rejected { reason: HostRejection, text: String },
+}
+
+#[derive(Debug, Default)]
+struct RejectionTally {
+    groups: Vec<((HostRejection, ProductId), usize, Vec<HostId>)>,
+}
+
+impl RejectionTally {
+    fn add(&mut self, reason: HostRejection, product: ProductId, host: HostId) {
+        match self.groups.iter_mut().find(|(key, _, _)| *key == (reason, product)) {
+            Some((_, count, examples)) => {
+                *count += 1;
+                if examples.len() < EXPLAIN_EXAMPLES_MAX {
+                    examples.push(host);
+                }
+            }
+            None => self.groups.push(((reason, product), 1, vec![host])),
+        }
+    }
+
+    fn render(&self, cluster: &Cluster, gang: &Gang) -> Vec<RejectionGroup> {
+        let mut groups: Vec<RejectionGroup> = self
+            .groups
+            .iter()
+            .map(|&((reason, product), count, ref examples)| {
+                let name = product.get().name;
+                let memory = examples.first().map_or(product.get().memory_mib, |&h| cluster.host(h).memory_mib);
+                let text = reason.text(name, memory, gang);
+                RejectionGroup {
+                    reason: text,
+                    hosts: count,
+                    examples: examples.iter().map(|&h| cluster.host(h).name.clone()).collect(),
+                }
+            })
+            .collect();
+        groups.sort_by(|a, b| b.hosts.cmp(&a.hosts).then_with(|| a.reason.cmp(&b.reason)));
+        groups
+    }
+}
+
+/// A group of hosts of one clique inside one innermost domain whose members pool into
+/// tensor-parallel groups larger than a host (GB200 NVL72 trays).
+#[derive(Debug, Clone)]
+struct Pool {
+    product: ProductId,
+    clique: u32,
+    hosts: Vec<HostId>,
+    units: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaf {
+    Host(HostId),
+    Pool(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CandidateScope {
+    Host(HostId),
+    Clique(u32),
+    Domain(usize, u32),
+    Cluster,
+}
+
+struct Candidate {
+    scope: CandidateScope,
+    product: ProductId,
+    members: Vec<MemberPlacement>,
+    score: ScoreComponents,
+    equivalent_hosts: usize,
+}
+
+/// What one `place` call computes about the hosts before it looks at candidates.
+struct HostCapacity {
+    /// Units a host holds by itself.
+    units: Vec<u32>,
+    /// Member slots of hosts whose units need a clique.
+    member_slots: Vec<u32>,
+    pools: Vec<Pool>,
+    /// Pools by their first host, for prefix sums over host ranges.
+    pools_at: HashMap<HostId, Vec<usize>>,
+    /// Free GPUs per host, the tie-breaker that prefers the tighter host.
+    free_gpus: Vec<u32>,
+}
+
+/// A [`Planner`] without its cluster borrow ([`Planner::into_parts`]).
+#[derive(Debug)]
+pub struct PlannerParts {
+    config: PlannerConfig,
+    chooser: GpuChooser,
+    host_class: Vec<u32>,
+}
+
+fn shapes_of(gang: &Gang) -> (UnitShape, UnitShape) {
+    (
+        UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) },
+        UnitShape { unit_gpus: gang.gpus_per_member, atom: gang.tensor_parallel.min(gang.gpus_per_member) },
+    )
+}
+
+pub struct Planner<'c> {
+    cluster: &'c Cluster,
+    config: PlannerConfig,
+    chooser: GpuChooser,
+    /// Hosts with equal product, memory and links share a class; equal class and equal
+    /// free GPUs score equally on their own.
+    host_class: Vec<u32>,
+}
+
+impl<'c> Planner<'c> {
+    pub fn new(cluster: &'c Cluster, config: PlannerConfig) -> Self {
+        let mut classes: HashMap<(ProductId, u64, &[GpuMask]), u32> = HashMap::new();
+        let host_class = cluster
+            .hosts
+            .iter()
+            .map(|host| {
+                let next = classes.len() as u32;
+                *classes.entry((host.product, host.memory_mib, &host.links.nvlink_neighbors)).or_insert(next)
+            })
+            .collect();
+        Planner { cluster, config, chooser: GpuChooser::default(), host_class }
+    }
+
+    pub fn config(&self) -> &PlannerConfig {
+        &self.config
+    }
+
+    /// Takes the planner apart so a long-lived owner of the cluster (the online reservation
+    /// book) can keep the memoised GPU-choice tables between calls without borrowing itself.
+    pub fn into_parts(self) -> PlannerParts {
+        PlannerParts { config: self.config, chooser: self.chooser, host_class: self.host_class }
+    }
+
+    /// A planner from [`Planner::into_parts`]; parts taken from another cluster are rebuilt.
+    pub fn from_parts(cluster: &'c Cluster, parts: PlannerParts) -> Self {
+        if parts.host_class.len() != cluster.hosts.len() {
+            return Planner::new(cluster, parts.config);
+        }
+        Planner { cluster, config: parts.config, chooser: parts.chooser, host_class: parts.host_class }
+    }
+
+    /// Why `host` cannot hold even one unit of `gang`, or `None` when it can.
+    pub fn host_rejection_of(&mut self, ledger: &Ledger, gang: &Gang, host: HostId) -> Option<(HostRejection, String)> {
+        self.host_units(ledger, gang, host).err()
+    }
+
+    /// Per host of `hosts`: `None` when the host alone holds all of `gang`, else why not.
+    /// The fit test of [`Planner::score_hosts`] without building placements.
+    pub fn fit_hosts(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        hosts: &[HostId],
+    ) -> Vec<Option<(HostRejection, String)>> {
+        let (unit_shape, member_shape) = shapes_of(gang);
+        let need = gang.units();
+        hosts
+            .iter()
+            .map(|&host_id| {
+                let host = self.cluster.hosts.get(host_id as usize)?;
+                let text = |reason: HostRejection| reason.text(host.product.get().name, host.memory_mib, gang);
+                match self.host_slots(ledger, gang, host_id, unit_shape, member_shape) {
+                    Ok((units, false)) if units >= need => None,
+                    Ok(_) => Some((HostRejection::NotEnoughFree, text(HostRejection::NotEnoughFree))),
+                    Err(reason) => Some((reason, text(reason))),
+                }
+            })
+            .collect()
+    }
+
+    pub fn cluster(&self) -> &'c Cluster {
+        self.cluster
+    }
+
+    fn resolve(
+        &self,
+        gang: &Gang,
+        scope: &Option<Scope>,
+        field: &'static str,
+    ) -> Result<Option<ResolvedScope>, GangInputError> {
+        Ok(match scope {
+            None => None,
+            Some(Scope::Host) => Some(ResolvedScope::Host),
+            Some(Scope::Nvlink) => Some(ResolvedScope::Nvlink),
+            Some(Scope::Level(level)) => match self.cluster.level_index(level) {
+                Some(index) => Some(ResolvedScope::Level(index)),
+                None => {
+                    return Err(GangInputError::UnknownLevel {
+                        gang: gang.name.clone(),
+                        field,
+                        level: level.clone(),
+                        known: if self.cluster.levels.is_empty() {
+                            "none".into()
+                        } else {
+                            self.cluster.levels.join(", ")
+                        },
+                    })
+                }
+            },
+        })
+    }
+
+    /// Checks that a gang's topology scopes name levels this cluster has.
+    pub fn check_gang(&self, gang: &Gang) -> Result<(), GangInputError> {
+        self.resolve(gang, &gang.required, "required")?;
+        self.resolve(gang, &gang.preferred, "preferred")?;
+        Ok(())
+    }
+
+    /// Places one gang against the ledger's free GPUs (reserving nothing).
+    pub fn place(&mut self, ledger: &Ledger, gang: &Gang) -> Result<GangPlacement, Unplaced> {
+        self.place_ranked(ledger, gang, None, None)
+    }
+
+    /// [`Planner::place`] on the hosts flagged in `offered` only (indexed by host id), as
+    /// when kube-scheduler's own filters have already removed some nodes.
+    pub fn place_within(&mut self, ledger: &Ledger, gang: &Gang, offered: &[bool]) -> Result<GangPlacement, Unplaced> {
+        self.place_ranked(ledger, gang, None, Some(offered))
+    }
+
+    /// For a gang that one host can hold (a single pod, or a small gang): per host of `hosts`,
+    /// the best placement on that host alone and its score, or why the host cannot hold it.
+    /// The scores are those [`Planner::place`] compares, so the best `Fits` is what it would pick
+    /// among these hosts.
+    pub fn score_hosts(&mut self, ledger: &Ledger, gang: &Gang, hosts: &[HostId]) -> Vec<HostVerdict> {
+        let cluster = self.cluster;
+        let mut offered = vec![false; cluster.hosts.len()];
+        for &host in hosts {
+            if let Some(flag) = offered.get_mut(host as usize) {
+                *flag = true;
+            }
+        }
+        let need = gang.units();
+        let (unit_shape, member_shape) = shapes_of(gang);
+        let preferred = self.resolve(gang, &gang.preferred, "preferred").ok().flatten();
+        // Hosts of one class with the same free GPUs (and rack state) score the same.
+        let mut seen: HashMap<(u32, GpuMask, u32), (Vec<MemberPlacement>, ScoreComponents)> = HashMap::new();
+        let mut tally = RejectionTally::default();
+        let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, Some(&offered), &mut tally);
+        let whole_free = score::WholeFreeIndex::new(cluster, ledger);
+        let context = BuildContext { ledger, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
+        let mut prefixes: HashMap<ProductId, Vec<u64>> = HashMap::new();
+        hosts
+            .iter()
+            .map(|&host_id| {
+                let Some(host) = cluster.hosts.get(host_id as usize) else {
+                    return HostVerdict::Rejected { reason: HostRejection::NotOffered, text: "unknown host".into() };
+                };
+                let rejected = |reason: HostRejection| HostVerdict::Rejected {
+                    reason,
+                    text: reason.text(host.product.get().name, host.memory_mib, gang),
+                };
+                if let Err(reason) = self.host_slots(ledger, gang, host_id, unit_shape, member_shape) {
+                    return rejected(reason);
+                }
+                if capacity.units[host_id as usize] < need {
+                    return rejected(HostRejection::NotEnoughFree);
+                }
+                let prefix = prefixes.entry(host.product).or_insert_with(|| {
+                    let mut prefix = Vec::with_capacity(cluster.hosts.len() + 1);
+                    prefix.push(0u64);
+                    for (index, other) in cluster.hosts.iter().enumerate() {
+                        let units = if other.product == host.product { capacity.units[index] } else { 0 };
+                        prefix.push(prefix.last().copied().unwrap_or(0) + u64::from(units));
+                    }
+                    prefix
+                });
+                let rack_whole = if ledger.used(host_id) == 0 {
+                    host.domain_path.last().map_or(u32::MAX, |&d| d)
+                } else {
+                    u32::MAX - 1
+                };
+                let key = (self.host_class[host_id as usize], ledger.free(host_id), rack_whole);
+                if let Some((members, score)) = seen.get(&key) {
+                    let members = members.iter().map(|m| MemberPlacement { host: host_id, ..m.clone() }).collect();
+                    return HostVerdict::Fits { members, score: *score };
+                }
+                let view = ProductView { cluster, capacity: &capacity, product: host.product, prefix };
+                match self.build(&context, &view, CandidateScope::Host(host_id), &[(Leaf::Host(host_id), need)]) {
+                    Some(candidate) => {
+                        seen.insert(key, (candidate.members.clone(), candidate.score));
+                        HostVerdict::Fits { members: candidate.members, score: candidate.score }
+                    }
+                    None => rejected(HostRejection::FreeNotConnected),
+                }
+            })
+            .collect()
+    }
+
+    /// [`Planner::place`], also handing out every candidate's product and scope, best first
+    /// (the exact solver's pre-filter).
+    fn place_ranked(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        ranking: Option<&mut Vec<(ProductId, CandidateScope)>>,
+        offered: Option<&[bool]>,
+    ) -> Result<GangPlacement, Unplaced> {
+        let unplaced = |reason: String| Unplaced { gang: gang.name.clone(), reason, explanation: None };
+        let required = self.resolve(gang, &gang.required, "required").map_err(|e| unplaced(e.to_string()))?;
+        let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| unplaced(e.to_string()))?;
+        let cluster = self.cluster;
+        let need = gang.units();
+        let unit_shape = UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
+        let member_shape =
+            UnitShape { unit_gpus: gang.gpus_per_member, atom: gang.tensor_parallel.min(gang.gpus_per_member) };
+
+        let mut tally = RejectionTally::default();
+        let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, offered, &mut tally);
+        let whole_free = score::WholeFreeIndex::new(cluster, ledger);
+        let context = BuildContext { ledger, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
+        let levels = cluster.levels.len();
+
+        let packed = PackedOrder::new(cluster, &capacity.free_gpus);
+        let mut candidates: Vec<Candidate> = Vec::new();
+        let mut domain_notes: Vec<String> = Vec::new();
+        let mut best_capacity: Option<(u32, ProductId)> = None;
+        let mut scope_shortfall: Option<(u32, String)> = None;
+
+        for product in cluster.products() {
+            // Units per host for this product, pools counted at their first host.
+            let mut leaf_units = vec![0u32; cluster.hosts.len()];
+            for (index, host) in cluster.hosts.iter().enumerate() {
+                if host.product == product {
+                    leaf_units[index] = capacity.units[index];
+                }
+            }
+            for (&anchor, pools) in &capacity.pools_at {
+                for &pool in pools {
+                    if capacity.pools[pool].product == product {
+                        leaf_units[anchor as usize] += capacity.pools[pool].units;
+                    }
+                }
+            }
+            let mut prefix = Vec::with_capacity(leaf_units.len() + 1);
+            prefix.push(0u64);
+            for units in &leaf_units {
+                prefix.push(prefix.last().copied().unwrap_or(0) + u64::from(*units));
+            }
+            let total = prefix.last().copied().unwrap_or(0);
+            let capped_total = total.min(u64::from(u32::MAX)) as u32;
+            if best_capacity.is_none_or(|(best, _)| capped_total > best) {
+                best_capacity = Some((capped_total, product));
+            }
+            if total < u64::from(need) {
+                continue;
+            }
+            let view = ProductView { cluster, capacity: &capacity, product, prefix: &prefix };
+            let max_host = (0..cluster.hosts.len()).map(|h| view.host_units(h as HostId)).max().unwrap_or(0);
+
+            // Hosts that hold the whole gang.
+            let mut seen_classes: HashMap<(u32, GpuMask, u32), usize> = HashMap::new();
+            for &host_id in &packed.hosts {
+                if view.host_units(host_id) < need {
+                    continue;
+                }
+                let host = cluster.host(host_id);
+                let rack_whole = if ledger.used(host_id) == 0 {
+                    host.domain_path.last().map_or(u32::MAX, |&d| d)
+                } else {
+                    u32::MAX - 1
+                };
+                let key = (self.host_class[host_id as usize], ledger.free(host_id), rack_whole);
+                if let Some(&index) = seen_classes.get(&key) {
+                    if let Some(candidate) = candidates.get_mut(index) {
+                        candidate.equivalent_hosts += 1;
+                    }
+                    continue;
+                }
+                let built = self.build(&context, &view, CandidateScope::Host(host_id), &[(Leaf::Host(host_id), need)]);
+                if let Some(candidate) = built {
+                    if required == Some(ResolvedScope::Nvlink) && !gang_is_nvlink_connected(cluster, &candidate.members)
+                    {
+                        continue;
+                    }
+                    seen_classes.insert(key, candidates.len());
+                    candidates.push(candidate);
+                }
+            }
+            if required == Some(ResolvedScope::Host) {
+                if max_host < need {
+                    scope_shortfall = Some((max_host, "host".into()));
+                }
+                continue;
+            }
+
+            // NVLink cliques that hold it while none of their hosts does alone.
+            for (clique_index, clique) in cluster.cliques.iter().enumerate() {
+                let clique_index = clique_index as u32;
+                let in_clique_hosts = clique.hosts.iter().filter(|&&h| cluster.host(h).product == product);
+                let host_units: u64 = in_clique_hosts.clone().map(|&h| u64::from(capacity.units[h as usize])).sum();
+                let pool_units: u64 = capacity
+                    .pools
+                    .iter()
+                    .filter(|p| p.clique == clique_index && p.product == product)
+                    .map(|p| u64::from(p.units))
+                    .sum();
+                let best_single = in_clique_hosts.map(|&h| capacity.units[h as usize]).max().unwrap_or(0);
+                if host_units + pool_units < u64::from(need) || best_single >= need {
+                    continue;
+                }
+                if let Some(ResolvedScope::Level(level)) = required {
+                    let first = cluster.host(clique.hosts[0]).domain_path[level];
+                    if clique.hosts.iter().any(|&h| cluster.host(h).domain_path[level] != first) {
+                        continue;
+                    }
+                }
+                let mut leaves = Vec::new();
+                let items = view.clique_leaves(clique_index);
+                pick(&items, need, &mut |leaf, units| leaves.push((leaf, units)));
+                if let Some(candidate) = self.build(&context, &view, CandidateScope::Clique(clique_index), &leaves) {
+                    candidates.push(candidate);
+                }
+            }
+            if required == Some(ResolvedScope::Nvlink) {
+                continue;
+            }
+
+            // The smallest topology domains that hold it.
+            let outermost_allowed = match required {
+                Some(ResolvedScope::Level(level)) => level,
+                _ => 0,
+            };
+            for level in (outermost_allowed..levels).rev() {
+                let mut fitting = 0usize;
+                let mut best: Option<(u64, u32)> = None;
+                for &index in &packed.domains[level] {
+                    let domain = &cluster.domains[level][index as usize];
+                    let units = view.range_units(&domain.hosts);
+                    if best.is_none_or(|(b, _)| units > b) {
+                        best = Some((units, index));
+                    }
+                    if units < u64::from(need) {
+                        continue;
+                    }
+                    fitting += 1;
+                    let child_max = if level + 1 < levels {
+                        domain
+                            .children
+                            .clone()
+                            .map(|child| view.range_units(&cluster.domains[level + 1][child as usize].hosts))
+                            .max()
+                            .unwrap_or(0)
+                    } else {
+                        domain.hosts.clone().map(|h| u64::from(leaf_units[h as usize])).max().unwrap_or(0)
+                    };
+                    if child_max >= u64::from(need) {
+                        continue;
+                    }
+                    let mut leaves = Vec::new();
+                    view.fill_domain(level, index, need, &mut leaves);
+                    if let Some(candidate) = self.build(&context, &view, CandidateScope::Domain(level, index), &leaves)
+                    {
+                        candidates.push(candidate);
+                    }
+                }
+                if let Some((units, index)) = best {
+                    let domain = &cluster.domains[level][index as usize];
+                    if self.config.explain {
+                        domain_notes.push(format!(
+                            "{} ({}): {fitting} of {} domains hold {need} unit(s); the roomiest, {}, holds {units}",
+                            short_level(&cluster.levels[level]),
+                            product.get().name,
+                            cluster.domains[level].len(),
+                            domain.path
+                        ));
+                    }
+                    if Some(ResolvedScope::Level(level)) == required && fitting == 0 {
+                        let units = units.min(u64::from(u32::MAX)) as u32;
+                        if scope_shortfall.as_ref().is_none_or(|(b, _)| units > *b) {
+                            scope_shortfall =
+                                Some((units, format!("{} `{}`", short_level(&cluster.levels[level]), domain.path)));
+                        }
+                    }
+                }
+            }
+
+            // The whole cluster, when no outermost domain holds it.
+            if required.is_none() {
+                let widest_child = if levels == 0 {
+                    u64::from(max_host)
+                } else {
+                    cluster.domains[0].iter().map(|d| view.range_units(&d.hosts)).max().unwrap_or(0)
+                };
+                if widest_child < u64::from(need) {
+                    let mut leaves = Vec::new();
+                    view.fill_root(need, &mut leaves);
+                    if let Some(candidate) = self.build(&context, &view, CandidateScope::Cluster, &leaves) {
+                        candidates.push(candidate);
+                    }
+                }
+            }
+        }
+
+        let rejected = tally.render(cluster, gang);
+        let explanation = |candidates: &[Candidate]| {
+            let mut ranked: Vec<&Candidate> = candidates.iter().collect();
+            ranked.sort_by(|a, b| b.score.total.total_cmp(&a.score.total));
+            Explanation {
+                rejected_hosts: rejected.clone(),
+                domains: domain_notes.clone(),
+                candidates: ranked.iter().take(EXPLAIN_CANDIDATES_MAX).map(|c| self.summary(c)).collect(),
+            }
+        };
+
+        if let Some(ranking) = ranking {
+            let mut order: Vec<&Candidate> = candidates.iter().collect();
+            order.sort_by(|a, b| b.score.total.total_cmp(&a.score.total));
+            ranking.extend(order.iter().map(|c| (c.product, c.scope)));
+        }
+        let mut best: Option<usize> = None;
+        let mut second: Option<usize> = None;
+        for (index, candidate) in candidates.iter().enumerate() {
+            let total = candidate.score.total;
+            if best.is_none_or(|b| total > candidates[b].score.total + 1e-9) {
+                second = best;
+                best = Some(index);
+            } else if second.is_none_or(|s| total > candidates[s].score.total + 1e-9) {
+                second = Some(index);
+            }
+        }
+        let Some(best) = best else {
+            let reason = self.unplaced_reason(gang, need, best_capacity, scope_shortfall, &rejected);
+            return Err(Unplaced {
+                gang: gang.name.clone(),
+                reason,
+                explanation: self.config.explain.then(|| explanation(&candidates)),
+            });
+        };
+        let runner_up = second.map(|s| self.summary(&candidates[s]));
+        let explained = self.config.explain.then(|| explanation(&candidates));
+        let count = candidates.len();
+        let winner = candidates.swap_remove(best);
+        Ok(GangPlacement {
+            gang: gang.name.clone(),
+            product: winner.product,
+            scope: self.scope_text(winner.scope),
+            members: winner.members,
+            score: winner.score,
+            candidates: count,
+            runner_up,
+            explanation: explained,
+            solver: SolverInfo::greedy(winner.score.total),
+        })
+    }
+
+    /// Units one host holds (with `true`: member slots of a clique host whose units span
+    /// hosts), or why it cannot hold even one.
+    fn host_slots(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        host_id: HostId,
+        unit_shape: UnitShape,
+        member_shape: UnitShape,
+    ) -> Result<(u32, bool), HostRejection> {
+        let host = self.cluster.host(host_id);
+        if host.memory_mib < gang.memory_floor_mib {
+            return Err(HostRejection::MemoryTooSmall);
+        }
+        if gang.tensor_parallel >= 2 && host.links.best_nvlink_gbps == 0 {
+            return Err(HostRejection::NoNvlink);
+        }
+        let free = ledger.free(host_id);
+        let (shape, member_slots) = if unit_shape.unit_gpus <= u32::from(host.gpu_count) {
+            (unit_shape, false)
+        } else if host.clique.is_some() && member_shape.unit_gpus <= u32::from(host.gpu_count) {
+            (member_shape, true)
+        } else {
+            return Err(HostRejection::UnitLargerThanHost);
+        };
+        let count = self.chooser.unit_count(host, free, shape);
+        if count == 0 {
+            return Err(if free.count_ones() < shape.unit_gpus {
+                HostRejection::NotEnoughFree
+            } else {
+                HostRejection::FreeNotConnected
+            });
+        }
+        Ok((count, member_slots))
+    }
+
+    fn host_capacity(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        unit_shape: UnitShape,
+        member_shape: UnitShape,
+        offered: Option<&[bool]>,
+        tally: &mut RejectionTally,
+    ) -> HostCapacity {
+        let cluster = self.cluster;
+        let hosts = cluster.hosts.len();
+        let mut units = vec![0u32; hosts];
+        let mut member_slots = vec![0u32; hosts];
+        let mut pool_index: HashMap<(ProductId, u32, Option<u32>), usize> = HashMap::new();
+        let mut pools: Vec<Pool> = Vec::new();
+        for (index, host) in cluster.hosts.iter().enumerate() {
+            let host_id = index as HostId;
+            if offered.is_some_and(|offered| !offered.get(index).copied().unwrap_or(false)) {
+                tally.add(HostRejection::NotOffered, host.product, host_id);
+                continue;
+            }
+            let (count, spans_hosts) = match self.host_slots(ledger, gang, host_id, unit_shape, member_shape) {
+                Ok(slots) => slots,
+                Err(reason) => {
+                    tally.add(reason, host.product, host_id);
+                    continue;
+                }
+            };
+            if spans_hosts {
+                member_slots[index] = count;
+                let Some(clique) = host.clique else { continue };
+                let key = (host.product, clique, host.domain_path.last().copied());
+                let pool = *pool_index.entry(key).or_insert_with(|| {
+                    pools.push(Pool { product: host.product, clique, hosts: Vec::new(), units: 0 });
+                    pools.len() - 1
+                });
+                pools[pool].hosts.push(host_id);
+            } else {
+                units[index] = count;
+            }
+        }
+        let per_unit = gang.members_per_unit();
+        let mut pools_at: HashMap<HostId, Vec<usize>> = HashMap::new();
+        for (index, pool) in pools.iter_mut().enumerate() {
+            let slots: u32 = pool.hosts.iter().map(|&h| member_slots[h as usize]).sum();
+            pool.units = slots / per_unit;
+            if let Some(&first) = pool.hosts.iter().min() {
+                pools_at.entry(first).or_default().push(index);
+            }
+        }
+        let free_gpus = (0..hosts).map(|h| ledger.free(h as HostId).count_ones()).collect();
+        HostCapacity { units, member_slots, pools, pools_at, free_gpus }
+    }
+
+    /// Turns a fill into members with concrete GPUs and scores it; `None` if a host's GPUs
+    /// could not be chosen after all (the counts promised more than the choice found).
+    fn build(
+        &mut self,
+        context: &BuildContext,
+        view: &ProductView,
+        scope: CandidateScope,
+        leaves: &[(Leaf, u32)],
+    ) -> Option<Candidate> {
+        let BuildContext { ledger, gang, unit_shape, member_shape, .. } = *context;
+        let cluster = self.cluster;
+        let mut members: Vec<MemberPlacement> = Vec::with_capacity(gang.members as usize);
+        let mut taken: Vec<(HostId, GpuMask)> = Vec::new();
+        let mut quality_weighted = 0.0;
+        let mut push_member = |host: HostId, gpus: GpuMask, members: &mut Vec<MemberPlacement>| {
+            members.push(MemberPlacement { member: members.len() as u32, host, gpus });
+            match taken.iter_mut().find(|(h, _)| *h == host) {
+                Some(entry) => entry.1 |= gpus,
+                None => taken.push((host, gpus)),
+            }
+        };
+        for &(leaf, units) in leaves {
+            match leaf {
+                Leaf::Host(host_id) => {
+                    let host = cluster.host(host_id);
+                    let chosen = self.chooser.choose(host, ledger.free(host_id), units, unit_shape)?;
+                    for unit in &chosen {
+                        quality_weighted += unit_quality(host, unit, unit_shape) * f64::from(unit_shape.unit_gpus);
+                        let gpus = unit.gpus();
+                        if gang.tensor_parallel <= gang.gpus_per_member {
+                            push_member(host_id, gpus, &mut members);
+                        } else {
+                            let indices = mask_indices(gpus);
+                            for chunk in indices.chunks(gang.gpus_per_member as usize) {
+                                push_member(host_id, chunk.iter().fold(0, |m, &g| m | (1u64 << g)), &mut members);
+                            }
+                        }
+                    }
+                }
+                Leaf::Pool(pool) => {
+                    let needed_members = units * gang.members_per_unit();
+                    let items: Vec<(Leaf, u32, (u32, u32))> = view.capacity.pools[pool]
+                        .hosts
+                        .iter()
+                        .map(|&h| (Leaf::Host(h), view.capacity.member_slots[h as usize], (view.free_key(h), h)))
+                        .collect();
+                    let mut per_host = Vec::new();
+                    pick(&items, needed_members, &mut |leaf, count| per_host.push((leaf, count)));
+                    for (leaf, count) in per_host {
+                        let Leaf::Host(host_id) = leaf else { continue };
+                        let host = cluster.host(host_id);
+                        let chosen = self.chooser.choose(host, ledger.free(host_id), count, member_shape)?;
+                        for unit in chosen {
+                            // The clique's fabric links every GPU alike; the member's own
+                            // GPUs are what varies.
+                            quality_weighted += set_quality(host, unit.gpus()) * f64::from(member_shape.unit_gpus);
+                            push_member(host_id, unit.gpus(), &mut members);
+                        }
+                    }
+                }
+            }
+        }
+        if members.len() != gang.members as usize {
+            return None;
+        }
+        let score = self.evaluate(context, &taken, quality_weighted);
+        Some(Candidate { scope, product: view.product, members, score, equivalent_hosts: 0 })
+    }
+
+    /// The one scoring function: both solvers' placements are scored here. `taken` is the
+    /// GPUs per host, `quality_weighted` the sum over units of unit quality x unit GPUs.
+    fn evaluate(
+        &mut self,
+        context: &BuildContext,
+        taken: &[(HostId, GpuMask)],
+        quality_weighted: f64,
+    ) -> ScoreComponents {
+        let BuildContext { ledger, gang, whole_free, preferred, .. } = *context;
+        let cluster = self.cluster;
+        let used_gpus = f64::from(taken.iter().map(|(_, m)| m.count_ones()).sum::<u32>().max(1));
+        let remaining: f64 = taken
+            .iter()
+            .map(|&(h, m)| remaining_connectivity(cluster.host(h), ledger.free(h) & !m) * f64::from(m.count_ones()))
+            .sum();
+        let connectivity = 0.5 * quality_weighted / used_gpus + 0.5 * remaining / used_gpus;
+        let memory = if gang.memory_floor_mib == 0 {
+            1.0
+        } else {
+            let smallest = taken.iter().map(|&(h, _)| cluster.host(h).memory_mib).min().unwrap_or(1);
+            gang.memory_floor_mib as f64 / smallest.max(1) as f64
+        };
+        let (locality, shared) = locality(cluster, taken);
+        let preferred_met = match preferred {
+            None => true,
+            Some(ResolvedScope::Host) => taken.len() == 1,
+            Some(ResolvedScope::Nvlink) => {
+                (taken.len() == 1 && nvlink_connected(&cluster.host(taken[0].0).links, taken[0].1))
+                    || same_clique(cluster, taken)
+            }
+            Some(ResolvedScope::Level(level)) => shared > level,
+        };
+        let locality = if preferred_met { locality } else { locality * 0.5 };
+        let fragmentation =
+            score::fragmentation(cluster, ledger, &mut self.chooser, whole_free, &self.config.shapes, taken);
+        ScoreComponents::combine(&self.config.weights, locality, memory, fragmentation, connectivity)
+    }
+
+    fn scope_text(&self, scope: CandidateScope) -> String {
+        match scope {
+            CandidateScope::Host(h) => format!("host {}", self.cluster.host(h).name),
+            CandidateScope::Clique(c) => format!("nvlink clique {}", self.cluster.cliques[c as usize].name),
+            CandidateScope::Domain(level, index) => {
+                format!(
+                    "{} {}",
+                    short_level(&self.cluster.levels[level]),
+                    self.cluster.domains[level][index as usize].path
+                )
+            }
+            CandidateScope::Cluster => "cluster".to_string(),
+        }
+    }
+
+    fn summary(&self, candidate: &Candidate) -> CandidateSummary {
+        let mut hosts: Vec<String> = Vec::new();
+        for member in &candidate.members {
+            let name = &self.cluster.host(member.host).name;
+            if !hosts.contains(name) {
+                hosts.push(name.clone());
+            }
+        }
+        CandidateSummary {
+            scope: self.scope_text(candidate.scope),
+            product: candidate.product.get().name.to_string(),
+            hosts,
+            score: candidate.score,
+            equivalent_hosts: candidate.equivalent_hosts,
+        }
+    }
+
+    fn unplaced_reason(
+        &self,
+        gang: &Gang,
+        need: u32,
+        best_capacity: Option<(u32, ProductId)>,
+        scope_shortfall: Option<(u32, String)>,
+        rejected: &[RejectionGroup],
+    ) -> String {
+        let mut reason = String::new();
+        let unit = if gang.members_per_unit() > 1 {
+            format!(
+                "{need} unit(s) of {} GPUs (tensorParallel {} over {} members)",
+                gang.unit_gpus(),
+                gang.tensor_parallel,
+                gang.members_per_unit()
+            )
+        } else {
+            format!("{need} member(s) of {} GPU(s)", gang.gpus_per_member)
+        };
+        let floor = if gang.memory_floor_mib > 0 {
+            format!(" with at least {} per GPU", format_gib(gang.memory_floor_mib))
+        } else {
+            String::new()
+        };
+        match (best_capacity, scope_shortfall) {
+            (Some((0, _)), _) => {
+                let _ = write!(reason, "needs {unit}{floor}; no host has room for even one");
+            }
+            (Some((best, product)), _) if best < need => {
+                let _ =
+                    write!(reason, "needs {unit}{floor}; the free GPUs hold at most {best} ({})", product.get().name);
+            }
+            (_, Some((best, scope))) => {
+                let required = gang.required.as_ref().map(ToString::to_string).unwrap_or_default();
+                let _ = write!(reason, "needs {unit}{floor} inside one {required} (topology.required); the roomiest, {scope}, holds {best}");
+            }
+            (None, _) => {
+                let _ = write!(reason, "needs {unit}{floor}; no host qualifies");
+            }
+            _ => {
+                let _ = write!(reason, "needs {unit}{floor}; no candidate could be built inside the required scope");
+            }
+        }
+        if !rejected.is_empty() {
+            reason.push_str("; hosts rejected: ");
+            let parts: Vec<String> = rejected.iter().take(3).map(|g| format!("{} x {}", g.hosts, g.reason)).collect();
+            reason.push_str(&parts.join("; "));
+        }
+        reason
+    }
+
+    /// [`Planner::plan`] with a choice of solver for each gang.
+    /// With `Exact`, the batch is first planned jointly ([`Planner::plan_joint`]); it falls
+    /// back to gang by gang when the joint model cannot be used, or when it is not proven
+    /// optimal and places fewer GPUs than the greedy plan would.
+    pub fn plan_with(&mut self, ledger: &mut Ledger, gangs: &[Gang], solver: &SolverChoice) -> BatchPlan {
+        let mut plan = BatchPlan::default();
+        if let SolverChoice::Exact(config) = solver {
+            let mut trial = ledger.clone();
+            match self.plan_joint(&mut trial, gangs, config) {
+                Ok(joint) => {
+                    let mut greedy_gpus = || self.plan(&mut ledger.clone(), gangs).gpus_placed();
+                    if joint.optimal || joint.plan.gpus_placed() >= greedy_gpus() {
+                        *ledger = trial;
+                        let mut plan = joint.plan;
+                        plan.note = Some(format!(
+                            "planned jointly by one MILP ({} variables, {} ms, {}): GPUs placed first, then the summed score",
+                            joint.variables,
+                            joint.solve_time.as_millis(),
+                            if joint.optimal { "proven optimal" } else { "stopped at the time limit" }
+                        ));
+                        return plan;
+                    }
+                    plan.note = Some(
+                        "the joint plan stopped at its time limit below the greedy plan; gangs planned one by one"
+                            .into(),
+                    );
+                }
+                Err(reason) => plan.note = Some(format!("not planned jointly ({reason}); gangs planned one by one")),
+            }
+        }
+        for index in batch_order(gangs) {
+            let gang = &gangs[index];
+            let outcome = self.place_with(ledger, gang, solver);
+            match outcome {
+                Ok(placement) => match ledger.reserve(&gang.name, &placement.holding()) {
+                    Ok(()) => plan.placements.push(placement),
+                    Err(error) => plan.unplaced.push(Unplaced {
+                        gang: gang.name.clone(),
+                        reason: format!("the ledger refused the placement: {error}"),
+                        explanation: placement.explanation,
+                    }),
+                },
+                Err(unplaced) => plan.unplaced.push(unplaced),
+            }
+        }
+        plan
+    }
+
+    /// One gang with the chosen solver (reserving nothing).
+    pub fn place_with(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        solver: &SolverChoice,
+    ) -> Result<GangPlacement, Unplaced> {
+        self.place_with_within(ledger, gang, solver, None)
+    }
+
+    /// [`Planner::place_with`] on the hosts flagged in `offered` only, when given.
+    pub fn place_with_within(
+        &mut self,
+        ledger: &Ledger,
+        gang: &Gang,
+        solver: &SolverChoice,
+        offered: Option<&[bool]>,
+    ) -> Result<GangPlacement, Unplaced> {
+        match solver {
+            SolverChoice::Greedy => self.place_ranked(ledger, gang, None, offered),
+            SolverChoice::Exact(config) => match self.place_exact_and_greedy(ledger, gang, config, offered) {
+                (exact::ExactOutcome::Placed(placement), _, _) => Ok(*placement),
+                (exact::ExactOutcome::Infeasible(mut unplaced), _, _) => {
+                    unplaced.reason = format!("proven infeasible by the exact solver: {}", unplaced.reason);
+                    Err(unplaced)
+                }
+                (exact::ExactOutcome::NoAnswer { reason }, _, greedy) => {
+                    let mut placement = greedy?;
+                    placement.solver.note = Some(format!("exact solver gave no answer ({reason}); greedy used"));
+                    Ok(placement)
+                }
+            },
+            SolverChoice::Auto(config) => match self.place_exact_and_greedy(ledger, gang, config, offered) {
+                (exact::ExactOutcome::Placed(exact), _, Ok(mut greedy))
+                    if greedy.score.total > exact.score.total + 1e-9 =>
+                {
+                    greedy.solver.note = Some(format!("greedy scored above exact ({:.4})", exact.score.total));
+                    Ok(greedy)
+                }
+                (exact::ExactOutcome::Placed(exact), _, _) => Ok(*exact),
+                (_, _, greedy) => greedy,
+            },
+        }
+    }
+
+    /// Places gangs one after another, reserving each in the ledger: the largest first
+    /// (GPUs, then unit size, then memory floor), so big gangs are not stranded behind
+    /// small ones. A gang that does not fit holds nothing.
+    pub fn plan(&mut self, ledger: &mut Ledger, gangs: &[Gang]) -> BatchPlan {
+        self.plan_with(ledger, gangs, &SolverChoice::Greedy)
+    }
+}
+
+/// The order a batch is placed in: the largest gangs first (GPUs, then unit size, then
+/// memory floor), so big gangs are not stranded behind small ones.
+pub fn batch_order(gangs: &[Gang]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..gangs.len()).collect();
+    order.sort_by_key(|&i| {
+        let gang = &gangs[i];
+        (
+            std::cmp::Reverse(gang.total_gpus()),
+            std::cmp::Reverse(gang.unit_gpus()),
+            std::cmp::Reverse(gang.memory_floor_mib),
+            i,
+        )
+    });
+    order
+}
+
+/// Which solver places each gang.
+#[derive(Debug, Clone)]
+pub enum SolverChoice {
+    Greedy,
+    /// Exact over the greedy planner's candidates; greedy only where exact gives no answer.
+    Exact(exact::ExactConfig),
+    /// Greedy, and exact too where the model is small enough; the better score wins.
+    Auto(exact::ExactConfig),
+}
+
+/// What every candidate of one `place` call shares.
+#[derive(Clone, Copy)]
+struct BuildContext<'a> {
+    ledger: &'a Ledger,
+    gang: &'a Gang,
+    whole_free: &'a score::WholeFreeIndex,
+    preferred: Option<ResolvedScope>,
+    unit_shape: UnitShape,
+    member_shape: UnitShape,
+}
+
+/// A product's slice of the host capacities, with prefix sums over the host order.
+struct ProductView<'a> {
+    cluster: &'a Cluster,
+    capacity: &'a HostCapacity,
+    product: ProductId,
+    prefix: &'a [u64],
+}
+
+impl ProductView<'_> {
+    fn host_units(&self, host: HostId) -> u32 {
+        if self.cluster.host(host).product == self.product {
+            self.capacity.units[host as usize]
+        } else {
+            0
+        }
+    }
+
+    fn range_units(&self, hosts: &std::ops::Range<u32>) -> u64 {
+        self.prefix[hosts.end as usize] - self.prefix[hosts.start as usize]
+    }
+
+    /// Leaves inside a host range: hosts holding units alone, and pools anchored there.
+    fn leaves_in(&self, hosts: std::ops::Range<u32>) -> Vec<(Leaf, u32, (u32, u32))> {
+        let mut items = Vec::new();
+        for host in hosts {
+            let units = self.host_units(host);
+            if units > 0 {
+                items.push((Leaf::Host(host), units, (self.free_key(host), host)));
+            }
+            if let Some(pools) = self.capacity.pools_at.get(&host) {
+                for &pool in pools {
+                    let p = &self.capacity.pools[pool];
+                    if p.product == self.product && p.units > 0 {
+                        items.push((Leaf::Pool(pool), p.units, (0, host)));
+                    }
+                }
+            }
+        }
+        items
+    }
+
+    /// Tighter hosts first among equals: the host with fewer free GPUs.
+    fn free_key(&self, host: HostId) -> u32 {
+        self.capacity.free_gpus[host as usize]
+    }
+
+    fn clique_leaves(&self, clique: u32) -> Vec<(Leaf, u32, (u32, u32))> {
+        let mut items = Vec::new();
+        for &host in &self.cluster.cliques[clique as usize].hosts {
+            let units = self.host_units(host);
+            if units > 0 {
+                items.push((Leaf::Host(host), units, (self.free_key(host), host)));
+            }
+        }
+        for (index, pool) in self.capacity.pools.iter().enumerate() {
+            if pool.clique == clique && pool.product == self.product && pool.units > 0 {
+                items.push((Leaf::Pool(index), pool.units, (0, pool.hosts.first().copied().unwrap_or(0))));
+            }
+        }
+        items
+    }
+
+    fn fill_domain(&self, level: usize, index: u32, need: u32, out: &mut Vec<(Leaf, u32)>) {
+        let domain = &self.cluster.domains[level][index as usize];
+        if level + 1 >= self.cluster.levels.len() {
+            let items = self.leaves_in(domain.hosts.clone());
+            pick(&items, need, &mut |leaf, units| out.push((leaf, units)));
+            return;
+        }
+        let items: Vec<(u32, u32, (u32, u32))> = domain
+            .children
+            .clone()
+            .filter_map(|child| {
+                let units = self.range_units(&self.cluster.domains[level + 1][child as usize].hosts);
+                (units > 0).then_some((child, units.min(u64::from(u32::MAX)) as u32, (0, child)))
+            })
+            .collect();
+        let mut chosen = Vec::new();
+        pick(&items, need, &mut |child, units| chosen.push((child, units)));
+        for (child, units) in chosen {
+            self.fill_domain(level + 1, child, units, out);
+        }
+    }
+
+    fn fill_root(&self, need: u32, out: &mut Vec<(Leaf, u32)>) {
+        if self.cluster.levels.is_empty() {
+            let items = self.leaves_in(0..self.cluster.hosts.len() as u32);
+            pick(&items, need, &mut |leaf, units| out.push((leaf, units)));
+            return;
+        }
+        let items: Vec<(u32, u32, (u32, u32))> = (0..self.cluster.domains[0].len() as u32)
+            .filter_map(|index| {
+                let units = self.range_units(&self.cluster.domains[0][index as usize].hosts);
+                (units > 0).then_some((index, units.min(u64::from(u32::MAX)) as u32, (0, index)))
+            })
+            .collect();
+        let mut chosen = Vec::new();
+        pick(&items, need, &mut |index, units| chosen.push((index, units)));
+        for (index, units) in chosen {
+            self.fill_domain(0, index, units, out);
+        }
+    }
+}
+
+/// The order in which candidates are generated, so that among equally scored placements
+/// (ties go to the earlier candidate) the one in the fuller domain wins: domains of every
+/// level by free GPUs ascending, hosts rack by rack in that order. The emptier racks and
+/// blocks stay free for the multi-host replicas that need them whole.
+struct PackedOrder {
+    hosts: Vec<HostId>,
+    /// Per level, domain indices.
+    domains: Vec<Vec<u32>>,
+}
+
+impl PackedOrder {
+    fn new(cluster: &Cluster, free_gpus: &[u32]) -> Self {
+        let mut prefix = Vec::with_capacity(free_gpus.len() + 1);
+        prefix.push(0u64);
+        for &free in free_gpus {
+            prefix.push(prefix.last().copied().unwrap_or(0) + u64::from(free));
+        }
+        let domains: Vec<Vec<u32>> = cluster
+            .domains
+            .iter()
+            .map(|level| {
+                let mut order: Vec<u32> = (0..level.len() as u32).collect();
+                order.sort_by_key(|&d| {
+                    let hosts = &level[d as usize].hosts;
+                    (prefix[hosts.end as usize] - prefix[hosts.start as usize], d)
+                });
+                order
+            })
+            .collect();
+        let hosts = match (domains.last(), cluster.domains.last()) {
+            (Some(order), Some(leaves)) => order.iter().flat_map(|&d| leaves[d as usize].hosts.clone()).collect(),
+            _ => (0..cluster.hosts.len() as HostId).collect(),
+        };
+        PackedOrder { hosts, domains }
+    }
+}
+
+/// Takes `need` units from `items` (id, capacity, tie key): while some item holds all that
+/// is left, the tightest such item finishes the job; otherwise the roomiest item is taken
+/// whole. Fewest items touched, and the big free blocks that are not needed stay whole.
+fn pick<T: Copy>(items: &[(T, u32, (u32, u32))], need: u32, take: &mut impl FnMut(T, u32)) {
+    // Roomiest first, and among equals the smaller tie key: then the roomiest unused item
+    // is always the next one, and the tightest item holding `left` starts the last run
+    // of equal capacities that are still >= `left`.
+    let mut order: Vec<&(T, u32, (u32, u32))> = items.iter().filter(|item| item.1 > 0).collect();
+    order.sort_by_key(|item| (std::cmp::Reverse(item.1), item.2));
+    let mut left = need;
+    let mut next = 0;
+    while left > 0 && next < order.len() {
+        let rest = &order[next..];
+        let holding = rest.partition_point(|item| item.1 >= left);
+        if holding > 0 {
+            let tightest = rest[holding - 1].1;
+            let first_of_run = rest[..holding].partition_point(|item| item.1 > tightest);
+            take(rest[first_of_run].0, left);
+            return;
+        }
+        take(rest[0].0, rest[0].1);
+        left -= rest[0].1;
+        next += 1;
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn pick_finishes_with_the_tightest_fit_and_otherwise_takes_the_roomiest() {
+    let items = [("a", 3, (0, 0)), ("b", 8, (0, 1)), ("c", 5, (0, 2)), ("d", 5, (0, 3)), ("e", 0, (0, 4))];
+    let run = |need| {
+        let mut taken = Vec::new();
+        pick(&items, need, &mut |id, units| taken.push((id, units)));
+        taken
+    };
+    assert_eq!(run(4), [("c", 4)], "c and d fit 4 most tightly; c has the smaller key");
+    assert_eq!(run(3), [("a", 3)]);
+    assert_eq!(run(12), [("b", 8), ("c", 4)]);
+    assert_eq!(run(21), [("b", 8), ("c", 5), ("d", 5), ("a", 3)]);
+}
+
+/// `network.topology.nvidia.com/leaf` -> `leaf`, for output.
+pub fn short_level(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
+}
+
+/// Locality of a set of hosts, and how many levels (outermost first) they all share.
+fn locality(cluster: &Cluster, taken: &[(HostId, GpuMask)]) -> (f64, usize) {
+    let levels = cluster.levels.len();
+    if taken.len() <= 1 {
+        return (1.0, levels);
+    }
+    let first = taken[0].0;
+    let shared = taken.iter().map(|&(h, _)| cluster.shared_levels(first, h)).min().unwrap_or(levels);
+    if same_clique(cluster, taken) {
+        return (0.95, shared);
+    }
+    if levels == 0 {
+        return (0.0, 0);
+    }
+    (0.9 * shared as f64 / levels as f64, shared)
+}
+
+fn same_clique(cluster: &Cluster, taken: &[(HostId, GpuMask)]) -> bool {
+    let first = cluster.host(taken[0].0).clique;
+    first.is_some() && taken.iter().all(|&(h, _)| cluster.host(h).clique == first)
+}
+
+fn gang_is_nvlink_connected(cluster: &Cluster, members: &[MemberPlacement]) -> bool {
+    let Some(first) = members.first() else { return true };
+    if members.iter().all(|m| m.host == first.host) {
+        let union = members.iter().fold(0, |mask, m| mask | m.gpus);
+        return nvlink_connected(&cluster.host(first.host).links, union);
+    }
+    let clique = cluster.host(first.host).clique;
+    clique.is_some() && members.iter().all(|m| cluster.host(m.host).clique == clique)
+}

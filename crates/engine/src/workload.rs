@@ -1,0 +1,391 @@
+//! Gangs: what one replica of a workload needs (members, GPUs per member, tensor and
+//! pipeline parallelism, a per-GPU memory floor, topology constraints), and the sizing
+//! math that turns a model (parameters, dtype, KV cache) into that memory floor.
+//!
+//! A gang's GPUs come in *units*: the smallest group of members that must share one
+//! NVLink domain. When tensor parallelism fits inside a member (`tp <= gpus per member`)
+//! a unit is one member; when it does not, a unit is the `tp / gpus` members of one
+//! tensor-parallel group.
+
+use thiserror::Error;
+
+use crate::topology::{Cluster, ProductId, HOST_GPUS_MAX};
+
+/// Members of one gang; larger gangs are rejected at the boundary.
+pub const GANG_MEMBERS_MAX: u32 = 4_096;
+/// Replicas of one gang entry in a workload.
+pub const GANG_REPLICAS_MAX: u32 = 10_000;
+/// Runtime overhead on top of weights and KV cache when a model is sized and the
+/// workload does not say (CUDA context, activations, fragmentation of the allocator).
+pub const RUNTIME_OVERHEAD_DEFAULT: f64 = 0.10;
+
+/// Where a gang must (or would like to) stay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// All GPUs mutually reachable over NVLink: one host's NVLink domain or one clique.
+    Nvlink,
+    /// One host.
+    Host,
+    /// One domain of a topology level, by label key or short name (`rack`, `block`).
+    Level(String),
+}
+
+impl Scope {
+    pub fn parse(text: &str) -> Self {
+        match text.trim() {
+            "nvlink" => Scope::Nvlink,
+            "host" | "node" | "kubernetes.io/hostname" => Scope::Host,
+            other => Scope::Level(other.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Nvlink => f.write_str("nvlink"),
+            Scope::Host => f.write_str("host"),
+            Scope::Level(level) => f.write_str(level),
+        }
+    }
+}
+
+/// A model to be sized into a per-GPU memory floor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub parameters: u64,
+    /// Bytes per parameter in eighths (bf16 = 16, fp4 = 4).
+    pub dtype_eighths: u64,
+    pub dtype: String,
+    /// KV cache for the whole replica, bytes.
+    pub kv_cache_bytes: u64,
+    /// Fraction added for the runtime (0.10 = 10 %).
+    pub overhead: f64,
+}
+
+impl ModelSpec {
+    pub fn weight_bytes(&self) -> u64 {
+        // Every parameter is resident, MoE experts included.
+        (u128::from(self.parameters) * u128::from(self.dtype_eighths) / 8).min(u128::from(u64::MAX)) as u64
+    }
+
+    /// Bytes one GPU needs when the replica is split over `gpus` GPUs.
+    pub fn per_gpu_bytes(&self, gpus: u64) -> u64 {
+        let total = self.weight_bytes() as f64 + self.kv_cache_bytes as f64;
+        (total / gpus.max(1) as f64 * (1.0 + self.overhead)).ceil() as u64
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemoryNeed {
+    None,
+    FloorMib(u64),
+    Model(ModelSpec),
+}
+
+/// One entry of a workload: `replicas` independent gangs of the same shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GangSpec {
+    pub name: String,
+    pub replicas: u32,
+    pub members: u32,
+    pub gpus_per_member: u32,
+    pub tensor_parallel: u32,
+    pub pipeline_parallel: u32,
+    pub memory: MemoryNeed,
+    pub required: Option<Scope>,
+    pub preferred: Option<Scope>,
+}
+
+#[derive(Debug, Error, PartialEq)]
+pub enum WorkloadError {
+    #[error("gang `{gang}`: {field} must be at least 1")]
+    Zero { gang: String, field: &'static str },
+    #[error("gang `{gang}`: {field} is {value}, above the limit of {max}")]
+    TooLarge { gang: String, field: &'static str, value: u64, max: u64 },
+    #[error("gang `{gang}`: tensorParallel {tp} and gpusPerMember {gpus} must divide one another")]
+    TensorParallelShape { gang: String, tp: u32, gpus: u32 },
+    #[error(
+        "gang `{gang}`: members x gpusPerMember = {total} GPUs is not a multiple of \
+         tensorParallel x pipelineParallel = {model_gpus}"
+    )]
+    ParallelismShape { gang: String, total: u64, model_gpus: u64 },
+    #[error("gang `{gang}`: name appears twice in the workload")]
+    DuplicateGang { gang: String },
+    #[error("gang `{gang}`: name must not be empty")]
+    EmptyName { gang: String },
+    #[error("gang `{gang}`: model.overhead {overhead} must be between 0 and 10")]
+    Overhead { gang: String, overhead: f64 },
+}
+
+/// One gang (one replica) as the placement engine sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gang {
+    pub name: String,
+    /// The workload entry it came from.
+    pub spec_name: String,
+    pub members: u32,
+    pub gpus_per_member: u32,
+    pub tensor_parallel: u32,
+    pub pipeline_parallel: u32,
+    pub memory_floor_mib: u64,
+    pub required: Option<Scope>,
+    pub preferred: Option<Scope>,
+}
+
+impl Gang {
+    pub fn total_gpus(&self) -> u64 {
+        u64::from(self.members) * u64::from(self.gpus_per_member)
+    }
+
+    /// Members in one unit (see the module doc).
+    pub fn members_per_unit(&self) -> u32 {
+        if self.tensor_parallel > self.gpus_per_member {
+            self.tensor_parallel / self.gpus_per_member
+        } else {
+            1
+        }
+    }
+
+    pub fn unit_gpus(&self) -> u32 {
+        self.members_per_unit() * self.gpus_per_member
+    }
+
+    pub fn units(&self) -> u32 {
+        self.members / self.members_per_unit()
+    }
+}
+
+impl GangSpec {
+    /// One replica of `members` pods with `gpus_per_member` GPUs and tensor parallelism
+    /// `tensor_parallel`; no pipeline parallelism, memory floor or topology constraint.
+    pub fn shape(name: &str, members: u32, gpus_per_member: u32, tensor_parallel: u32) -> Self {
+        GangSpec {
+            name: name.to_string(),
+            replicas: 1,
+            members,
+            gpus_per_member,
+            tensor_parallel,
+            pipeline_parallel: 1,
+            memory: MemoryNeed::None,
+            required: None,
+            preferred: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), WorkloadError> {
+        let gang = || self.name.clone();
+        if self.name.trim().is_empty() {
+            return Err(WorkloadError::EmptyName { gang: gang() });
+        }
+        for (field, value) in [
+            ("replicas", self.replicas),
+            ("members", self.members),
+            ("gpusPerMember", self.gpus_per_member),
+            ("tensorParallel", self.tensor_parallel),
+            ("pipelineParallel", self.pipeline_parallel),
+        ] {
+            if value == 0 {
+                return Err(WorkloadError::Zero { gang: gang(), field });
+            }
+        }
+        for (field, value, max) in [
+            ("members", self.members, GANG_MEMBERS_MAX),
+            ("replicas", self.replicas, GANG_REPLICAS_MAX),
+            ("gpusPerMember", self.gpus_per_member, HOST_GPUS_MAX as u32),
+        ] {
+            if value > max {
+                return Err(WorkloadError::TooLarge { gang: gang(), field, value: value.into(), max: max.into() });
+            }
+        }
+        let (tp, gpus) = (self.tensor_parallel, self.gpus_per_member);
+        if tp % gpus != 0 && gpus % tp != 0 {
+            return Err(WorkloadError::TensorParallelShape { gang: gang(), tp, gpus });
+        }
+        let total = u64::from(self.members) * u64::from(gpus);
+        let model_gpus = u64::from(tp) * u64::from(self.pipeline_parallel);
+        if total % model_gpus != 0 {
+            return Err(WorkloadError::ParallelismShape { gang: gang(), total, model_gpus });
+        }
+        if let MemoryNeed::Model(model) = &self.memory {
+            if !(0.0..=10.0).contains(&model.overhead) || model.overhead.is_nan() {
+                return Err(WorkloadError::Overhead { gang: gang(), overhead: model.overhead });
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-GPU memory floor in MiB: given, or derived from the model over TP x PP GPUs.
+    pub fn memory_floor_mib(&self) -> u64 {
+        match &self.memory {
+            MemoryNeed::None => 0,
+            MemoryNeed::FloorMib(mib) => *mib,
+            MemoryNeed::Model(model) => {
+                let gpus = u64::from(self.tensor_parallel) * u64::from(self.pipeline_parallel);
+                crate::quantity::bytes_to_mib_ceil(model.per_gpu_bytes(gpus))
+            }
+        }
+    }
+
+    /// The independent gangs of this entry, named `name` (one replica) or `name-0`, ...
+    pub fn expand(&self) -> Vec<Gang> {
+        let floor = self.memory_floor_mib();
+        (0..self.replicas)
+            .map(|replica| Gang {
+                name: if self.replicas == 1 { self.name.clone() } else { format!("{}-{replica}", self.name) },
+                spec_name: self.name.clone(),
+                members: self.members,
+                gpus_per_member: self.gpus_per_member,
+                tensor_parallel: self.tensor_parallel,
+                pipeline_parallel: self.pipeline_parallel,
+                memory_floor_mib: floor,
+                required: self.required.clone(),
+                preferred: self.preferred.clone(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Workload {
+    pub name: String,
+    pub gangs: Vec<GangSpec>,
+}
+
+impl Workload {
+    pub fn validate(&self) -> Result<(), WorkloadError> {
+        let mut names = std::collections::BTreeSet::new();
+        for gang in &self.gangs {
+            gang.validate()?;
+            if !names.insert(gang.name.as_str()) {
+                return Err(WorkloadError::DuplicateGang { gang: gang.name.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn expand(&self) -> Vec<Gang> {
+        self.gangs.iter().flat_map(GangSpec::expand).collect()
+    }
+}
+
+/// How a model fits on one GPU product of a cluster.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct SizingRow {
+    pub product: String,
+    pub gpu_memory_mib: u64,
+    pub gpus_per_host: u32,
+    pub hosts_in_cluster: usize,
+    /// The fewest GPUs whose memory holds weights, KV cache and overhead.
+    pub min_gpus: u64,
+    /// A practical layout: TP a power of two inside a host's NVLink, PP across hosts.
+    pub tensor_parallel: u64,
+    pub pipeline_parallel: u64,
+    pub per_gpu_need_mib: u64,
+    /// Replicas of that layout the whole product pool could hold if empty.
+    pub replicas_if_empty: u64,
+    pub note: String,
+}
+
+/// Sizes a model against every product of the cluster.
+pub fn size_model(model: &ModelSpec, cluster: &Cluster) -> Vec<SizingRow> {
+    let mut rows = Vec::new();
+    for product in cluster.products() {
+        rows.push(size_on_product(model, cluster, product));
+    }
+    rows
+}
+
+fn size_on_product(model: &ModelSpec, cluster: &Cluster, product: ProductId) -> SizingRow {
+    let hosts: Vec<_> = cluster.hosts.iter().filter(|h| h.product == product).collect();
+    let memory = hosts.iter().map(|h| h.memory_mib).min().unwrap_or(product.get().memory_mib);
+    let gpus_per_host = hosts.iter().map(|h| u32::from(h.gpu_count)).max().unwrap_or(1);
+    let total_gpus: u64 = hosts.iter().map(|h| u64::from(h.gpu_count)).sum();
+    let bytes_total = (model.weight_bytes() as f64 + model.kv_cache_bytes as f64) * (1.0 + model.overhead);
+    let memory_bytes = memory as f64 * 1024.0 * 1024.0;
+    let min_gpus = (bytes_total / memory_bytes).ceil().max(1.0) as u64;
+    let host_gpus = u64::from(gpus_per_host);
+    let has_nvlink = product.get().nvlink_gbps > 0;
+    let (tp, pp) = if min_gpus <= host_gpus {
+        (min_gpus.next_power_of_two().min(host_gpus), 1)
+    } else {
+        let tp = if has_nvlink { host_gpus.next_power_of_two().min(host_gpus) } else { 1 };
+        (tp, min_gpus.div_ceil(tp))
+    };
+    let gpus = tp * pp;
+    let per_gpu = crate::quantity::bytes_to_mib_ceil(model.per_gpu_bytes(gpus));
+    let note = if tp > 1 && !has_nvlink {
+        format!("{} has no NVLink: tensor parallelism over PCIe only", product.get().name)
+    } else if pp > 1 {
+        format!("spans {} hosts per replica", gpus.div_ceil(host_gpus))
+    } else {
+        String::new()
+    };
+    SizingRow {
+        product: product.get().name.to_string(),
+        gpu_memory_mib: memory,
+        gpus_per_host,
+        hosts_in_cluster: hosts.len(),
+        min_gpus,
+        tensor_parallel: tp,
+        pipeline_parallel: pp,
+        per_gpu_need_mib: per_gpu,
+        replicas_if_empty: total_gpus / gpus.max(1),
+        note,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(members: u32, gpus: u32, tp: u32, pp: u32) -> GangSpec {
+        GangSpec { pipeline_parallel: pp, ..GangSpec::shape("g", members, gpus, tp) }
+    }
+
+    #[test]
+    fn sizing_follows_the_design_math() {
+        // 1T parameters in bf16 are 2 TB of weights: 25 GPUs of 80 GB before overhead.
+        let model = ModelSpec {
+            parameters: 1_000_000_000_000,
+            dtype_eighths: 16,
+            dtype: "bf16".into(),
+            kv_cache_bytes: 0,
+            overhead: 0.0,
+        };
+        assert_eq!(model.weight_bytes(), 2_000_000_000_000);
+        assert_eq!(model.per_gpu_bytes(25), 80_000_000_000);
+        let mut gang = spec(4, 8, 8, 4);
+        gang.memory = MemoryNeed::Model(ModelSpec { overhead: 0.1, kv_cache_bytes: 200_000_000_000, ..model });
+        // (2 TB + 200 GB) / 32 GPUs * 1.1 = 75.625 GB = 72,121 MiB (rounded up).
+        assert_eq!(gang.memory_floor_mib(), 75_625_000_000u64.div_ceil(1024 * 1024));
+    }
+
+    #[test]
+    fn units_group_members_that_share_a_tensor_parallel_group() {
+        let gang = &spec(4, 2, 8, 1).expand()[0];
+        assert_eq!((gang.members_per_unit(), gang.unit_gpus(), gang.units()), (4, 8, 1));
+        let gang = &spec(2, 8, 4, 1).expand()[0];
+        assert_eq!((gang.members_per_unit(), gang.unit_gpus(), gang.units()), (1, 8, 2));
+    }
+
+    #[test]
+    fn shapes_that_cannot_be_split_are_rejected_with_the_gang_named() {
+        assert_eq!(
+            spec(1, 4, 3, 1).validate(),
+            Err(WorkloadError::TensorParallelShape { gang: "g".into(), tp: 3, gpus: 4 })
+        );
+        assert!(matches!(spec(3, 1, 2, 1).validate(), Err(WorkloadError::ParallelismShape { .. })));
+        assert!(matches!(spec(0, 1, 1, 1).validate(), Err(WorkloadError::Zero { field: "members", .. })));
+        assert!(spec(2, 8, 8, 2).validate().is_ok());
+    }
+
+    #[test]
+    fn replicas_expand_to_independent_named_gangs() {
+        let mut entry = spec(2, 8, 8, 2);
+        entry.replicas = 3;
+        let names: Vec<_> = entry.expand().into_iter().map(|g| g.name).collect();
+        assert_eq!(names, ["g-0", "g-1", "g-2"]);
+    }
+}

@@ -1,0 +1,414 @@
+//! `kind: Cluster`: nodes one by one (`spec.nodes`) or many alike (`spec.nodeGroups`,
+//! named by an explicit `names` list or by `namePattern` with `{index}` and a `count`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{check_header, line_of_list_entry, line_of_name, lines_naming, FileError, Metadata, API_VERSION};
+use topoplace_engine::topology::{
+    product, ClusterSpec, NodeSpec, NvlinkLayout, ProductId, TopologyError, HOST_GPUS_MAX,
+};
+
+/// Nodes one group may generate.
+pub const GROUP_NODES_MAX: u32 = 100_000;
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClusterFile {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: Metadata,
+    pub spec: ClusterFileSpec,
+}
+
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClusterFileSpec {
+    #[serde(default)]
+    pub levels: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_groups: Vec<NodeGroupEntry>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeEntry {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub gpu: GpuEntry,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allocated: Vec<u8>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeGroupEntry {
+    /// Explicit node names; or `namePattern` + `count`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// e.g. `h100-{index}` or `h100-{index:03}` (zero-padded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_pattern: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_index: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub gpu: GpuEntry,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allocated: Vec<u8>,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GpuEntry {
+    pub product: ProductName,
+    pub count: u8,
+    /// MiB as an integer (GFD's `nvidia.com/gpu.memory`), or a quantity such as `80Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryField>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvlink: Option<NvlinkField>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clique: Option<String>,
+}
+
+/// A product name checked against the table while parsing, so an unknown product is
+/// reported at its own line.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct ProductName(pub String, #[serde(skip)] pub Option<ProductId>);
+
+impl<'de> Deserialize<'de> for ProductName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        match product::lookup(&name) {
+            Some(id) => Ok(ProductName(name, Some(id))),
+            None => Err(serde::de::Error::custom(format!(
+                "unknown GPU product `{name}` (known: {}; GFD names such as NVIDIA-H100-80GB-HBM3 work too)",
+                product::known_names().join(", ")
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum MemoryField {
+    Mib(u64),
+    Quantity(String),
+}
+
+impl<'de> Deserialize<'de> for MemoryField {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Mib(u64),
+            Quantity(String),
+        }
+        match Raw::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom("gpu.memory must be MiB as a whole number (e.g. 81559) or a quantity (e.g. 80Gi)")
+        })? {
+            Raw::Mib(mib) => Ok(MemoryField::Mib(mib)),
+            Raw::Quantity(text) => topoplace_engine::quantity::parse_mib(&text)
+                .map(|_| MemoryField::Quantity(text))
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl MemoryField {
+    fn mib(&self) -> u64 {
+        match self {
+            MemoryField::Mib(mib) => *mib,
+            MemoryField::Quantity(text) => topoplace_engine::quantity::parse_mib(text).unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum NvlinkField {
+    Named(String),
+    Groups(Vec<Vec<u8>>),
+}
+
+impl<'de> Deserialize<'de> for NvlinkField {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Named(String),
+            Groups(Vec<Vec<u8>>),
+        }
+        let expected =
+            "gpu.nvlink must be `all`, `none`, `pairs`, `hybrid-cube-mesh` or groups such as [[0,1,2,3],[4,5,6,7]]";
+        match Raw::deserialize(deserializer).map_err(|_| serde::de::Error::custom(expected))? {
+            Raw::Named(name) if ["all", "none", "pairs", "hybrid-cube-mesh"].contains(&name.as_str()) => {
+                Ok(NvlinkField::Named(name))
+            }
+            Raw::Named(name) => Err(serde::de::Error::custom(format!("`{name}`: {expected}"))),
+            Raw::Groups(groups) => Ok(NvlinkField::Groups(groups)),
+        }
+    }
+}
+
+impl NvlinkField {
+    fn layout(&self) -> NvlinkLayout {
+        match self {
+            NvlinkField::Named(name) => match name.as_str() {
+                "all" => NvlinkLayout::All,
+                "pairs" => NvlinkLayout::Pairs,
+                "hybrid-cube-mesh" => NvlinkLayout::HybridCubeMesh,
+                _ => NvlinkLayout::None,
+            },
+            NvlinkField::Groups(groups) => NvlinkLayout::Groups(groups.clone()),
+        }
+    }
+}
+
+fn node_spec(name: String, labels: BTreeMap<String, String>, gpu: &GpuEntry, allocated: Vec<u8>) -> Option<NodeSpec> {
+    Some(NodeSpec {
+        name,
+        labels,
+        product: gpu.product.1?,
+        gpu_count: gpu.count,
+        memory_mib: gpu.memory.as_ref().map(MemoryField::mib),
+        nvlink: gpu.nvlink.as_ref().map(NvlinkField::layout),
+        clique: gpu.clique.clone(),
+        allocated,
+    })
+}
+
+/// Expands `namePattern` for one index: `{index}` or `{index:0N}`.
+fn pattern_name(pattern: &str, index: u32) -> Option<String> {
+    let start = pattern.find("{index")?;
+    let end = start + pattern[start..].find('}')?;
+    let spec = &pattern[start + "{index".len()..end];
+    let number = match spec.strip_prefix(":0") {
+        Some(width) => format!("{index:0width$}", width = width.parse::<usize>().ok()?),
+        None if spec.is_empty() => index.to_string(),
+        None => return None,
+    };
+    Some(format!("{}{number}{}", &pattern[..start], &pattern[end + 1..]))
+}
+
+/// Parses a cluster file's text into a validated spec; `file` names it in errors.
+pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
+    check_header(file, text, "Cluster")?;
+    let parsed: ClusterFile = serde_yaml_ng::from_str(text).map_err(|e| {
+        let list = if e.to_string().starts_with("spec.nodeGroups") { "nodeGroups" } else { "nodes" };
+        FileError::from_yaml(file, text, &e, list)
+    })?;
+    debug_assert_eq!(parsed.api_version, API_VERSION);
+    let mut nodes = Vec::new();
+    // Where each node came from, for errors found after expansion.
+    let mut origins: Vec<Option<usize>> = Vec::new();
+    for entry in parsed.spec.nodes {
+        let line = line_of_name(text, &entry.name);
+        let Some(node) = node_spec(entry.name, entry.labels, &entry.gpu, entry.allocated) else { continue };
+        nodes.push(node);
+        origins.push(line);
+    }
+    for (group_index, group) in parsed.spec.node_groups.into_iter().enumerate() {
+        let where_ = format!("spec.nodeGroups[{group_index}]");
+        let group_line = group
+            .name_pattern
+            .as_deref()
+            .and_then(|p| line_of_name(text, p))
+            .or_else(|| group.names.first().and_then(|n| line_of_list_entry(text, n)));
+        let names: Vec<String> = match (&group.name_pattern, group.count, group.names.is_empty()) {
+            (None, None, false) => group.names.clone(),
+            (Some(pattern), Some(count), true) => {
+                if count > GROUP_NODES_MAX {
+                    return Err(FileError::at_line(
+                        file,
+                        group_line,
+                        format!("{where_}.count: {count} is over the limit of {GROUP_NODES_MAX}"),
+                    ));
+                }
+                (group.start_index..group.start_index.saturating_add(count))
+                    .map(|index| {
+                        pattern_name(pattern, index).ok_or_else(|| {
+                            FileError::at_line(
+                                file,
+                                group_line,
+                                format!("{where_}.namePattern: `{pattern}` needs `{{index}}` or `{{index:0N}}`"),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            _ => {
+                return Err(FileError::at_line(
+                    file,
+                    group_line,
+                    format!("{where_}: give either `names` or both `namePattern` and `count`"),
+                ))
+            }
+        };
+        for name in names {
+            let Some(node) = node_spec(name, group.labels.clone(), &group.gpu, group.allocated.clone()) else {
+                continue;
+            };
+            nodes.push(node);
+            origins.push(group_line);
+        }
+    }
+    for (node, line) in nodes.iter().zip(&origins) {
+        if usize::from(node.gpu_count) > HOST_GPUS_MAX {
+            continue;
+        }
+        topoplace_engine::topology::validate_node(node).map_err(|e| FileError::at_line(file, *line, e.to_string()))?;
+    }
+    let spec = ClusterSpec { name: parsed.metadata.name, levels: parsed.spec.levels, nodes };
+    Ok(spec)
+}
+
+/// Where a topology error points in the file: the node it names.
+pub fn locate(file: &str, text: &str, error: &TopologyError) -> FileError {
+    let node = match error {
+        TopologyError::DuplicateNode { node } => {
+            // The second occurrence is the mistake.
+            let mut lines = lines_naming(text, node, true);
+            let first = lines.next();
+            let second = lines.next();
+            return FileError::at_line(file, second.or(first), error.to_string());
+        }
+        TopologyError::GpuCount { node, .. }
+        | TopologyError::AllocatedIndex { node, .. }
+        | TopologyError::AllocatedTwice { node, .. }
+        | TopologyError::Nvlink { node, .. }
+        | TopologyError::CliqueWithoutFabric { node, .. }
+        | TopologyError::Memory { node }
+        | TopologyError::EmptyName { node } => Some(node),
+        _ => None,
+    };
+    let line = node.and_then(|n| line_of_name(text, n).or_else(|| line_of_list_entry(text, n)));
+    let line = line.or_else(|| match error {
+        TopologyError::DuplicateLevel { .. } | TopologyError::TooManyLevels { .. } => {
+            text.lines().position(|l| l.trim_start().starts_with("levels:")).map(|i| i + 1)
+        }
+        _ => None,
+    });
+    FileError::at_line(file, line, error.to_string())
+}
+
+/// Parses and builds a cluster: the one call the adapters use.
+pub fn load(file: &str, text: &str) -> Result<topoplace_engine::topology::Cluster, FileError> {
+    let spec = parse(file, text)?;
+    topoplace_engine::topology::Cluster::build(spec).map_err(|e| locate(file, text, &e))
+}
+
+/// Renders a spec back to the file format (used by converters), grouping nodes that share
+/// labels and GPU description into `nodeGroups` with explicit names.
+pub fn render(spec: &ClusterSpec) -> Result<String, serde_yaml_ng::Error> {
+    let mut groups: Vec<NodeGroupEntry> = Vec::new();
+    for node in &spec.nodes {
+        let gpu = GpuEntry {
+            product: ProductName(node.product.get().name.to_string(), Some(node.product)),
+            count: node.gpu_count,
+            memory: node.memory_mib.map(MemoryField::Mib),
+            nvlink: node.nvlink.as_ref().map(|layout| match layout {
+                NvlinkLayout::All => NvlinkField::Named("all".into()),
+                NvlinkLayout::None => NvlinkField::Named("none".into()),
+                NvlinkLayout::Pairs => NvlinkField::Named("pairs".into()),
+                NvlinkLayout::HybridCubeMesh => NvlinkField::Named("hybrid-cube-mesh".into()),
+                NvlinkLayout::Groups(groups) => NvlinkField::Groups(groups.clone()),
+            }),
+            clique: node.clique.clone(),
+        };
+        let same = |group: &NodeGroupEntry| {
+            group.labels == node.labels
+                && group.allocated == node.allocated
+                && serde_yaml_ng::to_string(&group.gpu).ok() == serde_yaml_ng::to_string(&gpu).ok()
+        };
+        match groups.last_mut() {
+            Some(group) if same(group) => group.names.push(node.name.clone()),
+            _ => groups.push(NodeGroupEntry {
+                names: vec![node.name.clone()],
+                name_pattern: None,
+                count: None,
+                start_index: 0,
+                labels: node.labels.clone(),
+                gpu,
+                allocated: node.allocated.clone(),
+            }),
+        }
+    }
+    let file = ClusterFile {
+        api_version: API_VERSION.into(),
+        kind: "Cluster".into(),
+        metadata: Metadata { name: spec.name.clone() },
+        spec: ClusterFileSpec { levels: spec.levels.clone(), nodes: Vec::new(), node_groups: groups },
+    };
+    serde_yaml_ng::to_string(&file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: t}\n";
+
+    fn error_of(body: &str) -> String {
+        let text = format!("{HEADER}{body}");
+        load("c.yaml", &text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_fields_name_file_line_field_and_node() {
+        let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H100, count: 8}\n  - name: b\n    gpu:\n      product: H100\n      count: 8\n      colour: red\n");
+        assert!(message.starts_with("c.yaml:12:7: spec.nodes[1].gpu: unknown field `colour`"), "{message}");
+        assert!(message.ends_with("(node `b`)"), "{message}");
+    }
+
+    #[test]
+    fn unknown_products_are_reported_at_their_line() {
+        let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H1000, count: 8}\n");
+        assert!(message.starts_with("c.yaml:7:"), "{message}");
+        assert!(message.contains("unknown GPU product `H1000`") && message.contains("(node `a`)"), "{message}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_node() {
+        let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H100, count: 8}\n  - name: b\n    gpu: {product: H100, count: 8}\n    allocated: [9]\n");
+        assert_eq!(message, "c.yaml:8: node `b`: allocated GPU index 9 is not below gpu.count 8");
+        let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H100, count: 8}\n  - name: a\n    gpu: {product: H100, count: 8}\n");
+        assert_eq!(message, "c.yaml:8: node `a`: name appears twice");
+        // A name repeated inside a group's `names` list points at the repeat.
+        let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H100, count: 8}\n  nodeGroups:\n  - names:\n    - b\n    - a\n    gpu: {product: H100, count: 8}\n");
+        assert_eq!(message, "c.yaml:11: node `a`: name appears twice");
+    }
+
+    #[test]
+    fn wrong_kind_is_said_plainly() {
+        let message =
+            load("w.yaml", "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nspec: {}\n").unwrap_err().to_string();
+        assert_eq!(message, "w.yaml:2: kind is `Workload`, expected `Cluster`");
+    }
+
+    #[test]
+    fn groups_expand_patterns_and_render_round_trips() {
+        let text = format!(
+            "{HEADER}spec:\n  levels: [rack]\n  nodeGroups:\n  - namePattern: \"gb-{{index:02}}\"\n    count: 3\n    startIndex: 1\n    labels: {{rack: r1}}\n    gpu: {{product: NVIDIA-GB200, count: 4, clique: c1}}\n"
+        );
+        let spec = parse("c.yaml", &text).expect("valid");
+        let names: Vec<_> = spec.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["gb-01", "gb-02", "gb-03"]);
+        let rendered = render(&spec).expect("renders");
+        let again = parse("again.yaml", &rendered).expect("rendered file parses");
+        assert_eq!(again, spec);
+    }
+}

@@ -1,0 +1,214 @@
+//! `kind: Workload`: `spec.gangs[]`, each `replicas` independent gangs of `members` pods
+//! with `gpusPerMember` GPUs, tensor and pipeline parallelism, a memory floor given
+//! directly (`minGpuMemory`) or sized from a `model`, and topology constraints.
+
+use serde::Deserialize;
+
+use super::{check_header, line_of_name, lines_naming, FileError, Metadata};
+use topoplace_engine::quantity;
+use topoplace_engine::workload::{GangSpec, MemoryNeed, ModelSpec, Scope, Workload, RUNTIME_OVERHEAD_DEFAULT};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WorkloadFile {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    #[serde(default)]
+    metadata: Metadata,
+    spec: WorkloadFileSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WorkloadFileSpec {
+    gangs: Vec<GangEntry>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GangEntry {
+    name: String,
+    #[serde(default = "one")]
+    replicas: u32,
+    #[serde(default = "one")]
+    members: u32,
+    gpus_per_member: u32,
+    #[serde(default = "one")]
+    tensor_parallel: u32,
+    #[serde(default = "one")]
+    pipeline_parallel: u32,
+    #[serde(default)]
+    min_gpu_memory: Option<MemoryQuantity>,
+    #[serde(default)]
+    model: Option<ModelEntry>,
+    #[serde(default)]
+    topology: Option<TopologyEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ModelEntry {
+    parameters: ParameterCount,
+    dtype: Dtype,
+    #[serde(default)]
+    kv_cache: Option<MemoryQuantity>,
+    #[serde(default)]
+    overhead: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopologyEntry {
+    #[serde(default)]
+    required: Option<String>,
+    #[serde(default)]
+    preferred: Option<String>,
+}
+
+/// Bytes, checked while parsing so the error points at the value.
+#[derive(Debug)]
+struct MemoryQuantity(u64);
+
+impl<'de> Deserialize<'de> for MemoryQuantity {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = scalar_text(deserializer)?;
+        quantity::parse_bytes(&text).map(MemoryQuantity).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug)]
+struct ParameterCount(u64);
+
+impl<'de> Deserialize<'de> for ParameterCount {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = scalar_text(deserializer)?;
+        quantity::parse_parameters(&text).map(ParameterCount).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug)]
+struct Dtype(String, u64);
+
+impl<'de> Deserialize<'de> for Dtype {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        quantity::dtype_bytes_eighths(&text).map(|eighths| Dtype(text, eighths)).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A scalar given as a string or a number (`80Gi`, `1024`, `7e9`).
+fn scalar_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Int(u64),
+        Float(f64),
+        Text(String),
+    }
+    Ok(match Scalar::deserialize(deserializer)? {
+        Scalar::Int(value) => value.to_string(),
+        Scalar::Float(value) => value.to_string(),
+        Scalar::Text(text) => text,
+    })
+}
+
+/// Parses a workload file's text into a validated workload.
+pub fn parse(file: &str, text: &str) -> Result<Workload, FileError> {
+    check_header(file, text, "Workload")?;
+    let parsed: WorkloadFile =
+        serde_yaml_ng::from_str(text).map_err(|e| FileError::from_yaml(file, text, &e, "gangs"))?;
+    let mut gangs = Vec::with_capacity(parsed.spec.gangs.len());
+    for entry in parsed.spec.gangs {
+        let line = line_of_name(text, &entry.name);
+        let gang_error = |message: String| FileError::at_line(file, line, format!("gang `{}`: {message}", entry.name));
+        let memory = match (entry.min_gpu_memory, entry.model) {
+            (Some(_), Some(_)) => return Err(gang_error("give either minGpuMemory or model, not both".into())),
+            (Some(MemoryQuantity(bytes)), None) => MemoryNeed::FloorMib(quantity::bytes_to_mib_ceil(bytes)),
+            (None, Some(model)) => MemoryNeed::Model(ModelSpec {
+                parameters: model.parameters.0,
+                dtype_eighths: model.dtype.1,
+                dtype: model.dtype.0,
+                kv_cache_bytes: model.kv_cache.map_or(0, |q| q.0),
+                overhead: model.overhead.unwrap_or(RUNTIME_OVERHEAD_DEFAULT),
+            }),
+            (None, None) => MemoryNeed::None,
+        };
+        let (required, preferred) = match entry.topology {
+            Some(topology) => {
+                (topology.required.as_deref().map(Scope::parse), topology.preferred.as_deref().map(Scope::parse))
+            }
+            None => (None, None),
+        };
+        let gang = GangSpec {
+            name: entry.name.clone(),
+            replicas: entry.replicas,
+            members: entry.members,
+            gpus_per_member: entry.gpus_per_member,
+            tensor_parallel: entry.tensor_parallel,
+            pipeline_parallel: entry.pipeline_parallel,
+            memory,
+            required,
+            preferred,
+        };
+        gang.validate().map_err(|e| FileError::at_line(file, line, e.to_string()))?;
+        gangs.push(gang);
+    }
+    let workload = Workload { name: parsed.metadata.name, gangs };
+    workload.validate().map_err(|e| {
+        let line = match &e {
+            // The second occurrence is the mistake.
+            topoplace_engine::workload::WorkloadError::DuplicateGang { gang } => lines_naming(text, gang, false).nth(1),
+            _ => None,
+        };
+        FileError::at_line(file, line, e.to_string())
+    })?;
+    Ok(workload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "apiVersion: topoplace.io/v1alpha1\nkind: Workload\n";
+
+    #[test]
+    fn models_are_sized_and_defaults_apply() {
+        let text = format!("{HEADER}spec:\n  gangs:\n  - name: llama\n    gpusPerMember: 8\n    tensorParallel: 8\n    model: {{parameters: 70B, dtype: bf16, kvCache: 40Gi}}\n    topology: {{preferred: rack}}\n");
+        let workload = parse("w.yaml", &text).expect("valid");
+        let gang = &workload.gangs[0];
+        assert_eq!((gang.replicas, gang.members, gang.pipeline_parallel), (1, 1, 1));
+        // (140 GB + 40 GiB) / 8 * 1.1, in MiB, rounded up.
+        let bytes = ((140e9 + 40.0 * 1024f64.powi(3)) / 8.0 * 1.1f64).ceil() as u64;
+        assert_eq!(gang.memory_floor_mib(), bytes.div_ceil(1024 * 1024));
+        assert_eq!(gang.preferred, Some(Scope::Level("rack".into())));
+    }
+
+    #[test]
+    fn bad_values_name_line_field_and_gang() {
+        let text = format!("{HEADER}spec:\n  gangs:\n  - name: a\n    gpusPerMember: 1\n  - name: b\n    gpusPerMember: 4\n    minGpuMemory: 80 gigs\n");
+        let message = parse("w.yaml", &text).unwrap_err().to_string();
+        // serde attributes a custom value error to the entry that holds it.
+        assert!(message.starts_with("w.yaml:7:5: spec.gangs[1]"), "{message}");
+        assert!(message.contains("`80 gigs` is not a memory size") && message.ends_with("(gang `b`)"), "{message}");
+
+        let text = format!("{HEADER}spec:\n  gangs:\n  - name: a\n    gpusPerMember: 4\n    tensorParallel: 3\n");
+        let message = parse("w.yaml", &text).unwrap_err().to_string();
+        assert_eq!(message, "w.yaml:5: gang `a`: tensorParallel 3 and gpusPerMember 4 must divide one another");
+
+        let text = format!("{HEADER}spec:\n  gangs:\n  - name: a\n    gpusPerMember: 4\n    minGpuMemory: 1Gi\n    model: {{parameters: 1B, dtype: fp8}}\n");
+        assert!(parse("w.yaml", &text).unwrap_err().to_string().contains("either minGpuMemory or model"));
+
+        let text =
+            format!("{HEADER}spec:\n  gangs:\n  - name: a\n    gpusPerMember: 1\n  - name: a\n    gpusPerMember: 1\n");
+        assert_eq!(
+            parse("w.yaml", &text).unwrap_err().to_string(),
+            "w.yaml:7: gang `a`: name appears twice in the workload"
+        );
+    }
+}

@@ -1,0 +1,465 @@
+//! The placement API's side of the book: planning gangs against the live view (a dry run, or
+//! reserved until an expiry under one reservation id), releasing such a reservation,
+//! explaining a gang, the capacity left for a shape, and the cluster state.
+//!
+//! A reservation made here is an ordinary gang reservation (ledger holder
+//! `gang:{namespace}/{name}`) tagged with its id: the extender gives its GPUs to no one else,
+//! and when pods of that gang arrive at filter they are placed on it, member by member.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use super::{at_bind, gang_holder, Book, Expired, GangReservation, Slot};
+use topoplace_engine::ledger::mask_indices;
+use topoplace_engine::placement::capacity::CapacityReport;
+use topoplace_engine::placement::{batch_order, GangPlacement, Planner, PlannerConfig, SolverChoice, Unplaced};
+use topoplace_engine::topology::{HostId, ProductId};
+use topoplace_engine::workload::Gang;
+
+/// A gang as the API names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GangRequest {
+    /// `namespace/name`, the key its pods' gang labels give.
+    pub key: String,
+    /// The gang; its `name` is the key.
+    pub gang: Gang,
+    /// Only hosts of this product.
+    pub product: Option<ProductId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    pub dry_run: bool,
+    pub ttl_ms: u64,
+    pub solver: SolverChoice,
+    /// Reserve the gangs that fit even when some do not.
+    pub allow_partial: bool,
+    /// Who asked (the token's name), recorded on the reservation.
+    pub owner: String,
+    /// Explain the gangs that do not fit.
+    pub explain: bool,
+}
+
+/// What the API recorded on a reservation it made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiReservation {
+    pub id: String,
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanOutcome {
+    /// The gangs that fit, in request order (held only when `reservation` is set).
+    pub placements: Vec<GangPlacement>,
+    pub unplaced: Vec<Unplaced>,
+    /// The reservation id and when it expires.
+    pub reservation: Option<(String, u64)>,
+}
+
+impl PlanOutcome {
+    pub fn placed_all(&self) -> bool {
+        self.unplaced.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Released {
+    pub gangs: Vec<String>,
+    pub gpus: u64,
+    /// Members that were waiting at bind on a released gang: their binds must be answered.
+    pub dropped: Vec<Expired>,
+}
+
+/// A request the API cannot act on. Nothing has changed when one is returned.
+#[derive(Debug, Error, PartialEq)]
+pub enum RequestError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("gang `{gang}` is already reserved ({by}); release it first, or plan with dry_run")]
+    AlreadyReserved { gang: String, by: String },
+    #[error("reservation `{id}` does not exist (it expired, was released, or its gangs were bound)")]
+    UnknownReservation { id: String },
+    #[error("reservation `{id}`: its gangs are being bound and can no longer be released")]
+    Binding { id: String },
+    #[error("reservation `{id}` belongs to {owner}; only its owner may release it")]
+    NotOwner { id: String, owner: String },
+}
+
+/// One node's verdict for [`Book::explain`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeFit {
+    pub node: String,
+    pub units: u32,
+    /// Why the node holds no unit of the gang.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explained {
+    pub outcome: Result<GangPlacement, Unplaced>,
+    pub nodes: Vec<NodeFit>,
+}
+
+/// The cluster as [`Book::cluster_state`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterState {
+    pub cluster: String,
+    pub levels: Vec<String>,
+    pub gpus: u64,
+    pub free_gpus: u64,
+    pub reserved_gpus: u64,
+    pub bound_gpus: u64,
+    /// Per product: hosts, GPUs, free GPUs.
+    pub products: Vec<(ProductId, u32, u64, u64)>,
+    pub domains: Vec<DomainState>,
+    pub hosts: Vec<HostState>,
+    pub reservations: Vec<ReservationState>,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainState {
+    pub level: String,
+    pub path: String,
+    pub hosts: u32,
+    pub gpus: u64,
+    pub free_gpus: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostState {
+    pub name: String,
+    pub product: ProductId,
+    pub gpus: u8,
+    pub memory_mib: u64,
+    pub free: Vec<u8>,
+    pub domains: Vec<String>,
+    pub clique: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReservationState {
+    pub origin: Option<ApiReservation>,
+    pub gang: String,
+    pub gpus: u64,
+    pub expires_in_ms: u64,
+    pub members_assigned: u32,
+    pub members: u32,
+}
+
+impl Book {
+    /// Hosts of `product` (all hosts when `None`), by host id.
+    fn product_mask(&self, product: Option<ProductId>) -> Option<Vec<bool>> {
+        product.map(|product| self.cluster.hosts.iter().map(|h| h.product == product).collect())
+    }
+
+    /// Checks what can be checked without placing: the topology names, the product, and
+    /// that the gang is not larger than every GPU of the cluster it may use.
+    fn check_request(&mut self, request: &GangRequest) -> Result<(), RequestError> {
+        self.with_planner(|planner, _| planner.check_gang(&request.gang))
+            .map_err(|e| RequestError::Invalid(e.to_string()))?;
+        let key = &request.key;
+        if let Some(product) = request.product {
+            if !self.cluster.hosts.iter().any(|h| h.product == product) {
+                let present: Vec<&str> = self.cluster.products().iter().map(|p| p.get().name).collect();
+                return Err(RequestError::Invalid(format!(
+                    "gang `{key}`: product `{}` is not in the cluster (it has: {})",
+                    product.get().name,
+                    present.join(", ")
+                )));
+            }
+        }
+        let usable: u64 = self
+            .cluster
+            .hosts
+            .iter()
+            .filter(|h| request.product.is_none_or(|p| h.product == p))
+            .filter(|h| h.memory_mib >= request.gang.memory_floor_mib)
+            .map(|h| u64::from(h.gpu_count))
+            .sum();
+        let need = request.gang.total_gpus();
+        if need > usable {
+            let mut what = String::from("GPUs");
+            if let Some(product) = request.product {
+                what = format!("{} GPUs", product.get().name);
+            }
+            if request.gang.memory_floor_mib > 0 {
+                what.push_str(&format!(" with at least {} MiB", request.gang.memory_floor_mib));
+            }
+            return Err(RequestError::Invalid(format!(
+                "gang `{key}`: needs {need} GPUs ({} members x {}), but the cluster has only {usable} {what} in all",
+                request.gang.members, request.gang.gpus_per_member
+            )));
+        }
+        Ok(())
+    }
+
+    /// Places `requests` against the free GPUs, the largest first. With `dry_run` nothing is
+    /// held; otherwise the placed gangs are reserved under one new id until `ttl_ms` from
+    /// `now_ms`, or (without `allow_partial`) nothing is when any gang does not fit.
+    pub fn plan_gangs(
+        &mut self,
+        requests: &[GangRequest],
+        options: &PlanOptions,
+        now_ms: u64,
+    ) -> Result<PlanOutcome, RequestError> {
+        if requests.is_empty() {
+            return Err(RequestError::Invalid("the request names no gangs".into()));
+        }
+        let mut keys = BTreeSet::new();
+        for request in requests {
+            if !keys.insert(request.key.as_str()) {
+                return Err(RequestError::Invalid(format!("gang `{}` appears twice in the request", request.key)));
+            }
+            self.check_request(request)?;
+            if !options.dry_run {
+                if let Some(existing) = self.gangs.get(&request.key) {
+                    let by = match &existing.origin {
+                        Some(origin) => format!("reservation `{}` of {}", origin.id, origin.owner),
+                        None => "by the extender, for its pods".into(),
+                    };
+                    return Err(RequestError::AlreadyReserved { gang: request.key.clone(), by });
+                }
+            }
+        }
+        let gangs: Vec<Gang> = requests.iter().map(|r| r.gang.clone()).collect();
+        let masks: Vec<Option<Vec<bool>>> = requests.iter().map(|r| self.product_mask(r.product)).collect();
+        let mut placed: Vec<(usize, GangPlacement)> = Vec::new();
+        let mut unplaced = Vec::new();
+        let explain_config = options.explain.then(|| PlannerConfig { explain: true, ..self.config.planner.clone() });
+        let cluster = &self.cluster;
+        let mut explaining = explain_config.map(|config| Planner::new(cluster, config));
+        let mut place = |planner: &mut Planner, ledger: &mut topoplace_engine::ledger::Ledger| {
+            for index in batch_order(&gangs) {
+                let gang = &gangs[index];
+                match planner.place_with_within(ledger, gang, &options.solver, masks[index].as_deref()) {
+                    Ok(placement) => match ledger.reserve(&gang_holder(&requests[index].key), &placement.holding()) {
+                        Ok(()) => placed.push((index, placement)),
+                        Err(error) => unplaced.push(Unplaced {
+                            gang: gang.name.clone(),
+                            reason: format!("the ledger refused the placement: {error}"),
+                            explanation: None,
+                        }),
+                    },
+                    Err(why) => unplaced.push(why),
+                }
+            }
+        };
+        match explaining.as_mut() {
+            Some(planner) => place(planner, &mut self.ledger),
+            None => self.with_planner(place),
+        }
+        placed.sort_by_key(|(index, _)| *index);
+        let keep = !options.dry_run && !placed.is_empty() && (unplaced.is_empty() || options.allow_partial);
+        if !keep {
+            for (index, _) in &placed {
+                // Reserved just above under this holder; releasing it cannot fail.
+                let _ = self.ledger.release(&gang_holder(&requests[*index].key));
+            }
+            return Ok(PlanOutcome {
+                placements: placed.into_iter().map(|(_, p)| p).collect(),
+                unplaced,
+                reservation: None,
+            });
+        }
+        self.api_reservations += 1;
+        let id = format!("r{}", self.api_reservations);
+        let expires_at_ms = now_ms.saturating_add(options.ttl_ms);
+        for (index, placement) in &placed {
+            let request = &requests[*index];
+            let slots = placement
+                .members
+                .iter()
+                .map(|m| Slot { host: m.host, gpus: m.gpus, pod: None, at_bind: false })
+                .collect();
+            self.gangs.insert(
+                request.key.clone(),
+                GangReservation {
+                    gang: request.gang.clone(),
+                    slots,
+                    expires_at_ms,
+                    binding: false,
+                    origin: Some(ApiReservation { id: id.clone(), owner: options.owner.clone() }),
+                },
+            );
+            self.stats.gangs_reserved += 1;
+        }
+        Ok(PlanOutcome {
+            placements: placed.into_iter().map(|(_, p)| p).collect(),
+            unplaced,
+            reservation: Some((id, expires_at_ms)),
+        })
+    }
+
+    /// Releases the gangs of reservation `id` that are not being bound. With `by`, only a
+    /// reservation that `by` made.
+    pub fn release_reservation(&mut self, id: &str, by: Option<&str>) -> Result<Released, RequestError> {
+        let mut owner = None;
+        let of_id: Vec<(String, bool)> = self
+            .gangs
+            .iter()
+            .filter_map(|(key, g)| {
+                let origin = g.origin.as_ref().filter(|o| o.id == id)?;
+                owner = Some(origin.owner.clone());
+                Some((key.clone(), g.binding))
+            })
+            .collect();
+        let Some(owner) = owner else {
+            return Err(RequestError::UnknownReservation { id: id.to_string() });
+        };
+        if by.is_some_and(|by| by != owner) {
+            return Err(RequestError::NotOwner { id: id.to_string(), owner });
+        }
+        if of_id.iter().all(|(_, binding)| *binding) {
+            return Err(RequestError::Binding { id: id.to_string() });
+        }
+        let mut released = Released { gangs: Vec::new(), gpus: 0, dropped: Vec::new() };
+        for (key, binding) in of_id {
+            if binding {
+                continue;
+            }
+            if let Some(holding) = self.ledger.holding(&gang_holder(&key)) {
+                released.gpus += holding.iter().map(|&(_, m)| u64::from(m.count_ones())).sum::<u64>();
+            }
+            if let Some(reservation) = self.drop_reservation(&key) {
+                released.dropped.push(Expired { gang: key.clone(), members_at_bind: at_bind(&reservation) });
+                released.gangs.push(key);
+            }
+        }
+        Ok(released)
+    }
+
+    /// Why `request` does or does not fit now, with candidates and rejected hosts, and a
+    /// verdict for each of `nodes`. Reserves nothing.
+    pub fn explain(&mut self, request: &GangRequest, nodes: &[String]) -> Result<Explained, RequestError> {
+        self.check_request(request)?;
+        let mut hosts = Vec::new();
+        for node in nodes {
+            match self.cluster.host_id(node) {
+                Some(host) => hosts.push(host),
+                None => return Err(RequestError::Invalid(format!("node `{node}` is not in the cluster"))),
+            }
+        }
+        let config = PlannerConfig { explain: true, ..self.config.planner.clone() };
+        let mut planner = Planner::new(&self.cluster, config);
+        let mask = self.product_mask(request.product);
+        let outcome = planner.place_with_within(&self.ledger, &request.gang, &SolverChoice::Greedy, mask.as_deref());
+        let nodes = hosts
+            .iter()
+            .map(|&host| {
+                let node = self.cluster.host(host).name.clone();
+                match planner.host_units(&self.ledger, &request.gang, host) {
+                    Ok(units) => NodeFit { node, units, reason: None },
+                    Err((_, text)) => NodeFit { node, units: 0, reason: Some(text) },
+                }
+            })
+            .collect();
+        Ok(Explained { outcome, nodes })
+    }
+
+    /// How many more replicas of `request`'s shape fit now, broken down by `by_level` (a label
+    /// key or short name; the innermost level when `None`).
+    pub fn capacity(&mut self, request: &GangRequest, by_level: Option<&str>) -> Result<CapacityReport, RequestError> {
+        let level = match by_level {
+            None => None,
+            Some(name) => Some(self.cluster.level_index(name).ok_or_else(|| {
+                RequestError::Invalid(format!(
+                    "by_level `{name}` is not a level of this cluster (levels: {})",
+                    if self.cluster.levels.is_empty() { "none".to_string() } else { self.cluster.levels.join(", ") }
+                ))
+            })?),
+        };
+        if let Some(product) = request.product {
+            if !self.cluster.hosts.iter().any(|h| h.product == product) {
+                return Err(RequestError::Invalid(format!("product `{}` is not in the cluster", product.get().name)));
+            }
+        }
+        let mask = self.product_mask(request.product);
+        self.with_planner(|planner, ledger| planner.capacity(ledger, &request.gang, mask.as_deref(), level))
+            .map_err(|e| RequestError::Invalid(e.to_string()))
+    }
+
+    /// Hosts, GPUs free and held, domains and reservations (`with_hosts`: the per-host list).
+    pub fn cluster_state(&self, now_ms: u64, with_hosts: bool) -> ClusterState {
+        let cluster = &self.cluster;
+        let ledger = &self.ledger;
+        let free_of = |h: usize| u64::from(ledger.free(h as HostId).count_ones());
+        let held = |prefix: &str| -> u64 {
+            ledger
+                .holders()
+                .filter(|(holder, _)| holder.starts_with(prefix))
+                .flat_map(|(_, holding)| holding.iter().map(|&(_, m)| u64::from(m.count_ones())))
+                .sum()
+        };
+        let mut products: BTreeMap<ProductId, (u32, u64, u64)> = BTreeMap::new();
+        for (index, host) in cluster.hosts.iter().enumerate() {
+            let entry = products.entry(host.product).or_default();
+            entry.0 += 1;
+            entry.1 += u64::from(host.gpu_count);
+            entry.2 += free_of(index);
+        }
+        let mut domains = Vec::new();
+        for (level, level_domains) in cluster.domains.iter().enumerate() {
+            for domain in level_domains {
+                let range = domain.hosts.start as usize..domain.hosts.end as usize;
+                domains.push(DomainState {
+                    level: cluster.levels[level].clone(),
+                    path: domain.path.clone(),
+                    hosts: domain.hosts.len() as u32,
+                    gpus: cluster.hosts[range.clone()].iter().map(|h| u64::from(h.gpu_count)).sum(),
+                    free_gpus: range.map(free_of).sum(),
+                });
+            }
+        }
+        let hosts = if with_hosts {
+            cluster
+                .hosts
+                .iter()
+                .enumerate()
+                .map(|(index, host)| HostState {
+                    name: host.name.clone(),
+                    product: host.product,
+                    gpus: host.gpu_count,
+                    memory_mib: host.memory_mib,
+                    free: mask_indices(ledger.free(index as HostId)),
+                    domains: host
+                        .domain_path
+                        .iter()
+                        .enumerate()
+                        .map(|(level, &d)| cluster.domains[level][d as usize].path.clone())
+                        .collect(),
+                    clique: host.clique.map(|c| cluster.cliques[c as usize].name.clone()),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let reservations = self
+            .gangs
+            .iter()
+            .map(|(key, g)| ReservationState {
+                origin: g.origin.clone(),
+                gang: key.clone(),
+                gpus: g.slots.iter().map(|s| u64::from(s.gpus.count_ones())).sum(),
+                expires_in_ms: g.expires_at_ms.saturating_sub(now_ms),
+                members_assigned: g.slots.iter().filter(|s| s.pod.is_some()).count() as u32,
+                members: g.gang.members,
+            })
+            .collect();
+        ClusterState {
+            cluster: cluster.name.clone(),
+            levels: cluster.levels.clone(),
+            gpus: cluster.total_gpus(),
+            free_gpus: ledger.free_gpus(),
+            reserved_gpus: held("gang:"),
+            bound_gpus: held("pod:"),
+            products: products.into_iter().map(|(p, (hosts, gpus, free))| (p, hosts, gpus, free)).collect(),
+            domains,
+            hosts,
+            reservations,
+            generation: self.generation(),
+        }
+    }
+}

@@ -1,0 +1,358 @@
+use std::collections::BTreeMap;
+
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+use super::*;
+use topoplace_engine::testkit::node;
+use topoplace_engine::topology::ClusterSpec;
+use topoplace_engine::workload::GangSpec;
+
+fn cluster(racks: usize, hosts_per_rack: usize) -> Cluster {
+    let mut nodes = Vec::new();
+    for rack in 0..racks {
+        for host in 0..hosts_per_rack {
+            let rack_name = format!("r{rack}");
+            nodes.push(node(
+                &format!("r{rack}-{host}"),
+                "H100",
+                8,
+                &[("network.topology.nvidia.com/leaf", rack_name.as_str())],
+            ));
+        }
+    }
+    Cluster::build(ClusterSpec { name: "t".into(), levels: vec!["network.topology.nvidia.com/leaf".into()], nodes })
+        .expect("cluster")
+}
+
+fn member(gang: &str, size: u32, rank: u32, gpus: u32) -> PodDemand {
+    PodDemand {
+        pod: PodIdentity { namespace: "ns".into(), name: format!("{gang}-{rank}"), uid: format!("{gang}-{rank}-uid") },
+        gpus,
+        memory: MemoryNeed::None,
+        tensor_parallel: None,
+        pipeline_parallel: None,
+        required: None,
+        preferred: None,
+        gang: Some(GangMembership { key: format!("ns/{gang}"), size, rank: Some(rank) }),
+    }
+}
+
+fn all_hosts(book: &Book) -> Vec<HostId> {
+    (0..book.cluster().hosts.len() as HostId).collect()
+}
+
+fn passing(book: &Book, verdicts: &[NodeVerdict], offered: &[HostId]) -> Vec<String> {
+    offered
+        .iter()
+        .zip(verdicts)
+        .filter(|(_, v)| **v == NodeVerdict::Pass)
+        .map(|(&h, _)| book.cluster().host(h).name.clone())
+        .collect()
+}
+
+/// Filters every member of a gang of 8-GPU members: the members and their planned nodes.
+fn filter_gang(book: &mut Book, gang: &str, size: u32, offered: &[HostId]) -> (Vec<PodDemand>, Vec<String>) {
+    let members: Vec<PodDemand> = (0..size).map(|r| member(gang, size, r, 8)).collect();
+    let nodes = members
+        .iter()
+        .map(|m| {
+            let verdicts = book.filter(m, offered, 0).expect("filter");
+            passing(book, &verdicts, offered).remove(0)
+        })
+        .collect();
+    (members, nodes)
+}
+
+#[test]
+fn the_first_member_reserves_the_whole_gang_in_one_rack() {
+    let mut book = Book::new(cluster(2, 4), BookConfig::default());
+    let offered = all_hosts(&book);
+    let verdicts = book.filter(&member("g", 3, 0, 8), &offered, 0).expect("filter");
+    assert_eq!(passing(&book, &verdicts, &offered).len(), 1);
+    assert_eq!(book.ledger().free_gpus(), 64 - 24, "all three members' GPUs reserved at once");
+    let nodes: Vec<String> = (0..3)
+        .map(|rank| {
+            let verdicts = book.filter(&member("g", 3, rank, 8), &offered, 1).expect("filter");
+            passing(&book, &verdicts, &offered).remove(0)
+        })
+        .collect();
+    let racks: std::collections::BTreeSet<&str> = nodes.iter().map(|n| &n[..2]).collect();
+    assert_eq!(racks.len(), 1, "one rack: {nodes:?}");
+    book.check().expect("invariants");
+}
+
+#[test]
+fn binds_wait_for_the_last_member_and_a_failure_rolls_back_everything() {
+    let mut book = Book::new(cluster(1, 4), BookConfig::default());
+    let offered = all_hosts(&book);
+    let (members, nodes) = filter_gang(&mut book, "g", 2, &offered);
+    assert_eq!(book.bind_arrive(&members[0], &nodes[0], 1), Ok(BindStep::Wait { gang: "ns/g".into() }));
+    let BindStep::Bind { ticket, members: binds } = book.bind_arrive(&members[1], &nodes[1], 2).expect("bind") else {
+        panic!("the last member binds everyone");
+    };
+    assert_eq!(binds.len(), 2);
+    let outcomes = vec![(binds[0].pod.clone(), Ok(())), (binds[1].pod.clone(), Err("500".to_string()))];
+    let finish = book.bind_finished(&ticket, &outcomes, 3);
+    assert_eq!(
+        finish,
+        BindFinish::RolledBack { delete: vec![binds[0].pod.clone()], failures: vec!["ns/g-1: 500".into()] }
+    );
+    assert_eq!(book.ledger().free_gpus(), 32, "nothing held after the undo");
+    assert!(!book.is_bound("g-0-uid"));
+    book.check().expect("invariants");
+}
+
+#[test]
+fn an_expired_reservation_frees_its_gpus_and_names_who_waited() {
+    let config = BookConfig { reservation_ttl_ms: 100, ..BookConfig::default() };
+    let mut book = Book::new(cluster(1, 4), config);
+    let offered = all_hosts(&book);
+    let first = member("g", 2, 0, 8);
+    let verdicts = book.filter(&first, &offered, 0).expect("filter");
+    let node = passing(&book, &verdicts, &offered).remove(0);
+    assert!(matches!(book.bind_arrive(&first, &node, 10), Ok(BindStep::Wait { .. })));
+    assert!(book.expire(50).is_empty());
+    let expired = book.expire(110);
+    assert_eq!(expired, vec![Expired { gang: "ns/g".into(), members_at_bind: vec![first.pod.clone()] }]);
+    assert_eq!(book.ledger().free_gpus(), 32);
+    assert_eq!(book.stats().gangs_expired, 1);
+    book.check().expect("invariants");
+}
+
+#[test]
+fn a_gang_that_does_not_fit_reserves_nothing_and_says_why_per_node() {
+    let mut book = Book::new(cluster(1, 2), BookConfig::default());
+    let offered = all_hosts(&book);
+    let verdicts = book.filter(&member("big", 3, 0, 8), &offered, 0).expect("filter");
+    assert!(verdicts.iter().all(|v| matches!(v, NodeVerdict::Fail(r) if r.contains("does not fit"))), "{verdicts:?}");
+    assert_eq!(book.ledger().free_gpus(), 16);
+    let mut wrong = member("odd", 2, 0, 8);
+    wrong.tensor_parallel = Some(3);
+    assert!(matches!(book.filter(&wrong, &offered, 0), Err(BookError::Demand { .. })));
+    assert_eq!(book.ledger().free_gpus(), 16);
+}
+
+#[test]
+fn preemption_never_splits_a_bound_gang() {
+    let mut book = Book::new(cluster(1, 4), BookConfig::default());
+    let offered = all_hosts(&book);
+    let (members, nodes) = filter_gang(&mut book, "g", 2, &offered);
+    book.bind_arrive(&members[0], &nodes[0], 1).expect("arrive");
+    let BindStep::Bind { ticket, members: binds } = book.bind_arrive(&members[1], &nodes[1], 1).expect("arrive") else {
+        panic!("binds");
+    };
+    let ok: Vec<_> = binds.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
+    assert_eq!(book.bind_finished(&ticket, &ok, 2), BindFinish::Bound);
+    let host = |name: &str| book.cluster().host_id(name).expect("host");
+    let single = PodDemand { gang: None, ..member("x", 1, 0, 8) };
+    let candidates = vec![
+        PreemptCandidate { host: host(&nodes[0]), victims: vec!["g-0-uid".into()] },
+        PreemptCandidate { host: host(&nodes[1]), victims: vec!["g-0-uid".into(), "g-1-uid".into()] },
+    ];
+    assert_eq!(book.preempt(&single, &candidates).expect("preempt"), vec![false, true]);
+}
+
+/// Many gangs and single pods arriving, binding (with injected Binding failures), expiring
+/// and leaving, over a seed: after every step the ledger and the book agree, no GPU is held
+/// twice, and every gang is bound whole or not at all.
+#[test]
+fn a_seeded_simulation_never_double_books_or_half_binds() {
+    let mut totals = BookStats::default();
+    for seed in 0..8u64 {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let config = BookConfig { reservation_ttl_ms: 500, ..BookConfig::default() };
+        let mut book = Book::new(cluster(4, 4), config);
+        let offered = all_hosts(&book);
+        let mut now = 0u64;
+        let mut gangs: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+        let mut next = 0;
+        for _ in 0..400 {
+            now += rng.random_range(1..60);
+            match rng.random_range(0..10) {
+                0..=5 => {
+                    let name = format!("g{next}");
+                    next += 1;
+                    let size = rng.random_range(1..=4);
+                    let gpus = [1, 2, 4, 8][rng.random_range(0..4)];
+                    gangs.insert(name.clone(), (size, gpus));
+                    let members: Vec<PodDemand> = (0..size).map(|r| member(&name, size, r, gpus)).collect();
+                    let arriving = if rng.random_range(0..5) == 0 { size - 1 } else { size };
+                    let mut ticket = None;
+                    for m in members.iter().take(arriving as usize) {
+                        let verdicts = book.filter(m, &offered, now).expect("filter");
+                        let Some(node) = passing(&book, &verdicts, &offered).into_iter().next() else { break };
+                        if let Ok(BindStep::Bind { ticket: t, members }) = book.bind_arrive(m, &node, now) {
+                            ticket = Some((t, members));
+                        }
+                    }
+                    if let Some((ticket, members)) = ticket {
+                        let fail_at = (rng.random_range(0..6) == 0).then(|| rng.random_range(0..members.len()));
+                        let outcomes: Vec<_> = members
+                            .iter()
+                            .enumerate()
+                            .map(|(i, m)| (m.pod.clone(), if Some(i) == fail_at { Err("x".into()) } else { Ok(()) }))
+                            .collect();
+                        book.bind_finished(&ticket, &outcomes, now);
+                    }
+                }
+                6..=8 => {
+                    // A bound gang finishes: all of its pods leave.
+                    let bound: Vec<String> =
+                        gangs.keys().filter(|g| book.is_bound(&format!("{g}-0-uid"))).cloned().collect();
+                    if let Some(gang) = bound.get(rng.random_range(0..bound.len().max(1))) {
+                        let (size, _) = gangs[gang];
+                        for rank in 0..size {
+                            book.forget_pod(&format!("{gang}-{rank}-uid"));
+                        }
+                    }
+                }
+                _ => {
+                    book.expire(now);
+                }
+            }
+            book.check().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            for (gang, (size, _)) in &gangs {
+                let bound = (0..*size).filter(|r| book.is_bound(&format!("{gang}-{r}-uid"))).count();
+                assert!(bound == 0 || bound == *size as usize, "seed {seed}: gang {gang} has {bound} of {size} bound");
+            }
+        }
+        let stats = book.stats();
+        totals.gangs_bound += stats.gangs_bound;
+        totals.gangs_rolled_back += stats.gangs_rolled_back;
+        totals.gangs_expired += stats.gangs_expired;
+    }
+    // The run exercised every path: gangs bound, undone after a failed Binding, expired.
+    assert!(totals.gangs_bound > 100 && totals.gangs_rolled_back > 10 && totals.gangs_expired > 10, "{totals:?}");
+}
+
+fn api_gang(key: &str, members: u32, gpus: u32, required: Option<Scope>) -> GangRequest {
+    let mut spec = GangSpec::shape(key, members, gpus, gpus);
+    spec.required = required;
+    GangRequest { key: key.into(), gang: spec.expand().remove(0), product: None }
+}
+
+fn plan_options(dry_run: bool, ttl_ms: u64) -> PlanOptions {
+    PlanOptions {
+        dry_run,
+        ttl_ms,
+        solver: topoplace_engine::placement::SolverChoice::Greedy,
+        allow_partial: false,
+        owner: "tester".into(),
+        explain: false,
+    }
+}
+
+#[test]
+fn an_api_reservation_is_held_until_released_and_a_dry_run_holds_nothing() {
+    let mut book = Book::new(cluster(2, 4), BookConfig::default());
+    let free = book.ledger().free_gpus();
+    let dry = book.plan_gangs(&[api_gang("ns/a", 2, 8, None)], &plan_options(true, 60_000), 0).expect("plan");
+    assert!(dry.placed_all() && dry.reservation.is_none());
+    assert_eq!(book.ledger().free_gpus(), free);
+
+    let generation = book.generation();
+    let held = book.plan_gangs(&[api_gang("ns/a", 2, 8, None)], &plan_options(false, 60_000), 0).expect("plan");
+    let (id, expires) = held.reservation.clone().expect("reserved");
+    assert_eq!(expires, 60_000);
+    assert_eq!(book.ledger().free_gpus(), free - 16);
+    assert!(book.generation() > generation);
+    book.check().expect("book consistent");
+    let state = book.cluster_state(1_000, false);
+    assert_eq!(state.reserved_gpus, 16);
+    assert_eq!(state.reservations[0].origin.as_ref().map(|o| o.owner.as_str()), Some("tester"));
+    assert_eq!(state.reservations[0].expires_in_ms, 59_000);
+
+    let again = book.plan_gangs(&[api_gang("ns/a", 1, 8, None)], &plan_options(false, 60_000), 0);
+    assert!(matches!(again, Err(RequestError::AlreadyReserved { .. })), "{again:?}");
+    let refused = book.release_reservation(&id, Some("someone else"));
+    assert!(matches!(refused, Err(RequestError::NotOwner { ref owner, .. }) if owner == "tester"), "{refused:?}");
+    let released = book.release_reservation(&id, Some("tester")).expect("release");
+    assert_eq!((released.gangs, released.gpus), (vec!["ns/a".to_string()], 16));
+    assert_eq!(book.ledger().free_gpus(), free);
+    assert_eq!(book.release_reservation(&id, None), Err(RequestError::UnknownReservation { id }));
+}
+
+#[test]
+fn a_plan_that_cannot_place_every_gang_holds_nothing_unless_partial_is_allowed() {
+    let mut book = Book::new(cluster(1, 2), BookConfig::default());
+    let gangs = [api_gang("ns/fits", 1, 8, None), api_gang("ns/big", 2, 8, Some(Scope::Host))];
+    let outcome = book.plan_gangs(&gangs, &plan_options(false, 1_000), 0).expect("plan");
+    assert!(!outcome.placed_all());
+    assert_eq!(outcome.placements.len(), 1);
+    assert!(outcome.reservation.is_none());
+    assert_eq!(book.ledger().free_gpus(), 16);
+    let partial = PlanOptions { allow_partial: true, ..plan_options(false, 1_000) };
+    let outcome = book.plan_gangs(&gangs, &partial, 0).expect("plan");
+    assert!(outcome.reservation.is_some());
+    assert_eq!(book.ledger().free_gpus(), 8);
+    book.check().expect("book consistent");
+}
+
+#[test]
+fn api_requests_that_can_never_fit_are_refused_with_the_gang_named() {
+    let mut book = Book::new(cluster(1, 2), BookConfig::default());
+    let too_big = book.plan_gangs(&[api_gang("ns/huge", 3, 8, None)], &plan_options(true, 1), 0);
+    let Err(RequestError::Invalid(message)) = too_big else { panic!("{too_big:?}") };
+    assert!(
+        message.contains("ns/huge") && message.contains("needs 24 GPUs") && message.contains("only 16"),
+        "{message}"
+    );
+    let level =
+        book.plan_gangs(&[api_gang("ns/x", 1, 8, Some(Scope::Level("zone".into())))], &plan_options(true, 1), 0);
+    let Err(RequestError::Invalid(message)) = level else { panic!("{level:?}") };
+    assert!(message.contains("zone"), "{message}");
+    let twice =
+        book.plan_gangs(&[api_gang("ns/x", 1, 8, None), api_gang("ns/x", 1, 8, None)], &plan_options(true, 1), 0);
+    assert!(matches!(twice, Err(RequestError::Invalid(m)) if m.contains("twice")));
+    assert_eq!(book.ledger().changes(), 0, "nothing was reserved on the way");
+}
+
+#[test]
+fn pods_of_an_api_reserved_gang_are_placed_on_its_reservation() {
+    let mut book = Book::new(cluster(2, 4), BookConfig { reservation_ttl_ms: 1_000, ..BookConfig::default() });
+    let outcome = book.plan_gangs(&[api_gang("ns/g", 2, 8, None)], &plan_options(false, 600_000), 0).expect("plan");
+    let planned: Vec<String> =
+        outcome.placements[0].members.iter().map(|m| book.cluster().host(m.host).name.clone()).collect();
+    let offered = all_hosts(&book);
+    let (members, nodes) = filter_gang(&mut book, "g", 2, &offered);
+    let mut sorted = nodes.clone();
+    sorted.sort();
+    let mut expected = planned.clone();
+    expected.sort();
+    assert_eq!(sorted, expected, "the members land on the API's reservation");
+    // A member's arrival keeps the API's longer expiry instead of shortening it.
+    assert_eq!(book.expiry_of("ns/g"), Some(600_000));
+    assert!(matches!(book.bind_arrive(&members[0], &nodes[0], 10), Ok(BindStep::Wait { .. })));
+    let BindStep::Bind { ticket, members: binds } = book.bind_arrive(&members[1], &nodes[1], 10).expect("bind") else {
+        panic!("the last member binds the gang")
+    };
+    let outcomes: Vec<_> = binds.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
+    assert_eq!(book.bind_finished(&ticket, &outcomes, 20), BindFinish::Bound);
+    assert!(book.cluster_state(20, false).reservations.is_empty());
+    assert_eq!(book.cluster_state(20, false).bound_gpus, 16);
+    book.check().expect("book consistent");
+}
+
+#[test]
+fn capacity_counts_replicas_per_product_domain_and_scope() {
+    let mut book = Book::new(cluster(2, 4), BookConfig::default());
+    // 8 hosts of 8 GPUs: 16 replicas of a 4-GPU member, 4 of 2 x 8 in a rack.
+    let tp4 = api_gang("ns/c", 1, 4, None);
+    let report = book.capacity(&tp4, None).expect("capacity");
+    assert_eq!(report.replicas, 16);
+    assert_eq!(report.domains.iter().map(|d| d.replicas).collect::<Vec<_>>(), vec![8, 8]);
+    let rack_pairs = api_gang("ns/c", 2, 8, Some(Scope::Level("leaf".into())));
+    assert_eq!(book.capacity(&rack_pairs, None).expect("capacity").replicas, 4);
+    // Three 8-GPU members in one rack: one per rack, though six hosts' worth are free.
+    let rack_triples = api_gang("ns/c", 3, 8, Some(Scope::Level("leaf".into())));
+    assert_eq!(book.capacity(&rack_triples, None).expect("capacity").replicas, 2);
+    let anywhere_triples = api_gang("ns/c", 3, 8, None);
+    assert_eq!(book.capacity(&anywhere_triples, None).expect("capacity").replicas, 2);
+    // Reserve half a host: the 4-GPU count drops by one, the 8-GPU one by one host.
+    book.plan_gangs(&[api_gang("ns/half", 1, 4, None)], &plan_options(false, 1_000), 0).expect("plan");
+    assert_eq!(book.capacity(&tp4, None).expect("capacity").replicas, 15);
+    assert_eq!(book.capacity(&api_gang("ns/c", 1, 8, Some(Scope::Host)), None).expect("capacity").replicas, 7);
+    let unknown = book.capacity(&tp4, Some("zone"));
+    assert!(matches!(unknown, Err(RequestError::Invalid(m)) if m.contains("zone")));
+}

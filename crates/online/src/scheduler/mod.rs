@@ -1,0 +1,811 @@
+//! The secondary scheduler's decisions: which pending pods (those with
+//! `schedulerName: topoplace`) go where, as whole gangs or not at all. It owns the queue (units
+//! of work: a gang or a single pod, their order, back-off and the starvation guard), gang
+//! assembly (waiting until every member exists), the node predicates and the node resource
+//! usage of every bound pod. GPUs are placed by the engine and held in the shared [`Book`].
+//!
+//! Pure and synchronous like the rest of the core: the kube adapter feeds it watch events and
+//! the clock, calls [`Scheduler::cycle`], carries out the [`Decision`]s (Bindings, deletes,
+//! status, Events) and reports each bind back through [`Scheduler::finish`].
+//!
+//! Queue policy: units are tried in order of priority (higher first), then the time the unit
+//! became complete (older first). A unit that does not fit does not block the ones behind it
+//! (backfill), except once it has waited longer than `starvation_ms`: then it is starving,
+//! and units behind it in that order may no longer take the hosts it could use. Freed
+//! capacity there is kept for it until it fits. Units of higher priority are never held back.
+
+pub mod predicates;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::reservation::{BindFinish, Book, PodDemand, PodIdentity};
+use predicates::{NodeFacts, PodNeeds, Resources};
+use topoplace_engine::topology::HostId;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// How long a gang may wait for its missing members before it is reported incomplete.
+    pub gang_wait_timeout_ms: u64,
+    /// First retry delay after a unit did not fit or its Bindings failed; doubles per attempt.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Waiting this long makes a unit starving (see the module docs).
+    pub starvation_ms: u64,
+    /// How long a gang must look half-bound before its bound members are deleted (the two
+    /// watches, bound and pending pods, may briefly disagree).
+    pub repair_grace_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            gang_wait_timeout_ms: 120_000,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 10_000,
+            starvation_ms: 60_000,
+            repair_grace_ms: 5_000,
+        }
+    }
+}
+
+/// A pod waiting to be scheduled by topoplace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingPod {
+    pub demand: PodDemand,
+    pub needs: PodNeeds,
+    /// `spec.priority` (resolved from its PriorityClass by admission).
+    pub priority: i32,
+}
+
+/// A pod bound to a node (by anyone): what it takes of the node's resources.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoundPod {
+    pub pod: PodIdentity,
+    pub node: String,
+    pub requests: Resources,
+    pub gang: Option<String>,
+}
+
+/// One Binding to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BindMember {
+    pub pod: PodIdentity,
+    pub node: String,
+    /// GPU indices for `topoplace.io/gpus`; empty for a pod without GPUs.
+    pub gpus: Vec<u8>,
+}
+
+/// What the adapter must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Create every Binding concurrently, then report them with [`Scheduler::finish`].
+    Bind { ticket: String, members: Vec<BindMember> },
+    /// Set `PodScheduled=False` with `reason` and record an Event on every pod.
+    NotScheduled { pods: Vec<PodIdentity>, reason: &'static str, message: String },
+    /// A gang waits for members: an informational Event on the members that exist.
+    GangWaiting { pods: Vec<PodIdentity>, message: String },
+    /// Members of a gang are bound while others are pending (a scheduler died mid-gang, or
+    /// a member was recreated): delete the bound ones so the gang can be placed whole.
+    Repair { gang: String, delete: Vec<PodIdentity>, message: String },
+}
+
+/// `PodScheduled=False` reasons.
+pub const REASON_UNSCHEDULABLE: &str = "Unschedulable";
+pub const REASON_GANG_INCOMPLETE: &str = "GangIncomplete";
+
+/// A bind reported back: what to undo and tell.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finished {
+    Bound { members: Vec<BindMember> },
+    RolledBack { delete: Vec<PodIdentity>, message: String, members: Vec<PodIdentity> },
+}
+
+#[derive(Debug, Clone, Default)]
+struct UnitState {
+    /// When the unit was first seen complete (its place in the queue).
+    since_ms: u64,
+    first_seen_ms: u64,
+    attempts: u32,
+    retry_at_ms: u64,
+    /// The world as it was at the last failed attempt; a retry waits until it changes.
+    last_world: Option<World>,
+    last_attempt_ms: u64,
+    last_message: Option<String>,
+    complete: bool,
+    waiting_reported: bool,
+    incomplete_reported: bool,
+    in_flight: bool,
+    repaired: BTreeSet<String>,
+    half_bound_since_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct World {
+    free_gpus: u64,
+    node_changes: u64,
+    freed: u64,
+}
+
+impl World {
+    /// Whether something happened since `earlier` that could let a unit fit now.
+    fn may_fit_more_than(self, earlier: World) -> bool {
+        self.free_gpus > earlier.free_gpus || self.node_changes != earlier.node_changes || self.freed != earlier.freed
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Placed {
+    bound: BoundPod,
+    /// When topoplace assumed it (its Binding was just sent), for relists; 0 if observed.
+    assumed_at_ms: u64,
+}
+
+/// The scheduler's state. See the module docs.
+pub struct Scheduler {
+    config: SchedulerConfig,
+    nodes: BTreeMap<String, NodeFacts>,
+    node_changes: u64,
+    usage: HashMap<String, Resources>,
+    placed: HashMap<String, Placed>,
+    /// Counts resources given back (a pod left): a retry condition.
+    freed: u64,
+    pending: BTreeMap<String, PendingPod>,
+    units: BTreeMap<String, UnitState>,
+    /// Tickets in flight: unit key and the members' uids.
+    in_flight: BTreeMap<String, (String, Vec<BindMember>)>,
+}
+
+/// How long an assumed pod survives a relist that does not show it bound yet.
+const ASSUMED_GRACE_MS: u64 = 30_000;
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Self {
+        Scheduler {
+            config,
+            nodes: BTreeMap::new(),
+            node_changes: 0,
+            usage: HashMap::new(),
+            placed: HashMap::new(),
+            freed: 0,
+            pending: BTreeMap::new(),
+            units: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    // ---- watch input -------------------------------------------------------------------
+
+    pub fn node_applied(&mut self, node: NodeFacts) {
+        if self.nodes.get(&node.name) != Some(&node) {
+            self.node_changes += 1;
+            self.nodes.insert(node.name.clone(), node);
+        }
+    }
+
+    pub fn node_deleted(&mut self, name: &str) {
+        if self.nodes.remove(name).is_some() {
+            self.node_changes += 1;
+        }
+    }
+
+    /// After a relist of nodes: exactly these exist.
+    pub fn nodes_listed(&mut self, nodes: Vec<NodeFacts>) {
+        let listed: BTreeMap<String, NodeFacts> = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+        if listed != self.nodes {
+            self.nodes = listed;
+            self.node_changes += 1;
+        }
+    }
+
+    pub fn nodes(&self) -> &BTreeMap<String, NodeFacts> {
+        &self.nodes
+    }
+
+    /// A pod seen bound (by anyone). Idempotent per uid.
+    pub fn bound_applied(&mut self, bound: BoundPod) {
+        let uid = bound.pod.uid.clone();
+        self.pending.remove(&uid);
+        if let Some(old) = self.placed.remove(&uid) {
+            self.take_usage(&old.bound, false);
+        }
+        predicates::add_usage(self.usage.entry(bound.node.clone()).or_default(), &bound.requests, 1);
+        self.placed.insert(uid, Placed { bound, assumed_at_ms: 0 });
+    }
+
+    /// A bound pod left (deleted, or finished).
+    pub fn bound_deleted(&mut self, uid: &str) {
+        if let Some(old) = self.placed.remove(uid) {
+            self.take_usage(&old.bound, true);
+        }
+    }
+
+    /// After a relist of bound pods: those not listed are gone, except pods topoplace bound
+    /// moments ago (their watch event may still be on its way) and pods in flight.
+    pub fn bound_listed(&mut self, pods: Vec<BoundPod>, now_ms: u64) {
+        let listed: BTreeSet<String> = pods.iter().map(|p| p.pod.uid.clone()).collect();
+        let in_flight: BTreeSet<&str> =
+            self.in_flight.values().flat_map(|(_, members)| members.iter().map(|m| m.pod.uid.as_str())).collect();
+        let gone: Vec<String> = self
+            .placed
+            .iter()
+            .filter(|(uid, placed)| {
+                !listed.contains(*uid)
+                    && !in_flight.contains(uid.as_str())
+                    && (placed.assumed_at_ms == 0 || placed.assumed_at_ms + ASSUMED_GRACE_MS <= now_ms)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            self.bound_deleted(&uid);
+        }
+        for pod in pods {
+            self.bound_applied(pod);
+        }
+    }
+
+    fn take_usage(&mut self, bound: &BoundPod, freed: bool) {
+        if let Some(used) = self.usage.get_mut(&bound.node) {
+            predicates::add_usage(used, &bound.requests, -1);
+            if used.is_empty() {
+                self.usage.remove(&bound.node);
+            }
+        }
+        if freed {
+            self.freed += 1;
+        }
+    }
+
+    /// A pending pod appeared or changed. Ignored if it is already known bound.
+    pub fn pending_applied(&mut self, pod: PendingPod) {
+        let uid = pod.demand.pod.uid.clone();
+        if self.placed.contains_key(&uid) {
+            return;
+        }
+        self.pending.insert(uid, pod);
+    }
+
+    /// A pending pod left the queue (deleted, or bound: the watch's selector no longer
+    /// matches it).
+    pub fn pending_deleted(&mut self, uid: &str) {
+        self.pending.remove(uid);
+    }
+
+    /// After a relist of pending pods: exactly these are pending.
+    pub fn pending_listed(&mut self, pods: Vec<PendingPod>) {
+        self.pending.clear();
+        for pod in pods {
+            self.pending_applied(pod);
+        }
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Resources requested on `node` by its pods.
+    pub fn usage(&self, node: &str) -> Option<&Resources> {
+        self.usage.get(node)
+    }
+
+    pub fn bound_count(&self) -> usize {
+        self.placed.len()
+    }
+
+    pub fn in_flight_count(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    // ---- the cycle ---------------------------------------------------------------------
+
+    fn world(&self, book: &Book) -> World {
+        World { free_gpus: book.ledger().free_gpus(), node_changes: self.node_changes, freed: self.freed }
+    }
+
+    fn backoff_ms(&self, attempts: u32) -> u64 {
+        let shift = attempts.saturating_sub(1).min(20);
+        self.config.backoff_initial_ms.saturating_mul(1 << shift).min(self.config.backoff_max_ms)
+    }
+
+    /// Pending pods grouped into units, members in rank order (rank, then name).
+    fn unit_members(&self) -> BTreeMap<String, Vec<&PendingPod>> {
+        let mut units: BTreeMap<String, Vec<&PendingPod>> = BTreeMap::new();
+        for pod in self.pending.values() {
+            let key = match &pod.demand.gang {
+                Some(gang) => gang.key.clone(),
+                None => format!("pod:{}", pod.demand.pod.uid),
+            };
+            units.entry(key).or_default().push(pod);
+        }
+        for members in units.values_mut() {
+            members.sort_by(|a, b| {
+                let rank = |p: &PendingPod| p.demand.gang.as_ref().and_then(|g| g.rank).unwrap_or(u32::MAX);
+                (rank(a), &a.demand.pod.name).cmp(&(rank(b), &b.demand.pod.name))
+            });
+        }
+        units
+    }
+
+    /// One pass over the queue: every unit that may be tried is, in queue order. Returns what
+    /// the adapter must do; Bindings decided here are already held in `book`.
+    pub fn cycle(&mut self, book: Option<&mut Book>, now_ms: u64) -> Vec<Decision> {
+        let mut decisions = Vec::new();
+        let members_by_unit: BTreeMap<String, Vec<PendingPod>> =
+            self.unit_members().into_iter().map(|(k, v)| (k, v.into_iter().cloned().collect())).collect();
+        let in_flight_units: BTreeSet<String> = self.in_flight.values().map(|(unit, _)| unit.clone()).collect();
+        self.units.retain(|key, _| members_by_unit.contains_key(key) || in_flight_units.contains(key));
+
+        // Gang assembly and repair; collect the units that are complete.
+        let mut complete: Vec<(String, i32)> = Vec::new();
+        for (key, members) in &members_by_unit {
+            let state = self
+                .units
+                .entry(key.clone())
+                .or_insert_with(|| UnitState { first_seen_ms: now_ms, ..UnitState::default() });
+            if state.in_flight {
+                continue;
+            }
+            let pods: Vec<PodIdentity> = members.iter().map(|m| m.demand.pod.clone()).collect();
+            let priority = members.iter().map(|m| m.priority).max().unwrap_or(0);
+            let Some(gang) = members[0].demand.gang.clone() else {
+                if !state.complete {
+                    state.complete = true;
+                    state.since_ms = now_ms;
+                }
+                complete.push((key.clone(), priority));
+                continue;
+            };
+            let size = gang.size as usize;
+            let bound: Vec<PodIdentity> = self
+                .placed
+                .values()
+                .filter(|p| p.bound.gang.as_deref() == Some(key.as_str()))
+                .map(|p| p.bound.pod.clone())
+                .collect();
+            if bound.is_empty() {
+                state.half_bound_since_ms = None;
+            } else {
+                let since = *state.half_bound_since_ms.get_or_insert(now_ms);
+                let settled = now_ms.saturating_sub(since) >= self.config.repair_grace_ms;
+                let fresh: Vec<PodIdentity> =
+                    bound.iter().filter(|p| !state.repaired.contains(&p.uid)).cloned().collect();
+                if settled && !fresh.is_empty() && bound.len() + members.len() >= size {
+                    state.repaired.extend(fresh.iter().map(|p| p.uid.clone()));
+                    decisions.push(Decision::Repair {
+                        gang: key.clone(),
+                        message: format!(
+                            "gang `{key}` has {} member(s) bound and {} pending: deleting the bound ones so the whole gang of {size} is placed again together",
+                            bound.len(),
+                            members.len()
+                        ),
+                        delete: fresh,
+                    });
+                }
+                continue;
+            }
+            if members.len() > size {
+                let message = format!(
+                    "gang `{key}` has {} pending pods but its size is {size}: remove the extra pods or fix the size",
+                    members.len()
+                );
+                if state.last_message.as_ref() != Some(&message) {
+                    state.last_message = Some(message.clone());
+                    decisions.push(Decision::NotScheduled { pods, reason: REASON_UNSCHEDULABLE, message });
+                }
+                continue;
+            }
+            if members.len() < size {
+                state.complete = false;
+                let waited = now_ms.saturating_sub(state.first_seen_ms);
+                if !state.waiting_reported {
+                    state.waiting_reported = true;
+                    decisions.push(Decision::GangWaiting {
+                        pods,
+                        message: format!(
+                            "gang `{key}`: {} of {size} members exist; waiting for the rest before placing any",
+                            members.len()
+                        ),
+                    });
+                } else if waited >= self.config.gang_wait_timeout_ms && !state.incomplete_reported {
+                    state.incomplete_reported = true;
+                    decisions.push(Decision::NotScheduled {
+                        pods,
+                        reason: REASON_GANG_INCOMPLETE,
+                        message: format!(
+                            "gang `{key}`: only {} of {size} members exist after {} s; still waiting, nothing is held",
+                            members.len(),
+                            waited / 1000
+                        ),
+                    });
+                }
+                continue;
+            }
+            if !state.complete {
+                state.complete = true;
+                state.since_ms = now_ms;
+            }
+            complete.push((key.clone(), priority));
+        }
+
+        let Some(book) = book else { return decisions };
+        // Queue order: priority, then time complete, then key.
+        complete.sort_by(|(a, pa), (b, pb)| {
+            let since = |k: &String| self.units.get(k).map_or(0, |s| s.since_ms);
+            pb.cmp(pa).then(since(a).cmp(&since(b))).then(a.cmp(b))
+        });
+        let world = self.world(book);
+        let mut protected: Option<(i32, Vec<bool>)> = None;
+        for (key, priority) in complete {
+            let Some(members) = members_by_unit.get(&key) else { continue };
+            let Some(state) = self.units.get(&key) else { continue };
+            let waited = now_ms.saturating_sub(state.since_ms);
+            let due = now_ms >= state.retry_at_ms
+                && (state.last_world.is_none_or(|last| world.may_fit_more_than(last))
+                    || now_ms >= state.last_attempt_ms + self.config.backoff_max_ms);
+            let starving = state.attempts > 0 && waited >= self.config.starvation_ms && protected.is_none();
+            let held_back = protected.as_ref().filter(|(p, _)| priority <= *p).map(|(_, hosts)| hosts.clone());
+            if !due {
+                if starving {
+                    protected = self.wanted_hosts(book, members).map(|hosts| (priority, hosts));
+                }
+                continue;
+            }
+            match self.try_place(book, &key, members, held_back.as_deref(), now_ms) {
+                Ok(decision) => {
+                    if let Some(state) = self.units.get_mut(&key) {
+                        state.in_flight = true;
+                    }
+                    decisions.push(decision);
+                }
+                Err(message) => {
+                    let world_now = self.world(book);
+                    let backoff = self.backoff_ms(self.units.get(&key).map_or(1, |s| s.attempts + 1));
+                    if let Some(state) = self.units.get_mut(&key) {
+                        state.attempts += 1;
+                        state.retry_at_ms = now_ms + backoff;
+                        state.last_world = Some(world_now);
+                        state.last_attempt_ms = now_ms;
+                        if state.last_message.as_ref() != Some(&message) {
+                            state.last_message = Some(message.clone());
+                            decisions.push(Decision::NotScheduled {
+                                pods: members.iter().map(|m| m.demand.pod.clone()).collect(),
+                                reason: REASON_UNSCHEDULABLE,
+                                message,
+                            });
+                        }
+                    }
+                    let now_starving = waited >= self.config.starvation_ms;
+                    if now_starving && protected.is_none() {
+                        protected = self.wanted_hosts(book, members).map(|hosts| (priority, hosts));
+                    }
+                }
+            }
+        }
+        decisions
+    }
+
+    /// The GPU hosts a starving unit could use: held back from the units behind it.
+    fn wanted_hosts(&self, book: &mut Book, members: &[PendingPod]) -> Option<Vec<bool>> {
+        let first = members.first()?;
+        if first.demand.gpus == 0 {
+            return None;
+        }
+        let gang = first.demand.gang().ok()?;
+        let allowed = self.allowed_hosts(book, members, None).0;
+        Some(book.hosts_wanted_by(&gang, &allowed))
+    }
+
+    /// Per GPU host of the book, whether every member passes the predicates there; and the
+    /// reasons (with node counts over all nodes) for the nodes that fail.
+    fn allowed_hosts(
+        &self,
+        book: &Book,
+        members: &[PendingPod],
+        held_back: Option<&[bool]>,
+    ) -> (Vec<bool>, BTreeMap<String, usize>) {
+        let empty = Resources::new();
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        let mut passing: BTreeSet<&str> = BTreeSet::new();
+        for (name, node) in &self.nodes {
+            let used = self.usage.get(name).unwrap_or(&empty);
+            let verdict = members.iter().try_for_each(|m| predicates::check(node, used, &m.needs));
+            match verdict {
+                Ok(()) => {
+                    passing.insert(name.as_str());
+                }
+                Err(unfit) => *reasons.entry(unfit.to_string()).or_insert(0) += 1,
+            }
+        }
+        let hosts = &book.cluster().hosts;
+        let mut allowed: Vec<bool> = hosts.iter().map(|h| passing.remove(h.name.as_str())).collect();
+        // What is left passed the predicates but has no GPUs the engine could give.
+        if !passing.is_empty() {
+            reasons.insert("node(s) had no GPUs in topoplace's view".into(), passing.len());
+        }
+        if let Some(held) = held_back {
+            let mut held_count = 0;
+            for (flag, &held) in allowed.iter_mut().zip(held) {
+                if *flag && held {
+                    *flag = false;
+                    held_count += 1;
+                }
+            }
+            if held_count > 0 {
+                reasons.insert("node(s) were kept for a starving gang ahead in the queue".into(), held_count);
+            }
+        }
+        (allowed, reasons)
+    }
+
+    fn try_place(
+        &mut self,
+        book: &mut Book,
+        key: &str,
+        members: &[PendingPod],
+        held_back: Option<&[bool]>,
+        now_ms: u64,
+    ) -> Result<Decision, String> {
+        let gpus = members[0].demand.gpus;
+        if members.iter().any(|m| m.demand.gpus != gpus) {
+            let shapes: Vec<String> =
+                members.iter().map(|m| format!("{} asks {} GPUs", m.demand.pod.name, m.demand.gpus)).collect();
+            return Err(format!("gang `{key}`: every member must ask the same number of GPUs ({})", shapes.join(", ")));
+        }
+        if gpus == 0 {
+            return self.place_without_gpus(key, members, now_ms);
+        }
+        let gang = members[0].demand.gang().map_err(|e| e.to_string())?;
+        let gang_key = members[0].demand.gang.as_ref().map(|g| g.key.clone());
+        let (mut allowed, mut reasons) = self.allowed_hosts(book, members, held_back);
+        // A gang reserved through the placement API binds onto its reservation.
+        if let Some(hosts) = gang_key.as_deref().and_then(|k| book.reserved_hosts(k)) {
+            let blocked: Vec<String> = hosts
+                .iter()
+                .zip(members)
+                .filter(|(&h, _)| !allowed.get(h as usize).copied().unwrap_or(false))
+                .map(|(&h, m)| format!("{} on `{}`", m.demand.pod.name, book.cluster().host(h).name))
+                .collect();
+            if !blocked.is_empty() {
+                return Err(format!(
+                    "gang `{key}` is reserved through the placement API, but these members fail the node predicates there: {}",
+                    blocked.join(", ")
+                ));
+            }
+            let planned: Vec<String> = hosts.iter().map(|&h| book.cluster().host(h).name.clone()).collect();
+            if let Err((_, message)) = self.co_located_fit(members, &planned) {
+                return Err(format!("gang `{key}` is reserved through the placement API, but {message}"));
+            }
+            return self.hold_and_start(book, key, (gang_key.as_deref(), gang), &[], members, now_ms);
+        }
+        // Members sharing a node must fit there together; a node where they do not is left
+        // out and the gang planned again.
+        for _ in 0..4 {
+            let candidates = allowed.iter().filter(|&&a| a).count();
+            let placement = match book.plan_within(&gang, &allowed) {
+                Ok(placement) => placement,
+                Err(_) if candidates == 0 => return Err(predicates::summary(self.nodes.len(), &reasons)),
+                Err(unplaced) => {
+                    let mut message = predicates::summary(self.nodes.len(), &reasons);
+                    message.push_str(&format!(
+                        " GPUs: gang `{}` ({} GPUs) does not fit on the {candidates} node(s) left: {}",
+                        gang.name,
+                        gang.total_gpus(),
+                        unplaced.reason
+                    ));
+                    return Err(message);
+                }
+            };
+            let planned: Vec<String> =
+                placement.members.iter().map(|m| book.cluster().host(m.host).name.clone()).collect();
+            match self.co_located_fit(members, &planned) {
+                Ok(()) => {
+                    let holding: Vec<(HostId, u64)> = placement.members.iter().map(|m| (m.host, m.gpus)).collect();
+                    return self.hold_and_start(book, key, (gang_key.as_deref(), gang), &holding, members, now_ms);
+                }
+                Err((node, message)) => {
+                    let Some(host) = book.cluster().host_id(&node) else { return Err(message) };
+                    allowed[host as usize] = false;
+                    *reasons.entry("Insufficient resources for the members planned together".into()).or_insert(0) += 1;
+                }
+            }
+        }
+        Err(format!("gang `{key}`: no placement left whose members fit together by CPU and memory"))
+    }
+
+    /// Holds the plan (or adopts the API's reservation) in the book and starts the Bindings.
+    fn hold_and_start(
+        &mut self,
+        book: &mut Book,
+        key: &str,
+        (gang_key, gang): (Option<&str>, topoplace_engine::workload::Gang),
+        holding: &[(HostId, u64)],
+        members: &[PendingPod],
+        now_ms: u64,
+    ) -> Result<Decision, String> {
+        let pods: Vec<PodIdentity> = members.iter().map(|m| m.demand.pod.clone()).collect();
+        let (ticket, binds) = book.hold_for_bind(gang_key, gang, holding, &pods, now_ms).map_err(|e| e.to_string())?;
+        let chosen = binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect();
+        Ok(self.start(key, ticket, chosen, members, now_ms))
+    }
+
+    /// Whether members planned on `nodes` (same order) fit the nodes' resources together.
+    fn co_located_fit(&self, members: &[PendingPod], nodes: &[String]) -> Result<(), (String, String)> {
+        let mut scratch: HashMap<&str, Resources> = HashMap::new();
+        for (member, node) in members.iter().zip(nodes) {
+            let used =
+                scratch.entry(node.as_str()).or_insert_with(|| self.usage.get(node).cloned().unwrap_or_default());
+            let Some(facts) = self.nodes.get(node) else {
+                return Err((node.clone(), format!("node `{node}` is not known")));
+            };
+            if let Err(unfit) = predicates::fits_resources(facts, used, &member.needs.requests) {
+                return Err((node.clone(), format!("node `{node}` cannot take {} too: {unfit}", member.demand.pod)));
+            }
+            predicates::add_usage(used, &member.needs.requests, 1);
+        }
+        Ok(())
+    }
+
+    /// Pods that need no GPUs: each member on the node with the most room (kube-scheduler's
+    /// LeastAllocated), preferring nodes without GPUs so GPU hosts keep their CPU and memory.
+    fn place_without_gpus(&mut self, key: &str, members: &[PendingPod], now_ms: u64) -> Result<Decision, String> {
+        let empty = Resources::new();
+        let mut scratch: HashMap<String, Resources> = HashMap::new();
+        let mut chosen = Vec::new();
+        for member in members {
+            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+            let mut best: Option<(bool, i64, &str)> = None;
+            for (name, node) in &self.nodes {
+                let used = scratch.get(name).or_else(|| self.usage.get(name)).unwrap_or(&empty);
+                match predicates::check(node, used, &member.needs) {
+                    Ok(()) => {
+                        let has_gpus = node.allocatable.get(predicates::GPU_RESOURCE).is_some_and(|&g| g > 0);
+                        let room = free_share_per_mille(node, used);
+                        let candidate = (!has_gpus, room, name.as_str());
+                        if best.is_none_or(|b| (candidate.0, candidate.1) > (b.0, b.1)) {
+                            best = Some(candidate);
+                        }
+                    }
+                    Err(unfit) => *reasons.entry(unfit.to_string()).or_insert(0) += 1,
+                }
+            }
+            let Some((_, _, node)) = best else {
+                return Err(predicates::summary(self.nodes.len(), &reasons));
+            };
+            let node = node.to_string();
+            let used =
+                scratch.entry(node.clone()).or_insert_with(|| self.usage.get(&node).cloned().unwrap_or_default());
+            predicates::add_usage(used, &member.needs.requests, 1);
+            chosen.push((member.demand.pod.clone(), node, Vec::new()));
+        }
+        Ok(self.start(key, format!("plain:{key}"), chosen, members, now_ms))
+    }
+
+    /// Assumes the unit's pods on their nodes and marks the ticket in flight.
+    fn start(
+        &mut self,
+        key: &str,
+        ticket: String,
+        chosen: Vec<(PodIdentity, String, Vec<u8>)>,
+        members: &[PendingPod],
+        now_ms: u64,
+    ) -> Decision {
+        let mut binds = Vec::new();
+        for (pod, node, gpus) in chosen {
+            let requests = members
+                .iter()
+                .find(|m| m.demand.pod.uid == pod.uid)
+                .map(|m| m.needs.requests.clone())
+                .unwrap_or_default();
+            let gang = members[0].demand.gang.as_ref().map(|g| g.key.clone());
+            let bound = BoundPod { pod: pod.clone(), node: node.clone(), requests, gang };
+            predicates::add_usage(self.usage.entry(node.clone()).or_default(), &bound.requests, 1);
+            self.placed.insert(pod.uid.clone(), Placed { bound, assumed_at_ms: now_ms });
+            binds.push(BindMember { pod, node, gpus });
+        }
+        self.in_flight.insert(ticket.clone(), (key.to_string(), binds.clone()));
+        Decision::Bind { ticket, members: binds }
+    }
+
+    /// The outcome of a ticket's Bindings (`Ok` per pod bound, or already bound to the
+    /// planned node). On any failure the members that did bind must be deleted, the rest
+    /// are pending again and the unit backs off.
+    pub fn finish(
+        &mut self,
+        book: Option<&mut Book>,
+        ticket: &str,
+        outcomes: &[(PodIdentity, Result<(), String>)],
+        now_ms: u64,
+    ) -> Finished {
+        let Some((unit, members)) = self.in_flight.remove(ticket) else {
+            return Finished::RolledBack {
+                delete: Vec::new(),
+                message: format!("ticket `{ticket}` is not in flight"),
+                members: Vec::new(),
+            };
+        };
+        let book_finish = match book {
+            Some(book) if !ticket.starts_with("plain:") => Some(book.bind_finished(ticket, outcomes, now_ms)),
+            _ => None,
+        };
+        let failures: Vec<String> =
+            outcomes.iter().filter_map(|(pod, r)| r.as_ref().err().map(|e| format!("{pod}: {e}"))).collect();
+        let reported: BTreeSet<&str> = outcomes.iter().map(|(p, _)| p.uid.as_str()).collect();
+        let all_reported = members.iter().all(|m| reported.contains(m.pod.uid.as_str()));
+        let bound_ok =
+            failures.is_empty() && all_reported && !matches!(book_finish, Some(BindFinish::RolledBack { .. }));
+        if bound_ok {
+            for member in &members {
+                self.pending.remove(&member.pod.uid);
+                if let Some(placed) = self.placed.get_mut(&member.pod.uid) {
+                    placed.assumed_at_ms = now_ms;
+                }
+            }
+            self.units.remove(&unit);
+            return Finished::Bound { members };
+        }
+        let delete: Vec<PodIdentity> = outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone()).collect();
+        let deleted: BTreeSet<&str> = delete.iter().map(|p| p.uid.as_str()).collect();
+        for member in &members {
+            if deleted.contains(member.pod.uid.as_str()) {
+                // Bound, about to be deleted: no longer pending; its usage goes with its
+                // watch deletion.
+                self.pending.remove(&member.pod.uid);
+            } else if let Some(placed) = self.placed.remove(&member.pod.uid) {
+                self.take_usage(&placed.bound, true);
+            }
+        }
+        let backoff = self.backoff_ms(self.units.get(&unit).map_or(1, |s| s.attempts + 1));
+        if let Some(state) = self.units.get_mut(&unit) {
+            state.repaired.extend(deleted.iter().map(|uid| uid.to_string()));
+            state.in_flight = false;
+            state.attempts += 1;
+            state.retry_at_ms = now_ms + backoff;
+            state.last_world = None;
+        }
+        let message = format!(
+            "{unit}: not every member could be bound ({}); {} bound member(s) deleted so the gang is not half-bound; retrying in {} ms",
+            if failures.is_empty() { "the outcome of some Bindings is unknown".to_string() } else { failures.join("; ") },
+            delete.len(),
+            backoff
+        );
+        Finished::RolledBack { delete, message, members: members.into_iter().map(|m| m.pod).collect() }
+    }
+
+    /// Checks the scheduler's own invariants: per-node usage equals the sum over placed pods,
+    /// every in-flight member is assumed, no pod is both pending and in flight.
+    pub fn check(&self) -> Result<(), String> {
+        let mut expected: HashMap<String, Resources> = HashMap::new();
+        for placed in self.placed.values() {
+            predicates::add_usage(expected.entry(placed.bound.node.clone()).or_default(), &placed.bound.requests, 1);
+        }
+        expected.retain(|_, r| !r.is_empty());
+        if expected != self.usage {
+            return Err("node usage differs from the sum of the placed pods' requests".into());
+        }
+        for (ticket, (_, members)) in &self.in_flight {
+            for member in members {
+                if !self.placed.contains_key(&member.pod.uid) {
+                    return Err(format!("ticket `{ticket}`: member {} is in flight but not assumed", member.pod));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The smallest free share (per mille) over CPU and memory: LeastAllocated's measure.
+fn free_share_per_mille(node: &NodeFacts, used: &Resources) -> i64 {
+    ["cpu", "memory"]
+        .iter()
+        .filter_map(|r| {
+            let allocatable = *node.allocatable.get(*r)?;
+            (allocatable > 0).then(|| (allocatable - used.get(*r).copied().unwrap_or(0)) * 1000 / allocatable)
+        })
+        .min()
+        .unwrap_or(1000)
+}

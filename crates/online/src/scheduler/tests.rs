@@ -1,0 +1,581 @@
+//! The scheduler's decisions on small clusters (predicates, gang assembly, rollback,
+//! competing gangs, priority, the starvation guard, repair), and a seeded simulation over the
+//! Lingjun topology with faults, checked after every step.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+use super::predicates::{Taint, TaintEffect, Toleration};
+use super::*;
+use crate::reservation::{BookConfig, GangMembership};
+use topoplace_engine::testkit::node;
+use topoplace_engine::topology::{Cluster, ClusterSpec};
+use topoplace_engine::workload::MemoryNeed;
+
+const LEAF: &str = "network.topology.nvidia.com/leaf";
+
+fn book_of(racks: usize, hosts_per_rack: usize) -> Book {
+    let mut nodes = Vec::new();
+    for rack in 0..racks {
+        for host in 0..hosts_per_rack {
+            nodes.push(node(&format!("r{rack}-{host}"), "H100", 8, &[(LEAF, format!("r{rack}").as_str())]));
+        }
+    }
+    let cluster = Cluster::build(ClusterSpec { name: "t".into(), levels: vec![LEAF.into()], nodes }).expect("cluster");
+    Book::new(cluster, BookConfig::default())
+}
+
+fn facts_of(book: &Book) -> Vec<NodeFacts> {
+    book.cluster()
+        .hosts
+        .iter()
+        .map(|h| NodeFacts {
+            name: h.name.clone(),
+            labels: h.labels.clone(),
+            ready: true,
+            unschedulable: false,
+            taints: Vec::new(),
+            allocatable: Resources::from([
+                ("cpu".to_string(), 96_000),
+                ("memory".to_string(), 1_000_000_000_000_000),
+                ("pods".to_string(), 110_000),
+                ("nvidia.com/gpu".to_string(), 8_000),
+            ]),
+        })
+        .collect()
+}
+
+fn scheduler_on(book: &Book) -> Scheduler {
+    let mut scheduler = Scheduler::new(SchedulerConfig::default());
+    scheduler.nodes_listed(facts_of(book));
+    scheduler
+}
+
+fn pending(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu_milli: i64) -> PendingPod {
+    PendingPod {
+        demand: PodDemand {
+            pod: PodIdentity { namespace: "ns".into(), name: name.into(), uid: format!("{name}-uid") },
+            gpus,
+            memory: MemoryNeed::None,
+            tensor_parallel: None,
+            pipeline_parallel: None,
+            required: None,
+            preferred: None,
+            gang: gang.map(|(g, size, rank)| GangMembership { key: format!("ns/{g}"), size, rank: Some(rank) }),
+        },
+        needs: PodNeeds { requests: Resources::from([("cpu".to_string(), cpu_milli)]), ..PodNeeds::default() },
+        priority: 0,
+    }
+}
+
+fn gang(name: &str, size: u32, gpus: u32) -> Vec<PendingPod> {
+    (0..size).map(|r| pending(&format!("{name}-{r}"), gpus, Some((name, size, r)), 1000)).collect()
+}
+
+/// Carries out Bind decisions with every Binding succeeding (or failing for `fail`), and
+/// returns the other decisions.
+fn run(
+    scheduler: &mut Scheduler,
+    book: &mut Book,
+    now: u64,
+    fail: &BTreeSet<String>,
+) -> (Vec<BindMember>, Vec<Decision>) {
+    let mut bound = Vec::new();
+    let mut other = Vec::new();
+    for decision in scheduler.cycle(Some(book), now) {
+        match decision {
+            Decision::Bind { ticket, members } => {
+                let outcomes: Vec<_> = members
+                    .iter()
+                    .map(|m| {
+                        let result = if fail.contains(&m.pod.name) { Err("injected".to_string()) } else { Ok(()) };
+                        (m.pod.clone(), result)
+                    })
+                    .collect();
+                match scheduler.finish(Some(book), &ticket, &outcomes, now) {
+                    Finished::Bound { members } => bound.extend(members),
+                    Finished::RolledBack { delete, .. } => {
+                        for pod in delete {
+                            scheduler.bound_deleted(&pod.uid);
+                            book.forget_pod(&pod.uid);
+                        }
+                    }
+                }
+            }
+            other_decision => other.push(other_decision),
+        }
+    }
+    book.check().expect("book invariants");
+    scheduler.check().expect("scheduler invariants");
+    (bound, other)
+}
+
+fn messages(decisions: &[Decision]) -> Vec<String> {
+    decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::NotScheduled { message, .. } | Decision::GangWaiting { message, .. } => Some(message.clone()),
+            Decision::Repair { message, .. } => Some(message.clone()),
+            Decision::Bind { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn single_pods_meet_taints_selectors_and_resources() {
+    let mut book = book_of(1, 3);
+    let mut scheduler = scheduler_on(&book);
+    let mut facts = facts_of(&book);
+    facts[0].taints.push(Taint { key: "dedicated".into(), value: "train".into(), effect: TaintEffect::NoSchedule });
+    facts[1].allocatable.insert("cpu".into(), 2000);
+    scheduler.nodes_listed(facts);
+
+    let mut hungry = pending("hungry", 1, None, 4000);
+    hungry.needs.node_selector.insert("kubernetes.io/hostname".into(), "nowhere".into());
+    scheduler.pending_applied(hungry);
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(bound.is_empty());
+    assert_eq!(
+        messages(&other),
+        vec!["0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector.".to_string()]
+    );
+
+    let mut tolerant = pending("tolerant", 2, None, 4000);
+    tolerant.needs.tolerations.push(Toleration {
+        key: "dedicated".into(),
+        exists: true,
+        value: String::new(),
+        effect: None,
+    });
+    tolerant.needs.node_selector.insert(LEAF.into(), "r0".into());
+    scheduler.pending_applied(tolerant);
+    let plain = pending("plain", 1, None, 4000);
+    scheduler.pending_applied(plain);
+    let (bound, _) = run(&mut scheduler, &mut book, 1, &BTreeSet::new());
+    let placed: BTreeMap<String, String> = bound.iter().map(|m| (m.pod.name.clone(), m.node.clone())).collect();
+    assert_eq!(placed.get("plain").map(String::as_str), Some("r0-2"), "r0-0 is tainted, r0-1 has 2 CPUs");
+    assert!(placed.get("tolerant").is_some_and(|n| n == "r0-0" || n == "r0-2"));
+    assert_eq!(scheduler.usage("r0-2").and_then(|u| u.get("cpu")).copied().unwrap_or(0) % 4000, 0);
+
+    // A pod that asks for too much CPU everywhere: counted per reason.
+    scheduler.pending_deleted("hungry-uid");
+    scheduler.pending_applied(pending("greedy", 1, None, 200_000));
+    let (_, other) = run(&mut scheduler, &mut book, 2, &BTreeSet::new());
+    assert_eq!(
+        messages(&other),
+        vec!["0/3 nodes are available: 1 node(s) had untolerated taint {dedicated: train}, 2 Insufficient cpu."
+            .to_string()]
+    );
+}
+
+#[test]
+fn gang_waits_for_every_member_then_binds_whole() {
+    let mut book = book_of(2, 4);
+    let mut scheduler = scheduler_on(&book);
+    let members = gang("g", 4, 8);
+    for member in members.iter().rev().take(3) {
+        scheduler.pending_applied(member.clone());
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(bound.is_empty());
+    assert_eq!(messages(&other), vec!["gang `ns/g`: 3 of 4 members exist; waiting for the rest before placing any"]);
+    assert_eq!(book.ledger().free_gpus(), 64, "nothing is held while members are missing");
+    let timeout = scheduler.config().gang_wait_timeout_ms;
+    let (_, other) = run(&mut scheduler, &mut book, timeout, &BTreeSet::new());
+    assert!(matches!(&other[..], [Decision::NotScheduled { reason: REASON_GANG_INCOMPLETE, .. }]), "{other:?}");
+
+    scheduler.pending_applied(members[0].clone());
+    let (bound, _) = run(&mut scheduler, &mut book, timeout + 1, &BTreeSet::new());
+    assert_eq!(bound.len(), 4);
+    let ranks: Vec<&str> = bound.iter().map(|m| m.pod.name.as_str()).collect();
+    assert_eq!(ranks, ["g-0", "g-1", "g-2", "g-3"], "members bind in rank order");
+    let racks: BTreeSet<&str> = bound.iter().map(|m| &m.node[..2]).collect();
+    assert_eq!(racks.len(), 1, "a 4-host gang lands in one rack: {bound:?}");
+    assert_eq!(book.ledger().free_gpus(), 32);
+    assert_eq!(scheduler.pending_count(), 0);
+}
+
+#[test]
+fn failed_binding_rolls_the_gang_back_and_retries_after_backoff() {
+    let mut book = book_of(1, 4);
+    let mut scheduler = scheduler_on(&book);
+    for member in gang("g", 3, 8) {
+        scheduler.pending_applied(member);
+    }
+    let fail = BTreeSet::from(["g-1".to_string()]);
+    let mut deleted = Vec::new();
+    for decision in scheduler.cycle(Some(&mut book), 0) {
+        let Decision::Bind { ticket, members } = decision else { continue };
+        let outcomes: Vec<_> = members
+            .iter()
+            .map(|m| (m.pod.clone(), if fail.contains(&m.pod.name) { Err("boom".to_string()) } else { Ok(()) }))
+            .collect();
+        match scheduler.finish(Some(&mut book), &ticket, &outcomes, 0) {
+            Finished::RolledBack { delete, message, .. } => {
+                assert!(message.contains("ns/g-1: boom"), "{message}");
+                deleted = delete;
+            }
+            Finished::Bound { .. } => panic!("a failed member must roll the gang back"),
+        }
+    }
+    let mut names: Vec<&str> = deleted.iter().map(|p| p.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["g-0", "g-2"], "the members that did bind are deleted");
+    assert_eq!(book.ledger().free_gpus(), 32, "the reservation is released");
+    book.check().expect("book");
+    // The watch reports the deletions.
+    for pod in &deleted {
+        scheduler.bound_deleted(&pod.uid);
+        book.forget_pod(&pod.uid);
+    }
+    // Their controller recreates the deleted members (new uids).
+    for mut member in gang("g", 3, 8).into_iter().filter(|m| m.demand.pod.name != "g-1") {
+        member.demand.pod.uid.push_str("-2");
+        scheduler.pending_applied(member);
+    }
+    let (bound, _) = run(&mut scheduler, &mut book, 10, &BTreeSet::new());
+    assert!(bound.is_empty(), "backing off");
+    let retry_at = scheduler.config().backoff_initial_ms;
+    let (bound, _) = run(&mut scheduler, &mut book, retry_at, &BTreeSet::new());
+    assert_eq!(bound.len(), 3, "retried whole after the back-off");
+}
+
+#[test]
+fn two_gangs_competing_for_one_gangs_capacity_never_hold_partly() {
+    let mut book = book_of(1, 4);
+    let mut scheduler = scheduler_on(&book);
+    for member in gang("a", 3, 8).into_iter().chain(gang("b", 3, 8)) {
+        scheduler.pending_applied(member);
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    let gangs: BTreeSet<&str> = bound.iter().map(|m| &m.pod.name[..1]).collect();
+    assert_eq!(gangs, BTreeSet::from(["a"]), "the older (here: first by name) gang wins whole");
+    assert_eq!(book.ledger().free_gpus(), 8, "the loser holds nothing");
+    assert!(messages(&other)[0].contains("gang `ns/b` (24 GPUs) does not fit"), "{other:?}");
+}
+
+#[test]
+fn higher_priority_goes_first() {
+    let mut book = book_of(1, 2);
+    let mut scheduler = scheduler_on(&book);
+    let low = gang("low", 2, 8);
+    let mut high = gang("high", 2, 8);
+    for member in &mut high {
+        member.priority = 1000;
+    }
+    for member in low.into_iter().chain(high) {
+        scheduler.pending_applied(member);
+    }
+    let (bound, _) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(bound.iter().all(|m| m.pod.name.starts_with("high")), "{bound:?}");
+}
+
+#[test]
+fn a_starving_gang_is_not_overtaken_by_a_stream_of_small_pods() {
+    let mut book = book_of(1, 2);
+    let mut scheduler = scheduler_on(&book);
+    let mut now = 0;
+    let mut next_small = 0;
+    let mut running: Vec<(u64, String)> = Vec::new();
+    // Two 1-GPU pods per host keep both hosts busy; each runs 20 s, new ones keep coming.
+    for _ in 0..4 {
+        scheduler.pending_applied(pending(&format!("s{next_small}"), 1, None, 100));
+        next_small += 1;
+    }
+    let (bound, _) = run(&mut scheduler, &mut book, now, &BTreeSet::new());
+    running.extend(bound.into_iter().map(|m| (now + 20_000, m.pod.uid)));
+    for member in gang("big", 2, 8) {
+        scheduler.pending_applied(member);
+    }
+    let mut big_bound_at = None;
+    while now < 600_000 && big_bound_at.is_none() {
+        now += 1000;
+        // Finished small pods leave; a new one arrives every second.
+        let (done, still): (Vec<_>, Vec<_>) = running.into_iter().partition(|(end, _)| *end <= now);
+        running = still;
+        for (_, uid) in done {
+            scheduler.bound_deleted(&uid);
+            book.forget_pod(&uid);
+        }
+        scheduler.pending_applied(pending(&format!("s{next_small}"), 1, None, 100));
+        next_small += 1;
+        let (bound, _) = run(&mut scheduler, &mut book, now, &BTreeSet::new());
+        for member in bound {
+            if member.pod.name.starts_with("big") {
+                big_bound_at = Some(now);
+            } else {
+                running.push((now + 20_000, member.pod.uid));
+            }
+        }
+    }
+    let starvation = scheduler.config().starvation_ms;
+    let bound_at = big_bound_at.expect("the 16-GPU gang is placed eventually");
+    assert!(bound_at > 1000, "small pods fill the hosts first (backfill before starvation)");
+    assert!(bound_at <= starvation + 40_000, "placed at {bound_at} ms: within the small pods' run time after starving");
+}
+
+#[test]
+fn a_half_bound_gang_is_repaired_by_deleting_its_bound_members() {
+    let mut book = book_of(1, 4);
+    let mut scheduler = scheduler_on(&book);
+    let members = gang("g", 4, 8);
+    // A previous leader bound two members and died before the others.
+    for member in &members[..2] {
+        scheduler.bound_applied(BoundPod {
+            pod: member.demand.pod.clone(),
+            node: format!("r0-{}", member.demand.gang.as_ref().and_then(|g| g.rank).unwrap_or(0)),
+            requests: member.needs.requests.clone(),
+            gang: Some("ns/g".into()),
+        });
+    }
+    for member in &members[2..] {
+        scheduler.pending_applied(member.clone());
+    }
+    let (_, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(other.is_empty(), "the watches may disagree for a moment: no repair yet");
+    let grace = scheduler.config().repair_grace_ms;
+    let (_, other) = run(&mut scheduler, &mut book, grace, &BTreeSet::new());
+    let Some(Decision::Repair { delete, .. }) = other.first() else { panic!("expected a repair: {other:?}") };
+    let names: Vec<&str> = delete.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names.len(), 2);
+    let (_, again) = run(&mut scheduler, &mut book, grace + 1, &BTreeSet::new());
+    assert!(again.is_empty(), "a repair is asked once: {again:?}");
+}
+
+#[test]
+fn pods_without_gpus_prefer_nodes_without_gpus() {
+    let mut book = book_of(1, 2);
+    let mut scheduler = scheduler_on(&book);
+    let mut facts = facts_of(&book);
+    let mut cpu_node = facts[0].clone();
+    cpu_node.name = "cpu-0".into();
+    cpu_node.allocatable.remove("nvidia.com/gpu");
+    facts.push(cpu_node);
+    scheduler.nodes_listed(facts);
+    scheduler.pending_applied(pending("router", 0, None, 1000));
+    let (bound, _) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert_eq!(bound.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(), ["cpu-0"]);
+    assert!(bound[0].gpus.is_empty());
+    // A GPU pod pinned to the CPU node: that node passes the predicates but has no GPUs.
+    let mut pinned = pending("pinned", 1, None, 1000);
+    pinned.needs.affinity_terms = Some(vec![predicates::SelectorTerm {
+        match_expressions: Vec::new(),
+        match_fields: vec![predicates::SelectorRequirement {
+            key: "metadata.name".into(),
+            operator: predicates::SelectorOperator::In,
+            values: vec!["cpu-0".into()],
+        }],
+    }]);
+    scheduler.pending_applied(pinned);
+    let (_, other) = run(&mut scheduler, &mut book, 1, &BTreeSet::new());
+    assert_eq!(
+        messages(&other),
+        ["0/3 nodes are available: 1 node(s) had no GPUs in topoplace's view, 2 node(s) didn't match Pod's node affinity/selector."]
+    );
+}
+
+// ---- the simulation ---------------------------------------------------------------------
+
+/// A pod in the simulated API server.
+#[derive(Debug, Clone)]
+struct SimPod {
+    pending: PendingPod,
+    node: Option<String>,
+    gpus: Vec<u8>,
+    ends_at: u64,
+    /// The scheduler has seen it (a late member is created a step after its siblings).
+    delivered: bool,
+}
+
+fn lingjun_book() -> Book {
+    let path = topoplace_formats::convert::traces_dir().join("lingjun-2023").join("topo.csv");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let spec = topoplace_formats::convert::lingjun("topo.csv", &text, "H800", 8).expect("valid topology");
+    Book::new(Cluster::build(spec).expect("cluster"), BookConfig::default())
+}
+
+/// Hundreds of pods and gangs arriving and leaving over the 847-host Lingjun cluster, with
+/// Bindings failing, watches relisting, nodes going NotReady and pods deleted. After every
+/// step: the book's and the scheduler's invariants, no GPU given twice, no gang half-bound,
+/// every bound pod placed on a node that was Ready, tolerated and had room when it was bound.
+#[test]
+fn simulation_over_lingjun_with_faults_keeps_every_invariant() {
+    for seed in [1u64, 2] {
+        simulate(seed);
+    }
+}
+
+fn simulate(seed: u64) {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    let mut book = lingjun_book();
+    let mut scheduler = scheduler_on(&book);
+    let mut facts = facts_of(&book);
+    // A tenth of the hosts are tainted for training; some pods tolerate it.
+    for node in facts.iter_mut().step_by(10) {
+        node.taints.push(Taint { key: "dedicated".into(), value: "train".into(), effect: TaintEffect::NoSchedule });
+    }
+    scheduler.nodes_listed(facts.clone());
+    let facts_by_name: BTreeMap<String, usize> = facts.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
+    let mut api: BTreeMap<String, SimPod> = BTreeMap::new();
+    let mut next = 0u64;
+    let (mut binds, mut rollbacks, mut gangs_bound) = (0u64, 0u64, 0u64);
+    let mut now = 0u64;
+    for _step in 0..150 {
+        now += 1000;
+        // Arrivals: gangs of 2-16 members (8 GPUs each) and single pods, in any order.
+        for _ in 0..rng.random_range(0..3u32) {
+            next += 1;
+            let ends_at = now + rng.random_range(5_000..60_000u64);
+            let mut new_pods: Vec<PendingPod> = if rng.random_bool(0.4) {
+                let size = rng.random_range(2..=16u32);
+                (0..size)
+                    .map(|r| pending(&format!("g{next}-{r}"), 8, Some((&format!("g{next}"), size, r)), 4000))
+                    .collect()
+            } else {
+                let gpus = [1u32, 2, 4, 8][rng.random_range(0..4usize)];
+                vec![pending(&format!("p{next}"), gpus, None, rng.random_range(500..20_000i64))]
+            };
+            if rng.random_bool(0.2) {
+                for pod in &mut new_pods {
+                    pod.needs.tolerations.push(Toleration {
+                        key: "dedicated".into(),
+                        exists: true,
+                        value: String::new(),
+                        effect: None,
+                    });
+                    pod.priority = 100;
+                }
+            }
+            // Members arrive in any order, some one step late.
+            let late = if new_pods.len() > 1 && rng.random_bool(0.3) { new_pods.pop() } else { None };
+            for pod in new_pods {
+                scheduler.pending_applied(pod.clone());
+                let sim = SimPod { pending: pod, node: None, gpus: Vec::new(), ends_at, delivered: true };
+                api.insert(sim.pending.demand.pod.uid.clone(), sim);
+            }
+            if let Some(pod) = late {
+                let sim = SimPod { pending: pod, node: None, gpus: Vec::new(), ends_at, delivered: false };
+                api.insert(sim.pending.demand.pod.uid.clone(), sim);
+            }
+        }
+        // Late members show up a step later.
+        for pod in api.values_mut().filter(|p| !p.delivered) {
+            pod.delivered = true;
+            scheduler.pending_applied(pod.pending.clone());
+        }
+        // Faults: a node flaps NotReady; a watch relists.
+        if rng.random_bool(0.1) {
+            let index = rng.random_range(0..facts.len());
+            facts[index].ready = !facts[index].ready;
+            scheduler.node_applied(facts[index].clone());
+        }
+        if rng.random_bool(0.1) {
+            let pending_pods =
+                api.values().filter(|p| p.node.is_none() && p.delivered).map(|p| p.pending.clone()).collect();
+            scheduler.pending_listed(pending_pods);
+            let bound_pods = api.values().filter_map(|p| Some(bound_of(p, p.node.as_ref()?))).collect();
+            scheduler.bound_listed(bound_pods, now);
+        }
+        // Departures: finished pods (whole gangs finish together).
+        let finished: Vec<String> =
+            api.iter().filter(|(_, p)| p.node.is_some() && p.ends_at <= now).map(|(uid, _)| uid.clone()).collect();
+        for uid in finished {
+            api.remove(&uid);
+            scheduler.bound_deleted(&uid);
+            book.forget_pod(&uid);
+        }
+        // The scheduler's cycle, Bindings failing now and then.
+        for decision in scheduler.cycle(Some(&mut book), now) {
+            let Decision::Bind { ticket, members } = decision else { continue };
+            let mut outcomes = Vec::new();
+            for member in &members {
+                let Some(pod) = api.get_mut(&member.pod.uid) else {
+                    outcomes.push((member.pod.clone(), Err("404 pod not found".to_string())));
+                    continue;
+                };
+                let node = &facts[facts_by_name[&member.node]];
+                assert!(node.ready, "{} bound to NotReady {}", member.pod, member.node);
+                assert!(
+                    node.taints.is_empty() || !pod.pending.needs.tolerations.is_empty(),
+                    "{} bound to tainted {}",
+                    member.pod,
+                    member.node
+                );
+                if rng.random_bool(0.03) {
+                    outcomes.push((member.pod.clone(), Err("injected 500".to_string())));
+                } else {
+                    pod.node = Some(member.node.clone());
+                    pod.gpus = member.gpus.clone();
+                    outcomes.push((member.pod.clone(), Ok(())));
+                }
+            }
+            binds += 1;
+            match scheduler.finish(Some(&mut book), &ticket, &outcomes, now) {
+                Finished::Bound { members } => {
+                    if members.len() > 1 {
+                        gangs_bound += 1;
+                    }
+                    for member in members {
+                        if let Some(pod) = api.get(&member.pod.uid) {
+                            scheduler.bound_applied(bound_of(pod, &member.node));
+                        }
+                    }
+                }
+                Finished::RolledBack { delete, .. } => {
+                    rollbacks += 1;
+                    // Undo, then the controller recreates the deleted members.
+                    for victim in delete {
+                        if let Some(mut pod) = api.remove(&victim.uid) {
+                            scheduler.bound_deleted(&victim.uid);
+                            book.forget_pod(&victim.uid);
+                            pod.pending.demand.pod.uid.push('r');
+                            pod.node = None;
+                            pod.gpus.clear();
+                            scheduler.pending_applied(pod.pending.clone());
+                            api.insert(pod.pending.demand.pod.uid.clone(), pod);
+                        }
+                    }
+                }
+            }
+        }
+        check_world(&book, &scheduler, &api, &facts);
+    }
+    assert!(binds > 100, "seed {seed}: {binds} binds");
+    assert!(rollbacks > 0, "seed {seed}: faults exercised rollback");
+    assert!(gangs_bound > 10, "seed {seed}: {gangs_bound} gangs bound");
+}
+
+fn bound_of(pod: &SimPod, node: &str) -> BoundPod {
+    BoundPod {
+        pod: pod.pending.demand.pod.clone(),
+        node: node.to_string(),
+        requests: pod.pending.needs.requests.clone(),
+        gang: pod.pending.demand.gang.as_ref().map(|g| g.key.clone()),
+    }
+}
+
+fn check_world(book: &Book, scheduler: &Scheduler, api: &BTreeMap<String, SimPod>, facts: &[NodeFacts]) {
+    book.check().expect("book invariants");
+    scheduler.check().expect("scheduler invariants");
+    let mut given: BTreeSet<(String, u8)> = BTreeSet::new();
+    let mut gangs: BTreeMap<String, (usize, u32)> = BTreeMap::new();
+    let mut cpu: BTreeMap<String, i64> = BTreeMap::new();
+    for pod in api.values() {
+        let Some(node) = &pod.node else { continue };
+        for &gpu in &pod.gpus {
+            assert!(given.insert((node.clone(), gpu)), "GPU {gpu} of {node} given twice");
+        }
+        *cpu.entry(node.clone()).or_insert(0) += pod.pending.needs.requests.get("cpu").copied().unwrap_or(0);
+        if let Some(gang) = &pod.pending.demand.gang {
+            gangs.entry(gang.key.clone()).or_insert((0, gang.size)).0 += 1;
+        }
+    }
+    for (gang, (bound, size)) in gangs {
+        assert_eq!(bound, size as usize, "gang {gang} is half-bound");
+    }
+    for node in facts {
+        assert!(cpu.get(&node.name).copied().unwrap_or(0) <= node.allocatable["cpu"], "{} over its CPU", node.name);
+    }
+}

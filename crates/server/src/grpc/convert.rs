@@ -1,0 +1,322 @@
+//! Messages of `topoplace.v1` to and from the core's types. Requests are checked here for
+//! what needs no cluster: names, zero counts, the parallelism shape, the product name.
+
+use tonic::Status;
+
+use super::pb;
+use topoplace_engine::ledger::mask_indices;
+use topoplace_engine::placement::capacity::CapacityReport;
+use topoplace_engine::placement::exact::{ExactConfig, AUTO_VARIABLES_MAX};
+use topoplace_engine::placement::{GangPlacement, RejectionGroup, ScoreComponents, SolverChoice, SolverInfo};
+use topoplace_engine::topology::{product, Cluster};
+use topoplace_engine::workload::{GangSpec, MemoryNeed, Scope, WorkloadError};
+use topoplace_online::reservation::{ClusterState, Explained, GangRequest, PlanOutcome};
+
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// The core's field names are those of the workload file; the API's are the proto's.
+fn proto_field(field: &str) -> &str {
+    match field {
+        "gpusPerMember" => "gpus_per_member",
+        "tensorParallel" => "tensor_parallel",
+        "pipelineParallel" => "pipeline_parallel",
+        other => other,
+    }
+}
+
+fn workload_message(error: &WorkloadError) -> String {
+    match error {
+        WorkloadError::Zero { gang, field } => format!("gang `{gang}`: {} must be at least 1", proto_field(field)),
+        WorkloadError::TooLarge { gang, field, value, max } => {
+            format!("gang `{gang}`: {} is {value}, above the limit of {max}", proto_field(field))
+        }
+        WorkloadError::TensorParallelShape { gang, tp, gpus } => {
+            format!("gang `{gang}`: tensor_parallel {tp} and gpus_per_member {gpus} must divide one another")
+        }
+        WorkloadError::ParallelismShape { gang, total, model_gpus } => format!(
+            "gang `{gang}`: members x gpus_per_member = {total} GPUs is not a multiple of \
+             tensor_parallel x pipeline_parallel = {model_gpus}"
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn scope(text: &str) -> Option<Scope> {
+    let text = text.trim();
+    (!text.is_empty()).then(|| Scope::parse(text))
+}
+
+/// The gangs of a request, replicas expanded (`name-0`, `name-1`, ... when several).
+pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
+    let mut requests = Vec::new();
+    for (index, gang) in gangs.iter().enumerate() {
+        let at = |message: String| Status::invalid_argument(format!("gangs[{index}]: {message}"));
+        if gang.name.trim().is_empty() {
+            return Err(at("name is required".into()));
+        }
+        let namespace = if gang.namespace.is_empty() { DEFAULT_NAMESPACE } else { gang.namespace.as_str() };
+        if namespace.contains('/') || gang.name.contains('/') {
+            return Err(at("namespace and name must not contain `/`".into()));
+        }
+        let key = format!("{namespace}/{}", gang.name);
+        let product = match gang.product.trim() {
+            "" => None,
+            name => Some(product::lookup(name).ok_or_else(|| {
+                at(format!("gang `{key}`: product `{name}` is unknown (known: {})", product::known_names().join(", ")))
+            })?),
+        };
+        let spec = GangSpec {
+            name: key.clone(),
+            replicas: gang.replicas.max(1),
+            members: gang.members,
+            gpus_per_member: gang.gpus_per_member,
+            tensor_parallel: gang.tensor_parallel.max(1),
+            pipeline_parallel: gang.pipeline_parallel.max(1),
+            memory: match gang.min_gpu_memory_mib {
+                0 => MemoryNeed::None,
+                mib => MemoryNeed::FloorMib(mib),
+            },
+            required: scope(&gang.required_topology),
+            preferred: scope(&gang.preferred_topology),
+        };
+        spec.validate().map_err(|e| at(workload_message(&e)))?;
+        for expanded in spec.expand() {
+            requests.push(GangRequest { key: expanded.name.clone(), gang: expanded, product });
+        }
+    }
+    Ok(requests)
+}
+
+pub fn solver_choice(solver: i32) -> Result<SolverChoice, Status> {
+    match pb::Solver::try_from(solver) {
+        Ok(pb::Solver::Unspecified | pb::Solver::Greedy) => Ok(SolverChoice::Greedy),
+        Ok(pb::Solver::Exact) => Ok(SolverChoice::Exact(ExactConfig::default())),
+        Ok(pb::Solver::Auto) => {
+            Ok(SolverChoice::Auto(ExactConfig { variables_max: Some(AUTO_VARIABLES_MAX), ..ExactConfig::default() }))
+        }
+        Err(_) => Err(Status::invalid_argument(format!("solver {solver} is not a Solver value"))),
+    }
+}
+
+fn split_key(key: &str) -> (String, String) {
+    match key.split_once('/') {
+        Some((namespace, name)) => (namespace.to_string(), name.to_string()),
+        None => (String::new(), key.to_string()),
+    }
+}
+
+fn score(score: &ScoreComponents) -> pb::Score {
+    pb::Score {
+        total: score.total,
+        locality: score.locality,
+        memory: score.memory,
+        fragmentation: score.fragmentation,
+        connectivity: score.connectivity,
+    }
+}
+
+fn solver_info(info: &SolverInfo) -> pb::SolverInfo {
+    pb::SolverInfo {
+        solver: info.solver.clone(),
+        objective: info.objective,
+        bound: info.bound,
+        gap: info.gap,
+        note: info.note.clone().unwrap_or_default(),
+    }
+}
+
+pub fn placement(cluster: &Cluster, placement: &GangPlacement) -> pb::GangPlacement {
+    let (namespace, name) = split_key(&placement.gang);
+    pb::GangPlacement {
+        namespace,
+        name,
+        product: placement.product.get().name.to_string(),
+        scope: placement.scope.clone(),
+        members: placement
+            .members
+            .iter()
+            .map(|m| pb::MemberPlacement {
+                member: m.member,
+                node: cluster.host(m.host).name.clone(),
+                gpus: mask_indices(m.gpus).into_iter().map(u32::from).collect(),
+            })
+            .collect(),
+        score: Some(score(&placement.score)),
+        solver: Some(solver_info(&placement.solver)),
+        candidates: placement.candidates.min(u32::MAX as usize) as u32,
+    }
+}
+
+pub fn plan_response(cluster: &Cluster, outcome: &PlanOutcome, now_ms: u64) -> pb::PlanResponse {
+    let (reservation_id, expires_in_ms) = match &outcome.reservation {
+        Some((id, expires_at)) => (id.clone(), expires_at.saturating_sub(now_ms)),
+        None => (String::new(), 0),
+    };
+    pb::PlanResponse {
+        placed: outcome.placed_all(),
+        reservation_id,
+        expires_in_ms,
+        placements: outcome.placements.iter().map(|p| placement(cluster, p)).collect(),
+        unplaced: outcome
+            .unplaced
+            .iter()
+            .map(|u| {
+                let (namespace, name) = split_key(&u.gang);
+                let explanation = u.explanation.clone().unwrap_or_default();
+                pb::Unplaced {
+                    namespace,
+                    name,
+                    reason: u.reason.clone(),
+                    rejected_hosts: rejections(&explanation.rejected_hosts),
+                    domains: explanation.domains,
+                }
+            })
+            .collect(),
+        note: String::new(),
+    }
+}
+
+fn rejections(groups: &[RejectionGroup]) -> Vec<pb::RejectionGroup> {
+    groups
+        .iter()
+        .map(|g| pb::RejectionGroup {
+            reason: g.reason.clone(),
+            hosts: g.hosts.min(u32::MAX as usize) as u32,
+            examples: g.examples.clone(),
+        })
+        .collect()
+}
+
+pub fn explain_response(cluster: &Cluster, explained: Explained) -> pb::ExplainResponse {
+    let nodes = explained
+        .nodes
+        .into_iter()
+        .map(|n| pb::NodeVerdict {
+            node: n.node,
+            fits: n.reason.is_none(),
+            units: n.units,
+            reason: n.reason.unwrap_or_default(),
+        })
+        .collect();
+    let (fits, placed, reason, explanation) = match explained.outcome {
+        Ok(mut placed) => {
+            let explanation = placed.explanation.take();
+            (true, Some(placement(cluster, &placed)), String::new(), explanation)
+        }
+        Err(unplaced) => (false, None, unplaced.reason, unplaced.explanation),
+    };
+    let explanation = explanation.unwrap_or_default();
+    pb::ExplainResponse {
+        fits,
+        placement: placed,
+        reason,
+        rejected_hosts: rejections(&explanation.rejected_hosts),
+        domains: explanation.domains,
+        candidates: explanation
+            .candidates
+            .iter()
+            .map(|c| pb::Candidate {
+                scope: c.scope.clone(),
+                product: c.product.clone(),
+                hosts: c.hosts.clone(),
+                score: Some(score(&c.score)),
+                equivalent_hosts: c.equivalent_hosts.min(u32::MAX as usize) as u32,
+            })
+            .collect(),
+        nodes,
+    }
+}
+
+pub fn capacity_response(cluster: &Cluster, report: &CapacityReport, generation: u64) -> pb::CapacityResponse {
+    pb::CapacityResponse {
+        replicas: report.replicas,
+        products: report
+            .products
+            .iter()
+            .map(|p| pb::ProductCapacity {
+                product: p.product.get().name.to_string(),
+                replicas: p.replicas,
+                hosts: p.hosts,
+                gpus: p.gpus,
+                free_gpus: p.free_gpus,
+            })
+            .collect(),
+        domains: report
+            .domains
+            .iter()
+            .filter_map(|d| {
+                let level = report.level?;
+                Some(pb::DomainCapacity {
+                    domain: cluster.domains[level][d.domain as usize].path.clone(),
+                    product: d.product.get().name.to_string(),
+                    replicas: d.replicas,
+                    free_gpus: d.free_gpus,
+                })
+            })
+            .collect(),
+        rejected_hosts: rejections(&report.rejected),
+        generation,
+        level: report.level.map(|l| cluster.levels[l].clone()).unwrap_or_default(),
+    }
+}
+
+pub fn state_response(state: &ClusterState) -> pb::ClusterStateResponse {
+    pb::ClusterStateResponse {
+        cluster: state.cluster.clone(),
+        levels: state.levels.clone(),
+        hosts: state.products.iter().map(|p| p.1).sum(),
+        gpus: state.gpus,
+        free_gpus: state.free_gpus,
+        reserved_gpus: state.reserved_gpus,
+        bound_gpus: state.bound_gpus,
+        products: state
+            .products
+            .iter()
+            .map(|&(product, hosts, gpus, free_gpus)| pb::ProductCapacity {
+                product: product.get().name.to_string(),
+                replicas: 0,
+                hosts,
+                gpus,
+                free_gpus,
+            })
+            .collect(),
+        domains: state
+            .domains
+            .iter()
+            .map(|d| pb::DomainState {
+                level: d.level.clone(),
+                domain: d.path.clone(),
+                hosts: d.hosts,
+                gpus: d.gpus,
+                free_gpus: d.free_gpus,
+            })
+            .collect(),
+        host_states: state
+            .hosts
+            .iter()
+            .map(|h| pb::HostState {
+                name: h.name.clone(),
+                product: h.product.get().name.to_string(),
+                gpus: u32::from(h.gpus),
+                gpu_memory_mib: h.memory_mib,
+                free_gpus: h.free.iter().map(|&g| u32::from(g)).collect(),
+                domains: h.domains.clone(),
+                clique: h.clique.clone().unwrap_or_default(),
+            })
+            .collect(),
+        reservations: state
+            .reservations
+            .iter()
+            .map(|r| pb::Reservation {
+                id: r.origin.as_ref().map(|o| o.id.clone()).unwrap_or_default(),
+                owner: r.origin.as_ref().map_or_else(|| "extender".to_string(), |o| o.owner.clone()),
+                gang: r.gang.clone(),
+                gpus: r.gpus,
+                expires_in_ms: r.expires_in_ms,
+                members_assigned: r.members_assigned,
+                members: r.members,
+            })
+            .collect(),
+        generation: state.generation,
+    }
+}

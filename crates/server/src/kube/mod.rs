@@ -1,0 +1,413 @@
+//! The Kubernetes adapter: the translation of Pods and Nodes into the core's terms (`pod`,
+//! `node`), the API-server [`Binder`] (pods/binding, delete, Events), and the watchers that
+//! keep the extender's reservation book in step with the cluster (`run_view`).
+//!
+//! The view is built from two kube-rs reflectors. Node events rebuild the cluster model only
+//! when a node's GPU facts or topology labels change (status heartbeats do not). Pod events
+//! are applied one by one: a bound GPU pod holds its GPUs (`topoplace.io/gpus`, else the
+//! lowest free ones), a deleted or finished one gives them back. After a relist (a dropped
+//! watch), bound pods that are no longer listed are forgotten.
+
+pub mod lease;
+pub mod node;
+pub mod pod;
+pub mod scheduler;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Binding, Event, Node, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Status};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::watcher::{self, watcher, Event as WatchEvent};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+use thiserror::Error;
+use tokio::sync::Notify;
+
+use crate::extender::{Binder, Extender};
+use topoplace_engine::topology::{Cluster, NodeSpec};
+use topoplace_online::reservation::{Book, BookConfig, MemberBind, PodIdentity};
+
+/// How long a pod bound by us may be missing from a relist before it is forgotten (its
+/// watch event may still be on the way).
+const BOUND_UNSEEN_GRACE_MS: u64 = 30_000;
+/// Quiet time after a node change before the cluster model is rebuilt.
+const REBUILD_DEBOUNCE_MS: u64 = 100;
+
+#[derive(Debug, Error)]
+pub enum KubeError {
+    #[error("Kubernetes client configuration: {0}")]
+    Config(String),
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+}
+
+/// A client from a kubeconfig file, or the in-cluster / default configuration.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| KubeError::Config(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| KubeError::Config(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer().await.map_err(|e| KubeError::Config(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(KubeError::Api)
+}
+
+/// Creates Bindings, deletes pods and records Events through the API server.
+pub struct KubeBinder {
+    client: Client,
+}
+
+impl KubeBinder {
+    pub fn new(client: Client) -> Self {
+        KubeBinder { client }
+    }
+}
+
+fn is_conflict(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 409)
+}
+
+impl KubeBinder {
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Creates the pod's Binding to `node`, with `topoplace.io/gpus` when it gets GPUs. A 409
+    /// (already bound) is success only if the pod is bound to `node`.
+    pub async fn bind_pod(&self, target: &PodIdentity, node: &str, gpus: Option<String>) -> Result<(), String> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
+        let binding = Binding {
+            metadata: ObjectMeta {
+                name: Some(target.name.clone()),
+                namespace: Some(target.namespace.clone()),
+                uid: Some(target.uid.clone()),
+                annotations: gpus.map(|gpus| BTreeMap::from([(pod::GPUS_ANNOTATION.to_string(), gpus)])),
+                ..ObjectMeta::default()
+            },
+            target: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node.to_string()),
+                ..ObjectReference::default()
+            },
+        };
+        match pods.create_subresource::<_, Status>("binding", &target.name, &PostParams::default(), &binding).await {
+            Ok(_) => Ok(()),
+            Err(error) if is_conflict(&error) => {
+                let current = pods.get(&target.name).await.map_err(|e| format!("reading after 409: {e}"))?;
+                if current.metadata.uid.as_deref() != Some(target.uid.as_str()) {
+                    return Err("409 Conflict: the pod was replaced (another uid)".into());
+                }
+                let bound_to = current.spec.and_then(|s| s.node_name);
+                if bound_to.as_deref() == Some(node) {
+                    Ok(())
+                } else {
+                    Err(format!("409 Conflict: already bound to `{}`", bound_to.unwrap_or_default()))
+                }
+            }
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Records an Event of `kind` (`Normal` or `Warning`) on the pod; failures are logged.
+    pub async fn record(&self, target: &PodIdentity, kind: &str, reason: &str, message: String) {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &target.namespace);
+        let event = Event {
+            metadata: ObjectMeta { generate_name: Some(format!("{}.", target.name)), ..ObjectMeta::default() },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(target.name.clone()),
+                namespace: Some(target.namespace.clone()),
+                uid: Some(target.uid.clone()),
+                ..ObjectReference::default()
+            },
+            reason: Some(reason.to_string()),
+            message: Some(message),
+            type_: Some(kind.into()),
+            reporting_component: Some("topoplace".into()),
+            source: Some(k8s_openapi::api::core::v1::EventSource { component: Some("topoplace".into()), host: None }),
+            count: Some(1),
+            ..Event::default()
+        };
+        if let Err(error) = events.create(&PostParams::default(), &event).await {
+            tracing::warn!(pod = %target, %error, "recording an Event failed");
+        }
+    }
+}
+
+impl Binder for KubeBinder {
+    fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.bind_pod(&member.pod, &member.node, Some(gpus)))
+    }
+
+    fn delete<'a>(&'a self, target: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
+            let params = DeleteParams {
+                preconditions: Some(kube::api::Preconditions { uid: Some(target.uid.clone()), resource_version: None }),
+                ..DeleteParams::default()
+            };
+            match pods.delete(&target.name, &params).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+                Err(error) => Err(error.to_string()),
+            }
+        })
+    }
+
+    fn event<'a>(&'a self, target: &'a PodIdentity, reason: &'a str, message: String) -> BoxFuture<'a, ()> {
+        Box::pin(self.record(target, "Warning", reason, message))
+    }
+}
+
+/// A bound, running GPU pod as the book should hold it.
+struct BoundGpuPod {
+    identity: PodIdentity,
+    node: String,
+    recorded: Option<Vec<u8>>,
+    gpus: u32,
+    gang: Option<String>,
+}
+
+/// The pod as the book should hold it, or `None` (not bound, finished, or no GPUs).
+fn bound_gpu_pod(pod: &Pod) -> Option<BoundGpuPod> {
+    let node = pod.spec.as_ref()?.node_name.clone()?;
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded") | Some("Failed")) {
+        return None;
+    }
+    let gpus = pod::gpu_count(pod).ok()?;
+    if gpus == 0 {
+        return None;
+    }
+    let identity = pod::identity(pod).ok()?;
+    let gang = pod::gang_of(pod, &identity.namespace).ok().flatten().map(|g| g.key);
+    Some(BoundGpuPod { identity, node, recorded: pod::recorded_gpus(pod), gpus, gang })
+}
+
+/// Pods that hold resources on a node: bound and not finished. A pod that finishes leaves
+/// this selector, and its watch reports it deleted.
+pub const BOUND_PODS_SELECTOR: &str = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed";
+
+/// Who else wants the view's watch events (the secondary scheduler: every node, and the
+/// resources of every bound pod). Called outside the book's lock.
+pub trait ViewHooks: Send + Sync + 'static {
+    fn nodes_listed(&self, nodes: &[Node]);
+    fn node_applied(&self, node: &Node);
+    fn node_deleted(&self, name: &str);
+    fn bound_listed(&self, pods: &[Pod]);
+    fn bound_applied(&self, pod: &Pod);
+    fn bound_deleted(&self, pod: &Pod);
+}
+
+/// Watches nodes and pods and keeps the extender's book in step, until the streams end.
+/// Sets the extender ready once both have listed and the first cluster model exists.
+pub async fn run_view(client: Client, ext: Arc<Extender>, level_keys: Vec<String>, config: BookConfig) {
+    run_view_with(client, ext, level_keys, config, None).await
+}
+
+/// [`run_view`], also feeding `hooks`.
+pub async fn run_view_with(
+    client: Client,
+    ext: Arc<Extender>,
+    level_keys: Vec<String>,
+    config: BookConfig,
+    hooks: Option<Arc<dyn ViewHooks>>,
+) {
+    let dirty = Arc::new(Notify::new());
+    let node_specs: Arc<std::sync::Mutex<HashMap<String, NodeSpec>>> = Arc::default();
+    let nodes_synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let node_task = {
+        let dirty = dirty.clone();
+        let node_specs = node_specs.clone();
+        let nodes_synced = nodes_synced.clone();
+        let hooks = hooks.clone();
+        let api: Api<Node> = Api::all(client.clone());
+        async move {
+            let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+            let mut listing: Option<HashMap<String, NodeSpec>> = None;
+            let mut listed_nodes: Vec<Node> = Vec::new();
+            while let Some(event) = stream.next().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::warn!(%error, "node watch");
+                        continue;
+                    }
+                };
+                if let Some(hooks) = &hooks {
+                    match &event {
+                        WatchEvent::Apply(node) => hooks.node_applied(node),
+                        WatchEvent::Delete(node) => {
+                            hooks.node_deleted(node.metadata.name.as_deref().unwrap_or_default())
+                        }
+                        WatchEvent::Init => listed_nodes.clear(),
+                        WatchEvent::InitApply(node) => listed_nodes.push(node.clone()),
+                        WatchEvent::InitDone => hooks.nodes_listed(&std::mem::take(&mut listed_nodes)),
+                    }
+                }
+                let mut specs = node_specs.lock().unwrap_or_else(|p| p.into_inner());
+                let changed = match event {
+                    WatchEvent::Apply(node) => apply_node(&mut specs, &node),
+                    WatchEvent::Delete(node) => specs.remove(&node.metadata.name.unwrap_or_default()).is_some(),
+                    WatchEvent::Init => {
+                        listing = Some(HashMap::new());
+                        false
+                    }
+                    WatchEvent::InitApply(node) => {
+                        if let Some(listing) = listing.as_mut() {
+                            apply_node(listing, &node);
+                        }
+                        false
+                    }
+                    WatchEvent::InitDone => {
+                        if let Some(listed) = listing.take() {
+                            *specs = listed;
+                        }
+                        nodes_synced.store(true, std::sync::atomic::Ordering::SeqCst);
+                        true
+                    }
+                };
+                drop(specs);
+                if changed {
+                    dirty.notify_one();
+                }
+            }
+        }
+    };
+
+    let rebuild_task = {
+        let ext = ext.clone();
+        let config = config.clone();
+        async move {
+            loop {
+                dirty.notified().await;
+                tokio::time::sleep(Duration::from_millis(REBUILD_DEBOUNCE_MS)).await;
+                let mut nodes: Vec<NodeSpec> =
+                    node_specs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+                nodes.sort_by(|a, b| a.name.cmp(&b.name));
+                let levels =
+                    level_keys.iter().filter(|k| nodes.iter().any(|n| n.labels.contains_key(*k))).cloned().collect();
+                let spec = topoplace_engine::topology::ClusterSpec { name: "kubernetes".into(), levels, nodes };
+                if spec.nodes.is_empty() {
+                    continue;
+                }
+                match Cluster::build(spec) {
+                    Ok(cluster) => ext.with_book(|book| match book {
+                        Some(book) => ((), book.replace_cluster(cluster)),
+                        None => {
+                            *book = Some(Book::new(cluster, config.clone()));
+                            ((), Vec::new())
+                        }
+                    }),
+                    Err(error) => tracing::error!(%error, "the nodes do not form a valid cluster model"),
+                }
+            }
+        }
+    };
+
+    let pod_task = {
+        let ext = ext.clone();
+        let nodes_synced = nodes_synced.clone();
+        let api: Api<Pod> = Api::all(client);
+        async move {
+            let selector = watcher::Config::default().fields(BOUND_PODS_SELECTOR);
+            let mut stream = watcher(api, selector).default_backoff().boxed();
+            let mut listed: Option<Vec<Pod>> = None;
+            let mut synced = false;
+            while let Some(event) = stream.next().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::warn!(%error, "pod watch");
+                        continue;
+                    }
+                };
+                if let Some(hooks) = &hooks {
+                    match &event {
+                        WatchEvent::Apply(pod) => hooks.bound_applied(pod),
+                        WatchEvent::Delete(pod) => hooks.bound_deleted(pod),
+                        WatchEvent::InitDone => hooks.bound_listed(listed.as_deref().unwrap_or_default()),
+                        _ => {}
+                    }
+                }
+                match event {
+                    WatchEvent::Apply(pod) => apply_pod(&ext, &pod),
+                    WatchEvent::Delete(pod) => forget(&ext, &pod),
+                    WatchEvent::Init => listed = Some(Vec::new()),
+                    WatchEvent::InitApply(pod) => {
+                        if let Some(listed) = listed.as_mut() {
+                            listed.push(pod);
+                        }
+                    }
+                    WatchEvent::InitDone => {
+                        // The book may not exist yet (nodes still listing): wait for it so
+                        // that no bound pod is missed before binding anything.
+                        while !ext.has_book() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        let pods = listed.take().unwrap_or_default();
+                        let present: HashSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+                        let now = ext.now_ms();
+                        ext.update_book(|book| book.forget_unlisted(&present, now, BOUND_UNSEEN_GRACE_MS));
+                        for pod in &pods {
+                            apply_pod(&ext, pod);
+                        }
+                        if !synced && nodes_synced.load(std::sync::atomic::Ordering::SeqCst) {
+                            synced = true;
+                            ext.set_ready(true);
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    tokio::join!(node_task, rebuild_task, pod_task);
+}
+
+fn apply_node(specs: &mut HashMap<String, NodeSpec>, node: &Node) -> bool {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    match node::node_spec(node) {
+        Ok(Some(spec)) => specs.insert(name, spec.clone()).as_ref() != Some(&spec),
+        Ok(None) => specs.remove(&name).is_some(),
+        Err(reason) => {
+            tracing::warn!(node = %name, %reason, "GPU node left out of the view");
+            specs.remove(&name).is_some()
+        }
+    }
+}
+
+/// A pod that left (deleted or finished): its GPUs come back.
+fn forget(ext: &Extender, pod: &Pod) {
+    let Some(uid) = pod.metadata.uid.as_deref() else { return };
+    ext.update_book(|book| book.forget_pod(uid));
+}
+
+fn apply_pod(ext: &Extender, pod: &Pod) {
+    let Some(BoundGpuPod { identity, node, recorded, gpus, gang }) = bound_gpu_pod(pod) else {
+        // Finished, or not bound yet: a finished pod's GPUs come back.
+        let finished =
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+        if finished {
+            forget(ext, pod);
+        }
+        return;
+    };
+    ext.update_book(|book| {
+        if let Err(error) = book.observe_bound(identity, &node, recorded.as_deref(), gpus, gang) {
+            tracing::warn!(%error, "a bound pod's GPUs could not be accounted");
+        }
+    });
+}

@@ -1,0 +1,410 @@
+//! Kubernetes Pods into the core's [`PodDemand`]: GPUs from the `nvidia.com/gpu` limits, the
+//! gang from the labels of DESIGN.md (topoplace, coscheduling, LeaderWorkerSet, in that
+//! order), memory and parallelism from `topoplace.io/*` annotations. Every error names the
+//! pod and the field.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use thiserror::Error;
+
+use topoplace_engine::quantity;
+use topoplace_engine::workload::{MemoryNeed, ModelSpec, Scope, GANG_MEMBERS_MAX, RUNTIME_OVERHEAD_DEFAULT};
+use topoplace_online::reservation::{GangMembership, PodDemand, PodIdentity};
+use topoplace_online::scheduler::predicates::{
+    PodNeeds, Resources, SelectorOperator, SelectorRequirement, SelectorTerm, TaintEffect, Toleration, PODS_RESOURCE,
+};
+
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Where topoplace records the GPU indices it gave a pod (merged in by the Binding).
+pub const GPUS_ANNOTATION: &str = "topoplace.io/gpus";
+
+const GANG_LABEL: &str = "topoplace.io/gang";
+const GANG_SIZE: &str = "topoplace.io/gang-size";
+const RANK: &str = "topoplace.io/rank";
+const POD_GROUP_LABEL: &str = "scheduling.x-k8s.io/pod-group";
+const LWS_GROUP_LABEL: &str = "leaderworkerset.sigs.k8s.io/group-key";
+const LWS_SIZE_ANNOTATION: &str = "leaderworkerset.sigs.k8s.io/size";
+const LWS_INDEX_LABEL: &str = "leaderworkerset.sigs.k8s.io/worker-index";
+const MIN_GPU_MEMORY: &str = "topoplace.io/min-gpu-memory";
+const MODEL_PARAMS: &str = "topoplace.io/model-params";
+const MODEL_DTYPE: &str = "topoplace.io/model-dtype";
+const KV_CACHE: &str = "topoplace.io/kv-cache";
+const TENSOR_PARALLEL: &str = "topoplace.io/tensor-parallel";
+const PIPELINE_PARALLEL: &str = "topoplace.io/pipeline-parallel";
+const TOPOLOGY_REQUIRED: &str = "topoplace.io/topology-required";
+const TOPOLOGY_PREFERRED: &str = "topoplace.io/topology-preferred";
+
+#[derive(Debug, Error, PartialEq)]
+pub enum PodError {
+    #[error("pod {pod}: {field} is missing")]
+    Missing { pod: String, field: &'static str },
+    #[error("pod {pod}: {field} is `{value}`: {detail}")]
+    Invalid { pod: String, field: String, value: String, detail: String },
+}
+
+/// The pod's namespace/name/uid; `uid` is required because gangs track members by it.
+pub fn identity(pod: &Pod) -> Result<PodIdentity, PodError> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let shown = format!("{namespace}/{name}");
+    if name.is_empty() {
+        return Err(PodError::Missing { pod: shown, field: "metadata.name" });
+    }
+    let uid = pod.metadata.uid.clone().filter(|u| !u.is_empty());
+    let Some(uid) = uid else { return Err(PodError::Missing { pod: shown, field: "metadata.uid" }) };
+    Ok(PodIdentity { namespace, name, uid })
+}
+
+/// GPUs the pod asks for: the sum over its containers of `nvidia.com/gpu` (limits, else
+/// requests), or the largest init container's if that is more, as kube-scheduler counts.
+pub fn gpu_count(pod: &Pod) -> Result<u32, PodError> {
+    let shown = shown(pod);
+    let Some(spec) = &pod.spec else { return Ok(0) };
+    let of = |container: &k8s_openapi::api::core::v1::Container, path: String| -> Result<u32, PodError> {
+        let Some(resources) = &container.resources else { return Ok(0) };
+        let quantity = resources
+            .limits
+            .as_ref()
+            .and_then(|l| l.get(GPU_RESOURCE))
+            .or_else(|| resources.requests.as_ref().and_then(|r| r.get(GPU_RESOURCE)));
+        let Some(quantity) = quantity else { return Ok(0) };
+        quantity.0.trim().parse::<u32>().map_err(|_| PodError::Invalid {
+            pod: shown.clone(),
+            field: path,
+            value: quantity.0.clone(),
+            detail: "GPUs are counted in whole devices".into(),
+        })
+    };
+    let mut sum = 0u32;
+    for (index, container) in spec.containers.iter().enumerate() {
+        sum = sum.saturating_add(of(container, format!("spec.containers[{index}].resources.limits[{GPU_RESOURCE}]"))?);
+    }
+    let mut init_max = 0u32;
+    for (index, container) in spec.init_containers.iter().flatten().enumerate() {
+        init_max =
+            init_max.max(of(container, format!("spec.initContainers[{index}].resources.limits[{GPU_RESOURCE}]"))?);
+    }
+    Ok(sum.max(init_max))
+}
+
+fn shown(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or("<no name>")
+    )
+}
+
+fn number(pod: &str, field: String, value: &str, max: u32) -> Result<u32, PodError> {
+    let invalid =
+        |detail: String| PodError::Invalid { pod: pod.into(), field: field.clone(), value: value.into(), detail };
+    let parsed: u32 = value.trim().parse().map_err(|_| invalid("not a whole number".into()))?;
+    if parsed > max {
+        return Err(invalid(format!("above the limit of {max}")));
+    }
+    Ok(parsed)
+}
+
+/// The coscheduling PodGroup a pod names, when its size is not on the pod itself (the size
+/// then comes from the PodGroup's `minMember`, which the caller looks up).
+pub fn pod_group_needing_size(pod: &Pod) -> Option<String> {
+    let labels = pod.metadata.labels.as_ref()?;
+    if labels.contains_key(GANG_LABEL) {
+        return None;
+    }
+    let group = labels.get(POD_GROUP_LABEL)?;
+    let annotations = pod.metadata.annotations.as_ref();
+    let sized = labels.contains_key(GANG_SIZE) || annotations.is_some_and(|a| a.contains_key(GANG_SIZE));
+    (!sized).then(|| group.clone())
+}
+
+/// The gang a pod belongs to, if any (DESIGN.md's order: topoplace, coscheduling, LWS).
+pub fn gang_of(pod: &Pod, namespace: &str) -> Result<Option<GangMembership>, PodError> {
+    gang_of_sized(pod, namespace, None)
+}
+
+/// [`gang_of`], with the size of a coscheduling PodGroup whose pods do not carry it.
+pub fn gang_of_sized(
+    pod: &Pod,
+    namespace: &str,
+    pod_group_min_member: Option<u32>,
+) -> Result<Option<GangMembership>, PodError> {
+    let shown = shown(pod);
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let either = |key: &str| labels.get(key).or_else(|| annotations.get(key));
+    let size_from = |key: &'static str, value: Option<&String>| -> Result<u32, PodError> {
+        let Some(value) = value else {
+            return Err(PodError::Missing { pod: shown.clone(), field: key });
+        };
+        let size = number(&shown, key.to_string(), value, GANG_MEMBERS_MAX)?;
+        if size == 0 {
+            return Err(PodError::Invalid {
+                pod: shown.clone(),
+                field: key.into(),
+                value: value.clone(),
+                detail: "a gang has at least one member".into(),
+            });
+        }
+        Ok(size)
+    };
+    let rank_from = |key: &str| -> Result<Option<u32>, PodError> {
+        either(key).map(|v| number(&shown, key.to_string(), v, GANG_MEMBERS_MAX)).transpose()
+    };
+    if let Some(name) = labels.get(GANG_LABEL) {
+        let size = size_from(GANG_SIZE, either(GANG_SIZE))?;
+        return Ok(Some(GangMembership { key: format!("{namespace}/{name}"), size, rank: rank_from(RANK)? }));
+    }
+    if let Some(group) = labels.get(POD_GROUP_LABEL) {
+        // The PodGroup's minMember needs an API lookup: the scheduler makes it, the extender
+        // does not (there the size must be on the pod).
+        let size = match (either(GANG_SIZE), pod_group_min_member) {
+            (None, Some(min_member)) if min_member > 0 => min_member,
+            (value, _) => size_from(GANG_SIZE, value)?,
+        };
+        return Ok(Some(GangMembership { key: format!("{namespace}/{group}"), size, rank: rank_from(RANK)? }));
+    }
+    if let Some(group) = labels.get(LWS_GROUP_LABEL) {
+        let size = size_from(LWS_SIZE_ANNOTATION, annotations.get(LWS_SIZE_ANNOTATION))?;
+        return Ok(Some(GangMembership {
+            key: format!("{namespace}/lws-{group}"),
+            size,
+            rank: rank_from(LWS_INDEX_LABEL)?,
+        }));
+    }
+    Ok(None)
+}
+
+/// Everything the core needs to place the pod.
+pub fn demand(pod: &Pod) -> Result<PodDemand, PodError> {
+    demand_sized(pod, None)
+}
+
+/// [`demand`], with a coscheduling PodGroup's `minMember` looked up by the caller.
+pub fn demand_sized(pod: &Pod, pod_group_min_member: Option<u32>) -> Result<PodDemand, PodError> {
+    let identity = identity(pod)?;
+    let shown = identity.to_string();
+    let gpus = gpu_count(pod)?;
+    let empty = BTreeMap::new();
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let annotation = |key: &str| annotations.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let invalid = |field: &str, value: &str, detail: String| PodError::Invalid {
+        pod: shown.clone(),
+        field: format!("metadata.annotations[{field}]"),
+        value: value.into(),
+        detail,
+    };
+    let memory = match (annotation(MIN_GPU_MEMORY), annotation(MODEL_PARAMS)) {
+        (Some(floor), _) => MemoryNeed::FloorMib(quantity::bytes_to_mib_ceil(
+            quantity::parse_bytes(floor).map_err(|e| invalid(MIN_GPU_MEMORY, floor, e.to_string()))?,
+        )),
+        (None, Some(params)) => {
+            let parameters =
+                quantity::parse_parameters(params).map_err(|e| invalid(MODEL_PARAMS, params, e.to_string()))?;
+            let dtype = annotation(MODEL_DTYPE).unwrap_or("bf16");
+            let dtype_eighths =
+                quantity::dtype_bytes_eighths(dtype).map_err(|e| invalid(MODEL_DTYPE, dtype, e.to_string()))?;
+            let kv_cache_bytes = match annotation(KV_CACHE) {
+                Some(kv) => quantity::parse_bytes(kv).map_err(|e| invalid(KV_CACHE, kv, e.to_string()))?,
+                None => 0,
+            };
+            MemoryNeed::Model(ModelSpec {
+                parameters,
+                dtype_eighths,
+                dtype: dtype.to_string(),
+                kv_cache_bytes,
+                overhead: RUNTIME_OVERHEAD_DEFAULT,
+            })
+        }
+        (None, None) => MemoryNeed::None,
+    };
+    let parallel = |key: &str| -> Result<Option<u32>, PodError> {
+        annotation(key).map(|v| number(&shown, format!("metadata.annotations[{key}]"), v, 1 << 20)).transpose()
+    };
+    Ok(PodDemand {
+        gang: gang_of_sized(pod, &identity.namespace, pod_group_min_member)?,
+        pod: identity,
+        gpus,
+        memory,
+        tensor_parallel: parallel(TENSOR_PARALLEL)?,
+        pipeline_parallel: parallel(PIPELINE_PARALLEL)?,
+        required: annotation(TOPOLOGY_REQUIRED).map(Scope::parse),
+        preferred: annotation(TOPOLOGY_PREFERRED).map(Scope::parse),
+    })
+}
+
+/// GPU indices from `topoplace.io/gpus` (`"0,1,2,3"`), if the pod has a valid one.
+pub fn recorded_gpus(pod: &Pod) -> Option<Vec<u8>> {
+    let text = pod.metadata.annotations.as_ref()?.get(GPUS_ANNOTATION)?;
+    text.split(',').map(|part| part.trim().parse::<u8>().ok().filter(|&g| g < 64)).collect()
+}
+
+/// The `topoplace.io/gpus` value for a set of indices.
+pub fn gpus_annotation(gpus: &[u8]) -> String {
+    gpus.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// What the pod asks of a node besides GPUs: selector, required node affinity, tolerations
+/// and effective resource requests, as kube-scheduler computes them.
+pub fn needs(pod: &Pod) -> Result<PodNeeds, PodError> {
+    let shown = shown(pod);
+    let Some(spec) = &pod.spec else { return Ok(PodNeeds::default()) };
+    let invalid = |field: String, value: &str, detail: &str| PodError::Invalid {
+        pod: shown.clone(),
+        field,
+        value: value.to_string(),
+        detail: detail.to_string(),
+    };
+    let mut tolerations = Vec::new();
+    for (index, toleration) in spec.tolerations.iter().flatten().enumerate() {
+        let exists = match toleration.operator.as_deref() {
+            None | Some("") | Some("Equal") => false,
+            Some("Exists") => true,
+            Some(other) => {
+                return Err(invalid(format!("spec.tolerations[{index}].operator"), other, "expected Equal or Exists"))
+            }
+        };
+        let effect = match toleration.effect.as_deref() {
+            None | Some("") => None,
+            Some(text) => Some(TaintEffect::parse(text).ok_or_else(|| {
+                invalid(
+                    format!("spec.tolerations[{index}].effect"),
+                    text,
+                    "expected NoSchedule, PreferNoSchedule or NoExecute",
+                )
+            })?),
+        };
+        tolerations.push(Toleration {
+            key: toleration.key.clone().unwrap_or_default(),
+            exists,
+            value: toleration.value.clone().unwrap_or_default(),
+            effect,
+        });
+    }
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref());
+    let affinity_terms = match required {
+        None => None,
+        Some(selector) => {
+            let mut terms = Vec::new();
+            for (t, term) in selector.node_selector_terms.iter().enumerate() {
+                let field = |kind: &str, r: usize| {
+                    format!("spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[{t}].{kind}[{r}].operator")
+                };
+                let convert = |kind: &str,
+                               requirements: &Option<Vec<k8s_openapi::api::core::v1::NodeSelectorRequirement>>|
+                 -> Result<Vec<SelectorRequirement>, PodError> {
+                    requirements
+                        .iter()
+                        .flatten()
+                        .enumerate()
+                        .map(|(r, req)| {
+                            let operator = SelectorOperator::parse(&req.operator).ok_or_else(|| {
+                                invalid(
+                                    field(kind, r),
+                                    &req.operator,
+                                    "expected In, NotIn, Exists, DoesNotExist, Gt or Lt",
+                                )
+                            })?;
+                            Ok(SelectorRequirement {
+                                key: req.key.clone(),
+                                operator,
+                                values: req.values.clone().unwrap_or_default(),
+                            })
+                        })
+                        .collect()
+                };
+                terms.push(SelectorTerm {
+                    match_expressions: convert("matchExpressions", &term.match_expressions)?,
+                    match_fields: convert("matchFields", &term.match_fields)?,
+                });
+            }
+            Some(terms)
+        }
+    };
+    Ok(PodNeeds {
+        node_selector: spec.node_selector.clone().unwrap_or_default(),
+        affinity_terms,
+        tolerations,
+        requests: requests(pod)?,
+    })
+}
+
+/// Effective requests: containers (plus sidecar init containers) summed, against the peak
+/// of each ordinary init container with the sidecars started before it, plus the pod's
+/// overhead. A resource with a limit and no request is requested at its limit (the API
+/// server's defaulting). GPUs and `pods` are left out.
+pub fn requests(pod: &Pod) -> Result<Resources, PodError> {
+    let shown = shown(pod);
+    let Some(spec) = &pod.spec else { return Ok(Resources::new()) };
+    let of = |container: &k8s_openapi::api::core::v1::Container, path: &str| -> Result<Resources, PodError> {
+        let mut out = Resources::new();
+        let Some(resources) = &container.resources else { return Ok(out) };
+        let mut named: BTreeMap<&String, &k8s_openapi::apimachinery::pkg::api::resource::Quantity> = BTreeMap::new();
+        named.extend(resources.limits.iter().flatten());
+        named.extend(resources.requests.iter().flatten());
+        for (name, quantity) in named {
+            if name == GPU_RESOURCE || name == PODS_RESOURCE {
+                continue;
+            }
+            let milli = quantity::parse_milli(&quantity.0).map_err(|e| PodError::Invalid {
+                pod: shown.clone(),
+                field: format!("{path}.resources.requests[{name}]"),
+                value: quantity.0.clone(),
+                detail: e.to_string(),
+            })?;
+            out.insert(name.clone(), milli);
+        }
+        Ok(out)
+    };
+    let add = |into: &mut Resources, more: &Resources| {
+        for (name, amount) in more {
+            *into.entry(name.clone()).or_insert(0) += amount;
+        }
+    };
+    let mut total = Resources::new();
+    for (index, container) in spec.containers.iter().enumerate() {
+        add(&mut total, &of(container, &format!("spec.containers[{index}]"))?);
+    }
+    let mut sidecars = Resources::new();
+    let mut init_peak = Resources::new();
+    for (index, container) in spec.init_containers.iter().flatten().enumerate() {
+        let own = of(container, &format!("spec.initContainers[{index}]"))?;
+        if container.restart_policy.as_deref() == Some("Always") {
+            add(&mut sidecars, &own);
+            continue;
+        }
+        let mut peak = sidecars.clone();
+        add(&mut peak, &own);
+        for (name, amount) in peak {
+            let entry = init_peak.entry(name).or_insert(0);
+            *entry = (*entry).max(amount);
+        }
+    }
+    add(&mut total, &sidecars);
+    for (name, amount) in init_peak {
+        let entry = total.entry(name).or_insert(0);
+        *entry = (*entry).max(amount);
+    }
+    for (name, quantity) in spec.overhead.iter().flatten() {
+        let milli = quantity::parse_milli(&quantity.0).map_err(|e| PodError::Invalid {
+            pod: shown.clone(),
+            field: format!("spec.overhead[{name}]"),
+            value: quantity.0.clone(),
+            detail: e.to_string(),
+        })?;
+        *total.entry(name.clone()).or_insert(0) += milli;
+    }
+    total.retain(|_, amount| *amount > 0);
+    Ok(total)
+}
+
+/// `spec.priority` (admission resolves it from the PriorityClass), 0 when unset.
+pub fn priority(pod: &Pod) -> i32 {
+    pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
+}
