@@ -45,6 +45,9 @@ pub struct Ledger {
     base: Vec<GpuMask>,
     host_names: Vec<String>,
     holders: BTreeMap<String, Holding>,
+    /// Per host, how many GPUs the holders hold together: with `base`, the release-build
+    /// check that no GPU is held twice (see [`Ledger::assert_host`]).
+    held: Vec<u32>,
     /// Successful reserves and releases so far: watchers compare it to see a change.
     changes: u64,
 }
@@ -79,8 +82,25 @@ impl Ledger {
             base: cluster.initially_used.clone(),
             host_names: cluster.hosts.iter().map(|h| h.name.clone()).collect(),
             holders: BTreeMap::new(),
+            held: vec![0; cluster.hosts.len()],
             changes: 0,
         }
+    }
+
+    /// The invariant of one host, cheap enough for every reserve and release in release
+    /// builds: its used GPUs are exactly the base allocation plus what the holders hold, so
+    /// the counts add up only if no GPU is held twice (a GPU held by two holders, or by a
+    /// holder and the base allocation, is one used GPU counted twice). Panics when broken:
+    /// the ledger itself is wrong, and nothing may be placed on top of it.
+    fn assert_host(&self, host: HostId) {
+        let h = host as usize;
+        let used = self.used[h].count_ones();
+        let expected = self.base[h].count_ones() + self.held[h];
+        assert!(
+            used == expected && self.used[h] & self.base[h] == self.base[h],
+            "ledger invariant broken on host `{}`: {used} GPUs used, {expected} held with the base allocation",
+            self.host_names[h]
+        );
     }
 
     /// How many times the ledger has changed (reserve or release) since it was made.
@@ -165,9 +185,12 @@ impl Ledger {
         // Checked in full above; only now does anything change.
         for (&host, &mask) in &merged {
             self.used[host as usize] |= mask;
+            self.held[host as usize] += mask.count_ones();
+            self.assert_host(host);
         }
         self.holders.insert(holder.to_string(), merged.into_iter().filter(|&(_, m)| m != 0).collect());
         self.changes += 1;
+        // The whole check is O(holders): debug builds only. `assert_host` above runs always.
         debug_assert!(self.check().is_ok(), "{:?}", self.check());
         Ok(())
     }
@@ -179,8 +202,11 @@ impl Ledger {
         for &(host, mask) in &holding {
             assert_eq!(self.used[host as usize] & mask, mask, "ledger lost track of {holder}'s GPUs");
             self.used[host as usize] &= !mask;
+            self.held[host as usize] -= mask.count_ones();
+            self.assert_host(host);
         }
         self.changes += 1;
+        // The whole check is O(holders): debug builds only. `assert_host` above runs always.
         debug_assert!(self.check().is_ok(), "{:?}", self.check());
         Ok(holding)
     }
@@ -205,6 +231,15 @@ impl Ledger {
         if expected != self.used {
             return Err("the used-GPU index disagrees with the holdings".into());
         }
+        let mut held = vec![0u32; self.held.len()];
+        for holding in self.holders.values() {
+            for &(host, mask) in holding {
+                held[host as usize] += mask.count_ones();
+            }
+        }
+        if held != self.held {
+            return Err("the per-host count of held GPUs disagrees with the holdings".into());
+        }
         Ok(())
     }
 }
@@ -219,6 +254,17 @@ mod tests {
         let mut a = node("a", "H100", 8, &[]);
         a.allocated = vec![0];
         Cluster::build(ClusterSpec { nodes: vec![a, node("b", "H100", 8, &[])], ..Default::default() }).expect("valid")
+    }
+
+    #[test]
+    #[should_panic(expected = "ledger invariant broken on host `b`")]
+    fn a_gpu_counted_used_without_a_holder_stops_the_next_reserve_in_release_builds_too() {
+        let cluster = cluster();
+        let mut ledger = Ledger::new(&cluster);
+        let b = cluster.host_id("b").expect("b");
+        // Corrupt the index the way a bug would: GPU 7 used, held by no one.
+        ledger.used[b as usize] |= 1 << 7;
+        let _ = ledger.reserve("g", &[(b, 0b1)]);
     }
 
     #[test]

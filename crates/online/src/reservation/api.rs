@@ -255,8 +255,10 @@ impl Book {
         let keep = !options.dry_run && !placed.is_empty() && (unplaced.is_empty() || options.allow_partial);
         if !keep {
             for (index, _) in &placed {
-                // Reserved just above under this holder; releasing it cannot fail.
-                let _ = self.ledger.release(&gang_holder(&requests[*index].key));
+                // Reserved just above under this holder.
+                if let Err(error) = self.ledger.release(&gang_holder(&requests[*index].key)) {
+                    self.ledger_fault("undoing a plan", error);
+                }
             }
             return Ok(PlanOutcome {
                 placements: placed.into_iter().map(|(_, p)| p).collect(),

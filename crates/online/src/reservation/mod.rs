@@ -211,7 +211,13 @@ pub struct BookStats {
     pub gangs_rolled_back: u64,
     pub gangs_expired: u64,
     pub pods_bound: u64,
+    /// Ledger changes that the book's own state said must succeed and that failed: each is a
+    /// bug, kept in [`Book::faults`] and reported by [`Book::check`].
+    pub ledger_faults: u64,
 }
+
+/// How many ledger faults the book keeps the text of (the count goes on past it).
+pub const LEDGER_FAULTS_KEPT_MAX: usize = 16;
 
 #[derive(Debug, Clone)]
 struct Slot {
@@ -258,6 +264,8 @@ pub struct Book {
     earlier_changes: u64,
     /// Reservations the placement API has made (their ids count up from 1).
     api_reservations: u64,
+    /// The first [`LEDGER_FAULTS_KEPT_MAX`] ledger faults (see [`BookStats::ledger_faults`]).
+    faults: Vec<String>,
 }
 
 fn gang_holder(key: &str) -> String {
@@ -282,7 +290,25 @@ impl Book {
             stats: BookStats::default(),
             earlier_changes: 0,
             api_reservations: 0,
+            faults: Vec::new(),
         }
+    }
+
+    /// Records a ledger change that the book's state said must succeed and did not. Nothing
+    /// is dropped silently: the fault is counted, kept (the first few) and makes
+    /// [`Book::check`] fail, so the simulation tests and `/metrics` see it; the book goes on
+    /// with the ledger as it is, which is still consistent in itself (the ledger changes
+    /// nothing on an error).
+    fn ledger_fault(&mut self, context: &str, error: LedgerError) {
+        self.stats.ledger_faults += 1;
+        if self.faults.len() < LEDGER_FAULTS_KEPT_MAX {
+            self.faults.push(format!("{context}: {error}"));
+        }
+    }
+
+    /// The ledger faults recorded so far (the first [`LEDGER_FAULTS_KEPT_MAX`]).
+    pub fn faults(&self) -> &[String] {
+        &self.faults
     }
 
     /// Grows whenever the cluster view or the ledger changes: what capacity watchers compare.
@@ -503,9 +529,10 @@ impl Book {
 
     fn drop_reservation(&mut self, key: &str) -> Option<GangReservation> {
         let reservation = self.gangs.remove(key)?;
-        // The holder exists exactly while the reservation does; a failure here would mean
-        // the two disagree, which `check` reports.
-        let _ = self.ledger.release(&gang_holder(key));
+        // The holder exists exactly while the reservation does.
+        if let Err(error) = self.ledger.release(&gang_holder(key)) {
+            self.ledger_fault("dropping a gang reservation", error);
+        }
         Some(reservation)
     }
 
@@ -793,7 +820,9 @@ impl Book {
                 let Some(single) = self.singles.remove(ticket) else {
                     return BindFinish::RolledBack { delete: Vec::new(), failures };
                 };
-                let _ = self.ledger.release(ticket);
+                if let Err(error) = self.ledger.release(ticket) {
+                    self.ledger_fault("settling a single pod's Binding", error);
+                }
                 let mask = indices_mask(&single.gpus);
                 vec![(single.pod, single.node, mask, None)]
             };
@@ -807,7 +836,9 @@ impl Book {
         for (pod, node, gpus, gang) in members {
             if let Some(host) = self.cluster.host_id(&node) {
                 // The GPUs were just released from the ticket's holder, so this succeeds.
-                let _ = self.ledger.reserve(&pod_holder(&pod.uid), &[(host, gpus)]);
+                if let Err(error) = self.ledger.reserve(&pod_holder(&pod.uid), &[(host, gpus)]) {
+                    self.ledger_fault("holding a bound pod's GPUs", error);
+                }
             }
             self.bound.insert(pod.uid.clone(), BoundPod { pod, node, gpus, gang, bound_at_ms: now_ms });
             self.stats.pods_bound += 1;
@@ -872,8 +903,12 @@ impl Book {
     /// A pod was deleted (or finished): its GPUs come back, and if it held a slot in a
     /// reservation not yet binding, the slot is free for its replacement.
     pub fn forget_pod(&mut self, uid: &str) {
-        if self.bound.remove(uid).is_some() {
-            let _ = self.ledger.release(&pod_holder(uid));
+        // A bound pod holds its GPUs, except one whose node left the view while its Binding
+        // was in flight (`bind_finished` records it without a host to hold on).
+        if self.bound.remove(uid).is_some() && self.ledger.holding(&pod_holder(uid)).is_some() {
+            if let Err(error) = self.ledger.release(&pod_holder(uid)) {
+                self.ledger_fault("forgetting a bound pod", error);
+            }
         }
         for reservation in self.gangs.values_mut().filter(|g| !g.binding) {
             for slot in &mut reservation.slots {
@@ -928,8 +963,9 @@ impl Book {
             }
             let mut trial = self.ledger.clone();
             for uid in &candidate.victims {
-                if self.bound.contains_key(uid) {
-                    let _ = trial.release(&pod_holder(uid));
+                // A trial copy: a victim that holds nothing frees nothing.
+                if self.bound.contains_key(uid) && trial.holding(&pod_holder(uid)).is_some() {
+                    trial.release(&pod_holder(uid)).expect("a holder just looked up in this copy releases");
                 }
             }
             let host = candidate.host;
@@ -955,6 +991,9 @@ impl Book {
     /// Checks the book against its ledger: every holder belongs to a reservation, a ticket in
     /// flight or a bound pod, and the ledger's own invariants hold.
     pub fn check(&self) -> Result<(), String> {
+        if let Some(first) = self.faults.first() {
+            return Err(format!("{} ledger fault(s), the first: {first}", self.stats.ledger_faults));
+        }
         self.ledger.check()?;
         for (holder, _) in self.ledger.holders() {
             let known = if let Some(key) = holder.strip_prefix("gang:") {

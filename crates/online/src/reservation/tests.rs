@@ -121,6 +121,22 @@ fn an_expired_reservation_frees_its_gpus_and_names_who_waited() {
 }
 
 #[test]
+fn a_ledger_change_that_fails_where_the_book_expected_success_is_recorded_not_dropped() {
+    let config = BookConfig { reservation_ttl_ms: 100, ..BookConfig::default() };
+    let mut book = Book::new(cluster(1, 4), config);
+    let offered = all_hosts(&book);
+    book.filter(&member("g", 2, 0, 8), &offered, 0).expect("filter");
+    // Break the book's own state: the gang's holder vanishes from the ledger behind its back.
+    book.ledger.release(&gang_holder("ns/g")).expect("held");
+    assert_eq!(book.expire(110).len(), 1, "the reservation still expires");
+    assert_eq!(book.stats().ledger_faults, 1);
+    assert_eq!(book.faults().len(), 1);
+    assert!(book.faults()[0].contains("ns/g"), "{:?}", book.faults());
+    let error = book.check().expect_err("a fault fails the check");
+    assert!(error.contains("1 ledger fault(s)"), "{error}");
+}
+
+#[test]
 fn a_gang_that_does_not_fit_reserves_nothing_and_says_why_per_node() {
     let mut book = Book::new(cluster(1, 2), BookConfig::default());
     let offered = all_hosts(&book);

@@ -102,6 +102,11 @@ impl Metrics {
                 stats.gangs_expired,
             ),
             ("topoplace_pods_bound_total", "Pods bound by topoplace.", stats.pods_bound),
+            (
+                "topoplace_ledger_faults_total",
+                "Ledger changes the book expected to succeed and that failed (a bug; /state and the logs name them).",
+                stats.ledger_faults,
+            ),
         ];
         for (name, help, value) in counters {
             series(&mut out, name, help, "counter", value);
