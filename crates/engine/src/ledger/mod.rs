@@ -11,7 +11,9 @@
 
 pub mod shares;
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
+use std::fmt;
 
 use thiserror::Error;
 
@@ -38,18 +40,63 @@ pub enum LedgerError {
 /// What one holder has: per host, a mask of GPUs.
 pub type Holding = Vec<(HostId, GpuMask)>;
 
+/// What may hold GPUs in a [`Ledger`]: each adapter names its own holders with a type (the
+/// reservation book's gangs and pods, the job replay's jobs and drains; plain `String` gang
+/// names in the offline planner). Ordered, so holders are listed in a fixed order;
+/// `Display`, so errors can name them.
+pub trait Holder: Ord + Clone + fmt::Debug + fmt::Display {}
+
+impl<T: Ord + Clone + fmt::Debug + fmt::Display> Holder for T {}
+
+/// Which GPUs are in use on every host, whoever holds them: all the placement engine reads
+/// of a ledger, so the engine is the same code for every kind of holder.
 #[derive(Debug, Clone)]
-pub struct Ledger {
+pub struct GpuUse {
     capacity: Vec<GpuMask>,
     used: Vec<GpuMask>,
+    /// In use before any holder: the cluster's pre-existing allocation.
     base: Vec<GpuMask>,
-    host_names: Vec<String>,
-    holders: BTreeMap<String, Holding>,
     /// Per host, how many GPUs the holders hold together: with `base`, the release-build
-    /// check that no GPU is held twice (see [`Ledger::assert_host`]).
+    /// check that no GPU is held twice (see `Ledger::assert_host`).
     held: Vec<u32>,
+    host_names: Vec<String>,
     /// Successful reserves and releases so far: watchers compare it to see a change.
     changes: u64,
+}
+
+impl GpuUse {
+    /// How many times the ledger has changed (reserve or release) since it was made.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The GPUs of `host` that nobody holds.
+    pub fn free(&self, host: HostId) -> GpuMask {
+        self.capacity[host as usize] & !self.used[host as usize]
+    }
+
+    /// The GPUs of `host` that somebody holds (or the cluster file marks allocated).
+    pub fn used(&self, host: HostId) -> GpuMask {
+        self.used[host as usize]
+    }
+
+    /// Free GPUs over all hosts.
+    pub fn free_gpus(&self) -> u64 {
+        (0..self.capacity.len()).map(|h| u64::from(self.free(h as HostId).count_ones())).sum()
+    }
+}
+
+impl AsRef<GpuUse> for GpuUse {
+    fn as_ref(&self) -> &GpuUse {
+        self
+    }
+}
+
+/// The GPUs held, by holder `H` (a type per adapter, see [`Holder`]; `String` by default).
+#[derive(Debug, Clone)]
+pub struct Ledger<H = String> {
+    gpus: GpuUse,
+    holders: BTreeMap<H, Holding>,
 }
 
 pub fn mask_indices(mask: GpuMask) -> Vec<u8> {
@@ -74,17 +121,84 @@ pub fn merge_by_host(parts: impl IntoIterator<Item = (HostId, GpuMask)>) -> Hold
     holding
 }
 
+/// The placement engine takes `&impl AsRef<GpuUse>`: a ledger of any holder, or its use.
+impl<H> AsRef<GpuUse> for Ledger<H> {
+    fn as_ref(&self) -> &GpuUse {
+        &self.gpus
+    }
+}
+
 impl Ledger {
+    /// A ledger whose holders are gang names, as the offline planner reserves them; nothing
+    /// held yet. Other holders: [`Ledger::empty`].
     pub fn new(cluster: &Cluster) -> Self {
+        Ledger::empty(cluster)
+    }
+}
+
+impl<H: Holder> Ledger<H> {
+    /// A ledger of `cluster` holding nothing but the GPUs the cluster marks allocated.
+    pub fn empty(cluster: &Cluster) -> Self {
         Ledger {
-            capacity: cluster.hosts.iter().map(|h| full_mask(h.gpu_count)).collect(),
-            used: cluster.initially_used.clone(),
-            base: cluster.initially_used.clone(),
-            host_names: cluster.hosts.iter().map(|h| h.name.clone()).collect(),
+            gpus: GpuUse {
+                capacity: cluster.hosts.iter().map(|h| full_mask(h.gpu_count)).collect(),
+                used: cluster.initially_used.clone(),
+                base: cluster.initially_used.clone(),
+                held: vec![0; cluster.hosts.len()],
+                host_names: cluster.hosts.iter().map(|h| h.name.clone()).collect(),
+                changes: 0,
+            },
             holders: BTreeMap::new(),
-            held: vec![0; cluster.hosts.len()],
-            changes: 0,
         }
+    }
+
+    /// A ledger of another kind of holder over the GPUs in use now, which it takes as its
+    /// base allocation (held by none of its holders): for trial plans on a copy, such as a
+    /// batch planned under gang names over the job replay's ledger.
+    pub fn scratch<K: Holder>(&self) -> Ledger<K> {
+        let mut gpus = self.gpus.clone();
+        gpus.base = gpus.used.clone();
+        gpus.held = vec![0; gpus.held.len()];
+        Ledger { gpus, holders: BTreeMap::new() }
+    }
+
+    /// The GPUs in use, without the holders: what the placement engine reads.
+    pub fn gpus(&self) -> &GpuUse {
+        &self.gpus
+    }
+
+    /// See [`GpuUse::changes`].
+    pub fn changes(&self) -> u64 {
+        self.gpus.changes
+    }
+
+    /// See [`GpuUse::free`].
+    pub fn free(&self, host: HostId) -> GpuMask {
+        self.gpus.free(host)
+    }
+
+    /// See [`GpuUse::used`].
+    pub fn used(&self, host: HostId) -> GpuMask {
+        self.gpus.used(host)
+    }
+
+    /// See [`GpuUse::free_gpus`].
+    pub fn free_gpus(&self) -> u64 {
+        self.gpus.free_gpus()
+    }
+
+    /// What `holder` holds, if anything.
+    pub fn holding<Q>(&self, holder: &Q) -> Option<&Holding>
+    where
+        H: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.holders.get(holder)
+    }
+
+    /// Every holder and its holding, in the holders' order.
+    pub fn holders(&self) -> impl Iterator<Item = (&H, &Holding)> {
+        self.holders.iter()
     }
 
     /// The invariant of one host, cheap enough for every reserve and release in release
@@ -93,39 +207,15 @@ impl Ledger {
     /// holder and the base allocation, is one used GPU counted twice). Panics when broken:
     /// the ledger itself is wrong, and nothing may be placed on top of it.
     fn assert_host(&self, host: HostId) {
+        let g = &self.gpus;
         let h = host as usize;
-        let used = self.used[h].count_ones();
-        let expected = self.base[h].count_ones() + self.held[h];
+        let used = g.used[h].count_ones();
+        let expected = g.base[h].count_ones() + g.held[h];
         assert!(
-            used == expected && self.used[h] & self.base[h] == self.base[h],
+            used == expected && g.used[h] & g.base[h] == g.base[h],
             "ledger invariant broken on host `{}`: {used} GPUs used, {expected} held with the base allocation",
-            self.host_names[h]
+            g.host_names[h]
         );
-    }
-
-    /// How many times the ledger has changed (reserve or release) since it was made.
-    pub fn changes(&self) -> u64 {
-        self.changes
-    }
-
-    pub fn free(&self, host: HostId) -> GpuMask {
-        self.capacity[host as usize] & !self.used[host as usize]
-    }
-
-    pub fn used(&self, host: HostId) -> GpuMask {
-        self.used[host as usize]
-    }
-
-    pub fn free_gpus(&self) -> u64 {
-        (0..self.capacity.len()).map(|h| u64::from(self.free(h as HostId).count_ones())).sum()
-    }
-
-    pub fn holding(&self, holder: &str) -> Option<&Holding> {
-        self.holders.get(holder)
-    }
-
-    pub fn holders(&self) -> impl Iterator<Item = (&str, &Holding)> {
-        self.holders.iter().map(|(name, holding)| (name.as_str(), holding))
     }
 
     fn held_by(&self, host: HostId, gpus: GpuMask) -> String {
@@ -135,14 +225,18 @@ impl Ledger {
             .filter(|(_, holding)| holding.iter().any(|&(h, m)| h == host && m & gpus != 0))
             .map(|(name, _)| format!("`{name}`"))
             .collect();
-        if self.base[host as usize] & gpus != 0 {
+        if self.gpus.base[host as usize] & gpus != 0 {
             owners.push("the cluster's pre-existing allocation".into());
         }
         owners.join(", ")
     }
 
     /// Holds every GPU of the request for `holder`, or nothing.
-    pub fn reserve(&mut self, holder: &str, request: &[(HostId, GpuMask)]) -> Result<(), LedgerError> {
+    pub fn reserve<Q>(&mut self, holder: &Q, request: &[(HostId, GpuMask)]) -> Result<(), LedgerError>
+    where
+        H: Borrow<Q>,
+        Q: Ord + ToOwned<Owned = H> + fmt::Display + ?Sized,
+    {
         let holder_name = || holder.to_string();
         if self.holders.contains_key(holder) {
             return Err(LedgerError::HolderExists { holder: holder_name() });
@@ -152,10 +246,10 @@ impl Ledger {
         }
         let mut merged: BTreeMap<HostId, GpuMask> = BTreeMap::new();
         for &(host, mask) in request {
-            let Some(&capacity) = self.capacity.get(host as usize) else {
+            let Some(&capacity) = self.gpus.capacity.get(host as usize) else {
                 return Err(LedgerError::UnknownHost { holder: holder_name(), host });
             };
-            let name = || self.host_names[host as usize].clone();
+            let name = || self.gpus.host_names[host as usize].clone();
             if mask & !capacity != 0 {
                 return Err(LedgerError::NoSuchGpu {
                     holder: holder_name(),
@@ -172,7 +266,7 @@ impl Ledger {
                 });
             }
             *entry |= mask;
-            let taken = self.used[host as usize] & mask;
+            let taken = self.gpus.used[host as usize] & mask;
             if taken != 0 {
                 return Err(LedgerError::AlreadyHeld {
                     holder: holder_name(),
@@ -184,37 +278,44 @@ impl Ledger {
         }
         // Checked in full above; only now does anything change.
         for (&host, &mask) in &merged {
-            self.used[host as usize] |= mask;
-            self.held[host as usize] += mask.count_ones();
+            self.gpus.used[host as usize] |= mask;
+            self.gpus.held[host as usize] += mask.count_ones();
             self.assert_host(host);
         }
-        self.holders.insert(holder.to_string(), merged.into_iter().filter(|&(_, m)| m != 0).collect());
-        self.changes += 1;
+        self.holders.insert(holder.to_owned(), merged.into_iter().filter(|&(_, m)| m != 0).collect());
+        self.gpus.changes += 1;
         // The whole check is O(holders): debug builds only. `assert_host` above runs always.
         debug_assert!(self.check().is_ok(), "{:?}", self.check());
         Ok(())
     }
 
     /// Returns exactly the GPUs `holder` reserved.
-    pub fn release(&mut self, holder: &str) -> Result<Holding, LedgerError> {
+    pub fn release<Q>(&mut self, holder: &Q) -> Result<Holding, LedgerError>
+    where
+        H: Borrow<Q>,
+        Q: Ord + fmt::Display + ?Sized,
+    {
         let holding =
             self.holders.remove(holder).ok_or_else(|| LedgerError::UnknownHolder { holder: holder.to_string() })?;
         for &(host, mask) in &holding {
-            assert_eq!(self.used[host as usize] & mask, mask, "ledger lost track of {holder}'s GPUs");
-            self.used[host as usize] &= !mask;
-            self.held[host as usize] -= mask.count_ones();
+            let h = host as usize;
+            assert_eq!(self.gpus.used[h] & mask, mask, "ledger lost track of {holder}'s GPUs");
+            self.gpus.used[h] &= !mask;
+            self.gpus.held[h] -= mask.count_ones();
             self.assert_host(host);
         }
-        self.changes += 1;
+        self.gpus.changes += 1;
         // The whole check is O(holders): debug builds only. `assert_host` above runs always.
         debug_assert!(self.check().is_ok(), "{:?}", self.check());
         Ok(holding)
     }
 
     /// The invariants: holdings are pairwise disjoint and disjoint from the base
-    /// allocation, and `used` is exactly their union.
+    /// allocation, `used` is exactly their union, and the per-host held counts add up.
     pub fn check(&self) -> Result<(), String> {
-        let mut expected = self.base.clone();
+        let g = &self.gpus;
+        let mut expected = g.base.clone();
+        let mut held = vec![0u32; g.held.len()];
         for (holder, holding) in &self.holders {
             for &(host, mask) in holding {
                 let slot = &mut expected[host as usize];
@@ -222,22 +323,17 @@ impl Ledger {
                     return Err(format!(
                         "GPU(s) {:?} on {} held twice (by `{holder}` and another)",
                         mask_indices(*slot & mask),
-                        self.host_names[host as usize]
+                        g.host_names[host as usize]
                     ));
                 }
                 *slot |= mask;
-            }
-        }
-        if expected != self.used {
-            return Err("the used-GPU index disagrees with the holdings".into());
-        }
-        let mut held = vec![0u32; self.held.len()];
-        for holding in self.holders.values() {
-            for &(host, mask) in holding {
                 held[host as usize] += mask.count_ones();
             }
         }
-        if held != self.held {
+        if expected != g.used {
+            return Err("the used-GPU index disagrees with the holdings".into());
+        }
+        if held != g.held {
             return Err("the per-host count of held GPUs disagrees with the holdings".into());
         }
         Ok(())
@@ -263,7 +359,7 @@ mod tests {
         let mut ledger = Ledger::new(&cluster);
         let b = cluster.host_id("b").expect("b");
         // Corrupt the index the way a bug would: GPU 7 used, held by no one.
-        ledger.used[b as usize] |= 1 << 7;
+        ledger.gpus.used[b as usize] |= 1 << 7;
         let _ = ledger.reserve("g", &[(b, 0b1)]);
     }
 

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use super::gpus::UnitShape;
 use super::{shapes_of, GangInputError, Planner, RejectionGroup, RejectionTally, ResolvedScope};
-use crate::ledger::Ledger;
+use crate::ledger::GpuUse;
 use crate::topology::{HostId, ProductId};
 use crate::workload::Gang;
 
@@ -65,11 +65,12 @@ impl Planner<'_> {
     /// `None`), broken down by the domains of `by_level` (the innermost level when `None`).
     pub fn capacity(
         &mut self,
-        ledger: &Ledger,
+        ledger: &impl AsRef<GpuUse>,
         gang: &Gang,
         offered: Option<&[bool]>,
         by_level: Option<usize>,
     ) -> Result<CapacityReport, GangInputError> {
+        let ledger = ledger.as_ref();
         let cluster = self.cluster;
         let required = self.resolve(gang, &gang.required, "required")?;
         self.resolve(gang, &gang.preferred, "preferred")?;
@@ -188,10 +189,11 @@ impl Planner<'_> {
     /// hosts), or why it holds none.
     pub fn host_units(
         &mut self,
-        ledger: &Ledger,
+        ledger: &impl AsRef<GpuUse>,
         gang: &Gang,
         host: HostId,
     ) -> Result<u32, (super::HostRejection, String)> {
+        let ledger = ledger.as_ref();
         let (unit_shape, member_shape) = shapes_of(gang);
         match self.host_slots(ledger, gang, host, unit_shape, member_shape) {
             Ok((count, _)) => Ok(count),

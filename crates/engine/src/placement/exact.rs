@@ -32,7 +32,7 @@ use super::{
     gang_is_nvlink_connected, BuildContext, CandidateScope, GangPlacement, MemberPlacement, Planner, ResolvedScope,
     SolverInfo, Unplaced,
 };
-use crate::ledger::{mask_indices, Ledger};
+use crate::ledger::{mask_indices, GpuUse, Ledger};
 use crate::topology::{GpuMask, HostId, ProductId};
 use crate::workload::Gang;
 
@@ -163,7 +163,13 @@ struct SolvedModel {
 
 impl Planner<'_> {
     /// Places one gang exactly over its candidate hosts; reserves nothing.
-    pub fn place_exact(&mut self, ledger: &Ledger, gang: &Gang, config: &ExactConfig) -> (ExactOutcome, ExactStats) {
+    pub fn place_exact(
+        &mut self,
+        ledger: &impl AsRef<GpuUse>,
+        gang: &Gang,
+        config: &ExactConfig,
+    ) -> (ExactOutcome, ExactStats) {
+        let ledger = ledger.as_ref();
         let (outcome, stats, _) = self.place_exact_and_greedy(ledger, gang, config, None);
         (outcome, stats)
     }
@@ -173,11 +179,12 @@ impl Planner<'_> {
     /// With `offered`, only the flagged hosts (indexed by host id) are considered.
     pub fn place_exact_and_greedy(
         &mut self,
-        ledger: &Ledger,
+        ledger: &impl AsRef<GpuUse>,
         gang: &Gang,
         config: &ExactConfig,
         offered: Option<&[bool]>,
     ) -> (ExactOutcome, ExactStats, Result<GangPlacement, Unplaced>) {
+        let ledger = ledger.as_ref();
         let started = Instant::now();
         let mut stats = ExactStats::default();
         let no_answer = |reason: String| ExactOutcome::NoAnswer { reason };
@@ -366,15 +373,21 @@ impl Planner<'_> {
                 atom: gang.tensor_parallel.min(gang.gpus_per_member),
             };
             let mut tally = super::RejectionTally::default();
-            let capacity = self.host_capacity(&start, gang, unit_shape, member_shape, None, &mut tally);
+            let capacity = self.host_capacity(start.gpus(), gang, unit_shape, member_shape, None, &mut tally);
             if !capacity.pools.is_empty() {
                 return Err(format!(
                     "gang `{}`: tensor-parallel groups larger than a host are planned greedily",
                     gang.name
                 ));
             }
-            let context =
-                BuildContext { ledger: &start, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
+            let context = BuildContext {
+                ledger: start.gpus(),
+                gang,
+                whole_free: &whole_free,
+                preferred,
+                unit_shape,
+                member_shape,
+            };
             let placed = formulation.binary();
             let mut models = Vec::new();
             let mut choice = Expression::from(0.0);
@@ -494,7 +507,7 @@ impl Planner<'_> {
             let current_whole_free = score::WholeFreeIndex::new(self.cluster, &working);
             let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| e.to_string())?;
             let context = BuildContext {
-                ledger: &working,
+                ledger: working.gpus(),
                 gang,
                 whole_free: &current_whole_free,
                 preferred,
@@ -995,7 +1008,7 @@ mod tests {
         };
         let required = planner.resolve(gang, &gang.required, "required").ok()?;
         let context = BuildContext {
-            ledger,
+            ledger: ledger.gpus(),
             gang,
             whole_free: &whole_free,
             preferred: None,

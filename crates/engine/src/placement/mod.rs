@@ -27,7 +27,7 @@ use std::fmt::Write as _;
 
 use thiserror::Error;
 
-use crate::ledger::{mask_indices, Ledger};
+use crate::ledger::{mask_indices, GpuUse, Ledger};
 use crate::quantity::format_gib;
 use crate::topology::graph::nvlink_connected;
 use crate::topology::{Cluster, GpuMask, HostId, ProductId};
@@ -365,7 +365,13 @@ impl<'c> Planner<'c> {
     }
 
     /// Why `host` cannot hold even one unit of `gang`, or `None` when it can.
-    pub fn host_rejection_of(&mut self, ledger: &Ledger, gang: &Gang, host: HostId) -> Option<(HostRejection, String)> {
+    pub fn host_rejection_of(
+        &mut self,
+        ledger: &impl AsRef<GpuUse>,
+        gang: &Gang,
+        host: HostId,
+    ) -> Option<(HostRejection, String)> {
+        let ledger = ledger.as_ref();
         self.host_units(ledger, gang, host).err()
     }
 
@@ -373,10 +379,11 @@ impl<'c> Planner<'c> {
     /// The fit test of [`Planner::score_hosts`] without building placements.
     pub fn fit_hosts(
         &mut self,
-        ledger: &Ledger,
+        ledger: &impl AsRef<GpuUse>,
         gang: &Gang,
         hosts: &[HostId],
     ) -> Vec<Option<(HostRejection, String)>> {
+        let ledger = ledger.as_ref();
         let (unit_shape, member_shape) = shapes_of(gang);
         let need = gang.units();
         hosts
@@ -433,13 +440,20 @@ impl<'c> Planner<'c> {
     }
 
     /// Places one gang against the ledger's free GPUs (reserving nothing).
-    pub fn place(&mut self, ledger: &Ledger, gang: &Gang) -> Result<GangPlacement, Unplaced> {
+    pub fn place(&mut self, ledger: &impl AsRef<GpuUse>, gang: &Gang) -> Result<GangPlacement, Unplaced> {
+        let ledger = ledger.as_ref();
         self.place_ranked(ledger, gang, None, None)
     }
 
     /// [`Planner::place`] on the hosts flagged in `offered` only (indexed by host id), as
     /// when kube-scheduler's own filters have already removed some nodes.
-    pub fn place_within(&mut self, ledger: &Ledger, gang: &Gang, offered: &[bool]) -> Result<GangPlacement, Unplaced> {
+    pub fn place_within(
+        &mut self,
+        ledger: &impl AsRef<GpuUse>,
+        gang: &Gang,
+        offered: &[bool],
+    ) -> Result<GangPlacement, Unplaced> {
+        let ledger = ledger.as_ref();
         self.place_ranked(ledger, gang, None, Some(offered))
     }
 
@@ -447,7 +461,8 @@ impl<'c> Planner<'c> {
     /// the best placement on that host alone and its score, or why the host cannot hold it.
     /// The scores are those [`Planner::place`] compares, so the best `Fits` is what it would pick
     /// among these hosts.
-    pub fn score_hosts(&mut self, ledger: &Ledger, gang: &Gang, hosts: &[HostId]) -> Vec<HostVerdict> {
+    pub fn score_hosts(&mut self, ledger: &impl AsRef<GpuUse>, gang: &Gang, hosts: &[HostId]) -> Vec<HostVerdict> {
+        let ledger = ledger.as_ref();
         let cluster = self.cluster;
         let mut offered = vec![false; cluster.hosts.len()];
         for &host in hosts {
@@ -516,7 +531,7 @@ impl<'c> Planner<'c> {
     /// (the exact solver's pre-filter).
     fn place_ranked(
         &mut self,
-        ledger: &Ledger,
+        ledger: &GpuUse,
         gang: &Gang,
         ranking: Option<&mut Vec<(ProductId, CandidateScope)>>,
         offered: Option<&[bool]>,
@@ -773,7 +788,7 @@ impl<'c> Planner<'c> {
     /// hosts), or why it cannot hold even one.
     fn host_slots(
         &mut self,
-        ledger: &Ledger,
+        ledger: &GpuUse,
         gang: &Gang,
         host_id: HostId,
         unit_shape: UnitShape,
@@ -807,7 +822,7 @@ impl<'c> Planner<'c> {
 
     fn host_capacity(
         &mut self,
-        ledger: &Ledger,
+        ledger: &GpuUse,
         gang: &Gang,
         unit_shape: UnitShape,
         member_shape: UnitShape,
@@ -1100,21 +1115,23 @@ impl<'c> Planner<'c> {
     /// One gang with the chosen solver (reserving nothing).
     pub fn place_with(
         &mut self,
-        ledger: &Ledger,
+        ledger: &impl AsRef<GpuUse>,
         gang: &Gang,
         solver: &SolverChoice,
     ) -> Result<GangPlacement, Unplaced> {
+        let ledger = ledger.as_ref();
         self.place_with_within(ledger, gang, solver, None)
     }
 
     /// [`Planner::place_with`] on the hosts flagged in `offered` only, when given.
     pub fn place_with_within(
         &mut self,
-        ledger: &Ledger,
+        ledger: &impl AsRef<GpuUse>,
         gang: &Gang,
         solver: &SolverChoice,
         offered: Option<&[bool]>,
     ) -> Result<GangPlacement, Unplaced> {
+        let ledger = ledger.as_ref();
         match solver {
             SolverChoice::Greedy => self.place_ranked(ledger, gang, None, offered),
             SolverChoice::Exact(config) => match self.place_exact_and_greedy(ledger, gang, config, offered) {
@@ -1179,7 +1196,7 @@ pub enum SolverChoice {
 /// What every candidate of one `place` call shares.
 #[derive(Clone, Copy)]
 struct BuildContext<'a> {
-    ledger: &'a Ledger,
+    ledger: &'a GpuUse,
     gang: &'a Gang,
     whole_free: &'a score::WholeFreeIndex,
     preferred: Option<ResolvedScope>,

@@ -15,7 +15,7 @@
 //!   best, and how many of the host's remaining free GPUs keep an NVLink neighbour.
 
 use super::gpus::{GpuChooser, UnitShape};
-use crate::ledger::Ledger;
+use crate::ledger::GpuUse;
 use crate::topology::{Cluster, GpuMask, HostId};
 use crate::workload::Gang;
 
@@ -150,7 +150,8 @@ pub struct WholeFreeIndex {
 }
 
 impl WholeFreeIndex {
-    pub fn new(cluster: &Cluster, ledger: &Ledger) -> Self {
+    pub fn new(cluster: &Cluster, ledger: &impl AsRef<GpuUse>) -> Self {
+        let ledger = ledger.as_ref();
         let leaf_domains = cluster.domains.last().map_or(0, Vec::len);
         let mut per_leaf_domain = vec![0; leaf_domains];
         let mut cluster_total = 0;
@@ -170,12 +171,13 @@ impl WholeFreeIndex {
 /// Fragmentation component for taking `taken[i].1` GPUs on host `taken[i].0`.
 pub fn fragmentation(
     cluster: &Cluster,
-    ledger: &Ledger,
+    ledger: &impl AsRef<GpuUse>,
     chooser: &mut GpuChooser,
     whole_free: &WholeFreeIndex,
     shapes: &[WeightedShape],
     taken: &[(HostId, GpuMask)],
 ) -> f64 {
+    let ledger = ledger.as_ref();
     let used_gpus: u64 = taken.iter().map(|&(_, mask)| u64::from(mask.count_ones())).sum();
     if used_gpus == 0 {
         return 1.0;
@@ -228,7 +230,7 @@ pub fn shape_score(lost_gpus: f64, used_gpus: f64, shape_gpus: f64) -> f64 {
 
 fn rack_room_lost(
     cluster: &Cluster,
-    ledger: &Ledger,
+    ledger: &GpuUse,
     whole_free: &WholeFreeIndex,
     taken: &[(HostId, GpuMask)],
     hosts: u32,

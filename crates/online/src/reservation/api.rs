@@ -231,7 +231,7 @@ impl Book {
         let explain_config = options.explain.then(|| PlannerConfig { explain: true, ..self.config.planner.clone() });
         let cluster = &self.cluster;
         let mut explaining = explain_config.map(|config| Planner::new(cluster, config));
-        let mut place = |planner: &mut Planner, ledger: &mut topoplace_engine::ledger::Ledger| {
+        let mut place = |planner: &mut Planner, ledger: &mut topoplace_engine::ledger::Ledger<super::Holder>| {
             for index in batch_order(&gangs) {
                 let gang = &gangs[index];
                 match planner.place_with_within(ledger, gang, &options.solver, masks[index].as_deref()) {
@@ -388,10 +388,10 @@ impl Book {
         let cluster = &self.cluster;
         let ledger = &self.ledger;
         let free_of = |h: usize| u64::from(ledger.free(h as HostId).count_ones());
-        let held = |prefix: &str| -> u64 {
+        let held = |gangs: bool| -> u64 {
             ledger
                 .holders()
-                .filter(|(holder, _)| holder.starts_with(prefix))
+                .filter(|(holder, _)| matches!(holder, super::Holder::Gang(_)) == gangs)
                 .flat_map(|(_, holding)| holding.iter().map(|&(_, m)| u64::from(m.count_ones())))
                 .sum()
         };
@@ -455,8 +455,8 @@ impl Book {
             levels: cluster.levels.clone(),
             gpus: cluster.total_gpus(),
             free_gpus: ledger.free_gpus(),
-            reserved_gpus: held("gang:"),
-            bound_gpus: held("pod:"),
+            reserved_gpus: held(true),
+            bound_gpus: held(false),
             products: products.into_iter().map(|(p, (hosts, gpus, free))| (p, hosts, gpus, free)).collect(),
             domains,
             hosts,

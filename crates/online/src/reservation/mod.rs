@@ -7,8 +7,8 @@
 //! caller, nothing here blocks or does I/O, and the same calls in the same order give the
 //! same answers. The adapter holds it under one lock and does the HTTP and API-server work.
 //!
-//! Ledger holders: a reserved gang holds its GPUs as `gang:{namespace}/{gang}`, a bound pod
-//! as `pod:{uid}`. A gang moves from the first to the second only when every member's Binding
+//! Ledger holders ([`Holder`]): a reserved gang holds its GPUs as `Holder::Gang(key)`, a
+//! bound pod as `Holder::Pod(uid)`. A gang moves from the first to the second only when every member's Binding
 //! succeeded, so at any instant a gang is held whole (reserved or bound) or not at all.
 
 mod api;
@@ -155,7 +155,7 @@ pub enum BindStep {
     Wait { gang: String },
     /// Create these Bindings now (all members of the gang, or the one pod), then report the
     /// outcome with [`Book::bind_finished`].
-    Bind { ticket: String, members: Vec<MemberBind> },
+    Bind { ticket: Ticket, members: Vec<MemberBind> },
 }
 
 /// One Binding to create.
@@ -251,11 +251,11 @@ struct BoundPod {
 /// The online state: cluster view, ledger, reservations, bound pods.
 pub struct Book {
     cluster: Cluster,
-    ledger: Ledger,
+    ledger: Ledger<Holder>,
     parts: Option<PlannerParts>,
     config: BookConfig,
     gangs: BTreeMap<String, GangReservation>,
-    /// Single pods chosen at bind, Bindings in flight (ticket = `pod:{uid}`).
+    /// Single pods chosen at bind, Bindings in flight, by uid ([`Ticket::Pod`]).
     singles: BTreeMap<String, MemberBind>,
     bound: BTreeMap<String, BoundPod>,
     stats: BookStats,
@@ -268,17 +268,70 @@ pub struct Book {
     faults: Vec<String>,
 }
 
-fn gang_holder(key: &str) -> String {
-    format!("gang:{key}")
+/// Who holds GPUs in the book's ledger. A gang is held whole by `Gang` while reserved or
+/// binding, then by one `Pod` per member once every Binding succeeded: never both, never part.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Holder {
+    /// A reserved gang, by its key `namespace/name`.
+    Gang(String),
+    /// A bound pod, or a single pod whose Binding is in flight, by uid.
+    Pod(String),
 }
 
-fn pod_holder(uid: &str) -> String {
-    format!("pod:{uid}")
+/// `gang:{key}` or `pod:{uid}`: how `/state` and errors name a holder (never parsed back).
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Gang(key) => write!(f, "gang:{key}"),
+            Holder::Pod(uid) => write!(f, "pod:{uid}"),
+        }
+    }
+}
+
+/// What a set of Bindings in flight settles, handed out with [`BindStep::Bind`] and given
+/// back to [`Book::bind_finished`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Ticket {
+    /// Every member of the reserved gang with this key.
+    Gang(String),
+    /// One pod (by uid) whose GPUs were chosen at bind, held by [`Holder::Pod`] meanwhile.
+    Pod(String),
+    /// A pod (by uid) the book already has bound: a repeated bind to its node, nothing held.
+    Bound(String),
+}
+
+/// `gang:{key}`, `pod:{uid}` or `bound:{uid}`, for logs and messages (never parsed back).
+impl std::fmt::Display for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ticket::Gang(key) => write!(f, "gang:{key}"),
+            Ticket::Pod(uid) => write!(f, "pod:{uid}"),
+            Ticket::Bound(uid) => write!(f, "bound:{uid}"),
+        }
+    }
+}
+
+impl Ticket {
+    /// The gang key of a gang's ticket.
+    pub fn gang(&self) -> Option<&str> {
+        match self {
+            Ticket::Gang(key) => Some(key),
+            Ticket::Pod(_) | Ticket::Bound(_) => None,
+        }
+    }
+}
+
+fn gang_holder(key: &str) -> Holder {
+    Holder::Gang(key.to_string())
+}
+
+fn pod_holder(uid: &str) -> Holder {
+    Holder::Pod(uid.to_string())
 }
 
 impl Book {
     pub fn new(cluster: Cluster, config: BookConfig) -> Self {
-        let ledger = Ledger::new(&cluster);
+        let ledger = Ledger::empty(&cluster);
         Book {
             cluster,
             ledger,
@@ -320,7 +373,7 @@ impl Book {
         &self.cluster
     }
 
-    pub fn ledger(&self) -> &Ledger {
+    pub fn ledger(&self) -> &Ledger<Holder> {
         &self.ledger
     }
 
@@ -337,7 +390,7 @@ impl Book {
         self.gangs.values().filter(|g| !g.binding).count()
     }
 
-    fn with_planner<T>(&mut self, work: impl FnOnce(&mut Planner, &mut Ledger) -> T) -> T {
+    fn with_planner<T>(&mut self, work: impl FnOnce(&mut Planner, &mut Ledger<Holder>) -> T) -> T {
         let mut planner = match self.parts.take() {
             Some(parts) => Planner::from_parts(&self.cluster, parts),
             None => Planner::new(&self.cluster, self.config.planner.clone()),
@@ -354,7 +407,7 @@ impl Book {
     pub fn replace_cluster(&mut self, cluster: Cluster) -> Vec<Expired> {
         let old = std::mem::replace(&mut self.cluster, cluster);
         self.earlier_changes += self.ledger.changes() + 1;
-        self.ledger = Ledger::new(&self.cluster);
+        self.ledger = Ledger::empty(&self.cluster);
         self.parts = None;
         let bound = std::mem::take(&mut self.bound);
         for (uid, pod) in bound {
@@ -364,10 +417,10 @@ impl Book {
             }
         }
         let singles = std::mem::take(&mut self.singles);
-        for (ticket, member) in singles {
+        for (uid, member) in singles {
             let Some(host) = self.cluster.host_id(&member.node) else { continue };
-            if self.ledger.reserve(&ticket, &[(host, indices_mask(&member.gpus))]).is_ok() {
-                self.singles.insert(ticket, MemberBind { host, ..member });
+            if self.ledger.reserve(&pod_holder(&uid), &[(host, indices_mask(&member.gpus))]).is_ok() {
+                self.singles.insert(uid, MemberBind { host, ..member });
             }
         }
         let mut dropped = Vec::new();
@@ -437,15 +490,14 @@ impl Book {
         placement: &[(HostId, GpuMask)],
         pods: &[PodIdentity],
         now_ms: u64,
-    ) -> Result<(String, Vec<MemberBind>), BookError> {
+    ) -> Result<(Ticket, Vec<MemberBind>), BookError> {
         let first = pods.first().map(|p| p.to_string()).unwrap_or_default();
         let Some(key) = gang_key else {
             let (Some(pod), [(host, mask)]) = (pods.first(), placement) else {
                 return Err(BookError::MemberCount { gang: first, pods: pods.len(), members: placement.len() });
             };
-            let ticket = pod_holder(&pod.uid);
             self.ledger
-                .reserve(&ticket, &[(*host, *mask)])
+                .reserve(&pod_holder(&pod.uid), &[(*host, *mask)])
                 .map_err(|source| BookError::Ledger { pod: pod.to_string(), source })?;
             let member = MemberBind {
                 pod: pod.clone(),
@@ -453,8 +505,8 @@ impl Book {
                 node: self.cluster.host(*host).name.clone(),
                 gpus: mask_indices(*mask),
             };
-            self.singles.insert(ticket.clone(), member.clone());
-            return Ok((ticket, vec![member]));
+            self.singles.insert(pod.uid.clone(), member.clone());
+            return Ok((Ticket::Pod(pod.uid.clone()), vec![member]));
         };
         if !self.gangs.contains_key(key) {
             if placement.len() != pods.len() {
@@ -496,7 +548,7 @@ impl Book {
                 gpus: mask_indices(slot.gpus),
             });
         }
-        Ok((gang_holder(key), members))
+        Ok((Ticket::Gang(key.to_string()), members))
     }
 
     /// Releases reservations whose time ran out (not those whose Bindings are in flight).
@@ -728,12 +780,12 @@ impl Book {
             }
             let member =
                 MemberBind { pod: demand.pod.clone(), host, node: node.to_string(), gpus: mask_indices(bound.gpus) };
-            return Ok(BindStep::Bind { ticket: format!("bound:{}", demand.pod.uid), members: vec![member] });
+            return Ok(BindStep::Bind { ticket: Ticket::Bound(demand.pod.uid.clone()), members: vec![member] });
         }
         let Some(membership) = demand.gang.clone() else {
-            let ticket = pod_holder(&demand.pod.uid);
-            if let Some(single) = self.singles.get(&ticket) {
-                return Ok(BindStep::Bind { ticket, members: vec![single.clone()] });
+            let uid = demand.pod.uid.clone();
+            if let Some(single) = self.singles.get(&uid) {
+                return Ok(BindStep::Bind { ticket: Ticket::Pod(uid), members: vec![single.clone()] });
             }
             let gang = demand.gang()?;
             let verdict = self.with_planner(|planner, ledger| planner.score_hosts(ledger, &gang, &[host]));
@@ -745,10 +797,12 @@ impl Book {
                 None => return Err(BookError::UnknownNode { pod, node: node.to_string() }),
             };
             let mask = members.iter().fold(0, |m, p| m | p.gpus);
-            self.ledger.reserve(&ticket, &[(host, mask)]).map_err(|source| BookError::Ledger { pod, source })?;
+            self.ledger
+                .reserve(&pod_holder(&uid), &[(host, mask)])
+                .map_err(|source| BookError::Ledger { pod, source })?;
             let member = MemberBind { pod: demand.pod.clone(), host, node: node.to_string(), gpus: mask_indices(mask) };
-            self.singles.insert(ticket.clone(), member.clone());
-            return Ok(BindStep::Bind { ticket, members: vec![member] });
+            self.singles.insert(uid.clone(), member.clone());
+            return Ok(BindStep::Bind { ticket: Ticket::Pod(uid), members: vec![member] });
         };
         let key = membership.key;
         let Some(slot) = self.slot_of(&key, &demand.pod.uid) else {
@@ -784,28 +838,28 @@ impl Book {
                 })
             })
             .collect();
-        Ok(BindStep::Bind { ticket: gang_holder(&key), members })
+        Ok(BindStep::Bind { ticket: Ticket::Gang(key), members })
     }
 
     /// The outcome of a ticket's Bindings: `Ok` per pod bound (or already bound to the
     /// planned node), `Err(reason)` per pod that was not.
     pub fn bind_finished(
         &mut self,
-        ticket: &str,
+        ticket: &Ticket,
         outcomes: &[(PodIdentity, Result<(), String>)],
         now_ms: u64,
     ) -> BindFinish {
         let failures: Vec<String> =
             outcomes.iter().filter_map(|(pod, r)| r.as_ref().err().map(|e| format!("{pod}: {e}"))).collect();
-        if ticket.starts_with("bound:") {
-            return if failures.is_empty() {
-                BindFinish::Bound
-            } else {
-                BindFinish::RolledBack { delete: Vec::new(), failures }
-            };
-        }
-        let members: Vec<(PodIdentity, String, GpuMask, Option<String>)> =
-            if let Some(key) = ticket.strip_prefix("gang:") {
+        let members: Vec<(PodIdentity, String, GpuMask, Option<String>)> = match ticket {
+            Ticket::Bound(_) => {
+                return if failures.is_empty() {
+                    BindFinish::Bound
+                } else {
+                    BindFinish::RolledBack { delete: Vec::new(), failures }
+                };
+            }
+            Ticket::Gang(key) => {
                 let Some(reservation) = self.drop_reservation(key) else {
                     return BindFinish::RolledBack { delete: Vec::new(), failures };
                 };
@@ -816,18 +870,20 @@ impl Book {
                         Some((s.pod.clone()?, self.cluster.host(s.host).name.clone(), s.gpus, Some(key.to_string())))
                     })
                     .collect()
-            } else {
-                let Some(single) = self.singles.remove(ticket) else {
+            }
+            Ticket::Pod(uid) => {
+                let Some(single) = self.singles.remove(uid) else {
                     return BindFinish::RolledBack { delete: Vec::new(), failures };
                 };
-                if let Err(error) = self.ledger.release(ticket) {
+                if let Err(error) = self.ledger.release(&pod_holder(uid)) {
                     self.ledger_fault("settling a single pod's Binding", error);
                 }
                 let mask = indices_mask(&single.gpus);
                 vec![(single.pod, single.node, mask, None)]
-            };
+            }
+        };
         if !failures.is_empty() {
-            if ticket.starts_with("gang:") {
+            if ticket.gang().is_some() {
                 self.stats.gangs_rolled_back += 1;
             }
             let delete = outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone()).collect();
@@ -843,7 +899,7 @@ impl Book {
             self.bound.insert(pod.uid.clone(), BoundPod { pod, node, gpus, gang, bound_at_ms: now_ms });
             self.stats.pods_bound += 1;
         }
-        if ticket.starts_with("gang:") {
+        if ticket.gang().is_some() {
             self.stats.gangs_bound += 1;
         }
         BindFinish::Bound
@@ -893,7 +949,7 @@ impl Book {
     }
 
     fn in_flight(&self, uid: &str) -> bool {
-        self.singles.contains_key(&pod_holder(uid))
+        self.singles.contains_key(uid)
             || self
                 .gangs
                 .values()
@@ -996,12 +1052,9 @@ impl Book {
         }
         self.ledger.check()?;
         for (holder, _) in self.ledger.holders() {
-            let known = if let Some(key) = holder.strip_prefix("gang:") {
-                self.gangs.contains_key(key)
-            } else if let Some(uid) = holder.strip_prefix("pod:") {
-                self.bound.contains_key(uid) || self.singles.contains_key(holder)
-            } else {
-                false
+            let known = match holder {
+                Holder::Gang(key) => self.gangs.contains_key(key),
+                Holder::Pod(uid) => self.bound.contains_key(uid) || self.singles.contains_key(uid),
             };
             if !known {
                 return Err(format!("ledger holder `{holder}` belongs to no reservation or bound pod"));
@@ -1017,10 +1070,10 @@ impl Book {
 
     /// The state as `GET /state` shows it.
     pub fn snapshot(&self, now_ms: u64) -> Snapshot {
-        let mut holders_by_host: BTreeMap<HostId, Vec<(String, GpuMask)>> = BTreeMap::new();
+        let mut holders_by_host: BTreeMap<HostId, Vec<(&Holder, GpuMask)>> = BTreeMap::new();
         for (holder, holding) in self.ledger.holders() {
             for &(host, mask) in holding.iter() {
-                holders_by_host.entry(host).or_default().push((holder.to_string(), mask));
+                holders_by_host.entry(host).or_default().push((holder, mask));
             }
         }
         let nodes = self
@@ -1039,11 +1092,11 @@ impl Book {
                     held: holders
                         .into_iter()
                         .map(|(holder, mask)| {
-                            let pod = holder
-                                .strip_prefix("pod:")
-                                .and_then(|uid| self.bound.get(uid))
-                                .map(|b| b.pod.to_string());
-                            HeldGpus { holder, pod, gpus: mask_indices(mask) }
+                            let pod = match holder {
+                                Holder::Pod(uid) => self.bound.get(uid).map(|b| b.pod.to_string()),
+                                Holder::Gang(_) => None,
+                            };
+                            HeldGpus { holder: holder.to_string(), pod, gpus: mask_indices(mask) }
                         })
                         .collect(),
                 }

@@ -20,7 +20,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::reservation::{BindFinish, Book, PodDemand, PodIdentity};
+use crate::reservation::{BindFinish, Book, PodDemand, PodIdentity, Ticket};
 use predicates::{NodeFacts, PodNeeds, Resources};
 use topoplace_engine::topology::HostId;
 
@@ -81,7 +81,7 @@ pub struct BindMember {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Create every Binding concurrently, then report them with [`Scheduler::finish`].
-    Bind { ticket: String, members: Vec<BindMember> },
+    Bind { ticket: BindTicket, members: Vec<BindMember> },
     /// Set `PodScheduled=False` with `reason` and record an Event on every pod.
     NotScheduled { pods: Vec<PodIdentity>, reason: &'static str, message: String },
     /// A gang waits for members: an informational Event on the members that exist.
@@ -89,6 +89,75 @@ pub enum Decision {
     /// Members of a gang are bound while others are pending (a scheduler died mid-gang, or
     /// a member was recreated): delete the bound ones so the gang can be placed whole.
     Repair { gang: String, delete: Vec<PodIdentity>, message: String },
+}
+
+/// A unit of the queue: a gang by its key (`namespace/name`), or a pod placed on its own
+/// by uid.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum UnitKey {
+    Gang(String),
+    Pod(String),
+}
+
+impl UnitKey {
+    /// The bytes of the unit's name as [`Display`](std::fmt::Display) writes it, without
+    /// writing it: what the queue's last tie-break compares.
+    fn name_bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        let (prefix, name) = match self {
+            UnitKey::Gang(key) => ("", key),
+            UnitKey::Pod(uid) => ("pod:", uid),
+        };
+        prefix.bytes().chain(name.bytes())
+    }
+
+    /// The gang's key, for a gang.
+    pub fn gang(&self) -> Option<&str> {
+        match self {
+            UnitKey::Gang(key) => Some(key),
+            UnitKey::Pod(_) => None,
+        }
+    }
+}
+
+/// Units are ordered by name (`namespace/name`, or `pod:{uid}`), the queue's last tie-break.
+impl Ord for UnitKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.name_bytes().cmp(other.name_bytes())
+    }
+}
+
+impl PartialOrd for UnitKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// `namespace/name` for a gang, `pod:{uid}` for a single pod (never parsed back).
+impl std::fmt::Display for UnitKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnitKey::Gang(key) => f.write_str(key),
+            UnitKey::Pod(uid) => write!(f, "pod:{uid}"),
+        }
+    }
+}
+
+/// The Bindings of one unit in flight: through the book (pods with GPUs, whose GPUs the
+/// book holds meanwhile), or `Plain` for a unit without GPUs, which the book never sees.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BindTicket {
+    Book(Ticket),
+    Plain(UnitKey),
+}
+
+/// The book's ticket, or `plain:{unit}` (for logs and messages; never parsed back).
+impl std::fmt::Display for BindTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindTicket::Book(ticket) => ticket.fmt(f),
+            BindTicket::Plain(unit) => write!(f, "plain:{unit}"),
+        }
+    }
 }
 
 /// `PodScheduled=False` reasons.
@@ -152,9 +221,9 @@ pub struct Scheduler {
     /// Counts resources given back (a pod left): a retry condition.
     freed: u64,
     pending: BTreeMap<String, PendingPod>,
-    units: BTreeMap<String, UnitState>,
+    units: BTreeMap<UnitKey, UnitState>,
     /// Tickets in flight: unit key and the members' uids.
-    in_flight: BTreeMap<String, (String, Vec<BindMember>)>,
+    in_flight: BTreeMap<BindTicket, (UnitKey, Vec<BindMember>)>,
 }
 
 /// How long an assumed pod survives a relist that does not show it bound yet.
@@ -313,12 +382,12 @@ impl Scheduler {
     }
 
     /// Pending pods grouped into units, members in rank order (rank, then name).
-    fn unit_members(&self) -> BTreeMap<String, Vec<&PendingPod>> {
-        let mut units: BTreeMap<String, Vec<&PendingPod>> = BTreeMap::new();
+    fn unit_members(&self) -> BTreeMap<UnitKey, Vec<&PendingPod>> {
+        let mut units: BTreeMap<UnitKey, Vec<&PendingPod>> = BTreeMap::new();
         for pod in self.pending.values() {
             let key = match &pod.demand.gang {
-                Some(gang) => gang.key.clone(),
-                None => format!("pod:{}", pod.demand.pod.uid),
+                Some(gang) => UnitKey::Gang(gang.key.clone()),
+                None => UnitKey::Pod(pod.demand.pod.uid.clone()),
             };
             units.entry(key).or_default().push(pod);
         }
@@ -335,13 +404,13 @@ impl Scheduler {
     /// the adapter must do; Bindings decided here are already held in `book`.
     pub fn cycle(&mut self, book: Option<&mut Book>, now_ms: u64) -> Vec<Decision> {
         let mut decisions = Vec::new();
-        let members_by_unit: BTreeMap<String, Vec<PendingPod>> =
+        let members_by_unit: BTreeMap<UnitKey, Vec<PendingPod>> =
             self.unit_members().into_iter().map(|(k, v)| (k, v.into_iter().cloned().collect())).collect();
-        let in_flight_units: BTreeSet<String> = self.in_flight.values().map(|(unit, _)| unit.clone()).collect();
+        let in_flight_units: BTreeSet<UnitKey> = self.in_flight.values().map(|(unit, _)| unit.clone()).collect();
         self.units.retain(|key, _| members_by_unit.contains_key(key) || in_flight_units.contains(key));
 
         // Gang assembly and repair; collect the units that are complete.
-        let mut complete: Vec<(String, i32)> = Vec::new();
+        let mut complete: Vec<(UnitKey, i32)> = Vec::new();
         for (key, members) in &members_by_unit {
             let state = self
                 .units
@@ -364,7 +433,7 @@ impl Scheduler {
             let bound: Vec<PodIdentity> = self
                 .placed
                 .values()
-                .filter(|p| p.bound.gang.as_deref() == Some(key.as_str()))
+                .filter(|p| p.bound.gang.as_deref() == Some(gang.key.as_str()))
                 .map(|p| p.bound.pod.clone())
                 .collect();
             if bound.is_empty() {
@@ -377,7 +446,7 @@ impl Scheduler {
                 if settled && !fresh.is_empty() && bound.len() + members.len() >= size {
                     state.repaired.extend(fresh.iter().map(|p| p.uid.clone()));
                     decisions.push(Decision::Repair {
-                        gang: key.clone(),
+                        gang: gang.key.clone(),
                         message: format!(
                             "gang `{key}` has {} member(s) bound and {} pending: deleting the bound ones so the whole gang of {size} is placed again together",
                             bound.len(),
@@ -435,7 +504,7 @@ impl Scheduler {
         let Some(book) = book else { return decisions };
         // Queue order: priority, then time complete, then key.
         complete.sort_by(|(a, pa), (b, pb)| {
-            let since = |k: &String| self.units.get(k).map_or(0, |s| s.since_ms);
+            let since = |k: &UnitKey| self.units.get(k).map_or(0, |s| s.since_ms);
             pb.cmp(pa).then(since(a).cmp(&since(b))).then(a.cmp(b))
         });
         let world = self.world(book);
@@ -545,7 +614,7 @@ impl Scheduler {
     fn try_place(
         &mut self,
         book: &mut Book,
-        key: &str,
+        key: &UnitKey,
         members: &[PendingPod],
         held_back: Option<&[bool]>,
         now_ms: u64,
@@ -621,7 +690,7 @@ impl Scheduler {
     fn hold_and_start(
         &mut self,
         book: &mut Book,
-        key: &str,
+        key: &UnitKey,
         (gang_key, gang): (Option<&str>, topoplace_engine::workload::Gang),
         holding: &[(HostId, u64)],
         members: &[PendingPod],
@@ -629,6 +698,7 @@ impl Scheduler {
     ) -> Result<Decision, String> {
         let pods: Vec<PodIdentity> = members.iter().map(|m| m.demand.pod.clone()).collect();
         let (ticket, binds) = book.hold_for_bind(gang_key, gang, holding, &pods, now_ms).map_err(|e| e.to_string())?;
+        let ticket = BindTicket::Book(ticket);
         let chosen = binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect();
         Ok(self.start(key, ticket, chosen, members, now_ms))
     }
@@ -652,7 +722,7 @@ impl Scheduler {
 
     /// Pods that need no GPUs: each member on the node with the most room (kube-scheduler's
     /// LeastAllocated), preferring nodes without GPUs so GPU hosts keep their CPU and memory.
-    fn place_without_gpus(&mut self, key: &str, members: &[PendingPod], now_ms: u64) -> Result<Decision, String> {
+    fn place_without_gpus(&mut self, key: &UnitKey, members: &[PendingPod], now_ms: u64) -> Result<Decision, String> {
         let empty = Resources::new();
         let mut scratch: HashMap<String, Resources> = HashMap::new();
         let mut chosen = Vec::new();
@@ -682,14 +752,14 @@ impl Scheduler {
             predicates::add_usage(used, &member.needs.requests, 1);
             chosen.push((member.demand.pod.clone(), node, Vec::new()));
         }
-        Ok(self.start(key, format!("plain:{key}"), chosen, members, now_ms))
+        Ok(self.start(key, BindTicket::Plain(key.clone()), chosen, members, now_ms))
     }
 
     /// Assumes the unit's pods on their nodes and marks the ticket in flight.
     fn start(
         &mut self,
-        key: &str,
-        ticket: String,
+        key: &UnitKey,
+        ticket: BindTicket,
         chosen: Vec<(PodIdentity, String, Vec<u8>)>,
         members: &[PendingPod],
         now_ms: u64,
@@ -707,7 +777,7 @@ impl Scheduler {
             self.placed.insert(pod.uid.clone(), Placed { bound, assumed_at_ms: now_ms });
             binds.push(BindMember { pod, node, gpus });
         }
-        self.in_flight.insert(ticket.clone(), (key.to_string(), binds.clone()));
+        self.in_flight.insert(ticket.clone(), (key.clone(), binds.clone()));
         Decision::Bind { ticket, members: binds }
     }
 
@@ -717,7 +787,7 @@ impl Scheduler {
     pub fn finish(
         &mut self,
         book: Option<&mut Book>,
-        ticket: &str,
+        ticket: &BindTicket,
         outcomes: &[(PodIdentity, Result<(), String>)],
         now_ms: u64,
     ) -> Finished {
@@ -729,8 +799,11 @@ impl Scheduler {
             };
         };
         let book_finish = match book {
-            Some(book) if !ticket.starts_with("plain:") => Some(book.bind_finished(ticket, outcomes, now_ms)),
-            _ => None,
+            Some(book) => match ticket {
+                BindTicket::Book(ticket) => Some(book.bind_finished(ticket, outcomes, now_ms)),
+                BindTicket::Plain(_) => None,
+            },
+            None => None,
         };
         let failures: Vec<String> =
             outcomes.iter().filter_map(|(pod, r)| r.as_ref().err().map(|e| format!("{pod}: {e}"))).collect();

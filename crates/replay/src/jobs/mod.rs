@@ -30,6 +30,8 @@ use thiserror::Error;
 
 pub use policy::{JobPolicy, Placer};
 use topoplace_engine::ledger::{Holding, Ledger};
+
+pub use policy::JobHolder;
 use topoplace_engine::topology::{Cluster, ClusterSpec, GpuMask, HostId, ProductId};
 
 /// Jobs of at least this many GPUs are the ones whose waiting is counted as stranded
@@ -237,7 +239,7 @@ struct FreeIndex {
 }
 
 impl FreeIndex {
-    fn new(cluster: &Cluster, ledger: &Ledger, pools: &[ProductId], host_gpus: u8) -> Self {
+    fn new(cluster: &Cluster, ledger: &Ledger<JobHolder>, pools: &[ProductId], host_gpus: u8) -> Self {
         let pool_of_host: Vec<usize> =
             cluster.hosts.iter().map(|h| pools.iter().position(|&p| p == h.product).unwrap_or(0)).collect();
         let mut hosts_by_free = vec![vec![0u32; usize::from(host_gpus) + 1]; pools.len()];
@@ -372,7 +374,7 @@ pub fn simulate(
         seen
     };
     let total_gpus = cluster.total_gpus();
-    let mut ledger = Ledger::new(cluster);
+    let mut ledger: Ledger<JobHolder> = Ledger::empty(cluster);
     let mut free_index = FreeIndex::new(cluster, &ledger, &pools, host_gpus);
     let pool_capacity: Vec<Vec<u32>> = free_index.hosts_by_free.clone();
     let mut placer = Placer::new(cluster, policy, jobs, host_gpus, config.seed);
@@ -421,7 +423,7 @@ pub fn simulate(
     let mut next_arrival = 0usize;
     let mut next_drain = 0usize;
     let mut now: u64 = 0;
-    let mut drain_serial = 0usize;
+    let mut drain_serial = 0u32;
     // Rack holds for waiting gangs: topoplace with backfill only (under strict FIFO nothing
     // passes a waiting head, so a hold would only idle GPUs).
     let rack_wait_ms = if policy == JobPolicy::Topoplace && config.queue == QueueMode::BestEffortFifo && levels > 0 {
@@ -446,7 +448,8 @@ pub fn simulate(
                 continue;
             }
             if let Some(run) = running.remove(&job) {
-                release(&mut ledger, &mut free_index, &jobs[job].id, now).map_err(|m| internal(now, m))?;
+                release(&mut ledger, &mut free_index, &JobHolder::Job(jobs[job].id.clone()), now)
+                    .map_err(|m| internal(now, m))?;
                 used_gpus -= run.gpus;
                 outcome.starts[run.start_index].end_ms = now;
             }
@@ -463,7 +466,8 @@ pub fn simulate(
                 .collect();
             for job in hit {
                 if let Some(run) = running.remove(&job) {
-                    release(&mut ledger, &mut free_index, &jobs[job].id, now).map_err(|m| internal(now, m))?;
+                    release(&mut ledger, &mut free_index, &JobHolder::Job(jobs[job].id.clone()), now)
+                        .map_err(|m| internal(now, m))?;
                     used_gpus -= run.gpus;
                     outcome.starts[run.start_index].end_ms = now;
                     outcome.drain_restarts += 1;
@@ -476,7 +480,7 @@ pub fn simulate(
             let holding: Holding = hosts.iter().map(|&h| (h, ledger.free(h))).filter(|&(_, free)| free != 0).collect();
             if !holding.is_empty() {
                 drain_serial += 1;
-                let holder = format!("drain#{drain_serial}");
+                let holder = JobHolder::Drain(drain_serial);
                 reserve(&mut ledger, &mut free_index, &holder, &holding).map_err(|m| internal(now, m))?;
                 drained_gpus += holding.iter().map(|&(_, m)| u64::from(m.count_ones())).sum::<u64>();
             }
@@ -498,7 +502,7 @@ pub fn simulate(
 
         // Start what fits, in queue order.
         let mut starting: Vec<(usize, Holding)> = Vec::new();
-        let mut holds: Vec<String> = Vec::new();
+        let mut holds: Vec<JobHolder> = Vec::new();
         let mut index = 0;
         while index < queue.len() {
             let job = queue[index];
@@ -519,7 +523,7 @@ pub fn simulate(
                             .filter(|&(_, free)| free != 0)
                             .collect();
                         if !holding.is_empty() {
-                            let holder = format!("hold#{}", jobs[job].id);
+                            let holder = JobHolder::Hold(jobs[job].id.clone());
                             reserve(&mut ledger, &mut free_index, &holder, &holding).map_err(|m| internal(now, m))?;
                             holds.push(holder);
                         }
@@ -542,7 +546,8 @@ pub fn simulate(
                 })?;
             check_shape(cluster, &holding, shape)
                 .map_err(|m| internal(now, format!("{policy}, job `{}`: {m}", jobs[job].id)))?;
-            reserve(&mut ledger, &mut free_index, &jobs[job].id, &holding).map_err(|m| internal(now, m))?;
+            reserve(&mut ledger, &mut free_index, &JobHolder::Job(jobs[job].id.clone()), &holding)
+                .map_err(|m| internal(now, m))?;
             starting.push((job, holding));
             queue.remove(index);
         }
@@ -550,7 +555,8 @@ pub fn simulate(
         // same jobs start either way; FIFO decided which).
         if starting.len() > 1 && placer.plans_batches() {
             for (job, _) in &starting {
-                release(&mut ledger, &mut free_index, &jobs[*job].id, now).map_err(|m| internal(now, m))?;
+                release(&mut ledger, &mut free_index, &JobHolder::Job(jobs[*job].id.clone()), now)
+                    .map_err(|m| internal(now, m))?;
             }
             let batch: Vec<usize> = starting.iter().map(|(job, _)| *job).collect();
             if let Some(holdings) = placer.replan_together(&ledger, &batch) {
@@ -561,7 +567,8 @@ pub fn simulate(
                 }
             }
             for (job, holding) in &starting {
-                reserve(&mut ledger, &mut free_index, &jobs[*job].id, holding).map_err(|m| internal(now, m))?;
+                reserve(&mut ledger, &mut free_index, &JobHolder::Job(jobs[*job].id.clone()), holding)
+                    .map_err(|m| internal(now, m))?;
             }
         }
         // Room for each spreading gang, judged with everything starting now (and every
@@ -676,7 +683,7 @@ struct SpanRoom {
 /// Room for `holding` (already reserved in `ledger`), counting hosts that are whole free or
 /// the gang's own (a drained host is held whole by its drain, so never free). Any product
 /// counts for a rack (the jobs name none).
-fn span_room(cluster: &Cluster, ledger: &Ledger, holding: &Holding) -> SpanRoom {
+fn span_room(cluster: &Cluster, ledger: &Ledger<JobHolder>, holding: &Holding) -> SpanRoom {
     let available = |host: HostId| {
         ledger.used(host) == 0 || holding.iter().any(|&(own, mask)| own == host && ledger.used(host) == mask)
     };
@@ -701,7 +708,7 @@ fn span_room(cluster: &Cluster, ledger: &Ledger, holding: &Holding) -> SpanRoom 
 }
 
 /// Whether a rack has `members` whole free hosts.
-fn rack_holds(cluster: &Cluster, ledger: &Ledger, rack: u32, members: u32) -> bool {
+fn rack_holds(cluster: &Cluster, ledger: &Ledger<JobHolder>, rack: u32, members: u32) -> bool {
     let Some(domain) = cluster.domains.last().and_then(|level| level.get(rack as usize)) else { return false };
     domain.hosts.clone().filter(|&h| ledger.used(h) == 0 && ledger.free(h) != 0).count() >= members as usize
 }
@@ -709,7 +716,7 @@ fn rack_holds(cluster: &Cluster, ledger: &Ledger, rack: u32, members: u32) -> bo
 /// The rack a waiting gang of `members` whole hosts should wait for: the one it already
 /// waits for while that can still hold it, else the rack with the most whole free hosts
 /// (then the fewest GPUs in use, then the first) among racks with enough hosts and no hold.
-fn rack_to_wait_for(cluster: &Cluster, ledger: &Ledger, members: u32, current: Option<u32>) -> Option<u32> {
+fn rack_to_wait_for(cluster: &Cluster, ledger: &Ledger<JobHolder>, members: u32, current: Option<u32>) -> Option<u32> {
     let racks = cluster.domains.last()?;
     let usable = |rack: &topoplace_engine::topology::Domain| {
         rack.hosts.len() >= members as usize && rack.hosts.clone().any(|h| ledger.free(h) != 0)
@@ -737,7 +744,12 @@ fn requeue(queue: &mut VecDeque<usize>, job: usize, arrival_ms: &[u64]) {
     queue.insert(at, job);
 }
 
-fn reserve(ledger: &mut Ledger, index: &mut FreeIndex, holder: &str, holding: &Holding) -> Result<(), String> {
+fn reserve(
+    ledger: &mut Ledger<JobHolder>,
+    index: &mut FreeIndex,
+    holder: &JobHolder,
+    holding: &Holding,
+) -> Result<(), String> {
     let before: Vec<u32> = holding.iter().map(|&(h, _)| ledger.free(h).count_ones()).collect();
     ledger.reserve(holder, holding).map_err(|e| e.to_string())?;
     for (&(host, _), before) in holding.iter().zip(before) {
@@ -746,7 +758,7 @@ fn reserve(ledger: &mut Ledger, index: &mut FreeIndex, holder: &str, holding: &H
     Ok(())
 }
 
-fn release(ledger: &mut Ledger, index: &mut FreeIndex, holder: &str, now: u64) -> Result<(), String> {
+fn release(ledger: &mut Ledger<JobHolder>, index: &mut FreeIndex, holder: &JobHolder, now: u64) -> Result<(), String> {
     let holding = ledger.holding(holder).cloned().ok_or_else(|| format!("`{holder}` holds nothing at {now} ms"))?;
     let before: Vec<u32> = holding.iter().map(|&(h, _)| ledger.free(h).count_ones()).collect();
     ledger.release(holder).map_err(|e| e.to_string())?;

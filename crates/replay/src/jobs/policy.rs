@@ -37,6 +37,28 @@ use serde::Serialize;
 
 use super::TraceJob;
 use topoplace_engine::ledger::{Holding, Ledger};
+
+/// Who holds GPUs in the job replay's ledger.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum JobHolder {
+    /// A running job, by its trace id.
+    Job(String),
+    /// The free GPUs of a drained domain, by the drain's serial number (from 1).
+    Drain(u32),
+    /// The rack a waiting gang holds clear of later jobs, by the gang's trace id.
+    Hold(String),
+}
+
+/// The job id, `drain#{serial}` or `hold#{id}`: how errors name a holder (never parsed back).
+impl std::fmt::Display for JobHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobHolder::Job(id) => f.write_str(id),
+            JobHolder::Drain(serial) => write!(f, "drain#{serial}"),
+            JobHolder::Hold(id) => write!(f, "hold#{id}"),
+        }
+    }
+}
 use topoplace_engine::placement::score::shapes_for;
 use topoplace_engine::placement::{Planner, PlannerConfig};
 use topoplace_engine::topology::{Cluster, GpuMask, HostId, ProductId};
@@ -135,7 +157,7 @@ impl<'c> Placer<'c> {
     /// `None` when the policy finds no place. `pool` restricts a baseline to one product.
     pub fn place(
         &mut self,
-        ledger: &Ledger,
+        ledger: &Ledger<JobHolder>,
         job: usize,
         members: u32,
         gpus: u32,
@@ -183,14 +205,15 @@ impl Placer<'_> {
     /// The engine's batch planning for jobs that start at the same instant: all of them
     /// placed together, largest first, against `ledger` (which holds none of them). `None`
     /// when the batch plan does not place every job (the caller keeps the job-by-job one).
-    pub fn replan_together(&mut self, ledger: &Ledger, jobs: &[usize]) -> Option<Vec<Holding>> {
+    pub fn replan_together(&mut self, ledger: &Ledger<JobHolder>, jobs: &[usize]) -> Option<Vec<Holding>> {
         let host_gpus = self.host_gpus;
         let gangs: Vec<Gang> = jobs
             .iter()
             .map(|&j| self.jobs.get(j).map(|(id, gpus)| gang_of(id, *gpus, host_gpus)))
             .collect::<Option<_>>()?;
         let planner = self.planner.as_mut()?;
-        let plan = planner.plan(&mut ledger.clone(), &gangs);
+        // A scratch ledger of gang names over the GPUs in use now: the batch is planned there.
+        let plan = planner.plan(&mut ledger.scratch(), &gangs);
         if !plan.unplaced.is_empty() {
             return None;
         }
@@ -225,7 +248,7 @@ fn gang_of(id: &str, gpus: u32, host_gpus: u8) -> Gang {
 /// What the baselines read: free GPUs of the hosts of one pool, minus drained hosts.
 struct View<'a> {
     cluster: &'a Cluster,
-    ledger: &'a Ledger,
+    ledger: &'a Ledger<JobHolder>,
     pool: Option<ProductId>,
     excluded: &'a [bool],
     /// GPUs per pod of the job being placed.

@@ -38,13 +38,13 @@ fn job(id: &str, submit_s: u64, duration_s: u64, gpus: u32) -> TraceJob {
     TraceJob { id: id.into(), submit_s, duration_s, gpus }
 }
 
-fn use_gpus(cluster: &Cluster, ledger: &mut Ledger, host: &str, gpus: u8) {
+fn use_gpus(cluster: &Cluster, ledger: &mut Ledger<JobHolder>, host: &str, gpus: u8) {
     let id = cluster.host_id(&format!("lj-{host}")).expect("host exists");
-    ledger.reserve(&format!("setup-{host}"), &[(id, full_mask(gpus))]).expect("setup reservation");
+    ledger.reserve(&JobHolder::Job(format!("setup-{host}")), &[(id, full_mask(gpus))]).expect("setup reservation");
 }
 
 /// Where `policy` puts a job of `gpus` GPUs (whole hosts above 8), as sorted host names.
-fn choose(cluster: &Cluster, ledger: &Ledger, policy: JobPolicy, gpus: u32) -> Vec<String> {
+fn choose(cluster: &Cluster, ledger: &Ledger<JobHolder>, policy: JobPolicy, gpus: u32) -> Vec<String> {
     let jobs = [job("probe", 0, 1, gpus)];
     let mut placer = Placer::new(cluster, policy, &jobs, 8, 7);
     let (members, per_member) = if gpus <= 8 { (1, gpus) } else { (gpus / 8, 8) };
@@ -66,7 +66,7 @@ fn names(hosts: &[&str]) -> Vec<String> {
 #[test]
 fn first_fit_walks_node_names() {
     let cluster = three_racks();
-    let mut ledger = Ledger::new(&cluster);
+    let mut ledger = Ledger::empty(&cluster);
     assert_eq!(choose(&cluster, &ledger, JobPolicy::FirstFit, 1), names(&["a1"]));
     assert_eq!(choose(&cluster, &ledger, JobPolicy::FirstFit, 16), names(&["a1", "a2"]));
     use_gpus(&cluster, &mut ledger, "a1", 6);
@@ -77,7 +77,7 @@ fn first_fit_walks_node_names() {
 #[test]
 fn bestfit_nodes_takes_the_host_with_the_fewest_free_gpus() {
     let cluster = three_racks();
-    let mut ledger = Ledger::new(&cluster);
+    let mut ledger = Ledger::empty(&cluster);
     use_gpus(&cluster, &mut ledger, "m2", 6);
     use_gpus(&cluster, &mut ledger, "x1", 7);
     assert_eq!(choose(&cluster, &ledger, JobPolicy::BestfitNodes, 1), names(&["x1"]));
@@ -89,7 +89,7 @@ fn bestfit_nodes_takes_the_host_with_the_fewest_free_gpus() {
 #[test]
 fn kueue_takes_the_smallest_domain_that_fits_then_goes_up_a_level() {
     let cluster = three_racks();
-    let mut ledger = Ledger::new(&cluster);
+    let mut ledger = Ledger::empty(&cluster);
     use_gpus(&cluster, &mut ledger, "m1", 1);
     // Whole free hosts per rack: P1/S1 3, P1/S2 2, P2/S1 3.
     assert_eq!(choose(&cluster, &ledger, JobPolicy::KueueTas, 16), names(&["x1", "x2"]), "best fit: the 2-host rack");
@@ -108,7 +108,7 @@ fn kueue_takes_the_smallest_domain_that_fits_then_goes_up_a_level() {
 #[test]
 fn volcano_takes_the_lowest_tier_then_the_most_utilised_hypernode() {
     let cluster = three_racks();
-    let mut ledger = Ledger::new(&cluster);
+    let mut ledger = Ledger::empty(&cluster);
     use_gpus(&cluster, &mut ledger, "m1", 1);
     // Utilisation with the gang in it: P1/S1 17/32, P1/S2 16/16, P2/S1 16/24.
     assert_eq!(choose(&cluster, &ledger, JobPolicy::VolcanoHypernode, 16), names(&["x1", "x2"]));
@@ -122,7 +122,7 @@ fn volcano_takes_the_lowest_tier_then_the_most_utilised_hypernode() {
 #[test]
 fn topoplace_keeps_a_gang_in_one_rack_and_random_is_seeded() {
     let cluster = three_racks();
-    let mut ledger = Ledger::new(&cluster);
+    let mut ledger = Ledger::empty(&cluster);
     use_gpus(&cluster, &mut ledger, "m1", 1);
     for gpus in [16, 24] {
         let hosts = choose(&cluster, &ledger, JobPolicy::Topoplace, gpus);

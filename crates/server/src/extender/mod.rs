@@ -35,7 +35,7 @@ use crate::kube::pod as kube_pod;
 use metrics::Metrics;
 use topoplace_engine::topology::HostId;
 use topoplace_online::reservation::{
-    BindFinish, BindStep, Book, Expired, MemberBind, NodeVerdict, PodDemand, PodIdentity, PreemptCandidate,
+    BindFinish, BindStep, Book, Expired, MemberBind, NodeVerdict, PodDemand, PodIdentity, PreemptCandidate, Ticket,
 };
 use wire::{
     ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, ExtenderPreemptionArgs,
@@ -411,7 +411,7 @@ impl Extender {
 
     /// Creates every Binding of a ticket concurrently, records the outcome in the book,
     /// undoes a partial bind, and answers the members that were waiting.
-    async fn bind_all(&self, ticket: &str, members: Vec<MemberBind>) -> Result<(), String> {
+    async fn bind_all(&self, ticket: &Ticket, members: Vec<MemberBind>) -> Result<(), String> {
         let binder = &self.binder;
         let outcomes = join_all(members.iter().map(|member| async move {
             let gpus = kube_pod::gpus_annotation(&member.gpus);
@@ -425,8 +425,8 @@ impl Extender {
                 Some(book) => book.bind_finished(ticket, &outcomes, now),
                 None => BindFinish::RolledBack { delete: Vec::new(), failures: vec![NOT_READY.into()] },
             };
-            let gang = ticket.strip_prefix("gang:").unwrap_or(ticket).to_string();
-            let waiters = shared.waiters.remove(&gang).unwrap_or_default();
+            // Only a gang's members wait for each other; a single pod's bind waits for no one.
+            let waiters = ticket.gang().and_then(|gang| shared.waiters.remove(gang)).unwrap_or_default();
             for member in &members {
                 shared.demands.remove(&member.pod.uid);
             }

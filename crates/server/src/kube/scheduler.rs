@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use super::{node, pod, KubeBinder, ViewHooks};
 use crate::extender::Extender;
 use topoplace_online::reservation::PodIdentity;
-use topoplace_online::scheduler::{BoundPod, Decision, Finished, PendingPod, Scheduler, SchedulerConfig};
+use topoplace_online::scheduler::{BindTicket, BoundPod, Decision, Finished, PendingPod, Scheduler, SchedulerConfig};
 
 /// How often the queue is looked at when nothing wakes it (back-off expiries, timeouts).
 const CYCLE_IDLE_MS: u64 = 200;
@@ -218,7 +218,11 @@ impl SchedulerRuntime {
                 self.wake.notify_one();
                 match finished {
                     Finished::Bound { members } => {
-                        let gang = ticket.strip_prefix("gang:").map(|g| format!(", gang {g}")).unwrap_or_default();
+                        let gang = match &ticket {
+                            BindTicket::Book(ticket) => ticket.gang().map(|g| format!(", gang {g}")),
+                            BindTicket::Plain(_) => None,
+                        }
+                        .unwrap_or_default();
                         join_all(members.iter().map(|m| {
                             let gpus = if m.gpus.is_empty() {
                                 String::new()
