@@ -1,7 +1,8 @@
 //! The extender in Kubernetes mode against the in-process fake API server: the cluster view
 //! from node and pod watches (and their resumption after a dropped watch), Bindings with the
-//! `topoplace.io/gpus` annotation, a 409 on a pod already bound to the planned node, and the
-//! undo of a gang whose Binding partly failed. The fake API's final state is asserted.
+//! `topoplace.io/gpus` annotation, a 409 on a pod already bound to the planned node, a Binding
+//! whose answer was lost (read back, not undone), and the undo of a gang whose Binding partly
+//! failed. The fake API's final state is asserted.
 
 mod support;
 
@@ -129,6 +130,29 @@ async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
         .expect("held")
         .iter()
         .all(|h| !h["holder"].as_str().unwrap_or_default().contains("/f"))));
+
+    // A gang whose second Binding is made but answered 504 (outcome unknown): the pod is read
+    // back, found bound to its planned node, and the gang is bound; nothing is deleted.
+    api.faults.lock().expect("faults").lose_binding_answer.insert("u-1".into());
+    let mut tasks = Vec::new();
+    for member in 0..2 {
+        let object = pod("ml", &format!("u-{member}"), &format!("u-{member}-uid"), 8, Some(("u", 2)));
+        api.add_pod(object.clone(), None, None);
+        let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
+        tasks.push(tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await }));
+    }
+    let mut unknown_nodes = BTreeSet::new();
+    for task in tasks {
+        unknown_nodes.insert(task.await.expect("task").expect("bound once read back"));
+    }
+    assert_eq!(unknown_nodes.len(), 2);
+    for name in ["u-0", "u-1"] {
+        assert!(api.pod_node("ml", name).is_some_and(|n| unknown_nodes.contains(&n)), "{name} bound in the API");
+        assert!(!api.deletes().contains(&name.to_string()), "{name} was not deleted on a guess");
+    }
+    api.faults.lock().expect("faults").lose_binding_answer.clear();
+    let state = get_json(&http, &format!("{base}/state")).await;
+    assert_eq!(state["stats"]["gangs_rolled_back"], 1, "only the earlier gang was rolled back");
 
     // A pod already bound to its planned node (a retried bind): 409, read back, success.
     let solo = pod("ml", "solo", "solo-uid", 2, None);

@@ -225,6 +225,10 @@ pub struct Faults {
     pub fail_binding: HashSet<String>,
     /// Pod names whose Binding never answers (a scheduler dying mid-gang).
     pub hang_binding: HashSet<String>,
+    /// Pod names whose Binding is made but whose answer is cut off mid-body (as when the
+    /// connection drops during the response): the caller cannot tell whether it took effect.
+    /// (A 504 would not do: kube-rs retries it, and the retry meets a 409.)
+    pub lose_binding_answer: HashSet<String>,
     /// Delay before every response.
     pub delay: Option<Duration>,
 }
@@ -639,7 +643,15 @@ async fn create_binding(
     }
     state.bindings.push((name.clone(), node));
     let object = api.record(&mut state, "pods", "MODIFIED", pod);
-    state.pods.insert((ns, name), object);
+    state.pods.insert((ns, name.clone()), object);
+    if api.faults.lock().expect("faults").lose_binding_answer.contains(&name) {
+        return (
+            axum::http::StatusCode::CREATED,
+            [("content-type", "application/json")],
+            "{\"kind\":\"Status\",\"apiV",
+        )
+            .into_response();
+    }
     status(201, "", String::new())
 }
 

@@ -50,10 +50,32 @@ const DEMANDS_REMEMBERED_MAX: usize = 100_000;
 const SWEEP_INTERVAL_MS: u64 = 200;
 
 /// What creates Bindings, deletes pods and records Events: the API server, or memory.
+/// Why a Binding was not made, as far as the binder could tell. The undo of a partly bound
+/// gang deletes only members whose Binding succeeded: a pod whose outcome is
+/// [`BindError::Unknown`] is not known to be bound to the planned node, so it is never
+/// deleted on that guess.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// The pod is bound, but to another node (409 Conflict, read back).
+    #[error("409 Conflict: already bound to `{node}`")]
+    Conflict { node: String },
+    /// The pod no longer exists, or its name now belongs to another pod (another uid).
+    #[error("the pod is gone: {reason}")]
+    Gone { reason: String },
+    /// The request may or may not have taken effect (a timeout, a dropped connection) and the
+    /// pod could not be read back to tell.
+    #[error("outcome unknown: {reason}")]
+    Unknown { reason: String },
+    /// The API server refused the Binding (403, 422, 500, ...), or the pod read back is not
+    /// bound.
+    #[error("{message}")]
+    Api { message: String },
+}
+
 pub trait Binder: Send + Sync + 'static {
     /// Binds `member` to its node with `topoplace.io/gpus` set to `gpus`. Binding a pod that is
     /// already bound to that node is success (the API server's 409 on a retried bind).
-    fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), String>>;
+    fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), BindError>>;
     /// Deletes a pod so its controller recreates it (undo of a partly bound gang).
     fn delete<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>>;
     /// Records an Event on the pod; failures are logged, never fatal.
@@ -415,7 +437,7 @@ impl Extender {
         let binder = &self.binder;
         let outcomes = join_all(members.iter().map(|member| async move {
             let gpus = kube_pod::gpus_annotation(&member.gpus);
-            (member.pod.clone(), binder.bind(member, gpus).await)
+            (member.pod.clone(), binder.bind(member, gpus).await.map_err(|error| error.to_string()))
         }))
         .await;
         let now = self.now_ms();
@@ -678,12 +700,12 @@ impl MemoryBinder {
 }
 
 impl Binder for MemoryBinder {
-    fn bind<'a>(&'a self, member: &'a MemberBind, _gpus: String) -> BoxFuture<'a, Result<(), String>> {
+    fn bind<'a>(&'a self, member: &'a MemberBind, _gpus: String) -> BoxFuture<'a, Result<(), BindError>> {
         Box::pin(async move {
             let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
             match bound.get(&member.pod.uid) {
                 Some(node) if *node == member.node => Ok(()),
-                Some(node) => Err(format!("already bound to `{node}`")),
+                Some(node) => Err(BindError::Conflict { node: node.clone() }),
                 None => {
                     bound.insert(member.pod.uid.clone(), member.node.clone());
                     Ok(())

@@ -28,7 +28,7 @@ use kube::Client;
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use crate::extender::{Binder, Extender};
+use crate::extender::{BindError, Binder, Extender};
 use topoplace_engine::topology::{Cluster, NodeSpec};
 use topoplace_online::reservation::{Book, BookConfig, MemberBind, PodIdentity};
 
@@ -72,8 +72,12 @@ impl KubeBinder {
     }
 }
 
-fn is_conflict(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.code == 409)
+/// Where a pod read back after a Binding is bound.
+enum BoundTo {
+    /// On the planned node: the Binding took effect.
+    Planned,
+    Other(String),
+    Nothing,
 }
 
 impl KubeBinder {
@@ -82,8 +86,10 @@ impl KubeBinder {
     }
 
     /// Creates the pod's Binding to `node`, with `topoplace.io/gpus` when it gets GPUs. A 409
-    /// (already bound) is success only if the pod is bound to `node`.
-    pub async fn bind_pod(&self, target: &PodIdentity, node: &str, gpus: Option<String>) -> Result<(), String> {
+    /// (already bound) is success only if the pod read back is the same pod (uid) bound to
+    /// `node`. When the outcome is unknown (the request failed without an answer from the API
+    /// server), the pod is read back the same way before anything is concluded.
+    pub async fn bind_pod(&self, target: &PodIdentity, node: &str, gpus: Option<String>) -> Result<(), BindError> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
         let binding = Binding {
             metadata: ObjectMeta {
@@ -102,20 +108,54 @@ impl KubeBinder {
         };
         match pods.create_subresource::<_, Status>("binding", &target.name, &PostParams::default(), &binding).await {
             Ok(_) => Ok(()),
-            Err(error) if is_conflict(&error) => {
-                let current = pods.get(&target.name).await.map_err(|e| format!("reading after 409: {e}"))?;
-                if current.metadata.uid.as_deref() != Some(target.uid.as_str()) {
-                    return Err("409 Conflict: the pod was replaced (another uid)".into());
+            Err(kube::Error::Api(status)) if status.code == 409 => match self.read_back(target, node).await? {
+                BoundTo::Planned => Ok(()),
+                BoundTo::Other(other) => Err(BindError::Conflict { node: other }),
+                BoundTo::Nothing => {
+                    Err(BindError::Api { message: "409 Conflict, yet the pod reads back unbound".into() })
                 }
-                let bound_to = current.spec.and_then(|s| s.node_name);
-                if bound_to.as_deref() == Some(node) {
-                    Ok(())
-                } else {
-                    Err(format!("409 Conflict: already bound to `{}`", bound_to.unwrap_or_default()))
-                }
+            },
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                Err(BindError::Gone { reason: format!("404 Not Found: {}", status.message) })
             }
-            Err(error) => Err(error.to_string()),
+            // 504 is the API server's StatusReasonTimeout: "the server was unable to return a
+            // response in the time allotted, but may still be processing the request"
+            // (k8s.io/apimachinery metav1): like no answer at all, the outcome is unknown.
+            Err(kube::Error::Api(status)) if status.code != 504 => {
+                Err(BindError::Api { message: format!("{} {}", status.code, status.message) })
+            }
+            // No answer: the Binding may have been made. Read the pod back to tell.
+            Err(error) => match self.read_back(target, node).await {
+                Ok(BoundTo::Planned) => Ok(()),
+                Ok(BoundTo::Other(other)) => Err(BindError::Conflict { node: other }),
+                Ok(BoundTo::Nothing) => Err(BindError::Api { message: format!("{error}; the pod reads back unbound") }),
+                Err(BindError::Unknown { reason }) => {
+                    Err(BindError::Unknown { reason: format!("{error}; and reading the pod back: {reason}") })
+                }
+                Err(other) => Err(other),
+            },
         }
+    }
+
+    /// Where the pod the API server has under `target`'s name is bound: `Gone` when it does
+    /// not exist or is another pod (another uid), `Unknown` when it cannot be read.
+    async fn read_back(&self, target: &PodIdentity, node: &str) -> Result<BoundTo, BindError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
+        let current = match pods.get(&target.name).await {
+            Ok(current) => current,
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                return Err(BindError::Gone { reason: "deleted while its Binding was made".into() })
+            }
+            Err(error) => return Err(BindError::Unknown { reason: format!("reading the pod back: {error}") }),
+        };
+        if current.metadata.uid.as_deref() != Some(target.uid.as_str()) {
+            return Err(BindError::Gone { reason: "the pod was replaced (another uid)".into() });
+        }
+        Ok(match current.spec.and_then(|s| s.node_name) {
+            Some(bound) if bound == node => BoundTo::Planned,
+            Some(bound) => BoundTo::Other(bound),
+            None => BoundTo::Nothing,
+        })
     }
 
     /// Records an Event of `kind` (`Normal` or `Warning`) on the pod; failures are logged.
@@ -146,7 +186,7 @@ impl KubeBinder {
 }
 
 impl Binder for KubeBinder {
-    fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), String>> {
+    fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), BindError>> {
         Box::pin(self.bind_pod(&member.pod, &member.node, Some(gpus)))
     }
 

@@ -207,7 +207,10 @@ impl SchedulerRuntime {
             Decision::Bind { ticket, members } => {
                 let outcomes = join_all(members.iter().map(|m| async move {
                     let gpus = (!m.gpus.is_empty()).then(|| pod::gpus_annotation(&m.gpus));
-                    (m.pod.clone(), self.binder.bind_pod(&m.pod, &m.node, gpus).await)
+                    (
+                        m.pod.clone(),
+                        self.binder.bind_pod(&m.pod, &m.node, gpus).await.map_err(|error| error.to_string()),
+                    )
                 }))
                 .await;
                 let now = self.ext.now_ms();
