@@ -286,8 +286,8 @@ impl Planner<'_> {
                         best = Some((placement, solved.objective));
                     }
                 }
-                Err(ResolutionError::Infeasible) => {}
-                Err(other) if other.to_string().to_ascii_lowercase().contains("time limit") => {
+                Err(SolveError::Infeasible) => {}
+                Err(SolveError::TimeLimit) => {
                     all_optimal = false;
                     timed_out = true;
                 }
@@ -844,7 +844,7 @@ impl ExactModel {
         self.options.len() + self.domains.len() + self.shapes.len() * (1 + self.racks.len())
     }
 
-    fn solve(&self, backend: Backend, time_limit: Duration, relaxed: bool) -> Result<SolvedModel, ResolutionError> {
+    fn solve(&self, backend: Backend, time_limit: Duration, relaxed: bool) -> Result<SolvedModel, SolveError> {
         let mut formulation = Formulation::new(relaxed);
         let x = self.add_to(&mut formulation, Expression::from(1.0));
         formulation.solve(backend, time_limit, &x)
@@ -948,7 +948,7 @@ impl Formulation {
     }
 
     /// Solves and reports which of `x` are set.
-    fn solve(self, backend: Backend, time_limit: Duration, x: &[Variable]) -> Result<SolvedModel, ResolutionError> {
+    fn solve(self, backend: Backend, time_limit: Duration, x: &[Variable]) -> Result<SolvedModel, SolveError> {
         let Formulation { vars, constraints, objective, .. } = self;
         let problem = vars.maximise(objective.clone());
         let seconds = time_limit.as_secs_f64().max(0.001);
@@ -964,7 +964,44 @@ impl Formulation {
                 x,
             ),
             #[cfg(not(feature = "highs"))]
-            Backend::Highs => Err(ResolutionError::Str("built without the `highs` feature".into())),
+            Backend::Highs => Err(SolveError::Other("built without the `highs` feature".into())),
+        }
+    }
+}
+
+/// good_lp's microlp backend reports a time limit reached before any feasible solution as
+/// `ResolutionError::Other` with exactly this text (good_lp 1.15, `src/solvers/microlp.rs`);
+/// good_lp has no variant for it. HiGHS answers a time limit with a solution whose status is
+/// `TimeLimit` instead. [`SolveError::from`] is the one place a solver's error text is read.
+const MICROLP_TIME_LIMIT: &str = "Time limit reached before finding a feasible solution";
+
+/// Why a solve gave no solution, as the exact planner acts on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SolveError {
+    /// No placement satisfies the model's constraints.
+    Infeasible,
+    /// The time limit came before any feasible solution.
+    TimeLimit,
+    /// Anything else the backend said (unbounded, an internal error, a backend not built).
+    Other(String),
+}
+
+impl From<ResolutionError> for SolveError {
+    fn from(error: ResolutionError) -> Self {
+        match error {
+            ResolutionError::Infeasible => SolveError::Infeasible,
+            ResolutionError::Other(text) if text == MICROLP_TIME_LIMIT => SolveError::TimeLimit,
+            other => SolveError::Other(other.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for SolveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SolveError::Infeasible => f.write_str("infeasible"),
+            SolveError::TimeLimit => f.write_str("the time limit came before any feasible solution"),
+            SolveError::Other(text) => f.write_str(text),
         }
     }
 }
@@ -974,14 +1011,14 @@ fn finish<M: SolverModel>(
     constraints: Vec<Constraint>,
     objective: &Expression,
     x: &[Variable],
-) -> Result<SolvedModel, ResolutionError>
+) -> Result<SolvedModel, SolveError>
 where
     ResolutionError: From<M::Error>,
 {
     for c in constraints {
         model = model.with(c);
     }
-    let solution = model.solve()?;
+    let solution = model.solve().map_err(|e| SolveError::from(ResolutionError::from(e)))?;
     let chosen = x.iter().enumerate().filter(|(_, &v)| solution.value(v) > 0.5).map(|(i, _)| i).collect();
     Ok(SolvedModel { chosen, objective: solution.eval(objective), status: solution.status() })
 }

@@ -207,10 +207,7 @@ fn pattern_name(pattern: &str, index: u32) -> Option<String> {
 /// Parses a cluster file's text into a validated spec; `file` names it in errors.
 pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
     check_header(file, text, "Cluster")?;
-    let parsed: ClusterFile = serde_yaml_ng::from_str(text).map_err(|e| {
-        let list = if e.to_string().starts_with("spec.nodeGroups") { "nodeGroups" } else { "nodes" };
-        FileError::from_yaml(file, text, &e, list)
-    })?;
+    let parsed: ClusterFile = super::from_yaml_str(file, text)?;
     debug_assert_eq!(parsed.api_version, API_VERSION);
     let mut nodes = Vec::new();
     // Where each node came from, for errors found after expansion.

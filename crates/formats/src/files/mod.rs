@@ -42,16 +42,18 @@ impl FileError {
         FileError { file: file.to_string(), line, column: None, message: message.into() }
     }
 
-    /// From a serde error: its location, and its message without the location suffix
-    /// (which `Display` already shows in front). `list` and `item` name the list whose
-    /// entry failed (e.g. `nodes`), so the entry's name can be added.
-    fn from_yaml(file: &str, text: &str, error: &serde_yaml_ng::Error, list: &str) -> Self {
-        let location = error.location();
-        let mut message = error.to_string();
+    /// From a YAML error: its location, and its message without the location suffix
+    /// (which `Display` already shows in front). When the failing field is inside an entry of
+    /// one of the lists `spec.nodes`, `spec.nodeGroups` or `spec.gangs`, the entry's name is
+    /// added, read from the error's path as data.
+    fn from_yaml(file: &str, text: &str, error: &serde_path_to_error::Error<serde_yaml_ng::Error>) -> Self {
+        let inner = error.inner();
+        let location = inner.location();
+        let mut message = inner.to_string();
         if let Some(cut) = message.rfind(" at line ") {
             message.truncate(cut);
         }
-        if let Some(name) = entry_name(text, &message, list) {
+        if let Some((list, name)) = entry_of(text, error.path()) {
             message = format!("{message} ({} `{name}`)", list.trim_end_matches('s'));
         }
         FileError {
@@ -63,14 +65,30 @@ impl FileError {
     }
 }
 
-/// For a message whose path starts `spec.LIST[i]`, the `name` of entry i, if readable.
-fn entry_name(text: &str, message: &str, list: &str) -> Option<String> {
-    let prefix = format!("spec.{list}[");
-    let rest = message.strip_prefix(&prefix)?;
-    let index: usize = rest.split(']').next()?.parse().ok()?;
+/// Deserializes YAML `text`, keeping the path to a field that fails (see
+/// [`FileError::from_yaml`]).
+pub(crate) fn from_yaml_str<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T, FileError> {
+    serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text))
+        .map_err(|error| FileError::from_yaml(file, text, &error))
+}
+
+/// The lists whose entries carry a `name` (or `namePattern`) to name in errors.
+const NAMED_LISTS: [&str; 3] = ["nodes", "nodeGroups", "gangs"];
+
+/// For a path `spec.LIST[i]...` into one of [`NAMED_LISTS`], the list and entry i's name.
+fn entry_of(text: &str, path: &serde_path_to_error::Path) -> Option<(&'static str, String)> {
+    use serde_path_to_error::Segment;
+    let mut segments = path.iter();
+    let (Some(Segment::Map { key: spec }), Some(Segment::Map { key: list }), Some(Segment::Seq { index })) =
+        (segments.next(), segments.next(), segments.next())
+    else {
+        return None;
+    };
+    let list = NAMED_LISTS.into_iter().find(|named| spec == "spec" && list == named)?;
     let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).ok()?;
-    let entry = value.get("spec")?.get(list)?.get(index)?;
-    entry.get("name").or_else(|| entry.get("namePattern")).and_then(|n| n.as_str()).map(str::to_string)
+    let entry = value.get("spec")?.get(list)?.get(*index)?;
+    let name = entry.get("name").or_else(|| entry.get("namePattern")).and_then(|n| n.as_str())?;
+    Some((list, name.to_string()))
 }
 
 /// The 1-based lines that give `name`: as the value of a `name:` or `namePattern:` key
@@ -130,7 +148,7 @@ fn check_header(file: &str, text: &str, kind: &str) -> Result<(), FileError> {
         api_version: Option<String>,
         kind: Option<String>,
     }
-    let header: Header = serde_yaml_ng::from_str(text).map_err(|e| FileError::from_yaml(file, text, &e, ""))?;
+    let header: Header = from_yaml_str(file, text)?;
     let line = |key: &str| text.lines().position(|l| l.starts_with(key)).map(|i| i + 1);
     match header.api_version.as_deref() {
         Some(API_VERSION) => {}

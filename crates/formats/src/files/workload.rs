@@ -121,8 +121,7 @@ fn scalar_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Stri
 /// Parses a workload file's text into a validated workload.
 pub fn parse(file: &str, text: &str) -> Result<Workload, FileError> {
     check_header(file, text, "Workload")?;
-    let parsed: WorkloadFile =
-        serde_yaml_ng::from_str(text).map_err(|e| FileError::from_yaml(file, text, &e, "gangs"))?;
+    let parsed: WorkloadFile = super::from_yaml_str(file, text)?;
     let mut gangs = Vec::with_capacity(parsed.spec.gangs.len());
     for entry in parsed.spec.gangs {
         let line = line_of_name(text, &entry.name);

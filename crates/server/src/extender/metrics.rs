@@ -12,7 +12,28 @@ use topoplace_online::reservation::Book;
 /// Upper bounds of the latency buckets, seconds.
 const BUCKETS_S: [f64; 12] = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0, 10.0];
 
-pub const VERBS: [&str; 4] = ["filter", "prioritize", "preempt", "bind"];
+/// The extender's verbs, as the metrics label them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Filter,
+    Prioritize,
+    Preempt,
+    Bind,
+}
+
+impl Verb {
+    pub const ALL: [Verb; 4] = [Verb::Filter, Verb::Prioritize, Verb::Preempt, Verb::Bind];
+
+    /// The verb's path segment and `verb` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verb::Filter => "filter",
+            Verb::Prioritize => "prioritize",
+            Verb::Preempt => "preempt",
+            Verb::Bind => "bind",
+        }
+    }
+}
 
 #[derive(Default)]
 struct VerbMetrics {
@@ -25,13 +46,14 @@ struct VerbMetrics {
 
 #[derive(Default)]
 pub struct Metrics {
-    verbs: [VerbMetrics; VERBS.len()],
+    /// Indexed by the verb's position in [`Verb::ALL`] (its discriminant).
+    verbs: [VerbMetrics; Verb::ALL.len()],
 }
 
 impl Metrics {
-    /// Records one request of `verb` (an index into [`VERBS`]).
-    pub fn record(&self, verb: usize, elapsed: Duration, ok: bool) {
-        let Some(metrics) = self.verbs.get(verb) else { return };
+    /// Records one request of `verb`.
+    pub fn record(&self, verb: Verb, elapsed: Duration, ok: bool) {
+        let metrics = &self.verbs[verb as usize];
         if ok { &metrics.ok } else { &metrics.errors }.fetch_add(1, Ordering::Relaxed);
         let seconds = elapsed.as_secs_f64();
         for (bound, bucket) in BUCKETS_S.iter().zip(&metrics.buckets) {
@@ -48,7 +70,7 @@ impl Metrics {
         let mut out = String::new();
         out.push_str("# HELP topoplace_extender_requests_total Extender requests by verb and result.\n");
         out.push_str("# TYPE topoplace_extender_requests_total counter\n");
-        for (verb, metrics) in VERBS.iter().zip(&self.verbs) {
+        for (verb, metrics) in Verb::ALL.iter().map(|v| v.name()).zip(&self.verbs) {
             for (result, counter) in [("ok", &metrics.ok), ("error", &metrics.errors)] {
                 let _ = writeln!(
                     out,
@@ -59,7 +81,7 @@ impl Metrics {
         }
         out.push_str("# HELP topoplace_extender_request_duration_seconds Extender request latency by verb.\n");
         out.push_str("# TYPE topoplace_extender_request_duration_seconds histogram\n");
-        for (verb, metrics) in VERBS.iter().zip(&self.verbs) {
+        for (verb, metrics) in Verb::ALL.iter().map(|v| v.name()).zip(&self.verbs) {
             for (bound, bucket) in BUCKETS_S.iter().zip(&metrics.buckets) {
                 let _ = writeln!(
                     out,

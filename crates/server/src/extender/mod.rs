@@ -32,7 +32,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::kube::pod as kube_pod;
-use metrics::Metrics;
+use metrics::{Metrics, Verb};
 use topoplace_engine::topology::HostId;
 use topoplace_online::reservation::{
     BindFinish, BindStep, Book, Expired, MemberBind, NodeVerdict, PodDemand, PodIdentity, PreemptCandidate, Ticket,
@@ -586,11 +586,7 @@ async fn read_json<T: DeserializeOwned>(ext: &Extender, verb: &str, body: Body) 
         .map_err(|error| Rejection::bad_request(format!("{verb}: the body is not a valid request: {error}")))
 }
 
-async fn timed<T: Serialize>(
-    ext: &Extender,
-    verb: usize,
-    work: impl Future<Output = Result<T, Rejection>>,
-) -> Response {
+async fn timed<T: Serialize>(ext: &Extender, verb: Verb, work: impl Future<Output = Result<T, Rejection>>) -> Response {
     let start = std::time::Instant::now();
     let outcome = work.await;
     ext.metrics.record(verb, start.elapsed(), outcome.is_ok());
@@ -601,15 +597,15 @@ async fn timed<T: Serialize>(
 }
 
 async fn filter_handler(State(ext): State<Arc<Extender>>, body: Body) -> Response {
-    timed(&ext, 0, async { ext.filter(read_json(&ext, "filter", body).await?) }).await
+    timed(&ext, Verb::Filter, async { ext.filter(read_json(&ext, "filter", body).await?) }).await
 }
 
 async fn prioritize_handler(State(ext): State<Arc<Extender>>, body: Body) -> Response {
-    timed(&ext, 1, async { ext.prioritize(read_json(&ext, "prioritize", body).await?) }).await
+    timed(&ext, Verb::Prioritize, async { ext.prioritize(read_json(&ext, "prioritize", body).await?) }).await
 }
 
 async fn preempt_handler(State(ext): State<Arc<Extender>>, body: Body) -> Response {
-    timed(&ext, 2, async { ext.preempt(read_json(&ext, "preempt", body).await?) }).await
+    timed(&ext, Verb::Preempt, async { ext.preempt(read_json(&ext, "preempt", body).await?) }).await
 }
 
 async fn bind_handler(State(ext): State<Arc<Extender>>, body: Body) -> Response {
@@ -617,12 +613,12 @@ async fn bind_handler(State(ext): State<Arc<Extender>>, body: Body) -> Response 
     let args: ExtenderBindingArgs = match read_json(&ext, "bind", body).await {
         Ok(args) => args,
         Err(rejection) => {
-            ext.metrics.record(3, start.elapsed(), false);
+            ext.metrics.record(Verb::Bind, start.elapsed(), false);
             return rejection.into_response();
         }
     };
     let reply = ext.clone().bind(args).await;
-    ext.metrics.record(3, start.elapsed(), reply.error.is_empty());
+    ext.metrics.record(Verb::Bind, start.elapsed(), reply.error.is_empty());
     json_body(&reply)
 }
 
