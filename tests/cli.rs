@@ -336,3 +336,35 @@ fn job_replay_refuses_bad_input_with_exit_2() {
     let output = topoplace(&["replay", "--jobs", jobs.to_str().unwrap(), "--pods", "x.csv"]);
     assert_eq!(output.status.code(), Some(2), "--pods belongs to the other mode");
 }
+
+#[test]
+fn replay_subcommands_give_what_the_older_spellings_give_and_keep_their_flags_apart() {
+    let nodes = temp_file("replay-sub-nodes.csv", REPLAY_NODES);
+    let pods = temp_file("replay-sub-pods.csv", REPLAY_PODS);
+    let trace = ["--nodes", nodes.to_str().unwrap(), "--pods", pods.to_str().unwrap(), "--seeds", "2", "-o", "csv"];
+    let legacy = topoplace(&[&["replay"][..], &trace[..]].concat());
+    let pods_run = topoplace(&[&["replay", "pods"][..], &trace[..]].concat());
+    assert!(pods_run.status.success(), "{}", stderr(&pods_run));
+    assert_eq!(stdout(&pods_run), stdout(&legacy), "`replay pods` is `replay` without --jobs");
+    assert_eq!(stdout(&pods_run).lines().count(), 1 + 7 * 2 * 131);
+
+    let topology = temp_file("job-sub-topo.csv", JOB_TOPOLOGY);
+    let jobs = temp_file("jobs-sub.csv", JOBS);
+    let job_flags = ["--jobs", jobs.to_str().unwrap(), "--topology", topology.to_str().unwrap(), "-o", "csv"];
+    let legacy = topoplace(&[&["replay"][..], &job_flags[..]].concat());
+    let jobs_run = topoplace(&[&["replay", "jobs"][..], &job_flags[..]].concat());
+    assert!(jobs_run.status.success(), "{}", stderr(&jobs_run));
+    assert_eq!(stdout(&jobs_run), stdout(&legacy), "`replay jobs` is `replay --jobs`");
+    assert_eq!(stdout(&jobs_run).lines().count(), 1 + 6);
+
+    // Each subcommand has only its own flags, and the older spelling does not mix with them.
+    for args in [
+        vec!["replay", "jobs", "--jobs", jobs.to_str().unwrap(), "--pods", "x.csv"],
+        vec!["replay", "pods", "--topology", topology.to_str().unwrap()],
+        vec!["replay", "--seeds", "2", "pods"],
+    ] {
+        let output = topoplace(&args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains("error:"), "{args:?}: {}", stderr(&output));
+    }
+}

@@ -2,12 +2,10 @@
 //! Errors are sorted into bad input (exit 2) and everything else (exit 1) here, once;
 //! `main` only prints them.
 
-pub mod jobs;
 pub mod output;
 pub mod remote;
 pub mod replay;
 pub mod serve;
-pub mod svg;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,7 +35,8 @@ pub struct Cli {
 pub enum Command {
     /// Plan a workload onto a cluster (the embedded demo when no files are given).
     Plan(PlanArgs),
-    /// Replay the Alibaba GPU-sharing trace under placement policies, FGD-paper protocol.
+    /// Replay real traces under placement policies: `pods` (the FGD paper's GPU-sharing
+    /// protocol) or `jobs` (gangs in time on a topology).
     Replay(replay::ReplayArgs),
     /// Run the kube-scheduler extender (filter, prioritize, preempt, bind) over HTTP.
     Serve(serve::ServeArgs),
@@ -179,7 +178,7 @@ impl CliError {
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Plan(args) => plan(&args, out),
-        Command::Replay(args) => replay::replay(&args, out),
+        Command::Replay(args) => replay::run(&args, out),
         Command::Serve(args) => serve::serve(&args),
         Command::Scheduler(mut args) => {
             args.scheduling.scheduler = true;

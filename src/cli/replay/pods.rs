@@ -1,108 +1,51 @@
-//! `topoplace replay`: reads the trace CSVs, runs every (policy, seed) pair of the replay
-//! on all cores with a progress bar, and renders the table, CSV, JSON and SVG chart.
+//! `topoplace replay pods`: reads the trace CSVs, runs every (policy, seed) pair of the
+//! replay on all cores with a progress bar, and renders the table, CSV, JSON and SVG chart.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use super::{parallel_map, write_all, CliError};
+use super::common::{chosen_policies, ReplayFormat, SEED_BASE_DEFAULT};
+use super::svg::{escape, BOTTOM, HEIGHT, LEFT_PANEL_X, LEGEND_X, PANEL_WIDTH, RIGHT_PANEL_X, TOP, WIDTH};
+use crate::cli::{parallel_map, write_all, CliError};
 use topoplace_formats::convert::traces_dir;
 use topoplace_formats::files;
-use topoplace_replay::jobs::QueueMode;
 use topoplace_replay::pods::{
     self, Arrivals, Policy, Prepared, RunOutcome, Trace, ARRIVED_PCT_MAX, LOAD_RATIO_DEFAULT,
 };
 use topoplace_replay::traces::openb;
 
-/// The FGD artifact's first seed (its runs use 42..=51).
-pub const SEED_BASE_DEFAULT: u64 = 42;
 /// Arrived-load columns the table shows.
 const TABLE_COLUMNS: [usize; 4] = [100, 110, 120, 130];
 
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum ReplayFormat {
-    Table,
-    Csv,
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum QueueFlag {
-    /// Nothing starts past a head that does not fit.
-    StrictFifo,
-    /// Later jobs that fit start while the head waits (no reservation for the head).
-    BestEffortFifo,
-}
-
-impl From<QueueFlag> for QueueMode {
-    fn from(flag: QueueFlag) -> Self {
-        match flag {
-            QueueFlag::StrictFifo => QueueMode::StrictFifo,
-            QueueFlag::BestEffortFifo => QueueMode::BestEffortFifo,
-        }
-    }
-}
-
-/// Two modes: the GPU-sharing trace (`--nodes`, `--pods`; FGD protocol, pods never leave)
-/// and, with `--jobs`, a gang job trace replayed in time on a topology.
+/// `topoplace replay pods`: the FGD paper's protocol on the Alibaba GPU-sharing trace (pods
+/// that ask for whole GPUs or a share of one arrive in a seeded order and never leave).
 #[derive(Debug, Args)]
-pub struct ReplayArgs {
+pub struct PodsArgs {
     /// Node list CSV (sn,cpu_milli,memory_mib,gpu,model); default: the shared trace's
     /// openb_node_list_gpu_node.csv.
-    #[arg(long, conflicts_with = "jobs")]
+    #[arg(long)]
     pub nodes: Option<PathBuf>,
     /// Pod list CSV (name,cpu_milli,memory_mib,num_gpu,gpu_milli[,gpu_spec]); default: the
     /// shared trace's openb_pod_list_default.csv.
-    #[arg(long, conflicts_with = "jobs")]
+    #[arg(long)]
     pub pods: Option<PathBuf>,
-    /// Policies, comma-separated (default: all). Pod mode: random, dotproduct,
-    /// gpuclustering, gpupacking, bestfit, fgd, topoplace. Job mode: topoplace, kueue-tas,
-    /// volcano-hypernode, bestfit-nodes, first-fit, random.
+    /// Policies, comma-separated (default: all): random, dotproduct, gpuclustering,
+    /// gpupacking, bestfit, fgd, topoplace.
     #[arg(long, value_delimiter = ',')]
     pub policy: Vec<String>,
     /// Seeds per policy: SEED_BASE, SEED_BASE+1, ...
-    #[arg(long, default_value_t = 10, conflicts_with = "jobs")]
+    #[arg(long, default_value_t = 10)]
     pub seeds: u64,
-    /// First seed (job mode: the seed of the random policy).
+    /// First seed.
     #[arg(long, default_value_t = SEED_BASE_DEFAULT)]
     pub seed_base: u64,
     /// Arrived GPU request to replay, as a multiple of the cluster's GPU capacity.
-    #[arg(long, default_value_t = LOAD_RATIO_DEFAULT, conflicts_with = "jobs")]
+    #[arg(long, default_value_t = LOAD_RATIO_DEFAULT)]
     pub ratio: f64,
-    /// Job mode: a job trace CSV (job_id,submission_time,duration,num_gpu), e.g. the shared
-    /// elasticflow/cluster02.csv.
-    #[arg(long, value_name = "CSV")]
-    pub jobs: Option<PathBuf>,
-    /// Job mode: Lingjun-format topology (ip,DSW,PSW,ASW); default: the shared
-    /// lingjun-2023/topo.csv, 8 GPUs per host.
-    #[arg(long, value_name = "CSV", requires = "jobs", conflicts_with = "cluster")]
-    pub topology: Option<PathBuf>,
-    /// Job mode: a cluster file (kind: Cluster) instead of a Lingjun topology.
-    #[arg(long, value_name = "FILE", requires = "jobs")]
-    pub cluster: Option<PathBuf>,
-    /// Job mode: GPU product of the Lingjun hosts.
-    #[arg(long, default_value = "H800", requires = "jobs")]
-    pub gpu_product: String,
-    /// Job mode: arrival times are divided by this (2: the same jobs arrive twice as fast).
-    #[arg(long, default_value_t = 1.0, requires = "jobs")]
-    pub load: f64,
-    #[arg(long, value_enum, default_value_t = QueueFlag::StrictFifo, requires = "jobs")]
-    pub queue: QueueFlag,
-    /// Job mode, topoplace with best-effort-fifo: seconds a gang that fits no single rack
-    /// waits for one, the rack held clear of later jobs meanwhile (0: place it at once).
-    #[arg(long, value_name = "SECONDS", default_value_t = topoplace_replay::jobs::RACK_WAIT_S_DEFAULT, requires = "jobs")]
-    pub rack_wait: u64,
-    /// Job mode: take a rack, block or host out of service at a time, e.g.
-    /// `G6/P10/S14@86400` (seconds after the first arrival); its jobs restart elsewhere.
-    #[arg(long, value_name = "TARGET@SECONDS", requires = "jobs")]
-    pub drain: Vec<String>,
-    /// Job mode: GPU products given to racks in turn (a mixed cluster), e.g. `H800,A100-80GB`;
-    /// baselines try them in this order.
-    #[arg(long, value_delimiter = ',', requires = "jobs")]
-    pub rack_products: Vec<String>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = ReplayFormat::Table)]
     pub output: ReplayFormat,
     /// Also write an SVG chart of allocation against arrived load, one line per policy.
@@ -117,28 +60,7 @@ fn default_trace_file(name: &str) -> PathBuf {
     traces_dir().join("alibaba-gpu-v2023").join(name)
 }
 
-/// The `--policy` list in the order given, without repeats; every policy when empty.
-pub fn chosen_policies<P>(names: &[String], all: &[P]) -> Result<Vec<P>, CliError>
-where
-    P: std::str::FromStr<Err = String> + Copy + PartialEq,
-{
-    if names.is_empty() {
-        return Ok(all.to_vec());
-    }
-    let mut chosen = Vec::new();
-    for name in names {
-        let policy: P = name.trim().parse().map_err(|e| CliError::Input(format!("--policy: {e}")))?;
-        if !chosen.contains(&policy) {
-            chosen.push(policy);
-        }
-    }
-    Ok(chosen)
-}
-
-pub fn replay(args: &ReplayArgs, out: &mut dyn std::io::Write) -> Result<(), CliError> {
-    if let Some(jobs) = &args.jobs {
-        return super::jobs::replay_jobs(args, jobs, out);
-    }
+pub fn run(args: &PodsArgs, out: &mut dyn std::io::Write) -> Result<(), CliError> {
     let policies = chosen_policies(&args.policy, &Policy::ALL)?;
     if args.seeds == 0 {
         return Err(CliError::Input("--seeds must be at least 1".into()));
@@ -164,7 +86,7 @@ pub fn replay(args: &ReplayArgs, out: &mut dyn std::io::Write) -> Result<(), Cli
     let outcomes = run_all(&prepared, &arrivals, &policies, args.threads)?;
     let summary = Summary::new(&policies, &outcomes, &prepared, &pods_name, args.ratio);
     if let Some(path) = &args.svg {
-        std::fs::write(path, super::svg::chart(&summary))
+        std::fs::write(path, chart(&summary))
             .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", path.display())))?;
     }
     let text = match args.output {
@@ -308,4 +230,140 @@ impl Summary {
         }
         text
     }
+}
+
+// ---- the chart: GPU allocation against arrived load, one line per policy (the mean over
+// seeds), the whole run on the left and the saturated end zoomed on the right.
+
+/// Where the zoomed panel starts, in arrived percent.
+const ZOOM_FROM: usize = 80;
+const COLOURS: [&str; 8] = ["#7f7f7f", "#9467bd", "#8c564b", "#e377c2", "#1f77b4", "#ff7f0e", "#d62728", "#2ca02c"];
+
+/// A plot area and the data ranges it shows.
+struct Panel {
+    left: f64,
+    x_range: (f64, f64),
+    y_range: (f64, f64),
+    x_step: usize,
+    y_step: f64,
+}
+
+impl Panel {
+    fn x(&self, arrived: f64) -> f64 {
+        self.left + (arrived - self.x_range.0) / (self.x_range.1 - self.x_range.0) * PANEL_WIDTH
+    }
+
+    fn y(&self, allocation: f64) -> f64 {
+        let plot_h = HEIGHT - TOP - BOTTOM;
+        TOP + (1.0 - (allocation - self.y_range.0) / (self.y_range.1 - self.y_range.0)) * plot_h
+    }
+
+    fn draw(&self, svg: &mut String, summary: &Summary) {
+        let bottom = HEIGHT - BOTTOM;
+        for tick in (self.x_range.0 as usize..=self.x_range.1 as usize).step_by(self.x_step) {
+            let px = self.x(tick as f64);
+            svg.push_str(&format!(
+                "<line x1=\"{px:.1}\" y1=\"{TOP}\" x2=\"{px:.1}\" y2=\"{bottom:.1}\" stroke=\"#e6e6e6\"/>\
+                 <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{tick}</text>\n",
+                bottom + 16.0
+            ));
+        }
+        let mut tick = self.y_range.0;
+        while tick <= self.y_range.1 + 1e-9 {
+            let py = self.y(tick);
+            svg.push_str(&format!(
+                "<line x1=\"{:.1}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#e6e6e6\"/>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{tick}</text>\n",
+                self.left,
+                self.left + PANEL_WIDTH,
+                self.left - 6.0,
+                py + 4.0
+            ));
+            tick += self.y_step;
+        }
+        for (index, policy) in summary.policies.iter().enumerate() {
+            let points: Vec<String> = policy
+                .mean_curve
+                .iter()
+                .enumerate()
+                .filter(|&(arrived, _)| arrived as f64 >= self.x_range.0)
+                .filter_map(|(arrived, value)| {
+                    value.map(|v| format!("{:.1},{:.1}", self.x(arrived as f64), self.y(v.max(self.y_range.0))))
+                })
+                .collect();
+            svg.push_str(&format!(
+                "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.6\" points=\"{}\"/>\n",
+                COLOURS[index % COLOURS.len()],
+                points.join(" ")
+            ));
+        }
+        svg.push_str(&format!(
+            "<rect x=\"{}\" y=\"{TOP}\" width=\"{PANEL_WIDTH}\" height=\"{:.1}\" fill=\"none\" stroke=\"#333\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">arrived GPU request (% of capacity)</text>\n",
+            self.left,
+            HEIGHT - TOP - BOTTOM,
+            self.left + PANEL_WIDTH / 2.0,
+            HEIGHT - 14.0
+        ));
+    }
+}
+
+/// The zoomed panel's allocation range: whole points around the curves past `ZOOM_FROM`.
+fn zoom_range(summary: &Summary) -> (f64, f64) {
+    let values: Vec<f64> =
+        summary.policies.iter().flat_map(|p| p.mean_curve.iter().skip(ZOOM_FROM).flatten().copied()).collect();
+    let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !low.is_finite() || !high.is_finite() {
+        return (0.0, 100.0);
+    }
+    ((low - 1.0).floor().max(0.0), (high + 1.0).ceil().min(100.0))
+}
+
+fn chart(summary: &Summary) -> String {
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{LEFT_PANEL_X}\" y=\"22\" font-size=\"14\">GPU allocation (% of capacity) vs arrived load: {} \
+         ({} nodes, {} GPUs, mean of {} seeds)</text>\n\
+         <text x=\"{RIGHT_PANEL_X}\" y=\"{:.1}\" fill=\"#555\">zoomed: from {ZOOM_FROM}% arrived</text>\n",
+        escape(summary.pods.rsplit('/').next().unwrap_or(&summary.pods)),
+        summary.nodes,
+        summary.gpus,
+        summary.seeds.len(),
+        TOP - 4.0
+    );
+    let whole = Panel {
+        left: LEFT_PANEL_X,
+        x_range: (0.0, ARRIVED_PCT_MAX as f64),
+        y_range: (0.0, 100.0),
+        x_step: 20,
+        y_step: 10.0,
+    };
+    let (low, high) = zoom_range(summary);
+    let zoomed = Panel {
+        left: RIGHT_PANEL_X,
+        x_range: (ZOOM_FROM as f64, ARRIVED_PCT_MAX as f64),
+        y_range: (low, high),
+        x_step: 10,
+        y_step: ((high - low) / 10.0).ceil().max(1.0),
+    };
+    whole.draw(&mut svg, summary);
+    zoomed.draw(&mut svg, summary);
+    for (index, policy) in summary.policies.iter().enumerate() {
+        let colour = COLOURS[index % COLOURS.len()];
+        let label_y = TOP + 14.0 + 20.0 * index as f64;
+        let last = policy.mean_curve.last().copied().flatten().map_or("-".to_string(), |v| format!("{v:.2}%"));
+        svg.push_str(&format!(
+            "<line x1=\"{LEGEND_X}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-width=\"3\"/>\
+             <text x=\"{:.1}\" y=\"{label_y:.1}\">{} {last}</text>\n",
+            label_y - 4.0,
+            LEGEND_X + 20.0,
+            label_y - 4.0,
+            LEGEND_X + 26.0,
+            escape(&policy.policy)
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
 }

@@ -1,0 +1,34 @@
+//! What both replays' command lines share: the output formats, the first seed, the
+//! `--policy` list.
+
+use clap::ValueEnum;
+
+use crate::cli::CliError;
+
+/// The FGD artifact's first seed (its runs use 42..=51).
+pub const SEED_BASE_DEFAULT: u64 = 42;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ReplayFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+/// The `--policy` list in the order given, without repeats; every policy when empty.
+pub fn chosen_policies<P>(names: &[String], all: &[P]) -> Result<Vec<P>, CliError>
+where
+    P: std::str::FromStr<Err = String> + Copy + PartialEq,
+{
+    if names.is_empty() {
+        return Ok(all.to_vec());
+    }
+    let mut chosen = Vec::new();
+    for name in names {
+        let policy: P = name.trim().parse().map_err(|e| CliError::Input(format!("--policy: {e}")))?;
+        if !chosen.contains(&policy) {
+            chosen.push(policy);
+        }
+    }
+    Ok(chosen)
+}
