@@ -1,6 +1,6 @@
 //! One replay run (one seed, the whole default Alibaba trace tuned to 130 % of GPU
 //! capacity, about 10,800 pod arrivals on 1,213 nodes) per policy. The whole paper
-//! protocol (7 policies x 10 seeds) is timed end to end by `topoplace replay`; see README.
+//! protocol (7 policies x 10 seeds) is timed end to end by `topoplace replay pods`; see docs/results/fgd-replay.md.
 //!
 //! Run: `cargo bench --bench replay` (needs the shared traces, or `TOPOPLACE_TRACES`).
 

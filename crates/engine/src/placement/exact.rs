@@ -98,7 +98,7 @@ pub struct ExactConfig {
 }
 
 /// `auto` solves exactly only models up to this many variables; measured to finish well
-/// inside the default time limit with microlp (see README, exact solver).
+/// inside the default time limit with microlp (see docs/results/exact-gap.md).
 pub const AUTO_VARIABLES_MAX: usize = 2_000;
 
 impl Default for ExactConfig {

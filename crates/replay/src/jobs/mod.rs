@@ -38,7 +38,7 @@ use topoplace_engine::topology::{Cluster, ClusterSpec, GpuMask, HostId, ProductI
 /// capacity when as many GPUs are free.
 pub const STRANDED_JOB_GPUS: u32 = 64;
 /// How long a gang waits for a rack of its own under backfill (topoplace), by default: not
-/// at all. Waiting buys rack locality with everybody's queueing delay (see README).
+/// at all. Waiting buys rack locality with everybody's queueing delay (see docs/results/job-replay.md).
 pub const RACK_WAIT_S_DEFAULT: u64 = 0;
 /// Points of the utilisation-over-time curve.
 pub const TIMELINE_POINTS: usize = 240;

@@ -72,7 +72,7 @@ pub fn node_fragment(typical: &[TypicalPod], node: &NodeView<'_>) -> f64 {
 /// GPU with 700 left as usable by a 500 share, and every roomy GPU as usable however
 /// little CPU the node has; here only 500 of it is, and only as many shares as the CPU
 /// left can run. Whole-GPU classes are counted as FGD counts them (capping them by CPU as
-/// well measured worse on every trace; see the README).
+/// well measured worse on every trace; see docs/results/fgd-replay.md).
 pub fn class_capacity_fragment(class: &PodClass, node: &NodeView<'_>) -> f64 {
     if !class.is_share() {
         return class_fragment(class, node);
