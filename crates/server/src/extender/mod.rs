@@ -46,10 +46,7 @@ use wire::{
 pub const BODY_BYTES_MAX_DEFAULT: usize = 64 << 20;
 /// Pods remembered between their filter and their bind.
 const DEMANDS_REMEMBERED_MAX: usize = 100_000;
-/// How often reservations are checked for expiry.
-const SWEEP_INTERVAL_MS: u64 = 200;
 
-/// What creates Bindings, deletes pods and records Events: the API server, or memory.
 /// Why a Binding was not made, as far as the binder could tell. The undo of a partly bound
 /// gang deletes only members whose Binding succeeded: a pod whose outcome is
 /// [`BindError::Unknown`] is not known to be bound to the planned node, so it is never
@@ -72,6 +69,7 @@ pub enum BindError {
     Api { message: String },
 }
 
+/// What creates Bindings, deletes pods and records Events: the API server, or memory.
 pub trait Binder: Send + Sync + 'static {
     /// Binds `member` to its node with `topoplace.io/gpus` set to `gpus`. Binding a pod that is
     /// already bound to that node is success (the API server's 409 on a retried bind).
@@ -97,10 +95,12 @@ impl Default for ExtenderConfig {
 
 type BindWaiter = oneshot::Sender<Result<(), String>>;
 
-/// The lock on [`Shared`]; on release it publishes the book's generation if it moved.
+/// The lock on [`Shared`]; on release it publishes the book's generation if it moved, and
+/// whether a book exists if that changed.
 struct SharedGuard<'a> {
     guard: MutexGuard<'a, Shared>,
     generation: &'a tokio::sync::watch::Sender<u64>,
+    present: &'a tokio::sync::watch::Sender<bool>,
 }
 
 impl std::ops::Deref for SharedGuard<'_> {
@@ -122,6 +122,8 @@ impl Drop for SharedGuard<'_> {
             let now = book.generation();
             self.generation.send_if_modified(|seen| std::mem::replace(seen, now) != now);
         }
+        let present = self.guard.book.is_some();
+        self.present.send_if_modified(|seen| std::mem::replace(seen, present) != present);
     }
 }
 
@@ -137,8 +139,11 @@ struct Shared {
 /// serves from the same book, through [`Extender::with_book`].
 pub struct Extender {
     shared: Mutex<Shared>,
-    /// The book's generation after the last lock section: capacity watchers wait on it.
+    /// The book's generation after the last lock section: capacity watchers and the expiry
+    /// sweeper wait on it.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Whether the book exists (the first cluster view is built): readiness waits on it.
+    present: tokio::sync::watch::Sender<bool>,
     binder: Arc<dyn Binder>,
     metrics: Metrics,
     epoch: tokio::time::Instant,
@@ -149,6 +154,7 @@ pub struct Extender {
 impl Extender {
     pub fn new(book: Option<Book>, binder: Arc<dyn Binder>, config: ExtenderConfig) -> Arc<Self> {
         let ready = book.is_some();
+        let present = tokio::sync::watch::Sender::new(book.is_some());
         Arc::new(Extender {
             shared: Mutex::new(Shared {
                 book,
@@ -157,6 +163,7 @@ impl Extender {
                 demand_order: VecDeque::new(),
             }),
             generation: tokio::sync::watch::Sender::new(0),
+            present,
             binder,
             metrics: Metrics::default(),
             epoch: tokio::time::Instant::now(),
@@ -176,6 +183,7 @@ impl Extender {
         SharedGuard {
             guard: self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
             generation: &self.generation,
+            present: &self.present,
         }
     }
 
@@ -215,6 +223,19 @@ impl Extender {
     /// Whether the cluster view exists yet.
     pub fn has_book(&self) -> bool {
         self.lock().book.is_some()
+    }
+
+    /// Returns once the cluster view exists (at once for a static cluster): awaited, never
+    /// polled.
+    pub async fn book_installed(&self) {
+        let mut present = self.present.subscribe();
+        // The sender lives as long as `self`, so the wait ends only when a book exists.
+        let _ = present.wait_for(|present| *present).await;
+    }
+
+    /// When the earliest waiting reservation runs out, on the book's clock ([`Self::now_ms`]).
+    pub fn next_expiry_ms(&self) -> Option<u64> {
+        self.lock().book.as_ref().and_then(Book::next_expiry_ms)
     }
 
     /// Releases expired reservations and answers their waiting binds.
@@ -665,10 +686,27 @@ pub async fn serve(
     let sweeper = {
         let ext = ext.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(SWEEP_INTERVAL_MS));
+            // Sleeps until the earliest reservation's deadline. Every new reservation changes
+            // the ledger, so a change of generation wakes it to look again; a deadline that
+            // moved later without one (a member reached bind) only wakes it early.
+            let mut changes = ext.subscribe();
             loop {
-                tick.tick().await;
                 ext.sweep();
+                let deadline = ext.next_expiry_ms().map(|at| ext.epoch + Duration::from_millis(at));
+                let expiry = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = expiry => {}
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                }
             }
         })
     };

@@ -403,9 +403,7 @@ pub async fn serve(
     let ready_health = health.clone();
     let readiness = tokio::spawn(async move {
         // The service is SERVING once the cluster view exists (at once for a static file).
-        while !ready_ext.has_book() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        ready_ext.book_installed().await;
         ready_health.set_serving::<PlacementServer<PlacementService>>().await;
     });
     let service = PlacementService::new(ext, config, closing);

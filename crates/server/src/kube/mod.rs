@@ -394,9 +394,7 @@ pub async fn run_view_with(
                     WatchEvent::InitDone => {
                         // The book may not exist yet (nodes still listing): wait for it so
                         // that no bound pod is missed before binding anything.
-                        while !ext.has_book() {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
+                        ext.book_installed().await;
                         let pods = listed.take().unwrap_or_default();
                         let present: HashSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
                         let now = ext.now_ms();
