@@ -540,209 +540,253 @@ impl<'c> Planner<'c> {
         let required = self.resolve(gang, &gang.required, "required").map_err(|e| unplaced(e.to_string()))?;
         let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| unplaced(e.to_string()))?;
         let cluster = self.cluster;
-        let need = gang.units();
         let unit_shape = UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
         let member_shape =
             UnitShape { unit_gpus: gang.gpus_per_member, atom: gang.tensor_parallel.min(gang.gpus_per_member) };
 
+        // 1. Filter: every host's units, and why the others hold none.
         let mut tally = RejectionTally::default();
         let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, offered, &mut tally);
+        // 2-5. Candidates per product (each filled and its GPUs chosen and scored by `build`).
         let whole_free = score::WholeFreeIndex::new(cluster, ledger);
         let context = BuildContext { ledger, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
-        let levels = cluster.levels.len();
-
         let packed = PackedOrder::new(cluster, &capacity.free_gpus);
-        let mut candidates: Vec<Candidate> = Vec::new();
-        let mut domain_notes: Vec<String> = Vec::new();
-        let mut best_capacity: Option<(u32, ProductId)> = None;
-        let mut scope_shortfall: Option<(u32, String)> = None;
-
+        let search = Search { context: &context, capacity: &capacity, packed: &packed, required, need: gang.units() };
+        let mut found = Found::default();
         for product in cluster.products() {
-            // Units per host for this product, pools counted at their first host.
-            let mut leaf_units = vec![0u32; cluster.hosts.len()];
-            for (index, host) in cluster.hosts.iter().enumerate() {
-                if host.product == product {
-                    leaf_units[index] = capacity.units[index];
+            self.product_candidates(&search, product, &mut found);
+        }
+        // Choose: the best candidate, its runner-up, or why there is none.
+        let rejected = tally.render(cluster, gang);
+        self.choose(gang, search.need, found, &rejected, ranking)
+    }
+
+    /// The candidate stage for one GPU product (a gang never mixes products): every host that
+    /// holds the whole gang, then every NVLink clique, then the smallest topology domains,
+    /// then the whole cluster, each narrowed by `topology.required`. Appends to `found`.
+    fn product_candidates(&mut self, search: &Search, product: ProductId, found: &mut Found) {
+        let cluster = self.cluster;
+        let capacity = search.capacity;
+        // Units per host for this product, pools counted at their first host.
+        let mut leaf_units = vec![0u32; cluster.hosts.len()];
+        for (index, host) in cluster.hosts.iter().enumerate() {
+            if host.product == product {
+                leaf_units[index] = capacity.units[index];
+            }
+        }
+        for (&anchor, pools) in &capacity.pools_at {
+            for &pool in pools {
+                if capacity.pools[pool].product == product {
+                    leaf_units[anchor as usize] += capacity.pools[pool].units;
                 }
             }
-            for (&anchor, pools) in &capacity.pools_at {
-                for &pool in pools {
-                    if capacity.pools[pool].product == product {
-                        leaf_units[anchor as usize] += capacity.pools[pool].units;
-                    }
+        }
+        let mut prefix = Vec::with_capacity(leaf_units.len() + 1);
+        prefix.push(0u64);
+        for units in &leaf_units {
+            prefix.push(prefix.last().copied().unwrap_or(0) + u64::from(*units));
+        }
+        let total = prefix.last().copied().unwrap_or(0);
+        let capped_total = total.min(u64::from(u32::MAX)) as u32;
+        if found.best_capacity.is_none_or(|(best, _)| capped_total > best) {
+            found.best_capacity = Some((capped_total, product));
+        }
+        if total < u64::from(search.need) {
+            return;
+        }
+        let view = ProductView { cluster, capacity, product, prefix: &prefix };
+        let max_host = (0..cluster.hosts.len()).map(|h| view.host_units(h as HostId)).max().unwrap_or(0);
+
+        self.host_candidates(search, &view, found);
+        match search.required {
+            Some(ResolvedScope::Host) => {
+                if max_host < search.need {
+                    found.scope_shortfall = Some((max_host, "host".into()));
                 }
+                return;
             }
-            let mut prefix = Vec::with_capacity(leaf_units.len() + 1);
-            prefix.push(0u64);
-            for units in &leaf_units {
-                prefix.push(prefix.last().copied().unwrap_or(0) + u64::from(*units));
+            Some(ResolvedScope::Nvlink) => {
+                self.clique_candidates(search, &view, found);
+                return;
             }
-            let total = prefix.last().copied().unwrap_or(0);
-            let capped_total = total.min(u64::from(u32::MAX)) as u32;
-            if best_capacity.is_none_or(|(best, _)| capped_total > best) {
-                best_capacity = Some((capped_total, product));
-            }
-            if total < u64::from(need) {
+            _ => self.clique_candidates(search, &view, found),
+        }
+        self.domain_candidates(search, &view, &leaf_units, found);
+        if search.required.is_none() {
+            self.cluster_candidate(search, &view, max_host, found);
+        }
+    }
+
+    /// Hosts that hold the whole gang; of hosts alike (class, free GPUs, whether their rack
+    /// is whole) only the first in packed order is built, the rest counted as equivalent.
+    fn host_candidates(&mut self, search: &Search, view: &ProductView, found: &mut Found) {
+        let cluster = self.cluster;
+        let (ledger, need) = (search.context.ledger, search.need);
+        let mut seen_classes: HashMap<(u32, GpuMask, u32), usize> = HashMap::new();
+        for &host_id in &search.packed.hosts {
+            if view.host_units(host_id) < need {
                 continue;
             }
-            let view = ProductView { cluster, capacity: &capacity, product, prefix: &prefix };
-            let max_host = (0..cluster.hosts.len()).map(|h| view.host_units(h as HostId)).max().unwrap_or(0);
-
-            // Hosts that hold the whole gang.
-            let mut seen_classes: HashMap<(u32, GpuMask, u32), usize> = HashMap::new();
-            for &host_id in &packed.hosts {
-                if view.host_units(host_id) < need {
+            let host = cluster.host(host_id);
+            let rack_whole =
+                if ledger.used(host_id) == 0 { host.domain_path.last().map_or(u32::MAX, |&d| d) } else { u32::MAX - 1 };
+            let key = (self.host_class[host_id as usize], ledger.free(host_id), rack_whole);
+            if let Some(&index) = seen_classes.get(&key) {
+                if let Some(candidate) = found.candidates.get_mut(index) {
+                    candidate.equivalent_hosts += 1;
+                }
+                continue;
+            }
+            let built = self.build(search.context, view, CandidateScope::Host(host_id), &[(Leaf::Host(host_id), need)]);
+            if let Some(candidate) = built {
+                if search.required == Some(ResolvedScope::Nvlink)
+                    && !gang_is_nvlink_connected(cluster, &candidate.members)
+                {
                     continue;
                 }
-                let host = cluster.host(host_id);
-                let rack_whole = if ledger.used(host_id) == 0 {
-                    host.domain_path.last().map_or(u32::MAX, |&d| d)
+                seen_classes.insert(key, found.candidates.len());
+                found.candidates.push(candidate);
+            }
+        }
+    }
+
+    /// NVLink cliques that hold the gang while none of their hosts does alone.
+    fn clique_candidates(&mut self, search: &Search, view: &ProductView, found: &mut Found) {
+        let cluster = self.cluster;
+        let (capacity, need, product) = (search.capacity, search.need, view.product);
+        for (clique_index, clique) in cluster.cliques.iter().enumerate() {
+            let clique_index = clique_index as u32;
+            let in_clique_hosts = clique.hosts.iter().filter(|&&h| cluster.host(h).product == product);
+            let host_units: u64 = in_clique_hosts.clone().map(|&h| u64::from(capacity.units[h as usize])).sum();
+            let pool_units: u64 = capacity
+                .pools
+                .iter()
+                .filter(|p| p.clique == clique_index && p.product == product)
+                .map(|p| u64::from(p.units))
+                .sum();
+            let best_single = in_clique_hosts.map(|&h| capacity.units[h as usize]).max().unwrap_or(0);
+            if host_units + pool_units < u64::from(need) || best_single >= need {
+                continue;
+            }
+            if let Some(ResolvedScope::Level(level)) = search.required {
+                let first = cluster.host(clique.hosts[0]).domain_path[level];
+                if clique.hosts.iter().any(|&h| cluster.host(h).domain_path[level] != first) {
+                    continue;
+                }
+            }
+            let mut leaves = Vec::new();
+            let items = view.clique_leaves(clique_index);
+            pick(&items, need, &mut |leaf, units| leaves.push((leaf, units)));
+            if let Some(candidate) = self.build(search.context, view, CandidateScope::Clique(clique_index), &leaves) {
+                found.candidates.push(candidate);
+            }
+        }
+    }
+
+    /// The smallest topology domains that hold the gang (none of whose children does), from
+    /// the innermost level out to the outermost the gang may use; notes per level for the
+    /// explanation, and the roomiest domain of the required level when none fits.
+    fn domain_candidates(&mut self, search: &Search, view: &ProductView, leaf_units: &[u32], found: &mut Found) {
+        let cluster = self.cluster;
+        let (need, required, product) = (search.need, search.required, view.product);
+        let levels = cluster.levels.len();
+        let outermost_allowed = match required {
+            Some(ResolvedScope::Level(level)) => level,
+            _ => 0,
+        };
+        for level in (outermost_allowed..levels).rev() {
+            let mut fitting = 0usize;
+            let mut best: Option<(u64, u32)> = None;
+            for &index in &search.packed.domains[level] {
+                let domain = &cluster.domains[level][index as usize];
+                let units = view.range_units(&domain.hosts);
+                if best.is_none_or(|(b, _)| units > b) {
+                    best = Some((units, index));
+                }
+                if units < u64::from(need) {
+                    continue;
+                }
+                fitting += 1;
+                let child_max = if level + 1 < levels {
+                    domain
+                        .children
+                        .clone()
+                        .map(|child| view.range_units(&cluster.domains[level + 1][child as usize].hosts))
+                        .max()
+                        .unwrap_or(0)
                 } else {
-                    u32::MAX - 1
+                    domain.hosts.clone().map(|h| u64::from(leaf_units[h as usize])).max().unwrap_or(0)
                 };
-                let key = (self.host_class[host_id as usize], ledger.free(host_id), rack_whole);
-                if let Some(&index) = seen_classes.get(&key) {
-                    if let Some(candidate) = candidates.get_mut(index) {
-                        candidate.equivalent_hosts += 1;
-                    }
+                if child_max >= u64::from(need) {
                     continue;
-                }
-                let built = self.build(&context, &view, CandidateScope::Host(host_id), &[(Leaf::Host(host_id), need)]);
-                if let Some(candidate) = built {
-                    if required == Some(ResolvedScope::Nvlink) && !gang_is_nvlink_connected(cluster, &candidate.members)
-                    {
-                        continue;
-                    }
-                    seen_classes.insert(key, candidates.len());
-                    candidates.push(candidate);
-                }
-            }
-            if required == Some(ResolvedScope::Host) {
-                if max_host < need {
-                    scope_shortfall = Some((max_host, "host".into()));
-                }
-                continue;
-            }
-
-            // NVLink cliques that hold it while none of their hosts does alone.
-            for (clique_index, clique) in cluster.cliques.iter().enumerate() {
-                let clique_index = clique_index as u32;
-                let in_clique_hosts = clique.hosts.iter().filter(|&&h| cluster.host(h).product == product);
-                let host_units: u64 = in_clique_hosts.clone().map(|&h| u64::from(capacity.units[h as usize])).sum();
-                let pool_units: u64 = capacity
-                    .pools
-                    .iter()
-                    .filter(|p| p.clique == clique_index && p.product == product)
-                    .map(|p| u64::from(p.units))
-                    .sum();
-                let best_single = in_clique_hosts.map(|&h| capacity.units[h as usize]).max().unwrap_or(0);
-                if host_units + pool_units < u64::from(need) || best_single >= need {
-                    continue;
-                }
-                if let Some(ResolvedScope::Level(level)) = required {
-                    let first = cluster.host(clique.hosts[0]).domain_path[level];
-                    if clique.hosts.iter().any(|&h| cluster.host(h).domain_path[level] != first) {
-                        continue;
-                    }
                 }
                 let mut leaves = Vec::new();
-                let items = view.clique_leaves(clique_index);
-                pick(&items, need, &mut |leaf, units| leaves.push((leaf, units)));
-                if let Some(candidate) = self.build(&context, &view, CandidateScope::Clique(clique_index), &leaves) {
-                    candidates.push(candidate);
+                view.fill_domain(level, index, need, &mut leaves);
+                if let Some(candidate) = self.build(search.context, view, CandidateScope::Domain(level, index), &leaves)
+                {
+                    found.candidates.push(candidate);
                 }
             }
-            if required == Some(ResolvedScope::Nvlink) {
-                continue;
-            }
-
-            // The smallest topology domains that hold it.
-            let outermost_allowed = match required {
-                Some(ResolvedScope::Level(level)) => level,
-                _ => 0,
-            };
-            for level in (outermost_allowed..levels).rev() {
-                let mut fitting = 0usize;
-                let mut best: Option<(u64, u32)> = None;
-                for &index in &packed.domains[level] {
-                    let domain = &cluster.domains[level][index as usize];
-                    let units = view.range_units(&domain.hosts);
-                    if best.is_none_or(|(b, _)| units > b) {
-                        best = Some((units, index));
-                    }
-                    if units < u64::from(need) {
-                        continue;
-                    }
-                    fitting += 1;
-                    let child_max = if level + 1 < levels {
-                        domain
-                            .children
-                            .clone()
-                            .map(|child| view.range_units(&cluster.domains[level + 1][child as usize].hosts))
-                            .max()
-                            .unwrap_or(0)
-                    } else {
-                        domain.hosts.clone().map(|h| u64::from(leaf_units[h as usize])).max().unwrap_or(0)
-                    };
-                    if child_max >= u64::from(need) {
-                        continue;
-                    }
-                    let mut leaves = Vec::new();
-                    view.fill_domain(level, index, need, &mut leaves);
-                    if let Some(candidate) = self.build(&context, &view, CandidateScope::Domain(level, index), &leaves)
-                    {
-                        candidates.push(candidate);
-                    }
+            if let Some((units, index)) = best {
+                let domain = &cluster.domains[level][index as usize];
+                if self.config.explain {
+                    found.domain_notes.push(format!(
+                        "{} ({}): {fitting} of {} domains hold {need} unit(s); the roomiest, {}, holds {units}",
+                        short_level(&cluster.levels[level]),
+                        product.get().name,
+                        cluster.domains[level].len(),
+                        domain.path
+                    ));
                 }
-                if let Some((units, index)) = best {
-                    let domain = &cluster.domains[level][index as usize];
-                    if self.config.explain {
-                        domain_notes.push(format!(
-                            "{} ({}): {fitting} of {} domains hold {need} unit(s); the roomiest, {}, holds {units}",
-                            short_level(&cluster.levels[level]),
-                            product.get().name,
-                            cluster.domains[level].len(),
-                            domain.path
-                        ));
-                    }
-                    if Some(ResolvedScope::Level(level)) == required && fitting == 0 {
-                        let units = units.min(u64::from(u32::MAX)) as u32;
-                        if scope_shortfall.as_ref().is_none_or(|(b, _)| units > *b) {
-                            scope_shortfall =
-                                Some((units, format!("{} `{}`", short_level(&cluster.levels[level]), domain.path)));
-                        }
-                    }
-                }
-            }
-
-            // The whole cluster, when no outermost domain holds it.
-            if required.is_none() {
-                let widest_child = if levels == 0 {
-                    u64::from(max_host)
-                } else {
-                    cluster.domains[0].iter().map(|d| view.range_units(&d.hosts)).max().unwrap_or(0)
-                };
-                if widest_child < u64::from(need) {
-                    let mut leaves = Vec::new();
-                    view.fill_root(need, &mut leaves);
-                    if let Some(candidate) = self.build(&context, &view, CandidateScope::Cluster, &leaves) {
-                        candidates.push(candidate);
+                if Some(ResolvedScope::Level(level)) == required && fitting == 0 {
+                    let units = units.min(u64::from(u32::MAX)) as u32;
+                    if found.scope_shortfall.as_ref().is_none_or(|(b, _)| units > *b) {
+                        found.scope_shortfall =
+                            Some((units, format!("{} `{}`", short_level(&cluster.levels[level]), domain.path)));
                     }
                 }
             }
         }
+    }
 
-        let rejected = tally.render(cluster, gang);
+    /// The whole cluster, when no outermost domain holds the gang.
+    fn cluster_candidate(&mut self, search: &Search, view: &ProductView, max_host: u32, found: &mut Found) {
+        let cluster = self.cluster;
+        let widest_child = if cluster.levels.is_empty() {
+            u64::from(max_host)
+        } else {
+            cluster.domains[0].iter().map(|d| view.range_units(&d.hosts)).max().unwrap_or(0)
+        };
+        if widest_child < u64::from(search.need) {
+            let mut leaves = Vec::new();
+            view.fill_root(search.need, &mut leaves);
+            if let Some(candidate) = self.build(search.context, view, CandidateScope::Cluster, &leaves) {
+                found.candidates.push(candidate);
+            }
+        }
+    }
+
+    /// The choice: the highest total score wins (ties to the earlier candidate, so plans are
+    /// deterministic), the next one is the runner-up; with no candidate, why not. `ranking`,
+    /// when asked for, gets every candidate best first.
+    fn choose(
+        &self,
+        gang: &Gang,
+        need: u32,
+        found: Found,
+        rejected: &[RejectionGroup],
+        ranking: Option<&mut Vec<(ProductId, CandidateScope)>>,
+    ) -> Result<GangPlacement, Unplaced> {
+        let Found { mut candidates, domain_notes, best_capacity, scope_shortfall } = found;
         let explanation = |candidates: &[Candidate]| {
             let mut ranked: Vec<&Candidate> = candidates.iter().collect();
             ranked.sort_by(|a, b| b.score.total.total_cmp(&a.score.total));
             Explanation {
-                rejected_hosts: rejected.clone(),
+                rejected_hosts: rejected.to_vec(),
                 domains: domain_notes.clone(),
                 candidates: ranked.iter().take(EXPLAIN_CANDIDATES_MAX).map(|c| self.summary(c)).collect(),
             }
         };
-
         if let Some(ranking) = ranking {
             let mut order: Vec<&Candidate> = candidates.iter().collect();
             order.sort_by(|a, b| b.score.total.total_cmp(&a.score.total));
@@ -760,7 +804,7 @@ impl<'c> Planner<'c> {
             }
         }
         let Some(best) = best else {
-            let reason = self.unplaced_reason(gang, need, best_capacity, scope_shortfall, &rejected);
+            let reason = self.unplaced_reason(gang, need, best_capacity, scope_shortfall, rejected);
             return Err(Unplaced {
                 gang: gang.name.clone(),
                 reason,
@@ -1191,6 +1235,28 @@ pub enum SolverChoice {
     Exact(exact::ExactConfig),
     /// Greedy, and exact too where the model is small enough; the better score wins.
     Auto(exact::ExactConfig),
+}
+
+/// What the candidate stage reads for one gang, fixed for the whole search.
+struct Search<'a> {
+    context: &'a BuildContext<'a>,
+    capacity: &'a HostCapacity,
+    packed: &'a PackedOrder,
+    required: Option<ResolvedScope>,
+    /// Units the gang needs.
+    need: u32,
+}
+
+/// What the candidate stage finds: the candidates, and what the explanation and the reason
+/// for no placement need.
+#[derive(Default)]
+struct Found {
+    candidates: Vec<Candidate>,
+    domain_notes: Vec<String>,
+    /// The product with the most units in all, and how many.
+    best_capacity: Option<(u32, ProductId)>,
+    /// With `topology.required`: the roomiest domain of that scope, when none holds the gang.
+    scope_shortfall: Option<(u32, String)>,
 }
 
 /// What every candidate of one `place` call shares.
