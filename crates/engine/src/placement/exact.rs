@@ -212,10 +212,23 @@ impl Planner<'_> {
         }
         let whole_free = score::WholeFreeIndex::new(self.cluster, ledger);
         let context = BuildContext { ledger, gang, whole_free: &whole_free, preferred, unit_shape, member_shape };
+        let hosts = self.exact_candidate_hosts(&capacity.units, &ranking, config);
+        let solved = self.solve_per_product(&context, &hosts, (required, preferred), config, started, &mut stats);
+        stats.solve_time = started.elapsed();
+        let outcome = self.exact_outcome(gang, config, &hosts, solved, &greedy);
+        (outcome, stats, greedy)
+    }
 
-        // Candidate hosts per product, best-ranked scopes first.
+    /// The exact model's candidate hosts per product: the hosts of the greedy planner's best
+    /// ranked scopes (or of the whole cluster), eligible ones only, at most `hosts_max` each.
+    fn exact_candidate_hosts(
+        &self,
+        units: &[u32],
+        ranking: &[(ProductId, CandidateScope)],
+        config: &ExactConfig,
+    ) -> ExactHosts {
         let mut per_product: BTreeMap<ProductId, Vec<HostId>> = BTreeMap::new();
-        let eligible = |h: HostId| capacity.units[h as usize] > 0;
+        let eligible = |h: HostId| units[h as usize] > 0;
         let seeds: Vec<(ProductId, CandidateScope)> = match config.candidates {
             CandidateHosts::FromGreedy(count) if !ranking.is_empty() => ranking.iter().take(count).copied().collect(),
             _ => self.cluster.products().into_iter().map(|p| (p, CandidateScope::Cluster)).collect(),
@@ -239,16 +252,29 @@ impl Planner<'_> {
         let complete = !truncated
             && per_product.values().map(Vec::len).sum::<usize>()
                 == (0..self.cluster.hosts.len() as HostId).filter(|&h| eligible(h)).count();
+        ExactHosts { per_product, truncated, complete }
+    }
 
+    /// One MILP per product over its candidate hosts, within the time limit from `started`;
+    /// the best decoded placement by the shared score, and how the solves ended.
+    fn solve_per_product(
+        &mut self,
+        context: &BuildContext,
+        hosts: &ExactHosts,
+        (required, preferred): (Option<ResolvedScope>, Option<ResolvedScope>),
+        config: &ExactConfig,
+        started: Instant,
+        stats: &mut ExactStats,
+    ) -> ProductSolves {
         let mut best: Option<(GangPlacement, f64)> = None;
         let mut all_optimal = true;
         let mut bound_max: Option<f64> = None;
         let mut errors = Vec::new();
         let mut timed_out = false;
-        for (&product, hosts) in &per_product {
+        for (&product, hosts) in &hosts.per_product {
             stats.hosts += hosts.len();
             let deadline = config.time_limit.saturating_sub(started.elapsed());
-            let Some(model) = self.exact_model(&context, hosts, required, preferred) else { continue };
+            let Some(model) = self.exact_model(context, hosts, required, preferred) else { continue };
             stats.variables += model.variable_count();
             if config.variables_max.is_some_and(|most| model.variable_count() > most) {
                 errors.push(format!(
@@ -280,7 +306,7 @@ impl Planner<'_> {
                     chosen.sort_by_key(|o| o.host);
                     let units_by_host: Vec<(HostId, Vec<ChosenUnit>)> =
                         chosen.iter().map(|o| (o.host, o.chosen.clone())).collect();
-                    let placement = self.decode(&context, &model, product, &units_by_host, SolverInfo::greedy(0.0));
+                    let placement = self.decode(context, &model, product, &units_by_host, SolverInfo::greedy(0.0));
                     let total = placement.score.total;
                     if best.as_ref().is_none_or(|(b, _)| total > b.score.total + 1e-9) {
                         best = Some((placement, solved.objective));
@@ -297,7 +323,22 @@ impl Planner<'_> {
                 }
             }
         }
-        stats.solve_time = started.elapsed();
+        ProductSolves { best, all_optimal, bound_max, errors, timed_out }
+    }
+
+    /// What the per-product solves come to: a placement with its bound and gap, a proof that
+    /// none exists (every eligible host was in the model and every solve ended), or no answer
+    /// and why.
+    fn exact_outcome(
+        &self,
+        gang: &Gang,
+        config: &ExactConfig,
+        hosts: &ExactHosts,
+        solved: ProductSolves,
+        greedy: &Result<GangPlacement, Unplaced>,
+    ) -> ExactOutcome {
+        let ProductSolves { best, all_optimal, bound_max, errors, timed_out } = solved;
+        let (truncated, complete) = (hosts.truncated, hosts.complete);
         match best {
             Some((mut placement, solver_objective)) => {
                 // No finite bound when the time ran out before the relaxation could run.
@@ -317,10 +358,10 @@ impl Planner<'_> {
                     gap,
                     note: (!notes.is_empty()).then(|| notes.join("; ")),
                 };
-                (ExactOutcome::Placed(Box::new(placement)), stats, greedy)
+                ExactOutcome::Placed(Box::new(placement))
             }
             None if errors.is_empty() && complete && !timed_out => {
-                let unplaced = match &greedy {
+                let unplaced = match greedy {
                     Err(unplaced) => unplaced.clone(),
                     Ok(_) => Unplaced {
                         gang: gang.name.clone(),
@@ -328,7 +369,7 @@ impl Planner<'_> {
                         explanation: None,
                     },
                 };
-                (ExactOutcome::Infeasible(unplaced), stats, greedy)
+                ExactOutcome::Infeasible(unplaced)
             }
             None => {
                 let reason = if !errors.is_empty() {
@@ -338,7 +379,7 @@ impl Planner<'_> {
                 } else {
                     format!("no solution within the time limit of {} ms", config.time_limit.as_millis())
                 };
-                (no_answer(reason), stats, greedy)
+                ExactOutcome::NoAnswer { reason }
             }
         }
     }
@@ -362,86 +403,10 @@ impl Planner<'_> {
         let mut per_gang: Vec<(Variable, Vec<ProductModel>)> = Vec::new();
         let mut variables = 0usize;
         for gang in gangs {
-            let required = self.resolve(gang, &gang.required, "required").map_err(|e| e.to_string())?;
-            let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| e.to_string())?;
-            let unit_shape = super::gpus::UnitShape {
-                unit_gpus: gang.unit_gpus(),
-                atom: gang.tensor_parallel.min(gang.unit_gpus()),
-            };
-            let member_shape = super::gpus::UnitShape {
-                unit_gpus: gang.gpus_per_member,
-                atom: gang.tensor_parallel.min(gang.gpus_per_member),
-            };
-            let mut tally = super::RejectionTally::default();
-            let capacity = self.host_capacity(start.gpus(), gang, unit_shape, member_shape, None, &mut tally);
-            if !capacity.pools.is_empty() {
-                return Err(format!(
-                    "gang `{}`: tensor-parallel groups larger than a host are planned greedily",
-                    gang.name
-                ));
-            }
-            let context = BuildContext {
-                ledger: start.gpus(),
-                gang,
-                whole_free: &whole_free,
-                preferred,
-                unit_shape,
-                member_shape,
-            };
-            let placed = formulation.binary();
-            let mut models = Vec::new();
-            let mut choice = Expression::from(0.0);
-            for product in self.cluster.products() {
-                let hosts: Vec<HostId> = (0..self.cluster.hosts.len() as HostId)
-                    .filter(|&h| capacity.units[h as usize] > 0 && self.cluster.host(h).product == product)
-                    .collect();
-                if hosts.is_empty() {
-                    continue;
-                }
-                let Some(model) = self.exact_model(&context, &hosts, required, preferred) else { continue };
-                variables += model.variable_count() + 1;
-                if let Some(most) = config.variables_max {
-                    if variables > most {
-                        return Err(format!("the joint model exceeds {most} variables"));
-                    }
-                }
-                let active = formulation.binary();
-                choice += active;
-                let x = model.add_to(&mut formulation, Expression::from(active));
-                models.push((product, model, x));
-            }
-            formulation.constraints.push(constraint!(choice == placed));
-            per_gang.push((placed, models));
+            let models = self.joint_gang_models(&start, &whole_free, gang, config, &mut formulation, &mut variables)?;
+            per_gang.push(models);
         }
-        // GPUs are shared: per host at most its free GPUs, and a concrete GPU set (uneven
-        // hosts) at most once.
-        let mut per_host: BTreeMap<HostId, Vec<(u32, GpuMask, bool, Variable)>> = BTreeMap::new();
-        for (_, models) in &per_gang {
-            for (_, model, x) in models {
-                for (option, &v) in model.options.iter().zip(x) {
-                    per_host.entry(option.host).or_default().push((
-                        option.mask.count_ones(),
-                        option.mask,
-                        option.interchangeable,
-                        v,
-                    ));
-                }
-            }
-        }
-        for (host, options) in &per_host {
-            let used: Expression = options.iter().map(|&(gpus, _, _, v)| f64::from(gpus) * v).sum();
-            formulation.constraints.push(constraint!(used <= f64::from(start.free(*host).count_ones())));
-            for gpu in mask_indices(start.free(*host)) {
-                let holders: Vec<Variable> = options
-                    .iter()
-                    .filter(|&&(_, mask, interchangeable, _)| !interchangeable && mask & (1 << gpu) != 0)
-                    .map(|o| o.3)
-                    .collect();
-                if holders.len() > 1 {
-                    formulation.constraints.push(constraint!(holders.iter().copied().sum::<Expression>() <= 1));
-                }
-            }
-        }
+        shared_gpu_constraints(&mut formulation, &per_gang, &start);
         // GPUs placed come first: one GPU outweighs any difference in scores.
         let per_gpu = 50.0 * gangs.len().max(1) as f64;
         for ((placed, _), gang) in per_gang.iter().zip(gangs) {
@@ -452,13 +417,83 @@ impl Planner<'_> {
         let solved =
             formulation.solve(config.backend, config.time_limit, &all_x).map_err(|e| format!("joint solve: {e}"))?;
         let chosen: BTreeSet<usize> = solved.chosen.iter().copied().collect();
+        // The caller's ledger changes only when the whole plan decodes.
+        let (plan, working) = self.decode_joint(&start, gangs, &per_gang, &chosen, config)?;
+        *ledger = working;
+        let optimal = matches!(solved.status, SolutionStatus::Optimal);
+        Ok(JointPlan { plan, objective: solved.objective, optimal, variables, solve_time: started.elapsed() })
+    }
 
-        // Decode in batch order, reserving in a copy; the caller's ledger changes only
-        // when the whole plan decodes.
+    /// One gang's part of the joint model: a `placed` binary, switched on by exactly one
+    /// product's model over the hosts with room for its units. Counts the variables against
+    /// the model's limit.
+    fn joint_gang_models(
+        &mut self,
+        start: &Ledger,
+        whole_free: &score::WholeFreeIndex,
+        gang: &Gang,
+        config: &ExactConfig,
+        formulation: &mut Formulation,
+        variables: &mut usize,
+    ) -> Result<(Variable, Vec<ProductModel>), String> {
+        let required = self.resolve(gang, &gang.required, "required").map_err(|e| e.to_string())?;
+        let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| e.to_string())?;
+        let unit_shape =
+            super::gpus::UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
+        let member_shape = super::gpus::UnitShape {
+            unit_gpus: gang.gpus_per_member,
+            atom: gang.tensor_parallel.min(gang.gpus_per_member),
+        };
+        let mut tally = super::RejectionTally::default();
+        let capacity = self.host_capacity(start.gpus(), gang, unit_shape, member_shape, None, &mut tally);
+        if !capacity.pools.is_empty() {
+            return Err(format!(
+                "gang `{}`: tensor-parallel groups larger than a host are planned greedily",
+                gang.name
+            ));
+        }
+        let context = BuildContext { ledger: start.gpus(), gang, whole_free, preferred, unit_shape, member_shape };
+        let placed = formulation.binary();
+        let mut models = Vec::new();
+        let mut choice = Expression::from(0.0);
+        for product in self.cluster.products() {
+            let hosts: Vec<HostId> = (0..self.cluster.hosts.len() as HostId)
+                .filter(|&h| capacity.units[h as usize] > 0 && self.cluster.host(h).product == product)
+                .collect();
+            if hosts.is_empty() {
+                continue;
+            }
+            let Some(model) = self.exact_model(&context, &hosts, required, preferred) else { continue };
+            *variables += model.variable_count() + 1;
+            if let Some(most) = config.variables_max {
+                if *variables > most {
+                    return Err(format!("the joint model exceeds {most} variables"));
+                }
+            }
+            let active = formulation.binary();
+            choice += active;
+            let x = model.add_to(formulation, Expression::from(active));
+            models.push((product, model, x));
+        }
+        formulation.constraints.push(constraint!(choice == placed));
+        Ok((placed, models))
+    }
+
+    /// Decodes the joint solution in batch order, reserving each placement in a copy of
+    /// `start`, re-scored as it is reserved; a gang the solution left out gets the reason.
+    /// Returns the plan and the copy.
+    fn decode_joint(
+        &mut self,
+        start: &Ledger,
+        gangs: &[Gang],
+        per_gang: &[(Variable, Vec<ProductModel>)],
+        chosen: &BTreeSet<usize>,
+        config: &ExactConfig,
+    ) -> Result<(super::BatchPlan, Ledger), String> {
         let mut working = start.clone();
         let mut offsets = Vec::new();
         let mut offset = 0usize;
-        for (_, models) in &per_gang {
+        for (_, models) in per_gang {
             let mut per_model = Vec::new();
             for (_, model, _) in models {
                 per_model.push(offset);
@@ -478,7 +513,7 @@ impl Planner<'_> {
                 (!options.is_empty()).then_some((*product, model, options))
             });
             let Some((product, model, options)) = picked else {
-                let reason = match self.place(&start, gang) {
+                let reason = match self.place(start, gang) {
                     Err(unplaced) => unplaced.reason,
                     Ok(_) => {
                         "fits alone, but not together with the gangs placed: the joint plan maximises the GPUs placed"
@@ -488,48 +523,92 @@ impl Planner<'_> {
                 plan.unplaced.push(Unplaced { gang: gang.name.clone(), reason, explanation: None });
                 continue;
             };
-            let unit_shape = super::gpus::UnitShape {
-                unit_gpus: gang.unit_gpus(),
-                atom: gang.tensor_parallel.min(gang.unit_gpus()),
-            };
-            let mut units_by_host: Vec<(HostId, Vec<ChosenUnit>)> = Vec::new();
-            for option in options {
-                let host = self.cluster.host(option.host);
-                let chosen = if option.interchangeable {
-                    self.chooser
-                        .choose(host, working.free(option.host), option.units, unit_shape)
-                        .ok_or_else(|| format!("gang `{}`: host `{}` lost its room", gang.name, host.name))?
-                } else {
-                    option.chosen.clone()
-                };
-                units_by_host.push((option.host, chosen));
-            }
-            let current_whole_free = score::WholeFreeIndex::new(self.cluster, &working);
-            let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| e.to_string())?;
-            let context = BuildContext {
-                ledger: working.gpus(),
-                gang,
-                whole_free: &current_whole_free,
-                preferred,
-                unit_shape,
-                member_shape: unit_shape,
-            };
-            let solver = SolverInfo {
-                solver: format!("exact-joint/{}", config.backend.name()),
-                objective: 0.0,
-                bound: None,
-                gap: None,
-                note: None,
-            };
-            let placement = self.decode(&context, model, product, &units_by_host, solver);
+            let placement = self.decode_joint_gang(&working, gang, product, model, &options, config)?;
             working.reserve(&gang.name, &placement.holding()).map_err(|e| format!("joint plan: {e}"))?;
             plan.placements.push(placement);
         }
-        *ledger = working;
-        let optimal = matches!(solved.status, SolutionStatus::Optimal);
-        Ok(JointPlan { plan, objective: solved.objective, optimal, variables, solve_time: started.elapsed() })
+        Ok((plan, working))
     }
 
+    /// One gang of the joint solution as a placement against `working` (GPUs of uniform
+    /// hosts chosen now, on what is still free), scored by the shared scoring function.
+    fn decode_joint_gang(
+        &mut self,
+        working: &Ledger,
+        gang: &Gang,
+        product: ProductId,
+        model: &ExactModel,
+        options: &[&HostOption],
+        config: &ExactConfig,
+    ) -> Result<GangPlacement, String> {
+        let unit_shape =
+            super::gpus::UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
+        let mut units_by_host: Vec<(HostId, Vec<ChosenUnit>)> = Vec::new();
+        for option in options {
+            let host = self.cluster.host(option.host);
+            let chosen = if option.interchangeable {
+                self.chooser
+                    .choose(host, working.free(option.host), option.units, unit_shape)
+                    .ok_or_else(|| format!("gang `{}`: host `{}` lost its room", gang.name, host.name))?
+            } else {
+                option.chosen.clone()
+            };
+            units_by_host.push((option.host, chosen));
+        }
+        let current_whole_free = score::WholeFreeIndex::new(self.cluster, working);
+        let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| e.to_string())?;
+        let context = BuildContext {
+            ledger: working.gpus(),
+            gang,
+            whole_free: &current_whole_free,
+            preferred,
+            unit_shape,
+            member_shape: unit_shape,
+        };
+        let solver = SolverInfo {
+            solver: format!("exact-joint/{}", config.backend.name()),
+            objective: 0.0,
+            bound: None,
+            gap: None,
+            note: None,
+        };
+        Ok(self.decode(&context, model, product, &units_by_host, solver))
+    }
+}
+
+/// GPUs are shared between the gangs of a joint model: per host at most its free GPUs, and a
+/// concrete GPU set (uneven hosts) at most once.
+fn shared_gpu_constraints(formulation: &mut Formulation, per_gang: &[(Variable, Vec<ProductModel>)], start: &Ledger) {
+    let mut per_host: BTreeMap<HostId, Vec<(u32, GpuMask, bool, Variable)>> = BTreeMap::new();
+    for (_, models) in per_gang {
+        for (_, model, x) in models {
+            for (option, &v) in model.options.iter().zip(x) {
+                per_host.entry(option.host).or_default().push((
+                    option.mask.count_ones(),
+                    option.mask,
+                    option.interchangeable,
+                    v,
+                ));
+            }
+        }
+    }
+    for (host, options) in &per_host {
+        let used: Expression = options.iter().map(|&(gpus, _, _, v)| f64::from(gpus) * v).sum();
+        formulation.constraints.push(constraint!(used <= f64::from(start.free(*host).count_ones())));
+        for gpu in mask_indices(start.free(*host)) {
+            let holders: Vec<Variable> = options
+                .iter()
+                .filter(|&&(_, mask, interchangeable, _)| !interchangeable && mask & (1 << gpu) != 0)
+                .map(|o| o.3)
+                .collect();
+            if holders.len() > 1 {
+                formulation.constraints.push(constraint!(holders.iter().copied().sum::<Expression>() <= 1));
+            }
+        }
+    }
+}
+
+impl Planner<'_> {
     fn scope_hosts(&self, scope: CandidateScope) -> Vec<HostId> {
         match scope {
             CandidateScope::Host(h) => vec![h],
@@ -967,6 +1046,26 @@ impl Formulation {
             Backend::Highs => Err(SolveError::Other("built without the `highs` feature".into())),
         }
     }
+}
+
+/// The exact model's candidate hosts per product, and whether they are every eligible host.
+struct ExactHosts {
+    per_product: BTreeMap<ProductId, Vec<HostId>>,
+    /// Some product had more than `hosts_max` candidates.
+    truncated: bool,
+    /// Every eligible host is a candidate: infeasibility is then a proof.
+    complete: bool,
+}
+
+/// How the per-product solves ended.
+struct ProductSolves {
+    /// The best placement by the shared score, with the solver's objective for it.
+    best: Option<(GangPlacement, f64)>,
+    all_optimal: bool,
+    /// The largest bound over the products (an LP relaxation's after a time-out).
+    bound_max: Option<f64>,
+    errors: Vec<String>,
+    timed_out: bool,
 }
 
 /// good_lp's microlp backend reports a time limit reached before any feasible solution as
