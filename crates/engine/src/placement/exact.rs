@@ -27,7 +27,7 @@ use good_lp::{
 };
 
 use super::gpus::{unit_quality, ChosenUnit};
-use super::score::{self, shape_gpus, FreeShape};
+use super::score::{self, shape_gpus, FreeShape, WeightedShape};
 use super::{
     gang_is_nvlink_connected, BuildContext, CandidateScope, GangPlacement, MemberPlacement, Planner, ResolvedScope,
     SolverInfo, Unplaced,
@@ -666,11 +666,61 @@ impl Planner<'_> {
         required: Option<ResolvedScope>,
         preferred: Option<ResolvedScope>,
     ) -> Option<ExactModel> {
-        let BuildContext { ledger, gang, whole_free, unit_shape, .. } = *context;
+        let BuildContext { ledger, gang, whole_free, .. } = *context;
         let cluster = self.cluster;
         debug_assert!(hosts.windows(2).all(|w| w[0] < w[1]), "candidate hosts are sorted and distinct");
         let need = gang.units();
         let shapes = self.config.shapes.clone();
+        let (options, host_units) = self.host_options(context, hosts, required, &shapes);
+        let domains = self.model_domains(hosts, &host_units, &options, need, required, preferred);
+        if domains.is_empty() {
+            return None;
+        }
+        let memory = if gang.memory_floor_mib == 0 {
+            1.0
+        } else {
+            let smallest = hosts.iter().map(|&h| cluster.host(h).memory_mib).min().unwrap_or(1);
+            gang.memory_floor_mib as f64 / smallest.max(1) as f64
+        };
+        // Rack room: per shape, the whole free hosts of each rack the candidates touch.
+        let mut racks: BTreeMap<Option<u32>, Vec<HostId>> = BTreeMap::new();
+        for &host in hosts {
+            if ledger.used(host) == 0 {
+                racks.entry(cluster.host(host).domain_path.last().copied()).or_default().push(host);
+            }
+        }
+        let racks: Vec<(u32, Vec<HostId>)> = racks
+            .into_iter()
+            .map(|(leaf, members)| {
+                (leaf.map_or(whole_free.cluster_total, |d| whole_free.per_leaf_domain[d as usize]), members)
+            })
+            .collect();
+        Some(ExactModel {
+            options,
+            domains,
+            racks,
+            shapes: shapes.iter().map(|s| (s.shape, s.weight, shape_gpus(s.shape, whole_free))).collect(),
+            need,
+            used_gpus: f64::from(gang.unit_gpus()) * f64::from(need),
+            weights: self.config.weights,
+            memory,
+            host_gpus_max: f64::from(whole_free.host_gpus_max),
+        })
+    }
+
+    /// The model's host options: per candidate host, every unit count up to the gang's need,
+    /// and per count the concrete GPU sets (uniform hosts: one, they are interchangeable),
+    /// each with its connectivity and the free shapes it destroys. Also each host's most units.
+    fn host_options(
+        &mut self,
+        context: &BuildContext,
+        hosts: &[HostId],
+        required: Option<ResolvedScope>,
+        shapes: &[WeightedShape],
+    ) -> (Vec<HostOption>, BTreeMap<HostId, u32>) {
+        let BuildContext { ledger, gang, unit_shape, .. } = *context;
+        let cluster = self.cluster;
+        let need = gang.units();
         let mut options: Vec<HostOption> = Vec::new();
         let mut host_units: BTreeMap<HostId, u32> = BTreeMap::new();
         for &host_id in hosts {
@@ -717,14 +767,28 @@ impl Planner<'_> {
                 }
             }
         }
-        let capacity_in = |members: &[HostId]| -> u64 { members.iter().map(|h| u64::from(host_units[h])).sum() };
+        (options, host_units)
+    }
 
-        // The domains that may hold the gang, innermost first.
+    /// The domains that may hold the gang, innermost first: hosts that hold it alone, NVLink
+    /// cliques, topology domains of the levels `required` allows, the cluster; each with the
+    /// locality score it gives.
+    fn model_domains(
+        &self,
+        hosts: &[HostId],
+        host_units: &BTreeMap<HostId, u32>,
+        options: &[HostOption],
+        need: u32,
+        required: Option<ResolvedScope>,
+        preferred: Option<ResolvedScope>,
+    ) -> Vec<DomainChoice> {
+        let cluster = self.cluster;
+        let capacity_in = |members: &[HostId]| -> u64 { members.iter().map(|h| u64::from(host_units[h])).sum() };
         let mut domains: Vec<DomainChoice> = Vec::new();
         // Only `preferred: nvlink` asks whether every option of a host is NVLink-connected.
         let mut all_connected: BTreeMap<HostId, bool> = BTreeMap::new();
         if preferred == Some(ResolvedScope::Nvlink) {
-            for option in &options {
+            for option in options {
                 let connected = crate::topology::graph::nvlink_connected(&cluster.host(option.host).links, option.mask);
                 *all_connected.entry(option.host).or_insert(true) &= connected;
             }
@@ -793,39 +857,7 @@ impl Planner<'_> {
                 });
             }
         }
-        if domains.is_empty() {
-            return None;
-        }
-        let memory = if gang.memory_floor_mib == 0 {
-            1.0
-        } else {
-            let smallest = hosts.iter().map(|&h| cluster.host(h).memory_mib).min().unwrap_or(1);
-            gang.memory_floor_mib as f64 / smallest.max(1) as f64
-        };
-        // Rack room: per shape, the whole free hosts of each rack the candidates touch.
-        let mut racks: BTreeMap<Option<u32>, Vec<HostId>> = BTreeMap::new();
-        for &host in hosts {
-            if ledger.used(host) == 0 {
-                racks.entry(cluster.host(host).domain_path.last().copied()).or_default().push(host);
-            }
-        }
-        let racks: Vec<(u32, Vec<HostId>)> = racks
-            .into_iter()
-            .map(|(leaf, members)| {
-                (leaf.map_or(whole_free.cluster_total, |d| whole_free.per_leaf_domain[d as usize]), members)
-            })
-            .collect();
-        Some(ExactModel {
-            options,
-            domains,
-            racks,
-            shapes: shapes.iter().map(|s| (s.shape, s.weight, shape_gpus(s.shape, whole_free))).collect(),
-            need,
-            used_gpus: f64::from(gang.unit_gpus()) * f64::from(need),
-            weights: self.config.weights,
-            memory,
-            host_gpus_max: f64::from(whole_free.host_gpus_max),
-        })
+        domains
     }
 
     /// A placement from the units chosen per host, scored by [`Planner::evaluate`]; its
