@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use super::gpus::UnitShape;
-use super::{shapes_of, GangInputError, Planner, RejectionGroup, RejectionTally, ResolvedScope};
+use super::{shapes_of, GangInputError, HostCapacity, Planner, RejectionGroup, RejectionTally, ResolvedScope};
 use crate::ledger::GpuUse;
 use crate::topology::{HostId, ProductId};
 use crate::workload::Gang;
@@ -79,32 +79,7 @@ impl Planner<'_> {
         let mut tally = RejectionTally::default();
         let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, offered, &mut tally);
         let need = u64::from(gang.units().max(1));
-
-        // Leaves: a host's own units, or a pool of clique hosts whose units span hosts.
-        let mut leaves: Vec<(ProductId, HostId, u64, Option<u32>, bool)> = Vec::new();
-        let gang_gpus = gang.total_gpus().min(u64::from(u32::MAX)) as u32;
-        let whole_gang = UnitShape { unit_gpus: gang_gpus, atom: gang_gpus };
-        for (index, host) in cluster.hosts.iter().enumerate() {
-            let mut units = u64::from(capacity.units[index]);
-            if units > 0 && required == Some(ResolvedScope::Nvlink) && host.clique.is_none() {
-                // Within one host, `nvlink` asks for the whole gang on one NVLink-connected set
-                // of GPUs: count those sets (hosts with NVLink islands hold fewer than units say).
-                let sets = if whole_gang.unit_gpus <= u32::from(host.gpu_count) {
-                    self.chooser.unit_count(host, ledger.free(index as HostId), whole_gang)
-                } else {
-                    0
-                };
-                units = u64::from(sets) * need;
-            }
-            if units > 0 {
-                leaves.push((host.product, index as HostId, units, host.clique, false));
-            }
-        }
-        for pool in &capacity.pools {
-            if let Some(&first) = pool.hosts.iter().min() {
-                leaves.push((pool.product, first, u64::from(pool.units), Some(pool.clique), true));
-            }
-        }
+        let leaves = self.capacity_leaves(ledger, gang, &capacity, required);
         let group_of = |host: HostId, clique: Option<u32>, pooled: bool| -> Option<Group> {
             Some(match required {
                 None => Group::Anywhere,
@@ -136,28 +111,7 @@ impl Planner<'_> {
                 *per_domain_group.entry((domain, product, inner)).or_default() += units;
             }
         }
-
-        let mut products: BTreeMap<ProductId, ProductCapacity> = BTreeMap::new();
-        let mut free_per_domain: BTreeMap<(u32, ProductId), u64> = BTreeMap::new();
-        for (index, host) in cluster.hosts.iter().enumerate() {
-            if offered.is_some_and(|offered| !offered.get(index).copied().unwrap_or(false)) {
-                continue;
-            }
-            let free = u64::from(ledger.free(index as HostId).count_ones());
-            let entry = products.entry(host.product).or_insert(ProductCapacity {
-                product: host.product,
-                replicas: 0,
-                hosts: 0,
-                gpus: 0,
-                free_gpus: 0,
-            });
-            entry.hosts += 1;
-            entry.gpus += u64::from(host.gpu_count);
-            entry.free_gpus += free;
-            if let Some(level) = level {
-                *free_per_domain.entry((host.domain_path[level], host.product)).or_default() += free;
-            }
-        }
+        let (mut products, free_per_domain) = self.free_by_product(ledger, offered, level);
         for (&(product, _), &units) in &per_group {
             if let Some(entry) = products.get_mut(&product) {
                 entry.replicas += units / need;
@@ -183,6 +137,78 @@ impl Planner<'_> {
                 .collect(),
             rejected: tally.render(cluster, gang),
         })
+    }
+
+    /// The leaves capacity is counted from: a host's own units (with `required: nvlink`, its
+    /// NVLink-connected sets that hold the whole gang), or a pool of clique hosts whose units
+    /// span hosts; as (product, host, units, clique, pooled).
+    fn capacity_leaves(
+        &mut self,
+        ledger: &GpuUse,
+        gang: &Gang,
+        capacity: &HostCapacity,
+        required: Option<ResolvedScope>,
+    ) -> Vec<(ProductId, HostId, u64, Option<u32>, bool)> {
+        let cluster = self.cluster;
+        let need = u64::from(gang.units().max(1));
+        let mut leaves: Vec<(ProductId, HostId, u64, Option<u32>, bool)> = Vec::new();
+        let gang_gpus = gang.total_gpus().min(u64::from(u32::MAX)) as u32;
+        let whole_gang = UnitShape { unit_gpus: gang_gpus, atom: gang_gpus };
+        for (index, host) in cluster.hosts.iter().enumerate() {
+            let mut units = u64::from(capacity.units[index]);
+            if units > 0 && required == Some(ResolvedScope::Nvlink) && host.clique.is_none() {
+                // Within one host, `nvlink` asks for the whole gang on one NVLink-connected set
+                // of GPUs: count those sets (hosts with NVLink islands hold fewer than units say).
+                let sets = if whole_gang.unit_gpus <= u32::from(host.gpu_count) {
+                    self.chooser.unit_count(host, ledger.free(index as HostId), whole_gang)
+                } else {
+                    0
+                };
+                units = u64::from(sets) * need;
+            }
+            if units > 0 {
+                leaves.push((host.product, index as HostId, units, host.clique, false));
+            }
+        }
+        for pool in &capacity.pools {
+            if let Some(&first) = pool.hosts.iter().min() {
+                leaves.push((pool.product, first, u64::from(pool.units), Some(pool.clique), true));
+            }
+        }
+        leaves
+    }
+
+    /// Per product, its hosts, GPUs and free GPUs on the offered hosts (replicas still 0);
+    /// and free GPUs per (domain of `level`, product).
+    fn free_by_product(
+        &self,
+        ledger: &GpuUse,
+        offered: Option<&[bool]>,
+        level: Option<usize>,
+    ) -> (BTreeMap<ProductId, ProductCapacity>, BTreeMap<(u32, ProductId), u64>) {
+        let cluster = self.cluster;
+        let mut products: BTreeMap<ProductId, ProductCapacity> = BTreeMap::new();
+        let mut free_per_domain: BTreeMap<(u32, ProductId), u64> = BTreeMap::new();
+        for (index, host) in cluster.hosts.iter().enumerate() {
+            if offered.is_some_and(|offered| !offered.get(index).copied().unwrap_or(false)) {
+                continue;
+            }
+            let free = u64::from(ledger.free(index as HostId).count_ones());
+            let entry = products.entry(host.product).or_insert(ProductCapacity {
+                product: host.product,
+                replicas: 0,
+                hosts: 0,
+                gpus: 0,
+                free_gpus: 0,
+            });
+            entry.hosts += 1;
+            entry.gpus += u64::from(host.gpu_count);
+            entry.free_gpus += free;
+            if let Some(level) = level {
+                *free_per_domain.entry((host.domain_path[level], host.product)).or_default() += free;
+            }
+        }
+        (products, free_per_domain)
     }
 
     /// Units of `gang` that `host` holds now (member slots for a clique host whose units span
