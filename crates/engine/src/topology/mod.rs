@@ -202,102 +202,9 @@ impl Cluster {
         };
         nodes.sort_by_cached_key(|node| (path_of(node), node.name.clone()));
 
-        let mut domains: Vec<Vec<Domain>> = vec![Vec::new(); levels.len()];
-        let mut domain_paths: Vec<Vec<u32>> = vec![Vec::with_capacity(levels.len()); nodes.len()];
-        let mut previous: Option<Vec<(bool, String)>> = None;
-        for (host_index, node) in nodes.iter().enumerate() {
-            let path = path_of(node);
-            // The first level at which this host's path differs from the previous host's.
-            let first_new_level = match &previous {
-                None => 0,
-                Some(prev) => prev.iter().zip(&path).take_while(|(a, b)| a == b).count(),
-            };
-            for (level, (unlabelled, value)) in path.iter().enumerate() {
-                if level >= first_new_level {
-                    let parent =
-                        level.checked_sub(1).map(|up| u32::try_from(domains[up].len() - 1).unwrap_or(u32::MAX));
-                    let parent_path =
-                        parent.and_then(|p| level.checked_sub(1).map(|up| domains[up][p as usize].path.clone()));
-                    let shown = if *unlabelled { format!("({} unlabelled)", value) } else { value.clone() };
-                    let path_text = match parent_path {
-                        Some(prefix) => format!("{prefix}/{shown}"),
-                        None => shown,
-                    };
-                    domains[level].push(Domain {
-                        level,
-                        value: (!unlabelled).then(|| value.clone()),
-                        path: path_text,
-                        hosts: host_index as u32..host_index as u32,
-                        parent,
-                        children: 0..0,
-                    });
-                }
-                let current = domains[level].len() - 1;
-                domains[level][current].hosts.end = host_index as u32 + 1;
-                domain_paths[host_index].push(current as u32);
-            }
-            previous = Some(path);
-        }
-        for level in 1..domains.len() {
-            let (upper, lower) = domains.split_at_mut(level);
-            for (index, domain) in lower[0].iter().enumerate() {
-                if let Some(parent) = domain.parent {
-                    let parent_domain = &mut upper[level - 1][parent as usize];
-                    if parent_domain.children.is_empty() {
-                        parent_domain.children = index as u32..index as u32 + 1;
-                    } else {
-                        parent_domain.children.end = index as u32 + 1;
-                    }
-                }
-            }
-        }
-
-        let mut clique_index: BTreeMap<String, u32> = BTreeMap::new();
-        let mut cliques: Vec<Clique> = Vec::new();
-        let mut hosts = Vec::with_capacity(nodes.len());
-        let mut initially_used = Vec::with_capacity(nodes.len());
-        for (host_index, node) in nodes.into_iter().enumerate() {
-            let product = node.product.get();
-            let clique = node.clique.as_ref().map(|name| {
-                *clique_index.entry(name.clone()).or_insert_with(|| {
-                    cliques.push(Clique { name: name.clone(), hosts: Vec::new() });
-                    (cliques.len() - 1) as u32
-                })
-            });
-            if let Some(clique) = clique {
-                cliques[clique as usize].hosts.push(host_index as HostId);
-            }
-            let nvlink = node.nvlink.clone().unwrap_or(match product.fabric {
-                Fabric::NvSwitch | Fabric::MultiNodeNvlink => NvlinkLayout::All,
-                Fabric::BridgePairs => NvlinkLayout::Pairs,
-                Fabric::HybridCubeMesh => NvlinkLayout::HybridCubeMesh,
-                Fabric::PcieOnly => NvlinkLayout::None,
-            });
-            initially_used.push(node.allocated.iter().fold(0u64, |mask, &gpu| mask | (1 << gpu)));
-            let nic_count = match product.fabric {
-                Fabric::NvSwitch | Fabric::MultiNodeNvlink => node.gpu_count,
-                _ => node.gpu_count.div_ceil(2),
-            };
-            hosts.push(Host {
-                name: node.name,
-                labels: node.labels,
-                product: node.product,
-                gpu_count: node.gpu_count,
-                memory_mib: node.memory_mib.unwrap_or(product.memory_mib),
-                nvlink,
-                links: HostLinks {
-                    bandwidth_gbps: Vec::new(),
-                    nvlink_neighbors: Vec::new(),
-                    uniform_nvlink: false,
-                    best_nvlink_gbps: 0,
-                    numa_masks: Vec::new(),
-                },
-                domain_path: std::mem::take(&mut domain_paths[host_index]),
-                clique,
-                nic_count,
-            });
-        }
-
+        let paths: Vec<Vec<(bool, String)>> = nodes.iter().map(path_of).collect();
+        let (domains, mut domain_paths) = build_domains(levels.len(), &paths);
+        let (mut hosts, cliques, initially_used) = build_hosts(nodes, &mut domain_paths);
         let topology_graph = graph::TopologyGraph::build(&levels, &domains, &hosts, &cliques);
         for (host_index, host) in hosts.iter_mut().enumerate() {
             host.links = topology_graph.derive_host_links(host_index as HostId, host.gpu_count);
@@ -341,6 +248,111 @@ impl Cluster {
             .iter()
             .rposition(|key| key.rsplit(['/', '.']).next().is_some_and(|tail| tail.eq_ignore_ascii_case(name)))
     }
+}
+
+/// The domains of every level, each a contiguous range of the hosts (sorted by `paths`,
+/// one `(unlabelled, value)` per level), with parents and children; and each host's domain
+/// index at every level.
+fn build_domains(levels: usize, paths: &[Vec<(bool, String)>]) -> (Vec<Vec<Domain>>, Vec<Vec<u32>>) {
+    let mut domains: Vec<Vec<Domain>> = vec![Vec::new(); levels];
+    let mut domain_paths: Vec<Vec<u32>> = vec![Vec::with_capacity(levels); paths.len()];
+    let mut previous: Option<&Vec<(bool, String)>> = None;
+    for (host_index, path) in paths.iter().enumerate() {
+        // The first level at which this host's path differs from the previous host's.
+        let first_new_level = match &previous {
+            None => 0,
+            Some(prev) => prev.iter().zip(path).take_while(|(a, b)| a == b).count(),
+        };
+        for (level, (unlabelled, value)) in path.iter().enumerate() {
+            if level >= first_new_level {
+                let parent = level.checked_sub(1).map(|up| u32::try_from(domains[up].len() - 1).unwrap_or(u32::MAX));
+                let parent_path =
+                    parent.and_then(|p| level.checked_sub(1).map(|up| domains[up][p as usize].path.clone()));
+                let shown = if *unlabelled { format!("({} unlabelled)", value) } else { value.clone() };
+                let path_text = match parent_path {
+                    Some(prefix) => format!("{prefix}/{shown}"),
+                    None => shown,
+                };
+                domains[level].push(Domain {
+                    level,
+                    value: (!unlabelled).then(|| value.clone()),
+                    path: path_text,
+                    hosts: host_index as u32..host_index as u32,
+                    parent,
+                    children: 0..0,
+                });
+            }
+            let current = domains[level].len() - 1;
+            domains[level][current].hosts.end = host_index as u32 + 1;
+            domain_paths[host_index].push(current as u32);
+        }
+        previous = Some(path);
+    }
+    for level in 1..domains.len() {
+        let (upper, lower) = domains.split_at_mut(level);
+        for (index, domain) in lower[0].iter().enumerate() {
+            if let Some(parent) = domain.parent {
+                let parent_domain = &mut upper[level - 1][parent as usize];
+                if parent_domain.children.is_empty() {
+                    parent_domain.children = index as u32..index as u32 + 1;
+                } else {
+                    parent_domain.children.end = index as u32 + 1;
+                }
+            }
+        }
+    }
+    (domains, domain_paths)
+}
+
+/// The hosts (links still empty: they come from the graph), the NVLink cliques, and the
+/// GPUs each host has in use from the start.
+fn build_hosts(nodes: Vec<NodeSpec>, domain_paths: &mut [Vec<u32>]) -> (Vec<Host>, Vec<Clique>, Vec<GpuMask>) {
+    let mut clique_index: BTreeMap<String, u32> = BTreeMap::new();
+    let mut cliques: Vec<Clique> = Vec::new();
+    let mut hosts = Vec::with_capacity(nodes.len());
+    let mut initially_used = Vec::with_capacity(nodes.len());
+    for (host_index, node) in nodes.into_iter().enumerate() {
+        let product = node.product.get();
+        let clique = node.clique.as_ref().map(|name| {
+            *clique_index.entry(name.clone()).or_insert_with(|| {
+                cliques.push(Clique { name: name.clone(), hosts: Vec::new() });
+                (cliques.len() - 1) as u32
+            })
+        });
+        if let Some(clique) = clique {
+            cliques[clique as usize].hosts.push(host_index as HostId);
+        }
+        let nvlink = node.nvlink.clone().unwrap_or(match product.fabric {
+            Fabric::NvSwitch | Fabric::MultiNodeNvlink => NvlinkLayout::All,
+            Fabric::BridgePairs => NvlinkLayout::Pairs,
+            Fabric::HybridCubeMesh => NvlinkLayout::HybridCubeMesh,
+            Fabric::PcieOnly => NvlinkLayout::None,
+        });
+        initially_used.push(node.allocated.iter().fold(0u64, |mask, &gpu| mask | (1 << gpu)));
+        let nic_count = match product.fabric {
+            Fabric::NvSwitch | Fabric::MultiNodeNvlink => node.gpu_count,
+            _ => node.gpu_count.div_ceil(2),
+        };
+        hosts.push(Host {
+            name: node.name,
+            labels: node.labels,
+            product: node.product,
+            gpu_count: node.gpu_count,
+            memory_mib: node.memory_mib.unwrap_or(product.memory_mib),
+            nvlink,
+            links: HostLinks {
+                bandwidth_gbps: Vec::new(),
+                nvlink_neighbors: Vec::new(),
+                uniform_nvlink: false,
+                best_nvlink_gbps: 0,
+                numa_masks: Vec::new(),
+            },
+            domain_path: std::mem::take(&mut domain_paths[host_index]),
+            clique,
+            nic_count,
+        });
+    }
+    (hosts, cliques, initially_used)
 }
 
 fn validate(spec: &ClusterSpec) -> Result<(), TopologyError> {
