@@ -98,6 +98,90 @@ const HYBRID_CUBE_MESH_LINKS: [(u8, u8, u32); 12] = [
     (6, 7, 1),
 ];
 
+/// A host's NVLink: GPUs on an NVSwitch fabric (the host's own, or the multi-host clique's),
+/// on fabrics per group, in bridged pairs, or in a DGX-1 hybrid cube-mesh.
+fn add_nvlink(
+    graph: &mut UnGraph<Vertex, Link>,
+    host_id: HostId,
+    host: &Host,
+    gpus: &[NodeIndex],
+    clique_vertices: &[NodeIndex],
+) {
+    let product = host.product.get();
+    let nvlink = product.nvlink_gbps;
+    match &host.nvlink {
+        NvlinkLayout::None => {}
+        NvlinkLayout::All => {
+            let fabric = match (product.fabric, host.clique) {
+                (Fabric::MultiNodeNvlink, Some(clique)) => clique_vertices[clique as usize],
+                _ => graph.add_node(Vertex::NvSwitch { host: host_id, group: 0 }),
+            };
+            for gpu in gpus {
+                graph.add_edge(*gpu, fabric, Link { kind: LinkKind::NvSwitchPort, gbps: nvlink });
+            }
+        }
+        NvlinkLayout::Groups(groups) => {
+            for (group_index, group) in groups.iter().enumerate() {
+                let fabric = graph.add_node(Vertex::NvSwitch { host: host_id, group: group_index as u8 });
+                for &gpu in group {
+                    graph.add_edge(gpus[usize::from(gpu)], fabric, Link { kind: LinkKind::NvSwitchPort, gbps: nvlink });
+                }
+            }
+        }
+        NvlinkLayout::Pairs => {
+            for pair in gpus.chunks_exact(2) {
+                graph.add_edge(pair[0], pair[1], Link { kind: LinkKind::NvLink, gbps: nvlink });
+            }
+        }
+        NvlinkLayout::HybridCubeMesh => {
+            let per_link = nvlink / 6;
+            let cross = (0..4u8).map(|gpu| (gpu, gpu + 4, 2));
+            for (a, b, links) in HYBRID_CUBE_MESH_LINKS.into_iter().chain(cross) {
+                graph.add_edge(
+                    gpus[usize::from(a)],
+                    gpus[usize::from(b)],
+                    Link { kind: LinkKind::NvLink, gbps: per_link * links },
+                );
+            }
+        }
+    }
+}
+
+/// A host's NICs, each on the host's leaf domain (when it has one), and each GPU's affinity
+/// to a NIC; returns the bandwidth of one NIC.
+fn add_nics(
+    graph: &mut UnGraph<Vertex, Link>,
+    host_id: HostId,
+    host: &Host,
+    host_vertex: NodeIndex,
+    gpus: &[NodeIndex],
+    leaf: Option<NodeIndex>,
+) -> u32 {
+    let product = host.product.get();
+    let nic_bandwidth = nic_gbps(product);
+    for nic_index in 0..host.nic_count {
+        let nic = graph.add_node(Vertex::Nic { host: host_id, index: nic_index });
+        graph.add_edge(host_vertex, nic, Link { kind: LinkKind::Contains, gbps: 0 });
+        if let Some(leaf) = leaf {
+            graph.add_edge(nic, leaf, Link { kind: LinkKind::Network, gbps: nic_bandwidth });
+        }
+    }
+    if host.nic_count > 0 {
+        let nics: Vec<NodeIndex> =
+            graph.neighbors(host_vertex).filter(|v| matches!(graph[*v], Vertex::Nic { .. })).collect();
+        let mut nics = nics;
+        nics.sort_by_key(|v| match graph[*v] {
+            Vertex::Nic { index, .. } => index,
+            _ => u8::MAX,
+        });
+        for (gpu_index, gpu) in gpus.iter().enumerate() {
+            let nic = nics[gpu_index * nics.len() / gpus.len().max(1)];
+            graph.add_edge(*gpu, nic, Link { kind: LinkKind::NicAffinity, gbps: product.pcie_gbps });
+        }
+    }
+    nic_bandwidth
+}
+
 impl TopologyGraph {
     pub fn build(levels: &[String], domains: &[Vec<Domain>], hosts: &[Host], cliques: &[Clique]) -> Self {
         let mut graph = UnGraph::<Vertex, Link>::default();
@@ -149,70 +233,9 @@ impl TopologyGraph {
                 );
             }
 
-            let nvlink = product.nvlink_gbps;
-            match &host.nvlink {
-                NvlinkLayout::None => {}
-                NvlinkLayout::All => {
-                    let fabric = match (product.fabric, host.clique) {
-                        (Fabric::MultiNodeNvlink, Some(clique)) => clique_vertices[clique as usize],
-                        _ => graph.add_node(Vertex::NvSwitch { host: host_id, group: 0 }),
-                    };
-                    for gpu in &gpus {
-                        graph.add_edge(*gpu, fabric, Link { kind: LinkKind::NvSwitchPort, gbps: nvlink });
-                    }
-                }
-                NvlinkLayout::Groups(groups) => {
-                    for (group_index, group) in groups.iter().enumerate() {
-                        let fabric = graph.add_node(Vertex::NvSwitch { host: host_id, group: group_index as u8 });
-                        for &gpu in group {
-                            graph.add_edge(
-                                gpus[usize::from(gpu)],
-                                fabric,
-                                Link { kind: LinkKind::NvSwitchPort, gbps: nvlink },
-                            );
-                        }
-                    }
-                }
-                NvlinkLayout::Pairs => {
-                    for pair in gpus.chunks_exact(2) {
-                        graph.add_edge(pair[0], pair[1], Link { kind: LinkKind::NvLink, gbps: nvlink });
-                    }
-                }
-                NvlinkLayout::HybridCubeMesh => {
-                    let per_link = nvlink / 6;
-                    let cross = (0..4u8).map(|gpu| (gpu, gpu + 4, 2));
-                    for (a, b, links) in HYBRID_CUBE_MESH_LINKS.into_iter().chain(cross) {
-                        graph.add_edge(
-                            gpus[usize::from(a)],
-                            gpus[usize::from(b)],
-                            Link { kind: LinkKind::NvLink, gbps: per_link * links },
-                        );
-                    }
-                }
-            }
-
+            add_nvlink(&mut graph, host_id, host, &gpus, &clique_vertices);
             let leaf = host.domain_path.last().map(|&index| domain_vertices[levels.len() - 1][index as usize]);
-            let nic_bandwidth = nic_gbps(product);
-            for nic_index in 0..host.nic_count {
-                let nic = graph.add_node(Vertex::Nic { host: host_id, index: nic_index });
-                graph.add_edge(host_vertex, nic, Link { kind: LinkKind::Contains, gbps: 0 });
-                if let Some(leaf) = leaf {
-                    graph.add_edge(nic, leaf, Link { kind: LinkKind::Network, gbps: nic_bandwidth });
-                }
-            }
-            if host.nic_count > 0 {
-                let nics: Vec<NodeIndex> =
-                    graph.neighbors(host_vertex).filter(|v| matches!(graph[*v], Vertex::Nic { .. })).collect();
-                let mut nics = nics;
-                nics.sort_by_key(|v| match graph[*v] {
-                    Vertex::Nic { index, .. } => index,
-                    _ => u8::MAX,
-                });
-                for (gpu_index, gpu) in gpus.iter().enumerate() {
-                    let nic = nics[gpu_index * nics.len() / gpus.len().max(1)];
-                    graph.add_edge(*gpu, nic, Link { kind: LinkKind::NicAffinity, gbps: product.pcie_gbps });
-                }
-            }
+            let nic_bandwidth = add_nics(&mut graph, host_id, host, host_vertex, &gpus, leaf);
             // A non-blocking fabric: each uplink carries what the hosts below it can send.
             for (level, &index) in host.domain_path.iter().enumerate() {
                 uplink_gbps[level][index as usize] += nic_bandwidth * u32::from(host.nic_count);
