@@ -353,323 +353,467 @@ pub fn simulate(
     policy: JobPolicy,
     config: &SimConfig,
 ) -> Result<JobOutcome, JobReplayError> {
-    let Checked { host_gpus, shapes, drains } = check(cluster, jobs, config)?;
+    let checked = check(cluster, jobs, config)?;
+    let mut sim = Simulation::new(cluster, jobs, policy, config, checked);
+    loop {
+        sim.complete_due()?;
+        sim.drain_due()?;
+        sim.arrive_due();
+        sim.start_fitting()?;
+        let free = sim.check_conservation()?;
+        if !sim.advance(free) {
+            break;
+        }
+    }
+    Ok(sim.finish())
+}
 
-    // Arrivals on the replay clock (ms after the first submission), in submission order.
-    let first_submit = jobs.iter().map(|j| j.submit_s).min().unwrap_or(0);
-    let arrival_ms: Vec<u64> = jobs
-        .iter()
-        .map(|j| (((j.submit_s - first_submit) as f64) * MS_PER_S as f64 / config.load_factor).round() as u64)
-        .collect();
-    let mut order: Vec<usize> = (0..jobs.len()).collect();
-    order.sort_by_key(|&i| (arrival_ms[i], i));
+/// One replay in progress: the clock, the ledger and the queue, and what the outcome counts.
+/// Each event kind is a method ([`Simulation::complete_due`], [`Simulation::drain_due`],
+/// [`Simulation::arrive_due`], [`Simulation::start_fitting`]), run in that order at every
+/// instant something happens; [`Simulation::advance`] moves the clock to the next one.
+struct Simulation<'a> {
+    cluster: &'a Cluster,
+    jobs: &'a [TraceJob],
+    policy: JobPolicy,
+    queue_mode: QueueMode,
+    host_gpus: u8,
+    shapes: Vec<Shape>,
+    drains: Vec<(u64, Vec<HostId>)>,
+    /// Arrivals on the replay clock (ms after the first submission), per job.
+    arrival_ms: Vec<u64>,
+    /// Jobs in arrival order.
+    order: Vec<usize>,
+    /// GPU products in the order hosts first show them (the baselines' pools).
+    pools: Vec<ProductId>,
+    total_gpus: u64,
+    ledger: Ledger<JobHolder>,
+    free_index: FreeIndex,
+    /// Whole-host counts per pool of the empty cluster: what any job can ever fit.
+    pool_capacity: Vec<Vec<u32>>,
+    placer: Placer<'a>,
+    outcome: JobOutcome,
+    queue: VecDeque<usize>,
+    /// (end time, index into `starts`) of every start, soonest first.
+    events: BinaryHeap<Reverse<(u64, usize)>>,
+    running: BTreeMap<usize, Running>,
+    first_start: Vec<Option<u64>>,
+    /// Waiting jobs of STRANDED_JOB_GPUS or more, by GPU count.
+    waiting_large: BTreeMap<u32, usize>,
+    used_gpus: u64,
+    drained_gpus: u64,
+    busy_ms_gpus: u128,
+    stranded_ms: u64,
+    /// Multi-host jobs that spread over racks, and the whole free hosts left at their starts.
+    spans: u64,
+    spare_hosts_sum: u64,
+    /// (time, GPUs in use from then on), for the timeline.
+    usage_steps: Vec<(u64, u64)>,
+    next_arrival: usize,
+    next_drain: usize,
+    now: u64,
+    drain_serial: u32,
+    /// How long a gang that fits no single rack waits for one (topoplace with backfill only:
+    /// under strict FIFO nothing passes a waiting head, so a hold would only idle GPUs).
+    rack_wait_ms: u64,
+    /// The rack each such gang waits for.
+    waiting_for: std::collections::HashMap<usize, u32>,
+}
 
-    let pools: Vec<ProductId> = {
-        let mut seen: Vec<ProductId> = Vec::new();
+impl<'a> Simulation<'a> {
+    fn new(
+        cluster: &'a Cluster,
+        jobs: &'a [TraceJob],
+        policy: JobPolicy,
+        config: &SimConfig,
+        checked: Checked,
+    ) -> Self {
+        let Checked { host_gpus, shapes, drains } = checked;
+        let first_submit = jobs.iter().map(|j| j.submit_s).min().unwrap_or(0);
+        let arrival_ms: Vec<u64> = jobs
+            .iter()
+            .map(|j| (((j.submit_s - first_submit) as f64) * MS_PER_S as f64 / config.load_factor).round() as u64)
+            .collect();
+        let mut order: Vec<usize> = (0..jobs.len()).collect();
+        order.sort_by_key(|&i| (arrival_ms[i], i));
+        let mut pools: Vec<ProductId> = Vec::new();
         for host in &cluster.hosts {
-            if !seen.contains(&host.product) {
-                seen.push(host.product);
+            if !pools.contains(&host.product) {
+                pools.push(host.product);
             }
         }
-        seen
-    };
-    let total_gpus = cluster.total_gpus();
-    let mut ledger: Ledger<JobHolder> = Ledger::empty(cluster);
-    let mut free_index = FreeIndex::new(cluster, &ledger, &pools, host_gpus);
-    let pool_capacity: Vec<Vec<u32>> = free_index.hosts_by_free.clone();
-    let mut placer = Placer::new(cluster, policy, jobs, host_gpus, config.seed);
-    let levels = cluster.levels.len();
+        let ledger: Ledger<JobHolder> = Ledger::empty(cluster);
+        let free_index = FreeIndex::new(cluster, &ledger, &pools, host_gpus);
+        let pool_capacity = free_index.hosts_by_free.clone();
+        let placer = Placer::new(cluster, policy, jobs, host_gpus, config.seed);
+        let levels = cluster.levels.len();
+        let rack_wait_ms = if policy == JobPolicy::Topoplace && config.queue == QueueMode::BestEffortFifo && levels > 0
+        {
+            config.rack_wait_s.saturating_mul(MS_PER_S)
+        } else {
+            0
+        };
+        Simulation {
+            cluster,
+            jobs,
+            policy,
+            queue_mode: config.queue,
+            host_gpus,
+            shapes,
+            drains,
+            arrival_ms,
+            order,
+            pools,
+            total_gpus: cluster.total_gpus(),
+            ledger,
+            free_index,
+            pool_capacity,
+            placer,
+            outcome: JobOutcome {
+                policy,
+                queue: config.queue,
+                load_factor: config.load_factor,
+                seed: config.seed,
+                jobs: jobs.len(),
+                rejected: 0,
+                started: 0,
+                never_started: 0,
+                multi_host_jobs: 0,
+                multi_host_in_one_rack: 0,
+                multi_host_in_one_block: 0,
+                multi_host_across_blocks: 0,
+                multi_host_spans_avoidable: 0,
+                span_spare_hosts_mean: 0.0,
+                mean_queue_delay_s: 0.0,
+                p95_queue_delay_s: 0.0,
+                gpu_utilisation: 0.0,
+                stranded_64gpu_hours: 0.0,
+                drain_restarts: 0,
+                makespan_s: 0.0,
+                timeline: Vec::new(),
+                starts: Vec::new(),
+            },
+            queue: VecDeque::new(),
+            events: BinaryHeap::new(),
+            running: BTreeMap::new(),
+            first_start: vec![None; jobs.len()],
+            waiting_large: BTreeMap::new(),
+            used_gpus: 0,
+            drained_gpus: 0,
+            busy_ms_gpus: 0,
+            stranded_ms: 0,
+            spans: 0,
+            spare_hosts_sum: 0,
+            usage_steps: vec![(0, 0)],
+            next_arrival: 0,
+            next_drain: 0,
+            now: 0,
+            drain_serial: 0,
+            rack_wait_ms,
+            waiting_for: std::collections::HashMap::new(),
+        }
+    }
 
-    let mut outcome = JobOutcome {
-        policy,
-        queue: config.queue,
-        load_factor: config.load_factor,
-        seed: config.seed,
-        jobs: jobs.len(),
-        rejected: 0,
-        started: 0,
-        never_started: 0,
-        multi_host_jobs: 0,
-        multi_host_in_one_rack: 0,
-        multi_host_in_one_block: 0,
-        multi_host_across_blocks: 0,
-        multi_host_spans_avoidable: 0,
-        span_spare_hosts_mean: 0.0,
-        mean_queue_delay_s: 0.0,
-        p95_queue_delay_s: 0.0,
-        gpu_utilisation: 0.0,
-        stranded_64gpu_hours: 0.0,
-        drain_restarts: 0,
-        makespan_s: 0.0,
-        timeline: Vec::new(),
-        starts: Vec::new(),
-    };
+    fn internal(&self, message: String) -> JobReplayError {
+        JobReplayError::Internal { at_s: self.now / MS_PER_S, message }
+    }
 
-    let mut queue: VecDeque<usize> = VecDeque::new();
-    // (end time, index into `starts`) of every start, soonest first.
-    let mut events: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
-    let mut running: BTreeMap<usize, Running> = BTreeMap::new();
-    let mut first_start: Vec<Option<u64>> = vec![None; jobs.len()];
-    // Waiting jobs of STRANDED_JOB_GPUS or more, by GPU count.
-    let mut waiting_large: BTreeMap<u32, usize> = BTreeMap::new();
-    let mut used_gpus: u64 = 0;
-    let mut drained_gpus: u64 = 0;
-    let mut busy_ms_gpus: u128 = 0;
-    let mut stranded_ms: u64 = 0;
-    // Multi-host jobs that spread over racks, and the whole free hosts left at their starts.
-    let (mut spans, mut spare_hosts_sum) = (0u64, 0u64);
-    // (time, GPUs in use from then on), for the timeline.
-    let mut usage_steps: Vec<(u64, u64)> = vec![(0, 0)];
-    let mut next_arrival = 0usize;
-    let mut next_drain = 0usize;
-    let mut now: u64 = 0;
-    let mut drain_serial = 0u32;
-    // Rack holds for waiting gangs: topoplace with backfill only (under strict FIFO nothing
-    // passes a waiting head, so a hold would only idle GPUs).
-    let rack_wait_ms = if policy == JobPolicy::Topoplace && config.queue == QueueMode::BestEffortFifo && levels > 0 {
-        config.rack_wait_s.saturating_mul(MS_PER_S)
-    } else {
-        0
-    };
-    let mut waiting_for: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
+    fn job_holder(&self, job: usize) -> JobHolder {
+        JobHolder::Job(self.jobs[job].id.clone())
+    }
 
-    let internal = |now: u64, message: String| JobReplayError::Internal { at_s: now / MS_PER_S, message };
+    fn reserve(&mut self, holder: &JobHolder, holding: &Holding) -> Result<(), JobReplayError> {
+        reserve(&mut self.ledger, &mut self.free_index, holder, holding).map_err(|m| self.internal(m))
+    }
 
-    loop {
-        // Completions due now.
-        while let Some(&Reverse((at, start_index))) = events.peek() {
-            if at > now {
+    fn release(&mut self, holder: &JobHolder) -> Result<(), JobReplayError> {
+        release(&mut self.ledger, &mut self.free_index, holder, self.now).map_err(|m| self.internal(m))
+    }
+
+    /// Stops a running job now: its GPUs come back and its start ends.
+    fn stop(&mut self, job: usize) -> Result<bool, JobReplayError> {
+        let Some(run) = self.running.remove(&job) else { return Ok(false) };
+        self.release(&self.job_holder(job))?;
+        self.used_gpus -= run.gpus;
+        self.outcome.starts[run.start_index].end_ms = self.now;
+        Ok(true)
+    }
+
+    /// Completions due now.
+    fn complete_due(&mut self) -> Result<(), JobReplayError> {
+        while let Some(&Reverse((at, start_index))) = self.events.peek() {
+            if at > self.now {
                 break;
             }
-            events.pop();
-            let job = outcome.starts[start_index].job;
+            self.events.pop();
+            let job = self.outcome.starts[start_index].job;
             // A start undone by a drain has already been released.
-            if running.get(&job).is_none_or(|r| r.start_index != start_index) {
+            if self.running.get(&job).is_none_or(|r| r.start_index != start_index) {
                 continue;
             }
-            if let Some(run) = running.remove(&job) {
-                release(&mut ledger, &mut free_index, &JobHolder::Job(jobs[job].id.clone()), now)
-                    .map_err(|m| internal(now, m))?;
-                used_gpus -= run.gpus;
-                outcome.starts[run.start_index].end_ms = now;
-            }
+            self.stop(job)?;
         }
-        // Drains due now: stop every job touching the hosts, then hold the hosts.
-        while next_drain < drains.len() && drains[next_drain].0 <= now {
-            let hosts = &drains[next_drain].1;
-            next_drain += 1;
-            placer.exclude(hosts);
-            let hit: Vec<usize> = running
+        Ok(())
+    }
+
+    /// Drains due now: stop every job touching the hosts (they requeue in arrival order),
+    /// then hold the hosts' free GPUs.
+    fn drain_due(&mut self) -> Result<(), JobReplayError> {
+        while self.next_drain < self.drains.len() && self.drains[self.next_drain].0 <= self.now {
+            let hosts = self.drains[self.next_drain].1.clone();
+            self.next_drain += 1;
+            self.placer.exclude(&hosts);
+            let hit: Vec<usize> = self
+                .running
                 .iter()
-                .filter(|(_, r)| outcome.starts[r.start_index].holding.iter().any(|(h, _)| hosts.contains(h)))
+                .filter(|(_, r)| self.outcome.starts[r.start_index].holding.iter().any(|(h, _)| hosts.contains(h)))
                 .map(|(&job, _)| job)
                 .collect();
             for job in hit {
-                if let Some(run) = running.remove(&job) {
-                    release(&mut ledger, &mut free_index, &JobHolder::Job(jobs[job].id.clone()), now)
-                        .map_err(|m| internal(now, m))?;
-                    used_gpus -= run.gpus;
-                    outcome.starts[run.start_index].end_ms = now;
-                    outcome.drain_restarts += 1;
-                    requeue(&mut queue, job, &arrival_ms);
-                    if jobs[job].gpus >= STRANDED_JOB_GPUS {
-                        *waiting_large.entry(jobs[job].gpus).or_default() += 1;
+                if self.stop(job)? {
+                    self.outcome.drain_restarts += 1;
+                    requeue(&mut self.queue, job, &self.arrival_ms);
+                    if self.jobs[job].gpus >= STRANDED_JOB_GPUS {
+                        *self.waiting_large.entry(self.jobs[job].gpus).or_default() += 1;
                     }
                 }
             }
-            let holding: Holding = hosts.iter().map(|&h| (h, ledger.free(h))).filter(|&(_, free)| free != 0).collect();
+            let holding: Holding =
+                hosts.iter().map(|&h| (h, self.ledger.free(h))).filter(|&(_, free)| free != 0).collect();
             if !holding.is_empty() {
-                drain_serial += 1;
-                let holder = JobHolder::Drain(drain_serial);
-                reserve(&mut ledger, &mut free_index, &holder, &holding).map_err(|m| internal(now, m))?;
-                drained_gpus += holding.iter().map(|&(_, m)| u64::from(m.count_ones())).sum::<u64>();
+                self.drain_serial += 1;
+                self.reserve(&JobHolder::Drain(self.drain_serial), &holding)?;
+                self.drained_gpus += holding.iter().map(|&(_, m)| u64::from(m.count_ones())).sum::<u64>();
             }
         }
-        // Arrivals due now.
-        while next_arrival < order.len() && arrival_ms[order[next_arrival]] <= now {
-            let job = order[next_arrival];
-            next_arrival += 1;
-            let shape = shapes[job];
-            if !pool_capacity.iter().any(|counts| fits(counts, host_gpus, shape)) {
-                outcome.rejected += 1;
+        Ok(())
+    }
+
+    /// Arrivals due now: queued, or rejected when no pool of the empty cluster could hold them.
+    fn arrive_due(&mut self) {
+        while self.next_arrival < self.order.len() && self.arrival_ms[self.order[self.next_arrival]] <= self.now {
+            let job = self.order[self.next_arrival];
+            self.next_arrival += 1;
+            let shape = self.shapes[job];
+            if !self.pool_capacity.iter().any(|counts| fits(counts, self.host_gpus, shape)) {
+                self.outcome.rejected += 1;
                 continue;
             }
-            queue.push_back(job);
-            if jobs[job].gpus >= STRANDED_JOB_GPUS {
-                *waiting_large.entry(jobs[job].gpus).or_default() += 1;
+            self.queue.push_back(job);
+            if self.jobs[job].gpus >= STRANDED_JOB_GPUS {
+                *self.waiting_large.entry(self.jobs[job].gpus).or_default() += 1;
             }
         }
+    }
 
-        // Start what fits, in queue order.
+    /// With rack waiting on: whether `job` keeps waiting for a rack now, and if so the hold
+    /// it puts on the rack's hosts nearest to free (so later jobs go elsewhere meanwhile).
+    fn rack_hold(&mut self, job: usize) -> Result<Option<Option<JobHolder>>, JobReplayError> {
+        let shape = self.shapes[job];
+        if self.rack_wait_ms == 0 || shape.members <= 1 || self.now - self.arrival_ms[job] >= self.rack_wait_ms {
+            return Ok(None);
+        }
+        let current = self.waiting_for.get(&job).copied();
+        let Some(rack) = rack_to_wait_for(self.cluster, &self.ledger, shape.members, current) else {
+            return Ok(None);
+        };
+        self.waiting_for.insert(job, rack);
+        if rack_holds(self.cluster, &self.ledger, rack, shape.members) {
+            return Ok(None);
+        }
+        // Only the gang's own hosts: those of the rack nearest to free.
+        let levels = self.cluster.levels.len();
+        let mut nearest: Vec<HostId> = self.cluster.domains[levels - 1][rack as usize].hosts.clone().collect();
+        nearest.sort_by_key(|&h| (self.ledger.used(h).count_ones(), h));
+        let holding: Holding = nearest
+            .into_iter()
+            .take(shape.members as usize)
+            .map(|h| (h, self.ledger.free(h)))
+            .filter(|&(_, free)| free != 0)
+            .collect();
+        if holding.is_empty() {
+            return Ok(Some(None));
+        }
+        let holder = JobHolder::Hold(self.jobs[job].id.clone());
+        self.reserve(&holder, &holding)?;
+        Ok(Some(Some(holder)))
+    }
+
+    /// Starts what fits, in queue order (strict FIFO stops at a head that does not fit,
+    /// best-effort passes it); the jobs starting at this instant are planned again together
+    /// by the engine, then recorded.
+    fn start_fitting(&mut self) -> Result<(), JobReplayError> {
         let mut starting: Vec<(usize, Holding)> = Vec::new();
         let mut holds: Vec<JobHolder> = Vec::new();
         let mut index = 0;
-        while index < queue.len() {
-            let job = queue[index];
-            let shape = shapes[job];
-            if rack_wait_ms > 0 && shape.members > 1 && now - arrival_ms[job] < rack_wait_ms {
-                if let Some(rack) = rack_to_wait_for(cluster, &ledger, shape.members, waiting_for.get(&job).copied()) {
-                    waiting_for.insert(job, rack);
-                    if !rack_holds(cluster, &ledger, rack, shape.members) {
-                        // Keep the rack clear for this gang while later jobs go elsewhere.
-                        // Only the gang's own hosts: those of the rack nearest to free.
-                        let mut nearest: Vec<HostId> =
-                            cluster.domains[levels - 1][rack as usize].hosts.clone().collect();
-                        nearest.sort_by_key(|&h| (ledger.used(h).count_ones(), h));
-                        let holding: Holding = nearest
-                            .into_iter()
-                            .take(shape.members as usize)
-                            .map(|h| (h, ledger.free(h)))
-                            .filter(|&(_, free)| free != 0)
-                            .collect();
-                        if !holding.is_empty() {
-                            let holder = JobHolder::Hold(jobs[job].id.clone());
-                            reserve(&mut ledger, &mut free_index, &holder, &holding).map_err(|m| internal(now, m))?;
-                            holds.push(holder);
-                        }
-                        index += 1;
-                        continue;
-                    }
-                }
+        while index < self.queue.len() {
+            let job = self.queue[index];
+            let shape = self.shapes[job];
+            if let Some(hold) = self.rack_hold(job)? {
+                holds.extend(hold);
+                index += 1;
+                continue;
             }
-            let Some(pool) = free_index.fitting_pool(shape) else {
-                if config.queue == QueueMode::StrictFifo {
+            let Some(pool) = self.free_index.fitting_pool(shape) else {
+                if self.queue_mode == QueueMode::StrictFifo {
                     break;
                 }
                 index += 1;
                 continue;
             };
-            let pool_product = if policy == JobPolicy::Topoplace { None } else { Some(pools[pool]) };
+            let policy = self.policy;
+            let pool_product = if policy == JobPolicy::Topoplace { None } else { Some(self.pools[pool]) };
             let holding =
-                placer.place(&ledger, job, shape.members, shape.gpus_per_member, pool_product).ok_or_else(|| {
-                    internal(now, format!("{policy} found no place for job `{}` that fits", jobs[job].id))
-                })?;
-            check_shape(cluster, &holding, shape)
-                .map_err(|m| internal(now, format!("{policy}, job `{}`: {m}", jobs[job].id)))?;
-            reserve(&mut ledger, &mut free_index, &JobHolder::Job(jobs[job].id.clone()), &holding)
-                .map_err(|m| internal(now, m))?;
+                self.placer.place(&self.ledger, job, shape.members, shape.gpus_per_member, pool_product).ok_or_else(
+                    || self.internal(format!("{policy} found no place for job `{}` that fits", self.jobs[job].id)),
+                )?;
+            check_shape(self.cluster, &holding, shape)
+                .map_err(|m| self.internal(format!("{policy}, job `{}`: {m}", self.jobs[job].id)))?;
+            self.reserve(&self.job_holder(job), &holding)?;
             starting.push((job, holding));
-            queue.remove(index);
+            self.queue.remove(index);
         }
-        // The jobs that start at this instant, planned again together by the engine (the
-        // same jobs start either way; FIFO decided which).
-        if starting.len() > 1 && placer.plans_batches() {
-            for (job, _) in &starting {
-                release(&mut ledger, &mut free_index, &JobHolder::Job(jobs[*job].id.clone()), now)
-                    .map_err(|m| internal(now, m))?;
-            }
-            let batch: Vec<usize> = starting.iter().map(|(job, _)| *job).collect();
-            if let Some(holdings) = placer.replan_together(&ledger, &batch) {
-                for ((job, holding), better) in starting.iter_mut().zip(holdings) {
-                    check_shape(cluster, &better, shapes[*job])
-                        .map_err(|m| internal(now, format!("{policy}, job `{}`: {m}", jobs[*job].id)))?;
-                    *holding = better;
-                }
-            }
-            for (job, holding) in &starting {
-                reserve(&mut ledger, &mut free_index, &JobHolder::Job(jobs[*job].id.clone()), holding)
-                    .map_err(|m| internal(now, m))?;
-            }
+        if starting.len() > 1 && self.placer.plans_batches() {
+            self.replan_together(&mut starting)?;
         }
         // Room for each spreading gang, judged with everything starting now (and every
         // hold) in place, the gang's own hosts counted as free.
         let rooms: Vec<Option<SpanRoom>> = starting
             .iter()
             .map(|(job, holding)| {
-                let spreads = shapes[*job].members > 1 && first_start[*job].is_none();
-                (spreads && spread(cluster, holding) != Spread::OneRack).then(|| span_room(cluster, &ledger, holding))
+                let spreads = self.shapes[*job].members > 1 && self.first_start[*job].is_none();
+                (spreads && spread(self.cluster, holding) != Spread::OneRack)
+                    .then(|| span_room(self.cluster, &self.ledger, holding))
             })
             .collect();
         for holder in holds {
-            release(&mut ledger, &mut free_index, &holder, now).map_err(|m| internal(now, m))?;
+            self.release(&holder)?;
         }
         for ((job, holding), room) in starting.into_iter().zip(rooms) {
-            if let Some(room) = room {
-                spare_hosts_sum += u64::from(room.spare_hosts);
-                spans += 1;
-                if room.rack_had_room {
-                    outcome.multi_host_spans_avoidable += 1;
-                }
-            }
-            waiting_for.remove(&job);
-            let shape = shapes[job];
-            let gpus = u64::from(jobs[job].gpus);
-            used_gpus += gpus;
-            if first_start[job].is_none() {
-                first_start[job] = Some(now);
-                outcome.started += 1;
-                if shape.members > 1 {
-                    outcome.multi_host_jobs += 1;
-                    match spread(cluster, &holding) {
-                        Spread::OneRack => outcome.multi_host_in_one_rack += 1,
-                        Spread::OneBlock => outcome.multi_host_in_one_block += 1,
-                        Spread::Blocks => outcome.multi_host_across_blocks += 1,
-                    }
-                }
-            }
-            if jobs[job].gpus >= STRANDED_JOB_GPUS {
-                if let Some(count) = waiting_large.get_mut(&jobs[job].gpus) {
-                    *count -= 1;
-                    if *count == 0 {
-                        waiting_large.remove(&jobs[job].gpus);
-                    }
-                }
-            }
-            let start_index = outcome.starts.len();
-            outcome.starts.push(JobStart { job, at_ms: now, end_ms: u64::MAX, holding });
-            running.insert(job, Running { start_index, gpus });
-            let end = now.saturating_add(jobs[job].duration_s.saturating_mul(MS_PER_S));
-            events.push(Reverse((end, start_index)));
+            self.record_start(job, holding, room);
         }
+        Ok(())
+    }
 
-        // GPUs are conserved at every event.
-        let free = ledger.free_gpus();
-        if free + used_gpus + drained_gpus != total_gpus {
-            return Err(internal(
-                now,
-                format!("{free} free + {used_gpus} running + {drained_gpus} drained != {total_gpus} GPUs"),
-            ));
+    /// The jobs that start at this instant, planned again together by the engine (the same
+    /// jobs start either way; FIFO decided which).
+    fn replan_together(&mut self, starting: &mut [(usize, Holding)]) -> Result<(), JobReplayError> {
+        for (job, _) in starting.iter() {
+            self.release(&self.job_holder(*job))?;
         }
-        if usage_steps.last().is_some_and(|&(_, used)| used != used_gpus) {
-            usage_steps.push((now, used_gpus));
+        let batch: Vec<usize> = starting.iter().map(|(job, _)| *job).collect();
+        if let Some(holdings) = self.placer.replan_together(&self.ledger, &batch) {
+            for ((job, holding), better) in starting.iter_mut().zip(holdings) {
+                check_shape(self.cluster, &better, self.shapes[*job])
+                    .map_err(|m| self.internal(format!("{}, job `{}`: {m}", self.policy, self.jobs[*job].id)))?;
+                *holding = better;
+            }
         }
+        for (job, holding) in starting.iter() {
+            self.reserve(&self.job_holder(*job), holding)?;
+        }
+        Ok(())
+    }
 
+    /// A job starts now on `holding` (already reserved): the counters, its start, its end event.
+    fn record_start(&mut self, job: usize, holding: Holding, room: Option<SpanRoom>) {
+        if let Some(room) = room {
+            self.spare_hosts_sum += u64::from(room.spare_hosts);
+            self.spans += 1;
+            if room.rack_had_room {
+                self.outcome.multi_host_spans_avoidable += 1;
+            }
+        }
+        self.waiting_for.remove(&job);
+        let shape = self.shapes[job];
+        let gpus = u64::from(self.jobs[job].gpus);
+        self.used_gpus += gpus;
+        if self.first_start[job].is_none() {
+            self.first_start[job] = Some(self.now);
+            self.outcome.started += 1;
+            if shape.members > 1 {
+                self.outcome.multi_host_jobs += 1;
+                match spread(self.cluster, &holding) {
+                    Spread::OneRack => self.outcome.multi_host_in_one_rack += 1,
+                    Spread::OneBlock => self.outcome.multi_host_in_one_block += 1,
+                    Spread::Blocks => self.outcome.multi_host_across_blocks += 1,
+                }
+            }
+        }
+        if self.jobs[job].gpus >= STRANDED_JOB_GPUS {
+            if let Some(count) = self.waiting_large.get_mut(&self.jobs[job].gpus) {
+                *count -= 1;
+                if *count == 0 {
+                    self.waiting_large.remove(&self.jobs[job].gpus);
+                }
+            }
+        }
+        let start_index = self.outcome.starts.len();
+        self.outcome.starts.push(JobStart { job, at_ms: self.now, end_ms: u64::MAX, holding });
+        self.running.insert(job, Running { start_index, gpus });
+        let end = self.now.saturating_add(self.jobs[job].duration_s.saturating_mul(MS_PER_S));
+        self.events.push(Reverse((end, start_index)));
+    }
+
+    /// GPUs are conserved at every event: free + running + drained = the cluster's GPUs.
+    /// Returns the free GPUs.
+    fn check_conservation(&mut self) -> Result<u64, JobReplayError> {
+        let free = self.ledger.free_gpus();
+        let (used, drained, total) = (self.used_gpus, self.drained_gpus, self.total_gpus);
+        if free + used + drained != total {
+            return Err(self.internal(format!("{free} free + {used} running + {drained} drained != {total} GPUs")));
+        }
+        if self.usage_steps.last().is_some_and(|&(_, in_use)| in_use != used) {
+            self.usage_steps.push((self.now, used));
+        }
+        Ok(free)
+    }
+
+    /// Moves the clock to the next completion, arrival or drain, accounting busy and
+    /// stranded time on the way (`free`: the free GPUs until then); `false` when nothing is
+    /// left to happen.
+    fn advance(&mut self, free: u64) -> bool {
         let next = [
-            events.peek().map(|Reverse((at, _))| *at),
-            order.get(next_arrival).map(|&j| arrival_ms[j]),
-            drains.get(next_drain).map(|(at, _)| *at),
+            self.events.peek().map(|Reverse((at, _))| *at),
+            self.order.get(self.next_arrival).map(|&j| self.arrival_ms[j]),
+            self.drains.get(self.next_drain).map(|(at, _)| *at),
         ]
         .into_iter()
         .flatten()
         .min();
-        let Some(next) = next else { break };
-        let span = next - now;
-        busy_ms_gpus += u128::from(span) * u128::from(used_gpus);
-        if waiting_large.keys().next().is_some_and(|&gpus| u64::from(gpus) <= free) {
-            stranded_ms += span;
+        let Some(next) = next else { return false };
+        let span = next - self.now;
+        self.busy_ms_gpus += u128::from(span) * u128::from(self.used_gpus);
+        if self.waiting_large.keys().next().is_some_and(|&gpus| u64::from(gpus) <= free) {
+            self.stranded_ms += span;
         }
-        now = next;
+        self.now = next;
+        true
     }
 
-    outcome.never_started = queue.len();
-    let mut delays: Vec<u64> =
-        (0..jobs.len()).filter_map(|j| first_start[j].map(|start| start - arrival_ms[j])).collect();
-    delays.sort_unstable();
-    if !delays.is_empty() {
-        outcome.mean_queue_delay_s = delays.iter().map(|&d| d as f64).sum::<f64>() / delays.len() as f64 / 1000.0;
-        let rank = (delays.len() * 95).div_ceil(100).max(1) - 1;
-        outcome.p95_queue_delay_s = delays[rank] as f64 / 1000.0;
+    /// The outcome: delays, makespan, utilisation, stranded hours, the timeline.
+    fn finish(self) -> JobOutcome {
+        let Simulation { mut outcome, queue, jobs, first_start, arrival_ms, now, total_gpus, .. } = self;
+        outcome.never_started = queue.len();
+        let mut delays: Vec<u64> =
+            (0..jobs.len()).filter_map(|j| first_start[j].map(|start| start - arrival_ms[j])).collect();
+        delays.sort_unstable();
+        if !delays.is_empty() {
+            outcome.mean_queue_delay_s = delays.iter().map(|&d| d as f64).sum::<f64>() / delays.len() as f64 / 1000.0;
+            let rank = (delays.len() * 95).div_ceil(100).max(1) - 1;
+            outcome.p95_queue_delay_s = delays[rank] as f64 / 1000.0;
+        }
+        outcome.makespan_s = now as f64 / 1000.0;
+        if now > 0 && total_gpus > 0 {
+            outcome.gpu_utilisation = self.busy_ms_gpus as f64 / (now as f64 * total_gpus as f64);
+        }
+        outcome.stranded_64gpu_hours = self.stranded_ms as f64 / 3_600_000.0;
+        if self.spans > 0 {
+            outcome.span_spare_hosts_mean = self.spare_hosts_sum as f64 / self.spans as f64;
+        }
+        outcome.timeline = timeline(&self.usage_steps, now, total_gpus);
+        outcome
     }
-    outcome.makespan_s = now as f64 / 1000.0;
-    if now > 0 && total_gpus > 0 {
-        outcome.gpu_utilisation = busy_ms_gpus as f64 / (now as f64 * total_gpus as f64);
-    }
-    outcome.stranded_64gpu_hours = stranded_ms as f64 / 3_600_000.0;
-    if spans > 0 {
-        outcome.span_spare_hosts_mean = spare_hosts_sum as f64 / spans as f64;
-    }
-    outcome.timeline = timeline(&usage_steps, now, total_gpus);
-    Ok(outcome)
 }
 
 /// The room a gang that spread over racks had at its start.
