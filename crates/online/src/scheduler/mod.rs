@@ -122,7 +122,11 @@ impl UnitKey {
 /// Units are ordered by name (`namespace/name`, or `pod:{uid}`), the queue's last tie-break.
 impl Ord for UnitKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.name_bytes().cmp(other.name_bytes())
+        match (self, other) {
+            // Same prefix: the names alone decide, compared as strings are.
+            (UnitKey::Gang(a), UnitKey::Gang(b)) | (UnitKey::Pod(a), UnitKey::Pod(b)) => a.cmp(b),
+            _ => self.name_bytes().cmp(other.name_bytes()),
+        }
     }
 }
 

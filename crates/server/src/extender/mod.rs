@@ -101,6 +101,7 @@ struct SharedGuard<'a> {
     guard: MutexGuard<'a, Shared>,
     generation: &'a tokio::sync::watch::Sender<u64>,
     present: &'a tokio::sync::watch::Sender<bool>,
+    expiry: &'a tokio::sync::watch::Sender<Option<u64>>,
 }
 
 impl std::ops::Deref for SharedGuard<'_> {
@@ -121,6 +122,8 @@ impl Drop for SharedGuard<'_> {
         if let Some(book) = &self.guard.book {
             let now = book.generation();
             self.generation.send_if_modified(|seen| std::mem::replace(seen, now) != now);
+            let next = book.next_expiry_ms();
+            self.expiry.send_if_modified(|seen| std::mem::replace(seen, next) != next);
         }
         let present = self.guard.book.is_some();
         self.present.send_if_modified(|seen| std::mem::replace(seen, present) != present);
@@ -144,6 +147,9 @@ pub struct Extender {
     generation: tokio::sync::watch::Sender<u64>,
     /// Whether the book exists (the first cluster view is built): readiness waits on it.
     present: tokio::sync::watch::Sender<bool>,
+    /// The earliest deadline of a waiting reservation after the last lock section: the
+    /// expiry sweeper sleeps until it.
+    expiry: tokio::sync::watch::Sender<Option<u64>>,
     binder: Arc<dyn Binder>,
     metrics: Metrics,
     epoch: tokio::time::Instant,
@@ -155,6 +161,7 @@ impl Extender {
     pub fn new(book: Option<Book>, binder: Arc<dyn Binder>, config: ExtenderConfig) -> Arc<Self> {
         let ready = book.is_some();
         let present = tokio::sync::watch::Sender::new(book.is_some());
+        let expiry = tokio::sync::watch::Sender::new(book.as_ref().and_then(Book::next_expiry_ms));
         Arc::new(Extender {
             shared: Mutex::new(Shared {
                 book,
@@ -164,6 +171,7 @@ impl Extender {
             }),
             generation: tokio::sync::watch::Sender::new(0),
             present,
+            expiry,
             binder,
             metrics: Metrics::default(),
             epoch: tokio::time::Instant::now(),
@@ -184,6 +192,7 @@ impl Extender {
             guard: self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
             generation: &self.generation,
             present: &self.present,
+            expiry: &self.expiry,
         }
     }
 
@@ -231,11 +240,6 @@ impl Extender {
         let mut present = self.present.subscribe();
         // The sender lives as long as `self`, so the wait ends only when a book exists.
         let _ = present.wait_for(|present| *present).await;
-    }
-
-    /// When the earliest waiting reservation runs out, on the book's clock ([`Self::now_ms`]).
-    pub fn next_expiry_ms(&self) -> Option<u64> {
-        self.lock().book.as_ref().and_then(Book::next_expiry_ms)
     }
 
     /// Releases expired reservations and answers their waiting binds.
@@ -686,13 +690,16 @@ pub async fn serve(
     let sweeper = {
         let ext = ext.clone();
         tokio::spawn(async move {
-            // Sleeps until the earliest reservation's deadline. Every new reservation changes
-            // the ledger, so a change of generation wakes it to look again; a deadline that
-            // moved later without one (a member reached bind) only wakes it early.
-            let mut changes = ext.subscribe();
+            // Sleeps until the earliest reservation's deadline, published by every lock
+            // section that moves it: no wake-up while no reservation is waiting, none for
+            // requests that change nothing about expiry.
+            let mut deadlines = ext.expiry.subscribe();
+            // A deadline already swept is not waited for again (the sweep moves it, unless
+            // the book disagrees, and then only a change may wake the sweeper).
+            let mut swept: Option<u64> = None;
             loop {
-                ext.sweep();
-                let deadline = ext.next_expiry_ms().map(|at| ext.epoch + Duration::from_millis(at));
+                let next = *deadlines.borrow_and_update();
+                let deadline = next.filter(|&at| Some(at) != swept).map(|at| ext.epoch + Duration::from_millis(at));
                 let expiry = async {
                     match deadline {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -700,8 +707,11 @@ pub async fn serve(
                     }
                 };
                 tokio::select! {
-                    _ = expiry => {}
-                    changed = changes.changed() => {
+                    _ = expiry => {
+                        swept = next;
+                        ext.sweep();
+                    }
+                    changed = deadlines.changed() => {
                         if changed.is_err() {
                             return;
                         }
