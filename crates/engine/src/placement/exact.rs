@@ -195,12 +195,7 @@ impl Planner<'_> {
                 (Ok(r), Ok(p)) => (r, p),
                 (Err(e), _) | (_, Err(e)) => return (no_answer(e.to_string()), stats, greedy),
             };
-        let unit_shape =
-            super::gpus::UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
-        let member_shape = super::gpus::UnitShape {
-            unit_gpus: gang.gpus_per_member,
-            atom: gang.tensor_parallel.min(gang.gpus_per_member),
-        };
+        let (unit_shape, member_shape) = super::shapes_of(gang);
         let mut tally = super::RejectionTally::default();
         let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, offered, &mut tally);
         if !capacity.pools.is_empty() {
@@ -438,12 +433,7 @@ impl Planner<'_> {
     ) -> Result<(Variable, Vec<ProductModel>), String> {
         let required = self.resolve(gang, &gang.required, "required").map_err(|e| e.to_string())?;
         let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| e.to_string())?;
-        let unit_shape =
-            super::gpus::UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
-        let member_shape = super::gpus::UnitShape {
-            unit_gpus: gang.gpus_per_member,
-            atom: gang.tensor_parallel.min(gang.gpus_per_member),
-        };
+        let (unit_shape, member_shape) = super::shapes_of(gang);
         let mut tally = super::RejectionTally::default();
         let capacity = self.host_capacity(start.gpus(), gang, unit_shape, member_shape, None, &mut tally);
         if !capacity.pools.is_empty() {

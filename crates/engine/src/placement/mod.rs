@@ -316,6 +316,7 @@ pub struct PlannerParts {
     host_class: Vec<u32>,
 }
 
+/// A gang's unit shape (a member, or a TP group spanning members) and member shape.
 fn shapes_of(gang: &Gang) -> (UnitShape, UnitShape) {
     (
         UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) },
@@ -540,9 +541,7 @@ impl<'c> Planner<'c> {
         let required = self.resolve(gang, &gang.required, "required").map_err(|e| unplaced(e.to_string()))?;
         let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| unplaced(e.to_string()))?;
         let cluster = self.cluster;
-        let unit_shape = UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
-        let member_shape =
-            UnitShape { unit_gpus: gang.gpus_per_member, atom: gang.tensor_parallel.min(gang.gpus_per_member) };
+        let (unit_shape, member_shape) = shapes_of(gang);
 
         // 1. Filter: every host's units, and why the others hold none.
         let mut tally = RejectionTally::default();
