@@ -28,7 +28,8 @@ pub struct ServeArgs {
     /// A cluster file to serve instead of a Kubernetes cluster (binds are kept in memory).
     #[arg(long, conflicts_with = "kubeconfig")]
     pub cluster: Option<PathBuf>,
-    /// Kubeconfig to use (default: in-cluster configuration, then ~/.kube/config).
+    /// Kubeconfig to use (default: $KUBECONFIG or ~/.kube/config, then the in-cluster
+    /// configuration, as kube-rs infers it).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// Seconds a planned gang keeps its GPUs while its members have not all reached bind.

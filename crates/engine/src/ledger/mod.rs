@@ -35,6 +35,12 @@ pub enum LedgerError {
     RequestOverlaps { holder: String, host: String, gpus: Vec<u8> },
     #[error("`{holder}`: an empty reservation")]
     Empty { holder: String },
+    /// The ledger's own record of a host does not add up (a bug): nothing is built on it.
+    #[error(
+        "`{holder}`: the ledger's record of host `{host}` does not add up (GPUs used that no holder \
+         holds, or held twice); refusing to change it"
+    )]
+    Inconsistent { holder: String, host: String },
 }
 
 /// What one holder has: per host, a mask of GPUs.
@@ -204,18 +210,17 @@ impl<H: Holder> Ledger<H> {
     /// The invariant of one host, cheap enough for every reserve and release in release
     /// builds: its used GPUs are exactly the base allocation plus what the holders hold, so
     /// the counts add up only if no GPU is held twice (a GPU held by two holders, or by a
-    /// holder and the base allocation, is one used GPU counted twice). Panics when broken:
-    /// the ledger itself is wrong, and nothing may be placed on top of it.
-    fn assert_host(&self, host: HostId) {
+    /// holder and the base allocation, is one used GPU counted twice). A host that fails it
+    /// is refused ([`LedgerError::Inconsistent`]) by every reserve and release that touches
+    /// it: the ledger itself is wrong there, and nothing may be placed on top of it.
+    fn host_adds_up(&self, host: HostId) -> bool {
         let g = &self.gpus;
         let h = host as usize;
-        let used = g.used[h].count_ones();
-        let expected = g.base[h].count_ones() + g.held[h];
-        assert!(
-            used == expected && g.used[h] & g.base[h] == g.base[h],
-            "ledger invariant broken on host `{}`: {used} GPUs used, {expected} held with the base allocation",
-            g.host_names[h]
-        );
+        g.used[h].count_ones() == g.base[h].count_ones() + g.held[h] && g.used[h] & g.base[h] == g.base[h]
+    }
+
+    fn inconsistent(&self, holder: String, host: HostId) -> LedgerError {
+        LedgerError::Inconsistent { holder, host: self.gpus.host_names[host as usize].clone() }
     }
 
     fn held_by(&self, host: HostId, gpus: GpuMask) -> String {
@@ -266,6 +271,9 @@ impl<H: Holder> Ledger<H> {
                 });
             }
             *entry |= mask;
+            if !self.host_adds_up(host) {
+                return Err(self.inconsistent(holder_name(), host));
+            }
             let taken = self.gpus.used[host as usize] & mask;
             if taken != 0 {
                 return Err(LedgerError::AlreadyHeld {
@@ -280,11 +288,11 @@ impl<H: Holder> Ledger<H> {
         for (&host, &mask) in &merged {
             self.gpus.used[host as usize] |= mask;
             self.gpus.held[host as usize] += mask.count_ones();
-            self.assert_host(host);
+            debug_assert!(self.host_adds_up(host));
         }
         self.holders.insert(holder.to_owned(), merged.into_iter().filter(|&(_, m)| m != 0).collect());
         self.gpus.changes += 1;
-        // The whole check is O(holders): debug builds only. `assert_host` above runs always.
+        // The whole check is O(holders): debug builds only. `host_adds_up` runs always.
         debug_assert!(self.check().is_ok(), "{:?}", self.check());
         Ok(())
     }
@@ -296,16 +304,23 @@ impl<H: Holder> Ledger<H> {
         Q: Ord + fmt::Display + ?Sized,
     {
         let holding =
-            self.holders.remove(holder).ok_or_else(|| LedgerError::UnknownHolder { holder: holder.to_string() })?;
+            self.holders.get(holder).ok_or_else(|| LedgerError::UnknownHolder { holder: holder.to_string() })?;
+        // Checked in full before anything changes, like `reserve`.
+        for &(host, mask) in holding {
+            let h = host as usize;
+            if self.gpus.used[h] & mask != mask || self.gpus.held[h] < mask.count_ones() || !self.host_adds_up(host) {
+                return Err(self.inconsistent(holder.to_string(), host));
+            }
+        }
+        let holding = self.holders.remove(holder).unwrap_or_default();
         for &(host, mask) in &holding {
             let h = host as usize;
-            assert_eq!(self.gpus.used[h] & mask, mask, "ledger lost track of {holder}'s GPUs");
             self.gpus.used[h] &= !mask;
             self.gpus.held[h] -= mask.count_ones();
-            self.assert_host(host);
+            debug_assert!(self.host_adds_up(host));
         }
         self.gpus.changes += 1;
-        // The whole check is O(holders): debug builds only. `assert_host` above runs always.
+        // The whole check is O(holders): debug builds only. `host_adds_up` runs always.
         debug_assert!(self.check().is_ok(), "{:?}", self.check());
         Ok(holding)
     }
@@ -353,14 +368,20 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "ledger invariant broken on host `b`")]
-    fn a_gpu_counted_used_without_a_holder_stops_the_next_reserve_in_release_builds_too() {
+    fn a_host_whose_record_does_not_add_up_is_refused_in_release_builds_too() {
         let cluster = cluster();
         let mut ledger = Ledger::new(&cluster);
-        let b = cluster.host_id("b").expect("b");
+        let (a, b) = (cluster.host_id("a").expect("a"), cluster.host_id("b").expect("b"));
+        ledger.reserve("held", &[(b, 0b10)]).expect("reserve");
         // Corrupt the index the way a bug would: GPU 7 used, held by no one.
         ledger.gpus.used[b as usize] |= 1 << 7;
-        let _ = ledger.reserve("g", &[(b, 0b1)]);
+        let refused = ledger.reserve("g", &[(a, 0b10), (b, 0b1)]).unwrap_err();
+        assert!(matches!(&refused, LedgerError::Inconsistent { host, .. } if host == "b"), "{refused}");
+        assert!(ledger.holding("g").is_none() && ledger.free(a) & 0b10 != 0, "nothing changed");
+        let refused = ledger.release("held").unwrap_err();
+        assert!(matches!(refused, LedgerError::Inconsistent { .. }), "{refused}");
+        assert!(ledger.holding("held").is_some(), "the holder stays until its host adds up");
+        assert!(ledger.check().is_err());
     }
 
     #[test]

@@ -1093,7 +1093,8 @@ struct ProductSolves {
 /// good_lp's microlp backend reports a time limit reached before any feasible solution as
 /// `ResolutionError::Other` with exactly this text (good_lp 1.15, `src/solvers/microlp.rs`);
 /// good_lp has no variant for it. HiGHS answers a time limit with a solution whose status is
-/// `TimeLimit` instead. [`SolveError::from`] is the one place a solver's error text is read.
+/// `TimeLimit` when it has found one; without one, good_lp reports HiGHS's `NoSolutionFound`
+/// as an error like any other (unchanged: it was never read as a time-out). [`SolveError::from`] is the one place a solver's error text is read.
 const MICROLP_TIME_LIMIT: &str = "Time limit reached before finding a feasible solution";
 
 /// Why a solve gave no solution, as the exact planner acts on it.

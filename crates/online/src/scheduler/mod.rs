@@ -110,6 +110,13 @@ impl UnitKey {
         prefix.bytes().chain(name.bytes())
     }
 
+    fn kind(&self) -> u8 {
+        match self {
+            UnitKey::Gang(_) => 0,
+            UnitKey::Pod(_) => 1,
+        }
+    }
+
     /// The gang's key, for a gang.
     pub fn gang(&self) -> Option<&str> {
         match self {
@@ -125,7 +132,9 @@ impl Ord for UnitKey {
         match (self, other) {
             // Same prefix: the names alone decide, compared as strings are.
             (UnitKey::Gang(a), UnitKey::Gang(b)) | (UnitKey::Pod(a), UnitKey::Pod(b)) => a.cmp(b),
-            _ => self.name_bytes().cmp(other.name_bytes()),
+            // A gang key never starts with `pod:` (namespaces have no `:`); the kind breaks the
+            // tie anyway, so that `Ord` agrees with `Eq`.
+            _ => self.name_bytes().cmp(other.name_bytes()).then_with(|| self.kind().cmp(&other.kind())),
         }
     }
 }

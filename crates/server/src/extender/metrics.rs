@@ -126,7 +126,7 @@ impl Metrics {
             ("topoplace_pods_bound_total", "Pods bound by topoplace.", stats.pods_bound),
             (
                 "topoplace_ledger_faults_total",
-                "Ledger changes the book expected to succeed and that failed (a bug; /state and the logs name them).",
+                "Ledger changes the book expected to succeed and that failed: a bug (the count is also in /state's stats).",
                 stats.ledger_faults,
             ),
         ];

@@ -63,8 +63,8 @@ pub enum BindError {
     /// pod could not be read back to tell.
     #[error("outcome unknown: {reason}")]
     Unknown { reason: String },
-    /// The API server refused the Binding (403, 422, 500, ...), or the pod read back is not
-    /// bound.
+    /// The API server refused the Binding (403, 422, 500, ...), or answered 409 while the pod
+    /// reads back unbound.
     #[error("{message}")]
     Api { message: String },
 }
@@ -694,8 +694,9 @@ pub async fn serve(
             // section that moves it: no wake-up while no reservation is waiting, none for
             // requests that change nothing about expiry.
             let mut deadlines = ext.expiry.subscribe();
-            // A deadline already swept is not waited for again (the sweep moves it, unless
-            // the book disagrees, and then only a change may wake the sweeper).
+            // A deadline just swept is not waited for again until something is published (the
+            // sweep moves it, unless the book disagrees; then only a change wakes the sweeper,
+            // and any change, such as a new reservation, re-arms it).
             let mut swept: Option<u64> = None;
             loop {
                 let next = *deadlines.borrow_and_update();
@@ -715,6 +716,7 @@ pub async fn serve(
                         if changed.is_err() {
                             return;
                         }
+                        swept = None;
                     }
                 }
             }

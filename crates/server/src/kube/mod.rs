@@ -128,7 +128,10 @@ impl KubeBinder {
             Err(error) => match self.read_back(target, node).await {
                 Ok(BoundTo::Planned) => Ok(()),
                 Ok(BoundTo::Other(other)) => Err(BindError::Conflict { node: other }),
-                Ok(BoundTo::Nothing) => Err(BindError::Api { message: format!("{error}; the pod reads back unbound") }),
+                // Not bound yet, but the request may still be in flight.
+                Ok(BoundTo::Nothing) => Err(BindError::Unknown {
+                    reason: format!("{error}; the pod reads back unbound, and the Binding may still land"),
+                }),
                 Err(BindError::Unknown { reason }) => {
                     Err(BindError::Unknown { reason: format!("{error}; and reading the pod back: {reason}") })
                 }
