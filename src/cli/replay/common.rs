@@ -15,6 +15,20 @@ pub enum ReplayFormat {
     Json,
 }
 
+/// The report flags both replays take.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReportArgs {
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = ReplayFormat::Table)]
+    pub output: ReplayFormat,
+    /// Also write an SVG chart (pods: allocation against arrived load, one line per policy;
+    /// jobs: utilisation over time and where gangs landed).
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<std::path::PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
 /// The `--policy` list in the order given, without repeats; every policy when empty.
 pub fn chosen_policies<P>(names: &[String], all: &[P]) -> Result<Vec<P>, CliError>
 where

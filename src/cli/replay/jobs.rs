@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use clap::{Args, ValueEnum};
 
-use super::common::{chosen_policies, ReplayFormat, SEED_BASE_DEFAULT};
+use super::common::{chosen_policies, ReplayFormat, ReportArgs, SEED_BASE_DEFAULT};
 use super::svg::{escape, BOTTOM, HEIGHT, LEFT_PANEL_X, PANEL_WIDTH, RIGHT_PANEL_X, TOP, WIDTH};
 use crate::cli::{parallel_map, write_all, CliError};
 use topoplace_engine::topology::{product, Cluster};
@@ -83,14 +83,8 @@ pub struct JobsArgs {
     /// baselines try them in this order.
     #[arg(long, value_delimiter = ',')]
     pub rack_products: Vec<String>,
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = ReplayFormat::Table)]
-    pub output: ReplayFormat,
-    /// Also write an SVG chart of utilisation over time and where gangs landed.
-    #[arg(long, value_name = "FILE")]
-    pub svg: Option<PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 /// `RACK@SECONDS`.
@@ -140,7 +134,7 @@ fn load_cluster(args: &JobsArgs) -> Result<(Cluster, String), CliError> {
 pub fn run(args: &JobsArgs, out: &mut dyn std::io::Write) -> Result<(), CliError> {
     let jobs_path = &args.jobs.clone().unwrap_or_else(default_jobs_trace);
     let policies = chosen_policies(&args.policy, &JobPolicy::ALL)?;
-    if args.threads == Some(0) {
+    if args.report.threads == Some(0) {
         return Err(CliError::Input("--threads must be at least 1".into()));
     }
     let jobs_file = jobs_path.display().to_string();
@@ -157,18 +151,18 @@ pub fn run(args: &JobsArgs, out: &mut dyn std::io::Write) -> Result<(), CliError
     // policy: check them once so they are reported as bad input, not as a failed run.
     topoplace_replay::jobs::validate(&cluster, &jobs, &config)
         .map_err(|e| CliError::Input(format!("{jobs_file}: {e}")))?;
-    let results = parallel_map(&policies, args.threads, |&policy| {
+    let results = parallel_map(&policies, args.report.threads, |&policy| {
         topoplace_replay::jobs::simulate(&cluster, &jobs, policy, &config)
     })?
     .into_iter()
     .map(|r| r.map_err(|e| CliError::Failed(e.to_string())))
     .collect::<Result<Vec<JobOutcome>, _>>()?;
     let report = JobReport::new(&jobs_file, &cluster_file, &cluster, &config, results);
-    if let Some(path) = &args.svg {
+    if let Some(path) = &args.report.svg {
         std::fs::write(path, jobs_chart(&report))
             .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", path.display())))?;
     }
-    let text = match args.output {
+    let text = match args.report.output {
         ReplayFormat::Table => report.table(),
         ReplayFormat::Csv => report.csv(),
         ReplayFormat::Json => {

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-pub use common::{ReplayFormat, SEED_BASE_DEFAULT};
+pub use common::{ReplayFormat, ReportArgs, SEED_BASE_DEFAULT};
 use jobs::{JobsArgs, QueueFlag};
 use pods::PodsArgs;
 use topoplace_replay::pods::LOAD_RATIO_DEFAULT;
@@ -97,14 +97,8 @@ pub struct LegacyArgs {
     /// baselines try them in this order.
     #[arg(long, value_delimiter = ',', requires = "jobs")]
     pub rack_products: Vec<String>,
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = ReplayFormat::Table)]
-    pub output: ReplayFormat,
-    /// Also write an SVG chart of allocation against arrived load, one line per policy.
-    #[arg(long, value_name = "FILE")]
-    pub svg: Option<PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 impl LegacyArgs {
@@ -124,9 +118,7 @@ impl LegacyArgs {
                 rack_wait: a.rack_wait,
                 drain: a.drain.clone(),
                 rack_products: a.rack_products.clone(),
-                output: a.output,
-                svg: a.svg.clone(),
-                threads: a.threads,
+                report: a.report.clone(),
             }),
             None => ReplayKind::Pods(PodsArgs {
                 nodes: a.nodes.clone(),
@@ -135,9 +127,7 @@ impl LegacyArgs {
                 seeds: a.seeds,
                 seed_base: a.seed_base,
                 ratio: a.ratio,
-                output: a.output,
-                svg: a.svg.clone(),
-                threads: a.threads,
+                report: a.report.clone(),
             }),
         }
     }

@@ -8,7 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use super::common::{chosen_policies, ReplayFormat, SEED_BASE_DEFAULT};
+use super::common::{chosen_policies, ReplayFormat, ReportArgs, SEED_BASE_DEFAULT};
 use super::svg::{escape, BOTTOM, HEIGHT, LEFT_PANEL_X, LEGEND_X, PANEL_WIDTH, RIGHT_PANEL_X, TOP, WIDTH};
 use crate::cli::{parallel_map, write_all, CliError};
 use topoplace_formats::convert::traces_dir;
@@ -46,14 +46,8 @@ pub struct PodsArgs {
     /// Arrived GPU request to replay, as a multiple of the cluster's GPU capacity.
     #[arg(long, default_value_t = LOAD_RATIO_DEFAULT)]
     pub ratio: f64,
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = ReplayFormat::Table)]
-    pub output: ReplayFormat,
-    /// Also write an SVG chart of allocation against arrived load, one line per policy.
-    #[arg(long, value_name = "FILE")]
-    pub svg: Option<PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub report: ReportArgs,
 }
 
 fn default_trace_file(name: &str) -> PathBuf {
@@ -65,7 +59,7 @@ pub fn run(args: &PodsArgs, out: &mut dyn std::io::Write) -> Result<(), CliError
     if args.seeds == 0 {
         return Err(CliError::Input("--seeds must be at least 1".into()));
     }
-    if args.threads == Some(0) {
+    if args.report.threads == Some(0) {
         return Err(CliError::Input("--threads must be at least 1".into()));
     }
     let nodes_path = args.nodes.clone().unwrap_or_else(|| default_trace_file("openb_node_list_gpu_node.csv"));
@@ -83,13 +77,13 @@ pub fn run(args: &PodsArgs, out: &mut dyn std::io::Write) -> Result<(), CliError
         .map(|&seed| pods::arrivals(&prepared, seed, args.ratio))
         .collect::<Result<Vec<Arrivals>, _>>()
         .map_err(|e| CliError::Input(format!("--ratio: {e}")))?;
-    let outcomes = run_all(&prepared, &arrivals, &policies, args.threads)?;
+    let outcomes = run_all(&prepared, &arrivals, &policies, args.report.threads)?;
     let summary = Summary::new(&policies, &outcomes, &prepared, &pods_name, args.ratio);
-    if let Some(path) = &args.svg {
+    if let Some(path) = &args.report.svg {
         std::fs::write(path, chart(&summary))
             .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", path.display())))?;
     }
-    let text = match args.output {
+    let text = match args.report.output {
         ReplayFormat::Table => summary.table(),
         ReplayFormat::Csv => csv_rows(&outcomes),
         ReplayFormat::Json => {

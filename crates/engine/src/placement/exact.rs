@@ -1174,9 +1174,8 @@ mod tests {
             unit_shape,
             member_shape: unit_shape,
         };
-        let hosts: Vec<HostId> = (0..cluster.hosts.len() as HostId).collect();
         let mut best: Option<f64> = None;
-        let mut counts = vec![0u32; hosts.len()];
+        let mut counts = vec![0u32; cluster.hosts.len()];
         fn walk(
             planner: &mut Planner,
             context: &BuildContext,
@@ -1259,7 +1258,6 @@ mod tests {
             counts[index] = 0;
         }
         walk(planner, &context, required, 0, gang.units(), &mut counts, &mut best);
-        let _ = hosts;
         best
     }
 
