@@ -12,7 +12,10 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::CliError;
-use topoplace_online::reservation::{Book, BookConfig};
+use topoplace_online::reservation::{Book, BookConfig, BIND_HOLD_MS_DEFAULT, RESERVATION_TTL_MS_DEFAULT};
+
+/// The most seconds `--reservation-ttl` and `--bind-hold` accept (one day).
+pub const SERVE_SECONDS_MAX: u64 = 86_400;
 use topoplace_server::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
 use topoplace_server::grpc::{self, GrpcConfig, ReserveTokens, TlsFiles};
 use topoplace_server::kube as kube_adapter;
@@ -32,9 +35,15 @@ pub struct ServeArgs {
     /// configuration, as kube-rs infers it).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// Seconds a planned gang keeps its GPUs while its members have not all reached bind.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds a planned gang keeps its GPUs after its last sign of life (planned, a member
+    /// filtered, a held bind answered) while no member's bind is held.
+    #[arg(long, default_value_t = RESERVATION_TTL_MS_DEFAULT / 1000)]
     pub reservation_ttl: u64,
+    /// Seconds a gang member's bind is held waiting for the rest of its gang. With the
+    /// Bindings' own 15 s it must fit in kube-scheduler's `httpTimeout` for the extender
+    /// (shipped: 60 s), or kube-scheduler hangs up on held binds first.
+    #[arg(long, default_value_t = BIND_HOLD_MS_DEFAULT / 1000)]
+    pub bind_hold: u64,
     /// Node label keys of the topology levels, outermost first.
     #[arg(long, value_delimiter = ',', default_values_t = kube_adapter::node::DEFAULT_LEVEL_KEYS.map(String::from))]
     pub levels: Vec<String>,
@@ -161,8 +170,12 @@ impl SchedulingArgs {
 }
 
 pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
-    if args.reservation_ttl == 0 {
-        return Err(CliError::Input("--reservation-ttl must be at least 1 second".into()));
+    for (flag, seconds) in [("--reservation-ttl", args.reservation_ttl), ("--bind-hold", args.bind_hold)] {
+        if seconds == 0 || seconds > SERVE_SECONDS_MAX {
+            return Err(CliError::Input(format!(
+                "{flag} must be between 1 and {SERVE_SECONDS_MAX} seconds, not {seconds}"
+            )));
+        }
     }
     if args.grpc_reservation_ttl == 0 || args.grpc_reservation_ttl > grpc::RESERVATION_TTL_S_MAX {
         return Err(CliError::Input(format!(
@@ -186,7 +199,11 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    let book_config = BookConfig { reservation_ttl_ms: args.reservation_ttl * 1000, ..BookConfig::default() };
+    let book_config = BookConfig {
+        reservation_ttl_ms: args.reservation_ttl * 1000,
+        bind_hold_ms: args.bind_hold * 1000,
+        ..BookConfig::default()
+    };
     let config = ExtenderConfig { prefix: args.prefix.clone(), body_bytes_max: args.body_limit };
     let grpc_config = GrpcConfig {
         default_ttl_s: args.grpc_reservation_ttl,

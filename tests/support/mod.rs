@@ -65,13 +65,22 @@ pub async fn serve_router(router: Router) -> Running {
     Running { base, stop: Some(stop), task }
 }
 
-/// An extender over a static cluster file, on a loopback port.
+/// An extender over a static cluster file, on a loopback port; `ttl_ms` is both the
+/// reservation's TTL and the longest a gang member's bind is held.
 pub async fn static_extender(cluster_file: &str, ttl_ms: u64) -> (Running, Arc<Extender>, Arc<MemoryBinder>) {
+    let config = BookConfig { reservation_ttl_ms: ttl_ms, bind_hold_ms: ttl_ms, ..BookConfig::default() };
+    static_extender_with(cluster_file, config).await
+}
+
+/// An extender over a static cluster file with the book configured by `config`.
+pub async fn static_extender_with(
+    cluster_file: &str,
+    config: BookConfig,
+) -> (Running, Arc<Extender>, Arc<MemoryBinder>) {
     let text = std::fs::read_to_string(cluster_file).expect("cluster file");
     let cluster = topoplace_formats::files::cluster::load(cluster_file, &text).expect("valid cluster");
     let binder = Arc::new(MemoryBinder::default());
     let dyn_binder: Arc<dyn Binder> = binder.clone();
-    let config = BookConfig { reservation_ttl_ms: ttl_ms, ..BookConfig::default() };
     let ext = Extender::new(Some(Book::new(cluster, config)), dyn_binder, ExtenderConfig::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let base = format!("http://{}", listener.local_addr().expect("local addr"));

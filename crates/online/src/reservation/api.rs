@@ -274,7 +274,7 @@ impl Book {
             let slots = placement
                 .members
                 .iter()
-                .map(|m| Slot { host: m.host, gpus: m.gpus, pod: None, at_bind: false })
+                .map(|m| Slot { host: m.host, gpus: m.gpus, pod: None, at_bind: false, held_until_ms: 0 })
                 .collect();
             self.gangs.insert(
                 request.key.clone(),
@@ -326,7 +326,9 @@ impl Book {
                 released.gpus += holding.iter().map(|&(_, m)| u64::from(m.count_ones())).sum::<u64>();
             }
             if let Some(reservation) = self.drop_reservation(&key) {
-                released.dropped.push(Expired { gang: key.clone(), members_at_bind: at_bind(&reservation) });
+                released
+                    .dropped
+                    .push(Expired::Reservation { gang: key.clone(), members_at_bind: at_bind(&reservation) });
                 released.gangs.push(key);
             }
         }

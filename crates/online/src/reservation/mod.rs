@@ -30,8 +30,24 @@ use topoplace_engine::placement::{HostRejection, HostVerdict, MemberPlacement, P
 use topoplace_engine::topology::{Cluster, GpuMask, HostId};
 use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed, Scope, WorkloadError};
 
-/// How long a planned gang keeps its GPUs while its members have not all reached bind.
+/// How long a planned gang keeps its GPUs after its last sign of life (planned, a member
+/// filtered, a member's held bind answered) while none of its members' binds is held, in ms.
 pub const RESERVATION_TTL_MS_DEFAULT: u64 = 30_000;
+
+/// The longest a gang member's bind is held waiting for the rest of its gang, in ms; then it
+/// is answered with an error and the member keeps its place in the plan for kube-scheduler's
+/// retry. kube-scheduler abandons an extender call after the extender's `httpTimeout`
+/// (`pkg/scheduler/core/extender.go`: the HTTP client's `Timeout`); a hold plus
+/// [`BINDING_BUDGET_MS`] must fit in it, so every held bind is answered before kube-scheduler
+/// hangs up. The shipped `httpTimeout` is 60 s (`scheduler-config/extender/`), and a test
+/// pins that they agree.
+pub const BIND_HOLD_MS_DEFAULT: u64 = 45_000;
+
+/// The time a gang's Bindings may take once its last member reached bind, in ms: the held
+/// members' calls must still be open when they are answered, so this is what the hold leaves
+/// of kube-scheduler's `httpTimeout`. The extender gives each Binding (with its read-back)
+/// at most this long.
+pub const BINDING_BUDGET_MS: u64 = 15_000;
 
 /// A pod as the book knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -177,11 +193,27 @@ pub enum BindFinish {
     RolledBack { delete: Vec<PodIdentity>, failures: Vec<String> },
 }
 
-/// A gang whose reservation ran out before all its members reached bind.
+/// What [`Book::expire`] (and a cluster change, an API release) ended: a reservation dropped,
+/// or one member's held bind that reached its hold limit. The extender answers the binds
+/// held for them with an error.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Expired {
-    pub gang: String,
-    pub members_at_bind: Vec<PodIdentity>,
+pub enum Expired {
+    /// The reservation is gone and its GPUs free; `members_at_bind` were holding binds.
+    Reservation { gang: String, members_at_bind: Vec<PodIdentity> },
+    /// `pod`'s bind was held for [`BookConfig::bind_hold_ms`] while `waiting_for` members of
+    /// `gang` had not reached bind; it is answered with an error, and the pod keeps its slot
+    /// in the plan (the reservation lives on for [`BookConfig::reservation_ttl_ms`]) so that
+    /// kube-scheduler's retry binds it with the rest.
+    Hold { gang: String, pod: PodIdentity, waiting_for: u32, held_ms: u64 },
+}
+
+impl Expired {
+    /// The gang the answered binds belong to.
+    pub fn gang(&self) -> &str {
+        match self {
+            Expired::Reservation { gang, .. } | Expired::Hold { gang, .. } => gang,
+        }
+    }
 }
 
 /// A preemption candidate node and the uids kube-scheduler proposes to evict there.
@@ -193,13 +225,20 @@ pub struct PreemptCandidate {
 
 #[derive(Debug, Clone)]
 pub struct BookConfig {
+    /// See [`RESERVATION_TTL_MS_DEFAULT`].
     pub reservation_ttl_ms: u64,
+    /// See [`BIND_HOLD_MS_DEFAULT`].
+    pub bind_hold_ms: u64,
     pub planner: PlannerConfig,
 }
 
 impl Default for BookConfig {
     fn default() -> Self {
-        BookConfig { reservation_ttl_ms: RESERVATION_TTL_MS_DEFAULT, planner: PlannerConfig::default() }
+        BookConfig {
+            reservation_ttl_ms: RESERVATION_TTL_MS_DEFAULT,
+            bind_hold_ms: BIND_HOLD_MS_DEFAULT,
+            planner: PlannerConfig::default(),
+        }
     }
 }
 
@@ -210,6 +249,9 @@ pub struct BookStats {
     pub gangs_bound: u64,
     pub gangs_rolled_back: u64,
     pub gangs_expired: u64,
+    /// Held binds answered unbound because the rest of their gang had not reached bind
+    /// within [`BookConfig::bind_hold_ms`].
+    pub bind_holds_lapsed: u64,
     pub pods_bound: u64,
     /// Ledger changes that the book's own state said must succeed and that failed: each is a
     /// bug, kept in [`Book::faults`] and reported by [`Book::check`].
@@ -224,7 +266,10 @@ struct Slot {
     host: HostId,
     gpus: GpuMask,
     pod: Option<PodIdentity>,
+    /// The member's bind is open (held, or its Binding in flight).
     at_bind: bool,
+    /// With `at_bind` on a waiting reservation: when the held bind is answered unbound.
+    held_until_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -441,7 +486,7 @@ impl Book {
             if moved && self.ledger.reserve(&gang_holder(&key), &merged).is_ok() {
                 self.gangs.insert(key, reservation);
             } else {
-                dropped.push(Expired { gang: key, members_at_bind: at_bind(&reservation) });
+                dropped.push(Expired::Reservation { gang: key, members_at_bind: at_bind(&reservation) });
             }
         }
         dropped
@@ -515,7 +560,10 @@ impl Book {
             self.ledger
                 .reserve(&gang_holder(key), &merge_by_host(placement.iter().copied()))
                 .map_err(|source| BookError::Ledger { pod: first.clone(), source })?;
-            let slots = placement.iter().map(|&(host, gpus)| Slot { host, gpus, pod: None, at_bind: false }).collect();
+            let slots = placement
+                .iter()
+                .map(|&(host, gpus)| Slot { host, gpus, pod: None, at_bind: false, held_until_ms: 0 })
+                .collect();
             self.gangs.insert(
                 key.to_string(),
                 GangReservation { gang, slots, expires_at_ms: now_ms, binding: false, origin: None },
@@ -551,32 +599,51 @@ impl Book {
         Ok((Ticket::Gang(key.to_string()), members))
     }
 
-    /// Releases reservations whose time ran out (not those whose Bindings are in flight).
+    /// Answers held binds whose hold ran out ([`Expired::Hold`]: the member keeps its slot and
+    /// the reservation lives [`BookConfig::reservation_ttl_ms`] more, for kube-scheduler's
+    /// retry), then drops the reservations that hold no bind and whose time ran out
+    /// ([`Expired::Reservation`]). A reservation never expires under a held bind, and one
+    /// whose Bindings are in flight is left alone.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Expired> {
-        let due: Vec<String> = self
-            .gangs
-            .iter()
-            .filter(|(_, g)| !g.binding && g.expires_at_ms <= now_ms)
-            .map(|(key, _)| key.clone())
-            .collect();
+        let (ttl, hold) = (self.config.reservation_ttl_ms, self.config.bind_hold_ms);
         let mut expired = Vec::new();
+        let mut due = Vec::new();
+        for (key, reservation) in self.gangs.iter_mut().filter(|(_, g)| !g.binding) {
+            let waiting_for = reservation.slots.iter().filter(|s| !s.at_bind).count() as u32;
+            let mut lapsed = 0;
+            for slot in reservation.slots.iter_mut().filter(|s| s.at_bind && s.held_until_ms <= now_ms) {
+                slot.at_bind = false;
+                lapsed += 1;
+                if let Some(pod) = slot.pod.clone() {
+                    expired.push(Expired::Hold { gang: key.clone(), pod, waiting_for, held_ms: hold });
+                }
+            }
+            if lapsed > 0 {
+                self.stats.bind_holds_lapsed += lapsed;
+                reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
+            }
+            if !reservation.slots.iter().any(|s| s.at_bind) && reservation.expires_at_ms <= now_ms {
+                due.push(key.clone());
+            }
+        }
         for key in due {
             if let Some(reservation) = self.drop_reservation(&key) {
                 self.stats.gangs_expired += 1;
-                expired.push(Expired { gang: key, members_at_bind: at_bind(&reservation) });
+                expired.push(Expired::Reservation { gang: key, members_at_bind: at_bind(&reservation) });
             }
         }
         expired
     }
 
-    /// The earliest expiry among waiting reservations.
+    /// The next instant [`Book::expire`] has work: the earliest held bind's hold limit or,
+    /// for a reservation holding no bind, its expiry.
     pub fn next_expiry_ms(&self) -> Option<u64> {
-        self.gangs.values().filter(|g| !g.binding).map(|g| g.expires_at_ms).min()
+        self.gangs.values().filter(|g| !g.binding).map(next_deadline).min()
     }
 
-    /// When the reservation of `gang` runs out, if it is waiting.
+    /// When the reservation of `gang` next needs [`Book::expire`], if it is waiting.
     pub fn expiry_of(&self, gang: &str) -> Option<u64> {
-        self.gangs.get(gang).filter(|g| !g.binding).map(|g| g.expires_at_ms)
+        self.gangs.get(gang).filter(|g| !g.binding).map(next_deadline)
     }
 
     fn drop_reservation(&mut self, key: &str) -> Option<GangReservation> {
@@ -649,7 +716,13 @@ impl Book {
             let slots = placement
                 .members
                 .iter()
-                .map(|m: &MemberPlacement| Slot { host: m.host, gpus: m.gpus, pod: None, at_bind: false })
+                .map(|m: &MemberPlacement| Slot {
+                    host: m.host,
+                    gpus: m.gpus,
+                    pod: None,
+                    at_bind: false,
+                    held_until_ms: 0,
+                })
                 .collect();
             self.gangs.insert(
                 key.clone(),
@@ -808,7 +881,7 @@ impl Book {
         let Some(slot) = self.slot_of(&key, &demand.pod.uid) else {
             return Err(BookError::NotPlanned { pod });
         };
-        let ttl = self.config.reservation_ttl_ms;
+        let (ttl, hold) = (self.config.reservation_ttl_ms, self.config.bind_hold_ms);
         let cluster = &self.cluster;
         let Some(reservation) = self.gangs.get_mut(&key) else {
             return Err(BookError::NotPlanned { pod });
@@ -819,7 +892,8 @@ impl Book {
         }
         if !reservation.slots[slot].at_bind {
             reservation.slots[slot].at_bind = true;
-            reservation.expires_at_ms = now_ms + ttl;
+            reservation.slots[slot].held_until_ms = now_ms.saturating_add(hold);
+            reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
         }
         if reservation.binding || !reservation.slots.iter().all(|s| s.at_bind) {
             return Ok(BindStep::Wait { gang: key });
@@ -1124,6 +1198,12 @@ impl Book {
             .collect();
         Snapshot { nodes, gangs, stats: self.stats.clone() }
     }
+}
+
+/// A waiting reservation's next deadline: its earliest held bind's limit, else its expiry.
+fn next_deadline(reservation: &GangReservation) -> u64 {
+    let held = reservation.slots.iter().filter(|s| s.at_bind).map(|s| s.held_until_ms).min();
+    held.unwrap_or(reservation.expires_at_ms)
 }
 
 fn at_bind(reservation: &GangReservation) -> Vec<PodIdentity> {

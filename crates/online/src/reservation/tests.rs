@@ -104,20 +104,74 @@ fn binds_wait_for_the_last_member_and_a_failure_rolls_back_everything() {
 }
 
 #[test]
-fn an_expired_reservation_frees_its_gpus_and_names_who_waited() {
-    let config = BookConfig { reservation_ttl_ms: 100, ..BookConfig::default() };
+fn a_held_bind_is_answered_at_its_hold_and_the_reservation_outlives_it_by_the_ttl() {
+    let config = BookConfig { reservation_ttl_ms: 100, bind_hold_ms: 200, ..BookConfig::default() };
     let mut book = Book::new(cluster(1, 4), config);
     let offered = all_hosts(&book);
     let first = member("g", 2, 0, 8);
     let verdicts = book.filter(&first, &offered, 0).expect("filter");
     let node = passing(&book, &verdicts, &offered).remove(0);
     assert!(matches!(book.bind_arrive(&first, &node, 10), Ok(BindStep::Wait { .. })));
-    assert!(book.expire(50).is_empty());
-    let expired = book.expire(110);
-    assert_eq!(expired, vec![Expired { gang: "ns/g".into(), members_at_bind: vec![first.pod.clone()] }]);
+    assert_eq!(book.next_expiry_ms(), Some(210), "the held bind's limit comes first");
+    assert!(book.expire(150).is_empty(), "past the TTL, but a bind is held: the reservation stays");
+    let lapsed = book.expire(210);
+    assert_eq!(
+        lapsed,
+        vec![Expired::Hold { gang: "ns/g".into(), pod: first.pod.clone(), waiting_for: 1, held_ms: 200 }]
+    );
+    assert_eq!(book.ledger().free_gpus(), 16, "the member keeps its slot: the gang's GPUs stay held");
+    assert_eq!(book.next_expiry_ms(), Some(310), "the reservation lives a TTL past the answered hold");
+    assert!(book.expire(300).is_empty());
+    let expired = book.expire(310);
+    assert_eq!(expired, vec![Expired::Reservation { gang: "ns/g".into(), members_at_bind: vec![] }]);
     assert_eq!(book.ledger().free_gpus(), 32);
-    assert_eq!(book.stats().gangs_expired, 1);
+    assert_eq!((book.stats().gangs_expired, book.stats().bind_holds_lapsed), (1, 1));
     book.check().expect("invariants");
+}
+
+#[test]
+fn a_member_late_by_more_than_the_ttl_binds_its_gang_at_once_while_the_others_are_held() {
+    // The instance of kube-scheduler v1.20 with 30 s reservations: the third member arrived
+    // 35 s after the first two, after their reservation had expired.
+    let config = BookConfig { reservation_ttl_ms: 30_000, bind_hold_ms: 45_000, ..BookConfig::default() };
+    let mut book = Book::new(cluster(2, 4), config);
+    let offered = all_hosts(&book);
+    let members: Vec<PodDemand> = (0..3).map(|r| member("llama", 3, r, 8)).collect();
+    let mut nodes = Vec::new();
+    for m in &members[..2] {
+        let verdicts = book.filter(m, &offered, 0).expect("filter");
+        nodes.push(passing(&book, &verdicts, &offered).remove(0));
+        assert!(matches!(book.bind_arrive(m, nodes.last().expect("node"), 5), Ok(BindStep::Wait { .. })));
+    }
+    assert!(book.expire(35_000).is_empty(), "held binds keep the reservation");
+    let verdicts = book.filter(&members[2], &offered, 35_000).expect("filter");
+    let last = passing(&book, &verdicts, &offered).remove(0);
+    let step = book.bind_arrive(&members[2], &last, 35_010).expect("bind");
+    let BindStep::Bind { ticket, members: binds } = step else { panic!("the last member binds the gang: {step:?}") };
+    assert_eq!(binds.len(), 3);
+    let outcomes: Vec<_> = binds.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
+    assert_eq!(book.bind_finished(&ticket, &outcomes, 35_020), BindFinish::Bound);
+    book.check().expect("invariants");
+}
+
+#[test]
+fn a_member_whose_hold_lapsed_keeps_its_slot_and_binds_with_the_rest_on_its_retry() {
+    let config = BookConfig { reservation_ttl_ms: 1_000, bind_hold_ms: 200, ..BookConfig::default() };
+    let mut book = Book::new(cluster(2, 4), config);
+    let offered = all_hosts(&book);
+    let (early, late) = (member("g", 2, 0, 8), member("g", 2, 1, 8));
+    let verdicts = book.filter(&early, &offered, 0).expect("filter");
+    let planned = passing(&book, &verdicts, &offered).remove(0);
+    book.bind_arrive(&early, &planned, 0).expect("held");
+    assert_eq!(book.expire(200).len(), 1, "the early member's hold lapses");
+    // The late member arrives and is held; the early one comes back on kube-scheduler's retry.
+    let verdicts = book.filter(&late, &offered, 500).expect("filter");
+    let late_node = passing(&book, &verdicts, &offered).remove(0);
+    assert!(matches!(book.bind_arrive(&late, &late_node, 500), Ok(BindStep::Wait { .. })));
+    let verdicts = book.filter(&early, &offered, 900).expect("filter");
+    assert_eq!(passing(&book, &verdicts, &offered), vec![planned.clone()], "the same slot, the same node");
+    assert!(matches!(book.bind_arrive(&early, &planned, 900), Ok(BindStep::Bind { .. })));
+    assert_eq!(book.stats().gangs_reserved, 1, "planned once");
 }
 
 #[test]
@@ -177,7 +231,7 @@ fn a_seeded_simulation_never_double_books_or_half_binds() {
     let mut totals = BookStats::default();
     for seed in 0..8u64 {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-        let config = BookConfig { reservation_ttl_ms: 500, ..BookConfig::default() };
+        let config = BookConfig { reservation_ttl_ms: 500, bind_hold_ms: 700, ..BookConfig::default() };
         let mut book = Book::new(cluster(4, 4), config);
         let offered = all_hosts(&book);
         let mut now = 0u64;
@@ -225,6 +279,22 @@ fn a_seeded_simulation_never_double_books_or_half_binds() {
                 }
                 _ => {
                     book.expire(now);
+                    // kube-scheduler retries a gang that is not bound: every member not bound
+                    // is filtered and reaches bind again (the missing one included, late).
+                    let waiting: Vec<String> =
+                        gangs.keys().filter(|g| !book.is_bound(&format!("{g}-0-uid"))).cloned().collect();
+                    if let Some(gang) = waiting.get(rng.random_range(0..waiting.len().max(1))) {
+                        let (size, gpus) = gangs[gang];
+                        for rank in 0..size {
+                            let m = member(gang, size, rank, gpus);
+                            let Ok(verdicts) = book.filter(&m, &offered, now) else { break };
+                            let Some(node) = passing(&book, &verdicts, &offered).into_iter().next() else { break };
+                            if let Ok(BindStep::Bind { ticket, members }) = book.bind_arrive(&m, &node, now) {
+                                let outcomes: Vec<_> = members.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
+                                book.bind_finished(&ticket, &outcomes, now);
+                            }
+                        }
+                    }
                 }
             }
             book.check().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -237,9 +307,12 @@ fn a_seeded_simulation_never_double_books_or_half_binds() {
         totals.gangs_bound += stats.gangs_bound;
         totals.gangs_rolled_back += stats.gangs_rolled_back;
         totals.gangs_expired += stats.gangs_expired;
+        totals.bind_holds_lapsed += stats.bind_holds_lapsed;
     }
-    // The run exercised every path: gangs bound, undone after a failed Binding, expired.
+    // The run exercised every path: gangs bound, undone after a failed Binding, holds lapsed,
+    // reservations expired.
     assert!(totals.gangs_bound > 100 && totals.gangs_rolled_back > 10 && totals.gangs_expired > 10, "{totals:?}");
+    assert!(totals.bind_holds_lapsed > 10, "{totals:?}");
 }
 
 fn api_gang(key: &str, members: u32, gpus: u32, required: Option<Scope>) -> GangRequest {

@@ -123,6 +123,11 @@ impl Metrics {
                 "Reservations released because members did not reach bind in time.",
                 stats.gangs_expired,
             ),
+            (
+                "topoplace_bind_holds_lapsed_total",
+                "Gang members' binds answered unbound after the bind hold while the rest of the gang had not reached bind.",
+                stats.bind_holds_lapsed,
+            ),
             ("topoplace_pods_bound_total", "Pods bound by topoplace.", stats.pods_bound),
             (
                 "topoplace_ledger_faults_total",

@@ -36,6 +36,7 @@ use metrics::{Metrics, Verb};
 use topoplace_engine::topology::HostId;
 use topoplace_online::reservation::{
     BindFinish, BindStep, Book, Expired, MemberBind, NodeVerdict, PodDemand, PodIdentity, PreemptCandidate, Ticket,
+    BINDING_BUDGET_MS,
 };
 use wire::{
     ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, ExtenderPreemptionArgs,
@@ -133,7 +134,8 @@ impl Drop for SharedGuard<'_> {
 struct Shared {
     /// `None` until the first cluster view exists (kube mode before nodes synced).
     book: Option<Book>,
-    waiters: HashMap<String, Vec<BindWaiter>>,
+    /// Binds held for their gang, by gang key: (pod uid, the held call's answer).
+    waiters: HashMap<String, Vec<(String, BindWaiter)>>,
     demands: HashMap<String, PodDemand>,
     demand_order: VecDeque<String>,
 }
@@ -419,15 +421,17 @@ impl Extender {
             let Some(book) = shared.book.as_mut() else { return fail(NOT_READY.into()) };
             let expired = book.expire(now);
             let step = book.bind_arrive(&demand, &args.node, now);
+            // Answered before this call's own waiter joins: a lapsed hold of this same pod
+            // belongs to an earlier call of it.
+            let waiters = take_waiters(&mut shared, &expired);
             let rx = match &step {
                 Ok(BindStep::Wait { gang }) => {
                     let (tx, rx) = oneshot::channel();
-                    shared.waiters.entry(gang.clone()).or_default().push(tx);
+                    shared.waiters.entry(gang.clone()).or_default().push((demand.pod.uid.clone(), tx));
                     Some(rx)
                 }
                 _ => None,
             };
-            let waiters = take_waiters(&mut shared, &expired);
             drop(shared);
             answer_dropped(waiters);
             (step, rx)
@@ -460,9 +464,16 @@ impl Extender {
     /// undoes a partial bind, and answers the members that were waiting.
     async fn bind_all(&self, ticket: &Ticket, members: Vec<MemberBind>) -> Result<(), String> {
         let binder = &self.binder;
+        let budget = Duration::from_millis(BINDING_BUDGET_MS);
         let outcomes = join_all(members.iter().map(|member| async move {
             let gpus = kube_pod::gpus_annotation(&member.gpus);
-            (member.pod.clone(), binder.bind(member, gpus).await.map_err(|error| error.to_string()))
+            let outcome = match tokio::time::timeout(budget, binder.bind(member, gpus)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(BindError::Unknown {
+                    reason: format!("no answer within {} s; the Binding may still land", budget.as_secs()),
+                }),
+            };
+            (member.pod.clone(), outcome.map_err(|error| error.to_string()))
         }))
         .await;
         let now = self.now_ms();
@@ -498,7 +509,7 @@ impl Extender {
                 Err(message)
             }
         };
-        for waiter in waiters {
+        for (_, waiter) in waiters {
             let _ = waiter.send(result.clone());
         }
         result
@@ -512,18 +523,42 @@ fn not_ready_filter() -> ExtenderFilterResult {
     ExtenderFilterResult { error: NOT_READY.into(), ..Default::default() }
 }
 
-fn take_waiters(shared: &mut Shared, dropped: &[Expired]) -> Vec<(String, Vec<BindWaiter>)> {
-    dropped.iter().filter_map(|e| shared.waiters.remove(&e.gang).map(|w| (e.gang.clone(), w))).collect()
+/// The held binds that `ended` answers, each with its answer.
+fn take_waiters(shared: &mut Shared, ended: &[Expired]) -> Vec<(BindWaiter, String)> {
+    let mut answers = Vec::new();
+    for end in ended {
+        let gang = end.gang();
+        let Some(held) = shared.waiters.get_mut(gang) else { continue };
+        let taken: Vec<(String, BindWaiter)> = match end {
+            Expired::Reservation { .. } => std::mem::take(held),
+            Expired::Hold { pod, .. } => {
+                let (mine, rest) = std::mem::take(held).into_iter().partition(|(uid, _)| *uid == pod.uid);
+                *held = rest;
+                mine
+            }
+        };
+        if held.is_empty() {
+            shared.waiters.remove(gang);
+        }
+        let message = match end {
+            Expired::Reservation { .. } => format!(
+                "gang `{gang}`: its reservation ended before every member reached bind; its GPUs are released and \
+                 the gang will be scheduled again"
+            ),
+            Expired::Hold { waiting_for, held_ms, .. } => format!(
+                "gang `{gang}`: this bind was held {:.0} s and {waiting_for} member(s) have not reached bind; the pod \
+                 keeps its place in the gang's plan and binds with the rest when kube-scheduler retries it",
+                *held_ms as f64 / 1000.0
+            ),
+        };
+        answers.extend(taken.into_iter().map(|(_, waiter)| (waiter, message.clone())));
+    }
+    answers
 }
 
-fn answer_dropped(waiters: Vec<(String, Vec<BindWaiter>)>) {
-    for (gang, waiters) in waiters {
-        for waiter in waiters {
-            let _ = waiter.send(Err(format!(
-                "gang `{gang}`: not every member reached bind before the reservation expired; its GPUs are released \
-                 and the gang will be scheduled again"
-            )));
-        }
+fn answer_dropped(answers: Vec<(BindWaiter, String)>) {
+    for (waiter, message) in answers {
+        let _ = waiter.send(Err(message));
     }
 }
 
