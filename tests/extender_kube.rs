@@ -199,3 +199,76 @@ async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
     view.abort();
     api_server.stop().await;
 }
+
+/// A gang member whose held bind lapsed waits in kube-scheduler's queue (before 1.28, until
+/// its 60 s flush). When the rest of its gang is at bind, the extender updates the pod (only
+/// that pod: its uid is in the patch), which makes kube-scheduler retry it at once; the retry
+/// binds the gang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_hold_lapsed_is_asked_back_when_the_rest_of_its_gang_is_at_bind() {
+    let api = FakeApi::new();
+    for index in 0..4 {
+        api.add_node(&format!("r1-{index}"), "NVIDIA-H100-80GB-HBM3", 8, "r1");
+    }
+    let api_server = serve_router(api.router()).await;
+    let config = kube::Config::new(api_server.base.parse().expect("uri"));
+    let client = kube::Client::try_from(config).expect("client");
+    let kube_binder = Arc::new(KubeBinder::new(client.clone()));
+    let binder: Arc<dyn Binder> = kube_binder.clone();
+    let ext = Extender::new(None, binder, ExtenderConfig::default());
+    let book_config = BookConfig { reservation_ttl_ms: 10_000, bind_hold_ms: 300, ..BookConfig::default() };
+    let view = tokio::spawn(run_view(client, ext.clone(), LEVELS.map(String::from).to_vec(), book_config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(extender::serve(listener, ext.clone(), async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    ext.book_installed().await;
+    let nodes: Vec<String> = (0..4).map(|i| format!("r1-{i}")).collect();
+
+    let early = pod("ml", "w-0", "w-0-uid", 8, Some(("w", 2)));
+    api.add_pod(early.clone(), None, None);
+    let error = schedule(&http, &base, &early, &nodes).await.expect_err("held, then answered at the hold");
+    assert!(error.contains("have not reached bind"), "{error}");
+    assert!(api.patches().is_empty(), "nothing to ask while the other member has not reached bind");
+
+    let late = pod("ml", "w-1", "w-1-uid", 8, Some(("w", 2)));
+    api.add_pod(late.clone(), None, None);
+    let held = {
+        let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
+        tokio::spawn(async move { schedule(&http, &base, &late, &nodes).await })
+    };
+    {
+        let api = api.clone();
+        eventually("the lapsed member is asked back", move || {
+            let api = api.clone();
+            Box::pin(async move { api.pod_annotation("ml", "w-0", "topoplace.io/gang-retry").is_some() })
+        })
+        .await;
+    }
+    assert_eq!(api.patches(), vec!["w-0".to_string()], "only the lapsed member is updated");
+    // kube-scheduler's retry of the updated pod binds the gang.
+    let first = schedule(&http, &base, &early, &nodes).await.expect("the retry binds the gang");
+    let second = held.await.expect("task").expect("the held member binds with it");
+    assert_ne!(first, second);
+    assert_eq!(api.pod_node("ml", "w-0"), Some(first));
+    assert_eq!(api.pod_node("ml", "w-1"), Some(second));
+
+    // The patch carries the uid: a pod of that name with another uid is never touched.
+    let stranger = topoplace_online::reservation::PodIdentity {
+        namespace: "ml".into(),
+        name: "w-0".into(),
+        uid: "another-uid".into(),
+    };
+    let refused = kube_binder.retry(&stranger).await.expect_err("another pod under the same name");
+    assert!(refused.contains("Precondition failed"), "{refused}");
+    assert_eq!(api.patches().len(), 1);
+
+    ext.check().expect("book invariants");
+    let _ = stop.send(());
+    let _ = served.await;
+    view.abort();
+    api_server.stop().await;
+}

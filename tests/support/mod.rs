@@ -255,6 +255,8 @@ struct ApiState {
     events: Vec<Value>,
     bindings: Vec<(String, String)>,
     deletes: Vec<String>,
+    /// Names of pods patched through `PATCH pods/{name}`, in order.
+    patches: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -280,6 +282,7 @@ impl FakeApi {
                 events: Vec::new(),
                 bindings: Vec::new(),
                 deletes: Vec::new(),
+                patches: Vec::new(),
             })),
             feed,
             drop_watches,
@@ -419,6 +422,11 @@ impl FakeApi {
         self.state.lock().expect("api state").deletes.clone()
     }
 
+    /// Names of the pods patched (labels, annotations), in order.
+    pub fn patches(&self) -> Vec<String> {
+        self.state.lock().expect("api state").patches.clone()
+    }
+
     /// Every bound pod with its node and `topoplace.io/gpus`.
     pub fn bound_pods(&self) -> Vec<(String, String, Option<String>)> {
         let state = self.state.lock().expect("api state");
@@ -440,7 +448,7 @@ impl FakeApi {
         Router::new()
             .route("/api/v1/nodes", get(list_or_watch_nodes))
             .route("/api/v1/pods", get(list_or_watch_pods))
-            .route("/api/v1/namespaces/{ns}/pods/{name}", get(get_pod).delete(delete_pod))
+            .route("/api/v1/namespaces/{ns}/pods/{name}", get(get_pod).delete(delete_pod).patch(patch_pod))
             .route("/api/v1/namespaces/{ns}/pods/{name}/status", axum::routing::patch(patch_pod_status))
             .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases", axum::routing::post(create_lease))
             .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}", get(get_lease).put(replace_lease))
@@ -672,6 +680,60 @@ fn set_condition(pod: &mut Value, condition: Value) {
         conditions.retain(|c| c["type"] != condition["type"]);
         conditions.push(condition);
     }
+}
+
+/// A JSON merge patch (RFC 7386) of a pod's labels and annotations, the only fields the code
+/// under test patches. A `metadata.uid` in the patch that is not the pod's is refused with 409,
+/// as the API server refuses it (uid is immutable; its storage layer reports "Precondition
+/// failed: UID in precondition").
+async fn patch_pod(
+    State(api): State<FakeApi>,
+    Path((ns, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    api.delay().await;
+    let merge = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/merge-patch+json"));
+    if !merge {
+        return status(415, "UnsupportedMediaType", "this fake takes JSON merge patches of pods only".into());
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "patch is not JSON".into());
+    };
+    let mut state = api.state.lock().expect("api state");
+    let Some(mut pod) = state.pods.get(&(ns.clone(), name.clone())).cloned() else {
+        return status(404, "NotFound", format!("pods \"{name}\" not found"));
+    };
+    if let Some(uid) = patch["metadata"]["uid"].as_str() {
+        if pod["metadata"]["uid"].as_str() != Some(uid) {
+            return status(
+                409,
+                "Conflict",
+                format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    pod["metadata"]["uid"]
+                ),
+            );
+        }
+    }
+    for field in ["labels", "annotations"] {
+        for (key, value) in patch["metadata"][field].as_object().into_iter().flatten() {
+            if value.is_null() {
+                if let Some(map) = pod["metadata"][field].as_object_mut() {
+                    map.remove(key);
+                }
+            } else {
+                pod["metadata"][field][key] = value.clone();
+            }
+        }
+    }
+    state.patches.push(name.clone());
+    let object = api.record(&mut state, "pods", "MODIFIED", pod);
+    state.pods.insert((ns, name), object.clone());
+    axum::Json(object).into_response()
 }
 
 /// A strategic merge patch of the status: conditions merge by type, other fields replace.

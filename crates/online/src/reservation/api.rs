@@ -271,11 +271,7 @@ impl Book {
         let expires_at_ms = now_ms.saturating_add(options.ttl_ms);
         for (index, placement) in &placed {
             let request = &requests[*index];
-            let slots = placement
-                .members
-                .iter()
-                .map(|m| Slot { host: m.host, gpus: m.gpus, pod: None, at_bind: false, held_until_ms: 0 })
-                .collect();
+            let slots = placement.members.iter().map(|m| Slot::planned(m.host, m.gpus)).collect();
             self.gangs.insert(
                 request.key.clone(),
                 GangReservation {

@@ -167,8 +167,10 @@ pub enum NodeVerdict {
 #[derive(Debug, Clone, PartialEq)]
 pub enum BindStep {
     /// Other members of the gang have not reached bind yet: wait for [`Book::bind_finished`]
-    /// (or the reservation's expiry).
-    Wait { gang: String },
+    /// (or the hold's end, [`Expired::Hold`]). `retry_now` names the members still missing
+    /// when every one of them is a pod whose own held bind lapsed before: they sit in
+    /// kube-scheduler's queue, and it should retry them now rather than at its next flush.
+    Wait { gang: String, retry_now: Vec<PodIdentity> },
     /// Create these Bindings now (all members of the gang, or the one pod), then report the
     /// outcome with [`Book::bind_finished`].
     Bind { ticket: Ticket, members: Vec<MemberBind> },
@@ -270,6 +272,16 @@ struct Slot {
     at_bind: bool,
     /// With `at_bind` on a waiting reservation: when the held bind is answered unbound.
     held_until_ms: u64,
+    /// The pod's held bind was answered unbound ([`Expired::Hold`]) and it has not reached
+    /// bind since: kube-scheduler will retry it.
+    lapsed: bool,
+}
+
+impl Slot {
+    /// A member's place in a new plan, no pod in it yet.
+    fn planned(host: HostId, gpus: GpuMask) -> Self {
+        Slot { host, gpus, pod: None, at_bind: false, held_until_ms: 0, lapsed: false }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -560,10 +572,7 @@ impl Book {
             self.ledger
                 .reserve(&gang_holder(key), &merge_by_host(placement.iter().copied()))
                 .map_err(|source| BookError::Ledger { pod: first.clone(), source })?;
-            let slots = placement
-                .iter()
-                .map(|&(host, gpus)| Slot { host, gpus, pod: None, at_bind: false, held_until_ms: 0 })
-                .collect();
+            let slots = placement.iter().map(|&(host, gpus)| Slot::planned(host, gpus)).collect();
             self.gangs.insert(
                 key.to_string(),
                 GangReservation { gang, slots, expires_at_ms: now_ms, binding: false, origin: None },
@@ -613,6 +622,7 @@ impl Book {
             let mut lapsed = 0;
             for slot in reservation.slots.iter_mut().filter(|s| s.at_bind && s.held_until_ms <= now_ms) {
                 slot.at_bind = false;
+                slot.lapsed = true;
                 lapsed += 1;
                 if let Some(pod) = slot.pod.clone() {
                     expired.push(Expired::Hold { gang: key.clone(), pod, waiting_for, held_ms: hold });
@@ -713,17 +723,7 @@ impl Book {
             self.ledger
                 .reserve(&gang_holder(&key), &placement.holding())
                 .map_err(|source| BookError::Ledger { pod: demand.pod.to_string(), source })?;
-            let slots = placement
-                .members
-                .iter()
-                .map(|m: &MemberPlacement| Slot {
-                    host: m.host,
-                    gpus: m.gpus,
-                    pod: None,
-                    at_bind: false,
-                    held_until_ms: 0,
-                })
-                .collect();
+            let slots = placement.members.iter().map(|m: &MemberPlacement| Slot::planned(m.host, m.gpus)).collect();
             self.gangs.insert(
                 key.clone(),
                 GangReservation {
@@ -798,6 +798,7 @@ impl Book {
         // replaced (same rank, new uid): the newcomer takes it.
         reservation.slots[slot].pod = Some(demand.pod.clone());
         reservation.slots[slot].at_bind = false;
+        reservation.slots[slot].lapsed = false;
         // A reservation made through the API may hold longer than the extender's TTL.
         reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms + ttl);
         Ok(slot)
@@ -890,13 +891,20 @@ impl Book {
         if planned != node {
             return Err(BookError::WrongNode { pod, planned: planned.clone(), asked: node.to_string() });
         }
-        if !reservation.slots[slot].at_bind {
-            reservation.slots[slot].at_bind = true;
-            reservation.slots[slot].held_until_ms = now_ms.saturating_add(hold);
+        let arrived = !reservation.slots[slot].at_bind;
+        if arrived {
+            let slot = &mut reservation.slots[slot];
+            (slot.at_bind, slot.lapsed, slot.held_until_ms) = (true, false, now_ms.saturating_add(hold));
             reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
         }
         if reservation.binding || !reservation.slots.iter().all(|s| s.at_bind) {
-            return Ok(BindStep::Wait { gang: key });
+            let only_lapsed_missing = reservation.slots.iter().all(|s| s.at_bind || (s.lapsed && s.pod.is_some()));
+            let retry_now = if arrived && !reservation.binding && only_lapsed_missing {
+                reservation.slots.iter().filter(|s| s.lapsed).filter_map(|s| s.pod.clone()).collect()
+            } else {
+                Vec::new()
+            };
+            return Ok(BindStep::Wait { gang: key, retry_now });
         }
         reservation.binding = true;
         let members = reservation
@@ -1043,8 +1051,7 @@ impl Book {
         for reservation in self.gangs.values_mut().filter(|g| !g.binding) {
             for slot in &mut reservation.slots {
                 if slot.pod.as_ref().is_some_and(|p| p.uid == uid) {
-                    slot.pod = None;
-                    slot.at_bind = false;
+                    (slot.pod, slot.at_bind, slot.lapsed) = (None, false, false);
                 }
             }
         }

@@ -87,7 +87,10 @@ fn binds_wait_for_the_last_member_and_a_failure_rolls_back_everything() {
     let mut book = Book::new(cluster(1, 4), BookConfig::default());
     let offered = all_hosts(&book);
     let (members, nodes) = filter_gang(&mut book, "g", 2, &offered);
-    assert_eq!(book.bind_arrive(&members[0], &nodes[0], 1), Ok(BindStep::Wait { gang: "ns/g".into() }));
+    assert_eq!(
+        book.bind_arrive(&members[0], &nodes[0], 1),
+        Ok(BindStep::Wait { gang: "ns/g".into(), retry_now: vec![] })
+    );
     let BindStep::Bind { ticket, members: binds } = book.bind_arrive(&members[1], &nodes[1], 2).expect("bind") else {
         panic!("the last member binds everyone");
     };
@@ -167,7 +170,13 @@ fn a_member_whose_hold_lapsed_keeps_its_slot_and_binds_with_the_rest_on_its_retr
     // The late member arrives and is held; the early one comes back on kube-scheduler's retry.
     let verdicts = book.filter(&late, &offered, 500).expect("filter");
     let late_node = passing(&book, &verdicts, &offered).remove(0);
-    assert!(matches!(book.bind_arrive(&late, &late_node, 500), Ok(BindStep::Wait { .. })));
+    // Only the early member, whose hold lapsed, is missing: kube-scheduler should retry it now.
+    let step = book.bind_arrive(&late, &late_node, 500).expect("held");
+    assert_eq!(step, BindStep::Wait { gang: "ns/g".into(), retry_now: vec![early.pod.clone()] });
+    assert!(
+        matches!(book.bind_arrive(&late, &late_node, 510), Ok(BindStep::Wait { ref retry_now, .. }) if retry_now.is_empty()),
+        "asked once per arrival, not per repeated call"
+    );
     let verdicts = book.filter(&early, &offered, 900).expect("filter");
     assert_eq!(passing(&book, &verdicts, &offered), vec![planned.clone()], "the same slot, the same node");
     assert!(matches!(book.bind_arrive(&early, &planned, 900), Ok(BindStep::Bind { .. })));

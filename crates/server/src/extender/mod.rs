@@ -79,6 +79,13 @@ pub trait Binder: Send + Sync + 'static {
     fn delete<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>>;
     /// Records an Event on the pod; failures are logged, never fatal.
     fn event<'a>(&'a self, pod: &'a PodIdentity, reason: &'a str, message: String) -> BoxFuture<'a, ()>;
+    /// Asks kube-scheduler to retry `pod` now: a gang member whose held bind lapsed, now the
+    /// only kind of member its gang still misses. Before Kubernetes 1.28, a pod whose bind
+    /// failed waits in kube-scheduler's unschedulable queue for a cluster event or the 60 s
+    /// flush; an update of the pod itself is such an event (v1.20
+    /// `pkg/scheduler/internal/queue/scheduling_queue.go`, `PriorityQueue.Update`: an updated
+    /// pod moves from the unschedulable queue to the active queue). Only for that pod (uid).
+    fn retry<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>>;
 }
 
 #[derive(Debug, Clone)]
@@ -425,7 +432,7 @@ impl Extender {
             // belongs to an earlier call of it.
             let waiters = take_waiters(&mut shared, &expired);
             let rx = match &step {
-                Ok(BindStep::Wait { gang }) => {
+                Ok(BindStep::Wait { gang, .. }) => {
                     let (tx, rx) = oneshot::channel();
                     shared.waiters.entry(gang.clone()).or_default().push((demand.pod.uid.clone(), tx));
                     Some(rx)
@@ -438,8 +445,19 @@ impl Extender {
         };
         match step {
             Err(error) => fail(error.to_string()),
-            Ok(BindStep::Wait { gang }) => {
+            Ok(BindStep::Wait { gang, retry_now }) => {
                 let Some(rx) = rx else { return fail("internal: no waiter".into()) };
+                if !retry_now.is_empty() {
+                    // Spawned: the nudges must not wait on this held call, nor die with it.
+                    let binder = self.binder.clone();
+                    tokio::spawn(async move {
+                        for pod in &retry_now {
+                            if let Err(error) = binder.retry(pod).await {
+                                tracing::warn!(%pod, %error, "asking kube-scheduler to retry a gang member failed");
+                            }
+                        }
+                    });
+                }
                 match rx.await {
                     Ok(Ok(())) => ExtenderBindingResult::default(),
                     Ok(Err(error)) => fail(error),
@@ -763,10 +781,12 @@ pub async fn serve(
 }
 
 /// A [`Binder`] for `serve --cluster`: Bindings recorded in memory, Events kept for `/state`.
+/// It cannot reach kube-scheduler's queue, so [`Binder::retry`] only records the request.
 #[derive(Default)]
 pub struct MemoryBinder {
     bound: Mutex<HashMap<String, String>>,
     events: Mutex<Vec<String>>,
+    retried: Mutex<Vec<PodIdentity>>,
 }
 
 impl MemoryBinder {
@@ -777,6 +797,11 @@ impl MemoryBinder {
 
     pub fn events(&self) -> Vec<String> {
         self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The pods [`Binder::retry`] was asked for, in order.
+    pub fn retried(&self) -> Vec<PodIdentity> {
+        self.retried.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -805,6 +830,13 @@ impl Binder for MemoryBinder {
     fn event<'a>(&'a self, pod: &'a PodIdentity, reason: &'a str, message: String) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             self.events.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{pod}: {reason}: {message}"));
+        })
+    }
+
+    fn retry<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.retried.lock().unwrap_or_else(|p| p.into_inner()).push(pod.clone());
+            Ok(())
         })
     }
 }

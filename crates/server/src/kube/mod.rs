@@ -21,7 +21,7 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Binding, Event, Node, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Status};
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, watcher, Event as WatchEvent};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
@@ -210,6 +210,29 @@ impl Binder for KubeBinder {
 
     fn event<'a>(&'a self, target: &'a PodIdentity, reason: &'a str, message: String) -> BoxFuture<'a, ()> {
         Box::pin(self.record(target, "Warning", reason, message))
+    }
+
+    fn retry<'a>(&'a self, target: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or_default();
+            // The uid in the patch is a precondition: the API server refuses to change a
+            // pod's uid, so the patch applies only to the pod that was planned (409 or 422
+            // for a replacement of the same name; 404 once it is gone).
+            let patch = serde_json::json!({
+                "metadata": {
+                    "uid": target.uid,
+                    "annotations": { pod::GANG_RETRY_ANNOTATION: now_ms.to_string() },
+                }
+            });
+            match pods.patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => Ok(()),
+                Err(error) => Err(error.to_string()),
+            }
+        })
     }
 }
 

@@ -18,6 +18,9 @@ use topoplace_online::scheduler::predicates::{
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Where topoplace records the GPU indices it gave a pod (merged in by the Binding).
 pub const GPUS_ANNOTATION: &str = "topoplace.io/gpus";
+/// Set (to the time in ms since the Unix epoch) on a gang member whose held bind lapsed,
+/// when the rest of its gang is at bind: the update makes kube-scheduler retry it now.
+pub const GANG_RETRY_ANNOTATION: &str = "topoplace.io/gang-retry";
 
 const GANG_LABEL: &str = "topoplace.io/gang";
 const GANG_SIZE: &str = "topoplace.io/gang-size";
