@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
-use topoplace_online::reservation::{Book, BookConfig};
-use topoplace_server::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
+use topoplace_server::assemble::{Listeners, Server, ServerSetup, Source};
 
 mod support;
 use support::{cluster, percentile, rate};
@@ -45,15 +44,11 @@ async fn main() {
     println!("| nodes | mode | verb | request bytes | p50 | p99 | requests/s ({CONCURRENT_CLIENTS} clients) |");
     println!("|---|---|---|---|---|---|---|");
     for hosts in [1_000, 5_000] {
-        let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::default());
-        let ext =
-            Extender::new(Some(Book::new(cluster(hosts), BookConfig::default())), binder, ExtenderConfig::default());
+        // The server as `topoplace serve --cluster` assembles it.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(extender::serve(listener, ext, async {
-            let _ = stopped.await;
-        }));
+        let listeners = Listeners { http: listener, grpc: None };
+        let server = Server::start(Source::Static(cluster(hosts)), ServerSetup::default(), listeners);
         let client = reqwest::Client::new();
         for node_objects in [false, true] {
             let body = Arc::new(serde_json::to_vec(&request(hosts, node_objects)).expect("json"));
@@ -95,7 +90,6 @@ async fn main() {
                 );
             }
         }
-        let _ = stop.send(());
-        let _ = server.await;
+        server.stop().await.expect("stopped");
     }
 }

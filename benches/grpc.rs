@@ -15,10 +15,8 @@ use std::time::Instant;
 
 use support::{cluster, percentile, rate};
 use tonic::transport::Channel;
-use topoplace_online::reservation::{Book, BookConfig};
-use topoplace_server::extender::{Binder, Extender, ExtenderConfig, MemoryBinder};
+use topoplace_server::assemble::{Listeners, Server, ServerSetup, Source};
 use topoplace_server::grpc::pb::{self, placement_client::PlacementClient};
-use topoplace_server::grpc::{self, GrpcConfig};
 
 const HOSTS: usize = 1_000;
 const SEQUENTIAL: usize = 2_000;
@@ -68,14 +66,12 @@ where
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::default());
-    let ext = Extender::new(Some(Book::new(cluster(HOSTS), BookConfig::default())), binder, ExtenderConfig::default());
+    // The server as `topoplace serve --cluster` assembles it.
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(grpc::serve(listener, ext, GrpcConfig::default(), None, async {
-        let _ = stopped.await;
-    }));
+    let listeners = Listeners { http, grpc: Some(listener) };
+    let server = Server::start(Source::Static(cluster(HOSTS)), ServerSetup::default(), listeners);
     let api = PlacementClient::connect(base).await.expect("connect");
 
     println!("{HOSTS} hosts, {} GPUs; {CONCURRENT_CLIENTS} clients for the rate", HOSTS * 8);
@@ -113,6 +109,5 @@ async fn main() {
         api.cluster_state(pb::ClusterStateRequest { summary_only: true }).await.expect("state");
     })
     .await;
-    let _ = stop.send(());
-    let _ = server.await;
+    server.stop().await.expect("stopped");
 }

@@ -7,14 +7,13 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{pod, post, schedule, serve_router, FakeApi, LEVELS};
+use support::{kube_server, pod, post, schedule, serve_router, FakeApi};
 use topoplace_online::reservation::BookConfig;
-use topoplace_server::extender::{self, Binder, Extender, ExtenderConfig};
-use topoplace_server::kube::{run_view, KubeBinder};
+use topoplace_server::binder::Binder;
+use topoplace_server::kube::KubeBinder;
 
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
     client.get(url).send().await.expect("get").json().await.expect("json")
@@ -52,18 +51,9 @@ async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
     api.add_pod(pod("batch", "old", "old-uid", 4, None), Some("r1-0"), Some("0,1,2,3"));
     let api_server = serve_router(api.router()).await;
 
-    let config = kube::Config::new(api_server.base.parse().expect("uri"));
-    let client = kube::Client::try_from(config).expect("client");
-    let binder: Arc<dyn Binder> = Arc::new(KubeBinder::new(client.clone()));
-    let ext = Extender::new(None, binder, ExtenderConfig::default());
     let book_config = BookConfig { reservation_ttl_ms: 5_000, ..BookConfig::default() };
-    let view = tokio::spawn(run_view(client, ext.clone(), LEVELS.map(String::from).to_vec(), book_config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(extender::serve(listener, ext.clone(), async {
-        let _ = stopped.await;
-    }));
+    let server = kube_server(&api_server.base, book_config, None).await;
+    let (base, ext) = (server.base.clone(), server.state().clone());
     let http = reqwest::Client::new();
 
     {
@@ -194,9 +184,7 @@ async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
         }
     }
     ext.check().expect("book invariants");
-    let _ = stop.send(());
-    let _ = served.await;
-    view.abort();
+    server.stop().await;
     api_server.stop().await;
 }
 
@@ -211,19 +199,11 @@ async fn a_member_whose_hold_lapsed_is_asked_back_when_the_rest_of_its_gang_is_a
         api.add_node(&format!("r1-{index}"), "NVIDIA-H100-80GB-HBM3", 8, "r1");
     }
     let api_server = serve_router(api.router()).await;
-    let config = kube::Config::new(api_server.base.parse().expect("uri"));
-    let client = kube::Client::try_from(config).expect("client");
-    let kube_binder = Arc::new(KubeBinder::new(client.clone()));
-    let binder: Arc<dyn Binder> = kube_binder.clone();
-    let ext = Extender::new(None, binder, ExtenderConfig::default());
     let book_config = BookConfig { reservation_ttl_ms: 10_000, bind_hold_ms: 300, ..BookConfig::default() };
-    let view = tokio::spawn(run_view(client, ext.clone(), LEVELS.map(String::from).to_vec(), book_config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(extender::serve(listener, ext.clone(), async {
-        let _ = stopped.await;
-    }));
+    let server = kube_server(&api_server.base, book_config, None).await;
+    let (base, ext) = (server.base.clone(), server.state().clone());
+    let client = kube::Client::try_from(kube::Config::new(api_server.base.parse().expect("uri"))).expect("client");
+    let kube_binder = KubeBinder::new(client);
     let http = reqwest::Client::new();
     ext.book_installed().await;
     let nodes: Vec<String> = (0..4).map(|i| format!("r1-{i}")).collect();
@@ -267,8 +247,6 @@ async fn a_member_whose_hold_lapsed_is_asked_back_when_the_rest_of_its_gang_is_a
     assert_eq!(api.patches().len(), 1);
 
     ext.check().expect("book invariants");
-    let _ = stop.send(());
-    let _ = served.await;
-    view.abort();
+    server.stop().await;
     api_server.stop().await;
 }

@@ -9,9 +9,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use support::{grpc_server, pod, post, schedule, static_extender};
+use support::{pod, post, schedule, static_extender, static_server};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::Code;
+use topoplace_server::assemble::ServerSetup;
 use topoplace_server::grpc::pb::{self, placement_client::PlacementClient};
 use topoplace_server::grpc::{GrpcConfig, ReserveTokens};
 
@@ -53,8 +54,8 @@ fn nodes_of(placement: &pb::GangPlacement) -> Vec<String> {
 #[tokio::test]
 async fn every_rpc_answers_from_the_live_view() {
     let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
-    let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
-    let mut api = client(&grpc.base).await;
+    let grpc = http.grpc.clone();
+    let mut api = client(&grpc).await;
 
     let initial = state(&mut api).await;
     assert_eq!((initial.hosts, initial.gpus, initial.free_gpus), (10, 72, 72));
@@ -160,15 +161,14 @@ async fn every_rpc_answers_from_the_live_view() {
         .into_inner();
     assert!(exact.placements[0].solver.as_ref().is_some_and(|s| s.solver.starts_with("exact")), "{exact:?}");
     ext.check().expect("book consistent");
-    grpc.stop().await;
     http.stop().await;
 }
 
 #[tokio::test]
 async fn invalid_requests_are_refused_with_invalid_argument_and_say_what_is_wrong() {
     let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
-    let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
-    let mut api = client(&grpc.base).await;
+    let grpc = http.grpc.clone();
+    let mut api = client(&grpc).await;
     let cases: Vec<(pb::PlanRequest, &str)> = vec![
         (plan(vec![gang("zero", 1, 0)], false), "gpus_per_member must be at least 1"),
         (plan(vec![gang("none", 0, 8)], false), "members must be at least 1"),
@@ -206,17 +206,16 @@ async fn invalid_requests_are_refused_with_invalid_argument_and_say_what_is_wron
     assert_eq!(release.code(), Code::InvalidArgument);
     assert_eq!(state(&mut api).await.free_gpus, 72, "nothing was reserved on the way");
     ext.check().expect("book consistent");
-    grpc.stop().await;
     http.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_plans_never_double_book() {
     let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
-    let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
+    let grpc = http.grpc.clone();
     // 24 clients ask for 148 GPUs of a 72-GPU cluster at once.
     let calls = (0..24).map(|i| {
-        let base = grpc.base.clone();
+        let base = grpc.clone();
         tokio::spawn(async move {
             let mut api = client(&base).await;
             let shape = match i % 3 {
@@ -245,13 +244,12 @@ async fn concurrent_plans_never_double_book() {
             }
         }
     }
-    let mut api = client(&grpc.base).await;
+    let mut api = client(&grpc).await;
     let now = state(&mut api).await;
     assert_eq!(now.reserved_gpus, reserved);
     assert_eq!(now.free_gpus, 72 - reserved);
     assert!(reserved >= 64, "the H100 hosts are filled: {reserved}");
     ext.check().expect("book consistent");
-    grpc.stop().await;
     http.stop().await;
 }
 
@@ -261,9 +259,9 @@ async fn next_update(watch: &mut tonic::Streaming<pb::CapacityResponse>) -> pb::
 
 #[tokio::test]
 async fn reservations_expire_and_capacity_watchers_see_every_change() {
-    let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
-    let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
-    let mut api = client(&grpc.base).await;
+    let (http, _ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let grpc = http.grpc.clone();
+    let mut api = client(&grpc).await;
     let mut watch = api
         .watch_capacity(pb::WatchCapacityRequest { capacity: Some(capacity(1, 8)), min_interval_ms: 20 })
         .await
@@ -293,15 +291,14 @@ async fn reservations_expire_and_capacity_watchers_see_every_change() {
         .await
         .expect_err("invalid shape");
     assert_eq!(bad.code(), Code::InvalidArgument);
-    grpc.stop().await;
     http.stop().await;
 }
 
 #[tokio::test]
 async fn the_extender_and_the_api_share_one_ledger() {
     let (http, ext, binder) = static_extender(CLUSTER, 30_000).await;
-    let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
-    let mut api = client(&grpc.base).await;
+    let grpc = http.grpc.clone();
+    let mut api = client(&grpc).await;
     let web = reqwest::Client::new();
     let all_nodes: Vec<String> = state(&mut api).await.host_states.iter().map(|h| h.name.clone()).collect();
 
@@ -356,7 +353,6 @@ async fn the_extender_and_the_api_share_one_ledger() {
     let clash = api.plan(plan(vec![gang("svc", 2, 8)], false)).await.expect_err("the extender holds it");
     assert_eq!(clash.code(), Code::AlreadyExists);
     ext.check().expect("book consistent");
-    grpc.stop().await;
     http.stop().await;
 }
 
@@ -370,9 +366,9 @@ async fn health_and_reflection_are_served() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-    let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
-    let grpc = grpc_server(ext, GrpcConfig::default(), None).await;
-    let channel = Channel::from_shared(grpc.base.clone()).expect("address").connect().await.expect("connect");
+    let (http, _ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let grpc = http.grpc.clone();
+    let channel = Channel::from_shared(grpc.clone()).expect("address").connect().await.expect("connect");
     let mut health = HealthClient::new(channel.clone());
     let serving = tokio::time::timeout(PATIENCE, async {
         loop {
@@ -402,7 +398,6 @@ async fn health_and_reflection_are_served() {
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("{reply:?}") };
     let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains("topoplace.v1.Placement") && names.contains("grpc.health.v1.Health"), "{names:?}");
-    grpc.stop().await;
     http.stop().await;
 }
 
@@ -461,7 +456,6 @@ async fn tls_client(
 #[tokio::test]
 async fn mutual_tls_admits_only_clients_of_the_ca_and_tokens_restrict_who_reserves() {
     let pki = pki();
-    let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
     let tokens = ReserveTokens::parse(
         "# who may reserve\nsecret-token-for-alice-0001 alice\nsecret-token-for-bob-00001 bob\n",
         "tokens",
@@ -471,17 +465,19 @@ async fn mutual_tls_admits_only_clients_of_the_ca_and_tokens_restrict_who_reserv
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(&pki.server.0, &pki.server.1))
         .client_ca_root(Certificate::from_pem(&pki.ca));
-    let grpc = grpc_server(ext.clone(), config, Some(tls)).await;
+    let setup = ServerSetup { grpc: config, grpc_tls: Some(tls), ..ServerSetup::default() };
+    let (http, _ext, _binder) = static_server(CLUSTER, setup).await;
+    let grpc = http.grpc.clone();
 
     // Without a client certificate, or with one from another CA, no call gets through.
     for identity in [None, Some(&pki.stranger)] {
-        let refused = match tls_client(&grpc.base, &pki.ca, identity).await {
+        let refused = match tls_client(&grpc, &pki.ca, identity).await {
             Err(_) => true,
             Ok(mut api) => api.cluster_state(pb::ClusterStateRequest { summary_only: true }).await.is_err(),
         };
         assert!(refused, "a client without a certificate of the CA was served");
     }
-    let mut api = tls_client(&grpc.base, &pki.ca, Some(&pki.client)).await.expect("mutual TLS");
+    let mut api = tls_client(&grpc, &pki.ca, Some(&pki.client)).await.expect("mutual TLS");
     assert_eq!(state(&mut api).await.gpus, 72);
 
     // Reading and dry runs are open; reserving needs a listed token.
@@ -507,7 +503,6 @@ async fn mutual_tls_admits_only_clients_of_the_ca_and_tokens_restrict_who_reserv
     let mut as_alice = tonic::Request::new(pb::ReleaseRequest { reservation_id: held.reservation_id });
     as_alice.metadata_mut().insert("authorization", "Bearer secret-token-for-alice-0001".parse().expect("ascii"));
     assert_eq!(api.release(as_alice).await.expect("alice releases her own").into_inner().gpus_released, 8);
-    grpc.stop().await;
     http.stop().await;
 }
 
@@ -516,7 +511,7 @@ fn plan_server_plans_a_workload_file_through_the_api() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (http, ext, grpc) = runtime.block_on(async {
         let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
-        let grpc = grpc_server(ext.clone(), GrpcConfig::default(), None).await;
+        let grpc = http.grpc.clone();
         (http, ext, grpc)
     });
     let dir = std::env::temp_dir().join(format!("topoplace-plan-server-{}", std::process::id()));
@@ -531,7 +526,7 @@ fn plan_server_plans_a_workload_file_through_the_api() {
     .expect("workload");
     let run = |extra: &[&str]| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_topoplace"))
-            .args(["plan", "--server", &grpc.base, "--workload"])
+            .args(["plan", "--server", &grpc, "--workload"])
             .arg(&workload)
             .args(extra)
             .output()
@@ -555,7 +550,7 @@ fn plan_server_plans_a_workload_file_through_the_api() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("reservation r1 held for 120 s") && stdout.contains("ci/big"), "{stdout}");
     let held = runtime.block_on(async {
-        let mut api = client(&grpc.base).await;
+        let mut api = client(&grpc).await;
         state(&mut api).await.reserved_gpus
     });
     assert_eq!(held, 24);
@@ -570,7 +565,6 @@ fn plan_server_plans_a_workload_file_through_the_api() {
     assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the placement API"));
     ext.check().expect("book consistent");
     runtime.block_on(async {
-        grpc.stop().await;
         http.stop().await;
     });
     let _ = std::fs::remove_dir_all(&dir);

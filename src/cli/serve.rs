@@ -7,18 +7,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Args;
 
 use super::CliError;
-use topoplace_online::reservation::{Book, BookConfig, BIND_HOLD_MS_DEFAULT, RESERVATION_TTL_MS_DEFAULT};
+use topoplace_online::reservation::{BookConfig, BIND_HOLD_MS_DEFAULT, RESERVATION_TTL_MS_DEFAULT};
+use topoplace_server::assemble::{Listeners, SchedulerSetup, Server, ServerSetup, Source};
+use topoplace_server::extender::{self, ExtenderConfig};
+use topoplace_server::grpc::{self, GrpcConfig, ReserveTokens, TlsFiles};
+use topoplace_server::kube as kube_adapter;
 
 /// The most seconds `--reservation-ttl` and `--bind-hold` accept (one day).
 pub const SERVE_SECONDS_MAX: u64 = 86_400;
-use topoplace_server::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
-use topoplace_server::grpc::{self, GrpcConfig, ReserveTokens, TlsFiles};
-use topoplace_server::kube as kube_adapter;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -214,7 +214,7 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
             None => None,
         },
     };
-    let tls = match (&args.grpc_tls_cert, &args.grpc_tls_key) {
+    let grpc_tls = match (&args.grpc_tls_cert, &args.grpc_tls_key) {
         (Some(cert), Some(key)) => Some(
             TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.grpc_client_ca.clone() }
                 .server_config()
@@ -222,10 +222,13 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
         ),
         _ => None,
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    if args.scheduling.scheduler && args.cluster.is_some() {
+        return Err(CliError::Input("the scheduler binds through Kubernetes: it cannot run with --cluster".into()));
+    }
+    let http = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| CliError::Input(format!("--listen {}: {e}", args.listen)))?;
-    let grpc_listener = if args.no_grpc {
+    let grpc = if args.no_grpc {
         None
     } else {
         Some(
@@ -234,97 +237,42 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
                 .map_err(|e| CliError::Input(format!("--grpc-listen {}: {e}", args.grpc_listen)))?,
         )
     };
-    // One signal (or a lost leadership) stops everything.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let stop = Arc::new(stop);
-    let signal_stop = stop.clone();
-    let leadership_lost: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    if args.scheduling.scheduler && args.cluster.is_some() {
-        return Err(CliError::Input("the scheduler binds through Kubernetes: it cannot run with --cluster".into()));
-    }
-    let ext = match &args.cluster {
+    let source = match &args.cluster {
         Some(path) => {
             let cluster = super::load_cluster(&Some(path.clone()))?;
-            let binder: Arc<dyn Binder> = Arc::new(MemoryBinder::default());
             tracing::info!(hosts = cluster.hosts.len(), file = %path.display(), "serving a static cluster");
-            Extender::new(Some(Book::new(cluster, book_config)), binder, config)
+            Source::Static(cluster)
         }
         None => {
             let client =
                 kube_adapter::client(args.kubeconfig.as_deref()).await.map_err(|e| CliError::Input(e.to_string()))?;
-            let binder: Arc<dyn Binder> = Arc::new(kube_adapter::KubeBinder::new(client.clone()));
-            let ext = Extender::new(None, binder, config);
-            let hooks = if args.scheduling.scheduler {
-                let runtime = start_scheduler(
-                    &args.scheduling,
-                    client.clone(),
-                    ext.clone(),
-                    (stop.clone(), stopped.clone()),
-                    leadership_lost.clone(),
-                )?;
-                Some(runtime as Arc<dyn kube_adapter::ViewHooks>)
+            let scheduler = if args.scheduling.scheduler {
+                Some(SchedulerSetup {
+                    name: args.scheduling.scheduler_name.clone(),
+                    config: args.scheduling.scheduler_config(),
+                    lease: args.scheduling.lease_config()?,
+                })
             } else {
                 None
             };
-            tokio::spawn(kube_adapter::run_view_with(client, ext.clone(), args.levels.clone(), book_config, hooks));
-            ext
+            Source::Kubernetes { client, level_keys: args.levels.clone(), scheduler }
         }
     };
+    let setup = ServerSetup { book: book_config, extender: config, grpc: grpc_config, grpc_tls };
+    let grpc_tls_on = setup.grpc_tls.is_some();
+    let serving_grpc = grpc.is_some();
+    let server = Server::start(source, setup, Listeners { http, grpc });
+    tracing::info!(listen = %args.listen, prefix = %args.prefix, "extender listening");
+    if serving_grpc {
+        tracing::info!(listen = %args.grpc_listen, tls = grpc_tls_on, "gRPC placement API listening");
+    }
+    // One signal (or a lost leadership) stops everything.
+    let stop = server.stopper();
     tokio::spawn(async move {
         shutdown_signal().await;
-        let _ = signal_stop.send(true);
+        let _ = stop.send(true);
     });
-    let stopped_signal = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    tracing::info!(listen = %args.listen, prefix = %args.prefix, "extender listening");
-    let extender_server = extender::serve(listener, ext.clone(), stopped_signal(stopped.clone()));
-    let extender_server = async { extender_server.await.map_err(|e| CliError::Failed(format!("serving: {e}"))) };
-    let grpc_server = async {
-        match grpc_listener {
-            Some(listener) => {
-                tracing::info!(listen = %args.grpc_listen, tls = tls.is_some(), "gRPC placement API listening");
-                grpc::serve(listener, ext.clone(), grpc_config, tls, stopped_signal(stopped.clone()))
-                    .await
-                    .map_err(CliError::Failed)
-            }
-            None => Ok(()),
-        }
-    };
-    tokio::try_join!(extender_server, grpc_server)?;
-    let lost = leadership_lost.lock().unwrap_or_else(|p| p.into_inner()).take();
-    match lost {
-        Some(reason) => Err(CliError::Failed(reason)),
-        None => Ok(()),
-    }
-}
-
-/// Starts the scheduler runtime and, unless disabled, its leader election. A lost leadership
-/// records why and stops the process (as kube-scheduler does): the standby takes over.
-fn start_scheduler(
-    args: &SchedulingArgs,
-    client: kube::Client,
-    ext: Arc<Extender>,
-    (stop, stopped): (Arc<tokio::sync::watch::Sender<bool>>, tokio::sync::watch::Receiver<bool>),
-    lost: Arc<std::sync::Mutex<Option<String>>>,
-) -> Result<Arc<kube_adapter::scheduler::SchedulerRuntime>, CliError> {
-    let lease = args.lease_config()?;
-    let (leading_tx, leading_rx) = tokio::sync::watch::channel(lease.is_none());
-    let runtime =
-        kube_adapter::scheduler::SchedulerRuntime::new(ext, client.clone(), args.scheduler_config(), leading_rx);
-    tokio::spawn(runtime.clone().run(client.clone(), args.scheduler_name.clone()));
-    tracing::info!(scheduler_name = %args.scheduler_name, leader_election = lease.is_some(), "secondary scheduler started");
-    if let Some(lease) = lease {
-        let elector = kube_adapter::lease::LeaderElector::new(client, lease);
-        tokio::spawn(async move {
-            if let Err(reason) = elector.run(leading_tx, stopped).await {
-                tracing::error!(%reason, "stopping");
-                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
-                let _ = stop.send(true);
-            }
-        });
-    }
-    Ok(runtime)
+    server.wait().await.map_err(|e| CliError::Failed(e.to_string()))
 }
 
 async fn shutdown_signal() {

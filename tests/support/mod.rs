@@ -24,12 +24,13 @@ use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, oneshot};
 
-use topoplace_online::reservation::{Book, BookConfig};
+use topoplace_online::reservation::BookConfig;
 use topoplace_online::scheduler::SchedulerConfig;
-use topoplace_server::extender::{self, Binder, Extender, ExtenderConfig, MemoryBinder};
-use topoplace_server::kube::lease::{LeaderElector, LeaseConfig};
+use topoplace_server::assemble::{Listeners, SchedulerSetup, Server, ServerSetup, Source};
+use topoplace_server::binder::MemoryBinder;
+use topoplace_server::kube::lease::LeaseConfig;
 use topoplace_server::kube::scheduler::SchedulerRuntime;
-use topoplace_server::kube::{run_view_with, KubeBinder, ViewHooks};
+use topoplace_server::state::ServerState;
 
 /// The topology levels of the fake API's nodes.
 pub const LEVELS: [&str; 2] = ["network.topology.nvidia.com/spine", "network.topology.nvidia.com/leaf"];
@@ -65,34 +66,78 @@ pub async fn serve_router(router: Router) -> Running {
     Running { base, stop: Some(stop), task }
 }
 
-/// An extender over a static cluster file, on a loopback port; `ttl_ms` is both the
-/// reservation's TTL and the longest a gang member's bind is held.
-pub async fn static_extender(cluster_file: &str, ttl_ms: u64) -> (Running, Arc<Extender>, Arc<MemoryBinder>) {
+/// A whole server ([`Server::start`], as `topoplace serve` starts it) on loopback ports:
+/// `base` is the extender's `http://127.0.0.1:PORT`, `grpc` the placement API's
+/// (`https://localhost:PORT` with TLS).
+pub struct Served {
+    pub base: String,
+    pub grpc: String,
+    server: Server,
+}
+
+impl Served {
+    /// A graceful stop (a signal).
+    pub async fn stop(self) {
+        let _ = self.server.stop().await;
+    }
+
+    /// A crash: every task ends at once; the Lease is not handed back.
+    pub fn kill(self) {
+        self.server.kill();
+    }
+
+    pub fn state(&self) -> &Arc<ServerState> {
+        self.server.state()
+    }
+
+    pub fn scheduler(&self) -> Option<&Arc<SchedulerRuntime>> {
+        self.server.scheduler()
+    }
+}
+
+/// Starts a whole server over `source` on loopback ports.
+pub async fn start_server(source: Source, setup: ServerSetup) -> Served {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let base = format!("http://{}", http.local_addr().expect("local addr"));
+    let port = grpc.local_addr().expect("local addr").port();
+    let grpc_base =
+        if setup.grpc_tls.is_some() { format!("https://localhost:{port}") } else { format!("http://127.0.0.1:{port}") };
+    let server = Server::start(source, setup, Listeners { http, grpc: Some(grpc) });
+    Served { base, grpc: grpc_base, server }
+}
+
+/// A static-cluster server; `ttl_ms` is both the reservation's TTL and the longest a gang
+/// member's bind is held.
+pub async fn static_extender(cluster_file: &str, ttl_ms: u64) -> (Served, Arc<ServerState>, Arc<MemoryBinder>) {
     let config = BookConfig { reservation_ttl_ms: ttl_ms, bind_hold_ms: ttl_ms, ..BookConfig::default() };
     static_extender_with(cluster_file, config).await
 }
 
-/// An extender over a static cluster file with the book configured by `config`.
+/// A static-cluster server with the book configured by `config`.
 pub async fn static_extender_with(
     cluster_file: &str,
     config: BookConfig,
-) -> (Running, Arc<Extender>, Arc<MemoryBinder>) {
+) -> (Served, Arc<ServerState>, Arc<MemoryBinder>) {
+    static_server(cluster_file, ServerSetup { book: config, ..ServerSetup::default() }).await
+}
+
+/// A static-cluster server set up by `setup` (the gRPC API's tokens and TLS, ...).
+pub async fn static_server(cluster_file: &str, setup: ServerSetup) -> (Served, Arc<ServerState>, Arc<MemoryBinder>) {
     let text = std::fs::read_to_string(cluster_file).expect("cluster file");
     let cluster = topoplace_formats::files::cluster::load(cluster_file, &text).expect("valid cluster");
-    let binder = Arc::new(MemoryBinder::default());
-    let dyn_binder: Arc<dyn Binder> = binder.clone();
-    let ext = Extender::new(Some(Book::new(cluster, config)), dyn_binder, ExtenderConfig::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let served = ext.clone();
-    let task = tokio::spawn(async move {
-        let _ = extender::serve(listener, served, async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
-    (Running { base, stop: Some(stop), task }, ext, binder)
+    let served = start_server(Source::Static(cluster), setup).await;
+    let state = served.state().clone();
+    let binder = served.server.memory_binder().expect("a static server binds in memory").clone();
+    (served, state, binder)
+}
+
+/// A server on the fake API at `api_base`, with the secondary scheduler when `scheduler` is
+/// given.
+pub async fn kube_server(api_base: &str, book: BookConfig, scheduler: Option<SchedulerSetup>) -> Served {
+    let client = kube::Client::try_from(kube::Config::new(api_base.parse().expect("uri"))).expect("client");
+    let source = Source::Kubernetes { client, level_keys: LEVELS.map(String::from).to_vec(), scheduler };
+    start_server(source, ServerSetup { book, ..ServerSetup::default() }).await
 }
 
 /// A pod as kube-scheduler sends it: GPUs in the limits, gang labels when `gang` is given.
@@ -165,63 +210,36 @@ pub async fn schedule(client: &reqwest::Client, base: &str, pod: &Value, nodes: 
 // ---------------------------------------------------------------------------------------
 // A secondary-scheduler replica against the fake API.
 
-/// One scheduler replica: its view, its scheduler and (optionally) its leader election.
+/// One scheduler replica: a whole server with the secondary scheduler on, and (optionally)
+/// its leader election.
 pub struct Replica {
-    pub ext: Arc<Extender>,
+    pub ext: Arc<ServerState>,
     pub runtime: Arc<SchedulerRuntime>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    stop: tokio::sync::watch::Sender<bool>,
+    served: Served,
 }
 
 impl Replica {
     /// Starts a replica against the API at `base`; with `identity` it campaigns for the
     /// Lease `kube-system/topoplace-scheduler` (2 s lease), else it leads from the start.
     pub async fn start(base: &str, identity: Option<&str>, config: SchedulerConfig) -> Replica {
-        let client = kube::Client::try_from(kube::Config::new(base.parse().expect("uri"))).expect("client");
-        let binder: Arc<dyn Binder> = Arc::new(KubeBinder::new(client.clone()));
-        let ext = Extender::new(None, binder, ExtenderConfig::default());
-        let (leading_tx, leading_rx) = tokio::sync::watch::channel(identity.is_none());
-        let runtime = SchedulerRuntime::new(ext.clone(), client.clone(), config, leading_rx);
-        let hooks: Arc<dyn ViewHooks> = runtime.clone();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let mut tasks = vec![
-            tokio::spawn(run_view_with(
-                client.clone(),
-                ext.clone(),
-                LEVELS.map(String::from).to_vec(),
-                BookConfig::default(),
-                Some(hooks),
-            )),
-            tokio::spawn(runtime.clone().run(client.clone(), "topoplace".into())),
-        ];
-        match identity {
-            Some(identity) => {
-                let elector = LeaderElector::new(
-                    client,
-                    LeaseConfig {
-                        namespace: "kube-system".into(),
-                        name: "topoplace-scheduler".into(),
-                        identity: identity.into(),
-                        lease_duration: Duration::from_millis(2_000),
-                        renew_deadline: Duration::from_millis(1_500),
-                        retry_period: Duration::from_millis(200),
-                    },
-                );
-                tasks.push(tokio::spawn(async move {
-                    let _ = elector.run(leading_tx, stopped).await;
-                }));
-            }
-            None => drop((leading_tx, stopped)),
-        }
-        Replica { ext, runtime, tasks, stop }
+        let lease = identity.map(|identity| LeaseConfig {
+            namespace: "kube-system".into(),
+            name: "topoplace-scheduler".into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_millis(2_000),
+            renew_deadline: Duration::from_millis(1_500),
+            retry_period: Duration::from_millis(200),
+        });
+        let scheduler = SchedulerSetup { name: "topoplace".into(), config, lease };
+        let served = kube_server(base, BookConfig::default(), Some(scheduler)).await;
+        let ext = served.state().clone();
+        let runtime = served.scheduler().expect("the scheduler runs").clone();
+        Replica { ext, runtime, served }
     }
 
     /// A crash: every task stops at once; the Lease is not handed back.
     pub fn kill(self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-        drop(self.stop);
+        self.served.kill();
     }
 }
 
@@ -839,24 +857,4 @@ async fn create_event(State(api): State<FakeApi>, axum::Json(mut event): axum::J
     event["metadata"]["name"] = json!(format!("event-{count}"));
     state.events.push(event.clone());
     (StatusCode::CREATED, axum::Json(event)).into_response()
-}
-
-/// The gRPC placement API over `ext`'s book on a loopback port; `base` is `http://127.0.0.1:PORT`
-/// (`https://localhost:PORT` with TLS).
-pub async fn grpc_server(
-    ext: Arc<Extender>,
-    config: topoplace_server::grpc::GrpcConfig,
-    tls: Option<tonic::transport::ServerTlsConfig>,
-) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-    let port = listener.local_addr().expect("local addr").port();
-    let base = if tls.is_some() { format!("https://localhost:{port}") } else { format!("http://127.0.0.1:{port}") };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let _ = topoplace_server::grpc::serve(listener, ext, config, tls, async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
-    Running { base, stop: Some(stop), task }
 }

@@ -3,7 +3,7 @@
 //! health service and server reflection, optionally over TLS or mutual TLS.
 //!
 //! A thin adapter: it translates messages into the reservation book's terms and calls it
-//! through the [`Extender`] that owns the book, so the extender and this API share one
+//! through the [`ServerState`] that owns the book, so the extender and this API share one
 //! cluster view and one ledger. Requests are checked here for what needs no cluster (zero
 //! GPUs, unknown product, bad TTL) and in the book for the rest; both answer
 //! `INVALID_ARGUMENT` with a message naming the gang and field.
@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-use crate::extender::Extender;
+use crate::state::{BookBusy, ServerState};
 use convert::{capacity_response, explain_response, gang_requests, plan_response, solver_choice, state_response};
 use topoplace_online::reservation::{Book, Expired, PlanOptions, RequestError};
 
@@ -157,7 +157,7 @@ impl TlsFiles {
 /// The `topoplace.v1.Placement` service over a shared book.
 #[derive(Clone)]
 pub struct PlacementService {
-    ext: Arc<Extender>,
+    ext: Arc<ServerState>,
     config: GrpcConfig,
     /// Turns true when the server shuts down, ending open WatchCapacity streams.
     closing: watch::Receiver<bool>,
@@ -178,11 +178,12 @@ fn not_ready() -> Status {
 }
 
 impl PlacementService {
-    pub fn new(ext: Arc<Extender>, config: GrpcConfig, closing: watch::Receiver<bool>) -> Self {
+    pub fn new(ext: Arc<ServerState>, config: GrpcConfig, closing: watch::Receiver<bool>) -> Self {
         PlacementService { ext, config, closing }
     }
 
-    /// Runs `work` on the book, off the async workers (an exact solve may take its time limit).
+    /// Runs `work` on the book's worker thread, off the async workers (an exact solve may
+    /// take its time limit); a full queue is `RESOURCE_EXHAUSTED`.
     async fn on_book<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Book, u64) -> Result<T, Status> + Send + 'static,
@@ -196,16 +197,19 @@ impl PlacementService {
         &self,
         work: impl FnOnce(&mut Book, u64) -> (Result<T, Status>, Vec<Expired>) + Send + 'static,
     ) -> Result<T, Status> {
-        let ext = self.ext.clone();
-        tokio::task::spawn_blocking(move || {
-            let now = ext.now_ms();
-            ext.with_book(|book| match book {
-                Some(book) => work(book, now),
-                None => (Err(not_ready()), Vec::new()),
+        self.ext
+            .on_book(move |state| {
+                let now = state.now_ms();
+                state.with_book(|book| match book {
+                    Some(book) => work(book, now),
+                    None => (Err(not_ready()), Vec::new()),
+                })
             })
-        })
-        .await
-        .map_err(|e| Status::internal(format!("the request's worker failed: {e}")))?
+            .await
+            .map_err(|busy| match busy {
+                BookBusy::Full => Status::resource_exhausted(busy.to_string()),
+                BookBusy::Stopped => Status::unavailable(busy.to_string()),
+            })?
     }
 
     fn owner_of<T>(&self, request: &Request<T>) -> Result<String, Status> {
@@ -386,7 +390,7 @@ impl PlacementService {
 /// open WatchCapacity streams end then, and calls in flight finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    ext: Arc<Extender>,
+    ext: Arc<ServerState>,
     config: GrpcConfig,
     tls: Option<ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,

@@ -10,8 +10,9 @@
 
 pub mod lease;
 pub mod node;
-pub mod pod;
 pub mod scheduler;
+
+use crate::pod;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -28,7 +29,8 @@ use kube::Client;
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use crate::extender::{BindError, Binder, Extender};
+use crate::binder::{BindError, Binder};
+use crate::state::ServerState;
 use topoplace_engine::topology::{Cluster, NodeSpec};
 use topoplace_online::reservation::{Book, BookConfig, MemberBind, PodIdentity};
 
@@ -278,14 +280,14 @@ pub trait ViewHooks: Send + Sync + 'static {
 
 /// Watches nodes and pods and keeps the extender's book in step, until the streams end.
 /// Sets the extender ready once both have listed and the first cluster model exists.
-pub async fn run_view(client: Client, ext: Arc<Extender>, level_keys: Vec<String>, config: BookConfig) {
+pub async fn run_view(client: Client, ext: Arc<ServerState>, level_keys: Vec<String>, config: BookConfig) {
     run_view_with(client, ext, level_keys, config, None).await
 }
 
 /// [`run_view`], also feeding `hooks`.
 pub async fn run_view_with(
     client: Client,
-    ext: Arc<Extender>,
+    ext: Arc<ServerState>,
     level_keys: Vec<String>,
     config: BookConfig,
     hooks: Option<Arc<dyn ViewHooks>>,
@@ -454,12 +456,12 @@ fn apply_node(specs: &mut HashMap<String, NodeSpec>, node: &Node) -> bool {
 }
 
 /// A pod that left (deleted or finished): its GPUs come back.
-fn forget(ext: &Extender, pod: &Pod) {
+fn forget(ext: &ServerState, pod: &Pod) {
     let Some(uid) = pod.metadata.uid.as_deref() else { return };
     ext.update_book(|book| book.forget_pod(uid));
 }
 
-fn apply_pod(ext: &Extender, pod: &Pod) {
+fn apply_pod(ext: &ServerState, pod: &Pod) {
     let Some(BoundGpuPod { identity, node, recorded, gpus, gang }) = bound_gpu_pod(pod) else {
         // Finished, or not bound yet: a finished pod's GPUs come back.
         let finished =

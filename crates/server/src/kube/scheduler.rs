@@ -22,8 +22,9 @@ use kube::runtime::WatchStreamExt;
 use kube::Client;
 use tokio::sync::Notify;
 
-use super::{node, pod, KubeBinder, ViewHooks};
-use crate::extender::Extender;
+use super::{node, KubeBinder, ViewHooks};
+use crate::pod;
+use crate::state::ServerState;
 use topoplace_online::reservation::PodIdentity;
 use topoplace_online::scheduler::{BindTicket, BoundPod, Decision, Finished, PendingPod, Scheduler, SchedulerConfig};
 
@@ -32,7 +33,7 @@ const CYCLE_IDLE_MS: u64 = 200;
 
 /// The running scheduler: shared by the watch tasks, the cycle loop and the bind tasks.
 pub struct SchedulerRuntime {
-    ext: Arc<Extender>,
+    ext: Arc<ServerState>,
     core: Mutex<Scheduler>,
     binder: KubeBinder,
     wake: Notify,
@@ -45,7 +46,7 @@ pub struct SchedulerRuntime {
 
 impl SchedulerRuntime {
     pub fn new(
-        ext: Arc<Extender>,
+        ext: Arc<ServerState>,
         client: Client,
         config: SchedulerConfig,
         leading: tokio::sync::watch::Receiver<bool>,
@@ -190,10 +191,20 @@ impl SchedulerRuntime {
             if !*leading.borrow() || !self.ext.is_ready() {
                 continue;
             }
-            let now = self.ext.now_ms();
-            let decisions = {
-                let mut core = self.core();
-                self.ext.with_book(|book| (core.cycle(book.as_mut(), now), Vec::new()))
+            // On the book's worker thread: a cycle plans every gang it can.
+            let runtime = self.clone();
+            let cycle = self.ext.on_book(move |state| {
+                let now = state.now_ms();
+                let mut core = runtime.core();
+                state.with_book(|book| (core.cycle(book.as_mut(), now), Vec::new()))
+            });
+            let decisions = match cycle.await {
+                Ok(decisions) => decisions,
+                Err(busy) => {
+                    // The next wake-up or idle tick tries again.
+                    tracing::warn!(%busy, "scheduling cycle skipped");
+                    continue;
+                }
             };
             for decision in decisions {
                 let runtime = self.clone();
@@ -240,7 +251,7 @@ impl SchedulerRuntime {
                     Finished::RolledBack { delete, message, members } => {
                         tracing::warn!(%ticket, %message, "bind rolled back");
                         join_all(delete.iter().map(|pod| async move {
-                            if let Err(error) = crate::extender::Binder::delete(&self.binder, pod).await {
+                            if let Err(error) = crate::binder::Binder::delete(&self.binder, pod).await {
                                 tracing::warn!(%pod, %error, "undo: deleting a bound member failed");
                             }
                         }))
@@ -280,7 +291,7 @@ impl SchedulerRuntime {
                 let message = &message;
                 join_all(delete.iter().map(|pod| async move {
                     self.binder.record(pod, "Warning", "GangRepair", message.clone()).await;
-                    if let Err(error) = crate::extender::Binder::delete(&self.binder, pod).await {
+                    if let Err(error) = crate::binder::Binder::delete(&self.binder, pod).await {
                         tracing::warn!(%pod, %error, "repair: deleting a bound member failed");
                     }
                 }))

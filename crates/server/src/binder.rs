@@ -1,0 +1,111 @@
+//! What makes a placement take effect: a [`Binder`] creates Bindings, deletes pods, records
+//! Events and asks kube-scheduler to retry a pod. The API server's is
+//! [`crate::kube::KubeBinder`]; [`MemoryBinder`] keeps binds in memory for `serve --cluster`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use futures::future::BoxFuture;
+
+use topoplace_online::reservation::{MemberBind, PodIdentity};
+
+/// Why a Binding was not made, as far as the binder could tell. The undo of a partly bound
+/// gang deletes only members whose Binding succeeded: a pod whose outcome is
+/// [`BindError::Unknown`] is not known to be bound to the planned node, so it is never
+/// deleted on that guess.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// The pod is bound, but to another node (409 Conflict, read back).
+    #[error("409 Conflict: already bound to `{node}`")]
+    Conflict { node: String },
+    /// The pod no longer exists, or its name now belongs to another pod (another uid).
+    #[error("the pod is gone: {reason}")]
+    Gone { reason: String },
+    /// The request may or may not have taken effect (a timeout, a dropped connection) and the
+    /// pod could not be read back to tell.
+    #[error("outcome unknown: {reason}")]
+    Unknown { reason: String },
+    /// The API server refused the Binding (403, 422, 500, ...), or answered 409 while the pod
+    /// reads back unbound.
+    #[error("{message}")]
+    Api { message: String },
+}
+
+/// What creates Bindings, deletes pods and records Events: the API server, or memory.
+pub trait Binder: Send + Sync + 'static {
+    /// Binds `member` to its node with `topoplace.io/gpus` set to `gpus`. Binding a pod that is
+    /// already bound to that node is success (the API server's 409 on a retried bind).
+    fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), BindError>>;
+    /// Deletes a pod so its controller recreates it (undo of a partly bound gang).
+    fn delete<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>>;
+    /// Records an Event on the pod; failures are logged, never fatal.
+    fn event<'a>(&'a self, pod: &'a PodIdentity, reason: &'a str, message: String) -> BoxFuture<'a, ()>;
+    /// Asks kube-scheduler to retry `pod` now: a gang member whose held bind lapsed, now the
+    /// only kind of member its gang still misses. Before Kubernetes 1.28, a pod whose bind
+    /// failed waits in kube-scheduler's unschedulable queue for a cluster event or the 60 s
+    /// flush; an update of the pod itself is such an event (v1.20
+    /// `pkg/scheduler/internal/queue/scheduling_queue.go`, `PriorityQueue.Update`: an updated
+    /// pod moves from the unschedulable queue to the active queue). Only for that pod (uid).
+    fn retry<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// A [`Binder`] for `serve --cluster`: Bindings recorded in memory, Events kept for `/state`.
+/// It cannot reach kube-scheduler's queue, so [`Binder::retry`] only records the request.
+#[derive(Default)]
+pub struct MemoryBinder {
+    bound: Mutex<HashMap<String, String>>,
+    events: Mutex<Vec<String>>,
+    retried: Mutex<Vec<PodIdentity>>,
+}
+
+impl MemoryBinder {
+    /// Node of a pod bound through this binder.
+    pub fn node_of(&self, uid: &str) -> Option<String> {
+        self.bound.lock().unwrap_or_else(|p| p.into_inner()).get(uid).cloned()
+    }
+
+    pub fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The pods [`Binder::retry`] was asked for, in order.
+    pub fn retried(&self) -> Vec<PodIdentity> {
+        self.retried.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Binder for MemoryBinder {
+    fn bind<'a>(&'a self, member: &'a MemberBind, _gpus: String) -> BoxFuture<'a, Result<(), BindError>> {
+        Box::pin(async move {
+            let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+            match bound.get(&member.pod.uid) {
+                Some(node) if *node == member.node => Ok(()),
+                Some(node) => Err(BindError::Conflict { node: node.clone() }),
+                None => {
+                    bound.insert(member.pod.uid.clone(), member.node.clone());
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn delete<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.bound.lock().unwrap_or_else(|p| p.into_inner()).remove(&pod.uid);
+            Ok(())
+        })
+    }
+
+    fn event<'a>(&'a self, pod: &'a PodIdentity, reason: &'a str, message: String) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.events.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{pod}: {reason}: {message}"));
+        })
+    }
+
+    fn retry<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.retried.lock().unwrap_or_else(|p| p.into_inner()).push(pod.clone());
+            Ok(())
+        })
+    }
+}
