@@ -186,6 +186,10 @@ async fn invalid_requests_are_refused_with_invalid_argument_and_say_what_is_wron
         (plan(vec![gang("", 1, 8)], false), "gangs[0]: name is required"),
         (plan(vec![pb::Gang { tensor_parallel: 3, ..gang("tp", 1, 8) }], false), "tensor_parallel 3"),
         (plan(vec![gang("dup", 1, 8), gang("dup", 1, 8)], false), "appears twice"),
+        (
+            plan(vec![gang("few", 1, 1), pb::Gang { replicas: 1_024, ..gang("many", 1, 1) }], false),
+            "gangs[1]: the request names 1025 or more gangs (replicas counted), over the limit of 1024",
+        ),
         (plan(vec![], false), "no gangs"),
         (pb::PlanRequest { ttl_seconds: 100_000, ..plan(vec![gang("t", 1, 8)], false) }, "ttl_seconds"),
         (pb::PlanRequest { solver: 42, ..plan(vec![gang("s", 1, 8)], false) }, "solver 42"),

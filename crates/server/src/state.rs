@@ -8,7 +8,7 @@
 //! preempt, bind, the gRPC API's plans and capacities, the scheduler's cycle) runs on one
 //! dedicated thread fed by a bounded queue ([`ServerState::on_book`]), never on an async
 //! worker: a long exact solve cannot stall the runtime, and a request finding the queue
-//! full is refused at once ([`BookBusy`]). Cheap bookkeeping (watch events, settling
+//! full is refused at once ([`BookWorkError`]). Cheap bookkeeping (watch events, settling
 //! Bindings, expiry, `/state`) takes the lock where it is. No `.await` happens while the lock
 //! is held.
 
@@ -25,18 +25,23 @@ use crate::extender::metrics::Metrics;
 use topoplace_online::reservation::{Book, Expired, PodDemand};
 
 /// Requests that may wait for the book's worker at once (a queue of closures); one more is
-/// refused with [`BookBusy::Full`] (HTTP 503, gRPC `RESOURCE_EXHAUSTED`). kube-scheduler
+/// refused with [`BookWorkError::Full`] (HTTP 503, gRPC `RESOURCE_EXHAUSTED`). kube-scheduler
 /// calls the extender for one pod at a time per profile, so a full queue means many clients
 /// or a book stalled on long solves.
 pub const BOOK_QUEUE_MAX: usize = 256;
 
-/// Why [`ServerState::on_book`] did not run the work.
+/// Why [`ServerState::on_book`] gave no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BookBusy {
+pub enum BookWorkError {
+    /// [`BOOK_QUEUE_MAX`] jobs are queued: refused at once, nothing was done.
     #[error("the reservation book has {BOOK_QUEUE_MAX} requests queued already; retry shortly")]
     Full,
-    #[error("the reservation book's worker has stopped")]
+    /// The worker thread is gone (it could not be started): nothing was done.
+    #[error("the reservation book's worker is not running")]
     Stopped,
+    /// The work panicked (a bug; logged): what it changed before is checked by `Book::check`.
+    #[error("the reservation book's worker failed on this request (a bug; see the log)")]
+    Failed,
 }
 
 pub(crate) type BindWaiter = oneshot::Sender<Result<(), String>>;
@@ -145,7 +150,7 @@ impl ServerState {
             }
         });
         if let Err(error) = worker {
-            // Without a worker every job is refused with `BookBusy::Stopped`.
+            // Without a worker every job is refused with `BookWorkError::Stopped`.
             tracing::error!(%error, "starting the reservation book's worker thread failed");
         }
         state
@@ -157,16 +162,16 @@ impl ServerState {
     pub async fn on_book<T: Send + 'static>(
         &self,
         work: impl FnOnce(&ServerState) -> T + Send + 'static,
-    ) -> Result<T, BookBusy> {
+    ) -> Result<T, BookWorkError> {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |state| {
             let _ = reply.send(work(state));
         });
         self.queue.try_send(job).map_err(|error| match error {
-            TrySendError::Full(_) => BookBusy::Full,
-            TrySendError::Disconnected(_) => BookBusy::Stopped,
+            TrySendError::Full(_) => BookWorkError::Full,
+            TrySendError::Disconnected(_) => BookWorkError::Stopped,
         })?;
-        answer.await.map_err(|_| BookBusy::Stopped)
+        answer.await.map_err(|_| BookWorkError::Failed)
     }
 
     /// Milliseconds since the state was made: the book's clock.
@@ -326,5 +331,58 @@ pub(crate) fn take_waiters(shared: &mut Shared, ended: &[Expired]) -> Vec<(BindW
 pub(crate) fn answer_dropped(answers: Vec<(BindWaiter, String)>) {
     for (waiter, message) in answers {
         let _ = waiter.send(Err(message));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::binder::MemoryBinder;
+    use futures::FutureExt;
+
+    fn state() -> Arc<ServerState> {
+        ServerState::new(None, Arc::new(MemoryBinder::default()))
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_drains_in_order() {
+        let state = state();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (gate, gate_rx) = std::sync::mpsc::channel::<()>();
+        // The worker runs one job that waits at a gate: everything after it queues.
+        let blocker = state.on_book(move |_| {
+            let _ = entered_tx.send(());
+            let _ = gate_rx.recv();
+        });
+        assert!(blocker.now_or_never().is_none(), "queued, not answered");
+        entered.recv().expect("the worker runs the blocking job");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        for index in 0..BOOK_QUEUE_MAX {
+            let order = order.clone();
+            let queued = state.on_book(move |_| order.lock().expect("order").push(index));
+            assert!(queued.now_or_never().is_none(), "job {index} is queued");
+        }
+        let refused = state.on_book(|_| ()).now_or_never();
+        assert_eq!(refused, Some(Err(BookWorkError::Full)), "one more than the queue holds is refused at once");
+        gate.send(()).expect("open the gate");
+        state.on_book(|_| ()).await.expect("the queue drains and takes work again");
+        let order = order.lock().expect("order").clone();
+        assert_eq!(order, (0..BOOK_QUEUE_MAX).collect::<Vec<_>>(), "in the order queued");
+    }
+
+    #[tokio::test]
+    async fn a_job_that_panics_does_not_stop_the_worker() {
+        let state = state();
+        let failed = state.on_book(|_| -> u32 { panic!("a bug in one job") }).await;
+        assert_eq!(failed, Err(BookWorkError::Failed), "its caller is told");
+        assert_eq!(state.on_book(|_| 7).await, Ok(7), "the next job runs");
+    }
+
+    #[test]
+    fn the_worker_does_not_keep_the_state_alive() {
+        let state = state();
+        let weak = Arc::downgrade(&state);
+        drop(state);
+        assert!(weak.upgrade().is_none(), "the worker holds no strong reference");
     }
 }

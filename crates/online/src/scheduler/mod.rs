@@ -237,10 +237,18 @@ pub struct Scheduler {
     units: BTreeMap<UnitKey, UnitState>,
     /// Tickets in flight: unit key and the members' uids.
     in_flight: BTreeMap<BindTicket, (UnitKey, Vec<BindMember>)>,
+    /// The last cycle stopped at [`CYCLE_ATTEMPTS_MAX`] with units still due.
+    truncated: bool,
 }
 
 /// How long an assumed pod survives a relist that does not show it bound yet.
 const ASSUMED_GRACE_MS: u64 = 30_000;
+
+/// Placement attempts (units tried against the book) in one cycle, in queue order; the units
+/// still due wait for the next cycle, which the runtime starts at once
+/// ([`Scheduler::more_due`]). Bounds how long one cycle holds the book: at most this many
+/// plans, each within the planner's own limits.
+pub const CYCLE_ATTEMPTS_MAX: usize = 256;
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
@@ -251,6 +259,7 @@ impl Scheduler {
             usage: HashMap::new(),
             placed: HashMap::new(),
             freed: 0,
+            truncated: false,
             pending: BTreeMap::new(),
             units: BTreeMap::new(),
             in_flight: BTreeMap::new(),
@@ -522,6 +531,8 @@ impl Scheduler {
         });
         let world = self.world(book);
         let mut protected: Option<(i32, Vec<bool>)> = None;
+        let mut attempts = 0;
+        self.truncated = false;
         for (key, priority) in complete {
             let Some(members) = members_by_unit.get(&key) else { continue };
             let Some(state) = self.units.get(&key) else { continue };
@@ -537,6 +548,11 @@ impl Scheduler {
                 }
                 continue;
             }
+            if attempts == CYCLE_ATTEMPTS_MAX {
+                self.truncated = true;
+                break;
+            }
+            attempts += 1;
             match self.try_place(book, &key, members, held_back.as_deref(), now_ms) {
                 Ok(decision) => {
                     if let Some(state) = self.units.get_mut(&key) {
@@ -569,6 +585,12 @@ impl Scheduler {
             }
         }
         decisions
+    }
+
+    /// Whether the last cycle stopped at [`CYCLE_ATTEMPTS_MAX`] with units still due: run
+    /// the next one at once.
+    pub fn more_due(&self) -> bool {
+        self.truncated
     }
 
     /// The GPU hosts a starving unit could use: held back from the units behind it.

@@ -257,6 +257,27 @@ fn two_gangs_competing_for_one_gangs_capacity_never_hold_partly() {
 }
 
 #[test]
+fn a_cycle_tries_at_most_its_limit_and_the_next_goes_on_in_queue_order() {
+    let mut book = book_of(8, 8);
+    let mut scheduler = scheduler_on(&book);
+    let extra = 10;
+    for index in 0..CYCLE_ATTEMPTS_MAX + extra {
+        let mut pod = pending(&format!("p{index:04}"), 1, None, 100);
+        // The last ones queued first: priority orders the queue.
+        pod.priority = i32::from(index >= CYCLE_ATTEMPTS_MAX);
+        scheduler.pending_applied(pod);
+    }
+    let (bound, _) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert_eq!(bound.len(), CYCLE_ATTEMPTS_MAX, "one cycle places at most its limit");
+    assert!(scheduler.more_due(), "and says more is due");
+    let first: BTreeSet<String> = bound.iter().map(|m| m.pod.name.clone()).collect();
+    assert!((CYCLE_ATTEMPTS_MAX..CYCLE_ATTEMPTS_MAX + extra).all(|i| first.contains(&format!("p{i:04}"))), "higher priority first");
+    let (rest, _) = run(&mut scheduler, &mut book, 1, &BTreeSet::new());
+    assert_eq!(rest.len(), extra, "the next cycle goes on");
+    assert!(!scheduler.more_due());
+}
+
+#[test]
 fn higher_priority_goes_first() {
     let mut book = book_of(1, 2);
     let mut scheduler = scheduler_on(&book);

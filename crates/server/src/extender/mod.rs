@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::binder::BindError;
 use crate::pod;
-use crate::state::{answer_dropped, take_waiters, BookBusy, ServerState, Shared};
+use crate::state::{answer_dropped, take_waiters, BookWorkError, ServerState, Shared};
 use metrics::Verb;
 use topoplace_engine::topology::HostId;
 use topoplace_online::reservation::{
@@ -464,9 +464,15 @@ fn json_body<T: Serialize>(value: &T) -> Response {
     }
 }
 
-impl From<BookBusy> for Rejection {
-    fn from(busy: BookBusy) -> Self {
-        Rejection { status: StatusCode::SERVICE_UNAVAILABLE, message: busy.to_string() }
+/// A full queue or a stopped worker is 503 (kube-scheduler retries the pod); a job that
+/// failed is 500.
+impl From<BookWorkError> for Rejection {
+    fn from(error: BookWorkError) -> Self {
+        let status = match error {
+            BookWorkError::Full | BookWorkError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            BookWorkError::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Rejection { status, message: error.to_string() }
     }
 }
 

@@ -80,6 +80,13 @@ pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
             preferred: scope(&gang.preferred_topology),
         };
         spec.validate().map_err(|e| at(workload_message(&e)))?;
+        let total = requests.len().saturating_add(spec.replicas as usize);
+        if total > super::REQUEST_GANGS_MAX {
+            return Err(at(format!(
+                "the request names {total} or more gangs (replicas counted), over the limit of {}",
+                super::REQUEST_GANGS_MAX
+            )));
+        }
         for expanded in spec.expand() {
             requests.push(GangRequest { key: expanded.name.clone(), gang: expanded, product });
         }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-use crate::state::{BookBusy, ServerState};
+use crate::state::{BookWorkError, ServerState};
 use convert::{capacity_response, explain_response, gang_requests, plan_response, solver_choice, state_response};
 use topoplace_online::reservation::{Book, Expired, PlanOptions, RequestError};
 
@@ -43,6 +43,10 @@ use pb::placement_server::{Placement, PlacementServer};
 pub const RESERVATION_TTL_S_DEFAULT: u32 = 300;
 /// The longest reservation a request may ask for.
 pub const RESERVATION_TTL_S_MAX: u32 = 86_400;
+/// Gangs one request may name, counting every replica as a gang; more is
+/// `INVALID_ARGUMENT`. A Plan is all or nothing over them, on the book's worker thread, so
+/// this bounds how long one request holds the book.
+pub const REQUEST_GANGS_MAX: usize = 1_024;
 /// WatchCapacity's update spacing when the request does not say.
 const WATCH_INTERVAL_MS_DEFAULT: u32 = 500;
 /// Updates buffered per watcher before the server waits for the client to read.
@@ -207,8 +211,9 @@ impl PlacementService {
             })
             .await
             .map_err(|busy| match busy {
-                BookBusy::Full => Status::resource_exhausted(busy.to_string()),
-                BookBusy::Stopped => Status::unavailable(busy.to_string()),
+                BookWorkError::Full => Status::resource_exhausted(busy.to_string()),
+                BookWorkError::Stopped => Status::unavailable(busy.to_string()),
+                BookWorkError::Failed => Status::internal(busy.to_string()),
             })?
     }
 

@@ -196,7 +196,13 @@ impl SchedulerRuntime {
             let cycle = self.ext.on_book(move |state| {
                 let now = state.now_ms();
                 let mut core = runtime.core();
-                state.with_book(|book| (core.cycle(book.as_mut(), now), Vec::new()))
+                let decisions = state.with_book(|book| (core.cycle(book.as_mut(), now), Vec::new()));
+                if core.more_due() {
+                    // Stopped at its attempt limit: the next cycle starts right away, after
+                    // whatever else queued for the book meanwhile.
+                    runtime.wake.notify_one();
+                }
+                decisions
             });
             let decisions = match cycle.await {
                 Ok(decisions) => decisions,
