@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde_json::{json, Value};
-use support::{pod, post, schedule, static_extender, static_extender_with};
+use support::{eventually_async, pod, post, schedule, static_extender, static_extender_with};
 use topoplace_online::reservation::BookConfig;
 
 const CLUSTER: &str = "testdata/extender/cluster.yaml";
@@ -154,15 +154,11 @@ async fn a_member_that_never_arrives_releases_the_gang() {
     assert!(error.contains("1 member(s) have not reached bind"), "the held bind is answered at its hold: {error}");
     assert_eq!(binder.node_of("g-0-uid"), None, "nothing bound");
     // The member keeps its slot for kube-scheduler's retry, one TTL longer; then it is freed.
-    let mut state = Value::Null;
-    for _ in 0..100 {
-        state = client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
-        if state["gangs"] == json!([]) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(state["gangs"], json!([]), "reservation released");
+    let state_url = format!("{}/state", server.base);
+    let get_state =
+        || async { client.get(&state_url).send().await.expect("state").json::<Value>().await.expect("json") };
+    eventually_async("the reservation released", || async { get_state().await["gangs"] == json!([]) }).await;
+    let state = get_state().await;
     assert_eq!(state["stats"]["bind_holds_lapsed"], 1);
     assert!(state["nodes"].as_array().expect("nodes").iter().all(|n| n["held"] == json!([])), "no GPU held");
     assert_eq!(state["stats"]["gangs_expired"], 1);

@@ -10,24 +10,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{kube_server, pod, post, schedule, serve_router, FakeApi};
+use support::{eventually_async as eventually, kube_server, pod, post, schedule, serve_router, FakeApi};
 use topoplace_online::reservation::BookConfig;
 use topoplace_server::binder::Binder;
 use topoplace_server::kube::KubeBinder;
 
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
     client.get(url).send().await.expect("get").json().await.expect("json")
-}
-
-/// Polls until `check` holds or ten seconds pass.
-async fn eventually(what: &str, mut check: impl FnMut() -> futures::future::BoxFuture<'static, bool>) {
-    for _ in 0..200 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 fn free_of(state: &Value, node: &str) -> Vec<u64> {

@@ -8,10 +8,9 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{scheduler_pod, serve_router, FakeApi, Replica, Running};
+use support::{eventually, scheduler_pod, serve_router, FakeApi, Replica, Running};
 use topoplace_online::scheduler::SchedulerConfig;
 
 const H100: &str = "NVIDIA-H100-80GB-HBM3";
@@ -56,17 +55,6 @@ async fn api_with(nodes: Vec<Value>) -> (FakeApi, Running) {
 
 fn rack_nodes(racks: &[&str], per_rack: usize) -> Vec<Value> {
     racks.iter().flat_map(|rack| (0..per_rack).map(move |i| gpu_node(&format!("{rack}-{i}"), rack, |_| {}))).collect()
-}
-
-/// Polls until `check` holds, for up to 15 seconds.
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    for _ in 0..300 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 /// The end of a test: the replica's and the book's invariants, the API's final state.

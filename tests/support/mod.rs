@@ -32,6 +32,28 @@ use topoplace_server::kube::lease::LeaseConfig;
 use topoplace_server::kube::scheduler::SchedulerRuntime;
 use topoplace_server::state::ServerState;
 
+/// Polls `check` every 50 ms until it holds; panics naming `what` after 15 s. For tests
+/// against servers whose book works on its own thread, where a paused tokio clock would
+/// auto-advance while that thread works.
+pub async fn eventually(what: &str, check: impl Fn() -> bool) {
+    eventually_async(what, || {
+        let holds = check();
+        async move { holds }
+    })
+    .await
+}
+
+/// [`eventually`] with a check that awaits (an HTTP or gRPC call).
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    for _ in 0..300 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
 /// The topology levels of the fake API's nodes.
 pub const LEVELS: [&str; 2] = ["network.topology.nvidia.com/spine", "network.topology.nvidia.com/leaf"];
 

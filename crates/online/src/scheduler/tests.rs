@@ -271,7 +271,10 @@ fn a_cycle_tries_at_most_its_limit_and_the_next_goes_on_in_queue_order() {
     assert_eq!(bound.len(), CYCLE_ATTEMPTS_MAX, "one cycle places at most its limit");
     assert!(scheduler.more_due(), "and says more is due");
     let first: BTreeSet<String> = bound.iter().map(|m| m.pod.name.clone()).collect();
-    assert!((CYCLE_ATTEMPTS_MAX..CYCLE_ATTEMPTS_MAX + extra).all(|i| first.contains(&format!("p{i:04}"))), "higher priority first");
+    assert!(
+        (CYCLE_ATTEMPTS_MAX..CYCLE_ATTEMPTS_MAX + extra).all(|i| first.contains(&format!("p{i:04}"))),
+        "higher priority first"
+    );
     let (rest, _) = run(&mut scheduler, &mut book, 1, &BTreeSet::new());
     assert_eq!(rest.len(), extra, "the next cycle goes on");
     assert!(!scheduler.more_due());
