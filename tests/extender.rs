@@ -187,7 +187,7 @@ async fn a_late_member_is_still_bound_with_its_gang() {
 }
 
 /// kube-scheduler v1.20 with a 30 s reservation bound a gang whose third member came 35 s late
-/// only after 150 s: the held binds failed when the reservation expired. A held bind keeps
+/// only 115 s after its last member's creation: the held binds failed when the reservation expired. A held bind keeps
 /// the reservation, so a member later than the TTL but within the hold binds the gang at once.
 #[tokio::test]
 async fn a_member_later_than_the_ttl_but_within_the_hold_binds_its_gang_at_once() {

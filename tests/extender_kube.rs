@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::{eventually_async as eventually, kube_server, pod, post, schedule, serve_router, FakeApi};
 use topoplace_online::reservation::BookConfig;
-use topoplace_server::binder::Binder;
+use topoplace_server::binder::{BindError, Binder};
 use topoplace_server::kube::KubeBinder;
 
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
@@ -188,7 +188,8 @@ async fn a_member_whose_hold_lapsed_is_asked_back_when_the_rest_of_its_gang_is_a
         api.add_node(&format!("r1-{index}"), "NVIDIA-H100-80GB-HBM3", 8, "r1");
     }
     let api_server = serve_router(api.router()).await;
-    let book_config = BookConfig { reservation_ttl_ms: 10_000, bind_hold_ms: 300, ..BookConfig::default() };
+    // Holds long enough for the test to play kube-scheduler's retry on a loaded machine.
+    let book_config = BookConfig { reservation_ttl_ms: 10_000, bind_hold_ms: 3_000, ..BookConfig::default() };
     let server = kube_server(&api_server.base, book_config, None).await;
     let (base, ext) = (server.base.clone(), server.state().clone());
     let client = kube::Client::try_from(kube::Config::new(api_server.base.parse().expect("uri"))).expect("client");
@@ -225,6 +226,38 @@ async fn a_member_whose_hold_lapsed_is_asked_back_when_the_rest_of_its_gang_is_a
     assert_eq!(api.pod_node("ml", "w-0"), Some(first));
     assert_eq!(api.pod_node("ml", "w-1"), Some(second));
 
+    // A lapsed member deleted while parked (the pod watch sees bound pods only): asking it
+    // back meets 404, and its slot is freed for a replacement.
+    let parked = pod("ml", "x-0", "x-0-uid", 8, Some(("x", 2)));
+    api.add_pod(parked.clone(), None, None);
+    schedule(&http, &base, &parked, &nodes).await.expect_err("held, then answered at the hold");
+    api.delete_pod("ml", "x-0");
+    let other = pod("ml", "x-1", "x-1-uid", 8, Some(("x", 2)));
+    api.add_pod(other.clone(), None, None);
+    let held = {
+        let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
+        tokio::spawn(async move { schedule(&http, &base, &other, &nodes).await })
+    };
+    {
+        let (http, base) = (http.clone(), base.clone());
+        eventually("the deleted member's slot freed", move || {
+            let (http, base) = (http.clone(), base.clone());
+            Box::pin(async move {
+                let state = get_json(&http, &format!("{base}/state")).await;
+                let slots = state["gangs"]
+                    .as_array()
+                    .and_then(|g| g.iter().find(|g| g["gang"] == "ml/x"))
+                    .map(|g| g["slots"].clone());
+                slots.is_some_and(|slots| !slots.to_string().contains("\"ml/x-0\""))
+            })
+        })
+        .await;
+    }
+    let replacement = pod("ml", "x-2", "x-2-uid", 8, Some(("x", 2)));
+    api.add_pod(replacement.clone(), None, None);
+    schedule(&http, &base, &replacement, &nodes).await.expect("the replacement binds the gang");
+    held.await.expect("task").expect("the held member binds with it");
+
     // The patch carries the uid: a pod of that name with another uid is never touched.
     let stranger = topoplace_online::reservation::PodIdentity {
         namespace: "ml".into(),
@@ -232,8 +265,11 @@ async fn a_member_whose_hold_lapsed_is_asked_back_when_the_rest_of_its_gang_is_a
         uid: "another-uid".into(),
     };
     let refused = kube_binder.retry(&stranger).await.expect_err("another pod under the same name");
-    assert!(refused.contains("Precondition failed"), "{refused}");
-    assert_eq!(api.patches().len(), 1);
+    assert!(
+        matches!(&refused, BindError::Gone { reason } if reason.contains("Precondition failed")),
+        "another uid is the pod gone, with the API server's words: {refused:?}"
+    );
+    assert_eq!(api.patches(), vec!["w-0".to_string()], "nothing patched but the first lapsed member");
 
     ext.check().expect("book invariants");
     server.stop().await;

@@ -184,10 +184,13 @@ impl Server {
             Ok(served) => served,
             Err(error) => Err(ServeError::Task(error.to_string())),
         };
-        if let Some(elector) = self.elector {
+        // Serving may have ended on its own (an error): everything else stops with it.
+        let _ = self.stop.send(true);
+        if let Some(mut elector) = self.elector {
             // It sees the stop and hands the Lease back (renew deadline permitting).
-            if tokio::time::timeout(ELECTOR_STOP_WAIT, elector).await.is_err() {
+            if tokio::time::timeout(ELECTOR_STOP_WAIT, &mut elector).await.is_err() {
                 tracing::warn!("the leader election did not end in time");
+                elector.abort();
             }
         }
         for task in &self.background {
@@ -206,7 +209,9 @@ impl Server {
         self.wait().await
     }
 
-    /// A crash: every task ends at once; nothing is handed back (not even the Lease).
+    /// A crash: the server's own tasks (the listeners, the view, the scheduler, the Lease,
+    /// expiry) end at once and nothing is handed back (not even the Lease). Requests already
+    /// accepted run on in their connections' tasks until they finish.
     pub fn kill(self) {
         self.serving.abort();
         for task in self.background.iter().chain(&self.elector) {

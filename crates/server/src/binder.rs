@@ -34,7 +34,9 @@ pub enum BindError {
 /// What creates Bindings, deletes pods and records Events: the API server, or memory.
 pub trait Binder: Send + Sync + 'static {
     /// Binds `member` to its node with `topoplace.io/gpus` set to `gpus`. Binding a pod that is
-    /// already bound to that node is success (the API server's 409 on a retried bind).
+    /// already bound to that node is success (the API server's 409 on a retried bind). Answers
+    /// within `BINDING_BUDGET_MS` (15 s), settling a call without an answer itself, so that a
+    /// gang's held binds are answered before kube-scheduler's `httpTimeout`.
     fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), BindError>>;
     /// Deletes a pod so its controller recreates it (undo of a partly bound gang).
     fn delete<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>>;
@@ -46,7 +48,8 @@ pub trait Binder: Send + Sync + 'static {
     /// flush; an update of the pod itself is such an event (v1.20
     /// `pkg/scheduler/internal/queue/scheduling_queue.go`, `PriorityQueue.Update`: an updated
     /// pod moves from the unschedulable queue to the active queue). Only for that pod (uid).
-    fn retry<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>>;
+    /// [`BindError::Gone`] when the pod no longer exists or its name is another pod's.
+    fn retry<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), BindError>>;
 }
 
 /// A [`Binder`] for `serve --cluster`: Bindings recorded in memory, Events kept for `/state`.
@@ -102,7 +105,7 @@ impl Binder for MemoryBinder {
         })
     }
 
-    fn retry<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>> {
+    fn retry<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), BindError>> {
         Box::pin(async move {
             self.retried.lock().unwrap_or_else(|p| p.into_inner()).push(pod.clone());
             Ok(())

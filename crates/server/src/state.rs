@@ -7,10 +7,10 @@
 //! Concurrency: one `std::sync::Mutex` around the book. Work that plans (filter, prioritize,
 //! preempt, bind, the gRPC API's plans and capacities, the scheduler's cycle) runs on one
 //! dedicated thread fed by a bounded queue ([`ServerState::on_book`]), never on an async
-//! worker: a long exact solve cannot stall the runtime, and a request finding the queue
-//! full is refused at once ([`BookWorkError`]). Cheap bookkeeping (watch events, settling
-//! Bindings, expiry, `/state`) takes the lock where it is. No `.await` happens while the lock
-//! is held.
+//! worker, and a request finding the queue full is refused at once ([`BookWorkError`]).
+//! Cheap bookkeeping (watch events, settling Bindings, expiry, `/state`, `/metrics`) takes
+//! the lock where it is, and so may wait behind a long solve. No `.await` happens while the
+//! lock is held.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,11 @@ use topoplace_online::reservation::{Book, Expired, PodDemand};
 /// calls the extender for one pod at a time per profile, so a full queue means many clients
 /// or a book stalled on long solves.
 pub const BOOK_QUEUE_MAX: usize = 256;
+
+/// The jobs the gRPC API may have queued or running on the book at once (half the queue):
+/// callers without a token (capacity, state, watches) cannot crowd kube-scheduler's verbs out.
+/// One more is refused with [`BookWorkError::Full`].
+pub const API_QUEUE_SHARE: usize = BOOK_QUEUE_MAX / 2;
 
 /// Why [`ServerState::on_book`] gave no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +116,8 @@ pub struct ServerState {
     ready: AtomicBool,
     /// The book's worker thread's queue.
     queue: SyncSender<Job>,
+    /// The gRPC API's share of it ([`API_QUEUE_SHARE`]).
+    api_lane: tokio::sync::Semaphore,
 }
 
 impl ServerState {
@@ -136,6 +143,7 @@ impl ServerState {
             epoch: tokio::time::Instant::now(),
             ready: AtomicBool::new(ready),
             queue,
+            api_lane: tokio::sync::Semaphore::new(API_QUEUE_SHARE),
         });
         let weak: Weak<ServerState> = Arc::downgrade(&state);
         let worker = std::thread::Builder::new().name("topoplace-book".into()).spawn(move || {
@@ -260,6 +268,16 @@ impl ServerState {
         }
     }
 
+    /// [`ServerState::on_book`] for the gRPC API: within its share of the queue
+    /// ([`API_QUEUE_SHARE`]), refused at once beyond it.
+    pub async fn on_book_api<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&ServerState) -> T + Send + 'static,
+    ) -> Result<T, BookWorkError> {
+        let _permit = self.api_lane.try_acquire().map_err(|_| BookWorkError::Full)?;
+        self.on_book(work).await
+    }
+
     /// Sleeps until the book's next deadline (a held bind's limit, a reservation's expiry),
     /// published by every lock section that moves it, and sweeps then: no wake-up while
     /// nothing is waiting, none for requests that change nothing about expiry. It holds the
@@ -365,9 +383,44 @@ mod tests {
         let refused = state.on_book(|_| ()).now_or_never();
         assert_eq!(refused, Some(Err(BookWorkError::Full)), "one more than the queue holds is refused at once");
         gate.send(()).expect("open the gate");
-        state.on_book(|_| ()).await.expect("the queue drains and takes work again");
+        // The queue drains (the worker runs what was queued) and then takes work again.
+        for _ in 0..1_000 {
+            if order.lock().expect("order").len() == BOOK_QUEUE_MAX {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        state.on_book(|_| ()).await.expect("the queue takes work again");
         let order = order.lock().expect("order").clone();
         assert_eq!(order, (0..BOOK_QUEUE_MAX).collect::<Vec<_>>(), "in the order queued");
+    }
+
+    #[tokio::test]
+    async fn the_grpc_api_gets_half_the_queue_and_the_extender_the_rest() {
+        let state = state();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (gate, gate_rx) = std::sync::mpsc::channel::<()>();
+        let mut blocker = Box::pin(state.on_book(move |_| {
+            let _ = entered_tx.send(());
+            let _ = gate_rx.recv();
+        }));
+        assert!(futures::poll!(&mut blocker).is_pending());
+        entered.recv().expect("the worker runs the blocking job");
+        let mut api_jobs = Vec::new();
+        for _ in 0..API_QUEUE_SHARE {
+            let mut job = Box::pin(state.on_book_api(|_| ()));
+            assert!(futures::poll!(&mut job).is_pending(), "within the API's share");
+            api_jobs.push(job);
+        }
+        assert_eq!(state.on_book_api(|_| ()).now_or_never(), Some(Err(BookWorkError::Full)), "over its share");
+        let mut verb = Box::pin(state.on_book(|_| 1));
+        assert!(futures::poll!(&mut verb).is_pending(), "the extender's verbs still find room");
+        gate.send(()).expect("open the gate");
+        for job in api_jobs {
+            job.await.expect("answered");
+        }
+        assert_eq!(verb.await, Ok(1));
+        assert_eq!(state.on_book_api(|_| 2).await, Ok(2), "the share is free again");
     }
 
     #[tokio::test]

@@ -280,6 +280,7 @@ impl Book {
                     expires_at_ms,
                     binding: false,
                     origin: Some(ApiReservation { id: id.clone(), owner: options.owner.clone() }),
+                    first_held_ms: None,
                 },
             );
             self.stats.gangs_reserved += 1;
@@ -443,7 +444,7 @@ impl Book {
                 origin: g.origin.clone(),
                 gang: key.clone(),
                 gpus: g.slots.iter().map(|s| u64::from(s.gpus.count_ones())).sum(),
-                expires_in_ms: g.expires_at_ms.saturating_sub(now_ms),
+                expires_in_ms: super::next_deadline(g, self.config.bind_hold_ms).saturating_sub(now_ms),
                 members_assigned: g.slots.iter().filter(|s| s.pod.is_some()).count() as u32,
                 members: g.gang.members,
             })

@@ -39,9 +39,16 @@ pub const RESERVATION_TTL_MS_DEFAULT: u64 = 30_000;
 /// retry. kube-scheduler abandons an extender call after the extender's `httpTimeout`
 /// (`pkg/scheduler/core/extender.go`: the HTTP client's `Timeout`); a hold plus
 /// [`BINDING_BUDGET_MS`] must fit in it, so every held bind is answered before kube-scheduler
-/// hangs up. The shipped `httpTimeout` is 60 s (`scheduler-config/extender/`), and a test
-/// pins that they agree.
-pub const BIND_HOLD_MS_DEFAULT: u64 = 45_000;
+/// hangs up, with 5 s to spare for a request that waited in the book's queue. The shipped
+/// `httpTimeout` is 60 s (`scheduler-config/extender/`), and a test pins that they agree.
+pub const BIND_HOLD_MS_DEFAULT: u64 = 40_000;
+
+/// How many bind holds a gang gets to assemble at bind: from its first member's held bind, the
+/// whole gang must reach bind within `HOLD_ROUNDS_MAX` × [`BookConfig::bind_hold_ms`] (2 min
+/// by default), or the reservation is released and its held binds answered, so a gang whose
+/// member never comes (deleted while parked, never created) cannot hold its GPUs for ever.
+/// Three holds cover kube-scheduler's own retry of a parked pod (up to 90 s before 1.28).
+pub const HOLD_ROUNDS_MAX: u64 = 3;
 
 /// The time a gang's Bindings may take once its last member reached bind, in ms: the held
 /// members' calls must still be open when they are answered, so this is what the hold leaves
@@ -129,7 +136,7 @@ pub enum BookError {
          but this pod says {size} members of {gpus} GPUs"
     )]
     GangShapeMismatch { pod: String, gang: String, planned: u32, planned_gpus: u32, size: u32, gpus: u32 },
-    #[error("pod {pod}: gang `{gang}` already has all {size} members planned (a member was recreated? it frees when the reservation expires)")]
+    #[error("pod {pod}: gang `{gang}` already has all {size} members planned and at bind or filtered (a member was recreated? its slot frees when the reservation ends)")]
     GangFull { pod: String, gang: String, size: u32 },
     #[error(
         "pod {pod}: nothing is planned for it (its gang's reservation expired or was never made); filter it again"
@@ -293,6 +300,9 @@ struct GangReservation {
     binding: bool,
     /// Set when the placement API reserved it (the extender's own plans have none).
     origin: Option<ApiReservation>,
+    /// When its first member's bind was held: the gang must be whole at bind within
+    /// [`HOLD_ROUNDS_MAX`] holds of it, or it is released ([`Book::expire`]).
+    first_held_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -575,7 +585,14 @@ impl Book {
             let slots = placement.iter().map(|&(host, gpus)| Slot::planned(host, gpus)).collect();
             self.gangs.insert(
                 key.to_string(),
-                GangReservation { gang, slots, expires_at_ms: now_ms, binding: false, origin: None },
+                GangReservation {
+                    gang,
+                    slots,
+                    expires_at_ms: now_ms,
+                    binding: false,
+                    origin: None,
+                    first_held_ms: None,
+                },
             );
             self.stats.gangs_reserved += 1;
         }
@@ -618,6 +635,11 @@ impl Book {
         let mut expired = Vec::new();
         let mut due = Vec::new();
         for (key, reservation) in self.gangs.iter_mut().filter(|(_, g)| !g.binding) {
+            if assembly_limit(reservation, hold).is_some_and(|limit| limit <= now_ms) {
+                // Not whole at bind after its rounds of holds: released, held binds answered.
+                due.push(key.clone());
+                continue;
+            }
             let waiting_for = reservation.slots.iter().filter(|s| !s.at_bind).count() as u32;
             let mut lapsed = 0;
             for slot in reservation.slots.iter_mut().filter(|s| s.at_bind && s.held_until_ms <= now_ms) {
@@ -648,12 +670,14 @@ impl Book {
     /// The next instant [`Book::expire`] has work: the earliest held bind's hold limit or,
     /// for a reservation holding no bind, its expiry.
     pub fn next_expiry_ms(&self) -> Option<u64> {
-        self.gangs.values().filter(|g| !g.binding).map(next_deadline).min()
+        let hold = self.config.bind_hold_ms;
+        self.gangs.values().filter(|g| !g.binding).map(|g| next_deadline(g, hold)).min()
     }
 
     /// When the reservation of `gang` next needs [`Book::expire`], if it is waiting.
     pub fn expiry_of(&self, gang: &str) -> Option<u64> {
-        self.gangs.get(gang).filter(|g| !g.binding).map(next_deadline)
+        let hold = self.config.bind_hold_ms;
+        self.gangs.get(gang).filter(|g| !g.binding).map(|g| next_deadline(g, hold))
     }
 
     fn drop_reservation(&mut self, key: &str) -> Option<GangReservation> {
@@ -732,6 +756,7 @@ impl Book {
                     expires_at_ms: now_ms + self.config.reservation_ttl_ms,
                     binding: false,
                     origin: None,
+                    first_held_ms: None,
                 },
             );
             self.stats.gangs_reserved += 1;
@@ -775,10 +800,14 @@ impl Book {
         membership: &GangMembership,
         now_ms: u64,
     ) -> Result<usize, BookError> {
+        let ttl = self.config.reservation_ttl_ms;
         if let Some(slot) = self.slot_of(key, &demand.pod.uid) {
+            // A member filtered again (kube-scheduler's retry) is a sign of life too.
+            if let Some(reservation) = self.gangs.get_mut(key) {
+                reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
+            }
             return Ok(slot);
         }
-        let ttl = self.config.reservation_ttl_ms;
         let Some(reservation) = self.gangs.get_mut(key) else {
             return Err(BookError::NotPlanned { pod: demand.pod.to_string() });
         };
@@ -786,8 +815,12 @@ impl Book {
             let slot = &reservation.slots[r];
             slot.pod.is_none() || !slot.at_bind
         });
+        // Without a free slot, a newcomer without a rank takes one whose pod's hold lapsed:
+        // the pod watch sees bound pods only, so a parked member deleted and replaced still
+        // holds its slot.
         let free = reservation.slots.iter().position(|s| s.pod.is_none());
-        let Some(slot) = by_rank.or(free) else {
+        let lapsed = reservation.slots.iter().position(|s| s.lapsed);
+        let Some(slot) = by_rank.or(free).or(lapsed) else {
             return Err(BookError::GangFull {
                 pod: demand.pod.to_string(),
                 gang: key.to_string(),
@@ -800,7 +833,7 @@ impl Book {
         reservation.slots[slot].at_bind = false;
         reservation.slots[slot].lapsed = false;
         // A reservation made through the API may hold longer than the extender's TTL.
-        reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms + ttl);
+        reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
         Ok(slot)
     }
 
@@ -896,6 +929,7 @@ impl Book {
             let slot = &mut reservation.slots[slot];
             (slot.at_bind, slot.lapsed, slot.held_until_ms) = (true, false, now_ms.saturating_add(hold));
             reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
+            reservation.first_held_ms.get_or_insert(now_ms);
         }
         if reservation.binding || !reservation.slots.iter().all(|s| s.at_bind) {
             let only_lapsed_missing = reservation.slots.iter().all(|s| s.at_bind || (s.lapsed && s.pod.is_some()));
@@ -1190,7 +1224,7 @@ impl Book {
                 gang: key.clone(),
                 members: g.gang.members,
                 binding: g.binding,
-                expires_in_ms: g.expires_at_ms.saturating_sub(now_ms),
+                expires_in_ms: next_deadline(g, self.config.bind_hold_ms).saturating_sub(now_ms),
                 slots: g
                     .slots
                     .iter()
@@ -1207,10 +1241,17 @@ impl Book {
     }
 }
 
-/// A waiting reservation's next deadline: its earliest held bind's limit, else its expiry.
-fn next_deadline(reservation: &GangReservation) -> u64 {
+/// A waiting reservation's next deadline: its earliest held bind's limit, else its expiry;
+/// and its assembly limit if sooner.
+fn next_deadline(reservation: &GangReservation, hold_ms: u64) -> u64 {
     let held = reservation.slots.iter().filter(|s| s.at_bind).map(|s| s.held_until_ms).min();
-    held.unwrap_or(reservation.expires_at_ms)
+    let deadline = held.unwrap_or(reservation.expires_at_ms);
+    assembly_limit(reservation, hold_ms).map_or(deadline, |limit| deadline.min(limit))
+}
+
+/// When a reservation whose members reach bind must be whole at bind ([`HOLD_ROUNDS_MAX`]).
+fn assembly_limit(reservation: &GangReservation, hold_ms: u64) -> Option<u64> {
+    reservation.first_held_ms.map(|first| first.saturating_add(hold_ms.saturating_mul(HOLD_ROUNDS_MAX)))
 }
 
 fn at_bind(reservation: &GangReservation) -> Vec<PodIdentity> {

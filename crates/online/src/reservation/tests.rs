@@ -184,6 +184,61 @@ fn a_member_whose_hold_lapsed_keeps_its_slot_and_binds_with_the_rest_on_its_retr
 }
 
 #[test]
+fn a_gang_not_whole_at_bind_within_its_rounds_of_holds_is_released_though_a_bind_is_held() {
+    let config = BookConfig { reservation_ttl_ms: 1_000, bind_hold_ms: 200, ..BookConfig::default() };
+    let mut book = Book::new(cluster(1, 4), config);
+    let offered = all_hosts(&book);
+    let early = member("g", 2, 0, 8);
+    let verdicts = book.filter(&early, &offered, 0).expect("filter");
+    let node = passing(&book, &verdicts, &offered).remove(0);
+    // kube-scheduler retries the early member over and over; the other never comes.
+    let mut now = 0;
+    let mut released = Vec::new();
+    while released.is_empty() && now < 10_000 {
+        if book.filter(&early, &offered, now).is_ok() {
+            let _ = book.bind_arrive(&early, &node, now);
+        }
+        now += 50;
+        released = book.expire(now).into_iter().filter(|e| matches!(e, Expired::Reservation { .. })).collect();
+    }
+    assert_eq!(now, HOLD_ROUNDS_MAX * 200, "released at its assembly limit, not later");
+    assert_eq!(
+        released,
+        vec![Expired::Reservation { gang: "ns/g".into(), members_at_bind: vec![early.pod.clone()] }],
+        "the bind held at that moment is answered with the release"
+    );
+    assert_eq!(book.ledger().free_gpus(), 32);
+    book.check().expect("invariants");
+}
+
+#[test]
+fn a_member_without_a_rank_takes_the_slot_of_a_lapsed_member_when_none_is_free() {
+    let config = BookConfig { reservation_ttl_ms: 1_000, bind_hold_ms: 200, ..BookConfig::default() };
+    let mut book = Book::new(cluster(1, 4), config);
+    let offered = all_hosts(&book);
+    let rankless = |name: &str| {
+        let mut demand = member("g", 2, 0, 8);
+        demand.pod = PodIdentity { namespace: "ns".into(), name: name.into(), uid: format!("{name}-uid") };
+        if let Some(gang) = demand.gang.as_mut() {
+            gang.rank = None;
+        }
+        demand
+    };
+    let (first, second) = (rankless("a"), rankless("b"));
+    for pod in [&first, &second] {
+        let verdicts = book.filter(pod, &offered, 0).expect("filter");
+        let node = passing(&book, &verdicts, &offered).remove(0);
+        if pod.pod.name == "a" {
+            book.bind_arrive(pod, &node, 0).expect("held");
+        }
+    }
+    assert_eq!(book.expire(200).len(), 1, "a's hold lapses; a is deleted while parked (unseen)");
+    let replacement = rankless("c");
+    let third = book.filter(&replacement, &offered, 300).expect("takes a's lapsed slot, not GangFull");
+    assert_eq!(passing(&book, &third, &offered).len(), 1);
+}
+
+#[test]
 fn a_ledger_change_that_fails_where_the_book_expected_success_is_recorded_not_dropped() {
     let config = BookConfig { reservation_ttl_ms: 100, ..BookConfig::default() };
     let mut book = Book::new(cluster(1, 4), config);

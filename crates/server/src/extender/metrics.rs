@@ -68,7 +68,7 @@ impl Metrics {
     /// The exposition text; `book` is `None` before the cluster view exists.
     pub fn render(&self, book: Option<&Book>) -> String {
         let mut out = String::new();
-        out.push_str("# HELP topoplace_extender_requests_total ServerState requests by verb and result.\n");
+        out.push_str("# HELP topoplace_extender_requests_total Extender requests by verb and result.\n");
         out.push_str("# TYPE topoplace_extender_requests_total counter\n");
         for (verb, metrics) in Verb::ALL.iter().map(|v| v.name()).zip(&self.verbs) {
             for (result, counter) in [("ok", &metrics.ok), ("error", &metrics.errors)] {
@@ -79,7 +79,7 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP topoplace_extender_request_duration_seconds ServerState request latency by verb.\n");
+        out.push_str("# HELP topoplace_extender_request_duration_seconds Extender request latency by verb.\n");
         out.push_str("# TYPE topoplace_extender_request_duration_seconds histogram\n");
         for (verb, metrics) in Verb::ALL.iter().map(|v| v.name()).zip(&self.verbs) {
             for (bound, bucket) in BUCKETS_S.iter().zip(&metrics.buckets) {

@@ -36,7 +36,7 @@ use crate::state::{answer_dropped, take_waiters, BookWorkError, ServerState, Sha
 use metrics::Verb;
 use topoplace_engine::topology::HostId;
 use topoplace_online::reservation::{
-    BindFinish, BindStep, Book, MemberBind, NodeVerdict, PodDemand, PreemptCandidate, Ticket, BINDING_BUDGET_MS,
+    BindFinish, BindStep, Book, MemberBind, NodeVerdict, PodDemand, PreemptCandidate, Ticket,
 };
 use wire::{
     ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, ExtenderPreemptionArgs,
@@ -284,7 +284,18 @@ fn arrive_on_book(state: &ServerState, args: &ExtenderBindingArgs) -> Arrival {
     outcome
 }
 
+/// The bind verb. Its whole flow runs in a task of its own: kube-scheduler hanging up (its
+/// `httpTimeout`) drops the HTTP handler, and must not drop a member's arrival half-way (a
+/// gang marked binding whose Bindings never run) nor a gang's Bindings.
 async fn bind(state: &Arc<ServerState>, args: ExtenderBindingArgs) -> ExtenderBindingResult {
+    let state = state.clone();
+    match tokio::spawn(async move { bind_flow(&state, args).await }).await {
+        Ok(reply) => reply,
+        Err(error) => ExtenderBindingResult { error: format!("the bind task failed: {error}") },
+    }
+}
+
+async fn bind_flow(state: &Arc<ServerState>, args: ExtenderBindingArgs) -> ExtenderBindingResult {
     let fail = |error: String| ExtenderBindingResult { error };
     let arrival = match state.on_book(move |state| arrive_on_book(state, &args)).await {
         Ok(arrival) => arrival,
@@ -299,14 +310,7 @@ async fn bind(state: &Arc<ServerState>, args: ExtenderBindingArgs) -> ExtenderBi
             let Some(rx) = rx else { return fail("internal: no waiter".into()) };
             if !retry_now.is_empty() {
                 // Spawned: the nudges must not wait on this held call, nor die with it.
-                let binder = state.binder.clone();
-                tokio::spawn(async move {
-                    for pod in &retry_now {
-                        if let Err(error) = binder.retry(pod).await {
-                            tracing::warn!(%pod, %error, "asking kube-scheduler to retry a gang member failed");
-                        }
-                    }
-                });
+                tokio::spawn(ask_to_retry(state.clone(), retry_now));
             }
             match rx.await {
                 Ok(Ok(())) => ExtenderBindingResult::default(),
@@ -314,34 +318,42 @@ async fn bind(state: &Arc<ServerState>, args: ExtenderBindingArgs) -> ExtenderBi
                 Err(_) => fail(format!("gang `{gang}`: its reservation was dropped while this member waited")),
             }
         }
-        BindStep::Bind { ticket, members } => {
-            // Spawned, so that kube-scheduler hanging up (its httpTimeout) cannot stop a
-            // gang's Bindings half-way and leave the reservation in flight for ever.
-            let state = state.clone();
-            let binding = tokio::spawn(async move { bind_all(&state, &ticket, members).await });
-            match binding.await {
-                Ok(Ok(())) => ExtenderBindingResult::default(),
-                Ok(Err(error)) => fail(error),
-                Err(error) => fail(format!("the bind task failed: {error}")),
+        BindStep::Bind { ticket, members } => match bind_all(state, &ticket, members).await {
+            Ok(()) => ExtenderBindingResult::default(),
+            Err(error) => fail(error),
+        },
+    }
+}
+
+/// How long after a hold lapsed its pod is asked to retry: kube-scheduler must have had the
+/// failed bind's answer and forgotten the pod it assumed, or it ignores an update of the pod
+/// (v1.20 `skipPodUpdate` skips annotation-only updates of assumed pods).
+const RETRY_AFTER: Duration = Duration::from_millis(1_000);
+
+/// Asks kube-scheduler to retry the lapsed members `pods`. One that is gone (deleted, or its
+/// name another pod's) gives its slot up, so its replacement can take it.
+async fn ask_to_retry(state: Arc<ServerState>, pods: Vec<topoplace_online::reservation::PodIdentity>) {
+    tokio::time::sleep(RETRY_AFTER).await;
+    for pod in &pods {
+        match state.binder.retry(pod).await {
+            Ok(()) => {}
+            Err(BindError::Gone { reason }) => {
+                tracing::info!(%pod, %reason, "a lapsed gang member is gone: its slot is freed");
+                state.update_book(|book| book.forget_pod(&pod.uid));
             }
+            Err(error) => tracing::warn!(%pod, %error, "asking kube-scheduler to retry a gang member failed"),
         }
     }
 }
 
 /// Creates every Binding of a ticket concurrently, records the outcome in the book,
-/// undoes a partial bind, and answers the members that were waiting.
+/// answers the members that were waiting, and undoes a partial bind. Each Binding is bounded
+/// by the [`Binder`](crate::binder::Binder) (the API server's: within `BINDING_BUDGET_MS`).
 async fn bind_all(state: &ServerState, ticket: &Ticket, members: Vec<MemberBind>) -> Result<(), String> {
     let binder = &state.binder;
-    let budget = Duration::from_millis(BINDING_BUDGET_MS);
     let outcomes = join_all(members.iter().map(|member| async move {
         let gpus = pod::gpus_annotation(&member.gpus);
-        let outcome = match tokio::time::timeout(budget, binder.bind(member, gpus)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(BindError::Unknown {
-                reason: format!("no answer within {} s; the Binding may still land", budget.as_secs()),
-            }),
-        };
-        (member.pod.clone(), outcome.map_err(|error| error.to_string()))
+        (member.pod.clone(), binder.bind(member, gpus).await.map_err(|error| error.to_string()))
     }))
     .await;
     let now = state.now_ms();
@@ -360,25 +372,25 @@ async fn bind_all(state: &ServerState, ticket: &Ticket, members: Vec<MemberBind>
     };
     let result = match &finish {
         BindFinish::Bound => Ok(()),
-        BindFinish::RolledBack { delete, failures } => {
-            let message = format!(
-                "{}: not every member could be bound ({}); {} bound member(s) deleted so the gang is not half-bound",
-                ticket,
-                failures.join("; "),
-                delete.len()
-            );
-            join_all(delete.iter().map(|pod| async move {
-                if let Err(error) = binder.delete(pod).await {
-                    tracing::warn!(%pod, %error, "undo: deleting a bound member failed");
-                }
-            }))
-            .await;
-            join_all(members.iter().map(|m| binder.event(&m.pod, "GangBindRolledBack", message.clone()))).await;
-            Err(message)
-        }
+        BindFinish::RolledBack { delete, failures } => Err(format!(
+            "{}: not every member could be bound ({}); {} bound member(s) deleted so the gang is not half-bound",
+            ticket,
+            failures.join("; "),
+            delete.len()
+        )),
     };
+    // The held calls are answered first: the undo below has no deadline of its own.
     for (_, waiter) in waiters {
         let _ = waiter.send(result.clone());
+    }
+    if let (BindFinish::RolledBack { delete, .. }, Err(message)) = (&finish, &result) {
+        join_all(delete.iter().map(|pod| async move {
+            if let Err(error) = binder.delete(pod).await {
+                tracing::warn!(%pod, %error, "undo: deleting a bound member failed");
+            }
+        }))
+        .await;
+        join_all(members.iter().map(|m| binder.event(&m.pod, "GangBindRolledBack", message.clone()))).await;
     }
     result
 }

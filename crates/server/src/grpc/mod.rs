@@ -202,7 +202,7 @@ impl PlacementService {
         work: impl FnOnce(&mut Book, u64) -> (Result<T, Status>, Vec<Expired>) + Send + 'static,
     ) -> Result<T, Status> {
         self.ext
-            .on_book(move |state| {
+            .on_book_api(move |state| {
                 let now = state.now_ms();
                 state.with_book(|book| match book {
                     Some(book) => work(book, now),

@@ -34,6 +34,12 @@ use crate::state::ServerState;
 use topoplace_engine::topology::{Cluster, NodeSpec};
 use topoplace_online::reservation::{Book, BookConfig, MemberBind, PodIdentity};
 
+/// The longest a Binding's create call is waited for, and then its read-back: together
+/// within the book's `BINDING_BUDGET_MS` (15 s), so a gang's held binds are answered before
+/// kube-scheduler's `httpTimeout`.
+const BINDING_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// How long a pod bound by us may be missing from a relist before it is forgotten (its
 /// watch event may still be on the way).
 const BOUND_UNSEEN_GRACE_MS: u64 = 30_000;
@@ -108,7 +114,17 @@ impl KubeBinder {
                 ..ObjectReference::default()
             },
         };
-        match pods.create_subresource::<_, Status>("binding", &target.name, &PostParams::default(), &binding).await {
+        let params = PostParams::default();
+        let create = pods.create_subresource::<_, Status>("binding", &target.name, &params, &binding);
+        let created = match tokio::time::timeout(BINDING_CALL_TIMEOUT, create).await {
+            Ok(created) => created,
+            // No answer in time: like a dropped connection, settled by reading the pod back.
+            Err(_) => {
+                let reason = format!("no answer within {} s", BINDING_CALL_TIMEOUT.as_secs());
+                return self.settle_unanswered(target, node, reason).await;
+            }
+        };
+        match created {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 409 => match self.read_back(target, node).await? {
                 BoundTo::Planned => Ok(()),
@@ -127,18 +143,30 @@ impl KubeBinder {
                 Err(BindError::Api { message: format!("{} {}", status.code, status.message) })
             }
             // No answer: the Binding may have been made. Read the pod back to tell.
-            Err(error) => match self.read_back(target, node).await {
-                Ok(BoundTo::Planned) => Ok(()),
-                Ok(BoundTo::Other(other)) => Err(BindError::Conflict { node: other }),
-                // Not bound yet, but the request may still be in flight.
-                Ok(BoundTo::Nothing) => Err(BindError::Unknown {
-                    reason: format!("{error}; the pod reads back unbound, and the Binding may still land"),
-                }),
-                Err(BindError::Unknown { reason }) => {
-                    Err(BindError::Unknown { reason: format!("{error}; and reading the pod back: {reason}") })
-                }
-                Err(other) => Err(other),
-            },
+            Err(error) => self.settle_unanswered(target, node, error.to_string()).await,
+        }
+    }
+
+    /// A Binding without a usable answer (`reason`): the pod read back tells whether it was
+    /// made.
+    async fn settle_unanswered(&self, target: &PodIdentity, node: &str, reason: String) -> Result<(), BindError> {
+        let read = match tokio::time::timeout(READ_BACK_TIMEOUT, self.read_back(target, node)).await {
+            Ok(read) => read,
+            Err(_) => Err(BindError::Unknown {
+                reason: format!("reading the pod back: no answer within {} s", READ_BACK_TIMEOUT.as_secs()),
+            }),
+        };
+        match read {
+            Ok(BoundTo::Planned) => Ok(()),
+            Ok(BoundTo::Other(other)) => Err(BindError::Conflict { node: other }),
+            // Not bound yet, but the request may still be in flight.
+            Ok(BoundTo::Nothing) => Err(BindError::Unknown {
+                reason: format!("{reason}; the pod reads back unbound, and the Binding may still land"),
+            }),
+            Err(BindError::Unknown { reason: read }) => {
+                Err(BindError::Unknown { reason: format!("{reason}; and reading the pod back: {read}") })
+            }
+            Err(other) => Err(other),
         }
     }
 
@@ -214,7 +242,7 @@ impl Binder for KubeBinder {
         Box::pin(self.record(target, "Warning", reason, message))
     }
 
-    fn retry<'a>(&'a self, target: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>> {
+    fn retry<'a>(&'a self, target: &'a PodIdentity) -> BoxFuture<'a, Result<(), BindError>> {
         Box::pin(async move {
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
             let now_ms = std::time::SystemTime::now()
@@ -232,7 +260,18 @@ impl Binder for KubeBinder {
             });
             match pods.patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => Ok(()),
-                Err(error) => Err(error.to_string()),
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    Err(BindError::Gone { reason: format!("404 Not Found: {}", status.message) })
+                }
+                // The name now belongs to another pod: the uid precondition failed (409), or
+                // the API server refused the uid change as such (422).
+                Err(kube::Error::Api(status)) if status.code == 409 || status.code == 422 => Err(BindError::Gone {
+                    reason: format!("the pod was replaced ({} {})", status.code, status.message),
+                }),
+                Err(kube::Error::Api(status)) => {
+                    Err(BindError::Api { message: format!("{} {}", status.code, status.message) })
+                }
+                Err(error) => Err(BindError::Unknown { reason: error.to_string() }),
             }
         })
     }
