@@ -133,6 +133,25 @@ fn tensor_parallel_groups_larger_than_a_tray_stay_in_one_nvl72_clique() {
     assert!(unplaced.reason.contains("no NVLink clique"), "{}", unplaced.reason);
 }
 
+/// Found by the property tests: a GB200 clique whose trays are not all in one rack (one tray
+/// without rack labels is a domain of its own). A TP-8 pair with `required: rack` fits on the
+/// two trays of rack r1, and capacity said one replica; the planner placed none, because the
+/// rack's only way to hold it was a pool of the clique, counted as if one host held it.
+#[test]
+fn a_clique_reaching_past_the_required_rack_is_used_inside_the_rack() {
+    let cluster = inline_cluster(
+        "spec:\n  levels: [spine, rack]\n  nodes:\n  - name: t1\n    labels: {spine: s1, rack: r1}\n    gpu: {product: NVIDIA-GB200, count: 4, clique: c1}\n  - name: t2\n    labels: {spine: s1, rack: r1}\n    gpu: {product: NVIDIA-GB200, count: 4, clique: c1}\n  - name: t3\n    gpu: {product: NVIDIA-GB200, count: 4, clique: c1}\n",
+    );
+    let mut pair = gang("tp8", 2, 4, 8);
+    pair.required = Some(Scope::Level("rack".into()));
+    let placement = place(&cluster, &pair).expect("the two trays of rack r1 hold it");
+    assert_eq!(nodes_of(&cluster, &placement), ["t1", "t2"]);
+    let ledger = Ledger::new(&cluster);
+    let capacity =
+        Planner::new(&cluster, PlannerConfig::default()).capacity(&ledger, &pair, None, None).expect("capacity");
+    assert_eq!(capacity.replicas, 1, "capacity and placement agree");
+}
+
 #[test]
 fn tensor_parallelism_needs_nvlink() {
     let cluster = cluster_file("mixed-memory.yaml");

@@ -365,17 +365,6 @@ impl<'c> Planner<'c> {
         Planner { cluster, config: parts.config, chooser: parts.chooser, host_class: parts.host_class }
     }
 
-    /// Why `host` cannot hold even one unit of `gang`, or `None` when it can.
-    pub fn host_rejection_of(
-        &mut self,
-        ledger: &impl AsRef<GpuUse>,
-        gang: &Gang,
-        host: HostId,
-    ) -> Option<(HostRejection, String)> {
-        let ledger = ledger.as_ref();
-        self.host_units(ledger, gang, host).err()
-    }
-
     /// Per host of `hosts`: `None` when the host alone holds all of `gang`, else why not.
     /// The fit test of [`Planner::score_hosts`] without building placements.
     pub fn fit_hosts(
@@ -440,22 +429,19 @@ impl<'c> Planner<'c> {
         Ok(())
     }
 
-    /// Places one gang against the ledger's free GPUs (reserving nothing).
-    pub fn place(&mut self, ledger: &impl AsRef<GpuUse>, gang: &Gang) -> Result<GangPlacement, Unplaced> {
-        let ledger = ledger.as_ref();
-        self.place_ranked(ledger, gang, None, None)
-    }
-
-    /// [`Planner::place`] on the hosts flagged in `offered` only (indexed by host id), as
-    /// when kube-scheduler's own filters have already removed some nodes.
-    pub fn place_within(
+    /// Places one gang against the ledger's free GPUs, reserving nothing: the one entry point
+    /// for a placement, whatever the solver and the hosts ([`PlaceRequest`]; a `&Gang` asks
+    /// for greedy over every host). The stages: filter and capacity per host
+    /// (`host_capacity`), candidates per scope (`product_candidates`: hosts, cliques, domains,
+    /// the cluster), fill and GPU choice (`build`), score and choice (`choose`); with an exact
+    /// solver, a model over the greedy candidates (`exact.rs`).
+    pub fn place<'r>(
         &mut self,
         ledger: &impl AsRef<GpuUse>,
-        gang: &Gang,
-        offered: &[bool],
+        request: impl Into<PlaceRequest<'r>>,
     ) -> Result<GangPlacement, Unplaced> {
-        let ledger = ledger.as_ref();
-        self.place_ranked(ledger, gang, None, Some(offered))
+        let request = request.into();
+        self.place_by_solver(ledger.as_ref(), request.gang, request.solver, request.within)
     }
 
     /// For a gang that one host can hold (a single pod, or a small gang): per host of `hosts`,
@@ -610,7 +596,7 @@ impl<'c> Planner<'c> {
             }
             _ => self.clique_candidates(search, &view, found),
         }
-        self.domain_candidates(search, &view, &leaf_units, found);
+        self.domain_candidates(search, &view, found);
         if search.required.is_none() {
             self.cluster_candidate(search, &view, max_host, found);
         }
@@ -685,7 +671,7 @@ impl<'c> Planner<'c> {
     /// The smallest topology domains that hold the gang (none of whose children does), from
     /// the innermost level out to the outermost the gang may use; notes per level for the
     /// explanation, and the roomiest domain of the required level when none fits.
-    fn domain_candidates(&mut self, search: &Search, view: &ProductView, leaf_units: &[u32], found: &mut Found) {
+    fn domain_candidates(&mut self, search: &Search, view: &ProductView, found: &mut Found) {
         let cluster = self.cluster;
         let (need, required, product) = (search.need, search.required, view.product);
         let levels = cluster.levels.len();
@@ -714,7 +700,16 @@ impl<'c> Planner<'c> {
                         .max()
                         .unwrap_or(0)
                 } else {
-                    domain.hosts.clone().map(|h| u64::from(leaf_units[h as usize])).max().unwrap_or(0)
+                    // Hosts are the children here. A clique pool anchored in this domain is a
+                    // child holding the gang only when its whole clique lies in the domain (the
+                    // clique's candidate covers it); the part of a clique that reaches past the
+                    // domain (the pools are split per domain) is placed from here.
+                    domain
+                        .hosts
+                        .clone()
+                        .map(|h| u64::from(view.host_units(h)) + view.contained_pool_units(h, level, index))
+                        .max()
+                        .unwrap_or(0)
                 };
                 if child_max >= u64::from(need) {
                     continue;
@@ -1139,7 +1134,7 @@ impl<'c> Planner<'c> {
         }
         for index in batch_order(gangs) {
             let gang = &gangs[index];
-            let outcome = self.place_with(ledger, gang, solver);
+            let outcome = self.place(&*ledger, PlaceRequest::new(gang).solver(solver));
             match outcome {
                 Ok(placement) => match ledger.reserve(&gang.name, &placement.holding()) {
                     Ok(()) => plan.placements.push(placement),
@@ -1155,26 +1150,14 @@ impl<'c> Planner<'c> {
         plan
     }
 
-    /// One gang with the chosen solver (reserving nothing).
-    pub fn place_with(
+    /// [`Planner::place`]'s solver dispatch.
+    fn place_by_solver(
         &mut self,
-        ledger: &impl AsRef<GpuUse>,
-        gang: &Gang,
-        solver: &SolverChoice,
-    ) -> Result<GangPlacement, Unplaced> {
-        let ledger = ledger.as_ref();
-        self.place_with_within(ledger, gang, solver, None)
-    }
-
-    /// [`Planner::place_with`] on the hosts flagged in `offered` only, when given.
-    pub fn place_with_within(
-        &mut self,
-        ledger: &impl AsRef<GpuUse>,
+        ledger: &GpuUse,
         gang: &Gang,
         solver: &SolverChoice,
         offered: Option<&[bool]>,
     ) -> Result<GangPlacement, Unplaced> {
-        let ledger = ledger.as_ref();
         match solver {
             SolverChoice::Greedy => self.place_ranked(ledger, gang, None, offered),
             SolverChoice::Exact(config) => match self.place_exact_and_greedy(ledger, gang, config, offered) {
@@ -1224,6 +1207,38 @@ pub fn batch_order(gangs: &[Gang]) -> Vec<usize> {
         )
     });
     order
+}
+
+/// One placement question for [`Planner::place`]: a gang, the solver, and the hosts it may
+/// use (flags indexed by host id, as when kube-scheduler's own filters removed some nodes;
+/// `None`: every host).
+#[derive(Debug, Clone, Copy)]
+pub struct PlaceRequest<'a> {
+    pub gang: &'a Gang,
+    pub solver: &'a SolverChoice,
+    pub within: Option<&'a [bool]>,
+}
+
+impl<'a> PlaceRequest<'a> {
+    /// Greedy, over every host.
+    pub fn new(gang: &'a Gang) -> Self {
+        PlaceRequest { gang, solver: &SolverChoice::Greedy, within: None }
+    }
+
+    pub fn solver(self, solver: &'a SolverChoice) -> Self {
+        PlaceRequest { solver, ..self }
+    }
+
+    /// Only the hosts flagged in `offered` (`None`: every host).
+    pub fn within(self, offered: Option<&'a [bool]>) -> Self {
+        PlaceRequest { within: offered, ..self }
+    }
+}
+
+impl<'a> From<&'a Gang> for PlaceRequest<'a> {
+    fn from(gang: &'a Gang) -> Self {
+        PlaceRequest::new(gang)
+    }
 }
 
 /// Which solver places each gang.
@@ -1284,6 +1299,22 @@ impl ProductView<'_> {
         } else {
             0
         }
+    }
+
+    /// Units of this product's pools anchored at `host` whose whole clique lies in domain
+    /// `domain` of `level`.
+    fn contained_pool_units(&self, host: HostId, level: usize, domain: u32) -> u64 {
+        let Some(pools) = self.capacity.pools_at.get(&host) else { return 0 };
+        pools
+            .iter()
+            .map(|&pool| &self.capacity.pools[pool])
+            .filter(|pool| pool.product == self.product)
+            .filter(|pool| {
+                let clique = &self.cluster.cliques[pool.clique as usize];
+                clique.hosts.iter().all(|&h| self.cluster.host(h).domain_path[level] == domain)
+            })
+            .map(|pool| u64::from(pool.units))
+            .sum()
     }
 
     fn range_units(&self, hosts: &std::ops::Range<u32>) -> u64 {

@@ -14,7 +14,9 @@ use thiserror::Error;
 use super::{at_bind, gang_holder, Book, Expired, GangReservation, Slot};
 use topoplace_engine::ledger::mask_indices;
 use topoplace_engine::placement::capacity::CapacityReport;
-use topoplace_engine::placement::{batch_order, GangPlacement, Planner, PlannerConfig, SolverChoice, Unplaced};
+use topoplace_engine::placement::{
+    batch_order, GangPlacement, PlaceRequest, Planner, PlannerConfig, SolverChoice, Unplaced,
+};
 use topoplace_engine::topology::{HostId, ProductId};
 use topoplace_engine::workload::Gang;
 
@@ -234,7 +236,8 @@ impl Book {
         let mut place = |planner: &mut Planner, ledger: &mut topoplace_engine::ledger::Ledger<super::Holder>| {
             for index in batch_order(&gangs) {
                 let gang = &gangs[index];
-                match planner.place_with_within(ledger, gang, &options.solver, masks[index].as_deref()) {
+                let request = PlaceRequest::new(gang).solver(&options.solver).within(masks[index].as_deref());
+                match planner.place(ledger, request) {
                     Ok(placement) => match ledger.reserve(&gang_holder(&requests[index].key), &placement.holding()) {
                         Ok(()) => placed.push((index, placement)),
                         Err(error) => unplaced.push(Unplaced {
@@ -346,7 +349,7 @@ impl Book {
         let config = PlannerConfig { explain: true, ..self.config.planner.clone() };
         let mut planner = Planner::new(&self.cluster, config);
         let mask = self.product_mask(request.product);
-        let outcome = planner.place_with_within(&self.ledger, &request.gang, &SolverChoice::Greedy, mask.as_deref());
+        let outcome = planner.place(&self.ledger, PlaceRequest::new(&request.gang).within(mask.as_deref()));
         let nodes = hosts
             .iter()
             .map(|&host| {

@@ -26,7 +26,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use topoplace_engine::ledger::{indices_mask, mask_indices, merge_by_host, Ledger, LedgerError};
-use topoplace_engine::placement::{HostRejection, HostVerdict, MemberPlacement, Planner, PlannerConfig, PlannerParts};
+use topoplace_engine::placement::{
+    HostRejection, HostVerdict, MemberPlacement, PlaceRequest, Planner, PlannerConfig, PlannerParts,
+};
 use topoplace_engine::topology::{Cluster, GpuMask, HostId};
 use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed, Scope, WorkloadError};
 
@@ -520,7 +522,7 @@ impl Book {
         gang: &Gang,
         allowed: &[bool],
     ) -> Result<topoplace_engine::placement::GangPlacement, topoplace_engine::placement::Unplaced> {
-        self.with_planner(|planner, ledger| planner.place_within(ledger, gang, allowed))
+        self.with_planner(|planner, ledger| planner.place(ledger, PlaceRequest::new(gang).within(Some(allowed))))
     }
 
     /// Of the allowed hosts, those on which `gang` could take GPUs if GPUs were freed there
@@ -532,7 +534,8 @@ impl Book {
                 .enumerate()
                 .map(|(host, &ok)| {
                     ok && planner
-                        .host_rejection_of(ledger, gang, host as HostId)
+                        .host_units(ledger, gang, host as HostId)
+                        .err()
                         .is_none_or(|(reason, _)| reason.resolvable_by_freeing_gpus())
                 })
                 .collect()
@@ -727,13 +730,14 @@ impl Book {
                     *flag = true;
                 }
             }
-            let planned = self.with_planner(|planner, ledger| planner.place_within(ledger, &gang, &mask));
+            let planned = self
+                .with_planner(|planner, ledger| planner.place(ledger, PlaceRequest::new(&gang).within(Some(&mask))));
             let placement = match planned {
                 Ok(placement) => placement,
                 Err(unplaced) => {
                     let reason = format!("gang `{key}` ({} GPUs) does not fit: {}", gang.total_gpus(), unplaced.reason);
                     let per_host: Vec<_> = self.with_planner(|planner, ledger| {
-                        offered.iter().map(|&h| planner.host_rejection_of(ledger, &gang, h)).collect()
+                        offered.iter().map(|&h| planner.host_units(ledger, &gang, h).err()).collect()
                     });
                     return Ok(per_host
                         .into_iter()
@@ -1145,7 +1149,9 @@ impl Book {
                     return matches!(planner.fit_hosts(&trial, &gang, &[host]).first(), Some(None));
                 }
                 let all = vec![true; planner.cluster().hosts.len()];
-                planner.place_within(&trial, &gang, &all).is_ok_and(|p| p.members.iter().any(|m| m.host == host))
+                planner
+                    .place(&trial, PlaceRequest::new(&gang).within(Some(&all)))
+                    .is_ok_and(|p| p.members.iter().any(|m| m.host == host))
             });
             keep.push(fits);
         }
