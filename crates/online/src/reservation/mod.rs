@@ -48,7 +48,8 @@ pub const BIND_HOLD_MS_DEFAULT: u64 = 40_000;
 /// How many bind holds a gang gets to assemble at bind: from its first member's held bind, the
 /// whole gang must reach bind within `HOLD_ROUNDS_MAX` × [`BookConfig::bind_hold_ms`] (2 min
 /// by default), or the reservation is released and its held binds answered, so a gang whose
-/// member never comes (deleted while parked, never created) cannot hold its GPUs for ever.
+/// member never comes (deleted while parked, never created) cannot hold its GPUs for ever. A
+/// reservation made through the placement API keeps the expiry its caller asked for instead.
 /// Three holds cover kube-scheduler's own retry of a parked pod (up to 90 s before 1.28).
 pub const HOLD_ROUNDS_MAX: u64 = 3;
 
@@ -670,8 +671,8 @@ impl Book {
         expired
     }
 
-    /// The next instant [`Book::expire`] has work: the earliest held bind's hold limit or,
-    /// for a reservation holding no bind, its expiry.
+    /// The next instant [`Book::expire`] has work: the earliest held bind's hold limit, a
+    /// reservation's assembly limit or, for a reservation holding no bind, its expiry.
     pub fn next_expiry_ms(&self) -> Option<u64> {
         let hold = self.config.bind_hold_ms;
         self.gangs.values().filter(|g| !g.binding).map(|g| next_deadline(g, hold)).min()
@@ -1256,7 +1257,11 @@ fn next_deadline(reservation: &GangReservation, hold_ms: u64) -> u64 {
 }
 
 /// When a reservation whose members reach bind must be whole at bind ([`HOLD_ROUNDS_MAX`]).
+/// None for one the placement API made: it holds until the expiry its caller asked for.
 fn assembly_limit(reservation: &GangReservation, hold_ms: u64) -> Option<u64> {
+    if reservation.origin.is_some() {
+        return None;
+    }
     reservation.first_held_ms.map(|first| first.saturating_add(hold_ms.saturating_mul(HOLD_ROUNDS_MAX)))
 }
 

@@ -477,13 +477,21 @@ fn pods_of_an_api_reserved_gang_are_placed_on_its_reservation() {
     // A member's arrival keeps the API's longer expiry instead of shortening it.
     assert_eq!(book.expiry_of("ns/g"), Some(600_000));
     assert!(matches!(book.bind_arrive(&members[0], &nodes[0], 10), Ok(BindStep::Wait { .. })));
-    let BindStep::Bind { ticket, members: binds } = book.bind_arrive(&members[1], &nodes[1], 10).expect("bind") else {
+    // Holds lapse, but the API's reservation is not released at the extender's assembly limit.
+    let hold = BookConfig::default().bind_hold_ms;
+    let later = 10 + hold * HOLD_ROUNDS_MAX + 1;
+    let ended = book.expire(later);
+    assert!(ended.iter().all(|e| matches!(e, Expired::Hold { .. })), "{ended:?}");
+    assert_eq!(book.expiry_of("ns/g"), Some(600_000), "still held until the API's expiry");
+    assert!(matches!(book.bind_arrive(&members[0], &nodes[0], later), Ok(BindStep::Wait { .. })));
+    let BindStep::Bind { ticket, members: binds } = book.bind_arrive(&members[1], &nodes[1], later).expect("bind")
+    else {
         panic!("the last member binds the gang")
     };
     let outcomes: Vec<_> = binds.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
-    assert_eq!(book.bind_finished(&ticket, &outcomes, 20), BindFinish::Bound);
-    assert!(book.cluster_state(20, false).reservations.is_empty());
-    assert_eq!(book.cluster_state(20, false).bound_gpus, 16);
+    assert_eq!(book.bind_finished(&ticket, &outcomes, later), BindFinish::Bound);
+    assert!(book.cluster_state(later, false).reservations.is_empty());
+    assert_eq!(book.cluster_state(later, false).bound_gpus, 16);
     book.check().expect("book consistent");
 }
 
