@@ -159,9 +159,9 @@ async fn a_member_that_never_arrives_releases_the_gang() {
         || async { client.get(&state_url).send().await.expect("state").json::<Value>().await.expect("json") };
     eventually_async("the reservation released", || async { get_state().await["gangs"] == json!([]) }).await;
     let state = get_state().await;
-    assert_eq!(state["stats"]["bind_holds_lapsed"], 1);
+    assert_eq!(state["stats"]["bindHoldsLapsed"], 1);
     assert!(state["nodes"].as_array().expect("nodes").iter().all(|n| n["held"] == json!([])), "no GPU held");
-    assert_eq!(state["stats"]["gangs_expired"], 1);
+    assert_eq!(state["stats"]["gangsExpired"], 1);
     ext.check().expect("book invariants");
     server.stop().await;
 }
@@ -214,12 +214,12 @@ async fn a_member_later_than_the_ttl_but_within_the_hold_binds_its_gang_at_once(
     }
     let state: Value =
         client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
-    assert_eq!(state["stats"]["gangs_reserved"], 1, "planned once: {state}");
+    assert_eq!(state["stats"]["gangsReserved"], 1, "planned once: {state}");
     assert_eq!(
-        (state["stats"]["gangs_expired"].as_u64(), state["stats"]["bind_holds_lapsed"].as_u64()),
+        (state["stats"]["gangsExpired"].as_u64(), state["stats"]["bindHoldsLapsed"].as_u64()),
         (Some(0), Some(0))
     );
-    assert_eq!(state["stats"]["gangs_bound"], 1);
+    assert_eq!(state["stats"]["gangsBound"], 1);
     ext.check().expect("book invariants");
     server.stop().await;
 }

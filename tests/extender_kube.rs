@@ -103,7 +103,7 @@ async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
     assert!(api.deletes().contains(&"f-0".to_string()));
     assert!(api.events().iter().any(|e| e["reason"] == "GangBindRolledBack" && e["involvedObject"]["name"] == "f-1"));
     let state = get_json(&http, &format!("{base}/state")).await;
-    assert_eq!(state["stats"]["gangs_rolled_back"], 1);
+    assert_eq!(state["stats"]["gangsRolledBack"], 1);
     assert!(state["nodes"].as_array().expect("nodes").iter().all(|n| n["held"]
         .as_array()
         .expect("held")
@@ -131,7 +131,7 @@ async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
     }
     api.faults.lock().expect("faults").lose_binding_answer.clear();
     let state = get_json(&http, &format!("{base}/state")).await;
-    assert_eq!(state["stats"]["gangs_rolled_back"], 1, "only the earlier gang was rolled back");
+    assert_eq!(state["stats"]["gangsRolledBack"], 1, "only the earlier gang was rolled back");
 
     // A pod already bound to its planned node (a retried bind): 409, read back, success.
     let solo = pod("ml", "solo", "solo-uid", 2, None);

@@ -255,7 +255,8 @@ impl ServerState {
         let now = self.now_ms();
         let shared = self.lock();
         match &shared.book {
-            Some(book) => serde_json::to_value(book.snapshot(now)).unwrap_or(serde_json::Value::Null),
+            Some(book) => serde_json::to_value(crate::extender::state_json::StateJson::from(book.snapshot(now)))
+                .unwrap_or(serde_json::Value::Null),
             None => serde_json::json!({ "nodes": [], "gangs": [], "ready": false }),
         }
     }

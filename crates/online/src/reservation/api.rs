@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
 use thiserror::Error;
 
 use super::{at_bind, gang_holder, Book, Expired, GangReservation, Slot};
@@ -45,7 +44,7 @@ pub struct PlanOptions {
 }
 
 /// What the API recorded on a reservation it made.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiReservation {
     pub id: String,
     pub owner: String,

@@ -22,7 +22,6 @@ pub use api::{
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
 use thiserror::Error;
 
 use topoplace_engine::ledger::{indices_mask, mask_indices, merge_by_host, Ledger, LedgerError};
@@ -60,7 +59,7 @@ pub const HOLD_ROUNDS_MAX: u64 = 3;
 pub const BINDING_BUDGET_MS: u64 = 15_000;
 
 /// A pod as the book knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodIdentity {
     pub namespace: String,
     pub name: String,
@@ -187,7 +186,7 @@ pub enum BindStep {
 }
 
 /// One Binding to create.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MemberBind {
     pub pod: PodIdentity,
     pub host: HostId,
@@ -255,7 +254,7 @@ impl Default for BookConfig {
 }
 
 /// Counters exported as metrics.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct BookStats {
     pub gangs_reserved: u64,
     pub gangs_bound: u64,
@@ -1291,15 +1290,16 @@ fn check_shape(demand: &PodDemand, planned: &Gang, membership: &GangMembership) 
     Ok(())
 }
 
-/// `GET /state`: nodes with free and held GPUs, reservations, counters.
-#[derive(Debug, Clone, Serialize)]
+/// What the book holds now: nodes with free and held GPUs, reservations, counters (the
+/// server renders it as `GET /state`).
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub nodes: Vec<NodeState>,
     pub gangs: Vec<GangState>,
     pub stats: BookStats,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct NodeState {
     pub name: String,
     pub product: String,
@@ -1308,16 +1308,14 @@ pub struct NodeState {
     pub held: Vec<HeldGpus>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct HeldGpus {
     pub holder: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
     pub gpus: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct GangState {
     pub gang: String,
     pub members: u32,
@@ -1326,12 +1324,10 @@ pub struct GangState {
     pub slots: Vec<SlotState>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct SlotState {
     pub node: String,
     pub gpus: Vec<u8>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
     pub at_bind: bool,
 }

@@ -12,6 +12,7 @@
 //! after the lock is released.
 
 pub mod metrics;
+pub mod state_json;
 pub mod wire;
 
 use std::future::Future;

@@ -1,0 +1,130 @@
+//! `GET /state`'s JSON: the book's [`Snapshot`] in the wire's one casing (camelCase, as the
+//! Kubernetes API and this server's other JSON). The book's types carry no serde; the shape
+//! of this document is decided here, at the edge.
+
+use serde::Serialize;
+
+use topoplace_online::reservation::{BookStats, Snapshot};
+
+/// The whole document: nodes with free and held GPUs, reservations, counters.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateJson {
+    pub nodes: Vec<NodeJson>,
+    pub gangs: Vec<GangJson>,
+    pub stats: StatsJson,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeJson {
+    pub name: String,
+    /// The GPU product's name.
+    pub product: String,
+    /// GPUs on the node.
+    pub gpus: u8,
+    /// Free GPU indices.
+    pub free: Vec<u8>,
+    pub held: Vec<HeldJson>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldJson {
+    /// `gang:NAMESPACE/NAME` or `pod:UID`.
+    pub holder: String,
+    /// `NAMESPACE/NAME` of a bound pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    pub gpus: Vec<u8>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GangJson {
+    /// `NAMESPACE/NAME`.
+    pub gang: String,
+    pub members: u32,
+    /// Its Bindings are in flight.
+    pub binding: bool,
+    /// Milliseconds to the reservation's next deadline (a held bind's limit, its expiry, or
+    /// its assembly limit).
+    pub expires_in_ms: u64,
+    pub slots: Vec<SlotJson>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotJson {
+    pub node: String,
+    pub gpus: Vec<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The member's bind is held (or its Binding in flight).
+    pub at_bind: bool,
+}
+
+/// The book's counters since the server started.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsJson {
+    pub gangs_reserved: u64,
+    pub gangs_bound: u64,
+    pub gangs_rolled_back: u64,
+    pub gangs_expired: u64,
+    pub bind_holds_lapsed: u64,
+    pub pods_bound: u64,
+    pub ledger_faults: u64,
+}
+
+impl From<&BookStats> for StatsJson {
+    fn from(stats: &BookStats) -> Self {
+        StatsJson {
+            gangs_reserved: stats.gangs_reserved,
+            gangs_bound: stats.gangs_bound,
+            gangs_rolled_back: stats.gangs_rolled_back,
+            gangs_expired: stats.gangs_expired,
+            bind_holds_lapsed: stats.bind_holds_lapsed,
+            pods_bound: stats.pods_bound,
+            ledger_faults: stats.ledger_faults,
+        }
+    }
+}
+
+impl From<Snapshot> for StateJson {
+    fn from(snapshot: Snapshot) -> Self {
+        StateJson {
+            stats: StatsJson::from(&snapshot.stats),
+            nodes: snapshot
+                .nodes
+                .into_iter()
+                .map(|node| NodeJson {
+                    name: node.name,
+                    product: node.product,
+                    gpus: node.gpus,
+                    free: node.free,
+                    held: node
+                        .held
+                        .into_iter()
+                        .map(|held| HeldJson { holder: held.holder, pod: held.pod, gpus: held.gpus })
+                        .collect(),
+                })
+                .collect(),
+            gangs: snapshot
+                .gangs
+                .into_iter()
+                .map(|gang| GangJson {
+                    gang: gang.gang,
+                    members: gang.members,
+                    binding: gang.binding,
+                    expires_in_ms: gang.expires_in_ms,
+                    slots: gang
+                        .slots
+                        .into_iter()
+                        .map(|slot| SlotJson { node: slot.node, gpus: slot.gpus, pod: slot.pod, at_bind: slot.at_bind })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
