@@ -1,0 +1,389 @@
+//! The book's side of kube-scheduler's extender verbs: filter (a gang planned and reserved
+//! whole at its first member), prioritize, preempt, and bind (held until the gang is whole at
+//! bind, then every Binding at once, settled by `bind_finished`).
+
+use super::*;
+
+impl Book {
+    /// kube-scheduler's filter for one pod over the nodes it offers. For a gang member, the
+    /// first call plans and reserves the whole gang; later calls answer from the plan.
+    pub fn filter(
+        &mut self,
+        demand: &PodDemand,
+        offered: &[HostId],
+        now_ms: u64,
+    ) -> Result<Vec<NodeVerdict>, BookError> {
+        let gang = demand.gang()?;
+        if let Some(bound) = self.bound.get(&demand.pod.uid) {
+            let node = bound.node.clone();
+            return Ok(self.only_node(offered, &node, &format!("pod is already bound to `{node}`")));
+        }
+        let Some(membership) = demand.gang.clone() else {
+            let fits = self.with_planner(|planner, ledger| planner.fit_hosts(ledger, &gang, offered));
+            return Ok(fits.into_iter().map(verdict_of).collect());
+        };
+        let key = membership.key.clone();
+        if let Some(reservation) = self.gangs.get(&key) {
+            check_shape(demand, &reservation.gang, &membership)?;
+            let planned_off_offer = self
+                .slot_of(&key, &demand.pod.uid)
+                .map(|slot| !offered.contains(&reservation.slots[slot].host))
+                .unwrap_or(false);
+            let any_at_bind = reservation.binding || reservation.slots.iter().any(|s| s.at_bind);
+            if planned_off_offer && !any_at_bind {
+                // kube-scheduler no longer offers the planned node: plan the gang again.
+                self.drop_reservation(&key);
+            }
+        }
+        if !self.gangs.contains_key(&key) {
+            let cluster_hosts = self.cluster.hosts.len();
+            let mut mask = vec![false; cluster_hosts];
+            for &host in offered {
+                if let Some(flag) = mask.get_mut(host as usize) {
+                    *flag = true;
+                }
+            }
+            let planned = self
+                .with_planner(|planner, ledger| planner.place(ledger, PlaceRequest::new(&gang).within(Some(&mask))));
+            let placement = match planned {
+                Ok(placement) => placement,
+                Err(unplaced) => {
+                    let reason = format!("gang `{key}` ({} GPUs) does not fit: {}", gang.total_gpus(), unplaced.reason);
+                    let per_host: Vec<_> = self.with_planner(|planner, ledger| {
+                        offered.iter().map(|&h| planner.host_units(ledger, &gang, h).err()).collect()
+                    });
+                    return Ok(per_host
+                        .into_iter()
+                        .map(|rejection| match rejection {
+                            Some((r, text)) if !r.resolvable_by_freeing_gpus() => NodeVerdict::Unresolvable(text),
+                            _ => NodeVerdict::Fail(reason.clone()),
+                        })
+                        .collect());
+                }
+            };
+            self.ledger
+                .reserve(&gang_holder(&key), &placement.holding())
+                .map_err(|source| BookError::Ledger { pod: demand.pod.to_string(), source })?;
+            let slots = placement.members.iter().map(|m: &MemberPlacement| Slot::planned(m.host, m.gpus)).collect();
+            self.gangs.insert(
+                key.clone(),
+                GangReservation {
+                    gang,
+                    slots,
+                    expires_at_ms: now_ms + self.config.reservation_ttl_ms,
+                    binding: false,
+                    origin: None,
+                    first_held_ms: None,
+                },
+            );
+            self.stats.gangs_reserved += 1;
+        }
+        let slot = self.assign_slot(&key, demand, &membership, now_ms)?;
+        let Some(reservation) = self.gangs.get(&key) else {
+            return Err(BookError::NotPlanned { pod: demand.pod.to_string() });
+        };
+        let host = reservation.slots[slot].host;
+        let node = self.cluster.host(host).name.clone();
+        if !offered.contains(&host) {
+            let reason = format!("gang `{key}` has this member planned on `{node}`, which was not offered");
+            return Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect());
+        }
+        Ok(self.only_node(offered, &node, &format!("gang `{key}` has this member planned on `{node}`")))
+    }
+
+    fn only_node(&self, offered: &[HostId], node: &str, why: &str) -> Vec<NodeVerdict> {
+        offered
+            .iter()
+            .map(|&h| {
+                if self.cluster.host(h).name == node {
+                    NodeVerdict::Pass
+                } else {
+                    NodeVerdict::Unresolvable(why.to_string())
+                }
+            })
+            .collect()
+    }
+
+    fn slot_of(&self, key: &str, uid: &str) -> Option<usize> {
+        self.gangs.get(key)?.slots.iter().position(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid))
+    }
+
+    /// The member's slot in its gang's plan: kept if it has one, by rank if it says one,
+    /// else the first free slot. A new member refreshes the reservation's expiry.
+    fn assign_slot(
+        &mut self,
+        key: &str,
+        demand: &PodDemand,
+        membership: &GangMembership,
+        now_ms: u64,
+    ) -> Result<usize, BookError> {
+        let ttl = self.config.reservation_ttl_ms;
+        if let Some(slot) = self.slot_of(key, &demand.pod.uid) {
+            // A member filtered again (kube-scheduler's retry) is a sign of life too.
+            if let Some(reservation) = self.gangs.get_mut(key) {
+                reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
+            }
+            return Ok(slot);
+        }
+        let Some(reservation) = self.gangs.get_mut(key) else {
+            return Err(BookError::NotPlanned { pod: demand.pod.to_string() });
+        };
+        let by_rank = membership.rank.map(|r| r as usize).filter(|&r| r < reservation.slots.len()).filter(|&r| {
+            let slot = &reservation.slots[r];
+            slot.pod.is_none() || !slot.at_bind
+        });
+        // Without a free slot, a newcomer without a rank takes one whose pod's hold lapsed:
+        // the pod watch sees bound pods only, so a parked member deleted and replaced still
+        // holds its slot.
+        let free = reservation.slots.iter().position(|s| s.pod.is_none());
+        let lapsed = reservation.slots.iter().position(|s| s.lapsed);
+        let Some(slot) = by_rank.or(free).or(lapsed) else {
+            return Err(BookError::GangFull {
+                pod: demand.pod.to_string(),
+                gang: key.to_string(),
+                size: reservation.gang.members,
+            });
+        };
+        // A rank taken by another pod that has not reached bind belongs to a pod that was
+        // replaced (same rank, new uid): the newcomer takes it.
+        reservation.slots[slot].pod = Some(demand.pod.clone());
+        reservation.slots[slot].at_bind = false;
+        reservation.slots[slot].lapsed = false;
+        // A reservation made through the API may hold longer than the extender's TTL.
+        reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
+        Ok(slot)
+    }
+
+    /// Scores 0..=10 per offered node (kube-scheduler's prioritize). A gang member's planned
+    /// node gets 10 and the rest 0; a single pod's fitting nodes are scaled from the engine's
+    /// score (the best 10, the worst 0), nodes it does not fit 0.
+    pub fn prioritize(&mut self, demand: &PodDemand, offered: &[HostId]) -> Result<Vec<i64>, BookError> {
+        let gang = demand.gang()?;
+        let planned = match &demand.gang {
+            Some(membership) => {
+                let slot = self.slot_of(&membership.key, &demand.pod.uid);
+                slot.and_then(|s| self.gangs.get(&membership.key).map(|g| g.slots[s].host))
+            }
+            None => self.bound.get(&demand.pod.uid).and_then(|b| self.cluster.host_id(&b.node)),
+        };
+        if demand.gang.is_some() || planned.is_some() {
+            return Ok(offered.iter().map(|&h| if Some(h) == planned { 10 } else { 0 }).collect());
+        }
+        let verdicts = self.with_planner(|planner, ledger| planner.score_hosts(ledger, &gang, offered));
+        let totals: Vec<Option<f64>> = verdicts
+            .iter()
+            .map(|v| match v {
+                HostVerdict::Fits { score, .. } => Some(score.total),
+                HostVerdict::Rejected { .. } => None,
+            })
+            .collect();
+        let best = totals.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
+        let worst = totals.iter().flatten().copied().fold(f64::INFINITY, f64::min);
+        Ok(totals
+            .iter()
+            .map(|total| match total {
+                None => 0,
+                Some(_) if best - worst < 1e-12 => 10,
+                Some(t) => ((t - worst) / (best - worst) * 10.0).round() as i64,
+            })
+            .collect())
+    }
+
+    /// A pod reached bind for `node`. A single pod gets its GPUs chosen and reserved now; a
+    /// gang member is marked arrived, and the last one to arrive gets every member to bind.
+    pub fn bind_arrive(&mut self, demand: &PodDemand, node: &str, now_ms: u64) -> Result<BindStep, BookError> {
+        let pod = demand.pod.to_string();
+        let Some(host) = self.cluster.host_id(node) else {
+            return Err(BookError::UnknownNode { pod, node: node.to_string() });
+        };
+        if let Some(bound) = self.bound.get(&demand.pod.uid) {
+            // Bound already (a retried bind, or its Binding raced our bookkeeping): the
+            // Binding will meet a 409 and succeed only on the same node.
+            if bound.node != node {
+                return Err(BookError::WrongNode { pod, planned: bound.node.clone(), asked: node.to_string() });
+            }
+            let member =
+                MemberBind { pod: demand.pod.clone(), host, node: node.to_string(), gpus: mask_indices(bound.gpus) };
+            return Ok(BindStep::Bind { ticket: Ticket::Bound(demand.pod.uid.clone()), members: vec![member] });
+        }
+        let Some(membership) = demand.gang.clone() else {
+            let uid = demand.pod.uid.clone();
+            if let Some(single) = self.singles.get(&uid) {
+                return Ok(BindStep::Bind { ticket: Ticket::Pod(uid), members: vec![single.clone()] });
+            }
+            let gang = demand.gang()?;
+            let verdict = self.with_planner(|planner, ledger| planner.score_hosts(ledger, &gang, &[host]));
+            let members = match verdict.into_iter().next() {
+                Some(HostVerdict::Fits { members, .. }) => members,
+                Some(HostVerdict::Rejected { text, .. }) => {
+                    return Err(BookError::NoRoomAtBind { pod, node: node.to_string(), reason: text })
+                }
+                None => return Err(BookError::UnknownNode { pod, node: node.to_string() }),
+            };
+            let mask = members.iter().fold(0, |m, p| m | p.gpus);
+            self.ledger
+                .reserve(&pod_holder(&uid), &[(host, mask)])
+                .map_err(|source| BookError::Ledger { pod, source })?;
+            let member = MemberBind { pod: demand.pod.clone(), host, node: node.to_string(), gpus: mask_indices(mask) };
+            self.singles.insert(uid.clone(), member.clone());
+            return Ok(BindStep::Bind { ticket: Ticket::Pod(uid), members: vec![member] });
+        };
+        let key = membership.key;
+        let Some(slot) = self.slot_of(&key, &demand.pod.uid) else {
+            return Err(BookError::NotPlanned { pod });
+        };
+        let (ttl, hold) = (self.config.reservation_ttl_ms, self.config.bind_hold_ms);
+        let cluster = &self.cluster;
+        let Some(reservation) = self.gangs.get_mut(&key) else {
+            return Err(BookError::NotPlanned { pod });
+        };
+        let planned = &cluster.host(reservation.slots[slot].host).name;
+        if planned != node {
+            return Err(BookError::WrongNode { pod, planned: planned.clone(), asked: node.to_string() });
+        }
+        let arrived = !reservation.slots[slot].at_bind;
+        if arrived {
+            let slot = &mut reservation.slots[slot];
+            (slot.at_bind, slot.lapsed, slot.held_until_ms) = (true, false, now_ms.saturating_add(hold));
+            reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
+            reservation.first_held_ms.get_or_insert(now_ms);
+        }
+        if reservation.binding || !reservation.slots.iter().all(|s| s.at_bind) {
+            let only_lapsed_missing = reservation.slots.iter().all(|s| s.at_bind || (s.lapsed && s.pod.is_some()));
+            let retry_now = if arrived && !reservation.binding && only_lapsed_missing {
+                reservation.slots.iter().filter(|s| s.lapsed).filter_map(|s| s.pod.clone()).collect()
+            } else {
+                Vec::new()
+            };
+            return Ok(BindStep::Wait { gang: key, retry_now });
+        }
+        reservation.binding = true;
+        let members = reservation
+            .slots
+            .iter()
+            .filter_map(|s| {
+                let pod = s.pod.clone()?;
+                Some(MemberBind {
+                    pod,
+                    host: s.host,
+                    node: cluster.host(s.host).name.clone(),
+                    gpus: mask_indices(s.gpus),
+                })
+            })
+            .collect();
+        Ok(BindStep::Bind { ticket: Ticket::Gang(key), members })
+    }
+
+    /// The outcome of a ticket's Bindings: `Ok` per pod bound (or already bound to the
+    /// planned node), `Err(reason)` per pod that was not.
+    pub fn bind_finished(
+        &mut self,
+        ticket: &Ticket,
+        outcomes: &[(PodIdentity, Result<(), String>)],
+        now_ms: u64,
+    ) -> BindFinish {
+        let failures: Vec<String> =
+            outcomes.iter().filter_map(|(pod, r)| r.as_ref().err().map(|e| format!("{pod}: {e}"))).collect();
+        let members: Vec<(PodIdentity, String, GpuMask, Option<String>)> = match ticket {
+            Ticket::Bound(_) => {
+                return if failures.is_empty() {
+                    BindFinish::Bound
+                } else {
+                    BindFinish::RolledBack { delete: Vec::new(), failures }
+                };
+            }
+            Ticket::Gang(key) => {
+                let Some(reservation) = self.drop_reservation(key) else {
+                    return BindFinish::RolledBack { delete: Vec::new(), failures };
+                };
+                reservation
+                    .slots
+                    .iter()
+                    .filter_map(|s| {
+                        Some((s.pod.clone()?, self.cluster.host(s.host).name.clone(), s.gpus, Some(key.to_string())))
+                    })
+                    .collect()
+            }
+            Ticket::Pod(uid) => {
+                let Some(single) = self.singles.remove(uid) else {
+                    return BindFinish::RolledBack { delete: Vec::new(), failures };
+                };
+                if let Err(error) = self.ledger.release(&pod_holder(uid)) {
+                    self.ledger_fault("settling a single pod's Binding", error);
+                }
+                let mask = indices_mask(&single.gpus);
+                vec![(single.pod, single.node, mask, None)]
+            }
+        };
+        if !failures.is_empty() {
+            if ticket.gang().is_some() {
+                self.stats.gangs_rolled_back += 1;
+            }
+            let delete = outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone()).collect();
+            return BindFinish::RolledBack { delete, failures };
+        }
+        for (pod, node, gpus, gang) in members {
+            if let Some(host) = self.cluster.host_id(&node) {
+                // The GPUs were just released from the ticket's holder, so this succeeds.
+                if let Err(error) = self.ledger.reserve(&pod_holder(&pod.uid), &[(host, gpus)]) {
+                    self.ledger_fault("holding a bound pod's GPUs", error);
+                }
+            }
+            self.bound.insert(pod.uid.clone(), BoundPod { pod, node, gpus, gang, bound_at_ms: now_ms });
+            self.stats.pods_bound += 1;
+        }
+        if ticket.gang().is_some() {
+            self.stats.gangs_bound += 1;
+        }
+        BindFinish::Bound
+    }
+
+    /// kube-scheduler's preempt: of its candidate nodes (each with the pods it would evict),
+    /// keep those where the eviction lets the pod's whole gang fit with this pod on that node,
+    /// and where no victim is part of a gang some of whose members would stay.
+    pub fn preempt(&mut self, demand: &PodDemand, candidates: &[PreemptCandidate]) -> Result<Vec<bool>, BookError> {
+        let gang = demand.gang()?;
+        let planned = demand.gang.as_ref().and_then(|m| {
+            let slot = self.slot_of(&m.key, &demand.pod.uid)?;
+            self.gangs.get(&m.key).map(|g| g.slots[slot].host)
+        });
+        let mut keep = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            if let Some(host) = planned {
+                // The GPUs are already reserved; only kube-scheduler's own resources are short.
+                keep.push(candidate.host == host);
+                continue;
+            }
+            if !self.victims_take_whole_gangs(&candidate.victims) {
+                keep.push(false);
+                continue;
+            }
+            let mut trial = self.ledger.clone();
+            for uid in &candidate.victims {
+                // A trial copy: a victim that holds nothing frees nothing.
+                if self.bound.contains_key(uid) && trial.holding(&pod_holder(uid)).is_some() {
+                    trial.release(&pod_holder(uid)).expect("a holder just looked up in this copy releases");
+                }
+            }
+            let host = candidate.host;
+            let fits = self.with_planner(|planner, _| {
+                if demand.gang.is_none() {
+                    return matches!(planner.fit_hosts(&trial, &gang, &[host]).first(), Some(None));
+                }
+                let all = vec![true; planner.cluster().hosts.len()];
+                planner
+                    .place(&trial, PlaceRequest::new(&gang).within(Some(&all)))
+                    .is_ok_and(|p| p.members.iter().any(|m| m.host == host))
+            });
+            keep.push(fits);
+        }
+        Ok(keep)
+    }
+
+    fn victims_take_whole_gangs(&self, victims: &[String]) -> bool {
+        victims.iter().all(|uid| {
+            let Some(gang) = self.bound.get(uid).and_then(|b| b.gang.as_ref()) else { return true };
+            self.bound.iter().filter(|(_, b)| b.gang.as_ref() == Some(gang)).all(|(other, _)| victims.contains(other))
+        })
+    }
+}

@@ -1,0 +1,144 @@
+//! The book's side of the cluster as the watches see it: a new cluster model, pods seen
+//! bound (their GPUs held) or gone (given back), and a relist.
+
+use super::*;
+
+impl Book {
+    /// Replaces the cluster view (nodes added, removed or relabelled). Bound pods and
+    /// reservations are carried over by node name; a reservation that no longer fits is
+    /// dropped and returned (its waiting members must be answered), a bound pod whose node
+    /// is gone is forgotten.
+    pub fn replace_cluster(&mut self, cluster: Cluster) -> Vec<Expired> {
+        let old = std::mem::replace(&mut self.cluster, cluster);
+        self.earlier_changes += self.ledger.changes() + 1;
+        self.ledger = Ledger::empty(&self.cluster);
+        self.parts = None;
+        let bound = std::mem::take(&mut self.bound);
+        for (uid, pod) in bound {
+            let Some(host) = self.cluster.host_id(&pod.node) else { continue };
+            if self.ledger.reserve(&pod_holder(&uid), &[(host, pod.gpus)]).is_ok() {
+                self.bound.insert(uid, pod);
+            }
+        }
+        let singles = std::mem::take(&mut self.singles);
+        for (uid, member) in singles {
+            let Some(host) = self.cluster.host_id(&member.node) else { continue };
+            if self.ledger.reserve(&pod_holder(&uid), &[(host, indices_mask(&member.gpus))]).is_ok() {
+                self.singles.insert(uid, MemberBind { host, ..member });
+            }
+        }
+        let mut dropped = Vec::new();
+        let gangs = std::mem::take(&mut self.gangs);
+        for (key, mut reservation) in gangs {
+            let mut request = Vec::new();
+            let mut moved = true;
+            for slot in &mut reservation.slots {
+                match self.cluster.host_id(&old.host(slot.host).name) {
+                    Some(host) => {
+                        slot.host = host;
+                        request.push((host, slot.gpus));
+                    }
+                    None => moved = false,
+                }
+            }
+            let merged = merge_by_host(request);
+            if moved && self.ledger.reserve(&gang_holder(&key), &merged).is_ok() {
+                self.gangs.insert(key, reservation);
+            } else {
+                dropped.push(Expired::Reservation { gang: key, members_at_bind: at_bind(&reservation) });
+            }
+        }
+        dropped
+    }
+
+    /// A pod seen bound on `node` (by us earlier, by a restart's predecessor, or by another
+    /// scheduler): its GPUs are held. `gpus` are the indices from `topoplace.io/gpus`, or
+    /// `None` to take the lowest free ones for `count` GPUs.
+    pub fn observe_bound(
+        &mut self,
+        pod: PodIdentity,
+        node: &str,
+        gpus: Option<&[u8]>,
+        count: u32,
+        gang: Option<String>,
+    ) -> Result<(), BookError> {
+        if self.bound.contains_key(&pod.uid) || count == 0 || self.in_flight(&pod.uid) {
+            // In flight: `bind_finished` records it with the GPUs it was given.
+            return Ok(());
+        }
+        let Some(host) = self.cluster.host_id(node) else {
+            return Err(BookError::UnknownNode { pod: pod.to_string(), node: node.to_string() });
+        };
+        let mask = match gpus {
+            Some(indices) => indices_mask(indices),
+            None => {
+                let free = self.ledger.free(host);
+                let mut mask = 0u64;
+                for index in mask_indices(free).into_iter().take(count as usize) {
+                    mask |= 1u64 << index;
+                }
+                if mask.count_ones() < count {
+                    return Err(BookError::NoRoomAtBind {
+                        pod: pod.to_string(),
+                        node: node.to_string(),
+                        reason: format!("{count} GPUs counted but {} free", free.count_ones()),
+                    });
+                }
+                mask
+            }
+        };
+        self.ledger
+            .reserve(&pod_holder(&pod.uid), &[(host, mask)])
+            .map_err(|source| BookError::Ledger { pod: pod.to_string(), source })?;
+        self.bound.insert(pod.uid.clone(), BoundPod { pod, node: node.to_string(), gpus: mask, gang, bound_at_ms: 0 });
+        Ok(())
+    }
+
+    fn in_flight(&self, uid: &str) -> bool {
+        self.singles.contains_key(uid)
+            || self
+                .gangs
+                .values()
+                .any(|g| g.binding && g.slots.iter().any(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid)))
+    }
+
+    /// A pod was deleted (or finished): its GPUs come back, and if it held a slot in a
+    /// reservation not yet binding, the slot is free for its replacement.
+    pub fn forget_pod(&mut self, uid: &str) {
+        // A bound pod holds its GPUs, except one whose node left the view while its Binding
+        // was in flight (`bind_finished` records it without a host to hold on).
+        if self.bound.remove(uid).is_some() && self.ledger.holding(&pod_holder(uid)).is_some() {
+            if let Err(error) = self.ledger.release(&pod_holder(uid)) {
+                self.ledger_fault("forgetting a bound pod", error);
+            }
+        }
+        for reservation in self.gangs.values_mut().filter(|g| !g.binding) {
+            for slot in &mut reservation.slots {
+                if slot.pod.as_ref().is_some_and(|p| p.uid == uid) {
+                    (slot.pod, slot.at_bind, slot.lapsed) = (None, false, false);
+                }
+            }
+        }
+    }
+
+    /// After a relist: bound pods not in `present` are gone, except those topoplace bound
+    /// less than `grace_ms` ago (their watch events may not have arrived yet).
+    pub fn forget_unlisted(&mut self, present: &std::collections::HashSet<String>, now_ms: u64, grace_ms: u64) {
+        let gone: Vec<String> = self
+            .bound
+            .iter()
+            .filter(|(uid, pod)| {
+                !present.contains(*uid) && (pod.bound_at_ms == 0 || pod.bound_at_ms + grace_ms <= now_ms)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            self.forget_pod(&uid);
+        }
+    }
+
+    /// Whether a bound pod is known (for tests and the adapters' resync).
+    pub fn is_bound(&self, uid: &str) -> bool {
+        self.bound.contains_key(uid)
+    }
+}
