@@ -10,9 +10,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{eventually_async as eventually, kube_server, pod, post, schedule, serve_router, FakeApi};
+use support::{
+    eventually_async as eventually, kube_server, kube_server_with, pod, post, schedule, serve_router, FakeApi,
+};
 use topoplace_online::reservation::BookConfig;
+use topoplace_server::assemble::ServerSetup;
 use topoplace_server::binder::{BindError, Binder};
+use topoplace_server::extender::ExtenderConfig;
 use topoplace_server::kube::KubeBinder;
 
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
@@ -188,9 +192,14 @@ async fn a_member_whose_hold_lapsed_is_asked_back_when_the_rest_of_its_gang_is_a
         api.add_node(&format!("r1-{index}"), "NVIDIA-H100-80GB-HBM3", 8, "r1");
     }
     let api_server = serve_router(api.router()).await;
-    // Holds long enough for the test to play kube-scheduler's retry on a loaded machine.
-    let book_config = BookConfig { reservation_ttl_ms: 10_000, bind_hold_ms: 3_000, ..BookConfig::default() };
-    let server = kube_server(&api_server.base, book_config, None).await;
+    // A hold long enough for the test to play kube-scheduler's retry on a loaded machine, and
+    // the retry asked for sooner than kube-scheduler needs (the test assumes nothing).
+    let setup = ServerSetup {
+        book: BookConfig { reservation_ttl_ms: 10_000, bind_hold_ms: 1_500, ..BookConfig::default() },
+        extender: ExtenderConfig { gang_retry_after: Duration::from_millis(50), ..ExtenderConfig::default() },
+        ..ServerSetup::default()
+    };
+    let server = kube_server_with(&api_server.base, setup, None).await;
     let (base, ext) = (server.base.clone(), server.state().clone());
     let client = kube::Client::try_from(kube::Config::new(api_server.base.parse().expect("uri"))).expect("client");
     let kube_binder = KubeBinder::new(client);

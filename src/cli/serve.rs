@@ -204,7 +204,8 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
         bind_hold_ms: args.bind_hold * 1000,
         ..BookConfig::default()
     };
-    let config = ExtenderConfig { prefix: args.prefix.clone(), body_bytes_max: args.body_limit };
+    let config =
+        ExtenderConfig { prefix: args.prefix.clone(), body_bytes_max: args.body_limit, ..ExtenderConfig::default() };
     let grpc_config = GrpcConfig {
         default_ttl_s: args.grpc_reservation_ttl,
         reserve_tokens: match &args.grpc_reserve_tokens {

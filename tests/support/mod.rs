@@ -157,9 +157,14 @@ pub async fn static_server(cluster_file: &str, setup: ServerSetup) -> (Served, A
 /// A server on the fake API at `api_base`, with the secondary scheduler when `scheduler` is
 /// given.
 pub async fn kube_server(api_base: &str, book: BookConfig, scheduler: Option<SchedulerSetup>) -> Served {
+    kube_server_with(api_base, ServerSetup { book, ..ServerSetup::default() }, scheduler).await
+}
+
+/// [`kube_server`] set up by `setup`.
+pub async fn kube_server_with(api_base: &str, setup: ServerSetup, scheduler: Option<SchedulerSetup>) -> Served {
     let client = kube::Client::try_from(kube::Config::new(api_base.parse().expect("uri"))).expect("client");
     let source = Source::Kubernetes { client, level_keys: LEVELS.map(String::from).to_vec(), scheduler };
-    start_server(source, ServerSetup { book, ..ServerSetup::default() }).await
+    start_server(source, setup).await
 }
 
 /// A pod as kube-scheduler sends it: GPUs in the limits, gang labels when `gang` is given.

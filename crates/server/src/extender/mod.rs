@@ -54,11 +54,22 @@ pub struct ExtenderConfig {
     /// Path prefix of the verbs (`urlPrefix`'s path), `""` or like `/topoplace`.
     pub prefix: String,
     pub body_bytes_max: usize,
+    /// How long after a hold lapsed its pod is asked to retry ([`GANG_RETRY_AFTER_DEFAULT`]).
+    pub gang_retry_after: Duration,
 }
+
+/// How long after a hold lapsed its pod is asked to retry: kube-scheduler must have had the
+/// failed bind's answer and forgotten the pod it assumed, or it ignores an update of the pod
+/// (v1.20 `skipPodUpdate` skips annotation-only updates of assumed pods).
+pub const GANG_RETRY_AFTER_DEFAULT: Duration = Duration::from_millis(1_000);
 
 impl Default for ExtenderConfig {
     fn default() -> Self {
-        ExtenderConfig { prefix: String::new(), body_bytes_max: BODY_BYTES_MAX_DEFAULT }
+        ExtenderConfig {
+            prefix: String::new(),
+            body_bytes_max: BODY_BYTES_MAX_DEFAULT,
+            gang_retry_after: GANG_RETRY_AFTER_DEFAULT,
+        }
     }
 }
 
@@ -288,15 +299,19 @@ fn arrive_on_book(state: &ServerState, args: &ExtenderBindingArgs) -> Arrival {
 /// The bind verb. Its whole flow runs in a task of its own: kube-scheduler hanging up (its
 /// `httpTimeout`) drops the HTTP handler, and must not drop a member's arrival half-way (a
 /// gang marked binding whose Bindings never run) nor a gang's Bindings.
-async fn bind(state: &Arc<ServerState>, args: ExtenderBindingArgs) -> ExtenderBindingResult {
-    let state = state.clone();
-    match tokio::spawn(async move { bind_flow(&state, args).await }).await {
+async fn bind(verbs: &Verbs, args: ExtenderBindingArgs) -> ExtenderBindingResult {
+    let (state, retry_after) = (verbs.state.clone(), verbs.config.gang_retry_after);
+    match tokio::spawn(async move { bind_flow(&state, retry_after, args).await }).await {
         Ok(reply) => reply,
         Err(error) => ExtenderBindingResult { error: format!("the bind task failed: {error}") },
     }
 }
 
-async fn bind_flow(state: &Arc<ServerState>, args: ExtenderBindingArgs) -> ExtenderBindingResult {
+async fn bind_flow(
+    state: &Arc<ServerState>,
+    retry_after: Duration,
+    args: ExtenderBindingArgs,
+) -> ExtenderBindingResult {
     let fail = |error: String| ExtenderBindingResult { error };
     let arrival = match state.on_book(move |state| arrive_on_book(state, &args)).await {
         Ok(arrival) => arrival,
@@ -311,7 +326,7 @@ async fn bind_flow(state: &Arc<ServerState>, args: ExtenderBindingArgs) -> Exten
             let Some(rx) = rx else { return fail("internal: no waiter".into()) };
             if !retry_now.is_empty() {
                 // Spawned: the nudges must not wait on this held call, nor die with it.
-                tokio::spawn(ask_to_retry(state.clone(), retry_now));
+                tokio::spawn(ask_to_retry(state.clone(), retry_after, retry_now));
             }
             match rx.await {
                 Ok(Ok(())) => ExtenderBindingResult::default(),
@@ -326,15 +341,10 @@ async fn bind_flow(state: &Arc<ServerState>, args: ExtenderBindingArgs) -> Exten
     }
 }
 
-/// How long after a hold lapsed its pod is asked to retry: kube-scheduler must have had the
-/// failed bind's answer and forgotten the pod it assumed, or it ignores an update of the pod
-/// (v1.20 `skipPodUpdate` skips annotation-only updates of assumed pods).
-const RETRY_AFTER: Duration = Duration::from_millis(1_000);
-
 /// Asks kube-scheduler to retry the lapsed members `pods`. One that is gone (deleted, or its
 /// name another pod's) gives its slot up, so its replacement can take it.
-async fn ask_to_retry(state: Arc<ServerState>, pods: Vec<topoplace_online::reservation::PodIdentity>) {
-    tokio::time::sleep(RETRY_AFTER).await;
+async fn ask_to_retry(state: Arc<ServerState>, after: Duration, pods: Vec<topoplace_online::reservation::PodIdentity>) {
+    tokio::time::sleep(after).await;
     for pod in &pods {
         match state.binder.retry(pod).await {
             Ok(()) => {}
@@ -533,7 +543,7 @@ async fn bind_handler(State(verbs): State<Verbs>, body: Body) -> Response {
             return rejection.into_response();
         }
     };
-    let reply = bind(&verbs.state, args).await;
+    let reply = bind(&verbs, args).await;
     verbs.state.metrics.record(Verb::Bind, start.elapsed(), reply.error.is_empty());
     json_body(&reply)
 }
