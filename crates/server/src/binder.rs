@@ -52,7 +52,7 @@ pub trait Binder: Send + Sync + 'static {
     fn retry<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), BindError>>;
 }
 
-/// A [`Binder`] for `serve --cluster`: Bindings recorded in memory, Events kept for `/state`.
+/// A [`Binder`] for `serve --cluster`: Bindings and Events recorded in memory.
 /// It cannot reach kube-scheduler's queue, so [`Binder::retry`] only records the request.
 #[derive(Default)]
 pub struct MemoryBinder {

@@ -117,7 +117,7 @@ pub struct ServerState {
     /// The book's worker thread's queue.
     queue: SyncSender<Job>,
     /// The gRPC API's share of it ([`API_QUEUE_SHARE`]).
-    api_lane: tokio::sync::Semaphore,
+    api_lane: Arc<tokio::sync::Semaphore>,
 }
 
 impl ServerState {
@@ -143,7 +143,7 @@ impl ServerState {
             epoch: tokio::time::Instant::now(),
             ready: AtomicBool::new(ready),
             queue,
-            api_lane: tokio::sync::Semaphore::new(API_QUEUE_SHARE),
+            api_lane: Arc::new(tokio::sync::Semaphore::new(API_QUEUE_SHARE)),
         });
         let weak: Weak<ServerState> = Arc::downgrade(&state);
         let worker = std::thread::Builder::new().name("topoplace-book".into()).spawn(move || {
@@ -275,8 +275,14 @@ impl ServerState {
         &self,
         work: impl FnOnce(&ServerState) -> T + Send + 'static,
     ) -> Result<T, BookWorkError> {
-        let _permit = self.api_lane.try_acquire().map_err(|_| BookWorkError::Full)?;
-        self.on_book(work).await
+        // The permit goes with the job: a caller that gives up (a cancelled call) still
+        // counts against the share until its job has run.
+        let permit = self.api_lane.clone().try_acquire_owned().map_err(|_| BookWorkError::Full)?;
+        self.on_book(move |state| {
+            let _permit = permit;
+            work(state)
+        })
+        .await
     }
 
     /// Sleeps until the book's next deadline (a held bind's limit, a reservation's expiry),

@@ -446,7 +446,8 @@ impl Book {
                 origin: g.origin.clone(),
                 gang: key.clone(),
                 gpus: g.slots.iter().map(|s| u64::from(s.gpus.count_ones())).sum(),
-                expires_in_ms: super::next_deadline(g, self.config.bind_hold_ms).saturating_sub(now_ms),
+                // The API's own expiry: a held bind's limit ends the hold, not the reservation.
+                expires_in_ms: g.expires_at_ms.saturating_sub(now_ms),
                 members_assigned: g.slots.iter().filter(|s| s.pod.is_some()).count() as u32,
                 members: g.gang.members,
             })

@@ -136,7 +136,7 @@ impl Book {
         // the pod watch sees bound pods only, so a parked member deleted and replaced still
         // holds its slot.
         let free = reservation.slots.iter().position(|s| s.pod.is_none());
-        let lapsed = reservation.slots.iter().position(|s| s.lapsed);
+        let lapsed = membership.rank.is_none().then(|| reservation.slots.iter().position(|s| s.lapsed)).flatten();
         let Some(slot) = by_rank.or(free).or(lapsed) else {
             return Err(BookError::GangFull {
                 pod: demand.pod.to_string(),

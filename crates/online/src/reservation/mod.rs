@@ -53,12 +53,13 @@ pub const RESERVATION_TTL_MS_DEFAULT: u64 = 30_000;
 pub const BIND_HOLD_MS_DEFAULT: u64 = 40_000;
 
 /// How many bind holds a gang gets to assemble at bind: from its first member's held bind, the
-/// whole gang must reach bind within `HOLD_ROUNDS_MAX` × [`BookConfig::bind_hold_ms`] (2 min
+/// whole gang must reach bind within `HOLD_ROUNDS_MAX` × [`BookConfig::bind_hold_ms`] (160 s
 /// by default), or the reservation is released and its held binds answered, so a gang whose
 /// member never comes (deleted while parked, never created) cannot hold its GPUs for ever. A
 /// reservation made through the placement API keeps the expiry its caller asked for instead.
-/// Three holds cover kube-scheduler's own retry of a parked pod (up to 90 s before 1.28).
-pub const HOLD_ROUNDS_MAX: u64 = 3;
+/// Four holds cover a first hold that lapses and kube-scheduler's own retry of the parked pod
+/// (up to 90 s before 1.28): 40 s + 90 s < 160 s.
+pub const HOLD_ROUNDS_MAX: u64 = 4;
 
 /// The time a gang's Bindings may take once its last member reached bind, in ms: the held
 /// members' calls must still be open when they are answered, so this is what the hold leaves
@@ -480,8 +481,8 @@ impl Book {
     /// Answers held binds whose hold ran out ([`Expired::Hold`]: the member keeps its slot and
     /// the reservation lives [`BookConfig::reservation_ttl_ms`] more, for kube-scheduler's
     /// retry), then drops the reservations that hold no bind and whose time ran out
-    /// ([`Expired::Reservation`]). A reservation never expires under a held bind, and one
-    /// whose Bindings are in flight is left alone.
+    /// ([`Expired::Reservation`]). A reservation expires under a held bind only at its
+    /// assembly limit ([`HOLD_ROUNDS_MAX`]), and one whose Bindings are in flight is left alone.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Expired> {
         let (ttl, hold) = (self.config.reservation_ttl_ms, self.config.bind_hold_ms);
         let mut expired = Vec::new();

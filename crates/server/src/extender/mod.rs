@@ -390,9 +390,18 @@ async fn bind_all(state: &ServerState, ticket: &Ticket, members: Vec<MemberBind>
             delete.len()
         )),
     };
-    // The held calls are answered first: the undo below has no deadline of its own.
-    for (_, waiter) in waiters {
-        let _ = waiter.send(result.clone());
+    // The held calls are answered first: the undo below has no deadline of its own. Only a
+    // member of this ticket hears its outcome; a call held for a pod that lost its slot
+    // meanwhile (its uid not among the members) is told so, never told it was bound.
+    for (uid, waiter) in waiters {
+        let answer = if members.iter().any(|m| m.pod.uid == uid) {
+            result.clone()
+        } else {
+            Err(format!(
+                "{ticket}: this pod lost its place in the gang's plan while it waited; it will be scheduled again"
+            ))
+        };
+        let _ = waiter.send(answer);
     }
     if let (BindFinish::RolledBack { delete, .. }, Err(message)) = (&finish, &result) {
         join_all(delete.iter().map(|pod| async move {

@@ -39,6 +39,10 @@ use topoplace_online::reservation::{Book, BookConfig, MemberBind, PodIdentity};
 /// kube-scheduler's `httpTimeout`.
 const BINDING_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_BACK_TIMEOUT: Duration = Duration::from_secs(4);
+const _: () = assert!(
+    BINDING_CALL_TIMEOUT.as_millis() + READ_BACK_TIMEOUT.as_millis()
+        <= topoplace_online::reservation::BINDING_BUDGET_MS as u128
+);
 
 /// How long a pod bound by us may be missing from a relist before it is forgotten (its
 /// watch event may still be on the way).
@@ -126,7 +130,7 @@ impl KubeBinder {
         };
         match created {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 409 => match self.read_back(target, node).await? {
+            Err(kube::Error::Api(status)) if status.code == 409 => match self.read_back_in_time(target, node).await? {
                 BoundTo::Planned => Ok(()),
                 BoundTo::Other(other) => Err(BindError::Conflict { node: other }),
                 BoundTo::Nothing => {
@@ -150,13 +154,7 @@ impl KubeBinder {
     /// A Binding without a usable answer (`reason`): the pod read back tells whether it was
     /// made.
     async fn settle_unanswered(&self, target: &PodIdentity, node: &str, reason: String) -> Result<(), BindError> {
-        let read = match tokio::time::timeout(READ_BACK_TIMEOUT, self.read_back(target, node)).await {
-            Ok(read) => read,
-            Err(_) => Err(BindError::Unknown {
-                reason: format!("reading the pod back: no answer within {} s", READ_BACK_TIMEOUT.as_secs()),
-            }),
-        };
-        match read {
+        match self.read_back_in_time(target, node).await {
             Ok(BoundTo::Planned) => Ok(()),
             Ok(BoundTo::Other(other)) => Err(BindError::Conflict { node: other }),
             // Not bound yet, but the request may still be in flight.
@@ -167,6 +165,16 @@ impl KubeBinder {
                 Err(BindError::Unknown { reason: format!("{reason}; and reading the pod back: {read}") })
             }
             Err(other) => Err(other),
+        }
+    }
+
+    /// [`KubeBinder::read_back`] within `READ_BACK_TIMEOUT`, `Unknown` past it.
+    async fn read_back_in_time(&self, target: &PodIdentity, node: &str) -> Result<BoundTo, BindError> {
+        match tokio::time::timeout(READ_BACK_TIMEOUT, self.read_back(target, node)).await {
+            Ok(read) => read,
+            Err(_) => Err(BindError::Unknown {
+                reason: format!("reading the pod back: no answer within {} s", READ_BACK_TIMEOUT.as_secs()),
+            }),
         }
     }
 
@@ -263,11 +271,22 @@ impl Binder for KubeBinder {
                 Err(kube::Error::Api(status)) if status.code == 404 => {
                     Err(BindError::Gone { reason: format!("404 Not Found: {}", status.message) })
                 }
-                // The name now belongs to another pod: the uid precondition failed (409), or
-                // the API server refused the uid change as such (422).
-                Err(kube::Error::Api(status)) if status.code == 409 || status.code == 422 => Err(BindError::Gone {
-                    reason: format!("the pod was replaced ({} {})", status.code, status.message),
-                }),
+                // A 409 or 422 may be the uid precondition (the name is another pod's now), or
+                // a webhook or a limit refusing a live pod: only the pod read back tells.
+                Err(kube::Error::Api(status)) if status.code == 409 || status.code == 422 => {
+                    let refused = format!("{} {}", status.code, status.message);
+                    match tokio::time::timeout(READ_BACK_TIMEOUT, pods.get(&target.name)).await {
+                        Ok(Ok(current)) if current.metadata.uid.as_deref() == Some(target.uid.as_str()) => {
+                            Err(BindError::Api { message: refused })
+                        }
+                        Ok(Ok(_)) => Err(BindError::Gone { reason: format!("the pod was replaced ({refused})") }),
+                        Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
+                            Err(BindError::Gone { reason: format!("404 Not Found: {}", status.message) })
+                        }
+                        Ok(Err(error)) => Err(BindError::Unknown { reason: format!("{refused}; reading it: {error}") }),
+                        Err(_) => Err(BindError::Unknown { reason: format!("{refused}; reading it timed out") }),
+                    }
+                }
                 Err(kube::Error::Api(status)) => {
                     Err(BindError::Api { message: format!("{} {}", status.code, status.message) })
                 }
