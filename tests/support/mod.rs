@@ -727,6 +727,16 @@ fn set_condition(pod: &mut Value, condition: Value) {
     }
 }
 
+/// A patch's body as JSON, when its content type is `media_type`; else the API server's 415
+/// or 400.
+fn patch_body(headers: &axum::http::HeaderMap, body: &Bytes, media_type: &str) -> Result<Value, Box<Response>> {
+    let typed = headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with(media_type));
+    if !typed {
+        return Err(Box::new(status(415, "UnsupportedMediaType", format!("this fake takes only {media_type} here"))));
+    }
+    serde_json::from_slice::<Value>(body).map_err(|_| Box::new(status(400, "BadRequest", "patch is not JSON".into())))
+}
+
 /// A JSON merge patch (RFC 7386) of a pod's labels and annotations, the only fields the code
 /// under test patches. A `metadata.uid` in the patch that is not the pod's is refused with 409,
 /// as the API server refuses it (uid is immutable; its storage layer reports "Precondition
@@ -738,15 +748,9 @@ async fn patch_pod(
     body: Bytes,
 ) -> Response {
     api.delay().await;
-    let merge = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/merge-patch+json"));
-    if !merge {
-        return status(415, "UnsupportedMediaType", "this fake takes JSON merge patches of pods only".into());
-    }
-    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
-        return status(400, "BadRequest", "patch is not JSON".into());
+    let patch = match patch_body(&headers, &body, "application/merge-patch+json") {
+        Ok(patch) => patch,
+        Err(refused) => return *refused,
     };
     let mut state = api.state.lock().expect("api state");
     let Some(mut pod) = state.pods.get(&(ns.clone(), name.clone())).cloned() else {
@@ -789,15 +793,9 @@ async fn patch_pod_status(
     body: Bytes,
 ) -> Response {
     api.delay().await;
-    let strategic = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/strategic-merge-patch+json"));
-    if !strategic {
-        return status(415, "UnsupportedMediaType", "this fake takes strategic merge patches only".into());
-    }
-    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
-        return status(400, "BadRequest", "patch is not JSON".into());
+    let patch = match patch_body(&headers, &body, "application/strategic-merge-patch+json") {
+        Ok(patch) => patch,
+        Err(refused) => return *refused,
     };
     let mut state = api.state.lock().expect("api state");
     let Some(mut pod) = state.pods.get(&(ns.clone(), name.clone())).cloned() else {

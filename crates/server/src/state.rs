@@ -231,11 +231,6 @@ impl ServerState {
         }
     }
 
-    /// Whether the cluster view exists yet.
-    pub fn has_book(&self) -> bool {
-        self.lock().book.is_some()
-    }
-
     /// Returns once the cluster view exists (at once for a static cluster): awaited, never
     /// polled.
     pub async fn book_installed(&self) {

@@ -51,16 +51,16 @@ fn passing(book: &Book, verdicts: &[NodeVerdict], offered: &[HostId]) -> Vec<Str
         .collect()
 }
 
+/// Filters `demand` at `now` and returns the one node it passes (its planned node).
+fn filtered_node(book: &mut Book, demand: &PodDemand, offered: &[HostId], now: u64) -> String {
+    let verdicts = book.filter(demand, offered, now).expect("filter");
+    passing(book, &verdicts, offered).remove(0)
+}
+
 /// Filters every member of a gang of 8-GPU members: the members and their planned nodes.
 fn filter_gang(book: &mut Book, gang: &str, size: u32, offered: &[HostId]) -> (Vec<PodDemand>, Vec<String>) {
     let members: Vec<PodDemand> = (0..size).map(|r| member(gang, size, r, 8)).collect();
-    let nodes = members
-        .iter()
-        .map(|m| {
-            let verdicts = book.filter(m, offered, 0).expect("filter");
-            passing(book, &verdicts, offered).remove(0)
-        })
-        .collect();
+    let nodes = members.iter().map(|m| filtered_node(book, m, offered, 0)).collect();
     (members, nodes)
 }
 
@@ -112,8 +112,7 @@ fn a_held_bind_is_answered_at_its_hold_and_the_reservation_outlives_it_by_the_tt
     let mut book = Book::new(cluster(1, 4), config);
     let offered = all_hosts(&book);
     let first = member("g", 2, 0, 8);
-    let verdicts = book.filter(&first, &offered, 0).expect("filter");
-    let node = passing(&book, &verdicts, &offered).remove(0);
+    let node = filtered_node(&mut book, &first, &offered, 0);
     assert!(matches!(book.bind_arrive(&first, &node, 10), Ok(BindStep::Wait { .. })));
     assert_eq!(book.next_expiry_ms(), Some(210), "the held bind's limit comes first");
     assert!(book.expire(150).is_empty(), "past the TTL, but a bind is held: the reservation stays");
@@ -142,13 +141,11 @@ fn a_member_late_by_more_than_the_ttl_binds_its_gang_at_once_while_the_others_ar
     let members: Vec<PodDemand> = (0..3).map(|r| member("llama", 3, r, 8)).collect();
     let mut nodes = Vec::new();
     for m in &members[..2] {
-        let verdicts = book.filter(m, &offered, 0).expect("filter");
-        nodes.push(passing(&book, &verdicts, &offered).remove(0));
+        nodes.push(filtered_node(&mut book, m, &offered, 0));
         assert!(matches!(book.bind_arrive(m, nodes.last().expect("node"), 5), Ok(BindStep::Wait { .. })));
     }
     assert!(book.expire(35_000).is_empty(), "held binds keep the reservation");
-    let verdicts = book.filter(&members[2], &offered, 35_000).expect("filter");
-    let last = passing(&book, &verdicts, &offered).remove(0);
+    let last = filtered_node(&mut book, &members[2], &offered, 35_000);
     let step = book.bind_arrive(&members[2], &last, 35_010).expect("bind");
     let BindStep::Bind { ticket, members: binds } = step else { panic!("the last member binds the gang: {step:?}") };
     assert_eq!(binds.len(), 3);
@@ -163,13 +160,11 @@ fn a_member_whose_hold_lapsed_keeps_its_slot_and_binds_with_the_rest_on_its_retr
     let mut book = Book::new(cluster(2, 4), config);
     let offered = all_hosts(&book);
     let (early, late) = (member("g", 2, 0, 8), member("g", 2, 1, 8));
-    let verdicts = book.filter(&early, &offered, 0).expect("filter");
-    let planned = passing(&book, &verdicts, &offered).remove(0);
+    let planned = filtered_node(&mut book, &early, &offered, 0);
     book.bind_arrive(&early, &planned, 0).expect("held");
     assert_eq!(book.expire(200).len(), 1, "the early member's hold lapses");
     // The late member arrives and is held; the early one comes back on kube-scheduler's retry.
-    let verdicts = book.filter(&late, &offered, 500).expect("filter");
-    let late_node = passing(&book, &verdicts, &offered).remove(0);
+    let late_node = filtered_node(&mut book, &late, &offered, 500);
     // Only the early member, whose hold lapsed, is missing: kube-scheduler should retry it now.
     let step = book.bind_arrive(&late, &late_node, 500).expect("held");
     assert_eq!(step, BindStep::Wait { gang: "ns/g".into(), retry_now: vec![early.pod.clone()] });
@@ -189,8 +184,7 @@ fn a_gang_not_whole_at_bind_within_its_rounds_of_holds_is_released_though_a_bind
     let mut book = Book::new(cluster(1, 4), config);
     let offered = all_hosts(&book);
     let early = member("g", 2, 0, 8);
-    let verdicts = book.filter(&early, &offered, 0).expect("filter");
-    let node = passing(&book, &verdicts, &offered).remove(0);
+    let node = filtered_node(&mut book, &early, &offered, 0);
     // kube-scheduler retries the early member over and over; the other never comes.
     let mut now = 0;
     let mut released = Vec::new();
@@ -226,8 +220,7 @@ fn a_member_without_a_rank_takes_the_slot_of_a_lapsed_member_when_none_is_free()
     };
     let (first, second) = (rankless("a"), rankless("b"));
     for pod in [&first, &second] {
-        let verdicts = book.filter(pod, &offered, 0).expect("filter");
-        let node = passing(&book, &verdicts, &offered).remove(0);
+        let node = filtered_node(&mut book, pod, &offered, 0);
         if pod.pod.name == "a" {
             book.bind_arrive(pod, &node, 0).expect("held");
         }
