@@ -6,6 +6,9 @@
 //!
 //! `cargo bench --bench extender`
 
+#[path = "support/allocator.rs"]
+mod allocator;
+
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -13,6 +13,9 @@
 //! Run: `cargo bench --bench gap` (add `--features highs` for HiGHS). Reads the traces
 //! from `../shared/traces` or `TOPOPLACE_TRACES`.
 
+#[path = "support/allocator.rs"]
+mod allocator;
+
 use std::time::{Duration, Instant};
 
 use topoplace_engine::ledger::Ledger;

@@ -9,6 +9,9 @@
 
 mod support;
 
+#[path = "support/allocator.rs"]
+mod allocator;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;

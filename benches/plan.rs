@@ -5,6 +5,9 @@
 //!
 //! Run: `cargo bench --bench plan`.
 
+#[path = "support/allocator.rs"]
+mod allocator;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use topoplace_engine::ledger::Ledger;
 use topoplace_engine::placement::{Planner, PlannerConfig};

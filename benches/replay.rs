@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench replay` (needs the shared traces, or `TOPOPLACE_TRACES`).
 
+#[path = "support/allocator.rs"]
+mod allocator;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use topoplace_replay::pods::{self, Policy, Prepared, Trace, LOAD_RATIO_DEFAULT};
 use topoplace_replay::traces::openb;

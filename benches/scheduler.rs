@@ -7,6 +7,9 @@
 //!
 //! `cargo bench --bench scheduler`
 
+#[path = "support/allocator.rs"]
+mod allocator;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};

@@ -3,6 +3,13 @@
 
 use clap::Parser;
 
+/// mimalloc rather than the system allocator: the server allocates a request on an async
+/// worker and frees part of it on the book's thread (and back), which glibc's malloc
+/// serialises on its arena locks. The benchmarks declare the same allocator
+/// (`benches/support/allocator.rs`), so they measure what ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = topoplace::cli::Cli::parse();
     let stdout = std::io::stdout();

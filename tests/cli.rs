@@ -113,6 +113,44 @@ fn bad_input_exits_2_naming_file_line_and_field() {
 }
 
 #[test]
+fn a_workload_with_roles_plans_each_replica_whole_and_says_where() {
+    let workload = testdata("workloads/roles.yaml");
+    let output = topoplace(&["plan", "--workload", &workload, "-o", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(json["summary"]["placed"], 3);
+    let placements = json["placements"].as_array().expect("placements[]");
+    let rows = |gang: &str| placements.iter().filter(|p| p["gang"] == gang).collect::<Vec<_>>();
+    // Prefill and decode share one leaf, the replica's region.
+    let pd = rows("llama-70b-pd");
+    let roles: Vec<&str> = pd.iter().filter_map(|p| p["role"].as_str()).collect();
+    assert_eq!(roles.len(), 2, "{pd:?}");
+    assert!(roles.contains(&"prefill") && roles.contains(&"decode"));
+    assert!(pd.iter().all(|p| p["region"] == "leaf s1/r1"), "{pd:?}");
+    // The finetune job's two slices are rows with their slice index; members 0-3 in all.
+    let slices: Vec<u64> = rows("finetune").iter().filter_map(|p| p["slice"].as_u64()).collect();
+    assert_eq!(slices, [0, 1]);
+    let members: Vec<u64> = rows("finetune")
+        .iter()
+        .flat_map(|p| p["members"].as_array().expect("members").iter().filter_map(|m| m["member"].as_u64()))
+        .collect();
+    assert_eq!(members, [0, 1, 2, 3]);
+    // The CPU-only leader is named as left to kube-scheduler.
+    let replicas = json["replicas"].as_array().expect("replicas[]");
+    let lws = replicas.iter().find(|r| r["gang"] == "lws-405b").expect("lws-405b");
+    assert_eq!(lws["rolesWithoutGpus"], serde_json::json!(["leader"]));
+
+    let table = stdout(&topoplace(&["plan", "--workload", &workload]));
+    assert!(table.contains("llama-70b-pd/prefill") && table.contains("finetune/workers[1]"), "{table}");
+    assert!(table.contains("left to kube-scheduler (no GPUs): leader"), "{table}");
+
+    // The gRPC API does not carry roles yet, and says so before connecting.
+    let output = topoplace(&["plan", "--workload", &workload, "--server", "http://127.0.0.1:1"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("gang `llama-70b-pd` has roles"), "{}", stderr(&output));
+}
+
+#[test]
 fn every_testdata_file_plans() {
     for cluster in ["demo.yaml", "mixed-memory.yaml", "dgx1-v100.yaml", "gb200-nvl72.yaml", "lingjun.yaml"] {
         let output = topoplace(&["plan", "--cluster", &testdata(&format!("clusters/{cluster}")), "-o", "json"]);

@@ -13,10 +13,10 @@ use topoplace_engine::ledger::{mask_indices, Ledger};
 
 use topoplace_engine::placement::exact::{CandidateHosts, ExactConfig, ExactOutcome};
 use topoplace_engine::placement::gpus::{GpuChooser, UnitShape};
-use topoplace_engine::placement::{GangPlacement, Planner, PlannerConfig};
+use topoplace_engine::placement::{GangPlacement, Planner, PlannerConfig, SolverChoice};
 use topoplace_engine::topology::graph::nvlink_connected;
 use topoplace_engine::topology::{product, Cluster, ClusterSpec, HostId, NodeSpec, NvlinkLayout};
-use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed, Scope};
+use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed, Replica, Role, Scope, Slicing};
 
 /// (product, GPUs per host, NVLink override)
 const HOST_KINDS: &[(&str, u8, Option<&str>)] = &[
@@ -290,6 +290,116 @@ proptest! {
         let fits_somewhere = (0..cluster.hosts.len() as HostId).any(|h| ledger.free(h).count_ones() >= gpus);
         let placed = Planner::new(&cluster, PlannerConfig::default()).place(&ledger, &gang);
         prop_assert_eq!(placed.is_ok(), fits_somewhere);
+    }
+}
+
+/// A replica of random roles: `(gang, slice units per slice or 0, GPU-less)` per role and
+/// a replica scope (0 none, 1 rack, 2 spine).
+fn replica_draw() -> impl Strategy<Value = (Vec<(Gang, u32, bool)>, u32)> {
+    (prop::collection::vec((gang_draw(), 0u32..3, prop::bool::weighted(0.15)), 1..4), 0u32..3)
+}
+
+fn make_replica(name: &str, roles: Vec<(Gang, u32, bool)>, scope: u32) -> Replica {
+    let level = |scope: u32| match scope {
+        1 => Some(Scope::Level("rack".into())),
+        2 => Some(Scope::Level("spine".into())),
+        _ => None,
+    };
+    let roles = roles
+        .into_iter()
+        .enumerate()
+        .map(|(index, (mut gang, slice_units, gpu_less))| {
+            let role = format!("role{index}");
+            gang.name = format!("{name}/{role}");
+            if gpu_less {
+                return Role { name: role, members: 1, gang: None, slices: None };
+            }
+            // Slices of whole units that divide the role, only where the role's own scope
+            // is a level or none (a sliced role inside one host or clique is refused).
+            let units = gang.units();
+            let slices = (slice_units > 0
+                && units % slice_units == 0
+                && units > slice_units
+                && matches!(gang.required, None | Some(Scope::Level(_))))
+            .then(|| Slicing { members: slice_units * gang.members_per_unit(), scope: Scope::Level("rack".into()) });
+            Role { name: role, members: gang.members, gang: Some(gang), slices }
+        })
+        .collect();
+    Replica { name: name.into(), spec_name: name.into(), roles, required: level(scope), preferred: None }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn replicas_with_roles_meet_every_scope_or_hold_nothing(
+        draws in prop::collection::vec(host_draw(), 1..24),
+        replicas in prop::collection::vec(replica_draw(), 1..5),
+    ) {
+        let cluster = build_cluster(&draws);
+        let replicas: Vec<Replica> =
+            replicas.into_iter().enumerate().map(|(i, (roles, scope))| make_replica(&format!("r{i}"), roles, scope)).collect();
+        let mut ledger = Ledger::new(&cluster);
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        let mut shadow: HashMap<(HostId, u8), String> = HashMap::new();
+        for replica in &replicas {
+            let free_before: Vec<u64> = (0..cluster.hosts.len() as HostId).map(|h| ledger.free(h)).collect();
+            match planner.place_replica(&ledger, replica, &SolverChoice::Greedy, None) {
+                Ok(placed) => {
+                    let mut hosts: Vec<HostId> = Vec::new();
+                    for role in &replica.roles {
+                        let parts: Vec<_> = placed.parts.iter().filter(|p| p.role == role.name).collect();
+                        let Some(gang) = &role.gang else {
+                            prop_assert!(parts.is_empty() && placed.gpu_less_roles.contains(&role.name));
+                            continue;
+                        };
+                        let mut role_hosts = Vec::new();
+                        for part in &parts {
+                            // Each part meets its own shape and scope: a slice is a gang of
+                            // the slice's members inside the slice's scope.
+                            let part_gang = match &role.slices {
+                                Some(slicing) => Gang { members: slicing.members, required: Some(slicing.scope.clone()), ..gang.clone() },
+                                None => gang.clone(),
+                            };
+                            check_constraints(&cluster, &free_before, &part_gang, &part.placement);
+                            role_hosts.extend(part.placement.members.iter().map(|m| m.host));
+                        }
+                        let product = cluster.host(role_hosts[0]).product;
+                        prop_assert!(role_hosts.iter().all(|&h| cluster.host(h).product == product), "one product per role");
+                        let members: u32 = parts.iter().map(|p| p.placement.members.len() as u32).sum();
+                        prop_assert_eq!(members, gang.members, "every member of {} placed", &gang.name);
+                        if role.slices.is_some() && gang.required == Some(Scope::Level("rack".into())) {
+                            let rack = cluster.host(role_hosts[0]).domain_path[1];
+                            prop_assert!(role_hosts.iter().all(|&h| cluster.host(h).domain_path[1] == rack), "a sliced role's own rack");
+                        }
+                        hosts.extend(role_hosts);
+                    }
+                    let level = match &replica.required {
+                        Some(Scope::Level(level)) if level == "rack" => Some(1),
+                        Some(Scope::Level(_)) => Some(0),
+                        _ => None,
+                    };
+                    if let Some(level) = level {
+                        let domain = cluster.host(hosts[0]).domain_path[level];
+                        prop_assert!(hosts.iter().all(|&h| cluster.host(h).domain_path[level] == domain), "the replica's scope");
+                    }
+                    ledger.reserve(&replica.name, &placed.holding()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    for member in placed.parts.iter().flat_map(|p| &p.placement.members) {
+                        for gpu in mask_indices(member.gpus) {
+                            let previous = shadow.insert((member.host, gpu), replica.name.clone());
+                            prop_assert!(previous.is_none(), "GPU {} of host {} given twice", gpu, member.host);
+                        }
+                    }
+                }
+                Err(unplaced) => {
+                    prop_assert!(ledger.holding(&replica.name).is_none(), "an unplaced replica holds nothing");
+                    prop_assert!(!unplaced.reason.is_empty());
+                    let free_after: Vec<u64> = (0..cluster.hosts.len() as HostId).map(|h| ledger.free(h)).collect();
+                    prop_assert_eq!(&free_after, &free_before, "a failed placement changes nothing");
+                }
+            }
+            ledger.check().map_err(TestCaseError::fail)?;
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use topoplace_engine::ledger::Ledger;
 use topoplace_engine::placement::exact::{Backend, ExactConfig, AUTO_VARIABLES_MAX};
 use topoplace_engine::placement::{shapes_for, Planner, PlannerConfig, SolverChoice, Weights};
 use topoplace_engine::topology::Cluster;
-use topoplace_engine::workload::{size_model, ModelSpec, Workload, RUNTIME_OVERHEAD_DEFAULT};
+use topoplace_engine::workload::{size_model, Gang, ModelSpec, Workload, RUNTIME_OVERHEAD_DEFAULT};
 use topoplace_formats::files::{self, FileError};
 
 pub const DEMO_CLUSTER: &str = include_str!("../../testdata/clusters/demo.yaml");
@@ -279,11 +279,12 @@ fn plan(args: &PlanArgs, out: &mut dyn Write) -> Result<(), CliError> {
         Some(text) => Weights::parse(text).map_err(|e| CliError::Input(format!("--weights: {e}")))?,
         None => Weights::default(),
     };
-    let gangs = workload.expand();
+    let replicas = workload.replicas();
+    let gangs: Vec<Gang> = replicas.iter().flat_map(|r| r.gangs().cloned()).collect();
     let config = PlannerConfig { weights, shapes: shapes_for(&gangs), explain: args.explain };
     let mut planner = Planner::new(&cluster, config);
-    for gang in &gangs {
-        planner.check_gang(gang).map_err(|e| CliError::Input(format!("{}: {e}", workload_name(args))))?;
+    for replica in &replicas {
+        planner.check_replica(replica).map_err(|e| CliError::Input(format!("{}: {e}", workload_name(args))))?;
     }
     let backend = Backend::parse(&args.backend).map_err(|e| CliError::Input(format!("--backend: {e}")))?;
     let exact = ExactConfig {
@@ -298,9 +299,9 @@ fn plan(args: &PlanArgs, out: &mut dyn Write) -> Result<(), CliError> {
         SolverFlag::Auto => SolverChoice::Auto(exact),
     };
     let mut ledger = Ledger::new(&cluster);
-    let plan = planner.plan_with(&mut ledger, &gangs, &solver);
+    let plan = planner.plan_replicas(&mut ledger, &replicas, &solver);
     ledger.check().map_err(|e| CliError::Failed(format!("internal error, ledger invariant broken: {e}")))?;
-    let report = output::PlanReport::new(&cluster, &workload, &gangs, &plan, &ledger, &weights, args.solver);
+    let report = output::PlanReport::new(&cluster, &workload, &replicas, &plan, &ledger, &weights, args.solver);
     write_all(out, &output::render_plan(&report, args.output, args.explain)?)
 }
 

@@ -9,10 +9,12 @@ use serde::Serialize;
 use super::SolverFlag;
 use super::{CliError, OutputFormat};
 use topoplace_engine::ledger::{mask_indices, Ledger};
-use topoplace_engine::placement::{BatchPlan, CandidateSummary, Explanation, ScoreComponents, SolverInfo, Weights};
+use topoplace_engine::placement::{
+    BatchPlan, CandidateSummary, Explanation, GangPlacement, ScoreComponents, SolverInfo, Weights,
+};
 use topoplace_engine::quantity::format_gib;
 use topoplace_engine::topology::Cluster;
-use topoplace_engine::workload::{Gang, ModelSpec, SizingRow, Workload};
+use topoplace_engine::workload::{ModelSpec, Replica, SizingRow, Workload};
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -24,14 +26,41 @@ pub struct PlanReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_note: Option<String>,
     pub placements: Vec<PlacementOut>,
+    /// Replicas with roles, one entry each (their parts are rows of `placements`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaOut>,
     pub unplaced: Vec<UnplacedOut>,
     pub summary: Summary,
 }
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
+pub struct ReplicaOut {
+    pub gang: String,
+    pub region: String,
+    /// The parts' scores weighted by their GPUs.
+    pub score: f64,
+    /// Planner calls the search made.
+    pub search_steps: u32,
+    /// Roles whose pods take no GPUs: left to kube-scheduler, not waited for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub roles_without_gpus: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PlacementOut {
     pub gang: String,
+    /// For a replica with roles: the role this row places, and the slice of a sliced role.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice: Option<u32>,
+    /// For a replica with roles: the domain that holds all of it (`rack r1`, `cluster`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     pub product: String,
     pub scope: String,
     pub memory_floor_mib: u64,
@@ -76,37 +105,48 @@ impl PlanReport {
     pub fn new(
         cluster: &Cluster,
         workload: &Workload,
-        gangs: &[Gang],
+        replicas: &[Replica],
         plan: &BatchPlan,
         ledger: &Ledger,
         weights: &Weights,
         solver: SolverFlag,
     ) -> Self {
-        let floor_of = |name: &str| gangs.iter().find(|g| g.name == name).map_or(0, |g| g.memory_floor_mib);
-        let placements: Vec<PlacementOut> = plan
-            .placements
-            .iter()
-            .map(|p| PlacementOut {
-                gang: p.gang.clone(),
-                product: p.product.get().name.to_string(),
-                scope: p.scope.clone(),
-                memory_floor_mib: floor_of(&p.gang),
-                members: p
-                    .members
-                    .iter()
-                    .map(|m| MemberOut {
-                        member: m.member,
-                        node: cluster.host(m.host).name.clone(),
-                        gpus: mask_indices(m.gpus),
-                    })
-                    .collect(),
-                score: p.score,
-                candidates: p.candidates,
-                solver: p.solver.clone(),
-                runner_up: p.runner_up.clone(),
-                explanation: p.explanation.clone(),
-            })
-            .collect();
+        let floor_of = |name: &str| {
+            replicas.iter().flat_map(Replica::gangs).find(|g| g.name == name).map_or(0, |g| g.memory_floor_mib)
+        };
+        let row = |gang: String, p: &GangPlacement| PlacementOut {
+            gang,
+            role: None,
+            slice: None,
+            region: None,
+            product: p.product.get().name.to_string(),
+            scope: p.scope.clone(),
+            memory_floor_mib: floor_of(&p.gang),
+            members: p
+                .members
+                .iter()
+                .map(|m| MemberOut {
+                    member: m.member,
+                    node: cluster.host(m.host).name.clone(),
+                    gpus: mask_indices(m.gpus),
+                })
+                .collect(),
+            score: p.score,
+            candidates: p.candidates,
+            solver: p.solver.clone(),
+            runner_up: p.runner_up.clone(),
+            explanation: p.explanation.clone(),
+        };
+        let mut placements: Vec<PlacementOut> = plan.placements.iter().map(|p| row(p.gang.clone(), p)).collect();
+        for replica in &plan.replicas {
+            for part in &replica.parts {
+                let mut out = row(replica.replica.clone(), &part.placement);
+                out.role = Some(part.role.clone());
+                out.slice = part.slice;
+                out.region = Some(replica.region.clone());
+                placements.push(out);
+            }
+        }
         let gpus_placed = placements.iter().map(|p| p.members.iter().map(|m| m.gpus.len() as u64).sum::<u64>()).sum();
         PlanReport {
             cluster: cluster.name.clone(),
@@ -115,6 +155,18 @@ impl PlanReport {
             weights: *weights,
             batch_note: plan.note.clone(),
             placements,
+            replicas: plan
+                .replicas
+                .iter()
+                .map(|r| ReplicaOut {
+                    gang: r.replica.clone(),
+                    region: r.region.clone(),
+                    score: r.score,
+                    search_steps: r.steps,
+                    roles_without_gpus: r.gpu_less_roles.clone(),
+                    note: r.note.clone(),
+                })
+                .collect(),
             unplaced: plan
                 .unplaced
                 .iter()
@@ -125,9 +177,9 @@ impl PlanReport {
                 })
                 .collect(),
             summary: Summary {
-                gangs: gangs.len(),
-                placed: plan.placements.len(),
-                gpus_requested: gangs.iter().map(Gang::total_gpus).sum(),
+                gangs: replicas.len(),
+                placed: plan.placements.len() + plan.replicas.len(),
+                gpus_requested: replicas.iter().map(Replica::total_gpus).sum(),
                 gpus_placed,
                 cluster_gpus: cluster.total_gpus(),
                 gpus_free_after: ledger.free_gpus(),
@@ -191,10 +243,19 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
         .map(|p| {
             let members =
                 p.members.iter().map(|m| format!("{}:{}", m.node, gpu_list(&m.gpus))).collect::<Vec<_>>().join(" ");
+            let gang = match (&p.role, p.slice) {
+                (Some(role), Some(slice)) => format!("{}/{role}[{slice}]", p.gang),
+                (Some(role), None) => format!("{}/{role}", p.gang),
+                _ => p.gang.clone(),
+            };
+            let scope = match &p.region {
+                Some(region) if *region != p.scope && region != "cluster" => format!("{} in {region}", p.scope),
+                _ => p.scope.clone(),
+            };
             [
-                p.gang.clone(),
+                gang,
                 p.product.clone(),
-                p.scope.clone(),
+                scope,
                 if p.memory_floor_mib > 0 { format_gib(p.memory_floor_mib) } else { "-".into() },
                 format!("{:.2}", p.score.total),
                 solver_cell(&p.solver),
@@ -246,6 +307,23 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
             if let Some(explanation) = &placement.explanation {
                 explain_lines(&mut text, explanation);
             }
+        }
+    }
+    if !report.replicas.is_empty() {
+        let _ = writeln!(text, "\nREPLICAS WITH ROLES");
+        for replica in &report.replicas {
+            let _ = write!(
+                text,
+                "  {}: in {}, score {:.2}, {} planner call(s)",
+                replica.gang, replica.region, replica.score, replica.search_steps
+            );
+            if !replica.roles_without_gpus.is_empty() {
+                let _ = write!(text, "; left to kube-scheduler (no GPUs): {}", replica.roles_without_gpus.join(", "));
+            }
+            if let Some(note) = &replica.note {
+                let _ = write!(text, "; {note}");
+            }
+            let _ = writeln!(text);
         }
     }
     if !report.unplaced.is_empty() {

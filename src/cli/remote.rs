@@ -120,6 +120,12 @@ fn connection(args: &PlanArgs, server: &str) -> Result<Connection, CliError> {
 pub fn plan(args: &PlanArgs, server: &str, out: &mut dyn Write) -> Result<(), CliError> {
     let workload = load_workload(&args.workload)?;
     workload.validate().map_err(|e| CliError::Input(e.to_string()))?;
+    if let Some(gang) = workload.gangs.iter().find(|g| !g.roles.is_empty()) {
+        return Err(CliError::Input(format!(
+            "gang `{}` has roles, which the gRPC API does not carry yet; plan it locally (without --server)",
+            gang.name
+        )));
+    }
     let connection = connection(args, server)?;
     let gangs = workload_gangs(&workload, &args.namespace);
     let request = pb::PlanRequest {

@@ -2,6 +2,11 @@
 //! pipeline parallelism, a per-GPU memory floor, topology constraints), and the sizing
 //! math that turns a model (parameters, dtype, KV cache) into that memory floor.
 //!
+//! A replica may have *roles* (prefill and decode workers, a leader unlike its workers): each
+//! role is a homogeneous [`Gang`] of its own shape, optionally cut into *slices* that must
+//! each stay inside one domain, and the replica has a scope of its own over all its roles
+//! ([`Replica`]). A gang without roles is a replica of one role.
+//!
 //! A gang's GPUs come in *units*: the smallest group of members that must share one
 //! NVLink domain. When tensor parallelism fits inside a member (`tp <= gpus per member`)
 //! a unit is one member; when it does not, a unit is the `tp / gpus` members of one
@@ -15,6 +20,8 @@ use crate::topology::{Cluster, ProductId, HOST_GPUS_MAX};
 pub const GANG_MEMBERS_MAX: u32 = 4_096;
 /// Replicas of one gang entry in a workload.
 pub const GANG_REPLICAS_MAX: u32 = 10_000;
+/// Roles of one replica.
+pub const REPLICA_ROLES_MAX: usize = 16;
 /// Runtime overhead on top of weights and KV cache when a model is sized and the
 /// workload does not say (CUDA context, activations, fragmentation of the allocator).
 pub const RUNTIME_OVERHEAD_DEFAULT: f64 = 0.10;
@@ -83,18 +90,131 @@ pub enum MemoryNeed {
     Model(ModelSpec),
 }
 
-/// One entry of a workload: `replicas` independent gangs of the same shape.
+/// How a role's members are cut into slices, each of which must stay inside one domain
+/// (Kueue's podset slices, KAI's subgroups with a topology of their own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slicing {
+    /// Members per slice: divides the role's members and is a whole number of its
+    /// tensor-parallel groups, so no group straddles two slices.
+    pub members: u32,
+    /// Where each slice must stay.
+    pub scope: Scope,
+}
+
+/// One role of a replica as a workload gives it (`spec.gangs[].roles[]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoleSpec {
+    /// Unique within the replica (`leader`, `prefill`, `decode`).
+    pub name: String,
+    pub members: u32,
+    /// 0: the role's pods take no GPUs (a launcher or router leader on a CPU node); the GPU
+    /// planner leaves them to kube-scheduler and does not wait for them.
+    pub gpus_per_member: u32,
+    pub tensor_parallel: u32,
+    pub pipeline_parallel: u32,
+    pub memory: MemoryNeed,
+    /// The role's own scope: all its members inside one such domain.
+    pub required: Option<Scope>,
+    pub preferred: Option<Scope>,
+    pub slices: Option<Slicing>,
+}
+
+impl RoleSpec {
+    /// A role of `members` pods with `gpus_per_member` GPUs and tensor parallelism
+    /// `tensor_parallel`; no pipeline parallelism, memory floor, scope or slices.
+    pub fn shape(name: &str, members: u32, gpus_per_member: u32, tensor_parallel: u32) -> Self {
+        RoleSpec {
+            name: name.to_string(),
+            members,
+            gpus_per_member,
+            tensor_parallel,
+            pipeline_parallel: 1,
+            memory: MemoryNeed::None,
+            required: None,
+            preferred: None,
+            slices: None,
+        }
+    }
+
+    /// The role's members as one gang spec named `gang/role` (how errors name the role).
+    fn as_gang_spec(&self, gang: &str) -> GangSpec {
+        GangSpec {
+            name: format!("{gang}/{}", self.name),
+            replicas: 1,
+            members: self.members,
+            gpus_per_member: self.gpus_per_member,
+            tensor_parallel: self.tensor_parallel,
+            pipeline_parallel: self.pipeline_parallel,
+            memory: self.memory.clone(),
+            required: self.required.clone(),
+            preferred: self.preferred.clone(),
+            roles: Vec::new(),
+        }
+    }
+
+    fn validate(&self, gang: &str) -> Result<(), WorkloadError> {
+        let role = || (gang.to_string(), self.name.clone());
+        if self.name.trim().is_empty() {
+            return Err(WorkloadError::EmptyRoleName { gang: gang.to_string() });
+        }
+        if self.members == 0 {
+            let (gang, role) = role();
+            return Err(WorkloadError::RoleZero { gang, role, field: "members" });
+        }
+        if self.gpus_per_member == 0 {
+            // A GPU-less role is counted, not placed: nothing about GPUs may be asked of it.
+            let asks_gpu_things = self.tensor_parallel > 1
+                || self.pipeline_parallel > 1
+                || self.memory != MemoryNeed::None
+                || self.slices.is_some()
+                || self.required.is_some()
+                || self.preferred.is_some();
+            if asks_gpu_things {
+                let (gang, role) = role();
+                return Err(WorkloadError::GpuLessRole { gang, role });
+            }
+            return Ok(());
+        }
+        let spec = self.as_gang_spec(gang);
+        spec.validate()?;
+        if let Some(slicing) = &self.slices {
+            let unit = spec.expand().remove(0).members_per_unit();
+            if slicing.members == 0
+                || !self.members.is_multiple_of(slicing.members)
+                || !slicing.members.is_multiple_of(unit)
+            {
+                let (gang, role) = role();
+                return Err(WorkloadError::SliceShape {
+                    gang,
+                    role,
+                    slice: slicing.members,
+                    members: self.members,
+                    unit,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One entry of a workload: `replicas` independent gangs of the same shape, given either by
+/// the flat fields (one role) or by `roles`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GangSpec {
     pub name: String,
     pub replicas: u32,
+    /// The flat fields below describe the gang when `roles` is empty, and are unused
+    /// otherwise.
     pub members: u32,
     pub gpus_per_member: u32,
     pub tensor_parallel: u32,
     pub pipeline_parallel: u32,
     pub memory: MemoryNeed,
+    /// With roles: the scope of the whole replica (all roles inside one such domain).
     pub required: Option<Scope>,
     pub preferred: Option<Scope>,
+    /// The replica's roles; empty for a gang of one shape.
+    pub roles: Vec<RoleSpec>,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -116,6 +236,26 @@ pub enum WorkloadError {
     EmptyName { gang: String },
     #[error("gang `{gang}`: model.overhead {overhead} must be between 0 and 10")]
     Overhead { gang: String, overhead: f64 },
+    #[error("gang `{gang}`: a role's name must not be empty")]
+    EmptyRoleName { gang: String },
+    #[error("gang `{gang}`: role `{role}` appears twice")]
+    DuplicateRole { gang: String, role: String },
+    #[error("gang `{gang}`: role `{role}`: {field} must be at least 1")]
+    RoleZero { gang: String, role: String, field: &'static str },
+    #[error(
+        "gang `{gang}`: role `{role}` takes no GPUs (gpusPerMember 0), so it may not ask for \
+         tensorParallel, pipelineParallel, GPU memory, a topology or slices"
+    )]
+    GpuLessRole { gang: String, role: String },
+    #[error(
+        "gang `{gang}`: role `{role}`: slices.members {slice} must divide the role's {members} \
+         members and be a multiple of its tensor-parallel group of {unit} members"
+    )]
+    SliceShape { gang: String, role: String, slice: u32, members: u32, unit: u32 },
+    #[error("gang `{gang}`: no role takes GPUs, so there is nothing to place")]
+    NoGpuRole { gang: String },
+    #[error("gang `{gang}`: {roles} roles, above the limit of {max}")]
+    TooManyRoles { gang: String, roles: usize, max: usize },
 }
 
 /// One gang (one replica) as the placement engine sees it.
@@ -170,13 +310,22 @@ impl GangSpec {
             memory: MemoryNeed::None,
             required: None,
             preferred: None,
+            roles: Vec::new(),
         }
+    }
+
+    /// One replica of `roles`, with no replica scope.
+    pub fn with_roles(name: &str, roles: Vec<RoleSpec>) -> Self {
+        GangSpec { roles, ..GangSpec::shape(name, 1, 1, 1) }
     }
 
     pub fn validate(&self) -> Result<(), WorkloadError> {
         let gang = || self.name.clone();
         if self.name.trim().is_empty() {
             return Err(WorkloadError::EmptyName { gang: gang() });
+        }
+        if !self.roles.is_empty() {
+            return self.validate_roles();
         }
         for (field, value) in [
             ("replicas", self.replicas),
@@ -215,6 +364,41 @@ impl GangSpec {
         Ok(())
     }
 
+    fn validate_roles(&self) -> Result<(), WorkloadError> {
+        let gang = || self.name.clone();
+        if self.replicas == 0 {
+            return Err(WorkloadError::Zero { gang: gang(), field: "replicas" });
+        }
+        if self.replicas > GANG_REPLICAS_MAX {
+            let (value, max) = (self.replicas.into(), GANG_REPLICAS_MAX.into());
+            return Err(WorkloadError::TooLarge { gang: gang(), field: "replicas", value, max });
+        }
+        if self.roles.len() > REPLICA_ROLES_MAX {
+            return Err(WorkloadError::TooManyRoles { gang: gang(), roles: self.roles.len(), max: REPLICA_ROLES_MAX });
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for role in &self.roles {
+            role.validate(&self.name)?;
+            if !names.insert(role.name.as_str()) {
+                return Err(WorkloadError::DuplicateRole { gang: gang(), role: role.name.clone() });
+            }
+        }
+        let members: u64 = self.roles.iter().map(|r| u64::from(r.members)).sum();
+        if members > u64::from(GANG_MEMBERS_MAX) {
+            let max = GANG_MEMBERS_MAX.into();
+            return Err(WorkloadError::TooLarge {
+                gang: gang(),
+                field: "roles[].members (summed)",
+                value: members,
+                max,
+            });
+        }
+        if self.roles.iter().all(|r| r.gpus_per_member == 0) {
+            return Err(WorkloadError::NoGpuRole { gang: gang() });
+        }
+        Ok(())
+    }
+
     /// Per-GPU memory floor in MiB: given, or derived from the model over TP x PP GPUs.
     pub fn memory_floor_mib(&self) -> u64 {
         match &self.memory {
@@ -227,12 +411,59 @@ impl GangSpec {
         }
     }
 
-    /// The independent gangs of this entry, named `name` (one replica) or `name-0`, ...
+    /// The replica names of this entry: `name` (one replica) or `name-0`, `name-1`, ...
+    fn replica_names(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.replicas).map(
+            |replica| {
+                if self.replicas == 1 {
+                    self.name.clone()
+                } else {
+                    format!("{}-{replica}", self.name)
+                }
+            },
+        )
+    }
+
+    /// The independent replicas of this entry ([`GangSpec::expand`] for an entry without
+    /// roles, each a replica of one role).
+    pub fn expand_replicas(&self) -> Vec<Replica> {
+        if self.roles.is_empty() {
+            return self.expand().into_iter().map(Replica::of_gang).collect();
+        }
+        self.replica_names()
+            .map(|name| Replica {
+                roles: self
+                    .roles
+                    .iter()
+                    .map(|role| Role {
+                        name: role.name.clone(),
+                        members: role.members,
+                        gang: (role.gpus_per_member > 0).then(|| {
+                            let mut gang = role.as_gang_spec(&name).expand().remove(0);
+                            gang.spec_name = self.name.clone();
+                            gang
+                        }),
+                        slices: role.slices.clone(),
+                    })
+                    .collect(),
+                name,
+                spec_name: self.name.clone(),
+                required: self.required.clone(),
+                preferred: self.preferred.clone(),
+            })
+            .collect()
+    }
+
+    /// The independent gangs of an entry without roles, named `name` (one replica) or
+    /// `name-0`, ...; an entry with roles has none ([`GangSpec::expand_replicas`]).
     pub fn expand(&self) -> Vec<Gang> {
+        if !self.roles.is_empty() {
+            return Vec::new();
+        }
         let floor = self.memory_floor_mib();
-        (0..self.replicas)
-            .map(|replica| Gang {
-                name: if self.replicas == 1 { self.name.clone() } else { format!("{}-{replica}", self.name) },
+        self.replica_names()
+            .map(|name| Gang {
+                name,
                 spec_name: self.name.clone(),
                 members: self.members,
                 gpus_per_member: self.gpus_per_member,
@@ -264,8 +495,75 @@ impl Workload {
         Ok(())
     }
 
+    /// The gangs of the entries without roles ([`GangSpec::expand`]).
     pub fn expand(&self) -> Vec<Gang> {
         self.gangs.iter().flat_map(GangSpec::expand).collect()
+    }
+
+    /// Every replica, with or without roles ([`GangSpec::expand_replicas`]).
+    pub fn replicas(&self) -> Vec<Replica> {
+        self.gangs.iter().flat_map(GangSpec::expand_replicas).collect()
+    }
+
+    /// Whether some entry has roles (and so needs [`Workload::replicas`]).
+    pub fn has_roles(&self) -> bool {
+        self.gangs.iter().any(|g| !g.roles.is_empty())
+    }
+}
+
+/// One role of a replica as the planner sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Role {
+    pub name: String,
+    pub members: u32,
+    /// The role's members as one homogeneous gang (named `replica/role`, or the replica's
+    /// own name for a gang without roles); `None` when they take no GPUs.
+    pub gang: Option<Gang>,
+    pub slices: Option<Slicing>,
+}
+
+/// One replica: its roles are placed together, whole or not at all, every role inside its
+/// own scope and all of them inside the replica's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replica {
+    pub name: String,
+    /// The workload entry it came from.
+    pub spec_name: String,
+    pub roles: Vec<Role>,
+    pub required: Option<Scope>,
+    pub preferred: Option<Scope>,
+}
+
+impl Replica {
+    /// A gang of one shape as a replica of one role (named after the gang).
+    pub fn of_gang(gang: Gang) -> Self {
+        Replica {
+            name: gang.name.clone(),
+            spec_name: gang.spec_name.clone(),
+            roles: vec![Role { name: gang.name.clone(), members: gang.members, gang: Some(gang), slices: None }],
+            required: None,
+            preferred: None,
+        }
+    }
+
+    /// The gang this replica is when it is one role without slices or replica scope: what
+    /// [`crate::placement::Planner::place`] places as it always has.
+    pub fn as_single(&self) -> Option<&Gang> {
+        match self.roles.as_slice() {
+            [Role { gang: Some(gang), slices: None, .. }] if self.required.is_none() && self.preferred.is_none() => {
+                Some(gang)
+            }
+            _ => None,
+        }
+    }
+
+    /// The gangs of the roles that take GPUs.
+    pub fn gangs(&self) -> impl Iterator<Item = &Gang> {
+        self.roles.iter().filter_map(|r| r.gang.as_ref())
+    }
+
+    pub fn total_gpus(&self) -> u64 {
+        self.gangs().map(Gang::total_gpus).sum()
     }
 }
 

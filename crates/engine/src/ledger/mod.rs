@@ -71,6 +71,15 @@ pub struct GpuUse {
 }
 
 impl GpuUse {
+    /// A ledger over these GPUs in use, which it takes as its base allocation (held by none
+    /// of its holders): for trial placements on a copy ([`Ledger::scratch`]).
+    pub fn scratch<K: Holder>(&self) -> Ledger<K> {
+        let mut gpus = self.clone();
+        gpus.base = gpus.used.clone();
+        gpus.held = vec![0; gpus.held.len()];
+        Ledger { gpus, holders: BTreeMap::new() }
+    }
+
     /// How many times the ledger has changed (reserve or release) since it was made.
     pub fn changes(&self) -> u64 {
         self.changes
@@ -162,10 +171,7 @@ impl<H: Holder> Ledger<H> {
     /// base allocation (held by none of its holders): for trial plans on a copy, such as a
     /// batch planned under gang names over the job replay's ledger.
     pub fn scratch<K: Holder>(&self) -> Ledger<K> {
-        let mut gpus = self.gpus.clone();
-        gpus.base = gpus.used.clone();
-        gpus.held = vec![0; gpus.held.len()];
-        Ledger { gpus, holders: BTreeMap::new() }
+        self.gpus.scratch()
     }
 
     /// The GPUs in use, without the holders: what the placement engine reads.

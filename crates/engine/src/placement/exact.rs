@@ -189,7 +189,7 @@ impl Planner<'_> {
         let mut stats = ExactStats::default();
         let no_answer = |reason: String| ExactOutcome::NoAnswer { reason };
         let mut ranking = Vec::new();
-        let greedy = self.place_ranked(ledger, gang, Some(&mut ranking), offered);
+        let greedy = self.place_ranked(ledger, gang, Some(&mut ranking), offered, super::Outside::NotOffered);
         let (required, preferred) =
             match (self.resolve(gang, &gang.required, "required"), self.resolve(gang, &gang.preferred, "preferred")) {
                 (Ok(r), Ok(p)) => (r, p),

@@ -20,6 +20,7 @@
 pub mod capacity;
 pub mod exact;
 pub mod gpus;
+pub mod replica;
 pub mod score;
 
 use std::collections::HashMap;
@@ -31,7 +32,7 @@ use crate::ledger::{mask_indices, GpuUse, Ledger};
 use crate::quantity::format_gib;
 use crate::topology::graph::nvlink_connected;
 use crate::topology::{Cluster, GpuMask, HostId, ProductId};
-use crate::workload::{Gang, Scope};
+use crate::workload::{Gang, Replica, Scope};
 use gpus::{remaining_connectivity, set_quality, unit_quality, GpuChooser, UnitShape};
 pub use score::{default_shapes, shapes_for, FreeShape, ScoreComponents, WeightedShape, Weights};
 
@@ -161,7 +162,10 @@ pub struct Unplaced {
 
 #[derive(Debug, Clone, Default)]
 pub struct BatchPlan {
+    /// Gangs of one shape (replicas of one role).
     pub placements: Vec<GangPlacement>,
+    /// Replicas with roles ([`Planner::plan_replicas`]).
+    pub replicas: Vec<replica::ReplicaPlacement>,
     pub unplaced: Vec<Unplaced>,
     /// How the batch was planned, when it was not gang by gang with one solver.
     pub note: Option<String>,
@@ -169,7 +173,8 @@ pub struct BatchPlan {
 
 impl BatchPlan {
     pub fn gpus_placed(&self) -> u64 {
-        self.placements.iter().flat_map(|p| &p.members).map(|m| u64::from(m.gpus.count_ones())).sum()
+        let gangs: u64 = self.placements.iter().flat_map(|p| &p.members).map(|m| u64::from(m.gpus.count_ones())).sum();
+        gangs + self.replicas.iter().map(replica::ReplicaPlacement::gpus).sum::<u64>()
     }
 }
 
@@ -183,6 +188,9 @@ pub enum HostRejection {
     FreeNotConnected,
     /// The caller did not offer the host (kube-scheduler's other filters removed it).
     NotOffered,
+    /// The host is outside the region a replica's search confined this part to
+    /// ([`replica`]).
+    OutsideRegion,
 }
 
 impl HostRejection {
@@ -214,6 +222,7 @@ impl HostRejection {
                 gang.tensor_parallel
             ),
             HostRejection::NotOffered => "not offered by the scheduler".into(),
+            HostRejection::OutsideRegion => "outside the region searched".into(),
         }
     }
 }
@@ -228,11 +237,22 @@ pub enum HostVerdict {
 #[derive(Debug, Default)]
 struct RejectionTally {
     groups: Vec<((HostRejection, ProductId), usize, Vec<HostId>)>,
+    /// Why hosts outside the request's `within` were left out ([`PlaceRequest::outside`]).
+    outside: Outside,
 }
 
 impl RejectionTally {
+    fn with_outside(outside: Outside) -> Self {
+        RejectionTally { groups: Vec::new(), outside }
+    }
+
     fn add(&mut self, reason: HostRejection, product: ProductId, host: HostId) {
-        match self.groups.iter_mut().find(|(key, _, _)| *key == (reason, product)) {
+        // Hosts left out by the caller are one group whatever their product.
+        let same = |key: &(HostRejection, ProductId)| match reason {
+            HostRejection::NotOffered | HostRejection::OutsideRegion => key.0 == reason,
+            _ => *key == (reason, product),
+        };
+        match self.groups.iter_mut().find(|(key, _, _)| same(key)) {
             Some((_, count, examples)) => {
                 *count += 1;
                 if examples.len() < EXPLAIN_EXAMPLES_MAX {
@@ -400,6 +420,16 @@ impl<'c> Planner<'c> {
         scope: &Option<Scope>,
         field: &'static str,
     ) -> Result<Option<ResolvedScope>, GangInputError> {
+        self.resolve_scope(&gang.name, scope, field)
+    }
+
+    /// A scope of the gang or replica `name` as this cluster's level, host or NVLink.
+    fn resolve_scope(
+        &self,
+        name: &str,
+        scope: &Option<Scope>,
+        field: &'static str,
+    ) -> Result<Option<ResolvedScope>, GangInputError> {
         Ok(match scope {
             None => None,
             Some(Scope::Host) => Some(ResolvedScope::Host),
@@ -408,7 +438,7 @@ impl<'c> Planner<'c> {
                 Some(index) => Some(ResolvedScope::Level(index)),
                 None => {
                     return Err(GangInputError::UnknownLevel {
-                        gang: gang.name.clone(),
+                        gang: name.to_string(),
                         field,
                         level: level.clone(),
                         known: if self.cluster.levels.is_empty() {
@@ -429,6 +459,22 @@ impl<'c> Planner<'c> {
         Ok(())
     }
 
+    /// Checks that every scope of a replica (its own, its roles', its slices') names a level
+    /// this cluster has; the error names the replica or `replica/role` and the field.
+    pub fn check_replica(&self, replica: &Replica) -> Result<(), GangInputError> {
+        self.resolve_scope(&replica.name, &replica.required, "required")?;
+        self.resolve_scope(&replica.name, &replica.preferred, "preferred")?;
+        for role in &replica.roles {
+            if let Some(gang) = &role.gang {
+                self.check_gang(gang)?;
+                if let Some(slicing) = &role.slices {
+                    self.resolve_scope(&gang.name, &Some(slicing.scope.clone()), "slices.scope")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Places one gang against the ledger's free GPUs, reserving nothing: the one entry point
     /// for a placement, whatever the solver and the hosts ([`PlaceRequest`]; a `&Gang` asks
     /// for greedy over every host). The stages: filter and capacity per host
@@ -440,8 +486,7 @@ impl<'c> Planner<'c> {
         ledger: &impl AsRef<GpuUse>,
         request: impl Into<PlaceRequest<'r>>,
     ) -> Result<GangPlacement, Unplaced> {
-        let request = request.into();
-        self.place_by_solver(ledger.as_ref(), request.gang, request.solver, request.within)
+        self.place_by_solver(ledger.as_ref(), request.into())
     }
 
     /// For a gang that one host can hold (a single pod, or a small gang): per host of `hosts`,
@@ -522,6 +567,7 @@ impl<'c> Planner<'c> {
         gang: &Gang,
         ranking: Option<&mut Vec<(ProductId, CandidateScope)>>,
         offered: Option<&[bool]>,
+        outside: Outside,
     ) -> Result<GangPlacement, Unplaced> {
         let unplaced = |reason: String| Unplaced { gang: gang.name.clone(), reason, explanation: None };
         let required = self.resolve(gang, &gang.required, "required").map_err(|e| unplaced(e.to_string()))?;
@@ -530,7 +576,7 @@ impl<'c> Planner<'c> {
         let (unit_shape, member_shape) = shapes_of(gang);
 
         // 1. Filter: every host's units, and why the others hold none.
-        let mut tally = RejectionTally::default();
+        let mut tally = RejectionTally::with_outside(outside);
         let capacity = self.host_capacity(ledger, gang, unit_shape, member_shape, offered, &mut tally);
         // 2-5. Candidates per product (each filled and its GPUs chosen and scored by `build`).
         let whole_free = score::WholeFreeIndex::new(cluster, ledger);
@@ -876,7 +922,11 @@ impl<'c> Planner<'c> {
         for (index, host) in cluster.hosts.iter().enumerate() {
             let host_id = index as HostId;
             if offered.is_some_and(|offered| !offered.get(index).copied().unwrap_or(false)) {
-                tally.add(HostRejection::NotOffered, host.product, host_id);
+                let reason = match tally.outside {
+                    Outside::NotOffered => HostRejection::NotOffered,
+                    Outside::Region => HostRejection::OutsideRegion,
+                };
+                tally.add(reason, host.product, host_id);
                 continue;
             }
             let (count, spans_hosts) = match self.host_slots(ledger, gang, host_id, unit_shape, member_shape) {
@@ -1133,15 +1183,55 @@ impl<'c> Planner<'c> {
             }
         }
         for index in batch_order(gangs) {
-            let gang = &gangs[index];
-            let outcome = self.place(&*ledger, PlaceRequest::new(gang).solver(solver));
-            match outcome {
-                Ok(placement) => match ledger.reserve(&gang.name, &placement.holding()) {
-                    Ok(()) => plan.placements.push(placement),
+            self.place_and_reserve(ledger, &gangs[index], solver, &mut plan);
+        }
+        plan
+    }
+
+    /// Places one gang and reserves it under its name; the outcome goes into `plan`.
+    fn place_and_reserve(&mut self, ledger: &mut Ledger, gang: &Gang, solver: &SolverChoice, plan: &mut BatchPlan) {
+        match self.place(&*ledger, PlaceRequest::new(gang).solver(solver)) {
+            Ok(placement) => match ledger.reserve(&gang.name, &placement.holding()) {
+                Ok(()) => plan.placements.push(placement),
+                Err(error) => plan.unplaced.push(Unplaced {
+                    gang: gang.name.clone(),
+                    reason: format!("the ledger refused the placement: {error}"),
+                    explanation: placement.explanation,
+                }),
+            },
+            Err(unplaced) => plan.unplaced.push(unplaced),
+        }
+    }
+
+    /// Places a batch of replicas one after another, reserving each whole under its name:
+    /// the largest first, as [`batch_order`]. A batch of replicas that are each one role
+    /// without slices or scope is planned exactly as [`Planner::plan_with`] plans their
+    /// gangs; replicas with roles go through [`Planner::place_replica`] and are listed in
+    /// [`BatchPlan::replicas`]. A replica that does not fit holds nothing.
+    pub fn plan_replicas(&mut self, ledger: &mut Ledger, replicas: &[Replica], solver: &SolverChoice) -> BatchPlan {
+        if let Some(gangs) = replicas.iter().map(|r| r.as_single().cloned()).collect::<Option<Vec<Gang>>>() {
+            return self.plan_with(ledger, &gangs, solver);
+        }
+        let mut plan = BatchPlan::default();
+        let mut order: Vec<usize> = (0..replicas.len()).collect();
+        order.sort_by_key(|&i| {
+            let replica = &replicas[i];
+            let unit = replica.gangs().map(Gang::unit_gpus).max().unwrap_or(0);
+            (std::cmp::Reverse(replica.total_gpus()), std::cmp::Reverse(unit), i)
+        });
+        for index in order {
+            let replica = &replicas[index];
+            if let Some(gang) = replica.as_single() {
+                self.place_and_reserve(ledger, gang, solver, &mut plan);
+                continue;
+            }
+            match self.place_replica(&*ledger, replica, solver, None) {
+                Ok(placement) => match ledger.reserve(&replica.name, &placement.holding()) {
+                    Ok(()) => plan.replicas.push(placement),
                     Err(error) => plan.unplaced.push(Unplaced {
-                        gang: gang.name.clone(),
+                        gang: replica.name.clone(),
                         reason: format!("the ledger refused the placement: {error}"),
-                        explanation: placement.explanation,
+                        explanation: None,
                     }),
                 },
                 Err(unplaced) => plan.unplaced.push(unplaced),
@@ -1151,15 +1241,10 @@ impl<'c> Planner<'c> {
     }
 
     /// [`Planner::place`]'s solver dispatch.
-    fn place_by_solver(
-        &mut self,
-        ledger: &GpuUse,
-        gang: &Gang,
-        solver: &SolverChoice,
-        offered: Option<&[bool]>,
-    ) -> Result<GangPlacement, Unplaced> {
+    fn place_by_solver(&mut self, ledger: &GpuUse, request: PlaceRequest<'_>) -> Result<GangPlacement, Unplaced> {
+        let PlaceRequest { gang, solver, within: offered, outside } = request;
         match solver {
-            SolverChoice::Greedy => self.place_ranked(ledger, gang, None, offered),
+            SolverChoice::Greedy => self.place_ranked(ledger, gang, None, offered, outside),
             SolverChoice::Exact(config) => match self.place_exact_and_greedy(ledger, gang, config, offered) {
                 (exact::ExactOutcome::Placed(placement), _, _) => Ok(*placement),
                 (exact::ExactOutcome::Infeasible(mut unplaced), _, _) => {
@@ -1217,12 +1302,29 @@ pub struct PlaceRequest<'a> {
     pub gang: &'a Gang,
     pub solver: &'a SolverChoice,
     pub within: Option<&'a [bool]>,
+    /// Why the hosts outside `within` are left out, as explanations say it.
+    pub outside: Outside,
+}
+
+/// Why a [`PlaceRequest`]'s hosts outside `within` are left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Outside {
+    /// kube-scheduler's own filters removed them.
+    #[default]
+    NotOffered,
+    /// A replica's search confined the part to a region ([`replica`]).
+    Region,
 }
 
 impl<'a> PlaceRequest<'a> {
     /// Greedy, over every host.
     pub fn new(gang: &'a Gang) -> Self {
-        PlaceRequest { gang, solver: &SolverChoice::Greedy, within: None }
+        PlaceRequest { gang, solver: &SolverChoice::Greedy, within: None, outside: Outside::NotOffered }
+    }
+
+    /// Says why hosts outside `within` are left out.
+    pub fn outside(self, outside: Outside) -> Self {
+        PlaceRequest { outside, ..self }
     }
 
     pub fn solver(self, solver: &'a SolverChoice) -> Self {

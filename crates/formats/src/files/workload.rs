@@ -1,12 +1,18 @@
 //! `kind: Workload`: `spec.gangs[]`, each `replicas` independent gangs of `members` pods
 //! with `gpusPerMember` GPUs, tensor and pipeline parallelism, a memory floor given
-//! directly (`minGpuMemory`) or sized from a `model`, and topology constraints.
+//! directly (`minGpuMemory`) or sized from a `model`, and topology constraints. A gang may
+//! instead list `roles[]` (prefill and decode, leader and workers), each with those fields,
+//! a topology of its own and `slices: {members, required}`; the gang's `topology` is then
+//! the scope of the whole replica.
 
 use serde::Deserialize;
 
 use super::{check_header, line_of_name, lines_naming, FileError, Metadata};
 use topoplace_engine::quantity;
-use topoplace_engine::workload::{GangSpec, MemoryNeed, ModelSpec, Scope, Workload, RUNTIME_OVERHEAD_DEFAULT};
+use topoplace_engine::workload::WorkloadError;
+use topoplace_engine::workload::{
+    GangSpec, MemoryNeed, ModelSpec, RoleSpec, Scope, Slicing, Workload, RUNTIME_OVERHEAD_DEFAULT,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -36,19 +42,89 @@ struct GangEntry {
     name: String,
     #[serde(default = "one")]
     replicas: u32,
-    #[serde(default = "one")]
-    members: u32,
-    gpus_per_member: u32,
-    #[serde(default = "one")]
-    tensor_parallel: u32,
-    #[serde(default = "one")]
-    pipeline_parallel: u32,
+    // The shape of a gang without roles (with roles, each role gives its own).
+    #[serde(default)]
+    members: Option<u32>,
+    #[serde(default)]
+    gpus_per_member: Option<u32>,
+    #[serde(default)]
+    tensor_parallel: Option<u32>,
+    #[serde(default)]
+    pipeline_parallel: Option<u32>,
     #[serde(default)]
     min_gpu_memory: Option<MemoryQuantity>,
     #[serde(default)]
     model: Option<ModelEntry>,
     #[serde(default)]
     topology: Option<TopologyEntry>,
+    #[serde(default)]
+    roles: Option<Vec<RoleEntry>>,
+}
+
+/// Members, GPUs, parallelism and memory: of a gang, or of one role.
+#[derive(Debug, Default)]
+struct ShapeEntry {
+    members: Option<u32>,
+    gpus_per_member: Option<u32>,
+    tensor_parallel: Option<u32>,
+    pipeline_parallel: Option<u32>,
+    min_gpu_memory: Option<MemoryQuantity>,
+    model: Option<ModelEntry>,
+}
+
+impl ShapeEntry {
+    fn is_empty(&self) -> bool {
+        self.members.is_none()
+            && self.gpus_per_member.is_none()
+            && self.tensor_parallel.is_none()
+            && self.pipeline_parallel.is_none()
+            && self.min_gpu_memory.is_none()
+            && self.model.is_none()
+    }
+
+    /// The memory need, or why the two ways of giving it clash.
+    fn memory(&mut self) -> Result<MemoryNeed, String> {
+        Ok(match (self.min_gpu_memory.take(), self.model.take()) {
+            (Some(_), Some(_)) => return Err("give either minGpuMemory or model, not both".into()),
+            (Some(MemoryQuantity(bytes)), None) => MemoryNeed::FloorMib(quantity::bytes_to_mib_ceil(bytes)),
+            (None, Some(model)) => MemoryNeed::Model(ModelSpec {
+                parameters: model.parameters.0,
+                dtype_eighths: model.dtype.1,
+                dtype: model.dtype.0,
+                kv_cache_bytes: model.kv_cache.map_or(0, |q| q.0),
+                overhead: model.overhead.unwrap_or(RUNTIME_OVERHEAD_DEFAULT),
+            }),
+            (None, None) => MemoryNeed::None,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RoleEntry {
+    name: String,
+    #[serde(default)]
+    members: Option<u32>,
+    gpus_per_member: u32,
+    #[serde(default)]
+    tensor_parallel: Option<u32>,
+    #[serde(default)]
+    pipeline_parallel: Option<u32>,
+    #[serde(default)]
+    min_gpu_memory: Option<MemoryQuantity>,
+    #[serde(default)]
+    model: Option<ModelEntry>,
+    #[serde(default)]
+    topology: Option<TopologyEntry>,
+    #[serde(default)]
+    slices: Option<SlicesEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlicesEntry {
+    members: u32,
+    required: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +194,106 @@ fn scalar_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Stri
     })
 }
 
+fn scopes(topology: Option<TopologyEntry>) -> (Option<Scope>, Option<Scope>) {
+    match topology {
+        Some(topology) => {
+            (topology.required.as_deref().map(Scope::parse), topology.preferred.as_deref().map(Scope::parse))
+        }
+        None => (None, None),
+    }
+}
+
+/// One `gangs[]` entry as a gang spec; an error is `(line, message)`.
+fn gang_spec(mut entry: GangEntry, text: &str, line: Option<usize>) -> Result<GangSpec, (Option<usize>, String)> {
+    let name = entry.name.clone();
+    let gang_error = |message: String| (line, format!("gang `{name}`: {message}"));
+    let (required, preferred) = scopes(entry.topology.take());
+    let mut shape = ShapeEntry {
+        members: entry.members,
+        gpus_per_member: entry.gpus_per_member,
+        tensor_parallel: entry.tensor_parallel,
+        pipeline_parallel: entry.pipeline_parallel,
+        min_gpu_memory: entry.min_gpu_memory.take(),
+        model: entry.model.take(),
+    };
+    let Some(roles) = entry.roles.take() else {
+        let memory = shape.memory().map_err(gang_error)?;
+        return Ok(GangSpec {
+            name: entry.name,
+            replicas: entry.replicas,
+            members: shape.members.unwrap_or(1),
+            gpus_per_member: shape
+                .gpus_per_member
+                .ok_or_else(|| gang_error("gpusPerMember is missing (or give roles)".into()))?,
+            tensor_parallel: shape.tensor_parallel.unwrap_or(1),
+            pipeline_parallel: shape.pipeline_parallel.unwrap_or(1),
+            memory,
+            required,
+            preferred,
+            roles: Vec::new(),
+        });
+    };
+    if !shape.is_empty() {
+        return Err(gang_error(
+            "with roles, members, gpusPerMember, tensorParallel, pipelineParallel, minGpuMemory and model \
+             belong to each role, not to the gang"
+                .into(),
+        ));
+    }
+    let mut specs = Vec::with_capacity(roles.len());
+    for role in roles {
+        let role_line = lines_naming(text, &role.name, false).find(|&l| line.is_none_or(|g| l > g)).or(line);
+        let mut role_shape =
+            ShapeEntry { min_gpu_memory: role.min_gpu_memory, model: role.model, ..ShapeEntry::default() };
+        let memory = role_shape
+            .memory()
+            .map_err(|message| (role_line, format!("gang `{name}`: role `{}`: {message}", role.name)))?;
+        let (role_required, role_preferred) = scopes(role.topology);
+        specs.push(RoleSpec {
+            name: role.name,
+            members: role.members.unwrap_or(1),
+            gpus_per_member: role.gpus_per_member,
+            tensor_parallel: role.tensor_parallel.unwrap_or(1),
+            pipeline_parallel: role.pipeline_parallel.unwrap_or(1),
+            memory,
+            required: role_required,
+            preferred: role_preferred,
+            slices: role.slices.map(|s| Slicing { members: s.members, scope: Scope::parse(&s.required) }),
+        });
+    }
+    Ok(GangSpec {
+        replicas: entry.replicas,
+        required,
+        preferred,
+        roles: specs,
+        ..GangSpec::shape(&entry.name, 1, 1, 1)
+    })
+}
+
+/// The line of the role an error names, after its gang's line; else the gang's line.
+fn role_line(text: &str, gang_line: Option<usize>, error: &WorkloadError) -> Option<usize> {
+    let role = match error {
+        WorkloadError::DuplicateRole { role, .. } => {
+            // The second occurrence is the mistake.
+            return lines_naming(text, role, false).filter(|&l| gang_line.is_none_or(|g| l > g)).nth(1).or(gang_line);
+        }
+        WorkloadError::RoleZero { role, .. }
+        | WorkloadError::GpuLessRole { role, .. }
+        | WorkloadError::SliceShape { role, .. } => role.as_str(),
+        // A role's own shape errors name the gang `gang/role`.
+        WorkloadError::Zero { gang, .. }
+        | WorkloadError::TooLarge { gang, .. }
+        | WorkloadError::TensorParallelShape { gang, .. }
+        | WorkloadError::ParallelismShape { gang, .. }
+        | WorkloadError::Overhead { gang, .. } => match gang.rsplit_once('/') {
+            Some((_, role)) => role,
+            None => return gang_line,
+        },
+        _ => return gang_line,
+    };
+    lines_naming(text, role, false).find(|&l| gang_line.is_none_or(|g| l > g)).or(gang_line)
+}
+
 /// Parses a workload file's text into a validated workload.
 pub fn parse(file: &str, text: &str) -> Result<Workload, FileError> {
     check_header(file, text, "Workload")?;
@@ -125,37 +301,8 @@ pub fn parse(file: &str, text: &str) -> Result<Workload, FileError> {
     let mut gangs = Vec::with_capacity(parsed.spec.gangs.len());
     for entry in parsed.spec.gangs {
         let line = line_of_name(text, &entry.name);
-        let gang_error = |message: String| FileError::at_line(file, line, format!("gang `{}`: {message}", entry.name));
-        let memory = match (entry.min_gpu_memory, entry.model) {
-            (Some(_), Some(_)) => return Err(gang_error("give either minGpuMemory or model, not both".into())),
-            (Some(MemoryQuantity(bytes)), None) => MemoryNeed::FloorMib(quantity::bytes_to_mib_ceil(bytes)),
-            (None, Some(model)) => MemoryNeed::Model(ModelSpec {
-                parameters: model.parameters.0,
-                dtype_eighths: model.dtype.1,
-                dtype: model.dtype.0,
-                kv_cache_bytes: model.kv_cache.map_or(0, |q| q.0),
-                overhead: model.overhead.unwrap_or(RUNTIME_OVERHEAD_DEFAULT),
-            }),
-            (None, None) => MemoryNeed::None,
-        };
-        let (required, preferred) = match entry.topology {
-            Some(topology) => {
-                (topology.required.as_deref().map(Scope::parse), topology.preferred.as_deref().map(Scope::parse))
-            }
-            None => (None, None),
-        };
-        let gang = GangSpec {
-            name: entry.name.clone(),
-            replicas: entry.replicas,
-            members: entry.members,
-            gpus_per_member: entry.gpus_per_member,
-            tensor_parallel: entry.tensor_parallel,
-            pipeline_parallel: entry.pipeline_parallel,
-            memory,
-            required,
-            preferred,
-        };
-        gang.validate().map_err(|e| FileError::at_line(file, line, e.to_string()))?;
+        let gang = gang_spec(entry, text, line).map_err(|(line, message)| FileError::at_line(file, line, message))?;
+        gang.validate().map_err(|e| FileError::at_line(file, role_line(text, line, &e), e.to_string()))?;
         gangs.push(gang);
     }
     let workload = Workload { name: parsed.metadata.name, gangs };

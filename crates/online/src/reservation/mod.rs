@@ -124,6 +124,7 @@ impl PodDemand {
             memory: self.memory.clone(),
             required: self.required.clone(),
             preferred: self.preferred.clone(),
+            roles: Vec::new(),
         };
         spec.validate().map_err(|source| BookError::Demand { pod: self.pod.to_string(), source })?;
         spec.expand().into_iter().next().ok_or_else(|| BookError::Demand {

@@ -78,6 +78,7 @@ pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
             },
             required: scope(&gang.required_topology),
             preferred: scope(&gang.preferred_topology),
+            roles: Vec::new(),
         };
         spec.validate().map_err(|e| at(workload_message(&e)))?;
         let total = requests.len().saturating_add(spec.replicas as usize);

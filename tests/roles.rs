@@ -1,0 +1,346 @@
+//! Replicas with roles in the placement engine and the workload file: the failing inputs of
+//! the issue "Replicas with roles" that the engine answers (a leader of another shape or
+//! without GPUs, a constraint on one role only, two roles in one replica scope, slices),
+//! the search going back over an earlier choice, and bad input named by file, line, role
+//! and field. The Kubernetes ways in (LeaderWorkerSet, Workload/PodGroup) are not built yet.
+
+use topoplace_engine::ledger::Ledger;
+use topoplace_engine::placement::replica::ReplicaPlacement;
+use topoplace_engine::placement::{Planner, PlannerConfig, SolverChoice};
+use topoplace_engine::topology::Cluster;
+use topoplace_engine::workload::{GangSpec, Replica, RoleSpec, Scope, Slicing, Workload};
+use topoplace_formats::files;
+
+/// A cluster of 8-GPU H100 hosts: `(name, block, rack, GPUs taken)` each.
+fn h100s(hosts: &[(&str, &str, &str, u8)]) -> Cluster {
+    let mut text = String::from(
+        "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: t}\nspec:\n  levels: [block, rack]\n  nodes:\n",
+    );
+    for (name, block, rack, taken) in hosts {
+        let allocated: Vec<String> = (0..*taken).map(|g| g.to_string()).collect();
+        text.push_str(&format!(
+            "  - name: {name}\n    labels: {{block: {block}, rack: {rack}}}\n    gpu: {{product: H100, count: 8}}\n    allocated: [{}]\n",
+            allocated.join(",")
+        ));
+    }
+    files::cluster::load("inline.yaml", &text).expect("valid inline cluster")
+}
+
+fn rack() -> Option<Scope> {
+    Some(Scope::Level("rack".into()))
+}
+
+fn role(name: &str, members: u32, gpus: u32, tp: u32) -> RoleSpec {
+    RoleSpec::shape(name, members, gpus, tp)
+}
+
+fn replica(spec: GangSpec) -> Replica {
+    spec.validate().expect("a valid replica");
+    spec.expand_replicas().remove(0)
+}
+
+fn place(cluster: &Cluster, replica: &Replica) -> Result<ReplicaPlacement, String> {
+    let mut planner = Planner::new(cluster, PlannerConfig::default());
+    planner.check_replica(replica).map_err(|e| e.to_string())?;
+    planner.place_replica(&Ledger::new(cluster), replica, &SolverChoice::Greedy, None).map_err(|u| u.reason)
+}
+
+/// The nodes of one role, sorted and without repeats.
+fn nodes_of(cluster: &Cluster, placement: &ReplicaPlacement, role: &str) -> Vec<String> {
+    let mut nodes: Vec<String> = placement
+        .parts
+        .iter()
+        .filter(|p| p.role == role)
+        .flat_map(|p| &p.placement.members)
+        .map(|m| cluster.host(m.host).name.clone())
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
+}
+
+/// Two racks of one block: `a1..a3` free in rack ra, `b1, b2` free in rack rb.
+fn three_and_two() -> Cluster {
+    h100s(&[
+        ("a1", "k", "ra", 0),
+        ("a2", "k", "ra", 0),
+        ("a3", "k", "ra", 0),
+        ("b1", "k", "rb", 0),
+        ("b2", "k", "rb", 0),
+    ])
+}
+
+#[test]
+fn prefill_and_decode_share_the_rack_that_holds_both() {
+    // Input 4: prefill 2 x 8 (TP 8) and decode 1 x 4 (TP 4) in one rack. As two gangs,
+    // prefill took the tighter rack rb and decode the other; as one replica both go to ra.
+    let cluster = three_and_two();
+    let spec = GangSpec {
+        required: rack(),
+        ..GangSpec::with_roles("serve", vec![role("prefill", 2, 8, 8), role("decode", 1, 4, 4)])
+    };
+    let placement = place(&cluster, &replica(spec)).expect("rack ra holds the replica");
+    assert_eq!(placement.region, "rack k/ra");
+    assert_eq!(nodes_of(&cluster, &placement, "prefill").len(), 2);
+    let all = nodes_of(&cluster, &placement, "prefill").into_iter().chain(nodes_of(&cluster, &placement, "decode"));
+    assert!(all.into_iter().all(|n| n.starts_with('a')), "{placement:?}");
+    assert_eq!(placement.gpus(), 20);
+
+    // The same shapes as two independent gangs, for contrast: prefill fills the tighter rack.
+    let mut planner = Planner::new(&cluster, PlannerConfig::default());
+    let prefill = GangSpec { required: rack(), ..GangSpec::shape("prefill", 2, 8, 8) }.expand().remove(0);
+    let alone = planner.place(&Ledger::new(&cluster), &prefill).expect("fits");
+    assert!(alone.members.iter().all(|m| cluster.host(m.host).name.starts_with('b')));
+}
+
+#[test]
+fn slices_each_stay_in_a_rack_and_use_the_racks_that_fit_them() {
+    // Input 5: racks with 3, 1 and 2 free hosts; 4 x 8 GPUs in slices of 2 members, each
+    // slice in one rack: 2 + 2 on the racks with 3 and 2, never 3 + 1.
+    let cluster = h100s(&[
+        ("a1", "k", "ra", 0),
+        ("a2", "k", "ra", 0),
+        ("a3", "k", "ra", 0),
+        ("b1", "k", "rb", 0),
+        ("c1", "k", "rc", 0),
+        ("c2", "k", "rc", 0),
+    ]);
+    let workers = RoleSpec {
+        slices: Some(Slicing { members: 2, scope: Scope::Level("rack".into()) }),
+        ..role("workers", 4, 8, 8)
+    };
+    let spec = GangSpec { required: Some(Scope::Level("block".into())), ..GangSpec::with_roles("job", vec![workers]) };
+    let placement = place(&cluster, &replica(spec)).expect("two racks hold a slice each");
+    assert_eq!(placement.parts.len(), 2);
+    for part in &placement.parts {
+        let racks: Vec<u32> = part.placement.members.iter().map(|m| cluster.host(m.host).domain_path[1]).collect();
+        assert!(racks.windows(2).all(|w| w[0] == w[1]), "a slice inside one rack: {part:?}");
+    }
+    let nodes = nodes_of(&cluster, &placement, "workers");
+    assert_eq!(nodes.iter().filter(|n| n.starts_with('a')).count(), 2, "{nodes:?}");
+    assert_eq!(nodes.iter().filter(|n| n.starts_with('c')).count(), 2, "{nodes:?}");
+    // Members are numbered within the role: slice 1 holds members 2 and 3.
+    let mut members: Vec<u32> = placement.parts.iter().flat_map(|p| &p.placement.members).map(|m| m.member).collect();
+    members.sort();
+    assert_eq!(members, [0, 1, 2, 3]);
+}
+
+#[test]
+fn a_constraint_on_one_role_holds_in_any_order_the_roles_are_given() {
+    // Input 3: one spine; rack ra with 2 free hosts, rb with 1; an unconstrained leader and
+    // two workers that must share a rack (8 GPUs each): the workers take ra, whichever
+    // role is listed first.
+    let cluster = h100s(&[("a1", "s", "ra", 0), ("a2", "s", "ra", 0), ("b1", "s", "rb", 0)]);
+    let workers = RoleSpec { required: rack(), ..role("workers", 2, 8, 8) };
+    for roles in [vec![role("leader", 1, 8, 8), workers.clone()], vec![workers.clone(), role("leader", 1, 8, 8)]] {
+        let placement = place(&cluster, &replica(GangSpec::with_roles("lws", roles))).expect("fits");
+        assert_eq!(nodes_of(&cluster, &placement, "workers"), ["a1", "a2"]);
+        assert_eq!(nodes_of(&cluster, &placement, "leader"), ["b1"]);
+    }
+}
+
+#[test]
+fn a_leader_of_another_shape_is_one_replica_with_its_workers() {
+    // Input 2: a leader of 4 GPUs and two workers of 8, in one rack. Rack rb (2 free hosts)
+    // cannot hold 20 GPUs; rack ra can.
+    let cluster = three_and_two();
+    let spec = GangSpec {
+        required: rack(),
+        ..GangSpec::with_roles("lws", vec![role("leader", 1, 4, 4), role("workers", 2, 8, 8)])
+    };
+    let placement = place(&cluster, &replica(spec)).expect("fits");
+    assert_eq!(nodes_of(&cluster, &placement, "workers").len(), 2);
+    assert_eq!(nodes_of(&cluster, &placement, "leader").len(), 1);
+    assert!(placement.region.ends_with("ra"), "{}", placement.region);
+    // The leader does not share a host with a worker's full 8 GPUs: three hosts in all.
+    assert_eq!(placement.gpus(), 20);
+}
+
+#[test]
+fn a_leader_without_gpus_is_not_waited_for_and_takes_nothing() {
+    // Input 1: a CPU-only leader and two workers of 8 on three free hosts: the workers take
+    // two hosts, the third stays free, and the leader is left to kube-scheduler.
+    let cluster = h100s(&[("a1", "k", "ra", 0), ("a2", "k", "ra", 0), ("a3", "k", "ra", 0)]);
+    let spec = GangSpec::with_roles("lws", vec![role("leader", 1, 0, 1), role("workers", 2, 8, 8)]);
+    let replica = replica(spec);
+    assert_eq!(replica.total_gpus(), 16);
+    let mut ledger = Ledger::new(&cluster);
+    let mut planner = Planner::new(&cluster, PlannerConfig::default());
+    let plan = planner.plan_replicas(&mut ledger, std::slice::from_ref(&replica), &SolverChoice::Greedy);
+    assert!(plan.unplaced.is_empty(), "{:?}", plan.unplaced);
+    let placed = &plan.replicas[0];
+    assert_eq!(placed.gpu_less_roles, ["leader"]);
+    assert_eq!(placed.parts.len(), 1);
+    assert_eq!(ledger.free_gpus(), 8, "one host stays free");
+    assert_eq!(ledger.holding("lws").map(|h| h.len()), Some(2));
+}
+
+#[test]
+fn the_search_goes_back_when_a_later_slice_finds_no_room() {
+    // Slices of 2 x 8 that must share a block (the role's scope) and each stay in a rack.
+    // Block k1 has one rack with room (the tightest first choice); block k2 has two. The
+    // first slice's first choice leaves the second nowhere in k1, so the search goes back.
+    let cluster = h100s(&[
+        ("a1", "k1", "ra", 0),
+        ("a2", "k1", "ra", 0),
+        ("b1", "k1", "rb", 8),
+        ("c1", "k2", "rc", 0),
+        ("c2", "k2", "rc", 0),
+        ("d1", "k2", "rd", 0),
+        ("d2", "k2", "rd", 0),
+    ]);
+    let workers = RoleSpec {
+        required: Some(Scope::Level("block".into())),
+        slices: Some(Slicing { members: 2, scope: Scope::Level("rack".into()) }),
+        ..role("workers", 4, 8, 8)
+    };
+    let placement = place(&cluster, &replica(GangSpec::with_roles("job", vec![workers]))).expect("block k2 holds it");
+    assert_eq!(nodes_of(&cluster, &placement, "workers"), ["c1", "c2", "d1", "d2"]);
+    assert!(placement.steps >= 3, "a first slice in k1, a failed second, then k2: {} steps", placement.steps);
+}
+
+#[test]
+fn an_unplaced_replica_names_the_role_that_did_not_fit_and_holds_nothing() {
+    let cluster = three_and_two();
+    // 3 x 8 prefill and 2 x 8 decode in one rack: rack ra holds prefill, then nothing for decode.
+    let spec = GangSpec {
+        required: rack(),
+        ..GangSpec::with_roles("serve", vec![role("prefill", 3, 8, 8), role("decode", 2, 8, 8)])
+    };
+    let reason = place(&cluster, &replica(spec.clone())).unwrap_err();
+    assert!(reason.contains("no rack has the 40 free GPUs"), "{reason}");
+
+    let spec = GangSpec {
+        required: rack(),
+        ..GangSpec::with_roles("serve", vec![role("prefill", 2, 8, 8), role("decode", 1, 8, 8)])
+    };
+    // Rack ra has 24 GPUs free, but 8 of them are halves of two hosts: prefill takes the
+    // whole hosts and decode (8 GPUs, TP 8) finds no host; rack rb has only 16.
+    let taken = h100s(&[
+        ("a1", "k", "ra", 0),
+        ("a2", "k", "ra", 0),
+        ("a3", "k", "ra", 4),
+        ("a4", "k", "ra", 4),
+        ("b1", "k", "rb", 0),
+        ("b2", "k", "rb", 0),
+    ]);
+    let replica = replica(spec);
+    let reason = place(&taken, &replica).unwrap_err();
+    assert!(reason.contains("in rack k/ra, role `decode` did not fit after role `prefill`"), "{reason}");
+    let mut ledger = Ledger::new(&taken);
+    let plan = Planner::new(&taken, PlannerConfig::default()).plan_replicas(
+        &mut ledger,
+        std::slice::from_ref(&replica),
+        &SolverChoice::Greedy,
+    );
+    assert_eq!(plan.unplaced.len(), 1);
+    assert!(ledger.holding("serve").is_none());
+    assert_eq!(ledger.free_gpus(), 40, "nothing held");
+    assert_eq!(plan.unplaced[0].gang, "serve");
+}
+
+#[test]
+fn a_replica_of_one_role_plans_exactly_as_its_gang() {
+    let cluster = three_and_two();
+    let spec = GangSpec { required: rack(), ..GangSpec::shape("tp8", 2, 8, 8) };
+    let replicas = spec.expand_replicas();
+    assert!(replicas[0].as_single().is_some());
+    let (mut a, mut b) = (Ledger::new(&cluster), Ledger::new(&cluster));
+    let mut planner = Planner::new(&cluster, PlannerConfig::default());
+    let by_replica = planner.plan_replicas(&mut a, &replicas, &SolverChoice::Greedy);
+    let by_gang = planner.plan(&mut b, &spec.expand());
+    assert_eq!(by_replica.placements, by_gang.placements);
+    assert!(by_replica.replicas.is_empty());
+}
+
+const HEADER: &str = "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: w}\n";
+
+fn parse(body: &str) -> Result<Workload, String> {
+    files::workload::parse("w.yaml", &format!("{HEADER}{body}")).map_err(|e| e.to_string())
+}
+
+#[test]
+fn roles_and_slices_are_read_from_the_workload_file() {
+    let workload = parse(
+        "spec:\n  gangs:\n  - name: serve\n    replicas: 2\n    topology: {required: rack}\n    roles:\n    - name: prefill\n      members: 2\n      gpusPerMember: 8\n      tensorParallel: 8\n      minGpuMemory: 60Gi\n    - name: decode\n      gpusPerMember: 4\n      tensorParallel: 4\n      slices: {members: 1, required: rack}\n    - name: router\n      gpusPerMember: 0\n",
+    )
+    .expect("valid");
+    assert!(workload.has_roles());
+    assert!(workload.expand().is_empty(), "a gang with roles is not a gang of one shape");
+    let replicas = workload.replicas();
+    assert_eq!(replicas.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["serve-0", "serve-1"]);
+    let serve = &replicas[0];
+    assert_eq!(serve.required, rack());
+    assert_eq!(serve.roles.len(), 3);
+    let prefill = serve.roles[0].gang.as_ref().expect("takes GPUs");
+    assert_eq!((prefill.name.as_str(), prefill.members, prefill.memory_floor_mib), ("serve-0/prefill", 2, 60 * 1024));
+    assert_eq!(serve.roles[1].slices, Some(Slicing { members: 1, scope: Scope::Level("rack".into()) }));
+    assert!(serve.roles[2].gang.is_none(), "the router takes no GPUs");
+    assert_eq!(serve.total_gpus(), 20);
+}
+
+#[test]
+fn bad_roles_name_the_line_the_role_and_the_field() {
+    let gang = "spec:\n  gangs:\n  - name: serve\n    roles:\n";
+    let cases = [
+        // A role of 0 members.
+        ("    - name: decode\n      members: 0\n      gpusPerMember: 4\n", "w.yaml:8:", "role `decode`: members must be at least 1"),
+        // A slice that does not divide its role.
+        (
+            "    - name: workers\n      members: 3\n      gpusPerMember: 8\n      slices: {members: 2, required: rack}\n",
+            "w.yaml:8:",
+            "slices.members 2 must divide the role's 3 members",
+        ),
+        // A slice that would cut a tensor-parallel group of 2 members.
+        (
+            "    - name: workers\n      members: 4\n      gpusPerMember: 4\n      tensorParallel: 8\n      slices: {members: 1, required: rack}\n",
+            "w.yaml:8:",
+            "tensor-parallel group of 2 members",
+        ),
+        // A role without GPUs that asks for a topology.
+        (
+            "    - name: router\n      gpusPerMember: 0\n      topology: {required: rack}\n",
+            "w.yaml:8:",
+            "role `router` takes no GPUs",
+        ),
+        // The same role twice: the second is named.
+        (
+            "    - name: w\n      gpusPerMember: 1\n    - name: w\n      gpusPerMember: 2\n",
+            "w.yaml:10:",
+            "role `w` appears twice",
+        ),
+        // A role's own shape error names gang/role.
+        (
+            "    - name: decode\n      gpusPerMember: 4\n      tensorParallel: 3\n",
+            "w.yaml:8:",
+            "gang `serve/decode`: tensorParallel 3 and gpusPerMember 4",
+        ),
+        // Only GPU-less roles.
+        ("    - name: router\n      gpusPerMember: 0\n", "w.yaml:6:", "no role takes GPUs"),
+    ];
+    for (roles, at, says) in cases {
+        let message = parse(&format!("{gang}{roles}")).unwrap_err();
+        assert!(message.starts_with(at) && message.contains(says), "{roles}\n=> {message}");
+    }
+    // The gang's flat shape and roles together are refused, naming the gang.
+    let message = parse(
+        "spec:\n  gangs:\n  - name: serve\n    gpusPerMember: 8\n    roles:\n    - name: a\n      gpusPerMember: 8\n",
+    )
+    .unwrap_err();
+    assert!(message.contains("gang `serve`: with roles, members, gpusPerMember"), "{message}");
+    // An unknown field of a role is named.
+    let message = parse(&format!("{gang}    - name: a\n      gpusPerMember: 8\n      tp: 8\n")).unwrap_err();
+    assert!(message.contains("unknown field `tp`"), "{message}");
+}
+
+#[test]
+fn an_unknown_slice_scope_is_an_input_error_naming_the_role() {
+    let cluster = three_and_two();
+    let workers = RoleSpec {
+        slices: Some(Slicing { members: 1, scope: Scope::Level("row".into()) }),
+        ..role("workers", 2, 8, 8)
+    };
+    let replica = replica(GangSpec::with_roles("job", vec![workers]));
+    let error = Planner::new(&cluster, PlannerConfig::default()).check_replica(&replica).unwrap_err().to_string();
+    assert!(error.contains("gang `job/workers`: topology.slices.scope is `row`"), "{error}");
+}
