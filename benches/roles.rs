@@ -8,14 +8,19 @@
 //!    candidate placements are the domains of that key (the whole cluster without one).
 //! 2. In each candidate, the pods are scheduled one by one in a fixed order (roles as
 //!    listed, members in order), each onto a feasible node by the pod-by-pod plugins:
-//!    enough free GPUs and the GPU memory floor (a node selector on the GPU product, as
-//!    users write), the most-allocated node first (bin-packing), ties to the first node;
-//!    no backtracking. The GPUs inside a node are chosen NVLink-aware, as the NVIDIA
-//!    device plugin's preferred allocation does.
+//!    enough free GPUs and the GPU memory floor (a node affinity on GPU Feature Discovery's
+//!    `nvidia.com/gpu.memory` label, as users write), the most-allocated node first
+//!    (bin-packing, the usual GPU profile; the default profile spreads instead), ties to
+//!    the first node; no backtracking. The GPUs inside a node are chosen NVLink-aware, as
+//!    the NVIDIA device plugin's preferred allocation does.
 //! 3. Of the candidates where every pod fits, the one with the highest GPU allocation ratio
 //!    afterwards wins (NodeResourcesFit MostAllocated as a placement score).
-//!    Role scopes and slices have no place in one PodGroup's single topology key, so the
-//!    emulation cannot honour them; when its placement breaks one that is counted.
+//!    A replica is modelled as one PodGroup, which keeps its scope and its all-or-nothing
+//!    placement; one PodGroup has one topology key, so a role's own scope and a slice's are
+//!    not expressed, and when its placement breaks one that is counted. (One PodGroup per
+//!    role or slice would express those but lose the replica's scope and its all-or-nothing
+//!    placement across groups.) The shapes use level scopes only, the one kind the
+//!    emulation reads.
 //!
 //! Both place the same seeded sequence of shapes drawn from public serving setups, from an
 //! empty cluster, twice as many arrivals as the cluster holds: reported are the replicas
@@ -153,25 +158,41 @@ struct Placed {
     gpus: GpuMask,
 }
 
+/// Whether `hosts` lie inside one domain of `scope` (one host; one host or one clique; one
+/// domain of a level).
+fn inside(cluster: &Cluster, hosts: &[HostId], scope: &Scope) -> bool {
+    let Some(&first) = hosts.first() else { return true };
+    match scope {
+        Scope::Host => hosts.iter().all(|&h| h == first),
+        Scope::Nvlink => {
+            let clique = cluster.host(first).clique;
+            hosts.iter().all(|&h| h == first)
+                || (clique.is_some() && hosts.iter().all(|&h| cluster.host(h).clique == clique))
+        }
+        Scope::Level(level) => {
+            let level = cluster.level_index(level).expect("the shapes name levels of both clusters");
+            hosts.iter().all(|&h| cluster.host(h).domain_path[level] == cluster.host(first).domain_path[level])
+        }
+    }
+}
+
 /// The constraints a replica's placement breaks, counted by an independent reading.
 fn violations(cluster: &Cluster, replica: &Replica, placed: &[Placed]) -> Vec<String> {
-    let level_of = |scope: &Option<Scope>| match scope {
-        Some(Scope::Level(level)) => cluster.level_index(level),
-        _ => None,
-    };
-    let same_domain = |hosts: &mut dyn Iterator<Item = HostId>, level: usize| {
-        let hosts: Vec<HostId> = hosts.collect();
-        hosts.windows(2).all(|w| cluster.host(w[0]).domain_path[level] == cluster.host(w[1]).domain_path[level])
-    };
     let mut broken = Vec::new();
-    if let Some(level) = level_of(&replica.required) {
-        if !same_domain(&mut placed.iter().map(|p| p.host), level) {
+    if let Some(scope) = &replica.required {
+        let hosts: Vec<HostId> = placed.iter().map(|p| p.host).collect();
+        if !inside(cluster, &hosts, scope) {
             broken.push("replica scope".to_string());
         }
     }
     for (index, role) in replica.roles.iter().enumerate() {
         let Some(gang) = &role.gang else { continue };
         let members: Vec<&Placed> = placed.iter().filter(|p| p.role == index).collect();
+        let hosts: Vec<HostId> = members.iter().map(|p| p.host).collect();
+        if members.len() != gang.members as usize || members.iter().any(|p| p.gpus.count_ones() != gang.gpus_per_member)
+        {
+            broken.push(format!("{}: members or GPUs missing", role.name));
+        }
         let products: std::collections::BTreeSet<_> = members.iter().map(|p| cluster.host(p.host).product).collect();
         if products.len() > 1 {
             broken.push(format!("{}: more than one GPU product", role.name));
@@ -179,20 +200,21 @@ fn violations(cluster: &Cluster, replica: &Replica, placed: &[Placed]) -> Vec<St
         if members.iter().any(|p| cluster.host(p.host).memory_mib < gang.memory_floor_mib) {
             broken.push(format!("{}: memory floor", role.name));
         }
-        if let Some(level) = level_of(&gang.required) {
-            if !same_domain(&mut members.iter().map(|p| p.host), level) {
+        if let Some(scope) = &gang.required {
+            if !inside(cluster, &hosts, scope) {
                 broken.push(format!("{}: role scope", role.name));
             }
         }
         if let Some(slicing) = &role.slices {
-            let level = level_of(&Some(slicing.scope.clone())).expect("slice level");
-            let slices = role.members / slicing.members;
-            for slice in 0..slices {
-                if !same_domain(&mut members.iter().filter(|p| p.slice == Some(slice)).map(|p| p.host), level) {
+            for slice in 0..role.members / slicing.members {
+                let hosts: Vec<HostId> = members.iter().filter(|p| p.slice == Some(slice)).map(|p| p.host).collect();
+                if hosts.len() != slicing.members as usize || !inside(cluster, &hosts, &slicing.scope) {
                     broken.push(format!("{}: slice {slice} scope", role.name));
                 }
             }
         }
+        // Whole-member tensor-parallel groups (every shape here): the member's GPUs must be
+        // NVLink-connected.
         if gang.tensor_parallel == gang.gpus_per_member && gang.tensor_parallel > 1 {
             for member in &members {
                 if !nvlink_connected(&cluster.host(member.host).links, member.gpus) {

@@ -315,7 +315,8 @@ fn make_replica(name: &str, roles: Vec<(Gang, u32, bool)>, scope: u32) -> Replic
                 return Role { name: role, members: 1, gang: None, slices: None };
             }
             // Slices of whole units that divide the role, only where the role's own scope
-            // is a level or none (a sliced role inside one host or clique is refused).
+            // is a level or none (`Replica::check` refuses a sliced role inside one host or
+            // clique).
             let units = gang.units();
             let slices = (slice_units > 0
                 && units % slice_units == 0

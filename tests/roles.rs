@@ -178,16 +178,18 @@ fn a_leader_without_gpus_is_not_waited_for_and_takes_nothing() {
 #[test]
 fn the_search_goes_back_when_a_later_slice_finds_no_room() {
     // Slices of 2 x 8 that must share a block (the role's scope) and each stay in a rack.
-    // Block k1 has one rack with room (the tightest first choice); block k2 has two. The
-    // first slice's first choice leaves the second nowhere in k1, so the search goes back.
+    // Block k1 has room for the whole role (32 GPUs) but only one rack that holds a slice;
+    // it comes first (equally tight, lower index). The second slice finds no rack in k1, so
+    // the search goes back and puts both slices in block k2.
     let cluster = h100s(&[
         ("a1", "k1", "ra", 0),
         ("a2", "k1", "ra", 0),
-        ("b1", "k1", "rb", 8),
-        ("c1", "k2", "rc", 0),
-        ("c2", "k2", "rc", 0),
+        ("b1", "k1", "rb", 0),
+        ("c1", "k1", "rc", 0),
         ("d1", "k2", "rd", 0),
         ("d2", "k2", "rd", 0),
+        ("e1", "k2", "re", 0),
+        ("e2", "k2", "re", 0),
     ]);
     let workers = RoleSpec {
         required: Some(Scope::Level("block".into())),
@@ -195,8 +197,8 @@ fn the_search_goes_back_when_a_later_slice_finds_no_room() {
         ..role("workers", 4, 8, 8)
     };
     let placement = place(&cluster, &replica(GangSpec::with_roles("job", vec![workers]))).expect("block k2 holds it");
-    assert_eq!(nodes_of(&cluster, &placement, "workers"), ["c1", "c2", "d1", "d2"]);
-    assert!(placement.steps >= 3, "a first slice in k1, a failed second, then k2: {} steps", placement.steps);
+    assert_eq!(nodes_of(&cluster, &placement, "workers"), ["d1", "d2", "e1", "e2"]);
+    assert_eq!(placement.steps, 3, "a first slice in k1/ra, no rack for the second, then k2/rd and k2/re");
 }
 
 #[test]
@@ -342,5 +344,108 @@ fn an_unknown_slice_scope_is_an_input_error_naming_the_role() {
     };
     let replica = replica(GangSpec::with_roles("job", vec![workers]));
     let error = Planner::new(&cluster, PlannerConfig::default()).check_replica(&replica).unwrap_err().to_string();
-    assert!(error.contains("gang `job/workers`: topology.slices.scope is `row`"), "{error}");
+    assert!(error.contains("gang `job/workers`: slices.required is `row`"), "{error}");
+}
+
+#[test]
+fn the_first_slice_goes_where_the_whole_role_has_room() {
+    // A role of four one-host slices that must share a rack: rack ra has the tightest free
+    // hosts but only three of them, rack rb has four. The first slice must not settle in ra.
+    let cluster = h100s(&[
+        ("a1", "k", "ra", 0),
+        ("a2", "k", "ra", 0),
+        ("a3", "k", "ra", 0),
+        ("b1", "k", "rb", 0),
+        ("b2", "k", "rb", 0),
+        ("b3", "k", "rb", 0),
+        ("b4", "k", "rb", 0),
+    ]);
+    let workers = RoleSpec {
+        required: rack(),
+        slices: Some(Slicing { members: 1, scope: Scope::Host }),
+        ..role("workers", 4, 8, 8)
+    };
+    let placement = place(&cluster, &replica(GangSpec::with_roles("job", vec![workers]))).expect("rack rb holds it");
+    assert_eq!(nodes_of(&cluster, &placement, "workers"), ["b1", "b2", "b3", "b4"]);
+}
+
+#[test]
+fn the_first_slice_tries_another_gpu_product_when_the_rest_find_none() {
+    // One rack: an H100 host (the tighter memory class, the planner's first choice for a
+    // slice) and two H200 hosts. Slices of one host each must share the product, so the
+    // role takes the two H200s.
+    let text = "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: t}\nspec:\n  levels: [rack]\n  nodes:\n  - name: h100\n    labels: {rack: r}\n    gpu: {product: H100, count: 8}\n  - name: h200-a\n    labels: {rack: r}\n    gpu: {product: H200, count: 8}\n  - name: h200-b\n    labels: {rack: r}\n    gpu: {product: H200, count: 8}\n";
+    let cluster = files::cluster::load("inline.yaml", text).expect("valid");
+    let workers = RoleSpec { slices: Some(Slicing { members: 1, scope: Scope::Host }), ..role("workers", 2, 8, 8) };
+    let placement = place(&cluster, &replica(GangSpec::with_roles("job", vec![workers]))).expect("the H200s hold it");
+    assert_eq!(nodes_of(&cluster, &placement, "workers"), ["h200-a", "h200-b"]);
+    // Without slices the role is one gang, which never mixes products either.
+    let whole = place(&cluster, &replica(GangSpec::with_roles("job", vec![role("workers", 2, 8, 8)]))).expect("fits");
+    assert_eq!(nodes_of(&cluster, &whole, "workers"), ["h200-a", "h200-b"]);
+}
+
+#[test]
+fn a_replica_built_directly_is_checked_before_it_is_searched() {
+    let cluster = three_and_two();
+    let good = replica(GangSpec::with_roles("job", vec![role("workers", 2, 8, 8)]));
+    let mut planner = Planner::new(&cluster, PlannerConfig::default());
+    let ledger = Ledger::new(&cluster);
+    let cases: Vec<(Replica, &str)> = vec![
+        {
+            let mut bad = good.clone();
+            bad.roles[0].slices = Some(Slicing { members: 0, scope: Scope::Host });
+            (bad, "slices.members 0 must divide")
+        },
+        {
+            let mut bad = good.clone();
+            bad.roles[0].slices = Some(Slicing { members: 1, scope: Scope::Host });
+            if let Some(gang) = bad.roles[0].gang.as_mut() {
+                gang.required = Some(Scope::Host);
+            }
+            (bad, "role `workers` has slices, so its own topology.required must be a level")
+        },
+        {
+            let mut bad = good.clone();
+            if let Some(gang) = bad.roles[0].gang.as_mut() {
+                gang.gpus_per_member = 0;
+            }
+            (bad, "gpusPerMember and tensorParallel must be at least 1")
+        },
+        {
+            let mut bad = good.clone();
+            bad.roles[0].members = 3;
+            (bad, "the role counts 3 members, its gang 2")
+        },
+    ];
+    for (bad, says) in cases {
+        let reason = planner.place_replica(&ledger, &bad, &SolverChoice::Greedy, None).unwrap_err().reason;
+        assert!(reason.contains(says), "{says}\n=> {reason}");
+    }
+    // In a batch, the bad one is unplaced with its reason and the rest are planned.
+    let mut bad = good.clone();
+    bad.name = "bad".into();
+    if let Some(gang) = bad.roles[0].gang.as_mut() {
+        gang.gpus_per_member = 0;
+    }
+    let mut ledger = Ledger::new(&cluster);
+    let plan = planner.plan_replicas(&mut ledger, &[bad, good], &SolverChoice::Greedy);
+    assert_eq!(plan.unplaced.iter().map(|u| u.gang.as_str()).collect::<Vec<_>>(), ["bad"]);
+    assert_eq!(plan.replicas.len(), 1, "a replica of one role is still a replica with roles");
+    assert!(ledger.holding("bad").is_none() && ledger.holding("job").is_some());
+}
+
+#[test]
+fn role_names_and_empty_role_lists_are_refused() {
+    let gang = "spec:\n  gangs:\n  - name: serve\n";
+    for (roles, says) in [
+        ("    roles: []\n", "gang `serve`: roles must list at least one role"),
+        ("    roles:\n    - name: Pre/fill\n      gpusPerMember: 8\n", "role name `Pre/fill` must be a DNS label"),
+        (
+            "    roles:\n    - name: w\n      gpusPerMember: 8\n      topology: {required: host}\n      slices: {members: 1, required: host}\n",
+            "role `w` has slices, so its own topology.required must be a level",
+        ),
+    ] {
+        let message = parse(&format!("{gang}{roles}")).unwrap_err();
+        assert!(message.contains(says), "{roles}\n=> {message}");
+    }
 }

@@ -157,6 +157,10 @@ impl RoleSpec {
         if self.name.trim().is_empty() {
             return Err(WorkloadError::EmptyRoleName { gang: gang.to_string() });
         }
+        if !is_dns_label(&self.name) {
+            let (gang, role) = role();
+            return Err(WorkloadError::RoleName { gang, role });
+        }
         if self.members == 0 {
             let (gang, role) = role();
             return Err(WorkloadError::RoleZero { gang, role, field: "members" });
@@ -179,22 +183,48 @@ impl RoleSpec {
         spec.validate()?;
         if let Some(slicing) = &self.slices {
             let unit = spec.expand().remove(0).members_per_unit();
-            if slicing.members == 0
-                || !self.members.is_multiple_of(slicing.members)
-                || !slicing.members.is_multiple_of(unit)
-            {
-                let (gang, role) = role();
-                return Err(WorkloadError::SliceShape {
-                    gang,
-                    role,
-                    slice: slicing.members,
-                    members: self.members,
-                    unit,
-                });
-            }
+            check_slicing(gang, &self.name, self.members, unit, slicing, &self.required)?;
         }
         Ok(())
     }
+}
+
+/// Whether `name` is an RFC 1123 label (lowercase letters, digits and `-`, at most 63, starting
+/// and ending with a letter or digit), as Kubernetes label values and names of roles are.
+fn is_dns_label(name: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| alnum(c) || c == '-')
+        && name.starts_with(alnum)
+        && name.ends_with(alnum)
+}
+
+/// A role's slices: whole tensor-parallel units that divide the role, and a role whose own
+/// scope is a level or none (slices of a role that must sit in one host or clique would have
+/// nothing to choose).
+fn check_slicing(
+    gang: &str,
+    role: &str,
+    members: u32,
+    unit: u32,
+    slicing: &Slicing,
+    own: &Option<Scope>,
+) -> Result<(), WorkloadError> {
+    if slicing.members == 0 || !members.is_multiple_of(slicing.members) || !slicing.members.is_multiple_of(unit.max(1))
+    {
+        return Err(WorkloadError::SliceShape {
+            gang: gang.to_string(),
+            role: role.to_string(),
+            slice: slicing.members,
+            members,
+            unit,
+        });
+    }
+    if matches!(own, Some(Scope::Host | Scope::Nvlink)) {
+        return Err(WorkloadError::SlicedRoleScope { gang: gang.to_string(), role: role.to_string() });
+    }
+    Ok(())
 }
 
 /// One entry of a workload: `replicas` independent gangs of the same shape, given either by
@@ -254,6 +284,18 @@ pub enum WorkloadError {
     SliceShape { gang: String, role: String, slice: u32, members: u32, unit: u32 },
     #[error("gang `{gang}`: no role takes GPUs, so there is nothing to place")]
     NoGpuRole { gang: String },
+    #[error(
+        "gang `{gang}`: role name `{role}` must be a DNS label (lowercase letters, digits and '-', \
+         at most 63 characters)"
+    )]
+    RoleName { gang: String, role: String },
+    #[error(
+        "gang `{gang}`: role `{role}` has slices, so its own topology.required must be a level \
+         (leaf, rack, block) or absent, not host or nvlink"
+    )]
+    SlicedRoleScope { gang: String, role: String },
+    #[error("gang `{gang}`: role `{role}`: {what}")]
+    RoleShape { gang: String, role: String, what: String },
     #[error("gang `{gang}`: {roles} roles, above the limit of {max}")]
     TooManyRoles { gang: String, roles: usize, max: usize },
 }
@@ -546,11 +588,14 @@ impl Replica {
         }
     }
 
-    /// The gang this replica is when it is one role without slices or replica scope: what
-    /// [`crate::placement::Planner::place`] places as it always has.
+    /// The gang this replica is when it is a gang without roles ([`Replica::of_gang`]: one
+    /// role named after the replica, without slices or replica scope): what
+    /// [`crate::placement::Planner::place`] places as it always has, under the gang's name.
     pub fn as_single(&self) -> Option<&Gang> {
         match self.roles.as_slice() {
-            [Role { gang: Some(gang), slices: None, .. }] if self.required.is_none() && self.preferred.is_none() => {
+            [Role { gang: Some(gang), slices: None, .. }]
+                if gang.name == self.name && self.required.is_none() && self.preferred.is_none() =>
+            {
                 Some(gang)
             }
             _ => None,
@@ -564,6 +609,49 @@ impl Replica {
 
     pub fn total_gpus(&self) -> u64 {
         self.gangs().map(Gang::total_gpus).sum()
+    }
+
+    /// Checks what the planner relies on, for a replica built directly rather than through
+    /// a validated [`GangSpec`]: every role's gang has members of at least one GPU in whole
+    /// tensor-parallel units, as many as the role counts; slices are whole units that divide
+    /// the role; at most [`REPLICA_ROLES_MAX`] roles.
+    pub fn check(&self) -> Result<(), WorkloadError> {
+        let gang = || self.name.clone();
+        if self.roles.len() > REPLICA_ROLES_MAX {
+            return Err(WorkloadError::TooManyRoles { gang: gang(), roles: self.roles.len(), max: REPLICA_ROLES_MAX });
+        }
+        for role in &self.roles {
+            let Some(shape) = &role.gang else { continue };
+            let broken = |what: String| WorkloadError::RoleShape { gang: gang(), role: role.name.clone(), what };
+            if shape.gpus_per_member == 0 || shape.tensor_parallel == 0 || shape.members == 0 {
+                return Err(broken("members, gpusPerMember and tensorParallel must be at least 1".into()));
+            }
+            if shape.members != role.members {
+                return Err(broken(format!("the role counts {} members, its gang {}", role.members, shape.members)));
+            }
+            let (tp, gpus) = (shape.tensor_parallel, shape.gpus_per_member);
+            if !tp.is_multiple_of(gpus) && !gpus.is_multiple_of(tp) {
+                return Err(WorkloadError::TensorParallelShape { gang: shape.name.clone(), tp, gpus });
+            }
+            if shape.members > GANG_MEMBERS_MAX || !shape.members.is_multiple_of(shape.members_per_unit()) {
+                return Err(broken(format!(
+                    "{} members are not whole tensor-parallel groups of {} (or above {GANG_MEMBERS_MAX})",
+                    shape.members,
+                    shape.members_per_unit()
+                )));
+            }
+            if let Some(slicing) = &role.slices {
+                check_slicing(
+                    &self.name,
+                    &role.name,
+                    shape.members,
+                    shape.members_per_unit(),
+                    slicing,
+                    &shape.required,
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -62,6 +62,11 @@ pub enum GangInputError {
          (levels: {known}; or `host`, `nvlink`)"
     )]
     UnknownLevel { gang: String, field: &'static str, level: String, known: String },
+    #[error(
+        "gang `{gang}`: slices.required is `{level}`, which is not a level of this cluster \
+         (levels: {known}; or `host`, `nvlink`)"
+    )]
+    UnknownSliceLevel { gang: String, level: String, known: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,9 +252,9 @@ impl RejectionTally {
     }
 
     fn add(&mut self, reason: HostRejection, product: ProductId, host: HostId) {
-        // Hosts left out by the caller are one group whatever their product.
+        // Hosts outside a replica's region are one group whatever their product.
         let same = |key: &(HostRejection, ProductId)| match reason {
-            HostRejection::NotOffered | HostRejection::OutsideRegion => key.0 == reason,
+            HostRejection::OutsideRegion => key.0 == reason,
             _ => *key == (reason, product),
         };
         match self.groups.iter_mut().find(|(key, _, _)| same(key)) {
@@ -423,6 +428,17 @@ impl<'c> Planner<'c> {
         self.resolve_scope(&gang.name, scope, field)
     }
 
+    /// A slice's scope (`slices.required` of the role gang `name`), resolved as
+    /// [`Planner::resolve_scope`] does.
+    fn resolve_slice_scope(&self, name: &str, scope: &Scope) -> Result<Option<ResolvedScope>, GangInputError> {
+        self.resolve_scope(name, &Some(scope.clone()), "slices.required").map_err(|error| match error {
+            GangInputError::UnknownLevel { gang, level, known, .. } => {
+                GangInputError::UnknownSliceLevel { gang, level, known }
+            }
+            other => other,
+        })
+    }
+
     /// A scope of the gang or replica `name` as this cluster's level, host or NVLink.
     fn resolve_scope(
         &self,
@@ -468,7 +484,7 @@ impl<'c> Planner<'c> {
             if let Some(gang) = &role.gang {
                 self.check_gang(gang)?;
                 if let Some(slicing) = &role.slices {
-                    self.resolve_scope(&gang.name, &Some(slicing.scope.clone()), "slices.scope")?;
+                    self.resolve_slice_scope(&gang.name, &slicing.scope)?;
                 }
             }
         }
@@ -1209,18 +1225,31 @@ impl<'c> Planner<'c> {
     /// gangs; replicas with roles go through [`Planner::place_replica`] and are listed in
     /// [`BatchPlan::replicas`]. A replica that does not fit holds nothing.
     pub fn plan_replicas(&mut self, ledger: &mut Ledger, replicas: &[Replica], solver: &SolverChoice) -> BatchPlan {
-        if let Some(gangs) = replicas.iter().map(|r| r.as_single().cloned()).collect::<Option<Vec<Gang>>>() {
-            return self.plan_with(ledger, &gangs, solver);
+        // A replica the planner cannot rely on (built directly, not validated) is unplaced
+        // with the reason, and the rest are planned.
+        let (valid, invalid): (Vec<&Replica>, Vec<&Replica>) = replicas.iter().partition(|r| r.check().is_ok());
+        let refused = invalid.iter().filter_map(|r| {
+            r.check().err().map(|e| Unplaced { gang: r.name.clone(), reason: e.to_string(), explanation: None })
+        });
+        let refused: Vec<Unplaced> = refused.collect();
+        if let Some(gangs) = valid.iter().map(|r| r.as_single().cloned()).collect::<Option<Vec<Gang>>>() {
+            let mut plan = self.plan_with(ledger, &gangs, solver);
+            plan.unplaced.extend(refused);
+            return plan;
         }
-        let mut plan = BatchPlan::default();
+        let replicas = valid;
+        let mut plan = BatchPlan { unplaced: refused, ..BatchPlan::default() };
+        if !matches!(solver, SolverChoice::Greedy) {
+            plan.note = Some("the batch has replicas with roles: planned one by one, not as one joint model".into());
+        }
         let mut order: Vec<usize> = (0..replicas.len()).collect();
         order.sort_by_key(|&i| {
-            let replica = &replicas[i];
+            let replica = replicas[i];
             let unit = replica.gangs().map(Gang::unit_gpus).max().unwrap_or(0);
             (std::cmp::Reverse(replica.total_gpus()), std::cmp::Reverse(unit), i)
         });
         for index in order {
-            let replica = &replicas[index];
+            let replica = replicas[index];
             if let Some(gang) = replica.as_single() {
                 self.place_and_reserve(ledger, gang, solver, &mut plan);
                 continue;

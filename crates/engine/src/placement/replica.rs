@@ -30,7 +30,7 @@
 //! so.
 
 use crate::ledger::{merge_by_host, GpuUse, Holding, Ledger};
-use crate::topology::{Cluster, HostId};
+use crate::topology::{Cluster, HostId, ProductId};
 use crate::workload::{Gang, Replica};
 
 use super::{GangPlacement, Outside, PlaceRequest, Planner, ResolvedScope, SolverChoice, Unplaced};
@@ -91,10 +91,16 @@ struct Part {
     slice: Option<u32>,
     /// The part as a gang: the role's gang, or a slice of it (members and scope).
     gang: Gang,
-    /// The level whose domains the part branches over: its own scope when that is a level.
+    /// The level whose domains the part branches over: its own scope (a slice's, or its
+    /// role's) when that is a level; for a slice whose scope is not, its role's level.
     branch: Option<usize>,
     /// For a slice of a role with a level scope of its own: that level.
     role_level: Option<usize>,
+    /// The first slice of a sliced role: it fixes the role's GPU product (and domain of
+    /// `role_level`), so it also branches over those.
+    first_slice: bool,
+    /// GPUs of the whole role (what the first slice's domain must have room for).
+    role_gpus: u64,
 }
 
 /// A set of hosts the replica may use.
@@ -118,6 +124,8 @@ struct Search<'s, 'c> {
     offered: Option<&'s [bool]>,
     steps: u32,
     failure: Option<Failure>,
+    /// Some part had more domains that could hold it than [`PART_BRANCHES_MAX`].
+    capped: bool,
 }
 
 impl Planner<'_> {
@@ -134,6 +142,8 @@ impl Planner<'_> {
         offered: Option<&[bool]>,
     ) -> Result<ReplicaPlacement, Unplaced> {
         let ledger = ledger.as_ref();
+        let unplaced = |reason: String| Unplaced { gang: replica.name.clone(), reason, explanation: None };
+        replica.check().map_err(|e| unplaced(e.to_string()))?;
         let gpu_less_roles: Vec<String> =
             replica.roles.iter().filter(|r| r.gang.is_none()).map(|r| r.name.clone()).collect();
         if let Some(gang) = replica.as_single() {
@@ -148,7 +158,6 @@ impl Planner<'_> {
                 note: None,
             });
         }
-        let unplaced = |reason: String| Unplaced { gang: replica.name.clone(), reason, explanation: None };
         if replica.gangs().next().is_none() {
             return Err(unplaced("no role takes GPUs, so there is nothing to place".into()));
         }
@@ -158,17 +167,17 @@ impl Planner<'_> {
         let preferred =
             self.resolve_scope(&replica.name, &replica.preferred, "preferred").map_err(|e| unplaced(e.to_string()))?;
         let need = replica.total_gpus();
-        let mut search = Search { planner: self, parts, replica, offered, steps: 0, failure: None };
+        let mut search = Search { planner: self, parts, replica, offered, steps: 0, failure: None, capped: false };
         let mut failures: Vec<(String, Failure)> = Vec::new();
         let mut outcome = None;
         if preferred.is_some() && preferred != required && within_scope(preferred, required) {
             let regions = search.regions(ledger, preferred, need);
-            outcome = search.best_region(ledger, regions, &mut Vec::new());
+            outcome = search.best_region(ledger, regions, &mut Vec::new(), REPLICA_SEARCH_STEPS_MAX / 2);
         }
         let regions = search.regions(ledger, required, need);
         let roomy = regions.len();
         if outcome.is_none() {
-            outcome = search.best_region(ledger, regions, &mut failures);
+            outcome = search.best_region(ledger, regions, &mut failures, REPLICA_SEARCH_STEPS_MAX);
         }
         let exhausted = search.steps >= REPLICA_SEARCH_STEPS_MAX;
         let steps = search.steps;
@@ -184,6 +193,10 @@ impl Planner<'_> {
             if exhausted {
                 reason.push_str(&format!(
                     "; the search stopped at its limit of {REPLICA_SEARCH_STEPS_MAX} planner calls, so a placement may exist"
+                ));
+            } else if search.capped {
+                reason.push_str(&format!(
+                    "; the search tried at most {PART_BRANCHES_MAX} domains per role or slice, so a placement may exist"
                 ));
             }
             return Err(unplaced(reason));
@@ -218,6 +231,7 @@ impl Planner<'_> {
                 Some(ResolvedScope::Level(level)) => Some(level),
                 _ => None,
             };
+            let role_gpus = gang.total_gpus();
             match &role.slices {
                 None => parts.push(Part {
                     role: index,
@@ -225,15 +239,18 @@ impl Planner<'_> {
                     gang: gang.clone(),
                     branch: own_level,
                     role_level: None,
+                    first_slice: false,
+                    role_gpus,
                 }),
                 Some(slicing) => {
-                    let scope = self.resolve_scope(&gang.name, &Some(slicing.scope.clone()), "slices.scope")?;
+                    let scope = self.resolve_slice_scope(&gang.name, &slicing.scope)?;
                     let branch = match scope {
                         Some(ResolvedScope::Level(level)) => Some(level),
-                        _ => None,
+                        _ => own_level,
                     };
                     let slice_gang =
                         Gang { members: slicing.members, required: Some(slicing.scope.clone()), ..gang.clone() };
+                    // `Replica::check` has made sure the slices divide the role.
                     for slice in 0..role.members / slicing.members.max(1) {
                         parts.push(Part {
                             role: index,
@@ -241,6 +258,8 @@ impl Planner<'_> {
                             gang: slice_gang.clone(),
                             branch,
                             role_level: own_level,
+                            first_slice: slice == 0,
+                            role_gpus,
                         });
                     }
                 }
@@ -316,11 +335,12 @@ impl Search<'_, '_> {
         ledger: &GpuUse,
         regions: Vec<Region>,
         failures: &mut Vec<(String, Failure)>,
+        steps_until: u32,
     ) -> Option<(String, Vec<GangPlacement>, f64)> {
         let mut best: Option<(String, Vec<GangPlacement>, f64)> = None;
         let mut found = 0;
         for region in regions {
-            if found == REPLICA_CHOICES_MAX || self.steps >= REPLICA_SEARCH_STEPS_MAX {
+            if found == REPLICA_CHOICES_MAX || self.steps >= steps_until {
                 break;
             }
             let mut allowed = vec![false; self.cluster().hosts.len()];
@@ -360,21 +380,30 @@ impl Search<'_, '_> {
         }
         let mut within = allowed.to_vec();
         self.confine_to_role(k, chosen, &mut within);
-        let branches: Vec<(Option<u32>, Vec<bool>)> = match self.parts[k].branch {
-            None => vec![(None, within)],
-            Some(level) => self.branches(scratch, level, k, domains, &within),
+        let part = &self.parts[k];
+        let branches: Vec<(Option<u32>, Vec<bool>)> = if part.branch.is_some() || part.first_slice {
+            self.branches(scratch, k, domains, &within)
+        } else {
+            vec![(None, within)]
         };
         if branches.is_empty() {
-            if let Some(level) = self.parts[k].branch {
-                let need = self.parts[k].gang.total_gpus();
-                let level = super::short_level(&self.cluster().levels[level]).to_string();
-                self.note_failure(k, format!("no {level} of the region has the {need} GPUs it needs free"));
-            }
+            let need = part.gang.total_gpus();
+            let place = match part.branch {
+                Some(level) => format!("no {} of the region", super::short_level(&self.cluster().levels[level])),
+                None => "no GPU product of the region".to_string(),
+            };
+            self.note_failure(k, format!("{place} has the {need} GPUs it needs free"));
             return false;
         }
         let mut held = 0;
-        for (domain, mask) in branches {
-            if held == PART_BRANCHES_MAX || self.steps >= REPLICA_SEARCH_STEPS_MAX {
+        let count = branches.len();
+        for (tried, (domain, mask)) in branches.into_iter().enumerate() {
+            if self.steps >= REPLICA_SEARCH_STEPS_MAX {
+                break;
+            }
+            if held == PART_BRANCHES_MAX {
+                // More domains could hold this part; the search does not try them.
+                self.capped |= tried < count;
                 break;
             }
             self.steps += 1;
@@ -422,45 +451,85 @@ impl Search<'_, '_> {
         }
     }
 
-    /// Part `k`'s branches: the domains of `level` inside `within` with the part's GPUs
-    /// free, the tightest first; for a slice, none before its predecessor's domain.
+    /// Part `k`'s branches, the tightest first: the domains of its branch level inside
+    /// `within` with the part's GPUs free (none before its predecessor slice's domain), or
+    /// the whole of `within` when it has no level. The first slice of a role also branches
+    /// over GPU products, and over domains whose enclosing domain of the role's own level
+    /// has room for the whole role.
     fn branches(
         &self,
         scratch: &Ledger<usize>,
-        level: usize,
         k: usize,
         domains: &[Option<u32>],
         within: &[bool],
     ) -> Vec<(Option<u32>, Vec<bool>)> {
         let cluster = self.cluster();
         let part = &self.parts[k];
-        let floor = match (k.checked_sub(1), part.slice) {
-            (Some(previous), Some(_)) if self.parts[previous].role == part.role => domains[previous].unwrap_or(0),
-            _ => 0,
-        };
         let need = part.gang.total_gpus();
-        let mut candidates: Vec<(u64, u32)> = cluster.domains[level]
-            .iter()
-            .enumerate()
-            .skip(floor as usize)
-            .filter_map(|(index, domain)| {
-                let free: u64 = domain
-                    .hosts
-                    .clone()
-                    .filter(|&h| within[h as usize])
-                    .map(|h| u64::from(scratch.free(h).count_ones()))
-                    .sum();
-                (free >= need).then_some((free, index as u32))
-            })
-            .collect();
+        let all = 0..cluster.hosts.len() as u32;
+        // The hosts of a domain of `level` (a contiguous range), or every host.
+        let range_of = |level: Option<usize>, domain: Option<u32>| match (level, domain) {
+            (Some(level), Some(index)) => cluster.domains[level][index as usize].hosts.clone(),
+            _ => all.clone(),
+        };
+        let free_in = |hosts: std::ops::Range<u32>, product: Option<ProductId>| -> u64 {
+            hosts
+                .filter(|&h| within[h as usize] && product.is_none_or(|p| cluster.host(h).product == p))
+                .map(|h| u64::from(scratch.free(h).count_ones()))
+                .sum()
+        };
+        let products: Vec<Option<ProductId>> =
+            if part.first_slice { cluster.products().into_iter().map(Some).collect() } else { vec![None] };
+        let domain_list: Vec<Option<u32>> = match part.branch {
+            Some(level) => {
+                let floor = match k.checked_sub(1) {
+                    Some(previous) if part.slice.is_some() && self.parts[previous].role == part.role => {
+                        domains[previous].unwrap_or(0)
+                    }
+                    _ => 0,
+                };
+                (floor..cluster.domains[level].len() as u32).map(Some).collect()
+            }
+            None => vec![None],
+        };
+        // (free GPUs, domain, product) per candidate, the tightest first.
+        let mut candidates: Vec<(u64, Option<u32>, Option<ProductId>)> = Vec::new();
+        for domain in domain_list {
+            let hosts = range_of(part.branch, domain);
+            for &product in &products {
+                let free = free_in(hosts.clone(), product);
+                if free < need {
+                    continue;
+                }
+                if part.first_slice {
+                    // Room for the whole role: in the domain of the role's own level around
+                    // this candidate, or in the region.
+                    let around = match (part.role_level, part.branch) {
+                        (Some(role_level), Some(level)) if level >= role_level => {
+                            let first = hosts.start;
+                            Some(cluster.host(first).domain_path[role_level])
+                        }
+                        _ => None,
+                    };
+                    let room = free_in(range_of(part.role_level, around), product);
+                    if room < part.role_gpus {
+                        continue;
+                    }
+                }
+                candidates.push((free, domain, product));
+            }
+        }
         candidates.sort();
         candidates
             .into_iter()
-            .map(|(_, index)| {
-                let range = &cluster.domains[level][index as usize].hosts;
-                let mask =
-                    within.iter().enumerate().map(|(host, &flag)| flag && range.contains(&(host as u32))).collect();
-                (Some(index), mask)
+            .map(|(_, domain, product)| {
+                let hosts = range_of(part.branch, domain);
+                let mask = (0..cluster.hosts.len() as u32)
+                    .map(|h| {
+                        within[h as usize] && hosts.contains(&h) && product.is_none_or(|p| cluster.host(h).product == p)
+                    })
+                    .collect();
+                (domain, mask)
             })
             .collect()
     }
@@ -486,7 +555,7 @@ impl Search<'_, '_> {
         let role = &self.replica.roles[part.role];
         match (part.slice, &role.slices) {
             (Some(slice), Some(slicing)) => {
-                format!("role `{}` (slice {} of {})", role.name, slice + 1, role.members / slicing.members.max(1))
+                format!("role `{}` slice {slice} (of {})", role.name, role.members / slicing.members.max(1))
             }
             _ => format!("role `{}`", role.name),
         }
@@ -538,7 +607,9 @@ fn within_scope(inner: Option<ResolvedScope>, outer: Option<ResolvedScope>) -> b
     match (inner, outer) {
         (_, None) => true,
         (Some(ResolvedScope::Level(inner)), Some(ResolvedScope::Level(outer))) => inner >= outer,
-        (Some(ResolvedScope::Host), Some(ResolvedScope::Level(_) | ResolvedScope::Host)) => true,
+        // A host lies in one domain of every level, and in one NVLink region (its clique or
+        // itself).
+        (Some(ResolvedScope::Host), Some(_)) => true,
         (Some(ResolvedScope::Nvlink), Some(ResolvedScope::Nvlink)) => true,
         _ => false,
     }

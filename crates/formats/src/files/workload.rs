@@ -233,6 +233,9 @@ fn gang_spec(mut entry: GangEntry, text: &str, line: Option<usize>) -> Result<Ga
             roles: Vec::new(),
         });
     };
+    if roles.is_empty() {
+        return Err(gang_error("roles must list at least one role".into()));
+    }
     if !shape.is_empty() {
         return Err(gang_error(
             "with roles, members, gpusPerMember, tensorParallel, pipelineParallel, minGpuMemory and model \
