@@ -151,6 +151,22 @@ fn a_workload_with_roles_plans_each_replica_whole_and_says_where() {
 }
 
 #[test]
+fn the_readme_roles_example_places_whole_on_the_demo_cluster() {
+    let readme = std::fs::read_to_string(format!("{}/README.md", env!("CARGO_MANIFEST_DIR"))).expect("README");
+    let start = readme.find("  - name: llama-70b-pd\n    replicas: 2").expect("the README's roles example");
+    let end = start + readme[start..].find("```").expect("the example's closing fence");
+    let text = format!(
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {{name: readme}}\nspec:\n  gangs:\n{}",
+        &readme[start..end]
+    );
+    let path = temp_file("readme-roles.yaml", &text);
+    let output = topoplace(&["plan", "--workload", &path.display().to_string(), "-o", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!((json["summary"]["placed"].as_u64(), json["summary"]["gangs"].as_u64()), (Some(3), Some(3)), "{json}");
+}
+
+#[test]
 fn every_testdata_file_plans() {
     for cluster in ["demo.yaml", "mixed-memory.yaml", "dgx1-v100.yaml", "gb200-nvl72.yaml", "lingjun.yaml"] {
         let output = topoplace(&["plan", "--cluster", &testdata(&format!("clusters/{cluster}")), "-o", "json"]);

@@ -336,6 +336,29 @@ fn bad_roles_name_the_line_the_role_and_the_field() {
 }
 
 #[test]
+fn a_slice_wider_than_its_role_is_an_input_error() {
+    let cluster = three_and_two();
+    let workers = RoleSpec {
+        required: rack(),
+        slices: Some(Slicing { members: 1, scope: Scope::Level("block".into()) }),
+        ..role("workers", 2, 8, 8)
+    };
+    let replica = replica(GangSpec::with_roles("job", vec![workers]));
+    let mut planner = Planner::new(&cluster, PlannerConfig::default());
+    let error = planner.check_replica(&replica).unwrap_err().to_string();
+    assert!(error.contains("slices.required `block` is wider than the role's own topology.required `rack`"), "{error}");
+    let reason = planner.place_replica(&Ledger::new(&cluster), &replica, &SolverChoice::Greedy, None).unwrap_err();
+    assert!(reason.reason.contains("is wider than"), "{}", reason.reason);
+}
+
+#[test]
+fn a_replica_of_more_parts_than_the_search_can_try_is_refused() {
+    let many = RoleSpec { slices: Some(Slicing { members: 1, scope: Scope::Host }), ..role("workers", 300, 1, 1) };
+    let error = GangSpec::with_roles("wide", vec![many]).validate().unwrap_err().to_string();
+    assert!(error.contains("300 roles and slices, above the limit of 256"), "{error}");
+}
+
+#[test]
 fn an_unknown_slice_scope_is_an_input_error_naming_the_role() {
     let cluster = three_and_two();
     let workers = RoleSpec {

@@ -22,6 +22,9 @@ pub const GANG_MEMBERS_MAX: u32 = 4_096;
 pub const GANG_REPLICAS_MAX: u32 = 10_000;
 /// Roles of one replica.
 pub const REPLICA_ROLES_MAX: usize = 16;
+/// Parts of one replica (a role, or each slice of a sliced role): the placement search makes
+/// at least one planner call per part, within a budget of twice this.
+pub const REPLICA_PARTS_MAX: u32 = 256;
 /// Runtime overhead on top of weights and KV cache when a model is sized and the
 /// workload does not say (CUDA context, activations, fragmentation of the allocator).
 pub const RUNTIME_OVERHEAD_DEFAULT: f64 = 0.10;
@@ -189,6 +192,18 @@ impl RoleSpec {
     }
 }
 
+/// The parts a role is searched as: one, or one per slice.
+fn parts_of(members: u32, slices: Option<&Slicing>) -> u64 {
+    slices.map_or(1, |s| u64::from(members / s.members.max(1)))
+}
+
+fn check_parts(gang: &str, parts: u64) -> Result<(), WorkloadError> {
+    if parts > u64::from(REPLICA_PARTS_MAX) {
+        return Err(WorkloadError::TooManyParts { gang: gang.to_string(), parts, max: REPLICA_PARTS_MAX });
+    }
+    Ok(())
+}
+
 /// Whether `name` is an RFC 1123 label (lowercase letters, digits and `-`, at most 63, starting
 /// and ending with a letter or digit), as Kubernetes label values and names of roles are.
 fn is_dns_label(name: &str) -> bool {
@@ -296,6 +311,8 @@ pub enum WorkloadError {
     SlicedRoleScope { gang: String, role: String },
     #[error("gang `{gang}`: role `{role}`: {what}")]
     RoleShape { gang: String, role: String, what: String },
+    #[error("gang `{gang}`: {parts} roles and slices, above the limit of {max}; use larger slices")]
+    TooManyParts { gang: String, parts: u64, max: u32 },
     #[error("gang `{gang}`: {roles} roles, above the limit of {max}")]
     TooManyRoles { gang: String, roles: usize, max: usize },
 }
@@ -438,7 +455,8 @@ impl GangSpec {
         if self.roles.iter().all(|r| r.gpus_per_member == 0) {
             return Err(WorkloadError::NoGpuRole { gang: gang() });
         }
-        Ok(())
+        let parts = self.roles.iter().map(|r| parts_of(r.members, r.slices.as_ref())).sum();
+        check_parts(&self.name, parts)
     }
 
     /// Per-GPU memory floor in MiB: given, or derived from the model over TP x PP GPUs.
@@ -651,7 +669,8 @@ impl Replica {
                 )?;
             }
         }
-        Ok(())
+        let parts = self.roles.iter().filter(|r| r.gang.is_some()).map(|r| parts_of(r.members, r.slices.as_ref()));
+        check_parts(&self.name, parts.sum())
     }
 }
 

@@ -67,6 +67,11 @@ pub enum GangInputError {
          (levels: {known}; or `host`, `nvlink`)"
     )]
     UnknownSliceLevel { gang: String, level: String, known: String },
+    #[error(
+        "gang `{gang}`: slices.required `{slice}` is wider than the role's own topology.required \
+         `{role}`; a slice must lie inside its role's scope"
+    )]
+    SliceWiderThanRole { gang: String, slice: String, role: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -484,7 +489,17 @@ impl<'c> Planner<'c> {
             if let Some(gang) = &role.gang {
                 self.check_gang(gang)?;
                 if let Some(slicing) = &role.slices {
-                    self.resolve_slice_scope(&gang.name, &slicing.scope)?;
+                    let slice = self.resolve_slice_scope(&gang.name, &slicing.scope)?;
+                    let own = self.resolve(gang, &gang.required, "required")?;
+                    if let (Some(ResolvedScope::Level(slice)), Some(ResolvedScope::Level(own))) = (slice, own) {
+                        if slice < own {
+                            return Err(GangInputError::SliceWiderThanRole {
+                                gang: gang.name.clone(),
+                                slice: slicing.scope.to_string(),
+                                role: gang.required.as_ref().map(ToString::to_string).unwrap_or_default(),
+                            });
+                        }
+                    }
                 }
             }
         }
@@ -1246,7 +1261,8 @@ impl<'c> Planner<'c> {
         order.sort_by_key(|&i| {
             let replica = replicas[i];
             let unit = replica.gangs().map(Gang::unit_gpus).max().unwrap_or(0);
-            (std::cmp::Reverse(replica.total_gpus()), std::cmp::Reverse(unit), i)
+            let floor = replica.gangs().map(|g| g.memory_floor_mib).max().unwrap_or(0);
+            (std::cmp::Reverse(replica.total_gpus()), std::cmp::Reverse(unit), std::cmp::Reverse(floor), i)
         });
         for index in order {
             let replica = replicas[index];

@@ -126,6 +126,11 @@ struct Search<'s, 'c> {
     failure: Option<Failure>,
     /// Some part had more domains that could hold it than [`PART_BRANCHES_MAX`].
     capped: bool,
+    /// Planner calls this pass may reach (the preferred pass has half the budget).
+    limit: u32,
+    /// Per part: whether its last branch list was tried whole (the slice symmetry floor
+    /// applies after such a part only).
+    exhaustive: Vec<bool>,
 }
 
 impl Planner<'_> {
@@ -167,17 +172,32 @@ impl Planner<'_> {
         let preferred =
             self.resolve_scope(&replica.name, &replica.preferred, "preferred").map_err(|e| unplaced(e.to_string()))?;
         let need = replica.total_gpus();
-        let mut search = Search { planner: self, parts, replica, offered, steps: 0, failure: None, capped: false };
+        let exhaustive = vec![false; parts.len()];
+        let mut search = Search {
+            planner: self,
+            parts,
+            replica,
+            offered,
+            steps: 0,
+            failure: None,
+            capped: false,
+            limit: REPLICA_SEARCH_STEPS_MAX,
+            exhaustive,
+        };
         let mut failures: Vec<(String, Failure)> = Vec::new();
         let mut outcome = None;
         if preferred.is_some() && preferred != required && within_scope(preferred, required) {
             let regions = search.regions(ledger, preferred, need);
-            outcome = search.best_region(ledger, regions, &mut Vec::new(), REPLICA_SEARCH_STEPS_MAX / 2);
+            search.limit = REPLICA_SEARCH_STEPS_MAX / 2;
+            outcome = search.best_region(ledger, regions, &mut Vec::new());
+            // The required pass's reason speaks for itself.
+            search.capped = false;
         }
         let regions = search.regions(ledger, required, need);
         let roomy = regions.len();
         if outcome.is_none() {
-            outcome = search.best_region(ledger, regions, &mut failures, REPLICA_SEARCH_STEPS_MAX);
+            search.limit = REPLICA_SEARCH_STEPS_MAX;
+            outcome = search.best_region(ledger, regions, &mut failures);
         }
         let exhausted = search.steps >= REPLICA_SEARCH_STEPS_MAX;
         let steps = search.steps;
@@ -248,6 +268,15 @@ impl Planner<'_> {
                         Some(ResolvedScope::Level(level)) => Some(level),
                         _ => own_level,
                     };
+                    if let (Some(slice), Some(own)) = (branch, own_level) {
+                        if slice < own {
+                            return Err(super::GangInputError::SliceWiderThanRole {
+                                gang: gang.name.clone(),
+                                slice: slicing.scope.to_string(),
+                                role: gang.required.as_ref().map(ToString::to_string).unwrap_or_default(),
+                            });
+                        }
+                    }
                     let slice_gang =
                         Gang { members: slicing.members, required: Some(slicing.scope.clone()), ..gang.clone() };
                     // `Replica::check` has made sure the slices divide the role.
@@ -335,12 +364,11 @@ impl Search<'_, '_> {
         ledger: &GpuUse,
         regions: Vec<Region>,
         failures: &mut Vec<(String, Failure)>,
-        steps_until: u32,
     ) -> Option<(String, Vec<GangPlacement>, f64)> {
         let mut best: Option<(String, Vec<GangPlacement>, f64)> = None;
         let mut found = 0;
         for region in regions {
-            if found == REPLICA_CHOICES_MAX || self.steps >= steps_until {
+            if found == REPLICA_CHOICES_MAX || self.steps >= self.limit {
                 break;
             }
             let mut allowed = vec![false; self.cluster().hosts.len()];
@@ -381,11 +409,12 @@ impl Search<'_, '_> {
         let mut within = allowed.to_vec();
         self.confine_to_role(k, chosen, &mut within);
         let part = &self.parts[k];
-        let branches: Vec<(Option<u32>, Vec<bool>)> = if part.branch.is_some() || part.first_slice {
+        let branches: Vec<(Option<u32>, Option<ProductId>)> = if part.branch.is_some() || part.first_slice {
             self.branches(scratch, k, domains, &within)
         } else {
-            vec![(None, within)]
+            vec![(None, None)]
         };
+        self.exhaustive[k] = branches.len() <= PART_BRANCHES_MAX;
         if branches.is_empty() {
             let need = part.gang.total_gpus();
             let place = match part.branch {
@@ -397,8 +426,8 @@ impl Search<'_, '_> {
         }
         let mut held = 0;
         let count = branches.len();
-        for (tried, (domain, mask)) in branches.into_iter().enumerate() {
-            if self.steps >= REPLICA_SEARCH_STEPS_MAX {
+        for (tried, (domain, product)) in branches.into_iter().enumerate() {
+            if self.steps >= self.limit {
                 break;
             }
             if held == PART_BRANCHES_MAX {
@@ -406,6 +435,7 @@ impl Search<'_, '_> {
                 self.capped |= tried < count;
                 break;
             }
+            let mask = self.mask(k, domain, product, &within);
             self.steps += 1;
             let request = PlaceRequest::new(&self.parts[k].gang).within(Some(&mask)).outside(Outside::Region);
             let placement = self.planner.place(&*scratch, request);
@@ -451,18 +481,19 @@ impl Search<'_, '_> {
         }
     }
 
-    /// Part `k`'s branches, the tightest first: the domains of its branch level inside
-    /// `within` with the part's GPUs free (none before its predecessor slice's domain), or
-    /// the whole of `within` when it has no level. The first slice of a role also branches
-    /// over GPU products, and over domains whose enclosing domain of the role's own level
-    /// has room for the whole role.
+    /// Part `k`'s branches as (domain, product), the tightest first: the domains of its
+    /// branch level inside `within` with the part's GPUs free (none before its predecessor
+    /// slice's domain), or the whole of `within` when it has no level. The first slice of a
+    /// role also branches over GPU products, and over domains whose enclosing domain of the
+    /// role's own level has room for the whole role. Masks are built only for the branches
+    /// tried ([`Search::mask`]).
     fn branches(
         &self,
         scratch: &Ledger<usize>,
         k: usize,
         domains: &[Option<u32>],
         within: &[bool],
-    ) -> Vec<(Option<u32>, Vec<bool>)> {
+    ) -> Vec<(Option<u32>, Option<ProductId>)> {
         let cluster = self.cluster();
         let part = &self.parts[k];
         let need = part.gang.total_gpus();
@@ -482,8 +513,14 @@ impl Search<'_, '_> {
             if part.first_slice { cluster.products().into_iter().map(Some).collect() } else { vec![None] };
         let domain_list: Vec<Option<u32>> = match part.branch {
             Some(level) => {
+                // Slices are interchangeable: after a predecessor slice whose branches were
+                // all tried, none goes to a domain before the predecessor's.
                 let floor = match k.checked_sub(1) {
-                    Some(previous) if part.slice.is_some() && self.parts[previous].role == part.role => {
+                    Some(previous)
+                        if part.slice.is_some()
+                            && self.parts[previous].role == part.role
+                            && self.exhaustive[previous] =>
+                    {
                         domains[previous].unwrap_or(0)
                     }
                     _ => 0,
@@ -520,17 +557,19 @@ impl Search<'_, '_> {
             }
         }
         candidates.sort();
-        candidates
-            .into_iter()
-            .map(|(_, domain, product)| {
-                let hosts = range_of(part.branch, domain);
-                let mask = (0..cluster.hosts.len() as u32)
-                    .map(|h| {
-                        within[h as usize] && hosts.contains(&h) && product.is_none_or(|p| cluster.host(h).product == p)
-                    })
-                    .collect();
-                (domain, mask)
-            })
+        candidates.into_iter().map(|(_, domain, product)| (domain, product)).collect()
+    }
+
+    /// The hosts of one branch of part `k`: `within`, inside `domain` of its branch level
+    /// and of `product` when given.
+    fn mask(&self, k: usize, domain: Option<u32>, product: Option<ProductId>, within: &[bool]) -> Vec<bool> {
+        let cluster = self.cluster();
+        let hosts = match (self.parts[k].branch, domain) {
+            (Some(level), Some(index)) => cluster.domains[level][index as usize].hosts.clone(),
+            _ => 0..cluster.hosts.len() as u32,
+        };
+        (0..cluster.hosts.len() as u32)
+            .map(|h| within[h as usize] && hosts.contains(&h) && product.is_none_or(|p| cluster.host(h).product == p))
             .collect()
     }
 
