@@ -229,6 +229,13 @@ fn an_unplaced_replica_names_the_role_that_did_not_fit_and_holds_nothing() {
     let replica = replica(spec);
     let reason = place(&taken, &replica).unwrap_err();
     assert!(reason.contains("in rack k/ra, role `decode` did not fit after role `prefill`"), "{reason}");
+    // With `explain`, the failing role's explanation comes along: the half-used hosts of the
+    // rack, the full ones taken by prefill, and the other rack outside the region.
+    let mut explaining = Planner::new(&taken, PlannerConfig { explain: true, ..PlannerConfig::default() });
+    let unplaced = explaining.place_replica(&Ledger::new(&taken), &replica, &SolverChoice::Greedy, None).unwrap_err();
+    let explanation = unplaced.explanation.expect("explained");
+    let outside = explanation.rejected_hosts.iter().find(|g| g.reason == "outside the region searched");
+    assert_eq!(outside.map(|g| g.hosts), Some(2), "{explanation:?}");
     let mut ledger = Ledger::new(&taken);
     let plan = Planner::new(&taken, PlannerConfig::default()).plan_replicas(
         &mut ledger,

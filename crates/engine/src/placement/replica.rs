@@ -115,6 +115,8 @@ struct Region {
 struct Failure {
     part: usize,
     reason: String,
+    /// The planner's explanation of the part that did not fit (with `explain`).
+    explanation: Option<super::Explanation>,
 }
 
 struct Search<'s, 'c> {
@@ -210,6 +212,8 @@ impl Planner<'_> {
             } else {
                 search.failure_text(&failures)
             };
+            // With `explain`, the planner's explanation of the first region's failing part.
+            let explanation = failures.iter_mut().find_map(|(_, failure)| failure.explanation.take());
             if exhausted {
                 reason.push_str(&format!(
                     "; the search stopped at its limit of {REPLICA_SEARCH_STEPS_MAX} planner calls, so a placement may exist"
@@ -219,7 +223,7 @@ impl Planner<'_> {
                     "; the search tried at most {PART_BRANCHES_MAX} domains per role or slice, so a placement may exist"
                 ));
             }
-            return Err(unplaced(reason));
+            return Err(Unplaced { explanation, ..unplaced(reason) });
         };
         let parts = search.finish(placements);
         let mut notes = Vec::new();
@@ -421,7 +425,7 @@ impl Search<'_, '_> {
                 Some(level) => format!("no {} of the region", super::short_level(&self.cluster().levels[level])),
                 None => "no GPU product of the region".to_string(),
             };
-            self.note_failure(k, format!("{place} has the {need} GPUs it needs free"));
+            self.note_failure(k, format!("{place} has the {need} GPUs it needs free"), None);
             return false;
         }
         let mut held = 0;
@@ -442,14 +446,14 @@ impl Search<'_, '_> {
             let placement = match placement {
                 Ok(placement) => placement,
                 Err(unplaced) => {
-                    self.note_failure(k, unplaced.reason);
+                    self.note_failure(k, unplaced.reason, unplaced.explanation);
                     continue;
                 }
             };
             held += 1;
             if let Err(error) = scratch.reserve(&k, &placement.holding()) {
                 // The planner read this scratch ledger: a refusal is a planner bug; try on.
-                self.note_failure(k, format!("the ledger refused the part's placement: {error}"));
+                self.note_failure(k, format!("the ledger refused the part's placement: {error}"), None);
                 continue;
             }
             chosen.push(placement);
@@ -573,9 +577,9 @@ impl Search<'_, '_> {
             .collect()
     }
 
-    fn note_failure(&mut self, k: usize, reason: String) {
+    fn note_failure(&mut self, k: usize, reason: String, explanation: Option<super::Explanation>) {
         if self.failure.as_ref().is_none_or(|f| k >= f.part) {
-            self.failure = Some(Failure { part: k, reason });
+            self.failure = Some(Failure { part: k, reason, explanation });
         }
     }
 
