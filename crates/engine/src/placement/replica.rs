@@ -9,17 +9,19 @@
 //! 1. *Regions* for the whole replica: every domain of its `required` scope (a rack, a
 //!    block, a host, an NVLink clique) with at least the replica's GPUs free, the tightest
 //!    first; the whole cluster when it has none. Domains of its `preferred` scope are
-//!    searched first; when one of them holds the replica, wider ones are not tried.
+//!    searched first, with half the budget; when one of them holds the replica, wider ones
+//!    are not tried.
 //! 2. *Parts* inside a region, in a fixed order: roles with a scope of their own before
 //!    roles without, then the most GPUs, the largest tensor-parallel unit, and the order
 //!    given. A sliced role is one part per slice.
 //! 3. *Branching*: a part whose own scope (a slice's, or its role's) is a topology level
 //!    tries each domain of that level inside the region with enough GPUs free, the
 //!    tightest first, up to [`PART_BRANCHES_MAX`] that hold it; any other part takes the
-//!    planner's one choice. Slices of a role are interchangeable, so a slice never goes to
-//!    a domain before its predecessor's (no permutation is searched twice); the slices of
-//!    a role stay on its first slice's GPU product and, when the role has a level scope of
-//!    its own, inside the domain of that level that holds its first slice.
+//!    planner's one choice. The first slice of a role also branches over GPU products, and
+//!    only over domains whose enclosing domain of the role's own level has room for the
+//!    whole role; later slices stay on its product and in that domain. Slices of a role
+//!    are interchangeable, so after a slice whose branches were all tried, the next never
+//!    goes to a domain before its predecessor's (no permutation is searched twice).
 //! 4. *Choice*: the first [`REPLICA_CHOICES_MAX`] regions that hold every part are
 //!    compared by their GPU-weighted mean score; the best wins, ties to the tighter region.
 //!
