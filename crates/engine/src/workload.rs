@@ -192,6 +192,15 @@ impl RoleSpec {
     }
 }
 
+/// Tensor parallelism and GPUs per member must divide one another (a TP group is whole
+/// members, or a member holds whole TP groups).
+fn check_tensor_parallel(gang: &str, tp: u32, gpus: u32) -> Result<(), WorkloadError> {
+    if !tp.is_multiple_of(gpus) && !gpus.is_multiple_of(tp) {
+        return Err(WorkloadError::TensorParallelShape { gang: gang.to_string(), tp, gpus });
+    }
+    Ok(())
+}
+
 /// The parts a role is searched as: one, or one per slice.
 fn parts_of(members: u32, slices: Option<&Slicing>) -> u64 {
     slices.map_or(1, |s| u64::from(members / s.members.max(1)))
@@ -407,9 +416,7 @@ impl GangSpec {
             }
         }
         let (tp, gpus) = (self.tensor_parallel, self.gpus_per_member);
-        if tp % gpus != 0 && gpus % tp != 0 {
-            return Err(WorkloadError::TensorParallelShape { gang: gang(), tp, gpus });
-        }
+        check_tensor_parallel(&self.name, tp, gpus)?;
         let total = u64::from(self.members) * u64::from(gpus);
         let model_gpus = u64::from(tp) * u64::from(self.pipeline_parallel);
         if total % model_gpus != 0 {
@@ -647,10 +654,7 @@ impl Replica {
             if shape.members != role.members {
                 return Err(broken(format!("the role counts {} members, its gang {}", role.members, shape.members)));
             }
-            let (tp, gpus) = (shape.tensor_parallel, shape.gpus_per_member);
-            if !tp.is_multiple_of(gpus) && !gpus.is_multiple_of(tp) {
-                return Err(WorkloadError::TensorParallelShape { gang: shape.name.clone(), tp, gpus });
-            }
+            check_tensor_parallel(&shape.name, shape.tensor_parallel, shape.gpus_per_member)?;
             if shape.members > GANG_MEMBERS_MAX || !shape.members.is_multiple_of(shape.members_per_unit()) {
                 return Err(broken(format!(
                     "{} members are not whole tensor-parallel groups of {} (or above {GANG_MEMBERS_MAX})",

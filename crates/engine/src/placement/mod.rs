@@ -161,6 +161,11 @@ impl GangPlacement {
     pub fn holding(&self) -> Vec<(HostId, GpuMask)> {
         crate::ledger::merge_by_host(self.members.iter().map(|m| (m.host, m.gpus)))
     }
+
+    /// GPUs the gang takes.
+    pub fn gpus(&self) -> u64 {
+        self.members.iter().map(|m| u64::from(m.gpus.count_ones())).sum()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -183,7 +188,7 @@ pub struct BatchPlan {
 
 impl BatchPlan {
     pub fn gpus_placed(&self) -> u64 {
-        let gangs: u64 = self.placements.iter().flat_map(|p| &p.members).map(|m| u64::from(m.gpus.count_ones())).sum();
+        let gangs: u64 = self.placements.iter().map(GangPlacement::gpus).sum();
         gangs + self.replicas.iter().map(replica::ReplicaPlacement::gpus).sum::<u64>()
     }
 }
@@ -1242,11 +1247,16 @@ impl<'c> Planner<'c> {
     pub fn plan_replicas(&mut self, ledger: &mut Ledger, replicas: &[Replica], solver: &SolverChoice) -> BatchPlan {
         // A replica the planner cannot rely on (built directly, not validated) is unplaced
         // with the reason, and the rest are planned.
-        let (valid, invalid): (Vec<&Replica>, Vec<&Replica>) = replicas.iter().partition(|r| r.check().is_ok());
-        let refused = invalid.iter().filter_map(|r| {
-            r.check().err().map(|e| Unplaced { gang: r.name.clone(), reason: e.to_string(), explanation: None })
-        });
-        let refused: Vec<Unplaced> = refused.collect();
+        let mut valid: Vec<&Replica> = Vec::with_capacity(replicas.len());
+        let mut refused: Vec<Unplaced> = Vec::new();
+        for replica in replicas {
+            match replica.check() {
+                Ok(()) => valid.push(replica),
+                Err(error) => {
+                    refused.push(Unplaced { gang: replica.name.clone(), reason: error.to_string(), explanation: None })
+                }
+            }
+        }
         if let Some(gangs) = valid.iter().map(|r| r.as_single().cloned()).collect::<Option<Vec<Gang>>>() {
             let mut plan = self.plan_with(ledger, &gangs, solver);
             plan.unplaced.extend(refused);

@@ -83,7 +83,7 @@ impl ReplicaPlacement {
     }
 
     pub fn gpus(&self) -> u64 {
-        self.parts.iter().flat_map(|p| &p.placement.members).map(|m| u64::from(m.gpus.count_ones())).sum()
+        self.parts.iter().map(|p| p.placement.gpus()).sum()
     }
 }
 
@@ -503,12 +503,10 @@ impl Search<'_, '_> {
         let cluster = self.cluster();
         let part = &self.parts[k];
         let need = part.gang.total_gpus();
-        let all = 0..cluster.hosts.len() as u32;
-        // The hosts of a domain of `level` (a contiguous range), or every host.
-        let range_of = |level: Option<usize>, domain: Option<u32>| match (level, domain) {
-            (Some(level), Some(index)) => cluster.domains[level][index as usize].hosts.clone(),
-            _ => all.clone(),
-        };
+        let range_of = |level: Option<usize>, domain: Option<u32>| hosts_of(cluster, level, domain);
+        // Room for the whole role, per (role-level domain, product): several candidates
+        // share one enclosing domain.
+        let mut rooms: std::collections::HashMap<(Option<u32>, Option<ProductId>), u64> = Default::default();
         let free_in = |hosts: std::ops::Range<u32>, product: Option<ProductId>| -> u64 {
             hosts
                 .filter(|&h| within[h as usize] && product.is_none_or(|p| cluster.host(h).product == p))
@@ -554,7 +552,9 @@ impl Search<'_, '_> {
                         }
                         _ => None,
                     };
-                    let room = free_in(range_of(part.role_level, around), product);
+                    let room = *rooms
+                        .entry((around, product))
+                        .or_insert_with(|| free_in(range_of(part.role_level, around), product));
                     if room < part.role_gpus {
                         continue;
                     }
@@ -570,10 +570,7 @@ impl Search<'_, '_> {
     /// and of `product` when given.
     fn mask(&self, k: usize, domain: Option<u32>, product: Option<ProductId>, within: &[bool]) -> Vec<bool> {
         let cluster = self.cluster();
-        let hosts = match (self.parts[k].branch, domain) {
-            (Some(level), Some(index)) => cluster.domains[level][index as usize].hosts.clone(),
-            _ => 0..cluster.hosts.len() as u32,
-        };
+        let hosts = hosts_of(cluster, self.parts[k].branch, domain);
         (0..cluster.hosts.len() as u32)
             .map(|h| within[h as usize] && hosts.contains(&h) && product.is_none_or(|p| cluster.host(h).product == p))
             .collect()
@@ -586,7 +583,7 @@ impl Search<'_, '_> {
     }
 
     fn score(&self, chosen: &[GangPlacement]) -> f64 {
-        let gpus = |p: &GangPlacement| p.members.iter().map(|m| f64::from(m.gpus.count_ones())).sum::<f64>();
+        let gpus = |p: &GangPlacement| p.gpus() as f64;
         let total: f64 = chosen.iter().map(gpus).sum();
         if total == 0.0 {
             return 0.0;
@@ -642,6 +639,15 @@ impl Search<'_, '_> {
                 PartPlacement { role: role.name.clone(), slice: part.slice, placement }
             })
             .collect()
+    }
+}
+
+/// The hosts of a domain of `level` (a contiguous range), or every host when either is
+/// `None`.
+fn hosts_of(cluster: &Cluster, level: Option<usize>, domain: Option<u32>) -> std::ops::Range<u32> {
+    match (level, domain) {
+        (Some(level), Some(index)) => cluster.domains[level][index as usize].hosts.clone(),
+        _ => 0..cluster.hosts.len() as u32,
     }
 }
 

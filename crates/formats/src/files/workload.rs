@@ -42,7 +42,9 @@ struct GangEntry {
     name: String,
     #[serde(default = "one")]
     replicas: u32,
-    // The shape of a gang without roles (with roles, each role gives its own).
+    // The shape of a gang without roles (with roles, each role gives its own). Written out
+    // here and in `RoleEntry` rather than flattened from one struct: serde does not combine
+    // `flatten` with `deny_unknown_fields`, and a misspelt field must stay an error.
     #[serde(default)]
     members: Option<u32>,
     #[serde(default)]
