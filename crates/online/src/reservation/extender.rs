@@ -6,7 +6,9 @@ use super::*;
 
 impl Book {
     /// kube-scheduler's filter for one pod over the nodes it offers. For a gang member, the
-    /// first call plans and reserves the whole gang; later calls answer from the plan.
+    /// first call plans and reserves the whole gang; later calls answer from the plan. A
+    /// single pod is filtered by fit (its own earlier assumption given back first); when one
+    /// node alone passes, kube-scheduler will not prioritize, so the pod is assumed there.
     pub fn filter(
         &mut self,
         demand: &PodDemand,
@@ -14,13 +16,25 @@ impl Book {
         now_ms: u64,
     ) -> Result<Vec<NodeVerdict>, BookError> {
         let gang = demand.gang()?;
+        self.lapse_assumptions(now_ms);
         if let Some(bound) = self.bound.get(&demand.pod.uid) {
             let node = bound.node.clone();
             return Ok(self.only_node(offered, &node, &format!("pod is already bound to `{node}`")));
         }
         let Some(membership) = demand.gang.clone() else {
+            if self.singles.contains_key(&demand.pod.uid) {
+                // Its Binding is in flight: answer by fit, assume nothing.
+                let fits = self.with_planner(|planner, ledger| planner.fit_hosts(ledger, &gang, offered));
+                return Ok(fits.into_iter().map(verdict_of).collect());
+            }
+            self.unassume(&demand.pod.uid);
             let fits = self.with_planner(|planner, ledger| planner.fit_hosts(ledger, &gang, offered));
-            return Ok(fits.into_iter().map(verdict_of).collect());
+            let verdicts: Vec<NodeVerdict> = fits.into_iter().map(verdict_of).collect();
+            let mut passing = offered.iter().zip(&verdicts).filter(|(_, v)| matches!(v, NodeVerdict::Pass));
+            if let (Some((&host, _)), None) = (passing.next(), passing.next()) {
+                self.assume_best(demand, &gang, &[host], now_ms);
+            }
+            return Ok(verdicts);
         };
         let key = membership.key.clone();
         if let Some(reservation) = self.gangs.get(&key) {
@@ -154,11 +168,16 @@ impl Book {
         Ok(slot)
     }
 
-    /// Scores 0..=10 per offered node (kube-scheduler's prioritize). A gang member's planned
-    /// node gets 10 and the rest 0; a single pod's fitting nodes are scaled from the engine's
-    /// score (the best 10, the worst 0), nodes it does not fit 0.
-    pub fn prioritize(&mut self, demand: &PodDemand, offered: &[HostId]) -> Result<Vec<i64>, BookError> {
+    /// Scores 0..=10 per offered node (kube-scheduler's prioritize; `extenderv1.MaxExtenderPriority`
+    /// is 10). A gang member's planned node gets 10 and the rest 0. For a single pod the book
+    /// chooses one node, the engine's best (ties: the lowest host id), gives it 10 and assumes
+    /// the pod there ([`Holder::Assumed`]); every other fitting node is scaled from the
+    /// engine's score (the worst 0) and capped at 9, so kube-scheduler, whose own scores tie
+    /// between like nodes, follows the choice; nodes the pod does not fit get 0. A pod bound
+    /// already gets 10 on its node only.
+    pub fn prioritize(&mut self, demand: &PodDemand, offered: &[HostId], now_ms: u64) -> Result<Vec<i64>, BookError> {
         let gang = demand.gang()?;
+        self.lapse_assumptions(now_ms);
         let planned = match &demand.gang {
             Some(membership) => {
                 let slot = self.slot_of(&membership.key, &demand.pod.uid);
@@ -169,24 +188,60 @@ impl Book {
         if demand.gang.is_some() || planned.is_some() {
             return Ok(offered.iter().map(|&h| if Some(h) == planned { 10 } else { 0 }).collect());
         }
-        let verdicts = self.with_planner(|planner, ledger| planner.score_hosts(ledger, &gang, offered));
-        let totals: Vec<Option<f64>> = verdicts
-            .iter()
-            .map(|v| match v {
-                HostVerdict::Fits { score, .. } => Some(score.total),
-                HostVerdict::Rejected { .. } => None,
-            })
-            .collect();
+        if self.singles.contains_key(&demand.pod.uid) {
+            // Its Binding is in flight on a node the book already holds GPUs on.
+            let node = self.singles.get(&demand.pod.uid).map(|s| s.host);
+            return Ok(offered.iter().map(|&h| if Some(h) == node { 10 } else { 0 }).collect());
+        }
+        let (totals, chosen) = self.assume_best(demand, &gang, offered, now_ms);
         let best = totals.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
         let worst = totals.iter().flatten().copied().fold(f64::INFINITY, f64::min);
         Ok(totals
             .iter()
-            .map(|total| match total {
+            .enumerate()
+            .map(|(index, total)| match total {
                 None => 0,
-                Some(_) if best - worst < 1e-12 => 10,
-                Some(t) => ((t - worst) / (best - worst) * 10.0).round() as i64,
+                Some(_) if Some(index) == chosen => 10,
+                Some(_) if best - worst < 1e-12 => 9,
+                Some(t) => (((t - worst) / (best - worst) * 10.0).round() as i64).min(9),
             })
             .collect())
+    }
+
+    /// Scores a single pod on `offered` (its own assumption given back first) and assumes it
+    /// on the best fitting node, the lowest host id among equals. Returns each offered node's
+    /// engine total (`None`: does not fit) and the index of the chosen one.
+    fn assume_best(
+        &mut self,
+        demand: &PodDemand,
+        gang: &Gang,
+        offered: &[HostId],
+        now_ms: u64,
+    ) -> (Vec<Option<f64>>, Option<usize>) {
+        self.unassume(&demand.pod.uid);
+        let verdicts = self.with_planner(|planner, ledger| planner.score_hosts(ledger, gang, offered));
+        let mut chosen: Option<(usize, f64, GpuMask)> = None;
+        let mut totals = Vec::with_capacity(verdicts.len());
+        for (index, verdict) in verdicts.into_iter().enumerate() {
+            let HostVerdict::Fits { score, members } = verdict else {
+                totals.push(None);
+                continue;
+            };
+            totals.push(Some(score.total));
+            let better = match chosen {
+                None => true,
+                Some((at, total, _)) => {
+                    score.total > total + 1e-12 || (score.total > total - 1e-12 && offered[index] < offered[at])
+                }
+            };
+            if better {
+                chosen = Some((index, score.total, members.iter().fold(0, |m, p| m | p.gpus)));
+            }
+        }
+        if let Some((index, _, gpus)) = chosen {
+            self.assume(&demand.pod, offered[index], gpus, now_ms);
+        }
+        (totals, chosen.map(|(index, _, _)| index))
     }
 
     /// A pod reached bind for `node`. A single pod gets its GPUs chosen and reserved now; a
@@ -212,6 +267,9 @@ impl Book {
                 return Ok(BindStep::Bind { ticket: Ticket::Pod(uid), members: vec![single.clone()] });
             }
             let gang = demand.gang()?;
+            // The assumption has done its work: the bind says the node (the GPUs on it are
+            // chosen again below, and come out the same when it is the assumed node).
+            self.unassume(&uid);
             let verdict = self.with_planner(|planner, ledger| planner.score_hosts(ledger, &gang, &[host]));
             let members = match verdict.into_iter().next() {
                 Some(HostVerdict::Fits { members, .. }) => members,
@@ -363,6 +421,14 @@ impl Book {
                 // A trial copy: a victim that holds nothing frees nothing.
                 if self.bound.contains_key(uid) && trial.holding(&pod_holder(uid)).is_some() {
                     trial.release(&pod_holder(uid)).expect("a holder just looked up in this copy releases");
+                }
+            }
+            // Assumed pods (kube-scheduler may name one as a victim; the preemptor's own
+            // assumption is what it would use) give their GPUs back in the trial.
+            for uid in candidate.victims.iter().chain(std::iter::once(&demand.pod.uid)) {
+                let holder = Holder::Assumed(uid.clone());
+                if self.assumed.contains_key(uid) && trial.holding(&holder).is_some() {
+                    trial.release(&holder).expect("a holder just looked up in this copy releases");
                 }
             }
             let host = candidate.host;

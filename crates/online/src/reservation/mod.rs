@@ -67,6 +67,15 @@ pub const HOLD_ROUNDS_MAX: u64 = 4;
 /// at most this long.
 pub const BINDING_BUDGET_MS: u64 = 15_000;
 
+/// How long a single pod stays assumed on the node its prioritize chose, in ms, when its
+/// bind (or the pod watch's word that it is bound) does not come. kube-scheduler picks a node,
+/// assumes the pod in its own cache and goes on to the next pod while the bind is in flight
+/// (`pkg/scheduler/scheduler.go`, `scheduleOne`: `sched.assume`, then the binding cycle in a
+/// goroutine); the book assumes the same way, so the next pod's filter and prioritize see the
+/// GPUs as taken (see [`Holder::Assumed`]). The bind follows within milliseconds unless a
+/// PreBind plugin waits (volume binding); past this, the assumption lapses.
+pub const ASSUME_TTL_MS_DEFAULT: u64 = 10_000;
+
 /// A pod as the book knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodIdentity {
@@ -248,6 +257,8 @@ pub struct PreemptCandidate {
 pub struct BookConfig {
     /// See [`RESERVATION_TTL_MS_DEFAULT`].
     pub reservation_ttl_ms: u64,
+    /// See [`ASSUME_TTL_MS_DEFAULT`].
+    pub assume_ttl_ms: u64,
     /// See [`BIND_HOLD_MS_DEFAULT`].
     pub bind_hold_ms: u64,
     pub planner: PlannerConfig,
@@ -257,6 +268,7 @@ impl Default for BookConfig {
     fn default() -> Self {
         BookConfig {
             reservation_ttl_ms: RESERVATION_TTL_MS_DEFAULT,
+            assume_ttl_ms: ASSUME_TTL_MS_DEFAULT,
             bind_hold_ms: BIND_HOLD_MS_DEFAULT,
             planner: PlannerConfig::default(),
         }
@@ -274,6 +286,10 @@ pub struct BookStats {
     /// within [`BookConfig::bind_hold_ms`].
     pub bind_holds_lapsed: u64,
     pub pods_bound: u64,
+    /// Single pods assumed on the node their prioritize (or a one-node filter) chose.
+    pub pods_assumed: u64,
+    /// Assumptions that ended at [`BookConfig::assume_ttl_ms`], their pod's bind never seen.
+    pub assumptions_lapsed: u64,
     /// Ledger changes that the book's own state said must succeed and that failed: each is a
     /// bug, kept in [`Book::faults`] and reported by [`Book::check`].
     pub ledger_faults: u64,
@@ -327,6 +343,14 @@ struct BoundPod {
     bound_at_ms: u64,
 }
 
+/// A single pod assumed on a node until its bind arrives ([`Holder::Assumed`]).
+#[derive(Debug, Clone)]
+struct Assumption {
+    pod: PodIdentity,
+    host: HostId,
+    expires_at_ms: u64,
+}
+
 /// The online state: cluster view, ledger, reservations, bound pods.
 pub struct Book {
     cluster: Cluster,
@@ -336,6 +360,8 @@ pub struct Book {
     gangs: BTreeMap<String, GangReservation>,
     /// Single pods chosen at bind, Bindings in flight, by uid ([`Ticket::Pod`]).
     singles: BTreeMap<String, MemberBind>,
+    /// Single pods assumed on a node before their bind, by uid ([`Holder::Assumed`]).
+    assumed: BTreeMap<String, Assumption>,
     bound: BTreeMap<String, BoundPod>,
     stats: BookStats,
     /// Ledger changes of the cluster views before the current one, so that
@@ -355,14 +381,22 @@ pub enum Holder {
     Gang(String),
     /// A bound pod, or a single pod whose Binding is in flight, by uid.
     Pod(String),
+    /// A single pod, by uid, on the node the book's prioritize gave its only top score (or
+    /// the one node its filter passed), from then until its bind arrives, the pod watch sees
+    /// it bound or gone, it is filtered or prioritized again, or [`BookConfig::assume_ttl_ms`]
+    /// passes. kube-scheduler binds one pod while it already schedules the next; without
+    /// this, a burst of small pods is scored against a book that has not heard of the pods
+    /// before it, and spreads over empty nodes instead of packing.
+    Assumed(String),
 }
 
-/// `gang:{key}` or `pod:{uid}`: how `/state` and errors name a holder (never parsed back).
+/// `gang:{key}`, `pod:{uid}` or `assumed:{uid}`: how `/state` and errors name a holder (never parsed back).
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Holder::Gang(key) => write!(f, "gang:{key}"),
             Holder::Pod(uid) => write!(f, "pod:{uid}"),
+            Holder::Assumed(uid) => write!(f, "assumed:{uid}"),
         }
     }
 }
@@ -418,6 +452,7 @@ impl Book {
             config,
             gangs: BTreeMap::new(),
             singles: BTreeMap::new(),
+            assumed: BTreeMap::new(),
             bound: BTreeMap::new(),
             stats: BookStats::default(),
             earlier_changes: 0,
@@ -485,6 +520,7 @@ impl Book {
     /// ([`Expired::Reservation`]). A reservation expires under a held bind only at its
     /// assembly limit ([`HOLD_ROUNDS_MAX`]), and one whose Bindings are in flight is left alone.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Expired> {
+        self.lapse_assumptions(now_ms);
         let (ttl, hold) = (self.config.reservation_ttl_ms, self.config.bind_hold_ms);
         let mut expired = Vec::new();
         let mut due = Vec::new();
@@ -523,9 +559,45 @@ impl Book {
 
     /// The next instant [`Book::expire`] has work: the earliest held bind's hold limit, a
     /// reservation's assembly limit or, for a reservation holding no bind, its expiry.
+    /// An assumption's lapse counts too.
     pub fn next_expiry_ms(&self) -> Option<u64> {
         let hold = self.config.bind_hold_ms;
-        self.gangs.values().filter(|g| !g.binding).map(|g| next_deadline(g, hold)).min()
+        let gangs = self.gangs.values().filter(|g| !g.binding).map(|g| next_deadline(g, hold));
+        gangs.chain(self.assumed.values().map(|a| a.expires_at_ms)).min()
+    }
+
+    /// Assumes a single pod on `host` with `gpus` until `now_ms` +
+    /// [`BookConfig::assume_ttl_ms`] ([`Holder::Assumed`]); an earlier assumption of the same
+    /// pod is replaced. The GPUs must be free: they come from the planner on this ledger.
+    fn assume(&mut self, pod: &PodIdentity, host: HostId, gpus: GpuMask, now_ms: u64) {
+        self.unassume(&pod.uid);
+        let holder = Holder::Assumed(pod.uid.clone());
+        if let Err(error) = self.ledger.reserve(&holder, &[(host, gpus)]) {
+            self.ledger_fault("assuming a single pod on its chosen node", error);
+            return;
+        }
+        let expires_at_ms = now_ms.saturating_add(self.config.assume_ttl_ms);
+        self.assumed.insert(pod.uid.clone(), Assumption { pod: pod.clone(), host, expires_at_ms });
+        self.stats.pods_assumed += 1;
+    }
+
+    /// Ends the assumption of the pod with this uid, if any (its GPUs are free again).
+    fn unassume(&mut self, uid: &str) {
+        if self.assumed.remove(uid).is_some() {
+            if let Err(error) = self.ledger.release(&Holder::Assumed(uid.to_string())) {
+                self.ledger_fault("ending a single pod's assumption", error);
+            }
+        }
+    }
+
+    /// Ends the assumptions whose time ran out.
+    fn lapse_assumptions(&mut self, now_ms: u64) {
+        let due: Vec<String> =
+            self.assumed.iter().filter(|(_, a)| a.expires_at_ms <= now_ms).map(|(uid, _)| uid.clone()).collect();
+        for uid in due {
+            self.unassume(&uid);
+            self.stats.assumptions_lapsed += 1;
+        }
     }
 
     /// When the reservation of `gang` next needs [`Book::expire`], if it is waiting.
@@ -554,6 +626,7 @@ impl Book {
             let known = match holder {
                 Holder::Gang(key) => self.gangs.contains_key(key),
                 Holder::Pod(uid) => self.bound.contains_key(uid) || self.singles.contains_key(uid),
+                Holder::Assumed(uid) => self.assumed.contains_key(uid),
             };
             if !known {
                 return Err(format!("ledger holder `{holder}` belongs to no reservation or bound pod"));
@@ -562,6 +635,15 @@ impl Book {
         for key in self.gangs.keys() {
             if self.ledger.holding(&gang_holder(key)).is_none() {
                 return Err(format!("gang `{key}` is reserved but holds no GPUs"));
+            }
+        }
+        for (uid, assumption) in &self.assumed {
+            if self.bound.contains_key(uid) || self.singles.contains_key(uid) {
+                return Err(format!("pod `{uid}` is assumed and also bound or binding"));
+            }
+            let holding = self.ledger.holding(&Holder::Assumed(uid.clone()));
+            if !holding.is_some_and(|h| h.iter().all(|&(host, _)| host == assumption.host)) {
+                return Err(format!("pod `{uid}` is assumed on host {} but holds no GPUs there only", assumption.host));
             }
         }
         Ok(())
@@ -593,6 +675,7 @@ impl Book {
                         .map(|(holder, mask)| {
                             let pod = match holder {
                                 Holder::Pod(uid) => self.bound.get(uid).map(|b| b.pod.to_string()),
+                                Holder::Assumed(uid) => self.assumed.get(uid).map(|a| a.pod.to_string()),
                                 Holder::Gang(_) => None,
                             };
                             HeldGpus { holder: holder.to_string(), pod, gpus: mask_indices(mask) }

@@ -13,6 +13,8 @@ impl Book {
         self.earlier_changes += self.ledger.changes() + 1;
         self.ledger = Ledger::empty(&self.cluster);
         self.parts = None;
+        // Assumptions are guesses about binds in flight: the next prioritize makes new ones.
+        self.assumed.clear();
         let bound = std::mem::take(&mut self.bound);
         for (uid, pod) in bound {
             let Some(host) = self.cluster.host_id(&pod.node) else { continue };
@@ -66,6 +68,8 @@ impl Book {
             // In flight: `bind_finished` records it with the GPUs it was given.
             return Ok(());
         }
+        // Bound by kube-scheduler itself (no bind verb): the guess gives way to the fact.
+        self.unassume(&pod.uid);
         let Some(host) = self.cluster.host_id(node) else {
             return Err(BookError::UnknownNode { pod: pod.to_string(), node: node.to_string() });
         };
@@ -105,6 +109,7 @@ impl Book {
     /// A pod was deleted (or finished): its GPUs come back, and if it held a slot in a
     /// reservation not yet binding, the slot is free for its replacement.
     pub fn forget_pod(&mut self, uid: &str) {
+        self.unassume(uid);
         // A bound pod holds its GPUs, except one whose node left the view while its Binding
         // was in flight (`bind_finished` records it without a host to hold on).
         if self.bound.remove(uid).is_some() && self.ledger.holding(&pod_holder(uid)).is_some() {

@@ -130,6 +130,16 @@ impl Metrics {
             ),
             ("topoplace_pods_bound_total", "Pods bound by topoplace.", stats.pods_bound),
             (
+                "topoplace_pods_assumed_total",
+                "Single pods assumed on the node topoplace chose, from prioritize until their bind.",
+                stats.pods_assumed,
+            ),
+            (
+                "topoplace_assumptions_lapsed_total",
+                "Assumed single pods whose bind was not seen within the assumption's time.",
+                stats.assumptions_lapsed,
+            ),
+            (
                 "topoplace_ledger_faults_total",
                 "Ledger changes the book expected to succeed and that failed: a bug (the count is also in /state's stats).",
                 stats.ledger_faults,

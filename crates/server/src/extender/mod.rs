@@ -173,11 +173,12 @@ async fn prioritize(state: &ServerState, args: ExtenderArgs) -> Result<Vec<HostP
     }
     let (names, scored) = state
         .on_book(move |state| {
+            let now = state.now_ms();
             let mut shared = state.lock();
             let scored = shared.book.as_mut().map(|book| {
                 let ids = resolve(book, &names);
                 let known: Vec<HostId> = ids.iter().flatten().copied().collect();
-                book.prioritize(&demand, &known).map(|scores| (ids, scores))
+                book.prioritize(&demand, &known, now).map(|scores| (ids, scores))
             });
             drop(shared);
             (names, scored)

@@ -74,6 +74,8 @@ pub struct StatsJson {
     pub gangs_expired: u64,
     pub bind_holds_lapsed: u64,
     pub pods_bound: u64,
+    pub pods_assumed: u64,
+    pub assumptions_lapsed: u64,
     pub ledger_faults: u64,
 }
 
@@ -86,6 +88,8 @@ impl From<&BookStats> for StatsJson {
             gangs_expired: stats.gangs_expired,
             bind_holds_lapsed: stats.bind_holds_lapsed,
             pods_bound: stats.pods_bound,
+            pods_assumed: stats.pods_assumed,
+            assumptions_lapsed: stats.assumptions_lapsed,
             ledger_faults: stats.ledger_faults,
         }
     }
