@@ -559,11 +559,14 @@ impl Book {
 
     /// The next instant [`Book::expire`] has work: the earliest held bind's hold limit, a
     /// reservation's assembly limit or, for a reservation holding no bind, its expiry.
-    /// An assumption's lapse counts too.
+    /// An assumption's lapse counts too, rounded up to the whole second: it may come up to
+    /// 1 s late, and the adapter's expiry timer is not re-armed by every prioritize (each one
+    /// renews its pod's assumption).
     pub fn next_expiry_ms(&self) -> Option<u64> {
         let hold = self.config.bind_hold_ms;
         let gangs = self.gangs.values().filter(|g| !g.binding).map(|g| next_deadline(g, hold));
-        gangs.chain(self.assumed.values().map(|a| a.expires_at_ms)).min()
+        let assumptions = self.assumed.values().map(|a| a.expires_at_ms.div_ceil(1_000).saturating_mul(1_000));
+        gangs.chain(assumptions).min()
     }
 
     /// Assumes a single pod on `host` with `gpus` until `now_ms` +
