@@ -573,3 +573,191 @@ fn plan_server_plans_a_workload_file_through_the_api() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn role(name: &str, members: u32, gpus: u32, tp: u32) -> pb::Role {
+    pb::Role { name: name.into(), members, gpus_per_member: gpus, tensor_parallel: tp, ..Default::default() }
+}
+
+fn with_roles(name: &str, required: &str, roles: Vec<pb::Role>) -> pb::Gang {
+    pb::Gang {
+        namespace: "team".into(),
+        name: name.into(),
+        required_topology: required.into(),
+        roles,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn replicas_with_roles_are_planned_as_a_dry_run_with_every_scope_met() {
+    let (http, _ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let mut api = client(&http.grpc).await;
+    // Issue 18's second input: a 4-GPU leader and two 8-GPU workers, one rack; and a
+    // disaggregated replica beside it: prefill 2 x 8, decode 1 x 4, a GPU-less router.
+    let leader_workers = with_roles("lws", "leaf", vec![role("leader", 1, 4, 4), role("worker", 2, 8, 8)]);
+    let disaggregated =
+        with_roles("pd", "leaf", vec![role("prefill", 2, 8, 8), role("decode", 1, 4, 4), role("router", 1, 0, 0)]);
+    let dry = api.plan(plan(vec![leader_workers.clone(), disaggregated], true)).await.expect("plan").into_inner();
+    assert!(dry.placed && dry.reservation_id.is_empty() && dry.placements.is_empty(), "{dry:?}");
+    assert_eq!(dry.replicas.len(), 2, "{dry:?}");
+    let mut taken: BTreeSet<(String, u32)> = BTreeSet::new();
+    for replica in &dry.replicas {
+        assert_eq!(replica.namespace, "team");
+        let racks: BTreeSet<String> = replica
+            .parts
+            .iter()
+            .flat_map(|p| p.placement.iter().flat_map(|g| g.members.iter().map(|m| m.node[..2].to_string())))
+            .collect();
+        assert_eq!(racks.len(), 1, "replica {} in one rack: {replica:?}", replica.name);
+        assert!(replica.region.contains("r1") || replica.region.contains("r2"), "{}", replica.region);
+        for part in &replica.parts {
+            let placement = part.placement.as_ref().expect("placement");
+            assert_eq!(placement.name, replica.name, "a part answers with its replica's name");
+            for member in &placement.members {
+                for &gpu in &member.gpus {
+                    assert!(taken.insert((member.node.clone(), gpu)), "GPU {gpu} of {} given twice", member.node);
+                }
+            }
+        }
+    }
+    let lws = dry.replicas.iter().find(|r| r.name == "lws").expect("lws");
+    let gpus_of = |role: &str| -> usize {
+        lws.parts
+            .iter()
+            .filter(|p| p.role == role)
+            .flat_map(|p| p.placement.iter().flat_map(|g| g.members.iter().map(|m| m.gpus.len())))
+            .sum()
+    };
+    assert_eq!((gpus_of("leader"), gpus_of("worker")), (4, 16));
+    let pd = dry.replicas.iter().find(|r| r.name == "pd").expect("pd");
+    assert_eq!(pd.roles_without_gpus, vec!["router".to_string()]);
+    assert_eq!(taken.len(), 20 + 20, "every GPU of both replicas, once");
+    assert_eq!(state(&mut api).await.free_gpus, 72, "a dry run holds nothing");
+
+    // Slices: 4 x 8 GPUs in slices of 2 members, each slice in one rack.
+    let sliced = with_roles(
+        "sliced",
+        "spine",
+        vec![pb::Role { slice_members: 2, slice_required_topology: "leaf".into(), ..role("worker", 4, 8, 8) }],
+    );
+    let answer = api.plan(plan(vec![sliced], true)).await.expect("plan").into_inner();
+    let parts = &answer.replicas[0].parts;
+    assert_eq!(parts.iter().map(|p| p.slice).collect::<Vec<_>>(), vec![Some(0), Some(1)]);
+    for part in parts {
+        let racks: BTreeSet<&str> =
+            part.placement.iter().flat_map(|g| g.members.iter().map(|m| &m.node[..2])).collect();
+        assert_eq!(racks.len(), 1, "a slice stays in one rack: {part:?}");
+    }
+
+    // A replica that cannot fit is unplaced with the reason: no rack holds all 44 GPUs; or,
+    // inside a spine, the role whose own scope no rack meets is named.
+    let too_wide = with_roles("wide", "leaf", vec![role("leader", 1, 4, 4), role("worker", 5, 8, 8)]);
+    let answer = api.plan(plan(vec![too_wide], true)).await.expect("plan").into_inner();
+    assert!(!answer.placed && answer.replicas.is_empty());
+    assert_eq!(answer.unplaced[0].name, "wide");
+    assert!(answer.unplaced[0].reason.contains("44 free GPUs"), "{}", answer.unplaced[0].reason);
+    let workers_in_a_rack = with_roles(
+        "wide",
+        "spine",
+        vec![role("leader", 1, 4, 4), pb::Role { required_topology: "leaf".into(), ..role("worker", 5, 8, 8) }],
+    );
+    let answer = api.plan(plan(vec![workers_in_a_rack], true)).await.expect("plan").into_inner();
+    assert!(!answer.placed && answer.replicas.is_empty());
+    assert!(answer.unplaced[0].reason.contains("worker"), "{}", answer.unplaced[0].reason);
+    assert_eq!(state(&mut api).await.free_gpus, 72);
+}
+
+#[tokio::test]
+async fn roles_outside_a_dry_run_plan_or_with_a_bad_shape_are_refused_naming_the_field() {
+    let (http, _ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let mut api = client(&http.grpc).await;
+    let good = with_roles("lws", "leaf", vec![role("leader", 1, 4, 4), role("worker", 2, 8, 8)]);
+    let reserve = api.plan(plan(vec![good.clone()], false)).await.expect_err("reserving roles");
+    assert_eq!(reserve.code(), Code::FailedPrecondition, "{reserve:?}");
+    assert!(reserve.message().contains("dry_run"), "{}", reserve.message());
+    let cases = [
+        (pb::Gang { members: 3, ..good.clone() }, "members belongs to each role and must be 0 here (it is 3)"),
+        (
+            with_roles("z", "", vec![pb::Role { slice_members: 2, ..role("worker", 4, 8, 8) }]),
+            "roles[0]: slice_members is set but slice_required_topology is empty",
+        ),
+        (with_roles("z", "", vec![role("worker", 0, 8, 8)]), "role `worker`: members must be at least 1"),
+        (with_roles("z", "", vec![role("a", 1, 8, 8), role("a", 1, 8, 8)]), "role `a` appears twice"),
+        (with_roles("z", "", vec![role("router", 1, 0, 0)]), "gang `team/z`: no role takes GPUs"),
+        (with_roles("z", "row", vec![role("worker", 1, 8, 8)]), "`row`"),
+        (with_roles("z", "", vec![role("worker", 20, 8, 8)]), "72 usable GPUs"),
+    ];
+    for (gang, expected) in cases {
+        let error = api.plan(plan(vec![gang.clone()], true)).await.expect_err("refused");
+        assert_eq!(error.code(), Code::InvalidArgument, "{gang:?}: {error:?}");
+        assert!(error.message().contains(expected), "{gang:?}: `{}` lacks `{expected}`", error.message());
+    }
+    let explain = api.explain(pb::ExplainRequest { gang: Some(good), nodes: Vec::new() }).await.expect_err("explain");
+    assert_eq!(explain.code(), Code::InvalidArgument);
+    assert!(explain.message().contains("roles are accepted by Plan"), "{}", explain.message());
+    assert_eq!(state(&mut api).await.free_gpus, 72, "nothing held by any refusal");
+}
+
+#[test]
+fn plan_server_sends_roles_and_prints_each_roles_placement() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (http, ext, grpc) = runtime.block_on(async {
+        let (http, ext, _binder) = static_extender(CLUSTER, 30_000).await;
+        let grpc = http.grpc.clone();
+        (http, ext, grpc)
+    });
+    let dir = std::env::temp_dir().join(format!("topoplace-plan-roles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let workload = dir.join("workload.yaml");
+    std::fs::write(
+        &workload,
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: ci}\nspec:\n  gangs:\n  \
+         - name: lws\n    replicas: 2\n    topology: {required: leaf}\n    roles:\n    \
+         - {name: leader, members: 1, gpusPerMember: 4, tensorParallel: 4}\n    \
+         - {name: worker, members: 2, gpusPerMember: 8, tensorParallel: 8}\n  \
+         - {name: small, gpusPerMember: 4, tensorParallel: 4}\n",
+    )
+    .expect("workload");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_topoplace"))
+            .args(["plan", "--server", &grpc, "--workload"])
+            .arg(&workload)
+            .args(extra)
+            .output()
+            .expect("run topoplace")
+    };
+    let output = run(&["-o", "json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json output");
+    assert_eq!(json["placed"], true, "{json}");
+    let replicas = json["replicas"].as_array().expect("replicas");
+    let names: Vec<&str> = replicas.iter().filter_map(|r| r["gang"].as_str()).collect();
+    assert_eq!(names, vec!["default/lws-0", "default/lws-1", "default/small"], "{json}");
+    for replica in &replicas[..2] {
+        let roles: BTreeSet<&str> =
+            replica["parts"].as_array().expect("parts").iter().filter_map(|p| p["role"].as_str()).collect();
+        assert_eq!(roles, BTreeSet::from(["leader", "worker"]), "{replica}");
+        let racks: BTreeSet<String> = replica["parts"]
+            .as_array()
+            .expect("parts")
+            .iter()
+            .flat_map(|p| p["members"].as_array().cloned().unwrap_or_default())
+            .filter_map(|m| m["node"].as_str().map(|n| n[..2].to_string()))
+            .collect();
+        assert_eq!(racks.len(), 1, "one rack per replica: {replica}");
+    }
+    let table = run(&[]);
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(table.contains("3 of 3 gangs placed (dry run, nothing held)"), "{table}");
+    assert!(table.contains("default/lws-0/worker") && table.contains("default/lws-1/leader"), "{table}");
+    assert!(table.contains("default/small ") && !table.contains("default/small/"), "{table}");
+    assert_eq!(replicas[2]["parts"][0]["role"], "", "a gang without roles has no role");
+    let reserve = run(&["--reserve"]);
+    assert_eq!(reserve.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&reserve.stderr).contains("dry run only"));
+    ext.check().expect("book consistent");
+    runtime.block_on(async {
+        http.stop().await;
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}

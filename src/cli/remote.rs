@@ -78,6 +78,56 @@ fn scope_text(scope: &Option<Scope>) -> String {
     scope.as_ref().map(ToString::to_string).unwrap_or_default()
 }
 
+/// The workload's gangs as API messages for a request with roles: a gang with roles is one
+/// message (the server expands its replicas as a local plan names them), each role with its
+/// memory floor as sized here; a gang without roles is one message per replica, as in
+/// [`workload_gangs`].
+pub fn workload_gangs_with_roles(workload: &Workload, namespace: &str) -> Vec<pb::Gang> {
+    let mut gangs = Vec::new();
+    for spec in &workload.gangs {
+        if spec.roles.is_empty() {
+            let flat = Workload { gangs: vec![spec.clone()], ..workload.clone() };
+            gangs.extend(workload_gangs(&flat, namespace));
+            continue;
+        }
+        // Floors are sized per role (a model to size becomes MiB), the same in every replica.
+        let floors: Vec<u64> = spec
+            .expand_replicas()
+            .first()
+            .map(|replica| {
+                replica.roles.iter().map(|role| role.gang.as_ref().map_or(0, |g| g.memory_floor_mib)).collect()
+            })
+            .unwrap_or_default();
+        let roles = spec
+            .roles
+            .iter()
+            .enumerate()
+            .map(|(index, role)| pb::Role {
+                name: role.name.clone(),
+                members: role.members,
+                gpus_per_member: role.gpus_per_member,
+                tensor_parallel: role.tensor_parallel,
+                pipeline_parallel: role.pipeline_parallel,
+                min_gpu_memory_mib: floors.get(index).copied().unwrap_or(0),
+                required_topology: scope_text(&role.required),
+                preferred_topology: scope_text(&role.preferred),
+                slice_members: role.slices.as_ref().map_or(0, |s| s.members),
+                slice_required_topology: role.slices.as_ref().map(|s| s.scope.to_string()).unwrap_or_default(),
+            })
+            .collect();
+        gangs.push(pb::Gang {
+            namespace: namespace.to_string(),
+            name: spec.name.clone(),
+            replicas: spec.replicas,
+            required_topology: scope_text(&spec.required),
+            preferred_topology: scope_text(&spec.preferred),
+            roles,
+            ..Default::default()
+        });
+    }
+    gangs
+}
+
 /// The workload's gangs as API messages, one per replica (named as a local plan names them).
 pub fn workload_gangs(workload: &Workload, namespace: &str) -> Vec<pb::Gang> {
     workload
@@ -95,6 +145,7 @@ pub fn workload_gangs(workload: &Workload, namespace: &str) -> Vec<pb::Gang> {
             required_topology: scope_text(&gang.required),
             preferred_topology: scope_text(&gang.preferred),
             replicas: 1,
+            roles: Vec::new(),
         })
         .collect()
 }
@@ -120,14 +171,21 @@ fn connection(args: &PlanArgs, server: &str) -> Result<Connection, CliError> {
 pub fn plan(args: &PlanArgs, server: &str, out: &mut dyn Write) -> Result<(), CliError> {
     let workload = load_workload(&args.workload)?;
     workload.validate().map_err(|e| CliError::Input(e.to_string()))?;
-    if let Some(gang) = workload.gangs.iter().find(|g| !g.roles.is_empty()) {
-        return Err(CliError::Input(format!(
-            "gang `{}` has roles, which the gRPC API does not carry yet; plan it locally (without --server)",
-            gang.name
-        )));
+    let with_roles = workload.gangs.iter().find(|g| !g.roles.is_empty());
+    if let Some(gang) = with_roles {
+        if args.reserve || args.explain {
+            return Err(CliError::Input(format!(
+                "gang `{}` has roles, which the placement API plans as a dry run only, without \
+                 --explain; drop --reserve / --explain (an unplaced replica's reason names its role)",
+                gang.name
+            )));
+        }
     }
     let connection = connection(args, server)?;
-    let gangs = workload_gangs(&workload, &args.namespace);
+    let gangs = match with_roles {
+        Some(_) => workload_gangs_with_roles(&workload, &args.namespace),
+        None => workload_gangs(&workload, &args.namespace),
+    };
     let request = pb::PlanRequest {
         gangs: gangs.clone(),
         dry_run: !args.reserve,
@@ -176,10 +234,10 @@ fn table(server: &str, response: &pb::PlanResponse, reserve: bool) -> String {
     } else {
         format!("reservation {} held for {} s", response.reservation_id, response.expires_in_ms.div_ceil(1000))
     };
+    let placed = response.placements.len() + response.replicas.len();
     text.push_str(&format!(
-        "plan by {server}: {} of {} gangs placed ({held})\n\n",
-        response.placements.len(),
-        response.placements.len() + response.unplaced.len()
+        "plan by {server}: {placed} of {} gangs placed ({held})\n\n",
+        placed + response.unplaced.len()
     ));
     text.push_str(&format!("{:<28} {:<16} {:<28} {:>6}  members (node: GPUs)\n", "GANG", "PRODUCT", "SCOPE", "SCORE"));
     for placement in &response.placements {
@@ -193,6 +251,41 @@ fn table(server: &str, response: &pb::PlanResponse, reserve: bool) -> String {
             placement.score.as_ref().map_or(0.0, |s| s.total),
             members.join("; ")
         ));
+    }
+    for replica in &response.replicas {
+        for part in &replica.parts {
+            let Some(placement) = &part.placement else { continue };
+            let members: Vec<String> =
+                placement.members.iter().map(|m| format!("{}: {}", m.node, gpus_text(&m.gpus))).collect();
+            let slice = part.slice.map(|s| format!("[{s}]")).unwrap_or_default();
+            text.push_str(&format!(
+                "{:<28} {:<16} {:<28} {:>6.3}  {}\n",
+                match part.role.as_str() {
+                    "" => format!("{}/{}", replica.namespace, replica.name),
+                    role => format!("{}/{}/{role}{slice}", replica.namespace, replica.name),
+                },
+                placement.product,
+                placement.scope,
+                placement.score.as_ref().map_or(0.0, |s| s.total),
+                members.join("; ")
+            ));
+        }
+    }
+    if !response.replicas.is_empty() {
+        text.push_str("\nreplicas with roles:\n");
+        for replica in &response.replicas {
+            text.push_str(&format!(
+                "  {}/{}: in {}, score {:.3}, {} search step(s)",
+                replica.namespace, replica.name, replica.region, replica.score, replica.search_steps
+            ));
+            if !replica.roles_without_gpus.is_empty() {
+                text.push_str(&format!(
+                    "; left to kube-scheduler (no GPUs): {}",
+                    replica.roles_without_gpus.join(", ")
+                ));
+            }
+            text.push('\n');
+        }
     }
     if !response.unplaced.is_empty() {
         text.push_str("\nunplaced:\n");
@@ -230,6 +323,20 @@ fn response_json(server: &str, response: &pb::PlanResponse) -> Value {
             })),
             "solver": p.solver.as_ref().map(|s| s.solver.clone()),
             "members": p.members.iter().map(|m| json!({"member": m.member, "node": m.node, "gpus": m.gpus})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "replicas": response.replicas.iter().map(|r| json!({
+            "gang": format!("{}/{}", r.namespace, r.name),
+            "region": r.region,
+            "score": r.score,
+            "searchSteps": r.search_steps,
+            "rolesWithoutGpus": r.roles_without_gpus,
+            "parts": r.parts.iter().map(|part| json!({
+                "role": part.role,
+                "slice": part.slice,
+                "product": part.placement.as_ref().map(|p| p.product.clone()),
+                "scope": part.placement.as_ref().map(|p| p.scope.clone()),
+                "members": part.placement.iter().flat_map(|p| p.members.iter()).map(|m| json!({"member": m.member, "node": m.node, "gpus": m.gpus})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "unplaced": response.unplaced.iter().map(|u| {
             let rejected: Vec<Value> = u

@@ -13,11 +13,12 @@ use thiserror::Error;
 use super::{at_bind, gang_holder, Book, Expired, GangReservation, Slot};
 use topoplace_engine::ledger::mask_indices;
 use topoplace_engine::placement::capacity::CapacityReport;
+use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{
     batch_order, GangPlacement, PlaceRequest, Planner, PlannerConfig, SolverChoice, Unplaced,
 };
 use topoplace_engine::topology::{HostId, ProductId};
-use topoplace_engine::workload::Gang;
+use topoplace_engine::workload::{Gang, Replica};
 
 /// A gang as the API names it.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +29,24 @@ pub struct GangRequest {
     pub gang: Gang,
     /// Only hosts of this product.
     pub product: Option<ProductId>,
+}
+
+/// A replica with roles as the API names it ([`Book::plan_replicas`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaRequest {
+    /// `namespace/name`; the replica's `name` is the key.
+    pub key: String,
+    pub replica: Replica,
+    /// Only hosts of this product.
+    pub product: Option<ProductId>,
+}
+
+/// What [`Book::plan_replicas`] found: the replicas that fit (in request order) and those
+/// that did not. Nothing is held.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaPlanOutcome {
+    pub placements: Vec<ReplicaPlacement>,
+    pub unplaced: Vec<Unplaced>,
 }
 
 #[derive(Debug, Clone)]
@@ -292,6 +311,107 @@ impl Book {
             unplaced,
             reservation: Some((id, expires_at_ms)),
         })
+    }
+
+    /// Places replicas with roles against the free GPUs, the largest first, each seeing the
+    /// ones placed before it; nothing is held (a dry run: no pod can claim a role's
+    /// reservation until the Kubernetes ways in read roles). Errors: an empty request, a key
+    /// twice, an unknown topology level or product, a replica larger than every usable GPU
+    /// of the cluster ([`RequestError::Invalid`], naming the replica).
+    pub fn plan_replicas(
+        &mut self,
+        requests: &[ReplicaRequest],
+        solver: &SolverChoice,
+    ) -> Result<ReplicaPlanOutcome, RequestError> {
+        if requests.is_empty() {
+            return Err(RequestError::Invalid("the request names no gangs".into()));
+        }
+        let mut keys = BTreeSet::new();
+        for request in requests {
+            if !keys.insert(request.key.as_str()) {
+                return Err(RequestError::Invalid(format!("gang `{}` appears twice in the request", request.key)));
+            }
+            self.check_replica_request(request)?;
+        }
+        let masks: Vec<Option<Vec<bool>>> = requests.iter().map(|r| self.product_mask(r.product)).collect();
+        let mut order: Vec<usize> = (0..requests.len()).collect();
+        order.sort_by_key(|&index| std::cmp::Reverse(requests[index].replica.total_gpus()));
+        let mut scratch: topoplace_engine::ledger::Ledger<String> = self.ledger.scratch();
+        let mut placed: Vec<(usize, ReplicaPlacement)> = Vec::new();
+        let mut unplaced = Vec::new();
+        self.with_planner(|planner, _| {
+            for index in order {
+                let request = &requests[index];
+                match planner.place_replica(&scratch, &request.replica, solver, masks[index].as_deref()) {
+                    Ok(placement) => {
+                        let holding: Vec<(HostId, u64)> =
+                            placement.parts.iter().flat_map(|part| part.placement.holding()).collect();
+                        match scratch.reserve(&request.key, &topoplace_engine::ledger::merge_by_host(holding)) {
+                            Ok(()) => placed.push((index, placement)),
+                            Err(error) => unplaced.push(Unplaced {
+                                gang: request.key.clone(),
+                                reason: format!("the ledger refused the placement: {error}"),
+                                explanation: None,
+                            }),
+                        }
+                    }
+                    Err(why) => unplaced.push(why),
+                }
+            }
+        });
+        placed.sort_by_key(|(index, _)| *index);
+        Ok(ReplicaPlanOutcome { placements: placed.into_iter().map(|(_, p)| p).collect(), unplaced })
+    }
+
+    /// [`Book::check_request`] for a replica: names and levels, the product, and its GPUs
+    /// against every GPU it may use (each role's memory floor counted for that role).
+    fn check_replica_request(&mut self, request: &ReplicaRequest) -> Result<(), RequestError> {
+        let key = &request.key;
+        self.with_planner(|planner, _| planner.check_replica(&request.replica))
+            .map_err(|e| RequestError::Invalid(e.to_string()))?;
+        if let Some(product) = request.product {
+            if !self.cluster.hosts.iter().any(|h| h.product == product) {
+                let present: Vec<&str> = self.cluster.products().iter().map(|p| p.get().name).collect();
+                return Err(RequestError::Invalid(format!(
+                    "gang `{key}`: product `{}` is not in the cluster (it has: {})",
+                    product.get().name,
+                    present.join(", ")
+                )));
+            }
+        }
+        let usable_all: u64 = self
+            .cluster
+            .hosts
+            .iter()
+            .filter(|h| request.product.is_none_or(|p| h.product == p))
+            .map(|h| u64::from(h.gpu_count))
+            .sum();
+        if request.replica.total_gpus() > usable_all {
+            return Err(RequestError::Invalid(format!(
+                "gang `{key}`: its roles need {} GPUs together, but the cluster has only {usable_all} usable GPUs in all",
+                request.replica.total_gpus()
+            )));
+        }
+        for gang in request.replica.gangs() {
+            let usable: u64 = self
+                .cluster
+                .hosts
+                .iter()
+                .filter(|h| request.product.is_none_or(|p| h.product == p))
+                .filter(|h| h.memory_mib >= gang.memory_floor_mib)
+                .map(|h| u64::from(h.gpu_count))
+                .sum();
+            if gang.total_gpus() > usable {
+                return Err(RequestError::Invalid(format!(
+                    "gang `{key}`: role `{}` needs {} GPUs ({} members x {}), but the cluster has only {usable} usable GPUs in all",
+                    gang.name,
+                    gang.total_gpus(),
+                    gang.members,
+                    gang.gpus_per_member
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Releases the gangs of reservation `id` that are not being bound. With `by`, only a

@@ -25,7 +25,7 @@ mod view;
 
 pub use api::{
     ApiReservation, ClusterState, DomainState, Explained, GangRequest, HostState, NodeFit, PlanOptions, PlanOutcome,
-    Released, RequestError, ReservationState,
+    Released, ReplicaPlanOutcome, ReplicaRequest, RequestError, ReservationState,
 };
 
 use std::collections::BTreeMap;
@@ -286,7 +286,7 @@ pub struct BookStats {
     /// within [`BookConfig::bind_hold_ms`].
     pub bind_holds_lapsed: u64,
     pub pods_bound: u64,
-    /// Single pods assumed on the node their prioritize (or a one-node filter) chose.
+    /// Assumptions made (a pod prioritized again is assumed again and counted again).
     pub pods_assumed: u64,
     /// Assumptions that ended at [`BookConfig::assume_ttl_ms`], their pod's bind never seen.
     pub assumptions_lapsed: u64,
@@ -348,6 +348,7 @@ struct BoundPod {
 struct Assumption {
     pod: PodIdentity,
     host: HostId,
+    gpus: GpuMask,
     expires_at_ms: u64,
 }
 
@@ -383,8 +384,9 @@ pub enum Holder {
     Pod(String),
     /// A single pod, by uid, on the node the book's prioritize gave its only top score (or
     /// the one node its filter passed), from then until its bind arrives, the pod watch sees
-    /// it bound or gone, it is filtered or prioritized again, or [`BookConfig::assume_ttl_ms`]
-    /// passes. kube-scheduler binds one pod while it already schedules the next; without
+    /// it bound (or, once bound, gone), it is filtered or prioritized again, or
+    /// [`BookConfig::assume_ttl_ms`] passes (an unbound pod deleted meanwhile is not seen by
+    /// the pod watch, which lists bound pods only: its assumption lapses then). kube-scheduler binds one pod while it already schedules the next; without
     /// this, a burst of small pods is scored against a book that has not heard of the pods
     /// before it, and spreads over empty nodes instead of packing.
     Assumed(String),
@@ -580,7 +582,7 @@ impl Book {
             return;
         }
         let expires_at_ms = now_ms.saturating_add(self.config.assume_ttl_ms);
-        self.assumed.insert(pod.uid.clone(), Assumption { pod: pod.clone(), host, expires_at_ms });
+        self.assumed.insert(pod.uid.clone(), Assumption { pod: pod.clone(), host, gpus, expires_at_ms });
         self.stats.pods_assumed += 1;
     }
 

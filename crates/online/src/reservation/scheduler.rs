@@ -55,6 +55,8 @@ impl Book {
             let (Some(pod), [(host, mask)]) = (pods.first(), placement) else {
                 return Err(BookError::MemberCount { gang: first, pods: pods.len(), members: placement.len() });
             };
+            // The extender's guess about the same pod, if both ever saw it, gives way.
+            self.unassume(&pod.uid);
             self.ledger
                 .reserve(&pod_holder(&pod.uid), &[(*host, *mask)])
                 .map_err(|source| BookError::Ledger { pod: pod.to_string(), source })?;

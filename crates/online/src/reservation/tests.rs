@@ -643,7 +643,11 @@ fn an_assumption_gives_way_to_the_bind_the_pod_watch_or_its_own_retry_and_lapses
     assert!(book.is_bound("second-uid"));
     book.check().expect("consistent after the watch");
     // `first` never binds: its assumption lapses at the TTL and r0-0 is free again.
-    assert_eq!(book.next_expiry_ms(), Some(2_000), "its lapse (at 1,000 + 0 ms), rounded up to the second");
+    assert_eq!(
+        book.next_expiry_ms(),
+        Some(2_000),
+        "its lapse (re-assumed by its filter at 3: 1,003 ms), rounded up to the second"
+    );
     book.expire(2_000);
     assert_eq!(book.stats().assumptions_lapsed, 1);
     assert_eq!(book.ledger().free(0).count_ones(), 8, "r0-0 free once the assumption lapsed");
@@ -746,6 +750,15 @@ fn a_seeded_simulation_with_late_binds_keeps_assumptions_consistent() {
             }
             book.check().unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
         }
+        // Nothing leaks: once every reservation and assumption has run out and every live
+        // pod is gone, every GPU is free.
+        book.expire(u64::MAX);
+        for uid in live {
+            book.forget_pod(&uid);
+        }
+        book.check().expect("consistent at the end");
+        let total: u64 = book.cluster().hosts.iter().map(|h| u64::from(h.gpu_count)).sum();
+        assert_eq!(book.ledger().free_gpus(), total, "seed {seed}: every GPU free at the end");
         assumed += book.stats().pods_assumed;
         lapsed += book.stats().assumptions_lapsed;
     }
@@ -770,4 +783,37 @@ fn a_gang_planned_before_a_single_pods_bind_plans_around_it() {
     }
     assert!(planned.iter().all(|&h| h != host), "the gang keeps off the single pod's node: {planned:?} vs {host}");
     book.check().expect("consistent");
+}
+
+/// A node change keeps the assumptions whose nodes stay (by name), and drops those whose
+/// node left; an assumed pod named as a preemption victim frees its GPUs in the trial.
+#[test]
+fn assumptions_survive_a_cluster_change_by_node_name_and_count_as_freed_by_preemption() {
+    let mut book = Book::new(cluster(1, 2), BookConfig::default());
+    let offered = all_hosts(&book);
+    let first = single("first", 8);
+    assert_eq!(book.prioritize(&first, &offered, 0).expect("prioritize"), vec![10, 9]);
+    // r0-0 is assumed taken: an 8-GPU preemptor fits there only if `first` is a victim.
+    let urgent = single("urgent", 8);
+    let candidates = vec![
+        PreemptCandidate { host: 0, victims: vec!["first-uid".into()] },
+        PreemptCandidate { host: 0, victims: vec!["someone-else".into()] },
+    ];
+    assert_eq!(book.preempt(&urgent, &candidates).expect("preempt"), vec![true, false]);
+    // A new view with r0-0 renumbered after a new node r0-00 (ids by name order).
+    let mut nodes: Vec<_> = ["r0-00", "r0-0", "r0-1"]
+        .iter()
+        .map(|n| node(n, "H100", 8, &[("network.topology.nvidia.com/leaf", "r0")]))
+        .collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let spec = ClusterSpec { name: "t".into(), levels: vec!["network.topology.nvidia.com/leaf".into()], nodes };
+    book.replace_cluster(Cluster::build(spec.clone()).expect("cluster"));
+    book.check().expect("consistent after the change");
+    let r00 = book.cluster().host_id("r0-0").expect("r0-0");
+    assert_eq!(book.ledger().free(r00).count_ones(), 0, "`first` still assumed on r0-0");
+    // r0-0 leaves: its assumption goes with it.
+    let without: Vec<_> = spec.nodes.iter().filter(|n| n.name != "r0-0").cloned().collect();
+    book.replace_cluster(Cluster::build(ClusterSpec { nodes: without, ..spec }).expect("cluster"));
+    book.check().expect("consistent after the node left");
+    assert_eq!(book.ledger().free_gpus(), 16);
 }

@@ -13,8 +13,6 @@ impl Book {
         self.earlier_changes += self.ledger.changes() + 1;
         self.ledger = Ledger::empty(&self.cluster);
         self.parts = None;
-        // Assumptions are guesses about binds in flight: the next prioritize makes new ones.
-        self.assumed.clear();
         let bound = std::mem::take(&mut self.bound);
         for (uid, pod) in bound {
             let Some(host) = self.cluster.host_id(&pod.node) else { continue };
@@ -48,6 +46,15 @@ impl Book {
                 self.gangs.insert(key, reservation);
             } else {
                 dropped.push(Expired::Reservation { gang: key, members_at_bind: at_bind(&reservation) });
+            }
+        }
+        // Assumptions last (they are guesses about binds in flight): carried over by node
+        // name where their GPUs are still free, dropped otherwise.
+        let assumed = std::mem::take(&mut self.assumed);
+        for (uid, assumption) in assumed {
+            let Some(host) = self.cluster.host_id(&old.host(assumption.host).name) else { continue };
+            if self.ledger.reserve(&Holder::Assumed(uid.clone()), &[(host, assumption.gpus)]).is_ok() {
+                self.assumed.insert(uid, Assumption { host, ..assumption });
             }
         }
         dropped

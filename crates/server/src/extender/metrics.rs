@@ -131,7 +131,7 @@ impl Metrics {
             ("topoplace_pods_bound_total", "Pods bound by topoplace.", stats.pods_bound),
             (
                 "topoplace_pods_assumed_total",
-                "Single pods assumed on the node topoplace chose, from prioritize until their bind.",
+                "Assumptions made: a single pod held on the node topoplace chose, from its prioritize (or one-node filter) until its bind.",
                 stats.pods_assumed,
             ),
             (

@@ -7,10 +7,13 @@ use super::pb;
 use topoplace_engine::ledger::mask_indices;
 use topoplace_engine::placement::capacity::CapacityReport;
 use topoplace_engine::placement::exact::{ExactConfig, AUTO_VARIABLES_MAX};
+use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{GangPlacement, RejectionGroup, ScoreComponents, SolverChoice, SolverInfo};
-use topoplace_engine::topology::{product, Cluster};
-use topoplace_engine::workload::{GangSpec, MemoryNeed, Scope, WorkloadError};
-use topoplace_online::reservation::{ClusterState, Explained, GangRequest, PlanOutcome};
+use topoplace_engine::topology::{product, Cluster, ProductId};
+use topoplace_engine::workload::{GangSpec, MemoryNeed, RoleSpec, Scope, Slicing, WorkloadError};
+use topoplace_online::reservation::{
+    ClusterState, Explained, GangRequest, PlanOutcome, ReplicaPlanOutcome, ReplicaRequest,
+};
 
 const DEFAULT_NAMESPACE: &str = "default";
 
@@ -46,25 +49,47 @@ fn scope(text: &str) -> Option<Scope> {
     (!text.is_empty()).then(|| Scope::parse(text))
 }
 
-/// The gangs of a request, replicas expanded (`name-0`, `name-1`, ... when several).
+fn memory(mib: u64) -> MemoryNeed {
+    match mib {
+        0 => MemoryNeed::None,
+        mib => MemoryNeed::FloorMib(mib),
+    }
+}
+
+/// A gang's key (`namespace/name`) and product, checked.
+fn key_and_product(gang: &pb::Gang, at: &impl Fn(String) -> Status) -> Result<(String, Option<ProductId>), Status> {
+    if gang.name.trim().is_empty() {
+        return Err(at("name is required".into()));
+    }
+    let namespace = if gang.namespace.is_empty() { DEFAULT_NAMESPACE } else { gang.namespace.as_str() };
+    if namespace.contains('/') || gang.name.contains('/') {
+        return Err(at("namespace and name must not contain `/`".into()));
+    }
+    let key = format!("{namespace}/{}", gang.name);
+    let product = match gang.product.trim() {
+        "" => None,
+        name => Some(product::lookup(name).ok_or_else(|| {
+            at(format!("gang `{key}`: product `{name}` is unknown (known: {})", product::known_names().join(", ")))
+        })?),
+    };
+    Ok((key, product))
+}
+
+/// Whether any gang of a request has roles (Plan then takes [`replica_requests`]).
+pub fn has_roles(gangs: &[pb::Gang]) -> bool {
+    gangs.iter().any(|g| !g.roles.is_empty())
+}
+
+/// The gangs of a request, replicas expanded (`name-0`, `name-1`, ... when several). A gang
+/// with roles is refused: only Plan takes them ([`replica_requests`]).
 pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
     let mut requests = Vec::new();
     for (index, gang) in gangs.iter().enumerate() {
         let at = |message: String| Status::invalid_argument(format!("gangs[{index}]: {message}"));
-        if gang.name.trim().is_empty() {
-            return Err(at("name is required".into()));
+        let (key, product) = key_and_product(gang, &at)?;
+        if !gang.roles.is_empty() {
+            return Err(at(format!("gang `{key}`: roles are accepted by Plan (with dry_run) only, not by this call")));
         }
-        let namespace = if gang.namespace.is_empty() { DEFAULT_NAMESPACE } else { gang.namespace.as_str() };
-        if namespace.contains('/') || gang.name.contains('/') {
-            return Err(at("namespace and name must not contain `/`".into()));
-        }
-        let key = format!("{namespace}/{}", gang.name);
-        let product = match gang.product.trim() {
-            "" => None,
-            name => Some(product::lookup(name).ok_or_else(|| {
-                at(format!("gang `{key}`: product `{name}` is unknown (known: {})", product::known_names().join(", ")))
-            })?),
-        };
         let spec = GangSpec {
             name: key.clone(),
             replicas: gang.replicas.max(1),
@@ -72,10 +97,7 @@ pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
             gpus_per_member: gang.gpus_per_member,
             tensor_parallel: gang.tensor_parallel.max(1),
             pipeline_parallel: gang.pipeline_parallel.max(1),
-            memory: match gang.min_gpu_memory_mib {
-                0 => MemoryNeed::None,
-                mib => MemoryNeed::FloorMib(mib),
-            },
+            memory: memory(gang.min_gpu_memory_mib),
             required: scope(&gang.required_topology),
             preferred: scope(&gang.preferred_topology),
             roles: Vec::new(),
@@ -90,6 +112,89 @@ pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
         }
         for expanded in spec.expand() {
             requests.push(GangRequest { key: expanded.name.clone(), gang: expanded, product });
+        }
+    }
+    Ok(requests)
+}
+
+/// The replicas of a request with roles (a gang without roles is a replica of one role),
+/// replicas expanded like [`gang_requests`]. Errors name the gang (`gangs[i]`) and field:
+/// the shape fields set beside roles, a role's shape, its slices, the limits.
+pub fn replica_requests(gangs: &[pb::Gang]) -> Result<Vec<ReplicaRequest>, Status> {
+    let mut requests = Vec::new();
+    for (index, gang) in gangs.iter().enumerate() {
+        let at = |message: String| Status::invalid_argument(format!("gangs[{index}]: {message}"));
+        let (key, product) = key_and_product(gang, &at)?;
+        let mut spec = GangSpec {
+            name: key.clone(),
+            replicas: gang.replicas.max(1),
+            members: gang.members,
+            gpus_per_member: gang.gpus_per_member,
+            tensor_parallel: gang.tensor_parallel.max(1),
+            pipeline_parallel: gang.pipeline_parallel.max(1),
+            memory: memory(gang.min_gpu_memory_mib),
+            required: scope(&gang.required_topology),
+            preferred: scope(&gang.preferred_topology),
+            roles: Vec::new(),
+        };
+        if !gang.roles.is_empty() {
+            let flat = [
+                ("members", u64::from(gang.members)),
+                ("gpus_per_member", u64::from(gang.gpus_per_member)),
+                ("tensor_parallel", u64::from(gang.tensor_parallel)),
+                ("pipeline_parallel", u64::from(gang.pipeline_parallel)),
+                ("min_gpu_memory_mib", gang.min_gpu_memory_mib),
+            ];
+            if let Some((field, value)) = flat.iter().find(|(_, value)| *value != 0) {
+                return Err(at(format!(
+                    "gang `{key}` has roles, so {field} belongs to each role and must be 0 here (it is {value})"
+                )));
+            }
+            let mut roles = Vec::with_capacity(gang.roles.len());
+            for (r, role) in gang.roles.iter().enumerate() {
+                let slices = match (role.slice_members, role.slice_required_topology.trim()) {
+                    (0, "") => None,
+                    (0, _) => {
+                        return Err(at(format!(
+                            "gang `{key}` roles[{r}]: slice_required_topology is set but slice_members is 0"
+                        )))
+                    }
+                    (_, "") => {
+                        return Err(at(format!(
+                            "gang `{key}` roles[{r}]: slice_members is set but slice_required_topology is empty"
+                        )))
+                    }
+                    (members, text) => Some(Slicing { members, scope: Scope::parse(text) }),
+                };
+                roles.push(RoleSpec {
+                    name: role.name.clone(),
+                    members: role.members,
+                    gpus_per_member: role.gpus_per_member,
+                    tensor_parallel: role.tensor_parallel.max(1),
+                    pipeline_parallel: role.pipeline_parallel.max(1),
+                    memory: memory(role.min_gpu_memory_mib),
+                    required: scope(&role.required_topology),
+                    preferred: scope(&role.preferred_topology),
+                    slices,
+                });
+            }
+            spec = GangSpec {
+                replicas: spec.replicas,
+                required: spec.required,
+                preferred: spec.preferred,
+                ..GangSpec::with_roles(&key, roles)
+            };
+        }
+        spec.validate().map_err(|e| at(workload_message(&e)))?;
+        let total = requests.len().saturating_add(spec.replicas as usize);
+        if total > super::REQUEST_GANGS_MAX {
+            return Err(at(format!(
+                "the request names {total} or more gangs (replicas counted), over the limit of {}",
+                super::REQUEST_GANGS_MAX
+            )));
+        }
+        for replica in spec.expand_replicas() {
+            requests.push(ReplicaRequest { key: replica.name.clone(), replica, product });
         }
     }
     Ok(requests)
@@ -165,22 +270,62 @@ pub fn plan_response(cluster: &Cluster, outcome: &PlanOutcome, now_ms: u64) -> p
         reservation_id,
         expires_in_ms,
         placements: outcome.placements.iter().map(|p| placement(cluster, p)).collect(),
-        unplaced: outcome
-            .unplaced
+        unplaced: outcome.unplaced.iter().map(unplaced).collect(),
+        note: String::new(),
+        replicas: Vec::new(),
+    }
+}
+
+/// Plan's answer for a request with roles (a dry run: nothing reserved).
+pub fn replica_plan_response(cluster: &Cluster, outcome: &ReplicaPlanOutcome) -> pb::PlanResponse {
+    pb::PlanResponse {
+        placed: outcome.unplaced.is_empty(),
+        reservation_id: String::new(),
+        expires_in_ms: 0,
+        placements: Vec::new(),
+        unplaced: outcome.unplaced.iter().map(unplaced).collect(),
+        note: String::new(),
+        replicas: outcome.placements.iter().map(|r| replica_placement(cluster, r)).collect(),
+    }
+}
+
+fn replica_placement(cluster: &Cluster, replica: &ReplicaPlacement) -> pb::ReplicaPlacement {
+    let (namespace, name) = split_key(&replica.replica);
+    pb::ReplicaPlacement {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        region: replica.region.clone(),
+        parts: replica
+            .parts
             .iter()
-            .map(|u| {
-                let (namespace, name) = split_key(&u.gang);
-                let explanation = u.explanation.clone().unwrap_or_default();
-                pb::Unplaced {
-                    namespace,
-                    name,
-                    reason: u.reason.clone(),
-                    rejected_hosts: rejections(&explanation.rejected_hosts),
-                    domains: explanation.domains,
-                }
+            .map(|part| {
+                // The part's gang is named `namespace/name/role`: answer with the replica's.
+                let placement = pb::GangPlacement {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    ..placement(cluster, &part.placement)
+                };
+                // A gang without roles is a replica of one role named as the gang: no role.
+                let role = if part.role == replica.replica { String::new() } else { part.role.clone() };
+                pb::PartPlacement { role, slice: part.slice, placement: Some(placement) }
             })
             .collect(),
-        note: String::new(),
+        roles_without_gpus: replica.gpu_less_roles.clone(),
+        score: replica.score,
+        search_steps: replica.steps,
+        note: replica.note.clone().unwrap_or_default(),
+    }
+}
+
+fn unplaced(u: &topoplace_engine::placement::Unplaced) -> pb::Unplaced {
+    let (namespace, name) = split_key(&u.gang);
+    let explanation = u.explanation.clone().unwrap_or_default();
+    pb::Unplaced {
+        namespace,
+        name,
+        reason: u.reason.clone(),
+        rejected_hosts: rejections(&explanation.rejected_hosts),
+        domains: explanation.domains,
     }
 }
 

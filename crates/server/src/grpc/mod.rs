@@ -26,7 +26,10 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::state::{BookWorkError, ServerState};
-use convert::{capacity_response, explain_response, gang_requests, plan_response, solver_choice, state_response};
+use convert::{
+    capacity_response, explain_response, gang_requests, has_roles, plan_response, replica_plan_response,
+    replica_requests, solver_choice, state_response,
+};
 use topoplace_online::reservation::{Book, Expired, PlanOptions, RequestError};
 
 /// The generated messages, client and server of `topoplace.v1`.
@@ -242,6 +245,29 @@ impl Placement for PlacementService {
             ttl => ttl,
         };
         let solver = solver_choice(body.solver)?;
+        if has_roles(&body.gangs) {
+            // Replicas with roles: a dry run only, until pods can claim a role's reservation.
+            if !body.dry_run {
+                return Err(Status::failed_precondition(
+                    "a gang with roles can be planned with dry_run only: no pod can claim a role's \
+                     reservation yet (the Kubernetes ways in do not read roles)",
+                ));
+            }
+            if body.explain {
+                return Err(Status::invalid_argument(
+                    "explain is not supported with roles yet (an unplaced replica's reason names the \
+                     role that did not fit)",
+                ));
+            }
+            let requests = replica_requests(&body.gangs)?;
+            let response = self
+                .on_book(move |book, _| {
+                    let outcome = book.plan_replicas(&requests, &solver).map_err(request_error)?;
+                    Ok(replica_plan_response(book.cluster(), &outcome))
+                })
+                .await?;
+            return Ok(Response::new(response));
+        }
         let requests = gang_requests(&body.gangs)?;
         let options = PlanOptions {
             dry_run: body.dry_run,
