@@ -686,6 +686,10 @@ async fn roles_outside_a_dry_run_plan_or_with_a_bad_shape_are_refused_naming_the
         (with_roles("z", "", vec![role("router", 1, 0, 0)]), "gang `team/z`: no role takes GPUs"),
         (with_roles("z", "row", vec![role("worker", 1, 8, 8)]), "`row`"),
         (with_roles("z", "", vec![role("worker", 20, 8, 8)]), "72 usable GPUs"),
+        (
+            with_roles("z", "", vec![pb::Role { min_gpu_memory_mib: 200_000, ..role("worker", 1, 8, 8) }]),
+            "gang `team/z`: role `worker`: needs 8 GPUs (1 members x 8), but the cluster has only 0 GPUs with at least 200000 MiB",
+        ),
     ];
     for (gang, expected) in cases {
         let error = api.plan(plan(vec![gang.clone()], true)).await.expect_err("refused");

@@ -181,39 +181,50 @@ impl Book {
         self.with_planner(|planner, _| planner.check_gang(&request.gang))
             .map_err(|e| RequestError::Invalid(e.to_string()))?;
         let key = &request.key;
-        if let Some(product) = request.product {
-            if !self.cluster.hosts.iter().any(|h| h.product == product) {
-                let present: Vec<&str> = self.cluster.products().iter().map(|p| p.get().name).collect();
-                return Err(RequestError::Invalid(format!(
-                    "gang `{key}`: product `{}` is not in the cluster (it has: {})",
-                    product.get().name,
-                    present.join(", ")
-                )));
-            }
+        self.check_product(key, request.product)?;
+        self.check_usable(&format!("gang `{key}`"), &request.gang, request.product)
+    }
+
+    /// A product the request names must be in the cluster.
+    fn check_product(&self, key: &str, product: Option<ProductId>) -> Result<(), RequestError> {
+        let Some(product) = product else { return Ok(()) };
+        if self.cluster.hosts.iter().any(|h| h.product == product) {
+            return Ok(());
         }
+        let present: Vec<&str> = self.cluster.products().iter().map(|p| p.get().name).collect();
+        Err(RequestError::Invalid(format!(
+            "gang `{key}`: product `{}` is not in the cluster (it has: {})",
+            product.get().name,
+            present.join(", ")
+        )))
+    }
+
+    /// A gang (or a role's members, `who` naming it) needs no more GPUs than the cluster has
+    /// of the product and memory it may use, in all.
+    fn check_usable(&self, who: &str, gang: &Gang, product: Option<ProductId>) -> Result<(), RequestError> {
         let usable: u64 = self
             .cluster
             .hosts
             .iter()
-            .filter(|h| request.product.is_none_or(|p| h.product == p))
-            .filter(|h| h.memory_mib >= request.gang.memory_floor_mib)
+            .filter(|h| product.is_none_or(|p| h.product == p))
+            .filter(|h| h.memory_mib >= gang.memory_floor_mib)
             .map(|h| u64::from(h.gpu_count))
             .sum();
-        let need = request.gang.total_gpus();
-        if need > usable {
-            let mut what = String::from("GPUs");
-            if let Some(product) = request.product {
-                what = format!("{} GPUs", product.get().name);
-            }
-            if request.gang.memory_floor_mib > 0 {
-                what.push_str(&format!(" with at least {} MiB", request.gang.memory_floor_mib));
-            }
-            return Err(RequestError::Invalid(format!(
-                "gang `{key}`: needs {need} GPUs ({} members x {}), but the cluster has only {usable} {what} in all",
-                request.gang.members, request.gang.gpus_per_member
-            )));
+        let need = gang.total_gpus();
+        if need <= usable {
+            return Ok(());
         }
-        Ok(())
+        let mut what = String::from("GPUs");
+        if let Some(product) = product {
+            what = format!("{} GPUs", product.get().name);
+        }
+        if gang.memory_floor_mib > 0 {
+            what.push_str(&format!(" with at least {} MiB", gang.memory_floor_mib));
+        }
+        Err(RequestError::Invalid(format!(
+            "{who}: needs {need} GPUs ({} members x {}), but the cluster has only {usable} {what} in all",
+            gang.members, gang.gpus_per_member
+        )))
     }
 
     /// Places `requests` against the free GPUs, the largest first. With `dry_run` nothing is
@@ -369,16 +380,7 @@ impl Book {
         let key = &request.key;
         self.with_planner(|planner, _| planner.check_replica(&request.replica))
             .map_err(|e| RequestError::Invalid(e.to_string()))?;
-        if let Some(product) = request.product {
-            if !self.cluster.hosts.iter().any(|h| h.product == product) {
-                let present: Vec<&str> = self.cluster.products().iter().map(|p| p.get().name).collect();
-                return Err(RequestError::Invalid(format!(
-                    "gang `{key}`: product `{}` is not in the cluster (it has: {})",
-                    product.get().name,
-                    present.join(", ")
-                )));
-            }
-        }
+        self.check_product(key, request.product)?;
         let usable_all: u64 = self
             .cluster
             .hosts
@@ -392,23 +394,9 @@ impl Book {
                 request.replica.total_gpus()
             )));
         }
-        for gang in request.replica.gangs() {
-            let usable: u64 = self
-                .cluster
-                .hosts
-                .iter()
-                .filter(|h| request.product.is_none_or(|p| h.product == p))
-                .filter(|h| h.memory_mib >= gang.memory_floor_mib)
-                .map(|h| u64::from(h.gpu_count))
-                .sum();
-            if gang.total_gpus() > usable {
-                return Err(RequestError::Invalid(format!(
-                    "gang `{key}`: role `{}` needs {} GPUs ({} members x {}), but the cluster has only {usable} usable GPUs in all",
-                    gang.name,
-                    gang.total_gpus(),
-                    gang.members,
-                    gang.gpus_per_member
-                )));
+        for role in &request.replica.roles {
+            if let Some(gang) = &role.gang {
+                self.check_usable(&format!("gang `{key}`: role `{}`", role.name), gang, request.product)?;
             }
         }
         Ok(())

@@ -80,36 +80,110 @@ pub fn has_roles(gangs: &[pb::Gang]) -> bool {
     gangs.iter().any(|g| !g.roles.is_empty())
 }
 
+/// `gangs[index]: message` as INVALID_ARGUMENT.
+fn invalid_at(index: usize, message: String) -> Status {
+    Status::invalid_argument(format!("gangs[{index}]: {message}"))
+}
+
+/// One gang of a request, checked: its key, product and validated spec, with its roles when
+/// it has them (the shape fields beside roles must then be 0).
+fn gang_spec(index: usize, gang: &pb::Gang) -> Result<(String, Option<ProductId>, GangSpec), Status> {
+    let at = |message: String| invalid_at(index, message);
+    let (key, product) = key_and_product(gang, &at)?;
+    let flat = GangSpec {
+        name: key.clone(),
+        replicas: gang.replicas.max(1),
+        members: gang.members,
+        gpus_per_member: gang.gpus_per_member,
+        tensor_parallel: gang.tensor_parallel.max(1),
+        pipeline_parallel: gang.pipeline_parallel.max(1),
+        memory: memory(gang.min_gpu_memory_mib),
+        required: scope(&gang.required_topology),
+        preferred: scope(&gang.preferred_topology),
+        roles: Vec::new(),
+    };
+    let spec = if gang.roles.is_empty() {
+        flat
+    } else {
+        let shape = [
+            ("members", u64::from(gang.members)),
+            ("gpus_per_member", u64::from(gang.gpus_per_member)),
+            ("tensor_parallel", u64::from(gang.tensor_parallel)),
+            ("pipeline_parallel", u64::from(gang.pipeline_parallel)),
+            ("min_gpu_memory_mib", gang.min_gpu_memory_mib),
+        ];
+        if let Some((field, value)) = shape.iter().find(|(_, value)| *value != 0) {
+            return Err(at(format!(
+                "gang `{key}` has roles, so {field} belongs to each role and must be 0 here (it is {value})"
+            )));
+        }
+        let mut roles = Vec::with_capacity(gang.roles.len());
+        for (r, role) in gang.roles.iter().enumerate() {
+            let slices = match (role.slice_members, role.slice_required_topology.trim()) {
+                (0, "") => None,
+                (0, _) => {
+                    return Err(at(format!(
+                        "gang `{key}` roles[{r}]: slice_required_topology is set but slice_members is 0"
+                    )))
+                }
+                (_, "") => {
+                    return Err(at(format!(
+                        "gang `{key}` roles[{r}]: slice_members is set but slice_required_topology is empty"
+                    )))
+                }
+                (members, text) => Some(Slicing { members, scope: Scope::parse(text) }),
+            };
+            roles.push(RoleSpec {
+                name: role.name.clone(),
+                members: role.members,
+                gpus_per_member: role.gpus_per_member,
+                tensor_parallel: role.tensor_parallel.max(1),
+                pipeline_parallel: role.pipeline_parallel.max(1),
+                memory: memory(role.min_gpu_memory_mib),
+                required: scope(&role.required_topology),
+                preferred: scope(&role.preferred_topology),
+                slices,
+            });
+        }
+        GangSpec {
+            replicas: flat.replicas,
+            required: flat.required,
+            preferred: flat.preferred,
+            ..GangSpec::with_roles(&key, roles)
+        }
+    };
+    spec.validate().map_err(|e| at(workload_message(&e)))?;
+    Ok((key, product, spec))
+}
+
+/// Refuses a request whose gangs, replicas counted, pass [`super::REQUEST_GANGS_MAX`].
+fn check_count(index: usize, so_far: usize, replicas: u32) -> Result<(), Status> {
+    let total = so_far.saturating_add(replicas as usize);
+    if total > super::REQUEST_GANGS_MAX {
+        return Err(invalid_at(
+            index,
+            format!(
+                "the request names {total} or more gangs (replicas counted), over the limit of {}",
+                super::REQUEST_GANGS_MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The gangs of a request, replicas expanded (`name-0`, `name-1`, ... when several). A gang
 /// with roles is refused: only Plan takes them ([`replica_requests`]).
 pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
     let mut requests = Vec::new();
     for (index, gang) in gangs.iter().enumerate() {
-        let at = |message: String| Status::invalid_argument(format!("gangs[{index}]: {message}"));
-        let (key, product) = key_and_product(gang, &at)?;
-        if !gang.roles.is_empty() {
-            return Err(at(format!("gang `{key}`: roles are accepted by Plan (with dry_run) only, not by this call")));
+        let (key, product, spec) = gang_spec(index, gang)?;
+        if !spec.roles.is_empty() {
+            return Err(invalid_at(
+                index,
+                format!("gang `{key}`: roles are accepted by Plan (with dry_run) only, not by this call"),
+            ));
         }
-        let spec = GangSpec {
-            name: key.clone(),
-            replicas: gang.replicas.max(1),
-            members: gang.members,
-            gpus_per_member: gang.gpus_per_member,
-            tensor_parallel: gang.tensor_parallel.max(1),
-            pipeline_parallel: gang.pipeline_parallel.max(1),
-            memory: memory(gang.min_gpu_memory_mib),
-            required: scope(&gang.required_topology),
-            preferred: scope(&gang.preferred_topology),
-            roles: Vec::new(),
-        };
-        spec.validate().map_err(|e| at(workload_message(&e)))?;
-        let total = requests.len().saturating_add(spec.replicas as usize);
-        if total > super::REQUEST_GANGS_MAX {
-            return Err(at(format!(
-                "the request names {total} or more gangs (replicas counted), over the limit of {}",
-                super::REQUEST_GANGS_MAX
-            )));
-        }
+        check_count(index, requests.len(), spec.replicas)?;
         for expanded in spec.expand() {
             requests.push(GangRequest { key: expanded.name.clone(), gang: expanded, product });
         }
@@ -123,76 +197,8 @@ pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
 pub fn replica_requests(gangs: &[pb::Gang]) -> Result<Vec<ReplicaRequest>, Status> {
     let mut requests = Vec::new();
     for (index, gang) in gangs.iter().enumerate() {
-        let at = |message: String| Status::invalid_argument(format!("gangs[{index}]: {message}"));
-        let (key, product) = key_and_product(gang, &at)?;
-        let mut spec = GangSpec {
-            name: key.clone(),
-            replicas: gang.replicas.max(1),
-            members: gang.members,
-            gpus_per_member: gang.gpus_per_member,
-            tensor_parallel: gang.tensor_parallel.max(1),
-            pipeline_parallel: gang.pipeline_parallel.max(1),
-            memory: memory(gang.min_gpu_memory_mib),
-            required: scope(&gang.required_topology),
-            preferred: scope(&gang.preferred_topology),
-            roles: Vec::new(),
-        };
-        if !gang.roles.is_empty() {
-            let flat = [
-                ("members", u64::from(gang.members)),
-                ("gpus_per_member", u64::from(gang.gpus_per_member)),
-                ("tensor_parallel", u64::from(gang.tensor_parallel)),
-                ("pipeline_parallel", u64::from(gang.pipeline_parallel)),
-                ("min_gpu_memory_mib", gang.min_gpu_memory_mib),
-            ];
-            if let Some((field, value)) = flat.iter().find(|(_, value)| *value != 0) {
-                return Err(at(format!(
-                    "gang `{key}` has roles, so {field} belongs to each role and must be 0 here (it is {value})"
-                )));
-            }
-            let mut roles = Vec::with_capacity(gang.roles.len());
-            for (r, role) in gang.roles.iter().enumerate() {
-                let slices = match (role.slice_members, role.slice_required_topology.trim()) {
-                    (0, "") => None,
-                    (0, _) => {
-                        return Err(at(format!(
-                            "gang `{key}` roles[{r}]: slice_required_topology is set but slice_members is 0"
-                        )))
-                    }
-                    (_, "") => {
-                        return Err(at(format!(
-                            "gang `{key}` roles[{r}]: slice_members is set but slice_required_topology is empty"
-                        )))
-                    }
-                    (members, text) => Some(Slicing { members, scope: Scope::parse(text) }),
-                };
-                roles.push(RoleSpec {
-                    name: role.name.clone(),
-                    members: role.members,
-                    gpus_per_member: role.gpus_per_member,
-                    tensor_parallel: role.tensor_parallel.max(1),
-                    pipeline_parallel: role.pipeline_parallel.max(1),
-                    memory: memory(role.min_gpu_memory_mib),
-                    required: scope(&role.required_topology),
-                    preferred: scope(&role.preferred_topology),
-                    slices,
-                });
-            }
-            spec = GangSpec {
-                replicas: spec.replicas,
-                required: spec.required,
-                preferred: spec.preferred,
-                ..GangSpec::with_roles(&key, roles)
-            };
-        }
-        spec.validate().map_err(|e| at(workload_message(&e)))?;
-        let total = requests.len().saturating_add(spec.replicas as usize);
-        if total > super::REQUEST_GANGS_MAX {
-            return Err(at(format!(
-                "the request names {total} or more gangs (replicas counted), over the limit of {}",
-                super::REQUEST_GANGS_MAX
-            )));
-        }
+        let (_, product, spec) = gang_spec(index, gang)?;
+        check_count(index, requests.len(), spec.replicas)?;
         for replica in spec.expand_replicas() {
             requests.push(ReplicaRequest { key: replica.name.clone(), replica, product });
         }
