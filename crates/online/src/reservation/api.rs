@@ -199,17 +199,22 @@ impl Book {
         )))
     }
 
-    /// A gang (or a role's members, `who` naming it) needs no more GPUs than the cluster has
-    /// of the product and memory it may use, in all.
-    fn check_usable(&self, who: &str, gang: &Gang, product: Option<ProductId>) -> Result<(), RequestError> {
-        let usable: u64 = self
-            .cluster
+    /// GPUs of the cluster of `product` (any when `None`) on hosts with at least
+    /// `memory_floor_mib` per GPU.
+    fn usable_gpus(&self, product: Option<ProductId>, memory_floor_mib: u64) -> u64 {
+        self.cluster
             .hosts
             .iter()
             .filter(|h| product.is_none_or(|p| h.product == p))
-            .filter(|h| h.memory_mib >= gang.memory_floor_mib)
+            .filter(|h| h.memory_mib >= memory_floor_mib)
             .map(|h| u64::from(h.gpu_count))
-            .sum();
+            .sum()
+    }
+
+    /// A gang (or a role's members, `who` naming it) needs no more GPUs than the cluster has
+    /// of the product and memory it may use, in all.
+    fn check_usable(&self, who: &str, gang: &Gang, product: Option<ProductId>) -> Result<(), RequestError> {
+        let usable = self.usable_gpus(product, gang.memory_floor_mib);
         let need = gang.total_gpus();
         if need <= usable {
             return Ok(());
@@ -381,13 +386,7 @@ impl Book {
         self.with_planner(|planner, _| planner.check_replica(&request.replica))
             .map_err(|e| RequestError::Invalid(e.to_string()))?;
         self.check_product(key, request.product)?;
-        let usable_all: u64 = self
-            .cluster
-            .hosts
-            .iter()
-            .filter(|h| request.product.is_none_or(|p| h.product == p))
-            .map(|h| u64::from(h.gpu_count))
-            .sum();
+        let usable_all = self.usable_gpus(request.product, 0);
         if request.replica.total_gpus() > usable_all {
             return Err(RequestError::Invalid(format!(
                 "gang `{key}`: its roles need {} GPUs together, but the cluster has only {usable_all} usable GPUs in all",
