@@ -696,9 +696,40 @@ async fn roles_outside_a_dry_run_plan_or_with_a_bad_shape_are_refused_naming_the
         assert_eq!(error.code(), Code::InvalidArgument, "{gang:?}: {error:?}");
         assert!(error.message().contains(expected), "{gang:?}: `{}` lacks `{expected}`", error.message());
     }
-    let explain = api.explain(pb::ExplainRequest { gang: Some(good), nodes: Vec::new() }).await.expect_err("explain");
+    // Explain and Capacity refuse roles first, whatever else the gang says.
+    let explain = api
+        .explain(pb::ExplainRequest { gang: Some(pb::Gang { members: 3, ..good.clone() }), nodes: Vec::new() })
+        .await
+        .expect_err("explain");
     assert_eq!(explain.code(), Code::InvalidArgument);
     assert!(explain.message().contains("roles are accepted by Plan"), "{}", explain.message());
+    let capacity = api
+        .capacity(pb::CapacityRequest { shape: Some(good.clone()), by_level: String::new() })
+        .await
+        .expect_err("capacity");
+    assert_eq!(capacity.code(), Code::InvalidArgument);
+    assert!(capacity.message().contains("roles are accepted by Plan"), "{}", capacity.message());
+    // Plan with roles: no explain; at most 64 replicas with roles (each a bounded search).
+    let explained = api
+        .plan(pb::PlanRequest { gangs: vec![good.clone()], dry_run: true, explain: true, ..Default::default() })
+        .await
+        .expect_err("explain with roles");
+    assert_eq!(explained.code(), Code::InvalidArgument);
+    let many = api.plan(plan(vec![pb::Gang { replicas: 65, ..good.clone() }], true)).await.expect_err("65 replicas");
+    assert_eq!(many.code(), Code::InvalidArgument);
+    assert!(many.message().contains("65 or more replicas with roles, over the limit of 64"), "{}", many.message());
+    // The exact solver does not model roles: the answer says what ran.
+    let exact = api
+        .plan(pb::PlanRequest {
+            gangs: vec![good],
+            dry_run: true,
+            solver: pb::Solver::Exact as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("plan")
+        .into_inner();
+    assert!(exact.placed && exact.note.contains("greedy search"), "{exact:?}");
     assert_eq!(state(&mut api).await.free_gpus, 72, "nothing held by any refusal");
 }
 
@@ -756,9 +787,11 @@ fn plan_server_sends_roles_and_prints_each_roles_placement() {
     assert!(table.contains("default/lws-0/worker") && table.contains("default/lws-1/leader"), "{table}");
     assert!(table.contains("default/small ") && !table.contains("default/small/"), "{table}");
     assert_eq!(replicas[2]["parts"][0]["role"], "", "a gang without roles has no role");
-    let reserve = run(&["--reserve"]);
-    assert_eq!(reserve.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&reserve.stderr).contains("dry run only"));
+    for refused in ["--reserve", "--explain"] {
+        let output = run(&[refused]);
+        assert_eq!(output.status.code(), Some(2), "{refused}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("dry run only"), "{refused}");
+    }
     ext.check().expect("book consistent");
     runtime.block_on(async {
         http.stop().await;

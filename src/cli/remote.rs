@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::{load_workload, write_all, CliError, OutputFormat, PlanArgs, SolverFlag};
-use topoplace_engine::workload::{Scope, Workload};
+use topoplace_engine::workload::{GangSpec, Scope, Workload};
 use topoplace_server::grpc::pb;
 use topoplace_server::grpc::pb::placement_client::PlacementClient;
 
@@ -91,7 +91,7 @@ pub fn workload_gangs_with_roles(workload: &Workload, namespace: &str) -> Vec<pb
             continue;
         }
         // Floors are sized per role (a model to size becomes MiB), the same in every replica.
-        let floors: Vec<u64> = spec
+        let floors: Vec<u64> = GangSpec { replicas: 1, ..spec.clone() }
             .expand_replicas()
             .first()
             .map(|replica| {
@@ -284,8 +284,14 @@ fn table(server: &str, response: &pb::PlanResponse, reserve: bool) -> String {
                     replica.roles_without_gpus.join(", ")
                 ));
             }
+            if !replica.note.is_empty() {
+                text.push_str(&format!("; {}", replica.note));
+            }
             text.push('\n');
         }
+    }
+    if !response.note.is_empty() {
+        text.push_str(&format!("\nnote: {}\n", response.note));
     }
     if !response.unplaced.is_empty() {
         text.push_str("\nunplaced:\n");
@@ -330,6 +336,7 @@ fn response_json(server: &str, response: &pb::PlanResponse) -> Value {
             "score": r.score,
             "searchSteps": r.search_steps,
             "rolesWithoutGpus": r.roles_without_gpus,
+            "note": (!r.note.is_empty()).then_some(&r.note),
             "parts": r.parts.iter().map(|part| json!({
                 "role": part.role,
                 "slice": part.slice,
@@ -338,6 +345,7 @@ fn response_json(server: &str, response: &pb::PlanResponse) -> Value {
                 "members": part.placement.iter().flat_map(|p| p.members.iter()).map(|m| json!({"member": m.member, "node": m.node, "gpus": m.gpus})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "note": (!response.note.is_empty()).then_some(&response.note),
         "unplaced": response.unplaced.iter().map(|u| {
             let rejected: Vec<Value> = u
                 .rejected_hosts

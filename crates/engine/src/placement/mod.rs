@@ -1267,14 +1267,7 @@ impl<'c> Planner<'c> {
         if !matches!(solver, SolverChoice::Greedy) {
             plan.note = Some("the batch has replicas with roles: planned one by one, not as one joint model".into());
         }
-        let mut order: Vec<usize> = (0..replicas.len()).collect();
-        order.sort_by_key(|&i| {
-            let replica = replicas[i];
-            let unit = replica.gangs().map(Gang::unit_gpus).max().unwrap_or(0);
-            let floor = replica.gangs().map(|g| g.memory_floor_mib).max().unwrap_or(0);
-            (std::cmp::Reverse(replica.total_gpus()), std::cmp::Reverse(unit), std::cmp::Reverse(floor), i)
-        });
-        for index in order {
+        for index in replica_order(&replicas) {
             let replica = replicas[index];
             if let Some(gang) = replica.as_single() {
                 self.place_and_reserve(ledger, gang, solver, &mut plan);
@@ -1331,6 +1324,19 @@ impl<'c> Planner<'c> {
     pub fn plan(&mut self, ledger: &mut Ledger, gangs: &[Gang]) -> BatchPlan {
         self.plan_with(ledger, gangs, &SolverChoice::Greedy)
     }
+}
+
+/// [`batch_order`] for replicas with roles: the most GPUs first, then the largest unit and
+/// memory floor of any role, then the given order.
+pub fn replica_order(replicas: &[&Replica]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..replicas.len()).collect();
+    order.sort_by_key(|&i| {
+        let replica = replicas[i];
+        let unit = replica.gangs().map(Gang::unit_gpus).max().unwrap_or(0);
+        let floor = replica.gangs().map(|g| g.memory_floor_mib).max().unwrap_or(0);
+        (std::cmp::Reverse(replica.total_gpus()), std::cmp::Reverse(unit), std::cmp::Reverse(floor), i)
+    });
+    order
 }
 
 /// The order a batch is placed in: the largest gangs first (GPUs, then unit size, then

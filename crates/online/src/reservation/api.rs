@@ -15,7 +15,7 @@ use topoplace_engine::ledger::mask_indices;
 use topoplace_engine::placement::capacity::CapacityReport;
 use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{
-    batch_order, GangPlacement, PlaceRequest, Planner, PlannerConfig, SolverChoice, Unplaced,
+    batch_order, replica_order, GangPlacement, PlaceRequest, Planner, PlannerConfig, SolverChoice, Unplaced,
 };
 use topoplace_engine::topology::{HostId, ProductId};
 use topoplace_engine::workload::{Gang, Replica};
@@ -47,6 +47,8 @@ pub struct ReplicaRequest {
 pub struct ReplicaPlanOutcome {
     pub placements: Vec<ReplicaPlacement>,
     pub unplaced: Vec<Unplaced>,
+    /// How the batch was planned, when the solver asked for is not what ran.
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -350,8 +352,8 @@ impl Book {
             self.check_replica_request(request)?;
         }
         let masks: Vec<Option<Vec<bool>>> = requests.iter().map(|r| self.product_mask(r.product)).collect();
-        let mut order: Vec<usize> = (0..requests.len()).collect();
-        order.sort_by_key(|&index| std::cmp::Reverse(requests[index].replica.total_gpus()));
+        let replicas: Vec<&Replica> = requests.iter().map(|r| &r.replica).collect();
+        let order = replica_order(&replicas);
         let mut scratch: topoplace_engine::ledger::Ledger<String> = self.ledger.scratch();
         let mut placed: Vec<(usize, ReplicaPlacement)> = Vec::new();
         let mut unplaced = Vec::new();
@@ -359,24 +361,24 @@ impl Book {
             for index in order {
                 let request = &requests[index];
                 match planner.place_replica(&scratch, &request.replica, solver, masks[index].as_deref()) {
-                    Ok(placement) => {
-                        let holding: Vec<(HostId, u64)> =
-                            placement.parts.iter().flat_map(|part| part.placement.holding()).collect();
-                        match scratch.reserve(&request.key, &topoplace_engine::ledger::merge_by_host(holding)) {
-                            Ok(()) => placed.push((index, placement)),
-                            Err(error) => unplaced.push(Unplaced {
-                                gang: request.key.clone(),
-                                reason: format!("the ledger refused the placement: {error}"),
-                                explanation: None,
-                            }),
-                        }
-                    }
+                    Ok(placement) => match scratch.reserve(&request.key, &placement.holding()) {
+                        Ok(()) => placed.push((index, placement)),
+                        Err(error) => unplaced.push(Unplaced {
+                            gang: request.key.clone(),
+                            reason: format!("the ledger refused the placement: {error}"),
+                            explanation: None,
+                        }),
+                    },
                     Err(why) => unplaced.push(why),
                 }
             }
         });
         placed.sort_by_key(|(index, _)| *index);
-        Ok(ReplicaPlanOutcome { placements: placed.into_iter().map(|(_, p)| p).collect(), unplaced })
+        let note = (!matches!(solver, SolverChoice::Greedy)).then(|| {
+            "replicas with roles are placed by the greedy search, one by one (the exact solver does not model roles yet)"
+                .to_string()
+        });
+        Ok(ReplicaPlanOutcome { placements: placed.into_iter().map(|(_, p)| p).collect(), unplaced, note })
     }
 
     /// [`Book::check_request`] for a replica: names and levels, the product, and its GPUs
@@ -387,11 +389,14 @@ impl Book {
             .map_err(|e| RequestError::Invalid(e.to_string()))?;
         self.check_product(key, request.product)?;
         let usable_all = self.usable_gpus(request.product, 0);
-        if request.replica.total_gpus() > usable_all {
+        if request.replica.as_single().is_none() && request.replica.total_gpus() > usable_all {
             return Err(RequestError::Invalid(format!(
                 "gang `{key}`: its roles need {} GPUs together, but the cluster has only {usable_all} usable GPUs in all",
                 request.replica.total_gpus()
             )));
+        }
+        if let Some(gang) = request.replica.as_single() {
+            return self.check_usable(&format!("gang `{key}`"), gang, request.product);
         }
         for role in &request.replica.roles {
             if let Some(gang) = &role.gang {

@@ -40,6 +40,18 @@ fn workload_message(error: &WorkloadError) -> String {
             "gang `{gang}`: members x gpus_per_member = {total} GPUs is not a multiple of \
              tensor_parallel x pipeline_parallel = {model_gpus}"
         ),
+        WorkloadError::GpuLessRole { gang, role } => format!(
+            "gang `{gang}`: role `{role}` takes no GPUs (gpus_per_member 0), so it may not ask for \
+             tensor_parallel, pipeline_parallel, min_gpu_memory_mib, a topology or slices"
+        ),
+        WorkloadError::SliceShape { gang, role, slice, members, unit } => format!(
+            "gang `{gang}`: role `{role}`: slice_members {slice} must divide the role's {members} members \
+             and be a multiple of its tensor-parallel group of {unit} members"
+        ),
+        WorkloadError::SlicedRoleScope { gang, role } => format!(
+            "gang `{gang}`: role `{role}` has slices, so its required_topology must be a level \
+             (leaf, rack, block) or empty, not host or nvlink"
+        ),
         other => other.to_string(),
     }
 }
@@ -176,13 +188,14 @@ fn check_count(index: usize, so_far: usize, replicas: u32) -> Result<(), Status>
 pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
     let mut requests = Vec::new();
     for (index, gang) in gangs.iter().enumerate() {
-        let (key, product, spec) = gang_spec(index, gang)?;
-        if !spec.roles.is_empty() {
+        if !gang.roles.is_empty() {
+            let key = key_and_product(gang, &|message| invalid_at(index, message))?.0;
             return Err(invalid_at(
                 index,
                 format!("gang `{key}`: roles are accepted by Plan (with dry_run) only, not by this call"),
             ));
         }
+        let (_, product, spec) = gang_spec(index, gang)?;
         check_count(index, requests.len(), spec.replicas)?;
         for expanded in spec.expand() {
             requests.push(GangRequest { key: expanded.name.clone(), gang: expanded, product });
@@ -196,9 +209,24 @@ pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
 /// the shape fields set beside roles, a role's shape, its slices, the limits.
 pub fn replica_requests(gangs: &[pb::Gang]) -> Result<Vec<ReplicaRequest>, Status> {
     let mut requests = Vec::new();
+    let mut with_roles = 0usize;
     for (index, gang) in gangs.iter().enumerate() {
-        let (_, product, spec) = gang_spec(index, gang)?;
+        let (key, product, spec) = gang_spec(index, gang)?;
         check_count(index, requests.len(), spec.replicas)?;
+        if !spec.roles.is_empty() {
+            with_roles = with_roles.saturating_add(spec.replicas as usize);
+            if with_roles > super::REQUEST_REPLICAS_WITH_ROLES_MAX {
+                return Err(invalid_at(
+                    index,
+                    format!(
+                        "gang `{key}`: the request has {with_roles} or more replicas with roles, over the limit of {} \
+                         (each may take up to {} planner calls)",
+                        super::REQUEST_REPLICAS_WITH_ROLES_MAX,
+                        topoplace_engine::placement::replica::REPLICA_SEARCH_STEPS_MAX
+                    ),
+                ));
+            }
+        }
         for replica in spec.expand_replicas() {
             requests.push(ReplicaRequest { key: replica.name.clone(), replica, product });
         }
@@ -290,7 +318,7 @@ pub fn replica_plan_response(cluster: &Cluster, outcome: &ReplicaPlanOutcome) ->
         expires_in_ms: 0,
         placements: Vec::new(),
         unplaced: outcome.unplaced.iter().map(unplaced).collect(),
-        note: String::new(),
+        note: outcome.note.clone().unwrap_or_default(),
         replicas: outcome.placements.iter().map(|r| replica_placement(cluster, r)).collect(),
     }
 }

@@ -50,6 +50,11 @@ pub const RESERVATION_TTL_S_MAX: u32 = 86_400;
 /// `INVALID_ARGUMENT`. A Plan is all or nothing over them, on the book's worker thread, so
 /// this bounds how long one request holds the book.
 pub const REQUEST_GANGS_MAX: usize = 1_024;
+
+/// The most replicas with roles one Plan may name (replicas counted): each is a search of up
+/// to [`topoplace_engine::placement::replica::REPLICA_SEARCH_STEPS_MAX`] planner calls on the
+/// book's one worker, which the extender's verbs queue behind, and a dry run needs no token.
+pub const REQUEST_REPLICAS_WITH_ROLES_MAX: usize = 64;
 /// WatchCapacity's update spacing when the request does not say.
 const WATCH_INTERVAL_MS_DEFAULT: u32 = 500;
 /// Updates buffered per watcher before the server waits for the client to read.
