@@ -787,6 +787,51 @@ fn plan_server_sends_roles_and_prints_each_roles_placement() {
     assert!(table.contains("default/lws-0/worker") && table.contains("default/lws-1/leader"), "{table}");
     assert!(table.contains("default/small ") && !table.contains("default/small/"), "{table}");
     assert_eq!(replicas[2]["parts"][0]["role"], "", "a gang without roles has no role");
+    // The repository's roles workload (memory floors sized from models, slices, a GPU-less
+    // leader): the server's dry run places every role on the same nodes and GPUs as a local
+    // `plan` of the same file on the same cluster.
+    let roles_file = format!("{}/testdata/workloads/roles.yaml", env!("CARGO_MANIFEST_DIR"));
+    let cluster_file = format!("{}/{CLUSTER}", env!("CARGO_MANIFEST_DIR"));
+    let rows = |json: &serde_json::Value, key: &str, prefix: &str| -> BTreeSet<String> {
+        json[key]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .flat_map(|row| {
+                let gang = row["gang"].as_str().unwrap_or_default().trim_start_matches(prefix).to_string();
+                let parts = row.get("parts").and_then(|p| p.as_array().cloned()).unwrap_or_else(|| vec![row.clone()]);
+                parts.into_iter().map(move |part| {
+                    let members: Vec<String> = part["members"]
+                        .as_array()
+                        .expect("members")
+                        .iter()
+                        .map(|m| format!("{}:{}", m["node"].as_str().unwrap_or_default(), m["gpus"]))
+                        .collect();
+                    format!(
+                        "{gang}/{}[{}] {}",
+                        part["role"].as_str().unwrap_or_default(),
+                        part["slice"],
+                        members.join(" ")
+                    )
+                })
+            })
+            .collect()
+    };
+    let local = std::process::Command::new(env!("CARGO_BIN_EXE_topoplace"))
+        .args(["plan", "--cluster", &cluster_file, "--workload", &roles_file, "-o", "json"])
+        .output()
+        .expect("run topoplace");
+    let local: serde_json::Value = serde_json::from_slice(&local.stdout).expect("local json");
+    let remote = std::process::Command::new(env!("CARGO_BIN_EXE_topoplace"))
+        .args(["plan", "--server", &grpc, "--workload", &roles_file, "-o", "json"])
+        .output()
+        .expect("run topoplace");
+    assert_eq!(remote.status.code(), Some(0), "{}", String::from_utf8_lossy(&remote.stderr));
+    let remote: serde_json::Value = serde_json::from_slice(&remote.stdout).expect("remote json");
+    let local_rows = rows(&local, "placements", "");
+    assert!(local_rows.len() >= 4, "{local_rows:?}");
+    assert_eq!(rows(&remote, "replicas", "default/"), local_rows);
+
     for refused in ["--reserve", "--explain"] {
         let output = run(&[refused]);
         assert_eq!(output.status.code(), Some(2), "{refused}");

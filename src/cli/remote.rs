@@ -361,3 +361,34 @@ fn response_json(server: &str, response: &pb::PlanResponse) -> Value {
         }).collect::<Vec<_>>(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `plan --server` sends for the repository's roles workload is what a local plan
+    /// places: every role's memory floor sized from its model as the local expansion sizes
+    /// it, slices and scopes as written, replicas counted by the server.
+    #[test]
+    fn roles_are_sent_as_the_local_plan_reads_them() {
+        let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/workloads/roles.yaml"));
+        let workload = load_workload(&Some(path)).expect("roles workload");
+        let gangs = workload_gangs_with_roles(&workload, "ns");
+        assert_eq!(gangs.len(), workload.gangs.len(), "one message per gang with roles");
+        let mut floors_seen = 0;
+        for (spec, sent) in workload.gangs.iter().zip(&gangs) {
+            assert_eq!((sent.namespace.as_str(), sent.name.as_str()), ("ns", spec.name.as_str()));
+            assert_eq!(sent.replicas, spec.replicas);
+            assert_eq!((sent.members, sent.gpus_per_member, sent.min_gpu_memory_mib), (0, 0, 0));
+            let replica = spec.expand_replicas().remove(0);
+            for (role, message) in replica.roles.iter().zip(&sent.roles) {
+                assert_eq!(message.name, role.name);
+                let floor = role.gang.as_ref().map_or(0, |g| g.memory_floor_mib);
+                assert_eq!(message.min_gpu_memory_mib, floor, "{}/{}", spec.name, role.name);
+                floors_seen += usize::from(floor > 0);
+                assert_eq!(message.slice_members, role.slices.as_ref().map_or(0, |s| s.members));
+            }
+        }
+        assert!(floors_seen >= 3, "the file's model-sized roles carry their floors");
+    }
+}
