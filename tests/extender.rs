@@ -354,3 +354,68 @@ async fn health_readiness_and_metrics_are_served() {
     assert!(text.contains("topoplace_gpus_free{product=\"H100-SXM5\",memory_mib=\"81559\"} 63"), "{text}");
     server.stop().await;
 }
+
+/// A LeaderWorkerSet pod as LWS creates it: group key, worker index and group size.
+fn lws_pod(name: &str, index: u32, size: u32, gpus: u32, leader_gpus: Option<&str>) -> Value {
+    let mut pod = pod("serving", name, &format!("{name}-uid"), gpus, None);
+    pod["metadata"]["labels"] = json!({
+        "leaderworkerset.sigs.k8s.io/group-key": "abc123",
+        "leaderworkerset.sigs.k8s.io/worker-index": index.to_string(),
+    });
+    let mut annotations = json!({"leaderworkerset.sigs.k8s.io/size": size.to_string()});
+    if let Some(value) = leader_gpus {
+        annotations["topoplace.io/leader-gpus"] = json!(value);
+    }
+    pod["metadata"]["annotations"] = annotations;
+    pod
+}
+
+/// Issue 18's first input: a LeaderWorkerSet group of 3 whose leader takes no GPUs (never
+/// sent to the extender) and two 8-GPU workers. With `topoplace.io/leader-gpus: "0"` the gang
+/// is the two workers: both bound together on two hosts, the rest of the cluster free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaderworkerset_whose_leader_takes_no_gpus_binds_its_workers_whole() {
+    let (server, ext, binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    let nodes = node_names();
+    let mut tasks = Vec::new();
+    for index in 1..3 {
+        let (client, base, nodes) = (client.clone(), server.base.clone(), nodes.clone());
+        let worker = lws_pod(&format!("lws-0-{index}"), index, 3, 8, Some("0"));
+        tasks.push(tokio::spawn(async move { schedule(&client, &base, &worker, &nodes).await }));
+    }
+    let mut bound = BTreeSet::new();
+    for task in tasks {
+        bound.insert(task.await.expect("task").expect("each worker is bound"));
+    }
+    assert_eq!(bound.len(), 2, "two workers on two hosts: {bound:?}");
+    assert!(binder.node_of("lws-0-1-uid").is_some() && binder.node_of("lws-0-2-uid").is_some());
+    let state: Value =
+        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
+    let free: u64 =
+        state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum();
+    assert_eq!(free, 72 - 16, "only the workers' GPUs are held: {state}");
+
+    // The leader, were it sent, is no gang member and passes as a GPU-less pod; one that asks
+    // for GPUs contradicts the annotation; values other than 0 are refused, naming the field.
+    let leader = lws_pod("lws-0", 0, 3, 0, Some("0"));
+    let (status, reply) =
+        post(&client, &format!("{}/filter", server.base), &json!({"Pod": leader, "NodeNames": nodes})).await;
+    assert_eq!((status, reply["Error"].as_str().unwrap_or_default()), (200, ""), "{reply}");
+    for (pod, expected) in [
+        (lws_pod("lws-1", 0, 3, 8, Some("0")), "this pod is the group's leader (worker-index 0) and asks for 8 GPUs"),
+        (lws_pod("lws-1-1", 1, 3, 8, Some("4")), "only \"0\" is understood"),
+        (lws_pod("lws-2-1", 1, 1, 8, Some("0")), "no worker besides its leader"),
+    ] {
+        let (status, reply) =
+            post(&client, &format!("{}/filter", server.base), &json!({"Pod": pod, "NodeNames": nodes})).await;
+        let error = reply["Error"].as_str().unwrap_or_default();
+        assert_eq!(status, 200);
+        assert!(
+            error.contains(expected) && error.contains("metadata.annotations[topoplace.io/leader-gpus]"),
+            "{error}"
+        );
+    }
+    ext.check().expect("book consistent");
+    server.stop().await;
+}

@@ -308,3 +308,36 @@ async fn leader_failover_in_the_middle_of_a_gang_repairs_it() {
     finish(&api, second, None).await;
     drop(server);
 }
+
+/// Issue 18's first input in scheduler mode: a LeaderWorkerSet group of 3 with a CPU-only
+/// leader and two 8-GPU workers, `topoplace.io/leader-gpus: "0"` on its pods. The leader is
+/// placed by the predicates alone (it needs no GPUs), the workers as a gang of two, and the
+/// third GPU host stays free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaderworkerset_with_a_gpu_less_leader_is_scheduled_without_waiting_for_it() {
+    let (api, server) = api_with(rack_nodes(&["r1"], 3)).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    for (name, index, gpus) in [("lws-0", 0, 0), ("lws-0-1", 1, 8), ("lws-0-2", 2, 8)] {
+        let mut pod = scheduler_pod("serving", name, gpus, None, "1");
+        pod["metadata"]["labels"] = json!({
+            "leaderworkerset.sigs.k8s.io/group-key": "abc123",
+            "leaderworkerset.sigs.k8s.io/worker-index": index.to_string(),
+        });
+        pod["metadata"]["annotations"] =
+            json!({"leaderworkerset.sigs.k8s.io/size": "3", "topoplace.io/leader-gpus": "0"});
+        api.add_pod(pod, None, None);
+    }
+    eventually("leader and both workers bound", || api.bound_pods().len() == 3).await;
+    let workers: BTreeSet<String> = api
+        .bound_pods()
+        .into_iter()
+        .filter(|(name, _, _)| name != "lws-0")
+        .map(|(_, node, gpus)| {
+            assert_eq!(gpus.map(|g| g.split(',').count()), Some(8));
+            node
+        })
+        .collect();
+    assert_eq!(workers.len(), 2, "the two workers on two hosts");
+    assert_consistent(&api);
+    finish(&api, replica, Some(server)).await;
+}

@@ -29,6 +29,12 @@ const POD_GROUP_LABEL: &str = "scheduling.x-k8s.io/pod-group";
 const LWS_GROUP_LABEL: &str = "leaderworkerset.sigs.k8s.io/group-key";
 const LWS_SIZE_ANNOTATION: &str = "leaderworkerset.sigs.k8s.io/size";
 const LWS_INDEX_LABEL: &str = "leaderworkerset.sigs.k8s.io/worker-index";
+/// On a LeaderWorkerSet's pods (its `workerTemplate`, and `leaderTemplate` if it has one):
+/// `"0"` says the group's leader (worker-index 0) takes no GPUs. kube-scheduler never sends
+/// such a leader to the extender (`managedResources` names only `nvidia.com/gpu`), so without
+/// this the gang would wait for a member that never comes. With it, the gang is the group's
+/// workers only: `size - 1` members, ranked `worker-index - 1`; the leader is no member.
+pub const LWS_LEADER_GPUS: &str = "topoplace.io/leader-gpus";
 const MIN_GPU_MEMORY: &str = "topoplace.io/min-gpu-memory";
 const MODEL_PARAMS: &str = "topoplace.io/model-params";
 const MODEL_DTYPE: &str = "topoplace.io/model-dtype";
@@ -171,11 +177,39 @@ pub fn gang_of_sized(
     }
     if let Some(group) = labels.get(LWS_GROUP_LABEL) {
         let size = size_from(LWS_SIZE_ANNOTATION, annotations.get(LWS_SIZE_ANNOTATION))?;
-        return Ok(Some(GangMembership {
-            key: format!("{namespace}/lws-{group}"),
-            size,
-            rank: rank_from(LWS_INDEX_LABEL)?,
-        }));
+        let rank = rank_from(LWS_INDEX_LABEL)?;
+        let key = format!("{namespace}/lws-{group}");
+        let Some(leader) = either(LWS_LEADER_GPUS) else {
+            return Ok(Some(GangMembership { key, size, rank }));
+        };
+        let field = format!("metadata.annotations[{LWS_LEADER_GPUS}]");
+        let invalid = |detail: &str| PodError::Invalid {
+            pod: shown.clone(),
+            field: field.clone(),
+            value: leader.clone(),
+            detail: detail.into(),
+        };
+        if number(&shown, field.clone(), leader, GANG_MEMBERS_MAX)? != 0 {
+            return Err(invalid(
+                "only \"0\" is understood (a leader without GPUs); a leader with the workers' shape needs no \
+                 annotation, and one of another shape is a replica with roles, which only `topoplace plan` and \
+                 the gRPC API's dry runs place so far",
+            ));
+        }
+        if size < 2 {
+            return Err(invalid("the group has no worker besides its leader, so there is nothing to place"));
+        }
+        return Ok(match rank {
+            // The leader itself: not a member (it takes no GPUs and is left to kube-scheduler).
+            Some(0) if gpu_count(pod)? > 0 => {
+                return Err(invalid(&format!(
+                    "this pod is the group's leader (worker-index 0) and asks for {} GPUs",
+                    gpu_count(pod)?
+                )))
+            }
+            Some(0) => None,
+            rank => Some(GangMembership { key, size: size - 1, rank: rank.map(|r| r - 1) }),
+        });
     }
     Ok(None)
 }
