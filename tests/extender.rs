@@ -302,7 +302,19 @@ async fn bad_input_is_refused_with_a_reason_and_reserves_nothing() {
     )
     .await;
     assert!(
-        body["Error"].as_str().is_some_and(|e| e.contains("planned for 2 members") && e.contains("says 3")),
+        body["Error"]
+            .as_str()
+            .is_some_and(|e| e.contains("disagrees on the gang's size: this pod says 3, but pod t/m0 said 2")),
+        "{body}"
+    );
+    // ... and one that disagrees on tensor parallelism, naming both pods and the annotation.
+    let mut other_tp = pod("t", "m2", "m2", 8, Some(("g", 2)));
+    other_tp["metadata"]["annotations"] = json!({"topoplace.io/tensor-parallel": "16"});
+    let (_, body) = post(&client, &format!("{base}/filter"), &json!({"Pod": other_tp, "NodeNames": nodes})).await;
+    assert!(
+        body["Error"].as_str().is_some_and(|e| e.contains(
+            "pod t/m2: gang `t/g` disagrees on topoplace.io/tensor-parallel: this pod says 16, but pod t/m0 said 1"
+        )),
         "{body}"
     );
 

@@ -341,3 +341,26 @@ async fn a_leaderworkerset_with_a_gpu_less_leader_is_scheduled_without_waiting_f
     assert_consistent(&api);
     finish(&api, replica, Some(server)).await;
 }
+
+/// Members of one gang that describe it differently are not placed; the condition names both
+/// pods and the field, and nothing is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gang_members_that_disagree_on_its_shape_are_refused_naming_both_pods() {
+    let (api, server) = api_with(rack_nodes(&["r1"], 2)).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    for (rank, tp) in [(0, "8"), (1, "16")] {
+        let mut pod = scheduler_pod("ml", &format!("d-{rank}"), 8, Some(("d", 2, rank)), "1");
+        pod["metadata"]["annotations"] = json!({"topoplace.io/tensor-parallel": tp});
+        api.add_pod(pod, None, None);
+    }
+    eventually("the disagreement reported", || {
+        api.pod("ml", "d-0").and_then(|p| condition(&p)).is_some_and(|(status, _, message)| {
+            status == "False" && message.contains("disagree on topoplace.io/tensor-parallel")
+        })
+    })
+    .await;
+    let (_, _, message) = api.pod("ml", "d-0").and_then(|p| condition(&p)).expect("condition");
+    assert!(message.contains("ml/d-0 says 8, ml/d-1 says 16"), "{message}");
+    assert!(api.bound_pods().is_empty(), "nothing bound");
+    finish(&api, replica, Some(server)).await;
+}

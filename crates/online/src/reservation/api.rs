@@ -320,6 +320,7 @@ impl Book {
                     binding: false,
                     origin: Some(ApiReservation { id: id.clone(), owner: options.owner.clone() }),
                     first_held_ms: None,
+                    planned_by: None,
                 },
             );
             self.stats.gangs_reserved += 1;

@@ -38,7 +38,7 @@ impl Book {
         };
         let key = membership.key.clone();
         if let Some(reservation) = self.gangs.get(&key) {
-            check_shape(demand, &reservation.gang, &membership)?;
+            check_shape(demand, reservation, &membership)?;
             let planned_off_offer = self
                 .slot_of(&key, &demand.pod.uid)
                 .map(|slot| !offered.contains(&reservation.slots[slot].host))
@@ -88,6 +88,7 @@ impl Book {
                     binding: false,
                     origin: None,
                     first_held_ms: None,
+                    planned_by: Some(demand.pod.clone()),
                 },
             );
             self.stats.gangs_reserved += 1;

@@ -143,6 +143,20 @@ impl PodDemand {
     }
 }
 
+/// Where a member's description of its gang differs from the gang's plan
+/// ([`BookError::GangShapeMismatch`]).
+#[derive(Debug, PartialEq)]
+pub struct ShapeMismatch {
+    pub pod: String,
+    pub gang: String,
+    /// The pod that planned the gang, or the placement API's reservation.
+    pub planned_by: String,
+    /// The field, named as pods say it.
+    pub field: &'static str,
+    pub ours: String,
+    pub theirs: String,
+}
+
 /// Input the book cannot act on. Nothing has been reserved or changed when one is returned.
 #[derive(Debug, Error, PartialEq)]
 pub enum BookError {
@@ -153,10 +167,11 @@ pub enum BookError {
         source: WorkloadError,
     },
     #[error(
-        "pod {pod}: gang `{gang}` was planned for {planned} members of {planned_gpus} GPUs, \
-         but this pod says {size} members of {gpus} GPUs"
+        "pod {}: gang `{}` disagrees on {}: this pod says {}, but {} said {} when the gang was planned; \
+         every member must describe its gang alike (nothing is held for this pod)",
+        .0.pod, .0.gang, .0.field, .0.ours, .0.planned_by, .0.theirs
     )]
-    GangShapeMismatch { pod: String, gang: String, planned: u32, planned_gpus: u32, size: u32, gpus: u32 },
+    GangShapeMismatch(Box<ShapeMismatch>),
     #[error("pod {pod}: gang `{gang}` already has all {size} members planned and at bind or filtered (a member was recreated? its slot frees when the reservation ends)")]
     GangFull { pod: String, gang: String, size: u32 },
     #[error(
@@ -331,6 +346,8 @@ struct GangReservation {
     /// When its first member's bind was held: the gang must be whole at bind within
     /// [`HOLD_ROUNDS_MAX`] holds of it, or it is released ([`Book::expire`]).
     first_held_ms: Option<u64>,
+    /// The pod whose filter (or scheduling cycle) planned it; `None` for the placement API's.
+    planned_by: Option<PodIdentity>,
 }
 
 #[derive(Debug, Clone)]
@@ -742,18 +759,57 @@ fn verdict_of(rejection: Option<(HostRejection, String)>) -> NodeVerdict {
     }
 }
 
-fn check_shape(demand: &PodDemand, planned: &Gang, membership: &GangMembership) -> Result<(), BookError> {
-    if membership.size != planned.members || demand.gpus != planned.gpus_per_member {
-        return Err(BookError::GangShapeMismatch {
-            pod: demand.pod.to_string(),
-            gang: membership.key.clone(),
-            planned: planned.members,
-            planned_gpus: planned.gpus_per_member,
-            size: membership.size,
-            gpus: demand.gpus,
-        });
+/// The first field in which two descriptions of one gang differ, named as its pods say it,
+/// with both values (`a`'s first): what members of one gang must agree on.
+pub fn gang_shape_difference(a: &Gang, b: &Gang) -> Option<(&'static str, String, String)> {
+    let scope = |s: &Option<Scope>| s.as_ref().map_or_else(|| "none".to_string(), ToString::to_string);
+    let fields = [
+        ("the gang's size", a.members.to_string(), b.members.to_string()),
+        ("nvidia.com/gpu per member", a.gpus_per_member.to_string(), b.gpus_per_member.to_string()),
+        ("topoplace.io/tensor-parallel", a.tensor_parallel.to_string(), b.tensor_parallel.to_string()),
+        ("topoplace.io/pipeline-parallel", a.pipeline_parallel.to_string(), b.pipeline_parallel.to_string()),
+        (
+            "the per-GPU memory floor (topoplace.io/min-gpu-memory, or the model's annotations)",
+            format!("{} MiB", a.memory_floor_mib),
+            format!("{} MiB", b.memory_floor_mib),
+        ),
+        ("topoplace.io/topology-required", scope(&a.required), scope(&b.required)),
+        ("topoplace.io/topology-preferred", scope(&a.preferred), scope(&b.preferred)),
+    ];
+    fields.into_iter().find(|(_, x, y)| x != y)
+}
+
+/// A member arriving at a planned gang must describe it as the gang was planned: refused,
+/// naming both pods (or the placement API's reservation) and the field, when it does not. The
+/// pods of a gang the placement API reserved need only agree on its size and GPUs per member
+/// (they cannot repeat every field of the API request, and the plan already honours them).
+fn check_shape(
+    demand: &PodDemand,
+    reservation: &GangReservation,
+    membership: &GangMembership,
+) -> Result<(), BookError> {
+    let ours = demand.gang()?;
+    let mut difference = gang_shape_difference(&ours, &reservation.gang);
+    if reservation.planned_by.is_none() {
+        // Size and GPUs per member are the first two fields compared, so a difference in
+        // them is the one returned.
+        difference =
+            difference.filter(|(field, _, _)| ["the gang's size", "nvidia.com/gpu per member"].contains(field));
     }
-    Ok(())
+    let Some((field, ours, theirs)) = difference else { return Ok(()) };
+    let planned_by = match (&reservation.planned_by, &reservation.origin) {
+        (Some(pod), _) => format!("pod {pod}"),
+        (None, Some(origin)) => format!("placement API reservation `{}`", origin.id),
+        (None, None) => "the pod that planned it".to_string(),
+    };
+    Err(BookError::GangShapeMismatch(Box::new(ShapeMismatch {
+        pod: demand.pod.to_string(),
+        gang: membership.key.clone(),
+        planned_by,
+        field,
+        ours,
+        theirs,
+    })))
 }
 
 /// What the book holds now: nodes with free and held GPUs, reservations, counters (the

@@ -86,6 +86,7 @@ impl Book {
                     binding: false,
                     origin: None,
                     first_held_ms: None,
+                    planned_by: pods.first().cloned(),
                 },
             );
             self.stats.gangs_reserved += 1;

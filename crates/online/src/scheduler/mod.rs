@@ -664,6 +664,16 @@ impl Scheduler {
             return self.place_without_gpus(key, members, now_ms);
         }
         let gang = members[0].demand.gang().map_err(|e| e.to_string())?;
+        for member in &members[1..] {
+            let theirs = member.demand.gang().map_err(|e| e.to_string())?;
+            if let Some((field, first, other)) = crate::reservation::gang_shape_difference(&gang, &theirs) {
+                return Err(format!(
+                    "gang `{key}`: its members disagree on {field}: {} says {first}, {} says {other}; every member \
+                     must describe its gang alike",
+                    members[0].demand.pod, member.demand.pod
+                ));
+            }
+        }
         let gang_key = members[0].demand.gang.as_ref().map(|g| g.key.clone());
         let (mut allowed, mut reasons) = self.allowed_hosts(book, members, held_back);
         // A gang reserved through the placement API binds onto its reservation.
