@@ -2,7 +2,9 @@
 //! the issue "Replicas with roles" that the engine answers (a leader of another shape or
 //! without GPUs, a constraint on one role only, two roles in one replica scope, slices),
 //! the search going back over an earlier choice, and bad input named by file, line, role
-//! and field. The Kubernetes ways in (LeaderWorkerSet, Workload/PodGroup) are not built yet.
+//! and field. Of the Kubernetes ways in, only a LeaderWorkerSet whose leader takes no GPUs is
+//! built (`topoplace.io/leader-gpus`, tested in `tests/extender.rs` and
+//! `tests/scheduler_kube.rs`); the gRPC API's dry runs are tested in `tests/grpc.rs`.
 
 use topoplace_engine::ledger::Ledger;
 use topoplace_engine::placement::replica::ReplicaPlacement;

@@ -361,6 +361,15 @@ async fn gang_members_that_disagree_on_its_shape_are_refused_naming_both_pods() 
     .await;
     let (_, _, message) = api.pod("ml", "d-0").and_then(|p| condition(&p)).expect("condition");
     assert!(message.contains("ml/d-0 says 8, ml/d-1 says 16"), "{message}");
+    // Disagreeing on the size is named too, whichever member says more.
+    api.add_pod(scheduler_pod("ml", "s-0", 8, Some(("s", 3, 0)), "1"), None, None);
+    api.add_pod(scheduler_pod("ml", "s-1", 8, Some(("s", 2, 1)), "1"), None, None);
+    eventually("the size disagreement reported", || {
+        api.pod("ml", "s-1").and_then(|p| condition(&p)).is_some_and(|(_, _, message)| {
+            message.contains("disagree on the gang's size: ml/s-0 says 3, ml/s-1 says 2")
+        })
+    })
+    .await;
     assert!(api.bound_pods().is_empty(), "nothing bound");
     finish(&api, replica, Some(server)).await;
 }

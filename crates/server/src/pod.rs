@@ -179,7 +179,7 @@ pub fn gang_of_sized(
         let size = size_from(LWS_SIZE_ANNOTATION, annotations.get(LWS_SIZE_ANNOTATION))?;
         let rank = rank_from(LWS_INDEX_LABEL)?;
         let key = format!("{namespace}/lws-{group}");
-        let Some(leader) = either(LWS_LEADER_GPUS) else {
+        let Some(leader) = annotations.get(LWS_LEADER_GPUS) else {
             return Ok(Some(GangMembership { key, size, rank }));
         };
         let field = format!("metadata.annotations[{LWS_LEADER_GPUS}]");
@@ -201,13 +201,14 @@ pub fn gang_of_sized(
         }
         return Ok(match rank {
             // The leader itself: not a member (it takes no GPUs and is left to kube-scheduler).
-            Some(0) if gpu_count(pod)? > 0 => {
-                return Err(invalid(&format!(
-                    "this pod is the group's leader (worker-index 0) and asks for {} GPUs",
-                    gpu_count(pod)?
-                )))
-            }
-            Some(0) => None,
+            Some(0) => match gpu_count(pod)? {
+                0 => None,
+                gpus => {
+                    return Err(invalid(&format!(
+                        "this pod is the group's leader (worker-index 0) and asks for {gpus} GPUs"
+                    )))
+                }
+            },
             rank => Some(GangMembership { key, size: size - 1, rank: rank.map(|r| r - 1) }),
         });
     }

@@ -779,6 +779,11 @@ pub fn gang_shape_difference(a: &Gang, b: &Gang) -> Option<(&'static str, String
     fields.into_iter().find(|(_, x, y)| x != y)
 }
 
+/// What the pods of a gang the placement API reserved must agree with it on: its size and GPUs
+/// per member. They are the first two fields [`gang_shape_difference`] compares, so a
+/// difference in them is the one it returns.
+const RESERVED_FIELDS: [&str; 2] = ["the gang's size", "nvidia.com/gpu per member"];
+
 /// A member arriving at a planned gang must describe it as the gang was planned: refused,
 /// naming both pods (or the placement API's reservation) and the field, when it does not. The
 /// pods of a gang the placement API reserved need only agree on its size and GPUs per member
@@ -791,10 +796,7 @@ fn check_shape(
     let ours = demand.gang()?;
     let mut difference = gang_shape_difference(&ours, &reservation.gang);
     if reservation.planned_by.is_none() {
-        // Size and GPUs per member are the first two fields compared, so a difference in
-        // them is the one returned.
-        difference =
-            difference.filter(|(field, _, _)| ["the gang's size", "nvidia.com/gpu per member"].contains(field));
+        difference = difference.filter(|(field, _, _)| RESERVED_FIELDS.contains(field));
     }
     let Some((field, ours, theirs)) = difference else { return Ok(()) };
     let planned_by = match (&reservation.planned_by, &reservation.origin) {

@@ -38,6 +38,14 @@ impl Book {
         Some(reservation.slots.iter().map(|s| s.host).collect())
     }
 
+    /// How `gang` differs from the gang reserved under `key` in what a reserved gang's pods must
+    /// agree on (its size, GPUs per member), if it does: the field, `gang`'s value, the
+    /// reservation's.
+    pub fn reserved_shape_difference(&self, key: &str, gang: &Gang) -> Option<(&'static str, String, String)> {
+        let reservation = self.gangs.get(key)?;
+        gang_shape_difference(gang, &reservation.gang).filter(|(field, _, _)| RESERVED_FIELDS.contains(field))
+    }
+
     /// The secondary scheduler's hold: `pods` (in rank order, one per planned member) get
     /// `placement`'s members, held and in flight at once (the scheduler binds them all
     /// itself, nobody waits for bind calls). A gang reserved already (through the placement

@@ -817,3 +817,26 @@ fn assumptions_survive_a_cluster_change_by_node_name_and_count_as_freed_by_preem
     book.check().expect("consistent after the node left");
     assert_eq!(book.ledger().free_gpus(), 16);
 }
+
+/// Pods of a gang the placement API reserved must agree with it on size and GPUs per member,
+/// and only on those (the scheduler's adoption and the extender's filter ask the same).
+#[test]
+fn pods_of_an_api_reserved_gang_must_match_its_size_and_gpus_only() {
+    let mut book = Book::new(cluster(1, 4), BookConfig::default());
+    book.plan_gangs(&[api_gang("ns/g", 2, 8, None)], &plan_options(false, 600_000), 0).expect("plan");
+    let as_pods = |members: u32, gpus: u32, tp: u32| {
+        let mut spec = GangSpec::shape("ns/g", members, gpus, tp);
+        spec.required = Some(Scope::Host);
+        spec.expand().remove(0)
+    };
+    let four = book.reserved_shape_difference("ns/g", &as_pods(2, 4, 4));
+    assert_eq!(four, Some(("nvidia.com/gpu per member", "4".into(), "8".into())));
+    let three = book.reserved_shape_difference("ns/g", &as_pods(3, 8, 8));
+    assert_eq!(three.map(|d| d.0), Some("the gang's size"));
+    assert_eq!(book.reserved_shape_difference("ns/g", &as_pods(2, 8, 1)), None, "TP and topology are the API's");
+    // The extender's filter refuses a pod of another GPU count, naming the reservation.
+    let mut wrong = member("g", 2, 0, 4);
+    wrong.tensor_parallel = Some(4);
+    let error = book.filter(&wrong, &all_hosts(&book), 1).expect_err("refused");
+    assert!(error.to_string().contains("placement API reservation `r1` said 8"), "{error}");
+}

@@ -452,6 +452,21 @@ impl Scheduler {
                 continue;
             };
             let size = gang.size as usize;
+            let other_size = members.iter().find(|m| m.demand.gang.as_ref().is_some_and(|g| g.size != gang.size));
+            if let Some(other) = other_size {
+                let message = format!(
+                    "gang `{key}`: its members disagree on the gang's size: {} says {size}, {} says {}; every \
+                     member must describe its gang alike",
+                    members[0].demand.pod,
+                    other.demand.pod,
+                    other.demand.gang.as_ref().map_or(0, |g| g.size)
+                );
+                if state.last_message.as_ref() != Some(&message) {
+                    state.last_message = Some(message.clone());
+                    decisions.push(Decision::NotScheduled { pods, reason: REASON_UNSCHEDULABLE, message });
+                }
+                continue;
+            }
             let bound: Vec<PodIdentity> = self
                 .placed
                 .values()
@@ -678,6 +693,13 @@ impl Scheduler {
         let (mut allowed, mut reasons) = self.allowed_hosts(book, members, held_back);
         // A gang reserved through the placement API binds onto its reservation.
         if let Some(hosts) = gang_key.as_deref().and_then(|k| book.reserved_hosts(k)) {
+            if let Some((field, ours, theirs)) =
+                gang_key.as_deref().and_then(|k| book.reserved_shape_difference(k, &gang))
+            {
+                return Err(format!(
+                    "gang `{key}` is reserved through the placement API with {field} {theirs}, but its pods say {ours}"
+                ));
+            }
             let blocked: Vec<String> = hosts
                 .iter()
                 .zip(members)
