@@ -171,6 +171,20 @@ pub struct ReservationState {
     pub members: u32,
 }
 
+/// A request names at least one gang, and each once.
+fn check_keys<'a>(keys: impl Iterator<Item = &'a str>) -> Result<(), RequestError> {
+    let mut seen = BTreeSet::new();
+    for key in keys {
+        if !seen.insert(key) {
+            return Err(RequestError::Invalid(format!("gang `{key}` appears twice in the request")));
+        }
+    }
+    if seen.is_empty() {
+        return Err(RequestError::Invalid("the request names no gangs".into()));
+    }
+    Ok(())
+}
+
 impl Book {
     /// Hosts of `product` (all hosts when `None`), by host id.
     fn product_mask(&self, product: Option<ProductId>) -> Option<Vec<bool>> {
@@ -243,14 +257,8 @@ impl Book {
         options: &PlanOptions,
         now_ms: u64,
     ) -> Result<PlanOutcome, RequestError> {
-        if requests.is_empty() {
-            return Err(RequestError::Invalid("the request names no gangs".into()));
-        }
-        let mut keys = BTreeSet::new();
+        check_keys(requests.iter().map(|r| r.key.as_str()))?;
         for request in requests {
-            if !keys.insert(request.key.as_str()) {
-                return Err(RequestError::Invalid(format!("gang `{}` appears twice in the request", request.key)));
-            }
             self.check_request(request)?;
             if !options.dry_run {
                 if let Some(existing) = self.gangs.get(&request.key) {
@@ -342,14 +350,8 @@ impl Book {
         requests: &[ReplicaRequest],
         solver: &SolverChoice,
     ) -> Result<ReplicaPlanOutcome, RequestError> {
-        if requests.is_empty() {
-            return Err(RequestError::Invalid("the request names no gangs".into()));
-        }
-        let mut keys = BTreeSet::new();
+        check_keys(requests.iter().map(|r| r.key.as_str()))?;
         for request in requests {
-            if !keys.insert(request.key.as_str()) {
-                return Err(RequestError::Invalid(format!("gang `{}` appears twice in the request", request.key)));
-            }
             self.check_replica_request(request)?;
         }
         let masks: Vec<Option<Vec<bool>>> = requests.iter().map(|r| self.product_mask(r.product)).collect();

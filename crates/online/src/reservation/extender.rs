@@ -22,16 +22,13 @@ impl Book {
             return Ok(self.only_node(offered, &node, &format!("pod is already bound to `{node}`")));
         }
         let Some(membership) = demand.gang.clone() else {
-            if self.singles.contains_key(&demand.pod.uid) {
-                // Its Binding is in flight: answer by fit, assume nothing.
-                let fits = self.with_planner(|planner, ledger| planner.fit_hosts(ledger, &gang, offered));
-                return Ok(fits.into_iter().map(verdict_of).collect());
-            }
+            // A pod whose Binding is in flight is answered by fit and assumed nowhere.
+            let in_flight = self.singles.contains_key(&demand.pod.uid);
             self.unassume(&demand.pod.uid);
             let fits = self.with_planner(|planner, ledger| planner.fit_hosts(ledger, &gang, offered));
             let verdicts: Vec<NodeVerdict> = fits.into_iter().map(verdict_of).collect();
             let mut passing = offered.iter().zip(&verdicts).filter(|(_, v)| matches!(v, NodeVerdict::Pass));
-            if let (Some((&host, _)), None) = (passing.next(), passing.next()) {
+            if let (false, Some((&host, _)), None) = (in_flight, passing.next(), passing.next()) {
                 self.assume_best(demand, &gang, &[host], now_ms);
             }
             return Ok(verdicts);
@@ -184,15 +181,15 @@ impl Book {
                 let slot = self.slot_of(&membership.key, &demand.pod.uid);
                 slot.and_then(|s| self.gangs.get(&membership.key).map(|g| g.slots[s].host))
             }
-            None => self.bound.get(&demand.pod.uid).and_then(|b| self.cluster.host_id(&b.node)),
+            // Bound, or its Binding in flight: the node the book holds its GPUs on.
+            None => self
+                .bound
+                .get(&demand.pod.uid)
+                .and_then(|b| self.cluster.host_id(&b.node))
+                .or_else(|| self.singles.get(&demand.pod.uid).map(|s| s.host)),
         };
         if demand.gang.is_some() || planned.is_some() {
             return Ok(offered.iter().map(|&h| if Some(h) == planned { 10 } else { 0 }).collect());
-        }
-        if self.singles.contains_key(&demand.pod.uid) {
-            // Its Binding is in flight on a node the book already holds GPUs on.
-            let node = self.singles.get(&demand.pod.uid).map(|s| s.host);
-            return Ok(offered.iter().map(|&h| if Some(h) == node { 10 } else { 0 }).collect());
         }
         let (totals, chosen) = self.assume_best(demand, &gang, offered, now_ms);
         let best = totals.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);

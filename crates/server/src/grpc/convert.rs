@@ -97,6 +97,27 @@ fn invalid_at(index: usize, message: String) -> Status {
     Status::invalid_argument(format!("gangs[{index}]: {message}"))
 }
 
+/// One role of a gang, its slices checked (the rest is checked with the gang's spec).
+fn role_spec(role: &pb::Role) -> Result<RoleSpec, String> {
+    let slices = match (role.slice_members, role.slice_required_topology.trim()) {
+        (0, "") => None,
+        (0, _) => return Err("slice_required_topology is set but slice_members is 0".into()),
+        (_, "") => return Err("slice_members is set but slice_required_topology is empty".into()),
+        (members, text) => Some(Slicing { members, scope: Scope::parse(text) }),
+    };
+    Ok(RoleSpec {
+        name: role.name.clone(),
+        members: role.members,
+        gpus_per_member: role.gpus_per_member,
+        tensor_parallel: role.tensor_parallel.max(1),
+        pipeline_parallel: role.pipeline_parallel.max(1),
+        memory: memory(role.min_gpu_memory_mib),
+        required: scope(&role.required_topology),
+        preferred: scope(&role.preferred_topology),
+        slices,
+    })
+}
+
 /// One gang of a request, checked: its key, product and validated spec, with its roles when
 /// it has them (the shape fields beside roles must then be 0).
 fn gang_spec(index: usize, gang: &pb::Gang) -> Result<(String, Option<ProductId>, GangSpec), Status> {
@@ -129,34 +150,9 @@ fn gang_spec(index: usize, gang: &pb::Gang) -> Result<(String, Option<ProductId>
                 "gang `{key}` has roles, so {field} belongs to each role and must be 0 here (it is {value})"
             )));
         }
-        let mut roles = Vec::with_capacity(gang.roles.len());
-        for (r, role) in gang.roles.iter().enumerate() {
-            let slices = match (role.slice_members, role.slice_required_topology.trim()) {
-                (0, "") => None,
-                (0, _) => {
-                    return Err(at(format!(
-                        "gang `{key}` roles[{r}]: slice_required_topology is set but slice_members is 0"
-                    )))
-                }
-                (_, "") => {
-                    return Err(at(format!(
-                        "gang `{key}` roles[{r}]: slice_members is set but slice_required_topology is empty"
-                    )))
-                }
-                (members, text) => Some(Slicing { members, scope: Scope::parse(text) }),
-            };
-            roles.push(RoleSpec {
-                name: role.name.clone(),
-                members: role.members,
-                gpus_per_member: role.gpus_per_member,
-                tensor_parallel: role.tensor_parallel.max(1),
-                pipeline_parallel: role.pipeline_parallel.max(1),
-                memory: memory(role.min_gpu_memory_mib),
-                required: scope(&role.required_topology),
-                preferred: scope(&role.preferred_topology),
-                slices,
-            });
-        }
+        let roles = (gang.roles.iter().enumerate())
+            .map(|(r, role)| role_spec(role).map_err(|message| at(format!("gang `{key}` roles[{r}]: {message}"))))
+            .collect::<Result<Vec<_>, _>>()?;
         GangSpec {
             replicas: flat.replicas,
             required: flat.required,
