@@ -431,3 +431,132 @@ async fn a_leaderworkerset_whose_leader_takes_no_gpus_binds_its_workers_whole() 
     ext.check().expect("book consistent");
     server.stop().await;
 }
+
+/// The roles of an LWS group of 3 for `topoplace.io/roles`: a 4-GPU leader at worker-index 0
+/// and two 8-GPU workers (TP 8) after it.
+const LEADER_AND_WORKERS: &str = r#"[{"name": "leader", "gpusPerMember": 4, "tensorParallel": 4},
+  {"name": "worker", "members": 2, "gpusPerMember": 8, "tensorParallel": 8}]"#;
+
+/// An LWS pod with `topoplace.io/roles` and the replica's scope.
+fn lws_role_pod(name: &str, index: u32, size: u32, gpus: u32, roles: &str) -> Value {
+    let mut pod = lws_pod(name, index, size, gpus, None);
+    pod["metadata"]["annotations"]["topoplace.io/roles"] = json!(roles);
+    pod["metadata"]["annotations"]["topoplace.io/topology-required"] = json!("leaf");
+    pod
+}
+
+/// Issue 18's second input through the extender: an LWS group whose leader asks 4 GPUs and
+/// whose two workers ask 8, all in one rack. Rack r1 keeps one free host (8 GPUs) once three
+/// single pods fill it, so the 20-GPU replica must take r2; the three pods arrive at once, and
+/// all three are bound together, the leader on 4 GPUs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaderworkerset_with_a_leader_of_another_shape_binds_as_one_replica_in_one_rack() {
+    let (server, ext, binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    let nodes = node_names();
+    for index in 0..3 {
+        let filler = pod("batch", &format!("filler-{index}"), &format!("filler-{index}-uid"), 8, None);
+        let r1: Vec<String> = nodes.iter().filter(|n| n.starts_with("r1-")).cloned().collect();
+        schedule(&client, &server.base, &filler, &r1).await.expect("filler bound");
+    }
+    let mut tasks = Vec::new();
+    for (index, gpus) in [(0, 4), (1, 8), (2, 8)] {
+        let (client, base, nodes) = (client.clone(), server.base.clone(), nodes.clone());
+        let member = lws_role_pod(&format!("lws-0-{index}"), index, 3, gpus, LEADER_AND_WORKERS);
+        tasks.push(tokio::spawn(async move { schedule(&client, &base, &member, &nodes).await }));
+    }
+    let mut placed = Vec::new();
+    for task in tasks {
+        placed.push(task.await.expect("task").expect("each pod of the replica is bound"));
+    }
+    assert!(placed.iter().all(|n| n.starts_with("r2-")), "one rack with room for 20 GPUs: {placed:?}");
+    assert_ne!(placed[1], placed[2], "two 8-GPU workers on two hosts: {placed:?}");
+    for index in 0..3 {
+        assert!(binder.node_of(&format!("lws-0-{index}-uid")).is_some());
+    }
+    let state: Value =
+        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
+    let free: u64 =
+        state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum();
+    assert_eq!(free, 72 - 24 - 20, "the fillers and the replica's 20 GPUs: {state}");
+    ext.check().expect("book consistent");
+    server.stop().await;
+}
+
+/// Pods whose roles cannot be read, or that contradict their roles, are refused with the pod
+/// and the field named, and nothing is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_with_roles_that_contradict_themselves_are_refused_naming_the_field() {
+    let (server, ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    let nodes = node_names();
+    let mut no_gang = pod("serving", "loner", "loner-uid", 8, None);
+    no_gang["metadata"]["annotations"] = json!({"topoplace.io/roles": LEADER_AND_WORKERS});
+    let mut with_tp = lws_role_pod("tp-1", 1, 3, 8, LEADER_AND_WORKERS);
+    with_tp["metadata"]["annotations"]["topoplace.io/tensor-parallel"] = json!("8");
+    let mut both = lws_role_pod("both-1", 1, 3, 8, LEADER_AND_WORKERS);
+    both["metadata"]["annotations"]["topoplace.io/leader-gpus"] = json!("0");
+    let mut named = lws_role_pod("named-1", 1, 3, 8, LEADER_AND_WORKERS);
+    named["metadata"]["labels"]["topoplace.io/role"] = json!("leader");
+    let cases = [
+        (no_gang, "metadata.annotations[topoplace.io/roles]", "a replica with roles is one gang"),
+        (
+            lws_role_pod("typo-1", 1, 3, 8, r#"[{"name": "w", "gpus": 8}]"#),
+            "metadata.annotations[topoplace.io/roles]",
+            "[0]: unknown field `gpus`",
+        ),
+        (
+            lws_role_pod("gpus-1", 1, 3, 4, LEADER_AND_WORKERS),
+            "spec.containers[*].resources.limits[nvidia.com/gpu]",
+            "its role `worker` has 8 GPUs per member",
+        ),
+        (
+            lws_role_pod("size-1", 1, 4, 8, LEADER_AND_WORKERS),
+            "metadata.annotations[leaderworkerset.sigs.k8s.io/size]",
+            "its roles have 3 members together",
+        ),
+        (
+            lws_role_pod("index-3", 3, 3, 8, LEADER_AND_WORKERS),
+            "metadata.labels[leaderworkerset.sigs.k8s.io/worker-index]",
+            "past the roles' 3 members",
+        ),
+        (with_tp, "metadata.annotations[topoplace.io/tensor-parallel]", "belong to each role"),
+        (both, "metadata.annotations[topoplace.io/leader-gpus]", "not both"),
+        (named, "metadata.labels[topoplace.io/role]", "worker-index 1 is role `worker`"),
+    ];
+    for (pod, field, expected) in cases {
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let (status, reply) =
+            post(&client, &format!("{}/filter", server.base), &json!({"Pod": pod, "NodeNames": nodes})).await;
+        let error = reply["Error"].as_str().unwrap_or_default();
+        assert_eq!(status, 200);
+        assert!(
+            error.contains(&format!("pod serving/{name}")) && error.contains(field) && error.contains(expected),
+            "{error}"
+        );
+    }
+    // A worker whose roles differ from the plan its group already has: named with both pods.
+    let worker = lws_role_pod("lws-5-1", 1, 3, 8, LEADER_AND_WORKERS);
+    let (_, reply) =
+        post(&client, &format!("{}/filter", server.base), &json!({"Pod": worker, "NodeNames": nodes})).await;
+    assert_eq!(reply["Error"].as_str().unwrap_or_default(), "", "{reply}");
+    let other = r#"[{"name": "leader", "gpusPerMember": 4, "tensorParallel": 4},
+      {"name": "worker", "members": 2, "gpusPerMember": 8, "tensorParallel": 4}]"#;
+    let differing = lws_role_pod("lws-5-2", 2, 3, 8, other);
+    let (_, reply) =
+        post(&client, &format!("{}/filter", server.base), &json!({"Pod": differing, "NodeNames": nodes})).await;
+    let error = reply["Error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("pod serving/lws-5-2")
+            && error.contains("topoplace.io/roles")
+            && error.contains("serving/lws-5-1"),
+        "{error}"
+    );
+    let state: Value =
+        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
+    let free: u64 =
+        state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum();
+    assert_eq!(free, 72 - 20, "only the one valid replica is held: {state}");
+    ext.check().expect("book consistent");
+    server.stop().await;
+}

@@ -373,3 +373,41 @@ async fn gang_members_that_disagree_on_its_shape_are_refused_naming_both_pods() 
     assert!(api.bound_pods().is_empty(), "nothing bound");
     finish(&api, replica, Some(server)).await;
 }
+
+/// Issue 18's second input in scheduler mode: a LeaderWorkerSet group whose leader asks 4
+/// GPUs and whose two workers ask 8, all in one rack (`topoplace.io/roles` on every pod).
+/// Rack r1 has 16 GPUs, too few for the replica's 20: all three pods are bound in r2, the
+/// leader on 4 GPUs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaderworkerset_with_a_leader_of_another_shape_is_bound_whole_in_one_rack() {
+    let mut nodes = rack_nodes(&["r1"], 2);
+    nodes.extend(rack_nodes(&["r2"], 3));
+    let (api, server) = api_with(nodes).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    let roles = r#"[{"name": "leader", "gpusPerMember": 4, "tensorParallel": 4},
+                    {"name": "worker", "members": 2, "gpusPerMember": 8, "tensorParallel": 8}]"#;
+    for (name, index, gpus) in [("lws-0-2", 2, 8), ("lws-0", 0, 4), ("lws-0-1", 1, 8)] {
+        let mut pod = scheduler_pod("serving", name, gpus, None, "1");
+        pod["metadata"]["labels"] = json!({
+            "leaderworkerset.sigs.k8s.io/group-key": "abc123",
+            "leaderworkerset.sigs.k8s.io/worker-index": index.to_string(),
+        });
+        pod["metadata"]["annotations"] = json!({
+            "leaderworkerset.sigs.k8s.io/size": "3",
+            "topoplace.io/roles": roles,
+            "topoplace.io/topology-required": "leaf",
+        });
+        api.add_pod(pod, None, None);
+    }
+    eventually("the leader and both workers bound", || api.bound_pods().len() == 3).await;
+    let placed: BTreeMap<String, (String, usize)> = api
+        .bound_pods()
+        .into_iter()
+        .map(|(name, node, gpus)| (name, (node, gpus.map_or(0, |g| g.split(',').count()))))
+        .collect();
+    assert!(placed.values().all(|(node, _)| node.starts_with("r2-")), "one rack with room: {placed:?}");
+    assert_eq!(placed["lws-0"].1, 4, "the leader's 4 GPUs: {placed:?}");
+    assert_eq!((placed["lws-0-1"].1, placed["lws-0-2"].1), (8, 8));
+    assert_ne!(placed["lws-0-1"].0, placed["lws-0-2"].0, "two workers on two hosts");
+    finish(&api, replica, Some(server)).await;
+}

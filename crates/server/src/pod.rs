@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use topoplace_engine::quantity;
 use topoplace_engine::workload::{MemoryNeed, ModelSpec, Scope, GANG_MEMBERS_MAX, RUNTIME_OVERHEAD_DEFAULT};
-use topoplace_online::reservation::{GangMembership, PodDemand, PodIdentity};
+use topoplace_online::reservation::{GangMembership, PodDemand, PodIdentity, RoleDemand};
 use topoplace_online::scheduler::predicates::{
     PodNeeds, Resources, SelectorOperator, SelectorRequirement, SelectorTerm, TaintEffect, Toleration, PODS_RESOURCE,
 };
@@ -43,6 +43,16 @@ const TENSOR_PARALLEL: &str = "topoplace.io/tensor-parallel";
 const PIPELINE_PARALLEL: &str = "topoplace.io/pipeline-parallel";
 const TOPOLOGY_REQUIRED: &str = "topoplace.io/topology-required";
 const TOPOLOGY_PREFERRED: &str = "topoplace.io/topology-preferred";
+/// On every pod of a replica with roles (each LeaderWorkerSet template, every role's pods):
+/// the replica's roles, in the workload file's `roles[]` syntax as JSON or YAML flow
+/// ([`topoplace_formats::files::workload::roles_annotation`]). The gang labels still say
+/// which replica, and its size counts the pods of every role; `topoplace.io/topology-*`
+/// are then the whole replica's scope, and parallelism and memory belong to each role.
+pub const ROLES_ANNOTATION: &str = "topoplace.io/roles";
+/// The pod's own role in `topoplace.io/roles` (label, or annotation). A LeaderWorkerSet pod
+/// may leave it out: its roles are read in worker-index order (the first, of one member, is
+/// the leader at index 0; the next role's members follow at 1, 2, ...).
+pub const ROLE_LABEL: &str = "topoplace.io/role";
 
 #[derive(Debug, Error, PartialEq)]
 pub enum PodError {
@@ -180,8 +190,17 @@ pub fn gang_of_sized(
         let rank = rank_from(LWS_INDEX_LABEL)?;
         let key = format!("{namespace}/lws-{group}");
         let Some(leader) = annotations.get(LWS_LEADER_GPUS) else {
+            // With roles, the rank stays the worker index: `demand` reads it within a role.
             return Ok(Some(GangMembership { key, size, rank }));
         };
+        if annotations.contains_key(ROLES_ANNOTATION) {
+            return Err(PodError::Invalid {
+                pod: shown.clone(),
+                field: format!("metadata.annotations[{LWS_LEADER_GPUS}]"),
+                value: leader.clone(),
+                detail: format!("give the leader's shape in {ROLES_ANNOTATION} instead (a role of 0 GPUs), not both"),
+            });
+        }
         let field = format!("metadata.annotations[{LWS_LEADER_GPUS}]");
         let invalid = |detail: &str| PodError::Invalid {
             pod: shown.clone(),
@@ -192,8 +211,8 @@ pub fn gang_of_sized(
         if number(&shown, field.clone(), leader, GANG_MEMBERS_MAX)? != 0 {
             return Err(invalid(
                 "only \"0\" is understood (a leader without GPUs); a leader with the workers' shape needs no \
-                 annotation, and one of another shape is a replica with roles, which only `topoplace plan` and \
-                 the gRPC API's dry runs place so far",
+                 annotation, and one of another shape is a replica with roles: give both roles in \
+                 topoplace.io/roles instead",
             ));
         }
         if size < 2 {
@@ -261,8 +280,13 @@ pub fn demand_sized(pod: &Pod, pod_group_min_member: Option<u32>) -> Result<PodD
     let parallel = |key: &str| -> Result<Option<u32>, PodError> {
         annotation(key).map(|v| number(&shown, format!("metadata.annotations[{key}]"), v, 1 << 20)).transpose()
     };
+    let mut gang = gang_of_sized(pod, &identity.namespace, pod_group_min_member)?;
+    let roles = match annotation(ROLES_ANNOTATION) {
+        None => None,
+        Some(text) => Some(role_of(pod, &shown, text, gpus, gang.as_mut())?),
+    };
     Ok(PodDemand {
-        gang: gang_of_sized(pod, &identity.namespace, pod_group_min_member)?,
+        gang,
         pod: identity,
         gpus,
         memory,
@@ -270,7 +294,137 @@ pub fn demand_sized(pod: &Pod, pod_group_min_member: Option<u32>) -> Result<PodD
         pipeline_parallel: parallel(PIPELINE_PARALLEL)?,
         required: annotation(TOPOLOGY_REQUIRED).map(Scope::parse),
         preferred: annotation(TOPOLOGY_PREFERRED).map(Scope::parse),
+        roles,
     })
+}
+
+/// The longest part of an annotation's value an error repeats.
+const VALUE_SHOWN_MAX: usize = 120;
+
+/// The pod's role in the replica its `topoplace.io/roles` annotation (`text`) describes; its
+/// gang's rank becomes its rank within that role. Errors name the pod and the field: roles
+/// that do not parse, no gang, pod-level parallelism or memory beside roles, an unknown or
+/// missing own role, a gang size that is not the roles' members together, a GPU count that
+/// is not its role's.
+fn role_of(
+    pod: &Pod,
+    shown: &str,
+    text: &str,
+    gpus: u32,
+    gang: Option<&mut GangMembership>,
+) -> Result<RoleDemand, PodError> {
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let mut value: String = text.chars().take(VALUE_SHOWN_MAX).collect();
+    if value.len() < text.len() {
+        value.push_str("...");
+    }
+    let invalid = |field: String, value: String, detail: String| PodError::Invalid {
+        pod: shown.to_string(),
+        field,
+        value,
+        detail,
+    };
+    let roles_field = format!("metadata.annotations[{ROLES_ANNOTATION}]");
+    let roles = topoplace_formats::files::workload::roles_annotation(text)
+        .map_err(|detail| invalid(roles_field.clone(), value.clone(), detail))?;
+    let Some(gang) = gang else {
+        return Err(invalid(
+            roles_field,
+            value,
+            "a replica with roles is one gang: label its pods with topoplace.io/gang (and its size), a              coscheduling pod-group, or run them as a LeaderWorkerSet"
+                .into(),
+        ));
+    };
+    for key in [TENSOR_PARALLEL, PIPELINE_PARALLEL, MIN_GPU_MEMORY, MODEL_PARAMS] {
+        if let Some(found) = annotations.get(key) {
+            return Err(invalid(
+                format!("metadata.annotations[{key}]"),
+                found.clone(),
+                format!("with {ROLES_ANNOTATION}, parallelism and memory belong to each role there"),
+            ));
+        }
+    }
+    let members: u32 = roles.iter().map(|r| r.members).sum();
+    let (size_field, lws) = if labels.contains_key(GANG_LABEL) || labels.contains_key(POD_GROUP_LABEL) {
+        (format!("{GANG_SIZE} (or the PodGroup's minMember)"), false)
+    } else {
+        (format!("metadata.annotations[{LWS_SIZE_ANNOTATION}]"), true)
+    };
+    if members != gang.size {
+        return Err(invalid(
+            size_field,
+            gang.size.to_string(),
+            format!("the gang's size must count the pods of every role: its roles have {members} members together"),
+        ));
+    }
+    let named = labels.get(ROLE_LABEL).or_else(|| annotations.get(ROLE_LABEL));
+    let role_field = format!("metadata.labels[{ROLE_LABEL}]");
+    let names = || roles.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ");
+    let (own, rank) = match (named, lws) {
+        (Some(name), false) => {
+            let Some(own) = roles.iter().position(|r| &r.name == name) else {
+                return Err(invalid(role_field, name.clone(), format!("not one of the roles ({})", names())));
+            };
+            (own, gang.rank)
+        }
+        (named, true) => {
+            // Roles in worker-index order: role k holds the indices after those before it.
+            let Some(index) = gang.rank else {
+                return Err(PodError::Missing {
+                    pod: shown.to_string(),
+                    field: "metadata.labels[leaderworkerset.sigs.k8s.io/worker-index]",
+                });
+            };
+            let mut start = 0;
+            let mut found = None;
+            for (position, role) in roles.iter().enumerate() {
+                if index < start + role.members {
+                    found = Some((position, index - start));
+                    break;
+                }
+                start += role.members;
+            }
+            let Some((own, rank)) = found else {
+                return Err(invalid(
+                    format!("metadata.labels[{LWS_INDEX_LABEL}]"),
+                    index.to_string(),
+                    format!("past the roles' {members} members"),
+                ));
+            };
+            if let Some(name) = named.filter(|name| **name != roles[own].name) {
+                return Err(invalid(
+                    role_field,
+                    name.clone(),
+                    format!(
+                        "worker-index {index} is role `{}` in {ROLES_ANNOTATION} (roles are read in worker-index order)",
+                        roles[own].name
+                    ),
+                ));
+            }
+            (own, Some(rank))
+        }
+        (None, false) => {
+            return Err(PodError::Missing { pod: shown.to_string(), field: "metadata.labels[topoplace.io/role]" })
+        }
+    };
+    if roles[own].gpus_per_member != gpus {
+        return Err(invalid(
+            format!("spec.containers[*].resources.limits[{GPU_RESOURCE}]"),
+            gpus.to_string(),
+            format!("its role `{}` has {} GPUs per member", roles[own].name, roles[own].gpus_per_member),
+        ));
+    }
+    if let Some(rank) = rank.filter(|&r| r >= roles[own].members) {
+        return Err(invalid(
+            format!("metadata.labels[{RANK}]"),
+            rank.to_string(),
+            format!("its role `{}` has {} members (ranks count within a role)", roles[own].name, roles[own].members),
+        ));
+    }
+    gang.rank = rank;
+    Ok(RoleDemand { role: roles[own].name.clone(), roles })
 }
 
 /// GPU indices from `topoplace.io/gpus` (`"0,1,2,3"`), if the pod has a valid one.
@@ -445,4 +599,47 @@ pub fn requests(pod: &Pod) -> Result<Resources, PodError> {
 /// `spec.priority` (admission resolves it from the PriorityClass), 0 when unset.
 pub fn priority(pod: &Pod) -> i32 {
     pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_with(labels: serde_json::Value, annotations: serde_json::Value, gpus: u32) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u", "labels": labels, "annotations": annotations},
+            "spec": {"containers": [{"name": "main", "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}]}
+        }))
+        .expect("pod")
+    }
+
+    const ROLES: &str = r#"[{"name": "leader", "gpusPerMember": 4}, {"name": "worker", "members": 2, "gpusPerMember": 8, "tensorParallel": 8}]"#;
+
+    #[test]
+    fn a_role_label_names_the_role_and_the_rank_counts_within_it() {
+        let labels = serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "3",
+            "topoplace.io/role": "worker", "topoplace.io/rank": "1"});
+        let demand = demand(&pod_with(labels, serde_json::json!({ROLES_ANNOTATION: ROLES}), 8)).expect("demand");
+        let roles = demand.roles.as_ref().expect("roles");
+        assert_eq!((roles.role.as_str(), roles.roles.len()), ("worker", 2));
+        assert_eq!(demand.gang.as_ref().map(|g| (g.key.as_str(), g.size, g.rank)), Some(("ns/g", 3, Some(1))));
+        assert!(demand.replica().expect("replica").is_some_and(|(_, own)| own == 1));
+
+        let missing = serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "3"});
+        let error = super::demand(&pod_with(missing, serde_json::json!({ROLES_ANNOTATION: ROLES}), 8)).unwrap_err();
+        assert_eq!(error, PodError::Missing { pod: "ns/p".into(), field: "metadata.labels[topoplace.io/role]" });
+    }
+
+    #[test]
+    fn leaderworkerset_pods_take_their_roles_in_worker_index_order() {
+        for (index, gpus, role, rank) in [("0", 4, "leader", 0), ("1", 8, "worker", 0), ("2", 8, "worker", 1)] {
+            let labels = serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k",
+                "leaderworkerset.sigs.k8s.io/worker-index": index});
+            let annotations = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3", ROLES_ANNOTATION: ROLES});
+            let demand = demand(&pod_with(labels, annotations, gpus)).expect("demand");
+            assert_eq!(demand.roles.as_ref().map(|r| r.role.as_str()), Some(role), "index {index}");
+            assert_eq!(demand.gang.as_ref().and_then(|g| g.rank), Some(rank), "index {index}");
+            assert_eq!(demand.gang.as_ref().map(|g| g.size), Some(3), "the size counts the leader");
+        }
+    }
 }

@@ -126,6 +126,8 @@ struct Search<'s, 'c> {
     parts: Vec<Part>,
     replica: &'s Replica,
     offered: Option<&'s [bool]>,
+    /// One role's own restriction, on top of `offered`: (role index, hosts it may use).
+    role_offered: Option<(usize, &'s [bool])>,
     steps: u32,
     failure: Option<Failure>,
     /// Some part had more domains that could hold it than [`PART_BRANCHES_MAX`].
@@ -150,13 +152,32 @@ impl Planner<'_> {
         solver: &SolverChoice,
         offered: Option<&[bool]>,
     ) -> Result<ReplicaPlacement, Unplaced> {
+        self.place_replica_offered(ledger, replica, solver, offered, None)
+    }
+
+    /// [`Planner::place_replica`], with role `role_offered.0`'s members also restricted to
+    /// the hosts flagged in `role_offered.1` (indexed by host id): what kube-scheduler offered
+    /// the pod of that role whose filter plans the replica, while the other roles may use
+    /// every host of `offered`.
+    pub fn place_replica_offered(
+        &mut self,
+        ledger: &impl AsRef<GpuUse>,
+        replica: &Replica,
+        solver: &SolverChoice,
+        offered: Option<&[bool]>,
+        role_offered: Option<(usize, &[bool])>,
+    ) -> Result<ReplicaPlacement, Unplaced> {
         let ledger = ledger.as_ref();
         let unplaced = |reason: String| Unplaced { gang: replica.name.clone(), reason, explanation: None };
         replica.check().map_err(|e| unplaced(e.to_string()))?;
         let gpu_less_roles: Vec<String> =
             replica.roles.iter().filter(|r| r.gang.is_none()).map(|r| r.name.clone()).collect();
         if let Some(gang) = replica.as_single() {
-            let placement = self.place(ledger, PlaceRequest::new(gang).solver(solver).within(offered))?;
+            let mask: Option<Vec<bool>> = role_offered.map(|(_, own)| {
+                (0..own.len()).map(|h| own[h] && offered.is_none_or(|o| o.get(h).copied().unwrap_or(false))).collect()
+            });
+            let within = mask.as_deref().or(offered);
+            let placement = self.place(ledger, PlaceRequest::new(gang).solver(solver).within(within))?;
             return Ok(ReplicaPlacement {
                 replica: replica.name.clone(),
                 region: placement.scope.clone(),
@@ -182,6 +203,7 @@ impl Planner<'_> {
             parts,
             replica,
             offered,
+            role_offered,
             steps: 0,
             failure: None,
             capped: false,
@@ -414,6 +436,11 @@ impl Search<'_, '_> {
         }
         let mut within = allowed.to_vec();
         self.confine_to_role(k, chosen, &mut within);
+        if let Some((_, own)) = self.role_offered.filter(|(role, _)| *role == self.parts[k].role) {
+            for (host, flag) in within.iter_mut().enumerate() {
+                *flag &= own.get(host).copied().unwrap_or(false);
+            }
+        }
         let part = &self.parts[k];
         let branches: Vec<(Option<u32>, Option<ProductId>)> = if part.branch.is_some() || part.first_slice {
             self.branches(scratch, k, domains, &within)

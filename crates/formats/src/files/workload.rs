@@ -248,23 +248,10 @@ fn gang_spec(mut entry: GangEntry, text: &str, line: Option<usize>) -> Result<Ga
     let mut specs = Vec::with_capacity(roles.len());
     for role in roles {
         let role_line = lines_naming(text, &role.name, false).find(|&l| line.is_none_or(|g| l > g)).or(line);
-        let mut role_shape =
-            ShapeEntry { min_gpu_memory: role.min_gpu_memory, model: role.model, ..ShapeEntry::default() };
-        let memory = role_shape
-            .memory()
-            .map_err(|message| (role_line, format!("gang `{name}`: role `{}`: {message}", role.name)))?;
-        let (role_required, role_preferred) = scopes(role.topology);
-        specs.push(RoleSpec {
-            name: role.name,
-            members: role.members.unwrap_or(1),
-            gpus_per_member: role.gpus_per_member,
-            tensor_parallel: role.tensor_parallel.unwrap_or(1),
-            pipeline_parallel: role.pipeline_parallel.unwrap_or(1),
-            memory,
-            required: role_required,
-            preferred: role_preferred,
-            slices: role.slices.map(|s| Slicing { members: s.members, scope: Scope::parse(&s.required) }),
-        });
+        let role_name = role.name.clone();
+        specs.push(
+            role_spec(role).map_err(|message| (role_line, format!("gang `{name}`: role `{role_name}`: {message}")))?,
+        );
     }
     Ok(GangSpec {
         replicas: entry.replicas,
@@ -273,6 +260,67 @@ fn gang_spec(mut entry: GangEntry, text: &str, line: Option<usize>) -> Result<Ga
         roles: specs,
         ..GangSpec::shape(&entry.name, 1, 1, 1)
     })
+}
+
+/// One `roles[]` entry as a role spec (defaults: 1 member, TP 1, PP 1); an error says why
+/// its memory cannot be read.
+fn role_spec(role: RoleEntry) -> Result<RoleSpec, String> {
+    let mut shape = ShapeEntry { min_gpu_memory: role.min_gpu_memory, model: role.model, ..ShapeEntry::default() };
+    let memory = shape.memory()?;
+    let (required, preferred) = scopes(role.topology);
+    Ok(RoleSpec {
+        name: role.name,
+        members: role.members.unwrap_or(1),
+        gpus_per_member: role.gpus_per_member,
+        tensor_parallel: role.tensor_parallel.unwrap_or(1),
+        pipeline_parallel: role.pipeline_parallel.unwrap_or(1),
+        memory,
+        required,
+        preferred,
+        slices: role.slices.map(|s| Slicing { members: s.members, scope: Scope::parse(&s.required) }),
+    })
+}
+
+/// The longest `topoplace.io/roles` value read, in bytes: 16 roles with every field fit in
+/// well under it (Kubernetes allows 256 KiB for all of a pod's annotations together).
+pub const ROLES_ANNOTATION_BYTES_MAX: usize = 16 * 1024;
+
+/// A replica's roles as a pod's `topoplace.io/roles` annotation gives them: a list of the
+/// workload file's `roles[]` entries, in JSON or YAML flow syntax (`[{name: leader,
+/// gpusPerMember: 4}, {name: worker, members: 2, gpusPerMember: 8, tensorParallel: 8}]`),
+/// with the same fields, defaults and checks. Whether the roles make a valid replica is
+/// checked where they are used ([`topoplace_engine::workload::GangSpec::validate`]). Errors
+/// name the entry and field (`[1].gpusPerMember: ...`), an unknown field, a value over
+/// [`ROLES_ANNOTATION_BYTES_MAX`] or more than
+/// [`topoplace_engine::workload::REPLICA_ROLES_MAX`] roles.
+pub fn roles_annotation(text: &str) -> Result<Vec<RoleSpec>, String> {
+    if text.len() > ROLES_ANNOTATION_BYTES_MAX {
+        return Err(format!("{} bytes, above the limit of {ROLES_ANNOTATION_BYTES_MAX}", text.len()));
+    }
+    let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+    let entries: Vec<RoleEntry> = serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner().to_string();
+        if path == "." {
+            inner
+        } else {
+            format!("{path}: {inner}")
+        }
+    })?;
+    if entries.is_empty() {
+        return Err("lists no role".into());
+    }
+    let max = topoplace_engine::workload::REPLICA_ROLES_MAX;
+    if entries.len() > max {
+        return Err(format!("lists {} roles, above the limit of {max}", entries.len()));
+    }
+    entries
+        .into_iter()
+        .map(|role| {
+            let name = role.name.clone();
+            role_spec(role).map_err(|message| format!("role `{name}`: {message}"))
+        })
+        .collect()
 }
 
 /// The line of the role an error names, after its gang's line; else the gang's line.
@@ -338,6 +386,32 @@ mod tests {
         let bytes = ((140e9 + 40.0 * 1024f64.powi(3)) / 8.0 * 1.1f64).ceil() as u64;
         assert_eq!(gang.memory_floor_mib(), bytes.div_ceil(1024 * 1024));
         assert_eq!(gang.preferred, Some(Scope::Level("rack".into())));
+    }
+
+    #[test]
+    fn roles_annotation_reads_the_file_syntax_and_names_what_is_wrong() {
+        let roles = roles_annotation(
+            r#"[{"name": "leader", "gpusPerMember": 4}, {"name": "worker", "members": 2, "gpusPerMember": 8, "tensorParallel": 8, "topology": {"required": "leaf"}}]"#,
+        )
+        .expect("JSON");
+        assert_eq!(roles.len(), 2);
+        assert_eq!((roles[0].members, roles[0].gpus_per_member, roles[0].tensor_parallel), (1, 4, 1));
+        assert_eq!((roles[1].members, roles[1].gpus_per_member, roles[1].tensor_parallel), (2, 8, 8));
+        assert_eq!(roles[1].required, Some(Scope::Level("leaf".into())));
+        let flow = roles_annotation("[{name: a, members: 4, gpusPerMember: 4, slices: {members: 2, required: leaf}}]")
+            .expect("YAML flow");
+        assert_eq!(flow[0].slices.as_ref().map(|s| s.members), Some(2));
+
+        let typo = roles_annotation(r#"[{"name": "a", "gpusPerMember": 1}, {"name": "b", "gpus": 8}]"#).unwrap_err();
+        assert!(typo.starts_with("[1]") && typo.contains("unknown field `gpus`"), "{typo}");
+        let memory = roles_annotation("[{name: a, gpusPerMember: 1, minGpuMemory: lots}]").unwrap_err();
+        assert!(memory.starts_with("[0].minGpuMemory") && memory.contains("`lots`"), "{memory}");
+        assert_eq!(roles_annotation("[]").unwrap_err(), "lists no role");
+        let many = format!("[{}]", vec!["{name: a, gpusPerMember: 1}"; 17].join(", "));
+        assert!(roles_annotation(&many).unwrap_err().contains("17 roles, above the limit of 16"));
+        let long = " ".repeat(ROLES_ANNOTATION_BYTES_MAX + 1);
+        assert!(roles_annotation(&long).unwrap_err().contains("above the limit"));
+        assert!(roles_annotation("{name: a}").is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
-use super::{at_bind, gang_holder, Book, Expired, GangReservation, Slot};
+use super::{at_bind, gang_holder, Book, Expired, GangReservation, Planned, Slot};
 use topoplace_engine::ledger::mask_indices;
 use topoplace_engine::placement::capacity::CapacityReport;
 use topoplace_engine::placement::replica::ReplicaPlacement;
@@ -322,7 +322,7 @@ impl Book {
             self.gangs.insert(
                 request.key.clone(),
                 GangReservation {
-                    gang: request.gang.clone(),
+                    planned: Planned::Gang(request.gang.clone()),
                     slots,
                     expires_at_ms,
                     binding: false,
@@ -564,7 +564,7 @@ impl Book {
                 // The API's own expiry: a held bind's limit ends the hold, not the reservation.
                 expires_in_ms: g.expires_at_ms.saturating_sub(now_ms),
                 members_assigned: g.slots.iter().filter(|s| s.pod.is_some()).count() as u32,
-                members: g.gang.members,
+                members: g.planned.members(),
             })
             .collect();
         ClusterState {

@@ -15,13 +15,21 @@ impl Book {
         offered: &[HostId],
         now_ms: u64,
     ) -> Result<Vec<NodeVerdict>, BookError> {
-        let gang = demand.gang()?;
+        let mut replica = demand.replica()?;
+        let own_role = replica.as_ref().map_or(0, |(_, own)| *own);
         self.lapse_assumptions(now_ms);
         if let Some(bound) = self.bound.get(&demand.pod.uid) {
             let node = bound.node.clone();
             return Ok(self.only_node(offered, &node, &format!("pod is already bound to `{node}`")));
         }
+        if let Some((replica, own)) = &replica {
+            if replica.roles[*own].gang.is_none() {
+                // A GPU-less role takes nothing from the book and is not waited for.
+                return Ok(vec![NodeVerdict::Pass; offered.len()]);
+            }
+        }
         let Some(membership) = demand.gang.clone() else {
+            let gang = demand.gang()?;
             // A pod whose Binding is in flight is answered by fit and assumed nowhere.
             let in_flight = self.singles.contains_key(&demand.pod.uid);
             self.unassume(&demand.pod.uid);
@@ -54,15 +62,41 @@ impl Book {
                     *flag = true;
                 }
             }
-            let planned = self
-                .with_planner(|planner, ledger| planner.place(ledger, PlaceRequest::new(&gang).within(Some(&mask))));
-            let placement = match planned {
-                Ok(placement) => placement,
-                Err(unplaced) => {
-                    let reason = format!("gang `{key}` ({} GPUs) does not fit: {}", gang.total_gpus(), unplaced.reason);
-                    let per_host: Vec<_> = self.with_planner(|planner, ledger| {
-                        offered.iter().map(|&h| planner.host_units(ledger, &gang, h).err()).collect()
-                    });
+            let (planned, own_gang) = match replica.take() {
+                Some((replica, own)) => {
+                    let own_gang = replica.roles[own].gang.clone();
+                    (Planned::Replica(Box::new(replica)), own_gang)
+                }
+                None => {
+                    let gang = demand.gang()?;
+                    (Planned::Gang(gang.clone()), Some(gang))
+                }
+            };
+            // kube-scheduler offers the nodes where this pod fits, which says little about
+            // the replica's other roles (a host with 4 GPUs free is not offered to an 8-GPU
+            // worker, but suits a 4-GPU leader): a replica's other roles are planned over the
+            // whole view, this pod's role over its offer.
+            let placed = match &planned {
+                Planned::Replica(_) => self.plan_slots(&planned, &vec![true; cluster_hosts], Some((own_role, &mask))),
+                Planned::Gang(_) => self.plan_slots(&planned, &mask, None),
+            };
+            let (slots, holding) = match placed {
+                Ok(placed) => placed,
+                Err(why) => {
+                    let what = match &planned {
+                        Planned::Gang(gang) => format!("gang `{key}` ({} GPUs)", gang.total_gpus()),
+                        Planned::Replica(replica) => {
+                            format!("replica `{key}` ({} GPUs in its roles)", replica.total_gpus())
+                        }
+                    };
+                    let reason = format!("{what} does not fit: {why}");
+                    // Hosts the pod's own shape can never use are unresolvable by preemption.
+                    let per_host: Vec<_> = match &own_gang {
+                        Some(gang) => self.with_planner(|planner, ledger| {
+                            offered.iter().map(|&h| planner.host_units(ledger, gang, h).err()).collect()
+                        }),
+                        None => vec![None; offered.len()],
+                    };
                     return Ok(per_host
                         .into_iter()
                         .map(|rejection| match rejection {
@@ -73,13 +107,12 @@ impl Book {
                 }
             };
             self.ledger
-                .reserve(&gang_holder(&key), &placement.holding())
+                .reserve(&gang_holder(&key), &holding)
                 .map_err(|source| BookError::Ledger { pod: demand.pod.to_string(), source })?;
-            let slots = placement.members.iter().map(|m: &MemberPlacement| Slot::planned(m.host, m.gpus)).collect();
             self.gangs.insert(
                 key.clone(),
                 GangReservation {
-                    gang,
+                    planned,
                     slots,
                     expires_at_ms: now_ms + self.config.reservation_ttl_ms,
                     binding: false,
@@ -90,7 +123,7 @@ impl Book {
             );
             self.stats.gangs_reserved += 1;
         }
-        let slot = self.assign_slot(&key, demand, &membership, now_ms)?;
+        let slot = self.assign_slot(&key, demand, &membership, own_role, now_ms)?;
         let Some(reservation) = self.gangs.get(&key) else {
             return Err(BookError::NotPlanned { pod: demand.pod.to_string() });
         };
@@ -120,13 +153,49 @@ impl Book {
         self.gangs.get(key)?.slots.iter().position(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid))
     }
 
-    /// The member's slot in its gang's plan: kept if it has one, by rank if it says one,
-    /// else the first free slot. A new member refreshes the reservation's expiry.
+    /// Plans `planned` on the hosts of `mask` against the free GPUs, holding nothing: the
+    /// slots of its members (a replica's role by role, each in rank order) and the GPUs to
+    /// reserve per host; or why it does not fit. `role_mask` restricts one role of a replica
+    /// further (role index, hosts).
+    pub(super) fn plan_slots(
+        &mut self,
+        planned: &Planned,
+        mask: &[bool],
+        role_mask: Option<(usize, &[bool])>,
+    ) -> Result<(Vec<Slot>, Holding), String> {
+        self.with_planner(|planner, ledger| match planned {
+            Planned::Gang(gang) => planner
+                .place(&*ledger, PlaceRequest::new(gang).within(Some(mask)))
+                .map(|p| (p.members.iter().map(|m| Slot::planned(m.host, m.gpus)).collect(), p.holding()))
+                .map_err(|unplaced| unplaced.reason),
+            Planned::Replica(replica) => planner
+                .place_replica_offered(&*ledger, replica, &SolverChoice::Greedy, Some(mask), role_mask)
+                .map(|placement| {
+                    let mut members: Vec<(usize, u32, HostId, GpuMask)> = placement
+                        .parts
+                        .iter()
+                        .flat_map(|part| {
+                            let role = replica.roles.iter().position(|r| r.name == part.role).unwrap_or(0);
+                            part.placement.members.iter().map(move |m| (role, m.member, m.host, m.gpus))
+                        })
+                        .collect();
+                    members.sort_by_key(|&(role, member, _, _)| (role, member));
+                    let slots = members.into_iter().map(|(role, _, host, gpus)| Slot::of_role(role, host, gpus));
+                    (slots.collect(), placement.holding())
+                })
+                .map_err(|unplaced| unplaced.reason),
+        })
+    }
+
+    /// The member's slot in its gang's plan: kept if it has one, by rank (within its role
+    /// `role`, 0 for a gang of one shape) if it says one, else the role's first free slot. A
+    /// new member refreshes the reservation's expiry.
     fn assign_slot(
         &mut self,
         key: &str,
         demand: &PodDemand,
         membership: &GangMembership,
+        role: usize,
         now_ms: u64,
     ) -> Result<usize, BookError> {
         let ttl = self.config.reservation_ttl_ms;
@@ -140,20 +209,22 @@ impl Book {
         let Some(reservation) = self.gangs.get_mut(key) else {
             return Err(BookError::NotPlanned { pod: demand.pod.to_string() });
         };
-        let by_rank = membership.rank.map(|r| r as usize).filter(|&r| r < reservation.slots.len()).filter(|&r| {
-            let slot = &reservation.slots[r];
+        let of_role: Vec<usize> = (0..reservation.slots.len()).filter(|&i| reservation.slots[i].role == role).collect();
+        let by_rank = membership.rank.and_then(|r| of_role.get(r as usize).copied()).filter(|&i| {
+            let slot = &reservation.slots[i];
             slot.pod.is_none() || !slot.at_bind
         });
         // Without a free slot, a newcomer without a rank takes one whose pod's hold lapsed:
         // the pod watch sees bound pods only, so a parked member deleted and replaced still
         // holds its slot.
-        let free = reservation.slots.iter().position(|s| s.pod.is_none());
-        let lapsed = membership.rank.is_none().then(|| reservation.slots.iter().position(|s| s.lapsed)).flatten();
+        let free = of_role.iter().copied().find(|&i| reservation.slots[i].pod.is_none());
+        let lapsed =
+            membership.rank.is_none().then(|| of_role.iter().copied().find(|&i| reservation.slots[i].lapsed)).flatten();
         let Some(slot) = by_rank.or(free).or(lapsed) else {
             return Err(BookError::GangFull {
                 pod: demand.pod.to_string(),
                 gang: key.to_string(),
-                size: reservation.gang.members,
+                size: reservation.planned.members(),
             });
         };
         // A rank taken by another pod that has not reached bind belongs to a pod that was
@@ -174,7 +245,6 @@ impl Book {
     /// between like nodes, follows the choice; nodes the pod does not fit get 0. A pod bound
     /// already gets 10 on its node only.
     pub fn prioritize(&mut self, demand: &PodDemand, offered: &[HostId], now_ms: u64) -> Result<Vec<i64>, BookError> {
-        let gang = demand.gang()?;
         self.lapse_assumptions(now_ms);
         let planned = match &demand.gang {
             Some(membership) => {
@@ -191,6 +261,7 @@ impl Book {
         if demand.gang.is_some() || planned.is_some() {
             return Ok(offered.iter().map(|&h| if Some(h) == planned { 10 } else { 0 }).collect());
         }
+        let gang = demand.gang()?;
         let (totals, chosen) = self.assume_best(demand, &gang, offered, now_ms);
         let best = totals.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
         let worst = totals.iter().flatten().copied().fold(f64::INFINITY, f64::min);
@@ -398,7 +469,12 @@ impl Book {
     /// keep those where the eviction lets the pod's whole gang fit with this pod on that node,
     /// and where no victim is part of a gang some of whose members would stay.
     pub fn preempt(&mut self, demand: &PodDemand, candidates: &[PreemptCandidate]) -> Result<Vec<bool>, BookError> {
-        let gang = demand.gang()?;
+        let (shape, own) = match demand.replica()? {
+            // A GPU-less role frees nothing it needs by evicting GPU pods.
+            Some((replica, own)) if replica.roles[own].gang.is_none() => return Ok(vec![false; candidates.len()]),
+            Some((replica, own)) => (Planned::Replica(Box::new(replica)), own),
+            None => (Planned::Gang(demand.gang()?), 0),
+        };
         let planned = demand.gang.as_ref().and_then(|m| {
             let slot = self.slot_of(&m.key, &demand.pod.uid)?;
             self.gangs.get(&m.key).map(|g| g.slots[slot].host)
@@ -431,13 +507,24 @@ impl Book {
             }
             let host = candidate.host;
             let fits = self.with_planner(|planner, _| {
-                if demand.gang.is_none() {
-                    return matches!(planner.fit_hosts(&trial, &gang, &[host]).first(), Some(None));
-                }
                 let all = vec![true; planner.cluster().hosts.len()];
-                planner
-                    .place(&trial, PlaceRequest::new(&gang).within(Some(&all)))
-                    .is_ok_and(|p| p.members.iter().any(|m| m.host == host))
+                match &shape {
+                    Planned::Gang(gang) if demand.gang.is_none() => {
+                        matches!(planner.fit_hosts(&trial, gang, &[host]).first(), Some(None))
+                    }
+                    Planned::Gang(gang) => planner
+                        .place(&trial, PlaceRequest::new(gang).within(Some(&all)))
+                        .is_ok_and(|p| p.members.iter().any(|m| m.host == host)),
+                    // The pod's own role must have a member on the candidate.
+                    Planned::Replica(replica) => {
+                        planner.place_replica(&trial, replica, &SolverChoice::Greedy, Some(&all)).is_ok_and(|p| {
+                            p.parts
+                                .iter()
+                                .filter(|part| part.role == replica.roles[own].name)
+                                .any(|part| part.placement.members.iter().any(|m| m.host == host))
+                        })
+                    }
+                }
             });
             keep.push(fits);
         }

@@ -18,6 +18,8 @@
 
 mod api;
 mod extender;
+#[cfg(test)]
+mod role_tests;
 mod scheduler;
 #[cfg(test)]
 mod tests;
@@ -32,12 +34,12 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-use topoplace_engine::ledger::{indices_mask, mask_indices, merge_by_host, Ledger, LedgerError};
+use topoplace_engine::ledger::{indices_mask, mask_indices, merge_by_host, Holding, Ledger, LedgerError};
 use topoplace_engine::placement::{
-    HostRejection, HostVerdict, MemberPlacement, PlaceRequest, Planner, PlannerConfig, PlannerParts,
+    HostRejection, HostVerdict, PlaceRequest, Planner, PlannerConfig, PlannerParts, SolverChoice,
 };
 use topoplace_engine::topology::{Cluster, GpuMask, HostId};
-use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed, Scope, WorkloadError};
+use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed, Replica, RoleSpec, Scope, WorkloadError};
 
 /// How long a planned gang keeps its GPUs after its last sign of life (planned, a member
 /// filtered, a member's held bind answered) while none of its members' binds is held, in ms.
@@ -114,6 +116,20 @@ pub struct PodDemand {
     pub required: Option<Scope>,
     pub preferred: Option<Scope>,
     pub gang: Option<GangMembership>,
+    /// Set when the pod's gang is a replica with roles (`topoplace.io/roles`): then
+    /// `required` and `preferred` are the whole replica's scope, `gang.size` counts the pods
+    /// of every role, `gang.rank` is the pod's rank within its own role, and the roles carry
+    /// parallelism and memory (the pod-level fields are unused).
+    pub roles: Option<RoleDemand>,
+}
+
+/// A pod of a replica with roles: which role it fills, and the replica's roles as every pod
+/// of the replica describes them alike.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoleDemand {
+    /// The pod's own role, by name: one of `roles`.
+    pub role: String,
+    pub roles: Vec<RoleSpec>,
 }
 
 impl PodDemand {
@@ -140,6 +156,59 @@ impl PodDemand {
             pod: self.pod.to_string(),
             source: WorkloadError::Zero { gang: name, field: "members" },
         })
+    }
+
+    /// The replica this pod is part of and the index of its own role in it, when its gang has
+    /// roles ([`PodDemand::roles`]); `None` for a gang of one shape or a single pod. Errors:
+    /// roles that do not validate (a role of 0 members, a slice that does not divide its
+    /// role, two roles of one name), a pod with roles outside a gang, an unknown own role, a
+    /// gang size that is not the roles' members together, a GPU count not its role's.
+    pub fn replica(&self) -> Result<Option<(Replica, usize)>, BookError> {
+        let Some(roles) = &self.roles else { return Ok(None) };
+        let pod = self.pod.to_string();
+        let mismatch = |detail: String| BookError::RoleMismatch { pod: pod.clone(), detail };
+        let Some(membership) = &self.gang else {
+            return Err(mismatch("a pod with roles must belong to a gang (a replica with roles is one gang)".into()));
+        };
+        let spec = GangSpec {
+            required: self.required.clone(),
+            preferred: self.preferred.clone(),
+            roles: roles.roles.clone(),
+            ..GangSpec::shape(&membership.key, 1, 1, 1)
+        };
+        spec.validate().map_err(|source| BookError::Demand { pod: pod.clone(), source })?;
+        let Some(replica) = spec.expand_replicas().into_iter().next() else {
+            return Err(mismatch("its roles describe no replica".into()));
+        };
+        let Some(own) = replica.roles.iter().position(|r| r.name == roles.role) else {
+            let names: Vec<&str> = replica.roles.iter().map(|r| r.name.as_str()).collect();
+            return Err(mismatch(format!(
+                "its role `{}` is not one of the replica's roles ({})",
+                roles.role,
+                names.join(", ")
+            )));
+        };
+        let members: u32 = replica.roles.iter().map(|r| r.members).sum();
+        if members != membership.size {
+            return Err(mismatch(format!(
+                "gang `{}` counts {} pods, but its roles have {members} members together",
+                membership.key, membership.size
+            )));
+        }
+        let role_gpus = replica.roles[own].gang.as_ref().map_or(0, |g| g.gpus_per_member);
+        if role_gpus != self.gpus {
+            return Err(mismatch(format!(
+                "it asks for {} nvidia.com/gpu, but its role `{}` has {role_gpus} GPUs per member",
+                self.gpus, roles.role
+            )));
+        }
+        if let Some(rank) = membership.rank.filter(|&r| r >= replica.roles[own].members) {
+            return Err(mismatch(format!(
+                "its rank {rank} is past its role `{}`, which has {} members",
+                roles.role, replica.roles[own].members
+            )));
+        }
+        Ok(Some((replica, own)))
     }
 }
 
@@ -194,6 +263,10 @@ pub enum BookError {
     InFlight { gang: String },
     #[error("gang `{gang}`: {pods} pods for {members} planned members")]
     MemberCount { gang: String, pods: usize, members: usize },
+    #[error("pod {pod}: {detail} (nothing is held for this pod)")]
+    RoleMismatch { pod: String, detail: String },
+    #[error("gang `{gang}` is reserved already (by the extender or the placement API), as another plan")]
+    AlreadyPlanned { gang: String },
 }
 
 /// One node's answer to a filter call.
@@ -315,6 +388,8 @@ pub const LEDGER_FAULTS_KEPT_MAX: usize = 16;
 
 #[derive(Debug, Clone)]
 struct Slot {
+    /// The member's role: an index into the replica's roles (0 for a gang of one shape).
+    role: usize,
     host: HostId,
     gpus: GpuMask,
     pod: Option<PodIdentity>,
@@ -330,13 +405,36 @@ struct Slot {
 impl Slot {
     /// A member's place in a new plan, no pod in it yet.
     fn planned(host: HostId, gpus: GpuMask) -> Self {
-        Slot { host, gpus, pod: None, at_bind: false, held_until_ms: 0, lapsed: false }
+        Slot::of_role(0, host, gpus)
+    }
+
+    /// A member of role `role` (an index into the replica's roles) in a new plan.
+    fn of_role(role: usize, host: HostId, gpus: GpuMask) -> Self {
+        Slot { role, host, gpus, pod: None, at_bind: false, held_until_ms: 0, lapsed: false }
+    }
+}
+
+/// What a reservation was planned for: a gang of one shape, or a replica with roles (whose
+/// slots are the members of its roles that take GPUs, role by role, in rank order).
+#[derive(Debug, Clone)]
+enum Planned {
+    Gang(Gang),
+    Replica(Box<Replica>),
+}
+
+impl Planned {
+    /// Pods of the gang, GPU-less roles counted.
+    fn members(&self) -> u32 {
+        match self {
+            Planned::Gang(gang) => gang.members,
+            Planned::Replica(replica) => replica.roles.iter().map(|r| r.members).sum(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 struct GangReservation {
-    gang: Gang,
+    planned: Planned,
     slots: Vec<Slot>,
     expires_at_ms: u64,
     /// Bindings are in flight: the reservation neither expires nor re-plans.
@@ -711,7 +809,7 @@ impl Book {
             .iter()
             .map(|(key, g)| GangState {
                 gang: key.clone(),
-                members: g.gang.members,
+                members: g.planned.members(),
                 binding: g.binding,
                 expires_in_ms: next_deadline(g, self.config.bind_hold_ms).saturating_sub(now_ms),
                 slots: g
@@ -779,10 +877,64 @@ pub fn gang_shape_difference(a: &Gang, b: &Gang) -> Option<(&'static str, String
     fields.into_iter().find(|(_, x, y)| x != y)
 }
 
+/// The field in which pods of a replica with roles describe it, as a shape difference names it.
+pub const ROLES_FIELD: &str = "topoplace.io/roles";
+
+/// The first field in which two descriptions of one replica with roles differ (`a`'s value
+/// first): the roles as a whole (names, members, GPUs, parallelism, memory floor, scopes,
+/// slices), then the replica's own scope.
+pub fn replica_shape_difference(a: &Replica, b: &Replica) -> Option<(&'static str, String, String)> {
+    let scope = |s: &Option<Scope>| s.as_ref().map_or_else(|| "none".to_string(), ToString::to_string);
+    let fields = [
+        (ROLES_FIELD, roles_text(a), roles_text(b)),
+        ("topoplace.io/topology-required", scope(&a.required), scope(&b.required)),
+        ("topoplace.io/topology-preferred", scope(&a.preferred), scope(&b.preferred)),
+    ];
+    fields.into_iter().find(|(_, x, y)| x != y)
+}
+
+/// A replica's roles in one line, for shape differences:
+/// `leader 1x4 GPUs (TP 1, PP 1); worker 2x8 GPUs (TP 8, PP 1, required leaf)`.
+pub fn roles_text(replica: &Replica) -> String {
+    let role_text = |role: &topoplace_engine::workload::Role| {
+        let Some(gang) = &role.gang else { return format!("{} {}x0 GPUs", role.name, role.members) };
+        let mut details = vec![format!("TP {}", gang.tensor_parallel), format!("PP {}", gang.pipeline_parallel)];
+        if gang.memory_floor_mib > 0 {
+            details.push(format!("{} MiB per GPU", gang.memory_floor_mib));
+        }
+        if let Some(required) = &gang.required {
+            details.push(format!("required {required}"));
+        }
+        if let Some(preferred) = &gang.preferred {
+            details.push(format!("preferred {preferred}"));
+        }
+        if let Some(slices) = &role.slices {
+            details.push(format!("slices of {} in {}", slices.members, slices.scope));
+        }
+        format!("{} {}x{} GPUs ({})", role.name, role.members, gang.gpus_per_member, details.join(", "))
+    };
+    replica.roles.iter().map(role_text).collect::<Vec<_>>().join("; ")
+}
+
+/// The first difference between two plans' shapes: [`gang_shape_difference`] for two gangs,
+/// [`replica_shape_difference`] for two replicas, [`ROLES_FIELD`] for one of each.
+fn planned_difference(a: &Planned, b: &Planned) -> Option<(&'static str, String, String)> {
+    let text = |planned: &Planned| match planned {
+        Planned::Gang(_) => "no roles".to_string(),
+        Planned::Replica(replica) => roles_text(replica),
+    };
+    match (a, b) {
+        (Planned::Gang(a), Planned::Gang(b)) => gang_shape_difference(a, b),
+        (Planned::Replica(a), Planned::Replica(b)) => replica_shape_difference(a, b),
+        (a, b) => Some((ROLES_FIELD, text(a), text(b))),
+    }
+}
+
 /// What the pods of a gang the placement API reserved must agree with it on: its size and GPUs
-/// per member. They are the first two fields [`gang_shape_difference`] compares, so a
-/// difference in them is the one it returns.
-const RESERVED_FIELDS: [&str; 2] = ["the gang's size", "nvidia.com/gpu per member"];
+/// per member, and having no roles (the API reserves gangs of one shape). The size and GPUs
+/// are the first two fields [`gang_shape_difference`] compares, so a difference in them is
+/// the one it returns.
+const RESERVED_FIELDS: [&str; 3] = ["the gang's size", "nvidia.com/gpu per member", ROLES_FIELD];
 
 /// A member arriving at a planned gang must describe it as the gang was planned: refused,
 /// naming both pods (or the placement API's reservation) and the field, when it does not. The
@@ -793,8 +945,11 @@ fn check_shape(
     reservation: &GangReservation,
     membership: &GangMembership,
 ) -> Result<(), BookError> {
-    let ours = demand.gang()?;
-    let mut difference = gang_shape_difference(&ours, &reservation.gang);
+    let ours = match demand.replica()? {
+        Some((replica, _)) => Planned::Replica(Box::new(replica)),
+        None => Planned::Gang(demand.gang()?),
+    };
+    let mut difference = planned_difference(&ours, &reservation.planned);
     if reservation.planned_by.is_none() {
         difference = difference.filter(|(field, _, _)| RESERVED_FIELDS.contains(field));
     }

@@ -14,6 +14,28 @@ impl Book {
         self.with_planner(|planner, ledger| planner.place(ledger, PlaceRequest::new(gang).within(Some(allowed))))
     }
 
+    /// The secondary scheduler's plan for a replica with roles on the allowed hosts, nothing
+    /// held: per member that takes GPUs, role by role and in member order within a role, its
+    /// role's index, host and GPUs. Errors say why it does not fit.
+    pub fn plan_replica_within(
+        &mut self,
+        replica: &Replica,
+        allowed: &[bool],
+    ) -> Result<Vec<(usize, HostId, GpuMask)>, String> {
+        let (slots, _) = self.plan_slots(&Planned::Replica(Box::new(replica.clone())), allowed, None)?;
+        Ok(slots.iter().map(|s| (s.role, s.host, s.gpus)).collect())
+    }
+
+    /// The node label that says the domain of the replica's required level its planned hosts
+    /// share (`network.topology.nvidia.com/leaf` = `r1`): where its GPU-less pods must go
+    /// too. `None` when its required scope is not a topology level or there are no hosts.
+    pub fn region_label(&self, replica: &Replica, hosts: &[HostId]) -> Option<(String, String)> {
+        let Some(Scope::Level(level)) = &replica.required else { return None };
+        let key = self.cluster.levels.get(self.cluster.level_index(level)?)?;
+        let value = self.cluster.host(*hosts.first()?).labels.get(key)?;
+        Some((key.clone(), value.clone()))
+    }
+
     /// Of the allowed hosts, those on which `gang` could take GPUs if GPUs were freed there
     /// (its product, memory class and links fit): what a starving gang has first call on.
     pub fn hosts_wanted_by(&mut self, gang: &Gang, allowed: &[bool]) -> Vec<bool> {
@@ -31,6 +53,58 @@ impl Book {
         })
     }
 
+    /// The secondary scheduler's hold of a replica with roles: `pods[i]` gets `planned[i]`
+    /// (from [`Book::plan_replica_within`]: role, host, GPUs), all held and in flight at once.
+    /// Errors: a reservation under `key` already (made by the extender or the placement API),
+    /// pods and plan of different lengths, GPUs the ledger no longer has free. Finish with
+    /// [`Book::bind_finished`].
+    pub fn hold_replica_for_bind(
+        &mut self,
+        key: &str,
+        replica: Replica,
+        planned: &[(usize, HostId, GpuMask)],
+        pods: &[PodIdentity],
+        now_ms: u64,
+    ) -> Result<(Ticket, Vec<MemberBind>), BookError> {
+        if self.gangs.contains_key(key) {
+            return Err(BookError::AlreadyPlanned { gang: key.to_string() });
+        }
+        if planned.len() != pods.len() {
+            return Err(BookError::MemberCount { gang: key.into(), pods: pods.len(), members: planned.len() });
+        }
+        let first = pods.first().map(|p| p.to_string()).unwrap_or_default();
+        self.ledger
+            .reserve(&gang_holder(key), &merge_by_host(planned.iter().map(|&(_, host, gpus)| (host, gpus))))
+            .map_err(|source| BookError::Ledger { pod: first, source })?;
+        let mut slots = Vec::with_capacity(pods.len());
+        let mut members = Vec::with_capacity(pods.len());
+        for (&(role, host, gpus), pod) in planned.iter().zip(pods) {
+            let mut slot = Slot::of_role(role, host, gpus);
+            (slot.pod, slot.at_bind) = (Some(pod.clone()), true);
+            slots.push(slot);
+            members.push(MemberBind {
+                pod: pod.clone(),
+                host,
+                node: self.cluster.host(host).name.clone(),
+                gpus: mask_indices(gpus),
+            });
+        }
+        self.gangs.insert(
+            key.to_string(),
+            GangReservation {
+                planned: Planned::Replica(Box::new(replica)),
+                slots,
+                expires_at_ms: now_ms,
+                binding: true,
+                origin: None,
+                first_held_ms: None,
+                planned_by: pods.first().cloned(),
+            },
+        );
+        self.stats.gangs_reserved += 1;
+        Ok((Ticket::Gang(key.to_string()), members))
+    }
+
     /// The planned hosts of a gang reserved and not yet binding (through the placement API),
     /// in member order.
     pub fn reserved_hosts(&self, gang: &str) -> Option<Vec<HostId>> {
@@ -43,7 +117,8 @@ impl Book {
     /// reservation's.
     pub fn reserved_shape_difference(&self, key: &str, gang: &Gang) -> Option<(&'static str, String, String)> {
         let reservation = self.gangs.get(key)?;
-        gang_shape_difference(gang, &reservation.gang).filter(|(field, _, _)| RESERVED_FIELDS.contains(field))
+        planned_difference(&Planned::Gang(gang.clone()), &reservation.planned)
+            .filter(|(field, _, _)| RESERVED_FIELDS.contains(field))
     }
 
     /// The secondary scheduler's hold: `pods` (in rank order, one per planned member) get
@@ -88,7 +163,7 @@ impl Book {
             self.gangs.insert(
                 key.to_string(),
                 GangReservation {
-                    gang,
+                    planned: Planned::Gang(gang),
                     slots,
                     expires_at_ms: now_ms,
                     binding: false,

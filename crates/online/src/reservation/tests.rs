@@ -35,6 +35,7 @@ fn member(gang: &str, size: u32, rank: u32, gpus: u32) -> PodDemand {
         required: None,
         preferred: None,
         gang: Some(GangMembership { key: format!("ns/{gang}"), size, rank: Some(rank) }),
+        roles: None,
     }
 }
 

@@ -611,6 +611,17 @@ impl Scheduler {
     /// The GPU hosts a starving unit could use: held back from the units behind it.
     fn wanted_hosts(&self, book: &mut Book, members: &[PendingPod]) -> Option<Vec<bool>> {
         let first = members.first()?;
+        if let Ok(Some((replica, _))) = first.demand.replica() {
+            // A replica wants the hosts any of its roles could use.
+            let allowed = self.allowed_hosts(book, members, None).0;
+            let mut wanted = vec![false; allowed.len()];
+            for gang in replica.gangs() {
+                for (flag, want) in wanted.iter_mut().zip(book.hosts_wanted_by(gang, &allowed)) {
+                    *flag |= want;
+                }
+            }
+            return Some(wanted);
+        }
         if first.demand.gpus == 0 {
             return None;
         }
@@ -669,6 +680,9 @@ impl Scheduler {
         held_back: Option<&[bool]>,
         now_ms: u64,
     ) -> Result<Decision, String> {
+        if members.iter().any(|m| m.demand.roles.is_some()) {
+            return self.try_place_replica(book, key, members, held_back, now_ms);
+        }
         let gpus = members[0].demand.gpus;
         if members.iter().any(|m| m.demand.gpus != gpus) {
             let shapes: Vec<String> =
@@ -722,20 +736,10 @@ impl Scheduler {
         // out and the gang planned again.
         for _ in 0..4 {
             let candidates = allowed.iter().filter(|&&a| a).count();
-            let placement = match book.plan_within(&gang, &allowed) {
-                Ok(placement) => placement,
-                Err(_) if candidates == 0 => return Err(predicates::summary(self.nodes.len(), &reasons)),
-                Err(unplaced) => {
-                    let mut message = predicates::summary(self.nodes.len(), &reasons);
-                    message.push_str(&format!(
-                        " GPUs: gang `{}` ({} GPUs) does not fit on the {candidates} node(s) left: {}",
-                        gang.name,
-                        gang.total_gpus(),
-                        unplaced.reason
-                    ));
-                    return Err(message);
-                }
-            };
+            let placement = book.plan_within(&gang, &allowed).map_err(|unplaced| {
+                let what = format!("gang `{}` ({} GPUs)", gang.name, gang.total_gpus());
+                self.not_fitting(&reasons, candidates, &what, &unplaced.reason)
+            })?;
             let planned: Vec<String> =
                 placement.members.iter().map(|m| book.cluster().host(m.host).name.clone()).collect();
             match self.co_located_fit(members, &planned) {
@@ -743,14 +747,140 @@ impl Scheduler {
                     let holding: Vec<(HostId, u64)> = placement.members.iter().map(|m| (m.host, m.gpus)).collect();
                     return self.hold_and_start(book, key, (gang_key.as_deref(), gang), &holding, members, now_ms);
                 }
-                Err((node, message)) => {
-                    let Some(host) = book.cluster().host_id(&node) else { return Err(message) };
-                    allowed[host as usize] = false;
-                    *reasons.entry("Insufficient resources for the members planned together".into()).or_insert(0) += 1;
-                }
+                Err((node, message)) => leave_out(book, &mut allowed, &mut reasons, &node, message)?,
             }
         }
         Err(format!("gang `{key}`: no placement left whose members fit together by CPU and memory"))
+    }
+
+    /// [`Scheduler::try_place`] for a replica with roles: every member must describe the same
+    /// roles and every role must have its pods; the members that take GPUs are planned by the
+    /// book's replica search on the hosts where all of them pass the predicates, the GPU-less
+    /// ones by the predicates alone, on nodes of the replica's required domain when that is a
+    /// topology level (a node without the level's label is outside it); all of them fit their
+    /// nodes together, then all are held and bound as one ticket (a failed Binding rolls the
+    /// whole replica back, GPU-less pods included).
+    fn try_place_replica(
+        &mut self,
+        book: &mut Book,
+        key: &UnitKey,
+        members: &[PendingPod],
+        held_back: Option<&[bool]>,
+        now_ms: u64,
+    ) -> Result<Decision, String> {
+        let first = &members[0].demand.pod;
+        let describe = |member: &PendingPod| member.demand.replica().map_err(|e| e.to_string());
+        let Some((replica, _)) = describe(&members[0])? else {
+            return Err(format!(
+                "gang `{key}`: {first} has no roles (topoplace.io/roles) but others of its gang do; every member must \
+                 describe its gang alike"
+            ));
+        };
+        let mut roles_of = Vec::with_capacity(members.len());
+        for member in members {
+            let Some((theirs, own)) = describe(member)? else {
+                return Err(format!(
+                    "gang `{key}`: {} has no roles (topoplace.io/roles) but {first} has; every member must describe \
+                     its gang alike",
+                    member.demand.pod
+                ));
+            };
+            if let Some((field, ours, other)) = crate::reservation::replica_shape_difference(&replica, &theirs) {
+                return Err(format!(
+                    "gang `{key}`: its members disagree on {field}: {first} says {ours}, {} says {other}; every member \
+                     must describe its gang alike",
+                    member.demand.pod
+                ));
+            }
+            roles_of.push(own);
+        }
+        for (index, role) in replica.roles.iter().enumerate() {
+            let count = roles_of.iter().filter(|&&r| r == index).count();
+            if count != role.members as usize {
+                return Err(format!(
+                    "gang `{key}`: role `{}` has {} members, but {count} of the gang's pods are in it",
+                    role.name, role.members
+                ));
+            }
+        }
+        let gang_key = key.gang().unwrap_or_default().to_string();
+        if book.reserved_hosts(&gang_key).is_some() {
+            return Err(format!(
+                "gang `{key}` is reserved through the placement API as a gang of one shape, but its pods describe \
+                 roles (topoplace.io/roles)"
+            ));
+        }
+        // Members that take GPUs, per role in rank order (the order `members` has).
+        let gpu_members: Vec<(usize, &PendingPod)> =
+            roles_of.iter().copied().zip(members).filter(|(_, m)| m.demand.gpus > 0).collect();
+        let gpu_less: Vec<&PendingPod> = members.iter().filter(|m| m.demand.gpus == 0).collect();
+        let gpu_pods: Vec<PendingPod> = gpu_members.iter().map(|(_, m)| (*m).clone()).collect();
+        let (mut allowed, mut reasons) = self.allowed_hosts(book, &gpu_pods, held_back);
+        for _ in 0..4 {
+            let candidates = allowed.iter().filter(|&&a| a).count();
+            let planned = book.plan_replica_within(&replica, &allowed).map_err(|reason| {
+                let what = format!("replica `{key}` ({} GPUs in its roles)", replica.total_gpus());
+                self.not_fitting(&reasons, candidates, &what, &reason)
+            })?;
+            // Slots come role by role in member order; each role's pods take them in rank order.
+            let mut taken = vec![false; planned.len()];
+            let mut order: Vec<PendingPod> = Vec::with_capacity(planned.len());
+            let mut nodes: Vec<String> = Vec::with_capacity(members.len());
+            let mut slots: Vec<(usize, HostId, u64)> = Vec::with_capacity(planned.len());
+            for &(role, member) in &gpu_members {
+                let Some(slot) = (0..planned.len()).find(|&i| !taken[i] && planned[i].0 == role) else {
+                    return Err(format!(
+                        "gang `{key}`: the plan has no place for {} of role {role}",
+                        member.demand.pod
+                    ));
+                };
+                taken[slot] = true;
+                slots.push(planned[slot]);
+                nodes.push(book.cluster().host(planned[slot].1).name.clone());
+                order.push(member.clone());
+            }
+            let hosts: Vec<HostId> = slots.iter().map(|s| s.1).collect();
+            let region = book.region_label(&replica, &hosts);
+            // GPU-less members, after the GPU members' usage on their nodes.
+            let mut scratch: HashMap<String, Resources> = HashMap::new();
+            for (member, node) in order.iter().zip(&nodes) {
+                let used =
+                    scratch.entry(node.clone()).or_insert_with(|| self.usage.get(node).cloned().unwrap_or_default());
+                predicates::add_usage(used, &member.needs.requests, 1);
+            }
+            let mut plain = Vec::with_capacity(gpu_less.len());
+            for member in &gpu_less {
+                let node = self.node_without_gpus(member, &mut scratch, region.as_ref()).map_err(|why| {
+                    let inside = region.as_ref().map(|(k, v)| format!(" inside {k}={v}")).unwrap_or_default();
+                    format!("gang `{key}`: no node{inside} for its GPU-less pod {}: {why}", member.demand.pod)
+                })?;
+                plain.push(((*member).clone(), node));
+            }
+            match self.co_located_fit(&order, &nodes) {
+                Ok(()) => {
+                    let pods: Vec<PodIdentity> = order.iter().map(|m| m.demand.pod.clone()).collect();
+                    let (ticket, binds) = book
+                        .hold_replica_for_bind(&gang_key, replica, &slots, &pods, now_ms)
+                        .map_err(|e| e.to_string())?;
+                    let mut chosen: Vec<(PodIdentity, String, Vec<u8>)> =
+                        binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect();
+                    chosen.extend(plain.into_iter().map(|(m, node)| (m.demand.pod, node, Vec::new())));
+                    return Ok(self.start(key, BindTicket::Book(ticket), chosen, members, now_ms));
+                }
+                Err((node, message)) => leave_out(book, &mut allowed, &mut reasons, &node, message)?,
+            }
+        }
+        Err(format!("gang `{key}`: no placement left whose members fit together by CPU and memory"))
+    }
+
+    /// Why a unit found no place: the predicates' summary over every node, then, when some
+    /// node was left, why `what` did not fit on those.
+    fn not_fitting(&self, reasons: &BTreeMap<String, usize>, candidates: usize, what: &str, reason: &str) -> String {
+        let mut message = predicates::summary(self.nodes.len(), reasons);
+        if candidates > 0 {
+            message.push_str(&format!(" GPUs: {what} does not fit on the {candidates} node(s) left: {reason}"));
+        }
+        message
     }
 
     /// Holds the plan (or adopts the API's reservation) in the book and starts the Bindings.
@@ -790,36 +920,55 @@ impl Scheduler {
     /// Pods that need no GPUs: each member on the node with the most room (kube-scheduler's
     /// LeastAllocated), preferring nodes without GPUs so GPU hosts keep their CPU and memory.
     fn place_without_gpus(&mut self, key: &UnitKey, members: &[PendingPod], now_ms: u64) -> Result<Decision, String> {
-        let empty = Resources::new();
         let mut scratch: HashMap<String, Resources> = HashMap::new();
         let mut chosen = Vec::new();
         for member in members {
-            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-            let mut best: Option<(bool, i64, &str)> = None;
-            for (name, node) in &self.nodes {
-                let used = scratch.get(name).or_else(|| self.usage.get(name)).unwrap_or(&empty);
-                match predicates::check(node, used, &member.needs) {
-                    Ok(()) => {
-                        let has_gpus = node.allocatable.get(predicates::GPU_RESOURCE).is_some_and(|&g| g > 0);
-                        let room = free_share_per_mille(node, used);
-                        let candidate = (!has_gpus, room, name.as_str());
-                        if best.is_none_or(|b| (candidate.0, candidate.1) > (b.0, b.1)) {
-                            best = Some(candidate);
-                        }
-                    }
-                    Err(unfit) => *reasons.entry(unfit.to_string()).or_insert(0) += 1,
-                }
-            }
-            let Some((_, _, node)) = best else {
-                return Err(predicates::summary(self.nodes.len(), &reasons));
-            };
-            let node = node.to_string();
-            let used =
-                scratch.entry(node.clone()).or_insert_with(|| self.usage.get(&node).cloned().unwrap_or_default());
-            predicates::add_usage(used, &member.needs.requests, 1);
+            let node = self.node_without_gpus(member, &mut scratch, None)?;
             chosen.push((member.demand.pod.clone(), node, Vec::new()));
         }
         Ok(self.start(key, BindTicket::Plain(key.clone()), chosen, members, now_ms))
+    }
+
+    /// The node for one pod that needs no GPUs: the most room (LeastAllocated), nodes without
+    /// GPUs first, only nodes labelled `region` (key, value) when given; its requests are
+    /// added to `scratch` (usage by node, over the recorded usage). The error summarises why
+    /// the nodes failed the predicates.
+    fn node_without_gpus(
+        &self,
+        member: &PendingPod,
+        scratch: &mut HashMap<String, Resources>,
+        region: Option<&(String, String)>,
+    ) -> Result<String, String> {
+        let empty = Resources::new();
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        let mut best: Option<(bool, i64, &str)> = None;
+        for (name, node) in &self.nodes {
+            if let Some((label, value)) = region {
+                if node.labels.get(label) != Some(value) {
+                    *reasons.entry(format!("node(s) were outside the replica's {label}={value}")).or_insert(0) += 1;
+                    continue;
+                }
+            }
+            let used = scratch.get(name).or_else(|| self.usage.get(name)).unwrap_or(&empty);
+            match predicates::check(node, used, &member.needs) {
+                Ok(()) => {
+                    let has_gpus = node.allocatable.get(predicates::GPU_RESOURCE).is_some_and(|&g| g > 0);
+                    let room = free_share_per_mille(node, used);
+                    let candidate = (!has_gpus, room, name.as_str());
+                    if best.is_none_or(|b| (candidate.0, candidate.1) > (b.0, b.1)) {
+                        best = Some(candidate);
+                    }
+                }
+                Err(unfit) => *reasons.entry(unfit.to_string()).or_insert(0) += 1,
+            }
+        }
+        let Some((_, _, node)) = best else {
+            return Err(predicates::summary(self.nodes.len(), &reasons));
+        };
+        let node = node.to_string();
+        let used = scratch.entry(node.clone()).or_insert_with(|| self.usage.get(&node).cloned().unwrap_or_default());
+        predicates::add_usage(used, &member.needs.requests, 1);
+        Ok(node)
     }
 
     /// Assumes the unit's pods on their nodes and marks the ticket in flight.
@@ -948,4 +1097,19 @@ fn free_share_per_mille(node: &NodeFacts, used: &Resources) -> i64 {
         })
         .min()
         .unwrap_or(1000)
+}
+
+/// Leaves `node` out of the next plan (its members did not fit it together), counting why; the
+/// error is `message` when the node is not in the book's view.
+fn leave_out(
+    book: &Book,
+    allowed: &mut [bool],
+    reasons: &mut BTreeMap<String, usize>,
+    node: &str,
+    message: String,
+) -> Result<(), String> {
+    let Some(host) = book.cluster().host_id(node) else { return Err(message) };
+    allowed[host as usize] = false;
+    *reasons.entry("Insufficient resources for the members planned together".into()).or_insert(0) += 1;
+    Ok(())
 }

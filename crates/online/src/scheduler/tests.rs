@@ -64,6 +64,7 @@ fn pending(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu_milli: i64
             required: None,
             preferred: None,
             gang: gang.map(|(g, size, rank)| GangMembership { key: format!("ns/{g}"), size, rank: Some(rank) }),
+            roles: None,
         },
         needs: PodNeeds { requests: Resources::from([("cpu".to_string(), cpu_milli)]), ..PodNeeds::default() },
         priority: 0,
@@ -602,4 +603,126 @@ fn check_world(book: &Book, scheduler: &Scheduler, api: &BTreeMap<String, SimPod
     for node in facts {
         assert!(cpu.get(&node.name).copied().unwrap_or(0) <= node.allocatable["cpu"], "{} over its CPU", node.name);
     }
+}
+
+/// A pod of replica `gang` with `roles`, in role `role` at `rank` within it, asking the
+/// role's GPUs and 1 CPU; the replica must stay in one rack.
+fn role_pod(gang: &str, roles: &[topoplace_engine::workload::RoleSpec], role: &str, rank: u32) -> PendingPod {
+    let size = roles.iter().map(|r| r.members).sum();
+    let gpus = roles.iter().find(|r| r.name == role).map_or(0, |r| r.gpus_per_member);
+    let mut pod = pending(&format!("{gang}-{role}-{rank}"), gpus, Some((gang, size, rank)), 1000);
+    pod.demand.required = Some(topoplace_engine::workload::Scope::parse("leaf"));
+    pod.demand.roles = Some(crate::reservation::RoleDemand { role: role.into(), roles: roles.to_vec() });
+    pod
+}
+
+/// A node without GPUs in rack `rack`.
+fn cpu_node(name: &str, rack: &str) -> NodeFacts {
+    NodeFacts {
+        name: name.into(),
+        labels: BTreeMap::from([(LEAF.to_string(), rack.to_string())]),
+        ready: true,
+        unschedulable: false,
+        taints: Vec::new(),
+        allocatable: Resources::from([
+            ("cpu".to_string(), 32_000),
+            ("memory".to_string(), 1_000_000_000_000),
+            ("pods".to_string(), 110_000),
+        ]),
+    }
+}
+
+#[test]
+fn a_replica_with_a_cpu_leader_binds_whole_with_the_leader_in_the_workers_rack() {
+    use topoplace_engine::workload::RoleSpec;
+    // Racks r0 and r1 of three 8-GPU hosts, two of r0's full, and a CPU node in each rack; a
+    // replica of a CPU-only leader, two 8-GPU workers and a 4-GPU draft model (20 GPUs) that
+    // must share one rack: r1, leader included.
+    let mut book = book_of(2, 3);
+    let mut scheduler = scheduler_on(&book);
+    let mut facts = facts_of(&book);
+    facts.push(cpu_node("cpu-r0", "r0"));
+    facts.push(cpu_node("cpu-r1", "r1"));
+    scheduler.nodes_listed(facts);
+    // Fill r0 but one host's worth of room: two 8-GPU single pods on r0-0 and r0-1.
+    for (index, node) in ["r0-0", "r0-1"].iter().enumerate() {
+        let pod = PodIdentity { namespace: "ns".into(), name: format!("busy-{index}"), uid: format!("busy-{index}") };
+        let gpus: Vec<u8> = (0..8).collect();
+        book.observe_bound(pod.clone(), node, Some(&gpus), 8, None).expect("observed");
+        scheduler.bound_applied(BoundPod { pod, node: node.to_string(), requests: Resources::new(), gang: None });
+    }
+    let roles =
+        vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 8), RoleSpec::shape("draft", 1, 4, 4)];
+    let pods = [
+        role_pod("rep", &roles, "worker", 1),
+        role_pod("rep", &roles, "leader", 0),
+        role_pod("rep", &roles, "draft", 0),
+        role_pod("rep", &roles, "worker", 0),
+    ];
+    for pod in &pods[..3] {
+        scheduler.pending_applied(pod.clone());
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(bound.is_empty(), "three of four pods: waiting");
+    assert!(messages(&other)[0].contains("3 of 4 members exist"), "{other:?}");
+    scheduler.pending_applied(pods[3].clone());
+    let (bound, other) = run(&mut scheduler, &mut book, 1, &BTreeSet::new());
+    assert!(other.is_empty(), "{other:?}");
+    let placed: BTreeMap<String, (String, usize)> =
+        bound.iter().map(|m| (m.pod.name.clone(), (m.node.clone(), m.gpus.len()))).collect();
+    assert_eq!(placed.len(), 4, "{placed:?}");
+    assert_eq!(placed["rep-leader-0"], ("cpu-r1".to_string(), 0), "the leader on the CPU node of the workers' rack");
+    assert_eq!(placed["rep-draft-0"].1, 4);
+    assert!(placed.values().all(|(node, _)| node.contains("r1")), "one rack: {placed:?}");
+    assert_ne!(placed["rep-worker-0"].0, placed["rep-worker-1"].0);
+    assert_eq!(book.ledger().free_gpus(), 48 - 16 - 20);
+}
+
+#[test]
+fn a_replica_binding_that_fails_rolls_back_every_role_and_disagreeing_pods_hold_nothing() {
+    use topoplace_engine::workload::RoleSpec;
+    let mut book = book_of(1, 3);
+    let mut scheduler = scheduler_on(&book);
+    let mut facts = facts_of(&book);
+    facts.push(cpu_node("cpu-r0", "r0"));
+    scheduler.nodes_listed(facts);
+    let roles = vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 8)];
+    for pod in [
+        role_pod("rep", &roles, "leader", 0),
+        role_pod("rep", &roles, "worker", 0),
+        role_pod("rep", &roles, "worker", 1),
+    ] {
+        scheduler.pending_applied(pod);
+    }
+    // The leader's Binding fails: the workers that bound are deleted, nothing stays held.
+    let fail = BTreeSet::from(["rep-leader-0".to_string()]);
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &fail);
+    assert!(bound.is_empty() && other.is_empty(), "{bound:?} {other:?}");
+    assert_eq!(book.ledger().free_gpus(), 24);
+
+    // A worker whose roles say TP 4: refused, naming both pods and the field, nothing held.
+    let mut scheduler = scheduler_on(&book);
+    let other_roles = vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 4)];
+    scheduler.pending_applied(role_pod("odd", &roles, "leader", 0));
+    scheduler.pending_applied(role_pod("odd", &roles, "worker", 0));
+    scheduler.pending_applied(role_pod("odd", &other_roles, "worker", 1));
+    let (bound, other) = run(&mut scheduler, &mut book, 10, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let message = messages(&other).join(" | ");
+    assert!(
+        message.contains("disagree on topoplace.io/roles")
+            && message.contains("ns/odd-leader-0")
+            && message.contains("ns/odd-worker-1"),
+        "{message}"
+    );
+    // Two pods in a role of one member.
+    let mut scheduler = scheduler_on(&book);
+    let mut second_leader = role_pod("two", &roles, "leader", 0);
+    second_leader.demand.pod = PodIdentity { namespace: "ns".into(), name: "two-leader-b".into(), uid: "b".into() };
+    for pod in [role_pod("two", &roles, "leader", 0), second_leader, role_pod("two", &roles, "worker", 0)] {
+        scheduler.pending_applied(pod);
+    }
+    let (_, other) = run(&mut scheduler, &mut book, 20, &BTreeSet::new());
+    assert!(messages(&other).join(" ").contains("role `leader` has 1 members, but 2 of the gang's pods are in it"));
+    assert_eq!(book.ledger().free_gpus(), 24, "nothing held by refused replicas");
 }
