@@ -144,8 +144,8 @@ fn a_workload_with_roles_plans_each_replica_whole_and_says_where() {
     assert!(table.contains("llama-70b-pd/prefill") && table.contains("finetune/workers[1]"), "{table}");
     assert!(table.contains("left to kube-scheduler (no GPUs): leader"), "{table}");
 
-    // The placement API plans roles as a dry run only: reserving is refused before connecting.
-    let output = topoplace(&["plan", "--workload", &workload, "--server", "http://127.0.0.1:1", "--reserve"]);
+    // The placement API does not explain roles: refused before connecting.
+    let output = topoplace(&["plan", "--workload", &workload, "--server", "http://127.0.0.1:1", "--explain"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("gang `llama-70b-pd` has roles"), "{}", stderr(&output));
 }

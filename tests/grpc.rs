@@ -667,14 +667,89 @@ async fn replicas_with_roles_are_planned_as_a_dry_run_with_every_scope_met() {
     assert_eq!(state(&mut api).await.free_gpus, 72);
 }
 
+/// A pod of the replica `team/lws` of [`reserved_roles`]: `topoplace.io/roles` as the API
+/// request gave them (the worker's TP given as `worker_tp`), its role and rank within it.
+fn lws_role_pod(name: &str, role: &str, rank: u32, gpus: u32, worker_tp: u32) -> serde_json::Value {
+    let mut member = pod("team", name, &format!("{name}-uid"), gpus, Some(("lws", 3)));
+    member["metadata"]["labels"]["topoplace.io/role"] = serde_json::json!(role);
+    member["metadata"]["labels"]["topoplace.io/rank"] = serde_json::json!(rank.to_string());
+    let roles = format!(
+        r#"[{{"name": "leader", "gpusPerMember": 4, "tensorParallel": 4}},
+            {{"name": "worker", "members": 2, "gpusPerMember": 8, "tensorParallel": {worker_tp}}}]"#
+    );
+    member["metadata"]["annotations"] = serde_json::json!({"topoplace.io/roles": roles});
+    member
+}
+
+/// A replica with roles reserved through `Plan` (not a dry run) is held under a reservation
+/// id; its pods, whose roles agree with the request, are bound onto it through the
+/// extender's verbs; a pod whose roles differ is refused naming the reservation; the same
+/// key cannot be reserved twice; and a reservation released before its pods come frees it all.
 #[tokio::test]
-async fn roles_outside_a_dry_run_plan_or_with_a_bad_shape_are_refused_naming_the_field() {
+async fn a_replica_with_roles_reserved_through_the_api_is_claimed_by_its_pods() {
+    let (http, ext, binder) = static_extender(CLUSTER, 30_000).await;
+    let mut api = client(&http.grpc).await;
+    let web = reqwest::Client::new();
+    let all_nodes: Vec<String> = state(&mut api).await.host_states.iter().map(|h| h.name.clone()).collect();
+    let good = with_roles("lws", "leaf", vec![role("leader", 1, 4, 4), role("worker", 2, 8, 8)]);
+    let held = api.plan(plan(vec![good.clone()], false)).await.expect("reserving roles").into_inner();
+    assert!(held.placed && !held.reservation_id.is_empty() && held.expires_in_ms > 0, "{held:?}");
+    let reserved: BTreeSet<String> = held.replicas[0]
+        .parts
+        .iter()
+        .flat_map(|p| p.placement.iter().flat_map(|g| g.members.iter().map(|m| m.node.clone())))
+        .collect();
+    assert_eq!(state(&mut api).await.reserved_gpus, 20);
+    let again = api.plan(plan(vec![good.clone()], false)).await.expect_err("the same key twice");
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+
+    let differing = lws_role_pod("odd", "worker", 0, 8, 4);
+    let (_, reply) =
+        post(&web, &format!("{}/filter", http.base), &serde_json::json!({"Pod": differing, "NodeNames": all_nodes}))
+            .await;
+    let error = reply["Error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("topoplace.io/roles")
+            && error.contains(&format!("placement API reservation `{}`", held.reservation_id)),
+        "{error}"
+    );
+    let members = [
+        lws_role_pod("lws-0", "leader", 0, 4, 8),
+        lws_role_pod("lws-1", "worker", 0, 8, 8),
+        lws_role_pod("lws-2", "worker", 1, 8, 8),
+    ];
+    let (a, b, c) = tokio::join!(
+        schedule(&web, &http.base, &members[0], &all_nodes),
+        schedule(&web, &http.base, &members[1], &all_nodes),
+        schedule(&web, &http.base, &members[2], &all_nodes)
+    );
+    let bound: BTreeSet<String> =
+        [a.expect("leader binds"), b.expect("worker 0 binds"), c.expect("worker 1 binds")].into_iter().collect();
+    assert_eq!(bound, reserved, "the pods were placed on the API's reservation");
+    assert!(binder.node_of("lws-0-uid").is_some());
+    let now = state(&mut api).await;
+    assert_eq!((now.reserved_gpus, now.bound_gpus), (0, 20));
+
+    // Reserved and released before any pod comes: everything is free again.
+    let other = with_roles("lws-b", "leaf", vec![role("leader", 1, 4, 4), role("worker", 2, 8, 8)]);
+    let held = api.plan(plan(vec![other], false)).await.expect("reserving roles").into_inner();
+    assert_eq!(state(&mut api).await.reserved_gpus, 20);
+    let released = api
+        .release(pb::ReleaseRequest { reservation_id: held.reservation_id.clone() })
+        .await
+        .expect("release")
+        .into_inner();
+    assert_eq!((released.gangs, released.gpus_released), (vec!["team/lws-b".to_string()], 20));
+    assert_eq!(state(&mut api).await.reserved_gpus, 0);
+    ext.check().expect("book consistent");
+    http.stop().await;
+}
+
+#[tokio::test]
+async fn roles_with_a_bad_shape_are_refused_naming_the_field() {
     let (http, _ext, _binder) = static_extender(CLUSTER, 30_000).await;
     let mut api = client(&http.grpc).await;
     let good = with_roles("lws", "leaf", vec![role("leader", 1, 4, 4), role("worker", 2, 8, 8)]);
-    let reserve = api.plan(plan(vec![good.clone()], false)).await.expect_err("reserving roles");
-    assert_eq!(reserve.code(), Code::FailedPrecondition, "{reserve:?}");
-    assert!(reserve.message().contains("dry_run"), "{}", reserve.message());
     let cases = [
         (pb::Gang { members: 3, ..good.clone() }, "members belongs to each role and must be 0 here (it is 3)"),
         (
@@ -832,11 +907,13 @@ fn plan_server_sends_roles_and_prints_each_roles_placement() {
     assert!(local_rows.len() >= 4, "{local_rows:?}");
     assert_eq!(rows(&remote, "replicas", "default/"), local_rows);
 
-    for refused in ["--reserve", "--explain"] {
-        let output = run(&[refused]);
-        assert_eq!(output.status.code(), Some(2), "{refused}");
-        assert!(String::from_utf8_lossy(&output.stderr).contains("dry run only"), "{refused}");
-    }
+    let explained = run(&["--explain"]);
+    assert_eq!(explained.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&explained.stderr).contains("drop --explain"), "{explained:?}");
+    let reserved = run(&["--reserve", "-o", "json"]);
+    assert_eq!(reserved.status.code(), Some(0), "{}", String::from_utf8_lossy(&reserved.stderr));
+    let reserved: serde_json::Value = serde_json::from_slice(&reserved.stdout).expect("reserve json");
+    assert!(reserved["reservationId"].as_str().is_some_and(|id| !id.is_empty()), "{reserved}");
     ext.check().expect("book consistent");
     runtime.block_on(async {
         http.stop().await;

@@ -173,10 +173,10 @@ pub fn plan(args: &PlanArgs, server: &str, out: &mut dyn Write) -> Result<(), Cl
     workload.validate().map_err(|e| CliError::Input(e.to_string()))?;
     let with_roles = workload.gangs.iter().find(|g| !g.roles.is_empty());
     if let Some(gang) = with_roles {
-        if args.reserve || args.explain {
+        if args.explain {
             return Err(CliError::Input(format!(
-                "gang `{}` has roles, which the placement API plans as a dry run only, without \
-                 --explain; drop --reserve / --explain (an unplaced replica's reason names its role)",
+                "gang `{}` has roles, which the placement API does not explain yet; drop --explain (an \
+                 unplaced replica's reason names its role)",
                 gang.name
             )));
         }

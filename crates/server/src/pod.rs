@@ -333,7 +333,8 @@ fn role_of(
         return Err(invalid(
             roles_field,
             value,
-            "a replica with roles is one gang: label its pods with topoplace.io/gang (and its size), a              coscheduling pod-group, or run them as a LeaderWorkerSet"
+            "a replica with roles is one gang: label its pods with topoplace.io/gang (and its size), a \
+             coscheduling pod-group, or run them as a LeaderWorkerSet"
                 .into(),
         ));
     };
@@ -346,21 +347,26 @@ fn role_of(
             ));
         }
     }
-    let members: u32 = roles.iter().map(|r| r.members).sum();
-    let (size_field, lws) = if labels.contains_key(GANG_LABEL) || labels.contains_key(POD_GROUP_LABEL) {
+    // Summed wide: a role's member count is the caller's (bounded when the roles are checked).
+    let members: u64 = roles.iter().map(|r| u64::from(r.members)).sum();
+    let (size_field, lws) = if labels.contains_key(GANG_LABEL) {
+        (GANG_SIZE.to_string(), false)
+    } else if labels.contains_key(POD_GROUP_LABEL) {
         (format!("{GANG_SIZE} (or the PodGroup's minMember)"), false)
     } else {
         (format!("metadata.annotations[{LWS_SIZE_ANNOTATION}]"), true)
     };
-    if members != gang.size {
+    if members != u64::from(gang.size) {
         return Err(invalid(
             size_field,
             gang.size.to_string(),
             format!("the gang's size must count the pods of every role: its roles have {members} members together"),
         ));
     }
-    let named = labels.get(ROLE_LABEL).or_else(|| annotations.get(ROLE_LABEL));
-    let role_field = format!("metadata.labels[{ROLE_LABEL}]");
+    let (named, role_field) = match labels.get(ROLE_LABEL) {
+        Some(name) => (Some(name), format!("metadata.labels[{ROLE_LABEL}]")),
+        None => (annotations.get(ROLE_LABEL), format!("metadata.annotations[{ROLE_LABEL}]")),
+    };
     let names = || roles.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ");
     let (own, rank) = match (named, lws) {
         (Some(name), false) => {
@@ -377,14 +383,15 @@ fn role_of(
                     field: "metadata.labels[leaderworkerset.sigs.k8s.io/worker-index]",
                 });
             };
-            let mut start = 0;
+            let mut start = 0u64;
             let mut found = None;
             for (position, role) in roles.iter().enumerate() {
-                if index < start + role.members {
-                    found = Some((position, index - start));
+                if u64::from(index) < start + u64::from(role.members) {
+                    // Below `index`, so it fits a u32.
+                    found = Some((position, index - start as u32));
                     break;
                 }
-                start += role.members;
+                start += u64::from(role.members);
             }
             let Some((own, rank)) = found else {
                 return Err(invalid(
@@ -628,6 +635,19 @@ mod tests {
         let missing = serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "3"});
         let error = super::demand(&pod_with(missing, serde_json::json!({ROLES_ANNOTATION: ROLES}), 8)).unwrap_err();
         assert_eq!(error, PodError::Missing { pod: "ns/p".into(), field: "metadata.labels[topoplace.io/role]" });
+    }
+
+    #[test]
+    fn member_counts_past_any_gang_are_refused_not_overflowed() {
+        let huge = r#"[{"name": "a", "members": 4294967295, "gpusPerMember": 1}, {"name": "b", "gpusPerMember": 1}]"#;
+        for labels in [
+            serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "1", "topoplace.io/role": "a"}),
+            serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k", "leaderworkerset.sigs.k8s.io/worker-index": "1"}),
+        ] {
+            let annotations = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "1", ROLES_ANNOTATION: huge});
+            let error = demand(&pod_with(labels, annotations, 1)).unwrap_err().to_string();
+            assert!(error.contains("its roles have 4294967296 members together"), "{error}");
+        }
     }
 
     #[test]

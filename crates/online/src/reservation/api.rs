@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
-use super::{at_bind, gang_holder, Book, Expired, GangReservation, Planned, Slot};
+use super::{at_bind, gang_holder, replica_slots, Book, Expired, GangReservation, Planned, Slot};
 use topoplace_engine::ledger::mask_indices;
 use topoplace_engine::placement::capacity::CapacityReport;
 use topoplace_engine::placement::replica::ReplicaPlacement;
@@ -42,13 +42,15 @@ pub struct ReplicaRequest {
 }
 
 /// What [`Book::plan_replicas`] found: the replicas that fit (in request order) and those
-/// that did not. Nothing is held.
+/// that did not.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplicaPlanOutcome {
     pub placements: Vec<ReplicaPlacement>,
     pub unplaced: Vec<Unplaced>,
     /// How the batch was planned, when the solver asked for is not what ran.
     pub note: Option<String>,
+    /// The reservation id and when it expires, when the placements are held.
+    pub reservation: Option<(String, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -261,13 +263,7 @@ impl Book {
         for request in requests {
             self.check_request(request)?;
             if !options.dry_run {
-                if let Some(existing) = self.gangs.get(&request.key) {
-                    let by = match &existing.origin {
-                        Some(origin) => format!("reservation `{}` of {}", origin.id, origin.owner),
-                        None => "by the extender, for its pods".into(),
-                    };
-                    return Err(RequestError::AlreadyReserved { gang: request.key.clone(), by });
-                }
+                self.check_not_reserved(&request.key)?;
             }
         }
         let gangs: Vec<Gang> = requests.iter().map(|r| r.gang.clone()).collect();
@@ -316,22 +312,17 @@ impl Book {
         self.api_reservations += 1;
         let id = format!("r{}", self.api_reservations);
         let expires_at_ms = now_ms.saturating_add(options.ttl_ms);
+        let origin = ApiReservation { id: id.clone(), owner: options.owner.clone() };
         for (index, placement) in &placed {
             let request = &requests[*index];
             let slots = placement.members.iter().map(|m| Slot::planned(m.host, m.gpus)).collect();
-            self.gangs.insert(
-                request.key.clone(),
-                GangReservation {
-                    planned: Planned::Gang(request.gang.clone()),
-                    slots,
-                    expires_at_ms,
-                    binding: false,
-                    origin: Some(ApiReservation { id: id.clone(), owner: options.owner.clone() }),
-                    first_held_ms: None,
-                    planned_by: None,
-                },
+            self.insert_api_reservation(
+                &request.key,
+                Planned::Gang(request.gang.clone()),
+                slots,
+                expires_at_ms,
+                &origin,
             );
-            self.stats.gangs_reserved += 1;
         }
         Ok(PlanOutcome {
             placements: placed.into_iter().map(|(_, p)| p).collect(),
@@ -341,19 +332,29 @@ impl Book {
     }
 
     /// Places replicas with roles against the free GPUs, the largest first, each seeing the
-    /// ones placed before it; nothing is held (a dry run: no pod can claim a role's
-    /// reservation until the Kubernetes ways in read roles). Errors: an empty request, a key
-    /// twice, an unknown topology level or product, a replica larger than every usable GPU
-    /// of the cluster ([`RequestError::Invalid`], naming the replica).
+    /// ones placed before it. With `options.dry_run` nothing is held; otherwise the placed
+    /// replicas are reserved under one new id until `options.ttl_ms` from `now_ms` (each a
+    /// reservation of its roles that the replica's pods claim at filter, or the secondary
+    /// scheduler binds), or (without `options.allow_partial`) nothing is when any replica
+    /// does not fit. `options.solver` other than greedy is answered greedily, with a note;
+    /// `options.explain` is not read. Errors: an empty request, a key twice, an unknown
+    /// topology level or product, a replica larger than every usable GPU of the cluster
+    /// ([`RequestError::Invalid`], naming the replica), a key reserved already
+    /// ([`RequestError::AlreadyReserved`], unless a dry run).
     pub fn plan_replicas(
         &mut self,
         requests: &[ReplicaRequest],
-        solver: &SolverChoice,
+        options: &PlanOptions,
+        now_ms: u64,
     ) -> Result<ReplicaPlanOutcome, RequestError> {
         check_keys(requests.iter().map(|r| r.key.as_str()))?;
         for request in requests {
             self.check_replica_request(request)?;
+            if !options.dry_run {
+                self.check_not_reserved(&request.key)?;
+            }
         }
+        let solver = &options.solver;
         let masks: Vec<Option<Vec<bool>>> = requests.iter().map(|r| self.product_mask(r.product)).collect();
         let replicas: Vec<&Replica> = requests.iter().map(|r| &r.replica).collect();
         let order = replica_order(&replicas);
@@ -381,7 +382,80 @@ impl Book {
             "replicas with roles are placed by the greedy search, one by one (the exact solver does not model roles yet)"
                 .to_string()
         });
-        Ok(ReplicaPlanOutcome { placements: placed.into_iter().map(|(_, p)| p).collect(), unplaced, note })
+        let keep = !options.dry_run && !placed.is_empty() && (unplaced.is_empty() || options.allow_partial);
+        let reservation = if keep { Some(self.reserve_replicas(requests, &placed, options, now_ms)?) } else { None };
+        Ok(ReplicaPlanOutcome { placements: placed.into_iter().map(|(_, p)| p).collect(), unplaced, note, reservation })
+    }
+
+    /// Holds `placed` (request index, placement, found on a scratch copy of this ledger with
+    /// nothing changed since) as reservations under one new id. A placement the ledger
+    /// refuses is a ledger fault: what this call reserved is released and nothing is held.
+    fn reserve_replicas(
+        &mut self,
+        requests: &[ReplicaRequest],
+        placed: &[(usize, ReplicaPlacement)],
+        options: &PlanOptions,
+        now_ms: u64,
+    ) -> Result<(String, u64), RequestError> {
+        for (done, (index, placement)) in placed.iter().enumerate() {
+            if let Err(error) = self.ledger.reserve(&gang_holder(&requests[*index].key), &placement.holding()) {
+                let text = error.to_string();
+                self.ledger_fault("reserving a planned replica", error);
+                for (earlier, _) in &placed[..done] {
+                    if let Err(error) = self.ledger.release(&gang_holder(&requests[*earlier].key)) {
+                        self.ledger_fault("undoing a replica reservation", error);
+                    }
+                }
+                return Err(RequestError::Invalid(format!(
+                    "replica `{}`: the ledger refused its placement ({text}); nothing is held",
+                    requests[*index].key
+                )));
+            }
+        }
+        self.api_reservations += 1;
+        let id = format!("r{}", self.api_reservations);
+        let expires_at_ms = now_ms.saturating_add(options.ttl_ms);
+        let origin = ApiReservation { id: id.clone(), owner: options.owner.clone() };
+        for (index, placement) in placed {
+            let request = &requests[*index];
+            let planned = Planned::Replica(Box::new(request.replica.clone()));
+            let slots = replica_slots(&request.replica, placement);
+            self.insert_api_reservation(&request.key, planned, slots, expires_at_ms, &origin);
+        }
+        Ok((id, expires_at_ms))
+    }
+
+    /// Records a reservation the API made (its GPUs already held under the gang's holder).
+    fn insert_api_reservation(
+        &mut self,
+        key: &str,
+        planned: Planned,
+        slots: Vec<Slot>,
+        expires_at_ms: u64,
+        origin: &ApiReservation,
+    ) {
+        let reservation = GangReservation {
+            planned,
+            slots,
+            expires_at_ms,
+            binding: false,
+            origin: Some(origin.clone()),
+            first_held_ms: None,
+            planned_by: None,
+        };
+        self.gangs.insert(key.to_string(), reservation);
+        self.stats.gangs_reserved += 1;
+    }
+
+    /// [`RequestError::AlreadyReserved`] when `key` has a reservation (the API's or the
+    /// extender's).
+    fn check_not_reserved(&self, key: &str) -> Result<(), RequestError> {
+        let Some(existing) = self.gangs.get(key) else { return Ok(()) };
+        let by = match &existing.origin {
+            Some(origin) => format!("reservation `{}` of {}", origin.id, origin.owner),
+            None => "by the extender, for its pods".into(),
+        };
+        Err(RequestError::AlreadyReserved { gang: key.to_string(), by })
     }
 
     /// [`Book::check_request`] for a replica: names and levels, the product, and its GPUs

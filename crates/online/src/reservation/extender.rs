@@ -75,9 +75,9 @@ impl Book {
             // kube-scheduler offers the nodes where this pod fits, which says little about
             // the replica's other roles (a host with 4 GPUs free is not offered to an 8-GPU
             // worker, but suits a 4-GPU leader): a replica's other roles are planned over the
-            // whole view, this pod's role over its offer.
+            // view's open nodes (not cordoned, Ready), this pod's role over its offer.
             let placed = match &planned {
-                Planned::Replica(_) => self.plan_slots(&planned, &vec![true; cluster_hosts], Some((own_role, &mask))),
+                Planned::Replica(_) => self.plan_slots(&planned, &self.open_hosts(), Some((own_role, &mask))),
                 Planned::Gang(_) => self.plan_slots(&planned, &mask, None),
             };
             let (slots, holding) = match placed {
@@ -170,19 +170,7 @@ impl Book {
                 .map_err(|unplaced| unplaced.reason),
             Planned::Replica(replica) => planner
                 .place_replica_offered(&*ledger, replica, &SolverChoice::Greedy, Some(mask), role_mask)
-                .map(|placement| {
-                    let mut members: Vec<(usize, u32, HostId, GpuMask)> = placement
-                        .parts
-                        .iter()
-                        .flat_map(|part| {
-                            let role = replica.roles.iter().position(|r| r.name == part.role).unwrap_or(0);
-                            part.placement.members.iter().map(move |m| (role, m.member, m.host, m.gpus))
-                        })
-                        .collect();
-                    members.sort_by_key(|&(role, member, _, _)| (role, member));
-                    let slots = members.into_iter().map(|(role, _, host, gpus)| Slot::of_role(role, host, gpus));
-                    (slots.collect(), placement.holding())
-                })
+                .map(|placement| (replica_slots(replica, &placement), placement.holding()))
                 .map_err(|unplaced| unplaced.reason),
         })
     }
@@ -200,6 +188,18 @@ impl Book {
     ) -> Result<usize, BookError> {
         let ttl = self.config.reservation_ttl_ms;
         if let Some(slot) = self.slot_of(key, &demand.pod.uid) {
+            if let Some(reservation) = self.gangs.get_mut(key).filter(|r| r.slots[slot].role != role) {
+                // The pod says another role than when it took its slot (its role label was
+                // changed): it gives the slot up, unless its bind is open.
+                if reservation.slots[slot].at_bind {
+                    return Err(BookError::RoleMismatch {
+                        pod: demand.pod.to_string(),
+                        detail: "it changed its role while its bind is held".into(),
+                    });
+                }
+                reservation.slots[slot].pod = None;
+                return self.assign_slot(key, demand, membership, role, now_ms);
+            }
             // A member filtered again (kube-scheduler's retry) is a sign of life too.
             if let Some(reservation) = self.gangs.get_mut(key) {
                 reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));

@@ -35,6 +35,7 @@ use std::collections::BTreeMap;
 use thiserror::Error;
 
 use topoplace_engine::ledger::{indices_mask, mask_indices, merge_by_host, Holding, Ledger, LedgerError};
+use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{
     HostRejection, HostVerdict, PlaceRequest, Planner, PlannerConfig, PlannerParts, SolverChoice,
 };
@@ -432,6 +433,25 @@ impl Planned {
     }
 }
 
+/// One member of a replica's plan as the secondary scheduler handles it: the index of its
+/// role in the replica, its host, its GPUs.
+pub type RoleSlot = (usize, HostId, GpuMask);
+
+/// The slots of a replica's placement: one per member that takes GPUs, role by role (in the
+/// replica's role order), each role's members in their order.
+fn replica_slots(replica: &Replica, placement: &ReplicaPlacement) -> Vec<Slot> {
+    let mut members: Vec<(usize, u32, HostId, GpuMask)> = placement
+        .parts
+        .iter()
+        .flat_map(|part| {
+            let role = replica.roles.iter().position(|r| r.name == part.role).unwrap_or(0);
+            part.placement.members.iter().map(move |m| (role, m.member, m.host, m.gpus))
+        })
+        .collect();
+    members.sort_by_key(|&(role, member, _, _)| (role, member));
+    members.into_iter().map(|(role, _, host, gpus)| Slot::of_role(role, host, gpus)).collect()
+}
+
 #[derive(Debug, Clone)]
 struct GangReservation {
     planned: Planned,
@@ -483,6 +503,8 @@ pub struct Book {
     /// Ledger changes of the cluster views before the current one, so that
     /// [`Book::generation`] keeps growing across [`Book::replace_cluster`].
     earlier_changes: u64,
+    /// Nodes kube-scheduler offers no pod now, by name ([`Book::set_closed_nodes`]).
+    closed: std::collections::BTreeSet<String>,
     /// Reservations the placement API has made (their ids count up from 1).
     api_reservations: u64,
     /// The first [`LEDGER_FAULTS_KEPT_MAX`] ledger faults (see [`BookStats::ledger_faults`]).
@@ -573,6 +595,7 @@ impl Book {
             bound: BTreeMap::new(),
             stats: BookStats::default(),
             earlier_changes: 0,
+            closed: std::collections::BTreeSet::new(),
             api_reservations: 0,
             faults: Vec::new(),
         }
@@ -816,6 +839,10 @@ impl Book {
                     .slots
                     .iter()
                     .map(|s| SlotState {
+                        role: match &g.planned {
+                            Planned::Replica(replica) => replica.roles.get(s.role).map(|r| r.name.clone()),
+                            Planned::Gang(_) => None,
+                        },
                         node: self.cluster.host(s.host).name.clone(),
                         gpus: mask_indices(s.gpus),
                         pod: s.pod.as_ref().map(|p| p.to_string()),
@@ -1005,6 +1032,8 @@ pub struct GangState {
 
 #[derive(Debug, Clone)]
 pub struct SlotState {
+    /// The member's role, in a replica with roles.
+    pub role: Option<String>,
     pub node: String,
     pub gpus: Vec<u8>,
     pub pod: Option<String>,

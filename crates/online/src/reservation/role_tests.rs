@@ -191,7 +191,8 @@ fn pods_that_describe_the_replica_differently_are_refused_with_nothing_held() {
     assert_eq!(mismatch.planned_by, "pod ns/g-worker-0");
     assert!(mismatch.ours.contains("TP 4") && mismatch.theirs.contains("TP 8"), "{mismatch:?}");
 
-    // A pod of the same gang key without roles, and a role pod meeting a plain gang.
+    // A pod of the same gang key without roles (a role pod meeting a gang the API reserved
+    // without roles: `a_pod_with_roles_meets_a_gang_the_api_reserved_without_roles`).
     let mut plain = pod("g", &roles, "worker", 1, 8);
     plain.roles = None;
     let Err(BookError::GangShapeMismatch(mismatch)) = book.filter(&plain, &offered(&book), 1) else {
@@ -245,7 +246,9 @@ fn a_gpu_less_role_is_never_waited_for_and_holds_nothing() {
         panic!("two workers are the whole replica at bind");
     };
     assert_eq!(members.len(), 2);
-    assert_eq!(book.preempt(&leader, &[]).expect("preempt"), Vec::<bool>::new());
+    // Evicting GPU pods frees nothing a GPU-less role needs.
+    let candidate = PreemptCandidate { host: 0, victims: vec!["g-worker-0-uid".into()] };
+    assert_eq!(book.preempt(&leader, &[candidate]).expect("preempt"), vec![false]);
     book.check().expect("invariants");
 }
 
@@ -311,12 +314,15 @@ fn random_role_mixes_meet_every_scope_or_hold_nothing() {
                 continue;
             }
             let before = book.ledger().free_gpus();
-            let offered = offered(&book);
+            let all = offered(&book);
+            // kube-scheduler's offer to the first pod: most hosts (its role must stay on them).
+            let first_offer: Vec<HostId> = all.iter().copied().filter(|_| rng.random_range(0..5u32) > 0).collect();
             let mut planned: Vec<(usize, String)> = Vec::new();
             let mut failed = false;
-            for demand in &demands {
-                let verdicts = book.filter(demand, &offered, 0).expect("valid roles");
-                match passing(&book, &offered, &verdicts).as_slice() {
+            for (index, demand) in demands.iter().enumerate() {
+                let offered = if index == 0 { &first_offer } else { &all };
+                let verdicts = book.filter(demand, offered, 0).expect("valid roles");
+                match passing(&book, offered, &verdicts).as_slice() {
                     [node] => {
                         let role = roles.iter().position(|r| Some(&r.name) == demand.roles.as_ref().map(|d| &d.role));
                         planned.push((role.expect("role"), node.clone()));
@@ -347,6 +353,16 @@ fn random_role_mixes_meet_every_scope_or_hold_nothing() {
                         planned.iter().filter(|(r, _)| *r == index).map(|(_, n)| rack(n)).collect();
                     assert!(of_role.len() <= 1, "seed {seed}: role {} in one rack: {planned:?}", role.name);
                 }
+            }
+            let first_role = demands[0].roles.as_ref().map(|d| d.role.clone());
+            let first_role = roles.iter().position(|r| Some(&r.name) == first_role.as_ref()).expect("role");
+            let offered_names: BTreeSet<String> =
+                first_offer.iter().map(|&h| book.cluster().host(h).name.clone()).collect();
+            for (role, node) in &planned {
+                assert!(
+                    *role != first_role || offered_names.contains(node),
+                    "seed {seed}: the first pod's role stays on its offer: {node}"
+                );
             }
             placed += 1;
         }
@@ -381,5 +397,65 @@ fn a_replica_is_planned_beyond_the_nodes_offered_to_its_first_pod() {
     assert_eq!(verdicts.iter().filter(|v| **v == NodeVerdict::Pass).count(), 1, "both workers on the offer");
     let leader = planned_node(&mut book, &pod("g", &roles, "leader", 0, 4), 0);
     assert!(leader == "r0-0" || leader == "r0-1", "{leader}");
+    book.check().expect("invariants");
+}
+
+#[test]
+fn a_replicas_other_roles_keep_off_closed_nodes_and_a_pod_that_changes_role_moves() {
+    // The leader would pack beside the small pod on r0-0, but r0-0 is cordoned: it goes to
+    // a fresh host; the workers, filtered on kube-scheduler's offer, are not affected.
+    let mut book = Book::new(racks(&[4]), BookConfig::default());
+    let small = PodIdentity { namespace: "ns".into(), name: "small".into(), uid: "small".into() };
+    book.observe_bound(small, "r0-0", Some(&[0, 1, 2]), 3, None).expect("observed");
+    book.set_closed_nodes(BTreeSet::from(["r0-0".to_string()]));
+    let roles = vec![RoleSpec::shape("leader", 1, 4, 4), RoleSpec::shape("worker", 2, 8, 8)];
+    let worker_offer: Vec<HostId> =
+        offered(&book).into_iter().filter(|&h| book.cluster().host(h).name != "r0-0").collect();
+    book.filter(&pod("g", &roles, "worker", 0, 8), &worker_offer, 0).expect("filter");
+    let leader = planned_node(&mut book, &pod("g", &roles, "leader", 0, 4), 0);
+    assert_ne!(leader, "r0-0", "a cordoned node takes no role");
+
+    // Two 8-GPU roles: a pod filtered as `a` and then labelled `b` takes a slot of `b`.
+    let mut book = Book::new(racks(&[4]), BookConfig::default());
+    let roles = vec![RoleSpec::shape("a", 1, 8, 8), RoleSpec::shape("b", 1, 8, 8)];
+    let as_a = pod("h", &roles, "a", 0, 8);
+    let first = planned_node(&mut book, &as_a, 0);
+    let mut as_b = as_a.clone();
+    as_b.roles = Some(RoleDemand { role: "b".into(), roles: roles.clone() });
+    let moved = planned_node(&mut book, &as_b, 1);
+    assert_ne!(first, moved, "the pod now holds role b's slot");
+    // Role a's slot is free again for another pod.
+    let other = PodDemand {
+        pod: PodIdentity { namespace: "ns".into(), name: "other".into(), uid: "other".into() },
+        ..pod("h", &roles, "a", 0, 8)
+    };
+    assert_eq!(planned_node(&mut book, &other, 2), first);
+    book.check().expect("invariants");
+}
+
+#[test]
+fn a_pod_with_roles_meets_a_gang_the_api_reserved_without_roles() {
+    let mut book = Book::new(racks(&[4]), BookConfig::default());
+    let options = PlanOptions {
+        dry_run: false,
+        ttl_ms: 60_000,
+        solver: topoplace_engine::placement::SolverChoice::Greedy,
+        allow_partial: false,
+        owner: "tester".into(),
+        explain: false,
+    };
+    let gang = topoplace_engine::workload::GangSpec::shape("ns/g", 3, 8, 8).expand().remove(0);
+    let request = GangRequest { key: "ns/g".into(), gang, product: None };
+    book.plan_gangs(&[request], &options, 0).expect("reserved");
+    let free = book.ledger().free_gpus();
+    let roles = vec![RoleSpec::shape("leader", 1, 8, 8), RoleSpec::shape("worker", 2, 8, 8)];
+    let Err(BookError::GangShapeMismatch(mismatch)) =
+        book.filter(&pod("g", &roles, "worker", 0, 8), &offered(&book), 1)
+    else {
+        panic!("a role pod cannot claim a reservation of one shape");
+    };
+    assert_eq!((mismatch.field, mismatch.theirs.as_str()), (ROLES_FIELD, "no roles"));
+    assert_eq!(mismatch.planned_by, "placement API reservation `r1`");
+    assert_eq!(book.ledger().free_gpus(), free);
     book.check().expect("invariants");
 }

@@ -17,23 +17,26 @@ impl Book {
     /// The secondary scheduler's plan for a replica with roles on the allowed hosts, nothing
     /// held: per member that takes GPUs, role by role and in member order within a role, its
     /// role's index, host and GPUs. Errors say why it does not fit.
-    pub fn plan_replica_within(
-        &mut self,
-        replica: &Replica,
-        allowed: &[bool],
-    ) -> Result<Vec<(usize, HostId, GpuMask)>, String> {
+    pub fn plan_replica_within(&mut self, replica: &Replica, allowed: &[bool]) -> Result<Vec<RoleSlot>, String> {
         let (slots, _) = self.plan_slots(&Planned::Replica(Box::new(replica.clone())), allowed, None)?;
         Ok(slots.iter().map(|s| (s.role, s.host, s.gpus)).collect())
     }
 
-    /// The node label that says the domain of the replica's required level its planned hosts
-    /// share (`network.topology.nvidia.com/leaf` = `r1`): where its GPU-less pods must go
-    /// too. `None` when its required scope is not a topology level or there are no hosts.
-    pub fn region_label(&self, replica: &Replica, hosts: &[HostId]) -> Option<(String, String)> {
+    /// The node labels that say the domain of the replica's required level its planned hosts
+    /// share: the host's label of every level down to that one (`spine` = `s1`, `leaf` =
+    /// `r1`), since a leaf's name need only be unique within its spine. A node is inside the
+    /// domain when it carries them all: where the replica's GPU-less pods must go too. `None`
+    /// when the required scope is not a topology level, there are no hosts, or the host has
+    /// no label of that level (the domain of unlabelled hosts has no label to match).
+    pub fn region_labels(&self, replica: &Replica, hosts: &[HostId]) -> Option<Vec<(String, String)>> {
         let Some(Scope::Level(level)) = &replica.required else { return None };
-        let key = self.cluster.levels.get(self.cluster.level_index(level)?)?;
-        let value = self.cluster.host(*hosts.first()?).labels.get(key)?;
-        Some((key.clone(), value.clone()))
+        let index = self.cluster.level_index(level)?;
+        let host = self.cluster.host(*hosts.first()?);
+        host.labels.get(self.cluster.levels.get(index)?)?;
+        let path = self.cluster.levels[..=index]
+            .iter()
+            .filter_map(|key| host.labels.get(key).map(|value| (key.clone(), value.clone())));
+        Some(path.collect())
     }
 
     /// Of the allowed hosts, those on which `gang` could take GPUs if GPUs were freed there
@@ -54,23 +57,58 @@ impl Book {
     }
 
     /// The secondary scheduler's hold of a replica with roles: `pods[i]` gets `planned[i]`
-    /// (from [`Book::plan_replica_within`]: role, host, GPUs), all held and in flight at once.
-    /// Errors: a reservation under `key` already (made by the extender or the placement API),
-    /// pods and plan of different lengths, GPUs the ledger no longer has free. Finish with
-    /// [`Book::bind_finished`].
+    /// (role, host, GPUs: from [`Book::plan_replica_within`], or the slots of
+    /// [`Book::reserved_replica`], whose reservation is then adopted), all held and in flight
+    /// at once. Errors, with nothing changed: pods and plan of different lengths, a
+    /// reservation under `key` that is not this plan (a gang of one shape, other slots) or is
+    /// binding already, GPUs the ledger no longer has free. Finish with [`Book::bind_finished`].
     pub fn hold_replica_for_bind(
         &mut self,
         key: &str,
         replica: Replica,
-        planned: &[(usize, HostId, GpuMask)],
+        planned: &[RoleSlot],
         pods: &[PodIdentity],
         now_ms: u64,
     ) -> Result<(Ticket, Vec<MemberBind>), BookError> {
-        if self.gangs.contains_key(key) {
-            return Err(BookError::AlreadyPlanned { gang: key.to_string() });
-        }
         if planned.len() != pods.len() {
             return Err(BookError::MemberCount { gang: key.into(), pods: pods.len(), members: planned.len() });
+        }
+        if let Some(existing) = self.gangs.get_mut(key) {
+            // The placement API's reservation of this replica is adopted, slot for slot.
+            if existing.binding {
+                return Err(BookError::InFlight { gang: key.to_string() });
+            }
+            if !matches!(existing.planned, Planned::Replica(_)) || existing.slots.len() != planned.len() {
+                return Err(BookError::AlreadyPlanned { gang: key.to_string() });
+            }
+            let mut members = Vec::with_capacity(pods.len());
+            let mut used = vec![false; existing.slots.len()];
+            for (&(role, host, gpus), pod) in planned.iter().zip(pods) {
+                let Some(index) = (0..existing.slots.len()).find(|&i| {
+                    let slot = &existing.slots[i];
+                    !used[i] && slot.role == role && slot.host == host && slot.gpus == gpus
+                }) else {
+                    return Err(BookError::AlreadyPlanned { gang: key.to_string() });
+                };
+                used[index] = true;
+                members.push((index, pod.clone()));
+            }
+            existing.binding = true;
+            let cluster = &self.cluster;
+            let binds = members
+                .into_iter()
+                .map(|(index, pod)| {
+                    let slot = &mut existing.slots[index];
+                    (slot.pod, slot.at_bind) = (Some(pod.clone()), true);
+                    MemberBind {
+                        pod,
+                        host: slot.host,
+                        node: cluster.host(slot.host).name.clone(),
+                        gpus: mask_indices(slot.gpus),
+                    }
+                })
+                .collect();
+            return Ok((Ticket::Gang(key.to_string()), binds));
         }
         let first = pods.first().map(|p| p.to_string()).unwrap_or_default();
         self.ledger
@@ -103,6 +141,14 @@ impl Book {
         );
         self.stats.gangs_reserved += 1;
         Ok((Ticket::Gang(key.to_string()), members))
+    }
+
+    /// A replica with roles reserved (through the placement API) and not yet binding: its
+    /// roles and its slots (role, host, GPUs), role by role.
+    pub fn reserved_replica(&self, key: &str) -> Option<(Replica, Vec<RoleSlot>)> {
+        let reservation = self.gangs.get(key).filter(|g| !g.binding)?;
+        let Planned::Replica(replica) = &reservation.planned else { return None };
+        Some(((**replica).clone(), reservation.slots.iter().map(|s| (s.role, s.host, s.gpus)).collect()))
     }
 
     /// The planned hosts of a gang reserved and not yet binding (through the placement API),

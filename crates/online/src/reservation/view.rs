@@ -60,6 +60,18 @@ impl Book {
         dropped
     }
 
+    /// Nodes kube-scheduler offers no pod now (cordoned, or not Ready), by name, as the node
+    /// watch sees them; replaces the previous set. A replica's roles other than the filtering
+    /// pod's, which may use nodes that pod was not offered, are not planned on these.
+    pub fn set_closed_nodes(&mut self, names: std::collections::BTreeSet<String>) {
+        self.closed = names;
+    }
+
+    /// Per host, whether it is open for planning (not in [`Book::set_closed_nodes`]'s set).
+    pub(super) fn open_hosts(&self) -> Vec<bool> {
+        self.cluster.hosts.iter().map(|h| !self.closed.contains(&h.name)).collect()
+    }
+
     /// A pod seen bound on `node` (by us earlier, by a restart's predecessor, or by another
     /// scheduler): its GPUs are held. `gpus` are the indices from `topoplace.io/gpus`, or
     /// `None` to take the lowest free ones for `count` GPUs.

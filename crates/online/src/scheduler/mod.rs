@@ -20,9 +20,10 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::reservation::{BindFinish, Book, PodDemand, PodIdentity, Ticket};
+use crate::reservation::{BindFinish, Book, PodDemand, PodIdentity, RoleSlot, Ticket, ROLES_FIELD};
 use predicates::{NodeFacts, PodNeeds, Resources};
 use topoplace_engine::topology::HostId;
+use topoplace_engine::workload::Replica;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -612,8 +613,9 @@ impl Scheduler {
     fn wanted_hosts(&self, book: &mut Book, members: &[PendingPod]) -> Option<Vec<bool>> {
         let first = members.first()?;
         if let Ok(Some((replica, _))) = first.demand.replica() {
-            // A replica wants the hosts any of its roles could use.
-            let allowed = self.allowed_hosts(book, members, None).0;
+            // A replica wants the hosts any of its roles could use (its GPU pods' predicates).
+            let gpu_pods: Vec<PendingPod> = members.iter().filter(|m| m.demand.gpus > 0).cloned().collect();
+            let allowed = self.allowed_hosts(book, &gpu_pods, None).0;
             let mut wanted = vec![false; allowed.len()];
             for gang in replica.gangs() {
                 for (flag, want) in wanted.iter_mut().zip(book.hosts_wanted_by(gang, &allowed)) {
@@ -804,73 +806,114 @@ impl Scheduler {
             }
         }
         let gang_key = key.gang().unwrap_or_default().to_string();
+        // Members that take GPUs, per role in rank order (the order `members` has).
+        let gpu_members: Vec<(usize, &PendingPod)> =
+            roles_of.iter().copied().zip(members).filter(|(_, m)| m.demand.gpus > 0).collect();
+        let gpu_less: Vec<&PendingPod> = members.iter().filter(|m| m.demand.gpus == 0).collect();
+        let gpu_pods: Vec<PendingPod> = gpu_members.iter().map(|(_, m)| (*m).clone()).collect();
+        let unit = ReplicaUnit { key, gang_key: &gang_key, replica: &replica, gpu_members, gpu_less, members };
+        let (mut allowed, mut reasons) = self.allowed_hosts(book, &gpu_pods, held_back);
+        // A replica reserved through the placement API binds onto its reservation.
+        if let Some((reserved, planned)) = book.reserved_replica(&gang_key) {
+            let difference = crate::reservation::replica_shape_difference(&replica, &reserved);
+            if let Some((field, ours, theirs)) = difference.filter(|(field, _, _)| *field == ROLES_FIELD) {
+                return Err(format!(
+                    "gang `{key}` is reserved through the placement API with {field} {theirs}, but its pods say {ours}"
+                ));
+            }
+            let blocked: Vec<String> = planned
+                .iter()
+                .filter(|(_, host, _)| !allowed.get(*host as usize).copied().unwrap_or(false))
+                .map(|(_, host, _)| book.cluster().host(*host).name.clone())
+                .collect();
+            if !blocked.is_empty() {
+                return Err(format!(
+                    "gang `{key}` is reserved through the placement API, but its pods fail the node predicates on {}",
+                    blocked.join(", ")
+                ));
+            }
+            return match self.bind_replica_plan(book, &unit, &planned, now_ms)? {
+                Attempt::Placed(decision) => Ok(decision),
+                Attempt::Unfit { message, .. } => {
+                    Err(format!("gang `{key}` is reserved through the placement API, but {message}"))
+                }
+            };
+        }
         if book.reserved_hosts(&gang_key).is_some() {
             return Err(format!(
                 "gang `{key}` is reserved through the placement API as a gang of one shape, but its pods describe \
                  roles (topoplace.io/roles)"
             ));
         }
-        // Members that take GPUs, per role in rank order (the order `members` has).
-        let gpu_members: Vec<(usize, &PendingPod)> =
-            roles_of.iter().copied().zip(members).filter(|(_, m)| m.demand.gpus > 0).collect();
-        let gpu_less: Vec<&PendingPod> = members.iter().filter(|m| m.demand.gpus == 0).collect();
-        let gpu_pods: Vec<PendingPod> = gpu_members.iter().map(|(_, m)| (*m).clone()).collect();
-        let (mut allowed, mut reasons) = self.allowed_hosts(book, &gpu_pods, held_back);
         for _ in 0..4 {
             let candidates = allowed.iter().filter(|&&a| a).count();
             let planned = book.plan_replica_within(&replica, &allowed).map_err(|reason| {
                 let what = format!("replica `{key}` ({} GPUs in its roles)", replica.total_gpus());
                 self.not_fitting(&reasons, candidates, &what, &reason)
             })?;
-            // Slots come role by role in member order; each role's pods take them in rank order.
-            let mut taken = vec![false; planned.len()];
-            let mut order: Vec<PendingPod> = Vec::with_capacity(planned.len());
-            let mut nodes: Vec<String> = Vec::with_capacity(members.len());
-            let mut slots: Vec<(usize, HostId, u64)> = Vec::with_capacity(planned.len());
-            for &(role, member) in &gpu_members {
-                let Some(slot) = (0..planned.len()).find(|&i| !taken[i] && planned[i].0 == role) else {
-                    return Err(format!(
-                        "gang `{key}`: the plan has no place for {} of role {role}",
-                        member.demand.pod
-                    ));
-                };
-                taken[slot] = true;
-                slots.push(planned[slot]);
-                nodes.push(book.cluster().host(planned[slot].1).name.clone());
-                order.push(member.clone());
-            }
-            let hosts: Vec<HostId> = slots.iter().map(|s| s.1).collect();
-            let region = book.region_label(&replica, &hosts);
-            // GPU-less members, after the GPU members' usage on their nodes.
-            let mut scratch: HashMap<String, Resources> = HashMap::new();
-            for (member, node) in order.iter().zip(&nodes) {
-                let used =
-                    scratch.entry(node.clone()).or_insert_with(|| self.usage.get(node).cloned().unwrap_or_default());
-                predicates::add_usage(used, &member.needs.requests, 1);
-            }
-            let mut plain = Vec::with_capacity(gpu_less.len());
-            for member in &gpu_less {
-                let node = self.node_without_gpus(member, &mut scratch, region.as_ref()).map_err(|why| {
-                    let inside = region.as_ref().map(|(k, v)| format!(" inside {k}={v}")).unwrap_or_default();
-                    format!("gang `{key}`: no node{inside} for its GPU-less pod {}: {why}", member.demand.pod)
-                })?;
-                plain.push(((*member).clone(), node));
-            }
-            match self.co_located_fit(&order, &nodes) {
-                Ok(()) => {
-                    let pods: Vec<PodIdentity> = order.iter().map(|m| m.demand.pod.clone()).collect();
-                    let (ticket, binds) = book
-                        .hold_replica_for_bind(&gang_key, replica, &slots, &pods, now_ms)
-                        .map_err(|e| e.to_string())?;
-                    let mut chosen: Vec<(PodIdentity, String, Vec<u8>)> =
-                        binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect();
-                    chosen.extend(plain.into_iter().map(|(m, node)| (m.demand.pod, node, Vec::new())));
-                    return Ok(self.start(key, BindTicket::Book(ticket), chosen, members, now_ms));
-                }
-                Err((node, message)) => leave_out(book, &mut allowed, &mut reasons, &node, message)?,
+            match self.bind_replica_plan(book, &unit, &planned, now_ms)? {
+                Attempt::Placed(decision) => return Ok(decision),
+                Attempt::Unfit { node, message } => leave_out(book, &mut allowed, &mut reasons, &node, message)?,
             }
         }
         Err(format!("gang `{key}`: no placement left whose members fit together by CPU and memory"))
+    }
+
+    /// Gives a replica's GPU members their slots of `planned` (role, host, GPUs: role by role,
+    /// each role's pods in rank order), its GPU-less members a node by the predicates inside
+    /// the replica's required domain, and, when the GPU members fit their nodes together,
+    /// holds the plan in the book (or adopts the API's reservation) and starts every Binding
+    /// under one ticket. `Unfit` names a node where members planned together do not fit.
+    fn bind_replica_plan(
+        &mut self,
+        book: &mut Book,
+        unit: &ReplicaUnit<'_>,
+        planned: &[RoleSlot],
+        now_ms: u64,
+    ) -> Result<Attempt, String> {
+        let key = unit.key;
+        let mut taken = vec![false; planned.len()];
+        let mut order: Vec<PendingPod> = Vec::with_capacity(planned.len());
+        let mut nodes: Vec<String> = Vec::with_capacity(planned.len());
+        let mut slots: Vec<RoleSlot> = Vec::with_capacity(planned.len());
+        for &(role, member) in &unit.gpu_members {
+            let Some(slot) = (0..planned.len()).find(|&i| !taken[i] && planned[i].0 == role) else {
+                let name = unit.replica.roles.get(role).map_or("?", |r| r.name.as_str());
+                return Err(format!("gang `{key}`: the plan has no place for {} of role `{name}`", member.demand.pod));
+            };
+            taken[slot] = true;
+            slots.push(planned[slot]);
+            nodes.push(book.cluster().host(planned[slot].1).name.clone());
+            order.push(member.clone());
+        }
+        if let Err((node, message)) = self.co_located_fit(&order, &nodes) {
+            return Ok(Attempt::Unfit { node, message });
+        }
+        let hosts: Vec<HostId> = slots.iter().map(|s| s.1).collect();
+        let region = book.region_labels(unit.replica, &hosts);
+        // GPU-less members, after the GPU members' usage on their nodes.
+        let mut scratch: HashMap<String, Resources> = HashMap::new();
+        for (member, node) in order.iter().zip(&nodes) {
+            let used = scratch.entry(node.clone()).or_insert_with(|| self.usage.get(node).cloned().unwrap_or_default());
+            predicates::add_usage(used, &member.needs.requests, 1);
+        }
+        let mut plain = Vec::with_capacity(unit.gpu_less.len());
+        for member in &unit.gpu_less {
+            let node = self.node_without_gpus(member, &mut scratch, region.as_deref()).map_err(|why| {
+                let inside =
+                    region.as_deref().map(|labels| format!(" inside {}", labels_text(labels))).unwrap_or_default();
+                format!("gang `{key}`: no node{inside} for its GPU-less pod {}: {why}", member.demand.pod)
+            })?;
+            plain.push((member.demand.pod.clone(), node));
+        }
+        let pods: Vec<PodIdentity> = order.iter().map(|m| m.demand.pod.clone()).collect();
+        let (ticket, binds) = book
+            .hold_replica_for_bind(unit.gang_key, unit.replica.clone(), &slots, &pods, now_ms)
+            .map_err(|e| e.to_string())?;
+        let mut chosen: Vec<(PodIdentity, String, Vec<u8>)> =
+            binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect();
+        chosen.extend(plain.into_iter().map(|(pod, node)| (pod, node, Vec::new())));
+        Ok(Attempt::Placed(self.start(key, BindTicket::Book(ticket), chosen, unit.members, now_ms)))
     }
 
     /// Why a unit found no place: the predicates' summary over every node, then, when some
@@ -930,22 +973,24 @@ impl Scheduler {
     }
 
     /// The node for one pod that needs no GPUs: the most room (LeastAllocated), nodes without
-    /// GPUs first, only nodes labelled `region` (key, value) when given; its requests are
-    /// added to `scratch` (usage by node, over the recorded usage). The error summarises why
-    /// the nodes failed the predicates.
+    /// GPUs first, only nodes with every label of `region` (key, value) when given; its
+    /// requests are added to `scratch` (usage by node, over the recorded usage). The error
+    /// summarises why the nodes failed the predicates.
     fn node_without_gpus(
         &self,
         member: &PendingPod,
         scratch: &mut HashMap<String, Resources>,
-        region: Option<&(String, String)>,
+        region: Option<&[(String, String)]>,
     ) -> Result<String, String> {
         let empty = Resources::new();
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         let mut best: Option<(bool, i64, &str)> = None;
         for (name, node) in &self.nodes {
-            if let Some((label, value)) = region {
-                if node.labels.get(label) != Some(value) {
-                    *reasons.entry(format!("node(s) were outside the replica's {label}={value}")).or_insert(0) += 1;
+            if let Some(labels) = region {
+                if labels.iter().any(|(key, value)| node.labels.get(key) != Some(value)) {
+                    *reasons
+                        .entry(format!("node(s) were outside the replica's {}", labels_text(labels)))
+                        .or_insert(0) += 1;
                     continue;
                 }
             }
@@ -1097,6 +1142,32 @@ fn free_share_per_mille(node: &NodeFacts, used: &Resources) -> i64 {
         })
         .min()
         .unwrap_or(1000)
+}
+
+/// A replica with roles being placed by the secondary scheduler: its members, those that
+/// take GPUs with their role's index, those that take none.
+struct ReplicaUnit<'a> {
+    key: &'a UnitKey,
+    gang_key: &'a str,
+    replica: &'a Replica,
+    gpu_members: Vec<(usize, &'a PendingPod)>,
+    gpu_less: Vec<&'a PendingPod>,
+    members: &'a [PendingPod],
+}
+
+/// One try of a replica's plan.
+enum Attempt {
+    Placed(Decision),
+    /// Members planned onto `node` do not fit it together (CPU, memory): plan without it.
+    Unfit {
+        node: String,
+        message: String,
+    },
+}
+
+/// `key=value,key=value`, for messages.
+fn labels_text(labels: &[(String, String)]) -> String {
+    labels.iter().map(|(key, value)| format!("{key}={value}")).collect::<Vec<_>>().join(",")
 }
 
 /// Leaves `node` out of the next plan (its members did not fit it together), counting why; the

@@ -632,6 +632,15 @@ fn cpu_node(name: &str, rack: &str) -> NodeFacts {
     }
 }
 
+/// A scheduler over `book`'s GPU hosts and a CPU node `cpu-{rack}` in each of `racks`.
+fn scheduler_with_cpu_nodes(book: &Book, racks: &[&str]) -> Scheduler {
+    let mut scheduler = scheduler_on(book);
+    let mut facts = facts_of(book);
+    facts.extend(racks.iter().map(|rack| cpu_node(&format!("cpu-{rack}"), rack)));
+    scheduler.nodes_listed(facts);
+    scheduler
+}
+
 #[test]
 fn a_replica_with_a_cpu_leader_binds_whole_with_the_leader_in_the_workers_rack() {
     use topoplace_engine::workload::RoleSpec;
@@ -639,11 +648,7 @@ fn a_replica_with_a_cpu_leader_binds_whole_with_the_leader_in_the_workers_rack()
     // replica of a CPU-only leader, two 8-GPU workers and a 4-GPU draft model (20 GPUs) that
     // must share one rack: r1, leader included.
     let mut book = book_of(2, 3);
-    let mut scheduler = scheduler_on(&book);
-    let mut facts = facts_of(&book);
-    facts.push(cpu_node("cpu-r0", "r0"));
-    facts.push(cpu_node("cpu-r1", "r1"));
-    scheduler.nodes_listed(facts);
+    let mut scheduler = scheduler_with_cpu_nodes(&book, &["r0", "r1"]);
     // Fill r0 but one host's worth of room: two 8-GPU single pods on r0-0 and r0-1.
     for (index, node) in ["r0-0", "r0-1"].iter().enumerate() {
         let pod = PodIdentity { namespace: "ns".into(), name: format!("busy-{index}"), uid: format!("busy-{index}") };
@@ -682,10 +687,7 @@ fn a_replica_with_a_cpu_leader_binds_whole_with_the_leader_in_the_workers_rack()
 fn a_replica_binding_that_fails_rolls_back_every_role_and_disagreeing_pods_hold_nothing() {
     use topoplace_engine::workload::RoleSpec;
     let mut book = book_of(1, 3);
-    let mut scheduler = scheduler_on(&book);
-    let mut facts = facts_of(&book);
-    facts.push(cpu_node("cpu-r0", "r0"));
-    scheduler.nodes_listed(facts);
+    let mut scheduler = scheduler_with_cpu_nodes(&book, &["r0"]);
     let roles = vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 8)];
     for pod in [
         role_pod("rep", &roles, "leader", 0),
@@ -694,11 +696,24 @@ fn a_replica_binding_that_fails_rolls_back_every_role_and_disagreeing_pods_hold_
     ] {
         scheduler.pending_applied(pod);
     }
-    // The leader's Binding fails: the workers that bound are deleted, nothing stays held.
-    let fail = BTreeSet::from(["rep-leader-0".to_string()]);
-    let (bound, other) = run(&mut scheduler, &mut book, 0, &fail);
-    assert!(bound.is_empty() && other.is_empty(), "{bound:?} {other:?}");
+    // The leader's Binding fails: both workers, which bound, are to be deleted; nothing stays
+    // held, and all three pods are pending again.
+    let decisions = scheduler.cycle(Some(&mut book), 0);
+    let [Decision::Bind { ticket, members }] = decisions.as_slice() else { panic!("one bind: {decisions:?}") };
+    assert_eq!(members.len(), 3, "every role under one ticket");
+    let outcomes: Vec<_> = members
+        .iter()
+        .map(|m| (m.pod.clone(), if m.pod.name == "rep-leader-0" { Err("injected".to_string()) } else { Ok(()) }))
+        .collect();
+    let Finished::RolledBack { delete, .. } = scheduler.finish(Some(&mut book), ticket, &outcomes, 0) else {
+        panic!("a failed Binding rolls the replica back");
+    };
+    let deleted: BTreeSet<String> = delete.iter().map(|p| p.name.clone()).collect();
+    assert_eq!(deleted, BTreeSet::from(["rep-worker-0".to_string(), "rep-worker-1".to_string()]));
     assert_eq!(book.ledger().free_gpus(), 24);
+    assert_eq!(scheduler.pending_count(), 1, "the leader is pending again; the deleted workers come back new");
+    book.check().expect("book invariants");
+    scheduler.check().expect("scheduler invariants");
 
     // A worker whose roles say TP 4: refused, naming both pods and the field, nothing held.
     let mut scheduler = scheduler_on(&book);
@@ -725,4 +740,115 @@ fn a_replica_binding_that_fails_rolls_back_every_role_and_disagreeing_pods_hold_
     let (_, other) = run(&mut scheduler, &mut book, 20, &BTreeSet::new());
     assert!(messages(&other).join(" ").contains("role `leader` has 1 members, but 2 of the gang's pods are in it"));
     assert_eq!(book.ledger().free_gpus(), 24, "nothing held by refused replicas");
+}
+
+#[test]
+fn a_replica_reserved_through_the_api_is_bound_onto_its_reservation() {
+    use crate::reservation::{PlanOptions, ReplicaRequest};
+    use topoplace_engine::workload::{GangSpec, RoleSpec, Scope};
+    let mut book = book_of(2, 3);
+    let mut scheduler = scheduler_with_cpu_nodes(&book, &["r0", "r1"]);
+    let roles =
+        vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 8), RoleSpec::shape("draft", 1, 4, 4)];
+    let spec =
+        GangSpec { required: Some(Scope::parse("leaf")), roles: roles.clone(), ..GangSpec::shape("ns/rep", 1, 1, 1) };
+    let replica = spec.expand_replicas().remove(0);
+    let options = PlanOptions {
+        dry_run: false,
+        ttl_ms: 60_000,
+        solver: topoplace_engine::placement::SolverChoice::Greedy,
+        allow_partial: false,
+        owner: "tester".into(),
+        explain: false,
+    };
+    let request = ReplicaRequest { key: "ns/rep".into(), replica, product: None };
+    let outcome = book.plan_replicas(std::slice::from_ref(&request), &options, 0).expect("plan");
+    assert!(outcome.reservation.is_some());
+    let reserved: BTreeSet<(String, String)> = outcome.placements[0]
+        .parts
+        .iter()
+        .flat_map(|p| p.placement.members.iter().map(|m| (p.role.clone(), book.cluster().host(m.host).name.clone())))
+        .collect();
+    assert_eq!(book.ledger().free_gpus(), 48 - 20);
+
+    // A pod whose roles differ: refused, the reservation kept.
+    let mut scheduler_odd = scheduler_on(&book);
+    let other =
+        vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 4), RoleSpec::shape("draft", 1, 4, 4)];
+    for pod in [
+        role_pod("rep", &other, "leader", 0),
+        role_pod("rep", &other, "worker", 0),
+        role_pod("rep", &other, "worker", 1),
+        role_pod("rep", &other, "draft", 0),
+    ] {
+        scheduler_odd.pending_applied(pod);
+    }
+    let (bound, decisions) = run(&mut scheduler_odd, &mut book, 1, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let said = messages(&decisions).join(" ");
+    assert!(said.contains("reserved through the placement API with topoplace.io/roles"), "{said}");
+    assert_eq!(book.ledger().free_gpus(), 48 - 20, "the reservation stands");
+
+    for pod in [
+        role_pod("rep", &roles, "leader", 0),
+        role_pod("rep", &roles, "worker", 0),
+        role_pod("rep", &roles, "worker", 1),
+        role_pod("rep", &roles, "draft", 0),
+    ] {
+        scheduler.pending_applied(pod);
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 2, &BTreeSet::new());
+    assert!(other.is_empty(), "{other:?}");
+    assert_eq!(bound.len(), 4);
+    for member in bound.iter().filter(|m| !m.gpus.is_empty()) {
+        let role = member.pod.name.split('-').nth(1).expect("role");
+        assert!(reserved.iter().any(|(r, node)| r == role && *node == member.node), "{member:?} vs {reserved:?}");
+    }
+    let rack = |node: &str| if node.contains("r0") { "r0" } else { "r1" };
+    let leader = bound.iter().find(|m| m.pod.name == "rep-leader-0").expect("leader");
+    let worker = bound.iter().find(|m| m.pod.name == "rep-worker-0").expect("worker");
+    assert_eq!(rack(&leader.node), rack(&worker.node), "the GPU-less leader in the reserved rack");
+    assert_eq!(book.ledger().free_gpus(), 48 - 20, "held by the bound pods now");
+}
+
+#[test]
+fn a_gpu_less_pod_stays_in_the_replicas_leaf_of_its_own_spine() {
+    use topoplace_engine::workload::RoleSpec;
+    // Two spines, each with a leaf named `l0`: three GPU hosts under s0, one under s1, so a
+    // replica of two 8-GPU workers in one leaf goes to s0/l0; its CPU-only leader must go to
+    // the CPU node of s0/l0, though the one of s1/l0 has more room.
+    const SPINE: &str = "network.topology.nvidia.com/spine";
+    let mut nodes = Vec::new();
+    for (spine, count) in [("s0", 3), ("s1", 1)] {
+        for host in 0..count {
+            nodes.push(node(&format!("{spine}-{host}"), "H100", 8, &[(SPINE, spine), (LEAF, "l0")]));
+        }
+    }
+    let cluster = Cluster::build(ClusterSpec { name: "t".into(), levels: vec![SPINE.into(), LEAF.into()], nodes })
+        .expect("cluster");
+    let mut book = Book::new(cluster, BookConfig::default());
+    let mut scheduler = scheduler_on(&book);
+    let mut facts = facts_of(&book);
+    for spine in ["s0", "s1"] {
+        let mut cpu = cpu_node(&format!("cpu-{spine}"), "l0");
+        cpu.labels.insert(SPINE.into(), spine.into());
+        facts.push(cpu);
+    }
+    scheduler.nodes_listed(facts);
+    let busy = PodIdentity { namespace: "ns".into(), name: "busy".into(), uid: "busy".into() };
+    let requests = Resources::from([("cpu".to_string(), 16_000)]);
+    scheduler.bound_applied(BoundPod { pod: busy, node: "cpu-s0".into(), requests, gang: None });
+    let roles = vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 8)];
+    for pod in [
+        role_pod("rep", &roles, "leader", 0),
+        role_pod("rep", &roles, "worker", 0),
+        role_pod("rep", &roles, "worker", 1),
+    ] {
+        scheduler.pending_applied(pod);
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(other.is_empty(), "{other:?}");
+    let placed: BTreeMap<String, String> = bound.iter().map(|m| (m.pod.name.clone(), m.node.clone())).collect();
+    assert!(placed["rep-worker-0"].starts_with("s0-") && placed["rep-worker-1"].starts_with("s0-"), "{placed:?}");
+    assert_eq!(placed["rep-leader-0"], "cpu-s0", "{placed:?}");
 }

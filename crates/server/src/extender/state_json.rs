@@ -56,6 +56,9 @@ pub struct GangJson {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SlotJson {
+    /// The member's role, in a replica with roles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     pub node: String,
     pub gpus: Vec<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -125,7 +128,13 @@ impl From<Snapshot> for StateJson {
                     slots: gang
                         .slots
                         .into_iter()
-                        .map(|slot| SlotJson { node: slot.node, gpus: slot.gpus, pod: slot.pod, at_bind: slot.at_bind })
+                        .map(|slot| SlotJson {
+                            role: slot.role,
+                            node: slot.node,
+                            gpus: slot.gpus,
+                            pod: slot.pod,
+                            at_bind: slot.at_bind,
+                        })
                         .collect(),
                 })
                 .collect(),

@@ -290,11 +290,16 @@ pub fn placement(cluster: &Cluster, placement: &GangPlacement) -> pb::GangPlacem
     }
 }
 
-pub fn plan_response(cluster: &Cluster, outcome: &PlanOutcome, now_ms: u64) -> pb::PlanResponse {
-    let (reservation_id, expires_in_ms) = match &outcome.reservation {
-        Some((id, expires_at)) => (id.clone(), expires_at.saturating_sub(now_ms)),
+/// `reservation_id` and `expires_in_ms` of a Plan's answer: empty and 0 when nothing is held.
+fn reservation_fields(reservation: &Option<(String, u64)>, now_ms: u64) -> (String, u64) {
+    match reservation {
+        Some((id, expires_at_ms)) => (id.clone(), expires_at_ms.saturating_sub(now_ms)),
         None => (String::new(), 0),
-    };
+    }
+}
+
+pub fn plan_response(cluster: &Cluster, outcome: &PlanOutcome, now_ms: u64) -> pb::PlanResponse {
+    let (reservation_id, expires_in_ms) = reservation_fields(&outcome.reservation, now_ms);
     pb::PlanResponse {
         placed: outcome.placed_all(),
         reservation_id,
@@ -306,12 +311,14 @@ pub fn plan_response(cluster: &Cluster, outcome: &PlanOutcome, now_ms: u64) -> p
     }
 }
 
-/// Plan's answer for a request with roles (a dry run: nothing reserved).
-pub fn replica_plan_response(cluster: &Cluster, outcome: &ReplicaPlanOutcome) -> pb::PlanResponse {
+/// Plan's answer for a request with roles (the reservation's id and remaining time when its
+/// replicas are held).
+pub fn replica_plan_response(cluster: &Cluster, outcome: &ReplicaPlanOutcome, now_ms: u64) -> pb::PlanResponse {
+    let (reservation_id, expires_in_ms) = reservation_fields(&outcome.reservation, now_ms);
     pb::PlanResponse {
         placed: outcome.unplaced.is_empty(),
-        reservation_id: String::new(),
-        expires_in_ms: 0,
+        reservation_id,
+        expires_in_ms,
         placements: Vec::new(),
         unplaced: outcome.unplaced.iter().map(unplaced).collect(),
         note: outcome.note.clone().unwrap_or_default(),

@@ -250,30 +250,6 @@ impl Placement for PlacementService {
             ttl => ttl,
         };
         let solver = solver_choice(body.solver)?;
-        if has_roles(&body.gangs) {
-            // Replicas with roles: a dry run only, until pods can claim a role's reservation.
-            if !body.dry_run {
-                return Err(Status::failed_precondition(
-                    "a gang with roles can be planned with dry_run only: no pod can claim a role's \
-                     reservation yet (the Kubernetes ways in do not read roles)",
-                ));
-            }
-            if body.explain {
-                return Err(Status::invalid_argument(
-                    "explain is not supported with roles yet (an unplaced replica's reason names the \
-                     role that did not fit)",
-                ));
-            }
-            let requests = replica_requests(&body.gangs)?;
-            let response = self
-                .on_book(move |book, _| {
-                    let outcome = book.plan_replicas(&requests, &solver).map_err(request_error)?;
-                    Ok(replica_plan_response(book.cluster(), &outcome))
-                })
-                .await?;
-            return Ok(Response::new(response));
-        }
-        let requests = gang_requests(&body.gangs)?;
         let options = PlanOptions {
             dry_run: body.dry_run,
             ttl_ms: u64::from(ttl_s) * 1000,
@@ -282,6 +258,26 @@ impl Placement for PlacementService {
             owner,
             explain: body.explain,
         };
+        if has_roles(&body.gangs) {
+            if body.explain {
+                return Err(Status::invalid_argument(
+                    "explain is not supported with roles yet (an unplaced replica's reason names the \
+                     role that did not fit)",
+                ));
+            }
+            let requests = replica_requests(&body.gangs)?;
+            let response = self
+                .on_book(move |book, now| {
+                    let outcome = book.plan_replicas(&requests, &options, now).map_err(request_error)?;
+                    Ok(replica_plan_response(book.cluster(), &outcome, now))
+                })
+                .await?;
+            if !response.reservation_id.is_empty() {
+                tracing::info!(reservation = %response.reservation_id, replicas = response.replicas.len(), "reserved through the API");
+            }
+            return Ok(Response::new(response));
+        }
+        let requests = gang_requests(&body.gangs)?;
         let response = self
             .on_book(move |book, now| {
                 let outcome = book.plan_gangs(&requests, &options, now).map_err(request_error)?;

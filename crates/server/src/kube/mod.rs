@@ -351,7 +351,7 @@ pub async fn run_view_with(
     hooks: Option<Arc<dyn ViewHooks>>,
 ) {
     let dirty = Arc::new(Notify::new());
-    let node_specs: Arc<std::sync::Mutex<HashMap<String, NodeSpec>>> = Arc::default();
+    let node_specs: Arc<std::sync::Mutex<HashMap<String, ViewNode>>> = Arc::default();
     let nodes_synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     let node_task = {
@@ -362,7 +362,7 @@ pub async fn run_view_with(
         let api: Api<Node> = Api::all(client.clone());
         async move {
             let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
-            let mut listing: Option<HashMap<String, NodeSpec>> = None;
+            let mut listing: Option<HashMap<String, ViewNode>> = None;
             let mut listed_nodes: Vec<Node> = Vec::new();
             while let Some(event) = stream.next().await {
                 let event = match event {
@@ -420,8 +420,11 @@ pub async fn run_view_with(
             loop {
                 dirty.notified().await;
                 tokio::time::sleep(Duration::from_millis(REBUILD_DEBOUNCE_MS)).await;
-                let mut nodes: Vec<NodeSpec> =
+                let viewed: Vec<ViewNode> =
                     node_specs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+                let closed: std::collections::BTreeSet<String> =
+                    viewed.iter().filter(|v| v.closed).map(|v| v.spec.name.clone()).collect();
+                let mut nodes: Vec<NodeSpec> = viewed.into_iter().map(|v| v.spec).collect();
                 nodes.sort_by(|a, b| a.name.cmp(&b.name));
                 let levels =
                     level_keys.iter().filter(|k| nodes.iter().any(|n| n.labels.contains_key(*k))).cloned().collect();
@@ -430,12 +433,18 @@ pub async fn run_view_with(
                     continue;
                 }
                 match Cluster::build(spec) {
-                    Ok(cluster) => ext.with_book(|book| match book {
-                        Some(book) => ((), book.replace_cluster(cluster)),
-                        None => {
-                            *book = Some(Book::new(cluster, config.clone()));
-                            ((), Vec::new())
+                    Ok(cluster) => ext.with_book(|book| {
+                        let dropped = match book {
+                            Some(book) => book.replace_cluster(cluster),
+                            None => {
+                                *book = Some(Book::new(cluster, config.clone()));
+                                Vec::new()
+                            }
+                        };
+                        if let Some(book) = book.as_mut() {
+                            book.set_closed_nodes(closed);
                         }
+                        ((), dropped)
                     }),
                     Err(error) => tracing::error!(%error, "the nodes do not form a valid cluster model"),
                 }
@@ -501,10 +510,22 @@ pub async fn run_view_with(
     tokio::join!(node_task, rebuild_task, pod_task);
 }
 
-fn apply_node(specs: &mut HashMap<String, NodeSpec>, node: &Node) -> bool {
+/// A GPU node of the view: its spec, and whether kube-scheduler offers it no pod now
+/// (cordoned or not Ready: [`topoplace_online::reservation::Book::set_closed_nodes`]).
+#[derive(Debug, Clone, PartialEq)]
+struct ViewNode {
+    spec: NodeSpec,
+    closed: bool,
+}
+
+fn apply_node(specs: &mut HashMap<String, ViewNode>, node: &Node) -> bool {
     let name = node.metadata.name.clone().unwrap_or_default();
     match node::node_spec(node) {
-        Ok(Some(spec)) => specs.insert(name, spec.clone()).as_ref() != Some(&spec),
+        Ok(Some(spec)) => {
+            let facts = node::facts(node);
+            let viewed = ViewNode { spec, closed: !facts.ready || facts.unschedulable };
+            specs.insert(name, viewed.clone()).as_ref() != Some(&viewed)
+        }
         Ok(None) => specs.remove(&name).is_some(),
         Err(reason) => {
             tracing::warn!(node = %name, %reason, "GPU node left out of the view");
