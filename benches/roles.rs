@@ -37,6 +37,7 @@ mod allocator;
 use std::time::Instant;
 
 use topoplace_engine::ledger::Ledger;
+use topoplace_engine::placement::capacity::{REPLICA_CAPACITY_COUNT_MAX, REPLICA_CAPACITY_STEPS_MAX};
 use topoplace_engine::placement::replica::REPLICA_SEARCH_STEPS_MAX;
 use topoplace_engine::placement::{HostVerdict, Planner, PlannerConfig, SolverChoice};
 use topoplace_engine::topology::graph::nvlink_connected;
@@ -400,5 +401,36 @@ fn main() {
     println!("\nWhat was broken:\n\n| cluster | seed | placer | shape: what | times |\n|---|---|---|---|---|");
     for line in kinds {
         println!("{line}");
+    }
+    capacity_table();
+}
+
+/// Capacity of each shape on an empty cluster ([`Planner::replica_capacity`]: replicas placed
+/// one after another, over the cluster and inside each rack), with its cost.
+fn capacity_table() {
+    println!(
+        "\nCapacity of a shape with roles on the empty cluster (Planner::replica_capacity, per rack; at most {REPLICA_CAPACITY_COUNT_MAX} replicas per count, {REPLICA_CAPACITY_STEPS_MAX} planner calls per answer).\n"
+    );
+    println!("| cluster | shape | replicas | racks holding one or more | lower bound | planner calls | ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, cluster) in [("Lingjun (847 x H800)", lingjun()), ("mixed (128 hosts, 4 products)", mixed_cluster())] {
+        let ledger: Ledger<u64> = Ledger::empty(&cluster);
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        let leaf_level = cluster.level_index("leaf");
+        for spec in shapes() {
+            let replica = spec.expand_replicas().remove(0);
+            let start = Instant::now();
+            let report = planner.replica_capacity(&ledger, &replica, None, leaf_level).expect("capacity");
+            let millis = start.elapsed().as_millis();
+            let racks = report.domains.iter().filter(|d| d.1 > 0).count();
+            println!(
+                "| {name} | {} | {} | {racks} of {} | {} | {} | {millis} |",
+                spec.name,
+                report.replicas,
+                report.domains.len(),
+                if report.capped { "yes" } else { "no" },
+                report.steps
+            );
+        }
     }
 }

@@ -741,6 +741,22 @@ async fn a_replica_with_roles_reserved_through_the_api_is_claimed_by_its_pods() 
         .into_inner();
     assert_eq!((released.gangs, released.gpus_released), (vec!["team/lws-b".to_string()], 20));
     assert_eq!(state(&mut api).await.reserved_gpus, 0);
+
+    // A gang without roles reserved in the same request as one with roles is claimed by its
+    // pods, which carry no roles.
+    let mixed =
+        vec![with_roles("lws-c", "leaf", vec![role("leader", 1, 4, 4), role("worker", 2, 8, 8)]), gang("solo", 1, 8)];
+    let held = api.plan(plan(mixed, false)).await.expect("reserving both").into_inner();
+    assert!(held.placed && !held.reservation_id.is_empty(), "{held:?}");
+    let solo_node = held.replicas.iter().find(|r| r.name == "solo").expect("solo").parts[0]
+        .placement
+        .as_ref()
+        .expect("placement")
+        .members[0]
+        .node
+        .clone();
+    let solo = pod("team", "solo-0", "solo-0-uid", 8, Some(("solo", 1)));
+    assert_eq!(schedule(&web, &http.base, &solo, &all_nodes).await.expect("solo binds"), solo_node);
     ext.check().expect("book consistent");
     http.stop().await;
 }
@@ -771,19 +787,28 @@ async fn roles_with_a_bad_shape_are_refused_naming_the_field() {
         assert_eq!(error.code(), Code::InvalidArgument, "{gang:?}: {error:?}");
         assert!(error.message().contains(expected), "{gang:?}: `{}` lacks `{expected}`", error.message());
     }
-    // Explain and Capacity refuse roles first, whatever else the gang says.
+    // Explain refuses roles first, whatever else the gang says.
     let explain = api
         .explain(pb::ExplainRequest { gang: Some(pb::Gang { members: 3, ..good.clone() }), nodes: Vec::new() })
         .await
         .expect_err("explain");
     assert_eq!(explain.code(), Code::InvalidArgument);
-    assert!(explain.message().contains("roles are accepted by Plan"), "{}", explain.message());
+    assert!(explain.message().contains("roles are accepted by Plan and Capacity only"), "{}", explain.message());
+    // Capacity counts replicas with roles: 20 GPUs in one rack, one per H100 rack.
     let capacity = api
         .capacity(pb::CapacityRequest { shape: Some(good.clone()), by_level: String::new() })
         .await
-        .expect_err("capacity");
-    assert_eq!(capacity.code(), Code::InvalidArgument);
-    assert!(capacity.message().contains("roles are accepted by Plan"), "{}", capacity.message());
+        .expect("capacity")
+        .into_inner();
+    assert_eq!((capacity.replicas, capacity.lower_bound), (2, false), "{capacity:?}");
+    let per_rack: Vec<(String, u64)> = capacity.domains.iter().map(|d| (d.domain.clone(), d.replicas)).collect();
+    assert_eq!(per_rack.iter().map(|(_, r)| r).sum::<u64>(), 2, "{per_rack:?}");
+    assert!(per_rack.iter().all(|(_, r)| *r <= 1), "{per_rack:?}");
+    let bad_level = api
+        .capacity(pb::CapacityRequest { shape: Some(good.clone()), by_level: "row".into() })
+        .await
+        .expect_err("an unknown level");
+    assert_eq!(bad_level.code(), Code::InvalidArgument);
     // Plan with roles: no explain; at most 64 replicas with roles (each a bounded search).
     let explained = api
         .plan(pb::PlanRequest { gangs: vec![good.clone()], dry_run: true, explain: true, ..Default::default() })

@@ -29,6 +29,10 @@ const POD_GROUP_LABEL: &str = "scheduling.x-k8s.io/pod-group";
 const LWS_GROUP_LABEL: &str = "leaderworkerset.sigs.k8s.io/group-key";
 const LWS_SIZE_ANNOTATION: &str = "leaderworkerset.sigs.k8s.io/size";
 const LWS_INDEX_LABEL: &str = "leaderworkerset.sigs.k8s.io/worker-index";
+/// LeaderWorkerSet's exclusive placement (`ExclusiveKeyAnnotationKey` in
+/// kubernetes-sigs/lws `api/leaderworkerset/v1`): set on the leader's pod; the LWS controller
+/// creates a group's workers only once its leader is bound, to pin them to its domain.
+const LWS_EXCLUSIVE_TOPOLOGY: &str = "leaderworkerset.sigs.k8s.io/exclusive-topology";
 /// On a LeaderWorkerSet's pods (its `workerTemplate`, and `leaderTemplate` if it has one):
 /// `"0"` says the group's leader (worker-index 0) takes no GPUs. kube-scheduler never sends
 /// such a leader to the extender (`managedResources` names only `nvidia.com/gpu`), so without
@@ -281,6 +285,21 @@ pub fn demand_sized(pod: &Pod, pod_group_min_member: Option<u32>) -> Result<PodD
         annotation(key).map(|v| number(&shown, format!("metadata.annotations[{key}]"), v, 1 << 20)).transpose()
     };
     let mut gang = gang_of_sized(pod, &identity.namespace, pod_group_min_member)?;
+    let empty_labels = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty_labels);
+    let lws_leader = labels.contains_key(LWS_GROUP_LABEL) && labels.get(LWS_INDEX_LABEL).is_some_and(|i| i == "0");
+    if let (true, Some(key)) = (lws_leader && gpus > 0 && gang.is_some(), annotations.get(LWS_EXCLUSIVE_TOPOLOGY)) {
+        // The workers would wait for the leader's bind, the leader's bind for the workers.
+        return Err(invalid(
+            LWS_EXCLUSIVE_TOPOLOGY,
+            key,
+            "with exclusive placement LeaderWorkerSet creates the workers only once the leader is bound, and \
+             topoplace binds a group's GPU pods together: give the leader no GPUs (topoplace.io/leader-gpus: \
+             \"0\", or a role of 0 GPUs in topoplace.io/roles), or keep the group in one domain with \
+             topoplace.io/topology-required instead"
+                .into(),
+        ));
+    }
     let roles = match annotation(ROLES_ANNOTATION) {
         None => None,
         Some(text) => Some(role_of(pod, &shown, text, gpus, gang.as_mut())?),
@@ -648,6 +667,23 @@ mod tests {
             let error = demand(&pod_with(labels, annotations, 1)).unwrap_err().to_string();
             assert!(error.contains("its roles have 4294967296 members together"), "{error}");
         }
+    }
+
+    #[test]
+    fn an_exclusive_leaderworkerset_whose_leader_takes_gpus_is_refused_not_deadlocked() {
+        let labels = |index: &str| {
+            serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k",
+                "leaderworkerset.sigs.k8s.io/worker-index": index})
+        };
+        let exclusive = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3",
+            LWS_EXCLUSIVE_TOPOLOGY: "network.topology.nvidia.com/leaf"});
+        let error = demand(&pod_with(labels("0"), exclusive.clone(), 8)).unwrap_err().to_string();
+        assert!(error.contains(LWS_EXCLUSIVE_TOPOLOGY) && error.contains("only once the leader is bound"), "{error}");
+        // A worker, and a leader without GPUs, are fine.
+        assert!(demand(&pod_with(labels("1"), exclusive.clone(), 8)).is_ok());
+        let mut gpu_less = exclusive;
+        gpu_less[LWS_LEADER_GPUS] = serde_json::json!("0");
+        assert!(demand(&pod_with(labels("0"), gpu_less, 0)).is_ok());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::gpus::UnitShape;
 use super::{shapes_of, GangInputError, HostCapacity, Planner, RejectionGroup, RejectionTally, ResolvedScope};
 use crate::ledger::GpuUse;
 use crate::topology::{HostId, ProductId};
-use crate::workload::Gang;
+use crate::workload::{Gang, Replica};
 
 /// One product's share of a [`CapacityReport`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,5 +228,187 @@ impl Planner<'_> {
                 Err((reason, reason.text(host.product.get().name, host.memory_mib, gang)))
             }
         }
+    }
+}
+
+/// Replicas one count of [`Planner::replica_capacity`] reaches at most.
+pub const REPLICA_CAPACITY_COUNT_MAX: u64 = 256;
+/// Planner calls one [`Planner::replica_capacity`] answer may make over all its counts.
+pub const REPLICA_CAPACITY_STEPS_MAX: u64 = 20_000;
+
+/// How many replicas of a shape with roles fit now ([`Planner::replica_capacity`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaCapacity {
+    /// Replicas placed one after another over every offered host.
+    pub replicas: u64,
+    /// The level `domains` breaks the answer down by (`None` on a cluster without levels).
+    pub level: Option<usize>,
+    /// Per domain of `level` (its index in `cluster.domains[level]`): replicas placed one
+    /// after another inside that domain alone, and its free GPUs.
+    pub domains: Vec<(u32, u64, u64)>,
+    /// Some count stopped at [`REPLICA_CAPACITY_COUNT_MAX`] or the answer at
+    /// [`REPLICA_CAPACITY_STEPS_MAX`]: the counts are lower bounds.
+    pub capped: bool,
+    /// Planner calls made.
+    pub steps: u64,
+}
+
+impl Planner<'_> {
+    /// How many replicas of `replica` (roles, slices, its scope) fit now on the hosts flagged
+    /// in `offered` (all when `None`), broken down by the domains of `by_level` (the innermost
+    /// level when `None`). A replica's roles may mix products and share hosts, so unlike
+    /// [`Planner::capacity`] this is counted by placing replicas one after another with
+    /// [`Planner::place_replica`] on a scratch copy of the ledger (greedy, so a lower bound of
+    /// what fits), once over all hosts and once inside each domain; domains with fewer free
+    /// GPUs than one replica are counted as 0 without a search. Errors: the replica's shape
+    /// or scopes (as [`Planner::check_replica`]).
+    pub fn replica_capacity(
+        &mut self,
+        ledger: &impl AsRef<GpuUse>,
+        replica: &Replica,
+        offered: Option<&[bool]>,
+        by_level: Option<usize>,
+    ) -> Result<ReplicaCapacity, GangInputError> {
+        let ledger = ledger.as_ref();
+        self.check_replica(replica)?;
+        let cluster = self.cluster;
+        let level = by_level.or_else(|| cluster.levels.len().checked_sub(1));
+        let mut report = ReplicaCapacity { replicas: 0, level, domains: Vec::new(), capped: false, steps: 0 };
+        report.replicas = self.count_replicas(ledger, replica, offered, &mut report);
+        let Some(level) = level else { return Ok(report) };
+        let need = replica.total_gpus();
+        for (index, domain) in cluster.domains[level].iter().enumerate() {
+            let mut mask = vec![false; cluster.hosts.len()];
+            let mut free = 0u64;
+            for host in domain.hosts.clone() {
+                let open = offered.is_none_or(|o| o.get(host as usize).copied().unwrap_or(false));
+                mask[host as usize] = open;
+                if open {
+                    free += u64::from(ledger.free(host).count_ones());
+                }
+            }
+            let count = if free < need { 0 } else { self.count_replicas(ledger, replica, Some(&mask), &mut report) };
+            report.domains.push((index as u32, count, free));
+        }
+        Ok(report)
+    }
+
+    /// Places `replica` again and again on a scratch copy of `ledger` within `offered` until
+    /// it no longer fits or a limit stops it (`report.capped`); returns how many fit.
+    fn count_replicas(
+        &mut self,
+        ledger: &GpuUse,
+        replica: &Replica,
+        offered: Option<&[bool]>,
+        report: &mut ReplicaCapacity,
+    ) -> u64 {
+        let mut scratch: crate::ledger::Ledger<u64> = ledger.scratch();
+        let mut count = 0u64;
+        loop {
+            if count == REPLICA_CAPACITY_COUNT_MAX || report.steps >= REPLICA_CAPACITY_STEPS_MAX {
+                report.capped = true;
+                return count;
+            }
+            let mut steps = 0;
+            let placed = self.place_replica_counting(
+                scratch.as_ref(),
+                replica,
+                &super::SolverChoice::Greedy,
+                offered,
+                None,
+                &mut steps,
+            );
+            report.steps += u64::from(steps);
+            let Ok(placement) = placed else { return count };
+            if scratch.reserve(&count, &placement.holding()).is_err() {
+                return count;
+            }
+            count += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod replica_tests {
+    use super::*;
+    use crate::ledger::Ledger;
+    use crate::placement::PlannerConfig;
+    use crate::testkit::node;
+    use crate::topology::{Cluster, ClusterSpec};
+    use crate::workload::{GangSpec, RoleSpec, Scope, Slicing};
+
+    const LEAF: &str = "network.topology.nvidia.com/leaf";
+
+    fn cluster(hosts: &[usize]) -> Cluster {
+        let mut nodes = Vec::new();
+        for (rack, &count) in hosts.iter().enumerate() {
+            for host in 0..count {
+                let name = format!("r{rack}");
+                nodes.push(node(&format!("r{rack}-{host}"), "H100", 8, &[(LEAF, name.as_str())]));
+            }
+        }
+        Cluster::build(ClusterSpec { name: "t".into(), levels: vec![LEAF.into()], nodes }).expect("cluster")
+    }
+
+    #[test]
+    fn a_gang_counted_as_a_replica_matches_the_gang_count() {
+        let cluster = cluster(&[3, 2, 4]);
+        let ledger: Ledger<u64> = Ledger::empty(&cluster);
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        for (members, gpus, tp, required) in
+            [(1, 8, 8, None), (2, 8, 8, Some("leaf")), (3, 4, 4, Some("leaf")), (1, 2, 2, None)]
+        {
+            let mut spec = GangSpec::shape("g", members, gpus, tp);
+            spec.required = required.map(Scope::parse);
+            let gang = spec.expand().remove(0);
+            let counted =
+                planner.replica_capacity(&ledger, &Replica::of_gang(gang.clone()), None, None).expect("count");
+            let capacity = planner.capacity(&ledger, &gang, None, None).expect("capacity");
+            assert_eq!(counted.replicas, capacity.replicas, "{members} x {gpus}");
+            let per_domain: Vec<u64> = counted.domains.iter().map(|d| d.1).collect();
+            let expected: Vec<u64> = (0..3u32)
+                .map(|d| capacity.domains.iter().filter(|c| c.domain == d).map(|c| c.replicas).sum())
+                .collect();
+            assert_eq!(per_domain, expected, "{members} x {gpus} per rack");
+            assert!(!counted.capped);
+        }
+    }
+
+    #[test]
+    fn replicas_with_roles_and_slices_are_counted_per_rack_and_capped_as_lower_bounds() {
+        let cluster = cluster(&[4, 4, 1]);
+        let ledger: Ledger<u64> = Ledger::empty(&cluster);
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        // A 4-GPU leader and two 8-GPU workers in one rack: 20 GPUs, one per 32-GPU rack.
+        let mut spec =
+            GangSpec::with_roles("r", vec![RoleSpec::shape("leader", 1, 4, 4), RoleSpec::shape("worker", 2, 8, 8)]);
+        spec.required = Some(Scope::parse("leaf"));
+        let replica = spec.expand_replicas().remove(0);
+        let counted = planner.replica_capacity(&ledger, &replica, None, None).expect("count");
+        assert_eq!(counted.replicas, 2);
+        assert_eq!(counted.domains.iter().map(|d| d.1).collect::<Vec<_>>(), vec![1, 1, 0]);
+        // Slices of two 8-GPU members, each in one rack: the racks of 4 hold 2 slices each.
+        let sliced = RoleSpec {
+            slices: Some(Slicing { members: 2, scope: Scope::parse("leaf") }),
+            ..RoleSpec::shape("w", 4, 8, 8)
+        };
+        let replica = GangSpec::with_roles("s", vec![sliced]).expand_replicas().remove(0);
+        let counted = planner.replica_capacity(&ledger, &replica, None, None).expect("count");
+        assert_eq!(counted.replicas, 2, "64 GPUs in racks of 4 hosts: two 32-GPU jobs");
+        // 1-GPU replicas: 72 fit; the per-rack counts are not capped either.
+        let tiny = Replica::of_gang(GangSpec::shape("t", 1, 1, 1).expand().remove(0));
+        let counted = planner.replica_capacity(&ledger, &tiny, None, None).expect("count");
+        assert_eq!((counted.replicas, counted.capped), (72, false));
+        // 320 GPUs: the count stops at its limit and says so.
+        let big = self::cluster(&[40]);
+        let ledger: Ledger<u64> = Ledger::empty(&big);
+        let counted =
+            Planner::new(&big, PlannerConfig::default()).replica_capacity(&ledger, &tiny, None, None).expect("count");
+        assert_eq!((counted.replicas, counted.capped), (REPLICA_CAPACITY_COUNT_MAX, true));
+        // A bad scope is an error.
+        let mut bad = GangSpec::with_roles("b", vec![RoleSpec::shape("w", 1, 8, 8)]);
+        bad.required = Some(Scope::parse("row"));
+        let ledger: Ledger<u64> = Ledger::empty(&cluster);
+        assert!(planner.replica_capacity(&ledger, &bad.expand_replicas().remove(0), None, None).is_err());
     }
 }

@@ -167,7 +167,20 @@ impl Planner<'_> {
         offered: Option<&[bool]>,
         role_offered: Option<(usize, &[bool])>,
     ) -> Result<ReplicaPlacement, Unplaced> {
-        let ledger = ledger.as_ref();
+        self.place_replica_counting(ledger.as_ref(), replica, solver, offered, role_offered, &mut 0)
+    }
+
+    /// [`Planner::place_replica_offered`], also saying in `steps` how many planner calls the
+    /// search made, whether it placed the replica or not.
+    pub(crate) fn place_replica_counting(
+        &mut self,
+        ledger: &GpuUse,
+        replica: &Replica,
+        solver: &SolverChoice,
+        offered: Option<&[bool]>,
+        role_offered: Option<(usize, &[bool])>,
+        steps_out: &mut u32,
+    ) -> Result<ReplicaPlacement, Unplaced> {
         let unplaced = |reason: String| Unplaced { gang: replica.name.clone(), reason, explanation: None };
         replica.check().map_err(|e| unplaced(e.to_string()))?;
         let gpu_less_roles: Vec<String> =
@@ -177,6 +190,7 @@ impl Planner<'_> {
                 (0..own.len()).map(|h| own[h] && offered.is_none_or(|o| o.get(h).copied().unwrap_or(false))).collect()
             });
             let within = mask.as_deref().or(offered);
+            *steps_out = 1;
             let placement = self.place(ledger, PlaceRequest::new(gang).solver(solver).within(within))?;
             return Ok(ReplicaPlacement {
                 replica: replica.name.clone(),
@@ -227,6 +241,7 @@ impl Planner<'_> {
         }
         let exhausted = search.steps >= REPLICA_SEARCH_STEPS_MAX;
         let steps = search.steps;
+        *steps_out = steps;
         let Some((region, placements, score)) = outcome else {
             let mut reason = if roomy == 0 {
                 match &replica.required {

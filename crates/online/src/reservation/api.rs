@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use super::{at_bind, gang_holder, replica_slots, Book, Expired, GangReservation, Planned, Slot};
 use topoplace_engine::ledger::mask_indices;
-use topoplace_engine::placement::capacity::CapacityReport;
+use topoplace_engine::placement::capacity::{CapacityReport, ReplicaCapacity};
 use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{
     batch_order, replica_order, GangPlacement, PlaceRequest, Planner, PlannerConfig, SolverChoice, Unplaced,
@@ -189,8 +189,18 @@ fn check_keys<'a>(keys: impl Iterator<Item = &'a str>) -> Result<(), RequestErro
 
 impl Book {
     /// Hosts of `product` (all hosts when `None`), by host id.
-    fn product_mask(&self, product: Option<ProductId>) -> Option<Vec<bool>> {
-        product.map(|product| self.cluster.hosts.iter().map(|h| h.product == product).collect())
+    /// The hosts an API request may use: open ones ([`Book::set_closed_nodes`]) of `product`
+    /// (any when `None`); `None` when that is every host.
+    fn api_mask(&self, product: Option<ProductId>) -> Option<Vec<bool>> {
+        let open = self.open_hosts();
+        let mask: Vec<bool> = self
+            .cluster
+            .hosts
+            .iter()
+            .zip(&open)
+            .map(|(h, &open)| open && product.is_none_or(|p| h.product == p))
+            .collect();
+        (mask.iter().any(|&m| !m)).then_some(mask)
     }
 
     /// Checks what can be checked without placing: the topology names, the product, and
@@ -267,7 +277,7 @@ impl Book {
             }
         }
         let gangs: Vec<Gang> = requests.iter().map(|r| r.gang.clone()).collect();
-        let masks: Vec<Option<Vec<bool>>> = requests.iter().map(|r| self.product_mask(r.product)).collect();
+        let masks: Vec<Option<Vec<bool>>> = requests.iter().map(|r| self.api_mask(r.product)).collect();
         let mut placed: Vec<(usize, GangPlacement)> = Vec::new();
         let mut unplaced = Vec::new();
         let explain_config = options.explain.then(|| PlannerConfig { explain: true, ..self.config.planner.clone() });
@@ -355,7 +365,7 @@ impl Book {
             }
         }
         let solver = &options.solver;
-        let masks: Vec<Option<Vec<bool>>> = requests.iter().map(|r| self.product_mask(r.product)).collect();
+        let masks: Vec<Option<Vec<bool>>> = requests.iter().map(|r| self.api_mask(r.product)).collect();
         let replicas: Vec<&Replica> = requests.iter().map(|r| &r.replica).collect();
         let order = replica_order(&replicas);
         let mut scratch: topoplace_engine::ledger::Ledger<String> = self.ledger.scratch();
@@ -418,8 +428,15 @@ impl Book {
         let origin = ApiReservation { id: id.clone(), owner: options.owner.clone() };
         for (index, placement) in placed {
             let request = &requests[*index];
-            let planned = Planned::Replica(Box::new(request.replica.clone()));
-            let slots = replica_slots(&request.replica, placement);
+            // A gang without roles in the same request is reserved as the gang it is, so its
+            // pods (which carry no roles) can claim it.
+            let (planned, slots) = match (request.replica.as_single(), placement.parts.as_slice()) {
+                (Some(gang), [part]) => {
+                    let slots = part.placement.members.iter().map(|m| Slot::planned(m.host, m.gpus)).collect();
+                    (Planned::Gang(gang.clone()), slots)
+                }
+                _ => (Planned::Replica(Box::new(request.replica.clone())), replica_slots(&request.replica, placement)),
+            };
             self.insert_api_reservation(&request.key, planned, slots, expires_at_ms, &origin);
         }
         Ok((id, expires_at_ms))
@@ -453,7 +470,7 @@ impl Book {
         let Some(existing) = self.gangs.get(key) else { return Ok(()) };
         let by = match &existing.origin {
             Some(origin) => format!("reservation `{}` of {}", origin.id, origin.owner),
-            None => "by the extender, for its pods".into(),
+            None => "by a scheduler (the extender, or the secondary scheduler binding it), for its pods".into(),
         };
         Err(RequestError::AlreadyReserved { gang: key.to_string(), by })
     }
@@ -536,7 +553,7 @@ impl Book {
         }
         let config = PlannerConfig { explain: true, ..self.config.planner.clone() };
         let mut planner = Planner::new(&self.cluster, config);
-        let mask = self.product_mask(request.product);
+        let mask = self.api_mask(request.product);
         let outcome = planner.place(&self.ledger, PlaceRequest::new(&request.gang).within(mask.as_deref()));
         let nodes = hosts
             .iter()
@@ -554,23 +571,37 @@ impl Book {
     /// How many more replicas of `request`'s shape fit now, broken down by `by_level` (a label
     /// key or short name; the innermost level when `None`).
     pub fn capacity(&mut self, request: &GangRequest, by_level: Option<&str>) -> Result<CapacityReport, RequestError> {
-        let level = match by_level {
-            None => None,
-            Some(name) => Some(self.cluster.level_index(name).ok_or_else(|| {
-                RequestError::Invalid(format!(
-                    "by_level `{name}` is not a level of this cluster (levels: {})",
-                    if self.cluster.levels.is_empty() { "none".to_string() } else { self.cluster.levels.join(", ") }
-                ))
-            })?),
-        };
-        if let Some(product) = request.product {
-            if !self.cluster.hosts.iter().any(|h| h.product == product) {
-                return Err(RequestError::Invalid(format!("product `{}` is not in the cluster", product.get().name)));
-            }
-        }
-        let mask = self.product_mask(request.product);
+        let level = self.capacity_level(by_level)?;
+        self.check_product(&request.key, request.product)?;
+        let mask = self.api_mask(request.product);
         self.with_planner(|planner, ledger| planner.capacity(ledger, &request.gang, mask.as_deref(), level))
             .map_err(|e| RequestError::Invalid(e.to_string()))
+    }
+
+    /// [`Book::capacity`] for a replica with roles: counted by placing replicas one after
+    /// another on a copy of the ledger ([`Planner::replica_capacity`]: a lower bound, capped).
+    pub fn replica_capacity(
+        &mut self,
+        request: &ReplicaRequest,
+        by_level: Option<&str>,
+    ) -> Result<ReplicaCapacity, RequestError> {
+        let level = self.capacity_level(by_level)?;
+        self.check_product(&request.key, request.product)?;
+        let mask = self.api_mask(request.product);
+        self.with_planner(|planner, ledger| planner.replica_capacity(ledger, &request.replica, mask.as_deref(), level))
+            .map_err(|e| RequestError::Invalid(e.to_string()))
+    }
+
+    /// The level a capacity answer is broken down by: `by_level` (a label key or short name),
+    /// `None` for the innermost.
+    fn capacity_level(&self, by_level: Option<&str>) -> Result<Option<usize>, RequestError> {
+        let Some(name) = by_level else { return Ok(None) };
+        self.cluster.level_index(name).map(Some).ok_or_else(|| {
+            RequestError::Invalid(format!(
+                "by_level `{name}` is not a level of this cluster (levels: {})",
+                if self.cluster.levels.is_empty() { "none".to_string() } else { self.cluster.levels.join(", ") }
+            ))
+        })
     }
 
     /// Hosts, GPUs free and held, domains and reservations (`with_hosts`: the per-host list).

@@ -958,15 +958,15 @@ fn planned_difference(a: &Planned, b: &Planned) -> Option<(&'static str, String,
 }
 
 /// What the pods of a gang the placement API reserved must agree with it on: its size and GPUs
-/// per member, and having no roles (the API reserves gangs of one shape). The size and GPUs
-/// are the first two fields [`gang_shape_difference`] compares, so a difference in them is
-/// the one it returns.
+/// per member, and its roles (none, or the same roles). The size and GPUs are the first two
+/// fields [`gang_shape_difference`] compares, so a difference in them is the one it returns;
+/// topology they need not repeat.
 const RESERVED_FIELDS: [&str; 3] = ["the gang's size", "nvidia.com/gpu per member", ROLES_FIELD];
 
 /// A member arriving at a planned gang must describe it as the gang was planned: refused,
 /// naming both pods (or the placement API's reservation) and the field, when it does not. The
-/// pods of a gang the placement API reserved need only agree on its size and GPUs per member
-/// (they cannot repeat every field of the API request, and the plan already honours them).
+/// pods of a gang the placement API reserved need only agree on [`RESERVED_FIELDS`] (they
+/// cannot repeat every field of the API request, and the plan already honours them).
 fn check_shape(
     demand: &PodDemand,
     reservation: &GangReservation,

@@ -459,3 +459,32 @@ fn a_pod_with_roles_meets_a_gang_the_api_reserved_without_roles() {
     assert_eq!(book.ledger().free_gpus(), free);
     book.check().expect("invariants");
 }
+
+#[test]
+fn api_plans_and_capacity_keep_off_closed_nodes() {
+    let mut book = Book::new(racks(&[2, 2]), BookConfig::default());
+    book.set_closed_nodes(BTreeSet::from(["r0-0".to_string(), "r0-1".to_string()]));
+    let options = PlanOptions {
+        dry_run: true,
+        ttl_ms: 60_000,
+        solver: topoplace_engine::placement::SolverChoice::Greedy,
+        allow_partial: true,
+        owner: "tester".into(),
+        explain: false,
+    };
+    let gang = |key: &str| GangRequest {
+        key: key.into(),
+        gang: topoplace_engine::workload::GangSpec::shape(key, 1, 8, 8).expand().remove(0),
+        product: None,
+    };
+    let outcome = book.plan_gangs(&[gang("ns/a"), gang("ns/b"), gang("ns/c")], &options, 0).expect("plan");
+    assert_eq!((outcome.placements.len(), outcome.unplaced.len()), (2, 1), "only r1's two hosts are open");
+    assert_eq!(book.capacity(&gang("ns/a"), None).expect("capacity").replicas, 2);
+    let roles = vec![RoleSpec::shape("leader", 1, 4, 4), RoleSpec::shape("worker", 1, 8, 8)];
+    let replica = topoplace_engine::workload::GangSpec::with_roles("ns/r", roles).expand_replicas().remove(0);
+    let request = ReplicaRequest { key: "ns/r".into(), replica, product: None };
+    let capacity = book.replica_capacity(&request, None).expect("capacity");
+    assert_eq!(capacity.replicas, 1, "12 GPUs each: one fits the 16 open GPUs");
+    let per_rack: Vec<u64> = capacity.domains.iter().map(|&(_, replicas, _)| replicas).collect();
+    assert_eq!(per_rack, vec![0, 1]);
+}

@@ -78,7 +78,8 @@ impl Book {
             if existing.binding {
                 return Err(BookError::InFlight { gang: key.to_string() });
             }
-            if !matches!(existing.planned, Planned::Replica(_)) || existing.slots.len() != planned.len() {
+            let api_replica = matches!(existing.planned, Planned::Replica(_)) && existing.origin.is_some();
+            if !api_replica || existing.slots.len() != planned.len() {
                 return Err(BookError::AlreadyPlanned { gang: key.to_string() });
             }
             let mut members = Vec::with_capacity(pods.len());
@@ -143,12 +144,14 @@ impl Book {
         Ok((Ticket::Gang(key.to_string()), members))
     }
 
-    /// A replica with roles reserved (through the placement API) and not yet binding: its
-    /// roles and its slots (role, host, GPUs), role by role.
-    pub fn reserved_replica(&self, key: &str) -> Option<(Replica, Vec<RoleSlot>)> {
+    /// A replica with roles reserved through the placement API and not yet binding: its roles,
+    /// its slots (role, host, GPUs), role by role, and the reservation's id.
+    pub fn reserved_replica(&self, key: &str) -> Option<(Replica, Vec<RoleSlot>, String)> {
         let reservation = self.gangs.get(key).filter(|g| !g.binding)?;
+        let origin = reservation.origin.as_ref()?;
         let Planned::Replica(replica) = &reservation.planned else { return None };
-        Some(((**replica).clone(), reservation.slots.iter().map(|s| (s.role, s.host, s.gpus)).collect()))
+        let slots = reservation.slots.iter().map(|s| (s.role, s.host, s.gpus)).collect();
+        Some(((**replica).clone(), slots, origin.id.clone()))
     }
 
     /// The planned hosts of a gang reserved and not yet binding (through the placement API),

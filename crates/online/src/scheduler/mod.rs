@@ -811,34 +811,32 @@ impl Scheduler {
             roles_of.iter().copied().zip(members).filter(|(_, m)| m.demand.gpus > 0).collect();
         let gpu_less: Vec<&PendingPod> = members.iter().filter(|m| m.demand.gpus == 0).collect();
         let gpu_pods: Vec<PendingPod> = gpu_members.iter().map(|(_, m)| (*m).clone()).collect();
-        let unit = ReplicaUnit { key, gang_key: &gang_key, replica: &replica, gpu_members, gpu_less, members };
-        let (mut allowed, mut reasons) = self.allowed_hosts(book, &gpu_pods, held_back);
-        // A replica reserved through the placement API binds onto its reservation.
-        if let Some((reserved, planned)) = book.reserved_replica(&gang_key) {
+        // A replica reserved through the placement API binds onto its reservation: the
+        // reservation's scope holds its GPU-less pods too, and hosts kept for a starving unit
+        // do not matter (the reservation holds their GPUs already).
+        if let Some((reserved, planned, id)) = book.reserved_replica(&gang_key) {
+            let through = format!("gang `{key}` is reserved through the placement API (reservation `{id}`)");
             let difference = crate::reservation::replica_shape_difference(&replica, &reserved);
             if let Some((field, ours, theirs)) = difference.filter(|(field, _, _)| *field == ROLES_FIELD) {
-                return Err(format!(
-                    "gang `{key}` is reserved through the placement API with {field} {theirs}, but its pods say {ours}"
-                ));
+                return Err(format!("{through} with {field} {theirs}, but its pods say {ours}"));
             }
+            let allowed = self.allowed_hosts(book, &gpu_pods, None).0;
             let blocked: Vec<String> = planned
                 .iter()
                 .filter(|(_, host, _)| !allowed.get(*host as usize).copied().unwrap_or(false))
                 .map(|(_, host, _)| book.cluster().host(*host).name.clone())
                 .collect();
             if !blocked.is_empty() {
-                return Err(format!(
-                    "gang `{key}` is reserved through the placement API, but its pods fail the node predicates on {}",
-                    blocked.join(", ")
-                ));
+                return Err(format!("{through}, but its pods fail the node predicates on {}", blocked.join(", ")));
             }
+            let unit = ReplicaUnit { key, gang_key: &gang_key, replica: &reserved, gpu_members, gpu_less, members };
             return match self.bind_replica_plan(book, &unit, &planned, now_ms)? {
                 Attempt::Placed(decision) => Ok(decision),
-                Attempt::Unfit { message, .. } => {
-                    Err(format!("gang `{key}` is reserved through the placement API, but {message}"))
-                }
+                Attempt::Unfit { message, .. } => Err(format!("{through}, but {message}")),
             };
         }
+        let unit = ReplicaUnit { key, gang_key: &gang_key, replica: &replica, gpu_members, gpu_less, members };
+        let (mut allowed, mut reasons) = self.allowed_hosts(book, &gpu_pods, held_back);
         if book.reserved_hosts(&gang_key).is_some() {
             return Err(format!(
                 "gang `{key}` is reserved through the placement API as a gang of one shape, but its pods describe \

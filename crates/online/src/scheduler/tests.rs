@@ -786,15 +786,22 @@ fn a_replica_reserved_through_the_api_is_bound_onto_its_reservation() {
     let (bound, decisions) = run(&mut scheduler_odd, &mut book, 1, &BTreeSet::new());
     assert!(bound.is_empty());
     let said = messages(&decisions).join(" ");
-    assert!(said.contains("reserved through the placement API with topoplace.io/roles"), "{said}");
+    assert!(said.contains("reserved through the placement API (reservation `r1`) with topoplace.io/roles"), "{said}");
     assert_eq!(book.ledger().free_gpus(), 48 - 20, "the reservation stands");
 
-    for pod in [
+    // The pods need not repeat the reservation's topology: its domain holds the GPU-less
+    // leader all the same, though the other rack's CPU node has more room.
+    let reserved_rack = reserved.iter().next().map(|(_, node)| node[..2].to_string()).expect("a reserved node");
+    let busy = PodIdentity { namespace: "ns".into(), name: "busy".into(), uid: "busy".into() };
+    let requests = Resources::from([("cpu".to_string(), 8_000)]);
+    scheduler.bound_applied(BoundPod { pod: busy, node: format!("cpu-{reserved_rack}"), requests, gang: None });
+    for mut pod in [
         role_pod("rep", &roles, "leader", 0),
         role_pod("rep", &roles, "worker", 0),
         role_pod("rep", &roles, "worker", 1),
         role_pod("rep", &roles, "draft", 0),
     ] {
+        pod.demand.required = None;
         scheduler.pending_applied(pod);
     }
     let (bound, other) = run(&mut scheduler, &mut book, 2, &BTreeSet::new());
@@ -804,10 +811,8 @@ fn a_replica_reserved_through_the_api_is_bound_onto_its_reservation() {
         let role = member.pod.name.split('-').nth(1).expect("role");
         assert!(reserved.iter().any(|(r, node)| r == role && *node == member.node), "{member:?} vs {reserved:?}");
     }
-    let rack = |node: &str| if node.contains("r0") { "r0" } else { "r1" };
     let leader = bound.iter().find(|m| m.pod.name == "rep-leader-0").expect("leader");
-    let worker = bound.iter().find(|m| m.pod.name == "rep-worker-0").expect("worker");
-    assert_eq!(rack(&leader.node), rack(&worker.node), "the GPU-less leader in the reserved rack");
+    assert_eq!(leader.node, format!("cpu-{reserved_rack}"), "the GPU-less leader in the reserved rack");
     assert_eq!(book.ledger().free_gpus(), 48 - 20, "held by the bound pods now");
 }
 

@@ -5,7 +5,7 @@ use tonic::Status;
 
 use super::pb;
 use topoplace_engine::ledger::mask_indices;
-use topoplace_engine::placement::capacity::CapacityReport;
+use topoplace_engine::placement::capacity::{CapacityReport, ReplicaCapacity};
 use topoplace_engine::placement::exact::{ExactConfig, AUTO_VARIABLES_MAX};
 use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{GangPlacement, RejectionGroup, ScoreComponents, SolverChoice, SolverInfo};
@@ -188,7 +188,7 @@ pub fn gang_requests(gangs: &[pb::Gang]) -> Result<Vec<GangRequest>, Status> {
             let key = key_and_product(gang, &|message| invalid_at(index, message))?.0;
             return Err(invalid_at(
                 index,
-                format!("gang `{key}`: roles are accepted by Plan (with dry_run) only, not by this call"),
+                format!("gang `{key}`: roles are accepted by Plan and Capacity only, not by this call"),
             ));
         }
         let (_, product, spec) = gang_spec(index, gang)?;
@@ -447,6 +447,33 @@ pub fn capacity_response(cluster: &Cluster, report: &CapacityReport, generation:
         rejected_hosts: rejections(&report.rejected),
         generation,
         level: report.level.map(|l| cluster.levels[l].clone()).unwrap_or_default(),
+        lower_bound: false,
+    }
+}
+
+/// Capacity's answer for a shape with roles: replicas over all hosts and per domain, no
+/// per-product split (roles may mix products).
+pub fn replica_capacity_response(cluster: &Cluster, report: &ReplicaCapacity, generation: u64) -> pb::CapacityResponse {
+    pb::CapacityResponse {
+        replicas: report.replicas,
+        products: Vec::new(),
+        domains: report
+            .domains
+            .iter()
+            .filter_map(|&(domain, replicas, free_gpus)| {
+                let level = report.level?;
+                Some(pb::DomainCapacity {
+                    domain: cluster.domains[level][domain as usize].path.clone(),
+                    product: String::new(),
+                    replicas,
+                    free_gpus,
+                })
+            })
+            .collect(),
+        rejected_hosts: Vec::new(),
+        generation,
+        level: report.level.map(|l| cluster.levels[l].clone()).unwrap_or_default(),
+        lower_bound: report.capped,
     }
 }
 

@@ -27,8 +27,8 @@ use tonic::{Request, Response, Status};
 
 use crate::state::{BookWorkError, ServerState};
 use convert::{
-    capacity_response, explain_response, gang_requests, has_roles, plan_response, replica_plan_response,
-    replica_requests, solver_choice, state_response,
+    capacity_response, explain_response, gang_requests, has_roles, plan_response, replica_capacity_response,
+    replica_plan_response, replica_requests, solver_choice, state_response,
 };
 use topoplace_online::reservation::{Book, Expired, PlanOptions, RequestError};
 
@@ -408,8 +408,17 @@ impl PlacementService {
             replicas: 1,
             ..shape
         };
-        let request = gang_requests(std::slice::from_ref(&shape))?.remove(0);
         let by_level = (!body.by_level.is_empty()).then_some(body.by_level);
+        if has_roles(std::slice::from_ref(&shape)) {
+            let request = replica_requests(std::slice::from_ref(&shape))?.remove(0);
+            return self
+                .on_book(move |book, _| {
+                    let report = book.replica_capacity(&request, by_level.as_deref()).map_err(request_error)?;
+                    Ok(replica_capacity_response(book.cluster(), &report, book.generation()))
+                })
+                .await;
+        }
+        let request = gang_requests(std::slice::from_ref(&shape))?.remove(0);
         self.on_book(move |book, _| {
             let report = book.capacity(&request, by_level.as_deref()).map_err(request_error)?;
             Ok(capacity_response(book.cluster(), &report, book.generation()))
