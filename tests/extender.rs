@@ -503,7 +503,7 @@ async fn pods_with_roles_that_contradict_themselves_are_refused_naming_the_field
         (
             lws_role_pod("typo-1", 1, 3, 8, r#"[{"name": "w", "gpus": 8}]"#),
             "metadata.annotations[topoplace.io/roles]",
-            "[0]: unknown field `gpus`",
+            "[0].gpus: unknown field `gpus`",
         ),
         (
             lws_role_pod("gpus-1", 1, 3, 4, LEADER_AND_WORKERS),

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use thiserror::Error;
 
 use topoplace_engine::quantity;
-use topoplace_engine::workload::{MemoryNeed, ModelSpec, Scope, GANG_MEMBERS_MAX, RUNTIME_OVERHEAD_DEFAULT};
+use topoplace_engine::workload::{GangSpec, MemoryNeed, ModelSpec, Scope, GANG_MEMBERS_MAX, RUNTIME_OVERHEAD_DEFAULT};
 use topoplace_online::reservation::{GangMembership, PodDemand, PodIdentity, RoleDemand};
 use topoplace_online::scheduler::predicates::{
     PodNeeds, Resources, SelectorOperator, SelectorRequirement, SelectorTerm, TaintEffect, Toleration, PODS_RESOURCE,
@@ -122,11 +122,15 @@ fn shown(pod: &Pod) -> String {
 fn number(pod: &str, field: String, value: &str, max: u32) -> Result<u32, PodError> {
     let invalid =
         |detail: String| PodError::Invalid { pod: pod.into(), field: field.clone(), value: value.into(), detail };
-    let parsed: u32 = value.trim().parse().map_err(|_| invalid("not a whole number".into()))?;
-    if parsed > max {
+    // Read wide, so a number too large or negative is named as such.
+    let parsed: i128 = value.trim().parse().map_err(|_| invalid("not a whole number".into()))?;
+    if parsed < 0 {
+        return Err(invalid("a count cannot be negative".into()));
+    }
+    if parsed > i128::from(max) {
         return Err(invalid(format!("above the limit of {max}")));
     }
-    Ok(parsed)
+    Ok(parsed as u32)
 }
 
 /// The coscheduling PodGroup a pod names, when its size is not on the pod itself (the size
@@ -301,7 +305,17 @@ pub fn demand_sized(pod: &Pod, pod_group_min_member: Option<u32>) -> Result<PodD
         ));
     }
     let roles = match annotation(ROLES_ANNOTATION) {
-        None => None,
+        None => {
+            if let Some(role) = labels.get(ROLE_LABEL).or_else(|| annotations.get(ROLE_LABEL)) {
+                return Err(PodError::Invalid {
+                    pod: shown.clone(),
+                    field: format!("metadata.labels[{ROLE_LABEL}]"),
+                    value: role.clone(),
+                    detail: format!("a role needs the replica's roles in the annotation {ROLES_ANNOTATION}"),
+                });
+            }
+            None
+        }
         Some(text) => Some(role_of(pod, &shown, text, gpus, gang.as_mut())?),
     };
     Ok(PodDemand {
@@ -350,13 +364,17 @@ fn role_of(
         .map_err(|detail| invalid(roles_field.clone(), value.clone(), detail))?;
     let Some(gang) = gang else {
         return Err(invalid(
-            roles_field,
-            value,
+            roles_field.clone(),
+            value.clone(),
             "a replica with roles is one gang: label its pods with topoplace.io/gang (and its size), a \
              coscheduling pod-group, or run them as a LeaderWorkerSet"
                 .into(),
         ));
     };
+    // The roles make a replica (names, counts, parallelism, slices), named here with the field.
+    GangSpec::with_roles(&gang.key, roles.clone())
+        .validate()
+        .map_err(|e| invalid(roles_field.clone(), value.clone(), e.to_string()))?;
     for key in [TENSOR_PARALLEL, PIPELINE_PARALLEL, MIN_GPU_MEMORY, MODEL_PARAMS] {
         if let Some(found) = annotations.get(key) {
             return Err(invalid(
@@ -657,7 +675,7 @@ mod tests {
     }
 
     #[test]
-    fn member_counts_past_any_gang_are_refused_not_overflowed() {
+    fn member_counts_past_any_gang_are_refused_not_overflowed_and_a_role_needs_roles() {
         let huge = r#"[{"name": "a", "members": 4294967295, "gpusPerMember": 1}, {"name": "b", "gpusPerMember": 1}]"#;
         for labels in [
             serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "1", "topoplace.io/role": "a"}),
@@ -665,8 +683,22 @@ mod tests {
         ] {
             let annotations = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "1", ROLES_ANNOTATION: huge});
             let error = demand(&pod_with(labels, annotations, 1)).unwrap_err().to_string();
-            assert!(error.contains("its roles have 4294967296 members together"), "{error}");
+            assert!(error.contains("members is 4294967295, above the limit of 4096"), "{error}");
+            assert!(error.contains("metadata.annotations[topoplace.io/roles]"), "{error}");
         }
+        // A count too large or negative is named as such, not as "not a whole number".
+        for (index, expected) in [("99999999999", "above the limit"), ("-1", "cannot be negative")] {
+            let labels = serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k",
+                "leaderworkerset.sigs.k8s.io/worker-index": index});
+            let annotations = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3"});
+            let error = demand(&pod_with(labels, annotations, 8)).unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+        // A role label without the replica's roles plans nothing as a gang of one shape.
+        let labels = serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "3",
+            "topoplace.io/role": "worker"});
+        let error = demand(&pod_with(labels, serde_json::json!({}), 8)).unwrap_err().to_string();
+        assert!(error.contains("metadata.labels[topoplace.io/role]") && error.contains(ROLES_ANNOTATION), "{error}");
     }
 
     #[test]

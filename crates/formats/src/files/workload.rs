@@ -301,10 +301,15 @@ pub fn roles_annotation(text: &str) -> Result<Vec<RoleSpec>, String> {
     let entries: Vec<RoleEntry> = serde_path_to_error::deserialize(deserializer).map_err(|error| {
         let path = error.path().to_string();
         let inner = error.into_inner().to_string();
+        // The YAML error starts with its own, shorter path (`.[1]: `): the full one replaces it.
+        let message = match inner.split_once(": ") {
+            Some((own, rest)) if own.starts_with('.') => rest.to_string(),
+            _ => inner,
+        };
         if path == "." {
-            inner
+            message
         } else {
-            format!("{path}: {inner}")
+            format!("{path}: {message}")
         }
     })?;
     if entries.is_empty() {
@@ -403,9 +408,9 @@ mod tests {
         assert_eq!(flow[0].slices.as_ref().map(|s| s.members), Some(2));
 
         let typo = roles_annotation(r#"[{"name": "a", "gpusPerMember": 1}, {"name": "b", "gpus": 8}]"#).unwrap_err();
-        assert!(typo.starts_with("[1]") && typo.contains("unknown field `gpus`"), "{typo}");
+        assert!(typo.starts_with("[1].gpus: unknown field `gpus`"), "{typo}");
         let memory = roles_annotation("[{name: a, gpusPerMember: 1, minGpuMemory: lots}]").unwrap_err();
-        assert!(memory.starts_with("[0].minGpuMemory") && memory.contains("`lots`"), "{memory}");
+        assert!(memory.starts_with("[0].minGpuMemory: `lots` is not a memory size"), "{memory}");
         assert_eq!(roles_annotation("[]").unwrap_err(), "lists no role");
         let many = format!("[{}]", vec!["{name: a, gpusPerMember: 1}"; 17].join(", "));
         assert!(roles_annotation(&many).unwrap_err().contains("17 roles, above the limit of 16"));

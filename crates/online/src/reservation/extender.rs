@@ -43,7 +43,7 @@ impl Book {
         };
         let key = membership.key.clone();
         if let Some(reservation) = self.gangs.get(&key) {
-            check_shape(demand, reservation, &membership)?;
+            check_shape(&self.cluster, demand, reservation, &membership)?;
             let planned_off_offer = self
                 .slot_of(&key, &demand.pod.uid)
                 .map(|slot| !offered.contains(&reservation.slots[slot].host))

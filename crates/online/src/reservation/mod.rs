@@ -963,11 +963,62 @@ fn planned_difference(a: &Planned, b: &Planned) -> Option<(&'static str, String,
 /// topology they need not repeat.
 const RESERVED_FIELDS: [&str; 3] = ["the gang's size", "nvidia.com/gpu per member", ROLES_FIELD];
 
+/// How pods describing a gang as `ours` conflict with the placement API's reservation of it,
+/// if they do: they must agree on [`RESERVED_FIELDS`] (they cannot repeat every field of the
+/// API request, and the plan already honours them), and a required topology they state must
+/// hold for the reserved plan (a rack they ask for must be where the reservation is; one they
+/// leave out is the reservation's). The field, `ours`' value, the reservation's.
+fn reserved_conflict(
+    cluster: &Cluster,
+    ours: &Planned,
+    reservation: &GangReservation,
+) -> Option<(&'static str, String, String)> {
+    let difference = planned_difference(ours, &reservation.planned);
+    if let Some(conflict) = difference.filter(|(field, _, _)| RESERVED_FIELDS.contains(field)) {
+        return Some(conflict);
+    }
+    let required = |planned: &Planned| match planned {
+        Planned::Gang(gang) => gang.required.clone(),
+        Planned::Replica(replica) => replica.required.clone(),
+    };
+    let stated = required(ours)?;
+    let hosts: Vec<HostId> = reservation.slots.iter().map(|s| s.host).collect();
+    if plan_meets(cluster, &stated, &hosts) {
+        return None;
+    }
+    let theirs = required(&reservation.planned).map_or_else(|| "none".to_string(), |s| s.to_string());
+    Some((
+        "topoplace.io/topology-required",
+        stated.to_string(),
+        format!("{theirs}, and its plan is not in one {stated}"),
+    ))
+}
+
+/// Whether `hosts` lie in one domain of `scope`: one host, one NVLink clique (or one host
+/// outside any), or one domain of a level; a level the cluster does not have is never met.
+fn plan_meets(cluster: &Cluster, scope: &Scope, hosts: &[HostId]) -> bool {
+    let Some(&first) = hosts.first() else { return true };
+    match scope {
+        Scope::Host => hosts.iter().all(|&h| h == first),
+        Scope::Nvlink => {
+            let clique = cluster.host(first).clique;
+            hosts.iter().all(|&h| h == first || (clique.is_some() && cluster.host(h).clique == clique))
+        }
+        Scope::Level(name) => match cluster.level_index(name) {
+            Some(level) => {
+                let domain = cluster.host(first).domain_path[level];
+                hosts.iter().all(|&h| cluster.host(h).domain_path[level] == domain)
+            }
+            None => false,
+        },
+    }
+}
+
 /// A member arriving at a planned gang must describe it as the gang was planned: refused,
 /// naming both pods (or the placement API's reservation) and the field, when it does not. The
-/// pods of a gang the placement API reserved need only agree on [`RESERVED_FIELDS`] (they
-/// cannot repeat every field of the API request, and the plan already honours them).
+/// pods of a gang the placement API reserved are held to [`reserved_conflict`] instead.
 fn check_shape(
+    cluster: &Cluster,
     demand: &PodDemand,
     reservation: &GangReservation,
     membership: &GangMembership,
@@ -976,10 +1027,10 @@ fn check_shape(
         Some((replica, _)) => Planned::Replica(Box::new(replica)),
         None => Planned::Gang(demand.gang()?),
     };
-    let mut difference = planned_difference(&ours, &reservation.planned);
-    if reservation.planned_by.is_none() {
-        difference = difference.filter(|(field, _, _)| RESERVED_FIELDS.contains(field));
-    }
+    let difference = match reservation.planned_by {
+        Some(_) => planned_difference(&ours, &reservation.planned),
+        None => reserved_conflict(cluster, &ours, reservation),
+    };
     let Some((field, ours, theirs)) = difference else { return Ok(()) };
     let planned_by = match (&reservation.planned_by, &reservation.origin) {
         (Some(pod), _) => format!("pod {pod}"),

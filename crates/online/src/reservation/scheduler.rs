@@ -161,13 +161,18 @@ impl Book {
         Some(reservation.slots.iter().map(|s| s.host).collect())
     }
 
-    /// How `gang` differs from the gang reserved under `key` in what a reserved gang's pods must
-    /// agree on (its size, GPUs per member), if it does: the field, `gang`'s value, the
-    /// reservation's.
+    /// How `gang` conflicts with the gang reserved under `key` in what a reserved gang's pods
+    /// must agree on (its size, GPUs per member, no roles, a required topology they state),
+    /// if it does: the field, `gang`'s value, the reservation's.
     pub fn reserved_shape_difference(&self, key: &str, gang: &Gang) -> Option<(&'static str, String, String)> {
         let reservation = self.gangs.get(key)?;
-        planned_difference(&Planned::Gang(gang.clone()), &reservation.planned)
-            .filter(|(field, _, _)| RESERVED_FIELDS.contains(field))
+        reserved_conflict(&self.cluster, &Planned::Gang(gang.clone()), reservation)
+    }
+
+    /// [`Book::reserved_shape_difference`] for a replica with roles.
+    pub fn reserved_replica_difference(&self, key: &str, replica: &Replica) -> Option<(&'static str, String, String)> {
+        let reservation = self.gangs.get(key)?;
+        reserved_conflict(&self.cluster, &Planned::Replica(Box::new(replica.clone())), reservation)
     }
 
     /// The secondary scheduler's hold: `pods` (in rank order, one per planned member) get

@@ -825,16 +825,25 @@ fn assumptions_survive_a_cluster_change_by_node_name_and_count_as_freed_by_preem
 fn pods_of_an_api_reserved_gang_must_match_its_size_and_gpus_only() {
     let mut book = Book::new(cluster(1, 4), BookConfig::default());
     book.plan_gangs(&[api_gang("ns/g", 2, 8, None)], &plan_options(false, 600_000), 0).expect("plan");
-    let as_pods = |members: u32, gpus: u32, tp: u32| {
+    let as_pods = |members: u32, gpus: u32, tp: u32, required: Option<Scope>| {
         let mut spec = GangSpec::shape("ns/g", members, gpus, tp);
-        spec.required = Some(Scope::Host);
+        spec.required = required;
         spec.expand().remove(0)
     };
-    let four = book.reserved_shape_difference("ns/g", &as_pods(2, 4, 4));
+    let four = book.reserved_shape_difference("ns/g", &as_pods(2, 4, 4, None));
     assert_eq!(four, Some(("nvidia.com/gpu per member", "4".into(), "8".into())));
-    let three = book.reserved_shape_difference("ns/g", &as_pods(3, 8, 8));
+    let three = book.reserved_shape_difference("ns/g", &as_pods(3, 8, 8, None));
     assert_eq!(three.map(|d| d.0), Some("the gang's size"));
-    assert_eq!(book.reserved_shape_difference("ns/g", &as_pods(2, 8, 1)), None, "TP and topology are the API's");
+    let leaf = Some(Scope::parse("leaf"));
+    assert_eq!(
+        book.reserved_shape_difference("ns/g", &as_pods(2, 8, 1, leaf)),
+        None,
+        "TP is the API's; the plan is in one rack"
+    );
+    // A topology the pods require that the reserved plan does not meet is a conflict: two
+    // 8-GPU members cannot be on one host.
+    let host = book.reserved_shape_difference("ns/g", &as_pods(2, 8, 8, Some(Scope::Host)));
+    assert_eq!(host.map(|d| d.0), Some("topoplace.io/topology-required"));
     // The extender's filter refuses a pod of another GPU count, naming the reservation.
     let mut wrong = member("g", 2, 0, 4);
     wrong.tensor_parallel = Some(4);

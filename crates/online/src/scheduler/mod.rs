@@ -20,7 +20,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::reservation::{BindFinish, Book, PodDemand, PodIdentity, RoleSlot, Ticket, ROLES_FIELD};
+use crate::reservation::{BindFinish, Book, PodDemand, PodIdentity, RoleSlot, Ticket};
 use predicates::{NodeFacts, PodNeeds, Resources};
 use topoplace_engine::topology::HostId;
 use topoplace_engine::workload::Replica;
@@ -816,8 +816,7 @@ impl Scheduler {
         // do not matter (the reservation holds their GPUs already).
         if let Some((reserved, planned, id)) = book.reserved_replica(&gang_key) {
             let through = format!("gang `{key}` is reserved through the placement API (reservation `{id}`)");
-            let difference = crate::reservation::replica_shape_difference(&replica, &reserved);
-            if let Some((field, ours, theirs)) = difference.filter(|(field, _, _)| *field == ROLES_FIELD) {
+            if let Some((field, ours, theirs)) = book.reserved_replica_difference(&gang_key, &replica) {
                 return Err(format!("{through} with {field} {theirs}, but its pods say {ours}"));
             }
             let allowed = self.allowed_hosts(book, &gpu_pods, None).0;
