@@ -299,17 +299,22 @@ pub fn demand_sized(pod: &Pod, pod_group_min_member: Option<u32>) -> Result<PodD
             key,
             "with exclusive placement LeaderWorkerSet creates the workers only once the leader is bound, and \
              topoplace binds a group's GPU pods together: give the leader no GPUs (topoplace.io/leader-gpus: \
-             \"0\", or a role of 0 GPUs in topoplace.io/roles), or keep the group in one domain with \
+             \"0\"; a role of 0 GPUs in topoplace.io/roles does for the extender only, since the secondary \
+             scheduler waits for every pod of a replica), or keep the group in one domain with \
              topoplace.io/topology-required instead"
                 .into(),
         ));
     }
     let roles = match annotation(ROLES_ANNOTATION) {
         None => {
-            if let Some(role) = labels.get(ROLE_LABEL).or_else(|| annotations.get(ROLE_LABEL)) {
+            let named = match labels.get(ROLE_LABEL) {
+                Some(role) => Some((role, "labels")),
+                None => annotations.get(ROLE_LABEL).map(|role| (role, "annotations")),
+            };
+            if let Some((role, kind)) = named {
                 return Err(PodError::Invalid {
                     pod: shown.clone(),
-                    field: format!("metadata.labels[{ROLE_LABEL}]"),
+                    field: format!("metadata.{kind}[{ROLE_LABEL}]"),
                     value: role.clone(),
                     detail: format!("a role needs the replica's roles in the annotation {ROLES_ANNOTATION}"),
                 });

@@ -244,7 +244,8 @@ pub struct ReplicaCapacity {
     /// The level `domains` breaks the answer down by (`None` on a cluster without levels).
     pub level: Option<usize>,
     /// Per domain of `level` (its index in `cluster.domains[level]`): replicas placed one
-    /// after another inside that domain alone, and its free GPUs.
+    /// after another inside that domain alone, and its free GPUs. Domains the budget left
+    /// uncounted are not listed (and `capped` is set).
     pub domains: Vec<(u32, u64, u64)>,
     /// Some count stopped at [`REPLICA_CAPACITY_COUNT_MAX`] or the answer at
     /// [`REPLICA_CAPACITY_STEPS_MAX`]: the counts are lower bounds.
@@ -286,6 +287,11 @@ impl Planner<'_> {
                 if open {
                     free += u64::from(ledger.free(host).count_ones());
                 }
+            }
+            if free >= need && report.steps >= REPLICA_CAPACITY_STEPS_MAX {
+                // Not counted: left out rather than shown as 0.
+                report.capped = true;
+                continue;
             }
             let count = if free < need { 0 } else { self.count_replicas(ledger, replica, Some(&mask), &mut report) };
             report.domains.push((index as u32, count, free));

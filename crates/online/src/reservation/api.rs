@@ -559,6 +559,10 @@ impl Book {
             .iter()
             .map(|&host| {
                 let node = self.cluster.host(host).name.clone();
+                if self.closed.contains(&node) {
+                    let reason = Some("the node is cordoned or not Ready".to_string());
+                    return NodeFit { node, units: 0, reason };
+                }
                 match planner.host_units(&self.ledger, &request.gang, host) {
                     Ok(units) => NodeFit { node, units, reason: None },
                     Err((_, text)) => NodeFit { node, units: 0, reason: Some(text) },

@@ -982,8 +982,8 @@ fn reserved_conflict(
         Planned::Replica(replica) => replica.required.clone(),
     };
     let stated = required(ours)?;
-    let hosts: Vec<HostId> = reservation.slots.iter().map(|s| s.host).collect();
-    if plan_meets(cluster, &stated, &hosts) {
+    let held: Vec<(HostId, GpuMask)> = reservation.slots.iter().map(|s| (s.host, s.gpus)).collect();
+    if plan_meets(cluster, &stated, &held) {
         return None;
     }
     let theirs = required(&reservation.planned).map_or_else(|| "none".to_string(), |s| s.to_string());
@@ -994,20 +994,26 @@ fn reserved_conflict(
     ))
 }
 
-/// Whether `hosts` lie in one domain of `scope`: one host, one NVLink clique (or one host
-/// outside any), or one domain of a level; a level the cluster does not have is never met.
-fn plan_meets(cluster: &Cluster, scope: &Scope, hosts: &[HostId]) -> bool {
-    let Some(&first) = hosts.first() else { return true };
+/// Whether the GPUs of `held` (host, GPUs) lie in one domain of `scope`, as the planner reads
+/// it: one host; one NVLink clique, or NVLink-connected GPUs of one host outside any; one
+/// domain of a level. A level the cluster does not have is never met.
+fn plan_meets(cluster: &Cluster, scope: &Scope, held: &[(HostId, GpuMask)]) -> bool {
+    let Some(&(first, _)) = held.first() else { return true };
+    let hosts = || held.iter().map(|&(h, _)| h);
     match scope {
-        Scope::Host => hosts.iter().all(|&h| h == first),
-        Scope::Nvlink => {
-            let clique = cluster.host(first).clique;
-            hosts.iter().all(|&h| h == first || (clique.is_some() && cluster.host(h).clique == clique))
-        }
+        Scope::Host => hosts().all(|h| h == first),
+        Scope::Nvlink => match cluster.host(first).clique {
+            Some(clique) => hosts().all(|h| cluster.host(h).clique == Some(clique)),
+            None => {
+                let gpus = held.iter().fold(0, |mask, &(_, g)| mask | g);
+                hosts().all(|h| h == first)
+                    && topoplace_engine::topology::graph::nvlink_connected(&cluster.host(first).links, gpus)
+            }
+        },
         Scope::Level(name) => match cluster.level_index(name) {
             Some(level) => {
                 let domain = cluster.host(first).domain_path[level];
-                hosts.iter().all(|&h| cluster.host(h).domain_path[level] == domain)
+                hosts().all(|h| cluster.host(h).domain_path[level] == domain)
             }
             None => false,
         },

@@ -480,6 +480,9 @@ fn api_plans_and_capacity_keep_off_closed_nodes() {
     let outcome = book.plan_gangs(&[gang("ns/a"), gang("ns/b"), gang("ns/c")], &options, 0).expect("plan");
     assert_eq!((outcome.placements.len(), outcome.unplaced.len()), (2, 1), "only r1's two hosts are open");
     assert_eq!(book.capacity(&gang("ns/a"), None).expect("capacity").replicas, 2);
+    let explained = book.explain(&gang("ns/a"), &["r0-0".to_string(), "r1-0".to_string()]).expect("explain");
+    assert_eq!(explained.nodes[0].reason.as_deref(), Some("the node is cordoned or not Ready"));
+    assert_eq!((explained.nodes[1].units, explained.nodes[1].reason.is_none()), (1, true));
     let roles = vec![RoleSpec::shape("leader", 1, 4, 4), RoleSpec::shape("worker", 1, 8, 8)];
     let replica = topoplace_engine::workload::GangSpec::with_roles("ns/r", roles).expand_replicas().remove(0);
     let request = ReplicaRequest { key: "ns/r".into(), replica, product: None };

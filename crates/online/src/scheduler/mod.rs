@@ -828,7 +828,10 @@ impl Scheduler {
             if !blocked.is_empty() {
                 return Err(format!("{through}, but its pods fail the node predicates on {}", blocked.join(", ")));
             }
-            let unit = ReplicaUnit { key, gang_key: &gang_key, replica: &reserved, gpu_members, gpu_less, members };
+            // The pods' own required scope, when they state one (the reserved plan meets it), else
+            // the reservation's, holds the GPU-less pods.
+            let scoped = if replica.required.is_some() { &replica } else { &reserved };
+            let unit = ReplicaUnit { key, gang_key: &gang_key, replica: scoped, gpu_members, gpu_less, members };
             return match self.bind_replica_plan(book, &unit, &planned, now_ms)? {
                 Attempt::Placed(decision) => Ok(decision),
                 Attempt::Unfit { message, .. } => Err(format!("{through}, but {message}")),

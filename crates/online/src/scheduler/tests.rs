@@ -857,3 +857,47 @@ fn a_gpu_less_pod_stays_in_the_replicas_leaf_of_its_own_spine() {
     assert!(placed["rep-worker-0"].starts_with("s0-") && placed["rep-worker-1"].starts_with("s0-"), "{placed:?}");
     assert_eq!(placed["rep-leader-0"], "cpu-s0", "{placed:?}");
 }
+
+#[test]
+fn pods_that_state_a_scope_keep_their_gpu_less_pods_in_it_on_an_unscoped_reservation() {
+    use crate::reservation::{PlanOptions, ReplicaRequest};
+    use topoplace_engine::workload::{GangSpec, RoleSpec};
+    let mut book = book_of(2, 3);
+    let mut scheduler = scheduler_with_cpu_nodes(&book, &["r0", "r1"]);
+    let roles = vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 8)];
+    // Reserved through the API without a scope.
+    let replica = GangSpec { roles: roles.clone(), ..GangSpec::shape("ns/rep", 1, 1, 1) }.expand_replicas().remove(0);
+    let options = PlanOptions {
+        dry_run: false,
+        ttl_ms: 60_000,
+        solver: topoplace_engine::placement::SolverChoice::Greedy,
+        allow_partial: false,
+        owner: "tester".into(),
+        explain: false,
+    };
+    let request = ReplicaRequest { key: "ns/rep".into(), replica, product: None };
+    let outcome = book.plan_replicas(std::slice::from_ref(&request), &options, 0).expect("plan");
+    let racks: BTreeSet<String> = outcome.placements[0]
+        .parts
+        .iter()
+        .flat_map(|p| p.placement.members.iter().map(|m| book.cluster().host(m.host).name[..2].to_string()))
+        .collect();
+    assert_eq!(racks.len(), 1, "the workers pack into one rack: {racks:?}");
+    let rack = racks.into_iter().next().expect("rack");
+    // The other rack's CPU node has more room; the pods say `leaf` (role_pod's scope), so
+    // their GPU-less leader stays in the workers' rack.
+    let busy = PodIdentity { namespace: "ns".into(), name: "busy".into(), uid: "busy".into() };
+    let requests = Resources::from([("cpu".to_string(), 8_000)]);
+    scheduler.bound_applied(BoundPod { pod: busy, node: format!("cpu-{rack}"), requests, gang: None });
+    for pod in [
+        role_pod("rep", &roles, "leader", 0),
+        role_pod("rep", &roles, "worker", 0),
+        role_pod("rep", &roles, "worker", 1),
+    ] {
+        scheduler.pending_applied(pod);
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 1, &BTreeSet::new());
+    assert!(other.is_empty(), "{other:?}");
+    let leader = bound.iter().find(|m| m.pod.name == "rep-leader-0").expect("leader");
+    assert_eq!(leader.node, format!("cpu-{rack}"));
+}

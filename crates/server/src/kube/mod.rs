@@ -417,6 +417,9 @@ pub async fn run_view_with(
         let ext = ext.clone();
         let config = config.clone();
         async move {
+            // The nodes the book's cluster was last built from: a change of the closed set
+            // alone (a node cordoned, or flapping Ready) needs no new cluster.
+            let mut built: Option<Vec<NodeSpec>> = None;
             loop {
                 dirty.notified().await;
                 tokio::time::sleep(Duration::from_millis(REBUILD_DEBOUNCE_MS)).await;
@@ -428,10 +431,21 @@ pub async fn run_view_with(
                 nodes.sort_by(|a, b| a.name.cmp(&b.name));
                 let levels =
                     level_keys.iter().filter(|k| nodes.iter().any(|n| n.labels.contains_key(*k))).cloned().collect();
-                let spec = topoplace_engine::topology::ClusterSpec { name: "kubernetes".into(), levels, nodes };
+                if built.as_ref() == Some(&nodes) {
+                    ext.with_book(|book| {
+                        if let Some(book) = book.as_mut() {
+                            book.set_closed_nodes(closed);
+                        }
+                        ((), Vec::new())
+                    });
+                    continue;
+                }
+                let spec =
+                    topoplace_engine::topology::ClusterSpec { name: "kubernetes".into(), levels, nodes: nodes.clone() };
                 if spec.nodes.is_empty() {
                     continue;
                 }
+                built = Some(nodes);
                 match Cluster::build(spec) {
                     Ok(cluster) => ext.with_book(|book| {
                         let dropped = match book {
