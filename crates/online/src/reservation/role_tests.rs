@@ -463,7 +463,12 @@ fn a_pod_with_roles_meets_a_gang_the_api_reserved_without_roles() {
 #[test]
 fn api_plans_and_capacity_keep_off_closed_nodes() {
     let mut book = Book::new(racks(&[2, 2]), BookConfig::default());
+    let generation = book.generation();
     book.set_closed_nodes(BTreeSet::from(["r0-0".to_string(), "r0-1".to_string()]));
+    assert!(book.generation() > generation, "capacity watchers see a cordon");
+    let generation = book.generation();
+    book.set_closed_nodes(BTreeSet::from(["r0-0".to_string(), "r0-1".to_string()]));
+    assert_eq!(book.generation(), generation, "the same set changes nothing");
     let options = PlanOptions {
         dry_run: true,
         ttl_ms: 60_000,

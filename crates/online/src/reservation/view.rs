@@ -62,9 +62,14 @@ impl Book {
 
     /// Nodes kube-scheduler offers no pod now (cordoned, or not Ready), by name, as the node
     /// watch sees them; replaces the previous set. A replica's roles other than the filtering
-    /// pod's, which may use nodes that pod was not offered, are not planned on these.
+    /// pod's, which may use nodes that pod was not offered, are not planned on these, nor is
+    /// anything the placement API plans or counts. A different set moves
+    /// [`Book::generation`] on, so capacity watchers count again.
     pub fn set_closed_nodes(&mut self, names: std::collections::BTreeSet<String>) {
-        self.closed = names;
+        if self.closed != names {
+            self.closed = names;
+            self.earlier_changes += 1;
+        }
     }
 
     /// Per host, whether it is open for planning (not in [`Book::set_closed_nodes`]'s set).
