@@ -43,7 +43,12 @@ impl Book {
         };
         let key = membership.key.clone();
         if let Some(reservation) = self.gangs.get(&key) {
-            check_shape(&self.cluster, demand, reservation, &membership)?;
+            // The replica read above, not read again.
+            let ours = match &replica {
+                Some((replica, _)) => Planned::Replica(Box::new(replica.clone())),
+                None => Planned::Gang(demand.gang()?),
+            };
+            check_shape(&self.cluster, demand, &ours, reservation, &membership)?;
             let planned_off_offer = self
                 .slot_of(&key, &demand.pod.uid)
                 .map(|slot| !offered.contains(&reservation.slots[slot].host))

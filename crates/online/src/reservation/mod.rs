@@ -22,7 +22,7 @@ mod extender;
 mod role_tests;
 mod scheduler;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod view;
 
 pub use api::{
@@ -1023,19 +1023,17 @@ fn plan_meets(cluster: &Cluster, scope: &Scope, held: &[(HostId, GpuMask)]) -> b
 /// A member arriving at a planned gang must describe it as the gang was planned: refused,
 /// naming both pods (or the placement API's reservation) and the field, when it does not. The
 /// pods of a gang the placement API reserved are held to [`reserved_conflict`] instead.
+/// `ours` is the pod's description of its gang.
 fn check_shape(
     cluster: &Cluster,
     demand: &PodDemand,
+    ours: &Planned,
     reservation: &GangReservation,
     membership: &GangMembership,
 ) -> Result<(), BookError> {
-    let ours = match demand.replica()? {
-        Some((replica, _)) => Planned::Replica(Box::new(replica)),
-        None => Planned::Gang(demand.gang()?),
-    };
     let difference = match reservation.planned_by {
-        Some(_) => planned_difference(&ours, &reservation.planned),
-        None => reserved_conflict(cluster, &ours, reservation),
+        Some(_) => planned_difference(ours, &reservation.planned),
+        None => reserved_conflict(cluster, ours, reservation),
     };
     let Some((field, ours, theirs)) = difference else { return Ok(()) };
     let planned_by = match (&reservation.planned_by, &reservation.origin) {

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
+use super::tests::{passing, plan_options};
 use super::*;
 use topoplace_engine::testkit::node;
 use topoplace_engine::topology::ClusterSpec;
@@ -55,21 +56,11 @@ fn offered(book: &Book) -> Vec<HostId> {
     (0..book.cluster().hosts.len() as HostId).collect()
 }
 
-/// The names of the offered nodes a filter passed.
-fn passing(book: &Book, offered: &[HostId], verdicts: &[NodeVerdict]) -> Vec<String> {
-    offered
-        .iter()
-        .zip(verdicts)
-        .filter(|(_, v)| **v == NodeVerdict::Pass)
-        .map(|(&h, _)| book.cluster().host(h).name.clone())
-        .collect()
-}
-
 /// The one node `demand`'s filter passes.
 fn planned_node(book: &mut Book, demand: &PodDemand, now: u64) -> String {
     let offered = offered(book);
     let verdicts = book.filter(demand, &offered, now).expect("filter");
-    let passing = passing(book, &offered, &verdicts);
+    let passing = passing(book, &verdicts, &offered);
     assert_eq!(passing.len(), 1, "{demand:?}: {verdicts:?}");
     passing[0].clone()
 }
@@ -322,7 +313,7 @@ fn random_role_mixes_meet_every_scope_or_hold_nothing() {
             for (index, demand) in demands.iter().enumerate() {
                 let offered = if index == 0 { &first_offer } else { &all };
                 let verdicts = book.filter(demand, offered, 0).expect("valid roles");
-                match passing(&book, offered, &verdicts).as_slice() {
+                match passing(&book, &verdicts, offered).as_slice() {
                     [node] => {
                         let role = roles.iter().position(|r| Some(&r.name) == demand.roles.as_ref().map(|d| &d.role));
                         planned.push((role.expect("role"), node.clone()));
@@ -391,7 +382,7 @@ fn a_replica_is_planned_beyond_the_nodes_offered_to_its_first_pod() {
     let only: Vec<HostId> =
         offered(&book).into_iter().filter(|&h| book.cluster().host(h).name.as_str() >= "r0-2").collect();
     let verdicts = book.filter(&worker, &only, 0).expect("filter");
-    assert_eq!(passing(&book, &only, &verdicts).len(), 1, "{verdicts:?}");
+    assert_eq!(passing(&book, &verdicts, &only).len(), 1, "{verdicts:?}");
     let other = pod("g", &roles, "worker", 1, 8);
     let verdicts = book.filter(&other, &only, 0).expect("filter");
     assert_eq!(verdicts.iter().filter(|v| **v == NodeVerdict::Pass).count(), 1, "both workers on the offer");
@@ -436,14 +427,7 @@ fn a_replicas_other_roles_keep_off_closed_nodes_and_a_pod_that_changes_role_move
 #[test]
 fn a_pod_with_roles_meets_a_gang_the_api_reserved_without_roles() {
     let mut book = Book::new(racks(&[4]), BookConfig::default());
-    let options = PlanOptions {
-        dry_run: false,
-        ttl_ms: 60_000,
-        solver: topoplace_engine::placement::SolverChoice::Greedy,
-        allow_partial: false,
-        owner: "tester".into(),
-        explain: false,
-    };
+    let options = plan_options(false, 60_000);
     let gang = topoplace_engine::workload::GangSpec::shape("ns/g", 3, 8, 8).expand().remove(0);
     let request = GangRequest { key: "ns/g".into(), gang, product: None };
     book.plan_gangs(&[request], &options, 0).expect("reserved");
@@ -469,14 +453,7 @@ fn api_plans_and_capacity_keep_off_closed_nodes() {
     let generation = book.generation();
     book.set_closed_nodes(BTreeSet::from(["r0-0".to_string(), "r0-1".to_string()]));
     assert_eq!(book.generation(), generation, "the same set changes nothing");
-    let options = PlanOptions {
-        dry_run: true,
-        ttl_ms: 60_000,
-        solver: topoplace_engine::placement::SolverChoice::Greedy,
-        allow_partial: true,
-        owner: "tester".into(),
-        explain: false,
-    };
+    let options = PlanOptions { allow_partial: true, ..plan_options(true, 60_000) };
     let gang = |key: &str| GangRequest {
         key: key.into(),
         gang: topoplace_engine::workload::GangSpec::shape(key, 1, 8, 8).expand().remove(0),

@@ -43,7 +43,8 @@ fn all_hosts(book: &Book) -> Vec<HostId> {
     (0..book.cluster().hosts.len() as HostId).collect()
 }
 
-fn passing(book: &Book, verdicts: &[NodeVerdict], offered: &[HostId]) -> Vec<String> {
+/// The names of the offered nodes a filter passed.
+pub(crate) fn passing(book: &Book, verdicts: &[NodeVerdict], offered: &[HostId]) -> Vec<String> {
     offered
         .iter()
         .zip(verdicts)
@@ -379,7 +380,8 @@ fn api_gang(key: &str, members: u32, gpus: u32, required: Option<Scope>) -> Gang
     GangRequest { key: key.into(), gang: spec.expand().remove(0), product: None }
 }
 
-fn plan_options(dry_run: bool, ttl_ms: u64) -> PlanOptions {
+/// Greedy plan options of owner `tester`.
+pub(crate) fn plan_options(dry_run: bool, ttl_ms: u64) -> PlanOptions {
     PlanOptions {
         dry_run,
         ttl_ms,

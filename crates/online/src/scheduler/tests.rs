@@ -632,6 +632,13 @@ fn cpu_node(name: &str, rack: &str) -> NodeFacts {
     }
 }
 
+/// A bound pod without GPUs taking `cpu_milli` of `node`'s CPU (less room there).
+fn occupy_cpu(scheduler: &mut Scheduler, node: &str, cpu_milli: i64) {
+    let pod = PodIdentity { namespace: "ns".into(), name: format!("busy-{node}"), uid: format!("busy-{node}") };
+    let requests = Resources::from([("cpu".to_string(), cpu_milli)]);
+    scheduler.bound_applied(BoundPod { pod, node: node.into(), requests, gang: None });
+}
+
 /// A scheduler over `book`'s GPU hosts and a CPU node `cpu-{rack}` in each of `racks`.
 fn scheduler_with_cpu_nodes(book: &Book, racks: &[&str]) -> Scheduler {
     let mut scheduler = scheduler_on(book);
@@ -744,7 +751,7 @@ fn a_replica_binding_that_fails_rolls_back_every_role_and_disagreeing_pods_hold_
 
 #[test]
 fn a_replica_reserved_through_the_api_is_bound_onto_its_reservation() {
-    use crate::reservation::{PlanOptions, ReplicaRequest};
+    use crate::reservation::ReplicaRequest;
     use topoplace_engine::workload::{GangSpec, RoleSpec, Scope};
     let mut book = book_of(2, 3);
     let mut scheduler = scheduler_with_cpu_nodes(&book, &["r0", "r1"]);
@@ -753,14 +760,7 @@ fn a_replica_reserved_through_the_api_is_bound_onto_its_reservation() {
     let spec =
         GangSpec { required: Some(Scope::parse("leaf")), roles: roles.clone(), ..GangSpec::shape("ns/rep", 1, 1, 1) };
     let replica = spec.expand_replicas().remove(0);
-    let options = PlanOptions {
-        dry_run: false,
-        ttl_ms: 60_000,
-        solver: topoplace_engine::placement::SolverChoice::Greedy,
-        allow_partial: false,
-        owner: "tester".into(),
-        explain: false,
-    };
+    let options = crate::reservation::tests::plan_options(false, 60_000);
     let request = ReplicaRequest { key: "ns/rep".into(), replica, product: None };
     let outcome = book.plan_replicas(std::slice::from_ref(&request), &options, 0).expect("plan");
     assert!(outcome.reservation.is_some());
@@ -792,9 +792,7 @@ fn a_replica_reserved_through_the_api_is_bound_onto_its_reservation() {
     // The pods need not repeat the reservation's topology: its domain holds the GPU-less
     // leader all the same, though the other rack's CPU node has more room.
     let reserved_rack = reserved.iter().next().map(|(_, node)| node[..2].to_string()).expect("a reserved node");
-    let busy = PodIdentity { namespace: "ns".into(), name: "busy".into(), uid: "busy".into() };
-    let requests = Resources::from([("cpu".to_string(), 8_000)]);
-    scheduler.bound_applied(BoundPod { pod: busy, node: format!("cpu-{reserved_rack}"), requests, gang: None });
+    occupy_cpu(&mut scheduler, &format!("cpu-{reserved_rack}"), 8_000);
     for mut pod in [
         role_pod("rep", &roles, "leader", 0),
         role_pod("rep", &roles, "worker", 0),
@@ -840,9 +838,7 @@ fn a_gpu_less_pod_stays_in_the_replicas_leaf_of_its_own_spine() {
         facts.push(cpu);
     }
     scheduler.nodes_listed(facts);
-    let busy = PodIdentity { namespace: "ns".into(), name: "busy".into(), uid: "busy".into() };
-    let requests = Resources::from([("cpu".to_string(), 16_000)]);
-    scheduler.bound_applied(BoundPod { pod: busy, node: "cpu-s0".into(), requests, gang: None });
+    occupy_cpu(&mut scheduler, "cpu-s0", 16_000);
     let roles = vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 8)];
     for pod in [
         role_pod("rep", &roles, "leader", 0),
@@ -860,21 +856,14 @@ fn a_gpu_less_pod_stays_in_the_replicas_leaf_of_its_own_spine() {
 
 #[test]
 fn pods_that_state_a_scope_keep_their_gpu_less_pods_in_it_on_an_unscoped_reservation() {
-    use crate::reservation::{PlanOptions, ReplicaRequest};
+    use crate::reservation::ReplicaRequest;
     use topoplace_engine::workload::{GangSpec, RoleSpec};
     let mut book = book_of(2, 3);
     let mut scheduler = scheduler_with_cpu_nodes(&book, &["r0", "r1"]);
     let roles = vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 8)];
     // Reserved through the API without a scope.
     let replica = GangSpec { roles: roles.clone(), ..GangSpec::shape("ns/rep", 1, 1, 1) }.expand_replicas().remove(0);
-    let options = PlanOptions {
-        dry_run: false,
-        ttl_ms: 60_000,
-        solver: topoplace_engine::placement::SolverChoice::Greedy,
-        allow_partial: false,
-        owner: "tester".into(),
-        explain: false,
-    };
+    let options = crate::reservation::tests::plan_options(false, 60_000);
     let request = ReplicaRequest { key: "ns/rep".into(), replica, product: None };
     let outcome = book.plan_replicas(std::slice::from_ref(&request), &options, 0).expect("plan");
     let racks: BTreeSet<String> = outcome.placements[0]
@@ -886,9 +875,7 @@ fn pods_that_state_a_scope_keep_their_gpu_less_pods_in_it_on_an_unscoped_reserva
     let rack = racks.into_iter().next().expect("rack");
     // The other rack's CPU node has more room; the pods say `leaf` (role_pod's scope), so
     // their GPU-less leader stays in the workers' rack.
-    let busy = PodIdentity { namespace: "ns".into(), name: "busy".into(), uid: "busy".into() };
-    let requests = Resources::from([("cpu".to_string(), 8_000)]);
-    scheduler.bound_applied(BoundPod { pod: busy, node: format!("cpu-{rack}"), requests, gang: None });
+    occupy_cpu(&mut scheduler, &format!("cpu-{rack}"), 8_000);
     for pod in [
         role_pod("rep", &roles, "leader", 0),
         role_pod("rep", &roles, "worker", 0),
