@@ -1,4 +1,6 @@
-//! Replicas with roles arriving one by one: topoplace's replica search against an emulation
+//! Replicas with roles arriving one by one: topoplace's replica search and its exact model
+//! (`--solver exact`: the default exact configuration, one MILP per candidate region over the
+//! 8 tightest regions, 2 s per replica, greedy where it gives no answer) against an emulation
 //! of upstream Kubernetes' PodGroup scheduling with topology (KEP-4671 gang scheduling and
 //! KEP-5732 topology-aware workload scheduling, beta in 1.37), on the real Lingjun cluster
 //! and on a generated mixed-product cluster.
@@ -38,6 +40,7 @@ use std::time::Instant;
 
 use topoplace_engine::ledger::Ledger;
 use topoplace_engine::placement::capacity::{REPLICA_CAPACITY_COUNT_MAX, REPLICA_CAPACITY_STEPS_MAX};
+use topoplace_engine::placement::exact::ExactConfig;
 use topoplace_engine::placement::replica::REPLICA_SEARCH_STEPS_MAX;
 use topoplace_engine::placement::{HostVerdict, Planner, PlannerConfig, SolverChoice};
 use topoplace_engine::topology::graph::nvlink_connected;
@@ -299,9 +302,29 @@ struct Outcome {
     kinds: std::collections::BTreeMap<String, usize>,
     first_failure: Option<String>,
     millis: u128,
+    /// Replicas the exact model placed (the rest of the exact run's, greedily).
+    exact_answers: usize,
 }
 
-fn run(cluster: &Cluster, seed: u64, topoplace: bool) -> Outcome {
+/// Who places the replicas.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Placer {
+    Greedy,
+    Exact,
+    Upstream,
+}
+
+impl Placer {
+    fn name(self) -> &'static str {
+        match self {
+            Placer::Greedy => "topoplace (greedy + backtracking)",
+            Placer::Exact => "topoplace (exact, microlp)",
+            Placer::Upstream => "upstream 1.37 emulation",
+        }
+    }
+}
+
+fn run(cluster: &Cluster, seed: u64, placer: Placer) -> Outcome {
     let shapes = shapes();
     let mut ledger = Ledger::new(cluster);
     let mut planner = Planner::new(cluster, PlannerConfig::default());
@@ -318,14 +341,22 @@ fn run(cluster: &Cluster, seed: u64, topoplace: bool) -> Outcome {
         kinds: std::collections::BTreeMap::new(),
         first_failure: None,
         millis: 0,
+        exact_answers: 0,
     };
     let start = Instant::now();
     for arrival in 0..arrivals {
         let shape = &shapes[(splitmix(&mut state) % shapes.len() as u64) as usize];
         let mut replica = shape.expand_replicas().remove(0);
         replica.name = format!("{}-{arrival}", shape.name);
-        let placed: Option<Vec<Placed>> = if topoplace {
-            planner.place_replica(&ledger, &replica, &SolverChoice::Greedy, None).ok().map(|p| {
+        let solver = match placer {
+            Placer::Exact => SolverChoice::Exact(ExactConfig::default()),
+            _ => SolverChoice::Greedy,
+        };
+        let placed: Option<Vec<Placed>> = if placer != Placer::Upstream {
+            planner.place_replica(&ledger, &replica, &solver, None).ok().map(|p| {
+                if p.solver.solver.starts_with("exact") {
+                    outcome.exact_answers += 1;
+                }
                 p.parts
                     .iter()
                     .flat_map(|part| {
@@ -376,9 +407,12 @@ fn main() {
     let mut kinds = Vec::new();
     for (name, cluster) in [("Lingjun (847 x H800)", lingjun()), ("mixed (128 hosts, 4 products)", mixed_cluster())] {
         for seed in SEEDS {
-            for (placer, topoplace) in [("topoplace (greedy + backtracking)", true), ("upstream 1.37 emulation", false)]
-            {
-                let o = run(&cluster, seed, topoplace);
+            for placer in [Placer::Greedy, Placer::Exact, Placer::Upstream] {
+                let o = run(&cluster, seed, placer);
+                let placer = match placer {
+                    Placer::Exact => format!("{} ({} by the model)", placer.name(), o.exact_answers),
+                    _ => placer.name().to_string(),
+                };
                 println!(
                     "| {name} | {seed} | {placer} | {} | {} of {} | {} | {} of {} | {} | {} | {} | {} |",
                     o.placed,

@@ -144,10 +144,20 @@ fn a_workload_with_roles_plans_each_replica_whole_and_says_where() {
     assert!(table.contains("llama-70b-pd/prefill") && table.contains("finetune/workers[1]"), "{table}");
     assert!(table.contains("left to kube-scheduler (no GPUs): leader"), "{table}");
 
-    // The placement API does not explain roles: refused before connecting.
-    let output = topoplace(&["plan", "--workload", &workload, "--server", "http://127.0.0.1:1", "--explain"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("gang `llama-70b-pd` has roles"), "{}", stderr(&output));
+    // With the exact solver, each replica is the exact model's placement, whole.
+    let output = topoplace(&["plan", "--workload", &workload, "--solver", "exact", "-o", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(json["summary"]["placed"], 3, "{json}");
+    let solvers: Vec<&str> = json["replicas"]
+        .as_array()
+        .expect("replicas[]")
+        .iter()
+        .filter_map(|r| r["solver"]["solver"].as_str())
+        .collect();
+    assert_eq!(solvers, ["exact/microlp"; 3], "{json}");
+    let table = stdout(&topoplace(&["plan", "--workload", &workload, "--solver", "exact"]));
+    assert!(table.contains("exact/microlp gap 0.00%"), "{table}");
 }
 
 #[test]

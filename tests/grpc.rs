@@ -787,13 +787,13 @@ async fn roles_with_a_bad_shape_are_refused_naming_the_field() {
         assert_eq!(error.code(), Code::InvalidArgument, "{gang:?}: {error:?}");
         assert!(error.message().contains(expected), "{gang:?}: `{}` lacks `{expected}`", error.message());
     }
-    // Explain refuses roles first, whatever else the gang says.
+    // Explain checks a shape with roles as Plan does.
     let explain = api
         .explain(pb::ExplainRequest { gang: Some(pb::Gang { members: 3, ..good.clone() }), nodes: Vec::new() })
         .await
         .expect_err("explain");
     assert_eq!(explain.code(), Code::InvalidArgument);
-    assert!(explain.message().contains("roles are accepted by Plan and Capacity only"), "{}", explain.message());
+    assert!(explain.message().contains("members belongs to each role"), "{}", explain.message());
     // Capacity counts replicas with roles: 20 GPUs in one rack, one per H100 rack.
     let capacity = api
         .capacity(pb::CapacityRequest { shape: Some(good.clone()), by_level: String::new() })
@@ -809,16 +809,11 @@ async fn roles_with_a_bad_shape_are_refused_naming_the_field() {
         .await
         .expect_err("an unknown level");
     assert_eq!(bad_level.code(), Code::InvalidArgument);
-    // Plan with roles: no explain; at most 64 replicas with roles (each a bounded search).
-    let explained = api
-        .plan(pb::PlanRequest { gangs: vec![good.clone()], dry_run: true, explain: true, ..Default::default() })
-        .await
-        .expect_err("explain with roles");
-    assert_eq!(explained.code(), Code::InvalidArgument);
+    // Plan with roles: at most 64 replicas with roles (each a bounded search).
     let many = api.plan(plan(vec![pb::Gang { replicas: 65, ..good.clone() }], true)).await.expect_err("65 replicas");
     assert_eq!(many.code(), Code::InvalidArgument);
     assert!(many.message().contains("65 or more replicas with roles, over the limit of 64"), "{}", many.message());
-    // The exact solver does not model roles: the answer says what ran.
+    // The exact solver models the roles; the answer says what ran.
     let exact = api
         .plan(pb::PlanRequest {
             gangs: vec![good],
@@ -829,8 +824,73 @@ async fn roles_with_a_bad_shape_are_refused_naming_the_field() {
         .await
         .expect("plan")
         .into_inner();
-    assert!(exact.placed && exact.note.contains("greedy search"), "{exact:?}");
+    assert!(exact.placed && exact.note.contains("exact model of its roles"), "{exact:?}");
+    let solvers: Vec<&str> = exact.replicas[0]
+        .parts
+        .iter()
+        .map(|part| part.placement.as_ref().and_then(|p| p.solver.as_ref()).map_or("", |s| s.solver.as_str()))
+        .collect();
+    assert!(!solvers.is_empty() && solvers.iter().all(|s| s.starts_with("exact/")), "{solvers:?}");
     assert_eq!(state(&mut api).await.free_gpus, 72, "nothing held by any refusal");
+}
+
+#[tokio::test]
+async fn explain_with_roles_answers_the_replica_or_the_role_that_did_not_fit() {
+    let (http, _ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let mut api = client(&http.grpc).await;
+    // It fits: the replica's placement, and per node asked one verdict per GPU role.
+    let good =
+        with_roles("lws", "leaf", vec![role("router", 1, 0, 0), role("leader", 1, 4, 4), role("worker", 2, 8, 8)]);
+    let nodes = vec!["r1-0".to_string(), "l40s-0".to_string()];
+    let explained = api.explain(pb::ExplainRequest { gang: Some(good), nodes }).await.expect("explain").into_inner();
+    assert!(explained.fits && explained.placement.is_none() && explained.reason.is_empty(), "{explained:?}");
+    let replica = explained.replica.as_ref().expect("the replica's placement");
+    assert_eq!(replica.roles_without_gpus, ["router"]);
+    let roles: Vec<&str> = replica.parts.iter().map(|p| p.role.as_str()).collect();
+    assert!(roles.contains(&"leader") && roles.contains(&"worker"), "{roles:?}");
+    let verdicts: Vec<(&str, &str, bool, u32)> =
+        explained.nodes.iter().map(|v| (v.node.as_str(), v.role.as_str(), v.fits, v.units)).collect();
+    assert_eq!(&verdicts[..2], [("r1-0", "leader", true, 2), ("r1-0", "worker", true, 1)], "{verdicts:?}");
+    // An L40S host has 4 GPUs: no worker of 8 fits there, and the verdict says why.
+    let l40s_worker = explained.nodes.iter().find(|v| v.node == "l40s-0" && v.role == "worker").expect("verdict");
+    assert!(!l40s_worker.fits && !l40s_worker.reason.is_empty(), "{l40s_worker:?}");
+    assert_eq!(explained.nodes.len(), 4, "two nodes x two GPU roles");
+
+    // It does not fit: two workers of 8 GPUs that must share one host. The reason names the
+    // role; the explanation is that role's, and Plan with explain gives it too.
+    let one_host = pb::Role { required_topology: "host".into(), ..role("worker", 2, 8, 8) };
+    let tight = with_roles("tight", "", vec![role("leader", 1, 4, 4), one_host]);
+    let explained = api
+        .explain(pb::ExplainRequest { gang: Some(tight.clone()), nodes: Vec::new() })
+        .await
+        .expect("explain")
+        .into_inner();
+    assert!(!explained.fits && explained.replica.is_none(), "{explained:?}");
+    assert!(explained.reason.contains("role `worker`"), "{}", explained.reason);
+    assert!(!explained.rejected_hosts.is_empty() || !explained.domains.is_empty(), "{explained:?}");
+    let planned = api
+        .plan(pb::PlanRequest { gangs: vec![tight], dry_run: true, explain: true, ..Default::default() })
+        .await
+        .expect("plan with explain")
+        .into_inner();
+    assert!(!planned.placed, "{planned:?}");
+    let unplaced = &planned.unplaced[0];
+    assert!(unplaced.reason.contains("role `worker`"), "{}", unplaced.reason);
+    assert!(!unplaced.rejected_hosts.is_empty() || !unplaced.domains.is_empty(), "{unplaced:?}");
+    // Explain takes one replica, and only nodes of the cluster.
+    let two = with_roles("two", "", vec![role("worker", 1, 8, 8), role("leader", 1, 4, 4)]);
+    let error = api
+        .explain(pb::ExplainRequest { gang: Some(pb::Gang { replicas: 2, ..two.clone() }), nodes: Vec::new() })
+        .await
+        .expect_err("two replicas");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    let error = api
+        .explain(pb::ExplainRequest { gang: Some(two), nodes: vec!["nowhere".into()] })
+        .await
+        .expect_err("an unknown node");
+    assert!(error.message().contains("node `nowhere` is not in the cluster"), "{}", error.message());
+    assert_eq!(state(&mut api).await.free_gpus, 72, "explaining holds nothing");
+    http.stop().await;
 }
 
 #[test]
@@ -932,9 +992,11 @@ fn plan_server_sends_roles_and_prints_each_roles_placement() {
     assert!(local_rows.len() >= 4, "{local_rows:?}");
     assert_eq!(rows(&remote, "replicas", "default/"), local_rows);
 
+    // --explain with roles: the same placements (an unplaced replica would carry its reason).
     let explained = run(&["--explain"]);
-    assert_eq!(explained.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&explained.stderr).contains("drop --explain"), "{explained:?}");
+    assert_eq!(explained.status.code(), Some(0), "{}", String::from_utf8_lossy(&explained.stderr));
+    let table = String::from_utf8_lossy(&explained.stdout);
+    assert!(table.contains("replicas with roles:") && !table.contains("unplaced:"), "{table}");
     let reserved = run(&["--reserve", "-o", "json"]);
     assert_eq!(reserved.status.code(), Some(0), "{}", String::from_utf8_lossy(&reserved.stderr));
     let reserved: serde_json::Value = serde_json::from_slice(&reserved.stdout).expect("reserve json");

@@ -7,6 +7,7 @@
 //! `tests/scheduler_kube.rs`); the gRPC API's dry runs are tested in `tests/grpc.rs`.
 
 use topoplace_engine::ledger::Ledger;
+use topoplace_engine::placement::exact::{CandidateHosts, ExactConfig};
 use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{Planner, PlannerConfig, SolverChoice};
 use topoplace_engine::topology::Cluster;
@@ -42,9 +43,28 @@ fn replica(spec: GangSpec) -> Replica {
 }
 
 fn place(cluster: &Cluster, replica: &Replica) -> Result<ReplicaPlacement, String> {
+    place_by(cluster, replica, &SolverChoice::Greedy)
+}
+
+fn place_by(cluster: &Cluster, replica: &Replica, solver: &SolverChoice) -> Result<ReplicaPlacement, String> {
     let mut planner = Planner::new(cluster, PlannerConfig::default());
     planner.check_replica(replica).map_err(|e| e.to_string())?;
-    planner.place_replica(&Ledger::new(cluster), replica, &SolverChoice::Greedy, None).map_err(|u| u.reason)
+    planner.place_replica(&Ledger::new(cluster), replica, solver, None).map_err(|u| u.reason)
+}
+
+/// The search, and the exact model of the roles (every region modelled, so that its answer
+/// is the model's own and not the search's fallback: the tests check which ran).
+fn solvers() -> [SolverChoice; 2] {
+    [
+        SolverChoice::Greedy,
+        SolverChoice::Exact(ExactConfig { candidates: CandidateHosts::All, ..ExactConfig::default() }),
+    ]
+}
+
+/// The placement is the solver's own: the exact model's when the exact solver was asked.
+fn ran(placement: &ReplicaPlacement, solver: &SolverChoice) {
+    let expected = if matches!(solver, SolverChoice::Greedy) { "greedy" } else { "exact/microlp" };
+    assert_eq!(placement.solver.solver, expected, "{placement:?}");
 }
 
 /// The nodes of one role, sorted and without repeats.
@@ -81,12 +101,16 @@ fn prefill_and_decode_share_the_rack_that_holds_both() {
         required: rack(),
         ..GangSpec::with_roles("serve", vec![role("prefill", 2, 8, 8), role("decode", 1, 4, 4)])
     };
-    let placement = place(&cluster, &replica(spec)).expect("rack ra holds the replica");
-    assert_eq!(placement.region, "rack k/ra");
-    assert_eq!(nodes_of(&cluster, &placement, "prefill").len(), 2);
-    let all = nodes_of(&cluster, &placement, "prefill").into_iter().chain(nodes_of(&cluster, &placement, "decode"));
-    assert!(all.into_iter().all(|n| n.starts_with('a')), "{placement:?}");
-    assert_eq!(placement.gpus(), 20);
+    let replica = replica(spec);
+    for solver in solvers() {
+        let placement = place_by(&cluster, &replica, &solver).expect("rack ra holds the replica");
+        ran(&placement, &solver);
+        assert_eq!(placement.region, "rack k/ra");
+        assert_eq!(nodes_of(&cluster, &placement, "prefill").len(), 2);
+        let all = nodes_of(&cluster, &placement, "prefill").into_iter().chain(nodes_of(&cluster, &placement, "decode"));
+        assert!(all.into_iter().all(|n| n.starts_with('a')), "{placement:?}");
+        assert_eq!(placement.gpus(), 20);
+    }
 
     // The same shapes as two independent gangs, for contrast: prefill fills the tighter rack.
     let mut planner = Planner::new(&cluster, PlannerConfig::default());
@@ -112,19 +136,24 @@ fn slices_each_stay_in_a_rack_and_use_the_racks_that_fit_them() {
         ..role("workers", 4, 8, 8)
     };
     let spec = GangSpec { required: Some(Scope::Level("block".into())), ..GangSpec::with_roles("job", vec![workers]) };
-    let placement = place(&cluster, &replica(spec)).expect("two racks hold a slice each");
-    assert_eq!(placement.parts.len(), 2);
-    for part in &placement.parts {
-        let racks: Vec<u32> = part.placement.members.iter().map(|m| cluster.host(m.host).domain_path[1]).collect();
-        assert!(racks.windows(2).all(|w| w[0] == w[1]), "a slice inside one rack: {part:?}");
+    let replica = replica(spec);
+    for solver in solvers() {
+        let placement = place_by(&cluster, &replica, &solver).expect("two racks hold a slice each");
+        ran(&placement, &solver);
+        assert_eq!(placement.parts.len(), 2);
+        for part in &placement.parts {
+            let racks: Vec<u32> = part.placement.members.iter().map(|m| cluster.host(m.host).domain_path[1]).collect();
+            assert!(racks.windows(2).all(|w| w[0] == w[1]), "a slice inside one rack: {part:?}");
+        }
+        let nodes = nodes_of(&cluster, &placement, "workers");
+        assert_eq!(nodes.iter().filter(|n| n.starts_with('a')).count(), 2, "{nodes:?}");
+        assert_eq!(nodes.iter().filter(|n| n.starts_with('c')).count(), 2, "{nodes:?}");
+        // Members are numbered within the role: slice 1 holds members 2 and 3.
+        let mut members: Vec<u32> =
+            placement.parts.iter().flat_map(|p| &p.placement.members).map(|m| m.member).collect();
+        members.sort();
+        assert_eq!(members, [0, 1, 2, 3]);
     }
-    let nodes = nodes_of(&cluster, &placement, "workers");
-    assert_eq!(nodes.iter().filter(|n| n.starts_with('a')).count(), 2, "{nodes:?}");
-    assert_eq!(nodes.iter().filter(|n| n.starts_with('c')).count(), 2, "{nodes:?}");
-    // Members are numbered within the role: slice 1 holds members 2 and 3.
-    let mut members: Vec<u32> = placement.parts.iter().flat_map(|p| &p.placement.members).map(|m| m.member).collect();
-    members.sort();
-    assert_eq!(members, [0, 1, 2, 3]);
 }
 
 #[test]
@@ -135,9 +164,13 @@ fn a_constraint_on_one_role_holds_in_any_order_the_roles_are_given() {
     let cluster = h100s(&[("a1", "s", "ra", 0), ("a2", "s", "ra", 0), ("b1", "s", "rb", 0)]);
     let workers = RoleSpec { required: rack(), ..role("workers", 2, 8, 8) };
     for roles in [vec![role("leader", 1, 8, 8), workers.clone()], vec![workers.clone(), role("leader", 1, 8, 8)]] {
-        let placement = place(&cluster, &replica(GangSpec::with_roles("lws", roles))).expect("fits");
-        assert_eq!(nodes_of(&cluster, &placement, "workers"), ["a1", "a2"]);
-        assert_eq!(nodes_of(&cluster, &placement, "leader"), ["b1"]);
+        for solver in solvers() {
+            let placement =
+                place_by(&cluster, &replica(GangSpec::with_roles("lws", roles.clone())), &solver).expect("fits");
+            ran(&placement, &solver);
+            assert_eq!(nodes_of(&cluster, &placement, "workers"), ["a1", "a2"]);
+            assert_eq!(nodes_of(&cluster, &placement, "leader"), ["b1"]);
+        }
     }
 }
 
@@ -150,12 +183,16 @@ fn a_leader_of_another_shape_is_one_replica_with_its_workers() {
         required: rack(),
         ..GangSpec::with_roles("lws", vec![role("leader", 1, 4, 4), role("workers", 2, 8, 8)])
     };
-    let placement = place(&cluster, &replica(spec)).expect("fits");
-    assert_eq!(nodes_of(&cluster, &placement, "workers").len(), 2);
-    assert_eq!(nodes_of(&cluster, &placement, "leader").len(), 1);
-    assert!(placement.region.ends_with("ra"), "{}", placement.region);
-    // The leader does not share a host with a worker's full 8 GPUs: three hosts in all.
-    assert_eq!(placement.gpus(), 20);
+    let replica = replica(spec);
+    for solver in solvers() {
+        let placement = place_by(&cluster, &replica, &solver).expect("fits");
+        ran(&placement, &solver);
+        assert_eq!(nodes_of(&cluster, &placement, "workers").len(), 2);
+        assert_eq!(nodes_of(&cluster, &placement, "leader").len(), 1);
+        assert!(placement.region.ends_with("ra"), "{}", placement.region);
+        // The leader does not share a host with a worker's full 8 GPUs: three hosts in all.
+        assert_eq!(placement.gpus(), 20);
+    }
 }
 
 #[test]
@@ -166,15 +203,17 @@ fn a_leader_without_gpus_is_not_waited_for_and_takes_nothing() {
     let spec = GangSpec::with_roles("lws", vec![role("leader", 1, 0, 1), role("workers", 2, 8, 8)]);
     let replica = replica(spec);
     assert_eq!(replica.total_gpus(), 16);
-    let mut ledger = Ledger::new(&cluster);
-    let mut planner = Planner::new(&cluster, PlannerConfig::default());
-    let plan = planner.plan_replicas(&mut ledger, std::slice::from_ref(&replica), &SolverChoice::Greedy);
-    assert!(plan.unplaced.is_empty(), "{:?}", plan.unplaced);
-    let placed = &plan.replicas[0];
-    assert_eq!(placed.gpu_less_roles, ["leader"]);
-    assert_eq!(placed.parts.len(), 1);
-    assert_eq!(ledger.free_gpus(), 8, "one host stays free");
-    assert_eq!(ledger.holding("lws").map(|h| h.len()), Some(2));
+    for solver in solvers() {
+        let mut ledger = Ledger::new(&cluster);
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        let plan = planner.plan_replicas(&mut ledger, std::slice::from_ref(&replica), &solver);
+        assert!(plan.unplaced.is_empty(), "{:?}", plan.unplaced);
+        let placed = &plan.replicas[0];
+        assert_eq!(placed.gpu_less_roles, ["leader"]);
+        assert_eq!(placed.parts.len(), 1);
+        assert_eq!(ledger.free_gpus(), 8, "one host stays free");
+        assert_eq!(ledger.holding("lws").map(|h| h.len()), Some(2));
+    }
 }
 
 #[test]

@@ -47,6 +47,9 @@ pub struct ReplicaOut {
     pub roles_without_gpus: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Whose placement it is: the search's (`greedy`), or the exact model's with its
+    /// objective, bound and gap over the regions modelled.
+    pub solver: SolverInfo,
 }
 
 #[derive(Debug, Serialize)]
@@ -165,6 +168,7 @@ impl PlanReport {
                     search_steps: r.steps,
                     roles_without_gpus: r.gpu_less_roles.clone(),
                     note: r.note.clone(),
+                    solver: r.solver.clone(),
                 })
                 .collect(),
             unplaced: plan
@@ -314,8 +318,12 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
         for replica in &report.replicas {
             let _ = write!(
                 text,
-                "  {}: in {}, score {:.2}, {} planner call(s)",
-                replica.gang, replica.region, replica.score, replica.search_steps
+                "  {}: in {}, score {:.2}, {} planner call(s), {}",
+                replica.gang,
+                replica.region,
+                replica.score,
+                replica.search_steps,
+                solver_cell(&replica.solver)
             );
             if !replica.roles_without_gpus.is_empty() {
                 let _ = write!(text, "; left to kube-scheduler (no GPUs): {}", replica.roles_without_gpus.join(", "));

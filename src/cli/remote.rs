@@ -172,15 +172,6 @@ pub fn plan(args: &PlanArgs, server: &str, out: &mut dyn Write) -> Result<(), Cl
     let workload = load_workload(&args.workload)?;
     workload.validate().map_err(|e| CliError::Input(e.to_string()))?;
     let with_roles = workload.gangs.iter().find(|g| !g.roles.is_empty());
-    if let Some(gang) = with_roles {
-        if args.explain {
-            return Err(CliError::Input(format!(
-                "gang `{}` has roles, which the placement API does not explain yet; drop --explain (an \
-                 unplaced replica's reason names its role)",
-                gang.name
-            )));
-        }
-    }
     let connection = connection(args, server)?;
     let gangs = match with_roles {
         Some(_) => workload_gangs_with_roles(&workload, &args.namespace),

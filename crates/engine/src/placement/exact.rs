@@ -36,6 +36,8 @@ use crate::ledger::{mask_indices, GpuUse, Ledger};
 use crate::topology::{GpuMask, HostId, ProductId};
 use crate::workload::Gang;
 
+pub(super) mod replica;
+
 /// GPU-set choices per host and unit count on unevenly linked hosts.
 pub const OPTIONS_PER_HOST_MAX: usize = 64;
 
@@ -401,7 +403,8 @@ impl Planner<'_> {
             let models = self.joint_gang_models(&start, &whole_free, gang, config, &mut formulation, &mut variables)?;
             per_gang.push(models);
         }
-        shared_gpu_constraints(&mut formulation, &per_gang, &start);
+        let models = per_gang.iter().flat_map(|(_, models)| models.iter().map(|(_, model, x)| (model, x.as_slice())));
+        shared_gpu_constraints(&mut formulation, models, start.gpus());
         // GPUs placed come first: one GPU outweighs any difference in scores.
         let per_gpu = 50.0 * gangs.len().max(1) as f64;
         for ((placed, _), gang) in per_gang.iter().zip(gangs) {
@@ -462,7 +465,7 @@ impl Planner<'_> {
             }
             let active = formulation.binary();
             choice += active;
-            let x = model.add_to(formulation, Expression::from(active));
+            let x = model.add_to(formulation, Expression::from(active), 1.0);
             models.push((product, model, x));
         }
         formulation.constraints.push(constraint!(choice == placed));
@@ -513,7 +516,8 @@ impl Planner<'_> {
                 plan.unplaced.push(Unplaced { gang: gang.name.clone(), reason, explanation: None });
                 continue;
             };
-            let placement = self.decode_joint_gang(&working, gang, product, model, &options, config)?;
+            let solver = format!("exact-joint/{}", config.backend.name());
+            let placement = self.decode_joint_gang(working.gpus(), gang, product, model, &options, solver)?;
             working.reserve(&gang.name, &placement.holding()).map_err(|e| format!("joint plan: {e}"))?;
             plan.placements.push(placement);
         }
@@ -521,15 +525,16 @@ impl Planner<'_> {
     }
 
     /// One gang of the joint solution as a placement against `working` (GPUs of uniform
-    /// hosts chosen now, on what is still free), scored by the shared scoring function.
+    /// hosts chosen now, on what is still free), scored by the shared scoring function;
+    /// `solver` names the solver in the placement.
     fn decode_joint_gang(
         &mut self,
-        working: &Ledger,
+        working: &GpuUse,
         gang: &Gang,
         product: ProductId,
         model: &ExactModel,
         options: &[&HostOption],
-        config: &ExactConfig,
+        solver: String,
     ) -> Result<GangPlacement, String> {
         let unit_shape =
             super::gpus::UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
@@ -548,38 +553,34 @@ impl Planner<'_> {
         let current_whole_free = score::WholeFreeIndex::new(self.cluster, working);
         let preferred = self.resolve(gang, &gang.preferred, "preferred").map_err(|e| e.to_string())?;
         let context = BuildContext {
-            ledger: working.gpus(),
+            ledger: working,
             gang,
             whole_free: &current_whole_free,
             preferred,
             unit_shape,
             member_shape: unit_shape,
         };
-        let solver = SolverInfo {
-            solver: format!("exact-joint/{}", config.backend.name()),
-            objective: 0.0,
-            bound: None,
-            gap: None,
-            note: None,
-        };
+        let solver = SolverInfo { solver, objective: 0.0, bound: None, gap: None, note: None };
         Ok(self.decode(&context, model, product, &units_by_host, solver))
     }
 }
 
-/// GPUs are shared between the gangs of a joint model: per host at most its free GPUs, and a
+/// GPUs are shared between the gangs of a joint model (or the parts of a replica): per host at most its free GPUs, and a
 /// concrete GPU set (uneven hosts) at most once.
-fn shared_gpu_constraints(formulation: &mut Formulation, per_gang: &[(Variable, Vec<ProductModel>)], start: &Ledger) {
+fn shared_gpu_constraints<'m>(
+    formulation: &mut Formulation,
+    models: impl IntoIterator<Item = (&'m ExactModel, &'m [Variable])>,
+    start: &GpuUse,
+) {
     let mut per_host: BTreeMap<HostId, Vec<(u32, GpuMask, bool, Variable)>> = BTreeMap::new();
-    for (_, models) in per_gang {
-        for (_, model, x) in models {
-            for (option, &v) in model.options.iter().zip(x) {
-                per_host.entry(option.host).or_default().push((
-                    option.mask.count_ones(),
-                    option.mask,
-                    option.interchangeable,
-                    v,
-                ));
-            }
+    for (model, x) in models {
+        for (option, &v) in model.options.iter().zip(x) {
+            per_host.entry(option.host).or_default().push((
+                option.mask.count_ones(),
+                option.mask,
+                option.interchangeable,
+                v,
+            ));
         }
     }
     for (host, options) in &per_host {
@@ -947,17 +948,20 @@ impl ExactModel {
 
     fn solve(&self, backend: Backend, time_limit: Duration, relaxed: bool) -> Result<SolvedModel, SolveError> {
         let mut formulation = Formulation::new(relaxed);
-        let x = self.add_to(&mut formulation, Expression::from(1.0));
+        let x = self.add_to(&mut formulation, Expression::from(1.0), 1.0);
         formulation.solve(backend, time_limit, &x)
     }
 
     /// Adds this gang's variables, constraints and objective, switched on by `active`
-    /// (the constant 1 for one gang; a product choice of one gang in a joint batch).
-    /// Returns the option variables, in `options` order.
-    fn add_to(&self, f: &mut Formulation, active: Expression) -> Vec<Variable> {
+    /// (the constant 1 for one gang; a product choice of one gang in a joint batch or of one
+    /// part of a replica), its objective scaled by `weight` (1 but for a replica's parts,
+    /// weighted by their GPUs). Returns the option variables, in `options` order.
+    fn add_to(&self, f: &mut Formulation, active: Expression, weight: f64) -> Vec<Variable> {
         let x: Vec<Variable> = (0..self.options.len()).map(|_| f.binary()).collect();
         let y: Vec<Variable> = (0..self.domains.len()).map(|_| f.binary()).collect();
-        f.objective += self.weights.memory * self.memory * active.clone();
+        // This gang's objective terms, added to the formulation's scaled by `weight`.
+        let mut objective = Expression::from(0.0);
+        objective += self.weights.memory * self.memory * active.clone();
         f.constraints.push(constraint!(y.iter().copied().sum::<Expression>() == active.clone()));
         let units: Expression = self.options.iter().zip(&x).map(|(o, &v)| f64::from(o.units) * v).sum();
         f.constraints.push(constraint!(units == f64::from(self.need) * active.clone()));
@@ -979,10 +983,10 @@ impl ExactModel {
             f.constraints.push(constraint!(used <= 1));
         }
         for (domain, &v) in self.domains.iter().zip(&y) {
-            f.objective += self.weights.locality * domain.locality * v;
+            objective += self.weights.locality * domain.locality * v;
         }
         for (option, &v) in self.options.iter().zip(&x) {
-            f.objective += self.weights.connectivity * option.connectivity_weighted / self.used_gpus * v;
+            objective += self.weights.connectivity * option.connectivity_weighted / self.used_gpus * v;
         }
         let weight_sum: f64 = self.shapes.iter().map(|s| s.1).sum::<f64>().max(1e-12);
         for (index, &(shape, weight, size)) in self.shapes.iter().enumerate() {
@@ -1006,9 +1010,10 @@ impl ExactModel {
             let excess = f.vars.add(variable().min(0));
             f.constraints.push(constraint!(excess >= lost - self.used_gpus * active.clone()));
             let share = weight / weight_sum;
-            f.objective +=
+            objective +=
                 self.weights.fragmentation * share * (active.clone() - excess / self.used_gpus.max(size).max(1.0));
         }
+        f.objective += weight * objective;
         x
     }
 }
@@ -1261,7 +1266,7 @@ mod tests {
         best
     }
 
-    fn tiny_cluster(seed: u64) -> Cluster {
+    pub(super) fn tiny_cluster(seed: u64) -> Cluster {
         let kinds = [("H100", 8u8), ("V100-SXM2-16GB", 8), ("H100-NVL", 4), ("L40S", 4)];
         let mut state = seed;
         let mut next = || {

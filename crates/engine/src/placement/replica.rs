@@ -27,15 +27,19 @@
 //!
 //! Every planner call counts against [`REPLICA_SEARCH_STEPS_MAX`]; when the budget runs
 //! out the best placement found so far is returned, or the replica is unplaced with the
-//! reason saying the search stopped (not that nothing fits). The exact solver does not
-//! model roles yet: with an exact choice, parts are placed greedily and the placement says
-//! so.
+//! reason saying the search stopped (not that nothing fits).
+//!
+//! With an exact solver choice the search runs as well, and then one MILP per candidate
+//! region models every part at once (`exact/replica.rs`): what it places, or proves
+//! impossible, is the answer ([`SolverChoice::Exact`]); with [`SolverChoice::Auto`] the
+//! better of the two by the same score wins.
 
 use crate::ledger::{merge_by_host, GpuUse, Holding, Ledger};
 use crate::topology::{Cluster, HostId, ProductId};
 use crate::workload::{Gang, Replica};
 
-use super::{GangPlacement, Outside, PlaceRequest, Planner, ResolvedScope, SolverChoice, Unplaced};
+use super::exact::replica::ReplicaExact;
+use super::{GangPlacement, Outside, PlaceRequest, Planner, ResolvedScope, SolverChoice, SolverInfo, Unplaced};
 
 /// Planner calls one replica's search may make (each places one part in one region).
 pub const REPLICA_SEARCH_STEPS_MAX: u32 = 512;
@@ -72,8 +76,15 @@ pub struct ReplicaPlacement {
     pub score: f64,
     /// Planner calls the search made.
     pub steps: u32,
-    /// What limited the search (its step budget, an exact choice placed greedily).
+    /// What limited the search (its step budget), or why one solver's answer was used
+    /// over the other's.
     pub note: Option<String>,
+    /// Which solver's placement this is. `greedy` (objective: `score`), or `exact/<backend>`:
+    /// then `objective` is the model's, the parts' scores weighted by their GPUs with each
+    /// part scored against the GPUs free before the replica (parts sharing a host or rack
+    /// are not scored against each other inside the model; `score` is, part after part),
+    /// with its `bound` and `gap` over the regions modelled.
+    pub solver: SolverInfo,
 }
 
 impl ReplicaPlacement {
@@ -87,12 +98,13 @@ impl ReplicaPlacement {
     }
 }
 
-/// One part of the search.
-struct Part {
-    role: usize,
-    slice: Option<u32>,
+/// One part of the search (and of the exact model): a role, or one slice of a sliced role.
+pub(super) struct Part {
+    /// The role's index in [`Replica::roles`].
+    pub(super) role: usize,
+    pub(super) slice: Option<u32>,
     /// The part as a gang: the role's gang, or a slice of it (members and scope).
-    gang: Gang,
+    pub(super) gang: Gang,
     /// The level whose domains the part branches over: its own scope (a slice's, or its
     /// role's) when that is a level; for a slice whose scope is not, its role's level.
     branch: Option<usize>,
@@ -106,10 +118,10 @@ struct Part {
 }
 
 /// A set of hosts the replica may use.
-struct Region {
-    label: String,
-    hosts: Vec<HostId>,
-    free: u64,
+pub(super) struct Region {
+    pub(super) label: String,
+    pub(super) hosts: Vec<HostId>,
+    pub(super) free: u64,
 }
 
 /// Why a part did not fit, the deepest the search got in one region (parts before it
@@ -195,6 +207,7 @@ impl Planner<'_> {
             return Ok(ReplicaPlacement {
                 replica: replica.name.clone(),
                 region: placement.scope.clone(),
+                solver: placement.solver.clone(),
                 score: placement.score.total,
                 parts: vec![PartPlacement { role: replica.roles[0].name.clone(), slice: None, placement }],
                 gpu_less_roles,
@@ -205,11 +218,82 @@ impl Planner<'_> {
         if replica.gangs().next().is_none() {
             return Err(unplaced("no role takes GPUs, so there is nothing to place".into()));
         }
+        let scopes = ReplicaScopes {
+            required: self
+                .resolve_scope(&replica.name, &replica.required, "required")
+                .map_err(|e| unplaced(e.to_string()))?,
+            preferred: self
+                .resolve_scope(&replica.name, &replica.preferred, "preferred")
+                .map_err(|e| unplaced(e.to_string()))?,
+        };
+        let greedy = self.search_replica(ledger, replica, scopes, offered, role_offered, steps_out);
+        let config = match solver {
+            SolverChoice::Greedy => return greedy,
+            SolverChoice::Exact(config) | SolverChoice::Auto(config) => config,
+        };
         let parts = self.parts_of(replica).map_err(|e| unplaced(e.to_string()))?;
-        let required =
-            self.resolve_scope(&replica.name, &replica.required, "required").map_err(|e| unplaced(e.to_string()))?;
-        let preferred =
-            self.resolve_scope(&replica.name, &replica.preferred, "preferred").map_err(|e| unplaced(e.to_string()))?;
+        let exact = self.place_replica_exact(ledger, replica, &parts, scopes, offered, role_offered, config);
+        let steps = *steps_out;
+        let exact_placement = |region: String, placements: Vec<GangPlacement>, solver: SolverInfo| ReplicaPlacement {
+            replica: replica.name.clone(),
+            region,
+            score: weighted_score(&placements),
+            parts: finish(replica, &parts, placements),
+            gpu_less_roles: gpu_less_roles.clone(),
+            steps,
+            note: None,
+            solver,
+        };
+        let with_note = |mut placement: ReplicaPlacement, note: String| {
+            placement.note = Some(match placement.note.take() {
+                Some(before) => format!("{before}; {note}"),
+                None => note,
+            });
+            placement
+        };
+        match (solver, exact, greedy) {
+            (SolverChoice::Auto(_), ReplicaExact::Placed { placements, .. }, Ok(greedy))
+                if greedy.score > weighted_score(&placements) + 1e-9 =>
+            {
+                let exact = weighted_score(&placements);
+                Ok(with_note(greedy, format!("the greedy search scored above the exact solver ({exact:.4})")))
+            }
+            (_, ReplicaExact::Placed { region, placements, solver }, _) => {
+                Ok(exact_placement(region, placements, solver))
+            }
+            (SolverChoice::Exact(_), ReplicaExact::Infeasible, Err(mut unplaced)) => {
+                unplaced.reason = format!("proven infeasible by the exact solver: {}", unplaced.reason);
+                Err(unplaced)
+            }
+            (SolverChoice::Exact(_), ReplicaExact::Infeasible, Ok(greedy)) => Ok(with_note(
+                greedy,
+                "the exact model found no placement although the greedy search did; greedy used".into(),
+            )),
+            (SolverChoice::Exact(_), ReplicaExact::NoAnswer(reason), Ok(greedy)) => {
+                Ok(with_note(greedy, format!("the exact solver gave no answer ({reason}); greedy used")))
+            }
+            (SolverChoice::Exact(_), ReplicaExact::NoAnswer(reason), Err(mut unplaced)) => {
+                unplaced.reason = format!("{}; the exact solver gave no answer ({reason})", unplaced.reason);
+                Err(unplaced)
+            }
+            (_, _, greedy) => greedy,
+        }
+    }
+
+    /// The greedy search with backtracking (the module doc), its planner calls in `steps_out`.
+    fn search_replica(
+        &mut self,
+        ledger: &GpuUse,
+        replica: &Replica,
+        ReplicaScopes { required, preferred }: ReplicaScopes,
+        offered: Option<&[bool]>,
+        role_offered: Option<(usize, &[bool])>,
+        steps_out: &mut u32,
+    ) -> Result<ReplicaPlacement, Unplaced> {
+        let unplaced = |reason: String| Unplaced { gang: replica.name.clone(), reason, explanation: None };
+        let gpu_less_roles: Vec<String> =
+            replica.roles.iter().filter(|r| r.gang.is_none()).map(|r| r.name.clone()).collect();
+        let parts = self.parts_of(replica).map_err(|e| unplaced(e.to_string()))?;
         let need = replica.total_gpus();
         let exhaustive = vec![false; parts.len()];
         let mut search = Search {
@@ -264,15 +348,9 @@ impl Planner<'_> {
             }
             return Err(Unplaced { explanation, ..unplaced(reason) });
         };
-        let parts = search.finish(placements);
-        let mut notes = Vec::new();
-        if !matches!(solver, SolverChoice::Greedy) {
-            notes
-                .push("the exact solver does not model roles yet: parts placed greedily with backtracking".to_string());
-        }
-        if exhausted {
-            notes.push(format!("the search stopped at its limit of {REPLICA_SEARCH_STEPS_MAX} planner calls"));
-        }
+        let parts = finish(replica, &search.parts, placements);
+        let note =
+            exhausted.then(|| format!("the search stopped at its limit of {REPLICA_SEARCH_STEPS_MAX} planner calls"));
         Ok(ReplicaPlacement {
             replica: replica.name.clone(),
             region,
@@ -280,12 +358,13 @@ impl Planner<'_> {
             gpu_less_roles,
             score,
             steps,
-            note: (!notes.is_empty()).then(|| notes.join("; ")),
+            note,
+            solver: SolverInfo::greedy(score),
         })
     }
 
     /// The search's parts in placing order (see the module doc).
-    fn parts_of(&self, replica: &Replica) -> Result<Vec<Part>, super::GangInputError> {
+    pub(super) fn parts_of(&self, replica: &Replica) -> Result<Vec<Part>, super::GangInputError> {
         let mut parts = Vec::new();
         for (index, role) in replica.roles.iter().enumerate() {
             let Some(gang) = &role.gang else { continue };
@@ -357,46 +436,9 @@ impl Search<'_, '_> {
         self.offered.is_none_or(|flags| flags.get(host as usize).copied().unwrap_or(false))
     }
 
-    fn free_in(&self, ledger: &GpuUse, hosts: &[HostId]) -> u64 {
-        hosts.iter().filter(|&&h| self.is_offered(h)).map(|&h| u64::from(ledger.free(h).count_ones())).sum()
-    }
-
     /// The regions of a replica scope with at least `need` GPUs free, the tightest first.
     fn regions(&self, ledger: &GpuUse, scope: Option<ResolvedScope>, need: u64) -> Vec<Region> {
-        let cluster = self.cluster();
-        let mut regions: Vec<Region> = match scope {
-            None => {
-                vec![Region { label: "cluster".into(), hosts: (0..cluster.hosts.len() as HostId).collect(), free: 0 }]
-            }
-            Some(ResolvedScope::Level(level)) => cluster.domains[level]
-                .iter()
-                .map(|domain| Region {
-                    label: format!("{} {}", super::short_level(&cluster.levels[level]), domain.path),
-                    hosts: domain.hosts.clone().collect(),
-                    free: 0,
-                })
-                .collect(),
-            Some(ResolvedScope::Host) => (0..cluster.hosts.len() as HostId)
-                .map(|h| Region { label: format!("host {}", cluster.host(h).name), hosts: vec![h], free: 0 })
-                .collect(),
-            Some(ResolvedScope::Nvlink) => {
-                let cliques = cluster.cliques.iter().map(|clique| Region {
-                    label: format!("clique {}", clique.name),
-                    hosts: clique.hosts.clone(),
-                    free: 0,
-                });
-                let alone = (0..cluster.hosts.len() as HostId)
-                    .filter(|&h| cluster.host(h).clique.is_none())
-                    .map(|h| Region { label: format!("host {}", cluster.host(h).name), hosts: vec![h], free: 0 });
-                cliques.chain(alone).collect()
-            }
-        };
-        for region in &mut regions {
-            region.free = self.free_in(ledger, &region.hosts);
-        }
-        regions.retain(|r| r.free >= need);
-        regions.sort_by_key(|r| r.free);
-        regions
+        regions(self.cluster(), self.offered, ledger, scope, need)
     }
 
     /// Searches regions in order; returns the best of the first [`REPLICA_CHOICES_MAX`]
@@ -424,7 +466,7 @@ impl Search<'_, '_> {
             self.failure = None;
             if self.descend(&mut scratch, &allowed, 0, &mut chosen, &mut domains) {
                 found += 1;
-                let score = self.score(&chosen);
+                let score = weighted_score(&chosen);
                 if best.as_ref().is_none_or(|(_, _, top)| score > *top + 1e-9) {
                     best = Some((region.label, chosen, score));
                 }
@@ -624,15 +666,6 @@ impl Search<'_, '_> {
         }
     }
 
-    fn score(&self, chosen: &[GangPlacement]) -> f64 {
-        let gpus = |p: &GangPlacement| p.gpus() as f64;
-        let total: f64 = chosen.iter().map(gpus).sum();
-        if total == 0.0 {
-            return 0.0;
-        }
-        chosen.iter().map(|p| p.score.total * gpus(p)).sum::<f64>() / total
-    }
-
     /// What a part is called in a reason: `role decode`, `role workers (slice 2 of 4)`.
     fn part_name(&self, k: usize) -> String {
         let part = &self.parts[k];
@@ -665,23 +698,85 @@ impl Search<'_, '_> {
         }
         text
     }
+}
 
-    /// The placements in part order as parts, members numbered within their role.
-    fn finish(&self, placements: Vec<GangPlacement>) -> Vec<PartPlacement> {
-        placements
-            .into_iter()
-            .zip(&self.parts)
-            .map(|(mut placement, part)| {
-                let role = &self.replica.roles[part.role];
-                if let (Some(slice), Some(slicing)) = (part.slice, &role.slices) {
-                    for member in &mut placement.members {
-                        member.member += slice * slicing.members;
-                    }
-                }
-                PartPlacement { role: role.name.clone(), slice: part.slice, placement }
-            })
-            .collect()
+/// The replica's score: its parts' score totals weighted by their GPUs.
+fn weighted_score(chosen: &[GangPlacement]) -> f64 {
+    let gpus = |p: &GangPlacement| p.gpus() as f64;
+    let total: f64 = chosen.iter().map(gpus).sum();
+    if total == 0.0 {
+        return 0.0;
     }
+    chosen.iter().map(|p| p.score.total * gpus(p)).sum::<f64>() / total
+}
+
+/// The placements in part order as parts, members numbered within their role.
+fn finish(replica: &Replica, parts: &[Part], placements: Vec<GangPlacement>) -> Vec<PartPlacement> {
+    placements
+        .into_iter()
+        .zip(parts)
+        .map(|(mut placement, part)| {
+            let role = &replica.roles[part.role];
+            if let (Some(slice), Some(slicing)) = (part.slice, &role.slices) {
+                for member in &mut placement.members {
+                    member.member += slice * slicing.members;
+                }
+            }
+            PartPlacement { role: role.name.clone(), slice: part.slice, placement }
+        })
+        .collect()
+}
+
+/// The regions of a scope (a replica's, or a sliced role's) with at least `need` GPUs free on
+/// the hosts `offered` flags, the tightest first: every domain of a level, every host, every
+/// NVLink clique and host outside one, or the whole cluster for no scope.
+pub(super) fn regions(
+    cluster: &Cluster,
+    offered: Option<&[bool]>,
+    ledger: &GpuUse,
+    scope: Option<ResolvedScope>,
+    need: u64,
+) -> Vec<Region> {
+    let is_offered = |host: HostId| offered.is_none_or(|flags| flags.get(host as usize).copied().unwrap_or(false));
+    let mut regions: Vec<Region> = match scope {
+        None => vec![Region { label: "cluster".into(), hosts: (0..cluster.hosts.len() as HostId).collect(), free: 0 }],
+        Some(ResolvedScope::Level(level)) => cluster.domains[level]
+            .iter()
+            .map(|domain| Region {
+                label: format!("{} {}", super::short_level(&cluster.levels[level]), domain.path),
+                hosts: domain.hosts.clone().collect(),
+                free: 0,
+            })
+            .collect(),
+        Some(ResolvedScope::Host) => (0..cluster.hosts.len() as HostId)
+            .map(|h| Region { label: format!("host {}", cluster.host(h).name), hosts: vec![h], free: 0 })
+            .collect(),
+        Some(ResolvedScope::Nvlink) => {
+            let cliques = cluster.cliques.iter().map(|clique| Region {
+                label: format!("clique {}", clique.name),
+                hosts: clique.hosts.clone(),
+                free: 0,
+            });
+            let alone = (0..cluster.hosts.len() as HostId)
+                .filter(|&h| cluster.host(h).clique.is_none())
+                .map(|h| Region { label: format!("host {}", cluster.host(h).name), hosts: vec![h], free: 0 });
+            cliques.chain(alone).collect()
+        }
+    };
+    for region in &mut regions {
+        region.free =
+            region.hosts.iter().filter(|&&h| is_offered(h)).map(|&h| u64::from(ledger.free(h).count_ones())).sum();
+    }
+    regions.retain(|r| r.free >= need);
+    regions.sort_by_key(|r| r.free);
+    regions
+}
+
+/// A replica's own scopes, resolved.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReplicaScopes {
+    pub(super) required: Option<ResolvedScope>,
+    pub(super) preferred: Option<ResolvedScope>,
 }
 
 /// The hosts of a domain of `level` (a contiguous range), or every host when either is
@@ -696,7 +791,7 @@ fn hosts_of(cluster: &Cluster, level: Option<usize>, domain: Option<u32>) -> std
 /// Whether every domain of `inner` lies inside one domain of `outer` (`None`: the whole
 /// cluster). Levels nest; a host lies inside every level; an NVLink clique may span racks,
 /// so it lies inside nothing but the cluster.
-fn within_scope(inner: Option<ResolvedScope>, outer: Option<ResolvedScope>) -> bool {
+pub(super) fn within_scope(inner: Option<ResolvedScope>, outer: Option<ResolvedScope>) -> bool {
     match (inner, outer) {
         (_, None) => true,
         (Some(ResolvedScope::Level(inner)), Some(ResolvedScope::Level(outer))) => inner >= outer,

@@ -126,6 +126,16 @@ pub struct Explained {
     pub nodes: Vec<NodeFit>,
 }
 
+/// [`Book::explain_replica`]'s answer: the replica's placement, or why it does not fit (the
+/// reason names the role, and slice, that did not fit; the explanation is that part's); and
+/// per node asked, one verdict per role that takes GPUs, in role order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExplainedReplica {
+    pub outcome: Result<ReplicaPlacement, Unplaced>,
+    /// (role name, the node's verdict for one member of that role).
+    pub nodes: Vec<(String, NodeFit)>,
+}
+
 /// The cluster as [`Book::cluster_state`] reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterState {
@@ -346,8 +356,9 @@ impl Book {
     /// replicas are reserved under one new id until `options.ttl_ms` from `now_ms` (each a
     /// reservation of its roles that the replica's pods claim at filter, or the secondary
     /// scheduler binds), or (without `options.allow_partial`) nothing is when any replica
-    /// does not fit. `options.solver` other than greedy is answered greedily, with a note;
-    /// `options.explain` is not read. Errors: an empty request, a key twice, an unknown
+    /// does not fit. With `options.solver` exact or auto, each replica is placed by the exact
+    /// model of its roles (one by one, a note says); with `options.explain`, an unplaced
+    /// replica carries the explanation of the part that did not fit. Errors: an empty request, a key twice, an unknown
     /// topology level or product, a replica larger than every usable GPU of the cluster
     /// ([`RequestError::Invalid`], naming the replica), a key reserved already
     /// ([`RequestError::AlreadyReserved`], unless a dry run).
@@ -371,8 +382,8 @@ impl Book {
         let mut scratch: topoplace_engine::ledger::Ledger<String> = self.ledger.scratch();
         let mut placed: Vec<(usize, ReplicaPlacement)> = Vec::new();
         let mut unplaced = Vec::new();
-        self.with_planner(|planner, _| {
-            for index in order {
+        let mut place_all = |planner: &mut Planner| {
+            for &index in &order {
                 let request = &requests[index];
                 match planner.place_replica(&scratch, &request.replica, solver, masks[index].as_deref()) {
                     Ok(placement) => match scratch.reserve(&request.key, &placement.holding()) {
@@ -386,10 +397,18 @@ impl Book {
                     Err(why) => unplaced.push(why),
                 }
             }
-        });
+        };
+        if options.explain {
+            // An unplaced replica then carries the planner's explanation of the part that did
+            // not fit (rejected hosts, domains, candidates).
+            let config = PlannerConfig { explain: true, ..self.config.planner.clone() };
+            place_all(&mut Planner::new(&self.cluster, config));
+        } else {
+            self.with_planner(|planner, _| place_all(planner));
+        }
         placed.sort_by_key(|(index, _)| *index);
         let note = (!matches!(solver, SolverChoice::Greedy)).then(|| {
-            "replicas with roles are placed by the greedy search, one by one (the exact solver does not model roles yet)"
+            "replicas with roles are planned one by one, each by the exact model of its roles (not one joint model of the request)"
                 .to_string()
         });
         let keep = !options.dry_run && !placed.is_empty() && (unplaced.is_empty() || options.allow_partial);
@@ -544,32 +563,64 @@ impl Book {
     /// verdict for each of `nodes`. Reserves nothing.
     pub fn explain(&mut self, request: &GangRequest, nodes: &[String]) -> Result<Explained, RequestError> {
         self.check_request(request)?;
-        let mut hosts = Vec::new();
-        for node in nodes {
-            match self.cluster.host_id(node) {
-                Some(host) => hosts.push(host),
-                None => return Err(RequestError::Invalid(format!("node `{node}` is not in the cluster"))),
-            }
-        }
+        let hosts = self.node_ids(nodes)?;
         let config = PlannerConfig { explain: true, ..self.config.planner.clone() };
         let mut planner = Planner::new(&self.cluster, config);
         let mask = self.api_mask(request.product);
         let outcome = planner.place(&self.ledger, PlaceRequest::new(&request.gang).within(mask.as_deref()));
-        let nodes = hosts
-            .iter()
-            .map(|&host| {
-                let node = self.cluster.host(host).name.clone();
-                if self.closed.contains(&node) {
-                    let reason = Some("the node is cordoned or not Ready".to_string());
-                    return NodeFit { node, units: 0, reason };
-                }
-                match planner.host_units(&self.ledger, &request.gang, host) {
-                    Ok(units) => NodeFit { node, units, reason: None },
-                    Err((_, text)) => NodeFit { node, units: 0, reason: Some(text) },
-                }
-            })
-            .collect();
+        let nodes = hosts.iter().map(|&host| self.node_fit(&mut planner, &request.gang, host)).collect();
         Ok(Explained { outcome, nodes })
+    }
+
+    /// [`Book::explain`] for a replica with roles: where Plan would place it now (greedy,
+    /// nothing held) or why it does not fit, and for each node in `nodes` how many members of
+    /// each GPU role it holds now, or why none. Errors as [`Book::plan_replicas`] gives them
+    /// for the replica, and a node not in the cluster.
+    pub fn explain_replica(
+        &mut self,
+        request: &ReplicaRequest,
+        nodes: &[String],
+    ) -> Result<ExplainedReplica, RequestError> {
+        self.check_replica_request(request)?;
+        let hosts = self.node_ids(nodes)?;
+        let config = PlannerConfig { explain: true, ..self.config.planner.clone() };
+        let mut planner = Planner::new(&self.cluster, config);
+        let mask = self.api_mask(request.product);
+        let outcome = planner.place_replica(&self.ledger, &request.replica, &SolverChoice::Greedy, mask.as_deref());
+        let mut verdicts = Vec::new();
+        for &host in &hosts {
+            for role in &request.replica.roles {
+                let Some(gang) = &role.gang else { continue };
+                verdicts.push((role.name.clone(), self.node_fit(&mut planner, gang, host)));
+            }
+        }
+        Ok(ExplainedReplica { outcome, nodes: verdicts })
+    }
+
+    /// The hosts of `nodes`, or an error naming the first node not in the cluster.
+    fn node_ids(&self, nodes: &[String]) -> Result<Vec<HostId>, RequestError> {
+        nodes
+            .iter()
+            .map(|node| {
+                self.cluster
+                    .host_id(node)
+                    .ok_or_else(|| RequestError::Invalid(format!("node `{node}` is not in the cluster")))
+            })
+            .collect()
+    }
+
+    /// One node's verdict for one member (or unit) of `gang`: how many it holds now, or why
+    /// none (a closed node says so first).
+    fn node_fit(&self, planner: &mut Planner, gang: &Gang, host: HostId) -> NodeFit {
+        let node = self.cluster.host(host).name.clone();
+        if self.closed.contains(&node) {
+            let reason = Some("the node is cordoned or not Ready".to_string());
+            return NodeFit { node, units: 0, reason };
+        }
+        match planner.host_units(&self.ledger, gang, host) {
+            Ok(units) => NodeFit { node, units, reason: None },
+            Err((_, text)) => NodeFit { node, units: 0, reason: Some(text) },
+        }
     }
 
     /// How many more replicas of `request`'s shape fit now, broken down by `by_level` (a label

@@ -26,8 +26,8 @@ pub(crate) mod tests;
 mod view;
 
 pub use api::{
-    ApiReservation, ClusterState, DomainState, Explained, GangRequest, HostState, NodeFit, PlanOptions, PlanOutcome,
-    Released, ReplicaPlanOutcome, ReplicaRequest, RequestError, ReservationState,
+    ApiReservation, ClusterState, DomainState, Explained, ExplainedReplica, GangRequest, HostState, NodeFit,
+    PlanOptions, PlanOutcome, Released, ReplicaPlanOutcome, ReplicaRequest, RequestError, ReservationState,
 };
 
 use std::collections::BTreeMap;

@@ -12,7 +12,7 @@ use topoplace_engine::placement::{GangPlacement, RejectionGroup, ScoreComponents
 use topoplace_engine::topology::{product, Cluster, ProductId};
 use topoplace_engine::workload::{GangSpec, MemoryNeed, RoleSpec, Scope, Slicing, WorkloadError};
 use topoplace_online::reservation::{
-    ClusterState, Explained, GangRequest, PlanOutcome, ReplicaPlanOutcome, ReplicaRequest,
+    ClusterState, Explained, ExplainedReplica, GangRequest, NodeFit, PlanOutcome, ReplicaPlanOutcome, ReplicaRequest,
 };
 
 const DEFAULT_NAMESPACE: &str = "default";
@@ -377,17 +377,18 @@ fn rejections(groups: &[RejectionGroup]) -> Vec<pb::RejectionGroup> {
         .collect()
 }
 
+fn node_verdict(role: String, n: NodeFit) -> pb::NodeVerdict {
+    pb::NodeVerdict {
+        node: n.node,
+        fits: n.reason.is_none(),
+        units: n.units,
+        reason: n.reason.unwrap_or_default(),
+        role,
+    }
+}
+
 pub fn explain_response(cluster: &Cluster, explained: Explained) -> pb::ExplainResponse {
-    let nodes = explained
-        .nodes
-        .into_iter()
-        .map(|n| pb::NodeVerdict {
-            node: n.node,
-            fits: n.reason.is_none(),
-            units: n.units,
-            reason: n.reason.unwrap_or_default(),
-        })
-        .collect();
+    let nodes = explained.nodes.into_iter().map(|n| node_verdict(String::new(), n)).collect();
     let (fits, placed, reason, explanation) = match explained.outcome {
         Ok(mut placed) => {
             let explanation = placed.explanation.take();
@@ -395,10 +396,35 @@ pub fn explain_response(cluster: &Cluster, explained: Explained) -> pb::ExplainR
         }
         Err(unplaced) => (false, None, unplaced.reason, unplaced.explanation),
     };
+    explanation_response(fits, reason, explanation, nodes, placed, None)
+}
+
+/// [`explain_response`] for a replica with roles: its placement in `replica`, or the reason
+/// naming the role that did not fit with that part's explanation; node verdicts per role.
+pub fn explain_replica_response(cluster: &Cluster, explained: ExplainedReplica) -> pb::ExplainResponse {
+    let nodes = explained.nodes.into_iter().map(|(role, n)| node_verdict(role, n)).collect();
+    match explained.outcome {
+        Ok(placed) => {
+            let replica = replica_placement(cluster, &placed);
+            explanation_response(true, String::new(), None, nodes, None, Some(replica))
+        }
+        Err(unplaced) => explanation_response(false, unplaced.reason, unplaced.explanation, nodes, None, None),
+    }
+}
+
+fn explanation_response(
+    fits: bool,
+    reason: String,
+    explanation: Option<topoplace_engine::placement::Explanation>,
+    nodes: Vec<pb::NodeVerdict>,
+    placement: Option<pb::GangPlacement>,
+    replica: Option<pb::ReplicaPlacement>,
+) -> pb::ExplainResponse {
     let explanation = explanation.unwrap_or_default();
     pb::ExplainResponse {
         fits,
-        placement: placed,
+        placement,
+        replica,
         reason,
         rejected_hosts: rejections(&explanation.rejected_hosts),
         domains: explanation.domains,

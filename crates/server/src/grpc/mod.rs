@@ -27,8 +27,8 @@ use tonic::{Request, Response, Status};
 
 use crate::state::{BookWorkError, ServerState};
 use convert::{
-    capacity_response, explain_response, gang_requests, has_roles, plan_response, replica_capacity_response,
-    replica_plan_response, replica_requests, solver_choice, state_response,
+    capacity_response, explain_replica_response, explain_response, gang_requests, has_roles, plan_response,
+    replica_capacity_response, replica_plan_response, replica_requests, solver_choice, state_response,
 };
 use topoplace_online::reservation::{Book, Expired, PlanOptions, RequestError};
 
@@ -259,12 +259,6 @@ impl Placement for PlacementService {
             explain: body.explain,
         };
         if has_roles(&body.gangs) {
-            if body.explain {
-                return Err(Status::invalid_argument(
-                    "explain is not supported with roles yet (an unplaced replica's reason names the \
-                     role that did not fit)",
-                ));
-            }
             let requests = replica_requests(&body.gangs)?;
             let response = self
                 .on_book(move |book, now| {
@@ -315,12 +309,26 @@ impl Placement for PlacementService {
     async fn explain(&self, request: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainResponse>, Status> {
         let body = request.into_inner();
         let gang = body.gang.ok_or_else(|| Status::invalid_argument("gang is required"))?;
+        let nodes = body.nodes;
+        if has_roles(std::slice::from_ref(&gang)) {
+            let mut requests = replica_requests(std::slice::from_ref(&gang))?;
+            if requests.len() != 1 {
+                return Err(Status::invalid_argument("Explain takes one replica: leave gang.replicas at 0 or 1"));
+            }
+            let request = requests.remove(0);
+            let response = self
+                .on_book(move |book, _| {
+                    let explained = book.explain_replica(&request, &nodes).map_err(request_error)?;
+                    Ok(explain_replica_response(book.cluster(), explained))
+                })
+                .await?;
+            return Ok(Response::new(response));
+        }
         let mut requests = gang_requests(std::slice::from_ref(&gang))?;
         if requests.len() != 1 {
             return Err(Status::invalid_argument("Explain takes one replica: leave gang.replicas at 0 or 1"));
         }
         let request = requests.remove(0);
-        let nodes = body.nodes;
         let response = self
             .on_book(move |book, _| {
                 let explained = book.explain(&request, &nodes).map_err(request_error)?;
