@@ -209,6 +209,36 @@ async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
         api.bound_pods().into_iter().map(|(name, _, gpus)| (name, gpus.map_or(0, |g| g.split(',').count()))).collect();
     assert_eq!(gpus.get("g16-0"), Some(&4));
     assert_eq!(gpus.get("pg-1"), Some(&8));
+
+    // Upstream PodGroups (scheduling.k8s.io/v1beta1), named by spec.schedulingGroup: a gang
+    // of minCount 2 whose topology key keeps it in one rack, and a basic one (no gang).
+    api.add_upstream_pod_group("ml", "up", Some(2), Some("network.topology.nvidia.com/leaf"));
+    api.add_upstream_pod_group("ml", "basic", None, None);
+    let upstream = |name: &str, group: &str, gpus: u32| {
+        let mut pod = scheduler_pod("ml", name, gpus, None, "1");
+        pod["spec"]["schedulingGroup"] = json!({"podGroupName": group});
+        pod
+    };
+    api.add_pod(upstream("up-0", "up", 4), None, None);
+    // One member of two: nothing is bound until the second comes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(api.pod_node("ml", "up-0"), None, "a gang of minCount 2 waits for its second pod");
+    api.add_pod(upstream("up-1", "up", 4), None, None);
+    api.add_pod(upstream("alone", "basic", 1), None, None);
+    eventually("upstream PodGroup members bound", || api.bound_pods().len() == 25).await;
+    let racks: BTreeSet<String> = ["up-0", "up-1"]
+        .iter()
+        .filter_map(|name| api.pod_node("ml", name))
+        .map(|node| node.split('-').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(racks.len(), 1, "the PodGroup's topology key keeps both in one rack: {racks:?}");
+    // A pod naming a PodGroup that does not exist is left unscheduled, the Event naming it.
+    api.add_pod(upstream("lost", "missing", 8), None, None);
+    eventually("the Event naming the PodGroup", || {
+        events_for(&api, "lost", "FailedScheduling").iter().any(|m| m.contains("ml/missing"))
+    })
+    .await;
+    assert_eq!(api.pod_node("ml", "lost"), None);
     finish(&api, replica, Some(server)).await;
 }
 

@@ -296,6 +296,8 @@ struct ApiState {
     pods: BTreeMap<(String, String), Value>,
     leases: BTreeMap<(String, String), Value>,
     pod_groups: BTreeMap<(String, String), Value>,
+    /// Upstream PodGroups (`scheduling.k8s.io/v1beta1`).
+    upstream_pod_groups: BTreeMap<(String, String), Value>,
     history: Vec<Change>,
     events: Vec<Value>,
     bindings: Vec<(String, String)>,
@@ -323,6 +325,7 @@ impl FakeApi {
                 pods: BTreeMap::new(),
                 leases: BTreeMap::new(),
                 pod_groups: BTreeMap::new(),
+                upstream_pod_groups: BTreeMap::new(),
                 history: Vec::new(),
                 events: Vec::new(),
                 bindings: Vec::new(),
@@ -374,6 +377,22 @@ impl FakeApi {
         let group = json!({"apiVersion": "scheduling.x-k8s.io/v1alpha1", "kind": "PodGroup",
             "metadata": {"name": name, "namespace": namespace}, "spec": {"minMember": min_member}});
         self.state.lock().expect("api state").pod_groups.insert((namespace.into(), name.into()), group);
+    }
+
+    /// An upstream PodGroup (`scheduling.k8s.io/v1beta1`, Kubernetes 1.37): the `gang` policy
+    /// with `minCount`, or the `basic` policy for `None`; a topology constraint when given.
+    pub fn add_upstream_pod_group(&self, namespace: &str, name: &str, min_count: Option<u32>, topology: Option<&str>) {
+        let policy = match min_count {
+            Some(count) => json!({"gang": {"minCount": count}}),
+            None => json!({"basic": {}}),
+        };
+        let mut group = json!({"apiVersion": "scheduling.k8s.io/v1beta1", "kind": "PodGroup",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("{name}-uid"), "resourceVersion": "1"},
+            "spec": {"schedulingPolicy": policy}});
+        if let Some(key) = topology {
+            group["spec"]["schedulingConstraints"] = json!({"topology": [{"key": key}]});
+        }
+        self.state.lock().expect("api state").upstream_pod_groups.insert((namespace.into(), name.into()), group);
     }
 
     pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
@@ -498,6 +517,7 @@ impl FakeApi {
             .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases", axum::routing::post(create_lease))
             .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}", get(get_lease).put(replace_lease))
             .route("/apis/scheduling.x-k8s.io/v1alpha1/namespaces/{ns}/podgroups/{name}", get(get_pod_group))
+            .route("/apis/scheduling.k8s.io/v1beta1/namespaces/{ns}/podgroups/{name}", get(get_upstream_pod_group))
             .route("/api/v1/namespaces/{ns}/pods/{name}/binding", axum::routing::post(create_binding))
             .route("/api/v1/namespaces/{ns}/events", axum::routing::post(create_event))
             .with_state(self.clone())
@@ -873,6 +893,14 @@ async fn get_pod_group(State(api): State<FakeApi>, Path((ns, name)): Path<(Strin
     match state.pod_groups.get(&(ns, name.clone())) {
         Some(group) => axum::Json(group.clone()).into_response(),
         None => status(404, "NotFound", format!("podgroups.scheduling.x-k8s.io \"{name}\" not found")),
+    }
+}
+
+async fn get_upstream_pod_group(State(api): State<FakeApi>, Path((ns, name)): Path<(String, String)>) -> Response {
+    let state = api.state.lock().expect("api state");
+    match state.upstream_pod_groups.get(&(ns, name.clone())) {
+        Some(group) => axum::Json(group.clone()).into_response(),
+        None => status(404, "NotFound", format!("podgroups.scheduling.k8s.io \"{name}\" not found")),
     }
 }
 

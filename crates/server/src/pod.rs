@@ -133,29 +133,70 @@ fn number(pod: &str, field: String, value: &str, max: u32) -> Result<u32, PodErr
     Ok(parsed as u32)
 }
 
-/// The coscheduling PodGroup a pod names, when its size is not on the pod itself (the size
-/// then comes from the PodGroup's `minMember`, which the caller looks up).
-pub fn pod_group_needing_size(pod: &Pod) -> Option<String> {
-    let labels = pod.metadata.labels.as_ref()?;
+/// A PodGroup object a pod belongs to, which the caller looks up in the API server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PodGroupRef {
+    /// A scheduler-plugins coscheduling PodGroup (`scheduling.x-k8s.io/v1alpha1`, label
+    /// `scheduling.x-k8s.io/pod-group`) whose pods do not carry the gang's size: its
+    /// `spec.minMember` is.
+    Coscheduling(String),
+    /// Upstream Kubernetes' PodGroup (`scheduling.k8s.io/v1beta1`, Kubernetes 1.37), named
+    /// by the pod's `spec.schedulingGroup.podGroupName`: its `spec.schedulingPolicy.gang.minCount`
+    /// is the gang's size and `spec.schedulingConstraints.topology[0].key` its required scope
+    /// (field names from k8s-openapi's `v1_37` `api::scheduling::v1beta1`, generated from the
+    /// Kubernetes OpenAPI spec; `api::core::v1::PodSchedulingGroup`).
+    Upstream(String),
+}
+
+/// What the caller read from a pod's PodGroup object ([`PodGroupRef`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodGroupFacts {
+    /// The gang's size (`minMember`, or `gang.minCount`); `None` for an upstream PodGroup of
+    /// the `basic` policy, whose pods are scheduled one by one (no gang).
+    pub min_count: Option<u32>,
+    /// An upstream PodGroup's topology key (a node label key): all its pods in one domain.
+    pub topology_key: Option<String>,
+}
+
+/// The upstream PodGroup a pod names in `spec.schedulingGroup.podGroupName`, if any.
+fn upstream_pod_group(pod: &Pod) -> Option<&str> {
+    let name = pod.spec.as_ref()?.scheduling_group.as_ref()?.pod_group_name.as_deref()?;
+    Some(name).filter(|n| !n.trim().is_empty())
+}
+
+/// The PodGroup object the caller must look up for this pod: a coscheduling PodGroup whose
+/// pods do not carry the gang's size, or an upstream PodGroup when no label of topoplace,
+/// coscheduling or LeaderWorkerSet names the gang first ([`gang_of`]'s order).
+pub fn pod_group_to_look_up(pod: &Pod) -> Option<PodGroupRef> {
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
     if labels.contains_key(GANG_LABEL) {
         return None;
     }
-    let group = labels.get(POD_GROUP_LABEL)?;
-    let annotations = pod.metadata.annotations.as_ref();
-    let sized = labels.contains_key(GANG_SIZE) || annotations.is_some_and(|a| a.contains_key(GANG_SIZE));
-    (!sized).then(|| group.clone())
+    if let Some(group) = labels.get(POD_GROUP_LABEL) {
+        let annotations = pod.metadata.annotations.as_ref();
+        let sized = labels.contains_key(GANG_SIZE) || annotations.is_some_and(|a| a.contains_key(GANG_SIZE));
+        return (!sized).then(|| PodGroupRef::Coscheduling(group.clone()));
+    }
+    if labels.contains_key(LWS_GROUP_LABEL) {
+        return None;
+    }
+    upstream_pod_group(pod).map(|name| PodGroupRef::Upstream(name.to_string()))
 }
 
-/// The gang a pod belongs to, if any (DESIGN.md's order: topoplace, coscheduling, LWS).
+/// The gang a pod belongs to, if any (DESIGN.md's order: topoplace, coscheduling, LWS,
+/// then upstream's PodGroup).
 pub fn gang_of(pod: &Pod, namespace: &str) -> Result<Option<GangMembership>, PodError> {
     gang_of_sized(pod, namespace, None)
 }
 
-/// [`gang_of`], with the size of a coscheduling PodGroup whose pods do not carry it.
+/// [`gang_of`], with what the caller read from the pod's PodGroup object, if it looked one up
+/// ([`pod_group_to_look_up`]). Without it, a pod of an upstream PodGroup or of a coscheduling
+/// one must carry `topoplace.io/gang-size` (the extender makes no API lookups).
 pub fn gang_of_sized(
     pod: &Pod,
     namespace: &str,
-    pod_group_min_member: Option<u32>,
+    pod_group: Option<&PodGroupFacts>,
 ) -> Result<Option<GangMembership>, PodError> {
     let shown = shown(pod);
     let empty = BTreeMap::new();
@@ -187,7 +228,7 @@ pub fn gang_of_sized(
     if let Some(group) = labels.get(POD_GROUP_LABEL) {
         // The PodGroup's minMember needs an API lookup: the scheduler makes it, the extender
         // does not (there the size must be on the pod).
-        let size = match (either(GANG_SIZE), pod_group_min_member) {
+        let size = match (either(GANG_SIZE), pod_group.and_then(|g| g.min_count)) {
             (None, Some(min_member)) if min_member > 0 => min_member,
             (value, _) => size_from(GANG_SIZE, value)?,
         };
@@ -239,6 +280,16 @@ pub fn gang_of_sized(
             rank => Some(GangMembership { key, size: size - 1, rank: rank.map(|r| r - 1) }),
         });
     }
+    if let Some(name) = upstream_pod_group(pod) {
+        let key = format!("{namespace}/{name}");
+        let size = match (either(GANG_SIZE), pod_group) {
+            // A basic PodGroup: its pods are scheduled one by one.
+            (None, Some(PodGroupFacts { min_count: None, .. })) => return Ok(None),
+            (None, Some(PodGroupFacts { min_count: Some(count), .. })) if *count > 0 => *count,
+            (value, _) => size_from(GANG_SIZE, value)?,
+        };
+        return Ok(Some(GangMembership { key, size, rank: rank_from(RANK)? }));
+    }
     Ok(None)
 }
 
@@ -247,8 +298,32 @@ pub fn demand(pod: &Pod) -> Result<PodDemand, PodError> {
     demand_sized(pod, None)
 }
 
-/// [`demand`], with a coscheduling PodGroup's `minMember` looked up by the caller.
-pub fn demand_sized(pod: &Pod, pod_group_min_member: Option<u32>) -> Result<PodDemand, PodError> {
+/// The pod's required scope: `topoplace.io/topology-required`, or its upstream PodGroup's
+/// topology key. Both given and different is an error naming both.
+fn required_scope(
+    shown: &str,
+    annotation: Option<&str>,
+    pod_group: Option<&PodGroupFacts>,
+) -> Result<Option<Scope>, PodError> {
+    let key = pod_group.and_then(|g| g.topology_key.as_deref()).map(str::trim).filter(|k| !k.is_empty());
+    match (annotation, key) {
+        (Some(own), Some(key)) if Scope::parse(own) != Scope::parse(key) => Err(PodError::Invalid {
+            pod: shown.to_string(),
+            field: format!("metadata.annotations[{TOPOLOGY_REQUIRED}]"),
+            value: own.to_string(),
+            detail: format!(
+                "its PodGroup's spec.schedulingConstraints.topology[0].key is `{key}`; give one scope, or the same"
+            ),
+        }),
+        (Some(own), _) => Ok(Some(Scope::parse(own))),
+        (None, key) => Ok(key.map(Scope::parse)),
+    }
+}
+
+/// [`demand`], with what the caller read from the pod's PodGroup object
+/// ([`pod_group_to_look_up`]): a coscheduling PodGroup's `minMember`, an upstream PodGroup's
+/// `minCount` and topology key.
+pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodDemand, PodError> {
     let identity = identity(pod)?;
     let shown = identity.to_string();
     let gpus = gpu_count(pod)?;
@@ -288,7 +363,7 @@ pub fn demand_sized(pod: &Pod, pod_group_min_member: Option<u32>) -> Result<PodD
     let parallel = |key: &str| -> Result<Option<u32>, PodError> {
         annotation(key).map(|v| number(&shown, format!("metadata.annotations[{key}]"), v, 1 << 20)).transpose()
     };
-    let mut gang = gang_of_sized(pod, &identity.namespace, pod_group_min_member)?;
+    let mut gang = gang_of_sized(pod, &identity.namespace, pod_group)?;
     let empty_labels = BTreeMap::new();
     let labels = pod.metadata.labels.as_ref().unwrap_or(&empty_labels);
     let lws_leader = labels.contains_key(LWS_GROUP_LABEL) && labels.get(LWS_INDEX_LABEL).is_some_and(|i| i == "0");
@@ -330,7 +405,7 @@ pub fn demand_sized(pod: &Pod, pod_group_min_member: Option<u32>) -> Result<PodD
         memory,
         tensor_parallel: parallel(TENSOR_PARALLEL)?,
         pipeline_parallel: parallel(PIPELINE_PARALLEL)?,
-        required: annotation(TOPOLOGY_REQUIRED).map(Scope::parse),
+        required: required_scope(&shown, annotation(TOPOLOGY_REQUIRED), pod_group)?,
         preferred: annotation(TOPOLOGY_PREFERRED).map(Scope::parse),
         roles,
     })
@@ -660,6 +735,50 @@ mod tests {
             "spec": {"containers": [{"name": "main", "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}]}
         }))
         .expect("pod")
+    }
+
+    /// A pod naming the upstream PodGroup `group` in `spec.schedulingGroup.podGroupName`.
+    fn upstream_pod(group: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
+        let mut pod = pod_with(labels, annotations, 8);
+        pod.spec.as_mut().expect("spec").scheduling_group =
+            Some(k8s_openapi::api::core::v1::PodSchedulingGroup { pod_group_name: Some(group.into()) });
+        pod
+    }
+
+    #[test]
+    fn an_upstream_pod_group_gives_the_gang_its_size_and_scope() {
+        let none = serde_json::json!({});
+        let pod = upstream_pod("train", none.clone(), none.clone());
+        assert_eq!(pod_group_to_look_up(&pod), Some(PodGroupRef::Upstream("train".into())));
+        let leaf = "network.topology.nvidia.com/leaf";
+        let gang = PodGroupFacts { min_count: Some(4), topology_key: Some(leaf.into()) };
+        let read = demand_sized(&pod, Some(&gang)).expect("demand");
+        assert_eq!(read.gang.as_ref().map(|g| (g.key.as_str(), g.size, g.rank)), Some(("ns/train", 4, None)));
+        assert_eq!(read.required, Some(Scope::Level(leaf.into())));
+        // The basic policy is no gang: the pod is placed alone.
+        let basic = PodGroupFacts { min_count: None, topology_key: None };
+        assert_eq!(demand_sized(&pod, Some(&basic)).expect("demand").gang, None);
+        // Without the lookup (the extender), the size must be on the pod, and the error says so.
+        assert_eq!(
+            demand(&pod).unwrap_err(),
+            PodError::Missing { pod: "ns/p".into(), field: "topoplace.io/gang-size" }
+        );
+        let sized = upstream_pod("train", serde_json::json!({"topoplace.io/gang-size": "2"}), none.clone());
+        assert_eq!(demand(&sized).expect("demand").gang.map(|g| g.size), Some(2));
+        // A scope of the pod's own that is not the PodGroup's is refused, naming both.
+        let own = upstream_pod("train", none.clone(), serde_json::json!({"topoplace.io/topology-required": "spine"}));
+        let error = demand_sized(&own, Some(&gang)).unwrap_err().to_string();
+        assert!(error.contains("topology-required") && error.contains(leaf), "{error}");
+        // The labels of topoplace, coscheduling and LeaderWorkerSet come first.
+        let labelled = upstream_pod(
+            "train",
+            serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "2"}),
+            none.clone(),
+        );
+        assert_eq!(pod_group_to_look_up(&labelled), None);
+        assert_eq!(demand(&labelled).expect("demand").gang.map(|g| g.key), Some("ns/g".into()));
+        let cosched = upstream_pod("train", serde_json::json!({"scheduling.x-k8s.io/pod-group": "pg"}), none);
+        assert_eq!(pod_group_to_look_up(&cosched), Some(PodGroupRef::Coscheduling("pg".into())));
     }
 
     const ROLES: &str = r#"[{"name": "leader", "gpusPerMember": 4}, {"name": "worker", "members": 2, "gpusPerMember": 8, "tensorParallel": 8}]"#;

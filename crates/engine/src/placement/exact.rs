@@ -662,7 +662,7 @@ impl Planner<'_> {
         debug_assert!(hosts.windows(2).all(|w| w[0] < w[1]), "candidate hosts are sorted and distinct");
         let need = gang.units();
         let shapes = self.config.shapes.clone();
-        let (options, host_units) = self.host_options(context, hosts, required, &shapes);
+        let (options, host_units, options_cut) = self.host_options(context, hosts, required, &shapes);
         let domains = self.model_domains(hosts, &host_units, &options, need, required, preferred);
         if domains.is_empty() {
             return None;
@@ -696,31 +696,38 @@ impl Planner<'_> {
             weights: self.config.weights,
             memory,
             host_gpus_max: f64::from(whole_free.host_gpus_max),
+            options_cut,
         })
     }
 
     /// The model's host options: per candidate host, every unit count up to the gang's need,
     /// and per count the concrete GPU sets (uniform hosts: one, they are interchangeable),
-    /// each with its connectivity and the free shapes it destroys. Also each host's most units.
+    /// each with its connectivity and the free shapes it destroys. Also each host's most units,
+    /// and whether some host's GPU sets were cut to [`OPTIONS_PER_HOST_MAX`] (or to one on a
+    /// host with too many free GPUs to search): one gang takes any of them as well as another
+    /// for its count, but parts of a replica sharing the host may need the sets left out.
     fn host_options(
         &mut self,
         context: &BuildContext,
         hosts: &[HostId],
         required: Option<ResolvedScope>,
         shapes: &[WeightedShape],
-    ) -> (Vec<HostOption>, BTreeMap<HostId, u32>) {
+    ) -> (Vec<HostOption>, BTreeMap<HostId, u32>, bool) {
         let BuildContext { ledger, gang, unit_shape, .. } = *context;
         let cluster = self.cluster;
         let need = gang.units();
         let mut options: Vec<HostOption> = Vec::new();
         let mut host_units: BTreeMap<HostId, u32> = BTreeMap::new();
+        let mut cut = false;
         for &host_id in hosts {
             let host = cluster.host(host_id);
             let free = ledger.free(host_id);
             let most = self.chooser.unit_count(host, free, unit_shape).min(need);
             host_units.insert(host_id, most);
             for units in 1..=most {
-                for chosen in self.chooser.choices(host, free, units, unit_shape, OPTIONS_PER_HOST_MAX) {
+                let choices = self.chooser.choices(host, free, units, unit_shape, OPTIONS_PER_HOST_MAX);
+                cut |= !super::gpus::choices_complete(host, free, unit_shape, choices.len(), OPTIONS_PER_HOST_MAX);
+                for chosen in choices {
                     let mask = chosen.iter().fold(0, |m, u| m | u.gpus());
                     if required == Some(ResolvedScope::Nvlink)
                         && !crate::topology::graph::nvlink_connected(&host.links, mask)
@@ -758,7 +765,7 @@ impl Planner<'_> {
                 }
             }
         }
-        (options, host_units)
+        (options, host_units, cut)
     }
 
     /// The domains that may hold the gang, innermost first: hosts that hold it alone, NVLink
@@ -939,6 +946,8 @@ struct ExactModel {
     weights: super::Weights,
     memory: f64,
     host_gpus_max: f64,
+    /// Some host's GPU sets were cut ([`Planner::host_options`]).
+    options_cut: bool,
 }
 
 impl ExactModel {
@@ -989,7 +998,7 @@ impl ExactModel {
             objective += self.weights.connectivity * option.connectivity_weighted / self.used_gpus * v;
         }
         let weight_sum: f64 = self.shapes.iter().map(|s| s.1).sum::<f64>().max(1e-12);
-        for (index, &(shape, weight, size)) in self.shapes.iter().enumerate() {
+        for (index, &(shape, shape_weight, size)) in self.shapes.iter().enumerate() {
             let mut lost: Expression = self.options.iter().zip(&x).map(|(o, &v)| o.lost[index] * v).sum();
             if let FreeShape::RackRoom { hosts: slot } = shape {
                 let slot = f64::from(slot.max(1));
@@ -1009,7 +1018,7 @@ impl ExactModel {
             }
             let excess = f.vars.add(variable().min(0));
             f.constraints.push(constraint!(excess >= lost - self.used_gpus * active.clone()));
-            let share = weight / weight_sum;
+            let share = shape_weight / weight_sum;
             objective +=
                 self.weights.fragmentation * share * (active.clone() - excess / self.used_gpus.max(size).max(1.0));
         }

@@ -54,6 +54,13 @@ fn bits(mask: GpuMask) -> impl Iterator<Item = u8> {
     })
 }
 
+/// Whether [`GpuChooser::choices`] with `limit`, having returned `returned` choices, listed
+/// every distinct choice: false when it may have cut the list (its limit reached, or a host
+/// with too many free GPUs to search, answered with one choice although links are uneven).
+pub(crate) fn choices_complete(host: &Host, free: GpuMask, shape: UnitShape, returned: usize, limit: usize) -> bool {
+    links_are_uniform(host, shape) || (free.count_ones() <= SEARCH_GPUS_MAX && returned < limit)
+}
+
 /// Every choice of GPUs is as good as another for links.
 pub(crate) fn links_are_uniform(host: &Host, shape: UnitShape) -> bool {
     host.links.uniform_nvlink || host.gpu_count == 1 || (shape.atom == 1 && host.links.best_nvlink_gbps == 0)

@@ -228,7 +228,7 @@ impl Planner<'_> {
         };
         let greedy = self.search_replica(ledger, replica, scopes, offered, role_offered, steps_out);
         let config = match solver {
-            SolverChoice::Greedy => return greedy,
+            SolverChoice::Greedy => return greedy.map_err(|failure| (*failure).into_unplaced()),
             SolverChoice::Exact(config) | SolverChoice::Auto(config) => config,
         };
         let parts = self.parts_of(replica).map_err(|e| unplaced(e.to_string()))?;
@@ -251,32 +251,34 @@ impl Planner<'_> {
             });
             placement
         };
-        match (solver, exact, greedy) {
-            (SolverChoice::Auto(_), ReplicaExact::Placed { placements, .. }, Ok(greedy))
-                if greedy.score > weighted_score(&placements) + 1e-9 =>
+        // Exact and auto answer alike but where both placed the replica: auto then keeps the
+        // better score, exact the model's placement.
+        match (exact, greedy) {
+            (ReplicaExact::Placed { placements, .. }, Ok(greedy))
+                if matches!(solver, SolverChoice::Auto(_)) && greedy.score > weighted_score(&placements) + 1e-9 =>
             {
                 let exact = weighted_score(&placements);
                 Ok(with_note(greedy, format!("the greedy search scored above the exact solver ({exact:.4})")))
             }
-            (_, ReplicaExact::Placed { region, placements, solver }, _) => {
-                Ok(exact_placement(region, placements, solver))
-            }
-            (SolverChoice::Exact(_), ReplicaExact::Infeasible, Err(mut unplaced)) => {
+            (ReplicaExact::Placed { region, placements, solver }, _) => Ok(exact_placement(region, placements, solver)),
+            // A proof: what limited the search does not matter.
+            (ReplicaExact::Infeasible, Err(failure)) => {
+                let mut unplaced = failure.unplaced;
                 unplaced.reason = format!("proven infeasible by the exact solver: {}", unplaced.reason);
                 Err(unplaced)
             }
-            (SolverChoice::Exact(_), ReplicaExact::Infeasible, Ok(greedy)) => Ok(with_note(
+            (ReplicaExact::Infeasible, Ok(greedy)) => Ok(with_note(
                 greedy,
                 "the exact model found no placement although the greedy search did; greedy used".into(),
             )),
-            (SolverChoice::Exact(_), ReplicaExact::NoAnswer(reason), Ok(greedy)) => {
+            (ReplicaExact::NoAnswer(reason), Ok(greedy)) => {
                 Ok(with_note(greedy, format!("the exact solver gave no answer ({reason}); greedy used")))
             }
-            (SolverChoice::Exact(_), ReplicaExact::NoAnswer(reason), Err(mut unplaced)) => {
+            (ReplicaExact::NoAnswer(reason), Err(failure)) => {
+                let mut unplaced = (*failure).into_unplaced();
                 unplaced.reason = format!("{}; the exact solver gave no answer ({reason})", unplaced.reason);
                 Err(unplaced)
             }
-            (_, _, greedy) => greedy,
         }
     }
 
@@ -289,11 +291,13 @@ impl Planner<'_> {
         offered: Option<&[bool]>,
         role_offered: Option<(usize, &[bool])>,
         steps_out: &mut u32,
-    ) -> Result<ReplicaPlacement, Unplaced> {
+    ) -> Result<ReplicaPlacement, Box<SearchFailure>> {
         let unplaced = |reason: String| Unplaced { gang: replica.name.clone(), reason, explanation: None };
         let gpu_less_roles: Vec<String> =
             replica.roles.iter().filter(|r| r.gang.is_none()).map(|r| r.name.clone()).collect();
-        let parts = self.parts_of(replica).map_err(|e| unplaced(e.to_string()))?;
+        let parts = self
+            .parts_of(replica)
+            .map_err(|e| Box::new(SearchFailure { unplaced: unplaced(e.to_string()), limited: None }))?;
         let need = replica.total_gpus();
         let exhaustive = vec![false; parts.len()];
         let mut search = Search {
@@ -327,7 +331,7 @@ impl Planner<'_> {
         let steps = search.steps;
         *steps_out = steps;
         let Some((region, placements, score)) = outcome else {
-            let mut reason = if roomy == 0 {
+            let reason = if roomy == 0 {
                 match &replica.required {
                     Some(scope) => format!("no {scope} has the {need} free GPUs the replica needs"),
                     None => format!("fewer than the {need} GPUs the replica needs are free"),
@@ -337,16 +341,18 @@ impl Planner<'_> {
             };
             // With `explain`, the planner's explanation of the first region's failing part.
             let explanation = failures.iter_mut().find_map(|(_, failure)| failure.explanation.take());
-            if exhausted {
-                reason.push_str(&format!(
-                    "; the search stopped at its limit of {REPLICA_SEARCH_STEPS_MAX} planner calls, so a placement may exist"
-                ));
+            let limited = if exhausted {
+                Some(format!(
+                    "the search stopped at its limit of {REPLICA_SEARCH_STEPS_MAX} planner calls, so a placement may exist"
+                ))
             } else if search.capped {
-                reason.push_str(&format!(
-                    "; the search tried at most {PART_BRANCHES_MAX} domains per role or slice, so a placement may exist"
-                ));
-            }
-            return Err(Unplaced { explanation, ..unplaced(reason) });
+                Some(format!(
+                    "the search tried at most {PART_BRANCHES_MAX} domains per role or slice, so a placement may exist"
+                ))
+            } else {
+                None
+            };
+            return Err(Box::new(SearchFailure { unplaced: Unplaced { explanation, ..unplaced(reason) }, limited }));
         };
         let parts = finish(replica, &search.parts, placements);
         let note =
@@ -770,6 +776,24 @@ pub(super) fn regions(
     regions.retain(|r| r.free >= need);
     regions.sort_by_key(|r| r.free);
     regions
+}
+
+/// Why the search placed nothing: the reason naming the role that did not fit, and what
+/// limited the search (so that a placement may exist), if anything did.
+struct SearchFailure {
+    unplaced: Unplaced,
+    limited: Option<String>,
+}
+
+impl SearchFailure {
+    /// The unplaced replica, its reason saying what limited the search.
+    fn into_unplaced(self) -> Unplaced {
+        let SearchFailure { mut unplaced, limited } = self;
+        if let Some(limited) = limited {
+            unplaced.reason = format!("{}; {limited}", unplaced.reason);
+        }
+        unplaced
+    }
 }
 
 /// A replica's own scopes, resolved.

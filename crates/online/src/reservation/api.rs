@@ -13,6 +13,7 @@ use thiserror::Error;
 use super::{at_bind, gang_holder, replica_slots, Book, Expired, GangReservation, Planned, Slot};
 use topoplace_engine::ledger::mask_indices;
 use topoplace_engine::placement::capacity::{CapacityReport, ReplicaCapacity};
+use topoplace_engine::placement::exact::ExactConfig;
 use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{
     batch_order, replica_order, GangPlacement, PlaceRequest, Planner, PlannerConfig, SolverChoice, Unplaced,
@@ -110,6 +111,12 @@ pub enum RequestError {
     #[error("reservation `{id}` belongs to {owner}; only its owner may release it")]
     NotOwner { id: String, owner: String },
 }
+
+/// The exact solver's time over one request's replicas with roles ([`Book::plan_replicas`]):
+/// each replica gets what is left of it, at most its configured time limit, and the replicas
+/// after it is spent are placed by the search alone. The book's one worker, which the
+/// extender's verbs queue behind, is then held by the solver for no longer than this.
+pub const REQUEST_EXACT_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// One node's verdict for [`Book::explain`].
 #[derive(Debug, Clone, PartialEq)]
@@ -356,9 +363,11 @@ impl Book {
     /// replicas are reserved under one new id until `options.ttl_ms` from `now_ms` (each a
     /// reservation of its roles that the replica's pods claim at filter, or the secondary
     /// scheduler binds), or (without `options.allow_partial`) nothing is when any replica
-    /// does not fit. With `options.solver` exact or auto, each replica is placed by the exact
-    /// model of its roles (one by one, a note says); with `options.explain`, an unplaced
-    /// replica carries the explanation of the part that did not fit. Errors: an empty request, a key twice, an unknown
+    /// does not fit. With `options.solver` exact, each replica is placed by the exact model of
+    /// its roles where it answers (the search's placement otherwise, with a note), with auto by
+    /// the better of the two; the exact solver has [`REQUEST_EXACT_TIME_MAX`] for the whole
+    /// request. With `options.explain`, an unplaced replica carries the explanation of the
+    /// part that did not fit. Errors: an empty request, a key twice, an unknown
     /// topology level or product, a replica larger than every usable GPU of the cluster
     /// ([`RequestError::Invalid`], naming the replica), a key reserved already
     /// ([`RequestError::AlreadyReserved`], unless a dry run).
@@ -382,10 +391,26 @@ impl Book {
         let mut scratch: topoplace_engine::ledger::Ledger<String> = self.ledger.scratch();
         let mut placed: Vec<(usize, ReplicaPlacement)> = Vec::new();
         let mut unplaced = Vec::new();
+        // The exact solver's time is shared by the request's replicas: past the budget, the
+        // rest are placed by the search alone.
+        let started = std::time::Instant::now();
+        let mut budget_spent = false;
         let mut place_all = |planner: &mut Planner| {
             for &index in &order {
                 let request = &requests[index];
-                match planner.place_replica(&scratch, &request.replica, solver, masks[index].as_deref()) {
+                let left = REQUEST_EXACT_TIME_MAX.saturating_sub(started.elapsed());
+                budget_spent |= left.is_zero() && !matches!(solver, SolverChoice::Greedy);
+                let this = match solver {
+                    SolverChoice::Exact(config) | SolverChoice::Auto(config) if !left.is_zero() => {
+                        let config = ExactConfig { time_limit: config.time_limit.min(left), ..config.clone() };
+                        match solver {
+                            SolverChoice::Auto(_) => SolverChoice::Auto(config),
+                            _ => SolverChoice::Exact(config),
+                        }
+                    }
+                    _ => SolverChoice::Greedy,
+                };
+                match planner.place_replica(&scratch, &request.replica, &this, masks[index].as_deref()) {
                     Ok(placement) => match scratch.reserve(&request.key, &placement.holding()) {
                         Ok(()) => placed.push((index, placement)),
                         Err(error) => unplaced.push(Unplaced {
@@ -408,8 +433,16 @@ impl Book {
         }
         placed.sort_by_key(|(index, _)| *index);
         let note = (!matches!(solver, SolverChoice::Greedy)).then(|| {
-            "replicas with roles are planned one by one, each by the exact model of its roles (not one joint model of the request)"
-                .to_string()
+            let mut note = "replicas with roles are planned one by one, each by the exact model of its roles where it \
+                            answers (not one joint model of the request)"
+                .to_string();
+            if budget_spent {
+                note.push_str(&format!(
+                    "; the exact solver's {} ms for the request were spent, so later replicas were placed by the search",
+                    REQUEST_EXACT_TIME_MAX.as_millis()
+                ));
+            }
+            note
         });
         let keep = !options.dry_run && !placed.is_empty() && (unplaced.is_empty() || options.allow_partial);
         let reservation = if keep { Some(self.reserve_replicas(requests, &placed, options, now_ms)?) } else { None };

@@ -28,6 +28,7 @@ mod view;
 pub use api::{
     ApiReservation, ClusterState, DomainState, Explained, ExplainedReplica, GangRequest, HostState, NodeFit,
     PlanOptions, PlanOutcome, Released, ReplicaPlanOutcome, ReplicaRequest, RequestError, ReservationState,
+    REQUEST_EXACT_TIME_MAX,
 };
 
 use std::collections::BTreeMap;

@@ -54,6 +54,8 @@ pub const REQUEST_GANGS_MAX: usize = 1_024;
 /// The most replicas with roles one Plan may name (replicas counted): each is a search of up
 /// to [`topoplace_engine::placement::replica::REPLICA_SEARCH_STEPS_MAX`] planner calls on the
 /// book's one worker, which the extender's verbs queue behind, and a dry run needs no token.
+/// With `exact` or `auto`, the exact solver's time over the request is bounded too
+/// ([`topoplace_online::reservation::REQUEST_EXACT_TIME_MAX`]).
 pub const REQUEST_REPLICAS_WITH_ROLES_MAX: usize = 64;
 /// WatchCapacity's update spacing when the request does not say.
 const WATCH_INTERVAL_MS_DEFAULT: u32 = 500;

@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::scheduling::v1beta1::PodGroup as UpstreamPodGroup;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::watcher::{self, watcher, Event as WatchEvent};
 use kube::runtime::WatchStreamExt;
@@ -38,8 +39,9 @@ pub struct SchedulerRuntime {
     binder: KubeBinder,
     wake: Notify,
     leading: tokio::sync::watch::Receiver<bool>,
-    /// PodGroup `minMember` by `namespace/name` (`None`: looked up, not found).
-    pod_groups: Mutex<HashMap<String, Option<u32>>>,
+    /// PodGroup objects read, by namespace and reference (their specs are immutable; a
+    /// failed lookup is not kept, so a PodGroup created after its pods is found later).
+    pod_groups: Mutex<HashMap<(String, pod::PodGroupRef), pod::PodGroupFacts>>,
     /// Pods whose spec could not be read, reported once.
     reported_invalid: Mutex<BTreeSet<String>>,
 }
@@ -119,56 +121,87 @@ impl SchedulerRuntime {
         }
     }
 
-    /// The pod in the core's terms; a pod that cannot be read gets an Event saying why.
+    /// The pod in the core's terms; a pod that cannot be read (or whose upstream PodGroup
+    /// cannot be) gets an Event saying why.
     async fn pending_of(&self, client: &Client, pod: &Pod) -> Option<PendingPod> {
-        let group_size = match pod::pod_group_needing_size(pod) {
-            Some(group) => {
+        let group = match pod::pod_group_to_look_up(pod) {
+            Some(reference) => {
                 let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-                self.pod_group_min_member(client, &namespace, &group).await
+                match self.pod_group(client, &namespace, &reference).await {
+                    Ok(facts) => Some(facts),
+                    // Without it the pod's own labels decide (a coscheduling pod then needs
+                    // topoplace.io/gang-size, and the error names it).
+                    Err(_) if matches!(reference, pod::PodGroupRef::Coscheduling(_)) => None,
+                    Err(message) => {
+                        self.report_unreadable(pod, message).await;
+                        return None;
+                    }
+                }
             }
             None => None,
         };
-        let read = pod::demand_sized(pod, group_size)
+        let read = pod::demand_sized(pod, group.as_ref())
             .and_then(|demand| Ok(PendingPod { needs: pod::needs(pod)?, priority: pod::priority(pod), demand }));
         match read {
             Ok(pending) => Some(pending),
             Err(error) => {
-                let Ok(identity) = pod::identity(pod) else { return None };
-                let first =
-                    self.reported_invalid.lock().unwrap_or_else(|p| p.into_inner()).insert(identity.uid.clone());
-                if first {
-                    tracing::warn!(%error, "pod left unscheduled");
-                    let decision = Decision::NotScheduled {
-                        pods: vec![identity],
-                        reason: topoplace_online::scheduler::REASON_UNSCHEDULABLE,
-                        message: error.to_string(),
-                    };
-                    self.carry_out(decision).await;
-                }
+                self.report_unreadable(pod, error.to_string()).await;
                 None
             }
         }
     }
 
-    async fn pod_group_min_member(&self, client: &Client, namespace: &str, group: &str) -> Option<u32> {
-        let key = format!("{namespace}/{group}");
-        if let Some(known) = self.pod_groups.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return *known;
+    /// Leaves a pod unscheduled with `PodScheduled=False` and an Event saying why, once per pod.
+    async fn report_unreadable(&self, pod: &Pod, message: String) {
+        let Ok(identity) = pod::identity(pod) else { return };
+        let first = self.reported_invalid.lock().unwrap_or_else(|p| p.into_inner()).insert(identity.uid.clone());
+        if first {
+            tracing::warn!(error = %message, "pod left unscheduled");
+            let decision = Decision::NotScheduled {
+                pods: vec![identity],
+                reason: topoplace_online::scheduler::REASON_UNSCHEDULABLE,
+                message,
+            };
+            self.carry_out(decision).await;
         }
-        let resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("scheduling.x-k8s.io", "v1alpha1", "PodGroup"),
-            "podgroups",
-        );
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
-        let min_member = match api.get(group).await {
-            Ok(object) => object.data["spec"]["minMember"].as_u64().and_then(|m| u32::try_from(m).ok()),
-            Err(error) => {
-                tracing::warn!(podgroup = %key, %error, "PodGroup lookup failed");
-                None
+    }
+
+    /// Reads a pod's PodGroup object: a coscheduling PodGroup's `spec.minMember`, or an
+    /// upstream PodGroup's gang `minCount` and topology key. Errors name the PodGroup.
+    async fn pod_group(
+        &self,
+        client: &Client,
+        namespace: &str,
+        reference: &pod::PodGroupRef,
+    ) -> Result<pod::PodGroupFacts, String> {
+        let key = (namespace.to_string(), reference.clone());
+        if let Some(known) = self.pod_groups.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(known.clone());
+        }
+        let facts = match reference {
+            pod::PodGroupRef::Coscheduling(name) => {
+                let resource = ApiResource::from_gvk_with_plural(
+                    &GroupVersionKind::gvk("scheduling.x-k8s.io", "v1alpha1", "PodGroup"),
+                    "podgroups",
+                );
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+                let object = api.get(name).await.map_err(|error| {
+                    tracing::warn!(podgroup = %format!("{namespace}/{name}"), %error, "PodGroup lookup failed");
+                    format!("PodGroup {namespace}/{name} (scheduling.x-k8s.io/v1alpha1): {error}")
+                })?;
+                let min_count = object.data["spec"]["minMember"].as_u64().and_then(|m| u32::try_from(m).ok());
+                pod::PodGroupFacts { min_count, topology_key: None }
+            }
+            pod::PodGroupRef::Upstream(name) => {
+                let api: Api<UpstreamPodGroup> = Api::namespaced(client.clone(), namespace);
+                let group = api.get(name).await.map_err(|error| {
+                    format!("its PodGroup {namespace}/{name} (scheduling.k8s.io/v1beta1, spec.schedulingGroup.podGroupName) cannot be read: {error}")
+                })?;
+                upstream_facts(namespace, name, &group)?
             }
         };
-        self.pod_groups.lock().unwrap_or_else(|p| p.into_inner()).insert(key, min_member);
-        min_member
+        self.pod_groups.lock().unwrap_or_else(|p| p.into_inner()).insert(key, facts.clone());
+        Ok(facts)
     }
 
     async fn cycle_loop(self: Arc<Self>) {
@@ -386,4 +419,30 @@ impl ViewHooks for SchedulerRuntime {
             self.wake.notify_one();
         }
     }
+}
+
+/// An upstream PodGroup (`scheduling.k8s.io/v1beta1`) as the pod's gang: the `gang` policy's
+/// `minCount` (a `basic` policy is no gang) and the first topology constraint's key. Errors
+/// name the PodGroup and the field.
+fn upstream_facts(namespace: &str, name: &str, group: &UpstreamPodGroup) -> Result<pod::PodGroupFacts, String> {
+    let spec = &group.spec;
+    let min_count = match &spec.scheduling_policy.gang {
+        Some(gang) => match u32::try_from(gang.min_count) {
+            Ok(count) if count > 0 => Some(count),
+            _ => {
+                return Err(format!(
+                    "its PodGroup {namespace}/{name}: spec.schedulingPolicy.gang.minCount is {}, not a positive count",
+                    gang.min_count
+                ))
+            }
+        },
+        None => None,
+    };
+    let topology_key = spec
+        .scheduling_constraints
+        .as_ref()
+        .and_then(|c| c.topology.as_ref())
+        .and_then(|t| t.first())
+        .map(|t| t.key.clone());
+    Ok(pod::PodGroupFacts { min_count, topology_key })
 }
