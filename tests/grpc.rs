@@ -831,6 +831,8 @@ async fn roles_with_a_bad_shape_are_refused_naming_the_field() {
         .map(|part| part.placement.as_ref().and_then(|p| p.solver.as_ref()).map_or("", |s| s.solver.as_str()))
         .collect();
     assert!(!solvers.is_empty() && solvers.iter().all(|s| s.starts_with("exact/")), "{solvers:?}");
+    let whole = exact.replicas[0].solver.as_ref().expect("the replica's solver");
+    assert!(whole.solver.starts_with("exact/") && whole.gap.is_some(), "{whole:?}");
     assert_eq!(state(&mut api).await.free_gpus, 72, "nothing held by any refusal");
 }
 

@@ -11,7 +11,7 @@ use topoplace_engine::placement::exact::{CandidateHosts, ExactConfig};
 use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{Planner, PlannerConfig, SolverChoice};
 use topoplace_engine::topology::Cluster;
-use topoplace_engine::workload::{GangSpec, Replica, RoleSpec, Scope, Slicing, Workload};
+use topoplace_engine::workload::{GangSpec, MemoryNeed, Replica, RoleSpec, Scope, Slicing, Workload};
 use topoplace_formats::files;
 
 /// A cluster of 8-GPU H100 hosts: `(name, block, rack, GPUs taken)` each.
@@ -453,6 +453,29 @@ fn the_first_slice_tries_another_gpu_product_when_the_rest_find_none() {
     // Without slices the role is one gang, which never mixes products either.
     let whole = place(&cluster, &replica(GangSpec::with_roles("job", vec![role("workers", 2, 8, 8)]))).expect("fits");
     assert_eq!(nodes_of(&cluster, &whole, "workers"), ["h200-a", "h200-b"]);
+}
+
+#[test]
+fn a_role_goes_to_another_gpu_product_when_a_later_role_needs_the_first() {
+    // Found in a trial: a rack of a half-used H200 and a half-used H100, and an L40S
+    // elsewhere. Role `a` (4 GPUs, TP 4) is the planner's to place first; role `b` (4 x 1
+    // GPU) needs 100 GiB per GPU, which only the H200 has. `a` must therefore take the H100.
+    // The search used to take the planner's one choice for `a` (the H200) and then report
+    // that no region holds every role.
+    let text = "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: c5}\nspec:\n  levels: [leaf]\n  nodes:\n  - name: h200-a\n    labels: {leaf: r1}\n    gpu: {product: H200, count: 8}\n    allocated: [0,1,2,3]\n  - name: h100-a\n    labels: {leaf: r1}\n    gpu: {product: H100-SXM5, count: 8}\n    allocated: [0,1,2,3]\n  - name: l40s-a\n    labels: {leaf: r2}\n    gpu: {product: L40S, count: 4}\n";
+    let cluster = files::cluster::load("inline.yaml", text).expect("valid");
+    let b = RoleSpec { memory: MemoryNeed::FloorMib(100 * 1024), ..role("b", 4, 1, 1) };
+    let spec = GangSpec {
+        required: Some(Scope::Level("leaf".into())),
+        ..GangSpec::with_roles("trap", vec![role("a", 1, 4, 4), b])
+    };
+    let replica = replica(spec);
+    for solver in solvers() {
+        let placement = place_by(&cluster, &replica, &solver).expect("a on the H100, b on the H200");
+        ran(&placement, &solver);
+        assert_eq!(nodes_of(&cluster, &placement, "a"), ["h100-a"], "{placement:?}");
+        assert_eq!(nodes_of(&cluster, &placement, "b"), ["h200-a"], "{placement:?}");
+    }
 }
 
 #[test]

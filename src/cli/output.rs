@@ -206,6 +206,17 @@ fn gpu_list(gpus: &[u8]) -> String {
     gpus.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// A replica's solver: `greedy`, or the exact model's objective and gap. The model scores
+/// each part against the GPUs free before the replica, so its objective can differ from the
+/// replica's score, which scores the parts one after another.
+fn replica_solver_cell(info: &SolverInfo) -> String {
+    match info.gap {
+        _ if info.solver == "greedy" => info.solver.clone(),
+        Some(gap) => format!("{} (model objective {:.3}, gap {:.2}%)", info.solver, info.objective, gap * 100.0),
+        None => format!("{} (model objective {:.3}, no bound)", info.solver, info.objective),
+    }
+}
+
 fn solver_cell(info: &SolverInfo) -> String {
     match info.gap {
         Some(gap) => format!("{} gap {:.2}%", info.solver, gap * 100.0),
@@ -277,10 +288,12 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
     let line = |cells: [&str; 7]| {
         let mut out = String::new();
         for (index, cell) in cells.iter().enumerate() {
-            if index + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                let _ = write!(out, "{cell:<width$}  ", width = widths[index]);
+            out.push_str(cell);
+            if index + 1 < cells.len() {
+                // Padded by hand: a format width is at most u16::MAX, and names come from
+                // the caller's files.
+                let pad = widths[index].saturating_sub(cell.len()) + 2;
+                out.extend(std::iter::repeat_n(' ', pad));
             }
         }
         out.trim_end().to_string() + "\n"
@@ -323,7 +336,7 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
                 replica.region,
                 replica.score,
                 replica.search_steps,
-                solver_cell(&replica.solver)
+                replica_solver_cell(&replica.solver)
             );
             if !replica.roles_without_gpus.is_empty() {
                 let _ = write!(text, "; left to kube-scheduler (no GPUs): {}", replica.roles_without_gpus.join(", "));

@@ -266,8 +266,13 @@ fn table(server: &str, response: &pb::PlanResponse, reserve: bool) -> String {
         text.push_str("\nreplicas with roles:\n");
         for replica in &response.replicas {
             text.push_str(&format!(
-                "  {}/{}: in {}, score {:.3}, {} search step(s)",
-                replica.namespace, replica.name, replica.region, replica.score, replica.search_steps
+                "  {}/{}: in {}, score {:.3}, {} search step(s), {}",
+                replica.namespace,
+                replica.name,
+                replica.region,
+                replica.score,
+                replica.search_steps,
+                replica.solver.as_ref().map_or_else(|| "greedy".to_string(), remote_solver_cell)
             ));
             if !replica.roles_without_gpus.is_empty() {
                 text.push_str(&format!(
@@ -304,6 +309,16 @@ fn table(server: &str, response: &pb::PlanResponse, reserve: bool) -> String {
     text
 }
 
+/// A replica's solver as the local table shows it: `greedy`, or the exact model's objective
+/// and gap (its objective scores each part against the GPUs free before the replica).
+fn remote_solver_cell(info: &pb::SolverInfo) -> String {
+    match info.gap {
+        _ if info.solver == "greedy" => info.solver.clone(),
+        Some(gap) => format!("{} (model objective {:.3}, gap {:.2}%)", info.solver, info.objective, gap * 100.0),
+        None => format!("{} (model objective {:.3}, no bound)", info.solver, info.objective),
+    }
+}
+
 fn response_json(server: &str, response: &pb::PlanResponse) -> Value {
     json!({
         "server": server,
@@ -326,6 +341,10 @@ fn response_json(server: &str, response: &pb::PlanResponse) -> Value {
             "region": r.region,
             "score": r.score,
             "searchSteps": r.search_steps,
+            "solver": r.solver.as_ref().map(|s| json!({
+                "solver": s.solver, "objective": s.objective, "bound": s.bound, "gap": s.gap,
+                "note": (!s.note.is_empty()).then_some(&s.note),
+            })),
             "rolesWithoutGpus": r.roles_without_gpus,
             "note": (!r.note.is_empty()).then_some(&r.note),
             "parts": r.parts.iter().map(|part| json!({

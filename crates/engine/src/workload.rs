@@ -20,6 +20,11 @@ use crate::topology::{Cluster, ProductId, HOST_GPUS_MAX};
 pub const GANG_MEMBERS_MAX: u32 = 4_096;
 /// Replicas of one gang entry in a workload.
 pub const GANG_REPLICAS_MAX: u32 = 10_000;
+/// Replicas of a whole workload, every entry's together: a plan places them one after
+/// another, each a search (a workload file of 300,000 entries with roles ran for minutes).
+pub const WORKLOAD_REPLICAS_MAX: u64 = 20_000;
+/// Bytes of a gang's name (a namespaced Kubernetes object name is at most 63 + 1 + 253).
+pub const GANG_NAME_BYTES_MAX: usize = 320;
 /// Roles of one replica.
 pub const REPLICA_ROLES_MAX: usize = 16;
 /// Parts of one replica (a role, or each slice of a sliced role): the placement search makes
@@ -288,6 +293,10 @@ pub enum WorkloadError {
     DuplicateGang { gang: String },
     #[error("gang `{gang}`: name must not be empty")]
     EmptyName { gang: String },
+    #[error("gang `{shown}...`: name is {bytes} bytes, above the limit of {max}")]
+    LongName { shown: String, bytes: usize, max: usize },
+    #[error("the workload has {replicas} or more replicas in all, above the limit of {max}")]
+    TooManyReplicas { replicas: u64, max: u64 },
     #[error("gang `{gang}`: model.overhead {overhead} must be between 0 and 10")]
     Overhead { gang: String, overhead: f64 },
     #[error("gang `{gang}`: a role's name must not be empty")]
@@ -391,6 +400,10 @@ impl GangSpec {
         let gang = || self.name.clone();
         if self.name.trim().is_empty() {
             return Err(WorkloadError::EmptyName { gang: gang() });
+        }
+        if self.name.len() > GANG_NAME_BYTES_MAX {
+            let shown: String = self.name.chars().take(40).collect();
+            return Err(WorkloadError::LongName { shown, bytes: self.name.len(), max: GANG_NAME_BYTES_MAX });
         }
         if !self.roles.is_empty() {
             return self.validate_roles();
@@ -553,10 +566,15 @@ pub struct Workload {
 impl Workload {
     pub fn validate(&self) -> Result<(), WorkloadError> {
         let mut names = std::collections::BTreeSet::new();
+        let mut replicas = 0u64;
         for gang in &self.gangs {
             gang.validate()?;
             if !names.insert(gang.name.as_str()) {
                 return Err(WorkloadError::DuplicateGang { gang: gang.name.clone() });
+            }
+            replicas += u64::from(gang.replicas);
+            if replicas > WORKLOAD_REPLICAS_MAX {
+                return Err(WorkloadError::TooManyReplicas { replicas, max: WORKLOAD_REPLICAS_MAX });
             }
         }
         Ok(())

@@ -16,8 +16,11 @@
 //!    given. A sliced role is one part per slice.
 //! 3. *Branching*: a part whose own scope (a slice's, or its role's) is a topology level
 //!    tries each domain of that level inside the region with enough GPUs free, the
-//!    tightest first, up to [`PART_BRANCHES_MAX`] that hold it; any other part takes the
-//!    planner's one choice. The first slice of a role also branches over GPU products, and
+//!    tightest first, up to [`PART_BRANCHES_MAX`] that hold it. On a cluster of several
+//!    GPU products, a role without slices also branches over the products (the tightest
+//!    first), so that a role the planner would put on the only product a later role can use
+//!    goes elsewhere when the later role needs it; a part with nothing to branch over takes
+//!    the planner's one choice. The first slice of a role also branches over GPU products, and
 //!    only over domains whose enclosing domain of the role's own level has room for the
 //!    whole role; later slices stay on its product and in that domain. Slices of a role
 //!    are interchangeable, so after a slice whose branches were all tried, the next never
@@ -149,6 +152,8 @@ struct Search<'s, 'c> {
     /// Per part: whether its last branch list was tried whole (the slice symmetry floor
     /// applies after such a part only).
     exhaustive: Vec<bool>,
+    /// The cluster has more than one GPU product ([`Search::branches_over_products`]).
+    several_products: bool,
 }
 
 impl Planner<'_> {
@@ -300,6 +305,7 @@ impl Planner<'_> {
             .map_err(|e| Box::new(SearchFailure { unplaced: unplaced(e.to_string()), limited: None }))?;
         let need = replica.total_gpus();
         let exhaustive = vec![false; parts.len()];
+        let several_products = self.cluster().products().len() > 1;
         let mut search = Search {
             planner: self,
             parts,
@@ -311,6 +317,7 @@ impl Planner<'_> {
             capped: false,
             limit: REPLICA_SEARCH_STEPS_MAX,
             exhaustive,
+            several_products,
         };
         let mut failures: Vec<(String, Failure)> = Vec::new();
         let mut outcome = None;
@@ -505,11 +512,12 @@ impl Search<'_, '_> {
             }
         }
         let part = &self.parts[k];
-        let branches: Vec<(Option<u32>, Option<ProductId>)> = if part.branch.is_some() || part.first_slice {
-            self.branches(scratch, k, domains, &within)
-        } else {
-            vec![(None, None)]
-        };
+        let branches: Vec<(Option<u32>, Option<ProductId>)> =
+            if part.branch.is_some() || part.first_slice || self.branches_over_products(k) {
+                self.branches(scratch, k, domains, &within)
+            } else {
+                vec![(None, None)]
+            };
         self.exhaustive[k] = branches.len() <= PART_BRANCHES_MAX;
         if branches.is_empty() {
             let need = part.gang.total_gpus();
@@ -603,8 +611,11 @@ impl Search<'_, '_> {
                 .map(|h| u64::from(scratch.free(h).count_ones()))
                 .sum()
         };
-        let products: Vec<Option<ProductId>> =
-            if part.first_slice { cluster.products().into_iter().map(Some).collect() } else { vec![None] };
+        let products: Vec<Option<ProductId>> = if part.first_slice || self.branches_over_products(k) {
+            cluster.products().into_iter().map(Some).collect()
+        } else {
+            vec![None]
+        };
         let domain_list: Vec<Option<u32>> = match part.branch {
             Some(level) => {
                 // Slices are interchangeable: after a predecessor slice whose branches were
@@ -654,6 +665,15 @@ impl Search<'_, '_> {
         }
         candidates.sort();
         candidates.into_iter().map(|(_, domain, product)| (domain, product)).collect()
+    }
+
+    /// Whether part `k` also branches over GPU products: a role without slices, on a cluster
+    /// of several products. The planner's one choice for it may take the only product a later
+    /// role can use (a memory floor only one product meets); the search then goes back and
+    /// tries the role on another product. (A sliced role's first slice branches over products
+    /// anyway; later slices keep to its product.)
+    fn branches_over_products(&self, k: usize) -> bool {
+        self.parts[k].slice.is_none() && self.several_products
     }
 
     /// The hosts of one branch of part `k`: `within`, inside `domain` of its branch level

@@ -191,13 +191,21 @@ fn node_spec(name: String, labels: BTreeMap<String, String>, gpu: &GpuEntry, all
     })
 }
 
-/// Expands `namePattern` for one index: `{index}` or `{index:0N}`.
+/// The widest zero padding `{index:0N}` takes: a Kubernetes node name is at most 253
+/// characters (a DNS subdomain).
+const INDEX_WIDTH_MAX: usize = 253;
+
+/// Expands `namePattern` for one index: `{index}` or `{index:0N}` (`N` at most
+/// [`INDEX_WIDTH_MAX`]).
 fn pattern_name(pattern: &str, index: u32) -> Option<String> {
     let start = pattern.find("{index")?;
     let end = start + pattern[start..].find('}')?;
     let spec = &pattern[start + "{index".len()..end];
     let number = match spec.strip_prefix(":0") {
-        Some(width) => format!("{index:0width$}", width = width.parse::<usize>().ok()?),
+        Some(width) => {
+            let width = width.parse::<usize>().ok().filter(|&w| w <= INDEX_WIDTH_MAX)?;
+            format!("{index:0width$}")
+        }
         None if spec.is_empty() => index.to_string(),
         None => return None,
     };
@@ -241,7 +249,9 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
                             FileError::at_line(
                                 file,
                                 group_line,
-                                format!("{where_}.namePattern: `{pattern}` needs `{{index}}` or `{{index:0N}}`"),
+                                format!(
+                                    "{where_}.namePattern: `{pattern}` needs `{{index}}` or `{{index:0N}}` (N at most {INDEX_WIDTH_MAX})"
+                                ),
                             )
                         })
                     })

@@ -351,6 +351,7 @@ fn replica_placement(cluster: &Cluster, replica: &ReplicaPlacement) -> pb::Repli
         score: replica.score,
         search_steps: replica.steps,
         note: replica.note.clone().unwrap_or_default(),
+        solver: Some(solver_info(&replica.solver)),
     }
 }
 

@@ -51,13 +51,13 @@ pub(in crate::placement) enum ReplicaExact {
 /// How one region's model ended.
 enum RegionOutcome {
     /// `cut`: the model left some candidate hosts or GPU sets out, so it is the optimum over
-    /// what it modelled only.
+    /// what it modelled only; what was cut, for the note.
     Placed {
         placements: Vec<GangPlacement>,
         objective: f64,
         bound: f64,
         optimal: bool,
-        cut: bool,
+        cut: Option<&'static str>,
     },
     /// No placement inside this region: a proof for the region.
     Infeasible,
@@ -75,6 +75,8 @@ struct RegionModel {
     /// Some part's candidate hosts were cut to the configured most, or some host's GPU sets
     /// ([`ExactModel::options_cut`]): no proof of infeasibility, no bound.
     truncated: bool,
+    /// Of those, whether hosts were cut (else only GPU sets), for the note.
+    hosts_cut: bool,
 }
 
 impl RegionModel {
@@ -194,7 +196,7 @@ impl Planner<'_> {
             // The largest bound over the regions (None once a region ended without one).
             let mut bound: Option<f64> = Some(f64::NEG_INFINITY);
             let mut all_optimal = true;
-            let mut modelled_whole = true;
+            let mut cut_notes: Vec<&'static str> = Vec::new();
             let mut unanswered: Vec<String> = Vec::new();
             for region in &pass_regions {
                 let left = config.time_limit.saturating_sub(started.elapsed());
@@ -207,7 +209,9 @@ impl Planner<'_> {
                 match self.solve_replica_region(&context, replica, parts, region) {
                     RegionOutcome::Placed { placements, objective, bound: region_bound, optimal, cut } => {
                         all_optimal &= optimal;
-                        modelled_whole &= !cut;
+                        if let Some(what) = cut.filter(|what| !cut_notes.contains(what)) {
+                            cut_notes.push(what);
+                        }
                         bound = bound.map(|b| b.max(region_bound));
                         if best.as_ref().is_none_or(|(_, _, top)| objective > *top + 1e-9) {
                             best = Some((region.label.clone(), placements, objective));
@@ -227,11 +231,9 @@ impl Planner<'_> {
                 if cut {
                     notes.push(format!("only the {} tightest regions modelled", pass_regions.len()));
                 }
+                let modelled_whole = cut_notes.is_empty();
                 if !modelled_whole {
-                    notes.push(format!(
-                        "candidate hosts (at most {} per product) or GPU sets cut: the optimum over those modelled",
-                        config.hosts_max
-                    ));
+                    notes.push(format!("{}: the optimum over those modelled", cut_notes.join(", ")));
                 }
                 if !unanswered.is_empty() {
                     notes.push(format!("no answer in {}", named(&unanswered)));
@@ -351,7 +353,11 @@ impl Planner<'_> {
                 objective: solved.objective,
                 bound,
                 optimal,
-                cut: model.truncated,
+                cut: match (model.truncated, model.hosts_cut) {
+                    (false, _) => None,
+                    (true, true) => Some("candidate hosts cut to ExactConfig::hosts_max per product"),
+                    (true, false) => Some("GPU sets of unevenly linked hosts cut to 64 per host and unit count"),
+                },
             },
             Err(reason) => RegionOutcome::NoAnswer(reason),
         }
@@ -373,8 +379,13 @@ impl Planner<'_> {
             inside[host as usize] = is_offered(host);
         }
         let total: f64 = parts.iter().map(|p| p.gang.total_gpus() as f64).sum::<f64>().max(1.0);
-        let mut model =
-            RegionModel { parts: Vec::new(), weights: Vec::new(), role_domains: Vec::new(), truncated: false };
+        let mut model = RegionModel {
+            parts: Vec::new(),
+            weights: Vec::new(),
+            role_domains: Vec::new(),
+            truncated: false,
+            hosts_cut: false,
+        };
         for part in parts {
             let gang = &part.gang;
             let mut mask = inside.clone();
@@ -410,6 +421,7 @@ impl Planner<'_> {
                 if hosts.len() > context.config.hosts_max {
                     hosts.truncate(context.config.hosts_max);
                     model.truncated = true;
+                    model.hosts_cut = true;
                 }
                 if let Some(product_model) = self.exact_model(&build, &hosts, required, preferred) {
                     model.truncated |= product_model.options_cut;
@@ -896,7 +908,10 @@ mod tests {
                                 // Some host's GPU sets were cut to 64 (four of eight unevenly
                                 // linked GPUs have 70): the optimum over the sets modelled, said so.
                                 let note = placement.solver.note.as_deref().unwrap_or_default();
-                                assert!(note.contains("GPU sets cut"), "seed {seed} {what}: {note}");
+                                assert!(
+                                    note.contains("GPU sets of unevenly linked hosts cut"),
+                                    "seed {seed} {what}: {note}"
+                                );
                                 assert!(
                                     placement.solver.objective <= best + 1e-6,
                                     "seed {seed} {what}: above brute force"
