@@ -141,7 +141,7 @@ fn bad_input_exits_2_naming_file_line_and_field() {
     );
     let output = topoplace(&["plan", "--workload", long.to_str().expect("utf-8")]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("70000 bytes, above the limit of 320"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("70000 bytes, above the limit of 384"), "{}", stderr(&output));
     let many: String = (0..3).map(|i| format!("  - name: g{i}\n    replicas: 10000\n    gpusPerMember: 1\n")).collect();
     let many = temp_file(
         "many-replicas.yaml",

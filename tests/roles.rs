@@ -473,6 +473,9 @@ fn a_role_goes_to_another_gpu_product_when_a_later_role_needs_the_first() {
     for solver in solvers() {
         let placement = place_by(&cluster, &replica, &solver).expect("a on the H100, b on the H200");
         ran(&placement, &solver);
+        // The search went back: `a` on the H200 (the planner's choice), `b` nowhere, then
+        // `a` on the H100 and `b` on the H200.
+        assert_eq!(placement.steps, 4, "{placement:?}");
         assert_eq!(nodes_of(&cluster, &placement, "a"), ["h100-a"], "{placement:?}");
         assert_eq!(nodes_of(&cluster, &placement, "b"), ["h200-a"], "{placement:?}");
     }

@@ -279,10 +279,13 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
         })
         .collect();
     let header = ["GANG", "PRODUCT", "SCOPE", "FLOOR/GPU", "SCORE", "SOLVER", "MEMBERS (node:gpus)"];
+    // Columns are as wide as their widest cell up to a cap: a longer cell (a node's name is
+    // the caller's) runs over, instead of widening every row.
+    const COLUMN_WIDTH_MAX: usize = 80;
     let mut widths = header.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
+            *width = (*width).max(cell.len().min(COLUMN_WIDTH_MAX));
         }
     }
     let line = |cells: [&str; 7]| {

@@ -272,7 +272,8 @@ fn table(server: &str, response: &pb::PlanResponse, reserve: bool) -> String {
                 replica.region,
                 replica.score,
                 replica.search_steps,
-                replica.solver.as_ref().map_or_else(|| "greedy".to_string(), remote_solver_cell)
+                // An older server sends no solver: say nothing rather than guess.
+                replica.solver.as_ref().map_or_else(|| "solver not given".to_string(), remote_solver_cell)
             ));
             if !replica.roles_without_gpus.is_empty() {
                 text.push_str(&format!(

@@ -23,8 +23,9 @@ pub const GANG_REPLICAS_MAX: u32 = 10_000;
 /// Replicas of a whole workload, every entry's together: a plan places them one after
 /// another, each a search (a workload file of 300,000 entries with roles ran for minutes).
 pub const WORKLOAD_REPLICAS_MAX: u64 = 20_000;
-/// Bytes of a gang's name (a namespaced Kubernetes object name is at most 63 + 1 + 253).
-pub const GANG_NAME_BYTES_MAX: usize = 320;
+/// Bytes of a gang's name: a namespaced Kubernetes object name (63 + 1 + 253), and for a
+/// role's own gang (`gang/role`) the role's name (1 + 63).
+pub const GANG_NAME_BYTES_MAX: usize = 384;
 /// Roles of one replica.
 pub const REPLICA_ROLES_MAX: usize = 16;
 /// Parts of one replica (a role, or each slice of a sliced role): the placement search makes

@@ -17,10 +17,10 @@
 //! 3. *Branching*: a part whose own scope (a slice's, or its role's) is a topology level
 //!    tries each domain of that level inside the region with enough GPUs free, the
 //!    tightest first, up to [`PART_BRANCHES_MAX`] that hold it. On a cluster of several
-//!    GPU products, a role without slices also branches over the products (the tightest
-//!    first), so that a role the planner would put on the only product a later role can use
-//!    goes elsewhere when the later role needs it; a part with nothing to branch over takes
-//!    the planner's one choice. The first slice of a role also branches over GPU products, and
+//!    GPU products, a role without slices or a level scope takes the planner's choice first
+//!    and then each product (the tightest first), so that a role the planner put on the only
+//!    product a later role can use goes elsewhere when the later role needs it; any other
+//!    part takes the planner's one choice. The first slice of a role also branches over GPU products, and
 //!    only over domains whose enclosing domain of the role's own level has room for the
 //!    whole role; later slices stay on its product and in that domain. Slices of a role
 //!    are interchangeable, so after a slice whose branches were all tried, the next never
@@ -512,12 +512,14 @@ impl Search<'_, '_> {
             }
         }
         let part = &self.parts[k];
-        let branches: Vec<(Option<u32>, Option<ProductId>)> =
-            if part.branch.is_some() || part.first_slice || self.branches_over_products(k) {
-                self.branches(scratch, k, domains, &within)
-            } else {
-                vec![(None, None)]
-            };
+        // A part that also goes over GPU products starts from the planner's own choice; the
+        // other products with room are added only when the parts after it found none.
+        let over_products = self.branches_over_products(k);
+        let mut branches: Vec<(Option<u32>, Option<ProductId>)> = if part.branch.is_some() || part.first_slice {
+            self.branches(scratch, k, domains, &within)
+        } else {
+            vec![(None, None)]
+        };
         self.exhaustive[k] = branches.len() <= PART_BRANCHES_MAX;
         if branches.is_empty() {
             let need = part.gang.total_gpus();
@@ -529,14 +531,16 @@ impl Search<'_, '_> {
             return false;
         }
         let mut held = 0;
-        let count = branches.len();
-        for (tried, (domain, product)) in branches.into_iter().enumerate() {
+        let mut tried = 0;
+        while tried < branches.len() {
+            let (domain, product) = branches[tried];
+            tried += 1;
             if self.steps >= self.limit {
                 break;
             }
             if held == PART_BRANCHES_MAX {
                 // More domains could hold this part; the search does not try them.
-                self.capped |= tried < count;
+                self.capped = true;
                 break;
             }
             let mask = self.mask(k, domain, product, &within);
@@ -550,6 +554,7 @@ impl Search<'_, '_> {
                     continue;
                 }
             };
+            let planner_product = placement.product;
             held += 1;
             if let Err(error) = scratch.reserve(&k, &placement.holding()) {
                 // The planner read this scratch ledger: a refusal is a planner bug; try on.
@@ -565,6 +570,12 @@ impl Search<'_, '_> {
             domains[k] = None;
             // Reserved just above under this part's own index.
             let _released = scratch.release(&k);
+            if over_products && tried == 1 {
+                // The planner's choice held this part but not the parts after it: each other
+                // product with room for it, the tightest first (none in a region of one).
+                let others = self.branches(scratch, k, domains, &within);
+                branches.extend(others.into_iter().filter(|&(_, p)| p != Some(planner_product)));
+            }
         }
         false
     }
@@ -667,13 +678,15 @@ impl Search<'_, '_> {
         candidates.into_iter().map(|(_, domain, product)| (domain, product)).collect()
     }
 
-    /// Whether part `k` also branches over GPU products: a role without slices, on a cluster
-    /// of several products. The planner's one choice for it may take the only product a later
-    /// role can use (a memory floor only one product meets); the search then goes back and
-    /// tries the role on another product. (A sliced role's first slice branches over products
-    /// anyway; later slices keep to its product.)
+    /// Whether part `k` also branches over GPU products, after the planner's own choice: a
+    /// role without slices or a level scope, on a cluster of several products. The planner's
+    /// choice for it may take the only product a later role can use (a memory floor only one
+    /// product meets); the search then goes back and tries the role on each product. (A
+    /// sliced role's first slice branches over products anyway, later slices keep to its
+    /// product, and a role with a level scope branches over its domains.)
     fn branches_over_products(&self, k: usize) -> bool {
-        self.parts[k].slice.is_none() && self.several_products
+        let part = &self.parts[k];
+        part.slice.is_none() && part.branch.is_none() && self.several_products
     }
 
     /// The hosts of one branch of part `k`: `within`, inside `domain` of its branch level

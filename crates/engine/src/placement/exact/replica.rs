@@ -57,7 +57,7 @@ enum RegionOutcome {
         objective: f64,
         bound: f64,
         optimal: bool,
-        cut: Option<&'static str>,
+        cut: Vec<String>,
     },
     /// No placement inside this region: a proof for the region.
     Infeasible,
@@ -75,8 +75,9 @@ struct RegionModel {
     /// Some part's candidate hosts were cut to the configured most, or some host's GPU sets
     /// ([`ExactModel::options_cut`]): no proof of infeasibility, no bound.
     truncated: bool,
-    /// Of those, whether hosts were cut (else only GPU sets), for the note.
+    /// Of those, whether hosts were cut, and whether GPU sets were, for the note.
     hosts_cut: bool,
+    sets_cut: bool,
 }
 
 impl RegionModel {
@@ -196,7 +197,7 @@ impl Planner<'_> {
             // The largest bound over the regions (None once a region ended without one).
             let mut bound: Option<f64> = Some(f64::NEG_INFINITY);
             let mut all_optimal = true;
-            let mut cut_notes: Vec<&'static str> = Vec::new();
+            let mut cut_notes: Vec<String> = Vec::new();
             let mut unanswered: Vec<String> = Vec::new();
             for region in &pass_regions {
                 let left = config.time_limit.saturating_sub(started.elapsed());
@@ -209,8 +210,10 @@ impl Planner<'_> {
                 match self.solve_replica_region(&context, replica, parts, region) {
                     RegionOutcome::Placed { placements, objective, bound: region_bound, optimal, cut } => {
                         all_optimal &= optimal;
-                        if let Some(what) = cut.filter(|what| !cut_notes.contains(what)) {
-                            cut_notes.push(what);
+                        for what in cut {
+                            if !cut_notes.contains(&what) {
+                                cut_notes.push(what);
+                            }
                         }
                         bound = bound.map(|b| b.max(region_bound));
                         if best.as_ref().is_none_or(|(_, _, top)| objective > *top + 1e-9) {
@@ -353,11 +356,18 @@ impl Planner<'_> {
                 objective: solved.objective,
                 bound,
                 optimal,
-                cut: match (model.truncated, model.hosts_cut) {
-                    (false, _) => None,
-                    (true, true) => Some("candidate hosts cut to ExactConfig::hosts_max per product"),
-                    (true, false) => Some("GPU sets of unevenly linked hosts cut to 64 per host and unit count"),
-                },
+                cut: [
+                    model.hosts_cut.then(|| format!("candidate hosts cut to {} per product", config.hosts_max)),
+                    model.sets_cut.then(|| {
+                        format!(
+                            "GPU sets of unevenly linked hosts cut (at most {} per host and unit count)",
+                            super::OPTIONS_PER_HOST_MAX
+                        )
+                    }),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
             },
             Err(reason) => RegionOutcome::NoAnswer(reason),
         }
@@ -385,6 +395,7 @@ impl Planner<'_> {
             role_domains: Vec::new(),
             truncated: false,
             hosts_cut: false,
+            sets_cut: false,
         };
         for part in parts {
             let gang = &part.gang;
@@ -425,6 +436,7 @@ impl Planner<'_> {
                 }
                 if let Some(product_model) = self.exact_model(&build, &hosts, required, preferred) {
                     model.truncated |= product_model.options_cut;
+                    model.sets_cut |= product_model.options_cut;
                     models.push((product, product_model));
                 }
             }
