@@ -209,7 +209,7 @@ fn gpu_list(gpus: &[u8]) -> String {
 /// A replica's solver: `greedy`, or the exact model's objective and gap. The model scores
 /// each part against the GPUs free before the replica, so its objective can differ from the
 /// replica's score, which scores the parts one after another.
-fn replica_solver_cell(info: &SolverInfo) -> String {
+pub(crate) fn replica_solver_cell(info: &SolverInfo) -> String {
     match info.gap {
         _ if info.solver == "greedy" => info.solver.clone(),
         Some(gap) => format!("{} (model objective {:.3}, gap {:.2}%)", info.solver, info.objective, gap * 100.0),

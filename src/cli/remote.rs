@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::{load_workload, write_all, CliError, OutputFormat, PlanArgs, SolverFlag};
+use topoplace_engine::placement::SolverInfo;
 use topoplace_engine::workload::{GangSpec, Scope, Workload};
 use topoplace_server::grpc::pb;
 use topoplace_server::grpc::pb::placement_client::PlacementClient;
@@ -310,14 +311,15 @@ fn table(server: &str, response: &pb::PlanResponse, reserve: bool) -> String {
     text
 }
 
-/// A replica's solver as the local table shows it: `greedy`, or the exact model's objective
-/// and gap (its objective scores each part against the GPUs free before the replica).
+/// A replica's solver as the local table shows it ([`super::output::replica_solver_cell`]).
 fn remote_solver_cell(info: &pb::SolverInfo) -> String {
-    match info.gap {
-        _ if info.solver == "greedy" => info.solver.clone(),
-        Some(gap) => format!("{} (model objective {:.3}, gap {:.2}%)", info.solver, info.objective, gap * 100.0),
-        None => format!("{} (model objective {:.3}, no bound)", info.solver, info.objective),
-    }
+    super::output::replica_solver_cell(&SolverInfo {
+        solver: info.solver.clone(),
+        objective: info.objective,
+        bound: info.bound,
+        gap: info.gap,
+        note: (!info.note.is_empty()).then(|| info.note.clone()),
+    })
 }
 
 fn response_json(server: &str, response: &pb::PlanResponse) -> Value {

@@ -1414,6 +1414,23 @@ pub enum SolverChoice {
     Auto(exact::ExactConfig),
 }
 
+impl SolverChoice {
+    /// The same choice with its exact time limit cut to at most `most`; greedy when `most`
+    /// is zero (no time left for a model).
+    pub fn within_time(&self, most: std::time::Duration) -> SolverChoice {
+        let cut = |config: &exact::ExactConfig| exact::ExactConfig {
+            time_limit: config.time_limit.min(most),
+            ..config.clone()
+        };
+        match self {
+            _ if most.is_zero() => SolverChoice::Greedy,
+            SolverChoice::Greedy => SolverChoice::Greedy,
+            SolverChoice::Exact(config) => SolverChoice::Exact(cut(config)),
+            SolverChoice::Auto(config) => SolverChoice::Auto(cut(config)),
+        }
+    }
+}
+
 /// What the candidate stage reads for one gang, fixed for the whole search.
 struct Search<'a> {
     context: &'a BuildContext<'a>,

@@ -13,7 +13,6 @@ use thiserror::Error;
 use super::{at_bind, gang_holder, replica_slots, Book, Expired, GangReservation, Planned, Slot};
 use topoplace_engine::ledger::mask_indices;
 use topoplace_engine::placement::capacity::{CapacityReport, ReplicaCapacity};
-use topoplace_engine::placement::exact::ExactConfig;
 use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{
     batch_order, replica_order, GangPlacement, PlaceRequest, Planner, PlannerConfig, SolverChoice, Unplaced,
@@ -400,16 +399,7 @@ impl Book {
                 let request = &requests[index];
                 let left = REQUEST_EXACT_TIME_MAX.saturating_sub(started.elapsed());
                 budget_spent |= left.is_zero() && !matches!(solver, SolverChoice::Greedy);
-                let this = match solver {
-                    SolverChoice::Exact(config) | SolverChoice::Auto(config) if !left.is_zero() => {
-                        let config = ExactConfig { time_limit: config.time_limit.min(left), ..config.clone() };
-                        match solver {
-                            SolverChoice::Auto(_) => SolverChoice::Auto(config),
-                            _ => SolverChoice::Exact(config),
-                        }
-                    }
-                    _ => SolverChoice::Greedy,
-                };
+                let this = solver.within_time(left);
                 match planner.place_replica(&scratch, &request.replica, &this, masks[index].as_deref()) {
                     Ok(placement) => match scratch.reserve(&request.key, &placement.holding()) {
                         Ok(()) => placed.push((index, placement)),

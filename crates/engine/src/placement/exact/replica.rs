@@ -346,13 +346,7 @@ impl Planner<'_> {
         }
         match self.decode_replica(context, replica, parts, &picks) {
             Ok(placements) => RegionOutcome::Placed {
-                placements: placements
-                    .into_iter()
-                    .map(|mut p| {
-                        p.solver.solver = format!("exact/{}", config.backend.name());
-                        p
-                    })
-                    .collect(),
+                placements,
                 objective: solved.objective,
                 bound,
                 optimal,
@@ -457,8 +451,7 @@ impl Planner<'_> {
             if own.is_none() {
                 continue;
             }
-            let flags: Vec<bool> = inside.clone();
-            let domains: Vec<Vec<HostId>> = regions(cluster, Some(&flags), context.ledger, own, gang.total_gpus())
+            let domains: Vec<Vec<HostId>> = regions(cluster, Some(&inside), context.ledger, own, gang.total_gpus())
                 .into_iter()
                 .map(|domain| domain.hosts.into_iter().filter(|&h| inside[h as usize]).collect())
                 .collect();
@@ -528,7 +521,9 @@ impl Planner<'_> {
                 unit_shape,
                 member_shape,
             };
-            let placement = self.decode(&build, model, *product, &units[k], SolverInfo::greedy(0.0));
+            let solver =
+                SolverInfo { solver: format!("exact/{}", context.config.backend.name()), ..SolverInfo::greedy(0.0) };
+            let placement = self.decode(&build, model, *product, &units[k], solver);
             working.reserve(&k, &placement.holding()).map_err(|e| format!("the solution does not fit: {e}"))?;
             placements.push(placement);
         }
