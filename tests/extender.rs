@@ -257,6 +257,42 @@ async fn a_single_pod_is_filtered_by_fit_and_scored_by_the_engine() {
     server.stop().await;
 }
 
+/// kube-scheduler without `nodeCacheCapable` sends whole Node objects and reads the passing
+/// ones back: they come back exactly as sent, fields topoplace does not know included, and
+/// `Nodes: {"items": null}` is an empty list, as Go decodes it.
+#[tokio::test]
+async fn a_full_node_list_comes_back_as_it_was_sent() {
+    let (server, _ext, _binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    let base = &server.base;
+    let node = |name: &str| {
+        json!({
+            "metadata": {"name": name, "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                         "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
+            "spec": {"aFieldOfAFutureKubernetes": {"nested": [1, 2.5, "x", null]}},
+            "status": {"allocatable": {"nvidia.com/gpu": "8"}, "images": [{"names": ["a"], "sizeBytes": 9}]}
+        })
+    };
+    let items = vec![node("r1-0"), node("cpu-0"), node("r2-1")];
+    let args = json!({"Pod": pod("t", "p", "u", 1, None), "Nodes": {"metadata": {}, "items": items}});
+    let (status, reply) = post(&client, &format!("{base}/filter"), &args).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["Nodes"]["items"], json!([node("r1-0"), node("r2-1")]), "{reply}");
+    assert_eq!(reply["Nodes"]["kind"], "NodeList");
+    assert!(reply["FailedAndUnresolvableNodes"]["cpu-0"].is_string(), "{reply}");
+
+    let (status, reply) = post(&client, &format!("{base}/prioritize"), &args).await;
+    assert_eq!(status, 200, "{reply}");
+    let hosts: Vec<&str> = reply.as_array().expect("array").iter().filter_map(|p| p["Host"].as_str()).collect();
+    assert_eq!(hosts, ["r1-0", "cpu-0", "r2-1"]);
+
+    let empty = json!({"Pod": pod("t", "p", "u", 1, None), "Nodes": {"items": null}});
+    let (status, reply) = post(&client, &format!("{base}/filter"), &empty).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["Nodes"]["items"], json!([]));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn bad_input_is_refused_with_a_reason_and_reserves_nothing() {
     let (server, ext, _binder) = static_extender(CLUSTER, 30_000).await;
@@ -275,6 +311,21 @@ async fn bad_input_is_refused_with_a_reason_and_reserves_nothing() {
 
     let (status, body) = post(&client, &format!("{base}/prioritize"), &json!({"Pod": 7, "NodeNames": []})).await;
     assert_eq!(status, 400, "{body}");
+
+    // A full NodeList whose second item is not a Node, or has no name: 400 naming the item.
+    let good = json!({"metadata": {"name": "r1-0"}});
+    for (bad, says) in [
+        (json!(3), "Nodes.items[1] is not a Node: invalid type: integer `3`"),
+        (json!({"metadata": {"name": 5}}), "Nodes.items[1] is not a Node: invalid type: integer `5`"),
+        (json!({"metadata": {"labels": {}}}), "Nodes.items[1].metadata.name is missing"),
+    ] {
+        for verb in ["filter", "prioritize"] {
+            let args = json!({"Pod": pod("t", "p", "u", 1, None), "Nodes": {"items": [good, bad]}});
+            let (status, body) = post(&client, &format!("{base}/{verb}"), &args).await;
+            assert_eq!(status, 400, "{verb} {bad}: {body}");
+            assert!(body["Error"].as_str().is_some_and(|e| e.contains(says)), "{verb} {bad}: {body}");
+        }
+    }
 
     let mut no_uid = pod("t", "p", "u", 1, None);
     no_uid["metadata"].as_object_mut().expect("meta").remove("uid");

@@ -284,3 +284,98 @@ async fn a_member_whose_hold_lapsed_is_asked_back_when_the_rest_of_its_gang_is_a
     server.stop().await;
     api_server.stop().await;
 }
+
+/// Pods that name their PodGroup object and carry no `topoplace.io/gang-size`: the extender
+/// on an API server reads the object (as the secondary scheduler does) and sizes the gang from
+/// it. An upstream PodGroup (`scheduling.k8s.io/v1beta1`, `spec.schedulingGroup`) gives
+/// `minCount` and a topology key that keeps the gang in one rack; a coscheduling PodGroup
+/// gives `minMember`; a PodGroup that does not exist is an error naming it, with nothing held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gangs_are_sized_from_the_pod_group_objects_their_pods_name() {
+    let api = FakeApi::new();
+    // Rack r1: one free host of three; rack r2: two free hosts.
+    for index in 0..3 {
+        api.add_node(&format!("r1-{index}"), "NVIDIA-H100-80GB-HBM3", 8, "r1");
+    }
+    for index in 0..2 {
+        api.add_node(&format!("r2-{index}"), "NVIDIA-H100-80GB-HBM3", 8, "r2");
+    }
+    api.add_pod(pod("batch", "a", "a-uid", 8, None), Some("r1-1"), Some("0,1,2,3,4,5,6,7"));
+    api.add_pod(pod("batch", "b", "b-uid", 8, None), Some("r1-2"), Some("0,1,2,3,4,5,6,7"));
+    api.add_upstream_pod_group("ml", "up", Some(2), Some("network.topology.nvidia.com/leaf"));
+    api.add_pod_group("ml", "cosched", 2);
+    let api_server = serve_router(api.router()).await;
+    let server =
+        kube_server(&api_server.base, BookConfig { reservation_ttl_ms: 10_000, ..BookConfig::default() }, None).await;
+    let (base, ext) = (server.base.clone(), server.state().clone());
+    ext.book_installed().await;
+    let http = reqwest::Client::new();
+    let nodes: Vec<String> = ["r1-0", "r1-1", "r1-2", "r2-0", "r2-1"].map(String::from).to_vec();
+    let upstream = |name: &str, group: &str| {
+        let mut pod = pod("ml", name, &format!("{name}-uid"), 8, None);
+        pod["spec"]["schedulingGroup"] = json!({"podGroupName": group});
+        pod
+    };
+
+    // The first member is filtered to the rack where the whole gang fits.
+    let first = upstream("up-0", "up");
+    api.add_pod(first.clone(), None, None);
+    let (status, reply) = post(&http, &format!("{base}/filter"), &json!({"Pod": first, "NodeNames": nodes})).await;
+    assert_eq!(status, 200);
+    assert_eq!(reply["Error"], "", "{reply}");
+    let passing = reply["NodeNames"].as_array().cloned().unwrap_or_default();
+    assert!(!passing.is_empty() && passing.iter().all(|n| n.as_str().is_some_and(|n| n.starts_with("r2-"))), "{reply}");
+    let state = get_json(&http, &format!("{base}/state")).await;
+    let gang = state["gangs"].as_array().and_then(|g| g.iter().find(|g| g["gang"] == "ml/up")).cloned();
+    assert!(gang.is_some_and(|g| g["slots"].as_array().map(Vec::len) == Some(2)), "{state}");
+    let second = upstream("up-1", "up");
+    api.add_pod(second.clone(), None, None);
+    let bound = {
+        let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
+        tokio::spawn(async move { schedule(&http, &base, &first, &nodes).await })
+    };
+    schedule(&http, &base, &second, &nodes).await.expect("the second member binds the gang");
+    bound.await.expect("task").expect("the first member binds with it");
+    let racks: BTreeSet<String> = ["up-0", "up-1"]
+        .iter()
+        .filter_map(|name| api.pod_node("ml", name))
+        .map(|node| node.split('-').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(racks, BTreeSet::from(["r2".to_string()]), "minCount 2 in one rack of the topology key");
+
+    // A pod naming a PodGroup that does not exist: refused, naming it; nothing held.
+    let lost = upstream("lost", "missing");
+    api.add_pod(lost.clone(), None, None);
+    let (_, reply) = post(&http, &format!("{base}/filter"), &json!({"Pod": lost, "NodeNames": nodes})).await;
+    let error = reply["Error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("pod ml/lost: its PodGroup ml/missing (scheduling.k8s.io/v1beta1"), "{reply}");
+    let state = get_json(&http, &format!("{base}/state")).await;
+    assert!(!state.to_string().contains("lost-uid"), "nothing held for it: {state}");
+
+    // A PodGroup that is one child of a CompositePodGroup (alpha): refused, naming both.
+    let mut child = api.upstream_pod_group("ml", "up").expect("up");
+    child["metadata"]["name"] = json!("prefill");
+    child["spec"]["parentCompositePodGroupName"] = json!("replica-0");
+    api.put_upstream_pod_group("ml", "prefill", child);
+    let part = upstream("p-0", "prefill");
+    api.add_pod(part.clone(), None, None);
+    let (_, reply) = post(&http, &format!("{base}/filter"), &json!({"Pod": part, "NodeNames": nodes})).await;
+    let error = reply["Error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(
+            "PodGroup ml/prefill belongs to CompositePodGroup ml/replica-0 (spec.parentCompositePodGroupName"
+        ),
+        "{reply}"
+    );
+
+    // A coscheduling PodGroup (scheduling.x-k8s.io label) of minMember 2, one free host left
+    // (r1-0): the gang of two 8-GPU pods does not fit, and is refused as a whole.
+    let mut cosched = pod("ml", "c-0", "c-0-uid", 8, None);
+    cosched["metadata"]["labels"] = json!({"scheduling.x-k8s.io/pod-group": "cosched"});
+    api.add_pod(cosched.clone(), None, None);
+    let (_, reply) = post(&http, &format!("{base}/filter"), &json!({"Pod": cosched, "NodeNames": nodes})).await;
+    assert_eq!(reply["NodeNames"], json!([]), "{reply}");
+    assert!(reply.to_string().contains("needs 2 member(s) of 8 GPU(s)"), "sized by minMember: {reply}");
+    ext.check().expect("book invariants");
+    server.stop().await;
+}

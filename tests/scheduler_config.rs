@@ -145,7 +145,8 @@ fn the_extender_role_grants_what_it_calls() {
     };
     // patch pods: the `topoplace.io/gang-retry` update that asks kube-scheduler to retry a
     // gang member whose held bind lapsed.
-    for (resource, verb) in BINDING_CALLS.into_iter().chain([("pods", "patch")]) {
+    // get podgroups: a pod's gang from the PodGroup object it names.
+    for (resource, verb) in BINDING_CALLS.into_iter().chain([("pods", "patch"), ("podgroups", "get")]) {
         assert!(grants(resource, verb), "{verb} {resource}");
     }
 }

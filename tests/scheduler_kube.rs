@@ -239,6 +239,17 @@ async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
     })
     .await;
     assert_eq!(api.pod_node("ml", "lost"), None);
+    // A PodGroup that is one child of a CompositePodGroup (alpha): left unscheduled, naming both.
+    let mut child = api.upstream_pod_group("ml", "up").expect("up");
+    child["metadata"]["name"] = json!("prefill");
+    child["spec"]["parentCompositePodGroupName"] = json!("replica-0");
+    api.put_upstream_pod_group("ml", "prefill", child);
+    api.add_pod(upstream("p-0", "prefill", 8), None, None);
+    eventually("the Event naming the CompositePodGroup", || {
+        events_for(&api, "p-0", "FailedScheduling").iter().any(|m| m.contains("CompositePodGroup ml/replica-0"))
+    })
+    .await;
+    assert_eq!(api.pod_node("ml", "p-0"), None);
     finish(&api, replica, Some(server)).await;
 }
 

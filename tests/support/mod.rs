@@ -392,7 +392,16 @@ impl FakeApi {
         if let Some(key) = topology {
             group["spec"]["schedulingConstraints"] = json!({"topology": [{"key": key}]});
         }
+        self.put_upstream_pod_group(namespace, name, group);
+    }
+
+    /// An upstream PodGroup object as given.
+    pub fn put_upstream_pod_group(&self, namespace: &str, name: &str, group: Value) {
         self.state.lock().expect("api state").upstream_pod_groups.insert((namespace.into(), name.into()), group);
+    }
+
+    pub fn upstream_pod_group(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.state.lock().expect("api state").upstream_pod_groups.get(&(namespace.into(), name.into())).cloned()
     }
 
     pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {

@@ -18,6 +18,7 @@ use crate::grpc::{self, GrpcConfig};
 use crate::kube::lease::{LeaderElector, LeaseConfig};
 use crate::kube::scheduler::SchedulerRuntime;
 use crate::kube::{run_view_with, KubeBinder, ViewHooks};
+use crate::pod_group::PodGroups;
 use crate::state::ServerState;
 use topoplace_engine::topology::Cluster;
 use topoplace_online::reservation::{Book, BookConfig};
@@ -106,12 +107,12 @@ impl Server {
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
         let mut background = Vec::new();
         let mut elector = None;
-        let (state, memory, scheduler) = match source {
+        let (state, memory, scheduler, pod_groups) = match source {
             Source::Static(cluster) => {
                 let memory = Arc::new(MemoryBinder::default());
                 let binder: Arc<dyn Binder> = memory.clone();
                 let state = ServerState::new(Some(Book::new(cluster, setup.book.clone())), binder);
-                (state, Some(memory), None)
+                (state, Some(memory), None, None)
             }
             Source::Kubernetes { client, level_keys, scheduler } => {
                 let binder: Arc<dyn Binder> = Arc::new(KubeBinder::new(client.clone()));
@@ -124,6 +125,7 @@ impl Server {
                     runtime
                 });
                 let hooks = runtime.clone().map(|runtime| runtime as Arc<dyn ViewHooks>);
+                let pod_groups = Some(Arc::new(PodGroups::new(client.clone())));
                 background.push(tokio::spawn(run_view_with(
                     client,
                     state.clone(),
@@ -131,15 +133,20 @@ impl Server {
                     setup.book.clone(),
                     hooks,
                 )));
-                (state, None, runtime)
+                (state, None, runtime, pod_groups)
             }
         };
         background.push(tokio::spawn(state.clone().run_expiry()));
         let serving = {
             let state = state.clone();
             tokio::spawn(async move {
-                let http =
-                    extender::serve(listeners.http, state.clone(), setup.extender, stopped_signal(stopped.clone()));
+                let http = extender::serve(
+                    listeners.http,
+                    state.clone(),
+                    setup.extender,
+                    pod_groups,
+                    stopped_signal(stopped.clone()),
+                );
                 let http = async { http.await.map_err(ServeError::Http) };
                 let grpc = async {
                     match listeners.grpc {

@@ -111,7 +111,8 @@ pub fn gpu_count(pod: &Pod) -> Result<u32, PodError> {
     Ok(sum.max(init_max))
 }
 
-fn shown(pod: &Pod) -> String {
+/// The pod as errors name it: `namespace/name`, whatever else is missing.
+pub fn shown(pod: &Pod) -> String {
     format!(
         "{}/{}",
         pod.metadata.namespace.as_deref().unwrap_or("default"),
@@ -192,7 +193,8 @@ pub fn gang_of(pod: &Pod, namespace: &str) -> Result<Option<GangMembership>, Pod
 
 /// [`gang_of`], with what the caller read from the pod's PodGroup object, if it looked one up
 /// ([`pod_group_to_look_up`]). Without it, a pod of an upstream PodGroup or of a coscheduling
-/// one must carry `topoplace.io/gang-size` (the extender makes no API lookups).
+/// one must carry `topoplace.io/gang-size` (a server reading an API server looks the object
+/// up: [`crate::pod_group::PodGroups`]).
 pub fn gang_of_sized(
     pod: &Pod,
     namespace: &str,
@@ -226,8 +228,8 @@ pub fn gang_of_sized(
         return Ok(Some(GangMembership { key: format!("{namespace}/{name}"), size, rank: rank_from(RANK)? }));
     }
     if let Some(group) = labels.get(POD_GROUP_LABEL) {
-        // The PodGroup's minMember needs an API lookup: the scheduler makes it, the extender
-        // does not (there the size must be on the pod).
+        // The PodGroup's minMember needs an API lookup, which a server on an API server makes
+        // (a static `serve --cluster` cannot: there the size must be on the pod).
         let size = match (either(GANG_SIZE), pod_group.and_then(|g| g.min_count)) {
             (None, Some(min_member)) if min_member > 0 => min_member,
             (value, _) => size_from(GANG_SIZE, value)?,

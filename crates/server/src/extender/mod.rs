@@ -26,13 +26,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures::future::join_all;
-use k8s_openapi::List;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::binder::BindError;
 use crate::pod;
+use crate::pod_group::PodGroups;
 use crate::state::{answer_dropped, take_waiters, BookWorkError, ServerState, Shared};
 use metrics::Verb;
 use topoplace_engine::topology::HostId;
@@ -41,7 +41,7 @@ use topoplace_online::reservation::{
 };
 use wire::{
     ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, ExtenderPreemptionArgs,
-    ExtenderPreemptionResult, HostPriority, MetaPod, MetaVictims,
+    ExtenderPreemptionResult, HostPriority, MetaPod, MetaVictims, NodeList,
 };
 
 /// Request bodies above this are refused with 413 (a 5,000-node NodeList is about 40 MB).
@@ -78,6 +78,19 @@ impl Default for ExtenderConfig {
 struct Verbs {
     state: Arc<ServerState>,
     config: Arc<ExtenderConfig>,
+    /// PodGroup lookups, when the server reads an API server.
+    pod_groups: Option<Arc<PodGroups>>,
+}
+
+/// The pod's demand, its gang sized by the PodGroup object it names when the server reads an
+/// API server (`groups`); otherwise, or for a pod that names none, by its own labels. The
+/// error names the pod, and the PodGroup or field.
+async fn demand_of(groups: Option<&PodGroups>, pod: &k8s_openapi::api::core::v1::Pod) -> Result<PodDemand, String> {
+    let group = match groups {
+        Some(groups) => groups.of_pod(pod).await.map_err(|error| format!("pod {}: {error}", pod::shown(pod)))?,
+        None => None,
+    };
+    pod::demand_sized(pod, group.as_ref()).map_err(|error| error.to_string())
 }
 
 fn remember(shared: &mut Shared, demand: &PodDemand) {
@@ -122,14 +135,19 @@ fn filter_on_book(state: &ServerState, demand: &PodDemand, names: &[String]) -> 
     outcome
 }
 
-async fn filter(state: &ServerState, args: ExtenderArgs) -> Result<ExtenderFilterResult, Rejection> {
-    let names = node_names(&args.nodes, &args.node_names)?;
-    let demand = match pod::demand(&args.pod) {
+async fn filter(
+    state: &ServerState,
+    groups: Option<&PodGroups>,
+    mut args: ExtenderArgs,
+) -> Result<ExtenderFilterResult, Rejection> {
+    let names = node_names(&args.nodes, &mut args.node_names)?;
+    let demand = match demand_of(groups, &args.pod).await {
         Ok(demand) => demand,
-        Err(error) => return Ok(ExtenderFilterResult { error: error.to_string(), ..Default::default() }),
+        Err(error) => return Ok(ExtenderFilterResult { error, ..Default::default() }),
     };
     if demand.gpus == 0 {
-        return Ok(with_passing(ExtenderFilterResult::default(), &args, &names, &vec![true; names.len()]));
+        let passing = vec![true; names.len()];
+        return Ok(with_passing(ExtenderFilterResult::default(), args.nodes, names, &passing));
     }
     let (names, filtered) = state
         .on_book(move |state| {
@@ -161,15 +179,19 @@ async fn filter(state: &ServerState, args: ExtenderArgs) -> Result<ExtenderFilte
             None => {}
         }
     }
-    Ok(with_passing(result, &args, &names, &passing))
+    Ok(with_passing(result, args.nodes, names, &passing))
 }
 
-async fn prioritize(state: &ServerState, args: ExtenderArgs) -> Result<Vec<HostPriority>, Rejection> {
-    let names = node_names(&args.nodes, &args.node_names)?;
-    let demand = pod::demand(&args.pod).map_err(|e| Rejection::bad_request(e.to_string()))?;
-    let zero = |names: &[String]| names.iter().map(|n| HostPriority { host: n.clone(), score: 0 }).collect();
+async fn prioritize(
+    state: &ServerState,
+    groups: Option<&PodGroups>,
+    mut args: ExtenderArgs,
+) -> Result<Vec<HostPriority>, Rejection> {
+    let names = node_names(&args.nodes, &mut args.node_names)?;
+    let demand = demand_of(groups, &args.pod).await.map_err(Rejection::bad_request)?;
+    let zero = |names: Vec<String>| names.into_iter().map(|host| HostPriority { host, score: 0 }).collect();
     if demand.gpus == 0 {
-        return Ok(zero(&names));
+        return Ok(zero(names));
     }
     let (names, scored) = state
         .on_book(move |state| {
@@ -185,22 +207,23 @@ async fn prioritize(state: &ServerState, args: ExtenderArgs) -> Result<Vec<HostP
         })
         .await?;
     let (ids, scores) = match scored {
-        None => return Ok(zero(&names)),
+        None => return Ok(zero(names)),
         Some(scored) => scored.map_err(|e| Rejection::bad_request(e.to_string()))?,
     };
     let mut scores = scores.into_iter();
     Ok(names
-        .iter()
+        .into_iter()
         .zip(&ids)
-        .map(|(name, id)| HostPriority {
-            host: name.clone(),
-            score: if id.is_some() { scores.next().unwrap_or(0) } else { 0 },
-        })
+        .map(|(name, id)| HostPriority { host: name, score: if id.is_some() { scores.next().unwrap_or(0) } else { 0 } })
         .collect())
 }
 
-async fn preempt(state: &ServerState, args: ExtenderPreemptionArgs) -> Result<ExtenderPreemptionResult, Rejection> {
-    let demand = pod::demand(&args.pod).map_err(|e| Rejection::bad_request(e.to_string()))?;
+async fn preempt(
+    state: &ServerState,
+    groups: Option<&PodGroups>,
+    args: ExtenderPreemptionArgs,
+) -> Result<ExtenderPreemptionResult, Rejection> {
+    let demand = demand_of(groups, &args.pod).await.map_err(Rejection::bad_request)?;
     let proposed: Vec<(String, MetaVictims)> = match (&args.node_name_to_meta_victims, &args.node_name_to_victims) {
         (Some(meta), _) => meta.iter().map(|(n, v)| (n.clone(), v.clone())).collect(),
         (None, Some(full)) => full
@@ -428,42 +451,31 @@ fn resolve(book: &Book, names: &[String]) -> Vec<Option<HostId>> {
     names.iter().map(|name| book.cluster().host_id(name)).collect()
 }
 
-fn node_names(
-    nodes: &Option<List<k8s_openapi::api::core::v1::Node>>,
-    names: &Option<Vec<String>>,
-) -> Result<Vec<String>, Rejection> {
-    match (nodes, names) {
-        (Some(list), _) => list
-            .items
-            .iter()
-            .enumerate()
-            .map(|(index, node)| {
-                node.metadata
-                    .name
-                    .clone()
-                    .ok_or_else(|| Rejection::bad_request(format!("Nodes.items[{index}].metadata.name is missing")))
-            })
-            .collect(),
-        (None, Some(names)) => Ok(names.clone()),
+/// The request's node names: each item's `metadata.name` of `Nodes`, or `NodeNames`.
+fn node_names(nodes: &Option<NodeList>, names: &mut Option<Vec<String>>) -> Result<Vec<String>, Rejection> {
+    match (nodes, names.take()) {
+        (Some(list), _) => list.names().map_err(|error| Rejection::bad_request(error.to_string())),
+        (None, Some(names)) => Ok(names),
         (None, None) => Err(Rejection::bad_request("neither Nodes nor NodeNames is set".into())),
     }
 }
 
-/// The reply in the form of the request: `Nodes` (the input's objects) or `NodeNames`.
+/// The reply in the form of the request: `Nodes` (the input's objects, as sent) or
+/// `NodeNames`.
 fn with_passing(
     mut result: ExtenderFilterResult,
-    args: &ExtenderArgs,
-    names: &[String],
+    nodes: Option<NodeList>,
+    names: Vec<String>,
     passing: &[bool],
 ) -> ExtenderFilterResult {
-    match &args.nodes {
+    let keep = |index: &usize| passing.get(*index).copied().unwrap_or(false);
+    match nodes {
         Some(list) => {
-            let items = list.items.iter().zip(passing).filter(|(_, pass)| **pass).map(|(n, _)| n.clone()).collect();
-            result.nodes = Some(List { items, metadata: Default::default() });
+            let items = list.items.into_iter().enumerate().filter(|(i, _)| keep(i)).map(|(_, n)| n).collect();
+            result.nodes = Some(NodeList { items });
         }
         None => {
-            result.node_names =
-                Some(names.iter().zip(passing).filter(|(_, pass)| **pass).map(|(n, _)| n.clone()).collect());
+            result.node_names = Some(names.into_iter().enumerate().filter(|(i, _)| keep(i)).map(|(_, n)| n).collect());
         }
     }
     result
@@ -530,18 +542,24 @@ async fn timed<T: Serialize>(verbs: &Verbs, verb: Verb, work: impl Future<Output
 }
 
 async fn filter_handler(State(verbs): State<Verbs>, body: Body) -> Response {
-    timed(&verbs, Verb::Filter, async { filter(&verbs.state, read_json(&verbs, "filter", body).await?).await }).await
+    timed(&verbs, Verb::Filter, async {
+        filter(&verbs.state, verbs.pod_groups.as_deref(), read_json(&verbs, "filter", body).await?).await
+    })
+    .await
 }
 
 async fn prioritize_handler(State(verbs): State<Verbs>, body: Body) -> Response {
     timed(&verbs, Verb::Prioritize, async {
-        prioritize(&verbs.state, read_json(&verbs, "prioritize", body).await?).await
+        prioritize(&verbs.state, verbs.pod_groups.as_deref(), read_json(&verbs, "prioritize", body).await?).await
     })
     .await
 }
 
 async fn preempt_handler(State(verbs): State<Verbs>, body: Body) -> Response {
-    timed(&verbs, Verb::Preempt, async { preempt(&verbs.state, read_json(&verbs, "preempt", body).await?).await }).await
+    timed(&verbs, Verb::Preempt, async {
+        preempt(&verbs.state, verbs.pod_groups.as_deref(), read_json(&verbs, "preempt", body).await?).await
+    })
+    .await
 }
 
 async fn bind_handler(State(verbs): State<Verbs>, body: Body) -> Response {
@@ -558,10 +576,11 @@ async fn bind_handler(State(verbs): State<Verbs>, body: Body) -> Response {
     json_body(&reply)
 }
 
-/// The HTTP routes over `state`, verbs under `config.prefix`.
-pub fn router(state: Arc<ServerState>, config: ExtenderConfig) -> Router {
+/// The HTTP routes over `state`, verbs under `config.prefix`; with `pod_groups` (a server on
+/// an API server), a pod's gang is sized by the PodGroup object it names.
+pub fn router(state: Arc<ServerState>, config: ExtenderConfig, pod_groups: Option<Arc<PodGroups>>) -> Router {
     let prefix = config.prefix.trim_end_matches('/').to_string();
-    let verbs = Verbs { state, config: Arc::new(config) };
+    let verbs = Verbs { state, config: Arc::new(config), pod_groups };
     Router::new()
         .route(&format!("{prefix}/filter"), post(filter_handler))
         .route(&format!("{prefix}/prioritize"), post(prioritize_handler))
@@ -599,7 +618,8 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ServerState>,
     config: ExtenderConfig,
+    pod_groups: Option<Arc<PodGroups>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state, config)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state, config, pod_groups)).with_graceful_shutdown(shutdown).await
 }

@@ -9,15 +9,14 @@
 //! Nothing is bound before the view has listed every node and every bound pod (the ledger is
 //! rebuilt from their `topoplace.io/gpus` annotations) and before the Lease is held.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::api::scheduling::v1beta1::PodGroup as UpstreamPodGroup;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher::{self, watcher, Event as WatchEvent};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
@@ -25,6 +24,7 @@ use tokio::sync::Notify;
 
 use super::{node, KubeBinder, ViewHooks};
 use crate::pod;
+use crate::pod_group::PodGroups;
 use crate::state::ServerState;
 use topoplace_online::reservation::PodIdentity;
 use topoplace_online::scheduler::{BindTicket, BoundPod, Decision, Finished, PendingPod, Scheduler, SchedulerConfig};
@@ -39,9 +39,8 @@ pub struct SchedulerRuntime {
     binder: KubeBinder,
     wake: Notify,
     leading: tokio::sync::watch::Receiver<bool>,
-    /// PodGroup objects read, by namespace and reference (their specs are immutable; a
-    /// failed lookup is not kept, so a PodGroup created after its pods is found later).
-    pod_groups: Mutex<HashMap<(String, pod::PodGroupRef), pod::PodGroupFacts>>,
+    /// The PodGroup objects pods name, read once each.
+    pod_groups: PodGroups,
     /// Pods whose spec could not be read, reported once.
     reported_invalid: Mutex<BTreeSet<String>>,
 }
@@ -56,10 +55,10 @@ impl SchedulerRuntime {
         Arc::new(SchedulerRuntime {
             ext,
             core: Mutex::new(Scheduler::new(config)),
+            pod_groups: PodGroups::new(client.clone()),
             binder: KubeBinder::new(client),
             wake: Notify::new(),
             leading,
-            pod_groups: Mutex::default(),
             reported_invalid: Mutex::default(),
         })
     }
@@ -100,7 +99,7 @@ impl SchedulerRuntime {
             };
             match event {
                 WatchEvent::Apply(pod) => {
-                    if let Some(pending) = self.pending_of(&client, &pod).await {
+                    if let Some(pending) = self.pending_of(&pod).await {
                         self.core().pending_applied(pending);
                     }
                 }
@@ -111,7 +110,7 @@ impl SchedulerRuntime {
                 }
                 WatchEvent::Init => listing.clear(),
                 WatchEvent::InitApply(pod) => {
-                    if let Some(pending) = self.pending_of(&client, &pod).await {
+                    if let Some(pending) = self.pending_of(&pod).await {
                         listing.push(pending);
                     }
                 }
@@ -123,22 +122,13 @@ impl SchedulerRuntime {
 
     /// The pod in the core's terms; a pod that cannot be read (or whose upstream PodGroup
     /// cannot be) gets an Event saying why.
-    async fn pending_of(&self, client: &Client, pod: &Pod) -> Option<PendingPod> {
-        let group = match pod::pod_group_to_look_up(pod) {
-            Some(reference) => {
-                let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-                match self.pod_group(client, &namespace, &reference).await {
-                    Ok(facts) => Some(facts),
-                    // Without it the pod's own labels decide (a coscheduling pod then needs
-                    // topoplace.io/gang-size, and the error names it).
-                    Err(_) if matches!(reference, pod::PodGroupRef::Coscheduling(_)) => None,
-                    Err(message) => {
-                        self.report_unreadable(pod, message).await;
-                        return None;
-                    }
-                }
+    async fn pending_of(&self, pod: &Pod) -> Option<PendingPod> {
+        let group = match self.pod_groups.of_pod(pod).await {
+            Ok(group) => group,
+            Err(error) => {
+                self.report_unreadable(pod, error.to_string()).await;
+                return None;
             }
-            None => None,
         };
         let read = pod::demand_sized(pod, group.as_ref())
             .and_then(|demand| Ok(PendingPod { needs: pod::needs(pod)?, priority: pod::priority(pod), demand }));
@@ -164,44 +154,6 @@ impl SchedulerRuntime {
             };
             self.carry_out(decision).await;
         }
-    }
-
-    /// Reads a pod's PodGroup object: a coscheduling PodGroup's `spec.minMember`, or an
-    /// upstream PodGroup's gang `minCount` and topology key. Errors name the PodGroup.
-    async fn pod_group(
-        &self,
-        client: &Client,
-        namespace: &str,
-        reference: &pod::PodGroupRef,
-    ) -> Result<pod::PodGroupFacts, String> {
-        let key = (namespace.to_string(), reference.clone());
-        if let Some(known) = self.pod_groups.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(known.clone());
-        }
-        let facts = match reference {
-            pod::PodGroupRef::Coscheduling(name) => {
-                let resource = ApiResource::from_gvk_with_plural(
-                    &GroupVersionKind::gvk("scheduling.x-k8s.io", "v1alpha1", "PodGroup"),
-                    "podgroups",
-                );
-                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
-                let object = api.get(name).await.map_err(|error| {
-                    tracing::warn!(podgroup = %format!("{namespace}/{name}"), %error, "PodGroup lookup failed");
-                    format!("PodGroup {namespace}/{name} (scheduling.x-k8s.io/v1alpha1): {error}")
-                })?;
-                let min_count = object.data["spec"]["minMember"].as_u64().and_then(|m| u32::try_from(m).ok());
-                pod::PodGroupFacts { min_count, topology_key: None }
-            }
-            pod::PodGroupRef::Upstream(name) => {
-                let api: Api<UpstreamPodGroup> = Api::namespaced(client.clone(), namespace);
-                let group = api.get(name).await.map_err(|error| {
-                    format!("its PodGroup {namespace}/{name} (scheduling.k8s.io/v1beta1, spec.schedulingGroup.podGroupName) cannot be read: {error}")
-                })?;
-                upstream_facts(namespace, name, &group)?
-            }
-        };
-        self.pod_groups.lock().unwrap_or_else(|p| p.into_inner()).insert(key, facts.clone());
-        Ok(facts)
     }
 
     async fn cycle_loop(self: Arc<Self>) {
@@ -419,30 +371,4 @@ impl ViewHooks for SchedulerRuntime {
             self.wake.notify_one();
         }
     }
-}
-
-/// An upstream PodGroup (`scheduling.k8s.io/v1beta1`) as the pod's gang: the `gang` policy's
-/// `minCount` (a `basic` policy is no gang) and the first topology constraint's key. Errors
-/// name the PodGroup and the field.
-fn upstream_facts(namespace: &str, name: &str, group: &UpstreamPodGroup) -> Result<pod::PodGroupFacts, String> {
-    let spec = &group.spec;
-    let min_count = match &spec.scheduling_policy.gang {
-        Some(gang) => match u32::try_from(gang.min_count) {
-            Ok(count) if count > 0 => Some(count),
-            _ => {
-                return Err(format!(
-                    "its PodGroup {namespace}/{name}: spec.schedulingPolicy.gang.minCount is {}, not a positive count",
-                    gang.min_count
-                ))
-            }
-        },
-        None => None,
-    };
-    let topology_key = spec
-        .scheduling_constraints
-        .as_ref()
-        .and_then(|c| c.topology.as_ref())
-        .and_then(|t| t.first())
-        .map(|t| t.key.clone());
-    Ok(pod::PodGroupFacts { min_count, topology_key })
 }
