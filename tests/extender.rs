@@ -433,6 +433,96 @@ fn lws_pod(name: &str, index: u32, size: u32, gpus: u32, leader_gpus: Option<&st
     pod
 }
 
+/// A pod of a LeaderWorkerSet group with exclusive placement on the leaf, all pods of 8 GPUs.
+fn exclusive_lws_pod(group: &str, index: u32, size: u32) -> Value {
+    let mut pod = lws_pod(&format!("{group}-{index}"), index, size, 8, None);
+    pod["metadata"]["labels"]["leaderworkerset.sigs.k8s.io/group-key"] = json!(group);
+    pod["metadata"]["annotations"]["leaderworkerset.sigs.k8s.io/exclusive-topology"] =
+        json!("network.topology.nvidia.com/leaf");
+    pod
+}
+
+/// LeaderWorkerSet's exclusive placement with a leader of the workers' shape: LWS creates
+/// the workers only once the leader is bound, with a node selector for the leader's leaf. The
+/// leader's filter holds the whole group in one leaf, its bind goes ahead at once, and the
+/// workers, offered that leaf only, bind together on the hosts held for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_leaderworkerset_binds_its_leader_ahead_and_its_workers_in_the_leaders_leaf() {
+    let (server, ext, binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    let base = server.base.clone();
+    let leader = exclusive_lws_pod("x", 0, 3);
+    let bound =
+        tokio::time::timeout(std::time::Duration::from_secs(10), schedule(&client, &base, &leader, &node_names()))
+            .await
+            .expect("the leader's bind does not wait for workers that do not exist yet");
+    let leader_node = bound.expect("the leader is bound");
+    let leaf = leader_node.split('-').next().unwrap_or_default().to_string();
+    let state: Value = client.get(format!("{base}/state")).send().await.expect("state").json().await.expect("json");
+    let free: u64 =
+        state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum();
+    assert_eq!(free, 72 - 24, "the workers' two hosts stay held: {state}");
+    assert!(state.to_string().contains("\"bound\":true"), "the leader's slot is shown bound: {state}");
+
+    // LWS creates the workers with a node selector for the leader's leaf.
+    let in_leaf: Vec<String> = node_names().into_iter().filter(|n| n.starts_with(&format!("{leaf}-"))).collect();
+    let mut tasks = Vec::new();
+    for index in 1..3 {
+        let (client, base, nodes) = (client.clone(), base.clone(), in_leaf.clone());
+        let worker = exclusive_lws_pod("x", index, 3);
+        tasks.push(tokio::spawn(async move { schedule(&client, &base, &worker, &nodes).await }));
+    }
+    let mut nodes = BTreeSet::from([leader_node.clone()]);
+    for task in tasks {
+        nodes.insert(task.await.expect("task").expect("each worker is bound"));
+    }
+    assert_eq!(nodes.len(), 3, "three pods on three hosts of one leaf: {nodes:?}");
+    assert!(nodes.iter().all(|n| n.starts_with(&format!("{leaf}-"))), "{nodes:?}");
+    for index in 0..3 {
+        assert!(binder.node_of(&format!("x-{index}-uid")).is_some(), "x-{index} bound");
+    }
+    let state: Value = client.get(format!("{base}/state")).send().await.expect("state").json().await.expect("json");
+    assert_eq!(state["gangs"].as_array().map(Vec::len), Some(0), "{state}");
+
+    // Pods that exist together (workers at bind while the leader's Binding is in flight, or
+    // before the leader is filtered) are bound all the same, in one leaf.
+    let mut tasks = Vec::new();
+    for index in [2, 1, 0] {
+        let (client, base) = (client.clone(), base.clone());
+        let pod = exclusive_lws_pod("z", index, 3);
+        tasks.push(tokio::spawn(async move { schedule(&client, &base, &pod, &node_names()).await }));
+    }
+    let mut nodes = BTreeSet::new();
+    for task in tasks {
+        nodes.insert(task.await.expect("task").expect("each pod is bound"));
+    }
+    let leaves: BTreeSet<&str> = nodes.iter().filter_map(|n| n.split('-').next()).collect();
+    assert_eq!((nodes.len(), leaves.len()), (3, 1), "{nodes:?}");
+    ext.check().expect("book invariants");
+    server.stop().await;
+
+    // Workers that never come: when the reservation ends, the leader bound ahead is deleted
+    // (LWS recreates the group) and its GPUs are free again.
+    let (server, ext, binder) = static_extender(CLUSTER, 300).await;
+    let leader = exclusive_lws_pod("y", 0, 3);
+    schedule(&client, &server.base, &leader, &node_names()).await.expect("the leader is bound");
+    assert!(binder.node_of("y-0-uid").is_some());
+    eventually_async("the leader given up", || {
+        let binder = binder.clone();
+        async move { binder.node_of("y-0-uid").is_none() }
+    })
+    .await;
+    let events = binder.events();
+    assert!(events.iter().any(|e| e.starts_with("serving/y-0: GangBindRolledBack")), "{events:?}");
+    let state: Value =
+        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
+    let free: u64 =
+        state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum();
+    assert_eq!(free, 72, "nothing of the group is held: {state}");
+    ext.check().expect("book invariants");
+    server.stop().await;
+}
+
 /// Issue 18's first input: a LeaderWorkerSet group of 3 whose leader takes no GPUs (never
 /// sent to the extender) and two 8-GPU workers. With `topoplace.io/leader-gpus: "0"` the gang
 /// is the two workers: both bound together on two hosts, the rest of the cluster free.

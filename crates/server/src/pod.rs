@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use topoplace_engine::quantity;
 use topoplace_engine::workload::{GangSpec, MemoryNeed, ModelSpec, Scope, GANG_MEMBERS_MAX, RUNTIME_OVERHEAD_DEFAULT};
-use topoplace_online::reservation::{GangMembership, PodDemand, PodIdentity, RoleDemand};
+use topoplace_online::reservation::{BindOrder, GangMembership, PodDemand, PodIdentity, RoleDemand};
 use topoplace_online::scheduler::predicates::{
     PodNeeds, Resources, SelectorOperator, SelectorRequirement, SelectorTerm, TaintEffect, Toleration, PODS_RESOURCE,
 };
@@ -30,8 +30,9 @@ const LWS_GROUP_LABEL: &str = "leaderworkerset.sigs.k8s.io/group-key";
 const LWS_SIZE_ANNOTATION: &str = "leaderworkerset.sigs.k8s.io/size";
 const LWS_INDEX_LABEL: &str = "leaderworkerset.sigs.k8s.io/worker-index";
 /// LeaderWorkerSet's exclusive placement (`ExclusiveKeyAnnotationKey` in
-/// kubernetes-sigs/lws `api/leaderworkerset/v1`): set on the leader's pod; the LWS controller
-/// creates a group's workers only once its leader is bound, to pin them to its domain.
+/// kubernetes-sigs/lws `api/leaderworkerset/v1`): on the group's pods (the controller copies it
+/// to the workers' template); the LWS controller creates a group's workers only once its
+/// leader is bound, with a node selector for the leader's domain of this key.
 const LWS_EXCLUSIVE_TOPOLOGY: &str = "leaderworkerset.sigs.k8s.io/exclusive-topology";
 /// On a LeaderWorkerSet's pods (its `workerTemplate`, and `leaderTemplate` if it has one):
 /// `"0"` says the group's leader (worker-index 0) takes no GPUs. kube-scheduler never sends
@@ -225,7 +226,12 @@ pub fn gang_of_sized(
     };
     if let Some(name) = labels.get(GANG_LABEL) {
         let size = size_from(GANG_SIZE, either(GANG_SIZE))?;
-        return Ok(Some(GangMembership { key: format!("{namespace}/{name}"), size, rank: rank_from(RANK)? }));
+        return Ok(Some(GangMembership {
+            key: format!("{namespace}/{name}"),
+            size,
+            rank: rank_from(RANK)?,
+            order: BindOrder::Together,
+        }));
     }
     if let Some(group) = labels.get(POD_GROUP_LABEL) {
         // The PodGroup's minMember needs an API lookup, which a server on an API server makes
@@ -234,7 +240,12 @@ pub fn gang_of_sized(
             (None, Some(min_member)) if min_member > 0 => min_member,
             (value, _) => size_from(GANG_SIZE, value)?,
         };
-        return Ok(Some(GangMembership { key: format!("{namespace}/{group}"), size, rank: rank_from(RANK)? }));
+        return Ok(Some(GangMembership {
+            key: format!("{namespace}/{group}"),
+            size,
+            rank: rank_from(RANK)?,
+            order: BindOrder::Together,
+        }));
     }
     if let Some(group) = labels.get(LWS_GROUP_LABEL) {
         let size = size_from(LWS_SIZE_ANNOTATION, annotations.get(LWS_SIZE_ANNOTATION))?;
@@ -242,7 +253,7 @@ pub fn gang_of_sized(
         let key = format!("{namespace}/lws-{group}");
         let Some(leader) = annotations.get(LWS_LEADER_GPUS) else {
             // With roles, the rank stays the worker index: `demand` reads it within a role.
-            return Ok(Some(GangMembership { key, size, rank }));
+            return Ok(Some(GangMembership { key, size, rank, order: BindOrder::Together }));
         };
         if annotations.contains_key(ROLES_ANNOTATION) {
             return Err(PodError::Invalid {
@@ -279,7 +290,7 @@ pub fn gang_of_sized(
                     )))
                 }
             },
-            rank => Some(GangMembership { key, size: size - 1, rank: rank.map(|r| r - 1) }),
+            rank => Some(GangMembership { key, size: size - 1, rank: rank.map(|r| r - 1), order: BindOrder::Together }),
         });
     }
     if let Some(name) = upstream_pod_group(pod) {
@@ -290,7 +301,7 @@ pub fn gang_of_sized(
             (None, Some(PodGroupFacts { min_count: Some(count), .. })) if *count > 0 => *count,
             (value, _) => size_from(GANG_SIZE, value)?,
         };
-        return Ok(Some(GangMembership { key, size, rank: rank_from(RANK)? }));
+        return Ok(Some(GangMembership { key, size, rank: rank_from(RANK)?, order: BindOrder::Together }));
     }
     Ok(None)
 }
@@ -300,26 +311,43 @@ pub fn demand(pod: &Pod) -> Result<PodDemand, PodError> {
     demand_sized(pod, None)
 }
 
-/// The pod's required scope: `topoplace.io/topology-required`, or its upstream PodGroup's
-/// topology key. Both given and different is an error naming both.
-fn required_scope(
-    shown: &str,
-    annotation: Option<&str>,
-    pod_group: Option<&PodGroupFacts>,
-) -> Result<Option<Scope>, PodError> {
-    let key = pod_group.and_then(|g| g.topology_key.as_deref()).map(str::trim).filter(|k| !k.is_empty());
-    match (annotation, key) {
-        (Some(own), Some(key)) if Scope::parse(own) != Scope::parse(key) => Err(PodError::Invalid {
-            pod: shown.to_string(),
-            field: format!("metadata.annotations[{TOPOLOGY_REQUIRED}]"),
-            value: own.to_string(),
-            detail: format!(
-                "its PodGroup's spec.schedulingConstraints.topology[0].key is `{key}`; give one scope, or the same"
-            ),
-        }),
-        (Some(own), _) => Ok(Some(Scope::parse(own))),
-        (None, key) => Ok(key.map(Scope::parse)),
+/// Topology keys a pod's gang must stay inside, from objects and annotations other than
+/// topoplace's own.
+#[derive(Clone, Copy)]
+struct ScopeKeys<'a> {
+    /// Its upstream PodGroup's `spec.schedulingConstraints.topology[0].key`.
+    pod_group: Option<&'a str>,
+    /// LeaderWorkerSet's `leaderworkerset.sigs.k8s.io/exclusive-topology`.
+    lws_exclusive: Option<&'a str>,
+}
+
+/// The pod's required scope: `topoplace.io/topology-required`, its upstream PodGroup's
+/// topology key, or its LeaderWorkerSet's exclusive topology key. Two given and different is
+/// an error naming both.
+fn required_scope(shown: &str, annotation: Option<&str>, keys: ScopeKeys<'_>) -> Result<Option<Scope>, PodError> {
+    fn trimmed(key: Option<&str>) -> Option<&str> {
+        key.map(str::trim).filter(|k| !k.is_empty())
     }
+    let mut given: Vec<(String, &str)> = Vec::new();
+    if let Some(own) = trimmed(annotation) {
+        given.push((format!("metadata.annotations[{TOPOLOGY_REQUIRED}]"), own));
+    }
+    if let Some(key) = trimmed(keys.pod_group) {
+        given.push(("its PodGroup's spec.schedulingConstraints.topology[0].key".into(), key));
+    }
+    if let Some(key) = trimmed(keys.lws_exclusive) {
+        given.push((format!("metadata.annotations[{LWS_EXCLUSIVE_TOPOLOGY}]"), key));
+    }
+    let Some((first_field, first)) = given.first().cloned() else { return Ok(None) };
+    if let Some((field, other)) = given.iter().skip(1).find(|(_, key)| Scope::parse(key) != Scope::parse(first)) {
+        return Err(PodError::Invalid {
+            pod: shown.to_string(),
+            field: first_field,
+            value: first.to_string(),
+            detail: format!("{field} is `{other}`; give one scope, or the same"),
+        });
+    }
+    Ok(Some(Scope::parse(first)))
 }
 
 /// [`demand`], with what the caller read from the pod's PodGroup object
@@ -369,19 +397,6 @@ pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodD
     let empty_labels = BTreeMap::new();
     let labels = pod.metadata.labels.as_ref().unwrap_or(&empty_labels);
     let lws_leader = labels.contains_key(LWS_GROUP_LABEL) && labels.get(LWS_INDEX_LABEL).is_some_and(|i| i == "0");
-    if let (true, Some(key)) = (lws_leader && gpus > 0 && gang.is_some(), annotations.get(LWS_EXCLUSIVE_TOPOLOGY)) {
-        // The workers would wait for the leader's bind, the leader's bind for the workers.
-        return Err(invalid(
-            LWS_EXCLUSIVE_TOPOLOGY,
-            key,
-            "with exclusive placement LeaderWorkerSet creates the workers only once the leader is bound, and \
-             topoplace binds a group's GPU pods together: give the leader no GPUs (topoplace.io/leader-gpus: \
-             \"0\"; a role of 0 GPUs in topoplace.io/roles does for the extender only, since the secondary \
-             scheduler waits for every pod of a replica), or keep the group in one domain with \
-             topoplace.io/topology-required instead"
-                .into(),
-        ));
-    }
     let roles = match annotation(ROLES_ANNOTATION) {
         None => {
             let named = match labels.get(ROLE_LABEL) {
@@ -400,6 +415,23 @@ pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodD
         }
         Some(text) => Some(role_of(pod, &shown, text, gpus, gang.as_mut())?),
     };
+    // LeaderWorkerSet's exclusive placement: the group in one domain of the key, and, when
+    // its leader takes GPUs, the leader bound ahead of its workers (LWS creates them only
+    // once the leader is bound).
+    let exclusive = annotation(LWS_EXCLUSIVE_TOPOLOGY).filter(|_| labels.contains_key(LWS_GROUP_LABEL));
+    if let (Some(_), Some(membership)) = (exclusive, gang.as_mut()) {
+        let leader_takes_gpus = match &roles {
+            Some(own) => own.roles.first().is_some_and(|leader| leader.gpus_per_member > 0),
+            // `leader-gpus: "0"` leaves the leader out of the gang; otherwise it has the
+            // workers' shape.
+            None => !annotations.contains_key(LWS_LEADER_GPUS),
+        };
+        if leader_takes_gpus {
+            membership.order = BindOrder::LeaderFirst { leader: lws_leader };
+        }
+    }
+    let scope_keys =
+        ScopeKeys { pod_group: pod_group.and_then(|g| g.topology_key.as_deref()), lws_exclusive: exclusive };
     Ok(PodDemand {
         gang,
         pod: identity,
@@ -407,7 +439,7 @@ pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodD
         memory,
         tensor_parallel: parallel(TENSOR_PARALLEL)?,
         pipeline_parallel: parallel(PIPELINE_PARALLEL)?,
-        required: required_scope(&shown, annotation(TOPOLOGY_REQUIRED), pod_group)?,
+        required: required_scope(&shown, annotation(TOPOLOGY_REQUIRED), scope_keys)?,
         preferred: annotation(TOPOLOGY_PREFERRED).map(Scope::parse),
         roles,
     })
@@ -828,20 +860,45 @@ mod tests {
     }
 
     #[test]
-    fn an_exclusive_leaderworkerset_whose_leader_takes_gpus_is_refused_not_deadlocked() {
+    fn an_exclusive_leaderworkerset_keeps_its_group_in_one_domain_and_binds_a_gpu_leader_first() {
         let labels = |index: &str| {
             serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k",
                 "leaderworkerset.sigs.k8s.io/worker-index": index})
         };
-        let exclusive = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3",
-            LWS_EXCLUSIVE_TOPOLOGY: "network.topology.nvidia.com/leaf"});
-        let error = demand(&pod_with(labels("0"), exclusive.clone(), 8)).unwrap_err().to_string();
-        assert!(error.contains(LWS_EXCLUSIVE_TOPOLOGY) && error.contains("only once the leader is bound"), "{error}");
-        // A worker, and a leader without GPUs, are fine.
-        assert!(demand(&pod_with(labels("1"), exclusive.clone(), 8)).is_ok());
-        let mut gpu_less = exclusive;
+        let leaf = "network.topology.nvidia.com/leaf";
+        let exclusive = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3", LWS_EXCLUSIVE_TOPOLOGY: leaf});
+        let order = |d: &PodDemand| d.gang.as_ref().map(|g| g.order);
+        // A leader of the workers' shape binds ahead of them; all keep to one leaf.
+        let leader = demand(&pod_with(labels("0"), exclusive.clone(), 8)).expect("leader");
+        assert_eq!(order(&leader), Some(BindOrder::LeaderFirst { leader: true }));
+        assert_eq!(leader.required, Some(Scope::parse(leaf)));
+        let worker = demand(&pod_with(labels("2"), exclusive.clone(), 8)).expect("worker");
+        assert_eq!(order(&worker), Some(BindOrder::LeaderFirst { leader: false }));
+        assert_eq!(worker.gang.as_ref().map(|g| (g.size, g.rank)), Some((3, Some(2))));
+        // A leader without GPUs is no member: its workers bind together.
+        let mut gpu_less = exclusive.clone();
         gpu_less[LWS_LEADER_GPUS] = serde_json::json!("0");
-        assert!(demand(&pod_with(labels("0"), gpu_less, 0)).is_ok());
+        assert_eq!(demand(&pod_with(labels("0"), gpu_less.clone(), 0)).expect("leader").gang, None);
+        let worker = demand(&pod_with(labels("1"), gpu_less, 8)).expect("worker");
+        assert_eq!(order(&worker), Some(BindOrder::Together));
+        assert_eq!(worker.required, Some(Scope::parse(leaf)));
+        // With roles, the first role's GPUs decide.
+        for (leader_gpus, expected) in [(4, BindOrder::LeaderFirst { leader: false }), (0, BindOrder::Together)] {
+            let mut with_roles = exclusive.clone();
+            with_roles[ROLES_ANNOTATION] = serde_json::json!(format!(
+                "[{{name: leader, members: 1, gpusPerMember: {leader_gpus}}}, {{name: worker, members: 2, gpusPerMember: 8}}]"
+            ));
+            let worker = demand(&pod_with(labels("1"), with_roles, 8)).expect("worker");
+            assert_eq!(order(&worker), Some(expected), "leader of {leader_gpus} GPUs");
+        }
+        // Another scope beside the exclusive key is an error naming both.
+        let mut both = exclusive;
+        both[TOPOLOGY_REQUIRED] = serde_json::json!("network.topology.nvidia.com/spine");
+        let error = demand(&pod_with(labels("1"), both, 8)).unwrap_err().to_string();
+        assert!(
+            error.contains(TOPOLOGY_REQUIRED) && error.contains(LWS_EXCLUSIVE_TOPOLOGY) && error.contains(leaf),
+            "{error}"
+        );
     }
 
     #[test]

@@ -239,10 +239,35 @@ impl ServerState {
         let _ = present.wait_for(|present| *present).await;
     }
 
-    /// Releases expired reservations and answers their waiting binds.
+    /// Releases expired reservations and answers their waiting binds; deletes the pods the
+    /// book gave up so that no replica stays half-placed ([`Book::take_undo`]: a
+    /// LeaderWorkerSet leader bound ahead of workers that never bound), each with an Event.
+    /// Called from the expiry task, on the runtime.
     pub fn sweep(&self) {
         let now = self.now_ms();
-        self.with_book(|book| ((), book.as_mut().map(|b| b.expire(now)).unwrap_or_default()));
+        let undo = self.with_book(|book| match book.as_mut() {
+            Some(book) => {
+                let expired = book.expire(now);
+                (book.take_undo(), expired)
+            }
+            None => (Vec::new(), Vec::new()),
+        });
+        if undo.is_empty() {
+            return;
+        }
+        let binder = self.binder.clone();
+        tokio::spawn(async move {
+            for pod in &undo {
+                tracing::warn!(%pod, "deleting a member bound ahead of its gang, whose other members did not bind");
+                if let Err(error) = binder.delete(pod).await {
+                    tracing::warn!(%pod, %error, "undo: deleting a member bound ahead of its gang failed");
+                }
+                let message = "this pod was bound ahead of its gang (LeaderWorkerSet exclusive placement), and the \
+                               rest of the gang did not bind within its reservation: the pod is deleted so its \
+                               controller recreates the group whole";
+                binder.event(pod, "GangBindRolledBack", message.to_string()).await;
+            }
+        });
     }
 
     /// `GET /state`.

@@ -501,6 +501,7 @@ impl Book {
             origin: Some(origin.clone()),
             first_held_ms: None,
             planned_by: None,
+            leader_first: false,
         };
         self.gangs.insert(key.to_string(), reservation);
         self.stats.gangs_reserved += 1;
@@ -572,7 +573,7 @@ impl Book {
             if let Some(holding) = self.ledger.holding(&gang_holder(&key)) {
                 released.gpus += holding.iter().map(|&(_, m)| u64::from(m.count_ones())).sum::<u64>();
             }
-            if let Some(reservation) = self.drop_reservation(&key) {
+            if let Some(reservation) = self.end_reservation(&key) {
                 released
                     .dropped
                     .push(Expired::Reservation { gang: key.clone(), members_at_bind: at_bind(&reservation) });

@@ -53,7 +53,8 @@ impl Book {
                 .slot_of(&key, &demand.pod.uid)
                 .map(|slot| !offered.contains(&reservation.slots[slot].host))
                 .unwrap_or(false);
-            let any_at_bind = reservation.binding || reservation.slots.iter().any(|s| s.at_bind);
+            // A member bound ahead of the gang pins the plan too.
+            let any_at_bind = reservation.binding || reservation.slots.iter().any(|s| s.at_bind || s.bound);
             if planned_off_offer && !any_at_bind {
                 // kube-scheduler no longer offers the planned node: plan the gang again.
                 self.drop_reservation(&key);
@@ -124,6 +125,7 @@ impl Book {
                     origin: None,
                     first_held_ms: None,
                     planned_by: Some(demand.pod.clone()),
+                    leader_first: matches!(membership.order, BindOrder::LeaderFirst { .. }),
                 },
             );
             self.stats.gangs_reserved += 1;
@@ -217,14 +219,17 @@ impl Book {
         let of_role: Vec<usize> = (0..reservation.slots.len()).filter(|&i| reservation.slots[i].role == role).collect();
         let by_rank = membership.rank.and_then(|r| of_role.get(r as usize).copied()).filter(|&i| {
             let slot = &reservation.slots[i];
-            slot.pod.is_none() || !slot.at_bind
+            !slot.bound && (slot.pod.is_none() || !slot.at_bind)
         });
         // Without a free slot, a newcomer without a rank takes one whose pod's hold lapsed:
         // the pod watch sees bound pods only, so a parked member deleted and replaced still
         // holds its slot.
         let free = of_role.iter().copied().find(|&i| reservation.slots[i].pod.is_none());
-        let lapsed =
-            membership.rank.is_none().then(|| of_role.iter().copied().find(|&i| reservation.slots[i].lapsed)).flatten();
+        let lapsed = membership
+            .rank
+            .is_none()
+            .then(|| of_role.iter().copied().find(|&i| reservation.slots[i].lapsed && !reservation.slots[i].bound))
+            .flatten();
         let Some(slot) = by_rank.or(free).or(lapsed) else {
             return Err(BookError::GangFull {
                 pod: demand.pod.to_string(),
@@ -373,6 +378,28 @@ impl Book {
         if planned != node {
             return Err(BookError::WrongNode { pod, planned: planned.clone(), asked: node.to_string() });
         }
+        let leader_ahead = reservation.leader_first
+            && matches!(membership.order, BindOrder::LeaderFirst { leader: true })
+            && !reservation.slots[slot].bound;
+        if leader_ahead {
+            // The leader binds alone; its workers do not exist until it is bound.
+            if reservation.binding {
+                return Err(BookError::InFlight { gang: key });
+            }
+            reservation.binding = true;
+            let at = &mut reservation.slots[slot];
+            at.at_bind = true;
+            let member = MemberBind {
+                pod: demand.pod.clone(),
+                host: at.host,
+                node: node.to_string(),
+                gpus: mask_indices(at.gpus),
+            };
+            return Ok(BindStep::Bind {
+                ticket: Ticket::Leader { gang: key, uid: demand.pod.uid.clone() },
+                members: vec![member],
+            });
+        }
         let arrived = !reservation.slots[slot].at_bind;
         if arrived {
             let slot = &mut reservation.slots[slot];
@@ -380,8 +407,9 @@ impl Book {
             reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
             reservation.first_held_ms.get_or_insert(now_ms);
         }
-        if reservation.binding || !reservation.slots.iter().all(|s| s.at_bind) {
-            let only_lapsed_missing = reservation.slots.iter().all(|s| s.at_bind || (s.lapsed && s.pod.is_some()));
+        if reservation.binding || !reservation.slots.iter().all(|s| s.at_bind || s.bound) {
+            let only_lapsed_missing =
+                reservation.slots.iter().all(|s| s.at_bind || s.bound || (s.lapsed && s.pod.is_some()));
             let retry_now = if arrived && !reservation.binding && only_lapsed_missing {
                 reservation.slots.iter().filter(|s| s.lapsed).filter_map(|s| s.pod.clone()).collect()
             } else {
@@ -389,21 +417,22 @@ impl Book {
             };
             return Ok(BindStep::Wait { gang: key, retry_now });
         }
-        reservation.binding = true;
-        let members = reservation
-            .slots
-            .iter()
-            .filter_map(|s| {
-                let pod = s.pod.clone()?;
-                Some(MemberBind {
-                    pod,
-                    host: s.host,
-                    node: cluster.host(s.host).name.clone(),
-                    gpus: mask_indices(s.gpus),
-                })
-            })
-            .collect();
+        let members = start_binding(cluster, reservation);
         Ok(BindStep::Bind { ticket: Ticket::Gang(key), members })
+    }
+
+    /// After a [`Ticket::Leader`] was bound: when every other member is already at bind
+    /// (they reached it while the leader's Binding was in flight, and wait), their Bindings
+    /// to create now; `None` while some have not reached bind (the last to arrive binds them).
+    pub fn bind_rest(&mut self, key: &str) -> Option<(Ticket, Vec<MemberBind>)> {
+        let cluster = &self.cluster;
+        let reservation = self.gangs.get_mut(key)?;
+        let rest_at_bind = reservation.slots.iter().all(|s| s.at_bind || s.bound);
+        if reservation.binding || !rest_at_bind || reservation.slots.iter().all(|s| s.bound) {
+            return None;
+        }
+        let members = start_binding(cluster, reservation);
+        Some((Ticket::Gang(key.to_string()), members))
     }
 
     /// The outcome of a ticket's Bindings: `Ok` per pod bound (or already bound to the
@@ -424,13 +453,23 @@ impl Book {
                     BindFinish::RolledBack { delete: Vec::new(), failures }
                 };
             }
+            Ticket::Leader { gang, uid } => return self.leader_bound(gang, uid, failures, now_ms),
             Ticket::Gang(key) => {
                 let Some(reservation) = self.drop_reservation(key) else {
                     return BindFinish::RolledBack { delete: Vec::new(), failures };
                 };
+                if !failures.is_empty() {
+                    // The members bound ahead (a LeaderWorkerSet leader) go with the rest.
+                    let ahead = self.give_up_bound_ahead(&reservation);
+                    self.stats.gangs_rolled_back += 1;
+                    let delete =
+                        outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone()).chain(ahead).collect();
+                    return BindFinish::RolledBack { delete, failures };
+                }
                 reservation
                     .slots
                     .iter()
+                    .filter(|s| !s.bound)
                     .filter_map(|s| {
                         Some((s.pod.clone()?, self.cluster.host(s.host).name.clone(), s.gpus, Some(key.to_string())))
                     })
@@ -467,6 +506,52 @@ impl Book {
         if ticket.gang().is_some() {
             self.stats.gangs_bound += 1;
         }
+        BindFinish::Bound
+    }
+
+    /// The outcome of a [`Ticket::Leader`]: bound, the leader's GPUs move from the gang's
+    /// holder to its pod's and the rest stay held for the workers (a fresh TTL and rounds of
+    /// holds: LWS creates them now); not bound, the reservation stays as it was and the
+    /// leader's retry binds it again.
+    fn leader_bound(&mut self, key: &str, uid: &str, failures: Vec<String>, now_ms: u64) -> BindFinish {
+        let ttl = self.config.reservation_ttl_ms;
+        let Some(reservation) = self.gangs.get_mut(key) else {
+            return BindFinish::RolledBack { delete: Vec::new(), failures };
+        };
+        reservation.binding = false;
+        let Some(slot) = reservation.slots.iter().position(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid)) else {
+            return BindFinish::RolledBack { delete: Vec::new(), failures };
+        };
+        reservation.slots[slot].at_bind = false;
+        if !failures.is_empty() {
+            return BindFinish::RolledBack { delete: Vec::new(), failures };
+        }
+        reservation.slots[slot].bound = true;
+        reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
+        reservation.first_held_ms = None;
+        let at = reservation.slots[slot].clone();
+        let rest = merge_by_host(reservation.slots.iter().filter(|s| !s.bound).map(|s| (s.host, s.gpus)));
+        let Some(pod) = at.pod else { return BindFinish::Bound };
+        // One holder gives the leader's GPUs to another: released whole, taken again in two.
+        if let Err(error) = self.ledger.release(&gang_holder(key)) {
+            self.ledger_fault("moving a leader's GPUs out of its gang's reservation", error);
+        }
+        if let Err(error) = self.ledger.reserve(&pod_holder(uid), &[(at.host, at.gpus)]) {
+            self.ledger_fault("holding a leader's GPUs as its pod's", error);
+        }
+        if rest.is_empty() {
+            // A group of the leader alone: bound whole.
+            self.gangs.remove(key);
+            self.stats.gangs_bound += 1;
+        } else if let Err(error) = self.ledger.reserve(&gang_holder(key), &rest) {
+            self.ledger_fault("holding a gang's GPUs for its workers", error);
+        }
+        let node = self.cluster.host(at.host).name.clone();
+        self.bound.insert(
+            uid.to_string(),
+            BoundPod { pod, node, gpus: at.gpus, gang: Some(key.to_string()), bound_at_ms: now_ms },
+        );
+        self.stats.pods_bound += 1;
         BindFinish::Bound
     }
 
@@ -542,4 +627,22 @@ impl Book {
             self.bound.iter().filter(|(_, b)| b.gang.as_ref() == Some(gang)).all(|(other, _)| victims.contains(other))
         })
     }
+}
+
+/// Marks `reservation` binding and lists the Bindings of its members not bound yet.
+fn start_binding(cluster: &Cluster, reservation: &mut GangReservation) -> Vec<MemberBind> {
+    reservation.binding = true;
+    reservation
+        .slots
+        .iter()
+        .filter(|s| !s.bound)
+        .filter_map(|s| {
+            Some(MemberBind {
+                pod: s.pod.clone()?,
+                host: s.host,
+                node: cluster.host(s.host).name.clone(),
+                gpus: mask_indices(s.gpus),
+            })
+        })
+        .collect()
 }

@@ -102,6 +102,27 @@ pub struct GangMembership {
     pub size: u32,
     /// The member's rank when the pod says it (`topoplace.io/rank`, LWS worker index).
     pub rank: Option<u32>,
+    /// How the gang's members bind.
+    pub order: BindOrder,
+}
+
+/// How a gang's members are bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BindOrder {
+    /// Every member together, once all have reached bind.
+    #[default]
+    Together,
+    /// The leader alone first, then every other member together. LeaderWorkerSet with
+    /// exclusive placement (`leaderworkerset.sigs.k8s.io/exclusive-topology`) creates a
+    /// group's workers only once its leader is bound, with a node selector for the leader's
+    /// domain (LWS `pkg/controllers/pod_controller.go`): the whole replica is still planned
+    /// and held at the first filter, the leader's Binding goes ahead, the workers' GPUs stay
+    /// held for them, and a group whose workers then fail to bind, or never come, has its
+    /// leader deleted too (LWS recreates the group) rather than left half-placed.
+    LeaderFirst {
+        /// This pod is the group's leader.
+        leader: bool,
+    },
 }
 
 /// What one pod needs, in the core's terms.
@@ -402,6 +423,9 @@ struct Slot {
     /// The pod's held bind was answered unbound ([`Expired::Hold`]) and it has not reached
     /// bind since: kube-scheduler will retry it.
     lapsed: bool,
+    /// The member is bound already, ahead of the rest ([`BindOrder::LeaderFirst`]): its GPUs
+    /// are held by its pod ([`Holder::Pod`]), no longer by the gang.
+    bound: bool,
 }
 
 impl Slot {
@@ -412,7 +436,7 @@ impl Slot {
 
     /// A member of role `role` (an index into the replica's roles) in a new plan.
     fn of_role(role: usize, host: HostId, gpus: GpuMask) -> Self {
-        Slot { role, host, gpus, pod: None, at_bind: false, held_until_ms: 0, lapsed: false }
+        Slot { role, host, gpus, pod: None, at_bind: false, held_until_ms: 0, lapsed: false, bound: false }
     }
 }
 
@@ -467,6 +491,8 @@ struct GangReservation {
     first_held_ms: Option<u64>,
     /// The pod whose filter (or scheduling cycle) planned it; `None` for the placement API's.
     planned_by: Option<PodIdentity>,
+    /// Its leader binds alone before the rest ([`BindOrder::LeaderFirst`]).
+    leader_first: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -510,6 +536,8 @@ pub struct Book {
     api_reservations: u64,
     /// The first [`LEDGER_FAULTS_KEPT_MAX`] ledger faults (see [`BookStats::ledger_faults`]).
     faults: Vec<String>,
+    /// Bound pods to delete so that no replica stays half-placed ([`Book::take_undo`]).
+    undo: Vec<PodIdentity>,
 }
 
 /// Who holds GPUs in the book's ledger. A gang is held whole by `Gang` while reserved or
@@ -545,19 +573,24 @@ impl std::fmt::Display for Holder {
 /// back to [`Book::bind_finished`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Ticket {
-    /// Every member of the reserved gang with this key.
+    /// Every member of the reserved gang with this key (but one bound ahead of it).
     Gang(String),
+    /// The leader of a [`BindOrder::LeaderFirst`] gang, ahead of the rest: the gang's key
+    /// and the leader's uid. Its outcome answers no other member.
+    Leader { gang: String, uid: String },
     /// One pod (by uid) whose GPUs were chosen at bind, held by [`Holder::Pod`] meanwhile.
     Pod(String),
     /// A pod (by uid) the book already has bound: a repeated bind to its node, nothing held.
     Bound(String),
 }
 
-/// `gang:{key}`, `pod:{uid}` or `bound:{uid}`, for logs and messages (never parsed back).
+/// `gang:{key}`, `leader:{key}:{uid}`, `pod:{uid}` or `bound:{uid}`, for logs and messages
+/// (never parsed back).
 impl std::fmt::Display for Ticket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Ticket::Gang(key) => write!(f, "gang:{key}"),
+            Ticket::Leader { gang, uid } => write!(f, "leader:{gang}:{uid}"),
             Ticket::Pod(uid) => write!(f, "pod:{uid}"),
             Ticket::Bound(uid) => write!(f, "bound:{uid}"),
         }
@@ -569,7 +602,7 @@ impl Ticket {
     pub fn gang(&self) -> Option<&str> {
         match self {
             Ticket::Gang(key) => Some(key),
-            Ticket::Pod(_) | Ticket::Bound(_) => None,
+            Ticket::Pod(_) | Ticket::Bound(_) | Ticket::Leader { .. } => None,
         }
     }
 }
@@ -599,6 +632,7 @@ impl Book {
             closed: std::collections::BTreeSet::new(),
             api_reservations: 0,
             faults: Vec::new(),
+            undo: Vec::new(),
         }
     }
 
@@ -690,7 +724,7 @@ impl Book {
             }
         }
         for key in due {
-            if let Some(reservation) = self.drop_reservation(&key) {
+            if let Some(reservation) = self.end_reservation(&key) {
                 self.stats.gangs_expired += 1;
                 expired.push(Expired::Reservation { gang: key, members_at_bind: at_bind(&reservation) });
             }
@@ -704,6 +738,10 @@ impl Book {
     /// 1 s late, and the adapter's expiry timer is not re-armed by every prioritize (each one
     /// renews its pod's assumption).
     pub fn next_expiry_ms(&self) -> Option<u64> {
+        if !self.undo.is_empty() {
+            // Pods to delete ([`Book::take_undo`]): due now.
+            return Some(0);
+        }
         let hold = self.config.bind_hold_ms;
         let gangs = self.gangs.values().filter(|g| !g.binding).map(|g| next_deadline(g, hold));
         let assumptions = self.assumed.values().map(|a| a.expires_at_ms.div_ceil(1_000).saturating_mul(1_000));
@@ -748,6 +786,45 @@ impl Book {
     pub fn expiry_of(&self, gang: &str) -> Option<u64> {
         let hold = self.config.bind_hold_ms;
         self.gangs.get(gang).filter(|g| !g.binding).map(|g| next_deadline(g, hold))
+    }
+
+    /// Drops a reservation whose gang was not bound: a member bound ahead of it
+    /// ([`BindOrder::LeaderFirst`]) is given up too, its GPUs released and its pod queued for
+    /// deletion ([`Book::take_undo`]), so the replica is not left half-placed.
+    fn end_reservation(&mut self, key: &str) -> Option<GangReservation> {
+        let reservation = self.drop_reservation(key)?;
+        self.undo_bound_ahead(&reservation);
+        Some(reservation)
+    }
+
+    /// The members of `reservation` bound ahead of their gang: released and queued for
+    /// deletion.
+    fn undo_bound_ahead(&mut self, reservation: &GangReservation) {
+        let pods = self.give_up_bound_ahead(reservation);
+        self.undo.extend(pods);
+    }
+
+    /// The members of `reservation` bound ahead of their gang, released and no longer bound
+    /// in the book: the caller deletes them.
+    fn give_up_bound_ahead(&mut self, reservation: &GangReservation) -> Vec<PodIdentity> {
+        let mut given_up = Vec::new();
+        for pod in reservation.slots.iter().filter(|s| s.bound).filter_map(|s| s.pod.as_ref()) {
+            if self.bound.remove(&pod.uid).is_some() {
+                if let Err(error) = self.ledger.release(&pod_holder(&pod.uid)) {
+                    self.ledger_fault("giving up a member bound ahead of its gang", error);
+                }
+                given_up.push(pod.clone());
+            }
+        }
+        given_up
+    }
+
+    /// Bound pods the adapter must delete (a leader bound ahead of workers that then did not
+    /// bind, [`BindOrder::LeaderFirst`]); each is handed out once. Their GPUs are released
+    /// already. While any wait, [`Book::next_expiry_ms`] is 0, so the adapter's expiry sweep
+    /// comes for them at once.
+    pub fn take_undo(&mut self) -> Vec<PodIdentity> {
+        std::mem::take(&mut self.undo)
     }
 
     fn drop_reservation(&mut self, key: &str) -> Option<GangReservation> {
@@ -848,6 +925,7 @@ impl Book {
                         gpus: mask_indices(s.gpus),
                         pod: s.pod.as_ref().map(|p| p.to_string()),
                         at_bind: s.at_bind,
+                        bound: s.bound,
                     })
                     .collect(),
             })
@@ -1094,4 +1172,6 @@ pub struct SlotState {
     pub gpus: Vec<u8>,
     pub pod: Option<String>,
     pub at_bind: bool,
+    /// Bound ahead of the rest of its gang ([`BindOrder::LeaderFirst`]).
+    pub bound: bool,
 }

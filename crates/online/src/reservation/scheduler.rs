@@ -138,6 +138,7 @@ impl Book {
                 origin: None,
                 first_held_ms: None,
                 planned_by: pods.first().cloned(),
+                leader_first: false,
             },
         );
         self.stats.gangs_reserved += 1;
@@ -224,6 +225,7 @@ impl Book {
                     origin: None,
                     first_held_ms: None,
                     planned_by: pods.first().cloned(),
+                    leader_first: false,
                 },
             );
             self.stats.gangs_reserved += 1;

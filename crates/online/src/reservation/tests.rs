@@ -34,7 +34,7 @@ fn member(gang: &str, size: u32, rank: u32, gpus: u32) -> PodDemand {
         pipeline_parallel: None,
         required: None,
         preferred: None,
-        gang: Some(GangMembership { key: format!("ns/{gang}"), size, rank: Some(rank) }),
+        gang: Some(GangMembership { key: format!("ns/{gang}"), size, rank: Some(rank), order: BindOrder::Together }),
         roles: None,
     }
 }
@@ -288,13 +288,16 @@ fn preemption_never_splits_a_bound_gang() {
 #[test]
 fn a_seeded_simulation_never_double_books_or_half_binds() {
     let mut totals = BookStats::default();
+    let mut undone = 0;
     for seed in 0..8u64 {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         let config = BookConfig { reservation_ttl_ms: 500, bind_hold_ms: 700, ..BookConfig::default() };
         let mut book = Book::new(cluster(4, 4), config);
         let offered = all_hosts(&book);
         let mut now = 0u64;
-        let mut gangs: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+        // Per gang: size, GPUs per member, and whether its leader binds first (a
+        // LeaderWorkerSet with exclusive placement).
+        let mut gangs: BTreeMap<String, (u32, u32, bool)> = BTreeMap::new();
         let mut next = 0;
         for _ in 0..400 {
             now += rng.random_range(1..60);
@@ -304,15 +307,27 @@ fn a_seeded_simulation_never_double_books_or_half_binds() {
                     next += 1;
                     let size = rng.random_range(1..=4);
                     let gpus = [1, 2, 4, 8][rng.random_range(0..4)];
-                    gangs.insert(name.clone(), (size, gpus));
-                    let members: Vec<PodDemand> = (0..size).map(|r| member(&name, size, r, gpus)).collect();
+                    let leader_first = rng.random_range(0..4) == 0;
+                    gangs.insert(name.clone(), (size, gpus, leader_first));
+                    let members: Vec<PodDemand> =
+                        (0..size).map(|r| sim_member(&name, size, r, gpus, leader_first)).collect();
                     let arriving = if rng.random_range(0..5) == 0 { size - 1 } else { size };
                     let mut ticket = None;
                     for m in members.iter().take(arriving as usize) {
                         let verdicts = book.filter(m, &offered, now).expect("filter");
                         let Some(node) = passing(&book, &verdicts, &offered).into_iter().next() else { break };
-                        if let Ok(BindStep::Bind { ticket: t, members }) = book.bind_arrive(m, &node, now) {
-                            ticket = Some((t, members));
+                        match book.bind_arrive(m, &node, now) {
+                            Ok(BindStep::Bind { ticket: t @ Ticket::Leader { .. }, members }) => {
+                                // The leader's Binding settles before its workers exist.
+                                let fails = rng.random_range(0..6) == 0;
+                                let outcome = if fails { Err("x".to_string()) } else { Ok(()) };
+                                book.bind_finished(&t, &[(members[0].pod.clone(), outcome)], now);
+                                if fails {
+                                    break;
+                                }
+                            }
+                            Ok(BindStep::Bind { ticket: t, members }) => ticket = Some((t, members)),
+                            _ => {}
                         }
                     }
                     if let Some((ticket, members)) = ticket {
@@ -327,10 +342,13 @@ fn a_seeded_simulation_never_double_books_or_half_binds() {
                 }
                 6..=8 => {
                     // A bound gang finishes: all of its pods leave.
-                    let bound: Vec<String> =
-                        gangs.keys().filter(|g| book.is_bound(&format!("{g}-0-uid"))).cloned().collect();
+                    let bound: Vec<String> = gangs
+                        .iter()
+                        .filter(|(g, (size, ..))| (0..*size).all(|r| book.is_bound(&format!("{g}-{r}-uid"))))
+                        .map(|(g, _)| g.clone())
+                        .collect();
                     if let Some(gang) = bound.get(rng.random_range(0..bound.len().max(1))) {
-                        let (size, _) = gangs[gang];
+                        let (size, ..) = gangs[gang];
                         for rank in 0..size {
                             book.forget_pod(&format!("{gang}-{rank}-uid"));
                         }
@@ -338,14 +356,22 @@ fn a_seeded_simulation_never_double_books_or_half_binds() {
                 }
                 _ => {
                     book.expire(now);
+                    // A leader given up is deleted: the book has released it already.
+                    for pod in book.take_undo() {
+                        assert!(!book.is_bound(&pod.uid), "seed {seed}: {pod} given up but still bound");
+                        undone += 1;
+                    }
                     // kube-scheduler retries a gang that is not bound: every member not bound
                     // is filtered and reaches bind again (the missing one included, late).
-                    let waiting: Vec<String> =
-                        gangs.keys().filter(|g| !book.is_bound(&format!("{g}-0-uid"))).cloned().collect();
+                    let waiting: Vec<String> = gangs
+                        .iter()
+                        .filter(|(g, (size, ..))| !(0..*size).all(|r| book.is_bound(&format!("{g}-{r}-uid"))))
+                        .map(|(g, _)| g.clone())
+                        .collect();
                     if let Some(gang) = waiting.get(rng.random_range(0..waiting.len().max(1))) {
-                        let (size, gpus) = gangs[gang];
+                        let (size, gpus, leader_first) = gangs[gang];
                         for rank in 0..size {
-                            let m = member(gang, size, rank, gpus);
+                            let m = sim_member(gang, size, rank, gpus, leader_first);
                             let Ok(verdicts) = book.filter(&m, &offered, now) else { break };
                             let Some(node) = passing(&book, &verdicts, &offered).into_iter().next() else { break };
                             if let Ok(BindStep::Bind { ticket, members }) = book.bind_arrive(&m, &node, now) {
@@ -357,9 +383,17 @@ fn a_seeded_simulation_never_double_books_or_half_binds() {
                 }
             }
             book.check().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-            for (gang, (size, _)) in &gangs {
+            for (gang, (size, _, leader_first)) in &gangs {
                 let bound = (0..*size).filter(|r| book.is_bound(&format!("{gang}-{r}-uid"))).count();
-                assert!(bound == 0 || bound == *size as usize, "seed {seed}: gang {gang} has {bound} of {size} bound");
+                // A leader bound ahead, only while its workers' GPUs are still held for them.
+                let leader_ahead = *leader_first
+                    && bound == 1
+                    && book.is_bound(&format!("{gang}-0-uid"))
+                    && book.gangs.contains_key(&format!("ns/{gang}"));
+                assert!(
+                    bound == 0 || bound == *size as usize || leader_ahead,
+                    "seed {seed}: gang {gang} has {bound} of {size} bound"
+                );
             }
         }
         let stats = book.stats();
@@ -372,6 +406,7 @@ fn a_seeded_simulation_never_double_books_or_half_binds() {
     // reservations expired.
     assert!(totals.gangs_bound > 100 && totals.gangs_rolled_back > 10 && totals.gangs_expired > 10, "{totals:?}");
     assert!(totals.bind_holds_lapsed > 10, "{totals:?}");
+    assert!(undone > 0, "a leader bound ahead was given up at least once");
 }
 
 fn api_gang(key: &str, members: u32, gpus: u32, required: Option<Scope>) -> GangRequest {
@@ -851,4 +886,157 @@ fn pods_of_an_api_reserved_gang_must_match_its_size_and_gpus_only() {
     wrong.tensor_parallel = Some(4);
     let error = book.filter(&wrong, &all_hosts(&book), 1).expect_err("refused");
     assert!(error.to_string().contains("placement API reservation `r1` said 8"), "{error}");
+}
+
+/// A gang member of the seeded simulation, its leader bound first when `leader_first`.
+fn sim_member(gang: &str, size: u32, rank: u32, gpus: u32, leader_first: bool) -> PodDemand {
+    let mut demand = member(gang, size, rank, gpus);
+    if let (true, Some(membership)) = (leader_first, demand.gang.as_mut()) {
+        membership.order = BindOrder::LeaderFirst { leader: rank == 0 };
+    }
+    demand
+}
+
+/// A member of a LeaderWorkerSet group with exclusive placement on the leaf: the leader
+/// (rank 0) binds ahead ([`BindOrder::LeaderFirst`]).
+fn lws_member(size: u32, rank: u32) -> PodDemand {
+    let mut demand = member("lws", size, rank, 8);
+    demand.required = Some(Scope::parse("network.topology.nvidia.com/leaf"));
+    if let Some(gang) = demand.gang.as_mut() {
+        gang.order = BindOrder::LeaderFirst { leader: rank == 0 };
+    }
+    demand
+}
+
+/// Rack r0 has two hosts with 4 GPUs taken, rack r1 is empty: a group of three 8-GPU pods
+/// in one leaf fits only in r1.
+fn lws_book() -> Book {
+    let mut book = Book::new(cluster(2, 3), BookConfig::default());
+    for (index, node) in ["r0-0", "r0-1"].into_iter().enumerate() {
+        let uid = format!("busy-{index}");
+        let pod = PodIdentity { namespace: "ns".into(), name: uid.clone(), uid };
+        book.observe_bound(pod, node, Some(&[0, 1, 2, 3]), 4, None).expect("observed");
+    }
+    book
+}
+
+/// Filters and binds the leader of a 3-pod exclusive group: it binds alone, at once.
+fn bind_lws_leader(book: &mut Book, offered: &[HostId]) -> (PodDemand, String) {
+    let leader = lws_member(3, 0);
+    let node = filtered_node(book, &leader, offered, 0);
+    assert!(node.starts_with("r1-"), "the whole group planned in the leaf it fits: {node}");
+    assert_eq!(book.ledger().free_gpus(), 48 - 8 - 24, "the whole group held at the leader's filter");
+    let BindStep::Bind { ticket, members } = book.bind_arrive(&leader, &node, 1).expect("arrive") else {
+        panic!("the leader binds without waiting for workers that do not exist yet");
+    };
+    assert_eq!(ticket, Ticket::Leader { gang: "ns/lws".into(), uid: leader.pod.uid.clone() });
+    assert_eq!(members.len(), 1);
+    assert_eq!(book.bind_finished(&ticket, &[(leader.pod.clone(), Ok(()))], 2), BindFinish::Bound);
+    assert!(book.bound.contains_key(&leader.pod.uid));
+    assert_eq!(book.ledger().free_gpus(), 48 - 8 - 24, "the workers' GPUs stay held");
+    book.check().expect("book invariants");
+    (leader, node)
+}
+
+#[test]
+fn an_exclusive_leaderworkerset_binds_its_leader_ahead_and_its_workers_whole_after() {
+    let mut book = lws_book();
+    let offered = all_hosts(&book);
+    let (_, leader_node) = bind_lws_leader(&mut book, &offered);
+    // LWS now creates the workers, with a node selector for the leader's leaf.
+    let leaf: Vec<HostId> =
+        offered.iter().copied().filter(|&h| book.cluster().host(h).name.starts_with("r1-")).collect();
+    let workers: Vec<PodDemand> = (1..3).map(|rank| lws_member(3, rank)).collect();
+    let nodes: Vec<String> = workers.iter().map(|w| filtered_node(&mut book, w, &leaf, 3)).collect();
+    assert!(!nodes.contains(&leader_node) && nodes[0] != nodes[1], "{leader_node} {nodes:?}");
+    assert!(matches!(book.bind_arrive(&workers[0], &nodes[0], 4), Ok(BindStep::Wait { .. })));
+    let BindStep::Bind { ticket, members } = book.bind_arrive(&workers[1], &nodes[1], 5).expect("arrive") else {
+        panic!("the last worker binds the rest");
+    };
+    assert_eq!(ticket, Ticket::Gang("ns/lws".into()));
+    assert_eq!(members.len(), 2, "the leader is not bound twice");
+    let outcomes: Vec<_> = workers.iter().map(|w| (w.pod.clone(), Ok(()))).collect();
+    assert_eq!(book.bind_finished(&ticket, &outcomes, 6), BindFinish::Bound);
+    assert!(book.gangs.is_empty());
+    assert_eq!(book.bound.len(), 2 + 3);
+    assert_eq!(book.ledger().free_gpus(), 48 - 8 - 24);
+    book.check().expect("book invariants");
+}
+
+#[test]
+fn an_exclusive_leaderworkerset_whose_workers_fail_or_never_come_gives_its_leader_up() {
+    // A worker's Binding fails: the workers that bound and the leader are deleted.
+    let mut book = lws_book();
+    let offered = all_hosts(&book);
+    let (leader, _) = bind_lws_leader(&mut book, &offered);
+    let workers: Vec<PodDemand> = (1..3).map(|rank| lws_member(3, rank)).collect();
+    let nodes: Vec<String> = workers.iter().map(|w| filtered_node(&mut book, w, &offered, 3)).collect();
+    book.bind_arrive(&workers[0], &nodes[0], 4).expect("arrive");
+    let BindStep::Bind { ticket, .. } = book.bind_arrive(&workers[1], &nodes[1], 5).expect("arrive") else {
+        panic!("bind");
+    };
+    let outcomes = [(workers[0].pod.clone(), Ok(())), (workers[1].pod.clone(), Err("conflict".to_string()))];
+    let BindFinish::RolledBack { delete, .. } = book.bind_finished(&ticket, &outcomes, 6) else {
+        panic!("rolled back");
+    };
+    assert_eq!(delete, vec![workers[0].pod.clone(), leader.pod.clone()], "the bound worker and the leader");
+    assert!(!book.bound.contains_key(&leader.pod.uid));
+    assert_eq!(book.ledger().free_gpus(), 48 - 8, "nothing of the group is held");
+    book.check().expect("book invariants");
+
+    // The workers never come: at expiry the leader is queued for deletion, once.
+    let mut book = lws_book();
+    let (leader, _) = bind_lws_leader(&mut book, &offered);
+    let ttl = book.config.reservation_ttl_ms;
+    assert!(book.expire(2 + ttl - 1).is_empty(), "held for the workers a whole TTL after the leader bound");
+    let expired = book.expire(2 + ttl);
+    assert!(matches!(expired.as_slice(), [Expired::Reservation { .. }]), "{expired:?}");
+    assert_eq!(book.next_expiry_ms(), Some(0), "the undo is due at once");
+    assert_eq!(book.take_undo(), vec![leader.pod.clone()]);
+    assert!(book.take_undo().is_empty());
+    assert_eq!(book.ledger().free_gpus(), 48 - 8);
+    book.check().expect("book invariants");
+}
+
+#[test]
+fn an_exclusive_leaderworkerset_of_its_leader_alone_is_bound_whole() {
+    let mut book = lws_book();
+    let offered = all_hosts(&book);
+    let leader = lws_member(1, 0);
+    let node = filtered_node(&mut book, &leader, &offered, 0);
+    let BindStep::Bind { ticket, .. } = book.bind_arrive(&leader, &node, 1).expect("arrive") else { panic!("bind") };
+    assert_eq!(book.bind_finished(&ticket, &[(leader.pod.clone(), Ok(()))], 2), BindFinish::Bound);
+    assert!(book.gangs.is_empty(), "nothing left to wait for");
+    assert_eq!(book.stats().gangs_bound, 1);
+    assert!(book.expire(u64::MAX / 2).is_empty() && book.take_undo().is_empty(), "never given up");
+    assert!(book.bound.contains_key(&leader.pod.uid));
+    book.check().expect("book invariants");
+}
+
+#[test]
+fn workers_at_bind_before_their_leader_is_bound_are_bound_right_after_it() {
+    let mut book = lws_book();
+    let offered = all_hosts(&book);
+    let members: Vec<PodDemand> = (0..3).map(|rank| lws_member(3, rank)).collect();
+    let nodes: Vec<String> = members.iter().map(|m| filtered_node(&mut book, m, &offered, 0)).collect();
+    let BindStep::Bind { ticket, .. } = book.bind_arrive(&members[0], &nodes[0], 1).expect("leader") else {
+        panic!("the leader binds ahead");
+    };
+    // Both workers reach bind while the leader's Binding is in flight: they wait.
+    for (worker, node) in members[1..].iter().zip(&nodes[1..]) {
+        assert!(matches!(book.bind_arrive(worker, node, 2), Ok(BindStep::Wait { .. })));
+    }
+    assert_eq!(book.bind_rest("ns/lws"), None, "not before the leader is bound");
+    assert_eq!(book.bind_finished(&ticket, &[(members[0].pod.clone(), Ok(()))], 3), BindFinish::Bound);
+    let Some((ticket, rest)) = book.bind_rest("ns/lws") else { panic!("the waiting workers bind now") };
+    assert_eq!(ticket, Ticket::Gang("ns/lws".into()));
+    assert_eq!(
+        rest.iter().map(|m| m.pod.clone()).collect::<Vec<_>>(),
+        vec![members[1].pod.clone(), members[2].pod.clone()]
+    );
+    assert_eq!(book.bind_rest("ns/lws"), None, "once");
+    let outcomes: Vec<_> = rest.iter().map(|m| (m.pod.clone(), Ok(()))).collect();
+    assert_eq!(book.bind_finished(&ticket, &outcomes, 4), BindFinish::Bound);
+    assert_eq!(book.bound.len(), 2 + 3);
+    book.check().expect("book invariants");
 }

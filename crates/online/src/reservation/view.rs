@@ -36,7 +36,10 @@ impl Book {
                 match self.cluster.host_id(&old.host(slot.host).name) {
                     Some(host) => {
                         slot.host = host;
-                        request.push((host, slot.gpus));
+                        // A member bound ahead of its gang holds its GPUs as a pod.
+                        if !slot.bound {
+                            request.push((host, slot.gpus));
+                        }
                     }
                     None => moved = false,
                 }
@@ -45,6 +48,7 @@ impl Book {
             if moved && self.ledger.reserve(&gang_holder(&key), &merged).is_ok() {
                 self.gangs.insert(key, reservation);
             } else {
+                self.undo_bound_ahead(&reservation);
                 dropped.push(Expired::Reservation { gang: key, members_at_bind: at_bind(&reservation) });
             }
         }

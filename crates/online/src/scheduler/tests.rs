@@ -63,7 +63,12 @@ fn pending(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu_milli: i64
             pipeline_parallel: None,
             required: None,
             preferred: None,
-            gang: gang.map(|(g, size, rank)| GangMembership { key: format!("ns/{g}"), size, rank: Some(rank) }),
+            gang: gang.map(|(g, size, rank)| GangMembership {
+                key: format!("ns/{g}"),
+                size,
+                rank: Some(rank),
+                order: Default::default(),
+            }),
             roles: None,
         },
         needs: PodNeeds { requests: Resources::from([("cpu".to_string(), cpu_milli)]), ..PodNeeds::default() },

@@ -358,10 +358,26 @@ async fn bind_flow(
                 Err(_) => fail(format!("gang `{gang}`: its reservation was dropped while this member waited")),
             }
         }
-        BindStep::Bind { ticket, members } => match bind_all(state, &ticket, members).await {
-            Ok(()) => ExtenderBindingResult::default(),
-            Err(error) => fail(error),
-        },
+        BindStep::Bind { ticket, members } => {
+            let outcome = bind_all(state, &ticket, members).await;
+            if let (Ok(()), Ticket::Leader { gang, .. }) = (&outcome, &ticket) {
+                // Workers that reached bind while the leader's Binding was in flight wait for
+                // no one else: bound now, in a task of their own (this call is answered).
+                let rest = state.with_book(|book| (book.as_mut().and_then(|b| b.bind_rest(gang)), Vec::new()));
+                if let Some((ticket, members)) = rest {
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = bind_all(&state, &ticket, members).await {
+                            tracing::warn!(%error, "binding the members after their leader");
+                        }
+                    });
+                }
+            }
+            match outcome {
+                Ok(()) => ExtenderBindingResult::default(),
+                Err(error) => fail(error),
+            }
+        }
     }
 }
 
@@ -407,6 +423,10 @@ async fn bind_all(state: &ServerState, ticket: &Ticket, members: Vec<MemberBind>
     };
     let result = match &finish {
         BindFinish::Bound => Ok(()),
+        BindFinish::RolledBack { failures, .. } if matches!(ticket, Ticket::Leader { .. }) => Err(format!(
+            "{ticket}: the leader's Binding failed ({}); its replica stays reserved and the leader binds on its retry",
+            failures.join("; ")
+        )),
         BindFinish::RolledBack { delete, failures } => Err(format!(
             "{}: not every member could be bound ({}); {} bound member(s) deleted so the gang is not half-bound",
             ticket,

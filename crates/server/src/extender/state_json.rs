@@ -65,6 +65,10 @@ pub struct SlotJson {
     pub pod: Option<String>,
     /// The member's bind is held (or its Binding in flight).
     pub at_bind: bool,
+    /// Bound ahead of the rest of its gang (a LeaderWorkerSet leader with exclusive
+    /// placement); shown only when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub bound: bool,
 }
 
 /// The book's counters since the server started.
@@ -134,6 +138,7 @@ impl From<Snapshot> for StateJson {
                             gpus: slot.gpus,
                             pod: slot.pod,
                             at_bind: slot.at_bind,
+                            bound: slot.bound,
                         })
                         .collect(),
                 })
