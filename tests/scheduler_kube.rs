@@ -250,6 +250,19 @@ async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
     })
     .await;
     assert_eq!(api.pod_node("ml", "p-0"), None);
+    // A LeaderWorkerSet leader with GPUs and exclusive placement: its workers come only once
+    // it is bound, which this scheduler does not do: left unscheduled, saying what to use.
+    let mut leader = scheduler_pod("ml", "lws-0", 8, None, "1");
+    leader["metadata"]["labels"] = json!({"leaderworkerset.sigs.k8s.io/group-key": "g1",
+        "leaderworkerset.sigs.k8s.io/worker-index": "0"});
+    leader["metadata"]["annotations"] = json!({"leaderworkerset.sigs.k8s.io/size": "3",
+        "leaderworkerset.sigs.k8s.io/exclusive-topology": "network.topology.nvidia.com/leaf"});
+    api.add_pod(leader, None, None);
+    eventually("the Event naming exclusive placement", || {
+        events_for(&api, "lws-0", "FailedScheduling").iter().any(|m| m.contains("with the topoplace extender"))
+    })
+    .await;
+    assert_eq!(api.pod_node("ml", "lws-0"), None);
     finish(&api, replica, Some(server)).await;
 }
 

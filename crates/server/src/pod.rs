@@ -415,11 +415,15 @@ pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodD
         }
         Some(text) => Some(role_of(pod, &shown, text, gpus, gang.as_mut())?),
     };
-    // LeaderWorkerSet's exclusive placement: the group in one domain of the key, and, when
-    // its leader takes GPUs, the leader bound ahead of its workers (LWS creates them only
-    // once the leader is bound).
+    // LeaderWorkerSet's exclusive placement with a leader that takes GPUs: the leader bound
+    // ahead of its workers (LWS creates them only once the leader is bound), the whole group
+    // in one domain of the key (the leader's plan holds the workers' hosts; LWS then pins the
+    // workers there by a node selector). With a GPU-less leader the node selector alone keeps
+    // the workers there, so the key is not a scope of topoplace's: a key that is not one of
+    // the view's level keys keeps working as before.
     let exclusive = annotation(LWS_EXCLUSIVE_TOPOLOGY).filter(|_| labels.contains_key(LWS_GROUP_LABEL));
-    if let (Some(_), Some(membership)) = (exclusive, gang.as_mut()) {
+    let mut leader_first_key = None;
+    if let (Some(key), Some(membership)) = (exclusive, gang.as_mut()) {
         let leader_takes_gpus = match &roles {
             Some(own) => own.roles.first().is_some_and(|leader| leader.gpus_per_member > 0),
             // `leader-gpus: "0"` leaves the leader out of the gang; otherwise it has the
@@ -428,10 +432,11 @@ pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodD
         };
         if leader_takes_gpus {
             membership.order = BindOrder::LeaderFirst { leader: lws_leader };
+            leader_first_key = Some(key);
         }
     }
     let scope_keys =
-        ScopeKeys { pod_group: pod_group.and_then(|g| g.topology_key.as_deref()), lws_exclusive: exclusive };
+        ScopeKeys { pod_group: pod_group.and_then(|g| g.topology_key.as_deref()), lws_exclusive: leader_first_key };
     Ok(PodDemand {
         gang,
         pod: identity,
@@ -881,7 +886,7 @@ mod tests {
         assert_eq!(demand(&pod_with(labels("0"), gpu_less.clone(), 0)).expect("leader").gang, None);
         let worker = demand(&pod_with(labels("1"), gpu_less, 8)).expect("worker");
         assert_eq!(order(&worker), Some(BindOrder::Together));
-        assert_eq!(worker.required, Some(Scope::parse(leaf)));
+        assert_eq!(worker.required, None, "LWS's node selector keeps these workers in the leader's domain");
         // With roles, the first role's GPUs decide.
         for (leader_gpus, expected) in [(4, BindOrder::LeaderFirst { leader: false }), (0, BindOrder::Together)] {
             let mut with_roles = exclusive.clone();

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::scheduling::v1beta1::PodGroup as UpstreamPodGroup;
@@ -18,13 +19,27 @@ use crate::pod::{self, PodGroupFacts, PodGroupRef};
 /// PodGroups remembered at once; past it the cache starts again empty (a lookup is one GET).
 pub const POD_GROUPS_REMEMBERED_MAX: usize = 100_000;
 
+/// How long a PodGroup read is used before it is read again: a coscheduling PodGroup's
+/// `minMember` may be edited, and a PodGroup deleted and made again under its name.
+pub const POD_GROUP_KEPT: Duration = Duration::from_secs(30);
+
+/// The longest one PodGroup GET may take (it runs inside kube-scheduler's filter call).
+pub const POD_GROUP_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Why a pod's PodGroup gave no facts. The text names the PodGroup and, for a bad value, the
 /// field.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum PodGroupError {
     /// The GET failed (not found, forbidden, unreachable).
     #[error("its PodGroup {namespace}/{name} ({api}) cannot be read: {reason}")]
-    Unreadable { namespace: String, name: String, api: &'static str, reason: String },
+    Unreadable {
+        namespace: String,
+        name: String,
+        api: &'static str,
+        reason: String,
+        /// The API server answered 404.
+        not_found: bool,
+    },
     /// The object holds a value that is no gang size.
     #[error("its PodGroup {namespace}/{name}: spec.schedulingPolicy.gang.minCount is {value}, not a positive count")]
     BadMinCount { namespace: String, name: String, value: i32 },
@@ -38,12 +53,11 @@ pub enum PodGroupError {
     InComposite { namespace: String, name: String, composite: String },
 }
 
-/// The lookups, with what they found. PodGroup specs do not change after creation, so a
-/// found PodGroup is kept; a failed lookup is not, so a PodGroup created after its pods is
-/// found on a later try.
+/// The lookups, with what they found, each kept [`POD_GROUP_KEPT`]; a failed lookup is not
+/// kept, so a PodGroup created after its pods is found on a later try.
 pub struct PodGroups {
     client: Client,
-    known: Mutex<HashMap<(String, PodGroupRef), PodGroupFacts>>,
+    known: Mutex<HashMap<(String, PodGroupRef), (PodGroupFacts, Instant)>>,
 }
 
 impl PodGroups {
@@ -52,9 +66,10 @@ impl PodGroups {
     }
 
     /// What the pod's PodGroup says, if the pod names one ([`pod::pod_group_to_look_up`]);
-    /// `Ok(None)` for a pod without one, and for a coscheduling PodGroup that cannot be read
+    /// `Ok(None)` for a pod without one, and for a coscheduling PodGroup that does not exist
     /// (the pod's own `topoplace.io/gang-size` then decides, and its absence is the pod's
-    /// error). An upstream PodGroup that cannot be read is an error: its pod's gang and scope
+    /// error). Any other failed read is an error naming the PodGroup and why (forbidden,
+    /// timed out); so is an upstream PodGroup that does not exist: its pod's gang and scope
     /// are unknown without it.
     ///
     /// # Errors
@@ -64,8 +79,9 @@ impl PodGroups {
         let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
         match self.facts(namespace, &reference).await {
             Ok(facts) => Ok(Some(facts)),
-            Err(error) if matches!(reference, PodGroupRef::Coscheduling(_)) => {
-                tracing::warn!(%error, "PodGroup lookup failed; the pod's own labels decide");
+            Err(PodGroupError::Unreadable { not_found: true, .. })
+                if matches!(reference, PodGroupRef::Coscheduling(_)) =>
+            {
                 Ok(None)
             }
             Err(error) => Err(error),
@@ -78,9 +94,19 @@ impl PodGroups {
     /// [`PodGroupError`] naming the PodGroup.
     pub async fn facts(&self, namespace: &str, reference: &PodGroupRef) -> Result<PodGroupFacts, PodGroupError> {
         let key = (namespace.to_string(), reference.clone());
-        if let Some(known) = self.lock().get(&key) {
-            return Ok(known.clone());
+        if let Some((known, at)) = self.lock().get(&key) {
+            if at.elapsed() < POD_GROUP_KEPT {
+                return Ok(known.clone());
+            }
         }
+        let unreadable = |name: &str, api: &'static str, error: Result<kube::Error, tokio::time::error::Elapsed>| {
+            let (reason, not_found) = match error {
+                Ok(kube::Error::Api(response)) => (response.to_string(), response.code == 404),
+                Ok(error) => (error.to_string(), false),
+                Err(_) => (format!("no answer within {} s", POD_GROUP_LOOKUP_TIMEOUT.as_secs()), false),
+            };
+            PodGroupError::Unreadable { namespace: namespace.into(), name: name.into(), api, reason, not_found }
+        };
         let facts = match reference {
             PodGroupRef::Coscheduling(name) => {
                 let resource = ApiResource::from_gvk_with_plural(
@@ -88,23 +114,23 @@ impl PodGroups {
                     "podgroups",
                 );
                 let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &resource);
-                let object = api.get(name).await.map_err(|error| PodGroupError::Unreadable {
-                    namespace: namespace.into(),
-                    name: name.clone(),
-                    api: "scheduling.x-k8s.io/v1alpha1",
-                    reason: error.to_string(),
-                })?;
+                const API: &str = "scheduling.x-k8s.io/v1alpha1";
+                let object = match tokio::time::timeout(POD_GROUP_LOOKUP_TIMEOUT, api.get(name)).await {
+                    Ok(Ok(object)) => object,
+                    Ok(Err(error)) => return Err(unreadable(name, API, Ok(error))),
+                    Err(elapsed) => return Err(unreadable(name, API, Err(elapsed))),
+                };
                 let min_count = object.data["spec"]["minMember"].as_u64().and_then(|m| u32::try_from(m).ok());
                 PodGroupFacts { min_count, topology_key: None }
             }
             PodGroupRef::Upstream(name) => {
                 let api: Api<UpstreamPodGroup> = Api::namespaced(self.client.clone(), namespace);
-                let group = api.get(name).await.map_err(|error| PodGroupError::Unreadable {
-                    namespace: namespace.into(),
-                    name: name.clone(),
-                    api: "scheduling.k8s.io/v1beta1, spec.schedulingGroup.podGroupName",
-                    reason: error.to_string(),
-                })?;
+                const API: &str = "scheduling.k8s.io/v1beta1, spec.schedulingGroup.podGroupName";
+                let group = match tokio::time::timeout(POD_GROUP_LOOKUP_TIMEOUT, api.get(name)).await {
+                    Ok(Ok(group)) => group,
+                    Ok(Err(error)) => return Err(unreadable(name, API, Ok(error))),
+                    Err(elapsed) => return Err(unreadable(name, API, Err(elapsed))),
+                };
                 upstream_facts(namespace, name, &group)?
             }
         };
@@ -112,11 +138,11 @@ impl PodGroups {
         if known.len() >= POD_GROUPS_REMEMBERED_MAX {
             known.clear();
         }
-        known.insert(key, facts.clone());
+        known.insert(key, (facts.clone(), Instant::now()));
         Ok(facts)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, PodGroupRef), PodGroupFacts>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, PodGroupRef), (PodGroupFacts, Instant)>> {
         self.known.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -60,6 +60,11 @@ impl Book {
                 self.drop_reservation(&key);
             }
         }
+        if !self.gangs.contains_key(&key) && matches!(membership.order, BindOrder::LeaderFirst { .. }) {
+            if let Some(reason) = self.give_up_orphan_leader(&key, membership.size) {
+                return Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect());
+            }
+        }
         if !self.gangs.contains_key(&key) {
             let cluster_hosts = self.cluster.hosts.len();
             let mut mask = vec![false; cluster_hosts];
@@ -130,6 +135,12 @@ impl Book {
             );
             self.stats.gangs_reserved += 1;
         }
+        if matches!(membership.order, BindOrder::LeaderFirst { .. }) {
+            // A reservation the placement API made binds this group's leader ahead too.
+            if let Some(reservation) = self.gangs.get_mut(&key) {
+                reservation.leader_first = true;
+            }
+        }
         let slot = self.assign_slot(&key, demand, &membership, own_role, now_ms)?;
         let Some(reservation) = self.gangs.get(&key) else {
             return Err(BookError::NotPlanned { pod: demand.pod.to_string() });
@@ -141,6 +152,30 @@ impl Book {
             return Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect());
         }
         Ok(self.only_node(offered, &node, &format!("gang `{key}` has this member planned on `{node}`")))
+    }
+
+    /// A [`BindOrder::LeaderFirst`] gang about to be planned afresh while one of its members
+    /// is bound alone: a leader bound ahead whose reservation is gone (topoplace restarted,
+    /// or the cluster view dropped it). Nothing is held for its workers any more, so the
+    /// leader is given up (queued for deletion, [`Book::take_undo`]) and the group is
+    /// recreated whole; the reason for the filter, or `None` when there is no such member.
+    fn give_up_orphan_leader(&mut self, key: &str, size: u32) -> Option<String> {
+        let bound: Vec<PodIdentity> =
+            self.bound.values().filter(|b| b.gang.as_deref() == Some(key)).map(|b| b.pod.clone()).collect();
+        let [leader] = bound.as_slice() else { return None };
+        if size < 2 {
+            return None;
+        }
+        let leader = leader.clone();
+        self.bound.remove(&leader.uid);
+        if let Err(error) = self.ledger.release(&pod_holder(&leader.uid)) {
+            self.ledger_fault("giving up a leader bound ahead without a reservation", error);
+        }
+        self.undo.push(leader.clone());
+        Some(format!(
+            "gang `{key}`: its leader {leader} is bound but nothing is held for its workers any more (topoplace \
+             restarted, or the reservation ended); the leader is deleted so the group is recreated whole"
+        ))
     }
 
     fn only_node(&self, offered: &[HostId], node: &str, why: &str) -> Vec<NodeVerdict> {
@@ -224,7 +259,7 @@ impl Book {
         // Without a free slot, a newcomer without a rank takes one whose pod's hold lapsed:
         // the pod watch sees bound pods only, so a parked member deleted and replaced still
         // holds its slot.
-        let free = of_role.iter().copied().find(|&i| reservation.slots[i].pod.is_none());
+        let free = of_role.iter().copied().find(|&i| reservation.slots[i].pod.is_none() && !reservation.slots[i].bound);
         let lapsed = membership
             .rank
             .is_none()
@@ -453,7 +488,7 @@ impl Book {
                     BindFinish::RolledBack { delete: Vec::new(), failures }
                 };
             }
-            Ticket::Leader { gang, uid } => return self.leader_bound(gang, uid, failures, now_ms),
+            Ticket::Leader { gang, uid } => return self.leader_bound(gang, uid, outcomes, failures, now_ms),
             Ticket::Gang(key) => {
                 let Some(reservation) = self.drop_reservation(key) else {
                     return BindFinish::RolledBack { delete: Vec::new(), failures };
@@ -513,9 +548,23 @@ impl Book {
     /// holder to its pod's and the rest stay held for the workers (a fresh TTL and rounds of
     /// holds: LWS creates them now); not bound, the reservation stays as it was and the
     /// leader's retry binds it again.
-    fn leader_bound(&mut self, key: &str, uid: &str, failures: Vec<String>, now_ms: u64) -> BindFinish {
+    fn leader_bound(
+        &mut self,
+        key: &str,
+        uid: &str,
+        outcomes: &[(PodIdentity, Result<(), String>)],
+        failures: Vec<String>,
+        now_ms: u64,
+    ) -> BindFinish {
         let ttl = self.config.reservation_ttl_ms;
         let Some(reservation) = self.gangs.get_mut(key) else {
+            if failures.is_empty() {
+                // Bound, but its reservation ended meanwhile (the cluster view changed): no
+                // workers' GPUs are held for it, so it is given up, not left alone.
+                let failures = vec![format!("gang `{key}`: its reservation ended while its leader was binding")];
+                let delete = outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone()).collect();
+                return BindFinish::RolledBack { delete, failures };
+            }
             return BindFinish::RolledBack { delete: Vec::new(), failures };
         };
         reservation.binding = false;
@@ -528,7 +577,8 @@ impl Book {
         }
         reservation.slots[slot].bound = true;
         reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
-        reservation.first_held_ms = None;
+        // The workers must be whole at bind within the rounds of holds from now.
+        reservation.first_held_ms = Some(now_ms);
         let at = reservation.slots[slot].clone();
         let rest = merge_by_host(reservation.slots.iter().filter(|s| !s.bound).map(|s| (s.host, s.gpus)));
         let Some(pod) = at.pod else { return BindFinish::Bound };
@@ -624,6 +674,10 @@ impl Book {
     fn victims_take_whole_gangs(&self, victims: &[String]) -> bool {
         victims.iter().all(|uid| {
             let Some(gang) = self.bound.get(uid).and_then(|b| b.gang.as_ref()) else { return true };
+            if self.gangs.contains_key(gang) {
+                // Bound ahead of a gang whose other members are still held for: part of it.
+                return false;
+            }
             self.bound.iter().filter(|(_, b)| b.gang.as_ref() == Some(gang)).all(|(other, _)| victims.contains(other))
         })
     }

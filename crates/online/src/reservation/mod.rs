@@ -705,7 +705,7 @@ impl Book {
                 due.push(key.clone());
                 continue;
             }
-            let waiting_for = reservation.slots.iter().filter(|s| !s.at_bind).count() as u32;
+            let waiting_for = reservation.slots.iter().filter(|s| !s.at_bind && !s.bound).count() as u32;
             let mut lapsed = 0;
             for slot in reservation.slots.iter_mut().filter(|s| s.at_bind && s.held_until_ms <= now_ms) {
                 slot.at_bind = false;

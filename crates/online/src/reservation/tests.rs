@@ -1040,3 +1040,56 @@ fn workers_at_bind_before_their_leader_is_bound_are_bound_right_after_it() {
     assert_eq!(book.bound.len(), 2 + 3);
     book.check().expect("book invariants");
 }
+
+#[test]
+fn a_leader_bound_ahead_that_leaves_ends_its_reservation_and_is_no_victim_alone() {
+    let mut book = lws_book();
+    let offered = all_hosts(&book);
+    let (leader, leader_node) = bind_lws_leader(&mut book, &offered);
+    // Evicting the leader alone would leave its workers' hold without it.
+    let host = book.cluster().host_id(&leader_node).expect("host");
+    let candidate = PreemptCandidate { host, victims: vec![leader.pod.uid.clone()] };
+    assert_eq!(book.preempt(&member("other", 1, 0, 8), &[candidate]).expect("preempt"), vec![false]);
+    let ended = book.forget_pod(&leader.pod.uid);
+    assert!(matches!(ended.as_slice(), [Expired::Reservation { gang, .. }] if gang == "ns/lws"), "{ended:?}");
+    assert!(book.gangs.is_empty());
+    assert!(book.take_undo().is_empty(), "it is gone already");
+    assert_eq!(book.ledger().free_gpus(), 48 - 8);
+    book.check().expect("book invariants");
+}
+
+#[test]
+fn a_leader_found_bound_alone_when_its_workers_come_is_given_up() {
+    // After a restart: the leader is seen bound, nothing is held for its workers.
+    let mut book = lws_book();
+    let offered = all_hosts(&book);
+    let leader = lws_member(3, 0);
+    book.observe_bound(leader.pod.clone(), "r1-0", None, 8, Some("ns/lws".into())).expect("observed");
+    let verdicts = book.filter(&lws_member(3, 1), &offered, 0).expect("filter");
+    assert!(passing(&book, &verdicts, &offered).is_empty());
+    let NodeVerdict::Fail(reason) = &verdicts[0] else { panic!("{verdicts:?}") };
+    assert!(reason.contains("the leader is deleted so the group is recreated whole"), "{reason}");
+    assert_eq!(book.take_undo(), vec![leader.pod.clone()]);
+    assert!(book.gangs.is_empty(), "nothing planned for it");
+    assert_eq!(book.ledger().free_gpus(), 48 - 8);
+    book.check().expect("book invariants");
+}
+
+#[test]
+fn workers_that_keep_being_filtered_but_never_reach_bind_do_not_hold_a_leader_forever() {
+    let mut book = lws_book();
+    let offered = all_hosts(&book);
+    let (leader, _) = bind_lws_leader(&mut book, &offered);
+    let worker = lws_member(3, 1);
+    let limit = 2 + book.config.bind_hold_ms * HOLD_ROUNDS_MAX;
+    let mut now = 3;
+    while now < limit {
+        // Every filter is a sign of life, but the rounds of holds count from the leader's Binding.
+        book.filter(&worker, &offered, now).expect("filter");
+        assert!(book.expire(now).is_empty(), "{now}");
+        now += book.config.reservation_ttl_ms / 2;
+    }
+    assert!(!book.expire(limit.max(now)).is_empty());
+    assert_eq!(book.take_undo(), vec![leader.pod.clone()]);
+    book.check().expect("book invariants");
+}

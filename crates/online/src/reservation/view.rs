@@ -135,9 +135,26 @@ impl Book {
     }
 
     /// A pod was deleted (or finished): its GPUs come back, and if it held a slot in a
-    /// reservation not yet binding, the slot is free for its replacement.
-    pub fn forget_pod(&mut self, uid: &str) {
+    /// reservation not yet binding, the slot is free for its replacement. A member bound
+    /// ahead of its gang ([`BindOrder::LeaderFirst`]) that leaves ends its gang's reservation
+    /// (its controller recreates the group): returned, so the adapter answers the held binds.
+    pub fn forget_pod(&mut self, uid: &str) -> Vec<Expired> {
         self.unassume(uid);
+        let ahead: Vec<String> = self
+            .gangs
+            .iter()
+            .filter(|(_, g)| {
+                !g.binding && g.slots.iter().any(|s| s.bound && s.pod.as_ref().is_some_and(|p| p.uid == uid))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut ended = Vec::new();
+        for key in ahead {
+            if let Some(reservation) = self.drop_reservation(&key) {
+                self.stats.gangs_expired += 1;
+                ended.push(Expired::Reservation { gang: key, members_at_bind: at_bind(&reservation) });
+            }
+        }
         // A bound pod holds its GPUs, except one whose node left the view while its Binding
         // was in flight (`bind_finished` records it without a host to hold on).
         if self.bound.remove(uid).is_some() && self.ledger.holding(&pod_holder(uid)).is_some() {
@@ -152,6 +169,7 @@ impl Book {
                 }
             }
         }
+        ended
     }
 
     /// After a relist: bound pods not in `present` are gone, except those topoplace bound
@@ -166,6 +184,7 @@ impl Book {
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
+            // Held binds of a reservation this ends lapse at their hold.
             self.forget_pod(&uid);
         }
     }

@@ -390,7 +390,7 @@ async fn ask_to_retry(state: Arc<ServerState>, after: Duration, pods: Vec<topopl
             Ok(()) => {}
             Err(BindError::Gone { reason }) => {
                 tracing::info!(%pod, %reason, "a lapsed gang member is gone: its slot is freed");
-                state.update_book(|book| book.forget_pod(&pod.uid));
+                state.with_book(|book| ((), book.as_mut().map(|b| b.forget_pod(&pod.uid)).unwrap_or_default()));
             }
             Err(error) => tracing::warn!(%pod, %error, "asking kube-scheduler to retry a gang member failed"),
         }
@@ -423,10 +423,12 @@ async fn bind_all(state: &ServerState, ticket: &Ticket, members: Vec<MemberBind>
     };
     let result = match &finish {
         BindFinish::Bound => Ok(()),
-        BindFinish::RolledBack { failures, .. } if matches!(ticket, Ticket::Leader { .. }) => Err(format!(
+        BindFinish::RolledBack { failures, delete } if matches!(ticket, Ticket::Leader { .. }) && delete.is_empty() => {
+            Err(format!(
             "{ticket}: the leader's Binding failed ({}); its replica stays reserved and the leader binds on its retry",
             failures.join("; ")
-        )),
+        ))
+        }
         BindFinish::RolledBack { delete, failures } => Err(format!(
             "{}: not every member could be bound ({}); {} bound member(s) deleted so the gang is not half-bound",
             ticket,
@@ -454,7 +456,10 @@ async fn bind_all(state: &ServerState, ticket: &Ticket, members: Vec<MemberBind>
             }
         }))
         .await;
-        join_all(members.iter().map(|m| binder.event(&m.pod, "GangBindRolledBack", message.clone()))).await;
+        // Every member told, and every pod deleted for it (a leader bound ahead too).
+        let told =
+            members.iter().map(|m| &m.pod).chain(delete.iter().filter(|p| !members.iter().any(|m| &m.pod == *p)));
+        join_all(told.map(|pod| binder.event(pod, "GangBindRolledBack", message.clone()))).await;
     }
     result
 }

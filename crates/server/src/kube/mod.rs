@@ -551,7 +551,7 @@ fn apply_node(specs: &mut HashMap<String, ViewNode>, node: &Node) -> bool {
 /// A pod that left (deleted or finished): its GPUs come back.
 fn forget(ext: &ServerState, pod: &Pod) {
     let Some(uid) = pod.metadata.uid.as_deref() else { return };
-    ext.update_book(|book| book.forget_pod(uid));
+    ext.with_book(|book| ((), book.as_mut().map(|b| b.forget_pod(uid)).unwrap_or_default()));
 }
 
 fn apply_pod(ext: &ServerState, pod: &Pod) {
