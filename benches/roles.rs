@@ -103,7 +103,7 @@ fn shapes() -> Vec<GangSpec> {
             ..GangSpec::with_roles(
                 "train",
                 vec![RoleSpec {
-                    slices: Some(Slicing { members: 2, scope: Scope::Level("leaf".into()) }),
+                    slices: Some(Slicing { members: 2, scope: Scope::Level("leaf".into()), exclusive: false }),
                     ..role("workers", 8, 8, 8, 0)
                 }],
             )

@@ -523,6 +523,35 @@ async fn an_exclusive_leaderworkerset_binds_its_leader_ahead_and_its_workers_in_
     server.stop().await;
 }
 
+/// LeaderWorkerSet subgroups with `subgroup-exclusive-topology` on the leaf: a group of 4
+/// 8-GPU pods in subgroups of 2, each subgroup in a rack of its own. One rack has room for the
+/// whole group, but the subgroups are planned 2 + 2 on both racks, by worker index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_leaderworkerset_subgroups_take_a_rack_each() {
+    let (server, ext, binder) = static_extender(CLUSTER, 30_000).await;
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for index in 0..4 {
+        let (client, base) = (client.clone(), server.base.clone());
+        let mut pod = lws_pod(&format!("sg-{index}"), index, 4, 8, None);
+        pod["metadata"]["annotations"]["leaderworkerset.sigs.k8s.io/subgroup-size"] = json!("2");
+        pod["metadata"]["annotations"]["leaderworkerset.sigs.k8s.io/subgroup-exclusive-topology"] =
+            json!("network.topology.nvidia.com/leaf");
+        tasks.push(tokio::spawn(async move { schedule(&client, &base, &pod, &node_names()).await }));
+    }
+    let mut nodes = Vec::new();
+    for task in tasks {
+        nodes.push(task.await.expect("task").expect("each pod is bound"));
+    }
+    let rack = |node: &str| node.split('-').next().unwrap_or_default().to_string();
+    assert_eq!(rack(&nodes[0]), rack(&nodes[1]), "subgroup 0 (workers 0, 1) in one rack: {nodes:?}");
+    assert_eq!(rack(&nodes[2]), rack(&nodes[3]), "subgroup 1 (workers 2, 3) in one rack: {nodes:?}");
+    assert_ne!(rack(&nodes[0]), rack(&nodes[2]), "each subgroup in a rack of its own: {nodes:?}");
+    assert!((0..4).all(|i| binder.node_of(&format!("sg-{i}-uid")).is_some()));
+    ext.check().expect("book invariants");
+    server.stop().await;
+}
+
 /// Issue 18's first input: a LeaderWorkerSet group of 3 whose leader takes no GPUs (never
 /// sent to the extender) and two 8-GPU workers. With `topoplace.io/leader-gpus: "0"` the gang
 /// is the two workers: both bound together on two hosts, the rest of the cluster free.

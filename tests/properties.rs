@@ -293,13 +293,13 @@ proptest! {
     }
 }
 
-/// A replica of random roles: `(gang, slice units per slice or 0, GPU-less)` per role and
-/// a replica scope (0 none, 1 rack, 2 spine).
-fn replica_draw() -> impl Strategy<Value = (Vec<(Gang, u32, bool)>, u32)> {
-    (prop::collection::vec((gang_draw(), 0u32..3, prop::bool::weighted(0.15)), 1..4), 0u32..3)
+/// A replica of random roles: `(gang, slice units per slice or 0, GPU-less, exclusive
+/// slices)` per role and a replica scope (0 none, 1 rack, 2 spine).
+fn replica_draw() -> impl Strategy<Value = (Vec<(Gang, u32, bool, bool)>, u32)> {
+    (prop::collection::vec((gang_draw(), 0u32..3, prop::bool::weighted(0.15), prop::bool::ANY), 1..4), 0u32..3)
 }
 
-fn make_replica(name: &str, roles: Vec<(Gang, u32, bool)>, scope: u32) -> Replica {
+fn make_replica(name: &str, roles: Vec<(Gang, u32, bool, bool)>, scope: u32) -> Replica {
     let level = |scope: u32| match scope {
         1 => Some(Scope::Level("rack".into())),
         2 => Some(Scope::Level("spine".into())),
@@ -308,7 +308,7 @@ fn make_replica(name: &str, roles: Vec<(Gang, u32, bool)>, scope: u32) -> Replic
     let roles = roles
         .into_iter()
         .enumerate()
-        .map(|(index, (mut gang, slice_units, gpu_less))| {
+        .map(|(index, (mut gang, slice_units, gpu_less, exclusive))| {
             let role = format!("role{index}");
             gang.name = format!("{name}/{role}");
             if gpu_less {
@@ -322,7 +322,11 @@ fn make_replica(name: &str, roles: Vec<(Gang, u32, bool)>, scope: u32) -> Replic
                 && units % slice_units == 0
                 && units > slice_units
                 && matches!(gang.required, None | Some(Scope::Level(_))))
-            .then(|| Slicing { members: slice_units * gang.members_per_unit(), scope: Scope::Level("rack".into()) });
+            .then(|| Slicing {
+                members: slice_units * gang.members_per_unit(),
+                scope: Scope::Level("rack".into()),
+                exclusive,
+            });
             Role { name: role, members: gang.members, gang: Some(gang), slices }
         })
         .collect();
@@ -376,6 +380,17 @@ proptest! {
                             };
                             check_constraints(&cluster, &free_before, &part_gang, &part.placement);
                             role_hosts.extend(part.placement.members.iter().map(|m| m.host));
+                        }
+                        if role.slices.as_ref().is_some_and(|s| s.exclusive) {
+                            let mut racks: Vec<u32> = parts
+                                .iter()
+                                .filter_map(|p| p.placement.members.first())
+                                .map(|m| cluster.host(m.host).domain_path[1])
+                                .collect();
+                            let count = racks.len();
+                            racks.sort_unstable();
+                            racks.dedup();
+                            prop_assert_eq!(racks.len(), count, "exclusive slices each in a rack of its own");
                         }
                         let product = cluster.host(role_hosts[0]).product;
                         prop_assert!(role_hosts.iter().all(|&h| cluster.host(h).product == product), "one product per role");

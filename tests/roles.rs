@@ -132,7 +132,7 @@ fn slices_each_stay_in_a_rack_and_use_the_racks_that_fit_them() {
         ("c2", "k", "rc", 0),
     ]);
     let workers = RoleSpec {
-        slices: Some(Slicing { members: 2, scope: Scope::Level("rack".into()) }),
+        slices: Some(Slicing { members: 2, scope: Scope::Level("rack".into()), exclusive: false }),
         ..role("workers", 4, 8, 8)
     };
     let spec = GangSpec { required: Some(Scope::Level("block".into())), ..GangSpec::with_roles("job", vec![workers]) };
@@ -154,6 +154,57 @@ fn slices_each_stay_in_a_rack_and_use_the_racks_that_fit_them() {
         members.sort();
         assert_eq!(members, [0, 1, 2, 3]);
     }
+}
+
+/// LeaderWorkerSet's exclusive subgroups: each slice in a rack of its own. Two racks of four
+/// free hosts: slices of two that may share go into one rack (the tightest after the first);
+/// exclusive ones take a rack each. The exact solver does not model exclusivity: it answers
+/// with the search's placement and says so, with no proof.
+#[test]
+fn exclusive_slices_each_take_a_domain_of_their_own() {
+    let cluster = h100s(&[
+        ("a1", "k", "ra", 0),
+        ("a2", "k", "ra", 0),
+        ("a3", "k", "ra", 0),
+        ("a4", "k", "ra", 0),
+        ("b1", "k", "rb", 0),
+        ("b2", "k", "rb", 0),
+        ("b3", "k", "rb", 0),
+        ("b4", "k", "rb", 0),
+    ]);
+    let sliced = |exclusive| {
+        let slices = Slicing { members: 2, scope: Scope::Level("rack".into()), exclusive };
+        replica(GangSpec::with_roles("job", vec![RoleSpec { slices: Some(slices), ..role("workers", 4, 8, 8) }]))
+    };
+    let racks = |placement: &ReplicaPlacement| -> Vec<char> {
+        let mut racks: Vec<char> =
+            nodes_of(&cluster, placement, "workers").iter().filter_map(|n| n.chars().next()).collect();
+        racks.dedup();
+        racks
+    };
+    let shared = place(&cluster, &sliced(false)).expect("placed");
+    assert_eq!(racks(&shared), ['a'], "slices that may share a rack pack into one");
+    for solver in solvers() {
+        let placement = place_by(&cluster, &sliced(true), &solver).expect("placed");
+        assert_eq!(racks(&placement), ['a', 'b'], "{solver:?}");
+        for part in &placement.parts {
+            let slice_racks: Vec<char> =
+                part.placement.members.iter().filter_map(|m| cluster.host(m.host).name.chars().next()).collect();
+            assert!(slice_racks.windows(2).all(|w| w[0] == w[1]), "a slice inside one rack: {part:?}");
+        }
+        if !matches!(solver, SolverChoice::Greedy) {
+            assert_eq!(placement.solver.solver, "greedy", "the exact model declined: {placement:?}");
+        }
+    }
+    // Three exclusive slices on two racks do not fit, though the GPUs would.
+    let three = replica(GangSpec::with_roles(
+        "job",
+        vec![RoleSpec {
+            slices: Some(Slicing { members: 2, scope: Scope::Level("rack".into()), exclusive: true }),
+            ..role("workers", 6, 8, 8)
+        }],
+    ));
+    assert!(place(&cluster, &three).is_err());
 }
 
 #[test]
@@ -234,7 +285,7 @@ fn the_search_goes_back_when_a_later_slice_finds_no_room() {
     ]);
     let workers = RoleSpec {
         required: Some(Scope::Level("block".into())),
-        slices: Some(Slicing { members: 2, scope: Scope::Level("rack".into()) }),
+        slices: Some(Slicing { members: 2, scope: Scope::Level("rack".into()), exclusive: false }),
         ..role("workers", 4, 8, 8)
     };
     let placement = place(&cluster, &replica(GangSpec::with_roles("job", vec![workers]))).expect("block k2 holds it");
@@ -324,7 +375,10 @@ fn roles_and_slices_are_read_from_the_workload_file() {
     assert_eq!(serve.roles.len(), 3);
     let prefill = serve.roles[0].gang.as_ref().expect("takes GPUs");
     assert_eq!((prefill.name.as_str(), prefill.members, prefill.memory_floor_mib), ("serve-0/prefill", 2, 60 * 1024));
-    assert_eq!(serve.roles[1].slices, Some(Slicing { members: 1, scope: Scope::Level("rack".into()) }));
+    assert_eq!(
+        serve.roles[1].slices,
+        Some(Slicing { members: 1, scope: Scope::Level("rack".into()), exclusive: false })
+    );
     assert!(serve.roles[2].gang.is_none(), "the router takes no GPUs");
     assert_eq!(serve.total_gpus(), 20);
 }
@@ -388,7 +442,7 @@ fn a_slice_wider_than_its_role_is_an_input_error() {
     let cluster = three_and_two();
     let workers = RoleSpec {
         required: rack(),
-        slices: Some(Slicing { members: 1, scope: Scope::Level("block".into()) }),
+        slices: Some(Slicing { members: 1, scope: Scope::Level("block".into()), exclusive: false }),
         ..role("workers", 2, 8, 8)
     };
     let replica = replica(GangSpec::with_roles("job", vec![workers]));
@@ -401,7 +455,10 @@ fn a_slice_wider_than_its_role_is_an_input_error() {
 
 #[test]
 fn a_replica_of_more_parts_than_the_search_can_try_is_refused() {
-    let many = RoleSpec { slices: Some(Slicing { members: 1, scope: Scope::Host }), ..role("workers", 300, 1, 1) };
+    let many = RoleSpec {
+        slices: Some(Slicing { members: 1, scope: Scope::Host, exclusive: false }),
+        ..role("workers", 300, 1, 1)
+    };
     let error = GangSpec::with_roles("wide", vec![many]).validate().unwrap_err().to_string();
     assert!(error.contains("300 roles and slices, above the limit of 256"), "{error}");
 }
@@ -410,7 +467,7 @@ fn a_replica_of_more_parts_than_the_search_can_try_is_refused() {
 fn an_unknown_slice_scope_is_an_input_error_naming_the_role() {
     let cluster = three_and_two();
     let workers = RoleSpec {
-        slices: Some(Slicing { members: 1, scope: Scope::Level("row".into()) }),
+        slices: Some(Slicing { members: 1, scope: Scope::Level("row".into()), exclusive: false }),
         ..role("workers", 2, 8, 8)
     };
     let replica = replica(GangSpec::with_roles("job", vec![workers]));
@@ -433,7 +490,7 @@ fn the_first_slice_goes_where_the_whole_role_has_room() {
     ]);
     let workers = RoleSpec {
         required: rack(),
-        slices: Some(Slicing { members: 1, scope: Scope::Host }),
+        slices: Some(Slicing { members: 1, scope: Scope::Host, exclusive: false }),
         ..role("workers", 4, 8, 8)
     };
     let placement = place(&cluster, &replica(GangSpec::with_roles("job", vec![workers]))).expect("rack rb holds it");
@@ -447,7 +504,10 @@ fn the_first_slice_tries_another_gpu_product_when_the_rest_find_none() {
     // role takes the two H200s.
     let text = "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: t}\nspec:\n  levels: [rack]\n  nodes:\n  - name: h100\n    labels: {rack: r}\n    gpu: {product: H100, count: 8}\n  - name: h200-a\n    labels: {rack: r}\n    gpu: {product: H200, count: 8}\n  - name: h200-b\n    labels: {rack: r}\n    gpu: {product: H200, count: 8}\n";
     let cluster = files::cluster::load("inline.yaml", text).expect("valid");
-    let workers = RoleSpec { slices: Some(Slicing { members: 1, scope: Scope::Host }), ..role("workers", 2, 8, 8) };
+    let workers = RoleSpec {
+        slices: Some(Slicing { members: 1, scope: Scope::Host, exclusive: false }),
+        ..role("workers", 2, 8, 8)
+    };
     let placement = place(&cluster, &replica(GangSpec::with_roles("job", vec![workers]))).expect("the H200s hold it");
     assert_eq!(nodes_of(&cluster, &placement, "workers"), ["h200-a", "h200-b"]);
     // Without slices the role is one gang, which never mixes products either.
@@ -490,12 +550,12 @@ fn a_replica_built_directly_is_checked_before_it_is_searched() {
     let cases: Vec<(Replica, &str)> = vec![
         {
             let mut bad = good.clone();
-            bad.roles[0].slices = Some(Slicing { members: 0, scope: Scope::Host });
+            bad.roles[0].slices = Some(Slicing { members: 0, scope: Scope::Host, exclusive: false });
             (bad, "slices.members 0 must divide")
         },
         {
             let mut bad = good.clone();
-            bad.roles[0].slices = Some(Slicing { members: 1, scope: Scope::Host });
+            bad.roles[0].slices = Some(Slicing { members: 1, scope: Scope::Host, exclusive: false });
             if let Some(gang) = bad.roles[0].gang.as_mut() {
                 gang.required = Some(Scope::Host);
             }

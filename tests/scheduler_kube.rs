@@ -465,3 +465,33 @@ async fn a_leaderworkerset_with_a_leader_of_another_shape_is_bound_whole_in_one_
     assert_ne!(placed["lws-0-1"].0, placed["lws-0-2"].0, "two workers on two hosts");
     finish(&api, replica, Some(server)).await;
 }
+
+/// LeaderWorkerSet subgroups with `subgroup-exclusive-topology` in scheduler mode: a group of
+/// four 8-GPU pods in subgroups of two, each subgroup in a rack of its own, though one rack
+/// holds the whole group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaderworkerset_subgroups_are_bound_a_rack_each() {
+    let (api, server) = api_with(rack_nodes(&["r1", "r2"], 4)).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    for index in [3, 0, 2, 1] {
+        let name = if index == 0 { "sg-0".to_string() } else { format!("sg-0-{index}") };
+        let mut pod = scheduler_pod("serving", &name, 8, None, "1");
+        pod["metadata"]["labels"] = json!({
+            "leaderworkerset.sigs.k8s.io/group-key": "sg",
+            "leaderworkerset.sigs.k8s.io/worker-index": index.to_string(),
+        });
+        pod["metadata"]["annotations"] = json!({
+            "leaderworkerset.sigs.k8s.io/size": "4",
+            "leaderworkerset.sigs.k8s.io/subgroup-size": "2",
+            "leaderworkerset.sigs.k8s.io/subgroup-exclusive-topology": "network.topology.nvidia.com/leaf",
+        });
+        api.add_pod(pod, None, None);
+    }
+    eventually("the group bound", || api.bound_pods().len() == 4).await;
+    let rack_of =
+        |name: &str| api.pod_node("serving", name).map(|n| n.split('-').next().unwrap_or_default().to_string());
+    assert_eq!(rack_of("sg-0"), rack_of("sg-0-1"), "subgroup 0");
+    assert_eq!(rack_of("sg-0-2"), rack_of("sg-0-3"), "subgroup 1");
+    assert_ne!(rack_of("sg-0"), rack_of("sg-0-2"), "a rack each");
+    finish(&api, replica, Some(server)).await;
+}

@@ -114,6 +114,7 @@ pub fn workload_gangs_with_roles(workload: &Workload, namespace: &str) -> Vec<pb
                 preferred_topology: scope_text(&role.preferred),
                 slice_members: role.slices.as_ref().map_or(0, |s| s.members),
                 slice_required_topology: role.slices.as_ref().map(|s| s.scope.to_string()).unwrap_or_default(),
+                slice_exclusive: role.slices.as_ref().is_some_and(|s| s.exclusive),
             })
             .collect();
         gangs.push(pb::Gang {

@@ -108,6 +108,11 @@ pub struct Slicing {
     pub members: u32,
     /// Where each slice must stay.
     pub scope: Scope,
+    /// Each slice in a domain of `scope` of its own (a host of its own for `host`): no two
+    /// slices of the role share one. LeaderWorkerSet's `subgroup-exclusive-topology` asks
+    /// this of its subgroups (pod anti-affinity between subgroups, LWS
+    /// `pkg/webhooks/pod_webhook.go`).
+    pub exclusive: bool,
 }
 
 /// One role of a replica as a workload gives it (`spec.gangs[].roles[]`).

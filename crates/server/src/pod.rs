@@ -9,7 +9,9 @@ use k8s_openapi::api::core::v1::Pod;
 use thiserror::Error;
 
 use topoplace_engine::quantity;
-use topoplace_engine::workload::{GangSpec, MemoryNeed, ModelSpec, Scope, GANG_MEMBERS_MAX, RUNTIME_OVERHEAD_DEFAULT};
+use topoplace_engine::workload::{
+    GangSpec, MemoryNeed, ModelSpec, RoleSpec, Scope, Slicing, GANG_MEMBERS_MAX, RUNTIME_OVERHEAD_DEFAULT,
+};
 use topoplace_online::reservation::{BindOrder, GangMembership, PodDemand, PodIdentity, RoleDemand};
 use topoplace_online::scheduler::predicates::{
     PodNeeds, Resources, SelectorOperator, SelectorRequirement, SelectorTerm, TaintEffect, Toleration, PODS_RESOURCE,
@@ -34,6 +36,13 @@ const LWS_INDEX_LABEL: &str = "leaderworkerset.sigs.k8s.io/worker-index";
 /// to the workers' template); the LWS controller creates a group's workers only once its
 /// leader is bound, with a node selector for the leader's domain of this key.
 const LWS_EXCLUSIVE_TOPOLOGY: &str = "leaderworkerset.sigs.k8s.io/exclusive-topology";
+/// LeaderWorkerSet's subgroups (`SubGroupSizeAnnotationKey`, `SubGroupExclusiveKeyAnnotationKey`
+/// in kubernetes-sigs/lws `api/leaderworkerset/v1`): on every pod of a group whose
+/// LeaderWorkerSet has a `subGroupPolicy`; with the exclusive key, each subgroup must sit in a
+/// domain of that key of its own (pod affinity within a subgroup, anti-affinity between
+/// subgroups, `pkg/webhooks/pod_webhook.go`).
+const LWS_SUBGROUP_SIZE: &str = "leaderworkerset.sigs.k8s.io/subgroup-size";
+const LWS_SUBGROUP_EXCLUSIVE: &str = "leaderworkerset.sigs.k8s.io/subgroup-exclusive-topology";
 /// On a LeaderWorkerSet's pods (its `workerTemplate`, and `leaderTemplate` if it has one):
 /// `"0"` says the group's leader (worker-index 0) takes no GPUs. kube-scheduler never sends
 /// such a leader to the extender (`managedResources` names only `nvidia.com/gpu`), so without
@@ -437,18 +446,114 @@ pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodD
     }
     let scope_keys =
         ScopeKeys { pod_group: pod_group.and_then(|g| g.topology_key.as_deref()), lws_exclusive: leader_first_key };
+    let tensor_parallel = parallel(TENSOR_PARALLEL)?;
+    let pipeline_parallel = parallel(PIPELINE_PARALLEL)?;
+    let roles = match annotation(LWS_SUBGROUP_EXCLUSIVE).filter(|_| labels.contains_key(LWS_GROUP_LABEL)) {
+        None => roles,
+        Some(key) => {
+            let shape = (gpus, tensor_parallel, pipeline_parallel, &memory);
+            lws_subgroups(&shown, annotations, key, roles, gang.as_ref(), shape)?
+        }
+    };
     Ok(PodDemand {
         gang,
         pod: identity,
         gpus,
         memory,
-        tensor_parallel: parallel(TENSOR_PARALLEL)?,
-        pipeline_parallel: parallel(PIPELINE_PARALLEL)?,
+        tensor_parallel,
+        pipeline_parallel,
         required: required_scope(&shown, annotation(TOPOLOGY_REQUIRED), scope_keys)?,
         preferred: annotation(TOPOLOGY_PREFERRED).map(Scope::parse),
         roles,
     })
 }
+
+/// The replica a LeaderWorkerSet group with exclusive subgroups makes
+/// (`leaderworkerset.sigs.k8s.io/subgroup-exclusive-topology: <key>`): the gang's members as
+/// one role whose slices are the subgroups, each in a domain of the key of its own
+/// ([`Slicing::exclusive`]). LWS numbers subgroups by worker index: `(index - 1) / size` when
+/// `size - 1` divides by the subgroup size (the leader an extra pod of subgroup 0, or in none),
+/// else `index / size` (`getSubGroupIndex` in `pkg/webhooks/pod_webhook.go`). Equal slices by
+/// rank match them when the gang's members are exactly the subgrouped pods: a leader with the
+/// workers' shape and a size that divides by the subgroup size, or a leader without GPUs
+/// (`topoplace.io/leader-gpus: "0"`) and a size less one that does. Other layouts, and
+/// `topoplace.io/roles` without slices, are errors naming the field. `shape` is the pod's GPUs,
+/// tensor and pipeline parallelism and memory. With `topoplace.io/roles` that has slices, the
+/// roles stand as given.
+fn lws_subgroups(
+    shown: &str,
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+    roles: Option<RoleDemand>,
+    gang: Option<&GangMembership>,
+    shape: (u32, Option<u32>, Option<u32>, &MemoryNeed),
+) -> Result<Option<RoleDemand>, PodError> {
+    let invalid = |field: &str, value: &str, detail: String| PodError::Invalid {
+        pod: shown.to_string(),
+        field: format!("metadata.annotations[{field}]"),
+        value: value.to_string(),
+        detail,
+    };
+    if let Some(given) = roles {
+        if given.roles.iter().any(|r| r.slices.is_some()) {
+            return Ok(Some(given));
+        }
+        return Err(invalid(
+            LWS_SUBGROUP_EXCLUSIVE,
+            key,
+            format!(
+                "with {ROLES_ANNOTATION}, give the subgroups as the workers' role's slices: \
+                 {{members: <subgroup size>, required: {key}, exclusive: true}}"
+            ),
+        ));
+    }
+    let Some(gang) = gang else { return Ok(None) };
+    let Some(text) = annotations.get(LWS_SUBGROUP_SIZE).map(|v| v.trim()) else {
+        return Err(PodError::Missing {
+            pod: shown.to_string(),
+            field: "metadata.annotations[leaderworkerset.sigs.k8s.io/subgroup-size]",
+        });
+    };
+    let field = format!("metadata.annotations[{LWS_SUBGROUP_SIZE}]");
+    let subgroup = number(shown, field, text, GANG_MEMBERS_MAX)?;
+    if subgroup == 0 {
+        return Err(invalid(LWS_SUBGROUP_SIZE, text, "a subgroup has at least one pod".into()));
+    }
+    let leader_in_gang = !annotations.contains_key(LWS_LEADER_GPUS);
+    let group = if leader_in_gang { gang.size } else { gang.size.saturating_add(1) };
+    let leader_extra = (group - 1) % subgroup == 0;
+    let equal = if leader_in_gang { subgroup == 1 || !leader_extra } else { leader_extra };
+    if !equal || gang.size % subgroup != 0 {
+        let detail = if leader_in_gang {
+            format!(
+                "a group of {group} pods in subgroups of {subgroup} puts its leader as an extra pod in the first \
+                 subgroup, so the subgroups are not equal and topoplace cannot place them as slices: give the leader \
+                 no GPUs (topoplace.io/leader-gpus: \"0\"), or a size that divides by the subgroup size"
+            )
+        } else {
+            format!(
+                "a group of {group} pods in subgroups of {subgroup} counts its leader (which takes no GPUs) in the \
+                 first subgroup, so the GPU pods' subgroups are not equal: make the size less one divide by the \
+                 subgroup size"
+            )
+        };
+        return Err(invalid(LWS_SUBGROUP_SIZE, text, detail));
+    }
+    let (gpus, tensor_parallel, pipeline_parallel, memory) = shape;
+    let role = RoleSpec {
+        memory: memory.clone(),
+        pipeline_parallel: pipeline_parallel.unwrap_or(1),
+        slices: Some(Slicing { members: subgroup, scope: Scope::parse(key), exclusive: true }),
+        ..RoleSpec::shape(LWS_SUBGROUP_ROLE, gang.size, gpus, tensor_parallel.unwrap_or(1))
+    };
+    GangSpec::with_roles(&gang.key, vec![role.clone()])
+        .validate()
+        .map_err(|e| invalid(LWS_SUBGROUP_SIZE, text, e.to_string()))?;
+    Ok(Some(RoleDemand { role: LWS_SUBGROUP_ROLE.into(), roles: vec![role] }))
+}
+
+/// The one role of a replica made from a LeaderWorkerSet group's exclusive subgroups.
+const LWS_SUBGROUP_ROLE: &str = "subgrouped";
 
 /// The longest part of an annotation's value an error repeats.
 const VALUE_SHOWN_MAX: usize = 120;
@@ -904,6 +1009,54 @@ mod tests {
             error.contains(TOPOLOGY_REQUIRED) && error.contains(LWS_EXCLUSIVE_TOPOLOGY) && error.contains(leaf),
             "{error}"
         );
+    }
+
+    #[test]
+    fn exclusive_leaderworkerset_subgroups_are_a_role_of_exclusive_slices() {
+        let labels = |index: &str| {
+            serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k",
+                "leaderworkerset.sigs.k8s.io/worker-index": index})
+        };
+        let leaf = "network.topology.nvidia.com/leaf";
+        let with = |size: &str, subgroup: &str| {
+            serde_json::json!({"leaderworkerset.sigs.k8s.io/size": size, LWS_SUBGROUP_SIZE: subgroup,
+                LWS_SUBGROUP_EXCLUSIVE: leaf, TENSOR_PARALLEL: "8"})
+        };
+        // A leader of the workers' shape, 4 pods in subgroups of 2: slices by worker index.
+        let pod = demand(&pod_with(labels("3"), with("4", "2"), 8)).expect("subgrouped");
+        let roles = pod.roles.expect("a replica of one role");
+        assert_eq!(roles.roles.len(), 1);
+        let slicing = roles.roles[0].slices.clone().expect("slices");
+        assert_eq!(slicing, Slicing { members: 2, scope: Scope::parse(leaf), exclusive: true });
+        assert_eq!((roles.roles[0].members, roles.roles[0].tensor_parallel), (4, 8));
+        assert_eq!(pod.gang.as_ref().and_then(|g| g.rank), Some(3), "worker 3 is in slice 1");
+        // A leader without GPUs, 5 pods in subgroups of 2: the 4 workers, ranked index - 1.
+        let mut gpu_less = with("5", "2");
+        gpu_less[LWS_LEADER_GPUS] = serde_json::json!("0");
+        let pod = demand(&pod_with(labels("1"), gpu_less, 8)).expect("subgrouped");
+        assert_eq!(pod.roles.map(|r| r.roles[0].members), Some(4));
+        assert_eq!(pod.gang.as_ref().and_then(|g| g.rank), Some(0));
+        // A GPU leader as the extra pod of subgroup 0: unequal subgroups, an error naming the field.
+        let error = demand(&pod_with(labels("1"), with("5", "2"), 8)).unwrap_err().to_string();
+        assert!(error.contains(LWS_SUBGROUP_SIZE) && error.contains("extra pod"), "{error}");
+        // The key without a subgroup size; a subgroup of 0.
+        let mut no_size = with("4", "2");
+        no_size.as_object_mut().expect("map").remove(LWS_SUBGROUP_SIZE);
+        let error = demand(&pod_with(labels("1"), no_size, 8)).unwrap_err().to_string();
+        assert!(error.contains(LWS_SUBGROUP_SIZE), "{error}");
+        let error = demand(&pod_with(labels("1"), with("4", "0"), 8)).unwrap_err().to_string();
+        assert!(error.contains("at least one pod"), "{error}");
+        // Roles without slices beside the key; roles with exclusive slices stand as given.
+        let mut roles_without = with("4", "2");
+        roles_without.as_object_mut().expect("map").remove(TENSOR_PARALLEL);
+        roles_without[ROLES_ANNOTATION] = serde_json::json!("[{name: w, members: 4, gpusPerMember: 8}]");
+        let error = demand(&pod_with(labels("1"), roles_without.clone(), 8)).unwrap_err().to_string();
+        assert!(error.contains(LWS_SUBGROUP_EXCLUSIVE) && error.contains("exclusive: true"), "{error}");
+        roles_without[ROLES_ANNOTATION] = serde_json::json!(format!(
+            "[{{name: w, members: 4, gpusPerMember: 8, slices: {{members: 2, required: {leaf}, exclusive: true}}}}]"
+        ));
+        let pod = demand(&pod_with(labels("1"), roles_without, 8)).expect("roles with slices");
+        assert_eq!(pod.roles.and_then(|r| r.roles[0].slices.clone()).map(|s| s.exclusive), Some(true));
     }
 
     #[test]

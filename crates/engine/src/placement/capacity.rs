@@ -395,7 +395,7 @@ mod replica_tests {
         assert_eq!(counted.domains.iter().map(|d| d.1).collect::<Vec<_>>(), vec![1, 1, 0]);
         // Slices of two 8-GPU members, each in one rack: the racks of 4 hold 2 slices each.
         let sliced = RoleSpec {
-            slices: Some(Slicing { members: 2, scope: Scope::parse("leaf") }),
+            slices: Some(Slicing { members: 2, scope: Scope::parse("leaf"), exclusive: false }),
             ..RoleSpec::shape("w", 4, 8, 8)
         };
         let replica = GangSpec::with_roles("s", vec![sliced]).expand_replicas().remove(0);

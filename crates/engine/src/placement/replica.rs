@@ -118,6 +118,10 @@ pub(super) struct Part {
     first_slice: bool,
     /// GPUs of the whole role (what the first slice's domain must have room for).
     role_gpus: u64,
+    /// For a slice of a role whose slices are exclusive ([`Slicing::exclusive`]): the level
+    /// of the slice's own scope, `None` for a host scope. Earlier slices' domains (hosts)
+    /// are closed to it.
+    apart: Option<Option<usize>>,
 }
 
 /// A set of hosts the replica may use.
@@ -396,6 +400,7 @@ impl Planner<'_> {
                     role_level: None,
                     first_slice: false,
                     role_gpus,
+                    apart: None,
                 }),
                 Some(slicing) => {
                     let scope = self.resolve_slice_scope(&gang.name, &slicing.scope)?;
@@ -414,6 +419,10 @@ impl Planner<'_> {
                     }
                     let slice_gang =
                         Gang { members: slicing.members, required: Some(slicing.scope.clone()), ..gang.clone() };
+                    let apart = slicing.exclusive.then_some(match scope {
+                        Some(ResolvedScope::Level(level)) => Some(level),
+                        _ => None,
+                    });
                     // `Replica::check` has made sure the slices divide the role.
                     for slice in 0..role.members / slicing.members.max(1) {
                         parts.push(Part {
@@ -424,6 +433,7 @@ impl Planner<'_> {
                             role_level: own_level,
                             first_slice: slice == 0,
                             role_gpus,
+                            apart,
                         });
                     }
                 }
@@ -506,6 +516,7 @@ impl Search<'_, '_> {
         }
         let mut within = allowed.to_vec();
         self.confine_to_role(k, chosen, &mut within);
+        self.keep_slices_apart(k, chosen, &mut within);
         if let Some((_, own)) = self.role_offered.filter(|(role, _)| *role == self.parts[k].role) {
             for (host, flag) in within.iter_mut().enumerate() {
                 *flag &= own.get(host).copied().unwrap_or(false);
@@ -593,6 +604,29 @@ impl Search<'_, '_> {
             let host = &cluster.hosts[host];
             let same_domain = part.role_level.is_none_or(|level| host.domain_path[level] == anchor.domain_path[level]);
             *flag = *flag && host.product == anchor.product && same_domain;
+        }
+    }
+
+    /// A slice of a role with exclusive slices stays out of every domain (or host) an earlier
+    /// slice of its role took.
+    fn keep_slices_apart(&self, k: usize, chosen: &[GangPlacement], within: &mut [bool]) {
+        let part = &self.parts[k];
+        let Some(level) = part.apart else { return };
+        let cluster = self.cluster();
+        for (j, earlier) in self.parts[..k].iter().enumerate() {
+            if earlier.role != part.role || earlier.slice.is_none() {
+                continue;
+            }
+            for member in &chosen[j].members {
+                let taken = cluster.host(member.host);
+                for (host, flag) in within.iter_mut().enumerate() {
+                    let same = match level {
+                        Some(level) => cluster.hosts[host].domain_path[level] == taken.domain_path[level],
+                        None => host as HostId == member.host,
+                    };
+                    *flag &= !same;
+                }
+            }
         }
     }
 

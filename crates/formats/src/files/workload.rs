@@ -2,7 +2,8 @@
 //! with `gpusPerMember` GPUs, tensor and pipeline parallelism, a memory floor given
 //! directly (`minGpuMemory`) or sized from a `model`, and topology constraints. A gang may
 //! instead list `roles[]` (prefill and decode, leader and workers), each with those fields,
-//! a topology of its own and `slices: {members, required}`; the gang's `topology` is then
+//! a topology of its own and `slices: {members, required, exclusive}` (`exclusive`: each slice
+//! in a domain of its own); the gang's `topology` is then
 //! the scope of the whole replica.
 
 use serde::Deserialize;
@@ -127,6 +128,9 @@ struct RoleEntry {
 struct SlicesEntry {
     members: u32,
     required: String,
+    /// Each slice in a domain of its own.
+    #[serde(default)]
+    exclusive: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,7 +281,11 @@ fn role_spec(role: RoleEntry) -> Result<RoleSpec, String> {
         memory,
         required,
         preferred,
-        slices: role.slices.map(|s| Slicing { members: s.members, scope: Scope::parse(&s.required) }),
+        slices: role.slices.map(|s| Slicing {
+            members: s.members,
+            scope: Scope::parse(&s.required),
+            exclusive: s.exclusive,
+        }),
     })
 }
 

@@ -152,7 +152,7 @@ fn slices_of_a_role_each_stay_in_one_rack() {
     // slice inside one rack: 2 + 2 on the racks of 3 and 2, never 3 + 1.
     let mut book = Book::new(racks(&[3, 1, 2]), BookConfig::default());
     let sliced = RoleSpec {
-        slices: Some(topoplace_engine::workload::Slicing { members: 2, scope: Scope::parse("leaf") }),
+        slices: Some(topoplace_engine::workload::Slicing { members: 2, scope: Scope::parse("leaf"), exclusive: false }),
         ..RoleSpec::shape("workers", 4, 8, 8)
     };
     let roles = vec![sliced];
@@ -211,7 +211,7 @@ fn pods_that_describe_the_replica_differently_are_refused_with_nothing_held() {
     }
     // Roles that do not make a replica: a slice that does not divide its role.
     let bad_slice = vec![RoleSpec {
-        slices: Some(topoplace_engine::workload::Slicing { members: 3, scope: Scope::parse("leaf") }),
+        slices: Some(topoplace_engine::workload::Slicing { members: 3, scope: Scope::parse("leaf"), exclusive: false }),
         ..RoleSpec::shape("w", 4, 8, 8)
     }];
     let error = book.filter(&pod("h", &bad_slice, "w", 0, 8), &offered(&book), 1).expect_err("refused").to_string();

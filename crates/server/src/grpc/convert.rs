@@ -100,10 +100,11 @@ fn invalid_at(index: usize, message: String) -> Status {
 /// One role of a gang, its slices checked (the rest is checked with the gang's spec).
 fn role_spec(role: &pb::Role) -> Result<RoleSpec, String> {
     let slices = match (role.slice_members, role.slice_required_topology.trim()) {
+        (0, "") if role.slice_exclusive => return Err("slice_exclusive is set but the role has no slices".into()),
         (0, "") => None,
         (0, _) => return Err("slice_required_topology is set but slice_members is 0".into()),
         (_, "") => return Err("slice_members is set but slice_required_topology is empty".into()),
-        (members, text) => Some(Slicing { members, scope: Scope::parse(text) }),
+        (members, text) => Some(Slicing { members, scope: Scope::parse(text), exclusive: role.slice_exclusive }),
     };
     Ok(RoleSpec {
         name: role.name.clone(),

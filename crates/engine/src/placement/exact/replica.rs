@@ -171,6 +171,10 @@ impl Planner<'_> {
         role_offered: Option<(usize, &[bool])>,
         config: &ExactConfig,
     ) -> ReplicaExact {
+        if replica.roles.iter().any(|r| r.slices.as_ref().is_some_and(|s| s.exclusive)) {
+            // Not modelled: the search's answer stands, without a proof.
+            return ReplicaExact::NoAnswer("the exact model does not keep exclusive slices apart".into());
+        }
         let started = Instant::now();
         let cluster = self.cluster;
         let need = replica.total_gpus();
@@ -573,7 +577,7 @@ mod tests {
     }
 
     fn sliced(mut spec: RoleSpec, members: u32, scope: Scope) -> RoleSpec {
-        spec.slices = Some(Slicing { members, scope });
+        spec.slices = Some(Slicing { members, scope, exclusive: false });
         spec
     }
 
