@@ -772,6 +772,10 @@ async fn roles_with_a_bad_shape_are_refused_naming_the_field() {
             with_roles("z", "", vec![pb::Role { slice_members: 2, ..role("worker", 4, 8, 8) }]),
             "roles[0]: slice_members is set but slice_required_topology is empty",
         ),
+        (
+            with_roles("z", "", vec![pb::Role { slice_exclusive: true, ..role("worker", 4, 8, 8) }]),
+            "roles[0]: slice_exclusive is set but the role has no slices",
+        ),
         (with_roles("z", "", vec![role("worker", 0, 8, 8)]), "role `worker`: members must be at least 1"),
         (with_roles("z", "", vec![role("a", 1, 8, 8), role("a", 1, 8, 8)]), "role `a` appears twice"),
         (with_roles("z", "", vec![role("router", 1, 0, 0)]), "gang `team/z`: no role takes GPUs"),

@@ -196,7 +196,17 @@ fn exclusive_slices_each_take_a_domain_of_their_own() {
             assert_eq!(placement.solver.solver, "greedy", "the exact model declined: {placement:?}");
         }
     }
-    // Three exclusive slices on two racks do not fit, though the GPUs would.
+    // A host scope: each slice on a host of its own (two 4-GPU slices would share a host).
+    let hosts = replica(GangSpec::with_roles(
+        "job",
+        vec![RoleSpec {
+            slices: Some(Slicing { members: 1, scope: Scope::Host, exclusive: true }),
+            ..role("workers", 2, 4, 4)
+        }],
+    ));
+    let placement = place(&cluster, &hosts).expect("placed");
+    assert_eq!(nodes_of(&cluster, &placement, "workers").len(), 2, "{placement:?}");
+    // Three exclusive slices on two racks do not fit, though the GPUs would; the reason says why.
     let three = replica(GangSpec::with_roles(
         "job",
         vec![RoleSpec {
@@ -204,7 +214,8 @@ fn exclusive_slices_each_take_a_domain_of_their_own() {
             ..role("workers", 6, 8, 8)
         }],
     ));
-    assert!(place(&cluster, &three).is_err());
+    let reason = place(&cluster, &three).expect_err("three slices, two racks");
+    assert!(reason.contains("exclusive"), "{reason}");
 }
 
 #[test]

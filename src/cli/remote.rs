@@ -401,6 +401,7 @@ mod tests {
                 assert_eq!(message.min_gpu_memory_mib, floor, "{}/{}", spec.name, role.name);
                 floors_seen += usize::from(floor > 0);
                 assert_eq!(message.slice_members, role.slices.as_ref().map_or(0, |s| s.members));
+                assert_eq!(message.slice_exclusive, role.slices.as_ref().is_some_and(|s| s.exclusive));
             }
         }
         assert!(floors_seen >= 3, "the file's model-sized roles carry their floors");

@@ -259,6 +259,13 @@ fn check_slicing(
     if matches!(own, Some(Scope::Host | Scope::Nvlink)) {
         return Err(WorkloadError::SlicedRoleScope { gang: gang.to_string(), role: role.to_string() });
     }
+    if slicing.exclusive && slicing.scope == Scope::Nvlink {
+        return Err(WorkloadError::RoleShape {
+            gang: gang.to_string(),
+            role: role.to_string(),
+            what: "exclusive slices need a level or `host` scope, not `nvlink`".into(),
+        });
+    }
     Ok(())
 }
 

@@ -494,20 +494,6 @@ fn lws_subgroups(
         value: value.to_string(),
         detail,
     };
-    if let Some(given) = roles {
-        if given.roles.iter().any(|r| r.slices.is_some()) {
-            return Ok(Some(given));
-        }
-        return Err(invalid(
-            LWS_SUBGROUP_EXCLUSIVE,
-            key,
-            format!(
-                "with {ROLES_ANNOTATION}, give the subgroups as the workers' role's slices: \
-                 {{members: <subgroup size>, required: {key}, exclusive: true}}"
-            ),
-        ));
-    }
-    let Some(gang) = gang else { return Ok(None) };
     let Some(text) = annotations.get(LWS_SUBGROUP_SIZE).map(|v| v.trim()) else {
         return Err(PodError::Missing {
             pod: shown.to_string(),
@@ -519,17 +505,38 @@ fn lws_subgroups(
     if subgroup == 0 {
         return Err(invalid(LWS_SUBGROUP_SIZE, text, "a subgroup has at least one pod".into()));
     }
+    if let Some(given) = roles {
+        let scope = Scope::parse(key);
+        let matching = |s: &Slicing| s.exclusive && s.scope == scope && s.members == subgroup;
+        if given.roles.iter().any(|r| r.slices.as_ref().is_some_and(matching)) {
+            return Ok(Some(given));
+        }
+        return Err(invalid(
+            LWS_SUBGROUP_EXCLUSIVE,
+            key,
+            format!(
+                "with {ROLES_ANNOTATION}, give the subgroups as a role's slices: \
+                 {{members: {subgroup}, required: {key}, exclusive: true}}"
+            ),
+        ));
+    }
+    let Some(gang) = gang else { return Ok(None) };
     let leader_in_gang = !annotations.contains_key(LWS_LEADER_GPUS);
     let group = if leader_in_gang { gang.size } else { gang.size.saturating_add(1) };
     let leader_extra = (group - 1) % subgroup == 0;
-    let equal = if leader_in_gang { subgroup == 1 || !leader_extra } else { leader_extra };
-    if !equal || gang.size % subgroup != 0 {
-        let detail = if leader_in_gang {
+    // One subgroup of the whole group: its GPU pods are one slice, whoever the leader is.
+    let one_subgroup = subgroup == group;
+    let slice = if one_subgroup { gang.size } else { subgroup };
+    let equal = one_subgroup || if leader_in_gang { subgroup == 1 || !leader_extra } else { leader_extra };
+    if !equal || gang.size % slice != 0 {
+        let detail = if leader_in_gang && leader_extra {
             format!(
                 "a group of {group} pods in subgroups of {subgroup} puts its leader as an extra pod in the first \
                  subgroup, so the subgroups are not equal and topoplace cannot place them as slices: give the leader \
                  no GPUs (topoplace.io/leader-gpus: \"0\"), or a size that divides by the subgroup size"
             )
+        } else if leader_in_gang {
+            format!("a group of {group} pods does not divide into subgroups of {subgroup}")
         } else {
             format!(
                 "a group of {group} pods in subgroups of {subgroup} counts its leader (which takes no GPUs) in the \
@@ -543,7 +550,7 @@ fn lws_subgroups(
     let role = RoleSpec {
         memory: memory.clone(),
         pipeline_parallel: pipeline_parallel.unwrap_or(1),
-        slices: Some(Slicing { members: subgroup, scope: Scope::parse(key), exclusive: true }),
+        slices: Some(Slicing { members: slice, scope: Scope::parse(key), exclusive: true }),
         ..RoleSpec::shape(LWS_SUBGROUP_ROLE, gang.size, gpus, tensor_parallel.unwrap_or(1))
     };
     GangSpec::with_roles(&gang.key, vec![role.clone()])
@@ -1036,6 +1043,11 @@ mod tests {
         let pod = demand(&pod_with(labels("1"), gpu_less, 8)).expect("subgrouped");
         assert_eq!(pod.roles.map(|r| r.roles[0].members), Some(4));
         assert_eq!(pod.gang.as_ref().and_then(|g| g.rank), Some(0));
+        // One subgroup of the whole group, GPU-less leader: the 3 workers are one slice.
+        let mut one = with("4", "4");
+        one[LWS_LEADER_GPUS] = serde_json::json!("0");
+        let pod = demand(&pod_with(labels("2"), one, 8)).expect("one subgroup");
+        assert_eq!(pod.roles.and_then(|r| r.roles[0].slices.clone()).map(|s| s.members), Some(3));
         // A GPU leader as the extra pod of subgroup 0: unequal subgroups, an error naming the field.
         let error = demand(&pod_with(labels("1"), with("5", "2"), 8)).unwrap_err().to_string();
         assert!(error.contains(LWS_SUBGROUP_SIZE) && error.contains("extra pod"), "{error}");
@@ -1052,6 +1064,11 @@ mod tests {
         roles_without[ROLES_ANNOTATION] = serde_json::json!("[{name: w, members: 4, gpusPerMember: 8}]");
         let error = demand(&pod_with(labels("1"), roles_without.clone(), 8)).unwrap_err().to_string();
         assert!(error.contains(LWS_SUBGROUP_EXCLUSIVE) && error.contains("exclusive: true"), "{error}");
+        roles_without[ROLES_ANNOTATION] = serde_json::json!(format!(
+            "[{{name: w, members: 4, gpusPerMember: 8, slices: {{members: 2, required: {leaf}}}}}]"
+        ));
+        let error = demand(&pod_with(labels("1"), roles_without.clone(), 8)).unwrap_err().to_string();
+        assert!(error.contains("exclusive: true"), "slices that are not exclusive do not say the subgroups: {error}");
         roles_without[ROLES_ANNOTATION] = serde_json::json!(format!(
             "[{{name: w, members: 4, gpusPerMember: 8, slices: {{members: 2, required: {leaf}, exclusive: true}}}}]"
         ));

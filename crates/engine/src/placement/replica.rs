@@ -534,10 +534,13 @@ impl Search<'_, '_> {
         self.exhaustive[k] = branches.len() <= PART_BRANCHES_MAX;
         if branches.is_empty() {
             let need = part.gang.total_gpus();
-            let place = match part.branch {
+            let mut place = match part.branch {
                 Some(level) => format!("no {} of the region", super::short_level(&self.cluster().levels[level])),
                 None => "no GPU product of the region".to_string(),
             };
+            if part.apart.is_some() && part.slice.is_some_and(|s| s > 0) {
+                place.push_str(" outside those the role's earlier slices took (its slices are exclusive)");
+            }
             self.note_failure(k, format!("{place} has the {need} GPUs it needs free"), None);
             return false;
         }

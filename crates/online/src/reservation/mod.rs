@@ -1015,7 +1015,8 @@ pub fn roles_text(replica: &Replica) -> String {
             details.push(format!("preferred {preferred}"));
         }
         if let Some(slices) = &role.slices {
-            details.push(format!("slices of {} in {}", slices.members, slices.scope));
+            let apart = if slices.exclusive { ", each its own" } else { "" };
+            details.push(format!("slices of {} in {}{apart}", slices.members, slices.scope));
         }
         format!("{} {}x{} GPUs ({})", role.name, role.members, gang.gpus_per_member, details.join(", "))
     };

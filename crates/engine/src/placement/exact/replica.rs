@@ -171,7 +171,7 @@ impl Planner<'_> {
         role_offered: Option<(usize, &[bool])>,
         config: &ExactConfig,
     ) -> ReplicaExact {
-        if replica.roles.iter().any(|r| r.slices.as_ref().is_some_and(|s| s.exclusive)) {
+        if replica.roles.iter().any(|r| r.slices.as_ref().is_some_and(|s| s.exclusive && s.members < r.members)) {
             // Not modelled: the search's answer stands, without a proof.
             return ReplicaExact::NoAnswer("the exact model does not keep exclusive slices apart".into());
         }
