@@ -134,22 +134,20 @@ fn bad_input_exits_2_naming_file_line_and_field() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains(&name));
     // A gang's name, and the replicas of a whole workload, have limits of their own.
+    // `plan` on a workload of these gangs exits 2; its stderr.
+    let refused = |file: &str, gangs: &str| {
+        let path =
+            temp_file(file, &format!("apiVersion: topoplace.io/v1alpha1\nkind: Workload\nspec:\n  gangs:\n{gangs}"));
+        let output = topoplace(&["plan", "--workload", path.to_str().expect("utf-8")]);
+        assert_eq!(output.status.code(), Some(2));
+        stderr(&output)
+    };
     let gang = "g".repeat(70_000);
-    let long = temp_file(
-        "long-gang.yaml",
-        &format!("apiVersion: topoplace.io/v1alpha1\nkind: Workload\nspec:\n  gangs:\n  - name: {gang}\n    gpusPerMember: 1\n"),
-    );
-    let output = topoplace(&["plan", "--workload", long.to_str().expect("utf-8")]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("70000 bytes, above the limit of 384"), "{}", stderr(&output));
+    let error = refused("long-gang.yaml", &format!("  - name: {gang}\n    gpusPerMember: 1\n"));
+    assert!(error.contains("70000 bytes, above the limit of 384"), "{error}");
     let many: String = (0..3).map(|i| format!("  - name: g{i}\n    replicas: 10000\n    gpusPerMember: 1\n")).collect();
-    let many = temp_file(
-        "many-replicas.yaml",
-        &format!("apiVersion: topoplace.io/v1alpha1\nkind: Workload\nspec:\n  gangs:\n{many}"),
-    );
-    let output = topoplace(&["plan", "--workload", many.to_str().expect("utf-8")]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("above the limit of 20000"), "{}", stderr(&output));
+    let error = refused("many-replicas.yaml", &many);
+    assert!(error.contains("above the limit of 20000"), "{error}");
 }
 
 #[test]

@@ -30,6 +30,16 @@ fn golden(name: &str, reply: &Value) {
     assert_eq!(reply, &fixture(name), "reply differs from {}", path.display());
 }
 
+/// `GET /state`.
+async fn state_of(client: &reqwest::Client, base: &str) -> Value {
+    client.get(format!("{base}/state")).send().await.expect("state").json().await.expect("json")
+}
+
+/// Free GPUs over every node of a `/state` reply.
+fn free_gpus(state: &Value) -> u64 {
+    state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum()
+}
+
 fn node_names() -> Vec<String> {
     (0..4)
         .map(|i| format!("r1-{i}"))
@@ -125,8 +135,7 @@ async fn concurrent_gangs_bind_whole_and_never_share_a_gpu() {
         }
     }
     assert!(bound_gangs >= 4, "72 GPUs of gangs on 72 GPUs; at least four gangs fit: {outcome:?}");
-    let state: Value =
-        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
+    let state = state_of(&client, &server.base).await;
     let mut seen: BTreeSet<(String, u64)> = BTreeSet::new();
     for node in state["nodes"].as_array().expect("nodes") {
         for held in node["held"].as_array().expect("held") {
@@ -212,8 +221,7 @@ async fn a_member_later_than_the_ttl_but_within_the_hold_binds_its_gang_at_once(
     for member in held {
         member.await.expect("task").expect("an early member binds with it");
     }
-    let state: Value =
-        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
+    let state = state_of(&client, &server.base).await;
     assert_eq!(state["stats"]["gangsReserved"], 1, "planned once: {state}");
     assert_eq!(
         (state["stats"]["gangsExpired"].as_u64(), state["stats"]["bindHoldsLapsed"].as_u64()),
@@ -389,7 +397,7 @@ async fn bad_input_is_refused_with_a_reason_and_reserves_nothing() {
     assert_eq!(reply.status().as_u16(), 413);
 
     // Only the one valid gang member reserved anything.
-    let state: Value = client.get(format!("{base}/state")).send().await.expect("state").json().await.expect("json");
+    let state = state_of(&client, base).await;
     assert_eq!(state["gangs"].as_array().map(Vec::len), Some(1));
     assert_eq!(state["gangs"][0]["gang"], "t/g");
     ext.check().expect("book invariants");
@@ -458,9 +466,8 @@ async fn an_exclusive_leaderworkerset_binds_its_leader_ahead_and_its_workers_in_
             .expect("the leader's bind does not wait for workers that do not exist yet");
     let leader_node = bound.expect("the leader is bound");
     let leaf = leader_node.split('-').next().unwrap_or_default().to_string();
-    let state: Value = client.get(format!("{base}/state")).send().await.expect("state").json().await.expect("json");
-    let free: u64 =
-        state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum();
+    let state = state_of(&client, &base).await;
+    let free = free_gpus(&state);
     assert_eq!(free, 72 - 24, "the workers' two hosts stay held: {state}");
     assert!(state.to_string().contains("\"bound\":true"), "the leader's slot is shown bound: {state}");
 
@@ -481,7 +488,7 @@ async fn an_exclusive_leaderworkerset_binds_its_leader_ahead_and_its_workers_in_
     for index in 0..3 {
         assert!(binder.node_of(&format!("x-{index}-uid")).is_some(), "x-{index} bound");
     }
-    let state: Value = client.get(format!("{base}/state")).send().await.expect("state").json().await.expect("json");
+    let state = state_of(&client, &base).await;
     assert_eq!(state["gangs"].as_array().map(Vec::len), Some(0), "{state}");
 
     // Pods that exist together (workers at bind while the leader's Binding is in flight, or
@@ -514,10 +521,8 @@ async fn an_exclusive_leaderworkerset_binds_its_leader_ahead_and_its_workers_in_
     .await;
     let events = binder.events();
     assert!(events.iter().any(|e| e.starts_with("serving/y-0: GangBindRolledBack")), "{events:?}");
-    let state: Value =
-        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
-    let free: u64 =
-        state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum();
+    let state = state_of(&client, &server.base).await;
+    let free = free_gpus(&state);
     assert_eq!(free, 72, "nothing of the group is held: {state}");
     ext.check().expect("book invariants");
     server.stop().await;
@@ -572,10 +577,8 @@ async fn a_leaderworkerset_whose_leader_takes_no_gpus_binds_its_workers_whole() 
     }
     assert_eq!(bound.len(), 2, "two workers on two hosts: {bound:?}");
     assert!(binder.node_of("lws-0-1-uid").is_some() && binder.node_of("lws-0-2-uid").is_some());
-    let state: Value =
-        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
-    let free: u64 =
-        state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum();
+    let state = state_of(&client, &server.base).await;
+    let free = free_gpus(&state);
     assert_eq!(free, 72 - 16, "only the workers' GPUs are held: {state}");
 
     // The leader, were it sent, is no gang member and passes as a GPU-less pod; one that asks
@@ -644,10 +647,8 @@ async fn a_leaderworkerset_with_a_leader_of_another_shape_binds_as_one_replica_i
     for index in 0..3 {
         assert!(binder.node_of(&format!("lws-0-{index}-uid")).is_some());
     }
-    let state: Value =
-        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
-    let free: u64 =
-        state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum();
+    let state = state_of(&client, &server.base).await;
+    let free = free_gpus(&state);
     assert_eq!(free, 72 - 24 - 20, "the fillers and the replica's 20 GPUs: {state}");
     ext.check().expect("book consistent");
     server.stop().await;
@@ -722,10 +723,8 @@ async fn pods_with_roles_that_contradict_themselves_are_refused_naming_the_field
             && error.contains("serving/lws-5-1"),
         "{error}"
     );
-    let state: Value =
-        client.get(format!("{}/state", server.base)).send().await.expect("state").json().await.expect("json");
-    let free: u64 =
-        state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum();
+    let state = state_of(&client, &server.base).await;
+    let free = free_gpus(&state);
     assert_eq!(free, 72 - 20, "only the one valid replica is held: {state}");
     ext.check().expect("book consistent");
     server.stop().await;

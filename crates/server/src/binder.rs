@@ -52,6 +52,17 @@ pub trait Binder: Send + Sync + 'static {
     fn retry<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), BindError>>;
 }
 
+/// Deletes `pods` concurrently so that no gang stays half-bound (their controllers recreate
+/// them); a delete that fails is logged, and the pod watch sees the pod again.
+pub async fn undo(binder: &dyn Binder, pods: &[PodIdentity]) {
+    futures::future::join_all(pods.iter().map(|pod| async move {
+        if let Err(error) = binder.delete(pod).await {
+            tracing::warn!(%pod, %error, "undo: deleting a bound member failed");
+        }
+    }))
+    .await;
+}
+
 /// A [`Binder`] for `serve --cluster`: Bindings and Events recorded in memory.
 /// It cannot reach kube-scheduler's queue, so [`Binder::retry`] only records the request.
 #[derive(Default)]

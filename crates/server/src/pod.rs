@@ -315,11 +315,6 @@ pub fn gang_of_sized(
     Ok(None)
 }
 
-/// Everything the core needs to place the pod.
-pub fn demand(pod: &Pod) -> Result<PodDemand, PodError> {
-    demand_sized(pod, None)
-}
-
 /// Topology keys a pod's gang must stay inside, from objects and annotations other than
 /// topoplace's own.
 #[derive(Clone, Copy)]
@@ -359,7 +354,7 @@ fn required_scope(shown: &str, annotation: Option<&str>, keys: ScopeKeys<'_>) ->
     Ok(Some(Scope::parse(first)))
 }
 
-/// [`demand`], with what the caller read from the pod's PodGroup object
+/// Everything the core needs to place the pod, with what the caller read from the pod's PodGroup object
 /// ([`pod_group_to_look_up`]): a coscheduling PodGroup's `minMember`, an upstream PodGroup's
 /// `minCount` and topology key.
 pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodDemand, PodError> {
@@ -880,6 +875,16 @@ pub fn priority(pod: &Pod) -> i32 {
 mod tests {
     use super::*;
 
+    /// The pod's demand without a PodGroup object.
+    fn demand(pod: &Pod) -> Result<PodDemand, PodError> {
+        demand_sized(pod, None)
+    }
+
+    /// The labels LWS gives a pod of group `k` with this worker index.
+    fn lws_labels(index: &str) -> serde_json::Value {
+        serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k", "leaderworkerset.sigs.k8s.io/worker-index": index})
+    }
+
     fn pod_with(labels: serde_json::Value, annotations: serde_json::Value, gpus: u32) -> Pod {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "ns", "uid": "u", "labels": labels, "annotations": annotations},
@@ -945,7 +950,8 @@ mod tests {
         assert!(demand.replica().expect("replica").is_some_and(|(_, own)| own == 1));
 
         let missing = serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "3"});
-        let error = super::demand(&pod_with(missing, serde_json::json!({ROLES_ANNOTATION: ROLES}), 8)).unwrap_err();
+        let error =
+            demand_sized(&pod_with(missing, serde_json::json!({ROLES_ANNOTATION: ROLES}), 8), None).unwrap_err();
         assert_eq!(error, PodError::Missing { pod: "ns/p".into(), field: "metadata.labels[topoplace.io/role]" });
     }
 
@@ -954,7 +960,7 @@ mod tests {
         let huge = r#"[{"name": "a", "members": 4294967295, "gpusPerMember": 1}, {"name": "b", "gpusPerMember": 1}]"#;
         for labels in [
             serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "1", "topoplace.io/role": "a"}),
-            serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k", "leaderworkerset.sigs.k8s.io/worker-index": "1"}),
+            lws_labels("1"),
         ] {
             let annotations = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "1", ROLES_ANNOTATION: huge});
             let error = demand(&pod_with(labels, annotations, 1)).unwrap_err().to_string();
@@ -963,8 +969,7 @@ mod tests {
         }
         // A count too large or negative is named as such, not as "not a whole number".
         for (index, expected) in [("99999999999", "above the limit"), ("-1", "cannot be negative")] {
-            let labels = serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k",
-                "leaderworkerset.sigs.k8s.io/worker-index": index});
+            let labels = lws_labels(index);
             let annotations = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3"});
             let error = demand(&pod_with(labels, annotations, 8)).unwrap_err().to_string();
             assert!(error.contains(expected), "{error}");
@@ -978,10 +983,7 @@ mod tests {
 
     #[test]
     fn an_exclusive_leaderworkerset_keeps_its_group_in_one_domain_and_binds_a_gpu_leader_first() {
-        let labels = |index: &str| {
-            serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k",
-                "leaderworkerset.sigs.k8s.io/worker-index": index})
-        };
+        let labels = lws_labels;
         let leaf = "network.topology.nvidia.com/leaf";
         let exclusive = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3", LWS_EXCLUSIVE_TOPOLOGY: leaf});
         let order = |d: &PodDemand| d.gang.as_ref().map(|g| g.order);
@@ -1020,10 +1022,7 @@ mod tests {
 
     #[test]
     fn exclusive_leaderworkerset_subgroups_are_a_role_of_exclusive_slices() {
-        let labels = |index: &str| {
-            serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k",
-                "leaderworkerset.sigs.k8s.io/worker-index": index})
-        };
+        let labels = lws_labels;
         let leaf = "network.topology.nvidia.com/leaf";
         let with = |size: &str, subgroup: &str| {
             serde_json::json!({"leaderworkerset.sigs.k8s.io/size": size, LWS_SUBGROUP_SIZE: subgroup,
@@ -1079,8 +1078,7 @@ mod tests {
     #[test]
     fn leaderworkerset_pods_take_their_roles_in_worker_index_order() {
         for (index, gpus, role, rank) in [("0", 4, "leader", 0), ("1", 8, "worker", 0), ("2", 8, "worker", 1)] {
-            let labels = serde_json::json!({"leaderworkerset.sigs.k8s.io/group-key": "k",
-                "leaderworkerset.sigs.k8s.io/worker-index": index});
+            let labels = lws_labels(index);
             let annotations = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3", ROLES_ANNOTATION: ROLES});
             let demand = demand(&pod_with(labels, annotations, gpus)).expect("demand");
             assert_eq!(demand.roles.as_ref().map(|r| r.role.as_str()), Some(role), "index {index}");

@@ -257,16 +257,13 @@ impl ServerState {
         }
         let binder = self.binder.clone();
         tokio::spawn(async move {
-            for pod in &undo {
-                tracing::warn!(%pod, "deleting a member bound ahead of its gang, whose other members did not bind");
-                if let Err(error) = binder.delete(pod).await {
-                    tracing::warn!(%pod, %error, "undo: deleting a member bound ahead of its gang failed");
-                }
-                let message = "this pod was bound ahead of its gang (LeaderWorkerSet exclusive placement), and the \
-                               rest of the gang did not bind within its reservation: the pod is deleted so its \
-                               controller recreates the group whole";
-                binder.event(pod, "GangBindRolledBack", message.to_string()).await;
-            }
+            tracing::warn!(pods = ?undo, "deleting members bound ahead of their gangs, whose other members did not bind");
+            crate::binder::undo(binder.as_ref(), &undo).await;
+            let message = "this pod was bound ahead of its gang (LeaderWorkerSet exclusive placement), and the rest \
+                           of the gang did not bind within its reservation: the pod is deleted so its controller \
+                           recreates the group whole";
+            futures::future::join_all(undo.iter().map(|pod| binder.event(pod, "GangBindRolledBack", message.into())))
+                .await;
         });
     }
 

@@ -167,10 +167,7 @@ impl Book {
             return None;
         }
         let leader = leader.clone();
-        self.bound.remove(&leader.uid);
-        if let Err(error) = self.ledger.release(&pod_holder(&leader.uid)) {
-            self.ledger_fault("giving up a leader bound ahead without a reservation", error);
-        }
+        self.give_up_bound(&leader);
         self.undo.push(leader.clone());
         Some(format!(
             "gang `{key}`: its leader {leader} is bound but nothing is held for its workers any more (topoplace \
@@ -497,8 +494,7 @@ impl Book {
                     // The members bound ahead (a LeaderWorkerSet leader) go with the rest.
                     let ahead = self.give_up_bound_ahead(&reservation);
                     self.stats.gangs_rolled_back += 1;
-                    let delete =
-                        outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone()).chain(ahead).collect();
+                    let delete = bound_of(outcomes).chain(ahead).collect();
                     return BindFinish::RolledBack { delete, failures };
                 }
                 reservation
@@ -525,7 +521,7 @@ impl Book {
             if ticket.gang().is_some() {
                 self.stats.gangs_rolled_back += 1;
             }
-            let delete = outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone()).collect();
+            let delete = bound_of(outcomes).collect();
             return BindFinish::RolledBack { delete, failures };
         }
         for (pod, node, gpus, gang) in members {
@@ -562,7 +558,7 @@ impl Book {
                 // Bound, but its reservation ended meanwhile (the cluster view changed): no
                 // workers' GPUs are held for it, so it is given up, not left alone.
                 let failures = vec![format!("gang `{key}`: its reservation ended while its leader was binding")];
-                let delete = outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone()).collect();
+                let delete = bound_of(outcomes).collect();
                 return BindFinish::RolledBack { delete, failures };
             }
             return BindFinish::RolledBack { delete: Vec::new(), failures };
@@ -681,6 +677,11 @@ impl Book {
             self.bound.iter().filter(|(_, b)| b.gang.as_ref() == Some(gang)).all(|(other, _)| victims.contains(other))
         })
     }
+}
+
+/// The pods whose Bindings succeeded.
+fn bound_of(outcomes: &[(PodIdentity, Result<(), String>)]) -> impl Iterator<Item = PodIdentity> + '_ {
+    outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone())
 }
 
 /// Marks `reservation` binding and lists the Bindings of its members not bound yet.

@@ -807,16 +807,21 @@ impl Book {
     /// The members of `reservation` bound ahead of their gang, released and no longer bound
     /// in the book: the caller deletes them.
     fn give_up_bound_ahead(&mut self, reservation: &GangReservation) -> Vec<PodIdentity> {
-        let mut given_up = Vec::new();
-        for pod in reservation.slots.iter().filter(|s| s.bound).filter_map(|s| s.pod.as_ref()) {
-            if self.bound.remove(&pod.uid).is_some() {
-                if let Err(error) = self.ledger.release(&pod_holder(&pod.uid)) {
-                    self.ledger_fault("giving up a member bound ahead of its gang", error);
-                }
-                given_up.push(pod.clone());
-            }
+        let ahead: Vec<PodIdentity> =
+            reservation.slots.iter().filter(|s| s.bound).filter_map(|s| s.pod.clone()).collect();
+        ahead.into_iter().filter(|pod| self.give_up_bound(pod)).collect()
+    }
+
+    /// A bound pod given up so that its replica is not left half-placed: no longer bound in
+    /// the book, its GPUs released; whether it was bound.
+    fn give_up_bound(&mut self, pod: &PodIdentity) -> bool {
+        if self.bound.remove(&pod.uid).is_none() {
+            return false;
         }
-        given_up
+        if let Err(error) = self.ledger.release(&pod_holder(&pod.uid)) {
+            self.ledger_fault("giving up a member bound ahead of its gang", error);
+        }
+        true
     }
 
     /// Bound pods the adapter must delete (a leader bound ahead of workers that then did not

@@ -450,12 +450,7 @@ async fn bind_all(state: &ServerState, ticket: &Ticket, members: Vec<MemberBind>
         let _ = waiter.send(answer);
     }
     if let (BindFinish::RolledBack { delete, .. }, Err(message)) = (&finish, &result) {
-        join_all(delete.iter().map(|pod| async move {
-            if let Err(error) = binder.delete(pod).await {
-                tracing::warn!(%pod, %error, "undo: deleting a bound member failed");
-            }
-        }))
-        .await;
+        crate::binder::undo(binder.as_ref(), delete).await;
         // Every member told, and every pod deleted for it (a leader bound ahead too).
         let told =
             members.iter().map(|m| &m.pod).chain(delete.iter().filter(|p| !members.iter().any(|m| &m.pod == *p)));
