@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde_json::{json, Value};
-use support::{eventually_async, pod, post, schedule, static_extender, static_extender_with};
+use support::{eventually_async, free_gpus, pod, post, schedule, static_extender, static_extender_with};
 use topoplace_online::reservation::BookConfig;
 
 const CLUSTER: &str = "testdata/extender/cluster.yaml";
@@ -33,11 +33,6 @@ fn golden(name: &str, reply: &Value) {
 /// `GET /state`.
 async fn state_of(client: &reqwest::Client, base: &str) -> Value {
     client.get(format!("{base}/state")).send().await.expect("state").json().await.expect("json")
-}
-
-/// Free GPUs over every node of a `/state` reply.
-fn free_gpus(state: &Value) -> u64 {
-    state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum()
 }
 
 fn node_names() -> Vec<String> {

@@ -10,7 +10,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
-use support::{eventually, scheduler_pod, serve_router, FakeApi, Replica, Running};
+use support::{eventually, free_gpus, scheduler_pod, serve_router, FakeApi, Replica, Running};
 use topoplace_online::scheduler::SchedulerConfig;
 
 const H100: &str = "NVIDIA-H100-80GB-HBM3";
@@ -250,19 +250,6 @@ async fn gangs_in_any_order_incomplete_and_from_pod_groups_bind_whole() {
     })
     .await;
     assert_eq!(api.pod_node("ml", "p-0"), None);
-    // A LeaderWorkerSet leader with GPUs and exclusive placement: its workers come only once
-    // it is bound, which this scheduler does not do: left unscheduled, saying what to use.
-    let mut leader = scheduler_pod("ml", "lws-0", 8, None, "1");
-    leader["metadata"]["labels"] = json!({"leaderworkerset.sigs.k8s.io/group-key": "g1",
-        "leaderworkerset.sigs.k8s.io/worker-index": "0"});
-    leader["metadata"]["annotations"] = json!({"leaderworkerset.sigs.k8s.io/size": "3",
-        "leaderworkerset.sigs.k8s.io/exclusive-topology": "network.topology.nvidia.com/leaf"});
-    api.add_pod(leader, None, None);
-    eventually("the Event naming exclusive placement", || {
-        events_for(&api, "lws-0", "FailedScheduling").iter().any(|m| m.contains("with the topoplace extender"))
-    })
-    .await;
-    assert_eq!(api.pod_node("ml", "lws-0"), None);
     finish(&api, replica, Some(server)).await;
 }
 
@@ -393,6 +380,96 @@ async fn a_leaderworkerset_with_a_gpu_less_leader_is_scheduled_without_waiting_f
         .collect();
     assert_eq!(workers.len(), 2, "the two workers on two hosts");
     assert_consistent(&api);
+    finish(&api, replica, Some(server)).await;
+}
+
+/// A pod of LeaderWorkerSet group `group` with exclusive placement on the leaf, at worker
+/// index `index` (0 is the leader), asking 8 GPUs like every member of the group of 3.
+fn exclusive_lws_pod(group: &str, index: u32) -> Value {
+    let name = if index == 0 { format!("{group}-0") } else { format!("{group}-0-{index}") };
+    let mut pod = scheduler_pod("serving", &name, 8, None, "1");
+    pod["metadata"]["labels"] = json!({
+        "leaderworkerset.sigs.k8s.io/group-key": group,
+        "leaderworkerset.sigs.k8s.io/worker-index": index.to_string(),
+    });
+    pod["metadata"]["annotations"] = json!({"leaderworkerset.sigs.k8s.io/size": "3",
+        "leaderworkerset.sigs.k8s.io/exclusive-topology": "network.topology.nvidia.com/leaf"});
+    pod
+}
+
+/// LeaderWorkerSet exclusive placement with a leader that takes GPUs, in scheduler mode: LWS
+/// creates the workers only once the leader is bound, with a node selector for the leader's
+/// leaf (kubernetes-sigs/lws `pkg/controllers/pod_controller.go`). Two racks, r1 with one host
+/// taken: the leader is bound alone in r2 (the rack with room for the group), its workers'
+/// GPUs held; the workers, created then, bind on the held hosts of that rack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaderworkerset_with_exclusive_placement_binds_its_leader_first_then_its_workers() {
+    let (api, server) = api_with(rack_nodes(&["r1", "r2"], 3)).await;
+    api.add_pod(scheduler_pod("other", "busy", 8, None, "1"), Some("r1-0"), Some("0,1,2,3,4,5,6,7"));
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    api.add_pod(exclusive_lws_pod("g1", 0), None, None);
+    eventually("the leader bound alone", || api.pod_node("serving", "g1-0").is_some()).await;
+    let leader_node = api.pod_node("serving", "g1-0").unwrap_or_default();
+    assert!(leader_node.starts_with("r2-"), "the rack with room for the whole group: {leader_node}");
+    let state = replica.ext.state_json();
+    assert_eq!(free_gpus(&state), 48 - 8 - 24, "the workers' 16 GPUs are held for them: {state}");
+    assert!(
+        events_for(&api, "g1-0", "Scheduled").iter().any(|m| m.contains("bound ahead of its workers")),
+        "{:?}",
+        api.events()
+    );
+    // LWS now creates the workers, held to the leader's leaf by a node selector.
+    for index in [2, 1] {
+        let mut worker = exclusive_lws_pod("g1", index);
+        worker["spec"]["nodeSelector"] = json!({"network.topology.nvidia.com/leaf": "r2"});
+        api.add_pod(worker, None, None);
+    }
+    eventually("the workers bound", || api.bound_pods().len() == 4).await;
+    let nodes: BTreeSet<String> =
+        ["g1-0", "g1-0-1", "g1-0-2"].iter().filter_map(|name| api.pod_node("serving", name)).collect();
+    assert_eq!(nodes.len(), 3, "three hosts: {nodes:?}");
+    assert!(nodes.iter().all(|n| n.starts_with("r2-")), "one leaf: {nodes:?}");
+    assert!(api.deletes().is_empty());
+    finish(&api, replica, Some(server)).await;
+}
+
+/// The same group whose workers fail to bind, then one whose workers never come: with a 2 s
+/// reservation. A worker's failed Binding deletes the worker that bound and the leader; a
+/// leader whose workers never come is deleted once the held GPUs are given back. Each gets an
+/// Event saying why (LWS recreates the group whole), and nothing stays held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaderworkerset_leader_whose_workers_fail_or_never_come_is_deleted() {
+    let (api, server) = api_with(rack_nodes(&["r1"], 3)).await;
+    let book = topoplace_online::reservation::BookConfig {
+        reservation_ttl_ms: 2_000,
+        ..topoplace_online::reservation::BookConfig::default()
+    };
+    let replica = Replica::start_with(&server.base, None, test_config(), book).await;
+    api.faults.lock().expect("faults").fail_binding.insert("g3-0-2".into());
+    api.add_pod(exclusive_lws_pod("g3", 0), None, None);
+    eventually("the leader bound alone", || api.pod_node("serving", "g3-0").is_some()).await;
+    for index in [1, 2] {
+        let mut worker = exclusive_lws_pod("g3", index);
+        worker["spec"]["nodeSelector"] = json!({"network.topology.nvidia.com/leaf": "r1"});
+        api.add_pod(worker, None, None);
+    }
+    eventually("the leader and the bound worker deleted", || {
+        let deleted = api.deletes();
+        deleted.contains(&"g3-0".to_string()) && deleted.contains(&"g3-0-1".to_string())
+    })
+    .await;
+    assert!(!events_for(&api, "g3-0", "GangBindRolledBack").is_empty(), "the leader is told why");
+    assert_eq!(api.pod_node("serving", "g3-0-2"), None);
+    eventually("every GPU free again", || free_gpus(&replica.ext.state_json()) == 24).await;
+    api.faults.lock().expect("faults").fail_binding.clear();
+    api.delete_pod("serving", "g3-0-2");
+
+    api.add_pod(exclusive_lws_pod("g2", 0), None, None);
+    eventually("the leader bound alone", || api.pod_node("serving", "g2-0").is_some()).await;
+    assert_eq!(free_gpus(&replica.ext.state_json()), 0, "the workers' GPUs held");
+    eventually("the leader deleted", || api.deletes().contains(&"g2-0".to_string())).await;
+    eventually("the Event on the leader", || !events_for(&api, "g2-0", "GangBindRolledBack").is_empty()).await;
+    eventually("every GPU free again", || free_gpus(&replica.ext.state_json()) == 24).await;
     finish(&api, replica, Some(server)).await;
 }
 

@@ -198,6 +198,11 @@ pub fn scheduler_pod(namespace: &str, name: &str, gpus: u32, gang: Option<(&str,
     })
 }
 
+/// Free GPUs over every node of a `/state` reply.
+pub fn free_gpus(state: &Value) -> u64 {
+    state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum()
+}
+
 pub async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
     let reply = client.post(url).json(body).send().await.expect("request");
     let status = reply.status().as_u16();
@@ -249,6 +254,11 @@ impl Replica {
     /// Starts a replica against the API at `base`; with `identity` it campaigns for the
     /// Lease `kube-system/topoplace-scheduler` (2 s lease), else it leads from the start.
     pub async fn start(base: &str, identity: Option<&str>, config: SchedulerConfig) -> Replica {
+        Replica::start_with(base, identity, config, BookConfig::default()).await
+    }
+
+    /// [`Replica::start`] with the book configured by `book` (a short reservation TTL).
+    pub async fn start_with(base: &str, identity: Option<&str>, config: SchedulerConfig, book: BookConfig) -> Replica {
         let lease = identity.map(|identity| LeaseConfig {
             namespace: "kube-system".into(),
             name: "topoplace-scheduler".into(),
@@ -258,7 +268,7 @@ impl Replica {
             retry_period: Duration::from_millis(200),
         });
         let scheduler = SchedulerSetup { name: "topoplace".into(), config, lease };
-        let served = kube_server(base, BookConfig::default(), Some(scheduler)).await;
+        let served = kube_server(base, book, Some(scheduler)).await;
         let ext = served.state().clone();
         let runtime = served.scheduler().expect("the scheduler runs").clone();
         Replica { ext, runtime, served }

@@ -290,6 +290,13 @@ pub enum BookError {
     RoleMismatch { pod: String, detail: String },
     #[error("gang `{gang}` is reserved already (by the extender or the placement API), as another plan")]
     AlreadyPlanned { gang: String },
+    #[error(
+        "gang `{gang}`: no member is bound ahead with the rest's GPUs held (its reservation ended, or its leader is \
+         not bound yet)"
+    )]
+    NotBoundAhead { gang: String },
+    #[error("gang `{gang}`: more pods of role `{role}` than its plan has open slots for")]
+    NoOpenSlot { gang: String, role: String },
 }
 
 /// One node's answer to a filter call.
@@ -443,7 +450,7 @@ impl Slot {
 /// What a reservation was planned for: a gang of one shape, or a replica with roles (whose
 /// slots are the members of its roles that take GPUs, role by role, in rank order).
 #[derive(Debug, Clone)]
-enum Planned {
+pub enum Planned {
     Gang(Gang),
     Replica(Box<Replica>),
 }

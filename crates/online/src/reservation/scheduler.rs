@@ -39,6 +39,19 @@ impl Book {
         Some(path.collect())
     }
 
+    /// Whether `planned` would fit on the allowed hosts with every GPU free: a unit that would
+    /// not can never be placed there, however long it waits, so it has no call on hosts kept
+    /// free for it (the starvation guard would otherwise hold them for ever).
+    pub fn fits_when_empty(&mut self, planned: &Planned, allowed: &[bool]) -> bool {
+        let empty: Ledger<Holder> = Ledger::empty(&self.cluster);
+        self.with_planner(|planner, _| match planned {
+            Planned::Gang(gang) => planner.place(&empty, PlaceRequest::new(gang).within(Some(allowed))).is_ok(),
+            Planned::Replica(replica) => {
+                planner.place_replica(&empty, replica, &SolverChoice::Greedy, Some(allowed)).is_ok()
+            }
+        })
+    }
+
     /// Of the allowed hosts, those on which `gang` could take GPUs if GPUs were freed there
     /// (its product, memory class and links fit): what a starving gang has first call on.
     pub fn hosts_wanted_by(&mut self, gang: &Gang, allowed: &[bool]) -> Vec<bool> {
@@ -257,5 +270,196 @@ impl Book {
             });
         }
         Ok((Ticket::Gang(key.to_string()), members))
+    }
+    /// The secondary scheduler's hold of a [`BindOrder::LeaderFirst`] group at its leader,
+    /// before any worker exists (LeaderWorkerSet creates them once the leader is bound). With
+    /// `plan` (what was planned, and its slots: role, host, GPUs, role by role, each role in
+    /// rank order) the whole group is held; with `None` the reservation the placement API made
+    /// under `key` is adopted. The leader takes slot `leader_slot` and only its Binding starts
+    /// ([`Ticket::Leader`], settled by [`Book::bind_finished`]: once it is bound, the rest
+    /// stays held for the workers for [`BookConfig::reservation_ttl_ms`], and a group whose
+    /// workers do not bind in that time has its leader given up, [`Book::take_undo`]).
+    /// Errors, with nothing changed: a reservation under `key` already (with `plan`), none made
+    /// through the placement API or one binding (without), a slot that is out of range or
+    /// bound, GPUs the ledger no longer has free.
+    pub fn hold_leader_for_bind(
+        &mut self,
+        key: &str,
+        plan: Option<(Planned, &[RoleSlot])>,
+        leader: &PodIdentity,
+        leader_slot: usize,
+        now_ms: u64,
+    ) -> Result<(Ticket, MemberBind), BookError> {
+        let pod = leader.to_string();
+        match plan {
+            Some((planned, slots)) => {
+                if self.gangs.contains_key(key) {
+                    return Err(BookError::AlreadyPlanned { gang: key.to_string() });
+                }
+                if leader_slot >= slots.len() {
+                    return Err(BookError::MemberCount {
+                        gang: key.into(),
+                        pods: leader_slot + 1,
+                        members: slots.len(),
+                    });
+                }
+                self.ledger
+                    .reserve(&gang_holder(key), &merge_by_host(slots.iter().map(|&(_, host, gpus)| (host, gpus))))
+                    .map_err(|source| BookError::Ledger { pod: pod.clone(), source })?;
+                self.gangs.insert(
+                    key.to_string(),
+                    GangReservation {
+                        planned,
+                        slots: slots.iter().map(|&(role, host, gpus)| Slot::of_role(role, host, gpus)).collect(),
+                        expires_at_ms: now_ms,
+                        binding: false,
+                        origin: None,
+                        first_held_ms: None,
+                        planned_by: Some(leader.clone()),
+                        leader_first: true,
+                    },
+                );
+                self.stats.gangs_reserved += 1;
+            }
+            None => {
+                let adoptable = self.gangs.get(key).is_some_and(|g| g.origin.is_some() && !g.binding);
+                if !adoptable {
+                    return Err(BookError::NotPlanned { pod });
+                }
+            }
+        }
+        let cluster = &self.cluster;
+        let Some(reservation) = self.gangs.get_mut(key) else {
+            return Err(BookError::NotPlanned { pod });
+        };
+        if reservation.slots.get(leader_slot).is_none_or(|s| s.bound) {
+            return Err(BookError::MemberCount {
+                gang: key.into(),
+                pods: leader_slot + 1,
+                members: reservation.slots.len(),
+            });
+        }
+        reservation.leader_first = true;
+        reservation.binding = true;
+        let slot = &mut reservation.slots[leader_slot];
+        (slot.pod, slot.at_bind, slot.lapsed) = (Some(leader.clone()), true, false);
+        let member = MemberBind {
+            pod: leader.clone(),
+            host: slot.host,
+            node: cluster.host(slot.host).name.clone(),
+            gpus: mask_indices(slot.gpus),
+        };
+        Ok((Ticket::Leader { gang: key.to_string(), uid: leader.uid.clone() }, member))
+    }
+
+    /// The slots (role, host, GPUs) of a reservation that the placement API made under `key`
+    /// and that is not binding, role by role; `None` otherwise.
+    pub fn reserved_slots(&self, key: &str) -> Option<Vec<RoleSlot>> {
+        let reservation = self.gangs.get(key).filter(|g| !g.binding && g.origin.is_some())?;
+        Some(reservation.slots.iter().map(|s| (s.role, s.host, s.gpus)).collect())
+    }
+
+    /// The members of `key`'s gang bound ahead of the rest while the rest's GPUs are held
+    /// (a [`BindOrder::LeaderFirst`] leader), with their hosts; empty when there is none or
+    /// no reservation.
+    pub fn bound_ahead(&self, key: &str) -> Vec<(PodIdentity, HostId)> {
+        let Some(reservation) = self.gangs.get(key) else { return Vec::new() };
+        reservation.slots.iter().filter(|s| s.bound).filter_map(|s| Some((s.pod.clone()?, s.host))).collect()
+    }
+
+    /// Which open slots (those not bound ahead) of `key`'s reservation the members `pods`
+    /// (role index, rank within the role) take: the rank's slot of their role when it is open,
+    /// else the role's first open slot left; their indices in `pods`' order. Errors: no
+    /// reservation with a member bound ahead, one binding, not one pod per open slot, a pod
+    /// whose role has no open slot left.
+    fn open_slot_indices(&self, key: &str, pods: &[(usize, Option<u32>)]) -> Result<Vec<usize>, BookError> {
+        let reservation = self
+            .gangs
+            .get(key)
+            .filter(|g| g.slots.iter().any(|s| s.bound))
+            .ok_or_else(|| BookError::NotBoundAhead { gang: key.to_string() })?;
+        if reservation.binding {
+            return Err(BookError::InFlight { gang: key.to_string() });
+        }
+        let open = reservation.slots.iter().filter(|s| !s.bound).count();
+        if open != pods.len() {
+            return Err(BookError::MemberCount { gang: key.into(), pods: pods.len(), members: open });
+        }
+        let mut taken: Vec<bool> = reservation.slots.iter().map(|s| s.bound).collect();
+        let mut chosen: Vec<Option<usize>> = vec![None; pods.len()];
+        // Ranks first, so a pod without one does not take a slot a ranked pod names.
+        for (pick, &(role, rank)) in chosen.iter_mut().zip(pods) {
+            let Some(rank) = rank else { continue };
+            let of_role = (0..reservation.slots.len()).filter(|&i| reservation.slots[i].role == role);
+            if let Some(index) = of_role.clone().nth(rank as usize).filter(|&i| !taken[i]) {
+                taken[index] = true;
+                *pick = Some(index);
+            }
+        }
+        for (pick, &(role, _)) in chosen.iter_mut().zip(pods) {
+            if pick.is_none() {
+                let index = (0..reservation.slots.len())
+                    .find(|&i| !taken[i] && reservation.slots[i].role == role)
+                    .ok_or_else(|| BookError::NoOpenSlot {
+                        gang: key.to_string(),
+                        role: match &reservation.planned {
+                            Planned::Replica(replica) => replica.roles.get(role).map(|r| r.name.clone()),
+                            Planned::Gang(_) => Some("member".to_string()),
+                        }
+                        .unwrap_or_else(|| role.to_string()),
+                    })?;
+                taken[index] = true;
+                *pick = Some(index);
+            }
+        }
+        Ok(chosen.into_iter().flatten().collect())
+    }
+
+    /// [`Book::open_slot_indices`] as slots (role, host, GPUs), nothing changed: where the
+    /// rest of a group bound ahead goes.
+    pub fn open_slots(&self, key: &str, pods: &[(usize, Option<u32>)]) -> Result<Vec<RoleSlot>, BookError> {
+        let indices = self.open_slot_indices(key, pods)?;
+        let slots = &self.gangs[key].slots;
+        Ok(indices.into_iter().map(|i| (slots[i].role, slots[i].host, slots[i].gpus)).collect())
+    }
+
+    /// The secondary scheduler's hold of the rest of a group whose leader is bound ahead
+    /// ([`Book::hold_leader_for_bind`]): `pods` (role index, rank, pod) take the open slots as
+    /// [`Book::open_slots`] gives them and their Bindings start under [`Ticket::Gang`]; one
+    /// that fails gives the leader up too ([`Book::bind_finished`] lists it to delete).
+    /// Errors as [`Book::open_slots`], with nothing changed.
+    pub fn hold_rest_for_bind(
+        &mut self,
+        key: &str,
+        pods: &[(usize, Option<u32>, PodIdentity)],
+    ) -> Result<(Ticket, Vec<MemberBind>), BookError> {
+        let wanted: Vec<(usize, Option<u32>)> = pods.iter().map(|(role, rank, _)| (*role, *rank)).collect();
+        let indices = self.open_slot_indices(key, &wanted)?;
+        let cluster = &self.cluster;
+        let Some(reservation) = self.gangs.get_mut(key) else {
+            return Err(BookError::NotBoundAhead { gang: key.to_string() });
+        };
+        reservation.binding = true;
+        let mut members = Vec::with_capacity(pods.len());
+        for (index, (_, _, pod)) in indices.into_iter().zip(pods) {
+            let slot = &mut reservation.slots[index];
+            (slot.pod, slot.at_bind, slot.lapsed) = (Some(pod.clone()), true, false);
+            members.push(MemberBind {
+                pod: pod.clone(),
+                host: slot.host,
+                node: cluster.host(slot.host).name.clone(),
+                gpus: mask_indices(slot.gpus),
+            });
+        }
+        Ok((Ticket::Gang(key.to_string()), members))
+    }
+
+    /// Drops `key`'s reservation when the secondary scheduler made it and no member is bound
+    /// ahead (a leader whose Binding failed: the scheduler plans afresh at its retry); whether
+    /// it did.
+    pub fn drop_unbound_reservation(&mut self, key: &str) -> bool {
+        let ours =
+            self.gangs.get(key).is_some_and(|g| g.origin.is_none() && !g.binding && !g.slots.iter().any(|s| s.bound));
+        ours && self.drop_reservation(key).is_some()
     }
 }

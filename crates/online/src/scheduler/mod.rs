@@ -20,7 +20,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::reservation::{BindFinish, Book, PodDemand, PodIdentity, RoleSlot, Ticket};
+use crate::reservation::{BindFinish, BindOrder, Book, Planned, PodDemand, PodIdentity, RoleSlot, Ticket};
 use predicates::{NodeFacts, PodNeeds, Resources};
 use topoplace_engine::topology::HostId;
 use topoplace_engine::workload::Replica;
@@ -432,6 +432,17 @@ impl Scheduler {
         let in_flight_units: BTreeSet<UnitKey> = self.in_flight.values().map(|(unit, _)| unit.clone()).collect();
         self.units.retain(|key, _| members_by_unit.contains_key(key) || in_flight_units.contains(key));
 
+        // Groups whose leader is bound ahead with the rest's GPUs held (BindOrder::LeaderFirst):
+        // how many members are bound so.
+        let ahead: BTreeMap<String, usize> = match book.as_deref() {
+            Some(book) => members_by_unit
+                .keys()
+                .filter_map(|key| key.gang())
+                .map(|gang| (gang.to_string(), book.bound_ahead(gang).len()))
+                .filter(|(_, bound)| *bound > 0)
+                .collect(),
+            None => BTreeMap::new(),
+        };
         // Gang assembly and repair; collect the units that are complete.
         let mut complete: Vec<(UnitKey, i32)> = Vec::new();
         for (key, members) in &members_by_unit {
@@ -466,6 +477,44 @@ impl Scheduler {
                     state.last_message = Some(message.clone());
                     decisions.push(Decision::NotScheduled { pods, reason: REASON_UNSCHEDULABLE, message });
                 }
+                continue;
+            }
+            if let Some(&bound_ahead) = ahead.get(&gang.key) {
+                // The leader is bound and its workers' GPUs are held: the workers are the unit.
+                state.half_bound_since_ms = None;
+                let expected = size.saturating_sub(bound_ahead);
+                if members.len() > expected {
+                    let message = format!(
+                        "gang `{key}` has {bound_ahead} member(s) bound ahead and {} pending, but its size is {size}: \
+                         remove the extra pods or fix the size",
+                        members.len()
+                    );
+                    if state.last_message.as_ref() != Some(&message) {
+                        state.last_message = Some(message.clone());
+                        decisions.push(Decision::NotScheduled { pods, reason: REASON_UNSCHEDULABLE, message });
+                    }
+                    continue;
+                }
+                if members.len() < expected {
+                    state.complete = false;
+                    if !state.waiting_reported {
+                        state.waiting_reported = true;
+                        decisions.push(Decision::GangWaiting {
+                            pods,
+                            message: format!(
+                                "gang `{key}`: its leader is bound and its workers' GPUs are held; {} of {expected} \
+                                 workers exist, waiting for the rest",
+                                members.len()
+                            ),
+                        });
+                    }
+                    continue;
+                }
+                if !state.complete {
+                    state.complete = true;
+                    state.since_ms = now_ms;
+                }
+                complete.push((key.clone(), priority));
                 continue;
             }
             let bound: Vec<PodIdentity> = self
@@ -506,7 +555,10 @@ impl Scheduler {
                 }
                 continue;
             }
-            if members.len() < size {
+            // A LeaderWorkerSet leader with exclusive placement is placed before its workers
+            // exist (they are created once it is bound): its group is ready with it alone.
+            let leader_ready = members.iter().any(|m| is_leader_first_leader(&m.demand));
+            if members.len() < size && !leader_ready {
                 state.complete = false;
                 let waited = now_ms.saturating_sub(state.first_seen_ms);
                 if !state.waiting_reported {
@@ -609,27 +661,34 @@ impl Scheduler {
         self.truncated
     }
 
-    /// The GPU hosts a starving unit could use: held back from the units behind it.
+    /// The GPU hosts a starving unit could use: held back from the units behind it. None for a
+    /// unit that would not fit even with every GPU it may use free: waiting cannot help it,
+    /// and holding hosts for it would only starve the rest.
     fn wanted_hosts(&self, book: &mut Book, members: &[PendingPod]) -> Option<Vec<bool>> {
         let first = members.first()?;
-        if let Ok(Some((replica, _))) = first.demand.replica() {
+        let (planned, allowed) = if let Ok(Some((replica, _))) = first.demand.replica() {
             // A replica wants the hosts any of its roles could use (its GPU pods' predicates).
             let gpu_pods: Vec<PendingPod> = members.iter().filter(|m| m.demand.gpus > 0).cloned().collect();
-            let allowed = self.allowed_hosts(book, &gpu_pods, None).0;
-            let mut wanted = vec![false; allowed.len()];
-            for gang in replica.gangs() {
-                for (flag, want) in wanted.iter_mut().zip(book.hosts_wanted_by(gang, &allowed)) {
-                    *flag |= want;
-                }
-            }
-            return Some(wanted);
-        }
-        if first.demand.gpus == 0 {
+            (Planned::Replica(Box::new(replica)), self.allowed_hosts(book, &gpu_pods, None).0)
+        } else if first.demand.gpus > 0 {
+            (Planned::Gang(first.demand.gang().ok()?), self.allowed_hosts(book, members, None).0)
+        } else {
+            return None;
+        };
+        if !book.fits_when_empty(&planned, &allowed) {
             return None;
         }
-        let gang = first.demand.gang().ok()?;
-        let allowed = self.allowed_hosts(book, members, None).0;
-        Some(book.hosts_wanted_by(&gang, &allowed))
+        let gangs: Vec<&topoplace_engine::workload::Gang> = match &planned {
+            Planned::Gang(gang) => vec![gang],
+            Planned::Replica(replica) => replica.gangs().collect(),
+        };
+        let mut wanted = vec![false; allowed.len()];
+        for gang in gangs {
+            for (flag, want) in wanted.iter_mut().zip(book.hosts_wanted_by(gang, &allowed)) {
+                *flag |= want;
+            }
+        }
+        Some(wanted)
     }
 
     /// Per GPU host of the book, whether every member passes the predicates there; and the
@@ -682,6 +741,11 @@ impl Scheduler {
         held_back: Option<&[bool]>,
         now_ms: u64,
     ) -> Result<Decision, String> {
+        let leader_first =
+            |m: &PendingPod| m.demand.gang.as_ref().is_some_and(|g| matches!(g.order, BindOrder::LeaderFirst { .. }));
+        if members.iter().any(leader_first) {
+            return self.try_place_leader_first(book, key, members, held_back, now_ms);
+        }
         if members.iter().any(|m| m.demand.roles.is_some()) {
             return self.try_place_replica(book, key, members, held_back, now_ms);
         }
@@ -857,6 +921,211 @@ impl Scheduler {
             }
         }
         Err(format!("gang `{key}`: no placement left whose members fit together by CPU and memory"))
+    }
+
+    /// [`Scheduler::try_place`] for a group that binds its leader first
+    /// ([`BindOrder::LeaderFirst`]: LeaderWorkerSet exclusive placement with a leader that
+    /// takes GPUs, whose workers LWS creates only once the leader is bound). Before the leader
+    /// is bound, the whole group (a gang of one shape, or a replica with roles) is planned on
+    /// the hosts where the leader passes the predicates (the workers do not exist yet to be
+    /// checked; LWS gives them the leader's template unless a leader template differs), held
+    /// in the book, and only the leader is bound; the placement API's reservation of the group
+    /// is adopted instead when there is one. Once it is bound, the workers are the unit: they
+    /// bind onto the held slots ([`Scheduler::bind_rest_of_group`]).
+    fn try_place_leader_first(
+        &mut self,
+        book: &mut Book,
+        key: &UnitKey,
+        members: &[PendingPod],
+        held_back: Option<&[bool]>,
+        now_ms: u64,
+    ) -> Result<Decision, String> {
+        let gang_key = key.gang().unwrap_or_default().to_string();
+        if !book.bound_ahead(&gang_key).is_empty() {
+            return self.bind_rest_of_group(book, key, &gang_key, members, now_ms);
+        }
+        let Some(leader) = members.iter().find(|m| is_leader_first_leader(&m.demand)) else {
+            return Err(format!(
+                "gang `{key}`: its leader is neither pending nor bound with its workers' GPUs held; its workers wait \
+                 for it"
+            ));
+        };
+        let shape = leader.demand.replica().map_err(|e| e.to_string())?;
+        let (planned, own_role) = match &shape {
+            Some((replica, own)) => (Planned::Replica(Box::new(replica.clone())), *own),
+            None => (Planned::Gang(leader.demand.gang().map_err(|e| e.to_string())?), 0),
+        };
+        let rank = leader.demand.gang.as_ref().and_then(|g| g.rank).unwrap_or(0) as usize;
+        // The leader's slot: its rank's slot of its role, else the role's first.
+        let leader_slot = |slots: &[RoleSlot]| {
+            let of_role = || slots.iter().enumerate().filter(|(_, s)| s.0 == own_role).map(|(i, _)| i);
+            of_role().nth(rank).or_else(|| of_role().next())
+        };
+        let leader_pods = std::slice::from_ref(leader);
+        if let Some(slots) = book.reserved_slots(&gang_key) {
+            let through = format!("gang `{key}` is reserved through the placement API");
+            let difference = match &planned {
+                Planned::Gang(gang) => book.reserved_shape_difference(&gang_key, gang),
+                Planned::Replica(replica) => book.reserved_replica_difference(&gang_key, replica),
+            };
+            if let Some((field, ours, theirs)) = difference {
+                return Err(format!("{through} with {field} {theirs}, but its pods say {ours}"));
+            }
+            let Some(index) = leader_slot(&slots) else {
+                return Err(format!("{through}, but its reservation has no member of the leader's role"));
+            };
+            let allowed = self.allowed_hosts(book, leader_pods, None).0;
+            let node = book.cluster().host(slots[index].1).name.clone();
+            if !allowed.get(slots[index].1 as usize).copied().unwrap_or(false) {
+                return Err(format!(
+                    "{through}, but its leader {} fails the node predicates on `{node}`",
+                    leader.demand.pod
+                ));
+            }
+            if let Err((_, message)) = self.co_located_fit(leader_pods, std::slice::from_ref(&node)) {
+                return Err(format!("{through}, but {message}"));
+            }
+            let (ticket, bind) = book
+                .hold_leader_for_bind(&gang_key, None, &leader.demand.pod, index, now_ms)
+                .map_err(|e| e.to_string())?;
+            let chosen = vec![(bind.pod, bind.node, bind.gpus)];
+            return Ok(self.start(key, BindTicket::Book(ticket), chosen, leader_pods, now_ms));
+        }
+        let (mut allowed, mut reasons) = self.allowed_hosts(book, leader_pods, held_back);
+        for _ in 0..4 {
+            let candidates = allowed.iter().filter(|&&a| a).count();
+            let slots: Vec<RoleSlot> = match &planned {
+                Planned::Gang(gang) => book
+                    .plan_within(gang, &allowed)
+                    .map(|placement| placement.members.iter().map(|m| (0, m.host, m.gpus)).collect())
+                    .map_err(|unplaced| {
+                        let what = format!("gang `{key}` ({} GPUs)", gang.total_gpus());
+                        self.not_fitting(&reasons, candidates, &what, &unplaced.reason)
+                    })?,
+                Planned::Replica(replica) => book.plan_replica_within(replica, &allowed).map_err(|reason| {
+                    let what = format!("replica `{key}` ({} GPUs in its roles)", replica.total_gpus());
+                    self.not_fitting(&reasons, candidates, &what, &reason)
+                })?,
+            };
+            let Some(index) = leader_slot(&slots) else {
+                return Err(format!("gang `{key}`: the plan has no place for its leader {}", leader.demand.pod));
+            };
+            let node = book.cluster().host(slots[index].1).name.clone();
+            match self.co_located_fit(leader_pods, std::slice::from_ref(&node)) {
+                Ok(()) => {
+                    let (ticket, bind) = book
+                        .hold_leader_for_bind(
+                            &gang_key,
+                            Some((planned.clone(), &slots)),
+                            &leader.demand.pod,
+                            index,
+                            now_ms,
+                        )
+                        .map_err(|e| e.to_string())?;
+                    let chosen = vec![(bind.pod, bind.node, bind.gpus)];
+                    return Ok(self.start(key, BindTicket::Book(ticket), chosen, leader_pods, now_ms));
+                }
+                Err((node, message)) => leave_out(book, &mut allowed, &mut reasons, &node, message)?,
+            }
+        }
+        Err(format!("gang `{key}`: no placement left whose leader fits its node by CPU and memory"))
+    }
+
+    /// The workers of a group whose leader is bound ahead ([`BindOrder::LeaderFirst`]): each
+    /// that takes GPUs onto its open slot of the held plan (by role and rank), after the node
+    /// predicates and resources there; each GPU-less one by the predicates inside the group's
+    /// required domain; all bound under one ticket, whose failure deletes the leader too (so
+    /// LWS recreates the group whole). Pods that describe the group otherwise than its plan,
+    /// or fail where their GPUs are held, are an error, and the book gives the leader up when
+    /// the reservation expires.
+    fn bind_rest_of_group(
+        &mut self,
+        book: &mut Book,
+        key: &UnitKey,
+        gang_key: &str,
+        members: &[PendingPod],
+        now_ms: u64,
+    ) -> Result<Decision, String> {
+        let mut gpu_members: Vec<(usize, Option<u32>, &PendingPod)> = Vec::new();
+        let mut gpu_less: Vec<&PendingPod> = Vec::new();
+        let mut replica: Option<Replica> = None;
+        for member in members {
+            let pod = &member.demand.pod;
+            let rank = member.demand.gang.as_ref().and_then(|g| g.rank);
+            let disagree = |(field, ours, theirs): (&str, String, String)| {
+                format!(
+                    "gang `{key}`: {pod} says {field} {ours}, but its group was planned with {theirs} when its \
+                     leader was placed; every member must describe its group alike"
+                )
+            };
+            match member.demand.replica().map_err(|e| e.to_string())? {
+                Some((theirs, own)) => {
+                    if let Some(difference) = book.reserved_replica_difference(gang_key, &theirs) {
+                        return Err(disagree(difference));
+                    }
+                    if member.demand.gpus == 0 {
+                        gpu_less.push(member);
+                    } else {
+                        gpu_members.push((own, rank, member));
+                    }
+                    replica.get_or_insert(theirs);
+                }
+                None => {
+                    let gang = member.demand.gang().map_err(|e| e.to_string())?;
+                    if let Some(difference) = book.reserved_shape_difference(gang_key, &gang) {
+                        return Err(disagree(difference));
+                    }
+                    gpu_members.push((0, rank, member));
+                }
+            }
+        }
+        let wanted: Vec<(usize, Option<u32>)> = gpu_members.iter().map(|&(role, rank, _)| (role, rank)).collect();
+        let slots = book.open_slots(gang_key, &wanted).map_err(|e| e.to_string())?;
+        let order: Vec<PendingPod> = gpu_members.iter().map(|(_, _, m)| (*m).clone()).collect();
+        let nodes: Vec<String> = slots.iter().map(|s| book.cluster().host(s.1).name.clone()).collect();
+        let empty = Resources::new();
+        for (member, node) in order.iter().zip(&nodes) {
+            let Some(facts) = self.nodes.get(node) else {
+                return Err(format!("gang `{key}`: node `{node}`, where its group holds GPUs, is not known"));
+            };
+            let used = self.usage.get(node).unwrap_or(&empty);
+            if let Err(unfit) = predicates::check(facts, used, &member.needs) {
+                return Err(format!(
+                    "gang `{key}`: {} cannot go to `{node}`, where its group holds its GPUs: {unfit}",
+                    member.demand.pod
+                ));
+            }
+        }
+        if let Err((_, message)) = self.co_located_fit(&order, &nodes) {
+            return Err(format!("gang `{key}`: {message}"));
+        }
+        let mut plain = Vec::with_capacity(gpu_less.len());
+        if !gpu_less.is_empty() {
+            let hosts: Vec<HostId> =
+                book.bound_ahead(gang_key).into_iter().map(|(_, host)| host).chain(slots.iter().map(|s| s.1)).collect();
+            let region = replica.as_ref().and_then(|r| book.region_labels(r, &hosts));
+            let mut scratch: HashMap<String, Resources> = HashMap::new();
+            for (member, node) in order.iter().zip(&nodes) {
+                let used =
+                    scratch.entry(node.clone()).or_insert_with(|| self.usage.get(node).cloned().unwrap_or_default());
+                predicates::add_usage(used, &member.needs.requests, 1);
+            }
+            for member in gpu_less {
+                let node = self.node_without_gpus(member, &mut scratch, region.as_deref()).map_err(|why| {
+                    let inside =
+                        region.as_deref().map(|labels| format!(" inside {}", labels_text(labels))).unwrap_or_default();
+                    format!("gang `{key}`: no node{inside} for its GPU-less pod {}: {why}", member.demand.pod)
+                })?;
+                plain.push((member.demand.pod.clone(), node));
+            }
+        }
+        let pods: Vec<(usize, Option<u32>, PodIdentity)> =
+            gpu_members.iter().map(|&(role, rank, m)| (role, rank, m.demand.pod.clone())).collect();
+        let (ticket, binds) = book.hold_rest_for_bind(gang_key, &pods).map_err(|e| e.to_string())?;
+        let mut chosen: Vec<(PodIdentity, String, Vec<u8>)> =
+            binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect();
+        chosen.extend(plain.into_iter().map(|(pod, node)| (pod, node, Vec::new())));
+        Ok(self.start(key, BindTicket::Book(ticket), chosen, members, now_ms))
     }
 
     /// Gives a replica's GPU members their slots of `planned` (role, host, GPUs: role by role,
@@ -1061,7 +1330,14 @@ impl Scheduler {
         };
         let book_finish = match book {
             Some(book) => match ticket {
-                BindTicket::Book(ticket) => Some(book.bind_finished(ticket, outcomes, now_ms)),
+                BindTicket::Book(ticket) => {
+                    let finish = book.bind_finished(ticket, outcomes, now_ms);
+                    if let (Ticket::Leader { gang, .. }, BindFinish::RolledBack { .. }) = (ticket, &finish) {
+                        // The leader's retry plans afresh; nothing stays held meanwhile.
+                        book.drop_unbound_reservation(gang);
+                    }
+                    Some(finish)
+                }
                 BindTicket::Plain(_) => None,
             },
             None => None,
@@ -1082,7 +1358,16 @@ impl Scheduler {
             self.units.remove(&unit);
             return Finished::Bound { members };
         }
-        let delete: Vec<PodIdentity> = outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone()).collect();
+        let mut delete: Vec<PodIdentity> =
+            outcomes.iter().filter(|(_, r)| r.is_ok()).map(|(pod, _)| pod.clone()).collect();
+        // The book adds members bound ahead of the ticket (a leader whose workers failed).
+        if let Some(BindFinish::RolledBack { delete: more, .. }) = &book_finish {
+            for pod in more {
+                if !delete.iter().any(|p| p.uid == pod.uid) {
+                    delete.push(pod.clone());
+                }
+            }
+        }
         let deleted: BTreeSet<&str> = delete.iter().map(|p| p.uid.as_str()).collect();
         for member in &members {
             if deleted.contains(member.pod.uid.as_str()) {
@@ -1183,4 +1468,10 @@ fn leave_out(
     allowed[host as usize] = false;
     *reasons.entry("Insufficient resources for the members planned together".into()).or_insert(0) += 1;
     Ok(())
+}
+
+/// Whether the pod is the leader of a group that binds its leader first
+/// ([`BindOrder::LeaderFirst`]).
+fn is_leader_first_leader(demand: &PodDemand) -> bool {
+    demand.gang.as_ref().is_some_and(|g| g.order == BindOrder::LeaderFirst { leader: true })
 }

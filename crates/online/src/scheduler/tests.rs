@@ -346,6 +346,29 @@ fn a_starving_gang_is_not_overtaken_by_a_stream_of_small_pods() {
     assert!(bound_at <= starvation + 40_000, "placed at {bound_at} ms: within the small pods' run time after starving");
 }
 
+/// A gang that cannot fit even on an empty cluster (three hosts in one leaf, leaves of two)
+/// keeps none of the hosts once it starves: single pods go on being placed.
+#[test]
+fn a_gang_that_can_never_fit_holds_no_hosts_when_it_starves() {
+    let mut book = book_of(2, 2);
+    let mut scheduler = scheduler_on(&book);
+    for mut member in gang("huge", 3, 8) {
+        member.demand.required = Some(topoplace_engine::workload::Scope::parse("leaf"));
+        scheduler.pending_applied(member);
+    }
+    let starvation = scheduler.config().starvation_ms;
+    let mut placed = 0;
+    for step in 0..20u64 {
+        let now = step * starvation / 4;
+        scheduler.pending_applied(pending(&format!("s{step}"), 1, None, 100));
+        let (bound, other) = run(&mut scheduler, &mut book, now, &BTreeSet::new());
+        placed += bound.len();
+        let text = messages(&other).join(" | ");
+        assert!(!text.contains("kept for a starving gang"), "step {step}: {text}");
+    }
+    assert_eq!(placed, 20, "every single pod placed while the gang starves");
+}
+
 #[test]
 fn a_half_bound_gang_is_repaired_by_deleting_its_bound_members() {
     let mut book = book_of(1, 4);
@@ -417,6 +440,8 @@ struct SimPod {
     ends_at: u64,
     /// The scheduler has seen it (a late member is created a step after its siblings).
     delivered: bool,
+    /// A worker of a leader-first group: created only once its leader is bound (LWS).
+    after_leader: bool,
 }
 
 fn lingjun_book() -> Book {
@@ -432,12 +457,17 @@ fn lingjun_book() -> Book {
 /// every bound pod placed on a node that was Ready, tolerated and had room when it was bound.
 #[test]
 fn simulation_over_lingjun_with_faults_keeps_every_invariant() {
+    let (mut leader_groups_bound, mut leaders_given_up) = (0, 0);
     for seed in [1u64, 2] {
-        simulate(seed);
+        let (bound, given_up) = simulate(seed);
+        leader_groups_bound += bound;
+        leaders_given_up += given_up;
     }
+    assert!(leader_groups_bound > 5, "{leader_groups_bound} leader-first groups bound whole");
+    assert!(leaders_given_up > 0, "leaders whose workers never came are given up");
 }
 
-fn simulate(seed: u64) {
+fn simulate(seed: u64) -> (u64, u64) {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let mut book = lingjun_book();
     let mut scheduler = scheduler_on(&book);
@@ -451,6 +481,7 @@ fn simulate(seed: u64) {
     let mut api: BTreeMap<String, SimPod> = BTreeMap::new();
     let mut next = 0u64;
     let (mut binds, mut rollbacks, mut gangs_bound) = (0u64, 0u64, 0u64);
+    let (mut leader_groups_bound, mut leaders_given_up) = (0u64, 0u64);
     let mut now = 0u64;
     for _step in 0..150 {
         now += 1000;
@@ -458,10 +489,19 @@ fn simulate(seed: u64) {
         for _ in 0..rng.random_range(0..3u32) {
             next += 1;
             let ends_at = now + rng.random_range(5_000..60_000u64);
+            let leader_first = rng.random_bool(0.25);
             let mut new_pods: Vec<PendingPod> = if rng.random_bool(0.4) {
                 let size = rng.random_range(2..=16u32);
                 (0..size)
-                    .map(|r| pending(&format!("g{next}-{r}"), 8, Some((&format!("g{next}"), size, r)), 4000))
+                    .map(|r| {
+                        let mut pod = pending(&format!("g{next}-{r}"), 8, Some((&format!("g{next}"), size, r)), 4000);
+                        if let Some(gang) = pod.demand.gang.as_mut().filter(|_| leader_first) {
+                            // LWS exclusive placement: the leader is bound first, in one leaf.
+                            gang.order = BindOrder::LeaderFirst { leader: r == 0 };
+                            pod.demand.required = Some(topoplace_engine::workload::Scope::parse("leaf"));
+                        }
+                        pod
+                    })
                     .collect()
             } else {
                 let gpus = [1u32, 2, 4, 8][rng.random_range(0..4usize)];
@@ -478,20 +518,36 @@ fn simulate(seed: u64) {
                     pod.priority = 100;
                 }
             }
-            // Members arrive in any order, some one step late.
+            // Members arrive in any order, some one step late; a leader-first group's workers
+            // once their leader is bound, or (a tenth of such groups) never.
             let late = if new_pods.len() > 1 && rng.random_bool(0.3) { new_pods.pop() } else { None };
-            for pod in new_pods {
-                scheduler.pending_applied(pod.clone());
-                let sim = SimPod { pending: pod, node: None, gpus: Vec::new(), ends_at, delivered: true };
-                api.insert(sim.pending.demand.pod.uid.clone(), sim);
-            }
-            if let Some(pod) = late {
-                let sim = SimPod { pending: pod, node: None, gpus: Vec::new(), ends_at, delivered: false };
+            let never = leader_first && rng.random_bool(0.1);
+            let late_uid = late.as_ref().map(|p| p.demand.pod.uid.clone());
+            for pod in new_pods.into_iter().chain(late) {
+                let worker = is_leader_first_worker(&pod.demand);
+                if worker && never {
+                    continue;
+                }
+                let delivered = !worker && Some(&pod.demand.pod.uid) != late_uid.as_ref();
+                let sim =
+                    SimPod { pending: pod, node: None, gpus: Vec::new(), ends_at, delivered, after_leader: worker };
+                if delivered {
+                    scheduler.pending_applied(sim.pending.clone());
+                }
                 api.insert(sim.pending.demand.pod.uid.clone(), sim);
             }
         }
-        // Late members show up a step later.
+        // Late members show up a step later; a leader-first group's workers once it is bound.
+        let leaders_bound: BTreeSet<String> = api
+            .values()
+            .filter(|p| p.node.is_some() && is_leader_first_leader(&p.pending.demand))
+            .filter_map(|p| p.pending.demand.gang.as_ref().map(|g| g.key.clone()))
+            .collect();
         for pod in api.values_mut().filter(|p| !p.delivered) {
+            let gang = pod.pending.demand.gang.as_ref().map(|g| g.key.clone()).unwrap_or_default();
+            if pod.after_leader && !leaders_bound.contains(&gang) {
+                continue;
+            }
             pod.delivered = true;
             scheduler.pending_applied(pod.pending.clone());
         }
@@ -508,13 +564,33 @@ fn simulate(seed: u64) {
             let bound_pods = api.values().filter_map(|p| Some(bound_of(p, p.node.as_ref()?))).collect();
             scheduler.bound_listed(bound_pods, now);
         }
-        // Departures: finished pods (whole gangs finish together).
-        let finished: Vec<String> =
-            api.iter().filter(|(_, p)| p.node.is_some() && p.ends_at <= now).map(|(uid, _)| uid.clone()).collect();
+        // Departures: finished pods (whole gangs finish together; a leader bound ahead stays
+        // until its group is whole or given up).
+        let finished: Vec<String> = api
+            .iter()
+            .filter(|(_, p)| p.node.is_some() && p.ends_at <= now)
+            .filter(|(_, p)| p.pending.demand.gang.as_ref().is_none_or(|g| book.bound_ahead(&g.key).is_empty()))
+            .map(|(uid, _)| uid.clone())
+            .collect();
         for uid in finished {
             api.remove(&uid);
             scheduler.bound_deleted(&uid);
             book.forget_pod(&uid);
+        }
+        // Reservations that ran out: a leader whose workers did not bind is given up, deleted
+        // and recreated by its controller.
+        book.expire(now);
+        for victim in book.take_undo() {
+            if let Some(mut pod) = api.remove(&victim.uid) {
+                leaders_given_up += 1;
+                scheduler.bound_deleted(&victim.uid);
+                book.forget_pod(&victim.uid);
+                pod.pending.demand.pod.uid.push('u');
+                (pod.node, pod.ends_at) = (None, now + 30_000);
+                pod.gpus.clear();
+                scheduler.pending_applied(pod.pending.clone());
+                api.insert(pod.pending.demand.pod.uid.clone(), pod);
+            }
         }
         // The scheduler's cycle, Bindings failing now and then.
         for decision in scheduler.cycle(Some(&mut book), now) {
@@ -547,6 +623,15 @@ fn simulate(seed: u64) {
                     if members.len() > 1 {
                         gangs_bound += 1;
                     }
+                    if matches!(&ticket, BindTicket::Book(Ticket::Gang(key)) if !book.bound_ahead(key).is_empty()) {
+                        unreachable!("a group bound whole keeps no member bound ahead");
+                    }
+                    if members
+                        .first()
+                        .is_some_and(|m| api.get(&m.pod.uid).is_some_and(|p| is_leader_first_worker(&p.pending.demand)))
+                    {
+                        leader_groups_bound += 1;
+                    }
                     for member in members {
                         if let Some(pod) = api.get(&member.pod.uid) {
                             scheduler.bound_applied(bound_of(pod, &member.node));
@@ -575,6 +660,12 @@ fn simulate(seed: u64) {
     assert!(binds > 100, "seed {seed}: {binds} binds");
     assert!(rollbacks > 0, "seed {seed}: faults exercised rollback");
     assert!(gangs_bound > 10, "seed {seed}: {gangs_bound} gangs bound");
+    (leader_groups_bound, leaders_given_up)
+}
+
+/// Whether the pod is a worker of a group that binds its leader first.
+fn is_leader_first_worker(demand: &PodDemand) -> bool {
+    demand.gang.as_ref().is_some_and(|g| g.order == BindOrder::LeaderFirst { leader: false })
 }
 
 fn bound_of(pod: &SimPod, node: &str) -> BoundPod {
@@ -603,7 +694,12 @@ fn check_world(book: &Book, scheduler: &Scheduler, api: &BTreeMap<String, SimPod
         }
     }
     for (gang, (bound, size)) in gangs {
-        assert_eq!(bound, size as usize, "gang {gang} is half-bound");
+        // A leader bound ahead while the rest of its group's GPUs are held is the one exception.
+        let ahead = book.bound_ahead(&gang).len();
+        assert!(
+            bound == size as usize || (ahead > 0 && bound == ahead),
+            "gang {gang} is half-bound: {bound} of {size}"
+        );
     }
     for node in facts {
         assert!(cpu.get(&node.name).copied().unwrap_or(0) <= node.allocatable["cpu"], "{} over its CPU", node.name);
@@ -892,4 +988,234 @@ fn pods_that_state_a_scope_keep_their_gpu_less_pods_in_it_on_an_unscoped_reserva
     assert!(other.is_empty(), "{other:?}");
     let leader = bound.iter().find(|m| m.pod.name == "rep-leader-0").expect("leader");
     assert_eq!(leader.node, format!("cpu-{rack}"));
+}
+
+/// A LeaderWorkerSet group with exclusive placement on `LEAF` whose leader (rank 0) takes
+/// GPUs like its workers: bound leader first ([`BindOrder::LeaderFirst`]).
+fn leader_first_group(name: &str, size: u32, gpus: u32) -> Vec<PendingPod> {
+    (0..size)
+        .map(|rank| {
+            let mut pod = pending(&format!("{name}-{rank}"), gpus, Some((name, size, rank)), 1000);
+            pod.demand.required = Some(topoplace_engine::workload::Scope::parse("leaf"));
+            if let Some(gang) = pod.demand.gang.as_mut() {
+                gang.order = BindOrder::LeaderFirst { leader: rank == 0 };
+            }
+            pod
+        })
+        .collect()
+}
+
+/// Runs one cycle and expects one Bind decision: its ticket and members.
+fn one_bind(scheduler: &mut Scheduler, book: &mut Book, now: u64) -> (BindTicket, Vec<BindMember>) {
+    let decisions = scheduler.cycle(Some(book), now);
+    let binds: Vec<_> = decisions
+        .into_iter()
+        .filter_map(|d| match d {
+            Decision::Bind { ticket, members } => Some((ticket, members)),
+            _ => None,
+        })
+        .collect();
+    let [bind] = <[_; 1]>::try_from(binds).unwrap_or_else(|binds| panic!("one bind: {binds:?}"));
+    bind
+}
+
+fn outcomes_of(members: &[BindMember], fail: &[&str]) -> Vec<(PodIdentity, Result<(), String>)> {
+    members
+        .iter()
+        .map(|m| (m.pod.clone(), if fail.contains(&m.pod.name.as_str()) { Err("injected".into()) } else { Ok(()) }))
+        .collect()
+}
+
+#[test]
+fn a_leader_first_group_binds_its_leader_alone_then_its_workers_on_the_held_hosts() {
+    // Two racks of three 8-GPU hosts, one of r0's full: a group of 3 x 8 GPUs that must keep
+    // to one rack goes to r1. The leader comes alone (LWS creates the workers once it is
+    // bound), is bound alone, and the workers' GPUs stay held for them.
+    let mut book = book_of(2, 3);
+    let mut scheduler = scheduler_on(&book);
+    let mut busy = pending("busy", 8, None, 1000);
+    busy.demand.required = None;
+    scheduler.pending_applied(busy);
+    let (bound, _) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert_eq!(bound.len(), 1);
+    let mut group = leader_first_group("lws", 3, 8);
+    let workers = group.split_off(1);
+    scheduler.pending_applied(group.remove(0));
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 10);
+    assert!(matches!(&ticket, BindTicket::Book(Ticket::Leader { .. })), "{ticket}");
+    assert_eq!(members.len(), 1, "the leader alone: {members:?}");
+    let leader_node = members[0].node.clone();
+    assert!(leader_node.starts_with("r1-"), "the rack with room for all three: {leader_node}");
+    assert!(matches!(
+        scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 10),
+        Finished::Bound { .. }
+    ));
+    scheduler.bound_applied(BoundPod {
+        pod: members[0].pod.clone(),
+        node: leader_node.clone(),
+        requests: Resources::new(),
+        gang: Some("ns/lws".into()),
+    });
+    assert_eq!(book.ledger().free_gpus(), 48 - 8 - 24, "the workers' 16 GPUs stay held");
+    assert_eq!(book.bound_ahead("ns/lws").len(), 1);
+    book.check().expect("book invariants");
+    // Nothing more happens until the workers exist; one of two is not enough.
+    scheduler.pending_applied(workers[0].clone());
+    let (bound, other) = run(&mut scheduler, &mut book, 20, &BTreeSet::new());
+    assert!(bound.is_empty());
+    assert!(messages(&other).join(" ").contains("1 of 2 workers exist"), "{other:?}");
+    scheduler.pending_applied(workers[1].clone());
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 30);
+    assert!(matches!(&ticket, BindTicket::Book(Ticket::Gang(_))), "{ticket}");
+    assert_eq!(members.len(), 2);
+    for member in &members {
+        assert!(member.node.starts_with("r1-") && member.node != leader_node, "{member:?}");
+        assert_eq!(member.gpus.len(), 8);
+    }
+    assert!(matches!(
+        scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 30),
+        Finished::Bound { .. }
+    ));
+    assert_eq!(book.ledger().free_gpus(), 48 - 32);
+    assert!(book.bound_ahead("ns/lws").is_empty(), "the group is bound whole");
+    assert_eq!(book.stats().gangs_bound, 1);
+    book.check().expect("book invariants");
+    scheduler.check().expect("scheduler invariants");
+}
+
+#[test]
+fn a_leader_first_group_whose_workers_fail_or_never_come_gives_its_leader_up() {
+    let mut book = book_of(1, 3);
+    let mut scheduler = scheduler_on(&book);
+    let mut group = leader_first_group("lws", 3, 8);
+    let workers = group.split_off(1);
+    let leader = group.remove(0);
+    // The leader's own Binding fails: nothing stays held, and it is planned again at its retry.
+    scheduler.pending_applied(leader.clone());
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 0);
+    let Finished::RolledBack { delete, .. } =
+        scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &["lws-0"]), 0)
+    else {
+        panic!("the leader's Binding failed");
+    };
+    assert!(delete.is_empty());
+    assert_eq!(book.ledger().free_gpus(), 24, "nothing held while the leader backs off");
+    book.check().expect("book invariants");
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 5_000);
+    assert!(matches!(
+        scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 5_000),
+        Finished::Bound { .. }
+    ));
+    let leader_bound = BoundPod {
+        pod: leader.demand.pod.clone(),
+        node: members[0].node.clone(),
+        requests: Resources::new(),
+        gang: Some("ns/lws".into()),
+    };
+    scheduler.bound_applied(leader_bound.clone());
+
+    // A worker's Binding fails: the other worker, which bound, and the leader are deleted.
+    for worker in &workers {
+        scheduler.pending_applied(worker.clone());
+    }
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 6_000);
+    let Finished::RolledBack { delete, .. } =
+        scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &["lws-2"]), 6_000)
+    else {
+        panic!("a worker's Binding failed");
+    };
+    let deleted: BTreeSet<String> = delete.iter().map(|p| p.name.clone()).collect();
+    assert_eq!(deleted, BTreeSet::from(["lws-0".to_string(), "lws-1".to_string()]), "the leader goes too");
+    assert_eq!(book.ledger().free_gpus(), 24, "nothing held: the group is recreated whole");
+    book.check().expect("book invariants");
+    scheduler.check().expect("scheduler invariants");
+
+    // Recreated: the leader is bound again, and its workers never come.
+    let mut scheduler = scheduler_on(&book);
+    scheduler.pending_applied(leader.clone());
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 10_000);
+    assert!(matches!(
+        scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 10_000),
+        Finished::Bound { .. }
+    ));
+    assert_eq!(book.ledger().free_gpus(), 0, "the leader's 8 GPUs and its workers' 16 held");
+    let ttl = book.config().reservation_ttl_ms;
+    assert!(book.expire(10_000 + ttl - 1).is_empty());
+    assert!(book.take_undo().is_empty());
+    assert_eq!(book.expire(10_000 + ttl).len(), 1, "the reservation ends");
+    let undo: Vec<String> = book.take_undo().into_iter().map(|p| p.name).collect();
+    assert_eq!(undo, ["lws-0"], "the leader is given up, to be deleted");
+    assert_eq!(book.ledger().free_gpus(), 24);
+    book.check().expect("book invariants");
+}
+
+#[test]
+fn leader_first_workers_that_disagree_with_the_plan_or_miss_their_hosts_hold_nothing_more() {
+    let mut book = book_of(1, 3);
+    let mut scheduler = scheduler_on(&book);
+    let mut group = leader_first_group("lws", 3, 8);
+    let mut workers = group.split_off(1);
+    scheduler.pending_applied(group.remove(0));
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 0);
+    scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 0);
+    // A worker asking 4 GPUs: refused naming it and the field; the held slots stay as they were.
+    workers[1].demand.gpus = 4;
+    for worker in &workers {
+        scheduler.pending_applied(worker.clone());
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 10, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let message = messages(&other).join(" | ");
+    assert!(message.contains("ns/lws-2 says nvidia.com/gpu per member 4"), "{message}");
+    assert_eq!(book.ledger().free_gpus(), 0, "the leader's GPUs and its workers' held, no more");
+    // Fixed, but a held host is now cordoned: refused naming the pod and the node.
+    workers[1].demand.gpus = 8;
+    scheduler.pending_applied(workers[1].clone());
+    let slots = book.open_slots("ns/lws", &[(0, Some(1)), (0, Some(2))]).expect("open slots");
+    let cordoned = book.cluster().host(slots[1].1).name.clone();
+    let mut facts = facts_of(&book);
+    facts.iter_mut().filter(|f| f.name == cordoned).for_each(|f| f.unschedulable = true);
+    scheduler.nodes_listed(facts);
+    let (bound, other) = run(&mut scheduler, &mut book, 20_000, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let message = messages(&other).join(" | ");
+    assert!(message.contains(&format!("ns/lws-2 cannot go to `{cordoned}`")), "{message}");
+    book.check().expect("book invariants");
+    scheduler.check().expect("scheduler invariants");
+}
+
+#[test]
+fn a_leader_first_replica_with_roles_binds_its_leader_then_its_workers_in_its_rack() {
+    use topoplace_engine::workload::RoleSpec;
+    // A leader of 4 GPUs and two workers of 8 that must share a rack, on a rack of three hosts.
+    let mut book = book_of(1, 3);
+    let mut scheduler = scheduler_on(&book);
+    let roles = vec![RoleSpec::shape("leader", 1, 4, 4), RoleSpec::shape("worker", 2, 8, 8)];
+    let lws = |role: &str, rank: u32| {
+        let mut pod = role_pod("rep", &roles, role, rank);
+        if let Some(gang) = pod.demand.gang.as_mut() {
+            gang.order = BindOrder::LeaderFirst { leader: role == "leader" };
+        }
+        pod
+    };
+    scheduler.pending_applied(lws("leader", 0));
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 10);
+    assert!(matches!(&ticket, BindTicket::Book(Ticket::Leader { .. })));
+    assert_eq!((members.len(), members[0].gpus.len()), (1, 4));
+    let leader_node = members[0].node.clone();
+    scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 10);
+    assert_eq!(book.ledger().free_gpus(), 24 - 20, "the workers' 16 GPUs held");
+    scheduler.pending_applied(lws("worker", 1));
+    scheduler.pending_applied(lws("worker", 0));
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 20);
+    assert_eq!(members.len(), 2);
+    assert!(members.iter().all(|m| m.node != leader_node && m.gpus.len() == 8), "{members:?}");
+    assert!(matches!(
+        scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 20),
+        Finished::Bound { .. }
+    ));
+    assert_eq!(book.ledger().free_gpus(), 24 - 20);
+    assert!(book.bound_ahead("ns/rep").is_empty());
+    book.check().expect("book invariants");
+    scheduler.check().expect("scheduler invariants");
 }

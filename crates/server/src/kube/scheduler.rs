@@ -26,16 +26,8 @@ use super::{node, KubeBinder, ViewHooks};
 use crate::pod;
 use crate::pod_group::PodGroups;
 use crate::state::ServerState;
-use topoplace_online::reservation::{BindOrder, PodIdentity};
+use topoplace_online::reservation::{PodIdentity, Ticket};
 use topoplace_online::scheduler::{BindTicket, BoundPod, Decision, Finished, PendingPod, Scheduler, SchedulerConfig};
-
-/// Why a LeaderWorkerSet group with exclusive placement and a leader that takes GPUs is left
-/// to the extender ([`BindOrder::LeaderFirst`]).
-const LEADER_FIRST_UNSUPPORTED: &str = "LeaderWorkerSet exclusive placement \
-     (leaderworkerset.sigs.k8s.io/exclusive-topology) with a leader that takes GPUs: LWS creates the workers only \
-     once the leader is bound, and the secondary scheduler places a group once all its pods exist; schedule it \
-     through kube-scheduler with the topoplace extender (which binds the leader ahead and holds the workers' GPUs), \
-     or give the leader no GPUs (topoplace.io/leader-gpus: \"0\")";
 
 /// How often the queue is looked at when nothing wakes it (back-off expiries, timeouts).
 const CYCLE_IDLE_MS: u64 = 200;
@@ -141,10 +133,6 @@ impl SchedulerRuntime {
         let read = pod::demand_sized(pod, group.as_ref())
             .and_then(|demand| Ok(PendingPod { needs: pod::needs(pod)?, priority: pod::priority(pod), demand }));
         match read {
-            Ok(pending) if pending.demand.gang.as_ref().is_some_and(|g| g.order != BindOrder::Together) => {
-                self.report_unreadable(pod, LEADER_FIRST_UNSUPPORTED.into()).await;
-                None
-            }
             Ok(pending) => Some(pending),
             Err(error) => {
                 self.report_unreadable(pod, error.to_string()).await;
@@ -236,6 +224,9 @@ impl SchedulerRuntime {
                 match finished {
                     Finished::Bound { members } => {
                         let gang = match &ticket {
+                            BindTicket::Book(Ticket::Leader { gang, .. }) => Some(format!(
+                                ", leader of gang {gang}, bound ahead of its workers, whose GPUs are held"
+                            )),
                             BindTicket::Book(ticket) => ticket.gang().map(|g| format!(", gang {g}")),
                             BindTicket::Plain(_) => None,
                         }
@@ -259,10 +250,11 @@ impl SchedulerRuntime {
                             }
                         }))
                         .await;
+                        // Every member, and a leader bound ahead of them and deleted with them.
+                        let told =
+                            members.iter().chain(delete.iter().filter(|d| !members.iter().any(|m| m.uid == d.uid)));
                         join_all(
-                            members
-                                .iter()
-                                .map(|pod| self.binder.record(pod, "Warning", "GangBindRolledBack", message.clone())),
+                            told.map(|pod| self.binder.record(pod, "Warning", "GangBindRolledBack", message.clone())),
                         )
                         .await;
                     }
