@@ -295,8 +295,10 @@ pub enum BookError {
          not bound yet)"
     )]
     NotBoundAhead { gang: String },
-    #[error("gang `{gang}`: more pods of role `{role}` than its plan has open slots for")]
-    NoOpenSlot { gang: String, role: String },
+    #[error(
+        "pod {pod}: gang `{gang}` has no open slot of role `{role}` left for it (more pods of that role than its plan)"
+    )]
+    NoOpenSlot { pod: String, gang: String, role: String },
 }
 
 /// One node's answer to a filter call.

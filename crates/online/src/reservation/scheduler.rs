@@ -368,11 +368,16 @@ impl Book {
     }
 
     /// Which open slots (those not bound ahead) of `key`'s reservation the members `pods`
-    /// (role index, rank within the role) take: the rank's slot of their role when it is open,
-    /// else the role's first open slot left; their indices in `pods`' order. Errors: no
-    /// reservation with a member bound ahead, one binding, not one pod per open slot, a pod
-    /// whose role has no open slot left.
-    fn open_slot_indices(&self, key: &str, pods: &[(usize, Option<u32>)]) -> Result<Vec<usize>, BookError> {
+    /// (role index, rank within the role, pod) take: a ranked pod its rank's slot of its role,
+    /// the others the role's first open slot left; their indices in `pods`' order. Errors: no
+    /// reservation with a member bound ahead, one binding, not one pod per open slot, a rank
+    /// whose slot is bound ahead or named twice (a stale pod: a recreated leader seen before
+    /// the old one left), a pod whose role has no open slot left.
+    fn open_slot_indices(
+        &self,
+        key: &str,
+        pods: &[(usize, Option<u32>, PodIdentity)],
+    ) -> Result<Vec<usize>, BookError> {
         let reservation = self
             .gangs
             .get(key)
@@ -385,28 +390,40 @@ impl Book {
         if open != pods.len() {
             return Err(BookError::MemberCount { gang: key.into(), pods: pods.len(), members: open });
         }
+        let role_name = |role: usize| match &reservation.planned {
+            Planned::Replica(replica) => replica.roles.get(role).map_or_else(|| role.to_string(), |r| r.name.clone()),
+            Planned::Gang(_) => "member".to_string(),
+        };
         let mut taken: Vec<bool> = reservation.slots.iter().map(|s| s.bound).collect();
         let mut chosen: Vec<Option<usize>> = vec![None; pods.len()];
         // Ranks first, so a pod without one does not take a slot a ranked pod names.
-        for (pick, &(role, rank)) in chosen.iter_mut().zip(pods) {
-            let Some(rank) = rank else { continue };
-            let of_role = (0..reservation.slots.len()).filter(|&i| reservation.slots[i].role == role);
-            if let Some(index) = of_role.clone().nth(rank as usize).filter(|&i| !taken[i]) {
-                taken[index] = true;
-                *pick = Some(index);
+        for (pick, (role, rank, pod)) in chosen.iter_mut().zip(pods) {
+            let Some(rank) = *rank else { continue };
+            let index = (0..reservation.slots.len()).filter(|&i| reservation.slots[i].role == *role).nth(rank as usize);
+            match index.filter(|&i| !taken[i]) {
+                Some(index) => {
+                    taken[index] = true;
+                    *pick = Some(index);
+                }
+                None => {
+                    return Err(BookError::RoleMismatch {
+                        pod: pod.to_string(),
+                        detail: format!(
+                            "gang `{key}`: its rank {rank} in role `{}` is bound ahead already or named by another pod",
+                            role_name(*role)
+                        ),
+                    })
+                }
             }
         }
-        for (pick, &(role, _)) in chosen.iter_mut().zip(pods) {
+        for (pick, (role, _, pod)) in chosen.iter_mut().zip(pods) {
             if pick.is_none() {
                 let index = (0..reservation.slots.len())
-                    .find(|&i| !taken[i] && reservation.slots[i].role == role)
+                    .find(|&i| !taken[i] && reservation.slots[i].role == *role)
                     .ok_or_else(|| BookError::NoOpenSlot {
+                        pod: pod.to_string(),
                         gang: key.to_string(),
-                        role: match &reservation.planned {
-                            Planned::Replica(replica) => replica.roles.get(role).map(|r| r.name.clone()),
-                            Planned::Gang(_) => Some("member".to_string()),
-                        }
-                        .unwrap_or_else(|| role.to_string()),
+                        role: role_name(*role),
                     })?;
                 taken[index] = true;
                 *pick = Some(index);
@@ -417,7 +434,11 @@ impl Book {
 
     /// [`Book::open_slot_indices`] as slots (role, host, GPUs), nothing changed: where the
     /// rest of a group bound ahead goes.
-    pub fn open_slots(&self, key: &str, pods: &[(usize, Option<u32>)]) -> Result<Vec<RoleSlot>, BookError> {
+    pub fn open_slots(
+        &self,
+        key: &str,
+        pods: &[(usize, Option<u32>, PodIdentity)],
+    ) -> Result<Vec<RoleSlot>, BookError> {
         let indices = self.open_slot_indices(key, pods)?;
         let slots = &self.gangs[key].slots;
         Ok(indices.into_iter().map(|i| (slots[i].role, slots[i].host, slots[i].gpus)).collect())
@@ -433,8 +454,7 @@ impl Book {
         key: &str,
         pods: &[(usize, Option<u32>, PodIdentity)],
     ) -> Result<(Ticket, Vec<MemberBind>), BookError> {
-        let wanted: Vec<(usize, Option<u32>)> = pods.iter().map(|(role, rank, _)| (*role, *rank)).collect();
-        let indices = self.open_slot_indices(key, &wanted)?;
+        let indices = self.open_slot_indices(key, pods)?;
         let cluster = &self.cluster;
         let Some(reservation) = self.gangs.get_mut(key) else {
             return Err(BookError::NotBoundAhead { gang: key.to_string() });
@@ -452,6 +472,18 @@ impl Book {
             });
         }
         Ok((Ticket::Gang(key.to_string()), members))
+    }
+
+    /// How pods describing `key`'s gang as `ours` differ from its reservation, if they do: in
+    /// every field when a pod's plan made it (the secondary scheduler's own, or the
+    /// extender's), in what a reserved gang's pods must agree on when the placement API made
+    /// it ([`Book::reserved_shape_difference`]). The field, `ours`' value, the reservation's.
+    pub fn group_shape_difference(&self, key: &str, ours: &Planned) -> Option<(&'static str, String, String)> {
+        let reservation = self.gangs.get(key)?;
+        match reservation.planned_by {
+            Some(_) => planned_difference(ours, &reservation.planned),
+            None => reserved_conflict(&self.cluster, ours, reservation),
+        }
     }
 
     /// Drops `key`'s reservation when the secondary scheduler made it and no member is bound

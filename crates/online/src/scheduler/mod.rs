@@ -479,9 +479,29 @@ impl Scheduler {
                 }
                 continue;
             }
-            if let Some(&bound_ahead) = ahead.get(&gang.key) {
-                // The leader is bound and its workers' GPUs are held: the workers are the unit.
+            let bound: Vec<PodIdentity> = self
+                .placed
+                .values()
+                .filter(|p| p.bound.gang.as_deref() == Some(gang.key.as_str()))
+                .map(|p| p.bound.pod.clone())
+                .collect();
+            let leader_pending = members.iter().any(|m| is_leader_first_leader(&m.demand));
+            // A LeaderFirst group whose leader is bound and whose pods still to come take no
+            // GPUs: nothing is held for them (they need none), and they follow the leader.
+            let gpu_less_rest = matches!(gang.order, BindOrder::LeaderFirst { .. })
+                && !bound.is_empty()
+                && !leader_pending
+                && members.iter().all(|m| m.demand.gpus == 0);
+            let bound_ahead = ahead.get(&gang.key).copied().or(gpu_less_rest.then_some(bound.len()));
+            if let Some(bound_ahead) = bound_ahead {
+                // The leader is bound (its workers' GPUs held): the workers are the unit.
                 state.half_bound_since_ms = None;
+                if leader_pending {
+                    // A new leader while the old one is still bound ahead: the old one is
+                    // being deleted (its group recreated); wait until it is gone.
+                    state.complete = false;
+                    continue;
+                }
                 let expected = size.saturating_sub(bound_ahead);
                 if members.len() > expected {
                     let message = format!(
@@ -517,12 +537,6 @@ impl Scheduler {
                 complete.push((key.clone(), priority));
                 continue;
             }
-            let bound: Vec<PodIdentity> = self
-                .placed
-                .values()
-                .filter(|p| p.bound.gang.as_deref() == Some(gang.key.as_str()))
-                .map(|p| p.bound.pod.clone())
-                .collect();
             if bound.is_empty() {
                 state.half_bound_since_ms = None;
             } else {
@@ -557,8 +571,7 @@ impl Scheduler {
             }
             // A LeaderWorkerSet leader with exclusive placement is placed before its workers
             // exist (they are created once it is bound): its group is ready with it alone.
-            let leader_ready = members.iter().any(|m| is_leader_first_leader(&m.demand));
-            if members.len() < size && !leader_ready {
+            if members.len() < size && !leader_pending {
                 state.complete = false;
                 let waited = now_ms.saturating_sub(state.first_seen_ms);
                 if !state.waiting_reported {
@@ -675,7 +688,9 @@ impl Scheduler {
         } else {
             return None;
         };
-        if !book.fits_when_empty(&planned, &allowed) {
+        // On every GPU host, whatever its state now (busy, cordoned, NotReady): only a shape
+        // the cluster cannot hold at all is given up on.
+        if !book.fits_when_empty(&planned, &vec![true; allowed.len()]) {
             return None;
         }
         let gangs: Vec<&topoplace_engine::workload::Gang> = match &planned {
@@ -941,10 +956,22 @@ impl Scheduler {
         now_ms: u64,
     ) -> Result<Decision, String> {
         let gang_key = key.gang().unwrap_or_default().to_string();
-        if !book.bound_ahead(&gang_key).is_empty() {
-            return self.bind_rest_of_group(book, key, &gang_key, members, now_ms);
+        let leader = members.iter().find(|m| is_leader_first_leader(&m.demand));
+        let mut ahead_hosts: Vec<HostId> = book.bound_ahead(&gang_key).into_iter().map(|(_, host)| host).collect();
+        if ahead_hosts.is_empty() && leader.is_none() && members.iter().all(|m| m.demand.gpus == 0) {
+            // Workers without GPUs after a leader bound with nothing held for them: they
+            // follow it into its domain.
+            ahead_hosts = self
+                .placed
+                .values()
+                .filter(|p| p.bound.gang.as_deref() == Some(gang_key.as_str()))
+                .filter_map(|p| book.cluster().host_id(&p.bound.node))
+                .collect();
         }
-        let Some(leader) = members.iter().find(|m| is_leader_first_leader(&m.demand)) else {
+        if !ahead_hosts.is_empty() {
+            return self.bind_rest_of_group(book, key, &gang_key, members, &ahead_hosts, now_ms);
+        }
+        let Some(leader) = leader else {
             return Err(format!(
                 "gang `{key}`: its leader is neither pending nor bound with its workers' GPUs held; its workers wait \
                  for it"
@@ -1010,8 +1037,12 @@ impl Scheduler {
             let Some(index) = leader_slot(&slots) else {
                 return Err(format!("gang `{key}`: the plan has no place for its leader {}", leader.demand.pod));
             };
-            let node = book.cluster().host(slots[index].1).name.clone();
-            match self.co_located_fit(leader_pods, std::slice::from_ref(&node)) {
+            // Every member planned must fit its node by CPU and memory, not only the leader:
+            // the workers do not exist yet, so the leader's requests stand in for theirs (one
+            // template, unless a LeaderWorkerSet's leaderTemplate differs).
+            let nodes: Vec<String> = slots.iter().map(|s| book.cluster().host(s.1).name.clone()).collect();
+            let stand_ins = vec![leader.clone(); slots.len()];
+            match self.co_located_fit(&stand_ins, &nodes) {
                 Ok(()) => {
                     let (ticket, bind) = book
                         .hold_leader_for_bind(
@@ -1044,6 +1075,7 @@ impl Scheduler {
         key: &UnitKey,
         gang_key: &str,
         members: &[PendingPod],
+        ahead_hosts: &[HostId],
         now_ms: u64,
     ) -> Result<Decision, String> {
         let mut gpu_members: Vec<(usize, Option<u32>, &PendingPod)> = Vec::new();
@@ -1060,27 +1092,34 @@ impl Scheduler {
             };
             match member.demand.replica().map_err(|e| e.to_string())? {
                 Some((theirs, own)) => {
-                    if let Some(difference) = book.reserved_replica_difference(gang_key, &theirs) {
+                    let planned = Planned::Replica(Box::new(theirs));
+                    if let Some(difference) = book.group_shape_difference(gang_key, &planned) {
                         return Err(disagree(difference));
                     }
+                    let Planned::Replica(theirs) = planned else { continue };
                     if member.demand.gpus == 0 {
                         gpu_less.push(member);
                     } else {
                         gpu_members.push((own, rank, member));
                     }
-                    replica.get_or_insert(theirs);
+                    replica.get_or_insert(*theirs);
                 }
                 None => {
-                    let gang = member.demand.gang().map_err(|e| e.to_string())?;
-                    if let Some(difference) = book.reserved_shape_difference(gang_key, &gang) {
+                    let gang = Planned::Gang(member.demand.gang().map_err(|e| e.to_string())?);
+                    if let Some(difference) = book.group_shape_difference(gang_key, &gang) {
                         return Err(disagree(difference));
                     }
                     gpu_members.push((0, rank, member));
                 }
             }
         }
-        let wanted: Vec<(usize, Option<u32>)> = gpu_members.iter().map(|&(role, rank, _)| (role, rank)).collect();
-        let slots = book.open_slots(gang_key, &wanted).map_err(|e| e.to_string())?;
+        let pods: Vec<(usize, Option<u32>, PodIdentity)> =
+            gpu_members.iter().map(|&(role, rank, m)| (role, rank, m.demand.pod.clone())).collect();
+        let slots = if pods.is_empty() && book.bound_ahead(gang_key).is_empty() {
+            Vec::new()
+        } else {
+            book.open_slots(gang_key, &pods).map_err(|e| e.to_string())?
+        };
         let order: Vec<PendingPod> = gpu_members.iter().map(|(_, _, m)| (*m).clone()).collect();
         let nodes: Vec<String> = slots.iter().map(|s| book.cluster().host(s.1).name.clone()).collect();
         let empty = Resources::new();
@@ -1101,8 +1140,7 @@ impl Scheduler {
         }
         let mut plain = Vec::with_capacity(gpu_less.len());
         if !gpu_less.is_empty() {
-            let hosts: Vec<HostId> =
-                book.bound_ahead(gang_key).into_iter().map(|(_, host)| host).chain(slots.iter().map(|s| s.1)).collect();
+            let hosts: Vec<HostId> = ahead_hosts.iter().copied().chain(slots.iter().map(|s| s.1)).collect();
             let region = replica.as_ref().and_then(|r| book.region_labels(r, &hosts));
             let mut scratch: HashMap<String, Resources> = HashMap::new();
             for (member, node) in order.iter().zip(&nodes) {
@@ -1119,12 +1157,16 @@ impl Scheduler {
                 plain.push((member.demand.pod.clone(), node));
             }
         }
-        let pods: Vec<(usize, Option<u32>, PodIdentity)> =
-            gpu_members.iter().map(|&(role, rank, m)| (role, rank, m.demand.pod.clone())).collect();
+        let plain = plain.into_iter().map(|(pod, node)| (pod, node, Vec::new()));
+        if slots.is_empty() {
+            // Only GPU-less pods: nothing of the book's is held for them.
+            let chosen = plain.collect();
+            return Ok(self.start(key, BindTicket::Plain(key.clone()), chosen, members, now_ms));
+        }
         let (ticket, binds) = book.hold_rest_for_bind(gang_key, &pods).map_err(|e| e.to_string())?;
         let mut chosen: Vec<(PodIdentity, String, Vec<u8>)> =
             binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect();
-        chosen.extend(plain.into_iter().map(|(pod, node)| (pod, node, Vec::new())));
+        chosen.extend(plain);
         Ok(self.start(key, BindTicket::Book(ticket), chosen, members, now_ms))
     }
 

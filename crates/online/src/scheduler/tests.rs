@@ -457,17 +457,19 @@ fn lingjun_book() -> Book {
 /// every bound pod placed on a node that was Ready, tolerated and had room when it was bound.
 #[test]
 fn simulation_over_lingjun_with_faults_keeps_every_invariant() {
-    let (mut leader_groups_bound, mut leaders_given_up) = (0, 0);
+    let (mut leader_groups_bound, mut leaders_given_up, mut leaders_deleted) = (0, 0, 0);
     for seed in [1u64, 2] {
-        let (bound, given_up) = simulate(seed);
+        let (bound, given_up, deleted) = simulate(seed);
         leader_groups_bound += bound;
         leaders_given_up += given_up;
+        leaders_deleted += deleted;
     }
+    assert!(leaders_deleted > 0, "leaders bound ahead deleted by a user while their workers wait");
     assert!(leader_groups_bound > 5, "{leader_groups_bound} leader-first groups bound whole");
     assert!(leaders_given_up > 0, "leaders whose workers never came are given up");
 }
 
-fn simulate(seed: u64) -> (u64, u64) {
+fn simulate(seed: u64) -> (u64, u64, u64) {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let mut book = lingjun_book();
     let mut scheduler = scheduler_on(&book);
@@ -481,7 +483,7 @@ fn simulate(seed: u64) -> (u64, u64) {
     let mut api: BTreeMap<String, SimPod> = BTreeMap::new();
     let mut next = 0u64;
     let (mut binds, mut rollbacks, mut gangs_bound) = (0u64, 0u64, 0u64);
-    let (mut leader_groups_bound, mut leaders_given_up) = (0u64, 0u64);
+    let (mut leader_groups_bound, mut leaders_given_up, mut leaders_deleted) = (0u64, 0u64, 0u64);
     let mut now = 0u64;
     for _step in 0..150 {
         now += 1000;
@@ -581,15 +583,28 @@ fn simulate(seed: u64) -> (u64, u64) {
         // and recreated by its controller.
         book.expire(now);
         for victim in book.take_undo() {
-            if let Some(mut pod) = api.remove(&victim.uid) {
+            if let Some(pod) = api.remove(&victim.uid) {
                 leaders_given_up += 1;
                 scheduler.bound_deleted(&victim.uid);
                 book.forget_pod(&victim.uid);
-                pod.pending.demand.pod.uid.push('u');
-                (pod.node, pod.ends_at) = (None, now + 30_000);
-                pod.gpus.clear();
-                scheduler.pending_applied(pod.pending.clone());
-                api.insert(pod.pending.demand.pod.uid.clone(), pod);
+                recreate_group(&mut api, &mut scheduler, pod, now);
+            }
+        }
+        // Now and then a user deletes a leader bound ahead while its workers are pending.
+        if rng.random_bool(0.05) {
+            let ahead: Vec<String> = api
+                .iter()
+                .filter(|(_, p)| p.node.is_some() && is_leader_first_leader(&p.pending.demand))
+                .filter(|(_, p)| p.pending.demand.gang.as_ref().is_some_and(|g| !book.bound_ahead(&g.key).is_empty()))
+                .map(|(uid, _)| uid.clone())
+                .collect();
+            if let Some(uid) = ahead.first() {
+                if let Some(pod) = api.remove(uid) {
+                    leaders_deleted += 1;
+                    scheduler.bound_deleted(uid);
+                    book.forget_pod(uid);
+                    recreate_group(&mut api, &mut scheduler, pod, now);
+                }
             }
         }
         // The scheduler's cycle, Bindings failing now and then.
@@ -623,9 +638,6 @@ fn simulate(seed: u64) -> (u64, u64) {
                     if members.len() > 1 {
                         gangs_bound += 1;
                     }
-                    if matches!(&ticket, BindTicket::Book(Ticket::Gang(key)) if !book.bound_ahead(key).is_empty()) {
-                        unreachable!("a group bound whole keeps no member bound ahead");
-                    }
                     if members
                         .first()
                         .is_some_and(|m| api.get(&m.pod.uid).is_some_and(|p| is_leader_first_worker(&p.pending.demand)))
@@ -640,11 +652,17 @@ fn simulate(seed: u64) -> (u64, u64) {
                 }
                 Finished::RolledBack { delete, .. } => {
                     rollbacks += 1;
-                    // Undo, then the controller recreates the deleted members.
+                    // Undo, then the controller recreates the deleted members (a leader-first
+                    // group's leader with its workers, as LWS does).
                     for victim in delete {
                         if let Some(mut pod) = api.remove(&victim.uid) {
                             scheduler.bound_deleted(&victim.uid);
                             book.forget_pod(&victim.uid);
+                            if is_leader_first_leader(&pod.pending.demand) {
+                                leaders_given_up += 1;
+                                recreate_group(&mut api, &mut scheduler, pod, now);
+                                continue;
+                            }
                             pod.pending.demand.pod.uid.push('r');
                             pod.node = None;
                             pod.gpus.clear();
@@ -660,7 +678,33 @@ fn simulate(seed: u64) -> (u64, u64) {
     assert!(binds > 100, "seed {seed}: {binds} binds");
     assert!(rollbacks > 0, "seed {seed}: faults exercised rollback");
     assert!(gangs_bound > 10, "seed {seed}: {gangs_bound} gangs bound");
-    (leader_groups_bound, leaders_given_up)
+    (leader_groups_bound, leaders_given_up, leaders_deleted)
+}
+
+/// LeaderWorkerSet recreating a leader-first group whose leader was deleted: the workers that
+/// are not bound go with it (they are the leader's dependents), and the group comes back with
+/// new uids, the leader at once and the workers once it is bound again.
+fn recreate_group(api: &mut BTreeMap<String, SimPod>, scheduler: &mut Scheduler, mut leader: SimPod, now: u64) {
+    let gang = leader.pending.demand.gang.as_ref().map(|g| g.key.clone());
+    let ends_at = now + 30_000;
+    let workers: Vec<String> = api
+        .iter()
+        .filter(|(_, p)| p.node.is_none() && p.pending.demand.gang.as_ref().map(|g| &g.key) == gang.as_ref())
+        .map(|(uid, _)| uid.clone())
+        .collect();
+    for uid in workers {
+        if let Some(mut worker) = api.remove(&uid) {
+            scheduler.pending_deleted(&uid);
+            worker.pending.demand.pod.uid.push('u');
+            (worker.delivered, worker.ends_at) = (false, ends_at);
+            api.insert(worker.pending.demand.pod.uid.clone(), worker);
+        }
+    }
+    leader.pending.demand.pod.uid.push('u');
+    (leader.node, leader.ends_at, leader.delivered) = (None, ends_at, true);
+    leader.gpus.clear();
+    scheduler.pending_applied(leader.pending.clone());
+    api.insert(leader.pending.demand.pod.uid.clone(), leader);
 }
 
 /// Whether the pod is a worker of a group that binds its leader first.
@@ -1171,7 +1215,9 @@ fn leader_first_workers_that_disagree_with_the_plan_or_miss_their_hosts_hold_not
     // Fixed, but a held host is now cordoned: refused naming the pod and the node.
     workers[1].demand.gpus = 8;
     scheduler.pending_applied(workers[1].clone());
-    let slots = book.open_slots("ns/lws", &[(0, Some(1)), (0, Some(2))]).expect("open slots");
+    let open: Vec<_> =
+        workers.iter().map(|w| (0, w.demand.gang.as_ref().and_then(|g| g.rank), w.demand.pod.clone())).collect();
+    let slots = book.open_slots("ns/lws", &open).expect("open slots");
     let cordoned = book.cluster().host(slots[1].1).name.clone();
     let mut facts = facts_of(&book);
     facts.iter_mut().filter(|f| f.name == cordoned).for_each(|f| f.unschedulable = true);
@@ -1218,4 +1264,110 @@ fn a_leader_first_replica_with_roles_binds_its_leader_then_its_workers_in_its_ra
     assert!(book.bound_ahead("ns/rep").is_empty());
     book.check().expect("book invariants");
     scheduler.check().expect("scheduler invariants");
+}
+
+#[test]
+fn a_leader_first_group_whose_workers_take_no_gpus_follows_its_leader_without_repair() {
+    use topoplace_engine::workload::RoleSpec;
+    // Only the leader takes GPUs: once it is bound nothing is held, and its GPU-less workers
+    // are placed by the predicates inside its rack, not taken for a half-bound gang.
+    let mut book = book_of(2, 2);
+    let mut scheduler = scheduler_with_cpu_nodes(&book, &["r0", "r1"]);
+    let roles = vec![RoleSpec::shape("leader", 1, 8, 8), RoleSpec::shape("worker", 2, 0, 1)];
+    let lws = |role: &str, rank: u32| {
+        let mut pod = role_pod("cpu", &roles, role, rank);
+        if let Some(gang) = pod.demand.gang.as_mut() {
+            gang.order = BindOrder::LeaderFirst { leader: role == "leader" };
+        }
+        pod
+    };
+    let leader = lws("leader", 0);
+    scheduler.pending_applied(leader.clone());
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 0);
+    assert!(matches!(&ticket, BindTicket::Book(Ticket::Leader { .. })));
+    scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 0);
+    let leader_node = members[0].node.clone();
+    scheduler.bound_applied(BoundPod {
+        pod: leader.demand.pod.clone(),
+        node: leader_node.clone(),
+        requests: leader.needs.requests.clone(),
+        gang: Some("ns/cpu".into()),
+    });
+    scheduler.pending_applied(lws("worker", 0));
+    scheduler.pending_applied(lws("worker", 1));
+    let rack = &leader_node[..2];
+    let (bound, other) = run(&mut scheduler, &mut book, 10_000, &BTreeSet::new());
+    assert!(!other.iter().any(|d| matches!(d, Decision::Repair { .. })), "{other:?}");
+    assert_eq!(bound.len(), 2, "{other:?}");
+    assert!(bound.iter().all(|m| m.node == format!("cpu-{rack}") && m.gpus.is_empty()), "{bound:?}");
+}
+
+#[test]
+fn a_leader_first_plan_whose_members_cannot_share_their_hosts_binds_no_leader() {
+    // Three members of 4 GPUs asking 60 of a host's 96 CPUs on three 8-GPU hosts: the plan
+    // packs two members onto one host by GPUs, where their CPUs do not fit. The leader's
+    // requests stand in for the workers' it has not seen, so the leader is not bound (it would
+    // be given up when its workers could not bind, and recreated into the same plan forever):
+    // nothing is held, and the reason says why.
+    let mut book = book_of(1, 3);
+    let mut scheduler = scheduler_on(&book);
+    let mut group = leader_first_group("wide", 3, 4);
+    for pod in &mut group {
+        pod.needs.requests.insert("cpu".into(), 60_000);
+    }
+    scheduler.pending_applied(group.remove(0));
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(bound.is_empty(), "{bound:?}");
+    let message = messages(&other).join(" | ");
+    assert!(message.contains("Insufficient resources for the members planned together"), "{message}");
+    assert_eq!(book.ledger().free_gpus(), 24, "nothing held");
+    // With room for the leader and one worker per host by CPU, it is bound.
+    let mut book = book_of(1, 3);
+    let mut scheduler = scheduler_on(&book);
+    let mut group = leader_first_group("fits", 3, 8);
+    for pod in &mut group {
+        pod.needs.requests.insert("cpu".into(), 60_000);
+    }
+    scheduler.pending_applied(group.remove(0));
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 0);
+    assert!(matches!(
+        scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 0),
+        Finished::Bound { .. }
+    ));
+}
+
+#[test]
+fn a_leader_first_worker_must_match_the_leaders_plan_and_a_new_leader_waits_for_the_old() {
+    let mut book = book_of(1, 3);
+    let mut scheduler = scheduler_on(&book);
+    let mut group = leader_first_group("lws", 2, 8);
+    let mut workers = group.split_off(1);
+    let leader = group.remove(0);
+    scheduler.pending_applied(leader.clone());
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 0);
+    scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 0);
+    // A worker stating another tensor parallelism than the leader planned with: refused.
+    workers[0].demand.tensor_parallel = Some(4);
+    scheduler.pending_applied(workers[0].clone());
+    let (bound, other) = run(&mut scheduler, &mut book, 10, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let message = messages(&other).join(" | ");
+    assert!(
+        message.contains("ns/lws-1 says topoplace.io/tensor-parallel 4") && message.contains("planned with 1"),
+        "{message}"
+    );
+    // The leader is being deleted and LWS already made a new one: the new leader does not take
+    // the worker's slot; nothing binds until the old leader is gone.
+    scheduler.pending_deleted(&workers[0].demand.pod.uid);
+    let mut new_leader = leader.clone();
+    new_leader.demand.pod.uid = "lws-0-second".into();
+    scheduler.pending_applied(new_leader);
+    let (bound, _) = run(&mut scheduler, &mut book, 20_000, &BTreeSet::new());
+    assert!(bound.is_empty(), "{bound:?}");
+    // A ranked worker whose rank's slot is the leader's: refused naming it.
+    let mut stale = workers[0].clone();
+    stale.demand.tensor_parallel = None;
+    let error =
+        book.open_slots("ns/lws", &[(0, Some(0), stale.demand.pod.clone())]).expect_err("rank 0 is bound ahead");
+    assert!(error.to_string().contains("ns/lws-1") && error.to_string().contains("rank 0"), "{error}");
 }
