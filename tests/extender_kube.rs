@@ -379,3 +379,103 @@ async fn gangs_are_sized_from_the_pod_group_objects_their_pods_name() {
     ext.check().expect("book invariants");
     server.stop().await;
 }
+
+/// Issue 20: nothing is bound or deleted on an extender request's word alone. A forged gang
+/// naming one real pending pod and one invented pod binds neither and deletes nothing; a bind
+/// naming a real pod with another uid, a pod of another scheduler, a pod of a namespace the
+/// extender does not serve, or a real pod of another gang is refused, naming why. The API's
+/// final state shows no Binding and no delete, and every GPU is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_binds_bind_nothing_and_delete_nothing() {
+    let api = FakeApi::new();
+    for index in 0..4 {
+        api.add_node(&format!("r1-{index}"), "NVIDIA-H100-80GB-HBM3", 8, "r1");
+    }
+    let api_server = serve_router(api.router()).await;
+    let admission = topoplace_server::binder::Admission {
+        namespaces: Some(["ml".to_string()].into()),
+        ..topoplace_server::binder::Admission::default()
+    };
+    let setup = ServerSetup { admission, ..ServerSetup::default() };
+    let server = kube_server_with(&api_server.base, setup, None).await;
+    let (base, ext) = (server.base.clone(), server.state().clone());
+    let http = reqwest::Client::new();
+    {
+        let (http, base) = (http.clone(), base.clone());
+        eventually("readyz", move || {
+            let (http, base) = (http.clone(), base.clone());
+            Box::pin(async move { http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) })
+        })
+        .await;
+    }
+    let nodes: Vec<String> = (0..4).map(|i| format!("r1-{i}")).collect();
+
+    // A real pending member and an invented one, scheduled together.
+    let real = pod("ml", "real", "real-uid", 8, Some(("g", 2)));
+    api.add_pod(real.clone(), None, None);
+    let ghost = pod("ml", "ghost", "ghost-uid", 8, Some(("g", 2)));
+    let tasks: Vec<_> = [real, ghost]
+        .into_iter()
+        .map(|object| {
+            let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
+            tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await })
+        })
+        .collect();
+    for task in tasks {
+        let error = task.await.expect("task").expect_err("nothing bound");
+        assert!(error.contains("ml/ghost: the API server has no such pod"), "{error}");
+    }
+
+    // One pod at a time: each refused, naming what differs.
+    let mut other_uid = pod("ml", "solo", "forged-uid", 2, None);
+    api.add_pod(pod("ml", "solo", "solo-uid", 2, None), None, None);
+    let mut volcano = pod("ml", "volcano", "volcano-uid", 2, None);
+    volcano["spec"]["schedulerName"] = json!("volcano");
+    api.add_pod(volcano.clone(), None, None);
+    let outside = pod("other", "outside", "outside-uid", 2, None);
+    api.add_pod(outside.clone(), None, None);
+    // A real pod of gang h, described in the request as a member of a gang of one, g1.
+    api.add_pod(pod("ml", "h-0", "h-0-uid", 8, Some(("h", 1))), None, None);
+    let mut claimed = pod("ml", "h-0", "h-0-uid", 8, Some(("g1", 1)));
+    let bound_elsewhere = pod("ml", "elsewhere", "elsewhere-uid", 2, None);
+    api.add_pod(bound_elsewhere.clone(), Some("r1-3"), Some("0,1"));
+    other_uid["metadata"]["labels"] = json!({});
+    claimed["metadata"]["uid"] = json!("h-0-uid");
+    for (object, expected) in [
+        (other_uid, "has uid `solo-uid`, not `forged-uid`"),
+        (volcano, "spec.schedulerName is `volcano`"),
+        (outside, "namespace `other` is not one this extender binds in"),
+        (claimed, "not a member of gang `ml/g1`"),
+    ] {
+        let error = schedule(&http, &base, &object, &nodes).await.expect_err("refused");
+        assert!(error.contains(expected), "{error}");
+    }
+    // A bind for a pod bound elsewhere, with a node of the caller's choosing.
+    let (_, reply) = post(
+        &http,
+        &format!("{base}/bind"),
+        &json!({"PodName": "elsewhere", "PodNamespace": "ml", "PodUID": "elsewhere-uid", "Node": "r1-0"}),
+    )
+    .await;
+    assert!(reply["Error"].as_str().is_some_and(|e| !e.is_empty()), "{reply}");
+    assert_eq!(api.pod_node("ml", "elsewhere").as_deref(), Some("r1-3"));
+
+    // A delete is conditional on the uid: a pod of that name but another uid stays.
+    let client = kube::Client::try_from(kube::Config::new(api_server.base.parse().expect("uri"))).expect("client");
+    let stale = topoplace_online::reservation::PodIdentity {
+        namespace: "ml".into(),
+        name: "solo".into(),
+        uid: "an-earlier-solo".into(),
+    };
+    let error = KubeBinder::new(client).delete(&stale).await.expect_err("another uid");
+    assert!(error.contains("Precondition failed"), "{error}");
+    assert!(api.pod_exists("ml", "solo"));
+
+    assert!(api.bindings().is_empty(), "no Binding made: {:?}", api.bindings());
+    assert!(api.deletes().is_empty(), "nothing deleted: {:?}", api.deletes());
+    let state = get_json(&http, &format!("{base}/state")).await;
+    assert_eq!(support::free_gpus(&state), 32 - 2, "every GPU free but the pod bound before");
+    ext.check().expect("book invariants");
+    server.stop().await;
+    api_server.stop().await;
+}

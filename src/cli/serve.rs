@@ -56,6 +56,14 @@ pub struct ServeArgs {
     /// Do not serve the gRPC placement API.
     #[arg(long)]
     pub no_grpc: bool,
+    /// `spec.schedulerName`s of the kube-scheduler profiles that call this extender: a bind
+    /// for a pod of any other scheduler is refused (the API server's pod is read first).
+    #[arg(long, value_delimiter = ',', default_values_t = ["default-scheduler".to_string(), "topoplace".to_string()])]
+    pub scheduler_names: Vec<String>,
+    /// Namespaces whose pods the extender may bind (comma-separated); every namespace when
+    /// not given.
+    #[arg(long, value_delimiter = ',')]
+    pub namespaces: Option<Vec<String>>,
     /// Seconds a Plan reservation holds when the request does not say.
     #[arg(long, default_value_t = grpc::RESERVATION_TTL_S_DEFAULT)]
     pub grpc_reservation_ttl: u32,
@@ -259,7 +267,22 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
             Source::Kubernetes { client, level_keys: args.levels.clone(), scheduler }
         }
     };
-    let setup = ServerSetup { book: book_config, extender: config, grpc: grpc_config, grpc_tls };
+    let admission = topoplace_server::binder::Admission {
+        scheduler_names: args.scheduler_names.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
+        namespaces: args
+            .namespaces
+            .as_ref()
+            .map(|names| names.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect()),
+    };
+    if admission.namespaces.as_ref().is_some_and(|names| names.is_empty()) {
+        return Err(CliError::Input(
+            "--namespaces: give at least one namespace, or leave the flag out for every namespace".into(),
+        ));
+    }
+    if admission.scheduler_names.is_empty() {
+        return Err(CliError::Input("--scheduler-names: give at least one scheduler name".into()));
+    }
+    let setup = ServerSetup { book: book_config, extender: config, grpc: grpc_config, grpc_tls, admission };
     let grpc_tls_on = setup.grpc_tls.is_some();
     let serving_grpc = grpc.is_some();
     let server = Server::start(source, setup, Listeners { http, grpc });

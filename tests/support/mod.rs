@@ -693,9 +693,25 @@ async fn get_pod(State(api): State<FakeApi>, Path((ns, name)): Path<(String, Str
     }
 }
 
-async fn delete_pod(State(api): State<FakeApi>, Path((ns, name)): Path<(String, String)>) -> Response {
+/// `DELETE pods/{name}` with the API server's `DeleteOptions.preconditions` (uid,
+/// resourceVersion): a pod that does not meet them is kept and the answer is 409.
+async fn delete_pod(State(api): State<FakeApi>, Path((ns, name)): Path<(String, String)>, body: Bytes) -> Response {
     api.delay().await;
+    let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let mut state = api.state.lock().expect("api state");
+    if let Some(pod) = state.pods.get(&(ns.clone(), name.clone())) {
+        for field in ["uid", "resourceVersion"] {
+            let wanted = options["preconditions"][field].as_str();
+            let actual = pod["metadata"][field].as_str().unwrap_or_default();
+            if let Some(wanted) = wanted.filter(|w| *w != actual) {
+                return status(
+                    409,
+                    "Conflict",
+                    format!("Precondition failed: {field} in precondition: {wanted}, {field} in object meta: {actual}"),
+                );
+            }
+        }
+    }
     match state.pods.remove(&(ns.clone(), name.clone())) {
         Some(pod) => {
             state.deletes.push(name);

@@ -58,6 +58,8 @@ pub struct ServerSetup {
     /// The gRPC placement API's configuration and TLS; served when a gRPC listener is given.
     pub grpc: GrpcConfig,
     pub grpc_tls: Option<ServerTlsConfig>,
+    /// Whose pods the extender binds, on an API server ([`crate::binder::Binder::verify`]).
+    pub admission: crate::binder::Admission,
 }
 
 /// The sockets a server answers on; bound by the caller, so that a port in use is the
@@ -115,7 +117,8 @@ impl Server {
                 (state, Some(memory), None, None)
             }
             Source::Kubernetes { client, level_keys, scheduler } => {
-                let binder: Arc<dyn Binder> = Arc::new(KubeBinder::new(client.clone()));
+                let binder: Arc<dyn Binder> =
+                    Arc::new(KubeBinder::with_admission(client.clone(), setup.admission.clone()));
                 let state = ServerState::new(None, binder);
                 let runtime = scheduler.map(|setup| {
                     let (runtime, tasks, election) =

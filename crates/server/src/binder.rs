@@ -2,7 +2,7 @@
 //! Events and asks kube-scheduler to retry a pod. The API server's is
 //! [`crate::kube::KubeBinder`]; [`MemoryBinder`] keeps binds in memory for `serve --cluster`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use futures::future::BoxFuture;
@@ -31,6 +31,30 @@ pub enum BindError {
     Api { message: String },
 }
 
+/// Whose pods the extender binds: a pod is bound only when the API server has it in one of
+/// these (set through `topoplace serve --scheduler-names` and `--namespaces`). An extender
+/// request names a pod by its body alone, and anyone who can reach the extender's port can
+/// send one; these say which of the API server's pods such a request may take effect on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// `spec.schedulerName`s of the kube-scheduler profiles that call this extender (a pod
+    /// without one has the API server's default, `default-scheduler`).
+    pub scheduler_names: BTreeSet<String>,
+    /// Namespaces whose pods may be bound; `None` for every namespace.
+    pub namespaces: Option<BTreeSet<String>>,
+}
+
+/// The API server's default `spec.schedulerName` (`k8s.io/api/core/v1` `DefaultSchedulerName`).
+pub const DEFAULT_SCHEDULER_NAME: &str = "default-scheduler";
+
+/// `default-scheduler` and `topoplace` (the profile of the shipped kube-scheduler
+/// configuration, `scheduler-config/extender/`), every namespace.
+impl Default for Admission {
+    fn default() -> Self {
+        Admission { scheduler_names: [DEFAULT_SCHEDULER_NAME, "topoplace"].map(String::from).into(), namespaces: None }
+    }
+}
+
 /// What creates Bindings, deletes pods and records Events: the API server, or memory.
 pub trait Binder: Send + Sync + 'static {
     /// Binds `member` to its node with `topoplace.io/gpus` set to `gpus`. Binding a pod that is
@@ -38,6 +62,12 @@ pub trait Binder: Send + Sync + 'static {
     /// within `BINDING_BUDGET_MS` (15 s), settling a call without an answer itself, so that a
     /// gang's held binds are answered before kube-scheduler's `httpTimeout`.
     fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), BindError>>;
+    /// Checks, before any Binding of its ticket is made, that `member` is a pod the API server
+    /// has as the request described it: the same uid, not terminating, unbound (or bound to
+    /// the planned node already: a retried bind), of a scheduler name and namespace the
+    /// [`Admission`] allows, and, when `gang` is given, labelled as a member of that gang.
+    /// `Err` says what differs. Within the binding budget, like [`Binder::bind`].
+    fn verify<'a>(&'a self, member: &'a MemberBind, gang: Option<&'a str>) -> BoxFuture<'a, Result<(), String>>;
     /// Deletes a pod so its controller recreates it (undo of a partly bound gang).
     fn delete<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>>;
     /// Records an Event on the pod; failures are logged, never fatal.
@@ -89,6 +119,11 @@ impl MemoryBinder {
 }
 
 impl Binder for MemoryBinder {
+    /// `serve --cluster` has no API server to ask: every pod is taken as described.
+    fn verify<'a>(&'a self, _member: &'a MemberBind, _gang: Option<&'a str>) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
     fn bind<'a>(&'a self, member: &'a MemberBind, _gpus: String) -> BoxFuture<'a, Result<(), BindError>> {
         Box::pin(async move {
             let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());

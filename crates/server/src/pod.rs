@@ -201,6 +201,20 @@ pub fn gang_of(pod: &Pod, namespace: &str) -> Result<Option<GangMembership>, Pod
     gang_of_sized(pod, namespace, None)
 }
 
+/// The key (`namespace/name`) of the gang the pod's labels put it in, by the same precedence as
+/// [`gang_of`], without reading its size: what a bind is checked against
+/// ([`crate::binder::Binder::verify`]), for pods whose size lives in a PodGroup object too.
+pub fn gang_key_of(pod: &Pod, namespace: &str) -> Option<String> {
+    let label = |key: &str| pod.metadata.labels.as_ref().and_then(|labels| labels.get(key));
+    if let Some(name) = label(GANG_LABEL).or_else(|| label(POD_GROUP_LABEL)) {
+        return Some(format!("{namespace}/{name}"));
+    }
+    if let Some(group) = label(LWS_GROUP_LABEL) {
+        return Some(format!("{namespace}/lws-{group}"));
+    }
+    upstream_pod_group(pod).map(|name| format!("{namespace}/{name}"))
+}
+
 /// [`gang_of`], with what the caller read from the pod's PodGroup object, if it looked one up
 /// ([`pod_group_to_look_up`]). Without it, a pod of an upstream PodGroup or of a coscheduling
 /// one must carry `topoplace.io/gang-size` (a server reading an API server looks the object
@@ -899,6 +913,26 @@ mod tests {
         pod.spec.as_mut().expect("spec").scheduling_group =
             Some(k8s_openapi::api::core::v1::PodSchedulingGroup { pod_group_name: Some(group.into()) });
         pod
+    }
+
+    #[test]
+    fn the_gang_key_alone_agrees_with_the_gang_read_whole() {
+        let size = serde_json::json!({"topoplace.io/gang-size": "2"});
+        let pods = [
+            pod_with(serde_json::json!({"topoplace.io/gang": "g"}), size.clone(), 8),
+            pod_with(serde_json::json!({"scheduling.x-k8s.io/pod-group": "pg"}), size.clone(), 8),
+            pod_with(lws_labels("1"), serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3"}), 8),
+            upstream_pod("up", serde_json::json!({}), size),
+            pod_with(serde_json::json!({}), serde_json::json!({}), 8),
+        ];
+        for pod in &pods {
+            let whole = gang_of(pod, "ns").expect("readable").map(|g| g.key);
+            assert_eq!(gang_key_of(pod, "ns"), whole, "{:?}", pod.metadata.labels);
+        }
+        // Without the size (a PodGroup object holds it), the key is still known.
+        let bare = upstream_pod("up", serde_json::json!({}), serde_json::json!({}));
+        assert!(gang_of(&bare, "ns").is_err());
+        assert_eq!(gang_key_of(&bare, "ns").as_deref(), Some("ns/up"));
     }
 
     #[test]

@@ -402,11 +402,31 @@ async fn ask_to_retry(state: Arc<ServerState>, after: Duration, pods: Vec<topopl
 /// by the [`Binder`](crate::binder::Binder) (the API server's: within `BINDING_BUDGET_MS`).
 async fn bind_all(state: &ServerState, ticket: &Ticket, members: Vec<MemberBind>) -> Result<(), String> {
     let binder = &state.binder;
-    let outcomes = join_all(members.iter().map(|member| async move {
-        let gpus = pod::gpus_annotation(&member.gpus);
-        (member.pod.clone(), binder.bind(member, gpus).await.map_err(|error| error.to_string()))
-    }))
-    .await;
+    // Nothing is bound on the request's word alone: every member is first read from the API
+    // server (the same pod, unbound, of a served scheduler and namespace, in this gang). One
+    // that is not refuses the whole ticket before any Binding, so no pod is bound, and then
+    // deleted by the rollback, for a member that does not exist.
+    let gang = match ticket {
+        Ticket::Gang(key) | Ticket::Leader { gang: key, .. } => Some(key.as_str()),
+        Ticket::Pod(_) | Ticket::Bound(_) => None,
+    };
+    let verdicts = join_all(members.iter().map(|member| binder.verify(member, gang))).await;
+    let refused: Vec<String> = members
+        .iter()
+        .zip(&verdicts)
+        .filter_map(|(member, verdict)| verdict.as_ref().err().map(|why| format!("{}: {why}", member.pod)))
+        .collect();
+    let outcomes: Vec<(topoplace_online::reservation::PodIdentity, Result<(), String>)> = if refused.is_empty() {
+        join_all(members.iter().map(|member| async move {
+            let gpus = pod::gpus_annotation(&member.gpus);
+            (member.pod.clone(), binder.bind(member, gpus).await.map_err(|error| error.to_string()))
+        }))
+        .await
+    } else {
+        let why = format!("not bound: the API server does not confirm the request ({})", refused.join("; "));
+        tracing::warn!(%ticket, %why, "bind refused");
+        members.iter().map(|member| (member.pod.clone(), Err(why.clone()))).collect()
+    };
     let now = state.now_ms();
     let (finish, waiters) = {
         let mut shared = state.lock();

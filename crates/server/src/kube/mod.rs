@@ -29,18 +29,20 @@ use kube::Client;
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use crate::binder::{BindError, Binder};
+use crate::binder::{Admission, BindError, Binder, DEFAULT_SCHEDULER_NAME};
 use crate::state::ServerState;
 use topoplace_engine::topology::{Cluster, NodeSpec};
 use topoplace_online::reservation::{Book, BookConfig, MemberBind, PodIdentity};
 
-/// The longest a Binding's create call is waited for, and then its read-back: together
-/// within the book's `BINDING_BUDGET_MS` (15 s), so a gang's held binds are answered before
-/// kube-scheduler's `httpTimeout`.
-const BINDING_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest the pod is read before its Binding ([`Binder::verify`]), a Binding's create
+/// call is waited for, and then its read-back: together within the book's
+/// `BINDING_BUDGET_MS` (15 s), so a gang's held binds are answered before kube-scheduler's
+/// `httpTimeout`.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(3);
+const BINDING_CALL_TIMEOUT: Duration = Duration::from_secs(8);
 const READ_BACK_TIMEOUT: Duration = Duration::from_secs(4);
 const _: () = assert!(
-    BINDING_CALL_TIMEOUT.as_millis() + READ_BACK_TIMEOUT.as_millis()
+    VERIFY_TIMEOUT.as_millis() + BINDING_CALL_TIMEOUT.as_millis() + READ_BACK_TIMEOUT.as_millis()
         <= topoplace_online::reservation::BINDING_BUDGET_MS as u128
 );
 
@@ -76,11 +78,68 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Kube
 /// Creates Bindings, deletes pods and records Events through the API server.
 pub struct KubeBinder {
     client: Client,
+    admission: Admission,
 }
 
 impl KubeBinder {
+    /// A binder that admits the default [`Admission`].
     pub fn new(client: Client) -> Self {
-        KubeBinder { client }
+        KubeBinder::with_admission(client, Admission::default())
+    }
+
+    /// A binder whose [`Binder::verify`] admits the pods `admission` says.
+    pub fn with_admission(client: Client, admission: Admission) -> Self {
+        KubeBinder { client, admission }
+    }
+
+    /// [`Binder::verify`] without its time limit.
+    async fn verify_pod(&self, member: &MemberBind, gang: Option<&str>) -> Result<(), String> {
+        let target = &member.pod;
+        if let Some(allowed) = &self.admission.namespaces {
+            if !allowed.contains(&target.namespace) {
+                return Err(format!(
+                    "namespace `{}` is not one this extender binds in (--namespaces: {})",
+                    target.namespace,
+                    allowed.iter().cloned().collect::<Vec<_>>().join(",")
+                ));
+            }
+        }
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
+        let current = match pods.get(&target.name).await {
+            Ok(current) => current,
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                return Err("the API server has no such pod".into());
+            }
+            Err(error) => return Err(format!("reading the pod from the API server: {error}")),
+        };
+        let uid = current.metadata.uid.as_deref().unwrap_or_default();
+        if uid != target.uid {
+            return Err(format!("the API server's pod of that name has uid `{uid}`, not `{}`", target.uid));
+        }
+        if current.metadata.deletion_timestamp.is_some() {
+            return Err("the pod is being deleted".into());
+        }
+        let spec = current.spec.as_ref();
+        if let Some(bound) = spec.and_then(|s| s.node_name.as_deref()).filter(|&n| n != member.node) {
+            return Err(format!("the pod is already bound to `{bound}`"));
+        }
+        let scheduler = spec.and_then(|s| s.scheduler_name.as_deref()).unwrap_or(DEFAULT_SCHEDULER_NAME);
+        if !self.admission.scheduler_names.contains(scheduler) {
+            return Err(format!(
+                "the pod's spec.schedulerName is `{scheduler}`, not one this extender serves (--scheduler-names: {})",
+                self.admission.scheduler_names.iter().cloned().collect::<Vec<_>>().join(",")
+            ));
+        }
+        if let Some(gang) = gang {
+            let labelled = pod::gang_key_of(&current, &target.namespace);
+            if labelled.as_deref() != Some(gang) {
+                return Err(format!(
+                    "the API server's pod is {}, not a member of gang `{gang}`",
+                    labelled.map_or_else(|| "in no gang".to_string(), |g| format!("in gang `{g}`"))
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -227,6 +286,17 @@ impl KubeBinder {
 }
 
 impl Binder for KubeBinder {
+    fn verify<'a>(&'a self, member: &'a MemberBind, gang: Option<&'a str>) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            match tokio::time::timeout(VERIFY_TIMEOUT, self.verify_pod(member, gang)).await {
+                Ok(verdict) => verdict,
+                Err(_) => {
+                    Err(format!("reading the pod from the API server: no answer within {} s", VERIFY_TIMEOUT.as_secs()))
+                }
+            }
+        })
+    }
+
     fn bind<'a>(&'a self, member: &'a MemberBind, gpus: String) -> BoxFuture<'a, Result<(), BindError>> {
         Box::pin(self.bind_pod(&member.pod, &member.node, Some(gpus)))
     }
