@@ -396,7 +396,9 @@ async fn forged_binds_bind_nothing_and_delete_nothing() {
         namespaces: Some(["ml".to_string()].into()),
         ..topoplace_server::binder::Admission::default()
     };
-    let setup = ServerSetup { admission, ..ServerSetup::default() };
+    // Refused binds keep their gang's reservation for the real pods' retry: 3 s here.
+    let book = BookConfig { reservation_ttl_ms: 3_000, ..BookConfig::default() };
+    let setup = ServerSetup { admission, book, ..ServerSetup::default() };
     let server = kube_server_with(&api_server.base, setup, None).await;
     let (base, ext) = (server.base.clone(), server.state().clone());
     let http = reqwest::Client::new();
@@ -423,7 +425,7 @@ async fn forged_binds_bind_nothing_and_delete_nothing() {
         .collect();
     for task in tasks {
         let error = task.await.expect("task").expect_err("nothing bound");
-        assert!(error.contains("ml/ghost: the API server has no such pod"), "{error}");
+        assert!(error.contains("ml/ghost") && error.contains("not bound"), "{error}");
     }
 
     // One pod at a time: each refused, naming what differs.
@@ -436,29 +438,56 @@ async fn forged_binds_bind_nothing_and_delete_nothing() {
     api.add_pod(outside.clone(), None, None);
     // A real pod of gang h, described in the request as a member of a gang of one, g1.
     api.add_pod(pod("ml", "h-0", "h-0-uid", 8, Some(("h", 1))), None, None);
-    let mut claimed = pod("ml", "h-0", "h-0-uid", 8, Some(("g1", 1)));
-    let bound_elsewhere = pod("ml", "elsewhere", "elsewhere-uid", 2, None);
-    api.add_pod(bound_elsewhere.clone(), Some("r1-3"), Some("0,1"));
+    let claimed = pod("ml", "h-0", "h-0-uid", 8, Some(("g1", 1)));
+    // A real pending 2-GPU pod described as asking 1 GPU.
+    api.add_pod(pod("ml", "two", "two-uid", 2, None), None, None);
+    let smaller = pod("ml", "two", "two-uid", 1, None);
     other_uid["metadata"]["labels"] = json!({});
-    claimed["metadata"]["uid"] = json!("h-0-uid");
     for (object, expected) in [
         (other_uid, "has uid `solo-uid`, not `forged-uid`"),
         (volcano, "spec.schedulerName is `volcano`"),
         (outside, "namespace `other` is not one this extender binds in"),
-        (claimed, "not a member of gang `ml/g1`"),
+        (claimed, "the API server's pod says gang `ml/h` of 1"),
+        (smaller, "the request says nvidia.com/gpu 1, but the API server's pod says 2"),
     ] {
         let error = schedule(&http, &base, &object, &nodes).await.expect_err("refused");
         assert!(error.contains(expected), "{error}");
     }
-    // A bind for a pod bound elsewhere, with a node of the caller's choosing.
+    {
+        let (http, base) = (http.clone(), base.clone());
+        eventually("the refused gangs' reservations expire", move || {
+            let (http, base) = (http.clone(), base.clone());
+            Box::pin(async move { support::free_gpus(&get_json(&http, &format!("{base}/state")).await) == 32 })
+        })
+        .await;
+    }
+    // A pod filtered while pending, then bound elsewhere by someone else before its bind.
+    let elsewhere = pod("ml", "elsewhere", "elsewhere-uid", 2, None);
+    api.add_pod(elsewhere.clone(), None, None);
+    let (_, filtered) = post(&http, &format!("{base}/filter"), &json!({"Pod": elsewhere, "NodeNames": nodes})).await;
+    let planned = filtered["NodeNames"][0].as_str().unwrap_or_default().to_string();
+    let other = nodes.iter().find(|n| **n != planned).cloned().unwrap_or_default();
+    let (status, _) = post(
+        &http,
+        &format!("{}/api/v1/namespaces/ml/pods/elsewhere/binding", api_server.base),
+        &json!({"metadata": {"name": "elsewhere"}, "target": {"apiVersion": "v1", "kind": "Node", "name": other}}),
+    )
+    .await;
+    assert_eq!(status, 201);
     let (_, reply) = post(
         &http,
         &format!("{base}/bind"),
-        &json!({"PodName": "elsewhere", "PodNamespace": "ml", "PodUID": "elsewhere-uid", "Node": "r1-0"}),
+        &json!({"PodName": "elsewhere", "PodNamespace": "ml", "PodUID": "elsewhere-uid", "Node": planned}),
     )
     .await;
-    assert!(reply["Error"].as_str().is_some_and(|e| !e.is_empty()), "{reply}");
-    assert_eq!(api.pod_node("ml", "elsewhere").as_deref(), Some("r1-3"));
+    // Refused by the API server's answer, or earlier when the pod watch already showed it bound.
+    let error = reply["Error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("already bound to `{other}`")) || error.contains(&format!("planned on node `{other}`")),
+        "{reply}"
+    );
+    assert_eq!(api.pod_node("ml", "elsewhere"), Some(other));
+    let made: Vec<(String, String)> = api.bindings().into_iter().filter(|(pod, _)| pod != "elsewhere").collect();
 
     // A delete is conditional on the uid: a pod of that name but another uid stays.
     let client = kube::Client::try_from(kube::Config::new(api_server.base.parse().expect("uri"))).expect("client");
@@ -471,10 +500,57 @@ async fn forged_binds_bind_nothing_and_delete_nothing() {
     assert!(error.contains("Precondition failed"), "{error}");
     assert!(api.pod_exists("ml", "solo"));
 
-    assert!(api.bindings().is_empty(), "no Binding made: {:?}", api.bindings());
+    assert!(made.is_empty(), "no Binding made by topoplace: {made:?}");
     assert!(api.deletes().is_empty(), "nothing deleted: {:?}", api.deletes());
     let state = get_json(&http, &format!("{base}/state")).await;
-    assert_eq!(support::free_gpus(&state), 32 - 2, "every GPU free but the pod bound before");
+    assert_eq!(support::free_gpus(&state), 32 - 2, "the pod bound elsewhere counted where it is: {state}");
+
+    // A LeaderWorkerSet group bound leader first: an invented worker refused at bind must not
+    // cost the real leader its place. The leader stays bound, its workers' GPUs stay held, the
+    // invented pod's slot goes to the real worker, and the group is bound whole.
+    let lws = |index: u32| {
+        let name = if index == 0 { "lws-0".to_string() } else { format!("lws-0-{index}") };
+        let mut object = pod("ml", &name, &format!("{name}-uid"), 8, None);
+        object["metadata"]["labels"] = json!({"leaderworkerset.sigs.k8s.io/group-key": "grp",
+            "leaderworkerset.sigs.k8s.io/worker-index": index.to_string()});
+        object["metadata"]["annotations"] = json!({"leaderworkerset.sigs.k8s.io/size": "3",
+            "leaderworkerset.sigs.k8s.io/exclusive-topology": "network.topology.nvidia.com/leaf"});
+        object
+    };
+    api.delete_pod("ml", "elsewhere");
+    api.add_pod(lws(0), None, None);
+    schedule(&http, &base, &lws(0), &nodes).await.expect("the leader bound ahead");
+    api.add_pod(lws(2), None, None);
+    let tasks: Vec<_> = [lws(1), lws(2)]
+        .into_iter()
+        .map(|object| {
+            let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
+            tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await })
+        })
+        .collect();
+    for task in tasks {
+        let error = task.await.expect("task").expect_err("refused");
+        assert!(error.contains("ml/lws-0-1"), "{error}");
+    }
+    assert!(api.pod_node("ml", "lws-0").is_some(), "the leader stays bound");
+    assert!(api.deletes().iter().all(|d| d != "lws-0"), "the leader is not deleted: {:?}", api.deletes());
+    let state = get_json(&http, &format!("{base}/state")).await;
+    assert_eq!(support::free_gpus(&state), 32 - 8 - 16, "the workers' GPUs stay held: {state}");
+    api.add_pod(lws(1), None, None);
+    let tasks: Vec<_> = [lws(1), lws(2)]
+        .into_iter()
+        .map(|object| {
+            let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
+            tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task").expect("the real workers bound");
+    }
+    assert!(api.deletes().is_empty(), "nothing deleted by topoplace: {:?}", api.deletes());
+    let lws_nodes: BTreeSet<String> =
+        ["lws-0", "lws-0-1", "lws-0-2"].iter().filter_map(|name| api.pod_node("ml", name)).collect();
+    assert_eq!(lws_nodes.len(), 3, "the group bound whole on three hosts: {lws_nodes:?}");
     ext.check().expect("book invariants");
     server.stop().await;
     api_server.stop().await;

@@ -7,7 +7,24 @@ use std::sync::Mutex;
 
 use futures::future::BoxFuture;
 
-use topoplace_online::reservation::{MemberBind, PodIdentity};
+use topoplace_online::reservation::{MemberBind, PodDemand, PodIdentity};
+
+/// Why [`Binder::verify`] did not confirm a pod.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The API server's pod is not the one the request described: none of that name, another
+    /// uid, bound elsewhere, being deleted, another scheduler, namespace, gang or shape. The
+    /// request's pod takes no place in its gang's plan.
+    #[error("{0}")]
+    NotThatPod(String),
+    /// The API server has the pod bound to another node already (someone else bound it): it
+    /// is not bound again, and its GPUs there are to be counted as taken.
+    #[error("the pod is already bound to `{node}`")]
+    BoundElsewhere { node: String },
+    /// The pod could not be read in time (the API server did not answer): nothing is known.
+    #[error("{0}")]
+    Unconfirmed(String),
+}
 
 /// Why a Binding was not made, as far as the binder could tell. The undo of a partly bound
 /// gang deletes only members whose Binding succeeded: a pod whose outcome is
@@ -65,9 +82,15 @@ pub trait Binder: Send + Sync + 'static {
     /// Checks, before any Binding of its ticket is made, that `member` is a pod the API server
     /// has as the request described it: the same uid, not terminating, unbound (or bound to
     /// the planned node already: a retried bind), of a scheduler name and namespace the
-    /// [`Admission`] allows, and, when `gang` is given, labelled as a member of that gang.
-    /// `Err` says what differs. Within the binding budget, like [`Binder::bind`].
-    fn verify<'a>(&'a self, member: &'a MemberBind, gang: Option<&'a str>) -> BoxFuture<'a, Result<(), String>>;
+    /// [`Admission`] allows, and, with `expected` (the demand the extender read from the
+    /// request's pod), the same demand read from the API server's copy: GPUs, gang, size,
+    /// rank, roles, memory, parallelism, topology. Within the binding budget, like
+    /// [`Binder::bind`].
+    fn verify<'a>(
+        &'a self,
+        member: &'a MemberBind,
+        expected: Option<&'a PodDemand>,
+    ) -> BoxFuture<'a, Result<(), Refusal>>;
     /// Deletes a pod so its controller recreates it (undo of a partly bound gang).
     fn delete<'a>(&'a self, pod: &'a PodIdentity) -> BoxFuture<'a, Result<(), String>>;
     /// Records an Event on the pod; failures are logged, never fatal.
@@ -120,7 +143,11 @@ impl MemoryBinder {
 
 impl Binder for MemoryBinder {
     /// `serve --cluster` has no API server to ask: every pod is taken as described.
-    fn verify<'a>(&'a self, _member: &'a MemberBind, _gang: Option<&'a str>) -> BoxFuture<'a, Result<(), String>> {
+    fn verify<'a>(
+        &'a self,
+        _member: &'a MemberBind,
+        _expected: Option<&'a PodDemand>,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
         Box::pin(async { Ok(()) })
     }
 

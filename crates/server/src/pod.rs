@@ -201,6 +201,32 @@ pub fn gang_of(pod: &Pod, namespace: &str) -> Result<Option<GangMembership>, Pod
     gang_of_sized(pod, namespace, None)
 }
 
+/// The first field in which two demands of one pod differ: its name, `a`'s value, `b`'s (the
+/// request's and the API server's, at bind); `None` when they agree.
+pub fn demand_difference(a: &PodDemand, b: &PodDemand) -> Option<(&'static str, String, String)> {
+    let gang = |d: &PodDemand| {
+        d.gang.as_ref().map_or_else(
+            || "no gang".to_string(),
+            |g| format!("gang `{}` of {} (rank {:?}, {:?})", g.key, g.size, g.rank, g.order),
+        )
+    };
+    let fields: [(&'static str, String, String); 8] = [
+        ("the pod", a.pod.to_string(), b.pod.to_string()),
+        ("nvidia.com/gpu", a.gpus.to_string(), b.gpus.to_string()),
+        ("its gang", gang(a), gang(b)),
+        ("its memory floor", format!("{:?}", a.memory), format!("{:?}", b.memory)),
+        (
+            "its parallelism",
+            format!("{:?}/{:?}", a.tensor_parallel, a.pipeline_parallel),
+            format!("{:?}/{:?}", b.tensor_parallel, b.pipeline_parallel),
+        ),
+        ("its required topology", format!("{:?}", a.required), format!("{:?}", b.required)),
+        ("its preferred topology", format!("{:?}", a.preferred), format!("{:?}", b.preferred)),
+        ("its roles", format!("{:?}", a.roles), format!("{:?}", b.roles)),
+    ];
+    fields.into_iter().find(|(_, x, y)| x != y)
+}
+
 /// The key (`namespace/name`) of the gang the pod's labels put it in, by the same precedence as
 /// [`gang_of`], without reading its size: what a bind is checked against
 /// ([`crate::binder::Binder::verify`]), for pods whose size lives in a PodGroup object too.

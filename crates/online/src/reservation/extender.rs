@@ -188,7 +188,7 @@ impl Book {
             .collect()
     }
 
-    fn slot_of(&self, key: &str, uid: &str) -> Option<usize> {
+    pub(super) fn slot_of(&self, key: &str, uid: &str) -> Option<usize> {
         self.gangs.get(key)?.slots.iter().position(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid))
     }
 
@@ -538,6 +538,39 @@ impl Book {
             self.stats.gangs_bound += 1;
         }
         BindFinish::Bound
+    }
+
+    /// A ticket none of whose Bindings was made because the adapter could not confirm a
+    /// member with the API server (an extender request names its pods by its body alone): the
+    /// reservation is kept as it was before the bind (not binding, no member at bind, a member
+    /// bound ahead kept: a refusal is no failed Binding, so it gives nobody up), so the
+    /// members bind again when kube-scheduler retries them; the slots of `not_those` (uids the
+    /// API server says are not the pods described) are freed for the real pods, and the
+    /// reservation lives [`BookConfig::reservation_ttl_ms`] more. A single pod's GPUs chosen
+    /// at bind are released.
+    pub fn bind_refused(&mut self, ticket: &Ticket, not_those: &[String], now_ms: u64) {
+        let ttl = self.config.reservation_ttl_ms;
+        match ticket {
+            Ticket::Gang(key) | Ticket::Leader { gang: key, .. } => {
+                let Some(reservation) = self.gangs.get_mut(key) else { return };
+                reservation.binding = false;
+                reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
+                for slot in reservation.slots.iter_mut().filter(|s| !s.bound) {
+                    (slot.at_bind, slot.lapsed) = (false, false);
+                    if slot.pod.as_ref().is_some_and(|p| not_those.contains(&p.uid)) {
+                        slot.pod = None;
+                    }
+                }
+            }
+            Ticket::Pod(uid) => {
+                if self.singles.remove(uid).is_some() {
+                    if let Err(error) = self.ledger.release(&pod_holder(uid)) {
+                        self.ledger_fault("releasing a refused single pod's GPUs", error);
+                    }
+                }
+            }
+            Ticket::Bound(_) => {}
+        }
     }
 
     /// The outcome of a [`Ticket::Leader`]: bound, the leader's GPUs move from the gang's

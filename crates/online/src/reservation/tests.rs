@@ -1093,3 +1093,37 @@ fn workers_that_keep_being_filtered_but_never_reach_bind_do_not_hold_a_leader_fo
     assert_eq!(book.take_undo(), vec![leader.pod.clone()]);
     book.check().expect("book invariants");
 }
+
+#[test]
+fn a_refused_ticket_keeps_its_reservation_its_leader_and_frees_only_the_pods_that_are_not_real() {
+    let mut book = lws_book();
+    let offered = all_hosts(&book);
+    let (leader, _) = bind_lws_leader(&mut book, &offered);
+    let workers: Vec<PodDemand> = (1..3).map(|rank| lws_member(3, rank)).collect();
+    let nodes: Vec<String> = workers.iter().map(|w| filtered_node(&mut book, w, &offered, 3)).collect();
+    book.bind_arrive(&workers[0], &nodes[0], 4).expect("arrive");
+    let BindStep::Bind { ticket, .. } = book.bind_arrive(&workers[1], &nodes[1], 5).expect("arrive") else {
+        panic!("bind");
+    };
+    // The API server says worker 1 is not the pod described: no Binding was made.
+    book.bind_refused(&ticket, std::slice::from_ref(&workers[0].pod.uid), 6);
+    let reservation = &book.gangs["ns/lws"];
+    assert!(!reservation.binding && reservation.slots.iter().all(|s| s.bound || !s.at_bind));
+    assert!(book.bound.contains_key(&leader.pod.uid), "the leader keeps its place");
+    assert_eq!(book.slot_of("ns/lws", &workers[0].pod.uid), None, "the refused pod's slot is free");
+    assert!(book.slot_of("ns/lws", &workers[1].pod.uid).is_some(), "an unconfirmed real pod keeps its slot");
+    assert_eq!(book.ledger().free_gpus(), 48 - 8 - 24, "nothing released");
+    assert!(book.expire(6 + book.config.reservation_ttl_ms - 1).is_empty(), "a fresh TTL");
+    book.check().expect("book invariants");
+    // The real worker takes the freed slot, and the group binds whole.
+    let real = lws_member(3, 1);
+    let node = filtered_node(&mut book, &real, &offered, 7);
+    book.bind_arrive(&real, &node, 8).expect("arrive");
+    let BindStep::Bind { ticket, members } = book.bind_arrive(&workers[1], &nodes[1], 9).expect("arrive") else {
+        panic!("the rest bind");
+    };
+    let outcomes: Vec<_> = members.iter().map(|m| (m.pod.clone(), Ok(()))).collect();
+    assert_eq!(book.bind_finished(&ticket, &outcomes, 10), BindFinish::Bound);
+    assert!(book.take_undo().is_empty());
+    book.check().expect("book invariants");
+}

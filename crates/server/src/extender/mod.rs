@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::binder::BindError;
+use crate::binder::{BindError, Refusal};
 use crate::pod;
 use crate::pod_group::PodGroups;
 use crate::state::{answer_dropped, take_waiters, BookWorkError, ServerState, Shared};
@@ -403,30 +403,24 @@ async fn ask_to_retry(state: Arc<ServerState>, after: Duration, pods: Vec<topopl
 async fn bind_all(state: &ServerState, ticket: &Ticket, members: Vec<MemberBind>) -> Result<(), String> {
     let binder = &state.binder;
     // Nothing is bound on the request's word alone: every member is first read from the API
-    // server (the same pod, unbound, of a served scheduler and namespace, in this gang). One
-    // that is not refuses the whole ticket before any Binding, so no pod is bound, and then
-    // deleted by the rollback, for a member that does not exist.
-    let gang = match ticket {
-        Ticket::Gang(key) | Ticket::Leader { gang: key, .. } => Some(key.as_str()),
-        Ticket::Pod(_) | Ticket::Bound(_) => None,
+    // server and must be the pod the request described (same uid, unbound, of a served
+    // scheduler and namespace, the same demand). One that is not refuses the whole ticket
+    // before any Binding: nothing is bound, so nothing is rolled back or deleted.
+    let expected: Vec<Option<PodDemand>> = {
+        let shared = state.lock();
+        members.iter().map(|m| shared.demands.get(&m.pod.uid).cloned()).collect()
     };
-    let verdicts = join_all(members.iter().map(|member| binder.verify(member, gang))).await;
-    let refused: Vec<String> = members
-        .iter()
-        .zip(&verdicts)
-        .filter_map(|(member, verdict)| verdict.as_ref().err().map(|why| format!("{}: {why}", member.pod)))
-        .collect();
-    let outcomes: Vec<(topoplace_online::reservation::PodIdentity, Result<(), String>)> = if refused.is_empty() {
-        join_all(members.iter().map(|member| async move {
-            let gpus = pod::gpus_annotation(&member.gpus);
-            (member.pod.clone(), binder.bind(member, gpus).await.map_err(|error| error.to_string()))
-        }))
-        .await
-    } else {
-        let why = format!("not bound: the API server does not confirm the request ({})", refused.join("; "));
-        tracing::warn!(%ticket, %why, "bind refused");
-        members.iter().map(|member| (member.pod.clone(), Err(why.clone()))).collect()
-    };
+    let verdicts =
+        join_all(members.iter().zip(&expected).map(|(member, expected)| binder.verify(member, expected.as_ref())))
+            .await;
+    if verdicts.iter().any(Result::is_err) {
+        return refuse(state, ticket, &members, &verdicts).await;
+    }
+    let outcomes = join_all(members.iter().map(|member| async move {
+        let gpus = pod::gpus_annotation(&member.gpus);
+        (member.pod.clone(), binder.bind(member, gpus).await.map_err(|error| error.to_string()))
+    }))
+    .await;
     let now = state.now_ms();
     let (finish, waiters) = {
         let mut shared = state.lock();
@@ -477,6 +471,63 @@ async fn bind_all(state: &ServerState, ticket: &Ticket, members: Vec<MemberBind>
         join_all(told.map(|pod| binder.event(pod, "GangBindRolledBack", message.clone()))).await;
     }
     result
+}
+
+/// A ticket whose members the API server did not all confirm ([`crate::binder::Binder::verify`]):
+/// no Binding is made, the book keeps the reservation for the real pods' retry
+/// ([`Book::bind_refused`]), a refused member is told why and the others which members were
+/// refused.
+async fn refuse(
+    state: &ServerState,
+    ticket: &Ticket,
+    members: &[MemberBind],
+    verdicts: &[Result<(), Refusal>],
+) -> Result<(), String> {
+    let refused: Vec<(&MemberBind, &Refusal)> =
+        members.iter().zip(verdicts).filter_map(|(m, v)| v.as_ref().err().map(|r| (m, r))).collect();
+    let not_those: Vec<String> = refused
+        .iter()
+        .filter(|(_, refusal)| !matches!(refusal, Refusal::Unconfirmed(_)))
+        .map(|(m, _)| m.pod.uid.clone())
+        .collect();
+    let names: Vec<String> = refused.iter().map(|(m, _)| m.pod.to_string()).collect();
+    let now = state.now_ms();
+    let waiters = {
+        let mut shared = state.lock();
+        let demands: Vec<Option<PodDemand>> =
+            refused.iter().map(|(m, _)| shared.demands.get(&m.pod.uid).cloned()).collect();
+        if let Some(book) = shared.book.as_mut() {
+            book.bind_refused(ticket, &not_those, now);
+            // A pod someone else bound meanwhile: its watch event was passed over while its
+            // bind was in flight here, so its GPUs on that node are counted now.
+            for ((member, refusal), demand) in refused.iter().zip(&demands) {
+                if let (Refusal::BoundElsewhere { node }, Some(demand)) = (refusal, demand) {
+                    let gang = demand.gang.as_ref().map(|g| g.key.clone());
+                    if let Err(error) = book.observe_bound(member.pod.clone(), node, None, demand.gpus, gang) {
+                        tracing::warn!(%error, "a pod bound elsewhere could not be accounted");
+                    }
+                }
+            }
+        }
+        for uid in &not_those {
+            shared.demands.remove(uid);
+        }
+        ticket.gang().and_then(|gang| shared.waiters.remove(gang)).unwrap_or_default()
+    };
+    let answer = |uid: &str| match refused.iter().find(|(m, _)| m.pod.uid == uid) {
+        Some((member, refusal)) => format!("{ticket}: {}: not bound: {refusal}", member.pod),
+        None => format!(
+            "{ticket}: not bound: the API server does not confirm {} of its gang; nothing was bound",
+            names.join(", ")
+        ),
+    };
+    tracing::warn!(%ticket, refused = ?names, "bind refused: members not confirmed by the API server");
+    for (uid, waiter) in waiters {
+        let _ = waiter.send(Err(answer(&uid)));
+    }
+    // This call (the member whose arrival started the ticket) hears every refusal and why.
+    let reasons: Vec<String> = refused.iter().map(|(m, refusal)| format!("{}: {refusal}", m.pod)).collect();
+    Err(format!("{ticket}: not bound: the API server does not confirm the request ({})", reasons.join("; ")))
 }
 
 const NOT_READY: &str = "topoplace has no cluster view yet (nodes not synced)";

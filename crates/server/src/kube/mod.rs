@@ -29,10 +29,11 @@ use kube::Client;
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use crate::binder::{Admission, BindError, Binder, DEFAULT_SCHEDULER_NAME};
+use crate::binder::{Admission, BindError, Binder, Refusal, DEFAULT_SCHEDULER_NAME};
+use crate::pod_group::PodGroups;
 use crate::state::ServerState;
 use topoplace_engine::topology::{Cluster, NodeSpec};
-use topoplace_online::reservation::{Book, BookConfig, MemberBind, PodIdentity};
+use topoplace_online::reservation::{Book, BookConfig, MemberBind, PodDemand, PodIdentity};
 
 /// The longest the pod is read before its Binding ([`Binder::verify`]), a Binding's create
 /// call is waited for, and then its read-back: together within the book's
@@ -79,6 +80,8 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Kube
 pub struct KubeBinder {
     client: Client,
     admission: Admission,
+    /// The PodGroup objects of pods verified before their Binding.
+    pod_groups: PodGroups,
 }
 
 impl KubeBinder {
@@ -89,57 +92,64 @@ impl KubeBinder {
 
     /// A binder whose [`Binder::verify`] admits the pods `admission` says.
     pub fn with_admission(client: Client, admission: Admission) -> Self {
-        KubeBinder { client, admission }
+        KubeBinder { pod_groups: PodGroups::new(client.clone()), client, admission }
     }
 
     /// [`Binder::verify`] without its time limit.
-    async fn verify_pod(&self, member: &MemberBind, gang: Option<&str>) -> Result<(), String> {
+    async fn verify_pod(&self, member: &MemberBind, expected: Option<&PodDemand>) -> Result<(), Refusal> {
         let target = &member.pod;
         if let Some(allowed) = &self.admission.namespaces {
             if !allowed.contains(&target.namespace) {
-                return Err(format!(
+                return Err(Refusal::NotThatPod(format!(
                     "namespace `{}` is not one this extender binds in (--namespaces: {})",
                     target.namespace,
                     allowed.iter().cloned().collect::<Vec<_>>().join(",")
-                ));
+                )));
             }
         }
+        let not_that = |why: String| Err(Refusal::NotThatPod(why));
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &target.namespace);
         let current = match pods.get(&target.name).await {
             Ok(current) => current,
             Err(kube::Error::Api(status)) if status.code == 404 => {
-                return Err("the API server has no such pod".into());
+                return not_that("the API server has no such pod".into());
             }
-            Err(error) => return Err(format!("reading the pod from the API server: {error}")),
+            Err(error) => return Err(Refusal::Unconfirmed(format!("reading the pod from the API server: {error}"))),
         };
         let uid = current.metadata.uid.as_deref().unwrap_or_default();
         if uid != target.uid {
-            return Err(format!("the API server's pod of that name has uid `{uid}`, not `{}`", target.uid));
+            return not_that(format!("the API server's pod of that name has uid `{uid}`, not `{}`", target.uid));
         }
         if current.metadata.deletion_timestamp.is_some() {
-            return Err("the pod is being deleted".into());
+            return not_that("the pod is being deleted".into());
         }
         let spec = current.spec.as_ref();
         if let Some(bound) = spec.and_then(|s| s.node_name.as_deref()).filter(|&n| n != member.node) {
-            return Err(format!("the pod is already bound to `{bound}`"));
+            return Err(Refusal::BoundElsewhere { node: bound.to_string() });
         }
         let scheduler = spec.and_then(|s| s.scheduler_name.as_deref()).unwrap_or(DEFAULT_SCHEDULER_NAME);
         if !self.admission.scheduler_names.contains(scheduler) {
-            return Err(format!(
+            return not_that(format!(
                 "the pod's spec.schedulerName is `{scheduler}`, not one this extender serves (--scheduler-names: {})",
                 self.admission.scheduler_names.iter().cloned().collect::<Vec<_>>().join(",")
             ));
         }
-        if let Some(gang) = gang {
-            let labelled = pod::gang_key_of(&current, &target.namespace);
-            if labelled.as_deref() != Some(gang) {
-                return Err(format!(
-                    "the API server's pod is {}, not a member of gang `{gang}`",
-                    labelled.map_or_else(|| "in no gang".to_string(), |g| format!("in gang `{g}`"))
-                ));
+        let Some(expected) = expected else { return Ok(()) };
+        let group = self
+            .pod_groups
+            .of_pod(&current)
+            .await
+            .map_err(|error| Refusal::Unconfirmed(format!("reading the pod's PodGroup: {error}")))?;
+        let actual = match pod::demand_sized(&current, group.as_ref()) {
+            Ok(actual) => actual,
+            Err(error) => return not_that(format!("the API server's copy of the pod does not read: {error}")),
+        };
+        match pod::demand_difference(expected, &actual) {
+            Some((field, claimed, real)) => {
+                not_that(format!("the request says {field} {claimed}, but the API server's pod says {real}"))
             }
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -286,13 +296,18 @@ impl KubeBinder {
 }
 
 impl Binder for KubeBinder {
-    fn verify<'a>(&'a self, member: &'a MemberBind, gang: Option<&'a str>) -> BoxFuture<'a, Result<(), String>> {
+    fn verify<'a>(
+        &'a self,
+        member: &'a MemberBind,
+        expected: Option<&'a PodDemand>,
+    ) -> BoxFuture<'a, Result<(), Refusal>> {
         Box::pin(async move {
-            match tokio::time::timeout(VERIFY_TIMEOUT, self.verify_pod(member, gang)).await {
+            match tokio::time::timeout(VERIFY_TIMEOUT, self.verify_pod(member, expected)).await {
                 Ok(verdict) => verdict,
-                Err(_) => {
-                    Err(format!("reading the pod from the API server: no answer within {} s", VERIFY_TIMEOUT.as_secs()))
-                }
+                Err(_) => Err(Refusal::Unconfirmed(format!(
+                    "reading the pod from the API server: no answer within {} s",
+                    VERIFY_TIMEOUT.as_secs()
+                ))),
             }
         })
     }
