@@ -23,6 +23,38 @@ async fn get_json(client: &reqwest::Client, url: &str) -> Value {
     client.get(url).send().await.expect("get").json().await.expect("json")
 }
 
+/// Plays kube-scheduler for `objects` at once (their binds are held for each other): each
+/// one's outcome, in order.
+async fn schedule_together(
+    http: &reqwest::Client,
+    base: &str,
+    nodes: &[String],
+    objects: Vec<Value>,
+) -> Vec<Result<String, String>> {
+    let tasks: Vec<_> = objects
+        .into_iter()
+        .map(|object| {
+            let (http, base, nodes) = (http.clone(), base.to_string(), nodes.to_vec());
+            tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outcomes.push(task.await.expect("task"));
+    }
+    outcomes
+}
+
+/// Waits until the server's `/readyz` answers 200 (its view has listed nodes and pods).
+async fn ready(http: &reqwest::Client, base: &str) {
+    let (http, base) = (http.clone(), base.to_string());
+    eventually("readyz", move || {
+        let (http, base) = (http.clone(), base.clone());
+        Box::pin(async move { http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) })
+    })
+    .await;
+}
+
 fn free_of(state: &Value, node: &str) -> Vec<u64> {
     state["nodes"]
         .as_array()
@@ -49,14 +81,7 @@ async fn kube_mode_binds_gangs_whole_and_undoes_partial_binds() {
     let (base, ext) = (server.base.clone(), server.state().clone());
     let http = reqwest::Client::new();
 
-    {
-        let (http, base) = (http.clone(), base.clone());
-        eventually("readyz", move || {
-            let (http, base) = (http.clone(), base.clone());
-            Box::pin(async move { http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) })
-        })
-        .await;
-    }
+    ready(&http, &base).await;
     let state = get_json(&http, &format!("{base}/state")).await;
     assert_eq!(free_of(&state, "r1-0"), vec![4, 5, 6, 7], "the pre-bound pod's recorded GPUs are held");
     let nodes: Vec<String> = state["nodes"]
@@ -402,29 +427,15 @@ async fn forged_binds_bind_nothing_and_delete_nothing() {
     let server = kube_server_with(&api_server.base, setup, None).await;
     let (base, ext) = (server.base.clone(), server.state().clone());
     let http = reqwest::Client::new();
-    {
-        let (http, base) = (http.clone(), base.clone());
-        eventually("readyz", move || {
-            let (http, base) = (http.clone(), base.clone());
-            Box::pin(async move { http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) })
-        })
-        .await;
-    }
+    ready(&http, &base).await;
     let nodes: Vec<String> = (0..4).map(|i| format!("r1-{i}")).collect();
 
     // A real pending member and an invented one, scheduled together.
     let real = pod("ml", "real", "real-uid", 8, Some(("g", 2)));
     api.add_pod(real.clone(), None, None);
     let ghost = pod("ml", "ghost", "ghost-uid", 8, Some(("g", 2)));
-    let tasks: Vec<_> = [real, ghost]
-        .into_iter()
-        .map(|object| {
-            let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
-            tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await })
-        })
-        .collect();
-    for task in tasks {
-        let error = task.await.expect("task").expect_err("nothing bound");
+    for outcome in schedule_together(&http, &base, &nodes, vec![real, ghost]).await {
+        let error = outcome.expect_err("nothing bound");
         assert!(error.contains("ml/ghost") && error.contains("not bound"), "{error}");
     }
 
@@ -521,15 +532,8 @@ async fn forged_binds_bind_nothing_and_delete_nothing() {
     api.add_pod(lws(0), None, None);
     schedule(&http, &base, &lws(0), &nodes).await.expect("the leader bound ahead");
     api.add_pod(lws(2), None, None);
-    let tasks: Vec<_> = [lws(1), lws(2)]
-        .into_iter()
-        .map(|object| {
-            let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
-            tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await })
-        })
-        .collect();
-    for task in tasks {
-        let error = task.await.expect("task").expect_err("refused");
+    for outcome in schedule_together(&http, &base, &nodes, vec![lws(1), lws(2)]).await {
+        let error = outcome.expect_err("refused");
         assert!(error.contains("ml/lws-0-1"), "{error}");
     }
     assert!(api.pod_node("ml", "lws-0").is_some(), "the leader stays bound");
@@ -537,15 +541,8 @@ async fn forged_binds_bind_nothing_and_delete_nothing() {
     let state = get_json(&http, &format!("{base}/state")).await;
     assert_eq!(support::free_gpus(&state), 32 - 8 - 16, "the workers' GPUs stay held: {state}");
     api.add_pod(lws(1), None, None);
-    let tasks: Vec<_> = [lws(1), lws(2)]
-        .into_iter()
-        .map(|object| {
-            let (http, base, nodes) = (http.clone(), base.clone(), nodes.clone());
-            tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await })
-        })
-        .collect();
-    for task in tasks {
-        task.await.expect("task").expect("the real workers bound");
+    for outcome in schedule_together(&http, &base, &nodes, vec![lws(1), lws(2)]).await {
+        outcome.expect("the real workers bound");
     }
     assert!(api.deletes().is_empty(), "nothing deleted by topoplace: {:?}", api.deletes());
     let lws_nodes: BTreeSet<String> =

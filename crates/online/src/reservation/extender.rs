@@ -720,17 +720,5 @@ fn bound_of(outcomes: &[(PodIdentity, Result<(), String>)]) -> impl Iterator<Ite
 /// Marks `reservation` binding and lists the Bindings of its members not bound yet.
 fn start_binding(cluster: &Cluster, reservation: &mut GangReservation) -> Vec<MemberBind> {
     reservation.binding = true;
-    reservation
-        .slots
-        .iter()
-        .filter(|s| !s.bound)
-        .filter_map(|s| {
-            Some(MemberBind {
-                pod: s.pod.clone()?,
-                host: s.host,
-                node: cluster.host(s.host).name.clone(),
-                gpus: mask_indices(s.gpus),
-            })
-        })
-        .collect()
+    reservation.slots.iter().filter(|s| !s.bound).filter_map(|s| Some(s.binding_of(cluster, s.pod.clone()?))).collect()
 }

@@ -447,6 +447,17 @@ impl Slot {
     fn of_role(role: usize, host: HostId, gpus: GpuMask) -> Self {
         Slot { role, host, gpus, pod: None, at_bind: false, held_until_ms: 0, lapsed: false, bound: false }
     }
+
+    /// Gives the slot to `pod` with its bind open (no lapse): the pod's Binding onto it.
+    fn take_at_bind(&mut self, cluster: &Cluster, pod: &PodIdentity) -> MemberBind {
+        (self.pod, self.at_bind, self.lapsed) = (Some(pod.clone()), true, false);
+        self.binding_of(cluster, pod.clone())
+    }
+
+    /// The Binding of `pod` onto this slot's host and GPUs.
+    fn binding_of(&self, cluster: &Cluster, pod: PodIdentity) -> MemberBind {
+        MemberBind { pod, host: self.host, node: cluster.host(self.host).name.clone(), gpus: mask_indices(self.gpus) }
+    }
 }
 
 /// What a reservation was planned for: a gang of one shape, or a replica with roles (whose

@@ -109,19 +109,8 @@ impl Book {
             }
             existing.binding = true;
             let cluster = &self.cluster;
-            let binds = members
-                .into_iter()
-                .map(|(index, pod)| {
-                    let slot = &mut existing.slots[index];
-                    (slot.pod, slot.at_bind) = (Some(pod.clone()), true);
-                    MemberBind {
-                        pod,
-                        host: slot.host,
-                        node: cluster.host(slot.host).name.clone(),
-                        gpus: mask_indices(slot.gpus),
-                    }
-                })
-                .collect();
+            let binds =
+                members.into_iter().map(|(index, pod)| existing.slots[index].take_at_bind(cluster, &pod)).collect();
             return Ok((Ticket::Gang(key.to_string()), binds));
         }
         let first = pods.first().map(|p| p.to_string()).unwrap_or_default();
@@ -132,14 +121,8 @@ impl Book {
         let mut members = Vec::with_capacity(pods.len());
         for (&(role, host, gpus), pod) in planned.iter().zip(pods) {
             let mut slot = Slot::of_role(role, host, gpus);
-            (slot.pod, slot.at_bind) = (Some(pod.clone()), true);
+            members.push(slot.take_at_bind(&self.cluster, pod));
             slots.push(slot);
-            members.push(MemberBind {
-                pod: pod.clone(),
-                host,
-                node: self.cluster.host(host).name.clone(),
-                gpus: mask_indices(gpus),
-            });
         }
         self.gangs.insert(
             key.to_string(),
@@ -260,14 +243,7 @@ impl Book {
         reservation.binding = true;
         let mut members = Vec::with_capacity(pods.len());
         for (slot, pod) in reservation.slots.iter_mut().zip(pods) {
-            slot.pod = Some(pod.clone());
-            slot.at_bind = true;
-            members.push(MemberBind {
-                pod: pod.clone(),
-                host: slot.host,
-                node: cluster.host(slot.host).name.clone(),
-                gpus: mask_indices(slot.gpus),
-            });
+            members.push(slot.take_at_bind(cluster, pod));
         }
         Ok((Ticket::Gang(key.to_string()), members))
     }
@@ -341,14 +317,7 @@ impl Book {
         }
         reservation.leader_first = true;
         reservation.binding = true;
-        let slot = &mut reservation.slots[leader_slot];
-        (slot.pod, slot.at_bind, slot.lapsed) = (Some(leader.clone()), true, false);
-        let member = MemberBind {
-            pod: leader.clone(),
-            host: slot.host,
-            node: cluster.host(slot.host).name.clone(),
-            gpus: mask_indices(slot.gpus),
-        };
+        let member = reservation.slots[leader_slot].take_at_bind(cluster, leader);
         Ok((Ticket::Leader { gang: key.to_string(), uid: leader.uid.clone() }, member))
     }
 
@@ -462,14 +431,7 @@ impl Book {
         reservation.binding = true;
         let mut members = Vec::with_capacity(pods.len());
         for (index, (_, _, pod)) in indices.into_iter().zip(pods) {
-            let slot = &mut reservation.slots[index];
-            (slot.pod, slot.at_bind, slot.lapsed) = (Some(pod.clone()), true, false);
-            members.push(MemberBind {
-                pod: pod.clone(),
-                host: slot.host,
-                node: cluster.host(slot.host).name.clone(),
-                gpus: mask_indices(slot.gpus),
-            });
+            members.push(reservation.slots[index].take_at_bind(cluster, pod));
         }
         Ok((Ticket::Gang(key.to_string()), members))
     }
