@@ -413,11 +413,11 @@ async fn a_leaderworkerset_with_exclusive_placement_binds_its_leader_first_then_
     assert!(leader_node.starts_with("r2-"), "the rack with room for the whole group: {leader_node}");
     let state = replica.ext.state_json();
     assert_eq!(free_gpus(&state), 48 - 8 - 24, "the workers' 16 GPUs are held for them: {state}");
-    assert!(
-        events_for(&api, "g1-0", "Scheduled").iter().any(|m| m.contains("bound ahead of its workers")),
-        "{:?}",
-        api.events()
-    );
+    // The Event follows the Binding.
+    eventually("the Scheduled Event saying the leader was bound ahead", || {
+        events_for(&api, "g1-0", "Scheduled").iter().any(|m| m.contains("bound ahead of its workers"))
+    })
+    .await;
     // LWS now creates the workers, held to the leader's leaf by a node selector.
     for index in [2, 1] {
         let mut worker = exclusive_lws_pod("g1", index);

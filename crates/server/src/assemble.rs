@@ -117,8 +117,9 @@ impl Server {
                 (state, Some(memory), None, None)
             }
             Source::Kubernetes { client, level_keys, scheduler } => {
+                let pod_groups = Arc::new(PodGroups::new(client.clone()));
                 let binder: Arc<dyn Binder> =
-                    Arc::new(KubeBinder::with_admission(client.clone(), setup.admission.clone()));
+                    Arc::new(KubeBinder::with_admission(client.clone(), setup.admission.clone(), pod_groups.clone()));
                 let state = ServerState::new(None, binder);
                 let runtime = scheduler.map(|setup| {
                     let (runtime, tasks, election) =
@@ -128,7 +129,7 @@ impl Server {
                     runtime
                 });
                 let hooks = runtime.clone().map(|runtime| runtime as Arc<dyn ViewHooks>);
-                let pod_groups = Some(Arc::new(PodGroups::new(client.clone())));
+                let pod_groups = Some(pod_groups);
                 background.push(tokio::spawn(run_view_with(
                     client,
                     state.clone(),

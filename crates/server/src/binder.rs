@@ -20,7 +20,11 @@ pub enum Refusal {
     /// The API server has the pod bound to another node already (someone else bound it): it
     /// is not bound again, and its GPUs there are to be counted as taken.
     #[error("the pod is already bound to `{node}`")]
-    BoundElsewhere { node: String },
+    BoundElsewhere {
+        node: String,
+        /// The GPU indices its `topoplace.io/gpus` annotation records there, if any.
+        gpus: Option<Vec<u8>>,
+    },
     /// The pod could not be read in time (the API server did not answer): nothing is known.
     #[error("{0}")]
     Unconfirmed(String),

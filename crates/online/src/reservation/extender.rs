@@ -555,7 +555,14 @@ impl Book {
                 let Some(reservation) = self.gangs.get_mut(key) else { return };
                 reservation.binding = false;
                 reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
-                for slot in reservation.slots.iter_mut().filter(|s| !s.bound) {
+                // A leader's ticket is the leader alone: workers already at bind stay there,
+                // to be bound after it ([`Book::bind_rest`]).
+                let leader = match ticket {
+                    Ticket::Leader { uid, .. } => Some(uid.as_str()),
+                    _ => None,
+                };
+                let in_ticket = |slot: &Slot| leader.is_none_or(|uid| slot.pod.as_ref().is_some_and(|p| p.uid == uid));
+                for slot in reservation.slots.iter_mut().filter(|s| !s.bound && in_ticket(s)) {
                     (slot.at_bind, slot.lapsed) = (false, false);
                     if slot.pod.as_ref().is_some_and(|p| not_those.contains(&p.uid)) {
                         slot.pod = None;

@@ -1127,3 +1127,35 @@ fn a_refused_ticket_keeps_its_reservation_its_leader_and_frees_only_the_pods_tha
     assert!(book.take_undo().is_empty());
     book.check().expect("book invariants");
 }
+
+#[test]
+fn a_refused_leader_leaves_its_waiting_workers_at_bind_for_its_retry() {
+    let mut book = lws_book();
+    let offered = all_hosts(&book);
+    let leader = lws_member(3, 0);
+    let leader_node = filtered_node(&mut book, &leader, &offered, 0);
+    let BindStep::Bind { ticket, .. } = book.bind_arrive(&leader, &leader_node, 1).expect("arrive") else {
+        panic!("the leader binds ahead");
+    };
+    // Both workers reach bind while the leader's ticket is in flight, and wait.
+    let workers: Vec<PodDemand> = (1..3).map(|rank| lws_member(3, rank)).collect();
+    for worker in &workers {
+        let node = filtered_node(&mut book, worker, &offered, 2);
+        assert!(matches!(book.bind_arrive(worker, &node, 3), Ok(BindStep::Wait { .. })));
+    }
+    // The API server could not confirm the leader: only its own slot leaves bind.
+    book.bind_refused(&ticket, &[], 4);
+    let reservation = &book.gangs["ns/lws"];
+    let at_bind: Vec<bool> = reservation.slots.iter().map(|s| s.at_bind).collect();
+    assert_eq!(at_bind, [false, true, true], "the workers stay at bind");
+    // Its retry binds it, and then its workers at once.
+    let BindStep::Bind { ticket, .. } = book.bind_arrive(&leader, &leader_node, 5).expect("arrive") else {
+        panic!("the leader binds again");
+    };
+    assert_eq!(book.bind_finished(&ticket, &[(leader.pod.clone(), Ok(()))], 6), BindFinish::Bound);
+    let (ticket, members) = book.bind_rest("ns/lws").expect("the waiting workers bind now");
+    assert_eq!(members.len(), 2);
+    let outcomes: Vec<_> = members.iter().map(|m| (m.pod.clone(), Ok(()))).collect();
+    assert_eq!(book.bind_finished(&ticket, &outcomes, 7), BindFinish::Bound);
+    book.check().expect("book invariants");
+}

@@ -499,11 +499,13 @@ async fn refuse(
         if let Some(book) = shared.book.as_mut() {
             book.bind_refused(ticket, &not_those, now);
             // A pod someone else bound meanwhile: its watch event was passed over while its
-            // bind was in flight here, so its GPUs on that node are counted now.
+            // bind was in flight here, so its GPUs on that node are counted now. It is no
+            // member of the gang's plan (topoplace did not bind it there), so it is recorded
+            // without its gang: never given up as a leader bound ahead.
             for ((member, refusal), demand) in refused.iter().zip(&demands) {
-                if let (Refusal::BoundElsewhere { node }, Some(demand)) = (refusal, demand) {
-                    let gang = demand.gang.as_ref().map(|g| g.key.clone());
-                    if let Err(error) = book.observe_bound(member.pod.clone(), node, None, demand.gpus, gang) {
+                if let (Refusal::BoundElsewhere { node, gpus }, Some(demand)) = (refusal, demand) {
+                    let recorded = gpus.as_deref();
+                    if let Err(error) = book.observe_bound(member.pod.clone(), node, recorded, demand.gpus, None) {
                         tracing::warn!(%error, "a pod bound elsewhere could not be accounted");
                     }
                 }

@@ -81,18 +81,21 @@ pub struct KubeBinder {
     client: Client,
     admission: Admission,
     /// The PodGroup objects of pods verified before their Binding.
-    pod_groups: PodGroups,
+    pod_groups: Arc<PodGroups>,
 }
 
 impl KubeBinder {
     /// A binder that admits the default [`Admission`].
     pub fn new(client: Client) -> Self {
-        KubeBinder::with_admission(client, Admission::default())
+        let pod_groups = Arc::new(PodGroups::new(client.clone()));
+        KubeBinder::with_admission(client, Admission::default(), pod_groups)
     }
 
-    /// A binder whose [`Binder::verify`] admits the pods `admission` says.
-    pub fn with_admission(client: Client, admission: Admission) -> Self {
-        KubeBinder { pod_groups: PodGroups::new(client.clone()), client, admission }
+    /// A binder whose [`Binder::verify`] admits the pods `admission` says, reading PodGroups
+    /// through `pod_groups` (the extender's own, so a pod's gang reads the same at filter and
+    /// at bind).
+    pub fn with_admission(client: Client, admission: Admission, pod_groups: Arc<PodGroups>) -> Self {
+        KubeBinder { pod_groups, client, admission }
     }
 
     /// [`Binder::verify`] without its time limit.
@@ -125,7 +128,7 @@ impl KubeBinder {
         }
         let spec = current.spec.as_ref();
         if let Some(bound) = spec.and_then(|s| s.node_name.as_deref()).filter(|&n| n != member.node) {
-            return Err(Refusal::BoundElsewhere { node: bound.to_string() });
+            return Err(Refusal::BoundElsewhere { node: bound.to_string(), gpus: pod::recorded_gpus(&current) });
         }
         let scheduler = spec.and_then(|s| s.scheduler_name.as_deref()).unwrap_or(DEFAULT_SCHEDULER_NAME);
         if !self.admission.scheduler_names.contains(scheduler) {
@@ -134,7 +137,12 @@ impl KubeBinder {
                 self.admission.scheduler_names.iter().cloned().collect::<Vec<_>>().join(",")
             ));
         }
-        let Some(expected) = expected else { return Ok(()) };
+        let Some(expected) = expected else {
+            // Its filter's demand is no longer remembered: nothing to hold the pod to.
+            return Err(Refusal::Unconfirmed(
+                "topoplace no longer remembers this pod's filter; it is filtered again".into(),
+            ));
+        };
         let group = self
             .pod_groups
             .of_pod(&current)
