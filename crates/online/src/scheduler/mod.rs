@@ -675,8 +675,8 @@ impl Scheduler {
     }
 
     /// The GPU hosts a starving unit could use: held back from the units behind it. None for a
-    /// unit that would not fit even with every GPU it may use free: waiting cannot help it,
-    /// and holding hosts for it would only starve the rest.
+    /// unit that would not fit even on the whole cluster with every GPU free: waiting cannot
+    /// help it, and holding hosts for it would only starve the rest.
     fn wanted_hosts(&self, book: &mut Book, members: &[PendingPod]) -> Option<Vec<bool>> {
         let first = members.first()?;
         let (planned, allowed) = if let Ok(Some((replica, _))) = first.demand.replica() {
