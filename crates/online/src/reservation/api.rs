@@ -502,6 +502,7 @@ impl Book {
             first_held_ms: None,
             planned_by: None,
             leader_first: false,
+            joining: false,
         };
         self.gangs.insert(key.to_string(), reservation);
         self.stats.gangs_reserved += 1;
@@ -691,7 +692,7 @@ impl Book {
         let held = |gangs: bool| -> u64 {
             ledger
                 .holders()
-                .filter(|(holder, _)| matches!(holder, super::Holder::Gang(_)) == gangs)
+                .filter(|(holder, _)| matches!(holder, super::Holder::Gang(_) | super::Holder::Nominated(_)) == gangs)
                 .flat_map(|(_, holding)| holding.iter().map(|&(_, m)| u64::from(m.count_ones())))
                 .sum()
         };

@@ -2,6 +2,7 @@
 //! whole at its first member), prioritize, preempt, and bind (held until the gang is whole at
 //! bind, then every Binding at once, settled by `bind_finished`).
 
+use super::running::JoinOutcome;
 use super::*;
 
 impl Book {
@@ -64,6 +65,31 @@ impl Book {
             if let Some(reason) = self.give_up_orphan_leader(&key, membership.size) {
                 return Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect());
             }
+        }
+        // A preemption's plan for this gang becomes its reservation once its victims left.
+        self.settle_nominations(now_ms);
+        if !self.gangs.contains_key(&key) && self.nominations.contains_key(&key) {
+            let pending: Vec<&str> =
+                self.nomination_pending(&key).into_iter().map(|h| self.cluster.host(h).name.as_str()).collect();
+            let reason = format!(
+                "gang `{key}` is planned by a preemption and waits for its victims to leave node(s) {}",
+                pending.join(", ")
+            );
+            return Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect());
+        }
+        let joining = self.gangs.get(&key).is_some_and(|r| r.joining)
+            && self.slot_of(&key, &demand.pod.uid).is_none()
+            && !self.has_open_slot(&key, own_role);
+        if joining && self.gangs.get(&key).is_some_and(|r| r.binding) {
+            let reason = format!("gang `{key}`: members joining it are binding now; this pod joins after them");
+            return Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect());
+        }
+        if self.runs_unreserved(&key) || joining {
+            let ours = match replica.take() {
+                Some((replica, _)) => Planned::Replica(Box::new(replica)),
+                None => Planned::Gang(demand.gang()?),
+            };
+            return self.join_running(demand, &membership, ours, own_role, offered, now_ms);
         }
         if !self.gangs.contains_key(&key) {
             let cluster_hosts = self.cluster.hosts.len();
@@ -131,6 +157,7 @@ impl Book {
                     first_held_ms: None,
                     planned_by: Some(demand.pod.clone()),
                     leader_first: matches!(membership.order, BindOrder::LeaderFirst { .. }),
+                    joining: false,
                 },
             );
             self.stats.gangs_reserved += 1;
@@ -154,6 +181,43 @@ impl Book {
         Ok(self.only_node(offered, &node, &format!("gang `{key}` has this member planned on `{node}`")))
     }
 
+    /// Whether gang `key`'s reservation has a slot of role `role` that no pod holds.
+    fn has_open_slot(&self, key: &str, role: usize) -> bool {
+        self.gangs.get(key).is_some_and(|r| r.slots.iter().any(|s| s.role == role && s.pod.is_none() && !s.bound))
+    }
+
+    /// A pod of gang `key`, which runs: it joins on its own (see [`super::running`]), held
+    /// as the gang's joining reservation (made, or grown by this pod's slot), and only that
+    /// node passes; or every node fails saying why it fits nowhere near its members.
+    fn join_running(
+        &mut self,
+        demand: &PodDemand,
+        membership: &GangMembership,
+        ours: Planned,
+        own_role: usize,
+        offered: &[HostId],
+        now_ms: u64,
+    ) -> Result<Vec<NodeVerdict>, BookError> {
+        let mut within = vec![false; self.cluster.hosts.len()];
+        for &host in offered {
+            if let Some(flag) = within.get_mut(host as usize) {
+                *flag = true;
+            }
+        }
+        match self.hold_joining(demand, membership, ours, own_role, &within, now_ms)? {
+            JoinOutcome::NoGpus => Ok(vec![NodeVerdict::Pass; offered.len()]),
+            JoinOutcome::Nowhere(reason) => Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect()),
+            JoinOutcome::Held(joined) => {
+                let node = self.cluster.host(joined.host).name.clone();
+                let why = format!(
+                    "gang `{}` runs; this member joins it on `{node}`, the nearest room to its members ({})",
+                    membership.key, joined.near
+                );
+                Ok(self.only_node(offered, &node, &why))
+            }
+        }
+    }
+
     /// A [`BindOrder::LeaderFirst`] gang about to be planned afresh while one of its members
     /// is bound alone: a leader bound ahead whose reservation is gone (topoplace restarted,
     /// or the cluster view dropped it). Nothing is held for its workers any more, so the
@@ -163,7 +227,8 @@ impl Book {
         let bound: Vec<PodIdentity> =
             self.bound.values().filter(|b| b.gang.as_deref() == Some(key)).map(|b| b.pod.clone()).collect();
         let [leader] = bound.as_slice() else { return None };
-        if size < 2 {
+        if size < 2 || self.running.contains_key(key) {
+            // Bound whole once: a member that left comes back and joins it.
             return None;
         }
         let leader = leader.clone();
@@ -477,6 +542,8 @@ impl Book {
     ) -> BindFinish {
         let failures: Vec<String> =
             outcomes.iter().filter_map(|(pod, r)| r.as_ref().err().map(|e| format!("{pod}: {e}"))).collect();
+        // The shape of a gang bound whole, remembered while it runs.
+        let mut planned: Option<Planned> = None;
         let members: Vec<(PodIdentity, String, GpuMask, Option<String>)> = match ticket {
             Ticket::Bound(_) => {
                 return if failures.is_empty() {
@@ -497,6 +564,7 @@ impl Book {
                     let delete = bound_of(outcomes).chain(ahead).collect();
                     return BindFinish::RolledBack { delete, failures };
                 }
+                planned = Some(reservation.planned.clone());
                 reservation
                     .slots
                     .iter()
@@ -534,8 +602,11 @@ impl Book {
             self.bound.insert(pod.uid.clone(), BoundPod { pod, node, gpus, gang, bound_at_ms: now_ms });
             self.stats.pods_bound += 1;
         }
-        if ticket.gang().is_some() {
+        if let Ticket::Gang(key) = ticket {
             self.stats.gangs_bound += 1;
+            if let Some(planned) = planned {
+                self.running.entry(key.clone()).or_insert(None).get_or_insert(planned);
+            }
         }
         BindFinish::Bound
     }
@@ -627,7 +698,9 @@ impl Book {
         }
         if rest.is_empty() {
             // A group of the leader alone: bound whole.
-            self.gangs.remove(key);
+            if let Some(reservation) = self.gangs.remove(key) {
+                self.running.insert(key.to_string(), Some(reservation.planned));
+            }
             self.stats.gangs_bound += 1;
         } else if let Err(error) = self.ledger.reserve(&gang_holder(key), &rest) {
             self.ledger_fault("holding a gang's GPUs for its workers", error);
@@ -639,83 +712,6 @@ impl Book {
         );
         self.stats.pods_bound += 1;
         BindFinish::Bound
-    }
-
-    /// kube-scheduler's preempt: of its candidate nodes (each with the pods it would evict),
-    /// keep those where the eviction lets the pod's whole gang fit with this pod on that node,
-    /// and where no victim is part of a gang some of whose members would stay.
-    pub fn preempt(&mut self, demand: &PodDemand, candidates: &[PreemptCandidate]) -> Result<Vec<bool>, BookError> {
-        let (shape, own) = match demand.replica()? {
-            // A GPU-less role frees nothing it needs by evicting GPU pods.
-            Some((replica, own)) if replica.roles[own].gang.is_none() => return Ok(vec![false; candidates.len()]),
-            Some((replica, own)) => (Planned::Replica(Box::new(replica)), own),
-            None => (Planned::Gang(demand.gang()?), 0),
-        };
-        let planned = demand.gang.as_ref().and_then(|m| {
-            let slot = self.slot_of(&m.key, &demand.pod.uid)?;
-            self.gangs.get(&m.key).map(|g| g.slots[slot].host)
-        });
-        let mut keep = Vec::with_capacity(candidates.len());
-        for candidate in candidates {
-            if let Some(host) = planned {
-                // The GPUs are already reserved; only kube-scheduler's own resources are short.
-                keep.push(candidate.host == host);
-                continue;
-            }
-            if !self.victims_take_whole_gangs(&candidate.victims) {
-                keep.push(false);
-                continue;
-            }
-            let mut trial = self.ledger.clone();
-            for uid in &candidate.victims {
-                // A trial copy: a victim that holds nothing frees nothing.
-                if self.bound.contains_key(uid) && trial.holding(&pod_holder(uid)).is_some() {
-                    trial.release(&pod_holder(uid)).expect("a holder just looked up in this copy releases");
-                }
-            }
-            // Assumed pods (kube-scheduler may name one as a victim; the preemptor's own
-            // assumption is what it would use) give their GPUs back in the trial.
-            for uid in candidate.victims.iter().chain(std::iter::once(&demand.pod.uid)) {
-                let holder = Holder::Assumed(uid.clone());
-                if self.assumed.contains_key(uid) && trial.holding(&holder).is_some() {
-                    trial.release(&holder).expect("a holder just looked up in this copy releases");
-                }
-            }
-            let host = candidate.host;
-            let fits = self.with_planner(|planner, _| {
-                let all = vec![true; planner.cluster().hosts.len()];
-                match &shape {
-                    Planned::Gang(gang) if demand.gang.is_none() => {
-                        matches!(planner.fit_hosts(&trial, gang, &[host]).first(), Some(None))
-                    }
-                    Planned::Gang(gang) => planner
-                        .place(&trial, PlaceRequest::new(gang).within(Some(&all)))
-                        .is_ok_and(|p| p.members.iter().any(|m| m.host == host)),
-                    // The pod's own role must have a member on the candidate.
-                    Planned::Replica(replica) => {
-                        planner.place_replica(&trial, replica, &SolverChoice::Greedy, Some(&all)).is_ok_and(|p| {
-                            p.parts
-                                .iter()
-                                .filter(|part| part.role == replica.roles[own].name)
-                                .any(|part| part.placement.members.iter().any(|m| m.host == host))
-                        })
-                    }
-                }
-            });
-            keep.push(fits);
-        }
-        Ok(keep)
-    }
-
-    fn victims_take_whole_gangs(&self, victims: &[String]) -> bool {
-        victims.iter().all(|uid| {
-            let Some(gang) = self.bound.get(uid).and_then(|b| b.gang.as_ref()) else { return true };
-            if self.gangs.contains_key(gang) {
-                // Bound ahead of a gang whose other members are still held for: part of it.
-                return false;
-            }
-            self.bound.iter().filter(|(_, b)| b.gang.as_ref() == Some(gang)).all(|(other, _)| victims.contains(other))
-        })
     }
 }
 

@@ -19,7 +19,11 @@
 mod api;
 mod extender;
 #[cfg(test)]
+mod gang_time_tests;
+mod preemption;
+#[cfg(test)]
 mod role_tests;
+mod running;
 mod scheduler;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -30,6 +34,7 @@ pub use api::{
     PlanOptions, PlanOutcome, Released, ReplicaPlanOutcome, ReplicaRequest, RequestError, ReservationState,
     REQUEST_EXACT_TIME_MAX,
 };
+pub use preemption::{PreemptAnswer, NOMINATION_TTL_MS_DEFAULT};
 
 use std::collections::BTreeMap;
 
@@ -41,7 +46,9 @@ use topoplace_engine::placement::{
     HostRejection, HostVerdict, PlaceRequest, Planner, PlannerConfig, PlannerParts, SolverChoice,
 };
 use topoplace_engine::topology::{Cluster, GpuMask, HostId};
-use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed, Replica, RoleSpec, Scope, WorkloadError};
+use topoplace_engine::workload::{
+    Gang, GangSpec, MemoryNeed, Replica, RoleSpec, Scope, WorkloadError, GANG_MEMBERS_MAX,
+};
 
 /// How long a planned gang keeps its GPUs after its last sign of life (planned, a member
 /// filtered, a member's held bind answered) while none of its members' binds is held, in ms.
@@ -381,6 +388,8 @@ pub struct BookConfig {
     pub assume_ttl_ms: u64,
     /// See [`BIND_HOLD_MS_DEFAULT`].
     pub bind_hold_ms: u64,
+    /// See [`NOMINATION_TTL_MS_DEFAULT`].
+    pub nomination_ttl_ms: u64,
     pub planner: PlannerConfig,
 }
 
@@ -390,6 +399,7 @@ impl Default for BookConfig {
             reservation_ttl_ms: RESERVATION_TTL_MS_DEFAULT,
             assume_ttl_ms: ASSUME_TTL_MS_DEFAULT,
             bind_hold_ms: BIND_HOLD_MS_DEFAULT,
+            nomination_ttl_ms: NOMINATION_TTL_MS_DEFAULT,
             planner: PlannerConfig::default(),
         }
     }
@@ -413,6 +423,12 @@ pub struct BookStats {
     /// Ledger changes that the book's own state said must succeed and that failed: each is a
     /// bug, kept in [`Book::faults`] and reported by [`Book::check`].
     pub ledger_faults: u64,
+    /// Gang plans made by preemption ([`Book::preempt`]), their victims still to leave.
+    pub gangs_nominated: u64,
+    /// Such plans whose victims had not all left within [`BookConfig::nomination_ttl_ms`].
+    pub nominations_expired: u64,
+    /// Pods that joined a gang already running (a member recreated, or one more).
+    pub members_joined: u64,
 }
 
 /// How many ledger faults the book keeps the text of (the count goes on past it).
@@ -513,6 +529,9 @@ struct GangReservation {
     planned_by: Option<PodIdentity>,
     /// Its leader binds alone before the rest ([`BindOrder::LeaderFirst`]).
     leader_first: bool,
+    /// Planned for pods joining their gang while it runs (`running`): its slots are those
+    /// pods' only, and it grows as more of them come.
+    joining: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -558,6 +577,12 @@ pub struct Book {
     faults: Vec<String>,
     /// Bound pods to delete so that no replica stays half-placed ([`Book::take_undo`]).
     undo: Vec<PodIdentity>,
+    /// Gang plans made by preemption, by gang key ([`preemption::Nomination`]).
+    nominations: BTreeMap<String, preemption::Nomination>,
+    /// Gangs known to have run whole, by key, while a member of theirs is bound: bound whole
+    /// by this book (with the shape a member that joins later must agree with), or seen with
+    /// all their members bound ([`Book::observe_gang_size`], shape unknown).
+    running: BTreeMap<String, Option<Planned>>,
 }
 
 /// Who holds GPUs in the book's ledger. A gang is held whole by `Gang` while reserved or
@@ -576,15 +601,19 @@ pub enum Holder {
     /// this, a burst of small pods is scored against a book that has not heard of the pods
     /// before it, and spreads over empty nodes instead of packing.
     Assumed(String),
+    /// A gang, by key, nominated by preemption: the GPUs of its plan that victims have given
+    /// back so far, held until all are and the plan becomes its reservation.
+    Nominated(String),
 }
 
-/// `gang:{key}`, `pod:{uid}` or `assumed:{uid}`: how `/state` and errors name a holder (never parsed back).
+/// `gang:{key}`, `pod:{uid}`, `assumed:{uid}` or `nominated:{key}`: how `/state` and errors name a holder (never parsed back).
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Holder::Gang(key) => write!(f, "gang:{key}"),
             Holder::Pod(uid) => write!(f, "pod:{uid}"),
             Holder::Assumed(uid) => write!(f, "assumed:{uid}"),
+            Holder::Nominated(key) => write!(f, "nominated:{key}"),
         }
     }
 }
@@ -653,6 +682,8 @@ impl Book {
             api_reservations: 0,
             faults: Vec::new(),
             undo: Vec::new(),
+            nominations: BTreeMap::new(),
+            running: BTreeMap::new(),
         }
     }
 
@@ -716,6 +747,7 @@ impl Book {
     /// assembly limit ([`HOLD_ROUNDS_MAX`]), and one whose Bindings are in flight is left alone.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Expired> {
         self.lapse_assumptions(now_ms);
+        self.settle_nominations(now_ms);
         let (ttl, hold) = (self.config.reservation_ttl_ms, self.config.bind_hold_ms);
         let mut expired = Vec::new();
         let mut due = Vec::new();
@@ -765,7 +797,8 @@ impl Book {
         let hold = self.config.bind_hold_ms;
         let gangs = self.gangs.values().filter(|g| !g.binding).map(|g| next_deadline(g, hold));
         let assumptions = self.assumed.values().map(|a| a.expires_at_ms.div_ceil(1_000).saturating_mul(1_000));
-        gangs.chain(assumptions).min()
+        let nominations = self.nominations.values().map(|n| n.expires_at_ms);
+        gangs.chain(assumptions).chain(nominations).min()
     }
 
     /// Assumes a single pod on `host` with `gpus` until `now_ms` +
@@ -873,6 +906,7 @@ impl Book {
                 Holder::Gang(key) => self.gangs.contains_key(key),
                 Holder::Pod(uid) => self.bound.contains_key(uid) || self.singles.contains_key(uid),
                 Holder::Assumed(uid) => self.assumed.contains_key(uid),
+                Holder::Nominated(key) => self.nominations.contains_key(key),
             };
             if !known {
                 return Err(format!("ledger holder `{holder}` belongs to no reservation or bound pod"));
@@ -881,6 +915,9 @@ impl Book {
         for key in self.gangs.keys() {
             if self.ledger.holding(&gang_holder(key)).is_none() {
                 return Err(format!("gang `{key}` is reserved but holds no GPUs"));
+            }
+            if self.nominations.contains_key(key) {
+                return Err(format!("gang `{key}` is reserved and nominated by a preemption at once"));
             }
         }
         for (uid, assumption) in &self.assumed {
@@ -922,7 +959,7 @@ impl Book {
                             let pod = match holder {
                                 Holder::Pod(uid) => self.bound.get(uid).map(|b| b.pod.to_string()),
                                 Holder::Assumed(uid) => self.assumed.get(uid).map(|a| a.pod.to_string()),
-                                Holder::Gang(_) => None,
+                                Holder::Gang(_) | Holder::Nominated(_) => None,
                             };
                             HeldGpus { holder: holder.to_string(), pod, gpus: mask_indices(mask) }
                         })

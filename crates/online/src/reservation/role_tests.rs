@@ -239,15 +239,15 @@ fn a_gpu_less_role_is_never_waited_for_and_holds_nothing() {
     assert_eq!(members.len(), 2);
     // Evicting GPU pods frees nothing a GPU-less role needs.
     let candidate = PreemptCandidate { host: 0, victims: vec!["g-worker-0-uid".into()] };
-    assert_eq!(book.preempt(&leader, &[candidate]).expect("preempt"), vec![false]);
+    assert_eq!(super::tests::kept(&book.preempt(&leader, &[candidate], 2).expect("preempt")), vec![false]);
     book.check().expect("invariants");
 }
 
 #[test]
-fn preemption_for_a_role_keeps_only_candidates_where_its_role_lands() {
+fn preemption_for_a_replica_judges_its_candidates_together() {
     // Two full hosts, each with a bound 8-GPU pod; a replica of a 4-GPU leader and an 8-GPU
-    // worker (12 GPUs): evicting one pod is not enough for the replica; evicting both is, and
-    // then only the host where the worker's role lands is kept for the worker.
+    // worker (12 GPUs): evicting one pod is not enough for the replica; evicting both is, so
+    // both candidates are kept, and the plan holds what the victims give back.
     let mut book = Book::new(racks(&[2]), BookConfig::default());
     for (index, node) in ["r0-0", "r0-1"].iter().enumerate() {
         let bound = PodIdentity { namespace: "ns".into(), name: format!("low-{index}"), uid: format!("low-{index}") };
@@ -258,11 +258,23 @@ fn preemption_for_a_role_keeps_only_candidates_where_its_role_lands() {
     let worker = pod("g", &roles, "worker", 0, 8);
     let (h0, h1) = (book.cluster().host_id("r0-0").expect("host"), book.cluster().host_id("r0-1").expect("host"));
     let one = PreemptCandidate { host: h0, victims: vec!["low-0".into()] };
-    assert_eq!(book.preempt(&worker, std::slice::from_ref(&one)).expect("preempt"), vec![false]);
-    let both = |host| PreemptCandidate { host, victims: vec!["low-0".into(), "low-1".into()] };
-    let kept = book.preempt(&worker, &[both(h0), both(h1)]).expect("preempt");
-    assert_eq!(kept.iter().filter(|&&k| k).count(), 1, "the worker's host only: {kept:?}");
-    assert_eq!(book.ledger().free_gpus(), 0, "preemption is judged on a copy");
+    let alone = book.preempt(&worker, std::slice::from_ref(&one), 0).expect("preempt");
+    assert_eq!(alone.keep, vec![None]);
+    assert!(alone.why.is_some_and(|why| why.contains("does not fit even with the victims")));
+    assert!(book.nominations.is_empty(), "nothing recorded");
+    let two = [one.clone(), PreemptCandidate { host: h1, victims: vec!["low-1".into()] }];
+    let answer = book.preempt(&worker, &two, 0).expect("preempt");
+    assert_eq!(super::tests::kept(&answer), vec![true, true], "{answer:?}");
+    assert_eq!(book.ledger().free_gpus(), 0, "the victims still hold their GPUs");
+    // The victims leave one after the other: what they give back is held for the replica.
+    book.forget_pod("low-0");
+    assert_eq!(book.ledger().free_gpus(), 8 - u64::from(book.nomination_needs(h0)), "held for the plan");
+    book.forget_pod("low-1");
+    let verdicts = book.filter(&worker, &offered(&book), 1).expect("filter");
+    assert_eq!(verdicts.iter().filter(|v| **v == NodeVerdict::Pass).count(), 1, "{verdicts:?}");
+    assert!(book.nominations.is_empty() && book.gangs.contains_key("ns/g"), "the plan is the reservation now");
+    assert_eq!(book.ledger().free_gpus(), 4, "12 of 16 GPUs reserved");
+    book.check().expect("invariants");
 }
 
 /// Random role mixes on a random cluster: every replica is reserved with every role's and

@@ -135,6 +135,7 @@ impl Book {
                 first_held_ms: None,
                 planned_by: pods.first().cloned(),
                 leader_first: false,
+                joining: false,
             },
         );
         self.stats.gangs_reserved += 1;
@@ -222,6 +223,7 @@ impl Book {
                     first_held_ms: None,
                     planned_by: pods.first().cloned(),
                     leader_first: false,
+                    joining: false,
                 },
             );
             self.stats.gangs_reserved += 1;
@@ -293,6 +295,7 @@ impl Book {
                         first_held_ms: None,
                         planned_by: Some(leader.clone()),
                         leader_first: true,
+                        joining: false,
                     },
                 );
                 self.stats.gangs_reserved += 1;
@@ -456,4 +459,66 @@ impl Book {
             self.gangs.get(key).is_some_and(|g| g.origin.is_none() && !g.binding && !g.slots.iter().any(|s| s.bound));
         ours && self.drop_reservation(key).is_some()
     }
+}
+
+/// The secondary scheduler's side of pods joining a gang that runs ([`super::running`]).
+impl Book {
+    /// Holds one pending pod of a gang that runs ([`Book::ran_whole`]) on the hosts of
+    /// `allowed` (where it passes the node predicates), in the gang's joining reservation:
+    /// `Ok(Some((host, GPUs)))`, `Ok(None)` for a pod of a role without GPUs (nothing held),
+    /// or why it fits nowhere inside its scope near its members (nothing held for it).
+    pub fn hold_joining_pod(
+        &mut self,
+        demand: &PodDemand,
+        allowed: &[bool],
+        now_ms: u64,
+    ) -> Result<Option<(HostId, GpuMask)>, String> {
+        let Some(membership) = demand.gang.clone() else {
+            return Err(format!("pod {} belongs to no gang", demand.pod));
+        };
+        let (ours, own_role) = match demand.replica().map_err(|e| e.to_string())? {
+            Some((replica, own)) => (Planned::Replica(Box::new(replica)), own),
+            None => (Planned::Gang(demand.gang().map_err(|e| e.to_string())?), 0),
+        };
+        match self.hold_joining(demand, &membership, ours, own_role, allowed, now_ms).map_err(|e| e.to_string())? {
+            super::running::JoinOutcome::NoGpus => Ok(None),
+            super::running::JoinOutcome::Held(joined) => Ok(Some((joined.host, joined.gpus))),
+            super::running::JoinOutcome::Nowhere(reason) => Err(reason),
+        }
+    }
+
+    /// Starts the Bindings of gang `key`'s joining reservation: every slot taken at bind, one
+    /// [`Ticket::Gang`] (settled by [`Book::bind_finished`]). Errors: no joining reservation
+    /// not already binding, or a slot without its pod.
+    pub fn bind_joining(&mut self, key: &str) -> Result<(Ticket, Vec<MemberBind>), BookError> {
+        let cluster = &self.cluster;
+        let Some(reservation) = self.gangs.get_mut(key).filter(|r| r.joining && !r.binding) else {
+            return Err(BookError::NotPlanned { pod: format!("the pods joining gang `{key}`") });
+        };
+        if reservation.slots.iter().any(|s| s.pod.is_none()) {
+            return Err(BookError::NotPlanned { pod: format!("a pod joining gang `{key}`") });
+        }
+        Ok((Ticket::Gang(key.to_string()), start_binding_joining(cluster, reservation)))
+    }
+
+    /// Drops gang `key`'s joining reservation if it is not binding (a joining attempt that
+    /// did not go through holds nothing); whether one was dropped.
+    pub fn drop_joining(&mut self, key: &str) -> bool {
+        if self.gangs.get(key).is_some_and(|r| r.joining && !r.binding) {
+            return self.drop_reservation(key).is_some();
+        }
+        false
+    }
+}
+
+/// Marks a joining reservation binding and takes every slot at bind by its pod.
+fn start_binding_joining(cluster: &Cluster, reservation: &mut GangReservation) -> Vec<MemberBind> {
+    reservation.binding = true;
+    let mut members = Vec::with_capacity(reservation.slots.len());
+    for slot in &mut reservation.slots {
+        if let Some(pod) = slot.pod.clone() {
+            members.push(slot.take_at_bind(cluster, &pod));
+        }
+    }
+    members
 }

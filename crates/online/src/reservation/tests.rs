@@ -8,7 +8,7 @@ use topoplace_engine::testkit::node;
 use topoplace_engine::topology::ClusterSpec;
 use topoplace_engine::workload::GangSpec;
 
-fn cluster(racks: usize, hosts_per_rack: usize) -> Cluster {
+pub(crate) fn cluster(racks: usize, hosts_per_rack: usize) -> Cluster {
     let mut nodes = Vec::new();
     for rack in 0..racks {
         for host in 0..hosts_per_rack {
@@ -25,7 +25,7 @@ fn cluster(racks: usize, hosts_per_rack: usize) -> Cluster {
         .expect("cluster")
 }
 
-fn member(gang: &str, size: u32, rank: u32, gpus: u32) -> PodDemand {
+pub(crate) fn member(gang: &str, size: u32, rank: u32, gpus: u32) -> PodDemand {
     PodDemand {
         pod: PodIdentity { namespace: "ns".into(), name: format!("{gang}-{rank}"), uid: format!("{gang}-{rank}-uid") },
         gpus,
@@ -39,7 +39,7 @@ fn member(gang: &str, size: u32, rank: u32, gpus: u32) -> PodDemand {
     }
 }
 
-fn all_hosts(book: &Book) -> Vec<HostId> {
+pub(crate) fn all_hosts(book: &Book) -> Vec<HostId> {
     (0..book.cluster().hosts.len() as HostId).collect()
 }
 
@@ -54,13 +54,13 @@ pub(crate) fn passing(book: &Book, verdicts: &[NodeVerdict], offered: &[HostId])
 }
 
 /// Filters `demand` at `now` and returns the one node it passes (its planned node).
-fn filtered_node(book: &mut Book, demand: &PodDemand, offered: &[HostId], now: u64) -> String {
+pub(crate) fn filtered_node(book: &mut Book, demand: &PodDemand, offered: &[HostId], now: u64) -> String {
     let verdicts = book.filter(demand, offered, now).expect("filter");
     passing(book, &verdicts, offered).remove(0)
 }
 
 /// Filters every member of a gang of 8-GPU members: the members and their planned nodes.
-fn filter_gang(book: &mut Book, gang: &str, size: u32, offered: &[HostId]) -> (Vec<PodDemand>, Vec<String>) {
+pub(crate) fn filter_gang(book: &mut Book, gang: &str, size: u32, offered: &[HostId]) -> (Vec<PodDemand>, Vec<String>) {
     let members: Vec<PodDemand> = (0..size).map(|r| member(gang, size, r, 8)).collect();
     let nodes = members.iter().map(|m| filtered_node(book, m, offered, 0)).collect();
     (members, nodes)
@@ -273,13 +273,33 @@ fn preemption_never_splits_a_bound_gang() {
     };
     let ok: Vec<_> = binds.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
     assert_eq!(book.bind_finished(&ticket, &ok, 2), BindFinish::Bound);
-    let host = |name: &str| book.cluster().host_id(name).expect("host");
+    assert_ne!(nodes[0], nodes[1], "8-GPU members on two nodes");
+    let g0 = book.cluster().host_id(&nodes[0]).expect("host");
+    // A gang of two 4-GPU pods on one node, bound by another scheduler's hand.
+    let free = book.cluster().hosts.iter().position(|h| !nodes.contains(&h.name)).expect("a free node") as HostId;
+    let free_node = book.cluster().host(free).name.clone();
+    for (rank, gpus) in [(0u8, [0u8, 1, 2, 3]), (1, [4, 5, 6, 7])] {
+        let pod = PodIdentity { namespace: "ns".into(), name: format!("a-{rank}"), uid: format!("a-{rank}-uid") };
+        book.observe_bound(pod, &free_node, Some(&gpus), 4, Some("ns/a".into())).expect("observed");
+    }
     let single = PodDemand { gang: None, ..member("x", 1, 0, 8) };
     let candidates = vec![
-        PreemptCandidate { host: host(&nodes[0]), victims: vec!["g-0-uid".into()] },
-        PreemptCandidate { host: host(&nodes[1]), victims: vec!["g-0-uid".into(), "g-1-uid".into()] },
+        // kube-scheduler evicts on one node: g-1 on the other would be left running alone.
+        PreemptCandidate { host: g0, victims: vec!["g-0-uid".into()] },
+        // a-1 shares a-0's node: it comes along.
+        PreemptCandidate { host: free, victims: vec!["a-0-uid".into()] },
     ];
-    assert_eq!(book.preempt(&single, &candidates).expect("preempt"), vec![false, true]);
+    let answer = book.preempt(&single, &candidates, 3).expect("preempt");
+    assert_eq!(answer.keep, vec![None, Some(vec!["a-0-uid".to_string(), "a-1-uid".to_string()])]);
+    let only_g = book.preempt(&single, &candidates[..1], 3).expect("preempt");
+    assert_eq!(only_g.keep, vec![None]);
+    let why = only_g.why.expect("a reason");
+    assert!(why.contains("gang `ns/g`") && why.contains("kube-scheduler evicts on one node"), "{why}");
+}
+
+/// Which candidates a preempt answer keeps.
+pub(crate) fn kept(answer: &PreemptAnswer) -> Vec<bool> {
+    answer.keep.iter().map(Option::is_some).collect()
 }
 
 /// Many gangs and single pods arriving, binding (with injected Binding failures), expiring
@@ -549,7 +569,7 @@ fn capacity_counts_replicas_per_product_domain_and_scope() {
     assert!(matches!(unknown, Err(RequestError::Invalid(m)) if m.contains("zone")));
 }
 
-fn single(name: &str, gpus: u32) -> PodDemand {
+pub(crate) fn single(name: &str, gpus: u32) -> PodDemand {
     PodDemand {
         pod: PodIdentity { namespace: "ns".into(), name: name.into(), uid: format!("{name}-uid") },
         gang: None,
@@ -601,7 +621,7 @@ impl KubeScheduler {
 }
 
 /// Binds a single pod on `host` through the book, Binding succeeding.
-fn bind_single(book: &mut Book, demand: &PodDemand, host: HostId, now: u64) {
+pub(crate) fn bind_single(book: &mut Book, demand: &PodDemand, host: HostId, now: u64) {
     let node = book.cluster().host(host).name.clone();
     let BindStep::Bind { ticket, members } = book.bind_arrive(demand, &node, now).expect("bind") else {
         panic!("a single pod binds at once")
@@ -837,7 +857,7 @@ fn assumptions_survive_a_cluster_change_by_node_name_and_count_as_freed_by_preem
         PreemptCandidate { host: 0, victims: vec!["first-uid".into()] },
         PreemptCandidate { host: 0, victims: vec!["someone-else".into()] },
     ];
-    assert_eq!(book.preempt(&urgent, &candidates).expect("preempt"), vec![true, false]);
+    assert_eq!(kept(&book.preempt(&urgent, &candidates, 0).expect("preempt")), vec![true, false]);
     // A new view with r0-0 renumbered after a new node r0-00 (ids by name order).
     let mut nodes: Vec<_> = ["r0-00", "r0-0", "r0-1"]
         .iter()
@@ -899,7 +919,7 @@ fn sim_member(gang: &str, size: u32, rank: u32, gpus: u32, leader_first: bool) -
 
 /// A member of a LeaderWorkerSet group with exclusive placement on the leaf: the leader
 /// (rank 0) binds ahead ([`BindOrder::LeaderFirst`]).
-fn lws_member(size: u32, rank: u32) -> PodDemand {
+pub(crate) fn lws_member(size: u32, rank: u32) -> PodDemand {
     let mut demand = member("lws", size, rank, 8);
     demand.required = Some(Scope::parse("network.topology.nvidia.com/leaf"));
     if let Some(gang) = demand.gang.as_mut() {
@@ -1049,7 +1069,7 @@ fn a_leader_bound_ahead_that_leaves_ends_its_reservation_and_is_no_victim_alone(
     // Evicting the leader alone would leave its workers' hold without it.
     let host = book.cluster().host_id(&leader_node).expect("host");
     let candidate = PreemptCandidate { host, victims: vec![leader.pod.uid.clone()] };
-    assert_eq!(book.preempt(&member("other", 1, 0, 8), &[candidate]).expect("preempt"), vec![false]);
+    assert_eq!(kept(&book.preempt(&member("other", 1, 0, 8), &[candidate], 3).expect("preempt")), vec![false]);
     let ended = book.forget_pod(&leader.pod.uid);
     assert!(matches!(ended.as_slice(), [Expired::Reservation { gang, .. }] if gang == "ns/lws"), "{ended:?}");
     assert!(book.gangs.is_empty());

@@ -52,6 +52,26 @@ impl Book {
                 dropped.push(Expired::Reservation { gang: key, members_at_bind: at_bind(&reservation) });
             }
         }
+        // Preemptions' plans, by node name: dropped when a node of theirs left, else what of
+        // them is free is held again.
+        let nominations = std::mem::take(&mut self.nominations);
+        for (key, mut nomination) in nominations {
+            let mut moved = true;
+            for slot in &mut nomination.slots {
+                match self.cluster.host_id(&old.host(slot.host).name) {
+                    Some(host) => slot.host = host,
+                    None => moved = false,
+                }
+            }
+            if moved && !self.gangs.contains_key(&key) {
+                self.nominations.insert(key.clone(), nomination);
+                self.hold_nominated(&key);
+            }
+        }
+        let running: Vec<String> = self.running.keys().cloned().collect();
+        for key in running {
+            self.prune_running(&key);
+        }
         // Assumptions last (they are guesses about binds in flight): carried over by node
         // name where their GPUs are still free, dropped otherwise.
         let assumed = std::mem::take(&mut self.assumed);
@@ -157,11 +177,17 @@ impl Book {
         }
         // A bound pod holds its GPUs, except one whose node left the view while its Binding
         // was in flight (`bind_finished` records it without a host to hold on).
-        if self.bound.remove(uid).is_some() && self.ledger.holding(&pod_holder(uid)).is_some() {
+        let gone = self.bound.remove(uid);
+        if gone.is_some() && self.ledger.holding(&pod_holder(uid)).is_some() {
             if let Err(error) = self.ledger.release(&pod_holder(uid)) {
                 self.ledger_fault("forgetting a bound pod", error);
             }
         }
+        if let Some(gang) = gone.and_then(|b| b.gang) {
+            self.prune_running(&gang);
+        }
+        // What it gave back may be what a preemption's plan waits for.
+        self.hold_nominated_all();
         for reservation in self.gangs.values_mut().filter(|g| !g.binding) {
             for slot in &mut reservation.slots {
                 if slot.pod.as_ref().is_some_and(|p| p.uid == uid) {

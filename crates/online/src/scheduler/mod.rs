@@ -443,6 +443,16 @@ impl Scheduler {
                 .collect(),
             None => BTreeMap::new(),
         };
+        // Gangs known to have run whole with a member bound: their pending pods join them.
+        let ran_whole: BTreeSet<String> = match book.as_deref() {
+            Some(book) => members_by_unit
+                .keys()
+                .filter_map(|key| key.gang())
+                .filter(|gang| book.ran_whole(gang) && !ahead.contains_key(*gang))
+                .map(String::from)
+                .collect(),
+            None => BTreeSet::new(),
+        };
         // Gang assembly and repair; collect the units that are complete.
         let mut complete: Vec<(UnitKey, i32)> = Vec::new();
         for (key, members) in &members_by_unit {
@@ -530,6 +540,17 @@ impl Scheduler {
                     }
                     continue;
                 }
+                if !state.complete {
+                    state.complete = true;
+                    state.since_ms = now_ms;
+                }
+                complete.push((key.clone(), priority));
+                continue;
+            }
+            if !bound.is_empty() && ran_whole.contains(&gang.key) {
+                // Pods of a gang that runs (members recreated, or more of it): they join it,
+                // each on its own; its running members are never taken for a half-bound gang.
+                state.half_bound_since_ms = None;
                 if !state.complete {
                     state.complete = true;
                     state.since_ms = now_ms;
@@ -756,6 +777,10 @@ impl Scheduler {
         held_back: Option<&[bool]>,
         now_ms: u64,
     ) -> Result<Decision, String> {
+        let gang_key = members[0].demand.gang.as_ref().map(|g| g.key.clone());
+        if let Some(gang) = gang_key.as_deref().filter(|g| book.ran_whole(g) && book.bound_ahead(g).is_empty()) {
+            return self.try_join(book, key, gang, members, held_back, now_ms);
+        }
         let leader_first =
             |m: &PendingPod| m.demand.gang.as_ref().is_some_and(|g| matches!(g.order, BindOrder::LeaderFirst { .. }));
         if members.iter().any(leader_first) {
@@ -832,6 +857,87 @@ impl Scheduler {
             }
         }
         Err(format!("gang `{key}`: no placement left whose members fit together by CPU and memory"))
+    }
+
+    /// [`Scheduler::try_place`] for the pending pods of gang `gang`, which runs: each joins it
+    /// on its own (the book's join: its GPUs near the members that run, inside the gang's
+    /// scope, on nodes where it passes the predicates and fits by CPU and memory with the
+    /// pods joining with it); a pod without GPUs goes where the predicates leave the most
+    /// room. All are bound as one ticket; if one fits nowhere, nothing is held.
+    fn try_join(
+        &mut self,
+        book: &mut Book,
+        key: &UnitKey,
+        gang: &str,
+        members: &[PendingPod],
+        held_back: Option<&[bool]>,
+        now_ms: u64,
+    ) -> Result<Decision, String> {
+        // An earlier attempt's hold, if any, is planned again with the pods pending now.
+        book.drop_joining(gang);
+        let mut scratch: HashMap<String, Resources> = HashMap::new();
+        let mut chosen = Vec::with_capacity(members.len());
+        let mut with_gpus = false;
+        for member in members {
+            if member.demand.gpus == 0 {
+                // Inside the replica's required domain around the members that run.
+                let replica = member.demand.replica().ok().flatten().map(|(replica, _)| replica);
+                let region = replica.and_then(|r| book.region_labels(&r, &book.running_hosts(gang)));
+                let node = self.node_without_gpus(member, &mut scratch, region.as_deref());
+                match node {
+                    Ok(node) => chosen.push((member.demand.pod.clone(), node)),
+                    Err(message) => {
+                        book.drop_joining(gang);
+                        return Err(format!("gang `{key}` runs; {} cannot join it: {message}", member.demand.pod));
+                    }
+                }
+                continue;
+            }
+            let (mut allowed, reasons) = self.allowed_hosts(book, std::slice::from_ref(member), held_back);
+            // CPU and memory with the pods placed before it in this attempt.
+            for (name, used) in &scratch {
+                let (Some(host), Some(facts)) = (book.cluster().host_id(name), self.nodes.get(name)) else { continue };
+                if predicates::fits_resources(facts, used, &member.needs.requests).is_err() {
+                    if let Some(flag) = allowed.get_mut(host as usize) {
+                        *flag = false;
+                    }
+                }
+            }
+            let candidates = allowed.iter().filter(|&&a| a).count();
+            match book.hold_joining_pod(&member.demand, &allowed, now_ms) {
+                Ok(Some((host, _))) => {
+                    with_gpus = true;
+                    let node = book.cluster().host(host).name.clone();
+                    let used = scratch
+                        .entry(node.clone())
+                        .or_insert_with(|| self.usage.get(&node).cloned().unwrap_or_default());
+                    predicates::add_usage(used, &member.needs.requests, 1);
+                    chosen.push((member.demand.pod.clone(), node));
+                }
+                Ok(None) => {
+                    book.drop_joining(gang);
+                    return Err(format!("gang `{key}`: {} asks GPUs its role does not have", member.demand.pod));
+                }
+                Err(reason) => {
+                    book.drop_joining(gang);
+                    let what = format!("{} joining gang `{gang}`", member.demand.pod);
+                    return Err(self.not_fitting(&reasons, candidates, &what, &reason));
+                }
+            }
+        }
+        if !with_gpus {
+            let chosen = chosen.into_iter().map(|(pod, node)| (pod, node, Vec::new())).collect();
+            return Ok(self.start(key, BindTicket::Plain(key.clone()), chosen, members, now_ms));
+        }
+        let (ticket, binds) = book.bind_joining(gang).map_err(|e| e.to_string())?;
+        let chosen = chosen
+            .into_iter()
+            .map(|(pod, node)| {
+                let gpus = binds.iter().find(|b| b.pod.uid == pod.uid).map(|b| b.gpus.clone()).unwrap_or_default();
+                (pod, node, gpus)
+            })
+            .collect();
+        Ok(self.start(key, BindTicket::Book(ticket), chosen, members, now_ms))
     }
 
     /// [`Scheduler::try_place`] for a replica with roles: every member must describe the same

@@ -457,19 +457,21 @@ fn lingjun_book() -> Book {
 /// every bound pod placed on a node that was Ready, tolerated and had room when it was bound.
 #[test]
 fn simulation_over_lingjun_with_faults_keeps_every_invariant() {
-    let (mut leader_groups_bound, mut leaders_given_up, mut leaders_deleted) = (0, 0, 0);
+    let (mut leader_groups_bound, mut leaders_given_up, mut leaders_deleted, mut rejoined) = (0, 0, 0, 0);
     for seed in [1u64, 2] {
-        let (bound, given_up, deleted) = simulate(seed);
+        let (bound, given_up, deleted, joined) = simulate(seed);
         leader_groups_bound += bound;
         leaders_given_up += given_up;
         leaders_deleted += deleted;
+        rejoined += joined;
     }
+    assert!(rejoined > 5, "{rejoined} members of running gangs crashed, were recreated and joined them again");
     assert!(leaders_deleted > 0, "leaders bound ahead deleted by a user while their workers wait");
     assert!(leader_groups_bound > 5, "{leader_groups_bound} leader-first groups bound whole");
     assert!(leaders_given_up > 0, "leaders whose workers never came are given up");
 }
 
-fn simulate(seed: u64) -> (u64, u64, u64) {
+fn simulate(seed: u64) -> (u64, u64, u64, u64) {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let mut book = lingjun_book();
     let mut scheduler = scheduler_on(&book);
@@ -484,6 +486,9 @@ fn simulate(seed: u64) -> (u64, u64, u64) {
     let mut next = 0u64;
     let (mut binds, mut rollbacks, mut gangs_bound) = (0u64, 0u64, 0u64);
     let (mut leader_groups_bound, mut leaders_given_up, mut leaders_deleted) = (0u64, 0u64, 0u64);
+    // Gangs that run with members crashed and recreated but not bound again yet, and how many.
+    let mut crashed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut rejoined = 0u64;
     let mut now = 0u64;
     for _step in 0..150 {
         now += 1000;
@@ -579,6 +584,53 @@ fn simulate(seed: u64) -> (u64, u64, u64) {
             scheduler.bound_deleted(&uid);
             book.forget_pod(&uid);
         }
+        // A gang that finished with a member recreated: its controller deletes that pod too.
+        let running: BTreeSet<String> = api
+            .values()
+            .filter(|p| p.node.is_some())
+            .filter_map(|p| Some(p.pending.demand.gang.as_ref()?.key.clone()))
+            .collect();
+        let ended: Vec<String> = crashed.keys().filter(|g| !running.contains(*g)).cloned().collect();
+        for gang in ended {
+            crashed.remove(&gang);
+            let left: Vec<String> = api
+                .iter()
+                .filter(|(_, p)| p.pending.demand.gang.as_ref().is_some_and(|g| g.key == gang))
+                .map(|(uid, _)| uid.clone())
+                .collect();
+            for uid in left {
+                api.remove(&uid);
+                scheduler.pending_deleted(&uid);
+            }
+        }
+        // A member of a gang that runs whole crashes; its controller recreates it (a new uid).
+        if rng.random_bool(0.3) {
+            let mut whole: BTreeMap<String, (u32, Vec<String>)> = BTreeMap::new();
+            for (uid, pod) in api.iter().filter(|(_, p)| p.node.is_some()) {
+                let Some(gang) = &pod.pending.demand.gang else { continue };
+                if matches!(gang.order, BindOrder::LeaderFirst { .. }) {
+                    continue;
+                }
+                whole.entry(gang.key.clone()).or_insert((gang.size, Vec::new())).1.push(uid.clone());
+            }
+            let candidates: Vec<(String, String)> = whole
+                .into_iter()
+                .filter(|(gang, (size, bound))| bound.len() == *size as usize && !crashed.contains_key(gang))
+                .map(|(gang, (_, bound))| (gang, bound[0].clone()))
+                .collect();
+            if let Some((gang, uid)) = candidates.get(rng.random_range(0..candidates.len().max(1))).cloned() {
+                if let Some(mut pod) = api.remove(&uid) {
+                    scheduler.bound_deleted(&uid);
+                    book.forget_pod(&uid);
+                    pod.pending.demand.pod.uid.push('c');
+                    (pod.node, pod.delivered) = (None, true);
+                    pod.gpus.clear();
+                    scheduler.pending_applied(pod.pending.clone());
+                    api.insert(pod.pending.demand.pod.uid.clone(), pod);
+                    *crashed.entry(gang).or_insert(0) += 1;
+                }
+            }
+        }
         // Reservations that ran out: a leader whose workers did not bind is given up, deleted
         // and recreated by its controller.
         book.expire(now);
@@ -609,6 +661,12 @@ fn simulate(seed: u64) -> (u64, u64, u64) {
         }
         // The scheduler's cycle, Bindings failing now and then.
         for decision in scheduler.cycle(Some(&mut book), now) {
+            if let Decision::Repair { gang, .. } = &decision {
+                assert!(
+                    !crashed.contains_key(gang),
+                    "seed {seed}: gang {gang} runs, yet its members were to be deleted"
+                );
+            }
             let Decision::Bind { ticket, members } = decision else { continue };
             let mut outcomes = Vec::new();
             for member in &members {
@@ -647,6 +705,16 @@ fn simulate(seed: u64) -> (u64, u64, u64) {
                     for member in members {
                         if let Some(pod) = api.get(&member.pod.uid) {
                             scheduler.bound_applied(bound_of(pod, &member.node));
+                            let gang = pod.pending.demand.gang.as_ref().map(|g| g.key.clone()).unwrap_or_default();
+                            if member.pod.uid.ends_with('c') {
+                                if let Some(count) = crashed.get_mut(&gang) {
+                                    rejoined += 1;
+                                    *count -= 1;
+                                    if *count == 0 {
+                                        crashed.remove(&gang);
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -673,12 +741,12 @@ fn simulate(seed: u64) -> (u64, u64, u64) {
                 }
             }
         }
-        check_world(&book, &scheduler, &api, &facts);
+        check_world(&book, &scheduler, &api, &facts, &crashed);
     }
     assert!(binds > 100, "seed {seed}: {binds} binds");
     assert!(rollbacks > 0, "seed {seed}: faults exercised rollback");
     assert!(gangs_bound > 10, "seed {seed}: {gangs_bound} gangs bound");
-    (leader_groups_bound, leaders_given_up, leaders_deleted)
+    (leader_groups_bound, leaders_given_up, leaders_deleted, rejoined)
 }
 
 /// LeaderWorkerSet recreating a leader-first group whose leader was deleted: the workers that
@@ -721,7 +789,13 @@ fn bound_of(pod: &SimPod, node: &str) -> BoundPod {
     }
 }
 
-fn check_world(book: &Book, scheduler: &Scheduler, api: &BTreeMap<String, SimPod>, facts: &[NodeFacts]) {
+fn check_world(
+    book: &Book,
+    scheduler: &Scheduler,
+    api: &BTreeMap<String, SimPod>,
+    facts: &[NodeFacts],
+    crashed: &BTreeMap<String, usize>,
+) {
     book.check().expect("book invariants");
     scheduler.check().expect("scheduler invariants");
     let mut given: BTreeSet<(String, u8)> = BTreeSet::new();
@@ -740,8 +814,10 @@ fn check_world(book: &Book, scheduler: &Scheduler, api: &BTreeMap<String, SimPod
     for (gang, (bound, size)) in gangs {
         // A leader bound ahead while the rest of its group's GPUs are held is the one exception.
         let ahead = book.bound_ahead(&gang).len();
+        // So is a gang that runs with members crashed and not back yet.
+        let away = crashed.get(&gang).copied().unwrap_or(0);
         assert!(
-            bound == size as usize || (ahead > 0 && bound == ahead),
+            bound == size as usize || (ahead > 0 && bound == ahead) || (away > 0 && bound + away == size as usize),
             "gang {gang} is half-bound: {bound} of {size}"
         );
     }
@@ -1370,4 +1446,66 @@ fn a_leader_first_worker_must_match_the_leaders_plan_and_a_new_leader_waits_for_
     let error =
         book.open_slots("ns/lws", &[(0, Some(0), stale.demand.pod.clone())]).expect_err("rank 0 is bound ahead");
     assert!(error.to_string().contains("ns/lws-1") && error.to_string().contains("rank 0"), "{error}");
+}
+
+/// Issue 19, input 2, in scheduler mode: a gang of 2 × 8 runs; a member deleted and
+/// recreated (a new uid) joins it in its members' rack, and one more pod of it (a scale-out)
+/// joins too; the running members are never taken for a half-bound gang and deleted. After a
+/// restart (a fresh book and scheduler that only observe the bound pods) the same holds,
+/// since the pods bound number the gang's size.
+#[test]
+fn pods_of_a_running_gang_join_it_and_its_running_members_are_never_repaired() {
+    let mut book = book_of(2, 3);
+    let mut scheduler = scheduler_on(&book);
+    for member in gang("g", 2, 8) {
+        scheduler.pending_applied(member);
+    }
+    let (bound, _) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert_eq!(bound.len(), 2);
+    let survivor = bound.iter().find(|m| m.pod.name == "g-1").expect("g-1 bound").node.clone();
+    scheduler.bound_deleted("g-0-uid");
+    book.forget_pod("g-0-uid");
+
+    let mut again = pending("g-0-again", 8, Some(("g", 2, 0)), 1000);
+    again.demand.pod.uid = "g-0-again-uid".into();
+    scheduler.pending_applied(again);
+    let grace = scheduler.config().repair_grace_ms;
+    let (bound, other) = run(&mut scheduler, &mut book, grace + 1, &BTreeSet::new());
+    assert!(other.iter().all(|d| !matches!(d, Decision::Repair { .. })), "{other:?}");
+    let [joined] = bound.as_slice() else { panic!("the recreated member binds alone: {bound:?} {other:?}") };
+    assert_eq!(joined.node[..2], survivor[..2], "in its member's rack: {joined:?} vs {survivor}");
+    assert_eq!(joined.gpus.len(), 8);
+
+    scheduler.pending_applied(pending("g-2", 8, Some(("g", 2, 2)), 1000));
+    let (bound, other) = run(&mut scheduler, &mut book, grace + 2, &BTreeSet::new());
+    assert_eq!(bound.len(), 1, "one more joins: {other:?}");
+    assert_eq!(book.ledger().free_gpus(), 48 - 24);
+    assert_eq!(book.stats().members_joined, 2);
+
+    // A restart: the bound pods are observed, none of their history is known.
+    let placed: Vec<(PodIdentity, String)> = ["g-1", "g-0-again", "g-2"]
+        .iter()
+        .map(|name| {
+            let node =
+                scheduler.placed.values().find(|p| p.bound.pod.name == *name).expect("placed").bound.node.clone();
+            let uid = format!("{name}-uid");
+            (PodIdentity { namespace: "ns".into(), name: name.to_string(), uid }, node)
+        })
+        .collect();
+    let mut book = book_of(2, 3);
+    let mut scheduler = scheduler_on(&book);
+    for (pod, node) in &placed {
+        book.observe_bound(pod.clone(), node, None, 8, Some("ns/g".into())).expect("observed");
+        book.observe_gang_size("ns/g", 2);
+        let requests = Resources::from([("cpu".to_string(), 1000)]);
+        scheduler.bound_applied(BoundPod { pod: pod.clone(), node: node.clone(), requests, gang: Some("ns/g".into()) });
+    }
+    scheduler.bound_deleted("g-2-uid");
+    book.forget_pod("g-2-uid");
+    let mut back = pending("g-2", 8, Some(("g", 2, 2)), 1000);
+    back.demand.pod.uid = "g-2-back-uid".into();
+    scheduler.pending_applied(back);
+    let (bound, other) = run(&mut scheduler, &mut book, grace * 3, &BTreeSet::new());
+    assert!(other.iter().all(|d| !matches!(d, Decision::Repair { .. })), "{other:?}");
+    assert_eq!(bound.len(), 1, "{other:?}");
 }

@@ -144,6 +144,21 @@ impl Metrics {
                 "Ledger changes the book expected to succeed and that failed: a bug (the count is also in /state's stats).",
                 stats.ledger_faults,
             ),
+            (
+                "topoplace_gangs_nominated_total",
+                "Gang plans made by preemption, held for the gang as its victims leave.",
+                stats.gangs_nominated,
+            ),
+            (
+                "topoplace_nominations_expired_total",
+                "Preemption plans given up because their victims had not all left in time.",
+                stats.nominations_expired,
+            ),
+            (
+                "topoplace_members_joined_total",
+                "Pods that joined a gang already running (a member recreated, or one more).",
+                stats.members_joined,
+            ),
         ];
         for (name, help, value) in counters {
             series(&mut out, name, help, "counter", value);

@@ -250,8 +250,10 @@ async fn preempt(
     if demand.gpus == 0 {
         return Ok(ExtenderPreemptionResult { node_name_to_meta_victims: Some(proposed.into_iter().collect()) });
     }
+    let pod_name = format!("{}/{}", demand.pod.namespace, demand.pod.name);
     let narrowed = state
         .on_book(move |state| {
+            let now = state.now_ms();
             let mut shared = state.lock();
             let book = shared.book.as_mut()?;
             let mut candidates = Vec::new();
@@ -260,10 +262,21 @@ async fn preempt(
                 let Some(host) = book.cluster().host_id(&node) else { continue };
                 let uids = victims.pods.iter().flatten().map(|p| p.uid.clone()).collect();
                 candidates.push(PreemptCandidate { host, victims: uids });
-                kept_names.push((node, victims));
+                kept_names.push((node, victims.num_pdb_violations));
             }
-            Some(book.preempt(&demand, &candidates).map(|keep| {
-                kept_names.into_iter().zip(keep).filter(|(_, keep)| *keep).map(|(entry, _)| entry).collect()
+            Some(book.preempt(&demand, &candidates, now).map(|answer| {
+                if let Some(why) = &answer.why {
+                    tracing::info!(pod = %pod_name, %why, "preempt: no candidate kept");
+                }
+                // The victims kept, with the rest of a victim's gang on that node added.
+                kept_names
+                    .into_iter()
+                    .zip(answer.keep)
+                    .filter_map(|((node, num_pdb_violations), keep)| {
+                        let pods = keep?.into_iter().map(|uid| MetaPod { uid }).collect();
+                        Some((node, MetaVictims { pods: Some(pods), num_pdb_violations }))
+                    })
+                    .collect()
             }))
         })
         .await?;

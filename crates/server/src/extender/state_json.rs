@@ -84,6 +84,9 @@ pub struct StatsJson {
     pub pods_assumed: u64,
     pub assumptions_lapsed: u64,
     pub ledger_faults: u64,
+    pub gangs_nominated: u64,
+    pub nominations_expired: u64,
+    pub members_joined: u64,
 }
 
 impl From<&BookStats> for StatsJson {
@@ -98,6 +101,9 @@ impl From<&BookStats> for StatsJson {
             pods_assumed: stats.pods_assumed,
             assumptions_lapsed: stats.assumptions_lapsed,
             ledger_faults: stats.ledger_faults,
+            gangs_nominated: stats.gangs_nominated,
+            nominations_expired: stats.nominations_expired,
+            members_joined: stats.members_joined,
         }
     }
 }

@@ -396,6 +396,8 @@ struct BoundGpuPod {
     recorded: Option<Vec<u8>>,
     gpus: u32,
     gang: Option<String>,
+    /// The gang's size as the pod says it.
+    gang_size: Option<u32>,
 }
 
 /// The pod as the book should hold it, or `None` (not bound, finished, or no GPUs).
@@ -410,8 +412,10 @@ fn bound_gpu_pod(pod: &Pod) -> Option<BoundGpuPod> {
         return None;
     }
     let identity = pod::identity(pod).ok()?;
-    let gang = pod::gang_of(pod, &identity.namespace).ok().flatten().map(|g| g.key);
-    Some(BoundGpuPod { identity, node, recorded: pod::recorded_gpus(pod), gpus, gang })
+    let membership = pod::gang_of(pod, &identity.namespace).ok().flatten();
+    let gang_size = membership.as_ref().map(|g| g.size);
+    let gang = membership.map(|g| g.key);
+    Some(BoundGpuPod { identity, node, recorded: pod::recorded_gpus(pod), gpus, gang, gang_size })
 }
 
 /// Pods that hold resources on a node: bound and not finished. A pod that finishes leaves
@@ -648,7 +652,7 @@ fn forget(ext: &ServerState, pod: &Pod) {
 }
 
 fn apply_pod(ext: &ServerState, pod: &Pod) {
-    let Some(BoundGpuPod { identity, node, recorded, gpus, gang }) = bound_gpu_pod(pod) else {
+    let Some(BoundGpuPod { identity, node, recorded, gpus, gang, gang_size }) = bound_gpu_pod(pod) else {
         // Finished, or not bound yet: a finished pod's GPUs come back.
         let finished =
             pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
@@ -658,8 +662,11 @@ fn apply_pod(ext: &ServerState, pod: &Pod) {
         return;
     };
     ext.update_book(|book| {
-        if let Err(error) = book.observe_bound(identity, &node, recorded.as_deref(), gpus, gang) {
+        if let Err(error) = book.observe_bound(identity, &node, recorded.as_deref(), gpus, gang.clone()) {
             tracing::warn!(%error, "a bound pod's GPUs could not be accounted");
+        }
+        if let (Some(gang), Some(size)) = (gang, gang_size) {
+            book.observe_gang_size(&gang, size);
         }
     });
 }

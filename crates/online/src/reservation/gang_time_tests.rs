@@ -1,0 +1,437 @@
+//! Gangs over time through the extender's verbs: preemption judged for a whole gang, and pods
+//! that join a gang while it runs (issue 19's failing inputs, and their kind).
+
+use super::tests::{all_hosts, bind_single, cluster, filter_gang, kept, member, passing, single};
+use super::*;
+
+/// Binds every member of a gang planned by [`filter_gang`], Bindings succeeding.
+fn bind_gang(book: &mut Book, members: &[PodDemand], nodes: &[String], now: u64) {
+    let mut step = None;
+    for (member, node) in members.iter().zip(nodes) {
+        step = Some(book.bind_arrive(member, node, now).expect("arrive"));
+    }
+    let Some(BindStep::Bind { ticket, members: binds }) = step else { panic!("the last member binds the gang") };
+    let outcomes: Vec<_> = binds.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
+    assert_eq!(book.bind_finished(&ticket, &outcomes, now), BindFinish::Bound);
+}
+
+/// Two 8-GPU hosts, each full with a low-priority 8-GPU pod bound through the extender.
+fn two_full_hosts() -> Book {
+    let mut book = Book::new(cluster(1, 2), BookConfig::default());
+    for (index, name) in ["low-0", "low-1"].iter().enumerate() {
+        let pod = single(name, 8);
+        book.filter(&pod, &[index as HostId], 0).expect("filter");
+        bind_single(&mut book, &pod, index as HostId, 0);
+    }
+    assert_eq!(book.ledger().free_gpus(), 0);
+    book
+}
+
+fn candidate(host: HostId, victim: &str) -> PreemptCandidate {
+    PreemptCandidate { host, victims: vec![format!("{victim}-uid")] }
+}
+
+/// Issue 19, input 1: a high-priority gang of 2 × 8 GPUs over two full hosts. kube-scheduler
+/// proposes both hosts: both are kept, since evicting both lets the gang fit; one host alone
+/// is not kept. Then kube-scheduler evicts on one node per member, the GPUs given back are
+/// held for the gang (a single pod cannot take them), and once both victims left the members'
+/// filters pass on the plan and the gang binds.
+#[test]
+fn a_two_host_gang_preempts_with_both_candidates_judged_together() {
+    let mut book = two_full_hosts();
+    let offered = all_hosts(&book);
+    let high = [member("hi", 2, 0, 8), member("hi", 2, 1, 8)];
+    let verdicts = book.filter(&high[0], &offered, 1).expect("filter");
+    assert!(verdicts.iter().all(|v| matches!(v, NodeVerdict::Fail(_))), "resolvable by preemption: {verdicts:?}");
+
+    let one = book.preempt(&high[0], &[candidate(0, "low-0")], 1).expect("preempt");
+    assert_eq!(one.keep, vec![None], "one host's victims do not make room for two members");
+    assert!(one.why.as_deref().is_some_and(|w| w.contains("does not fit even with the victims")), "{one:?}");
+    assert!(book.nominations.is_empty());
+
+    let both = [candidate(0, "low-0"), candidate(1, "low-1")];
+    let answer = book.preempt(&high[0], &both, 2).expect("preempt");
+    assert_eq!(answer.keep, vec![Some(vec!["low-0-uid".to_string()]), Some(vec!["low-1-uid".to_string()])]);
+    assert_eq!(book.stats().gangs_nominated, 1);
+
+    // kube-scheduler evicts on host 0 for member 0 and nominates it there.
+    book.forget_pod("low-0-uid");
+    assert_eq!(book.ledger().free_gpus(), 0, "host 0's GPUs are held for the gang");
+    let intruder = single("intruder", 8);
+    let verdicts = book.filter(&intruder, &offered, 3).expect("filter");
+    assert!(verdicts.iter().all(|v| *v != NodeVerdict::Pass), "{verdicts:?}");
+    // Member 1's filter waits, and its preempt keeps only the node still to clear.
+    let verdicts = book.filter(&high[1], &offered, 3).expect("filter");
+    assert!(
+        verdicts.iter().all(|v| matches!(v, NodeVerdict::Fail(r) if r.contains("waits for its victims"))),
+        "{verdicts:?}"
+    );
+    let second = book.preempt(&high[1], &[candidate(1, "low-1")], 3).expect("preempt");
+    assert_eq!(kept(&second), vec![true]);
+    let cleared = book.preempt(&high[1], &[candidate(0, "someone")], 3).expect("preempt");
+    assert_eq!(kept(&cleared), vec![false], "host 0 is clear already");
+    book.forget_pod("low-1-uid");
+
+    let nodes: Vec<String> = high
+        .iter()
+        .map(|m| {
+            let verdicts = book.filter(m, &offered, 4).expect("filter");
+            let mut passing = passing(&book, &verdicts, &offered);
+            assert_eq!(passing.len(), 1, "{verdicts:?}");
+            passing.remove(0)
+        })
+        .collect();
+    assert_ne!(nodes[0], nodes[1]);
+    assert!(book.nominations.is_empty());
+    bind_gang(&mut book, &high, &nodes, 5);
+    assert!(book.is_bound("hi-0-uid") && book.is_bound("hi-1-uid"));
+    book.check().expect("invariants");
+}
+
+/// A preemption's plan whose victims never leave gives its held GPUs back at its time.
+#[test]
+fn a_nomination_whose_victims_stay_ends_at_its_ttl() {
+    let mut book = two_full_hosts();
+    let high = member("hi", 2, 0, 8);
+    let answer = book.preempt(&high, &[candidate(0, "low-0"), candidate(1, "low-1")], 0).expect("preempt");
+    assert_eq!(kept(&answer), vec![true, true]);
+    book.forget_pod("low-0-uid");
+    assert_eq!(book.ledger().free_gpus(), 0);
+    let ttl = book.config().nomination_ttl_ms;
+    assert_eq!(book.next_expiry_ms(), Some(ttl));
+    book.expire(ttl);
+    assert!(book.nominations.is_empty());
+    assert_eq!(book.ledger().free_gpus(), 8, "host 0 free again");
+    assert_eq!(book.stats().nominations_expired, 1);
+    book.check().expect("invariants");
+}
+
+/// Issue 19, input 2: a gang of 2 × 8 GPUs runs; a third pod of the same gang (a worker
+/// recreated, or one more) joins it on the free host, alone, and nothing else is reserved:
+/// with one host free and with two.
+#[test]
+fn a_pod_of_a_running_gang_joins_it_alone_on_a_free_host() {
+    for hosts in [3usize, 4] {
+        let mut book = Book::new(cluster(1, hosts), BookConfig::default());
+        let offered = all_hosts(&book);
+        let (members, nodes) = filter_gang(&mut book, "g", 2, &offered);
+        bind_gang(&mut book, &members, &nodes, 1);
+        let free_before = book.ledger().free_gpus();
+        let third = member("g", 2, 2, 8);
+        let verdicts = book.filter(&third, &offered, 2).expect("filter");
+        let passing = passing(&book, &verdicts, &offered);
+        assert_eq!(passing.len(), 1, "{hosts} hosts: {verdicts:?}");
+        assert!(!nodes.contains(&passing[0]), "on a free host: {passing:?}");
+        assert_eq!(book.ledger().free_gpus(), free_before - 8, "{hosts} hosts: its own 8 GPUs only");
+        let BindStep::Bind { ticket, members: binds } = book.bind_arrive(&third, &passing[0], 3).expect("arrive")
+        else {
+            panic!("a joining pod binds at once");
+        };
+        assert_eq!(binds.len(), 1);
+        let outcomes = vec![(third.pod.clone(), Ok(()))];
+        assert_eq!(book.bind_finished(&ticket, &outcomes, 3), BindFinish::Bound);
+        assert_eq!(book.running_hosts("ns/g").len(), 3);
+        assert_eq!(book.stats().members_joined, 1);
+        assert!(book.gangs.is_empty());
+        book.check().expect("invariants");
+    }
+}
+
+/// A joining member goes as near its gang as there is room: the rack its members run in
+/// before another; inside a required rack or nowhere (saying why); and it describes the gang
+/// as its members were bound, or is refused naming the field.
+#[test]
+fn a_joining_member_stays_near_its_gang_and_inside_its_scope() {
+    let mut book = Book::new(cluster(2, 3), BookConfig::default());
+    let offered = all_hosts(&book);
+    let leaf = Scope::parse("network.topology.nvidia.com/leaf");
+    let gang = |rank| PodDemand { required: Some(leaf.clone()), ..member("g", 2, rank, 8) };
+    let members = [gang(0), gang(1)];
+    let nodes: Vec<String> = members
+        .iter()
+        .map(|m| {
+            let verdicts = book.filter(m, &offered, 0).expect("filter");
+            passing(&book, &verdicts, &offered).remove(0)
+        })
+        .collect();
+    bind_gang(&mut book, &members, &nodes, 1);
+    let rack = |node: &str| node.split('-').next().unwrap_or_default().to_string();
+    assert_eq!(rack(&nodes[0]), rack(&nodes[1]));
+    let home = rack(&nodes[0]);
+    let verdicts = book.filter(&gang(2), &offered, 2).expect("filter");
+    let joined = passing(&book, &verdicts, &offered);
+    assert_eq!(joined.len(), 1);
+    assert_eq!(rack(&joined[0]), home, "the free host of its members' rack: {joined:?}");
+    book.drop_reservation("ns/g");
+
+    // The rest of the home rack taken: the required leaf has no room, and it says so.
+    let third_home = book.cluster().hosts.iter().position(|h| rack(&h.name) == home && !nodes.contains(&h.name));
+    let third_home = third_home.expect("a third host in the rack") as HostId;
+    let filler = single("filler", 8);
+    book.filter(&filler, &[third_home], 3).expect("filter");
+    bind_single(&mut book, &filler, third_home, 3);
+    let verdicts = book.filter(&gang(2), &offered, 4).expect("filter");
+    assert!(
+        verdicts.iter().all(|v| matches!(v, NodeVerdict::Fail(r) if r.contains("fits nowhere inside its scope"))),
+        "{verdicts:?}"
+    );
+    // A member that leaves the required rack out describes another gang.
+    let loose = member("g", 2, 2, 8);
+    let refused = book.filter(&loose, &offered, 4);
+    assert!(
+        matches!(&refused, Err(BookError::GangShapeMismatch(m)) if m.field == "topoplace.io/topology-required"),
+        "a member must describe its gang as it runs: {refused:?}"
+    );
+    assert_eq!(book.ledger().free_gpus(), 48 - 24, "nothing held by refusals");
+    book.check().expect("invariants");
+}
+
+/// A LeaderWorkerSet group of a leader and one worker, bound whole: its worker leaves and
+/// comes back; it joins the group, and the leader is not taken for an orphan and deleted.
+#[test]
+fn a_recreated_worker_of_a_running_leader_first_group_joins_it() {
+    let mut book = Book::new(cluster(1, 3), BookConfig::default());
+    let offered = all_hosts(&book);
+    let lws = |rank| {
+        let mut demand = super::tests::lws_member(2, rank);
+        demand.required = None;
+        demand
+    };
+    let leader = lws(0);
+    let node = {
+        let verdicts = book.filter(&leader, &offered, 0).expect("filter");
+        passing(&book, &verdicts, &offered).remove(0)
+    };
+    let BindStep::Bind { ticket, .. } = book.bind_arrive(&leader, &node, 1).expect("arrive") else { panic!("binds") };
+    assert_eq!(book.bind_finished(&ticket, &[(leader.pod.clone(), Ok(()))], 1), BindFinish::Bound);
+    let worker = lws(1);
+    let worker_node = {
+        let verdicts = book.filter(&worker, &offered, 2).expect("filter");
+        passing(&book, &verdicts, &offered).remove(0)
+    };
+    let BindStep::Bind { ticket, .. } = book.bind_arrive(&worker, &worker_node, 2).expect("arrive") else {
+        panic!("the worker binds")
+    };
+    assert_eq!(book.bind_finished(&ticket, &[(worker.pod.clone(), Ok(()))], 2), BindFinish::Bound);
+    assert!(book.gangs.is_empty());
+    book.forget_pod(&worker.pod.uid);
+    let again = PodDemand { pod: PodIdentity { uid: "lws-1-again".into(), ..worker.pod.clone() }, ..worker.clone() };
+    let verdicts = book.filter(&again, &offered, 3).expect("filter");
+    assert_eq!(passing(&book, &verdicts, &offered).len(), 1, "{verdicts:?}");
+    assert!(book.take_undo().is_empty(), "the leader is kept");
+    assert!(book.is_bound(&leader.pod.uid));
+    book.check().expect("invariants");
+}
+
+/// Of the candidates kube-scheduler proposes, the gang's plan takes those with the fewest
+/// victims: three full hosts, one with two 4-GPU pods and two with one 8-GPU pod each; a
+/// 2 × 8 gang keeps the two hosts of one victim each.
+#[test]
+fn a_gang_preempts_where_the_fewest_pods_are_evicted() {
+    let mut book = Book::new(cluster(1, 3), BookConfig::default());
+    for (name, host, gpus) in [("a", 0, 4), ("b", 0, 4), ("c", 1, 8), ("d", 2, 8)] {
+        let pod = single(name, gpus);
+        book.filter(&pod, &[host], 0).expect("filter");
+        bind_single(&mut book, &pod, host, 0);
+    }
+    assert_eq!(book.ledger().free_gpus(), 0);
+    let candidates = [
+        PreemptCandidate { host: 0, victims: vec!["a-uid".into(), "b-uid".into()] },
+        candidate(1, "c"),
+        candidate(2, "d"),
+    ];
+    let answer = book.preempt(&member("hi", 2, 0, 8), &candidates, 1).expect("preempt");
+    assert_eq!(kept(&answer), vec![false, true, true], "{answer:?}");
+    book.check().expect("invariants");
+}
+
+/// Low-priority single pods and gangs fill the cluster; high-priority gangs of 8-GPU members
+/// arrive and preempt the way kube-scheduler does (every node with low pods a candidate, all
+/// of them its victims; of the kept candidates, the first one's victims evicted, one member
+/// per step), with faults: evictions that never happen (the plan must time out), members of
+/// running gangs that crash and come back, low pods finishing. After every step: the book's
+/// invariants (no GPU held twice), no low gang evicted in part, every high gang bound whole,
+/// but for members away after a crash.
+#[test]
+fn a_seeded_simulation_of_gang_preemption_and_rejoining_keeps_every_gang_whole() {
+    use rand::rngs::Xoshiro256PlusPlus;
+    use rand::{RngExt, SeedableRng};
+    let (mut preempted, mut high_bound, mut rejoined, mut lapsed) = (0u64, 0u64, 0u64, 0u64);
+    for seed in 0..6u64 {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let config = BookConfig { nomination_ttl_ms: 3_000, reservation_ttl_ms: 2_000, ..BookConfig::default() };
+        let mut book = Book::new(cluster(4, 4), config);
+        let offered = all_hosts(&book);
+        let mut now = 0u64;
+        let mut next = 0u32;
+        // Low pods bound: uid -> (gang key if any, its size).
+        let mut low: BTreeMap<String, Option<(String, u32)>> = BTreeMap::new();
+        // High gangs: key -> members (demands) in rank order; `away`: members crashed, pending.
+        let mut high: BTreeMap<String, Vec<PodDemand>> = BTreeMap::new();
+        let mut away: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..250 {
+            now += 500;
+            next += 1;
+            match rng.random_range(0..10) {
+                0..=4 => {
+                    // Low work: a single pod, or a gang of two 4-GPU pods.
+                    let members: Vec<PodDemand> = if rng.random_bool(0.7) {
+                        vec![single(&format!("l{next}"), [1, 2, 4, 8][rng.random_range(0..4usize)])]
+                    } else {
+                        (0..2).map(|r| member(&format!("lg{next}"), 2, r, 4)).collect()
+                    };
+                    let nodes: Vec<Option<String>> = members
+                        .iter()
+                        .map(|m| {
+                            let verdicts = book.filter(m, &offered, now).ok()?;
+                            passing(&book, &verdicts, &offered).into_iter().next()
+                        })
+                        .collect();
+                    if nodes.iter().all(Option::is_some) {
+                        let mut last = None;
+                        for (m, node) in members.iter().zip(&nodes) {
+                            last = book.bind_arrive(m, node.as_deref().unwrap_or_default(), now).ok();
+                        }
+                        if let Some(BindStep::Bind { ticket, members: binds }) = last {
+                            let ok: Vec<_> = binds.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
+                            if book.bind_finished(&ticket, &ok, now) == BindFinish::Bound {
+                                for m in &members {
+                                    low.insert(m.pod.uid.clone(), m.gang.as_ref().map(|g| (g.key.clone(), g.size)));
+                                }
+                            }
+                        }
+                    }
+                }
+                5 | 6 => {
+                    if high.len() < 3 {
+                        let size = rng.random_range(2..=3);
+                        let key = format!("ns/h{next}");
+                        let members = (0..size).map(|r| member(&format!("h{next}"), size, r, 8)).collect();
+                        high.insert(key, members);
+                    }
+                }
+                7 => {
+                    // Low pods finish (a low gang whole).
+                    if let Some(uid) = low.keys().nth(rng.random_range(0..low.len().max(1))).cloned() {
+                        let gang = low.get(&uid).cloned().flatten();
+                        let uids: Vec<String> = match &gang {
+                            Some((key, _)) => low
+                                .iter()
+                                .filter(|(_, g)| g.as_ref().map(|g| &g.0) == Some(key))
+                                .map(|(u, _)| u.clone())
+                                .collect(),
+                            None => vec![uid],
+                        };
+                        for uid in uids {
+                            low.remove(&uid);
+                            book.forget_pod(&uid);
+                        }
+                    }
+                }
+                _ => {
+                    // A member of a high gang that runs crashes and is recreated.
+                    let running: Vec<String> = high
+                        .iter()
+                        .filter(|(k, ms)| !away.contains_key(*k) && ms.iter().all(|m| book.is_bound(&m.pod.uid)))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    if let Some(key) = running.first() {
+                        let members = high.get_mut(key).expect("gang");
+                        book.forget_pod(&members[0].pod.uid);
+                        members[0].pod.uid.push('c');
+                        away.insert(key.clone(), 1);
+                    }
+                }
+            }
+            // The high gangs' pending members: filtered (kube-scheduler's retry), preempting
+            // when nothing passes.
+            let keys: Vec<String> = high.keys().cloned().collect();
+            for key in keys {
+                let members = high[&key].clone();
+                let pending: Vec<&PodDemand> = members.iter().filter(|m| !book.is_bound(&m.pod.uid)).collect();
+                if pending.is_empty() {
+                    continue;
+                }
+                let mut nodes = Vec::new();
+                for m in &pending {
+                    let verdicts = book.filter(m, &offered, now).expect("filter");
+                    nodes.push(passing(&book, &verdicts, &offered).into_iter().next());
+                }
+                if nodes.iter().all(Option::is_some) {
+                    let mut last = None;
+                    for (m, node) in pending.iter().zip(&nodes) {
+                        last = book.bind_arrive(m, node.as_deref().unwrap_or_default(), now).ok();
+                    }
+                    if let Some(BindStep::Bind { ticket, members: binds }) = last {
+                        let ok: Vec<_> = binds.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
+                        assert_eq!(book.bind_finished(&ticket, &ok, now), BindFinish::Bound, "seed {seed}");
+                        if away.remove(&key).is_some() {
+                            rejoined += 1;
+                        } else {
+                            high_bound += 1;
+                        }
+                    }
+                    continue;
+                }
+                // Preempt for the first member that found nothing.
+                let Some(at) = nodes.iter().position(Option::is_none) else { continue };
+                let mut candidates = Vec::new();
+                for host in 0..book.cluster().hosts.len() as HostId {
+                    let node = book.cluster().host(host).name.clone();
+                    let victims: Vec<String> = low
+                        .keys()
+                        .filter(|uid| book.bound.get(*uid).is_some_and(|b| b.node == node))
+                        .cloned()
+                        .collect();
+                    if !victims.is_empty() {
+                        candidates.push(PreemptCandidate { host, victims });
+                    }
+                }
+                let answer = book.preempt(pending[at], &candidates, now).expect("preempt");
+                let Some(victims) = answer.keep.iter().flatten().next().cloned() else { continue };
+                if rng.random_bool(0.15) {
+                    lapsed += 1; // kube-scheduler never gets to evict them
+                    continue;
+                }
+                preempted += 1;
+                for uid in victims {
+                    assert!(low.remove(&uid).is_some(), "seed {seed}: victim {uid} is not low-priority work");
+                    book.forget_pod(&uid);
+                }
+            }
+            book.expire(now);
+            book.check().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            // No low gang evicted in part.
+            let mut low_gangs: BTreeMap<String, (u32, usize)> = BTreeMap::new();
+            for gang in low.values().flatten() {
+                low_gangs.entry(gang.0.clone()).or_insert((gang.1, 0)).1 += 1;
+            }
+            for (gang, (size, bound)) in low_gangs {
+                assert_eq!(bound, size as usize, "seed {seed}: low gang {gang} is left in part");
+            }
+            for (key, members) in &high {
+                let bound = members.iter().filter(|m| book.is_bound(&m.pod.uid)).count();
+                let missing = away.get(key).copied().unwrap_or(0);
+                assert!(
+                    bound == 0 || bound == members.len() || bound + missing == members.len(),
+                    "seed {seed}: high gang {key} has {bound} of {} bound",
+                    members.len()
+                );
+            }
+            // High gangs bound whole leave after a while, making room.
+            if rng.random_bool(0.1) {
+                if let Some(key) = high.keys().find(|k| !away.contains_key(*k)).cloned() {
+                    if high[&key].iter().all(|m| book.is_bound(&m.pod.uid)) {
+                        for m in high.remove(&key).unwrap_or_default() {
+                            book.forget_pod(&m.pod.uid);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        preempted > 10 && high_bound > 10 && rejoined > 3 && lapsed > 0,
+        "{preempted} {high_bound} {rejoined} {lapsed}"
+    );
+}

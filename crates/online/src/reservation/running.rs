@@ -1,0 +1,285 @@
+//! Gangs that run: some members bound, nothing reserved for the gang. A pod that names such
+//! a gang (a member recreated after it left, or one more of a gang scaled out) joins it on its
+//! own: one member's GPUs, inside the gang's required scope around the members that run, on
+//! the nearest room to them (a host of theirs, then their smallest domain outward). Nothing
+//! is reserved for members that do not exist.
+
+use super::*;
+
+/// What became of a pod joining its running gang ([`Book::hold_joining`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum JoinOutcome {
+    /// Its role takes no GPUs: nothing to hold.
+    NoGpus,
+    /// Its GPUs are held in the gang's joining reservation, its slot taken by it.
+    Held(Joined),
+    /// It fits nowhere inside its scope near its members (why); nothing is held.
+    Nowhere(String),
+}
+
+/// Where a joining member was placed, for its filter's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Joined {
+    pub host: HostId,
+    pub gpus: GpuMask,
+    /// The nearest region around the running members that had room, as the answer says it
+    /// (`a node its members run on`, `its members' rack \`r1\``, `the cluster`).
+    pub near: String,
+}
+
+impl Book {
+    /// The hosts the bound members of gang `key` run on, one entry per member.
+    pub fn running_hosts(&self, key: &str) -> Vec<HostId> {
+        self.bound
+            .values()
+            .filter(|b| b.gang.as_deref() == Some(key))
+            .filter_map(|b| self.cluster.host_id(&b.node))
+            .collect()
+    }
+
+    /// Whether gang `key` runs (a member bound) with nothing reserved for it.
+    pub(super) fn runs_unreserved(&self, key: &str) -> bool {
+        !self.gangs.contains_key(key) && self.bound.values().any(|b| b.gang.as_deref() == Some(key))
+    }
+
+    /// Whether gang `key` is known to have run whole (see `running`) and a member of it is
+    /// bound: a pending pod of it joins it rather than being taken for the rest of a gang
+    /// half-bound (the secondary scheduler's repair).
+    pub fn ran_whole(&self, key: &str) -> bool {
+        self.running.contains_key(key) && self.bound.values().any(|b| b.gang.as_deref() == Some(key))
+    }
+
+    /// The pod watch saw the members of gang `key` bound, whose pods say it has `size`
+    /// members: when that many are bound, it is known to have run whole (after a restart,
+    /// nothing else says so), and a pod of it that comes later joins it.
+    pub fn observe_gang_size(&mut self, key: &str, size: u32) {
+        if self.running.contains_key(key) || self.gangs.contains_key(key) {
+            return;
+        }
+        if self.running_hosts(key).len() >= size as usize {
+            self.running.insert(key.to_string(), None);
+        }
+    }
+
+    /// Forgets the shape of gang `key` when none of its members is bound any more.
+    pub(super) fn prune_running(&mut self, key: &str) {
+        if self.running.contains_key(key) && !self.bound.values().any(|b| b.gang.as_deref() == Some(key)) {
+            self.running.remove(key);
+        }
+    }
+
+    /// The one-member shape a pod of a running gang joins with, and the scopes that hold it
+    /// around the members that run (the gang's, or the replica's and its role's). `None` for a
+    /// GPU-less role. Errors: the pod describes the gang otherwise than it was bound
+    /// ([`BookError::GangShapeMismatch`]), or more than [`GANG_MEMBERS_MAX`] would run.
+    pub(super) fn joining_shape(
+        &self,
+        demand: &PodDemand,
+        membership: &GangMembership,
+        ours: &Planned,
+        own_role: usize,
+    ) -> Result<Option<(Gang, Vec<Scope>)>, BookError> {
+        if let Some(Some(remembered)) = self.running.get(&membership.key) {
+            if let Some((field, mine, theirs)) = planned_difference(ours, remembered) {
+                return Err(BookError::GangShapeMismatch(Box::new(ShapeMismatch {
+                    pod: demand.pod.to_string(),
+                    gang: membership.key.clone(),
+                    planned_by: "its members that run".into(),
+                    field,
+                    ours: mine,
+                    theirs,
+                })));
+            }
+        }
+        let running = self.running_hosts(&membership.key).len();
+        if running >= GANG_MEMBERS_MAX as usize {
+            return Err(BookError::RoleMismatch {
+                pod: demand.pod.to_string(),
+                detail: format!(
+                    "gang `{}` already runs {running} members, the most a gang may have ({GANG_MEMBERS_MAX})",
+                    membership.key
+                ),
+            });
+        }
+        let (gang, scopes) = match ours {
+            Planned::Gang(gang) => (gang.clone(), gang.required.iter().cloned().collect::<Vec<_>>()),
+            Planned::Replica(replica) => {
+                let Some(gang) = replica.roles.get(own_role).and_then(|r| r.gang.clone()) else { return Ok(None) };
+                let scopes = replica.required.iter().chain(gang.required.iter()).cloned().collect();
+                (gang, scopes)
+            }
+        };
+        let mut scopes = scopes;
+        if gang.tensor_parallel > gang.gpus_per_member {
+            // Its tensor-parallel group spans members: it joins theirs over NVLink.
+            scopes.push(Scope::Nvlink);
+        }
+        let one = Gang {
+            members: 1,
+            tensor_parallel: gang.tensor_parallel.min(gang.gpus_per_member),
+            pipeline_parallel: 1,
+            required: None,
+            preferred: None,
+            ..gang
+        };
+        Ok(Some((one, scopes)))
+    }
+}
+
+impl Book {
+    /// A pod of gang `key`, which runs (see the module doc), joins it on its own within
+    /// `within`: its GPUs are held as the gang's joining reservation (made, or grown by this
+    /// pod's slot, its TTL renewed). Errors: the pod describes the gang otherwise than it
+    /// runs, or its GPUs could not be held (a ledger fault; nothing changed).
+    pub(super) fn hold_joining(
+        &mut self,
+        demand: &PodDemand,
+        membership: &GangMembership,
+        ours: Planned,
+        own_role: usize,
+        within: &[bool],
+        now_ms: u64,
+    ) -> Result<JoinOutcome, BookError> {
+        let key = membership.key.clone();
+        let Some((one, scopes)) = self.joining_shape(demand, membership, &ours, own_role)? else {
+            return Ok(JoinOutcome::NoGpus);
+        };
+        let siblings = self.running_hosts(&key);
+        let joined =
+            self.with_planner(|planner, ledger| place_joining(planner, ledger, &one, &scopes, &siblings, within));
+        let joined = match joined {
+            Ok(joined) => joined,
+            Err(why) => {
+                return Ok(JoinOutcome::Nowhere(format!(
+                    "gang `{key}` runs {} member(s); this pod joins them on its own ({} GPUs, nothing else held) but \
+                     fits nowhere inside its scope near them: {why}",
+                    siblings.len(),
+                    one.gpus_per_member
+                )));
+            }
+        };
+        // The GPUs come from the planner on this ledger; a joining reservation that grows is
+        // held again whole, as it was if that fails.
+        let holder = gang_holder(&key);
+        let pod = demand.pod.to_string();
+        let earlier = match self.gangs.contains_key(&key) {
+            true => {
+                Some(self.ledger.release(&holder).map_err(|source| BookError::Ledger { pod: pod.clone(), source })?)
+            }
+            false => None,
+        };
+        let mut holding = earlier.clone().unwrap_or_default();
+        holding.push((joined.host, joined.gpus));
+        if let Err(source) = self.ledger.reserve(&holder, &merge_by_host(holding)) {
+            if let Some(earlier) = earlier {
+                if let Err(error) = self.ledger.reserve(&holder, &earlier) {
+                    self.ledger_fault("holding a joining reservation again", error);
+                }
+            }
+            return Err(BookError::Ledger { pod, source });
+        }
+        let ttl = self.config.reservation_ttl_ms;
+        let mut slot = Slot::of_role(own_role, joined.host, joined.gpus);
+        slot.pod = Some(demand.pod.clone());
+        match self.gangs.get_mut(&key) {
+            Some(reservation) => {
+                reservation.slots.push(slot);
+                reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
+            }
+            None => {
+                self.gangs.insert(
+                    key,
+                    GangReservation {
+                        planned: ours,
+                        slots: vec![slot],
+                        expires_at_ms: now_ms.saturating_add(ttl),
+                        binding: false,
+                        origin: None,
+                        first_held_ms: None,
+                        planned_by: Some(demand.pod.clone()),
+                        leader_first: false,
+                        joining: true,
+                    },
+                );
+            }
+        }
+        self.stats.members_joined += 1;
+        Ok(JoinOutcome::Held(joined))
+    }
+}
+
+/// Places one joining member of shape `one` on `ledger`, within `within` and inside every
+/// scope of `scopes` around the members that run on `siblings`: on a host they run on if one
+/// has room, else in their smallest domain with room, level by level outward, else (no
+/// scope) anywhere. Errors: why it fits nowhere inside the scopes.
+pub(super) fn place_joining(
+    planner: &mut Planner,
+    ledger: &Ledger<Holder>,
+    one: &Gang,
+    scopes: &[Scope],
+    siblings: &[HostId],
+    within: &[bool],
+) -> Result<Joined, String> {
+    let cluster = planner.cluster();
+    let hosts = cluster.hosts.len();
+    let Some(&first) = siblings.first() else { return Err("none of its members runs".into()) };
+    // The scopes, as hosts: each scope's domain that holds the first member that runs.
+    let mut inside: Vec<bool> = (0..hosts).map(|h| within.get(h).copied().unwrap_or(false)).collect();
+    let mut bounded = false;
+    for scope in scopes {
+        bounded = true;
+        let anchor = cluster.host(first);
+        for (h, flag) in inside.iter_mut().enumerate() {
+            let host = cluster.host(h as HostId);
+            let same = match scope {
+                Scope::Host => h as HostId == first,
+                Scope::Nvlink => match anchor.clique {
+                    Some(clique) => host.clique == Some(clique),
+                    None => h as HostId == first,
+                },
+                Scope::Level(name) => match cluster.level_index(name) {
+                    Some(level) => host.domain_path[level] == anchor.domain_path[level],
+                    None => false,
+                },
+            };
+            *flag &= same;
+        }
+    }
+    // The regions, nearest first: the members' hosts, then per level (innermost first) the
+    // domain holding most of them, then everything inside the scopes.
+    let mut regions: Vec<(Vec<bool>, String)> = Vec::new();
+    let on_sibling: Vec<bool> = (0..hosts).map(|h| inside[h] && siblings.contains(&(h as HostId))).collect();
+    regions.push((on_sibling, "a node its members run on".into()));
+    for level in (0..cluster.levels.len()).rev() {
+        let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+        for &s in siblings {
+            *counts.entry(cluster.host(s).domain_path[level]).or_default() += 1;
+        }
+        let Some((&domain, _)) = counts.iter().max_by_key(|&(d, n)| (*n, std::cmp::Reverse(*d))) else { continue };
+        let mask: Vec<bool> =
+            (0..hosts).map(|h| inside[h] && cluster.host(h as HostId).domain_path[level] == domain).collect();
+        let path = &cluster.domains[level][domain as usize].path;
+        regions.push((mask, format!("its members' {} `{path}`", cluster.levels[level])));
+    }
+    if !bounded {
+        regions.push((inside.clone(), "the cluster".into()));
+    } else {
+        regions.push((inside.clone(), "its required scope".into()));
+    }
+    let mut last_reason = String::from("no node inside its scope was offered");
+    let mut tried: Vec<bool> = vec![false; hosts];
+    for (mask, near) in regions {
+        if mask == tried || !mask.iter().any(|&m| m) {
+            continue;
+        }
+        match planner.place(ledger, PlaceRequest::new(one).within(Some(&mask))) {
+            Ok(placement) => {
+                let Some(member) = placement.members.first() else { continue };
+                return Ok(Joined { host: member.host, gpus: member.gpus, near });
+            }
+            Err(unplaced) => last_reason = unplaced.reason,
+        }
+        tried = mask;
+    }
+    Err(last_reason)
+}
