@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{
-    eventually_async as eventually, kube_server, kube_server_with, pod, post, schedule, serve_router, FakeApi,
+    eventually_async as eventually, kube_server, kube_server_with, pod, post, ready, schedule, serve_router, FakeApi,
 };
 use topoplace_online::reservation::BookConfig;
 use topoplace_server::assemble::ServerSetup;
@@ -43,16 +43,6 @@ async fn schedule_together(
         outcomes.push(task.await.expect("task"));
     }
     outcomes
-}
-
-/// Waits until the server's `/readyz` answers 200 (its view has listed nodes and pods).
-async fn ready(http: &reqwest::Client, base: &str) {
-    let (http, base) = (http.clone(), base.to_string());
-    eventually("readyz", move || {
-        let (http, base) = (http.clone(), base.clone());
-        Box::pin(async move { http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) })
-    })
-    .await;
 }
 
 fn free_of(state: &Value, node: &str) -> Vec<u64> {

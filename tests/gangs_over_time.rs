@@ -6,20 +6,13 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{eventually_async as eventually, free_gpus, kube_server, pod, post, schedule, serve_router, FakeApi};
+use support::{
+    eventually_async as eventually, free_gpus, kube_server, pod, post, ready, schedule, serve_router, FakeApi,
+};
 use topoplace_online::reservation::BookConfig;
 
 async fn state(http: &reqwest::Client, base: &str) -> Value {
     http.get(format!("{base}/state")).send().await.expect("get").json().await.expect("json")
-}
-
-async fn ready(http: &reqwest::Client, base: &str) {
-    let (http, base) = (http.clone(), base.to_string());
-    eventually("readyz", move || {
-        let (http, base) = (http.clone(), base.clone());
-        Box::pin(async move { http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) })
-    })
-    .await;
 }
 
 /// The nodes a filter reply passes.

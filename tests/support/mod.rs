@@ -198,6 +198,17 @@ pub fn scheduler_pod(namespace: &str, name: &str, gpus: u32, gang: Option<(&str,
     })
 }
 
+/// Waits until the server at `base` answers `/readyz` with 200 (its view has listed nodes and
+/// pods).
+pub async fn ready(http: &reqwest::Client, base: &str) {
+    let (http, base) = (http.clone(), base.to_string());
+    eventually_async("readyz", move || {
+        let (http, base) = (http.clone(), base.clone());
+        Box::pin(async move { http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) })
+    })
+    .await;
+}
+
 /// Free GPUs over every node of a `/state` reply.
 pub fn free_gpus(state: &Value) -> u64 {
     state["nodes"].as_array().expect("nodes").iter().map(|n| n["free"].as_array().map_or(0, Vec::len) as u64).sum()

@@ -83,19 +83,9 @@ impl Book {
             candidates.iter().map(|c| self.whole_gang_victims(c.host, &c.victims)).collect();
         let Some(membership) = demand.gang.clone() else {
             let Planned::Gang(gang) = &shape else { return Ok(PreemptAnswer::none(count, "no gang".into())) };
-            let keep = candidates
-                .iter()
-                .zip(&whole)
-                .map(|(candidate, victims)| {
-                    let victims = victims.as_ref().ok()?;
-                    let trial = self.trial_without(victims, &demand.pod.uid);
-                    let host = candidate.host;
-                    let fits = self.with_planner(|planner, _| {
-                        matches!(planner.fit_hosts(&trial, gang, &[host]).first(), Some(None))
-                    });
-                    fits.then(|| victims.clone())
-                })
-                .collect();
+            let keep = self.keep_each(demand, candidates, &whole, |planner, trial, host| {
+                matches!(planner.fit_hosts(trial, gang, &[host]).first(), Some(None))
+            });
             return Ok(self.answer(keep, &whole, "the pod does not fit on any candidate with its victims gone"));
         };
         let key = membership.key.clone();
@@ -118,17 +108,9 @@ impl Book {
             };
             let siblings = self.running_hosts(&key);
             let open = self.open_hosts();
-            let keep = candidates
-                .iter()
-                .zip(&whole)
-                .map(|(candidate, victims)| {
-                    let victims = victims.as_ref().ok()?;
-                    let trial = self.trial_without(victims, &demand.pod.uid);
-                    let joined =
-                        self.with_planner(|planner, _| place_joining(planner, &trial, &one, &scopes, &siblings, &open));
-                    joined.is_ok_and(|j| j.host == candidate.host).then(|| victims.clone())
-                })
-                .collect();
+            let keep = self.keep_each(demand, candidates, &whole, |planner, trial, host| {
+                place_joining(planner, trial, &one, &scopes, &siblings, &open).is_ok_and(|j| j.host == host)
+            });
             return Ok(self.answer(keep, &whole, "the member does not join its running gang on any candidate"));
         }
         if self.gangs.contains_key(&key) {
@@ -136,6 +118,26 @@ impl Book {
             return Ok(PreemptAnswer::none(count, format!("gang `{key}` is reserved and has no slot for this pod")));
         }
         Ok(self.preempt_together(demand, &key, shape, candidates, whole, now_ms))
+    }
+
+    /// Each candidate judged alone: kept (with its whole-gang victims) when `fits` says the
+    /// pod goes to the candidate's host on a copy of the ledger with those victims gone.
+    fn keep_each(
+        &mut self,
+        demand: &PodDemand,
+        candidates: &[PreemptCandidate],
+        whole: &[Result<Vec<String>, String>],
+        fits: impl Fn(&mut Planner, &Ledger<Holder>, HostId) -> bool,
+    ) -> Vec<Option<Vec<String>>> {
+        candidates
+            .iter()
+            .zip(whole)
+            .map(|(candidate, victims)| {
+                let victims = victims.as_ref().ok()?;
+                let trial = self.trial_without(victims, &demand.pod.uid);
+                self.with_planner(|planner, _| fits(planner, &trial, candidate.host)).then(|| victims.clone())
+            })
+            .collect()
     }
 
     /// A gang with nothing reserved: every acceptable candidate's victims gone at once, the
