@@ -572,3 +572,46 @@ async fn leaderworkerset_subgroups_are_bound_a_rack_each() {
     assert_ne!(rack_of("sg-0"), rack_of("sg-0-2"), "a rack each");
     finish(&api, replica, Some(server)).await;
 }
+
+/// Issue 19 through the secondary scheduler against the fake API server. Input 1: two nodes
+/// full with low-priority pods; a gang of 2 × 8 of priority 1000 preempts both (deleted by
+/// the scheduler, each with its uid as a precondition, a `Preempted` Event on each), holds the
+/// GPUs they give back and binds once both have left. Input 2: a member of the running gang
+/// deleted and recreated joins it again; the member that ran on is never deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_priority_gang_preempts_and_a_recreated_member_joins_it_again() {
+    let (api, server) = api_with(rack_nodes(&["r1"], 2)).await;
+    for (index, node) in ["r1-0", "r1-1"].iter().enumerate() {
+        api.add_pod(scheduler_pod("batch", &format!("low-{index}"), 8, None, "1"), Some(node), Some("0,1,2,3,4,5,6,7"));
+    }
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    for rank in 0..2 {
+        let mut pod = scheduler_pod("ml", &format!("hi-{rank}"), 8, Some(("hi", 2, rank)), "1");
+        pod["spec"]["priority"] = json!(1000);
+        api.add_pod(pod, None, None);
+    }
+    eventually("both low-priority pods evicted", || api.deletes().len() >= 2).await;
+    let mut deleted = api.deletes();
+    deleted.sort();
+    assert_eq!(deleted, ["low-0", "low-1"]);
+    eventually("a Preempted Event on each victim", || {
+        ["low-0", "low-1"].iter().all(|name| !events_for(&api, name, "Preempted").is_empty())
+    })
+    .await;
+    eventually("the gang bound on the GPUs its victims gave back", || {
+        api.pod_node("ml", "hi-0").is_some() && api.pod_node("ml", "hi-1").is_some()
+    })
+    .await;
+
+    api.delete_pod("ml", "hi-0");
+    let mut again = scheduler_pod("ml", "hi-0", 8, Some(("hi", 2, 0)), "1");
+    again["metadata"]["uid"] = json!("hi-0-second");
+    again["spec"]["priority"] = json!(1000);
+    api.add_pod(again, None, None);
+    eventually("the recreated member joined its gang", || api.pod_node("ml", "hi-0").is_some()).await;
+    assert!(
+        !api.deletes().contains(&"hi-1".to_string()),
+        "the member that ran on was never taken for a half-bound gang"
+    );
+    finish(&api, replica, Some(server)).await;
+}

@@ -911,6 +911,12 @@ pub fn priority(pod: &Pod) -> i32 {
     pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
 }
 
+/// Whether the pod's `spec.preemptionPolicy` is `Never` (it waits rather than evicts; the
+/// default, `PreemptLowerPriority`, preempts).
+pub fn never_preempts(pod: &Pod) -> bool {
+    pod.spec.as_ref().and_then(|s| s.preemption_policy.as_deref()) == Some("Never")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -503,6 +503,7 @@ impl Book {
             planned_by: None,
             leader_first: false,
             joining: false,
+            from_preemption: false,
         };
         self.gangs.insert(key.to_string(), reservation);
         self.stats.gangs_reserved += 1;
@@ -511,6 +512,10 @@ impl Book {
     /// [`RequestError::AlreadyReserved`] when `key` has a reservation (the API's or the
     /// extender's).
     fn check_not_reserved(&self, key: &str) -> Result<(), RequestError> {
+        if self.nominations.contains_key(key) {
+            let by = "a preemption's plan, waiting for its victims to leave".to_string();
+            return Err(RequestError::AlreadyReserved { gang: key.to_string(), by });
+        }
         let Some(existing) = self.gangs.get(key) else { return Ok(()) };
         let by = match &existing.origin {
             Some(origin) => format!("reservation `{}` of {}", origin.id, origin.owner),

@@ -50,15 +50,28 @@ impl Book {
                 None => Planned::Gang(demand.gang()?),
             };
             check_shape(&self.cluster, demand, &ours, reservation, &membership)?;
-            let planned_off_offer = self
-                .slot_of(&key, &demand.pod.uid)
-                .map(|slot| !offered.contains(&reservation.slots[slot].host))
-                .unwrap_or(false);
+            let own_slot = self.slot_of(&key, &demand.pod.uid);
+            let planned_off_offer = own_slot.is_some_and(|slot| !offered.contains(&reservation.slots[slot].host));
+            // Another open slot of its role on an offered node (kube-scheduler nominated the
+            // pod to one node of a preemption's plan, and offers it that one).
+            let open_offered = reservation
+                .slots
+                .iter()
+                .any(|s| s.role == own_role && s.pod.is_none() && !s.bound && offered.contains(&s.host));
             // A member bound ahead of the gang pins the plan too.
             let any_at_bind = reservation.binding || reservation.slots.iter().any(|s| s.at_bind || s.bound);
-            if planned_off_offer && !any_at_bind {
-                // kube-scheduler no longer offers the planned node: plan the gang again.
-                self.drop_reservation(&key);
+            match (own_slot, planned_off_offer) {
+                (Some(slot), true) if open_offered && !reservation.slots[slot].at_bind => {
+                    // It moves to the open slot on an offered node ([`Book::assign_slot`]).
+                    if let Some(reservation) = self.gangs.get_mut(&key) {
+                        reservation.slots[slot].pod = None;
+                    }
+                }
+                (_, true) if !any_at_bind => {
+                    // kube-scheduler no longer offers the planned node: plan the gang again.
+                    self.drop_reservation(&key);
+                }
+                _ => {}
             }
         }
         if !self.gangs.contains_key(&key) && matches!(membership.order, BindOrder::LeaderFirst { .. }) {
@@ -82,6 +95,16 @@ impl Book {
             && !self.has_open_slot(&key, own_role);
         if joining && self.gangs.get(&key).is_some_and(|r| r.binding) {
             let reason = format!("gang `{key}`: members joining it are binding now; this pod joins after them");
+            return Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect());
+        }
+        let new_leader = matches!(membership.order, BindOrder::LeaderFirst { leader: true });
+        if new_leader && self.runs_unreserved(&key) {
+            // A LeaderWorkerSet recreating its group: the new leader waits for the old
+            // members to leave, then the group is planned whole.
+            let reason = format!(
+                "gang `{key}`: members of its earlier group still run ({}); its new leader waits until they have left",
+                self.running_hosts(&key).len()
+            );
             return Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect());
         }
         if self.runs_unreserved(&key) || joining {
@@ -158,6 +181,7 @@ impl Book {
                     planned_by: Some(demand.pod.clone()),
                     leader_first: matches!(membership.order, BindOrder::LeaderFirst { .. }),
                     joining: false,
+                    from_preemption: false,
                 },
             );
             self.stats.gangs_reserved += 1;
@@ -168,7 +192,7 @@ impl Book {
                 reservation.leader_first = true;
             }
         }
-        let slot = self.assign_slot(&key, demand, &membership, own_role, now_ms)?;
+        let slot = self.assign_slot(&key, demand, &membership, (own_role, offered), now_ms)?;
         let Some(reservation) = self.gangs.get(&key) else {
             return Err(BookError::NotPlanned { pod: demand.pod.to_string() });
         };
@@ -280,14 +304,15 @@ impl Book {
     }
 
     /// The member's slot in its gang's plan: kept if it has one, by rank (within its role
-    /// `role`, 0 for a gang of one shape) if it says one, else the role's first free slot. A
+    /// `role`, 0 for a gang of one shape) if it says one and that slot's node is offered, else
+    /// the role's first free slot on an offered node, else by rank, else the first free one. A
     /// new member refreshes the reservation's expiry.
     fn assign_slot(
         &mut self,
         key: &str,
         demand: &PodDemand,
         membership: &GangMembership,
-        role: usize,
+        (role, offered): (usize, &[HostId]),
         now_ms: u64,
     ) -> Result<usize, BookError> {
         let ttl = self.config.reservation_ttl_ms;
@@ -302,7 +327,7 @@ impl Book {
                     });
                 }
                 reservation.slots[slot].pod = None;
-                return self.assign_slot(key, demand, membership, role, now_ms);
+                return self.assign_slot(key, demand, membership, (role, offered), now_ms);
             }
             // A member filtered again (kube-scheduler's retry) is a sign of life too.
             if let Some(reservation) = self.gangs.get_mut(key) {
@@ -321,13 +346,17 @@ impl Book {
         // Without a free slot, a newcomer without a rank takes one whose pod's hold lapsed:
         // the pod watch sees bound pods only, so a parked member deleted and replaced still
         // holds its slot.
-        let free = of_role.iter().copied().find(|&i| reservation.slots[i].pod.is_none() && !reservation.slots[i].bound);
+        let is_free = |i: usize| reservation.slots[i].pod.is_none() && !reservation.slots[i].bound;
+        let offered_free =
+            of_role.iter().copied().find(|&i| is_free(i) && offered.contains(&reservation.slots[i].host));
+        let by_rank_offered = by_rank.filter(|&i| offered.contains(&reservation.slots[i].host));
+        let free = of_role.iter().copied().find(|&i| is_free(i));
         let lapsed = membership
             .rank
             .is_none()
             .then(|| of_role.iter().copied().find(|&i| reservation.slots[i].lapsed && !reservation.slots[i].bound))
             .flatten();
-        let Some(slot) = by_rank.or(free).or(lapsed) else {
+        let Some(slot) = by_rank_offered.or(offered_free).or(by_rank).or(free).or(lapsed) else {
             return Err(BookError::GangFull {
                 pod: demand.pod.to_string(),
                 gang: key.to_string(),
@@ -497,6 +526,21 @@ impl Book {
                 members: vec![member],
             });
         }
+        if reservation.joining {
+            // A pod joining a gang that runs binds on its own: it waits for nobody, and a
+            // joiner deleted before its bind holds up no other.
+            if reservation.slots[slot].at_bind {
+                return Err(BookError::InFlight { gang: key });
+            }
+            let at = &mut reservation.slots[slot];
+            // In flight: never answered at a hold, and the reservation does not expire under it.
+            (at.at_bind, at.lapsed, at.held_until_ms) = (true, false, u64::MAX);
+            let member = at.binding_of(cluster, demand.pod.clone());
+            return Ok(BindStep::Bind {
+                ticket: Ticket::Joined { gang: key, uid: demand.pod.uid.clone() },
+                members: vec![member],
+            });
+        }
         let arrived = !reservation.slots[slot].at_bind;
         if arrived {
             let slot = &mut reservation.slots[slot];
@@ -544,6 +588,7 @@ impl Book {
             outcomes.iter().filter_map(|(pod, r)| r.as_ref().err().map(|e| format!("{pod}: {e}"))).collect();
         // The shape of a gang bound whole, remembered while it runs.
         let mut planned: Option<Planned> = None;
+        let mut joined = false;
         let members: Vec<(PodIdentity, String, GpuMask, Option<String>)> = match ticket {
             Ticket::Bound(_) => {
                 return if failures.is_empty() {
@@ -553,6 +598,7 @@ impl Book {
                 };
             }
             Ticket::Leader { gang, uid } => return self.leader_bound(gang, uid, outcomes, failures, now_ms),
+            Ticket::Joined { gang, uid } => return self.joined_bound(gang, uid, failures, now_ms),
             Ticket::Gang(key) => {
                 let Some(reservation) = self.drop_reservation(key) else {
                     return BindFinish::RolledBack { delete: Vec::new(), failures };
@@ -565,6 +611,7 @@ impl Book {
                     return BindFinish::RolledBack { delete, failures };
                 }
                 planned = Some(reservation.planned.clone());
+                joined = reservation.joining;
                 reservation
                     .slots
                     .iter()
@@ -604,8 +651,13 @@ impl Book {
         }
         if let Ticket::Gang(key) = ticket {
             self.stats.gangs_bound += 1;
-            if let Some(planned) = planned {
-                self.running.entry(key.clone()).or_insert(None).get_or_insert(planned);
+            match (planned, self.running.get_mut(key)) {
+                // A joining reservation's shape is the one its gang ran with already.
+                (Some(_), Some(Some(_))) if joined => {}
+                (Some(planned), _) => {
+                    self.running.insert(key.clone(), Some(planned));
+                }
+                (None, _) => {}
             }
         }
         BindFinish::Bound
@@ -640,6 +692,18 @@ impl Book {
                     }
                 }
             }
+            Ticket::Joined { gang, uid } => {
+                if let Some(reservation) = self.gangs.get_mut(gang) {
+                    let ttl = self.config.reservation_ttl_ms;
+                    reservation.expires_at_ms = reservation.expires_at_ms.max(now_ms.saturating_add(ttl));
+                    for slot in reservation.slots.iter_mut().filter(|s| s.pod.as_ref().is_some_and(|p| &p.uid == uid)) {
+                        (slot.at_bind, slot.lapsed) = (false, false);
+                        if not_those.contains(uid) {
+                            slot.pod = None;
+                        }
+                    }
+                }
+            }
             Ticket::Pod(uid) => {
                 if self.singles.remove(uid).is_some() {
                     if let Err(error) = self.ledger.release(&pod_holder(uid)) {
@@ -649,6 +713,46 @@ impl Book {
             }
             Ticket::Bound(_) => {}
         }
+    }
+
+    /// The outcome of a [`Ticket::Joined`]: the pod's slot leaves the joining reservation
+    /// (which ends with its last slot); bound, its GPUs are held as its pod's; not bound, they
+    /// are given back (kube-scheduler retries it, and it joins afresh).
+    fn joined_bound(&mut self, key: &str, uid: &str, failures: Vec<String>, now_ms: u64) -> BindFinish {
+        let Some(reservation) = self.gangs.get_mut(key) else {
+            return BindFinish::RolledBack { delete: Vec::new(), failures };
+        };
+        let Some(index) = reservation.slots.iter().position(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid)) else {
+            return BindFinish::RolledBack { delete: Vec::new(), failures };
+        };
+        let slot = reservation.slots.remove(index);
+        let rest = merge_by_host(reservation.slots.iter().filter(|s| !s.bound).map(|s| (s.host, s.gpus)));
+        if rest.is_empty() {
+            self.gangs.remove(key);
+        }
+        // One holder gives the joiner's GPUs away: released whole, the rest taken again.
+        if let Err(error) = self.ledger.release(&gang_holder(key)) {
+            self.ledger_fault("moving a joining pod's GPUs out of its reservation", error);
+        }
+        if !rest.is_empty() {
+            if let Err(error) = self.ledger.reserve(&gang_holder(key), &rest) {
+                self.ledger_fault("holding the rest of a joining reservation", error);
+            }
+        }
+        if !failures.is_empty() {
+            return BindFinish::RolledBack { delete: Vec::new(), failures };
+        }
+        let Some(pod) = slot.pod else { return BindFinish::Bound };
+        if let Err(error) = self.ledger.reserve(&pod_holder(uid), &[(slot.host, slot.gpus)]) {
+            self.ledger_fault("holding a joined pod's GPUs as its pod's", error);
+        }
+        let node = self.cluster.host(slot.host).name.clone();
+        self.bound.insert(
+            uid.to_string(),
+            BoundPod { pod, node, gpus: slot.gpus, gang: Some(key.to_string()), bound_at_ms: now_ms },
+        );
+        self.stats.pods_bound += 1;
+        BindFinish::Bound
     }
 
     /// The outcome of a [`Ticket::Leader`]: bound, the leader's GPUs move from the gang's

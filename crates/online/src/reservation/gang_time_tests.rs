@@ -435,3 +435,90 @@ fn a_seeded_simulation_of_gang_preemption_and_rejoining_keeps_every_gang_whole()
         "{preempted} {high_bound} {rejoined} {lapsed}"
     );
 }
+
+/// A gang whose Binding failed in part never ran whole: while its bound member is being
+/// deleted (the pod watch may still show it bound), a retried member plans the whole gang
+/// again rather than joining it alone.
+#[test]
+fn a_gang_that_never_ran_whole_is_planned_whole_not_joined() {
+    let mut book = Book::new(cluster(1, 4), BookConfig::default());
+    let offered = all_hosts(&book);
+    let (members, nodes) = filter_gang(&mut book, "g", 2, &offered);
+    book.bind_arrive(&members[0], &nodes[0], 1).expect("arrive");
+    let Ok(BindStep::Bind { ticket, members: binds }) = book.bind_arrive(&members[1], &nodes[1], 1) else {
+        panic!("binds")
+    };
+    let outcomes: Vec<_> =
+        binds.iter().map(|b| (b.pod.clone(), if b.pod.name == "g-1" { Err("500".into()) } else { Ok(()) })).collect();
+    assert!(matches!(book.bind_finished(&ticket, &outcomes, 2), BindFinish::RolledBack { .. }));
+    // The watch still shows g-0 bound while its deletion goes through.
+    book.observe_bound(members[0].pod.clone(), &nodes[0], None, 8, Some("ns/g".into())).expect("observed");
+    book.observe_gang_size("ns/g", 2);
+    book.filter(&members[1], &offered, 3).expect("filter");
+    assert_eq!(book.stats().members_joined, 0, "no join");
+    assert_eq!(book.gangs["ns/g"].slots.len(), 2, "the whole gang is planned");
+    book.check().expect("invariants");
+}
+
+/// After a preemption settles, each member takes the slot on the node kube-scheduler offers
+/// it (the node it was nominated to), whatever the plan's order.
+#[test]
+fn members_take_the_slots_on_the_nodes_they_are_offered_after_a_preemption() {
+    let mut book = two_full_hosts();
+    let high = [member("hi", 2, 0, 8), member("hi", 2, 1, 8)];
+    let answer = book.preempt(&high[0], &[candidate(0, "low-0"), candidate(1, "low-1")], 1).expect("preempt");
+    assert_eq!(kept(&answer), vec![true, true]);
+    book.forget_pod("low-0-uid");
+    book.forget_pod("low-1-uid");
+    // Rank 0 is offered host 1 only, rank 1 host 0 only.
+    for (member, host) in [(&high[0], 1), (&high[1], 0)] {
+        let verdicts = book.filter(member, &[host], 2).expect("filter");
+        assert_eq!(verdicts, vec![NodeVerdict::Pass], "{}", member.pod);
+    }
+    bind_gang(&mut book, &high, &["r0-1".to_string(), "r0-0".to_string()], 3);
+    assert!(book.is_bound("hi-0-uid") && book.is_bound("hi-1-uid"));
+    book.check().expect("invariants");
+}
+
+/// Two preemptions never count on the same GPUs: the victims a first gang's plan waits for
+/// are not freed for a second one's.
+#[test]
+fn two_preemptions_never_plan_on_the_same_victims() {
+    let mut book = two_full_hosts();
+    let first = book.preempt(&member("a", 2, 0, 8), &[candidate(0, "low-0"), candidate(1, "low-1")], 1);
+    assert_eq!(kept(&first.expect("preempt")), vec![true, true]);
+    let second = book.preempt(&member("b", 1, 0, 8), &[candidate(0, "low-0")], 1).expect("preempt");
+    assert_eq!(second.keep, vec![None], "{second:?}");
+    book.check().expect("invariants");
+}
+
+/// A LeaderWorkerSet recreating its group: the new leader waits for the old members to leave
+/// instead of joining them.
+#[test]
+fn a_new_leader_of_a_running_group_waits_for_the_old_members() {
+    let mut book = Book::new(cluster(1, 3), BookConfig::default());
+    let offered = all_hosts(&book);
+    let lws = |rank| PodDemand { required: None, ..super::tests::lws_member(2, rank) };
+    let (leader, worker) = (lws(0), lws(1));
+    let verdicts = book.filter(&leader, &offered, 0).expect("filter");
+    let node = passing(&book, &verdicts, &offered).remove(0);
+    let BindStep::Bind { ticket, .. } = book.bind_arrive(&leader, &node, 1).expect("arrive") else { panic!("binds") };
+    book.bind_finished(&ticket, &[(leader.pod.clone(), Ok(()))], 1);
+    let verdicts = book.filter(&worker, &offered, 2).expect("filter");
+    let worker_node = passing(&book, &verdicts, &offered).remove(0);
+    let BindStep::Bind { ticket, .. } = book.bind_arrive(&worker, &worker_node, 2).expect("arrive") else {
+        panic!("binds")
+    };
+    book.bind_finished(&ticket, &[(worker.pod.clone(), Ok(()))], 2);
+    book.forget_pod(&leader.pod.uid);
+    let new_leader = PodDemand { pod: PodIdentity { uid: "lws-0-new".into(), ..leader.pod.clone() }, ..leader.clone() };
+    let verdicts = book.filter(&new_leader, &offered, 3).expect("filter");
+    assert!(
+        verdicts.iter().all(|v| matches!(v, NodeVerdict::Fail(r) if r.contains("waits until they have left"))),
+        "{verdicts:?}"
+    );
+    book.forget_pod(&worker.pod.uid);
+    let verdicts = book.filter(&new_leader, &offered, 4).expect("filter");
+    assert_eq!(passing(&book, &verdicts, &offered).len(), 1, "planned whole once they left");
+    book.check().expect("invariants");
+}

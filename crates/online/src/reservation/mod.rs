@@ -14,7 +14,10 @@
 //!
 //! Ledger holders ([`Holder`]): a reserved gang holds its GPUs as `Holder::Gang(key)`, a
 //! bound pod as `Holder::Pod(uid)`. A gang moves from the first to the second only when every member's Binding
-//! succeeded, so at any instant a gang is held whole (reserved or bound) or not at all.
+//! succeeded, so at any instant a gang is held whole (reserved or bound) or not at all. The
+//! exceptions are by design and named: a LeaderWorkerSet leader bound ahead of its workers
+//! (their GPUs still held by the gang), a pod joining a gang that runs (held alone, bound
+//! alone), and a preemption's plan (`Holder::Nominated`: what its victims gave back so far).
 
 mod api;
 mod extender;
@@ -532,6 +535,8 @@ struct GangReservation {
     /// Planned for pods joining their gang while it runs (`running`): its slots are those
     /// pods' only, and it grows as more of them come.
     joining: bool,
+    /// Made from a preemption's plan once its victims left ([`Book::settle`]).
+    from_preemption: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -586,7 +591,9 @@ pub struct Book {
 }
 
 /// Who holds GPUs in the book's ledger. A gang is held whole by `Gang` while reserved or
-/// binding, then by one `Pod` per member once every Binding succeeded: never both, never part.
+/// binding, then by one `Pod` per member once every Binding succeeded: never both, never part
+/// (but for the exceptions the module doc names: a leader bound ahead, pods joining a gang that
+/// runs, a preemption's plan).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Holder {
     /// A reserved gang, by its key `namespace/name`.
@@ -627,19 +634,23 @@ pub enum Ticket {
     /// The leader of a [`BindOrder::LeaderFirst`] gang, ahead of the rest: the gang's key
     /// and the leader's uid. Its outcome answers no other member.
     Leader { gang: String, uid: String },
+    /// A pod joining a gang that runs (the gang's key, the pod's uid), bound on its own out of
+    /// the gang's joining reservation.
+    Joined { gang: String, uid: String },
     /// One pod (by uid) whose GPUs were chosen at bind, held by [`Holder::Pod`] meanwhile.
     Pod(String),
     /// A pod (by uid) the book already has bound: a repeated bind to its node, nothing held.
     Bound(String),
 }
 
-/// `gang:{key}`, `leader:{key}:{uid}`, `pod:{uid}` or `bound:{uid}`, for logs and messages
+/// `gang:{key}`, `leader:{key}:{uid}`, `joined:{key}:{uid}`, `pod:{uid}` or `bound:{uid}`, for logs and messages
 /// (never parsed back).
 impl std::fmt::Display for Ticket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Ticket::Gang(key) => write!(f, "gang:{key}"),
             Ticket::Leader { gang, uid } => write!(f, "leader:{gang}:{uid}"),
+            Ticket::Joined { gang, uid } => write!(f, "joined:{gang}:{uid}"),
             Ticket::Pod(uid) => write!(f, "pod:{uid}"),
             Ticket::Bound(uid) => write!(f, "bound:{uid}"),
         }
@@ -651,7 +662,7 @@ impl Ticket {
     pub fn gang(&self) -> Option<&str> {
         match self {
             Ticket::Gang(key) => Some(key),
-            Ticket::Pod(_) | Ticket::Bound(_) | Ticket::Leader { .. } => None,
+            Ticket::Pod(_) | Ticket::Bound(_) | Ticket::Leader { .. } | Ticket::Joined { .. } => None,
         }
     }
 }
@@ -868,12 +879,14 @@ impl Book {
     /// A bound pod given up so that its replica is not left half-placed: no longer bound in
     /// the book, its GPUs released; whether it was bound.
     fn give_up_bound(&mut self, pod: &PodIdentity) -> bool {
-        if self.bound.remove(&pod.uid).is_none() {
-            return false;
-        }
+        let Some(gone) = self.bound.remove(&pod.uid) else { return false };
         if let Err(error) = self.ledger.release(&pod_holder(&pod.uid)) {
             self.ledger_fault("giving up a member bound ahead of its gang", error);
         }
+        if let Some(gang) = gone.gang {
+            self.prune_running(&gang);
+        }
+        self.hold_nominated_all();
         true
     }
 

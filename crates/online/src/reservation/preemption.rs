@@ -258,7 +258,11 @@ impl Book {
                     .filter_map(|uid| self.bound.get(uid))
                     .filter(|b| self.cluster.host_id(&b.node) == Some(host))
                     .fold(0, |m, b| m | b.gpus);
-                let assumed = victims.iter().filter_map(|uid| self.assumed.get(uid)).fold(0, |m, a| m | a.gpus);
+                let assumed = victims
+                    .iter()
+                    .filter_map(|uid| self.assumed.get(uid))
+                    .filter(|a| a.host == host)
+                    .fold(0, |m, a| m | a.gpus);
                 let available = self.ledger.free(host) | ours | freed | assumed;
                 (wanted & !available == 0).then(|| victims.clone())
             })
@@ -307,6 +311,18 @@ impl Book {
                 let _ = trial.release(&holder);
             }
         }
+        // What other preemptions' plans wait for stays theirs, though its pods are victims
+        // here too: two plans never count on the same GPUs.
+        for (key, nomination) in &self.nominations {
+            let request: Holding = merge_by_host(nomination.slots.iter().map(|s| (s.host, s.gpus)))
+                .into_iter()
+                .map(|(host, mask)| (host, mask & trial.free(host)))
+                .filter(|&(_, mask)| mask != 0)
+                .collect();
+            if !request.is_empty() {
+                let _ = trial.reserve(&Holder::Nominated(format!("{key} (pending)")), &request);
+            }
+        }
         trial
     }
 
@@ -321,8 +337,8 @@ impl Book {
             let Some(gang) = &bound.gang else { continue };
             if self.gangs.contains_key(gang) {
                 return Err(format!(
-                    "victim {} is bound ahead of gang `{gang}`, whose other members are still held for: evicting it \
-                     would leave part of that gang",
+                    "victim {} is part of gang `{gang}`, which has a reservation still open (members bound ahead, or \
+                     joining it): evicting it would leave part of that gang",
                     bound.pod
                 ));
             }
@@ -432,6 +448,7 @@ impl Book {
                     planned_by: Some(nomination.planned_by),
                     leader_first: nomination.leader_first,
                     joining: false,
+                    from_preemption: true,
                 },
             );
             self.stats.gangs_reserved += 1;
@@ -459,5 +476,90 @@ impl Book {
             }
         }
         Some(nomination)
+    }
+}
+
+/// The secondary scheduler's side of preemption: it chooses the victims itself and deletes
+/// them; the book tries plans with victims gone and keeps the chosen one as a [`Nomination`].
+impl Book {
+    /// `planned` placed on the hosts of `allowed` against a copy of the ledger from which the
+    /// GPUs of `victims` (uids of bound pods; others free nothing) are given back: its slots
+    /// (role, host, GPUs; a gang's in member order), or why it does not fit. Holds nothing.
+    pub fn plan_without(
+        &mut self,
+        planned: &Planned,
+        victims: &[String],
+        allowed: &[bool],
+    ) -> Result<Vec<RoleSlot>, String> {
+        let trial = self.trial_without(victims, "");
+        self.with_planner(|planner, _| match planned {
+            Planned::Gang(gang) => planner
+                .place(&trial, PlaceRequest::new(gang).within(Some(allowed)))
+                .map(|p| p.members.iter().map(|m| (0, m.host, m.gpus)).collect())
+                .map_err(|unplaced| unplaced.reason),
+            Planned::Replica(replica) => planner
+                .place_replica(&trial, replica, &SolverChoice::Greedy, Some(allowed))
+                .map(|placement| replica_slots(replica, &placement).iter().map(|s| (s.role, s.host, s.gpus)).collect())
+                .map_err(|unplaced| unplaced.reason),
+        })
+    }
+
+    /// Records the secondary scheduler's preemption plan for the unit `key` (a gang's key, or
+    /// `pod:{uid}` for a single pod): its `slots` (role, host, GPUs) are held as its victims
+    /// leave ([`Holder::Nominated`]) and become its reservation once all are free
+    /// ([`Book::settle`]). An earlier nomination under `key` is replaced. Errors: `key` is
+    /// reserved already.
+    pub fn nominate(
+        &mut self,
+        key: &str,
+        planned: Planned,
+        slots: &[RoleSlot],
+        planned_by: PodIdentity,
+        now_ms: u64,
+    ) -> Result<(), BookError> {
+        if self.gangs.contains_key(key) {
+            return Err(BookError::AlreadyPlanned { gang: key.to_string() });
+        }
+        self.drop_nomination(key);
+        let nomination = Nomination {
+            planned,
+            slots: slots.iter().map(|&(role, host, gpus)| Slot::of_role(role, host, gpus)).collect(),
+            expires_at_ms: now_ms.saturating_add(self.config.nomination_ttl_ms),
+            planned_by,
+            leader_first: false,
+        };
+        self.nominations.insert(key.to_string(), nomination);
+        self.stats.gangs_nominated += 1;
+        self.hold_nominated(key);
+        Ok(())
+    }
+
+    /// The nodes where unit `key`'s nomination still waits for victims to leave, or `None`
+    /// when it has none.
+    pub fn nomination_waits_on(&self, key: &str) -> Option<Vec<String>> {
+        self.nominations.get(key)?;
+        Some(self.nomination_pending(key).into_iter().map(|h| self.cluster.host(h).name.clone()).collect())
+    }
+
+    /// Ends the nominations whose time ran out and turns complete ones into reservations (the
+    /// extender's verbs and [`Book::expire`] do it too; the secondary scheduler does it at the
+    /// start of each cycle).
+    pub fn settle(&mut self, now_ms: u64) {
+        self.settle_nominations(now_ms);
+    }
+
+    /// Whether unit `key`'s preemption has settled: its nomination became a reservation that
+    /// no pod has taken up yet (the unit should be tried now).
+    pub fn preemption_settled(&self, key: &str) -> bool {
+        self.gangs.get(key).is_some_and(|r| r.from_preemption && !r.binding)
+    }
+
+    /// A single pod's preemption reservation (`pod:{uid}`, from a settled nomination), given
+    /// back so that the pod is planned on the GPUs it freed; whether there was one.
+    pub fn release_single_nomination(&mut self, key: &str) -> bool {
+        if self.gangs.get(key).is_some_and(|r| !r.binding && r.from_preemption) {
+            return self.drop_reservation(key).is_some();
+        }
+        false
     }
 }

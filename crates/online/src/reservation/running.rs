@@ -37,9 +37,11 @@ impl Book {
             .collect()
     }
 
-    /// Whether gang `key` runs (a member bound) with nothing reserved for it.
+    /// Whether gang `key` ran whole ([`Book::ran_whole`]) and nothing is reserved for it: a
+    /// pod of it joins it. A gang with members bound that never ran whole (a Binding failed and
+    /// its bound members are being deleted) is planned whole instead.
     pub(super) fn runs_unreserved(&self, key: &str) -> bool {
-        !self.gangs.contains_key(key) && self.bound.values().any(|b| b.gang.as_deref() == Some(key))
+        !self.gangs.contains_key(key) && self.ran_whole(key)
     }
 
     /// Whether gang `key` is known to have run whole (see `running`) and a member of it is
@@ -62,7 +64,7 @@ impl Book {
     }
 
     /// Forgets the shape of gang `key` when none of its members is bound any more.
-    pub(super) fn prune_running(&mut self, key: &str) {
+    pub(in crate::reservation) fn prune_running(&mut self, key: &str) {
         if self.running.contains_key(key) && !self.bound.values().any(|b| b.gang.as_deref() == Some(key)) {
             self.running.remove(key);
         }
@@ -141,6 +143,10 @@ impl Book {
         now_ms: u64,
     ) -> Result<JoinOutcome, BookError> {
         let key = membership.key.clone();
+        if self.gangs.get(&key).is_some_and(|r| !r.joining || r.binding) {
+            // Only a joining reservation not binding grows; any other is the gang's own.
+            return Err(BookError::AlreadyPlanned { gang: key });
+        }
         let Some((one, scopes)) = self.joining_shape(demand, membership, &ours, own_role)? else {
             return Ok(JoinOutcome::NoGpus);
         };
@@ -199,6 +205,7 @@ impl Book {
                         planned_by: Some(demand.pod.clone()),
                         leader_first: false,
                         joining: true,
+                        from_preemption: false,
                     },
                 );
             }

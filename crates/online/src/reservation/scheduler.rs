@@ -136,6 +136,7 @@ impl Book {
                 planned_by: pods.first().cloned(),
                 leader_first: false,
                 joining: false,
+                from_preemption: false,
             },
         );
         self.stats.gangs_reserved += 1;
@@ -224,6 +225,7 @@ impl Book {
                     planned_by: pods.first().cloned(),
                     leader_first: false,
                     joining: false,
+                    from_preemption: false,
                 },
             );
             self.stats.gangs_reserved += 1;
@@ -296,6 +298,7 @@ impl Book {
                         planned_by: Some(leader.clone()),
                         leader_first: true,
                         joining: false,
+                        from_preemption: false,
                     },
                 );
                 self.stats.gangs_reserved += 1;

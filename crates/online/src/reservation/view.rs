@@ -148,10 +148,11 @@ impl Book {
 
     fn in_flight(&self, uid: &str) -> bool {
         self.singles.contains_key(uid)
-            || self
-                .gangs
-                .values()
-                .any(|g| g.binding && g.slots.iter().any(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid)))
+            || self.gangs.values().any(|g| {
+                // A joining pod's Binding is in flight while its slot is at bind.
+                (g.binding || g.joining)
+                    && g.slots.iter().any(|s| (g.binding || s.at_bind) && s.pod.as_ref().is_some_and(|p| p.uid == uid))
+            })
     }
 
     /// A pod was deleted (or finished): its GPUs come back, and if it held a slot in a

@@ -15,6 +15,7 @@
 //! capacity there is kept for it until it fits. Units of higher priority are never held back.
 
 pub mod predicates;
+mod preempt;
 #[cfg(test)]
 mod tests;
 
@@ -58,6 +59,8 @@ pub struct PendingPod {
     pub needs: PodNeeds,
     /// `spec.priority` (resolved from its PriorityClass by admission).
     pub priority: i32,
+    /// `spec.preemptionPolicy: Never`: it waits rather than evicts anything.
+    pub never_preempts: bool,
 }
 
 /// A pod bound to a node (by anyone): what it takes of the node's resources.
@@ -67,6 +70,8 @@ pub struct BoundPod {
     pub node: String,
     pub requests: Resources,
     pub gang: Option<String>,
+    /// `spec.priority`: pods of a lower one are what a pending unit may preempt.
+    pub priority: i32,
 }
 
 /// One Binding to create.
@@ -87,9 +92,13 @@ pub enum Decision {
     NotScheduled { pods: Vec<PodIdentity>, reason: &'static str, message: String },
     /// A gang waits for members: an informational Event on the members that exist.
     GangWaiting { pods: Vec<PodIdentity>, message: String },
-    /// Members of a gang are bound while others are pending (a scheduler died mid-gang, or
-    /// a member was recreated): delete the bound ones so the gang can be placed whole.
+    /// Members of a gang are bound while others are pending (a scheduler died between its
+    /// Bindings): delete the bound ones so the gang can be placed whole.
     Repair { gang: String, delete: Vec<PodIdentity>, message: String },
+    /// `pods` (a unit that does not fit) preempt: delete `victims` (bound pods of a lower
+    /// priority, whole gangs), each only if it is still that pod; an Event on every victim and
+    /// on `pods`. The GPUs they give back are held for `pods` in the book meanwhile.
+    Preempt { pods: Vec<PodIdentity>, victims: Vec<PodIdentity>, message: String },
 }
 
 /// A unit of the queue: a gang by its key (`namespace/name`), or a pod placed on its own
@@ -547,10 +556,26 @@ impl Scheduler {
                 complete.push((key.clone(), priority));
                 continue;
             }
-            if !bound.is_empty() && ran_whole.contains(&gang.key) {
+            if !bound.is_empty() && ran_whole.contains(&gang.key) && !leader_pending {
                 // Pods of a gang that runs (members recreated, or more of it): they join it,
                 // each on its own; its running members are never taken for a half-bound gang.
                 state.half_bound_since_ms = None;
+                if size > 1 && members.len() >= size {
+                    // A whole gang's worth pending while members still run: the gang recreated
+                    // whole (its old members leaving). It is placed whole once they have left.
+                    state.complete = false;
+                    let message = format!(
+                        "gang `{key}`: {} pods pending, a whole gang's worth, while {} member(s) of it still run; \
+                         they are placed together once those have left",
+                        members.len(),
+                        bound.len()
+                    );
+                    if state.last_message.as_ref() != Some(&message) {
+                        state.last_message = Some(message.clone());
+                        decisions.push(Decision::GangWaiting { pods, message });
+                    }
+                    continue;
+                }
                 if !state.complete {
                     state.complete = true;
                     state.since_ms = now_ms;
@@ -626,6 +651,8 @@ impl Scheduler {
         }
 
         let Some(book) = book else { return decisions };
+        // Preemptions whose victims all left become their units' reservations.
+        book.settle(now_ms);
         // Queue order: priority, then time complete, then key.
         complete.sort_by(|(a, pa), (b, pb)| {
             let since = |k: &UnitKey| self.units.get(k).map_or(0, |s| s.since_ms);
@@ -639,9 +666,12 @@ impl Scheduler {
             let Some(members) = members_by_unit.get(&key) else { continue };
             let Some(state) = self.units.get(&key) else { continue };
             let waited = now_ms.saturating_sub(state.since_ms);
-            let due = now_ms >= state.retry_at_ms
-                && (state.last_world.is_none_or(|last| world.may_fit_more_than(last))
-                    || now_ms >= state.last_attempt_ms + self.config.backoff_max_ms);
+            // A unit whose preemption's victims have all left goes now, whatever its back-off.
+            let settled = state.attempts > 0 && book.preemption_settled(&Self::nomination_key(members));
+            let due = settled
+                || (now_ms >= state.retry_at_ms
+                    && (state.last_world.is_none_or(|last| world.may_fit_more_than(last))
+                        || now_ms >= state.last_attempt_ms + self.config.backoff_max_ms));
             let starving = state.attempts > 0 && waited >= self.config.starvation_ms && protected.is_none();
             let held_back = protected.as_ref().filter(|(p, _)| priority <= *p).map(|(_, hosts)| hosts.clone());
             if !due {
@@ -663,6 +693,8 @@ impl Scheduler {
                     decisions.push(decision);
                 }
                 Err(message) => {
+                    let (message, preempted) = self.preempt_or_say_why(book, members, priority, message, now_ms);
+                    decisions.extend(preempted);
                     let world_now = self.world(book);
                     let backoff = self.backoff_ms(self.units.get(&key).map_or(1, |s| s.attempts + 1));
                     if let Some(state) = self.units.get_mut(&key) {
@@ -687,6 +719,38 @@ impl Scheduler {
             }
         }
         decisions
+    }
+
+    /// After a unit did not fit (`message` says why): its preemption, when it may preempt and
+    /// a pod of a lower priority is bound, or what keeps it waiting; the message to report.
+    fn preempt_or_say_why(
+        &mut self,
+        book: &mut Book,
+        members: &[PendingPod],
+        priority: i32,
+        message: String,
+        now_ms: u64,
+    ) -> (String, Option<Decision>) {
+        let key = Self::nomination_key(members);
+        if let Some(nodes) = book.nomination_waits_on(&key) {
+            let waiting =
+                format!("{message}; it preempted and waits for its victims to leave node(s) {}", nodes.join(", "));
+            return (waiting, None);
+        }
+        let lower = self.placed.values().any(|p| p.bound.priority < priority);
+        if !lower || members.iter().any(|m| m.never_preempts) {
+            return (message, None);
+        }
+        match self.try_preempt(book, members, priority, now_ms) {
+            Ok(decision) => {
+                let said = match &decision {
+                    Decision::Preempt { message, .. } => message.clone(),
+                    _ => String::new(),
+                };
+                (said, Some(decision))
+            }
+            Err(why) => (format!("{message}; no preemption: {why}"), None),
+        }
     }
 
     /// Whether the last cycle stopped at [`CYCLE_ATTEMPTS_MAX`] with units still due: run
@@ -797,6 +861,11 @@ impl Scheduler {
         }
         if gpus == 0 {
             return self.place_without_gpus(key, members, now_ms);
+        }
+        if members[0].demand.gang.is_none() {
+            // A single pod that preempted: the GPUs its victims gave back, held for it, are
+            // given back now that it is planned.
+            book.release_single_nomination(&Self::nomination_key(members));
         }
         let gang = members[0].demand.gang().map_err(|e| e.to_string())?;
         for member in &members[1..] {
@@ -929,7 +998,13 @@ impl Scheduler {
             let chosen = chosen.into_iter().map(|(pod, node)| (pod, node, Vec::new())).collect();
             return Ok(self.start(key, BindTicket::Plain(key.clone()), chosen, members, now_ms));
         }
-        let (ticket, binds) = book.bind_joining(gang).map_err(|e| e.to_string())?;
+        let (ticket, binds) = match book.bind_joining(gang) {
+            Ok(started) => started,
+            Err(error) => {
+                book.drop_joining(gang);
+                return Err(error.to_string());
+            }
+        };
         let chosen = chosen
             .into_iter()
             .map(|(pod, node)| {
@@ -1450,7 +1525,8 @@ impl Scheduler {
                 .map(|m| m.needs.requests.clone())
                 .unwrap_or_default();
             let gang = members[0].demand.gang.as_ref().map(|g| g.key.clone());
-            let bound = BoundPod { pod: pod.clone(), node: node.clone(), requests, gang };
+            let priority = members.iter().find(|m| m.demand.pod.uid == pod.uid).map_or(0, |m| m.priority);
+            let bound = BoundPod { pod: pod.clone(), node: node.clone(), requests, gang, priority };
             predicates::add_usage(self.usage.entry(node.clone()).or_default(), &bound.requests, 1);
             self.placed.insert(pod.uid.clone(), Placed { bound, assumed_at_ms: now_ms });
             binds.push(BindMember { pod, node, gpus });

@@ -73,6 +73,7 @@ fn pending(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu_milli: i64
         },
         needs: PodNeeds { requests: Resources::from([("cpu".to_string(), cpu_milli)]), ..PodNeeds::default() },
         priority: 0,
+        never_preempts: false,
     }
 }
 
@@ -123,7 +124,7 @@ fn messages(decisions: &[Decision]) -> Vec<String> {
         .iter()
         .filter_map(|d| match d {
             Decision::NotScheduled { message, .. } | Decision::GangWaiting { message, .. } => Some(message.clone()),
-            Decision::Repair { message, .. } => Some(message.clone()),
+            Decision::Repair { message, .. } | Decision::Preempt { message, .. } => Some(message.clone()),
             Decision::Bind { .. } => None,
         })
         .collect()
@@ -381,6 +382,7 @@ fn a_half_bound_gang_is_repaired_by_deleting_its_bound_members() {
             node: format!("r0-{}", member.demand.gang.as_ref().and_then(|g| g.rank).unwrap_or(0)),
             requests: member.needs.requests.clone(),
             gang: Some("ns/g".into()),
+            priority: 0,
         });
     }
     for member in &members[2..] {
@@ -786,6 +788,7 @@ fn bound_of(pod: &SimPod, node: &str) -> BoundPod {
         node: node.to_string(),
         requests: pod.pending.needs.requests.clone(),
         gang: pod.pending.demand.gang.as_ref().map(|g| g.key.clone()),
+        priority: pod.pending.priority,
     }
 }
 
@@ -857,7 +860,7 @@ fn cpu_node(name: &str, rack: &str) -> NodeFacts {
 fn occupy_cpu(scheduler: &mut Scheduler, node: &str, cpu_milli: i64) {
     let pod = PodIdentity { namespace: "ns".into(), name: format!("busy-{node}"), uid: format!("busy-{node}") };
     let requests = Resources::from([("cpu".to_string(), cpu_milli)]);
-    scheduler.bound_applied(BoundPod { pod, node: node.into(), requests, gang: None });
+    scheduler.bound_applied(BoundPod { pod, node: node.into(), requests, gang: None, priority: 0 });
 }
 
 /// A scheduler over `book`'s GPU hosts and a CPU node `cpu-{rack}` in each of `racks`.
@@ -882,7 +885,13 @@ fn a_replica_with_a_cpu_leader_binds_whole_with_the_leader_in_the_workers_rack()
         let pod = PodIdentity { namespace: "ns".into(), name: format!("busy-{index}"), uid: format!("busy-{index}") };
         let gpus: Vec<u8> = (0..8).collect();
         book.observe_bound(pod.clone(), node, Some(&gpus), 8, None).expect("observed");
-        scheduler.bound_applied(BoundPod { pod, node: node.to_string(), requests: Resources::new(), gang: None });
+        scheduler.bound_applied(BoundPod {
+            pod,
+            node: node.to_string(),
+            requests: Resources::new(),
+            gang: None,
+            priority: 0,
+        });
     }
     let roles =
         vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 8), RoleSpec::shape("draft", 1, 4, 4)];
@@ -1175,6 +1184,7 @@ fn a_leader_first_group_binds_its_leader_alone_then_its_workers_on_the_held_host
         node: leader_node.clone(),
         requests: Resources::new(),
         gang: Some("ns/lws".into()),
+        priority: 0,
     });
     assert_eq!(book.ledger().free_gpus(), 48 - 8 - 24, "the workers' 16 GPUs stay held");
     assert_eq!(book.bound_ahead("ns/lws").len(), 1);
@@ -1231,6 +1241,7 @@ fn a_leader_first_group_whose_workers_fail_or_never_come_gives_its_leader_up() {
         node: members[0].node.clone(),
         requests: Resources::new(),
         gang: Some("ns/lws".into()),
+        priority: 0,
     };
     scheduler.bound_applied(leader_bound.clone());
 
@@ -1368,6 +1379,7 @@ fn a_leader_first_group_whose_workers_take_no_gpus_follows_its_leader_without_re
         node: leader_node.clone(),
         requests: leader.needs.requests.clone(),
         gang: Some("ns/cpu".into()),
+        priority: 0,
     });
     scheduler.pending_applied(lws("worker", 0));
     scheduler.pending_applied(lws("worker", 1));
@@ -1498,7 +1510,13 @@ fn pods_of_a_running_gang_join_it_and_its_running_members_are_never_repaired() {
         book.observe_bound(pod.clone(), node, None, 8, Some("ns/g".into())).expect("observed");
         book.observe_gang_size("ns/g", 2);
         let requests = Resources::from([("cpu".to_string(), 1000)]);
-        scheduler.bound_applied(BoundPod { pod: pod.clone(), node: node.clone(), requests, gang: Some("ns/g".into()) });
+        scheduler.bound_applied(BoundPod {
+            pod: pod.clone(),
+            node: node.clone(),
+            requests,
+            gang: Some("ns/g".into()),
+            priority: 0,
+        });
     }
     scheduler.bound_deleted("g-2-uid");
     book.forget_pod("g-2-uid");
@@ -1508,4 +1526,118 @@ fn pods_of_a_running_gang_join_it_and_its_running_members_are_never_repaired() {
     let (bound, other) = run(&mut scheduler, &mut book, grace * 3, &BTreeSet::new());
     assert!(other.iter().all(|d| !matches!(d, Decision::Repair { .. })), "{other:?}");
     assert_eq!(bound.len(), 1, "{other:?}");
+}
+
+/// Binds `pod` on `node` through the scheduler's view and the book, as if bound earlier (by
+/// anyone): what the watches would report.
+fn already_bound(scheduler: &mut Scheduler, book: &mut Book, pod: &PendingPod, node: &str, gpus: u32) {
+    let gang = pod.demand.gang.as_ref().map(|g| g.key.clone());
+    book.observe_bound(pod.demand.pod.clone(), node, None, gpus, gang.clone()).expect("observed");
+    scheduler.bound_applied(BoundPod {
+        pod: pod.demand.pod.clone(),
+        node: node.into(),
+        requests: pod.needs.requests.clone(),
+        gang,
+        priority: pod.priority,
+    });
+}
+
+/// Issue 19, input 1, in scheduler mode: two 8-GPU hosts full with low-priority pods; a
+/// high-priority gang of 2 × 8 evicts both (one host's victims would not do), holds the GPUs
+/// they give back, and binds on the cycle after the last one left. A victim that is part of a
+/// gang takes its whole gang along; a pod with `preemptionPolicy: Never`, or of equal
+/// priority, evicts nothing.
+#[test]
+fn a_high_priority_gang_preempts_low_priority_pods_whole_and_binds_once_they_left() {
+    let mut book = book_of(1, 3);
+    let mut scheduler = scheduler_on(&book);
+    // r0-0: one 8-GPU pod; r0-1: a gang of two 4-GPU pods; r0-2: a 4-GPU pod of priority 50.
+    let single = pending("low", 8, None, 1000);
+    already_bound(&mut scheduler, &mut book, &single, "r0-0", 8);
+    for member in gang("pair", 2, 4) {
+        already_bound(&mut scheduler, &mut book, &member, "r0-1", 4);
+    }
+    let mut middle = pending("middle", 4, None, 1000);
+    middle.priority = 50;
+    already_bound(&mut scheduler, &mut book, &middle, "r0-2", 4);
+    assert_eq!(book.ledger().free_gpus(), 4);
+
+    // Equal priority, or preemptionPolicy Never: nothing is evicted.
+    let mut never = gang("never", 2, 8);
+    for member in &mut never {
+        (member.priority, member.never_preempts) = (100, true);
+        scheduler.pending_applied(member.clone());
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(bound.is_empty() && !other.iter().any(|d| matches!(d, Decision::Preempt { .. })), "{other:?}");
+    for member in &never {
+        scheduler.pending_deleted(&member.demand.pod.uid);
+    }
+
+    let mut high = gang("hi", 2, 8);
+    for member in &mut high {
+        member.priority = 100;
+        scheduler.pending_applied(member.clone());
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 1_000, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let Some(Decision::Preempt { pods, victims, message }) =
+        other.iter().find(|d| matches!(d, Decision::Preempt { .. }))
+    else {
+        panic!("expected a preemption: {other:?}")
+    };
+    assert_eq!(pods.len(), 2);
+    let mut names: Vec<&str> = victims.iter().map(|v| v.name.as_str()).collect();
+    names.sort();
+    // The two hosts of priority-0 pods (the pair goes whole); the priority-50 pod is spared.
+    assert_eq!(names, ["low", "pair-0", "pair-1"], "{message}");
+    // Nothing more is evicted while the victims leave; their GPUs are held for the gang.
+    let (_, again) = run(&mut scheduler, &mut book, 12_000, &BTreeSet::new());
+    assert!(!again.iter().any(|d| matches!(d, Decision::Preempt { .. })), "{again:?}");
+    for (index, victim) in victims.iter().enumerate() {
+        scheduler.bound_deleted(&victim.uid);
+        book.forget_pod(&victim.uid);
+        let (bound, _) = run(&mut scheduler, &mut book, 13_000 + index as u64, &BTreeSet::new());
+        if index + 1 < victims.len() {
+            assert!(bound.is_empty(), "not before every victim left");
+            assert_eq!(book.ledger().free_gpus(), 4, "what a victim gave back is held for the gang");
+        } else {
+            // The cycle right after the last one left, whatever the gang's back-off.
+            let nodes: BTreeSet<&str> = bound.iter().map(|m| m.node.as_str()).collect();
+            assert_eq!(nodes, BTreeSet::from(["r0-0", "r0-1"]), "{bound:?}");
+        }
+    }
+    assert_eq!(book.stats().gangs_nominated, 1);
+    book.check().expect("invariants");
+}
+
+/// A single pod of high priority preempts the fewest pods of the lowest priority that make
+/// room: of a node with one priority-10 pod and one with two priority-0 pods, the latter.
+#[test]
+fn a_single_pod_preempts_the_lowest_priority_victims() {
+    let mut book = book_of(1, 2);
+    let mut scheduler = scheduler_on(&book);
+    let mut ten = pending("ten", 8, None, 1000);
+    ten.priority = 10;
+    already_bound(&mut scheduler, &mut book, &ten, "r0-0", 8);
+    for name in ["zero-a", "zero-b"] {
+        already_bound(&mut scheduler, &mut book, &pending(name, 4, None, 1000), "r0-1", 4);
+    }
+    let mut urgent = pending("urgent", 8, None, 1000);
+    urgent.priority = 100;
+    scheduler.pending_applied(urgent);
+    let (_, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    let Some(Decision::Preempt { victims, .. }) = other.iter().find(|d| matches!(d, Decision::Preempt { .. })) else {
+        panic!("expected a preemption: {other:?}")
+    };
+    let names: BTreeSet<&str> = victims.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["zero-a", "zero-b"]));
+    for victim in victims.clone() {
+        scheduler.bound_deleted(&victim.uid);
+        book.forget_pod(&victim.uid);
+    }
+    let (bound, _) = run(&mut scheduler, &mut book, 11_000, &BTreeSet::new());
+    assert_eq!(bound.len(), 1);
+    assert_eq!(bound[0].node, "r0-1");
+    book.check().expect("invariants");
 }

@@ -396,7 +396,8 @@ struct BoundGpuPod {
     recorded: Option<Vec<u8>>,
     gpus: u32,
     gang: Option<String>,
-    /// The gang's size as the pod says it.
+    /// The gang's members that take GPUs, as the pod says it (its size, or for a replica with
+    /// roles the members of its GPU roles).
     gang_size: Option<u32>,
 }
 
@@ -413,7 +414,13 @@ fn bound_gpu_pod(pod: &Pod) -> Option<BoundGpuPod> {
     }
     let identity = pod::identity(pod).ok()?;
     let membership = pod::gang_of(pod, &identity.namespace).ok().flatten();
-    let gang_size = membership.as_ref().map(|g| g.size);
+    // Only pods with GPUs are held in the book: a replica with roles counts those of its roles
+    // that take GPUs.
+    let gpu_members = pod::demand_sized(pod, None)
+        .ok()
+        .and_then(|d| d.replica().ok().flatten())
+        .map(|(replica, _)| replica.roles.iter().filter(|r| r.gang.is_some()).map(|r| r.members).sum::<u32>());
+    let gang_size = gpu_members.or(membership.as_ref().map(|g| g.size));
     let gang = membership.map(|g| g.key);
     Some(BoundGpuPod { identity, node, recorded: pod::recorded_gpus(pod), gpus, gang, gang_size })
 }

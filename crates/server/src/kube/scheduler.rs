@@ -130,8 +130,14 @@ impl SchedulerRuntime {
                 return None;
             }
         };
-        let read = pod::demand_sized(pod, group.as_ref())
-            .and_then(|demand| Ok(PendingPod { needs: pod::needs(pod)?, priority: pod::priority(pod), demand }));
+        let read = pod::demand_sized(pod, group.as_ref()).and_then(|demand| {
+            Ok(PendingPod {
+                needs: pod::needs(pod)?,
+                priority: pod::priority(pod),
+                never_preempts: pod::never_preempts(pod),
+                demand,
+            })
+        });
         match read {
             Ok(pending) => Some(pending),
             Err(error) => {
@@ -277,6 +283,7 @@ impl SchedulerRuntime {
                 join_all(pods.iter().map(|pod| self.binder.record(pod, "Normal", "GangWaiting", message.clone())))
                     .await;
             }
+            Decision::Preempt { pods, victims, message } => self.preempt(&pods, &victims, &message).await,
             Decision::Repair { gang, delete, message } => {
                 if !self.still_half_bound(&delete).await {
                     tracing::info!(%gang, "repair skipped: the bound members are gone or were replaced");
@@ -293,6 +300,24 @@ impl SchedulerRuntime {
                 .await;
             }
         }
+    }
+
+    /// A preemption: every victim deleted (a delete with its uid as precondition: only that
+    /// pod), with an Event on it and on the preemptor's pods, as kube-scheduler records them.
+    async fn preempt(&self, pods: &[PodIdentity], victims: &[PodIdentity], message: &str) {
+        tracing::info!(preemptor = %pods.first().map(ToString::to_string).unwrap_or_default(), %message, "preempting");
+        let by = pods.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        join_all(victims.iter().map(|victim| {
+            let by = by.clone();
+            async move {
+                self.binder.record(victim, "Normal", "Preempted", format!("Preempted by {by}")).await;
+                if let Err(error) = crate::binder::Binder::delete(&self.binder, victim).await {
+                    tracing::warn!(%victim, %error, "preemption: deleting a victim failed");
+                }
+            }
+        }))
+        .await;
+        join_all(pods.iter().map(|pod| self.binder.record(pod, "Normal", "Preempting", message.to_string()))).await;
     }
 
     /// A repair deletes only pods that are still the ones seen bound (same uid, still bound).
@@ -339,7 +364,7 @@ fn bound_pod(pod: &Pod) -> Option<BoundPod> {
         }
     };
     let gang = pod::gang_of(pod, &identity.namespace).ok().flatten().map(|g| g.key);
-    Some(BoundPod { pod: identity, node, requests, gang })
+    Some(BoundPod { pod: identity, node, requests, gang, priority: pod::priority(pod) })
 }
 
 impl ViewHooks for SchedulerRuntime {
