@@ -718,27 +718,12 @@ impl Book {
     /// The outcome of a [`Ticket::Joined`]: the pod's slot leaves the joining reservation
     /// (which ends with its last slot); bound, its GPUs are held as its pod's; not bound, they
     /// are given back (kube-scheduler retries it, and it joins afresh).
-    fn joined_bound(&mut self, key: &str, uid: &str, failures: Vec<String>, now_ms: u64) -> BindFinish {
-        let Some(reservation) = self.gangs.get_mut(key) else {
+    fn joined_bound(&mut self, key: &str, uid: &str, mut failures: Vec<String>, now_ms: u64) -> BindFinish {
+        let Some(slot) = self.drop_joining_slot(key, uid) else {
+            // The pod left while its Binding was in flight (its slot went with it).
+            failures.push(format!("gang `{key}`: pod {uid} left while joining"));
             return BindFinish::RolledBack { delete: Vec::new(), failures };
         };
-        let Some(index) = reservation.slots.iter().position(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid)) else {
-            return BindFinish::RolledBack { delete: Vec::new(), failures };
-        };
-        let slot = reservation.slots.remove(index);
-        let rest = merge_by_host(reservation.slots.iter().filter(|s| !s.bound).map(|s| (s.host, s.gpus)));
-        if rest.is_empty() {
-            self.gangs.remove(key);
-        }
-        // One holder gives the joiner's GPUs away: released whole, the rest taken again.
-        if let Err(error) = self.ledger.release(&gang_holder(key)) {
-            self.ledger_fault("moving a joining pod's GPUs out of its reservation", error);
-        }
-        if !rest.is_empty() {
-            if let Err(error) = self.ledger.reserve(&gang_holder(key), &rest) {
-                self.ledger_fault("holding the rest of a joining reservation", error);
-            }
-        }
         if !failures.is_empty() {
             return BindFinish::RolledBack { delete: Vec::new(), failures };
         }

@@ -453,7 +453,7 @@ fn a_gang_that_never_ran_whole_is_planned_whole_not_joined() {
     assert!(matches!(book.bind_finished(&ticket, &outcomes, 2), BindFinish::RolledBack { .. }));
     // The watch still shows g-0 bound while its deletion goes through.
     book.observe_bound(members[0].pod.clone(), &nodes[0], None, 8, Some("ns/g".into())).expect("observed");
-    book.observe_gang_size("ns/g", 2);
+    book.observe_gang_size("ns/g", &members[0].pod.uid, 2);
     book.filter(&members[1], &offered, 3).expect("filter");
     assert_eq!(book.stats().members_joined, 0, "no join");
     assert_eq!(book.gangs["ns/g"].slots.len(), 2, "the whole gang is planned");

@@ -588,6 +588,9 @@ pub struct Book {
     /// by this book (with the shape a member that joins later must agree with), or seen with
     /// all their members bound ([`Book::observe_gang_size`], shape unknown).
     running: BTreeMap<String, Option<Planned>>,
+    /// Members seen bound by the pod watch, per gang not yet known to run whole, with the
+    /// gang's size ([`Book::observe_gang_size`]).
+    seen_members: BTreeMap<String, (u32, std::collections::BTreeSet<String>)>,
 }
 
 /// Who holds GPUs in the book's ledger. A gang is held whole by `Gang` while reserved or
@@ -695,6 +698,7 @@ impl Book {
             undo: Vec::new(),
             nominations: BTreeMap::new(),
             running: BTreeMap::new(),
+            seen_members: BTreeMap::new(),
         }
     }
 

@@ -102,6 +102,10 @@ impl Book {
         if self.nominations.contains_key(&key) {
             return Ok(self.preempt_nominated(&key, candidates, whole));
         }
+        if matches!(membership.order, BindOrder::LeaderFirst { leader: true }) && self.runs_unreserved(&key) {
+            // A new leader waits for its old group to leave (its filter says so): no eviction.
+            return Ok(PreemptAnswer::none(count, format!("gang `{key}`: its new leader waits for its old members")));
+        }
         if self.runs_unreserved(&key) {
             let Some((one, scopes)) = self.joining_shape(demand, &membership, &shape, own)? else {
                 return Ok(PreemptAnswer::none(count, "a role without GPUs frees nothing".into()));
@@ -552,6 +556,29 @@ impl Book {
     /// no pod has taken up yet (the unit should be tried now).
     pub fn preemption_settled(&self, key: &str) -> bool {
         self.gangs.get(key).is_some_and(|r| r.from_preemption && !r.binding)
+    }
+
+    /// Ends unit `key`'s preemption: its nomination and a reservation made from it that is not
+    /// binding are dropped, their GPUs given back (its pods are gone, or it was placed).
+    pub fn cancel_preemption(&mut self, key: &str) {
+        self.drop_nomination(key);
+        if self.gangs.get(key).is_some_and(|r| r.from_preemption && !r.binding) {
+            self.drop_reservation(key);
+        }
+    }
+
+    /// Keeps unit `key`'s nomination another [`BookConfig::nomination_ttl_ms`] from now: its
+    /// victims are still leaving (a termination grace longer than the TTL).
+    pub fn renew_nomination(&mut self, key: &str, now_ms: u64) {
+        let ttl = self.config.nomination_ttl_ms;
+        if let Some(nomination) = self.nominations.get_mut(key) {
+            nomination.expires_at_ms = nomination.expires_at_ms.max(now_ms.saturating_add(ttl));
+        }
+    }
+
+    /// Whether anything is reserved under `key` (a gang's reservation of any kind).
+    pub fn is_reserved(&self, key: &str) -> bool {
+        self.gangs.contains_key(key)
     }
 
     /// A single pod's preemption reservation (`pod:{uid}`, from a settled nomination), given

@@ -37,6 +37,28 @@ impl Book {
             .collect()
     }
 
+    /// Removes pod `uid`'s slot from gang `key`'s joining reservation, its GPUs given back (the
+    /// reservation ends with its last slot); the slot, if it had one.
+    pub(super) fn drop_joining_slot(&mut self, key: &str, uid: &str) -> Option<Slot> {
+        let reservation = self.gangs.get_mut(key).filter(|r| r.joining)?;
+        let index = reservation.slots.iter().position(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid))?;
+        let slot = reservation.slots.remove(index);
+        let rest = merge_by_host(reservation.slots.iter().filter(|s| !s.bound).map(|s| (s.host, s.gpus)));
+        if rest.is_empty() {
+            self.gangs.remove(key);
+        }
+        // One holder gives the slot's GPUs away: released whole, the rest taken again.
+        if let Err(error) = self.ledger.release(&gang_holder(key)) {
+            self.ledger_fault("taking a slot out of a joining reservation", error);
+        }
+        if !rest.is_empty() {
+            if let Err(error) = self.ledger.reserve(&gang_holder(key), &rest) {
+                self.ledger_fault("holding the rest of a joining reservation", error);
+            }
+        }
+        Some(slot)
+    }
+
     /// Whether gang `key` ran whole ([`Book::ran_whole`]) and nothing is reserved for it: a
     /// pod of it joins it. A gang with members bound that never ran whole (a Binding failed and
     /// its bound members are being deleted) is planned whole instead.
@@ -51,20 +73,33 @@ impl Book {
         self.running.contains_key(key) && self.bound.values().any(|b| b.gang.as_deref() == Some(key))
     }
 
-    /// The pod watch saw the members of gang `key` bound, whose pods say it has `size`
-    /// members: when that many are bound, it is known to have run whole (after a restart,
-    /// nothing else says so), and a pod of it that comes later joins it.
-    pub fn observe_gang_size(&mut self, key: &str, size: u32) {
-        if self.running.contains_key(key) || self.gangs.contains_key(key) {
+    /// The pod watch saw pod `uid` of gang `key` bound (after [`Book::observe_bound`]), and its
+    /// pods say the gang has `size` members that take GPUs: once that many are seen bound, it
+    /// is known to have run whole (after a restart nothing else says so), and a pod of it that
+    /// comes later joins it. O(log n) per call: the members seen are counted per gang.
+    pub fn observe_gang_size(&mut self, key: &str, uid: &str, size: u32) {
+        if self.running.contains_key(key) || self.gangs.contains_key(key) || !self.bound.contains_key(uid) {
             return;
         }
-        if self.running_hosts(key).len() >= size as usize {
+        let seen =
+            self.seen_members.entry(key.to_string()).or_insert_with(|| (size, std::collections::BTreeSet::new()));
+        seen.0 = size;
+        seen.1.insert(uid.to_string());
+        if seen.1.len() >= size as usize {
+            self.seen_members.remove(key);
             self.running.insert(key.to_string(), None);
         }
     }
 
     /// Forgets the shape of gang `key` when none of its members is bound any more.
     pub(in crate::reservation) fn prune_running(&mut self, key: &str) {
+        if let Some(seen) = self.seen_members.get_mut(key) {
+            let bound = &self.bound;
+            seen.1.retain(|uid| bound.contains_key(uid));
+            if seen.1.is_empty() {
+                self.seen_members.remove(key);
+            }
+        }
         if self.running.contains_key(key) && !self.bound.values().any(|b| b.gang.as_deref() == Some(key)) {
             self.running.remove(key);
         }

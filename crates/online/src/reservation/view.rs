@@ -68,8 +68,8 @@ impl Book {
                 self.hold_nominated(&key);
             }
         }
-        let running: Vec<String> = self.running.keys().cloned().collect();
-        for key in running {
+        let known: Vec<String> = self.running.keys().chain(self.seen_members.keys()).cloned().collect();
+        for key in known {
             self.prune_running(&key);
         }
         // Assumptions last (they are guesses about binds in flight): carried over by node
@@ -189,6 +189,16 @@ impl Book {
         }
         // What it gave back may be what a preemption's plan waits for.
         self.hold_nominated_all();
+        // A pod joining a gang that left: its slot goes, and its GPUs with it.
+        let joining: Vec<String> = self
+            .gangs
+            .iter()
+            .filter(|(_, g)| g.joining && g.slots.iter().any(|s| s.pod.as_ref().is_some_and(|p| p.uid == uid)))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in joining {
+            self.drop_joining_slot(&key, uid);
+        }
         for reservation in self.gangs.values_mut().filter(|g| !g.binding) {
             for slot in &mut reservation.slots {
                 if slot.pod.as_ref().is_some_and(|p| p.uid == uid) {

@@ -209,6 +209,8 @@ struct UnitState {
     waiting_reported: bool,
     incomplete_reported: bool,
     in_flight: bool,
+    /// The unit was tried once on its settled preemption ([`Book::preemption_settled`]).
+    settled_tried: bool,
     repaired: BTreeSet<String>,
     half_bound_since_ms: Option<u64>,
 }
@@ -249,6 +251,9 @@ pub struct Scheduler {
     in_flight: BTreeMap<BindTicket, (UnitKey, Vec<BindMember>)>,
     /// The last cycle stopped at [`CYCLE_ATTEMPTS_MAX`] with units still due.
     truncated: bool,
+    /// Preemptions under way, by the unit's nomination key: the victims' uids. A unit waits
+    /// while any of them is still bound, and they are nobody else's victims meanwhile.
+    preempting: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// How long an assumed pod survives a relist that does not show it bound yet.
@@ -257,7 +262,8 @@ const ASSUMED_GRACE_MS: u64 = 30_000;
 /// Placement attempts (units tried against the book) in one cycle, in queue order; the units
 /// still due wait for the next cycle, which the runtime starts at once
 /// ([`Scheduler::more_due`]). Bounds how long one cycle holds the book: at most this many
-/// plans, each within the planner's own limits.
+/// attempts, each within the planner's own limits (an attempt that preempts plans by
+/// bisection over the candidate nodes, then once per victim unit it reprieves).
 pub const CYCLE_ATTEMPTS_MAX: usize = 256;
 
 impl Scheduler {
@@ -273,6 +279,7 @@ impl Scheduler {
             pending: BTreeMap::new(),
             units: BTreeMap::new(),
             in_flight: BTreeMap::new(),
+            preempting: BTreeMap::new(),
         }
     }
 
@@ -556,7 +563,22 @@ impl Scheduler {
                 complete.push((key.clone(), priority));
                 continue;
             }
-            if !bound.is_empty() && ran_whole.contains(&gang.key) && !leader_pending {
+            if !bound.is_empty() && ran_whole.contains(&gang.key) && leader_pending {
+                // A LeaderWorkerSet recreating its group: the new leader waits until the old
+                // members have left (they are not deleted for it), then the group is placed whole.
+                state.half_bound_since_ms = None;
+                state.complete = false;
+                let message = format!(
+                    "gang `{key}`: its new leader waits until the {} member(s) of its earlier group still running have left",
+                    bound.len()
+                );
+                if state.last_message.as_ref() != Some(&message) {
+                    state.last_message = Some(message.clone());
+                    decisions.push(Decision::GangWaiting { pods, message });
+                }
+                continue;
+            }
+            if !bound.is_empty() && ran_whole.contains(&gang.key) {
                 // Pods of a gang that runs (members recreated, or more of it): they join it,
                 // each on its own; its running members are never taken for a half-bound gang.
                 state.half_bound_since_ms = None;
@@ -651,8 +673,20 @@ impl Scheduler {
         }
 
         let Some(book) = book else { return decisions };
-        // Preemptions whose victims all left become their units' reservations.
+        // Preemptions whose victims all left become their units' reservations; those whose unit
+        // is gone (its pods deleted) give back what they hold; those whose victims are still
+        // leaving (a long termination grace) are kept.
         book.settle(now_ms);
+        let alive: BTreeSet<String> = members_by_unit.values().map(|m| Self::nomination_key(m)).collect();
+        let under_way: Vec<String> = self.preempting.keys().cloned().collect();
+        for key in under_way {
+            if !alive.contains(&key) {
+                book.cancel_preemption(&key);
+                self.preempting.remove(&key);
+            } else if self.victims_left(&key) {
+                book.renew_nomination(&key, now_ms);
+            }
+        }
         // Queue order: priority, then time complete, then key.
         complete.sort_by(|(a, pa), (b, pb)| {
             let since = |k: &UnitKey| self.units.get(k).map_or(0, |s| s.since_ms);
@@ -666,8 +700,13 @@ impl Scheduler {
             let Some(members) = members_by_unit.get(&key) else { continue };
             let Some(state) = self.units.get(&key) else { continue };
             let waited = now_ms.saturating_sub(state.since_ms);
-            // A unit whose preemption's victims have all left goes now, whatever its back-off.
-            let settled = state.attempts > 0 && book.preemption_settled(&Self::nomination_key(members));
+            // A unit whose preemption's victims have all left goes now, whatever its back-off
+            // (once: a unit that still does not fit backs off as before).
+            let nomination_key = Self::nomination_key(members);
+            let settled = state.attempts > 0
+                && !state.settled_tried
+                && book.preemption_settled(&nomination_key)
+                && !self.victims_left(&nomination_key);
             let due = settled
                 || (now_ms >= state.retry_at_ms
                     && (state.last_world.is_none_or(|last| world.may_fit_more_than(last))
@@ -685,15 +724,30 @@ impl Scheduler {
                 break;
             }
             attempts += 1;
+            if settled {
+                if let Some(state) = self.units.get_mut(&key) {
+                    state.settled_tried = true;
+                }
+            }
             match self.try_place(book, &key, members, held_back.as_deref(), now_ms) {
                 Ok(decision) => {
                     if let Some(state) = self.units.get_mut(&key) {
                         state.in_flight = true;
                     }
+                    // Its preemption, if any, is done with (an adopted reservation is binding).
+                    if self.preempting.remove(&nomination_key).is_some() {
+                        book.cancel_preemption(&nomination_key);
+                    }
                     decisions.push(decision);
                 }
                 Err(message) => {
-                    let (message, preempted) = self.preempt_or_say_why(book, members, priority, message, now_ms);
+                    let (message, preempted) =
+                        self.preempt_or_say_why(book, members, (priority, held_back.as_deref()), message, now_ms);
+                    if preempted.is_some() {
+                        if let Some(state) = self.units.get_mut(&key) {
+                            state.settled_tried = false;
+                        }
+                    }
                     decisions.extend(preempted);
                     let world_now = self.world(book);
                     let backoff = self.backoff_ms(self.units.get(&key).map_or(1, |s| s.attempts + 1));
@@ -727,7 +781,7 @@ impl Scheduler {
         &mut self,
         book: &mut Book,
         members: &[PendingPod],
-        priority: i32,
+        (priority, held_back): (i32, Option<&[bool]>),
         message: String,
         now_ms: u64,
     ) -> (String, Option<Decision>) {
@@ -737,11 +791,21 @@ impl Scheduler {
                 format!("{message}; it preempted and waits for its victims to leave node(s) {}", nodes.join(", "));
             return (waiting, None);
         }
+        if self.victims_left(&key) {
+            return (format!("{message}; it preempted and waits for its victims to leave"), None);
+        }
+        if book.preemption_settled(&key) {
+            // Its victims left, yet it does not fit what they freed (CPU, memory or a node
+            // predicate changed): the hold is given back, and it may preempt afresh later.
+            book.cancel_preemption(&key);
+            self.preempting.remove(&key);
+            return (format!("{message}; what its preemption freed no longer fits it"), None);
+        }
         let lower = self.placed.values().any(|p| p.bound.priority < priority);
         if !lower || members.iter().any(|m| m.never_preempts) {
             return (message, None);
         }
-        match self.try_preempt(book, members, priority, now_ms) {
+        match self.try_preempt(book, members, (priority, held_back), now_ms) {
             Ok(decision) => {
                 let said = match &decision {
                     Decision::Preempt { message, .. } => message.clone(),
@@ -751,6 +815,11 @@ impl Scheduler {
             }
             Err(why) => (format!("{message}; no preemption: {why}"), None),
         }
+    }
+
+    /// Whether a victim of the preemption under `key` is still bound.
+    fn victims_left(&self, key: &str) -> bool {
+        self.preempting.get(key).is_some_and(|victims| victims.iter().any(|uid| self.placed.contains_key(uid)))
     }
 
     /// Whether the last cycle stopped at [`CYCLE_ATTEMPTS_MAX`] with units still due: run
@@ -841,6 +910,10 @@ impl Scheduler {
         held_back: Option<&[bool]>,
         now_ms: u64,
     ) -> Result<Decision, String> {
+        if let Some(nodes) = book.nomination_waits_on(&Self::nomination_key(members)) {
+            // It preempted: it goes where its plan is, once its victims have left.
+            return Err(format!("it preempted and waits for its victims to leave node(s) {}", nodes.join(", ")));
+        }
         let gang_key = members[0].demand.gang.as_ref().map(|g| g.key.clone());
         if let Some(gang) = gang_key.as_deref().filter(|g| book.ran_whole(g) && book.bound_ahead(g).is_empty()) {
             return self.try_join(book, key, gang, members, held_back, now_ms);

@@ -36,7 +36,7 @@ impl Scheduler {
         &mut self,
         book: &mut Book,
         members: &[PendingPod],
-        priority: i32,
+        (priority, held_back): (i32, Option<&[bool]>),
         now_ms: u64,
     ) -> Result<Decision, String> {
         let key = Self::nomination_key(members);
@@ -51,9 +51,18 @@ impl Scheduler {
                 "preemption is not built yet for replicas with roles, leader-first groups and pods without GPUs".into(),
             );
         }
+        if members[0].demand.gang.as_ref().is_some_and(|g| book.ran_whole(&g.key)) {
+            return Err("preemption is not built yet for pods joining a gang that runs".into());
+        }
         let gang = members[0].demand.gang().map_err(|e| e.to_string())?;
+        for member in &members[1..] {
+            let theirs = member.demand.gang().map_err(|e| e.to_string())?;
+            if crate::reservation::gang_shape_difference(&gang, &theirs).is_some() {
+                return Err("its members do not describe their gang alike".into());
+            }
+        }
         let planned = Planned::Gang(gang.clone());
-        let units = self.victim_units(priority);
+        let units = self.victim_units(book, priority);
         if units.is_empty() {
             return Err(format!("no pod of a priority below {priority} can be evicted"));
         }
@@ -72,7 +81,10 @@ impl Scheduler {
         order.sort_by(|a, b| (a.1, a.2, a.0).cmp(&(b.1, b.2, b.0)));
         let chosen_of =
             |prefix: usize| -> BTreeSet<usize> { order[..prefix].iter().flat_map(|o| o.3.clone()).collect() };
-        let Some(mut slots) = self.fits_without(book, &planned, members, &units, &chosen_of(order.len())) else {
+        let fits = |scheduler: &mut Self, book: &mut Book, chosen: &BTreeSet<usize>| {
+            scheduler.fits_without(book, (&planned, held_back), members, &units, chosen)
+        };
+        let Some(mut slots) = fits(self, book, &chosen_of(order.len())) else {
             return Err(format!(
                 "it does not fit even with every pod of a priority below {priority} gone ({} pods)",
                 units.iter().map(|u| u.pods.len()).sum::<usize>()
@@ -82,7 +94,7 @@ impl Scheduler {
         let (mut low, mut high) = (0, order.len());
         while low + 1 < high {
             let mid = (low + high) / 2;
-            match self.fits_without(book, &planned, members, &units, &chosen_of(mid)) {
+            match fits(self, book, &chosen_of(mid)) {
                 Some(fits) => (high, slots) = (mid, fits),
                 None => low = mid,
             }
@@ -93,7 +105,7 @@ impl Scheduler {
         reprieve.sort_by_key(|&u| (std::cmp::Reverse(units[u].priority), std::cmp::Reverse(units[u].pods.len()), u));
         for unit in reprieve {
             chosen.remove(&unit);
-            match self.fits_without(book, &planned, members, &units, &chosen) {
+            match fits(self, book, &chosen) {
                 Some(fits) => slots = fits,
                 None => {
                     chosen.insert(unit);
@@ -101,8 +113,14 @@ impl Scheduler {
             }
         }
         let victims: Vec<PodIdentity> = chosen.iter().flat_map(|&u| units[u].pods.clone()).collect();
+        if victims.is_empty() {
+            // It fits without evicting anything: what kept it out was not room (hosts kept
+            // for a starving unit ahead, a node predicate): no preemption.
+            return Err("evicting pods would not make room it can use".into());
+        }
         let nodes: BTreeSet<&str> = chosen.iter().flat_map(|&u| units[u].nodes.iter().map(String::as_str)).collect();
         book.nominate(&key, planned, &slots, members[0].demand.pod.clone(), now_ms).map_err(|e| e.to_string())?;
+        self.preempting.insert(key.clone(), victims.iter().map(|v| v.uid.clone()).collect());
         let names: Vec<String> = victims.iter().map(ToString::to_string).collect();
         let message = format!(
             "preempting {} pod(s) of a priority below {priority} on node(s) {} ({}); the GPUs they give back are held \
@@ -116,11 +134,13 @@ impl Scheduler {
     }
 
     /// The bound pods of a priority below `priority`, as units evicted together (a gang whole,
-    /// on every node; a gang with a member of `priority` or more, or a Binding in flight, is
-    /// no victim).
-    fn victim_units(&self, priority: i32) -> Vec<VictimUnit> {
+    /// on every node). No victim: a gang with a member of `priority` or more, a Binding in
+    /// flight, a reservation open in the book (members bound ahead, joining, or binding
+    /// through the extender), or a pod another preemption already evicts.
+    fn victim_units(&self, book: &Book, priority: i32) -> Vec<VictimUnit> {
         let in_flight: BTreeSet<&str> =
             self.in_flight.values().flat_map(|(_, members)| members.iter().map(|m| m.pod.uid.as_str())).collect();
+        let taken: BTreeSet<&str> = self.preempting.values().flatten().map(String::as_str).collect();
         let mut units: BTreeMap<String, (VictimUnit, bool)> = BTreeMap::new();
         for placed in self.placed.values() {
             let bound = &placed.bound;
@@ -131,7 +151,9 @@ impl Scheduler {
             unit.pods.push(bound.pod.clone());
             unit.priority = unit.priority.max(bound.priority);
             unit.nodes.insert(bound.node.clone());
-            *spared |= in_flight.contains(bound.pod.uid.as_str()) || bound.priority >= priority;
+            let uid = bound.pod.uid.as_str();
+            let reserved = bound.gang.as_deref().is_some_and(|g| book.is_reserved(g));
+            *spared |= in_flight.contains(uid) || taken.contains(uid) || reserved || bound.priority >= priority;
         }
         units.into_values().filter(|(_, spared)| !spared).map(|(unit, _)| unit).collect()
     }
@@ -141,7 +163,7 @@ impl Scheduler {
     fn fits_without(
         &mut self,
         book: &mut Book,
-        planned: &Planned,
+        (planned, held_back): (&Planned, Option<&[bool]>),
         members: &[PendingPod],
         units: &[VictimUnit],
         chosen: &BTreeSet<usize>,
@@ -154,7 +176,7 @@ impl Scheduler {
             }
         }
         let saved = std::mem::replace(&mut self.usage, usage);
-        let (allowed, _) = self.allowed_hosts(book, members, None);
+        let (allowed, _) = self.allowed_hosts(book, members, held_back);
         let uids: Vec<String> = victims.iter().map(|p| p.uid.clone()).collect();
         let slots = book.plan_without(planned, &uids, &allowed).ok();
         let fits = slots.filter(|slots| {

@@ -1508,7 +1508,7 @@ fn pods_of_a_running_gang_join_it_and_its_running_members_are_never_repaired() {
     let mut scheduler = scheduler_on(&book);
     for (pod, node) in &placed {
         book.observe_bound(pod.clone(), node, None, 8, Some("ns/g".into())).expect("observed");
-        book.observe_gang_size("ns/g", 2);
+        book.observe_gang_size("ns/g", &pod.uid, 2);
         let requests = Resources::from([("cpu".to_string(), 1000)]);
         scheduler.bound_applied(BoundPod {
             pod: pod.clone(),
@@ -1573,6 +1573,12 @@ fn a_high_priority_gang_preempts_low_priority_pods_whole_and_binds_once_they_lef
     for member in &never {
         scheduler.pending_deleted(&member.demand.pod.uid);
     }
+    // Of the priority of the pods bound (0): nothing to evict.
+    let equal = pending("equal", 8, None, 1000);
+    scheduler.pending_applied(equal.clone());
+    let (bound, other) = run(&mut scheduler, &mut book, 500, &BTreeSet::new());
+    assert!(bound.is_empty() && !other.iter().any(|d| matches!(d, Decision::Preempt { .. })), "{other:?}");
+    scheduler.pending_deleted(&equal.demand.pod.uid);
 
     let mut high = gang("hi", 2, 8);
     for member in &mut high {
@@ -1640,4 +1646,25 @@ fn a_single_pod_preempts_the_lowest_priority_victims() {
     assert_eq!(bound.len(), 1);
     assert_eq!(bound[0].node, "r0-1");
     book.check().expect("invariants");
+}
+
+/// A preemptor deleted while its victims leave holds nothing once they have: its plan is
+/// dropped at the next cycle, and what the victims give back is free for anyone.
+#[test]
+fn a_preemptor_deleted_while_its_victims_leave_holds_nothing() {
+    let mut book = book_of(1, 1);
+    let mut scheduler = scheduler_on(&book);
+    already_bound(&mut scheduler, &mut book, &pending("low", 8, None, 1000), "r0-0", 8);
+    let mut urgent = pending("urgent", 8, None, 1000);
+    urgent.priority = 100;
+    scheduler.pending_applied(urgent.clone());
+    let (_, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(other.iter().any(|d| matches!(d, Decision::Preempt { .. })), "{other:?}");
+    scheduler.pending_deleted(&urgent.demand.pod.uid);
+    run(&mut scheduler, &mut book, 1_000, &BTreeSet::new());
+    scheduler.bound_deleted("low-uid");
+    book.forget_pod("low-uid");
+    run(&mut scheduler, &mut book, 2_000, &BTreeSet::new());
+    assert_eq!(book.ledger().free_gpus(), 8, "nothing held for a pod that is gone");
+    assert_eq!(book.snapshot(2_000).gangs.len(), 0);
 }

@@ -669,11 +669,12 @@ fn apply_pod(ext: &ServerState, pod: &Pod) {
         return;
     };
     ext.update_book(|book| {
+        let uid = identity.uid.clone();
         if let Err(error) = book.observe_bound(identity, &node, recorded.as_deref(), gpus, gang.clone()) {
             tracing::warn!(%error, "a bound pod's GPUs could not be accounted");
         }
         if let (Some(gang), Some(size)) = (gang, gang_size) {
-            book.observe_gang_size(&gang, size);
+            book.observe_gang_size(&gang, &uid, size);
         }
     });
 }
