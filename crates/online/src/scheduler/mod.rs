@@ -251,10 +251,16 @@ pub struct Scheduler {
     in_flight: BTreeMap<BindTicket, (UnitKey, Vec<BindMember>)>,
     /// The last cycle stopped at [`CYCLE_ATTEMPTS_MAX`] with units still due.
     truncated: bool,
-    /// Preemptions under way, by the unit's nomination key: the victims' uids. A unit waits
-    /// while any of them is still bound, and they are nobody else's victims meanwhile.
-    preempting: BTreeMap<String, BTreeSet<String>>,
+    /// Preemptions under way, by the unit's nomination key: when they were decided and the
+    /// victims' uids. A unit waits while any of them is still bound (up to
+    /// [`PREEMPTION_WAIT_MAX_MS`]), and they are nobody else's victims meanwhile.
+    preempting: BTreeMap<String, (u64, BTreeSet<String>)>,
 }
+
+/// The longest a unit waits for the victims of its preemption to leave, in ms (their deletion
+/// failed, or their termination grace is longer): its plan is kept meanwhile; past this it is
+/// given up and the unit may preempt afresh.
+pub const PREEMPTION_WAIT_MAX_MS: u64 = 600_000;
 
 /// How long an assumed pod survives a relist that does not show it bound yet.
 const ASSUMED_GRACE_MS: u64 = 30_000;
@@ -680,7 +686,9 @@ impl Scheduler {
         let alive: BTreeSet<String> = members_by_unit.values().map(|m| Self::nomination_key(m)).collect();
         let under_way: Vec<String> = self.preempting.keys().cloned().collect();
         for key in under_way {
-            if !alive.contains(&key) {
+            let started = self.preempting.get(&key).map_or(0, |(at, _)| *at);
+            let overdue = now_ms >= started.saturating_add(PREEMPTION_WAIT_MAX_MS);
+            if !alive.contains(&key) || (overdue && self.victims_left(&key)) {
                 book.cancel_preemption(&key);
                 self.preempting.remove(&key);
             } else if self.victims_left(&key) {
@@ -786,10 +794,9 @@ impl Scheduler {
         now_ms: u64,
     ) -> (String, Option<Decision>) {
         let key = Self::nomination_key(members);
-        if let Some(nodes) = book.nomination_waits_on(&key) {
-            let waiting =
-                format!("{message}; it preempted and waits for its victims to leave node(s) {}", nodes.join(", "));
-            return (waiting, None);
+        if book.nomination_waits_on(&key).is_some() {
+            // `try_place` said so already.
+            return (message, None);
         }
         if self.victims_left(&key) {
             return (format!("{message}; it preempted and waits for its victims to leave"), None);
@@ -819,7 +826,7 @@ impl Scheduler {
 
     /// Whether a victim of the preemption under `key` is still bound.
     fn victims_left(&self, key: &str) -> bool {
-        self.preempting.get(key).is_some_and(|victims| victims.iter().any(|uid| self.placed.contains_key(uid)))
+        self.preempting.get(key).is_some_and(|(_, victims)| victims.iter().any(|uid| self.placed.contains_key(uid)))
     }
 
     /// Whether the last cycle stopped at [`CYCLE_ATTEMPTS_MAX`] with units still due: run

@@ -120,7 +120,7 @@ impl Scheduler {
         }
         let nodes: BTreeSet<&str> = chosen.iter().flat_map(|&u| units[u].nodes.iter().map(String::as_str)).collect();
         book.nominate(&key, planned, &slots, members[0].demand.pod.clone(), now_ms).map_err(|e| e.to_string())?;
-        self.preempting.insert(key.clone(), victims.iter().map(|v| v.uid.clone()).collect());
+        self.preempting.insert(key.clone(), (now_ms, victims.iter().map(|v| v.uid.clone()).collect()));
         let names: Vec<String> = victims.iter().map(ToString::to_string).collect();
         let message = format!(
             "preempting {} pod(s) of a priority below {priority} on node(s) {} ({}); the GPUs they give back are held \
@@ -140,7 +140,8 @@ impl Scheduler {
     fn victim_units(&self, book: &Book, priority: i32) -> Vec<VictimUnit> {
         let in_flight: BTreeSet<&str> =
             self.in_flight.values().flat_map(|(_, members)| members.iter().map(|m| m.pod.uid.as_str())).collect();
-        let taken: BTreeSet<&str> = self.preempting.values().flatten().map(String::as_str).collect();
+        let taken: BTreeSet<&str> =
+            self.preempting.values().flat_map(|(_, uids)| uids.iter().map(String::as_str)).collect();
         let mut units: BTreeMap<String, (VictimUnit, bool)> = BTreeMap::new();
         for placed in self.placed.values() {
             let bound = &placed.bound;

@@ -1668,3 +1668,30 @@ fn a_preemptor_deleted_while_its_victims_leave_holds_nothing() {
     assert_eq!(book.ledger().free_gpus(), 8, "nothing held for a pod that is gone");
     assert_eq!(book.snapshot(2_000).gangs.len(), 0);
 }
+
+/// A victim that never leaves (its deletion failed): the plan is kept, renewed, for
+/// `PREEMPTION_WAIT_MAX_MS`, with no second eviction meanwhile; then it is given up and the
+/// unit preempts afresh (the deletion is tried again).
+#[test]
+fn a_preemption_whose_victim_never_leaves_is_given_up_at_its_limit_and_tried_again() {
+    let mut book = book_of(1, 1);
+    let mut scheduler = scheduler_on(&book);
+    already_bound(&mut scheduler, &mut book, &pending("stuck", 8, None, 1000), "r0-0", 8);
+    let mut urgent = pending("urgent", 8, None, 1000);
+    urgent.priority = 100;
+    scheduler.pending_applied(urgent);
+    let preempts = |decisions: &[Decision]| decisions.iter().filter(|d| matches!(d, Decision::Preempt { .. })).count();
+    let (_, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert_eq!(preempts(&other), 1);
+    let ttl = book.config().nomination_ttl_ms;
+    let mut now = 0;
+    while now + ttl < PREEMPTION_WAIT_MAX_MS {
+        now += ttl / 2;
+        let (_, other) = run(&mut scheduler, &mut book, now, &BTreeSet::new());
+        assert_eq!(preempts(&other), 0, "at {now} ms: no second eviction while the first is under way");
+        assert!(book.nomination_waits_on("pod:urgent-uid").is_some(), "at {now} ms: the plan is renewed");
+    }
+    let (_, other) = run(&mut scheduler, &mut book, PREEMPTION_WAIT_MAX_MS + 20_000, &BTreeSet::new());
+    assert_eq!(preempts(&other), 1, "given up, then tried afresh: {other:?}");
+    book.check().expect("invariants");
+}
