@@ -200,3 +200,60 @@ async fn a_pod_of_a_running_gang_joins_it_alone() {
     server.stop().await;
     api_server.stop().await;
 }
+
+/// An elastic gang (size 2, `topoplace.io/gang-max-size` 3) through the extender over the fake
+/// API: a third pod filtered before the gang runs is told it joins later (nothing held for
+/// it), joins once the two are bound, and a fourth is refused at the maximum with its
+/// preempt keeping no candidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elastic_gang_grows_to_its_maximum_and_no_further() {
+    let api = FakeApi::new();
+    let nodes: Vec<String> = (0..4).map(|i| format!("r1-{i}")).collect();
+    for node in &nodes {
+        api.add_node(node, "NVIDIA-H100-80GB-HBM3", 8, "r1");
+    }
+    let api_server = serve_router(api.router()).await;
+    let server = kube_server(&api_server.base, BookConfig::default(), None).await;
+    let base = server.base.clone();
+    let http = reqwest::Client::new();
+    ready(&http, &base).await;
+    let pods: Vec<Value> = (0..4)
+        .map(|r| {
+            let mut object = pod("ml", &format!("e-{r}"), &format!("e-{r}-uid"), 8, Some(("e", 2)));
+            object["metadata"]["labels"]["topoplace.io/gang-max-size"] = json!("3");
+            api.add_pod(object.clone(), None, None);
+            object
+        })
+        .collect();
+    for object in &pods[..2] {
+        let (_, first) = post(&http, &format!("{base}/filter"), &json!({"Pod": object, "NodeNames": nodes})).await;
+        assert_eq!(passing(&first).len(), 1, "{first}");
+    }
+    let (_, extra) = post(&http, &format!("{base}/filter"), &json!({"Pod": pods[2], "NodeNames": nodes})).await;
+    assert!(passing(&extra).is_empty(), "{extra}");
+    assert!(extra.to_string().contains("joins it once they run"), "{extra}");
+    assert_eq!(free_gpus(&state(&http, &base).await), 16, "the gang's two members held, nothing for the third");
+    let tasks: Vec<_> = pods[..2]
+        .iter()
+        .map(|object| {
+            let (http, base, nodes, object) = (http.clone(), base.clone(), nodes.clone(), object.clone());
+            tokio::spawn(async move { schedule(&http, &base, &object, &nodes).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task").expect("member bound");
+    }
+    schedule(&http, &base, &pods[2], &nodes).await.expect("the third joins");
+    let (_, full) = post(&http, &format!("{base}/filter"), &json!({"Pod": pods[3], "NodeNames": nodes})).await;
+    assert!(passing(&full).is_empty() && full.to_string().contains("its maximum is 3"), "{full}");
+    let busy = api.pod_node("ml", "e-0").expect("bound");
+    let (status, answer) =
+        post(&http, &format!("{base}/preempt"), &preempt_args(&pods[3], &[(busy.as_str(), "e-0-uid")])).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["NodeNameToMetaVictims"], json!({}), "{answer}");
+    assert_eq!(free_gpus(&state(&http, &base).await), 8);
+    assert!(api.deletes().is_empty());
+    server.state().check().expect("book invariants");
+    server.stop().await;
+    api_server.stop().await;
+}

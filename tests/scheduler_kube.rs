@@ -89,7 +89,7 @@ fn events_for(api: &FakeApi, pod: &str, reason: &str) -> Vec<String> {
 /// The API's final state: no GPU of a node given twice, every gang bound whole or not at all.
 fn assert_consistent(api: &FakeApi) {
     let mut given = BTreeSet::new();
-    let mut gangs: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut gangs: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
     for pod in api.pods() {
         let bound = pod["spec"]["nodeName"].as_str();
         if let (Some(node), Some(gpus)) = (bound, pod["metadata"]["annotations"]["topoplace.io/gpus"].as_str()) {
@@ -98,14 +98,20 @@ fn assert_consistent(api: &FakeApi) {
             }
         }
         if let Some(gang) = pod["metadata"]["labels"]["topoplace.io/gang"].as_str() {
-            let size: usize =
-                pod["metadata"]["labels"]["topoplace.io/gang-size"].as_str().unwrap_or("0").parse().unwrap_or(0);
-            let entry = gangs.entry(gang.to_string()).or_insert((0, size));
+            let label =
+                |key: &str| -> usize { pod["metadata"]["labels"][key].as_str().unwrap_or("0").parse().unwrap_or(0) };
+            let size = label("topoplace.io/gang-size");
+            // An elastic gang may run more than its size, up to its maximum.
+            let max = label("topoplace.io/gang-max-size").max(size);
+            let entry = gangs.entry(gang.to_string()).or_insert((0, size, max));
             entry.0 += usize::from(bound.is_some());
         }
     }
-    for (gang, (bound, size)) in gangs {
-        assert!(bound == 0 || bound == size, "gang {gang} is half-bound: {bound} of {size}");
+    for (gang, (bound, size, max)) in gangs {
+        assert!(
+            bound == 0 || (size..=max).contains(&bound),
+            "gang {gang} is half-bound: {bound} of {size} (at most {max})"
+        );
     }
 }
 
@@ -613,5 +619,32 @@ async fn a_high_priority_gang_preempts_and_a_recreated_member_joins_it_again() {
         !api.deletes().contains(&"hi-1".to_string()),
         "the member that ran on was never taken for a half-bound gang"
     );
+    finish(&api, replica, Some(server)).await;
+}
+
+/// An elastic gang (`topoplace.io/gang-max-size`) through the adapter: four pods of a gang of
+/// size 2 and at most 3 on three free nodes. Two bind together, the third joins them, the
+/// fourth stays pending with a condition naming the maximum; once a member is deleted, the
+/// fourth joins in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elastic_gang_starts_at_its_size_and_grows_to_its_maximum() {
+    let (api, server) = api_with(rack_nodes(&["r1"], 4)).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    for rank in 0..4 {
+        let mut pod = scheduler_pod("ml", &format!("e-{rank}"), 8, Some(("e", 2, rank)), "1");
+        pod["metadata"]["labels"]["topoplace.io/gang-max-size"] = json!("3");
+        api.add_pod(pod, None, None);
+    }
+    let bound = |api: &FakeApi| (0..4).filter(|r| api.pod_node("ml", &format!("e-{r}")).is_some()).count();
+    eventually("three members bound", || bound(&api) == 3).await;
+    eventually("the fourth told it waits at the maximum", || {
+        condition(&api.pod("ml", "e-3").unwrap_or_default()).is_some_and(|(_, _, m)| m.contains("its maximum is 3"))
+    })
+    .await;
+    assert_eq!(bound(&api), 3);
+    assert!(api.pod_node("ml", "e-3").is_none(), "ranks go first: {:?}", api.pod_node("ml", "e-3"));
+    api.delete_pod("ml", "e-0");
+    eventually("the fourth joined in its place", || api.pod_node("ml", "e-3").is_some()).await;
+    assert!(api.deletes().is_empty(), "nothing deleted by the scheduler: {:?}", api.deletes());
     finish(&api, replica, Some(server)).await;
 }

@@ -26,6 +26,11 @@ pub const GANG_RETRY_ANNOTATION: &str = "topoplace.io/gang-retry";
 
 const GANG_LABEL: &str = "topoplace.io/gang";
 const GANG_SIZE: &str = "topoplace.io/gang-size";
+/// An elastic gang's most members (label or annotation, at least its size): the gang starts
+/// once its size (its minimum, like upstream's gang `minCount` or Volcano's `minMember`) fits,
+/// and more of its pods join it while it runs, up to this many. Without it a gang that runs
+/// takes any number of joining pods, up to [`GANG_MEMBERS_MAX`].
+pub const GANG_MAX_SIZE: &str = "topoplace.io/gang-max-size";
 const RANK: &str = "topoplace.io/rank";
 const POD_GROUP_LABEL: &str = "scheduling.x-k8s.io/pod-group";
 const LWS_GROUP_LABEL: &str = "leaderworkerset.sigs.k8s.io/group-key";
@@ -273,11 +278,33 @@ pub fn gang_of_sized(
     let rank_from = |key: &str| -> Result<Option<u32>, PodError> {
         either(key).map(|v| number(&shown, key.to_string(), v, GANG_MEMBERS_MAX)).transpose()
     };
+    // An elastic gang's maximum: at least its size, and only for a gang of one shape.
+    let max_for = |size: u32| -> Result<Option<u32>, PodError> {
+        let Some(value) = either(GANG_MAX_SIZE) else { return Ok(None) };
+        let max = number(&shown, GANG_MAX_SIZE.to_string(), value, GANG_MEMBERS_MAX)?;
+        let invalid = |detail: String| PodError::Invalid {
+            pod: shown.clone(),
+            field: GANG_MAX_SIZE.into(),
+            value: value.clone(),
+            detail,
+        };
+        if max < size {
+            return Err(invalid(format!("below the gang's size {size}, which is its least number of members")));
+        }
+        if annotations.contains_key(ROLES_ANNOTATION) {
+            return Err(invalid(format!(
+                "a replica with roles ({ROLES_ANNOTATION}) has a fixed number of members per role; only a gang of one \
+                 shape is elastic"
+            )));
+        }
+        Ok(Some(max))
+    };
     if let Some(name) = labels.get(GANG_LABEL) {
         let size = size_from(GANG_SIZE, either(GANG_SIZE))?;
         return Ok(Some(GangMembership {
             key: format!("{namespace}/{name}"),
             size,
+            max: max_for(size)?,
             rank: rank_from(RANK)?,
             order: BindOrder::Together,
         }));
@@ -292,6 +319,7 @@ pub fn gang_of_sized(
         return Ok(Some(GangMembership {
             key: format!("{namespace}/{group}"),
             size,
+            max: max_for(size)?,
             rank: rank_from(RANK)?,
             order: BindOrder::Together,
         }));
@@ -300,9 +328,19 @@ pub fn gang_of_sized(
         let size = size_from(LWS_SIZE_ANNOTATION, annotations.get(LWS_SIZE_ANNOTATION))?;
         let rank = rank_from(LWS_INDEX_LABEL)?;
         let key = format!("{namespace}/lws-{group}");
+        if let Some(value) = either(GANG_MAX_SIZE) {
+            return Err(PodError::Invalid {
+                pod: shown.clone(),
+                field: GANG_MAX_SIZE.into(),
+                value: value.clone(),
+                detail: "a LeaderWorkerSet group has a fixed size (leaderworkerset.sigs.k8s.io/size); scale the \
+                         LeaderWorkerSet's replicas instead"
+                    .into(),
+            });
+        }
         let Some(leader) = annotations.get(LWS_LEADER_GPUS) else {
             // With roles, the rank stays the worker index: `demand` reads it within a role.
-            return Ok(Some(GangMembership { key, size, rank, order: BindOrder::Together }));
+            return Ok(Some(GangMembership { key, size, max: None, rank, order: BindOrder::Together }));
         };
         if annotations.contains_key(ROLES_ANNOTATION) {
             return Err(PodError::Invalid {
@@ -339,7 +377,13 @@ pub fn gang_of_sized(
                     )))
                 }
             },
-            rank => Some(GangMembership { key, size: size - 1, rank: rank.map(|r| r - 1), order: BindOrder::Together }),
+            rank => Some(GangMembership {
+                key,
+                size: size - 1,
+                max: None,
+                rank: rank.map(|r| r - 1),
+                order: BindOrder::Together,
+            }),
         });
     }
     if let Some(name) = upstream_pod_group(pod) {
@@ -350,7 +394,13 @@ pub fn gang_of_sized(
             (None, Some(PodGroupFacts { min_count: Some(count), .. })) if *count > 0 => *count,
             (value, _) => size_from(GANG_SIZE, value)?,
         };
-        return Ok(Some(GangMembership { key, size, rank: rank_from(RANK)?, order: BindOrder::Together }));
+        return Ok(Some(GangMembership {
+            key,
+            size,
+            max: max_for(size)?,
+            rank: rank_from(RANK)?,
+            order: BindOrder::Together,
+        }));
     }
     Ok(None)
 }
@@ -1001,6 +1051,37 @@ mod tests {
         assert_eq!(demand(&labelled).expect("demand").gang.map(|g| g.key), Some("ns/g".into()));
         let cosched = upstream_pod("train", serde_json::json!({"scheduling.x-k8s.io/pod-group": "pg"}), none);
         assert_eq!(pod_group_to_look_up(&cosched), Some(PodGroupRef::Coscheduling("pg".into())));
+    }
+
+    #[test]
+    fn an_elastic_gang_reads_its_maximum_and_refuses_one_that_cannot_be() {
+        let labels = |max: &str| serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "2", GANG_MAX_SIZE: max});
+        let read = demand(&pod_with(labels("6"), serde_json::json!({}), 8)).expect("demand");
+        assert_eq!(read.gang.as_ref().map(|g| (g.size, g.max)), Some((2, Some(6))));
+        // On a coscheduling PodGroup's pods too, as an annotation.
+        let cosched = pod_with(
+            serde_json::json!({"scheduling.x-k8s.io/pod-group": "pg"}),
+            serde_json::json!({GANG_MAX_SIZE: "3"}),
+            8,
+        );
+        let facts = PodGroupFacts { min_count: Some(2), topology_key: None };
+        assert_eq!(
+            demand_sized(&cosched, Some(&facts)).expect("demand").gang.map(|g| (g.size, g.max)),
+            Some((2, Some(3)))
+        );
+        // Without it, no maximum.
+        let plain = serde_json::json!({"topoplace.io/gang": "g", "topoplace.io/gang-size": "2"});
+        assert_eq!(demand(&pod_with(plain, serde_json::json!({}), 8)).expect("demand").gang.and_then(|g| g.max), None);
+        for (max, expected) in [("1", "below the gang's size 2"), ("x", GANG_MAX_SIZE), ("5000", "above the limit")] {
+            let error = demand(&pod_with(labels(max), serde_json::json!({}), 8)).unwrap_err().to_string();
+            assert!(error.contains(expected) && error.contains(GANG_MAX_SIZE), "{max}: {error}");
+        }
+        let error =
+            demand(&pod_with(labels("4"), serde_json::json!({ROLES_ANNOTATION: ROLES}), 8)).unwrap_err().to_string();
+        assert!(error.contains("fixed number of members per role"), "{error}");
+        let lws = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3", GANG_MAX_SIZE: "4"});
+        let error = demand(&pod_with(lws_labels("1"), lws, 8)).unwrap_err().to_string();
+        assert!(error.contains("fixed size") && error.contains(GANG_MAX_SIZE), "{error}");
     }
 
     const ROLES: &str = r#"[{"name": "leader", "gpusPerMember": 4}, {"name": "worker", "members": 2, "gpusPerMember": 8, "tensorParallel": 8}]"#;

@@ -192,7 +192,17 @@ impl Book {
                 reservation.leader_first = true;
             }
         }
-        let slot = self.assign_slot(&key, demand, &membership, (own_role, offered), now_ms)?;
+        let slot = match self.assign_slot(&key, demand, &membership, (own_role, offered), now_ms) {
+            Err(BookError::GangFull { size, .. }) if membership.max.is_none_or(|max| max > size) => {
+                // One pod more than the gang starts with: it joins once the gang runs.
+                let reason = format!(
+                    "gang `{key}` starts with its {size} members, all planned; this pod joins it once they run (or \
+                     takes the slot of a member that left, once that member's hold lapses)"
+                );
+                return Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect());
+            }
+            slot => slot?,
+        };
         let Some(reservation) = self.gangs.get(&key) else {
             return Err(BookError::NotPlanned { pod: demand.pod.to_string() });
         };
@@ -230,7 +240,9 @@ impl Book {
         }
         match self.hold_joining(demand, membership, ours, own_role, &within, now_ms)? {
             JoinOutcome::NoGpus => Ok(vec![NodeVerdict::Pass; offered.len()]),
-            JoinOutcome::Nowhere(reason) => Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect()),
+            JoinOutcome::Nowhere(reason) | JoinOutcome::AtMaximum(reason) => {
+                Ok(offered.iter().map(|_| NodeVerdict::Fail(reason.clone())).collect())
+            }
             JoinOutcome::Held(joined) => {
                 let node = self.cluster.host(joined.host).name.clone();
                 let why = format!(

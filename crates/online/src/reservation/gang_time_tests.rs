@@ -1,7 +1,7 @@
 //! Gangs over time through the extender's verbs: preemption judged for a whole gang, and pods
 //! that join a gang while it runs (issue 19's failing inputs, and their kind).
 
-use super::tests::{all_hosts, bind_single, cluster, filter_gang, kept, member, passing, single};
+use super::tests::{all_hosts, bind_single, cluster, filter_gang, filtered_node, kept, member, passing, single};
 use super::*;
 
 /// Binds every member of a gang planned by [`filter_gang`], Bindings succeeding.
@@ -520,5 +520,84 @@ fn a_new_leader_of_a_running_group_waits_for_the_old_members() {
     book.forget_pod(&worker.pod.uid);
     let verdicts = book.filter(&new_leader, &offered, 4).expect("filter");
     assert_eq!(passing(&book, &verdicts, &offered).len(), 1, "planned whole once they left");
+    book.check().expect("invariants");
+}
+
+/// A member of an elastic gang: size (its minimum) 2, at most `max` members.
+fn elastic(rank: u32, max: u32) -> PodDemand {
+    let mut pod = member("e", 2, rank, 8);
+    if let Some(gang) = pod.gang.as_mut() {
+        gang.max = Some(max);
+    }
+    pod
+}
+
+/// Binds one pod that joins its running gang on `node`.
+fn bind_joiner(book: &mut Book, pod: &PodDemand, node: &str, now: u64) {
+    let BindStep::Bind { ticket, members } = book.bind_arrive(pod, node, now).expect("arrive") else {
+        panic!("a joining pod binds at once");
+    };
+    let outcomes: Vec<_> = members.iter().map(|b| (b.pod.clone(), Ok(()))).collect();
+    assert_eq!(book.bind_finished(&ticket, &outcomes, now), BindFinish::Bound);
+}
+
+/// An elastic gang (size 2, at most 3) whose three pods come at once, on four free hosts:
+/// it starts with two (the third waits, told why, nothing held for it), the third joins once
+/// the two run, a fourth is held off at the maximum (no preemption for it either), and joins
+/// once a member has left.
+#[test]
+fn an_elastic_gang_starts_at_its_size_and_grows_to_its_maximum() {
+    let mut book = Book::new(cluster(1, 4), BookConfig::default());
+    let offered = all_hosts(&book);
+    let pods: Vec<PodDemand> = (0..4).map(|rank| elastic(rank, 3)).collect();
+    let first = filtered_node(&mut book, &pods[0], &offered, 0);
+    let second = filtered_node(&mut book, &pods[1], &offered, 0);
+    assert_eq!(book.ledger().free_gpus(), 32 - 16, "the gang starts with its size");
+    let verdicts = book.filter(&pods[2], &offered, 0).expect("filter");
+    assert!(
+        verdicts.iter().all(|v| matches!(v, NodeVerdict::Fail(r) if r.contains("starts with its 2 members"))),
+        "{verdicts:?}"
+    );
+    assert_eq!(book.ledger().free_gpus(), 16, "nothing held for the third");
+    bind_gang(&mut book, &pods[..2], &[first.clone(), second.clone()], 1);
+
+    let third = filtered_node(&mut book, &pods[2], &offered, 2);
+    assert!(![&first, &second].contains(&&third));
+    bind_joiner(&mut book, &pods[2], &third, 2);
+    assert_eq!(book.running_hosts("ns/e").len(), 3);
+
+    let verdicts = book.filter(&pods[3], &offered, 3).expect("filter");
+    assert!(
+        verdicts.iter().all(|v| matches!(v, NodeVerdict::Fail(r) if r.contains("its maximum is 3"))),
+        "{verdicts:?}"
+    );
+    assert_eq!(book.ledger().free_gpus(), 8, "nothing held at the maximum");
+    let answer = book.preempt(&pods[3], &[candidate(0, "e-0")], 3).expect("preempt");
+    assert_eq!(kept(&answer), vec![false]);
+    assert!(answer.why.as_deref().is_some_and(|w| w.contains("maximum")), "{answer:?}");
+
+    book.forget_pod("e-0-uid");
+    let fourth = filtered_node(&mut book, &pods[3], &offered, 4);
+    bind_joiner(&mut book, &pods[3], &fourth, 4);
+    assert_eq!(book.running_hosts("ns/e").len(), 3);
+    book.check().expect("invariants");
+}
+
+/// The maximum counts pods holding a joining slot too: two pods joining at once when one
+/// place is left under the maximum, one is held and the other told why.
+#[test]
+fn pods_joining_at_once_stop_at_the_maximum() {
+    let mut book = Book::new(cluster(1, 5), BookConfig::default());
+    let offered = all_hosts(&book);
+    let pods: Vec<PodDemand> = (0..4).map(|rank| elastic(rank, 3)).collect();
+    let nodes: Vec<String> = pods[..2].iter().map(|p| filtered_node(&mut book, p, &offered, 0)).collect();
+    bind_gang(&mut book, &pods[..2], &nodes, 1);
+    filtered_node(&mut book, &pods[2], &offered, 2);
+    let verdicts = book.filter(&pods[3], &offered, 2).expect("filter");
+    assert!(
+        verdicts.iter().all(|v| matches!(v, NodeVerdict::Fail(r) if r.contains("1 other(s) joining"))),
+        "{verdicts:?}"
+    );
+    assert_eq!(book.ledger().free_gpus(), 40 - 24);
     book.check().expect("invariants");
 }

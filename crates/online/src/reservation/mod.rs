@@ -109,7 +109,12 @@ impl std::fmt::Display for PodIdentity {
 pub struct GangMembership {
     /// `namespace/name`: gangs are namespaced like their pods.
     pub key: String,
+    /// The gang's size: the members it starts with, all placed at once (its minimum).
     pub size: u32,
+    /// An elastic gang's most members (`topoplace.io/gang-max-size`, at least `size`): once
+    /// it runs, more of its pods join it up to this many; `None`: no maximum but
+    /// [`GANG_MEMBERS_MAX`].
+    pub max: Option<u32>,
     /// The member's rank when the pod says it (`topoplace.io/rank`, LWS worker index).
     pub rank: Option<u32>,
     /// How the gang's members bind.

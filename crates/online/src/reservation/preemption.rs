@@ -110,6 +110,10 @@ impl Book {
             let Some((one, scopes)) = self.joining_shape(demand, &membership, &shape, own)? else {
                 return Ok(PreemptAnswer::none(count, "a role without GPUs frees nothing".into()));
             };
+            if let Some(reason) = self.join_at_maximum(&membership, &demand.pod.uid) {
+                // Evicting others makes no room under its own gang's maximum.
+                return Ok(PreemptAnswer::none(count, reason));
+            }
             let siblings = self.running_hosts(&key);
             let open = self.open_hosts();
             let keep = self.keep_each(demand, candidates, &whole, |planner, trial, host| {

@@ -43,7 +43,13 @@ fn pod(gang: &str, roles: &[RoleSpec], role: &str, rank: u32, gpus: u32) -> PodD
         pipeline_parallel: None,
         required: None,
         preferred: None,
-        gang: Some(GangMembership { key: format!("ns/{gang}"), size, rank: Some(rank), order: BindOrder::Together }),
+        gang: Some(GangMembership {
+            key: format!("ns/{gang}"),
+            size,
+            max: None,
+            rank: Some(rank),
+            order: BindOrder::Together,
+        }),
         roles: Some(RoleDemand { role: role.into(), roles: roles.to_vec() }),
     }
 }
@@ -198,7 +204,13 @@ fn pods_that_describe_the_replica_differently_are_refused_with_nothing_held() {
         (pod("g", &roles, "router", 0, 0), "its role `router` is not one of the replica's roles (leader, worker)"),
         (
             PodDemand {
-                gang: Some(GangMembership { key: "ns/g".into(), size: 4, rank: Some(1), order: BindOrder::Together }),
+                gang: Some(GangMembership {
+                    key: "ns/g".into(),
+                    size: 4,
+                    max: None,
+                    rank: Some(1),
+                    order: BindOrder::Together,
+                }),
                 ..pod("g", &roles, "worker", 1, 8)
             },
             "counts 4 pods, but its roles have 3 members together",

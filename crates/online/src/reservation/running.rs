@@ -13,6 +13,9 @@ pub(super) enum JoinOutcome {
     NoGpus,
     /// Its GPUs are held in the gang's joining reservation, its slot taken by it.
     Held(Joined),
+    /// The gang runs (or has joining) its most members, `topoplace.io/gang-max-size` (why);
+    /// nothing is held: it joins once one leaves.
+    AtMaximum(String),
     /// It fits nowhere inside its scope near its members (why); nothing is held.
     Nowhere(String),
 }
@@ -89,6 +92,26 @@ impl Book {
             self.seen_members.remove(key);
             self.running.insert(key.to_string(), None);
         }
+    }
+
+    /// Why pod `uid` of the elastic gang `membership` may not join it now: the gang's
+    /// members bound here and the other pods holding a joining slot already reach its maximum
+    /// (`membership.max`); `None` when it may join, or the gang has no maximum.
+    pub fn join_at_maximum(&self, membership: &GangMembership, uid: &str) -> Option<String> {
+        let max = membership.max?;
+        let key = &membership.key;
+        let running =
+            self.bound.values().filter(|b| b.gang.as_deref() == Some(key.as_str()) && b.pod.uid != uid).count();
+        let joining =
+            self.gangs.get(key).filter(|r| r.joining).map_or(0, |r| {
+                r.slots.iter().filter(|s| !s.bound && s.pod.as_ref().is_some_and(|p| p.uid != uid)).count()
+            });
+        (running + joining >= max as usize).then(|| {
+            format!(
+                "gang `{key}` runs {running} member(s) and has {joining} other(s) joining: its maximum is {max} \
+                 (topoplace.io/gang-max-size); this pod joins once one leaves"
+            )
+        })
     }
 
     /// Forgets the shape of gang `key` when none of its members is bound any more.
@@ -185,6 +208,9 @@ impl Book {
         let Some((one, scopes)) = self.joining_shape(demand, membership, &ours, own_role)? else {
             return Ok(JoinOutcome::NoGpus);
         };
+        if let Some(reason) = self.join_at_maximum(membership, &demand.pod.uid) {
+            return Ok(JoinOutcome::AtMaximum(reason));
+        }
         let siblings = self.running_hosts(&key);
         let joined =
             self.with_planner(|planner, ledger| place_joining(planner, ledger, &one, &scopes, &siblings, within));

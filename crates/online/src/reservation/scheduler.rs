@@ -486,7 +486,9 @@ impl Book {
         match self.hold_joining(demand, &membership, ours, own_role, allowed, now_ms).map_err(|e| e.to_string())? {
             super::running::JoinOutcome::NoGpus => Ok(None),
             super::running::JoinOutcome::Held(joined) => Ok(Some((joined.host, joined.gpus))),
-            super::running::JoinOutcome::Nowhere(reason) => Err(reason),
+            super::running::JoinOutcome::Nowhere(reason) | super::running::JoinOutcome::AtMaximum(reason) => {
+                Err(reason)
+            }
         }
     }
 

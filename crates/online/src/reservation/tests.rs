@@ -34,7 +34,13 @@ pub(crate) fn member(gang: &str, size: u32, rank: u32, gpus: u32) -> PodDemand {
         pipeline_parallel: None,
         required: None,
         preferred: None,
-        gang: Some(GangMembership { key: format!("ns/{gang}"), size, rank: Some(rank), order: BindOrder::Together }),
+        gang: Some(GangMembership {
+            key: format!("ns/{gang}"),
+            size,
+            max: None,
+            rank: Some(rank),
+            order: BindOrder::Together,
+        }),
         roles: None,
     }
 }

@@ -207,6 +207,8 @@ struct UnitState {
     last_message: Option<String>,
     complete: bool,
     waiting_reported: bool,
+    /// An elastic start's "the rest join later" was said (see [`Scheduler::cycle`]).
+    extra_reported: bool,
     incomplete_reported: bool,
     in_flight: bool,
     /// The unit was tried once on its settled preemption ([`Book::preemption_settled`]).
@@ -475,8 +477,10 @@ impl Scheduler {
                 .collect(),
             None => BTreeSet::new(),
         };
-        // Gang assembly and repair; collect the units that are complete.
+        // Gang assembly and repair; collect the units that are complete, and how many of the
+        // pending pods an elastic gang that has not started starts with.
         let mut complete: Vec<(UnitKey, i32)> = Vec::new();
+        let mut starts_with: BTreeMap<UnitKey, usize> = BTreeMap::new();
         for (key, members) in &members_by_unit {
             let state = self
                 .units
@@ -496,14 +500,22 @@ impl Scheduler {
                 continue;
             };
             let size = gang.size as usize;
-            let other_size = members.iter().find(|m| m.demand.gang.as_ref().is_some_and(|g| g.size != gang.size));
+            let other_size = members
+                .iter()
+                .find(|m| m.demand.gang.as_ref().is_some_and(|g| (g.size, g.max) != (gang.size, gang.max)));
             if let Some(other) = other_size {
+                let shown = |g: Option<&crate::reservation::GangMembership>| match g.map(|g| (g.size, g.max)) {
+                    Some((size, Some(max))) => format!("{size} (at most {max})"),
+                    Some((size, None)) => size.to_string(),
+                    None => "none".into(),
+                };
                 let message = format!(
-                    "gang `{key}`: its members disagree on the gang's size: {} says {size}, {} says {}; every \
-                     member must describe its gang alike",
+                    "gang `{key}`: its members disagree on the gang's size: {} says {}, {} says {}; every member \
+                     must describe its gang alike",
                     members[0].demand.pod,
+                    shown(Some(&gang)),
                     other.demand.pod,
-                    other.demand.gang.as_ref().map_or(0, |g| g.size)
+                    shown(other.demand.gang.as_ref())
                 );
                 if state.last_message.as_ref() != Some(&message) {
                     state.last_message = Some(message.clone());
@@ -588,15 +600,21 @@ impl Scheduler {
                 // Pods of a gang that runs (members recreated, or more of it): they join it,
                 // each on its own; its running members are never taken for a half-bound gang.
                 state.half_bound_since_ms = None;
-                if size > 1 && members.len() >= size {
+                let elastic = gang.max.is_some_and(|max| max > gang.size);
+                let waited = now_ms.saturating_sub(state.first_seen_ms);
+                if size > 1 && members.len() >= size && !elastic && waited < self.config.gang_wait_timeout_ms {
                     // A whole gang's worth pending while members still run: the gang recreated
-                    // whole (its old members leaving). It is placed whole once they have left.
+                    // whole (its old members leaving). It is placed whole once they have left;
+                    // if they have not within the gang wait, the pods are taken for more of
+                    // the gang (a scale-out) and join it.
                     state.complete = false;
                     let message = format!(
                         "gang `{key}`: {} pods pending, a whole gang's worth, while {} member(s) of it still run; \
-                         they are placed together once those have left",
+                         they are placed together once those have left, or join the gang if those still run after \
+                         {} s",
                         members.len(),
-                        bound.len()
+                        bound.len(),
+                        self.config.gang_wait_timeout_ms / 1000
                     );
                     if state.last_message.as_ref() != Some(&message) {
                         state.last_message = Some(message.clone());
@@ -633,15 +651,37 @@ impl Scheduler {
                 continue;
             }
             if members.len() > size {
-                let message = format!(
-                    "gang `{key}` has {} pending pods but its size is {size}: remove the extra pods or fix the size",
-                    members.len()
-                );
-                if state.last_message.as_ref() != Some(&message) {
-                    state.last_message = Some(message.clone());
-                    decisions.push(Decision::NotScheduled { pods, reason: REASON_UNSCHEDULABLE, message });
+                // More pods than the gang starts with: a gang of one shape starts with its
+                // first `size` (rank, then name) and the rest join it once it runs, up to its
+                // maximum; a replica with roles or a group bound leader-first has fixed members.
+                let elastic = gang.max.is_none_or(|max| max > gang.size)
+                    && gang.order == BindOrder::Together
+                    && members.iter().all(|m| m.demand.roles.is_none());
+                if !elastic {
+                    let message = format!(
+                        "gang `{key}` has {} pending pods but its size is {size}{}: remove the extra pods or fix the size",
+                        members.len(),
+                        if gang.max == Some(gang.size) { " and so is its maximum (topoplace.io/gang-max-size)" } else { "" }
+                    );
+                    if state.last_message.as_ref() != Some(&message) {
+                        state.last_message = Some(message.clone());
+                        decisions.push(Decision::NotScheduled { pods, reason: REASON_UNSCHEDULABLE, message });
+                    }
+                    continue;
                 }
-                continue;
+                if !state.extra_reported {
+                    state.extra_reported = true;
+                    decisions.push(Decision::GangWaiting {
+                        pods: pods[size..].to_vec(),
+                        message: format!(
+                            "gang `{key}`: {} pods pending, more than its size {size}: it starts with {size} of them and \
+                             this pod joins it once it runs{}",
+                            members.len(),
+                            gang.max.map(|max| format!(" (up to its maximum of {max})")).unwrap_or_default()
+                        ),
+                    });
+                }
+                starts_with.insert(key.clone(), size);
             }
             // A LeaderWorkerSet leader with exclusive placement is placed before its workers
             // exist (they are created once it is bound): its group is ready with it alone.
@@ -706,6 +746,7 @@ impl Scheduler {
         self.truncated = false;
         for (key, priority) in complete {
             let Some(members) = members_by_unit.get(&key) else { continue };
+            let members = &members[..starts_with.get(&key).map_or(members.len(), |&n| n.min(members.len()))];
             let Some(state) = self.units.get(&key) else { continue };
             let waited = now_ms.saturating_sub(state.since_ms);
             // A unit whose preemption's victims have all left goes now, whatever its back-off
@@ -1012,7 +1053,9 @@ impl Scheduler {
     /// on its own (the book's join: its GPUs near the members that run, inside the gang's
     /// scope, on nodes where it passes the predicates and fits by CPU and memory with the
     /// pods joining with it); a pod without GPUs goes where the predicates leave the most
-    /// room. All are bound as one ticket; if one fits nowhere, nothing is held.
+    /// room. As many as fit, in rank then name order and up to an elastic gang's maximum,
+    /// are bound as one ticket; the rest stay pending and are tried again (the gang grows as
+    /// capacity frees). If none fits, nothing is held and the first one's reason is returned.
     fn try_join(
         &mut self,
         book: &mut Book,
@@ -1026,18 +1069,31 @@ impl Scheduler {
         book.drop_joining(gang);
         let mut scratch: HashMap<String, Resources> = HashMap::new();
         let mut chosen = Vec::with_capacity(members.len());
+        let mut joining = Vec::with_capacity(members.len());
+        let mut first_refusal: Option<String> = None;
         let mut with_gpus = false;
         for member in members {
+            if let Some(reason) =
+                member.demand.gang.as_ref().and_then(|m| book.join_at_maximum(m, &member.demand.pod.uid))
+            {
+                first_refusal.get_or_insert(format!("{}: {reason}", member.demand.pod));
+                break;
+            }
             if member.demand.gpus == 0 {
                 // Inside the replica's required domain around the members that run.
                 let replica = member.demand.replica().ok().flatten().map(|(replica, _)| replica);
                 let region = replica.and_then(|r| book.region_labels(&r, &book.running_hosts(gang)));
                 let node = self.node_without_gpus(member, &mut scratch, region.as_deref());
                 match node {
-                    Ok(node) => chosen.push((member.demand.pod.clone(), node)),
+                    Ok(node) => {
+                        chosen.push((member.demand.pod.clone(), node));
+                        joining.push(member.clone());
+                    }
                     Err(message) => {
-                        book.drop_joining(gang);
-                        return Err(format!("gang `{key}` runs; {} cannot join it: {message}", member.demand.pod));
+                        first_refusal.get_or_insert(format!(
+                            "gang `{key}` runs; {} cannot join it: {message}",
+                            member.demand.pod
+                        ));
                     }
                 }
                 continue;
@@ -1062,18 +1118,23 @@ impl Scheduler {
                         .or_insert_with(|| self.usage.get(&node).cloned().unwrap_or_default());
                     predicates::add_usage(used, &member.needs.requests, 1);
                     chosen.push((member.demand.pod.clone(), node));
+                    joining.push(member.clone());
                 }
                 Ok(None) => {
-                    book.drop_joining(gang);
-                    return Err(format!("gang `{key}`: {} asks GPUs its role does not have", member.demand.pod));
+                    first_refusal
+                        .get_or_insert(format!("gang `{key}`: {} asks GPUs its role does not have", member.demand.pod));
                 }
                 Err(reason) => {
-                    book.drop_joining(gang);
                     let what = format!("{} joining gang `{gang}`", member.demand.pod);
-                    return Err(self.not_fitting(&reasons, candidates, &what, &reason));
+                    first_refusal.get_or_insert(self.not_fitting(&reasons, candidates, &what, &reason));
                 }
             }
         }
+        if chosen.is_empty() {
+            book.drop_joining(gang);
+            return Err(first_refusal.unwrap_or_else(|| format!("gang `{key}`: no pod to join it")));
+        }
+        let members = joining.as_slice();
         if !with_gpus {
             let chosen = chosen.into_iter().map(|(pod, node)| (pod, node, Vec::new())).collect();
             return Ok(self.start(key, BindTicket::Plain(key.clone()), chosen, members, now_ms));

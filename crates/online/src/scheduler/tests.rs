@@ -66,6 +66,7 @@ fn pending(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu_milli: i64
             gang: gang.map(|(g, size, rank)| GangMembership {
                 key: format!("ns/{g}"),
                 size,
+                max: None,
                 rank: Some(rank),
                 order: Default::default(),
             }),
@@ -460,20 +461,23 @@ fn lingjun_book() -> Book {
 #[test]
 fn simulation_over_lingjun_with_faults_keeps_every_invariant() {
     let (mut leader_groups_bound, mut leaders_given_up, mut leaders_deleted, mut rejoined) = (0, 0, 0, 0);
+    let mut elastic_grown = 0;
     for seed in [1u64, 2] {
-        let (bound, given_up, deleted, joined) = simulate(seed);
+        let (bound, given_up, deleted, joined, grown) = simulate(seed);
         leader_groups_bound += bound;
         leaders_given_up += given_up;
         leaders_deleted += deleted;
         rejoined += joined;
+        elastic_grown += grown;
     }
+    assert!(elastic_grown > 5, "{elastic_grown} pods past an elastic gang's size joined it");
     assert!(rejoined > 5, "{rejoined} members of running gangs crashed, were recreated and joined them again");
     assert!(leaders_deleted > 0, "leaders bound ahead deleted by a user while their workers wait");
     assert!(leader_groups_bound > 5, "{leader_groups_bound} leader-first groups bound whole");
     assert!(leaders_given_up > 0, "leaders whose workers never came are given up");
 }
 
-fn simulate(seed: u64) -> (u64, u64, u64, u64) {
+fn simulate(seed: u64) -> (u64, u64, u64, u64, u64) {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let mut book = lingjun_book();
     let mut scheduler = scheduler_on(&book);
@@ -491,6 +495,7 @@ fn simulate(seed: u64) -> (u64, u64, u64, u64) {
     // Gangs that run with members crashed and recreated but not bound again yet, and how many.
     let mut crashed: BTreeMap<String, usize> = BTreeMap::new();
     let mut rejoined = 0u64;
+    let mut elastic_grown = 0u64;
     let mut now = 0u64;
     for _step in 0..150 {
         now += 1000;
@@ -501,9 +506,15 @@ fn simulate(seed: u64) -> (u64, u64, u64, u64) {
             let leader_first = rng.random_bool(0.25);
             let mut new_pods: Vec<PendingPod> = if rng.random_bool(0.4) {
                 let size = rng.random_range(2..=16u32);
-                (0..size)
+                // A fifth of the others are elastic: up to 4 more pods than their size, all
+                // created at once; they join once the gang runs, as room frees.
+                let max = (!leader_first && rng.random_bool(0.2)).then(|| size + rng.random_range(1..=4u32));
+                (0..max.unwrap_or(size))
                     .map(|r| {
                         let mut pod = pending(&format!("g{next}-{r}"), 8, Some((&format!("g{next}"), size, r)), 4000);
+                        if let Some(gang) = pod.demand.gang.as_mut() {
+                            gang.max = max;
+                        }
                         if let Some(gang) = pod.demand.gang.as_mut().filter(|_| leader_first) {
                             // LWS exclusive placement: the leader is bound first, in one leaf.
                             gang.order = BindOrder::LeaderFirst { leader: r == 0 };
@@ -581,10 +592,26 @@ fn simulate(seed: u64) -> (u64, u64, u64, u64) {
             .filter(|(_, p)| p.pending.demand.gang.as_ref().is_none_or(|g| book.bound_ahead(&g.key).is_empty()))
             .map(|(uid, _)| uid.clone())
             .collect();
+        let mut ended_gangs = BTreeSet::new();
         for uid in finished {
-            api.remove(&uid);
+            if let Some(gang) = api.remove(&uid).and_then(|p| p.pending.demand.gang) {
+                ended_gangs.insert(gang.key);
+            }
             scheduler.bound_deleted(&uid);
             book.forget_pod(&uid);
+        }
+        // An elastic gang that ended takes its pods still waiting to join along.
+        let waiting: Vec<String> = api
+            .iter()
+            .filter(|(_, p)| p.node.is_none())
+            .filter(|(_, p)| {
+                p.pending.demand.gang.as_ref().is_some_and(|g| g.max.is_some() && ended_gangs.contains(&g.key))
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in waiting {
+            api.remove(&uid);
+            scheduler.pending_deleted(&uid);
         }
         // A gang that finished with a member recreated: its controller deletes that pod too.
         let running: BTreeSet<String> = api
@@ -698,6 +725,12 @@ fn simulate(seed: u64) -> (u64, u64, u64, u64) {
                     if members.len() > 1 {
                         gangs_bound += 1;
                     }
+                    let joined_elastic = members.iter().filter(|m| {
+                        api.get(&m.pod.uid).and_then(|p| p.pending.demand.gang.as_ref()).is_some_and(|g| {
+                            g.max.is_some() && g.rank.is_some_and(|r| r >= g.size) && !m.pod.uid.ends_with('c')
+                        })
+                    });
+                    elastic_grown += joined_elastic.count() as u64;
                     if members
                         .first()
                         .is_some_and(|m| api.get(&m.pod.uid).is_some_and(|p| is_leader_first_worker(&p.pending.demand)))
@@ -748,7 +781,7 @@ fn simulate(seed: u64) -> (u64, u64, u64, u64) {
     assert!(binds > 100, "seed {seed}: {binds} binds");
     assert!(rollbacks > 0, "seed {seed}: faults exercised rollback");
     assert!(gangs_bound > 10, "seed {seed}: {gangs_bound} gangs bound");
-    (leader_groups_bound, leaders_given_up, leaders_deleted, rejoined)
+    (leader_groups_bound, leaders_given_up, leaders_deleted, rejoined, elastic_grown)
 }
 
 /// LeaderWorkerSet recreating a leader-first group whose leader was deleted: the workers that
@@ -802,7 +835,7 @@ fn check_world(
     book.check().expect("book invariants");
     scheduler.check().expect("scheduler invariants");
     let mut given: BTreeSet<(String, u8)> = BTreeSet::new();
-    let mut gangs: BTreeMap<String, (usize, u32)> = BTreeMap::new();
+    let mut gangs: BTreeMap<String, (usize, u32, u32)> = BTreeMap::new();
     let mut cpu: BTreeMap<String, i64> = BTreeMap::new();
     for pod in api.values() {
         let Some(node) = &pod.node else { continue };
@@ -811,10 +844,17 @@ fn check_world(
         }
         *cpu.entry(node.clone()).or_insert(0) += pod.pending.needs.requests.get("cpu").copied().unwrap_or(0);
         if let Some(gang) = &pod.pending.demand.gang {
-            gangs.entry(gang.key.clone()).or_insert((0, gang.size)).0 += 1;
+            gangs.entry(gang.key.clone()).or_insert((0, gang.size, gang.max.unwrap_or(gang.size))).0 += 1;
         }
     }
-    for (gang, (bound, size)) in gangs {
+    for (gang, (bound, size, max)) in gangs {
+        assert!(bound <= max as usize, "gang {gang} runs {bound} members, over its maximum {max}");
+        if max > size {
+            // An elastic gang runs at least its size (less only with members crashed).
+            let away = crashed.get(&gang).copied().unwrap_or(0);
+            assert!(bound + away >= size as usize, "elastic gang {gang} is half-bound: {bound} of {size}");
+            continue;
+        }
         // A leader bound ahead while the rest of its group's GPUs are held is the one exception.
         let ahead = book.bound_ahead(&gang).len();
         // So is a gang that runs with members crashed and not back yet.
@@ -1694,4 +1734,100 @@ fn a_preemption_whose_victim_never_leaves_is_given_up_at_its_limit_and_tried_aga
     let (_, other) = run(&mut scheduler, &mut book, PREEMPTION_WAIT_MAX_MS + 20_000, &BTreeSet::new());
     assert_eq!(preempts(&other), 1, "given up, then tried afresh: {other:?}");
     book.check().expect("invariants");
+}
+
+/// A pod of an elastic gang (size 2, at most `max`).
+fn elastic_pod(rank: u32, max: Option<u32>) -> PendingPod {
+    let mut pod = pending(&format!("e-{rank}"), 8, Some(("e", 2, rank)), 1000);
+    if let Some(gang) = pod.demand.gang.as_mut() {
+        gang.max = max;
+    }
+    pod
+}
+
+/// An elastic gang of size 2 and at most 4 whose four pods are pending at once on three free
+/// hosts: it starts with e-0 and e-1 together (e-2 and e-3 told they join later), e-2 joins
+/// on the next cycle, e-3 waits for room and joins as soon as a host frees, a fifth pod waits
+/// at the maximum, told so; and a gang whose extra pods exceed an explicit maximum equal to
+/// its size is refused as before.
+#[test]
+fn an_elastic_gang_starts_with_its_size_and_grows_to_its_maximum_as_room_frees() {
+    let mut book = book_of(1, 4);
+    let mut scheduler = scheduler_on(&book);
+    let blocker = pending("blocker", 8, None, 1000);
+    already_bound(&mut scheduler, &mut book, &blocker, "r0-3", 8);
+    for rank in 0..4 {
+        scheduler.pending_applied(elastic_pod(rank, Some(4)));
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    let mut names: Vec<&str> = bound.iter().map(|m| m.pod.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["e-0", "e-1"], "{other:?}");
+    let waiting = messages(&other).join(" | ");
+    assert!(waiting.contains("it starts with 2 of them") && waiting.contains("up to its maximum of 4"), "{waiting}");
+
+    let (bound, other) = run(&mut scheduler, &mut book, 1, &BTreeSet::new());
+    assert_eq!(bound.iter().map(|m| m.pod.name.as_str()).collect::<Vec<_>>(), ["e-2"], "{other:?}");
+    assert_eq!(book.ledger().free_gpus(), 0);
+    let (bound, other) = run(&mut scheduler, &mut book, 2_000, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let text = messages(&other).join(" | ");
+    assert!(text.contains("e-3 joining gang `ns/e`"), "{text}");
+
+    scheduler.bound_deleted("blocker-uid");
+    book.forget_pod("blocker-uid");
+    let (bound, other) = run(&mut scheduler, &mut book, 3_000, &BTreeSet::new());
+    assert_eq!(bound.iter().map(|m| (m.pod.name.as_str(), m.node.as_str())).collect::<Vec<_>>(), [("e-3", "r0-3")]);
+    assert!(other.iter().all(|d| !matches!(d, Decision::Repair { .. })), "{other:?}");
+
+    scheduler.pending_applied(elastic_pod(4, Some(4)));
+    let (bound, other) = run(&mut scheduler, &mut book, 4_000, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let text = messages(&other).join(" | ");
+    assert!(text.contains("its maximum is 4"), "{text}");
+    assert_eq!(book.stats().members_joined, 2);
+
+    // A maximum equal to the size: no pod beyond it.
+    let mut fixed = book_of(1, 4);
+    let mut scheduler = scheduler_on(&fixed);
+    for rank in 0..3 {
+        let mut pod = elastic_pod(rank, Some(2));
+        pod.demand.pod.name = format!("f-{rank}");
+        pod.demand.pod.uid = format!("f-{rank}-uid");
+        pod.demand.gang.as_mut().expect("gang").key = "ns/f".into();
+        scheduler.pending_applied(pod);
+    }
+    let (bound, other) = run(&mut scheduler, &mut fixed, 0, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let text = messages(&other).join(" | ");
+    assert!(text.contains("so is its maximum"), "{text}");
+}
+
+/// A gang without a maximum that gets a whole gang's worth more pods while its members run:
+/// they are taken for the gang recreated whole and wait for the old members to leave, but
+/// not forever: once the gang wait has passed with the old members still running, they join
+/// it (a scale-out by exactly its size does not stall).
+#[test]
+fn a_scale_out_by_a_whole_gang_joins_after_the_gang_wait() {
+    let mut book = book_of(1, 4);
+    let mut scheduler = scheduler_on(&book);
+    for rank in 0..2 {
+        scheduler.pending_applied(elastic_pod(rank, None));
+    }
+    let (bound, _) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert_eq!(bound.len(), 2);
+    for rank in 2..4 {
+        scheduler.pending_applied(elastic_pod(rank, None));
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 1, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let text = messages(&other).join(" | ");
+    assert!(text.contains("a whole gang's worth"), "{text}");
+    let wait = scheduler.config().gang_wait_timeout_ms;
+    let (bound, other) = run(&mut scheduler, &mut book, wait + 2, &BTreeSet::new());
+    let mut names: Vec<&str> = bound.iter().map(|m| m.pod.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["e-2", "e-3"], "{other:?}");
+    assert_eq!(book.ledger().free_gpus(), 0);
+    assert_eq!(book.stats().members_joined, 2);
 }
