@@ -114,7 +114,12 @@ const BINDING_CALLS: [(&str, &str); 8] = [
 #[test]
 fn the_scheduler_role_grants_what_it_calls_and_its_deployment_parses() {
     let rbac = "scheduler-config/scheduler/rbac.yaml";
-    for (resource, verb) in BINDING_CALLS.into_iter().chain([("pods/status", "patch"), ("podgroups", "get")]) {
+    for (resource, verb) in BINDING_CALLS.into_iter().chain([
+        ("pods/status", "patch"),
+        ("podgroups", "get"),
+        ("poddisruptionbudgets", "list"),
+        ("poddisruptionbudgets", "watch"),
+    ]) {
         assert!(grants(rbac, "ClusterRole", "topoplace-scheduler", resource, verb), "{verb} {resource}");
     }
     for verb in ["get", "create", "update"] {

@@ -648,3 +648,39 @@ async fn an_elastic_gang_starts_at_its_size_and_grows_to_its_maximum() {
     assert!(api.deletes().is_empty(), "nothing deleted by the scheduler: {:?}", api.deletes());
     finish(&api, replica, Some(server)).await;
 }
+
+/// PodDisruptionBudgets read from the API (`policy/v1`, list and watch): a high-priority pod
+/// on two full nodes evicts the pod that no budget protects, though the other node comes first
+/// by name; once the budget allows a disruption (the controller updated its status), the next
+/// preemption may take the web pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preemption_spares_a_pod_whose_budget_allows_no_disruption() {
+    let (api, server) = api_with(rack_nodes(&["r1"], 2)).await;
+    let mut web = scheduler_pod("shop", "web-0", 8, None, "1");
+    web["metadata"]["labels"] = json!({"app": "web"});
+    api.add_pod(web, Some("r1-0"), Some("0,1,2,3,4,5,6,7"));
+    api.add_pod(scheduler_pod("batch", "low-0", 8, None, "1"), Some("r1-1"), Some("0,1,2,3,4,5,6,7"));
+    let budget = |allowed: i32| {
+        json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "pdb-web"},
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}},
+            "status": {"disruptionsAllowed": allowed, "currentHealthy": 1, "desiredHealthy": 1, "expectedPods": 1}})
+    };
+    api.put_budget(budget(0));
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    let mut urgent = scheduler_pod("ml", "urgent-0", 8, None, "1");
+    urgent["spec"]["priority"] = json!(1000);
+    api.add_pod(urgent, None, None);
+    eventually("the unprotected pod evicted", || !api.deletes().is_empty()).await;
+    eventually("the urgent pod bound where it was", || api.pod_node("ml", "urgent-0").is_some()).await;
+    assert_eq!(api.deletes(), ["low-0"]);
+    assert_eq!(api.pod_node("ml", "urgent-0").as_deref(), Some("r1-1"));
+
+    api.put_budget(budget(1));
+    let mut second = scheduler_pod("ml", "urgent-1", 8, None, "1");
+    second["spec"]["priority"] = json!(1000);
+    api.add_pod(second, None, None);
+    eventually("the web pod evicted once its budget allows it", || api.deletes().len() == 2).await;
+    assert_eq!(api.deletes(), ["low-0", "web-0"]);
+    finish(&api, replica, Some(server)).await;
+}

@@ -317,6 +317,8 @@ struct ApiState {
     pods: BTreeMap<(String, String), Value>,
     leases: BTreeMap<(String, String), Value>,
     pod_groups: BTreeMap<(String, String), Value>,
+    /// PodDisruptionBudgets (`policy/v1`).
+    budgets: BTreeMap<(String, String), Value>,
     /// Upstream PodGroups (`scheduling.k8s.io/v1beta1`).
     upstream_pod_groups: BTreeMap<(String, String), Value>,
     history: Vec<Change>,
@@ -346,6 +348,7 @@ impl FakeApi {
                 pods: BTreeMap::new(),
                 leases: BTreeMap::new(),
                 pod_groups: BTreeMap::new(),
+                budgets: BTreeMap::new(),
                 upstream_pod_groups: BTreeMap::new(),
                 history: Vec::new(),
                 events: Vec::new(),
@@ -371,6 +374,13 @@ impl FakeApi {
                     object["metadata"]["name"].as_str().unwrap_or_default().to_string(),
                 ))
                 .cloned(),
+            "poddisruptionbudgets" => state
+                .budgets
+                .get(&(
+                    object["metadata"]["namespace"].as_str().unwrap_or("default").to_string(),
+                    object["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                ))
+                .cloned(),
             _ => state.nodes.get(object["metadata"]["name"].as_str().unwrap_or_default()).cloned(),
         };
         let before = if kind == "ADDED" { None } else { before.or_else(|| Some(object.clone())) };
@@ -391,6 +401,18 @@ impl FakeApi {
 
     pub fn node(&self, name: &str) -> Option<Value> {
         self.state.lock().expect("api state").nodes.get(name).cloned()
+    }
+
+    /// A PodDisruptionBudget (`policy/v1`) as given, added or replaced (watchers see it).
+    pub fn put_budget(&self, budget: Value) {
+        let mut state = self.state.lock().expect("api state");
+        let key = (
+            budget["metadata"]["namespace"].as_str().unwrap_or("default").to_string(),
+            budget["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+        );
+        let kind = if state.budgets.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        let object = self.record(&mut state, "poddisruptionbudgets", kind, budget);
+        state.budgets.insert(key, object);
     }
 
     /// A scheduler-plugins PodGroup with its `minMember`.
@@ -542,6 +564,7 @@ impl FakeApi {
         Router::new()
             .route("/api/v1/nodes", get(list_or_watch_nodes))
             .route("/api/v1/pods", get(list_or_watch_pods))
+            .route("/apis/policy/v1/poddisruptionbudgets", get(list_or_watch_budgets))
             .route("/api/v1/namespaces/{ns}/pods/{name}", get(get_pod).delete(delete_pod).patch(patch_pod))
             .route("/api/v1/namespaces/{ns}/pods/{name}/status", axum::routing::patch(patch_pod_status))
             .route("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases", axum::routing::post(create_lease))
@@ -569,6 +592,10 @@ fn status(code: u16, reason: &str, message: String) -> Response {
 
 async fn list_or_watch_nodes(State(api): State<FakeApi>, Query(query): Query<BTreeMap<String, String>>) -> Response {
     list_or_watch(api, "nodes", "NodeList", query).await
+}
+
+async fn list_or_watch_budgets(State(api): State<FakeApi>, Query(query): Query<BTreeMap<String, String>>) -> Response {
+    list_or_watch(api, "poddisruptionbudgets", "PodDisruptionBudgetList", query).await
 }
 
 async fn list_or_watch_pods(State(api): State<FakeApi>, Query(query): Query<BTreeMap<String, String>>) -> Response {
@@ -625,9 +652,11 @@ async fn list_or_watch(
     let state = api.state.lock().expect("api state");
     let items: Vec<Value> = match resource {
         "nodes" => state.nodes.values().cloned().collect(),
+        "poddisruptionbudgets" => state.budgets.values().cloned().collect(),
         _ => state.pods.values().filter(|p| selector.matches(p)).cloned().collect(),
     };
-    let body = json!({"apiVersion": "v1", "kind": list_kind, "metadata": {"resourceVersion": state.version.to_string()}, "items": items});
+    let api_version = if resource == "poddisruptionbudgets" { "policy/v1" } else { "v1" };
+    let body = json!({"apiVersion": api_version, "kind": list_kind, "metadata": {"resourceVersion": state.version.to_string()}, "items": items});
     axum::Json(body).into_response()
 }
 

@@ -14,6 +14,7 @@
 //! and units behind it in that order may no longer take the hosts it could use. Freed
 //! capacity there is kept for it until it fits. Units of higher priority are never held back.
 
+pub mod budgets;
 pub mod predicates;
 mod preempt;
 #[cfg(test)]
@@ -61,6 +62,8 @@ pub struct PendingPod {
     pub priority: i32,
     /// `spec.preemptionPolicy: Never`: it waits rather than evicts anything.
     pub never_preempts: bool,
+    /// `metadata.labels`: what PodDisruptionBudgets select it by once it is bound.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A pod bound to a node (by anyone): what it takes of the node's resources.
@@ -72,6 +75,8 @@ pub struct BoundPod {
     pub gang: Option<String>,
     /// `spec.priority`: pods of a lower one are what a pending unit may preempt.
     pub priority: i32,
+    /// `metadata.labels`: what PodDisruptionBudgets select it by.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One Binding to create.
@@ -257,6 +262,11 @@ pub struct Scheduler {
     /// victims' uids. A unit waits while any of them is still bound (up to
     /// [`PREEMPTION_WAIT_MAX_MS`]), and they are nobody else's victims meanwhile.
     preempting: BTreeMap<String, (u64, BTreeSet<String>)>,
+    /// PodDisruptionBudgets by `namespace/name` ([`budgets`]).
+    budgets: BTreeMap<String, budgets::DisruptionBudget>,
+    /// The adapter watches budgets ([`Scheduler::expect_budgets`]) and has not listed them yet:
+    /// nothing is preempted until it has.
+    budgets_awaited: bool,
 }
 
 /// The longest a unit waits for the victims of its preemption to leave, in ms (their deletion
@@ -288,7 +298,31 @@ impl Scheduler {
             units: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             preempting: BTreeMap::new(),
+            budgets: BTreeMap::new(),
+            budgets_awaited: false,
         }
+    }
+
+    /// The adapter watches PodDisruptionBudgets: no unit preempts until
+    /// [`Scheduler::budgets_listed`] (a core without it preempts with no budget known).
+    pub fn expect_budgets(&mut self) {
+        self.budgets_awaited = true;
+    }
+
+    /// Every PodDisruptionBudget, listed (replaces what was known).
+    pub fn budgets_listed(&mut self, budgets: Vec<budgets::DisruptionBudget>) {
+        self.budgets = budgets.into_iter().map(|b| (b.key(), b)).collect();
+        self.budgets_awaited = false;
+    }
+
+    /// A PodDisruptionBudget added or changed.
+    pub fn budget_applied(&mut self, budget: budgets::DisruptionBudget) {
+        self.budgets.insert(budget.key(), budget);
+    }
+
+    /// A PodDisruptionBudget deleted (`namespace/name`).
+    pub fn budget_deleted(&mut self, key: &str) {
+        self.budgets.remove(key);
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -1666,8 +1700,10 @@ impl Scheduler {
                 .map(|m| m.needs.requests.clone())
                 .unwrap_or_default();
             let gang = members[0].demand.gang.as_ref().map(|g| g.key.clone());
-            let priority = members.iter().find(|m| m.demand.pod.uid == pod.uid).map_or(0, |m| m.priority);
-            let bound = BoundPod { pod: pod.clone(), node: node.clone(), requests, gang, priority };
+            let member = members.iter().find(|m| m.demand.pod.uid == pod.uid);
+            let priority = member.map_or(0, |m| m.priority);
+            let labels = member.map(|m| m.labels.clone()).unwrap_or_default();
+            let bound = BoundPod { pod: pod.clone(), node: node.clone(), requests, gang, priority, labels };
             predicates::add_usage(self.usage.entry(node.clone()).or_default(), &bound.requests, 1);
             self.placed.insert(pod.uid.clone(), Placed { bound, assumed_at_ms: now_ms });
             binds.push(BindMember { pod, node, gpus });

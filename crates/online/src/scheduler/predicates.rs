@@ -100,7 +100,7 @@ pub struct SelectorRequirement {
 
 impl SelectorRequirement {
     /// Against a label map (`matchExpressions`), or `{metadata.name: name}` (`matchFields`).
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         let value = labels.get(&self.key);
         match self.operator {
             SelectorOperator::In => value.is_some_and(|v| self.values.contains(v)),

@@ -8,7 +8,9 @@
 //! on several nodes), a victim that is part of a gang takes its whole gang along (on every
 //! node), and the plan is held: the GPUs its victims give back are kept for it
 //! ([`Book::nominate`]) until all have, so nothing else takes them, and the unit binds on the
-//! first cycle after they are all free. PodDisruptionBudgets are not read yet.
+//! first cycle after they are all free. PodDisruptionBudgets count as kube-scheduler counts
+//! them ([`super::budgets`]): nodes whose victims break fewer budgets come first, victims that
+//! would break one are reprieved first, and a budget broken for want of any other way is named.
 
 use super::*;
 
@@ -46,6 +48,11 @@ impl Scheduler {
         if members.iter().any(|m| m.never_preempts) {
             return Err("its preemptionPolicy is Never".into());
         }
+        if self.budgets_awaited {
+            return Err("the PodDisruptionBudgets are not listed yet (the scheduler needs list and watch on \
+                 poddisruptionbudgets.policy): nothing is preempted before they are"
+                .into());
+        }
         if members.iter().any(|m| m.demand.roles.is_some() || m.demand.gpus == 0 || leader_first(&m.demand)) {
             return Err(
                 "preemption is not built yet for replicas with roles, leader-first groups and pods without GPUs".into(),
@@ -66,7 +73,8 @@ impl Scheduler {
         if units.is_empty() {
             return Err(format!("no pod of a priority below {priority} can be evicted"));
         }
-        // Nodes by their victims: lowest highest-priority first, then fewest pods, then name.
+        // Nodes by their victims: fewest PodDisruptionBudgets broken first, then lowest
+        // highest-priority, then fewest pods, then name.
         let mut by_node: BTreeMap<&str, (i32, usize, Vec<usize>)> = BTreeMap::new();
         for (index, unit) in units.iter().enumerate() {
             for node in &unit.nodes {
@@ -76,9 +84,14 @@ impl Scheduler {
                 entry.2.push(index);
             }
         }
-        let mut order: Vec<(&str, i32, usize, Vec<usize>)> =
-            by_node.into_iter().map(|(node, (p, n, units))| (node, p, n, units)).collect();
-        order.sort_by(|a, b| (a.1, a.2, a.0).cmp(&(b.1, b.2, b.0)));
+        let mut order: Vec<(&str, i32, usize, Vec<usize>, usize)> = by_node
+            .into_iter()
+            .map(|(node, (p, n, on_node))| {
+                let broken = self.violating(&units, &on_node.iter().copied().collect()).0.len();
+                (node, p, n, on_node, broken)
+            })
+            .collect();
+        order.sort_by(|a, b| (a.4, a.1, a.2, a.0).cmp(&(b.4, b.1, b.2, b.0)));
         let chosen_of =
             |prefix: usize| -> BTreeSet<usize> { order[..prefix].iter().flat_map(|o| o.3.clone()).collect() };
         let fits = |scheduler: &mut Self, book: &mut Book, chosen: &BTreeSet<usize>| {
@@ -100,9 +113,14 @@ impl Scheduler {
             }
         }
         let mut chosen = chosen_of(high);
-        // Reprieve what is not needed, highest priority first (then the largest).
+        // Reprieve what is not needed: victims that would break a budget first, then the
+        // highest priority (then the largest).
+        let breaking = self.violating(&units, &chosen).0;
         let mut reprieve: Vec<usize> = chosen.iter().copied().collect();
-        reprieve.sort_by_key(|&u| (std::cmp::Reverse(units[u].priority), std::cmp::Reverse(units[u].pods.len()), u));
+        reprieve.sort_by_key(|&u| {
+            let priority = std::cmp::Reverse(units[u].priority);
+            (!breaking.contains(&u), priority, std::cmp::Reverse(units[u].pods.len()), u)
+        });
         for unit in reprieve {
             chosen.remove(&unit);
             match fits(self, book, &chosen) {
@@ -122,15 +140,41 @@ impl Scheduler {
         book.nominate(&key, planned, &slots, members[0].demand.pod.clone(), now_ms).map_err(|e| e.to_string())?;
         self.preempting.insert(key.clone(), (now_ms, victims.iter().map(|v| v.uid.clone()).collect()));
         let names: Vec<String> = victims.iter().map(ToString::to_string).collect();
+        let broken = self.violating(&units, &chosen).1;
+        let budgets = match broken.is_empty() {
+            true => String::new(),
+            false => format!(
+                "; no choice of victims keeps every PodDisruptionBudget, so this breaks {}",
+                broken.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        };
         let message = format!(
             "preempting {} pod(s) of a priority below {priority} on node(s) {} ({}); the GPUs they give back are held \
-             for {} until all have",
+             for {} until all have{budgets}",
             victims.len(),
             nodes.iter().copied().collect::<Vec<_>>().join(", "),
             names.join(", "),
             if members.len() > 1 { format!("gang `{key}`") } else { "this pod".to_string() }
         );
         Ok(Decision::Preempt { pods: members.iter().map(|m| m.demand.pod.clone()).collect(), victims, message })
+    }
+
+    /// The victim units of `chosen` that would break a PodDisruptionBudget if all of `chosen`
+    /// were evicted (their pods judged most important first, as kube-scheduler does), and the
+    /// budgets broken.
+    fn violating(&self, units: &[VictimUnit], chosen: &BTreeSet<usize>) -> (BTreeSet<usize>, BTreeSet<String>) {
+        if self.budgets.is_empty() {
+            return (BTreeSet::new(), BTreeSet::new());
+        }
+        let mut pods: Vec<(usize, &BoundPod)> = chosen
+            .iter()
+            .flat_map(|&u| units[u].pods.iter().filter_map(move |p| Some((u, &self.placed.get(&p.uid)?.bound))))
+            .collect();
+        pods.sort_by(|(_, a), (_, b)| b.priority.cmp(&a.priority).then(a.pod.uid.cmp(&b.pod.uid)));
+        let bound: Vec<&BoundPod> = pods.iter().map(|(_, p)| *p).collect();
+        let (flags, broken) = super::budgets::violations(self.budgets.values(), &bound);
+        let units = pods.iter().zip(flags).filter(|(_, f)| *f).map(|((u, _), _)| *u).collect();
+        (units, broken)
     }
 
     /// The bound pods of a priority below `priority`, as units evicted together (a gang whole,

@@ -75,6 +75,7 @@ fn pending(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu_milli: i64
         needs: PodNeeds { requests: Resources::from([("cpu".to_string(), cpu_milli)]), ..PodNeeds::default() },
         priority: 0,
         never_preempts: false,
+        labels: Default::default(),
     }
 }
 
@@ -384,6 +385,7 @@ fn a_half_bound_gang_is_repaired_by_deleting_its_bound_members() {
             requests: member.needs.requests.clone(),
             gang: Some("ns/g".into()),
             priority: 0,
+            labels: Default::default(),
         });
     }
     for member in &members[2..] {
@@ -822,6 +824,7 @@ fn bound_of(pod: &SimPod, node: &str) -> BoundPod {
         requests: pod.pending.needs.requests.clone(),
         gang: pod.pending.demand.gang.as_ref().map(|g| g.key.clone()),
         priority: pod.pending.priority,
+        labels: pod.pending.labels.clone(),
     }
 }
 
@@ -900,7 +903,14 @@ fn cpu_node(name: &str, rack: &str) -> NodeFacts {
 fn occupy_cpu(scheduler: &mut Scheduler, node: &str, cpu_milli: i64) {
     let pod = PodIdentity { namespace: "ns".into(), name: format!("busy-{node}"), uid: format!("busy-{node}") };
     let requests = Resources::from([("cpu".to_string(), cpu_milli)]);
-    scheduler.bound_applied(BoundPod { pod, node: node.into(), requests, gang: None, priority: 0 });
+    scheduler.bound_applied(BoundPod {
+        pod,
+        node: node.into(),
+        requests,
+        gang: None,
+        priority: 0,
+        labels: Default::default(),
+    });
 }
 
 /// A scheduler over `book`'s GPU hosts and a CPU node `cpu-{rack}` in each of `racks`.
@@ -931,6 +941,7 @@ fn a_replica_with_a_cpu_leader_binds_whole_with_the_leader_in_the_workers_rack()
             requests: Resources::new(),
             gang: None,
             priority: 0,
+            labels: Default::default(),
         });
     }
     let roles =
@@ -1225,6 +1236,7 @@ fn a_leader_first_group_binds_its_leader_alone_then_its_workers_on_the_held_host
         requests: Resources::new(),
         gang: Some("ns/lws".into()),
         priority: 0,
+        labels: Default::default(),
     });
     assert_eq!(book.ledger().free_gpus(), 48 - 8 - 24, "the workers' 16 GPUs stay held");
     assert_eq!(book.bound_ahead("ns/lws").len(), 1);
@@ -1282,6 +1294,7 @@ fn a_leader_first_group_whose_workers_fail_or_never_come_gives_its_leader_up() {
         requests: Resources::new(),
         gang: Some("ns/lws".into()),
         priority: 0,
+        labels: Default::default(),
     };
     scheduler.bound_applied(leader_bound.clone());
 
@@ -1420,6 +1433,7 @@ fn a_leader_first_group_whose_workers_take_no_gpus_follows_its_leader_without_re
         requests: leader.needs.requests.clone(),
         gang: Some("ns/cpu".into()),
         priority: 0,
+        labels: Default::default(),
     });
     scheduler.pending_applied(lws("worker", 0));
     scheduler.pending_applied(lws("worker", 1));
@@ -1556,6 +1570,7 @@ fn pods_of_a_running_gang_join_it_and_its_running_members_are_never_repaired() {
             requests,
             gang: Some("ns/g".into()),
             priority: 0,
+            labels: Default::default(),
         });
     }
     scheduler.bound_deleted("g-2-uid");
@@ -1579,6 +1594,7 @@ fn already_bound(scheduler: &mut Scheduler, book: &mut Book, pod: &PendingPod, n
         requests: pod.needs.requests.clone(),
         gang,
         priority: pod.priority,
+        labels: pod.labels.clone(),
     });
 }
 
@@ -1830,4 +1846,99 @@ fn a_scale_out_by_a_whole_gang_joins_after_the_gang_wait() {
     assert_eq!(names, ["e-2", "e-3"], "{other:?}");
     assert_eq!(book.ledger().free_gpus(), 0);
     assert_eq!(book.stats().members_joined, 2);
+}
+
+/// A budget over pods labelled `app=web` in `ns`, with `allowed` disruptions left.
+fn web_budget(allowed: i32) -> super::budgets::DisruptionBudget {
+    super::budgets::DisruptionBudget {
+        namespace: "ns".into(),
+        name: "web".into(),
+        selector: Some(super::budgets::LabelSelector {
+            match_labels: BTreeMap::from([("app".to_string(), "web".to_string())]),
+            match_expressions: Vec::new(),
+        }),
+        disruptions_allowed: allowed,
+        disrupted_pods: BTreeSet::new(),
+    }
+}
+
+/// The victims' names of the preemption among `decisions`, and its message.
+fn preempted(decisions: &[Decision]) -> (BTreeSet<String>, String) {
+    let Some(Decision::Preempt { victims, message, .. }) =
+        decisions.iter().find(|d| matches!(d, Decision::Preempt { .. }))
+    else {
+        panic!("expected a preemption: {decisions:?}")
+    };
+    (victims.iter().map(|v| v.name.clone()).collect(), message.clone())
+}
+
+/// Two full nodes: `web-0` (app=web) on r0-0, `batch-0` on r0-1, both of priority 0.
+fn web_and_batch() -> (Book, Scheduler) {
+    let mut book = book_of(1, 2);
+    let mut scheduler = scheduler_on(&book);
+    let mut web = pending("web-0", 8, None, 1000);
+    web.labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
+    already_bound(&mut scheduler, &mut book, &web, "r0-0", 8);
+    already_bound(&mut scheduler, &mut book, &pending("batch-0", 8, None, 1000), "r0-1", 8);
+    (book, scheduler)
+}
+
+fn urgent(name: &str, gang: Option<(&str, u32, u32)>) -> PendingPod {
+    let mut pod = pending(name, 8, gang, 1000);
+    pod.priority = 100;
+    pod
+}
+
+/// PodDisruptionBudgets as kube-scheduler counts them: the node whose victims break no budget
+/// is chosen (though r0-0 comes first by name), a pod named in the budget's disruptedPods or a
+/// budget with a disruption left breaks nothing, and when every way breaks one the unit still
+/// preempts (best effort, as kube-scheduler) and says which budget it breaks. Until the
+/// adapter has listed the budgets, nothing is preempted.
+#[test]
+fn preemption_spares_pods_whose_budget_allows_no_disruption_when_it_can() {
+    let (mut book, mut scheduler) = web_and_batch();
+    scheduler.budgets_listed(vec![web_budget(0)]);
+    scheduler.pending_applied(urgent("urgent", None));
+    let (_, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    let (victims, message) = preempted(&other);
+    assert_eq!(victims, BTreeSet::from(["batch-0".to_string()]), "{message}");
+    assert!(!message.contains("PodDisruptionBudget"), "{message}");
+
+    // Without the budget (or with one left, or web-0 already disrupted), the first node by name.
+    let mut disrupted = web_budget(0);
+    disrupted.disrupted_pods.insert("web-0".into());
+    for budgets in [Vec::new(), vec![web_budget(1)], vec![disrupted]] {
+        let (mut book, mut scheduler) = web_and_batch();
+        scheduler.budgets_listed(budgets);
+        scheduler.pending_applied(urgent("urgent", None));
+        let (_, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+        let (victims, message) = preempted(&other);
+        assert_eq!(victims, BTreeSet::from(["web-0".to_string()]), "{message}");
+    }
+
+    // A gang of two needs both nodes: the budget is broken, and said so.
+    let (mut book, mut scheduler) = web_and_batch();
+    scheduler.budgets_listed(vec![web_budget(0)]);
+    for rank in 0..2 {
+        scheduler.pending_applied(urgent(&format!("hi-{rank}"), Some(("hi", 2, rank))));
+    }
+    let (_, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    let (victims, message) = preempted(&other);
+    assert_eq!(victims.len(), 2);
+    assert!(
+        message.contains("no choice of victims keeps every PodDisruptionBudget, so this breaks ns/web"),
+        "{message}"
+    );
+
+    // Budgets awaited: no preemption until they are listed.
+    let (mut book, mut scheduler) = web_and_batch();
+    scheduler.expect_budgets();
+    scheduler.pending_applied(urgent("urgent", None));
+    let (_, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(other.iter().all(|d| !matches!(d, Decision::Preempt { .. })), "{other:?}");
+    let text = messages(&other).join(" | ");
+    assert!(text.contains("PodDisruptionBudgets are not listed yet"), "{text}");
+    scheduler.budgets_listed(Vec::new());
+    let (_, other) = run(&mut scheduler, &mut book, 20_000, &BTreeSet::new());
+    assert_eq!(preempted(&other).0.len(), 1);
 }

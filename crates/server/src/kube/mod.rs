@@ -8,6 +8,7 @@
 //! lowest free ones), a deleted or finished one gives them back. After a relist (a dropped
 //! watch), bound pods that are no longer listed are forgotten.
 
+pub mod budget;
 pub mod lease;
 pub mod node;
 pub mod scheduler;

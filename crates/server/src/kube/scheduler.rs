@@ -16,13 +16,14 @@ use std::time::Duration;
 use futures::future::join_all;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher::{self, watcher, Event as WatchEvent};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
 use tokio::sync::Notify;
 
-use super::{node, KubeBinder, ViewHooks};
+use super::{budget, node, KubeBinder, ViewHooks};
 use crate::pod;
 use crate::pod_group::PodGroups;
 use crate::state::ServerState;
@@ -52,9 +53,11 @@ impl SchedulerRuntime {
         config: SchedulerConfig,
         leading: tokio::sync::watch::Receiver<bool>,
     ) -> Arc<Self> {
+        let mut core = Scheduler::new(config);
+        core.expect_budgets();
         Arc::new(SchedulerRuntime {
             ext,
-            core: Mutex::new(Scheduler::new(config)),
+            core: Mutex::new(core),
             pod_groups: PodGroups::new(client.clone()),
             binder: KubeBinder::new(client),
             wake: Notify::new(),
@@ -78,9 +81,43 @@ impl SchedulerRuntime {
 
     /// Watches pending pods of `scheduler_name` and runs the cycle loop, until the streams end.
     pub async fn run(self: Arc<Self>, client: Client, scheduler_name: String) {
+        let budgets_task = self.clone().watch_budgets(client.clone());
         let watch_task = self.clone().watch_pending(client, scheduler_name);
         let cycle_task = self.clone().cycle_loop();
-        tokio::join!(watch_task, cycle_task);
+        tokio::join!(budgets_task, watch_task, cycle_task);
+    }
+
+    /// Watches every PodDisruptionBudget (`policy/v1`) for preemption; until the first list
+    /// is in, nothing is preempted ([`Scheduler::expect_budgets`]).
+    async fn watch_budgets(self: Arc<Self>, client: Client) {
+        let api: Api<PodDisruptionBudget> = Api::all(client);
+        let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+        let mut listing = Vec::new();
+        while let Some(event) = stream.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(error) => {
+                    tracing::warn!(%error, "PodDisruptionBudget watch (preemption waits for its list)");
+                    continue;
+                }
+            };
+            match event {
+                WatchEvent::Apply(object) => {
+                    if let Some(read) = budget::budget(&object) {
+                        self.core().budget_applied(read);
+                    }
+                }
+                WatchEvent::Delete(object) => {
+                    if let Some(read) = budget::budget(&object) {
+                        self.core().budget_deleted(&read.key());
+                    }
+                }
+                WatchEvent::Init => listing.clear(),
+                WatchEvent::InitApply(object) => listing.extend(budget::budget(&object)),
+                WatchEvent::InitDone => self.core().budgets_listed(std::mem::take(&mut listing)),
+            }
+            self.wake.notify_one();
+        }
     }
 
     async fn watch_pending(self: Arc<Self>, client: Client, scheduler_name: String) {
@@ -135,6 +172,7 @@ impl SchedulerRuntime {
                 needs: pod::needs(pod)?,
                 priority: pod::priority(pod),
                 never_preempts: pod::never_preempts(pod),
+                labels: pod.metadata.labels.clone().unwrap_or_default(),
                 demand,
             })
         });
@@ -364,7 +402,8 @@ fn bound_pod(pod: &Pod) -> Option<BoundPod> {
         }
     };
     let gang = pod::gang_of(pod, &identity.namespace).ok().flatten().map(|g| g.key);
-    Some(BoundPod { pod: identity, node, requests, gang, priority: pod::priority(pod) })
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    Some(BoundPod { pod: identity, node, requests, gang, priority: pod::priority(pod), labels })
 }
 
 impl ViewHooks for SchedulerRuntime {
