@@ -22,6 +22,7 @@ fn test_config() -> SchedulerConfig {
         backoff_max_ms: 500,
         starvation_ms: 60_000,
         repair_grace_ms: 500,
+        preemption: Default::default(),
     }
 }
 

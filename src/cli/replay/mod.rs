@@ -7,6 +7,7 @@
 mod common;
 pub mod jobs;
 pub mod pods;
+pub mod preemption;
 mod svg;
 
 use std::path::PathBuf;
@@ -38,6 +39,10 @@ pub enum ReplayKind {
     /// Gangs in time on a topology (the ElasticFlow trace on the Lingjun Clos network by
     /// default): jobs arrive, queue, run and leave, through topoplace or a baseline policy.
     Jobs(JobsArgs),
+    /// Preemption with two priority classes through the secondary scheduler's core on a
+    /// topology (Lingjun by default): topoplace's whole-unit preemption against
+    /// kube-scheduler's node by node, on the same seeded arrivals with faults.
+    Preemption(preemption::PreemptionArgs),
 }
 
 /// The flags of `topoplace replay` before the subcommands: both replays' flags in one
@@ -138,9 +143,11 @@ pub fn run(args: &ReplayArgs, out: &mut dyn std::io::Write) -> Result<(), CliErr
     match args.kind.as_ref() {
         Some(ReplayKind::Pods(pods)) => pods::run(pods, out),
         Some(ReplayKind::Jobs(jobs)) => jobs::run(jobs, out),
+        Some(ReplayKind::Preemption(args)) => preemption::run(args, out),
         None => match args.legacy.refine() {
             ReplayKind::Pods(pods) => pods::run(&pods, out),
             ReplayKind::Jobs(jobs) => jobs::run(&jobs, out),
+            ReplayKind::Preemption(args) => preemption::run(&args, out),
         },
     }
 }

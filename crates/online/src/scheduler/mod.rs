@@ -39,6 +39,24 @@ pub struct SchedulerConfig {
     /// How long a gang must look half-bound before its bound members are deleted (the two
     /// watches, bound and pending pods, may briefly disagree).
     pub repair_grace_ms: u64,
+    /// How a unit that does not fit chooses victims: the whole unit at once (the default), or
+    /// kube-scheduler's node-by-node way, kept as the baseline of the preemption study.
+    pub preemption: PreemptionMode,
+}
+
+/// How the secondary scheduler's preemption chooses victims ([`preempt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreemptionMode {
+    /// The whole unit judged at once, victims as whole gangs, the plan held until they left.
+    #[default]
+    WholeUnit,
+    /// kube-scheduler's default preemption (`defaultpreemption`), for comparison only: each
+    /// member of a gang on its own picks the one node whose victims let that member fit
+    /// there (fewest budgets broken, lowest highest priority, lowest priority sum, fewest
+    /// pods), victims are single pods (part of a gang may be evicted), the unit's scope is
+    /// not considered, and once the victims left the unit is planned afresh (it may preempt
+    /// again). `topoplace replay preemption` compares the two; no server uses it.
+    NodeByNode,
 }
 
 impl Default for SchedulerConfig {
@@ -49,6 +67,7 @@ impl Default for SchedulerConfig {
             backoff_max_ms: 10_000,
             starvation_ms: 60_000,
             repair_grace_ms: 5_000,
+            preemption: PreemptionMode::WholeUnit,
         }
     }
 }
@@ -1017,9 +1036,9 @@ impl Scheduler {
         if gpus == 0 {
             return self.place_without_gpus(key, members, now_ms);
         }
-        if members[0].demand.gang.is_none() {
-            // A single pod that preempted: the GPUs its victims gave back, held for it, are
-            // given back now that it is planned.
+        if members[0].demand.gang.is_none() || self.config.preemption == PreemptionMode::NodeByNode {
+            // A single pod that preempted (or any unit, node by node): the GPUs its victims
+            // gave back, held for it, are given back now that it is planned.
             book.release_single_nomination(&Self::nomination_key(members));
         }
         let gang = members[0].demand.gang().map_err(|e| e.to_string())?;

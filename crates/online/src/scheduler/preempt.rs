@@ -69,9 +69,13 @@ impl Scheduler {
             }
         }
         let planned = Planned::Gang(gang.clone());
-        let units = self.victim_units(book, priority);
+        let node_by_node = self.config.preemption == PreemptionMode::NodeByNode;
+        let units = self.victim_units(book, priority, node_by_node);
         if units.is_empty() {
             return Err(format!("no pod of a priority below {priority} can be evicted"));
+        }
+        if node_by_node {
+            return self.preempt_node_by_node(book, members, &gang, &units, (priority, held_back), now_ms);
         }
         // Nodes by their victims: fewest PodDisruptionBudgets broken first, then lowest
         // highest-priority, then fewest pods, then name.
@@ -181,7 +185,8 @@ impl Scheduler {
     /// on every node). No victim: a gang with a member of `priority` or more, a Binding in
     /// flight, a reservation open in the book (members bound ahead, joining, or binding
     /// through the extender), or a pod another preemption already evicts.
-    fn victim_units(&self, book: &Book, priority: i32) -> Vec<VictimUnit> {
+    /// With `per_pod` (node by node, as kube-scheduler), every pod is a unit of its own.
+    fn victim_units(&self, book: &Book, priority: i32, per_pod: bool) -> Vec<VictimUnit> {
         let in_flight: BTreeSet<&str> =
             self.in_flight.values().flat_map(|(_, members)| members.iter().map(|m| m.pod.uid.as_str())).collect();
         let taken: BTreeSet<&str> =
@@ -189,7 +194,10 @@ impl Scheduler {
         let mut units: BTreeMap<String, (VictimUnit, bool)> = BTreeMap::new();
         for placed in self.placed.values() {
             let bound = &placed.bound;
-            let key = bound.gang.clone().unwrap_or_else(|| format!("pod:{}", bound.pod.uid));
+            let key = match &bound.gang {
+                Some(gang) if !per_pod => gang.clone(),
+                _ => format!("pod:{}", bound.pod.uid),
+            };
             let (unit, spared) = units.entry(key).or_insert_with(|| {
                 (VictimUnit { pods: Vec::new(), priority: i32::MIN, nodes: BTreeSet::new() }, false)
             });
@@ -214,22 +222,159 @@ impl Scheduler {
         chosen: &BTreeSet<usize>,
     ) -> Option<Vec<RoleSlot>> {
         let victims: Vec<&PodIdentity> = chosen.iter().flat_map(|&u| units[u].pods.iter()).collect();
-        let mut usage = self.usage.clone();
+        // The victims' requests given back on their nodes only, as they were afterwards.
+        let mut saved: BTreeMap<String, Option<Resources>> = BTreeMap::new();
         for pod in &victims {
             if let Some(placed) = self.placed.get(&pod.uid) {
-                predicates::add_usage(usage.entry(placed.bound.node.clone()).or_default(), &placed.bound.requests, -1);
+                let node = &placed.bound.node;
+                saved.entry(node.clone()).or_insert_with(|| self.usage.get(node).cloned());
+                predicates::add_usage(self.usage.entry(node.clone()).or_default(), &placed.bound.requests, -1);
             }
         }
-        let saved = std::mem::replace(&mut self.usage, usage);
-        let (allowed, _) = self.allowed_hosts(book, members, held_back);
+        let allowed = self.allowed_mask(book, members, held_back);
         let uids: Vec<String> = victims.iter().map(|p| p.uid.clone()).collect();
         let slots = book.plan_without(planned, &uids, &allowed).ok();
         let fits = slots.filter(|slots| {
             let nodes: Vec<String> = slots.iter().map(|&(_, host, _)| book.cluster().host(host).name.clone()).collect();
             self.co_located_fit(members, &nodes).is_ok()
         });
-        self.usage = saved;
+        for (node, usage) in saved {
+            match usage {
+                Some(usage) => self.usage.insert(node, usage),
+                None => self.usage.remove(&node),
+            };
+        }
         fits
+    }
+}
+
+impl Scheduler {
+    /// The GPU hosts where every member passes the node predicates, those `held_back` left
+    /// out without being judged: [`Scheduler::allowed_hosts`]'s mask, without its reasons.
+    fn allowed_mask(&self, book: &Book, members: &[PendingPod], held_back: Option<&[bool]>) -> Vec<bool> {
+        let empty = Resources::new();
+        book.cluster()
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(h, host)| {
+                if held_back.is_some_and(|held| held.get(h).copied().unwrap_or(false)) {
+                    return false;
+                }
+                let Some(node) = self.nodes.get(&host.name) else { return false };
+                let used = self.usage.get(&host.name).unwrap_or(&empty);
+                members.iter().all(|m| predicates::check(node, used, &m.needs).is_ok())
+            })
+            .collect()
+    }
+
+    /// [`PreemptionMode::NodeByNode`]: kube-scheduler's default preemption for each member on
+    /// its own, in turn (`SelectVictimsOnNode`, `pickOneNodeForPreemption`): the member alone,
+    /// without the unit's scope, on each node not chosen for an earlier member, with all that
+    /// node's remaining lower-priority pods gone; victims reprieved (budget-breaking first,
+    /// then highest priority) while it still fits; the node with the fewest budgets broken,
+    /// then the lowest highest victim priority, the lowest priority sum, the fewest victims.
+    /// The victims of all members are evicted and their GPUs held as they leave; once all
+    /// have, the unit is planned afresh ([`Scheduler::try_place`]).
+    fn preempt_node_by_node(
+        &mut self,
+        book: &mut Book,
+        members: &[PendingPod],
+        gang: &topoplace_engine::workload::Gang,
+        units: &[VictimUnit],
+        (priority, held_back): (i32, Option<&[bool]>),
+        now_ms: u64,
+    ) -> Result<Decision, String> {
+        let key = Self::nomination_key(members);
+        let one = topoplace_engine::workload::Gang {
+            members: 1,
+            tensor_parallel: gang.tensor_parallel.min(gang.gpus_per_member),
+            pipeline_parallel: 1,
+            required: None,
+            preferred: None,
+            ..gang.clone()
+        };
+        let planned_one = Planned::Gang(one);
+        let hosts = book.cluster().hosts.len();
+        let mut on_node: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (index, unit) in units.iter().enumerate() {
+            for node in &unit.nodes {
+                on_node.entry(node.clone()).or_default().push(index);
+            }
+        }
+        let mut chosen: BTreeSet<usize> = BTreeSet::new();
+        let mut slots: Vec<RoleSlot> = Vec::new();
+        let mut used: BTreeSet<HostId> = BTreeSet::new();
+        for member in members {
+            type Best = ((usize, i32, i64, usize, String), BTreeSet<usize>, RoleSlot);
+            let mut best: Option<Best> = None;
+            for (node, node_units) in &on_node {
+                let Some(host) = book.cluster().host_id(node) else { continue };
+                if used.contains(&host) {
+                    continue;
+                }
+                let only_here: Vec<bool> =
+                    (0..hosts).map(|h| h != host as usize || held_back.is_some_and(|held| held[h])).collect();
+                let try_fit = |scheduler: &mut Self, book: &mut Book, mine: &BTreeSet<usize>| {
+                    let all: BTreeSet<usize> = chosen.union(mine).copied().collect();
+                    let member = std::slice::from_ref(member);
+                    scheduler.fits_without(book, (&planned_one, Some(&only_here)), member, units, &all)
+                };
+                let mut mine: BTreeSet<usize> = node_units.iter().copied().filter(|u| !chosen.contains(u)).collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                let Some(mut fit) = try_fit(self, book, &mine) else { continue };
+                let breaking = self.violating(units, &mine).0;
+                let mut reprieve: Vec<usize> = mine.iter().copied().collect();
+                reprieve.sort_by_key(|&u| (!breaking.contains(&u), std::cmp::Reverse(units[u].priority), u));
+                for unit in reprieve {
+                    mine.remove(&unit);
+                    match try_fit(self, book, &mine) {
+                        Some(slots) => fit = slots,
+                        None => {
+                            mine.insert(unit);
+                        }
+                    }
+                }
+                let Some(slot) = fit.first().copied().filter(|_| !mine.is_empty()) else { continue };
+                let rank = (
+                    self.violating(units, &mine).0.len(),
+                    mine.iter().map(|&u| units[u].priority).max().unwrap_or(i32::MIN),
+                    mine.iter().map(|&u| i64::from(units[u].priority)).sum::<i64>(),
+                    mine.iter().map(|&u| units[u].pods.len()).sum::<usize>(),
+                    node.clone(),
+                );
+                if best.as_ref().is_none_or(|(r, _, _)| rank < *r) {
+                    best = Some((rank, mine, slot));
+                }
+            }
+            let Some((_, mine, slot)) = best else {
+                return Err(format!(
+                    "{}: no node where evicting pods of a priority below {priority} lets it fit on its own",
+                    member.demand.pod
+                ));
+            };
+            used.insert(slot.1);
+            chosen.extend(mine);
+            slots.push(slot);
+        }
+        let victims: Vec<PodIdentity> = chosen.iter().flat_map(|&u| units[u].pods.clone()).collect();
+        let nodes: BTreeSet<&str> = chosen.iter().flat_map(|&u| units[u].nodes.iter().map(String::as_str)).collect();
+        let planned = Planned::Gang(topoplace_engine::workload::Gang {
+            members: members.len() as u32,
+            required: None,
+            preferred: None,
+            ..gang.clone()
+        });
+        book.nominate(&key, planned, &slots, members[0].demand.pod.clone(), now_ms).map_err(|e| e.to_string())?;
+        self.preempting.insert(key, (now_ms, victims.iter().map(|v| v.uid.clone()).collect()));
+        let message = format!(
+            "preempting {} pod(s) of a priority below {priority} node by node, on node(s) {}",
+            victims.len(),
+            nodes.iter().copied().collect::<Vec<_>>().join(", ")
+        );
+        Ok(Decision::Preempt { pods: members.iter().map(|m| m.demand.pod.clone()).collect(), victims, message })
     }
 }
 
