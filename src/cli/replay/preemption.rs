@@ -57,6 +57,9 @@ pub fn run(args: &PreemptionArgs, out: &mut dyn std::io::Write) -> Result<(), Cl
     if !(args.batch_per_second.is_finite() && (0.0..=100.0).contains(&args.batch_per_second)) {
         return Err(CliError::Input(format!("--batch-per-second {}: between 0 and 100", args.batch_per_second)));
     }
+    if args.seed_base.checked_add(args.seeds).is_none() {
+        return Err(CliError::Input(format!("--seed-base {}: too large for {} seeds", args.seed_base, args.seeds)));
+    }
     let path = args.topology.clone().unwrap_or_else(|| traces_dir().join("lingjun-2023").join("topo.csv"));
     let file = path.display().to_string();
     let text = topoplace_formats::files::read_input(&path)?;

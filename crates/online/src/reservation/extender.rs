@@ -193,7 +193,11 @@ impl Book {
             }
         }
         let slot = match self.assign_slot(&key, demand, &membership, (own_role, offered), now_ms) {
-            Err(BookError::GangFull { size, .. }) if membership.max.is_none_or(|max| max > size) => {
+            Err(BookError::GangFull { size, .. })
+                if membership.max.is_none_or(|max| max > size)
+                    && membership.order == BindOrder::Together
+                    && demand.roles.is_none() =>
+            {
                 // One pod more than the gang starts with: it joins once the gang runs.
                 let reason = format!(
                     "gang `{key}` starts with its {size} members, all planned; this pod joins it once they run (or \
@@ -660,6 +664,7 @@ impl Book {
             }
             self.bound.insert(pod.uid.clone(), BoundPod { pod, node, gpus, gang, bound_at_ms: now_ms });
             self.stats.pods_bound += 1;
+            self.stats.members_joined += u64::from(joined);
         }
         if let Ticket::Gang(key) = ticket {
             self.stats.gangs_bound += 1;
@@ -749,6 +754,7 @@ impl Book {
             BoundPod { pod, node, gpus: slot.gpus, gang: Some(key.to_string()), bound_at_ms: now_ms },
         );
         self.stats.pods_bound += 1;
+        self.stats.members_joined += 1;
         BindFinish::Bound
     }
 

@@ -435,7 +435,7 @@ pub struct BookStats {
     pub gangs_nominated: u64,
     /// Such plans whose victims had not all left within [`BookConfig::nomination_ttl_ms`].
     pub nominations_expired: u64,
-    /// Pods that joined a gang already running (a member recreated, or one more).
+    /// Pods bound into a gang already running (a member recreated, or one more).
     pub members_joined: u64,
 }
 

@@ -271,7 +271,6 @@ impl Book {
                 );
             }
         }
-        self.stats.members_joined += 1;
         Ok(JoinOutcome::Held(joined))
     }
 }

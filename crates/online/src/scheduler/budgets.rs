@@ -3,11 +3,11 @@
 //! `filterPodsWithPDBViolation`): a budget covers the pods of its namespace that its selector
 //! matches (a null or empty selector, or one that cannot be read, matches nothing there; a pod
 //! without labels matches none); a pod named in its `status.disruptedPods` is already being
-//! disrupted and is not counted; otherwise each victim covered uses one of the budget's
-//! `status.disruptionsAllowed`, and a victim covered by a budget with none left violates it.
-//! Budgets are respected as kube-scheduler respects them: best effort. Candidates that break
-//! fewer budgets come first, victims that would break one are reprieved first, and a unit that
-//! can make room only by breaking a budget still preempts, saying which budgets it breaks.
+//! disrupted and is not counted; otherwise each victim uses one of `status.disruptionsAllowed`
+//! of every budget that covers it, and violates the budgets it takes below zero.
+//! Budgets are respected as kube-scheduler respects them: best effort. Candidates with fewer
+//! victims that break a budget come first, victims that would break one are reprieved first,
+//! and a unit whose chosen victims still break a budget preempts anyway, naming the budgets.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -75,15 +75,16 @@ pub fn violations<'a>(
     let flags = victims
         .iter()
         .map(|pod| {
+            let mut violates = false;
             for budget in budgets.clone().into_iter().filter(|b| b.covers(pod)) {
                 let left = allowed.entry(budget.key()).or_insert(0);
-                if *left <= 0 {
+                *left = left.saturating_sub(1);
+                if *left < 0 {
                     broken.insert(budget.key());
-                    return true;
+                    violates = true;
                 }
-                *left -= 1;
             }
-            false
+            violates
         })
         .collect();
     (flags, broken)

@@ -52,7 +52,7 @@ pub enum PreemptionMode {
     WholeUnit,
     /// kube-scheduler's default preemption (`defaultpreemption`), for comparison only: each
     /// member of a gang on its own picks the one node whose victims let that member fit
-    /// there (fewest budgets broken, lowest highest priority, lowest priority sum, fewest
+    /// there (fewest victims breaking a budget, lowest highest priority, lowest priority sum, fewest
     /// pods), victims are single pods (part of a gang may be evicted), the unit's scope is
     /// not considered, and once the victims left the unit is planned afresh (it may preempt
     /// again). `topoplace replay preemption` compares the two; no server uses it.
@@ -231,6 +231,8 @@ struct UnitState {
     last_message: Option<String>,
     complete: bool,
     waiting_reported: bool,
+    /// Since when a whole gang's worth of its pods has been pending while members of it run.
+    whole_worth_since_ms: Option<u64>,
     /// An elastic start's "the rest join later" was said (see [`Scheduler::cycle`]).
     extra_reported: bool,
     incomplete_reported: bool,
@@ -337,6 +339,11 @@ impl Scheduler {
     /// A PodDisruptionBudget added or changed.
     pub fn budget_applied(&mut self, budget: budgets::DisruptionBudget) {
         self.budgets.insert(budget.key(), budget);
+    }
+
+    /// The PodDisruptionBudget `namespace/name` as last seen, if known.
+    pub fn budget(&self, key: &str) -> Option<&budgets::DisruptionBudget> {
+        self.budgets.get(key)
     }
 
     /// A PodDisruptionBudget deleted (`namespace/name`).
@@ -654,8 +661,16 @@ impl Scheduler {
                 // each on its own; its running members are never taken for a half-bound gang.
                 state.half_bound_since_ms = None;
                 let elastic = gang.max.is_some_and(|max| max > gang.size);
-                let waited = now_ms.saturating_sub(state.first_seen_ms);
-                if size > 1 && members.len() >= size && !elastic && waited < self.config.gang_wait_timeout_ms {
+                let whole_worth = size > 1 && members.len() >= size;
+                let since = match whole_worth {
+                    true => *state.whole_worth_since_ms.get_or_insert(now_ms),
+                    false => {
+                        state.whole_worth_since_ms = None;
+                        now_ms
+                    }
+                };
+                let waited = now_ms.saturating_sub(since);
+                if whole_worth && !elastic && waited < self.config.gang_wait_timeout_ms {
                     // A whole gang's worth pending while members still run: the gang recreated
                     // whole (its old members leaving). It is placed whole once they have left;
                     // if they have not within the gang wait, the pods are taken for more of
@@ -1017,7 +1032,16 @@ impl Scheduler {
         }
         let gang_key = members[0].demand.gang.as_ref().map(|g| g.key.clone());
         if let Some(gang) = gang_key.as_deref().filter(|g| book.ran_whole(g) && book.bound_ahead(g).is_empty()) {
-            return self.try_join(book, key, gang, members, held_back, now_ms);
+            // A whole gang's worth of a gang that is not elastic (the gang recreated, or scaled
+            // out by its size) joins together or not at all, so it never runs in part once the
+            // old members left; an elastic gang's pods join as room frees.
+            let together = members.len() > 1
+                && members[0]
+                    .demand
+                    .gang
+                    .as_ref()
+                    .is_some_and(|g| members.len() >= g.size as usize && g.max.is_none_or(|max| max <= g.size));
+            return self.try_join(book, key, gang, members, (held_back, together), now_ms);
         }
         let leader_first =
             |m: &PendingPod| m.demand.gang.as_ref().is_some_and(|g| matches!(g.order, BindOrder::LeaderFirst { .. }));
@@ -1108,14 +1132,15 @@ impl Scheduler {
     /// pods joining with it); a pod without GPUs goes where the predicates leave the most
     /// room. As many as fit, in rank then name order and up to an elastic gang's maximum,
     /// are bound as one ticket; the rest stay pending and are tried again (the gang grows as
-    /// capacity frees). If none fits, nothing is held and the first one's reason is returned.
+    /// capacity frees). With `together` (a whole gang's worth pending), all of them or none.
+    /// If none fits, nothing is held and the first one's reason is returned.
     fn try_join(
         &mut self,
         book: &mut Book,
         key: &UnitKey,
         gang: &str,
         members: &[PendingPod],
-        held_back: Option<&[bool]>,
+        (held_back, together): (Option<&[bool]>, bool),
         now_ms: u64,
     ) -> Result<Decision, String> {
         // An earlier attempt's hold, if any, is planned again with the pods pending now.
@@ -1183,9 +1208,15 @@ impl Scheduler {
                 }
             }
         }
-        if chosen.is_empty() {
+        if chosen.is_empty() || (together && chosen.len() < members.len()) {
             book.drop_joining(gang);
-            return Err(first_refusal.unwrap_or_else(|| format!("gang `{key}`: no pod to join it")));
+            let why = first_refusal.unwrap_or_else(|| format!("gang `{key}`: no pod to join it"));
+            return Err(match together {
+                true => {
+                    format!("gang `{key}`: its {} pending pods join it together or not at all; {why}", members.len())
+                }
+                false => why,
+            });
         }
         let members = joining.as_slice();
         if !with_gpus {

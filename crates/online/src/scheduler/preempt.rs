@@ -9,8 +9,9 @@
 //! node), and the plan is held: the GPUs its victims give back are kept for it
 //! ([`Book::nominate`]) until all have, so nothing else takes them, and the unit binds on the
 //! first cycle after they are all free. PodDisruptionBudgets count as kube-scheduler counts
-//! them ([`super::budgets`]): nodes whose victims break fewer budgets come first, victims that
-//! would break one are reprieved first, and a budget broken for want of any other way is named.
+//! them ([`super::budgets`]): nodes with fewer victims that break a budget come first, victims
+//! that would break one are reprieved first, and a budget the chosen victims still break is
+//! named.
 
 use super::*;
 
@@ -77,8 +78,8 @@ impl Scheduler {
         if node_by_node {
             return self.preempt_node_by_node(book, members, &gang, &units, (priority, held_back), now_ms);
         }
-        // Nodes by their victims: fewest PodDisruptionBudgets broken first, then lowest
-        // highest-priority, then fewest pods, then name.
+        // Nodes by their victims: fewest victims that break a PodDisruptionBudget first, then
+        // lowest highest-priority, then fewest pods, then name.
         let mut by_node: BTreeMap<&str, (i32, usize, Vec<usize>)> = BTreeMap::new();
         for (index, unit) in units.iter().enumerate() {
             for node in &unit.nodes {
@@ -148,7 +149,8 @@ impl Scheduler {
         let budgets = match broken.is_empty() {
             true => String::new(),
             false => format!(
-                "; no choice of victims keeps every PodDisruptionBudget, so this breaks {}",
+                "; this breaks PodDisruptionBudget(s) {} (budgets are kept where the choice of victims allows, best \
+                 effort as in kube-scheduler)",
                 broken.iter().cloned().collect::<Vec<_>>().join(", ")
             ),
         };
@@ -272,8 +274,9 @@ impl Scheduler {
     /// its own, in turn (`SelectVictimsOnNode`, `pickOneNodeForPreemption`): the member alone,
     /// without the unit's scope, on each node not chosen for an earlier member, with all that
     /// node's remaining lower-priority pods gone; victims reprieved (budget-breaking first,
-    /// then highest priority) while it still fits; the node with the fewest budgets broken,
-    /// then the lowest highest victim priority, the lowest priority sum, the fewest victims.
+    /// then highest priority) while it still fits; the node with the fewest victims breaking a budget,
+    /// then the lowest highest victim priority, the lowest priority sum, the fewest victims. A
+    /// member that fits on a node of its own without evicting anything evicts nothing.
     /// The victims of all members are evicted and their GPUs held as they leave; once all
     /// have, the unit is planned afresh ([`Scheduler::try_place`]).
     fn preempt_node_by_node(
@@ -306,6 +309,18 @@ impl Scheduler {
         let mut slots: Vec<RoleSlot> = Vec::new();
         let mut used: BTreeSet<HostId> = BTreeSet::new();
         for member in members {
+            // A member that fits on a node of its own as things are evicts nothing.
+            let elsewhere: Vec<bool> =
+                (0..hosts).map(|h| used.contains(&(h as HostId)) || held_back.is_some_and(|held| held[h])).collect();
+            let member_alone = std::slice::from_ref(member);
+            if let Some(slot) = self
+                .fits_without(book, (&planned_one, Some(&elsewhere)), member_alone, units, &chosen)
+                .and_then(|fit| fit.first().copied())
+            {
+                used.insert(slot.1);
+                slots.push(slot);
+                continue;
+            }
             type Best = ((usize, i32, i64, usize, String), BTreeSet<usize>, RoleSlot);
             let mut best: Option<Best> = None;
             for (node, node_units) in &on_node {
@@ -341,7 +356,9 @@ impl Scheduler {
                 let rank = (
                     self.violating(units, &mine).0.len(),
                     mine.iter().map(|&u| units[u].priority).max().unwrap_or(i32::MIN),
-                    mine.iter().map(|&u| i64::from(units[u].priority)).sum::<i64>(),
+                    // kube-scheduler's sum, each priority shifted by MaxInt32 + 1 so that
+                    // negative ones count.
+                    mine.iter().map(|&u| i64::from(units[u].priority) + i64::from(i32::MAX) + 1).sum::<i64>(),
                     mine.iter().map(|&u| units[u].pods.len()).sum::<usize>(),
                     node.clone(),
                 );
@@ -360,6 +377,9 @@ impl Scheduler {
             slots.push(slot);
         }
         let victims: Vec<PodIdentity> = chosen.iter().flat_map(|&u| units[u].pods.clone()).collect();
+        if victims.is_empty() {
+            return Err("every member fits on a node of its own: node-by-node preemption evicts nothing for it".into());
+        }
         let nodes: BTreeSet<&str> = chosen.iter().flat_map(|&u| units[u].nodes.iter().map(String::as_str)).collect();
         let planned = Planned::Gang(topoplace_engine::workload::Gang {
             members: members.len() as u32,

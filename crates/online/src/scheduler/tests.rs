@@ -1821,10 +1821,11 @@ fn an_elastic_gang_starts_with_its_size_and_grows_to_its_maximum_as_room_frees()
 
 /// A gang without a maximum that gets a whole gang's worth more pods while its members run:
 /// they are taken for the gang recreated whole and wait for the old members to leave, but
-/// not forever: once the gang wait has passed with the old members still running, they join
-/// it (a scale-out by exactly its size does not stall).
+/// not forever: once the gang wait has passed (counted from when the whole gang's worth
+/// appeared) with the old members still running, they join it (a scale-out by exactly its
+/// size does not stall), together or not at all: with room for one only, none binds.
 #[test]
-fn a_scale_out_by_a_whole_gang_joins_after_the_gang_wait() {
+fn a_scale_out_by_a_whole_gang_joins_together_after_the_gang_wait() {
     let mut book = book_of(1, 4);
     let mut scheduler = scheduler_on(&book);
     for rank in 0..2 {
@@ -1832,15 +1833,36 @@ fn a_scale_out_by_a_whole_gang_joins_after_the_gang_wait() {
     }
     let (bound, _) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
     assert_eq!(bound.len(), 2);
-    for rank in 2..4 {
-        scheduler.pending_applied(elastic_pod(rank, None));
-    }
-    let (bound, other) = run(&mut scheduler, &mut book, 1, &BTreeSet::new());
+    let block = |scheduler: &mut Scheduler, book: &mut Book, name: &str, node: &str| {
+        already_bound(scheduler, book, &pending(name, 8, None, 1000), node, 8);
+    };
+    let unblock = |scheduler: &mut Scheduler, book: &mut Book, name: &str| {
+        scheduler.bound_deleted(&format!("{name}-uid"));
+        book.forget_pod(&format!("{name}-uid"));
+    };
+    block(&mut scheduler, &mut book, "b1", "r0-2");
+    block(&mut scheduler, &mut book, "b2", "r0-3");
+    // One more pod, with no room: it waits alone for a long time.
+    scheduler.pending_applied(elastic_pod(2, None));
+    run(&mut scheduler, &mut book, 1_000, &BTreeSet::new());
+    let late = 100_000;
+    scheduler.pending_applied(elastic_pod(3, None));
+    let (bound, other) = run(&mut scheduler, &mut book, late, &BTreeSet::new());
     assert!(bound.is_empty());
     let text = messages(&other).join(" | ");
     assert!(text.contains("a whole gang's worth"), "{text}");
+    unblock(&mut scheduler, &mut book, "b1");
+    unblock(&mut scheduler, &mut book, "b2");
     let wait = scheduler.config().gang_wait_timeout_ms;
-    let (bound, other) = run(&mut scheduler, &mut book, wait + 2, &BTreeSet::new());
+    let (bound, _) = run(&mut scheduler, &mut book, late + wait / 2, &BTreeSet::new());
+    assert!(bound.is_empty(), "the wait counts from when the whole gang's worth appeared: {bound:?}");
+    block(&mut scheduler, &mut book, "b3", "r0-3");
+    let (bound, other) = run(&mut scheduler, &mut book, late + wait + 1, &BTreeSet::new());
+    assert!(bound.is_empty(), "room for one of the two: {bound:?}");
+    let text = messages(&other).join(" | ");
+    assert!(text.contains("join it together or not at all"), "{text}");
+    unblock(&mut scheduler, &mut book, "b3");
+    let (bound, other) = run(&mut scheduler, &mut book, late + wait + 20_000, &BTreeSet::new());
     let mut names: Vec<&str> = bound.iter().map(|m| m.pod.name.as_str()).collect();
     names.sort();
     assert_eq!(names, ["e-2", "e-3"], "{other:?}");
@@ -1925,10 +1947,7 @@ fn preemption_spares_pods_whose_budget_allows_no_disruption_when_it_can() {
     let (_, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
     let (victims, message) = preempted(&other);
     assert_eq!(victims.len(), 2);
-    assert!(
-        message.contains("no choice of victims keeps every PodDisruptionBudget, so this breaks ns/web"),
-        "{message}"
-    );
+    assert!(message.contains("this breaks PodDisruptionBudget(s) ns/web"), "{message}");
 
     // Budgets awaited: no preemption until they are listed.
     let (mut book, mut scheduler) = web_and_batch();

@@ -75,6 +75,12 @@ impl SchedulerRuntime {
         self.core().check()
     }
 
+    /// `status.disruptionsAllowed` of the PodDisruptionBudget `namespace/name` as the
+    /// scheduler last saw it (what its preemption counts with), if it has seen it.
+    pub fn disruptions_allowed(&self, key: &str) -> Option<i32> {
+        self.core().budget(key).map(|b| b.disruptions_allowed)
+    }
+
     pub fn pending_count(&self) -> usize {
         self.core().pending_count()
     }
