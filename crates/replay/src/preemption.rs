@@ -431,15 +431,8 @@ impl<'a> Study<'a> {
                             self.started(&members.iter().map(|m| m.pod.uid.clone()).collect::<Vec<_>>(), step);
                         }
                         Finished::RolledBack { delete, .. } => {
-                            // Undone, and recreated by their controller as pending pods.
                             for victim in delete {
-                                if let Some(mut pod) = self.remove(&victim.uid, step) {
-                                    pod.pending.demand.pod.uid.push('r');
-                                    (pod.node, pod.ends_at) = (None, u64::MAX);
-                                    pod.gpus.clear();
-                                    self.scheduler.pending_applied(pod.pending.clone());
-                                    self.api.insert(pod.pending.demand.pod.uid.clone(), pod);
-                                }
+                                self.recreate(&victim.uid, 'r', step);
                             }
                         }
                     }
@@ -447,19 +440,25 @@ impl<'a> Study<'a> {
                 Decision::Preempt { pods, victims, .. } => self.preempted(&pods, &victims, step)?,
                 Decision::Repair { delete, .. } => {
                     for pod in delete {
-                        if let Some(mut sim) = self.remove(&pod.uid, step) {
-                            sim.pending.demand.pod.uid.push('x');
-                            (sim.node, sim.ends_at) = (None, u64::MAX);
-                            sim.gpus.clear();
-                            self.scheduler.pending_applied(sim.pending.clone());
-                            self.api.insert(sim.pending.demand.pod.uid.clone(), sim);
-                        }
+                        self.recreate(&pod.uid, 'x', step);
                     }
                 }
                 Decision::NotScheduled { .. } | Decision::GangWaiting { .. } => {}
             }
         }
         Ok(())
+    }
+
+    /// Pod `uid` deleted by the scheduler (a gang undone or repaired) and recreated by its
+    /// controller as a pending pod (its uid with `mark` added).
+    fn recreate(&mut self, uid: &str, mark: char, step: u64) {
+        if let Some(mut pod) = self.remove(uid, step) {
+            pod.pending.demand.pod.uid.push(mark);
+            (pod.node, pod.ends_at) = (None, u64::MAX);
+            pod.gpus.clear();
+            self.scheduler.pending_applied(pod.pending.clone());
+            self.api.insert(pod.pending.demand.pod.uid.clone(), pod);
+        }
     }
 
     fn gang_of(&self, uid: &str) -> Option<String> {
