@@ -7,7 +7,8 @@ mod support;
 
 use serde_json::{json, Value};
 use support::{
-    eventually_async as eventually, free_gpus, kube_server, pod, post, ready, schedule, serve_router, FakeApi,
+    eventually_async as eventually, free_gpus, kube_server, pod, post, ready, schedule, serve_router, FakeApi, Running,
+    Served,
 };
 use topoplace_online::reservation::BookConfig;
 
@@ -138,11 +139,8 @@ async fn a_two_node_gang_preempts_and_binds_once_its_victims_left() {
     api_server.stop().await;
 }
 
-/// Issue 19, input 2, in extender mode over the fake API: a gang of 2 × 8 runs on two of four
-/// nodes; a third pod of it joins alone (8 GPUs held, not 16), binds, and a member deleted
-/// and recreated (a new uid) comes back the same way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_of_a_running_gang_joins_it_alone() {
+/// Four free 8-GPU nodes in rack `r1` behind the fake API, and the extender on it, ready.
+async fn four_free_nodes() -> (FakeApi, Running, Served, Vec<String>) {
     let api = FakeApi::new();
     let nodes: Vec<String> = (0..4).map(|i| format!("r1-{i}")).collect();
     for node in &nodes {
@@ -150,9 +148,18 @@ async fn a_pod_of_a_running_gang_joins_it_alone() {
     }
     let api_server = serve_router(api.router()).await;
     let server = kube_server(&api_server.base, BookConfig::default(), None).await;
+    ready(&reqwest::Client::new(), &server.base).await;
+    (api, api_server, server, nodes)
+}
+
+/// Issue 19, input 2, in extender mode over the fake API: a gang of 2 × 8 runs on two of four
+/// nodes; a third pod of it joins alone (8 GPUs held, not 16), binds, and a member deleted
+/// and recreated (a new uid) comes back the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_of_a_running_gang_joins_it_alone() {
+    let (api, api_server, server, nodes) = four_free_nodes().await;
     let base = server.base.clone();
     let http = reqwest::Client::new();
-    ready(&http, &base).await;
 
     let members: Vec<Value> =
         (0..2).map(|r| pod("ml", &format!("g-{r}"), &format!("g-{r}-uid"), 8, Some(("g", 2)))).collect();
@@ -207,16 +214,9 @@ async fn a_pod_of_a_running_gang_joins_it_alone() {
 /// preempt keeping no candidate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_elastic_gang_grows_to_its_maximum_and_no_further() {
-    let api = FakeApi::new();
-    let nodes: Vec<String> = (0..4).map(|i| format!("r1-{i}")).collect();
-    for node in &nodes {
-        api.add_node(node, "NVIDIA-H100-80GB-HBM3", 8, "r1");
-    }
-    let api_server = serve_router(api.router()).await;
-    let server = kube_server(&api_server.base, BookConfig::default(), None).await;
+    let (api, api_server, server, nodes) = four_free_nodes().await;
     let base = server.base.clone();
     let http = reqwest::Client::new();
-    ready(&http, &base).await;
     let pods: Vec<Value> = (0..4)
         .map(|r| {
             let mut object = pod("ml", &format!("e-{r}"), &format!("e-{r}-uid"), 8, Some(("e", 2)));

@@ -118,23 +118,7 @@ impl Scheduler {
             }
         }
         let mut chosen = chosen_of(high);
-        // Reprieve what is not needed: victims that would break a budget first, then the
-        // highest priority (then the largest).
-        let breaking = self.violating(&units, &chosen).0;
-        let mut reprieve: Vec<usize> = chosen.iter().copied().collect();
-        reprieve.sort_by_key(|&u| {
-            let priority = std::cmp::Reverse(units[u].priority);
-            (!breaking.contains(&u), priority, std::cmp::Reverse(units[u].pods.len()), u)
-        });
-        for unit in reprieve {
-            chosen.remove(&unit);
-            match fits(self, book, &chosen) {
-                Some(fits) => slots = fits,
-                None => {
-                    chosen.insert(unit);
-                }
-            }
-        }
+        self.reprieve(book, &units, (&mut chosen, &mut slots), fits);
         let victims: Vec<PodIdentity> = chosen.iter().flat_map(|&u| units[u].pods.clone()).collect();
         if victims.is_empty() {
             // It fits without evicting anything: what kept it out was not room (hosts kept
@@ -163,6 +147,33 @@ impl Scheduler {
             if members.len() > 1 { format!("gang `{key}`") } else { "this pod".to_string() }
         );
         Ok(Decision::Preempt { pods: members.iter().map(|m| m.demand.pod.clone()).collect(), victims, message })
+    }
+
+    /// Gives back what `chosen` need not evict, as kube-scheduler reprieves: victims that would
+    /// break a budget first, then the highest priority, then the largest; each one kept out
+    /// when `fits` still finds the unit's slots without it (`slots` then become those).
+    fn reprieve(
+        &mut self,
+        book: &mut Book,
+        units: &[VictimUnit],
+        (chosen, slots): (&mut BTreeSet<usize>, &mut Vec<RoleSlot>),
+        fits: impl Fn(&mut Self, &mut Book, &BTreeSet<usize>) -> Option<Vec<RoleSlot>>,
+    ) {
+        let breaking = self.violating(units, chosen).0;
+        let mut order: Vec<usize> = chosen.iter().copied().collect();
+        order.sort_by_key(|&u| {
+            let priority = std::cmp::Reverse(units[u].priority);
+            (!breaking.contains(&u), priority, std::cmp::Reverse(units[u].pods.len()), u)
+        });
+        for unit in order {
+            chosen.remove(&unit);
+            match fits(self, book, chosen) {
+                Some(fit) => *slots = fit,
+                None => {
+                    chosen.insert(unit);
+                }
+            }
+        }
     }
 
     /// The victim units of `chosen` that would break a PodDisruptionBudget if all of `chosen`
@@ -340,18 +351,7 @@ impl Scheduler {
                     continue;
                 }
                 let Some(mut fit) = try_fit(self, book, &mine) else { continue };
-                let breaking = self.violating(units, &mine).0;
-                let mut reprieve: Vec<usize> = mine.iter().copied().collect();
-                reprieve.sort_by_key(|&u| (!breaking.contains(&u), std::cmp::Reverse(units[u].priority), u));
-                for unit in reprieve {
-                    mine.remove(&unit);
-                    match try_fit(self, book, &mine) {
-                        Some(slots) => fit = slots,
-                        None => {
-                            mine.insert(unit);
-                        }
-                    }
-                }
+                self.reprieve(book, units, (&mut mine, &mut fit), try_fit);
                 let Some(slot) = fit.first().copied().filter(|_| !mine.is_empty()) else { continue };
                 let rank = (
                     self.violating(units, &mine).0.len(),
