@@ -333,6 +333,9 @@ async fn leader_failover_in_the_middle_of_a_gang_repairs_it() {
         api.add_pod(scheduler_pod("ml", &format!("g-{rank}"), 8, Some(("g", 4, rank)), "1"), None, None);
     }
     eventually("two members bound", || api.bound_pods().len() == 2).await;
+    // Both hung Bindings have reached the server before the leader dies: one still on its way
+    // could otherwise arrive after the fault is cleared and bind (the gang whole, no repair).
+    eventually("two Bindings hanging", || api.faults.lock().expect("faults").hanging.len() == 2).await;
     first.kill();
     api.faults.lock().expect("faults").hang_binding.clear();
     eventually("second takes the Lease over", || {

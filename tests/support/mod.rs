@@ -300,6 +300,8 @@ pub struct Faults {
     pub fail_binding: HashSet<String>,
     /// Pod names whose Binding never answers (a scheduler dying mid-gang).
     pub hang_binding: HashSet<String>,
+    /// Pod names whose Binding is hanging now (arrived and held by `hang_binding`).
+    pub hanging: HashSet<String>,
     /// Pod names whose Binding is made but whose answer is cut off mid-body (as when the
     /// connection drops during the response): the caller cannot tell whether it took effect.
     /// (A 504 would not do: kube-rs retries it, and the retry meets a 409.)
@@ -768,7 +770,15 @@ async fn create_binding(
     axum::Json(binding): axum::Json<Value>,
 ) -> Response {
     api.delay().await;
-    if api.faults.lock().expect("faults").hang_binding.contains(&name) {
+    let hang = {
+        let mut faults = api.faults.lock().expect("faults");
+        let hang = faults.hang_binding.contains(&name);
+        if hang {
+            faults.hanging.insert(name.clone());
+        }
+        hang
+    };
+    if hang {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     if api.faults.lock().expect("faults").fail_binding.contains(&name) {
