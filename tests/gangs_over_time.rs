@@ -11,6 +11,7 @@ use support::{
     Served,
 };
 use topoplace_online::reservation::BookConfig;
+use topoplace_server::grpc::pb::{self, placement_client::PlacementClient};
 
 async fn state(http: &reqwest::Client, base: &str) -> Value {
     http.get(format!("{base}/state")).send().await.expect("get").json().await.expect("json")
@@ -61,6 +62,15 @@ async fn a_two_node_gang_preempts_and_binds_once_its_victims_left() {
         post(&http, &format!("{base}/preempt"), &preempt_args(&high[0], &[("r1-0", "low-0-uid")])).await;
     assert_eq!(status, 200);
     assert_eq!(one, json!({"NodeNameToMetaVictims": {}}), "one node's victims do not make room for the gang");
+    // Why not, in /state: the gang's latest preemption verdict.
+    let said = state(&http, &base).await;
+    let verdict = &said["preemptionVerdicts"][0];
+    assert_eq!(
+        (&verdict["unit"], &verdict["preemptor"], &verdict["preempted"]),
+        (&json!("ml/hi"), &json!("ml/hi-0"), &json!(false)),
+        "{said}"
+    );
+    assert!(verdict["why"].as_str().is_some_and(|why| !why.is_empty()), "{verdict}");
     let both = preempt_args(&high[0], &[("r1-0", "low-0-uid"), ("r1-1", "low-1-uid")]);
     let (_, kept) = post(&http, &format!("{base}/preempt"), &both).await;
     assert_eq!(
@@ -70,6 +80,24 @@ async fn a_two_node_gang_preempts_and_binds_once_its_victims_left() {
             "r1-1": {"Pods": [{"UID": "low-1-uid"}], "NumPDBViolations": 0}
         }})
     );
+    // The verdict replaced by the new one, and the plan under way, waiting on both nodes.
+    let said = state(&http, &base).await;
+    assert_eq!(said["preemptionVerdicts"].as_array().map(Vec::len), Some(1), "one per unit: {said}");
+    let verdict = &said["preemptionVerdicts"][0];
+    assert_eq!(verdict["preempted"], true, "{verdict}");
+    assert_eq!(verdict["nodes"], json!(["r1-0", "r1-1"]));
+    assert_eq!(verdict["victims"], json!(["batch/low-0", "batch/low-1"]));
+    let under_way = &said["preemptions"][0];
+    assert_eq!((&under_way["unit"], &under_way["plannedBy"]), (&json!("ml/hi"), &json!("ml/hi-0")), "{said}");
+    assert_eq!(under_way["waitingOn"], json!(["r1-0", "r1-1"]));
+    // The same through gRPC ClusterState.
+    let mut grpc = PlacementClient::connect(server.grpc.clone()).await.expect("connect");
+    let cluster = grpc.cluster_state(pb::ClusterStateRequest { summary_only: true }).await.expect("state").into_inner();
+    let verdict = cluster.preemption_verdicts.first().cloned().unwrap_or_default();
+    assert_eq!((verdict.unit.as_str(), verdict.preempted), ("ml/hi", true), "{verdict:?}");
+    assert_eq!(verdict.victims, ["batch/low-0", "batch/low-1"]);
+    let under_way = cluster.preemptions.first().cloned().unwrap_or_default();
+    assert_eq!((under_way.planned_by.as_str(), under_way.waiting_on.len()), ("ml/hi-0", 2), "{under_way:?}");
 
     // kube-scheduler evicts on r1-0; the pod watch sees it leave, and its GPUs are held.
     api.delete_pod("batch", "low-0");

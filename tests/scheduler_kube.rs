@@ -608,10 +608,23 @@ async fn a_high_priority_gang_preempts_and_a_recreated_member_joins_it_again() {
         ["low-0", "low-1"].iter().all(|name| !events_for(&api, name, "Preempted").is_empty())
     })
     .await;
+    // Each member nominated to its node of the plan, as kube-scheduler nominates a preemptor.
+    eventually("status.nominatedNodeName on each member", || {
+        let nominated: BTreeSet<String> = ["hi-0", "hi-1"]
+            .iter()
+            .filter_map(|name| api.pod("ml", name)?["status"]["nominatedNodeName"].as_str().map(String::from))
+            .collect();
+        nominated == BTreeSet::from(["r1-0".to_string(), "r1-1".to_string()])
+    })
+    .await;
     eventually("the gang bound on the GPUs its victims gave back", || {
         api.pod_node("ml", "hi-0").is_some() && api.pod_node("ml", "hi-1").is_some()
     })
     .await;
+    for name in ["hi-0", "hi-1"] {
+        let pod = api.pod("ml", name).unwrap_or_default();
+        assert_eq!(pod["status"]["nominatedNodeName"], pod["spec"]["nodeName"], "bound where nominated: {name}");
+    }
 
     api.delete_pod("ml", "hi-0");
     let mut again = scheduler_pod("ml", "hi-0", 8, Some(("hi", 2, 0)), "1");

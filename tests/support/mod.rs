@@ -906,6 +906,18 @@ async fn patch_pod_status(
     let Some(mut pod) = state.pods.get(&(ns.clone(), name.clone())).cloned() else {
         return status(404, "NotFound", format!("pods \"{name}\" not found"));
     };
+    // A uid in the patch is a precondition (the API server's storage refuses an update whose
+    // object meta names another uid).
+    if let Some(uid) = patch["metadata"]["uid"].as_str() {
+        if pod["metadata"]["uid"].as_str() != Some(uid) {
+            let theirs = pod["metadata"]["uid"].as_str().unwrap_or_default();
+            return status(
+                409,
+                "Conflict",
+                format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {theirs}"),
+            );
+        }
+    }
     if let Some(fields) = patch["status"].as_object() {
         for (key, value) in fields {
             if key == "conditions" {

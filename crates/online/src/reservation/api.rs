@@ -156,6 +156,10 @@ pub struct ClusterState {
     pub domains: Vec<DomainState>,
     pub hosts: Vec<HostState>,
     pub reservations: Vec<ReservationState>,
+    /// Preemptions under way (plans waiting for their victims to leave).
+    pub preemptions: Vec<super::PreemptionState>,
+    /// The latest preemption verdict of each unit that asked lately, newest first.
+    pub verdicts: Vec<super::VerdictState>,
     pub generation: u64,
 }
 
@@ -768,6 +772,8 @@ impl Book {
             domains,
             hosts,
             reservations,
+            preemptions: self.preemption_states(now_ms),
+            verdicts: self.verdict_states(now_ms),
             generation: self.generation(),
         }
     }

@@ -37,9 +37,11 @@ pub use api::{
     PlanOptions, PlanOutcome, Released, ReplicaPlanOutcome, ReplicaRequest, RequestError, ReservationState,
     REQUEST_EXACT_TIME_MAX,
 };
-pub use preemption::{PreemptAnswer, NOMINATION_TTL_MS_DEFAULT};
+pub use preemption::{
+    PreemptAnswer, PreemptionOutcome, PreemptionVerdict, NOMINATION_TTL_MS_DEFAULT, PREEMPTION_VERDICTS_MAX,
+};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
@@ -544,6 +546,14 @@ struct GangReservation {
     from_preemption: bool,
 }
 
+impl GangReservation {
+    /// Whether the secondary scheduler's pods bind onto it as it is (slot for slot): one the
+    /// placement API made, or a preemption's plan, and not binding already.
+    fn adoptable(&self) -> bool {
+        !self.binding && (self.origin.is_some() || self.from_preemption)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct BoundPod {
     pod: PodIdentity,
@@ -589,6 +599,9 @@ pub struct Book {
     undo: Vec<PodIdentity>,
     /// Gang plans made by preemption, by gang key ([`preemption::Nomination`]).
     nominations: BTreeMap<String, preemption::Nomination>,
+    /// The latest preemption verdict of each unit that asked lately, oldest first, at most
+    /// [`preemption::PREEMPTION_VERDICTS_MAX`] ([`Book::record_preemption`]).
+    verdicts: std::collections::VecDeque<preemption::PreemptionVerdict>,
     /// Gangs known to have run whole, by key, while a member of theirs is bound: bound whole
     /// by this book (with the shape a member that joins later must agree with), or seen with
     /// all their members bound ([`Book::observe_gang_size`], shape unknown).
@@ -702,6 +715,7 @@ impl Book {
             faults: Vec::new(),
             undo: Vec::new(),
             nominations: BTreeMap::new(),
+            verdicts: std::collections::VecDeque::new(),
             running: BTreeMap::new(),
             seen_members: BTreeMap::new(),
         }
@@ -1014,7 +1028,36 @@ impl Book {
                     .collect(),
             })
             .collect();
-        Snapshot { nodes, gangs, stats: self.stats.clone() }
+        let preemptions = self.preemption_states(now_ms);
+        let verdicts = self.verdict_states(now_ms);
+        Snapshot { nodes, gangs, preemptions, verdicts, stats: self.stats.clone() }
+    }
+
+    /// The preemption verdicts kept, newest first, with their age.
+    fn verdict_states(&self, now_ms: u64) -> Vec<VerdictState> {
+        self.verdicts
+            .iter()
+            .rev()
+            .map(|v| VerdictState { verdict: v.clone(), age_ms: now_ms.saturating_sub(v.at_ms) })
+            .collect()
+    }
+
+    /// The preemptions under way, by unit.
+    fn preemption_states(&self, now_ms: u64) -> Vec<PreemptionState> {
+        let name = |host: HostId| self.cluster.host(host).name.clone();
+        self.nominations
+            .iter()
+            .map(|(key, n)| {
+                let nodes: BTreeSet<String> = n.slots.iter().map(|s| name(s.host)).collect();
+                PreemptionState {
+                    unit: key.clone(),
+                    planned_by: n.planned_by.to_string(),
+                    nodes: nodes.into_iter().collect(),
+                    waiting_on: self.nomination_pending(key).into_iter().map(name).collect(),
+                    expires_in_ms: n.expires_at_ms.saturating_sub(now_ms),
+                }
+            })
+            .collect()
     }
 }
 
@@ -1221,7 +1264,33 @@ fn check_shape(
 pub struct Snapshot {
     pub nodes: Vec<NodeState>,
     pub gangs: Vec<GangState>,
+    /// Preemptions under way: plans waiting for their victims to leave.
+    pub preemptions: Vec<PreemptionState>,
+    /// The latest preemption verdict of each unit that asked lately, newest first.
+    pub verdicts: Vec<VerdictState>,
     pub stats: BookStats,
+}
+
+/// A kept preemption verdict and how long ago it was given, in ms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerdictState {
+    pub verdict: preemption::PreemptionVerdict,
+    pub age_ms: u64,
+}
+
+/// A preemption under way ([`preemption::Nomination`]): its plan waits for victims to leave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreemptionState {
+    /// The gang's key, or `pod:{uid}` for a single pod.
+    pub unit: String,
+    /// `namespace/name` of the pod whose preemption made the plan.
+    pub planned_by: String,
+    /// The nodes of the plan.
+    pub nodes: Vec<String>,
+    /// The nodes where a GPU of the plan is still taken (victims not gone yet).
+    pub waiting_on: Vec<String>,
+    /// Until the plan is given up if its victims have not left, in ms.
+    pub expires_in_ms: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -38,6 +38,34 @@ pub(super) struct Nomination {
     pub leader_first: bool,
 }
 
+/// How many units' preemption verdicts the book keeps for explaining them (`/state`, gRPC
+/// `ClusterState`); the oldest go first.
+pub const PREEMPTION_VERDICTS_MAX: usize = 128;
+
+/// Why a unit did or did not preempt, the last time it tried: kept by the book for `/state`
+/// and gRPC `ClusterState` ([`Book::record_preemption`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreemptionVerdict {
+    /// The gang's key, or `pod:{uid}` for a single pod.
+    pub unit: String,
+    /// The pod that asked (the extender's preempt call, or the unit's first pod).
+    pub preemptor: PodIdentity,
+    /// When, in the book's ms.
+    pub at_ms: u64,
+    pub outcome: PreemptionOutcome,
+}
+
+/// What a preemption verdict was.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PreemptionOutcome {
+    /// Victims chosen on `nodes`: the pods to evict (`namespace/name`, or a uid the book does
+    /// not know), and the PodDisruptionBudgets the eviction breaks (`namespace/name`).
+    Preempted { nodes: Vec<String>, victims: Vec<String>, budgets_broken: Vec<String> },
+    /// Nothing evicted, and why: no set of victims frees enough inside its scope, only pods
+    /// of its priority or higher are bound, its policy is `Never`, ….
+    Declined { why: String },
+}
+
 /// The book's answer to a preempt call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreemptAnswer {
@@ -64,6 +92,51 @@ impl Book {
     /// judged together (see the module doc), and the plan recorded. Errors: the pod's own
     /// description does not read ([`BookError::Demand`], [`BookError::RoleMismatch`]).
     pub fn preempt(
+        &mut self,
+        demand: &PodDemand,
+        candidates: &[PreemptCandidate],
+        now_ms: u64,
+    ) -> Result<PreemptAnswer, BookError> {
+        let answer = self.preempt_answer(demand, candidates, now_ms);
+        let unit = demand.gang.as_ref().map_or_else(|| format!("pod:{}", demand.pod.uid), |g| g.key.clone());
+        let outcome = match &answer {
+            Ok(answer) if answer.keep.iter().any(Option::is_some) => {
+                let kept = || candidates.iter().zip(&answer.keep).filter_map(|(c, k)| Some((c, k.as_ref()?)));
+                PreemptionOutcome::Preempted {
+                    nodes: kept().map(|(c, _)| self.cluster.host(c.host).name.clone()).collect(),
+                    victims: kept()
+                        .flat_map(|(_, victims)| victims.iter())
+                        .map(|uid| self.bound.get(uid).map_or_else(|| uid.clone(), |b| b.pod.to_string()))
+                        .collect(),
+                    budgets_broken: Vec::new(),
+                }
+            }
+            Ok(answer) => PreemptionOutcome::Declined {
+                why: answer.why.clone().unwrap_or_else(|| "no candidate was proposed".into()),
+            },
+            Err(error) => PreemptionOutcome::Declined { why: error.to_string() },
+        };
+        self.record_preemption(PreemptionVerdict { unit, preemptor: demand.pod.clone(), at_ms: now_ms, outcome });
+        answer
+    }
+
+    /// Keeps `verdict` as its unit's latest (an earlier one of that unit is dropped), the
+    /// oldest dropped past [`PREEMPTION_VERDICTS_MAX`].
+    pub fn record_preemption(&mut self, verdict: PreemptionVerdict) {
+        self.verdicts.retain(|v| v.unit != verdict.unit);
+        while self.verdicts.len() >= PREEMPTION_VERDICTS_MAX {
+            self.verdicts.pop_front();
+        }
+        self.verdicts.push_back(verdict);
+    }
+
+    /// The latest preemption verdict of unit `unit` (a gang's key or `pod:{uid}`), if kept.
+    pub fn preemption_verdict(&self, unit: &str) -> Option<&PreemptionVerdict> {
+        self.verdicts.iter().find(|v| v.unit == unit)
+    }
+
+    /// [`Book::preempt`] without recording its verdict.
+    fn preempt_answer(
         &mut self,
         demand: &PodDemand,
         candidates: &[PreemptCandidate],
@@ -515,14 +588,15 @@ impl Book {
     /// Records the secondary scheduler's preemption plan for the unit `key` (a gang's key, or
     /// `pod:{uid}` for a single pod): its `slots` (role, host, GPUs) are held as its victims
     /// leave ([`Holder::Nominated`]) and become its reservation once all are free
-    /// ([`Book::settle`]). An earlier nomination under `key` is replaced. Errors: `key` is
-    /// reserved already.
+    /// ([`Book::settle`]). With `leader_first` the unit is a group whose leader binds ahead of
+    /// its workers ([`Book::hold_leader_for_bind`] then adopts the reservation). An earlier
+    /// nomination under `key` is replaced. Errors: `key` is reserved already.
     pub fn nominate(
         &mut self,
         key: &str,
-        planned: Planned,
-        slots: &[RoleSlot],
+        (planned, slots): (Planned, &[RoleSlot]),
         planned_by: PodIdentity,
+        leader_first: bool,
         now_ms: u64,
     ) -> Result<(), BookError> {
         if self.gangs.contains_key(key) {
@@ -534,7 +608,7 @@ impl Book {
             slots: slots.iter().map(|&(role, host, gpus)| Slot::of_role(role, host, gpus)).collect(),
             expires_at_ms: now_ms.saturating_add(self.config.nomination_ttl_ms),
             planned_by,
-            leader_first: false,
+            leader_first,
         };
         self.nominations.insert(key.to_string(), nomination);
         self.stats.gangs_nominated += 1;

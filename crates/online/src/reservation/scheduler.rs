@@ -91,8 +91,8 @@ impl Book {
             if existing.binding {
                 return Err(BookError::InFlight { gang: key.to_string() });
             }
-            let api_replica = matches!(existing.planned, Planned::Replica(_)) && existing.origin.is_some();
-            if !api_replica || existing.slots.len() != planned.len() {
+            let adoptable = matches!(existing.planned, Planned::Replica(_)) && existing.adoptable();
+            if !adoptable || existing.slots.len() != planned.len() {
                 return Err(BookError::AlreadyPlanned { gang: key.to_string() });
             }
             let mut members = Vec::with_capacity(pods.len());
@@ -108,6 +108,7 @@ impl Book {
                 members.push((index, pod.clone()));
             }
             existing.binding = true;
+            existing.from_preemption = false;
             let cluster = &self.cluster;
             let binds =
                 members.into_iter().map(|(index, pod)| existing.slots[index].take_at_bind(cluster, &pod)).collect();
@@ -143,14 +144,14 @@ impl Book {
         Ok((Ticket::Gang(key.to_string()), members))
     }
 
-    /// A replica with roles reserved through the placement API and not yet binding: its roles,
-    /// its slots (role, host, GPUs), role by role, and the reservation's id.
-    pub fn reserved_replica(&self, key: &str) -> Option<(Replica, Vec<RoleSlot>, String)> {
-        let reservation = self.gangs.get(key).filter(|g| !g.binding)?;
-        let origin = reservation.origin.as_ref()?;
+    /// A replica with roles reserved and not yet binding, through the placement API or by its
+    /// own preemption (its victims gone): its roles, its slots (role, host, GPUs), role by
+    /// role, and the placement API reservation's id (`None` for a preemption's).
+    pub fn reserved_replica(&self, key: &str) -> Option<(Replica, Vec<RoleSlot>, Option<String>)> {
+        let reservation = self.gangs.get(key).filter(|g| g.adoptable())?;
         let Planned::Replica(replica) = &reservation.planned else { return None };
         let slots = reservation.slots.iter().map(|s| (s.role, s.host, s.gpus)).collect();
-        Some(((**replica).clone(), slots, origin.id.clone()))
+        Some(((**replica).clone(), slots, reservation.origin.as_ref().map(|o| o.id.clone())))
     }
 
     /// The planned hosts of a gang reserved and not yet binding (through the placement API),
@@ -255,12 +256,13 @@ impl Book {
     /// before any worker exists (LeaderWorkerSet creates them once the leader is bound). With
     /// `plan` (what was planned, and its slots: role, host, GPUs, role by role, each role in
     /// rank order) the whole group is held; with `None` the reservation the placement API made
+    /// (or the group's preemption, [`Book::nominate`] with `leader_first`)
     /// under `key` is adopted. The leader takes slot `leader_slot` and only its Binding starts
     /// ([`Ticket::Leader`], settled by [`Book::bind_finished`]: once it is bound, the rest
     /// stays held for the workers for [`BookConfig::reservation_ttl_ms`], and a group whose
     /// workers do not bind in that time has its leader given up, [`Book::take_undo`]).
     /// Errors, with nothing changed: a reservation under `key` already (with `plan`), none made
-    /// through the placement API or one binding (without), a slot that is out of range or
+    /// through the placement API or by preemption, or one binding (without), a slot that is out of range or
     /// bound, GPUs the ledger no longer has free.
     pub fn hold_leader_for_bind(
         &mut self,
@@ -304,7 +306,7 @@ impl Book {
                 self.stats.gangs_reserved += 1;
             }
             None => {
-                let adoptable = self.gangs.get(key).is_some_and(|g| g.origin.is_some() && !g.binding);
+                let adoptable = self.gangs.get(key).is_some_and(GangReservation::adoptable);
                 if !adoptable {
                     return Err(BookError::NotPlanned { pod });
                 }
@@ -323,14 +325,19 @@ impl Book {
         }
         reservation.leader_first = true;
         reservation.binding = true;
+        // A preemption's plan, once adopted, is the group's reservation like any other: it
+        // stays held for the workers after the leader is bound and is never given back as an
+        // unused preemption.
+        reservation.from_preemption = false;
         let member = reservation.slots[leader_slot].take_at_bind(cluster, leader);
         Ok((Ticket::Leader { gang: key.to_string(), uid: leader.uid.clone() }, member))
     }
 
-    /// The slots (role, host, GPUs) of a reservation that the placement API made under `key`
-    /// and that is not binding, role by role; `None` otherwise.
+    /// The slots (role, host, GPUs) of a reservation that the placement API made under `key`,
+    /// or a preemption's plan once its victims left, and that is not binding, role by role;
+    /// `None` otherwise.
     pub fn reserved_slots(&self, key: &str) -> Option<Vec<RoleSlot>> {
-        let reservation = self.gangs.get(key).filter(|g| !g.binding && g.origin.is_some())?;
+        let reservation = self.gangs.get(key).filter(|g| g.adoptable())?;
         Some(reservation.slots.iter().map(|s| (s.role, s.host, s.gpus)).collect())
     }
 

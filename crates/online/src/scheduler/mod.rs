@@ -22,7 +22,10 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::reservation::{BindFinish, BindOrder, Book, Planned, PodDemand, PodIdentity, RoleSlot, Ticket};
+use crate::reservation::{
+    BindFinish, BindOrder, Book, Planned, PodDemand, PodIdentity, PreemptionOutcome, PreemptionVerdict, RoleSlot,
+    Ticket,
+};
 use predicates::{NodeFacts, PodNeeds, Resources};
 use topoplace_engine::topology::HostId;
 use topoplace_engine::workload::Replica;
@@ -121,8 +124,15 @@ pub enum Decision {
     Repair { gang: String, delete: Vec<PodIdentity>, message: String },
     /// `pods` (a unit that does not fit) preempt: delete `victims` (bound pods of a lower
     /// priority, whole gangs), each only if it is still that pod; an Event on every victim and
-    /// on `pods`. The GPUs they give back are held for `pods` in the book meanwhile.
-    Preempt { pods: Vec<PodIdentity>, victims: Vec<PodIdentity>, message: String },
+    /// on `pods`. The GPUs they give back are held for `pods` in the book meanwhile, and each
+    /// pod of `nominated` is nominated to its node (`status.nominatedNodeName`, as
+    /// kube-scheduler sets it on a preemptor).
+    Preempt {
+        pods: Vec<PodIdentity>,
+        victims: Vec<PodIdentity>,
+        nominated: Vec<(PodIdentity, String)>,
+        message: String,
+    },
 }
 
 /// A unit of the queue: a gang by its key (`namespace/name`), or a pod placed on its own
@@ -858,8 +868,13 @@ impl Scheduler {
                     decisions.push(decision);
                 }
                 Err(message) => {
-                    let (message, preempted) =
-                        self.preempt_or_say_why(book, members, (priority, held_back.as_deref()), message, now_ms);
+                    let (message, preempted) = self.preempt_or_say_why(
+                        book,
+                        (&key, members),
+                        (priority, held_back.as_deref()),
+                        message,
+                        now_ms,
+                    );
                     if preempted.is_some() {
                         if let Some(state) = self.units.get_mut(&key) {
                             state.settled_tried = false;
@@ -897,7 +912,7 @@ impl Scheduler {
     fn preempt_or_say_why(
         &mut self,
         book: &mut Book,
-        members: &[PendingPod],
+        (unit, members): (&UnitKey, &[PendingPod]),
         (priority, held_back): (i32, Option<&[bool]>),
         message: String,
         now_ms: u64,
@@ -917,11 +932,21 @@ impl Scheduler {
             self.preempting.remove(&key);
             return (format!("{message}; what its preemption freed no longer fits it"), None);
         }
-        let lower = self.placed.values().any(|p| p.bound.priority < priority);
-        if !lower || members.iter().any(|m| m.never_preempts) {
+        let declined = |book: &mut Book, why: String| {
+            let outcome = PreemptionOutcome::Declined { why };
+            let preemptor = members[0].demand.pod.clone();
+            book.record_preemption(PreemptionVerdict { unit: key.clone(), preemptor, at_ms: now_ms, outcome });
+        };
+        if members.iter().any(|m| m.never_preempts) {
+            declined(book, "its preemptionPolicy is Never".into());
             return (message, None);
         }
-        match self.try_preempt(book, members, (priority, held_back), now_ms) {
+        if !self.placed.values().any(|p| p.bound.priority < priority) {
+            // Only pods of a lower priority are ever evicted.
+            declined(book, format!("every pod bound is of its priority ({priority}) or higher"));
+            return (message, None);
+        }
+        match self.try_preempt(book, (unit, members), (priority, held_back), now_ms) {
             Ok(decision) => {
                 let said = match &decision {
                     Decision::Preempt { message, .. } => message.clone(),
@@ -929,7 +954,11 @@ impl Scheduler {
                 };
                 (said, Some(decision))
             }
-            Err(why) => (format!("{message}; no preemption: {why}"), None),
+            Err(why) => {
+                let said = format!("{message}; no preemption: {why}");
+                declined(book, why);
+                (said, None)
+            }
         }
     }
 
@@ -1255,52 +1284,17 @@ impl Scheduler {
         held_back: Option<&[bool]>,
         now_ms: u64,
     ) -> Result<Decision, String> {
-        let first = &members[0].demand.pod;
-        let describe = |member: &PendingPod| member.demand.replica().map_err(|e| e.to_string());
-        let Some((replica, _)) = describe(&members[0])? else {
-            return Err(format!(
-                "gang `{key}`: {first} has no roles (topoplace.io/roles) but others of its gang do; every member must \
-                 describe its gang alike"
-            ));
-        };
-        let mut roles_of = Vec::with_capacity(members.len());
-        for member in members {
-            let Some((theirs, own)) = describe(member)? else {
-                return Err(format!(
-                    "gang `{key}`: {} has no roles (topoplace.io/roles) but {first} has; every member must describe \
-                     its gang alike",
-                    member.demand.pod
-                ));
-            };
-            if let Some((field, ours, other)) = crate::reservation::replica_shape_difference(&replica, &theirs) {
-                return Err(format!(
-                    "gang `{key}`: its members disagree on {field}: {first} says {ours}, {} says {other}; every member \
-                     must describe its gang alike",
-                    member.demand.pod
-                ));
-            }
-            roles_of.push(own);
-        }
-        for (index, role) in replica.roles.iter().enumerate() {
-            let count = roles_of.iter().filter(|&&r| r == index).count();
-            if count != role.members as usize {
-                return Err(format!(
-                    "gang `{key}`: role `{}` has {} members, but {count} of the gang's pods are in it",
-                    role.name, role.members
-                ));
-            }
-        }
+        let ReplicaParts { replica, gpu_members, gpu_less } = replica_members(key, members)?;
         let gang_key = key.gang().unwrap_or_default().to_string();
-        // Members that take GPUs, per role in rank order (the order `members` has).
-        let gpu_members: Vec<(usize, &PendingPod)> =
-            roles_of.iter().copied().zip(members).filter(|(_, m)| m.demand.gpus > 0).collect();
-        let gpu_less: Vec<&PendingPod> = members.iter().filter(|m| m.demand.gpus == 0).collect();
         let gpu_pods: Vec<PendingPod> = gpu_members.iter().map(|(_, m)| (*m).clone()).collect();
         // A replica reserved through the placement API binds onto its reservation: the
         // reservation's scope holds its GPU-less pods too, and hosts kept for a starving unit
         // do not matter (the reservation holds their GPUs already).
         if let Some((reserved, planned, id)) = book.reserved_replica(&gang_key) {
-            let through = format!("gang `{key}` is reserved through the placement API (reservation `{id}`)");
+            let through = match id {
+                Some(id) => format!("gang `{key}` is reserved through the placement API (reservation `{id}`)"),
+                None => format!("gang `{key}` holds what its preemption freed"),
+            };
             if let Some((field, ours, theirs)) = book.reserved_replica_difference(&gang_key, &replica) {
                 return Err(format!("{through} with {field} {theirs}, but its pods say {ours}"));
             }
@@ -1396,7 +1390,10 @@ impl Scheduler {
         };
         let leader_pods = std::slice::from_ref(leader);
         if let Some(slots) = book.reserved_slots(&gang_key) {
-            let through = format!("gang `{key}` is reserved through the placement API");
+            let through = match book.preemption_settled(&gang_key) {
+                true => format!("gang `{key}` holds what its preemption freed"),
+                false => format!("gang `{key}` is reserved through the placement API"),
+            };
             let difference = match &planned {
                 Planned::Gang(gang) => book.reserved_shape_difference(&gang_key, gang),
                 Planned::Replica(replica) => book.reserved_replica_difference(&gang_key, replica),
@@ -1588,9 +1585,33 @@ impl Scheduler {
         planned: &[RoleSlot],
         now_ms: u64,
     ) -> Result<Attempt, String> {
+        let matched = match self.match_replica_plan(book, unit, planned)? {
+            Ok(matched) => matched,
+            Err((node, message)) => return Ok(Attempt::Unfit { node, message }),
+        };
+        let pods: Vec<PodIdentity> = matched.order.iter().map(|m| m.demand.pod.clone()).collect();
+        let (ticket, binds) = book
+            .hold_replica_for_bind(unit.gang_key, unit.replica.clone(), &matched.slots, &pods, now_ms)
+            .map_err(|e| e.to_string())?;
+        let mut chosen: Vec<(PodIdentity, String, Vec<u8>)> =
+            binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect();
+        chosen.extend(matched.plain.into_iter().map(|(pod, node)| (pod, node, Vec::new())));
+        Ok(Attempt::Placed(self.start(unit.key, BindTicket::Book(ticket), chosen, unit.members, now_ms)))
+    }
+
+    /// [`Scheduler::bind_replica_plan`] without holding anything: the GPU members matched to
+    /// their slots of `planned` and the GPU-less members given their nodes, on the usage
+    /// recorded now. The inner error names a node where GPU members planned together do not
+    /// fit by CPU and memory (plan without it); the outer one, a member with no place.
+    fn match_replica_plan<'a>(
+        &self,
+        book: &Book,
+        unit: &ReplicaUnit<'a>,
+        planned: &[RoleSlot],
+    ) -> Result<Result<ReplicaMatch<'a>, (String, String)>, String> {
         let key = unit.key;
         let mut taken = vec![false; planned.len()];
-        let mut order: Vec<PendingPod> = Vec::with_capacity(planned.len());
+        let mut order: Vec<&PendingPod> = Vec::with_capacity(planned.len());
         let mut nodes: Vec<String> = Vec::with_capacity(planned.len());
         let mut slots: Vec<RoleSlot> = Vec::with_capacity(planned.len());
         for &(role, member) in &unit.gpu_members {
@@ -1601,10 +1622,11 @@ impl Scheduler {
             taken[slot] = true;
             slots.push(planned[slot]);
             nodes.push(book.cluster().host(planned[slot].1).name.clone());
-            order.push(member.clone());
+            order.push(member);
         }
-        if let Err((node, message)) = self.co_located_fit(&order, &nodes) {
-            return Ok(Attempt::Unfit { node, message });
+        let owned: Vec<PendingPod> = order.iter().map(|m| (*m).clone()).collect();
+        if let Err(unfit) = self.co_located_fit(&owned, &nodes) {
+            return Ok(Err(unfit));
         }
         let hosts: Vec<HostId> = slots.iter().map(|s| s.1).collect();
         let region = book.region_labels(unit.replica, &hosts);
@@ -1623,14 +1645,7 @@ impl Scheduler {
             })?;
             plain.push((member.demand.pod.clone(), node));
         }
-        let pods: Vec<PodIdentity> = order.iter().map(|m| m.demand.pod.clone()).collect();
-        let (ticket, binds) = book
-            .hold_replica_for_bind(unit.gang_key, unit.replica.clone(), &slots, &pods, now_ms)
-            .map_err(|e| e.to_string())?;
-        let mut chosen: Vec<(PodIdentity, String, Vec<u8>)> =
-            binds.into_iter().map(|b| (b.pod, b.node, b.gpus)).collect();
-        chosen.extend(plain.into_iter().map(|(pod, node)| (pod, node, Vec::new())));
-        Ok(Attempt::Placed(self.start(key, BindTicket::Book(ticket), chosen, unit.members, now_ms)))
+        Ok(Ok(ReplicaMatch { order, slots, nodes, plain }))
     }
 
     /// Why a unit found no place: the predicates' summary over every node, then, when some
@@ -1880,6 +1895,62 @@ fn free_share_per_mille(node: &NodeFacts, used: &Resources) -> i64 {
         .unwrap_or(1000)
 }
 
+/// The pods of a replica with roles (`topoplace.io/roles`), checked: every one describes the
+/// same roles, and each role has exactly its members. Its roles, the members that take GPUs
+/// with their role's index (in the order of `members`, rank order), and those that take none.
+/// Errors name the pod and the field.
+fn replica_members<'a>(key: &UnitKey, members: &'a [PendingPod]) -> Result<ReplicaParts<'a>, String> {
+    let first = &members[0].demand.pod;
+    let describe = |member: &PendingPod| member.demand.replica().map_err(|e| e.to_string());
+    let Some((replica, _)) = describe(&members[0])? else {
+        return Err(format!(
+            "gang `{key}`: {first} has no roles (topoplace.io/roles) but others of its gang do; every member must \
+             describe its gang alike"
+        ));
+    };
+    let mut roles_of = Vec::with_capacity(members.len());
+    for member in members {
+        let Some((theirs, own)) = describe(member)? else {
+            return Err(format!(
+                "gang `{key}`: {} has no roles (topoplace.io/roles) but {first} has; every member must describe \
+                 its gang alike",
+                member.demand.pod
+            ));
+        };
+        if let Some((field, ours, other)) = crate::reservation::replica_shape_difference(&replica, &theirs) {
+            return Err(format!(
+                "gang `{key}`: its members disagree on {field}: {first} says {ours}, {} says {other}; every member \
+                 must describe its gang alike",
+                member.demand.pod
+            ));
+        }
+        roles_of.push(own);
+    }
+    for (index, role) in replica.roles.iter().enumerate() {
+        let count = roles_of.iter().filter(|&&r| r == index).count();
+        if count != role.members as usize {
+            return Err(format!(
+                "gang `{key}`: role `{}` has {} members, but {count} of the gang's pods are in it",
+                role.name, role.members
+            ));
+        }
+    }
+    // Members that take GPUs, per role in rank order (the order `members` has).
+    let gpu_members: Vec<(usize, &PendingPod)> =
+        roles_of.iter().copied().zip(members).filter(|(_, m)| m.demand.gpus > 0).collect();
+    let gpu_less: Vec<&PendingPod> = members.iter().filter(|m| m.demand.gpus == 0).collect();
+    Ok(ReplicaParts { replica, gpu_members, gpu_less })
+}
+
+/// A replica's pods by what they take: [`replica_members`]'s answer.
+struct ReplicaParts<'a> {
+    replica: Replica,
+    /// Members that take GPUs, with their role's index, in rank order.
+    gpu_members: Vec<(usize, &'a PendingPod)>,
+    /// Members that take none.
+    gpu_less: Vec<&'a PendingPod>,
+}
+
 /// A replica with roles being placed by the secondary scheduler: its members, those that
 /// take GPUs with their role's index, those that take none.
 struct ReplicaUnit<'a> {
@@ -1889,6 +1960,16 @@ struct ReplicaUnit<'a> {
     gpu_members: Vec<(usize, &'a PendingPod)>,
     gpu_less: Vec<&'a PendingPod>,
     members: &'a [PendingPod],
+}
+
+/// A replica's members matched to a plan ([`Scheduler::match_replica_plan`]).
+struct ReplicaMatch<'a> {
+    /// The GPU members, in the order of `slots` and `nodes`.
+    order: Vec<&'a PendingPod>,
+    slots: Vec<RoleSlot>,
+    nodes: Vec<String>,
+    /// The GPU-less members and their nodes.
+    plain: Vec<(PodIdentity, String)>,
 }
 
 /// One try of a replica's plan.

@@ -15,6 +15,40 @@
 
 use super::*;
 
+/// What preempts, as its plans are tried with victims gone.
+enum Preemptor<'a> {
+    /// A single pod or a gang of one shape: `members[i]` takes slot `i` of `planned`.
+    Gang { planned: Planned, members: &'a [PendingPod] },
+    /// A replica with roles (`topoplace.io/roles`), GPU-less roles included.
+    Replica { planned: Planned, key: &'a UnitKey, gang_key: String, parts: ReplicaParts<'a>, members: &'a [PendingPod] },
+    /// A group bound leader first ([`BindOrder::LeaderFirst`]) before its leader is bound:
+    /// the whole group is planned where the leader passes the predicates, the leader's
+    /// requests standing in for its workers' (they do not exist yet); the leader takes the
+    /// `rank`-th slot of role `role` (or the role's first).
+    LeaderFirst { planned: Planned, leader: &'a PendingPod, role: usize, rank: usize },
+    /// Pods that take no GPUs: CPU, memory and the node predicates only.
+    GpuLess { members: &'a [PendingPod] },
+}
+
+impl Preemptor<'_> {
+    fn planned(&self) -> Option<&Planned> {
+        match self {
+            Preemptor::Gang { planned, .. }
+            | Preemptor::Replica { planned, .. }
+            | Preemptor::LeaderFirst { planned, .. } => Some(planned),
+            Preemptor::GpuLess { .. } => None,
+        }
+    }
+}
+
+/// A plan found with some victims gone: the GPU slots to hold (role, host, GPUs; none for
+/// GPU-less pods) and the node each preemptor pod is nominated to (`status.nominatedNodeName`).
+#[derive(Debug, Clone)]
+struct Trial {
+    slots: Vec<RoleSlot>,
+    nominated: Vec<(PodIdentity, String)>,
+}
+
 /// A set of pods evicted together: one pod, or every bound pod of a gang.
 #[derive(Debug, Clone)]
 struct VictimUnit {
@@ -38,12 +72,12 @@ impl Scheduler {
     pub(super) fn try_preempt(
         &mut self,
         book: &mut Book,
-        members: &[PendingPod],
+        (key, members): (&UnitKey, &[PendingPod]),
         (priority, held_back): (i32, Option<&[bool]>),
         now_ms: u64,
     ) -> Result<Decision, String> {
-        let key = Self::nomination_key(members);
-        if let Some(nodes) = book.nomination_waits_on(&key) {
+        let nomination = Self::nomination_key(members);
+        if let Some(nodes) = book.nomination_waits_on(&nomination) {
             return Err(format!("it preempted and waits for its victims to leave node(s) {}", nodes.join(", ")));
         }
         if members.iter().any(|m| m.never_preempts) {
@@ -54,29 +88,25 @@ impl Scheduler {
                  poddisruptionbudgets.policy): nothing is preempted before they are"
                 .into());
         }
-        if members.iter().any(|m| m.demand.roles.is_some() || m.demand.gpus == 0 || leader_first(&m.demand)) {
-            return Err(
-                "preemption is not built yet for replicas with roles, leader-first groups and pods without GPUs".into(),
-            );
-        }
-        if members[0].demand.gang.as_ref().is_some_and(|g| book.ran_whole(&g.key)) {
-            return Err("preemption is not built yet for pods joining a gang that runs".into());
-        }
-        let gang = members[0].demand.gang().map_err(|e| e.to_string())?;
-        for member in &members[1..] {
-            let theirs = member.demand.gang().map_err(|e| e.to_string())?;
-            if crate::reservation::gang_shape_difference(&gang, &theirs).is_some() {
-                return Err("its members do not describe their gang alike".into());
+        if let Some(gang) = members[0].demand.gang.as_ref() {
+            if book.ran_whole(&gang.key) {
+                return Err("preemption is not built yet for pods joining a gang that runs".into());
+            }
+            if !book.bound_ahead(&gang.key).is_empty() {
+                return Err("its leader is bound with its workers' GPUs held: the workers bind there".into());
             }
         }
-        let planned = Planned::Gang(gang.clone());
+        let preemptor = self.preemptor(key, members)?;
         let node_by_node = self.config.preemption == PreemptionMode::NodeByNode;
         let units = self.victim_units(book, priority, node_by_node);
         if units.is_empty() {
             return Err(format!("no pod of a priority below {priority} can be evicted"));
         }
         if node_by_node {
-            return self.preempt_node_by_node(book, members, &gang, &units, (priority, held_back), now_ms);
+            let Preemptor::Gang { planned: Planned::Gang(gang), .. } = &preemptor else {
+                return Err("node-by-node preemption (the study's baseline) is for pods and gangs of one shape".into());
+            };
+            return self.preempt_node_by_node(book, members, gang, &units, (priority, held_back), now_ms);
         }
         // Nodes by their victims: fewest victims that break a PodDisruptionBudget first, then
         // lowest highest-priority, then fewest pods, then name.
@@ -100,9 +130,9 @@ impl Scheduler {
         let chosen_of =
             |prefix: usize| -> BTreeSet<usize> { order[..prefix].iter().flat_map(|o| o.3.clone()).collect() };
         let fits = |scheduler: &mut Self, book: &mut Book, chosen: &BTreeSet<usize>| {
-            scheduler.fits_without(book, (&planned, held_back), members, &units, chosen)
+            scheduler.fits_without(book, (&preemptor, held_back), &units, chosen)
         };
-        let Some(mut slots) = fits(self, book, &chosen_of(order.len())) else {
+        let Some(mut trial) = fits(self, book, &chosen_of(order.len())) else {
             return Err(format!(
                 "it does not fit even with every pod of a priority below {priority} gone ({} pods)",
                 units.iter().map(|u| u.pods.len()).sum::<usize>()
@@ -113,12 +143,12 @@ impl Scheduler {
         while low + 1 < high {
             let mid = (low + high) / 2;
             match fits(self, book, &chosen_of(mid)) {
-                Some(fits) => (high, slots) = (mid, fits),
+                Some(fits) => (high, trial) = (mid, fits),
                 None => low = mid,
             }
         }
         let mut chosen = chosen_of(high);
-        self.reprieve(book, &units, (&mut chosen, &mut slots), fits);
+        self.reprieve(book, &units, (&mut chosen, &mut trial), fits);
         let victims: Vec<PodIdentity> = chosen.iter().flat_map(|&u| units[u].pods.clone()).collect();
         if victims.is_empty() {
             // It fits without evicting anything: what kept it out was not room (hosts kept
@@ -126,8 +156,18 @@ impl Scheduler {
             return Err("evicting pods would not make room it can use".into());
         }
         let nodes: BTreeSet<&str> = chosen.iter().flat_map(|&u| units[u].nodes.iter().map(String::as_str)).collect();
-        book.nominate(&key, planned, &slots, members[0].demand.pod.clone(), now_ms).map_err(|e| e.to_string())?;
-        self.preempting.insert(key.clone(), (now_ms, victims.iter().map(|v| v.uid.clone()).collect()));
+        if let Some(planned) = preemptor.planned() {
+            let leader_first = matches!(preemptor, Preemptor::LeaderFirst { .. });
+            book.nominate(
+                &nomination,
+                (planned.clone(), &trial.slots),
+                members[0].demand.pod.clone(),
+                leader_first,
+                now_ms,
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        self.preempting.insert(nomination.clone(), (now_ms, victims.iter().map(|v| v.uid.clone()).collect()));
         let names: Vec<String> = victims.iter().map(ToString::to_string).collect();
         let broken = self.violating(&units, &chosen).1;
         let budgets = match broken.is_empty() {
@@ -138,26 +178,91 @@ impl Scheduler {
                 broken.iter().cloned().collect::<Vec<_>>().join(", ")
             ),
         };
+        let held = match &preemptor {
+            Preemptor::GpuLess { .. } => "it goes there once they have left".to_string(),
+            _ => format!(
+                "the GPUs they give back are held for {} until all have",
+                if members.len() > 1 || matches!(preemptor, Preemptor::LeaderFirst { .. }) {
+                    format!("gang `{nomination}`")
+                } else {
+                    "this pod".to_string()
+                }
+            ),
+        };
         let message = format!(
-            "preempting {} pod(s) of a priority below {priority} on node(s) {} ({}); the GPUs they give back are held \
-             for {} until all have{budgets}",
+            "preempting {} pod(s) of a priority below {priority} on node(s) {} ({}); {held}{budgets}",
             victims.len(),
             nodes.iter().copied().collect::<Vec<_>>().join(", "),
             names.join(", "),
-            if members.len() > 1 { format!("gang `{key}`") } else { "this pod".to_string() }
         );
-        Ok(Decision::Preempt { pods: members.iter().map(|m| m.demand.pod.clone()).collect(), victims, message })
+        let outcome = PreemptionOutcome::Preempted {
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            victims: names,
+            budgets_broken: broken.into_iter().collect(),
+        };
+        book.record_preemption(PreemptionVerdict {
+            unit: nomination,
+            preemptor: members[0].demand.pod.clone(),
+            at_ms: now_ms,
+            outcome,
+        });
+        Ok(Decision::Preempt {
+            pods: members.iter().map(|m| m.demand.pod.clone()).collect(),
+            victims,
+            nominated: trial.nominated,
+            message,
+        })
+    }
+
+    /// What `members` (one unit of the queue) are as a preemptor, checked as placing them
+    /// checks them; errors name the pod and the field.
+    fn preemptor<'a>(&self, key: &'a UnitKey, members: &'a [PendingPod]) -> Result<Preemptor<'a>, String> {
+        if let Some(leader) = members.iter().find(|m| leader_first(&m.demand)) {
+            if members.len() > 1 || !is_leader_first_leader(&leader.demand) {
+                return Err(
+                    "its leader is not pending alone: a group bound leader first preempts for its leader".into()
+                );
+            }
+            let shape = leader.demand.replica().map_err(|e| e.to_string())?;
+            let (planned, role) = match shape {
+                Some((replica, own)) => (Planned::Replica(Box::new(replica)), own),
+                None => (Planned::Gang(leader.demand.gang().map_err(|e| e.to_string())?), 0),
+            };
+            let rank = leader.demand.gang.as_ref().and_then(|g| g.rank).unwrap_or(0) as usize;
+            return Ok(Preemptor::LeaderFirst { planned, leader, role, rank });
+        }
+        if members.iter().any(|m| m.demand.roles.is_some()) {
+            let parts = replica_members(key, members)?;
+            let planned = Planned::Replica(Box::new(parts.replica.clone()));
+            let gang_key = key.gang().unwrap_or_default().to_string();
+            return Ok(Preemptor::Replica { planned, key, gang_key, parts, members });
+        }
+        let gpus = members[0].demand.gpus;
+        if members.iter().any(|m| m.demand.gpus != gpus) {
+            return Err("its members do not ask the same number of GPUs".into());
+        }
+        if gpus == 0 {
+            return Ok(Preemptor::GpuLess { members });
+        }
+        let gang = members[0].demand.gang().map_err(|e| e.to_string())?;
+        for member in &members[1..] {
+            let theirs = member.demand.gang().map_err(|e| e.to_string())?;
+            if crate::reservation::gang_shape_difference(&gang, &theirs).is_some() {
+                return Err("its members do not describe their gang alike".into());
+            }
+        }
+        Ok(Preemptor::Gang { planned: Planned::Gang(gang), members })
     }
 
     /// Gives back what `chosen` need not evict, as kube-scheduler reprieves: victims that would
     /// break a budget first, then the highest priority, then the largest; each one kept out
-    /// when `fits` still finds the unit's slots without it (`slots` then become those).
+    /// when `fits` still finds the unit a plan without it (`trial` then becomes that).
     fn reprieve(
         &mut self,
         book: &mut Book,
         units: &[VictimUnit],
-        (chosen, slots): (&mut BTreeSet<usize>, &mut Vec<RoleSlot>),
-        fits: impl Fn(&mut Self, &mut Book, &BTreeSet<usize>) -> Option<Vec<RoleSlot>>,
+        (chosen, trial): (&mut BTreeSet<usize>, &mut Trial),
+        fits: impl Fn(&mut Self, &mut Book, &BTreeSet<usize>) -> Option<Trial>,
     ) {
         let breaking = self.violating(units, chosen).0;
         let mut order: Vec<usize> = chosen.iter().copied().collect();
@@ -168,7 +273,7 @@ impl Scheduler {
         for unit in order {
             chosen.remove(&unit);
             match fits(self, book, chosen) {
-                Some(fit) => *slots = fit,
+                Some(fit) => *trial = fit,
                 None => {
                     chosen.insert(unit);
                 }
@@ -225,15 +330,14 @@ impl Scheduler {
     }
 
     /// The unit's plan with the victim units `chosen` gone (their CPU, memory and GPUs given
-    /// back on a copy), the node predicates and co-located fit checked: its slots, or `None`.
+    /// back on a copy), the node predicates and co-located fit checked, or `None`.
     fn fits_without(
         &mut self,
         book: &mut Book,
-        (planned, held_back): (&Planned, Option<&[bool]>),
-        members: &[PendingPod],
+        (preemptor, held_back): (&Preemptor<'_>, Option<&[bool]>),
         units: &[VictimUnit],
         chosen: &BTreeSet<usize>,
-    ) -> Option<Vec<RoleSlot>> {
+    ) -> Option<Trial> {
         let victims: Vec<&PodIdentity> = chosen.iter().flat_map(|&u| units[u].pods.iter()).collect();
         // The victims' requests given back on their nodes only, as they were afterwards.
         let mut saved: BTreeMap<String, Option<Resources>> = BTreeMap::new();
@@ -244,20 +348,75 @@ impl Scheduler {
                 predicates::add_usage(self.usage.entry(node.clone()).or_default(), &placed.bound.requests, -1);
             }
         }
-        let allowed = self.allowed_mask(book, members, held_back);
         let uids: Vec<String> = victims.iter().map(|p| p.uid.clone()).collect();
-        let slots = book.plan_without(planned, &uids, &allowed).ok();
-        let fits = slots.filter(|slots| {
-            let nodes: Vec<String> = slots.iter().map(|&(_, host, _)| book.cluster().host(host).name.clone()).collect();
-            self.co_located_fit(members, &nodes).is_ok()
-        });
+        let trial = self.trial(book, (preemptor, held_back), &uids);
         for (node, usage) in saved {
             match usage {
                 Some(usage) => self.usage.insert(node, usage),
                 None => self.usage.remove(&node),
             };
         }
-        fits
+        trial
+    }
+
+    /// [`Scheduler::fits_without`] once the victims' usage is given back: the preemptor
+    /// planned without the GPUs of the pods `victims` (uids).
+    fn trial(
+        &self,
+        book: &mut Book,
+        (preemptor, held_back): (&Preemptor<'_>, Option<&[bool]>),
+        victims: &[String],
+    ) -> Option<Trial> {
+        let host_name = |book: &Book, host: HostId| book.cluster().host(host).name.clone();
+        match preemptor {
+            Preemptor::Gang { planned, members } => {
+                let allowed = self.allowed_mask(book, members, held_back);
+                let slots = book.plan_without(planned, victims, &allowed).ok()?;
+                let nodes: Vec<String> = slots.iter().map(|&(_, host, _)| host_name(book, host)).collect();
+                self.co_located_fit(members, &nodes).ok()?;
+                let nominated = members.iter().map(|m| m.demand.pod.clone()).zip(nodes).collect();
+                Some(Trial { slots, nominated })
+            }
+            Preemptor::Replica { planned, key, gang_key, parts, members } => {
+                let gpu_pods: Vec<PendingPod> = parts.gpu_members.iter().map(|(_, m)| (*m).clone()).collect();
+                let allowed = self.allowed_mask(book, &gpu_pods, held_back);
+                let slots = book.plan_without(planned, victims, &allowed).ok()?;
+                let unit = ReplicaUnit {
+                    key,
+                    gang_key,
+                    replica: &parts.replica,
+                    gpu_members: parts.gpu_members.clone(),
+                    gpu_less: parts.gpu_less.clone(),
+                    members,
+                };
+                let matched = self.match_replica_plan(book, &unit, &slots).ok()?.ok()?;
+                let mut nominated: Vec<(PodIdentity, String)> =
+                    matched.order.iter().map(|m| m.demand.pod.clone()).zip(matched.nodes).collect();
+                nominated.extend(matched.plain);
+                Some(Trial { slots, nominated })
+            }
+            Preemptor::LeaderFirst { planned, leader, role, rank } => {
+                let alone = std::slice::from_ref(*leader);
+                let allowed = self.allowed_mask(book, alone, held_back);
+                let slots = book.plan_without(planned, victims, &allowed).ok()?;
+                let nodes: Vec<String> = slots.iter().map(|&(_, host, _)| host_name(book, host)).collect();
+                // The workers do not exist yet: the leader's requests stand in for theirs.
+                self.co_located_fit(&vec![(*leader).clone(); slots.len()], &nodes).ok()?;
+                let of_role = || slots.iter().enumerate().filter(|(_, s)| s.0 == *role).map(|(i, _)| i);
+                let index = of_role().nth(*rank).or_else(|| of_role().next())?;
+                let nominated = vec![(leader.demand.pod.clone(), nodes[index].clone())];
+                Some(Trial { slots, nominated })
+            }
+            Preemptor::GpuLess { members } => {
+                let mut scratch: HashMap<String, Resources> = HashMap::new();
+                let mut nominated = Vec::with_capacity(members.len());
+                for member in members.iter() {
+                    let node = self.node_without_gpus(member, &mut scratch, None).ok()?;
+                    nominated.push((member.demand.pod.clone(), node));
+                }
+                Some(Trial { slots: Vec::new(), nominated })
+            }
+        }
     }
 }
 
@@ -323,10 +482,10 @@ impl Scheduler {
             // A member that fits on a node of its own as things are evicts nothing.
             let elsewhere: Vec<bool> =
                 (0..hosts).map(|h| used.contains(&(h as HostId)) || held_back.is_some_and(|held| held[h])).collect();
-            let member_alone = std::slice::from_ref(member);
+            let alone = Preemptor::Gang { planned: planned_one.clone(), members: std::slice::from_ref(member) };
             if let Some(slot) = self
-                .fits_without(book, (&planned_one, Some(&elsewhere)), member_alone, units, &chosen)
-                .and_then(|fit| fit.first().copied())
+                .fits_without(book, (&alone, Some(&elsewhere)), units, &chosen)
+                .and_then(|fit| fit.slots.first().copied())
             {
                 used.insert(slot.1);
                 slots.push(slot);
@@ -343,8 +502,7 @@ impl Scheduler {
                     (0..hosts).map(|h| h != host as usize || held_back.is_some_and(|held| held[h])).collect();
                 let try_fit = |scheduler: &mut Self, book: &mut Book, mine: &BTreeSet<usize>| {
                     let all: BTreeSet<usize> = chosen.union(mine).copied().collect();
-                    let member = std::slice::from_ref(member);
-                    scheduler.fits_without(book, (&planned_one, Some(&only_here)), member, units, &all)
+                    scheduler.fits_without(book, (&alone, Some(&only_here)), units, &all)
                 };
                 let mut mine: BTreeSet<usize> = node_units.iter().copied().filter(|u| !chosen.contains(u)).collect();
                 if mine.is_empty() {
@@ -352,7 +510,7 @@ impl Scheduler {
                 }
                 let Some(mut fit) = try_fit(self, book, &mine) else { continue };
                 self.reprieve(book, units, (&mut mine, &mut fit), try_fit);
-                let Some(slot) = fit.first().copied().filter(|_| !mine.is_empty()) else { continue };
+                let Some(slot) = fit.slots.first().copied().filter(|_| !mine.is_empty()) else { continue };
                 let rank = (
                     self.violating(units, &mine).0.len(),
                     mine.iter().map(|&u| units[u].priority).max().unwrap_or(i32::MIN),
@@ -387,14 +545,36 @@ impl Scheduler {
             preferred: None,
             ..gang.clone()
         });
-        book.nominate(&key, planned, &slots, members[0].demand.pod.clone(), now_ms).map_err(|e| e.to_string())?;
-        self.preempting.insert(key, (now_ms, victims.iter().map(|v| v.uid.clone()).collect()));
+        book.nominate(&key, (planned, &slots), members[0].demand.pod.clone(), false, now_ms)
+            .map_err(|e| e.to_string())?;
+        self.preempting.insert(key.clone(), (now_ms, victims.iter().map(|v| v.uid.clone()).collect()));
+        let outcome = PreemptionOutcome::Preempted {
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            victims: victims.iter().map(ToString::to_string).collect(),
+            budgets_broken: self.violating(units, &chosen).1.into_iter().collect(),
+        };
+        book.record_preemption(PreemptionVerdict {
+            unit: key,
+            preemptor: members[0].demand.pod.clone(),
+            at_ms: now_ms,
+            outcome,
+        });
         let message = format!(
             "preempting {} pod(s) of a priority below {priority} node by node, on node(s) {}",
             victims.len(),
             nodes.iter().copied().collect::<Vec<_>>().join(", ")
         );
-        Ok(Decision::Preempt { pods: members.iter().map(|m| m.demand.pod.clone()).collect(), victims, message })
+        let nominated = members
+            .iter()
+            .zip(&slots)
+            .map(|(m, &(_, host, _))| (m.demand.pod.clone(), book.cluster().host(host).name.clone()))
+            .collect();
+        Ok(Decision::Preempt {
+            pods: members.iter().map(|m| m.demand.pod.clone()).collect(),
+            victims,
+            nominated,
+            message,
+        })
     }
 }
 

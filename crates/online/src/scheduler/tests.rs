@@ -1643,12 +1643,16 @@ fn a_high_priority_gang_preempts_low_priority_pods_whole_and_binds_once_they_lef
     }
     let (bound, other) = run(&mut scheduler, &mut book, 1_000, &BTreeSet::new());
     assert!(bound.is_empty());
-    let Some(Decision::Preempt { pods, victims, message }) =
+    let Some(Decision::Preempt { pods, victims, nominated, message }) =
         other.iter().find(|d| matches!(d, Decision::Preempt { .. }))
     else {
         panic!("expected a preemption: {other:?}")
     };
     assert_eq!(pods.len(), 2);
+    // Each member nominated to a node of the plan (status.nominatedNodeName), one per host.
+    let nominated_nodes: BTreeSet<&str> = nominated.iter().map(|(_, node)| node.as_str()).collect();
+    assert_eq!(nominated.len(), 2, "{nominated:?}");
+    assert_eq!(nominated_nodes, BTreeSet::from(["r0-0", "r0-1"]), "{nominated:?}");
     let mut names: Vec<&str> = victims.iter().map(|v| v.name.as_str()).collect();
     names.sort();
     // The two hosts of priority-0 pods (the pair goes whole); the priority-50 pod is spared.
@@ -1960,4 +1964,192 @@ fn preemption_spares_pods_whose_budget_allows_no_disruption_when_it_can() {
     scheduler.budgets_listed(Vec::new());
     let (_, other) = run(&mut scheduler, &mut book, 20_000, &BTreeSet::new());
     assert_eq!(preempted(&other).0.len(), 1);
+}
+
+/// The preemption decision among `decisions`: (preemptors, victims' names sorted, nominated
+/// pod name -> node, message).
+fn preemption_of(decisions: &[Decision]) -> (Vec<PodIdentity>, Vec<String>, BTreeMap<String, String>, String) {
+    let Some(Decision::Preempt { pods, victims, nominated, message }) =
+        decisions.iter().find(|d| matches!(d, Decision::Preempt { .. }))
+    else {
+        panic!("expected a preemption: {decisions:?}")
+    };
+    let mut names: Vec<String> = victims.iter().map(|v| v.name.clone()).collect();
+    names.sort();
+    let nominated = nominated.iter().map(|(pod, node)| (pod.name.clone(), node.clone())).collect();
+    (pods.clone(), names, nominated, message.clone())
+}
+
+/// Lets `victims` (names, uid `{name}-uid`) leave, as their deletion is seen.
+fn victims_leave(scheduler: &mut Scheduler, book: &mut Book, victims: &[String]) {
+    for name in victims {
+        let uid = format!("{name}-uid");
+        scheduler.bound_deleted(&uid);
+        book.forget_pod(&uid);
+    }
+}
+
+/// Issue 19, secondary-scheduler preemption for a replica with roles: a CPU-only leader and
+/// two 8-GPU workers that must share one rack. Rack r0 is full of priority-0 pods, rack r1
+/// of priority-50 pods: the replica (priority 100) evicts r0's two pods only, each pod is
+/// nominated (workers to r0's hosts, the leader to r0's CPU node), nothing binds while a
+/// victim remains, and the replica binds whole in r0 once they left.
+#[test]
+fn a_replica_with_roles_preempts_a_rack_of_the_lowest_priority_and_binds_there_whole() {
+    use topoplace_engine::workload::RoleSpec;
+    let mut book = book_of(2, 2);
+    let mut scheduler = scheduler_with_cpu_nodes(&book, &["r0", "r1"]);
+    for (name, node, priority) in
+        [("low-a", "r0-0", 0), ("low-b", "r0-1", 0), ("mid-a", "r1-0", 50), ("mid-b", "r1-1", 50)]
+    {
+        let mut pod = pending(name, 8, None, 1000);
+        pod.priority = priority;
+        already_bound(&mut scheduler, &mut book, &pod, node, 8);
+    }
+    let roles = vec![RoleSpec::shape("leader", 1, 0, 1), RoleSpec::shape("worker", 2, 8, 8)];
+    let pods = [
+        role_pod("rep", &roles, "leader", 0),
+        role_pod("rep", &roles, "worker", 0),
+        role_pod("rep", &roles, "worker", 1),
+    ];
+    for pod in &pods {
+        let mut pod = pod.clone();
+        pod.priority = 100;
+        scheduler.pending_applied(pod);
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(bound.is_empty(), "{bound:?}");
+    let (preemptors, victims, nominated, message) = preemption_of(&other);
+    assert_eq!(preemptors.len(), 3, "every pod of the replica preempts: {preemptors:?}");
+    assert_eq!(victims, ["low-a", "low-b"], "{message}");
+    assert_eq!(nominated.get("rep-leader-0").map(String::as_str), Some("cpu-r0"), "{nominated:?}");
+    let workers: BTreeSet<&str> =
+        ["rep-worker-0", "rep-worker-1"].iter().filter_map(|w| nominated.get(*w).map(String::as_str)).collect();
+    assert_eq!(workers, BTreeSet::from(["r0-0", "r0-1"]), "{nominated:?}");
+    assert!(message.contains("held for gang `ns/rep`"), "{message}");
+    let under_way = book.snapshot(0).preemptions;
+    assert_eq!(under_way.len(), 1, "{under_way:?}");
+    assert_eq!((under_way[0].unit.as_str(), under_way[0].waiting_on.len()), ("ns/rep", 2), "{under_way:?}");
+    // One victim leaves: nothing binds, nothing more is evicted, its GPUs are held.
+    victims_leave(&mut scheduler, &mut book, &victims[..1]);
+    let (bound, other) = run(&mut scheduler, &mut book, 1_000, &BTreeSet::new());
+    assert!(bound.is_empty() && !other.iter().any(|d| matches!(d, Decision::Preempt { .. })), "{other:?}");
+    assert_eq!(book.ledger().free_gpus(), 0, "what the victim gave back is held for the replica");
+    victims_leave(&mut scheduler, &mut book, &victims[1..]);
+    let (bound, other) = run(&mut scheduler, &mut book, 2_000, &BTreeSet::new());
+    let placed: BTreeMap<String, String> = bound.iter().map(|m| (m.pod.name.clone(), m.node.clone())).collect();
+    assert_eq!(placed.len(), 3, "bound whole on the cycle after the last victim left: {other:?}");
+    assert_eq!(placed["rep-leader-0"], "cpu-r0");
+    assert_eq!(placed.values().filter(|n| n.starts_with("r0-")).count(), 2, "{placed:?}");
+    assert_eq!(book.stats().gangs_nominated, 1);
+    assert!(!book.is_reserved("ns/rep"), "the preemption's reservation was taken up whole");
+}
+
+/// Issue 19, secondary-scheduler preemption for a group bound leader first (LeaderWorkerSet
+/// exclusive placement with a GPU leader): only its leader exists. The whole group is
+/// planned with victims gone, the leader nominated; once they left, the leader is bound
+/// alone on the preemption's plan and its workers' GPUs stay held, and the workers LWS then
+/// creates bind on them.
+#[test]
+fn a_leader_first_group_preempts_for_its_whole_group_and_its_workers_bind_on_the_held_hosts() {
+    let mut book = book_of(1, 3);
+    let mut scheduler = scheduler_on(&book);
+    for (index, node) in ["r0-0", "r0-1", "r0-2"].iter().enumerate() {
+        already_bound(&mut scheduler, &mut book, &pending(&format!("low-{index}"), 8, None, 1000), node, 8);
+    }
+    let mut group = leader_first_group("lws", 3, 8);
+    for pod in &mut group {
+        pod.priority = 100;
+    }
+    let workers = group.split_off(1);
+    scheduler.pending_applied(group[0].clone());
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let (preemptors, victims, nominated, message) = preemption_of(&other);
+    assert_eq!(preemptors.len(), 1, "the leader alone exists");
+    assert_eq!(victims, ["low-0", "low-1", "low-2"], "room for the whole group: {message}");
+    assert_eq!(nominated.len(), 1, "{nominated:?}");
+    victims_leave(&mut scheduler, &mut book, &victims);
+    let (ticket, members) = one_bind(&mut scheduler, &mut book, 1_000);
+    assert!(matches!(&ticket, BindTicket::Book(Ticket::Leader { .. })), "{ticket}");
+    assert_eq!(members.len(), 1);
+    assert_eq!(Some(&members[0].node), nominated.get("lws-0"), "the leader goes where it was nominated");
+    assert!(matches!(
+        scheduler.finish(Some(&mut book), &ticket, &outcomes_of(&members, &[]), 1_000),
+        Finished::Bound { .. }
+    ));
+    scheduler.bound_applied(BoundPod {
+        pod: members[0].pod.clone(),
+        node: members[0].node.clone(),
+        requests: Resources::new(),
+        gang: Some("ns/lws".into()),
+        priority: 100,
+        labels: Default::default(),
+    });
+    assert_eq!(book.ledger().free_gpus(), 0, "the workers' 16 GPUs stay held after the leader bound");
+    for worker in &workers {
+        scheduler.pending_applied(worker.clone());
+    }
+    let (bound, other) = run(&mut scheduler, &mut book, 2_000, &BTreeSet::new());
+    assert_eq!(bound.len(), 2, "{other:?}");
+    assert!(bound.iter().all(|m| m.node != members[0].node), "{bound:?}");
+    assert!(!other.iter().any(|d| matches!(d, Decision::Preempt { .. })), "{other:?}");
+    book.check().expect("book invariants");
+}
+
+/// Issue 19, secondary-scheduler preemption for a pod without GPUs: its CPU is what is short.
+/// The CPU node holds a priority-0 pod, the GPU host a priority-10 pod, each leaving too
+/// little CPU: a priority-100 pod evicts the priority-0 one only, is nominated to its node,
+/// and binds there once it left. A pod of equal priority evicts nothing.
+#[test]
+fn a_pod_without_gpus_preempts_for_cpu_the_lowest_priority_pod() {
+    let mut book = book_of(1, 1);
+    let mut scheduler = scheduler_with_cpu_nodes(&book, &["r0"]);
+    for (name, node, cpu, priority) in [("hog", "cpu-r0", 30_000, 0), ("gpu-host-hog", "r0-0", 95_000, 10)] {
+        let mut pod = pending(name, 0, None, cpu);
+        pod.priority = priority;
+        scheduler.bound_applied(BoundPod {
+            pod: pod.demand.pod.clone(),
+            node: node.into(),
+            requests: pod.needs.requests.clone(),
+            gang: None,
+            priority,
+            labels: Default::default(),
+        });
+    }
+    let mut equal = pending("equal", 0, None, 8_000);
+    equal.priority = 0;
+    scheduler.pending_applied(equal.clone());
+    let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert!(bound.is_empty() && !other.iter().any(|d| matches!(d, Decision::Preempt { .. })), "{other:?}");
+    // Why not, kept for /state and ClusterState.
+    let verdict = book.preemption_verdict("pod:equal-uid").map(|v| v.outcome.clone());
+    assert_eq!(
+        verdict,
+        Some(PreemptionOutcome::Declined { why: "every pod bound is of its priority (0) or higher".into() })
+    );
+    scheduler.pending_deleted(&equal.demand.pod.uid);
+    let mut urgent = pending("urgent", 0, None, 8_000);
+    urgent.priority = 100;
+    scheduler.pending_applied(urgent);
+    let (bound, other) = run(&mut scheduler, &mut book, 1_000, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let (_, victims, nominated, message) = preemption_of(&other);
+    assert_eq!(victims, ["hog"], "{message}");
+    assert_eq!(nominated.get("urgent").map(String::as_str), Some("cpu-r0"));
+    assert!(message.contains("it goes there once they have left"), "{message}");
+    let verdict = book.preemption_verdict("pod:urgent-uid").map(|v| v.outcome.clone());
+    assert_eq!(
+        verdict,
+        Some(PreemptionOutcome::Preempted {
+            nodes: vec!["cpu-r0".into()],
+            victims: vec!["ns/hog".into()],
+            budgets_broken: Vec::new()
+        })
+    );
+    let (bound, other) = run(&mut scheduler, &mut book, 2_000, &BTreeSet::new());
+    assert!(bound.is_empty() && !other.iter().any(|d| matches!(d, Decision::Preempt { .. })), "waits: {other:?}");
+    victims_leave(&mut scheduler, &mut book, &victims);
+    let (bound, other) = run(&mut scheduler, &mut book, 3_000, &BTreeSet::new());
+    assert_eq!(bound.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(), ["cpu-r0"], "{other:?}");
 }

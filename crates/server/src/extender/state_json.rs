@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use topoplace_online::reservation::{BookStats, Snapshot};
+use topoplace_online::reservation::{BookStats, PreemptionOutcome, Snapshot, VerdictState};
 
 /// The whole document: nodes with free and held GPUs, reservations, counters.
 #[derive(Debug, Serialize)]
@@ -12,7 +12,70 @@ use topoplace_online::reservation::{BookStats, Snapshot};
 pub struct StateJson {
     pub nodes: Vec<NodeJson>,
     pub gangs: Vec<GangJson>,
+    /// Preemptions under way: plans waiting for their victims to leave.
+    pub preemptions: Vec<PreemptionJson>,
+    /// The latest preemption verdict of each unit that asked lately, newest first: what it
+    /// evicts, or why it evicts nothing.
+    pub preemption_verdicts: Vec<VerdictJson>,
     pub stats: StatsJson,
+}
+
+/// A preemption's plan held while its victims leave.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreemptionJson {
+    /// The gang's `NAMESPACE/NAME`, or `pod:UID`.
+    pub unit: String,
+    /// `NAMESPACE/NAME` of the pod whose preemption made the plan.
+    pub planned_by: String,
+    pub nodes: Vec<String>,
+    /// Nodes where victims have not left yet.
+    pub waiting_on: Vec<String>,
+    pub expires_in_ms: u64,
+}
+
+/// Why a unit did or did not preempt, the last time it tried.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerdictJson {
+    /// The gang's `NAMESPACE/NAME`, or `pod:UID`.
+    pub unit: String,
+    /// `NAMESPACE/NAME` of the pod that asked.
+    pub preemptor: String,
+    pub age_ms: u64,
+    pub preempted: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub victims: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub budgets_broken: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+impl From<VerdictState> for VerdictJson {
+    fn from(state: VerdictState) -> Self {
+        let verdict = state.verdict;
+        let mut json = VerdictJson {
+            unit: verdict.unit,
+            preemptor: verdict.preemptor.to_string(),
+            age_ms: state.age_ms,
+            preempted: false,
+            nodes: Vec::new(),
+            victims: Vec::new(),
+            budgets_broken: Vec::new(),
+            why: None,
+        };
+        match verdict.outcome {
+            PreemptionOutcome::Preempted { nodes, victims, budgets_broken } => {
+                (json.preempted, json.nodes, json.victims, json.budgets_broken) =
+                    (true, nodes, victims, budgets_broken);
+            }
+            PreemptionOutcome::Declined { why } => json.why = Some(why),
+        }
+        json
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -112,6 +175,18 @@ impl From<Snapshot> for StateJson {
     fn from(snapshot: Snapshot) -> Self {
         StateJson {
             stats: StatsJson::from(&snapshot.stats),
+            preemptions: snapshot
+                .preemptions
+                .into_iter()
+                .map(|p| PreemptionJson {
+                    unit: p.unit,
+                    planned_by: p.planned_by,
+                    nodes: p.nodes,
+                    waiting_on: p.waiting_on,
+                    expires_in_ms: p.expires_in_ms,
+                })
+                .collect(),
+            preemption_verdicts: snapshot.verdicts.into_iter().map(VerdictJson::from).collect(),
             nodes: snapshot
                 .nodes
                 .into_iter()

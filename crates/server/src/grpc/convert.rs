@@ -12,7 +12,8 @@ use topoplace_engine::placement::{GangPlacement, RejectionGroup, ScoreComponents
 use topoplace_engine::topology::{product, Cluster, ProductId};
 use topoplace_engine::workload::{GangSpec, MemoryNeed, RoleSpec, Scope, Slicing, WorkloadError};
 use topoplace_online::reservation::{
-    ClusterState, Explained, ExplainedReplica, GangRequest, NodeFit, PlanOutcome, ReplicaPlanOutcome, ReplicaRequest,
+    ClusterState, Explained, ExplainedReplica, GangRequest, NodeFit, PlanOutcome, PreemptionOutcome,
+    ReplicaPlanOutcome, ReplicaRequest, VerdictState,
 };
 
 const DEFAULT_NAMESPACE: &str = "default";
@@ -563,5 +564,38 @@ pub fn state_response(state: &ClusterState) -> pb::ClusterStateResponse {
             })
             .collect(),
         generation: state.generation,
+        preemptions: state
+            .preemptions
+            .iter()
+            .map(|p| pb::Preemption {
+                unit: p.unit.clone(),
+                planned_by: p.planned_by.clone(),
+                nodes: p.nodes.clone(),
+                waiting_on: p.waiting_on.clone(),
+                expires_in_ms: p.expires_in_ms,
+            })
+            .collect(),
+        preemption_verdicts: state.verdicts.iter().map(verdict_message).collect(),
     }
+}
+
+/// A kept preemption verdict as the API shows it.
+fn verdict_message(state: &VerdictState) -> pb::PreemptionVerdict {
+    let verdict = &state.verdict;
+    let mut message = pb::PreemptionVerdict {
+        unit: verdict.unit.clone(),
+        preemptor: verdict.preemptor.to_string(),
+        age_ms: state.age_ms,
+        ..Default::default()
+    };
+    match &verdict.outcome {
+        PreemptionOutcome::Preempted { nodes, victims, budgets_broken } => {
+            message.preempted = true;
+            message.nodes = nodes.clone();
+            message.victims = victims.clone();
+            message.budgets_broken = budgets_broken.clone();
+        }
+        PreemptionOutcome::Declined { why } => message.why = why.clone(),
+    }
+    message
 }

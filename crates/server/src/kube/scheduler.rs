@@ -327,7 +327,10 @@ impl SchedulerRuntime {
                 join_all(pods.iter().map(|pod| self.binder.record(pod, "Normal", "GangWaiting", message.clone())))
                     .await;
             }
-            Decision::Preempt { pods, victims, message } => self.preempt(&pods, &victims, &message).await,
+            Decision::Preempt { pods, victims, nominated, message } => {
+                self.preempt(&pods, &victims, &message).await;
+                join_all(nominated.iter().map(|(pod, node)| self.set_nominated(pod, node))).await;
+            }
             Decision::Repair { gang, delete, message } => {
                 if !self.still_half_bound(&delete).await {
                     tracing::info!(%gang, "repair skipped: the bound members are gone or were replaced");
@@ -380,9 +383,24 @@ impl SchedulerRuntime {
 
     /// `PodScheduled=False` through the status subresource (a strategic merge patch merges
     /// conditions by type, leaving the others alone).
+    /// `status.nominatedNodeName` on a preemptor, as kube-scheduler sets it once it has
+    /// preempted (`pkg/scheduler/scheduler.go`, `updatePod`): where the pod goes once its
+    /// victims have left, for tools and other schedulers to see. A strategic merge patch of
+    /// the status subresource carrying the pod's uid, so that the API server refuses it (409)
+    /// for another pod of that name; a failure is logged (the plan is held in the book
+    /// regardless).
+    async fn set_nominated(&self, target: &PodIdentity, node: &str) {
+        let api: Api<Pod> = Api::namespaced(self.binder.client().clone(), &target.namespace);
+        let patch = serde_json::json!({"metadata": {"uid": target.uid}, "status": {"nominatedNodeName": node}});
+        if let Err(error) = api.patch_status(&target.name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
+            tracing::warn!(pod = %target, %node, %error, "setting status.nominatedNodeName failed");
+        }
+    }
+
     async fn set_not_scheduled(&self, target: &PodIdentity, reason: &str, message: &str) {
         let api: Api<Pod> = Api::namespaced(self.binder.client().clone(), &target.namespace);
         let patch = serde_json::json!({
+            "metadata": {"uid": target.uid},
             "status": {"conditions": [{
                 "type": "PodScheduled",
                 "status": "False",
