@@ -801,7 +801,7 @@ impl Scheduler {
         // is gone (its pods deleted) give back what they hold; those whose victims are still
         // leaving (a long termination grace) are kept.
         book.settle(now_ms);
-        let alive: BTreeSet<String> = members_by_unit.values().map(|m| Self::nomination_key(m)).collect();
+        let alive: BTreeSet<String> = members_by_unit.values().map(|m| Self::nomination_key(book, m)).collect();
         let under_way: Vec<String> = self.preempting.keys().cloned().collect();
         for key in under_way {
             let started = self.preempting.get(&key).map_or(0, |(at, _)| *at);
@@ -829,7 +829,7 @@ impl Scheduler {
             let waited = now_ms.saturating_sub(state.since_ms);
             // A unit whose preemption's victims have all left goes now, whatever its back-off
             // (once: a unit that still does not fit backs off as before).
-            let nomination_key = Self::nomination_key(members);
+            let nomination_key = Self::nomination_key(book, members);
             let settled = state.attempts > 0
                 && !state.settled_tried
                 && book.preemption_settled(&nomination_key)
@@ -917,7 +917,7 @@ impl Scheduler {
         message: String,
         now_ms: u64,
     ) -> (String, Option<Decision>) {
-        let key = Self::nomination_key(members);
+        let key = Self::nomination_key(book, members);
         if book.nomination_waits_on(&key).is_some() {
             // `try_place` said so already.
             return (message, None);
@@ -1055,12 +1055,15 @@ impl Scheduler {
         held_back: Option<&[bool]>,
         now_ms: u64,
     ) -> Result<Decision, String> {
-        if let Some(nodes) = book.nomination_waits_on(&Self::nomination_key(members)) {
+        if let Some(nodes) = book.nomination_waits_on(&Self::nomination_key(book, members)) {
             // It preempted: it goes where its plan is, once its victims have left.
             return Err(format!("it preempted and waits for its victims to leave node(s) {}", nodes.join(", ")));
         }
         let gang_key = members[0].demand.gang.as_ref().map(|g| g.key.clone());
         if let Some(gang) = gang_key.as_deref().filter(|g| book.ran_whole(g) && book.bound_ahead(g).is_empty()) {
+            // Pods that preempted to join: the GPUs their victims gave back, held for them, are
+            // given back now that they join (nearest their gang's members, so on those GPUs).
+            book.release_single_nomination(&Self::nomination_key(book, members));
             // A whole gang's worth of a gang that is not elastic (the gang recreated, or scaled
             // out by its size) joins together or not at all, so it never runs in part once the
             // old members left; an elastic gang's pods join as room frees.
@@ -1092,7 +1095,7 @@ impl Scheduler {
         if members[0].demand.gang.is_none() || self.config.preemption == PreemptionMode::NodeByNode {
             // A single pod that preempted (or any unit, node by node): the GPUs its victims
             // gave back, held for it, are given back now that it is planned.
-            book.release_single_nomination(&Self::nomination_key(members));
+            book.release_single_nomination(&Self::nomination_key(book, members));
         }
         let gang = members[0].demand.gang().map_err(|e| e.to_string())?;
         for member in &members[1..] {

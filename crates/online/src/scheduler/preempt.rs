@@ -28,15 +28,20 @@ enum Preemptor<'a> {
     LeaderFirst { planned: Planned, leader: &'a PendingPod, role: usize, rank: usize },
     /// Pods that take no GPUs: CPU, memory and the node predicates only.
     GpuLess { members: &'a [PendingPod] },
+    /// Pods joining their gang while it runs (members recreated, or more of an elastic
+    /// gang): each where it would join (inside the gang's scope, nearest its members).
+    Join { members: &'a [PendingPod] },
 }
 
 impl Preemptor<'_> {
+    /// What is planned, for the nomination's record: `None` for GPU-less pods (nothing held)
+    /// and joiners (their plan's shape comes with the trial).
     fn planned(&self) -> Option<&Planned> {
         match self {
             Preemptor::Gang { planned, .. }
             | Preemptor::Replica { planned, .. }
             | Preemptor::LeaderFirst { planned, .. } => Some(planned),
-            Preemptor::GpuLess { .. } => None,
+            Preemptor::GpuLess { .. } | Preemptor::Join { .. } => None,
         }
     }
 }
@@ -47,6 +52,8 @@ impl Preemptor<'_> {
 struct Trial {
     slots: Vec<RoleSlot>,
     nominated: Vec<(PodIdentity, String)>,
+    /// The shape held for joiners ([`Book::plan_joins_without`]).
+    joining: Option<Planned>,
 }
 
 /// A set of pods evicted together: one pod, or every bound pod of a gang.
@@ -59,9 +66,12 @@ struct VictimUnit {
 }
 
 impl Scheduler {
-    /// The key of `members`' unit in the book's nominations: its gang's key, or `pod:{uid}`.
-    pub(super) fn nomination_key(members: &[PendingPod]) -> String {
+    /// The key of `members`' unit in the book's nominations: its gang's key, `join:{key}` for
+    /// pods joining their gang while it runs (the gang's own key is its joining reservation's),
+    /// or `pod:{uid}`.
+    pub(super) fn nomination_key(book: &Book, members: &[PendingPod]) -> String {
         match &members[0].demand.gang {
+            Some(gang) if book.ran_whole(&gang.key) => format!("join:{}", gang.key),
             Some(gang) => gang.key.clone(),
             None => format!("pod:{}", members[0].demand.pod.uid),
         }
@@ -76,7 +86,7 @@ impl Scheduler {
         (priority, held_back): (i32, Option<&[bool]>),
         now_ms: u64,
     ) -> Result<Decision, String> {
-        let nomination = Self::nomination_key(members);
+        let nomination = Self::nomination_key(book, members);
         if let Some(nodes) = book.nomination_waits_on(&nomination) {
             return Err(format!("it preempted and waits for its victims to leave node(s) {}", nodes.join(", ")));
         }
@@ -89,14 +99,11 @@ impl Scheduler {
                 .into());
         }
         if let Some(gang) = members[0].demand.gang.as_ref() {
-            if book.ran_whole(&gang.key) {
-                return Err("preemption is not built yet for pods joining a gang that runs".into());
-            }
             if !book.bound_ahead(&gang.key).is_empty() {
                 return Err("its leader is bound with its workers' GPUs held: the workers bind there".into());
             }
         }
-        let preemptor = self.preemptor(key, members)?;
+        let preemptor = self.preemptor(book, key, members)?;
         let node_by_node = self.config.preemption == PreemptionMode::NodeByNode;
         let units = self.victim_units(book, priority, node_by_node);
         if units.is_empty() {
@@ -156,7 +163,7 @@ impl Scheduler {
             return Err("evicting pods would not make room it can use".into());
         }
         let nodes: BTreeSet<&str> = chosen.iter().flat_map(|&u| units[u].nodes.iter().map(String::as_str)).collect();
-        if let Some(planned) = preemptor.planned() {
+        if let Some(planned) = preemptor.planned().or(trial.joining.as_ref()) {
             let leader_first = matches!(preemptor, Preemptor::LeaderFirst { .. });
             book.nominate(
                 &nomination,
@@ -180,6 +187,11 @@ impl Scheduler {
         };
         let held = match &preemptor {
             Preemptor::GpuLess { .. } => "it goes there once they have left".to_string(),
+            Preemptor::Join { .. } => format!(
+                "the GPUs they give back are held for {} joining gang `{}` until all have",
+                if members.len() > 1 { "the pods" } else { "this pod" },
+                members[0].demand.gang.as_ref().map_or("", |g| g.key.as_str())
+            ),
             _ => format!(
                 "the GPUs they give back are held for {} until all have",
                 if members.len() > 1 || matches!(preemptor, Preemptor::LeaderFirst { .. }) {
@@ -216,7 +228,13 @@ impl Scheduler {
 
     /// What `members` (one unit of the queue) are as a preemptor, checked as placing them
     /// checks them; errors name the pod and the field.
-    fn preemptor<'a>(&self, key: &'a UnitKey, members: &'a [PendingPod]) -> Result<Preemptor<'a>, String> {
+    fn preemptor<'a>(&self, book: &Book, key: &'a UnitKey, members: &'a [PendingPod]) -> Result<Preemptor<'a>, String> {
+        if members[0].demand.gang.as_ref().is_some_and(|g| book.ran_whole(&g.key)) {
+            if members.iter().all(|m| m.demand.gpus == 0) {
+                return Ok(Preemptor::GpuLess { members });
+            }
+            return Ok(Preemptor::Join { members });
+        }
         if let Some(leader) = members.iter().find(|m| leader_first(&m.demand)) {
             if members.len() > 1 || !is_leader_first_leader(&leader.demand) {
                 return Err(
@@ -375,7 +393,7 @@ impl Scheduler {
                 let nodes: Vec<String> = slots.iter().map(|&(_, host, _)| host_name(book, host)).collect();
                 self.co_located_fit(members, &nodes).ok()?;
                 let nominated = members.iter().map(|m| m.demand.pod.clone()).zip(nodes).collect();
-                Some(Trial { slots, nominated })
+                Some(Trial { slots, nominated, joining: None })
             }
             Preemptor::Replica { planned, key, gang_key, parts, members } => {
                 let gpu_pods: Vec<PendingPod> = parts.gpu_members.iter().map(|(_, m)| (*m).clone()).collect();
@@ -393,7 +411,7 @@ impl Scheduler {
                 let mut nominated: Vec<(PodIdentity, String)> =
                     matched.order.iter().map(|m| m.demand.pod.clone()).zip(matched.nodes).collect();
                 nominated.extend(matched.plain);
-                Some(Trial { slots, nominated })
+                Some(Trial { slots, nominated, joining: None })
             }
             Preemptor::LeaderFirst { planned, leader, role, rank } => {
                 let alone = std::slice::from_ref(*leader);
@@ -405,7 +423,17 @@ impl Scheduler {
                 let of_role = || slots.iter().enumerate().filter(|(_, s)| s.0 == *role).map(|(i, _)| i);
                 let index = of_role().nth(*rank).or_else(|| of_role().next())?;
                 let nominated = vec![(leader.demand.pod.clone(), nodes[index].clone())];
-                Some(Trial { slots, nominated })
+                Some(Trial { slots, nominated, joining: None })
+            }
+            Preemptor::Join { members } => {
+                let allowed = self.allowed_mask(book, members, held_back);
+                let demands: Vec<&PodDemand> = members.iter().map(|m| &m.demand).collect();
+                let (shape, slots) = book.plan_joins_without(&demands, victims, &allowed).ok()?;
+                let with_gpus: Vec<PendingPod> = members.iter().filter(|m| m.demand.gpus > 0).cloned().collect();
+                let nodes: Vec<String> = slots.iter().map(|&(_, host, _)| host_name(book, host)).collect();
+                self.co_located_fit(&with_gpus, &nodes).ok()?;
+                let nominated = with_gpus.iter().map(|m| m.demand.pod.clone()).zip(nodes).collect();
+                Some(Trial { slots, nominated, joining: Some(shape) })
             }
             Preemptor::GpuLess { members } => {
                 let mut scratch: HashMap<String, Resources> = HashMap::new();
@@ -414,7 +442,7 @@ impl Scheduler {
                     let node = self.node_without_gpus(member, &mut scratch, None).ok()?;
                     nominated.push((member.demand.pod.clone(), node));
                 }
-                Some(Trial { slots: Vec::new(), nominated })
+                Some(Trial { slots: Vec::new(), nominated, joining: None })
             }
         }
     }
@@ -458,7 +486,7 @@ impl Scheduler {
         (priority, held_back): (i32, Option<&[bool]>),
         now_ms: u64,
     ) -> Result<Decision, String> {
-        let key = Self::nomination_key(members);
+        let key = Self::nomination_key(book, members);
         let one = topoplace_engine::workload::Gang {
             members: 1,
             tensor_parallel: gang.tensor_parallel.min(gang.gpus_per_member),

@@ -2153,3 +2153,51 @@ fn a_pod_without_gpus_preempts_for_cpu_the_lowest_priority_pod() {
     let (bound, other) = run(&mut scheduler, &mut book, 3_000, &BTreeSet::new());
     assert_eq!(bound.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(), ["cpu-r0"], "{other:?}");
 }
+
+/// Issue 19, a member that comes back to a gang that runs, when a pod of a lower priority
+/// took its place: a high-priority gang of 2 × 8 that must keep to one rack runs in r0; its
+/// member crashes and a priority-0 pod takes the freed host; the recreated member evicts that
+/// pod only (not the priority-0 pods of the other rack, outside its gang's scope), is
+/// nominated to its node, and joins its gang there once it left.
+#[test]
+fn a_recreated_member_preempts_inside_its_running_gangs_scope_and_joins_it() {
+    let mut book = book_of(2, 2);
+    let mut scheduler = scheduler_on(&book);
+    let leaf = |mut pod: PendingPod| {
+        pod.demand.required = Some(topoplace_engine::workload::Scope::parse("leaf"));
+        pod.priority = 100;
+        pod
+    };
+    for member in gang("hi", 2, 8) {
+        scheduler.pending_applied(leaf(member));
+    }
+    let (bound, _) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
+    assert_eq!(bound.len(), 2);
+    let rack = bound[0].node[..2].to_string();
+    let lost = bound.iter().find(|m| m.pod.name == "hi-0").expect("hi-0 bound").node.clone();
+    for node in ["r0-0", "r0-1", "r1-0", "r1-1"].iter().filter(|n| !n.starts_with(rack.as_str())) {
+        already_bound(&mut scheduler, &mut book, &pending(&format!("other-{node}"), 8, None, 1000), node, 8);
+    }
+    scheduler.bound_deleted("hi-0-uid");
+    book.forget_pod("hi-0-uid");
+    already_bound(&mut scheduler, &mut book, &pending("grab", 8, None, 1000), &lost, 8);
+    assert_eq!(book.ledger().free_gpus(), 0);
+
+    let mut again = leaf(pending("hi-0-again", 8, Some(("hi", 2, 0)), 1000));
+    again.demand.pod.uid = "hi-0-again-uid".into();
+    scheduler.pending_applied(again);
+    let grace = scheduler.config().repair_grace_ms;
+    let (bound, other) = run(&mut scheduler, &mut book, grace + 1, &BTreeSet::new());
+    assert!(bound.is_empty());
+    let (_, victims, nominated, message) = preemption_of(&other);
+    assert_eq!(victims, ["grab"], "inside its gang's rack only: {message}");
+    assert_eq!(nominated.get("hi-0-again"), Some(&lost), "{nominated:?}");
+    assert!(message.contains("held for this pod joining gang `ns/hi`"), "{message}");
+    assert!(other.iter().all(|d| !matches!(d, Decision::Repair { .. })), "{other:?}");
+    victims_leave(&mut scheduler, &mut book, &victims);
+    let (bound, other) = run(&mut scheduler, &mut book, grace + 2, &BTreeSet::new());
+    let [joined] = bound.as_slice() else { panic!("the member joins: {bound:?} {other:?}") };
+    assert_eq!(joined.node, lost);
+    assert_eq!(book.stats().members_joined, 1);
+    assert!(!book.is_reserved("join:ns/hi") && !book.is_reserved("ns/hi"), "nothing left held");
+}
