@@ -135,6 +135,21 @@ pub enum Decision {
     },
 }
 
+/// A preemption under way ([`Scheduler`]'s `preempting`).
+#[derive(Debug, Clone)]
+struct Preempting {
+    /// When it was decided.
+    since_ms: u64,
+    /// The victims' uids.
+    victims: BTreeSet<String>,
+    /// The preemptor's priority.
+    priority: i32,
+    /// Each nominated pod's requests on its node: counted as used there for units of its
+    /// priority or lower while it waits (kube-scheduler's `addNominatedPods`), so that what
+    /// its victims free is not taken by them.
+    holds: Vec<(String, Resources)>,
+}
+
 /// A unit of the queue: a gang by its key (`namespace/name`), or a pod placed on its own
 /// by uid.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -292,7 +307,7 @@ pub struct Scheduler {
     /// Preemptions under way, by the unit's nomination key: when they were decided and the
     /// victims' uids. A unit waits while any of them is still bound (up to
     /// [`PREEMPTION_WAIT_MAX_MS`]), and they are nobody else's victims meanwhile.
-    preempting: BTreeMap<String, (u64, BTreeSet<String>)>,
+    preempting: BTreeMap<String, Preempting>,
     /// PodDisruptionBudgets by `namespace/name` ([`budgets`]).
     budgets: BTreeMap<String, budgets::DisruptionBudget>,
     /// The adapter watches budgets ([`Scheduler::expect_budgets`]) and has not listed them yet:
@@ -804,7 +819,7 @@ impl Scheduler {
         let alive: BTreeSet<String> = members_by_unit.values().map(|m| Self::nomination_key(book, m)).collect();
         let under_way: Vec<String> = self.preempting.keys().cloned().collect();
         for key in under_way {
-            let started = self.preempting.get(&key).map_or(0, |(at, _)| *at);
+            let started = self.preempting.get(&key).map_or(0, |p| p.since_ms);
             let overdue = now_ms >= started.saturating_add(PREEMPTION_WAIT_MAX_MS);
             if !alive.contains(&key) || (overdue && self.victims_left(&key)) {
                 book.cancel_preemption(&key);
@@ -856,7 +871,21 @@ impl Scheduler {
                     state.settled_tried = true;
                 }
             }
-            match self.try_place(book, &key, members, held_back.as_deref(), now_ms) {
+            // What preemptors of this priority or higher were nominated to counts as used.
+            let overlay = self.nominated_overlay(priority, &nomination_key);
+            self.apply_usage(&overlay, 1);
+            let attempt = match self.try_place(book, &key, members, held_back.as_deref(), now_ms) {
+                Ok(decision) => Ok(decision),
+                Err(message) => Err(self.preempt_or_say_why(
+                    book,
+                    (&key, members),
+                    (priority, held_back.as_deref()),
+                    message,
+                    now_ms,
+                )),
+            };
+            self.apply_usage(&overlay, -1);
+            match attempt {
                 Ok(decision) => {
                     if let Some(state) = self.units.get_mut(&key) {
                         state.in_flight = true;
@@ -867,14 +896,7 @@ impl Scheduler {
                     }
                     decisions.push(decision);
                 }
-                Err(message) => {
-                    let (message, preempted) = self.preempt_or_say_why(
-                        book,
-                        (&key, members),
-                        (priority, held_back.as_deref()),
-                        message,
-                        now_ms,
-                    );
+                Err((message, preempted)) => {
                     if preempted.is_some() {
                         if let Some(state) = self.units.get_mut(&key) {
                             state.settled_tried = false;
@@ -962,9 +984,31 @@ impl Scheduler {
         }
     }
 
+    /// The requests of the pods nominated by preemptions of `priority` or higher other than
+    /// `own`'s, by node.
+    fn nominated_overlay(&self, priority: i32, own: &str) -> Vec<(String, Resources)> {
+        self.preempting
+            .iter()
+            .filter(|(key, p)| key.as_str() != own && p.priority >= priority)
+            .flat_map(|(_, p)| p.holds.iter().cloned())
+            .collect()
+    }
+
+    /// Adds (`sign` 1) or takes back (-1) `overlay` on the recorded usage; a node left with
+    /// no usage has no entry, as [`Scheduler::check`] expects.
+    fn apply_usage(&mut self, overlay: &[(String, Resources)], sign: i64) {
+        for (node, requests) in overlay {
+            let used = self.usage.entry(node.clone()).or_default();
+            predicates::add_usage(used, requests, sign);
+            if used.is_empty() {
+                self.usage.remove(node);
+            }
+        }
+    }
+
     /// Whether a victim of the preemption under `key` is still bound.
     fn victims_left(&self, key: &str) -> bool {
-        self.preempting.get(key).is_some_and(|(_, victims)| victims.iter().any(|uid| self.placed.contains_key(uid)))
+        self.preempting.get(key).is_some_and(|p| p.victims.iter().any(|uid| self.placed.contains_key(uid)))
     }
 
     /// Whether the last cycle stopped at [`CYCLE_ATTEMPTS_MAX`] with units still due: run

@@ -174,7 +174,9 @@ impl Scheduler {
             )
             .map_err(|e| e.to_string())?;
         }
-        self.preempting.insert(nomination.clone(), (now_ms, victims.iter().map(|v| v.uid.clone()).collect()));
+        let holds = nominated_holds(members, &trial.nominated);
+        let victim_uids = victims.iter().map(|v| v.uid.clone()).collect();
+        self.preempting.insert(nomination.clone(), Preempting { since_ms: now_ms, victims: victim_uids, priority, holds });
         let names: Vec<String> = victims.iter().map(ToString::to_string).collect();
         let broken = self.violating(&units, &chosen).1;
         let budgets = match broken.is_empty() {
@@ -326,7 +328,7 @@ impl Scheduler {
         let in_flight: BTreeSet<&str> =
             self.in_flight.values().flat_map(|(_, members)| members.iter().map(|m| m.pod.uid.as_str())).collect();
         let taken: BTreeSet<&str> =
-            self.preempting.values().flat_map(|(_, uids)| uids.iter().map(String::as_str)).collect();
+            self.preempting.values().flat_map(|p| p.victims.iter().map(String::as_str)).collect();
         let mut units: BTreeMap<String, (VictimUnit, bool)> = BTreeMap::new();
         for placed in self.placed.values() {
             let bound = &placed.bound;
@@ -575,7 +577,14 @@ impl Scheduler {
         });
         book.nominate(&key, (planned, &slots), members[0].demand.pod.clone(), false, now_ms)
             .map_err(|e| e.to_string())?;
-        self.preempting.insert(key.clone(), (now_ms, victims.iter().map(|v| v.uid.clone()).collect()));
+        let nominated: Vec<(PodIdentity, String)> = members
+            .iter()
+            .zip(&slots)
+            .map(|(m, &(_, host, _))| (m.demand.pod.clone(), book.cluster().host(host).name.clone()))
+            .collect();
+        let holds = nominated_holds(members, &nominated);
+        let victim_uids = victims.iter().map(|v| v.uid.clone()).collect();
+        self.preempting.insert(key.clone(), Preempting { since_ms: now_ms, victims: victim_uids, priority, holds });
         let outcome = PreemptionOutcome::Preempted {
             nodes: nodes.iter().map(|n| n.to_string()).collect(),
             victims: victims.iter().map(ToString::to_string).collect(),
@@ -592,11 +601,6 @@ impl Scheduler {
             victims.len(),
             nodes.iter().copied().collect::<Vec<_>>().join(", ")
         );
-        let nominated = members
-            .iter()
-            .zip(&slots)
-            .map(|(m, &(_, host, _))| (m.demand.pod.clone(), book.cluster().host(host).name.clone()))
-            .collect();
         Ok(Decision::Preempt {
             pods: members.iter().map(|m| m.demand.pod.clone()).collect(),
             victims,
@@ -604,6 +608,17 @@ impl Scheduler {
             message,
         })
     }
+}
+
+/// Each nominated pod's requests on its node, for [`Preempting::holds`].
+fn nominated_holds(members: &[PendingPod], nominated: &[(PodIdentity, String)]) -> Vec<(String, Resources)> {
+    nominated
+        .iter()
+        .filter_map(|(pod, node)| {
+            let member = members.iter().find(|m| m.demand.pod.uid == pod.uid)?;
+            Some((node.clone(), member.needs.requests.clone()))
+        })
+        .collect()
 }
 
 fn leader_first(demand: &PodDemand) -> bool {

@@ -2147,11 +2147,27 @@ fn a_pod_without_gpus_preempts_for_cpu_the_lowest_priority_pod() {
             budgets_broken: Vec::new()
         })
     );
-    let (bound, other) = run(&mut scheduler, &mut book, 2_000, &BTreeSet::new());
+    // Tried again past its longest back-off while the victim is still bound: it waits,
+    // evicting nothing more.
+    let (bound, other) = run(&mut scheduler, &mut book, 12_000, &BTreeSet::new());
     assert!(bound.is_empty() && !other.iter().any(|d| matches!(d, Decision::Preempt { .. })), "waits: {other:?}");
+    assert!(messages(&other).iter().any(|m| m.contains("waits for its victims")), "{other:?}");
     victims_leave(&mut scheduler, &mut book, &victims);
-    let (bound, other) = run(&mut scheduler, &mut book, 3_000, &BTreeSet::new());
-    assert_eq!(bound.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(), ["cpu-r0"], "{other:?}");
+    // While the preemptor backs off, a priority-0 pod that would take what the victim freed
+    // finds it counted as the nominated pod's (kube-scheduler's nominated pods): it waits.
+    let sneak = pending("sneak", 0, None, 25_000);
+    scheduler.pending_applied(sneak.clone());
+    let (bound, other) = run(&mut scheduler, &mut book, 12_500, &BTreeSet::new());
+    assert!(bound.is_empty(), "the nominated pod's CPU is not taken: {bound:?} {other:?}");
+    assert!(
+        messages(&other).iter().any(|m| m.contains("Insufficient cpu")),
+        "the sneak is told CPU is short: {other:?}"
+    );
+    let (bound, other) = run(&mut scheduler, &mut book, 30_000, &BTreeSet::new());
+    assert_eq!(bound.iter().map(|m| m.pod.name.as_str()).collect::<Vec<_>>(), ["urgent"], "{other:?}");
+    assert_eq!(bound[0].node, "cpu-r0");
+    scheduler.check().expect("usage is the placed pods' only once the nominated pod is bound");
+    let _ = sneak;
 }
 
 /// Issue 19, a member that comes back to a gang that runs, when a pod of a lower priority
