@@ -84,7 +84,7 @@ async fn a_two_node_gang_preempts_and_binds_once_its_victims_left() {
     let said = state(&http, &base).await;
     assert_eq!(said["preemptionVerdicts"].as_array().map(Vec::len), Some(1), "one per unit: {said}");
     let verdict = &said["preemptionVerdicts"][0];
-    assert_eq!(verdict["preempted"], true, "{verdict}");
+    assert_eq!((&verdict["preempted"], &verdict["candidates"]), (&json!(true), &json!(true)), "{verdict}");
     assert_eq!(verdict["nodes"], json!(["r1-0", "r1-1"]));
     assert_eq!(verdict["victims"], json!(["batch/low-0", "batch/low-1"]));
     let under_way = &said["preemptions"][0];
@@ -94,7 +94,7 @@ async fn a_two_node_gang_preempts_and_binds_once_its_victims_left() {
     let mut grpc = PlacementClient::connect(server.grpc.clone()).await.expect("connect");
     let cluster = grpc.cluster_state(pb::ClusterStateRequest { summary_only: true }).await.expect("state").into_inner();
     let verdict = cluster.preemption_verdicts.first().cloned().unwrap_or_default();
-    assert_eq!((verdict.unit.as_str(), verdict.preempted), ("ml/hi", true), "{verdict:?}");
+    assert_eq!((verdict.unit.as_str(), verdict.preempted, verdict.candidates), ("ml/hi", true, true), "{verdict:?}");
     assert_eq!(verdict.victims, ["batch/low-0", "batch/low-1"]);
     let under_way = cluster.preemptions.first().cloned().unwrap_or_default();
     assert_eq!((under_way.planned_by.as_str(), under_way.waiting_on.len()), ("ml/hi-0", 2), "{under_way:?}");

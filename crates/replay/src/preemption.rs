@@ -443,7 +443,7 @@ impl<'a> Study<'a> {
                         self.recreate(&pod.uid, 'x', step);
                     }
                 }
-                Decision::NotScheduled { .. } | Decision::GangWaiting { .. } => {}
+                Decision::NotScheduled { .. } | Decision::GangWaiting { .. } | Decision::ClearNominated { .. } => {}
             }
         }
         Ok(())

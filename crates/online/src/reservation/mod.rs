@@ -542,7 +542,8 @@ struct GangReservation {
     /// Planned for pods joining their gang while it runs (`running`): its slots are those
     /// pods' only, and it grows as more of them come.
     joining: bool,
-    /// Made from a preemption's plan once its victims left ([`Book::settle`]).
+    /// Made from a preemption's plan once its victims left ([`Book::settle`]); cleared when
+    /// the unit's pods adopt it (it is then their reservation like any other).
     from_preemption: bool,
 }
 

@@ -58,9 +58,13 @@ pub struct PreemptionVerdict {
 /// What a preemption verdict was.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PreemptionOutcome {
-    /// Victims chosen on `nodes`: the pods to evict (`namespace/name`, or a uid the book does
-    /// not know), and the PodDisruptionBudgets the eviction breaks (`namespace/name`).
+    /// Victims chosen on `nodes` (the secondary scheduler evicts them): the pods to evict
+    /// (`namespace/name`), and the PodDisruptionBudgets the eviction breaks (`namespace/name`).
     Preempted { nodes: Vec<String>, victims: Vec<String>, budgets_broken: Vec<String> },
+    /// kube-scheduler's preempt call through the extender: the candidate `nodes` kept and
+    /// their victims (`namespace/name`, or a uid the book does not know). kube-scheduler
+    /// evicts on one of them per call and counts PodDisruptionBudgets itself.
+    CandidatesKept { nodes: Vec<String>, victims: Vec<String> },
     /// Nothing evicted, and why: no set of victims frees enough inside its scope, only pods
     /// of its priority or higher are bound, its policy is `Never`, ….
     Declined { why: String },
@@ -102,13 +106,12 @@ impl Book {
         let outcome = match &answer {
             Ok(answer) if answer.keep.iter().any(Option::is_some) => {
                 let kept = || candidates.iter().zip(&answer.keep).filter_map(|(c, k)| Some((c, k.as_ref()?)));
-                PreemptionOutcome::Preempted {
+                PreemptionOutcome::CandidatesKept {
                     nodes: kept().map(|(c, _)| self.cluster.host(c.host).name.clone()).collect(),
                     victims: kept()
                         .flat_map(|(_, victims)| victims.iter())
                         .map(|uid| self.bound.get(uid).map_or_else(|| uid.clone(), |b| b.pod.to_string()))
                         .collect(),
-                    budgets_broken: Vec::new(),
                 }
             }
             Ok(answer) => PreemptionOutcome::Declined {
@@ -120,12 +123,14 @@ impl Book {
         answer
     }
 
-    /// Keeps `verdict` as its unit's latest (an earlier one of that unit is dropped), the
-    /// oldest dropped past [`PREEMPTION_VERDICTS_MAX`].
+    /// Keeps `verdict` as its unit's latest (an earlier one of that unit is dropped). Past
+    /// [`PREEMPTION_VERDICTS_MAX`] the oldest verdict that evicted nothing goes first, so a
+    /// stream of units that cannot preempt does not push out the preemptions that happened.
     pub fn record_preemption(&mut self, verdict: PreemptionVerdict) {
         self.verdicts.retain(|v| v.unit != verdict.unit);
         while self.verdicts.len() >= PREEMPTION_VERDICTS_MAX {
-            self.verdicts.pop_front();
+            let declined = self.verdicts.iter().position(|v| matches!(v.outcome, PreemptionOutcome::Declined { .. }));
+            self.verdicts.remove(declined.unwrap_or(0));
         }
         self.verdicts.push_back(verdict);
     }

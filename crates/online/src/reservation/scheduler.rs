@@ -246,6 +246,7 @@ impl Book {
             });
         }
         reservation.binding = true;
+        reservation.from_preemption = false;
         let mut members = Vec::with_capacity(pods.len());
         for (slot, pod) in reservation.slots.iter_mut().zip(pods) {
             members.push(slot.take_at_bind(cluster, pod));

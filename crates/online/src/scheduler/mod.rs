@@ -124,15 +124,19 @@ pub enum Decision {
     Repair { gang: String, delete: Vec<PodIdentity>, message: String },
     /// `pods` (a unit that does not fit) preempt: delete `victims` (bound pods of a lower
     /// priority, whole gangs), each only if it is still that pod; an Event on every victim and
-    /// on `pods`. The GPUs they give back are held for `pods` in the book meanwhile, and each
-    /// pod of `nominated` is nominated to its node (`status.nominatedNodeName`, as
-    /// kube-scheduler sets it on a preemptor).
+    /// on `pods`. The GPUs they give back are held for `pods` in the book meanwhile (pods
+    /// without GPUs hold none), the requests of each pod of `nominated` count as used on its
+    /// node for units of its priority or lower, and it is nominated to that node
+    /// (`status.nominatedNodeName`, as kube-scheduler sets it on a preemptor).
     Preempt {
         pods: Vec<PodIdentity>,
         victims: Vec<PodIdentity>,
         nominated: Vec<(PodIdentity, String)>,
         message: String,
     },
+    /// A preemption was given up (its victims did not leave in time, or what they freed no
+    /// longer fits): clear `status.nominatedNodeName` on `pods`.
+    ClearNominated { pods: Vec<PodIdentity> },
 }
 
 /// A preemption under way ([`Scheduler`]'s `preempting`).
@@ -144,6 +148,10 @@ struct Preempting {
     victims: BTreeSet<String>,
     /// The preemptor's priority.
     priority: i32,
+    /// The pods nominated (`status.nominatedNodeName` set), cleared if it is given up.
+    nominated: Vec<PodIdentity>,
+    /// Its plan is held in the book ([`Book::nominate`]); pods without GPUs hold none.
+    in_book: bool,
     /// Each nominated pod's requests on its node: counted as used there for units of its
     /// priority or lower while it waits (kube-scheduler's `addNominatedPods`), so that what
     /// its victims free is not taken by them.
@@ -821,9 +829,12 @@ impl Scheduler {
         for key in under_way {
             let started = self.preempting.get(&key).map_or(0, |p| p.since_ms);
             let overdue = now_ms >= started.saturating_add(PREEMPTION_WAIT_MAX_MS);
-            if !alive.contains(&key) || (overdue && self.victims_left(&key)) {
+            if !alive.contains(&key) {
                 book.cancel_preemption(&key);
                 self.preempting.remove(&key);
+            } else if overdue && self.victims_left(&key) {
+                let why = format!("its victims were still bound after {} s", PREEMPTION_WAIT_MAX_MS / 1000);
+                decisions.extend(self.give_up_preemption(book, &key, &why, now_ms));
             } else if self.victims_left(&key) {
                 book.renew_nomination(&key, now_ms);
             }
@@ -845,9 +856,12 @@ impl Scheduler {
             // A unit whose preemption's victims have all left goes now, whatever its back-off
             // (once: a unit that still does not fit backs off as before).
             let nomination_key = Self::nomination_key(book, members);
+            // (A unit without GPUs holds nothing in the book: its preemption settles when its
+            // victims have left.)
             let settled = state.attempts > 0
                 && !state.settled_tried
-                && book.preemption_settled(&nomination_key)
+                && (book.preemption_settled(&nomination_key)
+                    || self.preempting.get(&nomination_key).is_some_and(|p| !p.in_book))
                 && !self.victims_left(&nomination_key);
             let due = settled
                 || (now_ms >= state.retry_at_ms
@@ -897,7 +911,7 @@ impl Scheduler {
                     decisions.push(decision);
                 }
                 Err((message, preempted)) => {
-                    if preempted.is_some() {
+                    if matches!(preempted, Some(Decision::Preempt { .. })) {
                         if let Some(state) = self.units.get_mut(&key) {
                             state.settled_tried = false;
                         }
@@ -947,12 +961,12 @@ impl Scheduler {
         if self.victims_left(&key) {
             return (format!("{message}; it preempted and waits for its victims to leave"), None);
         }
-        if book.preemption_settled(&key) {
+        if book.preemption_settled(&key) || self.preempting.get(&key).is_some_and(|p| !p.in_book) {
             // Its victims left, yet it does not fit what they freed (CPU, memory or a node
             // predicate changed): the hold is given back, and it may preempt afresh later.
-            book.cancel_preemption(&key);
-            self.preempting.remove(&key);
-            return (format!("{message}; what its preemption freed no longer fits it"), None);
+            let why = "what its preemption freed no longer fits it";
+            let cleared = self.give_up_preemption(book, &key, why, now_ms);
+            return (format!("{message}; {why}"), cleared);
         }
         let declined = |book: &mut Book, why: String| {
             let outcome = PreemptionOutcome::Declined { why };
@@ -982,6 +996,18 @@ impl Scheduler {
                 (said, None)
             }
         }
+    }
+
+    /// Ends the preemption under `key` without its unit placed: what the book holds for it is
+    /// given back, its verdict says why, and its pods' `status.nominatedNodeName` is cleared
+    /// (the decision returned, if it nominated any).
+    fn give_up_preemption(&mut self, book: &mut Book, key: &str, why: &str, now_ms: u64) -> Option<Decision> {
+        book.cancel_preemption(key);
+        let preempting = self.preempting.remove(key)?;
+        let preemptor = preempting.nominated.first().cloned()?;
+        let outcome = PreemptionOutcome::Declined { why: format!("its preemption was given up: {why}") };
+        book.record_preemption(PreemptionVerdict { unit: key.to_string(), preemptor, at_ms: now_ms, outcome });
+        Some(Decision::ClearNominated { pods: preempting.nominated })
     }
 
     /// The requests of the pods nominated by preemptions of `priority` or higher other than
@@ -1154,14 +1180,17 @@ impl Scheduler {
         }
         let gang_key = members[0].demand.gang.as_ref().map(|g| g.key.clone());
         let (mut allowed, mut reasons) = self.allowed_hosts(book, members, held_back);
-        // A gang reserved through the placement API binds onto its reservation.
+        // A gang reserved through the placement API, or by its own preemption, binds onto its
+        // reservation.
         if let Some(hosts) = gang_key.as_deref().and_then(|k| book.reserved_hosts(k)) {
+            let through = match gang_key.as_deref().is_some_and(|k| book.preemption_settled(k)) {
+                true => format!("gang `{key}` holds what its preemption freed"),
+                false => format!("gang `{key}` is reserved through the placement API"),
+            };
             if let Some((field, ours, theirs)) =
                 gang_key.as_deref().and_then(|k| book.reserved_shape_difference(k, &gang))
             {
-                return Err(format!(
-                    "gang `{key}` is reserved through the placement API with {field} {theirs}, but its pods say {ours}"
-                ));
+                return Err(format!("{through} with {field} {theirs}, but its pods say {ours}"));
             }
             let blocked: Vec<String> = hosts
                 .iter()
@@ -1171,13 +1200,13 @@ impl Scheduler {
                 .collect();
             if !blocked.is_empty() {
                 return Err(format!(
-                    "gang `{key}` is reserved through the placement API, but these members fail the node predicates there: {}",
+                    "{through}, but these members fail the node predicates there: {}",
                     blocked.join(", ")
                 ));
             }
             let planned: Vec<String> = hosts.iter().map(|&h| book.cluster().host(h).name.clone()).collect();
             if let Err((_, message)) = self.co_located_fit(members, &planned) {
-                return Err(format!("gang `{key}` is reserved through the placement API, but {message}"));
+                return Err(format!("{through}, but {message}"));
             }
             return self.hold_and_start(book, key, (gang_key.as_deref(), gang), &[], members, now_ms);
         }

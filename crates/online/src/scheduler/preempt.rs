@@ -1,5 +1,7 @@
-//! The secondary scheduler's preemption: a unit (a single pod, or a gang of one shape) that
-//! does not fit evicts pods of lower priority, as few and as low as it can, whole gangs only.
+//! The secondary scheduler's preemption: a unit that does not fit (a single pod, a gang of
+//! one shape, a replica with roles, a group bound leader first before its leader is bound,
+//! pods without GPUs, or pods joining their running gang) evicts pods of lower priority, as
+//! few and as low as it can, whole gangs only.
 //!
 //! As kube-scheduler does (`pkg/scheduler/framework/plugins/defaultpreemption`): only pods of a
 //! lower priority are victims, a pod with `preemptionPolicy: Never` never preempts, candidates
@@ -7,8 +9,10 @@
 //! are reprieved, highest priority first. Unlike it, the whole unit is judged at once (a gang
 //! on several nodes), a victim that is part of a gang takes its whole gang along (on every
 //! node), and the plan is held: the GPUs its victims give back are kept for it
-//! ([`Book::nominate`]) until all have, so nothing else takes them, and the unit binds on the
-//! first cycle after they are all free. PodDisruptionBudgets count as kube-scheduler counts
+//! ([`Book::nominate`]; pods without GPUs hold none) until all have, and the nominated pods'
+//! CPU and memory count as used on their nodes for units of their priority or lower (as
+//! kube-scheduler counts nominated pods), so nothing else takes them; the unit is tried on the
+//! first cycle after they are all gone. PodDisruptionBudgets count as kube-scheduler counts
 //! them ([`super::budgets`]): nodes with fewer victims that break a budget come first, victims
 //! that would break one are reprieved first, and a budget the chosen victims still break is
 //! named.
@@ -78,7 +82,8 @@ impl Scheduler {
     }
 
     /// Tries preemption for a unit of `priority` that did not fit: a [`Decision::Preempt`]
-    /// naming the victims (its plan already held in `book` as a nomination), or why not.
+    /// naming the victims (its GPU plan already held in `book` as a nomination, unless it takes
+    /// no GPUs), or why not.
     pub(super) fn try_preempt(
         &mut self,
         book: &mut Book,
@@ -176,7 +181,15 @@ impl Scheduler {
         }
         let holds = nominated_holds(members, &trial.nominated);
         let victim_uids = victims.iter().map(|v| v.uid.clone()).collect();
-        self.preempting.insert(nomination.clone(), Preempting { since_ms: now_ms, victims: victim_uids, priority, holds });
+        let preempting = Preempting {
+            since_ms: now_ms,
+            victims: victim_uids,
+            priority,
+            holds,
+            nominated: trial.nominated.iter().map(|(pod, _)| pod.clone()).collect(),
+            in_book: preemptor.planned().is_some() || trial.joining.is_some(),
+        };
+        self.preempting.insert(nomination.clone(), preempting);
         let names: Vec<String> = victims.iter().map(ToString::to_string).collect();
         let broken = self.violating(&units, &chosen).1;
         let budgets = match broken.is_empty() {
@@ -237,12 +250,14 @@ impl Scheduler {
             }
             return Ok(Preemptor::Join { members });
         }
-        if let Some(leader) = members.iter().find(|m| leader_first(&m.demand)) {
-            if members.len() > 1 || !is_leader_first_leader(&leader.demand) {
+        if members.iter().any(|m| leader_first(&m.demand)) {
+            // The leader preempts for its whole group (the workers, if they exist already,
+            // bind on what it holds once it is bound).
+            let Some(leader) = members.iter().find(|m| is_leader_first_leader(&m.demand)) else {
                 return Err(
-                    "its leader is not pending alone: a group bound leader first preempts for its leader".into()
+                    "its workers wait for their leader: a group bound leader first preempts for its leader".into()
                 );
-            }
+            };
             let shape = leader.demand.replica().map_err(|e| e.to_string())?;
             let (planned, role) = match shape {
                 Some((replica, own)) => (Planned::Replica(Box::new(replica)), own),
@@ -584,7 +599,15 @@ impl Scheduler {
             .collect();
         let holds = nominated_holds(members, &nominated);
         let victim_uids = victims.iter().map(|v| v.uid.clone()).collect();
-        self.preempting.insert(key.clone(), Preempting { since_ms: now_ms, victims: victim_uids, priority, holds });
+        let preempting = Preempting {
+            since_ms: now_ms,
+            victims: victim_uids,
+            priority,
+            holds,
+            nominated: nominated.iter().map(|(pod, _)| pod.clone()).collect(),
+            in_book: true,
+        };
+        self.preempting.insert(key.clone(), preempting);
         let outcome = PreemptionOutcome::Preempted {
             nodes: nodes.iter().map(|n| n.to_string()).collect(),
             victims: victims.iter().map(ToString::to_string).collect(),

@@ -127,7 +127,7 @@ fn messages(decisions: &[Decision]) -> Vec<String> {
         .filter_map(|d| match d {
             Decision::NotScheduled { message, .. } | Decision::GangWaiting { message, .. } => Some(message.clone()),
             Decision::Repair { message, .. } | Decision::Preempt { message, .. } => Some(message.clone()),
-            Decision::Bind { .. } => None,
+            Decision::Bind { .. } | Decision::ClearNominated { .. } => None,
         })
         .collect()
 }
@@ -1753,6 +1753,12 @@ fn a_preemption_whose_victim_never_leaves_is_given_up_at_its_limit_and_tried_aga
     }
     let (_, other) = run(&mut scheduler, &mut book, PREEMPTION_WAIT_MAX_MS + 20_000, &BTreeSet::new());
     assert_eq!(preempts(&other), 1, "given up, then tried afresh: {other:?}");
+    // Given up first: its nomination cleared (status.nominatedNodeName), before the new one.
+    let cleared = other
+        .iter()
+        .position(|d| matches!(d, Decision::ClearNominated { pods } if pods.len() == 1 && pods[0].name == "urgent"));
+    let again = other.iter().position(|d| matches!(d, Decision::Preempt { .. }));
+    assert!(cleared.is_some() && cleared < again, "{other:?}");
     book.check().expect("invariants");
 }
 
@@ -2098,14 +2104,18 @@ fn a_leader_first_group_preempts_for_its_whole_group_and_its_workers_bind_on_the
 }
 
 /// Issue 19, secondary-scheduler preemption for a pod without GPUs: its CPU is what is short.
-/// The CPU node holds a priority-0 pod, the GPU host a priority-10 pod, each leaving too
-/// little CPU: a priority-100 pod evicts the priority-0 one only, is nominated to its node,
-/// and binds there once it left. A pod of equal priority evicts nothing.
+/// The CPU node holds two priority-0 pods of 15 CPUs, the GPU host a priority-10 pod, each
+/// node leaving too little CPU: a priority-100 pod of 20 CPUs evicts the two priority-0 pods
+/// only and is nominated to their node. When one has left, a priority-0 pod that would fit
+/// in what it freed finds it counted as the nominated pod's (kube-scheduler's nominated
+/// pods) and waits; once both have left the preemptor binds there. A pod of equal priority
+/// evicts nothing.
 #[test]
-fn a_pod_without_gpus_preempts_for_cpu_the_lowest_priority_pod() {
+fn a_pod_without_gpus_preempts_for_cpu_the_lowest_priority_pods() {
     let mut book = book_of(1, 1);
     let mut scheduler = scheduler_with_cpu_nodes(&book, &["r0"]);
-    for (name, node, cpu, priority) in [("hog", "cpu-r0", 30_000, 0), ("gpu-host-hog", "r0-0", 95_000, 10)] {
+    let hogs = [("hog-a", "cpu-r0", 15_000, 0), ("hog-b", "cpu-r0", 15_000, 0), ("gpu-host-hog", "r0-0", 95_000, 10)];
+    for (name, node, cpu, priority) in hogs {
         let mut pod = pending(name, 0, None, cpu);
         pod.priority = priority;
         scheduler.bound_applied(BoundPod {
@@ -2117,7 +2127,7 @@ fn a_pod_without_gpus_preempts_for_cpu_the_lowest_priority_pod() {
             labels: Default::default(),
         });
     }
-    let mut equal = pending("equal", 0, None, 8_000);
+    let mut equal = pending("equal", 0, None, 20_000);
     equal.priority = 0;
     scheduler.pending_applied(equal.clone());
     let (bound, other) = run(&mut scheduler, &mut book, 0, &BTreeSet::new());
@@ -2129,13 +2139,13 @@ fn a_pod_without_gpus_preempts_for_cpu_the_lowest_priority_pod() {
         Some(PreemptionOutcome::Declined { why: "every pod bound is of its priority (0) or higher".into() })
     );
     scheduler.pending_deleted(&equal.demand.pod.uid);
-    let mut urgent = pending("urgent", 0, None, 8_000);
+    let mut urgent = pending("urgent", 0, None, 20_000);
     urgent.priority = 100;
     scheduler.pending_applied(urgent);
     let (bound, other) = run(&mut scheduler, &mut book, 1_000, &BTreeSet::new());
     assert!(bound.is_empty());
     let (_, victims, nominated, message) = preemption_of(&other);
-    assert_eq!(victims, ["hog"], "{message}");
+    assert_eq!(victims, ["hog-a", "hog-b"], "{message}");
     assert_eq!(nominated.get("urgent").map(String::as_str), Some("cpu-r0"));
     assert!(message.contains("it goes there once they have left"), "{message}");
     let verdict = book.preemption_verdict("pod:urgent-uid").map(|v| v.outcome.clone());
@@ -2143,31 +2153,28 @@ fn a_pod_without_gpus_preempts_for_cpu_the_lowest_priority_pod() {
         verdict,
         Some(PreemptionOutcome::Preempted {
             nodes: vec!["cpu-r0".into()],
-            victims: vec!["ns/hog".into()],
+            victims: vec!["ns/hog-a".into(), "ns/hog-b".into()],
             budgets_broken: Vec::new()
         })
     );
-    // Tried again past its longest back-off while the victim is still bound: it waits,
+    // Tried again past its longest back-off while the victims are still bound: it waits,
     // evicting nothing more.
     let (bound, other) = run(&mut scheduler, &mut book, 12_000, &BTreeSet::new());
     assert!(bound.is_empty() && !other.iter().any(|d| matches!(d, Decision::Preempt { .. })), "waits: {other:?}");
     assert!(messages(&other).iter().any(|m| m.contains("waits for its victims")), "{other:?}");
-    victims_leave(&mut scheduler, &mut book, &victims);
-    // While the preemptor backs off, a priority-0 pod that would take what the victim freed
-    // finds it counted as the nominated pod's (kube-scheduler's nominated pods): it waits.
-    let sneak = pending("sneak", 0, None, 25_000);
-    scheduler.pending_applied(sneak.clone());
+    // One victim leaves: 17 CPUs free, enough for a 16-CPU pod of priority 0 were it not
+    // for the nominated pod's 20.
+    victims_leave(&mut scheduler, &mut book, &victims[..1]);
+    scheduler.pending_applied(pending("sneak", 0, None, 16_000));
     let (bound, other) = run(&mut scheduler, &mut book, 12_500, &BTreeSet::new());
     assert!(bound.is_empty(), "the nominated pod's CPU is not taken: {bound:?} {other:?}");
-    assert!(
-        messages(&other).iter().any(|m| m.contains("Insufficient cpu")),
-        "the sneak is told CPU is short: {other:?}"
-    );
-    let (bound, other) = run(&mut scheduler, &mut book, 30_000, &BTreeSet::new());
+    assert!(messages(&other).iter().any(|m| m.contains("Insufficient cpu")), "the sneak is told why: {other:?}");
+    victims_leave(&mut scheduler, &mut book, &victims[1..]);
+    // The cycle right after the last one left, whatever its back-off.
+    let (bound, other) = run(&mut scheduler, &mut book, 12_600, &BTreeSet::new());
     assert_eq!(bound.iter().map(|m| m.pod.name.as_str()).collect::<Vec<_>>(), ["urgent"], "{other:?}");
     assert_eq!(bound[0].node, "cpu-r0");
     scheduler.check().expect("usage is the placed pods' only once the nominated pod is bound");
-    let _ = sneak;
 }
 
 /// Issue 19, a member that comes back to a gang that runs, when a pod of a lower priority

@@ -44,6 +44,10 @@ pub struct VerdictJson {
     pub preemptor: String,
     pub age_ms: u64,
     pub preempted: bool,
+    /// `nodes` and `victims` are kube-scheduler's candidates kept through the extender: it
+    /// evicts on one of them per preempt call, and counts budgets itself.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub candidates: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -62,6 +66,7 @@ impl From<VerdictState> for VerdictJson {
             preemptor: verdict.preemptor.to_string(),
             age_ms: state.age_ms,
             preempted: false,
+            candidates: false,
             nodes: Vec::new(),
             victims: Vec::new(),
             budgets_broken: Vec::new(),
@@ -71,6 +76,9 @@ impl From<VerdictState> for VerdictJson {
             PreemptionOutcome::Preempted { nodes, victims, budgets_broken } => {
                 (json.preempted, json.nodes, json.victims, json.budgets_broken) =
                     (true, nodes, victims, budgets_broken);
+            }
+            PreemptionOutcome::CandidatesKept { nodes, victims } => {
+                (json.preempted, json.candidates, json.nodes, json.victims) = (true, true, nodes, victims);
             }
             PreemptionOutcome::Declined { why } => json.why = Some(why),
         }

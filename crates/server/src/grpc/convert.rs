@@ -595,6 +595,11 @@ fn verdict_message(state: &VerdictState) -> pb::PreemptionVerdict {
             message.victims = victims.clone();
             message.budgets_broken = budgets_broken.clone();
         }
+        PreemptionOutcome::CandidatesKept { nodes, victims } => {
+            (message.preempted, message.candidates) = (true, true);
+            message.nodes = nodes.clone();
+            message.victims = victims.clone();
+        }
         PreemptionOutcome::Declined { why } => message.why = why.clone(),
     }
     message

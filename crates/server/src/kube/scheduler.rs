@@ -329,7 +329,10 @@ impl SchedulerRuntime {
             }
             Decision::Preempt { pods, victims, nominated, message } => {
                 self.preempt(&pods, &victims, &message).await;
-                join_all(nominated.iter().map(|(pod, node)| self.set_nominated(pod, node))).await;
+                join_all(nominated.iter().map(|(pod, node)| self.set_nominated(pod, Some(node)))).await;
+            }
+            Decision::ClearNominated { pods } => {
+                join_all(pods.iter().map(|pod| self.set_nominated(pod, None))).await;
             }
             Decision::Repair { gang, delete, message } => {
                 if !self.still_half_bound(&delete).await {
@@ -381,22 +384,23 @@ impl SchedulerRuntime {
         true
     }
 
-    /// `PodScheduled=False` through the status subresource (a strategic merge patch merges
-    /// conditions by type, leaving the others alone).
     /// `status.nominatedNodeName` on a preemptor, as kube-scheduler sets it once it has
     /// preempted (`pkg/scheduler/scheduler.go`, `updatePod`): where the pod goes once its
-    /// victims have left, for tools and other schedulers to see. A strategic merge patch of
-    /// the status subresource carrying the pod's uid, so that the API server refuses it (409)
-    /// for another pod of that name; a failure is logged (the plan is held in the book
-    /// regardless).
-    async fn set_nominated(&self, target: &PodIdentity, node: &str) {
+    /// victims have left, for tools and other schedulers to see; `None` clears it (a null in
+    /// a strategic merge patch deletes the field) when the preemption is given up. A patch of
+    /// the status subresource carrying the pod's uid, so that the API server refuses it for
+    /// another pod of that name; a failure is logged (the plan is held in the book regardless).
+    async fn set_nominated(&self, target: &PodIdentity, node: Option<&String>) {
         let api: Api<Pod> = Api::namespaced(self.binder.client().clone(), &target.namespace);
         let patch = serde_json::json!({"metadata": {"uid": target.uid}, "status": {"nominatedNodeName": node}});
         if let Err(error) = api.patch_status(&target.name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
-            tracing::warn!(pod = %target, %node, %error, "setting status.nominatedNodeName failed");
+            tracing::warn!(pod = %target, ?node, %error, "setting status.nominatedNodeName failed");
         }
     }
 
+    /// `PodScheduled=False` through the status subresource (a strategic merge patch merges
+    /// conditions by type, leaving the others alone), with the pod's uid as in
+    /// [`SchedulerRuntime::set_nominated`].
     async fn set_not_scheduled(&self, target: &PodIdentity, reason: &str, message: &str) {
         let api: Api<Pod> = Api::namespaced(self.binder.client().clone(), &target.namespace);
         let patch = serde_json::json!({
