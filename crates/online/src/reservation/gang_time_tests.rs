@@ -601,3 +601,34 @@ fn pods_joining_at_once_stop_at_the_maximum() {
     assert_eq!(book.ledger().free_gpus(), 40 - 24);
     book.check().expect("invariants");
 }
+
+/// Members that disagree on the maximum (the label changed while the gang runs): the
+/// smallest any of them states counts. Two members run stating at most 3; a pod stating at
+/// most 5 joins as the third, and a fourth stating 5 is held off at 3. Without the members'
+/// own statement (not observed), the joiner's 5 would count.
+#[test]
+fn the_smallest_maximum_that_a_gangs_pods_state_counts() {
+    let mut book = Book::new(cluster(1, 5), BookConfig::default());
+    let offered = all_hosts(&book);
+    let running: Vec<PodDemand> = (0..2).map(|rank| elastic(rank, 3)).collect();
+    let nodes: Vec<String> = running.iter().map(|p| filtered_node(&mut book, p, &offered, 0)).collect();
+    bind_gang(&mut book, &running, &nodes, 1);
+    for pod in &running {
+        book.observe_gang_max(&pod.pod.uid, Some(3));
+    }
+    let larger: Vec<PodDemand> = (2..4).map(|rank| elastic(rank, 5)).collect();
+    let third = filtered_node(&mut book, &larger[0], &offered, 2);
+    bind_joiner(&mut book, &larger[0], &third, 2);
+    book.observe_gang_max(&larger[0].pod.uid, Some(5));
+    let verdicts = book.filter(&larger[1], &offered, 3).expect("filter");
+    assert!(
+        verdicts.iter().all(|v| matches!(v, NodeVerdict::Fail(r) if r.contains("its maximum is 3"))),
+        "{verdicts:?}"
+    );
+    // Once the members stating 3 have left, the gang's pods state 5.
+    for pod in &running {
+        book.forget_pod(&pod.pod.uid);
+    }
+    filtered_node(&mut book, &larger[1], &offered, 4);
+    book.check().expect("invariants");
+}

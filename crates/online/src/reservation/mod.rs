@@ -600,6 +600,8 @@ pub struct Book {
     undo: Vec<PodIdentity>,
     /// Gang plans made by preemption, by gang key ([`preemption::Nomination`]).
     nominations: BTreeMap<String, preemption::Nomination>,
+    /// The gang maximum each bound pod states, by uid ([`Book::observe_gang_max`]).
+    stated_max: BTreeMap<String, u32>,
     /// The latest preemption verdict of each unit that asked lately, oldest first, at most
     /// [`preemption::PREEMPTION_VERDICTS_MAX`] ([`Book::record_preemption`]).
     verdicts: std::collections::VecDeque<preemption::PreemptionVerdict>,
@@ -717,6 +719,7 @@ impl Book {
             undo: Vec::new(),
             nominations: BTreeMap::new(),
             verdicts: std::collections::VecDeque::new(),
+            stated_max: BTreeMap::new(),
             running: BTreeMap::new(),
             seen_members: BTreeMap::new(),
         }
@@ -904,6 +907,7 @@ impl Book {
     /// the book, its GPUs released; whether it was bound.
     fn give_up_bound(&mut self, pod: &PodIdentity) -> bool {
         let Some(gone) = self.bound.remove(&pod.uid) else { return false };
+        self.stated_max.remove(&pod.uid);
         if let Err(error) = self.ledger.release(&pod_holder(&pod.uid)) {
             self.ledger_fault("giving up a member bound ahead of its gang", error);
         }

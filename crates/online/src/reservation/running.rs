@@ -94,12 +94,33 @@ impl Book {
         }
     }
 
+    /// The pod watch saw bound pod `uid` state its gang's maximum as `max`
+    /// (`topoplace.io/gang-max-size`; `None`: it states none). Members that disagree on the
+    /// maximum (a label changed while the gang runs) are held to the smallest any of them
+    /// states ([`Book::join_at_maximum`]).
+    pub fn observe_gang_max(&mut self, uid: &str, max: Option<u32>) {
+        match max.filter(|_| self.bound.contains_key(uid)) {
+            Some(max) => self.stated_max.insert(uid.to_string(), max),
+            None => self.stated_max.remove(uid),
+        };
+    }
+
     /// Why pod `uid` of the elastic gang `membership` may not join it now: the gang's
-    /// members bound here and the other pods holding a joining slot already reach its maximum
-    /// (`membership.max`); `None` when it may join, or the gang has no maximum.
+    /// members bound here and the other pods holding a joining slot already reach its maximum,
+    /// the smallest that the pod (`membership.max`) and the gang's bound members
+    /// ([`Book::observe_gang_max`]) state; `None` when it may join, or no maximum is stated.
     pub fn join_at_maximum(&self, membership: &GangMembership, uid: &str) -> Option<String> {
-        let max = membership.max?;
         let key = &membership.key;
+        let theirs = self
+            .bound
+            .values()
+            .filter(|b| b.gang.as_deref() == Some(key.as_str()))
+            .filter_map(|b| self.stated_max.get(&b.pod.uid).copied())
+            .min();
+        let max = match (membership.max, theirs) {
+            (Some(ours), Some(theirs)) => ours.min(theirs),
+            (ours, theirs) => ours.or(theirs)?,
+        };
         let running =
             self.bound.values().filter(|b| b.gang.as_deref() == Some(key.as_str()) && b.pod.uid != uid).count();
         let joining =

@@ -20,6 +20,8 @@ impl Book {
                 self.bound.insert(uid, pod);
             }
         }
+        let bound = &self.bound;
+        self.stated_max.retain(|uid, _| bound.contains_key(uid));
         let singles = std::mem::take(&mut self.singles);
         for (uid, member) in singles {
             let Some(host) = self.cluster.host_id(&member.node) else { continue };
@@ -179,6 +181,7 @@ impl Book {
         // A bound pod holds its GPUs, except one whose node left the view while its Binding
         // was in flight (`bind_finished` records it without a host to hold on).
         let gone = self.bound.remove(uid);
+        self.stated_max.remove(uid);
         if gone.is_some() && self.ledger.holding(&pod_holder(uid)).is_some() {
             if let Err(error) = self.ledger.release(&pod_holder(uid)) {
                 self.ledger_fault("forgetting a bound pod", error);

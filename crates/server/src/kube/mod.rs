@@ -400,6 +400,8 @@ struct BoundGpuPod {
     /// The gang's members that take GPUs, as the pod says it (its size, or for a replica with
     /// roles the members of its GPU roles).
     gang_size: Option<u32>,
+    /// The gang's maximum as the pod states it (`topoplace.io/gang-max-size`).
+    gang_max: Option<u32>,
 }
 
 /// The pod as the book should hold it, or `None` (not bound, finished, or no GPUs).
@@ -422,8 +424,9 @@ fn bound_gpu_pod(pod: &Pod) -> Option<BoundGpuPod> {
         .and_then(|d| d.replica().ok().flatten())
         .map(|(replica, _)| replica.roles.iter().filter(|r| r.gang.is_some()).map(|r| r.members).sum::<u32>());
     let gang_size = gpu_members.or(membership.as_ref().map(|g| g.size));
+    let gang_max = membership.as_ref().and_then(|g| g.max);
     let gang = membership.map(|g| g.key);
-    Some(BoundGpuPod { identity, node, recorded: pod::recorded_gpus(pod), gpus, gang, gang_size })
+    Some(BoundGpuPod { identity, node, recorded: pod::recorded_gpus(pod), gpus, gang, gang_size, gang_max })
 }
 
 /// Pods that hold resources on a node: bound and not finished. A pod that finishes leaves
@@ -660,7 +663,7 @@ fn forget(ext: &ServerState, pod: &Pod) {
 }
 
 fn apply_pod(ext: &ServerState, pod: &Pod) {
-    let Some(BoundGpuPod { identity, node, recorded, gpus, gang, gang_size }) = bound_gpu_pod(pod) else {
+    let Some(BoundGpuPod { identity, node, recorded, gpus, gang, gang_size, gang_max }) = bound_gpu_pod(pod) else {
         // Finished, or not bound yet: a finished pod's GPUs come back.
         let finished =
             pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
@@ -674,6 +677,7 @@ fn apply_pod(ext: &ServerState, pod: &Pod) {
         if let Err(error) = book.observe_bound(identity, &node, recorded.as_deref(), gpus, gang.clone()) {
             tracing::warn!(%error, "a bound pod's GPUs could not be accounted");
         }
+        book.observe_gang_max(&uid, gang_max);
         if let (Some(gang), Some(size)) = (gang, gang_size) {
             book.observe_gang_size(&gang, &uid, size);
         }
