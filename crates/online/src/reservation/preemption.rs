@@ -593,54 +593,73 @@ impl Book {
     /// Pods joining their running gang (`demands`, in order) placed as they join
     /// ([`Book::hold_joining_pod`]: inside the gang's scope, nearest its members) on the
     /// hosts of `allowed`, against a copy of the ledger without the GPUs of `victims` (uids of
-    /// bound pods), each after the ones before it: the shape of the plan (one member per
-    /// joiner of the first joiner's shape, for the nomination's record) and its slots (role
-    /// 0, host, GPUs). A joiner without GPUs takes no slot. Holds nothing. Errors: why one does
-    /// not join (no room in its scope, its gang's maximum, a shape unlike the gang's).
+    /// bound pods), each after the ones before it, as many as fit in order, up to the gang's
+    /// maximum ([`Book::join_at_maximum`], the ones before counted): the shape of the plan
+    /// (one member per joiner placed, of the first one's shape, for the nomination's record)
+    /// and, per joiner placed, its uid and slot (role 0, host, GPUs). Pods without GPUs are
+    /// skipped (they hold no GPUs). Holds nothing. Errors: why the first one does not join
+    /// (no room in its scope, the maximum, a shape unlike the gang's, a role without GPUs).
     pub fn plan_joins_without(
         &mut self,
         demands: &[&PodDemand],
         victims: &[String],
         allowed: &[bool],
-    ) -> Result<(Planned, Vec<RoleSlot>), String> {
+    ) -> Result<(Planned, Vec<(String, RoleSlot)>), String> {
         let mut trial = self.trial_without(victims, "");
-        let mut slots: Vec<RoleSlot> = Vec::with_capacity(demands.len());
+        let mut placed: Vec<(String, RoleSlot)> = Vec::with_capacity(demands.len());
         let mut shape: Option<Gang> = None;
-        for (index, demand) in demands.iter().enumerate() {
-            let Some(membership) = demand.gang.clone() else {
-                return Err(format!("pod {} belongs to no gang", demand.pod));
-            };
-            let (ours, own) = match demand.replica().map_err(|e| e.to_string())? {
-                Some((replica, own)) => (Planned::Replica(Box::new(replica)), own),
-                None => (Planned::Gang(demand.gang().map_err(|e| e.to_string())?), 0),
-            };
-            let Some((one, scopes)) = self.joining_shape(demand, &membership, &ours, own).map_err(|e| e.to_string())?
-            else {
-                continue;
-            };
-            if let Some(max) = membership.max {
-                // The joiners before this one count against the gang's maximum too.
-                let running =
-                    self.bound.values().filter(|b| b.gang.as_deref() == Some(membership.key.as_str())).count();
-                if running + index >= max as usize {
-                    return Err(format!("gang `{}` would run more than its maximum of {max}", membership.key));
+        let mut first_failure: Option<String> = None;
+        for demand in demands.iter().filter(|d| d.gpus > 0) {
+            let outcome = self.plan_one_join(demand, &mut trial, allowed, placed.len());
+            match outcome {
+                Ok((one, slot)) => {
+                    placed.push((demand.pod.uid.clone(), slot));
+                    shape.get_or_insert(one);
+                }
+                Err(why) => {
+                    first_failure.get_or_insert(why);
+                    break;
                 }
             }
-            let siblings = self.running_hosts(&membership.key);
-            let joined =
-                self.with_planner(|planner, _| place_joining(planner, &trial, &one, &scopes, &siblings, allowed))?;
-            if trial
-                .reserve(&Holder::Nominated(format!("joining trial {index}")), &[(joined.host, joined.gpus)])
-                .is_err()
-            {
-                return Err("the join trial found GPUs that are not free".into());
-            }
-            slots.push((0, joined.host, joined.gpus));
-            shape.get_or_insert(one);
         }
-        let Some(mut shape) = shape else { return Err("its pods take no GPUs".into()) };
-        shape.members = slots.len() as u32;
-        Ok((Planned::Gang(shape), slots))
+        let Some(mut shape) = shape else {
+            return Err(first_failure.unwrap_or_else(|| "its pods take no GPUs".into()));
+        };
+        shape.members = placed.len() as u32;
+        Ok((Planned::Gang(shape), placed))
+    }
+
+    /// One joiner of [`Book::plan_joins_without`] on `trial` (where `before` joiners are
+    /// placed already): its one-member shape and slot, taken on `trial`.
+    fn plan_one_join(
+        &mut self,
+        demand: &PodDemand,
+        trial: &mut Ledger<Holder>,
+        allowed: &[bool],
+        before: usize,
+    ) -> Result<(Gang, RoleSlot), String> {
+        let Some(membership) = demand.gang.clone() else {
+            return Err(format!("pod {} belongs to no gang", demand.pod));
+        };
+        let (ours, own) = match demand.replica().map_err(|e| e.to_string())? {
+            Some((replica, own)) => (Planned::Replica(Box::new(replica)), own),
+            None => (Planned::Gang(demand.gang().map_err(|e| e.to_string())?), 0),
+        };
+        let Some((one, scopes)) = self.joining_shape(demand, &membership, &ours, own).map_err(|e| e.to_string())?
+        else {
+            return Err(format!("pod {} asks GPUs in a role without GPUs", demand.pod));
+        };
+        if let Some(reason) = self.join_at_maximum_with(&membership, &demand.pod.uid, before) {
+            return Err(reason);
+        }
+        let siblings = self.running_hosts(&membership.key);
+        let joined =
+            self.with_planner(|planner, _| place_joining(planner, trial, &one, &scopes, &siblings, allowed))?;
+        let holder = Holder::Nominated(format!("joining trial {before}"));
+        if trial.reserve(&holder, &[(joined.host, joined.gpus)]).is_err() {
+            return Err("the join trial found GPUs that are not free".into());
+        }
+        Ok((one, (0, joined.host, joined.gpus)))
     }
 
     /// Records the secondary scheduler's preemption plan for the unit `key` (a gang's key, or

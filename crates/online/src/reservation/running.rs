@@ -110,6 +110,17 @@ impl Book {
     /// the smallest that the pod (`membership.max`) and the gang's bound members
     /// ([`Book::observe_gang_max`]) state; `None` when it may join, or no maximum is stated.
     pub fn join_at_maximum(&self, membership: &GangMembership, uid: &str) -> Option<String> {
+        self.join_at_maximum_with(membership, uid, 0)
+    }
+
+    /// [`Book::join_at_maximum`] with `planned` more pods counted as joining (a preemption's
+    /// trial of several joiners).
+    pub(super) fn join_at_maximum_with(
+        &self,
+        membership: &GangMembership,
+        uid: &str,
+        planned: usize,
+    ) -> Option<String> {
         let key = &membership.key;
         let theirs = self
             .bound
@@ -123,8 +134,8 @@ impl Book {
         };
         let running =
             self.bound.values().filter(|b| b.gang.as_deref() == Some(key.as_str()) && b.pod.uid != uid).count();
-        let joining =
-            self.gangs.get(key).filter(|r| r.joining).map_or(0, |r| {
+        let joining = planned
+            + self.gangs.get(key).filter(|r| r.joining).map_or(0, |r| {
                 r.slots.iter().filter(|s| !s.bound && s.pod.as_ref().is_some_and(|p| p.uid != uid)).count()
             });
         (running + joining >= max as usize).then(|| {

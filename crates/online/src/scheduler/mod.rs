@@ -830,8 +830,16 @@ impl Scheduler {
             let started = self.preempting.get(&key).map_or(0, |p| p.since_ms);
             let overdue = now_ms >= started.saturating_add(PREEMPTION_WAIT_MAX_MS);
             if !alive.contains(&key) {
+                // Its pods are gone (or no longer that unit: a gang that stopped running, whose
+                // joiners' key changed): those still pending are no longer nominated.
                 book.cancel_preemption(&key);
-                self.preempting.remove(&key);
+                if let Some(preempting) = self.preempting.remove(&key) {
+                    let pending: Vec<PodIdentity> =
+                        preempting.nominated.into_iter().filter(|pod| self.pending.contains_key(&pod.uid)).collect();
+                    if !pending.is_empty() {
+                        decisions.push(Decision::ClearNominated { pods: pending });
+                    }
+                }
             } else if overdue && self.victims_left(&key) {
                 let why = format!("its victims were still bound after {} s", PREEMPTION_WAIT_MAX_MS / 1000);
                 decisions.extend(self.give_up_preemption(book, &key, &why, now_ms));
@@ -940,7 +948,7 @@ impl Scheduler {
                 }
             }
         }
-        decisions
+        without_clearing_renominated(decisions)
     }
 
     /// After a unit did not fit (`message` says why): its preemption, when it may preempt and
@@ -961,9 +969,10 @@ impl Scheduler {
         if self.victims_left(&key) {
             return (format!("{message}; it preempted and waits for its victims to leave"), None);
         }
-        if book.preemption_settled(&key) || self.preempting.get(&key).is_some_and(|p| !p.in_book) {
-            // Its victims left, yet it does not fit what they freed (CPU, memory or a node
-            // predicate changed): the hold is given back, and it may preempt afresh later.
+        if self.preempting.contains_key(&key) {
+            // Its victims left (its plan waits for nothing), yet it does not fit what they
+            // freed (CPU, memory or a node predicate changed, or the plan ran out while others
+            // took the GPUs): the hold is given back, and it may preempt afresh later.
             let why = "what its preemption freed no longer fits it";
             let cleared = self.give_up_preemption(book, &key, why, now_ms);
             return (format!("{message}; {why}"), cleared);
@@ -1969,6 +1978,30 @@ fn free_share_per_mille(node: &NodeFacts, used: &Resources) -> i64 {
         })
         .min()
         .unwrap_or(1000)
+}
+
+/// `decisions` without the clearing of a pod's nomination when the same cycle nominates it
+/// again (the adapter carries decisions out concurrently: a late clear would undo the new
+/// nomination).
+fn without_clearing_renominated(mut decisions: Vec<Decision>) -> Vec<Decision> {
+    let renominated: BTreeSet<String> = decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Preempt { nominated, .. } => Some(nominated.iter().map(|(pod, _)| pod.uid.clone())),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    if renominated.is_empty() {
+        return decisions;
+    }
+    for decision in &mut decisions {
+        if let Decision::ClearNominated { pods } = decision {
+            pods.retain(|pod| !renominated.contains(&pod.uid));
+        }
+    }
+    decisions.retain(|d| !matches!(d, Decision::ClearNominated { pods } if pods.is_empty()));
+    decisions
 }
 
 /// The pods of a replica with roles (`topoplace.io/roles`), checked: every one describes the

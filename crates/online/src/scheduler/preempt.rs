@@ -443,20 +443,37 @@ impl Scheduler {
                 Some(Trial { slots, nominated, joining: None })
             }
             Preemptor::Join { members } => {
-                let allowed = self.allowed_mask(book, members, held_back);
-                let demands: Vec<&PodDemand> = members.iter().map(|m| &m.demand).collect();
-                let (shape, slots) = book.plan_joins_without(&demands, victims, &allowed).ok()?;
+                // The GPU joiners' predicates (each joins on its own; GPU-less ones take none).
                 let with_gpus: Vec<PendingPod> = members.iter().filter(|m| m.demand.gpus > 0).cloned().collect();
-                let nodes: Vec<String> = slots.iter().map(|&(_, host, _)| host_name(book, host)).collect();
-                self.co_located_fit(&with_gpus, &nodes).ok()?;
-                let nominated = with_gpus.iter().map(|m| m.demand.pod.clone()).zip(nodes).collect();
+                let allowed = self.allowed_mask(book, &with_gpus, held_back);
+                let demands: Vec<&PodDemand> = with_gpus.iter().map(|m| &m.demand).collect();
+                let (shape, placed) = book.plan_joins_without(&demands, victims, &allowed).ok()?;
+                // Each joiner placed with its own node (a prefix of them, in order).
+                let mut pods = Vec::with_capacity(placed.len());
+                let mut nodes = Vec::with_capacity(placed.len());
+                for (uid, slot) in &placed {
+                    pods.push(with_gpus.iter().find(|m| &m.demand.pod.uid == uid)?.clone());
+                    nodes.push(host_name(book, slot.1));
+                }
+                self.co_located_fit(&pods, &nodes).ok()?;
+                let nominated = pods.iter().map(|m| m.demand.pod.clone()).zip(nodes).collect();
+                let slots = placed.into_iter().map(|(_, slot)| slot).collect();
                 Some(Trial { slots, nominated, joining: Some(shape) })
             }
             Preemptor::GpuLess { members } => {
+                // Pods joining a replica that runs stay inside its required domain, as they join.
+                let gang = members[0].demand.gang.as_ref().map(|g| g.key.as_str());
+                let replica = members[0].demand.replica().ok().flatten().map(|(replica, _)| replica);
+                let region = match (gang, replica) {
+                    (Some(gang), Some(replica)) if book.ran_whole(gang) => {
+                        book.region_labels(&replica, &book.running_hosts(gang))
+                    }
+                    _ => None,
+                };
                 let mut scratch: HashMap<String, Resources> = HashMap::new();
                 let mut nominated = Vec::with_capacity(members.len());
                 for member in members.iter() {
-                    let node = self.node_without_gpus(member, &mut scratch, None).ok()?;
+                    let node = self.node_without_gpus(member, &mut scratch, region.as_deref()).ok()?;
                     nominated.push((member.demand.pod.clone(), node));
                 }
                 Some(Trial { slots: Vec::new(), nominated, joining: None })

@@ -24,7 +24,8 @@ pub struct StateJson {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PreemptionJson {
-    /// The gang's `NAMESPACE/NAME`, or `pod:UID`.
+    /// The gang's `NAMESPACE/NAME`, `join:NAMESPACE/NAME` for pods joining their running
+    /// gang (the secondary scheduler's), or `pod:UID`.
     pub unit: String,
     /// `NAMESPACE/NAME` of the pod whose preemption made the plan.
     pub planned_by: String,
@@ -38,7 +39,8 @@ pub struct PreemptionJson {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VerdictJson {
-    /// The gang's `NAMESPACE/NAME`, or `pod:UID`.
+    /// The gang's `NAMESPACE/NAME`, `join:NAMESPACE/NAME` for pods joining their running
+    /// gang (the secondary scheduler's), or `pod:UID`.
     pub unit: String,
     /// `NAMESPACE/NAME` of the pod that asked.
     pub preemptor: String,
