@@ -106,6 +106,45 @@ fn a_nomination_whose_victims_stay_ends_at_its_ttl() {
     book.check().expect("invariants");
 }
 
+/// A preemption's plan whose victim terminates slowly (a grace period longer than the plan's
+/// time) is kept while the pod watch sees it terminating, up to `NOMINATION_WAIT_MAX_MS`,
+/// and becomes the gang's reservation once it has left; a victim that is not terminating (the
+/// eviction never came) lets the plan end at its time, as before.
+#[test]
+fn a_nomination_waits_for_a_victim_that_is_still_terminating() {
+    let mut book = two_full_hosts();
+    let high = member("hi", 2, 0, 8);
+    let answer = book.preempt(&high, &[candidate(0, "low-0"), candidate(1, "low-1")], 0).expect("preempt");
+    assert_eq!(kept(&answer), vec![true, true]);
+    book.forget_pod("low-0-uid");
+    book.observe_terminating("low-1-uid");
+    let ttl = book.config().nomination_ttl_ms;
+    book.expire(ttl);
+    assert!(book.nominations.contains_key("ns/hi"), "renewed while low-1 terminates");
+    assert_eq!(book.ledger().free_gpus(), 0, "host 0 still held for the gang");
+    book.expire(3 * ttl);
+    assert!(book.nominations.contains_key("ns/hi"));
+    book.forget_pod("low-1-uid");
+    book.expire(3 * ttl + 1);
+    assert!(book.nominations.is_empty() && book.is_reserved("ns/hi"), "the gang's reservation once it left");
+    assert_eq!(book.stats().nominations_expired, 0);
+    book.check().expect("invariants");
+
+    // Past the limit, a victim that never finishes terminating no longer holds the plan.
+    let mut book = two_full_hosts();
+    book.preempt(&high, &[candidate(0, "low-0"), candidate(1, "low-1")], 0).expect("preempt");
+    book.observe_terminating("low-1-uid");
+    let mut now = 0;
+    while book.nominations.contains_key("ns/hi") {
+        now += ttl;
+        book.expire(now);
+        assert!(now <= NOMINATION_WAIT_MAX_MS + ttl, "renewed past its limit");
+    }
+    assert!(now > NOMINATION_WAIT_MAX_MS - ttl, "given up only near the limit: {now}");
+    assert_eq!(book.stats().nominations_expired, 1);
+    book.check().expect("invariants");
+}
+
 /// Issue 19, input 2: a gang of 2 × 8 GPUs runs; a third pod of the same gang (a worker
 /// recreated, or one more) joins it on the free host, alone, and nothing else is reserved:
 /// with one host free and with two.

@@ -38,7 +38,8 @@ pub use api::{
     REQUEST_EXACT_TIME_MAX,
 };
 pub use preemption::{
-    PreemptAnswer, PreemptionOutcome, PreemptionVerdict, NOMINATION_TTL_MS_DEFAULT, PREEMPTION_VERDICTS_MAX,
+    PreemptAnswer, PreemptionOutcome, PreemptionVerdict, NOMINATION_TTL_MS_DEFAULT, NOMINATION_WAIT_MAX_MS,
+    PREEMPTION_VERDICTS_MAX,
 };
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -602,6 +603,8 @@ pub struct Book {
     nominations: BTreeMap<String, preemption::Nomination>,
     /// The gang maximum each bound pod states, by uid ([`Book::observe_gang_max`]).
     stated_max: BTreeMap<String, u32>,
+    /// Bound pods being deleted (terminating), by uid ([`Book::observe_terminating`]).
+    terminating: BTreeSet<String>,
     /// The latest preemption verdict of each unit that asked lately, oldest first, at most
     /// [`preemption::PREEMPTION_VERDICTS_MAX`] ([`Book::record_preemption`]).
     verdicts: std::collections::VecDeque<preemption::PreemptionVerdict>,
@@ -720,6 +723,7 @@ impl Book {
             nominations: BTreeMap::new(),
             verdicts: std::collections::VecDeque::new(),
             stated_max: BTreeMap::new(),
+            terminating: BTreeSet::new(),
             running: BTreeMap::new(),
             seen_members: BTreeMap::new(),
         }
@@ -908,6 +912,7 @@ impl Book {
     fn give_up_bound(&mut self, pod: &PodIdentity) -> bool {
         let Some(gone) = self.bound.remove(&pod.uid) else { return false };
         self.stated_max.remove(&pod.uid);
+        self.terminating.remove(&pod.uid);
         if let Err(error) = self.ledger.release(&pod_holder(&pod.uid)) {
             self.ledger_fault("giving up a member bound ahead of its gang", error);
         }

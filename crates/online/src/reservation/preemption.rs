@@ -26,6 +26,13 @@ use super::*;
 /// GPUs held for it are given back and the gang is planned afresh at its next filter.
 pub const NOMINATION_TTL_MS_DEFAULT: u64 = 120_000;
 
+/// How long a preemption's plan made through the extender is kept, in ms from when it was
+/// made, while a victim of it is still terminating (the pod watch saw its deletion, and it is
+/// still bound: a termination grace longer than [`BookConfig::nomination_ttl_ms`]): its time
+/// is renewed at each expiry up to this. The secondary scheduler's limit is the same
+/// (`PREEMPTION_WAIT_MAX_MS`).
+pub const NOMINATION_WAIT_MAX_MS: u64 = 600_000;
+
 /// A gang's plan made by preemption: its members' slots, on GPUs that preemption victims may
 /// still hold. What of them is free is held by [`Holder::Nominated`]; when all of it is, the
 /// nomination becomes the gang's reservation ([`Book::settle_nominations`]).
@@ -36,6 +43,11 @@ pub(super) struct Nomination {
     pub expires_at_ms: u64,
     pub planned_by: PodIdentity,
     pub leader_first: bool,
+    /// The victims' uids kept for it through the extender (its members' preempt calls), and
+    /// when it was made: it is renewed while one of them terminates, up to
+    /// [`NOMINATION_WAIT_MAX_MS`] ([`Book::settle_nominations`]).
+    pub victims: BTreeSet<String>,
+    pub made_ms: u64,
 }
 
 /// How many units' preemption verdicts the book keeps for explaining them (`/state`, gRPC
@@ -178,7 +190,11 @@ impl Book {
             return Ok(self.answer(keep, &whole, &format!("its GPUs are held on `{node}`, which is no candidate")));
         }
         if self.nominations.contains_key(&key) {
-            return Ok(self.preempt_nominated(&key, candidates, whole));
+            let answer = self.preempt_nominated(&key, candidates, whole);
+            if let Some(nomination) = self.nominations.get_mut(&key) {
+                nomination.victims.extend(answer.keep.iter().flatten().flatten().cloned());
+            }
+            return Ok(answer);
         }
         if matches!(membership.order, BindOrder::LeaderFirst { leader: true }) && self.runs_unreserved(&key) {
             // A new leader waits for its old group to leave (its filter says so): no eviction.
@@ -307,6 +323,8 @@ impl Book {
             expires_at_ms: now_ms.saturating_add(self.config.nomination_ttl_ms),
             planned_by: demand.pod.clone(),
             leader_first: matches!(demand.gang.as_ref().map(|m| m.order), Some(BindOrder::LeaderFirst { .. })),
+            victims: keep.iter().flatten().flatten().cloned().collect(),
+            made_ms: now_ms,
         };
         self.nominations.insert(key.to_string(), nomination);
         self.stats.gangs_nominated += 1;
@@ -509,6 +527,16 @@ impl Book {
             if !complete && !due {
                 continue;
             }
+            let ttl = self.config.nomination_ttl_ms;
+            let (bound, terminating) = (&self.bound, &self.terminating);
+            if let Some(nomination) = self.nominations.get_mut(&key).filter(|_| !complete) {
+                let leaving = nomination.victims.iter().any(|v| terminating.contains(v) && bound.contains_key(v));
+                if leaving && now_ms < nomination.made_ms.saturating_add(NOMINATION_WAIT_MAX_MS) {
+                    // A victim is still terminating (a long grace period): keep waiting for it.
+                    nomination.expires_at_ms = now_ms.saturating_add(ttl);
+                    continue;
+                }
+            }
             let Some(nomination) = self.drop_nomination(&key) else { continue };
             if !complete {
                 self.stats.nominations_expired += 1;
@@ -686,6 +714,8 @@ impl Book {
             expires_at_ms: now_ms.saturating_add(self.config.nomination_ttl_ms),
             planned_by,
             leader_first,
+            victims: BTreeSet::new(),
+            made_ms: now_ms,
         };
         self.nominations.insert(key.to_string(), nomination);
         self.stats.gangs_nominated += 1;

@@ -105,6 +105,15 @@ impl Book {
         };
     }
 
+    /// The pod watch saw bound pod `uid` being deleted (`metadata.deletionTimestamp`: it
+    /// terminates within its grace period). A preemption's plan waiting for it as a victim is
+    /// kept meanwhile ([`Book::settle_nominations`]). Ignored for a pod not bound here.
+    pub fn observe_terminating(&mut self, uid: &str) {
+        if self.bound.contains_key(uid) {
+            self.terminating.insert(uid.to_string());
+        }
+    }
+
     /// Why pod `uid` of the elastic gang `membership` may not join it now: the gang's
     /// members bound here and the other pods holding a joining slot already reach its maximum,
     /// the smallest that the pod (`membership.max`) and the gang's bound members

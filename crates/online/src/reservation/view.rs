@@ -22,6 +22,7 @@ impl Book {
         }
         let bound = &self.bound;
         self.stated_max.retain(|uid, _| bound.contains_key(uid));
+        self.terminating.retain(|uid| bound.contains_key(uid));
         let singles = std::mem::take(&mut self.singles);
         for (uid, member) in singles {
             let Some(host) = self.cluster.host_id(&member.node) else { continue };
@@ -182,6 +183,7 @@ impl Book {
         // was in flight (`bind_finished` records it without a host to hold on).
         let gone = self.bound.remove(uid);
         self.stated_max.remove(uid);
+        self.terminating.remove(uid);
         if gone.is_some() && self.ledger.holding(&pod_holder(uid)).is_some() {
             if let Err(error) = self.ledger.release(&pod_holder(uid)) {
                 self.ledger_fault("forgetting a bound pod", error);

@@ -672,12 +672,16 @@ fn apply_pod(ext: &ServerState, pod: &Pod) {
         }
         return;
     };
+    let terminating = pod.metadata.deletion_timestamp.is_some();
     ext.update_book(|book| {
         let uid = identity.uid.clone();
         if let Err(error) = book.observe_bound(identity, &node, recorded.as_deref(), gpus, gang.clone()) {
             tracing::warn!(%error, "a bound pod's GPUs could not be accounted");
         }
         book.observe_gang_max(&uid, gang_max);
+        if terminating {
+            book.observe_terminating(&uid);
+        }
         if let (Some(gang), Some(size)) = (gang, gang_size) {
             book.observe_gang_size(&gang, &uid, size);
         }
