@@ -179,19 +179,16 @@ impl Scheduler {
             )
             .map_err(|e| e.to_string())?;
         }
-        let holds = nominated_holds(members, &trial.nominated);
-        let victim_uids = victims.iter().map(|v| v.uid.clone()).collect();
-        let preempting = Preempting {
-            since_ms: now_ms,
-            victims: victim_uids,
-            priority,
-            holds,
-            nominated: trial.nominated.iter().map(|(pod, _)| pod.clone()).collect(),
-            in_book: preemptor.planned().is_some() || trial.joining.is_some(),
-        };
-        self.preempting.insert(nomination.clone(), preempting);
         let names: Vec<String> = victims.iter().map(ToString::to_string).collect();
         let broken = self.violating(&units, &chosen).1;
+        let in_book = preemptor.planned().is_some() || trial.joining.is_some();
+        let budgets_broken = broken.iter().cloned().collect();
+        self.record_preempting(
+            book,
+            (&nomination, members),
+            (&victims, &trial.nominated),
+            (budgets_broken, priority, in_book, now_ms),
+        );
         let budgets = match broken.is_empty() {
             true => String::new(),
             false => format!(
@@ -222,17 +219,6 @@ impl Scheduler {
             nodes.iter().copied().collect::<Vec<_>>().join(", "),
             names.join(", "),
         );
-        let outcome = PreemptionOutcome::Preempted {
-            nodes: nodes.iter().map(|n| n.to_string()).collect(),
-            victims: names,
-            budgets_broken: broken.into_iter().collect(),
-        };
-        book.record_preemption(PreemptionVerdict {
-            unit: nomination,
-            preemptor: members[0].demand.pod.clone(),
-            at_ms: now_ms,
-            outcome,
-        });
         Ok(Decision::Preempt {
             pods: members.iter().map(|m| m.demand.pod.clone()).collect(),
             victims,
@@ -614,28 +600,8 @@ impl Scheduler {
             .zip(&slots)
             .map(|(m, &(_, host, _))| (m.demand.pod.clone(), book.cluster().host(host).name.clone()))
             .collect();
-        let holds = nominated_holds(members, &nominated);
-        let victim_uids = victims.iter().map(|v| v.uid.clone()).collect();
-        let preempting = Preempting {
-            since_ms: now_ms,
-            victims: victim_uids,
-            priority,
-            holds,
-            nominated: nominated.iter().map(|(pod, _)| pod.clone()).collect(),
-            in_book: true,
-        };
-        self.preempting.insert(key.clone(), preempting);
-        let outcome = PreemptionOutcome::Preempted {
-            nodes: nodes.iter().map(|n| n.to_string()).collect(),
-            victims: victims.iter().map(ToString::to_string).collect(),
-            budgets_broken: self.violating(units, &chosen).1.into_iter().collect(),
-        };
-        book.record_preemption(PreemptionVerdict {
-            unit: key,
-            preemptor: members[0].demand.pod.clone(),
-            at_ms: now_ms,
-            outcome,
-        });
+        let budgets_broken = self.violating(units, &chosen).1.into_iter().collect();
+        self.record_preempting(book, (&key, members), (&victims, &nominated), (budgets_broken, priority, true, now_ms));
         let message = format!(
             "preempting {} pod(s) of a priority below {priority} node by node, on node(s) {}",
             victims.len(),
@@ -647,6 +613,38 @@ impl Scheduler {
             nominated,
             message,
         })
+    }
+}
+
+impl Scheduler {
+    /// Records the preemption just decided for `members` under nomination key `key`: under
+    /// way (its victims, whether its plan is in the book, each nominated pod's requests held
+    /// on its node) and its verdict (the victims and their nodes, the budgets it breaks).
+    fn record_preempting(
+        &mut self,
+        book: &mut Book,
+        (key, members): (&str, &[PendingPod]),
+        (victims, nominated): (&[PodIdentity], &[(PodIdentity, String)]),
+        (budgets_broken, priority, in_book, now_ms): (Vec<String>, i32, bool, u64),
+    ) {
+        let preempting = Preempting {
+            since_ms: now_ms,
+            victims: victims.iter().map(|v| v.uid.clone()).collect(),
+            priority,
+            holds: nominated_holds(members, nominated),
+            nominated: nominated.iter().map(|(pod, _)| pod.clone()).collect(),
+            in_book,
+        };
+        self.preempting.insert(key.to_string(), preempting);
+        let nodes: BTreeSet<String> =
+            victims.iter().filter_map(|v| Some(self.placed.get(&v.uid)?.bound.node.clone())).collect();
+        let outcome = PreemptionOutcome::Preempted {
+            nodes: nodes.into_iter().collect(),
+            victims: victims.iter().map(ToString::to_string).collect(),
+            budgets_broken,
+        };
+        let preemptor = members[0].demand.pod.clone();
+        book.record_preemption(PreemptionVerdict { unit: key.to_string(), preemptor, at_ms: now_ms, outcome });
     }
 }
 
