@@ -36,11 +36,7 @@ async fn state_of(client: &reqwest::Client, base: &str) -> Value {
 }
 
 fn node_names() -> Vec<String> {
-    (0..4)
-        .map(|i| format!("r1-{i}"))
-        .chain((0..4).map(|i| format!("r2-{i}")))
-        .chain(["l40s-0".into(), "l40s-1".into()])
-        .collect()
+    support::extender_node_names()
 }
 
 #[tokio::test]
@@ -399,8 +395,9 @@ async fn bad_input_is_refused_with_a_reason_and_reserves_nothing() {
     server.stop().await;
 }
 
+/// The body limit of the test cluster's 10 nodes in view.
 fn extender_limit() -> usize {
-    topoplace_server::extender::BODY_BYTES_MAX_DEFAULT
+    topoplace_server::extender::body_limit(10, topoplace_server::extender::BODY_BYTES_MAX_DEFAULT)
 }
 
 #[tokio::test]

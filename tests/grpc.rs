@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use support::{pod, post, schedule, static_extender, static_server};
+use support::{pki, pod, post, schedule, static_extender, static_server};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::Code;
 use topoplace_server::assemble::ServerSetup;
@@ -186,10 +186,6 @@ async fn invalid_requests_are_refused_with_invalid_argument_and_say_what_is_wron
         (plan(vec![gang("", 1, 8)], false), "gangs[0]: name is required"),
         (plan(vec![pb::Gang { tensor_parallel: 3, ..gang("tp", 1, 8) }], false), "tensor_parallel 3"),
         (plan(vec![gang("dup", 1, 8), gang("dup", 1, 8)], false), "appears twice"),
-        (
-            plan(vec![gang("few", 1, 1), pb::Gang { replicas: 1_024, ..gang("many", 1, 1) }], false),
-            "gangs[1]: the request names 1025 or more gangs (replicas counted), over the limit of 1024",
-        ),
         (plan(vec![], false), "no gangs"),
         (pb::PlanRequest { ttl_seconds: 100_000, ..plan(vec![gang("t", 1, 8)], false) }, "ttl_seconds"),
         (pb::PlanRequest { solver: 42, ..plan(vec![gang("s", 1, 8)], false) }, "solver 42"),
@@ -199,6 +195,17 @@ async fn invalid_requests_are_refused_with_invalid_argument_and_say_what_is_wron
         assert_eq!(error.code(), Code::InvalidArgument, "{request:?}: {error:?}");
         assert!(error.message().contains(expected), "{request:?}: `{}` lacks `{expected}`", error.message());
     }
+    // A named limit passed is RESOURCE_EXHAUSTED, naming the gang and the limit; nothing is held.
+    let many = plan(vec![gang("few", 1, 1), pb::Gang { replicas: 1_024, ..gang("many", 1, 1) }], false);
+    let error = api.plan(many).await.expect_err("over the limit");
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(
+        error
+            .message()
+            .contains("gangs[1]: the request names 1025 or more gangs (replicas counted), over the limit of 1024"),
+        "{}",
+        error.message()
+    );
     let no_shape = api.capacity(pb::CapacityRequest::default()).await.expect_err("no shape");
     assert_eq!((no_shape.code(), no_shape.message()), (Code::InvalidArgument, "shape is required"));
     let level = api
@@ -403,39 +410,6 @@ async fn health_and_reflection_are_served() {
     let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains("topoplace.v1.Placement") && names.contains("grpc.health.v1.Health"), "{names:?}");
     http.stop().await;
-}
-
-struct Pki {
-    ca: String,
-    server: (String, String),
-    client: (String, String),
-    stranger: (String, String),
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let authority = |name: &str| {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let cert = params.self_signed(&key).expect("CA");
-        (cert.pem(), Issuer::new(params, key))
-    };
-    let leaf = |name: &str, issuer: &Issuer<'_, KeyPair>| {
-        let key = KeyPair::generate().expect("key");
-        let cert =
-            CertificateParams::new(vec![name.to_string()]).expect("params").signed_by(&key, issuer).expect("sign");
-        (cert.pem(), key.serialize_pem())
-    };
-    let (ca, issuer) = authority("topoplace test CA");
-    let (_, other_issuer) = authority("someone else's CA");
-    Pki {
-        ca,
-        server: leaf("localhost", &issuer),
-        client: leaf("ci-job", &issuer),
-        stranger: leaf("ci-job", &other_issuer),
-    }
 }
 
 async fn tls_client(
@@ -815,7 +789,7 @@ async fn roles_with_a_bad_shape_are_refused_naming_the_field() {
     assert_eq!(bad_level.code(), Code::InvalidArgument);
     // Plan with roles: at most 64 replicas with roles (each a bounded search).
     let many = api.plan(plan(vec![pb::Gang { replicas: 65, ..good.clone() }], true)).await.expect_err("65 replicas");
-    assert_eq!(many.code(), Code::InvalidArgument);
+    assert_eq!(many.code(), Code::ResourceExhausted);
     assert!(many.message().contains("65 or more replicas with roles, over the limit of 64"), "{}", many.message());
     // The exact solver models the roles; the answer says what ran.
     let exact = api

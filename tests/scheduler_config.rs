@@ -155,3 +155,182 @@ fn the_extender_role_grants_what_it_calls() {
         assert!(grants(resource, verb), "{verb} {resource}");
     }
 }
+
+/// The typed objects of kind `K` in a manifest file (k8s-openapi's types: a field of the wrong
+/// type or shape fails here as it would at `kubectl apply`).
+fn typed<K: serde::de::DeserializeOwned>(path: &str, kind: &str) -> Vec<K> {
+    documents(path)
+        .into_iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .map(|d| serde_yaml_ng::from_value(d).unwrap_or_else(|e| panic!("{path}: {kind}: {e}")))
+        .collect()
+}
+
+fn deployment(path: &str, name: &str) -> k8s_openapi::api::apps::v1::Deployment {
+    typed::<k8s_openapi::api::apps::v1::Deployment>(path, "Deployment")
+        .into_iter()
+        .find(|d| d.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("Deployment {name} in {path}"))
+}
+
+/// Whether `selector` (matchLabels and matchExpressions) selects `labels`.
+fn selects(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    let by_labels = selector.match_labels.iter().flatten().all(|(key, value)| labels.get(key) == Some(value));
+    let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            other => panic!("unknown operator {other}"),
+        }
+    });
+    by_labels && by_expressions
+}
+
+fn pod_labels(deployment: &k8s_openapi::api::apps::v1::Deployment) -> std::collections::BTreeMap<String, String> {
+    let spec = &deployment.spec;
+    let labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    assert!(selects(&spec.selector, &labels), "the Deployment's selector selects its own pods");
+    labels
+}
+
+/// The ports of `policy`'s ingress rules that admit a pod labelled `labels` (from any
+/// namespace the rule allows).
+fn admitted_ports(
+    policy: &k8s_openapi::api::networking::v1::NetworkPolicy,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Vec<i32> {
+    let spec = policy.spec.as_ref().expect("spec");
+    let mut ports = Vec::new();
+    for rule in spec.ingress.iter().flatten() {
+        let admits = rule
+            .from
+            .iter()
+            .flatten()
+            .any(|peer| peer.ip_block.is_none() && peer.pod_selector.as_ref().is_some_and(|s| selects(s, labels)));
+        if admits {
+            for port in rule.ports.iter().flatten() {
+                match &port.port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(number)) => ports.push(*number),
+                    other => panic!("policy {:?}: port {other:?} is not a number", policy.metadata.name),
+                }
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports
+}
+
+#[test]
+fn the_network_policies_admit_only_kube_scheduler_to_the_extender_and_select_the_deployments_pods() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let manifests = "scheduler-config/extender/deployment.yaml";
+    let extender = pod_labels(&deployment(manifests, "topoplace-extender"));
+    let kube_scheduler = pod_labels(&deployment(manifests, "topoplace-scheduler"));
+    let policies: Vec<NetworkPolicy> = typed("scheduler-config/extender/networkpolicy.yaml", "NetworkPolicy");
+    let guarding: Vec<&NetworkPolicy> = policies
+        .iter()
+        .filter(|p| selects(&p.spec.as_ref().expect("spec").pod_selector.clone().unwrap_or_default(), &extender))
+        .collect();
+    assert_eq!(guarding.len(), 1, "one policy selects the extender's pods");
+    let policy = guarding[0];
+    assert_eq!(policy.spec.as_ref().and_then(|s| s.policy_types.clone()), Some(vec!["Ingress".to_string()]));
+    let serve = serve_args(manifests);
+    let (http, grpc) = (i32::from(serve.listen.port()), i32::from(serve.grpc_listen.port()));
+    // kube-scheduler reaches the extender's port and nothing else; a pod of no given label
+    // reaches nothing; a placement client reaches gRPC only; a scraper the HTTPS port only.
+    assert_eq!(admitted_ports(policy, &kube_scheduler), vec![http]);
+    let anyone: std::collections::BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+    assert_eq!(admitted_ports(policy, &anyone), Vec::<i32>::new());
+    let client = [("topoplace.io/placement-client".to_string(), "true".to_string())].into();
+    assert_eq!(admitted_ports(policy, &client), vec![grpc]);
+    let scraper = [("topoplace.io/metrics-scraper".to_string(), "true".to_string())].into();
+    assert_eq!(admitted_ports(policy, &scraper), vec![http]);
+    // The second kube-scheduler admits nobody (its probes come from its node).
+    let own: Vec<&NetworkPolicy> = policies
+        .iter()
+        .filter(|p| selects(&p.spec.as_ref().expect("spec").pod_selector.clone().unwrap_or_default(), &kube_scheduler))
+        .collect();
+    assert_eq!(own.len(), 1);
+    assert!(own[0].spec.as_ref().and_then(|s| s.ingress.as_ref()).is_some_and(Vec::is_empty));
+
+    // `topoplace scheduler`: only scrapers, to its one port.
+    let scheduler = pod_labels(&deployment("scheduler-config/scheduler/deployment.yaml", "topoplace-scheduler"));
+    let policies: Vec<NetworkPolicy> = typed("scheduler-config/scheduler/networkpolicy.yaml", "NetworkPolicy");
+    assert_eq!(policies.len(), 1);
+    assert!(selects(&policies[0].spec.as_ref().expect("spec").pod_selector.clone().unwrap_or_default(), &scheduler));
+    assert_eq!(admitted_ports(&policies[0], &scheduler), Vec::<i32>::new());
+    assert_eq!(admitted_ports(&policies[0], &scraper), vec![8888]);
+}
+
+fn serve_args(path: &str) -> topoplace::cli::serve::ServeArgs {
+    let name = if path.contains("/scheduler/") { "topoplace-scheduler" } else { "topoplace-extender" };
+    let deployment = deployment(path, name);
+    let container = &deployment.spec.template.spec.expect("pod spec").containers[0];
+    let args = container.args.clone().expect("args");
+    let cli = topoplace::cli::Cli::try_parse_from(std::iter::once("topoplace".to_string()).chain(args))
+        .expect("the Deployment's arguments parse");
+    match cli.command {
+        topoplace::cli::Command::Serve(args) | topoplace::cli::Command::Scheduler(args) => args,
+        _ => panic!("{path}: serve or scheduler"),
+    }
+}
+
+/// The directory a container mounts `volume` at, and the Secret that volume is.
+fn secret_mount(deployment: &k8s_openapi::api::apps::v1::Deployment, container: usize, path: &str) -> String {
+    let pod = deployment.spec.template.spec.as_ref().expect("pod spec");
+    let mount = pod.containers[container]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| std::path::Path::new(path).starts_with(&m.mount_path))
+        .unwrap_or_else(|| panic!("{path} is in no volume the container mounts"));
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).expect("the mounted volume");
+    volume.secret.as_ref().and_then(|s| s.secret_name.clone()).unwrap_or_else(|| panic!("{path}: not a Secret"))
+}
+
+#[test]
+fn the_shipped_extender_speaks_https_with_client_certificates_both_ways() {
+    let manifests = "scheduler-config/extender/deployment.yaml";
+    // topoplace: HTTPS with a client CA, never --insecure-http; its files come from a Secret.
+    let serve = serve_args(manifests);
+    assert!(!serve.insecure_http);
+    let extender = deployment(manifests, "topoplace-extender");
+    for file in [&serve.tls_cert, &serve.tls_key, &serve.client_ca] {
+        let file = file.as_ref().expect("--tls-cert, --tls-key and --client-ca").display().to_string();
+        assert_eq!(secret_mount(&extender, 0, &file), "topoplace-extender-tls", "{file}");
+    }
+    // The probes speak HTTPS (they present no certificate: /healthz and /readyz are open).
+    let container = &extender.spec.template.spec.as_ref().expect("pod").containers[0];
+    for probe in [&container.liveness_probe, &container.readiness_probe] {
+        let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("httpGet probe");
+        assert_eq!(get.scheme.as_deref(), Some("HTTPS"), "{:?}", get.path);
+        assert!(matches!(get.path.as_deref(), Some("/healthz" | "/readyz")));
+    }
+    // kube-scheduler: https urlPrefix, enableHTTPS, its certificate, key and CA mounted.
+    let config_map = &documents("scheduler-config/extender/kube-scheduler-config.yaml")[0];
+    let config: Value =
+        serde_yaml_ng::from_str(config_map["data"]["config.yaml"].as_str().expect("config")).expect("yaml");
+    let entry = &config["extenders"][0];
+    assert!(entry["urlPrefix"].as_str().is_some_and(|u| u.starts_with("https://")));
+    assert_eq!(entry["enableHTTPS"].as_bool(), Some(true));
+    let kube_scheduler = deployment(manifests, "topoplace-scheduler");
+    for key in ["certFile", "keyFile", "caFile"] {
+        let file = entry["tlsConfig"][key].as_str().unwrap_or_else(|| panic!("tlsConfig.{key}"));
+        assert_eq!(secret_mount(&kube_scheduler, 0, file), "topoplace-kube-scheduler-client", "{key}");
+    }
+    assert_ne!(
+        entry["tlsConfig"]["insecure"].as_bool(),
+        Some(true),
+        "kube-scheduler checks the extender's certificate"
+    );
+
+    // `topoplace scheduler` serves its port the same way.
+    let scheduler = serve_args("scheduler-config/scheduler/deployment.yaml");
+    assert!(!scheduler.insecure_http && scheduler.tls_cert.is_some() && scheduler.client_ca.is_some());
+}

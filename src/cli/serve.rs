@@ -28,6 +28,24 @@ pub struct ServeArgs {
     /// Path prefix of the verbs (the path part of the extender's `urlPrefix`).
     #[arg(long, default_value = "")]
     pub prefix: String,
+    /// Serve the extender over HTTPS with this PEM certificate (chain, leaf first): the one
+    /// kube-scheduler's `tlsConfig.caFile` trusts. Needs --tls-key and --client-ca.
+    #[arg(long, requires_all = ["tls_key", "client_ca"], conflicts_with = "insecure_http")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA that signs the client certificates allowed to call the verbs and read `/state`
+    /// and `/metrics` (kube-scheduler's `tlsConfig.certFile`); a certificate it did not sign
+    /// is refused at the handshake, a connection without one reaches only `/healthz` and
+    /// `/readyz`.
+    #[arg(long, requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve the extender over plain HTTP with no authentication: anyone who reaches the port
+    /// may call every verb and read `/state` and `/metrics`. For loopback tests and trusted
+    /// networks only; without it, `serve` needs --tls-cert, --tls-key and --client-ca.
+    #[arg(long)]
+    pub insecure_http: bool,
     /// A cluster file to serve instead of a Kubernetes cluster (binds are kept in memory).
     #[arg(long, conflicts_with = "kubeconfig")]
     pub cluster: Option<PathBuf>,
@@ -47,9 +65,22 @@ pub struct ServeArgs {
     /// Node label keys of the topology levels, outermost first.
     #[arg(long, value_delimiter = ',', default_values_t = kube_adapter::node::DEFAULT_LEVEL_KEYS.map(String::from))]
     pub levels: Vec<String>,
-    /// Largest request body accepted, bytes.
+    /// Ceiling of a request body, bytes: a body may have 1 MiB plus 64 KiB per node in the
+    /// view, at most this; a larger one is refused with 413.
     #[arg(long, default_value_t = extender::BODY_BYTES_MAX_DEFAULT)]
     pub body_limit: usize,
+    /// Filter, prioritize and preempt calls the extender works on at once, each; one more is
+    /// answered 429.
+    #[arg(long, default_value_t = extender::IN_FLIGHT_LIMITS_DEFAULT.verbs)]
+    pub in_flight_limit: usize,
+    /// Bind calls in flight at once (a gang member's bind is held until its gang is whole);
+    /// one more is answered 429.
+    #[arg(long, default_value_t = extender::IN_FLIGHT_LIMITS_DEFAULT.bind)]
+    pub bind_in_flight_limit: usize,
+    /// GPUs the reservations of one namespace's pods may hold for members not bound yet; a
+    /// filter that would pass it holds nothing and is answered 429.
+    #[arg(long, default_value_t = topoplace_online::reservation::NAMESPACE_UNBOUND_GPUS_MAX_DEFAULT)]
+    pub namespace_unbound_gpus: u32,
     /// Address the gRPC placement API listens on.
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub grpc_listen: SocketAddr,
@@ -185,6 +216,15 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
             )));
         }
     }
+    for (flag, limit) in [
+        ("--in-flight-limit", args.in_flight_limit),
+        ("--bind-in-flight-limit", args.bind_in_flight_limit),
+        ("--body-limit", args.body_limit),
+    ] {
+        if limit == 0 {
+            return Err(CliError::Input(format!("{flag} must be at least 1")));
+        }
+    }
     if args.grpc_reservation_ttl == 0 || args.grpc_reservation_ttl > grpc::RESERVATION_TTL_S_MAX {
         return Err(CliError::Input(format!(
             "--grpc-reservation-ttl must be between 1 and {} seconds",
@@ -210,10 +250,15 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
     let book_config = BookConfig {
         reservation_ttl_ms: args.reservation_ttl * 1000,
         bind_hold_ms: args.bind_hold * 1000,
+        namespace_unbound_gpus_max: args.namespace_unbound_gpus,
         ..BookConfig::default()
     };
-    let config =
-        ExtenderConfig { prefix: args.prefix.clone(), body_bytes_max: args.body_limit, ..ExtenderConfig::default() };
+    let config = ExtenderConfig {
+        prefix: args.prefix.clone(),
+        body_bytes_max: args.body_limit,
+        in_flight: extender::InFlightLimits { verbs: args.in_flight_limit, bind: args.bind_in_flight_limit },
+        ..ExtenderConfig::default()
+    };
     let grpc_config = GrpcConfig {
         default_ttl_s: args.grpc_reservation_ttl,
         reserve_tokens: match &args.grpc_reserve_tokens {
@@ -230,6 +275,25 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
                 .map_err(|e| CliError::Input(format!("gRPC TLS: {e}")))?,
         ),
         _ => None,
+    };
+    let extender_tls = match (&args.tls_cert, &args.tls_key, &args.client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => Some(
+            extender::tls::ExtenderTls::load(&extender::tls::ExtenderTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            })
+            .map_err(|e| CliError::Input(format!("extender TLS: {e}")))?,
+        ),
+        _ if args.insecure_http => None,
+        _ => {
+            return Err(CliError::Input(
+                "the extender serves HTTPS with client certificates: give --tls-cert, --tls-key and --client-ca \
+                 (scheduler-config/README.md shows how to make them), or --insecure-http for plain HTTP with no \
+                 authentication"
+                    .into(),
+            ))
+        }
     };
     if args.scheduling.scheduler && args.cluster.is_some() {
         return Err(CliError::Input("the scheduler binds through Kubernetes: it cannot run with --cluster".into()));
@@ -282,11 +346,13 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
     if admission.scheduler_names.is_empty() {
         return Err(CliError::Input("--scheduler-names: give at least one scheduler name".into()));
     }
-    let setup = ServerSetup { book: book_config, extender: config, grpc: grpc_config, grpc_tls, admission };
+    let https = extender_tls.is_some();
+    let setup =
+        ServerSetup { book: book_config, extender: config, grpc: grpc_config, grpc_tls, extender_tls, admission };
     let grpc_tls_on = setup.grpc_tls.is_some();
     let serving_grpc = grpc.is_some();
     let server = Server::start(source, setup, Listeners { http, grpc });
-    tracing::info!(listen = %args.listen, prefix = %args.prefix, "extender listening");
+    tracing::info!(listen = %args.listen, prefix = %args.prefix, https, "extender listening");
     if serving_grpc {
         tracing::info!(listen = %args.grpc_listen, tls = grpc_tls_on, "gRPC placement API listening");
     }

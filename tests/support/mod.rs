@@ -89,7 +89,7 @@ pub async fn serve_router(router: Router) -> Running {
 }
 
 /// A whole server ([`Server::start`], as `topoplace serve` starts it) on loopback ports:
-/// `base` is the extender's `http://127.0.0.1:PORT`, `grpc` the placement API's
+/// `base` is the extender's `http://127.0.0.1:PORT` (`https://localhost:PORT` with TLS), `grpc` the placement API's
 /// (`https://localhost:PORT` with TLS).
 pub struct Served {
     pub base: String,
@@ -121,7 +121,12 @@ impl Served {
 pub async fn start_server(source: Source, setup: ServerSetup) -> Served {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-    let base = format!("http://{}", http.local_addr().expect("local addr"));
+    let http_port = http.local_addr().expect("local addr").port();
+    let base = if setup.extender_tls.is_some() {
+        format!("https://localhost:{http_port}")
+    } else {
+        format!("http://127.0.0.1:{http_port}")
+    };
     let port = grpc.local_addr().expect("local addr").port();
     let grpc_base =
         if setup.grpc_tls.is_some() { format!("https://localhost:{port}") } else { format!("http://127.0.0.1:{port}") };
@@ -986,6 +991,7 @@ async fn replace_lease(
 }
 
 async fn get_pod_group(State(api): State<FakeApi>, Path((ns, name)): Path<(String, String)>) -> Response {
+    api.delay().await;
     let state = api.state.lock().expect("api state");
     match state.pod_groups.get(&(ns, name.clone())) {
         Some(group) => axum::Json(group.clone()).into_response(),
@@ -994,6 +1000,7 @@ async fn get_pod_group(State(api): State<FakeApi>, Path((ns, name)): Path<(Strin
 }
 
 async fn get_upstream_pod_group(State(api): State<FakeApi>, Path((ns, name)): Path<(String, String)>) -> Response {
+    api.delay().await;
     let state = api.state.lock().expect("api state");
     match state.upstream_pod_groups.get(&(ns, name.clone())) {
         Some(group) => axum::Json(group.clone()).into_response(),
@@ -1007,4 +1014,50 @@ async fn create_event(State(api): State<FakeApi>, axum::Json(mut event): axum::J
     event["metadata"]["name"] = json!(format!("event-{count}"));
     state.events.push(event.clone());
     (StatusCode::CREATED, axum::Json(event)).into_response()
+}
+
+/// Certificates made at test time: a CA, a server certificate for `localhost` and a client
+/// certificate it signed, and a client certificate another CA signed. Each pair is (PEM
+/// certificate, PEM key).
+pub struct Pki {
+    pub ca: String,
+    pub server: (String, String),
+    pub client: (String, String),
+    pub stranger: (String, String),
+}
+
+/// A fresh [`Pki`].
+pub fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let authority = |name: &str| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("CA");
+        (cert.pem(), Issuer::new(params, key))
+    };
+    let leaf = |name: &str, issuer: &Issuer<'_, KeyPair>| {
+        let key = KeyPair::generate().expect("key");
+        let cert =
+            CertificateParams::new(vec![name.to_string()]).expect("params").signed_by(&key, issuer).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (ca, issuer) = authority("topoplace test CA");
+    let (_, other_issuer) = authority("someone else's CA");
+    Pki {
+        ca,
+        server: leaf("localhost", &issuer),
+        client: leaf("ci-job", &issuer),
+        stranger: leaf("ci-job", &other_issuer),
+    }
+}
+
+/// The GPU nodes of `testdata/extender/cluster.yaml`, as kube-scheduler offers them.
+pub fn extender_node_names() -> Vec<String> {
+    (0..4)
+        .map(|i| format!("r1-{i}"))
+        .chain((0..4).map(|i| format!("r2-{i}")))
+        .chain(["l40s-0".into(), "l40s-1".into()])
+        .collect()
 }

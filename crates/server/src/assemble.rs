@@ -58,6 +58,9 @@ pub struct ServerSetup {
     /// The gRPC placement API's configuration and TLS; served when a gRPC listener is given.
     pub grpc: GrpcConfig,
     pub grpc_tls: Option<ServerTlsConfig>,
+    /// The extender over HTTPS with client certificates; plain HTTP when `None`
+    /// (`serve --insecure-http`).
+    pub extender_tls: Option<extender::tls::ExtenderTls>,
     /// Whose pods the extender binds, on an API server ([`crate::binder::Binder::verify`]).
     pub admission: crate::binder::Admission,
 }
@@ -65,7 +68,8 @@ pub struct ServerSetup {
 /// The sockets a server answers on; bound by the caller, so that a port in use is the
 /// caller's error to report and tests can take port 0.
 pub struct Listeners {
-    /// The extender's verbs, `/healthz`, `/readyz`, `/metrics`, `/state`.
+    /// The extender's verbs, `/healthz`, `/readyz`, `/metrics`, `/state` (HTTPS with
+    /// [`ServerSetup::extender_tls`]).
     pub http: TcpListener,
     /// The gRPC placement API; `None` serves none.
     pub grpc: Option<TcpListener>,
@@ -149,6 +153,7 @@ impl Server {
                     state.clone(),
                     setup.extender,
                     pod_groups,
+                    setup.extender_tls,
                     stopped_signal(stopped.clone()),
                 );
                 let http = async { http.await.map_err(ServeError::Http) };

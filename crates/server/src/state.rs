@@ -13,7 +13,7 @@
 //! lock is held.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -61,6 +61,7 @@ pub(crate) struct SharedGuard<'a> {
     generation: &'a tokio::sync::watch::Sender<u64>,
     present: &'a tokio::sync::watch::Sender<bool>,
     expiry: &'a tokio::sync::watch::Sender<Option<u64>>,
+    hosts: &'a AtomicUsize,
 }
 
 impl std::ops::Deref for SharedGuard<'_> {
@@ -83,6 +84,7 @@ impl Drop for SharedGuard<'_> {
             self.generation.send_if_modified(|seen| std::mem::replace(seen, now) != now);
             let next = book.next_expiry_ms();
             self.expiry.send_if_modified(|seen| std::mem::replace(seen, next) != next);
+            self.hosts.store(book.cluster().hosts.len(), Ordering::Relaxed);
         }
         let present = self.guard.book.is_some();
         self.present.send_if_modified(|seen| std::mem::replace(seen, present) != present);
@@ -114,6 +116,9 @@ pub struct ServerState {
     pub(crate) metrics: Metrics,
     epoch: tokio::time::Instant,
     ready: AtomicBool,
+    /// The nodes in the book's cluster view after the last lock section (request body limits
+    /// read it without the lock).
+    hosts: AtomicUsize,
     /// The book's worker thread's queue.
     queue: SyncSender<Job>,
     /// The gRPC API's share of it ([`API_QUEUE_SHARE`]).
@@ -125,6 +130,7 @@ impl ServerState {
     /// Starts the book's worker thread, which ends when the last `Arc` is dropped.
     pub fn new(book: Option<Book>, binder: Arc<dyn Binder>) -> Arc<Self> {
         let ready = book.is_some();
+        let book_hosts = book.as_ref().map_or(0, |book| book.cluster().hosts.len());
         let present = tokio::sync::watch::Sender::new(book.is_some());
         let expiry = tokio::sync::watch::Sender::new(book.as_ref().and_then(Book::next_expiry_ms));
         let (queue, jobs) = sync_channel::<Job>(BOOK_QUEUE_MAX);
@@ -142,6 +148,7 @@ impl ServerState {
             metrics: Metrics::default(),
             epoch: tokio::time::Instant::now(),
             ready: AtomicBool::new(ready),
+            hosts: AtomicUsize::new(book_hosts),
             queue,
             api_lane: Arc::new(tokio::sync::Semaphore::new(API_QUEUE_SHARE)),
         });
@@ -195,7 +202,13 @@ impl ServerState {
             generation: &self.generation,
             present: &self.present,
             expiry: &self.expiry,
+            hosts: &self.hosts,
         }
+    }
+
+    /// The nodes in the cluster view (0 before it exists), as of the last lock section.
+    pub fn hosts_in_view(&self) -> usize {
+        self.hosts.load(Ordering::Relaxed)
     }
 
     /// The book's generation, updated whenever a lock section changed the cluster view or

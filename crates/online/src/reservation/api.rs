@@ -80,6 +80,9 @@ pub struct PlanOutcome {
     pub unplaced: Vec<Unplaced>,
     /// The reservation id and when it expires.
     pub reservation: Option<(String, u64)>,
+    /// How the request was planned, when it says something: the exact solver's time for the
+    /// request ([`REQUEST_EXACT_TIME_MAX`]) spent before every gang was placed.
+    pub note: Option<String>,
 }
 
 impl PlanOutcome {
@@ -111,10 +114,12 @@ pub enum RequestError {
     NotOwner { id: String, owner: String },
 }
 
-/// The exact solver's time over one request's replicas with roles ([`Book::plan_replicas`]):
-/// each replica gets what is left of it, at most its configured time limit, and the replicas
-/// after it is spent are placed by the search alone. The book's one worker, which the
-/// extender's verbs queue behind, is then held by the solver for no longer than this.
+/// The exact solver's time over one request's gangs ([`Book::plan_gangs`]) or replicas with
+/// roles ([`Book::plan_replicas`]): each gang or replica gets what is left of it, at most its
+/// configured time limit, and the ones after it is spent are placed by the greedy search
+/// alone, with a note naming this limit. The book's one worker, which the extender's verbs
+/// queue behind, is then held by the solver for no longer than this, however many gangs a
+/// request names.
 pub const REQUEST_EXACT_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// One node's verdict for [`Book::explain`].
@@ -282,7 +287,8 @@ impl Book {
 
     /// Places `requests` against the free GPUs, the largest first. With `dry_run` nothing is
     /// held; otherwise the placed gangs are reserved under one new id until `ttl_ms` from
-    /// `now_ms`, or (without `allow_partial`) nothing is when any gang does not fit.
+    /// `now_ms`, or (without `allow_partial`) nothing is when any gang does not fit. The
+    /// exact solver has [`REQUEST_EXACT_TIME_MAX`] for the whole request.
     pub fn plan_gangs(
         &mut self,
         requests: &[GangRequest],
@@ -303,10 +309,18 @@ impl Book {
         let explain_config = options.explain.then(|| PlannerConfig { explain: true, ..self.config.planner.clone() });
         let cluster = &self.cluster;
         let mut explaining = explain_config.map(|config| Planner::new(cluster, config));
+        // The exact solver's time is shared by the request's gangs: past the budget, the rest
+        // are placed by the greedy search alone.
+        let started = std::time::Instant::now();
+        let mut budget_spent = false;
+        let solver = &options.solver;
         let mut place = |planner: &mut Planner, ledger: &mut topoplace_engine::ledger::Ledger<super::Holder>| {
             for index in batch_order(&gangs) {
                 let gang = &gangs[index];
-                let request = PlaceRequest::new(gang).solver(&options.solver).within(masks[index].as_deref());
+                let left = REQUEST_EXACT_TIME_MAX.saturating_sub(started.elapsed());
+                budget_spent |= left.is_zero() && !matches!(solver, SolverChoice::Greedy);
+                let this = solver.within_time(left);
+                let request = PlaceRequest::new(gang).solver(&this).within(masks[index].as_deref());
                 match planner.place(ledger, request) {
                     Ok(placement) => match ledger.reserve(&gang_holder(&requests[index].key), &placement.holding()) {
                         Ok(()) => placed.push((index, placement)),
@@ -325,6 +339,13 @@ impl Book {
             None => self.with_planner(place),
         }
         placed.sort_by_key(|(index, _)| *index);
+        let note = budget_spent.then(|| {
+            format!(
+                "the exact solver's {} ms for the request (REQUEST_EXACT_TIME_MAX) were spent, so later gangs were \
+                 placed by the greedy search",
+                REQUEST_EXACT_TIME_MAX.as_millis()
+            )
+        });
         let keep = !options.dry_run && !placed.is_empty() && (unplaced.is_empty() || options.allow_partial);
         if !keep {
             for (index, _) in &placed {
@@ -337,6 +358,7 @@ impl Book {
                 placements: placed.into_iter().map(|(_, p)| p).collect(),
                 unplaced,
                 reservation: None,
+                note,
             });
         }
         self.api_reservations += 1;
@@ -358,6 +380,7 @@ impl Book {
             placements: placed.into_iter().map(|(_, p)| p).collect(),
             unplaced,
             reservation: Some((id, expires_at_ms)),
+            note,
         })
     }
 

@@ -166,6 +166,8 @@ impl Book {
                         .collect());
                 }
             };
+            let asked = holding.iter().map(|(_, gpus)| gpus.count_ones()).sum();
+            self.check_namespace_room(&demand.pod, asked)?;
             self.ledger
                 .reserve(&gang_holder(&key), &holding)
                 .map_err(|source| BookError::Ledger { pod: demand.pod.to_string(), source })?;

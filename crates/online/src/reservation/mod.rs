@@ -93,6 +93,15 @@ pub const BINDING_BUDGET_MS: u64 = 15_000;
 /// PreBind plugin waits (volume binding); past this, the assumption lapses.
 pub const ASSUME_TTL_MS_DEFAULT: u64 = 10_000;
 
+/// GPUs the reservations planned for one namespace's pods may hold at once for members not
+/// bound yet ([`BookConfig::namespace_unbound_gpus_max`], `serve --namespace-unbound-gpus`):
+/// a filter call that would take a namespace past it holds nothing and is refused with
+/// [`BookError::NamespaceOverLimit`] (the extender answers 429). An extender request is
+/// a caller's word until its bind is verified, and each filter of a new gang holds the whole
+/// gang's GPUs for the reservation TTL; this bounds what one namespace's requests, forged or
+/// not, can keep from the others. 2,048 GPUs: 256 8-GPU hosts.
+pub const NAMESPACE_UNBOUND_GPUS_MAX_DEFAULT: u32 = 2_048;
+
 /// A pod as the book knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodIdentity {
@@ -317,6 +326,14 @@ pub enum BookError {
         "pod {pod}: gang `{gang}` has no open slot of role `{role}` left for it (more pods of that role than its plan)"
     )]
     NoOpenSlot { pod: String, gang: String, role: String },
+    /// A filter that would take its namespace past [`BookConfig::namespace_unbound_gpus_max`];
+    /// nothing was held for it.
+    #[error(
+        "pod {pod}: namespace `{namespace}` holds {held} GPUs in reservations for members not bound yet; this pod's \
+         plan asks {asked} more, over the limit of {limit} per namespace (--namespace-unbound-gpus); nothing is \
+         held for it"
+    )]
+    NamespaceOverLimit { pod: String, namespace: String, held: u32, asked: u32, limit: u32 },
 }
 
 /// One node's answer to a filter call.
@@ -401,6 +418,8 @@ pub struct BookConfig {
     pub bind_hold_ms: u64,
     /// See [`NOMINATION_TTL_MS_DEFAULT`].
     pub nomination_ttl_ms: u64,
+    /// See [`NAMESPACE_UNBOUND_GPUS_MAX_DEFAULT`].
+    pub namespace_unbound_gpus_max: u32,
     pub planner: PlannerConfig,
 }
 
@@ -411,6 +430,7 @@ impl Default for BookConfig {
             assume_ttl_ms: ASSUME_TTL_MS_DEFAULT,
             bind_hold_ms: BIND_HOLD_MS_DEFAULT,
             nomination_ttl_ms: NOMINATION_TTL_MS_DEFAULT,
+            namespace_unbound_gpus_max: NAMESPACE_UNBOUND_GPUS_MAX_DEFAULT,
             planner: PlannerConfig::default(),
         }
     }
@@ -942,6 +962,34 @@ impl Book {
 
     /// Checks the book against its ledger: every holder belongs to a reservation, a ticket in
     /// flight or a bound pod, and the ledger's own invariants hold.
+    /// GPUs that the reservations planned for pods of `namespace` hold for members not bound
+    /// yet (the placement API's reservations, planned for no pod, are not counted).
+    pub fn unbound_gpus_in(&self, namespace: &str) -> u32 {
+        self.gangs
+            .values()
+            .filter(|r| r.planned_by.as_ref().is_some_and(|pod| pod.namespace == namespace))
+            .flat_map(|r| &r.slots)
+            .filter(|slot| !slot.bound)
+            .map(|slot| slot.gpus.count_ones())
+            .sum()
+    }
+
+    /// Refuses a new hold of `asked` GPUs for `pod` that would take its namespace past
+    /// [`BookConfig::namespace_unbound_gpus_max`].
+    fn check_namespace_room(&self, pod: &PodIdentity, asked: u32) -> Result<(), BookError> {
+        let (held, limit) = (self.unbound_gpus_in(&pod.namespace), self.config.namespace_unbound_gpus_max);
+        if held.saturating_add(asked) > limit {
+            return Err(BookError::NamespaceOverLimit {
+                pod: pod.to_string(),
+                namespace: pod.namespace.clone(),
+                held,
+                asked,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     pub fn check(&self) -> Result<(), String> {
         if let Some(first) = self.faults.first() {
             return Err(format!("{} ledger fault(s), the first: {first}", self.stats.ledger_faults));

@@ -266,6 +266,7 @@ impl Book {
                 )));
             }
         };
+        self.check_namespace_room(&demand.pod, joined.gpus.count_ones())?;
         // The GPUs come from the planner on this ledger; a joining reservation that grows is
         // held again whole, as it was if that fails.
         let holder = gang_holder(&key);

@@ -13,6 +13,7 @@
 
 pub mod metrics;
 pub mod state_json;
+pub mod tls;
 pub mod wire;
 
 use std::future::Future;
@@ -37,15 +38,55 @@ use crate::state::{answer_dropped, take_waiters, BookWorkError, ServerState, Sha
 use metrics::Verb;
 use topoplace_engine::topology::HostId;
 use topoplace_online::reservation::{
-    BindFinish, BindStep, Book, MemberBind, NodeVerdict, PodDemand, PreemptCandidate, Ticket,
+    BindFinish, BindStep, Book, BookError, MemberBind, NodeVerdict, PodDemand, PreemptCandidate, Ticket,
 };
 use wire::{
     ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, ExtenderPreemptionArgs,
     ExtenderPreemptionResult, HostPriority, MetaPod, MetaVictims, NodeList,
 };
 
-/// Request bodies above this are refused with 413 (a 5,000-node NodeList is about 40 MB).
+/// The ceiling of a request body, whatever the cluster's size (`serve --body-limit`); a
+/// 5,000-node NodeList of real Node objects is about 40 MB.
 pub const BODY_BYTES_MAX_DEFAULT: usize = 64 << 20;
+/// A request body's allowance for the pod and the envelope ([`body_limit`]).
+pub const BODY_BYTES_BASE: usize = 1 << 20;
+/// A request body's allowance per node in the view ([`body_limit`]): a Node object as
+/// kube-scheduler sends it without `nodeCacheCapable` is 4 to 20 KB (its status lists up to 50
+/// images by default, the kubelet's `nodeStatusMaxImages`); a name alone is tens of bytes.
+pub const BODY_BYTES_PER_NODE: usize = 64 << 10;
+
+/// The largest body a request may have: [`BODY_BYTES_BASE`] plus [`BODY_BYTES_PER_NODE`] for
+/// each node in the view, at most `ceiling` (`serve --body-limit`). A request names nodes
+/// that kube-scheduler found feasible for a GPU pod, which are nodes with GPUs, the ones the
+/// view holds.
+pub fn body_limit(nodes_in_view: usize, ceiling: usize) -> usize {
+    BODY_BYTES_BASE.saturating_add(nodes_in_view.saturating_mul(BODY_BYTES_PER_NODE)).min(ceiling)
+}
+
+/// Requests of each verb the extender works on at once (`serve --in-flight-limit` and
+/// `--bind-in-flight-limit`); one more is answered 429 at once, before its body is read,
+/// naming the limit. kube-scheduler calls filter, prioritize and preempt from its one
+/// scheduling loop, a pod at a time per profile, so a few are plenty; it binds in a goroutine
+/// per pod, and a gang member's bind is held until its gang is complete, so binds in flight
+/// are as many as the members of the gangs assembling at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlightLimits {
+    /// Filter, prioritize and preempt, each.
+    pub verbs: usize,
+    pub bind: usize,
+}
+
+impl InFlightLimits {
+    fn of(self, verb: Verb) -> usize {
+        match verb {
+            Verb::Bind => self.bind,
+            Verb::Filter | Verb::Prioritize | Verb::Preempt => self.verbs,
+        }
+    }
+}
+
+/// 32 filter, prioritize or preempt calls each, 1,024 binds.
+pub const IN_FLIGHT_LIMITS_DEFAULT: InFlightLimits = InFlightLimits { verbs: 32, bind: 1_024 };
 /// Pods remembered between their filter and their bind.
 pub(crate) const DEMANDS_REMEMBERED_MAX: usize = 100_000;
 
@@ -53,9 +94,12 @@ pub(crate) const DEMANDS_REMEMBERED_MAX: usize = 100_000;
 pub struct ExtenderConfig {
     /// Path prefix of the verbs (`urlPrefix`'s path), `""` or like `/topoplace`.
     pub prefix: String,
+    /// The ceiling of a request body; see [`body_limit`].
     pub body_bytes_max: usize,
     /// How long after a hold lapsed its pod is asked to retry ([`GANG_RETRY_AFTER_DEFAULT`]).
     pub gang_retry_after: Duration,
+    /// See [`IN_FLIGHT_LIMITS_DEFAULT`].
+    pub in_flight: InFlightLimits,
 }
 
 /// How long after a hold lapsed its pod is asked to retry: kube-scheduler must have had the
@@ -69,6 +113,7 @@ impl Default for ExtenderConfig {
             prefix: String::new(),
             body_bytes_max: BODY_BYTES_MAX_DEFAULT,
             gang_retry_after: GANG_RETRY_AFTER_DEFAULT,
+            in_flight: IN_FLIGHT_LIMITS_DEFAULT,
         }
     }
 }
@@ -80,6 +125,27 @@ struct Verbs {
     config: Arc<ExtenderConfig>,
     /// PodGroup lookups, when the server reads an API server.
     pod_groups: Option<Arc<PodGroups>>,
+    /// Each verb's requests in flight ([`InFlightLimits`]), indexed by [`Verb`].
+    in_flight: Arc<[Arc<tokio::sync::Semaphore>; 4]>,
+}
+
+impl Verbs {
+    /// A place for one more `verb` request, or 429 naming the limit.
+    fn admit(&self, verb: Verb) -> Result<tokio::sync::OwnedSemaphorePermit, Rejection> {
+        self.in_flight[verb as usize].clone().try_acquire_owned().map_err(|_| {
+            let (limit, flag) = match verb {
+                Verb::Bind => (self.config.in_flight.bind, "--bind-in-flight-limit"),
+                _ => (self.config.in_flight.verbs, "--in-flight-limit"),
+            };
+            Rejection {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!(
+                    "{}: {limit} requests are in flight already, the limit ({flag}); nothing was done, retry shortly",
+                    verb.name()
+                ),
+            }
+        })
+    }
 }
 
 /// The pod's demand, its gang sized by the PodGroup object it names when the server reads an
@@ -109,6 +175,8 @@ fn remember(shared: &mut Shared, demand: &PodDemand) {
 enum Filtered {
     NotReady,
     Refused(String),
+    /// A named limit passed ([`BookError::NamespaceOverLimit`]): 429, nothing held.
+    OverLimit(String),
     /// Each offered name's node id (`None`: not in the view) and the verdicts of the known ones.
     Verdicts(Vec<Option<HostId>>, Vec<NodeVerdict>),
 }
@@ -124,6 +192,7 @@ fn filter_on_book(state: &ServerState, demand: &PodDemand, names: &[String]) -> 
         let known: Vec<HostId> = ids.iter().flatten().copied().collect();
         let outcome = match book.filter(demand, &known, now) {
             Ok(verdicts) => Filtered::Verdicts(ids, verdicts),
+            Err(error @ BookError::NamespaceOverLimit { .. }) => Filtered::OverLimit(error.to_string()),
             Err(error) => Filtered::Refused(error.to_string()),
         };
         if matches!(outcome, Filtered::Verdicts(..)) {
@@ -159,6 +228,7 @@ async fn filter(
         Filtered::Verdicts(ids, verdicts) => (ids, verdicts),
         Filtered::NotReady => return Ok(not_ready_filter()),
         Filtered::Refused(error) => return Ok(ExtenderFilterResult { error, ..Default::default() }),
+        Filtered::OverLimit(message) => return Err(Rejection { status: StatusCode::TOO_MANY_REQUESTS, message }),
     };
     let mut result = ExtenderFilterResult::default();
     let mut passing = vec![false; names.len()];
@@ -336,9 +406,19 @@ fn arrive_on_book(state: &ServerState, args: &ExtenderBindingArgs) -> Arrival {
 /// The bind verb. Its whole flow runs in a task of its own: kube-scheduler hanging up (its
 /// `httpTimeout`) drops the HTTP handler, and must not drop a member's arrival half-way (a
 /// gang marked binding whose Bindings never run) nor a gang's Bindings.
-async fn bind(verbs: &Verbs, args: ExtenderBindingArgs) -> ExtenderBindingResult {
+/// `permit` is the call's place among the binds in flight, kept until its flow ends.
+async fn bind(
+    verbs: &Verbs,
+    args: ExtenderBindingArgs,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> ExtenderBindingResult {
     let (state, retry_after) = (verbs.state.clone(), verbs.config.gang_retry_after);
-    match tokio::spawn(async move { bind_flow(&state, retry_after, args).await }).await {
+    let flow = async move {
+        let reply = bind_flow(&state, retry_after, args).await;
+        drop(permit);
+        reply
+    };
+    match tokio::spawn(flow).await {
         Ok(reply) => reply,
         Err(error) => ExtenderBindingResult { error: format!("the bind task failed: {error}") },
     }
@@ -602,7 +682,11 @@ impl Rejection {
 
 impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
-        (self.status, json_body(&serde_json::json!({ "Error": self.message }))).into_response()
+        let mut response = (self.status, json_body(&serde_json::json!({ "Error": self.message }))).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -628,10 +712,15 @@ impl From<BookWorkError> for Rejection {
 }
 
 async fn read_json<T: DeserializeOwned>(verbs: &Verbs, verb: &str, body: Body) -> Result<T, Rejection> {
-    let limit = verbs.config.body_bytes_max;
+    let nodes = verbs.state.hosts_in_view();
+    let limit = body_limit(nodes, verbs.config.body_bytes_max);
     let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| Rejection {
         status: StatusCode::PAYLOAD_TOO_LARGE,
-        message: format!("{verb}: request body is over the limit of {limit} bytes"),
+        message: format!(
+            "{verb}: request body is over the limit of {limit} bytes ({BODY_BYTES_BASE} + {BODY_BYTES_PER_NODE} for \
+             each of the {nodes} nodes in the view, at most --body-limit {})",
+            verbs.config.body_bytes_max
+        ),
     })?;
     serde_json::from_slice(&bytes)
         .map_err(|error| Rejection::bad_request(format!("{verb}: the body is not a valid request: {error}")))
@@ -639,7 +728,10 @@ async fn read_json<T: DeserializeOwned>(verbs: &Verbs, verb: &str, body: Body) -
 
 async fn timed<T: Serialize>(verbs: &Verbs, verb: Verb, work: impl Future<Output = Result<T, Rejection>>) -> Response {
     let start = std::time::Instant::now();
-    let outcome = work.await;
+    let outcome = match verbs.admit(verb) {
+        Ok(_permit) => work.await,
+        Err(rejection) => Err(rejection),
+    };
     verbs.state.metrics.record(verb, start.elapsed(), outcome.is_ok());
     match outcome {
         Ok(reply) => json_body(&reply),
@@ -670,6 +762,13 @@ async fn preempt_handler(State(verbs): State<Verbs>, body: Body) -> Response {
 
 async fn bind_handler(State(verbs): State<Verbs>, body: Body) -> Response {
     let start = std::time::Instant::now();
+    let permit = match verbs.admit(Verb::Bind) {
+        Ok(permit) => permit,
+        Err(rejection) => {
+            verbs.state.metrics.record(Verb::Bind, start.elapsed(), false);
+            return rejection.into_response();
+        }
+    };
     let args: ExtenderBindingArgs = match read_json(&verbs, "bind", body).await {
         Ok(args) => args,
         Err(rejection) => {
@@ -677,32 +776,44 @@ async fn bind_handler(State(verbs): State<Verbs>, body: Body) -> Response {
             return rejection.into_response();
         }
     };
-    let reply = bind(&verbs, args).await;
+    let reply = bind(&verbs, args, permit).await;
     verbs.state.metrics.record(Verb::Bind, start.elapsed(), reply.error.is_empty());
     json_body(&reply)
 }
 
+/// Over TLS, a connection that presented no client certificate reaches the probes only:
+/// every other route answers it 401 ([`tls::ClientCert::Absent`]). Plain HTTP
+/// (`--insecure-http`) carries no [`tls::ClientCert`] and passes.
+async fn require_client_cert(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if request.extensions().get::<tls::ClientCert>() == Some(&tls::ClientCert::Absent) {
+        return Rejection {
+            status: StatusCode::UNAUTHORIZED,
+            message: format!(
+                "{}: a client certificate signed by the extender's client CA (--client-ca) is required",
+                request.uri().path()
+            ),
+        }
+        .into_response();
+    }
+    next.run(request).await
+}
+
 /// The HTTP routes over `state`, verbs under `config.prefix`; with `pod_groups` (a server on
-/// an API server), a pod's gang is sized by the PodGroup object it names.
+/// an API server), a pod's gang is sized by the PodGroup object it names. The verbs,
+/// `/metrics` and `/state` are behind [`require_client_cert`]; `/healthz` and `/readyz` are
+/// not (the kubelet's probes present no certificate).
 pub fn router(state: Arc<ServerState>, config: ExtenderConfig, pod_groups: Option<Arc<PodGroups>>) -> Router {
     let prefix = config.prefix.trim_end_matches('/').to_string();
-    let verbs = Verbs { state, config: Arc::new(config), pod_groups };
+    let semaphore = |verb: Verb| {
+        Arc::new(tokio::sync::Semaphore::new(config.in_flight.of(verb).min(tokio::sync::Semaphore::MAX_PERMITS)))
+    };
+    let in_flight = Arc::new(Verb::ALL.map(semaphore));
+    let verbs = Verbs { state, config: Arc::new(config), pod_groups, in_flight };
     Router::new()
         .route(&format!("{prefix}/filter"), post(filter_handler))
         .route(&format!("{prefix}/prioritize"), post(prioritize_handler))
         .route(&format!("{prefix}/preempt"), post(preempt_handler))
         .route(&format!("{prefix}/bind"), post(bind_handler))
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(verbs): State<Verbs>| async move {
-                if verbs.state.is_ready() {
-                    (StatusCode::OK, "ok")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "node and pod caches not synced")
-                }
-            }),
-        )
         .route(
             "/metrics",
             get(|State(verbs): State<Verbs>| async move {
@@ -714,18 +825,37 @@ pub fn router(state: Arc<ServerState>, config: ExtenderConfig, pod_groups: Optio
             }),
         )
         .route("/state", get(|State(verbs): State<Verbs>| async move { json_body(&verbs.state.state_json()) }))
+        .route_layer(axum::middleware::from_fn(require_client_cert))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(verbs): State<Verbs>| async move {
+                if verbs.state.is_ready() {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "node and pod caches not synced")
+                }
+            }),
+        )
         .with_state(verbs)
 }
 
 /// Serves the extender on `listener` until `shutdown` resolves, then stops taking
 /// connections and lets requests in flight finish (binds held for their gang included, up to
-/// their hold). Expiry is the server's ([`ServerState::run_expiry`]), not this function's.
+/// their hold). Over HTTPS with client certificates when `tls` is given ([`tls::serve`]),
+/// plain HTTP otherwise. Expiry is the server's ([`ServerState::run_expiry`]), not this
+/// function's.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ServerState>,
     config: ExtenderConfig,
     pod_groups: Option<Arc<PodGroups>>,
+    tls: Option<tls::ExtenderTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state, config, pod_groups)).with_graceful_shutdown(shutdown).await
+    let router = router(state, config, pod_groups);
+    match tls {
+        Some(tls) => tls::serve(listener, tls, router, shutdown).await,
+        None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await,
+    }
 }

@@ -98,6 +98,12 @@ fn invalid_at(index: usize, message: String) -> Status {
     Status::invalid_argument(format!("gangs[{index}]: {message}"))
 }
 
+/// A request over one of the API's named limits: `RESOURCE_EXHAUSTED`, naming the gang
+/// where the limit was passed and the limit; nothing is planned or held.
+fn over_limit_at(index: usize, message: String) -> Status {
+    Status::resource_exhausted(format!("gangs[{index}]: {message}"))
+}
+
 /// One role of a gang, its slices checked (the rest is checked with the gang's spec).
 fn role_spec(role: &pb::Role) -> Result<RoleSpec, String> {
     let slices = match (role.slice_members, role.slice_required_topology.trim()) {
@@ -170,7 +176,7 @@ fn gang_spec(index: usize, gang: &pb::Gang) -> Result<(String, Option<ProductId>
 fn check_count(index: usize, so_far: usize, replicas: u32) -> Result<(), Status> {
     let total = so_far.saturating_add(replicas as usize);
     if total > super::REQUEST_GANGS_MAX {
-        return Err(invalid_at(
+        return Err(over_limit_at(
             index,
             format!(
                 "the request names {total} or more gangs (replicas counted), over the limit of {}",
@@ -214,7 +220,7 @@ pub fn replica_requests(gangs: &[pb::Gang]) -> Result<Vec<ReplicaRequest>, Statu
         if !spec.roles.is_empty() {
             with_roles = with_roles.saturating_add(spec.replicas as usize);
             if with_roles > super::REQUEST_REPLICAS_WITH_ROLES_MAX {
-                return Err(invalid_at(
+                return Err(over_limit_at(
                     index,
                     format!(
                         "gang `{key}`: the request has {with_roles} or more replicas with roles, over the limit of {} \
@@ -308,7 +314,7 @@ pub fn plan_response(cluster: &Cluster, outcome: &PlanOutcome, now_ms: u64) -> p
         expires_in_ms,
         placements: outcome.placements.iter().map(|p| placement(cluster, p)).collect(),
         unplaced: outcome.unplaced.iter().map(unplaced).collect(),
-        note: String::new(),
+        note: outcome.note.clone().unwrap_or_default(),
         replicas: Vec::new(),
     }
 }
