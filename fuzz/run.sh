@@ -8,7 +8,8 @@
 #
 # Corpora go to $CORPUS (default: a new temporary folder); crashes, slow inputs and over-limit
 # allocations go to fuzz/artifacts/<target>/ (not committed: each becomes a regression test in
-# tests/fuzz_regressions.rs). Prints one summary line per target.
+# the project's test suite, as fuzz/README.md says). Prints one summary line per target, and
+# exits 1 when any target found something or failed to run.
 set -euo pipefail
 cd "$(dirname "$0")"
 LIMIT_S=${1:-1800}
@@ -55,6 +56,7 @@ PY
   esac
 }
 
+status=0
 for target in $TARGETS; do
   seed "$target"
   mkdir -p "artifacts/$target"
@@ -65,9 +67,13 @@ for target in $TARGETS; do
     -print_final_stats=1 -artifact_prefix="artifacts/$target/" >"$log" 2>&1
   rc=$?
   set -e
-  runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | awk '{print $2}' | tail -1)
-  rss=$(grep -o 'stat::peak_rss_mb: [0-9]*' "$log" | awk '{print $2}' | tail -1)
-  secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | awk '{print $5}' | tail -1)
+  # A finding (crash, slow input, allocation over the limit) prints no "Done" line.
+  runs=$(grep -oE 'stat::number_of_executed_units: +[0-9]+' "$log" | awk '{print $2}' | tail -1 || true)
+  rss=$(grep -oE 'stat::peak_rss_mb: +[0-9]+' "$log" | awk '{print $2}' | tail -1 || true)
+  secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | awk '{print $5}' | tail -1 || true)
+  slowest=$(grep -oE 'stat::slowest_unit_time_sec: +[0-9]+' "$log" | awk '{print $2}' | tail -1 || true)
   found=$(find "artifacts/$target" -type f | wc -l)
-  echo "$target: exit $rc, ${runs:-?} executions in ${secs:-?} s, peak RSS ${rss:-?} MB, artifacts $found (log $log)"
+  echo "$target: exit $rc, ${runs:-?} executions in ${secs:-?} s, slowest input ${slowest:-?} s, peak RSS ${rss:-?} MB, artifacts $found (log $log)"
+  if [ "$rc" != 0 ] || [ "$found" != 0 ]; then status=1; fi
 done
+exit $status

@@ -447,7 +447,8 @@ async fn forged_binds_bind_nothing_and_delete_nothing() {
     for (object, expected) in [
         (other_uid, "has uid `solo-uid`, not `forged-uid`"),
         (volcano, "spec.schedulerName is `volcano`"),
-        (outside, "namespace `other` is not one this extender binds in"),
+        // Refused at its filter already: nothing is planned for it.
+        (outside, "namespace `other` is not one this extender serves (--namespaces)"),
         (claimed, "the API server's pod says gang `ml/h` of 1"),
         (smaller, "the request says nvidia.com/gpu 1, but the API server's pod says 2"),
     ] {

@@ -8,10 +8,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{
-    eventually_async as eventually, free_gpus, kube_server_with, pki, pod, post, schedule, serve_router, static_server,
-    FakeApi,
-};
+use support::{free_gpus, kube_server_with, pki, pod, post, schedule, serve_router, static_server, FakeApi};
 use topoplace_online::reservation::BookConfig;
 use topoplace_server::assemble::ServerSetup;
 use topoplace_server::extender::tls::ExtenderTls;
@@ -75,15 +72,15 @@ async fn over_https_only_clients_with_a_certificate_of_the_client_ca_reach_the_v
     }
     for path in ["state", "metrics"] {
         let (status, body) = get(&anonymous, &format!("{base}/{path}")).await.expect(path);
-        assert_eq!(status, 401, "{path}: {body}");
+        assert_eq!(status, 403, "{path}: {body}");
         assert!(body.contains("a client certificate signed by the extender's client CA"), "{path}: {body}");
     }
     let forged = json!({"Pod": pod("t", "forged", "forged-uid", 8, Some(("g", 2))), "NodeNames": nodes});
     let (status, body) = post(&anonymous, &format!("{base}/filter"), &forged).await;
-    assert_eq!(status, 401, "{body}");
+    assert_eq!(status, 403, "{body}");
     assert!(body["Error"].as_str().is_some_and(|e| e.contains("/filter: a client certificate")), "{body}");
     let bind = json!({"PodName": "real", "PodNamespace": "t", "PodUID": "real-uid", "Node": "r1-0"});
-    assert_eq!(post(&anonymous, &format!("{base}/bind"), &bind).await.0, 401);
+    assert_eq!(post(&anonymous, &format!("{base}/bind"), &bind).await.0, 403);
 
     // A certificate another CA signed: the handshake is refused, nothing is answered.
     let stranger = https_client(&pki.ca, Some(&pki.stranger));
@@ -191,22 +188,22 @@ async fn a_namespace_past_its_unbound_gpus_is_429_and_holds_nothing_more() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binds_past_the_in_flight_limit_are_429_and_take_no_slot() {
+async fn binds_held_for_their_gang_leave_the_bind_limit_to_binds_at_work() {
+    // A gang of three with room for two binds at work: the two held for the third give their
+    // places back, so the third is admitted and the gang binds whole.
     let config = ExtenderConfig { in_flight: InFlightLimits { verbs: 32, bind: 2 }, ..ExtenderConfig::default() };
-    let book = BookConfig { reservation_ttl_ms: 3_000, bind_hold_ms: 3_000, ..BookConfig::default() };
     let (server, ext, binder) =
-        static_server(CLUSTER, ServerSetup { book, extender: config, ..ServerSetup::default() }).await;
+        static_server(CLUSTER, ServerSetup { extender: config, ..ServerSetup::default() }).await;
     let (client, base, nodes) = (reqwest::Client::new(), server.base.clone(), node_names());
     let member = |index: u32| pod("t", &format!("m-{index}"), &format!("m-{index}-uid"), 8, Some(("g", 3)));
     let mut planned = Vec::new();
     for index in 0..3 {
-        let (status, reply) =
-            post(&client, &format!("{base}/filter"), &json!({"Pod": member(index), "NodeNames": nodes})).await;
+        let args = json!({"Pod": member(index), "NodeNames": nodes});
+        let (status, reply) = post(&client, &format!("{base}/filter"), &args).await;
         assert_eq!((status, &reply["Error"]), (200, &json!("")), "{reply}");
         planned.push(reply["NodeNames"][0].as_str().expect("a node").to_string());
     }
     let bind = |index: usize| json!({"PodName": format!("m-{index}"), "PodNamespace": "t", "PodUID": format!("m-{index}-uid"), "Node": planned[index]});
-    // Two binds are held for the third member: the limit is reached.
     let held: Vec<_> = (0..2)
         .map(|index| {
             let (client, url, args) = (client.clone(), format!("{base}/bind"), bind(index));
@@ -216,7 +213,7 @@ async fn binds_past_the_in_flight_limit_are_429_and_take_no_slot() {
     let at_bind = |state: &Value| {
         state["gangs"][0]["slots"].as_array().map_or(0, |slots| slots.iter().filter(|s| s["atBind"] == true).count())
     };
-    eventually("two members held at bind", || {
+    support::eventually_async("two members held at bind", || {
         let (client, base) = (client.clone(), base.clone());
         async move {
             let state: Value =
@@ -225,27 +222,67 @@ async fn binds_past_the_in_flight_limit_are_429_and_take_no_slot() {
         }
     })
     .await;
-    let reply = client.post(format!("{base}/bind")).json(&bind(2)).send().await.expect("send");
+    let (status, reply) = post(&client, &format!("{base}/bind"), &bind(2)).await;
+    assert_eq!((status, &reply["Error"]), (200, &json!("")), "the third member is admitted: {reply}");
+    for task in held {
+        let (status, reply) = task.await.expect("task");
+        assert_eq!((status, &reply["Error"]), (200, &json!("")), "{reply}");
+    }
+    assert!((0..3).all(|index| binder.node_of(&format!("m-{index}-uid")).is_some()));
+    ext.check().expect("book invariants");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binds_past_the_in_flight_limit_are_429_and_bind_nothing() {
+    let api = FakeApi::new();
+    for index in 0..2 {
+        api.add_node(&format!("r1-{index}"), "NVIDIA-H100-80GB-HBM3", 8, "r1");
+    }
+    for name in ["a", "b"] {
+        api.add_pod(pod("ml", name, &format!("{name}-uid"), 8, None), None, None);
+    }
+    let api_server = serve_router(api.router()).await;
+    let config = ExtenderConfig { in_flight: InFlightLimits { verbs: 32, bind: 1 }, ..ExtenderConfig::default() };
+    let server =
+        kube_server_with(&api_server.base, ServerSetup { extender: config, ..ServerSetup::default() }, None).await;
+    let (base, ext) = (server.base.clone(), server.state().clone());
+    ext.book_installed().await;
+    let (client, nodes) = (reqwest::Client::new(), vec!["r1-0".to_string(), "r1-1".to_string()]);
+    let mut planned = Vec::new();
+    for name in ["a", "b"] {
+        let args = json!({"Pod": pod("ml", name, &format!("{name}-uid"), 8, None), "NodeNames": nodes});
+        let (status, reply) = post(&client, &format!("{base}/filter"), &args).await;
+        assert_eq!((status, &reply["Error"]), (200, &json!("")), "{reply}");
+        planned.push(reply["NodeNames"][0].as_str().expect("a node").to_string());
+    }
+    let bind = |name: &str, node: &str| json!({"PodName": name, "PodNamespace": "ml", "PodUID": format!("{name}-uid"), "Node": node});
+    // a's bind reads its pod from an API server that answers after 5 s (past the 3 s of
+    // verification): it is at work meanwhile.
+    api.faults.lock().expect("faults").delay = Some(Duration::from_secs(5));
+    let first = {
+        let (client, url, args) = (client.clone(), format!("{base}/bind"), bind("a", &planned[0]));
+        tokio::spawn(async move { post(&client, &url, &args).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reply = client.post(format!("{base}/bind")).json(&bind("b", &planned[1])).send().await.expect("send");
     assert_eq!(reply.status().as_u16(), 429);
+    assert_eq!(reply.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     let body: Value = reply.json().await.expect("json");
     assert!(
         body["Error"]
             .as_str()
-            .is_some_and(|e| e.contains("bind: 2 requests are in flight already, the limit (--bind-in-flight-limit)")),
+            .is_some_and(|e| e.contains("bind: 1 requests are in flight already, the limit (--bind-in-flight-limit)")),
         "{body}"
     );
-    let state: Value = client.get(format!("{base}/state")).send().await.expect("state").json().await.expect("json");
-    assert_eq!(at_bind(&state), 2, "the refused bind is not at bind: {state}");
-    assert_eq!(binder.node_of("m-2-uid"), None);
-    // The held binds lapse unbound (their member never came), and nothing was bound.
-    for task in held {
-        let (status, reply) = task.await.expect("task");
-        assert_eq!(status, 200);
-        assert!(reply["Error"].as_str().is_some_and(|e| !e.is_empty()), "{reply}");
-    }
-    assert_eq!((binder.node_of("m-0-uid"), binder.node_of("m-1-uid")), (None, None));
-    ext.check().expect("book invariants");
+    let (status, reply) = first.await.expect("task");
+    assert_eq!(status, 200);
+    assert!(reply["Error"].as_str().is_some_and(|e| e.contains("not bound")), "{reply}");
+    // Neither was bound: the refused one was not even looked at.
+    api.faults.lock().expect("faults").delay = None;
+    assert!(api.bindings().is_empty(), "{:?}", api.bindings());
     server.stop().await;
+    api_server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,4 +330,34 @@ async fn filters_past_the_in_flight_limit_are_429_and_hold_nothing() {
     assert_eq!(ext.with_book(|book| (book.as_ref().map(|b| b.unbound_gpus_in("ml")), Vec::new())), Some(8));
     server.stop().await;
     api_server.stop().await;
+}
+
+#[tokio::test]
+async fn pods_of_namespaces_outside_the_served_set_are_refused_at_filter_and_hold_nothing() {
+    let admission = topoplace_server::binder::Admission {
+        namespaces: Some(["ml".to_string()].into()),
+        ..topoplace_server::binder::Admission::default()
+    };
+    let (server, ext, _binder) = static_server(CLUSTER, ServerSetup { admission, ..ServerSetup::default() }).await;
+    let (client, base, nodes) = (reqwest::Client::new(), server.base.clone(), node_names());
+    let outside = json!({"Pod": pod("other", "p", "p-uid", 8, Some(("g", 2))), "NodeNames": nodes});
+    let (status, reply) = post(&client, &format!("{base}/filter"), &outside).await;
+    assert_eq!(status, 200);
+    assert_eq!(reply["Error"], "pod other/p: namespace `other` is not one this extender serves (--namespaces)");
+    assert_eq!(reply["NodeNames"], Value::Null);
+    for verb in ["prioritize", "preempt"] {
+        let args = match verb {
+            "prioritize" => outside.clone(),
+            _ => json!({"Pod": outside["Pod"], "NodeNameToMetaVictims": {}}),
+        };
+        let (status, reply) = post(&client, &format!("{base}/{verb}"), &args).await;
+        assert_eq!(status, 403, "{verb}: {reply}");
+    }
+    assert_eq!(ext.with_book(|book| (book.as_ref().map(|b| b.unbound_gpus_in("other")), Vec::new())), Some(0));
+    // A pod of the served namespace is planned.
+    let inside = json!({"Pod": pod("ml", "q", "q-uid", 8, Some(("g", 2))), "NodeNames": nodes});
+    let (status, reply) = post(&client, &format!("{base}/filter"), &inside).await;
+    assert_eq!((status, &reply["Error"]), (200, &json!("")), "{reply}");
+    assert_eq!(ext.with_book(|book| (book.as_ref().map(|b| b.unbound_gpus_in("ml")), Vec::new())), Some(16));
+    server.stop().await;
 }

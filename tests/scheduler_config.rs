@@ -199,30 +199,61 @@ fn pod_labels(deployment: &k8s_openapi::api::apps::v1::Deployment) -> std::colle
     labels
 }
 
-/// The ports of `policy`'s ingress rules that admit a pod labelled `labels` (from any
-/// namespace the rule allows).
-fn admitted_ports(
-    policy: &k8s_openapi::api::networking::v1::NetworkPolicy,
-    labels: &std::collections::BTreeMap<String, String>,
-) -> Vec<i32> {
+/// A pod that may try to connect: its namespace and labels.
+struct Source<'a> {
+    namespace: &'a str,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+fn source<'a>(namespace: &'a str, labels: &[(&str, &str)]) -> Source<'a> {
+    Source { namespace, labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+}
+
+/// Every port, in [`admitted_ports`]'s answer.
+const EVERY_PORT: i32 = 0;
+
+/// The ports `policy` (applied in namespace `own`) admits from `from`, with the semantics of
+/// `networking.k8s.io/v1`: a rule without `from` admits every source, a rule without `ports`
+/// every port ([`EVERY_PORT`]); a peer's `podSelector` alone means its own namespace, a
+/// `namespaceSelector` alone every pod of the namespaces it selects (matched on the
+/// `kubernetes.io/metadata.name` label the API server sets); an `ipBlock` is taken to admit
+/// anyone.
+fn admitted_ports(policy: &k8s_openapi::api::networking::v1::NetworkPolicy, own: &str, from: &Source<'_>) -> Vec<i32> {
+    let namespace_labels: std::collections::BTreeMap<String, String> =
+        [("kubernetes.io/metadata.name".to_string(), from.namespace.to_string())].into();
     let spec = policy.spec.as_ref().expect("spec");
     let mut ports = Vec::new();
     for rule in spec.ingress.iter().flatten() {
-        let admits = rule
-            .from
-            .iter()
-            .flatten()
-            .any(|peer| peer.ip_block.is_none() && peer.pod_selector.as_ref().is_some_and(|s| selects(s, labels)));
-        if admits {
-            for port in rule.ports.iter().flatten() {
-                match &port.port {
-                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(number)) => ports.push(*number),
-                    other => panic!("policy {:?}: port {other:?} is not a number", policy.metadata.name),
+        let peers = rule.from.as_deref().unwrap_or_default();
+        let admits = peers.is_empty()
+            || peers.iter().any(|peer| {
+                if peer.ip_block.is_some() {
+                    return true;
                 }
+                let namespace_ok = match &peer.namespace_selector {
+                    None => from.namespace == own,
+                    Some(selector) => selects(selector, &namespace_labels),
+                };
+                let pod_ok = peer.pod_selector.as_ref().is_none_or(|s| selects(s, &from.labels));
+                namespace_ok && pod_ok
+            });
+        if !admits {
+            continue;
+        }
+        let rule_ports = rule.ports.as_deref().unwrap_or_default();
+        if rule_ports.is_empty() {
+            ports.push(EVERY_PORT);
+        }
+        for port in rule_ports {
+            match &port.port {
+                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(number)) => ports.push(*number),
+                None => ports.push(EVERY_PORT),
+                other => panic!("policy {:?}: port {other:?} is not a number", policy.metadata.name),
             }
         }
     }
     ports.sort_unstable();
+    ports.dedup();
     ports
 }
 
@@ -243,29 +274,57 @@ fn the_network_policies_admit_only_kube_scheduler_to_the_extender_and_select_the
     let serve = serve_args(manifests);
     let (http, grpc) = (i32::from(serve.listen.port()), i32::from(serve.grpc_listen.port()));
     // kube-scheduler reaches the extender's port and nothing else; a pod of no given label
-    // reaches nothing; a placement client reaches gRPC only; a scraper the HTTPS port only.
-    assert_eq!(admitted_ports(policy, &kube_scheduler), vec![http]);
-    let anyone: std::collections::BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
-    assert_eq!(admitted_ports(policy, &anyone), Vec::<i32>::new());
-    let client = [("topoplace.io/placement-client".to_string(), "true".to_string())].into();
-    assert_eq!(admitted_ports(policy, &client), vec![grpc]);
-    let scraper = [("topoplace.io/metrics-scraper".to_string(), "true".to_string())].into();
-    assert_eq!(admitted_ports(policy, &scraper), vec![http]);
+    // reaches nothing; a placement client of the topoplace namespace reaches gRPC only, one of
+    // another namespace nothing; a scraper of the monitoring namespace the HTTPS port only.
+    let ns = "topoplace";
+    let kube_scheduler_pod = Source { namespace: ns, labels: kube_scheduler.clone() };
+    assert_eq!(admitted_ports(policy, ns, &kube_scheduler_pod), vec![http]);
+    let elsewhere = Source { namespace: "tenant", labels: kube_scheduler.clone() };
+    assert_eq!(
+        admitted_ports(policy, ns, &elsewhere),
+        Vec::<i32>::new(),
+        "kube-scheduler's labels in another namespace"
+    );
+    assert_eq!(admitted_ports(policy, ns, &source(ns, &[("app", "web")])), Vec::<i32>::new());
+    let client = [("topoplace.io/placement-client", "true")];
+    assert_eq!(admitted_ports(policy, ns, &source(ns, &client)), vec![grpc]);
+    assert_eq!(admitted_ports(policy, ns, &source("tenant", &client)), Vec::<i32>::new());
+    let scraper = [("topoplace.io/metrics-scraper", "true")];
+    assert_eq!(admitted_ports(policy, ns, &source("monitoring", &scraper)), vec![http]);
+    assert_eq!(admitted_ports(policy, ns, &source("tenant", &scraper)), Vec::<i32>::new());
     // The second kube-scheduler admits nobody (its probes come from its node).
     let own: Vec<&NetworkPolicy> = policies
         .iter()
         .filter(|p| selects(&p.spec.as_ref().expect("spec").pod_selector.clone().unwrap_or_default(), &kube_scheduler))
         .collect();
     assert_eq!(own.len(), 1);
-    assert!(own[0].spec.as_ref().and_then(|s| s.ingress.as_ref()).is_some_and(Vec::is_empty));
+    for from in [&kube_scheduler_pod, &source(ns, &client), &source("monitoring", &scraper)] {
+        assert_eq!(admitted_ports(own[0], ns, from), Vec::<i32>::new());
+    }
+
+    // The model itself: an empty rule admits everyone to every port, a namespace selector alone
+    // every pod of that namespace.
+    let open: NetworkPolicy = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "open"}, "spec": {"podSelector": {}, "ingress": [{}]}}),
+    )
+    .expect("policy");
+    assert_eq!(admitted_ports(&open, ns, &source("tenant", &[])), vec![EVERY_PORT]);
+    let by_namespace: NetworkPolicy = serde_json::from_value(serde_json::json!({"metadata": {"name": "ns"},
+        "spec": {"podSelector": {}, "ingress": [{"from": [{"namespaceSelector":
+            {"matchLabels": {"kubernetes.io/metadata.name": "tenant"}}}], "ports": [{"port": 1}]}]}}))
+    .expect("policy");
+    assert_eq!(admitted_ports(&by_namespace, ns, &source("tenant", &[("any", "pod")])), vec![1]);
+    assert_eq!(admitted_ports(&by_namespace, ns, &source(ns, &[])), Vec::<i32>::new());
 
     // `topoplace scheduler`: only scrapers, to its one port.
     let scheduler = pod_labels(&deployment("scheduler-config/scheduler/deployment.yaml", "topoplace-scheduler"));
     let policies: Vec<NetworkPolicy> = typed("scheduler-config/scheduler/networkpolicy.yaml", "NetworkPolicy");
     assert_eq!(policies.len(), 1);
     assert!(selects(&policies[0].spec.as_ref().expect("spec").pod_selector.clone().unwrap_or_default(), &scheduler));
-    assert_eq!(admitted_ports(&policies[0], &scheduler), Vec::<i32>::new());
-    assert_eq!(admitted_ports(&policies[0], &scraper), vec![8888]);
+    let itself = Source { namespace: ns, labels: scheduler };
+    assert_eq!(admitted_ports(&policies[0], ns, &itself), Vec::<i32>::new());
+    assert_eq!(admitted_ports(&policies[0], ns, &source("monitoring", &scraper)), vec![8888]);
+    assert_eq!(admitted_ports(&policies[0], ns, &source("tenant", &scraper)), Vec::<i32>::new());
 }
 
 fn serve_args(path: &str) -> topoplace::cli::serve::ServeArgs {

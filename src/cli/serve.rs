@@ -65,8 +65,9 @@ pub struct ServeArgs {
     /// Node label keys of the topology levels, outermost first.
     #[arg(long, value_delimiter = ',', default_values_t = kube_adapter::node::DEFAULT_LEVEL_KEYS.map(String::from))]
     pub levels: Vec<String>,
-    /// Ceiling of a request body, bytes: a body may have 1 MiB plus 64 KiB per node in the
-    /// view, at most this; a larger one is refused with 413.
+    /// Ceiling of a request body, bytes: a body may have 2 MiB plus 64 KiB per node in the
+    /// view, at most this (a preempt body, whose victims may be whole pods, this); a larger
+    /// one is refused with 413.
     #[arg(long, default_value_t = extender::BODY_BYTES_MAX_DEFAULT)]
     pub body_limit: usize,
     /// Filter, prioritize and preempt calls the extender works on at once, each; one more is
@@ -91,8 +92,9 @@ pub struct ServeArgs {
     /// for a pod of any other scheduler is refused (the API server's pod is read first).
     #[arg(long, value_delimiter = ',', default_values_t = ["default-scheduler".to_string(), "topoplace".to_string()])]
     pub scheduler_names: Vec<String>,
-    /// Namespaces whose pods the extender may bind (comma-separated); every namespace when
-    /// not given.
+    /// Namespaces whose pods the extender serves (comma-separated): a filter for a pod of any
+    /// other holds nothing and answers why, and a bind is refused; every namespace when not
+    /// given.
     #[arg(long, value_delimiter = ',')]
     pub namespaces: Option<Vec<String>>,
     /// Seconds a Plan reservation holds when the request does not say.
@@ -224,6 +226,9 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         if limit == 0 {
             return Err(CliError::Input(format!("{flag} must be at least 1")));
         }
+    }
+    if args.namespace_unbound_gpus == 0 {
+        return Err(CliError::Input("--namespace-unbound-gpus must be at least 1".into()));
     }
     if args.grpc_reservation_ttl == 0 || args.grpc_reservation_ttl > grpc::RESERVATION_TTL_S_MAX {
         return Err(CliError::Input(format!(

@@ -122,10 +122,21 @@ func (a *authority) leaf(name string, server bool) (certFile, keyFile []byte) {
 	return certPEM(der), keyPEM(key)
 }
 
+// server is the topoplace process once started; every exit stops it.
+var server *exec.Cmd
+
+func exit(code int) {
+	if server != nil && server.Process != nil {
+		server.Process.Kill()
+		server.Wait()
+	}
+	os.Exit(code)
+}
+
 func fatal(format string, args ...interface{}) {
 	fmt.Printf("FATAL "+format+"\n", args...)
 	fmt.Println("TLS VERDICT: FAIL")
-	os.Exit(2)
+	exit(2)
 }
 
 func write(dir, name string, data []byte) string {
@@ -233,7 +244,7 @@ func main() {
 	if err := serve.Start(); err != nil {
 		fatal("starting topoplace: %v", err)
 	}
-	defer serve.Process.Kill()
+	server = serve
 	roots := x509.NewCertPool()
 	roots.AppendCertsFromPEM(ca.pem)
 	probe := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
@@ -325,10 +336,10 @@ func main() {
 		_, _, err = e.Filter(other, nodes)
 		check(err != nil && strings.Contains(err.Error(), says), "%s: refused (%v)", what, err)
 	}
-	refused("no client certificate", func(t *kubeschedulerconfig.ExtenderTLSConfig) { t.CertFile, t.KeyFile = "", "" }, "code 401")
+	refused("no client certificate", func(t *kubeschedulerconfig.ExtenderTLSConfig) { t.CertFile, t.KeyFile = "", "" }, "code 403")
 	refused("a client certificate of another CA", func(t *kubeschedulerconfig.ExtenderTLSConfig) {
 		t.CertFile, t.KeyFile = files["stranger.crt"], files["stranger.key"]
-	}, "")
+	}, "tls")
 	refused("a server certificate kube-scheduler does not trust", func(t *kubeschedulerconfig.ExtenderTLSConfig) {
 		t.CAFile = files["other-ca.crt"]
 	}, "certificate")
@@ -349,7 +360,8 @@ func main() {
 
 	if len(failures) > 0 {
 		fmt.Printf("TLS VERDICT: FAIL (%d checks failed)\n", len(failures))
-		os.Exit(1)
+		exit(1)
 	}
 	fmt.Println("TLS VERDICT: PASS (kube-scheduler v1.20's extender client and topoplace agree over mutual TLS)")
+	exit(0)
 }

@@ -148,10 +148,13 @@ impl Server {
         let serving = {
             let state = state.clone();
             tokio::spawn(async move {
+                // The namespaces whose pods a bind may take effect on are the ones the verbs serve.
+                let extender_config =
+                    ExtenderConfig { namespaces: setup.admission.namespaces.clone(), ..setup.extender };
                 let http = extender::serve(
                     listeners.http,
                     state.clone(),
-                    setup.extender,
+                    extender_config,
                     pod_groups,
                     setup.extender_tls,
                     stopped_signal(stopped.clone()),

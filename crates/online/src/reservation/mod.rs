@@ -960,18 +960,19 @@ impl Book {
         Some(reservation)
     }
 
-    /// Checks the book against its ledger: every holder belongs to a reservation, a ticket in
-    /// flight or a bound pod, and the ledger's own invariants hold.
-    /// GPUs that the reservations planned for pods of `namespace` hold for members not bound
-    /// yet (the placement API's reservations, planned for no pod, are not counted).
+    /// GPUs that the reservations and preemption nominations planned for pods of `namespace`
+    /// hold for members not bound yet (the placement API's reservations, planned for no pod,
+    /// are not counted).
     pub fn unbound_gpus_in(&self, namespace: &str) -> u32 {
-        self.gangs
+        let reserved = self
+            .gangs
             .values()
             .filter(|r| r.planned_by.as_ref().is_some_and(|pod| pod.namespace == namespace))
             .flat_map(|r| &r.slots)
-            .filter(|slot| !slot.bound)
-            .map(|slot| slot.gpus.count_ones())
-            .sum()
+            .filter(|slot| !slot.bound);
+        let nominated =
+            self.nominations.values().filter(|n| n.planned_by.namespace == namespace).flat_map(|n| &n.slots);
+        reserved.chain(nominated).map(|slot| slot.gpus.count_ones()).sum()
     }
 
     /// Refuses a new hold of `asked` GPUs for `pod` that would take its namespace past
@@ -990,6 +991,8 @@ impl Book {
         Ok(())
     }
 
+    /// Checks the book against its ledger: every holder belongs to a reservation, a ticket in
+    /// flight or a bound pod, and the ledger's own invariants hold.
     pub fn check(&self) -> Result<(), String> {
         if let Some(first) = self.faults.first() {
             return Err(format!("{} ledger fault(s), the first: {first}", self.stats.ledger_faults));

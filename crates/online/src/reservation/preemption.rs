@@ -317,6 +317,12 @@ impl Book {
             let reason = format!("gang `{key}`'s plan with the victims gone needs none of them");
             return self.answer(keep, &whole, &reason);
         }
+        // A namespace past its GPUs for members not bound yet gets nobody evicted: the
+        // nomination would hold its plan's GPUs and become its reservation.
+        let asked = slots.iter().map(|slot| slot.gpus.count_ones()).sum();
+        if let Err(error) = self.check_namespace_room(&demand.pod, asked) {
+            return self.answer(vec![None; count], &whole, &error.to_string());
+        }
         let nomination = Nomination {
             planned: shape,
             slots,

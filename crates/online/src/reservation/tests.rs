@@ -1185,3 +1185,34 @@ fn a_refused_leader_leaves_its_waiting_workers_at_bind_for_its_retry() {
     assert_eq!(book.bind_finished(&ticket, &outcomes, 7), BindFinish::Bound);
     book.check().expect("book invariants");
 }
+
+#[test]
+fn a_namespace_at_its_unbound_gpu_limit_gets_nobody_evicted() {
+    let outcome = |limit: u32| {
+        let config = BookConfig { namespace_unbound_gpus_max: limit, ..BookConfig::default() };
+        let mut book = Book::new(cluster(1, 2), config);
+        let offered = all_hosts(&book);
+        // Gang a of namespace ns holds one host; another namespace's pod runs on the other.
+        let a = member("a", 1, 0, 8);
+        let a_node = filtered_node(&mut book, &a, &offered, 0);
+        let other = book.cluster().hosts.iter().find(|h| h.name != a_node).expect("a second host").name.clone();
+        let victim = PodIdentity { namespace: "batch".into(), name: "v".into(), uid: "v-uid".into() };
+        book.observe_bound(victim, &other, None, 8, None).expect("observed");
+        assert_eq!(book.unbound_gpus_in("ns"), 8);
+        // Gang b of ns fits nowhere, and asks kube-scheduler's candidate to be evicted for it.
+        let b = member("b", 1, 0, 8);
+        let verdicts = book.filter(&b, &offered, 1).expect("filter");
+        assert!(verdicts.iter().all(|v| *v != NodeVerdict::Pass));
+        let host = book.cluster().host_id(&other).expect("host");
+        let answer = book.preempt(&b, &[PreemptCandidate { host, victims: vec!["v-uid".into()] }], 2).expect("preempt");
+        book.check().expect("consistent");
+        (kept(&answer), answer.why, book.unbound_gpus_in("ns"))
+    };
+    // Within the limit, the victim is kept and the nomination holds its GPUs for b.
+    assert_eq!(outcome(16), (vec![true], None, 16));
+    // At the limit: nobody is evicted, nothing more is held, and the answer names the limit.
+    let (kept, why, held) = outcome(8);
+    assert_eq!((kept, held), (vec![false], 8));
+    let why = why.expect("a reason");
+    assert!(why.contains("namespace `ns` holds 8 GPUs") && why.contains("over the limit of 8"), "{why}");
+}

@@ -48,8 +48,12 @@ use wire::{
 /// The ceiling of a request body, whatever the cluster's size (`serve --body-limit`); a
 /// 5,000-node NodeList of real Node objects is about 40 MB.
 pub const BODY_BYTES_MAX_DEFAULT: usize = 64 << 20;
-/// A request body's allowance for the pod and the envelope ([`body_limit`]).
-pub const BODY_BYTES_BASE: usize = 1 << 20;
+/// A request body's allowance for the pod and the envelope ([`body_limit`]): a Pod object is at
+/// most about 1.5 MiB (the API server's etcd request limit).
+pub const BODY_BYTES_BASE: usize = 2 << 20;
+/// Longest a request's body may take to arrive once its headers have (a client that trickles
+/// it would otherwise keep its place among the requests in flight): 408 past it.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request body's allowance per node in the view ([`body_limit`]): a Node object as
 /// kube-scheduler sends it without `nodeCacheCapable` is 4 to 20 KB (its status lists up to 50
 /// images by default, the kubelet's `nodeStatusMaxImages`); a name alone is tens of bytes.
@@ -100,6 +104,11 @@ pub struct ExtenderConfig {
     pub gang_retry_after: Duration,
     /// See [`IN_FLIGHT_LIMITS_DEFAULT`].
     pub in_flight: InFlightLimits,
+    /// The namespaces whose pods the extender serves (`serve --namespaces`); `None`: every
+    /// namespace. A filter for a pod of another namespace answers its `Error` and holds
+    /// nothing; prioritize and preempt answer 403. Binds check it again on the API server's
+    /// copy ([`crate::binder::Admission`]).
+    pub namespaces: Option<std::collections::BTreeSet<String>>,
 }
 
 /// How long after a hold lapsed its pod is asked to retry: kube-scheduler must have had the
@@ -114,6 +123,7 @@ impl Default for ExtenderConfig {
             body_bytes_max: BODY_BYTES_MAX_DEFAULT,
             gang_retry_after: GANG_RETRY_AFTER_DEFAULT,
             in_flight: IN_FLIGHT_LIMITS_DEFAULT,
+            namespaces: None,
         }
     }
 }
@@ -406,19 +416,16 @@ fn arrive_on_book(state: &ServerState, args: &ExtenderBindingArgs) -> Arrival {
 /// The bind verb. Its whole flow runs in a task of its own: kube-scheduler hanging up (its
 /// `httpTimeout`) drops the HTTP handler, and must not drop a member's arrival half-way (a
 /// gang marked binding whose Bindings never run) nor a gang's Bindings.
-/// `permit` is the call's place among the binds in flight, kept until its flow ends.
+/// `permit` is the call's place among the binds in flight: kept while the call works (the
+/// book, the verification, the Bindings), given back while it is held for its gang, so that
+/// the members of a large gang waiting for each other never fill the limit and lock it out.
 async fn bind(
     verbs: &Verbs,
     args: ExtenderBindingArgs,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> ExtenderBindingResult {
     let (state, retry_after) = (verbs.state.clone(), verbs.config.gang_retry_after);
-    let flow = async move {
-        let reply = bind_flow(&state, retry_after, args).await;
-        drop(permit);
-        reply
-    };
-    match tokio::spawn(flow).await {
+    match tokio::spawn(async move { bind_flow(&state, retry_after, args, permit).await }).await {
         Ok(reply) => reply,
         Err(error) => ExtenderBindingResult { error: format!("the bind task failed: {error}") },
     }
@@ -428,6 +435,7 @@ async fn bind_flow(
     state: &Arc<ServerState>,
     retry_after: Duration,
     args: ExtenderBindingArgs,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> ExtenderBindingResult {
     let fail = |error: String| ExtenderBindingResult { error };
     let arrival = match state.on_book(move |state| arrive_on_book(state, &args)).await {
@@ -440,6 +448,8 @@ async fn bind_flow(
     };
     match step {
         BindStep::Wait { gang, retry_now } => {
+            // Held: bounded by the gang's planned slots, not by the binds at work.
+            drop(permit);
             let Some(rx) = rx else { return fail("internal: no waiter".into()) };
             if !retry_now.is_empty() {
                 // Spawned: the nudges must not wait on this held call, nor die with it.
@@ -711,19 +721,33 @@ impl From<BookWorkError> for Rejection {
     }
 }
 
-async fn read_json<T: DeserializeOwned>(verbs: &Verbs, verb: &str, body: Body) -> Result<T, Rejection> {
+async fn read_json<T: DeserializeOwned>(verbs: &Verbs, verb: Verb, body: Body) -> Result<T, Rejection> {
+    let name = verb.name();
     let nodes = verbs.state.hosts_in_view();
-    let limit = body_limit(nodes, verbs.config.body_bytes_max);
-    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| Rejection {
-        status: StatusCode::PAYLOAD_TOO_LARGE,
-        message: format!(
-            "{verb}: request body is over the limit of {limit} bytes ({BODY_BYTES_BASE} + {BODY_BYTES_PER_NODE} for \
-             each of the {nodes} nodes in the view, at most --body-limit {})",
-            verbs.config.body_bytes_max
+    // A preempt body without nodeCacheCapable carries its victims as whole pods, as many as
+    // run on the candidate nodes: only the ceiling bounds it.
+    let (limit, how) = match verb {
+        Verb::Preempt => (verbs.config.body_bytes_max, "--body-limit".to_string()),
+        Verb::Filter | Verb::Prioritize | Verb::Bind => (
+            body_limit(nodes, verbs.config.body_bytes_max),
+            format!(
+                "{BODY_BYTES_BASE} + {BODY_BYTES_PER_NODE} for each of the {nodes} nodes in the view, at most \
+                 --body-limit {}",
+                verbs.config.body_bytes_max
+            ),
         ),
+    };
+    let read =
+        tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await.map_err(|_| Rejection {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("{name}: the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
+        })?;
+    let bytes: Bytes = read.map_err(|_| Rejection {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("{name}: request body is over the limit of {limit} bytes ({how})"),
     })?;
     serde_json::from_slice(&bytes)
-        .map_err(|error| Rejection::bad_request(format!("{verb}: the body is not a valid request: {error}")))
+        .map_err(|error| Rejection::bad_request(format!("{name}: the body is not a valid request: {error}")))
 }
 
 async fn timed<T: Serialize>(verbs: &Verbs, verb: Verb, work: impl Future<Output = Result<T, Rejection>>) -> Response {
@@ -739,23 +763,48 @@ async fn timed<T: Serialize>(verbs: &Verbs, verb: Verb, work: impl Future<Output
     }
 }
 
+/// Why `pod`'s namespace is not one the extender serves ([`ExtenderConfig::namespaces`]).
+fn unserved_namespace(verbs: &Verbs, pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    let served = verbs.config.namespaces.as_ref()?;
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    (!served.contains(namespace)).then(|| {
+        format!("pod {}: namespace `{namespace}` is not one this extender serves (--namespaces)", pod::shown(pod))
+    })
+}
+
+fn forbidden(message: String) -> Rejection {
+    Rejection { status: StatusCode::FORBIDDEN, message }
+}
+
 async fn filter_handler(State(verbs): State<Verbs>, body: Body) -> Response {
     timed(&verbs, Verb::Filter, async {
-        filter(&verbs.state, verbs.pod_groups.as_deref(), read_json(&verbs, "filter", body).await?).await
+        let args: ExtenderArgs = read_json(&verbs, Verb::Filter, body).await?;
+        if let Some(error) = unserved_namespace(&verbs, &args.pod) {
+            return Ok(ExtenderFilterResult { error, ..Default::default() });
+        }
+        filter(&verbs.state, verbs.pod_groups.as_deref(), args).await
     })
     .await
 }
 
 async fn prioritize_handler(State(verbs): State<Verbs>, body: Body) -> Response {
     timed(&verbs, Verb::Prioritize, async {
-        prioritize(&verbs.state, verbs.pod_groups.as_deref(), read_json(&verbs, "prioritize", body).await?).await
+        let args: ExtenderArgs = read_json(&verbs, Verb::Prioritize, body).await?;
+        if let Some(error) = unserved_namespace(&verbs, &args.pod) {
+            return Err(forbidden(error));
+        }
+        prioritize(&verbs.state, verbs.pod_groups.as_deref(), args).await
     })
     .await
 }
 
 async fn preempt_handler(State(verbs): State<Verbs>, body: Body) -> Response {
     timed(&verbs, Verb::Preempt, async {
-        preempt(&verbs.state, verbs.pod_groups.as_deref(), read_json(&verbs, "preempt", body).await?).await
+        let args: ExtenderPreemptionArgs = read_json(&verbs, Verb::Preempt, body).await?;
+        if let Some(error) = unserved_namespace(&verbs, &args.pod) {
+            return Err(forbidden(error));
+        }
+        preempt(&verbs.state, verbs.pod_groups.as_deref(), args).await
     })
     .await
 }
@@ -769,7 +818,7 @@ async fn bind_handler(State(verbs): State<Verbs>, body: Body) -> Response {
             return rejection.into_response();
         }
     };
-    let args: ExtenderBindingArgs = match read_json(&verbs, "bind", body).await {
+    let args: ExtenderBindingArgs = match read_json(&verbs, Verb::Bind, body).await {
         Ok(args) => args,
         Err(rejection) => {
             verbs.state.metrics.record(Verb::Bind, start.elapsed(), false);
@@ -782,12 +831,13 @@ async fn bind_handler(State(verbs): State<Verbs>, body: Body) -> Response {
 }
 
 /// Over TLS, a connection that presented no client certificate reaches the probes only:
-/// every other route answers it 401 ([`tls::ClientCert::Absent`]). Plain HTTP
+/// every other route answers it 403 (no HTTP authentication scheme applies: the credential
+/// is the TLS client certificate) ([`tls::ClientCert::Absent`]). Plain HTTP
 /// (`--insecure-http`) carries no [`tls::ClientCert`] and passes.
 async fn require_client_cert(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     if request.extensions().get::<tls::ClientCert>() == Some(&tls::ClientCert::Absent) {
         return Rejection {
-            status: StatusCode::UNAUTHORIZED,
+            status: StatusCode::FORBIDDEN,
             message: format!(
                 "{}: a client certificate signed by the extender's client CA (--client-ca) is required",
                 request.uri().path()

@@ -6,7 +6,7 @@
 //! Every connection is asked for a client certificate. One that is presented must chain to
 //! `--client-ca`, or rustls ends the handshake. One that is not presented still connects, so
 //! that the kubelet's HTTPS probes (which present none) reach `/healthz` and `/readyz`; every
-//! other route answers such a connection 401 ([`ClientCert::Absent`], checked by the
+//! other route answers such a connection 403 ([`ClientCert::Absent`], checked by the
 //! router's guard in `extender::router`). The verbs, `/state` and `/metrics` are therefore
 //! served to authenticated clients only.
 
@@ -30,6 +30,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a client may take to send a request's headers on an open connection (a client
 /// that trickles headers holds a connection and a task; hyper closes it after this).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once, handshakes included; past it the server stops accepting until
+/// one closes (the kernel's listen backlog holds the rest). kube-scheduler keeps a few
+/// connections open per profile; each held gang member's bind may take one of its own.
+pub const CONNECTIONS_MAX: usize = 8_192;
 
 /// The PEM files of the extender's TLS (`serve --tls-cert`, `--tls-key`, `--client-ca`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,8 +161,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let place = tokio::select! {
+            place = connections.clone().acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -173,6 +185,7 @@ pub async fn serve(
         };
         let (acceptor, router, watcher) = (tls.acceptor.clone(), router.clone(), graceful.watcher());
         tokio::spawn(async move {
+            let _place = place;
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(error)) => {
