@@ -106,6 +106,35 @@ async fn over_https_only_clients_with_a_certificate_of_the_client_ca_reach_the_v
 }
 
 #[tokio::test]
+async fn with_verb_clients_other_certificates_of_the_ca_read_the_metrics_but_call_no_verb() {
+    let pki = pki();
+    let tls = ExtenderTls::from_pem(pki.server.0.as_bytes(), pki.server.1.as_bytes(), pki.ca.as_bytes()).expect("tls");
+    let extender = ExtenderConfig { verb_clients: Some(["ci-job".to_string()].into()), ..ExtenderConfig::default() };
+    let setup = ServerSetup { extender_tls: Some(tls), extender, ..ServerSetup::default() };
+    let (server, _ext, _binder) = static_server(CLUSTER, setup).await;
+    let (base, nodes) = (server.base.clone(), node_names());
+    let args = json!({"Pod": pod("t", "p", "p-uid", 1, None), "NodeNames": nodes});
+    // The scraper's certificate: /metrics and /state, no verb.
+    let scraper = https_client(&pki.ca, Some(&pki.scraper));
+    for path in ["metrics", "state"] {
+        assert_eq!(get(&scraper, &format!("{base}/{path}")).await.expect(path).0, 200, "{path}");
+    }
+    let (status, body) = post(&scraper, &format!("{base}/filter"), &args).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["Error"].as_str().is_some_and(
+            |e| e.contains("\"prometheus\"]") && e.contains("only ci-job may call the verbs (--verb-clients)")
+        ),
+        "{body}"
+    );
+    // kube-scheduler's certificate (named ci-job here): the verbs.
+    let trusted = https_client(&pki.ca, Some(&pki.client));
+    let (status, body) = post(&trusted, &format!("{base}/filter"), &args).await;
+    assert_eq!((status, &body["Error"]), (200, &json!("")), "{body}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_body_over_the_limit_derived_from_the_cluster_is_413_and_holds_nothing() {
     let (server, ext, _binder) = static_server(CLUSTER, ServerSetup::default()).await;
     let client = reqwest::Client::new();

@@ -359,6 +359,10 @@ fn the_shipped_extender_speaks_https_with_client_certificates_both_ways() {
     // topoplace: HTTPS with a client CA, never --insecure-http; its files come from a Secret.
     let serve = serve_args(manifests);
     assert!(!serve.insecure_http);
+    // Only kube-scheduler's certificate (its subject in scheduler-config/README.md) calls verbs.
+    assert_eq!(serve.verb_clients, Some(vec!["topoplace-kube-scheduler".to_string()]));
+    let readme = std::fs::read_to_string("scheduler-config/README.md").expect("README");
+    assert!(readme.contains("-subj \"/CN=topoplace-kube-scheduler\""), "the README's client certificate is that name");
     let extender = deployment(manifests, "topoplace-extender");
     for file in [&serve.tls_cert, &serve.tls_key, &serve.client_ca] {
         let file = file.as_ref().expect("--tls-cert, --tls-key and --client-ca").display().to_string();

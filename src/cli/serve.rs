@@ -41,6 +41,12 @@ pub struct ServeArgs {
     /// `/readyz`.
     #[arg(long, requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Names (a subject common name or DNS subject alternative name) of the client
+    /// certificates that may call the verbs, comma-separated: kube-scheduler's. Any other
+    /// certificate of --client-ca reads only `/state` and `/metrics` (a Prometheus
+    /// scraper's). Without it, every certificate of --client-ca may call the verbs.
+    #[arg(long, value_delimiter = ',', requires = "client_ca")]
+    pub verb_clients: Option<Vec<String>>,
     /// Serve the extender over plain HTTP with no authentication: anyone who reaches the port
     /// may call every verb and read `/state` and `/metrics`. For loopback tests and trusted
     /// networks only; without it, `serve` needs --tls-cert, --tls-key and --client-ca.
@@ -262,8 +268,15 @@ async fn serve_async(args: &ServeArgs) -> Result<(), CliError> {
         prefix: args.prefix.clone(),
         body_bytes_max: args.body_limit,
         in_flight: extender::InFlightLimits { verbs: args.in_flight_limit, bind: args.bind_in_flight_limit },
+        verb_clients: args
+            .verb_clients
+            .as_ref()
+            .map(|names| names.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect()),
         ..ExtenderConfig::default()
     };
+    if config.verb_clients.as_ref().is_some_and(|names| names.is_empty()) {
+        return Err(CliError::Input("--verb-clients: give at least one certificate name".into()));
+    }
     let grpc_config = GrpcConfig {
         default_ttl_s: args.grpc_reservation_ttl,
         reserve_tokens: match &args.grpc_reserve_tokens {

@@ -1023,6 +1023,8 @@ pub struct Pki {
     pub ca: String,
     pub server: (String, String),
     pub client: (String, String),
+    /// Another client certificate of the same CA, named `prometheus`.
+    pub scraper: (String, String),
     pub stranger: (String, String),
 }
 
@@ -1049,6 +1051,7 @@ pub fn pki() -> Pki {
         ca,
         server: leaf("localhost", &issuer),
         client: leaf("ci-job", &issuer),
+        scraper: leaf("prometheus", &issuer),
         stranger: leaf("ci-job", &other_issuer),
     }
 }

@@ -109,6 +109,11 @@ pub struct ExtenderConfig {
     /// nothing; prioritize and preempt answer 403. Binds check it again on the API server's
     /// copy ([`crate::binder::Admission`]).
     pub namespaces: Option<std::collections::BTreeSet<String>>,
+    /// Over HTTPS, the names (subject common name or DNS subject alternative name) of the
+    /// client certificates that may call the verbs (`serve --verb-clients`): kube-scheduler's.
+    /// A certificate of the client CA without one of them reads `/state` and `/metrics` only
+    /// (a Prometheus scraper's). `None`: every certificate of the client CA may call the verbs.
+    pub verb_clients: Option<std::collections::BTreeSet<String>>,
 }
 
 /// How long after a hold lapsed its pod is asked to retry: kube-scheduler must have had the
@@ -124,6 +129,7 @@ impl Default for ExtenderConfig {
             gang_retry_after: GANG_RETRY_AFTER_DEFAULT,
             in_flight: IN_FLIGHT_LIMITS_DEFAULT,
             namespaces: None,
+            verb_clients: None,
         }
     }
 }
@@ -835,7 +841,7 @@ async fn bind_handler(State(verbs): State<Verbs>, body: Body) -> Response {
 /// is the TLS client certificate) ([`tls::ClientCert::Absent`]). Plain HTTP
 /// (`--insecure-http`) carries no [`tls::ClientCert`] and passes.
 async fn require_client_cert(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    if request.extensions().get::<tls::ClientCert>() == Some(&tls::ClientCert::Absent) {
+    if matches!(request.extensions().get::<tls::ClientCert>(), Some(tls::ClientCert::Absent)) {
         return Rejection {
             status: StatusCode::FORBIDDEN,
             message: format!(
@@ -844,6 +850,30 @@ async fn require_client_cert(request: axum::extract::Request, next: axum::middle
             ),
         }
         .into_response();
+    }
+    next.run(request).await
+}
+
+/// Over TLS with [`ExtenderConfig::verb_clients`], the verbs answer 403 to a certificate that
+/// names none of them.
+async fn require_verb_client(
+    State(verbs): State<Verbs>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let (Some(allowed), Some(tls::ClientCert::Verified(names))) =
+        (&verbs.config.verb_clients, request.extensions().get::<tls::ClientCert>())
+    {
+        if !names.iter().any(|name| allowed.contains(name)) {
+            let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+            return forbidden(format!(
+                "{}: the client certificate names {:?}; only {} may call the verbs (--verb-clients)",
+                request.uri().path(),
+                names,
+                allowed.join(", ")
+            ))
+            .into_response();
+        }
     }
     next.run(request).await
 }
@@ -864,6 +894,7 @@ pub fn router(state: Arc<ServerState>, config: ExtenderConfig, pod_groups: Optio
         .route(&format!("{prefix}/prioritize"), post(prioritize_handler))
         .route(&format!("{prefix}/preempt"), post(preempt_handler))
         .route(&format!("{prefix}/bind"), post(bind_handler))
+        .route_layer(axum::middleware::from_fn_with_state(verbs.clone(), require_verb_client))
         .route(
             "/metrics",
             get(|State(verbs): State<Verbs>| async move {

@@ -58,12 +58,30 @@ pub enum TlsError {
 /// Whether a request's connection presented a client certificate (one that does not chain
 /// to the client CA never gets this far: its handshake failed). Put in every request's
 /// extensions by [`serve`]; a plain-HTTP server puts none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientCert {
-    /// A certificate that chains to the client CA.
-    Verified,
+    /// A certificate that chains to the client CA, with the names it carries: its subject's
+    /// common names and its DNS subject alternative names (`serve --verb-clients` matches
+    /// them).
+    Verified(Arc<[String]>),
     /// None was presented (the kubelet's probes, or a client that is not allowed).
     Absent,
+}
+
+/// The subject common names and DNS subject alternative names of a DER certificate; none
+/// when it does not parse (rustls has verified its chain already).
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
+    let mut names: Vec<String> =
+        cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok().map(String::from)).collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push((*dns).to_string());
+            }
+        }
+    }
+    names
 }
 
 /// A TLS acceptor that asks every client for a certificate and verifies any it is given.
@@ -197,8 +215,10 @@ pub async fn serve(
                     return;
                 }
             };
-            let presented = stream.get_ref().1.peer_certificates().is_some_and(|certs| !certs.is_empty());
-            let client = if presented { ClientCert::Verified } else { ClientCert::Absent };
+            let client = match stream.get_ref().1.peer_certificates().and_then(|certs| certs.first()) {
+                Some(leaf) => ClientCert::Verified(certificate_names(leaf.as_ref()).into()),
+                None => ClientCert::Absent,
+            };
             let service = TowerToHyperService::new(router.layer(axum::Extension(client)));
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
