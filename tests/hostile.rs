@@ -40,6 +40,32 @@ async fn get(client: &reqwest::Client, url: &str) -> Result<(u16, String), Strin
     Ok((status, reply.text().await.map_err(|e| e.to_string())?))
 }
 
+/// Asserts a 429 with `Retry-After: 1` whose `Error` contains `says`.
+async fn assert_over_limit(reply: reqwest::Response, says: &str) {
+    assert_eq!(reply.status().as_u16(), 429);
+    assert_eq!(reply.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let body: Value = reply.json().await.expect("json");
+    assert!(body["Error"].as_str().is_some_and(|e| e.contains(says)), "{body}");
+}
+
+/// A server with the in-flight limits `in_flight` on a fake API of two 8-GPU nodes (`api`,
+/// with what the test added), its view synced: the API's server, the server, its nodes.
+async fn kube_server_limited(
+    api: &FakeApi,
+    in_flight: InFlightLimits,
+) -> (support::Running, support::Served, Vec<String>) {
+    let nodes: Vec<String> = (0..2).map(|index| format!("r1-{index}")).collect();
+    for node in &nodes {
+        api.add_node(node, "NVIDIA-H100-80GB-HBM3", 8, "r1");
+    }
+    let api_server = serve_router(api.router()).await;
+    let config = ExtenderConfig { in_flight, ..ExtenderConfig::default() };
+    let server =
+        kube_server_with(&api_server.base, ServerSetup { extender: config, ..ServerSetup::default() }, None).await;
+    server.state().book_installed().await;
+    (api_server, server, nodes)
+}
+
 #[tokio::test]
 async fn over_https_only_clients_with_a_certificate_of_the_client_ca_reach_the_verbs_and_the_state() {
     let pki = pki();
@@ -183,14 +209,12 @@ async fn a_namespace_past_its_unbound_gpus_is_429_and_holds_nothing_more() {
 
     // A second gang of the same namespace would hold 24: refused, naming the limit.
     let reply = client.post(&url).json(&filter("t", "b", 0, 1)).send().await.expect("send");
-    assert_eq!(reply.status().as_u16(), 429);
-    assert_eq!(reply.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
-    let body: Value = reply.json().await.expect("json");
-    assert!(
-        body["Error"].as_str().is_some_and(|e| e.contains("namespace `t` holds 16 GPUs")
-            && e.contains("asks 8 more, over the limit of 16 per namespace (--namespace-unbound-gpus)")),
-        "{body}"
-    );
+    assert_over_limit(
+        reply,
+        "namespace `t` holds 16 GPUs in reservations for members not bound yet; this pod's plan asks 8 more, over \
+         the limit of 16 per namespace (--namespace-unbound-gpus)",
+    )
+    .await;
     let state: Value = client.get(format!("{base}/state")).send().await.expect("state").json().await.expect("json");
     assert_eq!(free_gpus(&state), free, "the refused gang holds nothing");
     assert!(state["gangs"].as_array().is_some_and(|g| g.iter().all(|g| g["gang"] != "t/b")), "{state}");
@@ -265,19 +289,11 @@ async fn binds_held_for_their_gang_leave_the_bind_limit_to_binds_at_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binds_past_the_in_flight_limit_are_429_and_bind_nothing() {
     let api = FakeApi::new();
-    for index in 0..2 {
-        api.add_node(&format!("r1-{index}"), "NVIDIA-H100-80GB-HBM3", 8, "r1");
-    }
     for name in ["a", "b"] {
         api.add_pod(pod("ml", name, &format!("{name}-uid"), 8, None), None, None);
     }
-    let api_server = serve_router(api.router()).await;
-    let config = ExtenderConfig { in_flight: InFlightLimits { verbs: 32, bind: 1 }, ..ExtenderConfig::default() };
-    let server =
-        kube_server_with(&api_server.base, ServerSetup { extender: config, ..ServerSetup::default() }, None).await;
-    let (base, ext) = (server.base.clone(), server.state().clone());
-    ext.book_installed().await;
-    let (client, nodes) = (reqwest::Client::new(), vec!["r1-0".to_string(), "r1-1".to_string()]);
+    let (api_server, server, nodes) = kube_server_limited(&api, InFlightLimits { verbs: 32, bind: 1 }).await;
+    let (client, base) = (reqwest::Client::new(), server.base.clone());
     let mut planned = Vec::new();
     for name in ["a", "b"] {
         let args = json!({"Pod": pod("ml", name, &format!("{name}-uid"), 8, None), "NodeNames": nodes});
@@ -295,15 +311,7 @@ async fn binds_past_the_in_flight_limit_are_429_and_bind_nothing() {
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let reply = client.post(format!("{base}/bind")).json(&bind("b", &planned[1])).send().await.expect("send");
-    assert_eq!(reply.status().as_u16(), 429);
-    assert_eq!(reply.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
-    let body: Value = reply.json().await.expect("json");
-    assert!(
-        body["Error"]
-            .as_str()
-            .is_some_and(|e| e.contains("bind: 1 requests are in flight already, the limit (--bind-in-flight-limit)")),
-        "{body}"
-    );
+    assert_over_limit(reply, "bind: 1 requests are in flight already, the limit (--bind-in-flight-limit)").await;
     let (status, reply) = first.await.expect("task");
     assert_eq!(status, 200);
     assert!(reply["Error"].as_str().is_some_and(|e| e.contains("not bound")), "{reply}");
@@ -317,17 +325,9 @@ async fn binds_past_the_in_flight_limit_are_429_and_bind_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_past_the_in_flight_limit_are_429_and_hold_nothing() {
     let api = FakeApi::new();
-    for index in 0..2 {
-        api.add_node(&format!("r1-{index}"), "NVIDIA-H100-80GB-HBM3", 8, "r1");
-    }
     api.add_upstream_pod_group("ml", "slow", Some(1), None);
-    let api_server = serve_router(api.router()).await;
-    let config = ExtenderConfig { in_flight: InFlightLimits { verbs: 1, bind: 8 }, ..ExtenderConfig::default() };
-    let server =
-        kube_server_with(&api_server.base, ServerSetup { extender: config, ..ServerSetup::default() }, None).await;
-    let (base, ext) = (server.base.clone(), server.state().clone());
-    ext.book_installed().await;
-    let (client, nodes) = (reqwest::Client::new(), vec!["r1-0".to_string(), "r1-1".to_string()]);
+    let (api_server, server, nodes) = kube_server_limited(&api, InFlightLimits { verbs: 1, bind: 8 }).await;
+    let (client, base, ext) = (reqwest::Client::new(), server.base.clone(), server.state().clone());
     // The first filter reads its PodGroup from an API server that does not answer within the
     // lookup's 2 s: it holds its place among the filters in flight meanwhile.
     api.faults.lock().expect("faults").delay = Some(Duration::from_secs(5));
@@ -340,14 +340,7 @@ async fn filters_past_the_in_flight_limit_are_429_and_hold_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let other = json!({"Pod": pod("ml", "other", "other-uid", 8, Some(("other", 1))), "NodeNames": nodes});
     let reply = client.post(format!("{base}/filter")).json(&other).send().await.expect("send");
-    assert_eq!(reply.status().as_u16(), 429);
-    let body: Value = reply.json().await.expect("json");
-    assert!(
-        body["Error"]
-            .as_str()
-            .is_some_and(|e| e.contains("filter: 1 requests are in flight already, the limit (--in-flight-limit)")),
-        "{body}"
-    );
+    assert_over_limit(reply, "filter: 1 requests are in flight already, the limit (--in-flight-limit)").await;
     let (status, reply) = first.await.expect("task");
     assert_eq!(status, 200);
     assert!(reply["Error"].as_str().is_some_and(|e| e.contains("PodGroup ml/slow")), "{reply}");

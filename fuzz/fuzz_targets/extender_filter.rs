@@ -9,10 +9,10 @@ fuzz_target!(|data: &[u8]| {
     let mut book = topoplace_fuzz::book();
     let ids: Vec<_> = names.iter().filter_map(|name| book.cluster().host_id(name)).collect();
     if demand.gpus > 0 {
-        let _ = book.filter(&demand, &ids, 1_000);
+        topoplace_fuzz::settle(book.filter(&demand, &ids, 1_000));
         topoplace_fuzz::check(&book);
         // The same pod filtered again, as kube-scheduler retries it.
-        let _ = book.filter(&demand, &ids, 2_000);
+        topoplace_fuzz::settle(book.filter(&demand, &ids, 2_000));
         topoplace_fuzz::check(&book);
     }
 });

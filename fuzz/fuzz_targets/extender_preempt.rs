@@ -10,7 +10,9 @@ fn bound_book() -> topoplace_online::reservation::Book {
     for (index, node) in ["r1-0", "r1-1", "r2-0", "l40s-0"].into_iter().enumerate() {
         let pod = PodIdentity { namespace: "batch".into(), name: format!("v{index}"), uid: format!("v{index}") };
         let gang = (index < 2).then(|| "batch/pair".to_string());
-        let _ = book.observe_bound(pod, node, None, 4, gang);
+        if let Err(error) = book.observe_bound(pod, node, None, 4, gang) {
+            panic!("the fixed bound pods: {error}");
+        }
     }
     book
 }
@@ -31,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         candidates.push(PreemptCandidate { host, victims });
     }
     if demand.gpus > 0 {
-        if let Ok(answer) = book.preempt(&demand, &candidates, 1_000) {
+        if let Some(answer) = topoplace_fuzz::settle(book.preempt(&demand, &candidates, 1_000)) {
             assert_eq!(answer.keep.len(), candidates.len(), "one answer per candidate");
         }
     }

@@ -10,8 +10,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut book = topoplace_fuzz::book();
     let ids: Vec<_> = names.iter().filter_map(|name| book.cluster().host_id(name)).collect();
-    let _ = book.filter(&demand, &ids, 1_000);
-    if let Ok(scores) = book.prioritize(&demand, &ids, 1_000) {
+    topoplace_fuzz::settle(book.filter(&demand, &ids, 1_000));
+    if let Some(scores) = topoplace_fuzz::settle(book.prioritize(&demand, &ids, 1_000)) {
         assert_eq!(scores.len(), ids.len(), "one score per offered node");
     }
     topoplace_fuzz::check(&book);

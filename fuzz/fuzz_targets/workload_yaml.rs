@@ -10,15 +10,17 @@ fuzz_target!(|data: &[u8]| {
     let Ok(workload) = topoplace_formats::files::workload::parse("fuzz.yaml", text) else { return };
     let cluster = topoplace_fuzz::cluster();
     let replicas = workload.replicas();
-    let planner = Planner::new(cluster, PlannerConfig::default());
+    let mut planner = Planner::new(cluster, PlannerConfig::default());
     if replicas.iter().any(|replica| planner.check_replica(replica).is_err()) {
         return;
     }
     let mut ledger = Ledger::new(cluster);
-    let mut planner = planner;
     for replica in &replicas {
         if let Ok(placement) = planner.place_replica(&ledger, replica, &SolverChoice::Greedy, None) {
-            let _ = ledger.reserve(&replica.name, &placement.holding());
+            // The planner chose free GPUs of this very ledger: holding them cannot fail.
+            if let Err(error) = ledger.reserve(&replica.name, &placement.holding()) {
+                panic!("replica `{}`: the ledger refused the planner's placement: {error}", replica.name);
+            }
         }
     }
     if let Err(error) = ledger.check() {

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use topoplace_engine::topology::Cluster;
-use topoplace_online::reservation::{Book, BookConfig, PodDemand};
+use topoplace_online::reservation::{Book, BookConfig, BookError, PodDemand};
 use topoplace_server::extender::wire::ExtenderArgs;
 
 /// The cluster file of `tests/extender.rs`.
@@ -23,6 +23,16 @@ pub fn cluster() -> &'static Cluster {
 /// A new book over [`cluster`].
 pub fn book() -> Book {
     Book::new(cluster().clone(), BookConfig::default())
+}
+
+/// The value of a book call, `None` for the errors an input may rightly cause; a ledger error
+/// (the book found its ledger disagreeing with it) panics: an invariant broke.
+pub fn settle<T>(result: Result<T, BookError>) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(error @ BookError::Ledger { .. }) => panic!("the book's ledger refused a change: {error}"),
+        Err(_) => None,
+    }
 }
 
 /// Panics (a finding) when the book's invariants do not hold after an input.
