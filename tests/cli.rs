@@ -80,6 +80,71 @@ fn explain_shows_rejections_and_the_runner_up() {
     assert!(text.contains("rejected 4 host(s): L40S: no NVLink"), "{text}");
 }
 
+/// The reported input: four 8-GPU hosts with 5, 2, 7 and 8 free GPUs. A 1-GPU pod scores the
+/// three partly used hosts the same (9.00); it goes to the host with 2 free, and the
+/// explanation says packing decided.
+#[test]
+fn plan_breaks_equal_scores_by_packing_and_says_so() {
+    let cluster = temp_file(
+        "ties-cluster.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: ties}\nspec:\n  nodes:\n  \
+         - {name: a, gpu: {product: H100, count: 8}, allocated: [0, 1, 2]}\n  \
+         - {name: b, gpu: {product: H100, count: 8}, allocated: [0, 1, 2, 3, 4, 5]}\n  \
+         - {name: c, gpu: {product: H100, count: 8}, allocated: [0]}\n  \
+         - {name: d, gpu: {product: H100, count: 8}}\n",
+    );
+    let workload = temp_file(
+        "ties-workload.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec:\n  gangs:\n  - {name: pod1, gpusPerMember: 1}\n",
+    );
+    let output = topoplace(&[
+        "plan",
+        "--cluster",
+        cluster.to_str().expect("utf-8"),
+        "--workload",
+        workload.to_str().expect("utf-8"),
+        "--explain",
+    ]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}{}", stderr(&output));
+    assert!(text.contains("b:6"), "{text}");
+    assert!(text.contains("runner-up: host a on a"), "{text}");
+    assert!(text.contains("decided by packing: the runner-up leaves 4 GPU(s) free"), "{text}");
+}
+
+#[test]
+fn replay_generate_writes_a_trace_of_the_mix_that_replay_jobs_reads() {
+    let source = temp_file(
+        "gen-source.csv",
+        "job_id,submission_time,duration,num_gpu\na,0,100,1\nb,10,200,8\nc,30,50,1\nd,60,400,16\n",
+    );
+    let out = std::env::temp_dir().join(format!("topoplace-cli-{}/generated.csv", std::process::id()));
+    let (source, out_path) = (source.to_str().expect("utf-8"), out.to_str().expect("utf-8"));
+    let args =
+        ["replay", "generate", "--mix", "1=3,8=1", "--count", "400", "--seed", "5", "--from", source, "-o", out_path];
+    let output = topoplace(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).starts_with("generated 400 jobs (1 GPU: "), "{}", stdout(&output));
+    let text = std::fs::read_to_string(&out).expect("written");
+    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 400);
+    let ones = rows.iter().filter(|r| r[3] == "1").count();
+    assert!((240..=360).contains(&ones), "about 3 in 4 jobs of 1 GPU: {ones}");
+    assert!(rows.iter().all(|r| matches!((r[3], r[2]), ("1", "100" | "50") | ("8", "200"))), "durations of that size");
+    // The same seed writes the same file; `replay jobs` reads it.
+    assert!(topoplace(&args).status.success());
+    assert_eq!(std::fs::read_to_string(&out).expect("written"), text);
+    let replay = topoplace(&["replay", "jobs", "--jobs", out_path, "--policy", "first-fit", "-o", "csv"]);
+    if trace("lingjun-2023/topo.csv").is_some() {
+        assert!(replay.status.success(), "{}", stderr(&replay));
+    }
+    let bad = topoplace(&["replay", "generate", "--mix", "1=78,2", "--from", source]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("--mix: mix entry `2`: not GPUS=WEIGHT"), "{}", stderr(&bad));
+    let bad = topoplace(&["replay", "generate", "--mix", "1=1", "--offered-gpus", "0", "--from", source]);
+    assert!(stderr(&bad).contains("--offered-gpus: offered GPUs: 0 is not a number > 0"), "{}", stderr(&bad));
+}
+
 #[test]
 fn bad_input_exits_2_naming_file_line_and_field() {
     let cluster = temp_file(

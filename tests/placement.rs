@@ -222,3 +222,153 @@ fn planning_is_deterministic() {
     };
     assert_eq!(run(), run());
 }
+
+/// A cluster of 8-GPU H100 hosts in racks: `(name, rack, GPUs allocated)`.
+fn racked(hosts: &[(&str, &str, u32)]) -> Cluster {
+    let mut body = String::from("spec:\n  levels: [rack]\n  nodes:\n");
+    for (name, rack, used) in hosts {
+        let allocated: Vec<String> = (0..*used).map(|g| g.to_string()).collect();
+        body.push_str(&format!(
+            "  - name: {name}\n    labels: {{rack: {rack}}}\n    gpu: {{product: H100, count: 8}}\n    allocated: [{}]\n",
+            allocated.join(", ")
+        ));
+    }
+    inline_cluster(&body)
+}
+
+#[test]
+fn equal_scores_go_to_the_fullest_host_not_the_lowest_index() {
+    // The reported input: four 8-GPU hosts with 5, 2, 7 and 8 free GPUs. The three partly used
+    // hosts score the same for a 1-GPU pod; the host with 2 free is the best fit. Every
+    // order of the same hosts gives the same answer.
+    let free = [5u32, 2, 7, 8];
+    let orders = [[0, 1, 2, 3], [1, 0, 2, 3], [3, 2, 1, 0], [2, 3, 0, 1], [0, 2, 3, 1]];
+    for order in orders {
+        let hosts: Vec<(String, u32)> = order.iter().map(|&i| (format!("free{}", free[i]), 8 - free[i])).collect();
+        let spec: Vec<(&str, &str, u32)> = hosts.iter().map(|(n, used)| (n.as_str(), "r1", *used)).collect();
+        let cluster = racked(&spec);
+        let placement = place(&cluster, &gang("pod1", 1, 1, 1)).expect("fits");
+        assert_eq!(nodes_of(&cluster, &placement), ["free2"], "order {order:?}");
+        let runner = placement.runner_up.expect("other hosts were candidates");
+        assert!(
+            (runner.score.total - placement.score.total).abs() < 1e-9,
+            "the runner-up ties on score: the pack decided"
+        );
+    }
+}
+
+#[test]
+fn equal_hosts_go_to_the_rack_with_fewer_empty_hosts() {
+    // Two hosts with 2 free GPUs, one in a rack of three empty hosts, one in a rack of one:
+    // the pod goes to the fuller rack, whichever comes first, so the other keeps room for a
+    // multi-host replica.
+    for (first, second) in [("ra", "rb"), ("rb", "ra")] {
+        let cluster = racked(&[
+            ("a-part", first, 6),
+            ("a-e1", first, 0),
+            ("a-e2", first, 0),
+            ("a-e3", first, 0),
+            ("b-part", second, 6),
+            ("b-e1", second, 0),
+        ]);
+        let placement = place(&cluster, &gang("pod1", 1, 1, 1)).expect("fits");
+        assert_eq!(nodes_of(&cluster, &placement), ["b-part"], "racks {first}, {second}");
+    }
+}
+
+#[test]
+fn a_two_gpu_gang_spread_over_racks_fills_the_fuller_rack() {
+    // Six 2-GPU pods, more than any host holds alone: both racks hold them, and the gang
+    // goes to the rack whose hosts are all partly used, leaving the empty hosts whole.
+    for (first, second) in [("ra", "rb"), ("rb", "ra")] {
+        let mut spec: Vec<(String, &str, u32)> = Vec::new();
+        for i in 0..4 {
+            spec.push((format!("full-{i}"), first, 4));
+        }
+        for i in 0..4 {
+            spec.push((format!("mixed-{i}"), second, if i < 2 { 4 } else { 0 }));
+        }
+        let hosts: Vec<(&str, &str, u32)> = spec.iter().map(|(n, r, u)| (n.as_str(), *r, *u)).collect();
+        let cluster = racked(&hosts);
+        let placement = place(&cluster, &gang("pods", 6, 2, 1)).expect("fits");
+        let nodes = nodes_of(&cluster, &placement);
+        assert!(nodes.iter().all(|n| n.starts_with("full-")), "racks {first}, {second}: {nodes:?}");
+    }
+}
+
+proptest::proptest! {
+    /// For a gang one host holds, `place` picks the host `score_hosts` ranks first: the top
+    /// total, then the tightest pack, then the lowest index.
+    #[test]
+    fn place_picks_the_best_scored_then_tightest_host(
+        used in proptest::collection::vec(0u32..=8, 3..10),
+        racks in proptest::collection::vec(0u8..3, 10),
+        gpus in proptest::sample::select(vec![1u32, 2, 4]),
+    ) {
+        let names: Vec<String> = (0..used.len()).map(|i| format!("h{i}")).collect();
+        let rack_names = ["r0", "r1", "r2"];
+        let spec: Vec<(&str, &str, u32)> =
+            used.iter().enumerate().map(|(i, &u)| (names[i].as_str(), rack_names[racks[i] as usize], u)).collect();
+        let cluster = racked(&spec);
+        let ledger = Ledger::new(&cluster);
+        let pod = gang("pod", 1, gpus, 1);
+        let mut planner = Planner::new(&cluster, PlannerConfig::default());
+        let hosts: Vec<HostId> = (0..cluster.hosts.len() as HostId).collect();
+        let verdicts = planner.score_hosts(&ledger, &pod, &hosts);
+        let mut best: Option<(f64, PackKey, HostId)> = None;
+        for (&host, verdict) in hosts.iter().zip(&verdicts) {
+            if let HostVerdict::Fits { score, pack, .. } = verdict {
+                if best.is_none_or(|(total, best_pack, _)| beats(score.total, *pack, (total, best_pack))) {
+                    best = Some((score.total, *pack, host));
+                }
+            }
+        }
+        let placed = planner.place(&ledger, &pod);
+        match best {
+            None => proptest::prop_assert!(placed.is_err()),
+            Some((total, pack, _)) => {
+                let placement = placed.expect("a host fits");
+                let host = placement.members[0].host;
+                proptest::prop_assert!((placement.score.total - total).abs() < 1e-9);
+                let Some(HostVerdict::Fits { pack: chosen_pack, .. }) = verdicts.get(host as usize) else {
+                    return Err(proptest::test_runner::TestCaseError::fail("placed on a host that does not fit"));
+                };
+                proptest::prop_assert_eq!(*chosen_pack, pack, "placed on {}", cluster.host(host).name);
+            }
+        }
+    }
+}
+
+#[test]
+fn shapes_keep_their_weight_only_while_scarce_for_the_gangs_waiting() {
+    // Three racks of 8-GPU hosts: one empty host, and twelve hosts with 6 used (2 free).
+    let mut spec: Vec<(String, &str, u32)> = vec![("empty".into(), "r0", 0)];
+    for i in 0..12 {
+        spec.push((format!("part-{i}"), ["r0", "r1", "r2"][i % 3], 6));
+    }
+    let hosts: Vec<(&str, &str, u32)> = spec.iter().map(|(n, r, u)| (n.as_str(), *r, *u)).collect();
+    let cluster = racked(&hosts);
+    let ledger = Ledger::new(&cluster);
+    let mut planner = Planner::new(&cluster, PlannerConfig::default());
+    let two = DemandKey::of(&gang("two", 1, 2, 2));
+    let eight = DemandKey::of(&gang("eight", 1, 8, 8));
+    let sixteen = DemandKey::of(&gang("sixteen", 2, 8, 8));
+    assert_eq!(planner.free_slots(&ledger, FreeShape::Units(two.unit)), 12 + 4);
+    assert_eq!(planner.free_slots(&ledger, FreeShape::Units(eight.unit)), 1);
+    assert_eq!(planner.free_slots(&ledger, FreeShape::WholeHost), 1);
+    assert_eq!(planner.free_slots(&ledger, FreeShape::RackRoom { hosts: 2 }), 0);
+    let shapes = vec![
+        WeightedShape { shape: FreeShape::Units(two.unit), weight: 1.0 },
+        WeightedShape { shape: FreeShape::Units(eight.unit), weight: 1.0 },
+        WeightedShape { shape: FreeShape::RackRoom { hosts: 2 }, weight: 1.0 },
+        WeightedShape { shape: FreeShape::WholeHost, weight: 1.0 },
+    ];
+    let weighed = planner.weigh_by_scarcity(&ledger, shapes.clone(), &[two, two, eight, eight, sixteen]);
+    let weights: Vec<f64> = weighed.iter().map(|s| s.weight).collect();
+    // 2 of 16 two-GPU slots asked; 2 eight-GPU slots asked of 1; one rack room of none; whole
+    // hosts: the 16-GPU gang asks 2 of 1.
+    assert_eq!(weights, [2.0 / 16.0, 1.0, 1.0, 1.0]);
+    assert_eq!(planner.weigh_by_scarcity(&ledger, shapes.clone(), &[]), shapes, "nothing waiting: unscaled");
+    let weights: Vec<f64> = planner.weigh_by_scarcity(&ledger, shapes, &[two]).iter().map(|s| s.weight).collect();
+    assert_eq!(weights, [1.0 / 16.0, 0.0, 0.0, 0.0], "shapes nobody waiting asks for weigh nothing");
+}

@@ -313,11 +313,16 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
                 Some(runner) => {
                     let _ = writeln!(
                         text,
-                        "    runner-up: {} on {} ({}): {}",
+                        "    runner-up: {} on {} ({}): {}{}",
                         runner.scope,
                         runner.hosts.join(","),
                         runner.product,
-                        score_line(&runner.score)
+                        score_line(&runner.score),
+                        if (runner.score.total - placement.score.total).abs() <= 1e-9 {
+                            format!(" (equal total, decided by packing: the runner-up {})", pack_text(&runner.pack))
+                        } else {
+                            String::new()
+                        }
                     );
                 }
                 None => {
@@ -364,6 +369,14 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
     Ok(text)
 }
 
+/// A candidate's [`PackKey`] for the explanation.
+fn pack_text(pack: &topoplace_engine::placement::PackKey) -> String {
+    format!(
+        "leaves {} GPU(s) free on its hosts, {} whole host(s) in its racks",
+        pack.free_left, pack.domain_whole_hosts
+    )
+}
+
 fn explain_lines(text: &mut String, explanation: &Explanation) {
     for group in &explanation.rejected_hosts {
         let _ = writeln!(
@@ -383,7 +396,14 @@ fn explain_lines(text: &mut String, explanation: &Explanation) {
         } else {
             String::new()
         };
-        let _ = writeln!(text, "    #{} {}{equivalent}: {}", rank + 1, candidate.scope, score_line(&candidate.score));
+        let _ = writeln!(
+            text,
+            "    #{} {}{equivalent}: {}; {}",
+            rank + 1,
+            candidate.scope,
+            score_line(&candidate.score),
+            pack_text(&candidate.pack)
+        );
     }
 }
 

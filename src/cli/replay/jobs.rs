@@ -75,6 +75,10 @@ pub struct JobsArgs {
     /// one, the rack held clear of later jobs meanwhile (0: place it at once).
     #[arg(long, value_name = "SECONDS", default_value_t = topoplace_replay::jobs::RACK_WAIT_S_DEFAULT)]
     pub rack_wait: u64,
+    /// topoplace: the half-life, in replay seconds, of the engine's memory of arrivals (the
+    /// demand whose free shapes it protects, with the jobs waiting).
+    #[arg(long, value_name = "SECONDS", default_value_t = topoplace_replay::jobs::DEMAND_HALF_LIFE_S_DEFAULT)]
+    pub demand_half_life: u64,
     /// Take a rack, block or host out of service at a time, e.g. `G6/P10/S14@86400` (seconds
     /// after the first arrival); its jobs restart elsewhere.
     #[arg(long, value_name = "TARGET@SECONDS")]
@@ -146,6 +150,7 @@ pub fn run(args: &JobsArgs, out: &mut dyn std::io::Write) -> Result<(), CliError
         drains: args.drain.iter().map(|d| parse_drain(d)).collect::<Result<_, _>>()?,
         seed: args.seed_base,
         rack_wait_s: args.rack_wait,
+        demand_half_life_s: args.demand_half_life,
     };
     // Input problems (host sizes, job shapes, drain targets) are the same for every
     // policy: check them once so they are reported as bad input, not as a failed run.

@@ -5,6 +5,7 @@
 //! argument types before anything runs.
 
 mod common;
+pub mod generate;
 pub mod jobs;
 pub mod pods;
 pub mod preemption;
@@ -43,6 +44,9 @@ pub enum ReplayKind {
     /// topology (Lingjun by default): topoplace's whole-unit preemption against
     /// kube-scheduler's node by node, on the same seeded arrivals with faults.
     Preemption(preemption::PreemptionArgs),
+    /// A job trace resampled from the visible ones to a chosen size mix (GPU counts and
+    /// weights), written as a CSV that `replay jobs --jobs` reads.
+    Generate(generate::GenerateArgs),
 }
 
 /// The flags of `topoplace replay` before the subcommands: both replays' flags in one
@@ -121,6 +125,7 @@ impl LegacyArgs {
                 load: a.load,
                 queue: a.queue,
                 rack_wait: a.rack_wait,
+                demand_half_life: topoplace_replay::jobs::DEMAND_HALF_LIFE_S_DEFAULT,
                 drain: a.drain.clone(),
                 rack_products: a.rack_products.clone(),
                 report: a.report.clone(),
@@ -144,10 +149,12 @@ pub fn run(args: &ReplayArgs, out: &mut dyn std::io::Write) -> Result<(), CliErr
         Some(ReplayKind::Pods(pods)) => pods::run(pods, out),
         Some(ReplayKind::Jobs(jobs)) => jobs::run(jobs, out),
         Some(ReplayKind::Preemption(args)) => preemption::run(args, out),
+        Some(ReplayKind::Generate(args)) => generate::run(args, out),
         None => match args.legacy.refine() {
             ReplayKind::Pods(pods) => pods::run(&pods, out),
             ReplayKind::Jobs(jobs) => jobs::run(&jobs, out),
             ReplayKind::Preemption(args) => preemption::run(&args, out),
+            ReplayKind::Generate(args) => generate::run(&args, out),
         },
     }
 }

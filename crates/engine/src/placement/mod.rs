@@ -12,7 +12,9 @@
 //!    fits most tightly; otherwise the roomiest child first. This keeps the gang inside as
 //!    few sub-domains as possible and leaves big free blocks big.
 //! 4. *Choose GPUs* inside each host ([`gpus`]) and *score* ([`score`]); the best total
-//!    wins, ties to the earlier candidate, so the answer is deterministic.
+//!    wins. Ties pack ([`PackKey`]): the fewest GPUs left free on the hosts taken, then the
+//!    fewest whole free hosts in their innermost domains, then the earlier candidate, so the
+//!    answer is deterministic.
 //!
 //! The engine reads a [`Ledger`] and never writes it; [`Planner::plan`] places a batch
 //! by reserving each placed gang before the next is placed.
@@ -34,7 +36,7 @@ use crate::topology::graph::nvlink_connected;
 use crate::topology::{Cluster, GpuMask, HostId, ProductId};
 use crate::workload::{Gang, Replica, Scope};
 use gpus::{remaining_connectivity, set_quality, unit_quality, GpuChooser, UnitShape};
-pub use score::{default_shapes, shapes_for, FreeShape, ScoreComponents, WeightedShape, Weights};
+pub use score::{default_shapes, shapes_for, Demand, DemandKey, FreeShape, ScoreComponents, WeightedShape, Weights};
 
 /// Candidates listed in an explanation.
 const EXPLAIN_CANDIDATES_MAX: usize = 10;
@@ -96,6 +98,8 @@ pub struct CandidateSummary {
     pub product: String,
     pub hosts: Vec<String>,
     pub score: ScoreComponents,
+    /// How tightly it packs: what decides between candidates of equal total ([`PackKey`]).
+    pub pack: PackKey,
     /// Other hosts that would have scored exactly the same (not scored again).
     pub equivalent_hosts: usize,
 }
@@ -242,11 +246,70 @@ impl HostRejection {
     }
 }
 
+/// How tightly a placement packs: the tie-break among placements of equal total score,
+/// smaller first, before the candidate order (the host index). Best fit on the hosts' GPUs,
+/// then on the domains' whole hosts:
+/// - `free_left`: GPUs still free on the hosts the placement takes GPUs from, once it holds
+///   them (a 1-GPU pod on a host with 2 free GPUs: 1; on an empty 8-GPU host: 7);
+/// - `domain_whole_hosts`: hosts with every GPU free, before the placement, in the innermost
+///   topology domains (racks) it touches; without levels, in the cluster. Of two racks with
+///   room, the one with fewer empty hosts is broken, so the other keeps room for multi-host
+///   replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct PackKey {
+    pub free_left: u32,
+    pub domain_whole_hosts: u32,
+}
+
+impl PackKey {
+    /// The key of taking `taken` (host, GPUs) in the state `ledger`.
+    pub fn of(
+        cluster: &Cluster,
+        ledger: &GpuUse,
+        whole_free: &score::WholeFreeIndex,
+        taken: &[(HostId, GpuMask)],
+    ) -> Self {
+        let mut free_left = 0u32;
+        let mut leaves: Vec<Option<u32>> = Vec::with_capacity(taken.len());
+        for &(host, mask) in taken {
+            free_left += (ledger.free(host) & !mask).count_ones();
+            let leaf = cluster.host(host).domain_path.last().copied();
+            if !leaves.contains(&leaf) {
+                leaves.push(leaf);
+            }
+        }
+        let domain_whole_hosts = leaves
+            .iter()
+            .map(|leaf| match leaf {
+                Some(d) => whole_free.per_leaf_domain.get(*d as usize).copied().unwrap_or(0),
+                None => whole_free.cluster_total,
+            })
+            .sum();
+        PackKey { free_left, domain_whole_hosts }
+    }
+}
+
+/// Whether a placement scored `total` with `pack` beats the best so far (`best`): a higher
+/// total (beyond rounding, 1e-9), or an equal one that packs tighter. Equal in both: the
+/// earlier stays.
+pub fn beats(total: f64, pack: PackKey, best: (f64, PackKey)) -> bool {
+    total > best.0 + 1e-9 || (total >= best.0 - 1e-9 && pack < best.1)
+}
+
 /// One host's verdict for a gang that fits on one host ([`Planner::score_hosts`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostVerdict {
-    Fits { members: Vec<MemberPlacement>, score: ScoreComponents },
-    Rejected { reason: HostRejection, text: String },
+    /// `pack` breaks ties between hosts of equal `score.total` ([`beats`]).
+    Fits {
+        members: Vec<MemberPlacement>,
+        score: ScoreComponents,
+        pack: PackKey,
+    },
+    Rejected {
+        reason: HostRejection,
+        text: String,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -327,6 +390,7 @@ struct Candidate {
     product: ProductId,
     members: Vec<MemberPlacement>,
     score: ScoreComponents,
+    pack: PackKey,
     equivalent_hosts: usize,
 }
 
@@ -341,6 +405,9 @@ struct HostCapacity {
     pools_at: HashMap<HostId, Vec<usize>>,
     /// Free GPUs per host, the tie-breaker that prefers the tighter host.
     free_gpus: Vec<u32>,
+    /// Hosts with every GPU free before each host index (length hosts + 1): a domain's whole
+    /// free hosts, the tie-breaker that prefers the fuller domain.
+    whole_free_prefix: Vec<u32>,
 }
 
 /// A [`Planner`] without its cluster borrow ([`Planner::into_parts`]).
@@ -384,6 +451,66 @@ impl<'c> Planner<'c> {
 
     pub fn config(&self) -> &PlannerConfig {
         &self.config
+    }
+
+    /// Free slots of `shape` in the state `ledger`: units inside hosts ([`FreeShape::Units`]),
+    /// hosts with every GPU free, or rack rooms (whole free hosts per innermost domain, in
+    /// groups of `hosts`).
+    pub fn free_slots(&mut self, ledger: &impl AsRef<GpuUse>, shape: FreeShape) -> u64 {
+        let ledger = ledger.as_ref();
+        let cluster = self.cluster;
+        match shape {
+            FreeShape::Units(unit) => (0..cluster.hosts.len())
+                .map(|h| u64::from(self.chooser.unit_count(cluster.host(h as HostId), ledger.free(h as HostId), unit)))
+                .sum(),
+            FreeShape::WholeHost => u64::from(score::WholeFreeIndex::new(cluster, ledger).cluster_total),
+            FreeShape::RackRoom { hosts } => {
+                let index = score::WholeFreeIndex::new(cluster, ledger);
+                let hosts = hosts.max(1);
+                if cluster.levels.is_empty() {
+                    u64::from(index.cluster_total / hosts)
+                } else {
+                    index.per_leaf_domain.iter().map(|&whole| u64::from(whole / hosts)).sum()
+                }
+            }
+        }
+    }
+
+    /// `shapes` with each weight scaled by how scarce the shape is for the gangs `asked`
+    /// (waiting now): the slots they ask over the free slots, at most 1. A shape nobody waiting
+    /// asks for, or of which there are more free slots than asked, is not worth keeping at the
+    /// cost of packing; one asked for beyond its supply keeps its full weight. Slots asked: a
+    /// gang of up to [`score::TYPICAL_HOST_GPUS`] GPUs asks its units of its unit shape; a larger
+    /// one one rack room of its hosts and that many whole hosts. With nothing asked the shapes
+    /// are returned unscaled (nothing contends; the mix is all there is to go by).
+    pub fn weigh_by_scarcity(
+        &mut self,
+        ledger: &impl AsRef<GpuUse>,
+        shapes: Vec<WeightedShape>,
+        asked: &[DemandKey],
+    ) -> Vec<WeightedShape> {
+        if asked.is_empty() {
+            return shapes;
+        }
+        shapes
+            .into_iter()
+            .map(|weighted| {
+                let wanted: u64 = asked.iter().map(|key| score::slots_asked(key, weighted.shape)).sum();
+                let scarcity = if wanted == 0 {
+                    0.0
+                } else {
+                    let free = self.free_slots(ledger, weighted.shape);
+                    (wanted as f64 / free.max(1) as f64).min(1.0)
+                };
+                WeightedShape { weight: weighted.weight * scarcity, ..weighted }
+            })
+            .collect()
+    }
+
+    /// Replaces the free shapes the fragmentation score protects (for a demand that changes:
+    /// [`score::Demand::shapes`]).
+    pub fn set_shapes(&mut self, shapes: Vec<WeightedShape>) {
+        self.config.shapes = shapes;
     }
 
     /// Takes the planner apart so a long-lived owner of the cluster (the online reservation
@@ -580,14 +707,18 @@ impl<'c> Planner<'c> {
                 };
                 let key = (self.host_class[host_id as usize], ledger.free(host_id), rack_whole);
                 if let Some((members, score)) = seen.get(&key) {
-                    let members = members.iter().map(|m| MemberPlacement { host: host_id, ..m.clone() }).collect();
-                    return HostVerdict::Fits { members, score: *score };
+                    let members: Vec<MemberPlacement> =
+                        members.iter().map(|m| MemberPlacement { host: host_id, ..m.clone() }).collect();
+                    // Same class and free GPUs; its own rack's whole hosts may differ.
+                    let taken: Vec<(HostId, GpuMask)> = vec![(host_id, members.iter().fold(0, |m, p| m | p.gpus))];
+                    let pack = PackKey::of(cluster, ledger, &whole_free, &taken);
+                    return HostVerdict::Fits { members, score: *score, pack };
                 }
                 let view = ProductView { cluster, capacity: &capacity, product: host.product, prefix };
                 match self.build(&context, &view, CandidateScope::Host(host_id), &[(Leaf::Host(host_id), need)]) {
                     Some(candidate) => {
                         seen.insert(key, (candidate.members.clone(), candidate.score));
-                        HostVerdict::Fits { members: candidate.members, score: candidate.score }
+                        HostVerdict::Fits { members: candidate.members, score: candidate.score, pack: candidate.pack }
                     }
                     None => rejected(HostRejection::FreeNotConnected),
                 }
@@ -685,19 +816,23 @@ impl<'c> Planner<'c> {
     }
 
     /// Hosts that hold the whole gang; of hosts alike (class, free GPUs, whether their rack
-    /// is whole) only the first in packed order is built, the rest counted as equivalent.
+    /// is whole, their rack's whole hosts) only the first in packed order is built, the rest
+    /// counted as equivalent.
     fn host_candidates(&mut self, search: &Search, view: &ProductView, found: &mut Found) {
         let cluster = self.cluster;
         let (ledger, need) = (search.context.ledger, search.need);
-        let mut seen_classes: HashMap<(u32, GpuMask, u32), usize> = HashMap::new();
+        let mut seen_classes: HashMap<(u32, GpuMask, u32, u32), usize> = HashMap::new();
+        let whole_free = search.context.whole_free;
         for &host_id in &search.packed.hosts {
             if view.host_units(host_id) < need {
                 continue;
             }
             let host = cluster.host(host_id);
-            let rack_whole =
-                if ledger.used(host_id) == 0 { host.domain_path.last().map_or(u32::MAX, |&d| d) } else { u32::MAX - 1 };
-            let key = (self.host_class[host_id as usize], ledger.free(host_id), rack_whole);
+            let leaf = host.domain_path.last().copied();
+            let rack_whole = if ledger.used(host_id) == 0 { leaf.unwrap_or(u32::MAX) } else { u32::MAX - 1 };
+            // Hosts alike score alike; their racks' whole hosts decide the tie ([`PackKey`]).
+            let leaf_whole = leaf.map_or(whole_free.cluster_total, |d| whole_free.per_leaf_domain[d as usize]);
+            let key = (self.host_class[host_id as usize], ledger.free(host_id), rack_whole, leaf_whole);
             if let Some(&index) = seen_classes.get(&key) {
                 if let Some(candidate) = found.candidates.get_mut(index) {
                     candidate.equivalent_hosts += 1;
@@ -842,8 +977,8 @@ impl<'c> Planner<'c> {
         }
     }
 
-    /// The choice: the highest total score wins (ties to the earlier candidate, so plans are
-    /// deterministic), the next one is the runner-up; with no candidate, why not. `ranking`,
+    /// The choice: the highest total score wins (ties to the tighter [`PackKey`], then to the
+    /// earlier candidate, so plans are deterministic), the next one is the runner-up; with no candidate, why not. `ranking`,
     /// when asked for, gets every candidate best first.
     fn choose(
         &self,
@@ -856,7 +991,7 @@ impl<'c> Planner<'c> {
         let Found { mut candidates, domain_notes, best_capacity, scope_shortfall } = found;
         let explanation = |candidates: &[Candidate]| {
             let mut ranked: Vec<&Candidate> = candidates.iter().collect();
-            ranked.sort_by(|a, b| b.score.total.total_cmp(&a.score.total));
+            ranked.sort_by(|a, b| ranked_order(a, b));
             Explanation {
                 rejected_hosts: rejected.to_vec(),
                 domains: domain_notes.clone(),
@@ -865,17 +1000,18 @@ impl<'c> Planner<'c> {
         };
         if let Some(ranking) = ranking {
             let mut order: Vec<&Candidate> = candidates.iter().collect();
-            order.sort_by(|a, b| b.score.total.total_cmp(&a.score.total));
+            order.sort_by(|a, b| ranked_order(a, b));
             ranking.extend(order.iter().map(|c| (c.product, c.scope)));
         }
         let mut best: Option<usize> = None;
         let mut second: Option<usize> = None;
+        let key = |index: usize| (candidates[index].score.total, candidates[index].pack);
         for (index, candidate) in candidates.iter().enumerate() {
-            let total = candidate.score.total;
-            if best.is_none_or(|b| total > candidates[b].score.total + 1e-9) {
+            let (total, pack) = (candidate.score.total, candidate.pack);
+            if best.is_none_or(|b| beats(total, pack, key(b))) {
                 second = best;
                 best = Some(index);
-            } else if second.is_none_or(|s| total > candidates[s].score.total + 1e-9) {
+            } else if second.is_none_or(|s| beats(total, pack, key(s))) {
                 second = Some(index);
             }
         }
@@ -995,7 +1131,13 @@ impl<'c> Planner<'c> {
             }
         }
         let free_gpus = (0..hosts).map(|h| ledger.free(h as HostId).count_ones()).collect();
-        HostCapacity { units, member_slots, pools, pools_at, free_gpus }
+        let mut whole_free_prefix = Vec::with_capacity(hosts + 1);
+        whole_free_prefix.push(0u32);
+        for h in 0..hosts {
+            let whole = u32::from(ledger.used(h as HostId) == 0);
+            whole_free_prefix.push(whole_free_prefix.last().copied().unwrap_or(0) + whole);
+        }
+        HostCapacity { units, member_slots, pools, pools_at, free_gpus, whole_free_prefix }
     }
 
     /// Turns a fill into members with concrete GPUs and scores it; `None` if a host's GPUs
@@ -1064,7 +1206,8 @@ impl<'c> Planner<'c> {
             return None;
         }
         let score = self.evaluate(context, &taken, quality_weighted);
-        Some(Candidate { scope, product: view.product, members, score, equivalent_hosts: 0 })
+        let pack = PackKey::of(cluster, context.ledger, context.whole_free, &taken);
+        Some(Candidate { scope, product: view.product, members, score, pack, equivalent_hosts: 0 })
     }
 
     /// The one scoring function: both solvers' placements are scored here. `taken` is the
@@ -1133,6 +1276,7 @@ impl<'c> Planner<'c> {
             product: candidate.product.get().name.to_string(),
             hosts,
             score: candidate.score,
+            pack: candidate.pack,
             equivalent_hosts: candidate.equivalent_hosts,
         }
     }
@@ -1526,6 +1670,12 @@ impl ProductView<'_> {
         self.capacity.free_gpus[host as usize]
     }
 
+    /// Fuller domains first among equals: the domain with fewer hosts whose GPUs are all free.
+    fn whole_free_hosts(&self, hosts: &std::ops::Range<u32>) -> u32 {
+        let prefix = &self.capacity.whole_free_prefix;
+        prefix[hosts.end as usize] - prefix[hosts.start as usize]
+    }
+
     fn clique_leaves(&self, clique: u32) -> Vec<(Leaf, u32, (u32, u32))> {
         let mut items = Vec::new();
         for &host in &self.cluster.cliques[clique as usize].hosts {
@@ -1554,7 +1704,8 @@ impl ProductView<'_> {
             .clone()
             .filter_map(|child| {
                 let units = self.range_units(&self.cluster.domains[level + 1][child as usize].hosts);
-                (units > 0).then_some((child, units.min(u64::from(u32::MAX)) as u32, (0, child)))
+                let whole = self.whole_free_hosts(&self.cluster.domains[level + 1][child as usize].hosts);
+                (units > 0).then_some((child, units.min(u64::from(u32::MAX)) as u32, (whole, child)))
             })
             .collect();
         let mut chosen = Vec::new();
@@ -1573,7 +1724,8 @@ impl ProductView<'_> {
         let items: Vec<(u32, u32, (u32, u32))> = (0..self.cluster.domains[0].len() as u32)
             .filter_map(|index| {
                 let units = self.range_units(&self.cluster.domains[0][index as usize].hosts);
-                (units > 0).then_some((index, units.min(u64::from(u32::MAX)) as u32, (0, index)))
+                let whole = self.whole_free_hosts(&self.cluster.domains[0][index as usize].hosts);
+                (units > 0).then_some((index, units.min(u64::from(u32::MAX)) as u32, (whole, index)))
             })
             .collect();
         let mut chosen = Vec::new();
@@ -1660,6 +1812,12 @@ fn pick_finishes_with_the_tightest_fit_and_otherwise_takes_the_roomiest() {
     assert_eq!(run(3), [("a", 3)]);
     assert_eq!(run(12), [("b", 8), ("c", 4)]);
     assert_eq!(run(21), [("b", 8), ("c", 5), ("d", 5), ("a", 3)]);
+}
+
+/// Best first: the higher total, then the tighter pack (the order [`beats`] chooses by, without
+/// its rounding allowance, which a sort cannot have).
+fn ranked_order(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    b.score.total.total_cmp(&a.score.total).then(a.pack.cmp(&b.pack))
 }
 
 /// `network.topology.nvidia.com/leaf` -> `leaf`, for output.

@@ -111,12 +111,57 @@ pub fn default_shapes() -> Vec<WeightedShape> {
 }
 
 /// GPUs per host assumed when a multi-host gang is turned into a rack-room shape.
-const TYPICAL_HOST_GPUS: u64 = 8;
+pub const TYPICAL_HOST_GPUS: u64 = 8;
+
+/// Slots of `shape` a gang of `key` asks for: its units of its own unit shape (up to
+/// [`TYPICAL_HOST_GPUS`] GPUs); above that, one rack room of its host count and that many
+/// whole hosts. 0 for every other shape.
+pub fn slots_asked(key: &DemandKey, shape: FreeShape) -> u64 {
+    if key.total_gpus > TYPICAL_HOST_GPUS {
+        let hosts = key.total_gpus.div_ceil(TYPICAL_HOST_GPUS);
+        match shape {
+            FreeShape::RackRoom { hosts: room } if u64::from(room) == hosts => 1,
+            FreeShape::WholeHost => hosts,
+            _ => 0,
+        }
+    } else {
+        match shape {
+            FreeShape::Units(unit) if unit == key.unit => key.total_gpus / u64::from(unit.unit_gpus.max(1)),
+            _ => 0,
+        }
+    }
+}
 
 /// The shapes a workload mix asks for, weighted by the GPUs each asks for, plus whole
 /// hosts (half the weight) which every large replica needs.
 pub fn shapes_for(gangs: &[Gang]) -> Vec<WeightedShape> {
-    if gangs.is_empty() {
+    shapes_from(gangs.iter().map(|g| (DemandKey::of(g), 1.0)))
+}
+
+/// What a gang asks of the free capacity, for the fragmentation score: its GPUs in all and
+/// the unit one host must hold (a member, or a tensor-parallel group spanning members).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DemandKey {
+    pub total_gpus: u64,
+    pub unit: UnitShape,
+}
+
+impl DemandKey {
+    pub fn of(gang: &Gang) -> Self {
+        DemandKey {
+            total_gpus: gang.total_gpus(),
+            unit: UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) },
+        }
+    }
+}
+
+/// Shapes from demand entries (a key and how many gangs of it, possibly fractional): each
+/// entry's share is its GPUs x count over the total. A gang above [`TYPICAL_HOST_GPUS`] asks
+/// for rack room (and whole hosts at half its share), a smaller one for its unit; whole hosts
+/// get 0.5 more. No entries (or none with weight): [`default_shapes`].
+pub fn shapes_from(entries: impl Iterator<Item = (DemandKey, f64)> + Clone) -> Vec<WeightedShape> {
+    let total: f64 = entries.clone().map(|(key, count)| key.total_gpus as f64 * count).sum();
+    if total <= 0.0 || !total.is_finite() {
         return default_shapes();
     }
     let mut shapes: Vec<WeightedShape> = Vec::new();
@@ -124,20 +169,86 @@ pub fn shapes_for(gangs: &[Gang]) -> Vec<WeightedShape> {
         Some(existing) => existing.weight += weight,
         None => shapes.push(WeightedShape { shape, weight }),
     };
-    let total: f64 = gangs.iter().map(|g| g.total_gpus() as f64).sum();
-    for gang in gangs {
-        let share = gang.total_gpus() as f64 / total;
-        if gang.total_gpus() > TYPICAL_HOST_GPUS {
-            let hosts = gang.total_gpus().div_ceil(TYPICAL_HOST_GPUS).min(u64::from(u32::MAX)) as u32;
+    for (key, count) in entries {
+        let share = key.total_gpus as f64 * count / total;
+        if share <= 0.0 {
+            continue;
+        }
+        if key.total_gpus > TYPICAL_HOST_GPUS {
+            let hosts = key.total_gpus.div_ceil(TYPICAL_HOST_GPUS).min(u64::from(u32::MAX)) as u32;
             add(FreeShape::RackRoom { hosts }, share);
             add(FreeShape::WholeHost, share / 2.0);
         } else {
-            let unit = UnitShape { unit_gpus: gang.unit_gpus(), atom: gang.tensor_parallel.min(gang.unit_gpus()) };
-            add(FreeShape::Units(unit), share);
+            add(FreeShape::Units(key.unit), share);
         }
     }
     add(FreeShape::WholeHost, 0.5);
     shapes
+}
+
+/// Demand kinds a [`Demand`] remembers at most; past it the faintest is forgotten.
+pub const DEMAND_KEYS_MAX: usize = 256;
+
+/// The demand the fragmentation score protects, online: the gangs waiting now and the gangs
+/// asked for recently, each arrival's weight halving every `half_life_s` seconds. It never
+/// sees the future: a replay records each job as it arrives. Deterministic for the same
+/// calls (times in seconds on the caller's clock; a time earlier than the last is taken as
+/// the last).
+#[derive(Debug, Clone)]
+pub struct Demand {
+    half_life_s: f64,
+    at_s: u64,
+    recent: Vec<(DemandKey, f64)>,
+}
+
+impl Demand {
+    /// A history with this half-life (seconds, at least 1).
+    pub fn new(half_life_s: u64) -> Self {
+        Demand { half_life_s: half_life_s.max(1) as f64, at_s: 0, recent: Vec::new() }
+    }
+
+    fn decay_to(&mut self, now_s: u64) {
+        if now_s > self.at_s {
+            let factor = 0.5f64.powf((now_s - self.at_s) as f64 / self.half_life_s);
+            for entry in &mut self.recent {
+                entry.1 *= factor;
+            }
+            self.recent.retain(|entry| entry.1 > 1e-6);
+            self.at_s = now_s;
+        }
+    }
+
+    /// A gang of `key` ([`DemandKey::of`]) was asked for at `now_s`.
+    pub fn record(&mut self, key: DemandKey, now_s: u64) {
+        self.decay_to(now_s);
+        match self.recent.iter_mut().find(|entry| entry.0 == key) {
+            Some(entry) => entry.1 += 1.0,
+            None => {
+                if self.recent.len() == DEMAND_KEYS_MAX {
+                    if let Some(faintest) =
+                        (0..self.recent.len()).min_by(|&a, &b| self.recent[a].1.total_cmp(&self.recent[b].1))
+                    {
+                        self.recent.swap_remove(faintest);
+                    }
+                }
+                self.recent.push((key, 1.0));
+            }
+        }
+    }
+
+    /// The shapes to protect at `now_s` with `waiting` in the queue (each counting as one
+    /// fresh arrival on top of the history): [`shapes_from`] of both.
+    pub fn shapes(&mut self, waiting: &[DemandKey], now_s: u64) -> Vec<WeightedShape> {
+        self.decay_to(now_s);
+        let mut entries = self.recent.clone();
+        for key in waiting {
+            match entries.iter_mut().find(|entry| entry.0 == *key) {
+                Some(entry) => entry.1 += 1.0,
+                None => entries.push((*key, 1.0)),
+            }
+        }
+        shapes_from(entries.into_iter())
+    }
 }
 
 /// Whole free hosts per innermost domain, computed once per placement call.
@@ -257,4 +368,73 @@ fn rack_room_lost(
             u64::from(before / hosts - after / hosts) * u64::from(hosts) * host_gpus
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::GangSpec;
+
+    fn key(members: u32, gpus: u32) -> DemandKey {
+        DemandKey::of(&GangSpec::shape("g", members, gpus, gpus).expand().remove(0))
+    }
+
+    fn weight(shapes: &[WeightedShape], shape: FreeShape) -> f64 {
+        shapes.iter().find(|s| s.shape == shape).map_or(0.0, |s| s.weight)
+    }
+
+    #[test]
+    fn demand_halves_each_half_life_and_counts_the_waiting_on_top() {
+        let one = key(1, 1);
+        let eight = key(1, 8);
+        let units = |k: DemandKey| FreeShape::Units(k.unit);
+        let mut demand = Demand::new(100);
+        assert_eq!(demand.shapes(&[], 0), default_shapes(), "nothing asked: the default shapes");
+        demand.record(eight, 0);
+        demand.record(one, 100);
+        // At 100 s: the 8-GPU arrival weighs 1/2 (8 x 0.5 = 4 GPUs), the 1-GPU one 1 (1 GPU).
+        let shapes = demand.shapes(&[], 100);
+        assert!((weight(&shapes, units(eight)) - 4.0 / 5.0).abs() < 1e-9, "{shapes:?}");
+        assert!((weight(&shapes, units(one)) - 1.0 / 5.0).abs() < 1e-9);
+        assert!((weight(&shapes, FreeShape::WholeHost) - 0.5).abs() < 1e-9);
+        // Four 1-GPU jobs waiting count 4 on top of the history: 4 + 1 = 5 GPUs against 4.
+        let shapes = demand.shapes(&[one; 4], 100);
+        assert!((weight(&shapes, units(one)) - 5.0 / 9.0).abs() < 1e-9, "{shapes:?}");
+        // Much later the history has faded: only the waiting count.
+        let shapes = demand.shapes(&[eight], 100_000);
+        assert!((weight(&shapes, units(eight)) - 1.0).abs() < 1e-9, "{shapes:?}");
+        assert_eq!(weight(&shapes, units(one)), 0.0, "forgotten entirely");
+        // A time before the last is taken as the last: nothing grows back.
+        assert_eq!(demand.shapes(&[], 5), default_shapes());
+    }
+
+    #[test]
+    fn demand_remembers_at_most_its_limit_of_kinds() {
+        let mut demand = Demand::new(1_000_000);
+        for members in 1..=(DEMAND_KEYS_MAX as u32 + 10) {
+            // Each kind once (8 GPUs per member), the earlier ones fading: the faintest go.
+            demand.record(key(members, 8), u64::from(members) * 1000);
+        }
+        assert_eq!(demand.recent.len(), DEMAND_KEYS_MAX);
+        let kept: Vec<u64> = demand.recent.iter().map(|(k, _)| k.total_gpus).collect();
+        assert!(!kept.contains(&8), "the first and faintest kind went");
+        assert!(kept.contains(&(8 * (DEMAND_KEYS_MAX as u64 + 10))), "the last stays");
+    }
+
+    #[test]
+    fn shapes_for_is_the_demand_of_each_gang_once_and_slots_follow_the_shapes() {
+        let gangs: Vec<Gang> =
+            [(1, 1), (2, 8), (1, 4)].iter().map(|&(m, g)| GangSpec::shape("g", m, g, g).expand().remove(0)).collect();
+        let from_keys = shapes_from(gangs.iter().map(|g| (DemandKey::of(g), 1.0)));
+        assert_eq!(shapes_for(&gangs), from_keys);
+        assert!(weight(&from_keys, FreeShape::RackRoom { hosts: 2 }) > 0.0);
+        let sixteen = key(2, 8);
+        assert_eq!(slots_asked(&sixteen, FreeShape::RackRoom { hosts: 2 }), 1);
+        assert_eq!(slots_asked(&sixteen, FreeShape::RackRoom { hosts: 3 }), 0);
+        assert_eq!(slots_asked(&sixteen, FreeShape::WholeHost), 2);
+        let four = key(1, 4);
+        assert_eq!(slots_asked(&four, FreeShape::Units(four.unit)), 1);
+        assert_eq!(slots_asked(&four, FreeShape::WholeHost), 0);
+        assert_eq!(slots_asked(&key(1, 1), FreeShape::Units(four.unit)), 0);
+    }
 }

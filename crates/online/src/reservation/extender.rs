@@ -4,6 +4,7 @@
 
 use super::running::JoinOutcome;
 use super::*;
+use topoplace_engine::placement::{beats, PackKey};
 
 impl Book {
     /// kube-scheduler's filter for one pod over the nodes it offers. For a gang member, the
@@ -432,7 +433,8 @@ impl Book {
     }
 
     /// Scores a single pod on `offered` (its own assumption given back first) and assumes it
-    /// on the best fitting node, the lowest host id among equals. Returns each offered node's
+    /// on the best fitting node: the highest total, then the tighter pack ([`PackKey`]), then
+    /// the lowest host id. Returns each offered node's
     /// engine total (`None`: does not fit) and the index of the chosen one.
     fn assume_best(
         &mut self,
@@ -443,28 +445,29 @@ impl Book {
     ) -> (Vec<Option<f64>>, Option<usize>) {
         self.unassume(&demand.pod.uid);
         let verdicts = self.with_planner(|planner, ledger| planner.score_hosts(ledger, gang, offered));
-        let mut chosen: Option<(usize, f64, GpuMask)> = None;
+        let mut chosen: Option<(usize, f64, PackKey, GpuMask)> = None;
         let mut totals = Vec::with_capacity(verdicts.len());
         for (index, verdict) in verdicts.into_iter().enumerate() {
-            let HostVerdict::Fits { score, members } = verdict else {
+            let HostVerdict::Fits { score, members, pack } = verdict else {
                 totals.push(None);
                 continue;
             };
             totals.push(Some(score.total));
             let better = match chosen {
                 None => true,
-                Some((at, total, _)) => {
-                    score.total > total + 1e-12 || (score.total > total - 1e-12 && offered[index] < offered[at])
+                Some((at, total, best_pack, _)) => {
+                    beats(score.total, pack, (total, best_pack))
+                        || (!beats(total, best_pack, (score.total, pack)) && offered[index] < offered[at])
                 }
             };
             if better {
-                chosen = Some((index, score.total, members.iter().fold(0, |m, p| m | p.gpus)));
+                chosen = Some((index, score.total, pack, members.iter().fold(0, |m, p| m | p.gpus)));
             }
         }
-        if let Some((index, _, gpus)) = chosen {
+        if let Some((index, _, _, gpus)) = chosen {
             self.assume(&demand.pod, offered[index], gpus, now_ms);
         }
-        (totals, chosen.map(|(index, _, _)| index))
+        (totals, chosen.map(|(index, ..)| index))
     }
 
     /// A pod reached bind for `node`. A single pod gets its GPUs chosen and reserved now; a

@@ -682,6 +682,27 @@ fn single_pods_pack_though_each_bind_arrives_after_the_next_pods_prioritize() {
     assert_eq!(book.stats().pods_assumed, 7, "every single pod, the last filler by its one-node filter");
 }
 
+/// The extender's single-pod choice packs among equal scores: four hosts with 5, 2, 7 and 8
+/// free GPUs (in any order), and a 1-GPU pod scores the three partly used hosts the same; it
+/// goes to the one with 2 free (the best fit), which alone gets kube-scheduler's top score.
+#[test]
+fn a_single_pod_goes_to_the_fullest_of_equally_scored_hosts() {
+    for used in [[3u32, 6, 1, 0], [0, 1, 6, 3], [6, 0, 3, 1]] {
+        let mut book = Book::new(cluster(1, 4), BookConfig::default());
+        let mut kube = KubeScheduler::new(&book);
+        for (host, &gpus) in used.iter().enumerate() {
+            if gpus > 0 {
+                let filler = single(&format!("filler-{host}"), gpus);
+                bind_single(&mut book, &filler, host as HostId, 0);
+                kube.used[host] += gpus;
+            }
+        }
+        let host = kube.pick(&mut book, &single("pod-1g", 1), 10).expect("a node");
+        assert_eq!(used[host as usize], 6, "used {used:?}: the host with 2 free GPUs");
+        book.check().expect("book consistent");
+    }
+}
+
 #[test]
 fn an_assumption_gives_way_to_the_bind_the_pod_watch_or_its_own_retry_and_lapses_unseen() {
     let config = BookConfig { assume_ttl_ms: 1_000, ..BookConfig::default() };

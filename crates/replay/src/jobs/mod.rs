@@ -18,6 +18,7 @@
 //! in what they leave behind. Every GPU change goes through the [`Ledger`], and after every
 //! event free + running + drained GPUs must equal the cluster's GPUs.
 
+pub mod generate;
 pub mod policy;
 #[cfg(test)]
 mod tests;
@@ -90,7 +91,14 @@ pub struct SimConfig {
     /// topoplace with `BestEffortFifo`: a gang that fits no single rack waits up to this
     /// long for one, with that rack held clear of later jobs; 0 places it at once.
     pub rack_wait_s: u64,
+    /// topoplace: how fast the engine forgets what arrived
+    /// ([`topoplace_engine::placement::Demand`]'s half-life, replay
+    /// seconds).
+    pub demand_half_life_s: u64,
 }
+
+/// [`SimConfig::demand_half_life_s`] unless told otherwise: an hour of replay clock.
+pub const DEMAND_HALF_LIFE_S_DEFAULT: u64 = 3600;
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -100,6 +108,7 @@ impl Default for SimConfig {
             drains: Vec::new(),
             seed: 42,
             rack_wait_s: RACK_WAIT_S_DEFAULT,
+            demand_half_life_s: DEMAND_HALF_LIFE_S_DEFAULT,
         }
     }
 }
@@ -445,7 +454,7 @@ impl<'a> Simulation<'a> {
         let ledger: Ledger<JobHolder> = Ledger::empty(cluster);
         let free_index = FreeIndex::new(cluster, &ledger, &pools, host_gpus);
         let pool_capacity = free_index.hosts_by_free.clone();
-        let placer = Placer::new(cluster, policy, jobs, host_gpus, config.seed);
+        let placer = Placer::new(cluster, policy, jobs, host_gpus, config.seed, config.demand_half_life_s);
         let levels = cluster.levels.len();
         let rack_wait_ms = if policy == JobPolicy::Topoplace && config.queue == QueueMode::BestEffortFifo && levels > 0
         {
@@ -600,6 +609,7 @@ impl<'a> Simulation<'a> {
                 continue;
             }
             self.queue.push_back(job);
+            self.placer.arrived(job, self.now / MS_PER_S);
             if self.jobs[job].gpus >= STRANDED_JOB_GPUS {
                 *self.waiting_large.entry(self.jobs[job].gpus).or_default() += 1;
             }
@@ -645,6 +655,9 @@ impl<'a> Simulation<'a> {
     fn start_fitting(&mut self) -> Result<(), JobReplayError> {
         let mut starting: Vec<(usize, Holding)> = Vec::new();
         let mut holds: Vec<JobHolder> = Vec::new();
+        if !self.queue.is_empty() {
+            self.placer.refresh_demand(&self.ledger, self.queue.iter().copied(), self.now / MS_PER_S);
+        }
         let mut index = 0;
         while index < self.queue.len() {
             let job = self.queue[index];

@@ -18,8 +18,10 @@
 //!   utilisation with the job in it; ties by name); inside it each pod on the node with
 //!   the highest binpack score (most used GPUs; ties by name).
 //! - `random`: each pod on a uniformly random host with room (seeded).
-//! - `topoplace`: the placement engine ([`Planner`]) with the free shapes the trace's job
-//!   mix asks for.
+//! - `topoplace`: the placement engine ([`Planner`]) protecting the free shapes the demand
+//!   asks for ([`Demand`]): the jobs waiting in the queue and the jobs that arrived so far,
+//!   each arrival's weight halving every `demand_half_life_s` of replay clock. Never the
+//!   jobs still to come.
 //!
 //! Baselines get one product pool at a time (a Kueue ResourceFlavor, a node selector); the
 //! engine chooses the product itself and never mixes products within a gang. GPUs inside a
@@ -59,8 +61,7 @@ impl std::fmt::Display for JobHolder {
         }
     }
 }
-use topoplace_engine::placement::score::shapes_for;
-use topoplace_engine::placement::{Planner, PlannerConfig};
+use topoplace_engine::placement::{Demand, DemandKey, Planner, PlannerConfig};
 use topoplace_engine::topology::{Cluster, GpuMask, HostId, ProductId};
 use topoplace_engine::workload::Gang;
 
@@ -118,6 +119,9 @@ pub struct Placer<'c> {
     policy: JobPolicy,
     cluster: &'c Cluster,
     planner: Option<Planner<'c>>,
+    demand: Demand,
+    /// Each job's demand key, computed once (read only for jobs that have arrived).
+    demand_keys: Vec<DemandKey>,
     jobs: Vec<(String, u32)>,
     host_gpus: u8,
     rng: Xoshiro256PlusPlus,
@@ -126,22 +130,50 @@ pub struct Placer<'c> {
 }
 
 impl<'c> Placer<'c> {
-    pub fn new(cluster: &'c Cluster, policy: JobPolicy, jobs: &[TraceJob], host_gpus: u8, seed: u64) -> Self {
-        let gangs: Vec<Gang> = jobs.iter().map(|j| gang_of(&j.id, j.gpus, host_gpus)).collect();
-        let planner = (policy == JobPolicy::Topoplace)
-            .then(|| Planner::new(cluster, PlannerConfig { shapes: shapes_for(&gangs), ..PlannerConfig::default() }));
+    /// `demand_half_life_s`: the engine's memory of arrivals ([`Demand`]), replay seconds.
+    pub fn new(
+        cluster: &'c Cluster,
+        policy: JobPolicy,
+        jobs: &[TraceJob],
+        host_gpus: u8,
+        seed: u64,
+        demand_half_life_s: u64,
+    ) -> Self {
+        let planner = (policy == JobPolicy::Topoplace).then(|| Planner::new(cluster, PlannerConfig::default()));
         let mut by_name: Vec<HostId> = (0..cluster.hosts.len() as HostId).collect();
         by_name.sort_by(|&a, &b| cluster.host(a).name.cmp(&cluster.host(b).name));
         Placer {
             policy,
             cluster,
             planner,
+            demand: Demand::new(demand_half_life_s),
+            demand_keys: jobs.iter().map(|j| DemandKey::of(&gang_of(&j.id, j.gpus, host_gpus))).collect(),
             jobs: jobs.iter().map(|j| (j.id.clone(), j.gpus)).collect(),
             host_gpus,
             rng: Xoshiro256PlusPlus::seed_from_u64(seed),
             by_name,
             excluded: vec![false; cluster.hosts.len()],
         }
+    }
+
+    /// Job `job` arrived at `now_s` (replay seconds): the engine remembers what it asks for.
+    pub fn arrived(&mut self, job: usize, now_s: u64) {
+        if self.planner.is_some() {
+            if let Some(&key) = self.demand_keys.get(job) {
+                self.demand.record(key, now_s);
+            }
+        }
+    }
+
+    /// Before placing at `now_s`: the engine protects the shapes of the jobs `waiting` and of
+    /// the recent arrivals ([`Demand::shapes`]), each weighed by how scarce its free slots are
+    /// in `ledger` for the jobs waiting ([`Planner::weigh_by_scarcity`]).
+    pub fn refresh_demand(&mut self, ledger: &Ledger<JobHolder>, waiting: impl Iterator<Item = usize>, now_s: u64) {
+        let Some(planner) = self.planner.as_mut() else { return };
+        let keys: Vec<DemandKey> = waiting.filter_map(|job| self.demand_keys.get(job).copied()).collect();
+        let shapes = self.demand.shapes(&keys, now_s);
+        let shapes = planner.weigh_by_scarcity(ledger, shapes, &keys);
+        planner.set_shapes(shapes);
     }
 
     /// Hosts taken out of service (drained): no capacity any more, in any score.

@@ -46,7 +46,9 @@ fn use_gpus(cluster: &Cluster, ledger: &mut Ledger<JobHolder>, host: &str, gpus:
 /// Where `policy` puts a job of `gpus` GPUs (whole hosts above 8), as sorted host names.
 fn choose(cluster: &Cluster, ledger: &Ledger<JobHolder>, policy: JobPolicy, gpus: u32) -> Vec<String> {
     let jobs = [job("probe", 0, 1, gpus)];
-    let mut placer = Placer::new(cluster, policy, &jobs, 8, 7);
+    let mut placer = Placer::new(cluster, policy, &jobs, 8, 7, 3600);
+    placer.arrived(0, 0);
+    placer.refresh_demand(ledger, std::iter::once(0), 0);
     let (members, per_member) = if gpus <= 8 { (1, gpus) } else { (gpus / 8, 8) };
     let holding = placer.place(ledger, 0, members, per_member, None).expect("the job fits");
     assert_eq!(holding.len(), members as usize);
