@@ -259,9 +259,10 @@ fn equal_scores_go_to_the_fullest_host_not_the_lowest_index() {
 
 #[test]
 fn equal_hosts_go_to_the_rack_with_fewer_empty_hosts() {
-    // Two hosts with 2 free GPUs, one in a rack of three empty hosts, one in a rack of one:
-    // the pod goes to the fuller rack, whichever comes first, so the other keeps room for a
-    // multi-host replica.
+    // Two hosts with 2 free GPUs, one in a rack of three empty hosts, one in a rack of one
+    // empty host and three with 7 free: the pod goes to the rack with fewer empty hosts,
+    // whichever comes first, so the other keeps room for a multi-host replica (though the
+    // second rack has more free GPUs in all, 31 against 26).
     for (first, second) in [("ra", "rb"), ("rb", "ra")] {
         let cluster = racked(&[
             ("a-part", first, 6),
@@ -270,6 +271,9 @@ fn equal_hosts_go_to_the_rack_with_fewer_empty_hosts() {
             ("a-e3", first, 0),
             ("b-part", second, 6),
             ("b-e1", second, 0),
+            ("b-7a", second, 1),
+            ("b-7b", second, 1),
+            ("b-7c", second, 1),
         ]);
         let placement = place(&cluster, &gang("pod1", 1, 1, 1)).expect("fits");
         assert_eq!(nodes_of(&cluster, &placement), ["b-part"], "racks {first}, {second}");
@@ -366,9 +370,31 @@ fn shapes_keep_their_weight_only_while_scarce_for_the_gangs_waiting() {
     let weighed = planner.weigh_by_scarcity(&ledger, shapes.clone(), &[two, two, eight, eight, sixteen]);
     let weights: Vec<f64> = weighed.iter().map(|s| s.weight).collect();
     // 2 of 16 two-GPU slots asked; 2 eight-GPU slots asked of 1; one rack room of none; whole
-    // hosts: the 16-GPU gang asks 2 of 1.
-    assert_eq!(weights, [2.0 / 16.0, 1.0, 1.0, 1.0]);
+    // hosts: the 16-GPU gang asks 2 of 1. What the 2-GPU slots lose goes to single GPUs, a
+    // shape that always scores 1, so it counts for less in the weighted mean.
+    assert_eq!(weights, [2.0 / 16.0, 1.0, 1.0, 1.0, 14.0 / 16.0]);
     assert_eq!(planner.weigh_by_scarcity(&ledger, shapes.clone(), &[]), shapes, "nothing waiting: unscaled");
-    let weights: Vec<f64> = planner.weigh_by_scarcity(&ledger, shapes, &[two]).iter().map(|s| s.weight).collect();
-    assert_eq!(weights, [1.0 / 16.0, 0.0, 0.0, 0.0], "shapes nobody waiting asks for weigh nothing");
+    let weighed = planner.weigh_by_scarcity(&ledger, shapes, &[two]);
+    let weights: Vec<f64> = weighed.iter().map(|s| s.weight).collect();
+    assert_eq!(
+        weights,
+        [1.0 / 16.0, 0.0, 0.0, 0.0, 3.0 - 1.0 / 16.0 + 1.0],
+        "shapes nobody waiting asks for weigh nothing"
+    );
+
+    // The effect on a score: a 1-GPU pod on a host with 2 free breaks a 2-GPU slot. With the
+    // full weights that costs fragmentation; with a plentiful 2-GPU supply almost nothing.
+    let pod = gang("pod", 1, 1, 1);
+    let part = cluster.host_id("part-0").expect("host");
+    let fragmentation = |planner: &mut Planner, shapes: Vec<WeightedShape>| {
+        planner.set_shapes(shapes);
+        match planner.score_hosts(&ledger, &pod, &[part]).remove(0) {
+            HostVerdict::Fits { score, .. } => score.fragmentation,
+            HostVerdict::Rejected { text, .. } => panic!("part-0 fits: {text}"),
+        }
+    };
+    let full = fragmentation(&mut planner, vec![WeightedShape { shape: FreeShape::Units(two.unit), weight: 1.0 }]);
+    let scaled = fragmentation(&mut planner, weighed);
+    assert!((full - 0.5).abs() < 1e-9, "a 2-GPU slot broken for one GPU used: {full}");
+    assert!(scaled > 0.99, "scarcity took the 2-GPU slot's weight off: {scaled}");
 }

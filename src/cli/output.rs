@@ -319,7 +319,7 @@ pub fn render_plan(report: &PlanReport, format: OutputFormat, explain: bool) -> 
                         runner.product,
                         score_line(&runner.score),
                         if (runner.score.total - placement.score.total).abs() <= 1e-9 {
-                            format!(" (equal total, decided by packing: the runner-up {})", pack_text(&runner.pack))
+                            format!(" (equal total: ties go to the tighter pack, then the candidate order; the runner-up {})", pack_text(&runner.pack))
                         } else {
                             String::new()
                         }

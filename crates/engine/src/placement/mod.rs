@@ -100,7 +100,7 @@ pub struct CandidateSummary {
     pub score: ScoreComponents,
     /// How tightly it packs: what decides between candidates of equal total ([`PackKey`]).
     pub pack: PackKey,
-    /// Other hosts that would have scored exactly the same (not scored again).
+    /// Other hosts that would have scored and packed exactly the same (not scored again).
     pub equivalent_hosts: usize,
 }
 
@@ -291,10 +291,16 @@ impl PackKey {
 }
 
 /// Whether a placement scored `total` with `pack` beats the best so far (`best`): a higher
-/// total (beyond rounding, 1e-9), or an equal one that packs tighter. Equal in both: the
+/// total (compared in units of 1e-9), or an equal one that packs tighter. Equal in both: the
 /// earlier stays.
 pub fn beats(total: f64, pack: PackKey, best: (f64, PackKey)) -> bool {
-    total > best.0 + 1e-9 || (total >= best.0 - 1e-9 && pack < best.1)
+    (quantised(total), std::cmp::Reverse(pack)) > (quantised(best.0), std::cmp::Reverse(best.1))
+}
+
+/// A total in units of 1e-9, so that rounding noise does not order placements (and the order
+/// is total, unlike a comparison with a tolerance).
+fn quantised(total: f64) -> i64 {
+    (total * 1e9).round() as i64
 }
 
 /// One host's verdict for a gang that fits on one host ([`Planner::score_hosts`]).
@@ -479,10 +485,13 @@ impl<'c> Planner<'c> {
     /// `shapes` with each weight scaled by how scarce the shape is for the gangs `asked`
     /// (waiting now): the slots they ask over the free slots, at most 1. A shape nobody waiting
     /// asks for, or of which there are more free slots than asked, is not worth keeping at the
-    /// cost of packing; one asked for beyond its supply keeps its full weight. Slots asked: a
-    /// gang of up to [`score::TYPICAL_HOST_GPUS`] GPUs asks its units of its unit shape; a larger
-    /// one one rack room of its hosts and that many whole hosts. With nothing asked the shapes
-    /// are returned unscaled (nothing contends; the mix is all there is to go by).
+    /// cost of packing; one asked for beyond its supply keeps its full weight. The weight taken
+    /// off goes to single GPUs ([`FreeShape::Units`] of one GPU), a shape no placement can break
+    /// (it always scores 1): the fragmentation score is a weighted mean, so only a neutral
+    /// remainder lowers what the other shapes count for. Slots asked: a gang of up to
+    /// [`score::TYPICAL_HOST_GPUS`] GPUs asks its units of its unit shape; a larger one one rack
+    /// room of its hosts and that many whole hosts. With nothing asked the shapes are returned
+    /// unscaled (nothing contends; the mix is all there is to go by).
     pub fn weigh_by_scarcity(
         &mut self,
         ledger: &impl AsRef<GpuUse>,
@@ -492,9 +501,14 @@ impl<'c> Planner<'c> {
         if asked.is_empty() {
             return shapes;
         }
-        shapes
+        let neutral = FreeShape::Units(UnitShape { unit_gpus: 1, atom: 1 });
+        let mut taken_off = 0.0;
+        let mut weighed: Vec<WeightedShape> = shapes
             .into_iter()
             .map(|weighted| {
+                if weighted.shape == neutral {
+                    return weighted;
+                }
                 let wanted: u64 = asked.iter().map(|key| score::slots_asked(key, weighted.shape)).sum();
                 let scarcity = if wanted == 0 {
                     0.0
@@ -502,9 +516,17 @@ impl<'c> Planner<'c> {
                     let free = self.free_slots(ledger, weighted.shape);
                     (wanted as f64 / free.max(1) as f64).min(1.0)
                 };
+                taken_off += weighted.weight * (1.0 - scarcity);
                 WeightedShape { weight: weighted.weight * scarcity, ..weighted }
             })
-            .collect()
+            .collect();
+        if taken_off > 0.0 {
+            match weighed.iter_mut().find(|s| s.shape == neutral) {
+                Some(single) => single.weight += taken_off,
+                None => weighed.push(WeightedShape { shape: neutral, weight: taken_off }),
+            }
+        }
+        weighed
     }
 
     /// Replaces the free shapes the fragmentation score protects (for a demand that changes:
@@ -1736,8 +1758,8 @@ impl ProductView<'_> {
     }
 }
 
-/// The order in which candidates are generated, so that among equally scored placements
-/// (ties go to the earlier candidate) the one in the fuller domain wins: domains of every
+/// The order in which candidates are generated, so that among placements equal in score and
+/// in [`PackKey`] (ties go to the earlier candidate) the one in the fuller domain wins: domains of every
 /// level by free GPUs ascending, hosts rack by rack in that order. The emptier racks and
 /// blocks stay free for the multi-host replicas that need them whole.
 struct PackedOrder {
@@ -1814,10 +1836,10 @@ fn pick_finishes_with_the_tightest_fit_and_otherwise_takes_the_roomiest() {
     assert_eq!(run(21), [("b", 8), ("c", 5), ("d", 5), ("a", 3)]);
 }
 
-/// Best first: the higher total, then the tighter pack (the order [`beats`] chooses by, without
-/// its rounding allowance, which a sort cannot have).
+/// Best first: the higher total (in units of 1e-9), then the tighter pack: the order [`beats`]
+/// chooses by.
 fn ranked_order(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
-    b.score.total.total_cmp(&a.score.total).then(a.pack.cmp(&b.pack))
+    quantised(b.score.total).cmp(&quantised(a.score.total)).then(a.pack.cmp(&b.pack))
 }
 
 /// `network.topology.nvidia.com/leaf` -> `leaf`, for output.

@@ -394,7 +394,7 @@ impl Book {
 
     /// Scores 0..=10 per offered node (kube-scheduler's prioritize; `extenderv1.MaxExtenderPriority`
     /// is 10). A gang member's planned node gets 10 and the rest 0. For a single pod the book
-    /// chooses one node, the engine's best (ties: the lowest host id), gives it 10 and assumes
+    /// chooses one node, the engine's best (ties: the tighter [`PackKey`], then the lowest host id), gives it 10 and assumes
     /// the pod there ([`Holder::Assumed`]); every other fitting node is scaled from the
     /// engine's score (the worst 0) and capped at 9, so kube-scheduler, whose own scores tie
     /// between like nodes, follows the choice; nodes the pod does not fit get 0. A pod bound

@@ -23,6 +23,10 @@ pub const GENERATED_JOBS_MAX: usize = 1_000_000;
 pub const MIX_ENTRIES_MAX: usize = 64;
 /// GPUs of one job at most (the job replay's own bound on a gang).
 pub const JOB_GPUS_MAX: u32 = 4096;
+/// The offered load's range, GPUs busy on average: past it the arrivals' scaling leaves the
+/// range of whole seconds (or of any cluster).
+pub const OFFERED_GPUS_MIN: f64 = 0.001;
+pub const OFFERED_GPUS_MAX: f64 = 10_000_000.0;
 
 /// A bad mix or request. Texts name the entry at fault.
 #[derive(Debug, Error, PartialEq)]
@@ -35,7 +39,7 @@ pub enum GenerateError {
     JobCount { count: usize },
     #[error("the source traces hold no jobs")]
     NoSources,
-    #[error("offered GPUs: {0} is not a number > 0")]
+    #[error("offered GPUs: {0} is not a number in 0.001..=10000000")]
     OfferedGpus(f64),
 }
 
@@ -82,6 +86,9 @@ impl SizeMix {
         if entries.iter().all(|&(_, w)| w == 0.0) {
             return Err(GenerateError::Mix("every weight is 0"));
         }
+        if !entries.iter().map(|&(_, w)| w).sum::<f64>().is_finite() {
+            return Err(GenerateError::Mix("the weights add up to more than a number can hold"));
+        }
         Ok(SizeMix { entries })
     }
 
@@ -115,7 +122,7 @@ pub fn generate(sources: &[&[TraceJob]], mix: &SizeMix, spec: GenerateSpec) -> R
         return Err(GenerateError::JobCount { count });
     }
     if let Some(gpus) = offered_gpus {
-        if !(gpus.is_finite() && gpus > 0.0) {
+        if !(gpus.is_finite() && (OFFERED_GPUS_MIN..=OFFERED_GPUS_MAX).contains(&gpus)) {
             return Err(GenerateError::OfferedGpus(gpus));
         }
     }
@@ -208,6 +215,7 @@ mod tests {
         assert_eq!(err("1=1,1=2"), "mix entry `1=2`: this GPU count is already in the mix");
         assert_eq!(err(""), "mix: no entries (expected GPUS=WEIGHT,...)");
         assert_eq!(err("1=0,8=0"), "mix: every weight is 0");
+        assert_eq!(err("1=1e308,2=1e308"), "mix: the weights add up to more than a number can hold");
         let many: Vec<String> = (1..=65).map(|g| format!("{g}=1")).collect();
         assert_eq!(err(&many.join(",")), "mix: more than 64 entries");
         assert_eq!(SizeMix::parse(" 1=78, 8=7 ").unwrap().entries(), &[(1, 78.0), (8, 7.0)]);
@@ -265,7 +273,7 @@ mod tests {
             Err(GenerateError::JobCount { count: GENERATED_JOBS_MAX + 1 })
         );
         assert_eq!(generate(&[&[]], &mix, spec(5)), Err(GenerateError::NoSources));
-        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        for bad in [0.0, -1.0, 1e-300, 1e8, f64::NAN, f64::INFINITY] {
             let error = generate(&[&a], &mix, GenerateSpec { offered_gpus: Some(bad), ..spec(5) }).unwrap_err();
             assert!(matches!(error, GenerateError::OfferedGpus(_)), "{bad}: {error}");
         }
