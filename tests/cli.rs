@@ -154,6 +154,40 @@ fn replay_generate_writes_a_trace_of_the_mix_that_replay_jobs_reads() {
 }
 
 #[test]
+fn replay_generate_pods_writes_a_share_variant_that_replay_pods_reads() {
+    let source = temp_file(
+        "gen-pods-source.csv",
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\ncpu,8000,1024,0,0,\nhalf,4000,1024,1,500,T4\n\
+         one,8000,1024,1,1000,\neight,64000,2048,8,1000,\n",
+    );
+    let nodes = temp_file("gen-pods-nodes.csv", "sn,cpu_milli,memory_mib,gpu,model\nn0,96000,262144,8,T4\n");
+    let out = std::env::temp_dir().join(format!("topoplace-cli-{}/generated-pods.csv", std::process::id()));
+    let (source, nodes, out_path) =
+        (source.to_str().expect("utf-8"), nodes.to_str().expect("utf-8"), out.to_str().expect("utf-8"));
+    let args = ["replay", "generate-pods", "--share-pct", "100", "--count", "300", "--from", source, "-o", out_path];
+    let output = topoplace(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("sharing pods ask for 100.0 % of the GPU request"), "{}", stdout(&output));
+    let text = std::fs::read_to_string(&out).expect("written");
+    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 300);
+    // Every GPU pod is the 500 share, with its own CPU and accepted model; the rest are CPU-only.
+    assert!(rows.iter().all(|r| r[3..] == ["1", "500", "T4"] || r[3..] == ["0", "0", ""]), "{text}");
+    assert!(rows.iter().any(|r| r[3] == "0") && rows.iter().any(|r| r[3] == "1"));
+    assert!(topoplace(&args).status.success());
+    assert_eq!(std::fs::read_to_string(&out).expect("written"), text, "the same seed writes the same file");
+    let replay = topoplace(&["replay", "pods", "--nodes", nodes, "--pods", out_path, "--policy", "fgd,topoplace"]);
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    let bad = topoplace(&["replay", "generate-pods", "--share-pct", "101", "--from", source]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("--share-pct: share of GPU request 101 is not a number in 0..=100"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+#[test]
 fn bad_input_exits_2_naming_file_line_and_field() {
     let cluster = temp_file(
         "bad-cluster.yaml",

@@ -81,15 +81,26 @@ pub fn run(args: &GenerateArgs, out: &mut dyn std::io::Write) -> Result<(), CliE
             .join(", "),
         from.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     );
-    match &args.output {
+    write_trace(args.output.as_deref(), &text, &summary, out)
+}
+
+/// Writes a generated trace to `output` and the summary to `out`, or (no file) the trace to
+/// `out` and the summary to standard error, so that piping the trace stays clean.
+pub(super) fn write_trace(
+    output: Option<&std::path::Path>,
+    text: &str,
+    summary: &str,
+    out: &mut dyn std::io::Write,
+) -> Result<(), CliError> {
+    match output {
         Some(path) => {
             std::fs::write(path, text).map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
-            write_all(out, &format!("{summary}; written to {}\n", path.display()))?;
+            write_all(out, &format!("{summary}; written to {}\n", path.display()))
         }
         None => {
-            write_all(out, &text)?;
+            write_all(out, text)?;
             eprintln!("{summary}");
+            Ok(())
         }
     }
-    Ok(())
 }

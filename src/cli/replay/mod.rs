@@ -6,6 +6,7 @@
 
 mod common;
 pub mod generate;
+pub mod generate_pods;
 pub mod jobs;
 pub mod pods;
 pub mod preemption;
@@ -47,6 +48,10 @@ pub enum ReplayKind {
     /// A job trace resampled from the visible ones to a chosen size mix (GPU counts and
     /// weights), written as a CSV that `replay jobs --jobs` reads.
     Generate(generate::GenerateArgs),
+    /// An openb pod list resampled to a chosen share of GPU sharing (the FGD paper's
+    /// `gpushare` variants; 100 makes every GPU pod share a GPU), written as a CSV that
+    /// `replay pods --pods` reads.
+    GeneratePods(generate_pods::GeneratePodsArgs),
 }
 
 /// The flags of `topoplace replay` before the subcommands: both replays' flags in one
@@ -150,11 +155,13 @@ pub fn run(args: &ReplayArgs, out: &mut dyn std::io::Write) -> Result<(), CliErr
         Some(ReplayKind::Jobs(jobs)) => jobs::run(jobs, out),
         Some(ReplayKind::Preemption(args)) => preemption::run(args, out),
         Some(ReplayKind::Generate(args)) => generate::run(args, out),
+        Some(ReplayKind::GeneratePods(args)) => generate_pods::run(args, out),
         None => match args.legacy.refine() {
             ReplayKind::Pods(pods) => pods::run(&pods, out),
             ReplayKind::Jobs(jobs) => jobs::run(&jobs, out),
             ReplayKind::Preemption(args) => preemption::run(&args, out),
             ReplayKind::Generate(args) => generate::run(&args, out),
+            ReplayKind::GeneratePods(args) => generate_pods::run(&args, out),
         },
     }
 }

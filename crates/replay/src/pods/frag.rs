@@ -12,8 +12,6 @@ use super::{has_room, NodeView, PodClass};
 
 /// Share of pods FGD's typical classes must cover (the artifact's 95 %).
 pub const TYPICAL_COVERAGE: f64 = 0.95;
-/// topoplace keeps every class of the workload.
-pub const WORKLOAD_COVERAGE: f64 = 1.0;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TypicalPod {
@@ -86,8 +84,9 @@ pub fn class_capacity_fragment(class: &PodClass, node: &NodeView<'_>) -> f64 {
     (free - by_gpu.min(by_cpu) * u64::from(class.gpu_milli)) as f64
 }
 
-/// topoplace's F(n): sum over the workload's classes of p_m * f_m(n) with
-/// [`class_capacity_fragment`].
+/// topoplace's F(n): sum over the classes of `workload` (every class among the arrivals up
+/// to the last refresh of topoplace's demand, not only the most frequent) of p_m * f_m(n)
+/// with [`class_capacity_fragment`].
 pub fn node_capacity_fragment(workload: &[TypicalPod], node: &NodeView<'_>) -> f64 {
     workload.iter().map(|t| t.weight * class_capacity_fragment(&t.class, node)).sum()
 }
@@ -158,7 +157,7 @@ mod tests {
         assert!((typical[1].weight - 26.0 / 96.0).abs() < 1e-12);
         // Equal counts: the larger class comes first.
         let typical = typical_pods(&[a.clone(), b.clone()], TYPICAL_COVERAGE);
-        assert_eq!(typical_pods(&pods, WORKLOAD_COVERAGE).len(), 3);
+        assert_eq!(typical_pods(&pods, 1.0).len(), 3);
         assert_eq!(typical[0].class, b);
     }
 }

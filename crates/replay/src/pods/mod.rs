@@ -10,6 +10,7 @@
 //! Ties between equally scored nodes go to a seeded random rank of the nodes.
 
 pub mod frag;
+pub mod generate;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -159,10 +160,10 @@ pub struct Prepared {
     /// Pods sorted by name.
     pods: Vec<PreparedPod>,
     classes: Vec<PodClass>,
-    /// The FGD target workload, from the trace as given (before cutting or repeating).
+    /// The FGD target workload, from the trace as given (before cutting or repeating): FGD
+    /// reads the whole trace before the first pod. topoplace reads only the arrivals so far
+    /// (`policy::ArrivalDemand`).
     pub typical: Vec<TypicalPod>,
-    /// Every class of the trace with its popularity: topoplace's target workload.
-    pub workload: Vec<TypicalPod>,
     pub gpu_capacity_milli: u64,
 }
 
@@ -241,8 +242,7 @@ impl Prepared {
             pods.push(PreparedPod { class: id, memory_mib: pod.memory_mib });
         }
         let typical = typical_pods(&pod_classes, frag::TYPICAL_COVERAGE);
-        let workload = typical_pods(&pod_classes, frag::WORKLOAD_COVERAGE);
-        Ok(Prepared { nodes, node_models, models, pods, classes, typical, workload, gpu_capacity_milli })
+        Ok(Prepared { nodes, node_models, models, pods, classes, typical, gpu_capacity_milli })
     }
 
     pub fn pod_count(&self) -> usize {
@@ -422,6 +422,7 @@ pub fn run(
         let class_id = prepared.pods[pod as usize].class;
         let class = &prepared.classes[class_id as usize];
         let memory = prepared.pods[pod as usize].memory_mib;
+        scorer.arrived(class_id);
         feasible.clear();
         feasible.extend((0..prepared.nodes.len() as u32).filter(|&node| fits(prepared, &ledger, node, class, memory)));
         arrived += class.gpu_request();

@@ -13,7 +13,7 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
 use super::frag::{node_capacity_fragment, node_fragment};
-use super::{first_fit, Arrivals, NodeView, PodClass, Prepared, GPU_MILLI, REPLAY_NODE_GPUS_MAX};
+use super::{first_fit, Arrivals, NodeView, PodClass, Prepared, TypicalPod, GPU_MILLI, REPLAY_NODE_GPUS_MAX};
 use topoplace_engine::ledger::shares::ShareLedger;
 use topoplace_engine::topology::GpuMask;
 
@@ -83,8 +83,9 @@ struct NodeKey {
 }
 
 /// Scores of (node state, pod class) for the fragmentation policies, which are costly:
-/// a per-node slot valid until the node changes, backed by a map shared by all nodes in
-/// the same state.
+/// a per-node slot valid until the node changes (or the weights the scores were computed
+/// with change: [`ScoreCache::invalidate`]), backed by a map shared by all nodes in the
+/// same state.
 #[derive(Debug)]
 struct ScoreCache {
     classes: usize,
@@ -102,6 +103,65 @@ impl ScoreCache {
             shared: HashMap::new(),
         }
     }
+
+    /// Forgets every score (the weights they were computed with changed).
+    fn invalidate(&mut self) {
+        for generation in &mut self.generation {
+            *generation += 1;
+        }
+        self.shared.clear();
+    }
+}
+
+/// The last arrival count at which [`ArrivalDemand`] takes new weights (it takes them at 1,
+/// 2, 4, ... up to here, then keeps them). Each refresh empties the score cache, and a late
+/// one, on a cluster of nodes in many different states, costs a full re-scoring: refreshing
+/// to the end of a run measured slower (`cargo bench --bench replay`, on a noisy machine) for
+/// allocation within noise of this cap (docs/results/fgd-replay.md). A class that first
+/// arrives after the last refresh weighs nothing for the rest of the run. When arrivals are drawn from one
+/// mix, as the protocol's shuffled arrivals are, a class's popularity among 1,024 of them has
+/// a standard error of at most 1.6 points (sqrt(0.25 / 1024)).
+pub const DEMAND_REFRESH_LAST: u64 = 1024;
+
+/// topoplace's target workload in the pod replay: every class asked for so far in the
+/// run, placed or dropped, with its popularity among those arrivals. It reads the
+/// arrivals up to the current one and never the ones to come (FGD reads the whole trace
+/// before the first pod). The weights are taken at 1, 2, 4, 8, ... arrivals up to
+/// [`DEMAND_REFRESH_LAST`]: the popularity of n arrivals moves by about 1/sqrt(n) when n
+/// doubles, so refreshing more often costs time for little change.
+#[derive(Debug)]
+pub(super) struct ArrivalDemand {
+    /// Arrivals so far per class id.
+    counts: Vec<u64>,
+    total: u64,
+    next_refresh: u64,
+    /// The classes with at least one arrival at the last refresh, in class-id order,
+    /// weights summing to 1.
+    pub(super) weights: Vec<TypicalPod>,
+}
+
+impl ArrivalDemand {
+    pub(super) fn new(classes: usize) -> Self {
+        ArrivalDemand { counts: vec![0; classes], total: 0, next_refresh: 1, weights: Vec::new() }
+    }
+
+    /// Counts an arrival of `class_id`; true when the weights were refreshed.
+    pub(super) fn arrived(&mut self, classes: &[PodClass], class_id: u32) -> bool {
+        self.counts[class_id as usize] += 1;
+        self.total += 1;
+        if self.total < self.next_refresh {
+            return false;
+        }
+        self.next_refresh = if self.total < DEMAND_REFRESH_LAST { self.total * 2 } else { u64::MAX };
+        let total = self.total as f64;
+        self.weights = classes
+            .iter()
+            .zip(&self.counts)
+            .filter(|&(_, &count)| count > 0)
+            .map(|(class, &count)| TypicalPod { class: class.clone(), weight: count as f64 / total })
+            .collect();
+        true
+    }
 }
 
 pub(super) struct Scorer<'a> {
@@ -113,6 +173,8 @@ pub(super) struct Scorer<'a> {
     tags: Vec<Vec<(u8, u32)>>,
     cache: ScoreCache,
     scores: Vec<f64>,
+    /// topoplace's weights (empty for the other policies).
+    demand: ArrivalDemand,
 }
 
 /// Tag of a GPU pod for GpuClustering: 0 for a share, else its GPU count.
@@ -140,6 +202,18 @@ impl<'a> Scorer<'a> {
                 _ => ScoreCache::new(prepared.nodes.len(), 0),
             },
             scores: Vec::with_capacity(prepared.nodes.len()),
+            demand: ArrivalDemand::new(match policy {
+                Policy::Topoplace => prepared.classes.len(),
+                _ => 0,
+            }),
+        }
+    }
+
+    /// Bookkeeping for every arrival, before the filter (a pod that fits nowhere still
+    /// counts as demand).
+    pub(super) fn arrived(&mut self, class_id: u32) {
+        if self.policy == Policy::Topoplace && self.demand.arrived(&self.prepared.classes, class_id) {
+            self.cache.invalidate();
         }
     }
 
@@ -210,7 +284,7 @@ impl<'a> Scorer<'a> {
         let typical = &self.prepared.typical;
         let policy = self.policy;
         let (score, gpus) = *self.cache.shared.entry((key, class_id)).or_insert_with(|| match policy {
-            Policy::Topoplace => topoplace(&self.prepared.workload, &view, class),
+            Policy::Topoplace => topoplace(&self.demand.weights, &view, class),
             _ => fgd(typical, &view, class),
         });
         self.cache.slots[slot_index] = (generation, score, gpus);
@@ -387,8 +461,9 @@ pub fn fgd(typical: &[super::TypicalPod], view: &NodeView<'_>, class: &PodClass)
 /// at most a tenth of a milli-GPU of fragmentation.
 const PACKING_WEIGHT: f64 = 0.001;
 
-/// topoplace: the GPU option that grows the workload's capacity-aware fragmentation
-/// ([`node_capacity_fragment`]) the least, exactly (FGD truncates its score to 0..=100),
+/// topoplace: the GPU option that grows the capacity-aware fragmentation
+/// ([`node_capacity_fragment`]) of `workload` (the classes among the arrivals up to the
+/// last refresh, see `ArrivalDemand`) the least, exactly (FGD truncates its score to 0..=100),
 /// and among equals the node BestFit prefers, before the random rank.
 pub fn topoplace(workload: &[super::TypicalPod], view: &NodeView<'_>, class: &PodClass) -> (f64, GpuMask) {
     let before = node_capacity_fragment(workload, view);

@@ -32,6 +32,19 @@ fn replay(policy: Policy, nodes: Vec<TraceNode>, pods: Vec<TracePod>, node_rank:
     run(&prepared, &arrivals, policy, &mut |_| {}).expect("replay")
 }
 
+/// `count` pods of a class that arrive first (names h00, h01, ... sort before p0) and fit
+/// nowhere (more memory than any node): they make the class popular in topoplace's demand,
+/// which counts what was asked for, without taking capacity.
+fn history(count: usize, cpu_cores: u64, gpu_milli: u16) -> Vec<TracePod> {
+    (0..count)
+        .map(|i| {
+            let mut pod = pod(&format!("h{i:02}"), cpu_cores, 1, gpu_milli);
+            pod.memory_mib = 4 << 20;
+            pod
+        })
+        .collect()
+}
+
 fn nodes_of(outcome: &RunOutcome) -> Vec<Option<u32>> {
     outcome.placements.iter().map(|p| p.map(|p| p.node)).collect()
 }
@@ -106,41 +119,83 @@ fn fgd_fills_the_gpu_fragment_a_popular_share_leaves() {
 
 #[test]
 fn topoplace_counts_what_a_share_really_leaves_where_fgd_does_not() {
-    // a (T4) has 800 left after p0 (T4 only, 200); b (P100) is whole. Most of the workload
-    // is 500 shares. A 300 share on a leaves 500 (one more 500 share) and b keeps room for
+    // a (T4) has 800 left after p0 (T4 only, 200); b (P100) is whole. Half of what was
+    // asked for so far is 500 shares (two arrived first and fit nowhere). A 300 share on a leaves 500 (one more 500 share) and b keeps room for
     // two; on b it leaves 700 and a 800: one 500 share each. FGD counts both GPUs as
     // usable by a 500 share either way and picks b (it also frees the T4-only class);
     // topoplace picks a, and then places every 500 share.
     let nodes = vec![node("a", 64, 1, "T4"), node("b", 64, 1, "P100")];
-    let pods = vec![
+    let mut pods = history(2, 1, 500);
+    pods.extend([
         only_on(pod("p0", 1, 1, 200), "T4"),
         pod("p1", 1, 1, 300),
         pod("p2", 1, 1, 500),
         pod("p3", 1, 1, 500),
         pod("p4", 1, 1, 500),
-    ];
+    ]);
     let fgd = replay(Policy::Fgd, nodes.clone(), pods.clone(), vec![0, 1]);
     let ours = replay(Policy::Topoplace, nodes, pods, vec![0, 1]);
-    assert_eq!(nodes_of(&fgd)[1], Some(1));
-    assert_eq!(nodes_of(&ours)[1], Some(0));
+    assert_eq!(nodes_of(&fgd)[2 + 1], Some(1));
+    assert_eq!(nodes_of(&ours)[2 + 1], Some(0));
     assert_eq!((fgd.placed, ours.placed), (4, 5));
     assert!(ours.final_allocation_pct > fgd.final_allocation_pct);
 }
 
 #[test]
 fn topoplace_does_not_strand_gpus_behind_exhausted_cpu() {
-    // The workload is mostly 500 shares needing 4 cores. a has 2 GPUs but 9 cores: CPU for
+    // What was asked for so far is mostly 500 shares needing 4 cores (four arrived first
+    // and fit nowhere; the six below follow). a has 2 GPUs but 9 cores: CPU for
     // two of them, so half its GPU capacity is out of their reach. b has 2 GPUs and 64
     // cores. A light share (1 core) uses that stranded capacity on a under topoplace;
     // FGD sees both nodes as fully usable and follows the rank to b, after which only 5
     // of the 6 CPU-heavy shares fit.
     let nodes = vec![node("a", 9, 2, "T4"), node("b", 64, 2, "T4")];
-    let mut pods = vec![pod("p0", 1, 1, 500)];
+    let mut pods = history(4, 4, 500);
+    pods.push(pod("p0", 1, 1, 500));
     pods.extend((1..=6).map(|i| pod(&format!("p{i}"), 4, 1, 500)));
     let fgd = replay(Policy::Fgd, nodes.clone(), pods.clone(), vec![1, 0]);
     let ours = replay(Policy::Topoplace, nodes, pods, vec![1, 0]);
-    assert_eq!((nodes_of(&fgd)[0], nodes_of(&ours)[0]), (Some(1), Some(0)));
+    assert_eq!((nodes_of(&fgd)[4], nodes_of(&ours)[4]), (Some(1), Some(0)));
     assert_eq!((fgd.placed, ours.placed), (6, 7));
+}
+
+#[test]
+fn topoplace_never_reads_the_arrivals_to_come() {
+    // The same arrivals, then either nothing or a flood of 700 shares. topoplace's first
+    // placements are the same either way (its demand is what arrived so far); FGD reads the
+    // whole trace before the first pod, and the flood changes where its 300 shares go.
+    let nodes = vec![node("a", 64, 2, "T4"), node("b", 64, 2, "T4")];
+    let mut pods = vec![pod("p0", 1, 1, 500), pod("p1", 1, 1, 300), pod("p2", 1, 1, 300), pod("p3", 1, 1, 200)];
+    let prefix = pods.len();
+    let run_prefix = |policy: Policy, pods: Vec<TracePod>| {
+        let prepared = Prepared::new(&Trace { nodes: nodes.clone(), pods }).expect("valid trace");
+        let arrivals = Arrivals { seed: 1, pods: (0..prefix as u32).collect(), node_rank: vec![1, 0] };
+        run(&prepared, &arrivals, policy, &mut |_| {}).expect("replay")
+    };
+    let alone = (run_prefix(Policy::Topoplace, pods.clone()), run_prefix(Policy::Fgd, pods.clone()));
+    pods.extend((0..40).map(|i| pod(&format!("z{i:02}"), 1, 1, 700)));
+    let flooded = (run_prefix(Policy::Topoplace, pods.clone()), run_prefix(Policy::Fgd, pods));
+    assert_eq!(alone.0.placements, flooded.0.placements);
+    assert_ne!(alone.1.placements, flooded.1.placements, "the input must bite on a policy that reads the future");
+}
+
+#[test]
+fn arrival_demand_counts_every_arrival_and_refreshes_at_powers_of_two() {
+    let classes = vec![
+        PodClass { cpu_milli: 1000, gpu_milli: 500, num_gpu: 1, gpu_spec: String::new(), models: ModelSet::ANY },
+        PodClass { cpu_milli: 1000, gpu_milli: 1000, num_gpu: 1, gpu_spec: String::new(), models: ModelSet::ANY },
+    ];
+    let mut demand = policy::ArrivalDemand::new(classes.len());
+    let refreshed: Vec<u64> =
+        (1..=20u64).filter(|&n| demand.arrived(&classes, if n % 4 == 0 { 1 } else { 0 })).collect();
+    assert_eq!(refreshed, vec![1, 2, 4, 8, 16]);
+    // At 16 arrivals: 12 of class 0, 4 of class 1 (the four after 16 are not in yet).
+    let weights: Vec<f64> = demand.weights.iter().map(|t| t.weight).collect();
+    assert_eq!(weights, vec![0.75, 0.25]);
+    // Refreshes go on doubling up to policy::DEMAND_REFRESH_LAST, then the weights stay.
+    let later: Vec<u64> = (21..=5000u64).filter(|_| demand.arrived(&classes, 0)).collect();
+    assert_eq!(later, vec![32, 64, 128, 256, 512, 1024]);
+    assert_eq!(policy::DEMAND_REFRESH_LAST, 1024);
 }
 
 #[test]
