@@ -463,15 +463,22 @@ impl<'c> Planner<'c> {
     /// hosts with every GPU free, or rack rooms (whole free hosts per innermost domain, in
     /// groups of `hosts`).
     pub fn free_slots(&mut self, ledger: &impl AsRef<GpuUse>, shape: FreeShape) -> u64 {
-        let ledger = ledger.as_ref();
+        self.free_slots_with(ledger.as_ref(), shape, &mut None)
+    }
+
+    /// [`Planner::free_slots`] with the whole-free-host index built at most once into `index`
+    /// for every shape asked about in the same state (the index walks every host).
+    fn free_slots_with(&mut self, ledger: &GpuUse, shape: FreeShape, index: &mut Option<score::WholeFreeIndex>) -> u64 {
         let cluster = self.cluster;
         match shape {
             FreeShape::Units(unit) => (0..cluster.hosts.len())
                 .map(|h| u64::from(self.chooser.unit_count(cluster.host(h as HostId), ledger.free(h as HostId), unit)))
                 .sum(),
-            FreeShape::WholeHost => u64::from(score::WholeFreeIndex::new(cluster, ledger).cluster_total),
+            FreeShape::WholeHost => {
+                u64::from(index.get_or_insert_with(|| score::WholeFreeIndex::new(cluster, ledger)).cluster_total)
+            }
             FreeShape::RackRoom { hosts } => {
-                let index = score::WholeFreeIndex::new(cluster, ledger);
+                let index = index.get_or_insert_with(|| score::WholeFreeIndex::new(cluster, ledger));
                 let hosts = hosts.max(1);
                 if cluster.levels.is_empty() {
                     u64::from(index.cluster_total / hosts)
@@ -502,6 +509,8 @@ impl<'c> Planner<'c> {
             return shapes;
         }
         let neutral = FreeShape::Units(UnitShape { unit_gpus: 1, atom: 1 });
+        let ledger = ledger.as_ref();
+        let mut whole_free = None;
         let mut taken_off = 0.0;
         let mut weighed: Vec<WeightedShape> = shapes
             .into_iter()
@@ -513,7 +522,7 @@ impl<'c> Planner<'c> {
                 let scarcity = if wanted == 0 {
                     0.0
                 } else {
-                    let free = self.free_slots(ledger, weighted.shape);
+                    let free = self.free_slots_with(ledger, weighted.shape, &mut whole_free);
                     (wanted as f64 / free.max(1) as f64).min(1.0)
                 };
                 taken_off += weighted.weight * (1.0 - scarcity);
