@@ -71,10 +71,9 @@ pub fn resample_shares(source: &[TracePod], spec: ShareSpec) -> Result<Vec<Trace
     if let Some(pod) = source.iter().find(|p| p.num_gpu > 1 && p.gpu_milli > 0 && p.gpu_milli < 1000) {
         return Err(PodGenerateError::BadPod { pod: pod.name.clone() });
     }
-    let is_share = |pod: &TracePod| pod.num_gpu == 1 && pod.gpu_milli > 0 && pod.gpu_milli < 1000;
     let cpu_only: Vec<&TracePod> = source.iter().filter(|p| p.gpu_request() == 0).collect();
-    let shares: Vec<&TracePod> = source.iter().filter(|p| is_share(p)).collect();
-    let whole: Vec<&TracePod> = source.iter().filter(|p| p.gpu_request() > 0 && !is_share(p)).collect();
+    let shares: Vec<&TracePod> = source.iter().filter(|p| p.is_share()).collect();
+    let whole: Vec<&TracePod> = source.iter().filter(|p| p.gpu_request() > 0 && !p.is_share()).collect();
     if shares.is_empty() && whole.is_empty() {
         return Err(PodGenerateError::EmptyPool("GPU pods"));
     }
@@ -104,12 +103,12 @@ pub fn resample_shares(source: &[TracePod], spec: ShareSpec) -> Result<Vec<Trace
     let cpu_slots_before = |slot: u128| slot * cpu / all;
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(spec.seed);
     let mut pods = Vec::with_capacity(spec.count);
-    let mut cpu_taken = 0usize;
     for index in 0..spec.count {
         let slot = index as u128;
-        let mut pod = if cpu_slots_before(slot + 1) > cpu_slots_before(slot) {
-            cpu_taken += 1;
-            cpu_only[(cpu_taken - 1) % cpu_only.len()].clone()
+        let cpu_before = cpu_slots_before(slot);
+        let mut pod = if cpu_slots_before(slot + 1) > cpu_before {
+            // The source's CPU-only pods in turn: this is CPU-only slot number `cpu_before`.
+            cpu_only[(cpu_before % cpu) as usize].clone()
         } else {
             let pool = if rng.random::<f64>() < share_probability { &shares } else { &whole };
             pool[rng.random_range(0..pool.len())].clone()
@@ -124,7 +123,7 @@ pub fn resample_shares(source: &[TracePod], spec: ShareSpec) -> Result<Vec<Trace
 /// GPU).
 pub fn share_of_request_pct(pods: &[TracePod]) -> f64 {
     let total: u64 = pods.iter().map(TracePod::gpu_request).sum();
-    let shared: u64 = pods.iter().filter(|p| p.num_gpu == 1 && p.gpu_milli < 1000).map(TracePod::gpu_request).sum();
+    let shared: u64 = pods.iter().filter(|p| p.is_share()).map(TracePod::gpu_request).sum();
     if total == 0 {
         0.0
     } else {

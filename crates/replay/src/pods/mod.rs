@@ -63,6 +63,11 @@ impl TracePod {
     pub fn gpu_request(&self) -> u64 {
         u64::from(self.gpu_milli) * u64::from(self.num_gpu)
     }
+
+    /// A pod sharing one GPU with others (as [`PodClass::is_share`]).
+    pub fn is_share(&self) -> bool {
+        self.num_gpu <= 1 && self.gpu_milli > 0 && self.gpu_milli < GPU_MILLI
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

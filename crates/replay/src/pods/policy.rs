@@ -118,9 +118,9 @@ impl ScoreCache {
 /// one, on a cluster of nodes in many different states, costs a full re-scoring: refreshing
 /// to the end of a run measured slower (`cargo bench --bench replay`, on a noisy machine) for
 /// allocation within noise of this cap (docs/results/fgd-replay.md). A class that first
-/// arrives after the last refresh weighs nothing for the rest of the run. When arrivals are drawn from one
-/// mix, as the protocol's shuffled arrivals are, a class's popularity among 1,024 of them has
-/// a standard error of at most 1.6 points (sqrt(0.25 / 1024)).
+/// arrives after the last refresh weighs nothing for the rest of the run. When arrivals are
+/// drawn from one mix, as the protocol's shuffled arrivals are, a class's popularity among
+/// 1,024 of them has a standard error of at most 1.6 points (sqrt(0.25 / 1024)).
 pub const DEMAND_REFRESH_LAST: u64 = 1024;
 
 /// topoplace's target workload in the pod replay: every class asked for so far in the

@@ -120,8 +120,8 @@ fn fgd_fills_the_gpu_fragment_a_popular_share_leaves() {
 #[test]
 fn topoplace_counts_what_a_share_really_leaves_where_fgd_does_not() {
     // a (T4) has 800 left after p0 (T4 only, 200); b (P100) is whole. Half of what was
-    // asked for so far is 500 shares (two arrived first and fit nowhere). A 300 share on a leaves 500 (one more 500 share) and b keeps room for
-    // two; on b it leaves 700 and a 800: one 500 share each. FGD counts both GPUs as
+    // asked for so far is 500 shares (two arrived first and fit nowhere). A 300 share on a
+    // leaves 500 (one more 500 share) and b keeps room for two; on b it leaves 700 and a 800: one 500 share each. FGD counts both GPUs as
     // usable by a 500 share either way and picks b (it also frees the T4-only class);
     // topoplace picks a, and then places every 500 share.
     let nodes = vec![node("a", 64, 1, "T4"), node("b", 64, 1, "P100")];
