@@ -75,11 +75,19 @@ async fn every_rpc_answers_from_the_live_view() {
         .await
         .expect("capacity")
         .into_inner();
-    // The L40S hosts have the GPUs but no NVLink for a TP-4 group, and say so.
-    assert_eq!(tp4.replicas, 16);
+    // The L40S hosts have no NVLink: a TP-4 group runs over PCIe there, one per host.
+    assert_eq!(tp4.replicas, 18);
     let per_spine: Vec<(String, u64)> = tp4.domains.iter().map(|d| (d.domain.clone(), d.replicas)).collect();
-    assert_eq!(per_spine, vec![("s1".into(), 16), ("s2".into(), 0)]);
-    assert!(tp4.rejected_hosts.iter().any(|g| g.hosts == 2 && g.reason.contains("no NVLink")), "{tp4:?}");
+    assert_eq!(per_spine, vec![("s1".into(), 16), ("s2".into(), 2)]);
+    // Asked for NVLink, they hold none, and say why.
+    let nvlink_tp4 = pb::Gang { required_topology: "nvlink".into(), ..gang("", 1, 4) };
+    let tp4 = api
+        .capacity(pb::CapacityRequest { shape: Some(nvlink_tp4), by_level: "spine".into() })
+        .await
+        .expect("capacity")
+        .into_inner();
+    assert_eq!(tp4.replicas, 16);
+    assert!(tp4.rejected_hosts.iter().any(|g| g.hosts == 2 && g.reason.contains("requires nvlink")), "{tp4:?}");
     let data_parallel = pb::Gang { tensor_parallel: 1, ..gang("", 1, 4) };
     let dp4 = api
         .capacity(pb::CapacityRequest { shape: Some(data_parallel), by_level: String::new() })

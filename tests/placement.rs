@@ -153,17 +153,29 @@ fn a_clique_reaching_past_the_required_rack_is_used_inside_the_rack() {
 }
 
 #[test]
-fn tensor_parallelism_needs_nvlink() {
+fn tensor_parallelism_prefers_nvlink_and_requires_it_only_when_asked() {
     let cluster = cluster_file("mixed-memory.yaml");
     let mut tp2 = gang("tp2", 1, 2, 2);
     tp2.memory_floor_mib = 42 * 1024;
-    // L40S is the best memory fit but has no NVLink: the TP-2 group goes elsewhere.
-    let placement = place(&cluster, &tp2).expect("fits");
-    assert_ne!(placement.product.get().name, "L40S");
+    // L40S is the best memory fit and has no NVLink: the TP-2 group runs over PCIe on one
+    // socket, and the NVLinked H100 is the runner-up, ahead on connectivity.
     let mut planner = Planner::new(&cluster, PlannerConfig { explain: true, ..Default::default() });
-    let explained = planner.place(&Ledger::new(&cluster), &tp2).expect("fits").explanation.expect("explained");
+    let placement = planner.place(&Ledger::new(&cluster), &tp2).expect("fits");
+    assert_eq!(placement.product.get().name, "L40S");
+    let host = cluster.host(placement.members[0].host);
+    assert!(host.links.numa_masks.iter().any(|&socket| placement.members[0].gpus & !socket == 0), "one socket");
+    let runner_up = placement.runner_up.as_ref().expect("runner-up");
+    assert_eq!(runner_up.product, "H100-SXM5");
+    assert!(runner_up.score.connectivity > placement.score.connectivity, "{runner_up:?} {:?}", placement.score);
+    // Asked for NVLink, the L40S hosts are refused and say why.
+    tp2.required = Some(Scope::Nvlink);
+    let placement = planner.place(&Ledger::new(&cluster), &tp2).expect("fits");
+    assert_eq!(placement.product.get().name, "H100-SXM5");
+    let explained = placement.explanation.expect("explained");
     assert!(
-        explained.rejected_hosts.iter().any(|g| g.reason.starts_with("L40S: no NVLink") && g.hosts == 2),
+        explained.rejected_hosts.iter().any(|g| g.reason.starts_with("L40S: NVLink cannot connect")
+            && g.reason.ends_with("requires nvlink")
+            && g.hosts == 2),
         "{explained:?}"
     );
 }

@@ -118,15 +118,21 @@ fn check_constraints(cluster: &Cluster, free_before: &[u64], gang: &Gang, placem
         assert_eq!(*used & member.gpus, 0, "a GPU given to two members");
         *used |= member.gpus;
         if gang.tensor_parallel >= 2 && gang.tensor_parallel <= gang.gpus_per_member {
-            let groups = chooser.unit_count(
-                host,
-                member.gpus,
-                UnitShape { unit_gpus: gang.tensor_parallel, atom: gang.tensor_parallel },
-            );
-            assert!(
-                groups >= gang.gpus_per_member / gang.tensor_parallel,
-                "TP groups NVLink-connected inside a member"
-            );
+            // NVLink holds every TP group wherever the host's NVLink can hold one of that
+            // size; elsewhere the group runs over PCIe, unless the gang requires NVLink.
+            if gang.tensor_parallel <= host.links.largest_nvlink_group {
+                let groups = chooser.unit_count(
+                    host,
+                    member.gpus,
+                    UnitShape { unit_gpus: gang.tensor_parallel, atom: gang.tensor_parallel },
+                );
+                assert!(
+                    groups >= gang.gpus_per_member / gang.tensor_parallel,
+                    "TP groups NVLink-connected inside a member"
+                );
+            } else {
+                assert_ne!(gang.required, Some(Scope::Nvlink), "a gang requiring NVLink on a host without it");
+            }
         }
     }
     if gang.tensor_parallel > gang.gpus_per_member {
@@ -134,7 +140,11 @@ fn check_constraints(cluster: &Cluster, free_before: &[u64], gang: &Gang, placem
             let first = unit[0].host;
             if unit.iter().all(|m| m.host == first) {
                 let union = unit.iter().fold(0, |m, x| m | x.gpus);
-                assert!(nvlink_connected(&cluster.host(first).links, union), "TP group NVLink-connected");
+                if union.count_ones() <= cluster.host(first).links.largest_nvlink_group {
+                    assert!(nvlink_connected(&cluster.host(first).links, union), "TP group NVLink-connected");
+                } else {
+                    assert_ne!(gang.required, Some(Scope::Nvlink), "a gang requiring NVLink on a host without it");
+                }
             } else {
                 let clique = cluster.host(first).clique;
                 assert!(

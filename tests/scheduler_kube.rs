@@ -727,3 +727,64 @@ async fn preemption_spares_a_pod_whose_budget_allows_no_disruption() {
     .await;
     finish(&api, replica, Some(server)).await;
 }
+
+/// Issue 22's node facts in the secondary scheduler: a TP-2 pod on L40S nodes (no NVLink) is
+/// bound on one socket; a GPU the device plugin withdrew (allocatable 7 of 8) is never given;
+/// a node of a product the table lacks is planned from its memory label; a node of MIG slices
+/// is left out of the view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pcie_tensor_parallelism_withdrawn_gpus_and_unknown_products() {
+    let node = |name: &str, product: &str, count: &str, allocatable: &str, memory: Option<&str>| {
+        gpu_node(name, "r1", |n| {
+            n["metadata"]["labels"]["nvidia.com/gpu.product"] = json!(product);
+            n["metadata"]["labels"]["nvidia.com/gpu.count"] = json!(count);
+            if let Some(memory) = memory {
+                n["metadata"]["labels"]["nvidia.com/gpu.memory"] = json!(memory);
+            }
+            n["status"]["allocatable"]["nvidia.com/gpu"] = json!(allocatable);
+        })
+    };
+    let nodes = vec![
+        node("l40s-0", "NVIDIA-L40S", "8", "7", None),
+        node("l40s-1", "NVIDIA-L40S", "8", "8", None),
+        node("new-0", "NVIDIA-RTX-PRO-6000-Kube-Test", "4", "4", Some("97887")),
+        node("mig-0", "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb", "56", "56", Some("4864")),
+    ];
+    let (api, server) = api_with(nodes).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    let on = |mut pod: Value, node: &str| {
+        pod["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": node});
+        pod
+    };
+    let mut tp2 = scheduler_pod("ml", "tp2", 2, None, "1");
+    tp2["metadata"]["annotations"] =
+        json!({"topoplace.io/tensor-parallel": "2", "topoplace.io/min-gpu-memory": "40Gi"});
+    api.add_pod(on(tp2, "l40s-1"), None, None);
+    let mut big = scheduler_pod("ml", "big", 1, None, "1");
+    big["metadata"]["annotations"] = json!({"topoplace.io/min-gpu-memory": "90Gi"});
+    api.add_pod(big, None, None);
+    for index in 0..8 {
+        api.add_pod(on(scheduler_pod("ml", &format!("fill-{index}"), 1, None, "1"), "l40s-0"), None, None);
+    }
+    api.add_pod(on(scheduler_pod("ml", "sliced", 1, None, "1"), "mig-0"), None, None);
+
+    eventually("tp2, big and seven fill pods bound", || api.bound_pods().len() == 9).await;
+    assert_eq!(api.pod_node("ml", "tp2").as_deref(), Some("l40s-1"));
+    let gpus = api.pod_annotation("ml", "tp2", "topoplace.io/gpus").expect("GPUs recorded");
+    let gpus: Vec<u8> = gpus.split(',').filter_map(|g| g.parse().ok()).collect();
+    assert!(gpus.len() == 2 && (gpus.iter().all(|&g| g < 4) || gpus.iter().all(|&g| g >= 4)), "one socket: {gpus:?}");
+    assert_eq!(api.pod_node("ml", "big").as_deref(), Some("new-0"), "planned from its memory label");
+    let fill_bound = (0..8).filter(|i| api.pod_node("ml", &format!("fill-{i}")).is_some()).count();
+    assert_eq!(fill_bound, 7, "the withdrawn GPU is never given");
+    for index in 0..8 {
+        if let Some(gpus) = api.pod_annotation("ml", &format!("fill-{index}"), "topoplace.io/gpus") {
+            assert!(gpus.parse::<u8>().is_ok_and(|g| g < 7), "fill-{index} got GPU {gpus}");
+        }
+    }
+    eventually("the MIG node's pod marked unschedulable", || {
+        api.pod("ml", "sliced").and_then(|p| condition(&p)).is_some_and(|(status, _, _)| status == "False")
+    })
+    .await;
+    assert_eq!(api.pod_node("ml", "sliced"), None);
+    finish(&api, replica, Some(server)).await;
+}

@@ -237,12 +237,22 @@ fn write_all(out: &mut dyn Write, text: &str) -> Result<(), CliError> {
     out.write_all(text.as_bytes()).map_err(|e| CliError::Failed(format!("cannot write output: {e}")))
 }
 
-/// Reads the cluster file, or the embedded demo.
+/// Reads the cluster file, or the embedded demo. A product missing from the table is named
+/// on stderr with what was assumed for it.
 pub fn load_cluster(path: &Option<PathBuf>) -> Result<Cluster, CliError> {
-    match path {
-        Some(path) => Ok(files::cluster::load(&path.display().to_string(), &files::read_input(path)?)?),
-        None => Ok(files::cluster::load("<embedded demo cluster>", DEMO_CLUSTER)?),
+    let cluster = match path {
+        Some(path) => files::cluster::load(&path.display().to_string(), &files::read_input(path)?)?,
+        None => files::cluster::load("<embedded demo cluster>", DEMO_CLUSTER)?,
+    };
+    for product in cluster.products().into_iter().filter(|p| p.is_unknown()) {
+        let hosts = cluster.hosts.iter().filter(|h| h.product == product).count();
+        eprintln!(
+            "warning: GPU product `{}` ({hosts} node(s)) is not in the product table: planned from its gpu.memory \
+             with no NVLink assumed",
+            product.get().name
+        );
     }
+    Ok(cluster)
 }
 
 pub fn load_workload(path: &Option<PathBuf>) -> Result<Workload, CliError> {

@@ -159,7 +159,7 @@ impl Planner<'_> {
             if units > 0 && required == Some(ResolvedScope::Nvlink) && host.clique.is_none() {
                 // Within one host, `nvlink` asks for the whole gang on one NVLink-connected set
                 // of GPUs: count those sets (hosts with NVLink islands hold fewer than units say).
-                let sets = if whole_gang.unit_gpus <= u32::from(host.gpu_count) {
+                let sets = if whole_gang.unit_gpus <= host.links.largest_nvlink_group {
                     self.chooser.unit_count(host, ledger.free(index as HostId), whole_gang)
                 } else {
                     0

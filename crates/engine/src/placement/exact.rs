@@ -1405,15 +1405,15 @@ mod tests {
     #[test]
     fn a_joint_plan_places_what_one_by_one_strands() {
         // A TP-1 pod and a TP-4 pod of 4 GPUs each; one H100 and one L40S, 4 free GPUs each.
-        // One by one, the TP-1 pod takes the better-linked H100 and the TP-4 pod, which needs
-        // NVLink, finds none left. Jointly both fit.
+        // One by one, the TP-1 pod takes the better-linked H100 and the TP-4 pod, which
+        // requires NVLink, finds none left. Jointly both fit.
         let cluster = Cluster::build(ClusterSpec {
             name: "t".into(),
             levels: vec!["rack".into()],
             nodes: vec![node("h100", "H100", 4, &[("rack", "r1")]), node("l40s", "L40S", 4, &[("rack", "r1")])],
         })
         .expect("valid");
-        let gangs = vec![named(gang(1, 4, 1, None), "dp"), named(gang(1, 4, 4, None), "tp4")];
+        let gangs = vec![named(gang(1, 4, 1, None), "dp"), named(gang(1, 4, 4, Some(Scope::Nvlink)), "tp4")];
         let mut planner = Planner::new(&cluster, PlannerConfig::default());
         let greedy = planner.plan(&mut Ledger::new(&cluster), &gangs);
         assert_eq!(greedy.unplaced.iter().map(|u| u.gang.as_str()).collect::<Vec<_>>(), ["tp4"]);

@@ -2,7 +2,10 @@
 //! shape a host's free GPUs still hold.
 //!
 //! A *unit* is `unit_gpus` GPUs made of `unit_gpus / atom` *atoms*; an atom is one
-//! tensor-parallel group and must be NVLink-connected (atom 1: any single GPU). On hosts
+//! tensor-parallel group and must be NVLink-connected (atom 1: any single GPU), on every host
+//! whose NVLink can hold a group of that size. Elsewhere (PCIe-only hosts such as L4, L40S and
+//! A10; a TP-4 group on bridged pairs) the group runs over PCIe: any GPUs form it, scored by
+//! the bandwidth between them ([`UnitShape::on_host`]). On hosts
 //! whose GPUs are all linked alike (NVSwitch) every choice is equivalent, so the fast path
 //! only keeps units on one CPU socket. On hosts with uneven links (bridged pairs, DGX-1
 //! cube-mesh, explicit groups, PCIe) the choice decides this gang's bandwidth and what
@@ -28,6 +31,20 @@ pub struct UnitShape {
 impl UnitShape {
     pub fn atoms_per_unit(self) -> u32 {
         self.unit_gpus / self.atom
+    }
+
+    /// The shape as `host` can honour it. A tensor-parallel group larger than the host's
+    /// largest NVLink-connected set of GPUs (every group on a PCIe-only host; a TP-4 group on
+    /// bridged pairs) runs over PCIe, as vLLM and NCCL allow: any GPUs of the host form it
+    /// (atom 1), and the unit's quality is the weakest link among them (so one socket beats
+    /// two). Groups the host's NVLink can hold keep atoms NVLink-connected. A gang that asks
+    /// for `required: nvlink` refuses such hosts before any unit is counted.
+    pub fn on_host(self, host: &Host) -> UnitShape {
+        if self.atom >= 2 && self.atom > host.links.largest_nvlink_group {
+            UnitShape { atom: 1, ..self }
+        } else {
+            self
+        }
     }
 }
 
@@ -63,6 +80,7 @@ pub(crate) fn choices_complete(host: &Host, free: GpuMask, shape: UnitShape, ret
 
 /// Every choice of GPUs is as good as another for links.
 pub(crate) fn links_are_uniform(host: &Host, shape: UnitShape) -> bool {
+    let shape = shape.on_host(host);
     host.links.uniform_nvlink || host.gpu_count == 1 || (shape.atom == 1 && host.links.best_nvlink_gbps == 0)
 }
 
@@ -84,11 +102,21 @@ pub fn set_quality(host: &Host, set: GpuMask) -> f64 {
     f64::from(worst) / f64::from(best)
 }
 
-/// Quality of a chosen unit: its weakest tensor-parallel group (or, without tensor
-/// parallelism, the weakest pair of the unit's GPUs).
+/// What a tensor-parallel group that runs over PCIe ([`UnitShape::on_host`]) is worth against
+/// one on NVLink, before its own weakest link: NVLink moves a group's all-reduce several times
+/// faster (900 GB/s against 64 to 128 GB/s per GPU), so a host whose NVLink holds the group
+/// beats one where it spans PCIe on connectivity, and one socket still beats two.
+pub const PCIE_GROUP_QUALITY: f64 = 0.5;
+
+/// Quality of a chosen unit in 0..=1: its weakest tensor-parallel group (or, without tensor
+/// parallelism, the weakest pair of the unit's GPUs), against the host's best pair; a
+/// tensor-parallel group over PCIe counts [`PCIE_GROUP_QUALITY`] of that.
 pub fn unit_quality(host: &Host, unit: &ChosenUnit, shape: UnitShape) -> f64 {
-    if shape.atom >= 2 {
+    let on_host = shape.on_host(host);
+    if on_host.atom >= 2 {
         unit.atoms.iter().map(|&atom| set_quality(host, atom)).fold(1.0, f64::min)
+    } else if shape.atom >= 2 {
+        PCIE_GROUP_QUALITY * set_quality(host, unit.gpus())
     } else {
         set_quality(host, unit.gpus())
     }
@@ -153,9 +181,7 @@ impl GpuChooser {
         if shape.unit_gpus == 0 || shape.unit_gpus > u32::from(host.gpu_count) {
             return 0;
         }
-        if shape.atom >= 2 && host.links.best_nvlink_gbps == 0 {
-            return 0;
-        }
+        let shape = shape.on_host(host);
         if links_are_uniform(host, shape) || shape.atom == 1 {
             return free.count_ones() / shape.unit_gpus;
         }
@@ -195,6 +221,7 @@ impl GpuChooser {
         if count == 0 {
             return Some(Vec::new());
         }
+        let shape = shape.on_host(host);
         if self.unit_count(host, free, shape) < count {
             return None;
         }
@@ -224,6 +251,7 @@ impl GpuChooser {
         shape: UnitShape,
         limit: usize,
     ) -> Vec<Vec<ChosenUnit>> {
+        let shape = shape.on_host(host);
         if links_are_uniform(host, shape) || free.count_ones() > SEARCH_GPUS_MAX {
             return self.choose(host, free, count, shape).into_iter().collect();
         }
@@ -404,10 +432,31 @@ mod tests {
     }
 
     #[test]
-    fn pcie_hosts_refuse_tensor_parallel_groups() {
+    fn pcie_hosts_form_tensor_parallel_groups_over_pcie_on_one_socket() {
         let l40s = host("L40S", 4, None);
+        let tp2 = UnitShape { unit_gpus: 2, atom: 2 };
         let mut chooser = GpuChooser::default();
-        assert_eq!(chooser.unit_count(&l40s, 0xf, UnitShape { unit_gpus: 2, atom: 2 }), 0);
-        assert_eq!(chooser.unit_count(&l40s, 0xf, UnitShape { unit_gpus: 2, atom: 1 }), 2);
+        assert_eq!(tp2.on_host(&l40s), UnitShape { unit_gpus: 2, atom: 1 });
+        assert_eq!(chooser.unit_count(&l40s, 0xf, tp2), 2);
+        assert_eq!(chooser.unit_count(&l40s, 0b0111, tp2), 1);
+        // Sockets hold GPUs 0-1 and 2-3: with 0, 2 and 3 free, the group takes 2 and 3.
+        let units = chooser.choose(&l40s, 0b1101, 1, tp2).expect("fits");
+        assert_eq!(units[0].gpus(), 0b1100);
+        let same_socket = unit_quality(&l40s, &units[0], tp2);
+        let across = unit_quality(&l40s, &ChosenUnit { atoms: vec![0b0001, 0b0100] }, tp2);
+        assert_eq!(same_socket, PCIE_GROUP_QUALITY, "over PCIe, on one socket");
+        assert!(across < same_socket, "a group across sockets scores below one on a socket: {across}");
+    }
+
+    #[test]
+    fn groups_larger_than_the_nvlink_islands_span_pcie_and_smaller_ones_keep_nvlink() {
+        let nvl = host("H100-NVL", 4, None);
+        let mut chooser = GpuChooser::default();
+        let tp4 = UnitShape { unit_gpus: 4, atom: 4 };
+        assert_eq!(tp4.on_host(&nvl).atom, 1, "bridged pairs cannot NVLink four GPUs");
+        assert_eq!(chooser.unit_count(&nvl, 0xf, tp4), 1);
+        let tp2 = UnitShape { unit_gpus: 2, atom: 2 };
+        assert_eq!(tp2.on_host(&nvl), tp2, "a pair can");
+        assert_eq!(chooser.unit_count(&nvl, 0b0110, tp2), 0);
     }
 }

@@ -225,9 +225,10 @@ impl HostRejection {
                 format_gib(memory_mib),
                 format_gib(gang.memory_floor_mib)
             ),
-            HostRejection::NoNvlink => {
-                format!("{product}: no NVLink, and tensorParallel {} needs NVLink-connected GPUs", gang.tensor_parallel)
-            }
+            HostRejection::NoNvlink => format!(
+                "{product}: NVLink cannot connect a tensor-parallel group of {} here, and the gang requires nvlink",
+                gang.tensor_parallel
+            ),
             HostRejection::UnitLargerThanHost => format!(
                 "{product}: a tensor-parallel group of {} GPUs is larger than the host and the host is in no NVLink clique",
                 gang.unit_gpus()
@@ -1085,9 +1086,6 @@ impl<'c> Planner<'c> {
         if host.memory_mib < gang.memory_floor_mib {
             return Err(HostRejection::MemoryTooSmall);
         }
-        if gang.tensor_parallel >= 2 && host.links.best_nvlink_gbps == 0 {
-            return Err(HostRejection::NoNvlink);
-        }
         let free = ledger.free(host_id);
         let (shape, member_slots) = if unit_shape.unit_gpus <= u32::from(host.gpu_count) {
             (unit_shape, false)
@@ -1096,6 +1094,11 @@ impl<'c> Planner<'c> {
         } else {
             return Err(HostRejection::UnitLargerThanHost);
         };
+        // NVLink is a preference (tensor parallelism runs over PCIe where the host's NVLink
+        // cannot hold the group, `UnitShape::on_host`) unless the gang requires it.
+        if gang.required == Some(Scope::Nvlink) && shape.on_host(host) != shape {
+            return Err(HostRejection::NoNvlink);
+        }
         let count = self.chooser.unit_count(host, free, shape);
         if count == 0 {
             return Err(if free.count_ones() < shape.unit_gpus {

@@ -136,7 +136,10 @@ fn add_nvlink(
         NvlinkLayout::HybridCubeMesh => {
             let per_link = nvlink / 6;
             let cross = (0..4u8).map(|gpu| (gpu, gpu + 4, 2));
-            for (a, b, links) in HYBRID_CUBE_MESH_LINKS.into_iter().chain(cross) {
+            // A product's default mesh on a host with fewer than 8 GPUs (a 4-GPU V100 host,
+            // or GPUs the device plugin withdrew): the links among the GPUs it has.
+            let present = |&(a, b, _): &(u8, u8, u32)| usize::from(a.max(b)) < gpus.len();
+            for (a, b, links) in HYBRID_CUBE_MESH_LINKS.into_iter().chain(cross).filter(present) {
                 graph.add_edge(
                     gpus[usize::from(a)],
                     gpus[usize::from(b)],
@@ -326,7 +329,15 @@ impl TopologyGraph {
             numa_masks[usize::from(socket)] |= 1 << gpu;
         }
         debug_assert_eq!(numa_masks.iter().fold(0, |m, s| m | s), full_mask(gpu_count));
-        HostLinks { bandwidth_gbps, nvlink_neighbors, uniform_nvlink, best_nvlink_gbps, numa_masks }
+        let largest_nvlink_group = largest_component(&nvlink_neighbors);
+        HostLinks {
+            bandwidth_gbps,
+            nvlink_neighbors,
+            uniform_nvlink,
+            best_nvlink_gbps,
+            largest_nvlink_group,
+            numa_masks,
+        }
     }
 
     pub fn host_vertex(&self, host: HostId) -> NodeIndex {
@@ -344,6 +355,37 @@ impl TopologyGraph {
 
 /// Masks of GPUs that are all pairwise NVLinked, restricted to `free`; used to describe
 /// the free shape of a host.
+/// GPUs in the largest connected set of the NVLink adjacency `neighbors` (per GPU, the GPUs
+/// it reaches); 1 when no GPU has a neighbour, 0 for a host without GPUs.
+fn largest_component(neighbors: &[GpuMask]) -> u32 {
+    let mut unvisited: GpuMask = if neighbors.len() >= 64 { GpuMask::MAX } else { (1 << neighbors.len()) - 1 };
+    let mut largest = 0;
+    while unvisited != 0 {
+        let mut reached = unvisited & unvisited.wrapping_neg();
+        loop {
+            let next = mask_bits(reached).fold(reached, |acc, gpu| acc | neighbors[gpu]);
+            if next == reached {
+                break;
+            }
+            reached = next;
+        }
+        largest = largest.max(reached.count_ones());
+        unvisited &= !reached;
+    }
+    largest
+}
+
+fn mask_bits(mask: GpuMask) -> impl Iterator<Item = usize> {
+    let mut rest = mask;
+    std::iter::from_fn(move || {
+        (rest != 0).then(|| {
+            let bit = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            bit
+        })
+    })
+}
+
 pub fn nvlink_connected(links: &HostLinks, set: GpuMask) -> bool {
     // A set is connected when a flood fill over NVLink edges from its lowest GPU reaches all.
     if set == 0 {
@@ -385,6 +427,7 @@ mod tests {
         assert_eq!(links.best_nvlink_gbps, 900);
         assert_eq!(links.bandwidth(8, 0, 7), 900);
         assert_eq!(links.nvlink_neighbors[3], 0xff & !(1 << 3));
+        assert_eq!(links.largest_nvlink_group, 8);
     }
 
     #[test]
@@ -393,6 +436,7 @@ mod tests {
         let links = &cluster.hosts[0].links;
         assert!(!links.uniform_nvlink);
         assert_eq!(links.nvlink_neighbors[0], 0b0001_1110);
+        assert_eq!(links.largest_nvlink_group, 8, "the quads are joined by the i <-> i+4 links");
         assert_eq!(links.bandwidth(8, 0, 3), 100);
         assert_eq!(links.bandwidth(8, 0, 1), 50);
         // 0 and 5 share no NVLink and sit on different sockets: half of PCIe gen3.
@@ -407,9 +451,11 @@ mod tests {
         let cluster = one_host("L40S", 4, None);
         assert_eq!(cluster.hosts[0].links.best_nvlink_gbps, 0);
         assert!(!nvlink_connected(&cluster.hosts[0].links, 0b11));
+        assert_eq!(cluster.hosts[0].links.largest_nvlink_group, 1);
         let cluster = one_host("A100-PCIE-40GB", 4, Some(NvlinkLayout::Groups(vec![vec![0, 1], vec![2, 3]])));
         let links = &cluster.hosts[0].links;
         assert_eq!(links.bandwidth(4, 0, 1), 600);
+        assert_eq!(links.largest_nvlink_group, 2);
         // 1 and 2 are bridged to nobody and sit on different sockets.
         assert_eq!(links.bandwidth(4, 1, 2), 32);
     }

@@ -108,6 +108,9 @@ pub struct HostLinks {
     pub uniform_nvlink: bool,
     /// Highest NVLink bandwidth between any two GPUs of the host (0 without NVLink).
     pub best_nvlink_gbps: u32,
+    /// GPUs in the host's largest NVLink-connected set (1 without NVLink: a GPU alone): the
+    /// largest tensor-parallel group this host can keep on NVLink.
+    pub largest_nvlink_group: u32,
     /// GPUs per CPU socket (PCIe root), used to keep a member on one socket.
     pub numa_masks: Vec<GpuMask>,
 }
@@ -326,7 +329,7 @@ fn build_hosts(nodes: Vec<NodeSpec>, domain_paths: &mut [Vec<u32>]) -> (Vec<Host
             Fabric::NvSwitch | Fabric::MultiNodeNvlink => NvlinkLayout::All,
             Fabric::BridgePairs => NvlinkLayout::Pairs,
             Fabric::HybridCubeMesh => NvlinkLayout::HybridCubeMesh,
-            Fabric::PcieOnly => NvlinkLayout::None,
+            Fabric::PcieOnly | Fabric::Unknown => NvlinkLayout::None,
         });
         initially_used.push(node.allocated.iter().fold(0u64, |mask, &gpu| mask | (1 << gpu)));
         let nic_count = match product.fabric {
@@ -345,6 +348,7 @@ fn build_hosts(nodes: Vec<NodeSpec>, domain_paths: &mut [Vec<u32>]) -> (Vec<Host
                 nvlink_neighbors: Vec::new(),
                 uniform_nvlink: false,
                 best_nvlink_gbps: 0,
+                largest_nvlink_group: 1,
                 numa_masks: Vec::new(),
             },
             domain_path: std::mem::take(&mut domain_paths[host_index]),

@@ -5,8 +5,17 @@
 //! Memory is in MiB as NVML (and so GFD's `nvidia.com/gpu.memory`) reports it, not the
 //! marketing figure: an "80 GB" H100 reports 81,559 MiB, so a floor of `80Gi` (81,920 MiB)
 //! does not fit it. That is deliberate: the floor is about what a model can actually use.
+//!
+//! A product the table lacks (a GPU newer than this table, a workstation card) is not
+//! dropped: [`register_unknown`] adds it, for the life of the process, with the memory its
+//! node reports, [`Fabric::Unknown`] (no NVLink assumed) and PCIe gen4 links, so its nodes
+//! are planned and a workload can select it by name.
 
+use std::cmp::Ordering;
 use std::fmt;
+use std::sync::RwLock;
+
+use thiserror::Error;
 
 /// How the GPUs inside one host are connected to each other by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +31,9 @@ pub enum Fabric {
     /// NVSwitch inside the host and one NVLink domain across the hosts of a rack
     /// (GB200 NVL72); the multi-host domain comes from `nvidia.com/gpu.clique`.
     MultiNodeNvlink,
+    /// A product missing from the table ([`register_unknown`]): its links are not known, so
+    /// no NVLink is assumed and its GPUs are planned as PCIe-connected.
+    Unknown,
 }
 
 /// One GPU product of the table.
@@ -149,14 +161,120 @@ pub static PRODUCTS: &[GpuProduct] = &[
     product!("T4", ["TESLA-T4", "NVIDIA-T4", "T4"], 15_360, PcieOnly, 0, PCIE_GEN3),
 ];
 
-/// Identifies a product by its position in [`PRODUCTS`]; cheap to copy and compare.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ProductId(pub u8);
+/// Identifies a product: its position in [`PRODUCTS`], or past the table, a product
+/// [`register_unknown`] added; cheap to copy and compare. Ordered as the table lists its
+/// products, then unknown products by name (ignoring case and `-`/`_`/space, as [`lookup`]),
+/// so an order never depends on which unknown product the process met first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProductId(u8);
 
 impl ProductId {
+    /// The product. Every id comes from [`lookup`] or [`register_unknown`], and unknown
+    /// products are never removed, so the entry exists.
     pub fn get(self) -> &'static GpuProduct {
-        &PRODUCTS[usize::from(self.0)]
+        let index = usize::from(self.0);
+        match PRODUCTS.get(index) {
+            Some(product) => product,
+            None => unknown_products()[index - PRODUCTS.len()],
+        }
     }
+
+    /// Whether the product is missing from the table (added by [`register_unknown`]).
+    pub fn is_unknown(self) -> bool {
+        usize::from(self.0) >= PRODUCTS.len()
+    }
+}
+
+impl PartialOrd for ProductId {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ProductId {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (self.is_unknown(), other.is_unknown()) {
+            (false, false) => self.0.cmp(&other.0),
+            (false, true) => Ordering::Less,
+            (true, false) => Ordering::Greater,
+            (true, true) => normalize(self.get().name).cmp(&normalize(other.get().name)).then(self.0.cmp(&other.0)),
+        }
+    }
+}
+
+/// Unknown products one process keeps at most: each is leaked once (a name and a table
+/// entry, about 100 bytes), and node labels are written by whoever may label nodes, so the
+/// count is bounded.
+pub const UNKNOWN_PRODUCTS_MAX: usize = 64;
+
+/// The longest product name accepted (GFD writes NVML's name with spaces as dashes, well
+/// under this).
+pub const PRODUCT_NAME_BYTES_MAX: usize = 128;
+
+/// Bandwidth assumed for one GPU's PCIe link on a product missing from the table.
+pub const UNKNOWN_PCIE_GBPS: u32 = PCIE_GEN4;
+
+/// Products met that the table lacks, in the order met: `ProductId(PRODUCTS.len() + i)` is
+/// entry `i`. Append-only.
+static UNKNOWN_PRODUCTS: RwLock<Vec<&'static GpuProduct>> = RwLock::new(Vec::new());
+
+fn unknown_products() -> std::sync::RwLockReadGuard<'static, Vec<&'static GpuProduct>> {
+    UNKNOWN_PRODUCTS.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Why a product missing from the table could not be added.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum UnknownProductError {
+    #[error("GPU product name is empty")]
+    EmptyName,
+    #[error("GPU product name is {bytes} bytes, over the limit of {PRODUCT_NAME_BYTES_MAX}")]
+    NameTooLong { bytes: usize },
+    #[error("GPU product `{name}` needs its memory (MiB above 0) to be planned, as it is not in the product table")]
+    NoMemory { name: String },
+    #[error("GPU product `{name}` is not in the product table, and {UNKNOWN_PRODUCTS_MAX} unknown products (the limit) are already known")]
+    TooMany { name: String },
+}
+
+/// The product named `name` (as [`lookup`] matches names): the table's, an unknown product
+/// added before, or else a new unknown product with `memory_mib` per GPU, [`Fabric::Unknown`]
+/// and no NVLink. A product added before keeps the memory it was added with (each node still
+/// carries its own, `NodeSpec::memory_mib`).
+///
+/// Errors: an empty or overlong name, `memory_mib` 0 for a new product, or
+/// [`UNKNOWN_PRODUCTS_MAX`] unknown products already added.
+pub fn register_unknown(name: &str, memory_mib: u64) -> Result<ProductId, UnknownProductError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(UnknownProductError::EmptyName);
+    }
+    if name.len() > PRODUCT_NAME_BYTES_MAX {
+        return Err(UnknownProductError::NameTooLong { bytes: name.len() });
+    }
+    if let Some(id) = lookup(name) {
+        return Ok(id);
+    }
+    if memory_mib == 0 {
+        return Err(UnknownProductError::NoMemory { name: name.to_string() });
+    }
+    let mut unknown = UNKNOWN_PRODUCTS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let wanted = normalize(name);
+    // Another thread may have added it between the lookup and the lock.
+    if let Some(index) = unknown.iter().position(|product| normalize(product.name) == wanted) {
+        return Ok(ProductId((PRODUCTS.len() + index) as u8));
+    }
+    if unknown.len() >= UNKNOWN_PRODUCTS_MAX {
+        return Err(UnknownProductError::TooMany { name: name.to_string() });
+    }
+    let product: &'static GpuProduct = Box::leak(Box::new(GpuProduct {
+        name: Box::leak(name.to_string().into_boxed_str()),
+        aliases: &[],
+        memory_mib,
+        fabric: Fabric::Unknown,
+        nvlink_gbps: 0,
+        pcie_gbps: UNKNOWN_PCIE_GBPS,
+    }));
+    unknown.push(product);
+    Ok(ProductId((PRODUCTS.len() + unknown.len() - 1) as u8))
 }
 
 fn normalize(name: &str) -> String {
@@ -169,16 +287,17 @@ fn normalize(name: &str) -> String {
         .collect()
 }
 
-/// Looks a product up by any of its names, ignoring case and `-`/`_`/space differences.
+/// Looks a product up by any of its names, ignoring case and `-`/`_`/space differences:
+/// the table first, then the unknown products added so far ([`register_unknown`]).
 pub fn lookup(name: &str) -> Option<ProductId> {
     let wanted = normalize(name);
-    PRODUCTS
-        .iter()
-        .position(|product| {
-            product.aliases.iter().any(|alias| normalize(alias) == wanted) || normalize(product.name) == wanted
-        })
-        .and_then(|index| u8::try_from(index).ok())
-        .map(ProductId)
+    let known = PRODUCTS.iter().position(|product| {
+        product.aliases.iter().any(|alias| normalize(alias) == wanted) || normalize(product.name) == wanted
+    });
+    let index = known.or_else(|| {
+        unknown_products().iter().position(|product| normalize(product.name) == wanted).map(|i| PRODUCTS.len() + i)
+    })?;
+    u8::try_from(index).ok().map(ProductId)
 }
 
 /// Every accepted name, for error messages that list what would have worked.
@@ -199,6 +318,28 @@ mod tests {
         assert_eq!(lookup("Tesla-V100-SXM2-16GB").map(|p| p.get().fabric), Some(Fabric::HybridCubeMesh));
         assert_eq!(lookup("NVIDIA-GB200").map(|p| p.get().fabric), Some(Fabric::MultiNodeNvlink));
         assert_eq!(lookup("NVIDIA-L40S").map(|p| p.get().memory_mib), Some(46_068));
+    }
+
+    #[test]
+    fn unknown_products_are_added_once_and_ordered_after_the_table_by_name() {
+        let b = register_unknown("NVIDIA-Test-Zeta-96GB", 98_304).expect("added");
+        let a = register_unknown("nvidia test alpha", 49_152).expect("added");
+        assert!(a.is_unknown() && b.is_unknown());
+        assert_eq!(a.get().fabric, Fabric::Unknown);
+        assert_eq!((a.get().nvlink_gbps, a.get().memory_mib), (0, 49_152));
+        assert_eq!(register_unknown("NVIDIA-TEST-ALPHA", 1), Ok(a), "the same product, its first memory kept");
+        assert_eq!(lookup("nvidia-test-zeta-96gb"), Some(b));
+        let h100 = lookup("H100").expect("table");
+        assert_eq!(register_unknown("H100", 1), Ok(h100), "a table product is never added");
+        let mut ids = vec![b, h100, a];
+        ids.sort();
+        assert_eq!(ids, vec![h100, a, b], "table first, then unknown products by name");
+        assert_eq!(register_unknown("  ", 1), Err(UnknownProductError::EmptyName));
+        assert_eq!(
+            register_unknown("NVIDIA-Test-NoMemory", 0),
+            Err(UnknownProductError::NoMemory { name: "NVIDIA-Test-NoMemory".into() })
+        );
+        assert!(matches!(register_unknown(&"X".repeat(200), 1), Err(UnknownProductError::NameTooLong { bytes: 200 })));
     }
 
     #[test]

@@ -69,6 +69,8 @@ fn is_zero(value: &u32) -> bool {
     *value == 0
 }
 
+/// A node's GPUs. A product missing from the table needs `memory`, and is then planned with
+/// no NVLink assumed.
 #[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GpuEntry {
@@ -83,8 +85,8 @@ pub struct GpuEntry {
     pub clique: Option<String>,
 }
 
-/// A product name checked against the table while parsing, so an unknown product is
-/// reported at its own line.
+/// A product name looked up in the table while parsing: `None` for a product the table
+/// lacks, which the node's `gpu.memory` must then describe ([`GpuEntry`]).
 #[derive(Debug, Clone, Serialize)]
 #[serde(transparent)]
 pub struct ProductName(pub String, #[serde(skip)] pub Option<ProductId>);
@@ -92,13 +94,8 @@ pub struct ProductName(pub String, #[serde(skip)] pub Option<ProductId>);
 impl<'de> Deserialize<'de> for ProductName {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let name = String::deserialize(deserializer)?;
-        match product::lookup(&name) {
-            Some(id) => Ok(ProductName(name, Some(id))),
-            None => Err(serde::de::Error::custom(format!(
-                "unknown GPU product `{name}` (known: {}; GFD names such as NVIDIA-H100-80GB-HBM3 work too)",
-                product::known_names().join(", ")
-            ))),
-        }
+        let id = product::lookup(&name);
+        Ok(ProductName(name, id))
     }
 }
 
@@ -178,17 +175,48 @@ impl NvlinkField {
     }
 }
 
-fn node_spec(name: String, labels: BTreeMap<String, String>, gpu: &GpuEntry, allocated: Vec<u8>) -> Option<NodeSpec> {
-    Some(NodeSpec {
+impl GpuEntry {
+    /// The entry's product: the table's, or for a product the table lacks, one planned from
+    /// this entry's `memory` with no NVLink assumed ([`product::register_unknown`]), never
+    /// from another entry's. Errors name what to write instead.
+    fn resolve(&self) -> Result<ProductId, String> {
+        let ProductName(name, id) = &self.product;
+        match (id, &self.memory) {
+            (Some(id), _) if !id.is_unknown() => Ok(*id),
+            (_, Some(memory)) => product::register_unknown(name, memory.mib()).map_err(|e| e.to_string()),
+            (_, None) => Err(format!(
+                "unknown GPU product `{name}`: give gpu.memory to plan it (no NVLink assumed), or use a known product \
+                 ({}; GFD names such as NVIDIA-H100-80GB-HBM3 work too)",
+                product::known_names().join(", ")
+            )),
+        }
+    }
+}
+
+/// The line of the first `product:` at or after `line` (the entry's own), for errors about
+/// the product.
+fn product_line(text: &str, line: Option<usize>) -> Option<usize> {
+    let from = line?.saturating_sub(1);
+    text.lines().enumerate().skip(from).find(|(_, l)| l.contains("product:")).map(|(index, _)| index + 1).or(line)
+}
+
+fn node_spec(
+    name: String,
+    labels: BTreeMap<String, String>,
+    gpu: &GpuEntry,
+    product: ProductId,
+    allocated: Vec<u8>,
+) -> NodeSpec {
+    NodeSpec {
         name,
         labels,
-        product: gpu.product.1?,
+        product,
         gpu_count: gpu.count,
         memory_mib: gpu.memory.as_ref().map(MemoryField::mib),
         nvlink: gpu.nvlink.as_ref().map(NvlinkField::layout),
         clique: gpu.clique.clone(),
         allocated,
-    })
+    }
 }
 
 /// The widest zero padding `{index:0N}` takes: a Kubernetes node name is at most 253
@@ -220,10 +248,17 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
     let mut nodes = Vec::new();
     // Where each node came from, for errors found after expansion.
     let mut origins: Vec<Option<usize>> = Vec::new();
-    for entry in parsed.spec.nodes {
+    for (index, entry) in parsed.spec.nodes.into_iter().enumerate() {
         let line = line_of_name(text, &entry.name);
-        let Some(node) = node_spec(entry.name, entry.labels, &entry.gpu, entry.allocated) else { continue };
-        nodes.push(node);
+        let product = entry.gpu.resolve().map_err(|message| {
+            let name = &entry.name;
+            FileError::at_line(
+                file,
+                product_line(text, line),
+                format!("spec.nodes[{index}].gpu.product: {message} (node `{name}`)"),
+            )
+        })?;
+        nodes.push(node_spec(entry.name, entry.labels, &entry.gpu, product, entry.allocated));
         origins.push(line);
     }
     for (group_index, group) in parsed.spec.node_groups.into_iter().enumerate() {
@@ -265,11 +300,11 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
                 ))
             }
         };
+        let product = group.gpu.resolve().map_err(|message| {
+            FileError::at_line(file, product_line(text, group_line), format!("{where_}.gpu.product: {message}"))
+        })?;
         for name in names {
-            let Some(node) = node_spec(name, group.labels.clone(), &group.gpu, group.allocated.clone()) else {
-                continue;
-            };
-            nodes.push(node);
+            nodes.push(node_spec(name, group.labels.clone(), &group.gpu, product, group.allocated.clone()));
             origins.push(group_line);
         }
     }
@@ -379,6 +414,25 @@ mod tests {
         let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H100, count: 8}\n  - name: b\n    gpu:\n      product: H100\n      count: 8\n      colour: red\n");
         assert!(message.starts_with("c.yaml:12:7: spec.nodes[1].gpu: unknown field `colour`"), "{message}");
         assert!(message.ends_with("(node `b`)"), "{message}");
+    }
+
+    #[test]
+    fn a_product_missing_from_the_table_is_planned_from_its_memory() {
+        let text = format!(
+            "{HEADER}spec:\n  nodes:\n  - name: a\n    gpu: {{product: NVIDIA-Test-File-GPU, count: 4, memory: 96Gi}}\n"
+        );
+        let cluster = load("c.yaml", &text).expect("planned");
+        let host = &cluster.hosts[0];
+        assert!(host.product.is_unknown());
+        assert_eq!(
+            (host.product.get().name, host.memory_mib, host.links.best_nvlink_gbps),
+            ("NVIDIA-Test-File-GPU", 98_304, 0)
+        );
+        let rendered = render(&parse("c.yaml", &text).expect("parsed")).expect("rendered");
+        assert!(rendered.contains("product: NVIDIA-Test-File-GPU") && rendered.contains("memory: 98304"), "{rendered}");
+        // Another node of the same product still needs its own memory.
+        let message = error_of("spec:\n  nodes:\n  - name: b\n    gpu: {product: NVIDIA-Test-File-GPU, count: 4}\n");
+        assert!(message.contains("unknown GPU product `NVIDIA-Test-File-GPU`: give gpu.memory"), "{message}");
     }
 
     #[test]

@@ -1237,3 +1237,27 @@ fn a_namespace_at_its_unbound_gpu_limit_gets_nobody_evicted() {
     let why = why.expect("a reason");
     assert!(why.contains("namespace `ns` holds 8 GPUs") && why.contains("over the limit of 8"), "{why}");
 }
+
+/// The device plugin withdrew a GPU: the node's view shrinks from 8 GPUs to 7, and a pod
+/// recorded on GPU 7 is still held, on the lowest free GPU, never given away.
+#[test]
+fn a_pod_on_a_gpu_the_node_no_longer_has_stays_held() {
+    let with = |count: u8| {
+        Cluster::build(ClusterSpec { name: "t".into(), levels: Vec::new(), nodes: vec![node("n", "H100", count, &[])] })
+            .expect("cluster")
+    };
+    let pod = |uid: &str| PodIdentity { namespace: "ns".into(), name: uid.into(), uid: uid.into() };
+    let mut book = Book::new(with(8), BookConfig::default());
+    book.observe_bound(pod("low"), "n", Some(&[0]), 1, None).expect("observed");
+    book.observe_bound(pod("high"), "n", Some(&[7]), 1, None).expect("observed");
+    book.replace_cluster(with(7));
+    assert!(book.is_bound("low") && book.is_bound("high"));
+    assert_eq!(book.ledger().free_gpus(), 5, "both pods still hold a GPU each");
+    assert_eq!(book.bound["low"].gpus, 0b1, "a record the node still has is kept");
+    assert_eq!(book.bound["high"].gpus, 0b10, "moved to the lowest free GPU");
+    // Seen after the change (a restart): the same.
+    let mut book = Book::new(with(7), BookConfig::default());
+    book.observe_bound(pod("high"), "n", Some(&[7]), 1, None).expect("observed");
+    assert_eq!(book.ledger().free_gpus(), 6);
+    book.check().expect("book invariants");
+}

@@ -2,22 +2,32 @@
 //! bound (their GPUs held) or gone (given back), and a relist.
 
 use super::*;
+use topoplace_engine::topology::full_mask;
 
 impl Book {
     /// Replaces the cluster view (nodes added, removed or relabelled). Bound pods and
     /// reservations are carried over by node name; a reservation that no longer fits is
     /// dropped and returned (its waiting members must be answered), a bound pod whose node
-    /// is gone is forgotten.
+    /// is gone is forgotten, and one whose GPUs the node no longer has (the device plugin
+    /// withdrew some) is held on as many of the node's lowest free GPUs ([`Book::held_on`]).
     pub fn replace_cluster(&mut self, cluster: Cluster) -> Vec<Expired> {
         let old = std::mem::replace(&mut self.cluster, cluster);
         self.earlier_changes += self.ledger.changes() + 1;
         self.ledger = Ledger::empty(&self.cluster);
         self.parts = None;
         let bound = std::mem::take(&mut self.bound);
+        // Pods whose recorded GPUs the node still has first, so a pod moved to the lowest free
+        // GPUs never takes what another pod's record names.
+        let mut bound: Vec<(String, BoundPod)> = bound.into_iter().collect();
+        bound.sort_by_key(|(uid, pod)| {
+            let fits = self.cluster.host_id(&pod.node).is_some_and(|h| self.within_host(h, pod.gpus));
+            (!fits, uid.clone())
+        });
         for (uid, pod) in bound {
             let Some(host) = self.cluster.host_id(&pod.node) else { continue };
-            if self.ledger.reserve(&pod_holder(&uid), &[(host, pod.gpus)]).is_ok() {
-                self.bound.insert(uid, pod);
+            let Some(gpus) = self.held_on(host, pod.gpus) else { continue };
+            if self.ledger.reserve(&pod_holder(&uid), &[(host, gpus)]).is_ok() {
+                self.bound.insert(uid, BoundPod { gpus, ..pod });
             }
         }
         let bound = &self.bound;
@@ -125,7 +135,11 @@ impl Book {
             return Err(BookError::UnknownNode { pod: pod.to_string(), node: node.to_string() });
         };
         let mask = match gpus {
-            Some(indices) => indices_mask(indices),
+            Some(indices) => self.held_on(host, indices_mask(indices)).ok_or_else(|| BookError::NoRoomAtBind {
+                pod: pod.to_string(),
+                node: node.to_string(),
+                reason: format!("GPUs {indices:?} recorded, the node has {} now", self.cluster.host(host).gpu_count),
+            })?,
             None => {
                 let free = self.ledger.free(host);
                 let mut mask = 0u64;
@@ -147,6 +161,24 @@ impl Book {
             .map_err(|source| BookError::Ledger { pod: pod.to_string(), source })?;
         self.bound.insert(pod.uid.clone(), BoundPod { pod, node: node.to_string(), gpus: mask, gang, bound_at_ms: 0 });
         Ok(())
+    }
+
+    fn within_host(&self, host: HostId, mask: GpuMask) -> bool {
+        mask & !full_mask(self.cluster.host(host).gpu_count) == 0
+    }
+
+    /// The GPUs a bound pod holds on `host`: `recorded` when the host has every one of them;
+    /// otherwise (the host has fewer GPUs than when the pod was bound: the device plugin
+    /// withdrew some, and which ones the pod really runs on is not known here) as many of the
+    /// host's lowest free GPUs, so the pod is still counted; `None` when not that many are
+    /// free.
+    pub(super) fn held_on(&self, host: HostId, recorded: GpuMask) -> Option<GpuMask> {
+        if self.within_host(host, recorded) {
+            return Some(recorded);
+        }
+        let count = recorded.count_ones() as usize;
+        let free = mask_indices(self.ledger.free(host));
+        (free.len() >= count).then(|| free[..count].iter().fold(0, |mask, &gpu| mask | (1u64 << gpu)))
     }
 
     fn in_flight(&self, uid: &str) -> bool {

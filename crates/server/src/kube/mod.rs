@@ -643,10 +643,16 @@ struct ViewNode {
 fn apply_node(specs: &mut HashMap<String, ViewNode>, node: &Node) -> bool {
     let name = node.metadata.name.clone().unwrap_or_default();
     match node::node_spec(node) {
-        Ok(Some(spec)) => {
+        Ok(Some(node::GpuNode { spec, warnings })) => {
             let facts = node::facts(node);
             let viewed = ViewNode { spec, closed: !facts.ready || facts.unschedulable };
-            specs.insert(name, viewed.clone()).as_ref() != Some(&viewed)
+            let changed = specs.insert(name.clone(), viewed.clone()).as_ref() != Some(&viewed);
+            if changed {
+                for warning in &warnings {
+                    tracing::warn!(node = %name, %warning, "GPU node planned with an assumption");
+                }
+            }
+            changed
         }
         Ok(None) => specs.remove(&name).is_some(),
         Err(reason) => {
