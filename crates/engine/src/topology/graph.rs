@@ -447,6 +447,15 @@ mod tests {
     }
 
     #[test]
+    fn a_mesh_product_on_fewer_than_eight_gpus_keeps_the_links_it_has() {
+        // A 4-GPU V100 host (and an 8-GPU one with GPUs withdrawn) once indexed past its GPUs.
+        let cluster = one_host("V100-SXM2-32GB", 4, None);
+        let links = &cluster.hosts[0].links;
+        assert_eq!(links.nvlink_neighbors, vec![0b1110, 0b1101, 0b1011, 0b0111], "one fully linked quad");
+        assert_eq!(links.largest_nvlink_group, 4);
+    }
+
+    #[test]
     fn pcie_hosts_have_no_nvlink_and_explicit_groups_do() {
         let cluster = one_host("L40S", 4, None);
         assert_eq!(cluster.hosts[0].links.best_nvlink_gbps, 0);
