@@ -86,6 +86,7 @@ fn mixed(hosts: usize) -> Cluster {
                 nvlink: None,
                 clique: None,
                 allocated: Vec::new(),
+                mig_profile: None,
             }
         })
         .collect();

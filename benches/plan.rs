@@ -39,6 +39,7 @@ fn synthetic(hosts: usize) -> Cluster {
             nvlink: None,
             clique: None,
             allocated: Vec::new(),
+            mig_profile: None,
         })
         .collect();
     Cluster::build(ClusterSpec {

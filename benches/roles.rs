@@ -139,6 +139,7 @@ fn mixed_cluster() -> Cluster {
                     nvlink: None,
                     clique: None,
                     allocated: Vec::new(),
+                    mig_profile: None,
                 });
             }
         }

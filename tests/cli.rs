@@ -342,12 +342,12 @@ fn sizing_says_which_products_hold_a_model() {
     // (405 GB + 64.4 GB) x 1.1 = 516 GB: 4 H200s of 141 GB.
     assert_eq!(h200["min_gpus"], 4);
     let l40s = rows.iter().find(|r| r["product"] == "L40S").expect("L40S row");
-    // 11 GPUs of 45 GiB; no NVLink, so no tensor parallelism: 11 pipeline stages on 3 hosts.
+    // 11 GPUs of 45 GiB: TP 4 inside each 4-GPU host, over PCIe, and 3 pipeline stages.
     assert_eq!(
         (l40s["min_gpus"].as_u64(), l40s["tensor_parallel"].as_u64(), l40s["pipeline_parallel"].as_u64()),
-        (Some(11), Some(1), Some(11))
+        (Some(11), Some(4), Some(3))
     );
-    assert_eq!(l40s["note"], "spans 3 hosts per replica");
+    assert_eq!(l40s["note"], "L40S has no NVLink: tensor parallelism over PCIe; spans 3 hosts per replica");
     let h100 = rows.iter().find(|r| r["product"] == "H100-SXM5").expect("H100 row");
     assert_eq!((h100["min_gpus"].as_u64(), h100["tensor_parallel"].as_u64()), (Some(7), Some(8)));
 }
@@ -591,7 +591,7 @@ fn replay_subcommands_give_what_the_older_spellings_give_and_keep_their_flags_ap
 fn tensor_parallelism_runs_over_pcie_and_unknown_products_are_planned() {
     let cluster = temp_file(
         "l40s.yaml",
-        "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: l40s}\nspec:\n  levels: [rack]\n  nodeGroups:\n  - names: [l40s-0, l40s-1]\n    labels: {rack: r1}\n    gpu: {product: NVIDIA-L40S, count: 8}\n  - names: [new-0]\n    labels: {rack: r1}\n    gpu: {product: NVIDIA-RTX-PRO-6000-CLI-Test, count: 4, memory: 97887}\n",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: l40s}\nspec:\n  levels: [rack]\n  nodeGroups:\n  - names: [l40s-0, l40s-1]\n    labels: {rack: r1}\n    gpu: {product: NVIDIA-L40S, count: 8}\n    allocated: [0, 1, 2]\n  - names: [new-0]\n    labels: {rack: r1}\n    gpu: {product: NVIDIA-RTX-PRO-6000-CLI-Test, count: 4, memory: 97887}\n",
     );
     let workload = temp_file(
         "tp2.yaml",
@@ -617,10 +617,43 @@ fn tensor_parallelism_runs_over_pcie_and_unknown_products_are_planned() {
     let placements = json["placements"].as_array().expect("placements[]");
     let tp2 = placements.iter().find(|p| p["gang"] == "qwen-32b").expect("the TP-2 model is placed");
     assert_eq!(tp2["product"], "L40S");
-    let gpus: Vec<u64> =
-        tp2["members"][0]["gpus"].as_array().expect("gpus").iter().filter_map(|g| g.as_u64()).collect();
-    assert!(gpus.iter().all(|&g| g < 4) || gpus.iter().all(|&g| g >= 4), "one socket: {gpus:?}");
+    // GPUs 0-2 are taken: the lowest free pair (3, 4) would span the sockets.
+    assert_eq!(tp2["members"][0]["gpus"], serde_json::json!([4, 5]), "one socket");
     let big = placements.iter().find(|p| p["gang"] == "big-memory").expect("placed on the unknown product");
     assert_eq!(big["product"], "NVIDIA-RTX-PRO-6000-CLI-Test");
     assert_eq!(big["members"][0]["node"], "new-0");
+}
+
+/// Issue 22: a 7B bf16 model goes to a MIG 2g.20gb device, not to a whole H100; a TP-4 70B
+/// model never goes to a MIG node. The cluster file takes GFD's single-strategy product form.
+#[test]
+fn mig_devices_take_small_models_and_never_tensor_parallel_ones() {
+    let text = "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: mig}\nspec:\n  levels: [rack]\n  nodes:\n  - name: h100-0\n    labels: {rack: r1}\n    gpu: {product: NVIDIA-H100-80GB-HBM3, count: 8}\n  - name: h100-mig\n    labels: {rack: r1}\n    gpu: {product: NVIDIA-H100-80GB-HBM3-MIG-2g.20gb, count: 24, memory: 19968}\n";
+    let cluster = temp_file("mig.yaml", text);
+    let workload = temp_file(
+        "mig-workload.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec:\n  gangs:\n  - name: llama-7b\n    gpusPerMember: 1\n    model: {parameters: 7B, dtype: bf16, kvCache: 2Gi}\n  - name: llama-70b\n    gpusPerMember: 4\n    tensorParallel: 4\n    model: {parameters: 70B, dtype: bf16, kvCache: 10Gi}\n",
+    );
+    let workload = workload.to_str().expect("utf-8");
+    let output =
+        topoplace(&["plan", "--cluster", cluster.to_str().expect("utf-8"), "--workload", workload, "-o", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let placements = json["placements"].as_array().expect("placements[]");
+    let small = placements.iter().find(|p| p["gang"] == "llama-7b").expect("7B placed");
+    assert_eq!(small["product"], "H100-SXM5 MIG 2g.20gb");
+    assert_eq!(small["members"][0]["node"], "h100-mig");
+    let big = placements.iter().find(|p| p["gang"] == "llama-70b").expect("70B placed");
+    assert_eq!(big["members"][0]["node"], "h100-0");
+    // With the whole H100 taken, the 70B model is refused, with the MIG node's reason.
+    let taken = text.replace("count: 8}\n", "count: 8}\n    allocated: [0, 1, 2, 3, 4, 5, 6, 7]\n");
+    assert_ne!(taken, text);
+    let full = temp_file("mig-full.yaml", &taken);
+    let output = topoplace(&["plan", "--cluster", full.to_str().expect("utf-8"), "--workload", workload, "--explain"]);
+    let text = stdout(&output);
+    assert!(
+        text.contains("its GPUs are MIG slices, which take members of one GPU without tensor parallelism"),
+        "{text}"
+    );
+    assert!(text.contains("NOT PLACED"), "{text}");
 }

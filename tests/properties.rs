@@ -18,7 +18,7 @@ use topoplace_engine::topology::graph::nvlink_connected;
 use topoplace_engine::topology::{product, Cluster, ClusterSpec, HostId, NodeSpec, NvlinkLayout};
 use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed, Replica, Role, Scope, Slicing};
 
-/// (product, GPUs per host, NVLink override)
+/// (product, GPUs per host, NVLink override or `mig`: the GPUs are MIG 3g.20gb devices)
 const HOST_KINDS: &[(&str, u8, Option<&str>)] = &[
     ("H100", 8, None),
     ("V100-SXM2-16GB", 8, None),
@@ -27,6 +27,7 @@ const HOST_KINDS: &[(&str, u8, Option<&str>)] = &[
     ("GB200", 4, None),
     ("A100-PCIE-40GB", 4, Some("groups")),
     ("H200", 8, None),
+    ("A100-SXM4-40GB", 14, Some("mig")),
 ];
 
 #[derive(Debug, Clone)]
@@ -62,10 +63,11 @@ fn build_cluster(draws: &[HostDraw]) -> Cluster {
                 labels,
                 product: product::lookup(name).expect("known"),
                 gpu_count: count,
-                memory_mib: None,
-                nvlink: nvlink.map(|_| NvlinkLayout::Groups(vec![vec![0, 1], vec![2, 3]])),
+                memory_mib: (nvlink == Some("mig")).then_some(19_968),
+                nvlink: (nvlink == Some("groups")).then(|| NvlinkLayout::Groups(vec![vec![0, 1], vec![2, 3]])),
                 clique: (name == "GB200").then(|| format!("clique-{}-{}", draw.spine, draw.rack)),
                 allocated: mask_indices(allocated),
+                mig_profile: (nvlink == Some("mig")).then(|| "3g.20gb".to_string()),
             }
         })
         .collect();
@@ -113,6 +115,9 @@ fn check_constraints(cluster: &Cluster, free_before: &[u64], gang: &Gang, placem
         assert_eq!(member.gpus.count_ones(), gang.gpus_per_member, "member GPU count");
         assert_eq!(host.product, product, "one product per gang");
         assert!(host.memory_mib >= gang.memory_floor_mib, "memory floor");
+        if host.mig_profile.is_some() {
+            assert!(gang.gpus_per_member == 1 && gang.tensor_parallel == 1, "MIG devices take one-GPU members only");
+        }
         assert_eq!(member.gpus & !free_before[member.host as usize], 0, "GPUs were free");
         let used = seen.entry(member.host).or_insert(0);
         assert_eq!(*used & member.gpus, 0, "a GPU given to two members");
@@ -297,7 +302,10 @@ proptest! {
         let cluster = build_cluster(&draws);
         let ledger = Ledger::new(&cluster);
         let gang = make_gang(1, gpus, 0, 0, 0);
-        let fits_somewhere = (0..cluster.hosts.len() as HostId).any(|h| ledger.free(h).count_ones() >= gpus);
+        // A MIG host takes members of one GPU only.
+        let fits_somewhere = (0..cluster.hosts.len() as HostId).any(|h| {
+            ledger.free(h).count_ones() >= gpus && (gpus == 1 || cluster.host(h).mig_profile.is_none())
+        });
         let placed = Planner::new(&cluster, PlannerConfig::default()).place(&ledger, &gang);
         prop_assert_eq!(placed.is_ok(), fits_somewhere);
     }

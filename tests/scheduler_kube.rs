@@ -730,8 +730,8 @@ async fn preemption_spares_a_pod_whose_budget_allows_no_disruption() {
 
 /// Issue 22's node facts in the secondary scheduler: a TP-2 pod on L40S nodes (no NVLink) is
 /// bound on one socket; a GPU the device plugin withdrew (allocatable 7 of 8) is never given;
-/// a node of a product the table lacks is planned from its memory label; a node of MIG slices
-/// is left out of the view.
+/// a node of a product the table lacks is planned from its memory label; a 7B model goes to a
+/// MIG 2g.20gb device, and a TP-2 pod never does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pcie_tensor_parallelism_withdrawn_gpus_and_unknown_products() {
     let node = |name: &str, product: &str, count: &str, allocatable: &str, memory: Option<&str>| {
@@ -748,7 +748,7 @@ async fn pcie_tensor_parallelism_withdrawn_gpus_and_unknown_products() {
         node("l40s-0", "NVIDIA-L40S", "8", "7", None),
         node("l40s-1", "NVIDIA-L40S", "8", "8", None),
         node("new-0", "NVIDIA-RTX-PRO-6000-Kube-Test", "4", "4", Some("97887")),
-        node("mig-0", "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb", "56", "56", Some("4864")),
+        node("mig-0", "NVIDIA-H100-80GB-HBM3-MIG-2g.20gb", "24", "24", Some("19968")),
     ];
     let (api, server) = api_with(nodes).await;
     let replica = Replica::start(&server.base, None, test_config()).await;
@@ -756,6 +756,8 @@ async fn pcie_tensor_parallelism_withdrawn_gpus_and_unknown_products() {
         pod["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": node});
         pod
     };
+    // GPUs 0-2 of l40s-1 are taken: the lowest free pair (3, 4) spans the sockets.
+    api.add_pod(scheduler_pod("ml", "busy", 3, None, "1"), Some("l40s-1"), Some("0,1,2"));
     let mut tp2 = scheduler_pod("ml", "tp2", 2, None, "1");
     tp2["metadata"]["annotations"] =
         json!({"topoplace.io/tensor-parallel": "2", "topoplace.io/min-gpu-memory": "40Gi"});
@@ -766,13 +768,18 @@ async fn pcie_tensor_parallelism_withdrawn_gpus_and_unknown_products() {
     for index in 0..8 {
         api.add_pod(on(scheduler_pod("ml", &format!("fill-{index}"), 1, None, "1"), "l40s-0"), None, None);
     }
-    api.add_pod(on(scheduler_pod("ml", "sliced", 1, None, "1"), "mig-0"), None, None);
+    let mut small = scheduler_pod("ml", "llama-7b", 1, None, "1");
+    small["metadata"]["annotations"] = json!({"topoplace.io/model-params": "7B", "topoplace.io/model-dtype": "bf16"});
+    api.add_pod(small, None, None);
+    let mut sliced_tp2 = scheduler_pod("ml", "sliced-tp2", 2, None, "1");
+    sliced_tp2["metadata"]["annotations"] = json!({"topoplace.io/tensor-parallel": "2"});
+    api.add_pod(on(sliced_tp2, "mig-0"), None, None);
 
-    eventually("tp2, big and seven fill pods bound", || api.bound_pods().len() == 9).await;
+    eventually("busy, tp2, big, llama-7b and seven fill pods bound", || api.bound_pods().len() == 11).await;
     assert_eq!(api.pod_node("ml", "tp2").as_deref(), Some("l40s-1"));
     let gpus = api.pod_annotation("ml", "tp2", "topoplace.io/gpus").expect("GPUs recorded");
-    let gpus: Vec<u8> = gpus.split(',').filter_map(|g| g.parse().ok()).collect();
-    assert!(gpus.len() == 2 && (gpus.iter().all(|&g| g < 4) || gpus.iter().all(|&g| g >= 4)), "one socket: {gpus:?}");
+    assert_eq!(gpus, "4,5", "one socket, not the lowest free pair");
+    assert_eq!(api.pod_node("ml", "llama-7b").as_deref(), Some("mig-0"), "the MIG device fits it best");
     assert_eq!(api.pod_node("ml", "big").as_deref(), Some("new-0"), "planned from its memory label");
     let fill_bound = (0..8).filter(|i| api.pod_node("ml", &format!("fill-{i}")).is_some()).count();
     assert_eq!(fill_bound, 7, "the withdrawn GPU is never given");
@@ -781,10 +788,10 @@ async fn pcie_tensor_parallelism_withdrawn_gpus_and_unknown_products() {
             assert!(gpus.parse::<u8>().is_ok_and(|g| g < 7), "fill-{index} got GPU {gpus}");
         }
     }
-    eventually("the MIG node's pod marked unschedulable", || {
-        api.pod("ml", "sliced").and_then(|p| condition(&p)).is_some_and(|(status, _, _)| status == "False")
+    eventually("the TP-2 pod on the MIG node marked unschedulable", || {
+        api.pod("ml", "sliced-tp2").and_then(|p| condition(&p)).is_some_and(|(status, _, _)| status == "False")
     })
     .await;
-    assert_eq!(api.pod_node("ml", "sliced"), None);
+    assert_eq!(api.pod_node("ml", "sliced-tp2"), None);
     finish(&api, replica, Some(server)).await;
 }

@@ -24,6 +24,7 @@ pub fn cluster(hosts: usize) -> Cluster {
             clique: None,
             // A used cluster: every third host has some GPUs taken.
             allocated: if i % 3 == 0 { (0..(i % 7) as u8).collect() } else { Vec::new() },
+            mig_profile: None,
         })
         .collect();
     Cluster::build(ClusterSpec {

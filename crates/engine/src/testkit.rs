@@ -15,5 +15,6 @@ pub fn node(name: &str, product: &str, count: u8, labels: &[(&str, &str)]) -> No
         nvlink: None,
         clique: None,
         allocated: Vec::new(),
+        mig_profile: None,
     }
 }

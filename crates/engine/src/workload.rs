@@ -719,7 +719,8 @@ pub struct SizingRow {
     pub hosts_in_cluster: usize,
     /// The fewest GPUs whose memory holds weights, KV cache and overhead.
     pub min_gpus: u64,
-    /// A practical layout: TP a power of two inside a host's NVLink, PP across hosts.
+    /// A practical layout: TP a power of two inside a host (over NVLink where the product has
+    /// it, else PCIe), PP across hosts.
     pub tensor_parallel: u64,
     pub pipeline_parallel: u64,
     pub per_gpu_need_mib: u64,
@@ -747,21 +748,23 @@ fn size_on_product(model: &ModelSpec, cluster: &Cluster, product: ProductId) -> 
     let min_gpus = (bytes_total / memory_bytes).ceil().max(1.0) as u64;
     let host_gpus = u64::from(gpus_per_host);
     let has_nvlink = product.get().nvlink_gbps > 0;
+    // TP inside a host (over PCIe where the product has no NVLink, as vLLM runs it), PP across.
     let (tp, pp) = if min_gpus <= host_gpus {
         (min_gpus.next_power_of_two().min(host_gpus), 1)
     } else {
-        let tp = if has_nvlink { host_gpus.next_power_of_two().min(host_gpus) } else { 1 };
+        let tp = host_gpus.next_power_of_two().min(host_gpus);
         (tp, min_gpus.div_ceil(tp))
     };
     let gpus = tp * pp;
     let per_gpu = crate::quantity::bytes_to_mib_ceil(model.per_gpu_bytes(gpus));
-    let note = if tp > 1 && !has_nvlink {
-        format!("{} has no NVLink: tensor parallelism over PCIe only", product.get().name)
-    } else if pp > 1 {
-        format!("spans {} hosts per replica", gpus.div_ceil(host_gpus))
-    } else {
-        String::new()
-    };
+    let mut notes = Vec::new();
+    if tp > 1 && !has_nvlink {
+        notes.push(format!("{} has no NVLink: tensor parallelism over PCIe", product.get().name));
+    }
+    if pp > 1 {
+        notes.push(format!("spans {} hosts per replica", gpus.div_ceil(host_gpus)));
+    }
+    let note = notes.join("; ");
     SizingRow {
         product: product.get().name.to_string(),
         gpu_memory_mib: memory,

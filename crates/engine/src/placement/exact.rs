@@ -676,7 +676,7 @@ impl Planner<'_> {
         // Rack room: per shape, the whole free hosts of each rack the candidates touch.
         let mut racks: BTreeMap<Option<u32>, Vec<HostId>> = BTreeMap::new();
         for &host in hosts {
-            if ledger.used(host) == 0 {
+            if ledger.used(host) == 0 && cluster.host(host).whole_host_slot() {
                 racks.entry(cluster.host(host).domain_path.last().copied()).or_default().push(host);
             }
         }
@@ -748,7 +748,9 @@ impl Planner<'_> {
                                 let after = self.chooser.unit_count(host, free & !mask, unit);
                                 f64::from(before.saturating_sub(after)) * f64::from(unit.unit_gpus)
                             }
-                            FreeShape::WholeHost if ledger.used(host_id) == 0 => f64::from(host.gpu_count),
+                            FreeShape::WholeHost if ledger.used(host_id) == 0 && host.whole_host_slot() => {
+                                f64::from(host.gpu_count)
+                            }
                             _ => 0.0,
                         })
                         .collect();
@@ -759,7 +761,7 @@ impl Planner<'_> {
                         mask,
                         connectivity_weighted: 0.5 * quality_weighted + 0.5 * remaining,
                         lost,
-                        breaks_whole_host: ledger.used(host_id) == 0,
+                        breaks_whole_host: ledger.used(host_id) == 0 && host.whole_host_slot(),
                         interchangeable: super::gpus::links_are_uniform(host, unit_shape),
                     });
                 }

@@ -24,7 +24,8 @@ const SEARCH_GPUS_MAX: u32 = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct UnitShape {
     pub unit_gpus: u32,
-    /// GPUs per tensor-parallel group; 1 when no NVLink is needed.
+    /// GPUs per tensor-parallel group, NVLink-connected where the host can
+    /// ([`UnitShape::on_host`]); 1 without tensor parallelism.
     pub atom: u32,
 }
 
@@ -102,21 +103,29 @@ pub fn set_quality(host: &Host, set: GpuMask) -> f64 {
     f64::from(worst) / f64::from(best)
 }
 
-/// What a tensor-parallel group that runs over PCIe ([`UnitShape::on_host`]) is worth against
-/// one on NVLink, before its own weakest link: NVLink moves a group's all-reduce several times
-/// faster (900 GB/s against 64 to 128 GB/s per GPU), so a host whose NVLink holds the group
-/// beats one where it spans PCIe on connectivity, and one socket still beats two.
+/// The factor on a tensor-parallel group that runs over PCIe ([`UnitShape::on_host`]): its
+/// weakest link against the host's best pair, halved. NVLink moves a group's all-reduce several
+/// times faster (900 GB/s against 64 to 128 GB/s per GPU), so on a PCIe-only host a group on
+/// one socket scores 0.5 and one across sockets less; on bridged pairs a group spanning pairs
+/// scores far below a pair. Like every connectivity figure it is relative to the host's own
+/// best pair, so across products it orders hosts only roughly.
 pub const PCIE_GROUP_QUALITY: f64 = 0.5;
 
 /// Quality of a chosen unit in 0..=1: its weakest tensor-parallel group (or, without tensor
 /// parallelism, the weakest pair of the unit's GPUs), against the host's best pair; a
-/// tensor-parallel group over PCIe counts [`PCIE_GROUP_QUALITY`] of that.
+/// tensor-parallel group over PCIe counts [`PCIE_GROUP_QUALITY`] of that, its groups taken
+/// as the unit's GPUs in index order (socket by socket).
 pub fn unit_quality(host: &Host, unit: &ChosenUnit, shape: UnitShape) -> f64 {
     let on_host = shape.on_host(host);
     if on_host.atom >= 2 {
         unit.atoms.iter().map(|&atom| set_quality(host, atom)).fold(1.0, f64::min)
     } else if shape.atom >= 2 {
-        PCIE_GROUP_QUALITY * set_quality(host, unit.gpus())
+        let gpus: Vec<u8> = bits(unit.gpus()).collect();
+        let weakest = gpus
+            .chunks(shape.atom as usize)
+            .map(|group| set_quality(host, group.iter().fold(0, |mask, &gpu| mask | (1u64 << gpu))))
+            .fold(1.0, f64::min);
+        PCIE_GROUP_QUALITY * weakest
     } else {
         set_quality(host, unit.gpus())
     }
@@ -179,6 +188,10 @@ impl GpuChooser {
     /// How many disjoint units of `shape` fit in `free`.
     pub fn unit_count(&mut self, host: &Host, free: GpuMask, shape: UnitShape) -> u32 {
         if shape.unit_gpus == 0 || shape.unit_gpus > u32::from(host.gpu_count) {
+            return 0;
+        }
+        // A MIG device is all a CUDA process sees: no unit of several on such a host.
+        if host.mig_profile.is_some() && shape.unit_gpus > 1 {
             return 0;
         }
         let shape = shape.on_host(host);

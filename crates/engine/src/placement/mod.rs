@@ -202,6 +202,9 @@ impl BatchPlan {
 pub enum HostRejection {
     MemoryTooSmall,
     NoNvlink,
+    /// The host's GPUs are MIG devices and the gang's members need more than one GPU, or
+    /// tensor parallelism (a CUDA process sees one MIG device).
+    MigSlice,
     UnitLargerThanHost,
     NotEnoughFree,
     FreeNotConnected,
@@ -228,6 +231,11 @@ impl HostRejection {
             HostRejection::NoNvlink => format!(
                 "{product}: NVLink cannot connect a tensor-parallel group of {} here, and the gang requires nvlink",
                 gang.tensor_parallel
+            ),
+            HostRejection::MigSlice => format!(
+                "{product}: its GPUs are MIG slices, which take members of one GPU without tensor parallelism \
+                 (members of {} GPUs, tensorParallel {})",
+                gang.gpus_per_member, gang.tensor_parallel
             ),
             HostRejection::UnitLargerThanHost => format!(
                 "{product}: a tensor-parallel group of {} GPUs is larger than the host and the host is in no NVLink clique",
@@ -1083,6 +1091,9 @@ impl<'c> Planner<'c> {
         member_shape: UnitShape,
     ) -> Result<(u32, bool), HostRejection> {
         let host = self.cluster.host(host_id);
+        if host.mig_profile.is_some() && (gang.gpus_per_member > 1 || gang.tensor_parallel > 1) {
+            return Err(HostRejection::MigSlice);
+        }
         if host.memory_mib < gang.memory_floor_mib {
             return Err(HostRejection::MemoryTooSmall);
         }

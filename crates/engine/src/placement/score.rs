@@ -99,8 +99,8 @@ pub struct WeightedShape {
     pub weight: f64,
 }
 
-/// Shapes used when no workload mix is known: whole hosts, NVLink quads, single GPUs and
-/// room for a two-host replica in one rack.
+/// Shapes used when no workload mix is known: whole hosts, TP-4 quads (NVLink-connected where
+/// the host's NVLink can hold four), single GPUs and room for a two-host replica in one rack.
 pub fn default_shapes() -> Vec<WeightedShape> {
     vec![
         WeightedShape { shape: FreeShape::WholeHost, weight: 1.0 },
@@ -267,14 +267,15 @@ impl WholeFreeIndex {
         let mut per_leaf_domain = vec![0; leaf_domains];
         let mut cluster_total = 0;
         for (index, host) in cluster.hosts.iter().enumerate() {
-            if ledger.used(index as HostId) == 0 {
+            if ledger.used(index as HostId) == 0 && host.whole_host_slot() {
                 cluster_total += 1;
                 if let Some(&leaf) = host.domain_path.last() {
                     per_leaf_domain[leaf as usize] += 1;
                 }
             }
         }
-        let host_gpus_max = cluster.hosts.iter().map(|h| u32::from(h.gpu_count)).max().unwrap_or(1);
+        let host_gpus_max =
+            cluster.hosts.iter().filter(|h| h.whole_host_slot()).map(|h| u32::from(h.gpu_count)).max().unwrap_or(1);
         WholeFreeIndex { per_leaf_domain, cluster_total, host_gpus_max }
     }
 }
@@ -309,7 +310,9 @@ pub fn fragmentation(
                 .sum(),
             FreeShape::WholeHost => taken
                 .iter()
-                .filter(|&&(host_id, mask)| mask != 0 && ledger.used(host_id) == 0)
+                .filter(|&&(host_id, mask)| {
+                    mask != 0 && ledger.used(host_id) == 0 && cluster.host(host_id).whole_host_slot()
+                })
                 .map(|&(host_id, _)| u64::from(cluster.host(host_id).gpu_count))
                 .sum(),
             FreeShape::RackRoom { hosts } => rack_room_lost(cluster, ledger, whole_free, taken, hosts),
@@ -351,7 +354,7 @@ fn rack_room_lost(
     // Whole free hosts broken per innermost domain (or per cluster without levels).
     let mut broken: Vec<(Option<u32>, u32)> = Vec::new();
     for &(host_id, mask) in taken {
-        if mask == 0 || ledger.used(host_id) != 0 {
+        if mask == 0 || ledger.used(host_id) != 0 || !cluster.host(host_id).whole_host_slot() {
             continue;
         }
         let leaf = cluster.host(host_id).domain_path.last().copied();

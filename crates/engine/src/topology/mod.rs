@@ -57,7 +57,15 @@ pub struct NodeSpec {
     pub clique: Option<String>,
     /// GPU indices already in use.
     pub allocated: Vec<u8>,
+    /// The node's GPUs are MIG devices of this profile (`2g.20gb`; GPU Feature Discovery's
+    /// single MIG strategy, where `nvidia.com/gpu` is one MIG device): `gpu_count` counts
+    /// devices and `memory_mib` is one device's. They have no NVLink, and each takes a member
+    /// of one GPU without tensor parallelism only.
+    pub mig_profile: Option<String>,
 }
+
+/// The longest MIG profile name accepted (NVIDIA's are like `1g.10gb+me`, `4g.71gb`).
+pub const MIG_PROFILE_BYTES_MAX: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ClusterSpec {
@@ -87,6 +95,13 @@ pub enum TopologyError {
     Memory { node: String },
     #[error("node `{node}`: name must not be empty")]
     EmptyName { node: String },
+    #[error(
+        "node `{node}`: MIG profile `{profile}` is not a profile name (like 2g.20gb; at most {MIG_PROFILE_BYTES_MAX} \
+         letters, digits, `.`, `+` and `-`)"
+    )]
+    MigProfile { node: String, profile: String },
+    #[error("node `{node}`: {field} is set, but the node's GPUs are MIG devices ({profile})")]
+    MigWith { node: String, profile: String, field: &'static str },
     #[error("levels: `{level}` is listed twice")]
     DuplicateLevel { level: String },
     #[error("levels: at most {LEVELS_MAX} levels, got {count}")]
@@ -115,6 +130,15 @@ pub struct HostLinks {
     pub numa_masks: Vec<GpuMask>,
 }
 
+impl Host {
+    /// Whether this host, all free, is a whole-host slot for the fragmentation shapes (whole
+    /// hosts, rack room): not when its GPUs are MIG devices, which take single-GPU members
+    /// only.
+    pub fn whole_host_slot(&self) -> bool {
+        self.mig_profile.is_none()
+    }
+}
+
 impl HostLinks {
     pub fn bandwidth(&self, gpu_count: u8, a: u8, b: u8) -> u32 {
         self.bandwidth_gbps[usize::from(a) * usize::from(gpu_count) + usize::from(b)]
@@ -135,6 +159,8 @@ pub struct Host {
     /// Index into [`Cluster::cliques`].
     pub clique: Option<u32>,
     pub nic_count: u8,
+    /// The host's GPUs are MIG devices of this profile ([`NodeSpec::mig_profile`]).
+    pub mig_profile: Option<String>,
 }
 
 impl Host {
@@ -325,14 +351,21 @@ fn build_hosts(nodes: Vec<NodeSpec>, domain_paths: &mut [Vec<u32>]) -> (Vec<Host
         if let Some(clique) = clique {
             cliques[clique as usize].hosts.push(host_index as HostId);
         }
-        let nvlink = node.nvlink.clone().unwrap_or(match product.fabric {
-            Fabric::NvSwitch | Fabric::MultiNodeNvlink => NvlinkLayout::All,
-            Fabric::BridgePairs => NvlinkLayout::Pairs,
-            Fabric::HybridCubeMesh => NvlinkLayout::HybridCubeMesh,
-            Fabric::PcieOnly | Fabric::Unknown => NvlinkLayout::None,
-        });
+        let nvlink = if node.mig_profile.is_some() {
+            NvlinkLayout::None
+        } else {
+            node.nvlink.clone().unwrap_or(match product.fabric {
+                Fabric::NvSwitch | Fabric::MultiNodeNvlink => NvlinkLayout::All,
+                Fabric::BridgePairs => NvlinkLayout::Pairs,
+                Fabric::HybridCubeMesh => NvlinkLayout::HybridCubeMesh,
+                Fabric::PcieOnly | Fabric::Unknown => NvlinkLayout::None,
+            })
+        };
         initially_used.push(node.allocated.iter().fold(0u64, |mask, &gpu| mask | (1 << gpu)));
         let nic_count = match product.fabric {
+            // MIG devices share their GPUs' NICs; how many GPUs they were cut from is not
+            // known, so at most one NIC per device up to a full host's eight.
+            _ if node.mig_profile.is_some() => node.gpu_count.min(8),
             Fabric::NvSwitch | Fabric::MultiNodeNvlink => node.gpu_count,
             _ => node.gpu_count.div_ceil(2),
         };
@@ -354,6 +387,7 @@ fn build_hosts(nodes: Vec<NodeSpec>, domain_paths: &mut [Vec<u32>]) -> (Vec<Host
             domain_path: std::mem::take(&mut domain_paths[host_index]),
             clique,
             nic_count,
+            mig_profile: node.mig_profile,
         });
     }
     (hosts, cliques, initially_used)
@@ -405,6 +439,21 @@ pub fn validate_node(node: &NodeSpec) -> Result<(), TopologyError> {
             return Err(TopologyError::AllocatedTwice { node: name(), index });
         }
         seen |= 1 << index;
+    }
+    if let Some(profile) = &node.mig_profile {
+        let valid = !profile.is_empty()
+            && profile.len() <= MIG_PROFILE_BYTES_MAX
+            && profile.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+        if !valid {
+            return Err(TopologyError::MigProfile { node: name(), profile: profile.clone() });
+        }
+        let with = |field| Err(TopologyError::MigWith { node: name(), profile: profile.clone(), field });
+        if !matches!(node.nvlink, None | Some(NvlinkLayout::None)) {
+            return with("gpu.nvlink");
+        }
+        if node.clique.is_some() {
+            return with("gpu.clique");
+        }
     }
     let nvlink_error = |detail: String| TopologyError::Nvlink { node: name(), detail };
     match &node.nvlink {

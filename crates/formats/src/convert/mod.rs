@@ -102,6 +102,7 @@ pub fn lingjun(file: &str, text: &str, product_name: &str, gpus_per_host: u8) ->
             nvlink: None,
             clique: None,
             allocated: Vec::new(),
+            mig_profile: None,
         })
         .collect();
     Ok(ClusterSpec {

@@ -83,7 +83,15 @@ pub struct GpuEntry {
     pub nvlink: Option<NvlinkField>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clique: Option<String>,
+    /// The GPUs are MIG devices of this profile (GFD's single strategy, e.g. `2g.20gb`):
+    /// `count` counts devices and `memory` (then required) is one device's. GFD's product
+    /// form `NVIDIA-H100-80GB-HBM3-MIG-2g.20gb` says the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig: Option<String>,
 }
+
+/// GFD's infix between a product and its MIG profile under the single strategy.
+const MIG_INFIX: &str = "-MIG-";
 
 /// A product name looked up in the table while parsing: `None` for a product the table
 /// lacks, which the node's `gpu.memory` must then describe ([`GpuEntry`]).
@@ -179,17 +187,40 @@ impl GpuEntry {
     /// The entry's product: the table's, or for a product the table lacks, one planned from
     /// this entry's `memory` with no NVLink assumed ([`product::register_unknown`]), never
     /// from another entry's. Errors name what to write instead.
-    fn resolve(&self) -> Result<ProductId, String> {
-        let ProductName(name, id) = &self.product;
-        match (id, &self.memory) {
-            (Some(id), _) if !id.is_unknown() => Ok(*id),
+    fn resolve(&self) -> Result<(ProductId, Option<String>), String> {
+        let ProductName(written, id) = &self.product;
+        let infix = written.to_ascii_uppercase().find(MIG_INFIX);
+        let (name, mig) = match (infix, &self.mig) {
+            (Some(_), Some(_)) => {
+                return Err(format!("`{written}` names a MIG profile, and so does gpu.mig: give one"))
+            }
+            (Some(at), None) => (&written[..at], Some(written[at + MIG_INFIX.len()..].to_string())),
+            (None, mig) => (written.as_str(), mig.clone()),
+        };
+        let id = if mig.is_some() { product::lookup(name) } else { *id };
+        if mig.is_some() {
+            if self.memory.is_none() {
+                return Err("the GPUs are MIG devices: give gpu.memory, one device's memory".into());
+            }
+            return match id {
+                Some(id) if !id.is_unknown() => Ok((id, mig)),
+                _ => Err(format!(
+                    "MIG devices of `{name}`, which is not a known GPU product: MIG devices are planned only for \
+                     products of the table ({})",
+                    product::known_names().join(", ")
+                )),
+            };
+        }
+        let id = match (id, &self.memory) {
+            (Some(id), _) if !id.is_unknown() => Ok(id),
             (_, Some(memory)) => product::register_unknown(name, memory.mib()).map_err(|e| e.to_string()),
             (_, None) => Err(format!(
                 "unknown GPU product `{name}`: give gpu.memory to plan it (no NVLink assumed), or use a known product \
                  ({}; GFD names such as NVIDIA-H100-80GB-HBM3 work too)",
                 product::known_names().join(", ")
             )),
-        }
+        }?;
+        Ok((id, None))
     }
 }
 
@@ -204,7 +235,7 @@ fn node_spec(
     name: String,
     labels: BTreeMap<String, String>,
     gpu: &GpuEntry,
-    product: ProductId,
+    (product, mig_profile): (ProductId, Option<String>),
     allocated: Vec<u8>,
 ) -> NodeSpec {
     NodeSpec {
@@ -216,6 +247,7 @@ fn node_spec(
         nvlink: gpu.nvlink.as_ref().map(NvlinkField::layout),
         clique: gpu.clique.clone(),
         allocated,
+        mig_profile,
     }
 }
 
@@ -304,7 +336,7 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
             FileError::at_line(file, product_line(text, group_line), format!("{where_}.gpu.product: {message}"))
         })?;
         for name in names {
-            nodes.push(node_spec(name, group.labels.clone(), &group.gpu, product, group.allocated.clone()));
+            nodes.push(node_spec(name, group.labels.clone(), &group.gpu, product.clone(), group.allocated.clone()));
             origins.push(group_line);
         }
     }
@@ -334,6 +366,8 @@ pub fn locate(file: &str, text: &str, error: &TopologyError) -> FileError {
         | TopologyError::Nvlink { node, .. }
         | TopologyError::CliqueWithoutFabric { node, .. }
         | TopologyError::Memory { node }
+        | TopologyError::MigProfile { node, .. }
+        | TopologyError::MigWith { node, .. }
         | TopologyError::EmptyName { node } => Some(node),
         _ => None,
     };
@@ -370,6 +404,7 @@ pub fn render(spec: &ClusterSpec) -> Result<String, serde_yaml_ng::Error> {
                 NvlinkLayout::Groups(groups) => NvlinkField::Groups(groups.clone()),
             }),
             clique: node.clique.clone(),
+            mig: node.mig_profile.clone(),
         };
         let same = |group: &NodeGroupEntry| {
             group.labels == node.labels
@@ -433,6 +468,36 @@ mod tests {
         // Another node of the same product still needs its own memory.
         let message = error_of("spec:\n  nodes:\n  - name: b\n    gpu: {product: NVIDIA-Test-File-GPU, count: 4}\n");
         assert!(message.contains("unknown GPU product `NVIDIA-Test-File-GPU`: give gpu.memory"), "{message}");
+    }
+
+    #[test]
+    fn mig_devices_are_written_as_gfd_does_or_with_gpu_mig() {
+        let text = format!(
+            "{HEADER}spec:\n  nodes:\n  - name: a\n    gpu: {{product: H100, count: 24, mig: 2g.20gb, memory: 19968}}\n  - name: b\n    gpu: {{product: NVIDIA-H100-80GB-HBM3-MIG-2g.20gb, count: 24, memory: 19968}}\n"
+        );
+        let cluster = load("c.yaml", &text).expect("planned");
+        for host in &cluster.hosts {
+            assert_eq!(
+                (host.mig_profile.as_deref(), host.memory_mib, host.links.best_nvlink_gbps),
+                (Some("2g.20gb"), 19_968, 0)
+            );
+            assert_eq!(host.product.get().name, "H100-SXM5");
+        }
+        let rendered = render(&parse("c.yaml", &text).expect("parsed")).expect("rendered");
+        assert!(rendered.contains("mig: 2g.20gb"), "{rendered}");
+        let cases = [
+            ("gpu: {product: H100, count: 24, mig: 2g.20gb}", "give gpu.memory, one device's memory"),
+            ("gpu: {product: H100-MIG-2g.20gb, count: 24, mig: 2g.20gb, memory: 1}", "give one"),
+            ("gpu: {product: NVIDIA-New-MIG-1g.10gb, count: 7, memory: 9856}", "not a known GPU product"),
+            ("gpu: {product: H100, count: 24, mig: \"2g 20gb\", memory: 1}", "is not a profile name"),
+            ("gpu: {product: H100, count: 24, mig: 1g.10gb, memory: 1, nvlink: all}", "gpu.nvlink is set, but"),
+        ];
+        for (gpu, expected) in cases {
+            let message = error_of(&format!("spec:\n  nodes:\n  - name: a\n    {gpu}\n"));
+            // Product errors point at the `gpu` line, the node's own checks at its name.
+            let at_node = message.starts_with("c.yaml:6:") || message.starts_with("c.yaml:7:");
+            assert!(message.contains(expected) && at_node && message.contains("`a`"), "{gpu}: {message}");
+        }
     }
 
     #[test]

@@ -667,7 +667,7 @@ impl Book {
                     self.ledger_fault("holding a bound pod's GPUs", error);
                 }
             }
-            self.bound.insert(pod.uid.clone(), BoundPod { pod, node, gpus, gang, bound_at_ms: now_ms });
+            self.bound.insert(pod.uid.clone(), BoundPod { pod, node, gpus, recorded: gpus, gang, bound_at_ms: now_ms });
             self.stats.pods_bound += 1;
             self.stats.members_joined += u64::from(joined);
         }
@@ -756,7 +756,14 @@ impl Book {
         let node = self.cluster.host(slot.host).name.clone();
         self.bound.insert(
             uid.to_string(),
-            BoundPod { pod, node, gpus: slot.gpus, gang: Some(key.to_string()), bound_at_ms: now_ms },
+            BoundPod {
+                pod,
+                node,
+                gpus: slot.gpus,
+                recorded: slot.gpus,
+                gang: Some(key.to_string()),
+                bound_at_ms: now_ms,
+            },
         );
         self.stats.pods_bound += 1;
         self.stats.members_joined += 1;
@@ -820,7 +827,7 @@ impl Book {
         let node = self.cluster.host(at.host).name.clone();
         self.bound.insert(
             uid.to_string(),
-            BoundPod { pod, node, gpus: at.gpus, gang: Some(key.to_string()), bound_at_ms: now_ms },
+            BoundPod { pod, node, gpus: at.gpus, recorded: at.gpus, gang: Some(key.to_string()), bound_at_ms: now_ms },
         );
         self.stats.pods_bound += 1;
         BindFinish::Bound

@@ -580,7 +580,12 @@ impl GangReservation {
 struct BoundPod {
     pod: PodIdentity,
     node: String,
+    /// The GPUs held for it.
     gpus: GpuMask,
+    /// The GPUs its record names (`topoplace.io/gpus`, or what topoplace bound it on): the
+    /// same as `gpus` unless its node shrank below them ([`Book::held_on`]), and what it is
+    /// held on again once the node has them back.
+    recorded: GpuMask,
     gang: Option<String>,
     /// When topoplace bound it (0 for pods observed bound), for [`Book::forget_unlisted`].
     bound_at_ms: u64,

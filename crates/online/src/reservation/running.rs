@@ -212,7 +212,8 @@ impl Book {
         };
         let mut scopes = scopes;
         if gang.tensor_parallel > gang.gpus_per_member {
-            // Its tensor-parallel group spans members: it joins theirs over NVLink.
+            // Its tensor-parallel group spans members: it joins theirs on their host (over
+            // NVLink, or PCIe where the host has none) or in their NVLink clique.
             scopes.push(Scope::Nvlink);
         }
         let one = Gang {

@@ -1255,6 +1255,9 @@ fn a_pod_on_a_gpu_the_node_no_longer_has_stays_held() {
     assert_eq!(book.ledger().free_gpus(), 5, "both pods still hold a GPU each");
     assert_eq!(book.bound["low"].gpus, 0b1, "a record the node still has is kept");
     assert_eq!(book.bound["high"].gpus, 0b10, "moved to the lowest free GPU");
+    // The GPU comes back: the pod is held on what its record names again.
+    book.replace_cluster(with(8));
+    assert_eq!((book.bound["low"].gpus, book.bound["high"].gpus), (0b1, 1 << 7));
     // Seen after the change (a restart): the same.
     let mut book = Book::new(with(7), BookConfig::default());
     book.observe_bound(pod("high"), "n", Some(&[7]), 1, None).expect("observed");

@@ -20,12 +20,14 @@ impl Book {
         // GPUs never takes what another pod's record names.
         let mut bound: Vec<(String, BoundPod)> = bound.into_iter().collect();
         bound.sort_by_key(|(uid, pod)| {
-            let fits = self.cluster.host_id(&pod.node).is_some_and(|h| self.within_host(h, pod.gpus));
+            let fits = self.cluster.host_id(&pod.node).is_some_and(|h| self.within_host(h, pod.recorded));
             (!fits, uid.clone())
         });
         for (uid, pod) in bound {
             let Some(host) = self.cluster.host_id(&pod.node) else { continue };
-            let Some(gpus) = self.held_on(host, pod.gpus) else { continue };
+            // A node shrunk below what its pods hold (every GPU of it in use, one withdrawn):
+            // the pods the lowest free GPUs cannot hold are not counted until it grows back.
+            let Some(gpus) = self.held_on(host, pod.recorded) else { continue };
             if self.ledger.reserve(&pod_holder(&uid), &[(host, gpus)]).is_ok() {
                 self.bound.insert(uid, BoundPod { gpus, ..pod });
             }
@@ -159,7 +161,11 @@ impl Book {
         self.ledger
             .reserve(&pod_holder(&pod.uid), &[(host, mask)])
             .map_err(|source| BookError::Ledger { pod: pod.to_string(), source })?;
-        self.bound.insert(pod.uid.clone(), BoundPod { pod, node: node.to_string(), gpus: mask, gang, bound_at_ms: 0 });
+        let recorded = gpus.map_or(mask, indices_mask);
+        self.bound.insert(
+            pod.uid.clone(),
+            BoundPod { pod, node: node.to_string(), gpus: mask, recorded, gang, bound_at_ms: 0 },
+        );
         Ok(())
     }
 

@@ -643,9 +643,9 @@ struct ViewNode {
 fn apply_node(specs: &mut HashMap<String, ViewNode>, node: &Node) -> bool {
     let name = node.metadata.name.clone().unwrap_or_default();
     match node::node_spec(node) {
-        Ok(Some(node::GpuNode { spec, warnings })) => {
+        Ok(Some(node::GpuNode { spec, warnings, offers_none })) => {
             let facts = node::facts(node);
-            let viewed = ViewNode { spec, closed: !facts.ready || facts.unschedulable };
+            let viewed = ViewNode { spec, closed: !facts.ready || facts.unschedulable || offers_none };
             let changed = specs.insert(name.clone(), viewed.clone()).as_ref() != Some(&viewed);
             if changed {
                 for warning in &warnings {

@@ -6,11 +6,12 @@
 //! What the device plugin offers wins over what the labels count: a node whose allocatable
 //! `nvidia.com/gpu` is below its `nvidia.com/gpu.count` has GPUs the plugin withdrew
 //! (unhealthy, or MIG-enabled under the mixed strategy) and is planned with the allocatable
-//! count. A product missing from the table is planned from `nvidia.com/gpu.memory` with no
-//! NVLink assumed. Nodes whose GPUs are MIG slices (single strategy) or shared (time-slicing,
-//! MPS) are left out with that reason: this view plans whole GPUs only. Label names and their
-//! meaning are GPU Feature Discovery's (`internal/lm/resource.go`, `mig-strategy.go`) and the
-//! GPU Operator's GPU-sharing documentation.
+//! count (0: kept, closed, so its pods stay counted). A product missing from the table is
+//! planned from `nvidia.com/gpu.memory` with no NVLink assumed. Under the single MIG strategy
+//! (`<product>-MIG-<profile>`) the node's MIG devices are its GPUs, each taking a member of one
+//! GPU. Nodes whose GPUs are shared (time-slicing, MPS) are left out with that reason. Label
+//! names and their meaning are GPU Feature Discovery's (`internal/lm/resource.go`,
+//! `mig-strategy.go`) and the GPU Operator's GPU-sharing documentation.
 
 use std::collections::BTreeMap;
 
@@ -62,6 +63,10 @@ pub struct SkippedNode {
 pub struct GpuNode {
     pub spec: NodeSpec,
     pub warnings: Vec<String>,
+    /// The device plugin offers none of its GPUs now (allocatable `nvidia.com/gpu` 0): the
+    /// node stays in the view with its labelled GPUs, so the pods bound there stay counted,
+    /// but nothing new is planned on it (the caller closes it, as a cordoned node).
+    pub offers_none: bool,
 }
 
 /// The cluster spec of the GPU nodes among `nodes`, and the GPU nodes left out with why.
@@ -115,12 +120,12 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
     let Some(product_label) = labels.get(PRODUCT_LABEL) else {
         return Err(format!("has {count} GPUs but no {PRODUCT_LABEL} label"));
     };
-    if contains_ignoring_case(product_label, MIG_PRODUCT_INFIX) {
-        return Err(format!(
-            "its GPUs are MIG slices ({PRODUCT_LABEL} `{product_label}`, {MIG_STRATEGY_LABEL} single): \
-             this view plans whole GPUs only"
-        ));
-    }
+    // GFD's single MIG strategy: `<product>-MIG-<profile>`, the count and memory labels are
+    // the MIG devices'.
+    let (product_label, mig_profile) = match find_ignoring_case(product_label, MIG_PRODUCT_INFIX) {
+        Some(at) => (&product_label[..at], Some(product_label[at + MIG_PRODUCT_INFIX.len()..].to_string())),
+        None => (product_label.as_str(), None),
+    };
     let replicas = match labels.get(REPLICAS_LABEL) {
         Some(text) => text
             .trim()
@@ -140,16 +145,22 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
         ));
     }
     let mut warnings = Vec::new();
+    let mut offers_none = false;
     // The device plugin offers what the kubelet will admit: fewer than the label counts means
-    // GPUs it withdrew (unhealthy; or MIG-enabled under the mixed strategy).
+    // GPUs it withdrew (unhealthy; or MIG-enabled under the mixed strategy). Which ones is not
+    // published: the view keeps the lowest indices (pods recorded on others stay held,
+    // `Book::held_on`).
     let planned = match allocatable {
+        Some(0) => {
+            warnings.push(format!(
+                "the device plugin offers none of its {count} GPUs (status.allocatable {} is 0): closed, its bound \
+                 pods still counted",
+                super::pod::GPU_RESOURCE
+            ));
+            offers_none = true;
+            count
+        }
         Some(offered) if offered < count => {
-            if offered == 0 {
-                return Err(format!(
-                    "all {count} GPUs are withdrawn: status.allocatable {} is 0",
-                    super::pod::GPU_RESOURCE
-                ));
-            }
             let why = if labels.get(MIG_STRATEGY_LABEL).is_some_and(|s| s.trim() == "mixed") {
                 "MIG-enabled (mixed strategy) or unhealthy"
             } else {
@@ -173,8 +184,19 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
     };
     // A product the table lacks is planned from this node's own memory label, never from
     // another node's, so the view does not depend on the order nodes arrived in.
+    if mig_profile.is_some() && memory_mib.is_none() {
+        return Err(format!(
+            "its GPUs are MIG devices ({PRODUCT_LABEL} `{product_label}`) but {MEMORY_LABEL} is missing"
+        ));
+    }
     let product = match (product::lookup(product_name), memory_mib) {
         (Some(product), _) if !product.is_unknown() => product,
+        _ if mig_profile.is_some() => {
+            return Err(format!(
+                "its GPUs are MIG devices of `{product_name}`, which is not a known GPU product: MIG devices are \
+                 planned only for products of the table"
+            ))
+        }
         (_, Some(memory)) => {
             let product = product::register_unknown(product_name, memory).map_err(|e| e.to_string())?;
             warnings.push(format!(
@@ -190,11 +212,41 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
             ))
         }
     };
-    let nvlink = match annotations.get(NVLINK_GROUPS_ANNOTATION) {
+    let mut nvlink = match annotations.get(NVLINK_GROUPS_ANNOTATION) {
         Some(text) => Some(parse_groups(text).map_err(|e| format!("annotation {NVLINK_GROUPS_ANNOTATION}: {e}"))?),
         None => None,
     };
-    let clique = labels.get(CLIQUE_LABEL).or_else(|| labels.get(TOPOGRAPH_ACCELERATOR_LABEL)).cloned();
+    let mut clique = labels.get(CLIQUE_LABEL).or_else(|| labels.get(TOPOGRAPH_ACCELERATOR_LABEL)).cloned();
+    // Links the view cannot use are dropped with a warning rather than the whole node: the
+    // NVLink of a product missing from the table (its bandwidth is unknown) or of MIG devices
+    // (they have none), and groups naming GPUs the device plugin withdrew.
+    let unlinked = if mig_profile.is_some() {
+        Some("its GPUs are MIG devices")
+    } else if product.is_unknown() {
+        Some("the product's NVLink bandwidth is not known")
+    } else {
+        None
+    };
+    if let Some(why) = unlinked {
+        if nvlink.take().is_some() {
+            warnings.push(format!("annotation {NVLINK_GROUPS_ANNOTATION} ignored: {why}"));
+        }
+        if let Some(clique) = clique.take() {
+            warnings.push(format!("NVLink clique `{clique}` ignored: {why}"));
+        }
+    }
+    if let Some(NvlinkLayout::Groups(groups)) = &mut nvlink {
+        let before: usize = groups.iter().map(Vec::len).sum();
+        for group in groups.iter_mut() {
+            group.retain(|&gpu| u64::from(gpu) < planned);
+        }
+        groups.retain(|group| !group.is_empty());
+        if groups.iter().map(Vec::len).sum::<usize>() < before {
+            warnings.push(format!(
+                "annotation {NVLINK_GROUPS_ANNOTATION}: GPUs from {planned} on left out with the withdrawn GPUs"
+            ));
+        }
+    }
     let spec = NodeSpec {
         name,
         labels: labels.clone(),
@@ -204,9 +256,10 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
         nvlink,
         clique,
         allocated: Vec::new(),
+        mig_profile,
     };
     validate_node(&spec).map_err(|e| e.to_string())?;
-    Ok(Some(GpuNode { spec, warnings }))
+    Ok(Some(GpuNode { spec, warnings, offers_none }))
 }
 
 /// A GPU count as the API server writes an extended resource quantity: a whole number
@@ -216,8 +269,9 @@ fn whole_gpus(text: &str) -> Option<u64> {
     (milli >= 0 && milli % 1000 == 0).then_some((milli / 1000) as u64)
 }
 
-fn contains_ignoring_case(text: &str, part: &str) -> bool {
-    text.to_ascii_uppercase().contains(&part.to_ascii_uppercase())
+/// Where `part` starts in `text`, compared ignoring ASCII case.
+fn find_ignoring_case(text: &str, part: &str) -> Option<usize> {
+    text.to_ascii_uppercase().find(&part.to_ascii_uppercase())
 }
 
 /// `text` without the suffix `suffix` (compared ignoring ASCII case).
@@ -326,8 +380,10 @@ mod tests {
             let node = planned(&gpu_node(&[H100, (COUNT_LABEL, "8")], allocatable));
             assert_eq!((node.spec.gpu_count, node.warnings.len()), (8, 0), "{allocatable:?}");
         }
-        let error = node_spec(&gpu_node(&[H100, (COUNT_LABEL, "8")], Some("0"))).expect_err("nothing to plan");
-        assert!(error.contains("all 8 GPUs are withdrawn"), "{error}");
+        // None offered: kept closed with its labelled GPUs, so pods bound there stay counted.
+        let none = planned(&gpu_node(&[H100, (COUNT_LABEL, "8")], Some("0")));
+        assert!(none.offers_none && none.spec.gpu_count == 8, "{none:?}");
+        assert!(none.warnings[0].contains("offers none of its 8 GPUs"), "{:?}", none.warnings);
         let error = node_spec(&gpu_node(&[H100, (COUNT_LABEL, "8")], Some("7.5"))).expect_err("not whole");
         assert!(error.contains("status.allocatable nvidia.com/gpu `7.5` is not a whole number of GPUs"), "{error}");
     }
@@ -363,10 +419,41 @@ mod tests {
     }
 
     #[test]
-    fn mig_slices_and_shared_gpus_are_left_out_with_the_reason() {
+    fn groups_naming_withdrawn_gpus_and_links_the_view_cannot_use_are_dropped_not_the_node() {
+        let mut node = gpu_node(&[(PRODUCT_LABEL, "NVIDIA-A100-PCIE-40GB"), (COUNT_LABEL, "4")], Some("3"));
+        node.metadata.annotations = Some([(NVLINK_GROUPS_ANNOTATION.to_string(), "0,1;2,3".to_string())].into());
+        let grouped = planned(&node);
+        assert_eq!(grouped.spec.nvlink, Some(NvlinkLayout::Groups(vec![vec![0, 1], vec![2]])));
+        assert!(grouped.warnings.iter().any(|w| w.contains("GPUs from 3 on left out")), "{:?}", grouped.warnings);
+        // A product missing from the table in an NVLink clique (a rack-scale system newer than
+        // the table): planned without the clique, whose bandwidth is not known.
+        let labels = [
+            (PRODUCT_LABEL, "NVIDIA-GB300-Clique-Test"),
+            (COUNT_LABEL, "4"),
+            (MEMORY_LABEL, "284208"),
+            (CLIQUE_LABEL, "uuid.1"),
+        ];
+        let rack = planned(&gpu_node(&labels, Some("4")));
+        assert_eq!(rack.spec.clique, None);
+        assert!(rack.warnings.iter().any(|w| w.contains("NVLink clique `uuid.1` ignored")), "{:?}", rack.warnings);
+    }
+
+    #[test]
+    fn mig_devices_are_the_gpus_of_a_single_strategy_node() {
         let single = [(PRODUCT_LABEL, "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb"), (COUNT_LABEL, "56"), (MEMORY_LABEL, "4864")];
-        let error = node_spec(&gpu_node(&single, Some("56"))).expect_err("MIG");
-        assert!(error.contains("MIG slices"), "{error}");
+        let node = planned(&gpu_node(&single, Some("56")));
+        assert_eq!(node.spec.mig_profile.as_deref(), Some("1g.5gb"));
+        assert_eq!((node.spec.product.get().name, node.spec.gpu_count), ("A100-SXM4-40GB", 56));
+        assert_eq!(node.spec.memory_mib, Some(4864), "one device's memory");
+        let error = node_spec(&gpu_node(&single[..2], Some("56"))).expect_err("no memory");
+        assert!(error.contains("MIG devices") && error.contains("nvidia.com/gpu.memory is missing"), "{error}");
+        let unknown = [(PRODUCT_LABEL, "NVIDIA-Test-Parent-MIG-1g.10gb"), (COUNT_LABEL, "7"), (MEMORY_LABEL, "9856")];
+        let error = node_spec(&gpu_node(&unknown, Some("7"))).expect_err("unknown parent");
+        assert!(error.contains("not a known GPU product"), "{error}");
+    }
+
+    #[test]
+    fn shared_gpus_are_left_out_with_the_reason() {
         let renamed = [(PRODUCT_LABEL, "Tesla-T4-SHARED"), (COUNT_LABEL, "4"), (REPLICAS_LABEL, "4")];
         let error = node_spec(&gpu_node(&renamed, Some("16"))).expect_err("shared");
         assert!(error.contains("shared") && error.contains("nvidia.com/gpu.replicas 4"), "{error}");
