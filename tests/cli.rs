@@ -641,10 +641,26 @@ fn mig_devices_take_small_models_and_never_tensor_parallel_ones() {
     let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     let placements = json["placements"].as_array().expect("placements[]");
     let small = placements.iter().find(|p| p["gang"] == "llama-7b").expect("7B placed");
-    assert_eq!(small["product"], "H100-SXM5 MIG 2g.20gb");
+    assert_eq!(small["product"], "H100-SXM5-MIG-2g.20gb");
     assert_eq!(small["members"][0]["node"], "h100-mig");
     let big = placements.iter().find(|p| p["gang"] == "llama-70b").expect("70B placed");
     assert_eq!(big["members"][0]["node"], "h100-0");
+    // Sizing counts whole GPUs only: one 8-GPU H100 host, not 24 devices of 19.5 GiB.
+    let sizing = topoplace(&[
+        "plan",
+        "--cluster",
+        cluster.to_str().expect("utf-8"),
+        "--size-model",
+        "70B",
+        "--dtype",
+        "bf16",
+        "-o",
+        "json",
+    ]);
+    let sizing: serde_json::Value = serde_json::from_str(&stdout(&sizing)).expect("JSON");
+    let row = &sizing["products"][0];
+    assert_eq!((row["gpus_per_host"].as_u64(), row["hosts_in_cluster"].as_u64()), (Some(8), Some(1)), "{row}");
+    assert_eq!(row["tensor_parallel"], 2, "{row}");
     // With the whole H100 taken, the 70B model is refused, with the MIG node's reason.
     let taken = text.replace("count: 8}\n", "count: 8}\n    allocated: [0, 1, 2, 3, 4, 5, 6, 7]\n");
     assert_ne!(taken, text);

@@ -28,6 +28,7 @@ const HOST_KINDS: &[(&str, u8, Option<&str>)] = &[
     ("A100-PCIE-40GB", 4, Some("groups")),
     ("H200", 8, None),
     ("A100-SXM4-40GB", 14, Some("mig")),
+    ("A100-SXM4-40GB", 8, None),
 ];
 
 #[derive(Debug, Clone)]
@@ -61,7 +62,11 @@ fn build_cluster(draws: &[HostDraw]) -> Cluster {
             NodeSpec {
                 name: format!("n{index}"),
                 labels,
-                product: product::lookup(name).expect("known"),
+                product: match nvlink {
+                    Some("mig") => product::register_mig(product::lookup(name).expect("known"), "3g.20gb", 19_968)
+                        .expect("MIG devices"),
+                    _ => product::lookup(name).expect("known"),
+                },
                 gpu_count: count,
                 memory_mib: (nvlink == Some("mig")).then_some(19_968),
                 nvlink: (nvlink == Some("groups")).then(|| NvlinkLayout::Groups(vec![vec![0, 1], vec![2, 3]])),

@@ -793,5 +793,7 @@ async fn pcie_tensor_parallelism_withdrawn_gpus_and_unknown_products() {
     })
     .await;
     assert_eq!(api.pod_node("ml", "sliced-tp2"), None);
+    let (_, _, message) = api.pod("ml", "sliced-tp2").and_then(|p| condition(&p)).expect("condition");
+    assert!(message.contains("MIG slices"), "{message}");
     finish(&api, replica, Some(server)).await;
 }

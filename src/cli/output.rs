@@ -122,11 +122,7 @@ impl PlanReport {
             role: None,
             slice: None,
             region: None,
-            // MIG devices show their profile: `H100-SXM5 MIG 2g.20gb`.
-            product: match p.members.first().and_then(|m| cluster.host(m.host).mig_profile.as_deref()) {
-                Some(profile) => format!("{} MIG {profile}", p.product.get().name),
-                None => p.product.get().name.to_string(),
-            },
+            product: p.product.get().name.to_string(),
             scope: p.scope.clone(),
             memory_floor_mib: floor_of(&p.gang),
             members: p

@@ -14,7 +14,7 @@
 
 use thiserror::Error;
 
-use crate::topology::{Cluster, ProductId, HOST_GPUS_MAX};
+use crate::topology::{Cluster, Host, ProductId, HOST_GPUS_MAX};
 
 /// Members of one gang; larger gangs are rejected at the boundary.
 pub const GANG_MEMBERS_MAX: u32 = 4_096;
@@ -729,17 +729,21 @@ pub struct SizingRow {
     pub note: String,
 }
 
-/// Sizes a model against every product of the cluster.
+/// Sizes a model against every product of the cluster, on its whole GPUs (MIG devices take
+/// one-GPU members only, so they hold no layout of several).
 pub fn size_model(model: &ModelSpec, cluster: &Cluster) -> Vec<SizingRow> {
     let mut rows = Vec::new();
     for product in cluster.products() {
-        rows.push(size_on_product(model, cluster, product));
+        let hosts: Vec<&Host> =
+            cluster.hosts.iter().filter(|h| h.product == product && h.mig_profile.is_none()).collect();
+        if !hosts.is_empty() {
+            rows.push(size_on_product(model, &hosts, product));
+        }
     }
     rows
 }
 
-fn size_on_product(model: &ModelSpec, cluster: &Cluster, product: ProductId) -> SizingRow {
-    let hosts: Vec<_> = cluster.hosts.iter().filter(|h| h.product == product).collect();
+fn size_on_product(model: &ModelSpec, hosts: &[&Host], product: ProductId) -> SizingRow {
     let memory = hosts.iter().map(|h| h.memory_mib).min().unwrap_or(product.get().memory_mib);
     let gpus_per_host = hosts.iter().map(|h| u32::from(h.gpu_count)).max().unwrap_or(1);
     let total_gpus: u64 = hosts.iter().map(|h| u64::from(h.gpu_count)).sum();
@@ -748,12 +752,13 @@ fn size_on_product(model: &ModelSpec, cluster: &Cluster, product: ProductId) -> 
     let min_gpus = (bytes_total / memory_bytes).ceil().max(1.0) as u64;
     let host_gpus = u64::from(gpus_per_host);
     let has_nvlink = product.get().nvlink_gbps > 0;
-    // TP inside a host (over PCIe where the product has no NVLink, as vLLM runs it), PP across.
-    let (tp, pp) = if min_gpus <= host_gpus {
-        (min_gpus.next_power_of_two().min(host_gpus), 1)
+    // TP a power of two inside a host (over PCIe where the product has no NVLink, as vLLM runs
+    // it), PP across hosts.
+    let tp_max = 1u64 << (63 - host_gpus.max(1).leading_zeros());
+    let (tp, pp) = if min_gpus.next_power_of_two() <= tp_max {
+        (min_gpus.next_power_of_two(), 1)
     } else {
-        let tp = host_gpus.next_power_of_two().min(host_gpus);
-        (tp, min_gpus.div_ceil(tp))
+        (tp_max, min_gpus.div_ceil(tp_max))
     };
     let gpus = tp * pp;
     let per_gpu = crate::quantity::bytes_to_mib_ceil(model.per_gpu_bytes(gpus));

@@ -667,12 +667,7 @@ impl Planner<'_> {
         if domains.is_empty() {
             return None;
         }
-        let memory = if gang.memory_floor_mib == 0 {
-            1.0
-        } else {
-            let smallest = hosts.iter().map(|&h| cluster.host(h).memory_mib).min().unwrap_or(1);
-            gang.memory_floor_mib as f64 / smallest.max(1) as f64
-        };
+        let memory = super::score::memory_fit(cluster, gang.memory_floor_mib, hosts.iter().copied());
         // Rack room: per shape, the whole free hosts of each rack the candidates touch.
         let mut racks: BTreeMap<Option<u32>, Vec<HostId>> = BTreeMap::new();
         for &host in hosts {

@@ -1179,7 +1179,7 @@ impl<'c> Planner<'c> {
         let mut whole_free_prefix = Vec::with_capacity(hosts + 1);
         whole_free_prefix.push(0u32);
         for h in 0..hosts {
-            let whole = u32::from(ledger.used(h as HostId) == 0);
+            let whole = u32::from(ledger.used(h as HostId) == 0 && cluster.host(h as HostId).whole_host_slot());
             whole_free_prefix.push(whole_free_prefix.last().copied().unwrap_or(0) + whole);
         }
         HostCapacity { units, member_slots, pools, pools_at, free_gpus, whole_free_prefix }
@@ -1271,12 +1271,7 @@ impl<'c> Planner<'c> {
             .map(|&(h, m)| remaining_connectivity(cluster.host(h), ledger.free(h) & !m) * f64::from(m.count_ones()))
             .sum();
         let connectivity = 0.5 * quality_weighted / used_gpus + 0.5 * remaining / used_gpus;
-        let memory = if gang.memory_floor_mib == 0 {
-            1.0
-        } else {
-            let smallest = taken.iter().map(|&(h, _)| cluster.host(h).memory_mib).min().unwrap_or(1);
-            gang.memory_floor_mib as f64 / smallest.max(1) as f64
-        };
+        let memory = score::memory_fit(cluster, gang.memory_floor_mib, taken.iter().map(|&(h, _)| h));
         let (locality, shared) = locality(cluster, taken);
         let preferred_met = match preferred {
             None => true,

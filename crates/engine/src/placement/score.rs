@@ -5,7 +5,7 @@
 //! - locality: how small the domain holding the whole gang is (host > NVLink clique >
 //!   innermost level > ... > cluster), halved when a preferred scope is missed;
 //! - memory: the gang's per-GPU floor over the GPU's memory (the smallest class that
-//!   fits wins; 1.0 when the gang states no floor);
+//!   fits wins; 1.0 when the gang states no floor, except on MIG devices: `memory_fit`);
 //! - fragmentation: for each free shape the workload mix asks for, 1 minus the shape
 //!   capacity destroyed beyond what the gang uses, per `max(GPUs used, shape size)`
 //!   (taking 4 GPUs from an empty 8-GPU host destroys a whole-host slot, 4 GPUs more than
@@ -252,6 +252,27 @@ impl Demand {
 }
 
 /// Whole free hosts per innermost domain, computed once per placement call.
+/// The memory component over `hosts`: the gang's per-GPU floor over the smallest GPU memory
+/// among them. Without a floor, 1.0, except on MIG devices: a gang that states no need is
+/// taken to want a whole GPU, so a device scores the share of its GPU's memory it has (a
+/// `2g.20gb` device of an H100: 0.24), and whole GPUs win unless a floor says a device fits.
+pub fn memory_fit(cluster: &Cluster, floor_mib: u64, hosts: impl Iterator<Item = HostId>) -> f64 {
+    let hosts: Vec<&crate::topology::Host> = hosts.map(|h| cluster.host(h)).collect();
+    if floor_mib == 0 {
+        hosts
+            .iter()
+            .filter(|host| host.mig_profile.is_some())
+            .map(|host| {
+                let whole = host.product.mig_parent().unwrap_or(host.product).get().memory_mib;
+                (host.memory_mib as f64 / whole.max(1) as f64).min(1.0)
+            })
+            .fold(1.0, f64::min)
+    } else {
+        let smallest = hosts.iter().map(|host| host.memory_mib).min().unwrap_or(1);
+        floor_mib as f64 / smallest.max(1) as f64
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WholeFreeIndex {
     pub per_leaf_domain: Vec<u32>,

@@ -59,13 +59,13 @@ pub struct NodeSpec {
     pub allocated: Vec<u8>,
     /// The node's GPUs are MIG devices of this profile (`2g.20gb`; GPU Feature Discovery's
     /// single MIG strategy, where `nvidia.com/gpu` is one MIG device): `gpu_count` counts
-    /// devices and `memory_mib` is one device's. They have no NVLink, and each takes a member
-    /// of one GPU without tensor parallelism only.
+    /// devices, `memory_mib` is one device's, and `product` is the profile's own
+    /// ([`product::register_mig`]). They have no NVLink, and each takes a member of one GPU
+    /// without tensor parallelism only.
     pub mig_profile: Option<String>,
 }
 
-/// The longest MIG profile name accepted (NVIDIA's are like `1g.10gb+me`, `4g.71gb`).
-pub const MIG_PROFILE_BYTES_MAX: usize = 32;
+pub use product::MIG_PROFILE_BYTES_MAX;
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ClusterSpec {
@@ -102,6 +102,8 @@ pub enum TopologyError {
     MigProfile { node: String, profile: String },
     #[error("node `{node}`: {field} is set, but the node's GPUs are MIG devices ({profile})")]
     MigWith { node: String, profile: String, field: &'static str },
+    #[error("node `{node}`: product {product} and the MIG profile disagree (MIG devices are `product::register_mig`'s products)")]
+    MigProduct { node: String, product: String },
     #[error("levels: `{level}` is listed twice")]
     DuplicateLevel { level: String },
     #[error("levels: at most {LEVELS_MAX} levels, got {count}")]
@@ -440,11 +442,11 @@ pub fn validate_node(node: &NodeSpec) -> Result<(), TopologyError> {
         }
         seen |= 1 << index;
     }
+    if node.mig_profile.is_some() != node.product.mig_parent().is_some() {
+        return Err(TopologyError::MigProduct { node: name(), product: node.product.get().name.to_string() });
+    }
     if let Some(profile) = &node.mig_profile {
-        let valid = !profile.is_empty()
-            && profile.len() <= MIG_PROFILE_BYTES_MAX
-            && profile.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
-        if !valid {
+        if !product::is_mig_profile(profile) {
             return Err(TopologyError::MigProfile { node: name(), profile: profile.clone() });
         }
         let with = |field| Err(TopologyError::MigWith { node: name(), profile: profile.clone(), field });

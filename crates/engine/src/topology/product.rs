@@ -49,6 +49,8 @@ pub struct GpuProduct {
     pub nvlink_gbps: u32,
     /// Bandwidth of one GPU's PCIe link (bidirectional, GB/s).
     pub pcie_gbps: u32,
+    /// For the MIG devices of one profile ([`register_mig`]): the product they are cut from.
+    pub mig_parent: Option<ProductId>,
 }
 
 impl fmt::Display for GpuProduct {
@@ -73,6 +75,7 @@ macro_rules! product {
             fabric: Fabric::$fabric,
             nvlink_gbps: $nvl,
             pcie_gbps: $pcie,
+            mig_parent: None,
         }
     };
 }
@@ -179,9 +182,15 @@ impl ProductId {
         }
     }
 
-    /// Whether the product is missing from the table (added by [`register_unknown`]).
+    /// Whether the product is missing from the table (added by [`register_unknown`] or
+    /// [`register_mig`]).
     pub fn is_unknown(self) -> bool {
         usize::from(self.0) >= PRODUCTS.len()
+    }
+
+    /// For MIG devices ([`register_mig`]), the product they are cut from.
+    pub fn mig_parent(self) -> Option<ProductId> {
+        self.get().mig_parent
     }
 }
 
@@ -233,6 +242,11 @@ pub enum UnknownProductError {
     NoMemory { name: String },
     #[error("GPU product `{name}` is not in the product table, and {UNKNOWN_PRODUCTS_MAX} unknown products (the limit) are already known")]
     TooMany { name: String },
+    #[error(
+        "`{name}`: MIG devices are cut from a whole GPU by a profile like 2g.20gb (at most {MIG_PROFILE_BYTES_MAX} \
+         letters, digits, `.`, `+` and `-`)"
+    )]
+    NotMig { name: String },
 }
 
 /// The product named `name` (as [`lookup`] matches names): the table's, an unknown product
@@ -272,9 +286,73 @@ pub fn register_unknown(name: &str, memory_mib: u64) -> Result<ProductId, Unknow
         fabric: Fabric::Unknown,
         nvlink_gbps: 0,
         pcie_gbps: UNKNOWN_PCIE_GBPS,
+        mig_parent: None,
     }));
     unknown.push(product);
     Ok(ProductId((PRODUCTS.len() + unknown.len() - 1) as u8))
+}
+
+/// The MIG devices of `profile` (`2g.20gb`) cut from GPUs of `parent`, as a product of their
+/// own named `<parent>-MIG-<profile>` (`H100-SXM5-MIG-2g.20gb`), with `memory_mib` per device
+/// and no NVLink: so a gang never mixes devices with whole GPUs or with another profile, and
+/// capacity is answered per profile. Added for the life of the process, counted with the
+/// unknown products ([`UNKNOWN_PRODUCTS_MAX`]); the devices' memory is the first given.
+///
+/// Errors: `parent` is itself MIG devices, the name is over [`PRODUCT_NAME_BYTES_MAX`], memory
+/// 0, or the limit is reached.
+pub fn register_mig(parent: ProductId, profile: &str, memory_mib: u64) -> Result<ProductId, UnknownProductError> {
+    let parent_product = parent.get();
+    let name = format!("{}{MIG_INFIX}{}", parent_product.name, profile.trim());
+    if parent_product.mig_parent.is_some() || !is_mig_profile(profile.trim()) {
+        return Err(UnknownProductError::NotMig { name });
+    }
+    if name.len() > PRODUCT_NAME_BYTES_MAX {
+        return Err(UnknownProductError::NameTooLong { bytes: name.len() });
+    }
+    if memory_mib == 0 {
+        return Err(UnknownProductError::NoMemory { name });
+    }
+    let mut unknown = UNKNOWN_PRODUCTS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let wanted = normalize(&name);
+    if let Some(index) = unknown.iter().position(|product| normalize(product.name) == wanted) {
+        return Ok(ProductId((PRODUCTS.len() + index) as u8));
+    }
+    if unknown.len() >= UNKNOWN_PRODUCTS_MAX {
+        return Err(UnknownProductError::TooMany { name });
+    }
+    let product: &'static GpuProduct = Box::leak(Box::new(GpuProduct {
+        name: Box::leak(name.into_boxed_str()),
+        aliases: &[],
+        memory_mib,
+        fabric: Fabric::Unknown,
+        nvlink_gbps: 0,
+        pcie_gbps: parent_product.pcie_gbps,
+        mig_parent: Some(parent),
+    }));
+    unknown.push(product);
+    Ok(ProductId((PRODUCTS.len() + unknown.len() - 1) as u8))
+}
+
+/// The longest MIG profile name accepted (NVIDIA's are like `1g.10gb+me`, `4g.71gb`).
+pub const MIG_PROFILE_BYTES_MAX: usize = 32;
+
+/// Whether `profile` can be a MIG profile name: 1 to [`MIG_PROFILE_BYTES_MAX`] ASCII letters,
+/// digits, `.`, `+` and `-`.
+pub fn is_mig_profile(profile: &str) -> bool {
+    !profile.is_empty()
+        && profile.len() <= MIG_PROFILE_BYTES_MAX
+        && profile.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+}
+
+/// GPU Feature Discovery's infix between a product and its MIG profile under the single
+/// strategy (`NVIDIA-A100-SXM4-40GB-MIG-1g.5gb`, GFD `mig-strategy.go`).
+pub const MIG_INFIX: &str = "-MIG-";
+
+/// `name` split at [`MIG_INFIX`] (compared ignoring case) into the product and the profile.
+pub fn split_mig(name: &str) -> Option<(&str, &str)> {
+    let at = name.to_ascii_uppercase().find(MIG_INFIX)?;
+    // ASCII case mapping keeps byte offsets, and the infix is ASCII.
+    Some((&name[..at], &name[at + MIG_INFIX.len()..]))
 }
 
 fn normalize(name: &str) -> String {

@@ -90,9 +90,6 @@ pub struct GpuEntry {
     pub mig: Option<String>,
 }
 
-/// GFD's infix between a product and its MIG profile under the single strategy.
-const MIG_INFIX: &str = "-MIG-";
-
 /// A product name looked up in the table while parsing: `None` for a product the table
 /// lacks, which the node's `gpu.memory` must then describe ([`GpuEntry`]).
 #[derive(Debug, Clone, Serialize)]
@@ -189,12 +186,11 @@ impl GpuEntry {
     /// from another entry's. Errors name what to write instead.
     fn resolve(&self) -> Result<(ProductId, Option<String>), String> {
         let ProductName(written, id) = &self.product;
-        let infix = written.to_ascii_uppercase().find(MIG_INFIX);
-        let (name, mig) = match (infix, &self.mig) {
+        let (name, mig) = match (product::split_mig(written), &self.mig) {
             (Some(_), Some(_)) => {
                 return Err(format!("`{written}` names a MIG profile, and so does gpu.mig: give one"))
             }
-            (Some(at), None) => (&written[..at], Some(written[at + MIG_INFIX.len()..].to_string())),
+            (Some((parent, profile)), None) => (parent, Some(profile.to_string())),
             (None, mig) => (written.as_str(), mig.clone()),
         };
         let id = if mig.is_some() { product::lookup(name) } else { *id };
@@ -202,8 +198,11 @@ impl GpuEntry {
             if self.memory.is_none() {
                 return Err("the GPUs are MIG devices: give gpu.memory, one device's memory".into());
             }
-            return match id {
-                Some(id) if !id.is_unknown() => Ok((id, mig)),
+            return match (id, &mig, &self.memory) {
+                (Some(id), Some(profile), Some(memory)) if !id.is_unknown() => {
+                    let devices = product::register_mig(id, profile, memory.mib()).map_err(|e| e.to_string())?;
+                    Ok((devices, mig))
+                }
                 _ => Err(format!(
                     "MIG devices of `{name}`, which is not a known GPU product: MIG devices are planned only for \
                      products of the table ({})",
@@ -368,6 +367,7 @@ pub fn locate(file: &str, text: &str, error: &TopologyError) -> FileError {
         | TopologyError::Memory { node }
         | TopologyError::MigProfile { node, .. }
         | TopologyError::MigWith { node, .. }
+        | TopologyError::MigProduct { node, .. }
         | TopologyError::EmptyName { node } => Some(node),
         _ => None,
     };
@@ -393,7 +393,11 @@ pub fn render(spec: &ClusterSpec) -> Result<String, serde_yaml_ng::Error> {
     let mut groups: Vec<NodeGroupEntry> = Vec::new();
     for node in &spec.nodes {
         let gpu = GpuEntry {
-            product: ProductName(node.product.get().name.to_string(), Some(node.product)),
+            // MIG devices are written as their GPU's product and `mig`.
+            product: match node.product.mig_parent().filter(|_| node.mig_profile.is_some()) {
+                Some(parent) => ProductName(parent.get().name.to_string(), Some(parent)),
+                None => ProductName(node.product.get().name.to_string(), Some(node.product)),
+            },
             count: node.gpu_count,
             memory: node.memory_mib.map(MemoryField::Mib),
             nvlink: node.nvlink.as_ref().map(|layout| match layout {
@@ -481,22 +485,26 @@ mod tests {
                 (host.mig_profile.as_deref(), host.memory_mib, host.links.best_nvlink_gbps),
                 (Some("2g.20gb"), 19_968, 0)
             );
-            assert_eq!(host.product.get().name, "H100-SXM5");
+            assert_eq!(host.product.get().name, "H100-SXM5-MIG-2g.20gb", "a product of their own");
+            assert_eq!(host.product.mig_parent().map(|p| p.get().name), Some("H100-SXM5"));
         }
         let rendered = render(&parse("c.yaml", &text).expect("parsed")).expect("rendered");
         assert!(rendered.contains("mig: 2g.20gb"), "{rendered}");
+        // Product errors point at the `product:` line (7), the node's own checks at its name (6).
         let cases = [
-            ("gpu: {product: H100, count: 24, mig: 2g.20gb}", "give gpu.memory, one device's memory"),
-            ("gpu: {product: H100-MIG-2g.20gb, count: 24, mig: 2g.20gb, memory: 1}", "give one"),
-            ("gpu: {product: NVIDIA-New-MIG-1g.10gb, count: 7, memory: 9856}", "not a known GPU product"),
-            ("gpu: {product: H100, count: 24, mig: \"2g 20gb\", memory: 1}", "is not a profile name"),
-            ("gpu: {product: H100, count: 24, mig: 1g.10gb, memory: 1, nvlink: all}", "gpu.nvlink is set, but"),
+            ("gpu: {product: H100, count: 24, mig: 2g.20gb}", "give gpu.memory, one device's memory", 7),
+            ("gpu: {product: H100-MIG-2g.20gb, count: 24, mig: 2g.20gb, memory: 1}", "give one", 7),
+            ("gpu: {product: NVIDIA-New-MIG-1g.10gb, count: 7, memory: 9856}", "not a known GPU product", 7),
+            ("gpu: {product: H100, count: 24, mig: \"2g 20gb\", memory: 1}", "by a profile like 2g.20gb", 7),
+            ("gpu: {product: H100, count: 24, mig: 1g.10gb, memory: 1, nvlink: all}", "gpu.nvlink is set, but", 6),
         ];
-        for (gpu, expected) in cases {
+        for (gpu, expected, line) in cases {
             let message = error_of(&format!("spec:\n  nodes:\n  - name: a\n    {gpu}\n"));
-            // Product errors point at the `gpu` line, the node's own checks at its name.
-            let at_node = message.starts_with("c.yaml:6:") || message.starts_with("c.yaml:7:");
-            assert!(message.contains(expected) && at_node && message.contains("`a`"), "{gpu}: {message}");
+            let at = format!("c.yaml:{line}:");
+            assert!(
+                message.contains(expected) && message.starts_with(&at) && message.contains("`a`"),
+                "{gpu}: {message}"
+            );
         }
     }
 

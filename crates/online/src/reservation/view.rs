@@ -26,7 +26,8 @@ impl Book {
         for (uid, pod) in bound {
             let Some(host) = self.cluster.host_id(&pod.node) else { continue };
             // A node shrunk below what its pods hold (every GPU of it in use, one withdrawn):
-            // the pods the lowest free GPUs cannot hold are not counted until it grows back.
+            // a pod the lowest free GPUs cannot hold is no longer counted (its next watch
+            // event or a relist offers it again).
             let Some(gpus) = self.held_on(host, pod.recorded) else { continue };
             if self.ledger.reserve(&pod_holder(&uid), &[(host, gpus)]).is_ok() {
                 self.bound.insert(uid, BoundPod { gpus, ..pod });
@@ -136,12 +137,28 @@ impl Book {
         let Some(host) = self.cluster.host_id(node) else {
             return Err(BookError::UnknownNode { pod: pod.to_string(), node: node.to_string() });
         };
+        // Pods moved off withdrawn GPUs (`held_on`) may sit on what this pod's record names
+        // (pods seen in another order after a restart): they step aside, and are held again
+        // on other free GPUs once this one is.
+        let aside = match gpus.map(indices_mask) {
+            Some(recorded) if self.within_host(host, recorded) => self.step_aside(host, recorded),
+            _ => Vec::new(),
+        };
         let mask = match gpus {
-            Some(indices) => self.held_on(host, indices_mask(indices)).ok_or_else(|| BookError::NoRoomAtBind {
-                pod: pod.to_string(),
-                node: node.to_string(),
-                reason: format!("GPUs {indices:?} recorded, the node has {} now", self.cluster.host(host).gpu_count),
-            })?,
+            Some(indices) => match self.held_on(host, indices_mask(indices)) {
+                Some(mask) => mask,
+                None => {
+                    self.hold_again(host, aside);
+                    return Err(BookError::NoRoomAtBind {
+                        pod: pod.to_string(),
+                        node: node.to_string(),
+                        reason: format!(
+                            "GPUs {indices:?} recorded, the node has {} now",
+                            self.cluster.host(host).gpu_count
+                        ),
+                    });
+                }
+            },
             None => {
                 let free = self.ledger.free(host);
                 let mut mask = 0u64;
@@ -158,15 +175,58 @@ impl Book {
                 mask
             }
         };
-        self.ledger
+        let reserved = self
+            .ledger
             .reserve(&pod_holder(&pod.uid), &[(host, mask)])
-            .map_err(|source| BookError::Ledger { pod: pod.to_string(), source })?;
-        let recorded = gpus.map_or(mask, indices_mask);
-        self.bound.insert(
-            pod.uid.clone(),
-            BoundPod { pod, node: node.to_string(), gpus: mask, recorded, gang, bound_at_ms: 0 },
-        );
-        Ok(())
+            .map_err(|source| BookError::Ledger { pod: pod.to_string(), source });
+        if reserved.is_ok() {
+            let recorded = gpus.map_or(mask, indices_mask);
+            self.bound.insert(
+                pod.uid.clone(),
+                BoundPod { pod, node: node.to_string(), gpus: mask, recorded, gang, bound_at_ms: 0 },
+            );
+        }
+        self.hold_again(host, aside);
+        reserved
+    }
+
+    /// Releases the pods on `host` that were moved off withdrawn GPUs and now hold some of
+    /// `wanted`; returns them, to be held again with [`Book::hold_again`].
+    fn step_aside(&mut self, host: HostId, wanted: GpuMask) -> Vec<String> {
+        let node = &self.cluster.host(host).name;
+        let moved: Vec<String> = self
+            .bound
+            .iter()
+            .filter(|(_, b)| &b.node == node && b.gpus != b.recorded && b.gpus & wanted != 0)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in &moved {
+            if let Err(error) = self.ledger.release(&pod_holder(uid)) {
+                self.ledger_fault("moving a pod off GPUs another pod's record names", error);
+            }
+        }
+        moved
+    }
+
+    /// Holds the pods [`Book::step_aside`] released again, on the GPUs [`Book::held_on`] gives
+    /// them now; one the node has no room for any more is no longer counted.
+    fn hold_again(&mut self, host: HostId, uids: Vec<String>) {
+        for uid in uids {
+            let Some(recorded) = self.bound.get(&uid).map(|b| b.recorded) else { continue };
+            let held = self
+                .held_on(host, recorded)
+                .filter(|&gpus| self.ledger.reserve(&pod_holder(&uid), &[(host, gpus)]).is_ok());
+            match held {
+                Some(gpus) => {
+                    if let Some(bound) = self.bound.get_mut(&uid) {
+                        bound.gpus = gpus;
+                    }
+                }
+                None => {
+                    self.bound.remove(&uid);
+                }
+            }
+        }
     }
 
     fn within_host(&self, host: HostId, mask: GpuMask) -> bool {

@@ -37,9 +37,6 @@ pub const MIG_STRATEGY_LABEL: &str = "nvidia.com/mig.strategy";
 /// GFD's suffix to the product name of shared GPUs (the device plugin's `renameByDefault:
 /// false`, the default).
 pub const SHARED_SUFFIX: &str = "-SHARED";
-/// GFD's infix under the single MIG strategy: `<product>-MIG-<profile>`, with the count and
-/// memory labels then counting MIG devices.
-pub const MIG_PRODUCT_INFIX: &str = "-MIG-";
 
 /// The default topology levels, outermost first: Topograph's network tiers under the zone.
 /// Only keys that some node carries become levels.
@@ -75,6 +72,11 @@ pub fn cluster_spec(nodes: &[Node], level_keys: &[String]) -> (ClusterSpec, Vec<
     let mut skipped = Vec::new();
     for node in nodes {
         match node_spec(node) {
+            // A node offering no GPU is closed in the servers' view; a bare spec cannot say so.
+            Ok(Some(gpu_node)) if gpu_node.offers_none => skipped.push(SkippedNode {
+                node: node.metadata.name.clone().unwrap_or_default(),
+                reason: "the device plugin offers none of its GPUs".into(),
+            }),
             Ok(Some(gpu_node)) => specs.push(gpu_node.spec),
             Ok(None) => {}
             Err(reason) => skipped.push(SkippedNode { node: node.metadata.name.clone().unwrap_or_default(), reason }),
@@ -122,8 +124,9 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
     };
     // GFD's single MIG strategy: `<product>-MIG-<profile>`, the count and memory labels are
     // the MIG devices'.
-    let (product_label, mig_profile) = match find_ignoring_case(product_label, MIG_PRODUCT_INFIX) {
-        Some(at) => (&product_label[..at], Some(product_label[at + MIG_PRODUCT_INFIX.len()..].to_string())),
+    let full_label = product_label.as_str();
+    let (product_label, mig_profile) = match product::split_mig(product_label) {
+        Some((parent, profile)) => (parent, Some(profile.to_string())),
         None => (product_label.as_str(), None),
     };
     let replicas = match labels.get(REPLICAS_LABEL) {
@@ -137,7 +140,8 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
     };
     let sharing = labels.get(SHARING_STRATEGY_LABEL).map(|s| s.trim()).filter(|s| !s.is_empty() && *s != "none");
     let product_name = strip_suffix_ignoring_case(product_label, SHARED_SUFFIX);
-    if replicas > 1 || sharing.is_some() || product_name.len() != product_label.len() {
+    let renamed = strip_suffix_ignoring_case(full_label, SHARED_SUFFIX).len() != full_label.len();
+    if replicas > 1 || sharing.is_some() || renamed || product_name.len() != product_label.len() {
         return Err(format!(
             "its GPUs are shared ({SHARING_STRATEGY_LABEL} {}, {REPLICAS_LABEL} {replicas}): this view plans whole \
              GPUs only",
@@ -212,6 +216,12 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
             ))
         }
     };
+    // MIG devices are a product of their own, per profile: a gang never mixes them with whole
+    // GPUs, and capacity is answered per profile.
+    let product = match (&mig_profile, memory_mib) {
+        (Some(profile), Some(memory)) => product::register_mig(product, profile, memory).map_err(|e| e.to_string())?,
+        _ => product,
+    };
     let mut nvlink = match annotations.get(NVLINK_GROUPS_ANNOTATION) {
         Some(text) => Some(parse_groups(text).map_err(|e| format!("annotation {NVLINK_GROUPS_ANNOTATION}: {e}"))?),
         None => None,
@@ -235,7 +245,7 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
             warnings.push(format!("NVLink clique `{clique}` ignored: {why}"));
         }
     }
-    if let Some(NvlinkLayout::Groups(groups)) = &mut nvlink {
+    if let (Some(NvlinkLayout::Groups(groups)), true) = (&mut nvlink, planned < count) {
         let before: usize = groups.iter().map(Vec::len).sum();
         for group in groups.iter_mut() {
             group.retain(|&gpu| u64::from(gpu) < planned);
@@ -267,11 +277,6 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
 fn whole_gpus(text: &str) -> Option<u64> {
     let milli = quantity::parse_milli(text).ok()?;
     (milli >= 0 && milli % 1000 == 0).then_some((milli / 1000) as u64)
-}
-
-/// Where `part` starts in `text`, compared ignoring ASCII case.
-fn find_ignoring_case(text: &str, part: &str) -> Option<usize> {
-    text.to_ascii_uppercase().find(&part.to_ascii_uppercase())
 }
 
 /// `text` without the suffix `suffix` (compared ignoring ASCII case).
@@ -443,7 +448,8 @@ mod tests {
         let single = [(PRODUCT_LABEL, "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb"), (COUNT_LABEL, "56"), (MEMORY_LABEL, "4864")];
         let node = planned(&gpu_node(&single, Some("56")));
         assert_eq!(node.spec.mig_profile.as_deref(), Some("1g.5gb"));
-        assert_eq!((node.spec.product.get().name, node.spec.gpu_count), ("A100-SXM4-40GB", 56));
+        assert_eq!((node.spec.product.get().name, node.spec.gpu_count), ("A100-SXM4-40GB-MIG-1g.5gb", 56));
+        assert_eq!(node.spec.product.mig_parent().map(|p| p.get().name), Some("A100-SXM4-40GB"));
         assert_eq!(node.spec.memory_mib, Some(4864), "one device's memory");
         let error = node_spec(&gpu_node(&single[..2], Some("56"))).expect_err("no memory");
         assert!(error.contains("MIG devices") && error.contains("nvidia.com/gpu.memory is missing"), "{error}");
