@@ -186,13 +186,11 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
         }
         None => None,
     };
+    if mig_profile.is_some() && memory_mib.is_none() {
+        return Err(format!("its GPUs are MIG devices ({PRODUCT_LABEL} `{full_label}`) but {MEMORY_LABEL} is missing"));
+    }
     // A product the table lacks is planned from this node's own memory label, never from
     // another node's, so the view does not depend on the order nodes arrived in.
-    if mig_profile.is_some() && memory_mib.is_none() {
-        return Err(format!(
-            "its GPUs are MIG devices ({PRODUCT_LABEL} `{product_label}`) but {MEMORY_LABEL} is missing"
-        ));
-    }
     let product = match (product::lookup(product_name), memory_mib) {
         (Some(product), _) if !product.is_unknown() => product,
         _ if mig_profile.is_some() => {
