@@ -361,9 +361,15 @@ fn largest_component(neighbors: &[GpuMask]) -> u32 {
     let mut unvisited: GpuMask = if neighbors.len() >= 64 { GpuMask::MAX } else { (1 << neighbors.len()) - 1 };
     let mut largest = 0;
     while unvisited != 0 {
+        // Flood fill over NVLink edges from the lowest GPU not reached yet.
         let mut reached = unvisited & unvisited.wrapping_neg();
         loop {
-            let next = mask_bits(reached).fold(reached, |acc, gpu| acc | neighbors[gpu]);
+            let mut next = reached;
+            let mut rest = reached;
+            while rest != 0 {
+                next |= neighbors[rest.trailing_zeros() as usize];
+                rest &= rest - 1;
+            }
             if next == reached {
                 break;
             }
@@ -373,17 +379,6 @@ fn largest_component(neighbors: &[GpuMask]) -> u32 {
         unvisited &= !reached;
     }
     largest
-}
-
-fn mask_bits(mask: GpuMask) -> impl Iterator<Item = usize> {
-    let mut rest = mask;
-    std::iter::from_fn(move || {
-        (rest != 0).then(|| {
-            let bit = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
-            bit
-        })
-    })
 }
 
 pub fn nvlink_connected(links: &HostLinks, set: GpuMask) -> bool {
