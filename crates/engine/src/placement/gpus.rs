@@ -37,8 +37,8 @@ impl UnitShape {
     /// The shape as `host` can honour it. A tensor-parallel group larger than the host's
     /// largest NVLink-connected set of GPUs (every group on a PCIe-only host; a TP-4 group on
     /// bridged pairs) runs over PCIe, as vLLM and NCCL allow: any GPUs of the host form it
-    /// (atom 1), and the unit's quality is the weakest link among them (so one socket beats
-    /// two). Groups the host's NVLink can hold keep atoms NVLink-connected. A gang that asks
+    /// (atom 1), and each group's quality is its weakest link ([`unit_quality`]: one socket
+    /// beats two). Groups the host's NVLink can hold keep atoms NVLink-connected. A gang that asks
     /// for `required: nvlink` refuses such hosts before any unit is counted.
     pub fn on_host(self, host: &Host) -> UnitShape {
         if self.atom >= 2 && self.atom > host.links.largest_nvlink_group {
