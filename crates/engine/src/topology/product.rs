@@ -270,26 +270,7 @@ pub fn register_unknown(name: &str, memory_mib: u64) -> Result<ProductId, Unknow
     if memory_mib == 0 {
         return Err(UnknownProductError::NoMemory { name: name.to_string() });
     }
-    let mut unknown = UNKNOWN_PRODUCTS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let wanted = normalize(name);
-    // Another thread may have added it between the lookup and the lock.
-    if let Some(index) = unknown.iter().position(|product| normalize(product.name) == wanted) {
-        return Ok(ProductId((PRODUCTS.len() + index) as u8));
-    }
-    if unknown.len() >= UNKNOWN_PRODUCTS_MAX {
-        return Err(UnknownProductError::TooMany { name: name.to_string() });
-    }
-    let product: &'static GpuProduct = Box::leak(Box::new(GpuProduct {
-        name: Box::leak(name.to_string().into_boxed_str()),
-        aliases: &[],
-        memory_mib,
-        fabric: Fabric::Unknown,
-        nvlink_gbps: 0,
-        pcie_gbps: UNKNOWN_PCIE_GBPS,
-        mig_parent: None,
-    }));
-    unknown.push(product);
-    Ok(ProductId((PRODUCTS.len() + unknown.len() - 1) as u8))
+    intern(name.to_string(), memory_mib, UNKNOWN_PCIE_GBPS, None)
 }
 
 /// The MIG devices of `profile` (`2g.20gb`) cut from GPUs of `parent`, as a product of their
@@ -312,6 +293,18 @@ pub fn register_mig(parent: ProductId, profile: &str, memory_mib: u64) -> Result
     if memory_mib == 0 {
         return Err(UnknownProductError::NoMemory { name });
     }
+    intern(name, memory_mib, parent_product.pcie_gbps, Some(parent))
+}
+
+/// The product past the table named `name` (as [`lookup`] matches names): the one added
+/// before (another thread may have added it since the caller looked), or a new entry, leaked
+/// once, with no NVLink. Errors: [`UNKNOWN_PRODUCTS_MAX`] products already added.
+fn intern(
+    name: String,
+    memory_mib: u64,
+    pcie_gbps: u32,
+    mig_parent: Option<ProductId>,
+) -> Result<ProductId, UnknownProductError> {
     let mut unknown = UNKNOWN_PRODUCTS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
     let wanted = normalize(&name);
     if let Some(index) = unknown.iter().position(|product| normalize(product.name) == wanted) {
@@ -326,8 +319,8 @@ pub fn register_mig(parent: ProductId, profile: &str, memory_mib: u64) -> Result
         memory_mib,
         fabric: Fabric::Unknown,
         nvlink_gbps: 0,
-        pcie_gbps: parent_product.pcie_gbps,
-        mig_parent: Some(parent),
+        pcie_gbps,
+        mig_parent,
     }));
     unknown.push(product);
     Ok(ProductId((PRODUCTS.len() + unknown.len() - 1) as u8))
