@@ -87,6 +87,7 @@ fn mixed(hosts: usize) -> Cluster {
                 clique: None,
                 allocated: Vec::new(),
                 mig_profile: None,
+                sharing: None,
             }
         })
         .collect();

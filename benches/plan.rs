@@ -40,6 +40,7 @@ fn synthetic(hosts: usize) -> Cluster {
             clique: None,
             allocated: Vec::new(),
             mig_profile: None,
+            sharing: None,
         })
         .collect();
     Cluster::build(ClusterSpec {

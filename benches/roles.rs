@@ -140,6 +140,7 @@ fn mixed_cluster() -> Cluster {
                     clique: None,
                     allocated: Vec::new(),
                     mig_profile: None,
+                    sharing: None,
                 });
             }
         }

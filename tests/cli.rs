@@ -673,3 +673,134 @@ fn mig_devices_take_small_models_and_never_tensor_parallel_ones() {
     );
     assert!(text.contains("NOT PLACED"), "{text}");
 }
+
+/// Issue 22: a time-sliced GPU of 4 replicas takes 4 one-replica pods and refuses the fifth;
+/// replicas never take a member of several GPUs or a tensor-parallel one; a model whose floor
+/// fits a replica takes one rather than a whole GPU.
+#[test]
+fn a_time_sliced_gpu_of_four_replicas_takes_four_pods_and_refuses_the_fifth() {
+    let text = "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: shared}\nspec:\n  nodes:\n  - name: t4-shared\n    gpu: {product: Tesla-T4-SHARED, count: 1, replicas: 4, sharing: time-slicing}\n";
+    let cluster = temp_file("shared.yaml", text);
+    let cluster = cluster.to_str().expect("utf-8");
+    let workload = temp_file(
+        "shared-workload.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec:\n  gangs:\n  - name: notebook\n    replicas: 5\n    gpusPerMember: 1\n",
+    );
+    let output =
+        topoplace(&["plan", "--cluster", cluster, "--workload", workload.to_str().expect("utf-8"), "-o", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let placements = json["placements"].as_array().expect("placements[]");
+    assert_eq!(placements.len(), 4, "{json}");
+    let mut devices: Vec<u64> = placements
+        .iter()
+        .map(|p| {
+            assert_eq!(
+                (p["product"].as_str(), p["members"][0]["node"].as_str()),
+                (Some("T4-SHARED"), Some("t4-shared"))
+            );
+            p["members"][0]["gpus"][0].as_u64().expect("a device")
+        })
+        .collect();
+    devices.sort_unstable();
+    assert_eq!(devices, [0, 1, 2, 3], "each replica given once");
+    let refused = json["unplaced"].as_array().expect("unplaced[]");
+    assert_eq!(refused.len(), 1, "{json}");
+    assert!(refused[0]["reason"].as_str().is_some_and(|r| r.contains("T4-SHARED")), "{json}");
+    // Whole GPUs beside the shared one: a pod that states no need takes a whole GPU (a replica
+    // has a quarter of one); a model whose floor fits a replica takes the replica; a TP-2
+    // member never takes replicas.
+    let mixed = text.to_string() + "  - name: l4-0\n    gpu: {product: NVIDIA-L4, count: 3}\n";
+    let mixed = temp_file("shared-mixed.yaml", &mixed);
+    let workload = temp_file(
+        "shared-mixed-workload.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec:\n  gangs:\n  - name: tiny\n    gpusPerMember: 1\n    model: {parameters: 1B, dtype: bf16, kvCache: 512Mi}\n  - name: any\n    gpusPerMember: 1\n  - name: tp2\n    replicas: 2\n    gpusPerMember: 2\n    tensorParallel: 2\n",
+    );
+    let output = topoplace(&[
+        "plan",
+        "--cluster",
+        mixed.to_str().expect("utf-8"),
+        "--workload",
+        workload.to_str().expect("utf-8"),
+        "-o",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let node_of = |gang: &str| {
+        json["placements"].as_array().expect("placements[]").iter().find(|p| p["gang"] == gang).map(|p| {
+            (
+                p["members"][0]["node"].as_str().unwrap_or_default().to_string(),
+                p["members"].as_array().map_or(0, Vec::len),
+            )
+        })
+    };
+    assert_eq!(node_of("tiny"), Some(("t4-shared".to_string(), 1)), "{json}");
+    assert_eq!(node_of("any"), Some(("l4-0".to_string(), 1)), "{json}");
+    assert_eq!(node_of("tp2-0"), Some(("l4-0".to_string(), 1)), "{json}");
+    assert_eq!(node_of("tp2-1"), None, "{json}: the L4 has one GPU left, and replicas take no TP group");
+    let output = topoplace(&[
+        "plan",
+        "--cluster",
+        mixed.to_str().expect("utf-8"),
+        "--workload",
+        workload.to_str().expect("utf-8"),
+        "--explain",
+    ]);
+    let text = stdout(&output);
+    assert!(
+        text.contains("its GPUs are shared replicas, which take members of one GPU without tensor parallelism"),
+        "{text}"
+    );
+}
+
+/// Issue 22: `mig: <profile>` in the workload file takes MIG devices of that profile, of any
+/// GPU product, and nothing else; a shape or need it cannot have is refused at its line.
+#[test]
+fn a_gang_asking_for_a_mig_profile_takes_only_devices_of_that_profile() {
+    let cluster = temp_file(
+        "mig-profiles.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: mig}\nspec:\n  nodes:\n  - name: h100-0\n    gpu: {product: NVIDIA-H100-80GB-HBM3, count: 8}\n  - name: h100-mig\n    gpu: {product: NVIDIA-H100-80GB-HBM3-MIG-2g.20gb, count: 24, memory: 19968}\n  - name: a100-mig\n    gpu: {product: NVIDIA-A100-SXM4-80GB-MIG-1g.10gb, count: 14, memory: 9728}\n",
+    );
+    let cluster = cluster.to_str().expect("utf-8");
+    let workload = |gangs: &str| {
+        temp_file(
+            "mig-profiles-workload.yaml",
+            &format!(
+                "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {{name: w}}\nspec:\n  gangs:\n{gangs}"
+            ),
+        )
+    };
+    let file = workload("  - name: small\n    replicas: 2\n    mig: 1g.10gb\n  - name: medium\n    mig: 2g.20gb\n  - name: large\n    mig: 3g.40gb\n");
+    let output = topoplace(&["plan", "--cluster", cluster, "--workload", file.to_str().expect("utf-8"), "-o", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let node_of = |gang: &str| {
+        json["placements"].as_array().expect("placements[]").iter().find(|p| p["gang"] == gang).map(|p| {
+            (
+                p["members"][0]["node"].as_str().unwrap_or_default().to_string(),
+                p["product"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+    };
+    for small in ["small-0", "small-1"] {
+        assert_eq!(node_of(small), Some(("a100-mig".into(), "A100-SXM4-80GB-MIG-1g.10gb".into())), "{json}");
+    }
+    assert_eq!(node_of("medium"), Some(("h100-mig".into(), "H100-SXM5-MIG-2g.20gb".into())), "{json}");
+    assert_eq!(node_of("large"), None, "no 3g.40gb devices anywhere, and whole GPUs are not one: {json}");
+    let output = topoplace(&["plan", "--cluster", cluster, "--workload", file.to_str().expect("utf-8"), "--explain"]);
+    let text = stdout(&output);
+    assert!(text.contains("not MIG devices of profile 3g.40gb, which the gang asks for"), "{text}");
+    // Refused at the gang's line, naming what is wrong.
+    for (gangs, expected) in [
+        ("  - name: wide\n    gpusPerMember: 2\n    mig: 1g.10gb\n", "a member on a MIG device has one GPU"),
+        ("  - name: both\n    mig: 1g.10gb\n    minGpuMemory: 8Gi\n", "give one of minGpuMemory, model and mig"),
+        ("  - name: odd\n    mig: \"1g 10gb\"\n", "is not a MIG profile"),
+    ] {
+        let file = workload(gangs);
+        let output = topoplace(&["plan", "--cluster", cluster, "--workload", file.to_str().expect("utf-8")]);
+        assert_eq!(output.status.code(), Some(2), "{gangs}");
+        let message = stderr(&output);
+        assert!(message.contains(expected) && message.contains(":6:"), "{gangs}: {message}");
+    }
+}

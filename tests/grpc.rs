@@ -995,3 +995,75 @@ fn plan_server_sends_roles_and_prints_each_roles_placement() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 22: capacity per shared replica and per MIG profile, with what a device is; Plan
+/// gives each replica of a time-sliced GPU once and refuses the fifth.
+#[tokio::test]
+async fn capacity_is_answered_per_shared_replica_and_per_mig_profile() {
+    let dir = std::env::temp_dir().join(format!("topoplace-grpc-shared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("cluster.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: shared}\nspec:\n  nodes:\n  - name: t4-shared\n    gpu: {product: Tesla-T4, count: 1, replicas: 4, sharing: mps}\n  - name: a100-mig\n    gpu: {product: A100-SXM4-40GB, count: 7, mig: 1g.5gb, memory: 4864}\n  - name: l4\n    gpu: {product: L4, count: 2}\n",
+    )
+    .expect("cluster file");
+    let (http, _ext, _binder) = static_extender(file.to_str().expect("utf-8"), 30_000).await;
+    let mut api = client(&http.grpc).await;
+    let one = api.capacity(capacity(1, 1)).await.expect("capacity").into_inner();
+    let by_product: Vec<(String, u64, u64, i32, String)> = one
+        .products
+        .iter()
+        .map(|p| (p.product.clone(), p.replicas, p.gpus, p.device_kind, p.whole_gpu_product.clone()))
+        .collect();
+    assert_eq!(
+        by_product,
+        [
+            ("L4".to_string(), 2, 2, pb::DeviceKind::WholeGpu as i32, String::new()),
+            (
+                "A100-SXM4-40GB-MIG-1g.5gb".to_string(),
+                7,
+                7,
+                pb::DeviceKind::MigDevice as i32,
+                "A100-SXM4-40GB".to_string()
+            ),
+            ("T4-SHARED".to_string(), 4, 4, pb::DeviceKind::SharedReplica as i32, "T4".to_string()),
+        ],
+        "{one:?}"
+    );
+    // A member of two GPUs: whole GPUs only, and the reason for the rest.
+    let two = api.capacity(capacity(1, 2)).await.expect("capacity").into_inner();
+    assert_eq!(two.replicas, 1, "{two:?}");
+    assert!(two.rejected_hosts.iter().any(|g| g.reason.contains("shared replicas")), "{two:?}");
+    assert!(two.rejected_hosts.iter().any(|g| g.reason.contains("MIG slices")), "{two:?}");
+    // Five one-replica gangs pinned to the shared GPU: four reserved, each its own replica.
+    let pinned = pb::Gang { product: "Tesla-T4-SHARED".into(), replicas: 5, ..gang("notebook", 1, 1) };
+    let request = pb::PlanRequest { allow_partial: true, ..plan(vec![pinned], false) };
+    let planned = api.plan(request).await.expect("plan").into_inner();
+    assert_eq!((planned.placements.len(), planned.unplaced.len()), (4, 1), "{planned:?}");
+    assert!(!planned.reservation_id.is_empty(), "the four that fit are reserved");
+    let mut replicas: Vec<u32> = planned.placements.iter().flat_map(|p| p.members[0].gpus.clone()).collect();
+    replicas.sort_unstable();
+    assert_eq!(replicas, [0, 1, 2, 3]);
+    let after = api.capacity(capacity(1, 1)).await.expect("capacity").into_inner();
+    let shared = after.products.iter().find(|p| p.product == "T4-SHARED").expect("T4-SHARED");
+    assert_eq!((shared.replicas, shared.free_gpus), (0, 0), "{after:?}");
+    // A MIG profile asked for: its devices only, of any GPU product.
+    let mig = |profile: &str| pb::Gang { mig_profile: profile.into(), ..gang("small", 1, 1) };
+    let one_g = api
+        .capacity(pb::CapacityRequest { shape: Some(mig("1g.5gb")), by_level: String::new() })
+        .await
+        .expect("capacity")
+        .into_inner();
+    assert_eq!(one_g.replicas, 7, "{one_g:?}");
+    assert!(one_g.rejected_hosts.iter().any(|g| g.reason.contains("not MIG devices of profile 1g.5gb")), "{one_g:?}");
+    let none = api.plan(plan(vec![mig("2g.10gb")], true)).await.expect("plan").into_inner();
+    assert!(!none.placed && none.unplaced.len() == 1, "{none:?}");
+    let both = pb::Gang { min_gpu_memory_mib: 4096, ..mig("1g.5gb") };
+    let refused = api.plan(plan(vec![both], true)).await.expect_err("both needs");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("give min_gpu_memory_mib or mig_profile, not both"), "{}", refused.message());
+    let wide = pb::Gang { mig_profile: "1g.5gb".into(), ..gang("wide", 1, 2) };
+    let refused = api.plan(plan(vec![wide], true)).await.expect_err("two GPUs on a MIG device");
+    assert!(refused.message().contains("a member on a MIG device has one GPU"), "{}", refused.message());
+}

@@ -15,7 +15,9 @@ use topoplace_engine::placement::exact::{CandidateHosts, ExactConfig, ExactOutco
 use topoplace_engine::placement::gpus::{GpuChooser, UnitShape};
 use topoplace_engine::placement::{GangPlacement, Planner, PlannerConfig, SolverChoice};
 use topoplace_engine::topology::graph::nvlink_connected;
-use topoplace_engine::topology::{product, Cluster, ClusterSpec, HostId, NodeSpec, NvlinkLayout};
+use topoplace_engine::topology::{
+    product, Cluster, ClusterSpec, GpuSharing, HostId, NodeSpec, NvlinkLayout, SharingStrategy,
+};
 use topoplace_engine::workload::{Gang, GangSpec, MemoryNeed, Replica, Role, Scope, Slicing};
 
 /// (product, GPUs per host, NVLink override or `mig`: the GPUs are MIG 3g.20gb devices)
@@ -29,6 +31,7 @@ const HOST_KINDS: &[(&str, u8, Option<&str>)] = &[
     ("H200", 8, None),
     ("A100-SXM4-40GB", 14, Some("mig")),
     ("A100-SXM4-40GB", 8, None),
+    ("L4", 2, Some("shared")),
 ];
 
 #[derive(Debug, Clone)]
@@ -56,7 +59,9 @@ fn build_cluster(draws: &[HostDraw]) -> Cluster {
                 labels.insert("spine".to_string(), format!("s{}", draw.spine));
                 labels.insert("rack".to_string(), format!("r{}", draw.rack));
             }
-            let full = (1u64 << count) - 1;
+            // A shared GPU is offered as 4 devices.
+            let shared = nvlink == Some("shared");
+            let full = (1u64 << (count * if shared { 4 } else { 1 })) - 1;
             // Keep about half the hosts fully free so that multi-host gangs have room.
             let allocated = if draw.allocated % 2 == 0 { 0 } else { (draw.allocated >> 8) & full };
             NodeSpec {
@@ -65,6 +70,9 @@ fn build_cluster(draws: &[HostDraw]) -> Cluster {
                 product: match nvlink {
                     Some("mig") => product::register_mig(product::lookup(name).expect("known"), "3g.20gb", 19_968)
                         .expect("MIG devices"),
+                    Some("shared") => {
+                        product::register_shared(product::lookup(name).expect("known")).expect("replicas")
+                    }
                     _ => product::lookup(name).expect("known"),
                 },
                 gpu_count: count,
@@ -73,6 +81,7 @@ fn build_cluster(draws: &[HostDraw]) -> Cluster {
                 clique: (name == "GB200").then(|| format!("clique-{}-{}", draw.spine, draw.rack)),
                 allocated: mask_indices(allocated),
                 mig_profile: (nvlink == Some("mig")).then(|| "3g.20gb".to_string()),
+                sharing: shared.then_some(GpuSharing { strategy: SharingStrategy::TimeSlicing, replicas: 4 }),
             }
         })
         .collect();
@@ -120,8 +129,11 @@ fn check_constraints(cluster: &Cluster, free_before: &[u64], gang: &Gang, placem
         assert_eq!(member.gpus.count_ones(), gang.gpus_per_member, "member GPU count");
         assert_eq!(host.product, product, "one product per gang");
         assert!(host.memory_mib >= gang.memory_floor_mib, "memory floor");
-        if host.mig_profile.is_some() {
-            assert!(gang.gpus_per_member == 1 && gang.tensor_parallel == 1, "MIG devices take one-GPU members only");
+        if host.partitioned() {
+            assert!(
+                gang.gpus_per_member == 1 && gang.tensor_parallel == 1,
+                "MIG devices and shared replicas take one-GPU members only"
+            );
         }
         assert_eq!(member.gpus & !free_before[member.host as usize], 0, "GPUs were free");
         let used = seen.entry(member.host).or_insert(0);
@@ -307,9 +319,9 @@ proptest! {
         let cluster = build_cluster(&draws);
         let ledger = Ledger::new(&cluster);
         let gang = make_gang(1, gpus, 0, 0, 0);
-        // A MIG host takes members of one GPU only.
+        // A MIG or shared host takes members of one GPU only.
         let fits_somewhere = (0..cluster.hosts.len() as HostId).any(|h| {
-            ledger.free(h).count_ones() >= gpus && (gpus == 1 || cluster.host(h).mig_profile.is_none())
+            ledger.free(h).count_ones() >= gpus && (gpus == 1 || !cluster.host(h).partitioned())
         });
         let placed = Planner::new(&cluster, PlannerConfig::default()).place(&ledger, &gang);
         prop_assert_eq!(placed.is_ok(), fits_somewhere);

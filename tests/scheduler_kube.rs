@@ -797,3 +797,44 @@ async fn pcie_tensor_parallelism_withdrawn_gpus_and_unknown_products() {
     assert!(message.contains("MIG slices"), "{message}");
     finish(&api, replica, Some(server)).await;
 }
+
+/// Issue 22: a time-sliced GPU (GFD's labels, the device plugin's replicas as
+/// `nvidia.com/gpu`) of 4 replicas, one already used by a pod bound before: the scheduler binds
+/// three more one-replica pods and refuses the fifth, and never a tensor-parallel pair.
+#[tokio::test]
+async fn a_time_sliced_gpu_takes_one_pod_per_replica_and_no_more() {
+    let shared = gpu_node("t4-ts", "r1", |n| {
+        n["metadata"]["labels"]["nvidia.com/gpu.product"] = json!("Tesla-T4-SHARED");
+        n["metadata"]["labels"]["nvidia.com/gpu.count"] = json!("1");
+        n["metadata"]["labels"]["nvidia.com/gpu.replicas"] = json!("4");
+        n["metadata"]["labels"]["nvidia.com/gpu.sharing-strategy"] = json!("time-slicing");
+        n["status"]["allocatable"]["nvidia.com/gpu"] = json!("4");
+    });
+    let (api, server) = api_with(vec![shared]).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    api.add_pod(scheduler_pod("ml", "before", 1, None, "1"), Some("t4-ts"), None);
+    for index in 0..4 {
+        api.add_pod(scheduler_pod("ml", &format!("notebook-{index}"), 1, None, "1"), None, None);
+    }
+    let mut pair = scheduler_pod("ml", "pair", 2, None, "1");
+    pair["metadata"]["annotations"] = json!({"topoplace.io/tensor-parallel": "2"});
+    api.add_pod(pair, None, None);
+    eventually("the pod bound before and three notebooks", || api.bound_pods().len() == 4).await;
+    let waiting: Vec<String> =
+        (0..4).map(|i| format!("notebook-{i}")).filter(|name| api.pod_node("ml", name).is_none()).collect();
+    assert_eq!(waiting.len(), 1, "one replica each, the fifth refused: {waiting:?}");
+    let mut replicas: Vec<String> =
+        (0..4).filter_map(|i| api.pod_annotation("ml", &format!("notebook-{i}"), "topoplace.io/gpus")).collect();
+    replicas.sort();
+    replicas.dedup();
+    assert_eq!(replicas.len(), 3, "three distinct replicas: {replicas:?}");
+    eventually("the fifth and the pair marked unschedulable", || {
+        [waiting[0].as_str(), "pair"]
+            .iter()
+            .all(|name| api.pod("ml", name).and_then(|p| condition(&p)).is_some_and(|(status, _, _)| status == "False"))
+    })
+    .await;
+    let (_, _, message) = api.pod("ml", "pair").and_then(|p| condition(&p)).expect("condition");
+    assert!(message.contains("shared replicas"), "{message}");
+    finish(&api, replica, Some(server)).await;
+}

@@ -25,6 +25,7 @@ pub fn cluster(hosts: usize) -> Cluster {
             // A used cluster: every third host has some GPUs taken.
             allocated: if i % 3 == 0 { (0..(i % 7) as u8).collect() } else { Vec::new() },
             mig_profile: None,
+            sharing: None,
         })
         .collect();
     Cluster::build(ClusterSpec {

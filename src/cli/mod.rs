@@ -244,7 +244,7 @@ pub fn load_cluster(path: &Option<PathBuf>) -> Result<Cluster, CliError> {
         Some(path) => files::cluster::load(&path.display().to_string(), &files::read_input(path)?)?,
         None => files::cluster::load("<embedded demo cluster>", DEMO_CLUSTER)?,
     };
-    for product in cluster.products().into_iter().filter(|p| p.is_unknown() && p.mig_parent().is_none()) {
+    for product in cluster.products().into_iter().filter(|p| p.is_unknown() && p.get().parent.is_none()) {
         let hosts = cluster.hosts.iter().filter(|h| h.product == product).count();
         eprintln!(
             "warning: GPU product `{}` ({hosts} node(s)) is not in the product table: planned from its gpu.memory \

@@ -9,7 +9,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::{load_workload, write_all, CliError, OutputFormat, PlanArgs, SolverFlag};
 use topoplace_engine::placement::SolverInfo;
-use topoplace_engine::workload::{GangSpec, Scope, Workload};
+use topoplace_engine::workload::{GangSpec, MemoryNeed, Scope, Workload};
 use topoplace_server::grpc::pb;
 use topoplace_server::grpc::pb::placement_client::PlacementClient;
 
@@ -115,6 +115,10 @@ pub fn workload_gangs_with_roles(workload: &Workload, namespace: &str) -> Vec<pb
                 slice_members: role.slices.as_ref().map_or(0, |s| s.members),
                 slice_required_topology: role.slices.as_ref().map(|s| s.scope.to_string()).unwrap_or_default(),
                 slice_exclusive: role.slices.as_ref().is_some_and(|s| s.exclusive),
+                mig_profile: match &role.memory {
+                    MemoryNeed::MigProfile(profile) => profile.clone(),
+                    _ => String::new(),
+                },
             })
             .collect();
         gangs.push(pb::Gang {
@@ -148,6 +152,7 @@ pub fn workload_gangs(workload: &Workload, namespace: &str) -> Vec<pb::Gang> {
             preferred_topology: scope_text(&gang.preferred),
             replicas: 1,
             roles: Vec::new(),
+            mig_profile: gang.mig_profile.clone().unwrap_or_default(),
         })
         .collect()
 }

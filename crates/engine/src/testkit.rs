@@ -16,5 +16,6 @@ pub fn node(name: &str, product: &str, count: u8, labels: &[(&str, &str)]) -> No
         clique: None,
         allocated: Vec::new(),
         mig_profile: None,
+        sharing: None,
     }
 }

@@ -97,6 +97,10 @@ pub enum MemoryNeed {
     None,
     FloorMib(u64),
     Model(ModelSpec),
+    /// Each member takes one MIG device of this profile (`2g.20gb`), of any GPU product: what
+    /// a pod asking for `nvidia.com/mig-2g.20gb` gets under the mixed MIG strategy. Members of
+    /// one GPU without tensor parallelism only.
+    MigProfile(String),
 }
 
 /// How a role's members are cut into slices, each of which must stay inside one domain
@@ -312,6 +316,17 @@ pub enum WorkloadError {
     TooManyReplicas { replicas: u64, max: u64 },
     #[error("gang `{gang}`: model.overhead {overhead} must be between 0 and 10")]
     Overhead { gang: String, overhead: f64 },
+    #[error(
+        "gang `{gang}`: mig `{profile}` is not a MIG profile (like 2g.20gb; at most {} letters, digits, `.`, `+` \
+         and `-`)",
+        crate::topology::MIG_PROFILE_BYTES_MAX
+    )]
+    MigProfile { gang: String, profile: String },
+    #[error(
+        "gang `{gang}`: a member on a MIG device has one GPU and no tensor parallelism (gpusPerMember {gpus}, \
+         tensorParallel {tensor_parallel})"
+    )]
+    MigShape { gang: String, gpus: u32, tensor_parallel: u32 },
     #[error("gang `{gang}`: a role's name must not be empty")]
     EmptyRoleName { gang: String },
     #[error("gang `{gang}`: role `{role}` appears twice")]
@@ -359,6 +374,8 @@ pub struct Gang {
     pub tensor_parallel: u32,
     pub pipeline_parallel: u32,
     pub memory_floor_mib: u64,
+    /// Only MIG devices of this profile ([`MemoryNeed::MigProfile`]).
+    pub mig_profile: Option<String>,
     pub required: Option<Scope>,
     pub preferred: Option<Scope>,
 }
@@ -453,6 +470,14 @@ impl GangSpec {
                 return Err(WorkloadError::Overhead { gang: gang(), overhead: model.overhead });
             }
         }
+        if let MemoryNeed::MigProfile(profile) = &self.memory {
+            if !crate::topology::product::is_mig_profile(profile) {
+                return Err(WorkloadError::MigProfile { gang: gang(), profile: profile.clone() });
+            }
+            if gpus != 1 || tp != 1 {
+                return Err(WorkloadError::MigShape { gang: gang(), gpus, tensor_parallel: tp });
+            }
+        }
         Ok(())
     }
 
@@ -495,7 +520,7 @@ impl GangSpec {
     /// Per-GPU memory floor in MiB: given, or derived from the model over TP x PP GPUs.
     pub fn memory_floor_mib(&self) -> u64 {
         match &self.memory {
-            MemoryNeed::None => 0,
+            MemoryNeed::None | MemoryNeed::MigProfile(_) => 0,
             MemoryNeed::FloorMib(mib) => *mib,
             MemoryNeed::Model(model) => {
                 let gpus = u64::from(self.tensor_parallel) * u64::from(self.pipeline_parallel);
@@ -563,6 +588,10 @@ impl GangSpec {
                 tensor_parallel: self.tensor_parallel,
                 pipeline_parallel: self.pipeline_parallel,
                 memory_floor_mib: floor,
+                mig_profile: match &self.memory {
+                    MemoryNeed::MigProfile(profile) => Some(profile.trim().to_string()),
+                    _ => None,
+                },
                 required: self.required.clone(),
                 preferred: self.preferred.clone(),
             })
@@ -734,8 +763,7 @@ pub struct SizingRow {
 pub fn size_model(model: &ModelSpec, cluster: &Cluster) -> Vec<SizingRow> {
     let mut rows = Vec::new();
     for product in cluster.products() {
-        let hosts: Vec<&Host> =
-            cluster.hosts.iter().filter(|h| h.product == product && h.mig_profile.is_none()).collect();
+        let hosts: Vec<&Host> = cluster.hosts.iter().filter(|h| h.product == product && !h.partitioned()).collect();
         if !hosts.is_empty() {
             rows.push(size_on_product(model, &hosts, product));
         }

@@ -55,6 +55,9 @@ const LWS_SUBGROUP_EXCLUSIVE: &str = "leaderworkerset.sigs.k8s.io/subgroup-exclu
 /// workers only: `size - 1` members, ranked `worker-index - 1`; the leader is no member.
 pub const LWS_LEADER_GPUS: &str = "topoplace.io/leader-gpus";
 const MIN_GPU_MEMORY: &str = "topoplace.io/min-gpu-memory";
+/// One MIG device of this profile (`2g.20gb`) per pod, of any GPU product, instead of a
+/// memory need ([`MemoryNeed::MigProfile`]).
+pub const MIG_PROFILE_ANNOTATION: &str = "topoplace.io/mig-profile";
 const MODEL_PARAMS: &str = "topoplace.io/model-params";
 const MODEL_DTYPE: &str = "topoplace.io/model-dtype";
 const KV_CACHE: &str = "topoplace.io/kv-cache";
@@ -462,6 +465,17 @@ pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodD
         detail,
     };
     let memory = match (annotation(MIN_GPU_MEMORY), annotation(MODEL_PARAMS)) {
+        (Some(_), _) | (_, Some(_)) if annotation(MIG_PROFILE_ANNOTATION).is_some() => {
+            let profile = annotation(MIG_PROFILE_ANNOTATION).unwrap_or_default();
+            return Err(invalid(
+                MIG_PROFILE_ANNOTATION,
+                profile,
+                format!("give one of {MIG_PROFILE_ANNOTATION}, {MIN_GPU_MEMORY} and {MODEL_PARAMS}"),
+            ));
+        }
+        (None, None) if annotation(MIG_PROFILE_ANNOTATION).is_some() => {
+            MemoryNeed::MigProfile(annotation(MIG_PROFILE_ANNOTATION).unwrap_or_default().to_string())
+        }
         (Some(floor), _) => MemoryNeed::FloorMib(quantity::bytes_to_mib_ceil(
             quantity::parse_bytes(floor).map_err(|e| invalid(MIN_GPU_MEMORY, floor, e.to_string()))?,
         )),
@@ -692,7 +706,7 @@ fn role_of(
     GangSpec::with_roles(&gang.key, roles.clone())
         .validate()
         .map_err(|e| invalid(roles_field.clone(), value.clone(), e.to_string()))?;
-    for key in [TENSOR_PARALLEL, PIPELINE_PARALLEL, MIN_GPU_MEMORY, MODEL_PARAMS] {
+    for key in [TENSOR_PARALLEL, PIPELINE_PARALLEL, MIN_GPU_MEMORY, MODEL_PARAMS, MIG_PROFILE_ANNOTATION] {
         if let Some(found) = annotations.get(key) {
             return Err(invalid(
                 format!("metadata.annotations[{key}]"),
@@ -996,6 +1010,21 @@ mod tests {
         pod.spec.as_mut().expect("spec").scheduling_group =
             Some(k8s_openapi::api::core::v1::PodSchedulingGroup { pod_group_name: Some(group.into()) });
         pod
+    }
+
+    #[test]
+    fn a_mig_profile_annotation_is_the_pods_memory_need() {
+        let none = serde_json::json!({});
+        let pod = pod_with(none.clone(), serde_json::json!({MIG_PROFILE_ANNOTATION: " 2g.20gb "}), 1);
+        let read = demand(&pod).expect("demand");
+        assert_eq!(read.memory, MemoryNeed::MigProfile("2g.20gb".into()));
+        let both = serde_json::json!({MIG_PROFILE_ANNOTATION: "2g.20gb", MIN_GPU_MEMORY: "16Gi"});
+        let error = demand(&pod_with(none.clone(), both, 1)).unwrap_err().to_string();
+        assert!(error.contains("topoplace.io/mig-profile") && error.contains("give one of"), "{error}");
+        // The shape is checked with the gang: a pod of two GPUs on one MIG device is refused.
+        let wide = demand(&pod_with(none, serde_json::json!({MIG_PROFILE_ANNOTATION: "2g.20gb"}), 2)).expect("read");
+        let error = wide.gang().unwrap_err().to_string();
+        assert!(error.contains("a member on a MIG device has one GPU"), "{error}");
     }
 
     #[test]

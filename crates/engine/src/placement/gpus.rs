@@ -190,8 +190,9 @@ impl GpuChooser {
         if shape.unit_gpus == 0 || shape.unit_gpus > u32::from(host.gpu_count) {
             return 0;
         }
-        // A MIG device is all a CUDA process sees: no unit of several on such a host.
-        if host.mig_profile.is_some() && shape.unit_gpus > 1 {
+        // A MIG device is all a CUDA process sees, and replicas of a shared GPU are no more GPU
+        // together: no unit of several on such a host.
+        if host.partitioned() && shape.unit_gpus > 1 {
             return 0;
         }
         let shape = shape.on_host(host);

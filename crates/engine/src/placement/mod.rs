@@ -205,6 +205,13 @@ pub enum HostRejection {
     /// The host's GPUs are MIG devices and the gang's members need more than one GPU, or
     /// tensor parallelism (a CUDA process sees one MIG device).
     MigSlice,
+    /// The host's devices are shared replicas of GPUs (time-slicing, MPS) and the gang's
+    /// members need more than one GPU, or tensor parallelism: more replicas are no more GPU
+    /// (the device plugin's README, "Shared Access to GPUs").
+    SharedReplica,
+    /// The gang asks for MIG devices of one profile ([`crate::workload::MemoryNeed::MigProfile`])
+    /// and the host's GPUs are not such devices.
+    OtherMigProfile,
     UnitLargerThanHost,
     NotEnoughFree,
     FreeNotConnected,
@@ -236,6 +243,15 @@ impl HostRejection {
                 "{product}: its GPUs are MIG slices, which take members of one GPU without tensor parallelism \
                  (members of {} GPUs, tensorParallel {})",
                 gang.gpus_per_member, gang.tensor_parallel
+            ),
+            HostRejection::SharedReplica => format!(
+                "{product}: its GPUs are shared replicas, which take members of one GPU without tensor parallelism \
+                 (members of {} GPUs, tensorParallel {})",
+                gang.gpus_per_member, gang.tensor_parallel
+            ),
+            HostRejection::OtherMigProfile => format!(
+                "{product}: not MIG devices of profile {}, which the gang asks for",
+                gang.mig_profile.as_deref().unwrap_or_default()
             ),
             HostRejection::UnitLargerThanHost => format!(
                 "{product}: a tensor-parallel group of {} GPUs is larger than the host and the host is in no NVLink clique",
@@ -1091,8 +1107,13 @@ impl<'c> Planner<'c> {
         member_shape: UnitShape,
     ) -> Result<(u32, bool), HostRejection> {
         let host = self.cluster.host(host_id);
-        if host.mig_profile.is_some() && (gang.gpus_per_member > 1 || gang.tensor_parallel > 1) {
-            return Err(HostRejection::MigSlice);
+        if let Some(profile) = &gang.mig_profile {
+            if !host.mig_profile.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(profile)) {
+                return Err(HostRejection::OtherMigProfile);
+            }
+        }
+        if host.partitioned() && (gang.gpus_per_member > 1 || gang.tensor_parallel > 1) {
+            return Err(if host.sharing.is_some() { HostRejection::SharedReplica } else { HostRejection::MigSlice });
         }
         if host.memory_mib < gang.memory_floor_mib {
             return Err(HostRejection::MemoryTooSmall);

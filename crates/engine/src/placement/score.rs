@@ -253,17 +253,18 @@ impl Demand {
 
 /// Whole free hosts per innermost domain, computed once per placement call.
 /// The memory component over `hosts`: the gang's per-GPU floor over the smallest GPU memory
-/// among them. Without a floor, 1.0, except on MIG devices: a gang that states no need is
-/// taken to want a whole GPU, so a device scores the share of its GPU's memory it has (a
-/// `2g.20gb` device of an H100: 0.24), and whole GPUs win unless a floor says a device fits.
+/// among them. Without a floor, 1.0, except on MIG devices and shared replicas: a gang that
+/// states no need is taken to want a whole GPU, so a device scores the share of its GPU's
+/// memory it has (a `2g.20gb` device of an H100: 0.24; one of 4 replicas: 0.25), and whole
+/// GPUs win unless a floor says a device fits.
 pub fn memory_fit(cluster: &Cluster, floor_mib: u64, hosts: impl Iterator<Item = HostId>) -> f64 {
     let hosts: Vec<&crate::topology::Host> = hosts.map(|h| cluster.host(h)).collect();
     if floor_mib == 0 {
         hosts
             .iter()
-            .filter(|host| host.mig_profile.is_some())
+            .filter(|host| host.partitioned())
             .map(|host| {
-                let whole = host.product.mig_parent().unwrap_or(host.product).get().memory_mib;
+                let whole = host.product.whole_gpu().get().memory_mib;
                 (host.memory_mib as f64 / whole.max(1) as f64).min(1.0)
             })
             .fold(1.0, f64::min)

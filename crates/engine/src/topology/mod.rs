@@ -63,6 +63,63 @@ pub struct NodeSpec {
     /// ([`product::register_mig`]). They have no NVLink, and each takes a member of one GPU
     /// without tensor parallelism only.
     pub mig_profile: Option<String>,
+    /// The node's GPUs are shared (time-slicing or MPS): `gpu_count` counts whole GPUs, as
+    /// GFD's `nvidia.com/gpu.count` does, and the device plugin offers each as `replicas`
+    /// devices, so the host has `gpu_count x replicas` devices (at most [`HOST_GPUS_MAX`]);
+    /// `product` is the replicas' own ([`product::register_shared`]), `memory_mib` a whole
+    /// GPU's, and `allocated` names devices. Each replica takes a member of one GPU without
+    /// tensor parallelism, and is planned with `1/replicas` of its GPU's memory: MPS enforces
+    /// that share; time-slicing promises none, so the fair share is what can be counted on.
+    pub sharing: Option<GpuSharing>,
+}
+
+impl NodeSpec {
+    /// The devices the device plugin offers: whole GPUs, MIG devices, or shared replicas.
+    pub fn devices(&self) -> u32 {
+        u32::from(self.gpu_count) * self.sharing.map_or(1, |sharing| u32::from(sharing.replicas))
+    }
+}
+
+/// How a node's GPUs are shared: the NVIDIA device plugin's `sharing.timeSlicing` or
+/// `sharing.mps` with `replicas` per GPU, as GPU Feature Discovery labels them
+/// (`nvidia.com/gpu.sharing-strategy`, `nvidia.com/gpu.replicas`; the device plugin's README,
+/// "Shared Access to GPUs").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuSharing {
+    pub strategy: SharingStrategy,
+    /// Devices each GPU is offered as, 2 or more.
+    pub replicas: u8,
+}
+
+/// GFD's `nvidia.com/gpu.sharing-strategy` values other than `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharingStrategy {
+    /// CUDA time-slicing: replicas interleave, with no memory or fault isolation.
+    TimeSlicing,
+    /// CUDA MPS: each replica gets an equal share of memory and compute, enforced.
+    Mps,
+}
+
+impl SharingStrategy {
+    /// The label value (`time-slicing`, `mps`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharingStrategy::TimeSlicing => "time-slicing",
+            SharingStrategy::Mps => "mps",
+        }
+    }
+
+    /// From the label value (ASCII case ignored); `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("time-slicing") {
+            Some(SharingStrategy::TimeSlicing)
+        } else if text.eq_ignore_ascii_case("mps") {
+            Some(SharingStrategy::Mps)
+        } else {
+            None
+        }
+    }
 }
 
 pub use product::MIG_PROFILE_BYTES_MAX;
@@ -83,8 +140,8 @@ pub enum TopologyError {
     DuplicateNode { node: String },
     #[error("node `{node}`: gpu.count {count} is out of range (1..={HOST_GPUS_MAX})")]
     GpuCount { node: String, count: usize },
-    #[error("node `{node}`: allocated GPU index {index} is not below gpu.count {count}")]
-    AllocatedIndex { node: String, index: u8, count: u8 },
+    #[error("node `{node}`: allocated GPU index {index} is not below the node's {count} devices (gpu.count, times the replicas when shared)")]
+    AllocatedIndex { node: String, index: u8, count: u32 },
     #[error("node `{node}`: allocated GPU index {index} is listed twice")]
     AllocatedTwice { node: String, index: u8 },
     #[error("node `{node}`: gpu.nvlink {detail}")]
@@ -104,6 +161,8 @@ pub enum TopologyError {
     MigWith { node: String, profile: String, field: &'static str },
     #[error("node `{node}`: product {product} and the MIG profile disagree (MIG devices are `product::register_mig`'s products)")]
     MigProduct { node: String, product: String },
+    #[error("node `{node}`: gpu.sharing: {detail}")]
+    Sharing { node: String, detail: String },
     #[error("levels: `{level}` is listed twice")]
     DuplicateLevel { level: String },
     #[error("levels: at most {LEVELS_MAX} levels, got {count}")]
@@ -137,7 +196,13 @@ impl Host {
     /// hosts, rack room): not when its GPUs are MIG devices, which take single-GPU members
     /// only.
     pub fn whole_host_slot(&self) -> bool {
-        self.mig_profile.is_none()
+        !self.partitioned()
+    }
+
+    /// Whether the host's devices are parts of GPUs (MIG devices or shared replicas) rather
+    /// than whole GPUs: each takes a member of one GPU without tensor parallelism only.
+    pub fn partitioned(&self) -> bool {
+        self.mig_profile.is_some() || self.sharing.is_some()
     }
 }
 
@@ -163,6 +228,9 @@ pub struct Host {
     pub nic_count: u8,
     /// The host's GPUs are MIG devices of this profile ([`NodeSpec::mig_profile`]).
     pub mig_profile: Option<String>,
+    /// The host's devices are shared replicas ([`NodeSpec::sharing`]): `gpu_count` counts
+    /// replicas and `memory_mib` is one replica's.
+    pub sharing: Option<GpuSharing>,
 }
 
 impl Host {
@@ -353,7 +421,7 @@ fn build_hosts(nodes: Vec<NodeSpec>, domain_paths: &mut [Vec<u32>]) -> (Vec<Host
         if let Some(clique) = clique {
             cliques[clique as usize].hosts.push(host_index as HostId);
         }
-        let nvlink = if node.mig_profile.is_some() {
+        let nvlink = if node.mig_profile.is_some() || node.sharing.is_some() {
             NvlinkLayout::None
         } else {
             node.nvlink.clone().unwrap_or(match product.fabric {
@@ -368,15 +436,23 @@ fn build_hosts(nodes: Vec<NodeSpec>, domain_paths: &mut [Vec<u32>]) -> (Vec<Host
             // MIG devices share their GPUs' NICs; how many GPUs they were cut from is not
             // known, so at most one NIC per device up to a full host's eight.
             _ if node.mig_profile.is_some() => node.gpu_count.min(8),
+            // Shared replicas use the NICs of the whole GPUs they are made from.
+            _ if node.sharing.is_some() => match node.product.whole_gpu().get().fabric {
+                Fabric::NvSwitch | Fabric::MultiNodeNvlink => node.gpu_count,
+                _ => node.gpu_count.div_ceil(2),
+            },
             Fabric::NvSwitch | Fabric::MultiNodeNvlink => node.gpu_count,
             _ => node.gpu_count.div_ceil(2),
         };
+        let replicas = node.sharing.map_or(1, |sharing| u64::from(sharing.replicas));
+        // `validate_node` holds devices to `HOST_GPUS_MAX`.
+        let devices = node.devices() as u8;
         hosts.push(Host {
             name: node.name,
             labels: node.labels,
             product: node.product,
-            gpu_count: node.gpu_count,
-            memory_mib: node.memory_mib.unwrap_or(product.memory_mib),
+            gpu_count: devices,
+            memory_mib: (node.memory_mib.unwrap_or(product.memory_mib) / replicas).max(1),
             nvlink,
             links: HostLinks {
                 bandwidth_gbps: Vec::new(),
@@ -390,6 +466,7 @@ fn build_hosts(nodes: Vec<NodeSpec>, domain_paths: &mut [Vec<u32>]) -> (Vec<Host
             clique,
             nic_count,
             mig_profile: node.mig_profile,
+            sharing: node.sharing,
         });
     }
     (hosts, cliques, initially_used)
@@ -432,10 +509,43 @@ pub fn validate_node(node: &NodeSpec) -> Result<(), TopologyError> {
     if node.memory_mib == Some(0) {
         return Err(TopologyError::Memory { node: name() });
     }
+    if let Some(sharing) = node.sharing {
+        let detail = if sharing.replicas < 2 {
+            Some(format!("replicas {} (a shared GPU is offered as 2 or more)", sharing.replicas))
+        } else if node.devices() as usize > HOST_GPUS_MAX {
+            Some(format!(
+                "{} GPUs x {} replicas is {} devices, over the {HOST_GPUS_MAX} supported per node",
+                node.gpu_count,
+                sharing.replicas,
+                node.devices()
+            ))
+        } else if node.mig_profile.is_some() {
+            Some("shared MIG devices are not planned".to_string())
+        } else if !matches!(node.nvlink, None | Some(NvlinkLayout::None)) {
+            Some("gpu.nvlink is set, but a replica has no NVLink of its own".to_string())
+        } else if node.clique.is_some() {
+            Some("gpu.clique is set, but a replica has no NVLink of its own".to_string())
+        } else {
+            None
+        };
+        if let Some(detail) = detail {
+            return Err(TopologyError::Sharing { node: name(), detail });
+        }
+    }
+    if node.sharing.is_some() != node.product.shared_parent().is_some() {
+        return Err(TopologyError::Sharing {
+            node: name(),
+            detail: format!(
+                "product {} and the sharing disagree (shared replicas are `product::register_shared`'s products)",
+                node.product.get().name
+            ),
+        });
+    }
+    let devices = node.devices();
     let mut seen = 0u64;
     for &index in &node.allocated {
-        if index >= node.gpu_count {
-            return Err(TopologyError::AllocatedIndex { node: name(), index, count: node.gpu_count });
+        if u32::from(index) >= devices {
+            return Err(TopologyError::AllocatedIndex { node: name(), index, count: devices });
         }
         if seen & (1 << index) != 0 {
             return Err(TopologyError::AllocatedTwice { node: name(), index });
@@ -543,7 +653,7 @@ mod tests {
         let mut bad = node("n1", "H100", 8, &[]);
         bad.allocated = vec![8];
         let error = Cluster::build(ClusterSpec { nodes: vec![bad], ..Default::default() }).unwrap_err();
-        assert_eq!(error.to_string(), "node `n1`: allocated GPU index 8 is not below gpu.count 8");
+        assert_eq!(error.to_string(), "node `n1`: allocated GPU index 8 is not below the node's 8 devices (gpu.count, times the replicas when shared)");
 
         let mut bad = node("n2", "H100", 8, &[]);
         bad.nvlink = Some(NvlinkLayout::Groups(vec![vec![0, 1], vec![1, 2]]));

@@ -49,8 +49,20 @@ pub struct GpuProduct {
     pub nvlink_gbps: u32,
     /// Bandwidth of one GPU's PCIe link (bidirectional, GB/s).
     pub pcie_gbps: u32,
-    /// For the MIG devices of one profile ([`register_mig`]): the product they are cut from.
-    pub mig_parent: Option<ProductId>,
+    /// For MIG devices ([`register_mig`]) and shared replicas ([`register_shared`]): the whole
+    /// GPU they are made from, and which of the two they are.
+    pub parent: Option<(ProductId, DeviceKind)>,
+}
+
+/// What a device made from a whole GPU is: what the device plugin offers as one
+/// `nvidia.com/gpu` when the GPU is not offered whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A MIG device of one profile (GPU Feature Discovery's single MIG strategy).
+    MigDevice,
+    /// One of the replicas a time-sliced or MPS-shared GPU is offered as (the device plugin's
+    /// `sharing.timeSlicing` / `sharing.mps` `replicas`).
+    SharedReplica,
 }
 
 impl fmt::Display for GpuProduct {
@@ -75,7 +87,7 @@ macro_rules! product {
             fabric: Fabric::$fabric,
             nvlink_gbps: $nvl,
             pcie_gbps: $pcie,
-            mig_parent: None,
+            parent: None,
         }
     };
 }
@@ -190,7 +202,17 @@ impl ProductId {
 
     /// For MIG devices ([`register_mig`]), the product they are cut from.
     pub fn mig_parent(self) -> Option<ProductId> {
-        self.get().mig_parent
+        self.get().parent.filter(|(_, kind)| *kind == DeviceKind::MigDevice).map(|(parent, _)| parent)
+    }
+
+    /// For shared replicas ([`register_shared`]), the product whose GPUs are shared.
+    pub fn shared_parent(self) -> Option<ProductId> {
+        self.get().parent.filter(|(_, kind)| *kind == DeviceKind::SharedReplica).map(|(parent, _)| parent)
+    }
+
+    /// The whole GPU product of MIG devices or shared replicas; the product itself otherwise.
+    pub fn whole_gpu(self) -> ProductId {
+        self.get().parent.map_or(self, |(parent, _)| parent)
     }
 }
 
@@ -247,6 +269,8 @@ pub enum UnknownProductError {
          letters, digits, `.`, `+` and `-`)"
     )]
     NotMig { name: String },
+    #[error("`{name}`: only whole GPUs are shared as replicas (not MIG devices or replicas)")]
+    NotShareable { name: String },
 }
 
 /// The product named `name` (as [`lookup`] matches names): the table's, an unknown product
@@ -284,7 +308,7 @@ pub fn register_unknown(name: &str, memory_mib: u64) -> Result<ProductId, Unknow
 pub fn register_mig(parent: ProductId, profile: &str, memory_mib: u64) -> Result<ProductId, UnknownProductError> {
     let parent_product = parent.get();
     let name = format!("{}{MIG_INFIX}{}", parent_product.name, profile.trim());
-    if parent_product.mig_parent.is_some() || !is_mig_profile(profile.trim()) {
+    if parent_product.parent.is_some() || !is_mig_profile(profile.trim()) {
         return Err(UnknownProductError::NotMig { name });
     }
     if name.len() > PRODUCT_NAME_BYTES_MAX {
@@ -293,7 +317,41 @@ pub fn register_mig(parent: ProductId, profile: &str, memory_mib: u64) -> Result
     if memory_mib == 0 {
         return Err(UnknownProductError::NoMemory { name });
     }
-    intern(name, memory_mib, parent_product.pcie_gbps, Some(parent))
+    intern(name, memory_mib, parent_product.pcie_gbps, Some((parent, DeviceKind::MigDevice)))
+}
+
+/// The replicas a GPU of `parent` is shared as (time-slicing or MPS), as a product of their
+/// own named as GPU Feature Discovery labels them, `<parent>-SHARED` (`A100-SXM4-80GB-SHARED`),
+/// with the whole GPU's memory and no NVLink: so a gang never mixes replicas with whole GPUs,
+/// and capacity is answered per replica. How much memory one replica has depends on the
+/// node's replica count (`topology::Host::memory_mib`). Added for the life of the process,
+/// counted with the unknown products ([`UNKNOWN_PRODUCTS_MAX`]).
+///
+/// Errors: `parent` is itself MIG devices or replicas, the name is over
+/// [`PRODUCT_NAME_BYTES_MAX`], or the limit is reached.
+pub fn register_shared(parent: ProductId) -> Result<ProductId, UnknownProductError> {
+    let parent_product = parent.get();
+    let name = format!("{}{SHARED_SUFFIX}", parent_product.name);
+    if parent_product.parent.is_some() {
+        return Err(UnknownProductError::NotShareable { name });
+    }
+    if name.len() > PRODUCT_NAME_BYTES_MAX {
+        return Err(UnknownProductError::NameTooLong { bytes: name.len() });
+    }
+    intern(name, parent_product.memory_mib, parent_product.pcie_gbps, Some((parent, DeviceKind::SharedReplica)))
+}
+
+/// GPU Feature Discovery's suffix to the product name of shared GPUs (the device plugin's
+/// `renameByDefault: false`, its default).
+pub const SHARED_SUFFIX: &str = "-SHARED";
+
+/// `name` without [`SHARED_SUFFIX`] (compared ignoring case), when it ends so.
+pub fn strip_shared(name: &str) -> Option<&str> {
+    let cut = name.len().checked_sub(SHARED_SUFFIX.len())?;
+    match name.get(cut..) {
+        Some(tail) if tail.eq_ignore_ascii_case(SHARED_SUFFIX) => Some(&name[..cut]),
+        _ => None,
+    }
 }
 
 /// The product past the table named `name` (as [`lookup`] matches names): the one added
@@ -303,7 +361,7 @@ fn intern(
     name: String,
     memory_mib: u64,
     pcie_gbps: u32,
-    mig_parent: Option<ProductId>,
+    parent: Option<(ProductId, DeviceKind)>,
 ) -> Result<ProductId, UnknownProductError> {
     let mut unknown = UNKNOWN_PRODUCTS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
     let wanted = normalize(&name);
@@ -320,7 +378,7 @@ fn intern(
         fabric: Fabric::Unknown,
         nvlink_gbps: 0,
         pcie_gbps,
-        mig_parent,
+        parent,
     }));
     unknown.push(product);
     Ok(ProductId((PRODUCTS.len() + unknown.len() - 1) as u8))
@@ -359,7 +417,9 @@ fn normalize(name: &str) -> String {
 }
 
 /// Looks a product up by any of its names, ignoring case and `-`/`_`/space differences:
-/// the table first, then the unknown products added so far ([`register_unknown`]).
+/// the table first, then the products added so far ([`register_unknown`], [`register_mig`],
+/// [`register_shared`]). MIG devices and shared replicas are found by any name of their
+/// GPU too (GFD's `NVIDIA-A100-SXM4-80GB-SHARED` is the added `A100-SXM4-80GB-SHARED`).
 pub fn lookup(name: &str) -> Option<ProductId> {
     let wanted = normalize(name);
     let known = PRODUCTS.iter().position(|product| {
@@ -367,8 +427,23 @@ pub fn lookup(name: &str) -> Option<ProductId> {
     });
     let index = known.or_else(|| {
         unknown_products().iter().position(|product| normalize(product.name) == wanted).map(|i| PRODUCTS.len() + i)
-    })?;
-    u8::try_from(index).ok().map(ProductId)
+    });
+    if let Some(index) = index {
+        return u8::try_from(index).ok().map(ProductId);
+    }
+    // A derived product written with another name of its GPU (one level: the parent is
+    // looked up as a name of the table or an added product).
+    if name.len() > PRODUCT_NAME_BYTES_MAX {
+        return None;
+    }
+    let derived = match (split_mig(name), strip_shared(name)) {
+        (Some((parent, profile)), _) => format!("{}{MIG_INFIX}{profile}", lookup(parent)?.get().name),
+        (None, Some(parent)) => format!("{}{SHARED_SUFFIX}", lookup(parent)?.get().name),
+        (None, None) => return None,
+    };
+    let wanted = normalize(&derived);
+    let index = unknown_products().iter().position(|product| normalize(product.name) == wanted)?;
+    u8::try_from(PRODUCTS.len() + index).ok().map(ProductId)
 }
 
 /// Every accepted name, for error messages that list what would have worked.

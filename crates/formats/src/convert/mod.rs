@@ -103,6 +103,7 @@ pub fn lingjun(file: &str, text: &str, product_name: &str, gpus_per_host: u8) ->
             clique: None,
             allocated: Vec::new(),
             mig_profile: None,
+            sharing: None,
         })
         .collect();
     Ok(ClusterSpec {

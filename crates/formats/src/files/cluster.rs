@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{check_header, line_of_list_entry, line_of_name, lines_naming, FileError, Metadata, API_VERSION};
 use topoplace_engine::topology::{
-    product, ClusterSpec, NodeSpec, NvlinkLayout, ProductId, TopologyError, HOST_GPUS_MAX,
+    product, ClusterSpec, GpuSharing, NodeSpec, NvlinkLayout, ProductId, SharingStrategy, TopologyError, HOST_GPUS_MAX,
 };
 
 /// Nodes one group may generate.
@@ -88,6 +88,24 @@ pub struct GpuEntry {
     /// form `NVIDIA-H100-80GB-HBM3-MIG-2g.20gb` says the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mig: Option<String>,
+    /// The GPUs are shared, each offered as this many devices (2 or more; GFD's
+    /// `nvidia.com/gpu.replicas`): `count` counts whole GPUs and `memory` is a whole GPU's.
+    /// GFD's product form `NVIDIA-A100-SXM4-80GB-SHARED` says the GPUs are shared too, and then
+    /// needs `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u8>,
+    /// How they are shared: `time-slicing` (when only `replicas` is given) or `mps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharing: Option<String>,
+}
+
+/// What a [`GpuEntry`] resolves to: the devices' product, and the MIG profile or sharing
+/// that made them.
+#[derive(Debug, Clone)]
+pub struct ResolvedGpus {
+    pub product: ProductId,
+    pub mig: Option<String>,
+    pub sharing: Option<GpuSharing>,
 }
 
 /// A product name looked up in the table while parsing: `None` for a product the table
@@ -184,14 +202,47 @@ impl GpuEntry {
     /// The entry's product: the table's, or for a product the table lacks, one planned from
     /// this entry's `memory` with no NVLink assumed ([`product::register_unknown`]), never
     /// from another entry's. Errors name what to write instead.
-    fn resolve(&self) -> Result<(ProductId, Option<String>), String> {
-        let ProductName(written, id) = &self.product;
+    fn resolve(&self) -> Result<ResolvedGpus, String> {
+        let ProductName(written, _) = &self.product;
+        let (whole_name, shared) = match product::strip_shared(written) {
+            Some(whole) => (whole, true),
+            None => (written.as_str(), false),
+        };
+        let sharing = match (&self.sharing, self.replicas, shared) {
+            (None, None, false) => None,
+            (_, None, _) => {
+                return Err("the GPUs are shared: give gpu.replicas, the devices each GPU is offered as".into())
+            }
+            (strategy, Some(replicas), _) => {
+                let strategy = match strategy {
+                    None => SharingStrategy::TimeSlicing,
+                    Some(text) => SharingStrategy::parse(text).ok_or_else(|| {
+                        format!("gpu.sharing `{text}` is not a sharing strategy (time-slicing or mps)")
+                    })?,
+                };
+                Some(GpuSharing { strategy, replicas })
+            }
+        };
+        let Some(sharing) = sharing else {
+            return self.resolve_whole(written).map(|(product, mig)| ResolvedGpus { product, mig, sharing: None });
+        };
+        if self.mig.is_some() || product::split_mig(written).is_some() {
+            return Err("shared MIG devices are not planned: give gpu.mig or gpu.replicas, not both".into());
+        }
+        let (whole, _) = self.resolve_whole(whole_name)?;
+        let product = product::register_shared(whole).map_err(|e| e.to_string())?;
+        Ok(ResolvedGpus { product, mig: None, sharing: Some(sharing) })
+    }
+
+    /// The whole GPUs' product (or MIG devices' with their profile) named `written`.
+    fn resolve_whole(&self, written: &str) -> Result<(ProductId, Option<String>), String> {
+        let id = &product::lookup(written).filter(|id| id.get().parent.is_none());
         let (name, mig) = match (product::split_mig(written), &self.mig) {
             (Some(_), Some(_)) => {
                 return Err(format!("`{written}` names a MIG profile, and so does gpu.mig: give one"))
             }
             (Some((parent, profile)), None) => (parent, Some(profile.to_string())),
-            (None, mig) => (written.as_str(), mig.clone()),
+            (None, mig) => (written, mig.clone()),
         };
         let id = if mig.is_some() { product::lookup(name) } else { *id };
         if mig.is_some() {
@@ -234,9 +285,10 @@ fn node_spec(
     name: String,
     labels: BTreeMap<String, String>,
     gpu: &GpuEntry,
-    (product, mig_profile): (ProductId, Option<String>),
+    resolved: ResolvedGpus,
     allocated: Vec<u8>,
 ) -> NodeSpec {
+    let ResolvedGpus { product, mig: mig_profile, sharing } = resolved;
     NodeSpec {
         name,
         labels,
@@ -247,6 +299,7 @@ fn node_spec(
         clique: gpu.clique.clone(),
         allocated,
         mig_profile,
+        sharing,
     }
 }
 
@@ -368,6 +421,7 @@ pub fn locate(file: &str, text: &str, error: &TopologyError) -> FileError {
         | TopologyError::MigProfile { node, .. }
         | TopologyError::MigWith { node, .. }
         | TopologyError::MigProduct { node, .. }
+        | TopologyError::Sharing { node, .. }
         | TopologyError::EmptyName { node } => Some(node),
         _ => None,
     };
@@ -393,8 +447,9 @@ pub fn render(spec: &ClusterSpec) -> Result<String, serde_yaml_ng::Error> {
     let mut groups: Vec<NodeGroupEntry> = Vec::new();
     for node in &spec.nodes {
         let gpu = GpuEntry {
-            // MIG devices are written as their GPU's product and `mig`.
-            product: match node.product.mig_parent().filter(|_| node.mig_profile.is_some()) {
+            // MIG devices and shared replicas are written as their GPU's product and `mig` or
+            // `replicas`.
+            product: match node.product.get().parent.map(|(parent, _)| parent) {
                 Some(parent) => ProductName(parent.get().name.to_string(), Some(parent)),
                 None => ProductName(node.product.get().name.to_string(), Some(node.product)),
             },
@@ -409,6 +464,8 @@ pub fn render(spec: &ClusterSpec) -> Result<String, serde_yaml_ng::Error> {
             }),
             clique: node.clique.clone(),
             mig: node.mig_profile.clone(),
+            replicas: node.sharing.map(|sharing| sharing.replicas),
+            sharing: node.sharing.map(|sharing| sharing.strategy.as_str().to_string()),
         };
         let same = |group: &NodeGroupEntry| {
             group.labels == node.labels
@@ -509,6 +566,43 @@ mod tests {
     }
 
     #[test]
+    fn shared_gpus_are_written_with_their_replicas_or_as_gfd_names_them() {
+        let text = format!(
+            "{HEADER}spec:\n  nodes:\n  - name: a\n    gpu: {{product: A100-SXM4-80GB, count: 8, replicas: 4}}\n  - name: b\n    gpu: {{product: NVIDIA-A100-SXM4-80GB-SHARED, count: 8, replicas: 4, sharing: mps}}\n    allocated: [31]\n"
+        );
+        let cluster = load("c.yaml", &text).expect("planned");
+        for host in &cluster.hosts {
+            assert_eq!((host.gpu_count, host.memory_mib, host.links.best_nvlink_gbps), (32, 81_920 / 4, 0));
+            assert_eq!(host.product.get().name, "A100-SXM4-80GB-SHARED", "a product of their own");
+            assert_eq!(host.product.shared_parent().map(|p| p.get().name), Some("A100-SXM4-80GB"));
+        }
+        assert_eq!(cluster.hosts[1].sharing.map(|s| s.strategy), Some(SharingStrategy::Mps));
+        let spec = parse("c.yaml", &text).expect("parsed");
+        let rendered = render(&spec).expect("rendered");
+        assert!(rendered.contains("replicas: 4") && rendered.contains("sharing: mps"), "{rendered}");
+        let again = parse("c.yaml", &rendered).expect("the rendered file parses");
+        assert_eq!(again.nodes, spec.nodes, "{rendered}");
+        // Product errors point at the `product:` line (7), the node's own checks at its name (6).
+        let cases = [
+            ("gpu: {product: A100-SXM4-80GB-SHARED, count: 8}", "give gpu.replicas", 7),
+            ("gpu: {product: A100-SXM4-80GB, count: 8, sharing: mps}", "give gpu.replicas", 7),
+            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 4, sharing: vgpu}", "not a sharing strategy", 7),
+            ("gpu: {product: H100, count: 7, mig: 1g.10gb, memory: 9856, replicas: 2}", "shared MIG devices", 7),
+            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 1}", "replicas 1 (a shared GPU is offered as 2", 6),
+            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 9}", "72 devices, over the 64", 6),
+            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 2, nvlink: all}", "gpu.nvlink is set", 6),
+        ];
+        for (gpu, expected, line) in cases {
+            let message = error_of(&format!("spec:\n  nodes:\n  - name: a\n    {gpu}\n"));
+            let at = format!("c.yaml:{line}:");
+            assert!(
+                message.contains(expected) && message.starts_with(&at) && message.contains("`a`"),
+                "{gpu}: {message}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_products_are_reported_at_their_line() {
         let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H1000, count: 8}\n");
         assert!(message.starts_with("c.yaml:7:"), "{message}");
@@ -518,7 +612,7 @@ mod tests {
     #[test]
     fn semantic_errors_point_at_the_node() {
         let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H100, count: 8}\n  - name: b\n    gpu: {product: H100, count: 8}\n    allocated: [9]\n");
-        assert_eq!(message, "c.yaml:8: node `b`: allocated GPU index 9 is not below gpu.count 8");
+        assert_eq!(message, "c.yaml:8: node `b`: allocated GPU index 9 is not below the node's 8 devices (gpu.count, times the replicas when shared)");
         let message = error_of("spec:\n  nodes:\n  - name: a\n    gpu: {product: H100, count: 8}\n  - name: a\n    gpu: {product: H100, count: 8}\n");
         assert_eq!(message, "c.yaml:8: node `a`: name appears twice");
         // A name repeated inside a group's `names` list points at the repeat.

@@ -56,6 +56,9 @@ struct GangEntry {
     pipeline_parallel: Option<u32>,
     #[serde(default)]
     min_gpu_memory: Option<MemoryQuantity>,
+    /// One MIG device of this profile per member (`2g.20gb`), instead of a memory need.
+    #[serde(default)]
+    mig: Option<String>,
     #[serde(default)]
     model: Option<ModelEntry>,
     #[serde(default)]
@@ -73,6 +76,7 @@ struct ShapeEntry {
     pipeline_parallel: Option<u32>,
     min_gpu_memory: Option<MemoryQuantity>,
     model: Option<ModelEntry>,
+    mig: Option<String>,
 }
 
 impl ShapeEntry {
@@ -83,12 +87,17 @@ impl ShapeEntry {
             && self.pipeline_parallel.is_none()
             && self.min_gpu_memory.is_none()
             && self.model.is_none()
+            && self.mig.is_none()
     }
 
     /// The memory need, or why the two ways of giving it clash.
     fn memory(&mut self) -> Result<MemoryNeed, String> {
+        let mig = self.mig.take();
         Ok(match (self.min_gpu_memory.take(), self.model.take()) {
             (Some(_), Some(_)) => return Err("give either minGpuMemory or model, not both".into()),
+            (Some(_), _) | (_, Some(_)) if mig.is_some() => {
+                return Err("give one of minGpuMemory, model and mig".into())
+            }
             (Some(MemoryQuantity(bytes)), None) => MemoryNeed::FloorMib(quantity::bytes_to_mib_ceil(bytes)),
             (None, Some(model)) => MemoryNeed::Model(ModelSpec {
                 parameters: model.parameters.0,
@@ -97,7 +106,7 @@ impl ShapeEntry {
                 kv_cache_bytes: model.kv_cache.map_or(0, |q| q.0),
                 overhead: model.overhead.unwrap_or(RUNTIME_OVERHEAD_DEFAULT),
             }),
-            (None, None) => MemoryNeed::None,
+            (None, None) => mig.map_or(MemoryNeed::None, MemoryNeed::MigProfile),
         })
     }
 }
@@ -115,6 +124,9 @@ struct RoleEntry {
     pipeline_parallel: Option<u32>,
     #[serde(default)]
     min_gpu_memory: Option<MemoryQuantity>,
+    /// One MIG device of this profile per member (`2g.20gb`), instead of a memory need.
+    #[serde(default)]
+    mig: Option<String>,
     #[serde(default)]
     model: Option<ModelEntry>,
     #[serde(default)]
@@ -221,6 +233,7 @@ fn gang_spec(mut entry: GangEntry, text: &str, line: Option<usize>) -> Result<Ga
         pipeline_parallel: entry.pipeline_parallel,
         min_gpu_memory: entry.min_gpu_memory.take(),
         model: entry.model.take(),
+        mig: entry.mig.take(),
     };
     let Some(roles) = entry.roles.take() else {
         let memory = shape.memory().map_err(gang_error)?;
@@ -228,9 +241,12 @@ fn gang_spec(mut entry: GangEntry, text: &str, line: Option<usize>) -> Result<Ga
             name: entry.name,
             replicas: entry.replicas,
             members: shape.members.unwrap_or(1),
-            gpus_per_member: shape
-                .gpus_per_member
-                .ok_or_else(|| gang_error("gpusPerMember is missing (or give roles)".into()))?,
+            // A member on a MIG device has one GPU: `mig` alone says so.
+            gpus_per_member: match (shape.gpus_per_member, &memory) {
+                (Some(gpus), _) => gpus,
+                (None, MemoryNeed::MigProfile(_)) => 1,
+                (None, _) => return Err(gang_error("gpusPerMember is missing (or give roles)".into())),
+            },
             tensor_parallel: shape.tensor_parallel.unwrap_or(1),
             pipeline_parallel: shape.pipeline_parallel.unwrap_or(1),
             memory,
@@ -269,7 +285,8 @@ fn gang_spec(mut entry: GangEntry, text: &str, line: Option<usize>) -> Result<Ga
 /// One `roles[]` entry as a role spec (defaults: 1 member, TP 1, PP 1); an error says why
 /// its memory cannot be read.
 fn role_spec(role: RoleEntry) -> Result<RoleSpec, String> {
-    let mut shape = ShapeEntry { min_gpu_memory: role.min_gpu_memory, model: role.model, ..ShapeEntry::default() };
+    let mut shape =
+        ShapeEntry { min_gpu_memory: role.min_gpu_memory, model: role.model, mig: role.mig, ..ShapeEntry::default() };
     let memory = shape.memory()?;
     let (required, preferred) = scopes(role.topology);
     Ok(RoleSpec {
@@ -351,7 +368,9 @@ fn role_line(text: &str, gang_line: Option<usize>, error: &WorkloadError) -> Opt
         | WorkloadError::TooLarge { gang, .. }
         | WorkloadError::TensorParallelShape { gang, .. }
         | WorkloadError::ParallelismShape { gang, .. }
-        | WorkloadError::Overhead { gang, .. } => match gang.rsplit_once('/') {
+        | WorkloadError::Overhead { gang, .. }
+        | WorkloadError::MigProfile { gang, .. }
+        | WorkloadError::MigShape { gang, .. } => match gang.rsplit_once('/') {
             Some((_, role)) => role,
             None => return gang_line,
         },

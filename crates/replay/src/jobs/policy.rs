@@ -272,6 +272,7 @@ fn gang_of(id: &str, gpus: u32, host_gpus: u8) -> Gang {
         tensor_parallel: per_member,
         pipeline_parallel: 1,
         memory_floor_mib: 0,
+        mig_profile: None,
         required: None,
         preferred: None,
     }

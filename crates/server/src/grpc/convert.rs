@@ -9,6 +9,7 @@ use topoplace_engine::placement::capacity::{CapacityReport, ReplicaCapacity};
 use topoplace_engine::placement::exact::{ExactConfig, AUTO_VARIABLES_MAX};
 use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{GangPlacement, RejectionGroup, ScoreComponents, SolverChoice, SolverInfo};
+use topoplace_engine::topology::product::DeviceKind;
 use topoplace_engine::topology::{product, Cluster, ProductId};
 use topoplace_engine::workload::{GangSpec, MemoryNeed, RoleSpec, Scope, Slicing, WorkloadError};
 use topoplace_online::reservation::{
@@ -62,10 +63,13 @@ fn scope(text: &str) -> Option<Scope> {
     (!text.is_empty()).then(|| Scope::parse(text))
 }
 
-fn memory(mib: u64) -> MemoryNeed {
-    match mib {
-        0 => MemoryNeed::None,
-        mib => MemoryNeed::FloorMib(mib),
+/// The memory need of `min_gpu_memory_mib` and `mig_profile` (at most one of them set).
+fn memory(mib: u64, mig_profile: &str) -> Result<MemoryNeed, String> {
+    match (mib, mig_profile.trim()) {
+        (0, "") => Ok(MemoryNeed::None),
+        (mib, "") => Ok(MemoryNeed::FloorMib(mib)),
+        (0, profile) => Ok(MemoryNeed::MigProfile(profile.to_string())),
+        (_, _) => Err("give min_gpu_memory_mib or mig_profile, not both".into()),
     }
 }
 
@@ -119,7 +123,7 @@ fn role_spec(role: &pb::Role) -> Result<RoleSpec, String> {
         gpus_per_member: role.gpus_per_member,
         tensor_parallel: role.tensor_parallel.max(1),
         pipeline_parallel: role.pipeline_parallel.max(1),
-        memory: memory(role.min_gpu_memory_mib),
+        memory: memory(role.min_gpu_memory_mib, &role.mig_profile)?,
         required: scope(&role.required_topology),
         preferred: scope(&role.preferred_topology),
         slices,
@@ -138,7 +142,7 @@ fn gang_spec(index: usize, gang: &pb::Gang) -> Result<(String, Option<ProductId>
         gpus_per_member: gang.gpus_per_member,
         tensor_parallel: gang.tensor_parallel.max(1),
         pipeline_parallel: gang.pipeline_parallel.max(1),
-        memory: memory(gang.min_gpu_memory_mib),
+        memory: memory(gang.min_gpu_memory_mib, &gang.mig_profile).map_err(|e| at(format!("gang `{key}`: {e}")))?,
         required: scope(&gang.required_topology),
         preferred: scope(&gang.preferred_topology),
         roles: Vec::new(),
@@ -153,6 +157,11 @@ fn gang_spec(index: usize, gang: &pb::Gang) -> Result<(String, Option<ProductId>
             ("pipeline_parallel", u64::from(gang.pipeline_parallel)),
             ("min_gpu_memory_mib", gang.min_gpu_memory_mib),
         ];
+        if !gang.mig_profile.trim().is_empty() {
+            return Err(at(format!(
+                "gang `{key}` has roles, so mig_profile belongs to each role and must be empty here"
+            )));
+        }
         if let Some((field, value)) = shape.iter().find(|(_, value)| *value != 0) {
             return Err(at(format!(
                 "gang `{key}` has roles, so {field} belongs to each role and must be 0 here (it is {value})"
@@ -452,6 +461,20 @@ fn explanation_response(
     }
 }
 
+/// What one device of `product` is, on the wire.
+fn device_kind(product: ProductId) -> pb::DeviceKind {
+    match product.get().parent {
+        None => pb::DeviceKind::WholeGpu,
+        Some((_, DeviceKind::MigDevice)) => pb::DeviceKind::MigDevice,
+        Some((_, DeviceKind::SharedReplica)) => pb::DeviceKind::SharedReplica,
+    }
+}
+
+/// The whole GPUs' product of MIG devices or shared replicas; empty for whole GPUs.
+fn whole_gpu_product(product: ProductId) -> String {
+    product.get().parent.map(|(parent, _)| parent.get().name.to_string()).unwrap_or_default()
+}
+
 pub fn capacity_response(cluster: &Cluster, report: &CapacityReport, generation: u64) -> pb::CapacityResponse {
     pb::CapacityResponse {
         replicas: report.replicas,
@@ -464,6 +487,8 @@ pub fn capacity_response(cluster: &Cluster, report: &CapacityReport, generation:
                 hosts: p.hosts,
                 gpus: p.gpus,
                 free_gpus: p.free_gpus,
+                device_kind: device_kind(p.product) as i32,
+                whole_gpu_product: whole_gpu_product(p.product),
             })
             .collect(),
         domains: report
@@ -530,6 +555,8 @@ pub fn state_response(state: &ClusterState) -> pb::ClusterStateResponse {
                 hosts,
                 gpus,
                 free_gpus,
+                device_kind: device_kind(product) as i32,
+                whole_gpu_product: whole_gpu_product(product),
             })
             .collect(),
         domains: state

@@ -9,16 +9,21 @@
 //! count (0: kept, closed, so its pods stay counted). A product missing from the table is
 //! planned from `nvidia.com/gpu.memory` with no NVLink assumed. Under the single MIG strategy
 //! (`<product>-MIG-<profile>`) the node's MIG devices are its GPUs, each taking a member of one
-//! GPU. Nodes whose GPUs are shared (time-slicing, MPS) are left out with that reason. Label
-//! names and their meaning are GPU Feature Discovery's (`internal/lm/resource.go`,
-//! `mig-strategy.go`) and the GPU Operator's GPU-sharing documentation.
+//! GPU. A node whose GPUs are shared (time-slicing, MPS: `nvidia.com/gpu.replicas`) is planned
+//! as its replicas, each taking a member of one GPU, as the device plugin offers them (each
+//! replica one `nvidia.com/gpu`); under `renameByDefault` (`nvidia.com/gpu.shared`) it is left
+//! out. Label names and their meaning are GPU Feature Discovery's (`internal/lm/resource.go`,
+//! `mig-strategy.go`), the device plugin's README ("Shared Access to GPUs") and the GPU
+//! Operator's GPU-sharing documentation.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Node;
 
 use topoplace_engine::quantity;
-use topoplace_engine::topology::{product, validate_node, ClusterSpec, NodeSpec, NvlinkLayout, HOST_GPUS_MAX};
+use topoplace_engine::topology::{
+    product, validate_node, ClusterSpec, GpuSharing, NodeSpec, NvlinkLayout, SharingStrategy, HOST_GPUS_MAX,
+};
 use topoplace_online::scheduler::predicates::{NodeFacts, Resources, Taint, TaintEffect};
 
 pub const PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
@@ -36,7 +41,9 @@ pub const SHARING_STRATEGY_LABEL: &str = "nvidia.com/gpu.sharing-strategy";
 pub const MIG_STRATEGY_LABEL: &str = "nvidia.com/mig.strategy";
 /// GFD's suffix to the product name of shared GPUs (the device plugin's `renameByDefault:
 /// false`, the default).
-pub const SHARED_SUFFIX: &str = "-SHARED";
+pub const SHARED_SUFFIX: &str = product::SHARED_SUFFIX;
+/// The device plugin's name for shared replicas under `renameByDefault: true`.
+pub const SHARED_RESOURCE: &str = "nvidia.com/gpu.shared";
 
 /// The default topology levels, outermost first: Topograph's network tiers under the zone.
 /// Only keys that some node carries become levels.
@@ -116,9 +123,6 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
     if count == 0 {
         return Ok(None);
     }
-    if count > HOST_GPUS_MAX as u64 {
-        return Err(format!("{count} GPUs, more than the {HOST_GPUS_MAX} supported per node"));
-    }
     let Some(product_label) = labels.get(PRODUCT_LABEL) else {
         return Err(format!("has {count} GPUs but no {PRODUCT_LABEL} label"));
     };
@@ -138,22 +142,69 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
             .ok_or_else(|| format!("label {REPLICAS_LABEL} `{text}` is not a whole number of at least 1"))?,
         None => 1,
     };
-    let sharing = labels.get(SHARING_STRATEGY_LABEL).map(|s| s.trim()).filter(|s| !s.is_empty() && *s != "none");
-    let product_name = strip_suffix_ignoring_case(product_label, SHARED_SUFFIX);
-    let renamed = strip_suffix_ignoring_case(full_label, SHARED_SUFFIX).len() != full_label.len();
-    if replicas > 1 || sharing.is_some() || renamed || product_name.len() != product_label.len() {
+    let strategy_label = labels.get(SHARING_STRATEGY_LABEL).map(|s| s.trim()).filter(|s| !s.is_empty() && *s != "none");
+    let product_name = product::strip_shared(product_label).unwrap_or(product_label);
+    let suffixed = product::strip_shared(full_label).is_some() || product_name.len() != product_label.len();
+    let offers_renamed = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .is_some_and(|a| a.contains_key(SHARED_RESOURCE) && !a.contains_key(super::pod::GPU_RESOURCE));
+    let mut warnings = Vec::new();
+    // Time-slicing or MPS: each GPU is offered as `replicas` devices, and so planned.
+    let sharing = if replicas > 1 || strategy_label.is_some() || suffixed || offers_renamed {
+        let shared =
+            || format!("{SHARING_STRATEGY_LABEL} {}, {REPLICAS_LABEL} {replicas}", strategy_label.unwrap_or("unset"));
+        if offers_renamed {
+            return Err(format!(
+                "its GPUs are shared ({}) and offered as {SHARED_RESOURCE} (the device plugin's renameByDefault), \
+                 which this view does not plan: pods asking for it are left to kube-scheduler",
+                shared()
+            ));
+        }
+        if mig_profile.is_some() {
+            return Err(format!("its MIG devices are shared ({}): shared MIG devices are not planned", shared()));
+        }
+        let replicas =
+            u8::try_from(replicas).ok().filter(|&r| r >= 2 && usize::from(r) <= HOST_GPUS_MAX).ok_or_else(|| {
+                format!(
+                    "its GPUs are shared ({}): {REPLICAS_LABEL} must be 2 to {HOST_GPUS_MAX} for a shared GPU",
+                    shared()
+                )
+            })?;
+        let strategy = match strategy_label {
+            None => {
+                warnings.push(format!(
+                    "no {SHARING_STRATEGY_LABEL} label (GFD before MPS support): its shared GPUs are taken as \
+                     time-sliced"
+                ));
+                SharingStrategy::TimeSlicing
+            }
+            Some(text) => SharingStrategy::parse(text)
+                .ok_or_else(|| format!("label {SHARING_STRATEGY_LABEL} `{text}` is not none, time-slicing or mps"))?,
+        };
+        Some(GpuSharing { strategy, replicas })
+    } else {
+        None
+    };
+    let per_gpu = sharing.map_or(1, |sharing| u64::from(sharing.replicas));
+    // Without the count label the device plugin's offer is the count: replicas, when shared.
+    let count = if labels.contains_key(COUNT_LABEL) { count } else { count / per_gpu };
+    if count == 0 {
         return Err(format!(
-            "its GPUs are shared ({SHARING_STRATEGY_LABEL} {}, {REPLICAS_LABEL} {replicas}): this view plans whole \
-             GPUs only",
-            sharing.unwrap_or("unset")
+            "status.allocatable {} is below one GPU's {per_gpu} replicas, and there is no {COUNT_LABEL} label",
+            super::pod::GPU_RESOURCE
         ));
     }
-    let mut warnings = Vec::new();
+    if count > HOST_GPUS_MAX as u64 {
+        return Err(format!("{count} GPUs, more than the {HOST_GPUS_MAX} supported per node"));
+    }
     let mut offers_none = false;
     // The device plugin offers what the kubelet will admit: fewer than the label counts means
     // GPUs it withdrew (unhealthy; or MIG-enabled under the mixed strategy). Which ones is not
     // published: the view keeps the lowest indices (pods recorded on others stay held,
-    // `Book::held_on`).
+    // `Book::held_on`). A shared GPU withdrawn takes all its replicas with it.
+    let allocatable = allocatable.map(|offered| offered / per_gpu);
     let planned = match allocatable {
         Some(0) => {
             warnings.push(format!(
@@ -170,8 +221,9 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
             } else {
                 "unhealthy"
             };
+            let offer = if per_gpu > 1 { format!("{offered} GPUs' replicas") } else { format!("{offered}") };
             warnings.push(format!(
-                "{} of {count} GPUs withdrawn by the device plugin ({why}): planned with the {offered} of \
+                "{} of {count} GPUs withdrawn by the device plugin ({why}): planned with the {offer} of \
                  status.allocatable {}",
                 count - offered,
                 super::pod::GPU_RESOURCE
@@ -179,6 +231,20 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
             offered
         }
         _ => count,
+    };
+    // Each device is a bit in a host's GPU mask: a node of more replicas is planned with the
+    // whole GPUs whose replicas fit.
+    let planned = if planned * per_gpu > HOST_GPUS_MAX as u64 {
+        let fit = HOST_GPUS_MAX as u64 / per_gpu;
+        warnings.push(format!(
+            "{} shared replicas ({planned} GPUs x {per_gpu}) are over the {HOST_GPUS_MAX} devices a node is planned \
+             with: planned with {fit} GPUs' {} replicas",
+            planned * per_gpu,
+            fit * per_gpu
+        ));
+        fit
+    } else {
+        planned
     };
     let memory_mib = match labels.get(MEMORY_LABEL) {
         Some(text) => {
@@ -220,6 +286,11 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
         (Some(profile), Some(memory)) => product::register_mig(product, profile, memory).map_err(|e| e.to_string())?,
         _ => product,
     };
+    // Shared replicas likewise, one product per GPU product.
+    let product = match sharing {
+        Some(_) => product::register_shared(product).map_err(|e| e.to_string())?,
+        None => product,
+    };
     let mut nvlink = match annotations.get(NVLINK_GROUPS_ANNOTATION) {
         Some(text) => Some(parse_groups(text).map_err(|e| format!("annotation {NVLINK_GROUPS_ANNOTATION}: {e}"))?),
         None => None,
@@ -230,6 +301,8 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
     // (they have none), and groups naming GPUs the device plugin withdrew.
     let unlinked = if mig_profile.is_some() {
         Some("its GPUs are MIG devices")
+    } else if sharing.is_some() {
+        Some("its GPUs are shared replicas")
     } else if product.is_unknown() {
         Some("the product's NVLink bandwidth is not known")
     } else {
@@ -265,6 +338,7 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
         clique,
         allocated: Vec::new(),
         mig_profile,
+        sharing,
     };
     validate_node(&spec).map_err(|e| e.to_string())?;
     Ok(Some(GpuNode { spec, warnings, offers_none }))
@@ -275,15 +349,6 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
 fn whole_gpus(text: &str) -> Option<u64> {
     let milli = quantity::parse_milli(text).ok()?;
     (milli >= 0 && milli % 1000 == 0).then_some((milli / 1000) as u64)
-}
-
-/// `text` without the suffix `suffix` (compared ignoring ASCII case).
-fn strip_suffix_ignoring_case<'t>(text: &'t str, suffix: &str) -> &'t str {
-    let cut = text.len().saturating_sub(suffix.len());
-    match text.get(cut..) {
-        Some(tail) if tail.eq_ignore_ascii_case(suffix) => &text[..cut],
-        _ => text,
-    }
 }
 
 /// `0,1,2,3;4,5,6,7`: NVLink groups, all-to-all inside each.
@@ -457,18 +522,67 @@ mod tests {
     }
 
     #[test]
-    fn shared_gpus_are_left_out_with_the_reason() {
-        let renamed = [(PRODUCT_LABEL, "Tesla-T4-SHARED"), (COUNT_LABEL, "4"), (REPLICAS_LABEL, "4")];
-        let error = node_spec(&gpu_node(&renamed, Some("16"))).expect_err("shared");
-        assert!(error.contains("shared") && error.contains("nvidia.com/gpu.replicas 4"), "{error}");
-        let time_sliced = [H100, (COUNT_LABEL, "1"), (REPLICAS_LABEL, "4"), (SHARING_STRATEGY_LABEL, "time-slicing")];
-        let error = node_spec(&gpu_node(&time_sliced, Some("4"))).expect_err("shared");
-        assert!(error.contains("time-slicing"), "{error}");
+    fn shared_gpus_are_planned_as_their_replicas() {
+        // The device plugin's default (renameByDefault: false): GFD suffixes the product, and
+        // nvidia.com/gpu counts replicas.
+        let suffixed = [
+            (PRODUCT_LABEL, "Tesla-T4-SHARED"),
+            (COUNT_LABEL, "4"),
+            (REPLICAS_LABEL, "4"),
+            (SHARING_STRATEGY_LABEL, "time-slicing"),
+        ];
+        let node = planned(&gpu_node(&suffixed, Some("16")));
+        assert_eq!(node.spec.sharing, Some(GpuSharing { strategy: SharingStrategy::TimeSlicing, replicas: 4 }));
+        assert_eq!((node.spec.product.get().name, node.spec.gpu_count, node.spec.devices()), ("T4-SHARED", 4, 16));
+        assert_eq!(node.spec.product.shared_parent().map(|p| p.get().name), Some("T4"));
+        assert!(node.warnings.is_empty(), "{:?}", node.warnings);
+        let cluster = Cluster::build(cluster_spec(&[gpu_node(&suffixed, Some("16"))], &[]).0).expect("a cluster");
+        let host = &cluster.hosts[0];
+        assert_eq!((host.gpu_count, host.memory_mib), (16, 15360 / 4), "a replica has a quarter of a T4's memory");
+        assert_eq!(host.links.largest_nvlink_group, 1);
+        // MPS, and an older GFD with no strategy label (time-slicing, with a warning).
+        let mps = [H100, (COUNT_LABEL, "8"), (REPLICAS_LABEL, "2"), (SHARING_STRATEGY_LABEL, "mps")];
+        let node = planned(&gpu_node(&mps, Some("16")));
+        assert_eq!(node.spec.sharing.map(|s| (s.strategy, s.replicas)), Some((SharingStrategy::Mps, 2)));
+        let unlabelled = [(PRODUCT_LABEL, "NVIDIA-H100-80GB-HBM3-SHARED"), (COUNT_LABEL, "1"), (REPLICAS_LABEL, "4")];
+        let node = planned(&gpu_node(&unlabelled, Some("4")));
+        assert_eq!(node.spec.sharing.map(|s| s.strategy), Some(SharingStrategy::TimeSlicing));
+        assert!(node.warnings[0].contains("taken as time-sliced"), "{:?}", node.warnings);
+        // A GPU the device plugin withdrew takes its replicas with it; no count label: the
+        // offer is replicas.
+        let node = planned(&gpu_node(&suffixed, Some("12")));
+        assert_eq!(node.spec.gpu_count, 3);
+        assert!(node.warnings[0].starts_with("1 of 4 GPUs withdrawn"), "{:?}", node.warnings);
+        let node = planned(&gpu_node(&[suffixed[0], suffixed[2], suffixed[3]], Some("16")));
+        assert_eq!((node.spec.gpu_count, node.spec.devices()), (4, 16));
+        // The device plugin README's example, 8 GPUs x 10 replicas: 80 devices, planned as the
+        // 60 of 6 GPUs (a host's devices are one 64-bit mask).
+        let ten = [H100, (COUNT_LABEL, "8"), (REPLICAS_LABEL, "10"), (SHARING_STRATEGY_LABEL, "time-slicing")];
+        let node = planned(&gpu_node(&ten, Some("80")));
+        assert_eq!((node.spec.gpu_count, node.spec.devices()), (6, 60));
+        assert!(node.warnings[0].contains("80 shared replicas"), "{:?}", node.warnings);
+        // Left out, with the reason.
         let error =
             node_spec(&gpu_node(&[H100, (COUNT_LABEL, "8"), (REPLICAS_LABEL, "0")], Some("8"))).expect_err("bad");
         assert!(error.contains("label nvidia.com/gpu.replicas `0`"), "{error}");
-        // Sharing switched off says so, and is planned.
+        let odd = [H100, (COUNT_LABEL, "8"), (REPLICAS_LABEL, "4"), (SHARING_STRATEGY_LABEL, "vgpu")];
+        let error = node_spec(&gpu_node(&odd, Some("32"))).expect_err("unknown strategy");
+        assert!(error.contains("`vgpu` is not none, time-slicing or mps"), "{error}");
+        let mig =
+            [(PRODUCT_LABEL, "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb-SHARED"), (COUNT_LABEL, "7"), (REPLICAS_LABEL, "2")];
+        let error = node_spec(&gpu_node(&[mig[0], mig[1], mig[2], (MEMORY_LABEL, "4864")], Some("14")))
+            .expect_err("shared MIG");
+        assert!(error.contains("shared MIG devices are not planned"), "{error}");
+        let renamed: Node = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "t4", "labels": { PRODUCT_LABEL: "Tesla-T4", COUNT_LABEL: "4", REPLICAS_LABEL: "4" } },
+            "status": { "allocatable": { SHARED_RESOURCE: "16" } },
+        }))
+        .expect("a Node");
+        let error = node_spec(&renamed).expect_err("renamed");
+        assert!(error.contains("offered as nvidia.com/gpu.shared"), "{error}");
+        // Sharing switched off says so, and is planned whole.
         let unshared = [H100, (COUNT_LABEL, "8"), (REPLICAS_LABEL, "1"), (SHARING_STRATEGY_LABEL, "none")];
-        assert_eq!(planned(&gpu_node(&unshared, Some("8"))).spec.gpu_count, 8);
+        let node = planned(&gpu_node(&unshared, Some("8")));
+        assert_eq!((node.spec.gpu_count, node.spec.sharing), (8, None));
     }
 }
