@@ -244,8 +244,13 @@ pub fn load_cluster(path: &Option<PathBuf>) -> Result<Cluster, CliError> {
         Some(path) => files::cluster::load(&path.display().to_string(), &files::read_input(path)?)?,
         None => files::cluster::load("<embedded demo cluster>", DEMO_CLUSTER)?,
     };
-    for product in cluster.products().into_iter().filter(|p| p.is_unknown() && p.get().parent.is_none()) {
-        let hosts = cluster.hosts.iter().filter(|h| h.product == product).count();
+    // Shared replicas of a product the table lacks are named by that product.
+    let mut unknown: Vec<_> =
+        cluster.products().into_iter().map(|p| p.whole_gpu()).filter(|p| p.is_unknown()).collect();
+    unknown.sort();
+    unknown.dedup();
+    for product in unknown {
+        let hosts = cluster.hosts.iter().filter(|h| h.product.whole_gpu() == product).count();
         eprintln!(
             "warning: GPU product `{}` ({hosts} node(s)) is not in the product table: planned from its gpu.memory \
              with no NVLink assumed",
