@@ -1057,8 +1057,10 @@ async fn capacity_is_answered_per_shared_replica_and_per_mig_profile() {
         .into_inner();
     assert_eq!(one_g.replicas, 7, "{one_g:?}");
     assert!(one_g.rejected_hosts.iter().any(|g| g.reason.contains("not MIG devices of profile 1g.5gb")), "{one_g:?}");
-    let none = api.plan(plan(vec![mig("2g.10gb")], true)).await.expect("plan").into_inner();
-    assert!(!none.placed && none.unplaced.len() == 1, "{none:?}");
+    // No device of the profile anywhere: refused as a request that can never fit.
+    let none = api.plan(plan(vec![mig("2g.10gb")], true)).await.expect_err("no such devices");
+    assert_eq!(none.code(), Code::InvalidArgument);
+    assert!(none.message().contains("has only 0 MIG devices of profile 2g.10gb in all"), "{}", none.message());
     let both = pb::Gang { min_gpu_memory_mib: 4096, ..mig("1g.5gb") };
     let refused = api.plan(plan(vec![both], true)).await.expect_err("both needs");
     assert_eq!(refused.code(), Code::InvalidArgument);

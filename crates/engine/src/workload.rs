@@ -97,9 +97,9 @@ pub enum MemoryNeed {
     None,
     FloorMib(u64),
     Model(ModelSpec),
-    /// Each member takes one MIG device of this profile (`2g.20gb`), of any GPU product: what
-    /// a pod asking for `nvidia.com/mig-2g.20gb` gets under the mixed MIG strategy. Members of
-    /// one GPU without tensor parallelism only.
+    /// Each member takes one MIG device of this profile (`2g.20gb`), of any GPU product, on
+    /// nodes of the single MIG strategy (`topology::NodeSpec::mig_profile`). Members of one GPU
+    /// without tensor parallelism only.
     MigProfile(String),
 }
 

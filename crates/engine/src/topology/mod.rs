@@ -161,8 +161,9 @@ pub enum TopologyError {
     MigWith { node: String, profile: String, field: &'static str },
     #[error("node `{node}`: product {product} and the MIG profile disagree (MIG devices are `product::register_mig`'s products)")]
     MigProduct { node: String, product: String },
-    #[error("node `{node}`: gpu.sharing: {detail}")]
-    Sharing { node: String, detail: String },
+    /// A shared node's `field` (`gpu.replicas`, `gpu.nvlink`, ...) is wrong.
+    #[error("node `{node}`: {field}: {detail}")]
+    Sharing { node: String, field: &'static str, detail: String },
     #[error("levels: `{level}` is listed twice")]
     DuplicateLevel { level: String },
     #[error("levels: at most {LEVELS_MAX} levels, got {count}")]
@@ -193,8 +194,8 @@ pub struct HostLinks {
 
 impl Host {
     /// Whether this host, all free, is a whole-host slot for the fragmentation shapes (whole
-    /// hosts, rack room): not when its GPUs are MIG devices, which take single-GPU members
-    /// only.
+    /// hosts, rack room): not when its devices are MIG devices or shared replicas
+    /// ([`Host::partitioned`]), which take single-GPU members only.
     pub fn whole_host_slot(&self) -> bool {
         !self.partitioned()
     }
@@ -510,31 +511,35 @@ pub fn validate_node(node: &NodeSpec) -> Result<(), TopologyError> {
         return Err(TopologyError::Memory { node: name() });
     }
     if let Some(sharing) = node.sharing {
-        let detail = if sharing.replicas < 2 {
-            Some(format!("replicas {} (a shared GPU is offered as 2 or more)", sharing.replicas))
+        let problem = if sharing.replicas < 2 {
+            Some(("gpu.replicas", format!("{} (a shared GPU is offered as 2 or more)", sharing.replicas)))
         } else if node.devices() as usize > HOST_GPUS_MAX {
-            Some(format!(
-                "{} GPUs x {} replicas is {} devices, over the {HOST_GPUS_MAX} supported per node",
-                node.gpu_count,
-                sharing.replicas,
-                node.devices()
+            Some((
+                "gpu.replicas",
+                format!(
+                    "{} GPUs x {} replicas is {} devices, over the {HOST_GPUS_MAX} supported per node",
+                    node.gpu_count,
+                    sharing.replicas,
+                    node.devices()
+                ),
             ))
         } else if node.mig_profile.is_some() {
-            Some("shared MIG devices are not planned".to_string())
+            Some(("gpu.mig", "shared MIG devices are not planned".to_string()))
         } else if !matches!(node.nvlink, None | Some(NvlinkLayout::None)) {
-            Some("gpu.nvlink is set, but a replica has no NVLink of its own".to_string())
+            Some(("gpu.nvlink", "is set, but a shared GPU's replica has no NVLink of its own".to_string()))
         } else if node.clique.is_some() {
-            Some("gpu.clique is set, but a replica has no NVLink of its own".to_string())
+            Some(("gpu.clique", "is set, but a shared GPU's replica has no NVLink of its own".to_string()))
         } else {
             None
         };
-        if let Some(detail) = detail {
-            return Err(TopologyError::Sharing { node: name(), detail });
+        if let Some((field, detail)) = problem {
+            return Err(TopologyError::Sharing { node: name(), field, detail });
         }
     }
     if node.sharing.is_some() != node.product.shared_parent().is_some() {
         return Err(TopologyError::Sharing {
             node: name(),
+            field: "gpu.product",
             detail: format!(
                 "product {} and the sharing disagree (shared replicas are `product::register_shared`'s products)",
                 node.product.get().name

@@ -271,6 +271,11 @@ pub enum UnknownProductError {
     NotMig { name: String },
     #[error("`{name}`: only whole GPUs are shared as replicas (not MIG devices or replicas)")]
     NotShareable { name: String },
+    #[error(
+        "GPU product `{name}` names MIG devices (`-MIG-<profile>`) or shared replicas (`-SHARED`) of another product, \
+         or a product made another way under the same name"
+    )]
+    DerivedName { name: String },
 }
 
 /// The product named `name` (as [`lookup`] matches names): the table's, an unknown product
@@ -288,8 +293,13 @@ pub fn register_unknown(name: &str, memory_mib: u64) -> Result<ProductId, Unknow
     if name.len() > PRODUCT_NAME_BYTES_MAX {
         return Err(UnknownProductError::NameTooLong { bytes: name.len() });
     }
-    if let Some(id) = lookup(name) {
+    if let Some(id) = lookup(name).filter(|id| id.get().parent.is_none()) {
         return Ok(id);
+    }
+    // A name of MIG devices or shared replicas is never a whole GPU's, so which node came
+    // first cannot decide what the name means.
+    if split_mig(name).is_some() || strip_shared(name).is_some() {
+        return Err(UnknownProductError::DerivedName { name: name.to_string() });
     }
     if memory_mib == 0 {
         return Err(UnknownProductError::NoMemory { name: name.to_string() });
@@ -345,13 +355,17 @@ pub fn register_shared(parent: ProductId) -> Result<ProductId, UnknownProductErr
 /// `renameByDefault: false`, its default).
 pub const SHARED_SUFFIX: &str = "-SHARED";
 
-/// `name` without [`SHARED_SUFFIX`] (compared ignoring case), when it ends so.
+/// `name` without [`SHARED_SUFFIX`] (compared as [`lookup`] compares names: ignoring case,
+/// `_` and space as `-`), when it ends so.
 pub fn strip_shared(name: &str) -> Option<&str> {
+    let name = name.trim_end();
     let cut = name.len().checked_sub(SHARED_SUFFIX.len())?;
-    match name.get(cut..) {
-        Some(tail) if tail.eq_ignore_ascii_case(SHARED_SUFFIX) => Some(&name[..cut]),
-        _ => None,
-    }
+    let tail = name.get(cut..)?;
+    let same = tail.bytes().zip(SHARED_SUFFIX.bytes()).all(|(a, b)| {
+        let a = if a == b' ' || a == b'_' { b'-' } else { a.to_ascii_uppercase() };
+        a == b
+    });
+    same.then_some(&name[..cut])
 }
 
 /// The product past the table named `name` (as [`lookup`] matches names): the one added
@@ -366,6 +380,10 @@ fn intern(
     let mut unknown = UNKNOWN_PRODUCTS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
     let wanted = normalize(&name);
     if let Some(index) = unknown.iter().position(|product| normalize(product.name) == wanted) {
+        // The same name is the same product only when it is made the same way.
+        if unknown[index].parent != parent {
+            return Err(UnknownProductError::DerivedName { name });
+        }
         return Ok(ProductId((PRODUCTS.len() + index) as u8));
     }
     if unknown.len() >= UNKNOWN_PRODUCTS_MAX {
@@ -486,6 +504,31 @@ mod tests {
             Err(UnknownProductError::NoMemory { name: "NVIDIA-Test-NoMemory".into() })
         );
         assert!(matches!(register_unknown(&"X".repeat(200), 1), Err(UnknownProductError::NameTooLong { bytes: 200 })));
+    }
+
+    #[test]
+    fn shared_replicas_are_a_product_of_their_own_found_by_any_name_of_their_gpu() {
+        let t4 = lookup("T4").expect("T4");
+        let shared = register_shared(t4).expect("replicas");
+        assert_eq!((shared.get().name, shared.shared_parent(), shared.whole_gpu()), ("T4-SHARED", Some(t4), t4));
+        assert_eq!(register_shared(t4), Ok(shared), "added once");
+        for name in ["Tesla-T4-SHARED", "tesla_t4_shared", "T4 SHARED"] {
+            assert_eq!(lookup(name), Some(shared), "{name}");
+        }
+        assert_eq!(strip_shared("Foo_shared "), Some("Foo"));
+        assert_eq!(strip_shared("SHARED"), None);
+        assert!(matches!(register_shared(shared), Err(UnknownProductError::NotShareable { .. })));
+        // A whole GPU never takes a derived product's name, whichever node comes first.
+        for name in ["NVIDIA-Test-Shared-GPU-SHARED", "NVIDIA-Test-Shared-GPU_SHARED", "NVIDIA-Test-Y-MIG-1g.10gb"] {
+            assert!(matches!(register_unknown(name, 1024), Err(UnknownProductError::DerivedName { .. })), "{name}");
+        }
+        let whole = register_unknown("NVIDIA-Test-Shared-GPU", 24_576).expect("a whole GPU");
+        let replicas = register_shared(whole).expect("its replicas");
+        assert_eq!(replicas.get().name, "NVIDIA-Test-Shared-GPU-SHARED");
+        assert!(matches!(
+            register_unknown("NVIDIA-Test-Shared-GPU-SHARED", 1024),
+            Err(UnknownProductError::DerivedName { .. })
+        ));
     }
 
     #[test]

@@ -202,22 +202,29 @@ impl GpuEntry {
     /// The entry's product: the table's, or for a product the table lacks, one planned from
     /// this entry's `memory` with no NVLink assumed ([`product::register_unknown`]), never
     /// from another entry's. Errors name what to write instead.
-    fn resolve(&self) -> Result<ResolvedGpus, String> {
+    fn resolve(&self) -> Result<ResolvedGpus, (&'static str, String)> {
         let ProductName(written, _) = &self.product;
         let (whole_name, shared) = match product::strip_shared(written) {
             Some(whole) => (whole, true),
             None => (written.as_str(), false),
         };
-        let sharing = match (&self.sharing, self.replicas, shared) {
+        // GFD labels unshared GPUs `replicas: 1` and `sharing-strategy: none`; said so here,
+        // they are whole GPUs too.
+        let strategy = self.sharing.as_deref().map(str::trim).filter(|s| !s.eq_ignore_ascii_case("none"));
+        let replicas = self.replicas.filter(|&r| !(r == 1 && strategy.is_none() && !shared));
+        let sharing = match (strategy, replicas, shared) {
             (None, None, false) => None,
             (_, None, _) => {
-                return Err("the GPUs are shared: give gpu.replicas, the devices each GPU is offered as".into())
+                return Err((
+                    "replicas",
+                    "the GPUs are shared: give gpu.replicas, the devices each GPU is offered as".into(),
+                ))
             }
             (strategy, Some(replicas), _) => {
                 let strategy = match strategy {
                     None => SharingStrategy::TimeSlicing,
                     Some(text) => SharingStrategy::parse(text).ok_or_else(|| {
-                        format!("gpu.sharing `{text}` is not a sharing strategy (time-slicing or mps)")
+                        ("sharing", format!("`{text}` is not a sharing strategy (none, time-slicing or mps)"))
                     })?,
                 };
                 Some(GpuSharing { strategy, replicas })
@@ -227,19 +234,22 @@ impl GpuEntry {
             return self.resolve_whole(written).map(|(product, mig)| ResolvedGpus { product, mig, sharing: None });
         };
         if self.mig.is_some() || product::split_mig(written).is_some() {
-            return Err("shared MIG devices are not planned: give gpu.mig or gpu.replicas, not both".into());
+            return Err((
+                "replicas",
+                "shared MIG devices are not planned: give gpu.mig or gpu.replicas, not both".into(),
+            ));
         }
         let (whole, _) = self.resolve_whole(whole_name)?;
-        let product = product::register_shared(whole).map_err(|e| e.to_string())?;
+        let product = product::register_shared(whole).map_err(|e| ("product", e.to_string()))?;
         Ok(ResolvedGpus { product, mig: None, sharing: Some(sharing) })
     }
 
     /// The whole GPUs' product (or MIG devices' with their profile) named `written`.
-    fn resolve_whole(&self, written: &str) -> Result<(ProductId, Option<String>), String> {
+    fn resolve_whole(&self, written: &str) -> Result<(ProductId, Option<String>), (&'static str, String)> {
         let id = &product::lookup(written).filter(|id| id.get().parent.is_none());
         let (name, mig) = match (product::split_mig(written), &self.mig) {
             (Some(_), Some(_)) => {
-                return Err(format!("`{written}` names a MIG profile, and so does gpu.mig: give one"))
+                return Err(("mig", format!("`{written}` names a MIG profile, and so does gpu.mig: give one")))
             }
             (Some((parent, profile)), None) => (parent, Some(profile.to_string())),
             (None, mig) => (written, mig.clone()),
@@ -247,27 +257,34 @@ impl GpuEntry {
         let id = if mig.is_some() { product::lookup(name) } else { *id };
         if mig.is_some() {
             if self.memory.is_none() {
-                return Err("the GPUs are MIG devices: give gpu.memory, one device's memory".into());
+                return Err(("memory", "the GPUs are MIG devices: give gpu.memory, one device's memory".into()));
             }
             return match (id, &mig, &self.memory) {
                 (Some(id), Some(profile), Some(memory)) if !id.is_unknown() => {
-                    let devices = product::register_mig(id, profile, memory.mib()).map_err(|e| e.to_string())?;
+                    let devices =
+                        product::register_mig(id, profile, memory.mib()).map_err(|e| ("mig", e.to_string()))?;
                     Ok((devices, mig))
                 }
-                _ => Err(format!(
-                    "MIG devices of `{name}`, which is not a known GPU product: MIG devices are planned only for \
-                     products of the table ({})",
-                    product::known_names().join(", ")
+                _ => Err((
+                    "product",
+                    format!(
+                        "MIG devices of `{name}`, which is not a known GPU product: MIG devices are planned only for \
+                         products of the table ({})",
+                        product::known_names().join(", ")
+                    ),
                 )),
             };
         }
         let id = match (id, &self.memory) {
             (Some(id), _) if !id.is_unknown() => Ok(id),
-            (_, Some(memory)) => product::register_unknown(name, memory.mib()).map_err(|e| e.to_string()),
-            (_, None) => Err(format!(
+            (_, Some(memory)) => product::register_unknown(name, memory.mib()).map_err(|e| ("product", e.to_string())),
+            (_, None) => Err((
+                "product",
+                format!(
                 "unknown GPU product `{name}`: give gpu.memory to plan it (no NVLink assumed), or use a known product \
                  ({}; GFD names such as NVIDIA-H100-80GB-HBM3 work too)",
                 product::known_names().join(", ")
+            ),
             )),
         }?;
         Ok((id, None))
@@ -275,7 +292,7 @@ impl GpuEntry {
 }
 
 /// The line of the first `product:` at or after `line` (the entry's own), for errors about
-/// the product.
+/// the node's GPUs (the `gpu:` entry's first line).
 fn product_line(text: &str, line: Option<usize>) -> Option<usize> {
     let from = line?.saturating_sub(1);
     text.lines().enumerate().skip(from).find(|(_, l)| l.contains("product:")).map(|(index, _)| index + 1).or(line)
@@ -334,12 +351,12 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
     let mut origins: Vec<Option<usize>> = Vec::new();
     for (index, entry) in parsed.spec.nodes.into_iter().enumerate() {
         let line = line_of_name(text, &entry.name);
-        let product = entry.gpu.resolve().map_err(|message| {
+        let product = entry.gpu.resolve().map_err(|(field, message)| {
             let name = &entry.name;
             FileError::at_line(
                 file,
                 product_line(text, line),
-                format!("spec.nodes[{index}].gpu.product: {message} (node `{name}`)"),
+                format!("spec.nodes[{index}].gpu.{field}: {message} (node `{name}`)"),
             )
         })?;
         nodes.push(node_spec(entry.name, entry.labels, &entry.gpu, product, entry.allocated));
@@ -384,8 +401,8 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
                 ))
             }
         };
-        let product = group.gpu.resolve().map_err(|message| {
-            FileError::at_line(file, product_line(text, group_line), format!("{where_}.gpu.product: {message}"))
+        let product = group.gpu.resolve().map_err(|(field, message)| {
+            FileError::at_line(file, product_line(text, group_line), format!("{where_}.gpu.{field}: {message}"))
         })?;
         for name in names {
             nodes.push(node_spec(name, group.labels.clone(), &group.gpu, product.clone(), group.allocated.clone()));
@@ -500,6 +517,19 @@ mod tests {
 
     const HEADER: &str = "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: t}\n";
 
+    /// Each `(gpu entry, expected text, line)`: node `a` with that `gpu:` is refused at that
+    /// line, naming the node.
+    fn assert_gpu_errors(cases: &[(&str, &str, usize)]) {
+        for &(gpu, expected, line) in cases {
+            let message = error_of(&format!("spec:\n  nodes:\n  - name: a\n    {gpu}\n"));
+            let at = format!("c.yaml:{line}:");
+            assert!(
+                message.contains(expected) && message.starts_with(&at) && message.contains("`a`"),
+                "{gpu}: {message}"
+            );
+        }
+    }
+
     fn error_of(body: &str) -> String {
         let text = format!("{HEADER}{body}");
         load("c.yaml", &text).unwrap_err().to_string()
@@ -555,14 +585,7 @@ mod tests {
             ("gpu: {product: H100, count: 24, mig: \"2g 20gb\", memory: 1}", "by a profile like 2g.20gb", 7),
             ("gpu: {product: H100, count: 24, mig: 1g.10gb, memory: 1, nvlink: all}", "gpu.nvlink is set, but", 6),
         ];
-        for (gpu, expected, line) in cases {
-            let message = error_of(&format!("spec:\n  nodes:\n  - name: a\n    {gpu}\n"));
-            let at = format!("c.yaml:{line}:");
-            assert!(
-                message.contains(expected) && message.starts_with(&at) && message.contains("`a`"),
-                "{gpu}: {message}"
-            );
-        }
+        assert_gpu_errors(&cases);
     }
 
     #[test]
@@ -582,24 +605,31 @@ mod tests {
         assert!(rendered.contains("replicas: 4") && rendered.contains("sharing: mps"), "{rendered}");
         let again = parse("c.yaml", &rendered).expect("the rendered file parses");
         assert_eq!(again.nodes, spec.nodes, "{rendered}");
+        // Unshared, as GFD labels it: whole GPUs.
+        let unshared = format!(
+            "{HEADER}spec:\n  nodes:\n  - name: a\n    gpu: {{product: A100-SXM4-80GB, count: 8, replicas: 1, sharing: none}}\n"
+        );
+        let host = &load("c.yaml", &unshared).expect("planned").hosts[0];
+        assert_eq!((host.gpu_count, host.sharing, host.product.get().name), (8, None, "A100-SXM4-80GB"));
         // Product errors point at the `product:` line (7), the node's own checks at its name (6).
         let cases = [
-            ("gpu: {product: A100-SXM4-80GB-SHARED, count: 8}", "give gpu.replicas", 7),
+            ("gpu: {product: A100-SXM4-80GB-SHARED, count: 8}", "gpu.replicas: the GPUs are shared", 7),
             ("gpu: {product: A100-SXM4-80GB, count: 8, sharing: mps}", "give gpu.replicas", 7),
-            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 4, sharing: vgpu}", "not a sharing strategy", 7),
+            (
+                "gpu: {product: A100-SXM4-80GB, count: 8, replicas: 4, sharing: vgpu}",
+                "gpu.sharing: `vgpu` is not a sharing strategy",
+                7,
+            ),
             ("gpu: {product: H100, count: 7, mig: 1g.10gb, memory: 9856, replicas: 2}", "shared MIG devices", 7),
-            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 1}", "replicas 1 (a shared GPU is offered as 2", 6),
+            (
+                "gpu: {product: A100-SXM4-80GB, count: 8, replicas: 1, sharing: mps}",
+                "gpu.replicas: 1 (a shared GPU is",
+                6,
+            ),
             ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 9}", "72 devices, over the 64", 6),
-            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 2, nvlink: all}", "gpu.nvlink is set", 6),
+            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 2, nvlink: all}", "gpu.nvlink: is set", 6),
         ];
-        for (gpu, expected, line) in cases {
-            let message = error_of(&format!("spec:\n  nodes:\n  - name: a\n    {gpu}\n"));
-            let at = format!("c.yaml:{line}:");
-            assert!(
-                message.contains(expected) && message.starts_with(&at) && message.contains("`a`"),
-                "{gpu}: {message}"
-            );
-        }
+        assert_gpu_errors(&cases);
     }
 
     #[test]

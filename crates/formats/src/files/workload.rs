@@ -260,7 +260,7 @@ fn gang_spec(mut entry: GangEntry, text: &str, line: Option<usize>) -> Result<Ga
     }
     if !shape.is_empty() {
         return Err(gang_error(
-            "with roles, members, gpusPerMember, tensorParallel, pipelineParallel, minGpuMemory and model \
+            "with roles, members, gpusPerMember, tensorParallel, pipelineParallel, minGpuMemory, model and mig \
              belong to each role, not to the gang"
                 .into(),
         ));

@@ -252,14 +252,24 @@ impl Book {
         )))
     }
 
-    /// GPUs of the cluster of `product` (any when `None`) on hosts with at least
-    /// `memory_floor_mib` per GPU.
-    fn usable_gpus(&self, product: Option<ProductId>, memory_floor_mib: u64) -> u64 {
+    /// Devices of the cluster of `product` (any when `None`) that `gang` may take (any when
+    /// `None`): at least its memory floor per device, MIG devices of the profile it asks for,
+    /// and no MIG device or shared replica for members of several GPUs or tensor parallelism
+    /// (the planner's own host filter, `Planner::host_slots`, without what is free).
+    fn usable_gpus(&self, product: Option<ProductId>, gang: Option<&Gang>) -> u64 {
         self.cluster
             .hosts
             .iter()
             .filter(|h| product.is_none_or(|p| h.product == p))
-            .filter(|h| h.memory_mib >= memory_floor_mib)
+            .filter(|h| {
+                gang.is_none_or(|g| {
+                    h.memory_mib >= g.memory_floor_mib
+                        && g.mig_profile
+                            .as_deref()
+                            .is_none_or(|want| h.mig_profile.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(want)))
+                        && (!h.partitioned() || (g.gpus_per_member == 1 && g.tensor_parallel == 1))
+                })
+            })
             .map(|h| u64::from(h.gpu_count))
             .sum()
     }
@@ -267,7 +277,7 @@ impl Book {
     /// A gang (or a role's members, `who` naming it) needs no more GPUs than the cluster has
     /// of the product and memory it may use, in all.
     fn check_usable(&self, who: &str, gang: &Gang, product: Option<ProductId>) -> Result<(), RequestError> {
-        let usable = self.usable_gpus(product, gang.memory_floor_mib);
+        let usable = self.usable_gpus(product, Some(gang));
         let need = gang.total_gpus();
         if need <= usable {
             return Ok(());
@@ -278,6 +288,11 @@ impl Book {
         }
         if gang.memory_floor_mib > 0 {
             what.push_str(&format!(" with at least {} MiB", gang.memory_floor_mib));
+        }
+        if let Some(profile) = &gang.mig_profile {
+            what = format!("MIG devices of profile {profile}");
+        } else if gang.gpus_per_member > 1 || gang.tensor_parallel > 1 {
+            what.push_str(" (whole GPUs: not MIG devices or shared replicas)");
         }
         Err(RequestError::Invalid(format!(
             "{who}: needs {need} GPUs ({} members x {}), but the cluster has only {usable} {what} in all",
@@ -558,7 +573,7 @@ impl Book {
         self.with_planner(|planner, _| planner.check_replica(&request.replica))
             .map_err(|e| RequestError::Invalid(e.to_string()))?;
         self.check_product(key, request.product)?;
-        let usable_all = self.usable_gpus(request.product, 0);
+        let usable_all = self.usable_gpus(request.product, None);
         if request.replica.as_single().is_none() && request.replica.total_gpus() > usable_all {
             return Err(RequestError::Invalid(format!(
                 "gang `{key}`: its roles need {} GPUs together, but the cluster has only {usable_all} usable GPUs in all",

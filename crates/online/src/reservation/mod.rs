@@ -1170,6 +1170,11 @@ pub fn gang_shape_difference(a: &Gang, b: &Gang) -> Option<(&'static str, String
             format!("{} MiB", a.memory_floor_mib),
             format!("{} MiB", b.memory_floor_mib),
         ),
+        (
+            "topoplace.io/mig-profile",
+            a.mig_profile.clone().unwrap_or_else(|| "none".into()),
+            b.mig_profile.clone().unwrap_or_else(|| "none".into()),
+        ),
         ("topoplace.io/topology-required", scope(&a.required), scope(&b.required)),
         ("topoplace.io/topology-preferred", scope(&a.preferred), scope(&b.preferred)),
     ];
@@ -1200,6 +1205,9 @@ pub fn roles_text(replica: &Replica) -> String {
         let mut details = vec![format!("TP {}", gang.tensor_parallel), format!("PP {}", gang.pipeline_parallel)];
         if gang.memory_floor_mib > 0 {
             details.push(format!("{} MiB per GPU", gang.memory_floor_mib));
+        }
+        if let Some(profile) = &gang.mig_profile {
+            details.push(format!("MIG {profile}"));
         }
         if let Some(required) = &gang.required {
             details.push(format!("required {required}"));

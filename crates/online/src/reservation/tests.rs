@@ -1268,3 +1268,15 @@ fn a_pod_on_a_gpu_the_node_no_longer_has_stays_held() {
     assert_eq!(book.ledger().free_gpus(), 5);
     book.check().expect("book invariants");
 }
+
+#[test]
+fn members_of_one_gang_must_agree_on_the_mig_profile_they_ask_for() {
+    use topoplace_engine::workload::MemoryNeed;
+    let gang = |memory: MemoryNeed| GangSpec { memory, ..GangSpec::shape("ns/g", 2, 1, 1) }.expand().remove(0);
+    let small = gang(MemoryNeed::MigProfile("1g.10gb".into()));
+    let (field, first, other) =
+        gang_shape_difference(&small, &gang(MemoryNeed::None)).expect("a MIG profile against none");
+    assert_eq!((field, first.as_str(), other.as_str()), ("topoplace.io/mig-profile", "1g.10gb", "none"));
+    assert!(gang_shape_difference(&small, &gang(MemoryNeed::MigProfile("2g.20gb".into()))).is_some());
+    assert_eq!(gang_shape_difference(&small, &small.clone()), None);
+}

@@ -169,7 +169,7 @@ impl Metrics {
             let free = u64::from(book.ledger().free(index as u32).count_ones());
             *free_by_class.entry((host.product.get().name.to_string(), host.memory_mib)).or_default() += free;
         }
-        out.push_str("# HELP topoplace_gpus_free Free GPUs per product and memory class (MiB).\n");
+        out.push_str("# HELP topoplace_gpus_free Free devices (whole GPUs, MIG devices or shared replicas, as the product says) per product and memory class (MiB).\n");
         out.push_str("# TYPE topoplace_gpus_free gauge\n");
         for ((product, memory), free) in free_by_class {
             let _ = writeln!(out, "topoplace_gpus_free{{product=\"{product}\",memory_mib=\"{memory}\"}} {free}");

@@ -142,7 +142,11 @@ fn gang_spec(index: usize, gang: &pb::Gang) -> Result<(String, Option<ProductId>
         gpus_per_member: gang.gpus_per_member,
         tensor_parallel: gang.tensor_parallel.max(1),
         pipeline_parallel: gang.pipeline_parallel.max(1),
-        memory: memory(gang.min_gpu_memory_mib, &gang.mig_profile).map_err(|e| at(format!("gang `{key}`: {e}")))?,
+        // With roles the memory belongs to each role (checked below).
+        memory: match gang.roles.is_empty() {
+            true => memory(gang.min_gpu_memory_mib, &gang.mig_profile).map_err(|e| at(format!("gang `{key}`: {e}")))?,
+            false => MemoryNeed::None,
+        },
         required: scope(&gang.required_topology),
         preferred: scope(&gang.preferred_topology),
         roles: Vec::new(),

@@ -142,7 +142,10 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
             .ok_or_else(|| format!("label {REPLICAS_LABEL} `{text}` is not a whole number of at least 1"))?,
         None => 1,
     };
-    let strategy_label = labels.get(SHARING_STRATEGY_LABEL).map(|s| s.trim()).filter(|s| !s.is_empty() && *s != "none");
+    let strategy_label = labels
+        .get(SHARING_STRATEGY_LABEL)
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty() && !s.eq_ignore_ascii_case("none"));
     let product_name = product::strip_shared(product_label).unwrap_or(product_label);
     let suffixed = product::strip_shared(full_label).is_some() || product_name.len() != product_label.len();
     let offers_renamed = node
