@@ -1036,6 +1036,15 @@ async fn capacity_is_answered_per_shared_replica_and_per_mig_profile() {
     assert_eq!(two.replicas, 1, "{two:?}");
     assert!(two.rejected_hosts.iter().any(|g| g.reason.contains("shared replicas")), "{two:?}");
     assert!(two.rejected_hosts.iter().any(|g| g.reason.contains("MIG slices")), "{two:?}");
+    // Pinned to the replicas, a member of two GPUs can never fit: refused up front.
+    let wide = pb::Gang { product: "T4-SHARED".into(), ..gang("wide-shared", 1, 2) };
+    let refused = api.plan(plan(vec![wide], true)).await.expect_err("two replicas are no TP pair");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("has only 0 T4-SHARED GPUs") && refused.message().contains("whole GPUs"),
+        "{}",
+        refused.message()
+    );
     // Five one-replica gangs pinned to the shared GPU: four reserved, each its own replica.
     let pinned = pb::Gang { product: "Tesla-T4-SHARED".into(), replicas: 5, ..gang("notebook", 1, 1) };
     let request = pb::PlanRequest { allow_partial: true, ..plan(vec![pinned], false) };

@@ -589,7 +589,8 @@ impl GangSpec {
                 pipeline_parallel: self.pipeline_parallel,
                 memory_floor_mib: floor,
                 mig_profile: match &self.memory {
-                    MemoryNeed::MigProfile(profile) => Some(profile.trim().to_string()),
+                    // Profiles are compared ignoring case (NVIDIA writes them lower case).
+                    MemoryNeed::MigProfile(profile) => Some(profile.trim().to_ascii_lowercase()),
                     _ => None,
                 },
                 required: self.required.clone(),

@@ -283,7 +283,8 @@ pub enum UnknownProductError {
 /// and no NVLink. A product added before keeps the memory it was added with (each node still
 /// carries its own, `NodeSpec::memory_mib`).
 ///
-/// Errors: an empty or overlong name, `memory_mib` 0 for a new product, or
+/// Errors: an empty or overlong name, a name of MIG devices or shared replicas
+/// ([`UnknownProductError::DerivedName`]), `memory_mib` 0 for a new product, or
 /// [`UNKNOWN_PRODUCTS_MAX`] unknown products already added.
 pub fn register_unknown(name: &str, memory_mib: u64) -> Result<ProductId, UnknownProductError> {
     let name = name.trim();
@@ -417,10 +418,14 @@ pub fn is_mig_profile(profile: &str) -> bool {
 /// strategy (`NVIDIA-A100-SXM4-40GB-MIG-1g.5gb`, GFD `mig-strategy.go`).
 pub const MIG_INFIX: &str = "-MIG-";
 
-/// `name` split at [`MIG_INFIX`] (compared ignoring case) into the product and the profile.
+/// `name` split at [`MIG_INFIX`] (compared as [`lookup`] compares names: ignoring case, `_`
+/// and space as `-`) into the product and the profile.
 pub fn split_mig(name: &str) -> Option<(&str, &str)> {
-    let at = name.to_ascii_uppercase().find(MIG_INFIX)?;
-    // ASCII case mapping keeps byte offsets, and the infix is ASCII.
+    let folded: Vec<u8> =
+        name.bytes().map(|b| if b == b' ' || b == b'_' { b'-' } else { b.to_ascii_uppercase() }).collect();
+    // Byte for byte, so offsets are the name's; the infix is ASCII, so both cuts fall on char
+    // boundaries.
+    let at = folded.windows(MIG_INFIX.len()).position(|w| w == MIG_INFIX.as_bytes())?;
     Some((&name[..at], &name[at + MIG_INFIX.len()..]))
 }
 
@@ -519,7 +524,13 @@ mod tests {
         assert_eq!(strip_shared("SHARED"), None);
         assert!(matches!(register_shared(shared), Err(UnknownProductError::NotShareable { .. })));
         // A whole GPU never takes a derived product's name, whichever node comes first.
-        for name in ["NVIDIA-Test-Shared-GPU-SHARED", "NVIDIA-Test-Shared-GPU_SHARED", "NVIDIA-Test-Y-MIG-1g.10gb"] {
+        for name in [
+            "NVIDIA-Test-Shared-GPU-SHARED",
+            "NVIDIA-Test-Shared-GPU_SHARED",
+            "NVIDIA-Test-Y-MIG-1g.10gb",
+            "H100-SXM5_MIG_1g.10gb",
+            "H100 MIG 1g.10gb",
+        ] {
             assert!(matches!(register_unknown(name, 1024), Err(UnknownProductError::DerivedName { .. })), "{name}");
         }
         let whole = register_unknown("NVIDIA-Test-Shared-GPU", 24_576).expect("a whole GPU");

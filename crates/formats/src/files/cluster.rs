@@ -211,6 +211,12 @@ impl GpuEntry {
         // GFD labels unshared GPUs `replicas: 1` and `sharing-strategy: none`; said so here,
         // they are whole GPUs too.
         let strategy = self.sharing.as_deref().map(str::trim).filter(|s| !s.eq_ignore_ascii_case("none"));
+        if self.sharing.is_some() && strategy.is_none() && (shared || self.replicas.is_some_and(|r| r > 1)) {
+            return Err((
+                "sharing",
+                "none, but gpu.replicas above 1 or a -SHARED product says the GPUs are shared".into(),
+            ));
+        }
         let replicas = self.replicas.filter(|&r| !(r == 1 && strategy.is_none() && !shared));
         let sharing = match (strategy, replicas, shared) {
             (None, None, false) => None,
@@ -261,8 +267,9 @@ impl GpuEntry {
             }
             return match (id, &mig, &self.memory) {
                 (Some(id), Some(profile), Some(memory)) if !id.is_unknown() => {
-                    let devices =
-                        product::register_mig(id, profile, memory.mib()).map_err(|e| ("mig", e.to_string()))?;
+                    let written_as = if self.mig.is_some() { "mig" } else { "product" };
+                    let devices = product::register_mig(id, profile, memory.mib())
+                        .map_err(|e| (field_of(&e, written_as), e.to_string()))?;
                     Ok((devices, mig))
                 }
                 _ => Err((
@@ -277,7 +284,9 @@ impl GpuEntry {
         }
         let id = match (id, &self.memory) {
             (Some(id), _) if !id.is_unknown() => Ok(id),
-            (_, Some(memory)) => product::register_unknown(name, memory.mib()).map_err(|e| ("product", e.to_string())),
+            (_, Some(memory)) => {
+                product::register_unknown(name, memory.mib()).map_err(|e| (field_of(&e, "product"), e.to_string()))
+            }
             (_, None) => Err((
                 "product",
                 format!(
@@ -291,8 +300,17 @@ impl GpuEntry {
     }
 }
 
+/// The `gpu.*` field a product registration error is about: `memory` for a missing memory,
+/// else `otherwise`.
+fn field_of(error: &product::UnknownProductError, otherwise: &'static str) -> &'static str {
+    match error {
+        product::UnknownProductError::NoMemory { .. } => "memory",
+        _ => otherwise,
+    }
+}
+
 /// The line of the first `product:` at or after `line` (the entry's own), for errors about
-/// the node's GPUs (the `gpu:` entry's first line).
+/// the node's GPUs (in flow style, the `gpu:` line).
 fn product_line(text: &str, line: Option<usize>) -> Option<usize> {
     let from = line?.saturating_sub(1);
     text.lines().enumerate().skip(from).find(|(_, l)| l.contains("product:")).map(|(index, _)| index + 1).or(line)
@@ -580,6 +598,7 @@ mod tests {
         // Product errors point at the `product:` line (7), the node's own checks at its name (6).
         let cases = [
             ("gpu: {product: H100, count: 24, mig: 2g.20gb}", "give gpu.memory, one device's memory", 7),
+            ("gpu: {product: H100, count: 24, mig: 2g.20gb, memory: 0}", "gpu.memory: GPU product", 7),
             ("gpu: {product: H100-MIG-2g.20gb, count: 24, mig: 2g.20gb, memory: 1}", "give one", 7),
             ("gpu: {product: NVIDIA-New-MIG-1g.10gb, count: 7, memory: 9856}", "not a known GPU product", 7),
             ("gpu: {product: H100, count: 24, mig: \"2g 20gb\", memory: 1}", "by a profile like 2g.20gb", 7),
@@ -627,6 +646,8 @@ mod tests {
                 6,
             ),
             ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 9}", "72 devices, over the 64", 6),
+            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 4, sharing: none}", "gpu.sharing: none, but", 7),
+            ("gpu: {product: NVIDIA-New-GPU-X, count: 8, replicas: 4}", "gpu.product: unknown GPU product", 7),
             ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 2, nvlink: all}", "gpu.nvlink: is set", 6),
         ];
         assert_gpu_errors(&cases);

@@ -290,8 +290,17 @@ impl Book {
             what.push_str(&format!(" with at least {} MiB", gang.memory_floor_mib));
         }
         if let Some(profile) = &gang.mig_profile {
-            what = format!("MIG devices of profile {profile}");
-        } else if gang.gpus_per_member > 1 || gang.tensor_parallel > 1 {
+            what = match product {
+                Some(product) => format!(
+                    "devices of product {} that are MIG devices of profile {profile} (MIG devices are a product of \
+                     their own, `<GPU>-MIG-<profile>`)",
+                    product.get().name
+                ),
+                None => format!("MIG devices of profile {profile}"),
+            };
+        } else if (gang.gpus_per_member > 1 || gang.tensor_parallel > 1)
+            && self.cluster.hosts.iter().any(|h| h.partitioned() && product.is_none_or(|p| h.product == p))
+        {
             what.push_str(" (whole GPUs: not MIG devices or shared replicas)");
         }
         Err(RequestError::Invalid(format!(

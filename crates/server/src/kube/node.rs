@@ -177,9 +177,13 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
             })?;
         let strategy = match strategy_label {
             None => {
+                let label = match labels.get(SHARING_STRATEGY_LABEL) {
+                    Some(text) if !text.trim().is_empty() => format!("{SHARING_STRATEGY_LABEL} says `{}`", text.trim()),
+                    _ => format!("no {SHARING_STRATEGY_LABEL} label (GFD before MPS support)"),
+                };
                 warnings.push(format!(
-                    "no {SHARING_STRATEGY_LABEL} label (GFD before MPS support): its shared GPUs are taken as \
-                     time-sliced"
+                    "{label}, but its GPUs are shared ({REPLICAS_LABEL} {replicas}, or a {SHARED_SUFFIX} product): \
+                     taken as time-sliced"
                 ));
                 SharingStrategy::TimeSlicing
             }
