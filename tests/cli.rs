@@ -804,3 +804,40 @@ fn a_gang_asking_for_a_mig_profile_takes_only_devices_of_that_profile() {
         assert!(message.contains(expected) && message.contains(":6:"), "{gangs}: {message}");
     }
 }
+
+/// Found by trying it: gangs with a floor that fits a MIG device took the devices that gangs
+/// bound to that profile can only use, and the bound ones were refused though replicas sat
+/// free. In a batch, a gang bound to one MIG profile goes before equals that are not.
+#[test]
+fn gangs_bound_to_a_mig_profile_are_not_stranded_by_flexible_ones() {
+    let cluster = temp_file(
+        "mig-starve.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {name: s}\nspec:\n  nodes:\n  - name: mig\n    gpu: {product: A100-SXM4-40GB, count: 2, mig: 1g.5gb, memory: 4864}\n  - name: a10\n    gpu: {product: A10, count: 1, replicas: 2, sharing: mps}\n",
+    );
+    let workload = temp_file(
+        "mig-starve-workload.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec:\n  gangs:\n  - name: tiny\n    replicas: 2\n    gpusPerMember: 1\n    minGpuMemory: 1Gi\n  - name: migg\n    replicas: 2\n    mig: 1g.5gb\n",
+    );
+    let output = topoplace(&[
+        "plan",
+        "--cluster",
+        cluster.to_str().expect("utf-8"),
+        "--workload",
+        workload.to_str().expect("utf-8"),
+        "-o",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let node_of = |gang: &str| {
+        json["placements"]
+            .as_array()
+            .expect("placements[]")
+            .iter()
+            .find(|p| p["gang"] == gang)
+            .map(|p| p["members"][0]["node"].as_str().unwrap_or_default().to_string())
+    };
+    for (gang, node) in [("migg-0", "mig"), ("migg-1", "mig"), ("tiny-0", "a10"), ("tiny-1", "a10")] {
+        assert_eq!(node_of(gang).as_deref(), Some(node), "{gang}: {json}");
+    }
+}

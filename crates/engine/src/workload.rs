@@ -335,7 +335,7 @@ pub enum WorkloadError {
     RoleZero { gang: String, role: String, field: &'static str },
     #[error(
         "gang `{gang}`: role `{role}` takes no GPUs (gpusPerMember 0), so it may not ask for \
-         tensorParallel, pipelineParallel, GPU memory, a topology or slices"
+         tensorParallel, pipelineParallel, GPU memory (minGpuMemory, model, mig), a topology or slices"
     )]
     GpuLessRole { gang: String, role: String },
     #[error(
@@ -471,7 +471,7 @@ impl GangSpec {
             }
         }
         if let MemoryNeed::MigProfile(profile) = &self.memory {
-            if !crate::topology::product::is_mig_profile(profile) {
+            if !crate::topology::product::is_mig_profile(profile.trim()) {
                 return Err(WorkloadError::MigProfile { gang: gang(), profile: profile.clone() });
             }
             if gpus != 1 || tp != 1 {

@@ -1524,28 +1524,32 @@ impl<'c> Planner<'c> {
     }
 
     /// Places gangs one after another, reserving each in the ledger: the largest first
-    /// (GPUs, then unit size, then memory floor), so big gangs are not stranded behind
+    /// ([`batch_order`]: GPUs, then unit size, ...), so big gangs are not stranded behind
     /// small ones. A gang that does not fit holds nothing.
     pub fn plan(&mut self, ledger: &mut Ledger, gangs: &[Gang]) -> BatchPlan {
         self.plan_with(ledger, gangs, &SolverChoice::Greedy)
     }
 }
 
-/// [`batch_order`] for replicas with roles: the most GPUs first, then the largest unit and
-/// memory floor of any role, then the given order.
+/// [`batch_order`] for replicas with roles: the most GPUs first, then the largest unit of
+/// any role, then a replica with a role bound to one MIG profile, then the largest memory
+/// floor of any role, then the given order.
 pub fn replica_order(replicas: &[&Replica]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..replicas.len()).collect();
     order.sort_by_key(|&i| {
         let replica = replicas[i];
         let unit = replica.gangs().map(Gang::unit_gpus).max().unwrap_or(0);
+        let pinned = replica.gangs().any(|g| g.mig_profile.is_some());
         let floor = replica.gangs().map(|g| g.memory_floor_mib).max().unwrap_or(0);
-        (std::cmp::Reverse(replica.total_gpus()), std::cmp::Reverse(unit), std::cmp::Reverse(floor), i)
+        (std::cmp::Reverse(replica.total_gpus()), std::cmp::Reverse(unit), !pinned, std::cmp::Reverse(floor), i)
     });
     order
 }
 
-/// The order a batch is placed in: the largest gangs first (GPUs, then unit size, then
-/// memory floor), so big gangs are not stranded behind small ones.
+/// The order a batch is placed in: the largest gangs first (GPUs, then unit size), so big
+/// gangs are not stranded behind small ones; among equals, a gang bound to one MIG profile
+/// (it can use those devices only, while others can also use them) before the largest memory
+/// floor, then the given order.
 pub fn batch_order(gangs: &[Gang]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..gangs.len()).collect();
     order.sort_by_key(|&i| {
@@ -1553,6 +1557,7 @@ pub fn batch_order(gangs: &[Gang]) -> Vec<usize> {
         (
             std::cmp::Reverse(gang.total_gpus()),
             std::cmp::Reverse(gang.unit_gpus()),
+            gang.mig_profile.is_none(),
             std::cmp::Reverse(gang.memory_floor_mib),
             i,
         )

@@ -526,9 +526,9 @@ pub fn validate_node(node: &NodeSpec) -> Result<(), TopologyError> {
         } else if node.mig_profile.is_some() {
             Some(("gpu.mig", "shared MIG devices are not planned".to_string()))
         } else if !matches!(node.nvlink, None | Some(NvlinkLayout::None)) {
-            Some(("gpu.nvlink", "is set, but a shared GPU's replica has no NVLink of its own".to_string()))
+            Some(("gpu.nvlink", "a shared GPU's replica has no NVLink of its own: leave it out".to_string()))
         } else if node.clique.is_some() {
-            Some(("gpu.clique", "is set, but a shared GPU's replica has no NVLink of its own".to_string()))
+            Some(("gpu.clique", "a shared GPU's replica has no NVLink of its own: leave it out".to_string()))
         } else {
             None
         };

@@ -271,6 +271,8 @@ pub enum UnknownProductError {
     NotMig { name: String },
     #[error("`{name}`: only whole GPUs are shared as replicas (not MIG devices or replicas)")]
     NotShareable { name: String },
+    #[error("`{name}`: a MIG device of {memory_mib} MiB is larger than its whole GPU ({whole_mib} MiB)")]
+    MigMemory { name: String, memory_mib: u64, whole_mib: u64 },
     #[error(
         "GPU product `{name}` names MIG devices (`-MIG-<profile>`) or shared replicas (`-SHARED`) of another product, \
          or a product made another way under the same name"
@@ -327,6 +329,9 @@ pub fn register_mig(parent: ProductId, profile: &str, memory_mib: u64) -> Result
     }
     if memory_mib == 0 {
         return Err(UnknownProductError::NoMemory { name });
+    }
+    if memory_mib > parent_product.memory_mib {
+        return Err(UnknownProductError::MigMemory { name, memory_mib, whole_mib: parent_product.memory_mib });
     }
     intern(name, memory_mib, parent_product.pcie_gbps, Some((parent, DeviceKind::MigDevice)))
 }

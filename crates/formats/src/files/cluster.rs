@@ -209,7 +209,7 @@ impl GpuEntry {
             None => (written.as_str(), false),
         };
         // GFD labels unshared GPUs `replicas: 1` and `sharing-strategy: none`; said so here,
-        // they are whole GPUs too.
+        // they are whole GPUs too. One replica per GPU is a whole GPU, whatever the strategy.
         let strategy = self.sharing.as_deref().map(str::trim).filter(|s| !s.eq_ignore_ascii_case("none"));
         if self.sharing.is_some() && strategy.is_none() && (shared || self.replicas.is_some_and(|r| r > 1)) {
             return Err((
@@ -217,7 +217,10 @@ impl GpuEntry {
                 "none, but gpu.replicas above 1 or a -SHARED product says the GPUs are shared".into(),
             ));
         }
-        let replicas = self.replicas.filter(|&r| !(r == 1 && strategy.is_none() && !shared));
+        if self.replicas == Some(1) {
+            return self.resolve_whole(whole_name).map(|(product, mig)| ResolvedGpus { product, mig, sharing: None });
+        }
+        let replicas = self.replicas;
         let sharing = match (strategy, replicas, shared) {
             (None, None, false) => None,
             (_, None, _) => {
@@ -240,10 +243,8 @@ impl GpuEntry {
             return self.resolve_whole(written).map(|(product, mig)| ResolvedGpus { product, mig, sharing: None });
         };
         if self.mig.is_some() || product::split_mig(written).is_some() {
-            return Err((
-                "replicas",
-                "shared MIG devices are not planned: give gpu.mig or gpu.replicas, not both".into(),
-            ));
+            let why = if self.mig.is_some() { "gpu.mig is given" } else { "the product names a MIG profile" };
+            return Err(("replicas", format!("{why}, and shared MIG devices are not planned")));
         }
         let (whole, _) = self.resolve_whole(whole_name)?;
         let product = product::register_shared(whole).map_err(|e| ("product", e.to_string()))?;
@@ -258,29 +259,27 @@ impl GpuEntry {
                 return Err(("mig", format!("`{written}` names a MIG profile, and so does gpu.mig: give one")))
             }
             (Some((parent, profile)), None) => (parent, Some(profile.to_string())),
-            (None, mig) => (written, mig.clone()),
+            (None, mig) => (written, mig.as_deref().map(|m| m.trim().to_string())),
         };
         let id = if mig.is_some() { product::lookup(name) } else { *id };
-        if mig.is_some() {
-            if self.memory.is_none() {
-                return Err(("memory", "the GPUs are MIG devices: give gpu.memory, one device's memory".into()));
-            }
-            return match (id, &mig, &self.memory) {
-                (Some(id), Some(profile), Some(memory)) if !id.is_unknown() => {
-                    let written_as = if self.mig.is_some() { "mig" } else { "product" };
-                    let devices = product::register_mig(id, profile, memory.mib())
-                        .map_err(|e| (field_of(&e, written_as), e.to_string()))?;
-                    Ok((devices, mig))
-                }
-                _ => Err((
+        if let Some(profile) = &mig {
+            let Some(id) = id.filter(|id| !id.is_unknown()) else {
+                return Err((
                     "product",
                     format!(
                         "MIG devices of `{name}`, which is not a known GPU product: MIG devices are planned only for \
                          products of the table ({})",
                         product::known_names().join(", ")
                     ),
-                )),
+                ));
             };
+            let Some(memory) = &self.memory else {
+                return Err(("memory", "the GPUs are MIG devices: give gpu.memory, one device's memory".into()));
+            };
+            let written_as = if self.mig.is_some() { "mig" } else { "product" };
+            let devices = product::register_mig(id, profile, memory.mib())
+                .map_err(|e| (field_of(&e, written_as), e.to_string()))?;
+            return Ok((devices, mig));
         }
         let id = match (id, &self.memory) {
             (Some(id), _) if !id.is_unknown() => Ok(id),
@@ -304,7 +303,7 @@ impl GpuEntry {
 /// else `otherwise`.
 fn field_of(error: &product::UnknownProductError, otherwise: &'static str) -> &'static str {
     match error {
-        product::UnknownProductError::NoMemory { .. } => "memory",
+        product::UnknownProductError::NoMemory { .. } | product::UnknownProductError::MigMemory { .. } => "memory",
         _ => otherwise,
     }
 }
@@ -599,6 +598,17 @@ mod tests {
         let cases = [
             ("gpu: {product: H100, count: 24, mig: 2g.20gb}", "give gpu.memory, one device's memory", 7),
             ("gpu: {product: H100, count: 24, mig: 2g.20gb, memory: 0}", "gpu.memory: GPU product", 7),
+            (
+                "gpu: {product: H100, count: 24, mig: 2g.20gb, memory: 200Gi}",
+                "gpu.memory: `H100-SXM5-MIG-2g.20gb`: a MIG",
+                7,
+            ),
+            ("gpu: {product: Foo-MIG-1g.5gb, count: 4}", "gpu.product: MIG devices of `Foo`, which is not a known", 7),
+            (
+                "gpu: {product: H100-MIG-1g.10gb, count: 4, memory: 9856, replicas: 2}",
+                "the product names a MIG profile",
+                7,
+            ),
             ("gpu: {product: H100-MIG-2g.20gb, count: 24, mig: 2g.20gb, memory: 1}", "give one", 7),
             ("gpu: {product: NVIDIA-New-MIG-1g.10gb, count: 7, memory: 9856}", "not a known GPU product", 7),
             ("gpu: {product: H100, count: 24, mig: \"2g 20gb\", memory: 1}", "by a profile like 2g.20gb", 7),
@@ -625,11 +635,15 @@ mod tests {
         let again = parse("c.yaml", &rendered).expect("the rendered file parses");
         assert_eq!(again.nodes, spec.nodes, "{rendered}");
         // Unshared, as GFD labels it: whole GPUs.
-        let unshared = format!(
-            "{HEADER}spec:\n  nodes:\n  - name: a\n    gpu: {{product: A100-SXM4-80GB, count: 8, replicas: 1, sharing: none}}\n"
-        );
-        let host = &load("c.yaml", &unshared).expect("planned").hosts[0];
-        assert_eq!((host.gpu_count, host.sharing, host.product.get().name), (8, None, "A100-SXM4-80GB"));
+        for gpu in [
+            "product: A100-SXM4-80GB, count: 8, replicas: 1, sharing: none",
+            "product: A100-SXM4-80GB, count: 8, replicas: 1, sharing: time-slicing",
+            "product: NVIDIA-A100-SXM4-80GB-SHARED, count: 8, replicas: 1",
+        ] {
+            let unshared = format!("{HEADER}spec:\n  nodes:\n  - name: a\n    gpu: {{{gpu}}}\n");
+            let host = &load("c.yaml", &unshared).expect("planned").hosts[0];
+            assert_eq!((host.gpu_count, host.sharing, host.product.get().name), (8, None, "A100-SXM4-80GB"), "{gpu}");
+        }
         // Product errors point at the `product:` line (7), the node's own checks at its name (6).
         let cases = [
             ("gpu: {product: A100-SXM4-80GB-SHARED, count: 8}", "gpu.replicas: the GPUs are shared", 7),
@@ -640,15 +654,15 @@ mod tests {
                 7,
             ),
             ("gpu: {product: H100, count: 7, mig: 1g.10gb, memory: 9856, replicas: 2}", "shared MIG devices", 7),
-            (
-                "gpu: {product: A100-SXM4-80GB, count: 8, replicas: 1, sharing: mps}",
-                "gpu.replicas: 1 (a shared GPU is",
-                6,
-            ),
+            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 0}", "gpu.replicas: 0 (a shared GPU is", 6),
             ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 9}", "72 devices, over the 64", 6),
             ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 4, sharing: none}", "gpu.sharing: none, but", 7),
             ("gpu: {product: NVIDIA-New-GPU-X, count: 8, replicas: 4}", "gpu.product: unknown GPU product", 7),
-            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 2, nvlink: all}", "gpu.nvlink: is set", 6),
+            (
+                "gpu: {product: A100-SXM4-80GB, count: 8, replicas: 2, nvlink: all}",
+                "gpu.nvlink: a shared GPU's replica has no NVLink",
+                6,
+            ),
         ];
         assert_gpu_errors(&cases);
     }

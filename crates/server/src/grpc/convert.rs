@@ -44,7 +44,7 @@ fn workload_message(error: &WorkloadError) -> String {
         ),
         WorkloadError::GpuLessRole { gang, role } => format!(
             "gang `{gang}`: role `{role}` takes no GPUs (gpus_per_member 0), so it may not ask for \
-             tensor_parallel, pipeline_parallel, min_gpu_memory_mib, a topology or slices"
+             tensor_parallel, pipeline_parallel, min_gpu_memory_mib, mig_profile, a topology or slices"
         ),
         WorkloadError::SliceShape { gang, role, slice, members, unit } => format!(
             "gang `{gang}`: role `{role}`: slice_members {slice} must divide the role's {members} members \

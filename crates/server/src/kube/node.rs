@@ -154,8 +154,16 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
         .and_then(|s| s.allocatable.as_ref())
         .is_some_and(|a| a.contains_key(SHARED_RESOURCE) && !a.contains_key(super::pod::GPU_RESOURCE));
     let mut warnings = Vec::new();
-    // Time-slicing or MPS: each GPU is offered as `replicas` devices, and so planned.
-    let sharing = if replicas > 1 || strategy_label.is_some() || suffixed || offers_renamed {
+    // Time-slicing or MPS: each GPU is offered as `replicas` devices, and so planned. One
+    // replica per GPU is a whole GPU, whatever the labels call it.
+    if replicas <= 1 && !offers_renamed && (strategy_label.is_some() || suffixed) {
+        warnings.push(format!(
+            "its GPUs are labelled shared ({SHARING_STRATEGY_LABEL} {}, product `{full_label}`) but {REPLICAS_LABEL} is \
+             {replicas}: planned as whole GPUs",
+            strategy_label.unwrap_or("unset")
+        ));
+    }
+    let sharing = if replicas > 1 || offers_renamed {
         let shared =
             || format!("{SHARING_STRATEGY_LABEL} {}, {REPLICAS_LABEL} {replicas}", strategy_label.unwrap_or("unset"));
         if offers_renamed {
@@ -168,13 +176,12 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
         if mig_profile.is_some() {
             return Err(format!("its MIG devices are shared ({}): shared MIG devices are not planned", shared()));
         }
-        let replicas =
-            u8::try_from(replicas).ok().filter(|&r| r >= 2 && usize::from(r) <= HOST_GPUS_MAX).ok_or_else(|| {
-                format!(
-                    "its GPUs are shared ({}): {REPLICAS_LABEL} must be 2 to {HOST_GPUS_MAX} for a shared GPU",
-                    shared()
-                )
-            })?;
+        let replicas = u8::try_from(replicas).ok().filter(|&r| usize::from(r) <= HOST_GPUS_MAX).ok_or_else(|| {
+            format!(
+                "its GPUs are shared ({}): {REPLICAS_LABEL} must be 2 to {HOST_GPUS_MAX} for a shared GPU",
+                shared()
+            )
+        })?;
         let strategy = match strategy_label {
             None => {
                 let label = match labels.get(SHARING_STRATEGY_LABEL) {
@@ -587,6 +594,11 @@ mod tests {
         .expect("a Node");
         let error = node_spec(&renamed).expect_err("renamed");
         assert!(error.contains("offered as nvidia.com/gpu.shared"), "{error}");
+        // Labelled shared but one replica per GPU: whole GPUs, with a warning.
+        let one = [(PRODUCT_LABEL, "NVIDIA-H100-80GB-HBM3-SHARED"), (COUNT_LABEL, "8"), (REPLICAS_LABEL, "1")];
+        let node = planned(&gpu_node(&one, Some("8")));
+        assert_eq!((node.spec.gpu_count, node.spec.sharing, node.spec.product.get().name), (8, None, "H100-SXM5"));
+        assert!(node.warnings[0].contains("planned as whole GPUs"), "{:?}", node.warnings);
         // Sharing switched off says so, and is planned whole.
         let unshared = [H100, (COUNT_LABEL, "8"), (REPLICAS_LABEL, "1"), (SHARING_STRATEGY_LABEL, "none")];
         let node = planned(&gpu_node(&unshared, Some("8")));
