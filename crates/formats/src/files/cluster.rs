@@ -217,11 +217,16 @@ impl GpuEntry {
                 "none, but gpu.replicas above 1 or a -SHARED product says the GPUs are shared".into(),
             ));
         }
+        let strategy = match strategy {
+            None => None,
+            Some(text) => Some(SharingStrategy::parse(text).ok_or_else(|| {
+                ("sharing", format!("`{text}` is not a sharing strategy (none, time-slicing or mps)"))
+            })?),
+        };
         if self.replicas == Some(1) {
             return self.resolve_whole(whole_name).map(|(product, mig)| ResolvedGpus { product, mig, sharing: None });
         }
-        let replicas = self.replicas;
-        let sharing = match (strategy, replicas, shared) {
+        let sharing = match (strategy, self.replicas, shared) {
             (None, None, false) => None,
             (_, None, _) => {
                 return Err((
@@ -230,13 +235,7 @@ impl GpuEntry {
                 ))
             }
             (strategy, Some(replicas), _) => {
-                let strategy = match strategy {
-                    None => SharingStrategy::TimeSlicing,
-                    Some(text) => SharingStrategy::parse(text).ok_or_else(|| {
-                        ("sharing", format!("`{text}` is not a sharing strategy (none, time-slicing or mps)"))
-                    })?,
-                };
-                Some(GpuSharing { strategy, replicas })
+                Some(GpuSharing { strategy: strategy.unwrap_or(SharingStrategy::TimeSlicing), replicas })
             }
         };
         let Some(sharing) = sharing else {
@@ -655,6 +654,7 @@ mod tests {
             ),
             ("gpu: {product: H100, count: 7, mig: 1g.10gb, memory: 9856, replicas: 2}", "shared MIG devices", 7),
             ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 0}", "gpu.replicas: 0 (a shared GPU is", 6),
+            ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 1, sharing: vgpu}", "gpu.sharing: `vgpu` is not", 7),
             ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 9}", "72 devices, over the 64", 6),
             ("gpu: {product: A100-SXM4-80GB, count: 8, replicas: 4, sharing: none}", "gpu.sharing: none, but", 7),
             ("gpu: {product: NVIDIA-New-GPU-X, count: 8, replicas: 4}", "gpu.product: unknown GPU product", 7),
