@@ -16,6 +16,21 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// `plan --cluster CLUSTER --workload WORKLOAD -o json`, which must succeed, as JSON.
+fn plan_json(cluster: &std::path::Path, workload: &std::path::Path) -> serde_json::Value {
+    let output = topoplace(&[
+        "plan",
+        "--cluster",
+        cluster.to_str().expect("utf-8"),
+        "--workload",
+        workload.to_str().expect("utf-8"),
+        "-o",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    serde_json::from_str(&stdout(&output)).expect("JSON")
+}
+
 fn testdata(path: &str) -> String {
     format!("{}/testdata/{path}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -310,8 +325,9 @@ fn a_workload_with_roles_plans_each_replica_whole_and_says_where() {
 
 #[test]
 fn the_readme_roles_example_places_whole_on_the_demo_cluster() {
-    let readme = std::fs::read_to_string(format!("{}/README.md", env!("CARGO_MANIFEST_DIR"))).expect("README");
-    let start = readme.find("  - name: llama-70b-pd\n    replicas: 2").expect("the README's roles example");
+    let readme = std::fs::read_to_string(format!("{}/docs/file-formats.md", env!("CARGO_MANIFEST_DIR")))
+        .expect("docs/file-formats.md");
+    let start = readme.find("  - name: llama-70b-pd\n    replicas: 2").expect("the file-format doc's roles example");
     let end = start + readme[start..].find("```").expect("the example's closing fence");
     let text = format!(
         "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {{name: readme}}\nspec:\n  gangs:\n{}",
@@ -716,17 +732,7 @@ fn a_time_sliced_gpu_of_four_replicas_takes_four_pods_and_refuses_the_fifth() {
         "shared-mixed-workload.yaml",
         "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec:\n  gangs:\n  - name: tiny\n    gpusPerMember: 1\n    model: {parameters: 1B, dtype: bf16, kvCache: 512Mi}\n  - name: any\n    gpusPerMember: 1\n  - name: tp2\n    replicas: 2\n    gpusPerMember: 2\n    tensorParallel: 2\n",
     );
-    let output = topoplace(&[
-        "plan",
-        "--cluster",
-        mixed.to_str().expect("utf-8"),
-        "--workload",
-        workload.to_str().expect("utf-8"),
-        "-o",
-        "json",
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let json = plan_json(&mixed, &workload);
     let node_of = |gang: &str| {
         json["placements"].as_array().expect("placements[]").iter().find(|p| p["gang"] == gang).map(|p| {
             (
@@ -818,17 +824,7 @@ fn gangs_bound_to_a_mig_profile_are_not_stranded_by_flexible_ones() {
         "mig-starve-workload.yaml",
         "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec:\n  gangs:\n  - name: tiny\n    replicas: 2\n    gpusPerMember: 1\n    minGpuMemory: 1Gi\n  - name: migg\n    replicas: 2\n    mig: 1g.5gb\n",
     );
-    let output = topoplace(&[
-        "plan",
-        "--cluster",
-        cluster.to_str().expect("utf-8"),
-        "--workload",
-        workload.to_str().expect("utf-8"),
-        "-o",
-        "json",
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let json = plan_json(&cluster, &workload);
     let node_of = |gang: &str| {
         json["placements"]
             .as_array()
