@@ -367,11 +367,16 @@ pub fn strip_shared(name: &str) -> Option<&str> {
     let name = name.trim_end();
     let cut = name.len().checked_sub(SHARED_SUFFIX.len())?;
     let tail = name.get(cut..)?;
-    let same = tail.bytes().zip(SHARED_SUFFIX.bytes()).all(|(a, b)| {
-        let a = if a == b' ' || a == b'_' { b'-' } else { a.to_ascii_uppercase() };
-        a == b
-    });
+    let same = tail.bytes().zip(SHARED_SUFFIX.bytes()).all(|(a, b)| fold(a) == b);
     same.then_some(&name[..cut])
+}
+
+/// One byte of a name as [`lookup`] compares names: ASCII upper case, `_` and space as `-`.
+fn fold(byte: u8) -> u8 {
+    match byte {
+        b' ' | b'_' => b'-',
+        other => other.to_ascii_uppercase(),
+    }
 }
 
 /// The product past the table named `name` (as [`lookup`] matches names): the one added
@@ -426,8 +431,7 @@ pub const MIG_INFIX: &str = "-MIG-";
 /// `name` split at [`MIG_INFIX`] (compared as [`lookup`] compares names: ignoring case, `_`
 /// and space as `-`) into the product and the profile.
 pub fn split_mig(name: &str) -> Option<(&str, &str)> {
-    let folded: Vec<u8> =
-        name.bytes().map(|b| if b == b' ' || b == b'_' { b'-' } else { b.to_ascii_uppercase() }).collect();
+    let folded: Vec<u8> = name.bytes().map(fold).collect();
     // Byte for byte, so offsets are the name's; the infix is ASCII, so both cuts fall on char
     // boundaries.
     let at = folded.windows(MIG_INFIX.len()).position(|w| w == MIG_INFIX.as_bytes())?;
