@@ -88,6 +88,7 @@ fn mixed(hosts: usize) -> Cluster {
                 allocated: Vec::new(),
                 mig_profile: None,
                 sharing: None,
+                pool: Default::default(),
             }
         })
         .collect();

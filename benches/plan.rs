@@ -41,6 +41,7 @@ fn synthetic(hosts: usize) -> Cluster {
             allocated: Vec::new(),
             mig_profile: None,
             sharing: None,
+            pool: Default::default(),
         })
         .collect();
     Cluster::build(ClusterSpec {

@@ -141,6 +141,7 @@ fn mixed_cluster() -> Cluster {
                     allocated: Vec::new(),
                     mig_profile: None,
                     sharing: None,
+                    pool: Default::default(),
                 });
             }
         }

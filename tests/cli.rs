@@ -837,3 +837,65 @@ fn gangs_bound_to_a_mig_profile_are_not_stranded_by_flexible_ones() {
         assert_eq!(node_of(gang).as_deref(), Some(node), "{gang}: {json}");
     }
 }
+
+/// Issue 22, GFD's mixed MIG strategy in the cluster file: a node's whole GPUs and its MIG
+/// devices of each profile (`migDevices`) are separate pools of one node. A TP-4 replica takes
+/// the whole GPUs, a 7B bf16 model and gangs asking for the profile take the MIG devices, and
+/// no pool lends to another.
+#[test]
+fn a_mixed_mig_node_plans_whole_gpus_and_each_profile_apart() {
+    let text = |body: &str| {
+        format!("apiVersion: topoplace.io/v1alpha1\nkind: Cluster\nmetadata: {{name: mixed}}\nspec:\n  nodes:\n{body}")
+    };
+    let cluster = temp_file(
+        "mixed-mig.yaml",
+        &text("  - name: a100-mixed\n    gpu: {product: NVIDIA-A100-SXM4-80GB, count: 4}\n    migDevices:\n    - {profile: 2g.20gb, count: 3, memory: 19968}\n    - {profile: 1g.10gb, count: 2, memory: 9856, allocated: [0]}\n"),
+    );
+    let workload = temp_file(
+        "mixed-mig-workload.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec:\n  gangs:\n  - name: tp4\n    gpusPerMember: 4\n    tensorParallel: 4\n  - name: chat-7b\n    gpusPerMember: 1\n    model: {parameters: 7B, dtype: bf16}\n  - name: slice\n    replicas: 3\n    mig: 2g.20gb\n  - name: tiny\n    replicas: 2\n    mig: 1g.10gb\n",
+    );
+    let json = plan_json(&cluster, &workload);
+    let placed = |gang: &str| {
+        json["placements"].as_array().expect("placements[]").iter().find(|p| p["gang"] == gang).map(|p| {
+            (
+                p["members"][0]["node"].as_str().unwrap_or_default().to_string(),
+                p["product"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+    };
+    let whole = ("a100-mixed".to_string(), "A100-SXM4-80GB".to_string());
+    let two_g = ("a100-mixed".to_string(), "A100-SXM4-80GB-MIG-2g.20gb".to_string());
+    let one_g = ("a100-mixed".to_string(), "A100-SXM4-80GB-MIG-1g.10gb".to_string());
+    assert_eq!(placed("tp4"), Some(whole), "{json}");
+    // The 7B model (about 16 GiB of weights) fits a 2g.20gb device and prefers it to a whole GPU.
+    let mut on_two_g: Vec<&str> =
+        ["chat-7b", "slice-0", "slice-1", "slice-2"].into_iter().filter(|g| placed(g) == Some(two_g.clone())).collect();
+    on_two_g.sort();
+    assert_eq!(on_two_g.len(), 3, "three 2g.20gb devices, four takers: {json}");
+    // One 1g.10gb device is free (the other is allocated): one tiny gang, not two.
+    let tiny: Vec<&str> = ["tiny-0", "tiny-1"].into_iter().filter(|g| placed(g) == Some(one_g.clone())).collect();
+    assert_eq!(tiny.len(), 1, "{json}");
+    // Refused at the node's line, naming the field.
+    for (body, expected) in [
+        (
+            "  - name: x\n    gpu: {product: T4, count: 1, replicas: 2}\n    migDevices: [{profile: 1g.5gb, count: 1, memory: 4864}]\n",
+            "spec.nodes[0].migDevices: MIG devices of the mixed strategy are cut from whole GPUs",
+        ),
+        (
+            "  - name: x\n    gpu: {product: A100-SXM4-80GB, count: 0}\n    migDevices:\n    - {profile: 1g.10gb, count: 1, memory: 9856}\n    - {profile: 1g.10gb, count: 1, memory: 9856}\n",
+            "spec.nodes[0].migDevices[1].profile: 1g.10gb is listed twice",
+        ),
+        (
+            "  - name: x\n    gpu: {product: A100-SXM4-80GB, count: 0}\n    migDevices: [{profile: 1g.10gb, count: 1, memory: 200000}]\n",
+            "spec.nodes[0].migDevices[0].memory",
+        ),
+        ("  - name: x\n    gpu: {product: A100-SXM4-80GB, count: 0}\n", "gpu.count 0 is out of range"),
+    ] {
+        let cluster = temp_file("mixed-mig-bad.yaml", &text(body));
+        let output = topoplace(&["plan", "--cluster", cluster.to_str().expect("utf-8")]);
+        assert_eq!(output.status.code(), Some(2), "{body}");
+        let message = stderr(&output);
+        assert!(message.contains(expected) && message.contains(":6"), "{body}: {message}");
+    }
+}

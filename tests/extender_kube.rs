@@ -543,3 +543,80 @@ async fn forged_binds_bind_nothing_and_delete_nothing() {
     server.stop().await;
     api_server.stop().await;
 }
+
+/// Issue 22, GFD's mixed MIG strategy through the extender: a pod asking for
+/// `nvidia.com/mig-1g.10gb` passes only a node with such devices free and is bound with an
+/// index among them; a pod asking for `nvidia.com/gpu` takes the same node's whole GPUs, whose
+/// indices are counted apart; `/state` lists the node once per resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_extender_serves_a_mixed_mig_node_per_resource() {
+    let api = FakeApi::new();
+    api.add_node("h100-0", "NVIDIA-H100-80GB-HBM3", 8, "r1");
+    api.put_node(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "a100-mixed", "uid": "node-a100-mixed", "labels": {
+            "kubernetes.io/hostname": "a100-mixed",
+            "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
+            "nvidia.com/gpu.count": "2",
+            "nvidia.com/mig.strategy": "mixed",
+            "nvidia.com/mig-1g.10gb.count": "2",
+            "nvidia.com/mig-1g.10gb.memory": "9856",
+            "network.topology.nvidia.com/spine": "s1",
+            "network.topology.nvidia.com/leaf": "r1",
+        }},
+        "status": {"allocatable": {"nvidia.com/gpu": "1", "nvidia.com/mig-1g.10gb": "2", "cpu": "96", "pods": "110"},
+                   "conditions": [{"type": "Ready", "status": "True"}]}
+    }));
+    let api_server = serve_router(api.router()).await;
+    let server = kube_server(&api_server.base, BookConfig::default(), None).await;
+    let base = server.base.clone();
+    let http = reqwest::Client::new();
+    ready(&http, &base).await;
+    let state = get_json(&http, &format!("{base}/state")).await;
+    let mut listed: Vec<(String, String, u64)> = state["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            let text = |k: &str| n[k].as_str().unwrap_or_default().to_string();
+            (text("name"), text("resource"), n["gpus"].as_u64().unwrap_or_default())
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("a100-mixed".into(), "nvidia.com/gpu".into(), 1),
+            ("a100-mixed".into(), "nvidia.com/mig-1g.10gb".into(), 2),
+            ("h100-0".into(), "nvidia.com/gpu".into(), 8),
+        ]
+    );
+    let nodes = vec!["h100-0".to_string(), "a100-mixed".to_string()];
+    let mig_pod = |name: &str| {
+        let mut object = pod("ml", name, &format!("{name}-uid"), 0, None);
+        object["spec"]["containers"][0]["resources"]["limits"] = json!({"nvidia.com/mig-1g.10gb": "1"});
+        object
+    };
+    for name in ["slice-0", "slice-1"] {
+        let object = mig_pod(name);
+        api.add_pod(object.clone(), None, None);
+        assert_eq!(schedule(&http, &base, &object, &nodes).await.as_deref(), Ok("a100-mixed"));
+    }
+    let mut devices: Vec<String> =
+        ["slice-0", "slice-1"].iter().filter_map(|name| api.pod_annotation("ml", name, "topoplace.io/gpus")).collect();
+    devices.sort();
+    assert_eq!(devices, ["0", "1"]);
+    // No 1g.10gb device is left: the third is refused, naming the resource on the other node.
+    let third = mig_pod("slice-2");
+    api.add_pod(third.clone(), None, None);
+    let error = schedule(&http, &base, &third, &nodes).await.expect_err("no device left");
+    assert!(error.contains("node offers no nvidia.com/mig-1g.10gb devices"), "{error}");
+    // The whole GPU of the same node is its own pool: index 0 again.
+    let whole = pod("ml", "whole", "whole-uid", 1, None);
+    api.add_pod(whole.clone(), None, None);
+    let bound = schedule(&http, &base, &whole, &["a100-mixed".to_string()]).await;
+    assert_eq!(bound.as_deref(), Ok("a100-mixed"));
+    assert_eq!(api.pod_annotation("ml", "whole", "topoplace.io/gpus").as_deref(), Some("0"));
+    server.stop().await;
+    api_server.stop().await;
+}

@@ -82,6 +82,7 @@ fn build_cluster(draws: &[HostDraw]) -> Cluster {
                 allocated: mask_indices(allocated),
                 mig_profile: (nvlink == Some("mig")).then(|| "3g.20gb".to_string()),
                 sharing: shared.then_some(GpuSharing { strategy: SharingStrategy::TimeSlicing, replicas: 4 }),
+                pool: Default::default(),
             }
         })
         .collect();

@@ -94,8 +94,12 @@ fn assert_consistent(api: &FakeApi) {
     for pod in api.pods() {
         let bound = pod["spec"]["nodeName"].as_str();
         if let (Some(node), Some(gpus)) = (bound, pod["metadata"]["annotations"]["topoplace.io/gpus"].as_str()) {
+            // Indices count within the resource the pod asks for (a mixed MIG node's pools).
+            let limits = pod["spec"]["containers"][0]["resources"]["limits"].as_object().cloned().unwrap_or_default();
+            let pool = limits.keys().find(|k| k.starts_with("nvidia.com/")).cloned().unwrap_or_default();
             for gpu in gpus.split(',') {
-                assert!(given.insert((node.to_string(), gpu.to_string())), "GPU {gpu} of {node} given twice");
+                let device = (node.to_string(), pool.clone(), gpu.to_string());
+                assert!(given.insert(device), "GPU {gpu} of {node} ({pool}) given twice");
             }
         }
         if let Some(gang) = pod["metadata"]["labels"]["topoplace.io/gang"].as_str() {
@@ -836,5 +840,55 @@ async fn a_time_sliced_gpu_takes_one_pod_per_replica_and_no_more() {
     .await;
     let (_, _, message) = api.pod("ml", "pair").and_then(|p| condition(&p)).expect("condition");
     assert!(message.contains("shared replicas"), "{message}");
+    finish(&api, replica, Some(server)).await;
+}
+
+/// GFD's mixed MIG strategy: one A100 node offers 2 whole GPUs as `nvidia.com/gpu` and 3
+/// MIG devices of 1g.10gb as `nvidia.com/mig-1g.10gb` (one already taken by a pod bound
+/// before). Pods asking for the MIG resource take the MIG devices, one each, and the third is
+/// refused; a TP-2 pod asking for `nvidia.com/gpu` takes the whole GPUs of the same node.
+#[tokio::test]
+async fn a_mixed_mig_node_serves_mig_devices_and_whole_gpus_from_their_own_pools() {
+    let mixed = gpu_node("a100-mixed", "r1", |n| {
+        let labels = &mut n["metadata"]["labels"];
+        labels["nvidia.com/gpu.product"] = json!("NVIDIA-A100-SXM4-80GB");
+        labels["nvidia.com/gpu.count"] = json!("4");
+        labels["nvidia.com/mig.strategy"] = json!("mixed");
+        labels["nvidia.com/mig-1g.10gb.count"] = json!("3");
+        labels["nvidia.com/mig-1g.10gb.memory"] = json!("9856");
+        labels["nvidia.com/mig-1g.10gb.product"] = json!("NVIDIA-A100-SXM4-80GB-MIG-1g.10gb");
+        n["status"]["allocatable"]["nvidia.com/gpu"] = json!("2");
+        n["status"]["allocatable"]["nvidia.com/mig-1g.10gb"] = json!("3");
+    });
+    let (api, server) = api_with(vec![mixed]).await;
+    let replica = Replica::start(&server.base, None, test_config()).await;
+    let mig_pod = |name: &str| {
+        let mut pod = scheduler_pod("ml", name, 0, None, "1");
+        pod["spec"]["containers"][0]["resources"]["limits"] = json!({"nvidia.com/mig-1g.10gb": "1", "cpu": "1"});
+        pod
+    };
+    api.add_pod(mig_pod("before"), Some("a100-mixed"), None);
+    for name in ["slice-0", "slice-1", "slice-2"] {
+        api.add_pod(mig_pod(name), None, None);
+    }
+    let mut pair = scheduler_pod("ml", "pair", 2, None, "1");
+    pair["metadata"]["annotations"] = json!({"topoplace.io/tensor-parallel": "2"});
+    api.add_pod(pair, None, None);
+    // The pod bound before, two slices and the pair.
+    eventually("two slices and the pair bound", || api.bound_pods().len() == 4).await;
+    assert_eq!(api.pod_node("ml", "pair").as_deref(), Some("a100-mixed"));
+    assert_eq!(api.pod_annotation("ml", "pair", "topoplace.io/gpus").as_deref(), Some("0,1"));
+    let slices = ["slice-0", "slice-1", "slice-2"];
+    let waiting: Vec<&str> = slices.iter().copied().filter(|name| api.pod_node("ml", name).is_none()).collect();
+    assert_eq!(waiting.len(), 1, "three MIG devices, one taken before: {waiting:?}");
+    let mut devices: Vec<String> =
+        slices.iter().filter_map(|name| api.pod_annotation("ml", name, "topoplace.io/gpus")).collect();
+    devices.sort();
+    // The pod bound before holds device 0 (the lowest free, with no record).
+    assert_eq!(devices, ["1", "2"], "the other two MIG devices");
+    eventually("the third slice marked unschedulable", || {
+        api.pod("ml", waiting[0]).and_then(|p| condition(&p)).is_some_and(|(status, _, _)| status == "False")
+    })
+    .await;
     finish(&api, replica, Some(server)).await;
 }

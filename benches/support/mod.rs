@@ -26,6 +26,7 @@ pub fn cluster(hosts: usize) -> Cluster {
             allocated: if i % 3 == 0 { (0..(i % 7) as u8).collect() } else { Vec::new() },
             mig_profile: None,
             sharing: None,
+            pool: Default::default(),
         })
         .collect();
     Cluster::build(ClusterSpec {

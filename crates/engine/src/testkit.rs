@@ -17,5 +17,6 @@ pub fn node(name: &str, product: &str, count: u8, labels: &[(&str, &str)]) -> No
         allocated: Vec::new(),
         mig_profile: None,
         sharing: None,
+        pool: Default::default(),
     }
 }

@@ -14,7 +14,7 @@
 
 use thiserror::Error;
 
-use crate::topology::{Cluster, Host, ProductId, HOST_GPUS_MAX};
+use crate::topology::{Cluster, DevicePool, Host, ProductId, HOST_GPUS_MAX};
 
 /// Members of one gang; larger gangs are rejected at the boundary.
 pub const GANG_MEMBERS_MAX: u32 = 4_096;
@@ -167,6 +167,7 @@ impl RoleSpec {
             required: self.required.clone(),
             preferred: self.preferred.clone(),
             roles: Vec::new(),
+            pool: None,
         }
     }
 
@@ -291,6 +292,9 @@ pub struct GangSpec {
     pub preferred: Option<Scope>,
     /// The replica's roles; empty for a gang of one shape.
     pub roles: Vec<RoleSpec>,
+    /// Only hosts whose devices are offered as this resource (every role's, with roles): a
+    /// pod's devices come from the pool its resource names. `None` (files, gRPC): any pool.
+    pub pool: Option<DevicePool>,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -322,6 +326,11 @@ pub enum WorkloadError {
         crate::topology::MIG_PROFILE_BYTES_MAX
     )]
     MigProfile { gang: String, profile: String },
+    #[error(
+        "gang `{gang}`: devices of nvidia.com/mig-{pool} are MIG devices of profile {pool}: the gang must ask for \
+         that profile, and have no roles"
+    )]
+    MigPool { gang: String, pool: String },
     #[error(
         "gang `{gang}`: a member on a MIG device has one GPU and no tensor parallelism (gpusPerMember {gpus}, \
          tensorParallel {tensor_parallel})"
@@ -378,6 +387,8 @@ pub struct Gang {
     pub mig_profile: Option<String>,
     pub required: Option<Scope>,
     pub preferred: Option<Scope>,
+    /// Only hosts of this device pool ([`GangSpec::pool`]); `None`: any.
+    pub pool: Option<DevicePool>,
 }
 
 impl Gang {
@@ -418,6 +429,7 @@ impl GangSpec {
             required: None,
             preferred: None,
             roles: Vec::new(),
+            pool: None,
         }
     }
 
@@ -434,6 +446,15 @@ impl GangSpec {
         if self.name.len() > GANG_NAME_BYTES_MAX {
             let shown: String = self.name.chars().take(40).collect();
             return Err(WorkloadError::LongName { shown, bytes: self.name.len(), max: GANG_NAME_BYTES_MAX });
+        }
+        if let Some(DevicePool::Mig(pool)) = &self.pool {
+            let asked = match &self.memory {
+                MemoryNeed::MigProfile(profile) if self.roles.is_empty() => profile.trim(),
+                _ => "",
+            };
+            if !asked.eq_ignore_ascii_case(pool) {
+                return Err(WorkloadError::MigPool { gang: gang(), pool: pool.clone() });
+            }
         }
         if !self.roles.is_empty() {
             return self.validate_roles();
@@ -559,6 +580,7 @@ impl GangSpec {
                         gang: (role.gpus_per_member > 0).then(|| {
                             let mut gang = role.as_gang_spec(&name).expand().remove(0);
                             gang.spec_name = self.name.clone();
+                            gang.pool = self.pool.clone();
                             gang
                         }),
                         slices: role.slices.clone(),
@@ -595,6 +617,7 @@ impl GangSpec {
                 },
                 required: self.required.clone(),
                 preferred: self.preferred.clone(),
+                pool: self.pool.clone(),
             })
             .collect()
     }

@@ -262,6 +262,7 @@ impl<'a> Study<'a> {
                 preferred: None,
                 gang,
                 roles: None,
+                pool: Default::default(),
             },
             needs: PodNeeds { requests: Resources::from([("cpu".to_string(), 1_000)]), ..PodNeeds::default() },
             priority,

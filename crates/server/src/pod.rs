@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use thiserror::Error;
 
 use topoplace_engine::quantity;
+use topoplace_engine::topology::{product, DevicePool};
 use topoplace_engine::workload::{
     GangSpec, MemoryNeed, ModelSpec, RoleSpec, Scope, Slicing, GANG_MEMBERS_MAX, RUNTIME_OVERHEAD_DEFAULT,
 };
@@ -58,6 +59,9 @@ const MIN_GPU_MEMORY: &str = "topoplace.io/min-gpu-memory";
 /// One MIG device of this profile (`2g.20gb`) per pod, of any GPU product, instead of a
 /// memory need ([`MemoryNeed::MigProfile`]).
 pub const MIG_PROFILE_ANNOTATION: &str = "topoplace.io/mig-profile";
+/// The device plugin's resource for MIG devices of one profile under the mixed MIG strategy
+/// (`nvidia.com/mig-2g.20gb`; GFD `internal/lm/mig-strategy.go`).
+pub const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
 const MODEL_PARAMS: &str = "topoplace.io/model-params";
 const MODEL_DTYPE: &str = "topoplace.io/model-dtype";
 const KV_CACHE: &str = "topoplace.io/kv-cache";
@@ -97,36 +101,73 @@ pub fn identity(pod: &Pod) -> Result<PodIdentity, PodError> {
     Ok(PodIdentity { namespace, name, uid })
 }
 
-/// GPUs the pod asks for: the sum over its containers of `nvidia.com/gpu` (limits, else
-/// requests), or the largest init container's if that is more, as kube-scheduler counts.
+/// GPUs the pod asks for: [`gpu_request`]'s count.
 pub fn gpu_count(pod: &Pod) -> Result<u32, PodError> {
+    gpu_request(pod).map(|(count, _)| count)
+}
+
+/// The GPU devices the pod asks for and the resource it asks them as: per resource
+/// (`nvidia.com/gpu`, or under the mixed MIG strategy `nvidia.com/mig-<profile>`), the sum
+/// over its containers (limits, else requests), or the largest init container's if that is
+/// more, as kube-scheduler counts. `(0, Gpu)` for a pod without GPUs. Errors: a count that
+/// is not a whole number, a `nvidia.com/mig-*` resource that names no MIG profile, and a pod
+/// asking for devices of two resources (one pod's devices come from one pool).
+pub fn gpu_request(pod: &Pod) -> Result<(u32, DevicePool), PodError> {
     let shown = shown(pod);
-    let Some(spec) = &pod.spec else { return Ok(0) };
-    let of = |container: &k8s_openapi::api::core::v1::Container, path: String| -> Result<u32, PodError> {
-        let Some(resources) = &container.resources else { return Ok(0) };
-        let quantity = resources
-            .limits
-            .as_ref()
-            .and_then(|l| l.get(GPU_RESOURCE))
-            .or_else(|| resources.requests.as_ref().and_then(|r| r.get(GPU_RESOURCE)));
-        let Some(quantity) = quantity else { return Ok(0) };
-        quantity.0.trim().parse::<u32>().map_err(|_| PodError::Invalid {
-            pod: shown.clone(),
-            field: path,
-            value: quantity.0.clone(),
-            detail: "GPUs are counted in whole devices".into(),
-        })
-    };
-    let mut sum = 0u32;
-    for (index, container) in spec.containers.iter().enumerate() {
-        sum = sum.saturating_add(of(container, format!("spec.containers[{index}].resources.limits[{GPU_RESOURCE}]"))?);
+    let Some(spec) = &pod.spec else { return Ok((0, DevicePool::Gpu)) };
+    // Per resource: the containers' sum and the init containers' largest.
+    let mut totals: BTreeMap<DevicePool, (u32, u32)> = BTreeMap::new();
+    let containers = spec.containers.iter().enumerate().map(|(i, c)| (format!("spec.containers[{i}]"), c, false));
+    let inits =
+        spec.init_containers.iter().flatten().enumerate().map(|(i, c)| (format!("spec.initContainers[{i}]"), c, true));
+    for (path, container, init) in containers.chain(inits) {
+        let Some(resources) = &container.resources else { continue };
+        let mut named: BTreeMap<&String, (&str, &k8s_openapi::apimachinery::pkg::api::resource::Quantity)> =
+            BTreeMap::new();
+        named.extend(resources.requests.iter().flatten().map(|(k, v)| (k, ("requests", v))));
+        named.extend(resources.limits.iter().flatten().map(|(k, v)| (k, ("limits", v))));
+        for (name, (kind, quantity)) in named {
+            let pool = if name == GPU_RESOURCE {
+                DevicePool::Gpu
+            } else if let Some(profile) = name.strip_prefix(MIG_RESOURCE_PREFIX) {
+                if !product::is_mig_profile(profile) {
+                    return Err(PodError::Invalid {
+                        pod: shown.clone(),
+                        field: format!("{path}.resources.{kind}"),
+                        value: name.clone(),
+                        detail: format!("{MIG_RESOURCE_PREFIX}<profile> names no MIG profile (like 2g.20gb)"),
+                    });
+                }
+                DevicePool::Mig(profile.to_string())
+            } else {
+                continue;
+            };
+            let count = quantity.0.trim().parse::<u32>().map_err(|_| PodError::Invalid {
+                pod: shown.clone(),
+                field: format!("{path}.resources.{kind}[{name}]"),
+                value: quantity.0.clone(),
+                detail: "GPUs are counted in whole devices".into(),
+            })?;
+            let total = totals.entry(pool).or_default();
+            if init {
+                total.1 = total.1.max(count);
+            } else {
+                total.0 = total.0.saturating_add(count);
+            }
+        }
     }
-    let mut init_max = 0u32;
-    for (index, container) in spec.init_containers.iter().flatten().enumerate() {
-        init_max =
-            init_max.max(of(container, format!("spec.initContainers[{index}].resources.limits[{GPU_RESOURCE}]"))?);
+    let asked: Vec<(DevicePool, u32)> =
+        totals.into_iter().map(|(pool, (sum, init))| (pool, sum.max(init))).filter(|&(_, n)| n > 0).collect();
+    match asked.as_slice() {
+        [] => Ok((0, DevicePool::Gpu)),
+        [(pool, count)] => Ok((*count, pool.clone())),
+        [(first, _), (second, _), ..] => Err(PodError::Invalid {
+            pod: shown,
+            field: "spec.containers[*].resources.limits".into(),
+            value: format!("{first} and {second}"),
+            detail: "a pod's GPU devices come from one resource: nvidia.com/gpu or one MIG profile's".into(),
+        }),
     }
-    Ok(sum.max(init_max))
 }
 
 /// The pod as errors name it: `namespace/name`, whatever else is missing.
@@ -454,7 +495,7 @@ fn required_scope(shown: &str, annotation: Option<&str>, keys: ScopeKeys<'_>) ->
 pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodDemand, PodError> {
     let identity = identity(pod)?;
     let shown = identity.to_string();
-    let gpus = gpu_count(pod)?;
+    let (gpus, pool) = gpu_request(pod)?;
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
     let annotation = |key: &str| annotations.get(key).map(|v| v.trim()).filter(|v| !v.is_empty());
@@ -465,6 +506,23 @@ pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodD
         detail,
     };
     let memory = match (annotation(MIN_GPU_MEMORY), annotation(MODEL_PARAMS)) {
+        // MIG devices of the mixed strategy: the resource names the profile, and says all
+        // there is of the memory.
+        _ if pool != DevicePool::Gpu => {
+            let profile = pool.mig_profile().unwrap_or_default();
+            let other = [MIG_PROFILE_ANNOTATION, MIN_GPU_MEMORY, MODEL_PARAMS]
+                .into_iter()
+                .filter_map(|key| annotation(key).map(|value| (key, value)))
+                .find(|&(key, value)| key != MIG_PROFILE_ANNOTATION || !value.eq_ignore_ascii_case(profile));
+            if let Some((key, value)) = other {
+                return Err(invalid(
+                    key,
+                    value,
+                    format!("the pod asks for {pool}, whose devices are MIG devices of {profile}: leave it out"),
+                ));
+            }
+            MemoryNeed::MigProfile(profile.to_string())
+        }
         (Some(_), _) | (_, Some(_)) if annotation(MIG_PROFILE_ANNOTATION).is_some() => {
             let profile = annotation(MIG_PROFILE_ANNOTATION).unwrap_or_default();
             return Err(invalid(
@@ -565,6 +623,7 @@ pub fn demand_sized(pod: &Pod, pod_group: Option<&PodGroupFacts>) -> Result<PodD
         required: required_scope(&shown, annotation(TOPOLOGY_REQUIRED), scope_keys)?,
         preferred: annotation(TOPOLOGY_PREFERRED).map(Scope::parse),
         roles,
+        pool,
     })
 }
 
@@ -916,7 +975,7 @@ pub fn requests(pod: &Pod) -> Result<Resources, PodError> {
         named.extend(resources.limits.iter().flatten());
         named.extend(resources.requests.iter().flatten());
         for (name, quantity) in named {
-            if name == GPU_RESOURCE || name == PODS_RESOURCE {
+            if name == GPU_RESOURCE || name == PODS_RESOURCE || name.starts_with(MIG_RESOURCE_PREFIX) {
                 continue;
             }
             let milli = quantity::parse_milli(&quantity.0).map_err(|e| PodError::Invalid {
@@ -1025,6 +1084,54 @@ mod tests {
         let wide = demand(&pod_with(none, serde_json::json!({MIG_PROFILE_ANNOTATION: "2g.20gb"}), 2)).expect("read");
         let error = wide.gang().unwrap_err().to_string();
         assert!(error.contains("a member on a MIG device has one GPU"), "{error}");
+    }
+
+    /// Under the mixed MIG strategy a pod asks for `nvidia.com/mig-<profile>`: that is its
+    /// pool and its memory need; two resources, a name that is no profile, or another memory
+    /// need beside it are refused, naming the field.
+    #[test]
+    fn a_mig_resource_is_the_pods_pool_and_profile() {
+        let with_limits = |limits: serde_json::Value, annotations: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "ns", "uid": "u", "annotations": annotations},
+                "spec": {"containers": [{"name": "main", "resources": {"limits": limits}}],
+                         "initContainers": [{"name": "init", "resources": {"requests": {"nvidia.com/mig-2g.20gb": "1"}}}]}
+            }))
+            .expect("pod")
+        };
+        let none = serde_json::json!({});
+        let pod = with_limits(serde_json::json!({"nvidia.com/mig-2g.20gb": "1", "cpu": "2"}), none.clone());
+        let read = demand(&pod).expect("demand");
+        assert_eq!((read.gpus, &read.pool), (1, &DevicePool::Mig("2g.20gb".into())));
+        assert_eq!(read.memory, MemoryNeed::MigProfile("2g.20gb".into()));
+        assert_eq!(read.gang().expect("gang").pool, Some(DevicePool::Mig("2g.20gb".into())));
+        assert!(!requests(&pod).expect("requests").contains_key("nvidia.com/mig-2g.20gb"), "placed by the engine");
+        let same = serde_json::json!({MIG_PROFILE_ANNOTATION: "2g.20gb"});
+        assert!(demand(&with_limits(serde_json::json!({"nvidia.com/mig-2g.20gb": "1"}), same)).is_ok());
+        for (limits, annotations, expected) in [
+            (
+                serde_json::json!({"nvidia.com/mig-2g.20gb": "1", "nvidia.com/gpu": "1"}),
+                none.clone(),
+                "nvidia.com/gpu and nvidia.com/mig-2g.20gb",
+            ),
+            (serde_json::json!({"nvidia.com/mig-": "1"}), none.clone(), "names no MIG profile"),
+            (
+                serde_json::json!({"nvidia.com/mig-2g.20gb": "1"}),
+                serde_json::json!({MIN_GPU_MEMORY: "16Gi"}),
+                "MIG devices of 2g.20gb: leave it out",
+            ),
+            (
+                serde_json::json!({"nvidia.com/mig-2g.20gb": "1"}),
+                serde_json::json!({MIG_PROFILE_ANNOTATION: "1g.10gb"}),
+                "topoplace.io/mig-profile",
+            ),
+        ] {
+            let error = demand(&with_limits(limits.clone(), annotations)).unwrap_err().to_string();
+            assert!(error.contains(expected), "{limits}: {error}");
+        }
+        // The init container's request counts as kube-scheduler counts it: the larger.
+        let pod = with_limits(serde_json::json!({"cpu": "1"}), none);
+        assert_eq!(gpu_request(&pod).expect("read"), (1, DevicePool::Mig("2g.20gb".into())));
     }
 
     #[test]

@@ -212,6 +212,10 @@ pub enum HostRejection {
     /// The gang asks for MIG devices of one profile ([`crate::workload::MemoryNeed::MigProfile`])
     /// and the host's GPUs are not such devices.
     OtherMigProfile,
+    /// The gang's pods ask for devices of another resource than the host's
+    /// ([`crate::workload::Gang::pool`]): a node of the mixed MIG strategy offers its whole
+    /// GPUs as `nvidia.com/gpu` and each profile's MIG devices as `nvidia.com/mig-<profile>`.
+    OtherDevicePool,
     UnitLargerThanHost,
     NotEnoughFree,
     FreeNotConnected,
@@ -252,6 +256,10 @@ impl HostRejection {
             HostRejection::OtherMigProfile => format!(
                 "{product}: not MIG devices of profile {}, which the gang asks for",
                 gang.mig_profile.as_deref().unwrap_or_default()
+            ),
+            HostRejection::OtherDevicePool => format!(
+                "{product}: its devices are not offered as {}, the resource the gang's pods ask for",
+                gang.pool.as_ref().map(ToString::to_string).unwrap_or_default()
             ),
             HostRejection::UnitLargerThanHost => format!(
                 "{product}: a tensor-parallel group of {} GPUs is larger than the host and the host is in no NVLink clique",
@@ -1107,6 +1115,9 @@ impl<'c> Planner<'c> {
         member_shape: UnitShape,
     ) -> Result<(u32, bool), HostRejection> {
         let host = self.cluster.host(host_id);
+        if gang.pool.as_ref().is_some_and(|pool| *pool != host.pool) {
+            return Err(HostRejection::OtherDevicePool);
+        }
         if let Some(profile) = &gang.mig_profile {
             if !host.mig_profile.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(profile)) {
                 return Err(HostRejection::OtherMigProfile);

@@ -71,6 +71,43 @@ pub struct NodeSpec {
     /// tensor parallelism, and is planned with `1/replicas` of its GPU's memory: MPS enforces
     /// that share; time-slicing promises none, so the fair share is what can be counted on.
     pub sharing: Option<GpuSharing>,
+    /// The device-plugin resource these devices are offered as. A node of GFD's mixed MIG
+    /// strategy is several specs of one name, one per pool: its whole GPUs and each MIG
+    /// profile's devices; every other node is one spec of [`DevicePool::Gpu`].
+    pub pool: DevicePool,
+}
+
+/// Which device-plugin resource a host's devices are offered as (k8s-device-plugin,
+/// `internal/rm`; GFD `internal/lm/mig-strategy.go`). With the node's name it names a host:
+/// a pod draws devices from one pool, the one its resource names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum DevicePool {
+    /// `nvidia.com/gpu`: whole GPUs, the MIG devices of the single strategy, or shared
+    /// replicas.
+    #[default]
+    Gpu,
+    /// `nvidia.com/mig-<profile>`: the MIG devices of one profile under the mixed strategy.
+    Mig(String),
+}
+
+impl DevicePool {
+    /// The MIG profile of a mixed-strategy pool.
+    pub fn mig_profile(&self) -> Option<&str> {
+        match self {
+            DevicePool::Gpu => None,
+            DevicePool::Mig(profile) => Some(profile),
+        }
+    }
+}
+
+impl std::fmt::Display for DevicePool {
+    /// The resource name: `nvidia.com/gpu`, `nvidia.com/mig-2g.20gb`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DevicePool::Gpu => write!(f, "nvidia.com/gpu"),
+            DevicePool::Mig(profile) => write!(f, "nvidia.com/mig-{profile}"),
+        }
+    }
 }
 
 impl NodeSpec {
@@ -138,6 +175,12 @@ pub struct ClusterSpec {
 pub enum TopologyError {
     #[error("node `{node}`: name appears twice")]
     DuplicateNode { node: String },
+    #[error("node `{node}`: its {pool} devices have other labels than the node's first pool; a node's pools share its labels")]
+    PoolLabels { node: String, pool: String },
+    #[error(
+        "node `{node}`: the pool of nvidia.com/mig-{pool} devices must be MIG devices of profile {pool}, not {profile}"
+    )]
+    MigPool { node: String, pool: String, profile: String },
     #[error("node `{node}`: gpu.count {count} is out of range (1..={HOST_GPUS_MAX})")]
     GpuCount { node: String, count: usize },
     #[error("node `{node}`: allocated GPU index {index} is not below the node's {count} devices (gpu.count, times the replicas when shared)")]
@@ -232,6 +275,9 @@ pub struct Host {
     /// The host's devices are shared replicas ([`NodeSpec::sharing`]): `gpu_count` counts
     /// replicas and `memory_mib` is one replica's.
     pub sharing: Option<GpuSharing>,
+    /// The resource its devices are offered as ([`NodeSpec::pool`]); `name` and `pool`
+    /// together are unique, and the hosts of one node are adjacent, [`DevicePool::Gpu`] first.
+    pub pool: DevicePool,
 }
 
 impl Host {
@@ -281,6 +327,7 @@ pub struct Cluster {
     pub graph: graph::TopologyGraph,
     /// GPUs in use when the cluster was described (`allocated`), per host.
     pub initially_used: Vec<GpuMask>,
+    /// Per node name, its first host (the hosts of a node are adjacent).
     host_index: HashMap<String, HostId>,
 }
 
@@ -300,7 +347,8 @@ impl Cluster {
                 })
                 .collect()
         };
-        nodes.sort_by_cached_key(|node| (path_of(node), node.name.clone()));
+        // The pools of one node (same labels, same name) end up adjacent, `Gpu` first.
+        nodes.sort_by_cached_key(|node| (path_of(node), node.name.clone(), node.pool.clone()));
 
         let paths: Vec<Vec<(bool, String)>> = nodes.iter().map(path_of).collect();
         let (domains, mut domain_paths) = build_domains(levels.len(), &paths);
@@ -309,12 +357,36 @@ impl Cluster {
         for (host_index, host) in hosts.iter_mut().enumerate() {
             host.links = topology_graph.derive_host_links(host_index as HostId, host.gpu_count);
         }
-        let host_index = hosts.iter().enumerate().map(|(i, h)| (h.name.clone(), i as HostId)).collect();
+        let mut host_index = HashMap::with_capacity(hosts.len());
+        for (i, host) in hosts.iter().enumerate() {
+            host_index.entry(host.name.clone()).or_insert(i as HostId);
+        }
         Ok(Cluster { name, levels, hosts, domains, cliques, graph: topology_graph, initially_used, host_index })
     }
 
+    /// The host of node `name` whose devices are `nvidia.com/gpu` ([`DevicePool::Gpu`]): the
+    /// node's only host unless it is of the mixed MIG strategy.
     pub fn host_id(&self, name: &str) -> Option<HostId> {
-        self.host_index.get(name).copied()
+        self.host_in(name, &DevicePool::Gpu)
+    }
+
+    /// The host of node `name` whose devices are offered as `pool`.
+    pub fn host_in(&self, name: &str, pool: &DevicePool) -> Option<HostId> {
+        self.hosts_of(name).find(|&id| self.hosts[id as usize].pool == *pool)
+    }
+
+    /// Every host of node `name` (one per [`DevicePool`]), `Gpu` first; none for a node not
+    /// in the view.
+    pub fn hosts_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = HostId> + 'a {
+        let first = self.host_index.get(name).copied();
+        let from = first.unwrap_or(self.hosts.len() as HostId);
+        (from..self.hosts.len() as HostId)
+            .take_while(move |&id| first.is_some() && self.hosts[id as usize].name == name)
+    }
+
+    /// The same host in this cluster as `host` is in another (same node, same pool).
+    pub fn same_host(&self, host: &Host) -> Option<HostId> {
+        self.host_in(&host.name, &host.pool)
     }
 
     pub fn host(&self, id: HostId) -> &Host {
@@ -468,6 +540,7 @@ fn build_hosts(nodes: Vec<NodeSpec>, domain_paths: &mut [Vec<u32>]) -> (Vec<Host
             nic_count,
             mig_profile: node.mig_profile,
             sharing: node.sharing,
+            pool: node.pool,
         });
     }
     (hosts, cliques, initially_used)
@@ -489,11 +562,18 @@ fn validate(spec: &ClusterSpec) -> Result<(), TopologyError> {
             return Err(TopologyError::DuplicateLevel { level: level.clone() });
         }
     }
-    let mut names = BTreeSet::new();
+    let mut names: BTreeMap<&str, &NodeSpec> = BTreeMap::new();
+    let mut pools = BTreeSet::new();
     for node in &spec.nodes {
         validate_node(node)?;
-        if !names.insert(node.name.as_str()) {
+        if !pools.insert((node.name.as_str(), &node.pool)) {
             return Err(TopologyError::DuplicateNode { node: node.name.clone() });
+        }
+        // The pools of one node are one machine: the same labels, so the same domains.
+        if let Some(first) = names.insert(node.name.as_str(), node) {
+            if first.labels != node.labels {
+                return Err(TopologyError::PoolLabels { node: node.name.clone(), pool: node.pool.to_string() });
+            }
         }
     }
     Ok(())
@@ -559,6 +639,15 @@ pub fn validate_node(node: &NodeSpec) -> Result<(), TopologyError> {
     }
     if node.mig_profile.is_some() != node.product.mig_parent().is_some() {
         return Err(TopologyError::MigProduct { node: name(), product: node.product.get().name.to_string() });
+    }
+    if let DevicePool::Mig(pool) = &node.pool {
+        if node.mig_profile.as_deref() != Some(pool.as_str()) {
+            return Err(TopologyError::MigPool {
+                node: name(),
+                pool: pool.clone(),
+                profile: node.mig_profile.clone().unwrap_or_else(|| "none".into()),
+            });
+        }
     }
     if let Some(profile) = &node.mig_profile {
         if !product::is_mig_profile(profile) {

@@ -104,6 +104,7 @@ pub fn lingjun(file: &str, text: &str, product_name: &str, gpus_per_host: u8) ->
             allocated: Vec::new(),
             mig_profile: None,
             sharing: None,
+            pool: Default::default(),
         })
         .collect();
     Ok(ClusterSpec {

@@ -7,7 +7,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{check_header, line_of_list_entry, line_of_name, lines_naming, FileError, Metadata, API_VERSION};
 use topoplace_engine::topology::{
-    product, ClusterSpec, GpuSharing, NodeSpec, NvlinkLayout, ProductId, SharingStrategy, TopologyError, HOST_GPUS_MAX,
+    product, ClusterSpec, DevicePool, GpuSharing, NodeSpec, NvlinkLayout, ProductId, SharingStrategy, TopologyError,
+    HOST_GPUS_MAX,
 };
 
 /// Nodes one group may generate.
@@ -43,6 +44,24 @@ pub struct NodeEntry {
     pub gpu: GpuEntry,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allocated: Vec<u8>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mig_devices: Vec<MigDevicesEntry>,
+}
+
+/// MIG devices of one profile under GFD's mixed MIG strategy, offered as
+/// `nvidia.com/mig-<profile>` beside the node's whole GPUs (`gpu.count` of them, which may
+/// then be 0), cut from GPUs of `gpu.product`. GFD labels them `nvidia.com/mig-<profile>.count`
+/// and `.memory` (`internal/lm/mig-strategy.go`, `resource.go`).
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MigDevicesEntry {
+    pub profile: String,
+    pub count: u8,
+    /// One device's: MiB (GFD's label) or a quantity.
+    pub memory: MemoryField,
+    /// Device indices in use, within this profile's devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allocated: Vec<u8>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Clone)]
@@ -63,6 +82,8 @@ pub struct NodeGroupEntry {
     pub gpu: GpuEntry,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allocated: Vec<u8>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mig_devices: Vec<MigDevicesEntry>,
 }
 
 fn is_zero(value: &u32) -> bool {
@@ -333,7 +354,71 @@ fn node_spec(
         allocated,
         mig_profile,
         sharing,
+        pool: DevicePool::Gpu,
     }
+}
+
+/// The specs of one node entry: its whole GPUs (none when `gpu.count` is 0 beside MIG
+/// devices) and one per `migDevices` entry; errors are `(field, message)` with the field
+/// relative to the entry.
+fn node_specs(
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    gpu: &GpuEntry,
+    resolved: &ResolvedGpus,
+    allocated: &[u8],
+    mig_devices: &[MigDevicesEntry],
+) -> Result<Vec<NodeSpec>, (String, String)> {
+    let mut specs = Vec::new();
+    if gpu.count > 0 || mig_devices.is_empty() {
+        specs.push(node_spec(name.to_string(), labels.clone(), gpu, resolved.clone(), allocated.to_vec()));
+    } else if !allocated.is_empty() {
+        return Err(("allocated".into(), "gpu.count is 0: no whole GPU to be in use".into()));
+    }
+    if mig_devices.is_empty() {
+        return Ok(specs);
+    }
+    let parent = resolved.product;
+    if resolved.mig.is_some() || resolved.sharing.is_some() || parent.is_unknown() {
+        return Err((
+            "migDevices".into(),
+            format!(
+                "MIG devices of the mixed strategy are cut from whole GPUs of a known product; gpu is {}",
+                parent.get().name
+            ),
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (index, entry) in mig_devices.iter().enumerate() {
+        let field = |f: &str| format!("migDevices[{index}].{f}");
+        let profile = entry.profile.trim();
+        if !seen.insert(profile.to_ascii_lowercase()) {
+            return Err((field("profile"), format!("{profile} is listed twice")));
+        }
+        let product = product::register_mig(parent, profile, entry.memory.mib()).map_err(|e| {
+            let f = match e {
+                product::UnknownProductError::NoMemory { .. } | product::UnknownProductError::MigMemory { .. } => {
+                    "memory"
+                }
+                _ => "profile",
+            };
+            (field(f), e.to_string())
+        })?;
+        specs.push(NodeSpec {
+            name: name.to_string(),
+            labels: labels.clone(),
+            product,
+            gpu_count: entry.count,
+            memory_mib: Some(entry.memory.mib()),
+            nvlink: None,
+            clique: None,
+            allocated: entry.allocated.clone(),
+            mig_profile: Some(profile.to_string()),
+            sharing: None,
+            pool: DevicePool::Mig(profile.to_string()),
+        });
+    }
+    Ok(specs)
 }
 
 /// The widest zero padding `{index:0N}` takes: a Kubernetes node name is at most 253
@@ -375,8 +460,15 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
                 format!("spec.nodes[{index}].gpu.{field}: {message} (node `{name}`)"),
             )
         })?;
-        nodes.push(node_spec(entry.name, entry.labels, &entry.gpu, product, entry.allocated));
-        origins.push(line);
+        let specs = node_specs(&entry.name, &entry.labels, &entry.gpu, &product, &entry.allocated, &entry.mig_devices)
+            .map_err(|(field, message)| {
+                let name = &entry.name;
+                FileError::at_line(file, line, format!("spec.nodes[{index}].{field}: {message} (node `{name}`)"))
+            })?;
+        for spec in specs {
+            nodes.push(spec);
+            origins.push(line);
+        }
     }
     for (group_index, group) in parsed.spec.node_groups.into_iter().enumerate() {
         let where_ = format!("spec.nodeGroups[{group_index}]");
@@ -421,8 +513,14 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterSpec, FileError> {
             FileError::at_line(file, product_line(text, group_line), format!("{where_}.gpu.{field}: {message}"))
         })?;
         for name in names {
-            nodes.push(node_spec(name, group.labels.clone(), &group.gpu, product.clone(), group.allocated.clone()));
-            origins.push(group_line);
+            let specs = node_specs(&name, &group.labels, &group.gpu, &product, &group.allocated, &group.mig_devices)
+                .map_err(|(field, message)| {
+                    FileError::at_line(file, group_line, format!("{where_}.{field}: {message}"))
+                })?;
+            for spec in specs {
+                nodes.push(spec);
+                origins.push(group_line);
+            }
         }
     }
     for (node, line) in nodes.iter().zip(&origins) {
@@ -454,6 +552,8 @@ pub fn locate(file: &str, text: &str, error: &TopologyError) -> FileError {
         | TopologyError::MigProfile { node, .. }
         | TopologyError::MigWith { node, .. }
         | TopologyError::MigProduct { node, .. }
+        | TopologyError::MigPool { node, .. }
+        | TopologyError::PoolLabels { node, .. }
         | TopologyError::Sharing { node, .. }
         | TopologyError::EmptyName { node } => Some(node),
         _ => None,
@@ -478,7 +578,33 @@ pub fn load(file: &str, text: &str) -> Result<topoplace_engine::topology::Cluste
 /// labels and GPU description into `nodeGroups` with explicit names.
 pub fn render(spec: &ClusterSpec) -> Result<String, serde_yaml_ng::Error> {
     let mut groups: Vec<NodeGroupEntry> = Vec::new();
+    // A mixed-strategy node's MIG pools go in its entry's `migDevices`.
+    let mut mig_devices: BTreeMap<&str, Vec<MigDevicesEntry>> = BTreeMap::new();
+    let mut whole: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
     for node in &spec.nodes {
+        match &node.pool {
+            DevicePool::Mig(profile) => mig_devices.entry(node.name.as_str()).or_default().push(MigDevicesEntry {
+                profile: profile.clone(),
+                count: node.gpu_count,
+                memory: MemoryField::Mib(node.memory_mib.unwrap_or(node.product.get().memory_mib)),
+                allocated: node.allocated.clone(),
+            }),
+            DevicePool::Gpu => {
+                whole.insert(node.name.as_str());
+            }
+        }
+    }
+    for node in &spec.nodes {
+        let devices = mig_devices.get(node.name.as_str()).cloned().unwrap_or_default();
+        let zero_whole = matches!(node.pool, DevicePool::Mig(_)) && !whole.contains(node.name.as_str());
+        if zero_whole {
+            // Only the node's first pool writes the entry.
+            if spec.nodes.iter().find(|n| n.name == node.name).is_some_and(|first| !std::ptr::eq(first, node)) {
+                continue;
+            }
+        } else if node.pool != DevicePool::Gpu {
+            continue;
+        }
         let gpu = GpuEntry {
             // MIG devices and shared replicas are written as their GPU's product and `mig` or
             // `replicas`.
@@ -500,10 +626,17 @@ pub fn render(spec: &ClusterSpec) -> Result<String, serde_yaml_ng::Error> {
             replicas: node.sharing.map(|sharing| sharing.replicas),
             sharing: node.sharing.map(|sharing| sharing.strategy.as_str().to_string()),
         };
+        // A node of MIG pools only: `gpu` names the GPUs they are cut from, none whole.
+        let (gpu, allocated) = if zero_whole {
+            (GpuEntry { count: 0, memory: None, mig: None, ..gpu }, Vec::new())
+        } else {
+            (gpu, node.allocated.clone())
+        };
         let same = |group: &NodeGroupEntry| {
             group.labels == node.labels
-                && group.allocated == node.allocated
+                && group.allocated == allocated
                 && serde_yaml_ng::to_string(&group.gpu).ok() == serde_yaml_ng::to_string(&gpu).ok()
+                && serde_yaml_ng::to_string(&group.mig_devices).ok() == serde_yaml_ng::to_string(&devices).ok()
         };
         match groups.last_mut() {
             Some(group) if same(group) => group.names.push(node.name.clone()),
@@ -514,7 +647,8 @@ pub fn render(spec: &ClusterSpec) -> Result<String, serde_yaml_ng::Error> {
                 start_index: 0,
                 labels: node.labels.clone(),
                 gpu,
-                allocated: node.allocated.clone(),
+                allocated,
+                mig_devices: devices,
             }),
         }
     }
@@ -575,6 +709,29 @@ mod tests {
         // Another node of the same product still needs its own memory.
         let message = error_of("spec:\n  nodes:\n  - name: b\n    gpu: {product: NVIDIA-Test-File-GPU, count: 4}\n");
         assert!(message.contains("unknown GPU product `NVIDIA-Test-File-GPU`: give gpu.memory"), "{message}");
+    }
+
+    /// A mixed-strategy node is one spec per pool, and is written back as one entry with its
+    /// `migDevices`, whole GPUs or none.
+    #[test]
+    fn mixed_strategy_nodes_read_and_write_as_one_entry() {
+        let text = format!(
+            "{HEADER}spec:\n  nodes:\n  - name: a\n    gpu: {{product: A100-SXM4-80GB, count: 2}}\n    migDevices:\n    - {{profile: 3g.40gb, count: 2, memory: 40192, allocated: [1]}}\n  - name: b\n    gpu: {{product: A100-SXM4-80GB, count: 0}}\n    migDevices: [{{profile: 1g.10gb, count: 7, memory: 9856}}]\n"
+        );
+        let spec = parse("c.yaml", &text).expect("parses");
+        let pools: Vec<(&str, DevicePool, u8, Vec<u8>)> =
+            spec.nodes.iter().map(|n| (n.name.as_str(), n.pool.clone(), n.gpu_count, n.allocated.clone())).collect();
+        assert_eq!(
+            pools,
+            [
+                ("a", DevicePool::Gpu, 2, vec![]),
+                ("a", DevicePool::Mig("3g.40gb".into()), 2, vec![1]),
+                ("b", DevicePool::Mig("1g.10gb".into()), 7, vec![]),
+            ]
+        );
+        let rendered = render(&spec).expect("renders");
+        let again = parse("c.yaml", &rendered).expect("reads its own output");
+        assert_eq!(again.nodes, spec.nodes, "{rendered}");
     }
 
     #[test]

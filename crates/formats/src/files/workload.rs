@@ -253,6 +253,7 @@ fn gang_spec(mut entry: GangEntry, text: &str, line: Option<usize>) -> Result<Ga
             required,
             preferred,
             roles: Vec::new(),
+            pool: None,
         });
     };
     if roles.is_empty() {

@@ -264,6 +264,7 @@ impl Book {
             .filter(|h| {
                 gang.is_none_or(|g| {
                     h.memory_mib >= g.memory_floor_mib
+                        && g.pool.as_ref().is_none_or(|pool| *pool == h.pool)
                         && g.mig_profile
                             .as_deref()
                             .is_none_or(|want| h.mig_profile.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(want)))
@@ -644,7 +645,7 @@ impl Book {
     /// verdict for each of `nodes`. Reserves nothing.
     pub fn explain(&mut self, request: &GangRequest, nodes: &[String]) -> Result<Explained, RequestError> {
         self.check_request(request)?;
-        let hosts = self.node_ids(nodes)?;
+        let hosts = self.node_ids(nodes, request.gang.mig_profile.as_deref())?;
         let config = PlannerConfig { explain: true, ..self.config.planner.clone() };
         let mut planner = Planner::new(&self.cluster, config);
         let mask = self.api_mask(request.product);
@@ -663,7 +664,7 @@ impl Book {
         nodes: &[String],
     ) -> Result<ExplainedReplica, RequestError> {
         self.check_replica_request(request)?;
-        let hosts = self.node_ids(nodes)?;
+        let hosts = self.node_ids(nodes, None)?;
         let config = PlannerConfig { explain: true, ..self.config.planner.clone() };
         let mut planner = Planner::new(&self.cluster, config);
         let mask = self.api_mask(request.product);
@@ -678,13 +679,21 @@ impl Book {
         Ok(ExplainedReplica { outcome, nodes: verdicts })
     }
 
-    /// The hosts of `nodes`, or an error naming the first node not in the cluster.
-    fn node_ids(&self, nodes: &[String]) -> Result<Vec<HostId>, RequestError> {
+    /// The hosts of `nodes`, or an error naming the first node not in the cluster. Of a node
+    /// with several hosts (the mixed MIG strategy's pools), the one of MIG devices of
+    /// `mig_profile` when asked for, else its first.
+    fn node_ids(&self, nodes: &[String], mig_profile: Option<&str>) -> Result<Vec<HostId>, RequestError> {
         nodes
             .iter()
             .map(|node| {
+                let of_profile = |&host: &HostId| {
+                    let theirs = self.cluster.host(host).mig_profile.as_deref();
+                    mig_profile.is_some_and(|want| theirs.is_some_and(|p| p.eq_ignore_ascii_case(want)))
+                };
                 self.cluster
-                    .host_id(node)
+                    .hosts_of(node)
+                    .find(of_profile)
+                    .or_else(|| self.cluster.hosts_of(node).next())
                     .ok_or_else(|| RequestError::Invalid(format!("node `{node}` is not in the cluster")))
             })
             .collect()

@@ -410,7 +410,7 @@ impl Book {
             None => self
                 .bound
                 .get(&demand.pod.uid)
-                .and_then(|b| self.cluster.host_id(&b.node))
+                .and_then(|b| self.bound_host(b))
                 .or_else(|| self.singles.get(&demand.pod.uid).map(|s| s.host)),
         };
         if demand.gang.is_some() || planned.is_some() {
@@ -474,7 +474,7 @@ impl Book {
     /// gang member is marked arrived, and the last one to arrive gets every member to bind.
     pub fn bind_arrive(&mut self, demand: &PodDemand, node: &str, now_ms: u64) -> Result<BindStep, BookError> {
         let pod = demand.pod.to_string();
-        let Some(host) = self.cluster.host_id(node) else {
+        let Some(host) = self.cluster.host_in(node, &demand.pool) else {
             return Err(BookError::UnknownNode { pod, node: node.to_string() });
         };
         if let Some(bound) = self.bound.get(&demand.pod.uid) {
@@ -610,7 +610,7 @@ impl Book {
         // The shape of a gang bound whole, remembered while it runs.
         let mut planned: Option<Planned> = None;
         let mut joined = false;
-        let members: Vec<(PodIdentity, String, GpuMask, Option<String>)> = match ticket {
+        let members: Vec<(PodIdentity, HostId, GpuMask, Option<String>)> = match ticket {
             Ticket::Bound(_) => {
                 return if failures.is_empty() {
                     BindFinish::Bound
@@ -637,9 +637,7 @@ impl Book {
                     .slots
                     .iter()
                     .filter(|s| !s.bound)
-                    .filter_map(|s| {
-                        Some((s.pod.clone()?, self.cluster.host(s.host).name.clone(), s.gpus, Some(key.to_string())))
-                    })
+                    .filter_map(|s| Some((s.pod.clone()?, s.host, s.gpus, Some(key.to_string()))))
                     .collect()
             }
             Ticket::Pod(uid) => {
@@ -650,7 +648,7 @@ impl Book {
                     self.ledger_fault("settling a single pod's Binding", error);
                 }
                 let mask = indices_mask(&single.gpus);
-                vec![(single.pod, single.node, mask, None)]
+                vec![(single.pod, single.host, mask, None)]
             }
         };
         if !failures.is_empty() {
@@ -660,14 +658,14 @@ impl Book {
             let delete = bound_of(outcomes).collect();
             return BindFinish::RolledBack { delete, failures };
         }
-        for (pod, node, gpus, gang) in members {
-            if let Some(host) = self.cluster.host_id(&node) {
-                // The GPUs were just released from the ticket's holder, so this succeeds.
-                if let Err(error) = self.ledger.reserve(&pod_holder(&pod.uid), &[(host, gpus)]) {
-                    self.ledger_fault("holding a bound pod's GPUs", error);
-                }
+        for (pod, host, gpus, gang) in members {
+            // The GPUs were just released from the ticket's holder, so this succeeds.
+            if let Err(error) = self.ledger.reserve(&pod_holder(&pod.uid), &[(host, gpus)]) {
+                self.ledger_fault("holding a bound pod's GPUs", error);
             }
-            self.bound.insert(pod.uid.clone(), BoundPod { pod, node, gpus, recorded: gpus, gang, bound_at_ms: now_ms });
+            let (node, pool) = (self.cluster.host(host).name.clone(), self.cluster.host(host).pool.clone());
+            self.bound
+                .insert(pod.uid.clone(), BoundPod { pod, node, pool, gpus, recorded: gpus, gang, bound_at_ms: now_ms });
             self.stats.pods_bound += 1;
             self.stats.members_joined += u64::from(joined);
         }
@@ -759,6 +757,7 @@ impl Book {
             BoundPod {
                 pod,
                 node,
+                pool: self.cluster.host(slot.host).pool.clone(),
                 gpus: slot.gpus,
                 recorded: slot.gpus,
                 gang: Some(key.to_string()),
@@ -825,9 +824,18 @@ impl Book {
             self.ledger_fault("holding a gang's GPUs for its workers", error);
         }
         let node = self.cluster.host(at.host).name.clone();
+        let pool = self.cluster.host(at.host).pool.clone();
         self.bound.insert(
             uid.to_string(),
-            BoundPod { pod, node, gpus: at.gpus, recorded: at.gpus, gang: Some(key.to_string()), bound_at_ms: now_ms },
+            BoundPod {
+                pod,
+                node,
+                pool,
+                gpus: at.gpus,
+                recorded: at.gpus,
+                gang: Some(key.to_string()),
+                bound_at_ms: now_ms,
+            },
         );
         self.stats.pods_bound += 1;
         BindFinish::Bound

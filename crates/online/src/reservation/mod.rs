@@ -51,7 +51,7 @@ use topoplace_engine::placement::replica::ReplicaPlacement;
 use topoplace_engine::placement::{
     HostRejection, HostVerdict, PlaceRequest, Planner, PlannerConfig, PlannerParts, SolverChoice,
 };
-use topoplace_engine::topology::{Cluster, GpuMask, HostId};
+use topoplace_engine::topology::{Cluster, DevicePool, GpuMask, HostId};
 use topoplace_engine::workload::{
     Gang, GangSpec, MemoryNeed, Replica, RoleSpec, Scope, WorkloadError, GANG_MEMBERS_MAX,
 };
@@ -171,6 +171,9 @@ pub struct PodDemand {
     /// of every role, `gang.rank` is the pod's rank within its own role, and the roles carry
     /// parallelism and memory (the pod-level fields are unused).
     pub roles: Option<RoleDemand>,
+    /// The resource its GPUs are asked as (`nvidia.com/gpu`, or `nvidia.com/mig-<profile>`
+    /// under the mixed MIG strategy): only hosts of this pool can take it.
+    pub pool: DevicePool,
 }
 
 /// A pod of a replica with roles: which role it fills, and the replica's roles as every pod
@@ -200,6 +203,7 @@ impl PodDemand {
             required: self.required.clone(),
             preferred: self.preferred.clone(),
             roles: Vec::new(),
+            pool: Some(self.pool.clone()),
         };
         spec.validate().map_err(|source| BookError::Demand { pod: self.pod.to_string(), source })?;
         spec.expand().into_iter().next().ok_or_else(|| BookError::Demand {
@@ -224,6 +228,7 @@ impl PodDemand {
             required: self.required.clone(),
             preferred: self.preferred.clone(),
             roles: roles.roles.clone(),
+            pool: Some(self.pool.clone()),
             ..GangSpec::shape(&membership.key, 1, 1, 1)
         };
         spec.validate().map_err(|source| BookError::Demand { pod: pod.clone(), source })?;
@@ -580,6 +585,8 @@ impl GangReservation {
 struct BoundPod {
     pod: PodIdentity,
     node: String,
+    /// The resource its devices came from: with `node`, the host.
+    pool: DevicePool,
     /// The GPUs held for it.
     gpus: GpuMask,
     /// The GPUs its record names (`topoplace.io/gpus`, or what topoplace bound it on): the
@@ -1053,6 +1060,7 @@ impl Book {
                 NodeState {
                     name: host.name.clone(),
                     product: host.product.get().name.to_string(),
+                    resource: host.pool.to_string(),
                     gpus: host.gpu_count,
                     free: mask_indices(self.ledger.free(id)),
                     held: holders
@@ -1160,6 +1168,7 @@ fn verdict_of(rejection: Option<(HostRejection, String)>) -> NodeVerdict {
 /// with both values (`a`'s first): what members of one gang must agree on.
 pub fn gang_shape_difference(a: &Gang, b: &Gang) -> Option<(&'static str, String, String)> {
     let scope = |s: &Option<Scope>| s.as_ref().map_or_else(|| "none".to_string(), ToString::to_string);
+    let pool = |p: &Option<DevicePool>| p.as_ref().map_or_else(|| "any".to_string(), ToString::to_string);
     let fields = [
         ("the gang's size", a.members.to_string(), b.members.to_string()),
         ("nvidia.com/gpu per member", a.gpus_per_member.to_string(), b.gpus_per_member.to_string()),
@@ -1177,6 +1186,7 @@ pub fn gang_shape_difference(a: &Gang, b: &Gang) -> Option<(&'static str, String
         ),
         ("topoplace.io/topology-required", scope(&a.required), scope(&b.required)),
         ("topoplace.io/topology-preferred", scope(&a.preferred), scope(&b.preferred)),
+        ("the GPU resource asked for", pool(&a.pool), pool(&b.pool)),
     ];
     fields.into_iter().find(|(_, x, y)| x != y)
 }
@@ -1371,6 +1381,8 @@ pub struct PreemptionState {
 pub struct NodeState {
     pub name: String,
     pub product: String,
+    /// The device pool's resource name ([`DevicePool`]'s `Display`).
+    pub resource: String,
     pub gpus: u8,
     pub free: Vec<u8>,
     pub held: Vec<HeldGpus>,

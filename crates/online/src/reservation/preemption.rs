@@ -366,7 +366,7 @@ impl Book {
                 let freed = victims
                     .iter()
                     .filter_map(|uid| self.bound.get(uid))
-                    .filter(|b| self.cluster.host_id(&b.node) == Some(host))
+                    .filter(|b| self.bound_host(b) == Some(host))
                     .fold(0, |m, b| m | b.gpus);
                 let assumed = victims
                     .iter()

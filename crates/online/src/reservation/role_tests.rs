@@ -51,6 +51,7 @@ fn pod(gang: &str, roles: &[RoleSpec], role: &str, rank: u32, gpus: u32) -> PodD
             order: BindOrder::Together,
         }),
         roles: Some(RoleDemand { role: role.into(), roles: roles.to_vec() }),
+        pool: Default::default(),
     }
 }
 

@@ -33,11 +33,7 @@ pub(super) struct Joined {
 impl Book {
     /// The hosts the bound members of gang `key` run on, one entry per member.
     pub fn running_hosts(&self, key: &str) -> Vec<HostId> {
-        self.bound
-            .values()
-            .filter(|b| b.gang.as_deref() == Some(key))
-            .filter_map(|b| self.cluster.host_id(&b.node))
-            .collect()
+        self.bound.values().filter(|b| b.gang.as_deref() == Some(key)).filter_map(|b| self.bound_host(b)).collect()
     }
 
     /// Removes pod `uid`'s slot from gang `key`'s joining reservation, its GPUs given back (the

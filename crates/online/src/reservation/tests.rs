@@ -42,6 +42,7 @@ pub(crate) fn member(gang: &str, size: u32, rank: u32, gpus: u32) -> PodDemand {
             order: BindOrder::Together,
         }),
         roles: None,
+        pool: Default::default(),
     }
 }
 

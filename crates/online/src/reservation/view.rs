@@ -20,11 +20,11 @@ impl Book {
         // GPUs never takes what another pod's record names.
         let mut bound: Vec<(String, BoundPod)> = bound.into_iter().collect();
         bound.sort_by_key(|(uid, pod)| {
-            let fits = self.cluster.host_id(&pod.node).is_some_and(|h| self.within_host(h, pod.recorded));
+            let fits = self.bound_host(pod).is_some_and(|h| self.within_host(h, pod.recorded));
             (!fits, uid.clone())
         });
         for (uid, pod) in bound {
-            let Some(host) = self.cluster.host_id(&pod.node) else { continue };
+            let Some(host) = self.bound_host(&pod) else { continue };
             // A node shrunk below what its pods hold (every GPU of it in use, one withdrawn):
             // a pod the lowest free GPUs cannot hold is no longer counted (its next watch
             // event or a relist offers it again).
@@ -38,7 +38,7 @@ impl Book {
         self.terminating.retain(|uid| bound.contains_key(uid));
         let singles = std::mem::take(&mut self.singles);
         for (uid, member) in singles {
-            let Some(host) = self.cluster.host_id(&member.node) else { continue };
+            let Some(host) = self.cluster.same_host(old.host(member.host)) else { continue };
             if self.ledger.reserve(&pod_holder(&uid), &[(host, indices_mask(&member.gpus))]).is_ok() {
                 self.singles.insert(uid, MemberBind { host, ..member });
             }
@@ -49,7 +49,7 @@ impl Book {
             let mut request = Vec::new();
             let mut moved = true;
             for slot in &mut reservation.slots {
-                match self.cluster.host_id(&old.host(slot.host).name) {
+                match self.cluster.same_host(old.host(slot.host)) {
                     Some(host) => {
                         slot.host = host;
                         // A member bound ahead of its gang holds its GPUs as a pod.
@@ -74,7 +74,7 @@ impl Book {
         for (key, mut nomination) in nominations {
             let mut moved = true;
             for slot in &mut nomination.slots {
-                match self.cluster.host_id(&old.host(slot.host).name) {
+                match self.cluster.same_host(old.host(slot.host)) {
                     Some(host) => slot.host = host,
                     None => moved = false,
                 }
@@ -92,7 +92,7 @@ impl Book {
         // name where their GPUs are still free, dropped otherwise.
         let assumed = std::mem::take(&mut self.assumed);
         for (uid, assumption) in assumed {
-            let Some(host) = self.cluster.host_id(&old.host(assumption.host).name) else { continue };
+            let Some(host) = self.cluster.same_host(old.host(assumption.host)) else { continue };
             if self.ledger.reserve(&Holder::Assumed(uid.clone()), &[(host, assumption.gpus)]).is_ok() {
                 self.assumed.insert(uid, Assumption { host, ..assumption });
             }
@@ -128,13 +128,28 @@ impl Book {
         count: u32,
         gang: Option<String>,
     ) -> Result<(), BookError> {
+        self.observe_bound_in(pod, node, &DevicePool::Gpu, gpus, count, gang)
+    }
+
+    /// [`Book::observe_bound`] for a pod whose devices came from `pool` (a MIG profile's
+    /// `nvidia.com/mig-<profile>` on a node of the mixed strategy): `gpus` index that pool's
+    /// devices.
+    pub fn observe_bound_in(
+        &mut self,
+        pod: PodIdentity,
+        node: &str,
+        pool: &DevicePool,
+        gpus: Option<&[u8]>,
+        count: u32,
+        gang: Option<String>,
+    ) -> Result<(), BookError> {
         if self.bound.contains_key(&pod.uid) || count == 0 || self.in_flight(&pod.uid) {
             // In flight: `bind_finished` records it with the GPUs it was given.
             return Ok(());
         }
         // Bound by kube-scheduler itself (no bind verb): the guess gives way to the fact.
         self.unassume(&pod.uid);
-        let Some(host) = self.cluster.host_id(node) else {
+        let Some(host) = self.cluster.host_in(node, pool) else {
             return Err(BookError::UnknownNode { pod: pod.to_string(), node: node.to_string() });
         };
         // Pods moved off withdrawn GPUs (`held_on`) may sit on what this pod's record names
@@ -183,7 +198,15 @@ impl Book {
             let recorded = gpus.map_or(mask, indices_mask);
             self.bound.insert(
                 pod.uid.clone(),
-                BoundPod { pod, node: node.to_string(), gpus: mask, recorded, gang, bound_at_ms: 0 },
+                BoundPod {
+                    pod,
+                    node: node.to_string(),
+                    pool: pool.clone(),
+                    gpus: mask,
+                    recorded,
+                    gang,
+                    bound_at_ms: 0,
+                },
             );
         }
         self.hold_again(host, aside);
@@ -193,11 +216,10 @@ impl Book {
     /// Releases the pods on `host` that were moved off withdrawn GPUs and now hold some of
     /// `wanted`; returns them, to be held again with [`Book::hold_again`].
     fn step_aside(&mut self, host: HostId, wanted: GpuMask) -> Vec<String> {
-        let node = &self.cluster.host(host).name;
         let moved: Vec<String> = self
             .bound
             .iter()
-            .filter(|(_, b)| &b.node == node && b.gpus != b.recorded && b.gpus & wanted != 0)
+            .filter(|(_, b)| self.bound_host(b) == Some(host) && b.gpus != b.recorded && b.gpus & wanted != 0)
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in &moved {
@@ -227,6 +249,11 @@ impl Book {
                 }
             }
         }
+    }
+
+    /// The host a bound pod is held on: its node's host of its pool.
+    pub(super) fn bound_host(&self, pod: &BoundPod) -> Option<HostId> {
+        self.cluster.host_in(&pod.node, &pod.pool)
     }
 
     fn within_host(&self, host: HostId, mask: GpuMask) -> bool {

@@ -1106,10 +1106,12 @@ impl Scheduler {
             }
         }
         let hosts = &book.cluster().hosts;
-        let mut allowed: Vec<bool> = hosts.iter().map(|h| passing.remove(h.name.as_str())).collect();
-        // What is left passed the predicates but has no GPUs the engine could give.
-        if !passing.is_empty() {
-            reasons.insert("node(s) had no GPUs in topoplace's view".into(), passing.len());
+        // Every host of a passing node (a node of the mixed MIG strategy has one per pool).
+        let mut allowed: Vec<bool> = hosts.iter().map(|h| passing.contains(h.name.as_str())).collect();
+        // Passing nodes with no host passed the predicates but have no GPUs the engine could give.
+        let without = passing.iter().filter(|name| book.cluster().hosts_of(name).next().is_none()).count();
+        if without > 0 {
+            reasons.insert("node(s) had no GPUs in topoplace's view".into(), without);
         }
         if let Some(held) = held_back {
             let mut held_count = 0;
@@ -1293,10 +1295,12 @@ impl Scheduler {
             let (mut allowed, reasons) = self.allowed_hosts(book, std::slice::from_ref(member), held_back);
             // CPU and memory with the pods placed before it in this attempt.
             for (name, used) in &scratch {
-                let (Some(host), Some(facts)) = (book.cluster().host_id(name), self.nodes.get(name)) else { continue };
+                let Some(facts) = self.nodes.get(name) else { continue };
                 if predicates::fits_resources(facts, used, &member.needs.requests).is_err() {
-                    if let Some(flag) = allowed.get_mut(host as usize) {
-                        *flag = false;
+                    for host in book.cluster().hosts_of(name) {
+                        if let Some(flag) = allowed.get_mut(host as usize) {
+                            *flag = false;
+                        }
                     }
                 }
             }
@@ -1450,7 +1454,7 @@ impl Scheduler {
                 .placed
                 .values()
                 .filter(|p| p.bound.gang.as_deref() == Some(gang_key.as_str()))
-                .filter_map(|p| book.cluster().host_id(&p.bound.node))
+                .filter_map(|p| book.cluster().hosts_of(&p.bound.node).next())
                 .collect();
         }
         if !ahead_hosts.is_empty() {
@@ -2105,8 +2109,13 @@ fn leave_out(
     node: &str,
     message: String,
 ) -> Result<(), String> {
-    let Some(host) = book.cluster().host_id(node) else { return Err(message) };
-    allowed[host as usize] = false;
+    let mut hosts = book.cluster().hosts_of(node).peekable();
+    if hosts.peek().is_none() {
+        return Err(message);
+    }
+    for host in hosts {
+        allowed[host as usize] = false;
+    }
     *reasons.entry("Insufficient resources for the members planned together".into()).or_insert(0) += 1;
     Ok(())
 }

@@ -71,6 +71,7 @@ fn pending(name: &str, gpus: u32, gang: Option<(&str, u32, u32)>, cpu_milli: i64
                 order: Default::default(),
             }),
             roles: None,
+            pool: Default::default(),
         },
         needs: PodNeeds { requests: Resources::from([("cpu".to_string(), cpu_milli)]), ..PodNeeds::default() },
         priority: 0,

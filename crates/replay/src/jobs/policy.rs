@@ -275,6 +275,7 @@ fn gang_of(id: &str, gpus: u32, host_gpus: u8) -> Gang {
         mig_profile: None,
         required: None,
         preferred: None,
+        pool: None,
     }
 }
 

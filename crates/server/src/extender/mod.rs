@@ -36,7 +36,7 @@ use crate::pod;
 use crate::pod_group::PodGroups;
 use crate::state::{answer_dropped, take_waiters, BookWorkError, ServerState, Shared};
 use metrics::Verb;
-use topoplace_engine::topology::HostId;
+use topoplace_engine::topology::{DevicePool, HostId};
 use topoplace_online::reservation::{
     BindFinish, BindStep, Book, BookError, MemberBind, NodeVerdict, PodDemand, PreemptCandidate, Ticket,
 };
@@ -204,7 +204,7 @@ fn filter_on_book(state: &ServerState, demand: &PodDemand, names: &[String]) -> 
         let mut shared = state.lock();
         let Some(book) = shared.book.as_mut() else { return Filtered::NotReady };
         let expired = book.expire(now);
-        let ids = resolve(book, names);
+        let ids = resolve(book, names, &demand.pool);
         let known: Vec<HostId> = ids.iter().flatten().copied().collect();
         let outcome = match book.filter(demand, &known, now) {
             Ok(verdicts) => Filtered::Verdicts(ids, verdicts),
@@ -234,6 +234,7 @@ async fn filter(
         let passing = vec![true; names.len()];
         return Ok(with_passing(ExtenderFilterResult::default(), args.nodes, names, &passing));
     }
+    let pool = demand.pool.clone();
     let (names, filtered) = state
         .on_book(move |state| {
             let filtered = filter_on_book(state, &demand, &names);
@@ -252,7 +253,10 @@ async fn filter(
     for (index, (name, id)) in names.iter().zip(&ids).enumerate() {
         let verdict = match id {
             Some(_) => verdicts.next(),
-            None => Some(NodeVerdict::Unresolvable(NOT_IN_VIEW.into())),
+            None => Some(NodeVerdict::Unresolvable(match &pool {
+                DevicePool::Gpu => NOT_IN_VIEW.into(),
+                other => format!("node offers no {other} devices in topoplace's view"),
+            })),
         };
         match verdict {
             Some(NodeVerdict::Pass) => passing[index] = true,
@@ -284,7 +288,7 @@ async fn prioritize(
             let now = state.now_ms();
             let mut shared = state.lock();
             let scored = shared.book.as_mut().map(|book| {
-                let ids = resolve(book, &names);
+                let ids = resolve(book, &names, &demand.pool);
                 let known: Vec<HostId> = ids.iter().flatten().copied().collect();
                 book.prioritize(&demand, &known, now).map(|scores| (ids, scores))
             });
@@ -345,7 +349,7 @@ async fn preempt(
             let mut candidates = Vec::new();
             let mut kept_names = Vec::new();
             for (node, victims) in proposed {
-                let Some(host) = book.cluster().host_id(&node) else { continue };
+                let Some(host) = book.cluster().host_in(&node, &demand.pool) else { continue };
                 let uids = victims.pods.iter().flatten().map(|p| p.uid.clone()).collect();
                 candidates.push(PreemptCandidate { host, victims: uids });
                 kept_names.push((node, victims.num_pdb_violations));
@@ -614,7 +618,10 @@ async fn refuse(
             for ((member, refusal), demand) in refused.iter().zip(&demands) {
                 if let (Refusal::BoundElsewhere { node, gpus }, Some(demand)) = (refusal, demand) {
                     let recorded = gpus.as_deref();
-                    if let Err(error) = book.observe_bound(member.pod.clone(), node, recorded, demand.gpus, None) {
+                    let pool = &demand.pool;
+                    if let Err(error) =
+                        book.observe_bound_in(member.pod.clone(), node, pool, recorded, demand.gpus, None)
+                    {
                         tracing::warn!(%error, "a pod bound elsewhere could not be accounted");
                     }
                 }
@@ -648,9 +655,10 @@ fn not_ready_filter() -> ExtenderFilterResult {
     ExtenderFilterResult { error: NOT_READY.into(), ..Default::default() }
 }
 
-/// Each name's node id, `None` for names the book does not know.
-fn resolve(book: &Book, names: &[String]) -> Vec<Option<HostId>> {
-    names.iter().map(|name| book.cluster().host_id(name)).collect()
+/// Each name's host of `pool` (the resource the pod asks for), `None` for names the book
+/// does not know with such devices.
+fn resolve(book: &Book, names: &[String], pool: &DevicePool) -> Vec<Option<HostId>> {
+    names.iter().map(|name| book.cluster().host_in(name, pool)).collect()
 }
 
 /// The request's node names: each item's `metadata.name` of `Nodes`, or `NodeNames`.

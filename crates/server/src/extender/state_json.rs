@@ -94,6 +94,9 @@ pub struct NodeJson {
     pub name: String,
     /// The GPU product's name.
     pub product: String,
+    /// The resource these devices are offered as: `nvidia.com/gpu`, or under the mixed MIG
+    /// strategy `nvidia.com/mig-<profile>` (such a node is listed once per resource).
+    pub resource: String,
     /// GPUs on the node.
     pub gpus: u8,
     /// Free GPU indices.
@@ -203,6 +206,7 @@ impl From<Snapshot> for StateJson {
                 .map(|node| NodeJson {
                     name: node.name,
                     product: node.product,
+                    resource: node.resource,
                     gpus: node.gpus,
                     free: node.free,
                     held: node

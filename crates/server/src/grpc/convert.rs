@@ -150,6 +150,7 @@ fn gang_spec(index: usize, gang: &pb::Gang) -> Result<(String, Option<ProductId>
         required: scope(&gang.required_topology),
         preferred: scope(&gang.preferred_topology),
         roles: Vec::new(),
+        pool: None,
     };
     let spec = if gang.roles.is_empty() {
         flat

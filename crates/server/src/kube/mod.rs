@@ -394,6 +394,8 @@ impl Binder for KubeBinder {
 struct BoundGpuPod {
     identity: PodIdentity,
     node: String,
+    /// The resource its GPUs came from.
+    pool: topoplace_engine::topology::DevicePool,
     recorded: Option<Vec<u8>>,
     gpus: u32,
     gang: Option<String>,
@@ -411,7 +413,7 @@ fn bound_gpu_pod(pod: &Pod) -> Option<BoundGpuPod> {
     if matches!(phase, Some("Succeeded") | Some("Failed")) {
         return None;
     }
-    let gpus = pod::gpu_count(pod).ok()?;
+    let (gpus, pool) = pod::gpu_request(pod).ok()?;
     if gpus == 0 {
         return None;
     }
@@ -426,7 +428,7 @@ fn bound_gpu_pod(pod: &Pod) -> Option<BoundGpuPod> {
     let gang_size = gpu_members.or(membership.as_ref().map(|g| g.size));
     let gang_max = membership.as_ref().and_then(|g| g.max);
     let gang = membership.map(|g| g.key);
-    Some(BoundGpuPod { identity, node, recorded: pod::recorded_gpus(pod), gpus, gang, gang_size, gang_max })
+    Some(BoundGpuPod { identity, node, pool, recorded: pod::recorded_gpus(pod), gpus, gang, gang_size, gang_max })
 }
 
 /// Pods that hold resources on a node: bound and not finished. A pod that finishes leaves
@@ -534,9 +536,9 @@ pub async fn run_view_with(
                 let viewed: Vec<ViewNode> =
                     node_specs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
                 let closed: std::collections::BTreeSet<String> =
-                    viewed.iter().filter(|v| v.closed).map(|v| v.spec.name.clone()).collect();
-                let mut nodes: Vec<NodeSpec> = viewed.into_iter().map(|v| v.spec).collect();
-                nodes.sort_by(|a, b| a.name.cmp(&b.name));
+                    viewed.iter().filter(|v| v.closed).flat_map(|v| v.specs.iter().map(|s| s.name.clone())).collect();
+                let mut nodes: Vec<NodeSpec> = viewed.into_iter().flat_map(|v| v.specs).collect();
+                nodes.sort_by(|a, b| (&a.name, &a.pool).cmp(&(&b.name, &b.pool)));
                 let levels =
                     level_keys.iter().filter(|k| nodes.iter().any(|n| n.labels.contains_key(*k))).cloned().collect();
                 if built.as_ref() == Some(&nodes) {
@@ -636,16 +638,19 @@ pub async fn run_view_with(
 /// (cordoned or not Ready: [`topoplace_online::reservation::Book::set_closed_nodes`]).
 #[derive(Debug, Clone, PartialEq)]
 struct ViewNode {
-    spec: NodeSpec,
+    /// One per device pool (several under the mixed MIG strategy).
+    specs: Vec<NodeSpec>,
     closed: bool,
 }
 
 fn apply_node(specs: &mut HashMap<String, ViewNode>, node: &Node) -> bool {
     let name = node.metadata.name.clone().unwrap_or_default();
     match node::node_spec(node) {
-        Ok(Some(node::GpuNode { spec, warnings, offers_none })) => {
+        Ok(Some(gpu_node)) => {
             let facts = node::facts(node);
-            let viewed = ViewNode { spec, closed: !facts.ready || facts.unschedulable || offers_none };
+            let closed = !facts.ready || facts.unschedulable || gpu_node.offers_none;
+            let viewed = ViewNode { specs: gpu_node.specs(), closed };
+            let warnings = gpu_node.warnings;
             let changed = specs.insert(name.clone(), viewed.clone()).as_ref() != Some(&viewed);
             if changed {
                 for warning in &warnings {
@@ -669,7 +674,8 @@ fn forget(ext: &ServerState, pod: &Pod) {
 }
 
 fn apply_pod(ext: &ServerState, pod: &Pod) {
-    let Some(BoundGpuPod { identity, node, recorded, gpus, gang, gang_size, gang_max }) = bound_gpu_pod(pod) else {
+    let Some(BoundGpuPod { identity, node, pool, recorded, gpus, gang, gang_size, gang_max }) = bound_gpu_pod(pod)
+    else {
         // Finished, or not bound yet: a finished pod's GPUs come back.
         let finished =
             pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
@@ -681,7 +687,7 @@ fn apply_pod(ext: &ServerState, pod: &Pod) {
     let terminating = pod.metadata.deletion_timestamp.is_some();
     ext.update_book(|book| {
         let uid = identity.uid.clone();
-        if let Err(error) = book.observe_bound(identity, &node, recorded.as_deref(), gpus, gang.clone()) {
+        if let Err(error) = book.observe_bound_in(identity, &node, &pool, recorded.as_deref(), gpus, gang.clone()) {
             tracing::warn!(%error, "a bound pod's GPUs could not be accounted");
         }
         book.observe_gang_max(&uid, gang_max);

@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::Node;
 
 use topoplace_engine::quantity;
 use topoplace_engine::topology::{
-    product, validate_node, ClusterSpec, GpuSharing, NodeSpec, NvlinkLayout, SharingStrategy, HOST_GPUS_MAX,
+    product, validate_node, ClusterSpec, DevicePool, GpuSharing, NodeSpec, NvlinkLayout, SharingStrategy, HOST_GPUS_MAX,
 };
 use topoplace_online::scheduler::predicates::{NodeFacts, Resources, Taint, TaintEffect};
 
@@ -65,12 +65,28 @@ pub struct SkippedNode {
 /// device plugin withdrew, a product missing from the table), for the caller to log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuNode {
+    /// Its GPUs offered as `nvidia.com/gpu`.
     pub spec: NodeSpec,
+    /// `spec` is planned: false for a node of the mixed MIG strategy whose GPUs are all
+    /// MIG-enabled (the device plugin offers no `nvidia.com/gpu`), or whose whole GPUs could
+    /// not be read (a warning says why).
+    pub whole_gpus: bool,
+    /// Under the mixed MIG strategy, its MIG devices: one spec per profile, offered as
+    /// `nvidia.com/mig-<profile>` ([`DevicePool::Mig`]).
+    pub mig_pools: Vec<NodeSpec>,
     pub warnings: Vec<String>,
     /// The device plugin offers none of its GPUs now (allocatable `nvidia.com/gpu` 0): the
     /// node stays in the view with its labelled GPUs, so the pods bound there stay counted,
     /// but nothing new is planned on it (the caller closes it, as a cordoned node).
     pub offers_none: bool,
+}
+
+impl GpuNode {
+    /// The specs the view plans: the whole GPUs' (when planned) and each MIG pool's.
+    pub fn specs(&self) -> Vec<NodeSpec> {
+        let whole = self.whole_gpus.then(|| self.spec.clone());
+        whole.into_iter().chain(self.mig_pools.iter().cloned()).collect()
+    }
 }
 
 /// The cluster spec of the GPU nodes among `nodes`, and the GPU nodes left out with why.
@@ -84,7 +100,7 @@ pub fn cluster_spec(nodes: &[Node], level_keys: &[String]) -> (ClusterSpec, Vec<
                 node: node.metadata.name.clone().unwrap_or_default(),
                 reason: "the device plugin offers none of its GPUs".into(),
             }),
-            Ok(Some(gpu_node)) => specs.push(gpu_node.spec),
+            Ok(Some(gpu_node)) => specs.extend(gpu_node.specs()),
             Ok(None) => {}
             Err(reason) => skipped.push(SkippedNode { node: node.metadata.name.clone().unwrap_or_default(), reason }),
         }
@@ -93,8 +109,156 @@ pub fn cluster_spec(nodes: &[Node], level_keys: &[String]) -> (ClusterSpec, Vec<
     (ClusterSpec { name: "kubernetes".into(), levels, nodes: specs }, skipped)
 }
 
-/// One node; `Ok(None)` when it has no GPUs; `Err` with the reason it is left out.
+/// One node; `Ok(None)` when it has no GPUs; `Err` with the reason it is left out. Under
+/// GFD's mixed MIG strategy (`nvidia.com/mig.strategy: mixed`) its MIG devices are planned per
+/// profile beside its whole GPUs ([`GpuNode::mig_pools`]).
 pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
+    let whole = whole_gpus(node);
+    let mixed = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MIG_STRATEGY_LABEL))
+        .is_some_and(|s| s.trim().eq_ignore_ascii_case("mixed"));
+    if !mixed {
+        return whole;
+    }
+    let (pools, mut pool_warnings) = mig_pools(node);
+    if pools.is_empty() {
+        return whole.map(|gpu_node| {
+            gpu_node.map(|mut g| {
+                g.warnings.append(&mut pool_warnings);
+                g
+            })
+        });
+    }
+    match whole {
+        Ok(Some(mut gpu_node)) => {
+            if gpu_node.offers_none {
+                // Every GPU MIG-enabled: the node is its MIG devices.
+                gpu_node.offers_none = false;
+                gpu_node.whole_gpus = false;
+                gpu_node.warnings.retain(|w| !w.starts_with("the device plugin offers none"));
+            }
+            gpu_node.mig_pools = pools;
+            gpu_node.warnings.append(&mut pool_warnings);
+            Ok(Some(gpu_node))
+        }
+        // The whole GPUs' labels name nothing plannable; the MIG devices carry their own.
+        Ok(None) | Err(_) => {
+            let reason = match whole {
+                Err(reason) => format!("its whole GPUs are left out: {reason}"),
+                _ => "it has no whole GPUs".to_string(),
+            };
+            pool_warnings.insert(0, reason);
+            let spec = NodeSpec { pool: DevicePool::Gpu, mig_profile: None, ..pools[0].clone() };
+            Ok(Some(GpuNode { spec, whole_gpus: false, mig_pools: pools, warnings: pool_warnings, offers_none: false }))
+        }
+    }
+}
+
+/// The MIG devices of a mixed-strategy node, one spec per profile, from GFD's per-profile
+/// labels (`nvidia.com/mig-<profile>.count`, `.memory` in MiB, `.product`
+/// `<model>-MIG-<profile>`, `.replicas`; `internal/lm/mig-strategy.go`, `resource.go`) and the
+/// device plugin's allocatable `nvidia.com/mig-<profile>`, which wins over the count as for
+/// whole GPUs; a profile that cannot be read is left out with a warning.
+fn mig_pools(node: &Node) -> (Vec<NodeSpec>, Vec<String>) {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let empty = BTreeMap::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
+    let allocatable = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
+    let prefix = super::pod::MIG_RESOURCE_PREFIX;
+    let mut profiles: std::collections::BTreeSet<&str> =
+        labels.keys().filter_map(|key| key.strip_prefix(prefix)?.strip_suffix(".count")).collect();
+    profiles.extend(allocatable.into_iter().flatten().filter_map(|(key, _)| key.strip_prefix(prefix)));
+    let mut pools = Vec::new();
+    let mut warnings = Vec::new();
+    for profile in profiles {
+        let label = |suffix: &str| labels.get(&format!("{prefix}{profile}.{suffix}")).map(|v| v.trim());
+        let resource = format!("{prefix}{profile}");
+        let mut pool = || -> Result<Option<NodeSpec>, String> {
+            if !product::is_mig_profile(profile) {
+                return Err("not a MIG profile name".into());
+            }
+            let counted = match label("count") {
+                Some(text) => Some(
+                    text.parse::<u64>()
+                        .map_err(|_| format!("label {resource}.count `{text}` is not a whole number"))?,
+                ),
+                None => None,
+            };
+            let offered = match allocatable.and_then(|a| a.get(&resource)) {
+                Some(q) => Some(
+                    whole_gpus_of(&q.0)
+                        .ok_or_else(|| format!("status.allocatable {resource} `{}` is not a whole number", q.0))?,
+                ),
+                None => None,
+            };
+            let count = match (counted, offered) {
+                (Some(c), Some(o)) if o < c => {
+                    warnings.push(format!(
+                        "{} of {c} MIG devices {profile} withdrawn by the device plugin: planned with the {o} of status.allocatable {resource}",
+                        c - o
+                    ));
+                    o
+                }
+                (Some(c), _) => c,
+                (None, Some(o)) => o,
+                (None, None) => 0,
+            };
+            if count == 0 {
+                return Ok(None);
+            }
+            if label("replicas").and_then(|r| r.parse::<u64>().ok()).is_some_and(|r| r > 1) {
+                return Err("shared MIG devices are not planned".into());
+            }
+            let memory = label("memory")
+                .ok_or_else(|| format!("label {resource}.memory is missing"))?
+                .parse::<u64>()
+                .map_err(|_| format!("label {resource}.memory is not MiB"))?;
+            let parent_name = match label("product").and_then(product::split_mig) {
+                Some((parent, _)) => parent.to_string(),
+                None => labels.get(PRODUCT_LABEL).map(|p| p.trim().to_string()).ok_or_else(|| {
+                    format!("no label {resource}.product or {PRODUCT_LABEL} names the GPUs they are cut from")
+                })?,
+            };
+            let parent = product::lookup(&parent_name).filter(|p| !p.is_unknown() && p.get().parent.is_none()).ok_or_else(|| {
+                format!("they are cut from `{parent_name}`, which is not a known GPU product: MIG devices are planned only for products of the table")
+            })?;
+            let devices = product::register_mig(parent, profile, memory).map_err(|e| e.to_string())?;
+            let planned = if count > HOST_GPUS_MAX as u64 {
+                warnings.push(format!("{count} MIG devices {profile}: planned with the first {HOST_GPUS_MAX}"));
+                HOST_GPUS_MAX as u64
+            } else {
+                count
+            };
+            let spec = NodeSpec {
+                name: name.clone(),
+                labels: labels.clone(),
+                product: devices,
+                gpu_count: planned as u8,
+                memory_mib: Some(memory),
+                nvlink: None,
+                clique: None,
+                allocated: Vec::new(),
+                mig_profile: Some(profile.to_string()),
+                sharing: None,
+                pool: DevicePool::Mig(profile.to_string()),
+            };
+            validate_node(&spec).map_err(|e| e.to_string())?;
+            Ok(Some(spec))
+        };
+        match pool() {
+            Ok(Some(spec)) => pools.push(spec),
+            Ok(None) => {}
+            Err(reason) => warnings.push(format!("MIG devices {resource} left out: {reason}")),
+        }
+    }
+    (pools, warnings)
+}
+
+/// The node's whole GPUs (`nvidia.com/gpu`), as [`node_spec`] describes.
+fn whole_gpus(node: &Node) -> Result<Option<GpuNode>, String> {
     let name = node.metadata.name.clone().unwrap_or_default();
     let empty = BTreeMap::new();
     let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
@@ -106,7 +270,7 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
         .and_then(|a| a.get(super::pod::GPU_RESOURCE))
         .map(|q| q.0.clone());
     let allocatable = match allocatable {
-        Some(text) => Some(whole_gpus(&text).ok_or_else(|| {
+        Some(text) => Some(whole_gpus_of(&text).ok_or_else(|| {
             format!("status.allocatable {} `{text}` is not a whole number of GPUs", super::pod::GPU_RESOURCE)
         })?),
         None => None,
@@ -353,14 +517,15 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
         allocated: Vec::new(),
         mig_profile,
         sharing,
+        pool: Default::default(),
     };
     validate_node(&spec).map_err(|e| e.to_string())?;
-    Ok(Some(GpuNode { spec, warnings, offers_none }))
+    Ok(Some(GpuNode { spec, whole_gpus: true, mig_pools: Vec::new(), warnings, offers_none }))
 }
 
 /// A GPU count as the API server writes an extended resource quantity: a whole number
 /// (`8`), possibly in quantity form (`8000m`); `None` for anything else.
-fn whole_gpus(text: &str) -> Option<u64> {
+fn whole_gpus_of(text: &str) -> Option<u64> {
     let milli = quantity::parse_milli(text).ok()?;
     (milli >= 0 && milli % 1000 == 0).then_some((milli / 1000) as u64)
 }
@@ -518,6 +683,71 @@ mod tests {
         let rack = planned(&gpu_node(&labels, Some("4")));
         assert_eq!(rack.spec.clique, None);
         assert!(rack.warnings.iter().any(|w| w.contains("NVLink clique `uuid.1` ignored")), "{:?}", rack.warnings);
+    }
+
+    /// GFD's mixed strategy: whole GPUs stay `nvidia.com/gpu`, each profile's MIG devices are
+    /// a pool of their own, counted by what the device plugin offers; a node whose GPUs are all
+    /// MIG-enabled is its MIG devices, not closed; a profile that cannot be read is left out
+    /// with a warning, the rest planned.
+    #[test]
+    fn a_mixed_strategy_node_is_its_whole_gpus_and_a_pool_per_profile() {
+        let labels = [
+            (PRODUCT_LABEL, "NVIDIA-A100-SXM4-80GB"),
+            (COUNT_LABEL, "4"),
+            (MIG_STRATEGY_LABEL, "mixed"),
+            ("nvidia.com/mig-1g.10gb.count", "7"),
+            ("nvidia.com/mig-1g.10gb.memory", "9856"),
+            ("nvidia.com/mig-1g.10gb.product", "NVIDIA-A100-SXM4-80GB-MIG-1g.10gb"),
+            ("nvidia.com/mig-3g.40gb.count", "2"),
+            ("nvidia.com/mig-3g.40gb.memory", "40192"),
+        ];
+        let mut node = gpu_node(&labels, Some("2"));
+        let allocatable = node.status.as_mut().and_then(|s| s.allocatable.as_mut()).expect("allocatable");
+        let quantity = |q: &str| k8s_openapi::apimachinery::pkg::api::resource::Quantity(q.into());
+        allocatable.insert("nvidia.com/mig-1g.10gb".into(), quantity("6"));
+        allocatable.insert("nvidia.com/mig-3g.40gb".into(), quantity("2"));
+        let viewed = planned(&node);
+        assert!(viewed.whole_gpus && !viewed.offers_none);
+        let specs = viewed.specs();
+        let shapes: Vec<(DevicePool, &str, u8, Option<u64>)> =
+            specs.iter().map(|s| (s.pool.clone(), s.product.get().name, s.gpu_count, s.memory_mib)).collect();
+        assert_eq!(
+            shapes,
+            [
+                (DevicePool::Gpu, "A100-SXM4-80GB", 2, None),
+                (DevicePool::Mig("1g.10gb".into()), "A100-SXM4-80GB-MIG-1g.10gb", 6, Some(9856)),
+                (DevicePool::Mig("3g.40gb".into()), "A100-SXM4-80GB-MIG-3g.40gb", 2, Some(40192)),
+            ]
+        );
+        assert!(
+            viewed.warnings.iter().any(|w| w.contains("1 of 7 MIG devices 1g.10gb withdrawn")),
+            "{:?}",
+            viewed.warnings
+        );
+        let (spec, skipped) = cluster_spec(std::slice::from_ref(&node), &[]);
+        assert_eq!((spec.nodes.len(), skipped.len()), (3, 0));
+        let cluster = topoplace_engine::topology::Cluster::build(spec).expect("builds");
+        let pool = DevicePool::Mig("3g.40gb".into());
+        assert_eq!(cluster.host_in("gpu-1", &pool).map(|h| cluster.host(h).gpu_count), Some(2));
+        assert_eq!(cluster.host_id("gpu-1").map(|h| cluster.host(h).gpu_count), Some(2), "the whole GPUs");
+        assert_eq!(cluster.hosts_of("gpu-1").count(), 3);
+        // Every GPU MIG-enabled: no nvidia.com/gpu offered, and the node is its MIG devices.
+        let all_mig = planned(&gpu_node(&labels, Some("0")));
+        assert!(!all_mig.offers_none && !all_mig.whole_gpus, "{:?}", all_mig.warnings);
+        assert_eq!(all_mig.specs().len(), 2);
+        // A profile without its memory label is left out, named; the rest planned.
+        let no_memory: Vec<(&str, &str)> =
+            labels.iter().copied().filter(|(k, _)| *k != "nvidia.com/mig-3g.40gb.memory").collect();
+        let partial = planned(&gpu_node(&no_memory, Some("2")));
+        assert_eq!(partial.specs().len(), 2);
+        assert!(
+            partial
+                .warnings
+                .iter()
+                .any(|w| w.contains("nvidia.com/mig-3g.40gb left out") && w.contains(".memory is missing")),
+            "{:?}",
+            partial.warnings
+        );
     }
 
     #[test]
