@@ -867,7 +867,7 @@ fn a_mixed_mig_node_plans_whole_gpus_and_each_profile_apart() {
     let whole = ("a100-mixed".to_string(), "A100-SXM4-80GB".to_string());
     let two_g = ("a100-mixed".to_string(), "A100-SXM4-80GB-MIG-2g.20gb".to_string());
     let one_g = ("a100-mixed".to_string(), "A100-SXM4-80GB-MIG-1g.10gb".to_string());
-    assert_eq!(placed("tp4"), Some(whole), "{json}");
+    assert_eq!(placed("tp4"), Some(whole.clone()), "{json}");
     // The 7B model (about 16 GiB of weights) fits a 2g.20gb device and prefers it to a whole GPU.
     let mut on_two_g: Vec<&str> =
         ["chat-7b", "slice-0", "slice-1", "slice-2"].into_iter().filter(|g| placed(g) == Some(two_g.clone())).collect();
@@ -876,6 +876,15 @@ fn a_mixed_mig_node_plans_whole_gpus_and_each_profile_apart() {
     // One 1g.10gb device is free (the other is allocated): one tiny gang, not two.
     let tiny: Vec<&str> = ["tiny-0", "tiny-1"].into_iter().filter(|g| placed(g) == Some(one_g.clone())).collect();
     assert_eq!(tiny.len(), 1, "{json}");
+    // Alone, the 7B model (about 16 GiB of weights) prefers a 2g.20gb device to a whole A100,
+    // and the 1g.10gb devices are too small for it.
+    let alone = temp_file(
+        "mixed-mig-7b.yaml",
+        "apiVersion: topoplace.io/v1alpha1\nkind: Workload\nmetadata: {name: w}\nspec:\n  gangs:\n  - name: chat-7b\n    gpusPerMember: 1\n    model: {parameters: 7B, dtype: bf16}\n",
+    );
+    let json = plan_json(&cluster, &alone);
+    let product = json["placements"][0]["product"].as_str().unwrap_or_default().to_string();
+    assert_eq!(product, two_g.1, "{json}");
     // Refused at the node's line, naming the field.
     for (body, expected) in [
         (

@@ -610,7 +610,8 @@ async fn the_extender_serves_a_mixed_mig_node_per_resource() {
     let third = mig_pod("slice-2");
     api.add_pod(third.clone(), None, None);
     let error = schedule(&http, &base, &third, &nodes).await.expect_err("no device left");
-    assert!(error.contains("node offers no nvidia.com/mig-1g.10gb devices"), "{error}");
+    assert!(error.contains("node offers no nvidia.com/mig-1g.10gb devices"), "h100-0: {error}");
+    assert!(error.contains("a100-mixed") && error.contains("fewer free GPUs"), "a100-mixed is full: {error}");
     // The whole GPU of the same node is its own pool: index 0 again.
     let whole = pod("ml", "whole", "whole-uid", 1, None);
     api.add_pod(whole.clone(), None, None);

@@ -62,6 +62,15 @@ pub const MIG_PROFILE_ANNOTATION: &str = "topoplace.io/mig-profile";
 /// The device plugin's resource for MIG devices of one profile under the mixed MIG strategy
 /// (`nvidia.com/mig-2g.20gb`; GFD `internal/lm/mig-strategy.go`).
 pub const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
+/// The device plugin's suffix to a shared resource under `renameByDefault`
+/// (`nvidia.com/mig-1g.10gb.shared`): not planned here, left to kube-scheduler.
+pub const SHARED_RESOURCE_SUFFIX: &str = ".shared";
+
+/// Whether `name` is a resource whose devices topoplace places: `nvidia.com/gpu` or a MIG
+/// profile's `nvidia.com/mig-<profile>` (not a renamed shared one).
+pub fn is_placed_resource(name: &str) -> bool {
+    name == GPU_RESOURCE || (name.starts_with(MIG_RESOURCE_PREFIX) && !name.ends_with(SHARED_RESOURCE_SUFFIX))
+}
 const MODEL_PARAMS: &str = "topoplace.io/model-params";
 const MODEL_DTYPE: &str = "topoplace.io/model-dtype";
 const KV_CACHE: &str = "topoplace.io/kv-cache";
@@ -129,7 +138,7 @@ pub fn gpu_request(pod: &Pod) -> Result<(u32, DevicePool), PodError> {
         for (name, (kind, quantity)) in named {
             let pool = if name == GPU_RESOURCE {
                 DevicePool::Gpu
-            } else if let Some(profile) = name.strip_prefix(MIG_RESOURCE_PREFIX) {
+            } else if let Some(profile) = name.strip_prefix(MIG_RESOURCE_PREFIX).filter(|_| is_placed_resource(name)) {
                 if !product::is_mig_profile(profile) {
                     return Err(PodError::Invalid {
                         pod: shown.clone(),
@@ -259,8 +268,9 @@ pub fn demand_difference(a: &PodDemand, b: &PodDemand) -> Option<(&'static str, 
             |g| format!("gang `{}` of {} (rank {:?}, {:?})", g.key, g.size, g.rank, g.order),
         )
     };
-    let fields: [(&'static str, String, String); 8] = [
+    let fields: [(&'static str, String, String); 9] = [
         ("the pod", a.pod.to_string(), b.pod.to_string()),
+        ("its GPU resource", a.pool.to_string(), b.pool.to_string()),
         ("nvidia.com/gpu", a.gpus.to_string(), b.gpus.to_string()),
         ("its gang", gang(a), gang(b)),
         ("its memory floor", format!("{:?}", a.memory), format!("{:?}", b.memory)),
@@ -975,7 +985,7 @@ pub fn requests(pod: &Pod) -> Result<Resources, PodError> {
         named.extend(resources.limits.iter().flatten());
         named.extend(resources.requests.iter().flatten());
         for (name, quantity) in named {
-            if name == GPU_RESOURCE || name == PODS_RESOURCE || name.starts_with(MIG_RESOURCE_PREFIX) {
+            if is_placed_resource(name) || name == PODS_RESOURCE {
                 continue;
             }
             let milli = quantity::parse_milli(&quantity.0).map_err(|e| PodError::Invalid {
@@ -1129,6 +1139,10 @@ mod tests {
             let error = demand(&with_limits(limits.clone(), annotations)).unwrap_err().to_string();
             assert!(error.contains(expected), "{limits}: {error}");
         }
+        // A renamed shared resource (`renameByDefault`) is not placed here.
+        let renamed = with_limits(serde_json::json!({"nvidia.com/mig-1g.10gb.shared": "1"}), none.clone());
+        assert_eq!(gpu_request(&renamed).expect("read"), (1, DevicePool::Mig("2g.20gb".into())), "only the init's");
+        assert!(requests(&renamed).expect("requests").contains_key("nvidia.com/mig-1g.10gb.shared"));
         // The init container's request counts as kube-scheduler counts it: the larger.
         let pod = with_limits(serde_json::json!({"cpu": "1"}), none);
         assert_eq!(gpu_request(&pod).expect("read"), (1, DevicePool::Mig("2g.20gb".into())));

@@ -395,6 +395,12 @@ fn node_specs(
         if !seen.insert(profile.to_ascii_lowercase()) {
             return Err((field("profile"), format!("{profile} is listed twice")));
         }
+        if entry.count == 0 || usize::from(entry.count) > HOST_GPUS_MAX {
+            return Err((field("count"), format!("{} is out of range (1..={HOST_GPUS_MAX})", entry.count)));
+        }
+        if let Some(index) = entry.allocated.iter().find(|&&i| i >= entry.count) {
+            return Err((field("allocated"), format!("device {index} is not below the {} devices", entry.count)));
+        }
         let product = product::register_mig(parent, profile, entry.memory.mib()).map_err(|e| {
             let f = match e {
                 product::UnknownProductError::NoMemory { .. } | product::UnknownProductError::MigMemory { .. } => {

@@ -625,6 +625,8 @@ pub struct Book {
     earlier_changes: u64,
     /// Nodes kube-scheduler offers no pod now, by name ([`Book::set_closed_nodes`]).
     closed: std::collections::BTreeSet<String>,
+    /// Device pools offering nothing now ([`Book::set_closed_pools`]).
+    closed_pools: std::collections::BTreeSet<(String, DevicePool)>,
     /// Reservations the placement API has made (their ids count up from 1).
     api_reservations: u64,
     /// The first [`LEDGER_FAULTS_KEPT_MAX`] ledger faults (see [`BookStats::ledger_faults`]).
@@ -749,6 +751,7 @@ impl Book {
             stats: BookStats::default(),
             earlier_changes: 0,
             closed: std::collections::BTreeSet::new(),
+            closed_pools: std::collections::BTreeSet::new(),
             api_reservations: 0,
             faults: Vec::new(),
             undo: Vec::new(),
@@ -1168,7 +1171,11 @@ fn verdict_of(rejection: Option<(HostRejection, String)>) -> NodeVerdict {
 /// with both values (`a`'s first): what members of one gang must agree on.
 pub fn gang_shape_difference(a: &Gang, b: &Gang) -> Option<(&'static str, String, String)> {
     let scope = |s: &Option<Scope>| s.as_ref().map_or_else(|| "none".to_string(), ToString::to_string);
-    let pool = |p: &Option<DevicePool>| p.as_ref().map_or_else(|| "any".to_string(), ToString::to_string);
+    // A gang the placement API planned names no pool (`None`): any pool agrees with it.
+    let pools = match (&a.pool, &b.pool) {
+        (Some(x), Some(y)) => (x.to_string(), y.to_string()),
+        _ => (String::new(), String::new()),
+    };
     let fields = [
         ("the gang's size", a.members.to_string(), b.members.to_string()),
         ("nvidia.com/gpu per member", a.gpus_per_member.to_string(), b.gpus_per_member.to_string()),
@@ -1186,7 +1193,7 @@ pub fn gang_shape_difference(a: &Gang, b: &Gang) -> Option<(&'static str, String
         ),
         ("topoplace.io/topology-required", scope(&a.required), scope(&b.required)),
         ("topoplace.io/topology-preferred", scope(&a.preferred), scope(&b.preferred)),
-        ("the GPU resource asked for", pool(&a.pool), pool(&b.pool)),
+        ("the GPU resource asked for", pools.0, pools.1),
     ];
     fields.into_iter().find(|(_, x, y)| x != y)
 }
@@ -1267,6 +1274,17 @@ fn reserved_conflict(
     let difference = planned_difference(ours, &reservation.planned);
     if let Some(conflict) = difference.filter(|(field, _, _)| RESERVED_FIELDS.contains(field)) {
         return Some(conflict);
+    }
+    // The API plans any pool; the pods' devices come from the one their resource names.
+    let pool = match ours {
+        Planned::Gang(gang) => gang.pool.clone(),
+        Planned::Replica(replica) => replica.gangs().find_map(|g| g.pool.clone()),
+    };
+    if let Some(pool) = pool {
+        if let Some(slot) = reservation.slots.iter().find(|s| cluster.host(s.host).pool != pool) {
+            let host = cluster.host(slot.host);
+            return Some(("the GPU resource asked for", pool.to_string(), format!("{} of {}", host.pool, host.name)));
+        }
     }
     let required = |planned: &Planned| match planned {
         Planned::Gang(gang) => gang.required.clone(),

@@ -112,9 +112,27 @@ impl Book {
         }
     }
 
-    /// Per host, whether it is open for planning (not in [`Book::set_closed_nodes`]'s set).
-    pub(super) fn open_hosts(&self) -> Vec<bool> {
-        self.cluster.hosts.iter().map(|h| !self.closed.contains(&h.name)).collect()
+    /// Device pools of nodes that offer none of their devices now (a MIG profile's allocatable
+    /// at 0 on a node of the mixed strategy), by node name and pool: closed as
+    /// [`Book::set_closed_nodes`] closes whole nodes; replaces the previous set.
+    pub fn set_closed_pools(&mut self, pools: std::collections::BTreeSet<(String, DevicePool)>) {
+        if self.closed_pools != pools {
+            self.closed_pools = pools;
+            self.earlier_changes += 1;
+        }
+    }
+
+    /// Per host, whether it is open for planning (in neither [`Book::set_closed_nodes`]'s
+    /// nor [`Book::set_closed_pools`]'s set).
+    pub(crate) fn open_hosts(&self) -> Vec<bool> {
+        self.cluster
+            .hosts
+            .iter()
+            .map(|h| {
+                !self.closed.contains(&h.name)
+                    && (self.closed_pools.is_empty() || !self.closed_pools.contains(&(h.name.clone(), h.pool.clone())))
+            })
+            .collect()
     }
 
     /// A pod seen bound on `node` (by us earlier, by a restart's predecessor, or by another

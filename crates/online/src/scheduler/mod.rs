@@ -1113,6 +1113,17 @@ impl Scheduler {
         if without > 0 {
             reasons.insert("node(s) had no GPUs in topoplace's view".into(), without);
         }
+        // Pools the device plugin offers nothing of now (the node itself is up).
+        let mut closed_count = 0;
+        for (flag, open) in allowed.iter_mut().zip(book.open_hosts()) {
+            if *flag && !open {
+                *flag = false;
+                closed_count += 1;
+            }
+        }
+        if closed_count > 0 {
+            reasons.insert("node(s) offered none of their GPU devices".into(), closed_count);
+        }
         if let Some(held) = held_back {
             let mut held_count = 0;
             for (flag, &held) in allowed.iter_mut().zip(held) {

@@ -542,7 +542,7 @@ impl Scheduler {
             type Best = ((usize, i32, i64, usize, String), BTreeSet<usize>, RoleSlot);
             let mut best: Option<Best> = None;
             for (node, node_units) in &on_node {
-                let Some(host) = book.cluster().host_id(node) else { continue };
+                let Some(host) = book.cluster().host_in(node, &member.demand.pool) else { continue };
                 if used.contains(&host) {
                     continue;
                 }

@@ -313,8 +313,9 @@ fn drain_hosts(cluster: &Cluster, target: &str) -> Result<Vec<HostId>, JobReplay
             return Ok(domain.hosts.clone().collect());
         }
     }
-    if let Some(host) = cluster.host_id(wanted) {
-        return Ok(vec![host]);
+    let hosts: Vec<HostId> = cluster.hosts_of(wanted).collect();
+    if !hosts.is_empty() {
+        return Ok(hosts);
     }
     let example = cluster.domains.last().and_then(|l| l.first()).map_or_else(String::new, |d| d.path.clone());
     Err(JobReplayError::UnknownDrainTarget { target: target.to_string(), example })

@@ -537,6 +537,12 @@ pub async fn run_view_with(
                     node_specs.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
                 let closed: std::collections::BTreeSet<String> =
                     viewed.iter().filter(|v| v.closed).flat_map(|v| v.specs.iter().map(|s| s.name.clone())).collect();
+                let closed_pools: std::collections::BTreeSet<(String, topoplace_engine::topology::DevicePool)> = viewed
+                    .iter()
+                    .flat_map(|v| {
+                        v.closed_pools.iter().filter_map(|p| Some((v.specs.first()?.name.clone(), p.clone())))
+                    })
+                    .collect();
                 let mut nodes: Vec<NodeSpec> = viewed.into_iter().flat_map(|v| v.specs).collect();
                 nodes.sort_by(|a, b| (&a.name, &a.pool).cmp(&(&b.name, &b.pool)));
                 let levels =
@@ -545,6 +551,7 @@ pub async fn run_view_with(
                     ext.with_book(|book| {
                         if let Some(book) = book.as_mut() {
                             book.set_closed_nodes(closed);
+                            book.set_closed_pools(closed_pools);
                         }
                         ((), Vec::new())
                     });
@@ -567,6 +574,7 @@ pub async fn run_view_with(
                         };
                         if let Some(book) = book.as_mut() {
                             book.set_closed_nodes(closed);
+                            book.set_closed_pools(closed_pools);
                         }
                         ((), dropped)
                     }),
@@ -641,6 +649,8 @@ struct ViewNode {
     /// One per device pool (several under the mixed MIG strategy).
     specs: Vec<NodeSpec>,
     closed: bool,
+    /// Pools of it that offer nothing now ([`node::GpuNode::closed_pools`]).
+    closed_pools: Vec<topoplace_engine::topology::DevicePool>,
 }
 
 fn apply_node(specs: &mut HashMap<String, ViewNode>, node: &Node) -> bool {
@@ -649,7 +659,7 @@ fn apply_node(specs: &mut HashMap<String, ViewNode>, node: &Node) -> bool {
         Ok(Some(gpu_node)) => {
             let facts = node::facts(node);
             let closed = !facts.ready || facts.unschedulable || gpu_node.offers_none;
-            let viewed = ViewNode { specs: gpu_node.specs(), closed };
+            let viewed = ViewNode { specs: gpu_node.specs(), closed, closed_pools: gpu_node.closed_pools.clone() };
             let warnings = gpu_node.warnings;
             let changed = specs.insert(name.clone(), viewed.clone()).as_ref() != Some(&viewed);
             if changed {

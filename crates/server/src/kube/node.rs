@@ -74,6 +74,9 @@ pub struct GpuNode {
     /// Under the mixed MIG strategy, its MIG devices: one spec per profile, offered as
     /// `nvidia.com/mig-<profile>` ([`DevicePool::Mig`]).
     pub mig_pools: Vec<NodeSpec>,
+    /// Pools of `mig_pools` the device plugin offers none of now: kept so their pods stay
+    /// counted, planned on by nobody (the caller closes them).
+    pub closed_pools: Vec<DevicePool>,
     pub warnings: Vec<String>,
     /// The device plugin offers none of its GPUs now (allocatable `nvidia.com/gpu` 0): the
     /// node stays in the view with its labelled GPUs, so the pods bound there stay counted,
@@ -123,7 +126,7 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
     if !mixed {
         return whole;
     }
-    let (pools, mut pool_warnings) = mig_pools(node);
+    let (pools, closed_pools, mut pool_warnings) = mig_pools(node);
     if pools.is_empty() {
         return whole.map(|gpu_node| {
             gpu_node.map(|mut g| {
@@ -134,13 +137,21 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
     }
     match whole {
         Ok(Some(mut gpu_node)) => {
-            if gpu_node.offers_none {
-                // Every GPU MIG-enabled: the node is its MIG devices.
+            // The device plugin registers no resource it has no device for: without
+            // `nvidia.com/gpu` in allocatable (or at 0) every GPU is MIG-enabled, and the node
+            // is its MIG devices (MIG geometry changes only on GPUs without pods).
+            let offers_whole = node
+                .status
+                .as_ref()
+                .and_then(|s| s.allocatable.as_ref())
+                .is_none_or(|a| a.contains_key(super::pod::GPU_RESOURCE));
+            if gpu_node.offers_none || !offers_whole {
                 gpu_node.offers_none = false;
                 gpu_node.whole_gpus = false;
                 gpu_node.warnings.retain(|w| !w.starts_with("the device plugin offers none"));
             }
             gpu_node.mig_pools = pools;
+            gpu_node.closed_pools = closed_pools;
             gpu_node.warnings.append(&mut pool_warnings);
             Ok(Some(gpu_node))
         }
@@ -151,8 +162,16 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
                 _ => "it has no whole GPUs".to_string(),
             };
             pool_warnings.insert(0, reason);
+            // `spec` only describes the node here (`whole_gpus` false): it is never planned.
             let spec = NodeSpec { pool: DevicePool::Gpu, mig_profile: None, ..pools[0].clone() };
-            Ok(Some(GpuNode { spec, whole_gpus: false, mig_pools: pools, warnings: pool_warnings, offers_none: false }))
+            Ok(Some(GpuNode {
+                spec,
+                whole_gpus: false,
+                mig_pools: pools,
+                closed_pools,
+                warnings: pool_warnings,
+                offers_none: false,
+            }))
         }
     }
 }
@@ -161,8 +180,11 @@ pub fn node_spec(node: &Node) -> Result<Option<GpuNode>, String> {
 /// labels (`nvidia.com/mig-<profile>.count`, `.memory` in MiB, `.product`
 /// `<model>-MIG-<profile>`, `.replicas`; `internal/lm/mig-strategy.go`, `resource.go`) and the
 /// device plugin's allocatable `nvidia.com/mig-<profile>`, which wins over the count as for
-/// whole GPUs; a profile that cannot be read is left out with a warning.
-fn mig_pools(node: &Node) -> (Vec<NodeSpec>, Vec<String>) {
+/// whole GPUs; a profile that cannot be read is left out with a warning. A profile the plugin
+/// offers none of now (allocatable 0) is kept at its count, closed (the second list), so the
+/// pods bound to it stay counted. Profiles offered under `renameByDefault` (`.shared`) are
+/// not read.
+fn mig_pools(node: &Node) -> (Vec<NodeSpec>, Vec<DevicePool>, Vec<String>) {
     let name = node.metadata.name.clone().unwrap_or_default();
     let empty = BTreeMap::new();
     let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
@@ -171,7 +193,9 @@ fn mig_pools(node: &Node) -> (Vec<NodeSpec>, Vec<String>) {
     let mut profiles: std::collections::BTreeSet<&str> =
         labels.keys().filter_map(|key| key.strip_prefix(prefix)?.strip_suffix(".count")).collect();
     profiles.extend(allocatable.into_iter().flatten().filter_map(|(key, _)| key.strip_prefix(prefix)));
+    profiles.retain(|profile| !profile.ends_with(super::pod::SHARED_RESOURCE_SUFFIX));
     let mut pools = Vec::new();
+    let mut closed = Vec::new();
     let mut warnings = Vec::new();
     for profile in profiles {
         let label = |suffix: &str| labels.get(&format!("{prefix}{profile}.{suffix}")).map(|v| v.trim());
@@ -195,6 +219,14 @@ fn mig_pools(node: &Node) -> (Vec<NodeSpec>, Vec<String>) {
                 None => None,
             };
             let count = match (counted, offered) {
+                (Some(c), Some(0)) if c > 0 => {
+                    warnings.push(format!(
+                        "the device plugin offers none of its {c} MIG devices {profile} (status.allocatable {resource} \
+                         is 0): closed, its bound pods still counted"
+                    ));
+                    closed.push(DevicePool::Mig(profile.to_string()));
+                    c
+                }
                 (Some(c), Some(o)) if o < c => {
                     warnings.push(format!(
                         "{} of {c} MIG devices {profile} withdrawn by the device plugin: planned with the {o} of status.allocatable {resource}",
@@ -209,14 +241,20 @@ fn mig_pools(node: &Node) -> (Vec<NodeSpec>, Vec<String>) {
             if count == 0 {
                 return Ok(None);
             }
-            if label("replicas").and_then(|r| r.parse::<u64>().ok()).is_some_and(|r| r > 1) {
-                return Err("shared MIG devices are not planned".into());
+            if let Some(text) = label("replicas") {
+                let replicas = text
+                    .parse::<u64>()
+                    .map_err(|_| format!("label {resource}.replicas `{text}` is not a whole number"))?;
+                if replicas > 1 {
+                    return Err("shared MIG devices are not planned".into());
+                }
             }
-            let memory = label("memory")
-                .ok_or_else(|| format!("label {resource}.memory is missing"))?
-                .parse::<u64>()
-                .map_err(|_| format!("label {resource}.memory is not MiB"))?;
+            let memory = label("memory").ok_or_else(|| format!("label {resource}.memory is missing"))?;
+            let memory = memory.parse::<u64>().map_err(|_| format!("label {resource}.memory `{memory}` is not MiB"))?;
             let parent_name = match label("product").and_then(product::split_mig) {
+                Some((_, named)) if !named.eq_ignore_ascii_case(profile) => {
+                    return Err(format!("label {resource}.product names profile `{named}`, not {profile}"));
+                }
                 Some((parent, _)) => parent.to_string(),
                 None => labels.get(PRODUCT_LABEL).map(|p| p.trim().to_string()).ok_or_else(|| {
                     format!("no label {resource}.product or {PRODUCT_LABEL} names the GPUs they are cut from")
@@ -251,10 +289,13 @@ fn mig_pools(node: &Node) -> (Vec<NodeSpec>, Vec<String>) {
         match pool() {
             Ok(Some(spec)) => pools.push(spec),
             Ok(None) => {}
-            Err(reason) => warnings.push(format!("MIG devices {resource} left out: {reason}")),
+            Err(reason) => {
+                closed.retain(|pool| pool.mig_profile() != Some(profile));
+                warnings.push(format!("MIG devices {resource} left out: {reason}"));
+            }
         }
     }
-    (pools, warnings)
+    (pools, closed, warnings)
 }
 
 /// The node's whole GPUs (`nvidia.com/gpu`), as [`node_spec`] describes.
@@ -520,7 +561,7 @@ fn whole_gpus(node: &Node) -> Result<Option<GpuNode>, String> {
         pool: Default::default(),
     };
     validate_node(&spec).map_err(|e| e.to_string())?;
-    Ok(Some(GpuNode { spec, whole_gpus: true, mig_pools: Vec::new(), warnings, offers_none }))
+    Ok(Some(GpuNode { spec, whole_gpus: true, mig_pools: Vec::new(), closed_pools: Vec::new(), warnings, offers_none }))
 }
 
 /// A GPU count as the API server writes an extended resource quantity: a whole number
@@ -731,10 +772,31 @@ mod tests {
         assert_eq!(cluster.host_in("gpu-1", &pool).map(|h| cluster.host(h).gpu_count), Some(2));
         assert_eq!(cluster.host_id("gpu-1").map(|h| cluster.host(h).gpu_count), Some(2), "the whole GPUs");
         assert_eq!(cluster.hosts_of("gpu-1").count(), 3);
-        // Every GPU MIG-enabled: no nvidia.com/gpu offered, and the node is its MIG devices.
+        // Every GPU MIG-enabled: no nvidia.com/gpu offered (at 0, or not registered at all,
+        // as the device plugin does for a resource of no device), and the node is its MIG
+        // devices.
         let all_mig = planned(&gpu_node(&labels, Some("0")));
         assert!(!all_mig.offers_none && !all_mig.whole_gpus, "{:?}", all_mig.warnings);
         assert_eq!(all_mig.specs().len(), 2);
+        let mut unregistered = node.clone();
+        let allocatable = unregistered.status.as_mut().and_then(|s| s.allocatable.as_mut()).expect("allocatable");
+        allocatable.remove("nvidia.com/gpu");
+        let unregistered = planned(&unregistered);
+        assert!(!unregistered.whole_gpus, "no whole GPU is offered");
+        assert_eq!(unregistered.specs().len(), 2);
+        // A profile offered at 0 now (a device-plugin restart) is kept at its count, closed, so
+        // the pods bound to it stay counted.
+        let mut restarting = node.clone();
+        let allocatable = restarting.status.as_mut().and_then(|s| s.allocatable.as_mut()).expect("allocatable");
+        allocatable.insert("nvidia.com/mig-3g.40gb".into(), quantity("0"));
+        let restarting = planned(&restarting);
+        assert_eq!(restarting.specs().len(), 3);
+        assert_eq!(restarting.closed_pools, [DevicePool::Mig("3g.40gb".into())]);
+        // Renamed shared resources are not read as profiles.
+        let mut renamed = node.clone();
+        let allocatable = renamed.status.as_mut().and_then(|s| s.allocatable.as_mut()).expect("allocatable");
+        allocatable.insert("nvidia.com/mig-1g.10gb.shared".into(), quantity("14"));
+        assert_eq!(planned(&renamed).specs().len(), 3);
         // A profile without its memory label is left out, named; the rest planned.
         let no_memory: Vec<(&str, &str)> =
             labels.iter().copied().filter(|(k, _)| *k != "nvidia.com/mig-3g.40gb.memory").collect();
